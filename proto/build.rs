@@ -1,0 +1,23 @@
+//! Compiles `wayside/v1/*.proto` with protox (pure Rust: no system `protoc`) and
+//! generates prost messages and tonic clients/servers from the descriptor set.
+use prost::Message;
+use std::path::PathBuf;
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let files = [
+        "wayside/v1/common.proto",
+        "wayside/v1/nms.proto",
+        "wayside/v1/migration.proto",
+        "wayside/v1/pss.proto",
+        "wayside/v1/smf.proto",
+    ];
+    for f in &files {
+        println!("cargo:rerun-if-changed={f}");
+    }
+    let fds = protox::compile(files, ["."])?;
+    let out = PathBuf::from(std::env::var("OUT_DIR")?);
+    // Served by gRPC reflection so generic tools (grpcurl, grpc_cli) can talk to us.
+    std::fs::write(out.join("wayside_descriptor.bin"), fds.encode_to_vec())?;
+    tonic_prost_build::configure().build_server(true).build_client(true).compile_fds(fds)?;
+    Ok(())
+}

@@ -1,0 +1,29 @@
+//! wayside's wire protocol and the vocabulary every crate shares.
+//!
+//! - [`pb`]: the generated prost messages and tonic clients/servers for every surface
+//!   (vehicle block API, NMS admin, NMS-to-NMS migration, PSS block/admin/Raft transport, SMF).
+//! - [`types`]: validated domain types (volume names, block sizes, epochs, request ids, faults).
+//! - [`convert`]: the one place where wire messages become domain types and back;
+//!   invalid input is rejected there with a [`convert::ConvertError`].
+//! - [`error`]: typed faults (redirect, not owner, not leader, stale epoch, limit) carried in
+//!   gRPC status details, so clients act on them instead of parsing strings.
+//! - [`server`]: the standard services every wayside server exposes (health, reflection).
+//! - [`config`]: TOML config loading shared by the binaries (unknown keys rejected).
+//! - [`telemetry`]: `tracing` set-up shared by the binaries.
+
+pub mod config;
+pub mod convert;
+pub mod error;
+pub mod server;
+pub mod telemetry;
+pub mod types;
+
+/// Generated protobuf messages and gRPC services of package `wayside.v1`.
+#[allow(clippy::all, clippy::pedantic, missing_docs)]
+pub mod pb {
+    tonic::include_proto!("wayside.v1");
+
+    /// The encoded `FileDescriptorSet` of every wayside `.proto`, for gRPC reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        include_bytes!(concat!(env!("OUT_DIR"), "/wayside_descriptor.bin"));
+}

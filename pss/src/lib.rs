@@ -1,0 +1,3 @@
+//! wayside's persistent storage service (PSS): Raft-replicated block store on sled.
+
+pub mod config;

@@ -1,0 +1,3 @@
+//! wayside's testbed: the paper's vehicular model, the SMF, an emulated road, benchmarks.
+
+pub mod config;

@@ -1,0 +1,3 @@
+//! builds the NMS boot image and runs, controls and live-migrates it under QEMU.
+
+pub mod config;
