@@ -1,3 +1,4 @@
 //! wayside's testbed: the paper's vehicular model, the SMF, an emulated road, benchmarks.
 
+pub mod bench;
 pub mod config;

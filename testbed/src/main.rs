@@ -1,4 +1,4 @@
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use wayside_testbed::config::Config;
 
@@ -12,9 +12,19 @@ struct Cli {
     /// Print the default configuration as TOML and exit.
     #[arg(long)]
     print_default_config: bool,
+    #[command(subcommand)]
+    cmd: Option<Cmd>,
 }
 
-fn main() -> anyhow::Result<()> {
+#[derive(Subcommand)]
+enum Cmd {
+    /// Benchmarks against peers (redis, memcached, etcd, QEMU); print figures and ratios.
+    #[command(subcommand)]
+    Bench(wayside_testbed::bench::Bench),
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
     wayside_proto::telemetry::init();
     let cli = Cli::parse();
     if cli.print_default_config {
@@ -22,5 +32,12 @@ fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     let _config: Config = wayside_proto::config::load(cli.config.as_deref())?;
-    Ok(())
+    match cli.cmd {
+        Some(Cmd::Bench(b)) => wayside_testbed::bench::run(b).await,
+        None => {
+            use clap::CommandFactory;
+            Cli::command().print_help()?;
+            Ok(())
+        }
+    }
 }
