@@ -1,18 +1,198 @@
-//! This binary's configuration: a TOML file (`--config`), overridden by flags.
+//! A node's configuration: a TOML file (`--config`), overridden by flags.
 
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
 
-/// Settings; every limit is named with its unit.
+/// Settings of one PSS node; every limit is named with its unit.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
-    /// Address to listen on for gRPC.
+    /// This node's Raft id (> 0, unique in the cluster).
+    pub id: u64,
+    /// Address to listen on for gRPC (the block, admin and Raft transport services).
     pub listen: String,
+    /// Every initial member (this node included), as `[[peers]]` tables with `id` and
+    /// `address`. With `join` unset, these ids form the first voter set; otherwise they
+    /// are only addresses.
+    pub peers: Vec<Peer>,
+    /// Directory holding the Raft log, snapshots and the sled state machine.
+    pub data_dir: PathBuf,
+    /// Start empty and wait to be added by `pss add-node` (a new member) instead of
+    /// bootstrapping the cluster from `peers`.
+    pub join: bool,
+    /// Length of one Raft tick, in milliseconds.
+    pub tick_interval_ms: u64,
+    /// Ticks without a leader heartbeat before an election starts.
+    pub election_timeout_ticks: usize,
+    /// Ticks between leader heartbeats.
+    pub heartbeat_interval_ticks: usize,
+    /// Most operations (puts and deletes) in one WriteBatch request.
+    pub max_batch_ops: usize,
+    /// Most bytes of client commands grouped into one Raft entry (group commit).
+    pub max_entry_bytes: usize,
+    /// Most client commands grouped into one Raft entry (group commit).
+    pub max_commands_per_entry: usize,
+    /// Most client writes and reads in flight in this node at once; more wait.
+    pub max_inflight_proposals: usize,
+    /// Largest gRPC message this node accepts or sends, in bytes.
+    pub max_message_size_bytes: usize,
+    /// Largest Raft append message, in bytes (raft-rs `max_size_per_msg`).
+    pub max_raft_message_bytes: u64,
+    /// Most unacknowledged Raft append messages per follower.
+    pub max_inflight_raft_messages: usize,
+    /// Most Raft messages queued for one peer before new ones are dropped (Raft resends).
+    pub peer_queue_messages: usize,
+    /// Request ids remembered for duplicate detection (oldest forgotten first).
+    pub dedupe_table_entries: u64,
+    /// Applied entries past the last snapshot that trigger a snapshot and log compaction.
+    pub compact_log_entries: u64,
+    /// Bytes of applied entries past the last snapshot that trigger a snapshot and log
+    /// compaction (the log is held in memory until compacted).
+    pub compact_log_bytes: u64,
+    /// Size of one snapshot chunk on the wire, in bytes.
+    pub snapshot_chunk_bytes: usize,
+    /// How long a client request may wait for commit or a read index, in milliseconds.
+    pub request_timeout_ms: u64,
+    /// Longest wait for a new member to catch up before promotion, in milliseconds.
+    pub learner_catch_up_timeout_ms: u64,
 }
 
 impl Default for Config {
     fn default() -> Self {
-        Self { listen: "127.0.0.1:0".into() }
+        Self {
+            id: 1,
+            listen: "127.0.0.1:7400".into(),
+            peers: Vec::new(),
+            data_dir: PathBuf::from("pss-data"),
+            join: false,
+            tick_interval_ms: 100,
+            election_timeout_ticks: 10,
+            heartbeat_interval_ticks: 2,
+            max_batch_ops: 1024,
+            max_entry_bytes: 8 * 1024 * 1024,
+            max_commands_per_entry: 4096,
+            max_inflight_proposals: 4096,
+            max_message_size_bytes: 64 * 1024 * 1024,
+            max_raft_message_bytes: 4 * 1024 * 1024,
+            max_inflight_raft_messages: 256,
+            peer_queue_messages: 4096,
+            dedupe_table_entries: 1_000_000,
+            compact_log_entries: 20_000,
+            compact_log_bytes: 256 * 1024 * 1024,
+            snapshot_chunk_bytes: 1024 * 1024,
+            request_timeout_ms: 10_000,
+            learner_catch_up_timeout_ms: 30_000,
+        }
+    }
+}
+
+/// One member's id and gRPC address (`host:port`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Peer {
+    pub id: u64,
+    pub address: String,
+}
+
+/// A configuration that cannot work.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("node id must be > 0")]
+    ZeroId,
+    #[error("peer list entry {entry:?} is not ID=HOST:PORT with a numeric id > 0")]
+    PeerSyntax { entry: String },
+    #[error("peer {id} address {addr:?} is not host:port")]
+    PeerAddress { id: u64, addr: String },
+    #[error("peer id {0} appears twice")]
+    DuplicatePeer(u64),
+    #[error("this node's id {id} is not in the peer list (ids: {ids:?}); a new node needs `join`")]
+    SelfNotInPeers { id: u64, ids: Vec<u64> },
+    #[error("`{name}` must be > 0")]
+    Zero { name: &'static str },
+    #[error("election_timeout_ticks ({election}) must be greater than heartbeat_interval_ticks ({heartbeat})")]
+    Ticks { election: usize, heartbeat: usize },
+}
+
+/// Parses a peer list `1=HOST:PORT,2=HOST:PORT,...`.
+pub fn parse_peers(list: &str) -> Result<Vec<Peer>, ConfigError> {
+    let mut peers = BTreeMap::new();
+    for entry in list.split(',').map(str::trim).filter(|e| !e.is_empty()) {
+        let syntax = || ConfigError::PeerSyntax { entry: entry.to_owned() };
+        let (id, addr) = entry.split_once('=').ok_or_else(syntax)?;
+        let id: u64 = id.trim().parse().map_err(|_| syntax())?;
+        if id == 0 {
+            return Err(syntax());
+        }
+        let addr = addr.trim();
+        if wayside_proto::types::Endpoint::parse(addr).is_err() {
+            return Err(ConfigError::PeerAddress { id, addr: addr.to_owned() });
+        }
+        if peers.insert(id, addr.to_owned()).is_some() {
+            return Err(ConfigError::DuplicatePeer(id));
+        }
+    }
+    if peers.is_empty() {
+        return Err(ConfigError::PeerSyntax { entry: list.to_owned() });
+    }
+    Ok(peers.into_iter().map(|(id, address)| Peer { id, address }).collect())
+}
+
+impl Config {
+    /// The peers as a map `id -> host:port`.
+    pub fn peer_map(&self) -> BTreeMap<u64, String> {
+        self.peers.iter().map(|p| (p.id, p.address.clone())).collect()
+    }
+
+    /// Checks the settings before a node starts.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.id == 0 {
+            return Err(ConfigError::ZeroId);
+        }
+        let mut seen = BTreeMap::new();
+        for Peer { id, address } in &self.peers {
+            if *id == 0 {
+                return Err(ConfigError::PeerSyntax { entry: format!("{id}={address}") });
+            }
+            if wayside_proto::types::Endpoint::parse(address).is_err() {
+                return Err(ConfigError::PeerAddress { id: *id, addr: address.clone() });
+            }
+            if seen.insert(*id, address).is_some() {
+                return Err(ConfigError::DuplicatePeer(*id));
+            }
+        }
+        if !self.join && !seen.contains_key(&self.id) {
+            return Err(ConfigError::SelfNotInPeers {
+                id: self.id,
+                ids: seen.keys().copied().collect(),
+            });
+        }
+        let positive = [
+            ("tick_interval_ms", self.tick_interval_ms as usize),
+            ("heartbeat_interval_ticks", self.heartbeat_interval_ticks),
+            ("max_batch_ops", self.max_batch_ops),
+            ("max_entry_bytes", self.max_entry_bytes),
+            ("max_commands_per_entry", self.max_commands_per_entry),
+            ("max_inflight_proposals", self.max_inflight_proposals),
+            ("max_message_size_bytes", self.max_message_size_bytes),
+            ("max_inflight_raft_messages", self.max_inflight_raft_messages),
+            ("peer_queue_messages", self.peer_queue_messages),
+            ("dedupe_table_entries", self.dedupe_table_entries as usize),
+            ("compact_log_entries", self.compact_log_entries as usize),
+            ("compact_log_bytes", self.compact_log_bytes as usize),
+            ("snapshot_chunk_bytes", self.snapshot_chunk_bytes),
+            ("request_timeout_ms", self.request_timeout_ms as usize),
+        ];
+        if let Some((name, _)) = positive.iter().find(|(_, v)| *v == 0) {
+            return Err(ConfigError::Zero { name });
+        }
+        if self.election_timeout_ticks <= self.heartbeat_interval_ticks {
+            return Err(ConfigError::Ticks {
+                election: self.election_timeout_ticks,
+                heartbeat: self.heartbeat_interval_ticks,
+            });
+        }
+        Ok(())
     }
 }
 
@@ -25,8 +205,38 @@ mod tests {
         let text = wayside_proto::config::render(&Config::default());
         let back: Config = wayside_proto::config::parse(&text).unwrap();
         assert_eq!(back, Config::default());
+        let c = Config {
+            peers: parse_peers("1=127.0.0.1:1,2=127.0.0.1:2").unwrap(),
+            ..Config::default()
+        };
+        let back: Config =
+            wayside_proto::config::parse(&wayside_proto::config::render(&c)).unwrap();
+        assert_eq!(back, c);
         let err =
             wayside_proto::config::parse::<Config>("listen = \"x\"\nbogus = 1\n").unwrap_err();
         assert!(err.to_string().contains("bogus"), "{err}");
+    }
+
+    #[test]
+    fn peer_lists_parse_and_malformed_ones_are_named() {
+        let p = parse_peers("1=127.0.0.1:1,2=127.0.0.1:2, 3=10.0.0.1:3").unwrap();
+        assert_eq!(p.len(), 3);
+        assert_eq!(p[2], Peer { id: 3, address: "10.0.0.1:3".into() });
+        for bad in ["1:127.0.0.1:1", "x=127.0.0.1:1", "0=127.0.0.1:1", "1=nohost", ""] {
+            let err = parse_peers(bad).unwrap_err();
+            assert!(!err.to_string().is_empty(), "{bad}");
+        }
+        let err = parse_peers("1=127.0.0.1:1,1=127.0.0.1:2").unwrap_err();
+        assert!(matches!(err, ConfigError::DuplicatePeer(1)), "{err}");
+    }
+
+    #[test]
+    fn validate_rejects_self_missing_and_zero_limits() {
+        let mut c = Config { peers: parse_peers("2=127.0.0.1:2").unwrap(), ..Config::default() };
+        assert!(matches!(c.validate(), Err(ConfigError::SelfNotInPeers { id: 1, .. })));
+        c.join = true;
+        c.validate().unwrap();
+        c.max_batch_ops = 0;
+        assert!(matches!(c.validate(), Err(ConfigError::Zero { name: "max_batch_ops" })));
     }
 }

@@ -1,3 +1,28 @@
-//! wayside's persistent storage service (PSS): Raft-replicated block store on sled.
+//! wayside's persistent storage service (PSS): a Raft-replicated block store on sled.
+//!
+//! Code map:
+//! - [`config`]: a node's settings (TOML + flags), every limit named with its unit.
+//! - [`storage`]: the durable Raft log (append-only file, `fdatasync`ed by us) and the
+//!   `raft::Storage` view of it.
+//! - [`state`]: the sled state machine (volumes, blocks, epochs, request-id dedupe) and
+//!   snapshot files.
+//! - [`node`]: the Raft loop (raft-rs `RawNode`, group commit, ReadIndex, membership,
+//!   compaction) on its own thread.
+//! - [`transport`]: Raft messages and snapshots between nodes over gRPC.
+//! - [`service`]: the `PssBlocks` and `PssAdmin` gRPC services; error -> status mapping.
+//! - [`server`]: [`server::run`], one node on a listener.
+//! - [`client`]: [`client::PssClient`], the library the NMS uses (leader finding, retries).
+//! - [`testing`]: [`testing::LocalCluster`], a real in-process cluster for tests.
 
+pub mod client;
 pub mod config;
+mod logging;
+pub mod node;
+pub mod server;
+pub mod service;
+pub mod state;
+pub mod storage;
+pub mod testing;
+pub mod transport;
+
+pub use config::Config;

@@ -1,17 +1,105 @@
-use clap::Parser;
+use anyhow::{bail, Context as _};
+use clap::{Parser, Subcommand};
 use std::path::PathBuf;
-use wayside_pss::config::Config;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+use wayside_proto::pb;
+use wayside_proto::pb::pss_admin_client::PssAdminClient;
+use wayside_proto::types::{Endpoint, RequestId, VolumeName};
+use wayside_pss::client::{ClientOptions, PssClient};
+use wayside_pss::config::{parse_peers, Config};
 
-/// wayside's persistent storage service (PSS): Raft-replicated block store on sled.
+/// wayside's persistent storage service (PSS): a Raft-replicated block store on sled.
+///
+/// Start a 3-node cluster (one command per node, each with its own data dir):
+///   pss serve --id 1 --listen 127.0.0.1:7401 --peers 1=127.0.0.1:7401,2=127.0.0.1:7402,3=127.0.0.1:7403 --data-dir /var/lib/pss1
+/// then talk to it:
+///   pss --pss 127.0.0.1:7401,127.0.0.1:7402 status
 #[derive(Parser)]
-#[command(version)]
+#[command(version, verbatim_doc_comment)]
 struct Cli {
-    /// Configuration file (TOML); flags override it.
+    /// Configuration file (TOML) for `serve`; flags override it.
     #[arg(long, global = true)]
     config: Option<PathBuf>,
     /// Print the default configuration as TOML and exit.
     #[arg(long)]
     print_default_config: bool,
+    /// PSS nodes to talk to (client subcommands), comma-separated host:port.
+    #[arg(
+        long,
+        global = true,
+        env = "PSS_ENDPOINTS",
+        default_value = "127.0.0.1:7400",
+        value_delimiter = ','
+    )]
+    pss: Vec<String>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a PSS node.
+    Serve(ServeArgs),
+    /// Show every reachable node's Raft status.
+    Status,
+    /// List the cluster's members.
+    Members,
+    /// Add a node: as a learner, then (unless --learner-only) as a voter once caught up.
+    /// Start the new node first with `pss serve --join --id ID ...`.
+    AddNode {
+        /// The new node's id (> 0, unused).
+        id: u64,
+        /// The new node's gRPC address, host:port.
+        address: String,
+        /// Leave it a learner (it receives the log but does not vote).
+        #[arg(long)]
+        learner_only: bool,
+    },
+    /// Remove a node from the cluster.
+    RemoveNode { id: u64 },
+    /// Hand leadership to another voter.
+    TransferLeader { id: u64 },
+    /// Snapshot the state machine and compact the Raft log on every reachable node.
+    CompactLog,
+    /// Write FILE as block BLOCK of VOLUME (at most the volume's block size).
+    Put {
+        volume: String,
+        block: u64,
+        file: PathBuf,
+        /// Owner epoch to write with (default: the volume's current epoch).
+        #[arg(long)]
+        epoch: Option<u64>,
+        /// Create the volume with this block size in bytes if it does not exist.
+        #[arg(long)]
+        create_block_size: Option<u32>,
+    },
+    /// Print block BLOCK of VOLUME to stdout (or --out FILE).
+    Get {
+        volume: String,
+        block: u64,
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// This node's Raft id (> 0).
+    #[arg(long)]
+    id: Option<u64>,
+    /// gRPC listen address, host:port.
+    #[arg(long)]
+    listen: Option<String>,
+    /// Initial members: 1=HOST:PORT,2=HOST:PORT,3=HOST:PORT (this node included).
+    #[arg(long)]
+    peers: Option<String>,
+    /// Directory for the Raft log, snapshots and the state machine.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Start empty and wait for `pss add-node` instead of bootstrapping from --peers.
+    #[arg(long)]
+    join: bool,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -21,6 +109,240 @@ fn main() -> anyhow::Result<()> {
         print!("{}", wayside_proto::config::render(&Config::default()));
         return Ok(());
     }
-    let _config: Config = wayside_proto::config::load(cli.config.as_deref())?;
+    let Some(command) = cli.command else {
+        bail!("no subcommand given; try `pss --help`");
+    };
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async move {
+        match command {
+            Command::Serve(args) => serve(cli.config, args).await,
+            other => {
+                let endpoints = cli
+                    .pss
+                    .iter()
+                    .map(|a| Endpoint::parse(a).with_context(|| format!("--pss {a:?}")))
+                    .collect::<anyhow::Result<Vec<_>>>()?;
+                client_command(endpoints, other).await
+            }
+        }
+    })
+}
+
+async fn serve(config: Option<PathBuf>, args: ServeArgs) -> anyhow::Result<()> {
+    let mut cfg: Config = wayside_proto::config::load(config.as_deref())?;
+    if let Some(id) = args.id {
+        cfg.id = id;
+    }
+    if let Some(l) = args.listen {
+        cfg.listen = l;
+    }
+    if let Some(p) = args.peers {
+        cfg.peers = parse_peers(&p).context("--peers")?;
+    }
+    if let Some(d) = args.data_dir {
+        cfg.data_dir = d;
+    }
+    cfg.join |= args.join;
+    cfg.validate().context("invalid configuration")?;
+    let listener = tokio::net::TcpListener::bind(&cfg.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", cfg.listen))?;
+    let shutdown = CancellationToken::new();
+    let token = shutdown.clone();
+    let signals = tokio::spawn(async move {
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+            _ = token.cancelled() => {}
+        }
+        token.cancel();
+    });
+    let r = wayside_pss::server::run(cfg, listener, shutdown.clone()).await;
+    shutdown.cancel();
+    let _ = signals.await;
+    r
+}
+
+async fn admin(ep: &Endpoint) -> anyhow::Result<PssAdminClient<tonic::transport::Channel>> {
+    let ch = tonic::transport::Endpoint::from_shared(ep.uri().to_owned())?
+        .connect_timeout(Duration::from_secs(2))
+        .timeout(Duration::from_secs(60))
+        .connect()
+        .await
+        .with_context(|| format!("cannot connect to {ep}"))?;
+    Ok(PssAdminClient::new(ch))
+}
+
+/// The leader's admin client, found through any reachable node's status.
+async fn leader(
+    endpoints: &[Endpoint],
+) -> anyhow::Result<PssAdminClient<tonic::transport::Channel>> {
+    for ep in endpoints {
+        let Ok(mut c) = admin(ep).await else { continue };
+        let Ok(st) = c.status(pb::StatusRequest {}).await else { continue };
+        let st = st.into_inner();
+        if st.role == pb::RaftRole::Leader as i32 {
+            return Ok(c);
+        }
+        if !st.leader_address.is_empty() {
+            return admin(&Endpoint::parse(&st.leader_address)?).await;
+        }
+    }
+    bail!("no reachable PSS node knows a leader (tried {endpoints:?})")
+}
+
+fn role_name(role: i32) -> &'static str {
+    match pb::RaftRole::try_from(role) {
+        Ok(pb::RaftRole::Leader) => "leader",
+        Ok(pb::RaftRole::Follower) => "follower",
+        Ok(pb::RaftRole::Candidate) => "candidate",
+        Ok(pb::RaftRole::PreCandidate) => "pre-candidate",
+        _ => "unknown",
+    }
+}
+
+fn print_members(m: &[pb::Member]) {
+    println!("{:<6} {:<8} ADDRESS", "ID", "ROLE");
+    for m in m {
+        let role = if m.role == pb::MemberRole::Learner as i32 { "learner" } else { "voter" };
+        println!("{:<6} {:<8} {}", m.id, role, m.address);
+    }
+}
+
+async fn client_command(endpoints: Vec<Endpoint>, command: Command) -> anyhow::Result<()> {
+    let client = PssClient::new(endpoints.clone(), ClientOptions::default());
+    match command {
+        Command::Serve(_) => unreachable!("handled by main"),
+        Command::Status => {
+            println!(
+                "{:<24} {:<4} {:<13} {:>6} {:>7} {:>9} {:>9} {:>9} {:>9}",
+                "NODE", "ID", "ROLE", "TERM", "LEADER", "COMMIT", "APPLIED", "FIRST", "LAST"
+            );
+            let mut any = false;
+            for ep in &endpoints {
+                let st = match admin(ep).await {
+                    Ok(mut c) => c.status(pb::StatusRequest {}).await.map_err(anyhow::Error::from),
+                    Err(e) => Err(e),
+                };
+                match st {
+                    Ok(st) => {
+                        any = true;
+                        let s = st.into_inner();
+                        println!(
+                            "{:<24} {:<4} {:<13} {:>6} {:>7} {:>9} {:>9} {:>9} {:>9}",
+                            ep.authority(),
+                            s.id,
+                            role_name(s.role),
+                            s.term,
+                            s.leader_id,
+                            s.commit_index,
+                            s.applied_index,
+                            s.first_index,
+                            s.last_index
+                        );
+                    }
+                    Err(e) => println!("{:<24} unreachable: {e:#}", ep.authority()),
+                }
+            }
+            if !any {
+                bail!("no PSS node answered");
+            }
+        }
+        Command::Members => {
+            let mut c = leader(&endpoints).await?;
+            print_members(&c.members(pb::MembersRequest {}).await?.into_inner().members);
+        }
+        Command::AddNode { id, address, learner_only } => {
+            let mut c = leader(&endpoints).await?;
+            let r = c.add_node(pb::AddNodeRequest { id, address, learner_only }).await?;
+            println!("node {id} added");
+            print_members(&r.into_inner().members);
+        }
+        Command::RemoveNode { id } => {
+            let mut c = leader(&endpoints).await?;
+            let r = c.remove_node(pb::RemoveNodeRequest { id }).await?;
+            println!("node {id} removed");
+            print_members(&r.into_inner().members);
+        }
+        Command::TransferLeader { id } => {
+            let mut c = leader(&endpoints).await?;
+            let r = c.transfer_leader(pb::TransferLeaderRequest { to: id }).await?;
+            println!("leader is now node {}", r.into_inner().leader_id);
+        }
+        Command::CompactLog => {
+            for ep in &endpoints {
+                let mut c = admin(ep).await?;
+                let s = c.compact_log(pb::CompactLogRequest {}).await?.into_inner();
+                println!("{}: log compacted up to index {}", ep.authority(), s.snapshot_index);
+            }
+        }
+        Command::Put { volume, block, file, epoch, create_block_size } => {
+            let name = VolumeName::new(volume.as_str()).context("VOLUME")?;
+            let data =
+                std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
+            let epoch = match (epoch, create_block_size) {
+                (Some(e), _) => e,
+                (None, create) => match client.get_volume(&name).await {
+                    Ok(m) => m.epoch,
+                    Err(wayside_pss::client::PssError::NotFound(_)) if create.is_some() => {
+                        let req = pb::AcquireVolumeRequest {
+                            volume: volume.clone(),
+                            owner_node: "pss-cli".into(),
+                            owner_address: String::new(),
+                            expected_epoch: 0,
+                            create: Some(pb::CreateSpec {
+                                block_size: create.unwrap_or_default(),
+                                credential_hash: Vec::new(),
+                            }),
+                            request_id: Some((&cli_request_id()?).into()),
+                        };
+                        let r = client.acquire_volume(req).await?;
+                        r.meta.map(|m| m.epoch).unwrap_or_default()
+                    }
+                    Err(e) => return Err(e).context("reading the volume's epoch"),
+                },
+            };
+            let req = pb::WriteBatchRequest {
+                volume,
+                epoch,
+                request_id: Some((&cli_request_id()?).into()),
+                ops: vec![pb::PssBlockOp { block, data, delete: false, version: 0 }],
+                persisted_lsn: 0,
+            };
+            let r = client.write_batch(req).await?;
+            println!("block {block} written at raft index {} (epoch {epoch})", r.raft_index);
+        }
+        Command::Get { volume, block, out } => {
+            let name = VolumeName::new(volume.as_str()).context("VOLUME")?;
+            let b = client.get_blocks(&name, &[block]).await?;
+            let Some(b) = b.into_iter().next().filter(|b| b.found) else {
+                bail!("block {block} of volume {volume} has never been written");
+            };
+            match out {
+                Some(path) => {
+                    std::fs::write(&path, &b.data)
+                        .with_context(|| format!("writing {}", path.display()))?;
+                    eprintln!(
+                        "block {block} (version {}, {} bytes) -> {}",
+                        b.version,
+                        b.data.len(),
+                        path.display()
+                    );
+                }
+                None => {
+                    use std::io::Write;
+                    std::io::stdout().write_all(&b.data)?;
+                }
+            }
+        }
+    }
     Ok(())
+}
+
+/// A request id unique to this CLI invocation.
+fn cli_request_id() -> anyhow::Result<RequestId> {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_nanos();
+    Ok(RequestId::new(format!("pss-cli-{}-{nanos}", std::process::id()), 1)?)
 }

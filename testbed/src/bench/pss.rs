@@ -1,10 +1,371 @@
-//! (being written)
+//! `testbed bench pss`: durable 4 KiB writes to a 3-node PSS and to a 3-member etcd
+//! cluster (Debian `etcd-server`), both started by this run on this machine, driven
+//! side by side at several client counts; prints ops/s, p50, p99 and PSS/etcd ratios.
+//!
+//! Both systems acknowledge a write only after a majority fsynced it. PSS clients send
+//! `WriteBatch` (one 4 KiB op, a fresh request id) through `PssClient`; etcd clients
+//! send `etcdserverpb.KV/Put` (4 KiB value) over gRPC to the etcd leader. Clients of
+//! both share connections the same way (one HTTP/2 connection per 64 clients).
+
+use anyhow::{bail, Context as _};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tonic::transport::Channel;
+use wayside_proto::pb;
+use wayside_proto::types::Endpoint;
+use wayside_pss::client::{ClientOptions, PssClient};
+use wayside_pss::testing::LocalCluster;
 
 /// Options.
 #[derive(Debug, clap::Args)]
-pub struct Args {}
+pub struct Args {
+    /// Concurrent client counts to measure, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,16,256")]
+    pub clients: Vec<usize>,
+    /// Measured seconds per system and client count.
+    #[arg(long, default_value_t = 5)]
+    pub seconds: u64,
+    /// Value size in bytes.
+    #[arg(long, default_value_t = 4096)]
+    pub value_bytes: usize,
+    /// The etcd server binary.
+    #[arg(long, default_value = "etcd")]
+    pub etcd: PathBuf,
+    /// Directory for both systems' data (default: a new directory under the system temp dir).
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
+}
+
+/// Clients that share one HTTP/2 connection.
+const CLIENTS_PER_CONNECTION: usize = 64;
+
+#[derive(Debug, Clone, Copy)]
+struct Figures {
+    ops_per_sec: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    errors: u64,
+}
+
+fn figures(mut lat: Vec<Duration>, elapsed: Duration, errors: u64) -> Figures {
+    lat.sort_unstable();
+    let pct = |p: f64| {
+        if lat.is_empty() {
+            return f64::NAN;
+        }
+        let i = ((lat.len() as f64 - 1.0) * p).round() as usize;
+        lat[i].as_secs_f64() * 1e3
+    };
+    Figures {
+        ops_per_sec: lat.len() as f64 / elapsed.as_secs_f64(),
+        p50_ms: pct(0.50),
+        p99_ms: pct(0.99),
+        errors,
+    }
+}
+
+/// Runs `clients` loops of `op(client, seq)` for `secs`, after a short warm-up.
+async fn drive<F, Fut>(clients: usize, secs: u64, op: F) -> Figures
+where
+    F: Fn(usize, u64) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = bool> + Send,
+{
+    let op = Arc::new(op);
+    let warmup = Duration::from_millis(500);
+    let start = Instant::now() + warmup;
+    let end = start + Duration::from_secs(secs);
+    let mut set = tokio::task::JoinSet::new();
+    for c in 0..clients {
+        let op = op.clone();
+        set.spawn(async move {
+            let mut lat = Vec::new();
+            let mut errors = 0u64;
+            let mut seq = 0u64;
+            loop {
+                seq += 1;
+                let t = Instant::now();
+                if t >= end {
+                    break;
+                }
+                let ok = op(c, seq).await;
+                if t >= start {
+                    if ok {
+                        lat.push(t.elapsed());
+                    } else {
+                        errors += 1;
+                    }
+                }
+            }
+            (lat, errors)
+        });
+    }
+    let mut all = Vec::new();
+    let mut errors = 0;
+    while let Some(r) = set.join_next().await {
+        if let Ok((l, e)) = r {
+            all.extend(l);
+            errors += e;
+        }
+    }
+    figures(all, Duration::from_secs(secs), errors)
+}
+
+// --- etcd, over its gRPC API (message shapes from etcd's rpc.proto) ---
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct PutRequest {
+    #[prost(bytes = "vec", tag = "1")]
+    key: Vec<u8>,
+    #[prost(bytes = "vec", tag = "2")]
+    value: Vec<u8>,
+}
+
+/// Only success matters; the header's fields are not read.
+#[derive(Clone, PartialEq, prost::Message)]
+struct PutResponse {}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct StatusRequest {}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct ResponseHeader {
+    #[prost(uint64, tag = "2")]
+    member_id: u64,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct StatusResponse {
+    #[prost(message, optional, tag = "1")]
+    header: Option<ResponseHeader>,
+    #[prost(uint64, tag = "4")]
+    leader: u64,
+}
+
+async fn unary<Req, Resp>(ch: Channel, path: &'static str, req: Req) -> Result<Resp, tonic::Status>
+where
+    Req: prost::Message + Send + Sync + 'static,
+    Resp: prost::Message + Default + Send + Sync + 'static,
+{
+    let mut grpc = tonic::client::Grpc::new(ch);
+    grpc.ready().await.map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+    let codec = tonic_prost::ProstCodec::<Req, Resp>::default();
+    let path = tonic::codegen::http::uri::PathAndQuery::from_static(path);
+    grpc.unary(tonic::Request::new(req), path, codec).await.map(|r| r.into_inner())
+}
+
+struct Etcd {
+    children: Vec<Child>,
+    clients: Vec<String>,
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn start_etcd(bin: &Path, dir: &Path) -> anyhow::Result<Etcd> {
+    let mut peers = Vec::new();
+    let mut clients = Vec::new();
+    for _ in 0..3 {
+        peers.push(format!("http://127.0.0.1:{}", free_port()?));
+        clients.push(format!("http://127.0.0.1:{}", free_port()?));
+    }
+    let cluster =
+        peers.iter().enumerate().map(|(i, p)| format!("e{i}={p}")).collect::<Vec<_>>().join(",");
+    let mut etcd = Etcd { children: Vec::new(), clients: clients.clone() };
+    for i in 0..3 {
+        let log = std::fs::File::create(dir.join(format!("etcd-{i}.log")))?;
+        let child = Command::new(bin)
+            .args(["--name", &format!("e{i}")])
+            .arg("--data-dir")
+            .arg(dir.join(format!("etcd-{i}")))
+            .args(["--listen-client-urls", &clients[i], "--advertise-client-urls", &clients[i]])
+            .args(["--listen-peer-urls", &peers[i], "--initial-advertise-peer-urls", &peers[i]])
+            .args(["--initial-cluster", &cluster, "--initial-cluster-state", "new"])
+            .args(["--initial-cluster-token", "wayside-bench", "--log-level", "warn"])
+            .args(["--quota-backend-bytes", &(8u64 << 30).to_string()])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {} (Debian package etcd-server)", bin.display()))?;
+        etcd.children.push(child);
+    }
+    Ok(etcd)
+}
+
+async fn channel(uri: &str) -> anyhow::Result<Channel> {
+    Ok(tonic::transport::Endpoint::from_shared(uri.to_owned())?
+        .tcp_nodelay(true)
+        .connect_timeout(Duration::from_secs(1))
+        // The same HTTP/2 windows the PSS client uses, so neither side is throttled.
+        .initial_connection_window_size(wayside_pss::server::HTTP2_CONNECTION_WINDOW_BYTES)
+        .initial_stream_window_size(wayside_pss::server::HTTP2_STREAM_WINDOW_BYTES)
+        .connect_lazy())
+}
+
+/// Waits for the etcd cluster to elect a leader; returns the leader's client URL.
+async fn etcd_leader(etcd: &Etcd) -> anyhow::Result<String> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        for url in &etcd.clients {
+            let ch = channel(url).await?;
+            let r = tokio::time::timeout(
+                Duration::from_secs(1),
+                unary::<_, StatusResponse>(
+                    ch,
+                    "/etcdserverpb.Maintenance/Status",
+                    StatusRequest {},
+                ),
+            )
+            .await;
+            if let Ok(Ok(s)) = r {
+                if s.leader != 0 && s.header.is_some_and(|h| h.member_id == s.leader) {
+                    return Ok(url.clone());
+                }
+            }
+        }
+        if Instant::now() >= deadline {
+            bail!("etcd elected no leader within 30 s");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn bench_etcd(
+    leader: &str,
+    clients: usize,
+    secs: u64,
+    value: usize,
+) -> anyhow::Result<Figures> {
+    let mut chans = Vec::new();
+    for _ in 0..clients.div_ceil(CLIENTS_PER_CONNECTION) {
+        chans.push(channel(leader).await?);
+    }
+    let chans = Arc::new(chans);
+    let value = Arc::new(vec![0xABu8; value]);
+    Ok(drive(clients, secs, move |c, seq| {
+        let ch = chans[c / CLIENTS_PER_CONNECTION].clone();
+        let req =
+            PutRequest { key: format!("k/{c}/{}", seq % 1024).into_bytes(), value: value.to_vec() };
+        async move { unary::<_, PutResponse>(ch, "/etcdserverpb.KV/Put", req).await.is_ok() }
+    })
+    .await)
+}
+
+async fn bench_pss(
+    endpoints: &[Endpoint],
+    round: usize,
+    clients: usize,
+    secs: u64,
+    value: usize,
+) -> anyhow::Result<Figures> {
+    let opts = ClientOptions::default();
+    let pss: Arc<Vec<PssClient>> = Arc::new(
+        (0..clients.div_ceil(CLIENTS_PER_CONNECTION))
+            .map(|_| PssClient::new(endpoints.to_vec(), opts.clone()))
+            .collect(),
+    );
+    let volume = format!("bench-{round}");
+    let acq = pss[0]
+        .acquire_volume(pb::AcquireVolumeRequest {
+            volume: volume.clone(),
+            owner_node: "bench".into(),
+            owner_address: String::new(),
+            expected_epoch: 0,
+            create: Some(pb::CreateSpec {
+                block_size: value.next_power_of_two().max(4096) as u32,
+                credential_hash: vec![],
+            }),
+            request_id: Some(pb::RequestId { client_id: format!("bench-acq-{round}"), seq: 1 }),
+        })
+        .await?;
+    let epoch = acq.meta.map(|m| m.epoch).unwrap_or_default();
+    let data = Arc::new(vec![0xABu8; value]);
+    Ok(drive(clients, secs, move |c, seq| {
+        let client = pss[c / CLIENTS_PER_CONNECTION].clone();
+        let req = pb::WriteBatchRequest {
+            volume: volume.clone(),
+            epoch,
+            request_id: Some(pb::RequestId { client_id: format!("b{round}-{c}"), seq }),
+            ops: vec![pb::PssBlockOp {
+                block: (c as u64) << 20 | (seq % 1024),
+                data: data.to_vec(),
+                delete: false,
+                version: 0,
+            }],
+            persisted_lsn: 0,
+        };
+        async move { client.write_batch(req).await.is_ok() }
+    })
+    .await)
+}
 
 /// Runs the benchmark.
-pub async fn run(_args: Args) -> anyhow::Result<()> {
-    anyhow::bail!("this benchmark is not built yet")
+pub async fn run(args: Args) -> anyhow::Result<()> {
+    let dir = match &args.dir {
+        Some(d) => d.clone(),
+        None => std::env::temp_dir().join(format!("wayside-bench-pss-{}", std::process::id())),
+    };
+    std::fs::create_dir_all(&dir)?;
+    println!(
+        "PSS vs etcd: durable {}-byte writes, 3 nodes each on this machine, {} s per point",
+        args.value_bytes, args.seconds
+    );
+    println!("data under {}", dir.display());
+    let cluster = LocalCluster::start(3, &dir.join("pss")).await.context("starting the PSS")?;
+    let etcd = start_etcd(&args.etcd, &dir)?;
+    let etcd_url = etcd_leader(&etcd).await?;
+    let endpoints = cluster.endpoints();
+
+    let mut rows = Vec::new();
+    for (round, &clients) in args.clients.iter().enumerate() {
+        let p = bench_pss(&endpoints, round, clients, args.seconds, args.value_bytes).await?;
+        let e = bench_etcd(&etcd_url, clients, args.seconds, args.value_bytes).await?;
+        println!(
+            "clients {clients:>4}: PSS {:>9.0} ops/s p50 {:>7.2} ms p99 {:>7.2} ms | etcd {:>9.0} ops/s p50 {:>7.2} ms p99 {:>7.2} ms | ratio {:.2}x",
+            p.ops_per_sec, p.p50_ms, p.p99_ms, e.ops_per_sec, e.p50_ms, e.p99_ms, p.ops_per_sec / e.ops_per_sec
+        );
+        rows.push((clients, p, e));
+    }
+    println!();
+    println!("| clients | PSS ops/s | PSS p50 ms | PSS p99 ms | etcd ops/s | etcd p50 ms | etcd p99 ms | PSS/etcd |");
+    println!("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+    for (c, p, e) in &rows {
+        println!(
+            "| {c} | {:.0} | {:.2} | {:.2} | {:.0} | {:.2} | {:.2} | {:.2}x |",
+            p.ops_per_sec,
+            p.p50_ms,
+            p.p99_ms,
+            e.ops_per_sec,
+            e.p50_ms,
+            e.p99_ms,
+            p.ops_per_sec / e.ops_per_sec
+        );
+        if p.errors + e.errors > 0 {
+            println!("  (errors during {c}-client run: PSS {}, etcd {})", p.errors, e.errors);
+        }
+    }
+    if let Some((_, p, e)) = rows.iter().find(|(c, _, _)| *c == 256) {
+        let ratio = p.ops_per_sec / e.ops_per_sec;
+        println!(
+            "target at 256 clients: PSS >= 3x etcd; measured {ratio:.2}x ({})",
+            if ratio >= 3.0 { "met" } else { "NOT met" }
+        );
+    }
+    drop(etcd);
+    cluster.shutdown().await;
+    if args.dir.is_none() {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    Ok(())
 }

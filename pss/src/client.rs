@@ -1,0 +1,322 @@
+//! The PSS client library (used by the NMS and the `pss` CLI): finds the leader, follows
+//! leader hints, retries with bounded exponential backoff within a deadline, and never
+//! retries a write in a way that could apply it twice: a write is retried after an
+//! ambiguous failure only when it carries a request id (the state machine applies a
+//! request id once); without one, only when the server said it did not take it.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tonic::transport::Channel;
+use tonic::{Code, Status};
+use wayside_proto::error::fault_of;
+use wayside_proto::pb;
+use wayside_proto::pb::pss_blocks_client::PssBlocksClient;
+use wayside_proto::types::{Endpoint, Epoch, Fault, VolumeName};
+
+/// How the client waits and retries.
+#[derive(Debug, Clone)]
+pub struct ClientOptions {
+    /// Time allowed for one RPC attempt.
+    pub rpc_timeout: Duration,
+    /// Time allowed for a whole call, retries included.
+    pub deadline: Duration,
+    /// First pause between retries; doubles up to `max_backoff`.
+    pub initial_backoff: Duration,
+    pub max_backoff: Duration,
+    /// Largest message sent or received, in bytes.
+    pub max_message_size_bytes: usize,
+}
+
+impl Default for ClientOptions {
+    fn default() -> Self {
+        Self {
+            rpc_timeout: Duration::from_secs(5),
+            deadline: Duration::from_secs(20),
+            initial_backoff: Duration::from_millis(20),
+            max_backoff: Duration::from_millis(500),
+            max_message_size_bytes: 64 * 1024 * 1024,
+        }
+    }
+}
+
+/// Why a PSS call failed (after retries, where retrying was allowed).
+#[derive(Debug, thiserror::Error)]
+pub enum PssError {
+    /// The write carried an older owner epoch than the volume's: this NMS was fenced.
+    #[error("stale epoch: presented {presented}, volume is at {current}")]
+    StaleEpoch { presented: Epoch, current: Epoch },
+    #[error("not found: {0}")]
+    NotFound(String),
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+    #[error("failed precondition: {0}")]
+    FailedPrecondition(String),
+    /// No leader answered within the deadline, or the outcome of a write without a
+    /// request id is unknown.
+    #[error("unavailable: {0}")]
+    Unavailable(String),
+    #[error("PSS error: {0}")]
+    Other(tonic::Status),
+}
+
+impl From<Status> for PssError {
+    fn from(s: Status) -> Self {
+        if let Some(Fault::StaleEpoch { presented, current }) = fault_of(&s) {
+            return PssError::StaleEpoch { presented, current };
+        }
+        let msg = s.message().to_owned();
+        match s.code() {
+            Code::NotFound => PssError::NotFound(msg),
+            Code::InvalidArgument => PssError::InvalidArgument(msg),
+            Code::FailedPrecondition => PssError::FailedPrecondition(msg),
+            Code::Unavailable | Code::DeadlineExceeded => PssError::Unavailable(msg),
+            _ => PssError::Other(s),
+        }
+    }
+}
+
+/// A handle to a PSS cluster; cheap to clone; connects lazily.
+#[derive(Clone)]
+pub struct PssClient {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    endpoints: Vec<Endpoint>,
+    opts: ClientOptions,
+    channels: Mutex<HashMap<String, Channel>>,
+    leader: Mutex<Option<Endpoint>>,
+    next: std::sync::atomic::AtomicUsize,
+}
+
+/// Whether a failed request certainly never reached a server (so it was not applied).
+fn never_sent(status: &Status) -> bool {
+    let mut src: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(status);
+    while let Some(e) = src {
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            if io.kind() == std::io::ErrorKind::ConnectionRefused {
+                return true;
+            }
+        }
+        src = e.source();
+    }
+    false
+}
+
+impl PssClient {
+    pub fn new(endpoints: Vec<Endpoint>, opts: ClientOptions) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                endpoints,
+                opts,
+                channels: Mutex::new(HashMap::new()),
+                leader: Mutex::new(None),
+                next: std::sync::atomic::AtomicUsize::new(0),
+            }),
+        }
+    }
+
+    /// The endpoints this client was given.
+    pub fn endpoints(&self) -> &[Endpoint] {
+        &self.inner.endpoints
+    }
+
+    /// A lazily connected channel to `ep` (shared by every call to it).
+    pub fn channel(&self, ep: &Endpoint) -> Result<Channel, PssError> {
+        let mut channels =
+            self.inner.channels.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(c) = channels.get(ep.uri()) {
+            return Ok(c.clone());
+        }
+        let c = tonic::transport::Endpoint::from_shared(ep.uri().to_owned())
+            .map_err(|e| PssError::InvalidArgument(format!("endpoint {ep}: {e}")))?
+            .connect_timeout(Duration::from_secs(1))
+            .tcp_nodelay(true)
+            .initial_connection_window_size(crate::server::HTTP2_CONNECTION_WINDOW_BYTES)
+            .initial_stream_window_size(crate::server::HTTP2_STREAM_WINDOW_BYTES)
+            .connect_lazy();
+        channels.insert(ep.uri().to_owned(), c.clone());
+        Ok(c)
+    }
+
+    fn blocks(&self, ch: Channel) -> PssBlocksClient<Channel> {
+        let max = self.inner.opts.max_message_size_bytes;
+        PssBlocksClient::new(ch).max_decoding_message_size(max).max_encoding_message_size(max)
+    }
+
+    fn target(&self) -> Result<Endpoint, PssError> {
+        if let Some(l) =
+            self.inner.leader.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+        {
+            return Ok(l);
+        }
+        let n = self.inner.endpoints.len();
+        if n == 0 {
+            return Err(PssError::InvalidArgument("no PSS endpoints given".into()));
+        }
+        let i = self.inner.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(self.inner.endpoints[i % n].clone())
+    }
+
+    fn set_leader(&self, ep: Option<Endpoint>) {
+        *self.inner.leader.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = ep;
+    }
+
+    /// Runs `f` against the leader, following hints and retrying as allowed.
+    /// `retry_ambiguous`: whether a failure after the request may have been applied can
+    /// be retried (true for reads and for writes with a request id).
+    async fn call<T, F, Fut>(&self, retry_ambiguous: bool, f: F) -> Result<T, PssError>
+    where
+        F: Fn(PssBlocksClient<Channel>) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, Status>>,
+    {
+        let opts = &self.inner.opts;
+        let deadline = Instant::now() + opts.deadline;
+        let mut backoff = opts.initial_backoff;
+        let mut hops = 0;
+        loop {
+            let target = self.target()?;
+            let left = deadline.saturating_duration_since(Instant::now());
+            let attempt = tokio::time::timeout(
+                opts.rpc_timeout.min(left),
+                f(self.blocks(self.channel(&target)?)),
+            )
+            .await;
+            let err = match attempt {
+                Ok(Ok(r)) => {
+                    self.set_leader(Some(target));
+                    return Ok(r.into_inner());
+                }
+                Ok(Err(status)) => status,
+                Err(_) => Status::deadline_exceeded(format!("no answer from {target} in time")),
+            };
+            let mut pause = true;
+            match fault_of(&err) {
+                Some(Fault::NotLeader { leader_address, .. }) => {
+                    // The node refused before proposing: safe to retry anything.
+                    let hint = leader_address.and_then(|a| Endpoint::parse(&a).ok());
+                    let follow = hint.filter(|h| *h != target && hops < 3);
+                    pause = follow.is_none();
+                    hops = if follow.is_some() { hops + 1 } else { 0 };
+                    self.set_leader(follow);
+                }
+                _ => {
+                    let transient = matches!(
+                        err.code(),
+                        Code::Unavailable
+                            | Code::DeadlineExceeded
+                            | Code::Unknown
+                            | Code::Cancelled
+                    );
+                    if !transient {
+                        return Err(err.into());
+                    }
+                    if !retry_ambiguous && !never_sent(&err) {
+                        return Err(PssError::Unavailable(format!(
+                            "outcome unknown (no request id, so not retried): {}",
+                            err.message()
+                        )));
+                    }
+                    self.set_leader(None);
+                    hops = 0;
+                }
+            }
+            if Instant::now() + if pause { backoff } else { Duration::ZERO } >= deadline {
+                return Err(PssError::Unavailable(format!(
+                    "no PSS leader answered within {:?}: {}",
+                    opts.deadline,
+                    err.message()
+                )));
+            }
+            if pause {
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(opts.max_backoff);
+            }
+        }
+    }
+
+    /// Makes the caller the volume's owner with a new epoch (creating it if asked).
+    pub async fn acquire_volume(
+        &self,
+        req: pb::AcquireVolumeRequest,
+    ) -> Result<pb::AcquireVolumeReply, PssError> {
+        let idempotent = req.request_id.is_some();
+        self.call(idempotent, |mut c| {
+            let req = req.clone();
+            async move { c.acquire_volume(req).await }
+        })
+        .await
+    }
+
+    /// A volume's metadata (linearizable).
+    pub async fn get_volume(&self, volume: &VolumeName) -> Result<pb::VolumeMeta, PssError> {
+        let req = pb::GetVolumeRequest {
+            volume: volume.to_string(),
+            consistency: pb::ReadConsistency::Linearizable as i32,
+        };
+        self.call(true, |mut c| {
+            let req = req.clone();
+            async move { c.get_volume(req).await }
+        })
+        .await
+    }
+
+    /// Applies a batch of puts/deletes once. Needs a request id, so retries are safe.
+    pub async fn write_batch(
+        &self,
+        req: pb::WriteBatchRequest,
+    ) -> Result<pb::WriteBatchReply, PssError> {
+        if req.request_id.is_none() {
+            return Err(PssError::InvalidArgument(
+                "write_batch needs a request_id (retries rely on it)".into(),
+            ));
+        }
+        self.call(true, |mut c| {
+            let req = req.clone();
+            async move { c.write_batch(req).await }
+        })
+        .await
+    }
+
+    /// Reads blocks (linearizable); absent blocks come back with `found == false`.
+    pub async fn get_blocks(
+        &self,
+        volume: &VolumeName,
+        blocks: &[u64],
+    ) -> Result<Vec<pb::PssBlock>, PssError> {
+        let req = pb::GetBlocksRequest {
+            volume: volume.to_string(),
+            blocks: blocks.to_vec(),
+            consistency: pb::ReadConsistency::Linearizable as i32,
+        };
+        let reply = self
+            .call(true, |mut c| {
+                let req = req.clone();
+                async move { c.get_blocks(req).await }
+            })
+            .await?;
+        Ok(reply.blocks)
+    }
+
+    /// Lists up to `limit` blocks from `start_block` (linearizable).
+    pub async fn list_blocks(
+        &self,
+        volume: &VolumeName,
+        start_block: u64,
+        limit: u32,
+    ) -> Result<pb::ListBlocksReply, PssError> {
+        let req = pb::ListBlocksRequest {
+            volume: volume.to_string(),
+            start_block,
+            limit,
+            consistency: pb::ReadConsistency::Linearizable as i32,
+        };
+        self.call(true, |mut c| {
+            let req = req.clone();
+            async move { c.list_blocks(req).await }
+        })
+        .await
+    }
+}

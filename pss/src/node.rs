@@ -1,0 +1,859 @@
+//! One Raft node: the raft-rs `RawNode`, its durable log and the sled state machine,
+//! driven by a single loop on a dedicated thread (it blocks on `fdatasync`, so it must
+//! not run on the shared runtime's workers).
+//!
+//! Each loop turn: take every input waiting (Raft messages, client commands, reads,
+//! admin), propose all client commands as ONE entry (group commit), then handle the
+//! `Ready` in raft-rs order: install a snapshot, append entries + hard state and
+//! `fdatasync` once, only then send messages (so no vote or append ack ever leaves
+//! before it is durable), apply committed entries (one sled batch with the applied
+//! index), answer the clients whose commands were applied, advance.
+//!
+//! **Architecture invariant:** a client is answered only after its entry is committed
+//! (durable on a majority) and applied; a read only after the read index is applied.
+
+use crate::config::Config;
+use crate::state::{ApplyError, Command, CommandBatch, Outcome, Reader, StateError, StateMachine};
+use crate::storage::{DurableLog, LogError, RaftStorage};
+use crate::transport::Transport;
+use prost::Message as _;
+use protobuf::Message as _;
+use raft::prelude::*;
+use raft::StateRole;
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot, watch, OwnedSemaphorePermit};
+use tokio_util::sync::CancellationToken;
+
+/// Inputs queued for the node loop before it blocks new ones (backpressure).
+pub const INPUT_QUEUE_CAPACITY: usize = 8192;
+
+/// Why a request could not be served; mapped to a gRPC status in `service`.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum NodeError {
+    #[error("this node is not the leader")]
+    NotLeader { leader_id: Option<u64>, leader_address: Option<String> },
+    #[error("leadership changed before the request was applied; its outcome is unknown")]
+    OutcomeUnknown,
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
+    #[error("the node is shutting down")]
+    Stopped,
+    #[error("{0}")]
+    Refused(ApplyError),
+    #[error("{0}")]
+    FailedPrecondition(String),
+    #[error("{0}")]
+    InvalidArgument(String),
+    #[error("{0}")]
+    Internal(String),
+}
+
+/// What the node tells the rest of the process after every loop turn.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct NodeStatus {
+    pub id: u64,
+    pub role: Role,
+    pub term: u64,
+    pub leader_id: u64,
+    pub commit_index: u64,
+    pub applied_index: u64,
+    pub first_index: u64,
+    pub last_index: u64,
+    pub snapshot_index: u64,
+    pub voters: Vec<u64>,
+    pub learners: Vec<u64>,
+    /// Leader only: each member's replicated (matched) index.
+    pub matched: BTreeMap<u64, u64>,
+    /// Set once the loop has stopped (error or shutdown).
+    pub stopped: bool,
+}
+
+/// A node's Raft role.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Role {
+    #[default]
+    Follower,
+    Candidate,
+    PreCandidate,
+    Leader,
+}
+
+impl From<StateRole> for Role {
+    fn from(r: StateRole) -> Self {
+        match r {
+            StateRole::Follower => Role::Follower,
+            StateRole::Candidate => Role::Candidate,
+            StateRole::PreCandidate => Role::PreCandidate,
+            StateRole::Leader => Role::Leader,
+        }
+    }
+}
+
+/// Member id -> gRPC address, shared by the loop, the transport and the services.
+pub type AddressBook = Arc<RwLock<BTreeMap<u64, String>>>;
+
+type Reply<T> = oneshot::Sender<Result<T, NodeError>>;
+
+/// A request to the node loop.
+pub enum Input {
+    Raft(Box<Message>),
+    Propose { cmd: Command, reply: Reply<Outcome>, permit: OwnedSemaphorePermit },
+    Read { reply: Reply<()>, permit: OwnedSemaphorePermit },
+    ConfChange { cc: ConfChange, reply: Reply<()> },
+    TransferLeader { to: u64 },
+    Compact { reply: Reply<u64> },
+    SnapshotSent { to: u64, ok: bool },
+    Unreachable { to: u64 },
+}
+
+/// The handle the services use.
+#[derive(Clone)]
+pub struct NodeHandle {
+    pub id: u64,
+    pub tx: mpsc::Sender<Input>,
+    pub status: watch::Receiver<NodeStatus>,
+    pub addresses: AddressBook,
+    pub reader: Reader,
+    /// Bounds client work in flight (`max_inflight_proposals`).
+    pub inflight: Arc<tokio::sync::Semaphore>,
+    pub request_timeout: Duration,
+    pub snap_dir: PathBuf,
+}
+
+impl NodeHandle {
+    /// The not-leader error with the best leader hint this node has.
+    pub fn not_leader(&self) -> NodeError {
+        let leader = self.status.borrow().leader_id;
+        let leader_id = (leader != 0).then_some(leader);
+        let leader_address = leader_id.and_then(|l| self.address_of(l));
+        NodeError::NotLeader { leader_id, leader_address }
+    }
+
+    pub fn address_of(&self, id: u64) -> Option<String> {
+        self.addresses.read().unwrap_or_else(std::sync::PoisonError::into_inner).get(&id).cloned()
+    }
+
+    pub fn is_leader(&self) -> bool {
+        self.status.borrow().role == Role::Leader
+    }
+
+    async fn permit(&self) -> Result<OwnedSemaphorePermit, NodeError> {
+        let fut = self.inflight.clone().acquire_owned();
+        match tokio::time::timeout(self.request_timeout, fut).await {
+            Ok(Ok(p)) => Ok(p),
+            Ok(Err(_)) => Err(NodeError::Stopped),
+            Err(_) => Err(NodeError::Timeout(self.request_timeout)),
+        }
+    }
+
+    async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Input) -> Result<T, NodeError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx.send(make(tx)).await.map_err(|_| NodeError::Stopped)?;
+        match tokio::time::timeout(self.request_timeout, rx).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(_)) => Err(NodeError::Stopped),
+            Err(_) => Err(NodeError::Timeout(self.request_timeout)),
+        }
+    }
+
+    /// Proposes a client command and waits until it is committed and applied.
+    pub async fn propose(&self, cmd: Command) -> Result<Outcome, NodeError> {
+        if !self.is_leader() {
+            return Err(self.not_leader());
+        }
+        let permit = self.permit().await?;
+        self.call(|reply| Input::Propose { cmd, reply, permit }).await
+    }
+
+    /// Waits until this node's applied state is linearizable (ReadIndex on the leader).
+    pub async fn read_barrier(&self) -> Result<(), NodeError> {
+        if !self.is_leader() {
+            return Err(self.not_leader());
+        }
+        let permit = self.permit().await?;
+        self.call(|reply| Input::Read { reply, permit }).await
+    }
+
+    pub async fn conf_change(&self, cc: ConfChange) -> Result<(), NodeError> {
+        if !self.is_leader() {
+            return Err(self.not_leader());
+        }
+        self.call(|reply| Input::ConfChange { cc, reply }).await
+    }
+
+    pub async fn compact(&self) -> Result<u64, NodeError> {
+        self.call(|reply| Input::Compact { reply }).await
+    }
+
+    pub async fn transfer_leader(&self, to: u64) -> Result<(), NodeError> {
+        self.tx.send(Input::TransferLeader { to }).await.map_err(|_| NodeError::Stopped)
+    }
+}
+
+/// Path of the snapshot file for `index`.
+pub fn snapshot_path(dir: &Path, index: u64) -> PathBuf {
+    dir.join(format!("snap-{index:020}.snap"))
+}
+
+/// A node failure that stops the loop.
+#[derive(Debug, thiserror::Error)]
+pub enum FatalError {
+    #[error(transparent)]
+    Log(#[from] LogError),
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error("raft: {0}")]
+    Raft(#[from] raft::Error),
+    #[error("{0}")]
+    Setup(String),
+}
+
+/// A read waiting for its read index to be applied.
+type ReadWaiter = (Reply<()>, OwnedSemaphorePermit);
+
+struct Loop {
+    id: u64,
+    node: RawNode<RaftStorage>,
+    storage: RaftStorage,
+    log: DurableLog,
+    sm: StateMachine,
+    transport: Transport,
+    addresses: AddressBook,
+    snap_dir: PathBuf,
+    cfg: Config,
+    next_seq: u64,
+    batch: Vec<(Command, Reply<Outcome>, OwnedSemaphorePermit)>,
+    pending: HashMap<u64, (Reply<Outcome>, OwnedSemaphorePermit)>,
+    reads_new: Vec<ReadWaiter>,
+    reads_sent: HashMap<Vec<u8>, Vec<ReadWaiter>>,
+    reads_ready: VecDeque<(u64, Vec<ReadWaiter>)>,
+    next_read: u64,
+    conf_waiter: Option<(ConfChange, Reply<()>)>,
+    applied: u64,
+    /// Entry bytes applied since the last snapshot (for `compact_log_bytes`).
+    applied_bytes: u64,
+    status: watch::Sender<NodeStatus>,
+}
+
+/// The started node: its handle and the thread that runs the loop.
+pub struct Started {
+    pub handle: NodeHandle,
+    pub thread: std::thread::JoinHandle<Result<(), FatalError>>,
+}
+
+/// Opens the data dir (bootstrapping it on first start), recovers, and starts the loop.
+pub fn start(
+    cfg: Config,
+    runtime: tokio::runtime::Handle,
+    tracker: tokio_util::task::TaskTracker,
+    shutdown: CancellationToken,
+) -> Result<Started, FatalError> {
+    let setup = |what: &str, e: std::io::Error| FatalError::Setup(format!("{what}: {e}"));
+    let snap_dir = cfg.data_dir.join("snap");
+    std::fs::create_dir_all(&snap_dir).map_err(|e| setup("creating data dir", e))?;
+    let (mut log, core, existed) = DurableLog::open(&cfg.data_dir)?;
+    let storage = RaftStorage { core: Arc::new(RwLock::new(core)), ..Default::default() };
+    let mut sm = StateMachine::open(&cfg.data_dir.join("sm"), cfg.dedupe_table_entries)?;
+    if !existed && !cfg.join {
+        // First start of a founding member: every founder writes the same initial
+        // snapshot at index 1 (the voter set, the address book), so a node added later
+        // always starts from a snapshot and never replays a log it cannot interpret.
+        let cs =
+            ConfState { voters: cfg.peers.iter().map(|p| p.id).collect(), ..Default::default() };
+        let mut meta = SnapshotMetadata { index: 1, term: 1, ..Default::default() };
+        meta.set_conf_state(cs.clone());
+        let mut p = sm.begin();
+        for peer in &cfg.peers {
+            sm.set_member(&mut p, peer.id, Some(&peer.address));
+        }
+        sm.commit(p, 1, Some(&cs))?;
+        sm.write_snapshot(&snapshot_path(&snap_dir, 1), &meta)?;
+        log.install_snapshot(&storage, meta)?;
+        tracing::info!(voters = ?cs.voters, "bootstrapped a new cluster member");
+    }
+    // Recovery: sled may be behind what it once applied (its flush is not an fsync);
+    // below the log's compaction point only the durable snapshot file has the data.
+    let snap_index = storage.read().snapshot.index;
+    let mut applied = sm.applied()?;
+    if applied < snap_index {
+        tracing::info!(applied, snap_index, "state machine behind the snapshot: reloading it");
+        sm.load_snapshot(&snapshot_path(&snap_dir, snap_index))?;
+        applied = snap_index;
+    }
+    {
+        let mut core = storage.write();
+        if let Some(cs) = sm.conf_state()? {
+            core.conf_state = cs;
+        }
+        // Applied entries were committed; the commit index on disk may lag (it is
+        // written without its own fsync), so raise it.
+        let last = core.last_index();
+        core.hard_state.commit = core.hard_state.commit.max(applied.min(last));
+    }
+    let addresses: AddressBook = Arc::new(RwLock::new(cfg.peer_map()));
+    addresses.write().unwrap_or_else(std::sync::PoisonError::into_inner).extend(sm.members()?);
+
+    let raft_cfg = raft::Config {
+        id: cfg.id,
+        election_tick: cfg.election_timeout_ticks,
+        heartbeat_tick: cfg.heartbeat_interval_ticks,
+        applied,
+        max_size_per_msg: cfg.max_raft_message_bytes,
+        max_inflight_msgs: cfg.max_inflight_raft_messages,
+        check_quorum: true,
+        pre_vote: true,
+        ..Default::default()
+    };
+    raft_cfg.validate()?;
+    let logger = slog::Logger::root(crate::logging::TracingDrain, slog::o!());
+    let node = RawNode::new(&raft_cfg, storage.clone(), &logger)?;
+
+    let (tx, rx) = mpsc::channel(INPUT_QUEUE_CAPACITY);
+    let (status_tx, status_rx) = watch::channel(NodeStatus { id: cfg.id, ..Default::default() });
+    let transport = Transport::new(
+        cfg.id,
+        addresses.clone(),
+        tx.clone(),
+        snap_dir.clone(),
+        &cfg,
+        runtime.clone(),
+        tracker,
+        shutdown.clone(),
+    );
+    let handle = NodeHandle {
+        id: cfg.id,
+        tx,
+        status: status_rx,
+        addresses: addresses.clone(),
+        reader: sm.reader(),
+        inflight: Arc::new(tokio::sync::Semaphore::new(cfg.max_inflight_proposals)),
+        request_timeout: Duration::from_millis(cfg.request_timeout_ms),
+        snap_dir: snap_dir.clone(),
+    };
+    let mut lp = Loop {
+        id: cfg.id,
+        node,
+        storage,
+        log,
+        sm,
+        transport,
+        addresses,
+        snap_dir,
+        cfg,
+        next_seq: 1,
+        batch: Vec::new(),
+        pending: HashMap::new(),
+        reads_new: Vec::new(),
+        reads_sent: HashMap::new(),
+        reads_ready: VecDeque::new(),
+        next_read: 1,
+        conf_waiter: None,
+        applied,
+        applied_bytes: 0,
+        status: status_tx,
+    };
+    lp.publish();
+    let id = lp.id;
+    let thread = std::thread::Builder::new()
+        .name(format!("pss-raft-{id}"))
+        .spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_time()
+                .build()
+                .map_err(|e| FatalError::Setup(format!("node runtime: {e}")))?;
+            let span = tracing::info_span!("raft", node = id);
+            let _g = span.enter();
+            let r = rt.block_on(lp.run(rx, shutdown));
+            if let Err(e) = &r {
+                tracing::error!(error = %e, "raft node stopped on an error");
+            }
+            r
+        })
+        .map_err(|e| setup("spawning the raft thread", e))?;
+    Ok(Started { handle, thread })
+}
+
+impl Loop {
+    async fn run(
+        mut self,
+        mut rx: mpsc::Receiver<Input>,
+        shutdown: CancellationToken,
+    ) -> Result<(), FatalError> {
+        let mut ticker = tokio::time::interval(Duration::from_millis(self.cfg.tick_interval_ms));
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let result = loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break Ok(()),
+                _ = ticker.tick() => { self.node.tick(); }
+                input = rx.recv() => {
+                    let Some(input) = input else { break Ok(()) };
+                    self.handle(input);
+                    // Group commit: take everything already waiting before the next fsync.
+                    let mut taken = 1usize;
+                    while taken < INPUT_QUEUE_CAPACITY {
+                        let Ok(input) = rx.try_recv() else { break };
+                        self.handle(input);
+                        taken += 1;
+                    }
+                }
+            }
+            if let Err(e) = self.turn() {
+                break Err(e);
+            }
+        };
+        self.fail_all(NodeError::Stopped);
+        self.sm.flush();
+        self.status.send_modify(|s| s.stopped = true);
+        result
+    }
+
+    fn turn(&mut self) -> Result<(), FatalError> {
+        self.flush_proposals();
+        self.flush_reads();
+        self.on_ready()?;
+        self.maybe_compact()?;
+        self.publish();
+        Ok(())
+    }
+
+    fn handle(&mut self, input: Input) {
+        match input {
+            Input::Raft(m) => {
+                if let Err(e) = self.node.step(*m) {
+                    tracing::debug!(error = %e, "raft message dropped");
+                }
+            }
+            Input::Propose { cmd, reply, permit } => self.batch.push((cmd, reply, permit)),
+            Input::Read { reply, permit } => self.reads_new.push((reply, permit)),
+            Input::ConfChange { cc, reply } => self.propose_conf_change(cc, reply),
+            Input::TransferLeader { to } => self.node.transfer_leader(to),
+            Input::Compact { reply } => {
+                let r = self.compact().map_err(|e| NodeError::Internal(e.to_string()));
+                let _ = reply.send(r);
+            }
+            Input::SnapshotSent { to, ok } => {
+                let status = if ok { SnapshotStatus::Finish } else { SnapshotStatus::Failure };
+                self.node.report_snapshot(to, status);
+            }
+            Input::Unreachable { to } => self.node.report_unreachable(to),
+        }
+    }
+
+    fn not_leader(&self) -> NodeError {
+        let leader = self.node.raft.leader_id;
+        let leader_id = (leader != 0).then_some(leader);
+        let leader_address = leader_id.and_then(|l| {
+            self.addresses
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .get(&l)
+                .cloned()
+        });
+        NodeError::NotLeader { leader_id, leader_address }
+    }
+
+    fn propose_conf_change(&mut self, cc: ConfChange, reply: Reply<()>) {
+        if self.node.raft.state != StateRole::Leader {
+            let _ = reply.send(Err(self.not_leader()));
+            return;
+        }
+        if self.conf_waiter.is_some() {
+            let _ = reply.send(Err(NodeError::FailedPrecondition(
+                "another membership change is in progress".into(),
+            )));
+            return;
+        }
+        let ctx = cc.context.to_vec();
+        match self.node.propose_conf_change(ctx, cc.clone()) {
+            Ok(()) => self.conf_waiter = Some((cc, reply)),
+            Err(e) => {
+                let _ = reply.send(Err(NodeError::FailedPrecondition(format!(
+                    "membership change refused: {e}"
+                ))));
+            }
+        }
+    }
+
+    /// Proposes the waiting client commands as few entries as the size limits allow.
+    fn flush_proposals(&mut self) {
+        if self.batch.is_empty() {
+            return;
+        }
+        let batch = std::mem::take(&mut self.batch);
+        if self.node.raft.state != StateRole::Leader {
+            let err = self.not_leader();
+            for (_, reply, _) in batch {
+                let _ = reply.send(Err(err.clone()));
+            }
+            return;
+        }
+        let mut group = CommandBatch::default();
+        let mut waiters = Vec::new();
+        let mut bytes = 0usize;
+        for (mut cmd, reply, permit) in batch {
+            cmd.origin = self.id;
+            cmd.seq = self.next_seq;
+            self.next_seq += 1;
+            let size = cmd.encoded_len();
+            let full = group.commands.len() >= self.cfg.max_commands_per_entry
+                || bytes + size > self.cfg.max_entry_bytes;
+            if full && !group.commands.is_empty() {
+                self.propose_group(std::mem::take(&mut group), std::mem::take(&mut waiters));
+                bytes = 0;
+            }
+            bytes += size;
+            waiters.push((cmd.seq, reply, permit));
+            group.commands.push(cmd);
+        }
+        self.propose_group(group, waiters);
+    }
+
+    fn propose_group(
+        &mut self,
+        group: CommandBatch,
+        waiters: Vec<(u64, Reply<Outcome>, OwnedSemaphorePermit)>,
+    ) {
+        tracing::trace!(commands = group.commands.len(), "proposing one entry");
+        match self.node.propose(Vec::new(), group.encode_to_vec()) {
+            Ok(()) => {
+                for (seq, reply, permit) in waiters {
+                    self.pending.insert(seq, (reply, permit));
+                }
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "proposal dropped");
+                let err = match e {
+                    raft::Error::ProposalDropped => self.not_leader(),
+                    other => NodeError::Internal(other.to_string()),
+                };
+                for (_, reply, _) in waiters {
+                    let _ = reply.send(Err(err.clone()));
+                }
+            }
+        }
+    }
+
+    /// Starts one ReadIndex round for every read that arrived this turn. A leader that
+    /// has not yet committed an entry of its term cannot serve one (raft-rs drops the
+    /// request), so the reads wait for the next turn.
+    fn flush_reads(&mut self) {
+        if self.reads_new.is_empty() {
+            return;
+        }
+        if self.node.raft.state != StateRole::Leader {
+            let err = self.not_leader();
+            for (reply, _) in self.reads_new.drain(..) {
+                let _ = reply.send(Err(err.clone()));
+            }
+            return;
+        }
+        if !self.node.raft.commit_to_current_term() {
+            return;
+        }
+        let ctx = self.next_read.to_be_bytes().to_vec();
+        self.next_read += 1;
+        self.node.read_index(ctx.clone());
+        self.reads_sent.insert(ctx, std::mem::take(&mut self.reads_new));
+    }
+
+    fn send(&mut self, msgs: Vec<Message>) {
+        for m in msgs {
+            self.transport.send(m);
+        }
+    }
+
+    fn on_ready(&mut self) -> Result<(), FatalError> {
+        if !self.node.has_ready() {
+            self.release_reads();
+            return Ok(());
+        }
+        let mut ready = self.node.ready();
+        if let Some(ss) = ready.ss() {
+            if ss.raft_state != StateRole::Leader {
+                self.lost_leadership();
+            }
+            tracing::info!(role = ?ss.raft_state, leader = ss.leader_id, "raft role changed");
+        }
+        if !ready.snapshot().is_empty() {
+            self.install_snapshot(ready.snapshot().get_metadata().clone())?;
+        }
+        for rs in ready.take_read_states() {
+            if let Some(waiters) = self.reads_sent.remove(rs.request_ctx.as_slice()) {
+                self.reads_ready.push_back((rs.index, waiters));
+            }
+        }
+        // Persist first, one fdatasync for the whole Ready, and only then let any message
+        // out: a vote or an append ack must never precede its durable record.
+        let t0 = std::time::Instant::now();
+        let appended = ready.entries().len();
+        self.log.append(&self.storage, ready.entries())?;
+        if let Some(hs) = ready.hs() {
+            self.log.set_hard_state(&self.storage, hs)?;
+        }
+        self.log.sync()?;
+        let synced = t0.elapsed();
+        self.send(ready.take_messages());
+        self.send(ready.take_persisted_messages());
+        let committed = ready.take_committed_entries();
+        self.apply(committed)?;
+        let mut light = self.node.advance(ready);
+        if let Some(commit) = light.commit_index() {
+            let mut hs = self.storage.read().hard_state.clone();
+            hs.commit = commit;
+            // Not synced on its own: a lost commit index is relearned from the leader.
+            self.log.set_hard_state(&self.storage, &hs)?;
+        }
+        self.send(light.take_messages());
+        let committed = light.take_committed_entries();
+        self.apply(committed)?;
+        self.node.advance_apply();
+        self.release_reads();
+        tracing::trace!(
+            appended,
+            sync_us = synced.as_micros() as u64,
+            total_us = t0.elapsed().as_micros() as u64,
+            "ready handled"
+        );
+        Ok(())
+    }
+
+    fn release_reads(&mut self) {
+        while self.reads_ready.front().is_some_and(|(index, _)| *index <= self.applied) {
+            if let Some((_, waiters)) = self.reads_ready.pop_front() {
+                for (reply, _) in waiters {
+                    let _ = reply.send(Ok(()));
+                }
+            }
+        }
+    }
+
+    fn lost_leadership(&mut self) {
+        for (_, (reply, _)) in self.pending.drain() {
+            // The entry may still commit under the next leader: only a request id retry
+            // can tell, so the outcome is unknown (not "not leader").
+            let _ = reply.send(Err(NodeError::OutcomeUnknown));
+        }
+        let err = self.not_leader();
+        for (_, waiters) in self.reads_sent.drain() {
+            for (reply, _) in waiters {
+                let _ = reply.send(Err(err.clone()));
+            }
+        }
+        for (_, waiters) in self.reads_ready.drain(..) {
+            for (reply, _) in waiters {
+                let _ = reply.send(Err(err.clone()));
+            }
+        }
+        if let Some((_, reply)) = self.conf_waiter.take() {
+            let _ = reply.send(Err(NodeError::OutcomeUnknown));
+        }
+    }
+
+    fn fail_all(&mut self, err: NodeError) {
+        for (_, (reply, _)) in self.pending.drain() {
+            let _ = reply.send(Err(err.clone()));
+        }
+        for (_, reply, _) in self.batch.drain(..) {
+            let _ = reply.send(Err(err.clone()));
+        }
+        for (reply, _) in self.reads_new.drain(..) {
+            let _ = reply.send(Err(err.clone()));
+        }
+        self.lost_leadership();
+    }
+
+    fn apply(&mut self, entries: Vec<Entry>) -> Result<(), FatalError> {
+        let Some(last) = entries.last().map(|e| e.index) else { return Ok(()) };
+        let mut p = self.sm.begin();
+        let mut outcomes = Vec::new();
+        let mut conf = None;
+        let mut conf_done = Vec::new();
+        for e in &entries {
+            self.applied_bytes += e.data.len() as u64;
+            match e.get_entry_type() {
+                EntryType::EntryNormal => {
+                    if e.data.is_empty() {
+                        continue; // a new leader's empty entry
+                    }
+                    let batch = match CommandBatch::decode(&e.data[..]) {
+                        Ok(b) => b,
+                        Err(err) => {
+                            // Every node skips it the same way, so states stay equal.
+                            tracing::error!(index = e.index, error = %err, "undecodable entry skipped");
+                            continue;
+                        }
+                    };
+                    for cmd in &batch.commands {
+                        let out = self.sm.apply(&mut p, e.index, cmd)?;
+                        if cmd.origin == self.id {
+                            outcomes.push((cmd.seq, out));
+                        }
+                    }
+                }
+                EntryType::EntryConfChange => {
+                    let cc = ConfChange::parse_from_bytes(&e.data)
+                        .map_err(|err| FatalError::Setup(format!("conf change entry: {err}")))?;
+                    let cs = self.node.apply_conf_change(&cc)?;
+                    let addr = String::from_utf8_lossy(&cc.context).into_owned();
+                    match cc.get_change_type() {
+                        ConfChangeType::AddNode | ConfChangeType::AddLearnerNode => {
+                            if !addr.is_empty() {
+                                self.sm.set_member(&mut p, cc.node_id, Some(&addr));
+                                self.addresses
+                                    .write()
+                                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                                    .insert(cc.node_id, addr);
+                            }
+                        }
+                        ConfChangeType::RemoveNode => self.sm.set_member(&mut p, cc.node_id, None),
+                    }
+                    tracing::info!(change = ?cc.get_change_type(), node_id = cc.node_id, voters = ?cs.voters, learners = ?cs.learners, "membership changed");
+                    self.storage.write().conf_state = cs.clone();
+                    conf = Some(cs);
+                    conf_done.push(cc);
+                }
+                EntryType::EntryConfChangeV2 => {
+                    let cc = ConfChangeV2::parse_from_bytes(&e.data)
+                        .map_err(|err| FatalError::Setup(format!("conf change entry: {err}")))?;
+                    let cs = self.node.apply_conf_change(&cc)?;
+                    self.storage.write().conf_state = cs.clone();
+                    conf = Some(cs);
+                }
+            }
+        }
+        self.sm.commit(p, last, conf.as_ref())?;
+        self.applied = last;
+        for (seq, out) in outcomes {
+            if let Some((reply, _permit)) = self.pending.remove(&seq) {
+                let _ = reply.send(Ok(out));
+            }
+        }
+        for cc in conf_done {
+            let matches = self.conf_waiter.as_ref().is_some_and(|(w, _)| {
+                w.node_id == cc.node_id && w.get_change_type() == cc.get_change_type()
+            });
+            if matches {
+                if let Some((_, reply)) = self.conf_waiter.take() {
+                    let _ = reply.send(Ok(()));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Replaces the state with a snapshot received from the leader (its file was written
+    /// and fsynced by the transport before the message was stepped).
+    fn install_snapshot(&mut self, meta: SnapshotMetadata) -> Result<(), FatalError> {
+        let path = snapshot_path(&self.snap_dir, meta.index);
+        tracing::info!(index = meta.index, term = meta.term, "installing snapshot");
+        self.sm.load_snapshot(&path)?;
+        self.log.install_snapshot(&self.storage, meta.clone())?;
+        self.applied = meta.index;
+        self.applied_bytes = 0;
+        let members = self.sm.members()?;
+        self.addresses.write().unwrap_or_else(std::sync::PoisonError::into_inner).extend(members);
+        self.prune_snapshots(meta.index);
+        Ok(())
+    }
+
+    fn maybe_compact(&mut self) -> Result<(), FatalError> {
+        let snap = self.storage.read().snapshot.index;
+        let wanted = self.storage.want_snapshot.swap(false, std::sync::atomic::Ordering::Relaxed);
+        if wanted
+            || self.applied.saturating_sub(snap) >= self.cfg.compact_log_entries
+            || self.applied_bytes >= self.cfg.compact_log_bytes
+        {
+            self.compact()?;
+        }
+        Ok(())
+    }
+
+    /// Snapshots the state at the applied index into a durable file, then drops the log
+    /// up to it. Only past that durable point: sled alone is not durable.
+    fn compact(&mut self) -> Result<u64, FatalError> {
+        let index = self.applied;
+        let (snap, term, conf) = {
+            let core = self.storage.read();
+            (core.snapshot.index, core.term(index), core.conf_state.clone())
+        };
+        if index <= snap {
+            return Ok(snap);
+        }
+        let mut meta = SnapshotMetadata { index, term: term?, ..Default::default() };
+        meta.set_conf_state(conf);
+        let started = std::time::Instant::now();
+        let bytes = self.sm.write_snapshot(&snapshot_path(&self.snap_dir, index), &meta)?;
+        self.log.install_snapshot(&self.storage, meta)?;
+        self.applied_bytes = 0;
+        self.prune_snapshots(index);
+        tracing::info!(
+            index,
+            bytes,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "log compacted"
+        );
+        Ok(index)
+    }
+
+    /// Keeps the current snapshot file and the one before (a transfer may be reading it).
+    fn prune_snapshots(&self, current: u64) {
+        let Ok(dir) = std::fs::read_dir(&self.snap_dir) else { return };
+        let mut old: Vec<PathBuf> = dir
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| {
+                p.file_name().and_then(|n| n.to_str()).is_some_and(|n| {
+                    n.starts_with("snap-")
+                        && n.ends_with(".snap")
+                        && n < &format!("snap-{current:020}.snap")[..]
+                })
+            })
+            .collect();
+        old.sort();
+        old.pop();
+        for p in old {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+
+    fn publish(&mut self) {
+        let raft = &self.node.raft;
+        let core = self.storage.read();
+        let conf = raft.prs().conf().to_conf_state();
+        let mut voters = conf.voters.clone();
+        voters.sort_unstable();
+        let mut learners = conf.learners.clone();
+        learners.sort_unstable();
+        let matched = if raft.state == StateRole::Leader {
+            raft.prs().iter().map(|(id, pr)| (*id, pr.matched)).collect()
+        } else {
+            BTreeMap::new()
+        };
+        let next = NodeStatus {
+            id: self.id,
+            role: raft.state.into(),
+            term: raft.term,
+            leader_id: raft.leader_id,
+            commit_index: raft.raft_log.committed,
+            applied_index: self.applied,
+            first_index: core.first_index(),
+            last_index: core.last_index(),
+            snapshot_index: core.snapshot.index,
+            voters,
+            learners,
+            matched,
+            stopped: false,
+        };
+        drop(core);
+        self.status.send_if_modified(|s| {
+            if *s == next {
+                false
+            } else {
+                *s = next;
+                true
+            }
+        });
+    }
+}

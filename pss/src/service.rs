@@ -1,0 +1,366 @@
+//! The gRPC services a PSS node serves to NMSs and operators: `PssBlocks` and
+//! `PssAdmin`. Requests are validated here (the edge), turned into commands for the
+//! node, and node errors become gRPC statuses in one place ([`status_of`]).
+
+use crate::node::{NodeError, NodeHandle, Role};
+use crate::state::{ApplyError, Command, Outcome};
+use raft::prelude::{ConfChange, ConfChangeType};
+use std::time::{Duration, Instant};
+use tonic::{Request, Response, Status};
+use wayside_proto::convert;
+use wayside_proto::error::fault_status;
+use wayside_proto::pb;
+use wayside_proto::types::{Fault, MAX_BLOCK_SIZE_BYTES};
+
+/// Most blocks one ListBlocks reply carries.
+pub const MAX_LIST_BLOCKS: u32 = 10_000;
+/// Most blocks one GetBlocks request may ask for.
+pub const MAX_GET_BLOCKS: usize = 4096;
+
+/// The one place node errors become gRPC statuses.
+pub fn status_of(e: NodeError) -> Status {
+    match e {
+        NodeError::NotLeader { leader_id, leader_address } => {
+            let msg = match &leader_address {
+                Some(a) => format!("not the leader; try node {} at {a}", leader_id.unwrap_or(0)),
+                None => "not the leader; no leader known yet".to_owned(),
+            };
+            fault_status(Fault::NotLeader { leader_id, leader_address }, msg)
+        }
+        NodeError::OutcomeUnknown => Status::unavailable(e.to_string()),
+        NodeError::Timeout(_) => Status::deadline_exceeded(e.to_string()),
+        NodeError::Stopped => Status::unavailable(e.to_string()),
+        NodeError::Refused(ApplyError::StaleEpoch { presented, current }) => fault_status(
+            Fault::StaleEpoch { presented, current },
+            format!("stale epoch: presented {presented}, volume is at {current}"),
+        ),
+        NodeError::Refused(ApplyError::FutureEpoch { .. }) => {
+            Status::failed_precondition(e.to_string())
+        }
+        NodeError::Refused(ApplyError::NotFound(v)) => {
+            Status::not_found(format!("volume {v} does not exist"))
+        }
+        NodeError::Refused(ApplyError::Invalid(m)) => Status::invalid_argument(m),
+        NodeError::FailedPrecondition(m) => Status::failed_precondition(m),
+        NodeError::InvalidArgument(m) => Status::invalid_argument(m),
+        NodeError::Internal(m) => Status::internal(m),
+    }
+}
+
+fn internal(e: impl std::fmt::Display) -> Status {
+    Status::internal(e.to_string())
+}
+
+fn limit(name: &str, unit: &str, value: usize, max: usize) -> Status {
+    fault_status(
+        Fault::LimitExceeded {
+            limit: name.into(),
+            unit: unit.into(),
+            value: value as u64,
+            max: max as u64,
+        },
+        format!("{name}: {value} {unit} exceeds the limit of {max}"),
+    )
+}
+
+/// `wayside.v1.PssBlocks`.
+pub struct BlockService {
+    pub node: NodeHandle,
+    pub max_batch_ops: usize,
+}
+
+impl BlockService {
+    async fn barrier(&self, consistency: i32) -> Result<(), Status> {
+        if consistency == pb::ReadConsistency::Stale as i32 {
+            return Ok(());
+        }
+        self.node.read_barrier().await.map_err(status_of)
+    }
+}
+
+#[tonic::async_trait]
+impl pb::pss_blocks_server::PssBlocks for BlockService {
+    #[tracing::instrument(skip_all, fields(node = self.node.id, volume = %request.get_ref().volume))]
+    async fn acquire_volume(
+        &self,
+        request: Request<pb::AcquireVolumeRequest>,
+    ) -> Result<Response<pb::AcquireVolumeReply>, Status> {
+        let req = request.into_inner();
+        convert::volume_name(&req.volume)?;
+        convert::optional_request_id(req.request_id.clone())?;
+        if let Some(spec) = &req.create {
+            convert::block_size(spec.block_size)?;
+            if !spec.credential_hash.is_empty() {
+                convert::credential_hash(&spec.credential_hash)?;
+            }
+        }
+        let cmd = Command { acquire: Some(req), ..Default::default() };
+        match self.node.propose(cmd).await.map_err(status_of)? {
+            Outcome::Acquire(r) => {
+                Ok(Response::new(r.map_err(|e| status_of(NodeError::Refused(e)))?))
+            }
+            Outcome::Write(_) => Err(internal("mismatched outcome")),
+        }
+    }
+
+    #[tracing::instrument(skip_all, fields(node = self.node.id, volume = %request.get_ref().volume))]
+    async fn get_volume(
+        &self,
+        request: Request<pb::GetVolumeRequest>,
+    ) -> Result<Response<pb::VolumeMeta>, Status> {
+        let req = request.into_inner();
+        convert::volume_name(&req.volume)?;
+        self.barrier(req.consistency).await?;
+        match self.node.reader.volume(&req.volume).map_err(internal)? {
+            Some(m) => Ok(Response::new(m)),
+            None => Err(Status::not_found(format!("volume {} does not exist", req.volume))),
+        }
+    }
+
+    #[tracing::instrument(skip_all, fields(node = self.node.id, volume = %request.get_ref().volume, ops = request.get_ref().ops.len()))]
+    async fn write_batch(
+        &self,
+        request: Request<pb::WriteBatchRequest>,
+    ) -> Result<Response<pb::WriteBatchReply>, Status> {
+        let req = request.into_inner();
+        convert::volume_name(&req.volume)?;
+        match req.request_id.clone() {
+            None => return Err(Status::invalid_argument("missing required field `request_id`")),
+            Some(id) => {
+                wayside_proto::types::RequestId::try_from(id)?;
+            }
+        }
+        if req.ops.len() > self.max_batch_ops {
+            return Err(limit("max_batch_ops", "ops", req.ops.len(), self.max_batch_ops));
+        }
+        if let Some(op) = req.ops.iter().find(|o| o.data.len() > MAX_BLOCK_SIZE_BYTES as usize) {
+            return Err(Status::invalid_argument(format!(
+                "block {} has {} bytes; no block may exceed {MAX_BLOCK_SIZE_BYTES} bytes",
+                op.block,
+                op.data.len()
+            )));
+        }
+        let cmd = Command { write: Some(req), ..Default::default() };
+        match self.node.propose(cmd).await.map_err(status_of)? {
+            Outcome::Write(r) => {
+                Ok(Response::new(r.map_err(|e| status_of(NodeError::Refused(e)))?))
+            }
+            Outcome::Acquire(_) => Err(internal("mismatched outcome")),
+        }
+    }
+
+    #[tracing::instrument(skip_all, fields(node = self.node.id, volume = %request.get_ref().volume))]
+    async fn get_blocks(
+        &self,
+        request: Request<pb::GetBlocksRequest>,
+    ) -> Result<Response<pb::GetBlocksReply>, Status> {
+        let req = request.into_inner();
+        convert::volume_name(&req.volume)?;
+        if req.blocks.len() > MAX_GET_BLOCKS {
+            return Err(limit("max_get_blocks", "blocks", req.blocks.len(), MAX_GET_BLOCKS));
+        }
+        self.barrier(req.consistency).await?;
+        if self.node.reader.volume(&req.volume).map_err(internal)?.is_none() {
+            return Err(Status::not_found(format!("volume {} does not exist", req.volume)));
+        }
+        let blocks = self.node.reader.blocks(&req.volume, &req.blocks).map_err(internal)?;
+        Ok(Response::new(pb::GetBlocksReply { blocks }))
+    }
+
+    #[tracing::instrument(skip_all, fields(node = self.node.id, volume = %request.get_ref().volume))]
+    async fn list_blocks(
+        &self,
+        request: Request<pb::ListBlocksRequest>,
+    ) -> Result<Response<pb::ListBlocksReply>, Status> {
+        let req = request.into_inner();
+        convert::volume_name(&req.volume)?;
+        self.barrier(req.consistency).await?;
+        if self.node.reader.volume(&req.volume).map_err(internal)?.is_none() {
+            return Err(Status::not_found(format!("volume {} does not exist", req.volume)));
+        }
+        let limit = if req.limit == 0 { MAX_LIST_BLOCKS } else { req.limit.min(MAX_LIST_BLOCKS) };
+        let reply = self
+            .node
+            .reader
+            .list(&req.volume, req.start_block, limit as usize)
+            .map_err(internal)?;
+        Ok(Response::new(reply))
+    }
+}
+
+/// `wayside.v1.PssAdmin`.
+pub struct AdminService {
+    pub node: NodeHandle,
+    pub learner_catch_up_timeout: Duration,
+}
+
+impl AdminService {
+    fn members(&self) -> pb::MembersReply {
+        let st = self.node.status.borrow().clone();
+        let member = |id: u64, role: pb::MemberRole| pb::Member {
+            id,
+            address: self.node.address_of(id).unwrap_or_default(),
+            role: role as i32,
+        };
+        let mut members: Vec<_> =
+            st.voters.iter().map(|&id| member(id, pb::MemberRole::Voter)).collect();
+        members.extend(st.learners.iter().map(|&id| member(id, pb::MemberRole::Learner)));
+        members.sort_by_key(|m| m.id);
+        pb::MembersReply { members }
+    }
+
+    fn status(&self) -> pb::StatusReply {
+        let st = self.node.status.borrow().clone();
+        let role = match st.role {
+            Role::Follower => pb::RaftRole::Follower,
+            Role::Candidate => pb::RaftRole::Candidate,
+            Role::PreCandidate => pb::RaftRole::PreCandidate,
+            Role::Leader => pb::RaftRole::Leader,
+        };
+        pb::StatusReply {
+            id: st.id,
+            role: role as i32,
+            term: st.term,
+            leader_id: st.leader_id,
+            leader_address: self.node.address_of(st.leader_id).unwrap_or_default(),
+            commit_index: st.commit_index,
+            applied_index: st.applied_index,
+            first_index: st.first_index,
+            last_index: st.last_index,
+            snapshot_index: st.snapshot_index,
+            members: self.members().members,
+        }
+    }
+
+    /// Waits (up to `timeout`) until `done` holds for the node status.
+    async fn wait_for(
+        &self,
+        timeout: Duration,
+        what: &str,
+        done: impl Fn(&crate::node::NodeStatus) -> bool,
+    ) -> Result<(), Status> {
+        let mut rx = self.node.status.clone();
+        let deadline = Instant::now() + timeout;
+        loop {
+            if done(&rx.borrow_and_update()) {
+                return Ok(());
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            match tokio::time::timeout(left, rx.changed()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => return Err(Status::unavailable("node stopped")),
+                Err(_) => {
+                    return Err(Status::deadline_exceeded(format!("timed out waiting for {what}")))
+                }
+            }
+        }
+    }
+
+    fn check_member(&self, id: u64) -> Result<(), Status> {
+        let st = self.node.status.borrow();
+        if id == 0 || !(st.voters.contains(&id) || st.learners.contains(&id)) {
+            return Err(Status::invalid_argument(format!(
+                "node {id} is not a member (voters {:?}, learners {:?})",
+                st.voters, st.learners
+            )));
+        }
+        Ok(())
+    }
+}
+
+fn conf_change(kind: ConfChangeType, id: u64, address: &str) -> ConfChange {
+    let mut cc = ConfChange::default();
+    cc.set_change_type(kind);
+    cc.node_id = id;
+    cc.context = address.as_bytes().to_vec().into();
+    cc
+}
+
+#[tonic::async_trait]
+impl pb::pss_admin_server::PssAdmin for AdminService {
+    async fn status(
+        &self,
+        _request: Request<pb::StatusRequest>,
+    ) -> Result<Response<pb::StatusReply>, Status> {
+        Ok(Response::new(self.status()))
+    }
+
+    async fn members(
+        &self,
+        _request: Request<pb::MembersRequest>,
+    ) -> Result<Response<pb::MembersReply>, Status> {
+        Ok(Response::new(self.members()))
+    }
+
+    #[tracing::instrument(skip_all, fields(node = self.node.id, new = request.get_ref().id))]
+    async fn add_node(
+        &self,
+        request: Request<pb::AddNodeRequest>,
+    ) -> Result<Response<pb::MembersReply>, Status> {
+        let req = request.into_inner();
+        if req.id == 0 {
+            return Err(Status::invalid_argument("node id must be > 0"));
+        }
+        let ep = convert::endpoint("address", &req.address)?;
+        if self.node.status.borrow().voters.contains(&req.id) {
+            return Err(Status::already_exists(format!("node {} is already a voter", req.id)));
+        }
+        if !self.node.status.borrow().learners.contains(&req.id) {
+            let cc = conf_change(ConfChangeType::AddLearnerNode, req.id, ep.authority());
+            self.node.conf_change(cc).await.map_err(status_of)?;
+        }
+        if !req.learner_only {
+            // Promote only once the learner has (nearly) the leader's log, so the
+            // quorum does not depend on a node that is still catching up.
+            let id = req.id;
+            self.wait_for(self.learner_catch_up_timeout, "the learner to catch up", |st| {
+                st.matched.get(&id).is_some_and(|m| *m + 1 >= st.commit_index)
+            })
+            .await?;
+            let cc = conf_change(ConfChangeType::AddNode, req.id, ep.authority());
+            self.node.conf_change(cc).await.map_err(status_of)?;
+        }
+        Ok(Response::new(self.members()))
+    }
+
+    #[tracing::instrument(skip_all, fields(node = self.node.id, removed = request.get_ref().id))]
+    async fn remove_node(
+        &self,
+        request: Request<pb::RemoveNodeRequest>,
+    ) -> Result<Response<pb::MembersReply>, Status> {
+        let id = request.into_inner().id;
+        self.check_member(id)?;
+        let cc = conf_change(ConfChangeType::RemoveNode, id, "");
+        self.node.conf_change(cc).await.map_err(status_of)?;
+        Ok(Response::new(self.members()))
+    }
+
+    #[tracing::instrument(skip_all, fields(node = self.node.id, to = request.get_ref().to))]
+    async fn transfer_leader(
+        &self,
+        request: Request<pb::TransferLeaderRequest>,
+    ) -> Result<Response<pb::StatusReply>, Status> {
+        let to = request.into_inner().to;
+        self.check_member(to)?;
+        if !self.node.status.borrow().voters.contains(&to) {
+            return Err(Status::invalid_argument(format!("node {to} is a learner, not a voter")));
+        }
+        if !self.node.is_leader() {
+            return Err(status_of(self.node.not_leader()));
+        }
+        self.node.transfer_leader(to).await.map_err(status_of)?;
+        self.wait_for(self.node.request_timeout, "the leadership transfer", |st| {
+            st.leader_id == to && st.role != Role::Leader
+        })
+        .await?;
+        Ok(Response::new(self.status()))
+    }
+
+    async fn compact_log(
+        &self,
+        _request: Request<pb::CompactLogRequest>,
+    ) -> Result<Response<pb::StatusReply>, Status> {
+        self.node.compact().await.map_err(status_of)?;
+        Ok(Response::new(self.status()))
+    }
+}

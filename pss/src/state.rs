@@ -1,0 +1,703 @@
+//! The replicated state machine on sled: volumes, blocks, the request-id dedupe table,
+//! the member address book, and the applied index, all in one tree so that every
+//! committed entry's changes and the new applied index land in one atomic sled batch.
+//!
+//! sled 0.34's `flush()` does not fsync on Linux, so nothing here is trusted to be
+//! durable: after a crash sled may hold an older applied index than it reported, and
+//! the node replays the durable Raft log (and, below the log's compaction point, the
+//! durable snapshot file) from there. Apply is deterministic: the same entries give
+//! the same state and the same replies on every node.
+
+use prost::Message as _;
+use protobuf::Message as _;
+use raft::prelude::{ConfState, SnapshotMetadata};
+use std::collections::{BTreeMap, HashMap};
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+use wayside_proto::pb;
+use wayside_proto::types::{BlockSize, Epoch, VolumeName};
+
+const META_APPLIED: &[u8] = b"mapplied";
+const META_CONF: &[u8] = b"mconf";
+const META_DEDUPE_HEAD: &[u8] = b"mdedupe_head";
+const META_DEDUPE_TAIL: &[u8] = b"mdedupe_tail";
+const SNAPSHOT_MAGIC: &[u8] = b"WAYSIDE-PSS-SNAPSHOT-1\n";
+
+/// The client commands of one Raft entry (group commit: many per entry).
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct CommandBatch {
+    #[prost(message, repeated, tag = "1")]
+    pub commands: Vec<Command>,
+}
+
+/// One client command, tagged with the proposing node and its local sequence number so
+/// that node can route the outcome back to the waiting request.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Command {
+    #[prost(uint64, tag = "1")]
+    pub origin: u64,
+    #[prost(uint64, tag = "2")]
+    pub seq: u64,
+    #[prost(message, optional, tag = "3")]
+    pub acquire: Option<pb::AcquireVolumeRequest>,
+    #[prost(message, optional, tag = "4")]
+    pub write: Option<pb::WriteBatchRequest>,
+}
+
+/// The first reply to a request id, returned again for a retry.
+#[derive(Clone, PartialEq, prost::Message)]
+struct DedupeRecord {
+    #[prost(message, optional, tag = "1")]
+    acquire: Option<pb::AcquireVolumeReply>,
+    #[prost(message, optional, tag = "2")]
+    write: Option<pb::WriteBatchReply>,
+}
+
+/// A command refused by the state machine (the same on every node).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ApplyError {
+    #[error("volume {0} does not exist")]
+    NotFound(String),
+    #[error("write carries epoch {presented} but volume is at epoch {current}")]
+    StaleEpoch { presented: Epoch, current: Epoch },
+    #[error("write carries epoch {presented}, newer than the volume's epoch {current}")]
+    FutureEpoch { presented: Epoch, current: Epoch },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// What applying a command produced.
+#[derive(Debug, Clone)]
+pub enum Outcome {
+    Acquire(Result<pb::AcquireVolumeReply, ApplyError>),
+    Write(Result<pb::WriteBatchReply, ApplyError>),
+}
+
+/// A state machine failure: the node must stop (its state can no longer be trusted).
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("sled: {0}")]
+    Sled(#[from] sled::Error),
+    #[error("snapshot file {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("snapshot file {path} is corrupt: {reason}")]
+    Corrupt { path: PathBuf, reason: String },
+}
+
+/// The sled-backed state machine.
+pub struct StateMachine {
+    db: sled::Db,
+    tree: sled::Tree,
+    dedupe_limit: u64,
+    dedupe_head: u64,
+    dedupe_tail: u64,
+}
+
+fn be(v: u64) -> [u8; 8] {
+    v.to_be_bytes()
+}
+
+fn read_u64(v: &[u8]) -> u64 {
+    v.get(..8).and_then(|b| b.try_into().ok()).map_or(0, u64::from_be_bytes)
+}
+
+fn volume_key(volume: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(1 + volume.len());
+    k.push(b'v');
+    k.extend_from_slice(volume.as_bytes());
+    k
+}
+
+/// Volume names never contain 0 (validated charset), so `b name 0` is an exact prefix.
+fn block_prefix(volume: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(10 + volume.len());
+    k.push(b'b');
+    k.extend_from_slice(volume.as_bytes());
+    k.push(0);
+    k
+}
+
+fn block_key(volume: &str, block: u64) -> Vec<u8> {
+    let mut k = block_prefix(volume);
+    k.extend_from_slice(&be(block));
+    k
+}
+
+fn dedupe_key(id: &pb::RequestId) -> Vec<u8> {
+    let mut k = Vec::with_capacity(10 + id.client_id.len());
+    k.push(b'd');
+    k.push(u8::try_from(id.client_id.len()).unwrap_or(u8::MAX));
+    k.extend_from_slice(id.client_id.as_bytes());
+    k.extend_from_slice(&be(id.seq));
+    k
+}
+
+fn member_key(id: u64) -> Vec<u8> {
+    let mut k = vec![b'n'];
+    k.extend_from_slice(&be(id));
+    k
+}
+
+/// The writes of one group of committed entries: a sled batch plus an overlay so later
+/// commands of the group read what earlier ones wrote.
+struct Txn {
+    tree: sled::Tree,
+    batch: sled::Batch,
+    overlay: HashMap<Vec<u8>, Option<Vec<u8>>>,
+}
+
+impl Txn {
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, sled::Error> {
+        if let Some(v) = self.overlay.get(key) {
+            return Ok(v.clone());
+        }
+        Ok(self.tree.get(key)?.map(|v| v.to_vec()))
+    }
+    fn insert(&mut self, key: Vec<u8>, value: Vec<u8>) {
+        self.batch.insert(key.as_slice(), value.as_slice());
+        self.overlay.insert(key, Some(value));
+    }
+    fn remove(&mut self, key: Vec<u8>) {
+        self.batch.remove(key.as_slice());
+        self.overlay.insert(key, None);
+    }
+}
+
+/// The pending changes of a group of entries; apply with [`StateMachine::commit`].
+pub struct Pending {
+    txn: Txn,
+}
+
+impl StateMachine {
+    /// Opens the sled database under `dir`.
+    pub fn open(dir: &Path, dedupe_limit: u64) -> Result<Self, StateError> {
+        let db = sled::Config::new().path(dir).open()?;
+        let tree = db.open_tree("sm")?;
+        let dedupe_head = tree.get(META_DEDUPE_HEAD)?.map_or(0, |v| read_u64(&v));
+        let dedupe_tail = tree.get(META_DEDUPE_TAIL)?.map_or(0, |v| read_u64(&v));
+        Ok(Self { db, tree, dedupe_limit, dedupe_head, dedupe_tail })
+    }
+
+    /// The index of the last entry whose effects sled holds (0: none).
+    pub fn applied(&self) -> Result<u64, StateError> {
+        Ok(self.tree.get(META_APPLIED)?.map_or(0, |v| read_u64(&v)))
+    }
+
+    /// The membership as of the applied index.
+    pub fn conf_state(&self) -> Result<Option<ConfState>, StateError> {
+        Ok(self.tree.get(META_CONF)?.and_then(|v| ConfState::parse_from_bytes(&v).ok()))
+    }
+
+    /// Member addresses known to the state machine.
+    pub fn members(&self) -> Result<BTreeMap<u64, String>, StateError> {
+        let mut out = BTreeMap::new();
+        for kv in self.tree.scan_prefix(b"n") {
+            let (k, v) = kv?;
+            out.insert(read_u64(&k[1..]), String::from_utf8_lossy(&v).into_owned());
+        }
+        Ok(out)
+    }
+
+    /// Starts a group of changes.
+    pub fn begin(&self) -> Pending {
+        Pending {
+            txn: Txn {
+                tree: self.tree.clone(),
+                batch: sled::Batch::default(),
+                overlay: HashMap::new(),
+            },
+        }
+    }
+
+    /// Commits a group atomically together with its applied index (and conf state).
+    pub fn commit(
+        &mut self,
+        mut p: Pending,
+        applied: u64,
+        conf: Option<&ConfState>,
+    ) -> Result<(), StateError> {
+        p.txn.batch.insert(META_APPLIED, &be(applied));
+        if let Some(cs) = conf {
+            p.txn.batch.insert(META_CONF, cs.write_to_bytes().unwrap_or_default());
+        }
+        p.txn.batch.insert(META_DEDUPE_HEAD, &be(self.dedupe_head));
+        p.txn.batch.insert(META_DEDUPE_TAIL, &be(self.dedupe_tail));
+        self.tree.apply_batch(p.txn.batch)?;
+        Ok(())
+    }
+
+    /// Records a member's address (from an applied conf change).
+    pub fn set_member(&self, p: &mut Pending, id: u64, address: Option<&str>) {
+        match address {
+            Some(a) => p.txn.insert(member_key(id), a.as_bytes().to_vec()),
+            None => p.txn.remove(member_key(id)),
+        }
+    }
+
+    /// Applies one command of the entry at `index`.
+    pub fn apply(
+        &mut self,
+        p: &mut Pending,
+        index: u64,
+        cmd: &Command,
+    ) -> Result<Outcome, StateError> {
+        if let Some(req) = &cmd.acquire {
+            Ok(Outcome::Acquire(self.acquire(p, req)?))
+        } else if let Some(req) = &cmd.write {
+            Ok(Outcome::Write(self.write(p, index, req)?))
+        } else {
+            Ok(Outcome::Write(Err(ApplyError::Invalid("empty command".into()))))
+        }
+    }
+
+    fn dedupe_get(
+        &self,
+        p: &Pending,
+        id: &Option<pb::RequestId>,
+    ) -> Result<Option<DedupeRecord>, StateError> {
+        let Some(id) = id else { return Ok(None) };
+        Ok(p.txn.get(&dedupe_key(id))?.and_then(|v| DedupeRecord::decode(v.as_slice()).ok()))
+    }
+
+    /// Remembers a request's reply; forgets the oldest when the table is full, so the
+    /// table stays within `dedupe_table_entries`.
+    fn dedupe_put(
+        &mut self,
+        p: &mut Pending,
+        id: &Option<pb::RequestId>,
+        rec: DedupeRecord,
+    ) -> Result<(), StateError> {
+        let Some(id) = id else { return Ok(()) };
+        let key = dedupe_key(id);
+        p.txn.insert(key.clone(), rec.encode_to_vec());
+        let mut ord = vec![b'o'];
+        ord.extend_from_slice(&be(self.dedupe_tail));
+        p.txn.insert(ord, key);
+        self.dedupe_tail += 1;
+        while self.dedupe_tail - self.dedupe_head > self.dedupe_limit {
+            let mut ord = vec![b'o'];
+            ord.extend_from_slice(&be(self.dedupe_head));
+            if let Some(old) = p.txn.get(&ord)? {
+                p.txn.remove(old);
+            }
+            p.txn.remove(ord);
+            self.dedupe_head += 1;
+        }
+        Ok(())
+    }
+
+    fn acquire(
+        &mut self,
+        p: &mut Pending,
+        req: &pb::AcquireVolumeRequest,
+    ) -> Result<Result<pb::AcquireVolumeReply, ApplyError>, StateError> {
+        if let Some(rec) = self.dedupe_get(p, &req.request_id)? {
+            if let Some(reply) = rec.acquire {
+                return Ok(Ok(reply));
+            }
+        }
+        if let Err(e) = VolumeName::new(req.volume.as_str()) {
+            return Ok(Err(ApplyError::Invalid(format!("invalid `volume`: {e}"))));
+        }
+        let key = volume_key(&req.volume);
+        let (mut meta, created) = match p.txn.get(&key)? {
+            Some(v) => (pb::VolumeMeta::decode(v.as_slice()).unwrap_or_default(), false),
+            None => {
+                let Some(spec) = &req.create else {
+                    return Ok(Err(ApplyError::NotFound(req.volume.clone())));
+                };
+                if let Err(e) = BlockSize::new(spec.block_size) {
+                    return Ok(Err(ApplyError::Invalid(format!("invalid `block_size`: {e}"))));
+                }
+                if !spec.credential_hash.is_empty() && spec.credential_hash.len() != 32 {
+                    return Ok(Err(ApplyError::Invalid(format!(
+                        "credential_hash must be 32 bytes (sha256), got {}",
+                        spec.credential_hash.len()
+                    ))));
+                }
+                let meta = pb::VolumeMeta {
+                    volume: req.volume.clone(),
+                    block_size: spec.block_size,
+                    credential_hash: spec.credential_hash.clone(),
+                    ..Default::default()
+                };
+                (meta, true)
+            }
+        };
+        if req.expected_epoch != 0 && req.expected_epoch != meta.epoch {
+            return Ok(Err(ApplyError::StaleEpoch {
+                presented: Epoch(req.expected_epoch),
+                current: Epoch(meta.epoch),
+            }));
+        }
+        meta.epoch += 1;
+        meta.owner_node.clone_from(&req.owner_node);
+        meta.owner_address.clone_from(&req.owner_address);
+        p.txn.insert(key, meta.encode_to_vec());
+        let reply = pb::AcquireVolumeReply { meta: Some(meta), created };
+        self.dedupe_put(
+            p,
+            &req.request_id,
+            DedupeRecord { acquire: Some(reply.clone()), write: None },
+        )?;
+        Ok(Ok(reply))
+    }
+
+    fn write(
+        &mut self,
+        p: &mut Pending,
+        index: u64,
+        req: &pb::WriteBatchRequest,
+    ) -> Result<Result<pb::WriteBatchReply, ApplyError>, StateError> {
+        if let Some(rec) = self.dedupe_get(p, &req.request_id)? {
+            if let Some(mut reply) = rec.write {
+                reply.duplicate = true;
+                return Ok(Ok(reply));
+            }
+        }
+        let key = volume_key(&req.volume);
+        let Some(v) = p.txn.get(&key)? else {
+            return Ok(Err(ApplyError::NotFound(req.volume.clone())));
+        };
+        let mut meta = pb::VolumeMeta::decode(v.as_slice()).unwrap_or_default();
+        if req.epoch < meta.epoch {
+            return Ok(Err(ApplyError::StaleEpoch {
+                presented: Epoch(req.epoch),
+                current: Epoch(meta.epoch),
+            }));
+        }
+        if req.epoch > meta.epoch {
+            return Ok(Err(ApplyError::FutureEpoch {
+                presented: Epoch(req.epoch),
+                current: Epoch(meta.epoch),
+            }));
+        }
+        // Validate every op first: a batch applies whole or not at all.
+        if let Some(op) =
+            req.ops.iter().find(|o| !o.delete && o.data.len() > meta.block_size as usize)
+        {
+            return Ok(Err(ApplyError::Invalid(format!(
+                "block {} has {} bytes; the volume's block size is {} bytes",
+                op.block,
+                op.data.len(),
+                meta.block_size
+            ))));
+        }
+        for op in &req.ops {
+            let bkey = block_key(&req.volume, op.block);
+            let old = p.txn.get(&bkey)?;
+            if op.delete {
+                if old.is_some() {
+                    p.txn.remove(bkey);
+                    meta.block_count = meta.block_count.saturating_sub(1);
+                }
+                continue;
+            }
+            let version =
+                if op.version > 0 { op.version } else { old.as_deref().map_or(0, read_u64) + 1 };
+            let mut value = Vec::with_capacity(8 + op.data.len());
+            value.extend_from_slice(&be(version));
+            value.extend_from_slice(&op.data);
+            if old.is_none() {
+                meta.block_count += 1;
+            }
+            p.txn.insert(bkey, value);
+        }
+        meta.persisted_lsn = meta.persisted_lsn.max(req.persisted_lsn);
+        let reply = pb::WriteBatchReply {
+            raft_index: index,
+            duplicate: false,
+            persisted_lsn: meta.persisted_lsn,
+        };
+        p.txn.insert(key, meta.encode_to_vec());
+        self.dedupe_put(p, &req.request_id, DedupeRecord { acquire: None, write: Some(reply) })?;
+        Ok(Ok(reply))
+    }
+
+    /// A read handle that other threads use while this state machine applies.
+    pub fn reader(&self) -> Reader {
+        Reader { tree: self.tree.clone() }
+    }
+    /// Writes the whole state (as of the applied index, which the caller guarantees no
+    /// one changes meanwhile) to a snapshot file, durably: tmp file, fsync, rename, fsync dir.
+    pub fn write_snapshot(&self, path: &Path, meta: &SnapshotMetadata) -> Result<u64, StateError> {
+        let tmp = path.with_extension("tmp");
+        let io = |source| StateError::Io { path: tmp.clone(), source };
+        let file = std::fs::File::create(&tmp).map_err(io)?;
+        let mut w = BufWriter::new(file);
+        let mut crc = crc32fast::Hasher::new();
+        let mut put = |w: &mut BufWriter<std::fs::File>, b: &[u8]| -> std::io::Result<()> {
+            crc.update(b);
+            w.write_all(b)
+        };
+        let meta_bytes = meta.write_to_bytes().unwrap_or_default();
+        put(&mut w, SNAPSHOT_MAGIC).map_err(io)?;
+        put(&mut w, &u32::try_from(meta_bytes.len()).unwrap_or(u32::MAX).to_le_bytes())
+            .map_err(io)?;
+        put(&mut w, &meta_bytes).map_err(io)?;
+        for kv in self.tree.iter() {
+            let (k, v) = kv?;
+            put(&mut w, &u32::try_from(k.len()).unwrap_or(u32::MAX).to_le_bytes()).map_err(io)?;
+            put(&mut w, &k).map_err(io)?;
+            put(&mut w, &u32::try_from(v.len()).unwrap_or(u32::MAX).to_le_bytes()).map_err(io)?;
+            put(&mut w, &v).map_err(io)?;
+        }
+        put(&mut w, &u32::MAX.to_le_bytes()).map_err(io)?;
+        let sum = crc.finalize();
+        w.write_all(&sum.to_le_bytes()).map_err(io)?;
+        let file = w.into_inner().map_err(|e| io(e.into_error()))?;
+        file.sync_all().map_err(io)?;
+        let size = file.metadata().map_err(io)?.len();
+        std::fs::rename(&tmp, path).map_err(io)?;
+        if let Some(dir) = path.parent() {
+            crate::storage::sync_dir(dir).map_err(io)?;
+        }
+        Ok(size)
+    }
+
+    /// Replaces the whole state with a snapshot file's; returns its metadata.
+    pub fn load_snapshot(&mut self, path: &Path) -> Result<SnapshotMetadata, StateError> {
+        let bytes = std::fs::read(path)
+            .map_err(|source| StateError::Io { path: path.to_owned(), source })?;
+        let (meta, pairs) = parse_snapshot(&bytes)
+            .map_err(|reason| StateError::Corrupt { path: path.to_owned(), reason })?;
+        // Applied index first goes away, so a crash mid-load shows "nothing applied" and
+        // the load is redone from the durable snapshot file.
+        self.tree.remove(META_APPLIED)?;
+        self.tree.clear()?;
+        let mut batch = sled::Batch::default();
+        for (n, (k, v)) in pairs.into_iter().enumerate() {
+            if k == META_APPLIED {
+                continue;
+            }
+            batch.insert(k, v);
+            if n % 10_000 == 9_999 {
+                self.tree.apply_batch(std::mem::take(&mut batch))?;
+            }
+        }
+        self.tree.apply_batch(batch)?;
+        self.dedupe_head = self.tree.get(META_DEDUPE_HEAD)?.map_or(0, |v| read_u64(&v));
+        self.dedupe_tail = self.tree.get(META_DEDUPE_TAIL)?.map_or(0, |v| read_u64(&v));
+        let p = self.begin();
+        self.commit(p, meta.index, Some(meta.get_conf_state()))?;
+        Ok(meta)
+    }
+
+    /// Asks sled to write its buffers out (not a durability point; see the module doc).
+    pub fn flush(&self) {
+        if let Err(e) = self.db.flush() {
+            tracing::warn!(error = %e, "sled flush failed");
+        }
+    }
+}
+
+/// Reads of the applied state; cheap to clone, usable from any thread.
+#[derive(Clone)]
+pub struct Reader {
+    tree: sled::Tree,
+}
+
+impl Reader {
+    /// A volume's metadata as of the applied index.
+    pub fn volume(&self, volume: &str) -> Result<Option<pb::VolumeMeta>, StateError> {
+        Ok(self
+            .tree
+            .get(volume_key(volume))?
+            .map(|v| pb::VolumeMeta::decode(v.as_ref()).unwrap_or_default()))
+    }
+
+    /// Blocks as of the applied index (absent ones have `found == false`).
+    pub fn blocks(&self, volume: &str, blocks: &[u64]) -> Result<Vec<pb::PssBlock>, StateError> {
+        let mut out = Vec::with_capacity(blocks.len());
+        for &block in blocks {
+            out.push(match self.tree.get(block_key(volume, block))? {
+                Some(v) => pb::PssBlock {
+                    block,
+                    found: true,
+                    version: read_u64(&v),
+                    data: v.get(8..).unwrap_or_default().to_vec(),
+                },
+                None => pb::PssBlock { block, found: false, data: Vec::new(), version: 0 },
+            });
+        }
+        Ok(out)
+    }
+
+    /// Up to `limit` blocks from `start_block` on, in block order.
+    pub fn list(
+        &self,
+        volume: &str,
+        start_block: u64,
+        limit: usize,
+    ) -> Result<pb::ListBlocksReply, StateError> {
+        let prefix = block_prefix(volume);
+        let mut end = prefix.clone();
+        end.push(0xff);
+        let mut reply = pb::ListBlocksReply::default();
+        for kv in self.tree.range(block_key(volume, start_block)..) {
+            let (k, v) = kv?;
+            if !k.starts_with(&prefix) {
+                break;
+            }
+            let block = read_u64(&k[prefix.len()..]);
+            if reply.blocks.len() == limit {
+                reply.more = true;
+                reply.next_block = block;
+                break;
+            }
+            reply.blocks.push(pb::BlockMeta {
+                block,
+                version: read_u64(&v),
+                length: u32::try_from(v.len().saturating_sub(8)).unwrap_or(u32::MAX),
+            });
+        }
+        Ok(reply)
+    }
+}
+
+type Pairs<'a> = Vec<(&'a [u8], &'a [u8])>;
+
+/// Checks a snapshot file (magic, checksum) and splits it into metadata and pairs.
+pub fn parse_snapshot(bytes: &[u8]) -> Result<(SnapshotMetadata, Pairs<'_>), String> {
+    if bytes.len() < SNAPSHOT_MAGIC.len() + 8 || !bytes.starts_with(SNAPSHOT_MAGIC) {
+        return Err("not a wayside snapshot".into());
+    }
+    let (body, sum) = bytes.split_at(bytes.len() - 4);
+    if crc32fast::hash(body) != u32::from_le_bytes(sum.try_into().unwrap_or_default()) {
+        return Err("checksum mismatch".into());
+    }
+    let mut pos = SNAPSHOT_MAGIC.len();
+    let next = |pos: &mut usize| -> Result<Option<&[u8]>, String> {
+        let len = body.get(*pos..*pos + 4).ok_or("truncated")?;
+        let len = u32::from_le_bytes(len.try_into().unwrap_or_default());
+        *pos += 4;
+        if len == u32::MAX {
+            return Ok(None);
+        }
+        let v = body.get(*pos..*pos + len as usize).ok_or("truncated")?;
+        *pos += len as usize;
+        Ok(Some(v))
+    };
+    let meta_bytes = next(&mut pos)?.ok_or("missing metadata")?;
+    let meta = SnapshotMetadata::parse_from_bytes(meta_bytes).map_err(|e| e.to_string())?;
+    let mut pairs = Vec::new();
+    while let Some(k) = next(&mut pos)? {
+        let v = next(&mut pos)?.ok_or("missing value")?;
+        pairs.push((k, v));
+    }
+    Ok((meta, pairs))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write_cmd(volume: &str, epoch: u64, seq: u64, block: u64, data: &[u8]) -> Command {
+        Command {
+            origin: 1,
+            seq,
+            acquire: None,
+            write: Some(pb::WriteBatchRequest {
+                volume: volume.into(),
+                epoch,
+                request_id: Some(pb::RequestId { client_id: "c".into(), seq }),
+                ops: vec![pb::PssBlockOp { block, data: data.to_vec(), delete: false, version: 0 }],
+                persisted_lsn: seq,
+            }),
+        }
+    }
+
+    fn acquire_cmd(volume: &str, seq: u64) -> Command {
+        Command {
+            origin: 1,
+            seq,
+            acquire: Some(pb::AcquireVolumeRequest {
+                volume: volume.into(),
+                owner_node: "nms-a".into(),
+                owner_address: "127.0.0.1:1".into(),
+                expected_epoch: 0,
+                create: Some(pb::CreateSpec { block_size: 4096, credential_hash: vec![] }),
+                request_id: Some(pb::RequestId { client_id: "a".into(), seq }),
+            }),
+            write: None,
+        }
+    }
+
+    fn run(sm: &mut StateMachine, index: u64, cmd: &Command) -> Outcome {
+        let mut p = sm.begin();
+        let out = sm.apply(&mut p, index, cmd).unwrap();
+        sm.commit(p, index, None).unwrap();
+        out
+    }
+
+    #[test]
+    fn epochs_fence_duplicates_apply_once_and_dedupe_is_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut sm = StateMachine::open(dir.path(), 3).unwrap();
+        let Outcome::Acquire(Ok(a)) = run(&mut sm, 2, &acquire_cmd("v", 1)) else { panic!() };
+        assert_eq!(a.meta.unwrap().epoch, 1);
+        assert!(a.created);
+        let Outcome::Write(Ok(w)) = run(&mut sm, 3, &write_cmd("v", 1, 1, 7, b"x")) else {
+            panic!()
+        };
+        assert!(!w.duplicate);
+        let Outcome::Write(Ok(w)) = run(&mut sm, 4, &write_cmd("v", 1, 1, 7, b"y")) else {
+            panic!()
+        };
+        assert!(w.duplicate, "retried request id applies once");
+        assert_eq!(w.raft_index, 3);
+        assert_eq!(sm.reader().blocks("v", &[7]).unwrap()[0].data, b"x");
+        assert_eq!(sm.reader().blocks("v", &[7]).unwrap()[0].version, 1);
+        // A second owner raises the epoch; the old one is fenced.
+        let Outcome::Acquire(Ok(a)) = run(&mut sm, 5, &acquire_cmd("v", 2)) else { panic!() };
+        assert_eq!(a.meta.unwrap().epoch, 2);
+        let Outcome::Write(Err(e)) = run(&mut sm, 6, &write_cmd("v", 1, 2, 7, b"z")) else {
+            panic!()
+        };
+        assert_eq!(e, ApplyError::StaleEpoch { presented: Epoch(1), current: Epoch(2) });
+        // Oversized block: refused whole.
+        let big = vec![0u8; 4097];
+        let Outcome::Write(Err(ApplyError::Invalid(_))) =
+            run(&mut sm, 7, &write_cmd("v", 2, 3, 8, &big))
+        else {
+            panic!()
+        };
+        for seq in 10..20 {
+            run(&mut sm, 10 + seq, &write_cmd("v", 2, seq, seq, b"k"));
+        }
+        let dedupe = sm.tree.scan_prefix(b"d").count();
+        assert_eq!(dedupe, 3, "dedupe table holds at most its limit");
+        assert_eq!(sm.applied().unwrap(), 29);
+        assert_eq!(sm.reader().volume("v").unwrap().unwrap().block_count, 11);
+        let list = sm.reader().list("v", 0, 5).unwrap();
+        assert_eq!(list.blocks.len(), 5);
+        assert!(list.more);
+        assert_eq!(list.next_block, 14);
+    }
+
+    #[test]
+    fn snapshot_round_trips_and_corruption_is_detected() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut sm = StateMachine::open(&dir.path().join("a"), 100).unwrap();
+        run(&mut sm, 2, &acquire_cmd("v", 1));
+        run(&mut sm, 3, &write_cmd("v", 1, 1, 7, b"hello"));
+        let meta = SnapshotMetadata { index: 3, term: 1, ..Default::default() };
+        let path = dir.path().join("snap");
+        sm.write_snapshot(&path, &meta).unwrap();
+        let mut other = StateMachine::open(&dir.path().join("b"), 100).unwrap();
+        run(&mut other, 2, &acquire_cmd("w", 1));
+        assert_eq!(other.load_snapshot(&path).unwrap().index, 3);
+        assert_eq!(other.applied().unwrap(), 3);
+        assert!(other.reader().volume("w").unwrap().is_none());
+        assert_eq!(other.reader().blocks("v", &[7]).unwrap()[0].data, b"hello");
+        let mut bytes = std::fs::read(&path).unwrap();
+        let n = bytes.len() / 2;
+        bytes[n] ^= 1;
+        std::fs::write(&path, bytes).unwrap();
+        assert!(matches!(other.load_snapshot(&path), Err(StateError::Corrupt { .. })));
+    }
+}

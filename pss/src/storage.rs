@@ -1,0 +1,416 @@
+//! The durable Raft log: entries, hard state and the compaction point, kept in memory
+//! for raft-rs (through [`raft::Storage`]) and on disk in one append-only file that this
+//! module `fdatasync`s itself.
+//!
+//! File format: a sequence of records `[kind u8][len u32 LE][crc32 u32 LE][payload]`.
+//! Replay applies them in order; a torn or corrupt tail (a crash during a write that was
+//! never synced, hence never acknowledged) ends the replay and is cut off.
+//!
+//! **Failure contract:** [`DurableLog::sync`] returns only after everything appended so
+//! far is on disk; an I/O error is returned to the caller, which must stop the node
+//! (a Raft node that cannot persist must not keep voting or acknowledging).
+
+use protobuf::Message as _;
+use raft::prelude::*;
+use raft::{GetEntriesContext, RaftState, StorageError};
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+
+const KIND_ENTRIES: u8 = 1;
+const KIND_HARD_STATE: u8 = 2;
+const KIND_SNAPSHOT: u8 = 3;
+const HEADER_BYTES: usize = 9;
+const LOG_FILE: &str = "raft.log";
+
+/// An error of the durable log.
+#[derive(Debug, thiserror::Error)]
+pub enum LogError {
+    #[error("raft log {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("raft log {path}: record {kind} does not decode: {reason}")]
+    Decode { path: PathBuf, kind: u8, reason: String },
+}
+
+/// The in-memory view raft-rs reads: the compaction point (snapshot metadata), the
+/// entries after it, the hard state and the conf state.
+#[derive(Default)]
+pub struct LogCore {
+    pub snapshot: SnapshotMetadata,
+    pub entries: Vec<Entry>,
+    pub hard_state: HardState,
+    pub conf_state: ConfState,
+}
+
+impl LogCore {
+    pub fn first_index(&self) -> u64 {
+        self.snapshot.index + 1
+    }
+
+    pub fn last_index(&self) -> u64 {
+        self.entries.last().map_or(self.snapshot.index, |e| e.index)
+    }
+
+    pub fn term(&self, idx: u64) -> raft::Result<u64> {
+        if idx == self.snapshot.index {
+            return Ok(self.snapshot.term);
+        }
+        if idx < self.first_index() {
+            return Err(raft::Error::Store(StorageError::Compacted));
+        }
+        if idx > self.last_index() {
+            return Err(raft::Error::Store(StorageError::Unavailable));
+        }
+        Ok(self.entries[usize::try_from(idx - self.first_index()).unwrap_or(usize::MAX)].term)
+    }
+
+    fn append(&mut self, ents: &[Entry]) {
+        let Some(first) = ents.first() else { return };
+        // Entries at or below the compaction point are already in the snapshot.
+        let skip = self.first_index().saturating_sub(first.index);
+        let ents = &ents[usize::try_from(skip).unwrap_or(usize::MAX).min(ents.len())..];
+        let Some(first) = ents.first() else { return };
+        let keep = first.index.saturating_sub(self.first_index());
+        self.entries.truncate(usize::try_from(keep).unwrap_or(usize::MAX));
+        self.entries.extend_from_slice(ents);
+    }
+
+    fn apply_snapshot(&mut self, meta: SnapshotMetadata) {
+        self.entries.retain(|e| e.index > meta.index);
+        // A snapshot past our log replaces it entirely; one inside it keeps the suffix only
+        // when the terms agree (compaction of our own log).
+        let consistent = self.entries.first().is_some_and(|e| e.index == meta.index + 1)
+            && meta.index <= self.last_index();
+        if !consistent {
+            self.entries.clear();
+        }
+        self.hard_state.commit = self.hard_state.commit.max(meta.index);
+        self.hard_state.term = self.hard_state.term.max(meta.term);
+        self.conf_state = meta.get_conf_state().clone();
+        self.snapshot = meta;
+    }
+}
+
+/// raft-rs's view of the log (shared with the node loop, which writes it).
+#[derive(Clone, Default)]
+pub struct RaftStorage {
+    pub core: Arc<RwLock<LogCore>>,
+    /// Set when raft-rs asked for a snapshot the current one cannot serve (a peer
+    /// missing from its membership); the node loop then takes a fresh one.
+    pub want_snapshot: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl RaftStorage {
+    pub fn read(&self) -> std::sync::RwLockReadGuard<'_, LogCore> {
+        self.core.read().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+    pub fn write(&self) -> std::sync::RwLockWriteGuard<'_, LogCore> {
+        self.core.write().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+impl raft::Storage for RaftStorage {
+    fn initial_state(&self) -> raft::Result<RaftState> {
+        let core = self.read();
+        Ok(RaftState::new(core.hard_state.clone(), core.conf_state.clone()))
+    }
+
+    fn entries(
+        &self,
+        low: u64,
+        high: u64,
+        max_size: impl Into<Option<u64>>,
+        _context: GetEntriesContext,
+    ) -> raft::Result<Vec<Entry>> {
+        let core = self.read();
+        if low < core.first_index() {
+            return Err(raft::Error::Store(StorageError::Compacted));
+        }
+        if high > core.last_index() + 1 {
+            return Err(raft::Error::Store(StorageError::Unavailable));
+        }
+        let off = core.first_index();
+        let lo = usize::try_from(low - off).unwrap_or(usize::MAX);
+        let hi = usize::try_from(high - off).unwrap_or(usize::MAX);
+        let mut out = Vec::with_capacity(hi.saturating_sub(lo));
+        let max = max_size.into().unwrap_or(u64::MAX);
+        let mut size = 0u64;
+        for e in &core.entries[lo..hi] {
+            size += u64::from(e.compute_size());
+            if !out.is_empty() && size > max {
+                break;
+            }
+            out.push(e.clone());
+        }
+        Ok(out)
+    }
+
+    fn term(&self, idx: u64) -> raft::Result<u64> {
+        self.read().term(idx)
+    }
+
+    fn first_index(&self) -> raft::Result<u64> {
+        Ok(self.read().first_index())
+    }
+
+    fn last_index(&self) -> raft::Result<u64> {
+        Ok(self.read().last_index())
+    }
+
+    /// The latest snapshot is the compaction point; its data lives in a snapshot file
+    /// that the transport streams (see `transport`), so the message carries none.
+    fn snapshot(&self, request_index: u64, to: u64) -> raft::Result<Snapshot> {
+        let core = self.read();
+        let cs = core.snapshot.get_conf_state();
+        // raft-rs refuses a snapshot whose membership lacks the receiver (a node just
+        // added), so such a peer needs a snapshot taken after its addition.
+        let knows_peer = cs.voters.iter().chain(&cs.learners).any(|id| *id == to);
+        if core.snapshot.index < request_index || core.snapshot.index == 0 || !knows_peer {
+            self.want_snapshot.store(true, std::sync::atomic::Ordering::Relaxed);
+            return Err(raft::Error::Store(StorageError::SnapshotTemporarilyUnavailable));
+        }
+        let mut snap = Snapshot::default();
+        snap.set_metadata(core.snapshot.clone());
+        Ok(snap)
+    }
+}
+
+/// The on-disk half: an append-only file of records.
+pub struct DurableLog {
+    dir: PathBuf,
+    file: File,
+    /// Bytes appended since the last sync.
+    dirty: bool,
+}
+
+impl DurableLog {
+    fn io(&self, source: std::io::Error) -> LogError {
+        LogError::Io { path: self.dir.join(LOG_FILE), source }
+    }
+
+    /// Opens (or creates) the log in `dir` and replays it into a [`LogCore`].
+    pub fn open(dir: &Path) -> Result<(Self, LogCore, bool), LogError> {
+        let path = dir.join(LOG_FILE);
+        let io = |source| LogError::Io { path: path.clone(), source };
+        let existed = path.exists();
+        let mut file =
+            OpenOptions::new().read(true).append(true).create(true).open(&path).map_err(io)?;
+        let mut bytes = Vec::new();
+        file.read_to_end(&mut bytes).map_err(io)?;
+        let mut core = LogCore::default();
+        let mut pos = 0usize;
+        while pos + HEADER_BYTES <= bytes.len() {
+            let kind = bytes[pos];
+            let len = u32::from_le_bytes(bytes[pos + 1..pos + 5].try_into().unwrap_or_default());
+            let crc = u32::from_le_bytes(bytes[pos + 5..pos + 9].try_into().unwrap_or_default());
+            let start = pos + HEADER_BYTES;
+            let end = start + len as usize;
+            if end > bytes.len() || crc32fast::hash(&bytes[start..end]) != crc {
+                break;
+            }
+            let payload = &bytes[start..end];
+            let decode = |reason: String| LogError::Decode { path: path.clone(), kind, reason };
+            match kind {
+                KIND_ENTRIES => {
+                    let ents = decode_entries(payload).map_err(decode)?;
+                    core.append(&ents);
+                }
+                KIND_HARD_STATE => {
+                    core.hard_state =
+                        HardState::parse_from_bytes(payload).map_err(|e| decode(e.to_string()))?;
+                }
+                KIND_SNAPSHOT => {
+                    let meta = SnapshotMetadata::parse_from_bytes(payload)
+                        .map_err(|e| decode(e.to_string()))?;
+                    core.apply_snapshot(meta);
+                }
+                other => return Err(decode(format!("unknown record kind {other}"))),
+            }
+            pos = end;
+        }
+        if pos < bytes.len() {
+            // The unsynced tail of a crash: never acknowledged, so dropping it is safe.
+            tracing::warn!(
+                valid_bytes = pos,
+                file_bytes = bytes.len(),
+                "cutting torn raft log tail"
+            );
+            file.set_len(pos as u64).map_err(io)?;
+            file.sync_all().map_err(io)?;
+        }
+        Ok((Self { dir: dir.to_owned(), file, dirty: false }, core, existed && pos > 0))
+    }
+
+    fn record(&mut self, kind: u8, payload: &[u8]) -> Result<(), LogError> {
+        let mut buf = Vec::with_capacity(HEADER_BYTES + payload.len());
+        buf.push(kind);
+        buf.extend_from_slice(&u32::try_from(payload.len()).unwrap_or(u32::MAX).to_le_bytes());
+        buf.extend_from_slice(&crc32fast::hash(payload).to_le_bytes());
+        buf.extend_from_slice(payload);
+        self.file.write_all(&buf).map_err(|e| self.io(e))?;
+        self.dirty = true;
+        Ok(())
+    }
+
+    /// Appends entries (a suffix that may overwrite a conflicting tail).
+    pub fn append(&mut self, core: &RaftStorage, ents: &[Entry]) -> Result<(), LogError> {
+        if ents.is_empty() {
+            return Ok(());
+        }
+        let payload = encode_entries(ents);
+        self.record(KIND_ENTRIES, &payload)?;
+        core.write().append(ents);
+        Ok(())
+    }
+
+    pub fn set_hard_state(&mut self, core: &RaftStorage, hs: &HardState) -> Result<(), LogError> {
+        let payload = hs.write_to_bytes().unwrap_or_default();
+        self.record(KIND_HARD_STATE, &payload)?;
+        core.write().hard_state = hs.clone();
+        Ok(())
+    }
+
+    /// Records a new compaction point: a snapshot at `meta.index` whose data file is
+    /// already durable. Rewrites the log without the entries it covers.
+    pub fn install_snapshot(
+        &mut self,
+        core: &RaftStorage,
+        meta: SnapshotMetadata,
+    ) -> Result<(), LogError> {
+        let mut w = core.write();
+        w.apply_snapshot(meta);
+        self.rewrite(&w)
+    }
+
+    /// Writes a fresh log holding only what `core` holds, then atomically replaces the old
+    /// one (write, fsync, rename, fsync the directory).
+    fn rewrite(&mut self, core: &LogCore) -> Result<(), LogError> {
+        let tmp = self.dir.join(format!("{LOG_FILE}.tmp"));
+        let io = |source| LogError::Io { path: tmp.clone(), source };
+        let mut f = File::create(&tmp).map_err(io)?;
+        let mut body = Vec::new();
+        for (kind, payload) in [
+            (KIND_SNAPSHOT, core.snapshot.write_to_bytes().unwrap_or_default()),
+            (KIND_HARD_STATE, core.hard_state.write_to_bytes().unwrap_or_default()),
+            (KIND_ENTRIES, encode_entries(&core.entries)),
+        ] {
+            if kind == KIND_ENTRIES && core.entries.is_empty() {
+                continue;
+            }
+            body.push(kind);
+            body.extend_from_slice(&u32::try_from(payload.len()).unwrap_or(u32::MAX).to_le_bytes());
+            body.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
+            body.extend_from_slice(&payload);
+        }
+        f.write_all(&body).map_err(io)?;
+        f.sync_all().map_err(io)?;
+        let path = self.dir.join(LOG_FILE);
+        std::fs::rename(&tmp, &path).map_err(io)?;
+        sync_dir(&self.dir).map_err(io)?;
+        self.file = OpenOptions::new().append(true).open(&path).map_err(io)?;
+        self.dirty = false;
+        Ok(())
+    }
+
+    /// Makes everything appended so far durable (one `fdatasync` for the whole Ready).
+    pub fn sync(&mut self) -> Result<(), LogError> {
+        if self.dirty {
+            self.file.sync_data().map_err(|e| self.io(e))?;
+            self.dirty = false;
+        }
+        Ok(())
+    }
+}
+
+/// `fsync` of a directory, so a rename or a new file in it survives a crash.
+pub fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+fn encode_entries(ents: &[Entry]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for e in ents {
+        let b = e.write_to_bytes().unwrap_or_default();
+        out.extend_from_slice(&u32::try_from(b.len()).unwrap_or(u32::MAX).to_le_bytes());
+        out.extend_from_slice(&b);
+    }
+    out
+}
+
+fn decode_entries(mut payload: &[u8]) -> Result<Vec<Entry>, String> {
+    let mut out = Vec::new();
+    while !payload.is_empty() {
+        if payload.len() < 4 {
+            return Err("truncated entry length".into());
+        }
+        let len = u32::from_le_bytes(payload[..4].try_into().unwrap_or_default()) as usize;
+        let body = payload.get(4..4 + len).ok_or("truncated entry")?;
+        out.push(Entry::parse_from_bytes(body).map_err(|e| e.to_string())?);
+        payload = &payload[4 + len..];
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(index: u64, term: u64) -> Entry {
+        Entry { index, term, data: vec![index as u8; 10].into(), ..Default::default() }
+    }
+
+    #[test]
+    fn replay_restores_entries_overwrites_hard_state_and_snapshot() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = RaftStorage::default();
+        {
+            let (mut log, core, existed) = DurableLog::open(dir.path()).unwrap();
+            assert!(!existed);
+            assert_eq!(core.last_index(), 0);
+            log.append(&store, &(1..=5).map(|i| entry(i, 1)).collect::<Vec<_>>()).unwrap();
+            // A new leader overwrites 4..: the conflicting tail goes.
+            log.append(&store, &[entry(4, 2)]).unwrap();
+            let hs = HardState { term: 2, commit: 3, ..Default::default() };
+            log.set_hard_state(&store, &hs).unwrap();
+            log.sync().unwrap();
+        }
+        let (mut log, core, existed) = DurableLog::open(dir.path()).unwrap();
+        assert!(existed);
+        assert_eq!(core.last_index(), 4);
+        assert_eq!(core.term(4).unwrap(), 2);
+        assert_eq!(core.hard_state.commit, 3);
+        let store = RaftStorage { core: Arc::new(RwLock::new(core)), ..Default::default() };
+        let meta = SnapshotMetadata { index: 3, term: 1, ..Default::default() };
+        log.install_snapshot(&store, meta).unwrap();
+        drop(log);
+        let (_log, core, _) = DurableLog::open(dir.path()).unwrap();
+        assert_eq!(core.first_index(), 4);
+        assert_eq!(core.last_index(), 4);
+        assert_eq!(core.term(3).unwrap(), 1);
+        assert!(core.term(2).is_err());
+    }
+
+    #[test]
+    fn torn_tail_is_cut_and_earlier_records_survive() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = RaftStorage::default();
+        {
+            let (mut log, _, _) = DurableLog::open(dir.path()).unwrap();
+            log.append(&store, &[entry(1, 1), entry(2, 1)]).unwrap();
+            log.sync().unwrap();
+        }
+        let path = dir.path().join(LOG_FILE);
+        let good = std::fs::metadata(&path).unwrap().len();
+        let mut f = OpenOptions::new().append(true).open(&path).unwrap();
+        f.write_all(&[KIND_ENTRIES, 200, 0, 0, 0, 1, 2, 3, 4, 5]).unwrap();
+        drop(f);
+        let (_log, core, _) = DurableLog::open(dir.path()).unwrap();
+        assert_eq!(core.last_index(), 2);
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), good);
+    }
+}

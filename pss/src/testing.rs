@@ -1,0 +1,190 @@
+//! A real PSS cluster inside the test process: real Raft, real gRPC on loopback
+//! sockets, real files under a directory the caller owns. For other crates' tests
+//! (the NMS writes back to it) and for this crate's own.
+
+use crate::client::{ClientOptions, PssClient};
+use crate::config::{Config, Peer};
+use anyhow::Context as _;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use wayside_proto::pb;
+use wayside_proto::pb::pss_admin_client::PssAdminClient;
+use wayside_proto::types::Endpoint;
+
+/// How long [`LocalCluster::start`] waits for a leader.
+pub const LEADER_TIMEOUT: Duration = Duration::from_secs(20);
+
+struct Slot {
+    config: Config,
+    addr: SocketAddr,
+    shutdown: CancellationToken,
+    task: Option<JoinHandle<anyhow::Result<()>>>,
+}
+
+/// N in-process PSS nodes on loopback.
+pub struct LocalCluster {
+    slots: Vec<Slot>,
+    dir: PathBuf,
+}
+
+/// The configuration tests use: short ticks so elections take ~0.5 s.
+pub fn test_config(id: u64, peers: Vec<Peer>, data_dir: PathBuf) -> Config {
+    Config {
+        id,
+        listen: peers.iter().find(|p| p.id == id).map(|p| p.address.clone()).unwrap_or_default(),
+        peers,
+        data_dir,
+        tick_interval_ms: 50,
+        election_timeout_ticks: 10,
+        heartbeat_interval_ticks: 2,
+        ..Config::default()
+    }
+}
+
+impl LocalCluster {
+    /// Starts `nodes` nodes (ids 1..=nodes) with data under `dir`; returns once a
+    /// leader is elected.
+    pub async fn start(nodes: usize, dir: &Path) -> anyhow::Result<Self> {
+        Self::start_with(nodes, dir, |_| {}).await
+    }
+
+    /// Like [`start`](Self::start), letting the caller adjust each node's config.
+    pub async fn start_with(
+        nodes: usize,
+        dir: &Path,
+        adjust: impl Fn(&mut Config),
+    ) -> anyhow::Result<Self> {
+        let mut listeners = Vec::new();
+        for _ in 0..nodes {
+            listeners.push(tokio::net::TcpListener::bind("127.0.0.1:0").await?);
+        }
+        let peers: Vec<Peer> = listeners
+            .iter()
+            .zip(1u64..)
+            .map(|(l, id)| Ok(Peer { id, address: l.local_addr()?.to_string() }))
+            .collect::<std::io::Result<_>>()?;
+        let mut cluster = Self { slots: Vec::new(), dir: dir.to_owned() };
+        for (listener, id) in listeners.into_iter().zip(1u64..) {
+            let mut config = test_config(id, peers.clone(), dir.join(format!("node-{id}")));
+            adjust(&mut config);
+            let addr = listener.local_addr()?;
+            let mut slot = Slot { config, addr, shutdown: CancellationToken::new(), task: None };
+            slot.spawn(listener);
+            cluster.slots.push(slot);
+        }
+        cluster.wait_for_leader(LEADER_TIMEOUT).await?;
+        Ok(cluster)
+    }
+
+    /// The gRPC endpoint of every node, in id order.
+    pub fn endpoints(&self) -> Vec<Endpoint> {
+        self.slots.iter().filter_map(|s| Endpoint::parse(&s.addr.to_string()).ok()).collect()
+    }
+
+    /// The endpoint of node `id`.
+    pub fn endpoint(&self, id: u64) -> Option<Endpoint> {
+        self.slots
+            .iter()
+            .find(|s| s.config.id == id)
+            .and_then(|s| Endpoint::parse(&s.addr.to_string()).ok())
+    }
+
+    /// The directory holding the nodes' data.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// A client for the whole cluster.
+    pub fn client(&self) -> PssClient {
+        PssClient::new(self.endpoints(), ClientOptions::default())
+    }
+
+    /// Node `id`'s status, if it answers.
+    pub async fn status(&self, id: u64) -> Option<pb::StatusReply> {
+        let ep = self.endpoint(id)?;
+        let ch = tonic::transport::Endpoint::from_shared(ep.uri().to_owned())
+            .ok()?
+            .connect_timeout(Duration::from_millis(500));
+        let mut c = PssAdminClient::new(ch.connect().await.ok()?);
+        let call = c.status(pb::StatusRequest {});
+        tokio::time::timeout(Duration::from_secs(1), call).await.ok()?.ok().map(|r| r.into_inner())
+    }
+
+    /// Polls the running nodes until one reports itself leader.
+    pub async fn wait_for_leader(&self, timeout: Duration) -> anyhow::Result<u64> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            for s in self.slots.iter().filter(|s| s.task.is_some()) {
+                if let Some(st) = self.status(s.config.id).await {
+                    if st.role == pb::RaftRole::Leader as i32 {
+                        return Ok(st.id);
+                    }
+                }
+            }
+            if Instant::now() >= deadline {
+                anyhow::bail!("no PSS leader elected within {timeout:?}");
+            }
+            // Polling a status endpoint with a deadline, not waiting blindly.
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    /// Stops node `id` (its data stays); returns the node's exit result.
+    pub async fn stop_node(&mut self, id: u64) -> anyhow::Result<()> {
+        let slot = self.slots.iter_mut().find(|s| s.config.id == id).context("no such node")?;
+        slot.shutdown.cancel();
+        match slot.task.take() {
+            Some(t) => t.await.context("node task panicked")?,
+            None => Ok(()),
+        }
+    }
+
+    /// Starts a stopped node again on its old address with its data dir.
+    pub async fn restart_node(&mut self, id: u64) -> anyhow::Result<()> {
+        let slot = self.slots.iter_mut().find(|s| s.config.id == id).context("no such node")?;
+        anyhow::ensure!(slot.task.is_none(), "node {id} is running");
+        let listener = tokio::net::TcpListener::bind(slot.addr)
+            .await
+            .with_context(|| format!("rebinding {}", slot.addr))?;
+        slot.shutdown = CancellationToken::new();
+        slot.spawn(listener);
+        Ok(())
+    }
+
+    /// Stops every node and waits for them.
+    pub async fn shutdown(mut self) {
+        for s in &self.slots {
+            s.shutdown.cancel();
+        }
+        for s in &mut self.slots {
+            if let Some(t) = s.task.take() {
+                match t.await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => {
+                        tracing::warn!(node = s.config.id, error = %e, "node stopped with an error")
+                    }
+                    Err(e) => tracing::warn!(node = s.config.id, error = %e, "node task panicked"),
+                }
+            }
+        }
+    }
+}
+
+impl Slot {
+    fn spawn(&mut self, listener: tokio::net::TcpListener) {
+        let fut = crate::server::run(self.config.clone(), listener, self.shutdown.clone());
+        self.task = Some(tokio::spawn(fut));
+    }
+}
+
+impl Drop for LocalCluster {
+    /// A cluster dropped without [`shutdown`](Self::shutdown) still stops its nodes.
+    fn drop(&mut self) {
+        for s in &self.slots {
+            s.shutdown.cancel();
+        }
+    }
+}

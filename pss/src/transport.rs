@@ -1,0 +1,377 @@
+//! Raft messages between PSS nodes over gRPC (`wayside.v1.RaftTransport`).
+//!
+//! Outbound: one worker task per peer with a bounded queue; a full queue drops the
+//! message (Raft resends) rather than blocking the node loop. Ordinary messages go in
+//! batches on `Send`; a `MsgSnapshot` goes on `InstallSnapshot`, followed by the
+//! snapshot file in chunks, and its outcome is reported back to raft-rs.
+//! Inbound: the service decodes messages and queues them for the node loop (awaiting
+//! room: backpressure to the sender). A snapshot's file is written and fsynced before
+//! its message reaches the node.
+
+use crate::config::Config;
+use crate::node::{snapshot_path, AddressBook, Input};
+use futures::StreamExt;
+use protobuf::Message as _;
+use raft::prelude::{Message, MessageType};
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::Mutex;
+use std::time::Duration;
+use tokio::io::AsyncReadExt;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tonic::transport::Channel;
+use tonic::{Request, Response, Status, Streaming};
+use wayside_proto::pb;
+use wayside_proto::pb::raft_transport_client::RaftTransportClient;
+
+/// Most messages sent in one `RaftEnvelope`.
+pub const MAX_MESSAGES_PER_ENVELOPE: usize = 1024;
+/// Time allowed for one `Send` call.
+const SEND_TIMEOUT: Duration = Duration::from_secs(5);
+/// Time allowed for a whole snapshot transfer.
+const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(300);
+/// Pause after a failed send before the next attempt, so a dead peer costs little.
+const RETRY_PAUSE: Duration = Duration::from_millis(100);
+
+/// The outbound side, owned by the node loop.
+pub struct Transport {
+    id: u64,
+    addresses: AddressBook,
+    node_tx: mpsc::Sender<Input>,
+    snap_dir: PathBuf,
+    queue_capacity: usize,
+    chunk_bytes: usize,
+    max_message_bytes: usize,
+    runtime: tokio::runtime::Handle,
+    tracker: TaskTracker,
+    shutdown: CancellationToken,
+    peers: Mutex<HashMap<u64, mpsc::Sender<Message>>>,
+}
+
+impl Transport {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        id: u64,
+        addresses: AddressBook,
+        node_tx: mpsc::Sender<Input>,
+        snap_dir: PathBuf,
+        cfg: &Config,
+        runtime: tokio::runtime::Handle,
+        tracker: TaskTracker,
+        shutdown: CancellationToken,
+    ) -> Self {
+        Self {
+            id,
+            addresses,
+            node_tx,
+            snap_dir,
+            queue_capacity: cfg.peer_queue_messages,
+            chunk_bytes: cfg.snapshot_chunk_bytes,
+            max_message_bytes: cfg.max_message_size_bytes,
+            runtime,
+            tracker,
+            shutdown,
+            peers: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Queues a message for its peer; never blocks.
+    pub fn send(&self, msg: Message) {
+        let to = msg.to;
+        let mut peers = self.peers.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let tx = peers.entry(to).or_insert_with(|| {
+            let (tx, rx) = mpsc::channel(self.queue_capacity);
+            let worker = PeerWorker {
+                from: self.id,
+                to,
+                addresses: self.addresses.clone(),
+                node_tx: self.node_tx.clone(),
+                snap_dir: self.snap_dir.clone(),
+                chunk_bytes: self.chunk_bytes,
+                max_message_bytes: self.max_message_bytes,
+                client: None,
+            };
+            let shutdown = self.shutdown.clone();
+            self.tracker.spawn_on(worker.run(rx, shutdown), &self.runtime);
+            tx
+        });
+        if let Err(mpsc::error::TrySendError::Full(m)) = tx.try_send(msg) {
+            tracing::debug!(to, kind = ?m.get_msg_type(), "peer queue full; message dropped");
+            let _ = self.node_tx.try_send(Input::Unreachable { to });
+        }
+    }
+}
+
+struct PeerWorker {
+    from: u64,
+    to: u64,
+    addresses: AddressBook,
+    node_tx: mpsc::Sender<Input>,
+    snap_dir: PathBuf,
+    chunk_bytes: usize,
+    max_message_bytes: usize,
+    client: Option<(String, RaftTransportClient<Channel>)>,
+}
+
+impl PeerWorker {
+    fn client(&mut self) -> Option<RaftTransportClient<Channel>> {
+        let addr = self
+            .addresses
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(&self.to)
+            .cloned()?;
+        if self.client.as_ref().is_none_or(|(a, _)| *a != addr) {
+            let ep = wayside_proto::types::Endpoint::parse(&addr).ok()?;
+            let channel = tonic::transport::Endpoint::from_shared(ep.uri().to_owned())
+                .ok()?
+                .connect_timeout(Duration::from_secs(1))
+                .tcp_nodelay(true)
+                .initial_connection_window_size(crate::server::HTTP2_CONNECTION_WINDOW_BYTES)
+                .initial_stream_window_size(crate::server::HTTP2_STREAM_WINDOW_BYTES)
+                .connect_lazy();
+            let c = RaftTransportClient::new(channel)
+                .max_decoding_message_size(self.max_message_bytes)
+                .max_encoding_message_size(self.max_message_bytes);
+            self.client = Some((addr, c));
+        }
+        self.client.as_ref().map(|(_, c)| c.clone())
+    }
+
+    async fn run(mut self, mut rx: mpsc::Receiver<Message>, shutdown: CancellationToken) {
+        let span = tracing::debug_span!("raft_peer", node = self.from, peer = self.to);
+        let _enter = span.enter();
+        let mut held: Option<Message> = None;
+        loop {
+            let first = match held.take() {
+                Some(m) => m,
+                None => tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    m = rx.recv() => match m { Some(m) => m, None => return },
+                },
+            };
+            let Some(client) = self.client() else {
+                let _ = self.node_tx.try_send(Input::Unreachable { to: self.to });
+                continue;
+            };
+            if first.get_msg_type() == MessageType::MsgSnapshot {
+                let ok = tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    r = self.send_snapshot(client, first) => r,
+                };
+                let _ = self.node_tx.send(Input::SnapshotSent { to: self.to, ok }).await;
+                continue;
+            }
+            let mut batch = vec![first.write_to_bytes().unwrap_or_default()];
+            let mut bytes = batch[0].len();
+            while batch.len() < MAX_MESSAGES_PER_ENVELOPE && bytes < self.max_message_bytes / 2 {
+                let Ok(m) = rx.try_recv() else { break };
+                if m.get_msg_type() == MessageType::MsgSnapshot {
+                    held = Some(m);
+                    break;
+                }
+                let b = m.write_to_bytes().unwrap_or_default();
+                bytes += b.len();
+                batch.push(b);
+            }
+            let env = pb::RaftEnvelope { from: self.from, to: self.to, messages: batch };
+            let mut client = client;
+            let call = client.send(tokio_stream::iter([env]));
+            let failed = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                r = tokio::time::timeout(SEND_TIMEOUT, call) => !matches!(r, Ok(Ok(_))),
+            };
+            if failed {
+                let _ = self.node_tx.try_send(Input::Unreachable { to: self.to });
+                // Messages queued meanwhile are stale by the time the peer is back;
+                // Raft resends what matters.
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(RETRY_PAUSE) => {}
+                }
+                while let Ok(m) = rx.try_recv() {
+                    if m.get_msg_type() == MessageType::MsgSnapshot {
+                        let _ =
+                            self.node_tx.try_send(Input::SnapshotSent { to: self.to, ok: false });
+                    }
+                }
+            }
+        }
+    }
+
+    async fn send_snapshot(&self, mut client: RaftTransportClient<Channel>, msg: Message) -> bool {
+        let index = msg.get_snapshot().get_metadata().index;
+        let path = snapshot_path(&self.snap_dir, index);
+        let file = match tokio::fs::File::open(&path).await {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::warn!(index, error = %e, "snapshot file missing; raft will retry");
+                return false;
+            }
+        };
+        let started = std::time::Instant::now();
+        let header = pb::SnapshotChunk {
+            from: self.from,
+            to: self.to,
+            message: msg.write_to_bytes().unwrap_or_default(),
+            data: Vec::new(),
+            last: false,
+        };
+        let (from, to, chunk) = (self.from, self.to, self.chunk_bytes);
+        let body = futures::stream::unfold(Some(file), move |file| async move {
+            let mut file = file?;
+            let mut buf = vec![0u8; chunk];
+            let mut n = 0;
+            // Fill the chunk (short reads happen), so every chunk but the last is full.
+            while n < chunk {
+                match file.read(&mut buf[n..]).await {
+                    Ok(0) => break,
+                    Ok(k) => n += k,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "reading snapshot file");
+                        return None;
+                    }
+                }
+            }
+            buf.truncate(n);
+            let last = n < chunk;
+            let c = pb::SnapshotChunk { from, to, message: Vec::new(), data: buf, last };
+            Some((c, if last { None } else { Some(file) }))
+        });
+        let stream = futures::stream::iter([header]).chain(body);
+        match tokio::time::timeout(SNAPSHOT_TIMEOUT, client.install_snapshot(stream)).await {
+            Ok(Ok(_)) => {
+                tracing::info!(
+                    index,
+                    peer = self.to,
+                    elapsed_ms = started.elapsed().as_millis() as u64,
+                    "snapshot sent"
+                );
+                true
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(index, error = %e, "snapshot transfer failed");
+                false
+            }
+            Err(_) => {
+                tracing::warn!(index, "snapshot transfer timed out");
+                false
+            }
+        }
+    }
+}
+
+/// The inbound side: `wayside.v1.RaftTransport`.
+pub struct RaftService {
+    pub id: u64,
+    pub node_tx: mpsc::Sender<Input>,
+    pub snap_dir: PathBuf,
+}
+
+fn decode(bytes: &[u8]) -> Result<Message, Status> {
+    Message::parse_from_bytes(bytes)
+        .map_err(|e| Status::invalid_argument(format!("raft message does not decode: {e}")))
+}
+
+#[tonic::async_trait]
+impl pb::raft_transport_server::RaftTransport for RaftService {
+    async fn send(
+        &self,
+        request: Request<Streaming<pb::RaftEnvelope>>,
+    ) -> Result<Response<pb::RaftSendReply>, Status> {
+        let mut stream = request.into_inner();
+        while let Some(env) = stream.message().await? {
+            if env.to != self.id {
+                return Err(Status::failed_precondition(format!(
+                    "raft messages for node {} reached node {}: check the peer addresses",
+                    env.to, self.id
+                )));
+            }
+            for bytes in &env.messages {
+                let m = decode(bytes)?;
+                self.node_tx
+                    .send(Input::Raft(Box::new(m)))
+                    .await
+                    .map_err(|_| Status::unavailable("node is shutting down"))?;
+            }
+        }
+        Ok(Response::new(pb::RaftSendReply {}))
+    }
+
+    async fn install_snapshot(
+        &self,
+        request: Request<Streaming<pb::SnapshotChunk>>,
+    ) -> Result<Response<pb::RaftSendReply>, Status> {
+        let mut stream = request.into_inner();
+        let first = stream
+            .message()
+            .await?
+            .ok_or_else(|| Status::invalid_argument("empty snapshot stream"))?;
+        if first.to != self.id {
+            return Err(Status::failed_precondition(format!(
+                "snapshot for node {} reached node {}",
+                first.to, self.id
+            )));
+        }
+        let msg = decode(&first.message)?;
+        if msg.get_msg_type() != MessageType::MsgSnapshot {
+            return Err(Status::invalid_argument("first chunk must carry a MsgSnapshot"));
+        }
+        let index = msg.get_snapshot().get_metadata().index;
+        let path = snapshot_path(&self.snap_dir, index);
+        let tmp = self.snap_dir.join(format!("recv-{index:020}-{}.tmp", rand::random::<u64>()));
+        let result = receive(&mut stream, first, &tmp, &path).await;
+        if result.is_err() {
+            let _ = tokio::fs::remove_file(&tmp).await;
+        }
+        let bytes = result?;
+        tracing::info!(node = self.id, index, bytes, "snapshot received");
+        self.node_tx
+            .send(Input::Raft(Box::new(msg)))
+            .await
+            .map_err(|_| Status::unavailable("node is shutting down"))?;
+        Ok(Response::new(pb::RaftSendReply {}))
+    }
+}
+
+type ChunkStream = Streaming<pb::SnapshotChunk>;
+
+/// Writes the chunks to `tmp`, then makes it durable under `path`.
+async fn receive(
+    stream: &mut ChunkStream,
+    first: pb::SnapshotChunk,
+    tmp: &std::path::Path,
+    path: &std::path::Path,
+) -> Result<u64, Status> {
+    let io = |e: std::io::Error| Status::internal(format!("writing snapshot: {e}"));
+    let mut file = std::io::BufWriter::new(std::fs::File::create(tmp).map_err(io)?);
+    let mut bytes = 0u64;
+    let mut chunk = first;
+    loop {
+        file.write_all(&chunk.data).map_err(io)?;
+        bytes += chunk.data.len() as u64;
+        if chunk.last {
+            break;
+        }
+        let mut s: Pin<&mut ChunkStream> = Pin::new(stream);
+        chunk = s.message().await?.ok_or_else(|| {
+            Status::invalid_argument("snapshot stream ended before its last chunk")
+        })?;
+    }
+    let file = file.into_inner().map_err(|e| io(e.into_error()))?;
+    file.sync_all().map_err(io)?;
+    drop(file);
+    // Check it before the node trusts it.
+    let data = std::fs::read(tmp).map_err(io)?;
+    crate::state::parse_snapshot(&data)
+        .map_err(|r| Status::invalid_argument(format!("received snapshot is corrupt: {r}")))?;
+    std::fs::rename(tmp, path).map_err(io)?;
+    if let Some(dir) = path.parent() {
+        crate::storage::sync_dir(dir).map_err(io)?;
+    }
+    Ok(bytes)
+}

@@ -1,0 +1,316 @@
+//! In-process clusters (real Raft, real gRPC on loopback, real disk): the block API,
+//! epochs, dedupe, leader hints, bad input, snapshot catch-up, membership, transfer.
+
+use std::time::Duration;
+use tonic::Code;
+use wayside_proto::error::fault_of;
+use wayside_proto::pb;
+use wayside_proto::pb::pss_admin_client::PssAdminClient;
+use wayside_proto::pb::pss_blocks_client::PssBlocksClient;
+use wayside_proto::types::{Endpoint, Epoch, Fault, VolumeName};
+use wayside_pss::client::{ClientOptions, PssClient, PssError};
+use wayside_pss::testing::LocalCluster;
+
+fn rid(client: &str, seq: u64) -> Option<pb::RequestId> {
+    Some(pb::RequestId { client_id: client.into(), seq })
+}
+
+fn acquire(volume: &str, owner: &str, seq: u64) -> pb::AcquireVolumeRequest {
+    pb::AcquireVolumeRequest {
+        volume: volume.into(),
+        owner_node: owner.into(),
+        owner_address: "127.0.0.1:9".into(),
+        expected_epoch: 0,
+        create: Some(pb::CreateSpec { block_size: 4096, credential_hash: vec![7; 32] }),
+        request_id: rid(owner, seq),
+    }
+}
+
+fn put(
+    volume: &str,
+    epoch: u64,
+    client: &str,
+    seq: u64,
+    block: u64,
+    data: Vec<u8>,
+) -> pb::WriteBatchRequest {
+    pb::WriteBatchRequest {
+        volume: volume.into(),
+        epoch,
+        request_id: rid(client, seq),
+        ops: vec![pb::PssBlockOp { block, data, delete: false, version: 0 }],
+        persisted_lsn: seq,
+    }
+}
+
+async fn admin(ep: &Endpoint) -> PssAdminClient<tonic::transport::Channel> {
+    PssAdminClient::connect(ep.uri().to_owned()).await.unwrap()
+}
+
+async fn blocks(ep: &Endpoint) -> PssBlocksClient<tonic::transport::Channel> {
+    PssBlocksClient::connect(ep.uri().to_owned()).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn block_api_epochs_dedupe_and_leader_hints() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = LocalCluster::start(3, dir.path()).await.unwrap();
+    let client = cluster.client();
+    let vol = VolumeName::new("car-1").unwrap();
+
+    let a = client.acquire_volume(acquire("car-1", "nms-a", 1)).await.unwrap();
+    assert!(a.created);
+    let epoch = a.meta.unwrap().epoch;
+    assert_eq!(epoch, 1);
+
+    // Writes then linearizable reads.
+    for b in 0..20u64 {
+        let r = client
+            .write_batch(put("car-1", epoch, "nms-a", 10 + b, b, vec![b as u8; 4096]))
+            .await
+            .unwrap();
+        assert!(!r.duplicate);
+    }
+    let got = client.get_blocks(&vol, &[0, 5, 19, 99]).await.unwrap();
+    assert_eq!(got[1].data, vec![5u8; 4096]);
+    assert!(got[2].found && !got[3].found);
+    let list = client.list_blocks(&vol, 0, 10).await.unwrap();
+    assert_eq!(list.blocks.len(), 10);
+    assert!(list.more);
+    assert_eq!(list.next_block, 10);
+    let meta = client.get_volume(&vol).await.unwrap();
+    assert_eq!(meta.block_count, 20);
+    assert_eq!(meta.persisted_lsn, 29);
+
+    // A retried request id applies once and says so.
+    let again =
+        client.write_batch(put("car-1", epoch, "nms-a", 10, 0, vec![0xEE; 4096])).await.unwrap();
+    assert!(again.duplicate);
+    assert_eq!(client.get_blocks(&vol, &[0]).await.unwrap()[0].data, vec![0u8; 4096]);
+
+    // A new owner raises the epoch; the old owner's write-back is fenced.
+    let b = client.acquire_volume(acquire("car-1", "nms-b", 1)).await.unwrap();
+    assert_eq!(b.meta.unwrap().epoch, 2);
+    let err =
+        client.write_batch(put("car-1", epoch, "nms-a", 50, 1, vec![1; 10])).await.unwrap_err();
+    assert!(
+        matches!(err, PssError::StaleEpoch { presented: Epoch(1), current: Epoch(2) }),
+        "{err:?}"
+    );
+    // And over raw gRPC: FAILED_PRECONDITION with the StaleEpoch detail.
+    let leader = cluster.wait_for_leader(Duration::from_secs(5)).await.unwrap();
+    let mut raw = blocks(&cluster.endpoint(leader).unwrap()).await;
+    let st = raw.write_batch(put("car-1", 1, "nms-a", 51, 1, vec![1; 10])).await.unwrap_err();
+    assert_eq!(st.code(), Code::FailedPrecondition);
+    assert!(matches!(fault_of(&st), Some(Fault::StaleEpoch { .. })), "{st:?}");
+
+    // A follower refuses with UNAVAILABLE + NotLeader carrying the leader's address.
+    let follower = (1..=3).find(|id| *id != leader).unwrap();
+    let mut f = blocks(&cluster.endpoint(follower).unwrap()).await;
+    let st = f.write_batch(put("car-1", 2, "nms-b", 1, 1, vec![1; 10])).await.unwrap_err();
+    assert_eq!(st.code(), Code::Unavailable);
+    match fault_of(&st) {
+        Some(Fault::NotLeader { leader_id, leader_address }) => {
+            assert_eq!(leader_id, Some(leader));
+            assert_eq!(
+                leader_address.as_deref(),
+                Some(cluster.endpoint(leader).unwrap().authority())
+            );
+        }
+        other => panic!("expected NotLeader, got {other:?} ({st:?})"),
+    }
+    // A stale read on a follower is served from its applied state.
+    let st = f
+        .get_volume(pb::GetVolumeRequest {
+            volume: "car-1".into(),
+            consistency: pb::ReadConsistency::Stale as i32,
+        })
+        .await;
+    assert!(st.is_ok() || st.unwrap_err().code() == Code::NotFound);
+
+    // A client that only knows the follower finds the leader through the hint.
+    let via_follower =
+        PssClient::new(vec![cluster.endpoint(follower).unwrap()], ClientOptions::default());
+    via_follower.write_batch(put("car-1", 2, "nms-b", 2, 3, vec![3; 100])).await.unwrap();
+    assert_eq!(client.get_blocks(&vol, &[3]).await.unwrap()[0].data, vec![3; 100]);
+
+    // Bad input: clear statuses, node unharmed.
+    let st = raw.write_batch(put("car-1", 2, "nms-b", 3, 1, vec![0; 4097])).await.unwrap_err();
+    assert_eq!(st.code(), Code::InvalidArgument, "oversized block: {st:?}");
+    assert!(st.message().contains("4097"), "{st:?}");
+    let st = raw.write_batch(put("", 2, "nms-b", 4, 1, vec![0; 1])).await.unwrap_err();
+    assert_eq!(st.code(), Code::InvalidArgument);
+    assert!(st.message().contains("volume"), "{st:?}");
+    let mut no_id = put("car-1", 2, "x", 1, 1, vec![0; 1]);
+    no_id.request_id = None;
+    let st = raw.write_batch(no_id).await.unwrap_err();
+    assert_eq!(st.code(), Code::InvalidArgument);
+    let st = raw.write_batch(put("nope", 1, "x", 1, 1, vec![0; 1])).await.unwrap_err();
+    assert_eq!(st.code(), Code::NotFound);
+    let mut bad_size = acquire("car-2", "x", 1);
+    bad_size.create.as_mut().unwrap().block_size = 1000;
+    let st = raw.acquire_volume(bad_size).await.unwrap_err();
+    assert_eq!(st.code(), Code::InvalidArgument);
+    let mut too_many = put("car-1", 2, "nms-b", 5, 1, vec![]);
+    too_many.ops = (0..2000)
+        .map(|b| pb::PssBlockOp { block: b, data: vec![], delete: false, version: 0 })
+        .collect();
+    let st = raw.write_batch(too_many).await.unwrap_err();
+    assert_eq!(st.code(), Code::ResourceExhausted);
+    assert!(matches!(fault_of(&st), Some(Fault::LimitExceeded { .. })));
+    let mut adm = admin(&cluster.endpoint(leader).unwrap()).await;
+    let st = adm.remove_node(pb::RemoveNodeRequest { id: 42 }).await.unwrap_err();
+    assert_eq!(st.code(), Code::InvalidArgument);
+    assert!(st.message().contains("42"), "{st:?}");
+    let st = adm.transfer_leader(pb::TransferLeaderRequest { to: 42 }).await.unwrap_err();
+    assert_eq!(st.code(), Code::InvalidArgument);
+    let st = adm
+        .add_node(pb::AddNodeRequest {
+            id: 4,
+            address: "not an address".into(),
+            learner_only: false,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(st.code(), Code::InvalidArgument);
+
+    // Expected epoch: acquiring from the wrong epoch is refused.
+    let mut exp = acquire("car-1", "nms-c", 1);
+    exp.expected_epoch = 1;
+    let err = client.acquire_volume(exp).await.unwrap_err();
+    assert!(matches!(err, PssError::StaleEpoch { .. }), "{err:?}");
+
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lagging_node_catches_up_by_snapshot_after_compaction() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cluster =
+        LocalCluster::start_with(3, dir.path(), |c| c.compact_log_entries = 50).await.unwrap();
+    let client = cluster.client();
+    let vol = VolumeName::new("snap-vol").unwrap();
+    let epoch =
+        client.acquire_volume(acquire("snap-vol", "nms", 1)).await.unwrap().meta.unwrap().epoch;
+    let leader = cluster.wait_for_leader(Duration::from_secs(5)).await.unwrap();
+    let down = (1..=3).find(|id| *id != leader).unwrap();
+    cluster.stop_node(down).await.unwrap();
+
+    // Many writes (one at a time, so many entries) while it is down: the log is
+    // compacted past everything the stopped node has.
+    for i in 0..200u64 {
+        client
+            .write_batch(put("snap-vol", epoch, "w", i + 1, i % 64, vec![(i % 251) as u8; 4096]))
+            .await
+            .unwrap();
+    }
+    let st = cluster.status(leader).await.unwrap();
+    assert!(st.first_index > 100, "leader compacted its log: {st:?}");
+
+    cluster.restart_node(down).await.unwrap();
+    let target = st.commit_index;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(s) = cluster.status(down).await {
+            if s.applied_index >= target {
+                assert!(s.snapshot_index > 1, "caught up through a snapshot: {s:?}");
+                break;
+            }
+        }
+        assert!(std::time::Instant::now() < deadline, "node {down} did not catch up");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // It serves the same data (a stale read of its own applied state).
+    let mut b = blocks(&cluster.endpoint(down).unwrap()).await;
+    let req = pb::GetBlocksRequest {
+        volume: "snap-vol".into(),
+        blocks: (0..64).collect(),
+        consistency: pb::ReadConsistency::Stale as i32,
+    };
+    let theirs = b.get_blocks(req).await.unwrap().into_inner().blocks;
+    let ours = client.get_blocks(&vol, &(0..64).collect::<Vec<_>>()).await.unwrap();
+    assert_eq!(theirs, ours);
+    assert_eq!(ours[0].data, vec![192u8; 4096]); // block 0 last written by i = 192
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn add_fourth_node_remove_one_and_transfer_leadership() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = LocalCluster::start(3, dir.path()).await.unwrap();
+    let client = cluster.client();
+    let vol = VolumeName::new("m").unwrap();
+    let epoch = client.acquire_volume(acquire("m", "nms", 1)).await.unwrap().meta.unwrap().epoch;
+    for i in 0..10u64 {
+        client.write_batch(put("m", epoch, "w", i + 1, i, vec![i as u8; 512])).await.unwrap();
+    }
+
+    // A fourth node, started empty with --join semantics.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr4 = listener.local_addr().unwrap().to_string();
+    let mut peers = cluster
+        .endpoints()
+        .iter()
+        .zip(1u64..)
+        .map(|(e, id)| wayside_pss::config::Peer { id, address: e.authority().into() })
+        .collect::<Vec<_>>();
+    peers.push(wayside_pss::config::Peer { id: 4, address: addr4.clone() });
+    let mut cfg = wayside_pss::testing::test_config(4, peers, dir.path().join("node-4"));
+    cfg.join = true;
+    let token = tokio_util::sync::CancellationToken::new();
+    let node4 = tokio::spawn(wayside_pss::server::run(cfg, listener, token.clone()));
+
+    let leader = cluster.wait_for_leader(Duration::from_secs(5)).await.unwrap();
+    let mut adm = admin(&cluster.endpoint(leader).unwrap()).await;
+    let members = adm
+        .add_node(pb::AddNodeRequest { id: 4, address: addr4.clone(), learner_only: false })
+        .await
+        .unwrap()
+        .into_inner()
+        .members;
+    let m4 = members.iter().find(|m| m.id == 4).expect("node 4 is a member");
+    assert_eq!(m4.role, pb::MemberRole::Voter as i32);
+    assert_eq!(m4.address, addr4);
+    // Node 4 has the data.
+    let ep4 = Endpoint::parse(&addr4).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut b4 = blocks(&ep4).await;
+        let r = b4
+            .get_blocks(pb::GetBlocksRequest {
+                volume: "m".into(),
+                blocks: vec![9],
+                consistency: pb::ReadConsistency::Stale as i32,
+            })
+            .await;
+        if let Ok(r) = r {
+            if r.get_ref().blocks[0].found {
+                assert_eq!(r.into_inner().blocks[0].data, vec![9u8; 512]);
+                break;
+            }
+        }
+        assert!(std::time::Instant::now() < deadline, "node 4 never got the data");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // Transfer leadership to node 4, then remove a former member.
+    let st = adm.transfer_leader(pb::TransferLeaderRequest { to: 4 }).await.unwrap().into_inner();
+    assert_eq!(st.leader_id, 4);
+    let mut adm4 = admin(&ep4).await;
+    let remove = (1..=3).find(|id| *id != leader).unwrap();
+    let members =
+        adm4.remove_node(pb::RemoveNodeRequest { id: remove }).await.unwrap().into_inner().members;
+    assert!(members.iter().all(|m| m.id != remove), "{members:?}");
+    assert_eq!(members.len(), 3);
+
+    // The cluster still commits with the new membership.
+    let mut all = cluster.endpoints();
+    all.push(ep4.clone());
+    let c2 = PssClient::new(all, ClientOptions::default());
+    c2.write_batch(put("m", epoch, "w", 100, 50, vec![5; 10])).await.unwrap();
+    assert_eq!(c2.get_blocks(&vol, &[50]).await.unwrap()[0].data, vec![5; 10]);
+
+    token.cancel();
+    node4.await.unwrap().unwrap();
+    cluster.shutdown().await;
+}
