@@ -1,18 +1,140 @@
-//! This binary's configuration: a TOML file (`--config`), overridden by flags.
+//! The `nms serve` configuration: a TOML file (`--config`), overridden by flags.
 
 use serde::{Deserialize, Serialize};
 
-/// Settings; every limit is named with its unit.
+/// Settings of one NMS; every limit is named with its unit.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
-    /// Address to listen on for gRPC.
+    /// Address to listen on for gRPC (vehicle API, admin, migration).
     pub listen: String,
+    /// Address vehicles and other NMSs reach this node at (recorded in the PSS as the
+    /// owner address, sent in redirects). Empty: the bound listen address.
+    pub advertise: String,
+    /// This node's name (recorded in the PSS as the volume owner).
+    pub node_id: String,
+    /// PSS node addresses (`host:port`).
+    pub pss: Vec<String>,
+    /// Memory budget for every volume's cached blocks together, in bytes.
+    pub cache_capacity_bytes: u64,
+    /// Most unpersisted (dirty) bytes across all volumes; writes beyond wait.
+    pub dirty_limit_bytes: u64,
+    /// Most unpersisted bytes of one volume; writes beyond wait.
+    pub dirty_limit_bytes_per_volume: u64,
+    /// How long a write may wait for dirty space before RESOURCE_EXHAUSTED, in milliseconds.
+    pub backpressure_wait_ms: u64,
+    /// Request ids remembered per volume for duplicate detection (oldest forgotten first).
+    /// Keep it above the vehicles' journal length in writes.
+    pub dedupe_entries_per_volume: usize,
+    /// Most block changes in one write-back batch (the PSS's `max_batch_ops` or less).
+    pub max_batch_ops: usize,
+    /// Most data bytes in one write-back batch.
+    pub max_batch_bytes: u64,
+    /// How long dirty data may wait before write-back starts, in milliseconds (0: at once;
+    /// a flush always starts it at once).
+    pub writeback_delay_ms: u64,
+    /// Most volumes cached on this node.
+    pub max_volumes: usize,
+    /// Largest gRPC message accepted or sent, in bytes.
+    pub max_message_size_bytes: usize,
+    /// Most operations in flight on one vehicle stream; more wait.
+    pub max_stream_inflight_ops: usize,
+    /// Most concurrent HTTP/2 streams per connection.
+    pub max_concurrent_streams: u32,
+    /// Longest wait of a request behind a paused (switching) volume, in milliseconds.
+    pub pause_wait_ms: u64,
+    /// Pre-copy rounds at most before the switch.
+    pub migration_max_rounds: u32,
+    /// Switch once a round's changed data is below this many bytes.
+    pub migration_switch_below_bytes: u64,
+    /// Most block data per migration frame, in bytes.
+    pub migration_frame_bytes: u64,
+    /// Longest a whole migration may take before it aborts, in milliseconds.
+    pub migration_timeout_ms: u64,
+    /// Timeout of one PSS call, in milliseconds.
+    pub pss_rpc_timeout_ms: u64,
+    /// How long a PSS call is retried (leader changes) before it fails, in milliseconds.
+    pub pss_deadline_ms: u64,
+    /// Longest a shutdown waits for write-back to drain, in milliseconds.
+    pub shutdown_flush_timeout_ms: u64,
 }
 
 impl Default for Config {
     fn default() -> Self {
-        Self { listen: "127.0.0.1:0".into() }
+        Self {
+            listen: "127.0.0.1:7100".into(),
+            advertise: String::new(),
+            node_id: "nms-1".into(),
+            pss: vec!["127.0.0.1:7000".into()],
+            cache_capacity_bytes: 1 << 30,
+            dirty_limit_bytes: 256 << 20,
+            dirty_limit_bytes_per_volume: 64 << 20,
+            backpressure_wait_ms: 2_000,
+            dedupe_entries_per_volume: 65_536,
+            max_batch_ops: 1024,
+            max_batch_bytes: 8 << 20,
+            writeback_delay_ms: 0,
+            max_volumes: 4096,
+            max_message_size_bytes: 16 << 20,
+            max_stream_inflight_ops: 256,
+            max_concurrent_streams: 1024,
+            pause_wait_ms: 5_000,
+            migration_max_rounds: 8,
+            migration_switch_below_bytes: 1 << 20,
+            migration_frame_bytes: 1 << 20,
+            migration_timeout_ms: 30_000,
+            pss_rpc_timeout_ms: 2_000,
+            pss_deadline_ms: 10_000,
+            shutdown_flush_timeout_ms: 10_000,
+        }
+    }
+}
+
+impl Config {
+    /// Checks the settings make sense together.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.node_id.is_empty() {
+            return Err("node_id must not be empty".into());
+        }
+        if self.pss.is_empty() {
+            return Err("pss: at least one PSS address is needed".into());
+        }
+        for a in &self.pss {
+            wayside_proto::types::Endpoint::parse(a).map_err(|e| format!("pss: {e}"))?;
+        }
+        if !self.advertise.is_empty() {
+            wayside_proto::types::Endpoint::parse(&self.advertise)
+                .map_err(|e| format!("advertise: {e}"))?;
+        }
+        for (name, v) in [
+            ("cache_capacity_bytes", self.cache_capacity_bytes),
+            ("dirty_limit_bytes", self.dirty_limit_bytes),
+            ("dirty_limit_bytes_per_volume", self.dirty_limit_bytes_per_volume),
+            ("max_batch_bytes", self.max_batch_bytes),
+            ("migration_frame_bytes", self.migration_frame_bytes),
+            ("max_batch_ops", self.max_batch_ops as u64),
+            ("max_volumes", self.max_volumes as u64),
+            ("max_stream_inflight_ops", self.max_stream_inflight_ops as u64),
+            ("migration_max_rounds", u64::from(self.migration_max_rounds)),
+        ] {
+            if v == 0 {
+                return Err(format!("{name} must be > 0"));
+            }
+        }
+        if self.dirty_limit_bytes > self.cache_capacity_bytes {
+            return Err(format!(
+                "dirty_limit_bytes ({}) must not exceed cache_capacity_bytes ({})",
+                self.dirty_limit_bytes, self.cache_capacity_bytes
+            ));
+        }
+        if self.dirty_limit_bytes_per_volume > self.dirty_limit_bytes {
+            return Err("dirty_limit_bytes_per_volume must not exceed dirty_limit_bytes".into());
+        }
+        let max_block = u64::from(wayside_proto::types::MAX_BLOCK_SIZE_BYTES);
+        if (self.max_message_size_bytes as u64) < 2 * max_block {
+            return Err(format!("max_message_size_bytes must be at least {}", 2 * max_block));
+        }
+        Ok(())
     }
 }
 
@@ -25,8 +147,17 @@ mod tests {
         let text = wayside_proto::config::render(&Config::default());
         let back: Config = wayside_proto::config::parse(&text).unwrap();
         assert_eq!(back, Config::default());
+        back.validate().unwrap();
         let err =
             wayside_proto::config::parse::<Config>("listen = \"x\"\nbogus = 1\n").unwrap_err();
         assert!(err.to_string().contains("bogus"), "{err}");
+    }
+
+    #[test]
+    fn validate_names_the_bad_setting() {
+        let c = Config { dirty_limit_bytes: 2 << 30, ..Config::default() };
+        assert!(c.validate().unwrap_err().contains("dirty_limit_bytes"));
+        let c = Config { pss: vec!["nope".into()], ..Config::default() };
+        assert!(c.validate().unwrap_err().contains("pss"));
     }
 }

@@ -1,10 +1,426 @@
-//! (being written)
+//! `testbed bench nms`: 4 KiB block writes and reads against one NMS (backed by a real
+//! 3-node PSS in this process), 16 clients, unary and streamed (16 operations in flight
+//! per stream), side by side with redis-server (driven by redis-benchmark, unpipelined
+//! and with 16-deep pipelining) and memcached (driven by a small text-protocol client
+//! here, unpipelined), all started by this run. Prints ops/s, p50, p99 and the ratios.
+//! Targets: DESIGN.md section 10.
+
+use anyhow::{bail, Context as _};
+use futures::StreamExt as _;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _};
+use tokio_util::sync::CancellationToken;
+use wayside_proto::pb;
 
 /// Options.
 #[derive(Debug, clap::Args)]
-pub struct Args {}
+pub struct Args {
+    /// Concurrent clients (connections).
+    #[arg(long, default_value_t = 16)]
+    pub clients: usize,
+    /// Seconds each NMS/memcached phase runs.
+    #[arg(long, default_value_t = 3)]
+    pub seconds: u64,
+    /// Operations in flight per stream in the streamed NMS runs (and redis pipeline depth).
+    #[arg(long, default_value_t = 16)]
+    pub depth: usize,
+    /// Distinct 4 KiB blocks (keys) each client touches.
+    #[arg(long, default_value_t = 256)]
+    pub blocks: u64,
+    /// Requests per redis-benchmark test.
+    #[arg(long, default_value_t = 200_000)]
+    pub redis_requests: u64,
+}
+
+const VALUE: usize = 4096;
+
+/// One measured run.
+#[derive(Debug, Clone)]
+struct Figure {
+    name: String,
+    ops_per_s: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+}
+
+fn figure(name: &str, mut lat_us: Vec<u32>, elapsed: Duration) -> Figure {
+    lat_us.sort_unstable();
+    let pct = |p: f64| {
+        if lat_us.is_empty() {
+            return 0.0;
+        }
+        let i = ((lat_us.len() as f64 - 1.0) * p).round() as usize;
+        f64::from(lat_us[i]) / 1000.0
+    };
+    Figure {
+        name: name.into(),
+        ops_per_s: lat_us.len() as f64 / elapsed.as_secs_f64(),
+        p50_ms: pct(0.50),
+        p99_ms: pct(0.99),
+    }
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+async fn channel(addr: &str) -> anyhow::Result<tonic::transport::Channel> {
+    Ok(tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+        .tcp_nodelay(true)
+        .connect()
+        .await?)
+}
+
+fn auth(i: usize) -> Option<pb::VolumeAuth> {
+    Some(pb::VolumeAuth { volume: format!("bench-{i}"), credential: "bench".into() })
+}
+
+/// Runs `clients` unary loops for `secs`; `write` picks the op.
+async fn nms_unary(addr: &str, a: &Args, write: bool) -> anyhow::Result<Figure> {
+    let stop = CancellationToken::new();
+    let mut tasks = tokio::task::JoinSet::new();
+    let start = Instant::now();
+    for i in 0..a.clients {
+        let mut c = pb::nms_client::NmsClient::new(channel(addr).await?);
+        let (stop, blocks) = (stop.clone(), a.blocks);
+        tasks.spawn(async move {
+            let mut lat = Vec::new();
+            let data = vec![i as u8; VALUE];
+            let mut n = 0u64;
+            while !stop.is_cancelled() {
+                n += 1;
+                let block = n % blocks;
+                let t = Instant::now();
+                if write {
+                    c.write(pb::WriteRequest {
+                        auth: auth(i),
+                        op: Some(pb::WriteOp {
+                            block,
+                            offset: 0,
+                            data: data.clone(),
+                            request_id: None,
+                        }),
+                    })
+                    .await?;
+                } else {
+                    c.read(pb::ReadRequest {
+                        auth: auth(i),
+                        op: Some(pb::ReadOp { block, offset: 0, length: 0 }),
+                    })
+                    .await?;
+                }
+                lat.push(u32::try_from(t.elapsed().as_micros()).unwrap_or(u32::MAX));
+            }
+            anyhow::Ok(lat)
+        });
+    }
+    tokio::time::sleep(Duration::from_secs(a.seconds)).await;
+    stop.cancel();
+    let elapsed = start.elapsed();
+    let mut all = Vec::new();
+    while let Some(r) = tasks.join_next().await {
+        all.extend(r??);
+    }
+    Ok(figure(if write { "nms unary write" } else { "nms unary read" }, all, elapsed))
+}
+
+/// Streamed: each client keeps `depth` tagged operations in flight on one stream.
+async fn nms_streamed(addr: &str, a: &Args, write: bool) -> anyhow::Result<Figure> {
+    let stop = CancellationToken::new();
+    let mut tasks = tokio::task::JoinSet::new();
+    let start = Instant::now();
+    for i in 0..a.clients {
+        let mut c = pb::nms_client::NmsClient::new(channel(addr).await?);
+        let (stop, blocks, depth) = (stop.clone(), a.blocks, a.depth);
+        tasks.spawn(async move {
+            let (tx, rx) = tokio::sync::mpsc::channel::<pb::StreamRequest>(depth);
+            let mut replies =
+                c.stream(tokio_stream::wrappers::ReceiverStream::new(rx)).await?.into_inner();
+            let data = vec![i as u8; VALUE];
+            let mut sent: std::collections::HashMap<u64, Instant> =
+                std::collections::HashMap::new();
+            let mut lat = Vec::new();
+            let mut tag = 0u64;
+            let req = |tag: u64, first: bool| {
+                let block = tag % blocks;
+                pb::StreamRequest {
+                    auth: if first { auth(i) } else { None },
+                    tag,
+                    op: Some(if write {
+                        pb::stream_request::Op::Write(pb::WriteOp {
+                            block,
+                            offset: 0,
+                            data: data.clone(),
+                            request_id: None,
+                        })
+                    } else {
+                        pb::stream_request::Op::Read(pb::ReadOp { block, offset: 0, length: 0 })
+                    }),
+                }
+            };
+            for _ in 0..depth {
+                tag += 1;
+                sent.insert(tag, Instant::now());
+                tx.send(req(tag, tag == 1)).await?;
+            }
+            while let Some(r) = replies.next().await {
+                let r = r?;
+                if let Some(pb::stream_reply::Result::Error(e)) = &r.result {
+                    bail!("stream op failed: {e:?}");
+                }
+                if let Some(t) = sent.remove(&r.tag) {
+                    lat.push(u32::try_from(t.elapsed().as_micros()).unwrap_or(u32::MAX));
+                }
+                if stop.is_cancelled() {
+                    if sent.is_empty() {
+                        break;
+                    }
+                    continue;
+                }
+                tag += 1;
+                sent.insert(tag, Instant::now());
+                tx.send(req(tag, false)).await?;
+            }
+            anyhow::Ok(lat)
+        });
+    }
+    tokio::time::sleep(Duration::from_secs(a.seconds)).await;
+    stop.cancel();
+    let elapsed = start.elapsed();
+    let mut all = Vec::new();
+    while let Some(r) = tasks.join_next().await {
+        all.extend(r??);
+    }
+    Ok(figure(if write { "nms streamed write" } else { "nms streamed read" }, all, elapsed))
+}
+
+/// A child process killed when dropped.
+struct Child(tokio::process::Child);
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.start_kill();
+    }
+}
+
+async fn wait_port(port: u16) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err() {
+        if Instant::now() > deadline {
+            bail!("nothing listens on port {port} after 10 s");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(())
+}
+
+async fn redis(a: &Args) -> anyhow::Result<Vec<Figure>> {
+    let port = free_port()?;
+    let _server = Child(
+        tokio::process::Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--bind",
+                "127.0.0.1",
+            ])
+            .stdout(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .context("starting redis-server (apt-get install redis-server)")?,
+    );
+    wait_port(port).await?;
+    let mut out = Vec::new();
+    for pipeline in [1usize, a.depth] {
+        let o = tokio::process::Command::new("redis-benchmark")
+            .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-c", &a.clients.to_string()])
+            .args([
+                "-n",
+                &a.redis_requests.to_string(),
+                "-d",
+                &VALUE.to_string(),
+                "-t",
+                "set,get",
+                "--csv",
+            ])
+            .args(["-r", &a.blocks.to_string(), "-P", &pipeline.to_string()])
+            .output()
+            .await
+            .context("running redis-benchmark (apt-get install redis-tools)")?;
+        let text = String::from_utf8_lossy(&o.stdout);
+        for line in text.lines().skip(1) {
+            let f: Vec<String> = line.split(',').map(|s| s.trim_matches('"').to_owned()).collect();
+            if f.len() < 7 {
+                continue;
+            }
+            let name = format!("redis {} P={pipeline}", f[0].to_lowercase());
+            out.push(Figure {
+                name,
+                ops_per_s: f[1].parse().unwrap_or(0.0),
+                p50_ms: f[4].parse().unwrap_or(0.0),
+                p99_ms: f[6].parse().unwrap_or(0.0),
+            });
+        }
+    }
+    Ok(out)
+}
+
+async fn memcached(a: &Args) -> anyhow::Result<Vec<Figure>> {
+    let port = free_port()?;
+    let _server = Child(
+        tokio::process::Command::new("memcached")
+            .args([
+                "-p",
+                &port.to_string(),
+                "-U",
+                "0",
+                "-l",
+                "127.0.0.1",
+                "-m",
+                "1024",
+                "-t",
+                "2",
+                "-u",
+                "root",
+            ])
+            .kill_on_drop(true)
+            .spawn()
+            .context("starting memcached (apt-get install memcached)")?,
+    );
+    wait_port(port).await?;
+    let mut out = Vec::new();
+    for write in [true, false] {
+        let stop = CancellationToken::new();
+        let mut tasks = tokio::task::JoinSet::new();
+        let start = Instant::now();
+        for i in 0..a.clients {
+            let s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+            s.set_nodelay(true)?;
+            let (stop, blocks) = (stop.clone(), a.blocks);
+            tasks.spawn(async move {
+                let mut s = tokio::io::BufStream::new(s);
+                let data = vec![b'x'; VALUE];
+                let mut lat = Vec::new();
+                let mut n = 0u64;
+                let mut line = String::new();
+                // Writes first populate every key, so the reads hit.
+                let mut buf = vec![0u8; VALUE + 2];
+                while !stop.is_cancelled() {
+                    n += 1;
+                    let key = format!("k{i}-{}", n % blocks);
+                    let t = Instant::now();
+                    if write {
+                        s.write_all(format!("set {key} 0 0 {VALUE}\r\n").as_bytes()).await?;
+                        s.write_all(&data).await?;
+                        s.write_all(b"\r\n").await?;
+                        s.flush().await?;
+                        line.clear();
+                        s.read_line(&mut line).await?;
+                        if line != "STORED\r\n" {
+                            bail!("memcached set: {line:?}");
+                        }
+                    } else {
+                        s.write_all(format!("get {key}\r\n").as_bytes()).await?;
+                        s.flush().await?;
+                        line.clear();
+                        s.read_line(&mut line).await?;
+                        if line.starts_with("VALUE") {
+                            s.read_exact(&mut buf).await?;
+                            line.clear();
+                            s.read_line(&mut line).await?;
+                        }
+                        if line != "END\r\n" {
+                            bail!("memcached get: {line:?}");
+                        }
+                    }
+                    lat.push(u32::try_from(t.elapsed().as_micros()).unwrap_or(u32::MAX));
+                }
+                anyhow::Ok(lat)
+            });
+        }
+        tokio::time::sleep(Duration::from_secs(a.seconds)).await;
+        stop.cancel();
+        let elapsed = start.elapsed();
+        let mut all = Vec::new();
+        while let Some(r) = tasks.join_next().await {
+            all.extend(r??);
+        }
+        out.push(figure(if write { "memcached set" } else { "memcached get" }, all, elapsed));
+    }
+    Ok(out)
+}
 
 /// Runs the benchmark.
-pub async fn run(_args: Args) -> anyhow::Result<()> {
-    anyhow::bail!("this benchmark is not built yet")
+pub async fn run(args: Args) -> anyhow::Result<()> {
+    if cfg!(debug_assertions) {
+        println!("NOTE: a debug build; run `cargo run --release -p wayside-testbed -- bench nms` for real figures");
+    }
+    let dir = tempfile::tempdir()?;
+    let cluster = wayside_pss::testing::LocalCluster::start(3, dir.path()).await?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?.to_string();
+    let cfg = wayside_nms::config::Config {
+        listen: addr.clone(),
+        node_id: "bench".into(),
+        pss: cluster.endpoints().iter().map(|e| e.authority().to_owned()).collect(),
+        ..Default::default()
+    };
+    let stop = CancellationToken::new();
+    let server = tokio::spawn(wayside_nms::server::run(cfg, listener, stop.clone()));
+    // Create the volumes and fill every block once (so reads hit the cache).
+    for i in 0..args.clients {
+        let mut c = pb::nms_client::NmsClient::new(channel(&addr).await?);
+        c.create_volume(pb::CreateVolumeRequest { auth: auth(i), block_size: VALUE as u32 })
+            .await?;
+        for block in 0..args.blocks {
+            c.write(pb::WriteRequest {
+                auth: auth(i),
+                op: Some(pb::WriteOp { block, offset: 0, data: vec![1; VALUE], request_id: None }),
+            })
+            .await?;
+        }
+    }
+    let mut figs = Vec::new();
+    figs.push(nms_unary(&addr, &args, true).await?);
+    figs.push(nms_unary(&addr, &args, false).await?);
+    figs.push(nms_streamed(&addr, &args, true).await?);
+    figs.push(nms_streamed(&addr, &args, false).await?);
+    stop.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(30), server).await;
+    cluster.shutdown().await;
+    match redis(&args).await {
+        Ok(f) => figs.extend(f),
+        Err(e) => println!("redis: not measured: {e:#}"),
+    }
+    match memcached(&args).await {
+        Ok(f) => figs.extend(f),
+        Err(e) => println!("memcached: not measured: {e:#}"),
+    }
+    println!(
+        "\n4 KiB values, {} clients, {} s per NMS/memcached phase\n",
+        args.clients, args.seconds
+    );
+    println!("| run | ops/s | p50 ms | p99 ms |\n| --- | ---: | ---: | ---: |");
+    for f in &figs {
+        println!("| {} | {:.0} | {:.3} | {:.3} |", f.name, f.ops_per_s, f.p50_ms, f.p99_ms);
+    }
+    let get = |n: &str| figs.iter().find(|f| f.name == n).map(|f| f.ops_per_s);
+    let depth = args.depth;
+    println!();
+    for (ours, peer) in [
+        ("nms unary write".to_string(), "redis set P=1".to_string()),
+        ("nms unary read".into(), "redis get P=1".into()),
+        ("nms streamed write".into(), format!("redis set P={depth}")),
+        ("nms streamed read".into(), format!("redis get P={depth}")),
+        ("nms unary write".into(), "memcached set".into()),
+        ("nms unary read".into(), "memcached get".into()),
+    ] {
+        if let (Some(a), Some(b)) = (get(&ours), get(&peer)) {
+            println!("ratio {ours} / {peer}: {:.2}", a / b);
+        }
+    }
+    Ok(())
 }

@@ -1,0 +1,944 @@
+//! The cache core: every volume's blocks under one memory budget, dirty tracking,
+//! write-back batching, request-id dedupe and the migration snapshots.
+//!
+//! Pure logic: no I/O, no clock, no async. The server (`crate::server`) holds it under one
+//! mutex and does the waiting, the PSS calls and the networking around it.
+//!
+//! **Invariant:** a block with unpersisted content (dirty or in a write-back batch in
+//! flight) is never evicted; only clean blocks are (CLOCK, second chance).
+//!
+//! Block versions are `(epoch << 32) | (lsn & 0xffff_ffff)`: a new owner (a higher epoch)
+//! always writes versions above every version an older owner wrote, even for a full-block
+//! write of a block it never read.
+
+use bytes::Bytes;
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
+use wayside_proto::types::{
+    BlockChange, BlockNo, BlockSize, CredentialHash, Epoch, Lsn, RequestId, VolumeName,
+};
+
+/// Bookkeeping bytes charged per cached block on top of its data.
+pub const ENTRY_OVERHEAD_BYTES: u64 = 64;
+
+/// The limits the core enforces.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limits {
+    /// Memory budget for every volume's cached blocks together, in bytes.
+    pub cache_capacity_bytes: u64,
+    /// Most unpersisted bytes across all volumes.
+    pub dirty_limit_bytes: u64,
+    /// Most unpersisted bytes of one volume.
+    pub dirty_limit_bytes_per_volume: u64,
+    /// Request ids remembered per volume for dedupe (oldest forgotten first).
+    pub dedupe_entries_per_volume: usize,
+    /// Most block changes in one write-back batch.
+    pub max_batch_ops: usize,
+    /// Most data bytes in one write-back batch.
+    pub max_batch_bytes: u64,
+}
+
+/// What a volume on this node is doing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VolumeState {
+    /// Owned and served here.
+    Active,
+    /// Being switched to another NMS: requests wait.
+    Paused,
+    /// Arriving by migration; not served until the switch.
+    Incoming { migration_id: u64 },
+    /// Owned elsewhere now; callers are redirected.
+    Moved { to: String, epoch: Epoch },
+}
+
+/// A request id already applied, with what it produced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Applied {
+    pub lsn: Lsn,
+    pub version: u64,
+}
+
+#[derive(Debug)]
+struct Entry {
+    /// `None`: the block is absent (never written, or deleted).
+    data: Option<Bytes>,
+    version: u64,
+    heat: u32,
+    referenced: bool,
+    /// Smallest lsn of the writes folded in since the content last went to the PSS.
+    dirty_lsn: Option<Lsn>,
+    /// A write-back batch holding this block's content is in flight.
+    inflight: bool,
+    /// Highest lsn folded into this block.
+    lsn: Lsn,
+    /// Bytes this block counts against the dirty limits (data + 1 while unpersisted).
+    charged: u64,
+}
+
+impl Entry {
+    fn bytes(&self) -> u64 {
+        self.data.as_ref().map_or(0, |d| d.len() as u64) + ENTRY_OVERHEAD_BYTES
+    }
+    fn unpersisted(&self) -> bool {
+        self.dirty_lsn.is_some() || self.inflight
+    }
+}
+
+/// One cached volume.
+#[derive(Debug)]
+pub struct Volume {
+    pub name: VolumeName,
+    pub block_size: BlockSize,
+    pub epoch: Epoch,
+    pub credential: CredentialHash,
+    pub state: VolumeState,
+    pub accepted: Lsn,
+    pub persisted: Lsn,
+    /// Blocks stored in the PSS when last seen (for `stat`).
+    pub stored_blocks: u64,
+    id: u32,
+    entries: HashMap<BlockNo, Entry>,
+    dirty: BTreeSet<(Lsn, BlockNo)>,
+    dirty_bytes: u64,
+    cached_bytes: u64,
+    inflight: Option<Vec<(BlockNo, u64, Lsn)>>,
+    applied: HashMap<RequestId, Applied>,
+    applied_order: VecDeque<RequestId>,
+    /// While migrating out: blocks changed since the last snapshot.
+    changed: Option<HashSet<BlockNo>>,
+}
+
+impl Volume {
+    pub fn dirty_bytes(&self) -> u64 {
+        self.dirty_bytes
+    }
+    pub fn cached_bytes(&self) -> u64 {
+        self.cached_bytes
+    }
+    pub fn cached_blocks(&self) -> u64 {
+        self.entries.len() as u64
+    }
+    /// No write-back is pending or in flight.
+    pub fn is_clean(&self) -> bool {
+        self.dirty.is_empty() && self.inflight.is_none()
+    }
+    fn next_version(&self, lsn: Lsn) -> u64 {
+        (self.epoch.0 << 32) | (lsn.0 & 0xffff_ffff)
+    }
+    fn remember(&mut self, id: RequestId, applied: Applied, cap: usize) {
+        if cap == 0 || self.applied.contains_key(&id) {
+            return;
+        }
+        while self.applied_order.len() >= cap {
+            if let Some(old) = self.applied_order.pop_front() {
+                self.applied.remove(&old);
+            }
+        }
+        self.applied_order.push_back(id.clone());
+        self.applied.insert(id, applied);
+    }
+    /// Every remembered request id, oldest first (for a migration's switch).
+    pub fn applied(&self) -> Vec<(RequestId, Applied)> {
+        self.applied_order
+            .iter()
+            .filter_map(|id| self.applied.get(id).map(|a| (id.clone(), *a)))
+            .collect()
+    }
+}
+
+/// A read's outcome.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReadOutcome {
+    Hit {
+        data: Bytes,
+        version: u64,
+    },
+    /// Known to be absent (never written or deleted).
+    Absent,
+    /// Not cached: fetch it from the PSS and [`Cache::fill`] it.
+    Miss,
+}
+
+/// A write's or delete's outcome.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WriteOutcome {
+    pub lsn: Lsn,
+    pub version: u64,
+    pub persisted: Lsn,
+    pub duplicate: bool,
+}
+
+/// Why the core did not take an operation.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CacheError {
+    #[error("volume {0} is not on this node")]
+    UnknownVolume(VolumeName),
+    #[error("volume is not served here now ({0:?})")]
+    NotServing(VolumeState),
+    #[error("a partial write needs block {0}, which is not cached")]
+    NeedBlock(BlockNo),
+    #[error("{limit} reached: {value} + write > {max} bytes")]
+    DirtyFull { limit: &'static str, value: u64, max: u64 },
+    #[error("range {offset}+{len} does not fit in a {block_size}-byte block")]
+    Range { offset: u32, len: u64, block_size: u32 },
+}
+
+/// A write-back batch taken from a volume.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Batch {
+    pub volume: VolumeName,
+    pub epoch: Epoch,
+    pub changes: Vec<BlockChange>,
+    /// Once the batch is applied, every write with lsn <= this is persisted.
+    pub persisted: Lsn,
+}
+
+/// A block as it travels in a migration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MigBlock {
+    pub block: BlockNo,
+    pub data: Option<Bytes>,
+    pub version: u64,
+    pub dirty: bool,
+    pub lsn: Lsn,
+    pub heat: u32,
+}
+
+impl MigBlock {
+    pub fn bytes(&self) -> u64 {
+        self.data.as_ref().map_or(0, |d| d.len() as u64)
+    }
+}
+
+/// Everything of every volume cached on this node.
+#[derive(Debug)]
+pub struct Cache {
+    limits: Limits,
+    volumes: HashMap<VolumeName, Volume>,
+    ids: HashMap<u32, VolumeName>,
+    next_id: u32,
+    ring: VecDeque<(u32, BlockNo)>,
+    used_bytes: u64,
+    dirty_bytes: u64,
+    evictions: u64,
+}
+
+impl Cache {
+    pub fn new(limits: Limits) -> Self {
+        Self {
+            limits,
+            volumes: HashMap::new(),
+            ids: HashMap::new(),
+            next_id: 1,
+            ring: VecDeque::new(),
+            used_bytes: 0,
+            dirty_bytes: 0,
+            evictions: 0,
+        }
+    }
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+    pub fn used_bytes(&self) -> u64 {
+        self.used_bytes
+    }
+    pub fn dirty_bytes(&self) -> u64 {
+        self.dirty_bytes
+    }
+    pub fn evictions(&self) -> u64 {
+        self.evictions
+    }
+    pub fn volumes(&self) -> impl Iterator<Item = &Volume> {
+        self.volumes.values()
+    }
+    pub fn volume(&self, name: &VolumeName) -> Option<&Volume> {
+        self.volumes.get(name)
+    }
+    pub fn volume_mut(&mut self, name: &VolumeName) -> Option<&mut Volume> {
+        self.volumes.get_mut(name)
+    }
+
+    /// Adds (or replaces) a volume with no cached blocks.
+    pub fn insert_volume(
+        &mut self,
+        name: VolumeName,
+        block_size: BlockSize,
+        epoch: Epoch,
+        credential: CredentialHash,
+        persisted: Lsn,
+        state: VolumeState,
+    ) {
+        self.remove_volume(&name);
+        let id = self.next_id;
+        self.next_id = self.next_id.wrapping_add(1).max(1);
+        self.ids.insert(id, name.clone());
+        self.volumes.insert(
+            name.clone(),
+            Volume {
+                name,
+                block_size,
+                epoch,
+                credential,
+                state,
+                accepted: persisted,
+                persisted,
+                stored_blocks: 0,
+                id,
+                entries: HashMap::new(),
+                dirty: BTreeSet::new(),
+                dirty_bytes: 0,
+                cached_bytes: 0,
+                inflight: None,
+                applied: HashMap::new(),
+                applied_order: VecDeque::new(),
+                changed: None,
+            },
+        );
+    }
+
+    /// Drops a volume and its blocks (dirty ones too: the caller knows they are safe
+    /// elsewhere). Returns whether it was there.
+    pub fn remove_volume(&mut self, name: &VolumeName) -> bool {
+        let Some(v) = self.volumes.remove(name) else { return false };
+        self.ids.remove(&v.id);
+        self.used_bytes -= v.cached_bytes;
+        self.dirty_bytes -= v.dirty_bytes;
+        if self.ring.len() > 1024 && self.ring.len() > 2 * self.live_entries() {
+            let ids = &self.ids;
+            self.ring.retain(|(id, _)| ids.contains_key(id));
+        }
+        true
+    }
+
+    /// Replaces a volume's blocks by a redirect marker.
+    pub fn mark_moved(&mut self, name: &VolumeName, to: String, epoch: Epoch) {
+        let Some(v) = self.volumes.get(name) else { return };
+        let (bs, cred) = (v.block_size, v.credential);
+        self.insert_volume(name.clone(), bs, epoch, cred, Lsn(0), VolumeState::Moved { to, epoch });
+    }
+
+    fn live_entries(&self) -> usize {
+        self.volumes.values().map(|v| v.entries.len()).sum()
+    }
+
+    fn serving(&self, name: &VolumeName) -> Result<&Volume, CacheError> {
+        let v = self.volumes.get(name).ok_or_else(|| CacheError::UnknownVolume(name.clone()))?;
+        match &v.state {
+            VolumeState::Active => Ok(v),
+            s => Err(CacheError::NotServing(s.clone())),
+        }
+    }
+
+    /// Reads `len` bytes (to the end when `None`) at `offset` of a block.
+    pub fn read(
+        &mut self,
+        name: &VolumeName,
+        block: BlockNo,
+        offset: u32,
+        len: Option<u32>,
+    ) -> Result<ReadOutcome, CacheError> {
+        // A paused volume's content is final until the switch, so reads go on.
+        let v = self.volumes.get(name).ok_or_else(|| CacheError::UnknownVolume(name.clone()))?;
+        if !matches!(v.state, VolumeState::Active | VolumeState::Paused) {
+            return Err(CacheError::NotServing(v.state.clone()));
+        }
+        let bs = v.block_size;
+        bs.check_range(offset, u64::from(len.unwrap_or(0))).map_err(|_| CacheError::Range {
+            offset,
+            len: u64::from(len.unwrap_or(0)),
+            block_size: bs.bytes(),
+        })?;
+        let v = self.volumes.get_mut(name).expect("checked above");
+        let Some(e) = v.entries.get_mut(&block) else { return Ok(ReadOutcome::Miss) };
+        e.referenced = true;
+        e.heat = e.heat.saturating_add(1);
+        let Some(data) = &e.data else { return Ok(ReadOutcome::Absent) };
+        let start = (offset as usize).min(data.len());
+        let end = match len {
+            Some(l) => (offset as usize + l as usize).min(data.len()),
+            None => data.len(),
+        };
+        Ok(ReadOutcome::Hit { data: data.slice(start..end), version: e.version })
+    }
+
+    /// Caches a block fetched from the PSS (`None`: absent there), unless the block got
+    /// cached meanwhile (a write wins over an older fetch).
+    pub fn fill(&mut self, name: &VolumeName, block: BlockNo, fetched: Option<(Bytes, u64)>) {
+        let Some(v) = self.volumes.get_mut(name) else { return };
+        if v.entries.contains_key(&block) || !matches!(v.state, VolumeState::Active) {
+            return;
+        }
+        let (data, version) = match fetched {
+            Some((d, ver)) => (Some(d), ver),
+            None => (None, 0),
+        };
+        let e = Entry {
+            data,
+            version,
+            heat: 1,
+            referenced: true,
+            dirty_lsn: None,
+            inflight: false,
+            lsn: Lsn(0),
+            charged: 0,
+        };
+        let add = e.bytes();
+        v.entries.insert(block, e);
+        v.cached_bytes += add;
+        self.used_bytes += add;
+        self.ring.push_back((v.id, block));
+        self.evict();
+    }
+
+    /// The dirty bytes a write would add, and whether the limits allow it.
+    fn admit(&self, v: &Volume, block: BlockNo, new_len: u64) -> Result<(), CacheError> {
+        let charged = v.entries.get(&block).map_or(0, |e| e.charged);
+        let add = (new_len + 1).saturating_sub(charged);
+        if add == 0 {
+            return Ok(());
+        }
+        if v.dirty_bytes + add > self.limits.dirty_limit_bytes_per_volume {
+            return Err(CacheError::DirtyFull {
+                limit: "dirty_limit_bytes_per_volume",
+                value: v.dirty_bytes,
+                max: self.limits.dirty_limit_bytes_per_volume,
+            });
+        }
+        if self.dirty_bytes + add > self.limits.dirty_limit_bytes {
+            return Err(CacheError::DirtyFull {
+                limit: "dirty_limit_bytes",
+                value: self.dirty_bytes,
+                max: self.limits.dirty_limit_bytes,
+            });
+        }
+        Ok(())
+    }
+
+    fn duplicate(&self, v: &Volume, id: Option<&RequestId>) -> Option<WriteOutcome> {
+        let a = v.applied.get(id?)?;
+        Some(WriteOutcome {
+            lsn: a.lsn,
+            version: a.version,
+            persisted: v.persisted,
+            duplicate: true,
+        })
+    }
+
+    /// Writes `data` at `offset` of a block. A partial write of an uncached block is
+    /// [`CacheError::NeedBlock`]: fetch it, [`Cache::fill`] it, and retry.
+    pub fn write(
+        &mut self,
+        name: &VolumeName,
+        block: BlockNo,
+        offset: u32,
+        data: &[u8],
+        request_id: Option<&RequestId>,
+    ) -> Result<WriteOutcome, CacheError> {
+        let v = self.serving(name)?;
+        if let Some(d) = self.duplicate(v, request_id) {
+            return Ok(d);
+        }
+        let bs = v.block_size.bytes();
+        let len = data.len() as u64;
+        v.block_size.check_range(offset, len).map_err(|_| CacheError::Range {
+            offset,
+            len,
+            block_size: bs,
+        })?;
+        let full = offset == 0 && len == u64::from(bs);
+        let new = if full {
+            Bytes::copy_from_slice(data)
+        } else {
+            let base = match v.entries.get(&block) {
+                None => return Err(CacheError::NeedBlock(block)),
+                Some(e) => e.data.clone().unwrap_or_default(),
+            };
+            let end = offset as usize + data.len();
+            let mut buf = Vec::with_capacity(end.max(base.len()));
+            buf.extend_from_slice(&base);
+            if buf.len() < end {
+                buf.resize(end, 0);
+            }
+            buf[offset as usize..end].copy_from_slice(data);
+            Bytes::from(buf)
+        };
+        self.admit(v, block, new.len() as u64)?;
+        Ok(self.apply(name, block, Some(new), request_id))
+    }
+
+    /// Deletes a block.
+    pub fn delete(
+        &mut self,
+        name: &VolumeName,
+        block: BlockNo,
+        request_id: Option<&RequestId>,
+    ) -> Result<WriteOutcome, CacheError> {
+        let v = self.serving(name)?;
+        if let Some(d) = self.duplicate(v, request_id) {
+            return Ok(d);
+        }
+        self.admit(v, block, 0)?;
+        Ok(self.apply(name, block, None, request_id))
+    }
+
+    fn apply(
+        &mut self,
+        name: &VolumeName,
+        block: BlockNo,
+        data: Option<Bytes>,
+        request_id: Option<&RequestId>,
+    ) -> WriteOutcome {
+        let cap = self.limits.dedupe_entries_per_volume;
+        let v = self.volumes.get_mut(name).expect("checked by caller");
+        v.accepted = Lsn(v.accepted.0 + 1);
+        let lsn = v.accepted;
+        let version = v.next_version(lsn);
+        let new_bytes = data.as_ref().map_or(0, |d| d.len() as u64) + ENTRY_OVERHEAD_BYTES;
+        let old_bytes = v.entries.get(&block).map_or(0, Entry::bytes);
+        let is_new = !v.entries.contains_key(&block);
+        let e = v.entries.entry(block).or_insert(Entry {
+            data: None,
+            version: 0,
+            heat: 0,
+            referenced: true,
+            dirty_lsn: None,
+            inflight: false,
+            lsn: Lsn(0),
+            charged: 0,
+        });
+        e.data = data;
+        e.version = version;
+        e.heat = e.heat.saturating_add(1);
+        e.referenced = true;
+        e.lsn = lsn;
+        if e.dirty_lsn.is_none() {
+            e.dirty_lsn = Some(lsn);
+            v.dirty.insert((lsn, block));
+        }
+        // Dirty bytes count data plus one, so a dirty delete is never free. A block
+        // rewritten while in flight stays charged at its largest size until clean.
+        let new_charge = (new_bytes - ENTRY_OVERHEAD_BYTES + 1).max(e.charged);
+        let delta = new_charge - e.charged;
+        e.charged = new_charge;
+        v.dirty_bytes += delta;
+        self.dirty_bytes += delta;
+        v.cached_bytes = v.cached_bytes + new_bytes - old_bytes;
+        self.used_bytes = self.used_bytes + new_bytes - old_bytes;
+        if let Some(changed) = &mut v.changed {
+            changed.insert(block);
+        }
+        let applied = Applied { lsn, version };
+        if let Some(id) = request_id {
+            v.remember(id.clone(), applied, cap);
+        }
+        let persisted = v.persisted;
+        let id = v.id;
+        if is_new {
+            self.ring.push_back((id, block));
+        }
+        self.evict();
+        WriteOutcome { lsn, version, persisted, duplicate: false }
+    }
+
+    /// Evicts clean blocks (CLOCK) until the budget holds or only unpersisted ones remain.
+    fn evict(&mut self) {
+        let mut skipped = 0usize;
+        while self.used_bytes > self.limits.cache_capacity_bytes && skipped <= self.ring.len() {
+            let Some((id, block)) = self.ring.pop_front() else { break };
+            let Some(name) = self.ids.get(&id) else { continue };
+            let v = self.volumes.get_mut(name).expect("ids and volumes agree");
+            let Some(e) = v.entries.get_mut(&block) else { continue };
+            if e.unpersisted() {
+                skipped += 1;
+                self.ring.push_back((id, block));
+            } else if e.referenced {
+                e.referenced = false;
+                self.ring.push_back((id, block));
+            } else {
+                let b = e.bytes();
+                v.entries.remove(&block);
+                v.cached_bytes -= b;
+                self.used_bytes -= b;
+                self.evictions += 1;
+                skipped = 0;
+            }
+        }
+    }
+
+    /// Takes the next write-back batch of a volume (none while one is in flight): the
+    /// blocks dirtied earliest first, up to the batch limits.
+    pub fn take_batch(&mut self, name: &VolumeName) -> Option<Batch> {
+        let (max_ops, max_bytes) = (self.limits.max_batch_ops, self.limits.max_batch_bytes);
+        let v = self.volumes.get_mut(name)?;
+        if v.inflight.is_some() || v.dirty.is_empty() {
+            return None;
+        }
+        if !matches!(v.state, VolumeState::Active | VolumeState::Paused) {
+            return None;
+        }
+        let mut changes = Vec::new();
+        let mut taken = Vec::new();
+        let mut bytes = 0u64;
+        while let Some(&(lsn, block)) = v.dirty.first() {
+            let e = v.entries.get_mut(&block).expect("dirty blocks are cached");
+            let len = e.data.as_ref().map_or(0, |d| d.len() as u64);
+            if !changes.is_empty() && (changes.len() >= max_ops || bytes + len > max_bytes) {
+                break;
+            }
+            v.dirty.pop_first();
+            bytes += len;
+            e.dirty_lsn = None;
+            e.inflight = true;
+            taken.push((block, e.version, lsn));
+            changes.push(match &e.data {
+                Some(d) => BlockChange::Put { block, data: d.to_vec(), version: e.version },
+                None => BlockChange::Delete { block, version: e.version },
+            });
+        }
+        // Every write below the earliest still-dirty one is in this batch or already in
+        // the PSS, so the batch makes everything before it persisted.
+        let persisted = match v.dirty.first() {
+            Some(&(lsn, _)) => Lsn(lsn.0 - 1),
+            None => v.accepted,
+        }
+        .max(v.persisted);
+        v.inflight = Some(taken);
+        Some(Batch { volume: name.clone(), epoch: v.epoch, changes, persisted })
+    }
+
+    /// Records a batch's fate. On success its blocks become clean unless written again
+    /// meanwhile; on failure they are dirty again.
+    pub fn complete_batch(&mut self, batch: &Batch, ok: bool) {
+        let Some(v) = self.volumes.get_mut(&batch.volume) else { return };
+        let Some(taken) = v.inflight.take() else { return };
+        let mut freed = 0u64;
+        for (block, _version, lsn) in taken {
+            let Some(e) = v.entries.get_mut(&block) else { continue };
+            e.inflight = false;
+            if ok {
+                if e.dirty_lsn.is_none() {
+                    freed += e.charged;
+                    e.charged = 0;
+                }
+            } else {
+                if let Some(later) = e.dirty_lsn {
+                    v.dirty.remove(&(later, block));
+                }
+                e.dirty_lsn = Some(lsn);
+                v.dirty.insert((lsn, block));
+            }
+        }
+        if ok {
+            v.persisted = v.persisted.max(batch.persisted);
+            v.dirty_bytes -= freed;
+            self.dirty_bytes -= freed;
+        }
+    }
+
+    // ---- migration, source side ----
+
+    /// Starts tracking changed blocks and returns every cached block, hottest first.
+    pub fn snapshot_all(&mut self, name: &VolumeName) -> Vec<MigBlock> {
+        let Some(v) = self.volumes.get_mut(name) else { return Vec::new() };
+        v.changed = Some(HashSet::new());
+        let mut out: Vec<MigBlock> = v.entries.iter().map(|(&b, e)| mig_block(b, e)).collect();
+        out.sort_by(|a, b| b.heat.cmp(&a.heat).then(a.block.cmp(&b.block)));
+        out
+    }
+
+    /// Bytes of the blocks changed since the last snapshot.
+    pub fn changed_bytes(&self, name: &VolumeName) -> u64 {
+        let Some(v) = self.volumes.get(name) else { return 0 };
+        let Some(changed) = &v.changed else { return 0 };
+        changed
+            .iter()
+            .filter_map(|b| v.entries.get(b))
+            .map(|e| e.data.as_ref().map_or(0, |d| d.len() as u64))
+            .sum()
+    }
+
+    /// The blocks changed since the last snapshot, hottest first; tracking restarts.
+    pub fn snapshot_changed(&mut self, name: &VolumeName) -> Vec<MigBlock> {
+        let Some(v) = self.volumes.get_mut(name) else { return Vec::new() };
+        let Some(changed) = v.changed.replace(HashSet::new()) else { return Vec::new() };
+        let mut out: Vec<MigBlock> = changed
+            .into_iter()
+            .filter_map(|b| v.entries.get(&b).map(|e| mig_block(b, e)))
+            .collect();
+        out.sort_by(|a, b| b.heat.cmp(&a.heat).then(a.block.cmp(&b.block)));
+        out
+    }
+
+    /// Stops tracking changes (migration finished or aborted).
+    pub fn stop_tracking(&mut self, name: &VolumeName) {
+        if let Some(v) = self.volumes.get_mut(name) {
+            v.changed = None;
+        }
+    }
+
+    /// Sets a volume's state (pause for a switch, resume after an abort).
+    pub fn set_state(&mut self, name: &VolumeName, state: VolumeState) {
+        if let Some(v) = self.volumes.get_mut(name) {
+            v.state = state;
+        }
+    }
+
+    // ---- migration, target side ----
+
+    /// Stores blocks arriving by migration (an incoming volume). Dirty ones will be
+    /// written back once the volume is switched here.
+    pub fn put_migrated(&mut self, name: &VolumeName, blocks: Vec<MigBlock>) {
+        let Some(v) = self.volumes.get_mut(name) else { return };
+        let id = v.id;
+        let mut added = Vec::new();
+        for b in blocks {
+            let old = v.entries.remove(&b.block);
+            if let Some(old) = &old {
+                v.cached_bytes -= old.bytes();
+                self.used_bytes -= old.bytes();
+                if let Some(l) = old.dirty_lsn {
+                    v.dirty.remove(&(l, b.block));
+                }
+                v.dirty_bytes -= old.charged;
+                self.dirty_bytes -= old.charged;
+            } else {
+                added.push(b.block);
+            }
+            let mut e = Entry {
+                data: b.data,
+                version: b.version,
+                heat: b.heat,
+                referenced: true,
+                // Placeholder; re-keyed at the switch when the lsns are known.
+                dirty_lsn: b.dirty.then_some(Lsn(1)),
+                inflight: false,
+                lsn: b.lsn,
+                charged: 0,
+            };
+            if e.dirty_lsn.is_some() {
+                v.dirty.insert((Lsn(1), b.block));
+                e.charged = e.bytes() - ENTRY_OVERHEAD_BYTES + 1;
+                v.dirty_bytes += e.charged;
+                self.dirty_bytes += e.charged;
+            }
+            v.cached_bytes += e.bytes();
+            self.used_bytes += e.bytes();
+            v.entries.insert(b.block, e);
+        }
+        for block in added {
+            self.ring.push_back((id, block));
+        }
+        self.evict();
+    }
+
+    /// Completes an incoming volume: it takes the source's log positions and applied
+    /// request ids, and its dirty blocks wait for write-back after `persisted`.
+    pub fn finish_incoming(
+        &mut self,
+        name: &VolumeName,
+        epoch: Epoch,
+        accepted: Lsn,
+        persisted: Lsn,
+        applied: Vec<(RequestId, Applied)>,
+    ) {
+        let cap = self.limits.dedupe_entries_per_volume;
+        let Some(v) = self.volumes.get_mut(name) else { return };
+        v.epoch = epoch;
+        v.accepted = accepted.max(persisted);
+        v.persisted = persisted;
+        let first = Lsn(persisted.0 + 1);
+        let blocks: Vec<BlockNo> = v.dirty.iter().map(|&(_, b)| b).collect();
+        v.dirty.clear();
+        for b in blocks {
+            if let Some(e) = v.entries.get_mut(&b) {
+                e.dirty_lsn = Some(first);
+            }
+            v.dirty.insert((first, b));
+        }
+        for (id, a) in applied {
+            v.remember(id, a, cap);
+        }
+        v.state = VolumeState::Active;
+    }
+}
+
+fn mig_block(block: BlockNo, e: &Entry) -> MigBlock {
+    MigBlock {
+        block,
+        data: e.data.clone(),
+        version: e.version,
+        dirty: e.unpersisted(),
+        lsn: e.lsn,
+        heat: e.heat,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use wayside_proto::types::Credential;
+
+    fn limits() -> Limits {
+        Limits {
+            cache_capacity_bytes: 10 * (4096 + ENTRY_OVERHEAD_BYTES),
+            dirty_limit_bytes: 6 * 4097,
+            dirty_limit_bytes_per_volume: 4 * 4097,
+            dedupe_entries_per_volume: 4,
+            max_batch_ops: 2,
+            max_batch_bytes: 1 << 20,
+        }
+    }
+
+    fn vol(c: &mut Cache, name: &str) -> VolumeName {
+        let n = VolumeName::new(name).unwrap();
+        c.insert_volume(
+            n.clone(),
+            BlockSize::new(4096).unwrap(),
+            Epoch(1),
+            Credential::new("s").unwrap().hash(),
+            Lsn(0),
+            VolumeState::Active,
+        );
+        n
+    }
+
+    fn full(b: u8) -> Vec<u8> {
+        vec![b; 4096]
+    }
+
+    #[test]
+    fn write_then_read_hits_and_partial_write_needs_the_block() {
+        let mut c = Cache::new(limits());
+        let v = vol(&mut c, "v");
+        assert_eq!(c.read(&v, 1, 0, None).unwrap(), ReadOutcome::Miss);
+        assert_eq!(c.write(&v, 1, 10, b"abc", None), Err(CacheError::NeedBlock(1)));
+        c.fill(&v, 1, None);
+        assert_eq!(c.read(&v, 1, 0, None).unwrap(), ReadOutcome::Absent);
+        let w = c.write(&v, 1, 2, b"abc", None).unwrap();
+        assert_eq!(w.lsn, Lsn(1));
+        let ReadOutcome::Hit { data, .. } = c.read(&v, 1, 0, None).unwrap() else { panic!() };
+        assert_eq!(&data[..], b"\0\0abc");
+        let ReadOutcome::Hit { data, .. } = c.read(&v, 1, 3, Some(1)).unwrap() else { panic!() };
+        assert_eq!(&data[..], b"b");
+        assert!(matches!(c.write(&v, 1, 4095, b"ab", None), Err(CacheError::Range { .. })));
+    }
+
+    #[test]
+    fn request_ids_apply_once() {
+        let mut c = Cache::new(limits());
+        let v = vol(&mut c, "v");
+        let id = RequestId::new("car", 1).unwrap();
+        let a = c.write(&v, 1, 0, &full(1), Some(&id)).unwrap();
+        let b = c.write(&v, 1, 0, &full(2), Some(&id)).unwrap();
+        assert!(b.duplicate && !a.duplicate);
+        assert_eq!((a.lsn, a.version), (b.lsn, b.version));
+        let ReadOutcome::Hit { data, .. } = c.read(&v, 1, 0, None).unwrap() else { panic!() };
+        assert_eq!(data[0], 1);
+        assert_eq!(c.volume(&v).unwrap().accepted, Lsn(1));
+    }
+
+    #[test]
+    fn eviction_keeps_dirty_blocks_and_frees_clean_ones() {
+        let mut c = Cache::new(limits());
+        let v = vol(&mut c, "v");
+        for b in 0..4 {
+            c.write(&v, b, 0, &full(b as u8), None).unwrap();
+        }
+        for b in 100..120 {
+            c.fill(&v, b, Some((Bytes::from(full(9)), 1)));
+        }
+        assert!(c.used_bytes() <= c.limits().cache_capacity_bytes);
+        assert!(c.evictions() > 0);
+        for b in 0..4 {
+            let ReadOutcome::Hit { data, .. } = c.read(&v, b, 0, None).unwrap() else {
+                panic!("dirty block {b} was evicted")
+            };
+            assert_eq!(data[0], b as u8);
+        }
+    }
+
+    #[test]
+    fn dirty_limits_push_back_and_write_back_frees_them() {
+        let mut c = Cache::new(limits());
+        let v = vol(&mut c, "v");
+        for b in 0..4 {
+            c.write(&v, b, 0, &full(1), None).unwrap();
+        }
+        // Rewriting a dirty block adds nothing; a fifth block does not fit.
+        c.write(&v, 0, 0, &full(2), None).unwrap();
+        assert!(matches!(
+            c.write(&v, 9, 0, &full(1), None),
+            Err(CacheError::DirtyFull { limit: "dirty_limit_bytes_per_volume", .. })
+        ));
+        let w = vol(&mut c, "w");
+        c.write(&w, 0, 0, &full(1), None).unwrap();
+        c.write(&w, 1, 0, &full(1), None).unwrap();
+        assert!(matches!(
+            c.write(&w, 2, 0, &full(1), None),
+            Err(CacheError::DirtyFull { limit: "dirty_limit_bytes", .. })
+        ));
+        let b1 = c.take_batch(&v).unwrap();
+        assert_eq!(b1.changes.len(), 2);
+        assert!(c.take_batch(&v).is_none(), "one batch in flight per volume");
+        c.complete_batch(&b1, true);
+        c.write(&v, 9, 0, &full(1), None).unwrap();
+    }
+
+    #[test]
+    fn persisted_watermark_follows_batches_and_failures_redirty() {
+        let mut c = Cache::new(limits());
+        let v = vol(&mut c, "v");
+        c.write(&v, 1, 0, &full(1), None).unwrap(); // lsn 1
+        c.write(&v, 2, 0, &full(1), None).unwrap(); // lsn 2
+        c.write(&v, 3, 0, &full(1), None).unwrap(); // lsn 3
+        let b = c.take_batch(&v).unwrap();
+        assert_eq!(b.persisted, Lsn(2));
+        c.write(&v, 1, 0, &full(7), None).unwrap(); // lsn 4, block 1 written during flight
+        c.complete_batch(&b, false);
+        assert_eq!(c.volume(&v).unwrap().persisted, Lsn(0));
+        let b = c.take_batch(&v).unwrap();
+        assert_eq!(b.changes.iter().map(|c| c.block()).collect::<Vec<_>>(), vec![1, 2]);
+        assert_eq!(b.persisted, Lsn(2));
+        c.complete_batch(&b, true);
+        let b = c.take_batch(&v).unwrap();
+        assert_eq!(b.persisted, Lsn(4));
+        c.complete_batch(&b, true);
+        let vv = c.volume(&v).unwrap();
+        assert!(vv.is_clean());
+        assert_eq!(vv.persisted, Lsn(4));
+        assert_eq!(c.dirty_bytes(), 0);
+    }
+
+    #[test]
+    fn migration_snapshots_hottest_first_and_track_rewrites() {
+        let mut c = Cache::new(limits());
+        let v = vol(&mut c, "v");
+        c.write(&v, 1, 0, &full(1), None).unwrap();
+        c.write(&v, 2, 0, &full(2), None).unwrap();
+        for _ in 0..5 {
+            c.read(&v, 2, 0, None).unwrap();
+        }
+        let all = c.snapshot_all(&v);
+        assert_eq!(all.iter().map(|b| b.block).collect::<Vec<_>>(), vec![2, 1]);
+        assert!(all.iter().all(|b| b.dirty));
+        c.write(&v, 1, 0, &full(3), None).unwrap();
+        assert_eq!(c.changed_bytes(&v), 4096);
+        let again = c.snapshot_changed(&v);
+        assert_eq!(again.len(), 1);
+        assert_eq!(again[0].data.as_ref().unwrap()[0], 3);
+        assert!(c.snapshot_changed(&v).is_empty());
+
+        let mut t = Cache::new(limits());
+        let tv = vol(&mut t, "v");
+        t.set_state(&tv, VolumeState::Incoming { migration_id: 1 });
+        t.put_migrated(&tv, all);
+        t.put_migrated(&tv, again);
+        t.finish_incoming(&tv, Epoch(2), Lsn(3), Lsn(0), vec![]);
+        let ReadOutcome::Hit { data, .. } = t.read(&tv, 1, 0, None).unwrap() else { panic!() };
+        assert_eq!(data[0], 3);
+        let w = t.write(&tv, 5, 0, &full(5), None).unwrap();
+        assert_eq!(w.lsn, Lsn(4));
+        assert!(w.version > (1 << 33), "new owner's versions are above the old owner's");
+        let b = t.take_batch(&tv).unwrap();
+        assert_eq!(b.epoch, Epoch(2));
+    }
+}

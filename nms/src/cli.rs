@@ -1,0 +1,356 @@
+//! The `nms` subcommands for people: `serve`, the volume commands (`create`, `put`, `get`,
+//! `flush`, `stat`) and the operator commands (`migrate`, `status`, `shutdown`).
+//! `main.rs` only parses and dispatches here.
+
+use crate::client::{ClientOptions, VolumeClient};
+use crate::config::Config;
+use anyhow::{bail, Context as _};
+use std::io::{Read as _, Write as _};
+use std::path::PathBuf;
+use std::time::Duration;
+use wayside_proto::pb;
+use wayside_proto::types::{BlockSize, Credential, Endpoint, VolumeName};
+
+/// `nms serve`: flags override the config file.
+#[derive(Debug, clap::Args)]
+pub struct ServeArgs {
+    /// Address to listen on, e.g. 127.0.0.1:7100 (0 as port: any free port).
+    #[arg(long)]
+    pub listen: Option<String>,
+    /// Address vehicles and other NMSs use to reach this node (default: the bound address).
+    #[arg(long)]
+    pub advertise: Option<String>,
+    /// PSS node addresses, comma-separated: 127.0.0.1:7001,127.0.0.1:7002
+    #[arg(long, value_delimiter = ',')]
+    pub pss: Vec<String>,
+    /// This node's name, recorded in the PSS as the owner of the volumes it serves.
+    #[arg(long)]
+    pub node_id: Option<String>,
+    /// Memory budget for cached blocks, in bytes.
+    #[arg(long)]
+    pub cache_capacity_bytes: Option<u64>,
+}
+
+/// Runs `nms serve` until SIGINT/SIGTERM or an admin Shutdown.
+pub async fn serve(mut config: Config, a: ServeArgs) -> anyhow::Result<()> {
+    if let Some(l) = a.listen {
+        config.listen = l;
+    }
+    if let Some(x) = a.advertise {
+        config.advertise = x;
+    }
+    if !a.pss.is_empty() {
+        config.pss = a.pss;
+    }
+    if let Some(n) = a.node_id {
+        config.node_id = n;
+    }
+    if let Some(c) = a.cache_capacity_bytes {
+        config.cache_capacity_bytes = c;
+    }
+    config.validate().map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
+    let listener = tokio::net::TcpListener::bind(&config.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.listen))?;
+    // Tests and scripts read the bound port from this line.
+    println!("listening on {}", listener.local_addr()?);
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let signals = {
+        let s = shutdown.clone();
+        async move {
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+                _ = s.cancelled() => return anyhow::Ok(()),
+            }
+            tracing::info!("signal: shutting down");
+            s.cancel();
+            anyhow::Ok(())
+        }
+    };
+    let (r, _) = tokio::join!(
+        async {
+            let r = crate::server::run(config, listener, shutdown.clone()).await;
+            shutdown.cancel();
+            r
+        },
+        signals
+    );
+    r
+}
+
+/// Which volume, where, with which secret.
+#[derive(Debug, clap::Args)]
+pub struct VolumeArgs {
+    /// NMS addresses to try, comma-separated (first preferred).
+    #[arg(long, value_delimiter = ',', env = "WAYSIDE_NMS", required = true)]
+    pub nms: Vec<String>,
+    /// Volume name ([A-Za-z0-9._-], up to 128 bytes).
+    #[arg(long)]
+    pub volume: String,
+    /// The volume's secret (prefer the environment variable to keep it out of `ps`).
+    #[arg(long, env = "WAYSIDE_CREDENTIAL", hide_env_values = true)]
+    pub credential: String,
+    /// Longest one operation may take (retries included), in milliseconds.
+    #[arg(long, default_value_t = 10_000)]
+    pub timeout_ms: u64,
+}
+
+impl VolumeArgs {
+    fn options(&self) -> anyhow::Result<ClientOptions> {
+        let nms = self
+            .nms
+            .iter()
+            .map(|a| Endpoint::parse(a).with_context(|| format!("--nms {a:?}")))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let volume = VolumeName::new(&self.volume).context("--volume")?;
+        let credential = Credential::new(&self.credential).context("--credential")?;
+        let mut o = ClientOptions::new(nms, volume, credential);
+        o.op_timeout = Duration::from_millis(self.timeout_ms);
+        Ok(o)
+    }
+    async fn open(&self, create: Option<BlockSize>) -> anyhow::Result<VolumeClient> {
+        let mut o = self.options()?;
+        o.create_block_size = create;
+        Ok(VolumeClient::open(o).await?)
+    }
+}
+
+/// The volume commands.
+#[derive(Debug, clap::Subcommand)]
+pub enum VolumeCmd {
+    /// Create a volume (or attach to it if it exists with the same block size).
+    Create {
+        #[command(flatten)]
+        v: VolumeArgs,
+        /// Block size in bytes: a power of two from 4096 to 1048576.
+        #[arg(long, default_value_t = 4096)]
+        block_size: u32,
+    },
+    /// Write bytes (from --data, --file or stdin) starting at a block; long input fills
+    /// consecutive blocks. Flushes before returning, so the data is persisted.
+    Put {
+        #[command(flatten)]
+        v: VolumeArgs,
+        #[arg(long)]
+        block: u64,
+        /// Byte offset inside the first block.
+        #[arg(long, default_value_t = 0)]
+        offset: u32,
+        /// The bytes to write, as text.
+        #[arg(long, conflicts_with = "file")]
+        data: Option<String>,
+        /// A file to write.
+        #[arg(long)]
+        file: Option<PathBuf>,
+    },
+    /// Read a block (or part) to stdout.
+    Get {
+        #[command(flatten)]
+        v: VolumeArgs,
+        #[arg(long)]
+        block: u64,
+        #[arg(long, default_value_t = 0)]
+        offset: u32,
+        /// Bytes to read (default: to the end of the block).
+        #[arg(long)]
+        len: Option<u32>,
+    },
+    /// Wait until every accepted write is persisted in the PSS.
+    Flush {
+        #[command(flatten)]
+        v: VolumeArgs,
+    },
+    /// Print the volume's state on its NMS.
+    Stat {
+        #[command(flatten)]
+        v: VolumeArgs,
+    },
+}
+
+/// Runs a volume command.
+pub async fn volume(cmd: VolumeCmd) -> anyhow::Result<()> {
+    match cmd {
+        VolumeCmd::Create { v, block_size } => {
+            let bs = BlockSize::new(block_size).context("--block-size")?;
+            let c = v.open(Some(bs)).await?;
+            print_info(&c.stat().await?);
+        }
+        VolumeCmd::Put { v, block, offset, data, file } => {
+            let bytes = match (data, file) {
+                (Some(d), _) => d.into_bytes(),
+                (None, Some(f)) => {
+                    std::fs::read(&f).with_context(|| format!("reading {}", f.display()))?
+                }
+                (None, None) => {
+                    let mut b = Vec::new();
+                    std::io::stdin().read_to_end(&mut b)?;
+                    b
+                }
+            };
+            let c = v.open(None).await?;
+            let bs = c.block_size().bytes() as usize;
+            if offset as usize >= bs {
+                bail!("--offset {offset} is outside a {bs}-byte block");
+            }
+            let (mut blk, mut off, mut rest) = (block, offset as usize, &bytes[..]);
+            loop {
+                let n = rest.len().min(bs - off);
+                let ack = c.write(blk, u32::try_from(off)?, rest[..n].to_vec()).await?;
+                println!("block {blk}: {n} bytes accepted at lsn {}", ack.lsn.0);
+                rest = &rest[n..];
+                if rest.is_empty() {
+                    break;
+                }
+                blk += 1;
+                off = 0;
+            }
+            println!("persisted through lsn {}", c.flush().await?.0);
+        }
+        VolumeCmd::Get { v, block, offset, len } => {
+            let c = v.open(None).await?;
+            match c.read(block, offset, len).await? {
+                Some(d) => std::io::stdout().write_all(&d)?,
+                None => bail!("block {block} was never written"),
+            }
+        }
+        VolumeCmd::Flush { v } => {
+            let c = v.open(None).await?;
+            println!("persisted through lsn {}", c.flush().await?.0);
+        }
+        VolumeCmd::Stat { v } => {
+            let c = v.open(None).await?;
+            print_info(&c.stat().await?);
+            println!("nms            {}", c.current_nms());
+        }
+    }
+    Ok(())
+}
+
+fn print_info(i: &pb::VolumeInfo) {
+    println!("volume         {}", i.volume);
+    println!("block_size     {} bytes", i.block_size);
+    println!("epoch          {}", i.epoch);
+    println!("owner_node     {}", i.owner_node);
+    println!("cached         {} blocks, {} bytes", i.cached_blocks, i.cached_bytes);
+    println!("dirty          {} bytes", i.dirty_bytes);
+    println!("accepted_lsn   {}", i.accepted_lsn);
+    println!("persisted_lsn  {}", i.persisted_lsn);
+}
+
+/// `nms migrate`.
+#[derive(Debug, clap::Args)]
+pub struct MigrateArgs {
+    /// The volume to move.
+    #[arg(long)]
+    pub volume: String,
+    /// The NMS that serves it now (admin address).
+    #[arg(long)]
+    pub from: String,
+    /// The NMS to move it to.
+    #[arg(long)]
+    pub to: String,
+    /// Most pre-copy rounds (0: the source's default).
+    #[arg(long, default_value_t = 0)]
+    pub max_rounds: u32,
+    /// Switch once a round is below this many bytes (0: the source's default).
+    #[arg(long, default_value_t = 0)]
+    pub switch_below_bytes: u64,
+}
+
+async fn admin(
+    addr: &str,
+) -> anyhow::Result<pb::nms_admin_client::NmsAdminClient<tonic::transport::Channel>> {
+    let ep = Endpoint::parse(addr).with_context(|| format!("address {addr:?}"))?;
+    let ch = tonic::transport::Endpoint::from_shared(ep.uri().to_owned())?
+        .connect_timeout(Duration::from_secs(3))
+        .connect()
+        .await
+        .with_context(|| format!("cannot reach NMS at {ep}"))?;
+    Ok(pb::nms_admin_client::NmsAdminClient::new(ch))
+}
+
+/// Runs a migration and prints its timeline.
+pub async fn migrate(a: MigrateArgs) -> anyhow::Result<()> {
+    VolumeName::new(&a.volume).context("--volume")?;
+    let to = Endpoint::parse(&a.to).context("--to")?;
+    let mut c = admin(&a.from).await?;
+    let r = c
+        .start_migration(pb::StartMigrationRequest {
+            volume: a.volume.clone(),
+            target_address: to.uri().to_owned(),
+            max_rounds: a.max_rounds,
+            switch_below_bytes: a.switch_below_bytes,
+        })
+        .await
+        .map_err(|s| anyhow::anyhow!("{}: {}", s.code(), s.message()))?
+        .into_inner();
+    print!("{}", render_report(&r));
+    if r.outcome != pb::MigrationOutcome::Completed as i32 {
+        bail!("migration aborted: {}", r.error);
+    }
+    Ok(())
+}
+
+/// A migration report as a timeline for people.
+pub fn render_report(r: &pb::MigrationReport) -> String {
+    let mut s =
+        format!("migration of {} from {} to {}\n", r.volume, r.source_node, r.target_address);
+    let mut t = 0u64;
+    for x in &r.rounds {
+        t += x.duration_us;
+        s += &format!(
+            "  round {:>2}: {:>7} blocks {:>11} bytes {:>9.3} ms (t={:.3} ms)\n",
+            x.round,
+            x.blocks,
+            x.bytes,
+            x.duration_us as f64 / 1e3,
+            t as f64 / 1e3
+        );
+    }
+    let outcome = pb::MigrationOutcome::try_from(r.outcome).map_or("?", |o| o.as_str_name());
+    s += &format!(
+        "  outcome {outcome}; total {:.3} ms; pause {:.3} ms; {} blocks, {} bytes moved; new epoch {}\n",
+        r.total_us as f64 / 1e3,
+        r.pause_us as f64 / 1e3,
+        r.blocks_moved,
+        r.bytes_moved,
+        r.new_epoch
+    );
+    if !r.error.is_empty() {
+        s += &format!("  error: {}\n", r.error);
+    }
+    s
+}
+
+/// Prints a node's status.
+pub async fn status(addr: &str) -> anyhow::Result<()> {
+    let r = admin(addr).await?.node_status(pb::NodeStatusRequest {}).await?.into_inner();
+    println!(
+        "node {} at {}: {} volumes, {} / {} bytes cached, {} / {} bytes dirty, up {} ms",
+        r.node,
+        r.advertise_address,
+        r.volumes,
+        r.cached_bytes,
+        r.cache_capacity_bytes,
+        r.dirty_bytes,
+        r.dirty_limit_bytes,
+        r.uptime_ms
+    );
+    for v in &r.volume_info {
+        println!(
+            "  {} epoch {} cached {} B dirty {} B accepted {} persisted {}",
+            v.volume, v.epoch, v.cached_bytes, v.dirty_bytes, v.accepted_lsn, v.persisted_lsn
+        );
+    }
+    Ok(())
+}
+
+/// Asks a node to drain, flush and exit.
+pub async fn shutdown(addr: &str) -> anyhow::Result<()> {
+    admin(addr).await?.shutdown(pb::ShutdownRequest {}).await?;
+    println!("shutdown requested");
+    Ok(())
+}

@@ -1,0 +1,688 @@
+//! The vehicle-side client library: one volume on whichever NMS serves it.
+//!
+//! - Follows `Moved` redirects (a finished migration) to the new NMS and attaches there.
+//! - Retries transient failures with exponential backoff, within `op_timeout` per call;
+//!   when the NMS it uses is unreachable it tries the others in `nms` (attaching there
+//!   takes ownership of the volume in the PSS, fencing the lost NMS).
+//! - Keeps every accepted-but-not-persisted write in a bounded journal. After any
+//!   reconnect it replays every journal entry, with its original request id, in the
+//!   original order: an NMS that already has it (the same one, or a migration target
+//!   that got the source's applied ids) answers `duplicate`; a fresh one (after a crash)
+//!   applies it (byte-range writes replayed in order converge, so re-applying an already
+//!   persisted suffix is harmless). So an acknowledged write survives the loss of the
+//!   NMS that accepted it.
+//! - Log positions (lsns) are only comparable within one lineage of owners: an NMS that
+//!   takes a volume over after a crash numbers from the PSS's persisted watermark. So
+//!   each entry remembers the connection its lsn came from, and only a persisted
+//!   watermark from that same connection prunes it; `flush` first replays entries
+//!   acknowledged on an older connection.
+//!
+//! Limits: `journal_limit_bytes` (a write that would pass it first flushes), `op_timeout`
+//! (per call, retries included), `rpc_timeout` (per attempt), backoff doubling from
+//! `initial_backoff` up to `max_backoff`.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tonic::transport::Channel;
+use tonic::{Code, Status};
+use tracing::{debug, info, warn};
+use wayside_proto::convert::to_volume_auth;
+use wayside_proto::error::fault_of;
+use wayside_proto::pb;
+use wayside_proto::pb::nms_client::NmsClient;
+use wayside_proto::types::{BlockSize, Credential, Endpoint, Fault, Lsn, RequestId, VolumeName};
+
+/// How to reach and use one volume.
+#[derive(Debug, Clone)]
+pub struct ClientOptions {
+    /// NMS addresses to try, first preferred. Redirects may lead elsewhere.
+    pub nms: Vec<Endpoint>,
+    pub volume: VolumeName,
+    pub credential: Credential,
+    /// Stable id of this client's journal (request ids are `client_id` + a sequence).
+    pub client_id: String,
+    /// Create the volume with this block size when it does not exist.
+    pub create_block_size: Option<BlockSize>,
+    /// Longest one call may take, retries and redirects included.
+    pub op_timeout: Duration,
+    /// Most bytes of accepted-but-not-persisted writes kept for replay.
+    pub journal_limit_bytes: u64,
+    /// Longest one attempt may take.
+    pub rpc_timeout: Duration,
+    /// First retry delay; doubles up to `max_backoff`.
+    pub initial_backoff: Duration,
+    pub max_backoff: Duration,
+    /// Longest a TCP connect may take.
+    pub connect_timeout: Duration,
+    /// Largest gRPC message sent or accepted, in bytes.
+    pub max_message_size_bytes: usize,
+}
+
+impl ClientOptions {
+    /// Options with defaults: a random client id, 10 s per call, a 64 MiB journal.
+    pub fn new(nms: Vec<Endpoint>, volume: VolumeName, credential: Credential) -> Self {
+        Self {
+            nms,
+            volume,
+            credential,
+            client_id: format!("c-{:016x}", rand::random::<u64>()),
+            create_block_size: None,
+            op_timeout: Duration::from_secs(10),
+            journal_limit_bytes: 64 << 20,
+            rpc_timeout: Duration::from_secs(5),
+            initial_backoff: Duration::from_millis(10),
+            max_backoff: Duration::from_millis(500),
+            connect_timeout: Duration::from_secs(1),
+            max_message_size_bytes: 16 << 20,
+        }
+    }
+}
+
+/// A write the NMS accepted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WriteAck {
+    /// This write's position in the volume's log.
+    pub lsn: Lsn,
+    /// Every write with lsn <= this is persisted in the PSS.
+    pub persisted_lsn: Lsn,
+    /// The block's version after the write.
+    pub version: u64,
+}
+
+/// Why a call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("bad options: {0}")]
+    Options(String),
+    #[error("wrong credential for the volume: {0}")]
+    Unauthenticated(String),
+    #[error("volume not found: {0}")]
+    NotFound(String),
+    #[error("invalid request: {0}")]
+    InvalidArgument(String),
+    #[error("{limit} exceeded ({value} of {max} {unit})")]
+    LimitExceeded { limit: String, unit: String, value: u64, max: u64 },
+    #[error("the write journal is full ({bytes} of {limit} bytes) even after a flush")]
+    JournalFull { bytes: u64, limit: u64 },
+    #[error("no NMS answered within op_timeout ({timeout:?}); last error: {last}")]
+    Unavailable { timeout: Duration, last: String },
+    #[error("NMS error: {0}")]
+    Status(Status),
+}
+
+#[derive(Debug, Clone)]
+enum JOp {
+    Write { block: u64, offset: u32, data: Vec<u8> },
+    Delete { block: u64 },
+}
+
+#[derive(Debug)]
+struct JEntry {
+    op: JOp,
+    /// Known once accepted; entries without one are still being sent by their caller.
+    lsn: Option<Lsn>,
+    /// The connection generation that assigned `lsn`.
+    generation: u64,
+}
+
+#[derive(Debug, Default)]
+struct Journal {
+    entries: BTreeMap<u64, JEntry>,
+    bytes: u64,
+}
+
+impl Journal {
+    fn size(op: &JOp) -> u64 {
+        match op {
+            JOp::Write { data, .. } => data.len() as u64 + 32,
+            JOp::Delete { .. } => 32,
+        }
+    }
+    fn prune(&mut self, persisted: Lsn, generation: u64) {
+        let done: Vec<u64> = self
+            .entries
+            .iter()
+            .filter(|(_, e)| e.generation == generation && e.lsn.is_some_and(|l| l <= persisted))
+            .map(|(s, _)| *s)
+            .collect();
+        for s in done {
+            self.remove(s);
+        }
+    }
+    fn remove(&mut self, seq: u64) {
+        if let Some(e) = self.entries.remove(&seq) {
+            self.bytes -= Self::size(&e.op);
+        }
+    }
+}
+
+#[derive(Clone)]
+struct Conn {
+    endpoint: Endpoint,
+    client: NmsClient<Channel>,
+    generation: u64,
+}
+
+struct Inner {
+    opts: ClientOptions,
+    conn: Mutex<Option<Conn>>,
+    /// Where to go first on the next (re)connect: the last redirect or the last good NMS.
+    preferred: Mutex<Endpoint>,
+    reconnect: tokio::sync::Mutex<()>,
+    generation: AtomicU64,
+    block_size: Mutex<BlockSize>,
+    seq: AtomicU64,
+    journal: Mutex<Journal>,
+}
+
+/// One volume, as a vehicle uses it. Cheap to clone; clones share the journal.
+#[derive(Clone)]
+pub struct VolumeClient {
+    inner: Arc<Inner>,
+}
+
+enum Next {
+    Redirect(Endpoint),
+    Reconnect,
+    Wait,
+    Fail(ClientError),
+}
+
+fn classify(s: Status) -> (Next, String) {
+    let text = format!("{}: {}", s.code(), s.message());
+    let next = match fault_of(&s) {
+        Some(Fault::Moved { to, .. }) => match Endpoint::parse(&to) {
+            Ok(e) => Next::Redirect(e),
+            Err(_) => Next::Reconnect,
+        },
+        Some(Fault::NotOwner { owner_address, .. }) => match Endpoint::parse(&owner_address) {
+            Ok(e) => Next::Redirect(e),
+            Err(_) => Next::Reconnect,
+        },
+        Some(Fault::LimitExceeded { .. }) => Next::Wait,
+        _ => match s.code() {
+            Code::Unauthenticated => Next::Fail(ClientError::Unauthenticated(s.message().into())),
+            Code::NotFound => Next::Fail(ClientError::NotFound(s.message().into())),
+            Code::InvalidArgument | Code::OutOfRange => {
+                Next::Fail(ClientError::InvalidArgument(s.message().into()))
+            }
+            Code::Unavailable
+            | Code::DeadlineExceeded
+            | Code::Cancelled
+            | Code::Unknown
+            | Code::Aborted
+            | Code::Internal
+            | Code::FailedPrecondition => Next::Reconnect,
+            Code::ResourceExhausted => Next::Wait,
+            _ => Next::Fail(ClientError::Status(s)),
+        },
+    };
+    (next, text)
+}
+
+fn limit_error(s: &Status) -> Option<ClientError> {
+    match fault_of(s) {
+        Some(Fault::LimitExceeded { limit, unit, value, max }) => {
+            Some(ClientError::LimitExceeded { limit, unit, value, max })
+        }
+        _ => None,
+    }
+}
+
+impl VolumeClient {
+    /// Attaches to the volume (creating it when `create_block_size` is set and it is absent).
+    pub async fn open(opts: ClientOptions) -> Result<Self, ClientError> {
+        let first = opts
+            .nms
+            .first()
+            .cloned()
+            .ok_or_else(|| ClientError::Options("no NMS address given".into()))?;
+        RequestId::new(opts.client_id.clone(), 1)
+            .map_err(|e| ClientError::Options(format!("client_id: {e}")))?;
+        let me = Self {
+            inner: Arc::new(Inner {
+                preferred: Mutex::new(first),
+                opts,
+                conn: Mutex::new(None),
+                reconnect: tokio::sync::Mutex::new(()),
+                generation: AtomicU64::new(0),
+                block_size: Mutex::new(BlockSize::default()),
+                seq: AtomicU64::new(1),
+                journal: Mutex::new(Journal::default()),
+            }),
+        };
+        let deadline = Instant::now() + me.inner.opts.op_timeout;
+        me.connection(deadline).await?;
+        Ok(me)
+    }
+
+    pub fn block_size(&self) -> BlockSize {
+        *self.inner.block_size.lock().expect("poisoned")
+    }
+
+    /// The NMS in use (or to be tried next).
+    pub fn current_nms(&self) -> Endpoint {
+        match &*self.inner.conn.lock().expect("poisoned") {
+            Some(c) => c.endpoint.clone(),
+            None => self.inner.preferred.lock().expect("poisoned").clone(),
+        }
+    }
+
+    /// Bytes of accepted writes not yet known to be persisted.
+    pub fn journal_bytes(&self) -> u64 {
+        self.inner.journal.lock().expect("poisoned").bytes
+    }
+
+    fn auth(&self) -> Option<pb::VolumeAuth> {
+        Some(to_volume_auth(&self.inner.opts.volume, &self.inner.opts.credential))
+    }
+
+    fn prune(&self, persisted: Lsn, generation: u64) {
+        self.inner.journal.lock().expect("poisoned").prune(persisted, generation);
+    }
+
+    /// Reads `len` bytes (to the end when `None`) at `offset`; `None` if never written.
+    pub async fn read(
+        &self,
+        block: u64,
+        offset: u32,
+        len: Option<u32>,
+    ) -> Result<Option<Vec<u8>>, ClientError> {
+        let req = pb::ReadRequest {
+            auth: self.auth(),
+            op: Some(pb::ReadOp { block, offset, length: len.unwrap_or(0) }),
+        };
+        let (r, generation) = self
+            .call(|mut c| {
+                let req = req.clone();
+                async move { c.read(req).await.map(|r| r.into_inner()) }
+            })
+            .await?;
+        self.prune(Lsn(r.persisted_lsn), generation);
+        Ok(r.found.then_some(r.data))
+    }
+
+    /// Writes `data` at `offset` of `block`; returns once the NMS accepted it.
+    pub async fn write(
+        &self,
+        block: u64,
+        offset: u32,
+        data: Vec<u8>,
+    ) -> Result<WriteAck, ClientError> {
+        self.journaled(JOp::Write { block, offset, data }).await
+    }
+
+    /// Deletes a block.
+    pub async fn delete(&self, block: u64) -> Result<WriteAck, ClientError> {
+        self.journaled(JOp::Delete { block }).await
+    }
+
+    async fn journaled(&self, op: JOp) -> Result<WriteAck, ClientError> {
+        let size = Journal::size(&op);
+        let limit = self.inner.opts.journal_limit_bytes;
+        if self.journal_bytes() + size > limit {
+            self.flush().await?;
+            let bytes = self.journal_bytes();
+            if bytes + size > limit {
+                return Err(ClientError::JournalFull { bytes, limit });
+            }
+        }
+        let seq = self.inner.seq.fetch_add(1, Ordering::Relaxed);
+        {
+            let mut j = self.inner.journal.lock().expect("poisoned");
+            j.bytes += size;
+            j.entries.insert(seq, JEntry { op: op.clone(), lsn: None, generation: 0 });
+        }
+        let r = self.send_op(seq, &op).await;
+        let mut j = self.inner.journal.lock().expect("poisoned");
+        match r {
+            Ok((ack, generation)) => {
+                if let Some(e) = j.entries.get_mut(&seq) {
+                    e.lsn = Some(ack.lsn);
+                    e.generation = generation;
+                }
+                j.prune(ack.persisted_lsn, generation);
+                Ok(ack)
+            }
+            Err(e) => {
+                // Not acknowledged: the caller knows, so it leaves the journal.
+                j.remove(seq);
+                Err(e)
+            }
+        }
+    }
+
+    async fn send_op(&self, seq: u64, op: &JOp) -> Result<(WriteAck, u64), ClientError> {
+        let rid = Some(pb::RequestId { client_id: self.inner.opts.client_id.clone(), seq });
+        let auth = self.auth();
+        let (r, generation) = match op {
+            JOp::Write { block, offset, data } => {
+                let req = pb::WriteRequest {
+                    auth,
+                    op: Some(pb::WriteOp {
+                        block: *block,
+                        offset: *offset,
+                        data: data.clone(),
+                        request_id: rid,
+                    }),
+                };
+                self.call(|mut c| {
+                    let req = req.clone();
+                    async move { c.write(req).await.map(|r| r.into_inner()) }
+                })
+                .await?
+            }
+            JOp::Delete { block } => {
+                let req = pb::DeleteRequest {
+                    auth,
+                    op: Some(pb::DeleteOp { block: *block, request_id: rid }),
+                };
+                self.call(|mut c| {
+                    let req = req.clone();
+                    async move { c.delete(req).await.map(|r| r.into_inner()) }
+                })
+                .await?
+            }
+        };
+        Ok((
+            WriteAck { lsn: Lsn(r.lsn), persisted_lsn: Lsn(r.persisted_lsn), version: r.version },
+            generation,
+        ))
+    }
+
+    /// Returns once everything accepted before the call is persisted in the PSS.
+    pub async fn flush(&self) -> Result<Lsn, ClientError> {
+        let deadline = Instant::now() + self.inner.opts.op_timeout;
+        // Entries acknowledged on an older connection are not covered by this NMS's
+        // watermark: send them here first.
+        let conn = self.connection(deadline).await?;
+        if self.has_stale(conn.generation) {
+            let mut client = conn.client.clone();
+            if self.replay(&mut client, conn.generation).await.is_err() {
+                self.invalidate(conn.generation, None);
+            }
+        }
+        let req = pb::FlushRequest { auth: self.auth() };
+        let (r, generation) = self
+            .call(|mut c| {
+                let req = req.clone();
+                async move { c.flush(req).await.map(|r| r.into_inner()) }
+            })
+            .await?;
+        self.prune(Lsn(r.persisted_lsn), generation);
+        if self.has_stale(generation) {
+            // A reconnect raced with this flush; the next flush settles it.
+            return Err(ClientError::Unavailable {
+                timeout: self.inner.opts.op_timeout,
+                last: "the connection changed during the flush".into(),
+            });
+        }
+        Ok(Lsn(r.persisted_lsn))
+    }
+
+    fn has_stale(&self, generation: u64) -> bool {
+        let j = self.inner.journal.lock().expect("poisoned");
+        j.entries.values().any(|e| e.lsn.is_some() && e.generation != generation)
+    }
+
+    /// The volume's state on its NMS.
+    pub async fn stat(&self) -> Result<pb::VolumeInfo, ClientError> {
+        let req = pb::StatRequest { auth: self.auth() };
+        let (r, _) = self
+            .call(|mut c| {
+                let req = req.clone();
+                async move { c.stat(req).await.map(|r| r.into_inner()) }
+            })
+            .await?;
+        r.info.ok_or_else(|| ClientError::Status(Status::internal("Stat reply without info")))
+    }
+
+    /// Stored blocks from `start_block`, at most `limit` (0: the server's page size).
+    pub async fn list(&self, start_block: u64, limit: u32) -> Result<pb::ListReply, ClientError> {
+        let req = pb::ListRequest { auth: self.auth(), start_block, limit };
+        let (r, _) = self
+            .call(|mut c| {
+                let req = req.clone();
+                async move { c.list(req).await.map(|r| r.into_inner()) }
+            })
+            .await?;
+        Ok(r)
+    }
+
+    /// Runs one call with redirects, reconnects and backoff, within `op_timeout`.
+    /// Returns the reply and the generation of the connection that gave it.
+    async fn call<T, F, Fut>(&self, mut f: F) -> Result<(T, u64), ClientError>
+    where
+        F: FnMut(NmsClient<Channel>) -> Fut,
+        Fut: Future<Output = Result<T, Status>>,
+    {
+        let o = &self.inner.opts;
+        let deadline = Instant::now() + o.op_timeout;
+        let mut backoff = o.initial_backoff;
+        loop {
+            let conn = self.connection(deadline).await?;
+            let last = match tokio::time::timeout(o.rpc_timeout, f(conn.client.clone())).await {
+                Ok(Ok(t)) => return Ok((t, conn.generation)),
+                Ok(Err(s)) => {
+                    let limit = limit_error(&s);
+                    let (next, text) = classify(s);
+                    match next {
+                        Next::Fail(e) => return Err(e),
+                        Next::Redirect(to) => {
+                            debug!(to = %to, "redirected");
+                            self.invalidate(conn.generation, Some(to));
+                            continue;
+                        }
+                        Next::Reconnect => self.invalidate(conn.generation, None),
+                        Next::Wait => {
+                            if Instant::now() + backoff > deadline {
+                                return Err(limit.unwrap_or(ClientError::Unavailable {
+                                    timeout: o.op_timeout,
+                                    last: text,
+                                }));
+                            }
+                        }
+                    }
+                    text
+                }
+                Err(_) => {
+                    self.invalidate(conn.generation, None);
+                    format!("no reply within rpc_timeout ({:?})", o.rpc_timeout)
+                }
+            };
+            if Instant::now() + backoff > deadline {
+                return Err(ClientError::Unavailable { timeout: o.op_timeout, last });
+            }
+            debug!(error = %last, ?backoff, "retrying");
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(o.max_backoff);
+        }
+    }
+
+    fn invalidate(&self, generation: u64, redirect: Option<Endpoint>) {
+        let mut c = self.inner.conn.lock().expect("poisoned");
+        if c.as_ref().is_some_and(|c| c.generation == generation) {
+            *c = None;
+            if let Some(to) = redirect {
+                *self.inner.preferred.lock().expect("poisoned") = to;
+            }
+        }
+    }
+
+    /// The current connection, or a new one: attach, then replay the journal.
+    async fn connection(&self, deadline: Instant) -> Result<Conn, ClientError> {
+        if let Some(c) = self.inner.conn.lock().expect("poisoned").clone() {
+            return Ok(c);
+        }
+        let _g = self.inner.reconnect.lock().await;
+        if let Some(c) = self.inner.conn.lock().expect("poisoned").clone() {
+            return Ok(c);
+        }
+        let o = &self.inner.opts;
+        let mut backoff = o.initial_backoff;
+        let mut last = String::from("no attempt");
+        loop {
+            let preferred = self.inner.preferred.lock().expect("poisoned").clone();
+            let mut candidates = vec![preferred];
+            for e in &o.nms {
+                if !candidates.contains(e) {
+                    candidates.push(e.clone());
+                }
+            }
+            let mut redirects = 0;
+            let mut i = 0;
+            while i < candidates.len() {
+                let ep = candidates[i].clone();
+                i += 1;
+                match self.attach(&ep).await {
+                    Ok(conn) => return Ok(conn),
+                    Err(Next::Redirect(to)) if redirects < 4 => {
+                        redirects += 1;
+                        *self.inner.preferred.lock().expect("poisoned") = to.clone();
+                        candidates.insert(i, to);
+                    }
+                    Err(Next::Fail(e)) => return Err(e),
+                    Err(_) => {}
+                }
+                last = format!("attach at {ep} failed");
+                if Instant::now() >= deadline {
+                    break;
+                }
+            }
+            if Instant::now() + backoff > deadline {
+                return Err(ClientError::Unavailable { timeout: o.op_timeout, last });
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(o.max_backoff);
+        }
+    }
+
+    async fn attach(&self, ep: &Endpoint) -> Result<Conn, Next> {
+        let o = &self.inner.opts;
+        let channel = tonic::transport::Endpoint::from_shared(ep.uri().to_owned())
+            .map_err(|e| Next::Fail(ClientError::Options(format!("{ep}: {e}"))))?
+            .connect_timeout(o.connect_timeout)
+            .tcp_nodelay(true)
+            .connect()
+            .await
+            .map_err(|e| {
+                debug!(nms = %ep, error = %e, "connect failed");
+                Next::Reconnect
+            })?;
+        let mut client = NmsClient::new(channel)
+            .max_decoding_message_size(o.max_message_size_bytes)
+            .max_encoding_message_size(o.max_message_size_bytes);
+        let reply = match o.create_block_size {
+            Some(bs) => {
+                client
+                    .create_volume(pb::CreateVolumeRequest {
+                        auth: self.auth(),
+                        block_size: bs.bytes(),
+                    })
+                    .await
+            }
+            None => {
+                client
+                    .attach(pb::AttachRequest { auth: self.auth(), client_id: o.client_id.clone() })
+                    .await
+            }
+        };
+        let info = match tokio::time::timeout(o.rpc_timeout, async { reply }).await {
+            Ok(Ok(r)) => r.into_inner().info.unwrap_or_default(),
+            Ok(Err(s)) => {
+                // A create of an existing volume with another block size is an error to report.
+                return Err(classify(s).0);
+            }
+            Err(_) => return Err(Next::Reconnect),
+        };
+        if let Ok(bs) = BlockSize::new(info.block_size) {
+            *self.inner.block_size.lock().expect("poisoned") = bs;
+        }
+        let generation = self.inner.generation.fetch_add(1, Ordering::Relaxed) + 1;
+        self.replay(&mut client, generation).await?;
+        let conn = Conn { endpoint: ep.clone(), client, generation };
+        *self.inner.conn.lock().expect("poisoned") = Some(conn.clone());
+        *self.inner.preferred.lock().expect("poisoned") = ep.clone();
+        info!(nms = %ep, epoch = info.epoch, persisted = info.persisted_lsn, "attached");
+        Ok(conn)
+    }
+
+    /// Sends every accepted journal entry not yet from `generation`, in order, with its
+    /// original request id; the replies' lsns belong to `generation`.
+    async fn replay(&self, client: &mut NmsClient<Channel>, generation: u64) -> Result<(), Next> {
+        let todo: Vec<(u64, JOp, Option<Lsn>, u64)> = {
+            let j = self.inner.journal.lock().expect("poisoned");
+            j.entries
+                .iter()
+                .filter(|(_, e)| e.lsn.is_some() && e.generation != generation)
+                .map(|(s, e)| (*s, e.op.clone(), e.lsn, e.generation))
+                .collect()
+        };
+        if todo.is_empty() {
+            return Ok(());
+        }
+        // All from one connection: if the oldest comes back a duplicate with its own lsn,
+        // this NMS continues that lineage (the same NMS, or a migration target that got
+        // the source's whole state and applied ids), so it has every later one too and
+        // the rest need not be sent. Otherwise it was just applied, in order, and the
+        // rest follow in order.
+        let one_lineage = todo.iter().all(|t| t.3 == todo[0].3);
+        let (mut applied, mut dup) = (0u64, 0u64);
+        for (i, (seq, op, old_lsn, _)) in todo.iter().cloned().enumerate() {
+            let rid = Some(pb::RequestId { client_id: self.inner.opts.client_id.clone(), seq });
+            let r = match op {
+                JOp::Write { block, offset, data } => {
+                    client
+                        .write(pb::WriteRequest {
+                            auth: self.auth(),
+                            op: Some(pb::WriteOp { block, offset, data, request_id: rid }),
+                        })
+                        .await
+                }
+                JOp::Delete { block } => {
+                    client
+                        .delete(pb::DeleteRequest {
+                            auth: self.auth(),
+                            op: Some(pb::DeleteOp { block, request_id: rid }),
+                        })
+                        .await
+                }
+            };
+            match r {
+                Ok(r) => {
+                    let r = r.into_inner();
+                    if i == 0 && one_lineage && r.duplicate && old_lsn == Some(Lsn(r.lsn)) {
+                        let mut j = self.inner.journal.lock().expect("poisoned");
+                        for (seq, ..) in &todo {
+                            if let Some(e) = j.entries.get_mut(seq) {
+                                e.generation = generation;
+                            }
+                        }
+                        debug!(entries = todo.len(), "journal already held by this NMS");
+                        return Ok(());
+                    }
+                    if r.duplicate {
+                        dup += 1;
+                    } else {
+                        applied += 1;
+                    }
+                    if let Some(e) =
+                        self.inner.journal.lock().expect("poisoned").entries.get_mut(&seq)
+                    {
+                        e.lsn = Some(Lsn(r.lsn));
+                        e.generation = generation;
+                    }
+                }
+                Err(s) => {
+                    warn!(error = %s.message(), "journal replay interrupted");
+                    return Err(classify(s).0);
+                }
+            }
+        }
+        info!(applied, duplicates = dup, "journal replayed");
+        Ok(())
+    }
+}

@@ -1,0 +1,621 @@
+//! Moving a volume between NMSs (DESIGN.md section 4).
+//!
+//! Source ([`Node::migrate_out`]): Begin, pre-copy rounds (hottest blocks first, the vehicle
+//! still served; blocks written meanwhile are sent again), then the switch: pause the
+//! volume (requests wait), send the remainder and SwitchOver, and on Switched answer
+//! callers with Moved. Any failure before SwitchOver aborts and the source keeps serving.
+//! A failure after SwitchOver is ambiguous (the target may have raised the epoch): the
+//! source settles it in the PSS by trying to re-acquire from its own epoch: success means
+//! it still owns the volume (abort); StaleEpoch means the target owns it (moved).
+//!
+//! Target ([`pb::migration_server::Migration`] on [`Node`]): Begin creates the volume in
+//! state Incoming; blocks are stored; SwitchOver raises the epoch in the PSS from the
+//! source's (`expected_epoch`) and activates the volume. A frame out of order is
+//! INVALID_ARGUMENT and the incoming volume is dropped.
+
+use super::Node;
+use crate::cache::{Applied, MigBlock, VolumeState};
+use crate::error::NmsError;
+use crate::store::{Acquire, StoreError};
+use bytes::Bytes;
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant, SystemTime};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::{info, info_span, warn, Instrument as _};
+use wayside_proto::convert;
+use wayside_proto::pb;
+use wayside_proto::pb::migration_ack::Ack;
+use wayside_proto::pb::migration_frame::Frame;
+use wayside_proto::types::{Endpoint, Epoch, Lsn, RequestId, VolumeName};
+
+fn us(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+}
+
+fn to_pb(b: MigBlock) -> pb::MigratedBlock {
+    pb::MigratedBlock {
+        block: b.block,
+        deleted: b.data.is_none(),
+        data: b.data.map(|d| d.to_vec()).unwrap_or_default(),
+        version: b.version,
+        dirty: b.dirty,
+        lsn: b.lsn.0,
+        heat: b.heat,
+    }
+}
+
+/// The source's side of one transfer stream.
+struct Link {
+    tx: mpsc::Sender<pb::MigrationFrame>,
+    acks: Streaming<pb::MigrationAck>,
+    deadline: Instant,
+}
+
+impl Link {
+    async fn send(&self, f: Frame) -> Result<(), String> {
+        self.tx
+            .send(pb::MigrationFrame { frame: Some(f) })
+            .await
+            .map_err(|_| "the migration stream closed".to_string())
+    }
+    async fn ack(&mut self) -> Result<Ack, String> {
+        let next = tokio::time::timeout_at(self.deadline.into(), self.acks.message());
+        match next.await {
+            Err(_) => Err("migration_timeout_ms passed".into()),
+            Ok(Err(s)) => Err(format!("target: {}: {}", s.code(), s.message())),
+            Ok(Ok(None)) => Err("target closed the stream".into()),
+            Ok(Ok(Some(a))) => a.ack.ok_or_else(|| "empty ack".into()),
+        }
+    }
+    /// Sends blocks in frames of at most `frame_bytes`, then RoundEnd.
+    async fn round(
+        &self,
+        round: u32,
+        blocks: Vec<MigBlock>,
+        frame_bytes: u64,
+    ) -> Result<(u64, u64), String> {
+        let (mut n, mut bytes) = (0u64, 0u64);
+        let mut frame = Vec::new();
+        let mut fb = 0u64;
+        for b in blocks {
+            let len = b.bytes();
+            if !frame.is_empty() && fb + len > frame_bytes {
+                self.send(Frame::Blocks(pb::MigrationBlocks {
+                    round,
+                    blocks: std::mem::take(&mut frame),
+                }))
+                .await?;
+                fb = 0;
+            }
+            n += 1;
+            bytes += len;
+            fb += len;
+            frame.push(to_pb(b));
+        }
+        if !frame.is_empty() {
+            self.send(Frame::Blocks(pb::MigrationBlocks { round, blocks: frame })).await?;
+        }
+        self.send(Frame::RoundEnd(pb::RoundEnd { round, blocks: n, bytes })).await?;
+        Ok((n, bytes))
+    }
+}
+
+impl Node {
+    /// Moves `v` to the NMS at `target` and reports the timeline. Errors only for a
+    /// request that cannot start (unknown volume, one already moving); a move that fails
+    /// midway returns an ABORTED report and the volume stays served here.
+    pub(crate) async fn migrate_out(
+        &self,
+        v: VolumeName,
+        target: Endpoint,
+        max_rounds: u32,
+        switch_below: u64,
+    ) -> Result<pb::MigrationReport, NmsError> {
+        let started = Instant::now();
+        let started_unix_ms = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(0));
+        let (bs, epoch, cred, cached) = {
+            let core = self.core();
+            let x = core.volume(&v).ok_or_else(|| NmsError::NotFound(v.to_string()))?;
+            match &x.state {
+                VolumeState::Active => {}
+                VolumeState::Moved { to, epoch } => {
+                    return Err(NmsError::Moved { to: to.clone(), epoch: *epoch })
+                }
+                s => return Err(NmsError::Precondition(format!("volume is {s:?}"))),
+            }
+            (x.block_size, x.epoch, x.credential, x.cached_bytes())
+        };
+        if target == self.advertise {
+            return Err(NmsError::Invalid("target_address is this NMS".into()));
+        }
+        let h = self.handle(&v).ok_or_else(|| NmsError::NotFound(v.to_string()))?;
+        if h.migrating.swap(true, Ordering::AcqRel) {
+            return Err(NmsError::Precondition("a migration of this volume is under way".into()));
+        }
+        let mut report = pb::MigrationReport {
+            volume: v.as_str().to_owned(),
+            source_node: self.node_id.clone(),
+            target_address: target.uri().to_owned(),
+            started_unix_ms,
+            ..Default::default()
+        };
+        let result = self
+            .run_move(
+                &v,
+                &target,
+                bs.bytes(),
+                epoch,
+                cred.0.to_vec(),
+                cached,
+                max_rounds,
+                switch_below,
+                &mut report,
+            )
+            .await;
+        self.core().stop_tracking(&v);
+        h.migrating.store(false, Ordering::Release);
+        match result {
+            Ok(()) => report.outcome = pb::MigrationOutcome::Completed as i32,
+            Err(why) => {
+                warn!(reason = %why, "migration aborted; still serving here");
+                report.outcome = pb::MigrationOutcome::Aborted as i32;
+                report.error = why;
+            }
+        }
+        report.total_us = us(started.elapsed());
+        info!(
+            outcome = report.outcome,
+            total_us = report.total_us,
+            pause_us = report.pause_us,
+            bytes = report.bytes_moved,
+            rounds = report.rounds.len(),
+            "migration finished"
+        );
+        self.bump();
+        Ok(report)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn run_move(
+        &self,
+        v: &VolumeName,
+        target: &Endpoint,
+        block_size: u32,
+        epoch: Epoch,
+        cred: Vec<u8>,
+        cached: u64,
+        max_rounds: u32,
+        switch_below: u64,
+        report: &mut pb::MigrationReport,
+    ) -> Result<(), String> {
+        let deadline = Instant::now() + Duration::from_millis(self.cfg.migration_timeout_ms);
+        let max = self.cfg.max_message_size_bytes;
+        let channel = tokio::time::timeout_at(
+            deadline.into(),
+            tonic::transport::Endpoint::from_shared(target.uri().to_owned())
+                .map_err(|e| e.to_string())?
+                .tcp_nodelay(true)
+                .initial_connection_window_size(
+                    wayside_proto::server::HTTP2_CONNECTION_WINDOW_BYTES,
+                )
+                .initial_stream_window_size(wayside_proto::server::HTTP2_STREAM_WINDOW_BYTES)
+                .connect_timeout(Duration::from_secs(2))
+                .connect(),
+        )
+        .await
+        .map_err(|_| "connecting to the target timed out".to_string())?
+        .map_err(|e| format!("connecting to the target: {e}"))?;
+        let mut client = pb::migration_client::MigrationClient::new(channel)
+            .max_decoding_message_size(max)
+            .max_encoding_message_size(max);
+        let (tx, rx) = mpsc::channel(4);
+        let migration_id = rand::random::<u64>();
+        tx.send(pb::MigrationFrame {
+            frame: Some(Frame::Begin(pb::MigrationBegin {
+                migration_id,
+                volume: v.as_str().to_owned(),
+                block_size,
+                source_epoch: epoch.0,
+                source_node: self.node_id.clone(),
+                source_address: self.advertise.uri().to_owned(),
+                credential_hash: cred,
+                cached_bytes: cached,
+            })),
+        })
+        .await
+        .map_err(|_| "stream closed".to_string())?;
+        let acks =
+            tokio::time::timeout_at(deadline.into(), client.transfer(ReceiverStream::new(rx)))
+                .await
+                .map_err(|_| "opening the transfer timed out".to_string())?
+                .map_err(|s| format!("target refused: {}: {}", s.code(), s.message()))?
+                .into_inner();
+        let mut link = Link { tx, acks, deadline };
+        match link.ack().await? {
+            Ack::Ready(_) => {}
+            other => return Err(format!("expected Ready, got {other:?}")),
+        }
+        let frame_bytes = self.cfg.migration_frame_bytes;
+        // Pre-copy: round 1 sends everything cached, later rounds what changed since.
+        let mut round = 1u32;
+        let mut blocks = self.core().snapshot_all(v);
+        loop {
+            let t = Instant::now();
+            let (n, bytes) = link.round(round, blocks, frame_bytes).await?;
+            match link.ack().await? {
+                Ack::Round(_) => {}
+                other => return Err(format!("expected RoundAck, got {other:?}")),
+            }
+            report.rounds.push(pb::RoundReport {
+                round,
+                blocks: n,
+                bytes,
+                duration_us: us(t.elapsed()),
+            });
+            report.bytes_moved += bytes;
+            report.blocks_moved += n;
+            if self.stop.is_cancelled() {
+                return Err("node shutting down".into());
+            }
+            let changed = self.core().changed_bytes(v);
+            if changed <= switch_below || round >= max_rounds {
+                break;
+            }
+            round += 1;
+            blocks = self.core().snapshot_changed(v);
+        }
+        // Switch: pause, send the remainder, hand over.
+        let pause = Instant::now();
+        let (rest, switch) = {
+            let mut core = self.core();
+            core.set_state(v, VolumeState::Paused);
+            let rest = core.snapshot_changed(v);
+            let x = core.volume(v).ok_or("volume vanished")?;
+            let applied = x
+                .applied()
+                .into_iter()
+                .map(|(id, a)| pb::AppliedRequest {
+                    client_id: id.client_id().to_owned(),
+                    seq: id.seq(),
+                    lsn: a.lsn.0,
+                })
+                .collect();
+            (
+                rest,
+                pb::SwitchOver {
+                    accepted_lsn: x.accepted.0,
+                    persisted_lsn: x.persisted.0,
+                    applied,
+                    expected_epoch: epoch.0,
+                },
+            )
+        };
+        self.bump();
+        let t = Instant::now();
+        let sent = async {
+            let (n, bytes) = link.round(round + 1, rest, frame_bytes).await?;
+            report.rounds.push(pb::RoundReport {
+                round: round + 1,
+                blocks: n,
+                bytes,
+                duration_us: us(t.elapsed()),
+            });
+            report.bytes_moved += bytes;
+            report.blocks_moved += n;
+            Ok::<(), String>(())
+        }
+        .await;
+        if let Err(e) = sent {
+            self.resume(v);
+            return Err(e);
+        }
+        if let Err(e) = link.send(Frame::SwitchOver(switch)).await {
+            // Not sent for sure only if the channel closed before taking it; settle in the PSS.
+            return self.settle(v, epoch, target, pause, report, e).await;
+        }
+        loop {
+            match link.ack().await {
+                Ok(Ack::Round(_)) => continue,
+                Ok(Ack::Switched(s)) => {
+                    let to = if s.target_address.is_empty() {
+                        target.uri().to_owned()
+                    } else {
+                        s.target_address
+                    };
+                    self.moved(v, to, Epoch(s.new_epoch));
+                    report.new_epoch = s.new_epoch;
+                    report.pause_us = us(pause.elapsed());
+                    return Ok(());
+                }
+                Ok(Ack::Aborted(a)) => {
+                    self.resume(v);
+                    return Err(format!("target aborted: {}", a.reason));
+                }
+                Ok(other) => {
+                    let e = format!("unexpected ack {other:?}");
+                    return self.settle(v, epoch, target, pause, report, e).await;
+                }
+                Err(e) => return self.settle(v, epoch, target, pause, report, e).await,
+            }
+        }
+    }
+
+    fn resume(&self, v: &VolumeName) {
+        let mut core = self.core();
+        if core.volume(v).is_some_and(|x| x.state == VolumeState::Paused) {
+            core.set_state(v, VolumeState::Active);
+        }
+        drop(core);
+        self.bump();
+    }
+
+    fn moved(&self, v: &VolumeName, to: String, epoch: Epoch) {
+        info!(volume = %v, to = %to, epoch = epoch.0, "volume moved");
+        self.core().mark_moved(v, to, epoch);
+        self.stop_writer(v);
+        self.bump();
+    }
+
+    /// After SwitchOver the outcome is unknown: re-acquire from our epoch. If that
+    /// succeeds we still own the volume (the target's acquire will fail); if it is
+    /// stale the target won.
+    async fn settle(
+        &self,
+        v: &VolumeName,
+        epoch: Epoch,
+        target: &Endpoint,
+        pause: Instant,
+        report: &mut pb::MigrationReport,
+        why: String,
+    ) -> Result<(), String> {
+        let deadline = Instant::now() + Duration::from_millis(self.cfg.pss_deadline_ms);
+        loop {
+            let r = self
+                .store
+                .acquire(Acquire {
+                    volume: v.clone(),
+                    owner_node: self.node_id.clone(),
+                    owner_address: self.advertise.uri().to_owned(),
+                    expected_epoch: Some(epoch),
+                    create: None,
+                    request_id: self.next_request_id(),
+                })
+                .await;
+            match r {
+                Ok(meta) => {
+                    if let Some(x) = self.core().volume_mut(v) {
+                        x.epoch = meta.epoch;
+                    }
+                    self.resume(v);
+                    return Err(format!("{why}; kept the volume (epoch {})", meta.epoch.0));
+                }
+                Err(StoreError::StaleEpoch { current, .. }) => {
+                    let to = match self.store.get_volume(v.clone()).await {
+                        Ok(m) if !m.owner_address.is_empty() => m.owner_address,
+                        _ => target.uri().to_owned(),
+                    };
+                    self.moved(v, to, current);
+                    report.new_epoch = current.0;
+                    report.pause_us = us(pause.elapsed());
+                    return Ok(());
+                }
+                Err(e) if Instant::now() < deadline => {
+                    warn!(error = %e, "settling an interrupted switch; retrying");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(e) => {
+                    // Serve again: if the target did win, our write-back is fenced and
+                    // the vehicle's journal replays to it.
+                    self.resume(v);
+                    return Err(format!("{why}; PSS unreachable while settling: {e}"));
+                }
+            }
+        }
+    }
+
+    /// The target's side of one transfer.
+    async fn receive(
+        &self,
+        mut inbound: Streaming<pb::MigrationFrame>,
+        tx: mpsc::Sender<Result<pb::MigrationAck, Status>>,
+    ) {
+        let mut incoming: Option<VolumeName> = None;
+        let r = self.receive_frames(&mut inbound, &tx, &mut incoming).await;
+        if let Err(status) = r {
+            if let Some(v) = incoming {
+                warn!(volume = %v, error = %status.message(), "incoming migration dropped");
+                let mut core = self.core();
+                if matches!(core.volume(&v).map(|x| &x.state), Some(VolumeState::Incoming { .. })) {
+                    core.remove_volume(&v);
+                }
+            }
+            let _ = tx.send(Err(status)).await;
+        }
+    }
+
+    async fn receive_frames(
+        &self,
+        inbound: &mut Streaming<pb::MigrationFrame>,
+        tx: &mpsc::Sender<Result<pb::MigrationAck, Status>>,
+        incoming: &mut Option<VolumeName>,
+    ) -> Result<(), Status> {
+        let ack = |a: Ack| pb::MigrationAck { ack: Some(a) };
+        let closed = || Status::cancelled("source went away");
+        let first = inbound
+            .message()
+            .await?
+            .ok_or_else(|| Status::invalid_argument("empty migration stream"))?;
+        let Some(Frame::Begin(b)) = first.frame else {
+            return Err(Status::invalid_argument("a migration stream must start with Begin"));
+        };
+        let v = convert::volume_name(&b.volume)?;
+        let bs = convert::block_size(b.block_size)?;
+        let cred = convert::credential_hash(&b.credential_hash)?;
+        {
+            let mut core = self.core();
+            if let Some(x) = core.volume(&v) {
+                if !matches!(x.state, VolumeState::Moved { .. }) {
+                    return Err(Status::failed_precondition(format!(
+                        "volume {v} is already here ({:?})",
+                        x.state
+                    )));
+                }
+            }
+            let room = self.cfg.cache_capacity_bytes.saturating_sub(core.dirty_bytes());
+            if b.cached_bytes > room {
+                return Err(NmsError::Limit {
+                    limit: "cache_capacity_bytes".into(),
+                    unit: "bytes".into(),
+                    value: b.cached_bytes,
+                    max: room,
+                }
+                .into());
+            }
+            core.insert_volume(
+                v.clone(),
+                bs,
+                Epoch(b.source_epoch),
+                cred,
+                Lsn(0),
+                VolumeState::Incoming { migration_id: b.migration_id },
+            );
+        }
+        *incoming = Some(v.clone());
+        info!(volume = %v, from = %b.source_address, "incoming migration");
+        tx.send(Ok(ack(Ack::Ready(pb::MigrationReady {})))).await.map_err(|_| closed())?;
+        let (mut round_blocks, mut round_bytes) = (0u64, 0u64);
+        loop {
+            let f = inbound
+                .message()
+                .await?
+                .ok_or_else(|| Status::cancelled("source closed the stream before SwitchOver"))?;
+            match f.frame {
+                Some(Frame::Blocks(bl)) => {
+                    let mut blocks = Vec::with_capacity(bl.blocks.len());
+                    for m in bl.blocks {
+                        let len = m.data.len() as u64;
+                        if len > u64::from(bs.bytes()) || (m.deleted && len != 0) {
+                            return Err(Status::invalid_argument(format!(
+                                "block {} has {len} bytes; the block size is {}",
+                                m.block,
+                                bs.bytes()
+                            )));
+                        }
+                        round_blocks += 1;
+                        round_bytes += len;
+                        blocks.push(MigBlock {
+                            block: m.block,
+                            data: (!m.deleted).then(|| Bytes::from(m.data)),
+                            version: m.version,
+                            dirty: m.dirty,
+                            lsn: Lsn(m.lsn),
+                            heat: m.heat,
+                        });
+                    }
+                    self.core().put_migrated(&v, blocks);
+                }
+                Some(Frame::RoundEnd(r)) => {
+                    tx.send(Ok(ack(Ack::Round(pb::RoundAck {
+                        round: r.round,
+                        blocks: round_blocks,
+                        bytes: round_bytes,
+                    }))))
+                    .await
+                    .map_err(|_| closed())?;
+                    (round_blocks, round_bytes) = (0, 0);
+                }
+                Some(Frame::SwitchOver(s)) => {
+                    let mut applied = Vec::with_capacity(s.applied.len());
+                    for a in s.applied {
+                        let id = RequestId::new(a.client_id, a.seq).map_err(|e| {
+                            Status::invalid_argument(format!("applied request id: {e}"))
+                        })?;
+                        applied.push((id, Applied { lsn: Lsn(a.lsn), version: 0 }));
+                    }
+                    if s.expected_epoch != b.source_epoch {
+                        return Err(Status::invalid_argument(
+                            "SwitchOver epoch differs from Begin's",
+                        ));
+                    }
+                    let meta = self
+                        .store
+                        .acquire(Acquire {
+                            volume: v.clone(),
+                            owner_node: self.node_id.clone(),
+                            owner_address: self.advertise.uri().to_owned(),
+                            expected_epoch: Some(Epoch(s.expected_epoch)),
+                            create: None,
+                            request_id: self.next_request_id(),
+                        })
+                        .await
+                        .map_err(|e| Status::from(NmsError::from(e)))?;
+                    self.core().finish_incoming(
+                        &v,
+                        meta.epoch,
+                        Lsn(s.accepted_lsn),
+                        Lsn(s.persisted_lsn),
+                        applied,
+                    );
+                    if let Some(x) = self.core().volume_mut(&v) {
+                        x.stored_blocks = meta.block_count;
+                    }
+                    self.start_writer(&v);
+                    self.kick(&v);
+                    self.bump();
+                    *incoming = None;
+                    info!(volume = %v, epoch = meta.epoch.0, "volume switched here");
+                    let _ = tx
+                        .send(Ok(ack(Ack::Switched(pb::Switched {
+                            new_epoch: meta.epoch.0,
+                            target_address: self.advertise.uri().to_owned(),
+                        }))))
+                        .await;
+                    return Ok(());
+                }
+                Some(Frame::Abort(a)) => {
+                    let _ = tx
+                        .send(Ok(ack(Ack::Aborted(pb::MigrationAborted {
+                            reason: a.reason.clone(),
+                        }))))
+                        .await;
+                    return Err(Status::aborted(format!("source aborted: {}", a.reason)));
+                }
+                Some(Frame::Begin(_)) => return Err(Status::invalid_argument("a second Begin")),
+                None => return Err(Status::invalid_argument("empty migration frame")),
+            }
+        }
+    }
+}
+
+type AckStream = Pin<Box<dyn futures::Stream<Item = Result<pb::MigrationAck, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl pb::migration_server::Migration for Node {
+    type TransferStream = AckStream;
+
+    async fn transfer(
+        &self,
+        req: Request<Streaming<pb::MigrationFrame>>,
+    ) -> Result<Response<Self::TransferStream>, Status> {
+        let inbound = req.into_inner();
+        let (tx, rx) = mpsc::channel(16);
+        let node = self.self_arc();
+        let stop = self.stop.clone();
+        let span = info_span!("migrate_in", node = %self.node_id);
+        self.tracker.spawn(
+            async move {
+                tokio::select! {
+                    _ = node.receive(inbound, tx) => {}
+                    _ = stop.cancelled() => {}
+                }
+            }
+            .instrument(span),
+        );
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}

@@ -1,0 +1,660 @@
+//! The NMS server: the node (cache core + PSS + per-volume write-back tasks) and its gRPC
+//! services ([`rpc`]: vehicle API and admin; [`migrate`]: NMS-to-NMS migration).
+//!
+//! **Architecture invariant:** no fork/exec and no `/proc` here: this runs as PID 1 in the
+//! NMS image (`crate::pid1`).
+
+pub mod migrate;
+pub mod rpc;
+
+use crate::cache::{Cache, CacheError, Limits, ReadOutcome, VolumeState, WriteOutcome};
+use crate::config::Config;
+use crate::error::NmsError;
+use crate::store::{Acquire, PssStore, Store, StoreError, WriteBack};
+use anyhow::Context as _;
+use bytes::Bytes;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+use tokio::sync::{watch, Notify};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, info_span, warn, Instrument as _};
+use wayside_proto::types::{
+    BlockNo, BlockSize, Credential, Endpoint, Epoch, Lsn, RequestId, VolumeName,
+};
+
+/// Runs an NMS on `listener` against the PSS in `config.pss` until `shutdown` fires or
+/// an admin Shutdown arrives; then drains write-back (bounded) and returns.
+pub async fn run(
+    config: Config,
+    listener: tokio::net::TcpListener,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    config.validate().map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
+    let endpoints = config
+        .pss
+        .iter()
+        .map(|a| Endpoint::parse(a))
+        .collect::<Result<Vec<_>, _>>()
+        .context("pss addresses")?;
+    let opts = wayside_pss::client::ClientOptions {
+        rpc_timeout: Duration::from_millis(config.pss_rpc_timeout_ms),
+        deadline: Duration::from_millis(config.pss_deadline_ms),
+        ..Default::default()
+    };
+    let store: Arc<dyn Store> = Arc::new(PssStore::new(endpoints, opts));
+    run_with_store(config, listener, shutdown, store).await
+}
+
+/// [`run`] with a given store (tests use an in-memory one for unit-level checks).
+pub async fn run_with_store(
+    config: Config,
+    listener: tokio::net::TcpListener,
+    shutdown: CancellationToken,
+    store: Arc<dyn Store>,
+) -> anyhow::Result<()> {
+    config.validate().map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
+    let local = listener.local_addr()?;
+    let advertise = if config.advertise.is_empty() {
+        Endpoint::parse(&local.to_string())?
+    } else {
+        Endpoint::parse(&config.advertise)?
+    };
+    let node = Node::new(config.clone(), advertise.clone(), store, shutdown.clone());
+    let span = info_span!("nms", node = %node.node_id);
+    async move {
+        info!(listen = %local, advertise = %advertise, "serving");
+        let (reporter, health) = wayside_proto::server::health();
+        for s in ["wayside.v1.Nms", "wayside.v1.NmsAdmin", "wayside.v1.Migration", ""] {
+            reporter.set_service_status(s, tonic_health::ServingStatus::Serving).await;
+        }
+        let max = config.max_message_size_bytes;
+        let server = tonic::transport::Server::builder()
+            .max_concurrent_streams(Some(config.max_concurrent_streams))
+            .initial_connection_window_size(wayside_proto::server::HTTP2_CONNECTION_WINDOW_BYTES)
+            .initial_stream_window_size(wayside_proto::server::HTTP2_STREAM_WINDOW_BYTES)
+            .add_service(health)
+            .add_service(wayside_proto::server::reflection())
+            .add_service(
+                wayside_proto::pb::nms_server::NmsServer::from_arc(node.clone())
+                    .max_decoding_message_size(max)
+                    .max_encoding_message_size(max),
+            )
+            .add_service(
+                wayside_proto::pb::nms_admin_server::NmsAdminServer::from_arc(node.clone())
+                    .max_decoding_message_size(max)
+                    .max_encoding_message_size(max),
+            )
+            .add_service(
+                wayside_proto::pb::migration_server::MigrationServer::from_arc(node.clone())
+                    .max_decoding_message_size(max)
+                    .max_encoding_message_size(max),
+            )
+            .serve_with_incoming_shutdown(
+                wayside_proto::server::incoming(listener),
+                node.stop.clone().cancelled_owned(),
+            );
+        let stages = {
+            let node = node.clone();
+            async move {
+                shutdown.cancelled().await;
+                for s in ["wayside.v1.Nms", "wayside.v1.NmsAdmin", "wayside.v1.Migration", ""] {
+                    reporter.set_service_status(s, tonic_health::ServingStatus::NotServing).await;
+                }
+                let deadline = Duration::from_millis(node.cfg.shutdown_flush_timeout_ms);
+                match tokio::time::timeout(deadline, node.flush_all()).await {
+                    Ok(()) => info!("shutdown: write-back drained"),
+                    Err(_) => warn!(?deadline, "shutdown: write-back not drained in time"),
+                }
+                node.stop.cancel();
+            }
+        };
+        let (served, ()) = tokio::join!(server, stages);
+        node.stop.cancel();
+        node.tracker.close();
+        if tokio::time::timeout(Duration::from_secs(5), node.tracker.wait()).await.is_err() {
+            warn!("shutdown: background tasks did not stop in 5 s");
+        }
+        served.context("gRPC server")?;
+        info!("stopped");
+        Ok(())
+    }
+    .instrument(span)
+    .await
+}
+
+/// Per-volume async machinery around the pure core.
+pub(crate) struct Handle {
+    kick: Notify,
+    flush: Notify,
+    cancel: CancellationToken,
+    migrating: AtomicBool,
+}
+
+/// One NMS: the cache core, the PSS and the tasks around them.
+pub struct Node {
+    pub(crate) cfg: Config,
+    pub(crate) node_id: String,
+    pub(crate) advertise: Endpoint,
+    pub(crate) store: Arc<dyn Store>,
+    core: Mutex<Cache>,
+    handles: Mutex<HashMap<VolumeName, Arc<Handle>>>,
+    /// Bumped on every write-back completion and volume state change; waiters re-check.
+    progress: watch::Sender<u64>,
+    load_lock: tokio::sync::Mutex<()>,
+    pub(crate) tracker: TaskTracker,
+    /// Cancels the server, the write-back tasks and migrations (last shutdown stage).
+    pub(crate) stop: CancellationToken,
+    /// The caller's shutdown signal (an admin Shutdown fires it too).
+    pub(crate) shutdown: CancellationToken,
+    started: Instant,
+    client_id: String,
+    seq: AtomicU64,
+    me: std::sync::Weak<Node>,
+}
+
+impl Node {
+    fn new(
+        cfg: Config,
+        advertise: Endpoint,
+        store: Arc<dyn Store>,
+        shutdown: CancellationToken,
+    ) -> Arc<Self> {
+        let limits = Limits {
+            cache_capacity_bytes: cfg.cache_capacity_bytes,
+            dirty_limit_bytes: cfg.dirty_limit_bytes,
+            dirty_limit_bytes_per_volume: cfg.dirty_limit_bytes_per_volume,
+            dedupe_entries_per_volume: cfg.dedupe_entries_per_volume,
+            max_batch_ops: cfg.max_batch_ops,
+            max_batch_bytes: cfg.max_batch_bytes,
+        };
+        // A fresh client id per process start: the PSS dedupes by request id, and a
+        // restarted node must not collide with its previous life's sequence numbers.
+        let mut id: String = cfg.node_id.chars().take(40).collect();
+        id.push_str(&format!(".{:016x}", rand::random::<u64>()));
+        Arc::new_cyclic(|me| Self {
+            me: me.clone(),
+            node_id: cfg.node_id.clone(),
+            cfg,
+            advertise,
+            store,
+            core: Mutex::new(Cache::new(limits)),
+            handles: Mutex::new(HashMap::new()),
+            progress: watch::channel(0).0,
+            load_lock: tokio::sync::Mutex::new(()),
+            tracker: TaskTracker::new(),
+            stop: CancellationToken::new(),
+            shutdown,
+            started: Instant::now(),
+            client_id: id,
+            seq: AtomicU64::new(1),
+        })
+    }
+
+    pub(crate) fn core(&self) -> MutexGuard<'_, Cache> {
+        self.core.lock().expect("cache mutex poisoned")
+    }
+
+    pub(crate) fn bump(&self) {
+        self.progress.send_modify(|g| *g = g.wrapping_add(1));
+    }
+
+    pub(crate) fn next_request_id(&self) -> RequestId {
+        RequestId::new(self.client_id.clone(), self.seq.fetch_add(1, Ordering::Relaxed))
+            .expect("node client id is 1..=64 bytes and seq > 0")
+    }
+
+    fn handle(&self, v: &VolumeName) -> Option<Arc<Handle>> {
+        self.handles.lock().expect("poisoned").get(v).cloned()
+    }
+
+    /// Checks the credential and that the volume is served here, loading it from the PSS
+    /// (and taking ownership) when it is not cached yet.
+    pub(crate) async fn ensure(&self, v: &VolumeName, cred: &Credential) -> Result<(), NmsError> {
+        if self.check_local(v, cred)? {
+            return Ok(());
+        }
+        self.load(v, cred, None, false).await
+    }
+
+    /// `Ok(true)`: cached and served; `Ok(false)`: not here, load it.
+    fn check_local(&self, v: &VolumeName, cred: &Credential) -> Result<bool, NmsError> {
+        let core = self.core();
+        let Some(vol) = core.volume(v) else { return Ok(false) };
+        if !vol.credential.matches(cred) {
+            return Err(NmsError::Unauthenticated { volume: v.to_string() });
+        }
+        match &vol.state {
+            VolumeState::Active | VolumeState::Paused => Ok(true),
+            VolumeState::Moved { to, epoch } => {
+                Err(NmsError::Moved { to: to.clone(), epoch: *epoch })
+            }
+            VolumeState::Incoming { .. } => Err(NmsError::NotOwner {
+                volume: v.to_string(),
+                why: "it is arriving by migration".into(),
+                owner_address: String::new(),
+                epoch: vol.epoch,
+            }),
+        }
+    }
+
+    /// Loads a volume from the PSS and takes ownership (creating it with `create`).
+    /// `take_over`: replace a redirect marker (a vehicle attaching here explicitly after
+    /// its NMS became unreachable).
+    pub(crate) async fn load(
+        &self,
+        v: &VolumeName,
+        cred: &Credential,
+        create: Option<BlockSize>,
+        take_over: bool,
+    ) -> Result<(), NmsError> {
+        let _g = self.load_lock.lock().await;
+        match self.check_local(v, cred) {
+            Ok(true) => {
+                if let Some(bs) = create {
+                    let have = self.core().volume(v).map(|x| x.block_size);
+                    if have != Some(bs) {
+                        return Err(NmsError::Exists {
+                            volume: v.to_string(),
+                            why: format!("its block size is {}", have.map_or(0, |b| b.bytes())),
+                        });
+                    }
+                }
+                return Ok(());
+            }
+            Ok(false) => {}
+            Err(NmsError::Moved { .. }) if take_over => {}
+            Err(e) => return Err(e),
+        }
+        let hash = cred.hash();
+        let existing = match self.store.get_volume(v.clone()).await {
+            Ok(m) => Some(m),
+            Err(StoreError::NotFound(_)) => None,
+            Err(e) => return Err(e.into()),
+        };
+        if let Some(m) = &existing {
+            if !m.credential.matches(cred) {
+                return Err(NmsError::Unauthenticated { volume: v.to_string() });
+            }
+            if let Some(bs) = create {
+                if bs != m.block_size {
+                    return Err(NmsError::Exists {
+                        volume: v.to_string(),
+                        why: format!("its block size is {}", m.block_size.bytes()),
+                    });
+                }
+            }
+        } else if create.is_none() {
+            return Err(NmsError::NotFound(v.to_string()));
+        }
+        {
+            let core = self.core();
+            let n =
+                core.volumes().filter(|x| !matches!(x.state, VolumeState::Moved { .. })).count();
+            if n >= self.cfg.max_volumes {
+                return Err(NmsError::Limit {
+                    limit: "max_volumes".into(),
+                    unit: "volumes".into(),
+                    value: n as u64,
+                    max: self.cfg.max_volumes as u64,
+                });
+            }
+        }
+        let meta = self
+            .store
+            .acquire(Acquire {
+                volume: v.clone(),
+                owner_node: self.node_id.clone(),
+                owner_address: self.advertise.uri().to_owned(),
+                expected_epoch: existing.as_ref().map(|m| m.epoch),
+                create: match (&existing, create) {
+                    (None, Some(bs)) => Some((bs, hash)),
+                    _ => None,
+                },
+                request_id: self.next_request_id(),
+            })
+            .await?;
+        info!(volume = %v, epoch = meta.epoch.0, persisted = meta.persisted.0, "volume acquired");
+        self.install(
+            v,
+            meta.block_size,
+            meta.epoch,
+            meta.credential,
+            meta.persisted,
+            meta.block_count,
+        );
+        Ok(())
+    }
+
+    /// Installs an owned, active volume and starts its write-back task.
+    pub(crate) fn install(
+        &self,
+        v: &VolumeName,
+        bs: BlockSize,
+        epoch: Epoch,
+        cred: wayside_proto::types::CredentialHash,
+        persisted: Lsn,
+        stored_blocks: u64,
+    ) {
+        {
+            let mut core = self.core();
+            core.insert_volume(v.clone(), bs, epoch, cred, persisted, VolumeState::Active);
+            if let Some(x) = core.volume_mut(v) {
+                x.stored_blocks = stored_blocks;
+            }
+        }
+        self.start_writer(v);
+        self.bump();
+    }
+
+    /// Starts (or restarts) the write-back task of a volume.
+    pub(crate) fn start_writer(&self, v: &VolumeName) {
+        let h = Arc::new(Handle {
+            kick: Notify::new(),
+            flush: Notify::new(),
+            cancel: self.stop.child_token(),
+            migrating: AtomicBool::new(false),
+        });
+        if let Some(old) = self.handles.lock().expect("poisoned").insert(v.clone(), h.clone()) {
+            old.cancel.cancel();
+        }
+        let me = self.self_arc();
+        let vol = v.clone();
+        let span = info_span!("writeback", node = %self.node_id, volume = %v);
+        self.tracker.spawn(async move { me.writer(vol, h).await }.instrument(span));
+    }
+
+    /// The node's own `Arc` (gRPC handlers get `&self`; spawned tasks need ownership).
+    pub(crate) fn self_arc(&self) -> Arc<Node> {
+        self.me.upgrade().expect("a node is only used while its Arc lives")
+    }
+
+    /// Stops a volume's write-back task and forgets its handle.
+    pub(crate) fn stop_writer(&self, v: &VolumeName) {
+        if let Some(h) = self.handles.lock().expect("poisoned").remove(v) {
+            h.cancel.cancel();
+        }
+    }
+
+    async fn writer(self: Arc<Self>, v: VolumeName, h: Arc<Handle>) {
+        let delay = Duration::from_millis(self.cfg.writeback_delay_ms);
+        loop {
+            tokio::select! {
+                _ = h.kick.notified() => {}
+                _ = h.cancel.cancelled() => return,
+            }
+            if !delay.is_zero() {
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = h.flush.notified() => {}
+                    _ = h.cancel.cancelled() => return,
+                }
+            }
+            loop {
+                let Some(batch) = self.core().take_batch(&v) else { break };
+                let wb = WriteBack {
+                    volume: v.clone(),
+                    epoch: batch.epoch,
+                    request_id: self.next_request_id(),
+                    changes: batch.changes.clone(),
+                    persisted: batch.persisted,
+                };
+                let mut backoff = Duration::from_millis(10);
+                loop {
+                    match self.store.write_batch(wb.clone()).await {
+                        Ok(_) => {
+                            self.core().complete_batch(&batch, true);
+                            self.bump();
+                            break;
+                        }
+                        Err(StoreError::StaleEpoch { presented, current }) => {
+                            self.core().complete_batch(&batch, false);
+                            warn!(
+                                presented = presented.0,
+                                current = current.0,
+                                "write-back refused: another NMS owns the volume now (fenced)"
+                            );
+                            self.fenced(&v, current).await;
+                            return;
+                        }
+                        Err(e) => {
+                            warn!(error = %e, ?backoff, "write-back failed; retrying");
+                            tokio::select! {
+                                _ = tokio::time::sleep(backoff) => {}
+                                _ = h.cancel.cancelled() => {
+                                    self.core().complete_batch(&batch, false);
+                                    return;
+                                }
+                            }
+                            backoff = (backoff * 2).min(Duration::from_secs(1));
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// The PSS says another NMS owns `v`: redirect callers there and drop the blocks.
+    async fn fenced(&self, v: &VolumeName, current: Epoch) {
+        let to = match self.store.get_volume(v.clone()).await {
+            Ok(m) => m.owner_address,
+            Err(_) => String::new(),
+        };
+        self.core().mark_moved(v, to, current);
+        self.stop_writer(v);
+        self.bump();
+    }
+
+    fn kick(&self, v: &VolumeName) {
+        if let Some(h) = self.handle(v) {
+            h.kick.notify_one();
+        }
+    }
+
+    /// Waits for progress (a write-back or state change) until `deadline`; false on timeout.
+    async fn wait_progress(&self, rx: &mut watch::Receiver<u64>, deadline: Instant) -> bool {
+        tokio::select! {
+            r = rx.changed() => r.is_ok(),
+            _ = tokio::time::sleep_until(deadline.into()) => false,
+            _ = self.stop.cancelled() => false,
+        }
+    }
+
+    fn not_serving(&self, v: &VolumeName, s: VolumeState) -> NmsError {
+        match s {
+            VolumeState::Moved { to, epoch } => NmsError::Moved { to, epoch },
+            VolumeState::Incoming { .. } => NmsError::NotOwner {
+                volume: v.to_string(),
+                why: "it is arriving by migration".into(),
+                owner_address: String::new(),
+                epoch: Epoch(0),
+            },
+            VolumeState::Active | VolumeState::Paused => {
+                NmsError::Unavailable("volume busy".into())
+            }
+        }
+    }
+
+    /// Reads part of a block, through from the PSS on a miss.
+    pub(crate) async fn read(
+        &self,
+        v: &VolumeName,
+        cred: &Credential,
+        block: BlockNo,
+        offset: u32,
+        len: Option<u32>,
+    ) -> Result<(Option<Bytes>, u64, Lsn), NmsError> {
+        let deadline = Instant::now() + Duration::from_millis(self.cfg.pause_wait_ms);
+        loop {
+            self.ensure(v, cred).await?;
+            let r = {
+                let mut core = self.core();
+                let r = core.read(v, block, offset, len);
+                r.map(|o| (o, core.volume(v).map_or(Lsn(0), |x| x.persisted)))
+            };
+            match r {
+                Ok((ReadOutcome::Hit { data, version }, p)) => return Ok((Some(data), version, p)),
+                Ok((ReadOutcome::Absent, p)) => return Ok((None, 0, p)),
+                Ok((ReadOutcome::Miss, p)) => {
+                    let got = self.store.get_blocks(v.clone(), vec![block]).await?;
+                    let got = got.into_iter().next().flatten();
+                    let mut core = self.core();
+                    core.fill(v, block, got.clone());
+                    match core.read(v, block, offset, len) {
+                        Ok(ReadOutcome::Hit { data, version }) => {
+                            return Ok((Some(data), version, p))
+                        }
+                        Ok(ReadOutcome::Absent) => return Ok((None, 0, p)),
+                        // Not cached (paused or evicted at once): answer from what we fetched.
+                        _ => {
+                            return Ok(match got {
+                                None => (None, 0, p),
+                                Some((d, ver)) => {
+                                    let s = (offset as usize).min(d.len());
+                                    let e = len.map_or(d.len(), |l| (s + l as usize).min(d.len()));
+                                    (Some(d.slice(s..e)), ver, p)
+                                }
+                            })
+                        }
+                    }
+                }
+                Err(CacheError::UnknownVolume(_)) if Instant::now() < deadline => continue,
+                Err(e) => return Err(self.cache_error(v, e)),
+            }
+        }
+    }
+
+    fn cache_error(&self, v: &VolumeName, e: CacheError) -> NmsError {
+        match e {
+            CacheError::UnknownVolume(_) => NmsError::Unavailable("volume was unloaded".into()),
+            CacheError::NotServing(s) => self.not_serving(v, s),
+            CacheError::Range { .. } => NmsError::Invalid(e.to_string()),
+            CacheError::DirtyFull { limit, value, max } => {
+                NmsError::Limit { limit: limit.into(), unit: "bytes".into(), value, max }
+            }
+            CacheError::NeedBlock(_) => NmsError::Unavailable(e.to_string()),
+        }
+    }
+
+    /// Writes (`Some(data)`) or deletes (`None`) a block: accepted once in memory.
+    pub(crate) async fn write(
+        &self,
+        v: &VolumeName,
+        cred: &Credential,
+        block: BlockNo,
+        offset: u32,
+        data: Option<&[u8]>,
+        request_id: Option<&RequestId>,
+    ) -> Result<WriteOutcome, NmsError> {
+        let start = Instant::now();
+        let pause_deadline = start + Duration::from_millis(self.cfg.pause_wait_ms);
+        let space_deadline = start + Duration::from_millis(self.cfg.backpressure_wait_ms);
+        let mut rx = self.progress.subscribe();
+        loop {
+            self.ensure(v, cred).await?;
+            rx.borrow_and_update();
+            let r = {
+                let mut core = self.core();
+                match data {
+                    Some(d) => core.write(v, block, offset, d, request_id),
+                    None => core.delete(v, block, request_id),
+                }
+            };
+            match r {
+                Ok(o) => {
+                    if !o.duplicate {
+                        self.kick(v);
+                    }
+                    return Ok(o);
+                }
+                Err(CacheError::NeedBlock(b)) => {
+                    let got = self.store.get_blocks(v.clone(), vec![b]).await?;
+                    self.core().fill(v, b, got.into_iter().next().flatten());
+                }
+                Err(CacheError::NotServing(VolumeState::Paused)) => {
+                    if !self.wait_progress(&mut rx, pause_deadline).await {
+                        return Err(NmsError::Unavailable(
+                            "volume paused for a migration switch longer than pause_wait_ms".into(),
+                        ));
+                    }
+                }
+                Err(e @ CacheError::DirtyFull { .. }) => {
+                    self.kick(v);
+                    if !self.wait_progress(&mut rx, space_deadline).await {
+                        return Err(self.cache_error(v, e));
+                    }
+                }
+                Err(CacheError::UnknownVolume(_)) if Instant::now() < pause_deadline => {}
+                Err(e) => return Err(self.cache_error(v, e)),
+            }
+        }
+    }
+
+    /// Waits until every write accepted before the call is persisted.
+    pub(crate) async fn flush(&self, v: &VolumeName, cred: &Credential) -> Result<Lsn, NmsError> {
+        self.ensure(v, cred).await?;
+        let deadline = Instant::now() + Duration::from_millis(self.cfg.pss_deadline_ms);
+        let mut rx = self.progress.subscribe();
+        let target = self.core().volume(v).map_or(Lsn(0), |x| x.accepted);
+        loop {
+            rx.borrow_and_update();
+            {
+                let core = self.core();
+                let Some(x) = core.volume(v) else {
+                    return Err(NmsError::Unavailable("volume was unloaded".into()));
+                };
+                match &x.state {
+                    VolumeState::Moved { to, epoch } => {
+                        return Err(NmsError::Moved { to: to.clone(), epoch: *epoch })
+                    }
+                    _ if x.persisted >= target => return Ok(x.persisted),
+                    _ => {}
+                }
+            }
+            if let Some(h) = self.handle(v) {
+                h.kick.notify_one();
+                h.flush.notify_one();
+            }
+            if !self.wait_progress(&mut rx, deadline).await {
+                return Err(NmsError::Unavailable(format!(
+                    "write-back did not reach lsn {} within pss_deadline_ms",
+                    target.0
+                )));
+            }
+        }
+    }
+
+    /// Flushes every volume (shutdown).
+    pub(crate) async fn flush_all(&self) {
+        let mut rx = self.progress.subscribe();
+        loop {
+            rx.borrow_and_update();
+            let dirty: Vec<VolumeName> = self
+                .core()
+                .volumes()
+                .filter(|x| {
+                    matches!(x.state, VolumeState::Active | VolumeState::Paused) && !x.is_clean()
+                })
+                .map(|x| x.name.clone())
+                .collect();
+            if dirty.is_empty() {
+                return;
+            }
+            for v in &dirty {
+                if let Some(h) = self.handle(v) {
+                    h.kick.notify_one();
+                    h.flush.notify_one();
+                }
+            }
+            if rx.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+
+    pub(crate) fn uptime(&self) -> Duration {
+        self.started.elapsed()
+    }
+}

@@ -1,0 +1,310 @@
+//! The vehicle API (`wayside.v1.Nms`) and the admin API (`wayside.v1.NmsAdmin`): wire
+//! messages in, domain calls on the [`Node`], statuses out.
+
+use super::Node;
+use crate::cache::VolumeState;
+use crate::error::NmsError;
+use futures::stream::{FuturesUnordered, StreamExt as _};
+use std::pin::Pin;
+use std::sync::Arc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::{info_span, Instrument as _};
+use wayside_proto::convert::{self, required_op};
+use wayside_proto::pb;
+use wayside_proto::types::{Credential, DeleteOp, ReadOp, VolumeName, WriteOp};
+
+type Auth = (VolumeName, Credential);
+
+fn info_of(node: &Node, v: &VolumeName) -> Option<pb::VolumeInfo> {
+    let core = node.core();
+    let x = core.volume(v)?;
+    Some(pb::VolumeInfo {
+        volume: v.as_str().to_owned(),
+        block_size: x.block_size.bytes(),
+        epoch: x.epoch.0,
+        owner_node: node.node_id.clone(),
+        cached_blocks: x.cached_blocks(),
+        cached_bytes: x.cached_bytes(),
+        dirty_bytes: x.dirty_bytes(),
+        accepted_lsn: x.accepted.0,
+        persisted_lsn: x.persisted.0,
+        stored_blocks: x.stored_blocks,
+    })
+}
+
+impl Node {
+    fn volume_reply(&self, v: &VolumeName) -> Result<pb::VolumeReply, Status> {
+        Ok(pb::VolumeReply {
+            info: Some(
+                info_of(self, v)
+                    .ok_or_else(|| NmsError::Unavailable("volume was unloaded".into()))?,
+            ),
+        })
+    }
+
+    async fn do_read(&self, auth: &Auth, op: ReadOp) -> Result<pb::ReadReply, NmsError> {
+        let (data, version, p) = self.read(&auth.0, &auth.1, op.block, op.offset, op.len).await?;
+        Ok(pb::ReadReply {
+            found: data.is_some(),
+            data: data.map(|d| d.to_vec()).unwrap_or_default(),
+            version,
+            persisted_lsn: p.0,
+        })
+    }
+
+    async fn do_write(&self, auth: &Auth, op: WriteOp) -> Result<pb::WriteReply, NmsError> {
+        let o = self
+            .write(&auth.0, &auth.1, op.block, op.offset, Some(&op.data), op.request_id.as_ref())
+            .await?;
+        Ok(pb::WriteReply {
+            lsn: o.lsn.0,
+            version: o.version,
+            persisted_lsn: o.persisted.0,
+            duplicate: o.duplicate,
+        })
+    }
+
+    async fn do_delete(&self, auth: &Auth, op: DeleteOp) -> Result<pb::WriteReply, NmsError> {
+        let o = self.write(&auth.0, &auth.1, op.block, 0, None, op.request_id.as_ref()).await?;
+        Ok(pb::WriteReply {
+            lsn: o.lsn.0,
+            version: o.version,
+            persisted_lsn: o.persisted.0,
+            duplicate: o.duplicate,
+        })
+    }
+
+    async fn stream_op(
+        &self,
+        auth: &Auth,
+        op: pb::stream_request::Op,
+    ) -> Result<pb::stream_reply::Result, Status> {
+        use pb::stream_reply::Result as R;
+        use pb::stream_request::Op;
+        Ok(match op {
+            Op::Read(r) => R::Read(self.do_read(auth, ReadOp::try_from(r)?).await?),
+            Op::Write(w) => R::Write(self.do_write(auth, WriteOp::try_from(w)?).await?),
+            Op::Delete(d) => R::Write(self.do_delete(auth, DeleteOp::try_from(d)?).await?),
+            Op::Flush(_) => {
+                R::Flush(pb::FlushReply { persisted_lsn: self.flush(&auth.0, &auth.1).await?.0 })
+            }
+        })
+    }
+}
+
+type StreamOut = Pin<Box<dyn futures::Stream<Item = Result<pb::StreamReply, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl pb::nms_server::Nms for Node {
+    async fn create_volume(
+        &self,
+        req: Request<pb::CreateVolumeRequest>,
+    ) -> Result<Response<pb::VolumeReply>, Status> {
+        let r = req.into_inner();
+        let (v, cred) = convert::volume_auth(r.auth)?;
+        let bs = convert::block_size(r.block_size)?;
+        let span = info_span!("create", node = %self.node_id, volume = %v);
+        self.load(&v, &cred, Some(bs), true).instrument(span).await?;
+        Ok(Response::new(self.volume_reply(&v)?))
+    }
+
+    async fn attach(
+        &self,
+        req: Request<pb::AttachRequest>,
+    ) -> Result<Response<pb::VolumeReply>, Status> {
+        let r = req.into_inner();
+        let (v, cred) = convert::volume_auth(r.auth)?;
+        let span = info_span!("attach", node = %self.node_id, volume = %v, client = %r.client_id);
+        self.load(&v, &cred, None, true).instrument(span).await?;
+        Ok(Response::new(self.volume_reply(&v)?))
+    }
+
+    async fn read(&self, req: Request<pb::ReadRequest>) -> Result<Response<pb::ReadReply>, Status> {
+        let r = req.into_inner();
+        let auth = convert::volume_auth(r.auth)?;
+        let op: ReadOp = required_op("op", r.op)?;
+        Ok(Response::new(self.do_read(&auth, op).await?))
+    }
+
+    async fn write(
+        &self,
+        req: Request<pb::WriteRequest>,
+    ) -> Result<Response<pb::WriteReply>, Status> {
+        let r = req.into_inner();
+        let auth = convert::volume_auth(r.auth)?;
+        let op: WriteOp = required_op("op", r.op)?;
+        Ok(Response::new(self.do_write(&auth, op).await?))
+    }
+
+    async fn delete(
+        &self,
+        req: Request<pb::DeleteRequest>,
+    ) -> Result<Response<pb::WriteReply>, Status> {
+        let r = req.into_inner();
+        let auth = convert::volume_auth(r.auth)?;
+        let op: DeleteOp = required_op("op", r.op)?;
+        Ok(Response::new(self.do_delete(&auth, op).await?))
+    }
+
+    async fn list(&self, req: Request<pb::ListRequest>) -> Result<Response<pb::ListReply>, Status> {
+        let r = req.into_inner();
+        let (v, cred) = convert::volume_auth(r.auth)?;
+        self.ensure(&v, &cred).await?;
+        // Everything accepted is in the PSS first, so the PSS's listing is complete.
+        self.flush(&v, &cred).await?;
+        let limit = if r.limit == 0 { 1000 } else { r.limit.min(10_000) };
+        let page = self.store.list_blocks(v, r.start_block, limit).await.map_err(NmsError::from)?;
+        Ok(Response::new(pb::ListReply {
+            blocks: page
+                .blocks
+                .into_iter()
+                .map(|(block, version, length)| pb::BlockMeta { block, version, length })
+                .collect(),
+            more: page.more,
+            next_block: page.next_block,
+        }))
+    }
+
+    async fn stat(
+        &self,
+        req: Request<pb::StatRequest>,
+    ) -> Result<Response<pb::VolumeReply>, Status> {
+        let r = req.into_inner();
+        let (v, cred) = convert::volume_auth(r.auth)?;
+        self.ensure(&v, &cred).await?;
+        Ok(Response::new(self.volume_reply(&v)?))
+    }
+
+    async fn flush(
+        &self,
+        req: Request<pb::FlushRequest>,
+    ) -> Result<Response<pb::FlushReply>, Status> {
+        let r = req.into_inner();
+        let (v, cred) = convert::volume_auth(r.auth)?;
+        let p = Node::flush(self, &v, &cred).await?;
+        Ok(Response::new(pb::FlushReply { persisted_lsn: p.0 }))
+    }
+
+    type StreamStream = StreamOut;
+
+    async fn stream(
+        &self,
+        req: Request<Streaming<pb::StreamRequest>>,
+    ) -> Result<Response<Self::StreamStream>, Status> {
+        let mut inbound = req.into_inner();
+        let limit = self.cfg.max_stream_inflight_ops;
+        let (tx, rx) = tokio::sync::mpsc::channel(limit);
+        let node = self.self_arc();
+        let stop = self.stop.clone();
+        let span = info_span!("stream", node = %self.node_id);
+        self.tracker.spawn(
+            async move {
+                let mut auth: Option<Arc<Auth>> = None;
+                let mut inflight = FuturesUnordered::new();
+                let mut open = true;
+                loop {
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        Some(reply) = inflight.next(), if !inflight.is_empty() => {
+                            if tx.send(Ok(reply)).await.is_err() { return; }
+                        }
+                        msg = inbound.message(), if open && inflight.len() < limit => {
+                            let m: pb::StreamRequest = match msg {
+                                Ok(Some(m)) => m,
+                                Ok(None) => { open = false; continue; }
+                                Err(s) => { let _ = tx.send(Err(s)).await; return; }
+                            };
+                            if auth.is_none() || m.auth.is_some() {
+                                match convert::volume_auth(m.auth) {
+                                    Ok(a) => auth = Some(Arc::new(a)),
+                                    Err(e) => {
+                                        let _ = tx.send(Err(Status::from(e))).await;
+                                        return;
+                                    }
+                                }
+                            }
+                            let a = auth.clone().expect("set above");
+                            let node = node.clone();
+                            let tag = m.tag;
+                            inflight.push(async move {
+                                let result = match m.op {
+                                    None => Err(Status::invalid_argument("stream request without op")),
+                                    Some(op) => node.stream_op(&a, op).await,
+                                };
+                                let result = result.unwrap_or_else(|s| {
+                                    pb::stream_reply::Result::Error(wayside_proto::error::stream_error(&s))
+                                });
+                                pb::StreamReply { tag, result: Some(result) }
+                            });
+                        }
+                        else => return,
+                    }
+                }
+            }
+            .instrument(span),
+        );
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+#[tonic::async_trait]
+impl pb::nms_admin_server::NmsAdmin for Node {
+    async fn start_migration(
+        &self,
+        req: Request<pb::StartMigrationRequest>,
+    ) -> Result<Response<pb::MigrationReport>, Status> {
+        let r = req.into_inner();
+        let v = convert::volume_name(&r.volume)?;
+        let target = convert::endpoint("target_address", &r.target_address)?;
+        let rounds = if r.max_rounds == 0 { self.cfg.migration_max_rounds } else { r.max_rounds };
+        let below = if r.switch_below_bytes == 0 {
+            self.cfg.migration_switch_below_bytes
+        } else {
+            r.switch_below_bytes
+        };
+        let node = self.self_arc();
+        let span = info_span!("migrate_out", node = %self.node_id, volume = %v, to = %target);
+        // Owned by the tracker so a dropped admin call does not cut a switch in half.
+        let task = self.tracker.spawn(
+            async move { node.migrate_out(v, target, rounds, below).await }.instrument(span),
+        );
+        let report = task.await.map_err(|e| Status::internal(format!("migration task: {e}")))??;
+        Ok(Response::new(report))
+    }
+
+    async fn node_status(
+        &self,
+        _req: Request<pb::NodeStatusRequest>,
+    ) -> Result<Response<pb::NodeStatusReply>, Status> {
+        let names: Vec<VolumeName> = self
+            .core()
+            .volumes()
+            .filter(|v| !matches!(v.state, VolumeState::Moved { .. }))
+            .map(|v| v.name.clone())
+            .collect();
+        let volume_info: Vec<pb::VolumeInfo> =
+            names.iter().filter_map(|v| info_of(self, v)).collect();
+        let core = self.core();
+        Ok(Response::new(pb::NodeStatusReply {
+            node: self.node_id.clone(),
+            advertise_address: self.advertise.uri().to_owned(),
+            volumes: volume_info.len() as u64,
+            cached_bytes: core.used_bytes(),
+            cache_capacity_bytes: self.cfg.cache_capacity_bytes,
+            dirty_bytes: core.dirty_bytes(),
+            dirty_limit_bytes: self.cfg.dirty_limit_bytes,
+            volume_info,
+            uptime_ms: u64::try_from(self.uptime().as_millis()).unwrap_or(u64::MAX),
+        }))
+    }
+
+    async fn shutdown(
+        &self,
+        _req: Request<pb::ShutdownRequest>,
+    ) -> Result<Response<pb::ShutdownReply>, Status> {
+        tracing::info!(node = %self.node_id, "admin shutdown requested");
+        self.shutdown.cancel();
+        Ok(Response::new(pb::ShutdownReply {}))
+    }
+}

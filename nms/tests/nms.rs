@@ -1,0 +1,693 @@
+//! The NMS against a real PSS (a 3-node Raft cluster in this process, on loopback):
+//! round trips, eviction, back-pressure, migration under load, crash and replay,
+//! fencing, aborted moves and bad input. One test binary, so it links once.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+use wayside_nms::client::{ClientOptions, VolumeClient};
+use wayside_nms::config::Config;
+use wayside_proto::error::fault_of;
+use wayside_proto::pb;
+use wayside_proto::types::{BlockSize, Credential, Endpoint, Fault, VolumeName};
+use wayside_pss::testing::LocalCluster;
+
+const BS: usize = 4096;
+
+struct Nms {
+    ep: Endpoint,
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl Nms {
+    async fn start(name: &str, pss: &[Endpoint], adjust: impl FnOnce(&mut Config)) -> Nms {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let ep = Endpoint::parse(&listener.local_addr().unwrap().to_string()).unwrap();
+        let mut cfg = Config {
+            listen: ep.authority().to_owned(),
+            node_id: name.into(),
+            pss: pss.iter().map(|e| e.authority().to_owned()).collect(),
+            ..Config::default()
+        };
+        adjust(&mut cfg);
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(wayside_nms::server::run(cfg, listener, stop.clone()));
+        wait_healthy(&ep).await;
+        Nms { ep, stop, task }
+    }
+
+    async fn stop(self) {
+        self.stop.cancel();
+        tokio::time::timeout(Duration::from_secs(20), self.task)
+            .await
+            .expect("NMS stops on shutdown")
+            .unwrap()
+            .unwrap();
+    }
+
+    async fn admin(&self) -> pb::nms_admin_client::NmsAdminClient<tonic::transport::Channel> {
+        pb::nms_admin_client::NmsAdminClient::new(channel(&self.ep).await)
+    }
+
+    async fn raw(&self) -> pb::nms_client::NmsClient<tonic::transport::Channel> {
+        pb::nms_client::NmsClient::new(channel(&self.ep).await)
+    }
+}
+
+async fn channel(ep: &Endpoint) -> tonic::transport::Channel {
+    tonic::transport::Endpoint::from_shared(ep.uri().to_owned()).unwrap().connect().await.unwrap()
+}
+
+/// Polls the gRPC health check with a deadline (no sleeping for readiness).
+async fn wait_healthy(ep: &Endpoint) {
+    use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Ok(ch) =
+            tonic::transport::Endpoint::from_shared(ep.uri().to_owned()).unwrap().connect().await
+        {
+            let r = HealthClient::new(ch)
+                .check(HealthCheckRequest { service: "wayside.v1.Nms".into() })
+                .await;
+            if r.is_ok_and(|r| r.into_inner().status == 1) {
+                return;
+            }
+        }
+        assert!(Instant::now() < deadline, "NMS at {ep} not healthy in time");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn opts(nms: &[&Endpoint], vol: &str, secret: &str) -> ClientOptions {
+    let mut o = ClientOptions::new(
+        nms.iter().map(|e| (*e).clone()).collect(),
+        VolumeName::new(vol).unwrap(),
+        Credential::new(secret).unwrap(),
+    );
+    o.create_block_size = Some(BlockSize::new(BS as u32).unwrap());
+    o.op_timeout = Duration::from_secs(20);
+    o
+}
+
+fn block_data(block: u64, n: u64) -> Vec<u8> {
+    let mut d = vec![0u8; BS];
+    d[..8].copy_from_slice(&block.to_le_bytes());
+    d[8..16].copy_from_slice(&n.to_le_bytes());
+    d[16..].iter_mut().enumerate().for_each(|(i, b)| *b = (i as u64 ^ n ^ block) as u8);
+    d
+}
+
+async fn pss_blocks(cluster: &LocalCluster, vol: &str, blocks: &[u64]) -> HashMap<u64, Vec<u8>> {
+    let c = cluster.client();
+    let got = c.get_blocks(&VolumeName::new(vol).unwrap(), blocks).await.unwrap();
+    got.into_iter().filter(|b| b.found).map(|b| (b.block, b.data)).collect()
+}
+
+fn auth(vol: &str, secret: &str) -> Option<pb::VolumeAuth> {
+    Some(pb::VolumeAuth { volume: vol.into(), credential: secret.into() })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn round_trip_read_write_delete_flush() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = LocalCluster::start(3, dir.path()).await.unwrap();
+    let a = Nms::start("a", &cluster.endpoints(), |_| {}).await;
+    let c = VolumeClient::open(opts(&[&a.ep], "rt", "s3cret")).await.unwrap();
+    assert_eq!(c.block_size().bytes(), BS as u32);
+    assert_eq!(c.read(1, 0, None).await.unwrap(), None);
+    let w1 = c.write(1, 0, block_data(1, 1)).await.unwrap();
+    let w2 = c.write(2, 100, b"hello".to_vec()).await.unwrap();
+    assert!(w2.lsn > w1.lsn);
+    assert_eq!(c.read(1, 0, None).await.unwrap().unwrap(), block_data(1, 1));
+    let mut want2 = vec![0u8; 105];
+    want2[100..].copy_from_slice(b"hello");
+    assert_eq!(c.read(2, 0, None).await.unwrap().unwrap(), want2);
+    assert_eq!(c.read(2, 101, Some(3)).await.unwrap().unwrap(), b"ell");
+    c.write(3, 0, block_data(3, 1)).await.unwrap();
+    c.delete(3).await.unwrap();
+    let p = c.flush().await.unwrap();
+    assert!(p >= w2.lsn, "flush waits for persisted: {p:?}");
+    assert_eq!(c.journal_bytes(), 0, "persisted writes leave the journal");
+    let stored = pss_blocks(&cluster, "rt", &[1, 2, 3]).await;
+    assert_eq!(stored.get(&1), Some(&block_data(1, 1)));
+    assert_eq!(stored.get(&2), Some(&want2));
+    assert!(!stored.contains_key(&3), "the delete reached the PSS");
+    let list = c.list(0, 0).await.unwrap();
+    assert_eq!(list.blocks.iter().map(|b| b.block).collect::<Vec<_>>(), vec![1, 2]);
+    // A fresh NMS reads through from the PSS.
+    let b = Nms::start("b", &cluster.endpoints(), |_| {}).await;
+    let c2 = VolumeClient::open(opts(&[&b.ep], "rt", "s3cret")).await.unwrap();
+    assert_eq!(c2.read(1, 0, None).await.unwrap().unwrap(), block_data(1, 1));
+    a.stop().await;
+    b.stop().await;
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn eviction_under_memory_pressure_never_loses_a_dirty_block() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = LocalCluster::start(3, dir.path()).await.unwrap();
+    // 16 blocks of memory; write-back held back so written blocks stay dirty.
+    let a = Nms::start("a", &cluster.endpoints(), |c| {
+        c.cache_capacity_bytes = 16 * (BS as u64 + 64);
+        c.dirty_limit_bytes = 8 * (BS as u64 + 1);
+        c.dirty_limit_bytes_per_volume = 8 * (BS as u64 + 1);
+        c.writeback_delay_ms = 600_000;
+    })
+    .await;
+    let c = VolumeClient::open(opts(&[&a.ep], "ev", "k")).await.unwrap();
+    // 40 clean blocks in the PSS, through the NMS.
+    for b in 100..140 {
+        c.write(b, 0, block_data(b, 0)).await.unwrap();
+        if b % 6 == 0 {
+            c.flush().await.unwrap();
+        }
+    }
+    c.flush().await.unwrap();
+    for b in 0..6 {
+        c.write(b, 0, block_data(b, 7)).await.unwrap();
+    }
+    // Reading 40 blocks through a 16-block cache evicts; the 6 dirty ones must stay.
+    for round in 0..2 {
+        for b in 100..140 {
+            assert_eq!(
+                c.read(b, 0, None).await.unwrap().unwrap(),
+                block_data(b, 0),
+                "round {round}"
+            );
+        }
+    }
+    let st = a.admin().await.node_status(pb::NodeStatusRequest {}).await.unwrap().into_inner();
+    assert!(st.cached_bytes <= st.cache_capacity_bytes, "{st:?}");
+    assert!(st.dirty_bytes >= 6 * BS as u64, "dirty blocks still held: {st:?}");
+    assert!(pss_blocks(&cluster, "ev", &[0]).await.is_empty(), "not yet written back");
+    for b in 0..6 {
+        assert_eq!(c.read(b, 0, None).await.unwrap().unwrap(), block_data(b, 7));
+    }
+    c.flush().await.unwrap();
+    let stored = pss_blocks(&cluster, "ev", &(0..6).collect::<Vec<_>>()).await;
+    for b in 0..6 {
+        assert_eq!(stored.get(&b), Some(&block_data(b, 7)), "block {b}");
+    }
+    a.stop().await;
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn back_pressure_when_the_dirty_limit_is_reached() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = LocalCluster::start(3, dir.path()).await.unwrap();
+    let a = Nms::start("a", &cluster.endpoints(), |c| {
+        c.dirty_limit_bytes_per_volume = 4 * (BS as u64 + 1);
+        c.backpressure_wait_ms = 300;
+        c.writeback_delay_ms = 600_000;
+    })
+    .await;
+    let c = VolumeClient::open(opts(&[&a.ep], "bp", "k")).await.unwrap();
+    for b in 0..4 {
+        c.write(b, 0, block_data(b, 1)).await.unwrap();
+    }
+    let mut raw = a.raw().await;
+    let t = Instant::now();
+    let err = raw
+        .write(pb::WriteRequest {
+            auth: auth("bp", "k"),
+            op: Some(pb::WriteOp { block: 9, offset: 0, data: block_data(9, 1), request_id: None }),
+        })
+        .await
+        .unwrap_err();
+    let waited = t.elapsed();
+    assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err:?}");
+    assert!(
+        matches!(fault_of(&err), Some(Fault::LimitExceeded { ref limit, .. }) if limit == "dirty_limit_bytes_per_volume"),
+        "{err:?}"
+    );
+    assert!(waited >= Duration::from_millis(250), "the write waited before failing: {waited:?}");
+    assert_eq!(c.read(9, 0, None).await.unwrap(), None, "the refused write changed nothing");
+    // A waiting write proceeds once a flush frees dirty space.
+    let waiting = {
+        let mut raw = a.raw().await;
+        tokio::spawn(async move {
+            raw.write(pb::WriteRequest {
+                auth: auth("bp", "k"),
+                op: Some(pb::WriteOp {
+                    block: 10,
+                    offset: 0,
+                    data: block_data(10, 1),
+                    request_id: None,
+                }),
+            })
+            .await
+        })
+    };
+    c.flush().await.unwrap();
+    waiting.await.unwrap().expect("the write waited for space, then was accepted");
+    assert_eq!(c.read(10, 0, None).await.unwrap().unwrap(), block_data(10, 1));
+    a.stop().await;
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_vehicle_keeps_writing_while_its_volume_moves() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = LocalCluster::start(3, dir.path()).await.unwrap();
+    let a = Nms::start("a", &cluster.endpoints(), |_| {}).await;
+    let b = Nms::start("b", &cluster.endpoints(), |_| {}).await;
+    let c = VolumeClient::open(opts(&[&a.ep], "mv", "k")).await.unwrap();
+    // Some cached state to move: 256 blocks, half flushed, half dirty.
+    for blk in 0..256u64 {
+        c.write(blk, 0, block_data(blk, 0)).await.unwrap();
+        if blk == 127 {
+            c.flush().await.unwrap();
+        }
+    }
+    let stop = CancellationToken::new();
+    let writer = {
+        let (c, stop) = (c.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut acked: HashMap<u64, u64> = HashMap::new();
+            let mut worst = Duration::ZERO;
+            let mut n = 0u64;
+            let mut count = 0u64;
+            while !stop.is_cancelled() {
+                n += 1;
+                let blk = n % 300;
+                let t = Instant::now();
+                c.write(blk, 0, block_data(blk, n)).await.expect("writes never fail during a move");
+                worst = worst.max(t.elapsed());
+                acked.insert(blk, n);
+                count += 1;
+            }
+            (acked, worst, count)
+        })
+    };
+    // Let the vehicle run, then move it.
+    while c.stat().await.unwrap().accepted_lsn < 400 {
+        tokio::task::yield_now().await;
+    }
+    let report = a
+        .admin()
+        .await
+        .start_migration(pb::StartMigrationRequest {
+            volume: "mv".into(),
+            target_address: b.ep.uri().into(),
+            max_rounds: 0,
+            switch_below_bytes: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    println!("{}", wayside_nms::cli::render_report(&report));
+    assert_eq!(report.outcome, pb::MigrationOutcome::Completed as i32, "{report:?}");
+    let after = c.stat().await.unwrap().accepted_lsn;
+    while c.stat().await.unwrap().accepted_lsn < after + 200 {
+        tokio::task::yield_now().await;
+    }
+    stop.cancel();
+    let (acked, worst, count) = writer.await.unwrap();
+    println!("vehicle: {count} writes, worst write latency across the move {worst:?}");
+    assert_eq!(c.current_nms(), b.ep, "the client followed the redirect");
+    let info = c.stat().await.unwrap();
+    assert_eq!(info.epoch, report.new_epoch);
+    // Nothing applied twice: every accepted write got exactly one lsn.
+    assert_eq!(info.accepted_lsn, 256 + count, "lsns: {info:?}");
+    c.flush().await.unwrap();
+    let mut want: HashMap<u64, Vec<u8>> = (0..256).map(|b| (b, block_data(b, 0))).collect();
+    for (blk, n) in &acked {
+        want.insert(*blk, block_data(*blk, *n));
+    }
+    let blocks: Vec<u64> = want.keys().copied().collect();
+    let stored = pss_blocks(&cluster, "mv", &blocks).await;
+    for (blk, data) in &want {
+        assert_eq!(c.read(*blk, 0, None).await.unwrap().as_ref(), Some(data), "block {blk} from B");
+        assert_eq!(stored.get(blk), Some(data), "block {blk} in the PSS");
+    }
+    // The old NMS redirects, and the PSS refuses its epoch.
+    let err = a
+        .raw()
+        .await
+        .read(pb::ReadRequest {
+            auth: auth("mv", "k"),
+            op: Some(pb::ReadOp { block: 1, offset: 0, length: 0 }),
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(fault_of(&err), Some(Fault::Moved { ref to, .. }) if *to == b.ep.uri()),
+        "{err:?}"
+    );
+    let stale = cluster
+        .client()
+        .write_batch(pb::WriteBatchRequest {
+            volume: "mv".into(),
+            epoch: report.new_epoch - 1,
+            request_id: Some(pb::RequestId { client_id: "old-a".into(), seq: 1 }),
+            ops: vec![pb::PssBlockOp { block: 1, data: vec![0xEE; BS], delete: false, version: 0 }],
+            persisted_lsn: 0,
+        })
+        .await;
+    assert!(matches!(stale, Err(wayside_pss::client::PssError::StaleEpoch { .. })), "{stale:?}");
+    assert_eq!(pss_blocks(&cluster, "mv", &[1]).await.get(&1), want.get(&1));
+    a.stop().await;
+    b.stop().await;
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_old_owner_holding_unpersisted_writes_is_fenced() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = LocalCluster::start(3, dir.path()).await.unwrap();
+    let a = Nms::start("a", &cluster.endpoints(), |c| c.writeback_delay_ms = 600_000).await;
+    let b = Nms::start("b", &cluster.endpoints(), |_| {}).await;
+    let c = VolumeClient::open(opts(&[&a.ep, &b.ep], "fence", "k")).await.unwrap();
+    c.write(1, 0, block_data(1, 1)).await.unwrap();
+    c.flush().await.unwrap();
+    c.write(1, 0, block_data(1, 2)).await.unwrap(); // dirty on A only
+                                                    // B takes the volume over (as after A seemed lost): it raises the epoch.
+    let other = VolumeClient::open(opts(&[&b.ep], "fence", "k")).await.unwrap();
+    other.write(2, 0, block_data(2, 9)).await.unwrap();
+    other.flush().await.unwrap();
+    // A now tries to write back its old copy: the PSS refuses the stale epoch, A
+    // redirects, and the vehicle's journal replays its write to B.
+    c.flush().await.unwrap();
+    assert_eq!(c.current_nms(), b.ep);
+    let stored = pss_blocks(&cluster, "fence", &[1, 2]).await;
+    assert_eq!(
+        stored.get(&1),
+        Some(&block_data(1, 2)),
+        "the acknowledged write reached the PSS via B"
+    );
+    assert_eq!(stored.get(&2), Some(&block_data(2, 9)), "A did not overwrite B's data");
+    let st = a.admin().await.node_status(pb::NodeStatusRequest {}).await.unwrap().into_inner();
+    assert_eq!(st.volumes, 0, "A dropped its fenced copy: {st:?}");
+    a.stop().await;
+    b.stop().await;
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn kill_9_of_the_nms_holding_unpersisted_writes_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = LocalCluster::start(3, dir.path()).await.unwrap();
+    let cfg = dir.path().join("a.toml");
+    std::fs::write(&cfg, "writeback_delay_ms = 600000\n").unwrap();
+    let pss: Vec<String> = cluster.endpoints().iter().map(|e| e.authority().to_owned()).collect();
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_nms"))
+        .args([
+            "--config",
+            cfg.to_str().unwrap(),
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--node-id",
+            "a",
+        ])
+        .arg("--pss")
+        .arg(pss.join(","))
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut out = tokio::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    tokio::io::AsyncBufReadExt::read_line(&mut out, &mut line).await.unwrap();
+    let addr = line.trim().strip_prefix("listening on ").expect("the child prints its address");
+    let a_ep = Endpoint::parse(addr).unwrap();
+    wait_healthy(&a_ep).await;
+    let b = Nms::start("b", &cluster.endpoints(), |_| {}).await;
+    let c = VolumeClient::open(opts(&[&a_ep, &b.ep], "crash", "k")).await.unwrap();
+    c.write(0, 0, block_data(0, 1)).await.unwrap();
+    c.flush().await.unwrap();
+    for blk in 0..50u64 {
+        c.write(blk, 0, block_data(blk, 2)).await.unwrap();
+    }
+    c.write(3, 10, b"partial".to_vec()).await.unwrap();
+    assert!(c.journal_bytes() >= 50 * BS as u64, "writes are accepted, not persisted");
+    assert!(pss_blocks(&cluster, "crash", &[1]).await.is_empty());
+    child.start_kill().unwrap(); // SIGKILL
+    child.wait().await.unwrap();
+    // The next call finds A gone, attaches to B and replays the journal there.
+    c.write(60, 0, block_data(60, 2)).await.unwrap();
+    assert_eq!(c.current_nms(), b.ep);
+    c.flush().await.unwrap();
+    let mut want: HashMap<u64, Vec<u8>> = (0..50).map(|b| (b, block_data(b, 2))).collect();
+    want.get_mut(&3).unwrap()[10..17].copy_from_slice(b"partial");
+    want.insert(60, block_data(60, 2));
+    let blocks: Vec<u64> = want.keys().copied().collect();
+    let stored = pss_blocks(&cluster, "crash", &blocks).await;
+    for (blk, data) in &want {
+        assert_eq!(stored.get(blk), Some(data), "acknowledged block {blk} is in the PSS");
+    }
+    b.stop().await;
+    cluster.shutdown().await;
+}
+
+/// A migration target that dies at a chosen point: a real gRPC server on loopback that
+/// answers the protocol up to `die_after`, then drops the stream (and its listener).
+#[derive(Clone, Copy, PartialEq)]
+enum DieAt {
+    AfterFirstRound,
+    OnSwitchOver,
+}
+
+struct DyingTarget(DieAt, CancellationToken);
+
+#[tonic::async_trait]
+impl pb::migration_server::Migration for DyingTarget {
+    type TransferStream = std::pin::Pin<
+        Box<dyn futures::Stream<Item = Result<pb::MigrationAck, tonic::Status>> + Send>,
+    >;
+    async fn transfer(
+        &self,
+        req: tonic::Request<tonic::Streaming<pb::MigrationFrame>>,
+    ) -> Result<tonic::Response<Self::TransferStream>, tonic::Status> {
+        use pb::migration_ack::Ack;
+        use pb::migration_frame::Frame;
+        let mut inbound = req.into_inner();
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        let (die, dead) = (self.0, self.1.clone());
+        tokio::spawn(async move {
+            while let Ok(Some(f)) = inbound.message().await {
+                let ack = match f.frame {
+                    Some(Frame::Begin(_)) => Ack::Ready(pb::MigrationReady {}),
+                    Some(Frame::RoundEnd(r)) if die == DieAt::AfterFirstRound => {
+                        let _ = r;
+                        break;
+                    }
+                    Some(Frame::RoundEnd(r)) => Ack::Round(pb::RoundAck {
+                        round: r.round,
+                        blocks: r.blocks,
+                        bytes: r.bytes,
+                    }),
+                    Some(Frame::SwitchOver(_)) => break,
+                    _ => continue,
+                };
+                if tx.send(Ok(pb::MigrationAck { ack: Some(ack) })).await.is_err() {
+                    break;
+                }
+            }
+            let _ = tx.send(Err(tonic::Status::unavailable("target died"))).await;
+            dead.cancel();
+        });
+        Ok(tonic::Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_target_dies_mid_move_and_the_source_keeps_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = LocalCluster::start(3, dir.path()).await.unwrap();
+    let a = Nms::start("a", &cluster.endpoints(), |_| {}).await;
+    let c = VolumeClient::open(opts(&[&a.ep], "abort", "k")).await.unwrap();
+    for blk in 0..64 {
+        c.write(blk, 0, block_data(blk, 1)).await.unwrap();
+    }
+    let epoch0 = c.stat().await.unwrap().epoch;
+    for die in [DieAt::AfterFirstRound, DieAt::OnSwitchOver] {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let t_ep = Endpoint::parse(&listener.local_addr().unwrap().to_string()).unwrap();
+        let dead = CancellationToken::new();
+        let server = tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(pb::migration_server::MigrationServer::new(DyingTarget(
+                    die,
+                    dead.clone(),
+                )))
+                .serve_with_incoming_shutdown(
+                    tokio_stream::wrappers::TcpListenerStream::new(listener),
+                    dead.clone().cancelled_owned(),
+                ),
+        );
+        let report = a
+            .admin()
+            .await
+            .start_migration(pb::StartMigrationRequest {
+                volume: "abort".into(),
+                target_address: t_ep.uri().into(),
+                max_rounds: 2,
+                switch_below_bytes: 0,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        println!("{}", wayside_nms::cli::render_report(&report));
+        assert_eq!(report.outcome, pb::MigrationOutcome::Aborted as i32, "{report:?}");
+        let _ = server.await;
+        // A keeps serving: reads, writes and flushes work and nothing is lost.
+        c.write(100, 0, block_data(100, 5)).await.unwrap();
+        for blk in 0..64 {
+            assert_eq!(c.read(blk, 0, None).await.unwrap().unwrap(), block_data(blk, 1));
+        }
+        c.flush().await.unwrap();
+        assert_eq!(c.current_nms(), a.ep);
+    }
+    // The interrupted switch was settled in the PSS in A's favour (one re-acquire).
+    let meta = cluster.client().get_volume(&VolumeName::new("abort").unwrap()).await.unwrap();
+    assert_eq!(meta.epoch, epoch0 + 1, "{meta:?}");
+    assert_eq!(meta.owner_address, a.ep.uri());
+    let stored = pss_blocks(&cluster, "abort", &(0..64).collect::<Vec<_>>()).await;
+    assert_eq!(stored.len(), 64);
+    a.stop().await;
+    cluster.shutdown().await;
+}
+
+async fn first_error(
+    mig: &mut pb::migration_client::MigrationClient<tonic::transport::Channel>,
+    f: Vec<pb::migration_frame::Frame>,
+) -> tonic::Status {
+    let frames = tokio_stream::iter(f.into_iter().map(|f| pb::MigrationFrame { frame: Some(f) }));
+    match mig.transfer(frames).await {
+        Err(s) => s,
+        Ok(r) => {
+            let mut s = r.into_inner();
+            loop {
+                match s.message().await {
+                    Ok(Some(_)) => continue,
+                    Ok(None) => panic!("stream ended without an error"),
+                    Err(e) => break e,
+                }
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bad_input_gets_the_right_status_and_changes_nothing() {
+    use pb::migration_frame::Frame;
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = LocalCluster::start(3, dir.path()).await.unwrap();
+    let a = Nms::start("a", &cluster.endpoints(), |_| {}).await;
+    let c = VolumeClient::open(opts(&[&a.ep], "good", "right")).await.unwrap();
+    c.write(1, 0, block_data(1, 1)).await.unwrap();
+    let mut raw = a.raw().await;
+    let write = |vol: &str, secret: &str, data: Vec<u8>, offset: u32| pb::WriteRequest {
+        auth: auth(vol, secret),
+        op: Some(pb::WriteOp { block: 1, offset, data, request_id: None }),
+    };
+    let e = raw.write(write("good", "right", vec![1; BS + 1], 0)).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "oversized block: {e:?}");
+    let e = raw.write(write("good", "right", vec![1; 10], BS as u32 - 5)).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "range past the block: {e:?}");
+    let e = raw.write(write("good", "wrong", vec![1; BS], 0)).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unauthenticated, "wrong credential: {e:?}");
+    let e = raw
+        .read(pb::ReadRequest {
+            auth: auth("good", "wrong"),
+            op: Some(pb::ReadOp { block: 1, offset: 0, length: 0 }),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unauthenticated, "reading with a wrong credential: {e:?}");
+    let e = raw.write(write("nope", "right", vec![1; BS], 0)).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::NotFound, "unknown volume: {e:?}");
+    let e = raw.write(write("bad/name", "right", vec![1; BS], 0)).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "bad name: {e:?}");
+    // Another vehicle's credential does not open the volume on a fresh NMS either.
+    let b = Nms::start("b", &cluster.endpoints(), |_| {}).await;
+    let mut o = opts(&[&b.ep], "good", "wrong");
+    o.create_block_size = None;
+    assert!(matches!(
+        VolumeClient::open(o).await,
+        Err(wayside_nms::client::ClientError::Unauthenticated(_))
+    ));
+    assert_eq!(c.read(1, 0, None).await.unwrap().unwrap(), block_data(1, 1), "nothing changed");
+    assert_eq!(c.current_nms(), a.ep, "the refused attach did not take the volume");
+
+    // Malformed migration streams.
+    let mut mig = pb::migration_client::MigrationClient::new(channel(&a.ep).await);
+    let e = first_error(
+        &mut mig,
+        vec![Frame::RoundEnd(pb::RoundEnd { round: 1, blocks: 0, bytes: 0 })],
+    )
+    .await;
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "no Begin: {e:?}");
+    let begin = |vol: &str| {
+        Frame::Begin(pb::MigrationBegin {
+            migration_id: 7,
+            volume: vol.into(),
+            block_size: BS as u32,
+            source_epoch: 1,
+            source_node: "x".into(),
+            source_address: "http://127.0.0.1:1".into(),
+            credential_hash: Credential::new("k").unwrap().hash().0.to_vec(),
+            cached_bytes: 0,
+        })
+    };
+    let oversized = Frame::Blocks(pb::MigrationBlocks {
+        round: 1,
+        blocks: vec![pb::MigratedBlock { block: 1, data: vec![0; BS * 2], ..Default::default() }],
+    });
+    let e = first_error(&mut mig, vec![begin("incoming"), oversized]).await;
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "oversized migrated block: {e:?}");
+    let e = first_error(&mut mig, vec![begin("good")]).await;
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition, "Begin for a volume served here: {e:?}");
+    let st = a.admin().await.node_status(pb::NodeStatusRequest {}).await.unwrap().into_inner();
+    assert_eq!(st.volumes, 1, "the malformed incoming volume was dropped: {st:?}");
+    assert_eq!(c.read(1, 0, None).await.unwrap().unwrap(), block_data(1, 1));
+    let e = a
+        .admin()
+        .await
+        .start_migration(pb::StartMigrationRequest {
+            volume: "good".into(),
+            target_address: "not an address".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+    a.stop().await;
+    b.stop().await;
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_shutdown_flushes_and_exits() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = LocalCluster::start(3, dir.path()).await.unwrap();
+    let a = Nms::start("a", &cluster.endpoints(), |c| c.writeback_delay_ms = 600_000).await;
+    let c = VolumeClient::open(opts(&[&a.ep], "sd", "k")).await.unwrap();
+    c.write(5, 0, block_data(5, 5)).await.unwrap();
+    a.admin().await.shutdown(pb::ShutdownRequest {}).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(20), a.task).await.expect("exits").unwrap().unwrap();
+    assert_eq!(pss_blocks(&cluster, "sd", &[5]).await.get(&5), Some(&block_data(5, 5)));
+    cluster.shutdown().await;
+}
+
+#[test]
+fn the_nms_binary_is_static_pie_without_an_interpreter() {
+    let out = match std::process::Command::new("file")
+        .arg("-L")
+        .arg(env!("CARGO_BIN_EXE_nms"))
+        .output()
+    {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("SKIP: `file` is not installed ({e})");
+            return;
+        }
+    };
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("static-pie"), "{text}");
+    assert!(!text.contains("interpreter"), "{text}");
+}
