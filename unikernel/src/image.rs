@@ -1,0 +1,282 @@
+//! The image folder: `vmlinuz` (the stock kernel, copied), `initramfs.cpio` (written here:
+//! the static `nms` as `/init`, `/dev/console`, the virtio-net modules and their load
+//! order) and `manifest.json` (versions, sizes, sha256 of every part, default command
+//! line). Deterministic: the same inputs give byte-identical files.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use sha2::Digest as _;
+use wayside_nms::pid1::BootParams;
+
+use crate::cpio::{Archive, Entry};
+use crate::elf::ExecKind;
+use crate::kernel::KernelTree;
+
+pub const KERNEL_FILE: &str = "vmlinuz";
+pub const INITRAMFS_FILE: &str = "initramfs.cpio";
+pub const MANIFEST_FILE: &str = "manifest.json";
+/// Where modules go inside the image.
+pub const IMAGE_MODULE_DIR: &str = "lib/modules";
+/// The kernel's own words of the default command line: serial console, reboot instead
+/// of hanging on a panic (with QEMU's -no-reboot the VM then exits), little boot noise.
+pub const DEFAULT_KERNEL_ARGS: &str = "console=ttyS0 panic=-1 quiet";
+
+/// Problems building or opening an image.
+#[derive(Debug, thiserror::Error)]
+pub enum ImageError {
+    #[error("{path} is not a usable /init: {reason}")]
+    BadInit { path: PathBuf, reason: String },
+    #[error(transparent)]
+    Kernel(#[from] crate::kernel::KernelError),
+    #[error(transparent)]
+    Archive(#[from] crate::cpio::CpioError),
+    #[error(transparent)]
+    BootParams(#[from] wayside_nms::pid1::BootParamError),
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("{path} is not an image folder: {reason}")]
+    BadImage { path: PathBuf, reason: String },
+    #[error("`strip` failed on {path}: {detail}")]
+    Strip { path: PathBuf, detail: String },
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ImageError + '_ {
+    move |source| ImageError::Io { path: path.to_path_buf(), source }
+}
+
+/// One file of the image, as the manifest records it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Part {
+    pub file: String,
+    pub bytes: u64,
+    pub sha256: String,
+}
+
+impl Part {
+    fn of(file: &str, data: &[u8]) -> Self {
+        Self {
+            file: file.into(),
+            bytes: data.len() as u64,
+            sha256: hex::encode(sha2::Sha256::digest(data)),
+        }
+    }
+}
+
+/// `manifest.json`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    /// Bumped when the layout changes.
+    pub format: u32,
+    pub kernel_version: String,
+    pub kernel: Part,
+    pub initramfs: Part,
+    /// The `/init` binary inside the initramfs.
+    pub init: Part,
+    /// Modules inside the initramfs, in load order.
+    pub modules: Vec<Part>,
+    /// The baked-in NMS configuration file, if any.
+    #[serde(default)]
+    pub nms_config: Option<Part>,
+    /// The kernel's own words of the default command line.
+    pub kernel_args: String,
+    /// The default `wayside.*` words (see `wayside_nms::pid1::BootParams`).
+    pub boot_params: String,
+    /// `kernel_args` + `boot_params`: what `unikernel run` passes without overrides.
+    pub default_cmdline: String,
+}
+
+impl Manifest {
+    pub const FORMAT: u32 = 1;
+
+    /// Total bytes of the bootable parts (kernel + initramfs).
+    pub fn image_bytes(&self) -> u64 {
+        self.kernel.bytes + self.initramfs.bytes
+    }
+}
+
+/// What to build.
+#[derive(Debug, Clone)]
+pub struct BuildOptions {
+    pub kernel: KernelTree,
+    /// The `nms` binary (must be static).
+    pub nms: PathBuf,
+    pub out_dir: PathBuf,
+    /// Module names to include (dependencies are added).
+    pub modules: Vec<String>,
+    /// Default `wayside.*` settings.
+    pub boot: BootParams,
+    /// An NMS configuration file to bake in as `/etc/wayside/nms.toml`.
+    pub nms_config: Option<PathBuf>,
+    /// Drop debug info from `/init` (binutils `strip --strip-debug`): a debug build's
+    /// 80 MB binary becomes ~20 MB, which boots and live-migrates faster.
+    pub strip: bool,
+}
+
+/// Checks that `path` can run as `/init`: an x86-64 ELF with no program interpreter.
+pub fn check_init(path: &Path) -> Result<Vec<u8>, ImageError> {
+    let bytes = std::fs::read(path).map_err(io(path))?;
+    let bad = |reason: String| ImageError::BadInit { path: path.into(), reason };
+    match crate::elf::exec_kind(&bytes) {
+        Ok(ExecKind::StaticPie | ExecKind::Static) => Ok(bytes),
+        Ok(ExecKind::Dynamic { interpreter }) => Err(bad(format!(
+            "it is dynamically linked (needs {interpreter}, and the image has no loader or libraries); \
+             build it static, as the workspace's .cargo/config.toml does (+crt-static)"
+        ))),
+        Err(e) => Err(bad(e.to_string())),
+    }
+}
+
+fn stripped(path: &Path) -> Result<Vec<u8>, ImageError> {
+    let tmp = tempfile::NamedTempFile::new().map_err(io(path))?;
+    let out = std::process::Command::new("strip")
+        .arg("--strip-debug")
+        .arg("-o")
+        .arg(tmp.path())
+        .arg(path)
+        .output()
+        .map_err(|e| ImageError::Strip { path: path.into(), detail: e.to_string() })?;
+    if !out.status.success() {
+        return Err(ImageError::Strip {
+            path: path.into(),
+            detail: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
+    }
+    std::fs::read(tmp.path()).map_err(io(tmp.path()))
+}
+
+/// Builds the image folder and returns its manifest.
+pub fn build(opts: &BuildOptions) -> Result<Manifest, ImageError> {
+    let mut init = check_init(&opts.nms)?;
+    if opts.strip {
+        init = stripped(&opts.nms)?;
+    }
+    let names: Vec<&str> = opts.modules.iter().map(String::as_str).collect();
+    let modules = opts.kernel.resolve_modules(&names)?;
+
+    let mut archive = Archive::new();
+    archive.add("init", Entry::File { mode: 0o755, data: init.clone() })?;
+    archive.add("dev/console", Entry::CharDev { mode: 0o600, major: 5, minor: 1 })?;
+    archive.add("proc", Entry::Dir { mode: 0o555 })?;
+    let mut order = String::new();
+    let mut module_parts = Vec::new();
+    for (i, (name, path)) in modules.iter().enumerate() {
+        let data = std::fs::read(path).map_err(io(path))?;
+        let ext = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.split_once('.'))
+            .map_or("ko", |(_, e)| e);
+        // A numbered name keeps the load order visible in a listing too.
+        let file = format!("{IMAGE_MODULE_DIR}/{:02}-{name}.{ext}", i + 1);
+        order.push_str(&format!("/{file}\n"));
+        module_parts.push(Part::of(&file, &data));
+        archive.add(&file, Entry::File { mode: 0o644, data })?;
+    }
+    archive.add(
+        wayside_nms::pid1::MODULE_ORDER_FILE.trim_start_matches('/'),
+        Entry::File { mode: 0o644, data: order.into_bytes() },
+    )?;
+    let mut config_part = None;
+    if let Some(cfg) = &opts.nms_config {
+        let data = std::fs::read(cfg).map_err(io(cfg))?;
+        config_part = Some(Part::of(wayside_nms::pid1::CONFIG_FILE, &data));
+        archive.add(
+            wayside_nms::pid1::CONFIG_FILE.trim_start_matches('/'),
+            Entry::File { mode: 0o644, data },
+        )?;
+    }
+    let initramfs = archive.to_bytes();
+    let kernel = std::fs::read(&opts.kernel.vmlinuz).map_err(io(&opts.kernel.vmlinuz))?;
+
+    std::fs::create_dir_all(&opts.out_dir).map_err(io(&opts.out_dir))?;
+    let write = |name: &str, data: &[u8]| {
+        let p = opts.out_dir.join(name);
+        std::fs::write(&p, data).map_err(io(&p))
+    };
+    write(KERNEL_FILE, &kernel)?;
+    write(INITRAMFS_FILE, &initramfs)?;
+    let boot_params = opts.boot.render();
+    let manifest = Manifest {
+        format: Manifest::FORMAT,
+        kernel_version: opts.kernel.version.clone(),
+        kernel: Part::of(KERNEL_FILE, &kernel),
+        initramfs: Part::of(INITRAMFS_FILE, &initramfs),
+        init: Part::of("init", &init),
+        modules: module_parts,
+        nms_config: config_part,
+        kernel_args: DEFAULT_KERNEL_ARGS.into(),
+        default_cmdline: format!("{DEFAULT_KERNEL_ARGS} {boot_params}"),
+        boot_params,
+    };
+    let mut json = serde_json::to_string_pretty(&manifest).expect("manifest serializes");
+    json.push('\n');
+    write(MANIFEST_FILE, json.as_bytes())?;
+    Ok(manifest)
+}
+
+/// An image folder on disk.
+#[derive(Debug, Clone)]
+pub struct Image {
+    pub dir: PathBuf,
+    pub manifest: Manifest,
+}
+
+impl Image {
+    /// Opens an image folder and checks its parts against the manifest (sizes always;
+    /// sha256 too when `verify` is set).
+    pub fn open(dir: &Path, verify: bool) -> Result<Self, ImageError> {
+        let bad = |reason: String| ImageError::BadImage { path: dir.into(), reason };
+        let mpath = dir.join(MANIFEST_FILE);
+        let text = std::fs::read_to_string(&mpath).map_err(|e| {
+            bad(format!("cannot read {MANIFEST_FILE}: {e} (build one with `unikernel build`)"))
+        })?;
+        let manifest: Manifest =
+            serde_json::from_str(&text).map_err(|e| bad(format!("{MANIFEST_FILE}: {e}")))?;
+        if manifest.format != Manifest::FORMAT {
+            return Err(bad(format!(
+                "manifest format {} (this tool reads {})",
+                manifest.format,
+                Manifest::FORMAT
+            )));
+        }
+        for part in [&manifest.kernel, &manifest.initramfs] {
+            let p = dir.join(&part.file);
+            let meta = std::fs::metadata(&p).map_err(|e| bad(format!("{}: {e}", part.file)))?;
+            if meta.len() != part.bytes {
+                return Err(bad(format!(
+                    "{} is {} bytes, the manifest says {}",
+                    part.file,
+                    meta.len(),
+                    part.bytes
+                )));
+            }
+            if verify {
+                let data = std::fs::read(&p).map_err(io(&p))?;
+                let sum = hex::encode(sha2::Sha256::digest(&data));
+                if sum != part.sha256 {
+                    return Err(bad(format!(
+                        "{} has sha256 {sum}, the manifest says {}",
+                        part.file, part.sha256
+                    )));
+                }
+            }
+        }
+        Ok(Self { dir: dir.into(), manifest })
+    }
+
+    pub fn kernel_path(&self) -> PathBuf {
+        self.dir.join(&self.manifest.kernel.file)
+    }
+
+    pub fn initramfs_path(&self) -> PathBuf {
+        self.dir.join(&self.manifest.initramfs.file)
+    }
+
+    /// The image's default boot parameters.
+    pub fn boot_params(&self) -> Result<BootParams, ImageError> {
+        Ok(BootParams::parse(&self.manifest.boot_params)?)
+    }
+}

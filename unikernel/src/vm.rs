@@ -1,0 +1,674 @@
+//! Running the image under `qemu-system-x86_64`: choosing KVM or TCG with a short probe,
+//! building the command line, starting QEMU, waiting for the NMS's gRPC health check,
+//! status and stop through QMP, and live migration to a second QEMU (`-incoming`).
+//!
+//! A running VM is described by its state folder: `vm.json` ([`VmState`]), the QMP socket,
+//! the serial console log and QEMU's own log. The CLI's `status`, `stop` and `migrate`
+//! find the VM through it.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use wayside_nms::pid1::{BootParams, Ipv4Cidr};
+
+use crate::image::Image;
+use crate::qmp::{Qmp, QmpError};
+
+/// The QEMU binary (override with `$WAYSIDE_QEMU`).
+pub fn qemu_binary() -> String {
+    std::env::var("WAYSIDE_QEMU").unwrap_or_else(|_| "qemu-system-x86_64".into())
+}
+
+/// How long the KVM probe may take before KVM counts as broken (nested KVM hangs).
+pub const KVM_PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+/// The guest address, gateway and host alias of QEMU's user-mode network.
+pub const USER_NET_GUEST: Ipv4Cidr = Ipv4Cidr { addr: Ipv4Addr::new(10, 0, 2, 15), prefix_len: 24 };
+pub const USER_NET_HOST: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 2);
+/// A fixed MAC, so a migration destination has the same device as its source.
+pub const GUEST_MAC: &str = "52:54:00:77:00:01";
+
+/// Errors running or controlling a VM.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    #[error(transparent)]
+    Image(#[from] crate::image::ImageError),
+    #[error(transparent)]
+    Qmp(#[from] QmpError),
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("cannot start {qemu}: {source} (install the qemu-system-x86 package)")]
+    NoQemu { qemu: String, source: std::io::Error },
+    #[error("QEMU exited ({status}) before the NMS served; last lines of {log}:\n{tail}")]
+    Exited { status: String, log: PathBuf, tail: String },
+    #[error("the NMS at {endpoint} did not answer its health check within {ms} ms; last lines of {log}:\n{tail}")]
+    NotServing { endpoint: String, ms: u128, log: PathBuf, tail: String },
+    #[error("no VM state in {dir} ({reason}); start one with `unikernel run`")]
+    NoState { dir: PathBuf, reason: String },
+    #[error("migration {status}: {detail}")]
+    Migration { status: String, detail: String },
+    #[error("bad option: {0}")]
+    BadOption(String),
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> VmError + '_ {
+    move |source| VmError::Io { path: path.to_path_buf(), source }
+}
+
+/// CPU virtualisation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Accel {
+    /// KVM if the probe shows it works, else TCG.
+    Auto,
+    Kvm,
+    Tcg,
+}
+
+/// The QEMU machine type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Machine {
+    /// `-M microvm`: no PCI, no firmware tables beyond ACPI, virtio-mmio devices.
+    Microvm,
+    /// `-M q35` with virtio-net-pci, for QEMU builds without microvm.
+    Q35,
+}
+
+/// The guest's network.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Net {
+    /// QEMU user-mode networking: the guest is 10.0.2.15, the host is 10.0.2.2 (host
+    /// loopback), and host `host_port` on 127.0.0.1 forwards to the NMS port.
+    User { host_port: u16 },
+    /// A host tap device (created by the caller); the guest's address comes from
+    /// `--ip`/`--gw`, and the NMS is reached at that address directly.
+    Tap { ifname: String },
+}
+
+/// Everything needed to start one VM.
+#[derive(Debug, Clone)]
+pub struct VmOptions {
+    pub image: Image,
+    pub state_dir: PathBuf,
+    pub memory_mib: u32,
+    pub cpus: u32,
+    pub accel: Accel,
+    pub machine: Machine,
+    pub net: Net,
+    pub boot: BootParams,
+    /// Start as a migration destination listening here (`-incoming tcp:...`).
+    pub incoming: Option<SocketAddr>,
+}
+
+/// `vm.json` in the state folder.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VmState {
+    pub pid: u32,
+    pub qmp_socket: PathBuf,
+    pub serial_log: PathBuf,
+    pub qemu_log: PathBuf,
+    /// Where the NMS answers, seen from the host (`http://127.0.0.1:PORT`).
+    pub nms_endpoint: String,
+    pub accel: Accel,
+    pub machine: Machine,
+    pub net: Net,
+    pub memory_mib: u32,
+    pub cpus: u32,
+    pub image_dir: PathBuf,
+    pub cmdline: String,
+    pub argv: Vec<String>,
+}
+
+/// Runs the accelerator probe: boots `kernel` with no initramfs and `panic=-1`, so a
+/// working guest panics ("VFS: Unable to mount root fs") and, with `-no-reboot`, QEMU
+/// exits. That takes well under a second with a working KVM. On these machines nested
+/// KVM either hangs in the kernel's early boot or QEMU aborts setting MSRs; a tiny
+/// real-mode test program runs fine there, so the probe has to boot a real kernel.
+pub fn probe_accel(accel: &str, kernel: &Path, timeout: Duration) -> bool {
+    let Ok(dir) = tempfile::tempdir() else { return false };
+    let serial = dir.path().join("probe-serial.log");
+    let mut cmd = Command::new(qemu_binary());
+    cmd.args(["-M", "microvm", "-accel", accel]);
+    if accel == "kvm" {
+        cmd.args(["-cpu", "host"]);
+    }
+    let child = cmd
+        .args(["-m", "128", "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"])
+        .arg("-kernel")
+        .arg(kernel)
+        .args(["-append", "console=ttyS0 panic=-1 quiet", "-serial"])
+        .arg(format!("file:{}", serial.display()))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn();
+    let Ok(mut child) = child else { return false };
+    let deadline = Instant::now() + timeout;
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) => {
+                let log = std::fs::read_to_string(&serial).unwrap_or_default();
+                return status.success() && log.contains("Kernel panic");
+            }
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return false;
+            }
+        }
+    }
+}
+
+/// Resolves `Auto`: KVM when `/dev/kvm` exists and the probe boots `kernel` with it, else TCG.
+pub fn choose_accel(accel: Accel, kernel: &Path) -> Accel {
+    match accel {
+        Accel::Auto
+            if Path::new("/dev/kvm").exists() && probe_accel("kvm", kernel, KVM_PROBE_TIMEOUT) =>
+        {
+            Accel::Kvm
+        }
+        Accel::Auto => Accel::Tcg,
+        other => other,
+    }
+}
+
+/// The host's CPU clock in kHz (from /proc/cpuinfo, host side), or 2 GHz if unknown.
+pub fn host_tsc_khz() -> u64 {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find(|l| l.starts_with("cpu MHz"))
+                .and_then(|l| l.split(':').nth(1))
+                .and_then(|v| v.trim().parse::<f64>().ok())
+        })
+        .filter(|mhz| *mhz > 100.0 && *mhz < 10_000.0)
+        .map_or(2_000_000, |mhz| (mhz * 1000.0) as u64)
+}
+
+/// A free TCP port on 127.0.0.1 (bind port 0, read it, release it). QEMU's hostfwd and
+/// -incoming need a number; the tiny race with another process is acceptable here.
+pub fn free_port() -> std::io::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// The QEMU command line (without the binary) and the kernel command line.
+pub fn qemu_args(opts: &VmOptions, accel: Accel) -> Result<(Vec<String>, String), VmError> {
+    let mut boot = opts.boot.clone();
+    if let Net::User { host_port } = opts.net {
+        // User-mode networking fixes the guest's addresses, and vehicles reach the NMS
+        // at the host's forwarded port.
+        boot.ip.get_or_insert(USER_NET_GUEST);
+        boot.gateway.get_or_insert(USER_NET_HOST);
+        if boot.advertise.is_none() {
+            boot.advertise =
+                wayside_proto::types::Endpoint::parse(&format!("127.0.0.1:{host_port}")).ok();
+        }
+    }
+    if boot.pss.is_empty() && opts.image.manifest.nms_config.is_none() {
+        return Err(VmError::BadOption(
+            "the NMS needs PSS endpoints: give --pss HOST:PORT[,HOST:PORT] (to build or run)"
+                .into(),
+        ));
+    }
+    if boot.ip.is_none() {
+        return Err(VmError::BadOption("the guest needs an address (--ip ADDRESS/PREFIX)".into()));
+    }
+    let mut cmdline = format!("{} {}", opts.image.manifest.kernel_args, boot.render());
+    if accel == Accel::Tcg {
+        // Under TCG on a busy host the kernel's TSC calibration against the PIT fails and
+        // the boot then stalls for minutes in the delay-loop calibration (seen here).
+        // TCG's guest TSC is the host's, so tell the guest the host's rate.
+        cmdline.push_str(&format!(" tsc_early_khz={}", host_tsc_khz()));
+    }
+    // Whatever the guest is told must also parse in the guest.
+    BootParams::parse(&cmdline).map_err(|e| VmError::BadOption(e.to_string()))?;
+    let s = |p: &Path| p.display().to_string();
+    let mut a: Vec<String> = Vec::new();
+    let mut push = |xs: &[&str]| a.extend(xs.iter().map(|x| x.to_string()));
+    let (machine, nic) = match opts.machine {
+        Machine::Microvm => ("microvm", "virtio-net-device"),
+        Machine::Q35 => ("q35", "virtio-net-pci"),
+    };
+    push(&["-M", machine, "-accel", if accel == Accel::Kvm { "kvm" } else { "tcg" }]);
+    if accel == Accel::Kvm {
+        push(&["-cpu", "host"]);
+    }
+    push(&["-m", &opts.memory_mib.to_string(), "-smp", &opts.cpus.to_string()]);
+    push(&["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"]);
+    push(&["-kernel", &s(&opts.image.kernel_path()), "-initrd", &s(&opts.image.initramfs_path())]);
+    push(&["-append", &cmdline]);
+    push(&["-serial", &format!("file:{}", s(&opts.state_dir.join("serial.log")))]);
+    let netdev = match &opts.net {
+        Net::User { host_port } => {
+            format!("user,id=n0,hostfwd=tcp:127.0.0.1:{host_port}-:{}", boot.listen.port())
+        }
+        Net::Tap { ifname } => format!("tap,id=n0,ifname={ifname},script=no,downscript=no"),
+    };
+    push(&["-netdev", &netdev, "-device", &format!("{nic},netdev=n0,mac={GUEST_MAC}")]);
+    push(&["-qmp", &format!("unix:{},server=on,wait=off", s(&opts.state_dir.join("qmp.sock")))]);
+    if let Some(addr) = opts.incoming {
+        push(&["-incoming", &format!("tcp:{addr}")]);
+    }
+    Ok((a, cmdline))
+}
+
+/// A VM started by this process (killed on drop unless detached) or found via its state.
+pub struct Vm {
+    pub state: VmState,
+    pub state_dir: PathBuf,
+    child: Option<Child>,
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        if let Some(child) = &mut self.child {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Tail of a log file, for error messages.
+pub fn log_tail(path: &Path, lines: usize) -> String {
+    let text =
+        std::fs::read(path).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default();
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// The result of `status`.
+#[derive(Debug, Clone, Serialize)]
+pub struct VmStatus {
+    pub qemu_status: String,
+    pub running: bool,
+    pub nms_serving: bool,
+    pub nms_endpoint: String,
+    pub accel: Accel,
+    pub pid: u32,
+}
+
+/// How a stop ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum StopOutcome {
+    /// The NMS accepted `NmsAdmin.Shutdown`, flushed and powered the VM off.
+    Clean,
+    /// QEMU was told to quit over QMP (the guest did not power off in time, or `force`).
+    Forced,
+    /// QEMU was not running any more.
+    AlreadyStopped,
+}
+
+/// QEMU live-migration figures (from `query-migrate`).
+#[derive(Debug, Clone, Serialize)]
+pub struct MigrationReport {
+    /// Wall time of the whole `unikernel migrate`, including starting the destination.
+    pub wall_ms: u128,
+    /// QEMU's `total-time` (migration start to completion).
+    pub total_ms: u64,
+    /// QEMU's `downtime`: how long the guest was stopped.
+    pub downtime_ms: u64,
+    pub setup_ms: u64,
+    pub ram_transferred_bytes: u64,
+    pub ram_total_bytes: u64,
+    /// Time from migration completion until the NMS answered health checks on the destination.
+    pub serving_after_ms: u128,
+}
+
+impl Vm {
+    /// Starts QEMU for `opts` and returns once its QMP socket answers. `detach` leaves
+    /// QEMU running when this `Vm` is dropped (the CLI's `run`).
+    pub async fn launch(opts: &VmOptions, detach: bool) -> Result<Vm, VmError> {
+        std::fs::create_dir_all(&opts.state_dir).map_err(io(&opts.state_dir))?;
+        let accel = choose_accel(opts.accel, &opts.image.kernel_path());
+        let (argv, cmdline) = qemu_args(opts, accel)?;
+        let qmp_socket = opts.state_dir.join("qmp.sock");
+        let serial_log = opts.state_dir.join("serial.log");
+        let qemu_log = opts.state_dir.join("qemu.log");
+        for p in [&qmp_socket, &serial_log] {
+            let _ = std::fs::remove_file(p);
+        }
+        let log = std::fs::File::create(&qemu_log).map_err(io(&qemu_log))?;
+        let log2 = log.try_clone().map_err(io(&qemu_log))?;
+        let qemu = qemu_binary();
+        let mut cmd = Command::new(&qemu);
+        cmd.args(&argv).stdin(Stdio::null()).stdout(log).stderr(log2);
+        if detach {
+            use std::os::unix::process::CommandExt as _;
+            // Its own process group: a terminal's ctrl-C to `unikernel run` must not kill it.
+            cmd.process_group(0);
+        }
+        let child = cmd.spawn().map_err(|source| VmError::NoQemu { qemu: qemu.clone(), source })?;
+        let nms_endpoint = match &opts.net {
+            Net::User { host_port } => format!("http://127.0.0.1:{host_port}"),
+            Net::Tap { .. } => {
+                let ip = opts.boot.ip.map(|c| c.addr).unwrap_or(Ipv4Addr::UNSPECIFIED);
+                format!("http://{ip}:{}", opts.boot.listen.port())
+            }
+        };
+        let state = VmState {
+            pid: child.id(),
+            qmp_socket,
+            serial_log,
+            qemu_log,
+            nms_endpoint,
+            accel,
+            machine: opts.machine,
+            net: opts.net.clone(),
+            memory_mib: opts.memory_mib,
+            cpus: opts.cpus,
+            image_dir: opts.image.dir.clone(),
+            cmdline,
+            argv,
+        };
+        let mut vm = Vm { state, state_dir: opts.state_dir.clone(), child: Some(child) };
+        let json = serde_json::to_string_pretty(&vm.state).expect("state serializes");
+        let path = opts.state_dir.join("vm.json");
+        std::fs::write(&path, json).map_err(io(&path))?;
+        // QEMU creates the QMP socket early; wait for it (or for QEMU to die).
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            vm.check_alive()?;
+            if vm.state.qmp_socket.exists() && Qmp::connect(&vm.state.qmp_socket).await.is_ok() {
+                break;
+            }
+            if Instant::now() > deadline {
+                return Err(VmError::Exited {
+                    status: "no QMP socket within 20 s".into(),
+                    log: vm.state.qemu_log.clone(),
+                    tail: log_tail(&vm.state.qemu_log, 20),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        if detach {
+            // Dropping the handle must not kill it; the pid is in vm.json.
+            vm.child = None;
+        }
+        Ok(vm)
+    }
+
+    /// Finds a VM by its state folder.
+    pub fn attach(state_dir: &Path) -> Result<Vm, VmError> {
+        let path = state_dir.join("vm.json");
+        let text = std::fs::read_to_string(&path)
+            .map_err(|e| VmError::NoState { dir: state_dir.into(), reason: e.to_string() })?;
+        let state: VmState = serde_json::from_str(&text)
+            .map_err(|e| VmError::NoState { dir: state_dir.into(), reason: e.to_string() })?;
+        Ok(Vm { state, state_dir: state_dir.into(), child: None })
+    }
+
+    /// Leaves QEMU running when this handle is dropped.
+    pub fn detach(&mut self) {
+        self.child = None;
+    }
+
+    /// Whether the QEMU process still exists.
+    pub fn is_alive(&mut self) -> bool {
+        match &mut self.child {
+            Some(c) => matches!(c.try_wait(), Ok(None)),
+            None => {
+                let pid = libc::pid_t::try_from(self.state.pid).unwrap_or(0);
+                // SAFETY: signal 0 only checks that the process exists.
+                pid > 0 && unsafe { libc::kill(pid, 0) } == 0 && !is_zombie(self.state.pid)
+            }
+        }
+    }
+
+    fn check_alive(&mut self) -> Result<(), VmError> {
+        if let Some(c) = &mut self.child {
+            if let Ok(Some(status)) = c.try_wait() {
+                return Err(VmError::Exited {
+                    status: status.to_string(),
+                    log: self.state.qemu_log.clone(),
+                    tail: format!(
+                        "{}\n--- serial ---\n{}",
+                        log_tail(&self.state.qemu_log, 10),
+                        log_tail(&self.state.serial_log, 20)
+                    ),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    pub async fn qmp(&self) -> Result<Qmp, VmError> {
+        Ok(Qmp::connect(&self.state.qmp_socket).await?)
+    }
+
+    /// Polls the NMS's gRPC health check until it answers SERVING; returns the time waited.
+    pub async fn wait_serving(&mut self, limit: Duration) -> Result<Duration, VmError> {
+        let started = Instant::now();
+        loop {
+            self.check_alive()?;
+            if health_check(&self.state.nms_endpoint, Duration::from_millis(500)).await {
+                return Ok(started.elapsed());
+            }
+            if started.elapsed() > limit {
+                return Err(VmError::NotServing {
+                    endpoint: self.state.nms_endpoint.clone(),
+                    ms: limit.as_millis(),
+                    log: self.state.serial_log.clone(),
+                    tail: log_tail(&self.state.serial_log, 30),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub async fn status(&mut self) -> Result<VmStatus, VmError> {
+        if !self.is_alive() {
+            return Err(VmError::NoState {
+                dir: self.state_dir.clone(),
+                reason: "QEMU is not running".into(),
+            });
+        }
+        let (running, qemu_status) = self.qmp().await?.status().await?;
+        Ok(VmStatus {
+            qemu_status,
+            running,
+            nms_serving: health_check(&self.state.nms_endpoint, Duration::from_secs(2)).await,
+            nms_endpoint: self.state.nms_endpoint.clone(),
+            accel: self.state.accel,
+            pid: self.state.pid,
+        })
+    }
+
+    /// Waits up to `limit` for QEMU to exit.
+    pub async fn wait_exit(&mut self, limit: Duration) -> bool {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if !self.is_alive() {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        !self.is_alive()
+    }
+
+    /// Stops the VM: asks the NMS to shut down (it flushes to the PSS and powers off),
+    /// waits up to `grace`, then makes QEMU quit over QMP. `force` skips the clean part.
+    pub async fn stop(&mut self, grace: Duration, force: bool) -> Result<StopOutcome, VmError> {
+        if !self.is_alive() {
+            return Ok(StopOutcome::AlreadyStopped);
+        }
+        if !force
+            && request_shutdown(&self.state.nms_endpoint, grace).await
+            && self.wait_exit(grace).await
+        {
+            return Ok(StopOutcome::Clean);
+        }
+        match self.qmp().await {
+            Ok(mut qmp) => match qmp.execute("quit", None).await {
+                Ok(_) | Err(QmpError::Closed) => {}
+                Err(e) => return Err(e.into()),
+            },
+            Err(_) if !self.is_alive() => return Ok(StopOutcome::Clean),
+            Err(e) => return Err(e),
+        }
+        if !self.wait_exit(Duration::from_secs(10)).await {
+            if let Some(c) = &mut self.child {
+                let _ = c.kill();
+            }
+        }
+        Ok(StopOutcome::Forced)
+    }
+
+    /// Live-migrates this VM to a new QEMU (state in `dest_state_dir`), over TCP on
+    /// loopback. With user-mode networking the forwarded host port moves along: the source
+    /// gives it up (`hostfwd_remove`) just before the destination starts, so clients keep
+    /// one address and simply reconnect. On failure the source keeps running.
+    pub async fn migrate(
+        &mut self,
+        dest_state_dir: &Path,
+        dest_net: Option<Net>,
+    ) -> Result<(Vm, MigrationReport), VmError> {
+        let started = Instant::now();
+        let image = Image::open(&self.state.image_dir, false)?;
+        let boot = BootParams::parse(&self.state.cmdline)
+            .map_err(|e| VmError::BadOption(e.to_string()))?;
+        let net = dest_net.unwrap_or_else(|| self.state.net.clone());
+        let mut src = self.qmp().await?;
+        if let Net::User { host_port } = &self.state.net {
+            if matches!(net, Net::User { host_port: p } if p == *host_port) {
+                let out =
+                    hmp(&mut src, &format!("hostfwd_remove n0 tcp:127.0.0.1:{host_port}")).await?;
+                // QEMU answers "host forwarding rule for ... removed" (or "not found").
+                if !out.contains("removed") {
+                    return Err(VmError::Migration {
+                        status: "not started".into(),
+                        detail: format!("hostfwd_remove: {out}"),
+                    });
+                }
+            }
+        }
+        let port = free_port().map_err(io(dest_state_dir))?;
+        let incoming = SocketAddr::from(([127, 0, 0, 1], port));
+        let opts = VmOptions {
+            image,
+            state_dir: dest_state_dir.into(),
+            memory_mib: self.state.memory_mib,
+            cpus: self.state.cpus,
+            // The destination must match the source's accelerator and machine.
+            accel: self.state.accel,
+            machine: self.state.machine,
+            net,
+            boot,
+            incoming: Some(incoming),
+        };
+        let mut dest = match Vm::launch(&opts, self.child.is_none()).await {
+            Ok(d) => d,
+            Err(e) => {
+                restore_forward(&mut src, &self.state.net, opts.boot.listen.port()).await;
+                return Err(e);
+            }
+        };
+        let outcome = async {
+            src.execute("migrate", Some(serde_json::json!({ "uri": format!("tcp:{incoming}") })))
+                .await?;
+            loop {
+                let info = src.execute("query-migrate", None).await?;
+                match info["status"].as_str().unwrap_or("?") {
+                    "completed" => return Ok(info),
+                    s @ ("failed" | "cancelled") => {
+                        return Err(VmError::Migration {
+                            status: s.into(),
+                            detail: info["error-desc"].as_str().unwrap_or("").to_string(),
+                        })
+                    }
+                    _ => tokio::time::sleep(Duration::from_millis(10)).await,
+                }
+            }
+        }
+        .await;
+        let info = match outcome {
+            Ok(info) => info,
+            Err(e) => {
+                let _ = dest.stop(Duration::ZERO, true).await;
+                restore_forward(&mut src, &self.state.net, opts.boot.listen.port()).await;
+                let _ = src.execute("cont", None).await;
+                return Err(e);
+            }
+        };
+        let completed = Instant::now();
+        // The source is paused in "postmigrate"; it has nothing left to do.
+        let _ = src.execute("quit", None).await;
+        self.wait_exit(Duration::from_secs(10)).await;
+        dest.wait_serving(Duration::from_secs(60)).await?;
+        let n = |v: &serde_json::Value| v.as_u64().unwrap_or(0);
+        let report = MigrationReport {
+            wall_ms: started.elapsed().as_millis(),
+            total_ms: n(&info["total-time"]),
+            downtime_ms: n(&info["downtime"]),
+            setup_ms: n(&info["setup-time"]),
+            ram_transferred_bytes: n(&info["ram"]["transferred"]),
+            ram_total_bytes: n(&info["ram"]["total"]),
+            serving_after_ms: completed.elapsed().as_millis(),
+        };
+        Ok((dest, report))
+    }
+}
+
+/// Gives a migration source its forwarded port back after a failed migration.
+async fn restore_forward(src: &mut Qmp, net: &Net, guest_port: u16) {
+    if let Net::User { host_port } = net {
+        let _ = hmp(src, &format!("hostfwd_add n0 tcp:127.0.0.1:{host_port}-:{guest_port}")).await;
+    }
+}
+
+async fn hmp(qmp: &mut Qmp, command: &str) -> Result<String, VmError> {
+    let out = qmp
+        .execute("human-monitor-command", Some(serde_json::json!({ "command-line": command })))
+        .await?;
+    Ok(out.as_str().unwrap_or("").trim().to_string())
+}
+
+fn is_zombie(pid: u32) -> bool {
+    // Host side only (the guest never reads /proc while serving).
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| s.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')))
+        .unwrap_or(false)
+}
+
+/// One gRPC health check (`grpc.health.v1.Health/Check`, whole server) with a timeout.
+pub async fn health_check(endpoint: &str, timeout: Duration) -> bool {
+    use tonic_health::pb::{
+        health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest,
+    };
+    let attempt = async {
+        let channel = tonic::transport::Endpoint::from_shared(endpoint.to_string())
+            .ok()?
+            .connect_timeout(timeout)
+            .timeout(timeout)
+            .connect()
+            .await
+            .ok()?;
+        let reply = HealthClient::new(channel)
+            .check(HealthCheckRequest { service: String::new() })
+            .await
+            .ok()?;
+        Some(reply.into_inner().status == ServingStatus::Serving as i32)
+    };
+    tokio::time::timeout(timeout * 2, attempt).await.ok().flatten().unwrap_or(false)
+}
+
+/// Asks the NMS to shut down cleanly (`NmsAdmin.Shutdown`).
+pub async fn request_shutdown(endpoint: &str, timeout: Duration) -> bool {
+    use wayside_proto::pb::nms_admin_client::NmsAdminClient;
+    let attempt = async {
+        let channel = tonic::transport::Endpoint::from_shared(endpoint.to_string())
+            .ok()?
+            .connect_timeout(timeout)
+            .timeout(timeout)
+            .connect()
+            .await
+            .ok()?;
+        NmsAdminClient::new(channel).shutdown(wayside_proto::pb::ShutdownRequest {}).await.ok()
+    };
+    tokio::time::timeout(timeout * 2, attempt).await.ok().flatten().is_some()
+}

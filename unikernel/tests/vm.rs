@@ -1,0 +1,84 @@
+//! The image under real QEMU (TCG in CI, KVM when the probe says it works): it boots to a
+//! serving NMS, answers over QMP, and stops.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use wayside_nms::pid1::BootParams;
+use wayside_unikernel::image::Image;
+use wayside_unikernel::vm::{self, Accel, Machine, Net, StopOutcome, Vm, VmOptions};
+
+pub const BOOT_LIMIT: Duration = Duration::from_secs(120);
+
+fn options(image: Image, state_dir: &std::path::Path, boot: BootParams) -> VmOptions {
+    VmOptions {
+        image,
+        state_dir: state_dir.to_path_buf(),
+        memory_mib: 512,
+        cpus: 1,
+        accel: Accel::Auto,
+        machine: Machine::Microvm,
+        net: Net::User { host_port: vm::free_port().unwrap() },
+        boot,
+        incoming: None,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn boots_to_the_health_check_answers_qmp_and_stops() {
+    let (Some(k), true) = (common::kernel(), common::qemu()) else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let img_dir = dir.path().join("img");
+    common::build_image(&k, &img_dir, BootParams::default());
+    let image = Image::open(&img_dir, true).unwrap();
+    // The NMS needs a PSS address to start; nothing is written here, so an unreachable
+    // one will do (the data path has its own test, vm_data.rs).
+    let boot = BootParams {
+        pss: vec![wayside_proto::types::Endpoint::parse("10.0.2.2:9").unwrap()],
+        ..BootParams::default()
+    };
+    let opts = options(image, &dir.path().join("vm"), boot);
+
+    let started = Instant::now();
+    let mut vm = Vm::launch(&opts, false).await.unwrap();
+    vm.wait_serving(BOOT_LIMIT).await.unwrap();
+    eprintln!("boot to serving: {} ms ({:?})", started.elapsed().as_millis(), vm.state.accel);
+
+    // The guest really is our PID 1: the console shows the init's own messages.
+    let serial = std::fs::read_to_string(&vm.state.serial_log).unwrap();
+    assert!(serial.contains("wayside-init"), "serial log:\n{serial}");
+
+    let status = vm.status().await.unwrap();
+    assert!(status.running && status.nms_serving, "{status:?}");
+    assert_eq!(status.qemu_status, "running");
+
+    // A state-folder handle (what the CLI uses) sees the same VM.
+    let mut attached = Vm::attach(&vm.state_dir).unwrap();
+    assert!(attached.status().await.unwrap().nms_serving);
+
+    // NmsAdmin.Shutdown -> the NMS stops -> PID 1 powers the VM off -> QEMU exits.
+    assert_eq!(vm.stop(Duration::from_secs(60), false).await.unwrap(), StopOutcome::Clean);
+    let serial = std::fs::read_to_string(&vm.state.serial_log).unwrap();
+    assert!(serial.contains("stopped cleanly; powering off"), "serial log:\n{serial}");
+    assert!(!vm.is_alive());
+    assert!(!vm::health_check(&vm.state.nms_endpoint, Duration::from_millis(300)).await);
+    assert_eq!(vm.stop(Duration::ZERO, false).await.unwrap(), StopOutcome::AlreadyStopped);
+}
+
+#[test]
+fn the_accelerator_probe_is_bounded_and_refuses_nonsense() {
+    let (Some(k), true) = (common::kernel(), common::qemu()) else { return };
+    // Whatever KVM does here (nested KVM hangs or aborts on these machines), the probe
+    // answers within its limit plus QEMU's start-up.
+    let t = Instant::now();
+    let kvm = vm::probe_accel("kvm", &k.vmlinuz, vm::KVM_PROBE_TIMEOUT);
+    let took = t.elapsed();
+    eprintln!("kvm probe: works={kvm} in {} ms", took.as_millis());
+    assert!(took < vm::KVM_PROBE_TIMEOUT + Duration::from_secs(5), "{took:?}");
+    if kvm {
+        assert!(std::path::Path::new("/dev/kvm").exists());
+    }
+    // An accelerator QEMU does not know is reported as not working rather than hanging.
+    assert!(!vm::probe_accel("bogus", &k.vmlinuz, Duration::from_secs(5)));
+}
