@@ -2,3 +2,7 @@
 
 pub mod bench;
 pub mod config;
+pub mod drive;
+pub mod fcd;
+pub mod mobility;
+pub mod paper;

@@ -1,0 +1,617 @@
+//! The SMF gRPC service (`wayside.v1.Smf`): holds the road, plans each reported vehicle's next
+//! move with [`planner`](super::planner), starts due moves by calling
+//! `NmsAdmin.StartMigration` on the source NMS, records every move and learns its migration
+//! time from them.
+//!
+//! Time: vehicles report in scenario seconds; `time_scale` scenario seconds pass per wall
+//! second (the testbed compresses time). The SMF maps wall instants to each vehicle's scenario
+//! clock from its latest report, and learns migration times in wall seconds.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tonic::{Request, Response, Status};
+use tracing::{info, info_span, warn, Instrument as _};
+use wayside_proto::pb;
+use wayside_proto::types::Endpoint;
+
+use super::estimate::{EstimatorConfig, SmtEstimator};
+use super::model::Speed;
+use super::planner::{self, Kind, VehicleFix};
+use super::road::{Road, RsuSite};
+
+/// SMF settings; every limit named with its unit.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SmfConfig {
+    /// Scenario seconds per wall second (1 for real roads; > 1 compresses time).
+    pub time_scale: f64,
+    /// Added to every proactive lead, scenario seconds.
+    pub margin_s: f64,
+    /// How often due moves are started, milliseconds.
+    pub tick_ms: u64,
+    /// Moves kept for ListMoves (oldest dropped first).
+    pub max_move_records: usize,
+    /// Moves in flight at once; due moves beyond wait for a slot.
+    pub max_concurrent_moves: usize,
+    /// Longest one StartMigration call may take, milliseconds.
+    pub migration_rpc_timeout_ms: u64,
+    /// Vehicles tracked at once (RESOURCE_EXHAUSTED beyond).
+    pub max_vehicles: usize,
+    pub estimator: EstimatorConfig,
+}
+
+impl Default for SmfConfig {
+    fn default() -> Self {
+        Self {
+            time_scale: 1.0,
+            margin_s: 1.0,
+            tick_ms: 10,
+            max_move_records: 10_000,
+            max_concurrent_moves: 16,
+            migration_rpc_timeout_ms: 60_000,
+            max_vehicles: 10_000,
+            estimator: EstimatorConfig::default(),
+        }
+    }
+}
+
+impl SmfConfig {
+    pub fn validate(&self) -> Result<(), String> {
+        if !(self.time_scale.is_finite() && self.time_scale > 0.0) {
+            return Err(format!("time_scale must be > 0, got {}", self.time_scale));
+        }
+        if !(self.margin_s.is_finite() && self.margin_s >= 0.0) {
+            return Err(format!("margin_s must be >= 0, got {}", self.margin_s));
+        }
+        if self.tick_ms == 0 || self.max_concurrent_moves == 0 || self.max_move_records == 0 {
+            return Err("tick_ms, max_concurrent_moves and max_move_records must be > 0".into());
+        }
+        Ok(())
+    }
+}
+
+/// A vehicle's scenario clock: `time_s` was reported at wall instant `at`.
+#[derive(Debug, Clone, Copy)]
+struct Clock {
+    at: Instant,
+    time_s: f64,
+    scale: f64,
+}
+
+impl Clock {
+    fn scenario(&self, wall: Instant) -> f64 {
+        self.time_s + wall.saturating_duration_since(self.at).as_secs_f64() * self.scale
+    }
+    fn wall(&self, scenario_s: f64) -> Instant {
+        let ahead = ((scenario_s - self.time_s) / self.scale).max(0.0);
+        self.at + Duration::from_secs_f64(ahead.min(1e6))
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Pending {
+    vehicle: String,
+    from: usize,
+    to: usize,
+    kind: Kind,
+    planned_start_s: f64,
+    due: Instant,
+    predicted_smt_s: f64,
+    clock: Clock,
+}
+
+#[derive(Debug, Default)]
+struct VolumeState {
+    /// The RSU whose NMS holds the volume (as far as the SMF knows).
+    at: Option<usize>,
+    moving: bool,
+    pending: Option<Pending>,
+}
+
+struct State {
+    road: Option<(Road, pb::Road)>,
+    estimator: SmtEstimator,
+    volumes: HashMap<String, VolumeState>,
+    vehicles: HashMap<String, Clock>,
+    moves: VecDeque<pb::MoveRecord>,
+    in_flight: usize,
+}
+
+/// The SMF: cheap to clone (shared state).
+#[derive(Clone)]
+pub struct Smf {
+    cfg: Arc<SmfConfig>,
+    state: Arc<Mutex<State>>,
+    tracker: TaskTracker,
+    stop: CancellationToken,
+}
+
+fn kind_pb(k: Kind) -> pb::MoveKind {
+    match k {
+        Kind::None => pb::MoveKind::None,
+        Kind::Reactive => pb::MoveKind::Reactive,
+        Kind::Proactive => pb::MoveKind::Proactive,
+        Kind::CannotFit => pb::MoveKind::CannotFit,
+    }
+}
+
+/// Wire road -> domain road (INVALID_ARGUMENT on nonsense).
+fn road_of(r: &pb::Road) -> Result<Road, Status> {
+    let rsus = r
+        .rsus
+        .iter()
+        .map(|s| RsuSite {
+            name: s.name.clone(),
+            position_m: s.position_m,
+            coverage_radius_m: s.coverage_radius_m,
+            nms_address: s.nms_address.clone(),
+        })
+        .collect();
+    let road = Road::new(rsus, r.handover_execution_s, r.time_to_handover_s)
+        .map_err(|e| Status::invalid_argument(format!("road: {e}")))?;
+    for s in road.rsus() {
+        Endpoint::parse(&s.nms_address)
+            .map_err(|e| Status::invalid_argument(format!("RSU {:?} nms_address: {e}", s.name)))?;
+    }
+    Ok(road)
+}
+
+impl Smf {
+    /// A new SMF; its move starter runs until `stop` fires (see [`Smf::run_ticker`]).
+    pub fn new(cfg: SmfConfig, stop: CancellationToken) -> Result<Self, String> {
+        cfg.validate()?;
+        let estimator = SmtEstimator::new(cfg.estimator);
+        Ok(Self {
+            cfg: Arc::new(cfg),
+            state: Arc::new(Mutex::new(State {
+                road: None,
+                estimator,
+                volumes: HashMap::new(),
+                vehicles: HashMap::new(),
+                moves: VecDeque::new(),
+                in_flight: 0,
+            })),
+            tracker: TaskTracker::new(),
+            stop,
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        // A panic while holding the lock leaves plain data; keep serving.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The learnt estimate (for reports).
+    pub fn estimator(&self) -> SmtEstimator {
+        self.lock().estimator.clone()
+    }
+
+    /// Plans for one report; schedules the move it implies.
+    pub fn report(&self, r: &pb::VehicleReport) -> Result<pb::MoveDecision, Status> {
+        if r.vehicle.is_empty() || r.volume.is_empty() {
+            return Err(Status::invalid_argument("vehicle and volume are required"));
+        }
+        let speed = Speed::from_mps(r.speed_mps)
+            .map_err(|e| Status::invalid_argument(format!("speed_mps: {e}")))?;
+        if !r.time_s.is_finite() || !r.position_m.is_finite() {
+            return Err(Status::invalid_argument("time_s and position_m must be finite"));
+        }
+        let now = Instant::now();
+        let clock = Clock { at: now, time_s: r.time_s, scale: self.cfg.time_scale };
+        let mut st = self.lock();
+        let Some((road, _)) = st.road.clone() else {
+            return Err(Status::failed_precondition("no road: call SetRoad first"));
+        };
+        if !st.vehicles.contains_key(&r.vehicle) && st.vehicles.len() >= self.cfg.max_vehicles {
+            return Err(Status::resource_exhausted(format!(
+                "max_vehicles ({}) vehicles tracked",
+                self.cfg.max_vehicles
+            )));
+        }
+        st.vehicles.insert(r.vehicle.clone(), clock);
+        let predicted_wall = st.estimator.predict_s(r.cached_bytes.max(r.dirty_bytes));
+        let predicted = predicted_wall * self.cfg.time_scale;
+        let fix = VehicleFix { time_s: r.time_s, position_m: r.position_m, speed };
+        let d = planner::decide(&road, fix, predicted, self.cfg.margin_s);
+        let serving = road.index_of(&r.serving_rsu).or(d.from);
+        let vol = st.volumes.entry(r.volume.clone()).or_default();
+        if vol.at.is_none() {
+            vol.at = serving;
+        }
+        let mut reason = d.reason.clone();
+        if !vol.moving {
+            vol.pending = None;
+            match (vol.at, d.from, d.to) {
+                // Behind: the vehicle is already served elsewhere; catch up now.
+                (Some(at), Some(from), _) if at != from && Some(at) != d.to => {
+                    reason = format!(
+                        "volume is at {} but the vehicle is served by {}: moving now",
+                        road.rsus()[at].name,
+                        road.rsus()[from].name
+                    );
+                    vol.pending = Some(Pending {
+                        vehicle: r.vehicle.clone(),
+                        from: at,
+                        to: from,
+                        kind: Kind::Reactive,
+                        planned_start_s: r.time_s,
+                        due: now,
+                        predicted_smt_s: predicted,
+                        clock,
+                    });
+                }
+                (Some(at), Some(from), Some(to)) if at == from && d.kind != Kind::None => {
+                    vol.pending = Some(Pending {
+                        vehicle: r.vehicle.clone(),
+                        from,
+                        to,
+                        kind: d.kind,
+                        planned_start_s: d.start_at_s,
+                        due: clock.wall(d.start_at_s),
+                        predicted_smt_s: predicted,
+                        clock,
+                    });
+                }
+                _ => {}
+            }
+        }
+        let name = |i: Option<usize>| i.map(|i| road.rsus()[i].name.clone()).unwrap_or_default();
+        Ok(pb::MoveDecision {
+            kind: kind_pb(d.kind).into(),
+            from_rsu: name(d.from),
+            to_rsu: name(d.to),
+            handover_at_s: if d.handover_at_s.is_finite() { d.handover_at_s } else { 0.0 },
+            start_at_s: if d.start_at_s.is_finite() { d.start_at_s } else { 0.0 },
+            proactive_x_s: d.x_s,
+            predicted_smt_s: d.predicted_smt_s,
+            dwell_s: d.window_s,
+            reason,
+        })
+    }
+
+    /// Starts every due move (bounded by `max_concurrent_moves`).
+    fn start_due(&self) {
+        let now = Instant::now();
+        let mut st = self.lock();
+        let Some((road, _)) = st.road.clone() else { return };
+        let mut due: Vec<(String, Pending)> = Vec::new();
+        let mut slots = self.cfg.max_concurrent_moves.saturating_sub(st.in_flight);
+        for (volume, v) in st.volumes.iter_mut() {
+            if slots == 0 {
+                break;
+            }
+            if v.moving || v.pending.as_ref().is_none_or(|p| p.due > now) {
+                continue;
+            }
+            let p = v.pending.take().expect("checked");
+            v.moving = true;
+            slots -= 1;
+            due.push((volume.clone(), p));
+        }
+        st.in_flight += due.len();
+        drop(st);
+        for (volume, p) in due {
+            let smf = self.clone();
+            let road = road.clone();
+            let span = info_span!("smf_move", volume = %volume, vehicle = %p.vehicle);
+            self.tracker.spawn(async move { smf.do_move(road, volume, p).await }.instrument(span));
+        }
+    }
+
+    async fn do_move(&self, road: Road, volume: String, p: Pending) {
+        let src = &road.rsus()[p.from];
+        let dst = &road.rsus()[p.to];
+        let start = Instant::now();
+        let actual_start_s = p.clock.scenario(start);
+        info!(from = %src.name, to = %dst.name, kind = ?p.kind, planned = p.planned_start_s, actual = actual_start_s, "move starting");
+        let result = self.call_migrate(&src.nms_address, &volume, &dst.nms_address).await;
+        let wall = start.elapsed().as_secs_f64();
+        let scale = self.cfg.time_scale;
+        let mut rec = pb::MoveRecord {
+            vehicle: p.vehicle.clone(),
+            volume: volume.clone(),
+            from_rsu: src.name.clone(),
+            to_rsu: dst.name.clone(),
+            kind: kind_pb(p.kind).into(),
+            planned_start_s: p.planned_start_s,
+            actual_start_s,
+            end_s: p.clock.scenario(Instant::now()),
+            predicted_smt_s: p.predicted_smt_s,
+            measured_smt_s: wall * scale,
+            ..Default::default()
+        };
+        let mut st = self.lock();
+        match result {
+            Ok(rep) if rep.outcome == pb::MigrationOutcome::Completed as i32 => {
+                rec.ok = true;
+                rec.bytes = rep.bytes_moved;
+                rec.pause_ms = rep.pause_us as f64 / 1000.0;
+                st.estimator.observe(rep.bytes_moved, wall);
+                info!(
+                    bytes = rep.bytes_moved,
+                    wall_ms = wall * 1e3,
+                    pause_us = rep.pause_us,
+                    "move done"
+                );
+            }
+            Ok(rep) => {
+                rec.error = format!("aborted: {}", rep.error);
+                warn!(error = %rep.error, "move aborted");
+            }
+            Err(e) => {
+                rec.error = e;
+                warn!(error = %rec.error, "move failed");
+            }
+        }
+        st.in_flight = st.in_flight.saturating_sub(1);
+        if let Some(v) = st.volumes.get_mut(&volume) {
+            v.moving = false;
+            if rec.ok {
+                v.at = Some(p.to);
+            }
+        }
+        if st.moves.len() >= self.cfg.max_move_records {
+            st.moves.pop_front();
+        }
+        st.moves.push_back(rec);
+    }
+
+    async fn call_migrate(
+        &self,
+        source: &str,
+        volume: &str,
+        target: &str,
+    ) -> Result<pb::MigrationReport, String> {
+        let ep = Endpoint::parse(source).map_err(|e| format!("source address {source:?}: {e}"))?;
+        let channel = tonic::transport::Endpoint::from_shared(ep.uri().to_string())
+            .map_err(|e| format!("source address {source:?}: {e}"))?
+            .connect_timeout(Duration::from_secs(2))
+            .timeout(Duration::from_millis(self.cfg.migration_rpc_timeout_ms))
+            .connect()
+            .await
+            .map_err(|e| format!("connecting to {source}: {e}"))?;
+        let mut client = pb::nms_admin_client::NmsAdminClient::new(channel);
+        let req = pb::StartMigrationRequest {
+            volume: volume.to_string(),
+            target_address: target.to_string(),
+            ..Default::default()
+        };
+        tokio::select! {
+            r = client.start_migration(req) => r.map(|r| r.into_inner()).map_err(|s| format!("StartMigration: {}: {}", s.code(), s.message())),
+            () = self.stop.cancelled() => Err("SMF stopping".into()),
+        }
+    }
+
+    /// Starts due moves every `tick_ms` until stopped, then waits for moves in flight.
+    pub async fn run_ticker(&self) {
+        let mut tick = tokio::time::interval(Duration::from_millis(self.cfg.tick_ms));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => self.start_due(),
+                () = self.stop.cancelled() => break,
+            }
+        }
+        self.tracker.close();
+        self.tracker.wait().await;
+    }
+
+    /// Moves started and not yet recorded.
+    pub fn moves_in_flight(&self) -> usize {
+        self.lock().in_flight
+    }
+
+    /// Every move recorded (of `vehicle`, or all when empty).
+    pub fn moves(&self, vehicle: &str) -> Vec<pb::MoveRecord> {
+        self.lock()
+            .moves
+            .iter()
+            .filter(|m| vehicle.is_empty() || m.vehicle == vehicle)
+            .cloned()
+            .collect()
+    }
+
+    /// Replaces the road.
+    pub fn set_road(&self, r: pb::Road) -> Result<pb::Road, Status> {
+        let road = road_of(&r)?;
+        let mut st = self.lock();
+        st.road = Some((road, r.clone()));
+        // Indices into the old road mean nothing on the new one.
+        st.volumes.clear();
+        Ok(r)
+    }
+}
+
+#[tonic::async_trait]
+impl pb::smf_server::Smf for Smf {
+    async fn set_road(&self, req: Request<pb::Road>) -> Result<Response<pb::Road>, Status> {
+        Smf::set_road(self, req.into_inner()).map(Response::new)
+    }
+    async fn get_road(&self, _: Request<pb::GetRoadRequest>) -> Result<Response<pb::Road>, Status> {
+        let st = self.lock();
+        st.road
+            .as_ref()
+            .map(|(_, r)| Response::new(r.clone()))
+            .ok_or_else(|| Status::not_found("no road set"))
+    }
+    async fn report_vehicle(
+        &self,
+        req: Request<pb::VehicleReport>,
+    ) -> Result<Response<pb::MoveDecision>, Status> {
+        self.report(&req.into_inner()).map(Response::new)
+    }
+    async fn list_moves(
+        &self,
+        req: Request<pb::ListMovesRequest>,
+    ) -> Result<Response<pb::ListMovesReply>, Status> {
+        Ok(Response::new(pb::ListMovesReply { moves: self.moves(&req.into_inner().vehicle) }))
+    }
+}
+
+/// Serves the SMF on `listener` until `shutdown` fires; moves in flight finish first.
+pub async fn run(
+    cfg: SmfConfig,
+    listener: tokio::net::TcpListener,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let smf = Smf::new(cfg, shutdown.clone())
+        .map_err(|e| anyhow::anyhow!("invalid SMF configuration: {e}"))?;
+    serve(smf, listener, shutdown).await
+}
+
+/// Serves a given [`Smf`] (the testbed keeps a handle to read its estimate).
+pub async fn serve(
+    smf: Smf,
+    listener: tokio::net::TcpListener,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let local = listener.local_addr()?;
+    async move {
+        info!(listen = %local, "SMF serving");
+        let (reporter, health) = wayside_proto::server::health();
+        reporter.set_service_status("wayside.v1.Smf", tonic_health::ServingStatus::Serving).await;
+        reporter.set_service_status("", tonic_health::ServingStatus::Serving).await;
+        let server = tonic::transport::Server::builder()
+            .add_service(health)
+            .add_service(wayside_proto::server::reflection())
+            .add_service(pb::smf_server::SmfServer::new(smf.clone()))
+            .serve_with_incoming_shutdown(
+                wayside_proto::server::incoming(listener),
+                shutdown.clone().cancelled_owned(),
+            );
+        let (served, ()) = tokio::join!(server, smf.run_ticker());
+        served?;
+        info!("SMF stopped");
+        Ok(())
+    }
+    .instrument(info_span!("smf", listen = %local))
+    .await
+}
+
+/// `nms smf`: serve the SMF.
+#[derive(Debug, Clone, clap::Args)]
+pub struct SmfArgs {
+    /// Address to listen on for gRPC (`wayside.v1.Smf`).
+    #[arg(long, default_value = "127.0.0.1:7300")]
+    pub listen: String,
+    /// Scenario seconds per wall second in vehicles' reports (1 on a real road).
+    #[arg(long, default_value_t = 1.0)]
+    pub time_scale: f64,
+    /// Seconds added to every proactive lead.
+    #[arg(long, default_value_t = 1.0)]
+    pub margin_s: f64,
+}
+
+/// Runs `nms smf` until Ctrl-C.
+pub async fn serve_cmd(a: SmfArgs) -> anyhow::Result<()> {
+    let cfg = SmfConfig { time_scale: a.time_scale, margin_s: a.margin_s, ..Default::default() };
+    let listener = tokio::net::TcpListener::bind(&a.listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("binding {}: {e}", a.listen))?;
+    let shutdown = CancellationToken::new();
+    let stop = shutdown.clone();
+    let (server, ()) = tokio::join!(run(cfg, listener, shutdown), async move {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => stop.cancel(),
+            () = stop.cancelled() => {}
+        }
+    });
+    server
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn road(addr: &str) -> pb::Road {
+        let rsu = |name: &str, p: f64| pb::Rsu {
+            name: name.into(),
+            position_m: p,
+            coverage_radius_m: 150.0,
+            nms_address: addr.into(),
+        };
+        pb::Road {
+            rsus: vec![rsu("A", 100.0), rsu("B", 300.0)],
+            handover_execution_s: 0.0,
+            time_to_handover_s: 4.0,
+        }
+    }
+
+    fn report(t: f64, pos: f64) -> pb::VehicleReport {
+        pb::VehicleReport {
+            vehicle: "car".into(),
+            volume: "vol".into(),
+            time_s: t,
+            position_m: pos,
+            speed_mps: 10.0,
+            serving_rsu: "A".into(),
+            cached_bytes: 1 << 20,
+            dirty_bytes: 0,
+        }
+    }
+
+    #[tokio::test]
+    async fn bad_input_gets_the_right_codes() {
+        let smf = Smf::new(SmfConfig::default(), CancellationToken::new()).unwrap();
+        assert_eq!(
+            smf.report(&report(0.0, 0.0)).unwrap_err().code(),
+            tonic::Code::FailedPrecondition
+        );
+        let mut bad = road("127.0.0.1:1");
+        bad.rsus[1].position_m = 50.0;
+        assert_eq!(smf.set_road(bad).unwrap_err().code(), tonic::Code::InvalidArgument);
+        assert_eq!(
+            smf.set_road(road("not an address")).unwrap_err().code(),
+            tonic::Code::InvalidArgument
+        );
+        smf.set_road(road("127.0.0.1:1")).unwrap();
+        let mut r = report(0.0, 0.0);
+        r.speed_mps = 0.0;
+        assert_eq!(smf.report(&r).unwrap_err().code(), tonic::Code::InvalidArgument);
+        assert!(Smf::new(
+            SmfConfig { time_scale: 0.0, ..Default::default() },
+            CancellationToken::new()
+        )
+        .is_err());
+    }
+
+    #[tokio::test]
+    async fn a_move_to_an_unreachable_nms_is_recorded_as_failed() {
+        // A port nothing listens on: bind, read the port, close.
+        let addr = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().to_string()
+        };
+        let stop = CancellationToken::new();
+        let smf = Smf::new(SmfConfig::default(), stop.clone()).unwrap();
+        smf.set_road(road(&addr)).unwrap();
+        let ticker = tokio::spawn({
+            let smf = smf.clone();
+            async move { smf.run_ticker().await }
+        });
+        // At 249.5 m, 10 m/s: the handover out of A (exit 250 m) is 0.05 s away; B's window
+        // (4 + 20 s) dwarfs the prior SMT estimate: reactive.
+        let d = smf.report(&report(0.0, 249.5)).unwrap();
+        assert_eq!(d.kind, pb::MoveKind::Reactive as i32, "{d:?}");
+        assert_eq!((d.from_rsu.as_str(), d.to_rsu.as_str()), ("A", "B"));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while smf.moves("car").is_empty() {
+            assert!(Instant::now() < deadline, "no move recorded");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let m = &smf.moves("car")[0];
+        assert!(!m.ok && m.error.contains("connecting"), "{m:?}");
+        assert!(
+            m.actual_start_s >= m.planned_start_s - 1e-9 && (m.planned_start_s - 0.05).abs() < 1e-9,
+            "{m:?}"
+        );
+        // A failed move teaches nothing.
+        assert_eq!(smf.estimator().samples(), 0);
+        stop.cancel();
+        ticker.await.unwrap();
+    }
+}

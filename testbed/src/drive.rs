@@ -1,0 +1,805 @@
+//! `testbed drive`: a whole road on one machine. A 3-node PSS (real Raft, real disk), one NMS
+//! per RSU on loopback, the SMF over gRPC, and vehicles driving through the RSUs (scenario
+//! time compressed by `time_scale`) while running a read/write workload through
+//! `wayside_nms::client::VolumeClient`. Every op, stall and move is recorded; at the end every
+//! acknowledged write is read back.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use rand::Rng as _;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use wayside_nms::client::{ClientOptions, VolumeClient};
+use wayside_nms::smf::model::Speed;
+use wayside_nms::smf::road::Road;
+use wayside_nms::smf::service::{Smf, SmfConfig};
+use wayside_proto::pb;
+use wayside_proto::types::{BlockSize, Credential, Endpoint, VolumeName};
+
+use crate::mobility::{self, Motion, Vehicle};
+
+/// `testbed drive` options.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Args {
+    /// Use only the first N RSUs of the A41 road (paper Table IV, RSU1-7).
+    #[arg(long, default_value_t = 7)]
+    pub rsu_count: usize,
+    /// CSV of RSUs (`name,dwell_distance_m`) instead of the A41 road.
+    #[arg(long, value_name = "FILE")]
+    pub rsus: Option<PathBuf>,
+    /// Vehicle speeds in mph, one vehicle each (repeatable). Default: 30 and 50.
+    #[arg(long = "speed-mph", value_name = "MPH")]
+    pub speed_mph: Vec<f64>,
+    /// A SUMO FCD trace (`sumo --fcd-output`); its vehicles replace the constant-speed ones.
+    #[arg(long, value_name = "FILE")]
+    pub fcd: Option<PathBuf>,
+    /// Scenario seconds per wall second.
+    #[arg(long, default_value_t = 8.0)]
+    pub time_scale: f64,
+    /// Workload operations per vehicle per wall second (half writes, half reads).
+    #[arg(long, default_value_t = 40.0)]
+    pub ops_per_s: f64,
+    /// Distinct 4 KiB blocks each vehicle writes to.
+    #[arg(long, default_value_t = 256)]
+    pub blocks: u64,
+    /// Position reports to the SMF per scenario second.
+    #[arg(long, default_value_t = 2.0)]
+    pub reports_per_s: f64,
+    /// An operation slower than this counts as a stall, milliseconds.
+    #[arg(long, default_value_t = 100.0)]
+    pub stall_ms: f64,
+    /// Output folder for report.md and the SVG plots.
+    #[arg(long, default_value = "out/drive")]
+    pub out: PathBuf,
+    /// Put every node in its own network namespace with shaped links (not implemented yet).
+    #[arg(long)]
+    pub netns: bool,
+    /// Boot each RSU's NMS as the unikernel image (not implemented yet).
+    #[arg(long)]
+    pub image: bool,
+}
+
+/// What a drive is made of (the library entry point; tests build it directly).
+#[derive(Debug, Clone)]
+pub struct Scenario {
+    pub rsus: Vec<(String, f64)>,
+    pub vehicles: Vec<Vehicle>,
+    pub time_scale: f64,
+    pub ops_per_s: f64,
+    pub blocks: u64,
+    pub reports_per_s: f64,
+    pub stall_ms: f64,
+    /// Coverage overlap (m) and handover execution time (s) of the road.
+    pub overlap_m: f64,
+    pub handover_execution_s: f64,
+    /// Print progress lines.
+    pub progress: bool,
+}
+
+/// One workload operation.
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct OpRecord {
+    pub vehicle: usize,
+    pub write: bool,
+    /// Scenario time at the start of the op, seconds.
+    pub time_s: f64,
+    pub latency_ms: f64,
+    pub ok: bool,
+}
+
+/// A vehicle's samples for the timeline: (scenario s, position m, serving RSU index).
+pub type Track = Vec<(f64, f64, Option<usize>)>;
+
+/// The outcome of a drive.
+#[derive(Debug, Default)]
+pub struct Outcome {
+    pub ops: Vec<OpRecord>,
+    pub tracks: Vec<(String, Track)>,
+    pub moves: Vec<pb::MoveRecord>,
+    /// Acknowledged writes checked at the end / not read back with their last acked bytes.
+    pub checked: u64,
+    pub lost: u64,
+    /// Reads during the drive that returned something other than the last acked bytes.
+    pub read_mismatches: u64,
+    pub op_errors: u64,
+    pub wall_s: f64,
+    pub interrupted: bool,
+    pub learnt_fixed_s: f64,
+    pub learnt_rate_bytes_per_s: f64,
+    pub road: Option<Road>,
+}
+
+impl Outcome {
+    pub fn stalls(&self, stall_ms: f64) -> usize {
+        self.ops.iter().filter(|o| o.latency_ms > stall_ms).count()
+    }
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let k = ((sorted.len() - 1) as f64 * p).round() as usize;
+    sorted[k.min(sorted.len() - 1)]
+}
+
+fn data_for(vehicle: usize, block: u64, seq: u64) -> Vec<u8> {
+    // Each write's bytes are unique (vehicle, block, seq), so a stale read is detected.
+    let mut d = vec![0u8; 4096];
+    let tag = format!("v{vehicle} b{block} s{seq};");
+    for (i, b) in d.iter_mut().enumerate() {
+        *b = tag.as_bytes()[i % tag.len()];
+    }
+    d
+}
+
+/// Runs a scenario to the end (or until `stop` fires).
+pub async fn run_scenario(sc: Scenario, stop: CancellationToken) -> anyhow::Result<Outcome> {
+    let t_wall = Instant::now();
+    let dir = tempfile::tempdir().context("temp dir")?;
+    let cluster = wayside_pss::testing::LocalCluster::start(3, dir.path())
+        .await
+        .context("starting the PSS")?;
+    let pss: Vec<String> = cluster.endpoints().iter().map(|e| e.authority().to_string()).collect();
+    let nodes = CancellationToken::new();
+    let mut servers = JoinSet::new();
+    let mut addresses = Vec::new();
+    for (name, _) in &sc.rsus {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        addresses.push(listener.local_addr()?.to_string());
+        let cfg = wayside_nms::config::Config {
+            node_id: name.clone(),
+            pss: pss.clone(),
+            listen: listener.local_addr()?.to_string(),
+            ..Default::default()
+        };
+        servers.spawn(wayside_nms::server::run(cfg, listener, nodes.child_token()));
+    }
+    let result = drive_on(&sc, &addresses, &stop, &nodes, &mut servers).await;
+    nodes.cancel();
+    while let Some(r) = servers.join_next().await {
+        match r {
+            Ok(Err(e)) => tracing::warn!(error = %e, "a node stopped with an error"),
+            Err(e) => tracing::warn!(error = %e, "a node task failed"),
+            Ok(Ok(())) => {}
+        }
+    }
+    cluster.shutdown().await;
+    let mut out = result?;
+    out.wall_s = t_wall.elapsed().as_secs_f64();
+    Ok(out)
+}
+
+async fn drive_on(
+    sc: &Scenario,
+    addresses: &[String],
+    stop: &CancellationToken,
+    nodes: &CancellationToken,
+    servers: &mut JoinSet<anyhow::Result<()>>,
+) -> anyhow::Result<Outcome> {
+    let road =
+        mobility::road_from_dwell(&sc.rsus, addresses, sc.overlap_m, sc.handover_execution_s, 4.0)?;
+    // The SMF, served over gRPC like in a deployment; we keep a handle for its estimate.
+    let smf_cfg = SmfConfig { time_scale: sc.time_scale, ..Default::default() };
+    let smf = Smf::new(smf_cfg, nodes.child_token()).map_err(anyhow::Error::msg)?;
+    let smf_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let smf_addr = format!("http://{}", smf_listener.local_addr()?);
+    servers.spawn(wayside_nms::smf::service::serve(smf.clone(), smf_listener, nodes.child_token()));
+    let mut smf_client = connect_smf(&smf_addr).await?;
+    let road_pb = pb::Road {
+        rsus: road
+            .rsus()
+            .iter()
+            .map(|r| pb::Rsu {
+                name: r.name.clone(),
+                position_m: r.position_m,
+                coverage_radius_m: r.coverage_radius_m,
+                nms_address: r.nms_address.clone(),
+            })
+            .collect(),
+        handover_execution_s: road.handover_execution_s(),
+        time_to_handover_s: road.time_to_handover_s(),
+    };
+    smf_client.set_road(road_pb).await.context("SetRoad")?;
+
+    let t0 = Instant::now();
+    let mut vehicles = JoinSet::new();
+    let (progress_tx, mut progress_rx) =
+        tokio::sync::mpsc::channel::<(usize, f64, f64, Option<usize>)>(64);
+    for (i, v) in sc.vehicles.iter().cloned().enumerate() {
+        let road = road.clone();
+        let client = smf_client.clone();
+        let sc = sc.clone();
+        let stop = stop.clone();
+        let tx = progress_tx.clone();
+        vehicles.spawn(async move { run_vehicle(i, v, road, client, sc, t0, stop, tx).await });
+    }
+    drop(progress_tx);
+    let mut last_print = Instant::now();
+    let mut outs = Vec::new();
+    loop {
+        tokio::select! {
+            p = progress_rx.recv() => {
+                if let Some((i, t, pos, rsu)) = p {
+                    if sc.progress && last_print.elapsed() >= Duration::from_secs(3) {
+                        last_print = Instant::now();
+                        let name = rsu.map(|r| road.rsus()[r].name.clone()).unwrap_or_else(|| "-".into());
+                        eprintln!("[{:5.1} s wall] t={t:6.1} s  {} at {pos:7.1} m, served by {name}", t0.elapsed().as_secs_f64(), sc.vehicles[i].name);
+                    }
+                }
+            }
+            r = vehicles.join_next() => match r {
+                Some(r) => outs.push(r.context("vehicle task")??),
+                None => break,
+            },
+        }
+    }
+    // Let moves in flight land before reading the records.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while smf.moves_in_flight() > 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let moves = smf_client
+        .list_moves(pb::ListMovesRequest::default())
+        .await
+        .context("ListMoves")?
+        .into_inner()
+        .moves;
+    let est = smf.estimator();
+    let mut out = Outcome {
+        moves,
+        learnt_fixed_s: est.fixed_s(),
+        learnt_rate_bytes_per_s: est.rate_bytes_per_s(),
+        interrupted: stop.is_cancelled(),
+        road: Some(road),
+        ..Default::default()
+    };
+    outs.sort_by_key(|v: &VehicleOut| v.index);
+    for v in outs {
+        out.ops.extend(v.ops);
+        out.tracks.push((v.name, v.track));
+        out.checked += v.checked;
+        out.lost += v.lost;
+        out.read_mismatches += v.read_mismatches;
+        out.op_errors += v.op_errors;
+    }
+    Ok(out)
+}
+
+async fn connect_smf(
+    addr: &str,
+) -> anyhow::Result<pb::smf_client::SmfClient<tonic::transport::Channel>> {
+    let ch = tonic::transport::Endpoint::from_shared(addr.to_string())?
+        .connect_timeout(Duration::from_secs(2))
+        .timeout(Duration::from_secs(10))
+        .connect()
+        .await
+        .context("connecting to the SMF")?;
+    Ok(pb::smf_client::SmfClient::new(ch))
+}
+
+struct VehicleOut {
+    index: usize,
+    name: String,
+    ops: Vec<OpRecord>,
+    track: Track,
+    checked: u64,
+    lost: u64,
+    read_mismatches: u64,
+    op_errors: u64,
+}
+
+/// Most op records kept per vehicle (the rest are counted in the summary only).
+const MAX_OP_RECORDS_PER_VEHICLE: usize = 200_000;
+
+#[allow(clippy::too_many_arguments)]
+async fn run_vehicle(
+    index: usize,
+    v: Vehicle,
+    road: Road,
+    mut smf: pb::smf_client::SmfClient<tonic::transport::Channel>,
+    sc: Scenario,
+    t0: Instant,
+    stop: CancellationToken,
+    progress: tokio::sync::mpsc::Sender<(usize, f64, f64, Option<usize>)>,
+) -> anyhow::Result<VehicleOut> {
+    let scen = |at: Instant| at.duration_since(t0).as_secs_f64() * sc.time_scale;
+    let end_m = road.rsus().last().map_or(0.0, |r| r.position_m + r.coverage_radius_m);
+    let end_s = v.motion.time_past(end_m);
+    // Attach at the RSU serving the vehicle when it starts (or the first).
+    let start_t = match &v.motion {
+        Motion::Constant { depart_s, .. } => *depart_s,
+        Motion::Trace(s) => s.first().map_or(0.0, |p| p.0),
+    };
+    let first =
+        v.motion.at(start_t).and_then(|f| road.serving_at(f.position_m, f.speed)).unwrap_or(0);
+    let volume =
+        VolumeName::new(format!("drive-{}", v.name)).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut opts = ClientOptions::new(
+        vec![Endpoint::parse(&road.rsus()[first].nms_address).map_err(|e| anyhow::anyhow!("{e}"))?],
+        volume.clone(),
+        Credential::new(format!("secret-{}", v.name)).map_err(|e| anyhow::anyhow!("{e}"))?,
+    );
+    opts.create_block_size = Some(BlockSize::new(4096).map_err(|e| anyhow::anyhow!("{e}"))?);
+    let client = VolumeClient::open(opts).await.context("opening the vehicle's volume")?;
+    let mut out = VehicleOut {
+        index,
+        name: v.name.clone(),
+        ops: Vec::new(),
+        track: Vec::new(),
+        checked: 0,
+        lost: 0,
+        read_mismatches: 0,
+        op_errors: 0,
+    };
+    let mut acked: BTreeMap<u64, Vec<u8>> = BTreeMap::new();
+    let mut seq = 0u64;
+    let report_every = Duration::from_secs_f64(1.0 / (sc.reports_per_s * sc.time_scale));
+    let op_every = Duration::from_secs_f64(1.0 / sc.ops_per_s.max(0.1));
+    let mut next_report = Instant::now();
+    let mut next_op = Instant::now();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(index as u64 + 1);
+    loop {
+        if stop.is_cancelled() {
+            break;
+        }
+        let now = Instant::now();
+        let t = scen(now);
+        if t > end_s {
+            break;
+        }
+        if now >= next_report {
+            next_report = now + report_every;
+            if let Some(fix) = v.motion.at(t) {
+                let serving = road.serving_at(fix.position_m, fix.speed);
+                out.track.push((t, fix.position_m, serving));
+                let _ = progress.try_send((index, t, fix.position_m, serving));
+                let stat = client.stat().await.ok();
+                let report = pb::VehicleReport {
+                    vehicle: v.name.clone(),
+                    volume: volume.as_str().to_string(),
+                    time_s: t,
+                    position_m: fix.position_m,
+                    speed_mps: fix.speed.mps(),
+                    serving_rsu: serving.map(|i| road.rsus()[i].name.clone()).unwrap_or_default(),
+                    cached_bytes: stat.as_ref().map_or(0, |s| s.cached_bytes),
+                    dirty_bytes: stat.as_ref().map_or(0, |s| s.dirty_bytes),
+                };
+                if let Err(e) = smf.report_vehicle(report).await {
+                    tracing::warn!(vehicle = %v.name, error = %e, "ReportVehicle failed");
+                }
+            }
+        }
+        if now >= next_op {
+            next_op += op_every;
+            if next_op < now {
+                next_op = now + op_every; // fell behind: do not burst
+            }
+            let write = acked.is_empty() || rng.gen_bool(0.5);
+            let t_op = Instant::now();
+            let block = if write {
+                rng.gen_range(0..sc.blocks)
+            } else {
+                *acked.keys().nth(rng.gen_range(0..acked.len())).expect("non-empty")
+            };
+            let ok = if write {
+                seq += 1;
+                let data = data_for(index, block, seq);
+                match client.write(block, 0, data.clone()).await {
+                    Ok(_) => {
+                        acked.insert(block, data);
+                        true
+                    }
+                    Err(e) => {
+                        tracing::warn!(vehicle = %v.name, block, error = %e, "write failed");
+                        false
+                    }
+                }
+            } else {
+                match client.read(block, 0, None).await {
+                    Ok(got) => {
+                        if got.as_deref() != acked.get(&block).map(Vec::as_slice) {
+                            out.read_mismatches += 1;
+                        }
+                        true
+                    }
+                    Err(e) => {
+                        tracing::warn!(vehicle = %v.name, block, error = %e, "read failed");
+                        false
+                    }
+                }
+            };
+            if !ok {
+                out.op_errors += 1;
+            }
+            if out.ops.len() < MAX_OP_RECORDS_PER_VEHICLE {
+                out.ops.push(OpRecord {
+                    vehicle: index,
+                    write,
+                    time_s: scen(t_op),
+                    latency_ms: t_op.elapsed().as_secs_f64() * 1e3,
+                    ok,
+                });
+            }
+        }
+        let wake = next_op.min(next_report);
+        tokio::select! {
+            () = tokio::time::sleep_until(wake.into()) => {}
+            () = stop.cancelled() => break,
+        }
+    }
+    // Every acknowledged write must read back, after a flush (persisted in the PSS).
+    if let Err(e) = client.flush().await {
+        tracing::warn!(vehicle = %v.name, error = %e, "final flush failed");
+    }
+    for (block, data) in &acked {
+        out.checked += 1;
+        match client.read(*block, 0, None).await {
+            Ok(Some(got)) if &got == data => {}
+            _ => out.lost += 1,
+        }
+    }
+    Ok(out)
+}
+
+use rand::SeedableRng as _;
+
+/// Builds the scenario from the command line.
+pub fn scenario_from_args(a: &Args) -> anyhow::Result<Scenario> {
+    if a.netns {
+        anyhow::bail!("--netns is not implemented yet (see notes/testbed.md)");
+    }
+    if a.image {
+        anyhow::bail!("--image is not implemented yet (see notes/testbed.md)");
+    }
+    if !(a.time_scale.is_finite() && a.time_scale > 0.0) {
+        anyhow::bail!("--time-scale must be > 0");
+    }
+    let rsus = match &a.rsus {
+        Some(p) => {
+            let text =
+                std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+            crate::paper::parse_rsus_csv(&text, &p.display().to_string())?
+                .into_iter()
+                .map(|r| (r.name, r.ndd_m))
+                .collect()
+        }
+        None => {
+            let all = mobility::a41_rsus();
+            if a.rsu_count < 2 || a.rsu_count > all.len() {
+                anyhow::bail!("--rsu-count must be 2..={}", all.len());
+            }
+            all[..a.rsu_count].to_vec()
+        }
+    };
+    let vehicles = match &a.fcd {
+        Some(p) => {
+            let text =
+                std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+            let trace = crate::fcd::parse(&text).with_context(|| p.display().to_string())?;
+            mobility::vehicles_from_fcd(&trace)
+        }
+        None => {
+            let speeds =
+                if a.speed_mph.is_empty() { vec![30.0, 50.0] } else { a.speed_mph.clone() };
+            speeds
+                .iter()
+                .map(|mph| {
+                    Ok(Vehicle {
+                        name: format!("car{}mph", mph),
+                        motion: Motion::Constant {
+                            depart_s: 0.0,
+                            start_m: 0.0,
+                            speed: Speed::from_mph(*mph)?,
+                        },
+                    })
+                })
+                .collect::<Result<Vec<_>, wayside_nms::smf::model::ModelError>>()?
+        }
+    };
+    Ok(Scenario {
+        rsus,
+        vehicles,
+        time_scale: a.time_scale,
+        ops_per_s: a.ops_per_s,
+        blocks: a.blocks.max(1),
+        reports_per_s: a.reports_per_s.max(0.1),
+        stall_ms: a.stall_ms,
+        overlap_m: 100.0,
+        handover_execution_s: 2.0,
+        progress: true,
+    })
+}
+
+/// `testbed drive`.
+pub async fn run(a: Args) -> anyhow::Result<()> {
+    let sc = scenario_from_args(&a)?;
+    let stop = CancellationToken::new();
+    let ctrl_c = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            if tokio::signal::ctrl_c().await.is_ok() {
+                eprintln!("Ctrl-C: stopping the vehicles, then every node");
+                stop.cancel();
+            }
+        })
+    };
+    eprintln!(
+        "driving {} vehicle(s) through {} RSUs, time x{}; writing to {}",
+        sc.vehicles.len(),
+        sc.rsus.len(),
+        sc.time_scale,
+        a.out.display()
+    );
+    let outcome = run_scenario(sc.clone(), stop).await;
+    ctrl_c.abort();
+    let outcome = outcome?;
+    let md = write_report(&a.out, &sc, &outcome)?;
+    println!("{}", summary(&sc, &outcome));
+    eprintln!("report: {}", md.display());
+    if outcome.lost > 0 {
+        anyhow::bail!("{} acknowledged writes lost", outcome.lost);
+    }
+    Ok(())
+}
+
+/// The one-paragraph summary.
+pub fn summary(sc: &Scenario, o: &Outcome) -> String {
+    let ok_moves = o.moves.iter().filter(|m| m.ok).count();
+    format!(
+        "drive: {:.1} s wall{}; ops {} (errors {}), stalls > {} ms: {}; moves {} ok / {}; \
+         acknowledged writes checked {}, lost {}; stale reads {}",
+        o.wall_s,
+        if o.interrupted { " (interrupted)" } else { "" },
+        o.ops.len(),
+        o.op_errors,
+        sc.stall_ms,
+        o.stalls(sc.stall_ms),
+        ok_moves,
+        o.moves.len(),
+        o.checked,
+        o.lost,
+        o.read_mismatches
+    )
+}
+
+fn kind_name(k: i32) -> &'static str {
+    match pb::MoveKind::try_from(k).unwrap_or(pb::MoveKind::Unspecified) {
+        pb::MoveKind::Reactive => "reactive",
+        pb::MoveKind::Proactive => "proactive",
+        pb::MoveKind::CannotFit => "cannot fit",
+        pb::MoveKind::None => "none",
+        pb::MoveKind::Unspecified => "?",
+    }
+}
+
+/// Writes report.md, timeline.svg and latency.svg into `dir`.
+pub fn write_report(dir: &Path, sc: &Scenario, o: &Outcome) -> anyhow::Result<PathBuf> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let mut s = String::new();
+    let _ = writeln!(s, "# testbed drive\n\n{}\n", summary(sc, o));
+    let _ = writeln!(
+        s,
+        "Road: {} RSUs ({}); {} vehicle(s); time compression x{}; workload {} ops/s per vehicle on {} blocks of 4 KiB.\n",
+        sc.rsus.len(),
+        sc.rsus.iter().map(|(n, d)| format!("{n} {d} m")).collect::<Vec<_>>().join(", "),
+        sc.vehicles.len(),
+        sc.time_scale,
+        sc.ops_per_s,
+        sc.blocks
+    );
+    let _ = writeln!(
+        s,
+        "SMF migration-time estimate after the drive: {:.1} ms fixed + {:.1} MB/s.\n",
+        o.learnt_fixed_s * 1e3,
+        o.learnt_rate_bytes_per_s / 1e6
+    );
+    let _ = writeln!(s, "## Operations\n\n| vehicle | kind | ops | errors | p50 ms | p99 ms | max ms | stalls |\n| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |");
+    for (vi, (name, _)) in o.tracks.iter().enumerate() {
+        for write in [true, false] {
+            let sel: Vec<&OpRecord> =
+                o.ops.iter().filter(|r| r.vehicle == vi && r.write == write).collect();
+            let mut lat: Vec<f64> = sel.iter().map(|r| r.latency_ms).collect();
+            lat.sort_by(f64::total_cmp);
+            let _ = writeln!(
+                s,
+                "| {name} | {} | {} | {} | {:.2} | {:.2} | {:.2} | {} |",
+                if write { "write" } else { "read" },
+                sel.len(),
+                sel.iter().filter(|r| !r.ok).count(),
+                percentile(&lat, 0.5),
+                percentile(&lat, 0.99),
+                lat.last().copied().unwrap_or(0.0),
+                lat.iter().filter(|l| **l > sc.stall_ms).count()
+            );
+        }
+    }
+    let _ = writeln!(s, "\n## Moves\n\nTimes in scenario seconds; SMT measured = wall time x compression.\n\n| vehicle | from | to | kind | planned start | actual start | end | predicted SMT | measured SMT | pause ms | bytes | ok |\n| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |");
+    for m in &o.moves {
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {} | {:.2} | {:.2} | {:.2} | {:.3} | {:.3} | {:.2} | {} | {} |",
+            m.vehicle,
+            m.from_rsu,
+            m.to_rsu,
+            kind_name(m.kind),
+            m.planned_start_s,
+            m.actual_start_s,
+            m.end_s,
+            m.predicted_smt_s,
+            m.measured_smt_s,
+            m.pause_ms,
+            m.bytes,
+            if m.ok { "yes".to_string() } else { format!("no: {}", m.error) }
+        );
+    }
+    let _ = writeln!(s, "\n## Plots\n\n![timeline](timeline.svg)\n\n![latency](latency.svg)\n");
+    std::fs::write(dir.join("timeline.svg"), timeline_svg(o))?;
+    std::fs::write(dir.join("latency.svg"), latency_svg(o))?;
+    let path = dir.join("report.md");
+    std::fs::write(&path, s)?;
+    Ok(path)
+}
+
+const COLORS: [&str; 6] = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b"];
+
+struct Frame {
+    w: f64,
+    h: f64,
+    x0: f64,
+    x1: f64,
+    y0: f64,
+    y1: f64,
+}
+
+impl Frame {
+    fn x(&self, v: f64) -> f64 {
+        60.0 + (v - self.x0) / (self.x1 - self.x0).max(1e-9) * (self.w - 80.0)
+    }
+    fn y(&self, v: f64) -> f64 {
+        self.h - 40.0 - (v - self.y0) / (self.y1 - self.y0).max(1e-9) * (self.h - 70.0)
+    }
+    fn open(&self, title: &str, xlabel: &str, ylabel: &str) -> String {
+        let mut s = format!(
+            "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{}\" height=\"{}\" font-family=\"sans-serif\" font-size=\"11\">\n\
+             <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n<text x=\"60\" y=\"18\" font-size=\"14\">{title}</text>\n",
+            self.w, self.h
+        );
+        let (l, r, t, b) = (self.x(self.x0), self.x(self.x1), self.y(self.y1), self.y(self.y0));
+        let _ = writeln!(
+            s,
+            "<rect x=\"{l}\" y=\"{t}\" width=\"{}\" height=\"{}\" fill=\"none\" stroke=\"#444\"/>",
+            r - l,
+            b - t
+        );
+        for k in 0..=5 {
+            let xv = self.x0 + (self.x1 - self.x0) * k as f64 / 5.0;
+            let yv = self.y0 + (self.y1 - self.y0) * k as f64 / 5.0;
+            let _ = writeln!(
+                s,
+                "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{xv:.0}</text>",
+                self.x(xv),
+                b + 14.0
+            );
+            let _ = writeln!(
+                s,
+                "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"end\">{yv:.0}</text>",
+                l - 4.0,
+                self.y(yv) + 4.0
+            );
+        }
+        let _ = writeln!(
+            s,
+            "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{xlabel}</text>",
+            (l + r) / 2.0,
+            self.h - 8.0
+        );
+        let _ = writeln!(s, "<text x=\"12\" y=\"{:.1}\" transform=\"rotate(-90 12 {:.1})\" text-anchor=\"middle\">{ylabel}</text>", (t + b) / 2.0, (t + b) / 2.0);
+        s
+    }
+}
+
+fn escape(s: &str) -> String {
+    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
+}
+
+/// Vehicle position over scenario time, RSU coverage segments, and every move.
+pub fn timeline_svg(o: &Outcome) -> String {
+    let t1 = o.tracks.iter().flat_map(|(_, t)| t.iter().map(|p| p.0)).fold(1.0, f64::max);
+    let road = o.road.as_ref();
+    let y1 = road
+        .and_then(|r| r.rsus().last().map(|l| l.position_m + l.coverage_radius_m))
+        .unwrap_or(1.0)
+        .max(o.tracks.iter().flat_map(|(_, t)| t.iter().map(|p| p.1)).fold(1.0, f64::max));
+    let f = Frame { w: 900.0, h: 500.0, x0: 0.0, x1: t1, y0: 0.0, y1 };
+    let mut s = f.open(
+        "Drive timeline: position, RSU boundaries, moves (x: reactive, o: proactive)",
+        "scenario time (s)",
+        "position (m)",
+    );
+    if let Some(road) = road {
+        for r in road.rsus() {
+            let y = f.y(r.position_m);
+            let _ = writeln!(s, "<line x1=\"{:.1}\" x2=\"{:.1}\" y1=\"{y:.1}\" y2=\"{y:.1}\" stroke=\"#ccc\" stroke-dasharray=\"4 3\"/><text x=\"{:.1}\" y=\"{:.1}\" fill=\"#888\">{}</text>", f.x(0.0), f.x(t1), f.x(t1) - 40.0, y - 3.0, escape(&r.name));
+        }
+    }
+    for (vi, (name, track)) in o.tracks.iter().enumerate() {
+        let c = COLORS[vi % COLORS.len()];
+        let pts: Vec<String> =
+            track.iter().map(|p| format!("{:.1},{:.1}", f.x(p.0), f.y(p.1))).collect();
+        let _ = writeln!(
+            s,
+            "<polyline fill=\"none\" stroke=\"{c}\" stroke-width=\"1.5\" points=\"{}\"/>",
+            pts.join(" ")
+        );
+        let _ = writeln!(
+            s,
+            "<text x=\"70\" y=\"{}\" fill=\"{c}\">{}</text>",
+            40 + 14 * vi,
+            escape(name)
+        );
+        for m in o.moves.iter().filter(|m| &m.vehicle == name) {
+            // Position at the move's start, from the track.
+            let pos = track
+                .iter()
+                .min_by(|a, b| {
+                    (a.0 - m.actual_start_s).abs().total_cmp(&(b.0 - m.actual_start_s).abs())
+                })
+                .map_or(0.0, |p| p.1);
+            let (x, y) = (f.x(m.actual_start_s), f.y(pos));
+            if m.kind == pb::MoveKind::Proactive as i32 {
+                let _ = writeln!(
+                    s,
+                    "<circle cx=\"{x:.1}\" cy=\"{y:.1}\" r=\"5\" fill=\"none\" stroke=\"{c}\"/>"
+                );
+            } else {
+                let _ = writeln!(
+                    s,
+                    "<path d=\"M{} {} l8 8 m0 -8 l-8 8\" stroke=\"{}\"/>",
+                    x - 4.0,
+                    y - 4.0,
+                    if m.ok { c } else { "black" }
+                );
+            }
+        }
+    }
+    s.push_str("</svg>\n");
+    s
+}
+
+/// Per-operation latency over scenario time (log scale), move starts as vertical lines.
+pub fn latency_svg(o: &Outcome) -> String {
+    let t1 = o.ops.iter().map(|r| r.time_s).fold(1.0, f64::max);
+    let max_ms = o.ops.iter().map(|r| r.latency_ms).fold(1.0, f64::max);
+    let ly = |ms: f64| ms.max(0.01).log10();
+    let f = Frame { w: 900.0, h: 400.0, x0: 0.0, x1: t1, y0: -2.0, y1: ly(max_ms).ceil().max(1.0) };
+    let mut s = f.open(
+        "Operation latency (log10 ms); vertical lines: moves",
+        "scenario time (s)",
+        "log10 latency (ms)",
+    );
+    for m in &o.moves {
+        let x = f.x(m.actual_start_s);
+        let _ = writeln!(
+            s,
+            "<line x1=\"{x:.1}\" x2=\"{x:.1}\" y1=\"{:.1}\" y2=\"{:.1}\" stroke=\"#bbb\"/>",
+            f.y(f.y0),
+            f.y(f.y1)
+        );
+    }
+    for r in &o.ops {
+        let c = if r.ok { COLORS[r.vehicle % COLORS.len()] } else { "black" };
+        let _ = writeln!(
+            s,
+            "<circle cx=\"{:.1}\" cy=\"{:.1}\" r=\"1.2\" fill=\"{c}\"/>",
+            f.x(r.time_s),
+            f.y(ly(r.latency_ms))
+        );
+    }
+    s.push_str("</svg>\n");
+    s
+}
