@@ -1,3 +1,21 @@
 //! wayside's network memory server (NMS): the RSU-side block cache, migration, vehicle client and FUSE mount.
+//!
+//! Code map:
+//! - [`cache`]: the cache core as pure logic (budget, eviction, dirty limits, write-back
+//!   batches, request-id dedupe, migration snapshots). No I/O, no clock.
+//! - [`store`]: the PSS behind one trait (real client; in-memory for unit tests).
+//! - [`server`]: the node and its gRPC services (vehicle API, admin, migration).
+//! - [`client`]: the vehicle-side library (redirects, retries, the write journal).
+//! - [`error`]: domain errors and their one mapping to gRPC statuses.
+//! - [`config`]: the `nms serve` settings.
 
+pub mod cache;
+pub mod cli;
+pub mod client;
 pub mod config;
+pub mod error;
+pub mod fuse;
+pub mod pid1;
+pub mod server;
+pub mod smf;
+pub mod store;

@@ -12,15 +12,78 @@ struct Cli {
     /// Print the default configuration as TOML and exit.
     #[arg(long)]
     print_default_config: bool,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(clap::Subcommand)]
+enum Command {
+    /// Run an NMS: serve vehicles' volumes from memory, write back to the PSS, migrate.
+    /// Example: nms serve --listen 127.0.0.1:7100 --pss 127.0.0.1:7001,127.0.0.1:7002 --node-id rsu-1
+    Serve(wayside_nms::cli::ServeArgs),
+    /// Move a volume between NMSs and print the timeline:
+    /// nms migrate --volume car-1 --from 127.0.0.1:7100 --to 127.0.0.1:7200
+    Migrate(wayside_nms::cli::MigrateArgs),
+    /// Print an NMS's cache and volumes.
+    Status {
+        /// The NMS's address.
+        #[arg(long)]
+        nms: String,
+    },
+    /// Ask an NMS to drain, flush its dirty blocks to the PSS and exit.
+    Shutdown {
+        /// The NMS's address.
+        #[arg(long)]
+        nms: String,
+    },
+    #[command(flatten)]
+    Volume(wayside_nms::cli::VolumeCmd),
+    /// Mount a volume as a POSIX file system (FUSE) on this vehicle; see `nms mount --help`.
+    Mount(wayside_nms::fuse::cli::MountArgs),
+    /// Unmount a file system mounted by `nms mount`.
+    Umount(wayside_nms::fuse::cli::UmountArgs),
+    /// Run the SMF (service management framework): plans and starts volume moves between
+    /// RSUs' NMSs from vehicles' position reports. Example: nms smf --listen 127.0.0.1:7300
+    Smf(wayside_nms::smf::service::SmfArgs),
 }
 
 fn main() -> anyhow::Result<()> {
+    // As the VM image's /init (process 1) the NMS sets the machine up itself and never returns.
+    if wayside_nms::pid1::is_pid1() {
+        wayside_nms::pid1::main();
+    }
     wayside_proto::telemetry::init();
     let cli = Cli::parse();
+    match cli.command {
+        Some(Command::Mount(args)) => return wayside_nms::fuse::cli::mount_cmd(args),
+        Some(Command::Umount(args)) => return wayside_nms::fuse::cli::umount_cmd(args),
+        Some(Command::Smf(args)) => {
+            return runtime()?.block_on(wayside_nms::smf::service::serve_cmd(args))
+        }
+        Some(Command::Serve(args)) => {
+            let config: Config = wayside_proto::config::load(cli.config.as_deref())?;
+            return runtime()?.block_on(wayside_nms::cli::serve(config, args));
+        }
+        Some(Command::Migrate(args)) => {
+            return runtime()?.block_on(wayside_nms::cli::migrate(args))
+        }
+        Some(Command::Status { nms }) => {
+            return runtime()?.block_on(wayside_nms::cli::status(&nms))
+        }
+        Some(Command::Shutdown { nms }) => {
+            return runtime()?.block_on(wayside_nms::cli::shutdown(&nms))
+        }
+        Some(Command::Volume(cmd)) => return runtime()?.block_on(wayside_nms::cli::volume(cmd)),
+        None => {}
+    }
     if cli.print_default_config {
         print!("{}", wayside_proto::config::render(&Config::default()));
         return Ok(());
     }
     let _config: Config = wayside_proto::config::load(cli.config.as_deref())?;
     Ok(())
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
 }

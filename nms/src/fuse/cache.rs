@@ -1,0 +1,1259 @@
+//! The vehicle side of the mount: a disk cache and a crash-safe write journal in front of the
+//! volume, and the uploader that drains the journal to the volume in order.
+//!
+//! - **Journal**: every batch of block changes is appended to a segment file under
+//!   `<cache-dir>/journal/` and `fdatasync`ed before the file system call returns, so it
+//!   survives a crash of the mount process (and of the OBU). Records carry a sequence number and
+//!   a CRC; recovery stops at the first torn record of the last segment. The unpersisted bytes are
+//!   bounded by `journal_limit_bytes`: past it, writers wait (up to the operation timeout) for the
+//!   uploader to make room.
+//! - **Uploader**: one owned task sends records to the volume in journal order, one at a time
+//!   (so two changes to one block can never be reordered), retrying with capped backoff while
+//!   the NMS is unreachable or the volume moves. After a flush of the volume (the persisted
+//!   barrier) it deletes the segments whose records are all persisted. Replaying a record that
+//!   was already applied before a crash is harmless: the records are replayed as a sequence from
+//!   the first unpersisted one, and replaying a prefix of overwrites again in order ends in the
+//!   same bytes.
+//! - **Cache**: full-block images under `<cache-dir>/blocks/`, up to `cache_capacity_bytes`,
+//!   least recently used evicted first. A block with records not yet accepted by the NMS is
+//!   pinned (its only up-to-date copy is local). The mount is the volume's only writer, so a cached
+//!   block is fresh for the life of the mount; the cache is emptied at mount time.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::fs::{self, File, OpenOptions};
+use std::future::Future;
+use std::io::{Read, Write};
+use std::os::unix::fs::FileExt;
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use tokio::runtime::Handle;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use super::device::{check_range, BlockDevice, BlockOp, DeviceError};
+
+/// Why the volume did not take an operation.
+#[derive(Debug, thiserror::Error)]
+pub enum RemoteError {
+    /// Transient (NMS unreachable, volume moving, PSS down): retry later.
+    #[error("volume unavailable: {0}")]
+    Unavailable(String),
+    /// Permanent (bad credential, unknown volume, invalid request): retrying will not help.
+    #[error("volume refused: {0}")]
+    Refused(String),
+}
+
+/// The volume as the cache sees it. Implemented over `VolumeClient` by the mount, and in memory
+/// by tests.
+pub trait Remote: Send + Sync + 'static {
+    /// A whole block; `None` if it was never written (or was deleted).
+    fn read(&self, block: u64)
+        -> impl Future<Output = Result<Option<Vec<u8>>, RemoteError>> + Send;
+    /// Accepts a byte-range write.
+    fn write(
+        &self,
+        block: u64,
+        offset: u32,
+        data: Vec<u8>,
+    ) -> impl Future<Output = Result<(), RemoteError>> + Send;
+    /// Accepts a delete.
+    fn delete(&self, block: u64) -> impl Future<Output = Result<(), RemoteError>> + Send;
+    /// Returns once everything accepted before it is persisted.
+    fn flush(&self) -> impl Future<Output = Result<(), RemoteError>> + Send;
+}
+
+/// Limits and locations of the vehicle-side cache.
+#[derive(Clone, Debug)]
+pub struct CacheOptions {
+    /// The OBU's local directory for the cache and the journal (one mount at a time; locked).
+    pub dir: PathBuf,
+    /// Disk space for cached block images, in bytes.
+    pub cache_capacity_bytes: u64,
+    /// Journalled bytes not yet persisted in the volume, at most; writers wait past it.
+    pub journal_limit_bytes: u64,
+    /// A journal segment is closed and a new one started past this size, in bytes.
+    pub journal_segment_bytes: u64,
+    /// No file system operation waits longer than this for the volume or for journal room.
+    pub op_timeout: Duration,
+    /// The uploader asks for the persisted barrier after this many bytes accepted, so the journal
+    /// is trimmed while writes keep flowing.
+    pub flush_every_bytes: u64,
+    /// Longest pause between retries while the volume is unreachable.
+    pub retry_backoff_max: Duration,
+    /// Journal records in flight to the volume at once.
+    pub upload_window_ops: usize,
+}
+
+impl CacheOptions {
+    /// Defaults for a cache in `dir`.
+    pub fn new(dir: PathBuf) -> Self {
+        CacheOptions {
+            dir,
+            cache_capacity_bytes: 1 << 30,
+            journal_limit_bytes: 256 << 20,
+            journal_segment_bytes: 16 << 20,
+            op_timeout: Duration::from_secs(30),
+            flush_every_bytes: 8 << 20,
+            retry_backoff_max: Duration::from_millis(500),
+            upload_window_ops: 32,
+        }
+    }
+}
+
+/// Journal and upload figures, for logs, tests and benchmarks.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CacheStats {
+    /// Records appended in this mount (and recovered from an earlier one).
+    pub appended: u64,
+    /// Records accepted by the volume.
+    pub accepted: u64,
+    /// Records known persisted.
+    pub persisted: u64,
+    /// Records recovered from the journal at mount.
+    pub recovered: u64,
+    /// Journal bytes not yet persisted.
+    pub journal_bytes: u64,
+    pub cache_hits: u64,
+    pub cache_misses: u64,
+    /// Failed attempts to reach the volume.
+    pub remote_errors: u64,
+}
+
+#[derive(Clone, Debug)]
+struct Record {
+    seq: u64,
+    op: BlockOp,
+}
+
+const RECORD_HEADER_BYTES: usize = 8;
+
+impl Record {
+    fn encode(&self, out: &mut Vec<u8>) {
+        let mut payload = Vec::with_capacity(32);
+        payload.extend_from_slice(&self.seq.to_le_bytes());
+        match &self.op {
+            BlockOp::Write { block, offset, data, .. } => {
+                payload.push(1);
+                payload.extend_from_slice(&block.to_le_bytes());
+                payload.extend_from_slice(&offset.to_le_bytes());
+                payload.extend_from_slice(data);
+            }
+            BlockOp::Delete { block } => {
+                payload.push(2);
+                payload.extend_from_slice(&block.to_le_bytes());
+            }
+        }
+        out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+        out.extend_from_slice(&crc32(&payload).to_le_bytes());
+        out.extend_from_slice(&payload);
+    }
+
+    /// Decodes one record at the start of `b`: `Some((record, bytes used))`, `None` if torn/corrupt.
+    fn decode(b: &[u8]) -> Option<(Record, usize)> {
+        let len = u32::from_le_bytes(b.get(0..4)?.try_into().ok()?) as usize;
+        let crc = u32::from_le_bytes(b.get(4..8)?.try_into().ok()?);
+        let p = b.get(RECORD_HEADER_BYTES..RECORD_HEADER_BYTES + len)?;
+        if crc32(p) != crc || p.len() < 17 {
+            return None;
+        }
+        let seq = u64::from_le_bytes(p[0..8].try_into().ok()?);
+        let block = u64::from_le_bytes(p[9..17].try_into().ok()?);
+        let op = match p[8] {
+            1 => BlockOp::Write {
+                block,
+                offset: u32::from_le_bytes(p.get(17..21)?.try_into().ok()?),
+                data: p[21..].to_vec(),
+                fresh: false,
+            },
+            2 => BlockOp::Delete { block },
+            _ => return None,
+        };
+        Some((Record { seq, op }, RECORD_HEADER_BYTES + len))
+    }
+
+    fn cost(&self) -> u64 {
+        let data = match &self.op {
+            BlockOp::Write { data, .. } => data.len(),
+            BlockOp::Delete { .. } => 0,
+        };
+        (RECORD_HEADER_BYTES + 21 + data) as u64
+    }
+}
+
+/// CRC-32 (IEEE), bitwise: records are small and this keeps the crate free of another dependency.
+fn crc32(data: &[u8]) -> u32 {
+    static TABLE: std::sync::OnceLock<[u32; 256]> = std::sync::OnceLock::new();
+    let table = TABLE.get_or_init(|| {
+        let mut t = [0u32; 256];
+        for (i, e) in t.iter_mut().enumerate() {
+            let mut c = i as u32;
+            for _ in 0..8 {
+                c = if c & 1 != 0 { 0xEDB8_8320 ^ (c >> 1) } else { c >> 1 };
+            }
+            *e = c;
+        }
+        t
+    });
+    let mut c = !0u32;
+    for &b in data {
+        c = table[((c ^ u32::from(b)) & 0xff) as usize] ^ (c >> 8);
+    }
+    !c
+}
+
+#[derive(Debug)]
+struct Segment {
+    last_seq: u64,
+    path: PathBuf,
+}
+
+/// Where a journal record is in its upload.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Upload {
+    Waiting,
+    InFlight,
+    Accepted,
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Cached {
+    Present,
+    Absent,
+}
+
+#[derive(Debug)]
+struct Entry {
+    state: Cached,
+    tick: u64,
+}
+
+struct State {
+    // Journal.
+    next_seq: u64,
+    /// Records not yet accepted, in journal order.
+    unsent: VecDeque<(Record, Upload)>,
+    /// Blocks with a record in flight: a block's records go one at a time, in order.
+    busy_blocks: std::collections::HashSet<u64>,
+    unpersisted: VecDeque<(u64, u64)>,
+    journal_bytes: u64,
+    accepted_upto: u64,
+    persisted_upto: u64,
+    sync_wanted_upto: u64,
+    bytes_since_flush: u64,
+    segments: VecDeque<Segment>,
+    active: File,
+    active_bytes: u64,
+    pinned: HashMap<u64, u32>,
+    // Cache.
+    entries: HashMap<u64, Entry>,
+    lru: BTreeMap<u64, u64>,
+    tick: u64,
+    cache_bytes: u64,
+    refused: Option<String>,
+    stats: CacheStats,
+}
+
+struct Shared<R> {
+    remote: R,
+    opts: CacheOptions,
+    block_size: u32,
+    state: Mutex<State>,
+    /// Woken when the journal moves (accepted, persisted, refused): writers and syncs wait here.
+    progress: Condvar,
+    /// Wakes the uploader (new records, a sync asked for).
+    work: Notify,
+}
+
+/// A [`BlockDevice`] over a [`Remote`] volume with a disk cache and a crash-safe journal.
+pub struct CachedVolume<R: Remote> {
+    shared: Arc<Shared<R>>,
+    rt: Handle,
+    cancel: CancellationToken,
+    uploader: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// Held for the life of the mount: one process per cache directory.
+    _lock: File,
+}
+
+fn seg_path(dir: &Path, first_seq: u64) -> PathBuf {
+    dir.join(format!("seg-{first_seq:020}.log"))
+}
+
+impl<R: Remote> CachedVolume<R> {
+    /// Opens the cache in `opts.dir`: locks it, empties the block cache, recovers the journal and
+    /// starts the uploader on `rt` (which replays recovered records first, in order).
+    pub fn open(
+        remote: R,
+        block_size: u32,
+        opts: CacheOptions,
+        rt: Handle,
+    ) -> Result<Self, DeviceError> {
+        fs::create_dir_all(&opts.dir)?;
+        let lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(opts.dir.join("lock"))?;
+        // SAFETY: flock on an fd we own; no memory is shared with the kernel.
+        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            return Err(DeviceError::Io(std::io::Error::other(format!(
+                "cache directory {} is in use by another mount",
+                opts.dir.display()
+            ))));
+        }
+        let blocks = opts.dir.join("blocks");
+        if blocks.exists() {
+            fs::remove_dir_all(&blocks)?;
+        }
+        fs::create_dir_all(&blocks)?;
+        let jdir = opts.dir.join("journal");
+        fs::create_dir_all(&jdir)?;
+
+        let (records, mut segments) = recover(&jdir)?;
+        let next_seq = records.last().map_or(1, |r| r.seq + 1);
+        let first = seg_path(&jdir, next_seq);
+        let active = OpenOptions::new().create(true).append(true).open(&first)?;
+        sync_dir(&jdir)?;
+        segments.push_back(Segment { last_seq: next_seq - 1, path: first });
+        let mut state = State {
+            next_seq,
+            unsent: VecDeque::new(),
+            busy_blocks: std::collections::HashSet::new(),
+            unpersisted: VecDeque::new(),
+            journal_bytes: 0,
+            accepted_upto: 0,
+            persisted_upto: 0,
+            sync_wanted_upto: 0,
+            bytes_since_flush: 0,
+            segments,
+            active,
+            active_bytes: 0,
+            pinned: HashMap::new(),
+            entries: HashMap::new(),
+            lru: BTreeMap::new(),
+            tick: 0,
+            cache_bytes: 0,
+            refused: None,
+            stats: CacheStats::default(),
+        };
+        if let Some(r) = records.first() {
+            state.accepted_upto = r.seq - 1;
+            state.persisted_upto = r.seq - 1;
+            tracing::info!(
+                records = records.len(),
+                first_seq = r.seq,
+                "replaying the journal of an earlier mount"
+            );
+        } else {
+            state.accepted_upto = next_seq - 1;
+            state.persisted_upto = next_seq - 1;
+        }
+        state.stats.recovered = records.len() as u64;
+        for r in records {
+            state.enqueue(r);
+        }
+        let shared = Arc::new(Shared {
+            remote,
+            block_size,
+            opts,
+            state: Mutex::new(state),
+            progress: Condvar::new(),
+            work: Notify::new(),
+        });
+        let cancel = CancellationToken::new();
+        let uploader = rt.spawn(upload_loop(shared.clone(), cancel.clone()));
+        Ok(CachedVolume { shared, rt, cancel, uploader: Mutex::new(Some(uploader)), _lock: lock })
+    }
+
+    /// Current figures.
+    pub fn stats(&self) -> CacheStats {
+        let s = self.shared.lock();
+        CacheStats { journal_bytes: s.journal_bytes, ..s.stats }
+    }
+
+    /// Waits up to `timeout` for every journalled change to be persisted, then stops the
+    /// uploader. Returns whether the journal is empty (else it is replayed by the next mount).
+    pub fn shutdown(&self, timeout: Duration) -> bool {
+        let drained = self.wait_persisted(timeout).is_ok();
+        self.cancel.cancel();
+        if let Some(task) = self.uploader.lock().expect("poisoned").take() {
+            // The uploader checks the token at every await point; wait for it so no task outlives us.
+            let _ = self
+                .rt
+                .block_on(async { tokio::time::timeout(Duration::from_secs(5), task).await });
+        }
+        drained
+    }
+
+    fn wait_persisted(&self, timeout: Duration) -> Result<(), DeviceError> {
+        let deadline = Instant::now() + timeout;
+        let mut s = self.shared.lock();
+        let target = s.next_seq - 1;
+        s.sync_wanted_upto = s.sync_wanted_upto.max(target);
+        self.shared.work.notify_one();
+        loop {
+            if s.persisted_upto >= target {
+                return Ok(());
+            }
+            if let Some(why) = &s.refused {
+                return Err(DeviceError::Refused(why.clone()));
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(DeviceError::Timeout {
+                    what: "persisting the journal",
+                    after: timeout,
+                });
+            }
+            s = self.shared.progress.wait_timeout(s, deadline - now).expect("poisoned").0;
+        }
+    }
+
+    /// Reads a whole block into the cache (waiting for its unaccepted records first).
+    fn fill<'a>(
+        &'a self,
+        mut s: MutexGuard<'a, State>,
+        block: u64,
+        deadline: Instant,
+    ) -> Result<MutexGuard<'a, State>, DeviceError> {
+        let timeout = self.shared.opts.op_timeout;
+        // The NMS serves our own accepted writes; until a pinned block's records are accepted its
+        // only current copy was local (lost with the cache at remount), so wait for them.
+        while s.pinned.get(&block).copied().unwrap_or(0) > 0 {
+            if let Some(why) = &s.refused {
+                return Err(DeviceError::Refused(why.clone()));
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(DeviceError::Timeout {
+                    what: "replaying the journal before a read",
+                    after: timeout,
+                });
+            }
+            s = self.shared.progress.wait_timeout(s, deadline - now).expect("poisoned").0;
+        }
+        s.stats.cache_misses += 1;
+        drop(s);
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        let fetched = self.rt.block_on(async {
+            tokio::time::timeout(remaining, self.shared.remote.read(block)).await
+        });
+        let mut s = self.shared.lock();
+        let image = match fetched {
+            Err(_) => {
+                s.stats.remote_errors += 1;
+                return Err(DeviceError::Timeout {
+                    what: "reading a block from the volume",
+                    after: timeout,
+                });
+            }
+            Ok(Err(RemoteError::Unavailable(e))) => {
+                s.stats.remote_errors += 1;
+                tracing::debug!(block, error = %e, "block read failed");
+                return Err(DeviceError::Timeout {
+                    what: "reading a block from the volume",
+                    after: timeout,
+                });
+            }
+            Ok(Err(RemoteError::Refused(e))) => return Err(DeviceError::Refused(e)),
+            Ok(Ok(image)) => image,
+        };
+        self.shared.store(&mut s, block, image.as_deref())?;
+        Ok(s)
+    }
+}
+
+impl<R: Remote> Shared<R> {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().expect("cache state poisoned")
+    }
+
+    fn block_file(&self, block: u64) -> PathBuf {
+        self.opts.dir.join("blocks").join(format!("{block:016x}"))
+    }
+
+    /// Puts a block image (None: absent) into the cache.
+    fn store(&self, s: &mut State, block: u64, image: Option<&[u8]>) -> Result<(), DeviceError> {
+        let bs = u64::from(self.block_size);
+        let path = self.block_file(block);
+        let was_present =
+            matches!(s.entries.get(&block), Some(Entry { state: Cached::Present, .. }));
+        let state = match image {
+            Some(data) if data.iter().any(|&b| b != 0) => {
+                let mut full = data.to_vec();
+                full.resize(self.block_size as usize, 0);
+                fs::write(&path, &full)?;
+                if !was_present {
+                    s.cache_bytes += bs;
+                }
+                Cached::Present
+            }
+            _ => {
+                if was_present {
+                    fs::remove_file(&path)?;
+                    s.cache_bytes -= bs;
+                }
+                Cached::Absent
+            }
+        };
+        s.touch(block, state);
+        self.evict(s)
+    }
+
+    fn evict(&self, s: &mut State) -> Result<(), DeviceError> {
+        let bs = u64::from(self.block_size);
+        while s.cache_bytes > self.opts.cache_capacity_bytes
+            || s.entries.len() as u64 * 64 > self.opts.cache_capacity_bytes
+        {
+            let Some(victim) =
+                s.lru.values().copied().find(|b| s.pinned.get(b).copied().unwrap_or(0) == 0)
+            else {
+                break; // everything left is pinned; the journal limit bounds that
+            };
+            let entry = s.entries.remove(&victim).expect("lru and entries agree");
+            s.lru.remove(&entry.tick);
+            if let Cached::Present = entry.state {
+                fs::remove_file(self.block_file(victim))?;
+                s.cache_bytes -= bs;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl State {
+    fn touch(&mut self, block: u64, state: Cached) {
+        self.tick += 1;
+        let tick = self.tick;
+        if let Some(old) = self.entries.insert(block, Entry { state, tick }) {
+            self.lru.remove(&old.tick);
+        }
+        self.lru.insert(tick, block);
+    }
+
+    fn enqueue(&mut self, r: Record) {
+        let cost = r.cost();
+        self.journal_bytes += cost;
+        self.unpersisted.push_back((r.seq, cost));
+        *self.pinned.entry(r.op.block()).or_default() += 1;
+        self.stats.appended += 1;
+        self.unsent.push_back((r, Upload::Waiting));
+    }
+
+    fn mark_persisted(&mut self, upto: u64, jdir_sync: impl Fn(&Path)) {
+        if upto <= self.persisted_upto {
+            return;
+        }
+        self.persisted_upto = upto;
+        while let Some(&(seq, cost)) = self.unpersisted.front() {
+            if seq > upto {
+                break;
+            }
+            self.unpersisted.pop_front();
+            self.journal_bytes -= cost;
+            self.stats.persisted += 1;
+        }
+        self.delete_segments(upto, jdir_sync);
+    }
+
+    /// Closed segments whose records are all persisted are no longer needed.
+    fn delete_segments(&mut self, upto: u64, remove: impl Fn(&Path)) {
+        while self.segments.len() > 1 && self.segments[0].last_seq <= upto {
+            let seg = self.segments.pop_front().expect("len > 1");
+            remove(&seg.path);
+        }
+    }
+
+    fn mark_persisted_segments(&mut self, upto: u64) {
+        self.delete_segments(upto, |path| {
+            if let Err(e) = fs::remove_file(path) {
+                tracing::warn!(path = %path.display(), error = %e, "could not delete a persisted journal segment");
+            }
+        });
+    }
+}
+
+/// Reads every segment in order; truncates a torn tail of the last one.
+fn recover(jdir: &Path) -> Result<(Vec<Record>, VecDeque<Segment>), DeviceError> {
+    let mut paths: Vec<PathBuf> = fs::read_dir(jdir)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("seg-") && n.ends_with(".log"))
+        })
+        .collect();
+    paths.sort();
+    let mut records = Vec::new();
+    let mut segments = VecDeque::new();
+    let count = paths.len();
+    for (i, path) in paths.into_iter().enumerate() {
+        let mut bytes = Vec::new();
+        File::open(&path)?.read_to_end(&mut bytes)?;
+        let mut at = 0;
+        let mut seg_records = Vec::new();
+        while at < bytes.len() {
+            match Record::decode(&bytes[at..]) {
+                Some((r, used)) => {
+                    if records.last().is_some_and(|p: &Record| r.seq != p.seq + 1)
+                        || seg_records.last().is_some_and(|p: &Record| r.seq != p.seq + 1)
+                    {
+                        return Err(DeviceError::Io(std::io::Error::other(format!(
+                            "journal {} skips from a record to seq {}",
+                            path.display(),
+                            r.seq
+                        ))));
+                    }
+                    at += used;
+                    seg_records.push(r);
+                }
+                None if i + 1 == count => {
+                    tracing::warn!(path = %path.display(), at, len = bytes.len(), "dropping a torn journal tail");
+                    OpenOptions::new().write(true).open(&path)?.set_len(at as u64)?;
+                    break;
+                }
+                None => {
+                    return Err(DeviceError::Io(std::io::Error::other(format!(
+                        "journal segment {} is corrupt at byte {at}",
+                        path.display()
+                    ))))
+                }
+            }
+        }
+        if seg_records.is_empty() {
+            fs::remove_file(&path)?;
+            continue;
+        }
+        let last_seq = seg_records.last().expect("non-empty").seq;
+        records.append(&mut seg_records);
+        segments.push_back(Segment { last_seq, path });
+    }
+    Ok((records, segments))
+}
+
+/// Starts a new active segment; with everything persisted, the old ones are deleted.
+fn rotate(jdir: &Path, s: &mut State) -> Result<(), DeviceError> {
+    let path = seg_path(jdir, s.next_seq);
+    s.active = OpenOptions::new().create(true).append(true).open(&path)?;
+    sync_dir(jdir)?;
+    s.active_bytes = 0;
+    s.segments.push_back(Segment { last_seq: s.next_seq - 1, path });
+    let upto = s.persisted_upto;
+    s.mark_persisted_segments(upto);
+    Ok(())
+}
+
+fn sync_dir(dir: &Path) -> Result<(), DeviceError> {
+    File::open(dir)?.sync_all()?;
+    Ok(())
+}
+
+impl<R: Remote> BlockDevice for CachedVolume<R> {
+    fn block_size(&self) -> u32 {
+        self.shared.block_size
+    }
+
+    fn read(&self, block: u64, offset: u32, len: u32) -> Result<Vec<u8>, DeviceError> {
+        check_range(self.shared.block_size, offset, len as usize)?;
+        let deadline = Instant::now() + self.shared.opts.op_timeout;
+        let mut s = self.shared.lock();
+        if let Some(why) = &s.refused {
+            return Err(DeviceError::Refused(why.clone()));
+        }
+        if s.entries.contains_key(&block) {
+            s.stats.cache_hits += 1;
+        } else {
+            s = self.fill(s, block, deadline)?;
+        }
+        let state = s.entries[&block].state;
+        s.touch(block, state);
+        let mut out = vec![0u8; len as usize];
+        if let Cached::Present = state {
+            File::open(self.shared.block_file(block))?
+                .read_exact_at(&mut out, u64::from(offset))?;
+        }
+        Ok(out)
+    }
+
+    fn apply(&self, ops: Vec<BlockOp>) -> Result<(), DeviceError> {
+        let bs = self.shared.block_size;
+        let opts = &self.shared.opts;
+        let deadline = Instant::now() + opts.op_timeout;
+        for op in &ops {
+            if let BlockOp::Write { offset, data, .. } = op {
+                check_range(bs, *offset, data.len())?;
+            }
+        }
+        let mut s = self.shared.lock();
+        // Room in the journal first (bounded wait): the uploader frees it as the volume persists.
+        let cost: u64 = ops.iter().map(|op| Record { seq: 0, op: op.clone() }.cost()).sum();
+        while s.journal_bytes > 0 && s.journal_bytes + cost > opts.journal_limit_bytes {
+            if let Some(why) = &s.refused {
+                return Err(DeviceError::Refused(why.clone()));
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(DeviceError::Timeout {
+                    what: "waiting for journal room",
+                    after: opts.op_timeout,
+                });
+            }
+            self.shared.work.notify_one();
+            s = self.shared.progress.wait_timeout(s, deadline - now).expect("poisoned").0;
+        }
+        if let Some(why) = &s.refused {
+            return Err(DeviceError::Refused(why.clone()));
+        }
+        // Every partially written block needs its current image in the cache to apply the write to.
+        for op in &ops {
+            if let BlockOp::Write { block, offset, data, fresh } = op {
+                let whole = *offset == 0 && data.len() == bs as usize;
+                if !s.entries.contains_key(block) {
+                    if *fresh || whole {
+                        s.touch(*block, Cached::Absent);
+                    } else {
+                        s = self.fill(s, *block, deadline)?;
+                    }
+                }
+            }
+        }
+        // Journal (durable), then cache, then hand to the uploader.
+        let mut buf = Vec::new();
+        let mut records = Vec::with_capacity(ops.len());
+        for op in ops {
+            let r = Record { seq: s.next_seq, op };
+            s.next_seq += 1;
+            r.encode(&mut buf);
+            records.push(r);
+        }
+        s.active.write_all(&buf)?;
+        s.active.sync_data()?;
+        s.active_bytes += buf.len() as u64;
+        let last = s.next_seq - 1;
+        s.segments.back_mut().expect("an active segment").last_seq = last;
+        if s.active_bytes >= opts.journal_segment_bytes {
+            rotate(&opts.dir.join("journal"), &mut s)?;
+        }
+        for r in records {
+            let block = r.op.block();
+            let present = matches!(s.entries.get(&block).map(|e| e.state), Some(Cached::Present));
+            let path = self.shared.block_file(block);
+            match &r.op {
+                BlockOp::Write { offset, data, .. } => {
+                    let f =
+                        OpenOptions::new().create(true).write(true).truncate(false).open(&path)?;
+                    if !present {
+                        // An absent block reads as zeros: start its image from zeros.
+                        f.set_len(u64::from(bs))?;
+                        s.cache_bytes += u64::from(bs);
+                    }
+                    f.write_all_at(data, u64::from(*offset))?;
+                    s.touch(block, Cached::Present);
+                }
+                BlockOp::Delete { .. } => {
+                    if present {
+                        fs::remove_file(&path)?;
+                        s.cache_bytes -= u64::from(bs);
+                    }
+                    s.touch(block, Cached::Absent);
+                }
+            }
+            s.enqueue(r);
+        }
+        self.shared.evict(&mut s)?;
+        drop(s);
+        self.shared.work.notify_one();
+        Ok(())
+    }
+
+    fn sync(&self) -> Result<(), DeviceError> {
+        self.wait_persisted(self.shared.opts.op_timeout)
+    }
+}
+
+impl<R: Remote> Drop for CachedVolume<R> {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+    }
+}
+
+/// How far ahead the uploader looks for a later change that overwrites one it is about to send.
+const SUPERSEDE_LOOKAHEAD: usize = 256;
+
+/// Whether applying `later` after `earlier` leaves no trace of `earlier`.
+fn covers(later: &BlockOp, earlier: &BlockOp) -> bool {
+    if later.block() != earlier.block() {
+        return false;
+    }
+    match (later, earlier) {
+        (BlockOp::Delete { .. }, _) => true,
+        (
+            BlockOp::Write { offset: lo, data: ld, .. },
+            BlockOp::Write { offset: eo, data: ed, .. },
+        ) => *lo <= *eo && u64::from(*lo) + ld.len() as u64 >= u64::from(*eo) + ed.len() as u64,
+        (BlockOp::Write { .. }, BlockOp::Delete { .. }) => false,
+    }
+}
+
+/// What the uploader has in flight.
+enum Done {
+    Sent { seq: u64, block: u64, cost: u64, result: Result<(), RemoteError> },
+    Flushed { upto: u64, result: Result<(), RemoteError> },
+}
+
+/// Sends journal records to the volume, up to `upload_window_ops` at a time but never two of
+/// one block at once (so each block sees its changes in journal order), and asks for the
+/// persisted barrier to trim the journal. "Accepted up to N" only ever counts a gap-free prefix.
+async fn upload_loop<R: Remote>(shared: Arc<Shared<R>>, cancel: CancellationToken) {
+    use futures::stream::{FuturesUnordered, StreamExt};
+    let timeout = shared.opts.op_timeout;
+    let mut backoff = Duration::from_millis(10);
+    let mut pause_until: Option<tokio::time::Instant> = None;
+    let mut flushing = false;
+    let mut inflight = FuturesUnordered::new();
+    loop {
+        let notified = shared.work.notified();
+        // Dispatch what may go now.
+        if pause_until.is_none_or(|t| t <= tokio::time::Instant::now()) {
+            pause_until = None;
+            let mut s = shared.lock();
+            if s.refused.is_none() {
+                let window = shared.opts.upload_window_ops.max(1);
+                let mut sends = Vec::new();
+                let mut in_flight = s.unsent.iter().filter(|(_, u)| *u == Upload::InFlight).count();
+                let State { unsent, busy_blocks, pinned, stats, .. } = &mut *s;
+                let scan = unsent.len().min(window * 8);
+                for i in 0..scan {
+                    if in_flight >= window {
+                        break;
+                    }
+                    let block = unsent[i].0.op.block();
+                    match unsent[i].1 {
+                        Upload::Accepted => continue,
+                        // A record in flight, or one held back, keeps its block's later records behind it.
+                        Upload::InFlight => {
+                            busy_blocks.insert(block);
+                            continue;
+                        }
+                        Upload::Waiting if busy_blocks.contains(&block) => continue,
+                        Upload::Waiting => {}
+                    }
+                    // A change that a later journalled one fully overwrites need not travel (the
+                    // later one is still in the journal): metadata rewrites collapse this way.
+                    let superseded = unsent
+                        .iter()
+                        .skip(i + 1)
+                        .take(SUPERSEDE_LOOKAHEAD)
+                        .any(|(later, _)| covers(&later.op, &unsent[i].0.op));
+                    if superseded {
+                        unsent[i].1 = Upload::Accepted;
+                        stats.accepted += 1;
+                        if let Some(n) = pinned.get_mut(&block) {
+                            *n -= 1;
+                            if *n == 0 {
+                                pinned.remove(&block);
+                            }
+                        }
+                        continue;
+                    }
+                    unsent[i].1 = Upload::InFlight;
+                    busy_blocks.insert(block);
+                    in_flight += 1;
+                    sends.push(unsent[i].0.clone());
+                }
+                while s.unsent.front().is_some_and(|(_, u)| *u == Upload::Accepted) {
+                    let (r, _) = s.unsent.pop_front().expect("checked");
+                    s.accepted_upto = r.seq;
+                }
+                // Only blocks with a record really in flight stay busy.
+                s.busy_blocks = s
+                    .unsent
+                    .iter()
+                    .filter(|(_, u)| *u == Upload::InFlight)
+                    .map(|(r, _)| r.op.block())
+                    .collect();
+                let want_flush = !flushing
+                    && s.accepted_upto > s.persisted_upto
+                    && (s.unsent.is_empty()
+                        || s.bytes_since_flush >= shared.opts.flush_every_bytes
+                        || s.sync_wanted_upto > s.persisted_upto);
+                let upto = s.accepted_upto;
+                if want_flush {
+                    s.bytes_since_flush = 0;
+                }
+                drop(s);
+                for r in sends {
+                    let shared = shared.clone();
+                    inflight.push(Box::pin(async move {
+                        let block = r.op.block();
+                        let fut = async {
+                            match r.op.clone() {
+                                BlockOp::Write { block, offset, data, .. } => {
+                                    shared.remote.write(block, offset, data).await
+                                }
+                                BlockOp::Delete { block } => shared.remote.delete(block).await,
+                            }
+                        };
+                        let result = match tokio::time::timeout(timeout, fut).await {
+                            Ok(r) => r,
+                            Err(_) => Err(RemoteError::Unavailable(format!(
+                                "no answer within {timeout:?}"
+                            ))),
+                        };
+                        Done::Sent { seq: r.seq, block, cost: r.cost(), result }
+                    })
+                        as std::pin::Pin<Box<dyn Future<Output = Done> + Send>>);
+                }
+                if want_flush {
+                    flushing = true;
+                    let shared = shared.clone();
+                    inflight.push(Box::pin(async move {
+                        let result =
+                            match tokio::time::timeout(timeout, shared.remote.flush()).await {
+                                Ok(r) => r,
+                                Err(_) => Err(RemoteError::Unavailable(format!(
+                                    "flush: no answer within {timeout:?}"
+                                ))),
+                            };
+                        Done::Flushed { upto, result }
+                    }));
+                }
+            }
+        }
+        let done = tokio::select! {
+            _ = cancel.cancelled() => return,
+            Some(done) = inflight.next(), if !inflight.is_empty() => done,
+            _ = notified => continue,
+            _ = tokio::time::sleep_until(pause_until.unwrap_or_else(tokio::time::Instant::now)), if pause_until.is_some() => continue,
+        };
+        let result = match done {
+            Done::Sent { seq, block, cost, result } => {
+                let mut s = shared.lock();
+                s.busy_blocks.remove(&block);
+                let Some(at) = s.unsent.iter().position(|(r, _)| r.seq == seq) else { continue };
+                if result.is_ok() {
+                    s.unsent[at].1 = Upload::Accepted;
+                    s.bytes_since_flush += cost;
+                    s.stats.accepted += 1;
+                    if let Some(n) = s.pinned.get_mut(&block) {
+                        *n -= 1;
+                        if *n == 0 {
+                            s.pinned.remove(&block);
+                        }
+                    }
+                    while s.unsent.front().is_some_and(|(_, u)| *u == Upload::Accepted) {
+                        let (r, _) = s.unsent.pop_front().expect("checked");
+                        s.accepted_upto = r.seq;
+                    }
+                } else {
+                    s.unsent[at].1 = Upload::Waiting;
+                }
+                drop(s);
+                shared.progress.notify_all();
+                result
+            }
+            Done::Flushed { upto, result } => {
+                flushing = false;
+                if result.is_ok() {
+                    let mut s = shared.lock();
+                    s.mark_persisted(upto, |path| {
+                        if let Err(e) = fs::remove_file(path) {
+                            tracing::warn!(path = %path.display(), error = %e, "could not delete a persisted journal segment");
+                        }
+                    });
+                    if s.persisted_upto + 1 == s.next_seq && s.active_bytes > 0 {
+                        // Everything is persisted: start an empty segment so a later mount replays nothing.
+                        if let Err(e) = rotate(&shared.opts.dir.join("journal"), &mut s) {
+                            tracing::warn!(error = %e, "could not start a new journal segment");
+                        }
+                    }
+                    drop(s);
+                    shared.progress.notify_all();
+                }
+                result
+            }
+        };
+        match result {
+            Ok(()) => backoff = Duration::from_millis(10),
+            Err(RemoteError::Refused(why)) => {
+                tracing::error!(error = %why, "the volume refused a journalled change; the mount fails its operations and keeps the journal for the next mount");
+                shared.lock().refused = Some(why);
+                shared.progress.notify_all();
+            }
+            Err(RemoteError::Unavailable(why)) => {
+                shared.lock().stats.remote_errors += 1;
+                tracing::debug!(error = %why, ?backoff, "volume unreachable; retrying");
+                pause_until = Some(tokio::time::Instant::now() + backoff);
+                backoff = (backoff * 2).min(shared.opts.retry_backoff_max);
+            }
+        }
+    }
+}
+
+/// A volume in memory that can be made unreachable, for tests of the cache and of mounts
+/// without an NMS.
+#[derive(Clone, Default)]
+pub struct MemRemote {
+    inner: Arc<MemRemoteInner>,
+}
+
+#[derive(Default)]
+struct MemRemoteInner {
+    blocks: Mutex<HashMap<u64, Vec<u8>>>,
+    /// Accepted but not yet persisted changes (applied to `blocks` as they come).
+    unpersisted: Mutex<u64>,
+    down: std::sync::atomic::AtomicBool,
+    writes: std::sync::atomic::AtomicU64,
+}
+
+impl MemRemote {
+    /// Makes every call fail as unreachable (`true`) or work again.
+    pub fn set_down(&self, down: bool) {
+        self.inner.down.store(down, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// A copy of a block's stored bytes.
+    pub fn block(&self, block: u64) -> Option<Vec<u8>> {
+        self.inner.blocks.lock().expect("poisoned").get(&block).cloned()
+    }
+
+    /// Writes and deletes accepted so far.
+    pub fn writes(&self) -> u64 {
+        self.inner.writes.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    fn check(&self) -> Result<(), RemoteError> {
+        if self.inner.down.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(RemoteError::Unavailable("the in-memory volume is down".into()));
+        }
+        Ok(())
+    }
+}
+
+impl Remote for MemRemote {
+    async fn read(&self, block: u64) -> Result<Option<Vec<u8>>, RemoteError> {
+        self.check()?;
+        Ok(self.block(block))
+    }
+
+    async fn write(&self, block: u64, offset: u32, data: Vec<u8>) -> Result<(), RemoteError> {
+        self.check()?;
+        let mut blocks = self.inner.blocks.lock().expect("poisoned");
+        let image = blocks.entry(block).or_default();
+        let end = offset as usize + data.len();
+        if image.len() < end {
+            image.resize(end, 0);
+        }
+        image[offset as usize..end].copy_from_slice(&data);
+        *self.inner.unpersisted.lock().expect("poisoned") += 1;
+        self.inner.writes.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Ok(())
+    }
+
+    async fn delete(&self, block: u64) -> Result<(), RemoteError> {
+        self.check()?;
+        self.inner.blocks.lock().expect("poisoned").remove(&block);
+        self.inner.writes.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Ok(())
+    }
+
+    async fn flush(&self) -> Result<(), RemoteError> {
+        self.check()?;
+        *self.inner.unpersisted.lock().expect("poisoned") = 0;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fuse::fs::FormatParams;
+    use crate::fuse::fsx::{self, FsxConfig};
+    use crate::fuse::tests::CoreTarget;
+
+    fn opts(dir: &Path) -> CacheOptions {
+        CacheOptions {
+            op_timeout: Duration::from_millis(300),
+            journal_segment_bytes: 64 << 10,
+            flush_every_bytes: 32 << 10,
+            retry_backoff_max: Duration::from_millis(50),
+            ..CacheOptions::new(dir.to_path_buf())
+        }
+    }
+
+    fn rt() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap()
+    }
+
+    fn write(block: u64, offset: u32, data: &[u8]) -> BlockOp {
+        BlockOp::Write { block, offset, data: data.to_vec(), fresh: false }
+    }
+
+    #[test]
+    fn writes_survive_an_outage_and_reach_the_volume_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = rt();
+        let remote = MemRemote::default();
+        let dev = CachedVolume::open(remote.clone(), 4096, opts(dir.path()), rt.handle().clone())
+            .unwrap();
+        dev.apply(vec![write(7, 0, &[1; 4096])]).unwrap();
+        dev.sync().unwrap();
+        assert_eq!(remote.block(7).unwrap(), vec![1; 4096]);
+
+        remote.set_down(true);
+        // Accepted into the journal while the volume is unreachable; cached reads still work.
+        for i in 0..50u8 {
+            dev.apply(vec![
+                write(7, u32::from(i) * 10, &[i; 10]),
+                write(8 + u64::from(i % 3), 0, &[i; 4096]),
+            ])
+            .unwrap();
+        }
+        assert_eq!(dev.read(7, 490, 10).unwrap(), vec![49; 10]);
+        assert!(matches!(dev.sync(), Err(DeviceError::Timeout { .. })));
+        assert!(dev.stats().journal_bytes > 0);
+        // A block never cached cannot be read while down: an error, not a hang.
+        let t = Instant::now();
+        assert!(matches!(dev.read(1000, 0, 1), Err(DeviceError::Timeout { .. })));
+        assert!(t.elapsed() < Duration::from_secs(2));
+
+        remote.set_down(false);
+        dev.sync().unwrap();
+        let mut want = vec![1u8; 4096];
+        for i in 0..50u8 {
+            want[usize::from(i) * 10..usize::from(i) * 10 + 10].fill(i);
+        }
+        assert_eq!(remote.block(7).unwrap(), want);
+        assert_eq!(remote.block(8).unwrap(), vec![48; 4096]);
+        assert_eq!(remote.block(10).unwrap(), vec![47; 4096]);
+        assert_eq!(dev.stats().journal_bytes, 0);
+        assert!(dev.shutdown(Duration::from_secs(1)));
+        // Persisted segments were deleted: the next mount has nothing to replay.
+        drop(dev);
+        let dev = CachedVolume::open(remote.clone(), 4096, opts(dir.path()), rt.handle().clone())
+            .unwrap();
+        assert_eq!(dev.stats().recovered, 0);
+        assert_eq!(fs::read_dir(dir.path().join("journal")).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn the_journal_limit_bounds_unpersisted_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = rt();
+        let remote = MemRemote::default();
+        remote.set_down(true);
+        let o = CacheOptions { journal_limit_bytes: 20_000, ..opts(dir.path()) };
+        let dev = CachedVolume::open(remote.clone(), 4096, o, rt.handle().clone()).unwrap();
+        for b in 0..4 {
+            dev.apply(vec![write(b, 0, &[9; 4096])]).unwrap();
+        }
+        let t = Instant::now();
+        assert!(matches!(
+            dev.apply(vec![write(5, 0, &[9; 4096])]),
+            Err(DeviceError::Timeout { .. })
+        ));
+        assert!(t.elapsed() >= Duration::from_millis(250));
+        remote.set_down(false);
+        dev.apply(vec![write(5, 0, &[9; 4096])]).unwrap();
+        dev.sync().unwrap();
+        assert_eq!(remote.block(5).unwrap(), vec![9; 4096]);
+    }
+
+    #[test]
+    fn a_crashed_mounts_journal_is_replayed_by_the_next_and_a_torn_tail_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = rt();
+        let remote = MemRemote::default();
+        remote.set_down(true);
+        {
+            let dev =
+                CachedVolume::open(remote.clone(), 4096, opts(dir.path()), rt.handle().clone())
+                    .unwrap();
+            // Refused: one cache directory, one mount.
+            assert!(CachedVolume::open(
+                remote.clone(),
+                4096,
+                opts(dir.path()),
+                rt.handle().clone()
+            )
+            .is_err());
+            for i in 0..200u32 {
+                // `fresh`: the blocks are new (as the file system knows), so no fetch is needed offline.
+                let op = BlockOp::Write {
+                    block: u64::from(i % 7),
+                    offset: (i % 16) * 256,
+                    data: i.to_le_bytes().to_vec(),
+                    fresh: true,
+                };
+                dev.apply(vec![op]).unwrap();
+            }
+            dev.apply(vec![BlockOp::Delete { block: 6 }]).unwrap();
+            // "Crash": the process would die here; nothing is drained.
+        }
+        // A torn half-record at the end of the last segment, as a crash mid-append leaves.
+        let mut segs: Vec<PathBuf> =
+            fs::read_dir(dir.path().join("journal")).unwrap().map(|e| e.unwrap().path()).collect();
+        segs.sort();
+        let last = segs.iter().rev().find(|p| fs::metadata(p).unwrap().len() > 0).unwrap().clone();
+        OpenOptions::new()
+            .append(true)
+            .open(&last)
+            .unwrap()
+            .write_all(&[50, 0, 0, 0, 1, 2])
+            .unwrap();
+        assert_eq!(remote.writes(), 0);
+
+        remote.set_down(false);
+        let dev = CachedVolume::open(remote.clone(), 4096, opts(dir.path()), rt.handle().clone())
+            .unwrap();
+        assert_eq!(dev.stats().recovered, 201);
+        dev.sync().unwrap();
+        let mut model: HashMap<u64, Vec<u8>> = HashMap::new();
+        for i in 0..200u32 {
+            let img = model.entry(u64::from(i % 7)).or_default();
+            let at = ((i % 16) * 256) as usize;
+            if img.len() < at + 4 {
+                img.resize(at + 4, 0);
+            }
+            img[at..at + 4].copy_from_slice(&i.to_le_bytes());
+        }
+        model.remove(&6);
+        for b in 0..7 {
+            assert_eq!(remote.block(b), model.get(&b).cloned(), "block {b}");
+        }
+        assert!(dev.shutdown(Duration::from_secs(1)));
+    }
+
+    #[test]
+    fn fsx_through_the_cache_with_eviction_then_a_cold_cache() {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = rt();
+        let remote = MemRemote::default();
+        let o = CacheOptions { cache_capacity_bytes: 64 * 4096, ..opts(dir.path()) };
+        let open = |o: CacheOptions| {
+            Arc::new(CachedVolume::open(remote.clone(), 4096, o, rt.handle().clone()).unwrap())
+        };
+        let dev = open(o.clone());
+        let params = FormatParams { max_inodes: 4096, file_stride_blocks: 64 };
+        let mut target = CoreTarget::new(dev.clone(), params);
+        let cfg = FsxConfig {
+            seed: 7,
+            steps: 1500,
+            max_file_bytes: 150_000,
+            max_write_bytes: 30_000,
+            remount_every: 0,
+        };
+        let model = fsx::run(&mut target, cfg).unwrap();
+        // A fresh cache (as after a remount) reads everything back from the volume.
+        target.fs = None;
+        assert!(dev.shutdown(Duration::from_secs(2)));
+        drop(target);
+        drop(dev);
+        let dev2 = open(o);
+        let mut again = CoreTarget::new(dev2.clone(), params);
+        fsx::verify_tree(&mut again, &model, cfg.steps).unwrap();
+        assert!(dev2.stats().cache_misses > 0);
+    }
+}

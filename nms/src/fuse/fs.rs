@@ -1,0 +1,887 @@
+//! The file system core: POSIX operations over a [`BlockDevice`], in the on-volume format of
+//! [`super::layout`]. No FUSE, no clock of its own (time comes from the injected clock), no
+//! threads: the FUSE adapter serialises calls behind one lock.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use super::device::{BlockDevice, BlockOp, DeviceError};
+use super::layout::{
+    decode_dirent, encode_dirent, Inode, Kind, LayoutError, Superblock, Timestamp, DIRENT_BYTES,
+    INODE_BYTES, MAX_NAME_BYTES, MAX_SYMLINK_BYTES, ROOT_INO,
+};
+
+/// Why a file system operation failed; [`FsError::errno`] is the one place these become errno.
+#[derive(Debug, thiserror::Error)]
+pub enum FsError {
+    #[error("no such file or directory")]
+    NotFound,
+    #[error("file exists")]
+    Exists,
+    #[error("not a directory")]
+    NotDir,
+    #[error("is a directory")]
+    IsDir,
+    #[error("directory not empty")]
+    NotEmpty,
+    #[error("name longer than {MAX_NAME_BYTES} bytes")]
+    NameTooLong,
+    #[error("invalid argument: {0}")]
+    Invalid(&'static str),
+    #[error("file would exceed the largest file size ({max_bytes} bytes)")]
+    TooBig { max_bytes: u64 },
+    #[error("no free inode (max_inodes = {max_inodes})")]
+    NoInodes { max_inodes: u64 },
+    #[error("operation not supported: {0}")]
+    Unsupported(&'static str),
+    #[error(transparent)]
+    Device(#[from] DeviceError),
+    #[error("the volume does not hold a usable file system: {0}")]
+    Layout(#[from] LayoutError),
+    #[error("corrupt file system: {0}")]
+    Corrupt(String),
+}
+
+impl FsError {
+    /// The errno a caller of the POSIX API sees.
+    pub fn errno(&self) -> i32 {
+        match self {
+            FsError::NotFound => libc::ENOENT,
+            FsError::Exists => libc::EEXIST,
+            FsError::NotDir => libc::ENOTDIR,
+            FsError::IsDir => libc::EISDIR,
+            FsError::NotEmpty => libc::ENOTEMPTY,
+            FsError::NameTooLong => libc::ENAMETOOLONG,
+            FsError::Invalid(_) => libc::EINVAL,
+            FsError::TooBig { .. } => libc::EFBIG,
+            FsError::NoInodes { .. } => libc::ENOSPC,
+            FsError::Unsupported(_) => libc::EOPNOTSUPP,
+            FsError::Device(DeviceError::Timeout { .. }) => libc::ETIMEDOUT,
+            FsError::Device(_) | FsError::Layout(_) | FsError::Corrupt(_) => libc::EIO,
+        }
+    }
+}
+
+pub type Result<T> = std::result::Result<T, FsError>;
+
+/// Geometry for a new file system (ignored when the volume already holds one).
+#[derive(Clone, Copy, Debug)]
+pub struct FormatParams {
+    /// Most inodes the file system can ever hold.
+    pub max_inodes: u64,
+    /// Volume blocks reserved per inode: the largest file is this times the block size.
+    pub file_stride_blocks: u64,
+}
+
+impl Default for FormatParams {
+    fn default() -> Self {
+        FormatParams { max_inodes: 1 << 20, file_stride_blocks: 1 << 20 }
+    }
+}
+
+/// Changes asked for by setattr; `None` leaves a field alone.
+#[derive(Clone, Debug, Default)]
+pub struct SetAttr {
+    pub perm: Option<u16>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub size: Option<u64>,
+    pub atime: Option<Timestamp>,
+    pub mtime: Option<Timestamp>,
+}
+
+/// One entry returned by [`Fs::readdir`]; `offset` is where the next call resumes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DirEntry {
+    pub offset: u64,
+    pub ino: u64,
+    pub kind: Kind,
+    pub name: Vec<u8>,
+}
+
+/// Usage figures for statfs.
+#[derive(Clone, Copy, Debug)]
+pub struct FsStats {
+    pub block_size: u32,
+    pub max_inodes: u64,
+    pub used_inodes: u64,
+    pub used_bytes: u64,
+}
+
+/// A directory's entries, loaded from its slots on first use.
+#[derive(Debug, Default)]
+struct Dir {
+    by_name: HashMap<Vec<u8>, (u64, u64)>,
+    by_slot: BTreeMap<u64, Vec<u8>>,
+    free_slots: BTreeSet<u64>,
+    slots: u64,
+}
+
+/// The clock the core reads for timestamps.
+pub type Clock = Box<dyn Fn() -> Timestamp + Send + Sync>;
+
+/// A mounted file system.
+pub struct Fs<D> {
+    dev: D,
+    sb: Superblock,
+    inodes: HashMap<u64, Inode>,
+    free_inos: BTreeSet<u64>,
+    dirs: HashMap<u64, Dir>,
+    open_counts: HashMap<u64, u32>,
+    clock: Clock,
+}
+
+impl<D: BlockDevice> Fs<D> {
+    /// Opens the file system on `dev`, creating one with `params` when block 0 was never written.
+    pub fn open_or_format(dev: D, params: FormatParams, clock: Clock) -> Result<Self> {
+        let bs = dev.block_size();
+        let head = dev.read(0, 0, 64)?;
+        if head.iter().all(|&b| b == 0) {
+            return Self::format(dev, params, clock);
+        }
+        let sb = Superblock::decode(&head, bs)?;
+        let mut fs = Fs {
+            dev,
+            sb,
+            inodes: HashMap::new(),
+            free_inos: BTreeSet::new(),
+            dirs: HashMap::new(),
+            open_counts: HashMap::new(),
+            clock,
+        };
+        fs.load_inodes()?;
+        fs.collect_orphans()?;
+        Ok(fs)
+    }
+
+    fn format(dev: D, params: FormatParams, clock: Clock) -> Result<Self> {
+        let mut sb =
+            Superblock::new(dev.block_size(), params.max_inodes, params.file_stride_blocks)?;
+        sb.inode_hwm = sb.inodes_per_block().min(sb.max_inodes);
+        let now = clock();
+        let root = Inode {
+            ino: ROOT_INO,
+            kind: Kind::Dir,
+            perm: 0o755,
+            uid: 0,
+            gid: 0,
+            nlink: 2,
+            size: 0,
+            atime: now,
+            mtime: now,
+            ctime: now,
+            crtime: now,
+            parent: ROOT_INO,
+        };
+        let mut fs = Fs {
+            dev,
+            sb,
+            inodes: HashMap::new(),
+            free_inos: (ROOT_INO + 1..sb.inode_hwm).collect(),
+            dirs: HashMap::new(),
+            open_counts: HashMap::new(),
+            clock,
+        };
+        // The root inode first, the superblock (which makes the volume a file system) last.
+        let ops = vec![fs.inode_op(&root, true), fs.superblock_op()];
+        fs.dev.apply(ops)?;
+        fs.dev.sync()?;
+        fs.inodes.insert(ROOT_INO, root);
+        fs.dirs.insert(ROOT_INO, Dir::default());
+        Ok(fs)
+    }
+
+    fn load_inodes(&mut self) -> Result<()> {
+        let per = self.sb.inodes_per_block();
+        let bs = self.sb.block_size;
+        for table_block in 0..self.sb.inode_hwm.div_ceil(per) {
+            let data = self.dev.read(self.sb.inode_table_start + table_block, 0, bs)?;
+            for i in 0..per {
+                let ino = table_block * per + i;
+                if ino == 0 || ino >= self.sb.inode_hwm {
+                    continue;
+                }
+                let at = (i * u64::from(INODE_BYTES)) as usize;
+                match Inode::decode(ino, &data[at..at + INODE_BYTES as usize]) {
+                    Some(inode) => {
+                        self.inodes.insert(ino, inode);
+                    }
+                    None => {
+                        self.free_inos.insert(ino);
+                    }
+                }
+            }
+        }
+        match self.inodes.get(&ROOT_INO) {
+            Some(root) if root.kind == Kind::Dir => Ok(()),
+            _ => Err(FsError::Corrupt("the root inode is missing".into())),
+        }
+    }
+
+    /// Frees inodes left live without a name by a crash between an unlink's steps.
+    fn collect_orphans(&mut self) -> Result<()> {
+        let orphans: Vec<u64> = self
+            .inodes
+            .values()
+            .filter(|i| i.nlink == 0 && i.ino != ROOT_INO)
+            .map(|i| i.ino)
+            .collect();
+        for ino in orphans {
+            tracing::info!(ino, "freeing an orphan inode left by an interrupted unlink");
+            self.free_inode(ino)?;
+        }
+        Ok(())
+    }
+
+    /// The device underneath.
+    pub fn device(&self) -> &D {
+        &self.dev
+    }
+
+    /// The geometry in use.
+    pub fn superblock(&self) -> Superblock {
+        self.sb
+    }
+
+    fn now(&self) -> Timestamp {
+        (self.clock)()
+    }
+
+    fn superblock_op(&self) -> BlockOp {
+        BlockOp::Write { block: 0, offset: 0, data: self.sb.encode(), fresh: false }
+    }
+
+    /// `fresh`: the inode's table block was never written (it lies past the old high-water mark).
+    fn inode_op(&self, inode: &Inode, fresh: bool) -> BlockOp {
+        let (block, offset) = self.sb.inode_location(inode.ino);
+        BlockOp::Write { block, offset, data: inode.encode(), fresh }
+    }
+
+    fn free_inode_op(&self, ino: u64) -> BlockOp {
+        let (block, offset) = self.sb.inode_location(ino);
+        BlockOp::Write { block, offset, data: vec![0; INODE_BYTES as usize], fresh: false }
+    }
+
+    /// Attributes of `ino`.
+    pub fn attr(&self, ino: u64) -> Result<Inode> {
+        self.inodes.get(&ino).cloned().ok_or(FsError::NotFound)
+    }
+
+    fn dir_inode(&self, ino: u64) -> Result<&Inode> {
+        let inode = self.inodes.get(&ino).ok_or(FsError::NotFound)?;
+        if inode.kind != Kind::Dir {
+            return Err(FsError::NotDir);
+        }
+        Ok(inode)
+    }
+
+    fn load_dir(&mut self, ino: u64) -> Result<&mut Dir> {
+        let size = self.dir_inode(ino)?.size;
+        if !self.dirs.contains_key(&ino) {
+            let slots = size / u64::from(DIRENT_BYTES);
+            let per = self.sb.dirents_per_block();
+            let mut dir = Dir { slots, ..Dir::default() };
+            for index in 0..slots.div_ceil(per) {
+                let block = self.sb.data_block(ino, index).ok_or_else(|| {
+                    FsError::Corrupt(format!("directory {ino} is larger than a file may be"))
+                })?;
+                let data = self.dev.read(block, 0, self.sb.block_size)?;
+                for i in 0..per {
+                    let slot = index * per + i;
+                    if slot >= slots {
+                        break;
+                    }
+                    let at = (i * u64::from(DIRENT_BYTES)) as usize;
+                    match decode_dirent(&data[at..at + DIRENT_BYTES as usize]) {
+                        Some((child, name)) if self.inodes.contains_key(&child) => {
+                            dir.by_slot.insert(slot, name.clone());
+                            dir.by_name.insert(name, (child, slot));
+                        }
+                        Some((child, name)) => {
+                            // The inode was freed after a crash left its name behind: drop the name.
+                            tracing::warn!(dir = ino, child, name = %String::from_utf8_lossy(&name), "dropping an entry naming a free inode");
+                            dir.free_slots.insert(slot);
+                        }
+                        None => {
+                            dir.free_slots.insert(slot);
+                        }
+                    }
+                }
+            }
+            self.dirs.insert(ino, dir);
+        }
+        Ok(self.dirs.get_mut(&ino).expect("just loaded"))
+    }
+
+    fn check_name(name: &[u8]) -> Result<()> {
+        if name.is_empty()
+            || name == b"."
+            || name == b".."
+            || name.contains(&b'/')
+            || name.contains(&0)
+        {
+            return Err(FsError::Invalid("bad file name"));
+        }
+        if name.len() > MAX_NAME_BYTES {
+            return Err(FsError::NameTooLong);
+        }
+        Ok(())
+    }
+
+    /// Looks `name` up in directory `parent`.
+    pub fn lookup(&mut self, parent: u64, name: &[u8]) -> Result<Inode> {
+        if name == b"." {
+            return self.attr(parent);
+        }
+        if name == b".." {
+            let p = self.dir_inode(parent)?.parent;
+            return self.attr(p);
+        }
+        if name.len() > MAX_NAME_BYTES {
+            return Err(FsError::NameTooLong);
+        }
+        let dir = self.load_dir(parent)?;
+        let (child, _) = *dir.by_name.get(name).ok_or(FsError::NotFound)?;
+        self.attr(child)
+    }
+
+    fn alloc_ino(&mut self, ops: &mut Vec<BlockOp>) -> Result<(u64, bool)> {
+        if let Some(ino) = self.free_inos.pop_first() {
+            return Ok((ino, false));
+        }
+        let old = self.sb.inode_hwm;
+        if old >= self.sb.max_inodes {
+            return Err(FsError::NoInodes { max_inodes: self.sb.max_inodes });
+        }
+        // Raise the mark a whole table block at a time: one superblock write per block of inodes.
+        let new = (old + self.sb.inodes_per_block()).min(self.sb.max_inodes);
+        self.sb.inode_hwm = new;
+        self.free_inos.extend(old + 1..new);
+        ops.push(self.superblock_op());
+        let fresh = old.is_multiple_of(self.sb.inodes_per_block());
+        Ok((old, fresh))
+    }
+
+    /// Adds `name -> child` to directory `parent` (loaded), returning the ops that write the slot.
+    fn add_entry(
+        &mut self,
+        parent: u64,
+        name: &[u8],
+        child: u64,
+        ops: &mut Vec<BlockOp>,
+    ) -> Result<()> {
+        let sb = self.sb;
+        let dir = self.dirs.get_mut(&parent).expect("directory loaded");
+        let slot = match dir.free_slots.pop_first() {
+            Some(slot) => slot,
+            None => {
+                dir.slots += 1;
+                dir.slots - 1
+            }
+        };
+        dir.by_slot.insert(slot, name.to_vec());
+        dir.by_name.insert(name.to_vec(), (child, slot));
+        let slots = dir.slots;
+        let (index, offset) = sb.dirent_location(slot);
+        let block = sb
+            .data_block(parent, index)
+            .ok_or(FsError::TooBig { max_bytes: sb.max_file_bytes() })?;
+        let parent_inode = self.inodes.get(&parent).expect("live directory");
+        let fresh = index >= parent_inode.size.div_ceil(u64::from(sb.block_size));
+        ops.push(BlockOp::Write { block, offset, data: encode_dirent(child, name), fresh });
+        let now = self.now();
+        let p = self.inodes.get_mut(&parent).expect("live directory");
+        p.size = p.size.max(slots * u64::from(DIRENT_BYTES));
+        p.mtime = now;
+        p.ctime = now;
+        Ok(())
+    }
+
+    /// Removes `name` from directory `parent` (loaded), returning the op that frees the slot.
+    fn remove_entry(&mut self, parent: u64, name: &[u8], ops: &mut Vec<BlockOp>) -> Result<u64> {
+        let sb = self.sb;
+        let dir = self.dirs.get_mut(&parent).expect("directory loaded");
+        let (child, slot) = dir.by_name.remove(name).ok_or(FsError::NotFound)?;
+        dir.by_slot.remove(&slot);
+        dir.free_slots.insert(slot);
+        let (index, offset) = sb.dirent_location(slot);
+        let block = sb.data_block(parent, index).expect("slot was addressable");
+        ops.push(BlockOp::Write { block, offset, data: encode_dirent(0, b""), fresh: false });
+        let now = self.now();
+        let p = self.inodes.get_mut(&parent).expect("live directory");
+        p.mtime = now;
+        p.ctime = now;
+        Ok(child)
+    }
+
+    /// Creates a file, directory or symlink named `name` in `parent`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn create(
+        &mut self,
+        parent: u64,
+        name: &[u8],
+        kind: Kind,
+        perm: u16,
+        uid: u32,
+        gid: u32,
+        symlink_target: Option<&[u8]>,
+    ) -> Result<Inode> {
+        Self::check_name(name)?;
+        if let Some(t) = symlink_target {
+            if t.is_empty() || t.len() > MAX_SYMLINK_BYTES {
+                return Err(FsError::Invalid("bad symlink target length"));
+            }
+        }
+        if self.load_dir(parent)?.by_name.contains_key(name) {
+            return Err(FsError::Exists);
+        }
+        let mut ops = Vec::new();
+        let (ino, fresh) = self.alloc_ino(&mut ops)?;
+        let now = self.now();
+        let mut inode = Inode {
+            ino,
+            kind,
+            perm: perm & 0o7777,
+            uid,
+            gid,
+            nlink: if kind == Kind::Dir { 2 } else { 1 },
+            size: 0,
+            atime: now,
+            mtime: now,
+            ctime: now,
+            crtime: now,
+            parent: if kind == Kind::Dir { parent } else { 0 },
+        };
+        if let Some(target) = symlink_target {
+            let block = self.sb.data_block(ino, 0).expect("block 0 exists");
+            ops.push(BlockOp::Write { block, offset: 0, data: target.to_vec(), fresh: true });
+            inode.size = target.len() as u64;
+        }
+        // Order: the inode (and its data) before the name that makes it reachable.
+        ops.push(self.inode_op(&inode, fresh));
+        let res = self.add_entry(parent, name, ino, &mut ops);
+        if let Err(e) = res {
+            self.free_inos.insert(ino);
+            return Err(e);
+        }
+        if kind == Kind::Dir {
+            self.inodes.get_mut(&parent).expect("live").nlink += 1;
+        }
+        let p = self.inodes[&parent].clone();
+        ops.push(self.inode_op(&p, false));
+        self.inodes.insert(ino, inode.clone());
+        if kind == Kind::Dir {
+            self.dirs.insert(ino, Dir::default());
+        }
+        self.apply(ops)?;
+        Ok(inode)
+    }
+
+    /// Applies ops; on failure the in-memory state may be ahead of the device, so drop what can
+    /// be reloaded (directories) to keep later operations honest.
+    fn apply(&mut self, ops: Vec<BlockOp>) -> Result<()> {
+        if let Err(e) = self.dev.apply(ops) {
+            self.dirs.clear();
+            return Err(e.into());
+        }
+        Ok(())
+    }
+
+    /// A symlink's target.
+    pub fn readlink(&mut self, ino: u64) -> Result<Vec<u8>> {
+        let inode = self.attr(ino)?;
+        if inode.kind != Kind::Symlink {
+            return Err(FsError::Invalid("not a symlink"));
+        }
+        let block = self.sb.data_block(ino, 0).expect("block 0 exists");
+        Ok(self.dev.read(block, 0, inode.size as u32)?)
+    }
+
+    /// A new name `newname` in `newparent` for the file `ino`.
+    pub fn link(&mut self, ino: u64, newparent: u64, newname: &[u8]) -> Result<Inode> {
+        Self::check_name(newname)?;
+        if self.attr(ino)?.kind == Kind::Dir {
+            return Err(FsError::Unsupported("hard links to directories"));
+        }
+        if self.load_dir(newparent)?.by_name.contains_key(newname) {
+            return Err(FsError::Exists);
+        }
+        let now = self.now();
+        let inode = self.inodes.get_mut(&ino).expect("checked");
+        inode.nlink += 1;
+        inode.ctime = now;
+        let inode = inode.clone();
+        let mut ops = vec![self.inode_op(&inode, false)];
+        self.add_entry(newparent, newname, ino, &mut ops)?;
+        let p = self.inodes[&newparent].clone();
+        ops.push(self.inode_op(&p, false));
+        self.apply(ops)?;
+        Ok(inode)
+    }
+
+    /// Removes a non-directory name.
+    pub fn unlink(&mut self, parent: u64, name: &[u8]) -> Result<()> {
+        let child = self.lookup(parent, name)?;
+        if child.kind == Kind::Dir {
+            return Err(FsError::IsDir);
+        }
+        let mut ops = Vec::new();
+        self.remove_entry(parent, name, &mut ops)?;
+        let p = self.inodes[&parent].clone();
+        ops.push(self.inode_op(&p, false));
+        self.drop_link(child.ino, &mut ops);
+        self.apply(ops)?;
+        self.maybe_free(child.ino)
+    }
+
+    /// Removes an empty directory.
+    pub fn rmdir(&mut self, parent: u64, name: &[u8]) -> Result<()> {
+        if name == b"." {
+            return Err(FsError::Invalid("rmdir of ."));
+        }
+        if name == b".." {
+            return Err(FsError::NotEmpty);
+        }
+        let child = self.lookup(parent, name)?;
+        if child.kind != Kind::Dir {
+            return Err(FsError::NotDir);
+        }
+        if !self.load_dir(child.ino)?.by_name.is_empty() {
+            return Err(FsError::NotEmpty);
+        }
+        let mut ops = Vec::new();
+        self.remove_entry(parent, name, &mut ops)?;
+        self.inodes.get_mut(&parent).expect("live").nlink -= 1;
+        let p = self.inodes[&parent].clone();
+        ops.push(self.inode_op(&p, false));
+        let c = self.inodes.get_mut(&child.ino).expect("live");
+        c.nlink = 0;
+        let c = c.clone();
+        ops.push(self.inode_op(&c, false));
+        self.apply(ops)?;
+        self.maybe_free(child.ino)
+    }
+
+    fn drop_link(&mut self, ino: u64, ops: &mut Vec<BlockOp>) {
+        let now = self.now();
+        let inode = self.inodes.get_mut(&ino).expect("live");
+        inode.nlink = inode.nlink.saturating_sub(1);
+        inode.ctime = now;
+        let inode = inode.clone();
+        ops.push(self.inode_op(&inode, false));
+    }
+
+    /// Frees `ino` once it has no name and no open handle.
+    fn maybe_free(&mut self, ino: u64) -> Result<()> {
+        let unlinked = self.inodes.get(&ino).is_some_and(|i| i.nlink == 0);
+        if unlinked && self.open_counts.get(&ino).copied().unwrap_or(0) == 0 {
+            self.free_inode(ino)?;
+        }
+        Ok(())
+    }
+
+    fn free_inode(&mut self, ino: u64) -> Result<()> {
+        let inode = self.inodes.get(&ino).cloned().ok_or(FsError::NotFound)?;
+        let mut ops = Vec::new();
+        // Data first, then the record: a crash in between leaves an orphan that is freed again.
+        for index in 0..inode.size.div_ceil(u64::from(self.sb.block_size)) {
+            if let Some(block) = self.sb.data_block(ino, index) {
+                ops.push(BlockOp::Delete { block });
+            }
+        }
+        ops.push(self.free_inode_op(ino));
+        self.dev.apply(ops)?;
+        self.inodes.remove(&ino);
+        self.dirs.remove(&ino);
+        self.free_inos.insert(ino);
+        Ok(())
+    }
+
+    /// Renames `parent/name` to `newparent/newname`, replacing a compatible target unless
+    /// `noreplace`.
+    pub fn rename(
+        &mut self,
+        parent: u64,
+        name: &[u8],
+        newparent: u64,
+        newname: &[u8],
+        noreplace: bool,
+    ) -> Result<()> {
+        Self::check_name(newname)?;
+        let src = self.lookup(parent, name)?;
+        self.load_dir(newparent)?;
+        if src.kind == Kind::Dir {
+            // A directory may not move below itself.
+            let mut at = newparent;
+            loop {
+                if at == src.ino {
+                    return Err(FsError::Invalid("a directory cannot move into itself"));
+                }
+                if at == ROOT_INO {
+                    break;
+                }
+                at = self.dir_inode(at)?.parent;
+            }
+        }
+        let existing = self.dirs[&newparent].by_name.get(newname).map(|&(ino, _)| ino);
+        let mut ops = Vec::new();
+        if let Some(dst_ino) = existing {
+            if dst_ino == src.ino {
+                return Ok(());
+            }
+            // The target may not be an ancestor of the source (the kernel's order of checks).
+            let mut at = parent;
+            loop {
+                if at == dst_ino {
+                    return Err(FsError::NotEmpty);
+                }
+                if at == ROOT_INO {
+                    break;
+                }
+                at = self.dir_inode(at)?.parent;
+            }
+            if noreplace {
+                return Err(FsError::Exists);
+            }
+            let dst = self.attr(dst_ino)?;
+            match (src.kind == Kind::Dir, dst.kind == Kind::Dir) {
+                (true, false) => return Err(FsError::NotDir),
+                (false, true) => return Err(FsError::IsDir),
+                (true, true) if !self.load_dir(dst_ino)?.by_name.is_empty() => {
+                    return Err(FsError::NotEmpty)
+                }
+                _ => {}
+            }
+            // Replace: the name now points at the source (one slot write), the target loses a link.
+            self.remove_entry(newparent, newname, &mut ops)?;
+            if dst.kind == Kind::Dir {
+                self.inodes.get_mut(&newparent).expect("live").nlink -= 1;
+                self.inodes.get_mut(&dst_ino).expect("live").nlink = 1;
+            }
+            self.drop_link(dst_ino, &mut ops);
+            self.add_entry(newparent, newname, src.ino, &mut ops)?;
+            // Keep the slot write after the free of the same slot: both go to one place, in order.
+            self.finish_rename(parent, name, newparent, &src, &mut ops)?;
+            self.apply(ops)?;
+            return self.maybe_free(dst_ino);
+        }
+        self.add_entry(newparent, newname, src.ino, &mut ops)?;
+        self.finish_rename(parent, name, newparent, &src, &mut ops)?;
+        self.apply(ops)
+    }
+
+    fn finish_rename(
+        &mut self,
+        parent: u64,
+        name: &[u8],
+        newparent: u64,
+        src: &Inode,
+        ops: &mut Vec<BlockOp>,
+    ) -> Result<()> {
+        self.remove_entry(parent, name, ops)?;
+        let now = self.now();
+        if src.kind == Kind::Dir && parent != newparent {
+            self.inodes.get_mut(&parent).expect("live").nlink -= 1;
+            self.inodes.get_mut(&newparent).expect("live").nlink += 1;
+            self.inodes.get_mut(&src.ino).expect("live").parent = newparent;
+        }
+        self.inodes.get_mut(&src.ino).expect("live").ctime = now;
+        let s = self.inodes[&src.ino].clone();
+        ops.push(self.inode_op(&s, false));
+        let p = self.inodes[&parent].clone();
+        ops.push(self.inode_op(&p, false));
+        if newparent != parent {
+            let np = self.inodes[&newparent].clone();
+            ops.push(self.inode_op(&np, false));
+        }
+        Ok(())
+    }
+
+    /// Changes attributes; a size change truncates or extends the file.
+    pub fn setattr(&mut self, ino: u64, set: SetAttr) -> Result<Inode> {
+        let mut inode = self.attr(ino)?;
+        let now = self.now();
+        let mut ops = Vec::new();
+        if let Some(size) = set.size {
+            match inode.kind {
+                Kind::Dir => return Err(FsError::IsDir),
+                Kind::Symlink => return Err(FsError::Invalid("truncate of a symlink")),
+                Kind::File => {}
+            }
+            if size > self.sb.max_file_bytes() {
+                return Err(FsError::TooBig { max_bytes: self.sb.max_file_bytes() });
+            }
+            self.truncate_ops(&inode, size, &mut ops);
+            inode.size = size;
+            inode.mtime = now;
+        }
+        if let Some(perm) = set.perm {
+            inode.perm = perm & 0o7777;
+        }
+        if let Some(uid) = set.uid {
+            inode.uid = uid;
+        }
+        if let Some(gid) = set.gid {
+            inode.gid = gid;
+        }
+        if let Some(t) = set.atime {
+            inode.atime = t;
+        }
+        if let Some(t) = set.mtime {
+            inode.mtime = t;
+        }
+        inode.ctime = now;
+        ops.push(self.inode_op(&inode, false));
+        self.dev.apply(ops)?;
+        self.inodes.insert(ino, inode.clone());
+        Ok(inode)
+    }
+
+    /// Ops that keep the layout invariant when a file shrinks from `inode.size` to `size`.
+    fn truncate_ops(&self, inode: &Inode, size: u64, ops: &mut Vec<BlockOp>) {
+        let bs = u64::from(self.sb.block_size);
+        if size >= inode.size {
+            return;
+        }
+        let keep = size.div_ceil(bs);
+        for index in keep..inode.size.div_ceil(bs) {
+            if let Some(block) = self.sb.data_block(inode.ino, index) {
+                ops.push(BlockOp::Delete { block });
+            }
+        }
+        let tail = size % bs;
+        if tail != 0 {
+            let index = size / bs;
+            let old_end = (inode.size - index * bs).min(bs);
+            let block = self.sb.data_block(inode.ino, index).expect("within the file");
+            ops.push(BlockOp::Write {
+                block,
+                offset: tail as u32,
+                data: vec![0; (old_end - tail) as usize],
+                fresh: false,
+            });
+        }
+    }
+
+    /// Reads up to `size` bytes at `offset` (short at end of file).
+    pub fn read(&mut self, ino: u64, offset: u64, size: u32) -> Result<Vec<u8>> {
+        let inode = self.attr(ino)?;
+        match inode.kind {
+            Kind::Dir => return Err(FsError::IsDir),
+            Kind::Symlink => return Err(FsError::Invalid("read of a symlink")),
+            Kind::File => {}
+        }
+        if offset >= inode.size {
+            return Ok(Vec::new());
+        }
+        let end = (offset + u64::from(size)).min(inode.size);
+        let bs = u64::from(self.sb.block_size);
+        let mut out = Vec::with_capacity((end - offset) as usize);
+        let mut pos = offset;
+        while pos < end {
+            let index = pos / bs;
+            let within = pos % bs;
+            let len = (bs - within).min(end - pos);
+            let block = self.sb.data_block(ino, index).expect("within the file");
+            out.extend_from_slice(&self.dev.read(block, within as u32, len as u32)?);
+            pos += len;
+        }
+        Ok(out)
+    }
+
+    /// Writes `data` at `offset`, growing the file as needed. Data and the new size reach the
+    /// device in one batch, so a crash keeps both or neither of the size change.
+    pub fn write(&mut self, ino: u64, offset: u64, data: &[u8]) -> Result<u32> {
+        let mut inode = self.attr(ino)?;
+        match inode.kind {
+            Kind::Dir => return Err(FsError::IsDir),
+            Kind::Symlink => return Err(FsError::Invalid("write to a symlink")),
+            Kind::File => {}
+        }
+        let end = offset
+            .checked_add(data.len() as u64)
+            .filter(|&e| e <= self.sb.max_file_bytes())
+            .ok_or(FsError::TooBig { max_bytes: self.sb.max_file_bytes() })?;
+        let bs = u64::from(self.sb.block_size);
+        let first_absent = inode.size.div_ceil(bs);
+        let mut ops = Vec::new();
+        let mut pos = offset;
+        while pos < end {
+            let index = pos / bs;
+            let within = pos % bs;
+            let len = (bs - within).min(end - pos);
+            let at = (pos - offset) as usize;
+            let block = self.sb.data_block(ino, index).expect("checked against the max size");
+            ops.push(BlockOp::Write {
+                block,
+                offset: within as u32,
+                data: data[at..at + len as usize].to_vec(),
+                fresh: index >= first_absent,
+            });
+            pos += len;
+        }
+        let now = self.now();
+        inode.size = inode.size.max(end);
+        inode.mtime = now;
+        inode.ctime = now;
+        ops.push(self.inode_op(&inode, false));
+        self.dev.apply(ops)?;
+        self.inodes.insert(ino, inode);
+        Ok(data.len() as u32)
+    }
+
+    /// Entries of directory `ino` after `offset` (0 starts; `.` and `..` come first).
+    pub fn readdir(&mut self, ino: u64, offset: u64) -> Result<Vec<DirEntry>> {
+        let parent = self.dir_inode(ino)?.parent;
+        let mut out = Vec::new();
+        if offset < 1 {
+            out.push(DirEntry { offset: 1, ino, kind: Kind::Dir, name: b".".to_vec() });
+        }
+        if offset < 2 {
+            out.push(DirEntry { offset: 2, ino: parent, kind: Kind::Dir, name: b"..".to_vec() });
+        }
+        let from = offset.saturating_sub(2);
+        let dir = self.load_dir(ino)?;
+        let entries: Vec<(u64, Vec<u8>)> =
+            dir.by_slot.range(from..).map(|(s, n)| (*s, n.clone())).collect();
+        for (slot, name) in entries {
+            let (child, _) = self.dirs[&ino].by_name[&name];
+            let kind = self.inodes.get(&child).map(|i| i.kind).unwrap_or(Kind::File);
+            // Offsets are slot + 3 so they stay stable while other entries come and go.
+            out.push(DirEntry { offset: slot + 3, ino: child, kind, name });
+        }
+        Ok(out)
+    }
+
+    /// Notes an open handle on `ino` (an unlinked file lives until its last handle closes).
+    pub fn open(&mut self, ino: u64) -> Result<Inode> {
+        let inode = self.attr(ino)?;
+        *self.open_counts.entry(ino).or_default() += 1;
+        Ok(inode)
+    }
+
+    /// Drops an open handle on `ino`.
+    pub fn release(&mut self, ino: u64) -> Result<()> {
+        if let Some(n) = self.open_counts.get_mut(&ino) {
+            *n -= 1;
+            if *n == 0 {
+                self.open_counts.remove(&ino);
+            }
+        }
+        self.maybe_free(ino)
+    }
+
+    /// The persisted barrier: returns once every change so far is in the volume's durable store.
+    pub fn sync(&self) -> Result<()> {
+        Ok(self.dev.sync()?)
+    }
+
+    /// Usage figures.
+    pub fn stats(&self) -> FsStats {
+        FsStats {
+            block_size: self.sb.block_size,
+            max_inodes: self.sb.max_inodes,
+            used_inodes: self.inodes.len() as u64,
+            used_bytes: self.inodes.values().map(|i| i.size).sum(),
+        }
+    }
+}
