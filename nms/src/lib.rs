@@ -8,6 +8,11 @@
 //! - [`client`]: the vehicle-side library (redirects, retries, the write journal).
 //! - [`error`]: domain errors and their one mapping to gRPC statuses.
 //! - [`config`]: the `nms serve` settings.
+//! - [`cli`]: the `nms` subcommands for people (serve, migrate, put/get/flush/stat, ...).
+//! - [`smf`]: the service management framework: the paper's model, the move planner and
+//!   its gRPC service (`nms smf`).
+//! - [`fuse`]: the vehicle's FUSE mount (`nms mount`) with its local cache and journal.
+//! - [`pid1`]: the NMS as process 1 of its VM image (mounts, modules, network, power-off).
 
 pub mod cache;
 pub mod cli;

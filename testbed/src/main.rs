@@ -1,19 +1,14 @@
 use clap::{Parser, Subcommand};
-use std::path::PathBuf;
-use wayside_testbed::config::Config;
 
 /// wayside's testbed: the paper's vehicular model, the SMF, an emulated road, benchmarks.
+///
+/// Scenarios come from flags and files (`--rsus FILE` CSV, `--fcd FILE` SUMO trace), not a
+/// config file: each run says in full on its command line what it measured.
 #[derive(Parser)]
 #[command(version)]
 struct Cli {
-    /// Configuration file (TOML); flags override it.
-    #[arg(long, global = true)]
-    config: Option<PathBuf>,
-    /// Print the default configuration as TOML and exit.
-    #[arg(long)]
-    print_default_config: bool,
     #[command(subcommand)]
-    cmd: Option<Cmd>,
+    cmd: Cmd,
 }
 
 #[derive(Subcommand)]
@@ -31,20 +26,9 @@ enum Cmd {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     wayside_proto::telemetry::init();
-    let cli = Cli::parse();
-    if cli.print_default_config {
-        print!("{}", wayside_proto::config::render(&Config::default()));
-        return Ok(());
-    }
-    let _config: Config = wayside_proto::config::load(cli.config.as_deref())?;
-    match cli.cmd {
-        Some(Cmd::Bench(b)) => wayside_testbed::bench::run(b).await,
-        Some(Cmd::Paper(a)) => wayside_testbed::paper::run(a),
-        Some(Cmd::Drive(a)) => wayside_testbed::drive::run(a).await,
-        None => {
-            use clap::CommandFactory;
-            Cli::command().print_help()?;
-            Ok(())
-        }
+    match Cli::parse().cmd {
+        Cmd::Bench(b) => wayside_testbed::bench::run(b).await,
+        Cmd::Paper(a) => wayside_testbed::paper::run(a),
+        Cmd::Drive(a) => wayside_testbed::drive::run(a).await,
     }
 }
