@@ -34,6 +34,6 @@ pub fn incoming(listener: tokio::net::TcpListener) -> tonic::transport::server::
 
 /// HTTP/2 connection window for bulk streams (migration, Raft, batched writes), in bytes.
 /// The 64 KiB default costs a round trip per 64 KiB in flight.
-pub const HTTP2_CONNECTION_WINDOW_BYTES: u32 = 32 * 1024 * 1024;
+pub const HTTP2_CONNECTION_WINDOW_BYTES: u32 = 64 * 1024 * 1024;
 /// HTTP/2 per-stream window for bulk streams, in bytes.
 pub const HTTP2_STREAM_WINDOW_BYTES: u32 = 16 * 1024 * 1024;

@@ -10,15 +10,12 @@ use anyhow::Context as _;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tonic::transport::server::TcpIncoming;
 use wayside_proto::pb::pss_admin_server::PssAdminServer;
 use wayside_proto::pb::pss_blocks_server::PssBlocksServer;
 use wayside_proto::pb::raft_transport_server::RaftTransportServer;
 
-/// HTTP/2 flow-control window of a connection, in bytes.
-pub const HTTP2_CONNECTION_WINDOW_BYTES: u32 = 64 * 1024 * 1024;
-/// HTTP/2 flow-control window of one stream, in bytes.
-pub const HTTP2_STREAM_WINDOW_BYTES: u32 = 16 * 1024 * 1024;
+/// The HTTP/2 flow-control windows every wayside bulk stream uses (Raft appends, batches).
+pub use wayside_proto::server::{HTTP2_CONNECTION_WINDOW_BYTES, HTTP2_STREAM_WINDOW_BYTES};
 
 /// Serves one node until `shutdown` is cancelled (or the node fails), then stops in
 /// order: stop accepting and drain requests, stop the Raft loop (which answers every
@@ -81,7 +78,7 @@ pub async fn run(
     .max_decoding_message_size(max)
     .max_encoding_message_size(max);
     tracing::info!(?addr, data_dir = %config.data_dir.display(), "PSS node serving");
-    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    let incoming = wayside_proto::server::incoming(listener);
     let served = tonic::transport::Server::builder()
         // Raft appends and batched writes are large; the 64 KiB HTTP/2 default windows
         // would cost a round trip per 64 KiB.
