@@ -635,19 +635,24 @@ fn is_zombie(pid: u32) -> bool {
         .unwrap_or(false)
 }
 
+/// A channel to `endpoint` whose connect and every call are bounded by `timeout`.
+async fn channel(endpoint: &str, timeout: Duration) -> Option<tonic::transport::Channel> {
+    tonic::transport::Endpoint::from_shared(endpoint.to_string())
+        .ok()?
+        .connect_timeout(timeout)
+        .timeout(timeout)
+        .connect()
+        .await
+        .ok()
+}
+
 /// One gRPC health check (`grpc.health.v1.Health/Check`, whole server) with a timeout.
 pub async fn health_check(endpoint: &str, timeout: Duration) -> bool {
     use tonic_health::pb::{
         health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest,
     };
     let attempt = async {
-        let channel = tonic::transport::Endpoint::from_shared(endpoint.to_string())
-            .ok()?
-            .connect_timeout(timeout)
-            .timeout(timeout)
-            .connect()
-            .await
-            .ok()?;
+        let channel = channel(endpoint, timeout).await?;
         let reply = HealthClient::new(channel)
             .check(HealthCheckRequest { service: String::new() })
             .await
@@ -661,13 +666,7 @@ pub async fn health_check(endpoint: &str, timeout: Duration) -> bool {
 pub async fn request_shutdown(endpoint: &str, timeout: Duration) -> bool {
     use wayside_proto::pb::nms_admin_client::NmsAdminClient;
     let attempt = async {
-        let channel = tonic::transport::Endpoint::from_shared(endpoint.to_string())
-            .ok()?
-            .connect_timeout(timeout)
-            .timeout(timeout)
-            .connect()
-            .await
-            .ok()?;
+        let channel = channel(endpoint, timeout).await?;
         NmsAdminClient::new(channel).shutdown(wayside_proto::pb::ShutdownRequest {}).await.ok()
     };
     tokio::time::timeout(timeout * 2, attempt).await.ok().flatten().is_some()

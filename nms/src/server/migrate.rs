@@ -16,7 +16,7 @@
 use super::Node;
 use crate::cache::{Applied, MigBlock, VolumeState};
 use crate::error::NmsError;
-use crate::store::{Acquire, StoreError};
+use crate::store::StoreError;
 use bytes::Bytes;
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
@@ -375,17 +375,7 @@ impl Node {
     ) -> Result<(), String> {
         let deadline = Instant::now() + Duration::from_millis(self.cfg.pss_deadline_ms);
         loop {
-            let r = self
-                .store
-                .acquire(Acquire {
-                    volume: v.clone(),
-                    owner_node: self.node_id.clone(),
-                    owner_address: self.advertise.uri().to_owned(),
-                    expected_epoch: Some(epoch),
-                    create: None,
-                    request_id: self.next_request_id(),
-                })
-                .await;
+            let r = self.store.acquire(self.acquire_request(v, Some(epoch), None)).await;
             match r {
                 Ok(meta) => {
                     if let Some(x) = self.core().volume_mut(v) {
@@ -544,14 +534,7 @@ impl Node {
                     }
                     let meta = self
                         .store
-                        .acquire(Acquire {
-                            volume: v.clone(),
-                            owner_node: self.node_id.clone(),
-                            owner_address: self.advertise.uri().to_owned(),
-                            expected_epoch: Some(Epoch(s.expected_epoch)),
-                            create: None,
-                            request_id: self.next_request_id(),
-                        })
+                        .acquire(self.acquire_request(&v, Some(Epoch(s.expected_epoch)), None))
                         .await
                         .map_err(|e| Status::from(NmsError::from(e)))?;
                     self.core().finish_incoming(

@@ -206,6 +206,23 @@ impl Node {
             .expect("node client id is 1..=64 bytes and seq > 0")
     }
 
+    /// A request making this node the owner of `volume` (from `expected_epoch` when given).
+    pub(crate) fn acquire_request(
+        &self,
+        volume: &VolumeName,
+        expected_epoch: Option<Epoch>,
+        create: Option<(BlockSize, wayside_proto::types::CredentialHash)>,
+    ) -> Acquire {
+        Acquire {
+            volume: volume.clone(),
+            owner_node: self.node_id.clone(),
+            owner_address: self.advertise.uri().to_owned(),
+            expected_epoch,
+            create,
+            request_id: self.next_request_id(),
+        }
+    }
+
     fn handle(&self, v: &VolumeName) -> Option<Arc<Handle>> {
         self.handles.lock().expect("poisoned").get(v).cloned()
     }
@@ -304,17 +321,14 @@ impl Node {
         }
         let meta = self
             .store
-            .acquire(Acquire {
-                volume: v.clone(),
-                owner_node: self.node_id.clone(),
-                owner_address: self.advertise.uri().to_owned(),
-                expected_epoch: existing.as_ref().map(|m| m.epoch),
-                create: match (&existing, create) {
+            .acquire(self.acquire_request(
+                v,
+                existing.as_ref().map(|m| m.epoch),
+                match (&existing, create) {
                     (None, Some(bs)) => Some((bs, hash)),
                     _ => None,
                 },
-                request_id: self.next_request_id(),
-            })
+            ))
             .await?;
         info!(volume = %v, epoch = meta.epoch.0, persisted = meta.persisted.0, "volume acquired");
         self.install(
