@@ -103,6 +103,9 @@ pub struct Volume {
     inflight: Option<Vec<(BlockNo, u64, Lsn)>>,
     applied: HashMap<RequestId, Applied>,
     applied_order: VecDeque<RequestId>,
+    /// Ids ever remembered: `applied_order[i]` is the `(applied_total - len + i)`th.
+    /// A migration sends the ids past a mark each round, so the switch carries few.
+    applied_total: u64,
     /// While migrating out: blocks changed since the last snapshot.
     changed: Option<HashSet<BlockNo>>,
 }
@@ -135,13 +138,20 @@ impl Volume {
         }
         self.applied_order.push_back(id.clone());
         self.applied.insert(id, applied);
+        self.applied_total += 1;
     }
-    /// Every remembered request id, oldest first (for a migration's switch).
-    pub fn applied(&self) -> Vec<(RequestId, Applied)> {
-        self.applied_order
+    /// The request ids remembered since `mark` (0: all), oldest first, and the next mark.
+    /// Ids already forgotten here are forgotten for the target too.
+    pub fn applied_since(&self, mark: u64) -> (Vec<(RequestId, Applied)>, u64) {
+        let first = self.applied_total - self.applied_order.len() as u64;
+        let skip = usize::try_from(mark.saturating_sub(first)).unwrap_or(usize::MAX);
+        let out = self
+            .applied_order
             .iter()
+            .skip(skip)
             .filter_map(|id| self.applied.get(id).map(|a| (id.clone(), *a)))
-            .collect()
+            .collect();
+        (out, self.applied_total)
     }
 }
 
@@ -290,6 +300,7 @@ impl Cache {
                 inflight: None,
                 applied: HashMap::new(),
                 applied_order: VecDeque::new(),
+                applied_total: 0,
                 changed: None,
             },
         );
@@ -730,6 +741,15 @@ impl Cache {
         self.evict();
     }
 
+    /// Remembers request ids the source applied (sent with a pre-copy round), oldest first.
+    pub fn remember_migrated(&mut self, name: &VolumeName, applied: Vec<(RequestId, Applied)>) {
+        let cap = self.limits.dedupe_entries_per_volume;
+        let Some(v) = self.volumes.get_mut(name) else { return };
+        for (id, a) in applied {
+            v.remember(id, a, cap);
+        }
+    }
+
     /// Completes an incoming volume: it takes the source's log positions and applied
     /// request ids, and its dirty blocks wait for write-back after `persisted`.
     pub fn finish_incoming(
@@ -803,6 +823,37 @@ mod tests {
 
     fn full(b: u8) -> Vec<u8> {
         vec![b; 4096]
+    }
+
+    #[test]
+    fn applied_ids_travel_in_marks_and_deduplicate_on_the_target() {
+        let mut c = Cache::new(limits());
+        let v = vol(&mut c, "v");
+        let id = |n| RequestId::new("car".to_string(), n).unwrap();
+        let mut outs = Vec::new();
+        for n in 1..=3 {
+            outs.push(c.write(&v, n, 0, &full(n as u8), Some(&id(n))).unwrap());
+        }
+        let (first, mark) = c.volume(&v).unwrap().applied_since(0);
+        assert_eq!(first.iter().map(|(i, _)| i.seq()).collect::<Vec<_>>(), vec![1, 2, 3]);
+        assert_eq!(mark, 3);
+        for n in 4..=6 {
+            outs.push(c.write(&v, n % 3, 0, &full(n as u8), Some(&id(n))).unwrap());
+        }
+        // Only what came after the mark; the cap (4) forgot ids 1 and 2 for everyone.
+        let (next, mark2) = c.volume(&v).unwrap().applied_since(mark);
+        assert_eq!(next.iter().map(|(i, _)| i.seq()).collect::<Vec<_>>(), vec![4, 5, 6]);
+        assert_eq!(mark2, 6);
+        assert!(c.volume(&v).unwrap().applied_since(mark2).0.is_empty());
+        assert_eq!(c.volume(&v).unwrap().applied_since(0).0.len(), 4);
+
+        // The target remembers them: a replay is answered with the original lsn and version.
+        let mut t = Cache::new(limits());
+        let tv = vol(&mut t, "v");
+        t.remember_migrated(&tv, first.into_iter().chain(next).collect());
+        let again = t.write(&tv, 0, 0, &full(9), Some(&id(6))).unwrap();
+        assert_eq!((again.lsn, again.version), (outs[5].lsn, outs[5].version));
+        assert_eq!(t.read(&tv, 0, 0, None).unwrap(), ReadOutcome::Miss, "a replay writes nothing");
     }
 
     #[test]

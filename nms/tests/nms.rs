@@ -618,7 +618,7 @@ async fn bad_input_gets_the_right_status_and_changes_nothing() {
     let mut mig = pb::migration_client::MigrationClient::new(channel(&a.ep).await);
     let e = first_error(
         &mut mig,
-        vec![Frame::RoundEnd(pb::RoundEnd { round: 1, blocks: 0, bytes: 0 })],
+        vec![Frame::RoundEnd(pb::RoundEnd { round: 1, blocks: 0, bytes: 0, applied: vec![] })],
     )
     .await;
     assert_eq!(e.code(), tonic::Code::InvalidArgument, "no Begin: {e:?}");

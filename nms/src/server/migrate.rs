@@ -35,6 +35,29 @@ fn us(d: Duration) -> u64 {
     u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
 }
 
+fn applied_to_pb(applied: Vec<(RequestId, Applied)>) -> Vec<pb::AppliedRequest> {
+    applied
+        .into_iter()
+        .map(|(id, a)| pb::AppliedRequest {
+            client_id: id.client_id().to_owned(),
+            seq: id.seq(),
+            lsn: a.lsn.0,
+            version: a.version,
+        })
+        .collect()
+}
+
+fn applied_from_pb(applied: Vec<pb::AppliedRequest>) -> Result<Vec<(RequestId, Applied)>, Status> {
+    applied
+        .into_iter()
+        .map(|a| {
+            let id = RequestId::new(a.client_id, a.seq)
+                .map_err(|e| Status::invalid_argument(format!("applied request id: {e}")))?;
+            Ok((id, Applied { lsn: Lsn(a.lsn), version: a.version }))
+        })
+        .collect()
+}
+
 fn to_pb(b: MigBlock) -> pb::MigratedBlock {
     pb::MigratedBlock {
         block: b.block,
@@ -70,11 +93,13 @@ impl Link {
             Ok(Ok(Some(a))) => a.ack.ok_or_else(|| "empty ack".into()),
         }
     }
-    /// Sends blocks in frames of at most `frame_bytes`, then RoundEnd.
+    /// Sends blocks in frames of at most `frame_bytes`, then RoundEnd with the request
+    /// ids remembered since the previous round.
     async fn round(
         &self,
         round: u32,
         blocks: Vec<MigBlock>,
+        applied: Vec<pb::AppliedRequest>,
         frame_bytes: u64,
     ) -> Result<(u64, u64), String> {
         let (mut n, mut bytes) = (0u64, 0u64);
@@ -98,7 +123,7 @@ impl Link {
         if !frame.is_empty() {
             self.send(Frame::Blocks(pb::MigrationBlocks { round, blocks: frame })).await?;
         }
-        self.send(Frame::RoundEnd(pb::RoundEnd { round, blocks: n, bytes })).await?;
+        self.send(Frame::RoundEnd(pb::RoundEnd { round, blocks: n, bytes, applied })).await?;
         Ok((n, bytes))
     }
 }
@@ -243,10 +268,17 @@ impl Node {
         let frame_bytes = self.cfg.migration_frame_bytes;
         // Pre-copy: round 1 sends everything cached, later rounds what changed since.
         let mut round = 1u32;
-        let mut blocks = self.core().snapshot_all(v);
+        // Blocks and the request ids that wrote them are taken under one lock, so a round
+        // never carries a block without the id (the switch carries what came after).
+        let (mut blocks, mut applied, mut mark) = {
+            let mut core = self.core();
+            let blocks = core.snapshot_all(v);
+            let (applied, mark) = core.volume(v).map(|x| x.applied_since(0)).unwrap_or_default();
+            (blocks, applied, mark)
+        };
         loop {
             let t = Instant::now();
-            let (n, bytes) = link.round(round, blocks, frame_bytes).await?;
+            let (n, bytes) = link.round(round, blocks, applied_to_pb(applied), frame_bytes).await?;
             match link.ack().await? {
                 Ack::Round(_) => {}
                 other => return Err(format!("expected RoundAck, got {other:?}")),
@@ -267,24 +299,19 @@ impl Node {
                 break;
             }
             round += 1;
-            blocks = self.core().snapshot_changed(v);
+            let mut core = self.core();
+            blocks = core.snapshot_changed(v);
+            (applied, mark) = core.volume(v).map(|x| x.applied_since(mark)).unwrap_or_default();
         }
         // Switch: pause, send the remainder, hand over.
         let pause = Instant::now();
+        tracing::debug!(volume = %v, "switch: pausing");
         let (rest, switch) = {
             let mut core = self.core();
             core.set_state(v, VolumeState::Paused);
             let rest = core.snapshot_changed(v);
             let x = core.volume(v).ok_or("volume vanished")?;
-            let applied = x
-                .applied()
-                .into_iter()
-                .map(|(id, a)| pb::AppliedRequest {
-                    client_id: id.client_id().to_owned(),
-                    seq: id.seq(),
-                    lsn: a.lsn.0,
-                })
-                .collect();
+            let applied = applied_to_pb(x.applied_since(mark).0);
             (
                 rest,
                 pb::SwitchOver {
@@ -298,7 +325,7 @@ impl Node {
         self.bump();
         let t = Instant::now();
         let sent = async {
-            let (n, bytes) = link.round(round + 1, rest, frame_bytes).await?;
+            let (n, bytes) = link.round(round + 1, rest, Vec::new(), frame_bytes).await?;
             report.rounds.push(pb::RoundReport {
                 round: round + 1,
                 blocks: n,
@@ -314,6 +341,7 @@ impl Node {
             self.resume(v);
             return Err(e);
         }
+        tracing::debug!(volume = %v, "switch: remainder queued");
         if let Err(e) = link.send(Frame::SwitchOver(switch)).await {
             // Not sent for sure only if the channel closed before taking it; settle in the PSS.
             return self.settle(v, epoch, target, pause, report, e).await;
@@ -510,6 +538,8 @@ impl Node {
                     self.core().put_migrated(&v, blocks);
                 }
                 Some(Frame::RoundEnd(r)) => {
+                    let applied = applied_from_pb(r.applied)?;
+                    self.core().remember_migrated(&v, applied);
                     tx.send(Ok(ack(Ack::Round(pb::RoundAck {
                         round: r.round,
                         blocks: round_blocks,
@@ -520,23 +550,20 @@ impl Node {
                     (round_blocks, round_bytes) = (0, 0);
                 }
                 Some(Frame::SwitchOver(s)) => {
-                    let mut applied = Vec::with_capacity(s.applied.len());
-                    for a in s.applied {
-                        let id = RequestId::new(a.client_id, a.seq).map_err(|e| {
-                            Status::invalid_argument(format!("applied request id: {e}"))
-                        })?;
-                        applied.push((id, Applied { lsn: Lsn(a.lsn), version: 0 }));
-                    }
+                    tracing::debug!(volume = %v, "switch: SwitchOver received");
+                    let applied = applied_from_pb(s.applied)?;
                     if s.expected_epoch != b.source_epoch {
                         return Err(Status::invalid_argument(
                             "SwitchOver epoch differs from Begin's",
                         ));
                     }
+                    let t_acquire = Instant::now();
                     let meta = self
                         .store
                         .acquire(self.acquire_request(&v, Some(Epoch(s.expected_epoch)), None))
                         .await
                         .map_err(|e| Status::from(NmsError::from(e)))?;
+                    let acquire_us = us(t_acquire.elapsed());
                     self.core().finish_incoming(
                         &v,
                         meta.epoch,
@@ -547,17 +574,19 @@ impl Node {
                     if let Some(x) = self.core().volume_mut(&v) {
                         x.stored_blocks = meta.block_count;
                     }
-                    self.start_writer(&v);
-                    self.kick(&v);
                     self.bump();
                     *incoming = None;
-                    info!(volume = %v, epoch = meta.epoch.0, "volume switched here");
+                    // Answer first: the source's vehicle is paused until it hears this, and
+                    // the write-back of the dirty blocks would compete with the answer.
                     let _ = tx
                         .send(Ok(ack(Ack::Switched(pb::Switched {
                             new_epoch: meta.epoch.0,
                             target_address: self.advertise.uri().to_owned(),
                         }))))
                         .await;
+                    self.start_writer(&v);
+                    self.kick(&v);
+                    info!(volume = %v, epoch = meta.epoch.0, acquire_us, "volume switched here");
                     return Ok(());
                 }
                 Some(Frame::Abort(a)) => {
