@@ -636,7 +636,11 @@ async fn bad_input_gets_the_right_status_and_changes_nothing() {
     };
     let oversized = Frame::Blocks(pb::MigrationBlocks {
         round: 1,
-        blocks: vec![pb::MigratedBlock { block: 1, data: vec![0; BS * 2], ..Default::default() }],
+        blocks: vec![pb::MigratedBlock {
+            block: 1,
+            data: vec![0; BS * 2].into(),
+            ..Default::default()
+        }],
     });
     let e = first_error(&mut mig, vec![begin("incoming"), oversized]).await;
     assert_eq!(e.code(), tonic::Code::InvalidArgument, "oversized migrated block: {e:?}");

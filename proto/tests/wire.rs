@@ -99,7 +99,7 @@ fn admin_and_migration_messages_round_trip() {
             round: 1,
             blocks: vec![pb::MigratedBlock {
                 block: 3,
-                data: vec![1; 10],
+                data: vec![1; 10].into(),
                 version: 2,
                 dirty: true,
                 deleted: false,

@@ -62,7 +62,7 @@ fn to_pb(b: MigBlock) -> pb::MigratedBlock {
     pb::MigratedBlock {
         block: b.block,
         deleted: b.data.is_none(),
-        data: b.data.map(|d| d.to_vec()).unwrap_or_default(),
+        data: b.data.unwrap_or_default(),
         version: b.version,
         dirty: b.dirty,
         lsn: b.lsn.0,
@@ -528,7 +528,9 @@ impl Node {
                         round_bytes += len;
                         blocks.push(MigBlock {
                             block: m.block,
-                            data: (!m.deleted).then(|| Bytes::from(m.data)),
+                            // A copy, not a slice: a slice would pin the whole received
+                            // frame for as long as any one of its blocks stays cached.
+                            data: (!m.deleted).then(|| Bytes::copy_from_slice(&m.data)),
                             version: m.version,
                             dirty: m.dirty,
                             lsn: Lsn(m.lsn),
