@@ -1,11 +1,24 @@
-//! A short real drive (3-node PSS, one NMS per RSU, the SMF over gRPC, all on loopback):
+//! Short real drives (3-node PSS, one NMS per RSU, the SMF over gRPC, all on loopback):
 //! one vehicle through three RSUs with compressed time must make at least two moves and lose
-//! no acknowledged write.
+//! no acknowledged write; on a road whose next cell is too short for a reactive move, the
+//! SMF starts the move proactively, before the handover.
 
 use tokio_util::sync::CancellationToken;
 use wayside_nms::smf::model::Speed;
+use wayside_proto::pb;
 use wayside_testbed::drive::{self, Scenario};
 use wayside_testbed::mobility::{a41_rsus, Motion, Vehicle};
+
+fn car(mph: f64) -> Vehicle {
+    Vehicle {
+        name: "car".into(),
+        motion: Motion::Constant {
+            depart_s: 0.0,
+            start_m: 0.0,
+            speed: Speed::from_mph(mph).unwrap(),
+        },
+    }
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn short_drive_moves_twice_and_loses_nothing() {
@@ -56,4 +69,45 @@ async fn short_drive_moves_twice_and_loses_nothing() {
     assert!(std::fs::read_to_string(dir.path().join("timeline.svg"))
         .unwrap()
         .contains("<polyline"));
+}
+
+/// RSU2's cell is 30 m: at 50 mph its reactive window (4 s to handover + 1.3 s dwell) is
+/// shorter than the SMF's first SMT estimate (its 0.5 s wall prior, x20 = 10 s of scenario
+/// time), so eq. 3 fails and eq. 4 gives a lead that fits in RSU1's 13 s dwell (eq. 5).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_short_next_cell_makes_the_smf_move_proactively_before_the_handover() {
+    let sc = Scenario {
+        rsus: vec![("R1".into(), 300.0), ("R2".into(), 30.0), ("R3".into(), 300.0)],
+        vehicles: vec![car(50.0)],
+        time_scale: 20.0,
+        ops_per_s: 40.0,
+        blocks: 64,
+        reports_per_s: 2.0,
+        stall_ms: 500.0,
+        overlap_m: 100.0,
+        handover_execution_s: 2.0,
+        progress: false,
+    };
+    let out = drive::run_scenario(sc.clone(), CancellationToken::new()).await.unwrap();
+    let summary = drive::summary(&sc, &out);
+    eprintln!("{summary}\n{:#?}", out.moves);
+    let road = out.road.as_ref().expect("the outcome keeps the road");
+    let speed = Speed::from_mph(50.0).unwrap();
+    let first = out
+        .moves
+        .iter()
+        .find(|m| m.from_rsu == "R1" && m.to_rsu == "R2")
+        .unwrap_or_else(|| panic!("no move R1 -> R2: {summary}"));
+    assert_eq!(first.kind, pb::MoveKind::Proactive as i32, "{first:?}");
+    assert!(first.ok, "{first:?}");
+    // The vehicle starts at 0 m at t = 0, so it reaches RSU1's exit radius at x / v.
+    let handover_at_s = road.exit_position_m(0, speed) / speed.mps();
+    assert!(
+        first.planned_start_s < handover_at_s - 1.0 && first.actual_start_s < handover_at_s,
+        "a proactive move starts ahead of the handover at {handover_at_s:.2} s: {first:?}"
+    );
+    assert!(first.actual_start_s >= first.planned_start_s - 1e-6, "{first:?}");
+    assert!(out.checked > 0, "{summary}");
+    assert_eq!(out.lost, 0, "{summary}");
+    assert_eq!(out.read_mismatches, 0, "{summary}");
 }
