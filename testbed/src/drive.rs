@@ -1,8 +1,31 @@
 //! `testbed drive`: a whole road on one machine. A 3-node PSS (real Raft, real disk), one NMS
-//! per RSU on loopback, the SMF over gRPC, and vehicles driving through the RSUs (scenario
-//! time compressed by `time_scale`) while running a read/write workload through
+//! per RSU, the SMF over gRPC, and vehicles driving through the RSUs (scenario time
+//! compressed by `time_scale`) while running a read/write workload through
 //! `wayside_nms::client::VolumeClient`. Every op, stall and move is recorded; at the end every
 //! acknowledged write is read back.
+//!
+//! How the PSS and the RSUs' NMSs are deployed is a [`Deployment`]; each gives the drive a
+//! [`Deployed`] road (per RSU: the address the SMF and the other NMSs use, and the address
+//! vehicles use) and tears it down:
+//! - [`Deployment::InProcess`] (default): every server in this process on 127.0.0.1.
+//! - [`Deployment::Netns`] (`--netns`): every PSS node and every NMS a real process (`pss
+//!   serve`, `nms serve`) in its own network namespace. A "core" namespace holds a bridge
+//!   (the backhaul switch): the PSS nodes, each RSU's backhaul veth (rate-shaped with `tc
+//!   tbf` both ways) and a management veth from the host (the SMF's control path, unshaped)
+//!   plug into it. Each RSU also has a radio veth to the host (the vehicles' namespace),
+//!   rate-shaped both ways, and in front of it a user-space [`crate::shaper`] proxy on
+//!   127.0.0.1 that adds the radio's delay and emulated loss. Each NMS advertises its proxy
+//!   address (the address vehicles use: redirects lead vehicles through the radio), while
+//!   moves between NMSs use the backhaul addresses. The SMF and vehicles stay in this
+//!   process (host namespace).
+//!
+//! - [`Deployment::Image`] (`--image`): every NMS the unikernel image booted under QEMU on a
+//!   tap of one host bridge ([`crate::vmroad`]); the PSS runs in this process on the
+//!   bridge's address so the guests reach it. The SMF and vehicles use the guests' addresses.
+//!
+//! To add a variant: a `Deployment` variant with its
+//! options, a `Backend` variant holding what must be stopped, an arm in `deploy` that starts
+//! it and returns `Deployed`, and an arm in `Deployed::shutdown`.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -21,6 +44,8 @@ use wayside_proto::pb;
 use wayside_proto::types::{BlockSize, Credential, Endpoint, VolumeName};
 
 use crate::mobility::{self, Motion, Vehicle};
+use crate::shaper::{Shaper, ShaperConfig};
+use std::sync::atomic::Ordering;
 
 /// `testbed drive` options.
 #[derive(Debug, Clone, clap::Args)]
@@ -55,12 +80,42 @@ pub struct Args {
     /// Output folder for report.md and the SVG plots.
     #[arg(long, default_value = "out/drive")]
     pub out: PathBuf,
-    /// Put every node in its own network namespace with shaped links (not implemented yet).
+    /// Put every node in its own network namespace: `pss serve` and `nms serve` processes,
+    /// links rate-shaped with tc tbf, delay/loss added on the radio by a user-space shaper.
+    /// Needs root and iproute2.
     #[arg(long)]
     pub netns: bool,
-    /// Boot each RSU's NMS as the unikernel image (not implemented yet).
-    #[arg(long)]
+    /// (--netns) Radio link rate vehicle <-> RSU, each direction (units: bit, kbit, mbit,
+    /// gbit per second).
+    #[arg(long, default_value = "27mbit", value_parser = crate::netns::parse_rate)]
+    pub radio_rate: u64,
+    /// (--netns) Backhaul rate RSU <-> core (PSS, other RSUs), each direction.
+    #[arg(long, default_value = "1gbit", value_parser = crate::netns::parse_rate)]
+    pub backhaul_rate: u64,
+    /// (--netns) One-way delay the radio adds, milliseconds (each direction).
+    #[arg(long, default_value_t = 5.0)]
+    pub radio_delay_ms: f64,
+    /// (--netns) Probability that a forwarded radio chunk is "lost", i.e. held for
+    /// --radio-loss-stall-ms like a TCP retransmission (0..=1).
+    #[arg(long, default_value_t = 0.01)]
+    pub radio_loss: f64,
+    /// (--netns) How long an emulated loss stalls the radio, milliseconds (an RTO).
+    #[arg(long, default_value_t = 200.0)]
+    pub radio_loss_stall_ms: f64,
+    /// (--netns) Seed of the radio shaper's loss RNG.
+    #[arg(long, default_value_t = 1)]
+    pub shaper_seed: u64,
+    /// Boot each RSU's NMS as the unikernel image under QEMU (KVM if it works, else TCG),
+    /// each VM on a tap of one host bridge; the PSS runs in this process on the bridge.
+    #[arg(long, conflicts_with = "netns")]
     pub image: bool,
+    /// With --image: a built image folder (`unikernel build`) instead of building one from
+    /// the `nms` binary (WAYSIDE_NMS_BIN or the cargo target dir).
+    #[arg(long, value_name = "DIR", requires = "image")]
+    pub image_dir: Option<PathBuf>,
+    /// With --image: guest memory per VM, MiB.
+    #[arg(long, default_value_t = 384, value_name = "MIB")]
+    pub vm_memory_mib: u32,
 }
 
 /// What a drive is made of (the library entry point; tests build it directly).
@@ -108,6 +163,8 @@ pub struct Outcome {
     pub op_errors: u64,
     pub wall_s: f64,
     pub interrupted: bool,
+    /// How the road was deployed, and what its links did (shaper counters).
+    pub deployment: String,
     pub learnt_fixed_s: f64,
     pub learnt_rate_bytes_per_s: f64,
     pub road: Option<Road>,
@@ -137,29 +194,27 @@ fn data_for(vehicle: usize, block: u64, seq: u64) -> Vec<u8> {
     d
 }
 
-/// Runs a scenario to the end (or until `stop` fires).
+/// Runs a scenario on in-process servers to the end (or until `stop` fires).
 pub async fn run_scenario(sc: Scenario, stop: CancellationToken) -> anyhow::Result<Outcome> {
+    run_scenario_on(sc, &Deployment::InProcess, stop).await
+}
+
+/// Runs a scenario on the given deployment to the end (or until `stop` fires); everything
+/// the deployment started is stopped and removed before this returns.
+pub async fn run_scenario_on(
+    sc: Scenario,
+    deployment: &Deployment,
+    stop: CancellationToken,
+) -> anyhow::Result<Outcome> {
     let t_wall = Instant::now();
-    let dir = tempfile::tempdir().context("temp dir")?;
-    let cluster = wayside_pss::testing::LocalCluster::start(3, dir.path())
-        .await
-        .context("starting the PSS")?;
-    let pss: Vec<String> = cluster.endpoints().iter().map(|e| e.authority().to_string()).collect();
+    let deployed = tokio::select! {
+        d = deploy(deployment, &sc) => d?,
+        () = stop.cancelled() => anyhow::bail!("interrupted while deploying the road"),
+    };
     let nodes = CancellationToken::new();
     let mut servers = JoinSet::new();
-    let mut addresses = Vec::new();
-    for (name, _) in &sc.rsus {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        addresses.push(listener.local_addr()?.to_string());
-        let cfg = wayside_nms::config::Config {
-            node_id: name.clone(),
-            pss: pss.clone(),
-            listen: listener.local_addr()?.to_string(),
-            ..Default::default()
-        };
-        servers.spawn(wayside_nms::server::run(cfg, listener, nodes.child_token()));
-    }
-    let result = drive_on(&sc, &addresses, &stop, &nodes, &mut servers).await;
+    let result =
+        drive_on(&sc, &deployed.control, &deployed.vehicle, &stop, &nodes, &mut servers).await;
     nodes.cancel();
     while let Some(r) = servers.join_next().await {
         match r {
@@ -168,15 +223,300 @@ pub async fn run_scenario(sc: Scenario, stop: CancellationToken) -> anyhow::Resu
             Ok(Ok(())) => {}
         }
     }
-    cluster.shutdown().await;
+    let description = deployed.shutdown().await;
     let mut out = result?;
+    out.deployment = description;
     out.wall_s = t_wall.elapsed().as_secs_f64();
     Ok(out)
+}
+
+/// How the PSS and the RSUs' NMSs run (see the module docs).
+#[derive(Debug, Clone, Default)]
+pub enum Deployment {
+    /// Every server in this process, on 127.0.0.1.
+    #[default]
+    InProcess,
+    /// Every node a process in its own network namespace, links shaped.
+    Netns(NetnsOptions),
+    /// Every NMS a VM booted from the unikernel image (a fresh build when `image` is None).
+    Image { image: Option<PathBuf>, options: crate::vmroad::VmRoadOptions },
+}
+
+/// Options of [`Deployment::Netns`].
+#[derive(Debug, Clone)]
+pub struct NetnsOptions {
+    /// Radio vehicle <-> RSU, each direction, bits/s (tc tbf).
+    pub radio_rate_bits_per_s: u64,
+    /// Backhaul RSU <-> core, each direction, bits/s (tc tbf).
+    pub backhaul_rate_bits_per_s: u64,
+    /// Delay and emulated loss of the radio (a shaper proxy per RSU in the vehicles' path).
+    pub radio: ShaperConfig,
+    /// `nms` / `pss` binaries (default: [`crate::netns::wayside_binary`]).
+    pub nms_bin: Option<PathBuf>,
+    pub pss_bin: Option<PathBuf>,
+    /// Print the namespaces and process ids once deployed (the Ctrl-C test reads them).
+    pub announce: bool,
+}
+
+impl Default for NetnsOptions {
+    fn default() -> Self {
+        Self {
+            radio_rate_bits_per_s: 27_000_000,
+            backhaul_rate_bits_per_s: 1_000_000_000,
+            radio: ShaperConfig {
+                delay: Duration::from_millis(5),
+                loss: 0.01,
+                ..Default::default()
+            },
+            nms_bin: None,
+            pss_bin: None,
+            announce: true,
+        }
+    }
+}
+
+/// A deployed road.
+pub struct Deployed {
+    /// Per RSU: the NMS address the SMF and other NMSs use.
+    pub control: Vec<String>,
+    /// Per RSU: the NMS address vehicles use.
+    pub vehicle: Vec<String>,
+    backend: Backend,
+}
+
+/// What a deployment must stop.
+enum Backend {
+    InProcess {
+        cluster: wayside_pss::testing::LocalCluster,
+        nodes: CancellationToken,
+        servers: JoinSet<anyhow::Result<()>>,
+        _dir: tempfile::TempDir,
+    },
+    Netns {
+        lab: crate::netns::Lab,
+        shapers: Vec<Shaper>,
+        description: String,
+    },
+    Image {
+        road: crate::vmroad::VmRoad,
+        pss: crate::vmroad::BridgePss,
+        _dir: tempfile::TempDir,
+    },
+}
+
+impl Deployed {
+    /// Stops and removes everything; returns a description of the deployment (with the
+    /// shapers' counters).
+    pub async fn shutdown(self) -> String {
+        match self.backend {
+            Backend::InProcess { cluster, nodes, mut servers, _dir } => {
+                nodes.cancel();
+                while let Some(r) = servers.join_next().await {
+                    match r {
+                        Ok(Err(e)) => tracing::warn!(error = %e, "a node stopped with an error"),
+                        Err(e) => tracing::warn!(error = %e, "a node task failed"),
+                        Ok(Ok(())) => {}
+                    }
+                }
+                cluster.shutdown().await;
+                "in-process (127.0.0.1)".into()
+            }
+            Backend::Netns { mut lab, shapers, description } => {
+                let mut stats = Vec::new();
+                for (i, sh) in shapers.iter().enumerate() {
+                    sh.shutdown().await;
+                    let st = &sh.stats;
+                    stats.push(format!(
+                        "radio {}: {} connections, {} chunks, {} stalled ({:.2}%), {} B up, {} B down",
+                        i + 1,
+                        st.connections.load(Ordering::Relaxed),
+                        st.chunks.load(Ordering::Relaxed),
+                        st.stalled_chunks.load(Ordering::Relaxed),
+                        sh.stall_ratio() * 100.0,
+                        st.bytes_up.load(Ordering::Relaxed),
+                        st.bytes_down.load(Ordering::Relaxed),
+                    ));
+                }
+                // NMSs first (they flush to the PSS on SIGTERM), then the PSS, namespaces, links.
+                let r = tokio::task::spawn_blocking(move || {
+                    lab.stop_matching("nms", Duration::from_secs(10));
+                    lab.shutdown(Duration::from_secs(5));
+                })
+                .await;
+                if let Err(e) = r {
+                    tracing::warn!(error = %e, "tearing the namespaces down failed");
+                }
+                format!("{description}\n{}", stats.join("\n"))
+            }
+            Backend::Image { mut road, pss, _dir } => {
+                let addresses = road.addresses().join(", ");
+                // NMSs first (each flushes to the PSS as it stops), then the PSS, and the
+                // bridge last: the PSS nodes talk to each other over its address.
+                let stopped = match road.stop_vms().await {
+                    Ok(outcomes) => format!("{} VMs stopped: {outcomes:?}", outcomes.len()),
+                    Err(e) => format!("stopping the VMs: {e:#}"),
+                };
+                if tokio::time::timeout(Duration::from_secs(30), pss.shutdown()).await.is_err() {
+                    tracing::warn!("the PSS did not stop within 30 s; leaving it to drop");
+                }
+                drop(road);
+                format!("unikernel images under QEMU on taps ({addresses}); {stopped}")
+            }
+        }
+    }
+}
+
+/// Starts the PSS and one NMS per RSU as `deployment` says.
+pub async fn deploy(deployment: &Deployment, sc: &Scenario) -> anyhow::Result<Deployed> {
+    match deployment {
+        Deployment::InProcess => {
+            let dir = tempfile::tempdir().context("temp dir")?;
+            let cluster = wayside_pss::testing::LocalCluster::start(3, dir.path())
+                .await
+                .context("starting the PSS")?;
+            let pss: Vec<String> =
+                cluster.endpoints().iter().map(|e| e.authority().to_string()).collect();
+            let nodes = CancellationToken::new();
+            let mut servers = JoinSet::new();
+            let mut addresses = Vec::new();
+            for (name, _) in &sc.rsus {
+                let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+                addresses.push(listener.local_addr()?.to_string());
+                let cfg = wayside_nms::config::Config {
+                    node_id: name.clone(),
+                    pss: pss.clone(),
+                    listen: listener.local_addr()?.to_string(),
+                    ..Default::default()
+                };
+                servers.spawn(wayside_nms::server::run(cfg, listener, nodes.child_token()));
+            }
+            Ok(Deployed {
+                control: addresses.clone(),
+                vehicle: addresses,
+                backend: Backend::InProcess { cluster, nodes, servers, _dir: dir },
+            })
+        }
+        Deployment::Netns(o) => deploy_netns(o, sc).await,
+        Deployment::Image { image, options } => {
+            use crate::vmroad::{BridgePss, VmRoad};
+            let net = VmRoad::network().context("--image: the VMs' bridge")?;
+            let dir = tempfile::tempdir().context("temp dir")?;
+            let pss = BridgePss::start(net.pss_bind_ip(), 3, dir.path())
+                .await
+                .context("starting the PSS on the VMs' bridge")?;
+            let names: Vec<String> = sc.rsus.iter().map(|(n, _)| n.clone()).collect();
+            let road = VmRoad::start_with(net, &names, &pss.endpoints(), image.clone(), options)
+                .await
+                .context("booting the RSUs' NMS images")?;
+            let addresses = road.addresses();
+            Ok(Deployed {
+                control: addresses.clone(),
+                vehicle: addresses,
+                backend: Backend::Image { road, pss, _dir: dir },
+            })
+        }
+    }
+}
+
+/// The NMSs' port inside their namespaces (each namespace has its own ports).
+const NMS_PORT: u16 = 7100;
+const PSS_PORT: u16 = 7400;
+
+async fn deploy_netns(o: &NetnsOptions, sc: &Scenario) -> anyhow::Result<Deployed> {
+    use crate::netns::{self, Lab, Tbf};
+    use std::net::{Ipv4Addr, SocketAddr};
+    netns::probe().map_err(|e| anyhow::anyhow!("--netns: network namespaces are unusable: {e}"))?;
+    o.radio.validate().map_err(|e| anyhow::anyhow!("radio shaper: {e}"))?;
+    if sc.rsus.len() > 200 {
+        anyhow::bail!("--netns supports at most 200 RSUs");
+    }
+    let bin = |given: &Option<PathBuf>, name: &str| match given {
+        Some(p) => Ok(p.clone()),
+        None => netns::wayside_binary(name).map_err(anyhow::Error::msg),
+    };
+    let (nms_bin, pss_bin) = (bin(&o.nms_bin, "nms")?, bin(&o.pss_bin, "pss")?);
+    for gone in netns::reap_stale() {
+        tracing::info!(namespace = %gone, "removed a namespace left by a dead run");
+    }
+    let mut lab = Lab::new("road")?;
+    let core = lab.namespace("core")?;
+    let br = lab.bridge(&core)?;
+    let seg = lab.segment()?.octets();
+    let at = |h: u8| Ipv4Addr::new(seg[0], seg[1], seg[2], h);
+    let mut pss_nodes = Vec::new();
+    for i in 1..=3u8 {
+        let ns = lab.namespace(&format!("pss{i}"))?;
+        let l = lab.veth_bare(Some(&ns), Some(&core))?;
+        lab.enslave(&l.b, &br)?;
+        lab.addr(&l.a, at(10 + i), 24)?;
+        pss_nodes.push((ns, SocketAddr::from((at(10 + i), PSS_PORT))));
+    }
+    let mgmt = lab.veth_bare(None, Some(&core))?;
+    lab.enslave(&mgmt.b, &br)?;
+    lab.addr(&mgmt.a, at(254), 24)?;
+    let data = lab.log_dir().join("data");
+    let pss = netns::spawn_pss(&mut lab, &pss_bin, &pss_nodes, &data)?;
+    let backhaul = Tbf::for_rate(o.backhaul_rate_bits_per_s);
+    let radio = Tbf::for_rate(o.radio_rate_bits_per_s);
+    let stop = CancellationToken::new();
+    let (mut control, mut vehicle, mut shapers) = (Vec::new(), Vec::new(), Vec::new());
+    for (i, (name, _)) in sc.rsus.iter().enumerate() {
+        let ns = lab.namespace(&format!("rsu{}", i + 1))?;
+        let bh = lab.veth_bare(Some(&ns), Some(&core))?;
+        lab.enslave(&bh.b, &br)?;
+        let bh_addr = at(20 + i as u8);
+        lab.addr(&bh.a, bh_addr, 24)?;
+        lab.tbf_both(&bh, &backhaul)?;
+        let air = lab.veth(None, Some(&ns), 30)?;
+        lab.tbf_both(&air, &radio)?;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let cfg = ShaperConfig { seed: o.radio.seed.wrapping_add(i as u64), ..o.radio.clone() };
+        let sh =
+            Shaper::start(listener, SocketAddr::from((air.b.addr, NMS_PORT)), cfg, stop.clone())
+                .map_err(|e| anyhow::anyhow!("radio shaper: {e}"))?;
+        let nms_cfg = wayside_nms::config::Config {
+            node_id: name.clone(),
+            pss: pss.clone(),
+            listen: format!("0.0.0.0:{NMS_PORT}"),
+            advertise: sh.local_addr().to_string(),
+            ..Default::default()
+        };
+        netns::spawn_nms(&mut lab, &nms_bin, &ns, &nms_cfg)?;
+        control.push(format!("{bh_addr}:{NMS_PORT}"));
+        vehicle.push(sh.local_addr().to_string());
+        shapers.push(sh);
+    }
+    netns::wait_pss_leader(&mut lab, &pss, Duration::from_secs(30))
+        .await
+        .map_err(anyhow::Error::msg)?;
+    for c in &control {
+        let addr: SocketAddr = c.parse()?;
+        netns::wait_tcp(&mut lab, addr, Duration::from_secs(20))
+            .await
+            .map_err(anyhow::Error::msg)?;
+    }
+    let description = format!(
+        "netns: namespaces {p}core, {p}pss1-3, {p}rsu1-{n}; backhaul {bh} bit/s, radio {ra} bit/s (tc tbf, both ways); radio shaper delay {d:?} one-way, loss {l} per chunk (stall {st:?})",
+        p = lab.prefix(),
+        n = sc.rsus.len(),
+        bh = o.backhaul_rate_bits_per_s,
+        ra = o.radio_rate_bits_per_s,
+        d = o.radio.delay,
+        l = o.radio.loss,
+        st = o.radio.loss_stall,
+    );
+    if o.announce {
+        let pids: Vec<String> = lab.pids().iter().map(u32::to_string).collect();
+        eprintln!("{description}");
+        eprintln!("netns: prefix {} processes {}", lab.prefix(), pids.join(","));
+    }
+    Ok(Deployed { control, vehicle, backend: Backend::Netns { lab, shapers, description } })
 }
 
 async fn drive_on(
     sc: &Scenario,
     addresses: &[String],
+    vehicle_addresses: &[String],
     stop: &CancellationToken,
     nodes: &CancellationToken,
     servers: &mut JoinSet<anyhow::Result<()>>,
@@ -205,6 +545,9 @@ async fn drive_on(
         time_to_handover_s: road.time_to_handover_s(),
     };
     smf_client.set_road(road_pb).await.context("SetRoad")?;
+    if sc.progress {
+        eprintln!("road ready ({} RSUs); the vehicles are driving", addresses.len());
+    }
 
     let t0 = Instant::now();
     let mut vehicles = JoinSet::new();
@@ -216,7 +559,8 @@ async fn drive_on(
         let sc = sc.clone();
         let stop = stop.clone();
         let tx = progress_tx.clone();
-        vehicles.spawn(async move { run_vehicle(i, v, road, client, sc, t0, stop, tx).await });
+        let at = vehicle_addresses.to_vec();
+        vehicles.spawn(async move { run_vehicle(i, v, road, at, client, sc, t0, stop, tx).await });
     }
     drop(progress_tx);
     let mut last_print = Instant::now();
@@ -301,6 +645,7 @@ async fn run_vehicle(
     index: usize,
     v: Vehicle,
     road: Road,
+    vehicle_addresses: Vec<String>,
     mut smf: pb::smf_client::SmfClient<tonic::transport::Channel>,
     sc: Scenario,
     t0: Instant,
@@ -320,7 +665,7 @@ async fn run_vehicle(
     let volume =
         VolumeName::new(format!("drive-{}", v.name)).map_err(|e| anyhow::anyhow!("{e}"))?;
     let mut opts = ClientOptions::new(
-        vec![Endpoint::parse(&road.rsus()[first].nms_address).map_err(|e| anyhow::anyhow!("{e}"))?],
+        vec![Endpoint::parse(&vehicle_addresses[first]).map_err(|e| anyhow::anyhow!("{e}"))?],
         volume.clone(),
         Credential::new(format!("secret-{}", v.name)).map_err(|e| anyhow::anyhow!("{e}"))?,
     );
@@ -450,12 +795,6 @@ use rand::SeedableRng as _;
 
 /// Builds the scenario from the command line.
 pub fn scenario_from_args(a: &Args) -> anyhow::Result<Scenario> {
-    if a.netns {
-        anyhow::bail!("--netns is not implemented yet (see notes/testbed.md)");
-    }
-    if a.image {
-        anyhow::bail!("--image is not implemented yet (see notes/testbed.md)");
-    }
     if !(a.time_scale.is_finite() && a.time_scale > 0.0) {
         anyhow::bail!("--time-scale must be > 0");
     }
@@ -515,9 +854,46 @@ pub fn scenario_from_args(a: &Args) -> anyhow::Result<Scenario> {
     })
 }
 
+/// The deployment the command line asks for.
+pub fn deployment_from_args(a: &Args) -> anyhow::Result<Deployment> {
+    if a.image {
+        if !(64..=65_536).contains(&a.vm_memory_mib) {
+            anyhow::bail!("--vm-memory-mib must be 64..=65536, got {}", a.vm_memory_mib);
+        }
+        let options =
+            crate::vmroad::VmRoadOptions { memory_mib: a.vm_memory_mib, ..Default::default() };
+        return Ok(Deployment::Image { image: a.image_dir.clone(), options });
+    }
+    if !a.netns {
+        return Ok(Deployment::InProcess);
+    }
+    let ms = |what: &str, v: f64| {
+        if v.is_finite() && (0.0..=60_000.0).contains(&v) {
+            Ok(Duration::from_secs_f64(v / 1e3))
+        } else {
+            Err(anyhow::anyhow!("--{what} must be 0..=60000 milliseconds, got {v}"))
+        }
+    };
+    let radio = ShaperConfig {
+        delay: ms("radio-delay-ms", a.radio_delay_ms)?,
+        loss: a.radio_loss,
+        loss_stall: ms("radio-loss-stall-ms", a.radio_loss_stall_ms)?,
+        seed: a.shaper_seed,
+        ..Default::default()
+    };
+    radio.validate().map_err(|e| anyhow::anyhow!("--radio-*: {e}"))?;
+    Ok(Deployment::Netns(NetnsOptions {
+        radio_rate_bits_per_s: a.radio_rate,
+        backhaul_rate_bits_per_s: a.backhaul_rate,
+        radio,
+        ..Default::default()
+    }))
+}
+
 /// `testbed drive`.
 pub async fn run(a: Args) -> anyhow::Result<()> {
     let sc = scenario_from_args(&a)?;
+    let deployment = deployment_from_args(&a)?;
     let stop = CancellationToken::new();
     let ctrl_c = {
         let stop = stop.clone();
@@ -535,11 +911,14 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
         sc.time_scale,
         a.out.display()
     );
-    let outcome = run_scenario(sc.clone(), stop).await;
+    let outcome = run_scenario_on(sc.clone(), &deployment, stop).await;
     ctrl_c.abort();
     let outcome = outcome?;
     let md = write_report(&a.out, &sc, &outcome)?;
     println!("{}", summary(&sc, &outcome));
+    if !matches!(deployment, Deployment::InProcess) {
+        println!("{}", outcome.deployment);
+    }
     eprintln!("report: {}", md.display());
     if outcome.lost > 0 {
         anyhow::bail!("{} acknowledged writes lost", outcome.lost);
@@ -592,6 +971,9 @@ pub fn write_report(dir: &Path, sc: &Scenario, o: &Outcome) -> anyhow::Result<Pa
         sc.ops_per_s,
         sc.blocks
     );
+    if !o.deployment.is_empty() {
+        let _ = writeln!(s, "Deployment: {}\n", o.deployment.replace('\n', "; "));
+    }
     let _ = writeln!(
         s,
         "SMF migration-time estimate after the drive: {:.1} ms fixed + {:.1} MB/s.\n",

@@ -13,5 +13,9 @@
 pub mod bench;
 pub mod drive;
 pub mod fcd;
+pub mod mechanisms;
 pub mod mobility;
+pub mod netns;
 pub mod paper;
+pub mod shaper;
+pub mod vmroad;

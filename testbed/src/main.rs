@@ -21,6 +21,10 @@ enum Cmd {
     /// Drive vehicles along a road of RSUs (PSS + one NMS per RSU + SMF, all real) with a
     /// read/write workload; check that no acknowledged write is lost. The README's main command.
     Drive(wayside_testbed::drive::Args),
+    /// Measure the NMS's service migration time by each mechanism available here (wayside
+    /// state migration, QEMU live migration of the image, cold boot + refill), print Table
+    /// III beside the paper's and recompute Tables V-VII; report and SVG plot in --out.
+    Mechanisms(wayside_testbed::mechanisms::Args),
 }
 
 #[tokio::main]
@@ -30,5 +34,6 @@ async fn main() -> anyhow::Result<()> {
         Cmd::Bench(b) => wayside_testbed::bench::run(b).await,
         Cmd::Paper(a) => wayside_testbed::paper::run(a),
         Cmd::Drive(a) => wayside_testbed::drive::run(a).await,
+        Cmd::Mechanisms(a) => wayside_testbed::mechanisms::run(a).await,
     }
 }

@@ -11,7 +11,7 @@ fn help_lists_every_subcommand() {
     let out = testbed(&["--help"]);
     assert!(out.status.success());
     let text = String::from_utf8_lossy(&out.stdout);
-    for cmd in ["bench", "paper", "drive"] {
+    for cmd in ["bench", "paper", "drive", "mechanisms"] {
         assert!(text.contains(&format!("  {cmd}")), "`{cmd}` missing from --help:\n{text}");
     }
     let bench = String::from_utf8_lossy(&testbed(&["bench", "--help"]).stdout).to_string();

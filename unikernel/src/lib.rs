@@ -9,6 +9,8 @@
 //! - [`qmp`]: a QEMU Machine Protocol client.
 //! - [`vm`]: starting QEMU (KVM when a probe says it works, else TCG), the health wait,
 //!   status, stop and live migration.
+//! - [`tap`]: host bridges and tap devices for VMs on a routable address (subnet
+//!   allocation under a host lock; removed on drop).
 //! - [`config`]: the `unikernel` binary's settings.
 //!
 //! The guest side (the NMS as process 1) lives in `wayside_nms::pid1`.
@@ -23,4 +25,5 @@ pub mod elf;
 pub mod image;
 pub mod kernel;
 pub mod qmp;
+pub mod tap;
 pub mod vm;

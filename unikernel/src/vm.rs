@@ -30,6 +30,20 @@ pub const USER_NET_HOST: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 2);
 /// A fixed MAC, so a migration destination has the same device as its source.
 pub const GUEST_MAC: &str = "52:54:00:77:00:01";
 
+/// The guest's MAC. On user-mode networking every guest is alone on its own network, so
+/// one fixed MAC serves. On a tap, guests share a bridge and must differ: the MAC is made
+/// from the guest's IPv4 address (`52:54:` + its four bytes), so it is unique on the
+/// bridge and a migration destination (same address) gets its source's MAC.
+pub fn guest_mac(net: &Net, ip: Option<Ipv4Addr>) -> String {
+    match (net, ip) {
+        (Net::Tap { .. }, Some(ip)) => {
+            let [a, b, c, d] = ip.octets();
+            format!("52:54:{a:02x}:{b:02x}:{c:02x}:{d:02x}")
+        }
+        _ => GUEST_MAC.to_string(),
+    }
+}
+
 /// Errors running or controlling a VM.
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
@@ -210,6 +224,14 @@ pub fn qemu_args(opts: &VmOptions, accel: Accel) -> Result<(Vec<String>, String)
                 wayside_proto::types::Endpoint::parse(&format!("127.0.0.1:{host_port}")).ok();
         }
     }
+    if let (Net::Tap { .. }, Some(ip), None) = (&opts.net, boot.ip, &boot.advertise) {
+        // On a tap the guest's own address is reachable from the host and from the other
+        // guests on the bridge; the NMS must not advertise its wildcard listen address,
+        // which would go into the PSS as the owner and into redirects.
+        boot.advertise =
+            wayside_proto::types::Endpoint::parse(&format!("{}:{}", ip.addr, boot.listen.port()))
+                .ok();
+    }
     if boot.pss.is_empty() && opts.image.manifest.nms_config.is_none() {
         return Err(VmError::BadOption(
             "the NMS needs PSS endpoints: give --pss HOST:PORT[,HOST:PORT] (to build or run)"
@@ -218,6 +240,16 @@ pub fn qemu_args(opts: &VmOptions, accel: Accel) -> Result<(Vec<String>, String)
     }
     if boot.ip.is_none() {
         return Err(VmError::BadOption("the guest needs an address (--ip ADDRESS/PREFIX)".into()));
+    }
+    if let Net::Tap { ifname } = &opts.net {
+        // As root, QEMU would create a missing tap itself, attached to nothing: the guest
+        // would boot unreachable. Refuse that here, with what to do.
+        if ifname.is_empty() || !Path::new("/sys/class/net").join(ifname).exists() {
+            return Err(VmError::BadOption(format!(
+                "tap device {ifname:?} does not exist: create it (ip tuntap add dev {ifname} mode tap) \
+                 and attach it to the bridge the host side uses (ip link set {ifname} master BRIDGE up)"
+            )));
+        }
     }
     let mut cmdline = format!("{} {}", opts.image.manifest.kernel_args, boot.render());
     if accel == Accel::Tcg {
@@ -250,7 +282,8 @@ pub fn qemu_args(opts: &VmOptions, accel: Accel) -> Result<(Vec<String>, String)
         }
         Net::Tap { ifname } => format!("tap,id=n0,ifname={ifname},script=no,downscript=no"),
     };
-    push(&["-netdev", &netdev, "-device", &format!("{nic},netdev=n0,mac={GUEST_MAC}")]);
+    let mac = guest_mac(&opts.net, boot.ip.map(|c| c.addr));
+    push(&["-netdev", &netdev, "-device", &format!("{nic},netdev=n0,mac={mac}")]);
     push(&["-qmp", &format!("unix:{},server=on,wait=off", s(&opts.state_dir.join("qmp.sock")))]);
     if let Some(addr) = opts.incoming {
         push(&["-incoming", &format!("tcp:{addr}")]);

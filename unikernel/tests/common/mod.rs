@@ -97,3 +97,73 @@ pub fn build_image_from(
     })
     .expect("image builds")
 }
+
+/// A one-node PSS (real Raft, gRPC, disk) listening on `ip` (a tap bridge's host address,
+/// which guests on the bridge reach; `LocalCluster` binds loopback only). Stops on drop.
+pub struct BridgePss {
+    pub endpoint: wayside_proto::types::Endpoint,
+    stop: tokio_util::sync::CancellationToken,
+    task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+impl BridgePss {
+    pub async fn start(ip: std::net::Ipv4Addr, dir: &Path) -> BridgePss {
+        use wayside_proto::pb::pss_admin_client::PssAdminClient;
+        let listener = tokio::net::TcpListener::bind((ip, 0)).await.expect("bind on the bridge");
+        let addr = listener.local_addr().unwrap().to_string();
+        let peers = vec![wayside_pss::config::Peer { id: 1, address: addr.clone() }];
+        let config = wayside_pss::testing::test_config(1, peers, dir.to_path_buf());
+        let stop = tokio_util::sync::CancellationToken::new();
+        let task = tokio::spawn(wayside_pss::server::run(config, listener, stop.clone()));
+        let endpoint = wayside_proto::types::Endpoint::parse(&addr).unwrap();
+        // Poll its status until it is leader (a deadline, not a blind wait).
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            let status = async {
+                let mut c = PssAdminClient::connect(endpoint.uri().to_owned()).await.ok()?;
+                c.status(wayside_proto::pb::StatusRequest {}).await.ok().map(|r| r.into_inner())
+            };
+            if let Ok(Some(s)) =
+                tokio::time::timeout(std::time::Duration::from_secs(1), status).await
+            {
+                if s.role == wayside_proto::pb::RaftRole::Leader as i32 {
+                    break;
+                }
+            }
+            assert!(std::time::Instant::now() < deadline, "the PSS on {addr} elected no leader");
+            tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+        }
+        BridgePss { endpoint, stop, task: Some(task) }
+    }
+
+    pub async fn shutdown(mut self) {
+        self.stop.cancel();
+        if let Some(t) = self.task.take() {
+            let _ = t.await;
+        }
+    }
+}
+
+impl Drop for BridgePss {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+/// Kills (SIGKILL) the QEMU of every state folder given, if still running, when dropped:
+/// VMs started through the CLI are detached and would outlive a failed test otherwise.
+pub struct QemuGuard(pub Vec<PathBuf>);
+
+impl Drop for QemuGuard {
+    fn drop(&mut self) {
+        for dir in &self.0 {
+            if let Ok(mut vm) = wayside_unikernel::vm::Vm::attach(dir) {
+                if vm.is_alive() {
+                    let pid = vm.state.pid as libc::pid_t;
+                    // SAFETY: signalling the QEMU process this test started.
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                }
+            }
+        }
+    }
+}
