@@ -105,6 +105,14 @@ pub struct Args {
     /// (--netns) Seed of the radio shaper's loss RNG.
     #[arg(long, default_value_t = 1)]
     pub shaper_seed: u64,
+    /// (--netns) One-way delay the backhaul adds (RSU <-> PSS and RSU <-> RSU), milliseconds.
+    /// Above 0 (or with --backhaul-loss), every backhaul connection goes through a shaper.
+    #[arg(long, default_value_t = 1.0)]
+    pub backhaul_delay_ms: f64,
+    /// (--netns) Probability that a forwarded backhaul chunk is "lost" (a stall of
+    /// --radio-loss-stall-ms), 0..=1.
+    #[arg(long, default_value_t = 0.0)]
+    pub backhaul_loss: f64,
     /// Boot each RSU's NMS as the unikernel image under QEMU (KVM if it works, else TCG),
     /// each VM on a tap of one host bridge; the PSS runs in this process on the bridge.
     #[arg(long, conflicts_with = "netns")]
@@ -251,6 +259,10 @@ pub struct NetnsOptions {
     pub backhaul_rate_bits_per_s: u64,
     /// Delay and emulated loss of the radio (a shaper proxy per RSU in the vehicles' path).
     pub radio: ShaperConfig,
+    /// Delay and emulated loss of the backhaul: when either is set, each RSU namespace owns
+    /// the PSS nodes' and the other RSUs' backhaul addresses on its loopback and serves them
+    /// with shapers (rate-capped at the backhaul rate) that forward over the core bridge.
+    pub backhaul: ShaperConfig,
     /// `nms` / `pss` binaries (default: [`crate::netns::wayside_binary`]).
     pub nms_bin: Option<PathBuf>,
     pub pss_bin: Option<PathBuf>,
@@ -268,6 +280,7 @@ impl Default for NetnsOptions {
                 loss: 0.01,
                 ..Default::default()
             },
+            backhaul: ShaperConfig { delay: Duration::from_millis(1), ..Default::default() },
             nms_bin: None,
             pss_bin: None,
             announce: true,
@@ -295,6 +308,8 @@ enum Backend {
     Netns {
         lab: crate::netns::Lab,
         shapers: Vec<Shaper>,
+        /// (RSU index, shaper) per backhaul destination of each RSU.
+        backhaul_shapers: Vec<(usize, Shaper)>,
         description: String,
     },
     Image {
@@ -321,7 +336,7 @@ impl Deployed {
                 cluster.shutdown().await;
                 "in-process (127.0.0.1)".into()
             }
-            Backend::Netns { mut lab, shapers, description } => {
+            Backend::Netns { mut lab, shapers, backhaul_shapers, description } => {
                 let mut stats = Vec::new();
                 for (i, sh) in shapers.iter().enumerate() {
                     sh.shutdown().await;
@@ -337,14 +352,38 @@ impl Deployed {
                         st.bytes_down.load(Ordering::Relaxed),
                     ));
                 }
-                // NMSs first (they flush to the PSS on SIGTERM), then the PSS, namespaces, links.
-                let r = tokio::task::spawn_blocking(move || {
+                // NMSs first (they flush to the PSS on SIGTERM, through the backhaul
+                // shapers), then those shapers, then the PSS, namespaces, links.
+                let lab = tokio::task::spawn_blocking(move || {
                     lab.stop_matching("nms", Duration::from_secs(10));
-                    lab.shutdown(Duration::from_secs(5));
+                    lab
                 })
                 .await;
-                if let Err(e) = r {
-                    tracing::warn!(error = %e, "tearing the namespaces down failed");
+                let mut per_rsu: BTreeMap<usize, [u64; 3]> = BTreeMap::new();
+                for (i, sh) in &backhaul_shapers {
+                    sh.shutdown().await;
+                    let e = per_rsu.entry(*i).or_default();
+                    e[0] += sh.stats.connections.load(Ordering::Relaxed);
+                    e[1] += sh.stats.chunks.load(Ordering::Relaxed);
+                    e[2] += sh.stats.stalled_chunks.load(Ordering::Relaxed);
+                }
+                for (i, [conns, chunks, stalled]) in per_rsu {
+                    stats.push(format!(
+                        "backhaul {}: {conns} connections, {chunks} chunks, {stalled} stalled",
+                        i + 1
+                    ));
+                }
+                match lab {
+                    Ok(mut lab) => {
+                        let r = tokio::task::spawn_blocking(move || {
+                            lab.shutdown(Duration::from_secs(5));
+                        })
+                        .await;
+                        if let Err(e) = r {
+                            tracing::warn!(error = %e, "tearing the namespaces down failed");
+                        }
+                    }
+                    Err(e) => tracing::warn!(error = %e, "stopping the NMSs failed"),
                 }
                 format!("{description}\n{}", stats.join("\n"))
             }
@@ -419,7 +458,14 @@ pub async fn deploy(deployment: &Deployment, sc: &Scenario) -> anyhow::Result<De
 }
 
 /// The NMSs' port inside their namespaces (each namespace has its own ports).
+/// RSU `i`'s NMS listens on `NMS_PORT + 1 + i`: distinct ports, so an RSU namespace can own
+/// the other RSUs' backhaul addresses (for their shapers) without clashing with its own NMS's
+/// wildcard listener.
 const NMS_PORT: u16 = 7100;
+
+fn nms_port(i: usize) -> u16 {
+    NMS_PORT + 1 + u16::try_from(i).expect("at most 200 RSUs")
+}
 const PSS_PORT: u16 = 7400;
 
 async fn deploy_netns(o: &NetnsOptions, sc: &Scenario) -> anyhow::Result<Deployed> {
@@ -460,11 +506,42 @@ async fn deploy_netns(o: &NetnsOptions, sc: &Scenario) -> anyhow::Result<Deploye
     let radio = Tbf::for_rate(o.radio_rate_bits_per_s);
     let stop = CancellationToken::new();
     let (mut control, mut vehicle, mut shapers) = (Vec::new(), Vec::new(), Vec::new());
+    let shape_backhaul = !o.backhaul.delay.is_zero() || o.backhaul.loss > 0.0;
+    o.backhaul.validate().map_err(|e| anyhow::anyhow!("backhaul shaper: {e}"))?;
+    let mut backhaul_shapers = Vec::new();
     for (i, (name, _)) in sc.rsus.iter().enumerate() {
         let ns = lab.namespace(&format!("rsu{}", i + 1))?;
         let bh = lab.veth_bare(Some(&ns), Some(&core))?;
         lab.enslave(&bh.b, &br)?;
         let bh_addr = at(20 + i as u8);
+        if shape_backhaul {
+            // What this RSU reaches over the backhaul: the PSS nodes and the other RSUs.
+            // Their addresses are owned here and served by shapers in this process, which
+            // forward from the host's management veth (so tbf is replaced by their cap).
+            let remote = pss_nodes.iter().map(|(_, a)| *a).chain(
+                (0..sc.rsus.len())
+                    .filter(|&j| j != i)
+                    .map(|j| SocketAddr::from((at(20 + j as u8), nms_port(j)))),
+            );
+            for addr in remote {
+                let SocketAddr::V4(v4) = addr else { unreachable!("lab addresses are IPv4") };
+                lab.own_address(&ns, *v4.ip())?;
+                let l = lab.tcp_listener_in(&ns, addr)?;
+                l.set_nonblocking(true)?;
+                let cfg = ShaperConfig {
+                    seed: o
+                        .backhaul
+                        .seed
+                        .wrapping_add(1000 * (i as u64 + 1) + backhaul_shapers.len() as u64),
+                    rate_bits_per_s: Some(o.backhaul_rate_bits_per_s),
+                    ..o.backhaul.clone()
+                };
+                let sh =
+                    Shaper::start(tokio::net::TcpListener::from_std(l)?, addr, cfg, stop.clone())
+                        .map_err(|e| anyhow::anyhow!("backhaul shaper: {e}"))?;
+                backhaul_shapers.push((i, sh));
+            }
+        }
         lab.addr(&bh.a, bh_addr, 24)?;
         lab.tbf_both(&bh, &backhaul)?;
         let air = lab.veth(None, Some(&ns), 30)?;
@@ -472,17 +549,17 @@ async fn deploy_netns(o: &NetnsOptions, sc: &Scenario) -> anyhow::Result<Deploye
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let cfg = ShaperConfig { seed: o.radio.seed.wrapping_add(i as u64), ..o.radio.clone() };
         let sh =
-            Shaper::start(listener, SocketAddr::from((air.b.addr, NMS_PORT)), cfg, stop.clone())
+            Shaper::start(listener, SocketAddr::from((air.b.addr, nms_port(i))), cfg, stop.clone())
                 .map_err(|e| anyhow::anyhow!("radio shaper: {e}"))?;
         let nms_cfg = wayside_nms::config::Config {
             node_id: name.clone(),
             pss: pss.clone(),
-            listen: format!("0.0.0.0:{NMS_PORT}"),
+            listen: format!("0.0.0.0:{}", nms_port(i)),
             advertise: sh.local_addr().to_string(),
             ..Default::default()
         };
         netns::spawn_nms(&mut lab, &nms_bin, &ns, &nms_cfg)?;
-        control.push(format!("{bh_addr}:{NMS_PORT}"));
+        control.push(format!("{bh_addr}:{}", nms_port(i)));
         vehicle.push(sh.local_addr().to_string());
         shapers.push(sh);
     }
@@ -495,8 +572,19 @@ async fn deploy_netns(o: &NetnsOptions, sc: &Scenario) -> anyhow::Result<Deploye
             .await
             .map_err(anyhow::Error::msg)?;
     }
+    let backhaul_shaping = if shape_backhaul {
+        format!(
+            "; backhaul shapers ({}, in each RSU namespace for the PSS nodes and the other RSUs) delay {:?} one-way, loss {} per chunk, rate cap {} bit/s",
+            backhaul_shapers.len(),
+            o.backhaul.delay,
+            o.backhaul.loss,
+            o.backhaul_rate_bits_per_s
+        )
+    } else {
+        String::new()
+    };
     let description = format!(
-        "netns: namespaces {p}core, {p}pss1-3, {p}rsu1-{n}; backhaul {bh} bit/s, radio {ra} bit/s (tc tbf, both ways); radio shaper delay {d:?} one-way, loss {l} per chunk (stall {st:?})",
+        "netns: namespaces {p}core, {p}pss1-3, {p}rsu1-{n}; backhaul {bh} bit/s, radio {ra} bit/s (tc tbf, both ways); radio shaper delay {d:?} one-way, loss {l} per chunk (stall {st:?}){backhaul_shaping}",
         p = lab.prefix(),
         n = sc.rsus.len(),
         bh = o.backhaul_rate_bits_per_s,
@@ -510,7 +598,11 @@ async fn deploy_netns(o: &NetnsOptions, sc: &Scenario) -> anyhow::Result<Deploye
         eprintln!("{description}");
         eprintln!("netns: prefix {} processes {}", lab.prefix(), pids.join(","));
     }
-    Ok(Deployed { control, vehicle, backend: Backend::Netns { lab, shapers, description } })
+    Ok(Deployed {
+        control,
+        vehicle,
+        backend: Backend::Netns { lab, shapers, backhaul_shapers, description },
+    })
 }
 
 async fn drive_on(
@@ -882,10 +974,19 @@ pub fn deployment_from_args(a: &Args) -> anyhow::Result<Deployment> {
         ..Default::default()
     };
     radio.validate().map_err(|e| anyhow::anyhow!("--radio-*: {e}"))?;
+    let backhaul = ShaperConfig {
+        delay: ms("backhaul-delay-ms", a.backhaul_delay_ms)?,
+        loss: a.backhaul_loss,
+        loss_stall: radio.loss_stall,
+        seed: a.shaper_seed,
+        ..Default::default()
+    };
+    backhaul.validate().map_err(|e| anyhow::anyhow!("--backhaul-*: {e}"))?;
     Ok(Deployment::Netns(NetnsOptions {
         radio_rate_bits_per_s: a.radio_rate,
         backhaul_rate_bits_per_s: a.backhaul_rate,
         radio,
+        backhaul,
         ..Default::default()
     }))
 }

@@ -423,6 +423,18 @@ impl Lab {
             .map(drop)
     }
 
+    /// Gives `ns` the address `addr/32` on its loopback, so connections from inside `ns` to
+    /// `addr` end at a listener there (e.g. a shaper standing in for a remote node).
+    /// The namespace stops answering ARP for addresses not on the asking interface
+    /// (`arp_ignore=1`, `arp_announce=2`): otherwise it would claim `addr` on its links
+    /// and steal the real node's traffic.
+    pub fn own_address(&self, ns: &Ns, addr: Ipv4Addr) -> Result<()> {
+        let script = "echo 1 > /proc/sys/net/ipv4/conf/all/arp_ignore && \
+                      echo 2 > /proc/sys/net/ipv4/conf/all/arp_announce";
+        ip(&["netns", "exec", &ns.name, "sh", "-c", script])?;
+        Self::ip_in(Some(ns), &["addr", "add", &format!("{addr}/32"), "dev", "lo"]).map(drop)
+    }
+
     /// A bridge named `br0` in `ns` (never in the host's namespace, so deleting the
     /// namespace removes it), up, with `addr/24` if given.
     pub fn bridge(&mut self, ns: &Ns) -> Result<End> {

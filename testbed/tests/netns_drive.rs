@@ -116,6 +116,9 @@ async fn netns_short_drive_moves_twice_and_loses_nothing() {
     o.radio.delay = delay;
     o.radio.loss = 0.02;
     o.radio.loss_stall = Duration::from_millis(100);
+    o.backhaul.delay = Duration::from_millis(2);
+    o.backhaul.loss = 0.01;
+    o.backhaul.loss_stall = Duration::from_millis(50);
     let t = Instant::now();
     let out = drive::run_scenario_on(sc.clone(), &Deployment::Netns(o), CancellationToken::new())
         .await
@@ -136,6 +139,14 @@ async fn netns_short_drive_moves_twice_and_loses_nothing() {
     for i in 1..=3 {
         let line = out.deployment.lines().find(|l| l.starts_with(&format!("radio {i}:"))).unwrap();
         assert!(!line.contains(" 0 connections"), "{line}");
+    }
+    // Every RSU reached the PSS (write-back, ownership) and the moves crossed the backhaul
+    // through its shapers, not around them.
+    for i in 1..=3 {
+        let prefix = format!("backhaul {i}:");
+        let line = out.deployment.lines().find(|l| l.starts_with(&prefix));
+        let line = line.unwrap_or_else(|| panic!("no {prefix} line in\n{}", out.deployment));
+        assert!(!line.contains(" 0 connections") && !line.contains(" 0 chunks"), "{line}");
     }
     // Nothing left: no namespace of this process, no nms/pss child.
     let prefix = netns::process_prefix();
