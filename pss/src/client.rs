@@ -12,6 +12,7 @@ use tonic::transport::Channel;
 use tonic::{Code, Status};
 use wayside_proto::error::fault_of;
 use wayside_proto::pb;
+use wayside_proto::pb::pss_admin_client::PssAdminClient;
 use wayside_proto::pb::pss_blocks_client::PssBlocksClient;
 use wayside_proto::types::{Endpoint, Epoch, Fault, VolumeName};
 
@@ -59,6 +60,23 @@ pub enum PssError {
     Unavailable(String),
     #[error("PSS error: {0}")]
     Other(tonic::Status),
+}
+
+/// What the retry loop ended with.
+enum Answer<T> {
+    Reply(T),
+    /// A retry after an ambiguous failure found the first attempt's change applied.
+    AlreadyDone,
+}
+
+impl<T> Answer<T> {
+    /// The reply of a call that counts no error answer as done already.
+    fn reply(self) -> T {
+        match self {
+            Answer::Reply(r) => r,
+            Answer::AlreadyDone => unreachable!("no answer counts as done already"),
+        }
+    }
 }
 
 impl From<Status> for PssError {
@@ -164,6 +182,11 @@ impl PssClient {
         *self.inner.leader.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = ep;
     }
 
+    fn admin(&self, ch: Channel) -> PssAdminClient<Channel> {
+        let max = self.inner.opts.max_message_size_bytes;
+        PssAdminClient::new(ch).max_decoding_message_size(max).max_encoding_message_size(max)
+    }
+
     /// Runs `f` against the leader, following hints and retrying as allowed.
     /// `retry_ambiguous`: whether a failure after the request may have been applied can
     /// be retried (true for reads and for writes with a request id).
@@ -172,26 +195,43 @@ impl PssClient {
         F: Fn(PssBlocksClient<Channel>) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, Status>>,
     {
+        Ok(self.call_on(retry_ambiguous, |ch| f(self.blocks(ch)), |_| false).await?.reply())
+    }
+
+    /// The retry loop behind every call: `f` gets a channel to the node believed to
+    /// lead. `done_already(status)`: after an ambiguous failure, whether this answer to
+    /// the retry means the first attempt took effect (an idempotent admin change).
+    async fn call_on<T, F, Fut>(
+        &self,
+        retry_ambiguous: bool,
+        f: F,
+        done_already: impl Fn(&Status) -> bool,
+    ) -> Result<Answer<T>, PssError>
+    where
+        F: Fn(Channel) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, Status>>,
+    {
         let opts = &self.inner.opts;
         let deadline = Instant::now() + opts.deadline;
         let mut backoff = opts.initial_backoff;
         let mut hops = 0;
+        let mut ambiguous = false;
         loop {
             let target = self.target()?;
             let left = deadline.saturating_duration_since(Instant::now());
-            let attempt = tokio::time::timeout(
-                opts.rpc_timeout.min(left),
-                f(self.blocks(self.channel(&target)?)),
-            )
-            .await;
+            let attempt =
+                tokio::time::timeout(opts.rpc_timeout.min(left), f(self.channel(&target)?)).await;
             let err = match attempt {
                 Ok(Ok(r)) => {
                     self.set_leader(Some(target));
-                    return Ok(r.into_inner());
+                    return Ok(Answer::Reply(r.into_inner()));
                 }
                 Ok(Err(status)) => status,
                 Err(_) => Status::deadline_exceeded(format!("no answer from {target} in time")),
             };
+            if ambiguous && done_already(&err) {
+                return Ok(Answer::AlreadyDone);
+            }
             let mut pause = true;
             match fault_of(&err) {
                 Some(Fault::NotLeader { leader_address, .. }) => {
@@ -219,6 +259,7 @@ impl PssClient {
                             err.message()
                         )));
                     }
+                    ambiguous |= !never_sent(&err);
                     self.set_leader(None);
                     hops = 0;
                 }
@@ -318,5 +359,66 @@ impl PssClient {
             async move { c.list_blocks(req).await }
         })
         .await
+    }
+
+    /// The cluster's members, as the node believed to lead sees them.
+    pub async fn members(&self) -> Result<pb::MembersReply, PssError> {
+        let call = |ch| async move { self.admin(ch).members(pb::MembersRequest {}).await };
+        Ok(self.call_on(true, call, |_| false).await?.reply())
+    }
+
+    /// Adds node `id` at `address`: as a learner, then (unless `learner_only`) as a
+    /// voter once it has caught up. Follows leader changes within the deadline; the
+    /// server treats "already a voter at this address" as done, so retries are safe.
+    pub async fn add_node(
+        &self,
+        id: u64,
+        address: &str,
+        learner_only: bool,
+    ) -> Result<pb::MembersReply, PssError> {
+        let req = pb::AddNodeRequest { id, address: address.to_owned(), learner_only };
+        let call = |ch| {
+            let req = req.clone();
+            async move { self.admin(ch).add_node(req).await }
+        };
+        Ok(self.call_on(true, call, |_| false).await?.reply())
+    }
+
+    /// Removes node `id`. Follows leader changes within the deadline; a retry that
+    /// finds the node gone (after an attempt whose outcome was unknown) is success.
+    pub async fn remove_node(&self, id: u64) -> Result<pb::MembersReply, PssError> {
+        let r = self
+            .call_on(
+                true,
+                |ch| async move { self.admin(ch).remove_node(pb::RemoveNodeRequest { id }).await },
+                |st| st.code() == Code::InvalidArgument,
+            )
+            .await?;
+        match r {
+            Answer::Reply(m) => Ok(m),
+            Answer::AlreadyDone => {
+                let m = self.members().await?;
+                if m.members.iter().any(|m| m.id == id) {
+                    return Err(PssError::Unavailable(format!(
+                        "node {id} is still a member after a removal whose outcome was unknown"
+                    )));
+                }
+                Ok(m)
+            }
+        }
+    }
+
+    /// Hands leadership to voter `to` and waits until it leads. Follows leader changes
+    /// within the deadline; the server answers at once when `to` already leads.
+    pub async fn transfer_leader(&self, to: u64) -> Result<pb::StatusReply, PssError> {
+        let call = |ch| async move {
+            self.admin(ch).transfer_leader(pb::TransferLeaderRequest { to }).await
+        };
+        let s = self.call_on(true, call, |_| false).await?.reply();
+        // The next call goes to the new leader.
+        if let Ok(leader) = Endpoint::parse(&s.leader_address) {
+            self.set_leader(Some(leader));
+        }
+        Ok(s)
     }
 }

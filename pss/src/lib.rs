@@ -11,7 +11,8 @@
 //! - [`transport`]: Raft messages and snapshots between nodes over gRPC.
 //! - [`service`]: the `PssBlocks` and `PssAdmin` gRPC services; error -> status mapping.
 //! - [`server`]: [`server::run`], one node on a listener.
-//! - [`client`]: [`client::PssClient`], the library the NMS uses (leader finding, retries).
+//! - [`client`]: [`client::PssClient`], the library the NMS and the `pss` CLI use (leader
+//!   finding, hints, retries within a deadline; data and membership calls alike).
 //! - [`testing`]: [`testing::LocalCluster`], a real in-process cluster for tests.
 
 pub mod client;

@@ -175,24 +175,6 @@ async fn admin(ep: &Endpoint) -> anyhow::Result<PssAdminClient<tonic::transport:
     Ok(PssAdminClient::new(ch))
 }
 
-/// The leader's admin client, found through any reachable node's status.
-async fn leader(
-    endpoints: &[Endpoint],
-) -> anyhow::Result<PssAdminClient<tonic::transport::Channel>> {
-    for ep in endpoints {
-        let Ok(mut c) = admin(ep).await else { continue };
-        let Ok(st) = c.status(pb::StatusRequest {}).await else { continue };
-        let st = st.into_inner();
-        if st.role == pb::RaftRole::Leader as i32 {
-            return Ok(c);
-        }
-        if !st.leader_address.is_empty() {
-            return admin(&Endpoint::parse(&st.leader_address)?).await;
-        }
-    }
-    bail!("no reachable PSS node knows a leader (tried {endpoints:?})")
-}
-
 fn role_name(role: i32) -> &'static str {
     match pb::RaftRole::try_from(role) {
         Ok(pb::RaftRole::Leader) => "leader",
@@ -251,25 +233,23 @@ async fn client_command(endpoints: Vec<Endpoint>, command: Command) -> anyhow::R
             }
         }
         Command::Members => {
-            let mut c = leader(&endpoints).await?;
-            print_members(&c.members(pb::MembersRequest {}).await?.into_inner().members);
+            print_members(&client.members().await?.members);
         }
+        // Membership changes wait for the cluster (a learner catching up, an election),
+        // and follow the leader if it changes meanwhile.
         Command::AddNode { id, address, learner_only } => {
-            let mut c = leader(&endpoints).await?;
-            let r = c.add_node(pb::AddNodeRequest { id, address, learner_only }).await?;
+            let r = admin_client(endpoints).add_node(id, &address, learner_only).await?;
             println!("node {id} added");
-            print_members(&r.into_inner().members);
+            print_members(&r.members);
         }
         Command::RemoveNode { id } => {
-            let mut c = leader(&endpoints).await?;
-            let r = c.remove_node(pb::RemoveNodeRequest { id }).await?;
+            let r = admin_client(endpoints).remove_node(id).await?;
             println!("node {id} removed");
-            print_members(&r.into_inner().members);
+            print_members(&r.members);
         }
         Command::TransferLeader { id } => {
-            let mut c = leader(&endpoints).await?;
-            let r = c.transfer_leader(pb::TransferLeaderRequest { to: id }).await?;
-            println!("leader is now node {}", r.into_inner().leader_id);
+            let r = admin_client(endpoints).transfer_leader(id).await?;
+            println!("leader is now node {}", r.leader_id);
         }
         Command::CompactLog => {
             for ep in &endpoints {
@@ -339,6 +319,16 @@ async fn client_command(endpoints: Vec<Endpoint>, command: Command) -> anyhow::R
         }
     }
     Ok(())
+}
+
+/// A client whose attempts may take as long as a membership change does.
+fn admin_client(endpoints: Vec<Endpoint>) -> PssClient {
+    let opts = ClientOptions {
+        rpc_timeout: Duration::from_secs(60),
+        deadline: Duration::from_secs(90),
+        ..Default::default()
+    };
+    PssClient::new(endpoints, opts)
 }
 
 /// A request id unique to this CLI invocation.

@@ -4,10 +4,15 @@
 //!
 //! Each loop turn: take every input waiting (Raft messages, client commands, reads,
 //! admin), propose all client commands as ONE entry (group commit), then handle the
-//! `Ready` in raft-rs order: install a snapshot, append entries + hard state and
-//! `fdatasync` once, only then send messages (so no vote or append ack ever leaves
-//! before it is durable), apply committed entries (one sled batch with the applied
-//! index), answer the clients whose commands were applied, advance.
+//! `Ready` in raft-rs order: install a snapshot; send the leader's appends and
+//! heartbeats (`messages`: raft-rs counts the leader's own copy only once it is
+//! persisted, so followers may write theirs meanwhile, Raft thesis 10.2.1); append
+//! entries + hard state; then, side by side, ONE `fdatasync` on a helper thread (which
+//! sends the `persisted_messages` — votes and append acks — the moment it returns, so
+//! none leaves before it is durable) and the apply of the committed entries (raft-rs
+//! hands out only entries committed AND persisted here earlier; one sled batch with the
+//! applied index), answer the clients whose commands were applied, advance once both
+//! are done.
 //!
 //! **Architecture invariant:** a client is answered only after its entry is committed
 //! (durable on a majority) and applied; a read only after the read index is applied.
@@ -214,6 +219,57 @@ pub enum FatalError {
 /// A read waiting for its read index to be applied.
 type ReadWaiter = (Reply<()>, OwnedSemaphorePermit);
 
+/// Where the loop's time goes, summed over a reporting interval and logged at debug
+/// level (`RUST_LOG=wayside_pss::node=debug`), to find the throughput bottleneck.
+#[derive(Default)]
+struct PhaseStats {
+    since: Option<std::time::Instant>,
+    turns: u64,
+    readies: u64,
+    entries: u64,
+    commands: u64,
+    idle: Duration,
+    write: Duration,
+    sync: Duration,
+    apply: Duration,
+    /// The fsync and the apply run side by side: this is their wall time.
+    persist_and_apply: Duration,
+    max_sync: Duration,
+    max_apply: Duration,
+}
+
+/// How often [`PhaseStats`] are logged.
+const STATS_INTERVAL: Duration = Duration::from_secs(2);
+
+impl PhaseStats {
+    fn maybe_report(&mut self) {
+        let now = std::time::Instant::now();
+        let since = *self.since.get_or_insert(now);
+        if now.duration_since(since) < STATS_INTERVAL {
+            return;
+        }
+        if self.readies > 0 {
+            let ms = |d: Duration| d.as_secs_f64() * 1e3;
+            tracing::debug!(
+                window_ms = ms(now.duration_since(since)) as u64,
+                turns = self.turns,
+                readies = self.readies,
+                entries = self.entries,
+                commands = self.commands,
+                idle_ms = ms(self.idle) as u64,
+                write_ms = ms(self.write) as u64,
+                sync_ms = ms(self.sync) as u64,
+                apply_ms = ms(self.apply) as u64,
+                sync_and_apply_ms = ms(self.persist_and_apply) as u64,
+                max_sync_ms = ms(self.max_sync),
+                max_apply_ms = ms(self.max_apply),
+                "raft loop phases"
+            );
+        }
+        *self = PhaseStats { since: Some(now), ..Default::default() };
+    }
+}
+
 struct Loop {
     id: u64,
     node: RawNode<RaftStorage>,
@@ -236,6 +292,7 @@ struct Loop {
     /// Entry bytes applied since the last snapshot (for `compact_log_bytes`).
     applied_bytes: u64,
     status: watch::Sender<NodeStatus>,
+    stats: PhaseStats,
 }
 
 /// The started node: its handle and the thread that runs the loop.
@@ -354,6 +411,7 @@ pub fn start(
         applied,
         applied_bytes: 0,
         status: status_tx,
+        stats: PhaseStats::default(),
     };
     lp.publish();
     let id = lp.id;
@@ -385,11 +443,13 @@ impl Loop {
         let mut ticker = tokio::time::interval(Duration::from_millis(self.cfg.tick_interval_ms));
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let result = loop {
+            let waiting = std::time::Instant::now();
             tokio::select! {
                 _ = shutdown.cancelled() => break Ok(()),
                 _ = ticker.tick() => { self.node.tick(); }
                 input = rx.recv() => {
                     let Some(input) = input else { break Ok(()) };
+                    self.stats.idle += waiting.elapsed();
                     self.handle(input);
                     // Group commit: take everything already waiting before the next fsync.
                     let mut taken = 1usize;
@@ -411,6 +471,8 @@ impl Loop {
     }
 
     fn turn(&mut self) -> Result<(), FatalError> {
+        self.stats.turns += 1;
+        self.stats.maybe_report();
         self.flush_proposals();
         self.flush_reads();
         self.on_ready()?;
@@ -585,20 +647,59 @@ impl Loop {
                 self.reads_ready.push_back((rs.index, waiters));
             }
         }
-        // Persist first, one fdatasync for the whole Ready, and only then let any message
-        // out: a vote or an append ack must never precede its durable record.
+        // The leader's appends and heartbeats (`messages`) may leave before its own fsync:
+        // raft-rs counts the leader's own copy only once `advance` reports it persisted,
+        // so an entry still commits only when a majority has it durable, and the
+        // followers' fsyncs overlap the leader's. Every vote and every append ack
+        // (`persisted_messages`) leaves only after the fsync below.
+        self.send(ready.take_messages());
         let t0 = std::time::Instant::now();
         let appended = ready.entries().len();
         self.log.append(&self.storage, ready.entries())?;
         if let Some(hs) = ready.hs() {
             self.log.set_hard_state(&self.storage, hs)?;
         }
-        self.log.sync()?;
-        let synced = t0.elapsed();
-        self.send(ready.take_messages());
-        self.send(ready.take_persisted_messages());
+        let pending = self.log.begin_sync()?;
+        let t1 = std::time::Instant::now();
+        // raft-rs hands out only entries both committed and persisted here before, so
+        // applying them need not wait for this Ready's fsync: it runs on a helper
+        // thread while sled applies (one fdatasync for the whole Ready).
+        // The messages that wait for this fsync (votes, append acks) leave from the
+        // fsync thread the moment it returns, not after the apply.
         let committed = ready.take_committed_entries();
-        self.apply(committed)?;
+        let after_sync = ready.take_persisted_messages();
+        match pending {
+            Some(sync) => {
+                let transport = self.transport.clone();
+                let (sync_time, applied) = std::thread::scope(|scope| {
+                    let syncer = scope.spawn(move || {
+                        let started = std::time::Instant::now();
+                        sync.wait()?;
+                        for m in after_sync {
+                            transport.send(m);
+                        }
+                        Ok::<_, LogError>(started.elapsed())
+                    });
+                    let applied = self.apply(committed);
+                    let synced = syncer.join();
+                    (synced, applied)
+                });
+                let sync_time = sync_time
+                    .map_err(|_| FatalError::Setup("the fsync thread panicked".into()))??;
+                applied?;
+                self.stats.sync += sync_time;
+                self.stats.max_sync = self.stats.max_sync.max(sync_time);
+            }
+            None => {
+                self.send(after_sync);
+                self.apply(committed)?;
+            }
+        }
+        let synced = t0.elapsed();
+        self.stats.readies += 1;
+        self.stats.entries += appended as u64;
+        self.stats.write += t1 - t0;
+        self.stats.persist_and_apply += t1.elapsed();
         let mut light = self.node.advance(ready);
         if let Some(commit) = light.commit_index() {
             let mut hs = self.storage.read().hard_state.clone();
@@ -667,6 +768,7 @@ impl Loop {
 
     fn apply(&mut self, entries: Vec<Entry>) -> Result<(), FatalError> {
         let Some(last) = entries.last().map(|e| e.index) else { return Ok(()) };
+        let started = std::time::Instant::now();
         let mut p = self.sm.begin();
         let mut outcomes = Vec::new();
         let mut conf = None;
@@ -686,6 +788,7 @@ impl Loop {
                             continue;
                         }
                     };
+                    self.stats.commands += batch.commands.len() as u64;
                     for cmd in &batch.commands {
                         let out = self.sm.apply(&mut p, e.index, cmd)?;
                         if cmd.origin == self.id {
@@ -726,6 +829,13 @@ impl Loop {
         }
         self.sm.commit(p, last, conf.as_ref())?;
         self.applied = last;
+        self.stats.apply += started.elapsed();
+        self.stats.max_apply = self.stats.max_apply.max(started.elapsed());
+        if !conf_done.is_empty() {
+            // Whoever waits for a membership change reads the membership from the status
+            // next: it must show the change.
+            self.publish();
+        }
         for (seq, out) in outcomes {
             if let Some((reply, _permit)) = self.pending.remove(&seq) {
                 let _ = reply.send(Ok(out));

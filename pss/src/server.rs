@@ -26,10 +26,19 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     config.validate().context("invalid PSS configuration")?;
+    // Instrumented, not entered: an entered span guard held across `.await` would leak
+    // into whatever else the worker thread runs (other nodes of an in-process cluster).
+    let span = tracing::info_span!("pss", node = config.id);
+    tracing::Instrument::instrument(serve(config, listener, shutdown), span).await
+}
+
+async fn serve(
+    config: Config,
+    listener: tokio::net::TcpListener,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let id = config.id;
     let addr = listener.local_addr().ok();
-    let span = tracing::info_span!("pss", node = id);
-    let _enter = span.enter();
     let inner = shutdown.child_token();
     let tracker = TaskTracker::new();
     let started = node::start(

@@ -232,18 +232,26 @@ impl AdminService {
         }
     }
 
-    /// Waits (up to `timeout`) until `done` holds for the node status.
+    /// Waits (up to `timeout`) until `done` holds for the node status; `give_up` ends
+    /// the wait early with the status it returns (leadership moved elsewhere).
     async fn wait_for(
         &self,
         timeout: Duration,
         what: &str,
         done: impl Fn(&crate::node::NodeStatus) -> bool,
+        give_up: impl Fn(&crate::node::NodeStatus) -> Option<Status>,
     ) -> Result<(), Status> {
         let mut rx = self.node.status.clone();
         let deadline = Instant::now() + timeout;
         loop {
-            if done(&rx.borrow_and_update()) {
-                return Ok(());
+            {
+                let st = rx.borrow_and_update();
+                if done(&st) {
+                    return Ok(());
+                }
+                if let Some(e) = give_up(&st) {
+                    return Err(e);
+                }
             }
             let left = deadline.saturating_duration_since(Instant::now());
             match tokio::time::timeout(left, rx.changed()).await {
@@ -302,8 +310,19 @@ impl pb::pss_admin_server::PssAdmin for AdminService {
             return Err(Status::invalid_argument("node id must be > 0"));
         }
         let ep = convert::endpoint("address", &req.address)?;
+        // The leader's view of the membership is the one that counts.
+        if !self.node.is_leader() {
+            return Err(status_of(self.node.not_leader()));
+        }
         if self.node.status.borrow().voters.contains(&req.id) {
-            return Err(Status::already_exists(format!("node {} is already a voter", req.id)));
+            // Done already (a retry after an unknown outcome): the same address is success.
+            if self.node.address_of(req.id).as_deref() == Some(ep.authority()) {
+                return Ok(Response::new(self.members()));
+            }
+            return Err(Status::already_exists(format!(
+                "node {} is already a voter at another address",
+                req.id
+            )));
         }
         if !self.node.status.borrow().learners.contains(&req.id) {
             let cc = conf_change(ConfChangeType::AddLearnerNode, req.id, ep.authority());
@@ -313,9 +332,13 @@ impl pb::pss_admin_server::PssAdmin for AdminService {
             // Promote only once the learner has (nearly) the leader's log, so the
             // quorum does not depend on a node that is still catching up.
             let id = req.id;
-            self.wait_for(self.learner_catch_up_timeout, "the learner to catch up", |st| {
-                st.matched.get(&id).is_some_and(|m| *m + 1 >= st.commit_index)
-            })
+            let node = self.node.clone();
+            self.wait_for(
+                self.learner_catch_up_timeout,
+                "the learner to catch up",
+                |st| st.matched.get(&id).is_some_and(|m| *m + 1 >= st.commit_index),
+                |st| (st.role != Role::Leader).then(|| status_of(node.not_leader())),
+            )
             .await?;
             let cc = conf_change(ConfChangeType::AddNode, req.id, ep.authority());
             self.node.conf_change(cc).await.map_err(status_of)?;
@@ -329,6 +352,10 @@ impl pb::pss_admin_server::PssAdmin for AdminService {
         request: Request<pb::RemoveNodeRequest>,
     ) -> Result<Response<pb::MembersReply>, Status> {
         let id = request.into_inner().id;
+        // The leader's view of the membership is the one that counts.
+        if !self.node.is_leader() {
+            return Err(status_of(self.node.not_leader()));
+        }
         self.check_member(id)?;
         let cc = conf_change(ConfChangeType::RemoveNode, id, "");
         self.node.conf_change(cc).await.map_err(status_of)?;
@@ -341,17 +368,34 @@ impl pb::pss_admin_server::PssAdmin for AdminService {
         request: Request<pb::TransferLeaderRequest>,
     ) -> Result<Response<pb::StatusReply>, Status> {
         let to = request.into_inner().to;
+        {
+            let st = self.node.status.borrow();
+            if st.leader_id == to && (st.role == Role::Leader) == (st.id == to) {
+                // Done already: `to` leads (a retry, or a transfer to the leader itself).
+                drop(st);
+                return Ok(Response::new(self.status()));
+            }
+        }
+        // The leader's view of the membership is the one that counts.
+        if !self.node.is_leader() {
+            return Err(status_of(self.node.not_leader()));
+        }
         self.check_member(to)?;
         if !self.node.status.borrow().voters.contains(&to) {
             return Err(Status::invalid_argument(format!("node {to} is a learner, not a voter")));
         }
-        if !self.node.is_leader() {
-            return Err(status_of(self.node.not_leader()));
-        }
         self.node.transfer_leader(to).await.map_err(status_of)?;
-        self.wait_for(self.node.request_timeout, "the leadership transfer", |st| {
-            st.leader_id == to && st.role != Role::Leader
-        })
+        let node = self.node.clone();
+        self.wait_for(
+            self.node.request_timeout,
+            "the leadership transfer",
+            |st| st.leader_id == to && st.role != Role::Leader,
+            // Someone else won an election meanwhile: the caller retries at that leader.
+            |st| {
+                (st.role != Role::Leader && st.leader_id != 0 && st.leader_id != to)
+                    .then(|| status_of(node.not_leader()))
+            },
+        )
         .await?;
         Ok(Response::new(self.status()))
     }

@@ -22,6 +22,10 @@ const META_CONF: &[u8] = b"mconf";
 const META_DEDUPE_HEAD: &[u8] = b"mdedupe_head";
 const META_DEDUPE_TAIL: &[u8] = b"mdedupe_tail";
 const SNAPSHOT_MAGIC: &[u8] = b"WAYSIDE-PSS-SNAPSHOT-1\n";
+/// sled's segment (and IO buffer) size: sled's 512 KiB default holds ~100 blocks of
+/// 4 KiB, so a group-commit entry of hundreds of blocks waited on sled's IO threads
+/// several times per apply. Fixed when a state machine directory is created.
+const SLED_SEGMENT_BYTES: usize = 8 * 1024 * 1024;
 
 /// The client commands of one Raft entry (group commit: many per entry).
 #[derive(Clone, PartialEq, prost::Message)]
@@ -97,6 +101,16 @@ pub struct StateMachine {
     dedupe_tail: u64,
 }
 
+/// The segment size an existing sled directory was created with (sled refuses to open
+/// it with another one), read from sled's `conf` file (`segment_size: N` lines).
+fn existing_segment_size(dir: &Path) -> Option<usize> {
+    // The file ends in a binary checksum, so it is not all UTF-8.
+    let bytes = std::fs::read(dir.join("conf")).ok()?;
+    String::from_utf8_lossy(&bytes)
+        .lines()
+        .find_map(|l| l.strip_prefix("segment_size: ")?.trim().parse().ok())
+}
+
 fn be(v: u64) -> [u8; 8] {
     v.to_be_bytes()
 }
@@ -147,18 +161,21 @@ fn member_key(id: u64) -> Vec<u8> {
 struct Txn {
     tree: sled::Tree,
     batch: sled::Batch,
-    overlay: HashMap<Vec<u8>, Option<Vec<u8>>>,
+    /// `IVec`s are reference counted: the batch and the overlay share one copy.
+    overlay: HashMap<Vec<u8>, Option<sled::IVec>>,
 }
 
 impl Txn {
-    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, sled::Error> {
+    /// The current value (`IVec` derefs to `[u8]`; getting it copies nothing).
+    fn get(&self, key: &[u8]) -> Result<Option<sled::IVec>, sled::Error> {
         if let Some(v) = self.overlay.get(key) {
             return Ok(v.clone());
         }
-        Ok(self.tree.get(key)?.map(|v| v.to_vec()))
+        self.tree.get(key)
     }
     fn insert(&mut self, key: Vec<u8>, value: Vec<u8>) {
-        self.batch.insert(key.as_slice(), value.as_slice());
+        let value = sled::IVec::from(value);
+        self.batch.insert(key.as_slice(), value.clone());
         self.overlay.insert(key, Some(value));
     }
     fn remove(&mut self, key: Vec<u8>) {
@@ -175,7 +192,13 @@ pub struct Pending {
 impl StateMachine {
     /// Opens the sled database under `dir`.
     pub fn open(dir: &Path, dedupe_limit: u64) -> Result<Self, StateError> {
-        let db = sled::Config::new().path(dir).open()?;
+        // High-throughput mode: sled rewrites (garbage-collects) its segments less
+        // eagerly, which costs disk space but fewer bytes written per block write.
+        let db = sled::Config::new()
+            .path(dir)
+            .mode(sled::Mode::HighThroughput)
+            .segment_size(existing_segment_size(dir).unwrap_or(SLED_SEGMENT_BYTES))
+            .open()?;
         let tree = db.open_tree("sm")?;
         let dedupe_head = tree.get(META_DEDUPE_HEAD)?.map_or(0, |v| read_u64(&v));
         let dedupe_tail = tree.get(META_DEDUPE_TAIL)?.map_or(0, |v| read_u64(&v));
@@ -260,7 +283,7 @@ impl StateMachine {
         id: &Option<pb::RequestId>,
     ) -> Result<Option<DedupeRecord>, StateError> {
         let Some(id) = id else { return Ok(None) };
-        Ok(p.txn.get(&dedupe_key(id))?.and_then(|v| DedupeRecord::decode(v.as_slice()).ok()))
+        Ok(p.txn.get(&dedupe_key(id))?.and_then(|v| DedupeRecord::decode(&v[..]).ok()))
     }
 
     /// Remembers a request's reply; forgets the oldest when the table is full, so the
@@ -282,7 +305,7 @@ impl StateMachine {
             let mut ord = vec![b'o'];
             ord.extend_from_slice(&be(self.dedupe_head));
             if let Some(old) = p.txn.get(&ord)? {
-                p.txn.remove(old);
+                p.txn.remove(old.to_vec());
             }
             p.txn.remove(ord);
             self.dedupe_head += 1;
@@ -305,7 +328,7 @@ impl StateMachine {
         }
         let key = volume_key(&req.volume);
         let (mut meta, created) = match p.txn.get(&key)? {
-            Some(v) => (pb::VolumeMeta::decode(v.as_slice()).unwrap_or_default(), false),
+            Some(v) => (pb::VolumeMeta::decode(&v[..]).unwrap_or_default(), false),
             None => {
                 let Some(spec) = &req.create else {
                     return Ok(Err(ApplyError::NotFound(req.volume.clone())));
@@ -363,7 +386,7 @@ impl StateMachine {
         let Some(v) = p.txn.get(&key)? else {
             return Ok(Err(ApplyError::NotFound(req.volume.clone())));
         };
-        let mut meta = pb::VolumeMeta::decode(v.as_slice()).unwrap_or_default();
+        let mut meta = pb::VolumeMeta::decode(&v[..]).unwrap_or_default();
         if req.epoch < meta.epoch {
             return Ok(Err(ApplyError::StaleEpoch {
                 presented: Epoch(req.epoch),
@@ -595,6 +618,24 @@ pub fn parse_snapshot(bytes: &[u8]) -> Result<(SnapshotMetadata, Pairs<'_>), Str
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn opens_a_directory_made_with_another_sled_segment_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sm");
+        {
+            let db = sled::Config::new().path(&path).segment_size(512 * 1024).open().unwrap();
+            db.open_tree("sm").unwrap().insert(META_APPLIED, &be(7)).unwrap();
+            db.flush().unwrap();
+        }
+        assert_eq!(existing_segment_size(&path), Some(512 * 1024));
+        let sm = StateMachine::open(&path, 10).unwrap();
+        assert_eq!(sm.applied().unwrap(), 7);
+        drop(sm);
+        let fresh = dir.path().join("fresh");
+        drop(StateMachine::open(&fresh, 10).unwrap());
+        assert_eq!(existing_segment_size(&fresh), Some(SLED_SEGMENT_BYTES));
+    }
 
     fn write_cmd(volume: &str, epoch: u64, seq: u64, block: u64, data: &[u8]) -> Command {
         Command {

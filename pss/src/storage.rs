@@ -319,11 +319,36 @@ impl DurableLog {
 
     /// Makes everything appended so far durable (one `fdatasync` for the whole Ready).
     pub fn sync(&mut self) -> Result<(), LogError> {
-        if self.dirty {
-            self.file.sync_data().map_err(|e| self.io(e))?;
-            self.dirty = false;
+        match self.begin_sync()? {
+            Some(pending) => pending.wait(),
+            None => Ok(()),
         }
-        Ok(())
+    }
+
+    /// Starts making everything appended so far durable; [`PendingSync::wait`] (which
+    /// may run on another thread) returns once it is. `None`: nothing to sync. Nothing
+    /// appended before this call may be acknowledged before `wait` returned `Ok`, and an
+    /// error there must stop the node (the log is then in an unknown state).
+    pub fn begin_sync(&mut self) -> Result<Option<PendingSync>, LogError> {
+        if !self.dirty {
+            return Ok(None);
+        }
+        let file = self.file.try_clone().map_err(|e| self.io(e))?;
+        self.dirty = false;
+        Ok(Some(PendingSync { file, path: self.dir.join(LOG_FILE) }))
+    }
+}
+
+/// An `fdatasync` of the log that can run beside other work (see
+/// [`DurableLog::begin_sync`]).
+pub struct PendingSync {
+    file: File,
+    path: PathBuf,
+}
+
+impl PendingSync {
+    pub fn wait(self) -> Result<(), LogError> {
+        self.file.sync_data().map_err(|source| LogError::Io { path: self.path, source })
     }
 }
 

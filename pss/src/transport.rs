@@ -37,7 +37,9 @@ const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(300);
 /// Pause after a failed send before the next attempt, so a dead peer costs little.
 const RETRY_PAUSE: Duration = Duration::from_millis(100);
 
-/// The outbound side, owned by the node loop.
+/// The outbound side, owned by the node loop (a clone shares the peer queues, so the
+/// loop's fsync thread can send the messages that wait for that fsync).
+#[derive(Clone)]
 pub struct Transport {
     id: u64,
     addresses: AddressBook,
@@ -49,7 +51,7 @@ pub struct Transport {
     runtime: tokio::runtime::Handle,
     tracker: TaskTracker,
     shutdown: CancellationToken,
-    peers: Mutex<HashMap<u64, mpsc::Sender<Message>>>,
+    peers: std::sync::Arc<Mutex<HashMap<u64, mpsc::Sender<Message>>>>,
 }
 
 impl Transport {
@@ -75,7 +77,7 @@ impl Transport {
             runtime,
             tracker,
             shutdown,
-            peers: Mutex::new(HashMap::new()),
+            peers: std::sync::Arc::new(Mutex::new(HashMap::new())),
         }
     }
 
@@ -96,7 +98,9 @@ impl Transport {
                 client: None,
             };
             let shutdown = self.shutdown.clone();
-            self.tracker.spawn_on(worker.run(rx, shutdown), &self.runtime);
+            let span = tracing::debug_span!("raft_peer", node = self.id, peer = to);
+            let task = tracing::Instrument::instrument(worker.run(rx, shutdown), span);
+            self.tracker.spawn_on(task, &self.runtime);
             tx
         });
         if let Err(mpsc::error::TrySendError::Full(m)) = tx.try_send(msg) {
@@ -143,8 +147,6 @@ impl PeerWorker {
     }
 
     async fn run(mut self, mut rx: mpsc::Receiver<Message>, shutdown: CancellationToken) {
-        let span = tracing::debug_span!("raft_peer", node = self.from, peer = self.to);
-        let _enter = span.enter();
         let mut held: Option<Message> = None;
         loop {
             let first = match held.take() {

@@ -5,7 +5,6 @@ use std::time::Duration;
 use tonic::Code;
 use wayside_proto::error::fault_of;
 use wayside_proto::pb;
-use wayside_proto::pb::pss_admin_client::PssAdminClient;
 use wayside_proto::pb::pss_blocks_client::PssBlocksClient;
 use wayside_proto::types::{Endpoint, Epoch, Fault, VolumeName};
 use wayside_pss::client::{ClientOptions, PssClient, PssError};
@@ -43,12 +42,27 @@ fn put(
     }
 }
 
-async fn admin(ep: &Endpoint) -> PssAdminClient<tonic::transport::Channel> {
-    PssAdminClient::connect(ep.uri().to_owned()).await.unwrap()
-}
-
 async fn blocks(ep: &Endpoint) -> PssBlocksClient<tonic::transport::Channel> {
     PssBlocksClient::connect(ep.uri().to_owned()).await.unwrap()
+}
+
+/// Runs a raw call on the current leader, again if an election moved leadership in
+/// between (the answer is then NotLeader, never the outcome under test).
+async fn on_leader<T, F, Fut>(cluster: &LocalCluster, f: F) -> Result<T, tonic::Status>
+where
+    F: Fn(PssBlocksClient<tonic::transport::Channel>) -> Fut,
+    Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+{
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let leader = cluster.wait_for_leader(Duration::from_secs(10)).await.unwrap();
+        match f(blocks(&cluster.endpoint(leader).unwrap()).await).await {
+            Err(st)
+                if matches!(fault_of(&st), Some(Fault::NotLeader { .. }))
+                    && std::time::Instant::now() < deadline => {}
+            other => return other.map(tonic::Response::into_inner),
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -98,27 +112,39 @@ async fn block_api_epochs_dedupe_and_leader_hints() {
         "{err:?}"
     );
     // And over raw gRPC: FAILED_PRECONDITION with the StaleEpoch detail.
-    let leader = cluster.wait_for_leader(Duration::from_secs(5)).await.unwrap();
-    let mut raw = blocks(&cluster.endpoint(leader).unwrap()).await;
-    let st = raw.write_batch(put("car-1", 1, "nms-a", 51, 1, vec![1; 10])).await.unwrap_err();
+    let st = on_leader(&cluster, |mut c| async move {
+        c.write_batch(put("car-1", 1, "nms-a", 51, 1, vec![1; 10])).await
+    })
+    .await
+    .unwrap_err();
     assert_eq!(st.code(), Code::FailedPrecondition);
     assert!(matches!(fault_of(&st), Some(Fault::StaleEpoch { .. })), "{st:?}");
 
-    // A follower refuses with UNAVAILABLE + NotLeader carrying the leader's address.
-    let follower = (1..=3).find(|id| *id != leader).unwrap();
-    let mut f = blocks(&cluster.endpoint(follower).unwrap()).await;
-    let st = f.write_batch(put("car-1", 2, "nms-b", 1, 1, vec![1; 10])).await.unwrap_err();
-    assert_eq!(st.code(), Code::Unavailable);
-    match fault_of(&st) {
-        Some(Fault::NotLeader { leader_id, leader_address }) => {
-            assert_eq!(leader_id, Some(leader));
-            assert_eq!(
-                leader_address.as_deref(),
-                Some(cluster.endpoint(leader).unwrap().authority())
-            );
+    // A follower refuses with UNAVAILABLE + NotLeader carrying the leader's address. (The
+    // write is stale too, so should an election make this node leader meanwhile it
+    // changes nothing, and the check runs again on a follower.)
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let (follower, mut f) = loop {
+        let leader = cluster.wait_for_leader(Duration::from_secs(10)).await.unwrap();
+        let follower = (1..=3).find(|id| *id != leader).unwrap();
+        let mut f = blocks(&cluster.endpoint(follower).unwrap()).await;
+        let st = f.write_batch(put("car-1", 1, "nms-a", 52, 1, vec![1; 10])).await.unwrap_err();
+        match fault_of(&st) {
+            Some(Fault::NotLeader { leader_id: Some(l), leader_address }) => {
+                assert_eq!(st.code(), Code::Unavailable);
+                assert_ne!(l, follower);
+                assert_eq!(
+                    leader_address.as_deref(),
+                    Some(cluster.endpoint(l).unwrap().authority())
+                );
+                break (follower, f);
+            }
+            // No leader known yet, or this node became leader: try again.
+            Some(Fault::NotLeader { leader_id: None, .. }) | Some(Fault::StaleEpoch { .. }) => {}
+            other => panic!("expected NotLeader, got {other:?} ({st:?})"),
         }
-        other => panic!("expected NotLeader, got {other:?} ({st:?})"),
-    }
+        assert!(std::time::Instant::now() < deadline, "no stable leader");
+    };
     // A stale read on a follower is served from its applied state.
     let st = f
         .get_volume(pb::GetVolumeRequest {
@@ -134,10 +160,16 @@ async fn block_api_epochs_dedupe_and_leader_hints() {
     via_follower.write_batch(put("car-1", 2, "nms-b", 2, 3, vec![3; 100])).await.unwrap();
     assert_eq!(client.get_blocks(&vol, &[3]).await.unwrap()[0].data, vec![3; 100]);
 
-    // Bad input: clear statuses, node unharmed.
-    let st = raw.write_batch(put("car-1", 2, "nms-b", 3, 1, vec![0; 4097])).await.unwrap_err();
+    // Bad input: clear statuses, node unharmed (the volume's block size is known to the
+    // state machine, hence the leader; the rest is refused at the edge, on any node).
+    let st = on_leader(&cluster, |mut c| async move {
+        c.write_batch(put("car-1", 2, "nms-b", 3, 1, vec![0; 4097])).await
+    })
+    .await
+    .unwrap_err();
     assert_eq!(st.code(), Code::InvalidArgument, "oversized block: {st:?}");
     assert!(st.message().contains("4097"), "{st:?}");
+    let mut raw = blocks(&cluster.endpoint(1).unwrap()).await;
     let st = raw.write_batch(put("", 2, "nms-b", 4, 1, vec![0; 1])).await.unwrap_err();
     assert_eq!(st.code(), Code::InvalidArgument);
     assert!(st.message().contains("volume"), "{st:?}");
@@ -145,7 +177,11 @@ async fn block_api_epochs_dedupe_and_leader_hints() {
     no_id.request_id = None;
     let st = raw.write_batch(no_id).await.unwrap_err();
     assert_eq!(st.code(), Code::InvalidArgument);
-    let st = raw.write_batch(put("nope", 1, "x", 1, 1, vec![0; 1])).await.unwrap_err();
+    let st = on_leader(&cluster, |mut c| async move {
+        c.write_batch(put("nope", 1, "x", 1, 1, vec![0; 1])).await
+    })
+    .await
+    .unwrap_err();
     assert_eq!(st.code(), Code::NotFound);
     let mut bad_size = acquire("car-2", "x", 1);
     bad_size.create.as_mut().unwrap().block_size = 1000;
@@ -158,21 +194,14 @@ async fn block_api_epochs_dedupe_and_leader_hints() {
     let st = raw.write_batch(too_many).await.unwrap_err();
     assert_eq!(st.code(), Code::ResourceExhausted);
     assert!(matches!(fault_of(&st), Some(Fault::LimitExceeded { .. })));
-    let mut adm = admin(&cluster.endpoint(leader).unwrap()).await;
-    let st = adm.remove_node(pb::RemoveNodeRequest { id: 42 }).await.unwrap_err();
-    assert_eq!(st.code(), Code::InvalidArgument);
-    assert!(st.message().contains("42"), "{st:?}");
-    let st = adm.transfer_leader(pb::TransferLeaderRequest { to: 42 }).await.unwrap_err();
-    assert_eq!(st.code(), Code::InvalidArgument);
-    let st = adm
-        .add_node(pb::AddNodeRequest {
-            id: 4,
-            address: "not an address".into(),
-            learner_only: false,
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(st.code(), Code::InvalidArgument);
+    // Admin calls with unknown ids or a bad address: refused by the leader (the
+    // client follows it), naming the problem.
+    let err = client.remove_node(42).await.unwrap_err();
+    assert!(matches!(err, PssError::InvalidArgument(ref m) if m.contains("42")), "{err:?}");
+    let err = client.transfer_leader(42).await.unwrap_err();
+    assert!(matches!(err, PssError::InvalidArgument(_)), "{err:?}");
+    let err = client.add_node(4, "not an address", false).await.unwrap_err();
+    assert!(matches!(err, PssError::InvalidArgument(_)), "{err:?}");
 
     // Expected epoch: acquiring from the wrong epoch is refused.
     let mut exp = acquire("car-1", "nms-c", 1);
@@ -260,14 +289,9 @@ async fn add_fourth_node_remove_one_and_transfer_leadership() {
     let token = tokio_util::sync::CancellationToken::new();
     let node4 = tokio::spawn(wayside_pss::server::run(cfg, listener, token.clone()));
 
-    let leader = cluster.wait_for_leader(Duration::from_secs(5)).await.unwrap();
-    let mut adm = admin(&cluster.endpoint(leader).unwrap()).await;
-    let members = adm
-        .add_node(pb::AddNodeRequest { id: 4, address: addr4.clone(), learner_only: false })
-        .await
-        .unwrap()
-        .into_inner()
-        .members;
+    // The admin calls go through the client, which follows the leader if an election
+    // moves it meanwhile (the raw admin client here used to be flaky under load).
+    let members = client.add_node(4, &addr4, false).await.unwrap().members;
     let m4 = members.iter().find(|m| m.id == 4).expect("node 4 is a member");
     assert_eq!(m4.role, pb::MemberRole::Voter as i32);
     assert_eq!(m4.address, addr4);
@@ -294,19 +318,33 @@ async fn add_fourth_node_remove_one_and_transfer_leadership() {
     }
 
     // Transfer leadership to node 4, then remove a former member.
-    let st = adm.transfer_leader(pb::TransferLeaderRequest { to: 4 }).await.unwrap().into_inner();
-    assert_eq!(st.leader_id, 4);
-    let mut adm4 = admin(&ep4).await;
-    let remove = (1..=3).find(|id| *id != leader).unwrap();
-    let members =
-        adm4.remove_node(pb::RemoveNodeRequest { id: remove }).await.unwrap().into_inner().members;
-    assert!(members.iter().all(|m| m.id != remove), "{members:?}");
-    assert_eq!(members.len(), 3);
-
-    // The cluster still commits with the new membership.
     let mut all = cluster.endpoints();
     all.push(ep4.clone());
     let c2 = PssClient::new(all, ClientOptions::default());
+    let st = c2.transfer_leader(4).await.unwrap();
+    assert_eq!(st.leader_id, 4);
+    // Transferring to the leader itself is done already.
+    assert_eq!(c2.transfer_leader(4).await.unwrap().leader_id, 4);
+    // Remove a former member that does not lead (node 4 led a moment ago; an election
+    // may have moved leadership since, and the removal follows it).
+    let mut leader = 0;
+    for id in 1..=3 {
+        if let Some(st) = cluster.status(id).await {
+            leader = leader.max(st.leader_id);
+        }
+    }
+    let remove = (1..=3).find(|id| *id != leader).unwrap();
+    let members = c2.remove_node(remove).await.unwrap().members;
+    assert!(members.iter().all(|m| m.id != remove), "{members:?}");
+    assert_eq!(members.len(), 3);
+    // Adding a voter again at its address is done already; at another address it is not.
+    assert_eq!(c2.add_node(4, &addr4, false).await.unwrap().members.len(), 3);
+    let err = c2.add_node(4, "127.0.0.1:9", false).await.unwrap_err();
+    assert!(matches!(err, PssError::Other(ref s) if s.code() == Code::AlreadyExists), "{err:?}");
+    let members = c2.members().await.unwrap().members;
+    assert!(members.iter().any(|m| m.id == 4 && m.address == addr4), "{members:?}");
+
+    // The cluster still commits with the new membership.
     c2.write_batch(put("m", epoch, "w", 100, 50, vec![5; 10])).await.unwrap();
     assert_eq!(c2.get_blocks(&vol, &[50]).await.unwrap()[0].data, vec![5; 10]);
 
