@@ -14,7 +14,7 @@
 //! INVALID_ARGUMENT and the incoming volume is dropped.
 
 use super::Node;
-use crate::cache::{Applied, MigBlock, VolumeState};
+use crate::cache::{Applied, MigBlock, Retired, VolumeState};
 use crate::error::NmsError;
 use crate::store::StoreError;
 use bytes::Bytes;
@@ -33,6 +33,14 @@ use wayside_proto::types::{Endpoint, Epoch, Lsn, RequestId, VolumeName};
 
 fn us(d: Duration) -> u64 {
     u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+}
+
+/// Frees a moved volume's old blocks off the async workers (the vehicle is already
+/// redirected; this is just memory going back).
+fn release(old: Option<Retired>) {
+    if let Some(old) = old {
+        tokio::task::spawn_blocking(move || drop(old));
+    }
 }
 
 fn applied_to_pb(applied: Vec<(RequestId, Applied)>) -> Vec<pb::AppliedRequest> {
@@ -355,9 +363,10 @@ impl Node {
                     } else {
                         s.target_address
                     };
-                    self.moved(v, to, Epoch(s.new_epoch));
+                    let old = self.moved(v, to, Epoch(s.new_epoch));
                     report.new_epoch = s.new_epoch;
                     report.pause_us = us(pause.elapsed());
+                    release(old);
                     return Ok(());
                 }
                 Ok(Ack::Aborted(a)) => {
@@ -382,11 +391,14 @@ impl Node {
         self.bump();
     }
 
-    fn moved(&self, v: &VolumeName, to: String, epoch: Epoch) {
+    /// Turns the volume into a redirect; returns its old blocks for [`release`] once the
+    /// vehicle's waiting requests have been let go.
+    fn moved(&self, v: &VolumeName, to: String, epoch: Epoch) -> Option<Retired> {
         info!(volume = %v, to = %to, epoch = epoch.0, "volume moved");
-        self.core().mark_moved(v, to, epoch);
+        let old = self.core().mark_moved(v, to, epoch);
         self.stop_writer(v);
         self.bump();
+        old
     }
 
     /// After SwitchOver the outcome is unknown: re-acquire from our epoch. If that
@@ -417,9 +429,10 @@ impl Node {
                         Ok(m) if !m.owner_address.is_empty() => m.owner_address,
                         _ => target.uri().to_owned(),
                     };
-                    self.moved(v, to, current);
+                    let old = self.moved(v, to, current);
                     report.new_epoch = current.0;
                     report.pause_us = us(pause.elapsed());
+                    release(old);
                     return Ok(());
                 }
                 Err(e) if Instant::now() < deadline => {
