@@ -81,8 +81,8 @@ pub struct Args {
     #[arg(long, default_value = "out/drive")]
     pub out: PathBuf,
     /// Put every node in its own network namespace: `pss serve` and `nms serve` processes,
-    /// links rate-shaped with tc tbf, delay/loss added on the radio by a user-space shaper.
-    /// Needs root and iproute2.
+    /// links rate-shaped with tc tbf, delay/loss added on the radio and the backhaul by
+    /// user-space shapers. Needs root and iproute2.
     #[arg(long)]
     pub netns: bool,
     /// (--netns) Radio link rate vehicle <-> RSU, each direction (units: bit, kbit, mbit,
