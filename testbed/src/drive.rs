@@ -178,6 +178,33 @@ pub struct Outcome {
     pub road: Option<Road>,
 }
 
+impl Scenario {
+    /// A short road for tests and quick looks: one vehicle named `car` at `mph` from 0 m,
+    /// time x20, 40 ops/s over 64 blocks, 2 reports/s, stalls counted above 500 ms, 100 m
+    /// overlap, 2 s handover execution, no progress lines.
+    pub fn short(
+        rsus: Vec<(String, f64)>,
+        mph: f64,
+    ) -> Result<Self, wayside_nms::smf::model::ModelError> {
+        let speed = Speed::from_mph(mph)?;
+        Ok(Self {
+            rsus,
+            vehicles: vec![Vehicle {
+                name: "car".into(),
+                motion: Motion::Constant { depart_s: 0.0, start_m: 0.0, speed },
+            }],
+            time_scale: 20.0,
+            ops_per_s: 40.0,
+            blocks: 64,
+            reports_per_s: 2.0,
+            stall_ms: 500.0,
+            overlap_m: 100.0,
+            handover_execution_s: 2.0,
+            progress: false,
+        })
+    }
+}
+
 impl Outcome {
     pub fn stalls(&self, stall_ms: f64) -> usize {
         self.ops.iter().filter(|o| o.latency_ms > stall_ms).count()

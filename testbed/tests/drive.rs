@@ -7,40 +7,11 @@ use tokio_util::sync::CancellationToken;
 use wayside_nms::smf::model::Speed;
 use wayside_proto::pb;
 use wayside_testbed::drive::{self, Scenario};
-use wayside_testbed::mobility::{a41_rsus, Motion, Vehicle};
-
-fn car(mph: f64) -> Vehicle {
-    Vehicle {
-        name: "car".into(),
-        motion: Motion::Constant {
-            depart_s: 0.0,
-            start_m: 0.0,
-            speed: Speed::from_mph(mph).unwrap(),
-        },
-    }
-}
+use wayside_testbed::mobility::a41_rsus;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn short_drive_moves_twice_and_loses_nothing() {
-    let sc = Scenario {
-        rsus: a41_rsus()[..3].to_vec(),
-        vehicles: vec![Vehicle {
-            name: "car".into(),
-            motion: Motion::Constant {
-                depart_s: 0.0,
-                start_m: 0.0,
-                speed: Speed::from_mph(50.0).unwrap(),
-            },
-        }],
-        time_scale: 20.0,
-        ops_per_s: 40.0,
-        blocks: 64,
-        reports_per_s: 2.0,
-        stall_ms: 500.0,
-        overlap_m: 100.0,
-        handover_execution_s: 2.0,
-        progress: false,
-    };
+    let sc = Scenario::short(a41_rsus()[..3].to_vec(), 50.0).unwrap();
     let out = drive::run_scenario(sc.clone(), CancellationToken::new()).await.unwrap();
     let summary = drive::summary(&sc, &out);
     eprintln!("{summary}");
@@ -76,18 +47,11 @@ async fn short_drive_moves_twice_and_loses_nothing() {
 /// time), so eq. 3 fails and eq. 4 gives a lead that fits in RSU1's 13 s dwell (eq. 5).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_short_next_cell_makes_the_smf_move_proactively_before_the_handover() {
-    let sc = Scenario {
-        rsus: vec![("R1".into(), 300.0), ("R2".into(), 30.0), ("R3".into(), 300.0)],
-        vehicles: vec![car(50.0)],
-        time_scale: 20.0,
-        ops_per_s: 40.0,
-        blocks: 64,
-        reports_per_s: 2.0,
-        stall_ms: 500.0,
-        overlap_m: 100.0,
-        handover_execution_s: 2.0,
-        progress: false,
-    };
+    let sc = Scenario::short(
+        vec![("R1".into(), 300.0), ("R2".into(), 30.0), ("R3".into(), 300.0)],
+        50.0,
+    )
+    .unwrap();
     let out = drive::run_scenario(sc.clone(), CancellationToken::new()).await.unwrap();
     let summary = drive::summary(&sc, &out);
     eprintln!("{summary}\n{:#?}", out.moves);

@@ -11,9 +11,8 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
-use wayside_nms::smf::model::Speed;
 use wayside_testbed::drive::{self, Deployment, NetnsOptions, Scenario};
-use wayside_testbed::mobility::{a41_rsus, Motion, Vehicle};
+use wayside_testbed::mobility::a41_rsus;
 use wayside_testbed::netns;
 
 fn usable() -> bool {
@@ -87,25 +86,7 @@ async fn netns_short_drive_moves_twice_and_loses_nothing() {
         return;
     }
     let (nms, pss) = binaries();
-    let sc = Scenario {
-        rsus: a41_rsus()[..3].to_vec(),
-        vehicles: vec![Vehicle {
-            name: "car".into(),
-            motion: Motion::Constant {
-                depart_s: 0.0,
-                start_m: 0.0,
-                speed: Speed::from_mph(50.0).unwrap(),
-            },
-        }],
-        time_scale: 20.0,
-        ops_per_s: 40.0,
-        blocks: 64,
-        reports_per_s: 2.0,
-        stall_ms: 500.0,
-        overlap_m: 100.0,
-        handover_execution_s: 2.0,
-        progress: false,
-    };
+    let sc = Scenario::short(a41_rsus()[..3].to_vec(), 50.0).unwrap();
     let mut o = NetnsOptions {
         nms_bin: Some(nms),
         pss_bin: Some(pss),

@@ -166,32 +166,13 @@ async fn a_volume_moves_between_two_nms_vms_over_taps_losing_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_drive_on_unikernel_rsus_moves_twice_and_loses_nothing() {
     use tokio_util::sync::CancellationToken;
-    use wayside_nms::smf::model::Speed;
     use wayside_testbed::drive::{self, Deployment, Scenario};
-    use wayside_testbed::mobility::{a41_rsus, Motion, Vehicle};
+    use wayside_testbed::mobility::a41_rsus;
     if let Some(why) = missing() {
         eprintln!("SKIP: {why}");
         return;
     }
-    let sc = Scenario {
-        rsus: a41_rsus()[..3].to_vec(),
-        vehicles: vec![Vehicle {
-            name: "car".into(),
-            motion: Motion::Constant {
-                depart_s: 0.0,
-                start_m: 0.0,
-                speed: Speed::from_mph(50.0).unwrap(),
-            },
-        }],
-        time_scale: 20.0,
-        ops_per_s: 40.0,
-        blocks: 64,
-        reports_per_s: 2.0,
-        stall_ms: 500.0,
-        overlap_m: 100.0,
-        handover_execution_s: 2.0,
-        progress: false,
-    };
+    let sc = Scenario::short(a41_rsus()[..3].to_vec(), 50.0).unwrap();
     let deployment = Deployment::Image {
         image: None,
         options: VmRoadOptions { nms_bin: Some(nms_binary()), ..Default::default() },
