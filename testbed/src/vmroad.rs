@@ -29,8 +29,7 @@ use tokio_util::sync::CancellationToken;
 use wayside_nms::pid1::BootParams;
 use wayside_proto::pb::pss_admin_client::PssAdminClient;
 use wayside_proto::types::Endpoint;
-use wayside_unikernel::image::{self, Image};
-use wayside_unikernel::kernel::{self, KernelTree};
+use wayside_unikernel::image::Image;
 use wayside_unikernel::tap::Bridge;
 use wayside_unikernel::vm::{self, Accel, Machine, Net, StopOutcome, Vm, VmOptions};
 
@@ -73,39 +72,12 @@ impl Default for VmRoadOptions {
 /// The `nms` binary: `$WAYSIDE_NMS_BIN`, else `nms` beside this program (or one folder up,
 /// for test binaries under `deps/`).
 pub fn find_nms() -> anyhow::Result<PathBuf> {
-    if let Some(bin) = std::env::var_os("WAYSIDE_NMS_BIN").map(PathBuf::from) {
-        anyhow::ensure!(bin.is_file(), "WAYSIDE_NMS_BIN={} is not a file", bin.display());
-        return Ok(bin);
-    }
-    let exe = std::env::current_exe()?;
-    exe.ancestors()
-        .skip(1)
-        .take(2)
-        .map(|d| d.join("nms"))
-        .find(|p| p.is_file())
-        .with_context(|| {
-            format!(
-                "no nms binary beside {} (build it: cargo build -p wayside-nms --bin nms, or set WAYSIDE_NMS_BIN)",
-                exe.display()
-            )
-        })
+    crate::netns::wayside_binary("nms").map_err(anyhow::Error::msg)
 }
 
 /// Builds the NMS image (stripped `/init`, default modules, no baked-in settings) into `out`.
 pub fn build_image(nms: &Path, kernel_dir: Option<&Path>, out: &Path) -> anyhow::Result<Image> {
-    let kdir = kernel_dir.map(Path::to_path_buf).unwrap_or_else(kernel::default_cache_dir);
-    let tree = KernelTree::locate(&kdir, None)
-        .context("Debian's kernel is not in the cache: run `unikernel fetch-kernel` first")?;
-    image::build(&image::BuildOptions {
-        kernel: tree,
-        nms: nms.to_path_buf(),
-        out_dir: out.to_path_buf(),
-        modules: kernel::DEFAULT_MODULES.iter().map(|s| s.to_string()).collect(),
-        boot: BootParams::default(),
-        nms_config: None,
-        strip: true,
-    })?;
-    Ok(Image::open(out, true)?)
+    Ok(crate::bench::image::build(nms, kernel_dir, out)?.0)
 }
 
 /// The host side of a VM road before any VM exists: the bridge and its host address.

@@ -3,31 +3,12 @@
 //! plot are written. The fast test measures wayside's state migration only; the heavy one
 //! (`heavy_` prefix: boots the image under QEMU, TCG here) measures all three mechanisms.
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use std::path::Path;
 use std::process::Command;
 
 use wayside_testbed::paper::{self, Inputs, Mechanism};
-
-/// The `nms` binary for the image: `$WAYSIDE_NMS_BIN` (CI), else cargo builds it (a no-op
-/// when up to date; another package's binary has no `CARGO_BIN_EXE_*` here).
-fn nms_binary() -> PathBuf {
-    if let Some(bin) = std::env::var_os("WAYSIDE_NMS_BIN") {
-        return bin.into();
-    }
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
-    let out = Command::new(env!("CARGO"))
-        .args(["build", "-p", "wayside-nms", "--bin", "nms", "--message-format=json"])
-        .current_dir(root)
-        .output()
-        .expect("running cargo");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .find(|v| v["reason"] == "compiler-artifact" && v["target"]["name"] == "nms")
-        .and_then(|v| v["executable"].as_str().map(PathBuf::from))
-        .expect("cargo names the nms executable")
-}
 
 fn testbed(args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_testbed"))
@@ -145,7 +126,7 @@ fn heavy_all_three_mechanisms_measure_under_qemu() {
             return;
         }
     }
-    let nms = nms_binary();
+    let [nms] = common::wayside_binaries(["nms"]);
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("m");
     let run = testbed(&[
@@ -216,7 +197,7 @@ fn heavy_ctrl_c_removes_every_vm_tap_and_bridge() {
         eprintln!("SKIP: QEMU or Debian's kernel is missing (see the heavy_all_three test)");
         return;
     }
-    let nms = nms_binary();
+    let [nms] = common::wayside_binaries(["nms"]);
     let dir = tempfile::tempdir().unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_testbed"))
         .args(["mechanisms", "--mechanism", "wayside-vm", "--nms", nms.to_str().unwrap()])

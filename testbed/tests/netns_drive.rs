@@ -4,8 +4,10 @@
 //! process behind; Ctrl-C must stop a drive cleanly. Skips visibly without root/iproute2.
 //! Starts many processes: nextest's `heavy` group.
 
+mod common;
+
 use std::io::BufRead as _;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -23,43 +25,6 @@ fn usable() -> bool {
             false
         }
     }
-}
-
-/// The `nms` and `pss` binaries: `$WAYSIDE_NMS_BIN`/`$WAYSIDE_PSS_BIN` (CI builds the
-/// workspace first), else cargo builds them (a no-op when up to date). Integration tests
-/// cannot name another package's binaries (`CARGO_BIN_EXE_*` is per package).
-fn binaries() -> (PathBuf, PathBuf) {
-    let env = |v: &str| std::env::var_os(v).map(PathBuf::from).filter(|p| p.is_file());
-    let given = (env("WAYSIDE_NMS_BIN"), env("WAYSIDE_PSS_BIN"));
-    if let (Some(n), Some(p)) = given.clone() {
-        return (n, p);
-    }
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf();
-    let out = Command::new(env!("CARGO"))
-        .args(["build", "-p", "wayside-nms", "--bin", "nms", "-p", "wayside-pss", "--bin", "pss"])
-        .arg("--message-format=json")
-        .current_dir(root)
-        .output()
-        .expect("running cargo");
-    assert!(out.status.success(), "cargo build failed:\n{}", String::from_utf8_lossy(&out.stderr));
-    let mut found = (None, None);
-    for line in String::from_utf8_lossy(&out.stdout).lines() {
-        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else { continue };
-        if v["reason"] != "compiler-artifact" {
-            continue;
-        }
-        if let Some(exe) = v["executable"].as_str() {
-            match v["target"]["name"].as_str() {
-                Some("nms") => found.0 = Some(PathBuf::from(exe)),
-                Some("pss") => found.1 = Some(PathBuf::from(exe)),
-                _ => {}
-            }
-        }
-    }
-    (
-        given.0.or(found.0).expect("cargo named no nms binary"),
-        given.1.or(found.1).expect("cargo named no pss binary"),
-    )
 }
 
 /// Processes whose parent is `ppid` and whose command is `nms` or `pss`.
@@ -85,7 +50,7 @@ async fn netns_short_drive_moves_twice_and_loses_nothing() {
     if !usable() {
         return;
     }
-    let (nms, pss) = binaries();
+    let [nms, pss] = common::wayside_binaries(["nms", "pss"]);
     let sc = Scenario::short(a41_rsus()[..3].to_vec(), 50.0).unwrap();
     let mut o = NetnsOptions {
         nms_bin: Some(nms),
@@ -143,7 +108,7 @@ fn netns_drive_stops_cleanly_on_ctrl_c() {
     if !usable() {
         return;
     }
-    let (nms, pss) = binaries();
+    let [nms, pss] = common::wayside_binaries(["nms", "pss"]);
     let out_dir = tempfile::tempdir().unwrap();
     // A slow drive (30 mph, x2: about a minute) so it is surely still driving at SIGINT.
     let mut child = Command::new(env!("CARGO_BIN_EXE_testbed"))

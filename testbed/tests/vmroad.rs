@@ -3,7 +3,8 @@
 //! wayside state migration between the VMs over the bridge) to VM2, and every acknowledged
 //! write reads back from VM2. Heavy: boots two VMs (in parallel) under TCG.
 
-use std::path::PathBuf;
+mod common;
+
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -17,27 +18,6 @@ const BLOCK: usize = 4096;
 
 fn block(seed: u64) -> Vec<u8> {
     (0..BLOCK).map(|i| (seed as usize * 17 + i * 3) as u8).collect()
-}
-
-/// The `nms` binary for the image: `$WAYSIDE_NMS_BIN` (CI), else cargo builds it (a no-op
-/// when up to date; another package's binary has no `CARGO_BIN_EXE_*` here).
-fn nms_binary() -> PathBuf {
-    if let Some(bin) = std::env::var_os("WAYSIDE_NMS_BIN") {
-        return bin.into();
-    }
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
-    let out = Command::new(env!("CARGO"))
-        .args(["build", "-p", "wayside-nms", "--bin", "nms", "--message-format=json"])
-        .current_dir(root)
-        .output()
-        .expect("running cargo");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .find(|v| v["reason"] == "compiler-artifact" && v["target"]["name"] == "nms")
-        .and_then(|v| v["executable"].as_str().map(PathBuf::from))
-        .expect("cargo names the nms executable")
 }
 
 /// Why this machine cannot run the test, if it cannot.
@@ -70,7 +50,7 @@ async fn a_volume_moves_between_two_nms_vms_over_taps_losing_nothing() {
     let pss = BridgePss::start(net.pss_bind_ip(), 1, &dir.path().join("pss")).await.unwrap();
     let names = vec!["rsu-1".to_string(), "rsu-2".to_string()];
     let opts = VmRoadOptions {
-        nms_bin: Some(nms_binary()),
+        nms_bin: common::wayside_binaries(["nms"]).into_iter().next(),
         boot_timeout: Duration::from_secs(240),
         ..VmRoadOptions::default()
     };
@@ -175,7 +155,10 @@ async fn a_drive_on_unikernel_rsus_moves_twice_and_loses_nothing() {
     let sc = Scenario::short(a41_rsus()[..3].to_vec(), 50.0).unwrap();
     let deployment = Deployment::Image {
         image: None,
-        options: VmRoadOptions { nms_bin: Some(nms_binary()), ..Default::default() },
+        options: VmRoadOptions {
+            nms_bin: common::wayside_binaries(["nms"]).into_iter().next(),
+            ..Default::default()
+        },
     };
     let out = drive::run_scenario_on(sc.clone(), &deployment, CancellationToken::new())
         .await

@@ -117,7 +117,8 @@ pub fn build(
     out: &Path,
 ) -> anyhow::Result<(Image, Manifest, Duration)> {
     let kdir = kernel_dir.map(Path::to_path_buf).unwrap_or_else(kernel::default_cache_dir);
-    let tree = KernelTree::locate(&kdir, None).context("run `unikernel fetch-kernel` first")?;
+    let tree = KernelTree::locate(&kdir, None)
+        .context("Debian's kernel is not in the cache: run `unikernel fetch-kernel` first")?;
     let t = Instant::now();
     let manifest = image::build(&image::BuildOptions {
         kernel: tree,
