@@ -60,6 +60,24 @@ fn figure(name: &str, mut lat_us: Vec<u32>, elapsed: Duration) -> Figure {
     }
 }
 
+/// Lets the client tasks run `secs` more, stops them, and gathers their latencies
+/// (microseconds) with the phase's elapsed time.
+async fn measure(
+    mut tasks: tokio::task::JoinSet<anyhow::Result<Vec<u32>>>,
+    start: Instant,
+    secs: u64,
+    stop: &CancellationToken,
+) -> anyhow::Result<(Vec<u32>, Duration)> {
+    tokio::time::sleep(Duration::from_secs(secs)).await;
+    stop.cancel();
+    let elapsed = start.elapsed();
+    let mut all = Vec::new();
+    while let Some(r) = tasks.join_next().await {
+        all.extend(r??);
+    }
+    Ok((all, elapsed))
+}
+
 fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
@@ -114,13 +132,7 @@ async fn nms_unary(addr: &str, a: &Args, write: bool) -> anyhow::Result<Figure> 
             anyhow::Ok(lat)
         });
     }
-    tokio::time::sleep(Duration::from_secs(a.seconds)).await;
-    stop.cancel();
-    let elapsed = start.elapsed();
-    let mut all = Vec::new();
-    while let Some(r) = tasks.join_next().await {
-        all.extend(r??);
-    }
+    let (all, elapsed) = measure(tasks, start, a.seconds, &stop).await?;
     Ok(figure(if write { "nms unary write" } else { "nms unary read" }, all, elapsed))
 }
 
@@ -184,13 +196,7 @@ async fn nms_streamed(addr: &str, a: &Args, write: bool) -> anyhow::Result<Figur
             anyhow::Ok(lat)
         });
     }
-    tokio::time::sleep(Duration::from_secs(a.seconds)).await;
-    stop.cancel();
-    let elapsed = start.elapsed();
-    let mut all = Vec::new();
-    while let Some(r) = tasks.join_next().await {
-        all.extend(r??);
-    }
+    let (all, elapsed) = measure(tasks, start, a.seconds, &stop).await?;
     Ok(figure(if write { "nms streamed write" } else { "nms streamed read" }, all, elapsed))
 }
 
@@ -341,13 +347,7 @@ async fn memcached(a: &Args) -> anyhow::Result<Vec<Figure>> {
                 anyhow::Ok(lat)
             });
         }
-        tokio::time::sleep(Duration::from_secs(a.seconds)).await;
-        stop.cancel();
-        let elapsed = start.elapsed();
-        let mut all = Vec::new();
-        while let Some(r) = tasks.join_next().await {
-            all.extend(r??);
-        }
+        let (all, elapsed) = measure(tasks, start, a.seconds, &stop).await?;
         out.push(figure(if write { "memcached set" } else { "memcached get" }, all, elapsed));
     }
     Ok(out)
