@@ -52,6 +52,12 @@ pub struct Config {
     pub compact_log_bytes: u64,
     /// Size of one snapshot chunk on the wire, in bytes.
     pub snapshot_chunk_bytes: usize,
+    /// Block data lives in append-only segment files beside sled (only the index is in
+    /// sled); a segment is sealed (fsynced) and the next started at this size, in bytes.
+    pub blob_segment_bytes: u64,
+    /// A sealed segment whose live bytes fall below this percentage of its size is
+    /// garbage-collected (its live blocks copied forward, the file deleted); 1-99.
+    pub blob_gc_live_percent: u64,
     /// How long a client request may wait for commit or a read index, in milliseconds.
     pub request_timeout_ms: u64,
     /// Longest wait for a new member to catch up before promotion, in milliseconds.
@@ -81,6 +87,8 @@ impl Default for Config {
             compact_log_entries: 20_000,
             compact_log_bytes: 256 * 1024 * 1024,
             snapshot_chunk_bytes: 1024 * 1024,
+            blob_segment_bytes: 64 * 1024 * 1024,
+            blob_gc_live_percent: 50,
             request_timeout_ms: 10_000,
             learner_catch_up_timeout_ms: 30_000,
         }
@@ -110,6 +118,8 @@ pub enum ConfigError {
     SelfNotInPeers { id: u64, ids: Vec<u64> },
     #[error("`{name}` must be > 0")]
     Zero { name: &'static str },
+    #[error("`{name}` must be a percentage from 1 to 99, got {value}")]
+    Percent { name: &'static str, value: u64 },
     #[error("election_timeout_ticks ({election}) must be greater than heartbeat_interval_ticks ({heartbeat})")]
     Ticks { election: usize, heartbeat: usize },
 }
@@ -181,10 +191,17 @@ impl Config {
             ("compact_log_entries", self.compact_log_entries as usize),
             ("compact_log_bytes", self.compact_log_bytes as usize),
             ("snapshot_chunk_bytes", self.snapshot_chunk_bytes),
+            ("blob_segment_bytes", self.blob_segment_bytes as usize),
             ("request_timeout_ms", self.request_timeout_ms as usize),
         ];
         if let Some((name, _)) = positive.iter().find(|(_, v)| *v == 0) {
             return Err(ConfigError::Zero { name });
+        }
+        if !(1..=99).contains(&self.blob_gc_live_percent) {
+            return Err(ConfigError::Percent {
+                name: "blob_gc_live_percent",
+                value: self.blob_gc_live_percent,
+            });
         }
         if self.election_timeout_ticks <= self.heartbeat_interval_ticks {
             return Err(ConfigError::Ticks {
@@ -238,5 +255,9 @@ mod tests {
         c.validate().unwrap();
         c.max_batch_ops = 0;
         assert!(matches!(c.validate(), Err(ConfigError::Zero { name: "max_batch_ops" })));
+        c.max_batch_ops = 1;
+        c.blob_gc_live_percent = 100;
+        let err = c.validate().unwrap_err();
+        assert!(err.to_string().contains("blob_gc_live_percent"), "{err}");
     }
 }

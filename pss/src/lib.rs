@@ -15,6 +15,7 @@
 //!   finding, hints, retries within a deadline; data and membership calls alike).
 //! - [`testing`]: [`testing::LocalCluster`], a real in-process cluster for tests.
 
+pub mod blobs;
 pub mod client;
 pub mod config;
 mod logging;

@@ -313,7 +313,14 @@ pub fn start(
     std::fs::create_dir_all(&snap_dir).map_err(|e| setup("creating data dir", e))?;
     let (mut log, core, existed) = DurableLog::open(&cfg.data_dir)?;
     let storage = RaftStorage { core: Arc::new(RwLock::new(core)), ..Default::default() };
-    let mut sm = StateMachine::open(&cfg.data_dir.join("sm"), cfg.dedupe_table_entries)?;
+    let mut sm = StateMachine::open(
+        &cfg.data_dir.join("sm"),
+        crate::state::Options {
+            dedupe_limit: cfg.dedupe_table_entries,
+            blob_segment_bytes: cfg.blob_segment_bytes,
+            blob_gc_live_percent: cfg.blob_gc_live_percent,
+        },
+    )?;
     if !existed && !cfg.join {
         // First start of a founding member: every founder writes the same initial
         // snapshot at index 1 (the voter set, the address book), so a node added later

@@ -1,6 +1,9 @@
-//! The replicated state machine on sled: volumes, blocks, the request-id dedupe table,
-//! the member address book, and the applied index, all in one tree so that every
+//! The replicated state machine on sled: volumes, the block index, the request-id dedupe
+//! table, the member address book, and the applied index, all in one tree so that every
 //! committed entry's changes and the new applied index land in one atomic sled batch.
+//! Block data itself lives in append-only segment files (`blobs`); the block index maps
+//! each block to its version and its record there. A group's records are written to the
+//! segment before the sled batch that refers to them.
 //!
 //! sled 0.34's `flush()` does not fsync on Linux, so nothing here is trusted to be
 //! durable: after a crash sled may hold an older applied index than it reported, and
@@ -17,10 +20,17 @@ use std::path::{Path, PathBuf};
 use wayside_proto::pb;
 use wayside_proto::types::{BlockSize, Epoch, VolumeName};
 
+use crate::blobs::{BlobError, BlobReader, Blobs, Loc};
+
 const META_APPLIED: &[u8] = b"mapplied";
 const META_CONF: &[u8] = b"mconf";
 const META_DEDUPE_HEAD: &[u8] = b"mdedupe_head";
 const META_DEDUPE_TAIL: &[u8] = b"mdedupe_tail";
+/// Local (per-node, not replicated, not in snapshots) keys start with `x`: where this
+/// node's blob segments end and which of them are known synced.
+const LOCAL_PREFIX: u8 = b'x';
+const LOCAL_BLOB_END: &[u8] = b"xblob_end";
+const LOCAL_BLOB_SYNCED: &[u8] = b"xblob_synced";
 const SNAPSHOT_MAGIC: &[u8] = b"WAYSIDE-PSS-SNAPSHOT-1\n";
 /// sled's segment (and IO buffer) size: sled's 512 KiB default holds ~100 blocks of
 /// 4 KiB, so a group-commit entry of hundreds of blocks waited on sled's IO threads
@@ -90,12 +100,37 @@ pub enum StateError {
     },
     #[error("snapshot file {path} is corrupt: {reason}")]
     Corrupt { path: PathBuf, reason: String },
+    #[error("block data: {0}")]
+    Blob(#[from] BlobError),
+    #[error("block {block} of volume {volume}: its record moved away three times in a row")]
+    Moving { volume: String, block: u64 },
+}
+
+/// The state machine's limits (from the node's config).
+#[derive(Debug, Clone, Copy)]
+pub struct Options {
+    /// Request ids remembered for duplicate detection.
+    pub dedupe_limit: u64,
+    /// Size at which a blob segment is sealed, in bytes.
+    pub blob_segment_bytes: u64,
+    /// Live share (percent) below which a sealed segment is collected.
+    pub blob_gc_live_percent: u64,
+}
+
+impl Options {
+    /// The defaults, with another dedupe limit (tests).
+    pub fn with_dedupe(dedupe_limit: u64) -> Self {
+        Self { dedupe_limit, blob_segment_bytes: 64 << 20, blob_gc_live_percent: 50 }
+    }
 }
 
 /// The sled-backed state machine.
 pub struct StateMachine {
     db: sled::Db,
+    dir: PathBuf,
     tree: sled::Tree,
+    blobs: Blobs,
+    gc_live_percent: u64,
     dedupe_limit: u64,
     dedupe_head: u64,
     dedupe_tail: u64,
@@ -187,11 +222,28 @@ impl Txn {
 /// The pending changes of a group of entries; apply with [`StateMachine::commit`].
 pub struct Pending {
     txn: Txn,
+    /// Blob records of this group, to be appended at `base` before the sled batch.
+    records: Vec<u8>,
+    base: (u32, u64),
+}
+
+fn read_end(v: &[u8]) -> (u32, u64) {
+    let seg = v.get(..4).and_then(|b| b.try_into().ok()).map_or(0, u32::from_be_bytes);
+    (seg, v.get(4..12).map_or(0, read_u64))
+}
+
+fn encode_end((seg, off): (u32, u64)) -> [u8; 12] {
+    let mut b = [0u8; 12];
+    b[..4].copy_from_slice(&seg.to_be_bytes());
+    b[4..].copy_from_slice(&off.to_be_bytes());
+    b
 }
 
 impl StateMachine {
-    /// Opens the sled database under `dir`.
-    pub fn open(dir: &Path, dedupe_limit: u64) -> Result<Self, StateError> {
+    /// Opens the sled database under `dir` and the block data segments in `dir/blobs`.
+    /// If sled refers to block data a power loss took, the state is emptied (applied
+    /// index 0): the node then reloads its durable snapshot and replays its log.
+    pub fn open(dir: &Path, opts: Options) -> Result<Self, StateError> {
         // High-throughput mode: sled rewrites (garbage-collects) its segments less
         // eagerly, which costs disk space but fewer bytes written per block write.
         let db = sled::Config::new()
@@ -200,9 +252,39 @@ impl StateMachine {
             .segment_size(existing_segment_size(dir).unwrap_or(SLED_SEGMENT_BYTES))
             .open()?;
         let tree = db.open_tree("sm")?;
-        let dedupe_head = tree.get(META_DEDUPE_HEAD)?.map_or(0, |v| read_u64(&v));
-        let dedupe_tail = tree.get(META_DEDUPE_TAIL)?.map_or(0, |v| read_u64(&v));
-        Ok(Self { db, tree, dedupe_limit, dedupe_head, dedupe_tail })
+        let end = tree.get(LOCAL_BLOB_END)?.map_or((0, 0), |v| read_end(&v));
+        let synced = tree.get(LOCAL_BLOB_SYNCED)?.map_or(0, |v| read_end(&v).0);
+        let blob_dir = dir.join("blobs");
+        let blobs = match Blobs::open(&blob_dir, end, synced, opts.blob_segment_bytes)? {
+            Some(b) => b,
+            None => {
+                tracing::warn!(
+                    "the state machine refers to block data that is not on disk: \
+                     emptying it to reload the snapshot and replay the log"
+                );
+                tree.clear()?;
+                Blobs::fresh(&blob_dir, end.0 + 1, opts.blob_segment_bytes)?
+            }
+        };
+        let mut sm = Self {
+            db,
+            dir: dir.to_owned(),
+            tree,
+            blobs,
+            gc_live_percent: opts.blob_gc_live_percent,
+            dedupe_limit: opts.dedupe_limit,
+            dedupe_head: 0,
+            dedupe_tail: 0,
+        };
+        sm.dedupe_head = sm.tree.get(META_DEDUPE_HEAD)?.map_or(0, |v| read_u64(&v));
+        sm.dedupe_tail = sm.tree.get(META_DEDUPE_TAIL)?.map_or(0, |v| read_u64(&v));
+        for kv in sm.tree.scan_prefix(b"b") {
+            let (_, v) = kv?;
+            if let Some(loc) = Loc::decode(&v) {
+                sm.blobs.add_live(&loc);
+            }
+        }
+        Ok(sm)
     }
 
     /// The index of the last entry whose effects sled holds (0: none).
@@ -233,6 +315,8 @@ impl StateMachine {
                 batch: sled::Batch::default(),
                 overlay: HashMap::new(),
             },
+            records: Vec::new(),
+            base: self.blobs.end(),
         }
     }
 
@@ -249,8 +333,78 @@ impl StateMachine {
         }
         p.txn.batch.insert(META_DEDUPE_HEAD, &be(self.dedupe_head));
         p.txn.batch.insert(META_DEDUPE_TAIL, &be(self.dedupe_tail));
+        debug_assert_eq!(p.base, self.blobs.end());
+        self.blobs.append(&p.records)?;
+        p.txn.batch.insert(LOCAL_BLOB_END, &encode_end(self.blobs.end()));
+        p.txn.batch.insert(LOCAL_BLOB_SYNCED, &encode_end((self.blobs.synced_below(), 0)));
         self.tree.apply_batch(p.txn.batch)?;
+        self.blobs.maybe_rotate()?;
+        if let Some(seg) = self.blobs.gc_candidate(self.gc_live_percent) {
+            self.collect(seg)?;
+        }
         Ok(())
+    }
+
+    /// Copies a mostly-dead sealed segment's live records to the active segment, makes
+    /// the copies and sled's new index durable, then deletes the segment.
+    fn collect(&mut self, seg: u32) -> Result<(), StateError> {
+        let started = std::time::Instant::now();
+        let base = self.blobs.end();
+        let mut records = Vec::new();
+        let mut batch = sled::Batch::default();
+        let mut moved = Vec::new();
+        let mut lookup_err = None;
+        self.blobs.records(seg, |offset, len, rec| {
+            let current = match self.tree.get(rec.key) {
+                Ok(v) => v.and_then(|v| Loc::decode(&v)),
+                Err(e) => {
+                    lookup_err.get_or_insert(e);
+                    None
+                }
+            };
+            if current.is_some_and(|c| c.segment == seg && c.offset == offset && c.len == len) {
+                let at = base.1 + records.len() as u64;
+                let n =
+                    crate::blobs::encode_record(&mut records, rec.key, rec.version, 0, rec.data);
+                let loc = Loc { version: rec.version, segment: base.0, offset: at, len: n };
+                batch.insert(rec.key, &loc.encode());
+                moved.push(loc);
+            }
+            Ok(())
+        })?;
+        if let Some(e) = lookup_err {
+            return Err(e.into());
+        }
+        self.blobs.append(&records)?;
+        for loc in &moved {
+            self.blobs.add_live(loc);
+        }
+        batch.insert(LOCAL_BLOB_END, &encode_end(self.blobs.end()));
+        self.tree.apply_batch(batch)?;
+        // Durable before the old file goes: the copies, then sled's index (sled's flush
+        // writes its buffers; the fsync of its file makes them durable).
+        self.blobs.sync_active()?;
+        self.db.flush()?;
+        let db_file = self.dir.join("db");
+        std::fs::File::open(&db_file)
+            .and_then(|f| f.sync_all())
+            .map_err(|source| StateError::Io { path: db_file, source })?;
+        self.blobs.remove_segment(seg)?;
+        let (files, bytes) = self.blobs.usage();
+        tracing::debug!(
+            segment = seg,
+            moved = moved.len(),
+            files,
+            bytes,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "blob segment collected"
+        );
+        Ok(())
+    }
+
+    /// Blob segment files and their total bytes.
+    pub fn blob_usage(&self) -> (usize, u64) {
+        self.blobs.usage()
     }
 
     /// Records a member's address (from an applied conf change).
@@ -412,7 +566,10 @@ impl StateMachine {
         }
         for op in &req.ops {
             let bkey = block_key(&req.volume, op.block);
-            let old = p.txn.get(&bkey)?;
+            let old = p.txn.get(&bkey)?.and_then(|v| Loc::decode(&v));
+            if let Some(old) = &old {
+                self.blobs.remove_live(old);
+            }
             if op.delete {
                 if old.is_some() {
                     p.txn.remove(bkey);
@@ -421,14 +578,15 @@ impl StateMachine {
                 continue;
             }
             let version =
-                if op.version > 0 { op.version } else { old.as_deref().map_or(0, read_u64) + 1 };
-            let mut value = Vec::with_capacity(8 + op.data.len());
-            value.extend_from_slice(&be(version));
-            value.extend_from_slice(&op.data);
+                if op.version > 0 { op.version } else { old.map_or(0, |l| l.version) + 1 };
+            let offset = p.base.1 + p.records.len() as u64;
+            let len = crate::blobs::encode_record(&mut p.records, &bkey, version, index, &op.data);
+            let loc = Loc { version, segment: p.base.0, offset, len };
+            self.blobs.add_live(&loc);
             if old.is_none() {
                 meta.block_count += 1;
             }
-            p.txn.insert(bkey, value);
+            p.txn.insert(bkey, loc.encode().to_vec());
         }
         meta.persisted_lsn = meta.persisted_lsn.max(req.persisted_lsn);
         let reply = pb::WriteBatchReply {
@@ -443,7 +601,7 @@ impl StateMachine {
 
     /// A read handle that other threads use while this state machine applies.
     pub fn reader(&self) -> Reader {
-        Reader { tree: self.tree.clone() }
+        Reader { tree: self.tree.clone(), blobs: self.blobs.reader() }
     }
     /// Writes the whole state (as of the applied index, which the caller guarantees no
     /// one changes meanwhile) to a snapshot file, durably: tmp file, fsync, rename, fsync dir.
@@ -462,12 +620,40 @@ impl StateMachine {
         put(&mut w, &u32::try_from(meta_bytes.len()).unwrap_or(u32::MAX).to_le_bytes())
             .map_err(io)?;
         put(&mut w, &meta_bytes).map_err(io)?;
+        // Blocks go in as `version | data` (the snapshot is self-contained: a node that
+        // installs it has none of this node's blob files); local keys stay out.
+        let reader = self.reader();
         for kv in self.tree.iter() {
             let (k, v) = kv?;
+            if k.first() == Some(&LOCAL_PREFIX) {
+                continue;
+            }
+            let block;
+            let v: &[u8] = match k.first() {
+                Some(b'b') => {
+                    let loc = Loc::decode(&v).ok_or_else(|| StateError::Corrupt {
+                        path: self.dir.clone(),
+                        reason: format!("block index entry of {} bytes", v.len()),
+                    })?;
+                    let data = reader.blobs.read(&k, &loc)?.ok_or_else(|| StateError::Corrupt {
+                        path: self.dir.clone(),
+                        reason: format!(
+                            "block record at segment {} offset {} is gone",
+                            loc.segment, loc.offset
+                        ),
+                    })?;
+                    let mut b = Vec::with_capacity(8 + data.len());
+                    b.extend_from_slice(&be(loc.version));
+                    b.extend_from_slice(&data);
+                    block = b;
+                    &block
+                }
+                _ => &v,
+            };
             put(&mut w, &u32::try_from(k.len()).unwrap_or(u32::MAX).to_le_bytes()).map_err(io)?;
             put(&mut w, &k).map_err(io)?;
             put(&mut w, &u32::try_from(v.len()).unwrap_or(u32::MAX).to_le_bytes()).map_err(io)?;
-            put(&mut w, &v).map_err(io)?;
+            put(&mut w, v).map_err(io)?;
         }
         put(&mut w, &u32::MAX.to_le_bytes()).map_err(io)?;
         let sum = crc.finalize();
@@ -492,16 +678,37 @@ impl StateMachine {
         // the load is redone from the durable snapshot file.
         self.tree.remove(META_APPLIED)?;
         self.tree.clear()?;
+        let (seg, _) = self.blobs.end();
+        self.blobs.reset(seg + 1)?;
         let mut batch = sled::Batch::default();
+        let mut records = Vec::new();
+        let mut base = self.blobs.end();
         for (n, (k, v)) in pairs.into_iter().enumerate() {
-            if k == META_APPLIED {
+            if k == META_APPLIED || k.first() == Some(&LOCAL_PREFIX) {
                 continue;
             }
-            batch.insert(k, v);
-            if n % 10_000 == 9_999 {
+            if k.first() == Some(&b'b') {
+                let version = read_u64(v);
+                let data = v.get(8..).unwrap_or_default();
+                let offset = base.1 + records.len() as u64;
+                let len = crate::blobs::encode_record(&mut records, k, version, meta.index, data);
+                let loc = Loc { version, segment: base.0, offset, len };
+                self.blobs.add_live(&loc);
+                batch.insert(k, &loc.encode());
+            } else {
+                batch.insert(k, v);
+            }
+            if n % 10_000 == 9_999 || records.len() >= 16 << 20 {
+                // Records before the index entries that point at them.
+                self.blobs.append(&std::mem::take(&mut records))?;
+                batch.insert(LOCAL_BLOB_END, &encode_end(self.blobs.end()));
                 self.tree.apply_batch(std::mem::take(&mut batch))?;
+                self.blobs.maybe_rotate()?;
+                base = self.blobs.end();
             }
         }
+        self.blobs.append(&records)?;
+        batch.insert(LOCAL_BLOB_END, &encode_end(self.blobs.end()));
         self.tree.apply_batch(batch)?;
         self.dedupe_head = self.tree.get(META_DEDUPE_HEAD)?.map_or(0, |v| read_u64(&v));
         self.dedupe_tail = self.tree.get(META_DEDUPE_TAIL)?.map_or(0, |v| read_u64(&v));
@@ -522,6 +729,7 @@ impl StateMachine {
 #[derive(Clone)]
 pub struct Reader {
     tree: sled::Tree,
+    blobs: BlobReader,
 }
 
 impl Reader {
@@ -537,17 +745,30 @@ impl Reader {
     pub fn blocks(&self, volume: &str, blocks: &[u64]) -> Result<Vec<pb::PssBlock>, StateError> {
         let mut out = Vec::with_capacity(blocks.len());
         for &block in blocks {
-            out.push(match self.tree.get(block_key(volume, block))? {
-                Some(v) => pb::PssBlock {
-                    block,
-                    found: true,
-                    version: read_u64(&v),
-                    data: v.get(8..).unwrap_or_default().to_vec(),
-                },
-                None => pb::PssBlock { block, found: false, data: Vec::new(), version: 0 },
-            });
+            out.push(self.block(volume, block)?);
         }
         Ok(out)
+    }
+
+    fn block(&self, volume: &str, block: u64) -> Result<pb::PssBlock, StateError> {
+        let key = block_key(volume, block);
+        // A collection may move the record between the index lookup and the read: look
+        // again (it moves at most once per collection, and collections are rare).
+        for _ in 0..3 {
+            let Some(v) = self.tree.get(&key)? else {
+                return Ok(pb::PssBlock { block, found: false, data: Vec::new(), version: 0 });
+            };
+            let Some(loc) = Loc::decode(&v) else {
+                return Err(StateError::Corrupt {
+                    path: PathBuf::from("sm"),
+                    reason: format!("block index entry of {} bytes", v.len()),
+                });
+            };
+            if let Some(data) = self.blobs.read(&key, &loc)? {
+                return Ok(pb::PssBlock { block, found: true, version: loc.version, data });
+            }
+        }
+        Err(StateError::Moving { volume: volume.to_owned(), block })
     }
 
     /// Up to `limit` blocks from `start_block` on, in block order.
@@ -572,10 +793,11 @@ impl Reader {
                 reply.next_block = block;
                 break;
             }
+            let loc = Loc::decode(&v).unwrap_or(Loc { version: 0, segment: 0, offset: 0, len: 0 });
             reply.blocks.push(pb::BlockMeta {
                 block,
-                version: read_u64(&v),
-                length: u32::try_from(v.len().saturating_sub(8)).unwrap_or(u32::MAX),
+                version: loc.version,
+                length: u32::try_from(loc.data_len(k.len())).unwrap_or(u32::MAX),
             });
         }
         Ok(reply)
@@ -629,11 +851,11 @@ mod tests {
             db.flush().unwrap();
         }
         assert_eq!(existing_segment_size(&path), Some(512 * 1024));
-        let sm = StateMachine::open(&path, 10).unwrap();
+        let sm = StateMachine::open(&path, Options::with_dedupe(10)).unwrap();
         assert_eq!(sm.applied().unwrap(), 7);
         drop(sm);
         let fresh = dir.path().join("fresh");
-        drop(StateMachine::open(&fresh, 10).unwrap());
+        drop(StateMachine::open(&fresh, Options::with_dedupe(10)).unwrap());
         assert_eq!(existing_segment_size(&fresh), Some(SLED_SEGMENT_BYTES));
     }
 
@@ -678,7 +900,7 @@ mod tests {
     #[test]
     fn epochs_fence_duplicates_apply_once_and_dedupe_is_bounded() {
         let dir = tempfile::tempdir().unwrap();
-        let mut sm = StateMachine::open(dir.path(), 3).unwrap();
+        let mut sm = StateMachine::open(dir.path(), Options::with_dedupe(3)).unwrap();
         let Outcome::Acquire(Ok(a)) = run(&mut sm, 2, &acquire_cmd("v", 1)) else { panic!() };
         assert_eq!(a.meta.unwrap().epoch, 1);
         assert!(a.created);
@@ -721,15 +943,72 @@ mod tests {
     }
 
     #[test]
+    fn overwrites_are_collected_and_blocks_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts =
+            Options { dedupe_limit: 100, blob_segment_bytes: 64 * 1024, blob_gc_live_percent: 50 };
+        let mut sm = StateMachine::open(dir.path(), opts).unwrap();
+        run(&mut sm, 2, &acquire_cmd("v", 1));
+        // 8 blocks of 1 KiB rewritten 50 times: ~400 KiB written, 8 KiB live.
+        let mut index = 3;
+        for round in 0..50u64 {
+            for block in 0..8u64 {
+                let data = vec![(round * 8 + block) as u8; 1024];
+                run(&mut sm, index, &write_cmd("v", 1, index, block, &data));
+                index += 1;
+            }
+        }
+        let (files, bytes) = sm.blob_usage();
+        assert!(files <= 4, "{files} segment files: collection did not run");
+        assert!(bytes < 4 * 64 * 1024, "{bytes} bytes of segments");
+        let check = |sm: &StateMachine| {
+            for block in 0..8u64 {
+                let b = &sm.reader().blocks("v", &[block]).unwrap()[0];
+                assert_eq!(b.data, vec![(49 * 8 + block) as u8; 1024], "block {block}");
+                assert_eq!(b.version, 50);
+            }
+        };
+        check(&sm);
+        drop(sm);
+        let sm = StateMachine::open(dir.path(), opts).unwrap();
+        assert_eq!(sm.applied().unwrap(), index - 1);
+        check(&sm);
+        assert_eq!(sm.reader().list("v", 0, 100).unwrap().blocks[3].length, 1024);
+    }
+
+    #[test]
+    fn torn_block_data_empties_the_state_for_a_snapshot_reload() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut sm = StateMachine::open(dir.path(), Options::with_dedupe(100)).unwrap();
+        run(&mut sm, 2, &acquire_cmd("v", 1));
+        run(&mut sm, 3, &write_cmd("v", 1, 1, 7, &[9; 4096]));
+        drop(sm);
+        // A power loss took blob pages that sled's state refers to.
+        let seg = dir.path().join("blobs").join("0000000000.blob");
+        let mut bytes = std::fs::read(&seg).unwrap();
+        let n = bytes.len() - 100;
+        bytes[n] ^= 0xff;
+        std::fs::write(&seg, bytes).unwrap();
+        let mut sm = StateMachine::open(dir.path(), Options::with_dedupe(100)).unwrap();
+        assert_eq!(sm.applied().unwrap(), 0, "nothing trusted: the snapshot is reloaded");
+        assert!(sm.reader().volume("v").unwrap().is_none());
+        // And the emptied state works.
+        run(&mut sm, 2, &acquire_cmd("v", 1));
+        run(&mut sm, 3, &write_cmd("v", 1, 1, 7, &[5; 4096]));
+        assert_eq!(sm.reader().blocks("v", &[7]).unwrap()[0].data, vec![5; 4096]);
+    }
+
+    #[test]
     fn snapshot_round_trips_and_corruption_is_detected() {
         let dir = tempfile::tempdir().unwrap();
-        let mut sm = StateMachine::open(&dir.path().join("a"), 100).unwrap();
+        let mut sm = StateMachine::open(&dir.path().join("a"), Options::with_dedupe(100)).unwrap();
         run(&mut sm, 2, &acquire_cmd("v", 1));
         run(&mut sm, 3, &write_cmd("v", 1, 1, 7, b"hello"));
         let meta = SnapshotMetadata { index: 3, term: 1, ..Default::default() };
         let path = dir.path().join("snap");
         sm.write_snapshot(&path, &meta).unwrap();
-        let mut other = StateMachine::open(&dir.path().join("b"), 100).unwrap();
+        let mut other =
+            StateMachine::open(&dir.path().join("b"), Options::with_dedupe(100)).unwrap();
         run(&mut other, 2, &acquire_cmd("w", 1));
         assert_eq!(other.load_snapshot(&path).unwrap().index, 3);
         assert_eq!(other.applied().unwrap(), 3);

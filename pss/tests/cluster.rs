@@ -215,8 +215,13 @@ async fn block_api_epochs_dedupe_and_leader_hints() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lagging_node_catches_up_by_snapshot_after_compaction() {
     let dir = tempfile::tempdir().unwrap();
-    let mut cluster =
-        LocalCluster::start_with(3, dir.path(), |c| c.compact_log_entries = 50).await.unwrap();
+    // Small blob segments: the overwrites below also seal segments and collect them.
+    let mut cluster = LocalCluster::start_with(3, dir.path(), |c| {
+        c.compact_log_entries = 50;
+        c.blob_segment_bytes = 64 * 1024;
+    })
+    .await
+    .unwrap();
     let client = cluster.client();
     let vol = VolumeName::new("snap-vol").unwrap();
     let epoch =
@@ -260,6 +265,27 @@ async fn lagging_node_catches_up_by_snapshot_after_compaction() {
     let ours = client.get_blocks(&vol, &(0..64).collect::<Vec<_>>()).await.unwrap();
     assert_eq!(theirs, ours);
     assert_eq!(ours[0].data, vec![192u8; 4096]); // block 0 last written by i = 192
+
+    // 200 writes of 4 KiB into 64 blocks: ~820 KiB of records, 262 KiB live. Collection
+    // kept the leader's segments near the live size; a restart reads the same data.
+    let blob_dir = cluster.dir().join(format!("node-{leader}/sm/blobs"));
+    let on_disk: u64 =
+        std::fs::read_dir(&blob_dir).unwrap().map(|e| e.unwrap().metadata().unwrap().len()).sum();
+    assert!(on_disk < 600 * 1024, "{on_disk} bytes of blob segments: nothing was collected");
+    cluster.stop_node(leader).await.unwrap();
+    cluster.restart_node(leader).await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while cluster.status(leader).await.is_none_or(|s| s.applied_index < target) {
+        assert!(std::time::Instant::now() < deadline, "node {leader} did not come back");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut b = blocks(&cluster.endpoint(leader).unwrap()).await;
+    let req = pb::GetBlocksRequest {
+        volume: "snap-vol".into(),
+        blocks: (0..64).collect(),
+        consistency: pb::ReadConsistency::Stale as i32,
+    };
+    assert_eq!(b.get_blocks(req).await.unwrap().into_inner().blocks, ours);
     cluster.shutdown().await;
 }
 

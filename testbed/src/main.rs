@@ -1,5 +1,8 @@
 use clap::{Parser, Subcommand};
 
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// wayside's testbed: the paper's vehicular model, the SMF, an emulated road, benchmarks.
 ///
 /// Scenarios come from flags and files (`--rsus FILE` CSV, `--fcd FILE` SUMO trace), not a
