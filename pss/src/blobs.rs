@@ -150,6 +150,14 @@ pub struct BlobReader {
 }
 
 impl BlobReader {
+    /// A reader over the segments open now, held open even if they are collected and
+    /// deleted later (for a snapshot being written while the state moves on).
+    pub fn pinned(&self) -> BlobReader {
+        let open =
+            self.files.read().unwrap_or_else(std::sync::PoisonError::into_inner).open.clone();
+        BlobReader { dir: self.dir.clone(), files: Arc::new(RwLock::new(Files { open })) }
+    }
+
     /// Reads and checks the record at `loc`; `Ok(None)` if its segment is gone (garbage
     /// collected meanwhile: the caller looks the block up again).
     pub fn read(&self, key: &[u8], loc: &Loc) -> Result<Option<Vec<u8>>, BlobError> {

@@ -3,6 +3,11 @@ use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
+
+// glibc malloc spent ~10% of a loaded node in large-chunk bookkeeping (4 KiB blocks,
+// multi-block Raft entries); mimalloc does not.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use wayside_proto::pb;
 use wayside_proto::pb::pss_admin_client::PssAdminClient;
 use wayside_proto::types::{Endpoint, RequestId, VolumeName};

@@ -291,8 +291,22 @@ struct Loop {
     applied: u64,
     /// Entry bytes applied since the last snapshot (for `compact_log_bytes`).
     applied_bytes: u64,
+    /// The snapshot being written on its own thread, if any (one at a time).
+    snapshot_job: Option<SnapshotJob>,
     status: watch::Sender<NodeStatus>,
     stats: PhaseStats,
+}
+
+/// A snapshot file being written off the Raft thread: the state's index was copied on
+/// the Raft thread (cheap: block data stays in the blob segments), the block data is
+/// read and the file written and fsynced by `thread`; the log is compacted when it ends.
+struct SnapshotJob {
+    meta: SnapshotMetadata,
+    started: std::time::Instant,
+    cancel: Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<Result<u64, StateError>>,
+    /// `pss compact` callers waiting for the new snapshot index.
+    waiters: Vec<Reply<u64>>,
 }
 
 /// The started node: its handle and the thread that runs the loop.
@@ -417,6 +431,7 @@ pub fn start(
         conf_waiter: None,
         applied,
         applied_bytes: 0,
+        snapshot_job: None,
         status: status_tx,
         stats: PhaseStats::default(),
     };
@@ -472,6 +487,13 @@ impl Loop {
             }
         };
         self.fail_all(NodeError::Stopped);
+        if let Some(job) = self.snapshot_job.take() {
+            job.cancel.store(true, std::sync::atomic::Ordering::Relaxed);
+            let _ = job.thread.join();
+            for w in job.waiters {
+                let _ = w.send(Err(NodeError::Stopped));
+            }
+        }
         self.sm.flush();
         self.status.send_modify(|s| s.stopped = true);
         result
@@ -500,8 +522,9 @@ impl Loop {
             Input::ConfChange { cc, reply } => self.propose_conf_change(cc, reply),
             Input::TransferLeader { to } => self.node.transfer_leader(to),
             Input::Compact { reply } => {
-                let r = self.compact().map_err(|e| NodeError::Internal(e.to_string()));
-                let _ = reply.send(r);
+                if let Err(e) = self.start_snapshot(Some(reply)) {
+                    tracing::error!(error = %e, "could not start a snapshot");
+                }
             }
             Input::SnapshotSent { to, ok } => {
                 let status = if ok { SnapshotStatus::Finish } else { SnapshotStatus::Failure };
@@ -877,42 +900,105 @@ impl Loop {
     }
 
     fn maybe_compact(&mut self) -> Result<(), FatalError> {
+        if self.snapshot_job.as_ref().is_some_and(|j| j.thread.is_finished()) {
+            self.finish_snapshot()?;
+        }
+        if self.snapshot_job.is_some() {
+            return Ok(());
+        }
         let snap = self.storage.read().snapshot.index;
         let wanted = self.storage.want_snapshot.swap(false, std::sync::atomic::Ordering::Relaxed);
         if wanted
             || self.applied.saturating_sub(snap) >= self.cfg.compact_log_entries
             || self.applied_bytes >= self.cfg.compact_log_bytes
         {
-            self.compact()?;
+            self.start_snapshot(None)?;
         }
         Ok(())
     }
 
-    /// Snapshots the state at the applied index into a durable file, then drops the log
-    /// up to it. Only past that durable point: sled alone is not durable.
-    fn compact(&mut self) -> Result<u64, FatalError> {
+    /// Starts snapshotting the state at the applied index into a durable file on its own
+    /// thread; the log is dropped up to it once the file is durable (only past that
+    /// point: sled alone is not durable). The Raft thread only copies the index, so a
+    /// large store no longer stalls heartbeats and writes for the seconds it takes to
+    /// write every block out.
+    fn start_snapshot(&mut self, waiter: Option<Reply<u64>>) -> Result<(), FatalError> {
+        if let Some(job) = &mut self.snapshot_job {
+            job.waiters.extend(waiter);
+            return Ok(());
+        }
         let index = self.applied;
         let (snap, term, conf) = {
             let core = self.storage.read();
             (core.snapshot.index, core.term(index), core.conf_state.clone())
         };
         if index <= snap {
-            return Ok(snap);
+            if let Some(w) = waiter {
+                let _ = w.send(Ok(snap));
+            }
+            return Ok(());
         }
         let mut meta = SnapshotMetadata { index, term: term?, ..Default::default() };
         meta.set_conf_state(conf);
         let started = std::time::Instant::now();
-        let bytes = self.sm.write_snapshot(&snapshot_path(&self.snap_dir, index), &meta)?;
-        self.log.install_snapshot(&self.storage, meta)?;
+        let view = self.sm.snapshot_view()?;
+        let copied = started.elapsed();
+        let cancel = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (path, job_meta, job_cancel) =
+            (snapshot_path(&self.snap_dir, index), meta.clone(), cancel.clone());
+        let span = tracing::Span::current();
+        let thread = std::thread::Builder::new()
+            .name(format!("pss-snapshot-{}", self.id))
+            .spawn(move || span.in_scope(|| view.write(&path, &job_meta, &job_cancel)))
+            .map_err(|e| FatalError::Setup(format!("spawning the snapshot thread: {e}")))?;
+        tracing::debug!(index, index_copy_ms = copied.as_millis() as u64, "snapshot started");
         self.applied_bytes = 0;
-        self.prune_snapshots(index);
-        tracing::info!(
-            index,
-            bytes,
-            elapsed_ms = started.elapsed().as_millis() as u64,
-            "log compacted"
-        );
-        Ok(index)
+        self.snapshot_job = Some(SnapshotJob {
+            meta,
+            started,
+            cancel,
+            thread,
+            waiters: waiter.into_iter().collect(),
+        });
+        Ok(())
+    }
+
+    /// Compacts the log up to a finished snapshot (unless a newer one was installed
+    /// meanwhile) and answers whoever waited for it.
+    fn finish_snapshot(&mut self) -> Result<(), FatalError> {
+        let Some(job) = self.snapshot_job.take() else { return Ok(()) };
+        let index = job.meta.index;
+        let result = job.thread.join().unwrap_or_else(|_| {
+            Err(StateError::Corrupt {
+                path: self.snap_dir.clone(),
+                reason: "the snapshot thread panicked".into(),
+            })
+        });
+        let reply = match result {
+            Ok(bytes) => {
+                let current = self.storage.read().snapshot.index;
+                if index > current {
+                    self.log.install_snapshot(&self.storage, job.meta)?;
+                    self.prune_snapshots(index);
+                }
+                tracing::info!(
+                    index,
+                    bytes,
+                    elapsed_ms = job.started.elapsed().as_millis() as u64,
+                    "log compacted"
+                );
+                Ok(index.max(current))
+            }
+            Err(e) => {
+                // Not fatal: the log stays as it is and the next trigger tries again.
+                tracing::warn!(index, error = %e, "snapshot failed");
+                Err(NodeError::Internal(format!("snapshot at index {index} failed: {e}")))
+            }
+        };
+        for w in job.waiters {
+            let _ = w.send(reply.clone());
+        }
+        Ok(())
     }
 
     /// Keeps the current snapshot file and the one before (a transfer may be reading it).

@@ -17,6 +17,7 @@ use raft::prelude::{ConfState, SnapshotMetadata};
 use std::collections::{BTreeMap, HashMap};
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use wayside_proto::pb;
 use wayside_proto::types::{BlockSize, Epoch, VolumeName};
 
@@ -102,6 +103,8 @@ pub enum StateError {
     Corrupt { path: PathBuf, reason: String },
     #[error("block data: {0}")]
     Blob(#[from] BlobError),
+    #[error("snapshot cancelled (the node is stopping)")]
+    Cancelled,
     #[error("block {block} of volume {volume}: its record moved away three times in a row")]
     Moving { volume: String, block: u64 },
 }
@@ -134,6 +137,15 @@ pub struct StateMachine {
     dedupe_limit: u64,
     dedupe_head: u64,
     dedupe_tail: u64,
+    /// How many remembered request ids hash to each value: a request id whose hash is
+    /// absent was never seen, so the common case (a new id) skips a sled lookup.
+    /// At most `dedupe_limit` entries, like the table it mirrors.
+    dedupe_hashes: HashMap<u64, u32>,
+}
+
+fn key_hash(key: &[u8]) -> u64 {
+    use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
+    BuildHasherDefault::<DefaultHasher>::default().hash_one(key)
 }
 
 /// The segment size an existing sled directory was created with (sled refuses to open
@@ -275,9 +287,9 @@ impl StateMachine {
             dedupe_limit: opts.dedupe_limit,
             dedupe_head: 0,
             dedupe_tail: 0,
+            dedupe_hashes: HashMap::new(),
         };
-        sm.dedupe_head = sm.tree.get(META_DEDUPE_HEAD)?.map_or(0, |v| read_u64(&v));
-        sm.dedupe_tail = sm.tree.get(META_DEDUPE_TAIL)?.map_or(0, |v| read_u64(&v));
+        sm.load_dedupe()?;
         for kv in sm.tree.scan_prefix(b"b") {
             let (_, v) = kv?;
             if let Some(loc) = Loc::decode(&v) {
@@ -305,6 +317,18 @@ impl StateMachine {
             out.insert(read_u64(&k[1..]), String::from_utf8_lossy(&v).into_owned());
         }
         Ok(out)
+    }
+
+    /// Reads the dedupe table's bounds and hashes from sled.
+    fn load_dedupe(&mut self) -> Result<(), StateError> {
+        self.dedupe_head = self.tree.get(META_DEDUPE_HEAD)?.map_or(0, |v| read_u64(&v));
+        self.dedupe_tail = self.tree.get(META_DEDUPE_TAIL)?.map_or(0, |v| read_u64(&v));
+        self.dedupe_hashes.clear();
+        for kv in self.tree.scan_prefix(b"d") {
+            let (k, _) = kv?;
+            *self.dedupe_hashes.entry(key_hash(&k)).or_default() += 1;
+        }
+        Ok(())
     }
 
     /// Starts a group of changes.
@@ -437,7 +461,11 @@ impl StateMachine {
         id: &Option<pb::RequestId>,
     ) -> Result<Option<DedupeRecord>, StateError> {
         let Some(id) = id else { return Ok(None) };
-        Ok(p.txn.get(&dedupe_key(id))?.and_then(|v| DedupeRecord::decode(&v[..]).ok()))
+        let key = dedupe_key(id);
+        if !self.dedupe_hashes.contains_key(&key_hash(&key)) {
+            return Ok(None);
+        }
+        Ok(p.txn.get(&key)?.and_then(|v| DedupeRecord::decode(&v[..]).ok()))
     }
 
     /// Remembers a request's reply; forgets the oldest when the table is full, so the
@@ -450,6 +478,7 @@ impl StateMachine {
     ) -> Result<(), StateError> {
         let Some(id) = id else { return Ok(()) };
         let key = dedupe_key(id);
+        *self.dedupe_hashes.entry(key_hash(&key)).or_default() += 1;
         p.txn.insert(key.clone(), rec.encode_to_vec());
         let mut ord = vec![b'o'];
         ord.extend_from_slice(&be(self.dedupe_tail));
@@ -459,6 +488,13 @@ impl StateMachine {
             let mut ord = vec![b'o'];
             ord.extend_from_slice(&be(self.dedupe_head));
             if let Some(old) = p.txn.get(&ord)? {
+                let h = key_hash(&old);
+                if let Some(n) = self.dedupe_hashes.get_mut(&h) {
+                    *n -= 1;
+                    if *n == 0 {
+                        self.dedupe_hashes.remove(&h);
+                    }
+                }
                 p.txn.remove(old.to_vec());
             }
             p.txn.remove(ord);
@@ -603,69 +639,26 @@ impl StateMachine {
     pub fn reader(&self) -> Reader {
         Reader { tree: self.tree.clone(), blobs: self.blobs.reader() }
     }
-    /// Writes the whole state (as of the applied index, which the caller guarantees no
-    /// one changes meanwhile) to a snapshot file, durably: tmp file, fsync, rename, fsync dir.
+    /// Writes the whole state (as of the applied index) to a snapshot file, durably, on
+    /// this thread. See [`StateMachine::snapshot_view`] for doing it off the Raft thread.
     pub fn write_snapshot(&self, path: &Path, meta: &SnapshotMetadata) -> Result<u64, StateError> {
-        let tmp = path.with_extension("tmp");
-        let io = |source| StateError::Io { path: tmp.clone(), source };
-        let file = std::fs::File::create(&tmp).map_err(io)?;
-        let mut w = BufWriter::new(file);
-        let mut crc = crc32fast::Hasher::new();
-        let mut put = |w: &mut BufWriter<std::fs::File>, b: &[u8]| -> std::io::Result<()> {
-            crc.update(b);
-            w.write_all(b)
-        };
-        let meta_bytes = meta.write_to_bytes().unwrap_or_default();
-        put(&mut w, SNAPSHOT_MAGIC).map_err(io)?;
-        put(&mut w, &u32::try_from(meta_bytes.len()).unwrap_or(u32::MAX).to_le_bytes())
-            .map_err(io)?;
-        put(&mut w, &meta_bytes).map_err(io)?;
-        // Blocks go in as `version | data` (the snapshot is self-contained: a node that
-        // installs it has none of this node's blob files); local keys stay out.
-        let reader = self.reader();
+        self.snapshot_view()?.write(path, meta, &AtomicBool::new(false))
+    }
+
+    /// A frozen copy of the state's index (as of the applied index, which the caller
+    /// guarantees no one changes meanwhile), with the blob segments it points into held
+    /// open: writing it out (which reads every block) can then run on another thread
+    /// while the state machine moves on. Collected segments stay readable through the
+    /// held handles; records are never rewritten in place.
+    pub fn snapshot_view(&self) -> Result<SnapshotView, StateError> {
+        let mut pairs = Vec::new();
         for kv in self.tree.iter() {
             let (k, v) = kv?;
-            if k.first() == Some(&LOCAL_PREFIX) {
-                continue;
+            if k.first() != Some(&LOCAL_PREFIX) {
+                pairs.push((k, v));
             }
-            let block;
-            let v: &[u8] = match k.first() {
-                Some(b'b') => {
-                    let loc = Loc::decode(&v).ok_or_else(|| StateError::Corrupt {
-                        path: self.dir.clone(),
-                        reason: format!("block index entry of {} bytes", v.len()),
-                    })?;
-                    let data = reader.blobs.read(&k, &loc)?.ok_or_else(|| StateError::Corrupt {
-                        path: self.dir.clone(),
-                        reason: format!(
-                            "block record at segment {} offset {} is gone",
-                            loc.segment, loc.offset
-                        ),
-                    })?;
-                    let mut b = Vec::with_capacity(8 + data.len());
-                    b.extend_from_slice(&be(loc.version));
-                    b.extend_from_slice(&data);
-                    block = b;
-                    &block
-                }
-                _ => &v,
-            };
-            put(&mut w, &u32::try_from(k.len()).unwrap_or(u32::MAX).to_le_bytes()).map_err(io)?;
-            put(&mut w, &k).map_err(io)?;
-            put(&mut w, &u32::try_from(v.len()).unwrap_or(u32::MAX).to_le_bytes()).map_err(io)?;
-            put(&mut w, v).map_err(io)?;
         }
-        put(&mut w, &u32::MAX.to_le_bytes()).map_err(io)?;
-        let sum = crc.finalize();
-        w.write_all(&sum.to_le_bytes()).map_err(io)?;
-        let file = w.into_inner().map_err(|e| io(e.into_error()))?;
-        file.sync_all().map_err(io)?;
-        let size = file.metadata().map_err(io)?.len();
-        std::fs::rename(&tmp, path).map_err(io)?;
-        if let Some(dir) = path.parent() {
-            crate::storage::sync_dir(dir).map_err(io)?;
-        }
-        Ok(size)
+        Ok(SnapshotView { pairs, blobs: self.blobs.reader().pinned(), dir: self.dir.clone() })
     }
 
     /// Replaces the whole state with a snapshot file's; returns its metadata.
@@ -710,8 +703,7 @@ impl StateMachine {
         self.blobs.append(&records)?;
         batch.insert(LOCAL_BLOB_END, &encode_end(self.blobs.end()));
         self.tree.apply_batch(batch)?;
-        self.dedupe_head = self.tree.get(META_DEDUPE_HEAD)?.map_or(0, |v| read_u64(&v));
-        self.dedupe_tail = self.tree.get(META_DEDUPE_TAIL)?.map_or(0, |v| read_u64(&v));
+        self.load_dedupe()?;
         let p = self.begin();
         self.commit(p, meta.index, Some(meta.get_conf_state()))?;
         Ok(meta)
@@ -722,6 +714,97 @@ impl StateMachine {
         if let Err(e) = self.db.flush() {
             tracing::warn!(error = %e, "sled flush failed");
         }
+    }
+}
+
+/// The state to put in a snapshot file; see [`StateMachine::snapshot_view`].
+pub struct SnapshotView {
+    pairs: Vec<(sled::IVec, sled::IVec)>,
+    blobs: BlobReader,
+    dir: PathBuf,
+}
+
+impl SnapshotView {
+    /// Writes the snapshot file durably: tmp file, fsync, rename, fsync dir. Stops with
+    /// [`StateError::Cancelled`] (and no file) once `cancel` is set.
+    pub fn write(
+        &self,
+        path: &Path,
+        meta: &SnapshotMetadata,
+        cancel: &AtomicBool,
+    ) -> Result<u64, StateError> {
+        let tmp = path.with_extension("tmp");
+        let result = self.write_tmp(&tmp, path, meta, cancel);
+        if result.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        result
+    }
+
+    fn write_tmp(
+        &self,
+        tmp: &Path,
+        path: &Path,
+        meta: &SnapshotMetadata,
+        cancel: &AtomicBool,
+    ) -> Result<u64, StateError> {
+        let io = |source| StateError::Io { path: tmp.to_owned(), source };
+        let file = std::fs::File::create(tmp).map_err(io)?;
+        let mut w = BufWriter::with_capacity(1 << 20, file);
+        let mut crc = crc32fast::Hasher::new();
+        let mut put = |w: &mut BufWriter<std::fs::File>, b: &[u8]| -> std::io::Result<()> {
+            crc.update(b);
+            w.write_all(b)
+        };
+        let meta_bytes = meta.write_to_bytes().unwrap_or_default();
+        put(&mut w, SNAPSHOT_MAGIC).map_err(io)?;
+        put(&mut w, &u32::try_from(meta_bytes.len()).unwrap_or(u32::MAX).to_le_bytes())
+            .map_err(io)?;
+        put(&mut w, &meta_bytes).map_err(io)?;
+        // Blocks go in as `version | data` (the snapshot is self-contained: a node that
+        // installs it has none of this node's blob files).
+        for (n, (k, v)) in self.pairs.iter().enumerate() {
+            if n % 1024 == 0 && cancel.load(Ordering::Relaxed) {
+                return Err(StateError::Cancelled);
+            }
+            let block;
+            let v: &[u8] = match k.first() {
+                Some(b'b') => {
+                    let corrupt =
+                        |reason: String| StateError::Corrupt { path: self.dir.clone(), reason };
+                    let loc = Loc::decode(v).ok_or_else(|| {
+                        corrupt(format!("block index entry of {} bytes", v.len()))
+                    })?;
+                    let data = self.blobs.read(k, &loc)?.ok_or_else(|| {
+                        corrupt(format!(
+                            "block record at segment {} offset {} is gone",
+                            loc.segment, loc.offset
+                        ))
+                    })?;
+                    let mut b = Vec::with_capacity(8 + data.len());
+                    b.extend_from_slice(&be(loc.version));
+                    b.extend_from_slice(&data);
+                    block = b;
+                    &block
+                }
+                _ => v,
+            };
+            put(&mut w, &u32::try_from(k.len()).unwrap_or(u32::MAX).to_le_bytes()).map_err(io)?;
+            put(&mut w, k).map_err(io)?;
+            put(&mut w, &u32::try_from(v.len()).unwrap_or(u32::MAX).to_le_bytes()).map_err(io)?;
+            put(&mut w, v).map_err(io)?;
+        }
+        put(&mut w, &u32::MAX.to_le_bytes()).map_err(io)?;
+        let sum = crc.finalize();
+        w.write_all(&sum.to_le_bytes()).map_err(io)?;
+        let file = w.into_inner().map_err(|e| io(e.into_error()))?;
+        file.sync_all().map_err(io)?;
+        let size = file.metadata().map_err(io)?.len();
+        std::fs::rename(tmp, path).map_err(io)?;
+        if let Some(dir) = path.parent() {
+            crate::storage::sync_dir(dir).map_err(io)?;
+        }
+        Ok(size)
     }
 }
 
@@ -934,12 +1017,21 @@ mod tests {
         }
         let dedupe = sm.tree.scan_prefix(b"d").count();
         assert_eq!(dedupe, 3, "dedupe table holds at most its limit");
+        assert_eq!(sm.dedupe_hashes.len(), 3, "and so does its in-memory mirror");
         assert_eq!(sm.applied().unwrap(), 29);
         assert_eq!(sm.reader().volume("v").unwrap().unwrap().block_count, 11);
         let list = sm.reader().list("v", 0, 5).unwrap();
         assert_eq!(list.blocks.len(), 5);
         assert!(list.more);
         assert_eq!(list.next_block, 14);
+        // A remembered id is still found after a reopen (the mirror is rebuilt).
+        drop(sm);
+        let mut sm = StateMachine::open(dir.path(), Options::with_dedupe(3)).unwrap();
+        let Outcome::Write(Ok(w)) = run(&mut sm, 30, &write_cmd("v", 2, 19, 19, b"again")) else {
+            panic!()
+        };
+        assert!(w.duplicate, "id 19 is remembered across a reopen");
+        assert_eq!(sm.reader().blocks("v", &[19]).unwrap()[0].data, b"k");
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! `testbed bench pss`: durable 4 KiB writes to a 3-node PSS and to a 3-member etcd
 //! cluster (Debian `etcd-server`), both started by this run on this machine, driven
-//! side by side at several client counts; prints ops/s, p50, p99 and PSS/etcd ratios.
+//! side by side at several client counts; prints ops/s, p50, p99, CPU time per
+//! operation (both systems and the client driver) and the PSS/etcd ratios.
 //!
 //! Both systems acknowledge a write only after a majority fsynced it. PSS clients send
 //! `WriteBatch` (one 4 KiB op, a fresh request id) through `PssClient`; etcd clients
@@ -47,9 +48,30 @@ struct Figures {
     p50_ms: f64,
     p99_ms: f64,
     errors: u64,
+    /// CPU time (user + system, every thread of the system measured and of the client
+    /// driver) per operation, in microseconds: what the throughput would be bounded by
+    /// on idle cores, and a figure the other load on a shared machine disturbs less.
+    cpu_us_per_op: f64,
 }
 
-fn figures(mut lat: Vec<Duration>, elapsed: Duration, errors: u64) -> Figures {
+/// User + system CPU seconds of this process plus the processes `pids`, from
+/// /proc/PID/stat.
+fn cpu_seconds(pids: &[u32]) -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let one = |path: String| -> f64 {
+        let Ok(stat) = std::fs::read_to_string(path) else { return 0.0 };
+        // Fields after the command name (which may hold spaces): state is the 3rd
+        // field, utime and stime the 14th and 15th.
+        let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let t = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+        (t(11) + t(12)) / ticks
+    };
+    one("/proc/self/stat".into()) + pids.iter().map(|p| one(format!("/proc/{p}/stat"))).sum::<f64>()
+}
+
+fn figures(mut lat: Vec<Duration>, elapsed: Duration, errors: u64, cpu_secs: f64) -> Figures {
     lat.sort_unstable();
     let pct = |p: f64| {
         if lat.is_empty() {
@@ -63,11 +85,13 @@ fn figures(mut lat: Vec<Duration>, elapsed: Duration, errors: u64) -> Figures {
         p50_ms: pct(0.50),
         p99_ms: pct(0.99),
         errors,
+        cpu_us_per_op: cpu_secs * 1e6 / lat.len().max(1) as f64,
     }
 }
 
-/// Runs `clients` loops of `op(client, seq)` for `secs`, after a short warm-up.
-async fn drive<F, Fut>(clients: usize, secs: u64, op: F) -> Figures
+/// Runs `clients` loops of `op(client, seq)` for `secs`, after a short warm-up; the CPU
+/// time of this process and of `pids` is taken over the measured window.
+async fn drive<F, Fut>(clients: usize, secs: u64, pids: Vec<u32>, op: F) -> Figures
 where
     F: Fn(usize, u64) -> Fut + Send + Sync + 'static,
     Fut: std::future::Future<Output = bool> + Send,
@@ -76,6 +100,12 @@ where
     let warmup = Duration::from_millis(500);
     let start = Instant::now() + warmup;
     let end = start + Duration::from_secs(secs);
+    let cpu = tokio::spawn(async move {
+        tokio::time::sleep_until(start.into()).await;
+        let before = cpu_seconds(&pids);
+        tokio::time::sleep_until(end.into()).await;
+        cpu_seconds(&pids) - before
+    });
     let mut set = tokio::task::JoinSet::new();
     for c in 0..clients {
         let op = op.clone();
@@ -109,7 +139,8 @@ where
             errors += e;
         }
     }
-    figures(all, Duration::from_secs(secs), errors)
+    let cpu = cpu.await.unwrap_or(f64::NAN);
+    figures(all, Duration::from_secs(secs), errors, cpu)
 }
 
 // --- etcd, over its gRPC API (message shapes from etcd's rpc.proto) ---
@@ -242,6 +273,7 @@ async fn etcd_leader(etcd: &Etcd) -> anyhow::Result<String> {
 }
 
 async fn bench_etcd(
+    pids: Vec<u32>,
     leader: &str,
     clients: usize,
     secs: u64,
@@ -253,7 +285,7 @@ async fn bench_etcd(
     }
     let chans = Arc::new(chans);
     let value = Arc::new(vec![0xABu8; value]);
-    Ok(drive(clients, secs, move |c, seq| {
+    Ok(drive(clients, secs, pids, move |c, seq| {
         let ch = chans[c / CLIENTS_PER_CONNECTION].clone();
         let req =
             PutRequest { key: format!("k/{c}/{}", seq % 1024).into_bytes(), value: value.to_vec() };
@@ -291,7 +323,7 @@ async fn bench_pss(
         .await?;
     let epoch = acq.meta.map(|m| m.epoch).unwrap_or_default();
     let data = Arc::new(vec![0xABu8; value]);
-    Ok(drive(clients, secs, move |c, seq| {
+    Ok(drive(clients, secs, Vec::new(), move |c, seq| {
         let client = pss[c / CLIENTS_PER_CONNECTION].clone();
         let req = pb::WriteBatchRequest {
             volume: volume.clone(),
@@ -330,7 +362,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let mut rows = Vec::new();
     for (round, &clients) in args.clients.iter().enumerate() {
         let p = bench_pss(&endpoints, round, clients, args.seconds, args.value_bytes).await?;
-        let e = bench_etcd(&etcd_url, clients, args.seconds, args.value_bytes).await?;
+        let pids = etcd.children.iter().map(Child::id).collect();
+        let e = bench_etcd(pids, &etcd_url, clients, args.seconds, args.value_bytes).await?;
         println!(
             "clients {clients:>4}: PSS {:>9.0} ops/s p50 {:>7.2} ms p99 {:>7.2} ms | etcd {:>9.0} ops/s p50 {:>7.2} ms p99 {:>7.2} ms | ratio {:.2}x",
             p.ops_per_sec, p.p50_ms, p.p99_ms, e.ops_per_sec, e.p50_ms, e.p99_ms, p.ops_per_sec / e.ops_per_sec
@@ -338,18 +371,21 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         rows.push((clients, p, e));
     }
     println!();
-    println!("| clients | PSS ops/s | PSS p50 ms | PSS p99 ms | etcd ops/s | etcd p50 ms | etcd p99 ms | PSS/etcd |");
-    println!("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+    println!("| clients | PSS ops/s | PSS p50 ms | PSS p99 ms | PSS CPU us/op | etcd ops/s | etcd p50 ms | etcd p99 ms | etcd CPU us/op | PSS/etcd ops | etcd/PSS CPU per op |");
+    println!("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
     for (c, p, e) in &rows {
         println!(
-            "| {c} | {:.0} | {:.2} | {:.2} | {:.0} | {:.2} | {:.2} | {:.2}x |",
+            "| {c} | {:.0} | {:.2} | {:.2} | {:.0} | {:.0} | {:.2} | {:.2} | {:.0} | {:.2}x | {:.2}x |",
             p.ops_per_sec,
             p.p50_ms,
             p.p99_ms,
+            p.cpu_us_per_op,
             e.ops_per_sec,
             e.p50_ms,
             e.p99_ms,
-            p.ops_per_sec / e.ops_per_sec
+            e.cpu_us_per_op,
+            p.ops_per_sec / e.ops_per_sec,
+            e.cpu_us_per_op / p.cpu_us_per_op
         );
         if p.errors + e.errors > 0 {
             println!("  (errors during {c}-client run: PSS {}, etcd {})", p.errors, e.errors);
