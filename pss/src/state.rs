@@ -141,6 +141,8 @@ pub struct StateMachine {
     /// absent was never seen, so the common case (a new id) skips a sled lookup.
     /// At most `dedupe_limit` entries, like the table it mirrors.
     dedupe_hashes: HashMap<u64, u32>,
+    /// The blob record buffer, reused between groups (see `storage::DurableLog::buf`).
+    spare_records: Vec<u8>,
 }
 
 fn key_hash(key: &[u8]) -> u64 {
@@ -288,6 +290,7 @@ impl StateMachine {
             dedupe_head: 0,
             dedupe_tail: 0,
             dedupe_hashes: HashMap::new(),
+            spare_records: Vec::new(),
         };
         sm.load_dedupe()?;
         for kv in sm.tree.scan_prefix(b"b") {
@@ -332,14 +335,14 @@ impl StateMachine {
     }
 
     /// Starts a group of changes.
-    pub fn begin(&self) -> Pending {
+    pub fn begin(&mut self) -> Pending {
         Pending {
             txn: Txn {
                 tree: self.tree.clone(),
                 batch: sled::Batch::default(),
                 overlay: HashMap::new(),
             },
-            records: Vec::new(),
+            records: std::mem::take(&mut self.spare_records),
             base: self.blobs.end(),
         }
     }
@@ -359,6 +362,10 @@ impl StateMachine {
         p.txn.batch.insert(META_DEDUPE_TAIL, &be(self.dedupe_tail));
         debug_assert_eq!(p.base, self.blobs.end());
         self.blobs.append(&p.records)?;
+        if p.records.capacity() <= 8 << 20 {
+            p.records.clear();
+            self.spare_records = std::mem::take(&mut p.records);
+        }
         p.txn.batch.insert(LOCAL_BLOB_END, &encode_end(self.blobs.end()));
         p.txn.batch.insert(LOCAL_BLOB_SYNCED, &encode_end((self.blobs.synced_below(), 0)));
         self.tree.apply_batch(p.txn.batch)?;

@@ -186,7 +186,14 @@ pub struct DurableLog {
     file: File,
     /// Bytes appended since the last sync.
     dirty: bool,
+    /// The record being written, kept between appends: a Ready's entries are often
+    /// hundreds of KiB, and a fresh buffer of that size each time is fresh pages the
+    /// kernel has to fault in and zero.
+    buf: Vec<u8>,
 }
+
+/// Largest record buffer kept between appends, in bytes (a larger one is freed after use).
+const KEEP_BUFFER_BYTES: usize = 8 << 20;
 
 impl DurableLog {
     fn io(&self, source: std::io::Error) -> LogError {
@@ -243,16 +250,34 @@ impl DurableLog {
             file.set_len(pos as u64).map_err(io)?;
             file.sync_all().map_err(io)?;
         }
-        Ok((Self { dir: dir.to_owned(), file, dirty: false }, core, existed && pos > 0))
+        Ok((
+            Self { dir: dir.to_owned(), file, dirty: false, buf: Vec::new() },
+            core,
+            existed && pos > 0,
+        ))
     }
 
     fn record(&mut self, kind: u8, payload: &[u8]) -> Result<(), LogError> {
-        let mut buf = Vec::with_capacity(HEADER_BYTES + payload.len());
+        self.record_with(kind, |buf| buf.extend_from_slice(payload))
+    }
+
+    /// Writes one record whose payload `fill` appends to the buffer (encoded in place:
+    /// no intermediate copy of the payload).
+    fn record_with(&mut self, kind: u8, fill: impl FnOnce(&mut Vec<u8>)) -> Result<(), LogError> {
+        let mut buf = std::mem::take(&mut self.buf);
+        buf.clear();
         buf.push(kind);
-        buf.extend_from_slice(&u32::try_from(payload.len()).unwrap_or(u32::MAX).to_le_bytes());
-        buf.extend_from_slice(&crc32fast::hash(payload).to_le_bytes());
-        buf.extend_from_slice(payload);
-        self.file.write_all(&buf).map_err(|e| self.io(e))?;
+        buf.extend_from_slice(&[0; HEADER_BYTES - 1]);
+        fill(&mut buf);
+        let len = u32::try_from(buf.len() - HEADER_BYTES).unwrap_or(u32::MAX);
+        let crc = crc32fast::hash(&buf[HEADER_BYTES..]);
+        buf[1..5].copy_from_slice(&len.to_le_bytes());
+        buf[5..9].copy_from_slice(&crc.to_le_bytes());
+        let written = self.file.write_all(&buf);
+        if buf.capacity() <= KEEP_BUFFER_BYTES {
+            self.buf = buf;
+        }
+        written.map_err(|e| self.io(e))?;
         self.dirty = true;
         Ok(())
     }
@@ -262,8 +287,7 @@ impl DurableLog {
         if ents.is_empty() {
             return Ok(());
         }
-        let payload = encode_entries(ents);
-        self.record(KIND_ENTRIES, &payload)?;
+        self.record_with(KIND_ENTRIES, |buf| encode_entries_into(buf, ents))?;
         core.write().append(ents);
         Ok(())
     }
@@ -359,12 +383,22 @@ pub fn sync_dir(dir: &Path) -> std::io::Result<()> {
 
 fn encode_entries(ents: &[Entry]) -> Vec<u8> {
     let mut out = Vec::new();
-    for e in ents {
-        let b = e.write_to_bytes().unwrap_or_default();
-        out.extend_from_slice(&u32::try_from(b.len()).unwrap_or(u32::MAX).to_le_bytes());
-        out.extend_from_slice(&b);
-    }
+    encode_entries_into(&mut out, ents);
     out
+}
+
+/// Appends each entry as `length u32 | protobuf`, encoded straight into `out`.
+fn encode_entries_into(out: &mut Vec<u8>, ents: &[Entry]) {
+    for e in ents {
+        let len = e.compute_size();
+        out.extend_from_slice(&len.to_le_bytes());
+        let at = out.len();
+        if e.write_to_vec(out).is_err() {
+            // Cannot happen for a well-formed entry; keep the framing consistent anyway.
+            out.truncate(at);
+            out.resize(at + len as usize, 0);
+        }
+    }
 }
 
 fn decode_entries(mut payload: &[u8]) -> Result<Vec<Entry>, String> {
