@@ -5,7 +5,7 @@
 //! of 4 KiB blocks is ~64 KiB, and every insert, lookup, consolidation and split copied
 //! and rewrote such leaves: the apply cost ~120 us per 4 KiB write per replica and was
 //! the PSS's bottleneck. Here a block write is one record appended to the active segment
-//! (one `pwrite` per applied group) and a ~32-byte index entry in sled.
+//! (one `pwrite` per applied group) and a 24-byte index entry in sled.
 //!
 //! Crash consistency (sled is not trusted to be durable either; see `state`):
 //! - every applied group records, in the same atomic sled batch, the blob end it wrote
