@@ -14,7 +14,7 @@
 use prost::Message as _;
 use protobuf::Message as _;
 use raft::prelude::{ConfState, SnapshotMetadata};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -25,8 +25,11 @@ use crate::blobs::{BlobError, BlobReader, Blobs, Loc};
 
 const META_APPLIED: &[u8] = b"mapplied";
 const META_CONF: &[u8] = b"mconf";
-const META_DEDUPE_HEAD: &[u8] = b"mdedupe_head";
-const META_DEDUPE_TAIL: &[u8] = b"mdedupe_tail";
+/// Request ids in the dedupe table now. The table's order keys (`o` + entry index)
+/// list the ids first remembered by each Raft entry; the oldest entries' ids are
+/// forgotten first, whole entries at a time, so every node forgets the same ids at the
+/// same point of the log.
+const META_DEDUPE_COUNT: &[u8] = b"mdedupe_count";
 /// Local (per-node, not replicated, not in snapshots) keys start with `x`: where this
 /// node's blob segments end and which of them are known synced.
 const LOCAL_PREFIX: u8 = b'x';
@@ -135,8 +138,10 @@ pub struct StateMachine {
     blobs: Blobs,
     gc_live_percent: u64,
     dedupe_limit: u64,
-    dedupe_head: u64,
-    dedupe_tail: u64,
+    /// Ids in the table, and the (entry index, ids) of its order keys, oldest first: a
+    /// mirror of sled's `o` keys so forgetting needs no scan; at most `dedupe_limit` long.
+    dedupe_count: u64,
+    dedupe_order: VecDeque<(u64, u32)>,
     /// How many remembered request ids hash to each value: a request id whose hash is
     /// absent was never seen, so the common case (a new id) skips a sled lookup.
     /// At most `dedupe_limit` entries, like the table it mirrors.
@@ -236,9 +241,22 @@ impl Txn {
 /// The pending changes of a group of entries; apply with [`StateMachine::commit`].
 pub struct Pending {
     txn: Txn,
+    /// The entry whose commands' request ids are being remembered, and those ids
+    /// (`len u16 | key` each), listed under an order key when the entry ends.
+    dedupe_new: Option<(u64, Vec<u8>)>,
     /// Blob records of this group, to be appended at `base` before the sled batch.
     records: Vec<u8>,
     base: (u32, u64),
+}
+
+/// The keys of an order key's value (`len u16 | key` each).
+fn order_keys(mut v: &[u8]) -> impl Iterator<Item = &[u8]> {
+    std::iter::from_fn(move || {
+        let len = u16::from_be_bytes(v.get(..2)?.try_into().ok()?) as usize;
+        let key = v.get(2..2 + len)?;
+        v = &v[2 + len..];
+        Some(key)
+    })
 }
 
 fn read_end(v: &[u8]) -> (u32, u64) {
@@ -287,8 +305,8 @@ impl StateMachine {
             blobs,
             gc_live_percent: opts.blob_gc_live_percent,
             dedupe_limit: opts.dedupe_limit,
-            dedupe_head: 0,
-            dedupe_tail: 0,
+            dedupe_count: 0,
+            dedupe_order: VecDeque::new(),
             dedupe_hashes: HashMap::new(),
             spare_records: Vec::new(),
         };
@@ -324,8 +342,13 @@ impl StateMachine {
 
     /// Reads the dedupe table's bounds and hashes from sled.
     fn load_dedupe(&mut self) -> Result<(), StateError> {
-        self.dedupe_head = self.tree.get(META_DEDUPE_HEAD)?.map_or(0, |v| read_u64(&v));
-        self.dedupe_tail = self.tree.get(META_DEDUPE_TAIL)?.map_or(0, |v| read_u64(&v));
+        self.dedupe_count = self.tree.get(META_DEDUPE_COUNT)?.map_or(0, |v| read_u64(&v));
+        self.dedupe_order.clear();
+        for kv in self.tree.scan_prefix(b"o") {
+            let (k, v) = kv?;
+            let ids = u32::try_from(order_keys(&v).count()).unwrap_or(u32::MAX);
+            self.dedupe_order.push_back((read_u64(&k[1..]), ids));
+        }
         self.dedupe_hashes.clear();
         for kv in self.tree.scan_prefix(b"d") {
             let (k, _) = kv?;
@@ -342,6 +365,7 @@ impl StateMachine {
                 batch: sled::Batch::default(),
                 overlay: HashMap::new(),
             },
+            dedupe_new: None,
             records: std::mem::take(&mut self.spare_records),
             base: self.blobs.end(),
         }
@@ -358,8 +382,8 @@ impl StateMachine {
         if let Some(cs) = conf {
             p.txn.batch.insert(META_CONF, cs.write_to_bytes().unwrap_or_default());
         }
-        p.txn.batch.insert(META_DEDUPE_HEAD, &be(self.dedupe_head));
-        p.txn.batch.insert(META_DEDUPE_TAIL, &be(self.dedupe_tail));
+        self.dedupe_end_entry(&mut p)?;
+        p.txn.batch.insert(META_DEDUPE_COUNT, &be(self.dedupe_count));
         debug_assert_eq!(p.base, self.blobs.end());
         self.blobs.append(&p.records)?;
         if p.records.capacity() <= 8 << 20 {
@@ -453,8 +477,11 @@ impl StateMachine {
         index: u64,
         cmd: &Command,
     ) -> Result<Outcome, StateError> {
+        if p.dedupe_new.as_ref().is_some_and(|(i, _)| *i != index) {
+            self.dedupe_end_entry(p)?;
+        }
         if let Some(req) = &cmd.acquire {
-            Ok(Outcome::Acquire(self.acquire(p, req)?))
+            Ok(Outcome::Acquire(self.acquire(p, index, req)?))
         } else if let Some(req) = &cmd.write {
             Ok(Outcome::Write(self.write(p, index, req)?))
         } else {
@@ -475,11 +502,11 @@ impl StateMachine {
         Ok(p.txn.get(&key)?.and_then(|v| DedupeRecord::decode(&v[..]).ok()))
     }
 
-    /// Remembers a request's reply; forgets the oldest when the table is full, so the
-    /// table stays within `dedupe_table_entries`.
+    /// Remembers a request's reply (listed under its entry when the entry ends).
     fn dedupe_put(
         &mut self,
         p: &mut Pending,
+        index: u64,
         id: &Option<pb::RequestId>,
         rec: DedupeRecord,
     ) -> Result<(), StateError> {
@@ -487,25 +514,40 @@ impl StateMachine {
         let key = dedupe_key(id);
         *self.dedupe_hashes.entry(key_hash(&key)).or_default() += 1;
         p.txn.insert(key.clone(), rec.encode_to_vec());
+        let (_, list) = p.dedupe_new.get_or_insert_with(|| (index, Vec::new()));
+        list.extend_from_slice(&u16::try_from(key.len()).unwrap_or(u16::MAX).to_be_bytes());
+        list.extend_from_slice(&key);
+        Ok(())
+    }
+
+    /// Ends the entry whose ids are being remembered: writes its order key, then forgets
+    /// the oldest entries' ids while the table holds more than `dedupe_table_entries`.
+    fn dedupe_end_entry(&mut self, p: &mut Pending) -> Result<(), StateError> {
+        let Some((index, list)) = p.dedupe_new.take() else { return Ok(()) };
+        let ids = u32::try_from(order_keys(&list).count()).unwrap_or(u32::MAX);
         let mut ord = vec![b'o'];
-        ord.extend_from_slice(&be(self.dedupe_tail));
-        p.txn.insert(ord, key);
-        self.dedupe_tail += 1;
-        while self.dedupe_tail - self.dedupe_head > self.dedupe_limit {
+        ord.extend_from_slice(&be(index));
+        p.txn.insert(ord, list);
+        self.dedupe_order.push_back((index, ids));
+        self.dedupe_count += u64::from(ids);
+        while self.dedupe_count > self.dedupe_limit {
+            let Some((old, n)) = self.dedupe_order.pop_front() else { break };
             let mut ord = vec![b'o'];
-            ord.extend_from_slice(&be(self.dedupe_head));
-            if let Some(old) = p.txn.get(&ord)? {
-                let h = key_hash(&old);
-                if let Some(n) = self.dedupe_hashes.get_mut(&h) {
-                    *n -= 1;
-                    if *n == 0 {
-                        self.dedupe_hashes.remove(&h);
+            ord.extend_from_slice(&be(old));
+            if let Some(keys) = p.txn.get(&ord)? {
+                for key in order_keys(&keys) {
+                    let h = key_hash(key);
+                    if let Some(n) = self.dedupe_hashes.get_mut(&h) {
+                        *n -= 1;
+                        if *n == 0 {
+                            self.dedupe_hashes.remove(&h);
+                        }
                     }
+                    p.txn.remove(key.to_vec());
                 }
-                p.txn.remove(old.to_vec());
             }
             p.txn.remove(ord);
-            self.dedupe_head += 1;
+            self.dedupe_count = self.dedupe_count.saturating_sub(u64::from(n));
         }
         Ok(())
     }
@@ -513,6 +555,7 @@ impl StateMachine {
     fn acquire(
         &mut self,
         p: &mut Pending,
+        index: u64,
         req: &pb::AcquireVolumeRequest,
     ) -> Result<Result<pb::AcquireVolumeReply, ApplyError>, StateError> {
         if let Some(rec) = self.dedupe_get(p, &req.request_id)? {
@@ -561,6 +604,7 @@ impl StateMachine {
         let reply = pb::AcquireVolumeReply { meta: Some(meta), created };
         self.dedupe_put(
             p,
+            index,
             &req.request_id,
             DedupeRecord { acquire: Some(reply.clone()), write: None },
         )?;
@@ -638,7 +682,12 @@ impl StateMachine {
             persisted_lsn: meta.persisted_lsn,
         };
         p.txn.insert(key, meta.encode_to_vec());
-        self.dedupe_put(p, &req.request_id, DedupeRecord { acquire: None, write: Some(reply) })?;
+        self.dedupe_put(
+            p,
+            index,
+            &req.request_id,
+            DedupeRecord { acquire: None, write: Some(reply) },
+        )?;
         Ok(Ok(reply))
     }
 
@@ -1039,6 +1088,63 @@ mod tests {
         };
         assert!(w.duplicate, "id 19 is remembered across a reopen");
         assert_eq!(sm.reader().blocks("v", &[19]).unwrap()[0].data, b"k");
+    }
+
+    /// Nodes group committed entries into applies differently; what they remember and
+    /// forget of request ids, and so every reply, must not depend on that.
+    #[test]
+    fn dedupe_forgets_by_entry_the_same_whatever_the_apply_grouping() {
+        let entries: Vec<Vec<Command>> = (0..12u64)
+            .map(|e| {
+                // Two new ids per entry, and a retry of an id from one entry back (still
+                // remembered) or three back (forgotten: limit 5 ids, whole entries at a time).
+                let mut cmds = vec![
+                    write_cmd("v", 1, 100 + 2 * e, e, b"a"),
+                    write_cmd("v", 1, 101 + 2 * e, e + 50, b"b"),
+                ];
+                let back = if e % 2 == 0 { 1 } else { 3 };
+                if e >= back {
+                    cmds.push(write_cmd("v", 1, 100 + 2 * (e - back), 99, b"retry"));
+                }
+                cmds
+            })
+            .collect();
+        let run_grouped = |group: usize| {
+            let dir = tempfile::tempdir().unwrap();
+            let mut sm = StateMachine::open(dir.path(), Options::with_dedupe(5)).unwrap();
+            run(&mut sm, 2, &acquire_cmd("v", 1));
+            let mut replies = Vec::new();
+            for (n, chunk) in entries.chunks(group).enumerate() {
+                let mut p = sm.begin();
+                let mut last = 0;
+                for (i, cmds) in chunk.iter().enumerate() {
+                    let index = 3 + (n * group + i) as u64;
+                    for c in cmds {
+                        let Outcome::Write(r) = sm.apply(&mut p, index, c).unwrap() else {
+                            panic!()
+                        };
+                        replies.push(r.map(|w| w.duplicate));
+                    }
+                    last = index;
+                }
+                sm.commit(p, last, None).unwrap();
+            }
+            let state: Vec<(Vec<u8>, Vec<u8>)> = sm
+                .tree
+                .iter()
+                .map(|kv| kv.unwrap())
+                .filter(|(k, _)| k[0] == b'd' || k[0] == b'o' || k == META_DEDUPE_COUNT)
+                .map(|(k, v)| (k.to_vec(), v.to_vec()))
+                .collect();
+            (replies, state, sm.reader().blocks("v", &[99]).unwrap()[0].clone())
+        };
+        let one = run_grouped(1);
+        let ids = one.1.iter().filter(|(k, _)| k[0] == b'd').count();
+        assert!((2..=5).contains(&ids), "{ids} ids remembered: at most 5, whole entries");
+        assert!(one.0.contains(&Ok(true)) && one.0.contains(&Ok(false)));
+        for group in [2, 3, 5, 12] {
+            assert_eq!(run_grouped(group), one, "grouping {group}");
+        }
     }
 
     #[test]
