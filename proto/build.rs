@@ -18,12 +18,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let out = PathBuf::from(std::env::var("OUT_DIR")?);
     // Served by gRPC reflection so generic tools (grpcurl, grpc_cli) can talk to us.
     std::fs::write(out.join("wayside_descriptor.bin"), fds.encode_to_vec())?;
-    // Migrated block data as `Bytes`: the source hands its cached buffers to the encoder
-    // without copying each 4 KiB block into a Vec first.
+    // Block data as `Bytes`: the source of a migration hands its cached buffers to the
+    // encoder without copying each 4 KiB block into a Vec first; an NMS read reply does the
+    // same; a decoded write's data is a slice of the receive buffer, not a copy of it.
+    // (The PSS's own messages keep `Vec<u8>`.)
     tonic_prost_build::configure()
         .build_server(true)
         .build_client(true)
         .bytes(".wayside.v1.MigratedBlock.data")
+        .bytes(".wayside.v1.WriteOp.data")
+        .bytes(".wayside.v1.ReadReply.data")
         .compile_fds(fds)?;
     Ok(())
 }

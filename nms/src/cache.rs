@@ -11,11 +11,10 @@
 //! always writes versions above every version an older owner wrote, even for a full-block
 //! write of a block it never read.
 
+use crate::store::Change;
 use bytes::Bytes;
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
-use wayside_proto::types::{
-    BlockChange, BlockNo, BlockSize, CredentialHash, Epoch, Lsn, RequestId, VolumeName,
-};
+use wayside_proto::types::{BlockNo, BlockSize, CredentialHash, Epoch, Lsn, RequestId, VolumeName};
 
 /// Bookkeeping bytes charged per cached block on top of its data.
 pub const ENTRY_OVERHEAD_BYTES: u64 = 64;
@@ -200,7 +199,7 @@ pub enum CacheError {
 pub struct Batch {
     pub volume: VolumeName,
     pub epoch: Epoch,
-    pub changes: Vec<BlockChange>,
+    pub changes: Vec<Change>,
     /// Once the batch is applied, every write with lsn <= this is persisted.
     pub persisted: Lsn,
 }
@@ -611,10 +610,7 @@ impl Cache {
             e.dirty_lsn = None;
             e.inflight = true;
             taken.push((block, e.version, lsn));
-            changes.push(match &e.data {
-                Some(d) => BlockChange::Put { block, data: d.to_vec(), version: e.version },
-                None => BlockChange::Delete { block, version: e.version },
-            });
+            changes.push(Change { block, data: e.data.clone(), version: e.version });
         }
         // Every write below the earliest still-dirty one is in this batch or already in
         // the PSS, so the batch makes everything before it persisted.
@@ -958,7 +954,7 @@ mod tests {
         c.complete_batch(&b, false);
         assert_eq!(c.volume(&v).unwrap().persisted, Lsn(0));
         let b = c.take_batch(&v).unwrap();
-        assert_eq!(b.changes.iter().map(|c| c.block()).collect::<Vec<_>>(), vec![1, 2]);
+        assert_eq!(b.changes.iter().map(|c| c.block).collect::<Vec<_>>(), vec![1, 2]);
         assert_eq!(b.persisted, Lsn(2));
         c.complete_batch(&b, true);
         let b = c.take_batch(&v).unwrap();

@@ -115,8 +115,15 @@ pub enum ClientError {
 
 #[derive(Debug, Clone)]
 enum JOp {
-    Write { block: u64, offset: u32, data: Vec<u8> },
-    Delete { block: u64 },
+    /// `Bytes`: the journal entry and every (re)send share one buffer.
+    Write {
+        block: u64,
+        offset: u32,
+        data: bytes::Bytes,
+    },
+    Delete {
+        block: u64,
+    },
 }
 
 #[derive(Debug)]
@@ -302,7 +309,7 @@ impl VolumeClient {
             })
             .await?;
         self.prune(Lsn(r.persisted_lsn), generation);
-        Ok(r.found.then_some(r.data))
+        Ok(r.found.then(|| Vec::from(r.data)))
     }
 
     /// Writes `data` at `offset` of `block`; returns once the NMS accepted it.
@@ -312,7 +319,7 @@ impl VolumeClient {
         offset: u32,
         data: Vec<u8>,
     ) -> Result<WriteAck, ClientError> {
-        self.journaled(JOp::Write { block, offset, data }).await
+        self.journaled(JOp::Write { block, offset, data: data.into() }).await
     }
 
     /// Deletes a block.

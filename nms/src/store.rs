@@ -13,7 +13,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Mutex;
 use wayside_proto::types::{
-    BlockChange, BlockNo, BlockSize, CredentialHash, Endpoint, Epoch, Lsn, RequestId, VolumeName,
+    BlockNo, BlockSize, CredentialHash, Endpoint, Epoch, Lsn, RequestId, VolumeName,
 };
 
 /// A boxed future, so the trait stays object safe.
@@ -47,13 +47,23 @@ pub struct Acquire {
     pub request_id: RequestId,
 }
 
+/// One block's new content in a write-back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Change {
+    pub block: BlockNo,
+    /// The cached buffer itself (`None`: deleted): a batch shares it with the cache, so
+    /// taking, retrying and encoding a batch copy each block once, into the PSS request.
+    pub data: Option<Bytes>,
+    pub version: u64,
+}
+
 /// One write-back batch.
 #[derive(Debug, Clone)]
 pub struct WriteBack {
     pub volume: VolumeName,
     pub epoch: Epoch,
     pub request_id: RequestId,
-    pub changes: Vec<BlockChange>,
+    pub changes: Vec<Change>,
     pub persisted: Lsn,
 }
 
@@ -166,12 +176,12 @@ impl Store for MemStore {
                 return Ok(*l);
             }
             for c in b.changes {
-                match c {
-                    BlockChange::Put { block, data, version } => {
-                        g.blocks.insert((b.volume.clone(), block), (Bytes::from(data), version));
+                match c.data {
+                    Some(data) => {
+                        g.blocks.insert((b.volume.clone(), c.block), (data, c.version));
                     }
-                    BlockChange::Delete { block, .. } => {
-                        g.blocks.remove(&(b.volume.clone(), block));
+                    None => {
+                        g.blocks.remove(&(b.volume.clone(), c.block));
                     }
                 }
             }
@@ -307,7 +317,16 @@ mod pss_client {
                     volume: b.volume.as_str().to_owned(),
                     epoch: b.epoch.0,
                     request_id: Some((&b.request_id).into()),
-                    ops: b.changes.into_iter().map(Into::into).collect(),
+                    ops: b
+                        .changes
+                        .into_iter()
+                        .map(|c| pb::PssBlockOp {
+                            block: c.block,
+                            delete: c.data.is_none(),
+                            data: c.data.map_or_else(Vec::new, |d| d.to_vec()),
+                            version: c.version,
+                        })
+                        .collect(),
                     persisted_lsn: b.persisted.0,
                 };
                 let reply = self.client.write_batch(r).await.map_err(err)?;

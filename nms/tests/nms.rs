@@ -213,7 +213,12 @@ async fn back_pressure_when_the_dirty_limit_is_reached() {
     let err = raw
         .write(pb::WriteRequest {
             auth: auth("bp", "k"),
-            op: Some(pb::WriteOp { block: 9, offset: 0, data: block_data(9, 1), request_id: None }),
+            op: Some(pb::WriteOp {
+                block: 9,
+                offset: 0,
+                data: block_data(9, 1).into(),
+                request_id: None,
+            }),
         })
         .await
         .unwrap_err();
@@ -234,7 +239,7 @@ async fn back_pressure_when_the_dirty_limit_is_reached() {
                 op: Some(pb::WriteOp {
                     block: 10,
                     offset: 0,
-                    data: block_data(10, 1),
+                    data: block_data(10, 1).into(),
                     request_id: None,
                 }),
             })
@@ -583,7 +588,7 @@ async fn bad_input_gets_the_right_status_and_changes_nothing() {
     let mut raw = a.raw().await;
     let write = |vol: &str, secret: &str, data: Vec<u8>, offset: u32| pb::WriteRequest {
         auth: auth(vol, secret),
-        op: Some(pb::WriteOp { block: 1, offset, data, request_id: None }),
+        op: Some(pb::WriteOp { block: 1, offset, data: data.into(), request_id: None }),
     };
     let e = raw.write(write("good", "right", vec![1; BS + 1], 0)).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::InvalidArgument, "oversized block: {e:?}");
@@ -662,6 +667,139 @@ async fn bad_input_gets_the_right_status_and_changes_nothing() {
     assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
     a.stop().await;
     b.stop().await;
+    cluster.shutdown().await;
+}
+
+/// One `Nms.Stream` call: requests go out tagged 1, 2, ...; the credential on the first.
+struct OpStream {
+    tx: tokio::sync::mpsc::Sender<pb::StreamRequest>,
+    replies: tonic::Streaming<pb::StreamReply>,
+    tag: u64,
+    auth: Option<pb::VolumeAuth>,
+}
+
+impl OpStream {
+    async fn open(nms: &Nms, vol: &str, secret: &str) -> OpStream {
+        let (tx, rx) = tokio::sync::mpsc::channel(256);
+        let replies = nms
+            .raw()
+            .await
+            .stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+            .unwrap()
+            .into_inner();
+        OpStream { tx, replies, tag: 0, auth: auth(vol, secret) }
+    }
+
+    async fn send(&mut self, op: pb::stream_request::Op) -> u64 {
+        self.tag += 1;
+        let req = pb::StreamRequest { auth: self.auth.take(), tag: self.tag, op: Some(op) };
+        self.tx.send(req).await.unwrap();
+        self.tag
+    }
+
+    /// The next `n` replies by tag (in whatever order they come).
+    async fn replies(&mut self, n: usize) -> HashMap<u64, pb::stream_reply::Result> {
+        let mut out = HashMap::new();
+        while out.len() < n {
+            let r = tokio::time::timeout(Duration::from_secs(20), self.replies.message())
+                .await
+                .expect("a reply within 20 s")
+                .unwrap()
+                .expect("the stream stays open");
+            assert!(out.insert(r.tag, r.result.expect("a result")).is_none(), "tag twice");
+        }
+        out
+    }
+
+    async fn one(&mut self, op: pb::stream_request::Op) -> pb::stream_reply::Result {
+        let tag = self.send(op).await;
+        self.replies(1).await.remove(&tag).expect("the reply carries the request's tag")
+    }
+}
+
+fn stream_read(block: u64) -> pb::stream_request::Op {
+    pb::stream_request::Op::Read(pb::ReadOp { block, offset: 0, length: 0 })
+}
+
+fn stream_write(block: u64, offset: u32, data: Vec<u8>) -> pb::stream_request::Op {
+    pb::stream_request::Op::Write(pb::WriteOp {
+        block,
+        offset,
+        data: data.into(),
+        request_id: None,
+    })
+}
+
+/// The streamed API: pipelined writes through back-pressure (a dirty limit of a few
+/// blocks), reads of cached, absent and read-through blocks, a partial write of an uncached
+/// block, bad input and a wrong credential answered per operation, and a flush.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn streamed_operations_round_trip_through_back_pressure() {
+    use pb::stream_reply::Result as R;
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = LocalCluster::start(3, dir.path()).await.unwrap();
+    let a = Nms::start("a", &cluster.endpoints(), |c| {
+        c.dirty_limit_bytes_per_volume = 4 * (BS as u64 + 1);
+    })
+    .await;
+    a.raw()
+        .await
+        .create_volume(pb::CreateVolumeRequest { auth: auth("st", "key"), block_size: BS as u32 })
+        .await
+        .unwrap();
+    let mut s = OpStream::open(&a, "st", "key").await;
+    // 32 writes in flight against room for 4 dirty blocks: most wait for write-back.
+    let mut tags = HashMap::new();
+    for b in 0..32 {
+        tags.insert(s.send(stream_write(b, 0, block_data(b, 1))).await, b);
+    }
+    let mut lsns = Vec::new();
+    for (tag, r) in s.replies(32).await {
+        let R::Write(w) = r else { panic!("write {tag}: {r:?}") };
+        assert!(tags.contains_key(&tag));
+        lsns.push(w.lsn);
+    }
+    lsns.sort_unstable();
+    lsns.dedup();
+    assert_eq!(lsns.len(), 32, "every write got its own lsn");
+    let mut tags = HashMap::new();
+    for b in 0..32 {
+        tags.insert(s.send(stream_read(b)).await, b);
+    }
+    for (tag, r) in s.replies(32).await {
+        let R::Read(r) = r else { panic!("read {tag}: {r:?}") };
+        assert!(r.found);
+        assert_eq!(&r.data[..], &block_data(tags[&tag], 1)[..], "block {}", tags[&tag]);
+    }
+    let R::Read(r) = s.one(stream_read(100)).await else { panic!("read of an absent block") };
+    assert!(!r.found && r.data.is_empty());
+    // A partial write of a block not in the cache: read through from the PSS first.
+    let R::Write(_) = s.one(stream_write(200, 100, b"hello".to_vec())).await else { panic!() };
+    let R::Read(r) = s.one(stream_read(200)).await else { panic!() };
+    let mut want = [0u8; 105];
+    want[100..].copy_from_slice(b"hello");
+    assert_eq!(&r.data[..], &want[..]);
+    let R::Error(e) = s.one(stream_write(1, 0, vec![9; BS + 1])).await else {
+        panic!("an oversized block is refused")
+    };
+    assert_eq!(e.code, tonic::Code::InvalidArgument as i32, "{e:?}");
+    // Another stream with the wrong credential: every operation is refused.
+    let mut bad = OpStream::open(&a, "st", "not-the-key").await;
+    for op in [stream_write(1, 0, vec![7; BS]), stream_read(1)] {
+        let R::Error(e) = bad.one(op).await else { panic!("a wrong credential is refused") };
+        assert_eq!(e.code, tonic::Code::Unauthenticated as i32, "{e:?}");
+    }
+    let R::Flush(f) = s.one(pb::stream_request::Op::Flush(pb::FlushOp {})).await else {
+        panic!("flush")
+    };
+    assert!(f.persisted_lsn >= *lsns.last().unwrap());
+    let stored = pss_blocks(&cluster, "st", &(0..32).collect::<Vec<_>>()).await;
+    for b in 0..32 {
+        assert_eq!(stored.get(&b), Some(&block_data(b, 1)), "block {b} in the PSS");
+    }
+    drop((s, bad));
+    a.stop().await;
     cluster.shutdown().await;
 }
 

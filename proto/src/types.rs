@@ -258,7 +258,8 @@ pub struct ReadOp {
 pub struct WriteOp {
     pub block: BlockNo,
     pub offset: u32,
-    pub data: Vec<u8>,
+    /// A slice of the message it was decoded from: copy it to keep it beyond the call.
+    pub data: prost::bytes::Bytes,
     pub request_id: Option<RequestId>,
 }
 

@@ -28,9 +28,19 @@ fn vehicle_api_messages_round_trip() {
     round_trip(pb::AttachRequest { auth: auth(), client_id: "car-7".into() });
     round_trip(pb::WriteRequest {
         auth: auth(),
-        op: Some(pb::WriteOp { block: 9, offset: 12, data: vec![1, 2, 3], request_id: rid(4) }),
+        op: Some(pb::WriteOp {
+            block: 9,
+            offset: 12,
+            data: vec![1, 2, 3].into(),
+            request_id: rid(4),
+        }),
     });
-    round_trip(pb::ReadReply { found: true, data: vec![7; 4096], version: 3, persisted_lsn: 2 });
+    round_trip(pb::ReadReply {
+        found: true,
+        data: vec![7; 4096].into(),
+        version: 3,
+        persisted_lsn: 2,
+    });
     round_trip(pb::WriteReply { lsn: 5, version: 2, persisted_lsn: 4, duplicate: true });
     round_trip(pb::ListReply {
         blocks: vec![pb::BlockMeta { block: 1, version: 2, length: 4096 }],
@@ -224,17 +234,17 @@ fn vehicle_ops_convert_and_reject_bad_input() {
 
     let w: WriteOp = convert::required_op(
         "op",
-        Some(pb::WriteOp { block: 1, offset: 4, data: vec![1; 8], request_id: rid(9) }),
+        Some(pb::WriteOp { block: 1, offset: 4, data: vec![1; 8].into(), request_id: rid(9) }),
     )
     .unwrap();
     assert_eq!(w.request_id, Some(RequestId::new("car-7", 9).unwrap()));
     assert_eq!(pb::WriteOp::from(&w).offset, 4);
 
     let oversized =
-        pb::WriteOp { block: 1, offset: 0, data: vec![0; (1 << 20) + 1], request_id: None };
+        pb::WriteOp { block: 1, offset: 0, data: vec![0; (1 << 20) + 1].into(), request_id: None };
     let err = WriteOp::try_from(oversized).unwrap_err();
     assert!(err.to_string().contains("does not fit"), "{err}");
-    let zero_seq = pb::WriteOp { block: 1, offset: 0, data: vec![1], request_id: rid(0) };
+    let zero_seq = pb::WriteOp { block: 1, offset: 0, data: vec![1].into(), request_id: rid(0) };
     assert!(WriteOp::try_from(zero_seq).unwrap_err().to_string().contains("request_id"));
     assert_eq!(
         convert::required_op::<pb::ReadOp, ReadOp>("op", None),

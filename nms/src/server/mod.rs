@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, info_span, warn, Instrument as _};
 use wayside_proto::types::{
-    BlockNo, BlockSize, Credential, Endpoint, Epoch, Lsn, RequestId, VolumeName,
+    BlockNo, BlockSize, Credential, CredentialHash, Endpoint, Epoch, Lsn, RequestId, VolumeName,
 };
 
 /// Runs an NMS on `listener` against the PSS in `config.pss` until `shutdown` fires or
@@ -125,6 +125,30 @@ pub async fn run_with_store(
     .await
 }
 
+/// A credential as a caller presented it, hashed at most once however many operations it
+/// covers: a stream's one credential covers all its operations, and a sha256 per
+/// operation was most of the cost of checking it.
+pub(crate) struct Presented {
+    credential: Credential,
+    hash: std::sync::OnceLock<CredentialHash>,
+}
+
+impl Presented {
+    pub(crate) fn new(credential: Credential) -> Self {
+        Self { credential, hash: std::sync::OnceLock::new() }
+    }
+
+    pub(crate) fn hash(&self) -> CredentialHash {
+        *self.hash.get_or_init(|| self.credential.hash())
+    }
+
+    /// Whether this is the credential `stored` is the hash of (constant time).
+    pub(crate) fn matches(&self, stored: &CredentialHash) -> bool {
+        let h = self.hash();
+        stored.0.iter().zip(h.0.iter()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+    }
+}
+
 /// Per-volume async machinery around the pure core.
 pub(crate) struct Handle {
     kick: Notify,
@@ -152,6 +176,9 @@ pub struct Node {
     started: Instant,
     client_id: String,
     seq: AtomicU64,
+    /// Write-back batches the PSS accepted, and the block changes in them (NodeStatus).
+    pub(crate) wb_batches: AtomicU64,
+    pub(crate) wb_blocks: AtomicU64,
     me: std::sync::Weak<Node>,
 }
 
@@ -190,6 +217,8 @@ impl Node {
             started: Instant::now(),
             client_id: id,
             seq: AtomicU64::new(1),
+            wb_batches: AtomicU64::new(0),
+            wb_blocks: AtomicU64::new(0),
         })
     }
 
@@ -229,7 +258,7 @@ impl Node {
 
     /// Checks the credential and that the volume is served here, loading it from the PSS
     /// (and taking ownership) when it is not cached yet.
-    pub(crate) async fn ensure(&self, v: &VolumeName, cred: &Credential) -> Result<(), NmsError> {
+    pub(crate) async fn ensure(&self, v: &VolumeName, cred: &Presented) -> Result<(), NmsError> {
         if self.check_local(v, cred)? {
             return Ok(());
         }
@@ -237,10 +266,10 @@ impl Node {
     }
 
     /// `Ok(true)`: cached and served; `Ok(false)`: not here, load it.
-    fn check_local(&self, v: &VolumeName, cred: &Credential) -> Result<bool, NmsError> {
+    fn check_local(&self, v: &VolumeName, cred: &Presented) -> Result<bool, NmsError> {
         let core = self.core();
         let Some(vol) = core.volume(v) else { return Ok(false) };
-        if !vol.credential.matches(cred) {
+        if !cred.matches(&vol.credential) {
             return Err(NmsError::Unauthenticated { volume: v.to_string() });
         }
         match &vol.state {
@@ -263,7 +292,7 @@ impl Node {
     pub(crate) async fn load(
         &self,
         v: &VolumeName,
-        cred: &Credential,
+        cred: &Presented,
         create: Option<BlockSize>,
         take_over: bool,
     ) -> Result<(), NmsError> {
@@ -292,7 +321,7 @@ impl Node {
             Err(e) => return Err(e.into()),
         };
         if let Some(m) = &existing {
-            if !m.credential.matches(cred) {
+            if !cred.matches(&m.credential) {
                 return Err(NmsError::Unauthenticated { volume: v.to_string() });
             }
             if let Some(bs) = create {
@@ -407,12 +436,14 @@ impl Node {
                 }
             }
             loop {
-                let Some(batch) = self.core().take_batch(&v) else { break };
+                let Some(mut batch) = self.core().take_batch(&v) else { break };
+                let blocks = batch.changes.len() as u64;
                 let wb = WriteBack {
                     volume: v.clone(),
                     epoch: batch.epoch,
                     request_id: self.next_request_id(),
-                    changes: batch.changes.clone(),
+                    // Retries clone this: reference counts, not block copies.
+                    changes: std::mem::take(&mut batch.changes),
                     persisted: batch.persisted,
                 };
                 let mut backoff = Duration::from_millis(10);
@@ -420,6 +451,8 @@ impl Node {
                     match self.store.write_batch(wb.clone()).await {
                         Ok(_) => {
                             self.core().complete_batch(&batch, true);
+                            self.wb_batches.fetch_add(1, Ordering::Relaxed);
+                            self.wb_blocks.fetch_add(blocks, Ordering::Relaxed);
                             self.bump();
                             break;
                         }
@@ -491,11 +524,62 @@ impl Node {
         }
     }
 
+    /// [`Node::read`] when it can answer at once: the credential matches, the volume is
+    /// served here and the block is cached (or known absent). `None`: call `read`.
+    pub(crate) fn read_now(
+        &self,
+        v: &VolumeName,
+        cred: &Presented,
+        block: BlockNo,
+        offset: u32,
+        len: Option<u32>,
+    ) -> Option<(Option<Bytes>, u64, Lsn)> {
+        let mut core = self.core();
+        let vol = core.volume(v)?;
+        if !cred.matches(&vol.credential)
+            || !matches!(vol.state, VolumeState::Active | VolumeState::Paused)
+        {
+            return None;
+        }
+        let p = vol.persisted;
+        match core.read(v, block, offset, len) {
+            Ok(ReadOutcome::Hit { data, version }) => Some((Some(data), version, p)),
+            Ok(ReadOutcome::Absent) => Some((None, 0, p)),
+            _ => None,
+        }
+    }
+
+    /// [`Node::write`] when the cache takes it at once (credential matches, volume
+    /// active, room under the dirty limits, no block to fetch). `None`: nothing was
+    /// changed; call `write`.
+    pub(crate) fn write_now(
+        &self,
+        v: &VolumeName,
+        cred: &Presented,
+        block: BlockNo,
+        offset: u32,
+        data: &[u8],
+        request_id: Option<&RequestId>,
+    ) -> Option<WriteOutcome> {
+        let o = {
+            let mut core = self.core();
+            let vol = core.volume(v)?;
+            if !cred.matches(&vol.credential) || vol.state != VolumeState::Active {
+                return None;
+            }
+            core.write(v, block, offset, data, request_id).ok()?
+        };
+        if !o.duplicate {
+            self.kick(v);
+        }
+        Some(o)
+    }
+
     /// Reads part of a block, through from the PSS on a miss.
     pub(crate) async fn read(
         &self,
         v: &VolumeName,
-        cred: &Credential,
+        cred: &Presented,
         block: BlockNo,
         offset: u32,
         len: Option<u32>,
@@ -556,7 +640,7 @@ impl Node {
     pub(crate) async fn write(
         &self,
         v: &VolumeName,
-        cred: &Credential,
+        cred: &Presented,
         block: BlockNo,
         offset: u32,
         data: Option<&[u8]>,
@@ -607,7 +691,7 @@ impl Node {
     }
 
     /// Waits until every write accepted before the call is persisted.
-    pub(crate) async fn flush(&self, v: &VolumeName, cred: &Credential) -> Result<Lsn, NmsError> {
+    pub(crate) async fn flush(&self, v: &VolumeName, cred: &Presented) -> Result<Lsn, NmsError> {
         self.ensure(v, cred).await?;
         let deadline = Instant::now() + Duration::from_millis(self.cfg.pss_deadline_ms);
         let mut rx = self.progress.subscribe();

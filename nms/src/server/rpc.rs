@@ -1,20 +1,27 @@
 //! The vehicle API (`wayside.v1.Nms`) and the admin API (`wayside.v1.NmsAdmin`): wire
 //! messages in, domain calls on the [`Node`], statuses out.
 
-use super::Node;
+use super::{Node, Presented};
 use crate::cache::VolumeState;
 use crate::error::NmsError;
 use futures::stream::{FuturesUnordered, StreamExt as _};
 use std::pin::Pin;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{info_span, Instrument as _};
 use wayside_proto::convert::{self, required_op};
 use wayside_proto::pb;
-use wayside_proto::types::{Credential, DeleteOp, ReadOp, VolumeName, WriteOp};
+use wayside_proto::types::{DeleteOp, ReadOp, VolumeName, WriteOp};
 
-type Auth = (VolumeName, Credential);
+type Auth = (VolumeName, Presented);
+
+/// The volume and credential a vehicle call presents.
+fn volume_auth(auth: Option<pb::VolumeAuth>) -> Result<Auth, convert::ConvertError> {
+    let (v, c) = convert::volume_auth(auth)?;
+    Ok((v, Presented::new(c)))
+}
 
 fn info_of(node: &Node, v: &VolumeName) -> Option<pb::VolumeInfo> {
     let core = node.core();
@@ -47,7 +54,7 @@ impl Node {
         let (data, version, p) = self.read(&auth.0, &auth.1, op.block, op.offset, op.len).await?;
         Ok(pb::ReadReply {
             found: data.is_some(),
-            data: data.map(|d| d.to_vec()).unwrap_or_default(),
+            data: data.unwrap_or_default(),
             version,
             persisted_lsn: p.0,
         })
@@ -93,6 +100,51 @@ impl Node {
     }
 }
 
+impl Node {
+    /// A stream's read that hits the cache or write the cache takes at once, answered
+    /// without an `await` (no task, no wakeups); `None` for everything else (a miss, a
+    /// paused or full volume, any error), which [`Node::stream_op`] then does in full.
+    fn stream_op_now(
+        &self,
+        auth: &Auth,
+        op: &pb::stream_request::Op,
+    ) -> Option<pb::stream_reply::Result> {
+        use pb::stream_reply::Result as R;
+        use pb::stream_request::Op;
+        Some(match op {
+            Op::Read(r) => {
+                let op = ReadOp::try_from(*r).ok()?;
+                let (data, version, p) =
+                    self.read_now(&auth.0, &auth.1, op.block, op.offset, op.len)?;
+                R::Read(pb::ReadReply {
+                    found: data.is_some(),
+                    data: data.unwrap_or_default(),
+                    version,
+                    persisted_lsn: p.0,
+                })
+            }
+            Op::Write(w) => {
+                let op = WriteOp::try_from(w.clone()).ok()?;
+                let o = self.write_now(
+                    &auth.0,
+                    &auth.1,
+                    op.block,
+                    op.offset,
+                    &op.data,
+                    op.request_id.as_ref(),
+                )?;
+                R::Write(pb::WriteReply {
+                    lsn: o.lsn.0,
+                    version: o.version,
+                    persisted_lsn: o.persisted.0,
+                    duplicate: o.duplicate,
+                })
+            }
+            Op::Delete(_) | Op::Flush(_) => return None,
+        })
+    }
+}
+
 type StreamOut = Pin<Box<dyn futures::Stream<Item = Result<pb::StreamReply, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -102,7 +154,7 @@ impl pb::nms_server::Nms for Node {
         req: Request<pb::CreateVolumeRequest>,
     ) -> Result<Response<pb::VolumeReply>, Status> {
         let r = req.into_inner();
-        let (v, cred) = convert::volume_auth(r.auth)?;
+        let (v, cred) = volume_auth(r.auth)?;
         let bs = convert::block_size(r.block_size)?;
         let span = info_span!("create", node = %self.node_id, volume = %v);
         self.load(&v, &cred, Some(bs), true).instrument(span).await?;
@@ -114,7 +166,7 @@ impl pb::nms_server::Nms for Node {
         req: Request<pb::AttachRequest>,
     ) -> Result<Response<pb::VolumeReply>, Status> {
         let r = req.into_inner();
-        let (v, cred) = convert::volume_auth(r.auth)?;
+        let (v, cred) = volume_auth(r.auth)?;
         let span = info_span!("attach", node = %self.node_id, volume = %v, client = %r.client_id);
         self.load(&v, &cred, None, true).instrument(span).await?;
         Ok(Response::new(self.volume_reply(&v)?))
@@ -122,7 +174,7 @@ impl pb::nms_server::Nms for Node {
 
     async fn read(&self, req: Request<pb::ReadRequest>) -> Result<Response<pb::ReadReply>, Status> {
         let r = req.into_inner();
-        let auth = convert::volume_auth(r.auth)?;
+        let auth = volume_auth(r.auth)?;
         let op: ReadOp = required_op("op", r.op)?;
         Ok(Response::new(self.do_read(&auth, op).await?))
     }
@@ -132,7 +184,7 @@ impl pb::nms_server::Nms for Node {
         req: Request<pb::WriteRequest>,
     ) -> Result<Response<pb::WriteReply>, Status> {
         let r = req.into_inner();
-        let auth = convert::volume_auth(r.auth)?;
+        let auth = volume_auth(r.auth)?;
         let op: WriteOp = required_op("op", r.op)?;
         Ok(Response::new(self.do_write(&auth, op).await?))
     }
@@ -142,14 +194,14 @@ impl pb::nms_server::Nms for Node {
         req: Request<pb::DeleteRequest>,
     ) -> Result<Response<pb::WriteReply>, Status> {
         let r = req.into_inner();
-        let auth = convert::volume_auth(r.auth)?;
+        let auth = volume_auth(r.auth)?;
         let op: DeleteOp = required_op("op", r.op)?;
         Ok(Response::new(self.do_delete(&auth, op).await?))
     }
 
     async fn list(&self, req: Request<pb::ListRequest>) -> Result<Response<pb::ListReply>, Status> {
         let r = req.into_inner();
-        let (v, cred) = convert::volume_auth(r.auth)?;
+        let (v, cred) = volume_auth(r.auth)?;
         self.ensure(&v, &cred).await?;
         // Everything accepted is in the PSS first, so the PSS's listing is complete.
         self.flush(&v, &cred).await?;
@@ -171,7 +223,7 @@ impl pb::nms_server::Nms for Node {
         req: Request<pb::StatRequest>,
     ) -> Result<Response<pb::VolumeReply>, Status> {
         let r = req.into_inner();
-        let (v, cred) = convert::volume_auth(r.auth)?;
+        let (v, cred) = volume_auth(r.auth)?;
         self.ensure(&v, &cred).await?;
         Ok(Response::new(self.volume_reply(&v)?))
     }
@@ -181,7 +233,7 @@ impl pb::nms_server::Nms for Node {
         req: Request<pb::FlushRequest>,
     ) -> Result<Response<pb::FlushReply>, Status> {
         let r = req.into_inner();
-        let (v, cred) = convert::volume_auth(r.auth)?;
+        let (v, cred) = volume_auth(r.auth)?;
         let p = Node::flush(self, &v, &cred).await?;
         Ok(Response::new(pb::FlushReply { persisted_lsn: p.0 }))
     }
@@ -203,9 +255,12 @@ impl pb::nms_server::Nms for Node {
                 let mut auth: Option<Arc<Auth>> = None;
                 let mut inflight = FuturesUnordered::new();
                 let mut open = true;
+                // One future for the whole stream, not a new waiter registered per message.
+                let cancelled = stop.cancelled();
+                tokio::pin!(cancelled);
                 loop {
                     tokio::select! {
-                        _ = stop.cancelled() => return,
+                        _ = &mut cancelled => return,
                         Some(reply) = inflight.next(), if !inflight.is_empty() => {
                             if tx.send(Ok(reply)).await.is_err() { return; }
                         }
@@ -216,7 +271,7 @@ impl pb::nms_server::Nms for Node {
                                 Err(s) => { let _ = tx.send(Err(s)).await; return; }
                             };
                             if auth.is_none() || m.auth.is_some() {
-                                match convert::volume_auth(m.auth) {
+                                match volume_auth(m.auth) {
                                     Ok(a) => auth = Some(Arc::new(a)),
                                     Err(e) => {
                                         let _ = tx.send(Err(Status::from(e))).await;
@@ -225,8 +280,17 @@ impl pb::nms_server::Nms for Node {
                                 }
                             }
                             let a = auth.clone().expect("set above");
-                            let node = node.clone();
                             let tag = m.tag;
+                            // Answered at once, but only when nothing earlier in this stream
+                            // is still pending, so an operation never overtakes one that waits.
+                            if inflight.is_empty() {
+                                if let Some(result) = m.op.as_ref().and_then(|op| node.stream_op_now(&a, op)) {
+                                    let reply = pb::StreamReply { tag, result: Some(result) };
+                                    if tx.send(Ok(reply)).await.is_err() { return; }
+                                    continue;
+                                }
+                            }
+                            let node = node.clone();
                             inflight.push(async move {
                                 let result = match m.op {
                                     None => Err(Status::invalid_argument("stream request without op")),
@@ -296,6 +360,8 @@ impl pb::nms_admin_server::NmsAdmin for Node {
             dirty_limit_bytes: self.cfg.dirty_limit_bytes,
             volume_info,
             uptime_ms: u64::try_from(self.uptime().as_millis()).unwrap_or(u64::MAX),
+            writeback_batches: self.wb_batches.load(Ordering::Relaxed),
+            writeback_blocks: self.wb_blocks.load(Ordering::Relaxed),
         }))
     }
 

@@ -30,6 +30,9 @@ pub struct Args {
     /// Requests per redis-benchmark test.
     #[arg(long, default_value_t = 200_000)]
     pub redis_requests: u64,
+    /// The NMS's `writeback_delay_ms` for this run (default: the NMS's own default).
+    #[arg(long)]
+    pub writeback_delay_ms: Option<u64>,
 }
 
 const VALUE: usize = 4096;
@@ -41,6 +44,36 @@ struct Figure {
     ops_per_s: f64,
     p50_ms: f64,
     p99_ms: f64,
+    /// CPU time this whole process (bench clients, NMS and the 3-node PSS) spent per
+    /// operation, in microseconds; `None` for peers running in their own processes. On a
+    /// shared machine ops/s depends on what else runs; CPU per op much less so.
+    cpu_us_per_op: Option<f64>,
+}
+
+/// CPU time (user + system, all threads) this process has used so far.
+fn cpu_time() -> Duration {
+    // SAFETY: getrusage only writes the struct it is given.
+    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) } != 0 {
+        return Duration::ZERO;
+    }
+    let tv = |t: libc::timeval| {
+        Duration::from_secs(t.tv_sec as u64) + Duration::from_micros(t.tv_usec as u64)
+    };
+    tv(u.ru_utime) + tv(u.ru_stime)
+}
+
+/// When a phase started: wall clock and this process's CPU time.
+#[derive(Clone, Copy)]
+struct Start {
+    wall: Instant,
+    cpu: Duration,
+}
+
+impl Start {
+    fn now() -> Self {
+        Self { wall: Instant::now(), cpu: cpu_time() }
+    }
 }
 
 fn figure(name: &str, mut lat_us: Vec<u32>, elapsed: Duration) -> Figure {
@@ -57,25 +90,35 @@ fn figure(name: &str, mut lat_us: Vec<u32>, elapsed: Duration) -> Figure {
         ops_per_s: lat_us.len() as f64 / elapsed.as_secs_f64(),
         p50_ms: pct(0.50),
         p99_ms: pct(0.99),
+        cpu_us_per_op: None,
     }
 }
 
 /// Lets the client tasks run `secs` more, stops them, and gathers their latencies
-/// (microseconds) with the phase's elapsed time.
+/// (microseconds) with the phase's elapsed time and the CPU time used from `start` until
+/// every client stopped.
 async fn measure(
     mut tasks: tokio::task::JoinSet<anyhow::Result<Vec<u32>>>,
-    start: Instant,
+    start: Start,
     secs: u64,
     stop: &CancellationToken,
-) -> anyhow::Result<(Vec<u32>, Duration)> {
+) -> anyhow::Result<(Vec<u32>, Duration, Duration)> {
     tokio::time::sleep(Duration::from_secs(secs)).await;
     stop.cancel();
-    let elapsed = start.elapsed();
+    let elapsed = start.wall.elapsed();
     let mut all = Vec::new();
     while let Some(r) = tasks.join_next().await {
         all.extend(r??);
     }
-    Ok((all, elapsed))
+    Ok((all, elapsed, cpu_time().saturating_sub(start.cpu)))
+}
+
+/// A figure of a phase run in this process, with its CPU time per operation.
+fn figure_cpu(name: &str, lat_us: Vec<u32>, elapsed: Duration, cpu: Duration) -> Figure {
+    let n = lat_us.len().max(1) as f64;
+    let mut f = figure(name, lat_us, elapsed);
+    f.cpu_us_per_op = Some(cpu.as_secs_f64() * 1e6 / n);
+    f
 }
 
 fn free_port() -> anyhow::Result<u16> {
@@ -97,13 +140,14 @@ fn auth(i: usize) -> Option<pb::VolumeAuth> {
 async fn nms_unary(addr: &str, a: &Args, write: bool) -> anyhow::Result<Figure> {
     let stop = CancellationToken::new();
     let mut tasks = tokio::task::JoinSet::new();
-    let start = Instant::now();
+    let start = Start::now();
     for i in 0..a.clients {
         let mut c = pb::nms_client::NmsClient::new(channel(addr).await?);
         let (stop, blocks) = (stop.clone(), a.blocks);
         tasks.spawn(async move {
-            let mut lat = Vec::new();
-            let data = vec![i as u8; VALUE];
+            let mut lat = Vec::with_capacity(1 << 16);
+            // Shared by every request: cloning it is a reference count, not a 4 KiB copy.
+            let data = prost::bytes::Bytes::from(vec![i as u8; VALUE]);
             let mut n = 0u64;
             while !stop.is_cancelled() {
                 n += 1;
@@ -132,15 +176,15 @@ async fn nms_unary(addr: &str, a: &Args, write: bool) -> anyhow::Result<Figure> 
             anyhow::Ok(lat)
         });
     }
-    let (all, elapsed) = measure(tasks, start, a.seconds, &stop).await?;
-    Ok(figure(if write { "nms unary write" } else { "nms unary read" }, all, elapsed))
+    let (all, elapsed, cpu) = measure(tasks, start, a.seconds, &stop).await?;
+    Ok(figure_cpu(if write { "nms unary write" } else { "nms unary read" }, all, elapsed, cpu))
 }
 
 /// Streamed: each client keeps `depth` tagged operations in flight on one stream.
 async fn nms_streamed(addr: &str, a: &Args, write: bool) -> anyhow::Result<Figure> {
     let stop = CancellationToken::new();
     let mut tasks = tokio::task::JoinSet::new();
-    let start = Instant::now();
+    let start = Start::now();
     for i in 0..a.clients {
         let mut c = pb::nms_client::NmsClient::new(channel(addr).await?);
         let (stop, blocks, depth) = (stop.clone(), a.blocks, a.depth);
@@ -148,10 +192,11 @@ async fn nms_streamed(addr: &str, a: &Args, write: bool) -> anyhow::Result<Figur
             let (tx, rx) = tokio::sync::mpsc::channel::<pb::StreamRequest>(depth);
             let mut replies =
                 c.stream(tokio_stream::wrappers::ReceiverStream::new(rx)).await?.into_inner();
-            let data = vec![i as u8; VALUE];
+            // Shared by every request: cloning it is a reference count, not a 4 KiB copy.
+            let data = prost::bytes::Bytes::from(vec![i as u8; VALUE]);
             let mut sent: std::collections::HashMap<u64, Instant> =
                 std::collections::HashMap::new();
-            let mut lat = Vec::new();
+            let mut lat = Vec::with_capacity(1 << 16);
             let mut tag = 0u64;
             let req = |tag: u64, first: bool| {
                 let block = tag % blocks;
@@ -196,8 +241,32 @@ async fn nms_streamed(addr: &str, a: &Args, write: bool) -> anyhow::Result<Figur
             anyhow::Ok(lat)
         });
     }
-    let (all, elapsed) = measure(tasks, start, a.seconds, &stop).await?;
-    Ok(figure(if write { "nms streamed write" } else { "nms streamed read" }, all, elapsed))
+    let (all, elapsed, cpu) = measure(tasks, start, a.seconds, &stop).await?;
+    let name = if write { "nms streamed write" } else { "nms streamed read" };
+    Ok(figure_cpu(name, all, elapsed, cpu))
+}
+
+/// Flushes every bench volume (waits until the PSS has every accepted write), so the
+/// write-back a write phase left behind is not charged to the next phase. Returns the
+/// wall and CPU time the drain took.
+async fn drain(addr: &str, a: &Args) -> anyhow::Result<(Duration, Duration)> {
+    let start = Start::now();
+    let mut flushes = tokio::task::JoinSet::new();
+    for i in 0..a.clients {
+        let mut c = pb::nms_client::NmsClient::new(channel(addr).await?);
+        flushes.spawn(async move { c.flush(pb::FlushRequest { auth: auth(i) }).await });
+    }
+    while let Some(r) = flushes.join_next().await {
+        r??;
+    }
+    Ok((start.wall.elapsed(), cpu_time().saturating_sub(start.cpu)))
+}
+
+/// The NMS's write-back totals so far: (PSS calls, block changes in them).
+async fn writeback_totals(addr: &str) -> anyhow::Result<(u64, u64)> {
+    let mut admin = pb::nms_admin_client::NmsAdminClient::new(channel(addr).await?);
+    let s = admin.node_status(pb::NodeStatusRequest {}).await?.into_inner();
+    Ok((s.writeback_batches, s.writeback_blocks))
 }
 
 /// A child process killed when dropped.
@@ -268,6 +337,7 @@ async fn redis(a: &Args) -> anyhow::Result<Vec<Figure>> {
                 ops_per_s: f[1].parse().unwrap_or(0.0),
                 p50_ms: f[4].parse().unwrap_or(0.0),
                 p99_ms: f[6].parse().unwrap_or(0.0),
+                cpu_us_per_op: None,
             });
         }
     }
@@ -301,7 +371,7 @@ async fn memcached(a: &Args) -> anyhow::Result<Vec<Figure>> {
     for write in [true, false] {
         let stop = CancellationToken::new();
         let mut tasks = tokio::task::JoinSet::new();
-        let start = Instant::now();
+        let start = Start::now();
         for i in 0..a.clients {
             let s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
             s.set_nodelay(true)?;
@@ -309,7 +379,7 @@ async fn memcached(a: &Args) -> anyhow::Result<Vec<Figure>> {
             tasks.spawn(async move {
                 let mut s = tokio::io::BufStream::new(s);
                 let data = vec![b'x'; VALUE];
-                let mut lat = Vec::new();
+                let mut lat = Vec::with_capacity(1 << 16);
                 let mut n = 0u64;
                 let mut line = String::new();
                 // Writes first populate every key, so the reads hit.
@@ -347,7 +417,7 @@ async fn memcached(a: &Args) -> anyhow::Result<Vec<Figure>> {
                 anyhow::Ok(lat)
             });
         }
-        let (all, elapsed) = measure(tasks, start, a.seconds, &stop).await?;
+        let (all, elapsed, _) = measure(tasks, start, a.seconds, &stop).await?;
         out.push(figure(if write { "memcached set" } else { "memcached get" }, all, elapsed));
     }
     Ok(out)
@@ -362,15 +432,19 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let cluster = wayside_pss::testing::LocalCluster::start(3, dir.path()).await?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?.to_string();
-    let cfg = wayside_nms::config::Config {
+    let mut cfg = wayside_nms::config::Config {
         listen: addr.clone(),
         node_id: "bench".into(),
         pss: cluster.endpoints().iter().map(|e| e.authority().to_owned()).collect(),
         ..Default::default()
     };
+    if let Some(ms) = args.writeback_delay_ms {
+        cfg.writeback_delay_ms = ms;
+    }
     let stop = CancellationToken::new();
     let server = tokio::spawn(wayside_nms::server::run(cfg, listener, stop.clone()));
     // Create the volumes and fill every block once (so reads hit the cache).
+    let fill = prost::bytes::Bytes::from(vec![1; VALUE]);
     for i in 0..args.clients {
         let mut c = pb::nms_client::NmsClient::new(channel(&addr).await?);
         c.create_volume(pb::CreateVolumeRequest { auth: auth(i), block_size: VALUE as u32 })
@@ -378,16 +452,31 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         for block in 0..args.blocks {
             c.write(pb::WriteRequest {
                 auth: auth(i),
-                op: Some(pb::WriteOp { block, offset: 0, data: vec![1; VALUE], request_id: None }),
+                op: Some(pb::WriteOp { block, offset: 0, data: fill.clone(), request_id: None }),
             })
             .await?;
         }
     }
+    drain(&addr, &args).await?;
     let mut figs = Vec::new();
-    figs.push(nms_unary(&addr, &args, true).await?);
-    figs.push(nms_unary(&addr, &args, false).await?);
-    figs.push(nms_streamed(&addr, &args, true).await?);
-    figs.push(nms_streamed(&addr, &args, false).await?);
+    let mut drains = Vec::new();
+    for (streamed, write) in [(false, true), (false, false), (true, true), (true, false)] {
+        tracing::info!(streamed, write, "bench nms: phase starts");
+        let wb0 = writeback_totals(&addr).await?;
+        let f = if streamed {
+            nms_streamed(&addr, &args, write).await?
+        } else {
+            nms_unary(&addr, &args, write).await?
+        };
+        if write {
+            let d = drain(&addr, &args).await?;
+            let wb1 = writeback_totals(&addr).await?;
+            let wb = (wb1.0 - wb0.0, wb1.1 - wb0.1);
+            drains.push((f.name.clone(), f.ops_per_s, d, wb));
+        }
+        figs.push(f);
+    }
+    tracing::info!("bench nms: NMS phases done");
     stop.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(30), server).await;
     cluster.shutdown().await;
@@ -403,9 +492,24 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         "\n4 KiB values, {} clients, {} s per NMS/memcached phase\n",
         args.clients, args.seconds
     );
-    println!("| run | ops/s | p50 ms | p99 ms |\n| --- | ---: | ---: | ---: |");
+    println!("| run | ops/s | p50 ms | p99 ms | CPU us/op |\n| --- | ---: | ---: | ---: | ---: |");
     for f in &figs {
-        println!("| {} | {:.0} | {:.3} | {:.3} |", f.name, f.ops_per_s, f.p50_ms, f.p99_ms);
+        let cpu = f.cpu_us_per_op.map_or_else(|| "-".into(), |c| format!("{c:.1}"));
+        println!("| {} | {:.0} | {:.3} | {:.3} | {cpu} |", f.name, f.ops_per_s, f.p50_ms, f.p99_ms);
+    }
+    println!("\nCPU us/op: this process (clients, NMS, 3-node PSS) over the phase's operations.");
+    for (name, ops_per_s, (wall, cpu), (batches, blocks)) in &drains {
+        let ops = (ops_per_s * args.seconds as f64).max(1.0);
+        println!(
+            "{name}: write-back drained {:.0} ms after the phase, using {:.2} s CPU ({:.1} us \
+             per op); {batches} PSS write-backs of {:.1} blocks on average, {:.2} blocks \
+             written back per write",
+            wall.as_secs_f64() * 1e3,
+            cpu.as_secs_f64(),
+            cpu.as_secs_f64() * 1e6 / ops,
+            *blocks as f64 / (*batches).max(1) as f64,
+            *blocks as f64 / ops,
+        );
     }
     let get = |n: &str| figs.iter().find(|f| f.name == n).map(|f| f.ops_per_s);
     let depth = args.depth;
