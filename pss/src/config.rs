@@ -16,7 +16,8 @@ pub struct Config {
     /// `address`. With `join` unset, these ids form the first voter set; otherwise they
     /// are only addresses.
     pub peers: Vec<Peer>,
-    /// Directory holding the Raft log, snapshots and the sled state machine.
+    /// Directory holding the Raft log, snapshots, the sled state machine (`sm/`) and the
+    /// block data segments it points into (`sm/blobs/`).
     pub data_dir: PathBuf,
     /// Start empty and wait to be added by `pss add-node` (a new member) instead of
     /// bootstrapping the cluster from `peers`.
