@@ -138,6 +138,18 @@ fn segment_name(segment: u32) -> String {
     format!("{segment:010}.blob")
 }
 
+/// Creates (or empties) segment `segment`, open for reading and writing.
+fn create_segment(dir: &Path, segment: u32) -> Result<File, BlobError> {
+    let path = dir.join(segment_name(segment));
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&path)
+        .map_err(|source| BlobError::Io { path, source })
+}
+
 /// The open segment files, shared with readers on other threads.
 #[derive(Default)]
 struct Files {
@@ -481,14 +493,7 @@ impl Blobs {
         );
         self.sizes.insert(self.active, self.active_len);
         let next = self.active + 1;
-        let path = self.dir.join(segment_name(next));
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&path)
-            .map_err(|source| BlobError::Io { path, source })?;
+        let file = create_segment(&self.dir, next)?;
         crate::storage::sync_dir(&self.dir).map_err(self.io(next))?;
         self.files
             .write()
@@ -554,15 +559,7 @@ impl Blobs {
                 }
             }
         }
-        let path = self.dir.join(segment_name(segment));
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&path)
-            .map_err(|source| BlobError::Io { path, source })?;
-        files.open.insert(segment, Arc::new(file));
+        files.open.insert(segment, Arc::new(create_segment(&self.dir, segment)?));
         drop(files);
         crate::storage::sync_dir(&self.dir).map_err(self.io(segment))?;
         self.active = segment;

@@ -46,6 +46,31 @@ async fn blocks(ep: &Endpoint) -> PssBlocksClient<tonic::transport::Channel> {
     PssBlocksClient::connect(ep.uri().to_owned()).await.unwrap()
 }
 
+/// Waits until node `id` has applied `index`.
+async fn wait_applied(cluster: &LocalCluster, id: u64, index: u64) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while cluster.status(id).await.is_none_or(|s| s.applied_index < index) {
+        assert!(std::time::Instant::now() < deadline, "node {id} did not apply {index}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Blocks `0..count` of `volume` as node `id` has them applied (a stale read).
+async fn stale_blocks(
+    cluster: &LocalCluster,
+    id: u64,
+    volume: &str,
+    count: u64,
+) -> Vec<pb::PssBlock> {
+    let mut b = blocks(&cluster.endpoint(id).unwrap()).await;
+    let req = pb::GetBlocksRequest {
+        volume: volume.into(),
+        blocks: (0..count).collect(),
+        consistency: pb::ReadConsistency::Stale as i32,
+    };
+    b.get_blocks(req).await.unwrap().into_inner().blocks
+}
+
 /// Runs a raw call on the current leader, again if an election moved leadership in
 /// between (the answer is then NotLeader, never the outcome under test).
 async fn on_leader<T, F, Fut>(cluster: &LocalCluster, f: F) -> Result<T, tonic::Status>
@@ -255,13 +280,7 @@ async fn lagging_node_catches_up_by_snapshot_after_compaction() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     // It serves the same data (a stale read of its own applied state).
-    let mut b = blocks(&cluster.endpoint(down).unwrap()).await;
-    let req = pb::GetBlocksRequest {
-        volume: "snap-vol".into(),
-        blocks: (0..64).collect(),
-        consistency: pb::ReadConsistency::Stale as i32,
-    };
-    let theirs = b.get_blocks(req).await.unwrap().into_inner().blocks;
+    let theirs = stale_blocks(&cluster, down, "snap-vol", 64).await;
     let ours = client.get_blocks(&vol, &(0..64).collect::<Vec<_>>()).await.unwrap();
     assert_eq!(theirs, ours);
     assert_eq!(ours[0].data, vec![192u8; 4096]); // block 0 last written by i = 192
@@ -274,18 +293,8 @@ async fn lagging_node_catches_up_by_snapshot_after_compaction() {
     assert!(on_disk < 600 * 1024, "{on_disk} bytes of blob segments: nothing was collected");
     cluster.stop_node(leader).await.unwrap();
     cluster.restart_node(leader).await.unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while cluster.status(leader).await.is_none_or(|s| s.applied_index < target) {
-        assert!(std::time::Instant::now() < deadline, "node {leader} did not come back");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let mut b = blocks(&cluster.endpoint(leader).unwrap()).await;
-    let req = pb::GetBlocksRequest {
-        volume: "snap-vol".into(),
-        blocks: (0..64).collect(),
-        consistency: pb::ReadConsistency::Stale as i32,
-    };
-    assert_eq!(b.get_blocks(req).await.unwrap().into_inner().blocks, ours);
+    wait_applied(&cluster, leader, target).await;
+    assert_eq!(stale_blocks(&cluster, leader, "snap-vol", 64).await, ours);
     cluster.shutdown().await;
 }
 
@@ -402,11 +411,7 @@ async fn torn_block_data_is_rebuilt_from_the_snapshot_and_the_log() {
     let follower = (1..=3).find(|id| *id != leader).unwrap();
     let target = cluster.status(leader).await.unwrap().commit_index;
     // Let the follower apply everything, then stop it and damage its newest record.
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while cluster.status(follower).await.is_none_or(|s| s.applied_index < target) {
-        assert!(std::time::Instant::now() < deadline, "node {follower} did not catch up");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_applied(&cluster, follower, target).await;
     cluster.stop_node(follower).await.unwrap();
     let blob_dir = cluster.dir().join(format!("node-{follower}/sm/blobs"));
     let newest = std::fs::read_dir(&blob_dir)
@@ -422,18 +427,8 @@ async fn torn_block_data_is_rebuilt_from_the_snapshot_and_the_log() {
     std::fs::write(&newest, bytes).unwrap();
 
     cluster.restart_node(follower).await.unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while cluster.status(follower).await.is_none_or(|s| s.applied_index < target) {
-        assert!(std::time::Instant::now() < deadline, "node {follower} did not come back");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let mut b = blocks(&cluster.endpoint(follower).unwrap()).await;
-    let req = pb::GetBlocksRequest {
-        volume: "torn-vol".into(),
-        blocks: (0..32).collect(),
-        consistency: pb::ReadConsistency::Stale as i32,
-    };
-    let theirs = b.get_blocks(req).await.unwrap().into_inner().blocks;
+    wait_applied(&cluster, follower, target).await;
+    let theirs = stale_blocks(&cluster, follower, "torn-vol", 32).await;
     let ours = client.get_blocks(&vol, &(0..32).collect::<Vec<_>>()).await.unwrap();
     assert_eq!(theirs, ours);
     assert_eq!(ours[31].data, vec![95u8; 4096]); // block 31 last written by i = 95
