@@ -59,6 +59,9 @@ pub struct ClientOptions {
     pub connect_timeout: Duration,
     /// Largest gRPC message sent or accepted, in bytes.
     pub max_message_size_bytes: usize,
+    /// Most operations per `StreamBatches` message sent by `read_many`/`write_many` (the
+    /// NMS's `max_stream_batch_ops` or less); longer lists go in several batches.
+    pub max_batch_ops: usize,
 }
 
 impl ClientOptions {
@@ -77,6 +80,7 @@ impl ClientOptions {
             max_backoff: Duration::from_millis(500),
             connect_timeout: Duration::from_secs(1),
             max_message_size_bytes: 16 << 20,
+            max_batch_ops: 256,
         }
     }
 }
@@ -327,6 +331,179 @@ impl VolumeClient {
         self.journaled(JOp::Delete { block }).await
     }
 
+    /// Reads whole blocks with one `StreamBatches` message each way per `max_batch_ops`
+    /// blocks (one round trip for many blocks); results in the order of `blocks`, `None`
+    /// for a block never written. Retried, redirected and reconnected like `read`.
+    pub async fn read_many(&self, blocks: &[u64]) -> Result<Vec<Option<Vec<u8>>>, ClientError> {
+        let mut out = Vec::with_capacity(blocks.len());
+        for chunk in blocks.chunks(self.inner.opts.max_batch_ops.max(1)) {
+            let ops = chunk
+                .iter()
+                .map(|&block| {
+                    pb::stream_request::Op::Read(pb::ReadOp { block, offset: 0, length: 0 })
+                })
+                .collect();
+            let (results, generation) = self.batch(ops).await?;
+            let mut persisted = Lsn(0);
+            for r in results {
+                let pb::stream_reply::Result::Read(r) = r else {
+                    return Err(ClientError::Status(Status::internal("a read got another result")));
+                };
+                persisted = persisted.max(Lsn(r.persisted_lsn));
+                out.push(r.found.then(|| Vec::from(r.data)));
+            }
+            self.prune(persisted, generation);
+        }
+        Ok(out)
+    }
+
+    /// Writes whole or partial blocks (`(block, offset, data)`) with one `StreamBatches`
+    /// message per `max_batch_ops` writes; returns once the NMS accepted every one, acks in
+    /// order. Each write is journaled with its own request id, as with `write`, so a retry
+    /// or a replay after an NMS crash applies each exactly once. On an error the writes of
+    /// the failed batch may or may not have been accepted (as with a failed `write`);
+    /// earlier batches were.
+    pub async fn write_many(
+        &self,
+        writes: Vec<(u64, u32, Vec<u8>)>,
+    ) -> Result<Vec<WriteAck>, ClientError> {
+        let mut acks = Vec::with_capacity(writes.len());
+        let mut writes = writes.into_iter().peekable();
+        while writes.peek().is_some() {
+            let chunk: Vec<JOp> = writes
+                .by_ref()
+                .take(self.inner.opts.max_batch_ops.max(1))
+                .map(|(block, offset, data)| JOp::Write { block, offset, data: data.into() })
+                .collect();
+            acks.extend(self.journaled_batch(chunk).await?);
+        }
+        Ok(acks)
+    }
+
+    /// Journals `ops`, sends them as one batch and records their lsns (see `journaled`).
+    async fn journaled_batch(&self, ops: Vec<JOp>) -> Result<Vec<WriteAck>, ClientError> {
+        let size: u64 = ops.iter().map(Journal::size).sum();
+        let limit = self.inner.opts.journal_limit_bytes;
+        if self.journal_bytes() + size > limit {
+            self.flush().await?;
+            let bytes = self.journal_bytes();
+            if bytes + size > limit {
+                return Err(ClientError::JournalFull { bytes, limit });
+            }
+        }
+        let first = self.inner.seq.fetch_add(ops.len() as u64, Ordering::Relaxed);
+        let seqs: Vec<u64> = (first..first + ops.len() as u64).collect();
+        {
+            let mut j = self.inner.journal.lock().expect("poisoned");
+            j.bytes += size;
+            for (seq, op) in seqs.iter().zip(&ops) {
+                j.entries.insert(*seq, JEntry { op: op.clone(), lsn: None, generation: 0 });
+            }
+        }
+        let reqs = seqs
+            .iter()
+            .zip(ops)
+            .map(|(&seq, op)| {
+                let request_id =
+                    Some(pb::RequestId { client_id: self.inner.opts.client_id.clone(), seq });
+                match op {
+                    JOp::Write { block, offset, data } => {
+                        pb::stream_request::Op::Write(pb::WriteOp {
+                            block,
+                            offset,
+                            data,
+                            request_id,
+                        })
+                    }
+                    JOp::Delete { block } => {
+                        pb::stream_request::Op::Delete(pb::DeleteOp { block, request_id })
+                    }
+                }
+            })
+            .collect();
+        let r = self.batch(reqs).await;
+        let mut j = self.inner.journal.lock().expect("poisoned");
+        let (results, generation) = match r {
+            Ok(r) => r,
+            Err(e) => {
+                // Not acknowledged: the caller knows, so they leave the journal.
+                for seq in &seqs {
+                    j.remove(*seq);
+                }
+                return Err(e);
+            }
+        };
+        let mut acks = Vec::with_capacity(results.len());
+        for (seq, r) in seqs.iter().zip(results) {
+            let pb::stream_reply::Result::Write(w) = r else {
+                return Err(ClientError::Status(Status::internal("a write got another result")));
+            };
+            if let Some(e) = j.entries.get_mut(seq) {
+                e.lsn = Some(Lsn(w.lsn));
+                e.generation = generation;
+            }
+            acks.push(WriteAck {
+                lsn: Lsn(w.lsn),
+                persisted_lsn: Lsn(w.persisted_lsn),
+                version: w.version,
+            });
+        }
+        if let Some(p) = acks.iter().map(|a| a.persisted_lsn).max() {
+            j.prune(p, generation);
+        }
+        Ok(acks)
+    }
+
+    /// Sends `ops` (tagged by their index) as one `StreamBatches` message, with the
+    /// retries, redirects and reconnects of every call, and returns their results in
+    /// order with the connection generation. An operation's error fails the whole call
+    /// as that error (classified like a unary call's status, so a redirect resends the
+    /// whole batch to the new NMS: writes carry request ids and apply once).
+    async fn batch(
+        &self,
+        ops: Vec<pb::stream_request::Op>,
+    ) -> Result<(Vec<pb::stream_reply::Result>, u64), ClientError> {
+        let batch = pb::StreamBatch {
+            auth: self.auth(),
+            ops: ops
+                .into_iter()
+                .enumerate()
+                .map(|(i, op)| pb::StreamRequest { auth: None, tag: i as u64, op: Some(op) })
+                .collect(),
+        };
+        self.call(|mut c| {
+            let batch = batch.clone();
+            async move {
+                let n = batch.ops.len();
+                let mut replies =
+                    c.stream_batches(futures::stream::iter([batch])).await?.into_inner();
+                let mut out: Vec<Option<pb::stream_reply::Result>> = vec![None; n];
+                let mut got = 0;
+                while got < n {
+                    let m = replies
+                        .message()
+                        .await?
+                        .ok_or_else(|| Status::unavailable("the batch stream ended early"))?;
+                    for r in m.results {
+                        let slot = usize::try_from(r.tag).ok().and_then(|i| out.get_mut(i));
+                        match (r.result, slot) {
+                            (Some(pb::stream_reply::Result::Error(e)), _) => {
+                                return Err(wayside_proto::error::status_of_stream_error(e));
+                            }
+                            (Some(x), Some(slot @ None)) => {
+                                *slot = Some(x);
+                                got += 1;
+                            }
+                            _ => return Err(Status::internal("a batch result with a bad tag")),
+                        }
+                    }
+                }
+                Ok(out.into_iter().flatten().collect())
+            }
+        })
+        .await
+    }
+
     async fn journaled(&self, op: JOp) -> Result<WriteAck, ClientError> {
         let size = Journal::size(&op);
         let limit = self.inner.opts.journal_limit_bytes;
@@ -573,6 +750,7 @@ impl VolumeClient {
             .map_err(|e| Next::Fail(ClientError::Options(format!("{ep}: {e}"))))?
             .connect_timeout(o.connect_timeout)
             .tcp_nodelay(true)
+            .max_frame_size(wayside_proto::server::HTTP2_MAX_FRAME_BYTES)
             .connect()
             .await
             .map_err(|e| {

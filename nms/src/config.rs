@@ -39,6 +39,9 @@ pub struct Config {
     pub max_message_size_bytes: usize,
     /// Most operations in flight on one vehicle stream; more wait.
     pub max_stream_inflight_ops: usize,
+    /// Most operations in one `StreamBatches` message; a larger batch ends the stream with
+    /// INVALID_ARGUMENT.
+    pub max_stream_batch_ops: usize,
     /// Most concurrent HTTP/2 streams per connection.
     pub max_concurrent_streams: u32,
     /// Longest wait of a request behind a paused (switching) volume, in milliseconds.
@@ -77,6 +80,7 @@ impl Default for Config {
             max_volumes: 4096,
             max_message_size_bytes: 16 << 20,
             max_stream_inflight_ops: 256,
+            max_stream_batch_ops: 256,
             max_concurrent_streams: 1024,
             pause_wait_ms: 5_000,
             migration_max_rounds: 8,
@@ -115,6 +119,7 @@ impl Config {
             ("max_batch_ops", self.max_batch_ops as u64),
             ("max_volumes", self.max_volumes as u64),
             ("max_stream_inflight_ops", self.max_stream_inflight_ops as u64),
+            ("max_stream_batch_ops", self.max_stream_batch_ops as u64),
             ("migration_max_rounds", u64::from(self.migration_max_rounds)),
         ] {
             if v == 0 {

@@ -421,12 +421,18 @@ async fn kill_9_of_the_nms_holding_unpersisted_writes_loses_nothing() {
     let a_ep = Endpoint::parse(addr).unwrap();
     wait_healthy(&a_ep).await;
     let b = Nms::start("b", &cluster.endpoints(), |_| {}).await;
-    let c = VolumeClient::open(opts(&[&a_ep, &b.ep], "crash", "k")).await.unwrap();
+    let mut o = opts(&[&a_ep, &b.ep], "crash", "k");
+    o.max_batch_ops = 8;
+    let c = VolumeClient::open(o).await.unwrap();
     c.write(0, 0, block_data(0, 1)).await.unwrap();
     c.flush().await.unwrap();
-    for blk in 0..50u64 {
+    // Half one at a time, half batched (`write_many`, batches of 8): both are journaled.
+    for blk in 0..25u64 {
         c.write(blk, 0, block_data(blk, 2)).await.unwrap();
     }
+    let acks = c.write_many((25..50u64).map(|b| (b, 0, block_data(b, 2))).collect()).await.unwrap();
+    assert_eq!(acks.len(), 25);
+    assert!(acks.windows(2).all(|w| w[0].lsn < w[1].lsn), "acks in order: {acks:?}");
     c.write(3, 10, b"partial".to_vec()).await.unwrap();
     assert!(c.journal_bytes() >= 50 * BS as u64, "writes are accepted, not persisted");
     assert!(pss_blocks(&cluster, "crash", &[1]).await.is_empty());
@@ -444,6 +450,12 @@ async fn kill_9_of_the_nms_holding_unpersisted_writes_loses_nothing() {
     for (blk, data) in &want {
         assert_eq!(stored.get(blk), Some(data), "acknowledged block {blk} is in the PSS");
     }
+    // And batched reads from B (several batches of 8) see the same.
+    let read = c.read_many(&blocks).await.unwrap();
+    for (blk, got) in blocks.iter().zip(read) {
+        assert_eq!(got.as_ref(), want.get(blk), "block {blk} read back in a batch");
+    }
+    assert_eq!(c.read_many(&[1000]).await.unwrap(), vec![None], "a block never written");
     b.stop().await;
     cluster.shutdown().await;
 }
@@ -798,6 +810,177 @@ async fn streamed_operations_round_trip_through_back_pressure() {
     for b in 0..32 {
         assert_eq!(stored.get(&b), Some(&block_data(b, 1)), "block {b} in the PSS");
     }
+    drop((s, bad));
+    a.stop().await;
+    cluster.shutdown().await;
+}
+
+/// One `Nms.StreamBatches` call: each `batch` sends its operations tagged in order in one
+/// message (the credential on the first) and gathers their results.
+struct BatchStream {
+    tx: tokio::sync::mpsc::Sender<pb::StreamBatch>,
+    replies: tonic::Streaming<pb::StreamResults>,
+    tag: u64,
+    auth: Option<pb::VolumeAuth>,
+}
+
+impl BatchStream {
+    async fn open(nms: &Nms, vol: &str, secret: &str) -> BatchStream {
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let replies = nms
+            .raw()
+            .await
+            .stream_batches(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+            .unwrap()
+            .into_inner();
+        BatchStream { tx, replies, tag: 0, auth: auth(vol, secret) }
+    }
+
+    async fn send(&mut self, ops: Vec<pb::stream_request::Op>) -> Vec<u64> {
+        let ops: Vec<pb::StreamRequest> = ops
+            .into_iter()
+            .map(|op| {
+                self.tag += 1;
+                pb::StreamRequest { auth: None, tag: self.tag, op: Some(op) }
+            })
+            .collect();
+        let tags = ops.iter().map(|o| o.tag).collect();
+        self.tx.send(pb::StreamBatch { auth: self.auth.take(), ops }).await.unwrap();
+        tags
+    }
+
+    /// The next message off the stream.
+    async fn message(&mut self) -> Result<Option<pb::StreamResults>, tonic::Status> {
+        tokio::time::timeout(Duration::from_secs(20), self.replies.message())
+            .await
+            .expect("a reply within 20 s")
+    }
+
+    /// Sends a batch and gathers its results by tag, with how many messages they came in.
+    async fn batch(
+        &mut self,
+        ops: Vec<pb::stream_request::Op>,
+    ) -> (Vec<pb::stream_reply::Result>, usize) {
+        let tags = self.send(ops).await;
+        let mut got = HashMap::new();
+        let mut messages = 0;
+        while got.len() < tags.len() {
+            let m = self.message().await.unwrap().expect("the stream stays open");
+            messages += 1;
+            for r in m.results {
+                assert!(got.insert(r.tag, r.result.expect("a result")).is_none(), "tag twice");
+            }
+        }
+        (tags.iter().map(|t| got.remove(t).expect("a result per tag")).collect(), messages)
+    }
+}
+
+/// The batched streamed API: many operations per message, through back-pressure, with the
+/// results that are ready together in one message; bad batches are refused whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batched_operations_round_trip_and_bad_batches_change_nothing() {
+    use pb::stream_reply::Result as R;
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = LocalCluster::start(3, dir.path()).await.unwrap();
+    let a = Nms::start("a", &cluster.endpoints(), |c| {
+        c.dirty_limit_bytes_per_volume = 4 * (BS as u64 + 1);
+        c.max_stream_batch_ops = 40;
+    })
+    .await;
+    a.raw()
+        .await
+        .create_volume(pb::CreateVolumeRequest { auth: auth("bt", "key"), block_size: BS as u32 })
+        .await
+        .unwrap();
+    let mut s = BatchStream::open(&a, "bt", "key").await;
+    // 32 writes in one message against room for 4 dirty blocks: most wait for write-back.
+    let (results, _) =
+        s.batch((0..32).map(|b| stream_write(b, 0, block_data(b, 2))).collect()).await;
+    let mut lsns: Vec<u64> = results
+        .iter()
+        .map(|r| match r {
+            R::Write(w) => w.lsn,
+            other => panic!("a write: {other:?}"),
+        })
+        .collect();
+    lsns.sort_unstable();
+    lsns.dedup();
+    assert_eq!(lsns.len(), 32, "every write got its own lsn");
+    // 32 reads of cached blocks are all answered at once: one message back.
+    let (results, messages) = s.batch((0..32).map(stream_read).collect()).await;
+    assert_eq!(messages, 1, "results ready together travel together");
+    for (b, r) in results.iter().enumerate() {
+        let R::Read(r) = r else { panic!("read {b}: {r:?}") };
+        assert!(r.found);
+        assert_eq!(&r.data[..], &block_data(b as u64, 2)[..], "block {b}");
+    }
+    // Mixed (after a flush, so the first write is taken at once): an oversized write fails
+    // alone; the operations around it still succeed.
+    let (results, _) = s.batch(vec![pb::stream_request::Op::Flush(pb::FlushOp {})]).await;
+    assert!(matches!(results[0], R::Flush(_)), "{:?}", results[0]);
+    let (results, _) = s
+        .batch(vec![
+            stream_write(40, 0, block_data(40, 2)),
+            stream_write(41, 0, vec![9; BS + 1]),
+            stream_read(40),
+            stream_read(100),
+        ])
+        .await;
+    assert!(matches!(results[0], R::Write(_)), "{:?}", results[0]);
+    let R::Error(e) = &results[1] else { panic!("an oversized block is refused") };
+    assert_eq!(e.code, tonic::Code::InvalidArgument as i32, "{e:?}");
+    let R::Read(r) = &results[2] else { panic!() };
+    assert_eq!(&r.data[..], &block_data(40, 2)[..], "the batch's own earlier write is read");
+    let R::Read(r) = &results[3] else { panic!() };
+    assert!(!r.found, "block 100 was never written");
+    // A batch over max_stream_batch_ops is refused whole: the stream ends with
+    // INVALID_ARGUMENT and none of its writes happened.
+    s.send((200..241).map(|b| stream_write(b, 0, block_data(b, 3))).collect()).await;
+    let e = s.message().await.expect_err("an oversized batch ends the stream");
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+    assert!(e.message().contains("max_stream_batch_ops"), "{e:?}");
+    // An operation with its own credential inside a batch is refused the same way.
+    let mut s = BatchStream::open(&a, "bt", "key").await;
+    s.tx.send(pb::StreamBatch {
+        auth: s.auth.take(),
+        ops: vec![pb::StreamRequest {
+            auth: auth("other", "x"),
+            tag: 1,
+            op: Some(stream_write(201, 0, block_data(201, 3))),
+        }],
+    })
+    .await
+    .unwrap();
+    let e = s.message().await.expect_err("auth inside a batch ends the stream");
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+    // The wrong credential: every operation of the batch is refused.
+    let mut bad = BatchStream::open(&a, "bt", "not-the-key").await;
+    let (results, _) = bad.batch(vec![stream_write(1, 0, vec![7; BS]), stream_read(1)]).await;
+    for r in results {
+        let R::Error(e) = r else { panic!("a wrong credential is refused: {r:?}") };
+        assert_eq!(e.code, tonic::Code::Unauthenticated as i32, "{e:?}");
+    }
+    let mut s = BatchStream::open(&a, "bt", "key").await;
+    let (results, _) = s
+        .batch(vec![
+            stream_read(1),
+            stream_read(200),
+            pb::stream_request::Op::Flush(pb::FlushOp {}),
+        ])
+        .await;
+    let R::Read(r) = &results[0] else { panic!() };
+    assert_eq!(&r.data[..], &block_data(1, 2)[..], "the wrong credential changed nothing");
+    let R::Read(r) = &results[1] else { panic!() };
+    assert!(!r.found, "nothing of the refused batch was written");
+    let R::Flush(f) = &results[2] else { panic!("flush") };
+    assert!(f.persisted_lsn >= *lsns.last().unwrap());
+    let blocks: Vec<u64> = (0..32).chain([40, 200, 201]).collect();
+    let stored = pss_blocks(&cluster, "bt", &blocks).await;
+    for b in (0..32).chain([40]) {
+        assert_eq!(stored.get(&b), Some(&block_data(b, 2)), "block {b} in the PSS");
+    }
+    assert!(!stored.contains_key(&200) && !stored.contains_key(&201), "refused batches");
     drop((s, bad));
     a.stop().await;
     cluster.shutdown().await;

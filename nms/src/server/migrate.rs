@@ -237,6 +237,7 @@ impl Node {
                     wayside_proto::server::HTTP2_CONNECTION_WINDOW_BYTES,
                 )
                 .initial_stream_window_size(wayside_proto::server::HTTP2_STREAM_WINDOW_BYTES)
+                .max_frame_size(wayside_proto::server::HTTP2_MAX_FRAME_BYTES)
                 .connect_timeout(Duration::from_secs(2))
                 .connect(),
         )

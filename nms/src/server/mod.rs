@@ -75,6 +75,7 @@ pub async fn run_with_store(
             .max_concurrent_streams(Some(config.max_concurrent_streams))
             .initial_connection_window_size(wayside_proto::server::HTTP2_CONNECTION_WINDOW_BYTES)
             .initial_stream_window_size(wayside_proto::server::HTTP2_STREAM_WINDOW_BYTES)
+            .max_frame_size(wayside_proto::server::HTTP2_MAX_FRAME_BYTES)
             .add_service(health)
             .add_service(wayside_proto::server::reflection())
             .add_service(

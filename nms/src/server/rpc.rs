@@ -5,6 +5,7 @@ use super::{Node, Presented};
 use crate::cache::VolumeState;
 use crate::error::NmsError;
 use futures::stream::{FuturesUnordered, StreamExt as _};
+use futures::FutureExt as _;
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -146,6 +147,7 @@ impl Node {
 }
 
 type StreamOut = Pin<Box<dyn futures::Stream<Item = Result<pb::StreamReply, Status>> + Send>>;
+type BatchOut = Pin<Box<dyn futures::Stream<Item = Result<pb::StreamResults, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl pb::nms_server::Nms for Node {
@@ -244,7 +246,67 @@ impl pb::nms_server::Nms for Node {
         &self,
         req: Request<Streaming<pb::StreamRequest>>,
     ) -> Result<Response<Self::StreamStream>, Status> {
-        let mut inbound = req.into_inner();
+        let inbound = req.into_inner().map(|m| {
+            m.map(|mut m| {
+                let auth = m.auth.take();
+                (auth, vec![m])
+            })
+        });
+        let out = ReceiverStream::new(self.serve_ops(Box::pin(inbound))).flat_map(|r| {
+            futures::stream::iter(match r {
+                Ok(replies) => replies.into_iter().map(Ok).collect::<Vec<_>>(),
+                Err(s) => vec![Err(s)],
+            })
+        });
+        Ok(Response::new(Box::pin(out)))
+    }
+
+    type StreamBatchesStream = BatchOut;
+
+    async fn stream_batches(
+        &self,
+        req: Request<Streaming<pb::StreamBatch>>,
+    ) -> Result<Response<Self::StreamBatchesStream>, Status> {
+        let max = self.cfg.max_stream_batch_ops;
+        let inbound = req.into_inner().map(move |m| {
+            let m = m?;
+            if m.ops.len() > max {
+                return Err(Status::invalid_argument(format!(
+                    "a batch of {} operations exceeds max_stream_batch_ops ({max})",
+                    m.ops.len()
+                )));
+            }
+            if m.ops.iter().any(|op| op.auth.is_some()) {
+                return Err(Status::invalid_argument(
+                    "an operation in a batch carries its own auth; put it on the batch",
+                ));
+            }
+            Ok((m.auth, m.ops))
+        });
+        let out = ReceiverStream::new(self.serve_ops(Box::pin(inbound)))
+            .map(|r| r.map(|results| pb::StreamResults { results }));
+        Ok(Response::new(Box::pin(out)))
+    }
+}
+
+/// The inbound side of a vehicle stream, whichever RPC carries it: per message, the
+/// credential (if any) and the operations in order.
+type OpsIn = Pin<
+    Box<
+        dyn futures::Stream<Item = Result<(Option<pb::VolumeAuth>, Vec<pb::StreamRequest>), Status>>
+            + Send,
+    >,
+>;
+
+impl Node {
+    /// Serves one vehicle stream (`Stream` or `StreamBatches`) in a task of its own: the
+    /// operations of each inbound message are taken in order; the results that are ready
+    /// together (those answered at once, or every in-flight operation that has finished)
+    /// leave as one outbound item, so a batch costs one message each way.
+    fn serve_ops(
+        &self,
+        mut inbound: OpsIn,
+    ) -> tokio::sync::mpsc::Receiver<Result<Vec<pb::StreamReply>, Status>> {
         let limit = self.cfg.max_stream_inflight_ops;
         let (tx, rx) = tokio::sync::mpsc::channel(limit);
         let node = self.self_arc();
@@ -259,19 +321,26 @@ impl pb::nms_server::Nms for Node {
                 let cancelled = stop.cancelled();
                 tokio::pin!(cancelled);
                 loop {
+                    let mut ready = Vec::new();
                     tokio::select! {
                         _ = &mut cancelled => return,
                         Some(reply) = inflight.next(), if !inflight.is_empty() => {
-                            if tx.send(Ok(reply)).await.is_err() { return; }
+                            ready.push(reply);
+                            // Everything else already finished goes in the same message.
+                            // (Polling with a no-op waker here loses no wakeup: the next
+                            // `select!` polls `inflight` again with this task's waker.)
+                            while let Some(Some(reply)) = inflight.next().now_or_never() {
+                                ready.push(reply);
+                            }
                         }
-                        msg = inbound.message(), if open && inflight.len() < limit => {
-                            let m: pb::StreamRequest = match msg {
-                                Ok(Some(m)) => m,
-                                Ok(None) => { open = false; continue; }
-                                Err(s) => { let _ = tx.send(Err(s)).await; return; }
+                        msg = inbound.next(), if open && inflight.len() < limit => {
+                            let (m_auth, ops) = match msg {
+                                Some(Ok(m)) => m,
+                                None => { open = false; continue; }
+                                Some(Err(s)) => { let _ = tx.send(Err(s)).await; return; }
                             };
-                            if auth.is_none() || m.auth.is_some() {
-                                match volume_auth(m.auth) {
+                            if auth.is_none() || m_auth.is_some() {
+                                match volume_auth(m_auth) {
                                     Ok(a) => auth = Some(Arc::new(a)),
                                     Err(e) => {
                                         let _ = tx.send(Err(Status::from(e))).await;
@@ -280,35 +349,40 @@ impl pb::nms_server::Nms for Node {
                                 }
                             }
                             let a = auth.clone().expect("set above");
-                            let tag = m.tag;
-                            // Answered at once, but only when nothing earlier in this stream
-                            // is still pending, so an operation never overtakes one that waits.
-                            if inflight.is_empty() {
-                                if let Some(result) = m.op.as_ref().and_then(|op| node.stream_op_now(&a, op)) {
-                                    let reply = pb::StreamReply { tag, result: Some(result) };
-                                    if tx.send(Ok(reply)).await.is_err() { return; }
-                                    continue;
+                            for m in ops {
+                                let tag = m.tag;
+                                // Answered at once, but only when nothing earlier in this
+                                // stream is still pending, so an operation never overtakes
+                                // one that waits.
+                                if inflight.is_empty() {
+                                    if let Some(result) = m.op.as_ref().and_then(|op| node.stream_op_now(&a, op)) {
+                                        ready.push(pb::StreamReply { tag, result: Some(result) });
+                                        continue;
+                                    }
                                 }
-                            }
-                            let node = node.clone();
-                            inflight.push(async move {
-                                let result = match m.op {
-                                    None => Err(Status::invalid_argument("stream request without op")),
-                                    Some(op) => node.stream_op(&a, op).await,
-                                };
-                                let result = result.unwrap_or_else(|s| {
-                                    pb::stream_reply::Result::Error(wayside_proto::error::stream_error(&s))
+                                let (node, a) = (node.clone(), a.clone());
+                                inflight.push(async move {
+                                    let result = match m.op {
+                                        None => Err(Status::invalid_argument("stream request without op")),
+                                        Some(op) => node.stream_op(&a, op).await,
+                                    };
+                                    let result = result.unwrap_or_else(|s| {
+                                        pb::stream_reply::Result::Error(wayside_proto::error::stream_error(&s))
+                                    });
+                                    pb::StreamReply { tag, result: Some(result) }
                                 });
-                                pb::StreamReply { tag, result: Some(result) }
-                            });
+                            }
                         }
                         else => return,
+                    }
+                    if !ready.is_empty() && tx.send(Ok(ready)).await.is_err() {
+                        return;
                     }
                 }
             }
             .instrument(span),
         );
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        rx
     }
 }
 

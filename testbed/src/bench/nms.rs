@@ -1,6 +1,7 @@
 //! `testbed bench nms`: 4 KiB block writes and reads against one NMS (backed by a real
-//! 3-node PSS in this process), 16 clients, unary and streamed (16 operations in flight
-//! per stream), side by side with redis-server (driven by redis-benchmark, unpipelined
+//! 3-node PSS in this process), 16 clients, unary, streamed (16 operations in flight
+//! per stream) and batched (16 operations per `StreamBatches` message, one batch at a
+//! time, as redis-benchmark pipelines), side by side with redis-server (driven by redis-benchmark, unpipelined
 //! and with 16-deep pipelining) and memcached (driven by a small text-protocol client
 //! here, unpipelined), all started by this run. Prints ops/s, p50, p99 and the ratios.
 //! Targets: DESIGN.md section 10.
@@ -33,6 +34,23 @@ pub struct Args {
     /// The NMS's `writeback_delay_ms` for this run (default: the NMS's own default).
     #[arg(long)]
     pub writeback_delay_ms: Option<u64>,
+    /// Run only these NMS phases (comma-separated; default: all), e.g. for profiling one.
+    #[arg(long, value_delimiter = ',', value_enum)]
+    pub phases: Vec<Phase>,
+    /// Skip the redis and memcached runs.
+    #[arg(long)]
+    pub no_peers: bool,
+}
+
+/// One NMS phase of the benchmark.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Phase {
+    UnaryWrite,
+    UnaryRead,
+    StreamedWrite,
+    StreamedRead,
+    BatchedWrite,
+    BatchedRead,
 }
 
 const VALUE: usize = 4096;
@@ -128,6 +146,7 @@ fn free_port() -> anyhow::Result<u16> {
 async fn channel(addr: &str) -> anyhow::Result<tonic::transport::Channel> {
     Ok(tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
         .tcp_nodelay(true)
+        .max_frame_size(wayside_proto::server::HTTP2_MAX_FRAME_BYTES)
         .connect()
         .await?)
 }
@@ -243,6 +262,77 @@ async fn nms_streamed(addr: &str, a: &Args, write: bool) -> anyhow::Result<Figur
     }
     let (all, elapsed, cpu) = measure(tasks, start, a.seconds, &stop).await?;
     let name = if write { "nms streamed write" } else { "nms streamed read" };
+    Ok(figure_cpu(name, all, elapsed, cpu))
+}
+
+/// Batched (like redis-benchmark's pipelining): each client sends `depth` operations in
+/// one `StreamBatches` message, waits for all their results, then sends the next batch.
+/// An operation's latency is its batch's round trip.
+async fn nms_batched(addr: &str, a: &Args, write: bool) -> anyhow::Result<Figure> {
+    let stop = CancellationToken::new();
+    let mut tasks = tokio::task::JoinSet::new();
+    let start = Start::now();
+    for i in 0..a.clients {
+        let mut c = pb::nms_client::NmsClient::new(channel(addr).await?);
+        let (stop, blocks, depth) = (stop.clone(), a.blocks, a.depth);
+        tasks.spawn(async move {
+            let (tx, rx) = tokio::sync::mpsc::channel::<pb::StreamBatch>(1);
+            let mut replies = c
+                .stream_batches(tokio_stream::wrappers::ReceiverStream::new(rx))
+                .await?
+                .into_inner();
+            // Shared by every request: cloning it is a reference count, not a 4 KiB copy.
+            let data = prost::bytes::Bytes::from(vec![i as u8; VALUE]);
+            let mut lat = Vec::with_capacity(1 << 16);
+            let mut tag = 0u64;
+            let mut first = true;
+            while !stop.is_cancelled() {
+                let ops = (0..depth)
+                    .map(|_| {
+                        tag += 1;
+                        let block = tag % blocks;
+                        pb::StreamRequest {
+                            auth: None,
+                            tag,
+                            op: Some(if write {
+                                pb::stream_request::Op::Write(pb::WriteOp {
+                                    block,
+                                    offset: 0,
+                                    data: data.clone(),
+                                    request_id: None,
+                                })
+                            } else {
+                                pb::stream_request::Op::Read(pb::ReadOp {
+                                    block,
+                                    offset: 0,
+                                    length: 0,
+                                })
+                            }),
+                        }
+                    })
+                    .collect();
+                let t = Instant::now();
+                let auth = if first { auth(i) } else { None };
+                first = false;
+                tx.send(pb::StreamBatch { auth, ops }).await?;
+                let mut left = depth;
+                while left > 0 {
+                    let Some(r) = replies.next().await else { bail!("batch stream ended early") };
+                    for r in r?.results {
+                        if let Some(pb::stream_reply::Result::Error(e)) = &r.result {
+                            bail!("batched op failed: {e:?}");
+                        }
+                        left -= 1;
+                    }
+                }
+                let us = u32::try_from(t.elapsed().as_micros()).unwrap_or(u32::MAX);
+                lat.extend(std::iter::repeat_n(us, depth));
+            }
+            anyhow::Ok(lat)
+        });
+    }
+    let (all, elapsed, cpu) = measure(tasks, start, a.seconds, &stop).await?;
+    let name = if write { "nms batched write" } else { "nms batched read" };
     Ok(figure_cpu(name, all, elapsed, cpu))
 }
 
@@ -423,6 +513,17 @@ async fn memcached(a: &Args) -> anyhow::Result<Vec<Figure>> {
     Ok(out)
 }
 
+/// How a phase's clients call the NMS.
+#[derive(Debug, Clone, Copy)]
+enum Api {
+    /// One `Read`/`Write` call at a time.
+    Unary,
+    /// `depth` tagged operations in flight on one `Stream`.
+    Streamed,
+    /// `depth` operations per `StreamBatches` message, one batch at a time.
+    Batched,
+}
+
 /// Runs the benchmark.
 pub async fn run(args: Args) -> anyhow::Result<()> {
     if cfg!(debug_assertions) {
@@ -460,13 +561,23 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     drain(&addr, &args).await?;
     let mut figs = Vec::new();
     let mut drains = Vec::new();
-    for (streamed, write) in [(false, true), (false, false), (true, true), (true, false)] {
-        tracing::info!(streamed, write, "bench nms: phase starts");
+    for (phase, api, write) in [
+        (Phase::UnaryWrite, Api::Unary, true),
+        (Phase::UnaryRead, Api::Unary, false),
+        (Phase::StreamedWrite, Api::Streamed, true),
+        (Phase::StreamedRead, Api::Streamed, false),
+        (Phase::BatchedWrite, Api::Batched, true),
+        (Phase::BatchedRead, Api::Batched, false),
+    ] {
+        if !args.phases.is_empty() && !args.phases.contains(&phase) {
+            continue;
+        }
+        tracing::info!(?api, write, "bench nms: phase starts");
         let wb0 = writeback_totals(&addr).await?;
-        let f = if streamed {
-            nms_streamed(&addr, &args, write).await?
-        } else {
-            nms_unary(&addr, &args, write).await?
+        let f = match api {
+            Api::Unary => nms_unary(&addr, &args, write).await?,
+            Api::Streamed => nms_streamed(&addr, &args, write).await?,
+            Api::Batched => nms_batched(&addr, &args, write).await?,
         };
         if write {
             let d = drain(&addr, &args).await?;
@@ -480,13 +591,15 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     stop.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(30), server).await;
     cluster.shutdown().await;
-    match redis(&args).await {
-        Ok(f) => figs.extend(f),
-        Err(e) => println!("redis: not measured: {e:#}"),
-    }
-    match memcached(&args).await {
-        Ok(f) => figs.extend(f),
-        Err(e) => println!("memcached: not measured: {e:#}"),
+    if !args.no_peers {
+        match redis(&args).await {
+            Ok(f) => figs.extend(f),
+            Err(e) => println!("redis: not measured: {e:#}"),
+        }
+        match memcached(&args).await {
+            Ok(f) => figs.extend(f),
+            Err(e) => println!("memcached: not measured: {e:#}"),
+        }
     }
     println!(
         "\n4 KiB values, {} clients, {} s per NMS/memcached phase\n",
@@ -519,6 +632,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         ("nms unary read".into(), "redis get P=1".into()),
         ("nms streamed write".into(), format!("redis set P={depth}")),
         ("nms streamed read".into(), format!("redis get P={depth}")),
+        ("nms batched write".into(), format!("redis set P={depth}")),
+        ("nms batched read".into(), format!("redis get P={depth}")),
         ("nms unary write".into(), "memcached set".into()),
         ("nms unary read".into(), "memcached get".into()),
     ] {
