@@ -28,6 +28,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .bytes(".wayside.v1.MigratedBlock.data")
         .bytes(".wayside.v1.WriteOp.data")
         .bytes(".wayside.v1.ReadReply.data")
+        // prost, with the message's length reserved before encoding (see src/codec.rs).
+        .codec_path("crate::codec::WaysideCodec")
         .compile_fds(fds)?;
     Ok(())
 }

@@ -8,9 +8,11 @@
 //! - [`error`]: typed faults (redirect, not owner, not leader, stale epoch, limit) carried in
 //!   gRPC status details, so clients act on them instead of parsing strings.
 //! - [`server`]: the standard services every wayside server exposes (health, reflection).
+//! - [`codec`]: the prost codec every generated client and server uses.
 //! - [`config`]: TOML config loading shared by the binaries (unknown keys rejected).
 //! - [`telemetry`]: `tracing` set-up shared by the binaries.
 
+pub mod codec;
 pub mod config;
 pub mod convert;
 pub mod error;
