@@ -381,6 +381,17 @@ impl Cache {
         Ok(ReadOutcome::Hit { data: data.slice(start..end), version: e.version })
     }
 
+    /// The blocks of `blocks` without an entry in an active volume `name` (none when the
+    /// volume is unknown or not active).
+    pub fn uncached(&self, name: &VolumeName, blocks: &[BlockNo]) -> Vec<BlockNo> {
+        match self.volumes.get(name) {
+            Some(v) if matches!(v.state, VolumeState::Active) => {
+                blocks.iter().copied().filter(|b| !v.entries.contains_key(b)).collect()
+            }
+            _ => Vec::new(),
+        }
+    }
+
     /// Caches a block fetched from the PSS (`None`: absent there), unless the block got
     /// cached meanwhile (a write wins over an older fetch).
     pub fn fill(&mut self, name: &VolumeName, block: BlockNo, fetched: Option<(Bytes, u64)>) {

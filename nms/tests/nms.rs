@@ -986,6 +986,44 @@ async fn batched_operations_round_trip_and_bad_batches_change_nothing() {
     cluster.shutdown().await;
 }
 
+/// Reads of a batch that miss the cache share one PSS call (a cold NMS refills a volume
+/// in a round trip per batch, not one per block).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_of_cold_reads_is_one_pss_call() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = LocalCluster::start(3, dir.path()).await.unwrap();
+    let a = Nms::start("a", &cluster.endpoints(), |_| {}).await;
+    let b = Nms::start("b", &cluster.endpoints(), |_| {}).await;
+    let writer = VolumeClient::open(opts(&[&a.ep], "cold", "k")).await.unwrap();
+    writer.write_many((0..64u64).map(|blk| (blk, 0, block_data(blk, 4))).collect()).await.unwrap();
+    writer.flush().await.unwrap();
+    drop(writer);
+    let reads = |status: pb::NodeStatusReply| (status.pss_reads, status.pss_read_blocks);
+    let mut o = opts(&[&b.ep], "cold", "k");
+    o.max_batch_ops = 64;
+    let c = VolumeClient::open(o).await.unwrap();
+    let before =
+        reads(b.admin().await.node_status(pb::NodeStatusRequest {}).await.unwrap().into_inner());
+    // 60 written blocks and 4 never written, none cached on B.
+    let blocks: Vec<u64> = (4..68).collect();
+    let got = c.read_many(&blocks).await.unwrap();
+    for (blk, data) in blocks.iter().zip(&got) {
+        let want = (*blk < 64).then(|| block_data(*blk, 4));
+        assert_eq!(data, &want, "block {blk}");
+    }
+    let after =
+        reads(b.admin().await.node_status(pb::NodeStatusRequest {}).await.unwrap().into_inner());
+    assert_eq!((after.0 - before.0, after.1 - before.1), (1, 64), "one PSS call for the batch");
+    // Cached now (the absent ones too): no PSS call at all.
+    assert_eq!(c.read_many(&blocks).await.unwrap(), got);
+    let again =
+        reads(b.admin().await.node_status(pb::NodeStatusRequest {}).await.unwrap().into_inner());
+    assert_eq!(again, after);
+    a.stop().await;
+    b.stop().await;
+    cluster.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_shutdown_flushes_and_exits() {
     let dir = tempfile::tempdir().unwrap();

@@ -180,6 +180,9 @@ pub struct Node {
     /// Write-back batches the PSS accepted, and the block changes in them (NodeStatus).
     pub(crate) wb_batches: AtomicU64,
     pub(crate) wb_blocks: AtomicU64,
+    /// Read-through calls to the PSS, and the blocks asked for in them (NodeStatus).
+    pub(crate) pss_reads: AtomicU64,
+    pub(crate) pss_read_blocks: AtomicU64,
     me: std::sync::Weak<Node>,
 }
 
@@ -220,6 +223,8 @@ impl Node {
             seq: AtomicU64::new(1),
             wb_batches: AtomicU64::new(0),
             wb_blocks: AtomicU64::new(0),
+            pss_reads: AtomicU64::new(0),
+            pss_read_blocks: AtomicU64::new(0),
         })
     }
 
@@ -597,7 +602,7 @@ impl Node {
                 Ok((ReadOutcome::Hit { data, version }, p)) => return Ok((Some(data), version, p)),
                 Ok((ReadOutcome::Absent, p)) => return Ok((None, 0, p)),
                 Ok((ReadOutcome::Miss, p)) => {
-                    let got = self.store.get_blocks(v.clone(), vec![block]).await?;
+                    let got = self.fetch(v, vec![block]).await?;
                     let got = got.into_iter().next().flatten();
                     let mut core = self.core();
                     core.fill(v, block, got.clone());
@@ -623,6 +628,41 @@ impl Node {
                 Err(e) => return Err(self.cache_error(v, e)),
             }
         }
+    }
+
+    /// Reads blocks from the PSS (a cache miss), counted for `NodeStatus`.
+    async fn fetch(
+        &self,
+        v: &VolumeName,
+        blocks: Vec<BlockNo>,
+    ) -> Result<crate::store::Fetched, crate::store::StoreError> {
+        self.pss_reads.fetch_add(1, Ordering::Relaxed);
+        self.pss_read_blocks.fetch_add(blocks.len() as u64, Ordering::Relaxed);
+        self.store.get_blocks(v.clone(), blocks).await
+    }
+
+    /// The blocks of `blocks` this node does not cache for `v` (empty when the volume is
+    /// not loaded or not active): a batch's reads that would each go to the PSS.
+    pub(crate) fn uncached(&self, v: &VolumeName, blocks: &[BlockNo]) -> Vec<BlockNo> {
+        self.core().uncached(v, blocks)
+    }
+
+    /// Brings `blocks` (the uncached ones of a batch) into the cache with one PSS call, so
+    /// a batch of cold reads costs one round trip to the PSS instead of one per block.
+    /// Blocks cached meanwhile (a write) keep what they have (`Cache::fill`).
+    pub(crate) async fn prefetch(
+        &self,
+        v: &VolumeName,
+        cred: &Presented,
+        blocks: Vec<BlockNo>,
+    ) -> Result<(), NmsError> {
+        self.ensure(v, cred).await?;
+        let got = self.fetch(v, blocks.clone()).await?;
+        let mut core = self.core();
+        for (b, g) in blocks.into_iter().zip(got) {
+            core.fill(v, b, g);
+        }
+        Ok(())
     }
 
     fn cache_error(&self, v: &VolumeName, e: CacheError) -> NmsError {
@@ -669,7 +709,7 @@ impl Node {
                     return Ok(o);
                 }
                 Err(CacheError::NeedBlock(b)) => {
-                    let got = self.store.get_blocks(v.clone(), vec![b]).await?;
+                    let got = self.fetch(v, vec![b]).await?;
                     self.core().fill(v, b, got.into_iter().next().flatten());
                 }
                 Err(CacheError::NotServing(VolumeState::Paused)) => {

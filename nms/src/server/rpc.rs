@@ -101,7 +101,29 @@ impl Node {
     }
 }
 
+/// The blocks a batch's read operations read.
+fn batch_reads(ops: &[pb::StreamRequest]) -> Vec<wayside_proto::types::BlockNo> {
+    ops.iter()
+        .filter_map(|m| match &m.op {
+            Some(pb::stream_request::Op::Read(r)) => Some(r.block),
+            _ => None,
+        })
+        .collect()
+}
+
 impl Node {
+    /// Runs one stream operation to its reply (an error becomes the reply's result).
+    async fn stream_reply(&self, a: &Auth, m: pb::StreamRequest) -> pb::StreamReply {
+        let result = match m.op {
+            None => Err(Status::invalid_argument("stream request without op")),
+            Some(op) => self.stream_op(a, op).await,
+        };
+        let result = result.unwrap_or_else(|s| {
+            pb::stream_reply::Result::Error(wayside_proto::error::stream_error(&s))
+        });
+        pb::StreamReply { tag: m.tag, result: Some(result) }
+    }
+
     /// A stream's read that hits the cache or write the cache takes at once, answered
     /// without an `await` (no task, no wakeups); `None` for everything else (a miss, a
     /// paused or full volume, any error), which [`Node::stream_op`] then does in full.
@@ -324,13 +346,13 @@ impl Node {
                     let mut ready = Vec::new();
                     tokio::select! {
                         _ = &mut cancelled => return,
-                        Some(reply) = inflight.next(), if !inflight.is_empty() => {
-                            ready.push(reply);
+                        Some(replies) = inflight.next(), if !inflight.is_empty() => {
+                            ready.extend(replies);
                             // Everything else already finished goes in the same message.
                             // (Polling with a no-op waker here loses no wakeup: the next
                             // `select!` polls `inflight` again with this task's waker.)
-                            while let Some(Some(reply)) = inflight.next().now_or_never() {
-                                ready.push(reply);
+                            while let Some(Some(replies)) = inflight.next().now_or_never() {
+                                ready.extend(replies);
                             }
                         }
                         msg = inbound.next(), if open && inflight.len() < limit => {
@@ -349,28 +371,38 @@ impl Node {
                                 }
                             }
                             let a = auth.clone().expect("set above");
+                            // A batch whose reads miss the cache: every missed block comes
+                            // from the PSS in one call first, then the message's operations
+                            // run in order in one task (instead of one PSS call per read).
+                            let cold = if ops.len() > 1 { node.uncached(&a.0, &batch_reads(&ops)) } else { Vec::new() };
+                            if cold.len() > 1 {
+                                let (node, a) = (node.clone(), a.clone());
+                                inflight.push(async move {
+                                    // On failure each read below goes to the PSS itself and
+                                    // answers with its own error.
+                                    if let Err(e) = node.prefetch(&a.0, &a.1, cold).await {
+                                        tracing::debug!(error = %e, "batch prefetch failed");
+                                    }
+                                    let mut out = Vec::with_capacity(ops.len());
+                                    for m in ops {
+                                        out.push(node.stream_reply(&a, m).await);
+                                    }
+                                    out
+                                }.boxed());
+                                continue;
+                            }
                             for m in ops {
-                                let tag = m.tag;
                                 // Answered at once, but only when nothing earlier in this
                                 // stream is still pending, so an operation never overtakes
                                 // one that waits.
                                 if inflight.is_empty() {
                                     if let Some(result) = m.op.as_ref().and_then(|op| node.stream_op_now(&a, op)) {
-                                        ready.push(pb::StreamReply { tag, result: Some(result) });
+                                        ready.push(pb::StreamReply { tag: m.tag, result: Some(result) });
                                         continue;
                                     }
                                 }
                                 let (node, a) = (node.clone(), a.clone());
-                                inflight.push(async move {
-                                    let result = match m.op {
-                                        None => Err(Status::invalid_argument("stream request without op")),
-                                        Some(op) => node.stream_op(&a, op).await,
-                                    };
-                                    let result = result.unwrap_or_else(|s| {
-                                        pb::stream_reply::Result::Error(wayside_proto::error::stream_error(&s))
-                                    });
-                                    pb::StreamReply { tag, result: Some(result) }
-                                });
+                                inflight.push(async move { vec![node.stream_reply(&a, m).await] }.boxed());
                             }
                         }
                         else => return,
@@ -435,6 +467,8 @@ impl pb::nms_admin_server::NmsAdmin for Node {
             volume_info,
             uptime_ms: u64::try_from(self.uptime().as_millis()).unwrap_or(u64::MAX),
             writeback_batches: self.wb_batches.load(Ordering::Relaxed),
+            pss_reads: self.pss_reads.load(Ordering::Relaxed),
+            pss_read_blocks: self.pss_read_blocks.load(Ordering::Relaxed),
             writeback_blocks: self.wb_blocks.load(Ordering::Relaxed),
         }))
     }

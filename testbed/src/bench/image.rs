@@ -99,16 +99,24 @@ pub async fn fill(c: &VolumeClient, mib: u64) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Reads every block [`fill`] wrote, checking each (on a fresh NMS: the refill from the PSS).
+/// Reads every block [`fill`] wrote, checking each (on a fresh NMS: the refill from the
+/// PSS), in batches of [`REFILL_BATCH_BLOCKS`] (`read_many`: one message each way and one
+/// PSS call per batch), [`FILL_CONCURRENCY`] / 4 batches at a time.
 pub async fn read_all(c: &VolumeClient, mib: u64) -> anyhow::Result<()> {
-    let mut reads = futures::stream::iter(0..blocks_in(mib))
-        .map(|b| async move { (b, c.read(b, 0, None).await) })
-        .buffer_unordered(FILL_CONCURRENCY);
-    while let Some((b, r)) = reads.next().await {
-        anyhow::ensure!(r? == Some(block_data(b)), "block {b} read back wrong");
+    let blocks: Vec<u64> = (0..blocks_in(mib)).collect();
+    let mut reads = futures::stream::iter(blocks.chunks(REFILL_BATCH_BLOCKS))
+        .map(|chunk| async move { (chunk, c.read_many(chunk).await) })
+        .buffer_unordered((FILL_CONCURRENCY / 4).max(1));
+    while let Some((chunk, r)) = reads.next().await {
+        for (b, data) in chunk.iter().zip(r?) {
+            anyhow::ensure!(data == Some(block_data(*b)), "block {b} read back wrong");
+        }
     }
     Ok(())
 }
+
+/// Blocks per `read_many` batch in a refill (the NMS's default `max_stream_batch_ops`).
+pub const REFILL_BATCH_BLOCKS: usize = 256;
 
 /// Builds the image (stripped `/init`) into `out`; returns it with its manifest and build time.
 pub fn build(
