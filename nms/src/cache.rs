@@ -34,7 +34,15 @@ pub struct Limits {
     pub max_batch_ops: usize,
     /// Most data bytes in one write-back batch.
     pub max_batch_bytes: u64,
+    /// Most blocks of one volume with a PSS read in flight tracked for [`Cache::fill`];
+    /// past it the tracking restarts (fetches then in flight are not cached, only answered).
+    pub max_tracked_fetches_per_volume: usize,
 }
+
+/// Names one PSS read of blocks that missed ([`Cache::begin_fetch`]); its answer is cached
+/// by [`Cache::fill`] only if nothing wrote those blocks since.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FetchId(u64);
 
 /// What a volume on this node is doing.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -107,6 +115,10 @@ pub struct Volume {
     applied_total: u64,
     /// While migrating out: blocks changed since the last snapshot.
     changed: Option<HashSet<BlockNo>>,
+    /// Blocks with a PSS read in flight, by the fetch that will fill them; a write (or a
+    /// migrated copy) of the block removes it, so an answer older than the write is not
+    /// cached even when the written block was persisted and evicted before the answer came.
+    fetches: HashMap<BlockNo, u64>,
 }
 
 impl Volume {
@@ -232,6 +244,7 @@ pub struct Cache {
     used_bytes: u64,
     dirty_bytes: u64,
     evictions: u64,
+    next_fetch: u64,
 }
 
 impl Cache {
@@ -245,6 +258,7 @@ impl Cache {
             used_bytes: 0,
             dirty_bytes: 0,
             evictions: 0,
+            next_fetch: 1,
         }
     }
     pub fn limits(&self) -> &Limits {
@@ -304,6 +318,7 @@ impl Cache {
                 applied_order: VecDeque::new(),
                 applied_total: 0,
                 changed: None,
+                fetches: HashMap::new(),
             },
         );
     }
@@ -392,10 +407,39 @@ impl Cache {
         }
     }
 
-    /// Caches a block fetched from the PSS (`None`: absent there), unless the block got
-    /// cached meanwhile (a write wins over an older fetch).
-    pub fn fill(&mut self, name: &VolumeName, block: BlockNo, fetched: Option<(Bytes, u64)>) {
+    /// Starts a PSS read of `blocks` of `name` (call it before the read is sent): the
+    /// answer is cached by [`Cache::fill`] with the returned id only if no write of the
+    /// block came in between.
+    pub fn begin_fetch(&mut self, name: &VolumeName, blocks: &[BlockNo]) -> FetchId {
+        let id = self.next_fetch;
+        self.next_fetch += 1;
+        if let Some(v) = self.volumes.get_mut(name) {
+            if v.fetches.len() + blocks.len() > self.limits.max_tracked_fetches_per_volume {
+                // Forgetting is safe: the fetches in flight then are answered, not cached.
+                v.fetches.clear();
+            }
+            for b in blocks {
+                v.fetches.insert(*b, id);
+            }
+        }
+        FetchId(id)
+    }
+
+    /// Caches a block fetched from the PSS (`None`: absent there) by `fetch`, unless the
+    /// block got cached meanwhile or was written since the fetch began (a write wins over
+    /// an older fetch, even one that was written back and evicted before the answer came).
+    pub fn fill(
+        &mut self,
+        name: &VolumeName,
+        block: BlockNo,
+        fetched: Option<(Bytes, u64)>,
+        fetch: FetchId,
+    ) {
         let Some(v) = self.volumes.get_mut(name) else { return };
+        if v.fetches.get(&block) != Some(&fetch.0) {
+            return;
+        }
+        v.fetches.remove(&block);
         if v.entries.contains_key(&block) || !matches!(v.state, VolumeState::Active) {
             return;
         }
@@ -521,6 +565,7 @@ impl Cache {
     ) -> WriteOutcome {
         let cap = self.limits.dedupe_entries_per_volume;
         let v = self.volumes.get_mut(name).expect("checked by caller");
+        v.fetches.remove(&block);
         v.accepted = Lsn(v.accepted.0 + 1);
         let lsn = v.accepted;
         let version = v.next_version(lsn);
@@ -720,6 +765,7 @@ impl Cache {
         let id = v.id;
         let mut added = Vec::new();
         for b in blocks {
+            v.fetches.remove(&b.block);
             let old = v.entries.remove(&b.block);
             if let Some(old) = &old {
                 v.cached_bytes -= old.bytes();
@@ -823,6 +869,7 @@ mod tests {
             dedupe_entries_per_volume: 4,
             max_batch_ops: 2,
             max_batch_bytes: 1 << 20,
+            max_tracked_fetches_per_volume: 8,
         }
     }
 
@@ -880,7 +927,8 @@ mod tests {
         let v = vol(&mut c, "v");
         assert_eq!(c.read(&v, 1, 0, None).unwrap(), ReadOutcome::Miss);
         assert_eq!(c.write(&v, 1, 10, b"abc", None), Err(CacheError::NeedBlock(1)));
-        c.fill(&v, 1, None);
+        let f = c.begin_fetch(&v, &[1]);
+        c.fill(&v, 1, None, f);
         assert_eq!(c.read(&v, 1, 0, None).unwrap(), ReadOutcome::Absent);
         let w = c.write(&v, 1, 2, b"abc", None).unwrap();
         assert_eq!(w.lsn, Lsn(1));
@@ -889,6 +937,41 @@ mod tests {
         let ReadOutcome::Hit { data, .. } = c.read(&v, 1, 3, Some(1)).unwrap() else { panic!() };
         assert_eq!(&data[..], b"b");
         assert!(matches!(c.write(&v, 1, 4095, b"ab", None), Err(CacheError::Range { .. })));
+    }
+
+    #[test]
+    fn a_fetch_overtaken_by_a_write_and_an_eviction_never_caches_stale_data() {
+        let mut c = Cache::new(limits());
+        let v = vol(&mut c, "v");
+        assert_eq!(c.read(&v, 1, 0, None).unwrap(), ReadOutcome::Miss);
+        // A read misses; its PSS read (which will answer version 1, all 1s) is in flight...
+        let stale = c.begin_fetch(&v, &[1]);
+        // ...while a newer write arrives, is written back and, under memory pressure, evicted.
+        c.write(&v, 1, 0, &full(2), None).unwrap();
+        let batch = c.take_batch(&v).expect("a write-back batch");
+        c.complete_batch(&batch, true);
+        for b in 100..120 {
+            let f = c.begin_fetch(&v, &[b]);
+            c.fill(&v, b, Some((Bytes::from(full(9)), 1)), f);
+        }
+        assert_eq!(c.read(&v, 1, 0, None).unwrap(), ReadOutcome::Miss, "block 1 was evicted");
+        // The old answer arrives: it is not cached (a partial write would build on it).
+        c.fill(&v, 1, Some((Bytes::from(full(1)), 1)), stale);
+        assert_eq!(c.read(&v, 1, 0, None).unwrap(), ReadOutcome::Miss, "stale data cached");
+        assert_eq!(c.write(&v, 1, 10, b"abc", None), Err(CacheError::NeedBlock(1)));
+        // A fetch begun after the write caches what it gets.
+        let fresh = c.begin_fetch(&v, &[1]);
+        c.fill(&v, 1, Some((Bytes::from(full(2)), 2)), fresh);
+        let ReadOutcome::Hit { data, .. } = c.read(&v, 1, 0, None).unwrap() else { panic!() };
+        assert_eq!(data[0], 2);
+        // Past max_tracked_fetches_per_volume (8) tracking restarts: older fetches in
+        // flight are answered by their caller but not cached.
+        let old = c.begin_fetch(&v, &[200]);
+        let many: Vec<u64> = (300..308).collect();
+        c.begin_fetch(&v, &many);
+        c.fill(&v, 200, Some((Bytes::from(full(3)), 1)), old);
+        assert_eq!(c.read(&v, 200, 0, None).unwrap(), ReadOutcome::Miss);
+        assert!(c.volume(&v).unwrap().fetches.len() <= 8);
     }
 
     #[test]
@@ -913,7 +996,8 @@ mod tests {
             c.write(&v, b, 0, &full(b as u8), None).unwrap();
         }
         for b in 100..120 {
-            c.fill(&v, b, Some((Bytes::from(full(9)), 1)));
+            let f = c.begin_fetch(&v, &[b]);
+            c.fill(&v, b, Some((Bytes::from(full(9)), 1)), f);
         }
         assert!(c.used_bytes() <= c.limits().cache_capacity_bytes);
         assert!(c.evictions() > 0);

@@ -33,6 +33,9 @@ pub struct Config {
     /// How long dirty data may wait before write-back starts, in milliseconds (0: at once;
     /// a flush always starts it at once).
     pub writeback_delay_ms: u64,
+    /// Most blocks per volume with a PSS read in flight that are tracked so a write racing
+    /// the read wins (past it, reads in flight are answered but not cached).
+    pub max_tracked_fetches_per_volume: usize,
     /// Most volumes cached on this node.
     pub max_volumes: usize,
     /// Largest gRPC message accepted or sent, in bytes.
@@ -77,6 +80,7 @@ impl Default for Config {
             max_batch_ops: 1024,
             max_batch_bytes: 8 << 20,
             writeback_delay_ms: 0,
+            max_tracked_fetches_per_volume: 65_536,
             max_volumes: 4096,
             max_message_size_bytes: 16 << 20,
             max_stream_inflight_ops: 256,
@@ -118,6 +122,7 @@ impl Config {
             ("migration_frame_bytes", self.migration_frame_bytes),
             ("max_batch_ops", self.max_batch_ops as u64),
             ("max_volumes", self.max_volumes as u64),
+            ("max_tracked_fetches_per_volume", self.max_tracked_fetches_per_volume as u64),
             ("max_stream_inflight_ops", self.max_stream_inflight_ops as u64),
             ("max_stream_batch_ops", self.max_stream_batch_ops as u64),
             ("migration_max_rounds", u64::from(self.migration_max_rounds)),

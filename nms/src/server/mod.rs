@@ -200,6 +200,7 @@ impl Node {
             dedupe_entries_per_volume: cfg.dedupe_entries_per_volume,
             max_batch_ops: cfg.max_batch_ops,
             max_batch_bytes: cfg.max_batch_bytes,
+            max_tracked_fetches_per_volume: cfg.max_tracked_fetches_per_volume,
         };
         // A fresh client id per process start: the PSS dedupes by request id, and a
         // restarted node must not collide with its previous life's sequence numbers.
@@ -596,16 +597,22 @@ impl Node {
             let r = {
                 let mut core = self.core();
                 let r = core.read(v, block, offset, len);
-                r.map(|o| (o, core.volume(v).map_or(Lsn(0), |x| x.persisted)))
+                r.map(|o| {
+                    let fetch =
+                        matches!(o, ReadOutcome::Miss).then(|| core.begin_fetch(v, &[block]));
+                    (o, core.volume(v).map_or(Lsn(0), |x| x.persisted), fetch)
+                })
             };
             match r {
-                Ok((ReadOutcome::Hit { data, version }, p)) => return Ok((Some(data), version, p)),
-                Ok((ReadOutcome::Absent, p)) => return Ok((None, 0, p)),
-                Ok((ReadOutcome::Miss, p)) => {
+                Ok((ReadOutcome::Hit { data, version }, p, _)) => {
+                    return Ok((Some(data), version, p))
+                }
+                Ok((ReadOutcome::Absent, p, _)) => return Ok((None, 0, p)),
+                Ok((ReadOutcome::Miss, p, fetch)) => {
                     let got = self.fetch(v, vec![block]).await?;
                     let got = got.into_iter().next().flatten();
                     let mut core = self.core();
-                    core.fill(v, block, got.clone());
+                    core.fill(v, block, got.clone(), fetch.expect("begun on a miss"));
                     match core.read(v, block, offset, len) {
                         Ok(ReadOutcome::Hit { data, version }) => {
                             return Ok((Some(data), version, p))
@@ -657,10 +664,11 @@ impl Node {
         blocks: Vec<BlockNo>,
     ) -> Result<(), NmsError> {
         self.ensure(v, cred).await?;
+        let fetch = self.core().begin_fetch(v, &blocks);
         let got = self.fetch(v, blocks.clone()).await?;
         let mut core = self.core();
         for (b, g) in blocks.into_iter().zip(got) {
-            core.fill(v, b, g);
+            core.fill(v, b, g, fetch);
         }
         Ok(())
     }
@@ -709,8 +717,9 @@ impl Node {
                     return Ok(o);
                 }
                 Err(CacheError::NeedBlock(b)) => {
+                    let fetch = self.core().begin_fetch(v, &[b]);
                     let got = self.fetch(v, vec![b]).await?;
-                    self.core().fill(v, b, got.into_iter().next().flatten());
+                    self.core().fill(v, b, got.into_iter().next().flatten(), fetch);
                 }
                 Err(CacheError::NotServing(VolumeState::Paused)) => {
                     if !self.wait_progress(&mut rx, pause_deadline).await {
