@@ -62,6 +62,9 @@ pub trait BlockDevice: Send + Sync {
     fn block_size(&self) -> u32;
     /// Reads `len` bytes at `offset` of `block` (zeros where nothing was ever written).
     fn read(&self, block: u64, offset: u32, len: u32) -> Result<Vec<u8>, DeviceError>;
+    /// A hint that `blocks` are about to be read: a device with a remote back end fetches
+    /// the ones it lacks in one round trip. Failures are left for the reads to report.
+    fn prefetch(&self, _blocks: &[u64]) {}
     /// Applies `ops` in order.
     fn apply(&self, ops: Vec<BlockOp>) -> Result<(), DeviceError>;
     /// The persisted barrier.
@@ -155,6 +158,9 @@ impl<T: BlockDevice + ?Sized> BlockDevice for std::sync::Arc<T> {
     }
     fn read(&self, block: u64, offset: u32, len: u32) -> Result<Vec<u8>, DeviceError> {
         (**self).read(block, offset, len)
+    }
+    fn prefetch(&self, blocks: &[u64]) {
+        (**self).prefetch(blocks)
     }
     fn apply(&self, ops: Vec<BlockOp>) -> Result<(), DeviceError> {
         (**self).apply(ops)

@@ -775,6 +775,14 @@ impl<D: BlockDevice> Fs<D> {
         }
         let end = (offset + u64::from(size)).min(inode.size);
         let bs = u64::from(self.sb.block_size);
+        // A read over several blocks asks the device for all of them at once first (one
+        // round trip over the radio link instead of one per block).
+        if (end - 1) / bs > offset / bs {
+            let blocks: Vec<u64> = (offset / bs..=(end - 1) / bs)
+                .map(|i| self.sb.data_block(ino, i).expect("within the file"))
+                .collect();
+            self.dev.prefetch(&blocks);
+        }
         let mut out = Vec::with_capacity((end - offset) as usize);
         let mut pos = offset;
         while pos < end {

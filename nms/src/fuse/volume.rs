@@ -43,6 +43,10 @@ impl Remote for VolumeRemote {
         self.client.read(block, 0, None).await.map_err(classify)
     }
 
+    async fn read_many(&self, blocks: &[u64]) -> Result<Vec<Option<Vec<u8>>>, RemoteError> {
+        self.client.read_many(blocks).await.map_err(classify)
+    }
+
     async fn write(&self, block: u64, offset: u32, data: Vec<u8>) -> Result<(), RemoteError> {
         self.client.write(block, offset, data).await.map(drop).map_err(classify)
     }
