@@ -383,14 +383,7 @@ impl VolumeClient {
     /// Journals `ops`, sends them as one batch and records their lsns (see `journaled`).
     async fn journaled_batch(&self, ops: Vec<JOp>) -> Result<Vec<WriteAck>, ClientError> {
         let size: u64 = ops.iter().map(Journal::size).sum();
-        let limit = self.inner.opts.journal_limit_bytes;
-        if self.journal_bytes() + size > limit {
-            self.flush().await?;
-            let bytes = self.journal_bytes();
-            if bytes + size > limit {
-                return Err(ClientError::JournalFull { bytes, limit });
-            }
-        }
+        self.journal_room(size).await?;
         let first = self.inner.seq.fetch_add(ops.len() as u64, Ordering::Relaxed);
         let seqs: Vec<u64> = (first..first + ops.len() as u64).collect();
         {
@@ -504,8 +497,9 @@ impl VolumeClient {
         .await
     }
 
-    async fn journaled(&self, op: JOp) -> Result<WriteAck, ClientError> {
-        let size = Journal::size(&op);
+    /// Makes room for `size` more journal bytes: flushes when the journal would pass
+    /// `journal_limit_bytes`, and fails if even that leaves too little room.
+    async fn journal_room(&self, size: u64) -> Result<(), ClientError> {
         let limit = self.inner.opts.journal_limit_bytes;
         if self.journal_bytes() + size > limit {
             self.flush().await?;
@@ -514,6 +508,12 @@ impl VolumeClient {
                 return Err(ClientError::JournalFull { bytes, limit });
             }
         }
+        Ok(())
+    }
+
+    async fn journaled(&self, op: JOp) -> Result<WriteAck, ClientError> {
+        let size = Journal::size(&op);
+        self.journal_room(size).await?;
         let seq = self.inner.seq.fetch_add(1, Ordering::Relaxed);
         {
             let mut j = self.inner.journal.lock().expect("poisoned");

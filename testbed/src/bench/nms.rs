@@ -199,6 +199,20 @@ async fn nms_unary(addr: &str, a: &Args, write: bool) -> anyhow::Result<Figure> 
     Ok(figure_cpu(if write { "nms unary write" } else { "nms unary read" }, all, elapsed, cpu))
 }
 
+/// A whole-block write of `data` (shared, not copied) or read of `block`.
+fn bench_op(block: u64, write: bool, data: &prost::bytes::Bytes) -> pb::stream_request::Op {
+    if write {
+        pb::stream_request::Op::Write(pb::WriteOp {
+            block,
+            offset: 0,
+            data: data.clone(),
+            request_id: None,
+        })
+    } else {
+        pb::stream_request::Op::Read(pb::ReadOp { block, offset: 0, length: 0 })
+    }
+}
+
 /// Streamed: each client keeps `depth` tagged operations in flight on one stream.
 async fn nms_streamed(addr: &str, a: &Args, write: bool) -> anyhow::Result<Figure> {
     let stop = CancellationToken::new();
@@ -217,22 +231,10 @@ async fn nms_streamed(addr: &str, a: &Args, write: bool) -> anyhow::Result<Figur
                 std::collections::HashMap::new();
             let mut lat = Vec::with_capacity(1 << 16);
             let mut tag = 0u64;
-            let req = |tag: u64, first: bool| {
-                let block = tag % blocks;
-                pb::StreamRequest {
-                    auth: if first { auth(i) } else { None },
-                    tag,
-                    op: Some(if write {
-                        pb::stream_request::Op::Write(pb::WriteOp {
-                            block,
-                            offset: 0,
-                            data: data.clone(),
-                            request_id: None,
-                        })
-                    } else {
-                        pb::stream_request::Op::Read(pb::ReadOp { block, offset: 0, length: 0 })
-                    }),
-                }
+            let req = |tag: u64, first: bool| pb::StreamRequest {
+                auth: if first { auth(i) } else { None },
+                tag,
+                op: Some(bench_op(tag % blocks, write, &data)),
             };
             for _ in 0..depth {
                 tag += 1;
@@ -290,24 +292,10 @@ async fn nms_batched(addr: &str, a: &Args, write: bool) -> anyhow::Result<Figure
                 let ops = (0..depth)
                     .map(|_| {
                         tag += 1;
-                        let block = tag % blocks;
                         pb::StreamRequest {
                             auth: None,
                             tag,
-                            op: Some(if write {
-                                pb::stream_request::Op::Write(pb::WriteOp {
-                                    block,
-                                    offset: 0,
-                                    data: data.clone(),
-                                    request_id: None,
-                                })
-                            } else {
-                                pb::stream_request::Op::Read(pb::ReadOp {
-                                    block,
-                                    offset: 0,
-                                    length: 0,
-                                })
-                            }),
+                            op: Some(bench_op(tag % blocks, write, &data)),
                         }
                     })
                     .collect();
