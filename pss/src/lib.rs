@@ -14,7 +14,9 @@
 //! - [`client`]: [`client::PssClient`], the library the NMS and the `pss` CLI use (leader
 //!   finding, hints, retries within a deadline; data and membership calls alike).
 //! - [`testing`]: [`testing::LocalCluster`], a real in-process cluster for tests.
+//! - [`alloc`]: the mimalloc settings the `pss` and `testbed` binaries start with.
 
+pub mod alloc;
 pub mod blobs;
 pub mod client;
 pub mod config;

@@ -108,7 +108,9 @@ struct ServeArgs {
 }
 
 fn main() -> anyhow::Result<()> {
+    let purge_delay_ms = wayside_pss::alloc::tune();
     wayside_proto::telemetry::init();
+    tracing::debug!(purge_delay_ms, "mimalloc");
     let cli = Cli::parse();
     if cli.print_default_config {
         print!("{}", wayside_proto::config::render(&Config::default()));

@@ -25,17 +25,22 @@ use crate::blobs::{BlobError, BlobReader, Blobs, Loc};
 
 const META_APPLIED: &[u8] = b"mapplied";
 const META_CONF: &[u8] = b"mconf";
-/// Request ids in the dedupe table now. The table's order keys (`o` + entry index)
-/// list the ids first remembered by each Raft entry; the oldest entries' ids are
-/// forgotten first, whole entries at a time, so every node forgets the same ids at the
-/// same point of the log.
+/// Request ids in the dedupe table now. The table is one record per Raft entry (`o` +
+/// entry index, a [`DedupeEntry`]) holding the ids that entry first remembered, each
+/// with its reply; the oldest entries are forgotten first, whole entries at a time, so
+/// every node forgets the same ids at the same point of the log.
 const META_DEDUPE_COUNT: &[u8] = b"mdedupe_count";
+/// Prefix of the dedupe table's per-entry records.
+const DEDUPE_PREFIX: u8 = b'o';
 /// Local (per-node, not replicated, not in snapshots) keys start with `x`: where this
 /// node's blob segments end and which of them are known synced.
 const LOCAL_PREFIX: u8 = b'x';
 const LOCAL_BLOB_END: &[u8] = b"xblob_end";
 const LOCAL_BLOB_SYNCED: &[u8] = b"xblob_synced";
-const SNAPSHOT_MAGIC: &[u8] = b"WAYSIDE-PSS-SNAPSHOT-1\n";
+/// Version 2: the dedupe table is per-entry records with the replies in them (version 1
+/// had a record per request id beside lists of ids per entry).
+const SNAPSHOT_MAGIC: &[u8] = b"WAYSIDE-PSS-SNAPSHOT-2\n";
+const SNAPSHOT_MAGIC_STEM: &[u8] = b"WAYSIDE-PSS-SNAPSHOT-";
 /// sled's segment (and IO buffer) size: sled's 512 KiB default holds ~100 blocks of
 /// 4 KiB, so a group-commit entry of hundreds of blocks waited on sled's IO threads
 /// several times per apply. Fixed when a state machine directory is created.
@@ -62,14 +67,76 @@ pub struct Command {
     pub write: Option<pb::WriteBatchRequest>,
 }
 
-/// The first reply to a request id, returned again for a retry.
+/// A request id and the first reply to it, returned again for a retry.
 #[derive(Clone, PartialEq, prost::Message)]
-struct DedupeRecord {
+struct DedupeItem {
     #[prost(message, optional, tag = "1")]
-    acquire: Option<pb::AcquireVolumeReply>,
+    id: Option<pb::RequestId>,
     #[prost(message, optional, tag = "2")]
+    acquire: Option<pb::AcquireVolumeReply>,
+    #[prost(message, optional, tag = "3")]
     write: Option<pb::WriteBatchReply>,
 }
+
+/// The dedupe record of one Raft entry: the request ids it first remembered, in apply
+/// order. One sled key per entry rather than one per id: with group commit an entry
+/// holds hundreds of writes, and each sled insert (and later removal) costs more than
+/// the bytes it carries.
+#[derive(Clone, PartialEq, prost::Message)]
+struct DedupeEntry {
+    #[prost(message, repeated, tag = "1")]
+    items: Vec<DedupeItem>,
+}
+
+/// The key (field 1, length-delimited) that starts each item of an encoded
+/// [`DedupeEntry`]: an entry's record is built by appending items one at a time.
+const DEDUPE_ITEM_KEY: u8 = (1 << 3) | 2;
+
+/// Which reply a lookup wants: an id used for an acquire and (wrongly) reused for a
+/// write is remembered for both, and each retry gets its own kind's first reply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Acquire,
+    Write,
+}
+
+/// The entries whose records hold request ids with one hash (almost always one entry;
+/// more only when different ids' hashes collide or one id has both kinds).
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Holders {
+    One(u64),
+    Many(Vec<u64>),
+}
+
+impl Holders {
+    fn iter(&self) -> impl Iterator<Item = u64> + '_ {
+        let (one, many) = match self {
+            Holders::One(i) => (Some(*i), &[][..]),
+            Holders::Many(v) => (None, &v[..]),
+        };
+        one.into_iter().chain(many.iter().copied())
+    }
+}
+
+/// A hasher for keys that are already hashes (the mirror's id hashes).
+#[derive(Default)]
+struct PassThrough(u64);
+
+impl std::hash::Hasher for PassThrough {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(b);
+        }
+    }
+    fn write_u64(&mut self, v: u64) {
+        self.0 = v;
+    }
+}
+
+type HashIndex = HashMap<u64, Holders, std::hash::BuildHasherDefault<PassThrough>>;
 
 /// A command refused by the state machine (the same on every node).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -138,21 +205,21 @@ pub struct StateMachine {
     blobs: Blobs,
     gc_live_percent: u64,
     dedupe_limit: u64,
-    /// Ids in the table, and the (entry index, ids) of its order keys, oldest first: a
-    /// mirror of sled's `o` keys so forgetting needs no scan; at most `dedupe_limit` long.
+    /// Ids in the table, and each entry record's index with the hashes of its ids, oldest
+    /// first: a mirror of sled's `o` keys so forgetting needs no scan or read; at most
+    /// `dedupe_limit` ids.
     dedupe_count: u64,
-    dedupe_order: VecDeque<(u64, u32)>,
-    /// How many remembered request ids hash to each value: a request id whose hash is
-    /// absent was never seen, so the common case (a new id) skips a sled lookup.
-    /// At most `dedupe_limit` entries, like the table it mirrors.
-    dedupe_hashes: HashMap<u64, u32>,
+    dedupe_order: VecDeque<(u64, Box<[u64]>)>,
+    /// The entries holding each remembered id's hash: a request id whose hash is absent
+    /// was never seen (the common case: no sled lookup), and a retried one is looked up
+    /// in the record of the entry that holds it. At most `dedupe_limit` ids, like the
+    /// table it mirrors. Local to this process (rebuilt on open and after a snapshot
+    /// load), so its hashes are keyed per process (`id_hasher`): ids chosen to collide
+    /// cannot be computed from outside.
+    dedupe_index: HashIndex,
+    id_hasher: std::hash::RandomState,
     /// The blob record buffer, reused between groups (see `storage::DurableLog::buf`).
     spare_records: Vec<u8>,
-}
-
-fn key_hash(key: &[u8]) -> u64 {
-    use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
-    BuildHasherDefault::<DefaultHasher>::default().hash_one(key)
 }
 
 /// The segment size an existing sled directory was created with (sled refuses to open
@@ -195,12 +262,9 @@ fn block_key(volume: &str, block: u64) -> Vec<u8> {
     k
 }
 
-fn dedupe_key(id: &pb::RequestId) -> Vec<u8> {
-    let mut k = Vec::with_capacity(10 + id.client_id.len());
-    k.push(b'd');
-    k.push(u8::try_from(id.client_id.len()).unwrap_or(u8::MAX));
-    k.extend_from_slice(id.client_id.as_bytes());
-    k.extend_from_slice(&be(id.seq));
+fn dedupe_entry_key(index: u64) -> [u8; 9] {
+    let mut k = [DEDUPE_PREFIX; 9];
+    k[1..].copy_from_slice(&be(index));
     k
 }
 
@@ -241,22 +305,21 @@ impl Txn {
 /// The pending changes of a group of entries; apply with [`StateMachine::commit`].
 pub struct Pending {
     txn: Txn,
-    /// The entry whose commands' request ids are being remembered, and those ids
-    /// (`len u16 | key` each), listed under an order key when the entry ends.
-    dedupe_new: Option<(u64, Vec<u8>)>,
+    /// The entry whose commands' request ids are being remembered; its record is
+    /// written when the entry ends.
+    dedupe_new: Option<NewDedupeEntry>,
     /// Blob records of this group, to be appended at `base` before the sled batch.
     records: Vec<u8>,
     base: (u32, u64),
 }
 
-/// The keys of an order key's value (`len u16 | key` each).
-fn order_keys(mut v: &[u8]) -> impl Iterator<Item = &[u8]> {
-    std::iter::from_fn(move || {
-        let len = u16::from_be_bytes(v.get(..2)?.try_into().ok()?) as usize;
-        let key = v.get(2..2 + len)?;
-        v = &v[2 + len..];
-        Some(key)
-    })
+/// The dedupe record of the entry being applied, built as its commands apply.
+struct NewDedupeEntry {
+    index: u64,
+    /// An encoded [`DedupeEntry`] so far.
+    record: Vec<u8>,
+    /// The hashes of its ids, in order.
+    hashes: Vec<u64>,
 }
 
 fn read_end(v: &[u8]) -> (u32, u64) {
@@ -307,7 +370,8 @@ impl StateMachine {
             dedupe_limit: opts.dedupe_limit,
             dedupe_count: 0,
             dedupe_order: VecDeque::new(),
-            dedupe_hashes: HashMap::new(),
+            dedupe_index: HashIndex::default(),
+            id_hasher: std::hash::RandomState::new(),
             spare_records: Vec::new(),
         };
         sm.load_dedupe()?;
@@ -340,21 +404,82 @@ impl StateMachine {
         Ok(out)
     }
 
-    /// Reads the dedupe table's bounds and hashes from sled.
+    /// Rebuilds the dedupe table's in-memory mirror (order and id index) from sled's
+    /// entry records.
     fn load_dedupe(&mut self) -> Result<(), StateError> {
+        if self.tree.scan_prefix(b"d").next().transpose()?.is_some() {
+            return Err(StateError::Corrupt {
+                path: self.dir.clone(),
+                reason: "it holds per-request-id dedupe records (`d` keys): it was written by \
+                         an older PSS, whose state directories this one does not read"
+                    .into(),
+            });
+        }
         self.dedupe_count = self.tree.get(META_DEDUPE_COUNT)?.map_or(0, |v| read_u64(&v));
         self.dedupe_order.clear();
-        for kv in self.tree.scan_prefix(b"o") {
+        self.dedupe_index.clear();
+        for kv in self.tree.scan_prefix([DEDUPE_PREFIX]) {
             let (k, v) = kv?;
-            let ids = u32::try_from(order_keys(&v).count()).unwrap_or(u32::MAX);
-            self.dedupe_order.push_back((read_u64(&k[1..]), ids));
-        }
-        self.dedupe_hashes.clear();
-        for kv in self.tree.scan_prefix(b"d") {
-            let (k, _) = kv?;
-            *self.dedupe_hashes.entry(key_hash(&k)).or_default() += 1;
+            let index = read_u64(&k[1..]);
+            let entry = DedupeEntry::decode(&v[..]).map_err(|e| StateError::Corrupt {
+                path: self.dir.clone(),
+                reason: format!("the dedupe record of entry {index} does not decode: {e}"),
+            })?;
+            let hashes: Box<[u64]> = entry
+                .items
+                .iter()
+                .filter_map(|i| i.id.as_ref())
+                .map(|id| self.id_hash(id))
+                .collect();
+            for &h in &hashes {
+                self.hold(h, index);
+            }
+            self.dedupe_order.push_back((index, hashes));
         }
         Ok(())
+    }
+
+    fn id_hash(&self, id: &pb::RequestId) -> u64 {
+        use std::hash::BuildHasher;
+        self.id_hasher.hash_one((id.client_id.as_str(), id.seq))
+    }
+
+    /// Notes that the record of entry `index` holds an id with hash `h`.
+    fn hold(&mut self, h: u64, index: u64) {
+        match self.dedupe_index.entry(h) {
+            std::collections::hash_map::Entry::Vacant(v) => {
+                v.insert(Holders::One(index));
+            }
+            std::collections::hash_map::Entry::Occupied(mut o) => match o.get_mut() {
+                Holders::One(i) => {
+                    let first = *i;
+                    o.insert(Holders::Many(vec![first, index]));
+                }
+                Holders::Many(v) => v.push(index),
+            },
+        }
+    }
+
+    /// Undoes one [`StateMachine::hold`] of `h` by entry `index`.
+    fn release(&mut self, h: u64, index: u64) {
+        let std::collections::hash_map::Entry::Occupied(mut o) = self.dedupe_index.entry(h) else {
+            debug_assert!(false, "dedupe mirror: hash of entry {index} not held");
+            return;
+        };
+        match o.get_mut() {
+            Holders::One(i) => {
+                debug_assert_eq!(*i, index);
+                o.remove();
+            }
+            Holders::Many(v) => {
+                if let Some(pos) = v.iter().position(|&i| i == index) {
+                    v.swap_remove(pos);
+                }
+                if let [only] = v[..] {
+                    o.insert(Holders::One(only));
+                }
+            }
+        }
     }
 
     /// Starts a group of changes.
@@ -382,7 +507,7 @@ impl StateMachine {
         if let Some(cs) = conf {
             p.txn.batch.insert(META_CONF, cs.write_to_bytes().unwrap_or_default());
         }
-        self.dedupe_end_entry(&mut p)?;
+        self.dedupe_end_entry(&mut p);
         p.txn.batch.insert(META_DEDUPE_COUNT, &be(self.dedupe_count));
         debug_assert_eq!(p.base, self.blobs.end());
         self.blobs.append(&p.records)?;
@@ -477,8 +602,8 @@ impl StateMachine {
         index: u64,
         cmd: &Command,
     ) -> Result<Outcome, StateError> {
-        if p.dedupe_new.as_ref().is_some_and(|(i, _)| *i != index) {
-            self.dedupe_end_entry(p)?;
+        if p.dedupe_new.as_ref().is_some_and(|new| new.index != index) {
+            self.dedupe_end_entry(p);
         }
         if let Some(req) = &cmd.acquire {
             Ok(Outcome::Acquire(self.acquire(p, index, req)?))
@@ -489,67 +614,90 @@ impl StateMachine {
         }
     }
 
+    /// The first reply of `kind` to a remembered request id: the newest entry's, if the
+    /// id is remembered by several.
     fn dedupe_get(
         &self,
         p: &Pending,
         id: &Option<pb::RequestId>,
-    ) -> Result<Option<DedupeRecord>, StateError> {
+        kind: Kind,
+    ) -> Result<Option<DedupeItem>, StateError> {
         let Some(id) = id else { return Ok(None) };
-        let key = dedupe_key(id);
-        if !self.dedupe_hashes.contains_key(&key_hash(&key)) {
-            return Ok(None);
-        }
-        Ok(p.txn.get(&key)?.and_then(|v| DedupeRecord::decode(&v[..]).ok()))
-    }
-
-    /// Remembers a request's reply (listed under its entry when the entry ends).
-    fn dedupe_put(
-        &mut self,
-        p: &mut Pending,
-        index: u64,
-        id: &Option<pb::RequestId>,
-        rec: DedupeRecord,
-    ) -> Result<(), StateError> {
-        let Some(id) = id else { return Ok(()) };
-        let key = dedupe_key(id);
-        *self.dedupe_hashes.entry(key_hash(&key)).or_default() += 1;
-        p.txn.insert(key.clone(), rec.encode_to_vec());
-        let (_, list) = p.dedupe_new.get_or_insert_with(|| (index, Vec::new()));
-        list.extend_from_slice(&u16::try_from(key.len()).unwrap_or(u16::MAX).to_be_bytes());
-        list.extend_from_slice(&key);
-        Ok(())
-    }
-
-    /// Ends the entry whose ids are being remembered: writes its order key, then forgets
-    /// the oldest entries' ids while the table holds more than `dedupe_table_entries`.
-    fn dedupe_end_entry(&mut self, p: &mut Pending) -> Result<(), StateError> {
-        let Some((index, list)) = p.dedupe_new.take() else { return Ok(()) };
-        let ids = u32::try_from(order_keys(&list).count()).unwrap_or(u32::MAX);
-        let mut ord = vec![b'o'];
-        ord.extend_from_slice(&be(index));
-        p.txn.insert(ord, list);
-        self.dedupe_order.push_back((index, ids));
-        self.dedupe_count += u64::from(ids);
-        while self.dedupe_count > self.dedupe_limit {
-            let Some((old, n)) = self.dedupe_order.pop_front() else { break };
-            let mut ord = vec![b'o'];
-            ord.extend_from_slice(&be(old));
-            if let Some(keys) = p.txn.get(&ord)? {
-                for key in order_keys(&keys) {
-                    let h = key_hash(key);
-                    if let Some(n) = self.dedupe_hashes.get_mut(&h) {
-                        *n -= 1;
-                        if *n == 0 {
-                            self.dedupe_hashes.remove(&h);
-                        }
-                    }
-                    p.txn.remove(key.to_vec());
-                }
+        let Some(holders) = self.dedupe_index.get(&self.id_hash(id)) else { return Ok(None) };
+        let mut best: Option<(u64, DedupeItem)> = None;
+        for index in holders.iter() {
+            if best.as_ref().is_some_and(|(b, _)| *b >= index) {
+                continue;
             }
-            p.txn.remove(ord);
-            self.dedupe_count = self.dedupe_count.saturating_sub(u64::from(n));
+            let stored;
+            let record: &[u8] = match &p.dedupe_new {
+                Some(new) if new.index == index => &new.record,
+                _ => {
+                    let Some(v) = p.txn.get(&dedupe_entry_key(index))? else {
+                        return Err(self.dedupe_corrupt(format!(
+                            "the mirror says entry {index} remembers a request id, \
+                             but its dedupe record is missing"
+                        )));
+                    };
+                    stored = v;
+                    &stored
+                }
+            };
+            let entry = DedupeEntry::decode(record).map_err(|e| {
+                self.dedupe_corrupt(format!("the dedupe record of entry {index}: {e}"))
+            })?;
+            let hit = entry.items.into_iter().rev().find(|i| {
+                i.id.as_ref() == Some(id)
+                    && match kind {
+                        Kind::Acquire => i.acquire.is_some(),
+                        Kind::Write => i.write.is_some(),
+                    }
+            });
+            if let Some(item) = hit {
+                best = Some((index, item));
+            }
         }
-        Ok(())
+        Ok(best.map(|(_, item)| item))
+    }
+
+    fn dedupe_corrupt(&self, reason: String) -> StateError {
+        StateError::Corrupt { path: self.dir.clone(), reason }
+    }
+
+    /// Remembers a request's reply in the record of its entry (written when the entry
+    /// ends).
+    fn dedupe_put(&mut self, p: &mut Pending, index: u64, item: DedupeItem) {
+        let Some(id) = &item.id else { return };
+        let h = self.id_hash(id);
+        self.hold(h, index);
+        let new = p.dedupe_new.get_or_insert_with(|| NewDedupeEntry {
+            index,
+            record: Vec::new(),
+            hashes: Vec::new(),
+        });
+        debug_assert_eq!(new.index, index, "the previous entry was not ended");
+        // A repeated field's encoding is its items' encodings one after another.
+        new.record.push(DEDUPE_ITEM_KEY);
+        // Encoding into a Vec cannot fail (it grows).
+        let _ = item.encode_length_delimited(&mut new.record);
+        new.hashes.push(h);
+    }
+
+    /// Ends the entry whose ids are being remembered: writes its record, then forgets the
+    /// oldest entries' records while the table holds more than `dedupe_table_entries` ids.
+    fn dedupe_end_entry(&mut self, p: &mut Pending) {
+        let Some(new) = p.dedupe_new.take() else { return };
+        p.txn.insert(dedupe_entry_key(new.index).to_vec(), new.record);
+        self.dedupe_count += new.hashes.len() as u64;
+        self.dedupe_order.push_back((new.index, new.hashes.into_boxed_slice()));
+        while self.dedupe_count > self.dedupe_limit {
+            let Some((old, hashes)) = self.dedupe_order.pop_front() else { break };
+            for &h in &hashes {
+                self.release(h, old);
+            }
+            p.txn.remove(dedupe_entry_key(old).to_vec());
+            self.dedupe_count = self.dedupe_count.saturating_sub(hashes.len() as u64);
+        }
     }
 
     fn acquire(
@@ -558,8 +706,8 @@ impl StateMachine {
         index: u64,
         req: &pb::AcquireVolumeRequest,
     ) -> Result<Result<pb::AcquireVolumeReply, ApplyError>, StateError> {
-        if let Some(rec) = self.dedupe_get(p, &req.request_id)? {
-            if let Some(reply) = rec.acquire {
+        if let Some(reply) = self.dedupe_get(p, &req.request_id, Kind::Acquire)? {
+            if let Some(reply) = reply.acquire {
                 return Ok(Ok(reply));
             }
         }
@@ -605,9 +753,8 @@ impl StateMachine {
         self.dedupe_put(
             p,
             index,
-            &req.request_id,
-            DedupeRecord { acquire: Some(reply.clone()), write: None },
-        )?;
+            DedupeItem { id: req.request_id.clone(), acquire: Some(reply.clone()), write: None },
+        );
         Ok(Ok(reply))
     }
 
@@ -617,8 +764,8 @@ impl StateMachine {
         index: u64,
         req: &pb::WriteBatchRequest,
     ) -> Result<Result<pb::WriteBatchReply, ApplyError>, StateError> {
-        if let Some(rec) = self.dedupe_get(p, &req.request_id)? {
-            if let Some(mut reply) = rec.write {
+        if let Some(reply) = self.dedupe_get(p, &req.request_id, Kind::Write)? {
+            if let Some(mut reply) = reply.write {
                 reply.duplicate = true;
                 return Ok(Ok(reply));
             }
@@ -685,9 +832,8 @@ impl StateMachine {
         self.dedupe_put(
             p,
             index,
-            &req.request_id,
-            DedupeRecord { acquire: None, write: Some(reply) },
-        )?;
+            DedupeItem { id: req.request_id.clone(), acquire: None, write: Some(reply) },
+        );
         Ok(Ok(reply))
     }
 
@@ -948,6 +1094,13 @@ type Pairs<'a> = Vec<(&'a [u8], &'a [u8])>;
 /// Checks a snapshot file (magic, checksum) and splits it into metadata and pairs.
 pub fn parse_snapshot(bytes: &[u8]) -> Result<(SnapshotMetadata, Pairs<'_>), String> {
     if bytes.len() < SNAPSHOT_MAGIC.len() + 8 || !bytes.starts_with(SNAPSHOT_MAGIC) {
+        if bytes.starts_with(SNAPSHOT_MAGIC_STEM) {
+            return Err(format!(
+                "a wayside snapshot of another format version ({:?}); this PSS reads {:?}",
+                String::from_utf8_lossy(&bytes[..SNAPSHOT_MAGIC.len().min(bytes.len())]).trim(),
+                String::from_utf8_lossy(SNAPSHOT_MAGIC).trim()
+            ));
+        }
         return Err("not a wayside snapshot".into());
     }
     let (body, sum) = bytes.split_at(bytes.len() - 4);
@@ -1029,6 +1182,16 @@ mod tests {
         }
     }
 
+    /// The request ids (client, seq) in the dedupe table's entry records.
+    fn remembered(sm: &StateMachine) -> Vec<(String, u64)> {
+        sm.tree
+            .scan_prefix([DEDUPE_PREFIX])
+            .map(|kv| DedupeEntry::decode(&kv.unwrap().1[..]).unwrap())
+            .flat_map(|e| e.items)
+            .map(|i| i.id.map(|id| (id.client_id, id.seq)).unwrap())
+            .collect()
+    }
+
     fn run(sm: &mut StateMachine, index: u64, cmd: &Command) -> Outcome {
         let mut p = sm.begin();
         let out = sm.apply(&mut p, index, cmd).unwrap();
@@ -1071,9 +1234,8 @@ mod tests {
         for seq in 10..20 {
             run(&mut sm, 10 + seq, &write_cmd("v", 2, seq, seq, b"k"));
         }
-        let dedupe = sm.tree.scan_prefix(b"d").count();
-        assert_eq!(dedupe, 3, "dedupe table holds at most its limit");
-        assert_eq!(sm.dedupe_hashes.len(), 3, "and so does its in-memory mirror");
+        assert_eq!(remembered(&sm).len(), 3, "dedupe table holds at most its limit");
+        assert_eq!(sm.dedupe_index.len(), 3, "and so does its in-memory mirror");
         assert_eq!(sm.applied().unwrap(), 29);
         assert_eq!(sm.reader().volume("v").unwrap().unwrap().block_count, 11);
         let list = sm.reader().list("v", 0, 5).unwrap();
@@ -1139,12 +1301,109 @@ mod tests {
             (replies, state, sm.reader().blocks("v", &[99]).unwrap()[0].clone())
         };
         let one = run_grouped(1);
-        let ids = one.1.iter().filter(|(k, _)| k[0] == b'd').count();
+        let ids: usize = one
+            .1
+            .iter()
+            .filter(|(k, _)| k[0] == DEDUPE_PREFIX)
+            .map(|(_, v)| DedupeEntry::decode(&v[..]).unwrap().items.len())
+            .sum();
         assert!((2..=5).contains(&ids), "{ids} ids remembered: at most 5, whole entries");
         assert!(one.0.contains(&Ok(true)) && one.0.contains(&Ok(false)));
         for group in [2, 3, 5, 12] {
             assert_eq!(run_grouped(group), one, "grouping {group}");
         }
+    }
+
+    /// A retried request id must apply once however the node came by its state: applied
+    /// itself, reopened (the in-memory id index rebuilt from sled), or installed from a
+    /// snapshot into a fresh state machine. An id beyond the table's limit is forgotten
+    /// and applies again.
+    #[test]
+    fn retried_ids_stay_duplicates_across_reopen_and_snapshot_install() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = Options::with_dedupe(3);
+        let mut sm = StateMachine::open(&dir.path().join("a"), opts).unwrap();
+        run(&mut sm, 2, &acquire_cmd("v", 1));
+        for seq in 1..=4 {
+            run(&mut sm, 2 + seq, &write_cmd("v", 1, seq, seq, b"first"));
+        }
+        // Entry 7 remembers two ids; the table (3 ids) now holds ids 4, 5 and 6.
+        let mut p = sm.begin();
+        for seq in [5, 6] {
+            sm.apply(&mut p, 7, &write_cmd("v", 1, seq, seq, b"first")).unwrap();
+        }
+        sm.commit(p, 7, None).unwrap();
+        let ids = |sm: &StateMachine| {
+            let mut r: Vec<u64> = remembered(sm).into_iter().map(|(_, s)| s).collect();
+            r.sort_unstable();
+            r
+        };
+        assert_eq!(ids(&sm), [4, 5, 6]);
+        let retry = |sm: &mut StateMachine, index: u64, seq: u64| {
+            let Outcome::Write(Ok(w)) = run(sm, index, &write_cmd("v", 1, seq, seq, b"again"))
+            else {
+                panic!("retry of {seq} failed")
+            };
+            w
+        };
+        let data = |sm: &StateMachine, block: u64| {
+            sm.reader().blocks("v", &[block]).unwrap()[0].data.clone()
+        };
+
+        drop(sm);
+        let mut sm = StateMachine::open(&dir.path().join("a"), opts).unwrap();
+        for (index, seq, entry) in [(8, 5, 7), (9, 4, 6)] {
+            let w = retry(&mut sm, index, seq);
+            assert!(w.duplicate, "id {seq} is a duplicate after a reopen");
+            assert_eq!(w.raft_index, entry, "the first reply of id {seq}");
+            assert_eq!(data(&sm, seq), b"first");
+        }
+        let path = dir.path().join("snap");
+        let meta = SnapshotMetadata { index: 9, term: 1, ..Default::default() };
+        sm.write_snapshot(&path, &meta).unwrap();
+
+        let mut fresh = StateMachine::open(&dir.path().join("b"), opts).unwrap();
+        fresh.load_snapshot(&path).unwrap();
+        assert_eq!(ids(&fresh), [4, 5, 6]);
+        for (index, seq) in [(10, 6), (11, 4)] {
+            let w = retry(&mut fresh, index, seq);
+            assert!(w.duplicate, "id {seq} is a duplicate after a snapshot install");
+            assert_eq!(data(&fresh, seq), b"first");
+        }
+        // Id 1 was forgotten (its entry left the table whole): it applies again.
+        let w = retry(&mut fresh, 12, 1);
+        assert!(!w.duplicate);
+        assert_eq!(w.raft_index, 12);
+        assert_eq!(data(&fresh, 1), b"again");
+        assert_eq!(ids(&fresh), [1, 5, 6], "remembering id 1 forgot entry 6 (id 4)");
+        assert_eq!(fresh.dedupe_index.len(), 3);
+        assert_eq!(fresh.dedupe_count, 3);
+    }
+
+    /// A request id wrongly reused for another kind of command applies that command once
+    /// too, and a retry of either gets its own kind's first reply (the acquire is not
+    /// applied again, which would raise the epoch a second time).
+    #[test]
+    fn an_id_reused_for_another_kind_is_remembered_for_each() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut sm = StateMachine::open(dir.path(), Options::with_dedupe(100)).unwrap();
+        let acquire = acquire_cmd("v", 1);
+        let mut write = write_cmd("v", 1, 1, 7, b"x");
+        write.write.as_mut().unwrap().request_id =
+            acquire.acquire.as_ref().unwrap().request_id.clone();
+        let Outcome::Acquire(Ok(a)) = run(&mut sm, 2, &acquire) else { panic!() };
+        let Outcome::Write(Ok(w)) = run(&mut sm, 3, &write) else { panic!() };
+        assert!(!w.duplicate, "a write is not a duplicate of an acquire");
+        for index in [4, 5] {
+            let Outcome::Acquire(Ok(again)) = run(&mut sm, index, &acquire) else { panic!() };
+            assert_eq!(again, a, "the acquire's first reply, epoch not raised again");
+            let Outcome::Write(Ok(again)) = run(&mut sm, index, &write) else { panic!() };
+            assert!(again.duplicate);
+            assert_eq!(again.raft_index, 3);
+            drop(sm);
+            sm = StateMachine::open(dir.path(), Options::with_dedupe(100)).unwrap();
+        }
+        assert_eq!(sm.reader().volume("v").unwrap().unwrap().epoch, 1);
     }
 
     #[test]

@@ -1,5 +1,7 @@
 use clap::{Parser, Subcommand};
 
+// The PSS runs in this process in `bench pss` and `drive`: the same allocator and
+// allocator settings as the `pss` binary (`wayside_pss::alloc`).
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -30,10 +32,17 @@ enum Cmd {
     Mechanisms(wayside_testbed::mechanisms::Args),
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
+    // Before the runtime's threads start (mimalloc's option setters are not thread-safe).
+    let purge_delay_ms = wayside_pss::alloc::tune();
     wayside_proto::telemetry::init();
-    match Cli::parse().cmd {
+    tracing::debug!(purge_delay_ms, "mimalloc");
+    let cmd = Cli::parse().cmd;
+    tokio::runtime::Runtime::new()?.block_on(run(cmd))
+}
+
+async fn run(cmd: Cmd) -> anyhow::Result<()> {
+    match cmd {
         Cmd::Bench(b) => wayside_testbed::bench::run(b).await,
         Cmd::Paper(a) => wayside_testbed::paper::run(a),
         Cmd::Drive(a) => wayside_testbed::drive::run(a).await,

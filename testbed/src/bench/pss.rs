@@ -37,6 +37,10 @@ pub struct Args {
     /// Directory for both systems' data (default: a new directory under the system temp dir).
     #[arg(long)]
     pub dir: Option<PathBuf>,
+    /// Measure the PSS alone (no etcd, no ratio): to profile it or count its CPU with
+    /// outside tools without etcd's phases in between.
+    #[arg(long)]
+    pub no_etcd: bool,
 }
 
 /// Clients that share one HTTP/2 connection.
@@ -52,26 +56,44 @@ struct Figures {
     /// driver) per operation, in microseconds: what the throughput would be bounded by
     /// on idle cores, and a figure the other load on a shared machine disturbs less.
     cpu_us_per_op: f64,
+    /// Minor page faults per operation (same processes as `cpu_us_per_op`): memory the
+    /// allocator handed back to the kernel and faulted in (zeroed) again; unlike CPU time
+    /// this count does not depend on the machine's other load.
+    faults_per_op: f64,
 }
 
-/// User + system CPU seconds of this process plus the processes `pids`, from
-/// /proc/PID/stat.
-fn cpu_seconds(pids: &[u32]) -> f64 {
+/// CPU and page-fault counters of a set of processes.
+#[derive(Debug, Clone, Copy, Default)]
+struct Usage {
+    /// User + system CPU seconds.
+    cpu_secs: f64,
+    /// Minor page faults.
+    faults: f64,
+}
+
+/// Usage of this process plus the processes `pids`, from /proc/PID/stat.
+fn usage(pids: &[u32]) -> Usage {
     // SAFETY: sysconf has no preconditions.
     let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-    let one = |path: String| -> f64 {
-        let Ok(stat) = std::fs::read_to_string(path) else { return 0.0 };
+    let one = |path: String| -> Usage {
+        let Ok(stat) = std::fs::read_to_string(path) else { return Usage::default() };
         // Fields after the command name (which may hold spaces): state is the 3rd
-        // field, utime and stime the 14th and 15th.
+        // field, minflt the 10th, utime and stime the 14th and 15th.
         let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
         let f: Vec<&str> = rest.split_whitespace().collect();
         let t = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-        (t(11) + t(12)) / ticks
+        Usage { cpu_secs: (t(11) + t(12)) / ticks, faults: t(7) }
     };
-    one("/proc/self/stat".into()) + pids.iter().map(|p| one(format!("/proc/{p}/stat"))).sum::<f64>()
+    std::iter::once("/proc/self/stat".to_owned())
+        .chain(pids.iter().map(|p| format!("/proc/{p}/stat")))
+        .map(one)
+        .fold(Usage::default(), |a, b| Usage {
+            cpu_secs: a.cpu_secs + b.cpu_secs,
+            faults: a.faults + b.faults,
+        })
 }
 
-fn figures(mut lat: Vec<Duration>, elapsed: Duration, errors: u64, cpu_secs: f64) -> Figures {
+fn figures(mut lat: Vec<Duration>, elapsed: Duration, errors: u64, used: Usage) -> Figures {
     lat.sort_unstable();
     let pct = |p: f64| {
         if lat.is_empty() {
@@ -85,7 +107,8 @@ fn figures(mut lat: Vec<Duration>, elapsed: Duration, errors: u64, cpu_secs: f64
         p50_ms: pct(0.50),
         p99_ms: pct(0.99),
         errors,
-        cpu_us_per_op: cpu_secs * 1e6 / lat.len().max(1) as f64,
+        cpu_us_per_op: used.cpu_secs * 1e6 / lat.len().max(1) as f64,
+        faults_per_op: used.faults / lat.len().max(1) as f64,
     }
 }
 
@@ -102,9 +125,10 @@ where
     let end = start + Duration::from_secs(secs);
     let cpu = tokio::spawn(async move {
         tokio::time::sleep_until(start.into()).await;
-        let before = cpu_seconds(&pids);
+        let before = usage(&pids);
         tokio::time::sleep_until(end.into()).await;
-        cpu_seconds(&pids) - before
+        let after = usage(&pids);
+        Usage { cpu_secs: after.cpu_secs - before.cpu_secs, faults: after.faults - before.faults }
     });
     let mut set = tokio::task::JoinSet::new();
     for c in 0..clients {
@@ -139,8 +163,8 @@ where
             errors += e;
         }
     }
-    let cpu = cpu.await.unwrap_or(f64::NAN);
-    figures(all, Duration::from_secs(secs), errors, cpu)
+    let used = cpu.await.unwrap_or(Usage { cpu_secs: f64::NAN, faults: f64::NAN });
+    figures(all, Duration::from_secs(secs), errors, used)
 }
 
 // --- etcd, over its gRPC API (message shapes from etcd's rpc.proto) ---
@@ -355,31 +379,60 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     );
     println!("data under {}", dir.display());
     let cluster = LocalCluster::start(3, &dir.join("pss")).await.context("starting the PSS")?;
-    let etcd = start_etcd(&args.etcd, &dir)?;
-    let etcd_url = etcd_leader(&etcd).await?;
+    let etcd = if args.no_etcd {
+        None
+    } else {
+        let etcd = start_etcd(&args.etcd, &dir)?;
+        let url = etcd_leader(&etcd).await?;
+        Some((etcd, url))
+    };
     let endpoints = cluster.endpoints();
 
     let mut rows = Vec::new();
     for (round, &clients) in args.clients.iter().enumerate() {
         let p = bench_pss(&endpoints, round, clients, args.seconds, args.value_bytes).await?;
+        print!(
+            "clients {clients:>4}: PSS {:>9.0} ops/s p50 {:>7.2} ms p99 {:>7.2} ms CPU {:>5.0} us/op faults {:>4.1}/op",
+            p.ops_per_sec, p.p50_ms, p.p99_ms, p.cpu_us_per_op, p.faults_per_op
+        );
+        let Some((etcd, url)) = &etcd else {
+            println!();
+            if p.errors > 0 {
+                println!("  ({} errors)", p.errors);
+            }
+            continue;
+        };
         let pids = etcd.children.iter().map(Child::id).collect();
-        let e = bench_etcd(pids, &etcd_url, clients, args.seconds, args.value_bytes).await?;
+        let e = bench_etcd(pids, url, clients, args.seconds, args.value_bytes).await?;
         println!(
-            "clients {clients:>4}: PSS {:>9.0} ops/s p50 {:>7.2} ms p99 {:>7.2} ms | etcd {:>9.0} ops/s p50 {:>7.2} ms p99 {:>7.2} ms | ratio {:.2}x",
-            p.ops_per_sec, p.p50_ms, p.p99_ms, e.ops_per_sec, e.p50_ms, e.p99_ms, p.ops_per_sec / e.ops_per_sec
+            " | etcd {:>9.0} ops/s p50 {:>7.2} ms p99 {:>7.2} ms | ratio {:.2}x",
+            e.ops_per_sec,
+            e.p50_ms,
+            e.p99_ms,
+            p.ops_per_sec / e.ops_per_sec
         );
         rows.push((clients, p, e));
     }
+    if etcd.is_none() {
+        cluster.shutdown().await;
+        if args.dir.is_none() {
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+        return Ok(());
+    }
     println!();
-    println!("| clients | PSS ops/s | PSS p50 ms | PSS p99 ms | PSS CPU us/op | etcd ops/s | etcd p50 ms | etcd p99 ms | etcd CPU us/op | PSS/etcd ops | etcd/PSS CPU per op |");
-    println!("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+    println!("| clients | PSS ops/s | PSS p50 ms | PSS p99 ms | PSS CPU us/op | PSS faults/op | etcd ops/s | etcd p50 ms | etcd p99 ms | etcd CPU us/op | PSS/etcd ops | etcd/PSS CPU per op |");
+    println!(
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+    );
     for (c, p, e) in &rows {
         println!(
-            "| {c} | {:.0} | {:.2} | {:.2} | {:.0} | {:.0} | {:.2} | {:.2} | {:.0} | {:.2}x | {:.2}x |",
+            "| {c} | {:.0} | {:.2} | {:.2} | {:.0} | {:.1} | {:.0} | {:.2} | {:.2} | {:.0} | {:.2}x | {:.2}x |",
             p.ops_per_sec,
             p.p50_ms,
             p.p99_ms,
             p.cpu_us_per_op,
+            p.faults_per_op,
             e.ops_per_sec,
             e.p50_ms,
             e.p99_ms,
