@@ -374,7 +374,9 @@ impl Node {
                             // A batch whose reads miss the cache: every missed block comes
                             // from the PSS in one call first, then the message's operations
                             // run in order in one task (instead of one PSS call per read).
-                            let cold = if ops.len() > 1 { node.uncached(&a.0, &batch_reads(&ops)) } else { Vec::new() };
+                            let reads = if ops.len() > 1 { batch_reads(&ops) } else { Vec::new() };
+                            // (No cache lock for a batch without two reads.)
+                            let cold = if reads.len() > 1 { node.uncached(&a.0, &reads) } else { Vec::new() };
                             if cold.len() > 1 {
                                 let (node, a) = (node.clone(), a.clone());
                                 inflight.push(async move {
