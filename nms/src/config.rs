@@ -47,6 +47,9 @@ pub struct Config {
     pub max_stream_batch_ops: usize,
     /// Most concurrent HTTP/2 streams per connection.
     pub max_concurrent_streams: u32,
+    /// Threads serving gRPC connections, each connection on one of them for its whole
+    /// life (0: one per CPU this process may run on).
+    pub serve_threads: usize,
     /// Longest wait of a request behind a paused (switching) volume, in milliseconds.
     pub pause_wait_ms: u64,
     /// Pre-copy rounds at most before the switch.
@@ -86,6 +89,7 @@ impl Default for Config {
             max_stream_inflight_ops: 256,
             max_stream_batch_ops: 256,
             max_concurrent_streams: 1024,
+            serve_threads: 0,
             pause_wait_ms: 5_000,
             migration_max_rounds: 8,
             migration_switch_below_bytes: 1 << 20,

@@ -981,6 +981,16 @@ async fn batched_operations_round_trip_and_bad_batches_change_nothing() {
         assert_eq!(stored.get(&b), Some(&block_data(b, 2)), "block {b} in the PSS");
     }
     assert!(!stored.contains_key(&200) && !stored.contains_key(&201), "refused batches");
+    // A vehicle that sends its last batch and half-closes gets every result, then the end
+    // of the stream with OK: the NMS does not wait for messages that cannot come.
+    let mut half = BatchStream::open(&a, "bt", "key").await;
+    half.send(vec![stream_read(1), stream_write(50, 0, block_data(50, 2)), stream_read(50)]).await;
+    drop(std::mem::replace(&mut half.tx, tokio::sync::mpsc::channel(1).0));
+    let mut answered = 0;
+    while let Some(m) = half.message().await.expect("the stream ends with OK") {
+        answered += m.results.len();
+    }
+    assert_eq!(answered, 3, "every operation of the half-closed stream was answered");
     drop((s, bad));
     a.stop().await;
     cluster.shutdown().await;

@@ -9,12 +9,14 @@
 //!   gRPC status details, so clients act on them instead of parsing strings.
 //! - [`server`]: the standard services every wayside server exposes (health, reflection).
 //! - [`codec`]: the prost codec every generated client and server uses.
+//! - [`cork`]: the socket wrapper that sends the frames of one task turn in one system call.
 //! - [`config`]: TOML config loading shared by the binaries (unknown keys rejected).
 //! - [`telemetry`]: `tracing` set-up shared by the binaries.
 
 pub mod codec;
 pub mod config;
 pub mod convert;
+pub mod cork;
 pub mod error;
 pub mod server;
 pub mod telemetry;

@@ -257,13 +257,20 @@ impl DurableLog {
         ))
     }
 
-    fn record(&mut self, kind: u8, payload: &[u8]) -> Result<(), LogError> {
-        self.record_with(kind, |buf| buf.extend_from_slice(payload))
+    fn record(&mut self, kind: u8, payload: &[u8], durable: bool) -> Result<(), LogError> {
+        self.record_with(kind, |buf| buf.extend_from_slice(payload), durable)
     }
 
     /// Writes one record whose payload `fill` appends to the buffer (encoded in place:
-    /// no intermediate copy of the payload).
-    fn record_with(&mut self, kind: u8, fill: impl FnOnce(&mut Vec<u8>)) -> Result<(), LogError> {
+    /// no intermediate copy of the payload). A `durable` record makes the next
+    /// [`DurableLog::begin_sync`] fsync; any other one rides along with the next fsync
+    /// something durable asks for (or is lost in a crash, which it may be).
+    fn record_with(
+        &mut self,
+        kind: u8,
+        fill: impl FnOnce(&mut Vec<u8>),
+        durable: bool,
+    ) -> Result<(), LogError> {
         let mut buf = std::mem::take(&mut self.buf);
         buf.clear();
         buf.push(kind);
@@ -278,7 +285,7 @@ impl DurableLog {
             self.buf = buf;
         }
         written.map_err(|e| self.io(e))?;
-        self.dirty = true;
+        self.dirty |= durable;
         Ok(())
     }
 
@@ -287,14 +294,22 @@ impl DurableLog {
         if ents.is_empty() {
             return Ok(());
         }
-        self.record_with(KIND_ENTRIES, |buf| encode_entries_into(buf, ents))?;
+        self.record_with(KIND_ENTRIES, |buf| encode_entries_into(buf, ents), true)?;
         core.write().append(ents);
         Ok(())
     }
 
+    /// Records the hard state. A change of term or vote must be durable before any
+    /// message that depends on it leaves (the next sync covers it); a change of the commit
+    /// index alone need not be (a restarted node relearns it from the leader, and recovery
+    /// raises it to the applied index), so it costs no fsync of its own.
     pub fn set_hard_state(&mut self, core: &RaftStorage, hs: &HardState) -> Result<(), LogError> {
+        let durable = {
+            let old = &core.read().hard_state;
+            old.term != hs.term || old.vote != hs.vote
+        };
         let payload = hs.write_to_bytes().unwrap_or_default();
-        self.record(KIND_HARD_STATE, &payload)?;
+        self.record(KIND_HARD_STATE, &payload, durable)?;
         core.write().hard_state = hs.clone();
         Ok(())
     }
@@ -452,6 +467,28 @@ mod tests {
         assert_eq!(core.last_index(), 4);
         assert_eq!(core.term(3).unwrap(), 1);
         assert!(core.term(2).is_err());
+    }
+
+    #[test]
+    fn only_term_vote_and_entries_cost_an_fsync_a_commit_index_rides_along() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = RaftStorage::default();
+        let (mut log, _, _) = DurableLog::open(dir.path()).unwrap();
+        let mut hs = HardState { term: 1, vote: 1, commit: 0, ..Default::default() };
+        log.set_hard_state(&store, &hs).unwrap();
+        assert!(log.begin_sync().unwrap().is_some(), "a new term and vote are synced");
+        hs.commit = 5;
+        log.set_hard_state(&store, &hs).unwrap();
+        assert!(log.begin_sync().unwrap().is_none(), "a commit index alone is not");
+        log.append(&store, &[entry(1, 1)]).unwrap();
+        assert!(log.begin_sync().unwrap().is_some(), "entries are");
+        hs.vote = 2;
+        log.set_hard_state(&store, &hs).unwrap();
+        log.begin_sync().unwrap().expect("a new vote is synced").wait().unwrap();
+        drop(log);
+        // The commit index still reached the file (with the later fsync).
+        let (_, core, _) = DurableLog::open(dir.path()).unwrap();
+        assert_eq!((core.hard_state.commit, core.hard_state.vote), (5, 2));
     }
 
     #[test]

@@ -71,32 +71,45 @@ pub async fn run_with_store(
             reporter.set_service_status(s, tonic_health::ServingStatus::Serving).await;
         }
         let max = config.max_message_size_bytes;
-        let server = tonic::transport::Server::builder()
-            .max_concurrent_streams(Some(config.max_concurrent_streams))
-            .initial_connection_window_size(wayside_proto::server::HTTP2_CONNECTION_WINDOW_BYTES)
-            .initial_stream_window_size(wayside_proto::server::HTTP2_STREAM_WINDOW_BYTES)
-            .max_frame_size(wayside_proto::server::HTTP2_MAX_FRAME_BYTES)
-            .add_service(health)
-            .add_service(wayside_proto::server::reflection())
-            .add_service(
-                wayside_proto::pb::nms_server::NmsServer::from_arc(node.clone())
-                    .max_decoding_message_size(max)
-                    .max_encoding_message_size(max),
-            )
-            .add_service(
-                wayside_proto::pb::nms_admin_server::NmsAdminServer::from_arc(node.clone())
-                    .max_decoding_message_size(max)
-                    .max_encoding_message_size(max),
-            )
-            .add_service(
-                wayside_proto::pb::migration_server::MigrationServer::from_arc(node.clone())
-                    .max_decoding_message_size(max)
-                    .max_encoding_message_size(max),
-            )
-            .serve_with_incoming_shutdown(
-                wayside_proto::server::incoming(listener),
-                node.stop.clone().cancelled_owned(),
-            );
+        let threads = wayside_proto::server::threads(config.serve_threads);
+        let served = {
+            let node = node.clone();
+            move |incoming| {
+                tonic::transport::Server::builder()
+                    .max_concurrent_streams(Some(node.cfg.max_concurrent_streams))
+                    .initial_connection_window_size(
+                        wayside_proto::server::HTTP2_CONNECTION_WINDOW_BYTES,
+                    )
+                    .initial_stream_window_size(wayside_proto::server::HTTP2_STREAM_WINDOW_BYTES)
+                    .max_frame_size(wayside_proto::server::HTTP2_MAX_FRAME_BYTES)
+                    .add_service(health.clone())
+                    .add_service(wayside_proto::server::reflection())
+                    .add_service(
+                        wayside_proto::pb::nms_server::NmsServer::from_arc(node.clone())
+                            .max_decoding_message_size(max)
+                            .max_encoding_message_size(max),
+                    )
+                    .add_service(
+                        wayside_proto::pb::nms_admin_server::NmsAdminServer::from_arc(node.clone())
+                            .max_decoding_message_size(max)
+                            .max_encoding_message_size(max),
+                    )
+                    .add_service(
+                        wayside_proto::pb::migration_server::MigrationServer::from_arc(
+                            node.clone(),
+                        )
+                        .max_decoding_message_size(max)
+                        .max_encoding_message_size(max),
+                    )
+                    .serve_with_incoming_shutdown(incoming, node.stop.clone().cancelled_owned())
+            }
+        };
+        let server = wayside_proto::server::serve_sharded(
+            listener,
+            threads,
+            node.stop.clone().cancelled_owned(),
+            served,
+        );
         let stages = {
             let node = node.clone();
             async move {
@@ -183,6 +196,8 @@ pub struct Node {
     /// Read-through calls to the PSS, and the blocks asked for in them (NodeStatus).
     pub(crate) pss_reads: AtomicU64,
     pub(crate) pss_read_blocks: AtomicU64,
+    /// Read operations answered, by any API (NodeStatus).
+    pub(crate) reads: AtomicU64,
     me: std::sync::Weak<Node>,
 }
 
@@ -226,6 +241,7 @@ impl Node {
             wb_blocks: AtomicU64::new(0),
             pss_reads: AtomicU64::new(0),
             pss_read_blocks: AtomicU64::new(0),
+            reads: AtomicU64::new(0),
         })
     }
 

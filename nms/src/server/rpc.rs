@@ -53,6 +53,7 @@ impl Node {
 
     async fn do_read(&self, auth: &Auth, op: ReadOp) -> Result<pb::ReadReply, NmsError> {
         let (data, version, p) = self.read(&auth.0, &auth.1, op.block, op.offset, op.len).await?;
+        self.reads.fetch_add(1, Ordering::Relaxed);
         Ok(pb::ReadReply {
             found: data.is_some(),
             data: data.unwrap_or_default(),
@@ -139,6 +140,7 @@ impl Node {
                 let op = ReadOp::try_from(*r).ok()?;
                 let (data, version, p) =
                     self.read_now(&auth.0, &auth.1, op.block, op.offset, op.len)?;
+                self.reads.fetch_add(1, Ordering::Relaxed);
                 R::Read(pb::ReadReply {
                     found: data.is_some(),
                     data: data.unwrap_or_default(),
@@ -343,6 +345,11 @@ impl Node {
                 let cancelled = stop.cancelled();
                 tokio::pin!(cancelled);
                 loop {
+                    // The vehicle half-closed and every operation is answered: end the
+                    // reply stream (its trailers tell the vehicle all is done).
+                    if !open && inflight.is_empty() {
+                        return;
+                    }
                     let mut ready = Vec::new();
                     tokio::select! {
                         _ = &mut cancelled => return,
@@ -472,6 +479,7 @@ impl pb::nms_admin_server::NmsAdmin for Node {
             pss_reads: self.pss_reads.load(Ordering::Relaxed),
             pss_read_blocks: self.pss_read_blocks.load(Ordering::Relaxed),
             writeback_blocks: self.wb_blocks.load(Ordering::Relaxed),
+            reads: self.reads.load(Ordering::Relaxed),
         }))
     }
 

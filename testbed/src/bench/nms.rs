@@ -1,10 +1,21 @@
 //! `testbed bench nms`: 4 KiB block writes and reads against one NMS (backed by a real
-//! 3-node PSS in this process), 16 clients, unary, streamed (16 operations in flight
-//! per stream) and batched (16 operations per `StreamBatches` message, one batch at a
-//! time, as redis-benchmark pipelines), side by side with redis-server (driven by redis-benchmark, unpipelined
-//! and with 16-deep pipelining) and memcached (driven by a small text-protocol client
-//! here, unpipelined), all started by this run. Prints ops/s, p50, p99 and the ratios.
-//! Targets: DESIGN.md section 10.
+//! 3-node PSS in this process), 16 clients, side by side with redis-server (driven by
+//! redis-benchmark, unpipelined and with 16-deep pipelining) and memcached (a small
+//! text-protocol client here, unpipelined), all started by this run. Two drivers call the
+//! NMS:
+//! - **h2load** (nghttp2's C load generator, Debian `nghttp2-client`): one process with one
+//!   HTTP/2 connection per client, one call in flight on each, like redis-benchmark drives
+//!   redis. Unary phases send `Read`/`Write`; batched phases send one `StreamBatches` call
+//!   per batch of `--depth` operations (like a redis pipeline of that depth). h2load sends
+//!   the same pre-encoded request on every call, so all its clients use volume `bench-0`
+//!   (unary: block 0; batched: blocks `0..depth`); it cannot read gRPC trailers, so every
+//!   phase checks the NMS's own counters (`NodeStatus.reads`, the volume's accepted lsn)
+//!   against the calls h2load saw succeed.
+//! - **tonic** (the Rust gRPC client, in this process): unary, streamed (`--depth` tagged
+//!   operations in flight per `Stream`) and batched (one `StreamBatches` message of
+//!   `--depth` operations at a time); each client has its own volume and `--blocks` blocks.
+//!
+//! Prints ops/s, p50, p99, CPU per operation and the ratios. Targets: DESIGN.md section 10.
 
 use anyhow::{bail, Context as _};
 use futures::StreamExt as _;
@@ -40,6 +51,20 @@ pub struct Args {
     /// Skip the redis and memcached runs.
     #[arg(long)]
     pub no_peers: bool,
+    /// Which clients drive the NMS phases (comma-separated): h2load (C, another process)
+    /// and tonic (Rust, in this process).
+    #[arg(long, value_delimiter = ',', value_enum, default_value = "h2load,tonic")]
+    pub drivers: Vec<Driver>,
+    /// The h2load binary (Debian package nghttp2-client).
+    #[arg(long, default_value = "h2load")]
+    pub h2load: std::path::PathBuf,
+}
+
+/// A client that drives NMS phases.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Driver {
+    H2load,
+    Tonic,
 }
 
 /// One NMS phase of the benchmark.
@@ -196,7 +221,8 @@ async fn nms_unary(addr: &str, a: &Args, write: bool) -> anyhow::Result<Figure> 
         });
     }
     let (all, elapsed, cpu) = measure(tasks, start, a.seconds, &stop).await?;
-    Ok(figure_cpu(if write { "nms unary write" } else { "nms unary read" }, all, elapsed, cpu))
+    let name = if write { "nms unary write (tonic)" } else { "nms unary read (tonic)" };
+    Ok(figure_cpu(name, all, elapsed, cpu))
 }
 
 /// A whole-block write of `data` (shared, not copied) or read of `block`.
@@ -263,7 +289,7 @@ async fn nms_streamed(addr: &str, a: &Args, write: bool) -> anyhow::Result<Figur
         });
     }
     let (all, elapsed, cpu) = measure(tasks, start, a.seconds, &stop).await?;
-    let name = if write { "nms streamed write" } else { "nms streamed read" };
+    let name = if write { "nms streamed write (tonic)" } else { "nms streamed read (tonic)" };
     Ok(figure_cpu(name, all, elapsed, cpu))
 }
 
@@ -320,8 +346,162 @@ async fn nms_batched(addr: &str, a: &Args, write: bool) -> anyhow::Result<Figure
         });
     }
     let (all, elapsed, cpu) = measure(tasks, start, a.seconds, &stop).await?;
-    let name = if write { "nms batched write" } else { "nms batched read" };
+    let name = if write { "nms batched write (tonic)" } else { "nms batched read (tonic)" };
     Ok(figure_cpu(name, all, elapsed, cpu))
+}
+
+/// A gRPC message framed for the wire (no compression): flag, big-endian length, bytes.
+fn grpc_frame(msg: &impl prost::Message) -> Vec<u8> {
+    let body = msg.encode_to_vec();
+    let mut out = Vec::with_capacity(5 + body.len());
+    out.push(0);
+    out.extend_from_slice(&u32::try_from(body.len()).unwrap_or(u32::MAX).to_be_bytes());
+    out.extend_from_slice(&body);
+    out
+}
+
+/// What h2load's summary says.
+#[derive(Debug, PartialEq)]
+struct H2loadSummary {
+    req_per_s: f64,
+    succeeded: u64,
+    failed: u64,
+}
+
+fn parse_h2load(out: &str) -> anyhow::Result<H2loadSummary> {
+    // "finished in 4.00s, 39245.50 req/s, 155.14MB/s"
+    // "requests: 156982 total, 156982 started, 156982 done, 156982 succeeded, 0 failed, 0 errored, 0 timeout"
+    let rate = out
+        .lines()
+        .find_map(|l| l.strip_prefix("finished in "))
+        .and_then(|l| l.split(", ").nth(1))
+        .and_then(|r| r.strip_suffix(" req/s"))
+        .and_then(|r| r.parse().ok())
+        .with_context(|| format!("no request rate in h2load's output:\n{out}"))?;
+    let reqs = out
+        .lines()
+        .find_map(|l| l.strip_prefix("requests: "))
+        .with_context(|| format!("no request counts in h2load's output:\n{out}"))?;
+    let count = |what: &str| -> u64 {
+        reqs.split(", ")
+            .find_map(|f| f.strip_suffix(what).map(str::trim))
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0)
+    };
+    Ok(H2loadSummary {
+        req_per_s: rate,
+        succeeded: count(" succeeded"),
+        failed: count(" failed") + count(" errored") + count(" timeout"),
+    })
+}
+
+/// The NMS's answered reads and `bench-0`'s accepted lsn.
+async fn served(addr: &str) -> anyhow::Result<(u64, u64)> {
+    let mut admin = pb::nms_admin_client::NmsAdminClient::new(channel(addr).await?);
+    let s = admin.node_status(pb::NodeStatusRequest {}).await?.into_inner();
+    let accepted =
+        s.volume_info.iter().find(|v| v.volume == "bench-0").map_or(0, |v| v.accepted_lsn);
+    Ok((s.reads, accepted))
+}
+
+/// A phase driven by h2load: `clients` connections, one call in flight on each, for
+/// `seconds` after a 1 s warm-up; every call the same pre-encoded request on `bench-0`.
+/// CPU us/op is this process's (NMS and PSS, not h2load's) over every operation the NMS
+/// answered, warm-up included (the NMS's counters cover the same window).
+async fn nms_h2load(
+    addr: &str,
+    a: &Args,
+    api: Api,
+    write: bool,
+    dir: &std::path::Path,
+) -> anyhow::Result<Figure> {
+    let data = prost::bytes::Bytes::from(vec![7u8; VALUE]);
+    let (path, body, ops_per_call) = match api {
+        Api::Unary if write => (
+            "Write",
+            grpc_frame(&pb::WriteRequest {
+                auth: auth(0),
+                op: Some(pb::WriteOp { block: 0, offset: 0, data, request_id: None }),
+            }),
+            1,
+        ),
+        Api::Unary => (
+            "Read",
+            grpc_frame(&pb::ReadRequest {
+                auth: auth(0),
+                op: Some(pb::ReadOp { block: 0, offset: 0, length: 0 }),
+            }),
+            1,
+        ),
+        Api::Batched => (
+            "StreamBatches",
+            grpc_frame(&pb::StreamBatch {
+                auth: auth(0),
+                ops: (0..a.depth as u64)
+                    .map(|b| pb::StreamRequest {
+                        auth: None,
+                        tag: b + 1,
+                        op: Some(bench_op(b, write, &data)),
+                    })
+                    .collect(),
+            }),
+            a.depth as u64,
+        ),
+        Api::Streamed => bail!("h2load cannot drive a bidirectional stream"),
+    };
+    let kind = if write { "write" } else { "read" };
+    let name = match api {
+        Api::Unary => format!("nms unary {kind} (h2load)"),
+        _ => format!("nms batched {kind} (h2load)"),
+    };
+    let file = dir.join(format!("{path}-{kind}.bin"));
+    std::fs::write(&file, &body)?;
+    let log = dir.join(format!("{path}-{kind}.log"));
+    let before = served(addr).await?;
+    let start = Start::now();
+    let out = tokio::process::Command::new(&a.h2load)
+        .args(["-c", &a.clients.to_string(), "-m", "1", "-t", "1"])
+        .args(["-D", &a.seconds.to_string(), "--warm-up-time", "1"])
+        .args(["-H", "content-type: application/grpc", "-H", "te: trailers"])
+        .arg("-d")
+        .arg(&file)
+        .arg("--log-file")
+        .arg(&log)
+        .arg(format!("http://{addr}/wayside.v1.Nms/{path}"))
+        .output()
+        .await
+        .with_context(|| {
+            format!("running {} (apt-get install nghttp2-client)", a.h2load.display())
+        })?;
+    let cpu = cpu_time().saturating_sub(start.cpu);
+    let text = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        bail!("h2load failed ({}):\n{text}{}", out.status, String::from_utf8_lossy(&out.stderr));
+    }
+    let h = parse_h2load(&text)?;
+    let after = served(addr).await?;
+    let answered = if write { after.1 - before.1 } else { after.0 - before.0 };
+    // h2load counts an HTTP 200 as success whatever the gRPC status: the NMS's counters
+    // must show every operation of every call h2load saw succeed (and of the warm-up).
+    if h.failed > 0 || answered < h.succeeded * ops_per_call {
+        bail!(
+            "{name}: h2load saw {} calls succeed and {} fail, but the NMS answered {answered} \
+             operations (expected at least {}): calls failed at the gRPC level",
+            h.succeeded,
+            h.failed,
+            h.succeeded * ops_per_call
+        );
+    }
+    // Each line: start time (us since the epoch), HTTP status, microseconds to the end
+    // of the response; each of a batch's operations waited for the whole call.
+    let lat: Vec<u32> = std::fs::read_to_string(&log)?
+        .lines()
+        .filter_map(|l| l.split('\t').nth(2)?.trim().parse().ok())
+        .collect();
+    let mut f = figure(&name, lat, Duration::from_secs(1));
+    f.ops_per_s = h.req_per_s * ops_per_call as f64;
+    f.cpu_us_per_op = Some(cpu.as_secs_f64() * 1e6 / answered.max(1) as f64);
+    Ok(f)
 }
 
 /// Flushes every bench volume (waits until the PSS has every accepted write), so the
@@ -549,31 +729,61 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     drain(&addr, &args).await?;
     let mut figs = Vec::new();
     let mut drains = Vec::new();
-    for (phase, api, write) in [
-        (Phase::UnaryWrite, Api::Unary, true),
-        (Phase::UnaryRead, Api::Unary, false),
-        (Phase::StreamedWrite, Api::Streamed, true),
-        (Phase::StreamedRead, Api::Streamed, false),
-        (Phase::BatchedWrite, Api::Batched, true),
-        (Phase::BatchedRead, Api::Batched, false),
-    ] {
-        if !args.phases.is_empty() && !args.phases.contains(&phase) {
+    let h2load_dir = tempfile::tempdir()?;
+    let mut h2load_missing = None;
+    for driver in [Driver::H2load, Driver::Tonic] {
+        if !args.drivers.contains(&driver) {
             continue;
         }
-        tracing::info!(?api, write, "bench nms: phase starts");
-        let wb0 = writeback_totals(&addr).await?;
-        let f = match api {
-            Api::Unary => nms_unary(&addr, &args, write).await?,
-            Api::Streamed => nms_streamed(&addr, &args, write).await?,
-            Api::Batched => nms_batched(&addr, &args, write).await?,
-        };
-        if write {
-            let d = drain(&addr, &args).await?;
-            let wb1 = writeback_totals(&addr).await?;
-            let wb = (wb1.0 - wb0.0, wb1.1 - wb0.1);
-            drains.push((f.name.clone(), f.ops_per_s, d, wb));
+        for (phase, api, write) in [
+            (Phase::UnaryWrite, Api::Unary, true),
+            (Phase::UnaryRead, Api::Unary, false),
+            (Phase::StreamedWrite, Api::Streamed, true),
+            (Phase::StreamedRead, Api::Streamed, false),
+            (Phase::BatchedWrite, Api::Batched, true),
+            (Phase::BatchedRead, Api::Batched, false),
+        ] {
+            if !args.phases.is_empty() && !args.phases.contains(&phase) {
+                continue;
+            }
+            if driver == Driver::H2load
+                && (matches!(api, Api::Streamed) || h2load_missing.is_some())
+            {
+                continue;
+            }
+            tracing::info!(?driver, ?api, write, "bench nms: phase starts");
+            let wb0 = writeback_totals(&addr).await?;
+            let f = match (driver, api) {
+                (Driver::H2load, _) => {
+                    match nms_h2load(&addr, &args, api, write, h2load_dir.path()).await {
+                        Ok(f) => f,
+                        Err(e)
+                            if e.chain().any(|c| {
+                                c.downcast_ref::<std::io::Error>()
+                                    .is_some_and(|io| io.kind() == std::io::ErrorKind::NotFound)
+                            }) =>
+                        {
+                            h2load_missing = Some(format!("{e:#}"));
+                            continue;
+                        }
+                        Err(e) => return Err(e),
+                    }
+                }
+                (Driver::Tonic, Api::Unary) => nms_unary(&addr, &args, write).await?,
+                (Driver::Tonic, Api::Streamed) => nms_streamed(&addr, &args, write).await?,
+                (Driver::Tonic, Api::Batched) => nms_batched(&addr, &args, write).await?,
+            };
+            if write {
+                let d = drain(&addr, &args).await?;
+                let wb1 = writeback_totals(&addr).await?;
+                let wb = (wb1.0 - wb0.0, wb1.1 - wb0.1);
+                drains.push((f.name.clone(), f.ops_per_s, d, wb));
+            }
+            figs.push(f);
         }
-        figs.push(f);
+    }
+    if let Some(e) = &h2load_missing {
+        println!("h2load phases: not measured: {e}");
     }
     tracing::info!("bench nms: NMS phases done");
     stop.cancel();
@@ -598,7 +808,12 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         let cpu = f.cpu_us_per_op.map_or_else(|| "-".into(), |c| format!("{c:.1}"));
         println!("| {} | {:.0} | {:.3} | {:.3} | {cpu} |", f.name, f.ops_per_s, f.p50_ms, f.p99_ms);
     }
-    println!("\nCPU us/op: this process (clients, NMS, 3-node PSS) over the phase's operations.");
+    println!(
+        "\nCPU us/op: this process (NMS and 3-node PSS; the tonic clients too, h2load not) over \
+         the phase's operations. h2load: every client on volume bench-0 (unary: block 0; \
+         batched: blocks 0..{}); tonic: a volume per client, {} blocks each; redis: {} keys.",
+        args.depth, args.blocks, args.blocks
+    );
     for (name, ops_per_s, (wall, cpu), (batches, blocks)) in &drains {
         let ops = (ops_per_s * args.seconds as f64).max(1.0);
         println!(
@@ -615,19 +830,56 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let get = |n: &str| figs.iter().find(|f| f.name == n).map(|f| f.ops_per_s);
     let depth = args.depth;
     println!();
-    for (ours, peer) in [
-        ("nms unary write".to_string(), "redis set P=1".to_string()),
-        ("nms unary read".into(), "redis get P=1".into()),
-        ("nms streamed write".into(), format!("redis set P={depth}")),
-        ("nms streamed read".into(), format!("redis get P={depth}")),
-        ("nms batched write".into(), format!("redis set P={depth}")),
-        ("nms batched read".into(), format!("redis get P={depth}")),
-        ("nms unary write".into(), "memcached set".into()),
-        ("nms unary read".into(), "memcached get".into()),
-    ] {
-        if let (Some(a), Some(b)) = (get(&ours), get(&peer)) {
-            println!("ratio {ours} / {peer}: {:.2}", a / b);
+    for driver in ["h2load", "tonic"] {
+        for (ours, peer, target) in [
+            ("unary write", "redis set P=1".to_string(), 0.7),
+            ("unary read", "redis get P=1".into(), 0.7),
+            ("streamed write", format!("redis set P={depth}"), 1.0),
+            ("streamed read", format!("redis get P={depth}"), 1.0),
+            ("batched write", format!("redis set P={depth}"), 1.0),
+            ("batched read", format!("redis get P={depth}"), 1.0),
+            ("unary write", "memcached set".into(), 0.0),
+            ("unary read", "memcached get".into(), 0.0),
+        ] {
+            let ours = format!("nms {ours} ({driver})");
+            if let (Some(a), Some(b)) = (get(&ours), get(&peer)) {
+                let verdict = if target == 0.0 {
+                    String::new()
+                } else if a / b >= target {
+                    format!(" (target >= {target}: met)")
+                } else {
+                    format!(" (target >= {target}: NOT met)")
+                };
+                println!("ratio {ours} / {peer}: {:.2}{verdict}", a / b);
+            }
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn h2load_summary_is_read_from_its_output() {
+        // As h2load 1.52 (Debian's nghttp2-client) prints it.
+        let out = "starting benchmark...\nspawning thread #0: 16 total client(s). 1 total requests\n\
+                   Application protocol: h2c\n\nfinished in 5.00s, 39245.50 req/s, 155.14MB/s\n\
+                   requests: 156982 total, 156982 started, 156982 done, 156900 succeeded, 80 failed, 2 errored, 0 timeout\n\
+                   status codes: 156982 2xx, 0 3xx, 0 4xx, 0 5xx\n";
+        let s = parse_h2load(out).unwrap();
+        assert_eq!(s, H2loadSummary { req_per_s: 39245.5, succeeded: 156900, failed: 82 });
+        let e = parse_h2load("h2load: connection refused\n").unwrap_err();
+        assert!(format!("{e:#}").contains("no request rate"), "{e:#}");
+    }
+
+    #[test]
+    fn a_grpc_frame_is_flag_length_and_message() {
+        let m = pb::ReadRequest { auth: auth(0), op: None };
+        let f = grpc_frame(&m);
+        assert_eq!(f[0], 0, "not compressed");
+        assert_eq!(u32::from_be_bytes(f[1..5].try_into().unwrap()) as usize, f.len() - 5);
+        assert_eq!(<pb::ReadRequest as prost::Message>::decode(&f[5..]).unwrap(), m);
+    }
 }

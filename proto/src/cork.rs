@@ -1,0 +1,253 @@
+//! [`CorkedIo`]: a socket wrapper that lets the frames one connection task produces in
+//! one turn leave in one system call.
+//!
+//! h2 keeps at most one large DATA payload queued for a vectored write; the frame after
+//! it (a unary reply's trailers, the next stream's reply) is encoded only once that write
+//! is done. A 4 KiB unary reply so cost two `writev`s, and on loopback every `writev` is
+//! a whole TCP send plus the peer's wake-up. `CorkedIo` copies what h2 writes into a
+//! buffer and, at the first flush, yields the task once (it wakes itself and returns
+//! `Pending`), so h2 encodes whatever else is ready; the second flush writes it all with
+//! one `write`. It is TCP_CORK in user space, bounded two ways:
+//!
+//! - **time**: data waits for at most one yield of its own task, never for the peer;
+//! - **memory**: more than [`CORK_MAX_BYTES`] pending is written at once, and a write
+//!   larger than that goes straight through (after what is pending).
+
+use std::io;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// Most bytes a [`CorkedIo`] holds back before writing them out, in bytes.
+pub const CORK_MAX_BYTES: usize = 256 * 1024;
+
+/// A connection whose small writes are gathered until the task yields once (see the
+/// module docs).
+#[derive(Debug)]
+pub struct CorkedIo<T> {
+    inner: T,
+    /// Bytes accepted from the caller and not yet written to `inner`...
+    buf: Vec<u8>,
+    /// ...from this offset (a partial write leaves the rest).
+    sent: usize,
+    /// The task has yielded once since the first flush found bytes pending.
+    yielded: bool,
+}
+
+impl<T> CorkedIo<T> {
+    pub fn new(inner: T) -> Self {
+        Self { inner, buf: Vec::new(), sent: 0, yielded: false }
+    }
+
+    pub fn get_ref(&self) -> &T {
+        &self.inner
+    }
+
+    fn pending(&self) -> usize {
+        self.buf.len() - self.sent
+    }
+}
+
+impl<T: AsyncWrite + Unpin> CorkedIo<T> {
+    /// Writes out everything pending.
+    fn poll_drain(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while self.sent < self.buf.len() {
+            let n = ready!(Pin::new(&mut self.inner).poll_write(cx, &self.buf[self.sent..]))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            self.sent += n;
+        }
+        self.buf.clear();
+        self.sent = 0;
+        self.yielded = false;
+        Poll::Ready(Ok(()))
+    }
+
+    /// Takes `len` more bytes: `Ok(true)` when they should be copied into the buffer,
+    /// `Ok(false)` when they are too large and go straight to `inner` (nothing pending).
+    fn poll_room(&mut self, cx: &mut Context<'_>, len: usize) -> Poll<io::Result<bool>> {
+        if self.pending() + len > CORK_MAX_BYTES {
+            ready!(self.poll_drain(cx))?;
+        }
+        Poll::Ready(Ok(len <= CORK_MAX_BYTES))
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for CorkedIo<T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let me = self.get_mut();
+        if !ready!(me.poll_room(cx, data.len()))? {
+            return Pin::new(&mut me.inner).poll_write(cx, data);
+        }
+        me.buf.extend_from_slice(data);
+        Poll::Ready(Ok(data.len()))
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let me = self.get_mut();
+        let len = bufs.iter().map(|b| b.len()).sum();
+        if !ready!(me.poll_room(cx, len))? {
+            return Pin::new(&mut me.inner).poll_write_vectored(cx, bufs);
+        }
+        for b in bufs {
+            me.buf.extend_from_slice(b);
+        }
+        Poll::Ready(Ok(len))
+    }
+
+    /// Every write is taken whole into the buffer, so a caller's vectored write costs no
+    /// system call (h2 chains large DATA payloads only for vectored writers; either way
+    /// they are copied once, here).
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let me = self.get_mut();
+        if me.pending() > 0 {
+            if !me.yielded {
+                // Let the task's other ready frames join these: it is polled again at
+                // once (it woke itself), and that flush writes everything.
+                me.yielded = true;
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
+            ready!(me.poll_drain(cx))?;
+        }
+        Pin::new(&mut me.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let me = self.get_mut();
+        ready!(me.poll_drain(cx))?;
+        Pin::new(&mut me.inner).poll_shutdown(cx)
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for CorkedIo<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_read(cx, buf)
+    }
+}
+
+impl<T: tonic::transport::server::Connected> tonic::transport::server::Connected for CorkedIo<T> {
+    type ConnectInfo = T::ConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.inner.connect_info()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+    use std::task::Wake;
+    use tokio::io::AsyncWriteExt as _;
+
+    /// A writer that records each write call.
+    #[derive(Default)]
+    struct Calls {
+        writes: Vec<Vec<u8>>,
+        /// Accept at most this many bytes per call (0: all).
+        limit: usize,
+    }
+
+    impl AsyncWrite for Calls {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            data: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            let n = if self.limit == 0 { data.len() } else { data.len().min(self.limit) };
+            self.get_mut().writes.push(data[..n].to_vec());
+            Poll::Ready(Ok(n))
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    struct Count(std::sync::atomic::AtomicUsize);
+    impl Wake for Count {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn writes_between_the_first_flush_and_the_second_leave_in_one_call() {
+        let wakes = Arc::new(Count(0.into()));
+        let waker = std::task::Waker::from(wakes.clone());
+        let mut cx = Context::from_waker(&waker);
+        let mut io = CorkedIo::new(Calls::default());
+        let mut p = Pin::new(&mut io);
+        assert!(matches!(p.as_mut().poll_write(&mut cx, b"head"), Poll::Ready(Ok(4))));
+        let v = [io::IoSlice::new(b"da"), io::IoSlice::new(b"ta")];
+        assert!(matches!(p.as_mut().poll_write_vectored(&mut cx, &v), Poll::Ready(Ok(4))));
+        // First flush: nothing written yet, the task is woken to come back.
+        assert!(p.as_mut().poll_flush(&mut cx).is_pending());
+        assert_eq!(wakes.0.load(std::sync::atomic::Ordering::SeqCst), 1);
+        assert!(p.as_ref().get_ref().get_ref().writes.is_empty());
+        assert!(matches!(p.as_mut().poll_write(&mut cx, b"trailers"), Poll::Ready(Ok(8))));
+        // Second flush: one write of everything.
+        assert!(matches!(p.as_mut().poll_flush(&mut cx), Poll::Ready(Ok(()))));
+        assert_eq!(io.get_ref().writes, vec![b"headdatatrailers".to_vec()]);
+        // Nothing pending: a flush is immediate, and the next burst yields once again.
+        let mut p = Pin::new(&mut io);
+        assert!(matches!(p.as_mut().poll_flush(&mut cx), Poll::Ready(Ok(()))));
+        assert!(matches!(p.as_mut().poll_write(&mut cx, b"x"), Poll::Ready(Ok(1))));
+        assert!(p.as_mut().poll_flush(&mut cx).is_pending());
+        assert!(matches!(p.as_mut().poll_flush(&mut cx), Poll::Ready(Ok(()))));
+        assert_eq!(io.get_ref().writes.len(), 2);
+    }
+
+    #[test]
+    fn more_than_the_limit_is_written_at_once_and_partial_writes_resume() {
+        let waker = std::task::Waker::noop();
+        let mut cx = Context::from_waker(waker);
+        let mut io = CorkedIo::new(Calls { limit: 100_000, ..Default::default() });
+        let mut p = Pin::new(&mut io);
+        let small = vec![1u8; CORK_MAX_BYTES - 10];
+        assert!(matches!(p.as_mut().poll_write(&mut cx, &small), Poll::Ready(Ok(_))));
+        assert!(p.as_ref().get_ref().get_ref().writes.is_empty());
+        // 20 more would pass the limit: what is pending is written first (in pieces).
+        assert!(matches!(p.as_mut().poll_write(&mut cx, &[2u8; 20]), Poll::Ready(Ok(20))));
+        let written: usize = p.as_ref().get_ref().get_ref().writes.iter().map(Vec::len).sum();
+        assert_eq!(written, small.len());
+        // A write over the limit goes straight through once the 20 bytes are out.
+        let big = vec![3u8; CORK_MAX_BYTES + 1];
+        let n = match p.as_mut().poll_write(&mut cx, &big) {
+            Poll::Ready(Ok(n)) => n,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(n, 100_000, "the inner writer's own partial write is reported");
+        let all: Vec<u8> = io.get_ref().writes.concat();
+        assert_eq!(all.len(), small.len() + 20 + 100_000);
+        assert_eq!(&all[small.len()..small.len() + 20], &[2u8; 20]);
+    }
+
+    #[tokio::test]
+    async fn shutdown_writes_what_is_pending() {
+        let mut io = CorkedIo::new(Calls::default());
+        io.write_all(b"bye").await.unwrap();
+        io.shutdown().await.unwrap();
+        assert_eq!(io.get_ref().writes, vec![b"bye".to_vec()]);
+    }
+}
