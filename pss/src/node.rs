@@ -7,7 +7,7 @@
 //! `Ready` in raft-rs order: install a snapshot; send the leader's appends and
 //! heartbeats (`messages`: raft-rs counts the leader's own copy only once it is
 //! persisted, so followers may write theirs meanwhile, Raft thesis 10.2.1); append
-//! entries + hard state; then, side by side, ONE `fdatasync` on a helper thread (which
+//! entries + hard state; then, side by side, ONE `fdatasync` on the node's fsync thread (which
 //! sends the `persisted_messages` — votes and append acks — the moment it returns, so
 //! none leaves before it is durable) and the apply of the committed entries (raft-rs
 //! hands out only entries committed AND persisted here earlier; one sled batch with the
@@ -270,6 +270,56 @@ impl PhaseStats {
     }
 }
 
+/// The log's fsync thread, one per node for its whole life (a thread per `Ready` cost a
+/// clone and a teardown each time). It also sends the messages that wait for the fsync
+/// (votes, append acks) the moment it returns.
+struct Syncer {
+    jobs: std::sync::mpsc::SyncSender<(crate::storage::PendingSync, Vec<Message>)>,
+    done: std::sync::mpsc::Receiver<Result<Duration, LogError>>,
+}
+
+impl Syncer {
+    fn start(id: u64, transport: Transport) -> std::io::Result<Self> {
+        let (jobs, rx) =
+            std::sync::mpsc::sync_channel::<(crate::storage::PendingSync, Vec<Message>)>(1);
+        let (done_tx, done) = std::sync::mpsc::sync_channel(1);
+        std::thread::Builder::new().name(format!("pss-fsync-{id}")).spawn(move || {
+            // Ends when the loop drops its `Syncer`.
+            for (sync, after) in rx {
+                let started = std::time::Instant::now();
+                let r = sync.wait();
+                if r.is_ok() {
+                    for m in after {
+                        transport.send(m);
+                    }
+                }
+                if done_tx.send(r.map(|()| started.elapsed())).is_err() {
+                    return;
+                }
+            }
+        })?;
+        Ok(Self { jobs, done })
+    }
+
+    /// Starts the fsync; `after` leaves once it succeeded.
+    fn submit(
+        &self,
+        sync: crate::storage::PendingSync,
+        after: Vec<Message>,
+    ) -> Result<(), FatalError> {
+        self.jobs
+            .send((sync, after))
+            .map_err(|_| FatalError::Setup("the fsync thread stopped".into()))
+    }
+
+    /// Waits for the fsync started by `submit`; how long it took.
+    fn wait(&self) -> Result<Duration, FatalError> {
+        let r =
+            self.done.recv().map_err(|_| FatalError::Setup("the fsync thread stopped".into()))?;
+        Ok(r?)
+    }
+}
+
 struct Loop {
     id: u64,
     node: RawNode<RaftStorage>,
@@ -277,6 +327,7 @@ struct Loop {
     log: DurableLog,
     sm: StateMachine,
     transport: Transport,
+    syncer: Syncer,
     addresses: AddressBook,
     snap_dir: PathBuf,
     cfg: Config,
@@ -411,6 +462,8 @@ pub fn start(
         request_timeout: Duration::from_millis(cfg.request_timeout_ms),
         snap_dir: snap_dir.clone(),
     };
+    let syncer = Syncer::start(cfg.id, transport.clone())
+        .map_err(|e| setup("spawning the fsync thread", e))?;
     let mut lp = Loop {
         id: cfg.id,
         node,
@@ -418,6 +471,7 @@ pub fn start(
         log,
         sm,
         transport,
+        syncer,
         addresses,
         snap_dir,
         cfg,
@@ -700,22 +754,9 @@ impl Loop {
         let after_sync = ready.take_persisted_messages();
         match pending {
             Some(sync) => {
-                let transport = self.transport.clone();
-                let (sync_time, applied) = std::thread::scope(|scope| {
-                    let syncer = scope.spawn(move || {
-                        let started = std::time::Instant::now();
-                        sync.wait()?;
-                        for m in after_sync {
-                            transport.send(m);
-                        }
-                        Ok::<_, LogError>(started.elapsed())
-                    });
-                    let applied = self.apply(committed);
-                    let synced = syncer.join();
-                    (synced, applied)
-                });
-                let sync_time = sync_time
-                    .map_err(|_| FatalError::Setup("the fsync thread panicked".into()))??;
+                self.syncer.submit(sync, after_sync)?;
+                let applied = self.apply(committed);
+                let sync_time = self.syncer.wait()?;
                 applied?;
                 self.stats.sync += sync_time;
                 self.stats.max_sync = self.stats.max_sync.max(sync_time);

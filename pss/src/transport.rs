@@ -2,7 +2,7 @@
 //!
 //! Outbound: one worker task per peer with a bounded queue; a full queue drops the
 //! message (Raft resends) rather than blocking the node loop. Ordinary messages go in
-//! batches on `Send`; a `MsgSnapshot` goes on `InstallSnapshot`, followed by the
+//! batches (envelopes) on one long-lived `Send` stream per peer, reopened when it fails; a `MsgSnapshot` goes on `InstallSnapshot`, followed by the
 //! snapshot file in chunks, and its outcome is reported back to raft-rs.
 //! Inbound: the service decodes messages and queues them for the node loop (awaiting
 //! room: backpressure to the sender). A snapshot's file is written and fsynced before
@@ -30,8 +30,23 @@ use wayside_proto::pb::raft_transport_client::RaftTransportClient;
 
 /// Most messages sent in one `RaftEnvelope`.
 pub const MAX_MESSAGES_PER_ENVELOPE: usize = 1024;
-/// Time allowed for one `Send` call.
+/// Longest a batch may wait for room on the stream to its peer before the stream is
+/// given up (the peer stopped reading).
 const SEND_TIMEOUT: Duration = Duration::from_secs(5);
+/// Envelopes queued on the stream to one peer beyond what HTTP/2 has sent.
+const STREAM_QUEUE_ENVELOPES: usize = 64;
+/// HTTP/2 keep-alive on the connections to peers: a PING this often while a stream is
+/// open, and the connection is dropped (the stream fails, the peer is reported
+/// unreachable) when no answer comes within [`PEER_KEEPALIVE_TIMEOUT`]. Without it a
+/// link that silently drops packets would hold the stream open forever.
+const PEER_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(1);
+const PEER_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The open `Send` stream to a peer.
+struct OpenStream {
+    tx: mpsc::Sender<pb::RaftEnvelope>,
+    call: Pin<Box<dyn std::future::Future<Output = Result<(), Status>> + Send>>,
+}
 /// Time allowed for a whole snapshot transfer.
 const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(300);
 /// Pause after a failed send before the next attempt, so a dead peer costs little.
@@ -135,6 +150,8 @@ impl PeerWorker {
                 .ok()?
                 .connect_timeout(Duration::from_secs(1))
                 .tcp_nodelay(true)
+                .http2_keep_alive_interval(PEER_KEEPALIVE_INTERVAL)
+                .keep_alive_timeout(PEER_KEEPALIVE_TIMEOUT)
                 .initial_connection_window_size(crate::server::HTTP2_CONNECTION_WINDOW_BYTES)
                 .initial_stream_window_size(crate::server::HTTP2_STREAM_WINDOW_BYTES)
                 .connect_lazy();
@@ -146,14 +163,48 @@ impl PeerWorker {
         self.client.as_ref().map(|(_, c)| c.clone())
     }
 
+    /// Opens the long-lived `Send` stream to the peer: envelopes pushed into the returned
+    /// sender go out as they come (no round trip per batch); the future ends only when
+    /// the stream fails (the peer went away, or HTTP/2 keep-alive found the link dead).
+    fn open(&self, mut client: RaftTransportClient<Channel>) -> OpenStream {
+        let (tx, rx) = mpsc::channel(STREAM_QUEUE_ENVELOPES);
+        let call = Box::pin(async move {
+            client.send(tokio_stream::wrappers::ReceiverStream::new(rx)).await.map(|_| ())
+        });
+        OpenStream { tx, call }
+    }
+
+    /// After a failed send: tell raft-rs, wait a little, and drop what queued meanwhile
+    /// (stale by the time the peer is back; Raft resends what matters).
+    async fn failed(&self, rx: &mut mpsc::Receiver<Message>, shutdown: &CancellationToken) -> bool {
+        let _ = self.node_tx.try_send(Input::Unreachable { to: self.to });
+        tokio::select! {
+            _ = shutdown.cancelled() => return false,
+            _ = tokio::time::sleep(RETRY_PAUSE) => {}
+        }
+        while let Ok(m) = rx.try_recv() {
+            if m.get_msg_type() == MessageType::MsgSnapshot {
+                let _ = self.node_tx.try_send(Input::SnapshotSent { to: self.to, ok: false });
+            }
+        }
+        true
+    }
+
     async fn run(mut self, mut rx: mpsc::Receiver<Message>, shutdown: CancellationToken) {
         let mut held: Option<Message> = None;
+        let mut open: Option<OpenStream> = None;
         loop {
             let first = match held.take() {
                 Some(m) => m,
                 None => tokio::select! {
                     _ = shutdown.cancelled() => return,
                     m = rx.recv() => match m { Some(m) => m, None => return },
+                    r = async { (&mut open.as_mut().expect("guarded").call).await }, if open.is_some() => {
+                        tracing::debug!(peer = self.to, result = ?r.err(), "raft stream ended");
+                        open = None;
+                        if !self.failed(&mut rx, &shutdown).await { return; }
+                        continue;
+                    }
                 },
             };
             let Some(client) = self.client() else {
@@ -181,25 +232,21 @@ impl PeerWorker {
                 batch.push(b);
             }
             let env = pb::RaftEnvelope { from: self.from, to: self.to, messages: batch };
-            let mut client = client;
-            let call = client.send(tokio_stream::iter([env]));
-            let failed = tokio::select! {
+            let stream = open.get_or_insert_with(|| self.open(client));
+            // A peer that stops reading fills the stream's queue: give up on the stream
+            // after SEND_TIMEOUT rather than hold the node's messages behind it.
+            let sent = tokio::select! {
                 _ = shutdown.cancelled() => return,
-                r = tokio::time::timeout(SEND_TIMEOUT, call) => !matches!(r, Ok(Ok(_))),
-            };
-            if failed {
-                let _ = self.node_tx.try_send(Input::Unreachable { to: self.to });
-                // Messages queued meanwhile are stale by the time the peer is back;
-                // Raft resends what matters.
-                tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    _ = tokio::time::sleep(RETRY_PAUSE) => {}
+                r = tokio::time::timeout(SEND_TIMEOUT, stream.tx.send(env)) => matches!(r, Ok(Ok(()))),
+                r = &mut stream.call => {
+                    tracing::debug!(peer = self.to, result = ?r.err(), "raft stream ended");
+                    false
                 }
-                while let Ok(m) = rx.try_recv() {
-                    if m.get_msg_type() == MessageType::MsgSnapshot {
-                        let _ =
-                            self.node_tx.try_send(Input::SnapshotSent { to: self.to, ok: false });
-                    }
+            };
+            if !sent {
+                open = None;
+                if !self.failed(&mut rx, &shutdown).await {
+                    return;
                 }
             }
         }
