@@ -49,8 +49,12 @@ pub struct Config {
     /// Applied entries past the last snapshot that trigger a snapshot and log compaction.
     pub compact_log_entries: u64,
     /// Bytes of applied entries past the last snapshot that trigger a snapshot and log
-    /// compaction (the log is held in memory until compacted).
+    /// compaction (the log file grows until then).
     pub compact_log_bytes: u64,
+    /// Bytes of applied Raft entries kept in memory (for followers a little behind);
+    /// older ones are read back from the log file when a lagging follower needs them.
+    /// Entries not yet applied always stay in memory.
+    pub log_memory_bytes: u64,
     /// Size of one snapshot chunk on the wire, in bytes.
     pub snapshot_chunk_bytes: usize,
     /// Block data lives in append-only segment files beside sled (only the index is in
@@ -87,6 +91,7 @@ impl Default for Config {
             dedupe_table_entries: 1_000_000,
             compact_log_entries: 20_000,
             compact_log_bytes: 256 * 1024 * 1024,
+            log_memory_bytes: 64 * 1024 * 1024,
             snapshot_chunk_bytes: 1024 * 1024,
             blob_segment_bytes: 64 * 1024 * 1024,
             blob_gc_live_percent: 50,

@@ -782,6 +782,8 @@ impl Loop {
         let committed = light.take_committed_entries();
         self.apply(committed)?;
         self.node.advance_apply();
+        // Applied entries past the memory budget are read back from the file if needed.
+        self.storage.write().trim(self.applied, self.cfg.log_memory_bytes);
         self.release_reads();
         tracing::trace!(
             appended,

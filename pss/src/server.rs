@@ -83,6 +83,7 @@ async fn serve(
         id,
         node_tx: handle.tx.clone(),
         snap_dir: handle.snap_dir.clone(),
+        shutdown: inner.clone(),
     })
     .max_decoding_message_size(max)
     .max_encoding_message_size(max);

@@ -37,14 +37,60 @@ pub enum LogError {
     Decode { path: PathBuf, kind: u8, reason: String },
 }
 
-/// The in-memory view raft-rs reads: the compaction point (snapshot metadata), the
-/// entries after it, the hard state and the conf state.
-#[derive(Default)]
+/// Where a record of entries sits in the log file: its first and last entry that still
+/// count (a later append may replace a suffix) and the record's position.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Span {
+    first: u64,
+    last: u64,
+    /// Offset of the record (its header) in the file.
+    offset: u64,
+    /// Header and payload bytes.
+    len: u64,
+}
+
+/// The view raft-rs reads: the compaction point (snapshot metadata), the entries after
+/// it, the hard state and the conf state. The newest entries are in memory; older ones
+/// that are applied are dropped from memory past [`LogCore::trim`]'s byte limit and read
+/// back from the log file on demand (a follower that lags), so a node's memory does not
+/// grow with the log until the next compaction (fresh memory is zeroed by the kernel:
+/// ~a quarter of a loaded node's CPU when the whole log stayed in memory).
 pub struct LogCore {
     pub snapshot: SnapshotMetadata,
-    pub entries: Vec<Entry>,
+    /// Entries `mem_first ..= last_index()`.
+    entries: std::collections::VecDeque<Entry>,
+    mem_first: u64,
+    /// Entry data bytes in `entries`.
+    mem_bytes: u64,
+    /// Every record in the file that holds entries still in the log, in index order.
+    spans: Vec<Span>,
+    /// Terms of the entries only on disk (`first_index() .. mem_first`): runs of
+    /// `(first index, term)`, ascending.
+    terms: Vec<(u64, u64)>,
+    /// The log file, for reading entries back (replaced when the file is rewritten).
+    reader: Option<(Arc<File>, PathBuf)>,
     pub hard_state: HardState,
     pub conf_state: ConfState,
+}
+
+impl Default for LogCore {
+    fn default() -> Self {
+        Self {
+            snapshot: SnapshotMetadata::default(),
+            entries: std::collections::VecDeque::new(),
+            mem_first: 1,
+            mem_bytes: 0,
+            spans: Vec::new(),
+            terms: Vec::new(),
+            reader: None,
+            hard_state: HardState::default(),
+            conf_state: ConfState::default(),
+        }
+    }
+}
+
+fn store_error(e: impl std::fmt::Display) -> raft::Error {
+    raft::Error::Store(StorageError::Other(e.to_string().into()))
 }
 
 impl LogCore {
@@ -53,7 +99,12 @@ impl LogCore {
     }
 
     pub fn last_index(&self) -> u64 {
-        self.entries.last().map_or(self.snapshot.index, |e| e.index)
+        self.mem_first + self.entries.len() as u64 - 1
+    }
+
+    /// Entry data bytes held in memory.
+    pub fn memory_bytes(&self) -> u64 {
+        self.mem_bytes
     }
 
     pub fn term(&self, idx: u64) -> raft::Result<u64> {
@@ -66,34 +117,179 @@ impl LogCore {
         if idx > self.last_index() {
             return Err(raft::Error::Store(StorageError::Unavailable));
         }
-        Ok(self.entries[usize::try_from(idx - self.first_index()).unwrap_or(usize::MAX)].term)
+        if idx >= self.mem_first {
+            return Ok(
+                self.entries[usize::try_from(idx - self.mem_first).unwrap_or(usize::MAX)].term
+            );
+        }
+        let run = self.terms.partition_point(|&(first, _)| first <= idx);
+        run.checked_sub(1)
+            .map(|r| self.terms[r].1)
+            .ok_or_else(|| store_error(format!("no term known for on-disk entry {idx}")))
     }
 
-    fn append(&mut self, ents: &[Entry]) {
+    /// Entries `low..high` (at least one, then up to `max` bytes).
+    fn entries(&self, low: u64, high: u64, max: u64) -> raft::Result<Vec<Entry>> {
+        let mut out = Vec::new();
+        let mut size = 0u64;
+        let mut take = |e: Entry, out: &mut Vec<Entry>| {
+            size += u64::from(e.compute_size());
+            if !out.is_empty() && size > max {
+                return false;
+            }
+            out.push(e);
+            true
+        };
+        if low < self.mem_first {
+            for e in self.read_disk(low, high.min(self.mem_first))? {
+                if !take(e, &mut out) {
+                    return Ok(out);
+                }
+            }
+        }
+        let lo = low.max(self.mem_first);
+        if lo < high {
+            let skip = usize::try_from(lo - self.mem_first).unwrap_or(usize::MAX);
+            let n = usize::try_from(high - lo).unwrap_or(usize::MAX);
+            for e in self.entries.iter().skip(skip).take(n) {
+                if !take(e.clone(), &mut out) {
+                    break;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Reads entries `low..high` (all on disk) back from the log file.
+    fn read_disk(&self, low: u64, high: u64) -> raft::Result<Vec<Entry>> {
+        use std::os::unix::fs::FileExt as _;
+        let Some((file, path)) = &self.reader else {
+            return Err(store_error("entries are on disk but the log file is not open"));
+        };
+        let mut out = Vec::new();
+        let from = self.spans.partition_point(|s| s.last < low);
+        for span in self.spans[from..].iter().take_while(|s| s.first < high) {
+            let mut buf = vec![0u8; usize::try_from(span.len).unwrap_or(usize::MAX)];
+            file.read_exact_at(&mut buf, span.offset)
+                .map_err(|e| store_error(format!("reading {}: {e}", path.display())))?;
+            let (kind, payload) = parse_record_at(&buf).ok_or_else(|| {
+                store_error(format!("{}: record at {} is corrupt", path.display(), span.offset))
+            })?;
+            if kind != KIND_ENTRIES {
+                return Err(store_error(format!(
+                    "{}: no entries at {}",
+                    path.display(),
+                    span.offset
+                )));
+            }
+            let ents = decode_entries(payload).map_err(store_error)?;
+            out.extend(ents.into_iter().filter(|e| {
+                e.index >= low.max(span.first) && e.index < high && e.index <= span.last
+            }));
+        }
+        if out.len() as u64 != high - low || out.first().is_some_and(|e| e.index != low) {
+            return Err(store_error(format!(
+                "{}: entries {low}..{high} not all found on disk ({} read)",
+                path.display(),
+                out.len()
+            )));
+        }
+        Ok(out)
+    }
+
+    /// Appends entries written to the file at `span` (a suffix that may replace a
+    /// conflicting tail).
+    fn append(&mut self, ents: &[Entry], span: Span) {
         let Some(first) = ents.first() else { return };
         // Entries at or below the compaction point are already in the snapshot.
         let skip = self.first_index().saturating_sub(first.index);
         let ents = &ents[usize::try_from(skip).unwrap_or(usize::MAX).min(ents.len())..];
-        let Some(first) = ents.first() else { return };
-        let keep = first.index.saturating_sub(self.first_index());
-        self.entries.truncate(usize::try_from(keep).unwrap_or(usize::MAX));
-        self.entries.extend_from_slice(ents);
+        let (Some(first), Some(last)) = (ents.first(), ents.last()) else { return };
+        let k = first.index;
+        // From `k` on, this record is the log: earlier records end before it...
+        while self.spans.last().is_some_and(|s| s.first >= k) {
+            self.spans.pop();
+        }
+        if let Some(s) = self.spans.last_mut() {
+            s.last = s.last.min(k - 1);
+        }
+        self.spans.push(Span { first: k, last: last.index, ..span });
+        // ...and so is memory. (Only applied entries leave memory, and applied entries
+        // are committed, so a conflict below `mem_first` cannot happen; if it did, the
+        // replaced entries are simply gone from both.)
+        if k < self.mem_first {
+            self.entries.clear();
+            self.mem_bytes = 0;
+            self.mem_first = k;
+            self.terms.retain(|&(i, _)| i < k);
+        } else {
+            let keep = usize::try_from(k - self.mem_first).unwrap_or(usize::MAX);
+            while self.entries.len() > keep {
+                if let Some(e) = self.entries.pop_back() {
+                    self.mem_bytes -= e.data.len() as u64;
+                }
+            }
+        }
+        for e in ents {
+            self.mem_bytes += e.data.len() as u64;
+            self.entries.push_back(e.clone());
+        }
+    }
+
+    /// Drops applied entries (index `<= applied`) from memory, oldest first, until at
+    /// most `keep_bytes` of entry data is held; they stay readable from the file.
+    pub fn trim(&mut self, applied: u64, keep_bytes: u64) {
+        while self.mem_bytes > keep_bytes {
+            match self.entries.front() {
+                Some(e) if e.index <= applied && self.reader.is_some() => {}
+                _ => break,
+            }
+            let Some(e) = self.entries.pop_front() else { break };
+            self.mem_bytes -= e.data.len() as u64;
+            if self.terms.last().is_none_or(|&(_, t)| t != e.term) {
+                self.terms.push((e.index, e.term));
+            }
+            self.mem_first += 1;
+        }
     }
 
     fn apply_snapshot(&mut self, meta: SnapshotMetadata) {
-        self.entries.retain(|e| e.index > meta.index);
-        // A snapshot past our log replaces it entirely; one inside it keeps the suffix only
-        // when the terms agree (compaction of our own log).
-        let consistent = self.entries.first().is_some_and(|e| e.index == meta.index + 1)
-            && meta.index <= self.last_index();
-        if !consistent {
+        // A snapshot inside our log (our own compaction) keeps the suffix after it; one
+        // past our log replaces it entirely.
+        let keep = meta.index + 1 >= self.first_index() && meta.index < self.last_index();
+        if keep {
+            while self.entries.front().is_some_and(|e| e.index <= meta.index) {
+                if let Some(e) = self.entries.pop_front() {
+                    self.mem_bytes -= e.data.len() as u64;
+                }
+            }
+            self.mem_first = self.mem_first.max(meta.index + 1);
+            self.spans.retain(|s| s.last > meta.index);
+            // The run holding `meta.index + 1` and the later ones.
+            let from = self.terms.partition_point(|&(i, _)| i <= meta.index + 1).saturating_sub(1);
+            self.terms.drain(..from);
+        } else {
             self.entries.clear();
+            self.mem_bytes = 0;
+            self.mem_first = meta.index + 1;
+            self.spans.clear();
+            self.terms.clear();
         }
         self.hard_state.commit = self.hard_state.commit.max(meta.index);
         self.hard_state.term = self.hard_state.term.max(meta.term);
         self.conf_state = meta.get_conf_state().clone();
         self.snapshot = meta;
     }
+}
+
+/// The kind and payload of the record at the start of `buf`, if it is whole and its
+/// checksum matches.
+fn parse_record_at(buf: &[u8]) -> Option<(u8, &[u8])> {
+    let head = buf.get(..HEADER_BYTES)?;
+    let len = u32::from_le_bytes(head[1..5].try_into().ok()?) as usize;
+    let crc = u32::from_le_bytes(head[5..9].try_into().ok()?);
+    let payload = buf.get(HEADER_BYTES..HEADER_BYTES + len)?;
+    (crc32fast::hash(payload) == crc).then_some((head[0], payload))
 }
 
 /// raft-rs's view of the log (shared with the node loop, which writes it).
@@ -134,20 +330,7 @@ impl raft::Storage for RaftStorage {
         if high > core.last_index() + 1 {
             return Err(raft::Error::Store(StorageError::Unavailable));
         }
-        let off = core.first_index();
-        let lo = usize::try_from(low - off).unwrap_or(usize::MAX);
-        let hi = usize::try_from(high - off).unwrap_or(usize::MAX);
-        let mut out = Vec::with_capacity(hi.saturating_sub(lo));
-        let max = max_size.into().unwrap_or(u64::MAX);
-        let mut size = 0u64;
-        for e in &core.entries[lo..hi] {
-            size += u64::from(e.compute_size());
-            if !out.is_empty() && size > max {
-                break;
-            }
-            out.push(e.clone());
-        }
-        Ok(out)
+        core.entries(low, high, max_size.into().unwrap_or(u64::MAX))
     }
 
     fn term(&self, idx: u64) -> raft::Result<u64> {
@@ -186,6 +369,8 @@ pub struct DurableLog {
     file: File,
     /// Bytes appended since the last sync.
     dirty: bool,
+    /// The file's length (where the next record goes).
+    len: u64,
     /// The record being written, kept between appends: a Ready's entries are often
     /// hundreds of KiB, and a fresh buffer of that size each time is fresh pages the
     /// kernel has to fault in and zero.
@@ -225,7 +410,9 @@ impl DurableLog {
             match kind {
                 KIND_ENTRIES => {
                     let ents = decode_entries(payload).map_err(decode)?;
-                    core.append(&ents);
+                    let span =
+                        Span { first: 0, last: 0, offset: pos as u64, len: (end - pos) as u64 };
+                    core.append(&ents, span);
                 }
                 KIND_HARD_STATE => {
                     core.hard_state =
@@ -250,27 +437,29 @@ impl DurableLog {
             file.set_len(pos as u64).map_err(io)?;
             file.sync_all().map_err(io)?;
         }
+        core.reader = Some((Arc::new(File::open(&path).map_err(io)?), path.clone()));
         Ok((
-            Self { dir: dir.to_owned(), file, dirty: false, buf: Vec::new() },
+            Self { dir: dir.to_owned(), file, dirty: false, len: pos as u64, buf: Vec::new() },
             core,
             existed && pos > 0,
         ))
     }
 
     fn record(&mut self, kind: u8, payload: &[u8], durable: bool) -> Result<(), LogError> {
-        self.record_with(kind, |buf| buf.extend_from_slice(payload), durable)
+        self.record_with(kind, |buf| buf.extend_from_slice(payload), durable).map(|_| ())
     }
 
     /// Writes one record whose payload `fill` appends to the buffer (encoded in place:
     /// no intermediate copy of the payload). A `durable` record makes the next
     /// [`DurableLog::begin_sync`] fsync; any other one rides along with the next fsync
     /// something durable asks for (or is lost in a crash, which it may be).
+    /// Returns where the record went (offset, bytes).
     fn record_with(
         &mut self,
         kind: u8,
         fill: impl FnOnce(&mut Vec<u8>),
         durable: bool,
-    ) -> Result<(), LogError> {
+    ) -> Result<(u64, u64), LogError> {
         let mut buf = std::mem::take(&mut self.buf);
         buf.clear();
         buf.push(kind);
@@ -280,13 +469,16 @@ impl DurableLog {
         let crc = crc32fast::hash(&buf[HEADER_BYTES..]);
         buf[1..5].copy_from_slice(&len.to_le_bytes());
         buf[5..9].copy_from_slice(&crc.to_le_bytes());
+        let at = (self.len, buf.len() as u64);
         let written = self.file.write_all(&buf);
         if buf.capacity() <= KEEP_BUFFER_BYTES {
             self.buf = buf;
         }
+        // (On an error the node stops: the file's length no longer matters.)
         written.map_err(|e| self.io(e))?;
+        self.len += at.1;
         self.dirty |= durable;
-        Ok(())
+        Ok(at)
     }
 
     /// Appends entries (a suffix that may overwrite a conflicting tail).
@@ -294,8 +486,9 @@ impl DurableLog {
         if ents.is_empty() {
             return Ok(());
         }
-        self.record_with(KIND_ENTRIES, |buf| encode_entries_into(buf, ents), true)?;
-        core.write().append(ents);
+        let (offset, len) =
+            self.record_with(KIND_ENTRIES, |buf| encode_entries_into(buf, ents), true)?;
+        core.write().append(ents, Span { first: 0, last: 0, offset, len });
         Ok(())
     }
 
@@ -323,23 +516,38 @@ impl DurableLog {
     ) -> Result<(), LogError> {
         let mut w = core.write();
         w.apply_snapshot(meta);
-        self.rewrite(&w)
+        self.rewrite(&mut w)
     }
 
-    /// Writes a fresh log holding only what `core` holds, then atomically replaces the old
-    /// one (write, fsync, rename, fsync the directory).
-    fn rewrite(&mut self, core: &LogCore) -> Result<(), LogError> {
+    /// Writes a fresh log holding only what `core` holds (its entries read back from the
+    /// old file where they are no longer in memory), then atomically replaces the old one
+    /// (write, fsync, rename, fsync the directory).
+    fn rewrite(&mut self, core: &mut LogCore) -> Result<(), LogError> {
         let tmp = self.dir.join(format!("{LOG_FILE}.tmp"));
         let io = |source| LogError::Io { path: tmp.clone(), source };
+        let (first, last) = (core.first_index(), core.last_index());
+        let entries = if first <= last {
+            core.entries(first, last + 1, u64::MAX).map_err(|e| LogError::Io {
+                path: self.dir.join(LOG_FILE),
+                source: std::io::Error::other(e.to_string()),
+            })?
+        } else {
+            Vec::new()
+        };
         let mut f = File::create(&tmp).map_err(io)?;
         let mut body = Vec::new();
+        let mut span = None;
         for (kind, payload) in [
             (KIND_SNAPSHOT, core.snapshot.write_to_bytes().unwrap_or_default()),
             (KIND_HARD_STATE, core.hard_state.write_to_bytes().unwrap_or_default()),
-            (KIND_ENTRIES, encode_entries(&core.entries)),
+            (KIND_ENTRIES, encode_entries(&entries)),
         ] {
-            if kind == KIND_ENTRIES && core.entries.is_empty() {
-                continue;
+            if kind == KIND_ENTRIES {
+                if entries.is_empty() {
+                    continue;
+                }
+                let len = (HEADER_BYTES + payload.len()) as u64;
+                span = Some(Span { first, last, offset: body.len() as u64, len });
             }
             body.push(kind);
             body.extend_from_slice(&u32::try_from(payload.len()).unwrap_or(u32::MAX).to_le_bytes());
@@ -352,7 +560,10 @@ impl DurableLog {
         std::fs::rename(&tmp, &path).map_err(io)?;
         sync_dir(&self.dir).map_err(io)?;
         self.file = OpenOptions::new().append(true).open(&path).map_err(io)?;
+        self.len = body.len() as u64;
         self.dirty = false;
+        core.spans = span.into_iter().collect();
+        core.reader = Some((Arc::new(File::open(&path).map_err(io)?), path));
         Ok(())
     }
 
@@ -489,6 +700,81 @@ mod tests {
         // The commit index still reached the file (with the later fsync).
         let (_, core, _) = DurableLog::open(dir.path()).unwrap();
         assert_eq!((core.hard_state.commit, core.hard_state.vote), (5, 2));
+    }
+
+    fn entry_t(index: u64, term: u64, bytes: usize) -> Entry {
+        Entry { index, term, data: vec![index as u8; bytes].into(), ..Default::default() }
+    }
+
+    fn read(store: &RaftStorage, low: u64, high: u64) -> Vec<(u64, u64)> {
+        raft::Storage::entries(store, low, high, None, GetEntriesContext::empty(false))
+            .unwrap()
+            .into_iter()
+            .map(|e| {
+                assert_eq!(e.data.len(), 100, "entry {} keeps its data", e.index);
+                assert!(e.data.iter().all(|b| *b == e.index as u8));
+                (e.index, e.term)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn applied_entries_leave_memory_and_are_read_back_from_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut log, core, _) = DurableLog::open(dir.path()).unwrap();
+        let store = RaftStorage { core: Arc::new(RwLock::new(core)), ..Default::default() };
+        // Two records (1..=6, 7..=10), terms 1 then 2 from 5 on.
+        log.append(
+            &store,
+            &(1..=6).map(|i| entry_t(i, if i < 5 { 1 } else { 2 }, 100)).collect::<Vec<_>>(),
+        )
+        .unwrap();
+        log.append(&store, &(7..=10).map(|i| entry_t(i, 2, 100)).collect::<Vec<_>>()).unwrap();
+        assert_eq!(store.read().memory_bytes(), 1000);
+        // Applied up to 8, at most 250 bytes kept: 1..=8 leave (8 too: 300 > 250).
+        store.write().trim(8, 250);
+        assert_eq!(store.read().memory_bytes(), 200, "entries 9 and 10 stay");
+        // Not past what is applied, whatever the budget.
+        store.write().trim(8, 0);
+        assert_eq!(store.read().memory_bytes(), 200);
+        let want: Vec<(u64, u64)> = (1..=10).map(|i| (i, if i < 5 { 1 } else { 2 })).collect();
+        assert_eq!(read(&store, 1, 11), want, "across both records and memory");
+        assert_eq!(read(&store, 5, 7), want[4..6]);
+        for (i, t) in &want {
+            assert_eq!(raft::Storage::term(&store, *i).unwrap(), *t, "term of {i}");
+        }
+        // A size limit still returns at least one entry.
+        let one = raft::Storage::entries(&store, 2, 11, Some(1), GetEntriesContext::empty(false))
+            .unwrap();
+        assert_eq!(one.len(), 1);
+        // A new leader replaces 9..: the later record wins for 9 on.
+        log.append(&store, &[entry_t(9, 3, 100)]).unwrap();
+        assert_eq!(store.read().last_index(), 9);
+        assert_eq!(read(&store, 7, 10), vec![(7, 2), (8, 2), (9, 3)]);
+        log.sync().unwrap();
+        drop(log);
+        // After a restart, the same log (all of it in memory again until trimmed).
+        let (mut log, core, _) = DurableLog::open(dir.path()).unwrap();
+        let store = RaftStorage { core: Arc::new(RwLock::new(core)), ..Default::default() };
+        store.write().trim(9, 0);
+        assert_eq!(store.read().memory_bytes(), 0);
+        let mut want = want[..8].to_vec();
+        want.push((9, 3));
+        assert_eq!(read(&store, 1, 10), want, "all read back from the replayed file");
+        // Compaction at 4 rewrites the file from what is only on disk.
+        let meta = SnapshotMetadata { index: 4, term: 1, ..Default::default() };
+        log.install_snapshot(&store, meta).unwrap();
+        assert_eq!(read(&store, 5, 10), want[4..]);
+        assert!(
+            raft::Storage::entries(&store, 4, 10, None, GetEntriesContext::empty(false)).is_err()
+        );
+        log.append(&store, &[entry_t(10, 3, 100)]).unwrap();
+        log.sync().unwrap();
+        drop(log);
+        let (_log, core, _) = DurableLog::open(dir.path()).unwrap();
+        let store = RaftStorage { core: Arc::new(RwLock::new(core)), ..Default::default() };
+        want.push((10, 3));
+        assert_eq!(read(&store, 5, 11), want[4..], "the rewritten file replays");
     }
 
     #[test]

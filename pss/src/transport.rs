@@ -319,6 +319,9 @@ pub struct RaftService {
     pub id: u64,
     pub node_tx: mpsc::Sender<Input>,
     pub snap_dir: PathBuf,
+    /// The node's shutdown: a peer's `Send` stream is long-lived, so the handler ends it
+    /// (and the server's graceful shutdown can finish) when this fires.
+    pub shutdown: CancellationToken,
 }
 
 fn decode(bytes: &[u8]) -> Result<Message, Status> {
@@ -333,7 +336,14 @@ impl pb::raft_transport_server::RaftTransport for RaftService {
         request: Request<Streaming<pb::RaftEnvelope>>,
     ) -> Result<Response<pb::RaftSendReply>, Status> {
         let mut stream = request.into_inner();
-        while let Some(env) = stream.message().await? {
+        loop {
+            let env = tokio::select! {
+                _ = self.shutdown.cancelled() => break,
+                m = stream.message() => match m? {
+                    Some(env) => env,
+                    None => break,
+                },
+            };
             if env.to != self.id {
                 return Err(Status::failed_precondition(format!(
                     "raft messages for node {} reached node {}: check the peer addresses",
