@@ -31,7 +31,9 @@ pub struct Config {
     /// Most data bytes in one write-back batch.
     pub max_batch_bytes: u64,
     /// How long dirty data may wait before write-back starts, in milliseconds (0: at once;
-    /// a flush always starts it at once).
+    /// a flush always starts it at once). Writes to a volume during a write-back wait for
+    /// the next round, so a block rewritten continuously costs one PSS write per delay
+    /// (a backlog of full batches is written back without waiting).
     pub writeback_delay_ms: u64,
     /// Most blocks per volume with a PSS read in flight that are tracked so a write racing
     /// the read wins (past it, reads in flight are answered but not cached).
@@ -47,8 +49,10 @@ pub struct Config {
     pub max_stream_batch_ops: usize,
     /// Most concurrent HTTP/2 streams per connection.
     pub max_concurrent_streams: u32,
-    /// Threads serving gRPC connections, each connection on one of them for its whole
-    /// life (0: one per CPU this process may run on).
+    /// Threads dedicated to serving gRPC connections, each connection on one of them for
+    /// its whole life: less CPU per small request (no hops between runtime workers), but a
+    /// single bulk stream (a migration) is then served by one thread. 0: connections are
+    /// served by the process's runtime workers.
     pub serve_threads: usize,
     /// Longest wait of a request behind a paused (switching) volume, in milliseconds.
     pub pause_wait_ms: u64,
@@ -82,7 +86,7 @@ impl Default for Config {
             dedupe_entries_per_volume: 65_536,
             max_batch_ops: 1024,
             max_batch_bytes: 8 << 20,
-            writeback_delay_ms: 0,
+            writeback_delay_ms: 20,
             max_tracked_fetches_per_volume: 65_536,
             max_volumes: 4096,
             max_message_size_bytes: 16 << 20,

@@ -135,8 +135,9 @@ async fn round_trip_read_write_delete_flush() {
     assert!(!stored.contains_key(&3), "the delete reached the PSS");
     let list = c.list(0, 0).await.unwrap();
     assert_eq!(list.blocks.iter().map(|b| b.block).collect::<Vec<_>>(), vec![1, 2]);
-    // A fresh NMS reads through from the PSS.
-    let b = Nms::start("b", &cluster.endpoints(), |_| {}).await;
+    // A fresh NMS reads through from the PSS (this one serving its connections from two
+    // dedicated threads; `stop` checks it shuts down).
+    let b = Nms::start("b", &cluster.endpoints(), |c| c.serve_threads = 2).await;
     let c2 = VolumeClient::open(opts(&[&b.ep], "rt", "s3cret")).await.unwrap();
     assert_eq!(c2.read(1, 0, None).await.unwrap().unwrap(), block_data(1, 1));
     a.stop().await;
@@ -992,6 +993,40 @@ async fn batched_operations_round_trip_and_bad_batches_change_nothing() {
     }
     assert_eq!(answered, 3, "every operation of the half-closed stream was answered");
     drop((s, bad));
+    a.stop().await;
+    cluster.shutdown().await;
+}
+
+/// With a write-back delay, a block rewritten as fast as the vehicle can costs about one
+/// PSS write per delay, not one per PSS round trip; a flush still persists everything at
+/// once, and the PSS has the last data.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_block_rewritten_continuously_is_written_back_once_per_delay() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = LocalCluster::start(3, dir.path()).await.unwrap();
+    let a = Nms::start("a", &cluster.endpoints(), |c| c.writeback_delay_ms = 250).await;
+    let c = VolumeClient::open(opts(&[&a.ep], "hot", "k")).await.unwrap();
+    let before = a.admin().await.node_status(pb::NodeStatusRequest {}).await.unwrap().into_inner();
+    let started = std::time::Instant::now();
+    let mut writes = 0u64;
+    while started.elapsed() < Duration::from_millis(1500) {
+        writes += 1;
+        c.write(7, 0, block_data(7, writes)).await.unwrap();
+    }
+    let elapsed = started.elapsed();
+    let after = a.admin().await.node_status(pb::NodeStatusRequest {}).await.unwrap().into_inner();
+    let rounds = after.writeback_batches - before.writeback_batches;
+    // One round per 250 ms at most (plus the one in flight at each end).
+    let most = elapsed.as_millis() as u64 / 250 + 2;
+    assert!(writes > 50, "the vehicle kept writing ({writes} writes)");
+    assert!(
+        rounds <= most,
+        "{rounds} write-backs for {writes} writes in {elapsed:?} (at most {most})"
+    );
+    let p = c.flush().await.unwrap();
+    assert!(p.0 >= writes, "the flush persisted every write ({p:?}, {writes} writes)");
+    let stored = pss_blocks(&cluster, "hot", &[7]).await;
+    assert_eq!(stored.get(&7), Some(&block_data(7, writes)), "the PSS has the last write");
     a.stop().await;
     cluster.shutdown().await;
 }

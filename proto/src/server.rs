@@ -74,16 +74,21 @@ impl tokio_stream::Stream for ShardIncoming {
     }
 }
 
-/// Serves gRPC on `listener` from `threads` threads, each with a current-thread runtime of
-/// its own: the caller's task accepts and hands the connections to the threads in turn,
-/// and each connection's I/O, HTTP/2 and request handling then stay on its thread. On a shared multi-thread runtime a unary request
-/// hopped between workers (a futex wake-up and a context switch per request, ~40% more
-/// CPU per call than on one thread). `serve(incoming)` builds and runs one thread's
-/// server (a tonic `Router::serve_with_incoming_shutdown`); it is called on that thread.
-/// Returns when every thread's server has returned, with the first error.
+/// Serves gRPC on `listener`. `serve(incoming)` builds and runs one server (a tonic
+/// `Router::serve_with_incoming_shutdown`) over the connections it is handed; the
+/// caller's task accepts them (TCP_NODELAY set, corked: [`CorkedIo`]).
 ///
-/// The acceptor stops when `stop` is cancelled (each server gets its own shutdown signal
-/// from `serve`); connections are corked ([`CorkedIo`]) and have TCP_NODELAY set.
+/// - `threads == 0`: one server, on the caller's runtime (its workers share every
+///   connection: best for a few bulk streams, such as a migration, on few cores).
+/// - `threads > 0`: that many threads, each with a current-thread runtime and a server
+///   of its own; connections are handed to them in turn and each stays on its thread for
+///   its whole life (I/O, HTTP/2 and request handling). On a multi-thread runtime a unary
+///   request hopped between workers, a futex wake-up and a context switch per request:
+///   ~30 us of CPU per 4 KiB read on two cores against ~21 us on one thread. `serve` is
+///   then called on each thread.
+///
+/// Returns when every server has returned (each stops on its own shutdown signal, which
+/// `serve` gives it) and the acceptor has stopped (`stop`), with the first error.
 pub async fn serve_sharded<S, F>(
     listener: tokio::net::TcpListener,
     threads: usize,
@@ -94,9 +99,19 @@ where
     S: Fn(ShardIncoming) -> F + Send + Sync + 'static,
     F: std::future::Future<Output = Result<(), tonic::transport::Error>> + 'static,
 {
+    if threads == 0 {
+        let (tx, rx) = tokio::sync::mpsc::channel(SHARD_QUEUE_CONNECTIONS);
+        let server = serve(ShardIncoming { rx });
+        let accept = async move {
+            accept_into(listener, vec![Some(tx)], stop).await;
+        };
+        let (r, ()) = tokio::join!(server, accept);
+        return r;
+    }
     let serve = std::sync::Arc::new(serve);
+    let mut txs = Vec::new();
     let mut shards = Vec::new();
-    for i in 0..threads.max(1) {
+    for i in 0..threads {
         let (tx, rx) = tokio::sync::mpsc::channel(SHARD_QUEUE_CONNECTIONS);
         let (done_tx, done_rx) = tokio::sync::oneshot::channel();
         let serve = serve.clone();
@@ -118,8 +133,28 @@ where
                 let _ = done_tx.send(r);
             })
             .expect("spawning a serving thread");
-        shards.push((Some(tx), done_rx, thread));
+        txs.push(Some(tx));
+        shards.push((done_rx, thread));
     }
+    accept_into(listener, txs, stop).await;
+    let mut result = Ok(());
+    for (done, thread) in shards {
+        let r = done.await;
+        let _ = thread.join();
+        if let (Ok(Err(e)), Ok(())) = (r, &result) {
+            result = Err(e);
+        }
+    }
+    result
+}
+
+/// Accepts connections until `stop`, handing them to the servers behind `txs` in turn
+/// (skipping one whose server has ended); drops the senders when done.
+async fn accept_into(
+    listener: tokio::net::TcpListener,
+    mut txs: Vec<Option<tokio::sync::mpsc::Sender<std::net::TcpStream>>>,
+    stop: impl std::future::Future<Output = ()>,
+) {
     tokio::pin!(stop);
     let mut next = 0usize;
     loop {
@@ -139,59 +174,27 @@ where
         if let Err(e) = stream.set_nodelay(true) {
             tracing::debug!(error = %e, "TCP_NODELAY not set");
         }
-        let stream = match stream.into_std() {
-            Ok(s) => s,
+        let mut stream = match stream.into_std() {
+            Ok(s) => Some(s),
             Err(e) => {
                 tracing::warn!(error = %e, "an accepted connection could not be handed over");
                 continue;
             }
         };
-        // The threads take connections in turn (skipping one whose server has ended).
-        let mut stream = Some(stream);
-        for _ in 0..shards.len() {
-            next = (next + 1) % shards.len();
-            let Some(tx) = &shards[next].0 else { continue };
+        for _ in 0..txs.len() {
+            next = (next + 1) % txs.len();
+            let Some(tx) = &txs[next] else { continue };
             match tx.send(stream.take().expect("sent at most once")).await {
                 Ok(()) => break,
                 Err(back) => {
                     stream = Some(back.0);
-                    shards[next].0 = None;
+                    txs[next] = None;
                 }
             }
         }
         if stream.is_some() {
-            tracing::warn!("no serving thread is left; the acceptor stops");
+            tracing::warn!("no server is left to take connections; the acceptor stops");
             break;
         }
     }
-    let mut result = Ok(());
-    for (tx, done, thread) in shards {
-        drop(tx);
-        let r = done.await;
-        let _ = thread.join();
-        if let (Ok(Err(e)), Ok(())) = (r, &result) {
-            result = Err(e);
-        }
-    }
-    result
-}
-
-/// `configured` serving threads, or (0) one per CPU this process may run on (the
-/// scheduler affinity mask; no `/proc` read, so this works as PID 1 of a VM image).
-pub fn threads(configured: usize) -> usize {
-    if configured > 0 {
-        return configured;
-    }
-    // SAFETY: a zeroed cpu_set_t is a valid empty set; sched_getaffinity writes at most
-    // size_of::<cpu_set_t>() bytes into it.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) == 0 {
-            let n = libc::CPU_COUNT(&set);
-            if n > 0 {
-                return n as usize;
-            }
-        }
-    }
-    1
 }

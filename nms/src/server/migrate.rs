@@ -635,7 +635,7 @@ impl pb::migration_server::Migration for Node {
         let node = self.self_arc();
         let stop = self.stop.clone();
         let span = info_span!("migrate_in", node = %self.node_id);
-        self.tracker.spawn(
+        self.spawn_background(
             async move {
                 tokio::select! {
                     _ = node.receive(inbound, tx) => {}

@@ -71,7 +71,6 @@ pub async fn run_with_store(
             reporter.set_service_status(s, tonic_health::ServingStatus::Serving).await;
         }
         let max = config.max_message_size_bytes;
-        let threads = wayside_proto::server::threads(config.serve_threads);
         let served = {
             let node = node.clone();
             move |incoming| {
@@ -106,7 +105,7 @@ pub async fn run_with_store(
         };
         let server = wayside_proto::server::serve_sharded(
             listener,
-            threads,
+            config.serve_threads,
             node.stop.clone().cancelled_owned(),
             served,
         );
@@ -183,6 +182,10 @@ pub struct Node {
     progress: watch::Sender<u64>,
     load_lock: tokio::sync::Mutex<()>,
     pub(crate) tracker: TaskTracker,
+    /// The runtime `run` was called on: background work (write-back, migrations) runs
+    /// there, on all its workers, while each connection's I/O and requests stay on its
+    /// serving thread (a migration's bulk stream on one serving thread ran at half speed).
+    runtime: tokio::runtime::Handle,
     /// Cancels the server, the write-back tasks and migrations (last shutdown stage).
     pub(crate) stop: CancellationToken,
     /// The caller's shutdown signal (an admin Shutdown fires it too).
@@ -232,6 +235,7 @@ impl Node {
             progress: watch::channel(0).0,
             load_lock: tokio::sync::Mutex::new(()),
             tracker: TaskTracker::new(),
+            runtime: tokio::runtime::Handle::current(),
             stop: CancellationToken::new(),
             shutdown,
             started: Instant::now(),
@@ -429,7 +433,16 @@ impl Node {
         let me = self.self_arc();
         let vol = v.clone();
         let span = info_span!("writeback", node = %self.node_id, volume = %v);
-        self.tracker.spawn(async move { me.writer(vol, h).await }.instrument(span));
+        self.spawn_background(async move { me.writer(vol, h).await }.instrument(span));
+    }
+
+    /// Spawns background work (tracked) on the node's main runtime; see `runtime`.
+    pub(crate) fn spawn_background<F>(&self, fut: F) -> tokio::task::JoinHandle<F::Output>
+    where
+        F: std::future::Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        self.tracker.spawn_on(fut, &self.runtime)
     }
 
     /// The node's own `Arc` (gRPC handlers get `&self`; spawned tasks need ownership).
@@ -461,6 +474,14 @@ impl Node {
             loop {
                 let Some(mut batch) = self.core().take_batch(&v) else { break };
                 let blocks = batch.changes.len() as u64;
+                // A batch the limits cut short means a backlog: the next one goes at once.
+                // Otherwise, with a delay, what was written meanwhile waits for the next
+                // round (the writes kicked), so a block rewritten all the time costs one
+                // PSS write per delay, not one per PSS round trip.
+                let bytes: usize =
+                    batch.changes.iter().map(|c| c.data.as_ref().map_or(0, |d| d.len())).sum();
+                let backlog = blocks as usize >= self.cfg.max_batch_ops
+                    || bytes as u64 * 2 >= self.cfg.max_batch_bytes;
                 let wb = WriteBack {
                     volume: v.clone(),
                     epoch: batch.epoch,
@@ -501,6 +522,9 @@ impl Node {
                             backoff = (backoff * 2).min(Duration::from_secs(1));
                         }
                     }
+                }
+                if !delay.is_zero() && !backlog {
+                    break;
                 }
             }
         }

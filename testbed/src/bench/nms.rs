@@ -45,6 +45,10 @@ pub struct Args {
     /// The NMS's `writeback_delay_ms` for this run (default: the NMS's own default).
     #[arg(long)]
     pub writeback_delay_ms: Option<u64>,
+    /// The NMS's `serve_threads` for this run (default: the NMS's own default, 0: its
+    /// connections served by this process's runtime workers).
+    #[arg(long)]
+    pub serve_threads: Option<usize>,
     /// Run only these NMS phases (comma-separated; default: all), e.g. for profiling one.
     #[arg(long, value_delimiter = ',', value_enum)]
     pub phases: Vec<Phase>,
@@ -709,6 +713,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     };
     if let Some(ms) = args.writeback_delay_ms {
         cfg.writeback_delay_ms = ms;
+    }
+    if let Some(n) = args.serve_threads {
+        cfg.serve_threads = n;
     }
     let stop = CancellationToken::new();
     let server = tokio::spawn(wayside_nms::server::run(cfg, listener, stop.clone()));
