@@ -214,6 +214,8 @@ pub struct Batch {
     pub changes: Vec<Change>,
     /// Once the batch is applied, every write with lsn <= this is persisted.
     pub persisted: Lsn,
+    /// The batch limits stopped it with dirty blocks left (a backlog).
+    pub cut_short: bool,
 }
 
 /// A block as it travels in a migration.
@@ -675,8 +677,9 @@ impl Cache {
             None => v.accepted,
         }
         .max(v.persisted);
+        let cut_short = !v.dirty.is_empty();
         v.inflight = Some(taken);
-        Some(Batch { volume: name.clone(), epoch: v.epoch, changes, persisted })
+        Some(Batch { volume: name.clone(), epoch: v.epoch, changes, persisted, cut_short })
     }
 
     /// Records a batch's fate. On success its blocks become clean unless written again

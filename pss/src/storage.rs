@@ -197,9 +197,9 @@ impl LogCore {
         Ok(out)
     }
 
-    /// Appends entries written to the file at `span` (a suffix that may replace a
-    /// conflicting tail).
-    fn append(&mut self, ents: &[Entry], span: Span) {
+    /// Appends entries whose record was written to the file at `(offset, len)` (a
+    /// suffix that may replace a conflicting tail).
+    fn append(&mut self, ents: &[Entry], (offset, len): (u64, u64)) {
         let Some(first) = ents.first() else { return };
         // Entries at or below the compaction point are already in the snapshot.
         let skip = self.first_index().saturating_sub(first.index);
@@ -213,7 +213,7 @@ impl LogCore {
         if let Some(s) = self.spans.last_mut() {
             s.last = s.last.min(k - 1);
         }
-        self.spans.push(Span { first: k, last: last.index, ..span });
+        self.spans.push(Span { first: k, last: last.index, offset, len });
         // ...and so is memory. (Only applied entries leave memory, and applied entries
         // are committed, so a conflict below `mem_first` cannot happen; if it did, the
         // replaced entries are simply gone from both.)
@@ -396,23 +396,13 @@ impl DurableLog {
         file.read_to_end(&mut bytes).map_err(io)?;
         let mut core = LogCore::default();
         let mut pos = 0usize;
-        while pos + HEADER_BYTES <= bytes.len() {
-            let kind = bytes[pos];
-            let len = u32::from_le_bytes(bytes[pos + 1..pos + 5].try_into().unwrap_or_default());
-            let crc = u32::from_le_bytes(bytes[pos + 5..pos + 9].try_into().unwrap_or_default());
-            let start = pos + HEADER_BYTES;
-            let end = start + len as usize;
-            if end > bytes.len() || crc32fast::hash(&bytes[start..end]) != crc {
-                break;
-            }
-            let payload = &bytes[start..end];
+        while let Some((kind, payload)) = parse_record_at(&bytes[pos..]) {
+            let end = pos + HEADER_BYTES + payload.len();
             let decode = |reason: String| LogError::Decode { path: path.clone(), kind, reason };
             match kind {
                 KIND_ENTRIES => {
                     let ents = decode_entries(payload).map_err(decode)?;
-                    let span =
-                        Span { first: 0, last: 0, offset: pos as u64, len: (end - pos) as u64 };
-                    core.append(&ents, span);
+                    core.append(&ents, (pos as u64, (end - pos) as u64));
                 }
                 KIND_HARD_STATE => {
                     core.hard_state =
@@ -488,7 +478,7 @@ impl DurableLog {
         }
         let (offset, len) =
             self.record_with(KIND_ENTRIES, |buf| encode_entries_into(buf, ents), true)?;
-        core.write().append(ents, Span { first: 0, last: 0, offset, len });
+        core.write().append(ents, (offset, len));
         Ok(())
     }
 

@@ -2,8 +2,9 @@
 //!
 //! Outbound: one worker task per peer with a bounded queue; a full queue drops the
 //! message (Raft resends) rather than blocking the node loop. Ordinary messages go in
-//! batches (envelopes) on one long-lived `Send` stream per peer, reopened when it fails; a `MsgSnapshot` goes on `InstallSnapshot`, followed by the
-//! snapshot file in chunks, and its outcome is reported back to raft-rs.
+//! batches (envelopes) on one long-lived `Send` stream per peer, reopened when it fails;
+//! a `MsgSnapshot` goes on `InstallSnapshot`, followed by the snapshot file in chunks,
+//! and its outcome is reported back to raft-rs.
 //! Inbound: the service decodes messages and queues them for the node loop (awaiting
 //! room: backpressure to the sender). A snapshot's file is written and fsynced before
 //! its message reaches the node.

@@ -478,10 +478,7 @@ impl Node {
                 // Otherwise, with a delay, what was written meanwhile waits for the next
                 // round (the writes kicked), so a block rewritten all the time costs one
                 // PSS write per delay, not one per PSS round trip.
-                let bytes: usize =
-                    batch.changes.iter().map(|c| c.data.as_ref().map_or(0, |d| d.len())).sum();
-                let backlog = blocks as usize >= self.cfg.max_batch_ops
-                    || bytes as u64 * 2 >= self.cfg.max_batch_bytes;
+                let backlog = batch.cut_short;
                 let wb = WriteBack {
                     volume: v.clone(),
                     epoch: batch.epoch,
