@@ -12,9 +12,13 @@ use tonic::transport::Channel;
 use tonic::{Code, Status};
 use wayside_proto::error::fault_of;
 use wayside_proto::pb;
+use wayside_proto::pb::pipeline_reply::Result as Piped;
+use wayside_proto::pb::pipeline_request::Request as Ask;
 use wayside_proto::pb::pss_admin_client::PssAdminClient;
 use wayside_proto::pb::pss_blocks_client::PssBlocksClient;
 use wayside_proto::types::{Endpoint, Epoch, Fault, VolumeName};
+
+use crate::pipe::{Pipe, PipeLimits};
 
 /// How the client waits and retries.
 #[derive(Debug, Clone)]
@@ -28,6 +32,18 @@ pub struct ClientOptions {
     pub max_backoff: Duration,
     /// Largest message sent or received, in bytes.
     pub max_message_size_bytes: usize,
+    /// Send `write_batch` and `get_blocks` over one `Pipeline` stream per node (many
+    /// requests per message) instead of a unary call each. A node that does not serve
+    /// `Pipeline` (UNIMPLEMENTED) gets unary calls from then on.
+    pub pipeline: bool,
+    /// Most requests one pipeline carries in a message and has unanswered (at most the
+    /// servers' `max_pipeline_requests`).
+    pub pipeline_max_requests: usize,
+    /// Requests queued for a pipeline before callers wait to queue more.
+    pub pipeline_queue_requests: usize,
+    /// A pipeline message stops taking requests at this many bytes (a larger request
+    /// still goes, alone).
+    pub pipeline_message_bytes: usize,
 }
 
 impl Default for ClientOptions {
@@ -38,6 +54,10 @@ impl Default for ClientOptions {
             initial_backoff: Duration::from_millis(20),
             max_backoff: Duration::from_millis(500),
             max_message_size_bytes: 64 * 1024 * 1024,
+            pipeline: true,
+            pipeline_max_requests: 256,
+            pipeline_queue_requests: 1024,
+            pipeline_message_bytes: 4 * 1024 * 1024,
         }
     }
 }
@@ -107,6 +127,14 @@ struct Inner {
     channels: Mutex<HashMap<String, Channel>>,
     leader: Mutex<Option<Endpoint>>,
     next: std::sync::atomic::AtomicUsize,
+    /// Per node (by URI): its pipeline stream, or that it serves none.
+    pipes: Mutex<HashMap<String, PipeSlot>>,
+}
+
+enum PipeSlot {
+    Open(Arc<Pipe>),
+    /// The node answered UNIMPLEMENTED: an older PSS, reached by unary calls.
+    Unsupported,
 }
 
 /// Whether a failed request certainly never reached a server (so it was not applied).
@@ -132,6 +160,7 @@ impl PssClient {
                 channels: Mutex::new(HashMap::new()),
                 leader: Mutex::new(None),
                 next: std::sync::atomic::AtomicUsize::new(0),
+                pipes: Mutex::new(HashMap::new()),
             }),
         }
     }
@@ -162,6 +191,46 @@ impl PssClient {
     fn blocks(&self, ch: Channel) -> PssBlocksClient<Channel> {
         let max = self.inner.opts.max_message_size_bytes;
         PssBlocksClient::new(ch).max_decoding_message_size(max).max_encoding_message_size(max)
+    }
+
+    /// The pipeline stream to `ep` (a new one if the last has ended), or `None` when
+    /// requests to it go unary.
+    fn pipe(&self, ch: &Channel, ep: &Endpoint) -> Option<Arc<Pipe>> {
+        let opts = &self.inner.opts;
+        if !opts.pipeline {
+            return None;
+        }
+        let mut pipes = self.inner.pipes.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        match pipes.get(ep.uri()) {
+            Some(PipeSlot::Unsupported) => return None,
+            Some(PipeSlot::Open(p)) if !p.is_closed() => return Some(p.clone()),
+            _ => {}
+        }
+        let limits = PipeLimits {
+            queue_requests: opts.pipeline_queue_requests,
+            max_requests: opts.pipeline_max_requests,
+            message_bytes: opts.pipeline_message_bytes,
+        };
+        let pipe = Arc::new(Pipe::start(self.blocks(ch.clone()), limits));
+        pipes.insert(ep.uri().to_owned(), PipeSlot::Open(pipe.clone()));
+        Some(pipe)
+    }
+
+    /// One request over `pipe`; a node without `Pipeline` is remembered, and the request
+    /// fails as UNAVAILABLE so the retry loop sends it again, unary.
+    async fn pipelined(&self, pipe: &Pipe, ep: &Endpoint, ask: Ask) -> Result<Piped, Status> {
+        match pipe.call(ask).await {
+            Err(s) if s.code() == Code::Unimplemented => {
+                tracing::info!(node = %ep, "this PSS node serves no Pipeline: unary calls from now on");
+                self.inner
+                    .pipes
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .insert(ep.uri().to_owned(), PipeSlot::Unsupported);
+                Err(Status::unavailable(format!("{ep} serves no Pipeline; retrying unary")))
+            }
+            r => r,
+        }
     }
 
     fn target(&self) -> Result<Endpoint, PssError> {
@@ -195,7 +264,7 @@ impl PssClient {
         F: Fn(PssBlocksClient<Channel>) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, Status>>,
     {
-        Ok(self.call_on(retry_ambiguous, |ch| f(self.blocks(ch)), |_| false).await?.reply())
+        Ok(self.call_on(retry_ambiguous, |ch, _| f(self.blocks(ch)), |_| false).await?.reply())
     }
 
     /// The retry loop behind every call: `f` gets a channel to the node believed to
@@ -208,7 +277,7 @@ impl PssClient {
         done_already: impl Fn(&Status) -> bool,
     ) -> Result<Answer<T>, PssError>
     where
-        F: Fn(Channel) -> Fut,
+        F: Fn(Channel, Endpoint) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, Status>>,
     {
         let opts = &self.inner.opts;
@@ -219,8 +288,11 @@ impl PssClient {
         loop {
             let target = self.target()?;
             let left = deadline.saturating_duration_since(Instant::now());
-            let attempt =
-                tokio::time::timeout(opts.rpc_timeout.min(left), f(self.channel(&target)?)).await;
+            let attempt = tokio::time::timeout(
+                opts.rpc_timeout.min(left),
+                f(self.channel(&target)?, target.clone()),
+            )
+            .await;
             let err = match attempt {
                 Ok(Ok(r)) => {
                     self.set_leader(Some(target));
@@ -314,11 +386,19 @@ impl PssClient {
                 "write_batch needs a request_id (retries rely on it)".into(),
             ));
         }
-        self.call(true, |mut c| {
+        let call = |ch: Channel, ep: Endpoint| {
             let req = req.clone();
-            async move { c.write_batch(req).await }
-        })
-        .await
+            async move {
+                match self.pipe(&ch, &ep) {
+                    Some(pipe) => match self.pipelined(&pipe, &ep, Ask::Write(req)).await? {
+                        Piped::Write(r) => Ok(tonic::Response::new(r)),
+                        _ => Err(Status::internal("a pipeline reply of the wrong kind")),
+                    },
+                    None => self.blocks(ch).write_batch(req).await,
+                }
+            }
+        };
+        Ok(self.call_on(true, call, |_| false).await?.reply())
     }
 
     /// Reads blocks (linearizable); absent blocks come back with `found == false`.
@@ -332,13 +412,19 @@ impl PssClient {
             blocks: blocks.to_vec(),
             consistency: pb::ReadConsistency::Linearizable as i32,
         };
-        let reply = self
-            .call(true, |mut c| {
-                let req = req.clone();
-                async move { c.get_blocks(req).await }
-            })
-            .await?;
-        Ok(reply.blocks)
+        let call = |ch: Channel, ep: Endpoint| {
+            let req = req.clone();
+            async move {
+                match self.pipe(&ch, &ep) {
+                    Some(pipe) => match self.pipelined(&pipe, &ep, Ask::Get(req)).await? {
+                        Piped::Get(r) => Ok(tonic::Response::new(r)),
+                        _ => Err(Status::internal("a pipeline reply of the wrong kind")),
+                    },
+                    None => self.blocks(ch).get_blocks(req).await,
+                }
+            }
+        };
+        Ok(self.call_on(true, call, |_| false).await?.reply().blocks)
     }
 
     /// Lists up to `limit` blocks from `start_block` (linearizable).
@@ -363,7 +449,7 @@ impl PssClient {
 
     /// The cluster's members, as the node believed to lead sees them.
     pub async fn members(&self) -> Result<pb::MembersReply, PssError> {
-        let call = |ch| async move { self.admin(ch).members(pb::MembersRequest {}).await };
+        let call = |ch, _| async move { self.admin(ch).members(pb::MembersRequest {}).await };
         Ok(self.call_on(true, call, |_| false).await?.reply())
     }
 
@@ -377,7 +463,7 @@ impl PssClient {
         learner_only: bool,
     ) -> Result<pb::MembersReply, PssError> {
         let req = pb::AddNodeRequest { id, address: address.to_owned(), learner_only };
-        let call = |ch| {
+        let call = |ch, _| {
             let req = req.clone();
             async move { self.admin(ch).add_node(req).await }
         };
@@ -390,7 +476,7 @@ impl PssClient {
         let r = self
             .call_on(
                 true,
-                |ch| async move { self.admin(ch).remove_node(pb::RemoveNodeRequest { id }).await },
+                |ch, _| async move { self.admin(ch).remove_node(pb::RemoveNodeRequest { id }).await },
                 |st| st.code() == Code::InvalidArgument,
             )
             .await?;
@@ -411,7 +497,7 @@ impl PssClient {
     /// Hands leadership to voter `to` and waits until it leads. Follows leader changes
     /// within the deadline; the server answers at once when `to` already leads.
     pub async fn transfer_leader(&self, to: u64) -> Result<pb::StatusReply, PssError> {
-        let call = |ch| async move {
+        let call = |ch, _| async move {
             self.admin(ch).transfer_leader(pb::TransferLeaderRequest { to }).await
         };
         let s = self.call_on(true, call, |_| false).await?.reply();

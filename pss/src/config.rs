@@ -30,6 +30,9 @@ pub struct Config {
     pub heartbeat_interval_ticks: usize,
     /// Most operations (puts and deletes) in one WriteBatch request.
     pub max_batch_ops: usize,
+    /// Most requests in one `Pipeline` message, and most requests one `Pipeline` stream
+    /// may have unanswered (the node reads no further from it until some are answered).
+    pub max_pipeline_requests: usize,
     /// Most bytes of client commands grouped into one Raft entry (group commit).
     pub max_entry_bytes: usize,
     /// Most client commands grouped into one Raft entry (group commit).
@@ -81,6 +84,7 @@ impl Default for Config {
             election_timeout_ticks: 10,
             heartbeat_interval_ticks: 2,
             max_batch_ops: 1024,
+            max_pipeline_requests: 1024,
             max_entry_bytes: 8 * 1024 * 1024,
             max_commands_per_entry: 4096,
             max_inflight_proposals: 4096,
@@ -187,6 +191,7 @@ impl Config {
             ("tick_interval_ms", self.tick_interval_ms as usize),
             ("heartbeat_interval_ticks", self.heartbeat_interval_ticks),
             ("max_batch_ops", self.max_batch_ops),
+            ("max_pipeline_requests", self.max_pipeline_requests),
             ("max_entry_bytes", self.max_entry_bytes),
             ("max_commands_per_entry", self.max_commands_per_entry),
             ("max_inflight_proposals", self.max_inflight_proposals),

@@ -13,6 +13,8 @@
 //! - [`server`]: [`server::run`], one node on a listener.
 //! - [`client`]: [`client::PssClient`], the library the NMS and the `pss` CLI use (leader
 //!   finding, hints, retries within a deadline; data and membership calls alike).
+//! - [`pipe`]: the client side of the `Pipeline` stream (many callers' writes and reads
+//!   to one node over one stream).
 //! - [`testing`]: [`testing::LocalCluster`], a real in-process cluster for tests.
 //! - [`alloc`]: the mimalloc settings the `pss` and `testbed` binaries start with.
 
@@ -22,6 +24,7 @@ pub mod client;
 pub mod config;
 mod logging;
 pub mod node;
+pub mod pipe;
 pub mod server;
 pub mod service;
 pub mod state;

@@ -4,7 +4,7 @@
 
 use crate::config::Config;
 use crate::node;
-use crate::service::{AdminService, BlockService};
+use crate::service::{AdminService, BlockService, PipelineStats};
 use crate::transport::RaftService;
 use anyhow::Context as _;
 use std::time::Duration;
@@ -69,14 +69,19 @@ async fn serve(
     let (reporter, health) = wayside_proto::server::health();
     reporter.set_serving::<PssBlocksServer<BlockService>>().await;
     let max = config.max_message_size_bytes;
+    let pipeline_stats = std::sync::Arc::new(PipelineStats::default());
     let blocks = PssBlocksServer::new(BlockService {
         node: handle.clone(),
         max_batch_ops: config.max_batch_ops,
+        max_pipeline_requests: config.max_pipeline_requests,
+        shutdown: inner.clone(),
+        pipeline_stats: pipeline_stats.clone(),
     })
     .max_decoding_message_size(max)
     .max_encoding_message_size(max);
     let admin = PssAdminServer::new(AdminService {
         node: handle.clone(),
+        pipeline_stats,
         learner_catch_up_timeout: Duration::from_millis(config.learner_catch_up_timeout_ms),
     });
     let raft = RaftTransportServer::new(RaftService {

@@ -4,9 +4,16 @@
 
 use crate::node::{NodeError, NodeHandle, Role};
 use crate::state::{ApplyError, Command, Outcome};
+use futures::stream::FuturesUnordered;
+use futures::{FutureExt as _, StreamExt as _};
 use raft::prelude::{ConfChange, ConfChangeType};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tonic::{Request, Response, Status};
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status, Streaming};
 use wayside_proto::convert;
 use wayside_proto::error::fault_status;
 use wayside_proto::pb;
@@ -64,9 +71,23 @@ fn limit(name: &str, unit: &str, value: usize, max: usize) -> Status {
 }
 
 /// `wayside.v1.PssBlocks`.
+#[derive(Clone)]
 pub struct BlockService {
     pub node: NodeHandle,
     pub max_batch_ops: usize,
+    /// Most requests in one `Pipeline` message and unanswered on one `Pipeline` stream.
+    pub max_pipeline_requests: usize,
+    /// Ends every `Pipeline` stream (they are long-lived and would otherwise hold the
+    /// server's graceful shutdown open).
+    pub shutdown: CancellationToken,
+    pub pipeline_stats: Arc<PipelineStats>,
+}
+
+/// What this node's `Pipeline` streams carried (reported by `PssAdmin.Status`).
+#[derive(Debug, Default)]
+pub struct PipelineStats {
+    pub messages: AtomicU64,
+    pub requests: AtomicU64,
 }
 
 impl BlockService {
@@ -76,6 +97,121 @@ impl BlockService {
         }
         self.node.read_barrier().await.map_err(status_of)
     }
+
+    /// A `WriteBatch`, unary or pipelined.
+    async fn write(&self, req: pb::WriteBatchRequest) -> Result<pb::WriteBatchReply, Status> {
+        convert::volume_name(&req.volume)?;
+        match req.request_id.clone() {
+            None => return Err(Status::invalid_argument("missing required field `request_id`")),
+            Some(id) => {
+                wayside_proto::types::RequestId::try_from(id)?;
+            }
+        }
+        if req.ops.len() > self.max_batch_ops {
+            return Err(limit("max_batch_ops", "ops", req.ops.len(), self.max_batch_ops));
+        }
+        if let Some(op) = req.ops.iter().find(|o| o.data.len() > MAX_BLOCK_SIZE_BYTES as usize) {
+            return Err(Status::invalid_argument(format!(
+                "block {} has {} bytes; no block may exceed {MAX_BLOCK_SIZE_BYTES} bytes",
+                op.block,
+                op.data.len()
+            )));
+        }
+        let cmd = Command { write: Some(req), ..Default::default() };
+        match self.node.propose(cmd).await.map_err(status_of)? {
+            Outcome::Write(r) => r.map_err(|e| status_of(NodeError::Refused(e))),
+            Outcome::Acquire(_) => Err(internal("mismatched outcome")),
+        }
+    }
+
+    /// A `GetBlocks`, unary or pipelined.
+    async fn get(&self, req: pb::GetBlocksRequest) -> Result<pb::GetBlocksReply, Status> {
+        convert::volume_name(&req.volume)?;
+        if req.blocks.len() > MAX_GET_BLOCKS {
+            return Err(limit("max_get_blocks", "blocks", req.blocks.len(), MAX_GET_BLOCKS));
+        }
+        self.barrier(req.consistency).await?;
+        if self.node.reader.volume(&req.volume).map_err(internal)?.is_none() {
+            return Err(Status::not_found(format!("volume {} does not exist", req.volume)));
+        }
+        let blocks = self.node.reader.blocks(&req.volume, &req.blocks).map_err(internal)?;
+        Ok(pb::GetBlocksReply { blocks })
+    }
+
+    /// One request of a `Pipeline` stream, answered with the result its unary call would
+    /// have had.
+    async fn pipelined(self: Arc<Self>, req: pb::PipelineRequest) -> pb::PipelineReply {
+        use pb::pipeline_reply::Result as R;
+        use pb::pipeline_request::Request as Q;
+        let result = match req.request {
+            Some(Q::Write(w)) => self.write(w).await.map(R::Write),
+            Some(Q::Get(g)) => self.get(g).await.map(R::Get),
+            None => Err(Status::invalid_argument("a pipeline request without a request")),
+        };
+        let result = result.unwrap_or_else(|s| R::Error(wayside_proto::error::stream_error(&s)));
+        pb::PipelineReply { tag: req.tag, result: Some(result) }
+    }
+}
+
+/// The reply side of one `Pipeline` stream.
+pub type PipelineOut =
+    Pin<Box<dyn futures::Stream<Item = Result<pb::PipelineReplies, Status>> + Send>>;
+
+/// The state of one `Pipeline` stream between two reply messages.
+struct Pipe {
+    svc: Arc<BlockService>,
+    inbound: Streaming<pb::PipelineRequests>,
+    inflight: FuturesUnordered<Pin<Box<dyn Future<Output = pb::PipelineReply> + Send>>>,
+    /// The client has not half-closed its side.
+    open: bool,
+}
+
+impl Pipe {
+    /// The next reply message: every request answered by then (at least one), or the
+    /// stream's end (the client half-closed and all is answered, a bad message, or the
+    /// node stopping).
+    async fn next(&mut self) -> Option<Result<pb::PipelineReplies, Status>> {
+        let limit = self.svc.max_pipeline_requests;
+        loop {
+            if !self.open && self.inflight.is_empty() {
+                return None;
+            }
+            tokio::select! {
+                _ = self.svc.shutdown.cancelled() => {
+                    return Some(Err(Status::unavailable("the PSS node is stopping")));
+                }
+                Some(first) = self.inflight.next(), if !self.inflight.is_empty() => {
+                    let mut replies = vec![first];
+                    // Everything else already finished goes in the same message.
+                    while let Some(Some(r)) = self.inflight.next().now_or_never() {
+                        replies.push(r);
+                    }
+                    return Some(Ok(pb::PipelineReplies { replies }));
+                }
+                msg = self.inbound.message(), if self.open && self.inflight.len() < limit => {
+                    match msg {
+                        Ok(Some(m)) => {
+                            if m.requests.len() > limit {
+                                return Some(Err(limit_status(m.requests.len(), limit)));
+                            }
+                            let stats = &self.svc.pipeline_stats;
+                            stats.messages.fetch_add(1, Ordering::Relaxed);
+                            stats.requests.fetch_add(m.requests.len() as u64, Ordering::Relaxed);
+                            for r in m.requests {
+                                self.inflight.push(Box::pin(self.svc.clone().pipelined(r)));
+                            }
+                        }
+                        Ok(None) => self.open = false,
+                        Err(s) => return Some(Err(s)),
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn limit_status(value: usize, max: usize) -> Status {
+    limit("max_pipeline_requests", "requests", value, max)
 }
 
 #[tonic::async_trait]
@@ -122,31 +258,7 @@ impl pb::pss_blocks_server::PssBlocks for BlockService {
         &self,
         request: Request<pb::WriteBatchRequest>,
     ) -> Result<Response<pb::WriteBatchReply>, Status> {
-        let req = request.into_inner();
-        convert::volume_name(&req.volume)?;
-        match req.request_id.clone() {
-            None => return Err(Status::invalid_argument("missing required field `request_id`")),
-            Some(id) => {
-                wayside_proto::types::RequestId::try_from(id)?;
-            }
-        }
-        if req.ops.len() > self.max_batch_ops {
-            return Err(limit("max_batch_ops", "ops", req.ops.len(), self.max_batch_ops));
-        }
-        if let Some(op) = req.ops.iter().find(|o| o.data.len() > MAX_BLOCK_SIZE_BYTES as usize) {
-            return Err(Status::invalid_argument(format!(
-                "block {} has {} bytes; no block may exceed {MAX_BLOCK_SIZE_BYTES} bytes",
-                op.block,
-                op.data.len()
-            )));
-        }
-        let cmd = Command { write: Some(req), ..Default::default() };
-        match self.node.propose(cmd).await.map_err(status_of)? {
-            Outcome::Write(r) => {
-                Ok(Response::new(r.map_err(|e| status_of(NodeError::Refused(e)))?))
-            }
-            Outcome::Acquire(_) => Err(internal("mismatched outcome")),
-        }
+        self.write(request.into_inner()).await.map(Response::new)
     }
 
     #[tracing::instrument(skip_all, fields(node = self.node.id, volume = %request.get_ref().volume))]
@@ -154,17 +266,7 @@ impl pb::pss_blocks_server::PssBlocks for BlockService {
         &self,
         request: Request<pb::GetBlocksRequest>,
     ) -> Result<Response<pb::GetBlocksReply>, Status> {
-        let req = request.into_inner();
-        convert::volume_name(&req.volume)?;
-        if req.blocks.len() > MAX_GET_BLOCKS {
-            return Err(limit("max_get_blocks", "blocks", req.blocks.len(), MAX_GET_BLOCKS));
-        }
-        self.barrier(req.consistency).await?;
-        if self.node.reader.volume(&req.volume).map_err(internal)?.is_none() {
-            return Err(Status::not_found(format!("volume {} does not exist", req.volume)));
-        }
-        let blocks = self.node.reader.blocks(&req.volume, &req.blocks).map_err(internal)?;
-        Ok(Response::new(pb::GetBlocksReply { blocks }))
+        self.get(request.into_inner()).await.map(Response::new)
     }
 
     #[tracing::instrument(skip_all, fields(node = self.node.id, volume = %request.get_ref().volume))]
@@ -186,11 +288,33 @@ impl pb::pss_blocks_server::PssBlocks for BlockService {
             .map_err(internal)?;
         Ok(Response::new(reply))
     }
+
+    type PipelineStream = PipelineOut;
+
+    #[tracing::instrument(skip_all, fields(node = self.node.id))]
+    async fn pipeline(
+        &self,
+        request: Request<Streaming<pb::PipelineRequests>>,
+    ) -> Result<Response<Self::PipelineStream>, Status> {
+        let pipe = Pipe {
+            svc: Arc::new(self.clone()),
+            inbound: request.into_inner(),
+            inflight: FuturesUnordered::new(),
+            open: true,
+        };
+        // Driven by the connection's task as it sends replies: no task of its own.
+        let out = futures::stream::unfold(pipe, |mut pipe| async move {
+            let item = pipe.next().await?;
+            Some((item, pipe))
+        });
+        Ok(Response::new(Box::pin(out)))
+    }
 }
 
 /// `wayside.v1.PssAdmin`.
 pub struct AdminService {
     pub node: NodeHandle,
+    pub pipeline_stats: Arc<PipelineStats>,
     pub learner_catch_up_timeout: Duration,
 }
 
@@ -229,6 +353,8 @@ impl AdminService {
             last_index: st.last_index,
             snapshot_index: st.snapshot_index,
             members: self.members().members,
+            pipeline_messages: self.pipeline_stats.messages.load(Ordering::Relaxed),
+            pipeline_requests: self.pipeline_stats.requests.load(Ordering::Relaxed),
         }
     }
 
