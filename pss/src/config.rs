@@ -54,6 +54,9 @@ pub struct Config {
     /// Bytes of applied entries past the last snapshot that trigger a snapshot and log
     /// compaction (the log file grows until then).
     pub compact_log_bytes: u64,
+    /// The Raft log is kept in segment files of about this size, in bytes; a compaction
+    /// deletes the segments holding only compacted entries.
+    pub log_segment_bytes: u64,
     /// Bytes of applied Raft entries kept in memory (for followers a little behind);
     /// older ones are read back from the log file when a lagging follower needs them.
     /// Entries not yet applied always stay in memory.
@@ -95,6 +98,7 @@ impl Default for Config {
             dedupe_table_entries: 1_000_000,
             compact_log_entries: 20_000,
             compact_log_bytes: 256 * 1024 * 1024,
+            log_segment_bytes: 64 * 1024 * 1024,
             log_memory_bytes: 64 * 1024 * 1024,
             snapshot_chunk_bytes: 1024 * 1024,
             blob_segment_bytes: 64 * 1024 * 1024,
@@ -201,6 +205,7 @@ impl Config {
             ("dedupe_table_entries", self.dedupe_table_entries as usize),
             ("compact_log_entries", self.compact_log_entries as usize),
             ("compact_log_bytes", self.compact_log_bytes as usize),
+            ("log_segment_bytes", self.log_segment_bytes as usize),
             ("snapshot_chunk_bytes", self.snapshot_chunk_bytes),
             ("blob_segment_bytes", self.blob_segment_bytes as usize),
             ("request_timeout_ms", self.request_timeout_ms as usize),

@@ -376,7 +376,7 @@ pub fn start(
     let setup = |what: &str, e: std::io::Error| FatalError::Setup(format!("{what}: {e}"));
     let snap_dir = cfg.data_dir.join("snap");
     std::fs::create_dir_all(&snap_dir).map_err(|e| setup("creating data dir", e))?;
-    let (mut log, core, existed) = DurableLog::open(&cfg.data_dir)?;
+    let (mut log, core, existed) = DurableLog::open(&cfg.data_dir, cfg.log_segment_bytes)?;
     let storage = RaftStorage { core: Arc::new(RwLock::new(core)), ..Default::default() };
     let mut sm = StateMachine::open(
         &cfg.data_dir.join("sm"),

@@ -45,6 +45,8 @@ const SNAPSHOT_MAGIC_STEM: &[u8] = b"WAYSIDE-PSS-SNAPSHOT-";
 /// 4 KiB, so a group-commit entry of hundreds of blocks waited on sled's IO threads
 /// several times per apply. Fixed when a state machine directory is created.
 const SLED_SEGMENT_BYTES: usize = 8 * 1024 * 1024;
+/// Longest wait for sled's file lock at open (held briefly by a just-dropped instance).
+const SLED_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// The client commands of one Raft entry (group commit: many per entry).
 #[derive(Clone, PartialEq, prost::Message)]
@@ -341,11 +343,24 @@ impl StateMachine {
     pub fn open(dir: &Path, opts: Options) -> Result<Self, StateError> {
         // High-throughput mode: sled rewrites (garbage-collects) its segments less
         // eagerly, which costs disk space but fewer bytes written per block write.
-        let db = sled::Config::new()
+        let config = sled::Config::new()
             .path(dir)
             .mode(sled::Mode::HighThroughput)
-            .segment_size(existing_segment_size(dir).unwrap_or(SLED_SEGMENT_BYTES))
-            .open()?;
+            .segment_size(existing_segment_size(dir).unwrap_or(SLED_SEGMENT_BYTES));
+        // A state machine of this process that was just dropped (a node restarted in
+        // place) may hold sled's file lock a moment longer, until its threads end.
+        let waited = std::time::Instant::now();
+        let db = loop {
+            match config.open() {
+                Err(sled::Error::Io(e))
+                    if e.to_string().contains("could not acquire lock")
+                        && waited.elapsed() < SLED_LOCK_WAIT =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                other => break other?,
+            }
+        };
         let tree = db.open_tree("sm")?;
         let end = tree.get(LOCAL_BLOB_END)?.map_or((0, 0), |v| read_end(&v));
         let synced = tree.get(LOCAL_BLOB_SYNCED)?.map_or(0, |v| read_end(&v).0);

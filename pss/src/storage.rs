@@ -1,10 +1,16 @@
 //! The durable Raft log: entries, hard state and the compaction point, kept in memory
-//! for raft-rs (through [`raft::Storage`]) and on disk in one append-only file that this
-//! module `fdatasync`s itself.
+//! for raft-rs (through [`raft::Storage`]) and on disk in append-only segment files
+//! (`raft-NNNNNNNNNNNNNNNN.log`) that this module `fdatasync`s itself.
 //!
-//! File format: a sequence of records `[kind u8][len u32 LE][crc32 u32 LE][payload]`.
-//! Replay applies them in order; a torn or corrupt tail (a crash during a write that was
-//! never synced, hence never acknowledged) ends the replay and is cut off.
+//! File format: each segment is a sequence of records `[kind u8][len u32 LE][crc32 u32
+//! LE][payload]`; the log is the segments' records in order. Replay applies them in order;
+//! a torn or corrupt tail of the last segment (a crash during a write that was never
+//! synced, hence never acknowledged) ends the replay and is cut off. A segment is closed
+//! at `log_segment_bytes`: it is fsynced before the next one is started, and the next one
+//! starts with the compaction point and the hard state, so a compaction deletes the
+//! segments holding only compacted entries (nothing is rewritten). A segment that follows
+//! deleted ones may start with entries past its own leading compaction point (a gap):
+//! the compaction record that allowed the deletion comes later in the log and closes it.
 //!
 //! **Failure contract:** [`DurableLog::sync`] returns only after everything appended so
 //! far is on disk; an I/O error is returned to the caller, which must stop the node
@@ -14,7 +20,7 @@ use protobuf::Message as _;
 use raft::prelude::*;
 use raft::{GetEntriesContext, RaftState, StorageError};
 use std::fs::{File, OpenOptions};
-use std::io::{Read, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
@@ -22,7 +28,17 @@ const KIND_ENTRIES: u8 = 1;
 const KIND_HARD_STATE: u8 = 2;
 const KIND_SNAPSHOT: u8 = 3;
 const HEADER_BYTES: usize = 9;
-const LOG_FILE: &str = "raft.log";
+/// The single log file of PSS versions before segments; opened as the first segment.
+const LEGACY_LOG_FILE: &str = "raft.log";
+
+fn segment_path(dir: &Path, seq: u64) -> PathBuf {
+    dir.join(format!("raft-{seq:016}.log"))
+}
+
+/// The sequence number of a segment file name, if it is one.
+fn segment_seq(name: &str) -> Option<u64> {
+    name.strip_prefix("raft-")?.strip_suffix(".log")?.parse().ok()
+}
 
 /// An error of the durable log.
 #[derive(Debug, thiserror::Error)]
@@ -37,13 +53,15 @@ pub enum LogError {
     Decode { path: PathBuf, kind: u8, reason: String },
 }
 
-/// Where a record of entries sits in the log file: its first and last entry that still
-/// count (a later append may replace a suffix) and the record's position.
+/// Where a record of entries sits in the log: its first and last entry that still count
+/// (a later append may replace a suffix) and the record's position.
 #[derive(Debug, Clone, Copy, PartialEq)]
 struct Span {
     first: u64,
     last: u64,
-    /// Offset of the record (its header) in the file.
+    /// The segment holding the record.
+    seg: u64,
+    /// Offset of the record (its header) in the segment.
     offset: u64,
     /// Header and payload bytes.
     len: u64,
@@ -67,8 +85,8 @@ pub struct LogCore {
     /// Terms of the entries only on disk (`first_index() .. mem_first`): runs of
     /// `(first index, term)`, ascending.
     terms: Vec<(u64, u64)>,
-    /// The log file, for reading entries back (replaced when the file is rewritten).
-    reader: Option<(Arc<File>, PathBuf)>,
+    /// The segment files, by sequence number, for reading entries back.
+    files: std::collections::BTreeMap<u64, (Arc<File>, PathBuf)>,
     pub hard_state: HardState,
     pub conf_state: ConfState,
 }
@@ -82,7 +100,7 @@ impl Default for LogCore {
             mem_bytes: 0,
             spans: Vec::new(),
             terms: Vec::new(),
-            reader: None,
+            files: std::collections::BTreeMap::new(),
             hard_state: HardState::default(),
             conf_state: ConfState::default(),
         }
@@ -160,15 +178,18 @@ impl LogCore {
         Ok(out)
     }
 
-    /// Reads entries `low..high` (all on disk) back from the log file.
+    /// Reads entries `low..high` (all on disk) back from the log's segments.
     fn read_disk(&self, low: u64, high: u64) -> raft::Result<Vec<Entry>> {
         use std::os::unix::fs::FileExt as _;
-        let Some((file, path)) = &self.reader else {
-            return Err(store_error("entries are on disk but the log file is not open"));
-        };
         let mut out = Vec::new();
         let from = self.spans.partition_point(|s| s.last < low);
         for span in self.spans[from..].iter().take_while(|s| s.first < high) {
+            let Some((file, path)) = self.files.get(&span.seg) else {
+                return Err(store_error(format!(
+                    "entries {}..={} are in log segment {}, which is not open",
+                    span.first, span.last, span.seg
+                )));
+            };
             let mut buf = vec![0u8; usize::try_from(span.len).unwrap_or(usize::MAX)];
             file.read_exact_at(&mut buf, span.offset)
                 .map_err(|e| store_error(format!("reading {}: {e}", path.display())))?;
@@ -189,17 +210,16 @@ impl LogCore {
         }
         if out.len() as u64 != high - low || out.first().is_some_and(|e| e.index != low) {
             return Err(store_error(format!(
-                "{}: entries {low}..{high} not all found on disk ({} read)",
-                path.display(),
+                "raft log: entries {low}..{high} not all found on disk ({} read)",
                 out.len()
             )));
         }
         Ok(out)
     }
 
-    /// Appends entries whose record was written to the file at `(offset, len)` (a
+    /// Appends entries whose record was written to segment `seg` at `(offset, len)` (a
     /// suffix that may replace a conflicting tail).
-    fn append(&mut self, ents: &[Entry], (offset, len): (u64, u64)) {
+    fn append(&mut self, ents: &[Entry], (seg, offset, len): (u64, u64, u64)) {
         let Some(first) = ents.first() else { return };
         // Entries at or below the compaction point are already in the snapshot.
         let skip = self.first_index().saturating_sub(first.index);
@@ -213,7 +233,7 @@ impl LogCore {
         if let Some(s) = self.spans.last_mut() {
             s.last = s.last.min(k - 1);
         }
-        self.spans.push(Span { first: k, last: last.index, offset, len });
+        self.spans.push(Span { first: k, last: last.index, seg, offset, len });
         // ...and so is memory. (Only applied entries leave memory, and applied entries
         // are committed, so a conflict below `mem_first` cannot happen; if it did, the
         // replaced entries are simply gone from both.)
@@ -241,7 +261,7 @@ impl LogCore {
     pub fn trim(&mut self, applied: u64, keep_bytes: u64) {
         while self.mem_bytes > keep_bytes {
             match self.entries.front() {
-                Some(e) if e.index <= applied && self.reader.is_some() => {}
+                Some(e) if e.index <= applied && !self.files.is_empty() => {}
                 _ => break,
             }
             let Some(e) = self.entries.pop_front() else { break };
@@ -251,6 +271,16 @@ impl LogCore {
             }
             self.mem_first += 1;
         }
+    }
+
+    /// Replay only: the log continues at `index`, past its end (the segments holding
+    /// the entries in between were deleted by a compaction recorded later in the log).
+    fn restart_at(&mut self, index: u64) {
+        self.entries.clear();
+        self.mem_bytes = 0;
+        self.mem_first = index;
+        self.spans.clear();
+        self.terms.clear();
     }
 
     fn apply_snapshot(&mut self, meta: SnapshotMetadata) {
@@ -363,14 +393,20 @@ impl raft::Storage for RaftStorage {
     }
 }
 
-/// The on-disk half: an append-only file of records.
+/// The on-disk half: append-only segment files of records.
 pub struct DurableLog {
     dir: PathBuf,
+    /// The segment being appended to, and its sequence number.
     file: File,
+    seq: u64,
+    /// Sequence numbers of every segment on disk (the active one last).
+    segments: std::collections::VecDeque<u64>,
     /// Bytes appended since the last sync.
     dirty: bool,
-    /// The file's length (where the next record goes).
+    /// The active segment's length (where the next record goes).
     len: u64,
+    /// A segment is closed and the next started once it holds this many bytes.
+    segment_bytes: u64,
     /// The record being written, kept between appends: a Ready's entries are often
     /// hundreds of KiB, and a fresh buffer of that size each time is fresh pages the
     /// kernel has to fault in and zero.
@@ -380,76 +416,189 @@ pub struct DurableLog {
 /// Largest record buffer kept between appends, in bytes (a larger one is freed after use).
 const KEEP_BUFFER_BYTES: usize = 8 << 20;
 
+/// A compaction that leaves no entry in the active segment starts a new one (so the old
+/// one can go) once the active one holds at least this many bytes.
+const ROLL_ON_COMPACT_BYTES: u64 = 1 << 20;
+
 impl DurableLog {
     fn io(&self, source: std::io::Error) -> LogError {
-        LogError::Io { path: self.dir.join(LOG_FILE), source }
+        LogError::Io { path: segment_path(&self.dir, self.seq), source }
     }
 
-    /// Opens (or creates) the log in `dir` and replays it into a [`LogCore`].
-    pub fn open(dir: &Path) -> Result<(Self, LogCore, bool), LogError> {
-        let path = dir.join(LOG_FILE);
-        let io = |source| LogError::Io { path: path.clone(), source };
-        let existed = path.exists();
-        let mut file =
-            OpenOptions::new().read(true).append(true).create(true).open(&path).map_err(io)?;
-        let mut bytes = Vec::new();
-        file.read_to_end(&mut bytes).map_err(io)?;
+    /// Opens (or creates) the log in `dir` and replays it into a [`LogCore`]; segments
+    /// are closed at `segment_bytes`. Also returns whether the log had any record.
+    pub fn open(dir: &Path, segment_bytes: u64) -> Result<(Self, LogCore, bool), LogError> {
+        let dir_io = |source| LogError::Io { path: dir.to_owned(), source };
+        let mut seqs: Vec<u64> = std::fs::read_dir(dir)
+            .map_err(dir_io)?
+            .filter_map(|e| e.ok()?.file_name().to_str().and_then(segment_seq))
+            .collect();
+        seqs.sort_unstable();
+        let legacy = dir.join(LEGACY_LOG_FILE);
+        if seqs.is_empty() && legacy.exists() {
+            // A log of the single-file format is the first segment of this one.
+            std::fs::rename(&legacy, segment_path(dir, 1)).map_err(dir_io)?;
+            sync_dir(dir).map_err(dir_io)?;
+            seqs.push(1);
+        }
         let mut core = LogCore::default();
-        let mut pos = 0usize;
-        while let Some((kind, payload)) = parse_record_at(&bytes[pos..]) {
-            let end = pos + HEADER_BYTES + payload.len();
-            let decode = |reason: String| LogError::Decode { path: path.clone(), kind, reason };
-            match kind {
-                KIND_ENTRIES => {
-                    let ents = decode_entries(payload).map_err(decode)?;
-                    core.append(&ents, (pos as u64, (end - pos) as u64));
+        let mut any = false;
+        // A replayed segment starting past the log's end (the segments before it were
+        // deleted by a compaction): the first index it starts at.
+        let mut gap: Option<u64> = None;
+        let mut active_len = 0u64;
+        for (n, &seq) in seqs.iter().enumerate() {
+            let path = segment_path(dir, seq);
+            let io = |source| LogError::Io { path: path.clone(), source };
+            let bytes = std::fs::read(&path).map_err(io)?;
+            let mut pos = 0usize;
+            while let Some((kind, payload)) = parse_record_at(&bytes[pos..]) {
+                let end = pos + HEADER_BYTES + payload.len();
+                let decode = |reason: String| LogError::Decode { path: path.clone(), kind, reason };
+                match kind {
+                    KIND_ENTRIES => {
+                        let ents = decode_entries(payload).map_err(decode)?;
+                        if let Some(first) = ents.first() {
+                            if first.index > core.last_index() + 1 {
+                                gap.get_or_insert(first.index);
+                                core.restart_at(first.index);
+                            }
+                        }
+                        core.append(&ents, (seq, pos as u64, (end - pos) as u64));
+                    }
+                    KIND_HARD_STATE => {
+                        core.hard_state = HardState::parse_from_bytes(payload)
+                            .map_err(|e| decode(e.to_string()))?;
+                    }
+                    KIND_SNAPSHOT => {
+                        let meta = SnapshotMetadata::parse_from_bytes(payload)
+                            .map_err(|e| decode(e.to_string()))?;
+                        core.apply_snapshot(meta);
+                    }
+                    other => return Err(decode(format!("unknown record kind {other}"))),
                 }
-                KIND_HARD_STATE => {
-                    core.hard_state =
-                        HardState::parse_from_bytes(payload).map_err(|e| decode(e.to_string()))?;
-                }
-                KIND_SNAPSHOT => {
-                    let meta = SnapshotMetadata::parse_from_bytes(payload)
-                        .map_err(|e| decode(e.to_string()))?;
-                    core.apply_snapshot(meta);
-                }
-                other => return Err(decode(format!("unknown record kind {other}"))),
+                any = true;
+                pos = end;
             }
-            pos = end;
+            let last = n + 1 == seqs.len();
+            if pos < bytes.len() {
+                if !last {
+                    // Every segment but the last was fsynced whole before the next began.
+                    return Err(LogError::Decode {
+                        path,
+                        kind: 0,
+                        reason: format!(
+                            "corrupt record at byte {pos} of {} in a closed segment",
+                            bytes.len()
+                        ),
+                    });
+                }
+                // The unsynced tail of a crash: never acknowledged, so dropping it is safe.
+                tracing::warn!(
+                    segment = seq,
+                    valid_bytes = pos,
+                    file_bytes = bytes.len(),
+                    "cutting torn raft log tail"
+                );
+                let f = OpenOptions::new().write(true).open(&path).map_err(io)?;
+                f.set_len(pos as u64).map_err(io)?;
+                f.sync_all().map_err(io)?;
+            }
+            core.files.insert(seq, (Arc::new(File::open(&path).map_err(io)?), path.clone()));
+            if last {
+                active_len = pos as u64;
+            }
         }
-        if pos < bytes.len() {
-            // The unsynced tail of a crash: never acknowledged, so dropping it is safe.
-            tracing::warn!(
-                valid_bytes = pos,
-                file_bytes = bytes.len(),
-                "cutting torn raft log tail"
-            );
-            file.set_len(pos as u64).map_err(io)?;
-            file.sync_all().map_err(io)?;
+        if let Some(g) = gap {
+            if core.snapshot.index + 1 < g {
+                return Err(LogError::Decode {
+                    path: dir.to_owned(),
+                    kind: KIND_ENTRIES,
+                    reason: format!(
+                        "entries before {g} are missing (their segments are gone) but the \
+                         log is compacted only to {}",
+                        core.snapshot.index
+                    ),
+                });
+            }
         }
-        core.reader = Some((Arc::new(File::open(&path).map_err(io)?), path.clone()));
-        Ok((
-            Self { dir: dir.to_owned(), file, dirty: false, len: pos as u64, buf: Vec::new() },
-            core,
-            existed && pos > 0,
-        ))
+        let seq = match seqs.last() {
+            Some(&s) => s,
+            None => {
+                let path = segment_path(dir, 1);
+                File::create(&path)
+                    .map_err(|source| LogError::Io { path: path.clone(), source })?;
+                sync_dir(dir).map_err(dir_io)?;
+                let f = File::open(&path)
+                    .map_err(|source| LogError::Io { path: path.clone(), source })?;
+                core.files.insert(1, (Arc::new(f), path));
+                seqs.push(1);
+                1
+            }
+        };
+        let path = segment_path(dir, seq);
+        let file = OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .map_err(|source| LogError::Io { path: path.clone(), source })?;
+        let log = Self {
+            dir: dir.to_owned(),
+            file,
+            seq,
+            segments: seqs.into_iter().collect(),
+            dirty: false,
+            len: active_len,
+            segment_bytes: segment_bytes.max(1),
+            buf: Vec::new(),
+        };
+        Ok((log, core, any))
     }
 
-    fn record(&mut self, kind: u8, payload: &[u8], durable: bool) -> Result<(), LogError> {
-        self.record_with(kind, |buf| buf.extend_from_slice(payload), durable).map(|_| ())
+    /// Segment files on disk and their total bytes.
+    pub fn segments(&self) -> (usize, u64) {
+        let bytes = self
+            .segments
+            .iter()
+            .filter_map(|&s| std::fs::metadata(segment_path(&self.dir, s)).ok())
+            .map(|m| m.len())
+            .sum();
+        (self.segments.len(), bytes)
+    }
+
+    fn record(
+        &mut self,
+        core: &RaftStorage,
+        kind: u8,
+        payload: &[u8],
+        durable: bool,
+    ) -> Result<(), LogError> {
+        self.record_with(core, kind, |buf| buf.extend_from_slice(payload), durable).map(|_| ())
     }
 
     /// Writes one record whose payload `fill` appends to the buffer (encoded in place:
     /// no intermediate copy of the payload). A `durable` record makes the next
     /// [`DurableLog::begin_sync`] fsync; any other one rides along with the next fsync
     /// something durable asks for (or is lost in a crash, which it may be).
-    /// Returns where the record went (offset, bytes).
+    /// Returns where the record went (segment, offset, bytes).
     fn record_with(
+        &mut self,
+        core: &RaftStorage,
+        kind: u8,
+        fill: impl FnOnce(&mut Vec<u8>),
+        durable: bool,
+    ) -> Result<(u64, u64, u64), LogError> {
+        if self.len >= self.segment_bytes {
+            self.roll(core)?;
+        }
+        self.write_record(kind, fill, durable)
+    }
+
+    fn write_record(
         &mut self,
         kind: u8,
         fill: impl FnOnce(&mut Vec<u8>),
         durable: bool,
-    ) -> Result<(u64, u64), LogError> {
+    ) -> Result<(u64, u64, u64), LogError> {
         let mut buf = std::mem::take(&mut self.buf);
         buf.clear();
         buf.push(kind);
@@ -459,16 +608,43 @@ impl DurableLog {
         let crc = crc32fast::hash(&buf[HEADER_BYTES..]);
         buf[1..5].copy_from_slice(&len.to_le_bytes());
         buf[5..9].copy_from_slice(&crc.to_le_bytes());
-        let at = (self.len, buf.len() as u64);
+        let at = (self.seq, self.len, buf.len() as u64);
         let written = self.file.write_all(&buf);
         if buf.capacity() <= KEEP_BUFFER_BYTES {
             self.buf = buf;
         }
         // (On an error the node stops: the file's length no longer matters.)
         written.map_err(|e| self.io(e))?;
-        self.len += at.1;
+        self.len += at.2;
         self.dirty |= durable;
         Ok(at)
+    }
+
+    /// Closes the active segment (fsynced whole, so only the last segment can ever have
+    /// a torn tail) and starts the next one with the compaction point and hard state.
+    fn roll(&mut self, core: &RaftStorage) -> Result<(), LogError> {
+        self.file.sync_data().map_err(|e| self.io(e))?;
+        let seq = self.seq + 1;
+        let path = segment_path(&self.dir, seq);
+        let io = |source| LogError::Io { path: path.clone(), source };
+        let file = OpenOptions::new().append(true).create_new(true).open(&path).map_err(io)?;
+        sync_dir(&self.dir).map_err(io)?;
+        let reader = File::open(&path).map_err(io)?;
+        self.file = file;
+        self.seq = seq;
+        self.len = 0;
+        self.segments.push_back(seq);
+        let (snapshot, hard_state) = {
+            let mut w = core.write();
+            w.files.insert(seq, (Arc::new(reader), path));
+            (w.snapshot.write_to_bytes(), w.hard_state.write_to_bytes())
+        };
+        let enc = |r: protobuf::ProtobufResult<Vec<u8>>| r.unwrap_or_default();
+        let (snapshot, hard_state) = (enc(snapshot), enc(hard_state));
+        self.write_record(KIND_SNAPSHOT, |b| b.extend_from_slice(&snapshot), true)?;
+        self.write_record(KIND_HARD_STATE, |b| b.extend_from_slice(&hard_state), true)?;
+        tracing::debug!(segment = seq, "raft log segment started");
+        Ok(())
     }
 
     /// Appends entries (a suffix that may overwrite a conflicting tail).
@@ -476,9 +652,9 @@ impl DurableLog {
         if ents.is_empty() {
             return Ok(());
         }
-        let (offset, len) =
-            self.record_with(KIND_ENTRIES, |buf| encode_entries_into(buf, ents), true)?;
-        core.write().append(ents, (offset, len));
+        let at =
+            self.record_with(core, KIND_ENTRIES, |buf| encode_entries_into(buf, ents), true)?;
+        core.write().append(ents, at);
         Ok(())
     }
 
@@ -492,68 +668,43 @@ impl DurableLog {
             old.term != hs.term || old.vote != hs.vote
         };
         let payload = hs.write_to_bytes().unwrap_or_default();
-        self.record(KIND_HARD_STATE, &payload, durable)?;
+        self.record(core, KIND_HARD_STATE, &payload, durable)?;
         core.write().hard_state = hs.clone();
         Ok(())
     }
 
     /// Records a new compaction point: a snapshot at `meta.index` whose data file is
-    /// already durable. Rewrites the log without the entries it covers.
+    /// already durable. The record is fsynced, then every segment before the first one
+    /// still holding an entry past the point is deleted (nothing is rewritten).
     pub fn install_snapshot(
         &mut self,
         core: &RaftStorage,
         meta: SnapshotMetadata,
     ) -> Result<(), LogError> {
-        let mut w = core.write();
-        w.apply_snapshot(meta);
-        self.rewrite(&mut w)
-    }
-
-    /// Writes a fresh log holding only what `core` holds (its entries read back from the
-    /// old file where they are no longer in memory), then atomically replaces the old one
-    /// (write, fsync, rename, fsync the directory).
-    fn rewrite(&mut self, core: &mut LogCore) -> Result<(), LogError> {
-        let tmp = self.dir.join(format!("{LOG_FILE}.tmp"));
-        let io = |source| LogError::Io { path: tmp.clone(), source };
-        let (first, last) = (core.first_index(), core.last_index());
-        let entries = if first <= last {
-            core.entries(first, last + 1, u64::MAX).map_err(|e| LogError::Io {
-                path: self.dir.join(LOG_FILE),
-                source: std::io::Error::other(e.to_string()),
-            })?
-        } else {
-            Vec::new()
-        };
-        let mut f = File::create(&tmp).map_err(io)?;
-        let mut body = Vec::new();
-        let mut span = None;
-        for (kind, payload) in [
-            (KIND_SNAPSHOT, core.snapshot.write_to_bytes().unwrap_or_default()),
-            (KIND_HARD_STATE, core.hard_state.write_to_bytes().unwrap_or_default()),
-            (KIND_ENTRIES, encode_entries(&entries)),
-        ] {
-            if kind == KIND_ENTRIES {
-                if entries.is_empty() {
-                    continue;
-                }
-                let len = (HEADER_BYTES + payload.len()) as u64;
-                span = Some(Span { first, last, offset: body.len() as u64, len });
-            }
-            body.push(kind);
-            body.extend_from_slice(&u32::try_from(payload.len()).unwrap_or(u32::MAX).to_le_bytes());
-            body.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
-            body.extend_from_slice(&payload);
+        let payload = meta.write_to_bytes().unwrap_or_default();
+        core.write().apply_snapshot(meta);
+        self.record(core, KIND_SNAPSHOT, &payload, true)?;
+        self.sync()?;
+        let mut keep_from = core.read().spans.iter().map(|s| s.seg).min();
+        if keep_from.is_none() && self.len >= ROLL_ON_COMPACT_BYTES {
+            // Nothing left in the active segment either: start a fresh one so it can go.
+            self.roll(core)?;
+            self.sync()?;
+            keep_from = Some(self.seq);
         }
-        f.write_all(&body).map_err(io)?;
-        f.sync_all().map_err(io)?;
-        let path = self.dir.join(LOG_FILE);
-        std::fs::rename(&tmp, &path).map_err(io)?;
-        sync_dir(&self.dir).map_err(io)?;
-        self.file = OpenOptions::new().append(true).open(&path).map_err(io)?;
-        self.len = body.len() as u64;
-        self.dirty = false;
-        core.spans = span.into_iter().collect();
-        core.reader = Some((Arc::new(File::open(&path).map_err(io)?), path));
+        let keep_from = keep_from.unwrap_or(self.seq).min(self.seq);
+        let mut removed = 0;
+        while self.segments.front().is_some_and(|&s| s < keep_from) {
+            let Some(seq) = self.segments.pop_front() else { break };
+            core.write().files.remove(&seq);
+            let path = segment_path(&self.dir, seq);
+            std::fs::remove_file(&path).map_err(|source| LogError::Io { path, source })?;
+            removed += 1;
+        }
+        if removed > 0 {
+            sync_dir(&self.dir).map_err(|e| self.io(e))?;
+            tracing::debug!(removed, first_kept = keep_from, "raft log segments deleted");
+        }
         Ok(())
     }
 
@@ -575,7 +726,7 @@ impl DurableLog {
         }
         let file = self.file.try_clone().map_err(|e| self.io(e))?;
         self.dirty = false;
-        Ok(Some(PendingSync { file, path: self.dir.join(LOG_FILE) }))
+        Ok(Some(PendingSync { file, path: segment_path(&self.dir, self.seq) }))
     }
 }
 
@@ -595,12 +746,6 @@ impl PendingSync {
 /// `fsync` of a directory, so a rename or a new file in it survives a crash.
 pub fn sync_dir(dir: &Path) -> std::io::Result<()> {
     File::open(dir)?.sync_all()
-}
-
-fn encode_entries(ents: &[Entry]) -> Vec<u8> {
-    let mut out = Vec::new();
-    encode_entries_into(&mut out, ents);
-    out
 }
 
 /// Appends each entry as `length u32 | protobuf`, encoded straight into `out`.
@@ -635,6 +780,11 @@ fn decode_entries(mut payload: &[u8]) -> Result<Vec<Entry>, String> {
 mod tests {
     use super::*;
 
+    /// Opens with segments large enough that these tests' logs fit in one.
+    fn open(dir: &Path) -> Result<(DurableLog, LogCore, bool), LogError> {
+        DurableLog::open(dir, 64 << 20)
+    }
+
     fn entry(index: u64, term: u64) -> Entry {
         Entry { index, term, data: vec![index as u8; 10].into(), ..Default::default() }
     }
@@ -644,7 +794,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = RaftStorage::default();
         {
-            let (mut log, core, existed) = DurableLog::open(dir.path()).unwrap();
+            let (mut log, core, existed) = open(dir.path()).unwrap();
             assert!(!existed);
             assert_eq!(core.last_index(), 0);
             log.append(&store, &(1..=5).map(|i| entry(i, 1)).collect::<Vec<_>>()).unwrap();
@@ -654,7 +804,7 @@ mod tests {
             log.set_hard_state(&store, &hs).unwrap();
             log.sync().unwrap();
         }
-        let (mut log, core, existed) = DurableLog::open(dir.path()).unwrap();
+        let (mut log, core, existed) = open(dir.path()).unwrap();
         assert!(existed);
         assert_eq!(core.last_index(), 4);
         assert_eq!(core.term(4).unwrap(), 2);
@@ -663,7 +813,7 @@ mod tests {
         let meta = SnapshotMetadata { index: 3, term: 1, ..Default::default() };
         log.install_snapshot(&store, meta).unwrap();
         drop(log);
-        let (_log, core, _) = DurableLog::open(dir.path()).unwrap();
+        let (_log, core, _) = open(dir.path()).unwrap();
         assert_eq!(core.first_index(), 4);
         assert_eq!(core.last_index(), 4);
         assert_eq!(core.term(3).unwrap(), 1);
@@ -674,7 +824,7 @@ mod tests {
     fn only_term_vote_and_entries_cost_an_fsync_a_commit_index_rides_along() {
         let dir = tempfile::tempdir().unwrap();
         let store = RaftStorage::default();
-        let (mut log, _, _) = DurableLog::open(dir.path()).unwrap();
+        let (mut log, _, _) = open(dir.path()).unwrap();
         let mut hs = HardState { term: 1, vote: 1, commit: 0, ..Default::default() };
         log.set_hard_state(&store, &hs).unwrap();
         assert!(log.begin_sync().unwrap().is_some(), "a new term and vote are synced");
@@ -688,7 +838,7 @@ mod tests {
         log.begin_sync().unwrap().expect("a new vote is synced").wait().unwrap();
         drop(log);
         // The commit index still reached the file (with the later fsync).
-        let (_, core, _) = DurableLog::open(dir.path()).unwrap();
+        let (_, core, _) = open(dir.path()).unwrap();
         assert_eq!((core.hard_state.commit, core.hard_state.vote), (5, 2));
     }
 
@@ -711,7 +861,7 @@ mod tests {
     #[test]
     fn applied_entries_leave_memory_and_are_read_back_from_the_file() {
         let dir = tempfile::tempdir().unwrap();
-        let (mut log, core, _) = DurableLog::open(dir.path()).unwrap();
+        let (mut log, core, _) = open(dir.path()).unwrap();
         let store = RaftStorage { core: Arc::new(RwLock::new(core)), ..Default::default() };
         // Two records (1..=6, 7..=10), terms 1 then 2 from 5 on.
         log.append(
@@ -744,14 +894,14 @@ mod tests {
         log.sync().unwrap();
         drop(log);
         // After a restart, the same log (all of it in memory again until trimmed).
-        let (mut log, core, _) = DurableLog::open(dir.path()).unwrap();
+        let (mut log, core, _) = open(dir.path()).unwrap();
         let store = RaftStorage { core: Arc::new(RwLock::new(core)), ..Default::default() };
         store.write().trim(9, 0);
         assert_eq!(store.read().memory_bytes(), 0);
         let mut want = want[..8].to_vec();
         want.push((9, 3));
         assert_eq!(read(&store, 1, 10), want, "all read back from the replayed file");
-        // Compaction at 4 rewrites the file from what is only on disk.
+        // Compaction at 4 keeps the entries after it, wherever they are.
         let meta = SnapshotMetadata { index: 4, term: 1, ..Default::default() };
         log.install_snapshot(&store, meta).unwrap();
         assert_eq!(read(&store, 5, 10), want[4..]);
@@ -761,10 +911,104 @@ mod tests {
         log.append(&store, &[entry_t(10, 3, 100)]).unwrap();
         log.sync().unwrap();
         drop(log);
-        let (_log, core, _) = DurableLog::open(dir.path()).unwrap();
+        let (_log, core, _) = open(dir.path()).unwrap();
         let store = RaftStorage { core: Arc::new(RwLock::new(core)), ..Default::default() };
         want.push((10, 3));
-        assert_eq!(read(&store, 5, 11), want[4..], "the rewritten file replays");
+        assert_eq!(read(&store, 5, 11), want[4..], "the compacted log replays");
+    }
+
+    #[test]
+    fn segments_roll_and_compaction_deletes_old_ones_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        // Tiny segments: a few 100-byte entries each.
+        let (mut log, core, _) = DurableLog::open(dir.path(), 1000).unwrap();
+        let store = RaftStorage { core: Arc::new(RwLock::new(core)), ..Default::default() };
+        let hs = HardState { term: 1, vote: 1, commit: 0, ..Default::default() };
+        log.set_hard_state(&store, &hs).unwrap();
+        for i in 1..=30 {
+            log.append(&store, &[entry_t(i, 1, 100)]).unwrap();
+        }
+        log.sync().unwrap();
+        let (segments, _) = log.segments();
+        assert!(segments >= 4, "30 entries of ~130 bytes in 1000-byte segments: {segments}");
+        store.write().trim(30, 0);
+        let all: Vec<(u64, u64)> = (1..=30).map(|i| (i, 1)).collect();
+        assert_eq!(read(&store, 1, 31), all, "read back across segments");
+
+        // Compaction at 20: the segments holding only 1..=20 go; nothing else changes.
+        let first = segment_path(dir.path(), 1);
+        let active = segment_path(dir.path(), log.seq);
+        let active_len = std::fs::metadata(&active).unwrap().len();
+        log.install_snapshot(&store, SnapshotMetadata { index: 20, term: 1, ..Default::default() })
+            .unwrap();
+        assert!(!first.exists(), "the first segment holds only compacted entries");
+        let (left, _) = log.segments();
+        assert!(left < segments && left >= 2, "{left} of {segments} segments left");
+        assert!(
+            std::fs::metadata(&active).unwrap().len() > active_len,
+            "the active segment is appended to (the compaction record), not rewritten"
+        );
+        assert_eq!(read(&store, 21, 31), all[20..]);
+        for i in 31..=35 {
+            log.append(&store, &[entry_t(i, 2, 100)]).unwrap();
+        }
+        log.sync().unwrap();
+        drop(log);
+
+        // The replay starts in a segment whose first entries follow deleted ones.
+        let (mut log, core, existed) = DurableLog::open(dir.path(), 1000).unwrap();
+        assert!(existed);
+        assert_eq!((core.first_index(), core.last_index()), (21, 35));
+        assert_eq!((core.hard_state.term, core.hard_state.vote), (1, 1));
+        let store = RaftStorage { core: Arc::new(RwLock::new(core)), ..Default::default() };
+        store.write().trim(35, 0);
+        let want: Vec<(u64, u64)> = (21..=35).map(|i| (i, if i <= 30 { 1 } else { 2 })).collect();
+        assert_eq!(read(&store, 21, 36), want);
+
+        // A compaction past every entry leaves one fresh segment behind.
+        log.install_snapshot(&store, SnapshotMetadata { index: 35, term: 2, ..Default::default() })
+            .unwrap();
+        assert_eq!(log.segments().0, 1);
+        drop(log);
+        let (_log, core, _) = DurableLog::open(dir.path(), 1000).unwrap();
+        assert_eq!((core.first_index(), core.last_index()), (36, 35));
+        assert_eq!(core.term(35).unwrap(), 2);
+        assert_eq!(core.hard_state.vote, 1);
+    }
+
+    #[test]
+    fn a_single_file_log_is_adopted_and_a_corrupt_closed_segment_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = RaftStorage::default();
+        {
+            let (mut log, _, _) = open(dir.path()).unwrap();
+            log.append(&store, &[entry(1, 1), entry(2, 1)]).unwrap();
+            log.sync().unwrap();
+        }
+        // The format before segments: one `raft.log`.
+        std::fs::rename(segment_path(dir.path(), 1), dir.path().join(LEGACY_LOG_FILE)).unwrap();
+        let (_log, core, existed) = DurableLog::open(dir.path(), 100).unwrap();
+        assert!(existed);
+        assert_eq!(core.last_index(), 2);
+        assert!(!dir.path().join(LEGACY_LOG_FILE).exists());
+
+        // Fill a second segment, then damage the first (closed, fsynced whole): an error
+        // that names it, never a silently shorter log.
+        let (mut log, core, _) = DurableLog::open(dir.path(), 20).unwrap();
+        let store = RaftStorage { core: Arc::new(RwLock::new(core)), ..Default::default() };
+        log.append(&store, &[entry(3, 1)]).unwrap();
+        log.sync().unwrap();
+        assert!(segment_path(dir.path(), 2).exists());
+        drop(log);
+        let first = segment_path(dir.path(), 1);
+        let mut bytes = std::fs::read(&first).unwrap();
+        let n = bytes.len();
+        bytes[n - 3] ^= 0xFF;
+        std::fs::write(&first, bytes).unwrap();
+        let Err(err) = DurableLog::open(dir.path(), 20) else {
+            panic!("a corrupt closed segment was accepted")
+        };
+        assert!(err.to_string().contains("raft-0000000000000001.log"), "{err}");
     }
 
     #[test]
@@ -772,16 +1016,16 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = RaftStorage::default();
         {
-            let (mut log, _, _) = DurableLog::open(dir.path()).unwrap();
+            let (mut log, _, _) = open(dir.path()).unwrap();
             log.append(&store, &[entry(1, 1), entry(2, 1)]).unwrap();
             log.sync().unwrap();
         }
-        let path = dir.path().join(LOG_FILE);
+        let path = segment_path(dir.path(), 1);
         let good = std::fs::metadata(&path).unwrap().len();
         let mut f = OpenOptions::new().append(true).open(&path).unwrap();
         f.write_all(&[KIND_ENTRIES, 200, 0, 0, 0, 1, 2, 3, 4, 5]).unwrap();
         drop(f);
-        let (_log, core, _) = DurableLog::open(dir.path()).unwrap();
+        let (_log, core, _) = open(dir.path()).unwrap();
         assert_eq!(core.last_index(), 2);
         assert_eq!(std::fs::metadata(&path).unwrap().len(), good);
     }
