@@ -134,20 +134,44 @@ pub fn parse_record(b: &[u8]) -> Result<(Record<'_>, usize), String> {
     Ok((Record { version, key, data: &b[HEADER + key_len..total] }, total))
 }
 
-fn segment_name(segment: u32) -> String {
+/// The file name of segment `segment`.
+pub fn segment_name(segment: u32) -> String {
     format!("{segment:010}.blob")
 }
 
-/// Creates (or empties) segment `segment`, open for reading and writing.
+/// Creates segment `segment` empty, open for reading and writing. A file of that name
+/// is replaced, not truncated: a checkpoint may have it linked (`snapshot`).
 fn create_segment(dir: &Path, segment: u32) -> Result<File, BlobError> {
     let path = dir.join(segment_name(segment));
-    OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&path)
-        .map_err(|source| BlobError::Io { path, source })
+    let io = |source| BlobError::Io { path: path.clone(), source };
+    match std::fs::remove_file(&path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(e)),
+        _ => {}
+    }
+    OpenOptions::new().read(true).write(true).create_new(true).open(&path).map_err(io)
+}
+
+/// Makes `path` a file of its own before it is changed in place: if a checkpoint links
+/// it (more than one name), its first `len` bytes are copied to a new file that takes
+/// its name, and the checkpoint keeps the old one whole.
+fn unshare(path: &Path, len: u64) -> Result<(), BlobError> {
+    use std::os::unix::fs::MetadataExt as _;
+    let io = |source| BlobError::Io { path: path.to_owned(), source };
+    if std::fs::metadata(path).map_err(io)?.nlink() <= 1 {
+        return Ok(());
+    }
+    let tmp = path.with_extension("unshare");
+    {
+        let mut from = File::open(path).map_err(io)?.take(len);
+        let mut to = File::create(&tmp).map_err(io)?;
+        std::io::copy(&mut from, &mut to).map_err(io)?;
+        to.sync_all().map_err(io)?;
+    }
+    std::fs::rename(&tmp, path).map_err(io)?;
+    if let Some(dir) = path.parent() {
+        crate::storage::sync_dir(dir).map_err(io)?;
+    }
+    Ok(())
 }
 
 /// The open segment files, shared with readers on other threads.
@@ -286,6 +310,10 @@ impl Blobs {
             }
         }
         let mut files = Files::default();
+        if let Some(&len) = present.get(&end.0) {
+            // The segment appended to from here on (and cut to `end` first).
+            unshare(&dir.join(segment_name(end.0)), len.min(end.1))?;
+        }
         for (&seg, &len) in present.range(..=end.0) {
             let path = dir.join(segment_name(seg));
             let file = OpenOptions::new()
@@ -474,6 +502,28 @@ impl Blobs {
         if self.active_len < self.segment_bytes {
             return Ok(false);
         }
+        self.rotate()?;
+        Ok(true)
+    }
+
+    /// Seals the active segment now, unless it is empty (a checkpoint links only sealed
+    /// segments, which never change again).
+    pub fn seal_active(&mut self) -> Result<(), BlobError> {
+        if self.active_len > 0 {
+            self.rotate()?;
+        }
+        Ok(())
+    }
+
+    /// Every sealed segment's file name and path.
+    pub fn sealed_segments(&self) -> Vec<(String, PathBuf)> {
+        self.sizes
+            .keys()
+            .map(|&seg| (segment_name(seg), self.dir.join(segment_name(seg))))
+            .collect()
+    }
+
+    fn rotate(&mut self) -> Result<(), BlobError> {
         // One sealed segment's fsync at a time: the next waits for the previous.
         self.join_sync();
         let sealed = self.active_file();
@@ -503,7 +553,7 @@ impl Blobs {
         self.active = next;
         self.active_len = 0;
         self.kicked = 0;
-        Ok(true)
+        Ok(())
     }
 
     /// Fsyncs the active segment (before sled is made durable for a collection).
@@ -629,5 +679,36 @@ mod tests {
         assert!(Blobs::open(dir.path(), (0, u64::from(first)), 0, 1 << 20).unwrap().is_none());
         // A segment shorter than sled's end is refused too.
         assert!(Blobs::open(dir.path(), (0, 10_000), 0, 1 << 20).unwrap().is_none());
+    }
+
+    #[test]
+    fn a_linked_segment_is_replaced_never_changed_in_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let linked = tempfile::tempdir().unwrap();
+        let mut b = Blobs::open(dir.path(), (0, 0), 0, 1 << 20).unwrap().unwrap();
+        let mut buf = Vec::new();
+        let first = encode_record(&mut buf, b"k1", 1, 1, &[1; 100]);
+        encode_record(&mut buf, b"k2", 1, 2, &[2; 100]);
+        b.append(&buf).unwrap();
+        b.seal_active().unwrap();
+        assert_eq!(b.end(), (1, 0));
+        let names: Vec<String> = b.sealed_segments().into_iter().map(|(n, _)| n).collect();
+        assert_eq!(names, vec![segment_name(0)]);
+        // A checkpoint links the sealed segment.
+        let link = linked.path().join(segment_name(0));
+        std::fs::hard_link(dir.path().join(segment_name(0)), &link).unwrap();
+        drop(b);
+        // sled came back remembering only the first record (segment 0 as the active
+        // one): the cut happens on a copy, the checkpoint's link keeps both records.
+        let b = Blobs::open(dir.path(), (0, u64::from(first)), 0, 1 << 20).unwrap().unwrap();
+        assert_eq!(b.end(), (0, u64::from(first)));
+        assert_eq!(std::fs::read(dir.path().join(segment_name(0))).unwrap(), buf[..first as usize]);
+        assert_eq!(std::fs::read(&link).unwrap(), buf, "the linked file was changed in place");
+        drop(b);
+        // A new segment over a linked name replaces the file too.
+        std::fs::hard_link(dir.path().join(segment_name(0)), linked.path().join("again")).unwrap();
+        drop(create_segment(dir.path(), 0).unwrap());
+        assert_eq!(std::fs::metadata(dir.path().join(segment_name(0))).unwrap().len(), 0);
+        assert_eq!(std::fs::read(linked.path().join("again")).unwrap(), buf[..first as usize]);
     }
 }

@@ -6,6 +6,8 @@
 //!   `raft::Storage` view of it.
 //! - [`state`]: the sled state machine (volumes, blocks, epochs, request-id dedupe) and
 //!   snapshot files.
+//! - [`snapshot`]: snapshot files (sent between members) and checkpoints (a node's own
+//!   compaction: the index beside hard links to sealed blob segments).
 //! - [`node`]: the Raft loop (raft-rs `RawNode`, group commit, ReadIndex, membership,
 //!   compaction) on its own thread.
 //! - [`transport`]: Raft messages and snapshots between nodes over gRPC.
@@ -27,6 +29,7 @@ pub mod node;
 pub mod pipe;
 pub mod server;
 pub mod service;
+pub mod snapshot;
 pub mod state;
 pub mod storage;
 pub mod testing;

@@ -26,7 +26,7 @@ use protobuf::Message as _;
 use raft::prelude::*;
 use raft::StateRole;
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch, OwnedSemaphorePermit};
@@ -198,10 +198,7 @@ impl NodeHandle {
     }
 }
 
-/// Path of the snapshot file for `index`.
-pub fn snapshot_path(dir: &Path, index: u64) -> PathBuf {
-    dir.join(format!("snap-{index:020}.snap"))
-}
+pub use crate::snapshot::{checkpoint_path, snapshot_path};
 
 /// A node failure that stops the loop.
 #[derive(Debug, thiserror::Error)]
@@ -409,7 +406,12 @@ pub fn start(
     let mut applied = sm.applied()?;
     if applied < snap_index {
         tracing::info!(applied, snap_index, "state machine behind the snapshot: reloading it");
-        sm.load_snapshot(&snapshot_path(&snap_dir, snap_index))?;
+        let checkpoint = checkpoint_path(&snap_dir, snap_index);
+        if checkpoint.is_dir() {
+            sm.load_snapshot(&checkpoint)?;
+        } else {
+            sm.load_snapshot(&snapshot_path(&snap_dir, snap_index))?;
+        }
         applied = snap_index;
     }
     {
@@ -984,11 +986,13 @@ impl Loop {
         let mut meta = SnapshotMetadata { index, term: term?, ..Default::default() };
         meta.set_conf_state(conf);
         let started = std::time::Instant::now();
-        let view = self.sm.snapshot_view()?;
+        // A checkpoint: the index and links to the (sealed) blob segments, not a copy of
+        // every block; a snapshot file is made from it only when a member needs one.
+        let path = checkpoint_path(&self.snap_dir, index);
+        let view = self.sm.checkpoint_view(&path.with_extension("d.tmp"))?;
         let copied = started.elapsed();
         let cancel = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let (path, job_meta, job_cancel) =
-            (snapshot_path(&self.snap_dir, index), meta.clone(), cancel.clone());
+        let (job_meta, job_cancel) = (meta.clone(), cancel.clone());
         let span = tracing::Span::current();
         let thread = std::thread::Builder::new()
             .name(format!("pss-snapshot-{}", self.id))
@@ -1044,23 +1048,33 @@ impl Loop {
         Ok(())
     }
 
-    /// Keeps the current snapshot file and the one before (a transfer may be reading it).
+    /// Keeps the current snapshot (file or checkpoint) and the one before (a transfer may
+    /// be reading it); removes older ones and any left half-written.
     fn prune_snapshots(&self, current: u64) {
         let Ok(dir) = std::fs::read_dir(&self.snap_dir) else { return };
-        let mut old: Vec<PathBuf> = dir
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| {
-                p.file_name().and_then(|n| n.to_str()).is_some_and(|n| {
-                    n.starts_with("snap-")
-                        && n.ends_with(".snap")
-                        && n < &format!("snap-{current:020}.snap")[..]
-                })
-            })
-            .collect();
-        old.sort();
-        old.pop();
-        for p in old {
-            let _ = std::fs::remove_file(p);
+        let mut found: Vec<(u64, PathBuf)> = Vec::new();
+        for e in dir.filter_map(Result::ok) {
+            let path = e.path();
+            let Some(name) = path.file_name().and_then(|n| n.to_str()) else { continue };
+            match crate::snapshot::index_of(name) {
+                Some(i) if i < current => found.push((i, path)),
+                Some(_) => {}
+                // A checkpoint directory that never finished (none is being written now).
+                None if name.ends_with(".d.tmp") && self.snapshot_job.is_none() => {
+                    found.push((0, path))
+                }
+                None => {}
+            }
+        }
+        let previous = found.iter().map(|(i, _)| *i).max();
+        for (i, p) in found {
+            if Some(i) == previous && i != 0 {
+                continue;
+            }
+            let r = if p.is_dir() { std::fs::remove_dir_all(&p) } else { std::fs::remove_file(&p) };
+            if let Err(e) = r {
+                tracing::warn!(path = %p.display(), error = %e, "could not remove an old snapshot");
+            }
         }
     }
 

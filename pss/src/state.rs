@@ -15,13 +15,14 @@ use prost::Message as _;
 use protobuf::Message as _;
 use raft::prelude::{ConfState, SnapshotMetadata};
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use wayside_proto::pb;
 use wayside_proto::types::{BlockSize, Epoch, VolumeName};
 
 use crate::blobs::{BlobError, BlobReader, Blobs, Loc};
+use crate::snapshot::{CheckpointView, Pair, Pairs, SNAPSHOT_MAGIC};
+use std::borrow::Cow;
 
 const META_APPLIED: &[u8] = b"mapplied";
 const META_CONF: &[u8] = b"mconf";
@@ -39,8 +40,6 @@ const LOCAL_BLOB_END: &[u8] = b"xblob_end";
 const LOCAL_BLOB_SYNCED: &[u8] = b"xblob_synced";
 /// Version 2: the dedupe table is per-entry records with the replies in them (version 1
 /// had a record per request id beside lists of ids per entry).
-const SNAPSHOT_MAGIC: &[u8] = b"WAYSIDE-PSS-SNAPSHOT-2\n";
-const SNAPSHOT_MAGIC_STEM: &[u8] = b"WAYSIDE-PSS-SNAPSHOT-";
 /// sled's segment (and IO buffer) size: sled's 512 KiB default holds ~100 blocks of
 /// 4 KiB, so a group-commit entry of hundreds of blocks waited on sled's IO threads
 /// several times per apply. Fixed when a state machine directory is created.
@@ -878,12 +877,27 @@ impl StateMachine {
         Ok(SnapshotView { pairs, blobs: self.blobs.reader().pinned(), dir: self.dir.clone() })
     }
 
-    /// Replaces the whole state with a snapshot file's; returns its metadata.
+    /// Replaces the whole state with a snapshot file's or a checkpoint directory's;
+    /// returns its metadata.
     pub fn load_snapshot(&mut self, path: &Path) -> Result<SnapshotMetadata, StateError> {
+        if path.is_dir() {
+            let cp = crate::snapshot::Checkpoint::open(path)?;
+            let (meta, pairs) = cp.pairs()?;
+            return self.load_pairs(meta, pairs);
+        }
         let bytes = std::fs::read(path)
             .map_err(|source| StateError::Io { path: path.to_owned(), source })?;
         let (meta, pairs) = parse_snapshot(&bytes)
             .map_err(|reason| StateError::Corrupt { path: path.to_owned(), reason })?;
+        let pairs = pairs.into_iter().map(|(k, v)| Ok((Cow::Borrowed(k), Cow::Borrowed(v))));
+        self.load_pairs(meta, pairs)
+    }
+
+    fn load_pairs<'a>(
+        &mut self,
+        meta: SnapshotMetadata,
+        pairs: impl Iterator<Item = Pair<'a>>,
+    ) -> Result<SnapshotMetadata, StateError> {
         // Applied index first goes away, so a crash mid-load shows "nothing applied" and
         // the load is redone from the durable snapshot file.
         self.tree.remove(META_APPLIED)?;
@@ -893,11 +907,13 @@ impl StateMachine {
         let mut batch = sled::Batch::default();
         let mut records = Vec::new();
         let mut base = self.blobs.end();
-        for (n, (k, v)) in pairs.into_iter().enumerate() {
+        for (n, pair) in pairs.enumerate() {
+            let (k, v) = pair?;
+            let (k, v) = (&k[..], &v[..]);
             if k == META_APPLIED || k.first() == Some(&LOCAL_PREFIX) {
                 continue;
             }
-            if k.first() == Some(&b'b') {
+            if crate::snapshot::is_block_key(k) {
                 let version = read_u64(v);
                 let data = v.get(8..).unwrap_or_default();
                 let offset = base.1 + records.len() as u64;
@@ -924,6 +940,33 @@ impl StateMachine {
         let p = self.begin();
         self.commit(p, meta.index, Some(meta.get_conf_state()))?;
         Ok(meta)
+    }
+
+    /// Starts a checkpoint of the state as of the applied index (which the caller
+    /// guarantees no one changes meanwhile) in the directory `tmp`: seals the active blob
+    /// segment, hard-links every segment into `tmp` and copies the index. The returned
+    /// view writes the rest on any thread ([`CheckpointView::write`]). Runs on the Raft
+    /// thread, the only one that deletes segments, so every linked file is there.
+    pub fn checkpoint_view(&mut self, tmp: &Path) -> Result<CheckpointView, StateError> {
+        let io = |source| StateError::Io { path: tmp.to_owned(), source };
+        if tmp.exists() {
+            std::fs::remove_dir_all(tmp).map_err(io)?;
+        }
+        std::fs::create_dir_all(tmp).map_err(io)?;
+        self.blobs.seal_active()?;
+        let mut segments = Vec::new();
+        for (name, path) in self.blobs.sealed_segments() {
+            std::fs::hard_link(&path, tmp.join(&name)).map_err(io)?;
+            segments.push(name);
+        }
+        let mut pairs = Vec::new();
+        for kv in self.tree.iter() {
+            let (k, v) = kv?;
+            if k.first() != Some(&LOCAL_PREFIX) {
+                pairs.push((k, v));
+            }
+        }
+        Ok(CheckpointView { pairs, tmp: tmp.to_owned(), segments })
     }
 
     /// Asks sled to write its buffers out (not a durability point; see the module doc).
@@ -965,58 +1008,28 @@ impl SnapshotView {
         meta: &SnapshotMetadata,
         cancel: &AtomicBool,
     ) -> Result<u64, StateError> {
-        let io = |source| StateError::Io { path: tmp.to_owned(), source };
-        let file = std::fs::File::create(tmp).map_err(io)?;
-        let mut w = BufWriter::with_capacity(1 << 20, file);
-        let mut crc = crc32fast::Hasher::new();
-        let mut put = |w: &mut BufWriter<std::fs::File>, b: &[u8]| -> std::io::Result<()> {
-            crc.update(b);
-            w.write_all(b)
-        };
-        let meta_bytes = meta.write_to_bytes().unwrap_or_default();
-        put(&mut w, SNAPSHOT_MAGIC).map_err(io)?;
-        put(&mut w, &u32::try_from(meta_bytes.len()).unwrap_or(u32::MAX).to_le_bytes())
-            .map_err(io)?;
-        put(&mut w, &meta_bytes).map_err(io)?;
         // Blocks go in as `version | data` (the snapshot is self-contained: a node that
         // installs it has none of this node's blob files).
-        for (n, (k, v)) in self.pairs.iter().enumerate() {
-            if n % 1024 == 0 && cancel.load(Ordering::Relaxed) {
-                return Err(StateError::Cancelled);
+        let pairs = self.pairs.iter().map(|(k, v)| {
+            if !crate::snapshot::is_block_key(k) {
+                return Ok((Cow::Borrowed(&k[..]), Cow::Borrowed(&v[..])));
             }
-            let block;
-            let v: &[u8] = match k.first() {
-                Some(b'b') => {
-                    let corrupt =
-                        |reason: String| StateError::Corrupt { path: self.dir.clone(), reason };
-                    let loc = Loc::decode(v).ok_or_else(|| {
-                        corrupt(format!("block index entry of {} bytes", v.len()))
-                    })?;
-                    let data = self.blobs.read(k, &loc)?.ok_or_else(|| {
-                        corrupt(format!(
-                            "block record at segment {} offset {} is gone",
-                            loc.segment, loc.offset
-                        ))
-                    })?;
-                    let mut b = Vec::with_capacity(8 + data.len());
-                    b.extend_from_slice(&be(loc.version));
-                    b.extend_from_slice(&data);
-                    block = b;
-                    &block
-                }
-                _ => v,
-            };
-            put(&mut w, &u32::try_from(k.len()).unwrap_or(u32::MAX).to_le_bytes()).map_err(io)?;
-            put(&mut w, k).map_err(io)?;
-            put(&mut w, &u32::try_from(v.len()).unwrap_or(u32::MAX).to_le_bytes()).map_err(io)?;
-            put(&mut w, v).map_err(io)?;
-        }
-        put(&mut w, &u32::MAX.to_le_bytes()).map_err(io)?;
-        let sum = crc.finalize();
-        w.write_all(&sum.to_le_bytes()).map_err(io)?;
-        let file = w.into_inner().map_err(|e| io(e.into_error()))?;
-        file.sync_all().map_err(io)?;
-        let size = file.metadata().map_err(io)?.len();
+            let corrupt = |reason: String| StateError::Corrupt { path: self.dir.clone(), reason };
+            let loc = Loc::decode(v)
+                .ok_or_else(|| corrupt(format!("block index entry of {} bytes", v.len())))?;
+            let data = self.blobs.read(k, &loc)?.ok_or_else(|| {
+                corrupt(format!(
+                    "block record at segment {} offset {} is gone",
+                    loc.segment, loc.offset
+                ))
+            })?;
+            let mut b = Vec::with_capacity(8 + data.len());
+            b.extend_from_slice(&be(loc.version));
+            b.extend_from_slice(&data);
+            Ok((Cow::Borrowed(&k[..]), Cow::Owned(b)))
+        });
+        let size = crate::snapshot::write_framed(tmp, SNAPSHOT_MAGIC, meta, cancel, pairs)?;
+        let io = |source| StateError::Io { path: tmp.to_owned(), source };
         std::fs::rename(tmp, path).map_err(io)?;
         if let Some(dir) = path.parent() {
             crate::storage::sync_dir(dir).map_err(io)?;
@@ -1104,44 +1117,9 @@ impl Reader {
     }
 }
 
-type Pairs<'a> = Vec<(&'a [u8], &'a [u8])>;
-
 /// Checks a snapshot file (magic, checksum) and splits it into metadata and pairs.
 pub fn parse_snapshot(bytes: &[u8]) -> Result<(SnapshotMetadata, Pairs<'_>), String> {
-    if bytes.len() < SNAPSHOT_MAGIC.len() + 8 || !bytes.starts_with(SNAPSHOT_MAGIC) {
-        if bytes.starts_with(SNAPSHOT_MAGIC_STEM) {
-            return Err(format!(
-                "a wayside snapshot of another format version ({:?}); this PSS reads {:?}",
-                String::from_utf8_lossy(&bytes[..SNAPSHOT_MAGIC.len().min(bytes.len())]).trim(),
-                String::from_utf8_lossy(SNAPSHOT_MAGIC).trim()
-            ));
-        }
-        return Err("not a wayside snapshot".into());
-    }
-    let (body, sum) = bytes.split_at(bytes.len() - 4);
-    if crc32fast::hash(body) != u32::from_le_bytes(sum.try_into().unwrap_or_default()) {
-        return Err("checksum mismatch".into());
-    }
-    let mut pos = SNAPSHOT_MAGIC.len();
-    let next = |pos: &mut usize| -> Result<Option<&[u8]>, String> {
-        let len = body.get(*pos..*pos + 4).ok_or("truncated")?;
-        let len = u32::from_le_bytes(len.try_into().unwrap_or_default());
-        *pos += 4;
-        if len == u32::MAX {
-            return Ok(None);
-        }
-        let v = body.get(*pos..*pos + len as usize).ok_or("truncated")?;
-        *pos += len as usize;
-        Ok(Some(v))
-    };
-    let meta_bytes = next(&mut pos)?.ok_or("missing metadata")?;
-    let meta = SnapshotMetadata::parse_from_bytes(meta_bytes).map_err(|e| e.to_string())?;
-    let mut pairs = Vec::new();
-    while let Some(k) = next(&mut pos)? {
-        let v = next(&mut pos)?.ok_or("missing value")?;
-        pairs.push((k, v));
-    }
-    Ok((meta, pairs))
+    crate::snapshot::parse_framed(bytes, SNAPSHOT_MAGIC)
 }
 
 #[cfg(test)]
@@ -1475,6 +1453,83 @@ mod tests {
         run(&mut sm, 2, &acquire_cmd("v", 1));
         run(&mut sm, 3, &write_cmd("v", 1, 1, 7, &[5; 4096]));
         assert_eq!(sm.reader().blocks("v", &[7]).unwrap()[0].data, vec![5; 4096]);
+    }
+
+    #[test]
+    fn a_checkpoint_links_segments_and_outlives_collection() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts =
+            Options { dedupe_limit: 100, blob_segment_bytes: 64 * 1024, blob_gc_live_percent: 50 };
+        let mut sm = StateMachine::open(&dir.path().join("sm"), opts).unwrap();
+        run(&mut sm, 2, &acquire_cmd("v", 1));
+        let mut index = 3;
+        let mut write_rounds = |sm: &mut StateMachine, rounds: std::ops::Range<u64>| {
+            for round in rounds {
+                for block in 0..8u64 {
+                    let data = vec![(round * 8 + block) as u8; 1024];
+                    run(sm, index, &write_cmd("v", 1, index, block, &data));
+                    index += 1;
+                }
+            }
+        };
+        write_rounds(&mut sm, 0..20);
+        let at = sm.applied().unwrap();
+        let want: Vec<Vec<u8>> =
+            (0..8u64).map(|b| sm.reader().blocks("v", &[b]).unwrap()[0].data.clone()).collect();
+        let cp = dir.path().join("snap-1.d");
+        let view = sm.checkpoint_view(&dir.path().join("snap-1.d.tmp")).unwrap();
+        let meta = SnapshotMetadata { index: at, term: 1, ..Default::default() };
+        let index_bytes = view.write(&cp, &meta, &AtomicBool::new(false)).unwrap();
+        assert!(!dir.path().join("snap-1.d.tmp").exists());
+        let linked: Vec<String> = std::fs::read_dir(&cp)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .filter(|n| n.ends_with(".blob"))
+            .collect();
+        assert!(!linked.is_empty());
+        let linked_bytes: u64 =
+            linked.iter().map(|n| std::fs::metadata(cp.join(n)).unwrap().len()).sum();
+        assert!(
+            index_bytes * 10 < linked_bytes,
+            "the index ({index_bytes} bytes) is small beside the data it links ({linked_bytes})"
+        );
+
+        // The state moves on; collection deletes segments the checkpoint links.
+        write_rounds(&mut sm, 20..80);
+        let blobs = dir.path().join("sm/blobs");
+        assert!(
+            linked.iter().any(|n| !blobs.join(n).exists()),
+            "no linked segment was collected: the test proves nothing"
+        );
+
+        // Loaded into a fresh state machine: the state at the checkpoint.
+        let check = |sm: &StateMachine| {
+            assert_eq!(sm.applied().unwrap(), at);
+            for (b, data) in want.iter().enumerate() {
+                assert_eq!(&sm.reader().blocks("v", &[b as u64]).unwrap()[0].data, data);
+            }
+        };
+        let mut fresh = StateMachine::open(&dir.path().join("fresh"), opts).unwrap();
+        assert_eq!(fresh.load_snapshot(&cp).unwrap().index, at);
+        check(&fresh);
+        // And as the self-contained file a member is sent.
+        let file = dir.path().join("snap-1.snap");
+        crate::snapshot::materialize(&cp, &file).unwrap();
+        let mut other = StateMachine::open(&dir.path().join("other"), opts).unwrap();
+        assert_eq!(other.load_snapshot(&file).unwrap().index, at);
+        check(&other);
+        // Damaged linked records are found, not loaded.
+        for n in &linked {
+            let seg = cp.join(n);
+            let mut bytes = std::fs::read(&seg).unwrap();
+            for i in (64..bytes.len()).step_by(512) {
+                bytes[i] ^= 1;
+            }
+            std::fs::remove_file(&seg).unwrap();
+            std::fs::write(&seg, bytes).unwrap();
+        }
+        let mut third = StateMachine::open(&dir.path().join("third"), opts).unwrap();
+        assert!(matches!(third.load_snapshot(&cp), Err(StateError::Corrupt { .. })));
     }
 
     #[test]

@@ -10,7 +10,7 @@
 //! its message reaches the node.
 
 use crate::config::Config;
-use crate::node::{snapshot_path, AddressBook, Input};
+use crate::node::{checkpoint_path, snapshot_path, AddressBook, Input};
 use futures::StreamExt;
 use protobuf::Message as _;
 use raft::prelude::{Message, MessageType};
@@ -256,6 +256,33 @@ impl PeerWorker {
     async fn send_snapshot(&self, mut client: RaftTransportClient<Channel>, msg: Message) -> bool {
         let index = msg.get_snapshot().get_metadata().index;
         let path = snapshot_path(&self.snap_dir, index);
+        let checkpoint = checkpoint_path(&self.snap_dir, index);
+        if !path.exists() && checkpoint.is_dir() {
+            // This node's own compaction took a checkpoint: make the self-contained file
+            // a member is sent (once; later sends reuse it).
+            let started = std::time::Instant::now();
+            let out = path.clone();
+            match tokio::task::spawn_blocking(move || {
+                crate::snapshot::materialize(&checkpoint, &out)
+            })
+            .await
+            {
+                Ok(Ok(bytes)) => tracing::info!(
+                    index,
+                    bytes,
+                    elapsed_ms = started.elapsed().as_millis() as u64,
+                    "snapshot file made from the checkpoint"
+                ),
+                Ok(Err(e)) => {
+                    tracing::warn!(index, error = %e, "could not make the snapshot file; raft will retry");
+                    return false;
+                }
+                Err(e) => {
+                    tracing::warn!(index, error = %e, "snapshot file task failed; raft will retry");
+                    return false;
+                }
+            }
+        }
         let file = match tokio::fs::File::open(&path).await {
             Ok(f) => f,
             Err(e) => {

@@ -1,0 +1,302 @@
+//! Snapshot files: the state at a Raft index, in two forms.
+//!
+//! - A **snapshot file** (`snap-<index>.snap`, format 2) is self-contained: every key and
+//!   value of the state, a block's value being its version and its data. It is what one
+//!   node sends another (a lagging or new member) and what a member receives.
+//! - A **checkpoint** (`snap-<index>.d/`, a directory) is what a node's own log
+//!   compaction takes: the state's index file (a block's value is where its record
+//!   lives) beside hard links to the blob segments holding the records. Blob segments
+//!   are append-only and sealed before they are linked, so a checkpoint costs a copy of
+//!   the index and a link per segment, not a copy of every block: at 4 KiB blocks the
+//!   index is ~1-2% of the data. A checkpoint is turned into a snapshot file only when a
+//!   member needs one sent ([`materialize`]).
+//!
+//! Both share one framing: a magic line, then `len u32 LE | bytes` items (the metadata,
+//! then key, value, key, value...), a `u32::MAX` end mark and a CRC32 of all before it.
+//!
+//! **Invariant:** a segment file linked into a checkpoint is never changed in place
+//! afterwards; whoever would truncate or rewrite a segment file replaces it with a new
+//! file instead (see `blobs`), so the checkpoint keeps the bytes it linked.
+
+use protobuf::Message as _;
+use raft::prelude::SnapshotMetadata;
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::os::unix::fs::FileExt as _;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use crate::blobs::Loc;
+use crate::state::StateError;
+
+/// First bytes of a snapshot file (format 2).
+pub const SNAPSHOT_MAGIC: &[u8] = b"WAYSIDE-PSS-SNAPSHOT-2\n";
+const SNAPSHOT_MAGIC_STEM: &[u8] = b"WAYSIDE-PSS-SNAPSHOT-";
+/// First bytes of a checkpoint's index file.
+pub const CHECKPOINT_MAGIC: &[u8] = b"WAYSIDE-PSS-CHECKPOINT-1\n";
+/// The index file inside a checkpoint directory.
+const CHECKPOINT_INDEX: &str = "index";
+
+/// The snapshot file for `index` in `dir`.
+pub fn snapshot_path(dir: &Path, index: u64) -> PathBuf {
+    dir.join(format!("snap-{index:020}.snap"))
+}
+
+/// The checkpoint directory for `index` in `dir`.
+pub fn checkpoint_path(dir: &Path, index: u64) -> PathBuf {
+    dir.join(format!("snap-{index:020}.d"))
+}
+
+/// The index of a snapshot file or checkpoint name (`snap-<index>.snap` / `.d`).
+pub fn index_of(name: &str) -> Option<u64> {
+    let rest = name.strip_prefix("snap-")?;
+    rest.strip_suffix(".snap").or_else(|| rest.strip_suffix(".d"))?.parse().ok()
+}
+
+/// One key/value pair on its way into a file.
+pub type Pair<'a> = Result<(Cow<'a, [u8]>, Cow<'a, [u8]>), StateError>;
+
+/// Writes a framed file at `path` and fsyncs it; returns its size. Stops with
+/// [`StateError::Cancelled`] once `cancel` is set (the caller removes the partial file).
+pub fn write_framed<'a>(
+    path: &Path,
+    magic: &[u8],
+    meta: &SnapshotMetadata,
+    cancel: &AtomicBool,
+    pairs: impl Iterator<Item = Pair<'a>>,
+) -> Result<u64, StateError> {
+    let io = |source| StateError::Io { path: path.to_owned(), source };
+    let file = File::create(path).map_err(io)?;
+    let mut w =
+        Framed { w: BufWriter::with_capacity(1 << 20, file), crc: crc32fast::Hasher::new() };
+    w.raw(magic).map_err(io)?;
+    w.item(&meta.write_to_bytes().unwrap_or_default()).map_err(io)?;
+    for (n, pair) in pairs.enumerate() {
+        if n % 1024 == 0 && cancel.load(Ordering::Relaxed) {
+            return Err(StateError::Cancelled);
+        }
+        let (k, v) = pair?;
+        w.item(&k).map_err(io)?;
+        w.item(&v).map_err(io)?;
+    }
+    w.raw(&u32::MAX.to_le_bytes()).map_err(io)?;
+    let sum = w.crc.finalize();
+    w.w.write_all(&sum.to_le_bytes()).map_err(io)?;
+    let file = w.w.into_inner().map_err(|e| io(e.into_error()))?;
+    file.sync_all().map_err(io)?;
+    Ok(file.metadata().map_err(io)?.len())
+}
+
+/// A framed file being written, with the checksum of everything so far.
+struct Framed {
+    w: BufWriter<File>,
+    crc: crc32fast::Hasher,
+}
+
+impl Framed {
+    fn raw(&mut self, b: &[u8]) -> std::io::Result<()> {
+        self.crc.update(b);
+        self.w.write_all(b)
+    }
+
+    fn item(&mut self, b: &[u8]) -> std::io::Result<()> {
+        self.raw(&u32::try_from(b.len()).unwrap_or(u32::MAX).to_le_bytes())?;
+        self.raw(b)
+    }
+}
+
+/// Borrowed key/value pairs of a parsed file.
+pub type Pairs<'a> = Vec<(&'a [u8], &'a [u8])>;
+
+/// Checks a framed file (magic, checksum) and splits it into metadata and pairs.
+pub fn parse_framed<'a>(
+    bytes: &'a [u8],
+    magic: &[u8],
+) -> Result<(SnapshotMetadata, Pairs<'a>), String> {
+    if bytes.len() < magic.len() + 8 || !bytes.starts_with(magic) {
+        if bytes.starts_with(SNAPSHOT_MAGIC_STEM) {
+            return Err(format!(
+                "a wayside snapshot of another format version ({:?}); this PSS reads {:?}",
+                String::from_utf8_lossy(&bytes[..magic.len().min(bytes.len())]).trim(),
+                String::from_utf8_lossy(magic).trim()
+            ));
+        }
+        return Err("not a wayside snapshot".into());
+    }
+    let (body, sum) = bytes.split_at(bytes.len() - 4);
+    if crc32fast::hash(body) != u32::from_le_bytes(sum.try_into().unwrap_or_default()) {
+        return Err("checksum mismatch".into());
+    }
+    let mut pos = magic.len();
+    let next = |pos: &mut usize| -> Result<Option<&[u8]>, String> {
+        let len = body.get(*pos..*pos + 4).ok_or("truncated")?;
+        let len = u32::from_le_bytes(len.try_into().unwrap_or_default());
+        *pos += 4;
+        if len == u32::MAX {
+            return Ok(None);
+        }
+        let v = body.get(*pos..*pos + len as usize).ok_or("truncated")?;
+        *pos += len as usize;
+        Ok(Some(v))
+    };
+    let meta_bytes = next(&mut pos)?.ok_or("missing metadata")?;
+    let meta = SnapshotMetadata::parse_from_bytes(meta_bytes).map_err(|e| e.to_string())?;
+    let mut pairs = Vec::new();
+    while let Some(k) = next(&mut pos)? {
+        let v = next(&mut pos)?.ok_or("missing value")?;
+        pairs.push((k, v));
+    }
+    Ok((meta, pairs))
+}
+
+/// Whether a key is a block's (its value is a [`Loc`] in a checkpoint, `version | data`
+/// in a snapshot file).
+pub fn is_block_key(k: &[u8]) -> bool {
+    k.first() == Some(&b'b')
+}
+
+/// A checkpoint being taken: the state's index as of its index (copied on the Raft
+/// thread) and the blob segments already linked into `tmp`.
+pub struct CheckpointView {
+    pub(crate) pairs: Vec<(sled::IVec, sled::IVec)>,
+    /// The directory being filled (renamed to the checkpoint's name when durable).
+    pub(crate) tmp: PathBuf,
+    /// The linked segment files' names in `tmp`.
+    pub(crate) segments: Vec<String>,
+}
+
+impl CheckpointView {
+    /// Writes the index file, makes every linked segment and the index durable, then
+    /// renames the directory to `path` (and fsyncs its parent). Returns the index file's
+    /// size. On an error or `cancel`, nothing is left behind.
+    pub fn write(
+        &self,
+        path: &Path,
+        meta: &SnapshotMetadata,
+        cancel: &AtomicBool,
+    ) -> Result<u64, StateError> {
+        let r = self.write_tmp(path, meta, cancel);
+        if r.is_err() {
+            let _ = std::fs::remove_dir_all(&self.tmp);
+        }
+        r
+    }
+
+    fn write_tmp(
+        &self,
+        path: &Path,
+        meta: &SnapshotMetadata,
+        cancel: &AtomicBool,
+    ) -> Result<u64, StateError> {
+        let io = |p: &Path| {
+            let p = p.to_owned();
+            move |source| StateError::Io { path: p.clone(), source }
+        };
+        let pairs =
+            self.pairs.iter().map(|(k, v)| Ok((Cow::Borrowed(&k[..]), Cow::Borrowed(&v[..]))));
+        let size =
+            write_framed(&self.tmp.join(CHECKPOINT_INDEX), CHECKPOINT_MAGIC, meta, cancel, pairs)?;
+        for name in &self.segments {
+            if cancel.load(Ordering::Relaxed) {
+                return Err(StateError::Cancelled);
+            }
+            // Sealed segments are fsynced by the blob store's helper thread too; one
+            // more fsync of a clean file costs little and does not depend on its timing.
+            let p = self.tmp.join(name);
+            File::open(&p).and_then(|f| f.sync_data()).map_err(io(&p))?;
+        }
+        crate::storage::sync_dir(&self.tmp).map_err(io(&self.tmp))?;
+        if path.exists() {
+            std::fs::remove_dir_all(path).map_err(io(path))?;
+        }
+        std::fs::rename(&self.tmp, path).map_err(io(path))?;
+        if let Some(parent) = path.parent() {
+            crate::storage::sync_dir(parent).map_err(io(parent))?;
+        }
+        Ok(size)
+    }
+}
+
+/// A checkpoint read back: its metadata and pairs, a block's value turned into `version
+/// | data` from its record in the linked segments.
+pub struct Checkpoint {
+    dir: PathBuf,
+    bytes: Vec<u8>,
+}
+
+impl Checkpoint {
+    pub fn open(dir: &Path) -> Result<Self, StateError> {
+        let p = dir.join(CHECKPOINT_INDEX);
+        let bytes =
+            std::fs::read(&p).map_err(|source| StateError::Io { path: p.clone(), source })?;
+        Ok(Self { dir: dir.to_owned(), bytes })
+    }
+
+    fn corrupt(&self, reason: String) -> StateError {
+        StateError::Corrupt { path: self.dir.clone(), reason }
+    }
+
+    /// The metadata, and every pair in order with block data resolved.
+    pub fn pairs(&self) -> Result<(SnapshotMetadata, impl Iterator<Item = Pair<'_>>), StateError> {
+        let (meta, pairs) =
+            parse_framed(&self.bytes, CHECKPOINT_MAGIC).map_err(|r| self.corrupt(r))?;
+        let mut files: HashMap<u32, File> = HashMap::new();
+        let iter = pairs.into_iter().map(move |(k, v)| {
+            if !is_block_key(k) {
+                return Ok((Cow::Borrowed(k), Cow::Borrowed(v)));
+            }
+            let loc = Loc::decode(v)
+                .ok_or_else(|| self.corrupt(format!("block index entry of {} bytes", v.len())))?;
+            let name = crate::blobs::segment_name(loc.segment);
+            let file = match files.entry(loc.segment) {
+                std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
+                std::collections::hash_map::Entry::Vacant(slot) => {
+                    let p = self.dir.join(&name);
+                    slot.insert(
+                        File::open(&p).map_err(|source| StateError::Io { path: p, source })?,
+                    )
+                }
+            };
+            let mut buf = vec![0u8; loc.len as usize];
+            file.read_exact_at(&mut buf, loc.offset)
+                .map_err(|source| StateError::Io { path: self.dir.join(&name), source })?;
+            let (rec, _) = crate::blobs::parse_record(&buf)
+                .map_err(|r| self.corrupt(format!("{name} at {}: {r}", loc.offset)))?;
+            if rec.key != k {
+                return Err(
+                    self.corrupt(format!("{name} at {}: another block's record", loc.offset))
+                );
+            }
+            let mut out = Vec::with_capacity(8 + rec.data.len());
+            out.extend_from_slice(&loc.version.to_be_bytes());
+            out.extend_from_slice(rec.data);
+            Ok((Cow::Borrowed(k), Cow::Owned(out)))
+        });
+        Ok((meta, iter))
+    }
+}
+
+/// Writes the snapshot file `out` (format 2, self-contained) from the checkpoint `dir`:
+/// what a member is sent. Returns its size.
+pub fn materialize(dir: &Path, out: &Path) -> Result<u64, StateError> {
+    let cp = Checkpoint::open(dir)?;
+    let (meta, pairs) = cp.pairs()?;
+    let tmp = out.with_extension(format!("tmp-{}", rand::random::<u32>()));
+    let r = write_framed(&tmp, SNAPSHOT_MAGIC, &meta, &AtomicBool::new(false), pairs).and_then(
+        |size| {
+            std::fs::rename(&tmp, out)
+                .map_err(|source| StateError::Io { path: out.to_owned(), source })?;
+            if let Some(parent) = out.parent() {
+                crate::storage::sync_dir(parent)
+                    .map_err(|source| StateError::Io { path: parent.to_owned(), source })?;
+            }
+            Ok(size)
+        },
+    );
+    if r.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    r
+}
