@@ -563,8 +563,14 @@ impl Blobs {
         self.active_file().sync_data().map_err(self.io(self.active))
     }
 
-    /// The sealed segment with the smallest live share, if it is below `live_percent`.
-    pub fn gc_candidate(&self, live_percent: u64) -> Option<u32> {
+    /// The sealed segment with the smallest live share, if it is below `live_percent`
+    /// and all segments together hold more than `space_percent` of the live bytes.
+    pub fn gc_candidate(&self, live_percent: u64, space_percent: u64) -> Option<u32> {
+        let total = self.sizes.values().sum::<u64>() + self.active_len;
+        let live = self.live.values().sum::<u64>();
+        if total * 100 <= live * space_percent {
+            return None;
+        }
         self.sizes
             .iter()
             .filter(|(_, &size)| size > 0)
@@ -572,6 +578,20 @@ impl Blobs {
             .filter(|&(_, live, size)| live * 100 < size * live_percent)
             .min_by_key(|&(_, live, size)| live * 1000 / size)
             .map(|(seg, _, _)| seg)
+    }
+
+    /// Takes a collected segment out of the accounting (no index entry points into it
+    /// any more); its file stays readable until [`Blobs::remove_segment`], which waits
+    /// until the new index is durable.
+    pub fn retire(&mut self, seg: u32) {
+        self.sizes.remove(&seg);
+        self.live.remove(&seg);
+    }
+
+    /// The open files of segments `from..`, for an fsync on another thread.
+    pub fn handles_from(&self, from: u32) -> Vec<(u32, Arc<File>)> {
+        let files = self.files.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+        files.open.iter().filter(|(&s, _)| s >= from).map(|(&s, f)| (s, f.clone())).collect()
     }
 
     /// Visits every record of sealed segment `seg` (for a collection).
@@ -585,13 +605,18 @@ impl Blobs {
     }
 
     /// Deletes a collected segment (its live records were copied and the copies and
-    /// sled's index made durable).
+    /// sled's index made durable). A file already gone (a snapshot load reset the
+    /// store meanwhile) is not an error.
     pub fn remove_segment(&mut self, seg: u32) -> Result<(), BlobError> {
         self.files.write().unwrap_or_else(std::sync::PoisonError::into_inner).open.remove(&seg);
-        self.sizes.remove(&seg);
-        self.live.remove(&seg);
+        self.retire(seg);
         let path = self.dir.join(segment_name(seg));
-        std::fs::remove_file(&path).map_err(|source| BlobError::Io { path, source })?;
+        match std::fs::remove_file(&path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(BlobError::Io { path, source: e });
+            }
+            _ => {}
+        }
         crate::storage::sync_dir(&self.dir).map_err(self.io(seg))
     }
 
@@ -710,5 +735,30 @@ mod tests {
         drop(create_segment(dir.path(), 0).unwrap());
         assert_eq!(std::fs::metadata(dir.path().join(segment_name(0))).unwrap().len(), 0);
         assert_eq!(std::fs::read(linked.path().join("again")).unwrap(), buf[..first as usize]);
+    }
+
+    #[test]
+    fn collection_waits_until_the_garbage_is_worth_copying() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut b = Blobs::open(dir.path(), (0, 0), 0, 1 << 20).unwrap().unwrap();
+        let put = |b: &mut Blobs, fill: u8| {
+            let mut buf = Vec::new();
+            let (seg, offset) = b.end();
+            let len = encode_record(&mut buf, b"k", 1, 1, &[fill; 1000]);
+            b.append(&buf).unwrap();
+            let loc = Loc { version: 1, segment: seg, offset, len };
+            b.add_live(&loc);
+            b.seal_active().unwrap();
+            loc
+        };
+        let first = put(&mut b, 1);
+        assert_eq!(b.gc_candidate(50, 150), None, "nothing dead yet");
+        // The block is rewritten: segment 0 is all garbage, half the bytes are dead.
+        b.remove_live(&first);
+        put(&mut b, 2);
+        assert_eq!(b.gc_candidate(50, 150), Some(0));
+        assert_eq!(b.gc_candidate(50, 250), None, "2x the live bytes is within 250%");
+        b.retire(0);
+        assert_eq!(b.gc_candidate(50, 150), None, "a retired segment is not offered again");
     }
 }

@@ -69,6 +69,10 @@ pub struct Config {
     /// A sealed segment whose live bytes fall below this percentage of its size is
     /// garbage-collected (its live blocks copied forward, the file deleted); 1-99.
     pub blob_gc_live_percent: u64,
+    /// Segments are collected only while all of them together take more than this
+    /// percentage of the live block bytes (>= 100): collection waits until there is
+    /// garbage worth the copying, by when the oldest segments are mostly dead.
+    pub blob_gc_space_percent: u64,
     /// How long a client request may wait for commit or a read index, in milliseconds.
     pub request_timeout_ms: u64,
     /// Longest wait for a new member to catch up before promotion, in milliseconds.
@@ -103,6 +107,7 @@ impl Default for Config {
             snapshot_chunk_bytes: 1024 * 1024,
             blob_segment_bytes: 64 * 1024 * 1024,
             blob_gc_live_percent: 50,
+            blob_gc_space_percent: 150,
             request_timeout_ms: 10_000,
             learner_catch_up_timeout_ms: 30_000,
         }
@@ -134,6 +139,8 @@ pub enum ConfigError {
     Zero { name: &'static str },
     #[error("`{name}` must be a percentage from 1 to 99, got {value}")]
     Percent { name: &'static str, value: u64 },
+    #[error("`blob_gc_space_percent` must be at least 100 (segments hold at least the live bytes), got {value}")]
+    SpacePercent { value: u64 },
     #[error("election_timeout_ticks ({election}) must be greater than heartbeat_interval_ticks ({heartbeat})")]
     Ticks { election: usize, heartbeat: usize },
 }
@@ -218,6 +225,9 @@ impl Config {
                 name: "blob_gc_live_percent",
                 value: self.blob_gc_live_percent,
             });
+        }
+        if self.blob_gc_space_percent < 100 {
+            return Err(ConfigError::SpacePercent { value: self.blob_gc_space_percent });
         }
         if self.election_timeout_ticks <= self.heartbeat_interval_ticks {
             return Err(ConfigError::Ticks {

@@ -381,6 +381,7 @@ pub fn start(
             dedupe_limit: cfg.dedupe_table_entries,
             blob_segment_bytes: cfg.blob_segment_bytes,
             blob_gc_live_percent: cfg.blob_gc_live_percent,
+            blob_gc_space_percent: cfg.blob_gc_space_percent,
         },
     )?;
     if !existed && !cfg.join {
@@ -549,6 +550,9 @@ impl Loop {
             for w in job.waiters {
                 let _ = w.send(Err(NodeError::Stopped));
             }
+        }
+        if let Err(e) = self.sm.finish_collections() {
+            tracing::warn!(error = %e, "collected blob segments left for the next start");
         }
         self.sm.flush();
         self.status.send_modify(|s| s.stopped = true);

@@ -189,12 +189,19 @@ pub struct Options {
     pub blob_segment_bytes: u64,
     /// Live share (percent) below which a sealed segment is collected.
     pub blob_gc_live_percent: u64,
+    /// Segment bytes, as a percentage of live bytes, above which collection runs.
+    pub blob_gc_space_percent: u64,
 }
 
 impl Options {
     /// The defaults, with another dedupe limit (tests).
     pub fn with_dedupe(dedupe_limit: u64) -> Self {
-        Self { dedupe_limit, blob_segment_bytes: 64 << 20, blob_gc_live_percent: 50 }
+        Self {
+            dedupe_limit,
+            blob_segment_bytes: 64 << 20,
+            blob_gc_live_percent: 50,
+            blob_gc_space_percent: 150,
+        }
     }
 }
 
@@ -205,6 +212,12 @@ pub struct StateMachine {
     tree: sled::Tree,
     blobs: Blobs,
     gc_live_percent: u64,
+    gc_space_percent: u64,
+    /// Collected segments whose deletion waits until the copies of their records and
+    /// sled's new index are durable...
+    retired: Vec<u32>,
+    /// ...which this job (on its own thread) makes them, for the segments it names.
+    durability: Option<DurabilityJob>,
     dedupe_limit: u64,
     /// Ids in the table, and each entry record's index with the hashes of its ids, oldest
     /// first: a mirror of sled's `o` keys so forgetting needs no scan or read; at most
@@ -303,6 +316,22 @@ impl Txn {
     }
 }
 
+/// An fsync of collected records' copies and of sled, on its own thread; the retired
+/// `segments` may be deleted once it succeeded.
+struct DurabilityJob {
+    segments: Vec<u32>,
+    thread: std::thread::JoinHandle<Result<(), StateError>>,
+}
+
+impl Drop for StateMachine {
+    fn drop(&mut self) {
+        // Its sled handle holds sled's file lock; a reopen must not find it taken.
+        if let Some(job) = self.durability.take() {
+            let _ = job.thread.join();
+        }
+    }
+}
+
 /// The pending changes of a group of entries; apply with [`StateMachine::commit`].
 pub struct Pending {
     txn: Txn,
@@ -381,6 +410,9 @@ impl StateMachine {
             tree,
             blobs,
             gc_live_percent: opts.blob_gc_live_percent,
+            gc_space_percent: opts.blob_gc_space_percent,
+            retired: Vec::new(),
+            durability: None,
             dedupe_limit: opts.dedupe_limit,
             dedupe_count: 0,
             dedupe_order: VecDeque::new(),
@@ -533,14 +565,81 @@ impl StateMachine {
         p.txn.batch.insert(LOCAL_BLOB_SYNCED, &encode_end((self.blobs.synced_below(), 0)));
         self.tree.apply_batch(p.txn.batch)?;
         self.blobs.maybe_rotate()?;
-        if let Some(seg) = self.blobs.gc_candidate(self.gc_live_percent) {
+        if let Some(seg) = self.blobs.gc_candidate(self.gc_live_percent, self.gc_space_percent) {
             self.collect(seg)?;
+        }
+        self.tend_retired()
+    }
+
+    /// Waits until every collected segment is durable-ly replaced and deleted (shutdown,
+    /// tests).
+    pub fn finish_collections(&mut self) -> Result<(), StateError> {
+        while self.durability.is_some() || !self.retired.is_empty() {
+            if let Some(job) = &self.durability {
+                while !job.thread.is_finished() {
+                    std::thread::sleep(std::time::Duration::from_millis(1));
+                }
+            }
+            self.tend_retired()?;
         }
         Ok(())
     }
 
-    /// Copies a mostly-dead sealed segment's live records to the active segment, makes
-    /// the copies and sled's new index durable, then deletes the segment.
+    /// Deletes the collected segments a finished durability job covered, and starts a
+    /// job for those collected since.
+    fn tend_retired(&mut self) -> Result<(), StateError> {
+        if self.durability.as_ref().is_some_and(|j| j.thread.is_finished()) {
+            if let Some(job) = self.durability.take() {
+                match job.thread.join() {
+                    Ok(Ok(())) => {
+                        for seg in job.segments {
+                            self.blobs.remove_segment(seg)?;
+                        }
+                    }
+                    Ok(Err(e)) => {
+                        tracing::warn!(error = %e, "making a collection durable failed; retrying");
+                        self.retired.extend(job.segments);
+                    }
+                    Err(_) => {
+                        tracing::warn!("the collection durability thread panicked; retrying");
+                        self.retired.extend(job.segments);
+                    }
+                }
+            }
+        }
+        if self.durability.is_some() || self.retired.is_empty() {
+            return Ok(());
+        }
+        let segments = std::mem::take(&mut self.retired);
+        // The copies went to the active segment of their time or a later one.
+        let first_copy = self.blobs.synced_below();
+        let files = self.blobs.handles_from(first_copy);
+        let db = self.db.clone();
+        let db_file = self.dir.join("db");
+        let thread = std::thread::Builder::new()
+            .name("pss-gc-sync".into())
+            .spawn(move || -> Result<(), StateError> {
+                for (seg, f) in files {
+                    f.sync_data().map_err(|source| StateError::Io {
+                        path: PathBuf::from(crate::blobs::segment_name(seg)),
+                        source,
+                    })?;
+                }
+                // sled's flush writes its buffers; the fsync of its file makes them durable.
+                db.flush()?;
+                std::fs::File::open(&db_file)
+                    .and_then(|f| f.sync_all())
+                    .map_err(|source| StateError::Io { path: db_file, source })?;
+                Ok(())
+            })
+            .map_err(|source| StateError::Io { path: self.dir.clone(), source })?;
+        self.durability = Some(DurabilityJob { segments, thread });
+        Ok(())
+    }
+
+    /// Copies a mostly-dead sealed segment's live records to the active segment and
+    /// points the index at the copies; the segment is deleted once the copies and the
+    /// new index are durable (`tend_retired`), off this thread.
     fn collect(&mut self, seg: u32) -> Result<(), StateError> {
         let started = std::time::Instant::now();
         let base = self.blobs.end();
@@ -575,15 +674,8 @@ impl StateMachine {
         }
         batch.insert(LOCAL_BLOB_END, &encode_end(self.blobs.end()));
         self.tree.apply_batch(batch)?;
-        // Durable before the old file goes: the copies, then sled's index (sled's flush
-        // writes its buffers; the fsync of its file makes them durable).
-        self.blobs.sync_active()?;
-        self.db.flush()?;
-        let db_file = self.dir.join("db");
-        std::fs::File::open(&db_file)
-            .and_then(|f| f.sync_all())
-            .map_err(|source| StateError::Io { path: db_file, source })?;
-        self.blobs.remove_segment(seg)?;
+        self.blobs.retire(seg);
+        self.retired.push(seg);
         let (files, bytes) = self.blobs.usage();
         tracing::debug!(
             segment = seg,
@@ -902,6 +994,10 @@ impl StateMachine {
         // the load is redone from the durable snapshot file.
         self.tree.remove(META_APPLIED)?;
         self.tree.clear()?;
+        if let Some(job) = self.durability.take() {
+            let _ = job.thread.join();
+        }
+        self.retired.clear();
         let (seg, _) = self.blobs.end();
         self.blobs.reset(seg + 1)?;
         let mut batch = sled::Batch::default();
@@ -1402,8 +1498,12 @@ mod tests {
     #[test]
     fn overwrites_are_collected_and_blocks_survive_reopen() {
         let dir = tempfile::tempdir().unwrap();
-        let opts =
-            Options { dedupe_limit: 100, blob_segment_bytes: 64 * 1024, blob_gc_live_percent: 50 };
+        let opts = Options {
+            dedupe_limit: 100,
+            blob_segment_bytes: 64 * 1024,
+            blob_gc_live_percent: 50,
+            blob_gc_space_percent: 150,
+        };
         let mut sm = StateMachine::open(dir.path(), opts).unwrap();
         run(&mut sm, 2, &acquire_cmd("v", 1));
         // 8 blocks of 1 KiB rewritten 50 times: ~400 KiB written, 8 KiB live.
@@ -1418,6 +1518,13 @@ mod tests {
         let (files, bytes) = sm.blob_usage();
         assert!(files <= 4, "{files} segment files: collection did not run");
         assert!(bytes < 4 * 64 * 1024, "{bytes} bytes of segments");
+        // Collected segments are deleted once the copies and the index are durable.
+        sm.finish_collections().unwrap();
+        let on_disk = std::fs::read_dir(dir.path().join("blobs"))
+            .unwrap()
+            .filter(|e| e.as_ref().unwrap().path().extension().is_some_and(|x| x == "blob"))
+            .count();
+        assert_eq!(on_disk, files, "collected segment files left on disk");
         let check = |sm: &StateMachine| {
             for block in 0..8u64 {
                 let b = &sm.reader().blocks("v", &[block]).unwrap()[0];
@@ -1458,8 +1565,12 @@ mod tests {
     #[test]
     fn a_checkpoint_links_segments_and_outlives_collection() {
         let dir = tempfile::tempdir().unwrap();
-        let opts =
-            Options { dedupe_limit: 100, blob_segment_bytes: 64 * 1024, blob_gc_live_percent: 50 };
+        let opts = Options {
+            dedupe_limit: 100,
+            blob_segment_bytes: 64 * 1024,
+            blob_gc_live_percent: 50,
+            blob_gc_space_percent: 150,
+        };
         let mut sm = StateMachine::open(&dir.path().join("sm"), opts).unwrap();
         run(&mut sm, 2, &acquire_cmd("v", 1));
         let mut index = 3;
