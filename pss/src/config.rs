@@ -107,7 +107,7 @@ impl Default for Config {
             snapshot_chunk_bytes: 1024 * 1024,
             blob_segment_bytes: 64 * 1024 * 1024,
             blob_gc_live_percent: 50,
-            blob_gc_space_percent: 150,
+            blob_gc_space_percent: 200,
             request_timeout_ms: 10_000,
             learner_catch_up_timeout_ms: 30_000,
         }

@@ -200,7 +200,7 @@ impl Options {
             dedupe_limit,
             blob_segment_bytes: 64 << 20,
             blob_gc_live_percent: 50,
-            blob_gc_space_percent: 150,
+            blob_gc_space_percent: 200,
         }
     }
 }
@@ -1502,7 +1502,7 @@ mod tests {
             dedupe_limit: 100,
             blob_segment_bytes: 64 * 1024,
             blob_gc_live_percent: 50,
-            blob_gc_space_percent: 150,
+            blob_gc_space_percent: 200,
         };
         let mut sm = StateMachine::open(dir.path(), opts).unwrap();
         run(&mut sm, 2, &acquire_cmd("v", 1));
@@ -1569,7 +1569,7 @@ mod tests {
             dedupe_limit: 100,
             blob_segment_bytes: 64 * 1024,
             blob_gc_live_percent: 50,
-            blob_gc_space_percent: 150,
+            blob_gc_space_percent: 200,
         };
         let mut sm = StateMachine::open(&dir.path().join("sm"), opts).unwrap();
         run(&mut sm, 2, &acquire_cmd("v", 1));
