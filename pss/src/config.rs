@@ -73,6 +73,10 @@ pub struct Config {
     /// percentage of the live block bytes (>= 100): collection waits until there is
     /// garbage worth the copying, by when the oldest segments are mostly dead.
     pub blob_gc_space_percent: u64,
+    /// Most blocks whose index entries (version and record location, ~60 bytes each)
+    /// this node mirrors in memory so a write needs no sled lookup; past it the mirror
+    /// is dropped and writes read sled (slower, same results).
+    pub block_index_cache_entries: usize,
     /// How long a client request may wait for commit or a read index, in milliseconds.
     pub request_timeout_ms: u64,
     /// Longest wait for a new member to catch up before promotion, in milliseconds.
@@ -108,6 +112,7 @@ impl Default for Config {
             blob_segment_bytes: 64 * 1024 * 1024,
             blob_gc_live_percent: 50,
             blob_gc_space_percent: 200,
+            block_index_cache_entries: 4 * 1024 * 1024,
             request_timeout_ms: 10_000,
             learner_catch_up_timeout_ms: 30_000,
         }
@@ -215,6 +220,7 @@ impl Config {
             ("log_segment_bytes", self.log_segment_bytes as usize),
             ("snapshot_chunk_bytes", self.snapshot_chunk_bytes),
             ("blob_segment_bytes", self.blob_segment_bytes as usize),
+            ("block_index_cache_entries", self.block_index_cache_entries),
             ("request_timeout_ms", self.request_timeout_ms as usize),
         ];
         if let Some((name, _)) = positive.iter().find(|(_, v)| *v == 0) {

@@ -382,6 +382,7 @@ pub fn start(
             blob_segment_bytes: cfg.blob_segment_bytes,
             blob_gc_live_percent: cfg.blob_gc_live_percent,
             blob_gc_space_percent: cfg.blob_gc_space_percent,
+            block_index_cache_entries: cfg.block_index_cache_entries,
         },
     )?;
     if !existed && !cfg.join {

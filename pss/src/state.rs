@@ -191,6 +191,8 @@ pub struct Options {
     pub blob_gc_live_percent: u64,
     /// Segment bytes, as a percentage of live bytes, above which collection runs.
     pub blob_gc_space_percent: u64,
+    /// Most blocks whose index entries are mirrored in memory (see [`IndexMirror`]).
+    pub block_index_cache_entries: usize,
 }
 
 impl Options {
@@ -201,8 +203,92 @@ impl Options {
             blob_segment_bytes: 64 << 20,
             blob_gc_live_percent: 50,
             blob_gc_space_percent: 200,
+            block_index_cache_entries: 1 << 22,
         }
     }
+}
+
+/// The block index (block -> version and record location), mirrored in memory: a write
+/// must know a block's previous entry (its version, and its record's bytes to count dead),
+/// and a sled lookup per written block was a tenth of a loaded node's CPU. sled stays the
+/// durable copy; the mirror changes exactly where sled's block entries do (apply,
+/// collection, snapshot load) and is rebuilt from sled at open. Past `limit` blocks it is
+/// dropped and lookups go to sled again (a named memory bound, not a correctness one).
+struct IndexMirror {
+    volumes: HashMap<Box<str>, HashMap<u64, Loc>>,
+    entries: usize,
+    limit: usize,
+    active: bool,
+}
+
+impl IndexMirror {
+    fn new(limit: usize) -> Self {
+        Self { volumes: HashMap::new(), entries: 0, limit, active: true }
+    }
+
+    fn clear(&mut self) {
+        self.volumes.clear();
+        self.entries = 0;
+        self.active = true;
+    }
+
+    /// The block's entry: `Some(None)` when it has none, `None` when the mirror cannot
+    /// tell (dropped: ask sled).
+    fn get(&self, volume: &str, block: u64) -> Option<Option<Loc>> {
+        if !self.active {
+            return None;
+        }
+        Some(self.volumes.get(volume).and_then(|m| m.get(&block)).copied())
+    }
+
+    fn set(&mut self, volume: &str, block: u64, loc: Option<Loc>) {
+        if !self.active {
+            return;
+        }
+        match loc {
+            Some(loc) => {
+                let m = match self.volumes.get_mut(volume) {
+                    Some(m) => m,
+                    None => self.volumes.entry(volume.into()).or_default(),
+                };
+                if m.insert(block, loc).is_none() {
+                    self.entries += 1;
+                }
+            }
+            None => {
+                if let Some(m) = self.volumes.get_mut(volume) {
+                    if m.remove(&block).is_some() {
+                        self.entries -= 1;
+                    }
+                }
+            }
+        }
+        if self.entries > self.limit {
+            tracing::warn!(
+                limit = self.limit,
+                "more blocks than block_index_cache_entries: the in-memory block index is \
+                 dropped and writes look blocks up in sled (slower)"
+            );
+            self.volumes = HashMap::new();
+            self.entries = 0;
+            self.active = false;
+        }
+    }
+
+    /// Mirrors a sled block key's entry.
+    fn set_key(&mut self, key: &[u8], loc: Option<Loc>) {
+        if let Some((volume, block)) = parse_block_key(key) {
+            self.set(volume, block, loc);
+        }
+    }
+}
+
+/// The volume and block of a block key (`b name 0 block-be`).
+fn parse_block_key(key: &[u8]) -> Option<(&str, u64)> {
+    let rest = key.strip_prefix(b"b")?;
+    let (name, block) = rest.split_at_checked(rest.len().checked_sub(9)?)?;
+    let block = block.strip_prefix(&[0])?;
+    Some((std::str::from_utf8(name).ok()?, u64::from_be_bytes(block.try_into().ok()?)))
 }
 
 /// The sled-backed state machine.
@@ -234,6 +320,7 @@ pub struct StateMachine {
     id_hasher: std::hash::RandomState,
     /// The blob record buffer, reused between groups (see `storage::DurableLog::buf`).
     spare_records: Vec<u8>,
+    index: IndexMirror,
 }
 
 /// The segment size an existing sled directory was created with (sled refuses to open
@@ -419,15 +506,24 @@ impl StateMachine {
             dedupe_index: HashIndex::default(),
             id_hasher: std::hash::RandomState::new(),
             spare_records: Vec::new(),
+            index: IndexMirror::new(opts.block_index_cache_entries),
         };
         sm.load_dedupe()?;
-        for kv in sm.tree.scan_prefix(b"b") {
-            let (_, v) = kv?;
+        sm.load_index()?;
+        Ok(sm)
+    }
+
+    /// Counts every block's record as live and mirrors the block index from sled.
+    fn load_index(&mut self) -> Result<(), StateError> {
+        self.index.clear();
+        for kv in self.tree.scan_prefix(b"b") {
+            let (k, v) = kv?;
             if let Some(loc) = Loc::decode(&v) {
-                sm.blobs.add_live(&loc);
+                self.blobs.add_live(&loc);
+                self.index.set_key(&k, Some(loc));
             }
         }
-        Ok(sm)
+        Ok(())
     }
 
     /// The index of the last entry whose effects sled holds (0: none).
@@ -647,13 +743,18 @@ impl StateMachine {
         let mut batch = sled::Batch::default();
         let mut moved = Vec::new();
         let mut lookup_err = None;
+        let (index, tree) = (&self.index, &self.tree);
         self.blobs.records(seg, |offset, len, rec| {
-            let current = match self.tree.get(rec.key) {
-                Ok(v) => v.and_then(|v| Loc::decode(&v)),
-                Err(e) => {
-                    lookup_err.get_or_insert(e);
-                    None
-                }
+            let mirrored = parse_block_key(rec.key).and_then(|(v, b)| index.get(v, b));
+            let current = match mirrored {
+                Some(loc) => loc,
+                None => match tree.get(rec.key) {
+                    Ok(v) => v.and_then(|v| Loc::decode(&v)),
+                    Err(e) => {
+                        lookup_err.get_or_insert(e);
+                        None
+                    }
+                },
             };
             if current.is_some_and(|c| c.segment == seg && c.offset == offset && c.len == len) {
                 let at = base.1 + records.len() as u64;
@@ -661,7 +762,7 @@ impl StateMachine {
                     crate::blobs::encode_record(&mut records, rec.key, rec.version, 0, rec.data);
                 let loc = Loc { version: rec.version, segment: base.0, offset: at, len: n };
                 batch.insert(rec.key, &loc.encode());
-                moved.push(loc);
+                moved.push((rec.key.to_vec(), loc));
             }
             Ok(())
         })?;
@@ -669,8 +770,9 @@ impl StateMachine {
             return Err(e.into());
         }
         self.blobs.append(&records)?;
-        for loc in &moved {
+        for (key, loc) in &moved {
             self.blobs.add_live(loc);
+            self.index.set_key(key, Some(*loc));
         }
         batch.insert(LOCAL_BLOB_END, &encode_end(self.blobs.end()));
         self.tree.apply_batch(batch)?;
@@ -906,13 +1008,17 @@ impl StateMachine {
         }
         for op in &req.ops {
             let bkey = block_key(&req.volume, op.block);
-            let old = p.txn.get(&bkey)?.and_then(|v| Loc::decode(&v));
+            let old = match self.index.get(&req.volume, op.block) {
+                Some(old) => old,
+                None => p.txn.get(&bkey)?.and_then(|v| Loc::decode(&v)),
+            };
             if let Some(old) = &old {
                 self.blobs.remove_live(old);
             }
             if op.delete {
                 if old.is_some() {
                     p.txn.remove(bkey);
+                    self.index.set(&req.volume, op.block, None);
                     meta.block_count = meta.block_count.saturating_sub(1);
                 }
                 continue;
@@ -926,6 +1032,7 @@ impl StateMachine {
             if old.is_none() {
                 meta.block_count += 1;
             }
+            self.index.set(&req.volume, op.block, Some(loc));
             p.txn.insert(bkey, loc.encode().to_vec());
         }
         meta.persisted_lsn = meta.persisted_lsn.max(req.persisted_lsn);
@@ -998,6 +1105,7 @@ impl StateMachine {
             let _ = job.thread.join();
         }
         self.retired.clear();
+        self.index.clear();
         let (seg, _) = self.blobs.end();
         self.blobs.reset(seg + 1)?;
         let mut batch = sled::Batch::default();
@@ -1016,6 +1124,7 @@ impl StateMachine {
                 let len = crate::blobs::encode_record(&mut records, k, version, meta.index, data);
                 let loc = Loc { version, segment: base.0, offset, len };
                 self.blobs.add_live(&loc);
+                self.index.set_key(k, Some(loc));
                 batch.insert(k, &loc.encode());
             } else {
                 batch.insert(k, v);
@@ -1503,6 +1612,7 @@ mod tests {
             blob_segment_bytes: 64 * 1024,
             blob_gc_live_percent: 50,
             blob_gc_space_percent: 200,
+            block_index_cache_entries: 1 << 20,
         };
         let mut sm = StateMachine::open(dir.path(), opts).unwrap();
         run(&mut sm, 2, &acquire_cmd("v", 1));
@@ -1570,6 +1680,7 @@ mod tests {
             blob_segment_bytes: 64 * 1024,
             blob_gc_live_percent: 50,
             blob_gc_space_percent: 200,
+            block_index_cache_entries: 1 << 20,
         };
         let mut sm = StateMachine::open(&dir.path().join("sm"), opts).unwrap();
         run(&mut sm, 2, &acquire_cmd("v", 1));
@@ -1641,6 +1752,73 @@ mod tests {
         }
         let mut third = StateMachine::open(&dir.path().join("third"), opts).unwrap();
         assert!(matches!(third.load_snapshot(&cp), Err(StateError::Corrupt { .. })));
+    }
+
+    #[test]
+    fn the_block_index_mirror_matches_sled_and_its_limit_changes_no_result() {
+        assert_eq!(parse_block_key(&block_key("car-7", 1 << 40)), Some(("car-7", 1 << 40)));
+        assert_eq!(parse_block_key(b"vcar-7"), None);
+        let dir = tempfile::tempdir().unwrap();
+        let opts = |entries| Options {
+            dedupe_limit: 100,
+            blob_segment_bytes: 16 * 1024,
+            blob_gc_live_percent: 50,
+            blob_gc_space_percent: 200,
+            block_index_cache_entries: entries,
+        };
+        let mut mirrored = StateMachine::open(&dir.path().join("a"), opts(1 << 20)).unwrap();
+        let mut capped = StateMachine::open(&dir.path().join("b"), opts(3)).unwrap();
+        let mut index = 2;
+        for sm in [&mut mirrored, &mut capped] {
+            run(sm, index, &acquire_cmd("v", 1));
+        }
+        // Writes over 10 blocks, every fifth op a delete, segments small enough to be
+        // collected: the same outcomes whether the mirror answers or sled does.
+        for seq in 1..400u64 {
+            index += 1;
+            let block = (seq * 7) % 10;
+            let mut cmd = write_cmd("v", 1, seq, block, &vec![seq as u8; 1000]);
+            if seq % 5 == 0 {
+                cmd.write.as_mut().unwrap().ops[0].delete = true;
+            }
+            let a = run(&mut mirrored, index, &cmd);
+            let b = run(&mut capped, index, &cmd);
+            assert_eq!(format!("{a:?}"), format!("{b:?}"), "op {seq}");
+        }
+        assert!(
+            mirrored.index.active && !capped.index.active,
+            "the small limit dropped its mirror"
+        );
+        let blocks: Vec<u64> = (0..10).collect();
+        assert_eq!(
+            mirrored.reader().blocks("v", &blocks).unwrap(),
+            capped.reader().blocks("v", &blocks).unwrap()
+        );
+        assert_eq!(mirrored.reader().volume("v").unwrap(), capped.reader().volume("v").unwrap());
+        // The mirror holds exactly sled's block entries.
+        let check = |sm: &StateMachine| {
+            let mut in_sled = 0;
+            for kv in sm.tree.scan_prefix(b"b") {
+                let (k, v) = kv.unwrap();
+                let (vol, block) = parse_block_key(&k).unwrap();
+                assert_eq!(sm.index.get(vol, block), Some(Loc::decode(&v)), "block {block}");
+                in_sled += 1;
+            }
+            assert_eq!(sm.index.entries, in_sled);
+        };
+        check(&mirrored);
+        // Rebuilt the same at open, and after a snapshot load.
+        drop(mirrored);
+        let mut mirrored = StateMachine::open(&dir.path().join("a"), opts(1 << 20)).unwrap();
+        check(&mirrored);
+        let snap = dir.path().join("snap");
+        capped
+            .write_snapshot(&snap, &SnapshotMetadata { index, term: 1, ..Default::default() })
+            .unwrap();
+        run(&mut mirrored, index + 1, &write_cmd("v", 1, 999, 11, b"after"));
+        mirrored.load_snapshot(&snap).unwrap();
+        check(&mirrored);
+        assert_eq!(mirrored.index.get("v", 11), Some(None), "the load replaced the mirror");
     }
 
     #[test]

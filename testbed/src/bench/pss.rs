@@ -41,6 +41,45 @@ pub struct Args {
     /// outside tools without etcd's phases in between.
     #[arg(long)]
     pub no_etcd: bool,
+    /// Rounds per client count: PSS and etcd alternate this many times and each
+    /// system's figures are the median round's (by ops/s). This machine is a shared
+    /// VM whose speed drifts from minute to minute; interleaved rounds expose both
+    /// systems to the same drift.
+    #[arg(long, default_value_t = 3)]
+    pub rounds: usize,
+    /// Longest wait before each phase for the machine to go quiet (dirty pages written
+    /// out, both systems' processes idle), in seconds.
+    #[arg(long, default_value_t = 15)]
+    pub settle_seconds: u64,
+}
+
+/// CPU share of a core (both systems' processes) below which the machine counts as quiet.
+const QUIET_CPU_SHARE: f64 = 0.10;
+
+/// Before a phase: writes every dirty page out (`sync`), so a phase does not pay for the
+/// previous one's writeback, then waits (at most `max`) until this process and `pids`
+/// use less than [`QUIET_CPU_SHARE`] of a core (compactions and collections left by the
+/// previous phase finish). Returns how long it took.
+async fn settle(pids: &[u32], max: Duration) -> Duration {
+    let started = Instant::now();
+    // SAFETY: sync has no preconditions.
+    tokio::task::spawn_blocking(|| unsafe { libc::sync() }).await.ok();
+    let window = Duration::from_millis(250);
+    while started.elapsed() < max {
+        let before = usage(pids);
+        tokio::time::sleep(window).await;
+        let used = usage(pids).cpu_secs - before.cpu_secs;
+        if used / window.as_secs_f64() < QUIET_CPU_SHARE {
+            break;
+        }
+    }
+    started.elapsed()
+}
+
+/// The round with the median ops/s.
+fn median(mut rounds: Vec<Figures>) -> Figures {
+    rounds.sort_by(|a, b| a.ops_per_sec.total_cmp(&b.ops_per_sec));
+    rounds[rounds.len() / 2]
 }
 
 /// Clients that share one HTTP/2 connection.
@@ -389,29 +428,44 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let endpoints = cluster.endpoints();
 
     let mut rows = Vec::new();
-    for (round, &clients) in args.clients.iter().enumerate() {
-        let p = bench_pss(&endpoints, round, clients, args.seconds, args.value_bytes).await?;
-        print!(
-            "clients {clients:>4}: PSS {:>9.0} ops/s p50 {:>7.2} ms p99 {:>7.2} ms CPU {:>5.0} us/op faults {:>4.1}/op",
-            p.ops_per_sec, p.p50_ms, p.p99_ms, p.cpu_us_per_op, p.faults_per_op
-        );
-        let Some((etcd, url)) = &etcd else {
-            println!();
+    let etcd_pids: Vec<u32> =
+        etcd.as_ref().map(|(e, _)| e.children.iter().map(Child::id).collect()).unwrap_or_default();
+    let settle_max = Duration::from_secs(args.settle_seconds);
+    let mut volume = 0usize;
+    for &clients in &args.clients {
+        let (mut ps, mut es) = (Vec::new(), Vec::new());
+        for round in 0..args.rounds.max(1) {
+            let waited = settle(&etcd_pids, settle_max).await;
+            let p = bench_pss(&endpoints, volume, clients, args.seconds, args.value_bytes).await?;
+            volume += 1;
+            print!(
+                "clients {clients:>4} round {round}: PSS {:>9.0} ops/s p50 {:>7.2} ms p99 {:>7.2} ms CPU {:>5.0} us/op faults {:>4.1}/op (settled {:.1} s)",
+                p.ops_per_sec, p.p50_ms, p.p99_ms, p.cpu_us_per_op, p.faults_per_op, waited.as_secs_f64()
+            );
             if p.errors > 0 {
-                println!("  ({} errors)", p.errors);
+                print!(" ({} errors)", p.errors);
             }
-            continue;
-        };
-        let pids = etcd.children.iter().map(Child::id).collect();
-        let e = bench_etcd(pids, url, clients, args.seconds, args.value_bytes).await?;
-        println!(
-            " | etcd {:>9.0} ops/s p50 {:>7.2} ms p99 {:>7.2} ms | ratio {:.2}x",
-            e.ops_per_sec,
-            e.p50_ms,
-            e.p99_ms,
-            p.ops_per_sec / e.ops_per_sec
-        );
-        rows.push((clients, p, e));
+            ps.push(p);
+            let Some((_, url)) = &etcd else {
+                println!();
+                continue;
+            };
+            let waited = settle(&etcd_pids, settle_max).await;
+            let e =
+                bench_etcd(etcd_pids.clone(), url, clients, args.seconds, args.value_bytes).await?;
+            println!(
+                " | etcd {:>9.0} ops/s p50 {:>7.2} ms p99 {:>7.2} ms (settled {:.1} s) | ratio {:.2}x",
+                e.ops_per_sec,
+                e.p50_ms,
+                e.p99_ms,
+                waited.as_secs_f64(),
+                p.ops_per_sec / e.ops_per_sec
+            );
+            es.push(e);
+        }
+        if !es.is_empty() {
+            rows.push((clients, median(ps), median(es)));
+        }
     }
     if etcd.is_none() {
         cluster.shutdown().await;
@@ -421,6 +475,10 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         return Ok(());
     }
     println!();
+    println!(
+        "median of {} interleaved rounds per client count (by ops/s), each system's own:",
+        args.rounds.max(1)
+    );
     println!("| clients | PSS ops/s | PSS p50 ms | PSS p99 ms | PSS CPU us/op | PSS faults/op | etcd ops/s | etcd p50 ms | etcd p99 ms | etcd CPU us/op | PSS/etcd ops | etcd/PSS CPU per op |");
     println!(
         "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
