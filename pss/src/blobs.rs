@@ -246,11 +246,25 @@ pub struct Blobs {
     /// Each sealed segment's length.
     sizes: BTreeMap<u32, u64>,
     segment_bytes: u64,
+    /// Appends to the active segment (around the page cache where possible; see
+    /// `direct`); reads go through `files`.
+    writer: Option<crate::direct::Appender>,
+    /// Append with `O_DIRECT`.
+    direct: bool,
 }
 
 impl Blobs {
     fn io(&self, segment: u32) -> impl Fn(std::io::Error) -> BlobError + '_ {
         move |source| BlobError::Io { path: self.dir.join(segment_name(segment)), source }
+    }
+
+    fn open_writer(&self, segment: u32, len: u64) -> Result<crate::direct::Appender, BlobError> {
+        crate::direct::Appender::open(&self.dir.join(segment_name(segment)), len, self.direct)
+            .map_err(self.io(segment))
+    }
+
+    fn writer(&mut self) -> &mut crate::direct::Appender {
+        self.writer.as_mut().expect("the active segment always has a writer")
     }
 
     /// Opens the directory with sled's view of it: the end of the last append it
@@ -262,6 +276,7 @@ impl Blobs {
         end: (u32, u64),
         synced_below: u32,
         segment_bytes: u64,
+        direct: bool,
     ) -> Result<Option<Self>, BlobError> {
         let dir_io = |source| BlobError::Io { path: dir.to_owned(), source };
         std::fs::create_dir_all(dir).map_err(dir_io)?;
@@ -284,6 +299,8 @@ impl Blobs {
             live: BTreeMap::new(),
             sizes: BTreeMap::new(),
             segment_bytes,
+            writer: None,
+            direct,
         };
         // Segments past sled's end hold appends sled forgot: drop them.
         for (&seg, _) in present.range(end.0 + 1..) {
@@ -341,11 +358,17 @@ impl Blobs {
             slot.insert(Arc::new(file));
         }
         me.files = Arc::new(RwLock::new(files));
+        me.writer = Some(me.open_writer(end.0, end.1)?);
         Ok(Some(me))
     }
 
     /// An empty store starting at `segment` (every old segment file removed).
-    pub fn fresh(dir: &Path, segment: u32, segment_bytes: u64) -> Result<Self, BlobError> {
+    pub fn fresh(
+        dir: &Path,
+        segment: u32,
+        segment_bytes: u64,
+        direct: bool,
+    ) -> Result<Self, BlobError> {
         let dir_io = |source| BlobError::Io { path: dir.to_owned(), source };
         std::fs::create_dir_all(dir).map_err(dir_io)?;
         for e in std::fs::read_dir(dir).map_err(dir_io)? {
@@ -365,6 +388,8 @@ impl Blobs {
             live: BTreeMap::new(),
             sizes: BTreeMap::new(),
             segment_bytes,
+            writer: None,
+            direct,
         };
         me.reset(segment)?;
         Ok(me)
@@ -464,10 +489,14 @@ impl Blobs {
         if buf.is_empty() {
             return Ok(());
         }
-        let file = self.active_file();
-        file.write_all_at(buf, self.active_len).map_err(self.io(self.active))?;
+        let active = self.active;
+        let w = self.writer();
+        let written = w.append(buf);
+        let direct = w.is_direct();
+        written.map_err(self.io(active))?;
         self.active_len += buf.len() as u64;
-        if self.active_len - self.kicked >= WRITEBACK_KICK_BYTES {
+        if !direct && self.active_len - self.kicked >= WRITEBACK_KICK_BYTES {
+            let file = self.active_file();
             // Start writeback of what was appended so far without waiting for it, so a
             // segment's data trickles to disk as it is written instead of in one burst
             // when it is sealed (a 64 MiB fsync burst stalled the Raft log's fsync for
@@ -526,6 +555,19 @@ impl Blobs {
     fn rotate(&mut self) -> Result<(), BlobError> {
         // One sealed segment's fsync at a time: the next waits for the previous.
         self.join_sync();
+        let seg = self.active;
+        let w = self.writer();
+        // No padding past the last record once sealed.
+        let trimmed = w.trim();
+        if w.is_direct() {
+            // Direct writes are on the device already: the fsync (a cache flush and the
+            // new size) is short, so it runs here and the segment counts as synced now.
+            let synced = trimmed.and_then(|()| w.sync_data());
+            synced.map_err(self.io(seg))?;
+            self.synced_below.fetch_max(seg + 1, Ordering::AcqRel);
+            return self.start_next();
+        }
+        trimmed.map_err(self.io(seg))?;
         let sealed = self.active_file();
         let (seg, path, synced) =
             (self.active, self.dir.join(segment_name(self.active)), self.synced_below.clone());
@@ -541,6 +583,11 @@ impl Blobs {
                 })
                 .map_err(self.io(seg))?,
         );
+        self.start_next()
+    }
+
+    /// Starts the next segment after the (sealed) active one.
+    fn start_next(&mut self) -> Result<(), BlobError> {
         self.sizes.insert(self.active, self.active_len);
         let next = self.active + 1;
         let file = create_segment(&self.dir, next)?;
@@ -550,6 +597,7 @@ impl Blobs {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .open
             .insert(next, Arc::new(file));
+        self.writer = Some(self.open_writer(next, 0)?);
         self.active = next;
         self.active_len = 0;
         self.kicked = 0;
@@ -637,6 +685,7 @@ impl Blobs {
         files.open.insert(segment, Arc::new(create_segment(&self.dir, segment)?));
         drop(files);
         crate::storage::sync_dir(&self.dir).map_err(self.io(segment))?;
+        self.writer = Some(self.open_writer(segment, 0)?);
         self.active = segment;
         self.active_len = 0;
         self.kicked = 0;
@@ -683,14 +732,14 @@ mod tests {
     #[test]
     fn open_cuts_forgotten_appends_and_refuses_a_torn_tail() {
         let dir = tempfile::tempdir().unwrap();
-        let mut b = Blobs::open(dir.path(), (0, 0), 0, 1 << 20).unwrap().unwrap();
+        let mut b = Blobs::open(dir.path(), (0, 0), 0, 1 << 20, true).unwrap().unwrap();
         let mut buf = Vec::new();
         let first = encode_record(&mut buf, b"k1", 1, 1, &[1; 100]);
         encode_record(&mut buf, b"k2", 1, 2, &[2; 100]);
         b.append(&buf).unwrap();
         drop(b);
         // sled remembers only the first record: the second is cut off.
-        let b = Blobs::open(dir.path(), (0, u64::from(first)), 0, 1 << 20).unwrap().unwrap();
+        let b = Blobs::open(dir.path(), (0, u64::from(first)), 0, 1 << 20, true).unwrap().unwrap();
         assert_eq!(b.end(), (0, u64::from(first)));
         let loc = Loc { version: 1, segment: 0, offset: 0, len: first };
         assert_eq!(b.reader().read(b"k1", &loc).unwrap().unwrap(), vec![1; 100]);
@@ -701,16 +750,18 @@ mod tests {
         let mut bytes = std::fs::read(&path).unwrap();
         bytes[50] ^= 1;
         std::fs::write(&path, bytes).unwrap();
-        assert!(Blobs::open(dir.path(), (0, u64::from(first)), 0, 1 << 20).unwrap().is_none());
+        assert!(Blobs::open(dir.path(), (0, u64::from(first)), 0, 1 << 20, true)
+            .unwrap()
+            .is_none());
         // A segment shorter than sled's end is refused too.
-        assert!(Blobs::open(dir.path(), (0, 10_000), 0, 1 << 20).unwrap().is_none());
+        assert!(Blobs::open(dir.path(), (0, 10_000), 0, 1 << 20, true).unwrap().is_none());
     }
 
     #[test]
     fn a_linked_segment_is_replaced_never_changed_in_place() {
         let dir = tempfile::tempdir().unwrap();
         let linked = tempfile::tempdir().unwrap();
-        let mut b = Blobs::open(dir.path(), (0, 0), 0, 1 << 20).unwrap().unwrap();
+        let mut b = Blobs::open(dir.path(), (0, 0), 0, 1 << 20, true).unwrap().unwrap();
         let mut buf = Vec::new();
         let first = encode_record(&mut buf, b"k1", 1, 1, &[1; 100]);
         encode_record(&mut buf, b"k2", 1, 2, &[2; 100]);
@@ -725,7 +776,7 @@ mod tests {
         drop(b);
         // sled came back remembering only the first record (segment 0 as the active
         // one): the cut happens on a copy, the checkpoint's link keeps both records.
-        let b = Blobs::open(dir.path(), (0, u64::from(first)), 0, 1 << 20).unwrap().unwrap();
+        let b = Blobs::open(dir.path(), (0, u64::from(first)), 0, 1 << 20, true).unwrap().unwrap();
         assert_eq!(b.end(), (0, u64::from(first)));
         assert_eq!(std::fs::read(dir.path().join(segment_name(0))).unwrap(), buf[..first as usize]);
         assert_eq!(std::fs::read(&link).unwrap(), buf, "the linked file was changed in place");
@@ -740,7 +791,7 @@ mod tests {
     #[test]
     fn collection_waits_until_the_garbage_is_worth_copying() {
         let dir = tempfile::tempdir().unwrap();
-        let mut b = Blobs::open(dir.path(), (0, 0), 0, 1 << 20).unwrap().unwrap();
+        let mut b = Blobs::open(dir.path(), (0, 0), 0, 1 << 20, true).unwrap().unwrap();
         let put = |b: &mut Blobs, fill: u8| {
             let mut buf = Vec::new();
             let (seg, offset) = b.end();

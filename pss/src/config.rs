@@ -77,6 +77,9 @@ pub struct Config {
     /// this node mirrors in memory so a write needs no sled lookup; past it the mirror
     /// is dropped and writes read sled (slower, same results).
     pub block_index_cache_entries: usize,
+    /// Append to the Raft log and the blob segments with `O_DIRECT` (around the page
+    /// cache; falls back to buffered writes where the file system refuses it).
+    pub direct_io: bool,
     /// How long a client request may wait for commit or a read index, in milliseconds.
     pub request_timeout_ms: u64,
     /// Longest wait for a new member to catch up before promotion, in milliseconds.
@@ -113,6 +116,7 @@ impl Default for Config {
             blob_gc_live_percent: 50,
             blob_gc_space_percent: 200,
             block_index_cache_entries: 4 * 1024 * 1024,
+            direct_io: true,
             request_timeout_ms: 10_000,
             learner_catch_up_timeout_ms: 30_000,
         }

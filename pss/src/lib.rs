@@ -2,6 +2,7 @@
 //!
 //! Code map:
 //! - [`config`]: a node's settings (TOML + flags), every limit named with its unit.
+//! - [`direct`]: appending around the page cache (`O_DIRECT`), for the log and blobs.
 //! - [`storage`]: the durable Raft log (append-only file, `fdatasync`ed by us) and the
 //!   `raft::Storage` view of it.
 //! - [`state`]: the sled state machine (volumes, blocks, epochs, request-id dedupe) and
@@ -24,6 +25,7 @@ pub mod alloc;
 pub mod blobs;
 pub mod client;
 pub mod config;
+pub mod direct;
 mod logging;
 pub mod node;
 pub mod pipe;

@@ -373,7 +373,8 @@ pub fn start(
     let setup = |what: &str, e: std::io::Error| FatalError::Setup(format!("{what}: {e}"));
     let snap_dir = cfg.data_dir.join("snap");
     std::fs::create_dir_all(&snap_dir).map_err(|e| setup("creating data dir", e))?;
-    let (mut log, core, existed) = DurableLog::open(&cfg.data_dir, cfg.log_segment_bytes)?;
+    let (mut log, core, existed) =
+        DurableLog::open(&cfg.data_dir, cfg.log_segment_bytes, cfg.direct_io)?;
     let storage = RaftStorage { core: Arc::new(RwLock::new(core)), ..Default::default() };
     let mut sm = StateMachine::open(
         &cfg.data_dir.join("sm"),
@@ -383,6 +384,7 @@ pub fn start(
             blob_gc_live_percent: cfg.blob_gc_live_percent,
             blob_gc_space_percent: cfg.blob_gc_space_percent,
             block_index_cache_entries: cfg.block_index_cache_entries,
+            direct_io: cfg.direct_io,
         },
     )?;
     if !existed && !cfg.join {

@@ -193,6 +193,8 @@ pub struct Options {
     pub blob_gc_space_percent: u64,
     /// Most blocks whose index entries are mirrored in memory (see [`IndexMirror`]).
     pub block_index_cache_entries: usize,
+    /// Append to blob segments with `O_DIRECT` (see `direct`).
+    pub direct_io: bool,
 }
 
 impl Options {
@@ -204,6 +206,7 @@ impl Options {
             blob_gc_live_percent: 50,
             blob_gc_space_percent: 200,
             block_index_cache_entries: 1 << 22,
+            direct_io: true,
         }
     }
 }
@@ -480,17 +483,18 @@ impl StateMachine {
         let end = tree.get(LOCAL_BLOB_END)?.map_or((0, 0), |v| read_end(&v));
         let synced = tree.get(LOCAL_BLOB_SYNCED)?.map_or(0, |v| read_end(&v).0);
         let blob_dir = dir.join("blobs");
-        let blobs = match Blobs::open(&blob_dir, end, synced, opts.blob_segment_bytes)? {
-            Some(b) => b,
-            None => {
-                tracing::warn!(
-                    "the state machine refers to block data that is not on disk: \
+        let blobs =
+            match Blobs::open(&blob_dir, end, synced, opts.blob_segment_bytes, opts.direct_io)? {
+                Some(b) => b,
+                None => {
+                    tracing::warn!(
+                        "the state machine refers to block data that is not on disk: \
                      emptying it to reload the snapshot and replay the log"
-                );
-                tree.clear()?;
-                Blobs::fresh(&blob_dir, end.0 + 1, opts.blob_segment_bytes)?
-            }
-        };
+                    );
+                    tree.clear()?;
+                    Blobs::fresh(&blob_dir, end.0 + 1, opts.blob_segment_bytes, opts.direct_io)?
+                }
+            };
         let mut sm = Self {
             db,
             dir: dir.to_owned(),
@@ -1613,6 +1617,7 @@ mod tests {
             blob_gc_live_percent: 50,
             blob_gc_space_percent: 200,
             block_index_cache_entries: 1 << 20,
+            direct_io: true,
         };
         let mut sm = StateMachine::open(dir.path(), opts).unwrap();
         run(&mut sm, 2, &acquire_cmd("v", 1));
@@ -1660,8 +1665,7 @@ mod tests {
         // A power loss took blob pages that sled's state refers to.
         let seg = dir.path().join("blobs").join("0000000000.blob");
         let mut bytes = std::fs::read(&seg).unwrap();
-        let n = bytes.len() - 100;
-        bytes[n] ^= 0xff;
+        bytes[2000] ^= 0xff; // inside the block's data
         std::fs::write(&seg, bytes).unwrap();
         let mut sm = StateMachine::open(dir.path(), Options::with_dedupe(100)).unwrap();
         assert_eq!(sm.applied().unwrap(), 0, "nothing trusted: the snapshot is reloaded");
@@ -1681,6 +1685,7 @@ mod tests {
             blob_gc_live_percent: 50,
             blob_gc_space_percent: 200,
             block_index_cache_entries: 1 << 20,
+            direct_io: true,
         };
         let mut sm = StateMachine::open(&dir.path().join("sm"), opts).unwrap();
         run(&mut sm, 2, &acquire_cmd("v", 1));
@@ -1765,6 +1770,7 @@ mod tests {
             blob_gc_live_percent: 50,
             blob_gc_space_percent: 200,
             block_index_cache_entries: entries,
+            direct_io: entries > 3,
         };
         let mut mirrored = StateMachine::open(&dir.path().join("a"), opts(1 << 20)).unwrap();
         let mut capped = StateMachine::open(&dir.path().join("b"), opts(3)).unwrap();

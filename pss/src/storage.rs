@@ -20,7 +20,6 @@ use protobuf::Message as _;
 use raft::prelude::*;
 use raft::{GetEntriesContext, RaftState, StorageError};
 use std::fs::{File, OpenOptions};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
@@ -396,15 +395,16 @@ impl raft::Storage for RaftStorage {
 /// The on-disk half: append-only segment files of records.
 pub struct DurableLog {
     dir: PathBuf,
-    /// The segment being appended to, and its sequence number.
-    file: File,
+    /// The segment being appended to (around the page cache where possible), and its
+    /// sequence number.
+    file: crate::direct::Appender,
     seq: u64,
+    /// Append with `O_DIRECT` (see `direct`).
+    direct: bool,
     /// Sequence numbers of every segment on disk (the active one last).
     segments: std::collections::VecDeque<u64>,
     /// Bytes appended since the last sync.
     dirty: bool,
-    /// The active segment's length (where the next record goes).
-    len: u64,
     /// A segment is closed and the next started once it holds this many bytes.
     segment_bytes: u64,
     /// The record being written, kept between appends: a Ready's entries are often
@@ -426,8 +426,13 @@ impl DurableLog {
     }
 
     /// Opens (or creates) the log in `dir` and replays it into a [`LogCore`]; segments
-    /// are closed at `segment_bytes`. Also returns whether the log had any record.
-    pub fn open(dir: &Path, segment_bytes: u64) -> Result<(Self, LogCore, bool), LogError> {
+    /// are closed at `segment_bytes`; `direct`: append with `O_DIRECT` where the file
+    /// system allows. Also returns whether the log had any record.
+    pub fn open(
+        dir: &Path,
+        segment_bytes: u64,
+        direct: bool,
+    ) -> Result<(Self, LogCore, bool), LogError> {
         let dir_io = |source| LogError::Io { path: dir.to_owned(), source };
         let mut seqs: Vec<u64> = std::fs::read_dir(dir)
             .map_err(dir_io)?
@@ -453,6 +458,10 @@ impl DurableLog {
             let bytes = std::fs::read(&path).map_err(io)?;
             let mut pos = 0usize;
             while let Some((kind, payload)) = parse_record_at(&bytes[pos..]) {
+                if kind == 0 {
+                    // Zeros: the padding of a direct write past the last record.
+                    break;
+                }
                 let end = pos + HEADER_BYTES + payload.len();
                 let decode = |reason: String| LogError::Decode { path: path.clone(), kind, reason };
                 match kind {
@@ -481,8 +490,9 @@ impl DurableLog {
                 pos = end;
             }
             let last = n + 1 == seqs.len();
+            let padding = bytes[pos..].iter().all(|&b| b == 0);
             if pos < bytes.len() {
-                if !last {
+                if !last && !padding {
                     // Every segment but the last was fsynced whole before the next began.
                     return Err(LogError::Decode {
                         path,
@@ -493,13 +503,15 @@ impl DurableLog {
                         ),
                     });
                 }
-                // The unsynced tail of a crash: never acknowledged, so dropping it is safe.
-                tracing::warn!(
-                    segment = seq,
-                    valid_bytes = pos,
-                    file_bytes = bytes.len(),
-                    "cutting torn raft log tail"
-                );
+                if !padding {
+                    // The unsynced tail of a crash: never acknowledged, so dropping it is safe.
+                    tracing::warn!(
+                        segment = seq,
+                        valid_bytes = pos,
+                        file_bytes = bytes.len(),
+                        "cutting torn raft log tail"
+                    );
+                }
                 let f = OpenOptions::new().write(true).open(&path).map_err(io)?;
                 f.set_len(pos as u64).map_err(io)?;
                 f.sync_all().map_err(io)?;
@@ -537,17 +549,15 @@ impl DurableLog {
             }
         };
         let path = segment_path(dir, seq);
-        let file = OpenOptions::new()
-            .append(true)
-            .open(&path)
+        let file = crate::direct::Appender::open(&path, active_len, direct)
             .map_err(|source| LogError::Io { path: path.clone(), source })?;
         let log = Self {
             dir: dir.to_owned(),
             file,
             seq,
+            direct,
             segments: seqs.into_iter().collect(),
             dirty: false,
-            len: active_len,
             segment_bytes: segment_bytes.max(1),
             buf: Vec::new(),
         };
@@ -587,7 +597,7 @@ impl DurableLog {
         fill: impl FnOnce(&mut Vec<u8>),
         durable: bool,
     ) -> Result<(u64, u64, u64), LogError> {
-        if self.len >= self.segment_bytes {
+        if self.file.len() >= self.segment_bytes {
             self.roll(core)?;
         }
         self.write_record(kind, fill, durable)
@@ -608,14 +618,13 @@ impl DurableLog {
         let crc = crc32fast::hash(&buf[HEADER_BYTES..]);
         buf[1..5].copy_from_slice(&len.to_le_bytes());
         buf[5..9].copy_from_slice(&crc.to_le_bytes());
-        let at = (self.seq, self.len, buf.len() as u64);
-        let written = self.file.write_all(&buf);
+        let at = (self.seq, self.file.len(), buf.len() as u64);
+        let written = self.file.append(&buf);
         if buf.capacity() <= KEEP_BUFFER_BYTES {
             self.buf = buf;
         }
         // (On an error the node stops: the file's length no longer matters.)
         written.map_err(|e| self.io(e))?;
-        self.len += at.2;
         self.dirty |= durable;
         Ok(at)
     }
@@ -624,15 +633,18 @@ impl DurableLog {
     /// a torn tail) and starts the next one with the compaction point and hard state.
     fn roll(&mut self, core: &RaftStorage) -> Result<(), LogError> {
         self.file.sync_data().map_err(|e| self.io(e))?;
+        // Closed for good: no padding past its last record (the size is synced with the
+        // next segment's directory entry).
+        self.file.trim().map_err(|e| self.io(e))?;
         let seq = self.seq + 1;
         let path = segment_path(&self.dir, seq);
         let io = |source| LogError::Io { path: path.clone(), source };
-        let file = OpenOptions::new().append(true).create_new(true).open(&path).map_err(io)?;
+        OpenOptions::new().write(true).create_new(true).open(&path).map_err(io)?;
+        self.file.sync_data().map_err(|e| self.io(e))?;
         sync_dir(&self.dir).map_err(io)?;
         let reader = File::open(&path).map_err(io)?;
-        self.file = file;
+        self.file = crate::direct::Appender::open(&path, 0, self.direct).map_err(io)?;
         self.seq = seq;
-        self.len = 0;
         self.segments.push_back(seq);
         let (snapshot, hard_state) = {
             let mut w = core.write();
@@ -686,7 +698,7 @@ impl DurableLog {
         self.record(core, KIND_SNAPSHOT, &payload, true)?;
         self.sync()?;
         let mut keep_from = core.read().spans.iter().map(|s| s.seg).min();
-        if keep_from.is_none() && self.len >= ROLL_ON_COMPACT_BYTES {
+        if keep_from.is_none() && self.file.len() >= ROLL_ON_COMPACT_BYTES {
             // Nothing left in the active segment either: start a fresh one so it can go.
             self.roll(core)?;
             self.sync()?;
@@ -724,7 +736,7 @@ impl DurableLog {
         if !self.dirty {
             return Ok(None);
         }
-        let file = self.file.try_clone().map_err(|e| self.io(e))?;
+        let file = self.file.try_clone_file().map_err(|e| self.io(e))?;
         self.dirty = false;
         Ok(Some(PendingSync { file, path: segment_path(&self.dir, self.seq) }))
     }
@@ -782,7 +794,7 @@ mod tests {
 
     /// Opens with segments large enough that these tests' logs fit in one.
     fn open(dir: &Path) -> Result<(DurableLog, LogCore, bool), LogError> {
-        DurableLog::open(dir, 64 << 20)
+        DurableLog::open(dir, 64 << 20, true)
     }
 
     fn entry(index: u64, term: u64) -> Entry {
@@ -921,7 +933,7 @@ mod tests {
     fn segments_roll_and_compaction_deletes_old_ones_whole() {
         let dir = tempfile::tempdir().unwrap();
         // Tiny segments: a few 100-byte entries each.
-        let (mut log, core, _) = DurableLog::open(dir.path(), 1000).unwrap();
+        let (mut log, core, _) = DurableLog::open(dir.path(), 1000, true).unwrap();
         let store = RaftStorage { core: Arc::new(RwLock::new(core)), ..Default::default() };
         let hs = HardState { term: 1, vote: 1, commit: 0, ..Default::default() };
         log.set_hard_state(&store, &hs).unwrap();
@@ -937,15 +949,14 @@ mod tests {
 
         // Compaction at 20: the segments holding only 1..=20 go; nothing else changes.
         let first = segment_path(dir.path(), 1);
-        let active = segment_path(dir.path(), log.seq);
-        let active_len = std::fs::metadata(&active).unwrap().len();
+        let (active, active_len) = (log.seq, log.file.len());
         log.install_snapshot(&store, SnapshotMetadata { index: 20, term: 1, ..Default::default() })
             .unwrap();
         assert!(!first.exists(), "the first segment holds only compacted entries");
         let (left, _) = log.segments();
         assert!(left < segments && left >= 2, "{left} of {segments} segments left");
         assert!(
-            std::fs::metadata(&active).unwrap().len() > active_len,
+            log.seq == active && log.file.len() > active_len,
             "the active segment is appended to (the compaction record), not rewritten"
         );
         assert_eq!(read(&store, 21, 31), all[20..]);
@@ -956,7 +967,7 @@ mod tests {
         drop(log);
 
         // The replay starts in a segment whose first entries follow deleted ones.
-        let (mut log, core, existed) = DurableLog::open(dir.path(), 1000).unwrap();
+        let (mut log, core, existed) = DurableLog::open(dir.path(), 1000, true).unwrap();
         assert!(existed);
         assert_eq!((core.first_index(), core.last_index()), (21, 35));
         assert_eq!((core.hard_state.term, core.hard_state.vote), (1, 1));
@@ -970,7 +981,7 @@ mod tests {
             .unwrap();
         assert_eq!(log.segments().0, 1);
         drop(log);
-        let (_log, core, _) = DurableLog::open(dir.path(), 1000).unwrap();
+        let (_log, core, _) = DurableLog::open(dir.path(), 1000, true).unwrap();
         assert_eq!((core.first_index(), core.last_index()), (36, 35));
         assert_eq!(core.term(35).unwrap(), 2);
         assert_eq!(core.hard_state.vote, 1);
@@ -987,14 +998,14 @@ mod tests {
         }
         // The format before segments: one `raft.log`.
         std::fs::rename(segment_path(dir.path(), 1), dir.path().join(LEGACY_LOG_FILE)).unwrap();
-        let (_log, core, existed) = DurableLog::open(dir.path(), 100).unwrap();
+        let (_log, core, existed) = DurableLog::open(dir.path(), 100, true).unwrap();
         assert!(existed);
         assert_eq!(core.last_index(), 2);
         assert!(!dir.path().join(LEGACY_LOG_FILE).exists());
 
         // Fill a second segment, then damage the first (closed, fsynced whole): an error
         // that names it, never a silently shorter log.
-        let (mut log, core, _) = DurableLog::open(dir.path(), 20).unwrap();
+        let (mut log, core, _) = DurableLog::open(dir.path(), 20, true).unwrap();
         let store = RaftStorage { core: Arc::new(RwLock::new(core)), ..Default::default() };
         log.append(&store, &[entry(3, 1)]).unwrap();
         log.sync().unwrap();
@@ -1005,7 +1016,7 @@ mod tests {
         let n = bytes.len();
         bytes[n - 3] ^= 0xFF;
         std::fs::write(&first, bytes).unwrap();
-        let Err(err) = DurableLog::open(dir.path(), 20) else {
+        let Err(err) = DurableLog::open(dir.path(), 20, true) else {
             panic!("a corrupt closed segment was accepted")
         };
         assert!(err.to_string().contains("raft-0000000000000001.log"), "{err}");
@@ -1015,15 +1026,21 @@ mod tests {
     fn torn_tail_is_cut_and_earlier_records_survive() {
         let dir = tempfile::tempdir().unwrap();
         let store = RaftStorage::default();
-        {
+        let good = {
             let (mut log, _, _) = open(dir.path()).unwrap();
             log.append(&store, &[entry(1, 1), entry(2, 1)]).unwrap();
             log.sync().unwrap();
-        }
+            log.file.len()
+        };
+        // A torn record right after the last good one (over a direct write's padding).
         let path = segment_path(dir.path(), 1);
-        let good = std::fs::metadata(&path).unwrap().len();
-        let mut f = OpenOptions::new().append(true).open(&path).unwrap();
-        f.write_all(&[KIND_ENTRIES, 200, 0, 0, 0, 1, 2, 3, 4, 5]).unwrap();
+        let f = OpenOptions::new().write(true).open(&path).unwrap();
+        std::os::unix::fs::FileExt::write_all_at(
+            &f,
+            &[KIND_ENTRIES, 200, 0, 0, 0, 1, 2, 3, 4, 5],
+            good,
+        )
+        .unwrap();
         drop(f);
         let (_log, core, _) = open(dir.path()).unwrap();
         assert_eq!(core.last_index(), 2);
