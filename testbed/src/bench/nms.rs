@@ -62,6 +62,26 @@ pub struct Args {
     /// The h2load binary (Debian package nghttp2-client).
     #[arg(long, default_value = "h2load")]
     pub h2load: std::path::PathBuf,
+    /// Rounds: every NMS phase, then redis and memcached, this many times over; each
+    /// run's figures are its median round's (by ops/s). The machine is a shared VM whose
+    /// speed drifts (redis GET P=16 measured 383k-826k ops/s on different days), and
+    /// interleaved rounds expose the NMS and its peers to the same drift.
+    #[arg(long, default_value_t = 3)]
+    pub rounds: usize,
+}
+
+/// Each run's median figure (by ops/s) across rounds, in the first round's order.
+fn medians(rounds: Vec<Vec<Figure>>) -> Vec<Figure> {
+    let Some(first) = rounds.first() else { return Vec::new() };
+    first
+        .iter()
+        .map(|f| {
+            let mut all: Vec<&Figure> =
+                rounds.iter().flatten().filter(|g| g.name == f.name).collect();
+            all.sort_by(|a, b| a.ops_per_s.total_cmp(&b.ops_per_s));
+            all[all.len() / 2].clone()
+        })
+        .collect()
 }
 
 /// A client that drives NMS phases.
@@ -734,7 +754,6 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         }
     }
     drain(&addr, &args).await?;
-    let mut figs = Vec::new();
     let mut drains = Vec::new();
     let h2load_dir = tempfile::tempdir()?;
     // h2load missing: its phases are skipped (said below), the rest still runs.
@@ -748,65 +767,79 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     } else {
         None
     };
-    for driver in [Driver::H2load, Driver::Tonic] {
-        if !args.drivers.contains(&driver) {
-            continue;
-        }
-        for (phase, api, write) in [
-            (Phase::UnaryWrite, Api::Unary, true),
-            (Phase::UnaryRead, Api::Unary, false),
-            (Phase::StreamedWrite, Api::Streamed, true),
-            (Phase::StreamedRead, Api::Streamed, false),
-            (Phase::BatchedWrite, Api::Batched, true),
-            (Phase::BatchedRead, Api::Batched, false),
-        ] {
-            if !args.phases.is_empty() && !args.phases.contains(&phase) {
+    let mut rounds = Vec::new();
+    for round in 0..args.rounds.max(1) {
+        let mut figs = Vec::new();
+        drains.clear();
+        for driver in [Driver::H2load, Driver::Tonic] {
+            if !args.drivers.contains(&driver) {
                 continue;
             }
-            if driver == Driver::H2load
-                && (matches!(api, Api::Streamed) || h2load_missing.is_some())
-            {
-                continue;
-            }
-            tracing::info!(?driver, ?api, write, "bench nms: phase starts");
-            let wb0 = writeback_totals(&addr).await?;
-            let f = match (driver, api) {
-                (Driver::H2load, _) => {
-                    nms_h2load(&addr, &args, api, write, h2load_dir.path()).await?
+            for (phase, api, write) in [
+                (Phase::UnaryWrite, Api::Unary, true),
+                (Phase::UnaryRead, Api::Unary, false),
+                (Phase::StreamedWrite, Api::Streamed, true),
+                (Phase::StreamedRead, Api::Streamed, false),
+                (Phase::BatchedWrite, Api::Batched, true),
+                (Phase::BatchedRead, Api::Batched, false),
+            ] {
+                if !args.phases.is_empty() && !args.phases.contains(&phase) {
+                    continue;
                 }
-                (Driver::Tonic, Api::Unary) => nms_unary(&addr, &args, write).await?,
-                (Driver::Tonic, Api::Streamed) => nms_streamed(&addr, &args, write).await?,
-                (Driver::Tonic, Api::Batched) => nms_batched(&addr, &args, write).await?,
-            };
-            if write {
-                let d = drain(&addr, &args).await?;
-                let wb1 = writeback_totals(&addr).await?;
-                let wb = (wb1.0 - wb0.0, wb1.1 - wb0.1);
-                drains.push((f.name.clone(), f.ops_per_s, d, wb));
+                if driver == Driver::H2load
+                    && (matches!(api, Api::Streamed) || h2load_missing.is_some())
+                {
+                    continue;
+                }
+                tracing::info!(?driver, ?api, write, "bench nms: phase starts");
+                let wb0 = writeback_totals(&addr).await?;
+                let f = match (driver, api) {
+                    (Driver::H2load, _) => {
+                        nms_h2load(&addr, &args, api, write, h2load_dir.path()).await?
+                    }
+                    (Driver::Tonic, Api::Unary) => nms_unary(&addr, &args, write).await?,
+                    (Driver::Tonic, Api::Streamed) => nms_streamed(&addr, &args, write).await?,
+                    (Driver::Tonic, Api::Batched) => nms_batched(&addr, &args, write).await?,
+                };
+                if write {
+                    let d = drain(&addr, &args).await?;
+                    let wb1 = writeback_totals(&addr).await?;
+                    let wb = (wb1.0 - wb0.0, wb1.1 - wb0.1);
+                    drains.push((f.name.clone(), f.ops_per_s, d, wb));
+                }
+                figs.push(f);
             }
-            figs.push(f);
         }
+        tracing::info!(round, "bench nms: NMS phases done");
+        if !args.no_peers {
+            match redis(&args).await {
+                Ok(f) => figs.extend(f),
+                Err(e) => println!("redis: not measured: {e:#}"),
+            }
+            match memcached(&args).await {
+                Ok(f) => figs.extend(f),
+                Err(e) => println!("memcached: not measured: {e:#}"),
+            }
+        }
+        println!("round {round}:");
+        for f in &figs {
+            println!("  {:<28} {:>9.0} ops/s", f.name, f.ops_per_s);
+        }
+        rounds.push(figs);
     }
     if let Some(e) = &h2load_missing {
         println!("h2load phases: not measured: {e}");
     }
-    tracing::info!("bench nms: NMS phases done");
     stop.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(30), server).await;
     cluster.shutdown().await;
-    if !args.no_peers {
-        match redis(&args).await {
-            Ok(f) => figs.extend(f),
-            Err(e) => println!("redis: not measured: {e:#}"),
-        }
-        match memcached(&args).await {
-            Ok(f) => figs.extend(f),
-            Err(e) => println!("memcached: not measured: {e:#}"),
-        }
-    }
+    let figs = medians(rounds);
     println!(
-        "\n4 KiB values, {} clients, {} s per NMS/memcached phase\n",
-        args.clients, args.seconds
+        "\n4 KiB values, {} clients, {} s per NMS/memcached phase; each run's median of {} \
+         interleaved rounds (write-back lines: the last round)\n",
+        args.clients,
+        args.seconds,
+        args.rounds.max(1)
     );
     println!("| run | ops/s | p50 ms | p99 ms | CPU us/op |\n| --- | ---: | ---: | ---: | ---: |");
     for f in &figs {
