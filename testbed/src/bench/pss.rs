@@ -51,6 +51,10 @@ pub struct Args {
     /// out, both systems' processes idle), in seconds.
     #[arg(long, default_value_t = 15)]
     pub settle_seconds: u64,
+    /// Run the PSS with buffered (page cache) writes instead of `O_DIRECT` (its
+    /// `direct_io = false`), to compare the two.
+    #[arg(long)]
+    pub buffered_io: bool,
 }
 
 /// CPU share of a core (both systems' processes) below which the machine counts as quiet.
@@ -417,7 +421,10 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         args.value_bytes, args.seconds
     );
     println!("data under {}", dir.display());
-    let cluster = LocalCluster::start(3, &dir.join("pss")).await.context("starting the PSS")?;
+    let buffered = args.buffered_io;
+    let cluster = LocalCluster::start_with(3, &dir.join("pss"), |c| c.direct_io = !buffered)
+        .await
+        .context("starting the PSS")?;
     let etcd = if args.no_etcd {
         None
     } else {
