@@ -180,6 +180,28 @@ fn pss_messages_round_trip() {
             address: "http://127.0.0.1:6".into(),
             role: pb::MemberRole::Learner as i32,
         }],
+        pipeline_messages: 3,
+        pipeline_requests: 40,
+    });
+    round_trip(pb::PipelineRequests {
+        requests: vec![pb::PipelineRequest {
+            tag: 9,
+            request: Some(pb::pipeline_request::Request::Get(pb::GetBlocksRequest {
+                volume: "car-1".into(),
+                blocks: vec![1, 2],
+                consistency: 0,
+            })),
+        }],
+    });
+    round_trip(pb::PipelineReplies {
+        replies: vec![pb::PipelineReply {
+            tag: 9,
+            result: Some(pb::pipeline_reply::Result::Error(pb::StreamError {
+                code: 5,
+                message: "volume car-1 does not exist".into(),
+                detail: None,
+            })),
+        }],
     });
     round_trip(pb::RaftEnvelope { from: 1, to: 2, messages: vec![vec![1, 2], vec![]] });
     round_trip(pb::SnapshotChunk {
