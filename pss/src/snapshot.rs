@@ -160,7 +160,10 @@ pub fn is_block_key(k: &[u8]) -> bool {
 /// A checkpoint being taken: the state's index as of its index (copied on the Raft
 /// thread) and the blob segments already linked into `tmp`.
 pub struct CheckpointView {
+    /// Every key but the blocks' (when `blocks` has them) and the node-local ones.
     pub(crate) pairs: Vec<(sled::IVec, sled::IVec)>,
+    /// The block index, per volume, when it was copied from memory.
+    pub(crate) blocks: Option<Vec<(Box<str>, crate::state::BlockMap)>>,
     /// The directory being filled (renamed to the checkpoint's name when durable).
     pub(crate) tmp: PathBuf,
     /// The linked segment files' names in `tmp`.
@@ -196,8 +199,25 @@ impl CheckpointView {
         };
         let pairs =
             self.pairs.iter().map(|(k, v)| Ok((Cow::Borrowed(&k[..]), Cow::Borrowed(&v[..]))));
-        let size =
-            write_framed(&self.tmp.join(CHECKPOINT_INDEX), CHECKPOINT_MAGIC, meta, cancel, pairs)?;
+        // Blocks in key order (volume, then block), like sled would list them.
+        let mut volumes: Vec<&(Box<str>, crate::state::BlockMap)> =
+            self.blocks.iter().flatten().collect();
+        volumes.sort_by(|a, b| a.0.cmp(&b.0));
+        let blocks = volumes.into_iter().flat_map(|(volume, map)| {
+            let mut entries: Vec<(&u64, &Loc)> = map.iter().collect();
+            entries.sort_unstable_by_key(|(b, _)| **b);
+            entries.into_iter().map(move |(b, loc)| {
+                let k = crate::state::block_key(volume, *b);
+                Ok((Cow::Owned(k), Cow::Owned(loc.encode().to_vec())))
+            })
+        });
+        let size = write_framed(
+            &self.tmp.join(CHECKPOINT_INDEX),
+            CHECKPOINT_MAGIC,
+            meta,
+            cancel,
+            pairs.chain(blocks),
+        )?;
         for name in &self.segments {
             if cancel.load(Ordering::Relaxed) {
                 return Err(StateError::Cancelled);
