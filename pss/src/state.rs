@@ -750,18 +750,44 @@ impl StateMachine {
         let mut batch = sled::Batch::default();
         let mut moved = Vec::new();
         let mut lookup_err = None;
-        let (index, tree) = (&self.index, &self.tree);
+        if self.index.active {
+            // The mirror knows every live record of the segment: read just those (a
+            // scan read the whole segment, mostly dead bytes, from disk: direct writes
+            // leave nothing of it in the page cache).
+            let mut live: Vec<(Vec<u8>, Loc)> = self
+                .index
+                .volumes
+                .iter()
+                .flat_map(|(v, m)| {
+                    m.iter().filter(|(_, l)| l.segment == seg).map(|(b, l)| (block_key(v, *b), *l))
+                })
+                .collect();
+            live.sort_unstable_by_key(|(_, l)| l.offset);
+            let reader = self.blobs.reader();
+            for (key, old) in live {
+                let data = reader.read(&key, &old)?.ok_or_else(|| StateError::Corrupt {
+                    path: self.dir.clone(),
+                    reason: format!(
+                        "the record of a live block is gone from segment {seg} at {}",
+                        old.offset
+                    ),
+                })?;
+                let at = base.1 + records.len() as u64;
+                let n = crate::blobs::encode_record(&mut records, &key, old.version, 0, &data);
+                let loc = Loc { version: old.version, segment: base.0, offset: at, len: n };
+                batch.insert(key.as_slice(), &loc.encode());
+                moved.push((key, loc));
+            }
+            return self.finish_collect(seg, started, records, batch, moved);
+        }
+        let tree = &self.tree;
         self.blobs.records(seg, |offset, len, rec| {
-            let mirrored = parse_block_key(rec.key).and_then(|(v, b)| index.get(v, b));
-            let current = match mirrored {
-                Some(loc) => loc,
-                None => match tree.get(rec.key) {
-                    Ok(v) => v.and_then(|v| Loc::decode(&v)),
-                    Err(e) => {
-                        lookup_err.get_or_insert(e);
-                        None
-                    }
-                },
+            let current = match tree.get(rec.key) {
+                Ok(v) => v.and_then(|v| Loc::decode(&v)),
+                Err(e) => {
+                    lookup_err.get_or_insert(e);
+                    None
+                }
             };
             if current.is_some_and(|c| c.segment == seg && c.offset == offset && c.len == len) {
                 let at = base.1 + records.len() as u64;
@@ -776,6 +802,18 @@ impl StateMachine {
         if let Some(e) = lookup_err {
             return Err(e.into());
         }
+        self.finish_collect(seg, started, records, batch, moved)
+    }
+
+    /// Appends a collection's copies, points the index at them and retires the segment.
+    fn finish_collect(
+        &mut self,
+        seg: u32,
+        started: std::time::Instant,
+        records: Vec<u8>,
+        mut batch: sled::Batch,
+        moved: Vec<(Vec<u8>, Loc)>,
+    ) -> Result<(), StateError> {
         self.blobs.append(&records)?;
         for (key, loc) in &moved {
             self.blobs.add_live(loc);
