@@ -31,6 +31,9 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, RwLock};
 
 const MAGIC: u32 = 0x5742_4c42; // "WBLB"
+/// The magic of a tombstone: a block deleted (no data). The block index is rebuilt from
+/// the records after its durable base (see `state`), so a delete must leave one.
+const TOMB_MAGIC: u32 = 0x5742_4c54; // "WBLT"
 /// Bytes of a record before its key.
 pub const HEADER: usize = 4 + 4 + 4 + 8 + 8 + 2;
 /// Appended bytes after which the active segment's writeback is started (not awaited).
@@ -89,8 +92,17 @@ pub enum BlobError {
 
 /// Appends one record to `buf`; returns its length.
 pub fn encode_record(buf: &mut Vec<u8>, key: &[u8], version: u64, index: u64, data: &[u8]) -> u32 {
+    encode(buf, MAGIC, key, version, index, data)
+}
+
+/// Appends a tombstone (block `key` deleted by the entry at `index`); returns its length.
+pub fn encode_tombstone(buf: &mut Vec<u8>, key: &[u8], index: u64) -> u32 {
+    encode(buf, TOMB_MAGIC, key, 0, index, &[])
+}
+
+fn encode(buf: &mut Vec<u8>, magic: u32, key: &[u8], version: u64, index: u64, data: &[u8]) -> u32 {
     let start = buf.len();
-    buf.extend_from_slice(&MAGIC.to_be_bytes());
+    buf.extend_from_slice(&magic.to_be_bytes());
     buf.extend_from_slice(&[0; 4]);
     buf.extend_from_slice(&u32::try_from(data.len()).unwrap_or(u32::MAX).to_be_bytes());
     buf.extend_from_slice(&version.to_be_bytes());
@@ -109,6 +121,8 @@ pub struct Record<'a> {
     pub version: u64,
     pub key: &'a [u8],
     pub data: &'a [u8],
+    /// A delete, not data.
+    pub tombstone: bool,
 }
 
 /// Parses and checks the record at the start of `b` (which may hold more after it).
@@ -117,9 +131,11 @@ pub fn parse_record(b: &[u8]) -> Result<(Record<'_>, usize), String> {
         return Err(format!("truncated header ({} bytes)", b.len()));
     }
     let u32_at = |i: usize| u32::from_be_bytes(b[i..i + 4].try_into().unwrap_or_default());
-    if u32_at(0) != MAGIC {
-        return Err("bad magic".into());
-    }
+    let tombstone = match u32_at(0) {
+        MAGIC => false,
+        TOMB_MAGIC => true,
+        _ => return Err("bad magic".into()),
+    };
     let data_len = u32_at(8) as usize;
     let version = u64::from_be_bytes(b[12..20].try_into().unwrap_or_default());
     let key_len = u16::from_be_bytes(b[28..30].try_into().unwrap_or_default()) as usize;
@@ -131,7 +147,7 @@ pub fn parse_record(b: &[u8]) -> Result<(Record<'_>, usize), String> {
         return Err("checksum mismatch".into());
     }
     let key = &b[HEADER..HEADER + key_len];
-    Ok((Record { version, key, data: &b[HEADER + key_len..total] }, total))
+    Ok((Record { version, key, data: &b[HEADER + key_len..total], tombstone }, total))
 }
 
 /// The file name of segment `segment`.
@@ -217,7 +233,7 @@ impl BlobReader {
             reason,
         };
         let (rec, _) = parse_record(&buf).map_err(corrupt)?;
-        if rec.key != key {
+        if rec.key != key || rec.tombstone {
             // The slot was reused after a collection: look the block up again.
             return Ok(None);
         }
@@ -417,13 +433,26 @@ impl Blobs {
         &self,
         seg: u32,
         limit: u64,
+        f: impl FnMut(u64, u32, Record<'_>) -> Result<(), BlobError>,
+    ) -> Result<(), BlobError> {
+        self.scan_from(seg, 0, limit, f)
+    }
+
+    /// [`Blobs::scan`] from `start`, a record boundary.
+    fn scan_from(
+        &self,
+        seg: u32,
+        start: u64,
+        limit: u64,
         mut f: impl FnMut(u64, u32, Record<'_>) -> Result<(), BlobError>,
     ) -> Result<(), BlobError> {
+        use std::io::{Seek as _, SeekFrom};
         let path = self.dir.join(segment_name(seg));
-        let file = File::open(&path).map_err(self.io(seg))?;
-        let mut r = BufReader::with_capacity(1 << 20, file.take(limit));
+        let mut file = File::open(&path).map_err(self.io(seg))?;
+        file.seek(SeekFrom::Start(start)).map_err(self.io(seg))?;
+        let mut r = BufReader::with_capacity(1 << 20, file.take(limit.saturating_sub(start)));
         let mut buf = Vec::new();
-        let mut offset = 0u64;
+        let mut offset = start;
         while offset < limit {
             buf.resize(HEADER, 0);
             r.read_exact(&mut buf).map_err(self.io(seg))?;
@@ -613,14 +642,16 @@ impl Blobs {
 
     /// The sealed segment with the smallest live share, if it is below `live_percent`
     /// and all segments together hold more than `space_percent` of the live bytes.
-    pub fn gc_candidate(&self, live_percent: u64, space_percent: u64) -> Option<u32> {
+    /// Only segments below `below` are candidates (the block index is rebuilt from the
+    /// records past its durable base, so those must stay).
+    pub fn gc_candidate(&self, live_percent: u64, space_percent: u64, below: u32) -> Option<u32> {
         let total = self.sizes.values().sum::<u64>() + self.active_len;
         let live = self.live.values().sum::<u64>();
         if total * 100 <= live * space_percent {
             return None;
         }
         self.sizes
-            .iter()
+            .range(..below)
             .filter(|(_, &size)| size > 0)
             .map(|(&seg, &size)| (seg, self.live.get(&seg).copied().unwrap_or(0), size))
             .filter(|&(_, live, size)| live * 100 < size * live_percent)
@@ -650,6 +681,39 @@ impl Blobs {
     ) -> Result<(), BlobError> {
         let size = self.sizes.get(&seg).copied().unwrap_or(0);
         self.scan(seg, size, f)
+    }
+
+    /// Visits, in log order, every record from `from` up to the store's end (the index
+    /// rebuild after its durable base): `f(location, record)`.
+    pub fn replay(
+        &self,
+        from: (u32, u64),
+        mut f: impl FnMut(Loc, Record<'_>) -> Result<(), BlobError>,
+    ) -> Result<(), BlobError> {
+        let segments: Vec<u32> = self
+            .sizes
+            .keys()
+            .copied()
+            .chain(std::iter::once(self.active))
+            .filter(|&s| s >= from.0)
+            .collect();
+        for seg in segments {
+            let end = if seg == self.active {
+                self.active_len
+            } else {
+                self.sizes.get(&seg).copied().unwrap_or(0)
+            };
+            let start = if seg == from.0 { from.1.min(end) } else { 0 };
+            self.scan_from(seg, start, end, |offset, len, rec| {
+                f(Loc { version: rec.version, segment: seg, offset, len }, rec)
+            })?;
+        }
+        Ok(())
+    }
+
+    /// The first segment on disk (where an index rebuild with no base starts).
+    pub fn first_segment(&self) -> u32 {
+        self.sizes.keys().next().copied().unwrap_or(self.active)
     }
 
     /// Deletes a collected segment (its live records were copied and the copies and
@@ -803,13 +867,17 @@ mod tests {
             loc
         };
         let first = put(&mut b, 1);
-        assert_eq!(b.gc_candidate(50, 150), None, "nothing dead yet");
+        assert_eq!(b.gc_candidate(50, 150, u32::MAX), None, "nothing dead yet");
         // The block is rewritten: segment 0 is all garbage, half the bytes are dead.
         b.remove_live(&first);
         put(&mut b, 2);
-        assert_eq!(b.gc_candidate(50, 150), Some(0));
-        assert_eq!(b.gc_candidate(50, 250), None, "2x the live bytes is within 250%");
+        assert_eq!(b.gc_candidate(50, 150, u32::MAX), Some(0));
+        assert_eq!(b.gc_candidate(50, 250, u32::MAX), None, "2x the live bytes is within 250%");
         b.retire(0);
-        assert_eq!(b.gc_candidate(50, 150), None, "a retired segment is not offered again");
+        assert_eq!(
+            b.gc_candidate(50, 150, u32::MAX),
+            None,
+            "a retired segment is not offered again"
+        );
     }
 }

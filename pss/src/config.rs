@@ -73,10 +73,11 @@ pub struct Config {
     /// percentage of the live block bytes (>= 100): collection waits until there is
     /// garbage worth the copying, by when the oldest segments are mostly dead.
     pub blob_gc_space_percent: u64,
-    /// Most blocks whose index entries (version and record location, ~60 bytes each)
-    /// this node mirrors in memory so a write needs no sled lookup; past it the mirror
-    /// is dropped and writes read sled (slower, same results).
-    pub block_index_cache_entries: usize,
+    /// Most blocks this node stores, in blocks: the block index (version and record
+    /// location of every block) is in memory, ~60 bytes a block. A write that would add
+    /// blocks past it is refused (RESOURCE_EXHAUSTED, `max_blocks`); give every node the
+    /// same value.
+    pub max_blocks: usize,
     /// Append to the Raft log and the blob segments with `O_DIRECT` (around the page
     /// cache; falls back to buffered writes where the file system refuses it).
     pub direct_io: bool,
@@ -115,7 +116,7 @@ impl Default for Config {
             blob_segment_bytes: 64 * 1024 * 1024,
             blob_gc_live_percent: 50,
             blob_gc_space_percent: 200,
-            block_index_cache_entries: 4 * 1024 * 1024,
+            max_blocks: 8 * 1024 * 1024,
             direct_io: true,
             request_timeout_ms: 10_000,
             learner_catch_up_timeout_ms: 30_000,
@@ -224,7 +225,7 @@ impl Config {
             ("log_segment_bytes", self.log_segment_bytes as usize),
             ("snapshot_chunk_bytes", self.snapshot_chunk_bytes),
             ("blob_segment_bytes", self.blob_segment_bytes as usize),
-            ("block_index_cache_entries", self.block_index_cache_entries),
+            ("max_blocks", self.max_blocks),
             ("request_timeout_ms", self.request_timeout_ms as usize),
         ];
         if let Some((name, _)) = positive.iter().find(|(_, v)| *v == 0) {

@@ -7,6 +7,8 @@
 //!   `raft::Storage` view of it.
 //! - [`state`]: the sled state machine (volumes, blocks, epochs, request-id dedupe) and
 //!   snapshot files.
+//! - [`index`]: the block index in memory (shared with readers) and where its durable
+//!   form starts (a checkpoint's index file, then the blob records after it).
 //! - [`snapshot`]: snapshot files (sent between members) and checkpoints (a node's own
 //!   compaction: the index beside hard links to sealed blob segments).
 //! - [`node`]: the Raft loop (raft-rs `RawNode`, group commit, ReadIndex, membership,
@@ -26,6 +28,7 @@ pub mod blobs;
 pub mod client;
 pub mod config;
 pub mod direct;
+pub mod index;
 mod logging;
 pub mod node;
 pub mod pipe;

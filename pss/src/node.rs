@@ -350,6 +350,8 @@ struct Loop {
 /// read and the file written and fsynced by `thread`; the log is compacted when it ends.
 struct SnapshotJob {
     meta: SnapshotMetadata,
+    /// The blob position the checkpoint's block index is complete up to.
+    at: (u32, u64),
     started: std::time::Instant,
     cancel: Arc<std::sync::atomic::AtomicBool>,
     thread: std::thread::JoinHandle<Result<u64, StateError>>,
@@ -376,14 +378,14 @@ pub fn start(
     let (mut log, core, existed) =
         DurableLog::open(&cfg.data_dir, cfg.log_segment_bytes, cfg.direct_io)?;
     let storage = RaftStorage { core: Arc::new(RwLock::new(core)), ..Default::default() };
-    let mut sm = StateMachine::open(
+    let mut sm = StateMachine::open_in(
         &cfg.data_dir.join("sm"),
+        &snap_dir,
         crate::state::Options {
             dedupe_limit: cfg.dedupe_table_entries,
             blob_segment_bytes: cfg.blob_segment_bytes,
             blob_gc_live_percent: cfg.blob_gc_live_percent,
             blob_gc_space_percent: cfg.blob_gc_space_percent,
-            block_index_cache_entries: cfg.block_index_cache_entries,
             direct_io: cfg.direct_io,
         },
     )?;
@@ -997,6 +999,7 @@ impl Loop {
         // every block; a snapshot file is made from it only when a member needs one.
         let path = checkpoint_path(&self.snap_dir, index);
         let view = self.sm.checkpoint_view(&path.with_extension("d.tmp"))?;
+        let at = view.at();
         let copied = started.elapsed();
         let cancel = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let (job_meta, job_cancel) = (meta.clone(), cancel.clone());
@@ -1009,6 +1012,7 @@ impl Loop {
         self.applied_bytes = 0;
         self.snapshot_job = Some(SnapshotJob {
             meta,
+            at,
             started,
             cancel,
             thread,
@@ -1032,6 +1036,12 @@ impl Loop {
             Ok(bytes) => {
                 let current = self.storage.read().snapshot.index;
                 if index > current {
+                    // The block index now starts from this checkpoint (durably, before
+                    // the older ones it may have started from are pruned).
+                    self.sm.set_index_base(crate::index::IndexBase::Checkpoint {
+                        index,
+                        at: job.at,
+                    })?;
                     self.log.install_snapshot(&self.storage, job.meta)?;
                     self.prune_snapshots(index);
                 }

@@ -73,6 +73,7 @@ async fn serve(
     let blocks = PssBlocksServer::new(BlockService {
         node: handle.clone(),
         max_batch_ops: config.max_batch_ops,
+        max_blocks: config.max_blocks,
         max_pipeline_requests: config.max_pipeline_requests,
         shutdown: inner.clone(),
         pipeline_stats: pipeline_stats.clone(),

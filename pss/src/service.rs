@@ -75,6 +75,8 @@ fn limit(name: &str, unit: &str, value: usize, max: usize) -> Status {
 pub struct BlockService {
     pub node: NodeHandle,
     pub max_batch_ops: usize,
+    /// Most blocks the node stores (its block index is in memory).
+    pub max_blocks: usize,
     /// Most requests in one `Pipeline` message and unanswered on one `Pipeline` stream.
     pub max_pipeline_requests: usize,
     /// Ends every `Pipeline` stream (they are long-lived and would otherwise hold the
@@ -116,6 +118,18 @@ impl BlockService {
                 op.block,
                 op.data.len()
             )));
+        }
+        // Admission against the node's capacity (checked here, before proposing: the
+        // state machine itself must apply whatever is committed, the same on every node).
+        let stored = self.node.reader.block_count();
+        if stored + req.ops.len() > self.max_blocks {
+            let reader = &self.node.reader;
+            let new =
+                req.ops.iter().filter(|o| !o.delete && !reader.has_block(&req.volume, o.block));
+            let new = new.count();
+            if new > 0 && stored + new > self.max_blocks {
+                return Err(limit("max_blocks", "blocks", stored + new, self.max_blocks));
+            }
         }
         let cmd = Command { write: Some(req), ..Default::default() };
         match self.node.propose(cmd).await.map_err(status_of)? {

@@ -29,6 +29,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::blobs::Loc;
+use crate::index::BlockMap;
 use crate::state::StateError;
 
 /// First bytes of a snapshot file (format 2).
@@ -157,13 +158,27 @@ pub fn is_block_key(k: &[u8]) -> bool {
     k.first() == Some(&b'b')
 }
 
+/// Every block's key and entry, in key order (volume, then block), as sled would list them.
+pub fn block_entries(blocks: &[(Box<str>, BlockMap)]) -> impl Iterator<Item = (Vec<u8>, Loc)> + '_ {
+    let mut volumes: Vec<&(Box<str>, BlockMap)> = blocks.iter().collect();
+    volumes.sort_by(|a, b| a.0.cmp(&b.0));
+    volumes.into_iter().flat_map(|(volume, map)| {
+        let mut entries: Vec<(u64, Loc)> = map.iter().map(|(b, l)| (*b, *l)).collect();
+        entries.sort_unstable_by_key(|(b, _)| *b);
+        entries.into_iter().map(move |(b, loc)| (crate::index::block_key(volume, b), loc))
+    })
+}
+
 /// A checkpoint being taken: the state's index as of its index (copied on the Raft
 /// thread) and the blob segments already linked into `tmp`.
 pub struct CheckpointView {
     /// Every key but the blocks' (when `blocks` has them) and the node-local ones.
     pub(crate) pairs: Vec<(sled::IVec, sled::IVec)>,
-    /// The block index, per volume, when it was copied from memory.
-    pub(crate) blocks: Option<Vec<(Box<str>, crate::state::BlockMap)>>,
+    /// The block index, per volume, copied from memory.
+    pub(crate) blocks: Vec<(Box<str>, BlockMap)>,
+    /// The blob position the index is complete up to (the index replays from here when
+    /// this checkpoint is its base).
+    pub(crate) at: (u32, u64),
     /// The directory being filled (renamed to the checkpoint's name when durable).
     pub(crate) tmp: PathBuf,
     /// The linked segment files' names in `tmp`.
@@ -171,6 +186,11 @@ pub struct CheckpointView {
 }
 
 impl CheckpointView {
+    /// The blob position this checkpoint's index is complete up to.
+    pub fn at(&self) -> (u32, u64) {
+        self.at
+    }
+
     /// Writes the index file, makes every linked segment and the index durable, then
     /// renames the directory to `path` (and fsyncs its parent). Returns the index file's
     /// size. On an error or `cancel`, nothing is left behind.
@@ -199,18 +219,8 @@ impl CheckpointView {
         };
         let pairs =
             self.pairs.iter().map(|(k, v)| Ok((Cow::Borrowed(&k[..]), Cow::Borrowed(&v[..]))));
-        // Blocks in key order (volume, then block), like sled would list them.
-        let mut volumes: Vec<&(Box<str>, crate::state::BlockMap)> =
-            self.blocks.iter().flatten().collect();
-        volumes.sort_by(|a, b| a.0.cmp(&b.0));
-        let blocks = volumes.into_iter().flat_map(|(volume, map)| {
-            let mut entries: Vec<(&u64, &Loc)> = map.iter().collect();
-            entries.sort_unstable_by_key(|(b, _)| **b);
-            entries.into_iter().map(move |(b, loc)| {
-                let k = crate::state::block_key(volume, *b);
-                Ok((Cow::Owned(k), Cow::Owned(loc.encode().to_vec())))
-            })
-        });
+        let blocks = block_entries(&self.blocks)
+            .map(|(k, loc)| Ok((Cow::Owned(k), Cow::Owned(loc.encode().to_vec()))));
         let size = write_framed(
             &self.tmp.join(CHECKPOINT_INDEX),
             CHECKPOINT_MAGIC,
@@ -256,6 +266,13 @@ impl Checkpoint {
 
     fn corrupt(&self, reason: String) -> StateError {
         StateError::Corrupt { path: self.dir.clone(), reason }
+    }
+
+    /// The index file's pairs as written (a block's value is its [`Loc`]).
+    pub fn index_pairs(&self) -> Result<Pairs<'_>, StateError> {
+        let (_, pairs) =
+            parse_framed(&self.bytes, CHECKPOINT_MAGIC).map_err(|r| self.corrupt(r))?;
+        Ok(pairs)
     }
 
     /// The metadata, and every pair in order with block data resolved.

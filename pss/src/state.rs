@@ -21,6 +21,7 @@ use wayside_proto::pb;
 use wayside_proto::types::{BlockSize, Epoch, VolumeName};
 
 use crate::blobs::{BlobError, BlobReader, Blobs, Loc};
+use crate::index::{block_key, block_prefix, BlockIndex, BlockMap, IndexBase, SharedIndex};
 use crate::snapshot::{CheckpointView, Pair, Pairs, SNAPSHOT_MAGIC};
 use std::borrow::Cow;
 
@@ -38,6 +39,8 @@ const DEDUPE_PREFIX: u8 = b'o';
 const LOCAL_PREFIX: u8 = b'x';
 const LOCAL_BLOB_END: &[u8] = b"xblob_end";
 const LOCAL_BLOB_SYNCED: &[u8] = b"xblob_synced";
+/// Where the durable block index starts ([`IndexBase`]); absent: `Scratch`.
+const LOCAL_INDEX_BASE: &[u8] = b"xindex_base";
 /// Version 2: the dedupe table is per-entry records with the replies in them (version 1
 /// had a record per request id beside lists of ids per entry).
 /// sled's segment (and IO buffer) size: sled's 512 KiB default holds ~100 blocks of
@@ -191,8 +194,6 @@ pub struct Options {
     pub blob_gc_live_percent: u64,
     /// Segment bytes, as a percentage of live bytes, above which collection runs.
     pub blob_gc_space_percent: u64,
-    /// Most blocks whose index entries are mirrored in memory (see [`IndexMirror`]).
-    pub block_index_cache_entries: usize,
     /// Append to blob segments with `O_DIRECT` (see `direct`).
     pub direct_io: bool,
 }
@@ -205,96 +206,9 @@ impl Options {
             blob_segment_bytes: 64 << 20,
             blob_gc_live_percent: 50,
             blob_gc_space_percent: 200,
-            block_index_cache_entries: 1 << 22,
             direct_io: true,
         }
     }
-}
-
-/// The block index (block -> version and record location), mirrored in memory: a write
-/// must know a block's previous entry (its version, and its record's bytes to count dead),
-/// and a sled lookup per written block was a tenth of a loaded node's CPU. sled stays the
-/// durable copy; the mirror changes exactly where sled's block entries do (apply,
-/// collection, snapshot load) and is rebuilt from sled at open. Past `limit` blocks it is
-/// dropped and lookups go to sled again (a named memory bound, not a correctness one).
-struct IndexMirror {
-    volumes: HashMap<Box<str>, BlockMap>,
-    entries: usize,
-    limit: usize,
-    active: bool,
-}
-
-impl IndexMirror {
-    fn new(limit: usize) -> Self {
-        Self { volumes: HashMap::new(), entries: 0, limit, active: true }
-    }
-
-    fn clear(&mut self) {
-        self.volumes.clear();
-        self.entries = 0;
-        self.active = true;
-    }
-
-    /// The block's entry: `Some(None)` when it has none, `None` when the mirror cannot
-    /// tell (dropped: ask sled).
-    fn get(&self, volume: &str, block: u64) -> Option<Option<Loc>> {
-        if !self.active {
-            return None;
-        }
-        Some(self.volumes.get(volume).and_then(|m| m.get(&block)).copied())
-    }
-
-    fn set(&mut self, volume: &str, block: u64, loc: Option<Loc>) {
-        if !self.active {
-            return;
-        }
-        match loc {
-            Some(loc) => {
-                let m = match self.volumes.get_mut(volume) {
-                    Some(m) => m,
-                    None => self.volumes.entry(volume.into()).or_default(),
-                };
-                if m.insert(block, loc).is_none() {
-                    self.entries += 1;
-                }
-            }
-            None => {
-                if let Some(m) = self.volumes.get_mut(volume) {
-                    if m.remove(&block).is_some() {
-                        self.entries -= 1;
-                    }
-                }
-            }
-        }
-        if self.entries > self.limit {
-            tracing::warn!(
-                limit = self.limit,
-                "more blocks than block_index_cache_entries: the in-memory block index is \
-                 dropped and writes look blocks up in sled (slower)"
-            );
-            self.volumes = HashMap::new();
-            self.entries = 0;
-            self.active = false;
-        }
-    }
-
-    /// Mirrors a sled block key's entry.
-    fn set_key(&mut self, key: &[u8], loc: Option<Loc>) {
-        if let Some((volume, block)) = parse_block_key(key) {
-            self.set(volume, block, loc);
-        }
-    }
-}
-
-/// One volume's mirrored block index entries.
-pub(crate) type BlockMap = HashMap<u64, Loc>;
-
-/// The volume and block of a block key (`b name 0 block-be`).
-fn parse_block_key(key: &[u8]) -> Option<(&str, u64)> {
-    let rest = key.strip_prefix(b"b")?;
-    let (name, block) = rest.split_at_checked(rest.len().checked_sub(9)?)?;
-    let block = block.strip_prefix(&[0])?;
-    Some((std::str::from_utf8(name).ok()?, u64::from_be_bytes(block.try_into().ok()?)))
 }
 
 /// The sled-backed state machine.
@@ -326,7 +240,11 @@ pub struct StateMachine {
     id_hasher: std::hash::RandomState,
     /// The blob record buffer, reused between groups (see `storage::DurableLog::buf`).
     spare_records: Vec<u8>,
-    index: IndexMirror,
+    /// The block index (see `index`), shared with the readers, and where its durable
+    /// form starts; checkpoints are found in `snap_dir`.
+    index: SharedIndex,
+    base: IndexBase,
+    snap_dir: PathBuf,
 }
 
 /// The segment size an existing sled directory was created with (sled refuses to open
@@ -351,21 +269,6 @@ fn volume_key(volume: &str) -> Vec<u8> {
     let mut k = Vec::with_capacity(1 + volume.len());
     k.push(b'v');
     k.extend_from_slice(volume.as_bytes());
-    k
-}
-
-/// Volume names never contain 0 (validated charset), so `b name 0` is an exact prefix.
-fn block_prefix(volume: &str) -> Vec<u8> {
-    let mut k = Vec::with_capacity(10 + volume.len());
-    k.push(b'b');
-    k.extend_from_slice(volume.as_bytes());
-    k.push(0);
-    k
-}
-
-pub(crate) fn block_key(volume: &str, block: u64) -> Vec<u8> {
-    let mut k = block_prefix(volume);
-    k.extend_from_slice(&be(block));
     k
 }
 
@@ -434,6 +337,9 @@ pub struct Pending {
     /// Blob records of this group, to be appended at `base` before the sled batch.
     records: Vec<u8>,
     base: (u32, u64),
+    /// The group's block index changes (by block key), applied to the shared index once
+    /// their records are written, so a reader never finds a record not yet there.
+    index: HashMap<Vec<u8>, Option<Loc>>,
 }
 
 /// The dedupe record of the entry being applied, built as its commands apply.
@@ -458,10 +364,17 @@ fn encode_end((seg, off): (u32, u64)) -> [u8; 12] {
 }
 
 impl StateMachine {
-    /// Opens the sled database under `dir` and the block data segments in `dir/blobs`.
-    /// If sled refers to block data a power loss took, the state is emptied (applied
-    /// index 0): the node then reloads its durable snapshot and replays its log.
+    /// [`StateMachine::open_in`] with checkpoints in `dir/snap`.
     pub fn open(dir: &Path, opts: Options) -> Result<Self, StateError> {
+        Self::open_in(dir, &dir.join("snap"), opts)
+    }
+
+    /// Opens the sled database under `dir` and the block data segments in `dir/blobs`,
+    /// and rebuilds the block index from its base (a checkpoint in `snap_dir`, if any)
+    /// and the blob records after it. If sled refers to block data a power loss took,
+    /// the state is emptied (applied index 0): the node then reloads its durable
+    /// checkpoint or snapshot and replays its log.
+    pub fn open_in(dir: &Path, snap_dir: &Path, opts: Options) -> Result<Self, StateError> {
         // High-throughput mode: sled rewrites (garbage-collects) its segments less
         // eagerly, which costs disk space but fewer bytes written per block write.
         let config = sled::Config::new()
@@ -513,24 +426,101 @@ impl StateMachine {
             dedupe_index: HashIndex::default(),
             id_hasher: std::hash::RandomState::new(),
             spare_records: Vec::new(),
-            index: IndexMirror::new(opts.block_index_cache_entries),
+            index: SharedIndex::default(),
+            base: IndexBase::Scratch,
+            snap_dir: snap_dir.to_owned(),
         };
         sm.load_dedupe()?;
         sm.load_index()?;
         Ok(sm)
     }
 
-    /// Counts every block's record as live and mirrors the block index from sled.
+    /// Rebuilds the block index: its base (see [`IndexBase`]), then every blob record
+    /// after the base's position, in log order; counts every indexed record as live.
     fn load_index(&mut self) -> Result<(), StateError> {
-        self.index.clear();
-        for kv in self.tree.scan_prefix(b"b") {
-            let (k, v) = kv?;
-            if let Some(loc) = Loc::decode(&v) {
-                self.blobs.add_live(&loc);
-                self.index.set_key(&k, Some(loc));
+        let mut index = BlockIndex::default();
+        let stored =
+            match self.tree.get(LOCAL_INDEX_BASE)? {
+                Some(v) => Some(IndexBase::decode(&v).ok_or_else(|| {
+                    self.corrupt(format!("index base record of {} bytes", v.len()))
+                })?),
+                None => None,
+            };
+        let has_sled_entries = self.tree.scan_prefix(b"b").next().transpose()?.is_some();
+        let base = match stored {
+            // A state directory of a PSS that kept the index in sled: its entries are
+            // the base as of the blob end they were written with.
+            None if has_sled_entries => {
+                let base = IndexBase::Sled { at: self.blobs.end() };
+                self.tree.insert(LOCAL_INDEX_BASE, base.encode())?;
+                base
+            }
+            None => IndexBase::Scratch,
+            Some(b) => b,
+        };
+        match base {
+            IndexBase::Scratch => {}
+            IndexBase::Sled { .. } => {
+                for kv in self.tree.scan_prefix(b"b") {
+                    let (k, v) = kv?;
+                    index.set_key(&k, Loc::decode(&v));
+                }
+            }
+            IndexBase::Checkpoint { index: at_index, .. } => {
+                let dir = crate::snapshot::checkpoint_path(&self.snap_dir, at_index);
+                let cp = crate::snapshot::Checkpoint::open(&dir)?;
+                for (k, v) in cp.index_pairs()? {
+                    if crate::snapshot::is_block_key(k) {
+                        index.set_key(k, Loc::decode(v));
+                    }
+                }
             }
         }
+        let from = base.at().unwrap_or((self.blobs.first_segment(), 0));
+        let mut replayed = 0u64;
+        self.blobs.replay(from, |loc, rec| {
+            index.set_key(rec.key, (!rec.tombstone).then_some(loc));
+            replayed += 1;
+            Ok(())
+        })?;
+        for (_, _, loc) in index.iter() {
+            self.blobs.add_live(&loc);
+        }
+        tracing::debug!(?base, replayed, blocks = index.entries(), "block index rebuilt");
+        *crate::index::write(&self.index) = index;
+        self.base = base;
         Ok(())
+    }
+
+    /// Makes `base` the durable start of the block index (after its checkpoint is
+    /// durable): written and made durable (sled flush and an fsync of its file) before it
+    /// counts, since older checkpoints are deleted after it. sled's block entries of an
+    /// older PSS are dropped with the first such base.
+    pub fn set_index_base(&mut self, base: IndexBase) -> Result<(), StateError> {
+        let mut batch = sled::Batch::default();
+        batch.insert(LOCAL_INDEX_BASE, base.encode());
+        if matches!(self.base, IndexBase::Sled { .. }) {
+            for kv in self.tree.scan_prefix(b"b") {
+                batch.remove(kv?.0);
+            }
+        }
+        self.tree.apply_batch(batch)?;
+        self.db.flush()?;
+        let db_file = self.dir.join("db");
+        std::fs::File::open(&db_file)
+            .and_then(|f| f.sync_all())
+            .map_err(|source| StateError::Io { path: db_file, source })?;
+        self.base = base;
+        Ok(())
+    }
+
+    /// The block index's durable start.
+    pub fn index_base(&self) -> IndexBase {
+        self.base
+    }
+
+    fn corrupt(&self, reason: String) -> StateError {
+        StateError::Corrupt { path: self.dir.clone(), reason }
     }
 
     /// The index of the last entry whose effects sled holds (0: none).
@@ -642,6 +632,7 @@ impl StateMachine {
             dedupe_new: None,
             records: std::mem::take(&mut self.spare_records),
             base: self.blobs.end(),
+            index: HashMap::new(),
         }
     }
 
@@ -664,11 +655,21 @@ impl StateMachine {
             p.records.clear();
             self.spare_records = std::mem::take(&mut p.records);
         }
+        if !p.index.is_empty() {
+            let mut index = crate::index::write(&self.index);
+            for (key, loc) in p.index.drain() {
+                index.set_key(&key, loc);
+            }
+        }
         p.txn.batch.insert(LOCAL_BLOB_END, &encode_end(self.blobs.end()));
         p.txn.batch.insert(LOCAL_BLOB_SYNCED, &encode_end((self.blobs.synced_below(), 0)));
         self.tree.apply_batch(p.txn.batch)?;
         self.blobs.maybe_rotate()?;
-        if let Some(seg) = self.blobs.gc_candidate(self.gc_live_percent, self.gc_space_percent) {
+        // Records past the index's durable base rebuild it after a restart: only older
+        // segments may be collected.
+        let below = self.base.at().map_or(0, |(seg, _)| seg);
+        let candidate = self.blobs.gc_candidate(self.gc_live_percent, self.gc_space_percent, below);
+        if let Some(seg) = candidate {
             self.collect(seg)?;
         }
         self.tend_retired()
@@ -747,62 +748,25 @@ impl StateMachine {
         let started = std::time::Instant::now();
         let base = self.blobs.end();
         let mut records = Vec::new();
-        let mut batch = sled::Batch::default();
         let mut moved = Vec::new();
-        let mut lookup_err = None;
-        if self.index.active {
-            // The mirror knows every live record of the segment: read just those (a
-            // scan read the whole segment, mostly dead bytes, from disk: direct writes
-            // leave nothing of it in the page cache).
-            let mut live: Vec<(Vec<u8>, Loc)> = self
-                .index
-                .volumes
-                .iter()
-                .flat_map(|(v, m)| {
-                    m.iter().filter(|(_, l)| l.segment == seg).map(|(b, l)| (block_key(v, *b), *l))
-                })
-                .collect();
-            live.sort_unstable_by_key(|(_, l)| l.offset);
-            let reader = self.blobs.reader();
-            for (key, old) in live {
-                let data = reader.read(&key, &old)?.ok_or_else(|| StateError::Corrupt {
-                    path: self.dir.clone(),
-                    reason: format!(
-                        "the record of a live block is gone from segment {seg} at {}",
-                        old.offset
-                    ),
-                })?;
-                let at = base.1 + records.len() as u64;
-                let n = crate::blobs::encode_record(&mut records, &key, old.version, 0, &data);
-                let loc = Loc { version: old.version, segment: base.0, offset: at, len: n };
-                batch.insert(key.as_slice(), &loc.encode());
-                moved.push((key, loc));
-            }
-            return self.finish_collect(seg, started, records, batch, moved);
+        // The index knows every live record of the segment: read just those (a scan
+        // read the whole segment, mostly dead bytes, from disk: direct writes leave
+        // nothing of it in the page cache). Tombstones there are dead: the segment is
+        // below the index's durable base, which has the deletes.
+        let live = crate::index::read(&self.index).in_segment(seg);
+        let reader = self.blobs.reader();
+        for (key, old) in live {
+            let data = reader.read(&key, &old)?.ok_or_else(|| {
+                self.corrupt(format!(
+                    "the record of a live block is gone from segment {seg} at {}",
+                    old.offset
+                ))
+            })?;
+            let at = base.1 + records.len() as u64;
+            let n = crate::blobs::encode_record(&mut records, &key, old.version, 0, &data);
+            moved.push((key, Loc { version: old.version, segment: base.0, offset: at, len: n }));
         }
-        let tree = &self.tree;
-        self.blobs.records(seg, |offset, len, rec| {
-            let current = match tree.get(rec.key) {
-                Ok(v) => v.and_then(|v| Loc::decode(&v)),
-                Err(e) => {
-                    lookup_err.get_or_insert(e);
-                    None
-                }
-            };
-            if current.is_some_and(|c| c.segment == seg && c.offset == offset && c.len == len) {
-                let at = base.1 + records.len() as u64;
-                let n =
-                    crate::blobs::encode_record(&mut records, rec.key, rec.version, 0, rec.data);
-                let loc = Loc { version: rec.version, segment: base.0, offset: at, len: n };
-                batch.insert(rec.key, &loc.encode());
-                moved.push((rec.key.to_vec(), loc));
-            }
-            Ok(())
-        })?;
-        if let Some(e) = lookup_err {
-            return Err(e.into());
-        }
-        self.finish_collect(seg, started, records, batch, moved)
+        self.finish_collect(seg, started, records, moved)
     }
 
     /// Appends a collection's copies, points the index at them and retires the segment.
@@ -811,14 +775,18 @@ impl StateMachine {
         seg: u32,
         started: std::time::Instant,
         records: Vec<u8>,
-        mut batch: sled::Batch,
         moved: Vec<(Vec<u8>, Loc)>,
     ) -> Result<(), StateError> {
         self.blobs.append(&records)?;
-        for (key, loc) in &moved {
-            self.blobs.add_live(loc);
-            self.index.set_key(key, Some(*loc));
+        {
+            let mut index = crate::index::write(&self.index);
+            for (key, loc) in &moved {
+                self.blobs.add_live(loc);
+                index.set_key(key, Some(*loc));
+            }
         }
+        // The copies are part of the log the index is rebuilt from; sled records its end.
+        let mut batch = sled::Batch::default();
         batch.insert(LOCAL_BLOB_END, &encode_end(self.blobs.end()));
         self.tree.apply_batch(batch)?;
         self.blobs.retire(seg);
@@ -1053,17 +1021,19 @@ impl StateMachine {
         }
         for op in &req.ops {
             let bkey = block_key(&req.volume, op.block);
-            let old = match self.index.get(&req.volume, op.block) {
-                Some(old) => old,
-                None => p.txn.get(&bkey)?.and_then(|v| Loc::decode(&v)),
+            // This group's own earlier change first, then the shared index.
+            let old = match p.index.get(&bkey) {
+                Some(old) => *old,
+                None => crate::index::read(&self.index).get(&req.volume, op.block),
             };
             if let Some(old) = &old {
                 self.blobs.remove_live(old);
             }
             if op.delete {
                 if old.is_some() {
-                    p.txn.remove(bkey);
-                    self.index.set(&req.volume, op.block, None);
+                    // A tombstone, so the index rebuilt from the blob log sees the delete.
+                    crate::blobs::encode_tombstone(&mut p.records, &bkey, index);
+                    p.index.insert(bkey, None);
                     meta.block_count = meta.block_count.saturating_sub(1);
                 }
                 continue;
@@ -1077,8 +1047,7 @@ impl StateMachine {
             if old.is_none() {
                 meta.block_count += 1;
             }
-            self.index.set(&req.volume, op.block, Some(loc));
-            p.txn.insert(bkey, loc.encode().to_vec());
+            p.index.insert(bkey, Some(loc));
         }
         meta.persisted_lsn = meta.persisted_lsn.max(req.persisted_lsn);
         let reply = pb::WriteBatchReply {
@@ -1097,7 +1066,7 @@ impl StateMachine {
 
     /// A read handle that other threads use while this state machine applies.
     pub fn reader(&self) -> Reader {
-        Reader { tree: self.tree.clone(), blobs: self.blobs.reader() }
+        Reader { tree: self.tree.clone(), blobs: self.blobs.reader(), index: self.index.clone() }
     }
     /// Writes the whole state (as of the applied index) to a snapshot file, durably, on
     /// this thread. See [`StateMachine::snapshot_view`] for doing it off the Raft thread.
@@ -1111,14 +1080,12 @@ impl StateMachine {
     /// while the state machine moves on. Collected segments stay readable through the
     /// held handles; records are never rewritten in place.
     pub fn snapshot_view(&self) -> Result<SnapshotView, StateError> {
-        let mut pairs = Vec::new();
-        for kv in self.tree.iter() {
-            let (k, v) = kv?;
-            if k.first() != Some(&LOCAL_PREFIX) {
-                pairs.push((k, v));
-            }
-        }
-        Ok(SnapshotView { pairs, blobs: self.blobs.reader().pinned(), dir: self.dir.clone() })
+        Ok(SnapshotView {
+            pairs: self.other_pairs()?,
+            blocks: crate::index::read(&self.index).copy(),
+            blobs: self.blobs.reader().pinned(),
+            dir: self.dir.clone(),
+        })
     }
 
     /// Replaces the whole state with a snapshot file's or a checkpoint directory's;
@@ -1150,7 +1117,10 @@ impl StateMachine {
             let _ = job.thread.join();
         }
         self.retired.clear();
-        self.index.clear();
+        // The tree's clear dropped the index base: the loaded records, from the fresh
+        // blob store's start, are the whole index (`Scratch`).
+        self.base = IndexBase::Scratch;
+        let mut index = BlockIndex::default();
         let (seg, _) = self.blobs.end();
         self.blobs.reset(seg + 1)?;
         let mut batch = sled::Batch::default();
@@ -1169,8 +1139,7 @@ impl StateMachine {
                 let len = crate::blobs::encode_record(&mut records, k, version, meta.index, data);
                 let loc = Loc { version, segment: base.0, offset, len };
                 self.blobs.add_live(&loc);
-                self.index.set_key(k, Some(loc));
-                batch.insert(k, &loc.encode());
+                index.set_key(k, Some(loc));
             } else {
                 batch.insert(k, v);
             }
@@ -1186,6 +1155,7 @@ impl StateMachine {
         self.blobs.append(&records)?;
         batch.insert(LOCAL_BLOB_END, &encode_end(self.blobs.end()));
         self.tree.apply_batch(batch)?;
+        *crate::index::write(&self.index) = index;
         self.load_dedupe()?;
         let p = self.begin();
         self.commit(p, meta.index, Some(meta.get_conf_state()))?;
@@ -1209,25 +1179,25 @@ impl StateMachine {
             std::fs::hard_link(&path, tmp.join(&name)).map_err(io)?;
             segments.push(name);
         }
-        // The block index from memory when mirrored (a copy of the maps: milliseconds,
-        // where iterating sled's block entries took ~0.5 s at 200k blocks, all of it on
-        // the Raft thread); the other keys from sled.
-        let blocks = self.index.active.then(|| {
-            self.index.volumes.iter().map(|(v, m)| (v.clone(), m.clone())).collect::<Vec<_>>()
-        });
+        // The index from memory (a copy of the maps: milliseconds, where iterating
+        // sled's block entries took ~0.5 s at 200k blocks, all of it on the Raft thread).
+        let blocks = crate::index::read(&self.index).copy();
+        let pairs = self.other_pairs()?;
+        Ok(CheckpointView { pairs, blocks, at: self.blobs.end(), tmp: tmp.to_owned(), segments })
+    }
+
+    /// Every key but the blocks' (in memory) and the node-local ones.
+    fn other_pairs(&self) -> Result<Vec<(sled::IVec, sled::IVec)>, StateError> {
         let mut pairs = Vec::new();
-        let (before, after) = if blocks.is_some() {
-            (self.tree.range(..&b"b"[..]), Some(self.tree.range(&b"c"[..]..)))
-        } else {
-            (self.tree.range::<&[u8], _>(..), None)
-        };
-        for kv in before.chain(after.into_iter().flatten()) {
+        let before = self.tree.range(..&b"b"[..]);
+        let after = self.tree.range(&b"c"[..]..);
+        for kv in before.chain(after) {
             let (k, v) = kv?;
             if k.first() != Some(&LOCAL_PREFIX) {
                 pairs.push((k, v));
             }
         }
-        Ok(CheckpointView { pairs, blocks, tmp: tmp.to_owned(), segments })
+        Ok(pairs)
     }
 
     /// Asks sled to write its buffers out (not a durability point; see the module doc).
@@ -1241,6 +1211,7 @@ impl StateMachine {
 /// The state to put in a snapshot file; see [`StateMachine::snapshot_view`].
 pub struct SnapshotView {
     pairs: Vec<(sled::IVec, sled::IVec)>,
+    blocks: Vec<(Box<str>, BlockMap)>,
     blobs: BlobReader,
     dir: PathBuf,
 }
@@ -1269,26 +1240,24 @@ impl SnapshotView {
         meta: &SnapshotMetadata,
         cancel: &AtomicBool,
     ) -> Result<u64, StateError> {
+        let pairs =
+            self.pairs.iter().map(|(k, v)| Ok((Cow::Borrowed(&k[..]), Cow::Borrowed(&v[..]))));
         // Blocks go in as `version | data` (the snapshot is self-contained: a node that
         // installs it has none of this node's blob files).
-        let pairs = self.pairs.iter().map(|(k, v)| {
-            if !crate::snapshot::is_block_key(k) {
-                return Ok((Cow::Borrowed(&k[..]), Cow::Borrowed(&v[..])));
-            }
-            let corrupt = |reason: String| StateError::Corrupt { path: self.dir.clone(), reason };
-            let loc = Loc::decode(v)
-                .ok_or_else(|| corrupt(format!("block index entry of {} bytes", v.len())))?;
-            let data = self.blobs.read(k, &loc)?.ok_or_else(|| {
-                corrupt(format!(
+        let blocks = crate::snapshot::block_entries(&self.blocks).map(|(k, loc)| {
+            let data = self.blobs.read(&k, &loc)?.ok_or_else(|| StateError::Corrupt {
+                path: self.dir.clone(),
+                reason: format!(
                     "block record at segment {} offset {} is gone",
                     loc.segment, loc.offset
-                ))
+                ),
             })?;
             let mut b = Vec::with_capacity(8 + data.len());
             b.extend_from_slice(&be(loc.version));
             b.extend_from_slice(&data);
-            Ok((Cow::Borrowed(&k[..]), Cow::Owned(b)))
+            Ok((Cow::Owned(k), Cow::Owned(b)))
         });
+        let pairs = pairs.chain(blocks);
         let size = crate::snapshot::write_framed(tmp, SNAPSHOT_MAGIC, meta, cancel, pairs)?;
         let io = |source| StateError::Io { path: tmp.to_owned(), source };
         std::fs::rename(tmp, path).map_err(io)?;
@@ -1304,6 +1273,7 @@ impl SnapshotView {
 pub struct Reader {
     tree: sled::Tree,
     blobs: BlobReader,
+    index: SharedIndex,
 }
 
 impl Reader {
@@ -1324,19 +1294,23 @@ impl Reader {
         Ok(out)
     }
 
+    /// Blocks stored on this node (the block index's size).
+    pub fn block_count(&self) -> usize {
+        crate::index::read(&self.index).entries()
+    }
+
+    /// Whether `volume` has `block` stored.
+    pub fn has_block(&self, volume: &str, block: u64) -> bool {
+        crate::index::read(&self.index).get(volume, block).is_some()
+    }
+
     fn block(&self, volume: &str, block: u64) -> Result<pb::PssBlock, StateError> {
         let key = block_key(volume, block);
         // A collection may move the record between the index lookup and the read: look
         // again (it moves at most once per collection, and collections are rare).
         for _ in 0..3 {
-            let Some(v) = self.tree.get(&key)? else {
+            let Some(loc) = crate::index::read(&self.index).get(volume, block) else {
                 return Ok(pb::PssBlock { block, found: false, data: Vec::new(), version: 0 });
-            };
-            let Some(loc) = Loc::decode(&v) else {
-                return Err(StateError::Corrupt {
-                    path: PathBuf::from("sm"),
-                    reason: format!("block index entry of {} bytes", v.len()),
-                });
             };
             if let Some(data) = self.blobs.read(&key, &loc)? {
                 return Ok(pb::PssBlock { block, found: true, version: loc.version, data });
@@ -1352,29 +1326,20 @@ impl Reader {
         start_block: u64,
         limit: usize,
     ) -> Result<pb::ListBlocksReply, StateError> {
-        let prefix = block_prefix(volume);
-        let mut end = prefix.clone();
-        end.push(0xff);
-        let mut reply = pb::ListBlocksReply::default();
-        for kv in self.tree.range(block_key(volume, start_block)..) {
-            let (k, v) = kv?;
-            if !k.starts_with(&prefix) {
-                break;
-            }
-            let block = read_u64(&k[prefix.len()..]);
-            if reply.blocks.len() == limit {
-                reply.more = true;
-                reply.next_block = block;
-                break;
-            }
-            let loc = Loc::decode(&v).unwrap_or(Loc { version: 0, segment: 0, offset: 0, len: 0 });
-            reply.blocks.push(pb::BlockMeta {
-                block,
-                version: loc.version,
-                length: u32::try_from(loc.data_len(k.len())).unwrap_or(u32::MAX),
-            });
-        }
-        Ok(reply)
+        let key_len = block_prefix(volume).len() + 8;
+        let (blocks, next) = crate::index::read(&self.index).list(volume, start_block, limit);
+        Ok(pb::ListBlocksReply {
+            blocks: blocks
+                .into_iter()
+                .map(|(block, loc)| pb::BlockMeta {
+                    block,
+                    version: loc.version,
+                    length: u32::try_from(loc.data_len(key_len)).unwrap_or(u32::MAX),
+                })
+                .collect(),
+            more: next.is_some(),
+            next_block: next.unwrap_or(0),
+        })
     }
 }
 
@@ -1668,14 +1633,17 @@ mod tests {
             blob_segment_bytes: 64 * 1024,
             blob_gc_live_percent: 50,
             blob_gc_space_percent: 200,
-            block_index_cache_entries: 1 << 20,
             direct_io: true,
         };
         let mut sm = StateMachine::open(dir.path(), opts).unwrap();
         run(&mut sm, 2, &acquire_cmd("v", 1));
-        // 8 blocks of 1 KiB rewritten 50 times: ~400 KiB written, 8 KiB live.
+        // 8 blocks of 1 KiB rewritten 50 times: ~400 KiB written, 8 KiB live. A checkpoint
+        // after 45 rounds makes the segments before it collectable.
         let mut index = 3;
         for round in 0..50u64 {
+            if round == 45 {
+                checkpoint(&mut sm, &dir.path().join("snap"), index - 1);
+            }
             for block in 0..8u64 {
                 let data = vec![(round * 8 + block) as u8; 1024];
                 run(&mut sm, index, &write_cmd("v", 1, index, block, &data));
@@ -1730,20 +1698,12 @@ mod tests {
 
     #[test]
     fn a_checkpoint_links_segments_and_outlives_collection() {
-        // The block index copied from memory, and (over a tiny mirror limit) from sled.
-        for entries in [1 << 20, 2] {
-            checkpoint_round_trip(entries);
-        }
-    }
-
-    fn checkpoint_round_trip(block_index_cache_entries: usize) {
         let dir = tempfile::tempdir().unwrap();
         let opts = Options {
             dedupe_limit: 100,
             blob_segment_bytes: 64 * 1024,
             blob_gc_live_percent: 50,
             blob_gc_space_percent: 200,
-            block_index_cache_entries,
             direct_io: true,
         };
         let mut sm = StateMachine::open(&dir.path().join("sm"), opts).unwrap();
@@ -1765,7 +1725,9 @@ mod tests {
         let cp = dir.path().join("snap-1.d");
         let view = sm.checkpoint_view(&dir.path().join("snap-1.d.tmp")).unwrap();
         let meta = SnapshotMetadata { index: at, term: 1, ..Default::default() };
+        let blob_at = view.at();
         let index_bytes = view.write(&cp, &meta, &AtomicBool::new(false)).unwrap();
+        sm.set_index_base(IndexBase::Checkpoint { index: meta.index, at: blob_at }).unwrap();
         assert!(!dir.path().join("snap-1.d.tmp").exists());
         let linked: Vec<String> = std::fs::read_dir(&cp)
             .unwrap()
@@ -1818,72 +1780,124 @@ mod tests {
         assert!(matches!(third.load_snapshot(&cp), Err(StateError::Corrupt { .. })));
     }
 
+    /// Takes a checkpoint at `index` in `snap_dir` and makes it the index's base (what
+    /// the node does at a compaction), so collection may take the segments before it.
+    fn checkpoint(sm: &mut StateMachine, snap_dir: &Path, index: u64) {
+        std::fs::create_dir_all(snap_dir).unwrap();
+        let cp = crate::snapshot::checkpoint_path(snap_dir, index);
+        let view = sm.checkpoint_view(&cp.with_extension("d.tmp")).unwrap();
+        let at = view.at();
+        let meta = SnapshotMetadata { index, term: 1, ..Default::default() };
+        view.write(&cp, &meta, &AtomicBool::new(false)).unwrap();
+        sm.set_index_base(IndexBase::Checkpoint { index, at }).unwrap();
+    }
+
+    /// The block index as `(volume, block, version, bytes)`, sorted.
+    fn index_of(sm: &StateMachine) -> Vec<(String, u64, u64, Vec<u8>)> {
+        let entries: Vec<(String, u64)> =
+            crate::index::read(&sm.index).iter().map(|(v, b, _)| (v.to_owned(), b)).collect();
+        let mut out: Vec<_> = entries
+            .into_iter()
+            .map(|(v, b)| {
+                let blk = sm.reader().blocks(&v, &[b]).unwrap().remove(0);
+                assert!(blk.found, "{v}/{b} indexed but not readable");
+                (v, b, blk.version, blk.data)
+            })
+            .collect();
+        out.sort();
+        out
+    }
+
     #[test]
-    fn the_block_index_mirror_matches_sled_and_its_limit_changes_no_result() {
-        assert_eq!(parse_block_key(&block_key("car-7", 1 << 40)), Some(("car-7", 1 << 40)));
-        assert_eq!(parse_block_key(b"vcar-7"), None);
+    fn the_block_index_is_rebuilt_from_its_base_and_the_blob_log() {
         let dir = tempfile::tempdir().unwrap();
-        let opts = |entries| Options {
+        let sm_dir = dir.path().join("sm");
+        let snap_dir = dir.path().join("snap");
+        std::fs::create_dir_all(&snap_dir).unwrap();
+        let opts = |direct_io| Options {
             dedupe_limit: 100,
             blob_segment_bytes: 16 * 1024,
             blob_gc_live_percent: 50,
             blob_gc_space_percent: 200,
-            block_index_cache_entries: entries,
-            direct_io: entries > 3,
+            direct_io,
         };
-        let mut mirrored = StateMachine::open(&dir.path().join("a"), opts(1 << 20)).unwrap();
-        let mut capped = StateMachine::open(&dir.path().join("b"), opts(3)).unwrap();
-        let mut index = 2;
-        for sm in [&mut mirrored, &mut capped] {
-            run(sm, index, &acquire_cmd("v", 1));
-        }
-        // Writes over 10 blocks, every fifth op a delete, segments small enough to be
-        // collected: the same outcomes whether the mirror answers or sled does.
-        for seq in 1..400u64 {
-            index += 1;
-            let block = (seq * 7) % 10;
-            let mut cmd = write_cmd("v", 1, seq, block, &vec![seq as u8; 1000]);
-            if seq % 5 == 0 {
-                cmd.write.as_mut().unwrap().ops[0].delete = true;
+        let mut sm = StateMachine::open_in(&sm_dir, &snap_dir, opts(true)).unwrap();
+        let index = std::cell::Cell::new(2u64);
+        run(&mut sm, index.get(), &acquire_cmd("v", 1));
+        // Writes over 10 blocks, every fifth op a delete (a tombstone in the blob log).
+        let seq = std::cell::Cell::new(0u64);
+        let rounds = |sm: &mut StateMachine, n: u64| {
+            for _ in 0..n {
+                seq.set(seq.get() + 1);
+                index.set(index.get() + 1);
+                let s = seq.get();
+                let block = (s * 7) % 10;
+                let mut cmd = write_cmd("v", 1, s, block, &vec![s as u8; 1000]);
+                if s.is_multiple_of(5) {
+                    cmd.write.as_mut().unwrap().ops[0].delete = true;
+                }
+                run(sm, index.get(), &cmd);
             }
-            let a = run(&mut mirrored, index, &cmd);
-            let b = run(&mut capped, index, &cmd);
-            assert_eq!(format!("{a:?}"), format!("{b:?}"), "op {seq}");
-        }
-        assert!(
-            mirrored.index.active && !capped.index.active,
-            "the small limit dropped its mirror"
-        );
-        let blocks: Vec<u64> = (0..10).collect();
-        assert_eq!(
-            mirrored.reader().blocks("v", &blocks).unwrap(),
-            capped.reader().blocks("v", &blocks).unwrap()
-        );
-        assert_eq!(mirrored.reader().volume("v").unwrap(), capped.reader().volume("v").unwrap());
-        // The mirror holds exactly sled's block entries.
-        let check = |sm: &StateMachine| {
-            let mut in_sled = 0;
-            for kv in sm.tree.scan_prefix(b"b") {
-                let (k, v) = kv.unwrap();
-                let (vol, block) = parse_block_key(&k).unwrap();
-                assert_eq!(sm.index.get(vol, block), Some(Loc::decode(&v)), "block {block}");
-                in_sled += 1;
-            }
-            assert_eq!(sm.index.entries, in_sled);
         };
-        check(&mirrored);
-        // Rebuilt the same at open, and after a snapshot load.
-        drop(mirrored);
-        let mut mirrored = StateMachine::open(&dir.path().join("a"), opts(1 << 20)).unwrap();
-        check(&mirrored);
-        let snap = dir.path().join("snap");
-        capped
-            .write_snapshot(&snap, &SnapshotMetadata { index, term: 1, ..Default::default() })
-            .unwrap();
-        run(&mut mirrored, index + 1, &write_cmd("v", 1, 999, 11, b"after"));
-        mirrored.load_snapshot(&snap).unwrap();
-        check(&mirrored);
-        assert_eq!(mirrored.index.get("v", 11), Some(None), "the load replaced the mirror");
+        rounds(&mut sm, 120);
+        assert_eq!(sm.index_base(), IndexBase::Scratch);
+        assert!(sm.tree.scan_prefix(b"b").next().is_none(), "block entries are not in sled");
+        let want = index_of(&sm);
+        assert!(want.len() < 10, "deletes left some blocks out: {}", want.len());
+        // Rebuilt from the whole blob log (no base yet).
+        drop(sm);
+        let mut sm = StateMachine::open_in(&sm_dir, &snap_dir, opts(false)).unwrap();
+        assert_eq!(index_of(&sm), want, "rebuilt from scratch");
+        // A checkpoint becomes the base; more writes, collections (only below the base)
+        // and a reopen: the base's index plus the records after it.
+        let cp = crate::snapshot::checkpoint_path(&snap_dir, index.get());
+        let view = sm.checkpoint_view(&cp.with_extension("d.tmp")).unwrap();
+        let at = view.at();
+        let meta = SnapshotMetadata { index: index.get(), term: 1, ..Default::default() };
+        view.write(&cp, &meta, &AtomicBool::new(false)).unwrap();
+        sm.set_index_base(IndexBase::Checkpoint { index: index.get(), at }).unwrap();
+        rounds(&mut sm, 200);
+        sm.finish_collections().unwrap();
+        let want = index_of(&sm);
+        let volume_before = sm.reader().volume("v").unwrap();
+        drop(sm);
+        let sm = StateMachine::open_in(&sm_dir, &snap_dir, opts(true)).unwrap();
+        assert_eq!(sm.index_base(), IndexBase::Checkpoint { index: meta.index, at });
+        assert_eq!(index_of(&sm), want, "rebuilt from the checkpoint and the records after it");
+        assert_eq!(sm.reader().volume("v").unwrap(), volume_before);
+        let count = want.len() as u64;
+        assert_eq!(volume_before.unwrap().block_count, count);
+        assert_eq!(sm.reader().list("v", 0, 100).unwrap().blocks.len() as u64, count);
+    }
+
+    #[test]
+    fn a_state_directory_with_the_index_in_sled_is_adopted() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut sm = StateMachine::open(dir.path(), Options::with_dedupe(100)).unwrap();
+        run(&mut sm, 2, &acquire_cmd("v", 1));
+        run(&mut sm, 3, &write_cmd("v", 1, 1, 7, b"seven"));
+        run(&mut sm, 4, &write_cmd("v", 1, 2, 8, b"eight"));
+        // As an older PSS left it: every block entry in sled, no index base.
+        let entries: Vec<(Vec<u8>, Loc)> =
+            crate::index::read(&sm.index).iter().map(|(v, b, l)| (block_key(v, b), l)).collect();
+        for (k, l) in &entries {
+            sm.tree.insert(k, &l.encode()).unwrap();
+        }
+        sm.tree.remove(LOCAL_INDEX_BASE).unwrap();
+        drop(sm);
+        let mut sm = StateMachine::open(dir.path(), Options::with_dedupe(100)).unwrap();
+        assert!(matches!(sm.index_base(), IndexBase::Sled { .. }));
+        run(&mut sm, 5, &write_cmd("v", 1, 3, 9, b"nine"));
+        drop(sm);
+        // sled's entries are the base; the newer write comes from the blob log.
+        let mut sm = StateMachine::open(dir.path(), Options::with_dedupe(100)).unwrap();
+        let got = sm.reader().blocks("v", &[7, 8, 9]).unwrap();
+        assert_eq!(got[0].data, b"seven");
+        assert_eq!(got[1].data, b"eight");
+        assert_eq!(got[2].data, b"nine");
+        // The first checkpoint base drops them from sled.
+        sm.set_index_base(IndexBase::Checkpoint { index: 5, at: sm.blobs.end() }).unwrap();
+        assert!(sm.tree.scan_prefix(b"b").next().is_none());
     }
 
     #[test]
