@@ -37,18 +37,32 @@ unsafe impl Send for Aligned {}
 unsafe impl Sync for Aligned {}
 
 impl Aligned {
+    /// An uninitialized buffer of at least `cap` bytes (not zeroed: zeroing a fresh
+    /// multi-MiB buffer faulted in every page of it; every byte written out is filled
+    /// first, see [`Aligned::fill`]).
     fn new(cap: usize) -> Self {
         let cap = cap.max(BLOCK).next_multiple_of(BLOCK);
         let layout = Layout::from_size_align(cap, BLOCK).expect("a valid layout");
         // SAFETY: the layout has a non-zero size.
-        let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
+        let ptr = unsafe { std::alloc::alloc(layout) };
         let Some(ptr) = std::ptr::NonNull::new(ptr) else { std::alloc::handle_alloc_error(layout) };
         Self { ptr, cap }
     }
 
-    fn as_mut_slice(&mut self) -> &mut [u8] {
-        // SAFETY: `ptr` points to `cap` initialized (zeroed, then written) bytes we own.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.cap) }
+    /// Writes `head`, then `data`, then zeros up to `len` bytes (`len <= cap`, and at
+    /// least `head` and `data` long), and returns those `len` bytes.
+    fn fill(&mut self, head: &[u8], data: &[u8], len: usize) -> &[u8] {
+        let used = head.len() + data.len();
+        assert!(used <= len && len <= self.cap, "aligned buffer overrun");
+        let p = self.ptr.as_ptr();
+        // SAFETY: every write is within the `cap` bytes we own (checked above); the slice
+        // returned covers only bytes written here.
+        unsafe {
+            std::ptr::copy_nonoverlapping(head.as_ptr(), p, head.len());
+            std::ptr::copy_nonoverlapping(data.as_ptr(), p.add(head.len()), data.len());
+            std::ptr::write_bytes(p.add(used), 0, len - used);
+            std::slice::from_raw_parts(p, len)
+        }
     }
 }
 
@@ -60,8 +74,10 @@ impl Drop for Aligned {
     }
 }
 
-/// Largest write buffer kept between appends, in bytes (a larger one is freed after use).
-const KEEP_BUFFER_BYTES: usize = 8 << 20;
+/// Largest write buffer kept between appends, in bytes (a larger one is freed after use):
+/// a group of write-back batches is often tens of MiB, and a fresh buffer that size is
+/// fresh pages the kernel (and here the host) has to fault in.
+const KEEP_BUFFER_BYTES: usize = 32 << 20;
 
 /// An append-only writer of one file, `O_DIRECT` where the file system allows it.
 pub struct Appender {
@@ -134,12 +150,11 @@ impl Appender {
         let padded = used.next_multiple_of(BLOCK);
         let mut buf = match self.buf.take() {
             Some(b) if b.cap >= padded => b,
-            _ => Aligned::new(padded),
+            // Grown geometrically, so a rising write size allocates a few times, not each.
+            Some(b) => Aligned::new(padded.max(b.cap * 2)),
+            None => Aligned::new(padded),
         };
-        let out = &mut buf.as_mut_slice()[..padded];
-        out[..self.tail.len()].copy_from_slice(&self.tail);
-        out[self.tail.len()..used].copy_from_slice(data);
-        out[used..].fill(0);
+        let out = buf.fill(&self.tail, data, padded);
         let written = self.file.write_all_at(out, start);
         let keep = used % BLOCK;
         self.tail.clear();

@@ -47,6 +47,8 @@ const LOCAL_INDEX_BASE: &[u8] = b"xindex_base";
 /// 4 KiB, so a group-commit entry of hundreds of blocks waited on sled's IO threads
 /// several times per apply. Fixed when a state machine directory is created.
 const SLED_SEGMENT_BYTES: usize = 8 * 1024 * 1024;
+/// Largest blob record buffer kept between groups, in bytes (see `direct`'s buffer).
+const KEEP_RECORDS_BYTES: usize = 32 << 20;
 /// Longest wait for sled's file lock at open (held briefly by a just-dropped instance).
 const SLED_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
@@ -651,7 +653,7 @@ impl StateMachine {
         p.txn.batch.insert(META_DEDUPE_COUNT, &be(self.dedupe_count));
         debug_assert_eq!(p.base, self.blobs.end());
         self.blobs.append(&p.records)?;
-        if p.records.capacity() <= 8 << 20 {
+        if p.records.capacity() <= KEEP_RECORDS_BYTES {
             p.records.clear();
             self.spare_records = std::mem::take(&mut p.records);
         }
@@ -1019,6 +1021,11 @@ impl StateMachine {
                 meta.block_size
             ))));
         }
+        // Room for this command's records at once (a write-back batch is ~1 MiB).
+        let key_len = block_prefix(&req.volume).len() + 8;
+        let need: usize =
+            req.ops.iter().map(|o| crate::blobs::HEADER + key_len + o.data.len()).sum();
+        p.records.reserve(need);
         for op in &req.ops {
             let bkey = block_key(&req.volume, op.block);
             // This group's own earlier change first, then the shared index.

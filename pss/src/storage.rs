@@ -414,7 +414,10 @@ pub struct DurableLog {
 }
 
 /// Largest record buffer kept between appends, in bytes (a larger one is freed after use).
-const KEEP_BUFFER_BYTES: usize = 8 << 20;
+const KEEP_BUFFER_BYTES: usize = 32 << 20;
+
+/// Entry bytes per log record (a larger entry still goes whole, in a record of its own).
+const RECORD_BYTES: usize = 4 << 20;
 
 /// A compaction that leaves no entry in the active segment starts a new one (so the old
 /// one can go) once the active one holds at least this many bytes.
@@ -660,13 +663,27 @@ impl DurableLog {
     }
 
     /// Appends entries (a suffix that may overwrite a conflicting tail).
+    /// A Ready's entries go out as records of about [`RECORD_BYTES`] each, so the record
+    /// buffer stays small enough to be reused (a Ready of write-backs is tens of MiB, and
+    /// a fresh buffer that size was a fault and a zeroed page per 4 KiB).
     pub fn append(&mut self, core: &RaftStorage, ents: &[Entry]) -> Result<(), LogError> {
-        if ents.is_empty() {
-            return Ok(());
+        let mut rest = ents;
+        while !rest.is_empty() {
+            let mut bytes = 0usize;
+            let n = rest
+                .iter()
+                .take_while(|e| {
+                    let first = bytes == 0;
+                    bytes += 4 + e.compute_size() as usize;
+                    first || bytes <= RECORD_BYTES
+                })
+                .count();
+            let (chunk, later) = rest.split_at(n);
+            let at =
+                self.record_with(core, KIND_ENTRIES, |buf| encode_entries_into(buf, chunk), true)?;
+            core.write().append(chunk, at);
+            rest = later;
         }
-        let at =
-            self.record_with(core, KIND_ENTRIES, |buf| encode_entries_into(buf, ents), true)?;
-        core.write().append(ents, at);
         Ok(())
     }
 
@@ -762,8 +779,12 @@ pub fn sync_dir(dir: &Path) -> std::io::Result<()> {
 
 /// Appends each entry as `length u32 | protobuf`, encoded straight into `out`.
 fn encode_entries_into(out: &mut Vec<u8>, ents: &[Entry]) {
+    // One allocation for the whole record (a Ready of write-backs is tens of MiB: growing
+    // by doubling copied it several times, into fresh pages each time).
+    let total: usize = ents.iter().map(|e| 4 + e.compute_size() as usize).sum();
+    out.reserve(total);
     for e in ents {
-        let len = e.compute_size();
+        let len = e.get_cached_size();
         out.extend_from_slice(&len.to_le_bytes());
         let at = out.len();
         if e.write_to_vec(out).is_err() {
@@ -1020,6 +1041,33 @@ mod tests {
             panic!("a corrupt closed segment was accepted")
         };
         assert!(err.to_string().contains("raft-0000000000000001.log"), "{err}");
+    }
+
+    #[test]
+    fn a_large_append_is_split_into_records_that_replay_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut log, core, _) = open(dir.path()).unwrap();
+        let store = RaftStorage { core: Arc::new(RwLock::new(core)), ..Default::default() };
+        // Ten 1 MiB entries: more than one record's worth.
+        let big = |i: u64| Entry {
+            index: i,
+            term: 1,
+            data: vec![i as u8; 1 << 20].into(),
+            ..Default::default()
+        };
+        log.append(&store, &(1..=10).map(big).collect::<Vec<_>>()).unwrap();
+        log.sync().unwrap();
+        assert!(store.read().spans.len() >= 3, "{} records", store.read().spans.len());
+        drop(log);
+        let (_log, core, _) = open(dir.path()).unwrap();
+        let store = RaftStorage { core: Arc::new(RwLock::new(core)), ..Default::default() };
+        store.write().trim(10, 0);
+        let got =
+            raft::Storage::entries(&store, 1, 11, None, GetEntriesContext::empty(false)).unwrap();
+        assert_eq!(got.len(), 10);
+        for e in got {
+            assert!(e.data.len() == 1 << 20 && e.data.iter().all(|&b| b == e.index as u8));
+        }
     }
 
     #[test]
