@@ -74,6 +74,9 @@ impl Drop for Aligned {
     }
 }
 
+/// Most bytes one direct write carries (a larger append is written in pieces).
+const WRITE_BYTES: usize = 4 << 20;
+
 /// Largest write buffer kept between appends, in bytes (a larger one is freed after use):
 /// a group of write-back batches is often tens of MiB, and a fresh buffer that size is
 /// fresh pages the kernel (and here the host) has to fault in.
@@ -145,6 +148,14 @@ impl Appender {
             self.len += data.len() as u64;
             return Ok(());
         }
+        // In pieces, so the aligned buffer stays small enough to be kept.
+        for piece in data.chunks(WRITE_BYTES) {
+            self.append_direct(piece)?;
+        }
+        Ok(())
+    }
+
+    fn append_direct(&mut self, data: &[u8]) -> io::Result<()> {
         let start = self.len - self.tail.len() as u64;
         let used = self.tail.len() + data.len();
         let padded = used.next_multiple_of(BLOCK);

@@ -47,6 +47,8 @@ const LOCAL_INDEX_BASE: &[u8] = b"xindex_base";
 /// 4 KiB, so a group-commit entry of hundreds of blocks waited on sled's IO threads
 /// several times per apply. Fixed when a state machine directory is created.
 const SLED_SEGMENT_BYTES: usize = 8 * 1024 * 1024;
+/// Blob record bytes a group buffers before writing them out, in bytes.
+const FLUSH_RECORDS_BYTES: usize = 4 << 20;
 /// Largest blob record buffer kept between groups, in bytes (see `direct`'s buffer).
 const KEEP_RECORDS_BYTES: usize = 32 << 20;
 /// Longest wait for sled's file lock at open (held briefly by a just-dropped instance).
@@ -1056,6 +1058,13 @@ impl StateMachine {
             }
             p.index.insert(bkey, Some(loc));
         }
+        if p.records.len() >= FLUSH_RECORDS_BYTES {
+            // Written as the group goes (before anything points at them; nothing else
+            // appends until the group commits), so the buffer stays reusable.
+            self.blobs.append(&p.records)?;
+            p.base.1 += p.records.len() as u64;
+            p.records.clear();
+        }
         meta.persisted_lsn = meta.persisted_lsn.max(req.persisted_lsn);
         let reply = pb::WriteBatchReply {
             raft_index: index,
@@ -1875,6 +1884,40 @@ mod tests {
         let count = want.len() as u64;
         assert_eq!(volume_before.unwrap().block_count, count);
         assert_eq!(sm.reader().list("v", 0, 100).unwrap().blocks.len() as u64, count);
+    }
+
+    #[test]
+    fn a_group_larger_than_the_record_buffer_is_written_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut sm = StateMachine::open(dir.path(), Options::with_dedupe(100)).unwrap();
+        run(&mut sm, 2, &acquire_cmd("v", 1));
+        // Two commands of 700 blocks (~5.7 MiB of records) in one group: the records
+        // go out as the group goes.
+        let mut p = sm.begin();
+        for c in 0..2u64 {
+            let mut cmd = write_cmd("v", 1, 10 + c, 0, b"");
+            cmd.write.as_mut().unwrap().ops = (0..700u64)
+                .map(|b| pb::PssBlockOp {
+                    block: c * 1000 + b,
+                    data: vec![(b % 251) as u8 + c as u8; 4096],
+                    delete: false,
+                    version: 0,
+                })
+                .collect();
+            assert!(matches!(sm.apply(&mut p, 3 + c, &cmd).unwrap(), Outcome::Write(Ok(_))));
+        }
+        sm.commit(p, 4, None).unwrap();
+        let check = |sm: &StateMachine| {
+            for c in 0..2u64 {
+                let blocks: Vec<u64> = (0..700).map(|b| c * 1000 + b).collect();
+                for (b, got) in sm.reader().blocks("v", &blocks).unwrap().iter().enumerate() {
+                    assert_eq!(got.data, vec![(b as u64 % 251) as u8 + c as u8; 4096]);
+                }
+            }
+        };
+        check(&sm);
+        drop(sm);
+        check(&StateMachine::open(dir.path(), Options::with_dedupe(100)).unwrap());
     }
 
     #[test]
