@@ -56,7 +56,10 @@ pub struct Config {
     /// Threads dedicated to serving gRPC connections, each connection on one of them for
     /// its whole life: less CPU per small request (no hops between runtime workers), but a
     /// single bulk stream (a migration) is then served by one thread. 0: connections are
-    /// served by the process's runtime workers.
+    /// served by the process's runtime workers. Default: half the CPUs this process may
+    /// use, at least 1, so write-back and migrations (on the runtime workers) keep CPUs
+    /// of their own (on 2 CPUs, 1 serving thread served 16 vehicles' unary calls 1.4-1.5x
+    /// faster than the runtime workers did).
     pub serve_threads: usize,
     /// Longest wait of a request behind a paused (switching) volume, in milliseconds.
     pub pause_wait_ms: u64,
@@ -74,6 +77,11 @@ pub struct Config {
     pub pss_deadline_ms: u64,
     /// Longest a shutdown waits for write-back to drain, in milliseconds.
     pub shutdown_flush_timeout_ms: u64,
+}
+
+/// Half the CPUs this process may use, at least 1 (see `Config::serve_threads`).
+pub fn default_serve_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1))
 }
 
 impl Default for Config {
@@ -97,7 +105,7 @@ impl Default for Config {
             max_stream_inflight_ops: 256,
             max_stream_batch_ops: 256,
             max_concurrent_streams: 1024,
-            serve_threads: 0,
+            serve_threads: default_serve_threads(),
             pause_wait_ms: 5_000,
             migration_max_rounds: 8,
             migration_switch_below_bytes: 1 << 20,
