@@ -9,7 +9,10 @@
 //! `Pending`), so h2 encodes whatever else is ready; the second flush writes it all with
 //! one `write`. It is TCP_CORK in user space, bounded two ways:
 //!
-//! - **time**: data waits for at most one yield of its own task, never for the peer;
+//! - **time**: data waits for one yield of its own task, and one more after each large
+//!   payload the task adds (h2 flushes after every DATA payload it chains, so a reply of
+//!   several DATA frames would otherwise leave in one `write` per frame; a 64 KiB batch
+//!   reply to a peer with 16 KiB frames cost 4-5), never for the peer;
 //! - **memory**: more than [`CORK_MAX_BYTES`] pending is written at once, and a write
 //!   larger than that goes straight through (after what is pending).
 
@@ -20,6 +23,11 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// Most bytes a [`CorkedIo`] holds back before writing them out, in bytes.
 pub const CORK_MAX_BYTES: usize = 256 * 1024;
+
+/// A write whose last piece is larger than this many bytes is taken for a DATA payload
+/// h2 chained (h2 chains payloads of 256 bytes and more when the writer is vectored), and
+/// the flush after it yields once more.
+const CHAINED_PAYLOAD_BYTES: usize = 256;
 
 /// A connection whose small writes are gathered until the task yields once (see the
 /// module docs).
@@ -32,11 +40,13 @@ pub struct CorkedIo<T> {
     sent: usize,
     /// The task has yielded once since the first flush found bytes pending.
     yielded: bool,
+    /// The last write ended with a large payload: more frames may follow at once.
+    chained: bool,
 }
 
 impl<T> CorkedIo<T> {
     pub fn new(inner: T) -> Self {
-        Self { inner, buf: Vec::new(), sent: 0, yielded: false }
+        Self { inner, buf: Vec::new(), sent: 0, yielded: false, chained: false }
     }
 
     pub fn get_ref(&self) -> &T {
@@ -61,6 +71,7 @@ impl<T: AsyncWrite + Unpin> CorkedIo<T> {
         self.buf.clear();
         self.sent = 0;
         self.yielded = false;
+        self.chained = false;
         Poll::Ready(Ok(()))
     }
 
@@ -85,6 +96,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for CorkedIo<T> {
             return Pin::new(&mut me.inner).poll_write(cx, data);
         }
         me.buf.extend_from_slice(data);
+        me.chained = data.len() > CHAINED_PAYLOAD_BYTES;
         Poll::Ready(Ok(data.len()))
     }
 
@@ -101,6 +113,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for CorkedIo<T> {
         for b in bufs {
             me.buf.extend_from_slice(b);
         }
+        me.chained = bufs.last().is_some_and(|b| b.len() > CHAINED_PAYLOAD_BYTES);
         Poll::Ready(Ok(len))
     }
 
@@ -114,10 +127,12 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for CorkedIo<T> {
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let me = self.get_mut();
         if me.pending() > 0 {
-            if !me.yielded {
+            if !me.yielded || me.chained {
                 // Let the task's other ready frames join these: it is polled again at
-                // once (it woke itself), and that flush writes everything.
+                // once (it woke itself), and the flush that finds no new payload writes
+                // everything.
                 me.yielded = true;
+                me.chained = false;
                 cx.waker().wake_by_ref();
                 return Poll::Pending;
             }
@@ -213,6 +228,38 @@ mod tests {
         let mut p = Pin::new(&mut io);
         assert!(matches!(p.as_mut().poll_flush(&mut cx), Poll::Ready(Ok(()))));
         assert!(matches!(p.as_mut().poll_write(&mut cx, b"x"), Poll::Ready(Ok(1))));
+        assert!(p.as_mut().poll_flush(&mut cx).is_pending());
+        assert!(matches!(p.as_mut().poll_flush(&mut cx), Poll::Ready(Ok(()))));
+        assert_eq!(io.get_ref().writes.len(), 2);
+    }
+
+    #[test]
+    fn a_reply_of_several_large_data_frames_leaves_in_one_write() {
+        let wakes = Arc::new(Count(0.into()));
+        let waker = std::task::Waker::from(wakes.clone());
+        let mut cx = Context::from_waker(&waker);
+        let mut io = CorkedIo::new(Calls::default());
+        let mut p = Pin::new(&mut io);
+        let payload = vec![7u8; 16 * 1024];
+        // As h2 does: a frame header chained with a large payload, then a flush, per frame.
+        for frame in 0..4u8 {
+            let header = [frame; 9];
+            let v = [io::IoSlice::new(&header), io::IoSlice::new(&payload)];
+            assert!(matches!(p.as_mut().poll_write_vectored(&mut cx, &v), Poll::Ready(Ok(_))));
+            assert!(p.as_mut().poll_flush(&mut cx).is_pending(), "frame {frame} yields");
+        }
+        assert!(p.as_ref().get_ref().get_ref().writes.is_empty());
+        // Small frames (trailers) do not make the flush after them wait again...
+        assert!(matches!(p.as_mut().poll_write(&mut cx, b"trailers"), Poll::Ready(Ok(8))));
+        assert!(matches!(p.as_mut().poll_flush(&mut cx), Poll::Ready(Ok(()))));
+        assert_eq!(wakes.0.load(std::sync::atomic::Ordering::SeqCst), 4);
+        let writes = &io.get_ref().writes;
+        assert_eq!(writes.len(), 1, "one write for the whole reply");
+        assert_eq!(writes[0].len(), 4 * (9 + payload.len()) + 8);
+        // ...and a flush with nothing new since a yield writes at once.
+        let mut p = Pin::new(&mut io);
+        let v = [io::IoSlice::new(&payload)];
+        assert!(matches!(p.as_mut().poll_write_vectored(&mut cx, &v), Poll::Ready(Ok(_))));
         assert!(p.as_mut().poll_flush(&mut cx).is_pending());
         assert!(matches!(p.as_mut().poll_flush(&mut cx), Poll::Ready(Ok(()))));
         assert_eq!(io.get_ref().writes.len(), 2);
