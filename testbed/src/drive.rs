@@ -452,6 +452,10 @@ pub async fn deploy(deployment: &Deployment, sc: &Scenario) -> anyhow::Result<De
                     node_id: name.clone(),
                     pss: pss.clone(),
                     listen: listener.local_addr()?.to_string(),
+                    // Every RSU's NMS shares this process: they are served by its runtime
+                    // instead of each taking serving threads (the default assumes one NMS
+                    // per machine).
+                    serve_threads: 0,
                     ..Default::default()
                 };
                 servers.spawn(wayside_nms::server::run(cfg, listener, nodes.child_token()));
