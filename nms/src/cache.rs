@@ -109,7 +109,9 @@ pub struct Volume {
     cached_bytes: u64,
     inflight: Option<Vec<(BlockNo, u64, Lsn)>>,
     applied: HashMap<RequestId, Applied>,
-    applied_order: VecDeque<RequestId>,
+    /// The same ids (and outcomes) oldest first, so a migration copies a range of them
+    /// without a map lookup per id.
+    applied_order: VecDeque<(RequestId, Applied)>,
     /// Ids ever remembered: `applied_order[i]` is the `(applied_total - len + i)`th.
     /// A migration sends the ids past a mark each round, so the switch carries few.
     applied_total: u64,
@@ -143,11 +145,11 @@ impl Volume {
             return;
         }
         while self.applied_order.len() >= cap {
-            if let Some(old) = self.applied_order.pop_front() {
+            if let Some((old, _)) = self.applied_order.pop_front() {
                 self.applied.remove(&old);
             }
         }
-        self.applied_order.push_back(id.clone());
+        self.applied_order.push_back((id.clone(), applied));
         self.applied.insert(id, applied);
         self.applied_total += 1;
     }
@@ -155,13 +157,10 @@ impl Volume {
     /// Ids already forgotten here are forgotten for the target too.
     pub fn applied_since(&self, mark: u64) -> (Vec<(RequestId, Applied)>, u64) {
         let first = self.applied_total - self.applied_order.len() as u64;
-        let skip = usize::try_from(mark.saturating_sub(first)).unwrap_or(usize::MAX);
-        let out = self
-            .applied_order
-            .iter()
-            .skip(skip)
-            .filter_map(|id| self.applied.get(id).map(|a| (id.clone(), *a)))
-            .collect();
+        let skip = usize::try_from(mark.saturating_sub(first))
+            .unwrap_or(usize::MAX)
+            .min(self.applied_order.len());
+        let out = self.applied_order.range(skip..).cloned().collect();
         (out, self.applied_total)
     }
 }
@@ -713,13 +712,12 @@ impl Cache {
 
     // ---- migration, source side ----
 
-    /// Starts tracking changed blocks and returns every cached block, hottest first.
+    /// Starts tracking changed blocks and returns every cached block, in no order (sort
+    /// them with [`hottest_first`] after letting go of the cache).
     pub fn snapshot_all(&mut self, name: &VolumeName) -> Vec<MigBlock> {
         let Some(v) = self.volumes.get_mut(name) else { return Vec::new() };
         v.changed = Some(HashSet::new());
-        let mut out: Vec<MigBlock> = v.entries.iter().map(|(&b, e)| mig_block(b, e)).collect();
-        out.sort_by(|a, b| b.heat.cmp(&a.heat).then(a.block.cmp(&b.block)));
-        out
+        v.entries.iter().map(|(&b, e)| mig_block(b, e)).collect()
     }
 
     /// Bytes of the blocks changed since the last snapshot.
@@ -733,16 +731,12 @@ impl Cache {
             .sum()
     }
 
-    /// The blocks changed since the last snapshot, hottest first; tracking restarts.
+    /// The blocks changed since the last snapshot, in no order (see [`hottest_first`]);
+    /// tracking restarts.
     pub fn snapshot_changed(&mut self, name: &VolumeName) -> Vec<MigBlock> {
         let Some(v) = self.volumes.get_mut(name) else { return Vec::new() };
         let Some(changed) = v.changed.replace(HashSet::new()) else { return Vec::new() };
-        let mut out: Vec<MigBlock> = changed
-            .into_iter()
-            .filter_map(|b| v.entries.get(&b).map(|e| mig_block(b, e)))
-            .collect();
-        out.sort_by(|a, b| b.heat.cmp(&a.heat).then(a.block.cmp(&b.block)));
-        out
+        changed.into_iter().filter_map(|b| v.entries.get(&b).map(|e| mig_block(b, e))).collect()
     }
 
     /// Stops tracking changes (migration finished or aborted).
@@ -846,6 +840,12 @@ impl Cache {
         }
         v.state = VolumeState::Active;
     }
+}
+
+/// Orders a migration snapshot hottest first (ties by block number), the order its blocks
+/// travel in. Done outside the cache lock: sorting 16k blocks held every vehicle up ~1 ms.
+pub fn hottest_first(blocks: &mut [MigBlock]) {
+    blocks.sort_unstable_by(|a, b| b.heat.cmp(&a.heat).then(a.block.cmp(&b.block)));
 }
 
 fn mig_block(block: BlockNo, e: &Entry) -> MigBlock {
@@ -1073,7 +1073,8 @@ mod tests {
         for _ in 0..5 {
             c.read(&v, 2, 0, None).unwrap();
         }
-        let all = c.snapshot_all(&v);
+        let mut all = c.snapshot_all(&v);
+        hottest_first(&mut all);
         assert_eq!(all.iter().map(|b| b.block).collect::<Vec<_>>(), vec![2, 1]);
         assert!(all.iter().all(|b| b.dirty));
         c.write(&v, 1, 0, &full(3), None).unwrap();

@@ -125,7 +125,8 @@ pub struct Lsn(pub u64);
 /// Identifies one client request for idempotent retries and replays.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct RequestId {
-    client_id: String,
+    /// Shared: a copy (dedupe tables, a migration's list of applied ids) costs no allocation.
+    client_id: std::sync::Arc<str>,
     seq: u64,
 }
 
@@ -138,7 +139,7 @@ impl RequestId {
         if seq == 0 {
             return Err(TypeError::ZeroSeq);
         }
-        Ok(Self { client_id, seq })
+        Ok(Self { client_id: client_id.into(), seq })
     }
     pub fn client_id(&self) -> &str {
         &self.client_id

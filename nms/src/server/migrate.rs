@@ -14,7 +14,7 @@
 //! INVALID_ARGUMENT and the incoming volume is dropped.
 
 use super::Node;
-use crate::cache::{Applied, MigBlock, Retired, VolumeState};
+use crate::cache::{hottest_first, Applied, MigBlock, Retired, VolumeState};
 use crate::error::NmsError;
 use crate::store::StoreError;
 use bytes::Bytes;
@@ -101,15 +101,16 @@ impl Link {
             Ok(Ok(Some(a))) => a.ack.ok_or_else(|| "empty ack".into()),
         }
     }
-    /// Sends blocks in frames of at most `frame_bytes`, then RoundEnd with the request
+    /// Sends blocks (hottest first) in frames of at most `frame_bytes`, then RoundEnd with the request
     /// ids remembered since the previous round.
     async fn round(
         &self,
         round: u32,
-        blocks: Vec<MigBlock>,
+        mut blocks: Vec<MigBlock>,
         applied: Vec<pb::AppliedRequest>,
         frame_bytes: u64,
     ) -> Result<(u64, u64), String> {
+        hottest_first(&mut blocks);
         let (mut n, mut bytes) = (0u64, 0u64);
         let mut frame = Vec::new();
         let mut fb = 0u64;
@@ -281,8 +282,16 @@ impl Node {
         // never carries a block without the id (the switch carries what came after).
         let (mut blocks, mut applied, mut mark) = {
             let mut core = self.core();
+            let held = Instant::now();
             let blocks = core.snapshot_all(v);
             let (applied, mark) = core.volume(v).map(|x| x.applied_since(0)).unwrap_or_default();
+            drop(core);
+            tracing::debug!(
+                blocks = blocks.len(),
+                request_ids = applied.len(),
+                held_us = us(held.elapsed()),
+                "round 1 snapshot taken (cache lock held)"
+            );
             (blocks, applied, mark)
         };
         loop {
