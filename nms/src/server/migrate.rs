@@ -43,6 +43,39 @@ fn release(old: Option<Retired>) {
     }
 }
 
+/// When pre-copy stops and the switch begins (the vehicle waits while the switch sends
+/// what changed in the last round), like QEMU's downtime limit.
+#[derive(Debug, Clone, Copy)]
+struct SwitchRule {
+    /// Rounds at most: the switch follows the last one whatever is left.
+    max_rounds: u32,
+    /// The changed data must be at most this many bytes...
+    below_bytes: u64,
+    /// ...and, at the fastest rate a round reached, take at most this many microseconds
+    /// to send (0: no time condition).
+    transfer_us: u64,
+}
+
+impl SwitchRule {
+    /// After `round` sent `sent` bytes: `changed` bytes changed meanwhile; `rate` is the
+    /// fastest rate of the rounds so far, in bytes per second.
+    fn switch_now(&self, round: u32, changed: u64, sent: u64, rate: f64) -> bool {
+        if round >= self.max_rounds {
+            return true;
+        }
+        if changed > self.below_bytes {
+            return false;
+        }
+        if self.transfer_us == 0 || rate <= 0.0 {
+            return true;
+        }
+        let transfer_us = changed as f64 / rate * 1e6;
+        // Another round helps only if the changes shrink: a vehicle writing as fast as
+        // the link carries keeps them as large as the round that sent them.
+        transfer_us <= self.transfer_us as f64 || changed >= sent
+    }
+}
+
 fn applied_to_pb(applied: Vec<(RequestId, Applied)>) -> Vec<pb::AppliedRequest> {
     applied
         .into_iter()
@@ -294,6 +327,8 @@ impl Node {
             );
             (blocks, applied, mark)
         };
+        // The fastest a round carried data to the target, in bytes per second.
+        let mut rate = 0f64;
         loop {
             let t = Instant::now();
             let (n, bytes) = link.round(round, blocks, applied_to_pb(applied), frame_bytes).await?;
@@ -301,11 +336,13 @@ impl Node {
                 Ack::Round(_) => {}
                 other => return Err(format!("expected RoundAck, got {other:?}")),
             }
+            let took = t.elapsed();
+            rate = rate.max(bytes as f64 / took.as_secs_f64().max(1e-6));
             report.rounds.push(pb::RoundReport {
                 round,
                 blocks: n,
                 bytes,
-                duration_us: us(t.elapsed()),
+                duration_us: us(took),
             });
             report.bytes_moved += bytes;
             report.blocks_moved += n;
@@ -313,7 +350,13 @@ impl Node {
                 return Err("node shutting down".into());
             }
             let changed = self.core().changed_bytes(v);
-            if changed <= switch_below || round >= max_rounds {
+            let rule = SwitchRule {
+                max_rounds,
+                below_bytes: switch_below,
+                transfer_us: self.cfg.migration_switch_transfer_us,
+            };
+            if rule.switch_now(round, changed, bytes, rate) {
+                tracing::debug!(round, changed, rate, "switching");
                 break;
             }
             round += 1;
@@ -654,5 +697,33 @@ impl pb::migration_server::Migration for Node {
             .instrument(span),
         );
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::SwitchRule;
+
+    const GBIT: f64 = 125e6;
+
+    #[test]
+    fn the_switch_waits_for_changes_small_in_bytes_and_in_time() {
+        let rule = SwitchRule { max_rounds: 8, below_bytes: 1 << 20, transfer_us: 2_000 };
+        // Over the 1 MiB threshold: another round.
+        assert!(!rule.switch_now(1, 8 << 20, 64 << 20, GBIT));
+        // Under it, but 930 KB is ~7.4 ms at 1 Gbit/s: another round, as the changes shrink.
+        assert!(!rule.switch_now(2, 930_000, 8 << 20, GBIT));
+        // 100 KB is 0.8 ms: switch.
+        assert!(rule.switch_now(3, 100_000, 930_000, GBIT));
+        // On loopback (~2.5 GB/s) 930 KB is 0.4 ms: switch.
+        assert!(rule.switch_now(2, 930_000, 64 << 20, 2.5e9));
+        // Changes as large as the round that sent them (the vehicle writes as fast as the
+        // link carries): more rounds would not help, switch.
+        assert!(rule.switch_now(3, 900_000, 900_000, GBIT));
+        // Rounds spent: switch whatever is left.
+        assert!(rule.switch_now(8, 8 << 20, 8 << 20, GBIT));
+        // No time condition: the byte threshold alone.
+        let bytes_only = SwitchRule { transfer_us: 0, ..rule };
+        assert!(bytes_only.switch_now(2, 930_000, 8 << 20, GBIT));
     }
 }
