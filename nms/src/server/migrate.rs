@@ -338,12 +338,7 @@ impl Node {
             }
             let took = t.elapsed();
             rate = rate.max(bytes as f64 / took.as_secs_f64().max(1e-6));
-            report.rounds.push(pb::RoundReport {
-                round,
-                blocks: n,
-                bytes,
-                duration_us: us(took),
-            });
+            report.rounds.push(pb::RoundReport { round, blocks: n, bytes, duration_us: us(took) });
             report.bytes_moved += bytes;
             report.blocks_moved += n;
             if self.stop.is_cancelled() {
