@@ -238,3 +238,109 @@ async fn raw_stream_answers_each_request_and_enforces_its_limits() {
     assert!(!got[0].found && !got[1].found, "part of an over-limit message was applied");
     cluster.shutdown().await;
 }
+
+/// A PSS node from before `Pipeline` (a unit stand-in: it keeps blocks in a map and
+/// answers `Pipeline` UNIMPLEMENTED, as a server without the method does).
+#[derive(Default)]
+struct LegacyNode {
+    pipeline_calls: std::sync::atomic::AtomicU64,
+    unary_writes: std::sync::atomic::AtomicU64,
+    unary_reads: std::sync::atomic::AtomicU64,
+    blocks: std::sync::Mutex<std::collections::HashMap<u64, Vec<u8>>>,
+}
+
+type PipelineOut = std::pin::Pin<
+    Box<dyn futures::Stream<Item = Result<pb::PipelineReplies, tonic::Status>> + Send>,
+>;
+
+#[tonic::async_trait]
+impl pb::pss_blocks_server::PssBlocks for LegacyNode {
+    async fn acquire_volume(
+        &self,
+        _: tonic::Request<pb::AcquireVolumeRequest>,
+    ) -> Result<tonic::Response<pb::AcquireVolumeReply>, tonic::Status> {
+        Err(tonic::Status::unimplemented("not in this stand-in"))
+    }
+    async fn get_volume(
+        &self,
+        _: tonic::Request<pb::GetVolumeRequest>,
+    ) -> Result<tonic::Response<pb::VolumeMeta>, tonic::Status> {
+        Err(tonic::Status::unimplemented("not in this stand-in"))
+    }
+    async fn write_batch(
+        &self,
+        req: tonic::Request<pb::WriteBatchRequest>,
+    ) -> Result<tonic::Response<pb::WriteBatchReply>, tonic::Status> {
+        let n = self.unary_writes.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+        let mut blocks = self.blocks.lock().unwrap();
+        for op in req.into_inner().ops {
+            blocks.insert(op.block, op.data);
+        }
+        Ok(tonic::Response::new(pb::WriteBatchReply {
+            raft_index: n,
+            duplicate: false,
+            persisted_lsn: 0,
+        }))
+    }
+    async fn get_blocks(
+        &self,
+        req: tonic::Request<pb::GetBlocksRequest>,
+    ) -> Result<tonic::Response<pb::GetBlocksReply>, tonic::Status> {
+        self.unary_reads.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let blocks = self.blocks.lock().unwrap();
+        let out = req
+            .into_inner()
+            .blocks
+            .into_iter()
+            .map(|b| match blocks.get(&b) {
+                Some(d) => pb::PssBlock { block: b, found: true, data: d.clone(), version: 1 },
+                None => pb::PssBlock { block: b, found: false, data: Vec::new(), version: 0 },
+            })
+            .collect();
+        Ok(tonic::Response::new(pb::GetBlocksReply { blocks: out }))
+    }
+    async fn list_blocks(
+        &self,
+        _: tonic::Request<pb::ListBlocksRequest>,
+    ) -> Result<tonic::Response<pb::ListBlocksReply>, tonic::Status> {
+        Err(tonic::Status::unimplemented("not in this stand-in"))
+    }
+    type PipelineStream = PipelineOut;
+    async fn pipeline(
+        &self,
+        _: tonic::Request<tonic::Streaming<pb::PipelineRequests>>,
+    ) -> Result<tonic::Response<PipelineOut>, tonic::Status> {
+        self.pipeline_calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Err(tonic::Status::unimplemented("wayside.v1.PssBlocks/Pipeline"))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_without_pipeline_is_called_unary_from_then_on() {
+    let node = std::sync::Arc::new(LegacyNode::default());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(pb::pss_blocks_server::PssBlocksServer::from_arc(node.clone()))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    let ep = wayside_proto::types::Endpoint::parse(&addr.to_string()).unwrap();
+    let client = PssClient::new(vec![ep], ClientOptions::default());
+    assert!(ClientOptions::default().pipeline, "the client pipelines by default");
+    let vol = VolumeName::new("legacy").unwrap();
+    // The first write tries the Pipeline, is refused, and goes unary: applied once.
+    let r = client.write_batch(put("legacy", 1, "c", 1, 7, 0x77)).await.unwrap();
+    assert_eq!(r.raft_index, 1);
+    // Later calls go unary at once: no second Pipeline attempt.
+    client.write_batch(put("legacy", 1, "c", 2, 8, 0x88)).await.unwrap();
+    let got = client.get_blocks(&vol, &[7, 8, 9]).await.unwrap();
+    assert_eq!(got[0].data, vec![0x77; 4096]);
+    assert_eq!(got[1].data, vec![0x88; 4096]);
+    assert!(!got[2].found);
+    let load = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(load(&node.pipeline_calls), 1, "the Pipeline was tried once");
+    assert_eq!(load(&node.unary_writes), 2, "each write applied once, unary");
+    assert_eq!(load(&node.unary_reads), 1);
+    server.abort();
+}
