@@ -276,7 +276,7 @@ impl pb::nms_server::Nms for Node {
                 (auth, vec![m])
             })
         });
-        let out = ReceiverStream::new(self.serve_ops(Box::pin(inbound))).flat_map(|r| {
+        let out = self.serve_ops(Box::pin(inbound)).flat_map(|r| {
             futures::stream::iter(match r {
                 Ok(replies) => replies.into_iter().map(Ok).collect::<Vec<_>>(),
                 Err(s) => vec![Err(s)],
@@ -307,7 +307,8 @@ impl pb::nms_server::Nms for Node {
             }
             Ok((m.auth, m.ops))
         });
-        let out = ReceiverStream::new(self.serve_ops(Box::pin(inbound)))
+        let out = self
+            .serve_ops(Box::pin(inbound))
             .map(|r| r.map(|results| pb::StreamResults { results }));
         Ok(Response::new(Box::pin(out)))
     }
@@ -322,96 +323,152 @@ type OpsIn = Pin<
     >,
 >;
 
+/// What a stream's operations are waiting on: each future gives the replies of one or
+/// more operations.
+type Inflight = FuturesUnordered<futures::future::BoxFuture<'static, Vec<pb::StreamReply>>>;
+
+/// The replies of a stream as they leave: one item per outbound message.
+type RepliesOut = Pin<Box<dyn futures::Stream<Item = Result<Vec<pb::StreamReply>, Status>> + Send>>;
+
+/// One vehicle stream's state between its messages.
+struct Ops {
+    node: Arc<Node>,
+    /// The credential of the stream (its first message's, or the latest one given).
+    auth: Option<Arc<Auth>>,
+    inflight: Inflight,
+}
+
+impl Ops {
+    /// Takes one inbound message: its operations start in order, and those answered at
+    /// once are returned (an error ends the stream).
+    fn take(
+        &mut self,
+        m_auth: Option<pb::VolumeAuth>,
+        ops: Vec<pb::StreamRequest>,
+    ) -> Result<Vec<pb::StreamReply>, Status> {
+        let node = &self.node;
+        if self.auth.is_none() || m_auth.is_some() {
+            self.auth = Some(Arc::new(volume_auth(m_auth).map_err(Status::from)?));
+        }
+        let a = self.auth.clone().expect("set above");
+        let mut ready = Vec::new();
+        // A batch whose reads miss the cache: every missed block comes from the PSS in one
+        // call first, then the message's operations run in order in one task (instead of
+        // one PSS call per read).
+        let reads = if ops.len() > 1 { batch_reads(&ops) } else { Vec::new() };
+        // (No cache lock for a batch without two reads.)
+        let cold = if reads.len() > 1 { node.uncached(&a.0, &reads) } else { Vec::new() };
+        if cold.len() > 1 {
+            let (node, a) = (node.clone(), a.clone());
+            self.inflight.push(
+                async move {
+                    // On failure each read below goes to the PSS itself and answers with
+                    // its own error.
+                    if let Err(e) = node.prefetch(&a.0, &a.1, cold).await {
+                        tracing::debug!(error = %e, "batch prefetch failed");
+                    }
+                    let mut out = Vec::with_capacity(ops.len());
+                    for m in ops {
+                        out.push(node.stream_reply(&a, m).await);
+                    }
+                    out
+                }
+                .boxed(),
+            );
+            return Ok(ready);
+        }
+        for m in ops {
+            // Answered at once, but only when nothing earlier in this stream is still
+            // pending, so an operation never overtakes one that waits.
+            if self.inflight.is_empty() {
+                if let Some(result) = m.op.as_ref().and_then(|op| node.stream_op_now(&a, op)) {
+                    ready.push(pb::StreamReply { tag: m.tag, result: Some(result) });
+                    continue;
+                }
+            }
+            let (node, a) = (node.clone(), a.clone());
+            self.inflight.push(async move { vec![node.stream_reply(&a, m).await] }.boxed());
+        }
+        Ok(ready)
+    }
+}
+
 impl Node {
-    /// Serves one vehicle stream (`Stream` or `StreamBatches`) in a task of its own: the
-    /// operations of each inbound message are taken in order; the results that are ready
-    /// together (those answered at once, or every in-flight operation that has finished)
-    /// leave as one outbound item, so a batch costs one message each way.
-    fn serve_ops(
-        &self,
-        mut inbound: OpsIn,
-    ) -> tokio::sync::mpsc::Receiver<Result<Vec<pb::StreamReply>, Status>> {
+    /// Serves one vehicle stream (`Stream` or `StreamBatches`): the operations of each
+    /// inbound message are taken in order; the results that are ready together (those
+    /// answered at once, or every in-flight operation that has finished) leave as one
+    /// outbound item, so a batch costs one message each way.
+    ///
+    /// The messages already received are taken here, in the call; a task (and a channel
+    /// to it) serves the rest of the stream only if something waits or more may come. A
+    /// call of one batch answered from the cache (a batch with its END_STREAM, as a
+    /// pipelining client sends it) so ends in this turn: its results and trailers leave
+    /// in one write, with no task spawned and no wake-up between them.
+    fn serve_ops(&self, mut inbound: OpsIn) -> RepliesOut {
+        let mut ops = Ops { node: self.self_arc(), auth: None, inflight: Inflight::new() };
+        let mut now: Vec<Result<Vec<pb::StreamReply>, Status>> = Vec::new();
+        let mut open = true;
+        while ops.inflight.is_empty() {
+            match inbound.next().now_or_never() {
+                // Not received yet: the task waits for it.
+                None => break,
+                Some(None) => {
+                    open = false;
+                    break;
+                }
+                Some(Some(Ok((m_auth, m_ops)))) => match ops.take(m_auth, m_ops) {
+                    Ok(ready) if ready.is_empty() => {}
+                    Ok(ready) => now.push(Ok(ready)),
+                    Err(s) => {
+                        now.push(Err(s));
+                        return Box::pin(futures::stream::iter(now));
+                    }
+                },
+                Some(Some(Err(s))) => {
+                    now.push(Err(s));
+                    return Box::pin(futures::stream::iter(now));
+                }
+            }
+        }
+        let now = futures::stream::iter(now);
+        if !open && ops.inflight.is_empty() {
+            return Box::pin(now);
+        }
         let limit = self.cfg.max_stream_inflight_ops;
         let (tx, rx) = tokio::sync::mpsc::channel(limit);
-        let node = self.self_arc();
         let stop = self.stop.clone();
         let span = info_span!("stream", node = %self.node_id);
         self.tracker.spawn(
             async move {
-                let mut auth: Option<Arc<Auth>> = None;
-                let mut inflight = FuturesUnordered::new();
-                let mut open = true;
                 // One future for the whole stream, not a new waiter registered per message.
                 let cancelled = stop.cancelled();
                 tokio::pin!(cancelled);
                 loop {
                     // The vehicle half-closed and every operation is answered: end the
                     // reply stream (its trailers tell the vehicle all is done).
-                    if !open && inflight.is_empty() {
+                    if !open && ops.inflight.is_empty() {
                         return;
                     }
                     let mut ready = Vec::new();
                     tokio::select! {
                         _ = &mut cancelled => return,
-                        Some(replies) = inflight.next(), if !inflight.is_empty() => {
+                        Some(replies) = ops.inflight.next(), if !ops.inflight.is_empty() => {
                             ready.extend(replies);
                             // Everything else already finished goes in the same message.
                             // (Polling with a no-op waker here loses no wakeup: the next
                             // `select!` polls `inflight` again with this task's waker.)
-                            while let Some(Some(replies)) = inflight.next().now_or_never() {
+                            while let Some(Some(replies)) = ops.inflight.next().now_or_never() {
                                 ready.extend(replies);
                             }
                         }
-                        msg = inbound.next(), if open && inflight.len() < limit => {
-                            let (m_auth, ops) = match msg {
-                                Some(Ok(m)) => m,
+                        msg = inbound.next(), if open && ops.inflight.len() < limit => {
+                            match msg {
+                                Some(Ok((m_auth, m_ops))) => match ops.take(m_auth, m_ops) {
+                                    Ok(r) => ready = r,
+                                    Err(s) => { let _ = tx.send(Err(s)).await; return; }
+                                },
                                 None => { open = false; continue; }
                                 Some(Err(s)) => { let _ = tx.send(Err(s)).await; return; }
-                            };
-                            if auth.is_none() || m_auth.is_some() {
-                                match volume_auth(m_auth) {
-                                    Ok(a) => auth = Some(Arc::new(a)),
-                                    Err(e) => {
-                                        let _ = tx.send(Err(Status::from(e))).await;
-                                        return;
-                                    }
-                                }
-                            }
-                            let a = auth.clone().expect("set above");
-                            // A batch whose reads miss the cache: every missed block comes
-                            // from the PSS in one call first, then the message's operations
-                            // run in order in one task (instead of one PSS call per read).
-                            let reads = if ops.len() > 1 { batch_reads(&ops) } else { Vec::new() };
-                            // (No cache lock for a batch without two reads.)
-                            let cold = if reads.len() > 1 { node.uncached(&a.0, &reads) } else { Vec::new() };
-                            if cold.len() > 1 {
-                                let (node, a) = (node.clone(), a.clone());
-                                inflight.push(async move {
-                                    // On failure each read below goes to the PSS itself and
-                                    // answers with its own error.
-                                    if let Err(e) = node.prefetch(&a.0, &a.1, cold).await {
-                                        tracing::debug!(error = %e, "batch prefetch failed");
-                                    }
-                                    let mut out = Vec::with_capacity(ops.len());
-                                    for m in ops {
-                                        out.push(node.stream_reply(&a, m).await);
-                                    }
-                                    out
-                                }.boxed());
-                                continue;
-                            }
-                            for m in ops {
-                                // Answered at once, but only when nothing earlier in this
-                                // stream is still pending, so an operation never overtakes
-                                // one that waits.
-                                if inflight.is_empty() {
-                                    if let Some(result) = m.op.as_ref().and_then(|op| node.stream_op_now(&a, op)) {
-                                        ready.push(pb::StreamReply { tag: m.tag, result: Some(result) });
-                                        continue;
-                                    }
-                                }
-                                let (node, a) = (node.clone(), a.clone());
-                                inflight.push(async move { vec![node.stream_reply(&a, m).await] }.boxed());
                             }
                         }
                         else => return,
@@ -423,7 +480,7 @@ impl Node {
             }
             .instrument(span),
         );
-        rx
+        Box::pin(now.chain(ReceiverStream::new(rx)))
     }
 }
 
