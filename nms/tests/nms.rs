@@ -1099,3 +1099,79 @@ fn the_nms_binary_is_static_pie_without_an_interpreter() {
     assert!(text.contains("static-pie"), "{text}");
     assert!(!text.contains("interpreter"), "{text}");
 }
+
+/// One `StreamBatches` call carrying a single batch and its end together (as h2load and
+/// pipelining clients send it): answered in the call when every operation hits the cache,
+/// through the stream task when reads miss, and refused whole when the batch is bad.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn whole_one_batch_calls_answer_hits_misses_and_refusals() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = LocalCluster::start(3, dir.path()).await.unwrap();
+    let a = Nms::start("a", &cluster.endpoints(), |_| {}).await;
+    let b = Nms::start("b", &cluster.endpoints(), |_| {}).await;
+    let writer = VolumeClient::open(opts(&[&a.ep], "ob", "k")).await.unwrap();
+    writer.write_many((0..8u64).map(|blk| (blk, 0, block_data(blk, 1))).collect()).await.unwrap();
+    writer.flush().await.unwrap();
+    drop(writer);
+    let batch = |ops: Vec<pb::stream_request::Op>, secret: &str| pb::StreamBatch {
+        auth: auth("ob", secret),
+        ops: ops
+            .into_iter()
+            .enumerate()
+            .map(|(i, op)| pb::StreamRequest { auth: None, tag: i as u64 + 1, op: Some(op) })
+            .collect(),
+    };
+    // The whole call: one message, then the end of the request stream.
+    async fn call(nms: &Nms, m: pb::StreamBatch) -> Result<Vec<pb::StreamReply>, tonic::Status> {
+        let mut replies =
+            nms.raw().await.stream_batches(futures::stream::iter(vec![m])).await?.into_inner();
+        let mut out = Vec::new();
+        while let Some(r) =
+            tokio::time::timeout(Duration::from_secs(20), replies.message()).await.unwrap()?
+        {
+            out.extend(r.results);
+        }
+        out.sort_by_key(|r| r.tag);
+        Ok(out)
+    }
+    let data = |r: &pb::StreamReply| match &r.result {
+        Some(pb::stream_reply::Result::Read(x)) => x.data.to_vec(),
+        other => panic!("tag {}: {other:?}", r.tag),
+    };
+    let reads: Vec<_> = (0..8).map(stream_read).collect();
+    // Hits on A (the writer's NMS): every read answered, then an OK end.
+    let got = call(&a, batch(reads.clone(), "k")).await.unwrap();
+    assert_eq!(got.len(), 8);
+    for (blk, r) in got.iter().enumerate() {
+        assert_eq!(data(r), block_data(blk as u64, 1), "block {blk} from A");
+    }
+    // Misses on B: fetched from the PSS, same answers.
+    let got = call(&b, batch(reads.clone(), "k")).await.unwrap();
+    for (blk, r) in got.iter().enumerate() {
+        assert_eq!(data(r), block_data(blk as u64, 1), "block {blk} from B");
+    }
+    // A write and a read of it in one whole call, on B (now cached there).
+    let got = call(&b, batch(vec![stream_write(3, 0, block_data(3, 2)), stream_read(3)], "k"))
+        .await
+        .unwrap();
+    assert!(matches!(got[0].result, Some(pb::stream_reply::Result::Write(_))), "{got:?}");
+    assert_eq!(data(&got[1]), block_data(3, 2), "the read sees the write before it");
+    // A wrong credential: every operation is refused, nothing written.
+    let got = call(&b, batch(vec![stream_write(4, 0, block_data(4, 9))], "wrong")).await.unwrap();
+    match &got[0].result {
+        Some(pb::stream_reply::Result::Error(e)) => {
+            assert_eq!(e.code, tonic::Code::Unauthenticated as i32, "{e:?}")
+        }
+        other => panic!("a wrong credential wrote: {other:?}"),
+    }
+    // A batch over max_stream_batch_ops ends the call with INVALID_ARGUMENT, nothing run.
+    let too_many: Vec<_> = (0..300).map(|_| stream_write(5, 0, block_data(5, 9))).collect();
+    let e = call(&b, batch(too_many, "k")).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+    let got = call(&b, batch(vec![stream_read(4), stream_read(5)], "k")).await.unwrap();
+    assert_eq!(data(&got[0]), block_data(4, 1), "the refused write changed nothing");
+    assert_eq!(data(&got[1]), block_data(5, 1), "the oversized batch changed nothing");
+    a.stop().await;
+    b.stop().await;
+    cluster.shutdown().await;
+}
