@@ -24,9 +24,10 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 /// Most bytes a [`CorkedIo`] holds back before writing them out, in bytes.
 pub const CORK_MAX_BYTES: usize = 256 * 1024;
 
-/// A write whose last piece is larger than this many bytes is taken for a DATA payload
-/// h2 chained (h2 chains payloads of 256 bytes and more when the writer is vectored), and
-/// the flush after it yields once more.
+/// A write of more than this many bytes, or of more than one piece (h2's buffer with a
+/// DATA payload chained to it), is taken for a DATA payload, and the flush after it yields
+/// once more. (h2 chains payloads of 256 bytes and more when the writer is vectored, after
+/// copying their first bytes into its buffer, so the chained piece may be short.)
 const CHAINED_PAYLOAD_BYTES: usize = 256;
 
 /// A connection whose small writes are gathered until the task yields once (see the
@@ -113,7 +114,8 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for CorkedIo<T> {
         for b in bufs {
             me.buf.extend_from_slice(b);
         }
-        me.chained = bufs.last().is_some_and(|b| b.len() > CHAINED_PAYLOAD_BYTES);
+        me.chained =
+            bufs.iter().filter(|b| !b.is_empty()).count() > 1 || len > CHAINED_PAYLOAD_BYTES;
         Poll::Ready(Ok(len))
     }
 
@@ -249,13 +251,18 @@ mod tests {
             assert!(p.as_mut().poll_flush(&mut cx).is_pending(), "frame {frame} yields");
         }
         assert!(p.as_ref().get_ref().get_ref().writes.is_empty());
+        // The last frame's payload is short; h2 still hands it over chained to its buffer.
+        let (head, tail) = (vec![8u8; 256], vec![8u8; 110]);
+        let v = [io::IoSlice::new(&head), io::IoSlice::new(&tail)];
+        assert!(matches!(p.as_mut().poll_write_vectored(&mut cx, &v), Poll::Ready(Ok(366))));
+        assert!(p.as_mut().poll_flush(&mut cx).is_pending(), "the last frame yields too");
         // Small frames (trailers) do not make the flush after them wait again...
         assert!(matches!(p.as_mut().poll_write(&mut cx, b"trailers"), Poll::Ready(Ok(8))));
         assert!(matches!(p.as_mut().poll_flush(&mut cx), Poll::Ready(Ok(()))));
-        assert_eq!(wakes.0.load(std::sync::atomic::Ordering::SeqCst), 4);
+        assert_eq!(wakes.0.load(std::sync::atomic::Ordering::SeqCst), 5);
         let writes = &io.get_ref().writes;
         assert_eq!(writes.len(), 1, "one write for the whole reply");
-        assert_eq!(writes[0].len(), 4 * (9 + payload.len()) + 8);
+        assert_eq!(writes[0].len(), 4 * (9 + payload.len()) + 366 + 8);
         // ...and a flush with nothing new since a yield writes at once.
         let mut p = Pin::new(&mut io);
         let v = [io::IoSlice::new(&payload)];
