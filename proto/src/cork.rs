@@ -9,10 +9,11 @@
 //! `Pending`), so h2 encodes whatever else is ready; the second flush writes it all with
 //! one `write`. It is TCP_CORK in user space, bounded two ways:
 //!
-//! - **time**: data waits for one yield of its own task, and one more after each large
-//!   payload the task adds (h2 flushes after every DATA payload it chains, so a reply of
-//!   several DATA frames would otherwise leave in one `write` per frame; a 64 KiB batch
-//!   reply to a peer with 16 KiB frames cost 4-5), never for the peer;
+//! - **time**: data waits for one yield of its own task, and one more after each DATA
+//!   payload the task adds (see [`CHAINED_PAYLOAD_BYTES`]: h2 flushes after every payload
+//!   it chains, so a reply of several DATA frames would otherwise leave in one `write` per
+//!   frame; a 64 KiB batch reply to a peer with 16 KiB frames cost 4-5, its trailers one
+//!   more), never for the peer;
 //! - **memory**: more than [`CORK_MAX_BYTES`] pending is written at once, and a write
 //!   larger than that goes straight through (after what is pending).
 
@@ -208,10 +209,15 @@ mod tests {
         }
     }
 
+    /// A waker that counts its wakes.
+    fn counting_waker() -> (Arc<Count>, std::task::Waker) {
+        let wakes = Arc::new(Count(0.into()));
+        (wakes.clone(), std::task::Waker::from(wakes))
+    }
+
     #[test]
     fn writes_between_the_first_flush_and_the_second_leave_in_one_call() {
-        let wakes = Arc::new(Count(0.into()));
-        let waker = std::task::Waker::from(wakes.clone());
+        let (wakes, waker) = counting_waker();
         let mut cx = Context::from_waker(&waker);
         let mut io = CorkedIo::new(Calls::default());
         let mut p = Pin::new(&mut io);
@@ -237,8 +243,7 @@ mod tests {
 
     #[test]
     fn a_reply_of_several_large_data_frames_leaves_in_one_write() {
-        let wakes = Arc::new(Count(0.into()));
-        let waker = std::task::Waker::from(wakes.clone());
+        let (wakes, waker) = counting_waker();
         let mut cx = Context::from_waker(&waker);
         let mut io = CorkedIo::new(Calls::default());
         let mut p = Pin::new(&mut io);

@@ -3,6 +3,7 @@
 //! stream, the stream's limits, and the unary path it replaces still working.
 
 use futures::StreamExt as _;
+use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
 use std::time::Duration;
 use tonic::Code;
 use wayside_proto::error::{fault_of, status_of_stream_error};
@@ -243,9 +244,9 @@ async fn raw_stream_answers_each_request_and_enforces_its_limits() {
 /// answers `Pipeline` UNIMPLEMENTED, as a server without the method does).
 #[derive(Default)]
 struct LegacyNode {
-    pipeline_calls: std::sync::atomic::AtomicU64,
-    unary_writes: std::sync::atomic::AtomicU64,
-    unary_reads: std::sync::atomic::AtomicU64,
+    pipeline_calls: AtomicU64,
+    unary_writes: AtomicU64,
+    unary_reads: AtomicU64,
     blocks: std::sync::Mutex<std::collections::HashMap<u64, Vec<u8>>>,
 }
 
@@ -271,7 +272,7 @@ impl pb::pss_blocks_server::PssBlocks for LegacyNode {
         &self,
         req: tonic::Request<pb::WriteBatchRequest>,
     ) -> Result<tonic::Response<pb::WriteBatchReply>, tonic::Status> {
-        let n = self.unary_writes.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+        let n = self.unary_writes.fetch_add(1, SeqCst) + 1;
         let mut blocks = self.blocks.lock().unwrap();
         for op in req.into_inner().ops {
             blocks.insert(op.block, op.data);
@@ -286,7 +287,7 @@ impl pb::pss_blocks_server::PssBlocks for LegacyNode {
         &self,
         req: tonic::Request<pb::GetBlocksRequest>,
     ) -> Result<tonic::Response<pb::GetBlocksReply>, tonic::Status> {
-        self.unary_reads.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.unary_reads.fetch_add(1, SeqCst);
         let blocks = self.blocks.lock().unwrap();
         let out = req
             .into_inner()
@@ -310,7 +311,7 @@ impl pb::pss_blocks_server::PssBlocks for LegacyNode {
         &self,
         _: tonic::Request<tonic::Streaming<pb::PipelineRequests>>,
     ) -> Result<tonic::Response<PipelineOut>, tonic::Status> {
-        self.pipeline_calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.pipeline_calls.fetch_add(1, SeqCst);
         Err(tonic::Status::unimplemented("wayside.v1.PssBlocks/Pipeline"))
     }
 }
@@ -338,7 +339,7 @@ async fn a_node_without_pipeline_is_called_unary_from_then_on() {
     assert_eq!(got[0].data, vec![0x77; 4096]);
     assert_eq!(got[1].data, vec![0x88; 4096]);
     assert!(!got[2].found);
-    let load = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::SeqCst);
+    let load = |a: &AtomicU64| a.load(SeqCst);
     assert_eq!(load(&node.pipeline_calls), 1, "the Pipeline was tried once");
     assert_eq!(load(&node.unary_writes), 2, "each write applied once, unary");
     assert_eq!(load(&node.unary_reads), 1);

@@ -134,8 +134,8 @@ impl Link {
             Ok(Ok(Some(a))) => a.ack.ok_or_else(|| "empty ack".into()),
         }
     }
-    /// Sends blocks (hottest first) in frames of at most `frame_bytes`, then RoundEnd with the request
-    /// ids remembered since the previous round.
+    /// Sends blocks (hottest first) in frames of at most `frame_bytes`, then RoundEnd with
+    /// the request ids remembered since the previous round.
     async fn round(
         &self,
         round: u32,
@@ -327,6 +327,11 @@ impl Node {
             );
             (blocks, applied, mark)
         };
+        let rule = SwitchRule {
+            max_rounds,
+            below_bytes: switch_below,
+            transfer_us: self.cfg.migration_switch_transfer_us,
+        };
         // The fastest a round carried data to the target, in bytes per second.
         let mut rate = 0f64;
         loop {
@@ -345,11 +350,6 @@ impl Node {
                 return Err("node shutting down".into());
             }
             let changed = self.core().changed_bytes(v);
-            let rule = SwitchRule {
-                max_rounds,
-                below_bytes: switch_below,
-                transfer_us: self.cfg.migration_switch_transfer_us,
-            };
             if rule.switch_now(round, changed, bytes, rate) {
                 tracing::debug!(round, changed, rate, "switching");
                 break;

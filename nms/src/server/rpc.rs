@@ -416,7 +416,7 @@ impl Node {
                     open = false;
                     break;
                 }
-                Some(Some(Ok((m_auth, m_ops)))) => match ops.take(m_auth, m_ops) {
+                Some(Some(msg)) => match msg.and_then(|(m_auth, m_ops)| ops.take(m_auth, m_ops)) {
                     Ok(ready) if ready.is_empty() => {}
                     Ok(ready) => now.push(Ok(ready)),
                     Err(s) => {
@@ -424,10 +424,6 @@ impl Node {
                         return Box::pin(futures::stream::iter(now));
                     }
                 },
-                Some(Some(Err(s))) => {
-                    now.push(Err(s));
-                    return Box::pin(futures::stream::iter(now));
-                }
             }
         }
         let now = futures::stream::iter(now);
@@ -462,13 +458,10 @@ impl Node {
                             }
                         }
                         msg = inbound.next(), if open && ops.inflight.len() < limit => {
-                            match msg {
-                                Some(Ok((m_auth, m_ops))) => match ops.take(m_auth, m_ops) {
-                                    Ok(r) => ready = r,
-                                    Err(s) => { let _ = tx.send(Err(s)).await; return; }
-                                },
-                                None => { open = false; continue; }
-                                Some(Err(s)) => { let _ = tx.send(Err(s)).await; return; }
+                            let Some(msg) = msg else { open = false; continue };
+                            match msg.and_then(|(m_auth, m_ops)| ops.take(m_auth, m_ops)) {
+                                Ok(r) => ready = r,
+                                Err(s) => { let _ = tx.send(Err(s)).await; return; }
                             }
                         }
                         else => return,
