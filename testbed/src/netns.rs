@@ -570,6 +570,35 @@ impl Lab {
         .map_err(|_| NetnsError::Invalid { what: "thread", why: "panicked".into() })?
     }
 
+    /// A TCP connection made from inside `ns` to `addr` (the socket stays in `ns`), by a
+    /// short-lived thread that enters the namespace, connects, and exits.
+    pub fn tcp_connect_in(
+        &self,
+        ns: &Ns,
+        addr: std::net::SocketAddr,
+    ) -> Result<std::net::TcpStream> {
+        let path = PathBuf::from("/run/netns").join(&ns.name);
+        let fd = File::open(&path).map_err(|source| NetnsError::Io {
+            context: format!("opening {}", path.display()),
+            source,
+        })?;
+        let name = ns.name.clone();
+        std::thread::spawn(move || {
+            // SAFETY: setns on an fd we own, affecting only this (throwaway) thread.
+            if unsafe { libc::setns(fd.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                return Err(NetnsError::Io {
+                    context: format!("entering namespace {name}"),
+                    source: std::io::Error::last_os_error(),
+                });
+            }
+            std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5)).map_err(|source| {
+                NetnsError::Io { context: format!("connecting to {addr} from {name}"), source }
+            })
+        })
+        .join()
+        .map_err(|_| NetnsError::Invalid { what: "thread", why: "panicked".into() })?
+    }
+
     /// The pids of the processes this lab spawned (still tracked).
     pub fn pids(&self) -> Vec<u32> {
         self.children.iter().map(|c| c.child.id()).collect()

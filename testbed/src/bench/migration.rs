@@ -66,6 +66,9 @@ struct Pair {
     /// Bytes per second of the link the move crosses, and its name for the table.
     bound_bytes_per_s: f64,
     bound_name: String,
+    /// Bytes per second a plain TCP stream reached over the same link in this run (the
+    /// peer the move is compared with), where that differs from the bound.
+    raw_tcp_bytes_per_s: Option<f64>,
 }
 
 fn nms_config(name: &str, pss: &[String]) -> wayside_nms::config::Config {
@@ -141,11 +144,18 @@ async fn run_loopback(args: &Args) -> anyhow::Result<()> {
     // Loopback rate, measured here: one TCP stream copying 256 MiB.
     let loopback = loopback_bytes_per_s().await?;
     println!("loopback TCP: {:.2} GB/s", loopback / 1e9);
+    let bytes = usize::try_from(args.cached_bytes).context("--cached-bytes")?;
+    println!(
+        "fresh memory: touching {} MiB newly mapped takes {:.1} ms here (page faults a move's target pays when it has never held that much)",
+        args.cached_bytes >> 20,
+        fresh_touch_ms(bytes)?
+    );
     let pair = Pair {
         vehicle: [a.clone(), b.clone()],
         peer: [a, b],
         bound_bytes_per_s: loopback,
         bound_name: "loopback rate".into(),
+        raw_tcp_bytes_per_s: None,
     };
     let r = measure(args, &pair).await;
     stop.cancel();
@@ -224,12 +234,29 @@ async fn run_shaped(args: &Args) -> anyhow::Result<()> {
             .await
             .map_err(anyhow::Error::msg)?;
     }
+    // The peer: one plain TCP stream carrying the cached bytes over the same link, each
+    // way, while the NMSs idle.
+    let mut raw = Vec::new();
+    for (from, to, addr) in [(&ns[0], &ns[1], p2p.b.addr), (&ns[1], &ns[0], p2p.a.addr)] {
+        let at = std::net::SocketAddr::from((addr, 7199));
+        let l = lab.tcp_listener_in(to, at)?;
+        let s = lab.tcp_connect_in(from, at)?;
+        raw.push(raw_tcp_bytes_per_s(l, s, args.cached_bytes).await?);
+    }
+    let raw_rate = raw.iter().sum::<f64>() / raw.len() as f64;
+    println!(
+        "raw TCP over the shaped link ({} MiB, one stream): {} MB/s ({:.2}x the bound)",
+        args.cached_bytes >> 20,
+        raw.iter().map(|r| format!("{:.1}", r / 1e6)).collect::<Vec<_>>().join(" / "),
+        args.link_rate as f64 / 8.0 / raw_rate
+    );
     let ep = |a: std::net::Ipv4Addr| Endpoint::parse(&format!("{a}:7100"));
     let pair = Pair {
         vehicle: [ep(va.b.addr)?, ep(vb.b.addr)?],
         peer: [ep(p2p.a.addr)?, ep(p2p.b.addr)?],
         bound_bytes_per_s: args.link_rate as f64 / 8.0,
         bound_name: format!("{} Mbit/s", args.link_rate / 1_000_000),
+        raw_tcp_bytes_per_s: Some(raw_rate),
     };
     let r = measure(args, &pair).await;
     if let Err(e) = &r {
@@ -340,18 +367,94 @@ async fn measure(args: &Args, pair: &Pair) -> anyhow::Result<()> {
         rows.push((r.total_us as f64 / 1e3, r.pause_us as f64 / 1e3, p50, p99, max, r.bytes_moved));
         std::mem::swap(&mut from, &mut to);
     }
-    println!("\n| run | total ms | switch pause ms | vehicle op p50 ms | p99 ms | max ms | MiB moved | bound ms (bytes / {}) | total / bound |", pair.bound_name);
-    println!("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+    let raw_head = if pair.raw_tcp_bytes_per_s.is_some() {
+        (" raw TCP ms (same bytes) | total / raw TCP |", " ---: | ---: |")
+    } else {
+        ("", "")
+    };
+    println!("\n| run | total ms | switch pause ms | vehicle op p50 ms | p99 ms | max ms | MiB moved | bound ms (bytes / {}) | total / bound |{}", pair.bound_name, raw_head.0);
+    println!("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |{}", raw_head.1);
     for (i, (total, pause, p50, p99, max, bytes)) in rows.iter().enumerate() {
         let bound_ms = *bytes as f64 / pair.bound_bytes_per_s * 1e3;
+        let raw = pair.raw_tcp_bytes_per_s.map_or(String::new(), |r| {
+            let raw_ms = *bytes as f64 / r * 1e3;
+            format!(" {raw_ms:.1} | {:.2}x |", total / raw_ms)
+        });
         println!(
-            "| {} | {total:.1} | {pause:.1} | {p50:.3} | {p99:.3} | {max:.1} | {:.1} | {bound_ms:.1} | {:.2}x |",
+            "| {} | {total:.1} | {pause:.1} | {p50:.3} | {p99:.3} | {max:.1} | {:.1} | {bound_ms:.1} | {:.2}x |{raw}",
             i + 1,
             *bytes as f64 / (1 << 20) as f64,
             total / bound_ms
         );
     }
     Ok(())
+}
+
+/// Bytes per second of one plain TCP stream: `bytes` written to `s`, timed until the
+/// accepted end of `l` has read them all (blocking sockets, on their own threads).
+async fn raw_tcp_bytes_per_s(
+    l: std::net::TcpListener,
+    mut s: std::net::TcpStream,
+    bytes: u64,
+) -> anyhow::Result<f64> {
+    use std::io::{Read as _, Write as _};
+    let reader = tokio::task::spawn_blocking(move || {
+        let (mut r, _) = l.accept()?;
+        let mut buf = vec![0u8; 1 << 20];
+        let mut got = 0u64;
+        while got < bytes {
+            let n = r.read(&mut buf)?;
+            if n == 0 {
+                bail!("the raw TCP stream ended after {got} of {bytes} bytes");
+            }
+            got += n as u64;
+        }
+        anyhow::Ok(Instant::now())
+    });
+    let writer = tokio::task::spawn_blocking(move || {
+        s.set_nodelay(true)?;
+        let buf = vec![1u8; 1 << 20];
+        let t = Instant::now();
+        let mut sent = 0u64;
+        while sent < bytes {
+            let n = (bytes - sent).min(buf.len() as u64) as usize;
+            s.write_all(&buf[..n])?;
+            sent += n as u64;
+        }
+        anyhow::Ok(t)
+    });
+    let started = writer.await??;
+    let done = reader.await??;
+    Ok(bytes as f64 / done.duration_since(started).as_secs_f64())
+}
+
+/// Milliseconds to touch (one write per 4 KiB page) `bytes` of freshly mapped memory: the
+/// page-fault cost a process pays the first time it holds that much, e.g. a move's
+/// target filling its cache. On a VM whose own memory is not yet backed by the host this
+/// is several times the cost of reusing freed pages.
+fn fresh_touch_ms(bytes: usize) -> anyhow::Result<f64> {
+    // SAFETY: an anonymous private mapping of `bytes`, written within bounds, then unmapped.
+    unsafe {
+        let p = libc::mmap(
+            std::ptr::null_mut(),
+            bytes,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        );
+        if p == libc::MAP_FAILED {
+            bail!("mmap of {bytes} bytes: {}", std::io::Error::last_os_error());
+        }
+        let base = p.cast::<u8>();
+        let t = Instant::now();
+        for off in (0..bytes).step_by(4096) {
+            std::ptr::write_volatile(base.add(off), 1);
+        }
+        let ms = t.elapsed().as_secs_f64() * 1e3;
+        libc::munmap(p, bytes);
+        Ok(ms)
+    }
 }
 
 async fn loopback_bytes_per_s() -> anyhow::Result<f64> {
