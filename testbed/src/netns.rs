@@ -540,43 +540,40 @@ impl Lab {
     }
 
     /// A TCP listener bound inside `ns` (a socket keeps the namespace it was created in,
-    /// so this process can serve inside a namespace without a child process). A short-lived
-    /// thread enters the namespace, binds, and exits.
+    /// so this process can serve inside a namespace without a child process).
     pub fn tcp_listener_in(
         &self,
         ns: &Ns,
         addr: std::net::SocketAddr,
     ) -> Result<std::net::TcpListener> {
-        let path = PathBuf::from("/run/netns").join(&ns.name);
-        let fd = File::open(&path).map_err(|source| NetnsError::Io {
-            context: format!("opening {}", path.display()),
-            source,
-        })?;
-        let name = ns.name.clone();
-        std::thread::spawn(move || {
-            // SAFETY: setns on an fd we own, affecting only this (throwaway) thread.
-            if unsafe { libc::setns(fd.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                return Err(NetnsError::Io {
-                    context: format!("entering namespace {name}"),
-                    source: std::io::Error::last_os_error(),
-                });
-            }
+        self.in_namespace(ns, move |name| {
             std::net::TcpListener::bind(addr).map_err(|source| NetnsError::Io {
                 context: format!("binding {addr} in {name}"),
                 source,
             })
         })
-        .join()
-        .map_err(|_| NetnsError::Invalid { what: "thread", why: "panicked".into() })?
     }
 
-    /// A TCP connection made from inside `ns` to `addr` (the socket stays in `ns`), by a
-    /// short-lived thread that enters the namespace, connects, and exits.
+    /// A TCP connection made from inside `ns` to `addr` (the socket stays in `ns`).
     pub fn tcp_connect_in(
         &self,
         ns: &Ns,
         addr: std::net::SocketAddr,
     ) -> Result<std::net::TcpStream> {
+        self.in_namespace(ns, move |name| {
+            std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5)).map_err(|source| {
+                NetnsError::Io { context: format!("connecting to {addr} from {name}"), source }
+            })
+        })
+    }
+
+    /// Runs `f` (given the namespace's name) on a short-lived thread that has entered `ns`:
+    /// sockets it creates stay in `ns`, this process's other threads do not move.
+    fn in_namespace<T: Send + 'static>(
+        &self,
+        ns: &Ns,
+        f: impl FnOnce(&str) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
         let path = PathBuf::from("/run/netns").join(&ns.name);
         let fd = File::open(&path).map_err(|source| NetnsError::Io {
             context: format!("opening {}", path.display()),
@@ -591,9 +588,7 @@ impl Lab {
                     source: std::io::Error::last_os_error(),
                 });
             }
-            std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5)).map_err(|source| {
-                NetnsError::Io { context: format!("connecting to {addr} from {name}"), source }
-            })
+            f(&name)
         })
         .join()
         .map_err(|_| NetnsError::Invalid { what: "thread", why: "panicked".into() })?
