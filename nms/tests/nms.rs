@@ -640,12 +640,12 @@ async fn bad_input_gets_the_right_status_and_changes_nothing() {
     )
     .await;
     assert_eq!(e.code(), tonic::Code::InvalidArgument, "no Begin: {e:?}");
-    let begin = |vol: &str| {
+    let begin_at = |vol: &str, epoch: u64| {
         Frame::Begin(pb::MigrationBegin {
             migration_id: 7,
             volume: vol.into(),
             block_size: BS as u32,
-            source_epoch: 1,
+            source_epoch: epoch,
             source_node: "x".into(),
             source_address: "http://127.0.0.1:1".into(),
             credential_hash: Credential::new("k").unwrap().hash().0.to_vec(),
@@ -660,13 +660,24 @@ async fn bad_input_gets_the_right_status_and_changes_nothing() {
             ..Default::default()
         }],
     });
-    let e = first_error(&mut mig, vec![begin("incoming"), oversized]).await;
+    let begin = |vol: &str| begin_at(vol, 1);
+    let e = first_error(&mut mig, vec![begin("incoming")]).await;
+    assert_eq!(e.code(), tonic::Code::NotFound, "Begin for a volume the PSS lacks: {e:?}");
+    // "other" is in the PSS at epoch 1, served by b, with the credential Begin carries.
+    let other = VolumeClient::open(opts(&[&b.ep], "other", "k")).await.unwrap();
+    other.write(3, 0, block_data(3, 1)).await.unwrap();
+    let e = first_error(&mut mig, vec![begin_at("other", 2)]).await;
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition, "a source claiming epoch 2: {e:?}");
+    assert!(e.message().contains("epoch 1"), "the message names the PSS's epoch: {e:?}");
+    let e = first_error(&mut mig, vec![begin("other"), oversized]).await;
     assert_eq!(e.code(), tonic::Code::InvalidArgument, "oversized migrated block: {e:?}");
     let e = first_error(&mut mig, vec![begin("good")]).await;
     assert_eq!(e.code(), tonic::Code::FailedPrecondition, "Begin for a volume served here: {e:?}");
     let st = a.admin().await.node_status(pb::NodeStatusRequest {}).await.unwrap().into_inner();
     assert_eq!(st.volumes, 1, "the malformed incoming volume was dropped: {st:?}");
     assert_eq!(c.read(1, 0, None).await.unwrap().unwrap(), block_data(1, 1));
+    assert_eq!(other.read(3, 0, None).await.unwrap().unwrap(), block_data(3, 1));
+    assert_eq!(other.current_nms(), b.ep, "the refused moves left \"other\" on b");
     let e = a
         .admin()
         .await

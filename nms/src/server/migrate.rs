@@ -14,7 +14,7 @@
 //! INVALID_ARGUMENT and the incoming volume is dropped.
 
 use super::Node;
-use crate::cache::{hottest_first, Applied, MigBlock, Retired, VolumeState};
+use crate::cache::{hottest_first, Applied, Cache, MigBlock, Retired, VolumeState};
 use crate::error::NmsError;
 use crate::store::StoreError;
 use bytes::Bytes;
@@ -535,8 +535,7 @@ impl Node {
         let v = convert::volume_name(&b.volume)?;
         let bs = convert::block_size(b.block_size)?;
         let cred = convert::credential_hash(&b.credential_hash)?;
-        {
-            let mut core = self.core();
+        let admissible = |core: &Cache| -> Result<(), Status> {
             if let Some(x) = core.volume(&v) {
                 if !matches!(x.state, VolumeState::Moved { .. }) {
                     return Err(Status::failed_precondition(format!(
@@ -555,6 +554,30 @@ impl Node {
                 }
                 .into());
             }
+            Ok(())
+        };
+        admissible(&self.core())?;
+        // The PSS's record must be what the source claims: a source that no longer owns
+        // the volume (or never did) is refused before any block travels. The read goes to
+        // the PSS leader, so it also opens the connection the switch's epoch raise uses
+        // (in a freshly started NMS that first connection cost the vehicle several ms of
+        // pause).
+        let meta =
+            self.store.get_volume(v.clone()).await.map_err(|e| Status::from(NmsError::from(e)))?;
+        if meta.epoch.0 != b.source_epoch || meta.block_size != bs || meta.credential != cred {
+            return Err(Status::failed_precondition(format!(
+                "the PSS has volume {v} at epoch {} owned by {:?} (block size {}); the source claims epoch {} (block size {}){}",
+                meta.epoch.0,
+                meta.owner_node,
+                meta.block_size.bytes(),
+                b.source_epoch,
+                bs.bytes(),
+                if meta.credential == cred { "" } else { " and another credential" },
+            )));
+        }
+        {
+            let mut core = self.core();
+            admissible(&core)?;
             core.insert_volume(
                 v.clone(),
                 bs,
