@@ -636,7 +636,7 @@ async fn bad_input_gets_the_right_status_and_changes_nothing() {
     let mut mig = pb::migration_client::MigrationClient::new(channel(&a.ep).await);
     let e = first_error(
         &mut mig,
-        vec![Frame::RoundEnd(pb::RoundEnd { round: 1, blocks: 0, bytes: 0, applied: vec![] })],
+        vec![Frame::RoundEnd(pb::RoundEnd { round: 1, blocks: 0, bytes: 0 })],
     )
     .await;
     assert_eq!(e.code(), tonic::Code::InvalidArgument, "no Begin: {e:?}");
@@ -671,6 +671,17 @@ async fn bad_input_gets_the_right_status_and_changes_nothing() {
     assert!(e.message().contains("epoch 1"), "the message names the PSS's epoch: {e:?}");
     let e = first_error(&mut mig, vec![begin("other"), oversized]).await;
     assert_eq!(e.code(), tonic::Code::InvalidArgument, "oversized migrated block: {e:?}");
+    let uneven = Frame::RequestIds(pb::RequestIds {
+        round: 1,
+        runs: vec![pb::AppliedRun {
+            client_id: "c".into(),
+            seq: vec![1, 2],
+            lsn: vec![5],
+            version: vec![1, 1],
+        }],
+    });
+    let e = first_error(&mut mig, vec![begin("other"), uneven]).await;
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "request ids of uneven lists: {e:?}");
     let e = first_error(&mut mig, vec![begin("good")]).await;
     assert_eq!(e.code(), tonic::Code::FailedPrecondition, "Begin for a volume served here: {e:?}");
     let st = a.admin().await.node_status(pb::NodeStatusRequest {}).await.unwrap().into_inner();

@@ -141,6 +141,13 @@ impl RequestId {
         }
         Ok(Self { client_id: client_id.into(), seq })
     }
+    /// The same client's request `seq` (sharing the client id, no allocation).
+    pub fn with_seq(&self, seq: u64) -> Result<Self, TypeError> {
+        if seq == 0 {
+            return Err(TypeError::ZeroSeq);
+        }
+        Ok(Self { client_id: self.client_id.clone(), seq })
+    }
     pub fn client_id(&self) -> &str {
         &self.client_id
     }

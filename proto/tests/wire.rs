@@ -117,16 +117,25 @@ fn admin_and_migration_messages_round_trip() {
                 heat: 5,
             }],
         }),
-        pb::migration_frame::Frame::RoundEnd(pb::RoundEnd {
+        pb::migration_frame::Frame::RequestIds(pb::RequestIds {
             round: 1,
-            blocks: 1,
-            bytes: 10,
-            applied: vec![pb::AppliedRequest { client_id: "d".into(), seq: 1, lsn: 2, version: 7 }],
+            runs: vec![pb::AppliedRun {
+                client_id: "d".into(),
+                seq: vec![1, 2],
+                lsn: vec![2, 3],
+                version: vec![7, 1],
+            }],
         }),
+        pb::migration_frame::Frame::RoundEnd(pb::RoundEnd { round: 1, blocks: 1, bytes: 10 }),
         pb::migration_frame::Frame::SwitchOver(pb::SwitchOver {
             accepted_lsn: 9,
             persisted_lsn: 7,
-            applied: vec![pb::AppliedRequest { client_id: "c".into(), seq: 3, lsn: 9, version: 4 }],
+            applied: vec![pb::AppliedRun {
+                client_id: "c".into(),
+                seq: vec![3],
+                lsn: vec![9],
+                version: vec![4],
+            }],
             expected_epoch: 2,
         }),
         pb::migration_frame::Frame::Abort(pb::MigrationAbort { reason: "target full".into() }),

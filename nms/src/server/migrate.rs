@@ -76,27 +76,51 @@ impl SwitchRule {
     }
 }
 
-fn applied_to_pb(applied: Vec<(RequestId, Applied)>) -> Vec<pb::AppliedRequest> {
-    applied
-        .into_iter()
-        .map(|(id, a)| pb::AppliedRequest {
-            client_id: id.client_id().to_owned(),
-            seq: id.seq(),
-            lsn: a.lsn.0,
-            version: a.version,
-        })
-        .collect()
+/// Request ids, oldest first, as runs of one client's consecutive ids (a client id travels
+/// once per run, not once per id).
+fn applied_to_pb(applied: Vec<(RequestId, Applied)>) -> Vec<pb::AppliedRun> {
+    let mut runs: Vec<pb::AppliedRun> = Vec::new();
+    for (id, a) in applied {
+        let run = match runs.last_mut() {
+            Some(r) if r.client_id == id.client_id() => r,
+            _ => {
+                runs.push(pb::AppliedRun {
+                    client_id: id.client_id().to_owned(),
+                    ..Default::default()
+                });
+                runs.last_mut().expect("just pushed")
+            }
+        };
+        run.seq.push(id.seq());
+        run.lsn.push(a.lsn.0);
+        run.version.push(a.version);
+    }
+    runs
 }
 
-fn applied_from_pb(applied: Vec<pb::AppliedRequest>) -> Result<Vec<(RequestId, Applied)>, Status> {
-    applied
-        .into_iter()
-        .map(|a| {
-            let id = RequestId::new(a.client_id, a.seq)
-                .map_err(|e| Status::invalid_argument(format!("applied request id: {e}")))?;
-            Ok((id, Applied { lsn: Lsn(a.lsn), version: a.version }))
-        })
-        .collect()
+/// The inverse of [`applied_to_pb`]; a run with lists of different lengths, no ids, or an
+/// invalid id is INVALID_ARGUMENT. One allocation per run for its client id.
+fn applied_from_pb(runs: Vec<pb::AppliedRun>) -> Result<Vec<(RequestId, Applied)>, Status> {
+    let bad = |why: String| Status::invalid_argument(format!("applied request ids: {why}"));
+    let mut out = Vec::with_capacity(runs.iter().map(|r| r.seq.len()).sum());
+    for r in runs {
+        let n = r.seq.len();
+        if n == 0 || r.lsn.len() != n || r.version.len() != n {
+            return Err(bad(format!(
+                "a run of client {:?} has {} seqs, {} lsns and {} versions (one length, at least 1)",
+                r.client_id,
+                n,
+                r.lsn.len(),
+                r.version.len()
+            )));
+        }
+        let first = RequestId::new(r.client_id, r.seq[0]).map_err(|e| bad(e.to_string()))?;
+        for ((seq, lsn), version) in r.seq.into_iter().zip(r.lsn).zip(r.version) {
+            let id = first.with_seq(seq).map_err(|e| bad(e.to_string()))?;
+            out.push((id, Applied { lsn: Lsn(lsn), version }));
+        }
+    }
+    Ok(out)
 }
 
 fn to_pb(b: MigBlock) -> pb::MigratedBlock {
@@ -134,15 +158,19 @@ impl Link {
             Ok(Ok(Some(a))) => a.ack.ok_or_else(|| "empty ack".into()),
         }
     }
-    /// Sends blocks (hottest first) in frames of at most `frame_bytes`, then RoundEnd with
-    /// the request ids remembered since the previous round.
+    /// Sends the request ids remembered since the previous round (first, so the target
+    /// takes them in while the blocks stream), the blocks (hottest first) in frames of at
+    /// most `frame_bytes`, then RoundEnd.
     async fn round(
         &self,
         round: u32,
         mut blocks: Vec<MigBlock>,
-        applied: Vec<pb::AppliedRequest>,
+        applied: Vec<pb::AppliedRun>,
         frame_bytes: u64,
     ) -> Result<(u64, u64), String> {
+        if !applied.is_empty() {
+            self.send(Frame::RequestIds(pb::RequestIds { round, runs: applied })).await?;
+        }
         hottest_first(&mut blocks);
         let (mut n, mut bytes) = (0u64, 0u64);
         let mut frame = Vec::new();
@@ -165,7 +193,7 @@ impl Link {
         if !frame.is_empty() {
             self.send(Frame::Blocks(pb::MigrationBlocks { round, blocks: frame })).await?;
         }
-        self.send(Frame::RoundEnd(pb::RoundEnd { round, blocks: n, bytes, applied })).await?;
+        self.send(Frame::RoundEnd(pb::RoundEnd { round, blocks: n, bytes })).await?;
         Ok((n, bytes))
     }
 }
@@ -337,11 +365,19 @@ impl Node {
         loop {
             let t = Instant::now();
             let (n, bytes) = link.round(round, blocks, applied_to_pb(applied), frame_bytes).await?;
+            let queued = t.elapsed();
             match link.ack().await? {
                 Ack::Round(_) => {}
                 other => return Err(format!("expected RoundAck, got {other:?}")),
             }
             let took = t.elapsed();
+            tracing::debug!(
+                round,
+                bytes,
+                queued_us = us(queued),
+                acked_us = us(took),
+                "round acknowledged"
+            );
             rate = rate.max(bytes as f64 / took.as_secs_f64().max(1e-6));
             report.rounds.push(pb::RoundReport { round, blocks: n, bytes, duration_us: us(took) });
             report.bytes_moved += bytes;
@@ -623,9 +659,19 @@ impl Node {
                     }
                     self.core().put_migrated(&v, blocks);
                 }
-                Some(Frame::RoundEnd(r)) => {
-                    let applied = applied_from_pb(r.applied)?;
+                Some(Frame::RequestIds(r)) => {
+                    let t = Instant::now();
+                    let applied = applied_from_pb(r.runs)?;
+                    let entries = applied.len();
                     self.core().remember_migrated(&v, applied);
+                    tracing::debug!(
+                        round = r.round,
+                        request_ids = entries,
+                        took_us = us(t.elapsed()),
+                        "request ids remembered"
+                    );
+                }
+                Some(Frame::RoundEnd(r)) => {
                     tx.send(Ok(ack(Ack::Round(pb::RoundAck {
                         round: r.round,
                         blocks: round_blocks,
@@ -720,7 +766,48 @@ impl pb::migration_server::Migration for Node {
 
 #[cfg(test)]
 mod tests {
-    use super::SwitchRule;
+    use super::{applied_from_pb, applied_to_pb, SwitchRule};
+    use crate::cache::Applied;
+    use wayside_proto::pb;
+    use wayside_proto::types::{Lsn, RequestId};
+
+    #[test]
+    fn request_ids_travel_as_runs_per_client_in_order() {
+        let id = |c: &str, seq| RequestId::new(c, seq).unwrap();
+        let at = |lsn, version| Applied { lsn: Lsn(lsn), version };
+        let ids = vec![
+            (id("a", 1), at(10, 1)),
+            (id("a", 2), at(11, 2)),
+            (id("b", 7), at(12, 1)),
+            (id("a", 3), at(13, 3)),
+        ];
+        let runs = applied_to_pb(ids.clone());
+        let clients: Vec<_> = runs.iter().map(|r| (r.client_id.as_str(), r.seq.len())).collect();
+        assert_eq!(clients, [("a", 2), ("b", 1), ("a", 1)], "consecutive ids share a run");
+        assert_eq!(applied_from_pb(runs).unwrap(), ids, "the same ids, in the same order");
+        assert!(applied_to_pb(Vec::new()).is_empty());
+        let run = |seq: Vec<u64>, lsn: Vec<u64>, version: Vec<u64>| pb::AppliedRun {
+            client_id: "c".into(),
+            seq,
+            lsn,
+            version,
+        };
+        for bad in [
+            run(vec![1, 2], vec![1], vec![1, 1]),
+            run(vec![1], vec![1], vec![]),
+            run(vec![], vec![], vec![]),
+            run(vec![1, 0], vec![1, 2], vec![1, 1]),
+        ] {
+            let e = applied_from_pb(vec![bad.clone()]).unwrap_err();
+            assert_eq!(e.code(), tonic::Code::InvalidArgument, "{bad:?}: {e:?}");
+        }
+        let mut no_client = run(vec![1], vec![1], vec![1]);
+        no_client.client_id.clear();
+        assert_eq!(
+            applied_from_pb(vec![no_client]).unwrap_err().code(),
+            tonic::Code::InvalidArgument
+        );
+    }
 
     const GBIT: f64 = 125e6;
 
