@@ -803,6 +803,17 @@ impl Cache {
     }
 
     /// Remembers request ids the source applied (sent with a pre-copy round), oldest first.
+    /// Makes room for `n` more remembered request ids at once: growing by doubling
+    /// rehashed (and, in a fresh process, faulted in) the table several times over for a
+    /// round's ~20k ids.
+    pub fn reserve_applied(&mut self, name: &VolumeName, n: usize) {
+        let cap = self.limits.dedupe_entries_per_volume;
+        let Some(v) = self.volumes.get_mut(name) else { return };
+        let room = n.min(cap.saturating_sub(v.applied_order.len()));
+        v.applied.reserve(room);
+        v.applied_order.reserve(room);
+    }
+
     pub fn remember_migrated(&mut self, name: &VolumeName, applied: Vec<(RequestId, Applied)>) {
         let cap = self.limits.dedupe_entries_per_volume;
         let Some(v) = self.volumes.get_mut(name) else { return };

@@ -31,6 +31,9 @@ use wayside_proto::pb::migration_ack::Ack;
 use wayside_proto::pb::migration_frame::Frame;
 use wayside_proto::types::{Endpoint, Epoch, Lsn, RequestId, VolumeName};
 
+/// Request ids a target remembers per hold of its cache lock (~0.1 ms of work).
+const IDS_PER_LOCK: usize = 1024;
+
 fn us(d: Duration) -> u64 {
     u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
 }
@@ -663,7 +666,17 @@ impl Node {
                     let t = Instant::now();
                     let applied = applied_from_pb(r.runs)?;
                     let entries = applied.len();
-                    self.core().remember_migrated(&v, applied);
+                    self.core().reserve_applied(&v, entries);
+                    // In chunks: the target's other vehicles wait for the cache lock at
+                    // most one chunk long.
+                    let mut applied = applied.into_iter();
+                    loop {
+                        let chunk: Vec<_> = applied.by_ref().take(IDS_PER_LOCK).collect();
+                        if chunk.is_empty() {
+                            break;
+                        }
+                        self.core().remember_migrated(&v, chunk);
+                    }
                     tracing::debug!(
                         round = r.round,
                         request_ids = entries,
