@@ -696,6 +696,7 @@ impl Node {
                 }
                 Some(Frame::SwitchOver(s)) => {
                     tracing::debug!(volume = %v, "switch: SwitchOver received");
+                    let received = Instant::now();
                     let applied = applied_from_pb(s.applied)?;
                     if s.expected_epoch != b.source_epoch {
                         return Err(Status::invalid_argument(
@@ -709,6 +710,7 @@ impl Node {
                         .await
                         .map_err(|e| Status::from(NmsError::from(e)))?;
                     let acquire_us = us(t_acquire.elapsed());
+                    let t_finish = Instant::now();
                     self.core().finish_incoming(
                         &v,
                         meta.epoch,
@@ -720,6 +722,7 @@ impl Node {
                         x.stored_blocks = meta.block_count;
                     }
                     self.bump();
+                    let finish_us = us(t_finish.elapsed());
                     *incoming = None;
                     // Answer first: the source's vehicle is paused until it hears this, and
                     // the write-back of the dirty blocks would compete with the answer.
@@ -729,9 +732,17 @@ impl Node {
                             target_address: self.advertise.uri().to_owned(),
                         }))))
                         .await;
+                    let answered_us = us(received.elapsed());
                     self.start_writer(&v);
                     self.kick(&v);
-                    info!(volume = %v, epoch = meta.epoch.0, acquire_us, "volume switched here");
+                    info!(
+                        volume = %v,
+                        epoch = meta.epoch.0,
+                        acquire_us,
+                        finish_us,
+                        answered_us,
+                        "volume switched here"
+                    );
                     return Ok(());
                 }
                 Some(Frame::Abort(a)) => {
