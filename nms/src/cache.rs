@@ -803,6 +803,17 @@ impl Cache {
     }
 
     /// Remembers request ids the source applied (sent with a pre-copy round), oldest first.
+    /// Makes room for `n` more blocks of an incoming volume at once (its block table and
+    /// the eviction ring), as [`Cache::reserve_applied`] does for request ids; `n` is
+    /// capped by what the cache's capacity can hold.
+    pub fn reserve_blocks(&mut self, name: &VolumeName, n: u64) {
+        let Some(v) = self.volumes.get_mut(name) else { return };
+        let fit = self.limits.cache_capacity_bytes / u64::from(v.block_size.bytes()).max(1);
+        let n = usize::try_from(n.min(fit)).unwrap_or(0);
+        v.entries.reserve(n);
+        self.ring.reserve(n);
+    }
+
     /// Makes room for `n` more remembered request ids at once: growing by doubling
     /// rehashed (and, in a fresh process, faulted in) the table several times over for a
     /// round's ~20k ids.
@@ -902,6 +913,21 @@ mod tests {
 
     fn full(b: u8) -> Vec<u8> {
         vec![b; 4096]
+    }
+
+    #[test]
+    fn room_made_for_an_incoming_volume_is_capped_by_the_cache_and_the_dedupe_limit() {
+        let mut c = Cache::new(limits());
+        let v = vol(&mut c, "in");
+        // A Begin may claim anything; the tables grow at most to what the cache can hold.
+        c.reserve_blocks(&v, u64::MAX);
+        c.reserve_applied(&v, usize::MAX);
+        let x = c.volume(&v).unwrap();
+        assert!(x.entries.capacity() >= 9, "room for the 9 blocks the cache holds");
+        assert!(x.entries.capacity() < 64, "not for u64::MAX: {}", x.entries.capacity());
+        assert!(x.applied.capacity() >= 4 && x.applied.capacity() < 64);
+        assert!(c.ring.capacity() >= 9 && c.ring.capacity() < 64);
+        c.reserve_blocks(&VolumeName::new("absent").unwrap(), 5);
     }
 
     #[test]

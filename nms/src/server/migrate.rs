@@ -625,6 +625,7 @@ impl Node {
                 Lsn(0),
                 VolumeState::Incoming { migration_id: b.migration_id },
             );
+            core.reserve_blocks(&v, b.cached_bytes / u64::from(bs.bytes()));
         }
         *incoming = Some(v.clone());
         info!(volume = %v, from = %b.source_address, "incoming migration");
