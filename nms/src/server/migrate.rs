@@ -445,6 +445,7 @@ impl Node {
             match link.ack().await {
                 Ok(Ack::Round(_)) => continue,
                 Ok(Ack::Switched(s)) => {
+                    let answered = pause.elapsed();
                     let to = if s.target_address.is_empty() {
                         target.uri().to_owned()
                     } else {
@@ -453,6 +454,11 @@ impl Node {
                     let old = self.moved(v, to, Epoch(s.new_epoch));
                     report.new_epoch = s.new_epoch;
                     report.pause_us = us(pause.elapsed());
+                    tracing::debug!(
+                        answered_us = us(answered),
+                        pause_us = report.pause_us,
+                        "switch: the target answered; the volume now redirects"
+                    );
                     release(old);
                     return Ok(());
                 }
