@@ -258,7 +258,8 @@ async fn back_pressure_when_the_dirty_limit_is_reached() {
 async fn a_vehicle_keeps_writing_while_its_volume_moves() {
     let dir = tempfile::tempdir().unwrap();
     let cluster = LocalCluster::start(3, dir.path()).await.unwrap();
-    let a = Nms::start("a", &cluster.endpoints(), |_| {}).await;
+    // Small frames: a round's blocks travel 4 to a frame, its request ids 128 to a frame.
+    let a = Nms::start("a", &cluster.endpoints(), |c| c.migration_frame_bytes = 16 << 10).await;
     let b = Nms::start("b", &cluster.endpoints(), |_| {}).await;
     let c = VolumeClient::open(opts(&[&a.ep], "mv", "k")).await.unwrap();
     // Some cached state to move: 256 blocks, half flushed, half dirty.
@@ -267,6 +268,21 @@ async fn a_vehicle_keeps_writing_while_its_volume_moves() {
         if blk == 127 {
             c.flush().await.unwrap();
         }
+    }
+    // And 300 writes under request ids this test knows, to replay on B after the move.
+    const REPLAYED: u64 = 300;
+    let replay = |seq: u64, n: u64| pb::WriteRequest {
+        auth: auth("mv", "k"),
+        op: Some(pb::WriteOp {
+            block: 1000 + seq,
+            offset: 0,
+            data: block_data(1000 + seq, n).into(),
+            request_id: Some(pb::RequestId { client_id: "replayer".into(), seq }),
+        }),
+    };
+    let mut raw_a = a.raw().await;
+    for seq in 1..=REPLAYED {
+        raw_a.write(replay(seq, 1)).await.unwrap();
     }
     let stop = CancellationToken::new();
     let writer = {
@@ -317,7 +333,18 @@ async fn a_vehicle_keeps_writing_while_its_volume_moves() {
     let info = c.stat().await.unwrap();
     assert_eq!(info.epoch, report.new_epoch);
     // Nothing applied twice: every accepted write got exactly one lsn.
-    assert_eq!(info.accepted_lsn, 256 + count, "lsns: {info:?}");
+    assert_eq!(info.accepted_lsn, 256 + REPLAYED + count, "lsns: {info:?}");
+    // The request ids applied on A came along (in several RequestIds frames): replays of
+    // them, with other data, apply nothing on B.
+    let mut raw_b = b.raw().await;
+    for seq in 1..=REPLAYED {
+        raw_b.write(replay(seq, 2)).await.unwrap();
+    }
+    assert_eq!(c.stat().await.unwrap().accepted_lsn, info.accepted_lsn, "replays applied nothing");
+    for seq in [1, REPLAYED / 2, REPLAYED] {
+        let got = c.read(1000 + seq, 0, None).await.unwrap();
+        assert_eq!(got.as_deref(), Some(&block_data(1000 + seq, 1)[..]), "block {}", 1000 + seq);
+    }
     c.flush().await.unwrap();
     let mut want: HashMap<u64, Vec<u8>> = (0..256).map(|b| (b, block_data(b, 0))).collect();
     for (blk, n) in &acked {

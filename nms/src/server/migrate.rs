@@ -33,6 +33,11 @@ use wayside_proto::types::{Endpoint, Epoch, Lsn, RequestId, VolumeName};
 
 /// Request ids a target remembers per hold of its cache lock (~0.1 ms of work).
 const IDS_PER_LOCK: usize = 1024;
+/// The most one request id takes in a `RequestIds` frame, in bytes: a run per id (ids of
+/// alternating clients) with a 64-byte client id and three 10-byte varints is ~105. Frames
+/// of ids are cut at `migration_frame_bytes / ID_BYTES` ids (8192 at the default 1 MiB;
+/// one client's ids cost ~8 bytes each, so such a frame is ~64 KiB).
+const ID_BYTES: u64 = 128;
 
 fn us(d: Duration) -> u64 {
     u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
@@ -81,7 +86,7 @@ impl SwitchRule {
 
 /// Request ids, oldest first, as runs of one client's consecutive ids (a client id travels
 /// once per run, not once per id).
-fn applied_to_pb(applied: Vec<(RequestId, Applied)>) -> Vec<pb::AppliedRun> {
+fn applied_to_pb(applied: &[(RequestId, Applied)]) -> Vec<pb::AppliedRun> {
     let mut runs: Vec<pb::AppliedRun> = Vec::new();
     for (id, a) in applied {
         let run = match runs.last_mut() {
@@ -162,17 +167,19 @@ impl Link {
         }
     }
     /// Sends the request ids remembered since the previous round (first, so the target
-    /// takes them in while the blocks stream), the blocks (hottest first) in frames of at
-    /// most `frame_bytes`, then RoundEnd.
+    /// takes them in while the blocks stream; at most `frame_bytes / ID_BYTES` per frame),
+    /// the blocks (hottest first) in frames of at most `frame_bytes`, then RoundEnd.
     async fn round(
         &self,
         round: u32,
         mut blocks: Vec<MigBlock>,
-        applied: Vec<pb::AppliedRun>,
+        applied: Vec<(RequestId, Applied)>,
         frame_bytes: u64,
     ) -> Result<(u64, u64), String> {
-        if !applied.is_empty() {
-            self.send(Frame::RequestIds(pb::RequestIds { round, runs: applied })).await?;
+        let ids_per_frame = usize::try_from(frame_bytes / ID_BYTES).unwrap_or(usize::MAX).max(1);
+        for ids in applied.chunks(ids_per_frame) {
+            let runs = applied_to_pb(ids);
+            self.send(Frame::RequestIds(pb::RequestIds { round, runs })).await?;
         }
         hottest_first(&mut blocks);
         let (mut n, mut bytes) = (0u64, 0u64);
@@ -367,7 +374,7 @@ impl Node {
         let mut rate = 0f64;
         loop {
             let t = Instant::now();
-            let (n, bytes) = link.round(round, blocks, applied_to_pb(applied), frame_bytes).await?;
+            let (n, bytes) = link.round(round, blocks, applied, frame_bytes).await?;
             let queued = t.elapsed();
             match link.ack().await? {
                 Ack::Round(_) => {}
@@ -406,7 +413,7 @@ impl Node {
             core.set_state(v, VolumeState::Paused);
             let rest = core.snapshot_changed(v);
             let x = core.volume(v).ok_or("volume vanished")?;
-            let applied = applied_to_pb(x.applied_since(mark).0);
+            let applied = applied_to_pb(&x.applied_since(mark).0);
             (
                 rest,
                 pb::SwitchOver {
@@ -812,11 +819,11 @@ mod tests {
             (id("b", 7), at(12, 1)),
             (id("a", 3), at(13, 3)),
         ];
-        let runs = applied_to_pb(ids.clone());
+        let runs = applied_to_pb(&ids);
         let clients: Vec<_> = runs.iter().map(|r| (r.client_id.as_str(), r.seq.len())).collect();
         assert_eq!(clients, [("a", 2), ("b", 1), ("a", 1)], "consecutive ids share a run");
         assert_eq!(applied_from_pb(runs).unwrap(), ids, "the same ids, in the same order");
-        assert!(applied_to_pb(Vec::new()).is_empty());
+        assert!(applied_to_pb(&[]).is_empty());
         let run = |seq: Vec<u64>, lsn: Vec<u64>, version: Vec<u64>| pb::AppliedRun {
             client_id: "c".into(),
             seq,
