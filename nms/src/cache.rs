@@ -825,7 +825,11 @@ impl Cache {
         v.applied_order.reserve(room);
     }
 
-    pub fn remember_migrated(&mut self, name: &VolumeName, applied: Vec<(RequestId, Applied)>) {
+    pub fn remember_migrated(
+        &mut self,
+        name: &VolumeName,
+        applied: impl IntoIterator<Item = (RequestId, Applied)>,
+    ) {
         let cap = self.limits.dedupe_entries_per_volume;
         let Some(v) = self.volumes.get_mut(name) else { return };
         for (id, a) in applied {
@@ -955,7 +959,7 @@ mod tests {
         // The target remembers them: a replay is answered with the original lsn and version.
         let mut t = Cache::new(limits());
         let tv = vol(&mut t, "v");
-        t.remember_migrated(&tv, first.into_iter().chain(next).collect());
+        t.remember_migrated(&tv, first.into_iter().chain(next));
         let again = t.write(&tv, 0, 0, &full(9), Some(&id(6))).unwrap();
         assert_eq!((again.lsn, again.version), (outs[5].lsn, outs[5].version));
         assert_eq!(t.read(&tv, 0, 0, None).unwrap(), ReadOutcome::Miss, "a replay writes nothing");

@@ -684,12 +684,8 @@ impl Node {
                     // In chunks: the target's other vehicles wait for the cache lock at
                     // most one chunk long.
                     let mut applied = applied.into_iter();
-                    loop {
-                        let chunk: Vec<_> = applied.by_ref().take(IDS_PER_LOCK).collect();
-                        if chunk.is_empty() {
-                            break;
-                        }
-                        self.core().remember_migrated(&v, chunk);
+                    while applied.len() > 0 {
+                        self.core().remember_migrated(&v, applied.by_ref().take(IDS_PER_LOCK));
                     }
                     tracing::debug!(
                         round = r.round,

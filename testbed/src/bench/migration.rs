@@ -141,7 +141,6 @@ async fn run_loopback(args: &Args) -> anyhow::Result<()> {
     let stop = CancellationToken::new();
     let (a, ta) = start_nms("a", &cluster.endpoints(), &stop).await?;
     let (b, tb) = start_nms("b", &cluster.endpoints(), &stop).await?;
-    // Loopback rate, measured here: one TCP stream copying 256 MiB.
     let loopback = loopback_bytes_per_s().await?;
     println!("loopback TCP: {:.2} GB/s", loopback / 1e9);
     let bytes = usize::try_from(args.cached_bytes).context("--cached-bytes")?;
@@ -457,31 +456,9 @@ fn fresh_touch_ms(bytes: usize) -> anyhow::Result<f64> {
     }
 }
 
+/// Loopback TCP rate: one stream copying 256 MiB ([`raw_tcp_bytes_per_s`] on 127.0.0.1).
 async fn loopback_bytes_per_s() -> anyhow::Result<f64> {
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let addr = l.local_addr()?;
-    let total = 256usize << 20;
-    let reader = tokio::spawn(async move {
-        let (mut s, _) = l.accept().await?;
-        let mut buf = vec![0u8; 1 << 20];
-        let mut got = 0;
-        while got < total {
-            let n = s.read(&mut buf).await?;
-            if n == 0 {
-                break;
-            }
-            got += n;
-        }
-        anyhow::Ok(got)
-    });
-    let mut s = tokio::net::TcpStream::connect(addr).await?;
-    let buf = vec![1u8; 1 << 20];
-    let t = Instant::now();
-    for _ in 0..(total >> 20) {
-        s.write_all(&buf).await?;
-    }
-    s.flush().await?;
-    let got = reader.await??;
-    Ok(got as f64 / t.elapsed().as_secs_f64())
+    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let s = std::net::TcpStream::connect(l.local_addr()?)?;
+    raw_tcp_bytes_per_s(l, s, 256 << 20).await
 }
