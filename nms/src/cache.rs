@@ -11,6 +11,7 @@
 //! always writes versions above every version an older owner wrote, even for a full-block
 //! write of a block it never read.
 
+use crate::pool::BlockPool;
 use crate::store::Change;
 use bytes::Bytes;
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
@@ -246,11 +247,20 @@ pub struct Cache {
     dirty_bytes: u64,
     evictions: u64,
     next_fetch: u64,
+    /// Where written blocks' buffers come from (see [`crate::pool`]).
+    pool: BlockPool,
 }
 
 impl Cache {
+    /// A cache whose blocks are heap copies.
     pub fn new(limits: Limits) -> Self {
+        Self::with_pool(limits, BlockPool::disabled())
+    }
+
+    /// A cache whose written blocks take their buffers from `pool` when it has one free.
+    pub fn with_pool(limits: Limits, pool: BlockPool) -> Self {
         Self {
+            pool,
             limits,
             volumes: HashMap::new(),
             ids: HashMap::new(),
@@ -523,20 +533,23 @@ impl Cache {
         })?;
         let full = offset == 0 && len == u64::from(bs);
         let new = if full {
-            Bytes::copy_from_slice(data)
+            self.pool.copy(data)
         } else {
             let base = match v.entries.get(&block) {
                 None => return Err(CacheError::NeedBlock(block)),
                 Some(e) => e.data.clone().unwrap_or_default(),
             };
-            let end = offset as usize + data.len();
-            let mut buf = Vec::with_capacity(end.max(base.len()));
-            buf.extend_from_slice(&base);
-            if buf.len() < end {
-                buf.resize(end, 0);
-            }
-            buf[offset as usize..end].copy_from_slice(data);
-            Bytes::from(buf)
+            let (start, end) = (offset as usize, offset as usize + data.len());
+            self.pool.build(end.max(base.len()), |buf| {
+                // Every byte: the old content, zeroes up to the write, the write.
+                let keep = base.len().min(start);
+                buf[..keep].copy_from_slice(&base[..keep]);
+                buf[keep..start].fill(0);
+                buf[start..end].copy_from_slice(data);
+                if base.len() > end {
+                    buf[end..].copy_from_slice(&base[end..]);
+                }
+            })
         };
         self.admit(v, block, new.len() as u64)?;
         Ok(self.apply(name, block, Some(new), request_id))
@@ -981,6 +994,41 @@ mod tests {
         let ReadOutcome::Hit { data, .. } = c.read(&v, 1, 3, Some(1)).unwrap() else { panic!() };
         assert_eq!(&data[..], b"b");
         assert!(matches!(c.write(&v, 1, 4095, b"ab", None), Err(CacheError::Range { .. })));
+    }
+
+    /// Blocks written through a pool reuse slots that held other blocks: every byte of a
+    /// partial write's result must still be the old block, zeroes, or the write.
+    #[test]
+    fn partial_writes_into_reused_pool_slots_carry_no_stale_bytes() {
+        let pool = BlockPool::new(8 * crate::pool::SLOT_BYTES as u64);
+        pool.fill().unwrap().join().unwrap();
+        let mut c = Cache::with_pool(limits(), pool.clone());
+        let v = vol(&mut c, "v");
+        // Dirty every slot with 0xee, then let them go back to the pool.
+        for b in 0..4 {
+            c.write(&v, b, 0, &full(0xee), None).unwrap();
+        }
+        assert_eq!(pool.stats().free_slots, 4);
+        assert!(c.remove_volume(&v));
+        assert_eq!(pool.stats().free_slots, 8, "dropped blocks give their slots back");
+        let v = vol(&mut c, "v");
+        let read = |c: &mut Cache, b| {
+            let ReadOutcome::Hit { data, .. } = c.read(&v, b, 0, None).unwrap() else { panic!() };
+            data
+        };
+        let f = c.begin_fetch(&v, &[1, 2]);
+        c.fill(&v, 1, None, f);
+        c.fill(&v, 2, Some((Bytes::from_static(b"0123456789"), 1)), f);
+        // Past the end of an absent block: zeroes, then the write.
+        c.write(&v, 1, 3, b"xy", None).unwrap();
+        assert_eq!(&read(&mut c, 1)[..], b"\0\0\0xy");
+        // Inside a shorter block: its bytes around the write.
+        c.write(&v, 2, 4, b"ab", None).unwrap();
+        assert_eq!(&read(&mut c, 2)[..], b"0123ab6789");
+        // Past the end of a shorter block: it, zeroes, the write.
+        c.write(&v, 2, 12, b"z", None).unwrap();
+        assert_eq!(&read(&mut c, 2)[..], b"0123ab6789\0\0z");
+        assert!(pool.stats().free_slots < 8, "the writes were served from the pool");
     }
 
     #[test]

@@ -29,6 +29,9 @@ pub struct ServeArgs {
     /// Memory budget for cached blocks, in bytes.
     #[arg(long)]
     pub cache_capacity_bytes: Option<u64>,
+    /// Block buffers faulted in at start for incoming blocks, in bytes (0: none).
+    #[arg(long)]
+    pub block_pool_bytes: Option<u64>,
 }
 
 /// Runs `nms serve` until SIGINT/SIGTERM or an admin Shutdown.
@@ -47,6 +50,9 @@ pub async fn serve(mut config: Config, a: ServeArgs) -> anyhow::Result<()> {
     }
     if let Some(c) = a.cache_capacity_bytes {
         config.cache_capacity_bytes = c;
+    }
+    if let Some(b) = a.block_pool_bytes {
+        config.block_pool_bytes = b;
     }
     config.validate().map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
     let listener = tokio::net::TcpListener::bind(&config.listen)
@@ -329,7 +335,8 @@ pub fn render_report(r: &pb::MigrationReport) -> String {
 pub async fn status(addr: &str) -> anyhow::Result<()> {
     let r = admin(addr).await?.node_status(pb::NodeStatusRequest {}).await?.into_inner();
     println!(
-        "node {} at {}: {} volumes, {} / {} bytes cached, {} / {} bytes dirty, up {} ms",
+        "node {} at {}: {} volumes, {} / {} bytes cached, {} / {} bytes dirty, \
+         {} bytes of block buffers ready, up {} ms",
         r.node,
         r.advertise_address,
         r.volumes,
@@ -337,6 +344,7 @@ pub async fn status(addr: &str) -> anyhow::Result<()> {
         r.cache_capacity_bytes,
         r.dirty_bytes,
         r.dirty_limit_bytes,
+        r.block_pool_free_bytes,
         r.uptime_ms
     );
     for v in &r.volume_info {

@@ -17,6 +17,11 @@ pub struct Config {
     pub pss: Vec<String>,
     /// Memory budget for every volume's cached blocks together, in bytes.
     pub cache_capacity_bytes: u64,
+    /// Block buffers faulted in at start and kept for incoming blocks (writes, a move's
+    /// blocks), in bytes; freed blocks return to it up to this size. Resident memory on
+    /// top of the cache; at most `cache_capacity_bytes` of it is used; 0 disables it (see
+    /// the `pool` module: it spares a move's target the page faults of fresh memory).
+    pub block_pool_bytes: u64,
     /// Most unpersisted (dirty) bytes across all volumes; writes beyond wait.
     pub dirty_limit_bytes: u64,
     /// Most unpersisted bytes of one volume; writes beyond wait.
@@ -98,6 +103,7 @@ impl Default for Config {
             node_id: "nms-1".into(),
             pss: vec!["127.0.0.1:7000".into()],
             cache_capacity_bytes: 1 << 30,
+            block_pool_bytes: 128 << 20,
             dirty_limit_bytes: 256 << 20,
             dirty_limit_bytes_per_volume: 64 << 20,
             backpressure_wait_ms: 2_000,

@@ -3,6 +3,7 @@
 //! Code map:
 //! - [`cache`]: the cache core as pure logic (budget, eviction, dirty limits, write-back
 //!   batches, request-id dedupe, migration snapshots). No I/O, no clock.
+//! - [`pool`]: block buffers faulted in ahead of need (a move's target skips page faults).
 //! - [`store`]: the PSS behind one trait (real client; in-memory for unit tests).
 //! - [`server`]: the node and its gRPC services (vehicle API, admin, migration).
 //! - [`client`]: the vehicle-side library (redirects, retries, the write journal).
@@ -21,6 +22,7 @@ pub mod config;
 pub mod error;
 pub mod fuse;
 pub mod pid1;
+pub mod pool;
 pub mod server;
 pub mod smf;
 pub mod store;

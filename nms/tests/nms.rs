@@ -28,6 +28,9 @@ impl Nms {
             listen: ep.authority().to_owned(),
             node_id: name.into(),
             pss: pss.iter().map(|e| e.authority().to_owned()).collect(),
+            // Small: every test NMS faults its pool in, and these tests move a few MiB at
+            // most; blocks past it use the heap, so both paths are exercised.
+            block_pool_bytes: 1 << 20,
             ..Config::default()
         };
         adjust(&mut cfg);
@@ -181,6 +184,10 @@ async fn eviction_under_memory_pressure_never_loses_a_dirty_block() {
     }
     let st = a.admin().await.node_status(pb::NodeStatusRequest {}).await.unwrap().into_inner();
     assert!(st.cached_bytes <= st.cache_capacity_bytes, "{st:?}");
+    assert!(
+        st.block_pool_free_bytes <= st.cache_capacity_bytes,
+        "pool capped by the cache: {st:?}"
+    );
     assert!(st.dirty_bytes >= 6 * BS as u64, "dirty blocks still held: {st:?}");
     assert!(pss_blocks(&cluster, "ev", &[0]).await.is_empty(), "not yet written back");
     for b in 0..6 {

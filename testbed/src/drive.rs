@@ -456,6 +456,9 @@ pub async fn deploy(deployment: &Deployment, sc: &Scenario) -> anyhow::Result<De
                     // instead of each taking serving threads (the default assumes one NMS
                     // per machine).
                     serve_threads: 0,
+                    // Seven NMSs in one process, each faulting its pool in at start; the
+                    // road's volumes are a few MiB.
+                    block_pool_bytes: 16 << 20,
                     ..Default::default()
                 };
                 servers.spawn(wayside_nms::server::run(cfg, listener, nodes.child_token()));

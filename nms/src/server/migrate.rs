@@ -17,7 +17,6 @@ use super::Node;
 use crate::cache::{hottest_first, Applied, Cache, MigBlock, Retired, VolumeState};
 use crate::error::NmsError;
 use crate::store::StoreError;
-use bytes::Bytes;
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime};
@@ -666,8 +665,9 @@ impl Node {
                         blocks.push(MigBlock {
                             block: m.block,
                             // A copy, not a slice: a slice would pin the whole received
-                            // frame for as long as any one of its blocks stays cached.
-                            data: (!m.deleted).then(|| Bytes::copy_from_slice(&m.data)),
+                            // frame for as long as any one of its blocks stays cached. Into
+                            // a pool slot: memory already faulted in (see `crate::pool`).
+                            data: (!m.deleted).then(|| self.pool.copy(&m.data)),
                             version: m.version,
                             dirty: m.dirty,
                             lsn: Lsn(m.lsn),

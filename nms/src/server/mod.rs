@@ -10,6 +10,7 @@ pub mod rpc;
 use crate::cache::{Cache, CacheError, Limits, ReadOutcome, VolumeState, WriteOutcome};
 use crate::config::Config;
 use crate::error::NmsError;
+use crate::pool::BlockPool;
 use crate::store::{Acquire, PssStore, Store, StoreError, WriteBack};
 use anyhow::Context as _;
 use bytes::Bytes;
@@ -177,6 +178,8 @@ pub struct Node {
     pub(crate) advertise: Endpoint,
     pub(crate) store: Arc<dyn Store>,
     core: Mutex<Cache>,
+    /// Buffers for blocks arriving by migration (the cache's own writes use it too).
+    pub(crate) pool: BlockPool,
     handles: Mutex<HashMap<VolumeName, Arc<Handle>>>,
     /// Bumped on every write-back completion and volume state change; waiters re-check.
     progress: watch::Sender<u64>,
@@ -220,6 +223,9 @@ impl Node {
             max_batch_bytes: cfg.max_batch_bytes,
             max_tracked_fetches_per_volume: cfg.max_tracked_fetches_per_volume,
         };
+        let pool = BlockPool::new(cfg.block_pool_bytes.min(cfg.cache_capacity_bytes));
+        // Faulted in off the serving threads; blocks use the heap until slots are ready.
+        pool.fill();
         // A fresh client id per process start: the PSS dedupes by request id, and a
         // restarted node must not collide with its previous life's sequence numbers.
         let mut id: String = cfg.node_id.chars().take(40).collect();
@@ -230,7 +236,8 @@ impl Node {
             cfg,
             advertise,
             store,
-            core: Mutex::new(Cache::new(limits)),
+            core: Mutex::new(Cache::with_pool(limits, pool.clone())),
+            pool,
             handles: Mutex::new(HashMap::new()),
             progress: watch::channel(0).0,
             load_lock: tokio::sync::Mutex::new(()),

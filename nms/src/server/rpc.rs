@@ -530,6 +530,7 @@ impl pb::nms_admin_server::NmsAdmin for Node {
             pss_read_blocks: self.pss_read_blocks.load(Ordering::Relaxed),
             writeback_blocks: self.wb_blocks.load(Ordering::Relaxed),
             reads: self.reads.load(Ordering::Relaxed),
+            block_pool_free_bytes: (self.pool.stats().free_slots * crate::pool::SLOT_BYTES) as u64,
         }))
     }
 

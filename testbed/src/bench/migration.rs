@@ -53,6 +53,9 @@ pub struct Args {
     /// mbit, gbit per second).
     #[arg(long, default_value = "1gbit", value_parser = crate::netns::parse_rate)]
     pub link_rate: u64,
+    /// Each NMS's `block_pool_bytes` (0 to see a move into memory never touched before).
+    #[arg(long, default_value_t = wayside_nms::config::Config::default().block_pool_bytes)]
+    pub block_pool_bytes: u64,
 }
 
 const BS: usize = 4096;
@@ -71,9 +74,10 @@ struct Pair {
     raw_tcp_bytes_per_s: Option<f64>,
 }
 
-fn nms_config(name: &str, pss: &[String]) -> wayside_nms::config::Config {
+fn nms_config(name: &str, pss: &[String], block_pool_bytes: u64) -> wayside_nms::config::Config {
     wayside_nms::config::Config {
         node_id: name.into(),
+        block_pool_bytes,
         pss: pss.to_vec(),
         // Dirty data stays dirty until a flush, so the move carries the dirty part.
         writeback_delay_ms: 600_000,
@@ -85,6 +89,7 @@ fn nms_config(name: &str, pss: &[String]) -> wayside_nms::config::Config {
 async fn start_nms(
     name: &str,
     pss: &[Endpoint],
+    block_pool_bytes: u64,
     stop: &CancellationToken,
 ) -> anyhow::Result<(Endpoint, tokio::task::JoinHandle<anyhow::Result<()>>)> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
@@ -97,7 +102,7 @@ async fn start_nms(
         // 2 CPUs, two serving threads beside the shared runtime made moves take 32-148 ms
         // (2 of 12 over 100 ms), against 39-47 ms served by the runtime.
         serve_threads: 0,
-        ..nms_config(name, &pss)
+        ..nms_config(name, &pss, block_pool_bytes)
     };
     Ok((ep, tokio::spawn(wayside_nms::server::run(cfg, listener, stop.clone()))))
 }
@@ -139,8 +144,8 @@ async fn run_loopback(args: &Args) -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let cluster = wayside_pss::testing::LocalCluster::start(3, dir.path()).await?;
     let stop = CancellationToken::new();
-    let (a, ta) = start_nms("a", &cluster.endpoints(), &stop).await?;
-    let (b, tb) = start_nms("b", &cluster.endpoints(), &stop).await?;
+    let (a, ta) = start_nms("a", &cluster.endpoints(), args.block_pool_bytes, &stop).await?;
+    let (b, tb) = start_nms("b", &cluster.endpoints(), args.block_pool_bytes, &stop).await?;
     let loopback = loopback_bytes_per_s().await?;
     println!("loopback TCP: {:.2} GB/s", loopback / 1e9);
     let bytes = usize::try_from(args.cached_bytes).context("--cached-bytes")?;
@@ -224,7 +229,7 @@ async fn run_shaped(args: &Args) -> anyhow::Result<()> {
         let cfg = wayside_nms::config::Config {
             listen: "0.0.0.0:7100".into(),
             advertise: format!("{}:7100", vehicle_addr[i]),
-            ..nms_config(name, &pss)
+            ..nms_config(name, &pss, args.block_pool_bytes)
         };
         netns::spawn_nms(&mut lab, &nms_bin, n, &cfg)?;
     }
@@ -344,6 +349,15 @@ async fn measure(args: &Args, pair: &Pair) -> anyhow::Result<()> {
                 .connect()
                 .await?,
         );
+        let ready = pb::nms_admin_client::NmsAdminClient::new(
+            tonic::transport::Endpoint::from_shared(pair.vehicle[to].uri().to_owned())?
+                .connect()
+                .await?,
+        )
+        .node_status(pb::NodeStatusRequest {})
+        .await?
+        .into_inner()
+        .block_pool_free_bytes;
         let r = admin
             .start_migration(pb::StartMigrationRequest {
                 volume: "moving".into(),
@@ -357,6 +371,11 @@ async fn measure(args: &Args, pair: &Pair) -> anyhow::Result<()> {
         c.stat().await?;
         done.cancel();
         let mut lat = vehicle.await??;
+        println!(
+            "run {}: the target had {:.1} MiB of faulted-in block buffers ready (block_pool_bytes)",
+            run + 1,
+            ready as f64 / f64::from(1 << 20)
+        );
         print!("run {}: {}", run + 1, wayside_nms::cli::render_report(&r));
         if r.outcome != pb::MigrationOutcome::Completed as i32 {
             bail!("the move aborted: {}", r.error);
