@@ -16,6 +16,12 @@
 //!   more), never for the peer;
 //! - **memory**: more than [`CORK_MAX_BYTES`] pending is written at once, and a write
 //!   larger than that goes straight through (after what is pending).
+//!
+//! A vectored write of at least [`WRITE_THROUGH_BYTES`] (h2's frame header chained with a
+//! large DATA payload: a 64 KiB batch reply to a peer with large frames, a migration
+//! frame) is not copied: it leaves at once, behind what is pending, in one vectored call.
+//! Copying it cost about as much CPU as encoding the reply (6% of a batched-read run's
+//! serving thread).
 
 use std::io;
 use std::pin::Pin;
@@ -24,6 +30,14 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// Most bytes a [`CorkedIo`] holds back before writing them out, in bytes.
 pub const CORK_MAX_BYTES: usize = 256 * 1024;
+
+/// A vectored write of at least this many bytes goes to the socket at once, uncopied,
+/// with what is pending before it (when the socket takes vectored writes), in bytes.
+pub const WRITE_THROUGH_BYTES: usize = 32 * 1024;
+
+/// Most pieces of a caller's vectored write passed on in one call (h2 passes two: its
+/// buffer and the chained payload); the rest is left for the caller's next call.
+const WRITE_THROUGH_PIECES: usize = 7;
 
 /// A write of more than this many bytes, or of more than one piece (h2's buffer with a
 /// DATA payload chained to it), is taken for a DATA payload, and the flush after it yields
@@ -77,6 +91,43 @@ impl<T: AsyncWrite + Unpin> CorkedIo<T> {
         Poll::Ready(Ok(()))
     }
 
+    /// Writes what is pending and then `bufs`, without copying `bufs`, in as few vectored
+    /// calls as the socket allows; returns how many of `bufs`' bytes it took (at least 1).
+    fn poll_write_through(
+        &mut self,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let k = bufs.len().min(WRITE_THROUGH_PIECES);
+        loop {
+            let pending = self.pending();
+            let n = if pending == 0 {
+                ready!(Pin::new(&mut self.inner).poll_write_vectored(cx, &bufs[..k]))?
+            } else {
+                let mut all = [io::IoSlice::new(&[]); WRITE_THROUGH_PIECES + 1];
+                all[0] = io::IoSlice::new(&self.buf[self.sent..]);
+                all[1..=k].copy_from_slice(&bufs[..k]);
+                ready!(Pin::new(&mut self.inner).poll_write_vectored(cx, &all[..=k]))?
+            };
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            if n < pending {
+                self.sent += n;
+                continue;
+            }
+            if pending > 0 {
+                self.buf.clear();
+                self.sent = 0;
+                self.yielded = false;
+                self.chained = false;
+            }
+            if n > pending {
+                return Poll::Ready(Ok(n - pending));
+            }
+        }
+    }
+
     /// Takes `len` more bytes: `Ok(true)` when they should be copied into the buffer,
     /// `Ok(false)` when they are too large and go straight to `inner` (nothing pending).
     fn poll_room(&mut self, cx: &mut Context<'_>, len: usize) -> Poll<io::Result<bool>> {
@@ -109,6 +160,9 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for CorkedIo<T> {
     ) -> Poll<io::Result<usize>> {
         let me = self.get_mut();
         let len = bufs.iter().map(|b| b.len()).sum();
+        if len >= WRITE_THROUGH_BYTES && me.inner.is_write_vectored() {
+            return me.poll_write_through(cx, bufs);
+        }
         if !ready!(me.poll_room(cx, len))? {
             return Pin::new(&mut me.inner).poll_write_vectored(cx, bufs);
         }
@@ -120,9 +174,8 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for CorkedIo<T> {
         Poll::Ready(Ok(len))
     }
 
-    /// Every write is taken whole into the buffer, so a caller's vectored write costs no
-    /// system call (h2 chains large DATA payloads only for vectored writers; either way
-    /// they are copied once, here).
+    /// Every write but a large vectored one is taken whole into the buffer, so it costs no
+    /// system call (h2 chains large DATA payloads only for vectored writers).
     fn is_write_vectored(&self) -> bool {
         true
     }
@@ -182,6 +235,8 @@ mod tests {
         writes: Vec<Vec<u8>>,
         /// Accept at most this many bytes per call (0: all).
         limit: usize,
+        /// Takes vectored writes whole (as a socket does); otherwise only their first piece.
+        vectored: bool,
     }
 
     impl AsyncWrite for Calls {
@@ -193,6 +248,21 @@ mod tests {
             let n = if self.limit == 0 { data.len() } else { data.len().min(self.limit) };
             self.get_mut().writes.push(data[..n].to_vec());
             Poll::Ready(Ok(n))
+        }
+        fn poll_write_vectored(
+            self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            bufs: &[io::IoSlice<'_>],
+        ) -> Poll<io::Result<usize>> {
+            if !self.vectored {
+                let first = bufs.iter().find(|b| !b.is_empty()).map_or(&[][..], |b| &**b);
+                return self.poll_write(cx, first);
+            }
+            let all: Vec<u8> = bufs.iter().flat_map(|b| b.iter().copied()).collect();
+            self.poll_write(cx, &all)
+        }
+        fn is_write_vectored(&self) -> bool {
+            self.vectored
         }
         fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
             Poll::Ready(Ok(()))
@@ -300,6 +370,60 @@ mod tests {
         let all: Vec<u8> = io.get_ref().writes.concat();
         assert_eq!(all.len(), small.len() + 20 + 100_000);
         assert_eq!(&all[small.len()..small.len() + 20], &[2u8; 20]);
+    }
+
+    #[test]
+    fn a_large_vectored_write_leaves_at_once_behind_what_is_pending() {
+        let waker = std::task::Waker::noop();
+        let mut cx = Context::from_waker(waker);
+        let mut io = CorkedIo::new(Calls { vectored: true, ..Default::default() });
+        let mut p = Pin::new(&mut io);
+        assert!(matches!(p.as_mut().poll_write(&mut cx, b"head"), Poll::Ready(Ok(4))));
+        let payload = vec![5u8; WRITE_THROUGH_BYTES];
+        let v = [io::IoSlice::new(b"frame-hdr"), io::IoSlice::new(&payload)];
+        let n = 9 + payload.len();
+        assert!(
+            matches!(p.as_mut().poll_write_vectored(&mut cx, &v), Poll::Ready(Ok(m)) if m == n)
+        );
+        // One call, pending bytes first, nothing left pending: a flush writes nothing more.
+        assert!(matches!(p.as_mut().poll_flush(&mut cx), Poll::Ready(Ok(()))));
+        let writes = &io.get_ref().writes;
+        assert_eq!(writes.len(), 1);
+        assert_eq!(&writes[0][..13], b"headframe-hdr");
+        assert_eq!(writes[0].len(), 4 + n);
+        // Just under the threshold: copied and corked as before.
+        let mut p = Pin::new(&mut io);
+        let v = [io::IoSlice::new(&payload[1..])];
+        assert!(matches!(p.as_mut().poll_write_vectored(&mut cx, &v), Poll::Ready(Ok(_))));
+        assert_eq!(p.as_ref().get_ref().get_ref().writes.len(), 1);
+        assert!(p.as_mut().poll_flush(&mut cx).is_pending());
+        assert!(matches!(p.as_mut().poll_flush(&mut cx), Poll::Ready(Ok(()))));
+        assert_eq!(io.get_ref().writes.len(), 2);
+    }
+
+    #[test]
+    fn a_write_through_that_the_socket_takes_in_pieces_keeps_every_byte_in_order() {
+        let waker = std::task::Waker::noop();
+        let mut cx = Context::from_waker(waker);
+        let mut io = CorkedIo::new(Calls { vectored: true, limit: 3000, ..Default::default() });
+        let pending: Vec<u8> = (0..5000u32).map(|i| i as u8).collect();
+        let payload: Vec<u8> = (0..WRITE_THROUGH_BYTES as u32).map(|i| (i * 7) as u8).collect();
+        let mut p = Pin::new(&mut io);
+        assert!(matches!(p.as_mut().poll_write(&mut cx, &pending), Poll::Ready(Ok(5000))));
+        // The socket takes 3000 bytes a call: pending goes out in two calls, the second
+        // carrying 1000 of the payload, which is what the caller is told was taken.
+        let v = [io::IoSlice::new(&payload)];
+        assert!(matches!(p.as_mut().poll_write_vectored(&mut cx, &v), Poll::Ready(Ok(1000))));
+        // The rest is under the threshold now: corked, and written by the second flush.
+        let v = [io::IoSlice::new(&payload[1000..])];
+        let rest = payload.len() - 1000;
+        assert!(
+            matches!(p.as_mut().poll_write_vectored(&mut cx, &v), Poll::Ready(Ok(m)) if m == rest)
+        );
+        assert!(p.as_mut().poll_flush(&mut cx).is_pending());
+        assert!(matches!(p.as_mut().poll_flush(&mut cx), Poll::Ready(Ok(()))));
+        let all = io.get_ref().writes.concat();
+        assert_eq!(all, [pending, payload].concat());
     }
 
     #[tokio::test]

@@ -600,6 +600,24 @@ impl Node {
         }
     }
 
+    /// Several reads of one volume answered from the cache under one lock: `Some` (each
+    /// with the persisted watermark) only when the credential matches, the volume is
+    /// served here and every read hits; `None`: nothing answered, read one by one.
+    pub(crate) fn read_many_now(
+        &self,
+        v: &VolumeName,
+        cred: &Presented,
+        reads: &[(BlockNo, u32, Option<u32>)],
+    ) -> Option<(Vec<ReadOutcome>, Lsn)> {
+        let mut core = self.core();
+        let vol = core.volume(v)?;
+        if !cred.matches(&vol.credential) {
+            return None;
+        }
+        let p = vol.persisted;
+        Some((core.read_many(v, reads)?, p))
+    }
+
     /// [`Node::write`] when the cache takes it at once (credential matches, volume
     /// active, room under the dirty limits, no block to fetch). `None`: nothing was
     /// changed; call `write`.

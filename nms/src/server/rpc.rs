@@ -128,6 +128,46 @@ impl Node {
     /// A stream's read that hits the cache or write the cache takes at once, answered
     /// without an `await` (no task, no wakeups); `None` for everything else (a miss, a
     /// paused or full volume, any error), which [`Node::stream_op`] then does in full.
+    /// A message's operations answered at once when every one is a read that hits the
+    /// cache (`None` otherwise: nothing was answered).
+    fn stream_reads_now(
+        &self,
+        auth: &Auth,
+        ops: &[pb::StreamRequest],
+    ) -> Option<Vec<pb::StreamReply>> {
+        let reads = ops
+            .iter()
+            .map(|m| match &m.op {
+                Some(pb::stream_request::Op::Read(r)) => {
+                    ReadOp::try_from(*r).ok().map(|op| (op.block, op.offset, op.len))
+                }
+                _ => None,
+            })
+            .collect::<Option<Vec<_>>>()?;
+        let (outcomes, p) = self.read_many_now(&auth.0, &auth.1, &reads)?;
+        self.reads.fetch_add(outcomes.len() as u64, Ordering::Relaxed);
+        Some(
+            ops.iter()
+                .zip(outcomes)
+                .map(|(m, o)| {
+                    let (data, version) = match o {
+                        crate::cache::ReadOutcome::Hit { data, version } => (Some(data), version),
+                        _ => (None, 0),
+                    };
+                    pb::StreamReply {
+                        tag: m.tag,
+                        result: Some(pb::stream_reply::Result::Read(pb::ReadReply {
+                            found: data.is_some(),
+                            data: data.unwrap_or_default(),
+                            version,
+                            persisted_lsn: p.0,
+                        })),
+                    }
+                })
+                .collect(),
+        )
+    }
+
     fn stream_op_now(
         &self,
         auth: &Auth,
@@ -351,6 +391,12 @@ impl Ops {
             self.auth = Some(Arc::new(volume_auth(m_auth).map_err(Status::from)?));
         }
         let a = self.auth.clone().expect("set above");
+        // A batch of reads that all hit: answered under one cache lock.
+        if ops.len() > 1 && self.inflight.is_empty() {
+            if let Some(replies) = node.stream_reads_now(&a, &ops) {
+                return Ok(replies);
+            }
+        }
         let mut ready = Vec::new();
         // A batch whose reads miss the cache: every missed block comes from the PSS in one
         // call first, then the message's operations run in order in one task (instead of

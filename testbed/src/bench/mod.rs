@@ -2,6 +2,7 @@
 //! directory, QEMU) in the same run, drives both, and prints figures and ratios.
 
 pub mod fuse;
+pub mod h2drive;
 pub mod image;
 pub mod migration;
 pub mod nms;

@@ -36,7 +36,8 @@ pub struct Args {
     /// Operations in flight per stream in the streamed NMS runs (and redis pipeline depth).
     #[arg(long, default_value_t = 16)]
     pub depth: usize,
-    /// Distinct 4 KiB blocks (keys) each client touches.
+    /// Distinct 4 KiB blocks (keys) each client touches (redis-benchmark gets
+    /// clients x blocks keys, the same working set).
     #[arg(long, default_value_t = 256)]
     pub blocks: u64,
     /// Requests per redis-benchmark test.
@@ -55,9 +56,9 @@ pub struct Args {
     /// Skip the redis and memcached runs.
     #[arg(long)]
     pub no_peers: bool,
-    /// Which clients drive the NMS phases (comma-separated): h2load (C, another process)
-    /// and tonic (Rust, in this process).
-    #[arg(long, value_delimiter = ',', value_enum, default_value = "h2load,tonic")]
+    /// Which clients drive the NMS phases (comma-separated): h2load (C, another process),
+    /// h2 (a lean Rust HTTP/2 client on its own thread) and tonic (Rust, in this process).
+    #[arg(long, value_delimiter = ',', value_enum, default_value = "h2load,h2,tonic")]
     pub drivers: Vec<Driver>,
     /// The h2load binary (Debian package nghttp2-client).
     #[arg(long, default_value = "h2load")]
@@ -87,7 +88,12 @@ fn medians(rounds: Vec<Vec<Figure>>) -> Vec<Figure> {
 /// A client that drives NMS phases.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Driver {
+    /// nghttp2's h2load, another process: unary and batched (one call per batch).
     H2load,
+    /// The lean h2-crate driver on its own thread (`bench::h2drive`): streamed and batched,
+    /// one long call per client.
+    H2,
+    /// The tonic client, in this process: every API.
     Tonic,
 }
 
@@ -374,6 +380,60 @@ async fn nms_batched(addr: &str, a: &Args, write: bool) -> anyhow::Result<Figure
     Ok(figure_cpu(name, all, elapsed, cpu))
 }
 
+/// Streamed or batched through the lean h2 driver (`bench::h2drive`): each client one
+/// call on its own volume, `depth` operations in flight, cycling over its `blocks`.
+async fn nms_h2(addr: &str, a: &Args, api: Api, write: bool) -> anyhow::Result<Figure> {
+    let batched = matches!(api, Api::Batched);
+    let depth = a.depth.max(1);
+    let clients = (0..a.clients)
+        .map(|i| {
+            let data = prost::bytes::Bytes::from(vec![i as u8; VALUE]);
+            let op = |tag: u64| pb::StreamRequest {
+                auth: None,
+                tag,
+                op: Some(bench_op(tag % a.blocks.max(1), write, &data)),
+            };
+            let frame = |m: &dyn Fn(bool) -> Vec<u8>, first| prost::bytes::Bytes::from(m(first));
+            if batched {
+                let batches = (a.blocks as usize).div_ceil(depth).max(1);
+                let msg = |k: usize, first: bool| {
+                    let ops = (0..depth).map(|j| op((k * depth + j) as u64)).collect();
+                    grpc_frame(&pb::StreamBatch { auth: if first { auth(i) } else { None }, ops })
+                };
+                crate::bench::h2drive::ClientPlan {
+                    first: frame(&|f| msg(0, f), true),
+                    cycle: (1..=batches).map(|k| frame(&|f| msg(k % batches, f), false)).collect(),
+                }
+            } else {
+                let msg = |tag: u64, first: bool| {
+                    grpc_frame(&pb::StreamRequest {
+                        auth: if first { auth(i) } else { None },
+                        ..op(tag)
+                    })
+                };
+                crate::bench::h2drive::ClientPlan {
+                    first: frame(&|f| msg(0, f), true),
+                    cycle: (1..=a.blocks.max(1)).map(|t| frame(&|f| msg(t, f), false)).collect(),
+                }
+            }
+        })
+        .collect();
+    let plan = crate::bench::h2drive::Plan {
+        addr: addr.parse().context("the NMS's address")?,
+        batched,
+        ops_per_message: if batched { depth } else { 1 },
+        window: if batched { 1 } else { depth },
+        clients,
+        duration: Duration::from_secs(a.seconds),
+    };
+    let start = Start::now();
+    let out = crate::bench::h2drive::run(plan).await?;
+    let cpu = cpu_time().saturating_sub(start.cpu).saturating_sub(out.driver_cpu);
+    let kind = if write { "write" } else { "read" };
+    let name = format!("nms {} {kind} (h2)", if batched { "batched" } else { "streamed" });
+    Ok(figure_cpu(&name, out.lat_us, out.elapsed, cpu))
+}
+
 /// A gRPC message framed for the wire (no compression): flag, big-endian length, bytes.
 fn grpc_frame(msg: &impl prost::Message) -> Vec<u8> {
     let body = msg.encode_to_vec();
@@ -591,8 +651,16 @@ async fn redis(a: &Args) -> anyhow::Result<Vec<Figure>> {
     );
     wait_port(port).await?;
     let mut out = Vec::new();
-    for pipeline in [1usize, a.depth] {
-        let o = tokio::process::Command::new("redis-benchmark")
+    // Two working sets, each matching NMS drivers': one key (h2load's calls all name the
+    // same few blocks of volume bench-0, which stay in the CPU caches) and `spread` keys
+    // (the h2 and tonic clients each touch `blocks` blocks of their own volume).
+    let spread = a.blocks * a.clients as u64;
+    for (pipeline, keys) in [(1usize, 1), (1, spread), (a.depth, 1), (a.depth, spread)] {
+        let mut cmd = tokio::process::Command::new("redis-benchmark");
+        if keys > 1 {
+            cmd.args(["-r", &keys.to_string()]);
+        }
+        let o = cmd
             .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-c", &a.clients.to_string()])
             .args([
                 "-n",
@@ -603,7 +671,7 @@ async fn redis(a: &Args) -> anyhow::Result<Vec<Figure>> {
                 "set,get",
                 "--csv",
             ])
-            .args(["-r", &a.blocks.to_string(), "-P", &pipeline.to_string()])
+            .args(["-P", &pipeline.to_string()])
             .output()
             .await
             .context("running redis-benchmark (apt-get install redis-tools)")?;
@@ -613,7 +681,7 @@ async fn redis(a: &Args) -> anyhow::Result<Vec<Figure>> {
             if f.len() < 7 {
                 continue;
             }
-            let name = format!("redis {} P={pipeline}", f[0].to_lowercase());
+            let name = redis_name(&f[0].to_lowercase(), pipeline, keys);
             out.push(Figure {
                 name,
                 ops_per_s: f[1].parse().unwrap_or(0.0),
@@ -624,6 +692,12 @@ async fn redis(a: &Args) -> anyhow::Result<Vec<Figure>> {
         }
     }
     Ok(out)
+}
+
+/// A redis figure's name: the command, the pipeline depth, the keys in use.
+fn redis_name(cmd: &str, pipeline: usize, keys: u64) -> String {
+    let s = if keys == 1 { "" } else { "s" };
+    format!("redis {cmd} P={pipeline} ({keys} key{s})")
 }
 
 async fn memcached(a: &Args) -> anyhow::Result<Vec<Figure>> {
@@ -771,7 +845,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     for round in 0..args.rounds.max(1) {
         let mut figs = Vec::new();
         drains.clear();
-        for driver in [Driver::H2load, Driver::Tonic] {
+        for driver in [Driver::H2load, Driver::H2, Driver::Tonic] {
             if !args.drivers.contains(&driver) {
                 continue;
             }
@@ -791,12 +865,16 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                 {
                     continue;
                 }
+                if driver == Driver::H2 && matches!(api, Api::Unary) {
+                    continue;
+                }
                 tracing::info!(?driver, ?api, write, "bench nms: phase starts");
                 let wb0 = writeback_totals(&addr).await?;
                 let f = match (driver, api) {
                     (Driver::H2load, _) => {
                         nms_h2load(&addr, &args, api, write, h2load_dir.path()).await?
                     }
+                    (Driver::H2, _) => nms_h2(&addr, &args, api, write).await?,
                     (Driver::Tonic, Api::Unary) => nms_unary(&addr, &args, write).await?,
                     (Driver::Tonic, Api::Streamed) => nms_streamed(&addr, &args, write).await?,
                     (Driver::Tonic, Api::Batched) => nms_batched(&addr, &args, write).await?,
@@ -847,10 +925,13 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         println!("| {} | {:.0} | {:.3} | {:.3} | {cpu} |", f.name, f.ops_per_s, f.p50_ms, f.p99_ms);
     }
     println!(
-        "\nCPU us/op: this process (NMS and 3-node PSS; the tonic clients too, h2load not) over \
-         the phase's operations. h2load: every client on volume bench-0 (unary: block 0; \
-         batched: blocks 0..{}); tonic: a volume per client, {} blocks each; redis: {} keys.",
-        args.depth, args.blocks, args.blocks
+        "\nCPU us/op: this process (NMS and 3-node PSS; the tonic clients too, h2load and the h2 \
+         driver's thread not) over the phase's operations. h2load: every client on volume \
+         bench-0 (unary: block 0; batched: blocks 0..{}); h2 and tonic: a volume per client, \
+         {} blocks each; redis: 1 key (compared with h2load) and {} keys (with h2 and tonic).",
+        args.depth,
+        args.blocks,
+        args.blocks * args.clients as u64
     );
     for (name, ops_per_s, (wall, cpu), (batches, blocks)) in &drains {
         let ops = (ops_per_s * args.seconds as f64).max(1.0);
@@ -868,14 +949,16 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let get = |n: &str| figs.iter().find(|f| f.name == n).map(|f| f.ops_per_s);
     let depth = args.depth;
     println!();
-    for driver in ["h2load", "tonic"] {
+    for driver in ["h2load", "h2", "tonic"] {
+        // Against redis with the same working set (see `redis`).
+        let keys = if driver == "h2load" { 1 } else { args.blocks * args.clients as u64 };
         for (ours, peer, target) in [
-            ("unary write", "redis set P=1".to_string(), 0.7),
-            ("unary read", "redis get P=1".into(), 0.7),
-            ("streamed write", format!("redis set P={depth}"), 1.0),
-            ("streamed read", format!("redis get P={depth}"), 1.0),
-            ("batched write", format!("redis set P={depth}"), 1.0),
-            ("batched read", format!("redis get P={depth}"), 1.0),
+            ("unary write", redis_name("set", 1, keys), 0.7),
+            ("unary read", redis_name("get", 1, keys), 0.7),
+            ("streamed write", redis_name("set", depth, keys), 1.0),
+            ("streamed read", redis_name("get", depth, keys), 1.0),
+            ("batched write", redis_name("set", depth, keys), 1.0),
+            ("batched read", redis_name("get", depth, keys), 1.0),
             ("unary write", "memcached set".into(), 0.0),
             ("unary read", "memcached get".into(), 0.0),
         ] {
