@@ -71,10 +71,11 @@ impl BlockPool {
         PoolStats { free_slots: self.inner.lock().len(), limit_slots: self.inner.limit_slots }
     }
 
-    /// Starts a thread that allocates and touches slots until the pool holds its limit,
-    /// handing them over [`FILL_CHUNK_SLOTS`] at a time. It stops early when every handle
-    /// to the pool is gone (the node stopped). Returns `None` for a disabled pool, or
-    /// when the thread could not be started (the pool then fills only from freed blocks).
+    /// Starts a thread that allocates and touches slots until the pool holds its limit (or
+    /// it has made that many), handing them over [`FILL_CHUNK_SLOTS`] at a time. It stops
+    /// early when every handle to the pool is gone (the node stopped). Returns `None` for a
+    /// disabled pool, or when the thread could not be started (the pool then fills only
+    /// from freed blocks).
     /// The thread's result is the number of slots it made.
     pub fn fill(&self) -> Option<std::thread::JoinHandle<usize>> {
         if self.inner.limit_slots == 0 {
@@ -185,7 +186,12 @@ fn fill_until_full(pool: Weak<Inner>) -> usize {
             tracing::debug!(slots = made, "block pool: node gone, filling stopped");
             return made;
         };
-        let want = p.limit_slots.saturating_sub(p.lock().len()).min(FILL_CHUNK_SLOTS);
+        // At most the limit in all: slots taken meanwhile come back as their blocks drop.
+        let want = p
+            .limit_slots
+            .saturating_sub(p.lock().len())
+            .min(p.limit_slots - made)
+            .min(FILL_CHUNK_SLOTS);
         if want == 0 {
             break;
         }

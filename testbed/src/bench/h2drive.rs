@@ -78,7 +78,9 @@ async fn drive(plan: Plan) -> anyhow::Result<Outcome> {
             .initial_window_size(WINDOW_BYTES)
             .initial_connection_window_size(WINDOW_BYTES)
             .max_frame_size(wayside_proto::server::HTTP2_MAX_FRAME_BYTES)
-            .handshake::<_, Bytes>(tcp)
+            // Corked as the NMS's own connections are: the frames one turn produces leave
+            // in one write, not a write per 4 KiB message (h2 flushes after each).
+            .handshake::<_, Bytes>(wayside_proto::cork::CorkedIo::new(tcp))
             .await
             .context("HTTP/2 handshake with the NMS")?;
         tokio::spawn(async move {
