@@ -1067,7 +1067,7 @@ mod tests {
     fn partial_writes_into_reused_pool_slots_carry_no_stale_bytes() {
         let pool = BlockPool::new(8 * crate::pool::SLOT_BYTES as u64);
         pool.fill().unwrap().join().unwrap();
-        let mut c = Cache::with_pool(limits(), pool.clone());
+        let mut c = Cache::with_pool(limits(), pool);
         let v = vol(&mut c, "v");
         // Dirty every slot with 0xee, then let them go back to the pool.
         for b in 0..4 {

@@ -207,6 +207,14 @@ pub struct Node {
     me: std::sync::Weak<Node>,
 }
 
+impl Drop for Node {
+    /// The node's block buffers go back to the system (blocks still referenced, such as
+    /// a reply in flight, are freed when they drop).
+    fn drop(&mut self) {
+        self.pool.close();
+    }
+}
+
 impl Node {
     fn new(
         cfg: Config,
@@ -236,7 +244,7 @@ impl Node {
             cfg,
             advertise,
             store,
-            core: Mutex::new(Cache::with_pool(limits, pool.clone())),
+            core: Mutex::new(Cache::with_pool(limits, pool)),
             pool,
             handles: Mutex::new(HashMap::new()),
             progress: watch::channel(0).0,
