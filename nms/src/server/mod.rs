@@ -553,7 +553,7 @@ impl Node {
         self.bump();
     }
 
-    fn kick(&self, v: &VolumeName) {
+    pub(crate) fn kick(&self, v: &VolumeName) {
         if let Some(h) = self.handle(v) {
             h.kick.notify_one();
         }

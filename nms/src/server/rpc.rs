@@ -168,6 +168,52 @@ impl Node {
         )
     }
 
+    /// The writes at the start of `ops` that the cache takes at once, applied under one
+    /// cache lock (one wake-up of the volume's write-back for all of them); their replies
+    /// go to `out`. Stops at the first operation that is not a write or that must wait
+    /// (dirty limit, a block to fetch) or fails: the caller runs it and the rest one by
+    /// one, in order. Returns how many it applied.
+    fn stream_writes_now(
+        &self,
+        auth: &Auth,
+        ops: &[pb::StreamRequest],
+        out: &mut Vec<pb::StreamReply>,
+    ) -> usize {
+        let (mut n, mut kick) = (0, false);
+        {
+            let mut core = self.core();
+            match core.volume(&auth.0) {
+                Some(vol)
+                    if auth.1.matches(&vol.credential) && vol.state == VolumeState::Active => {}
+                _ => return 0,
+            }
+            for m in ops {
+                let Some(pb::stream_request::Op::Write(w)) = &m.op else { break };
+                let Ok(op) = WriteOp::try_from(w.clone()) else { break };
+                let Ok(o) =
+                    core.write(&auth.0, op.block, op.offset, &op.data, op.request_id.as_ref())
+                else {
+                    break;
+                };
+                kick |= !o.duplicate;
+                out.push(pb::StreamReply {
+                    tag: m.tag,
+                    result: Some(pb::stream_reply::Result::Write(pb::WriteReply {
+                        lsn: o.lsn.0,
+                        version: o.version,
+                        persisted_lsn: o.persisted.0,
+                        duplicate: o.duplicate,
+                    })),
+                });
+                n += 1;
+            }
+        }
+        if kick {
+            self.kick(&auth.0);
+        }
+        n
+    }
+
     fn stream_op_now(
         &self,
         auth: &Auth,
@@ -423,7 +469,13 @@ impl Ops {
             );
             return Ok(ready);
         }
-        for m in ops {
+        // A run of writes the cache takes at once: under one lock.
+        let done = if ops.len() > 1 && self.inflight.is_empty() {
+            node.stream_writes_now(&a, &ops, &mut ready)
+        } else {
+            0
+        };
+        for m in ops.into_iter().skip(done) {
             // Answered at once, but only when nothing earlier in this stream is still
             // pending, so an operation never overtakes one that waits.
             if self.inflight.is_empty() {
