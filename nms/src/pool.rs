@@ -183,12 +183,18 @@ impl Drop for Slot {
     }
 }
 
-/// A fresh slot with every byte written, so each of its pages is faulted in now (an
-/// allocation of zeroes may be mapped lazily; `black_box` keeps the writes).
+/// A fresh slot with each of its pages written now, so they are faulted in. Zeroes,
+/// written with volatile stores (a plain store of zero into zeroed memory may be dropped as
+/// redundant): a page that stays zero costs a VM's live migration (QEMU) a marker, not a
+/// page.
 fn faulted_slot() -> Box<[u8]> {
     let mut b = vec![0u8; SLOT_BYTES].into_boxed_slice();
-    b.fill(0xa5);
-    std::hint::black_box(&mut b);
+    let last = b.len() - 1;
+    // Every page the slot spans: one byte per page stride, and the last byte.
+    for i in (0..b.len()).step_by(4096).chain([last]) {
+        // SAFETY: `b[i]` is a valid, aligned, exclusively borrowed byte.
+        unsafe { std::ptr::write_volatile(&mut b[i], 0) };
+    }
     b
 }
 
