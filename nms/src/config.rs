@@ -20,7 +20,8 @@ pub struct Config {
     /// Block buffers faulted in at start and kept for incoming blocks (writes, a move's
     /// blocks), in bytes; freed blocks return to it up to this size. Resident memory on
     /// top of the cache; at most `cache_capacity_bytes` of it is used; 0 disables it (see
-    /// the `pool` module: it spares a move's target the page faults of fresh memory).
+    /// the `pool` module: it spares a move's target the page faults of fresh memory). As
+    /// `/init` of the VM image: 0 unless the image's `nms.toml` sets it.
     pub block_pool_bytes: u64,
     /// Most unpersisted (dirty) bytes across all volumes; writes beyond wait.
     pub dirty_limit_bytes: u64,

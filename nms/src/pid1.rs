@@ -368,6 +368,13 @@ fn nms_config(params: &BootParams) -> anyhow::Result<crate::config::Config> {
     let file = Path::new(CONFIG_FILE);
     let mut config: crate::config::Config =
         wayside_proto::config::load(file.exists().then_some(file))?;
+    // No block pool unless the baked-in file asks for one: filling it writes guest memory
+    // right after boot, and guests that QEMU live-migrated meanwhile (TCG here) arrived
+    // crashed (kernel panics in the page allocator and network buffers); an RSU that
+    // wants it sets `block_pool_bytes` (and backs guest memory up front, `-mem-prealloc`).
+    if !sets_block_pool(file) {
+        config.block_pool_bytes = 0;
+    }
     config.listen = params.listen.to_string();
     if let Some(node) = &params.node {
         config.node_id = node.clone();
@@ -379,6 +386,18 @@ fn nms_config(params: &BootParams) -> anyhow::Result<crate::config::Config> {
         config.pss = params.pss.iter().map(|e| e.authority().to_string()).collect();
     }
     Ok(config)
+}
+
+/// Whether the baked-in configuration file names `block_pool_bytes`.
+fn sets_block_pool(file: &Path) -> bool {
+    #[derive(serde::Deserialize)]
+    struct Pool {
+        block_pool_bytes: Option<u64>,
+    }
+    std::fs::read_to_string(file)
+        .ok()
+        .and_then(|t| wayside_proto::config::parse::<Pool>(&t).ok())
+        .is_some_and(|p| p.block_pool_bytes.is_some())
 }
 
 fn power_off() -> ! {
@@ -519,6 +538,19 @@ mod net {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_image_keeps_no_block_pool_unless_its_file_names_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("nms.toml");
+        assert!(!sets_block_pool(&f), "no file");
+        std::fs::write(&f, "cache_capacity_bytes = 1048576\n").unwrap();
+        assert!(!sets_block_pool(&f));
+        std::fs::write(&f, "block_pool_bytes = 0\n").unwrap();
+        assert!(sets_block_pool(&f));
+        std::fs::write(&f, "block_pool_bytes = 8388608\nnode_id = \"rsu\"\n").unwrap();
+        assert!(sets_block_pool(&f));
+    }
 
     #[test]
     fn parses_and_renders_the_command_line() {
