@@ -402,15 +402,7 @@ impl Cache {
         })?;
         let v = self.volumes.get_mut(name).expect("checked above");
         let Some(e) = v.entries.get_mut(&block) else { return Ok(ReadOutcome::Miss) };
-        e.referenced = true;
-        e.heat = e.heat.saturating_add(1);
-        let Some(data) = &e.data else { return Ok(ReadOutcome::Absent) };
-        let start = (offset as usize).min(data.len());
-        let end = match len {
-            Some(l) => (offset as usize + l as usize).min(data.len()),
-            None => data.len(),
-        };
-        Ok(ReadOutcome::Hit { data: data.slice(start..end), version: e.version })
+        Ok(read_entry(e, offset, len))
     }
 
     /// [`Cache::read`] of several blocks of one volume, looking the volume up once: `Some`
@@ -430,18 +422,7 @@ impl Cache {
         let mut out = Vec::with_capacity(reads.len());
         for &(block, offset, len) in reads {
             bs.check_range(offset, u64::from(len.unwrap_or(0))).ok()?;
-            let e = v.entries.get_mut(&block)?;
-            e.referenced = true;
-            e.heat = e.heat.saturating_add(1);
-            out.push(match &e.data {
-                None => ReadOutcome::Absent,
-                Some(data) => {
-                    let start = (offset as usize).min(data.len());
-                    let end =
-                        len.map_or(data.len(), |l| (offset as usize + l as usize).min(data.len()));
-                    ReadOutcome::Hit { data: data.slice(start..end), version: e.version }
-                }
-            });
+            out.push(read_entry(v.entries.get_mut(&block)?, offset, len));
         }
         Some(out)
     }
@@ -935,6 +916,17 @@ fn mig_block(block: BlockNo, e: &Entry) -> MigBlock {
         lsn: e.lsn,
         heat: e.heat,
     }
+}
+
+/// A read of a cached entry (marks it referenced and hotter): its bytes in
+/// `offset..offset + len` (to its end without `len`), clipped to what it holds.
+fn read_entry(e: &mut Entry, offset: u32, len: Option<u32>) -> ReadOutcome {
+    e.referenced = true;
+    e.heat = e.heat.saturating_add(1);
+    let Some(data) = &e.data else { return ReadOutcome::Absent };
+    let start = (offset as usize).min(data.len());
+    let end = len.map_or(data.len(), |l| (offset as usize + l as usize).min(data.len()));
+    ReadOutcome::Hit { data: data.slice(start..end), version: e.version }
 }
 
 #[cfg(test)]

@@ -14,7 +14,7 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::{info_span, Instrument as _};
 use wayside_proto::convert::{self, required_op};
 use wayside_proto::pb;
-use wayside_proto::types::{DeleteOp, ReadOp, VolumeName, WriteOp};
+use wayside_proto::types::{DeleteOp, Lsn, ReadOp, VolumeName, WriteOp};
 
 type Auth = (VolumeName, Presented);
 
@@ -41,6 +41,26 @@ fn info_of(node: &Node, v: &VolumeName) -> Option<pb::VolumeInfo> {
     })
 }
 
+/// A read's reply: the data (`None`: the block holds none), its version, the watermark.
+fn read_reply(data: Option<bytes::Bytes>, version: u64, persisted: Lsn) -> pb::ReadReply {
+    pb::ReadReply {
+        found: data.is_some(),
+        data: data.unwrap_or_default(),
+        version,
+        persisted_lsn: persisted.0,
+    }
+}
+
+/// A write's (or delete's) reply.
+fn write_reply(o: &crate::cache::WriteOutcome) -> pb::WriteReply {
+    pb::WriteReply {
+        lsn: o.lsn.0,
+        version: o.version,
+        persisted_lsn: o.persisted.0,
+        duplicate: o.duplicate,
+    }
+}
+
 impl Node {
     fn volume_reply(&self, v: &VolumeName) -> Result<pb::VolumeReply, Status> {
         Ok(pb::VolumeReply {
@@ -54,34 +74,19 @@ impl Node {
     async fn do_read(&self, auth: &Auth, op: ReadOp) -> Result<pb::ReadReply, NmsError> {
         let (data, version, p) = self.read(&auth.0, &auth.1, op.block, op.offset, op.len).await?;
         self.reads.fetch_add(1, Ordering::Relaxed);
-        Ok(pb::ReadReply {
-            found: data.is_some(),
-            data: data.unwrap_or_default(),
-            version,
-            persisted_lsn: p.0,
-        })
+        Ok(read_reply(data, version, p))
     }
 
     async fn do_write(&self, auth: &Auth, op: WriteOp) -> Result<pb::WriteReply, NmsError> {
         let o = self
             .write(&auth.0, &auth.1, op.block, op.offset, Some(&op.data), op.request_id.as_ref())
             .await?;
-        Ok(pb::WriteReply {
-            lsn: o.lsn.0,
-            version: o.version,
-            persisted_lsn: o.persisted.0,
-            duplicate: o.duplicate,
-        })
+        Ok(write_reply(&o))
     }
 
     async fn do_delete(&self, auth: &Auth, op: DeleteOp) -> Result<pb::WriteReply, NmsError> {
         let o = self.write(&auth.0, &auth.1, op.block, 0, None, op.request_id.as_ref()).await?;
-        Ok(pb::WriteReply {
-            lsn: o.lsn.0,
-            version: o.version,
-            persisted_lsn: o.persisted.0,
-            duplicate: o.duplicate,
-        })
+        Ok(write_reply(&o))
     }
 
     async fn stream_op(
@@ -156,12 +161,7 @@ impl Node {
                     };
                     pb::StreamReply {
                         tag: m.tag,
-                        result: Some(pb::stream_reply::Result::Read(pb::ReadReply {
-                            found: data.is_some(),
-                            data: data.unwrap_or_default(),
-                            version,
-                            persisted_lsn: p.0,
-                        })),
+                        result: Some(pb::stream_reply::Result::Read(read_reply(data, version, p))),
                     }
                 })
                 .collect(),
@@ -198,12 +198,7 @@ impl Node {
                 kick |= !o.duplicate;
                 out.push(pb::StreamReply {
                     tag: m.tag,
-                    result: Some(pb::stream_reply::Result::Write(pb::WriteReply {
-                        lsn: o.lsn.0,
-                        version: o.version,
-                        persisted_lsn: o.persisted.0,
-                        duplicate: o.duplicate,
-                    })),
+                    result: Some(pb::stream_reply::Result::Write(write_reply(&o))),
                 });
                 n += 1;
             }
@@ -227,12 +222,7 @@ impl Node {
                 let (data, version, p) =
                     self.read_now(&auth.0, &auth.1, op.block, op.offset, op.len)?;
                 self.reads.fetch_add(1, Ordering::Relaxed);
-                R::Read(pb::ReadReply {
-                    found: data.is_some(),
-                    data: data.unwrap_or_default(),
-                    version,
-                    persisted_lsn: p.0,
-                })
+                R::Read(read_reply(data, version, p))
             }
             Op::Write(w) => {
                 let op = WriteOp::try_from(w.clone()).ok()?;
@@ -244,12 +234,7 @@ impl Node {
                     &op.data,
                     op.request_id.as_ref(),
                 )?;
-                R::Write(pb::WriteReply {
-                    lsn: o.lsn.0,
-                    version: o.version,
-                    persisted_lsn: o.persisted.0,
-                    duplicate: o.duplicate,
-                })
+                R::Write(write_reply(&o))
             }
             Op::Delete(_) | Op::Flush(_) => return None,
         })

@@ -216,15 +216,7 @@ fn count_results(msg: Bytes, batched: bool) -> anyhow::Result<usize> {
 
 /// CPU time (user + system) the calling thread has used.
 fn thread_cpu() -> Duration {
-    // SAFETY: getrusage only writes the struct it is given.
-    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
-    if unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut u) } != 0 {
-        return Duration::ZERO;
-    }
-    let tv = |t: libc::timeval| {
-        Duration::from_secs(t.tv_sec as u64) + Duration::from_micros(t.tv_usec as u64)
-    };
-    tv(u.ru_utime) + tv(u.ru_stime)
+    super::rusage_cpu(libc::RUSAGE_THREAD)
 }
 
 #[cfg(test)]

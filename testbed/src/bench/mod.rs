@@ -8,6 +8,21 @@ pub mod migration;
 pub mod nms;
 pub mod pss;
 
+/// CPU time (user + system) used so far by `who`: `libc::RUSAGE_SELF` (this process, all
+/// threads) or `libc::RUSAGE_THREAD` (the calling thread); zero if it cannot be read.
+pub(crate) fn rusage_cpu(who: libc::c_int) -> std::time::Duration {
+    // SAFETY: getrusage only writes the struct it is given.
+    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+    if unsafe { libc::getrusage(who, &mut u) } != 0 {
+        return std::time::Duration::ZERO;
+    }
+    let tv = |t: libc::timeval| {
+        std::time::Duration::from_secs(t.tv_sec as u64)
+            + std::time::Duration::from_micros(t.tv_usec as u64)
+    };
+    tv(u.ru_utime) + tv(u.ru_stime)
+}
+
 /// `testbed bench ...`
 #[derive(Debug, clap::Subcommand)]
 pub enum Bench {

@@ -125,15 +125,7 @@ struct Figure {
 
 /// CPU time (user + system, all threads) this process has used so far.
 fn cpu_time() -> Duration {
-    // SAFETY: getrusage only writes the struct it is given.
-    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
-    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) } != 0 {
-        return Duration::ZERO;
-    }
-    let tv = |t: libc::timeval| {
-        Duration::from_secs(t.tv_sec as u64) + Duration::from_micros(t.tv_usec as u64)
-    };
-    tv(u.ru_utime) + tv(u.ru_stime)
+    super::rusage_cpu(libc::RUSAGE_SELF)
 }
 
 /// When a phase started: wall clock and this process's CPU time.
@@ -393,28 +385,24 @@ async fn nms_h2(addr: &str, a: &Args, api: Api, write: bool) -> anyhow::Result<F
                 tag,
                 op: Some(bench_op(tag % a.blocks.max(1), write, &data)),
             };
-            let frame = |m: &dyn Fn(bool) -> Vec<u8>, first| prost::bytes::Bytes::from(m(first));
-            if batched {
-                let batches = (a.blocks as usize).div_ceil(depth).max(1);
-                let msg = |k: usize, first: bool| {
+            // Message `k` of the client's cycle; the call's first one carries the credentials.
+            let msg = |k: usize, first: bool| {
+                let auth = if first { auth(i) } else { None };
+                prost::bytes::Bytes::from(if batched {
                     let ops = (0..depth).map(|j| op((k * depth + j) as u64)).collect();
-                    grpc_frame(&pb::StreamBatch { auth: if first { auth(i) } else { None }, ops })
-                };
-                crate::bench::h2drive::ClientPlan {
-                    first: frame(&|f| msg(0, f), true),
-                    cycle: (1..=batches).map(|k| frame(&|f| msg(k % batches, f), false)).collect(),
-                }
+                    grpc_frame(&pb::StreamBatch { auth, ops })
+                } else {
+                    grpc_frame(&pb::StreamRequest { auth, ..op(k as u64) })
+                })
+            };
+            let n = if batched {
+                (a.blocks as usize).div_ceil(depth).max(1)
             } else {
-                let msg = |tag: u64, first: bool| {
-                    grpc_frame(&pb::StreamRequest {
-                        auth: if first { auth(i) } else { None },
-                        ..op(tag)
-                    })
-                };
-                crate::bench::h2drive::ClientPlan {
-                    first: frame(&|f| msg(0, f), true),
-                    cycle: (1..=a.blocks.max(1)).map(|t| frame(&|f| msg(t, f), false)).collect(),
-                }
+                a.blocks.max(1) as usize
+            };
+            crate::bench::h2drive::ClientPlan {
+                first: msg(0, true),
+                cycle: (1..=n).map(|k| msg(k % n, false)).collect(),
             }
         })
         .collect();
