@@ -35,6 +35,11 @@ pub struct Limits {
     pub dirty_limit_bytes: u64,
     /// Most unpersisted bytes of one volume.
     pub dirty_limit_bytes_per_volume: u64,
+    /// Unpersisted bytes across all volumes past which a write asks for write-back at
+    /// once ([`WriteOutcome::urgent`]).
+    pub writeback_start_dirty_bytes: u64,
+    /// Unpersisted bytes of one volume past which a write asks for write-back at once.
+    pub writeback_start_dirty_bytes_per_volume: u64,
     /// Request ids remembered per volume for dedupe (oldest forgotten first).
     pub dedupe_entries_per_volume: usize,
     /// Most block changes in one write-back batch.
@@ -195,6 +200,9 @@ pub struct WriteOutcome {
     pub version: u64,
     pub persisted: Lsn,
     pub duplicate: bool,
+    /// The volume's (or all volumes') unpersisted bytes passed a write-back start
+    /// threshold: write back now rather than after the delay.
+    pub urgent: bool,
 }
 
 /// Why the core did not take an operation.
@@ -527,6 +535,7 @@ impl Cache {
             version: a.version,
             persisted: v.persisted,
             duplicate: true,
+            urgent: false,
         })
     }
 
@@ -643,11 +652,13 @@ impl Cache {
         }
         let persisted = v.persisted;
         let id = v.id;
+        let urgent = v.dirty_bytes > self.limits.writeback_start_dirty_bytes_per_volume
+            || self.dirty_bytes > self.limits.writeback_start_dirty_bytes;
         if is_new {
             self.ring.push_back((id, block));
         }
         self.evict();
-        WriteOutcome { lsn, version, persisted, duplicate: false }
+        WriteOutcome { lsn, version, persisted, duplicate: false, urgent }
     }
 
     /// Evicts clean blocks (CLOCK) until the budget holds or only unpersisted ones remain.
@@ -939,6 +950,8 @@ mod tests {
             cache_capacity_bytes: 10 * (4096 + ENTRY_OVERHEAD_BYTES),
             dirty_limit_bytes: 6 * 4097,
             dirty_limit_bytes_per_volume: 4 * 4097,
+            writeback_start_dirty_bytes: 5 * 4097,
+            writeback_start_dirty_bytes_per_volume: 2 * 4097,
             dedupe_entries_per_volume: 4,
             max_batch_ops: 2,
             max_batch_bytes: 1 << 20,
@@ -1156,6 +1169,35 @@ mod tests {
             };
             assert_eq!(data[0], b as u8);
         }
+    }
+
+    #[test]
+    fn writes_past_a_start_threshold_ask_for_write_back_at_once() {
+        let mut c = Cache::new(limits());
+        let v = vol(&mut c, "v");
+        let urgent = |c: &mut Cache, v: &VolumeName, b: BlockNo| {
+            c.write(v, b, 0, &full(1), None).unwrap().urgent
+        };
+        // Per volume: past 2 blocks' worth of dirty bytes.
+        assert!(!urgent(&mut c, &v, 0));
+        assert!(!urgent(&mut c, &v, 1));
+        assert!(urgent(&mut c, &v, 2));
+        assert!(urgent(&mut c, &v, 0), "a rewrite while past it asks again");
+        assert!(urgent(&mut c, &v, 3));
+        // Across volumes: w holds 2 blocks (under its own threshold), but all volumes
+        // together pass 5 blocks' worth.
+        let w = vol(&mut c, "w");
+        assert!(!urgent(&mut c, &w, 0), "5 blocks dirty in all: not past it yet");
+        assert!(urgent(&mut c, &w, 1), "6 blocks dirty in all");
+        // Once half of v is persisted (a batch is 2 blocks), w is under both again.
+        let b = c.take_batch(&v).unwrap();
+        c.complete_batch(&b, true);
+        assert!(!urgent(&mut c, &w, 1));
+        // A duplicate (a replayed request id) never asks.
+        let id = RequestId::new("r", 1).unwrap();
+        assert!(c.write(&v, 5, 0, &full(1), Some(&id)).unwrap().urgent, "v: 3 blocks dirty");
+        let again = c.write(&v, 5, 0, &full(1), Some(&id)).unwrap();
+        assert!(again.duplicate && !again.urgent);
     }
 
     #[test]

@@ -1087,6 +1087,55 @@ async fn a_block_rewritten_continuously_is_written_back_once_per_delay() {
     cluster.shutdown().await;
 }
 
+/// Dirty data past `writeback_start_dirty_bytes_per_volume` is written back at once, not
+/// after `writeback_delay_ms` (here ten minutes); under it, it waits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dirty_data_past_the_start_threshold_is_written_back_without_the_delay() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = LocalCluster::start(3, dir.path()).await.unwrap();
+    let a = Nms::start("a", &cluster.endpoints(), |c| {
+        c.writeback_delay_ms = 600_000;
+        c.writeback_start_dirty_bytes_per_volume = 8 * (BS as u64 + 1);
+    })
+    .await;
+    let c = VolumeClient::open(opts(&[&a.ep], "eager", "k")).await.unwrap();
+    let batches = || async {
+        a.admin()
+            .await
+            .node_status(pb::NodeStatusRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .writeback_batches
+    };
+    let before = batches().await;
+    for b in 0..8 {
+        c.write(b, 0, block_data(b, 1)).await.unwrap();
+    }
+    // 8 blocks dirty: at the threshold, not past it. (With a ten-minute delay nothing
+    // else could have started a write-back.)
+    assert_eq!(batches().await, before, "under the threshold, write-back waits");
+    assert!(pss_blocks(&cluster, "eager", &[0]).await.is_empty());
+    c.write(8, 0, block_data(8, 1)).await.unwrap();
+    // The ninth block passes it: everything dirty reaches the PSS well before the delay.
+    let all: Vec<u64> = (0..9).collect();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let stored = pss_blocks(&cluster, "eager", &all).await;
+        if stored.len() == all.len() {
+            for b in &all {
+                assert_eq!(stored[b], block_data(*b, 1), "block {b}");
+            }
+            break;
+        }
+        assert!(Instant::now() < deadline, "only {} of 9 blocks persisted", stored.len());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(batches().await > before);
+    a.stop().await;
+    cluster.shutdown().await;
+}
+
 /// Reads of a batch that miss the cache share one PSS call (a cold NMS refills a volume
 /// in a round trip per batch, not one per block).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -226,6 +226,8 @@ impl Node {
             cache_capacity_bytes: cfg.cache_capacity_bytes,
             dirty_limit_bytes: cfg.dirty_limit_bytes,
             dirty_limit_bytes_per_volume: cfg.dirty_limit_bytes_per_volume,
+            writeback_start_dirty_bytes: cfg.writeback_start_dirty_bytes,
+            writeback_start_dirty_bytes_per_volume: cfg.writeback_start_dirty_bytes_per_volume,
             dedupe_entries_per_volume: cfg.dedupe_entries_per_volume,
             max_batch_ops: cfg.max_batch_ops,
             max_batch_bytes: cfg.max_batch_bytes,
@@ -559,6 +561,31 @@ impl Node {
         }
     }
 
+    /// Starts `v`'s write-back at once, without the write-back delay (dirty data past a
+    /// start threshold, or writes waiting for dirty space).
+    fn hurry(&self, v: &VolumeName) {
+        if let Some(h) = self.handle(v) {
+            h.kick.notify_one();
+            h.flush.notify_one();
+        }
+    }
+
+    /// Wakes `v`'s write-back after an accepted write: at once when the write says the
+    /// dirty data passed a start threshold, else after the delay.
+    pub(crate) fn written(&self, v: &VolumeName, o: &WriteOutcome) {
+        self.wake_writer(v, !o.duplicate, o.urgent);
+    }
+
+    /// [`Node::written`] for a run of writes: `wrote` when any changed data, `urgent` when
+    /// any passed a start threshold.
+    pub(crate) fn wake_writer(&self, v: &VolumeName, wrote: bool, urgent: bool) {
+        if urgent {
+            self.hurry(v);
+        } else if wrote {
+            self.kick(v);
+        }
+    }
+
     /// Waits for progress (a write-back or state change) until `deadline`; false on timeout.
     async fn wait_progress(&self, rx: &mut watch::Receiver<u64>, deadline: Instant) -> bool {
         tokio::select! {
@@ -646,9 +673,7 @@ impl Node {
             }
             core.write(v, block, offset, data, request_id).ok()?
         };
-        if !o.duplicate {
-            self.kick(v);
-        }
+        self.written(v, &o);
         Some(o)
     }
 
@@ -781,9 +806,7 @@ impl Node {
             };
             match r {
                 Ok(o) => {
-                    if !o.duplicate {
-                        self.kick(v);
-                    }
+                    self.written(v, &o);
                     return Ok(o);
                 }
                 Err(CacheError::NeedBlock(b)) => {
@@ -799,7 +822,7 @@ impl Node {
                     }
                 }
                 Err(e @ CacheError::DirtyFull { .. }) => {
-                    self.kick(v);
+                    self.hurry(v);
                     if !self.wait_progress(&mut rx, space_deadline).await {
                         return Err(self.cache_error(v, e));
                     }

@@ -179,7 +179,7 @@ impl Node {
         ops: &[pb::StreamRequest],
         out: &mut Vec<pb::StreamReply>,
     ) -> usize {
-        let (mut n, mut kick) = (0, false);
+        let (mut n, mut wrote, mut urgent) = (0, false, false);
         {
             let mut core = self.core();
             match core.volume(&auth.0) {
@@ -195,7 +195,8 @@ impl Node {
                 else {
                     break;
                 };
-                kick |= !o.duplicate;
+                wrote |= !o.duplicate;
+                urgent |= o.urgent;
                 out.push(pb::StreamReply {
                     tag: m.tag,
                     result: Some(pb::stream_reply::Result::Write(write_reply(&o))),
@@ -203,9 +204,7 @@ impl Node {
                 n += 1;
             }
         }
-        if kick {
-            self.kick(&auth.0);
-        }
+        self.wake_writer(&auth.0, wrote, urgent);
         n
     }
 
