@@ -205,7 +205,7 @@ async fn eviction_under_memory_pressure_never_loses_a_dirty_block() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn back_pressure_when_the_dirty_limit_is_reached() {
     let dir = tempfile::tempdir().unwrap();
-    let cluster = LocalCluster::start(3, dir.path()).await.unwrap();
+    let mut cluster = LocalCluster::start(3, dir.path()).await.unwrap();
     let a = Nms::start("a", &cluster.endpoints(), |c| {
         c.dirty_limit_bytes_per_volume = 4 * (BS as u64 + 1);
         c.backpressure_wait_ms = 300;
@@ -216,20 +216,21 @@ async fn back_pressure_when_the_dirty_limit_is_reached() {
     for b in 0..4 {
         c.write(b, 0, block_data(b, 1)).await.unwrap();
     }
+    let write = |block: u64| pb::WriteRequest {
+        auth: auth("bp", "k"),
+        op: Some(pb::WriteOp {
+            block,
+            offset: 0,
+            data: block_data(block, 1).into(),
+            request_id: None,
+        }),
+    };
+    // The PSS without a quorum: the write-back a full volume starts cannot free anything.
+    cluster.stop_node(2).await.unwrap();
+    cluster.stop_node(3).await.unwrap();
     let mut raw = a.raw().await;
     let t = Instant::now();
-    let err = raw
-        .write(pb::WriteRequest {
-            auth: auth("bp", "k"),
-            op: Some(pb::WriteOp {
-                block: 9,
-                offset: 0,
-                data: block_data(9, 1).into(),
-                request_id: None,
-            }),
-        })
-        .await
-        .unwrap_err();
+    let err = raw.write(write(9)).await.unwrap_err();
     let waited = t.elapsed();
     assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err:?}");
     assert!(
@@ -237,26 +238,28 @@ async fn back_pressure_when_the_dirty_limit_is_reached() {
         "{err:?}"
     );
     assert!(waited >= Duration::from_millis(250), "the write waited before failing: {waited:?}");
+    // With the PSS back, the write-back the full volume started (not the ten-minute delay)
+    // frees the space: a write waits for it, then is accepted.
+    cluster.restart_node(2).await.unwrap();
+    cluster.restart_node(3).await.unwrap();
     assert_eq!(c.read(9, 0, None).await.unwrap(), None, "the refused write changed nothing");
-    // A waiting write proceeds once a flush frees dirty space.
-    let waiting = {
-        let mut raw = a.raw().await;
-        tokio::spawn(async move {
-            raw.write(pb::WriteRequest {
-                auth: auth("bp", "k"),
-                op: Some(pb::WriteOp {
-                    block: 10,
-                    offset: 0,
-                    data: block_data(10, 1).into(),
-                    request_id: None,
-                }),
-            })
-            .await
-        })
-    };
-    c.flush().await.unwrap();
-    waiting.await.unwrap().expect("the write waited for space, then was accepted");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match raw.write(write(10)).await {
+            Ok(_) => break,
+            Err(e) if e.code() == tonic::Code::ResourceExhausted && Instant::now() < deadline => {}
+            Err(e) => panic!("the write should wait for space, then be accepted: {e:?}"),
+        }
+    }
     assert_eq!(c.read(10, 0, None).await.unwrap().unwrap(), block_data(10, 1));
+    let stored = pss_blocks(&cluster, "bp", &[0, 1, 2, 3]).await;
+    assert_eq!(stored.len(), 4, "the full volume's blocks were written back without the delay");
+    // Full again: the fifth write waits while write-back runs, and is accepted.
+    for b in 11..14 {
+        raw.write(write(b)).await.unwrap();
+    }
+    raw.write(write(14)).await.expect("the write waited for space, then was accepted");
+    assert_eq!(c.read(14, 0, None).await.unwrap().unwrap(), block_data(14, 1));
     a.stop().await;
     cluster.shutdown().await;
 }
