@@ -79,9 +79,12 @@ fn nms_config(name: &str, pss: &[String], block_pool_bytes: u64) -> wayside_nms:
         node_id: name.into(),
         block_pool_bytes,
         pss: pss.to_vec(),
-        // Dirty data stays dirty until a flush, so the move carries the dirty part.
+        // Dirty data stays dirty until a flush (no delay, no start threshold ends it), so
+        // the move carries the dirty part.
         writeback_delay_ms: 600_000,
         dirty_limit_bytes_per_volume: 128 << 20,
+        writeback_start_dirty_bytes_per_volume: 128 << 20,
+        writeback_start_dirty_bytes: 256 << 20,
         ..Default::default()
     }
 }

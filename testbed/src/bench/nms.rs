@@ -799,6 +799,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     if let Some(n) = args.serve_threads {
         cfg.serve_threads = n;
     }
+    let writeback_delay_ms = cfg.writeback_delay_ms;
     let stop = CancellationToken::new();
     let server = tokio::spawn(wayside_nms::server::run(cfg, listener, stop.clone()));
     // Create the volumes and fill every block once (so reads hit the cache).
@@ -902,7 +903,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let figs = medians(rounds);
     println!(
         "\n4 KiB values, {} clients, {} s per NMS/memcached phase; each run's median of {} \
-         interleaved rounds (write-back lines: the last round)\n",
+         interleaved rounds (write-back lines: the last round); the NMS writes back after \
+         {writeback_delay_ms} ms (writeback_delay_ms) to a 3-node PSS in this process\n",
         args.clients,
         args.seconds,
         args.rounds.max(1)
