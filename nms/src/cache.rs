@@ -289,6 +289,14 @@ impl Cache {
     pub fn limits(&self) -> &Limits {
         &self.limits
     }
+
+    /// Whether `name`'s dirty bytes, or all volumes', are past a write-back start
+    /// threshold (see [`WriteOutcome::urgent`]).
+    pub fn past_writeback_start(&self, name: &VolumeName) -> bool {
+        let volume = self.volumes.get(name).map_or(0, |v| v.dirty_bytes);
+        volume > self.limits.writeback_start_dirty_bytes_per_volume
+            || self.dirty_bytes > self.limits.writeback_start_dirty_bytes
+    }
     pub fn used_bytes(&self) -> u64 {
         self.used_bytes
     }
@@ -652,12 +660,11 @@ impl Cache {
         }
         let persisted = v.persisted;
         let id = v.id;
-        let urgent = v.dirty_bytes > self.limits.writeback_start_dirty_bytes_per_volume
-            || self.dirty_bytes > self.limits.writeback_start_dirty_bytes;
         if is_new {
             self.ring.push_back((id, block));
         }
         self.evict();
+        let urgent = self.past_writeback_start(name);
         WriteOutcome { lsn, version, persisted, duplicate: false, urgent }
     }
 

@@ -1139,6 +1139,52 @@ async fn dirty_data_past_the_start_threshold_is_written_back_without_the_delay()
     cluster.shutdown().await;
 }
 
+/// A move that leaves the target past its write-back start threshold starts the
+/// target's write-back at once, not after `writeback_delay_ms` (ten minutes here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_move_leaving_the_target_past_the_start_threshold_writes_back_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = LocalCluster::start(3, dir.path()).await.unwrap();
+    let a = Nms::start("a", &cluster.endpoints(), |c| c.writeback_delay_ms = 600_000).await;
+    let b = Nms::start("b", &cluster.endpoints(), |c| {
+        c.writeback_delay_ms = 600_000;
+        c.writeback_start_dirty_bytes_per_volume = 8 * (BS as u64 + 1);
+    })
+    .await;
+    let c = VolumeClient::open(opts(&[&a.ep, &b.ep], "carried", "k")).await.unwrap();
+    let all: Vec<u64> = (0..32).collect();
+    c.write_many(all.iter().map(|&b| (b, 0, block_data(b, 3))).collect()).await.unwrap();
+    assert!(pss_blocks(&cluster, "carried", &all).await.is_empty(), "all 32 dirty on A");
+    let report = a
+        .admin()
+        .await
+        .start_migration(pb::StartMigrationRequest {
+            volume: "carried".into(),
+            target_address: b.ep.uri().into(),
+            max_rounds: 0,
+            switch_below_bytes: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(report.outcome, pb::MigrationOutcome::Completed as i32, "{report:?}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let stored = pss_blocks(&cluster, "carried", &all).await;
+        if stored.len() == all.len() {
+            for b in &all {
+                assert_eq!(stored[b], block_data(*b, 3), "block {b}");
+            }
+            break;
+        }
+        assert!(Instant::now() < deadline, "only {} of 32 blocks persisted", stored.len());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    a.stop().await;
+    b.stop().await;
+    cluster.shutdown().await;
+}
+
 /// Reads of a batch that miss the cache share one PSS call (a cold NMS refills a volume
 /// in a round trip per batch, not one per block).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

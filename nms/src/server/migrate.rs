@@ -744,7 +744,8 @@ impl Node {
                         .await;
                     let answered_us = us(received.elapsed());
                     self.start_writer(&v);
-                    self.kick(&v);
+                    let urgent = self.core().past_writeback_start(&v);
+                    self.wake_writer(&v, true, urgent);
                     info!(
                         volume = %v,
                         epoch = meta.epoch.0,
