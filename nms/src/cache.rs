@@ -297,6 +297,7 @@ impl Cache {
         volume > self.limits.writeback_start_dirty_bytes_per_volume
             || self.dirty_bytes > self.limits.writeback_start_dirty_bytes
     }
+
     pub fn used_bytes(&self) -> u64 {
         self.used_bytes
     }
