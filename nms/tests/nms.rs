@@ -56,6 +56,24 @@ impl Nms {
     async fn raw(&self) -> pb::nms_client::NmsClient<tonic::transport::Channel> {
         pb::nms_client::NmsClient::new(channel(&self.ep).await)
     }
+
+    /// Moves `volume` from this node to `to` (admin `StartMigration`) and prints the report.
+    async fn migrate(&self, volume: &str, to: &Endpoint, max_rounds: u32) -> pb::MigrationReport {
+        let report = self
+            .admin()
+            .await
+            .start_migration(pb::StartMigrationRequest {
+                volume: volume.into(),
+                target_address: to.uri().into(),
+                max_rounds,
+                switch_below_bytes: 0,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        println!("{}", wayside_nms::cli::render_report(&report));
+        report
+    }
 }
 
 async fn channel(ep: &Endpoint) -> tonic::transport::Channel {
@@ -105,6 +123,24 @@ async fn pss_blocks(cluster: &LocalCluster, vol: &str, blocks: &[u64]) -> HashMa
     let c = cluster.client();
     let got = c.get_blocks(&VolumeName::new(vol).unwrap(), blocks).await.unwrap();
     got.into_iter().filter(|b| b.found).map(|b| (b.block, b.data)).collect()
+}
+
+/// Waits (at most 20 s) until the PSS holds every one of `blocks` of `vol`, written by a
+/// write-back nothing in the test asked for, and checks each is `block_data(block, n)`.
+async fn wait_written_back(cluster: &LocalCluster, vol: &str, blocks: &[u64], n: u64) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let stored = pss_blocks(cluster, vol, blocks).await;
+        if stored.len() == blocks.len() {
+            for b in blocks {
+                assert_eq!(stored[b], block_data(*b, n), "block {b}");
+            }
+            return;
+        }
+        let (got, all) = (stored.len(), blocks.len());
+        assert!(Instant::now() < deadline, "only {got} of {all} blocks persisted");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 fn auth(vol: &str, secret: &str) -> Option<pb::VolumeAuth> {
@@ -318,19 +354,7 @@ async fn a_vehicle_keeps_writing_while_its_volume_moves() {
     while c.stat().await.unwrap().accepted_lsn < 400 {
         tokio::task::yield_now().await;
     }
-    let report = a
-        .admin()
-        .await
-        .start_migration(pb::StartMigrationRequest {
-            volume: "mv".into(),
-            target_address: b.ep.uri().into(),
-            max_rounds: 0,
-            switch_below_bytes: 0,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    println!("{}", wayside_nms::cli::render_report(&report));
+    let report = a.migrate("mv", &b.ep, 0).await;
     assert_eq!(report.outcome, pb::MigrationOutcome::Completed as i32, "{report:?}");
     let after = c.stat().await.unwrap().accepted_lsn;
     while c.stat().await.unwrap().accepted_lsn < after + 200 {
@@ -574,19 +598,7 @@ async fn the_target_dies_mid_move_and_the_source_keeps_serving() {
                     dead.clone().cancelled_owned(),
                 ),
         );
-        let report = a
-            .admin()
-            .await
-            .start_migration(pb::StartMigrationRequest {
-                volume: "abort".into(),
-                target_address: t_ep.uri().into(),
-                max_rounds: 2,
-                switch_below_bytes: 0,
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        println!("{}", wayside_nms::cli::render_report(&report));
+        let report = a.migrate("abort", &t_ep, 2).await;
         assert_eq!(report.outcome, pb::MigrationOutcome::Aborted as i32, "{report:?}");
         let _ = server.await;
         // A keeps serving: reads, writes and flushes work and nothing is lost.
@@ -1122,18 +1134,7 @@ async fn dirty_data_past_the_start_threshold_is_written_back_without_the_delay()
     c.write(8, 0, block_data(8, 1)).await.unwrap();
     // The ninth block passes it: everything dirty reaches the PSS well before the delay.
     let all: Vec<u64> = (0..9).collect();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let stored = pss_blocks(&cluster, "eager", &all).await;
-        if stored.len() == all.len() {
-            for b in &all {
-                assert_eq!(stored[b], block_data(*b, 1), "block {b}");
-            }
-            break;
-        }
-        assert!(Instant::now() < deadline, "only {} of 9 blocks persisted", stored.len());
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_written_back(&cluster, "eager", &all, 1).await;
     assert!(batches().await > before);
     a.stop().await;
     cluster.shutdown().await;
@@ -1155,31 +1156,9 @@ async fn a_move_leaving_the_target_past_the_start_threshold_writes_back_at_once(
     let all: Vec<u64> = (0..32).collect();
     c.write_many(all.iter().map(|&b| (b, 0, block_data(b, 3))).collect()).await.unwrap();
     assert!(pss_blocks(&cluster, "carried", &all).await.is_empty(), "all 32 dirty on A");
-    let report = a
-        .admin()
-        .await
-        .start_migration(pb::StartMigrationRequest {
-            volume: "carried".into(),
-            target_address: b.ep.uri().into(),
-            max_rounds: 0,
-            switch_below_bytes: 0,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let report = a.migrate("carried", &b.ep, 0).await;
     assert_eq!(report.outcome, pb::MigrationOutcome::Completed as i32, "{report:?}");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let stored = pss_blocks(&cluster, "carried", &all).await;
-        if stored.len() == all.len() {
-            for b in &all {
-                assert_eq!(stored[b], block_data(*b, 3), "block {b}");
-            }
-            break;
-        }
-        assert!(Instant::now() < deadline, "only {} of 32 blocks persisted", stored.len());
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_written_back(&cluster, "carried", &all, 3).await;
     a.stop().await;
     b.stop().await;
     cluster.shutdown().await;

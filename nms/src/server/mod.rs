@@ -555,14 +555,14 @@ impl Node {
         self.bump();
     }
 
-    pub(crate) fn kick(&self, v: &VolumeName) {
+    fn kick(&self, v: &VolumeName) {
         if let Some(h) = self.handle(v) {
             h.kick.notify_one();
         }
     }
 
-    /// Starts `v`'s write-back at once, without the write-back delay (dirty data past a
-    /// start threshold, or writes waiting for dirty space).
+    /// Starts `v`'s write-back at once, without the write-back delay (a flush, dirty data
+    /// past a start threshold, writes waiting for dirty space).
     fn hurry(&self, v: &VolumeName) {
         if let Some(h) = self.handle(v) {
             h.kick.notify_one();
@@ -854,10 +854,7 @@ impl Node {
                     _ => {}
                 }
             }
-            if let Some(h) = self.handle(v) {
-                h.kick.notify_one();
-                h.flush.notify_one();
-            }
+            self.hurry(v);
             if !self.wait_progress(&mut rx, deadline).await {
                 return Err(NmsError::Unavailable(format!(
                     "write-back did not reach lsn {} within pss_deadline_ms",
@@ -884,10 +881,7 @@ impl Node {
                 return;
             }
             for v in &dirty {
-                if let Some(h) = self.handle(v) {
-                    h.kick.notify_one();
-                    h.flush.notify_one();
-                }
+                self.hurry(v);
             }
             if rx.changed().await.is_err() {
                 return;

@@ -130,9 +130,6 @@ impl Node {
         pb::StreamReply { tag: m.tag, result: Some(result) }
     }
 
-    /// A stream's read that hits the cache or write the cache takes at once, answered
-    /// without an `await` (no task, no wakeups); `None` for everything else (a miss, a
-    /// paused or full volume, any error), which [`Node::stream_op`] then does in full.
     /// A message's operations answered at once when every one is a read that hits the
     /// cache (`None` otherwise: nothing was answered).
     fn stream_reads_now(
@@ -208,6 +205,9 @@ impl Node {
         n
     }
 
+    /// A stream's read that hits the cache or write the cache takes at once, answered
+    /// without an `await` (no task, no wakeups); `None` for everything else (a miss, a
+    /// paused or full volume, any error), which [`Node::stream_op`] then does in full.
     fn stream_op_now(
         &self,
         auth: &Auth,
