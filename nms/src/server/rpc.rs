@@ -540,10 +540,30 @@ impl Node {
                             }
                         }
                         msg = inbound.next(), if open && ops.inflight.len() < limit => {
-                            let Some(msg) = msg else { open = false; continue };
-                            match msg.and_then(|(m_auth, m_ops)| ops.take(m_auth, m_ops)) {
-                                Ok(r) => ready = r,
-                                Err(s) => { let _ = tx.send(Err(s)).await; return; }
+                            let mut msg = msg;
+                            // This message, then every one already received (while the
+                            // limit allows): their replies leave as one item, not one each.
+                            loop {
+                                let Some(m) = msg else { open = false; break };
+                                match m.and_then(|(m_auth, m_ops)| ops.take(m_auth, m_ops)) {
+                                    Ok(r) => ready.extend(r),
+                                    Err(s) => {
+                                        if !ready.is_empty() {
+                                            let _ = tx.send(Ok(ready)).await;
+                                        }
+                                        let _ = tx.send(Err(s)).await;
+                                        return;
+                                    }
+                                }
+                                if ops.inflight.len() >= limit {
+                                    break;
+                                }
+                                // (A no-op waker if not ready: the next `select!` polls
+                                // `inbound` again with this task's.)
+                                match inbound.next().now_or_never() {
+                                    Some(m) => msg = m,
+                                    None => break,
+                                }
                             }
                         }
                         else => return,

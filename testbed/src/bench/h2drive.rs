@@ -2,7 +2,9 @@
 //! directly, without tonic's client stack, on one thread of its own. It is to these calls
 //! what h2load is to the unary ones and redis-benchmark to redis: every request message is
 //! encoded once before the run and sent again and again (a reference count, not a copy),
-//! so the figure is the server's. It still reads every reply: each message is decoded, each
+//! so the figure is the server's. The small messages one turn sends (reads) share a DATA
+//! frame, as tonic's client encodes them and as redis-benchmark writes its pipeline;
+//! writes (4 KiB) leave as frames of their own. It still reads every reply: each message is decoded, each
 //! result must be a read or write result (a `StreamError` fails the run), the count must
 //! match what was sent, and the call must end with grpc-status 0 in its trailers.
 //!
@@ -123,12 +125,14 @@ async fn client(
     // (sent at, results still due) per message in flight, oldest first.
     let mut inflight: VecDeque<(Instant, usize)> = VecDeque::with_capacity(plan.window);
     let mut next = c.cycle.iter().cycle();
-    tx.send_data(c.first.clone(), false)?;
+    let mut out = Outbox::default();
+    out.push(&mut tx, &c.first)?;
     inflight.push_back((Instant::now(), plan.ops_per_message));
     for _ in 1..plan.window {
-        tx.send_data(next.next().context("no messages to send")?.clone(), false)?;
+        out.push(&mut tx, next.next().context("no messages to send")?)?;
         inflight.push_back((Instant::now(), plan.ops_per_message));
     }
+    out.flush(&mut tx)?;
     let resp = resp.await.context("the NMS refused the call")?;
     if resp.status() != http::StatusCode::OK {
         bail!("HTTP status {}", resp.status());
@@ -161,11 +165,12 @@ async fn client(
                 lat.extend(std::iter::repeat_n(us, plan.ops_per_message));
                 inflight.pop_front();
                 if !stop.load(Ordering::Relaxed) {
-                    tx.send_data(next.next().context("no messages to send")?.clone(), false)?;
+                    out.push(&mut tx, next.next().context("no messages to send")?)?;
                     inflight.push_back((Instant::now(), plan.ops_per_message));
                 }
             }
         }
+        out.flush(&mut tx)?;
         if inflight.is_empty() && !ended {
             tx.send_data(Bytes::new(), true)?;
             ended = true;
@@ -178,6 +183,38 @@ async fn client(
     match trailers.get("grpc-status").map(|s| s.as_bytes()) {
         Some(b"0") => Ok(lat),
         s => bail!("the call ended with grpc-status {s:?} {:?}", trailers.get("grpc-message")),
+    }
+}
+
+/// Most bytes of small request messages gathered into one DATA frame, in bytes.
+const GATHER_BYTES: usize = 16 * 1024;
+
+/// The request messages one turn sends: small ones (as a gRPC client's encoder does) are
+/// gathered into one DATA frame, larger ones (4 KiB writes) leave as they are, uncopied.
+#[derive(Default)]
+struct Outbox {
+    buf: BytesMut,
+}
+
+impl Outbox {
+    fn push(&mut self, tx: &mut h2::SendStream<Bytes>, msg: &Bytes) -> anyhow::Result<()> {
+        if msg.len() >= 1024 {
+            self.flush(tx)?;
+            tx.send_data(msg.clone(), false)?;
+        } else {
+            if self.buf.len() + msg.len() > GATHER_BYTES {
+                self.flush(tx)?;
+            }
+            self.buf.extend_from_slice(msg);
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self, tx: &mut h2::SendStream<Bytes>) -> anyhow::Result<()> {
+        if !self.buf.is_empty() {
+            tx.send_data(self.buf.split().freeze(), false)?;
+        }
+        Ok(())
     }
 }
 
