@@ -63,7 +63,8 @@ pub struct Config {
     pub max_volumes: usize,
     /// Largest gRPC message accepted or sent, in bytes.
     pub max_message_size_bytes: usize,
-    /// Most operations in flight on one vehicle stream; more wait.
+    /// Most operations in flight on one vehicle stream; more wait. Also the most replies a
+    /// stream gathers from the messages already received before they leave together.
     pub max_stream_inflight_ops: usize,
     /// Most operations in one `StreamBatches` message; a larger batch ends the stream with
     /// INVALID_ARGUMENT.

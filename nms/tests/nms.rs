@@ -1078,6 +1078,62 @@ async fn batched_operations_round_trip_and_bad_batches_change_nothing() {
     cluster.shutdown().await;
 }
 
+/// Messages a stream has already received are answered together, but never more than
+/// `max_stream_inflight_ops` replies in one outbound message: ten batches of 4 cached reads,
+/// all sent before the call opens, come back in order in messages of at most 8 results.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replies_gathered_from_received_messages_are_bounded() {
+    use pb::stream_reply::Result as R;
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = LocalCluster::start(3, dir.path()).await.unwrap();
+    let a = Nms::start("a", &cluster.endpoints(), |c| c.max_stream_inflight_ops = 8).await;
+    a.raw()
+        .await
+        .create_volume(pb::CreateVolumeRequest { auth: auth("gb", "key"), block_size: BS as u32 })
+        .await
+        .unwrap();
+    let mut s = BatchStream::open(&a, "gb", "key").await;
+    let (results, _) =
+        s.batch((0..4).map(|b| stream_write(b, 0, block_data(b, 5))).collect()).await;
+    assert!(results.iter().all(|r| matches!(r, R::Write(_))), "{results:?}");
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    for i in 0..10u64 {
+        let ops = (0..4)
+            .map(|b| pb::StreamRequest { auth: None, tag: i * 4 + b + 1, op: Some(stream_read(b)) })
+            .collect();
+        let auth = if i == 0 { auth("gb", "key") } else { None };
+        tx.send(pb::StreamBatch { auth, ops }).await.unwrap();
+    }
+    drop(tx);
+    let mut replies = a
+        .raw()
+        .await
+        .stream_batches(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let (mut next_tag, mut sizes) = (1, Vec::new());
+    while let Some(m) = tokio::time::timeout(Duration::from_secs(20), replies.message())
+        .await
+        .expect("a reply within 20 s")
+        .unwrap()
+    {
+        sizes.push(m.results.len());
+        for r in m.results {
+            assert_eq!(r.tag, next_tag, "results in order");
+            let Some(R::Read(read)) = r.result else { panic!("read {}: {:?}", r.tag, r.result) };
+            let b = (r.tag - 1) % 4;
+            assert_eq!(&read.data[..], &block_data(b, 5)[..], "block {b}");
+            next_tag += 1;
+        }
+    }
+    println!("results per message: {sizes:?}");
+    assert_eq!(next_tag, 41, "all 40 reads answered");
+    assert!(sizes.iter().all(|&n| n <= 8), "at most max_stream_inflight_ops: {sizes:?}");
+    a.stop().await;
+    cluster.shutdown().await;
+}
+
 /// With a write-back delay, a block rewritten as fast as the vehicle can costs about one
 /// PSS write per delay, not one per PSS round trip; a flush still persists everything at
 /// once, and the PSS has the last data.

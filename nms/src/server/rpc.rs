@@ -477,9 +477,12 @@ impl Ops {
 
 impl Node {
     /// Serves one vehicle stream (`Stream` or `StreamBatches`): the operations of each
-    /// inbound message are taken in order; the results that are ready together (those
-    /// answered at once, or every in-flight operation that has finished) leave as one
-    /// outbound item, so a batch costs one message each way.
+    /// inbound message are taken in order; the results that are ready together (those of
+    /// every message already received that were answered at once, or every in-flight
+    /// operation that has finished) leave as one outbound item, so a batch costs one
+    /// message each way and a pipelining vehicle's single operations share messages. An
+    /// item gathers at most `max_stream_inflight_ops` results (more messages received wait
+    /// for the next item).
     ///
     /// The messages already received are taken here, in the call; a task (and a channel
     /// to it) serves the rest of the stream only if something waits or more may come. A
@@ -488,9 +491,12 @@ impl Node {
     /// in one write, with no task spawned and no wake-up between them.
     fn serve_ops(&self, mut inbound: OpsIn) -> RepliesOut {
         let mut ops = Ops { node: self.self_arc(), auth: None, inflight: Inflight::new() };
-        let mut now: Vec<Result<Vec<pb::StreamReply>, Status>> = Vec::new();
+        let limit = self.cfg.max_stream_inflight_ops;
+        // The replies answered here leave as one item: at most `limit` are gathered (the
+        // task takes the rest).
+        let mut gathered: Vec<pb::StreamReply> = Vec::new();
         let mut open = true;
-        while ops.inflight.is_empty() {
+        while ops.inflight.is_empty() && gathered.len() < limit {
             match inbound.next().now_or_never() {
                 // Not received yet: the task waits for it.
                 None => break,
@@ -499,20 +505,18 @@ impl Node {
                     break;
                 }
                 Some(Some(msg)) => match msg.and_then(|(m_auth, m_ops)| ops.take(m_auth, m_ops)) {
-                    Ok(ready) if ready.is_empty() => {}
-                    Ok(ready) => now.push(Ok(ready)),
+                    Ok(ready) => gathered.extend(ready),
                     Err(s) => {
-                        now.push(Err(s));
-                        return Box::pin(futures::stream::iter(now));
+                        let now = (!gathered.is_empty()).then_some(Ok(gathered));
+                        return Box::pin(futures::stream::iter(now.into_iter().chain([Err(s)])));
                     }
                 },
             }
         }
-        let now = futures::stream::iter(now);
+        let now = futures::stream::iter((!gathered.is_empty()).then_some(Ok(gathered)));
         if !open && ops.inflight.is_empty() {
             return Box::pin(now);
         }
-        let limit = self.cfg.max_stream_inflight_ops;
         let (tx, rx) = tokio::sync::mpsc::channel(limit);
         let stop = self.stop.clone();
         let span = info_span!("stream", node = %self.node_id);
@@ -541,8 +545,9 @@ impl Node {
                         }
                         msg = inbound.next(), if open && ops.inflight.len() < limit => {
                             let mut msg = msg;
-                            // This message, then every one already received (while the
-                            // limit allows): their replies leave as one item, not one each.
+                            // This message, then every one already received: their
+                            // replies leave as one item, not one each (at most `limit`
+                            // operations waiting or answered, then the item leaves).
                             loop {
                                 let Some(m) = msg else { open = false; break };
                                 match m.and_then(|(m_auth, m_ops)| ops.take(m_auth, m_ops)) {
@@ -555,7 +560,7 @@ impl Node {
                                         return;
                                     }
                                 }
-                                if ops.inflight.len() >= limit {
+                                if ops.inflight.len() + ready.len() >= limit {
                                     break;
                                 }
                                 // (A no-op waker if not ready: the next `select!` polls
