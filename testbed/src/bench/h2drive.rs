@@ -5,9 +5,9 @@
 //! turn sends (reads, 4 KiB writes) share a DATA frame, as tonic's client encodes them and
 //! as redis-benchmark writes its pipeline (a frame per 4 KiB write cost the NMS 3.4-4.4 us
 //! per streamed write against 2.4-2.6); a batch leaves as it is, uncopied. It still reads
-//! every reply: each message is decoded, each
-//! result must be a read or write result (a `StreamError` fails the run), the count must
-//! match what was sent, and the call must end with grpc-status 0 in its trailers.
+//! every reply: each message is decoded, each result must be a read or write result (a
+//! `StreamError` fails the run), the count must match what was sent, and the call must end
+//! with grpc-status 0 in its trailers.
 //!
 //! Each client is one HTTP/2 connection with one call, keeping `window` messages of
 //! `ops_per_message` operations in flight: streamed is `window` = depth of 1-op messages,
