@@ -101,6 +101,13 @@ pub struct Config {
     pub pss_deadline_ms: u64,
     /// Longest a shutdown waits for write-back to drain, in milliseconds.
     pub shutdown_flush_timeout_ms: u64,
+    /// HTTP/2 PING sent on a connection with calls open after this long without a frame
+    /// from the peer, in milliseconds (0: never). A vehicle or NMS that vanished without
+    /// closing (out of range, crashed) would otherwise hold its calls, and a shutdown that
+    /// waits for them, until TCP gives up (~15 min).
+    pub http2_keepalive_interval_ms: u64,
+    /// A connection whose PING goes unanswered this long is closed, in milliseconds.
+    pub http2_keepalive_timeout_ms: u64,
 }
 
 /// Half the CPUs this process may use, at least 1 (see `Config::serve_threads`).
@@ -142,6 +149,8 @@ impl Default for Config {
             pss_rpc_timeout_ms: 2_000,
             pss_deadline_ms: 10_000,
             shutdown_flush_timeout_ms: 10_000,
+            http2_keepalive_interval_ms: wayside_proto::server::HTTP2_KEEPALIVE_INTERVAL_MS,
+            http2_keepalive_timeout_ms: wayside_proto::server::HTTP2_KEEPALIVE_TIMEOUT_MS,
         }
     }
 }

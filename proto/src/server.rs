@@ -50,6 +50,28 @@ pub const HTTP2_STREAM_WINDOW_BYTES: u32 = 16 * 1024 * 1024;
 /// still short enough (~2 ms at 1 Gbit/s) not to hold up the connection's other streams long.
 pub const HTTP2_MAX_FRAME_BYTES: u32 = 256 * 1024;
 
+/// Default of every server's `http2_keepalive_interval_ms`: a connection with calls open
+/// and nothing heard from the peer this long is sent an HTTP/2 PING, in milliseconds.
+pub const HTTP2_KEEPALIVE_INTERVAL_MS: u64 = 10_000;
+/// Default of every server's `http2_keepalive_timeout_ms`: an unanswered PING closes the
+/// connection after this long, in milliseconds.
+pub const HTTP2_KEEPALIVE_TIMEOUT_MS: u64 = 10_000;
+
+/// A server builder with HTTP/2 keepalive (`interval_ms` 0: none): a peer gone without
+/// closing its connection (a crashed VM, a cut link, a vehicle out of range) loses its
+/// calls after `interval_ms + timeout_ms`, and a graceful shutdown, which waits for every
+/// open call, is not held up until TCP gives up.
+pub fn with_keepalive(
+    builder: tonic::transport::Server,
+    interval_ms: u64,
+    timeout_ms: u64,
+) -> tonic::transport::Server {
+    let interval = (interval_ms > 0).then(|| std::time::Duration::from_millis(interval_ms));
+    builder
+        .http2_keepalive_interval(interval)
+        .http2_keepalive_timeout(Some(std::time::Duration::from_millis(timeout_ms.max(1))))
+}
+
 /// Most accepted connections queued for one serving thread before the acceptor waits.
 const SHARD_QUEUE_CONNECTIONS: usize = 64;
 

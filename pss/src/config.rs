@@ -85,6 +85,13 @@ pub struct Config {
     pub request_timeout_ms: u64,
     /// Longest wait for a new member to catch up before promotion, in milliseconds.
     pub learner_catch_up_timeout_ms: u64,
+    /// HTTP/2 PING sent on a connection with calls open after this long without a frame
+    /// from the peer, in milliseconds (0: never). A peer that vanished without closing (a
+    /// crashed VM, a cut link) would otherwise hold its calls, and a shutdown that waits
+    /// for them, until TCP gives up (~15 min).
+    pub http2_keepalive_interval_ms: u64,
+    /// A connection whose PING goes unanswered this long is closed, in milliseconds.
+    pub http2_keepalive_timeout_ms: u64,
 }
 
 impl Default for Config {
@@ -120,6 +127,8 @@ impl Default for Config {
             direct_io: true,
             request_timeout_ms: 10_000,
             learner_catch_up_timeout_ms: 30_000,
+            http2_keepalive_interval_ms: wayside_proto::server::HTTP2_KEEPALIVE_INTERVAL_MS,
+            http2_keepalive_timeout_ms: wayside_proto::server::HTTP2_KEEPALIVE_TIMEOUT_MS,
         }
     }
 }

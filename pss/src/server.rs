@@ -95,7 +95,12 @@ async fn serve(
     .max_encoding_message_size(max);
     tracing::info!(?addr, data_dir = %config.data_dir.display(), "PSS node serving");
     let incoming = wayside_proto::server::incoming(listener);
-    let served = tonic::transport::Server::builder()
+    let builder = wayside_proto::server::with_keepalive(
+        tonic::transport::Server::builder(),
+        config.http2_keepalive_interval_ms,
+        config.http2_keepalive_timeout_ms,
+    );
+    let served = builder
         // Raft appends and batched writes are large; the 64 KiB HTTP/2 default windows
         // would cost a round trip per 64 KiB.
         .initial_connection_window_size(HTTP2_CONNECTION_WINDOW_BYTES)
