@@ -57,6 +57,18 @@ impl Nms {
         pb::nms_client::NmsClient::new(channel(&self.ep).await)
     }
 
+    /// Creates volume `vol` (block size `BS`) through the raw `CreateVolume` call.
+    async fn create_volume(&self, vol: &str, secret: &str) {
+        self.raw()
+            .await
+            .create_volume(pb::CreateVolumeRequest {
+                auth: auth(vol, secret),
+                block_size: BS as u32,
+            })
+            .await
+            .unwrap();
+    }
+
     /// Moves `volume` from this node to `to` (admin `StartMigration`) and prints the report.
     async fn migrate(&self, volume: &str, to: &Endpoint, max_rounds: u32) -> pb::MigrationReport {
         let report = self
@@ -827,11 +839,7 @@ async fn streamed_operations_round_trip_through_back_pressure() {
         c.dirty_limit_bytes_per_volume = 4 * (BS as u64 + 1);
     })
     .await;
-    a.raw()
-        .await
-        .create_volume(pb::CreateVolumeRequest { auth: auth("st", "key"), block_size: BS as u32 })
-        .await
-        .unwrap();
+    a.create_volume("st", "key").await;
     let mut s = OpStream::open(&a, "st", "key").await;
     // 32 writes in flight against room for 4 dirty blocks: most wait for write-back.
     let mut tags = HashMap::new();
@@ -960,11 +968,7 @@ async fn batched_operations_round_trip_and_bad_batches_change_nothing() {
         c.max_stream_batch_ops = 40;
     })
     .await;
-    a.raw()
-        .await
-        .create_volume(pb::CreateVolumeRequest { auth: auth("bt", "key"), block_size: BS as u32 })
-        .await
-        .unwrap();
+    a.create_volume("bt", "key").await;
     let mut s = BatchStream::open(&a, "bt", "key").await;
     // 32 writes in one message against room for 4 dirty blocks: most wait for write-back.
     let (results, _) =
@@ -1087,11 +1091,7 @@ async fn replies_gathered_from_received_messages_are_bounded() {
     let dir = tempfile::tempdir().unwrap();
     let cluster = LocalCluster::start(3, dir.path()).await.unwrap();
     let a = Nms::start("a", &cluster.endpoints(), |c| c.max_stream_inflight_ops = 8).await;
-    a.raw()
-        .await
-        .create_volume(pb::CreateVolumeRequest { auth: auth("gb", "key"), block_size: BS as u32 })
-        .await
-        .unwrap();
+    a.create_volume("gb", "key").await;
     let mut s = BatchStream::open(&a, "gb", "key").await;
     let (results, _) =
         s.batch((0..4).map(|b| stream_write(b, 0, block_data(b, 5))).collect()).await;
