@@ -1134,6 +1134,47 @@ async fn replies_gathered_from_received_messages_are_bounded() {
     cluster.shutdown().await;
 }
 
+/// A vehicle that vanishes without closing its connection (out of range, crashed) while
+/// its stream is open: HTTP/2 keepalive closes the connection, so the NMS's shutdown, which
+/// waits for every open call, still ends (`Nms::stop` allows 20 s). The vehicle is behind a
+/// proxy that goes silent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vanished_vehicle_with_a_stream_open_does_not_hold_up_shutdown() {
+    use pb::stream_reply::Result as R;
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = LocalCluster::start(1, dir.path()).await.unwrap();
+    let a = Nms::start("a", &cluster.endpoints(), |c| {
+        c.http2_keepalive_interval_ms = 200;
+        c.http2_keepalive_timeout_ms = 200;
+    })
+    .await;
+    a.create_volume("gone", "key").await;
+    let proxy =
+        wayside_pss::testing::SilentProxy::start(a.ep.authority().parse().unwrap()).await.unwrap();
+    let via = Endpoint::parse(&proxy.addr.to_string()).unwrap();
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let mut replies = pb::nms_client::NmsClient::new(channel(&via).await)
+        .stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    tx.send(pb::StreamRequest { auth: auth("gone", "key"), tag: 1, op: Some(stream_read(0)) })
+        .await
+        .unwrap();
+    let r = tokio::time::timeout(Duration::from_secs(20), replies.message())
+        .await
+        .expect("a reply within 20 s")
+        .unwrap()
+        .expect("the stream stays open");
+    assert!(matches!(r.result, Some(R::Read(_))), "{r:?}");
+    proxy.silence();
+    let asked = Instant::now();
+    a.stop().await;
+    println!("shutdown ended {} ms after it was asked", asked.elapsed().as_millis());
+    drop(tx);
+    cluster.shutdown().await;
+}
+
 /// With a write-back delay, a block rewritten as fast as the vehicle can costs about one
 /// PSS write per delay, not one per PSS round trip; a flush still persists everything at
 /// once, and the PSS has the last data.

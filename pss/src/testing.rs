@@ -188,3 +188,55 @@ impl Drop for LocalCluster {
         }
     }
 }
+
+/// A one-connection TCP proxy in front of `upstream` that can go silent: after
+/// [`SilentProxy::silence`] both its sockets stay open but nothing is read or forwarded any
+/// more, as when a peer vanishes without closing (a crashed VM, a cut link, a vehicle out
+/// of range). Stops when dropped.
+pub struct SilentProxy {
+    /// Where clients connect.
+    pub addr: SocketAddr,
+    silent: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+impl SilentProxy {
+    pub async fn start(upstream: SocketAddr) -> std::io::Result<SilentProxy> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let silent = CancellationToken::new();
+        let task = tokio::spawn({
+            let silent = silent.clone();
+            async move {
+                let Ok((client, _)) = listener.accept().await else { return };
+                let Ok(upstream) = tokio::net::TcpStream::connect(upstream).await else { return };
+                let (mut cr, mut cw) = client.into_split();
+                let (mut ur, mut uw) = upstream.into_split();
+                tokio::select! {
+                    _ = async {
+                        tokio::join!(
+                            tokio::io::copy(&mut cr, &mut uw),
+                            tokio::io::copy(&mut ur, &mut cw)
+                        )
+                    } => {}
+                    () = silent.cancelled() => {}
+                }
+                // Every half stays open and unread until the proxy is dropped.
+                std::future::pending::<()>().await;
+                drop((cr, cw, ur, uw));
+            }
+        });
+        Ok(SilentProxy { addr, silent, task })
+    }
+
+    /// From now on nothing is read or forwarded; the sockets stay open.
+    pub fn silence(&self) {
+        self.silent.cancel();
+    }
+}
+
+impl Drop for SilentProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}

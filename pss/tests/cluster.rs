@@ -439,7 +439,7 @@ async fn torn_block_data_is_rebuilt_from_the_snapshot_and_the_log() {
 /// call is open: HTTP/2 keepalive closes the connection, so the node's shutdown, which
 /// waits for every open call, still ends. (Seen in CI: a test's PSS waited for the call of
 /// a guest that had crashed, until the test was killed.) The peer here is a proxy that
-/// goes silent: both its sockets stay open, nothing is read or forwarded any more.
+/// goes silent ([`SilentProxy`](wayside_pss::testing::SilentProxy)).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_vanished_peer_with_a_call_open_does_not_hold_up_shutdown() {
     use tokio_util::sync::CancellationToken;
@@ -454,29 +454,9 @@ async fn a_vanished_peer_with_a_call_open_does_not_hold_up_shutdown() {
     let stop = CancellationToken::new();
     let node = tokio::spawn(wayside_pss::server::run(config, listener, stop.clone()));
 
-    let proxy = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let proxy_addr = proxy.local_addr().unwrap();
-    let silent = CancellationToken::new();
-    let held = tokio::spawn({
-        let silent = silent.clone();
-        async move {
-            let (client, _) = proxy.accept().await.unwrap();
-            let upstream = tokio::net::TcpStream::connect(addr).await.unwrap();
-            let (mut cr, mut cw) = client.into_split();
-            let (mut ur, mut uw) = upstream.into_split();
-            tokio::select! {
-                _ = async {
-                    tokio::join!(tokio::io::copy(&mut cr, &mut uw), tokio::io::copy(&mut ur, &mut cw))
-                } => {}
-                () = silent.cancelled() => {}
-            }
-            // Every half stays open and unread until the test ends.
-            std::future::pending::<()>().await;
-            drop((cr, cw, ur, uw));
-        }
-    });
+    let proxy = wayside_pss::testing::SilentProxy::start(addr).await.unwrap();
     // A call that stays open: a health watch answers at once, then waits for changes.
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{proxy_addr}"))
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", proxy.addr))
         .unwrap()
         .connect()
         .await
@@ -492,12 +472,11 @@ async fn a_vanished_peer_with_a_call_open_does_not_hold_up_shutdown() {
         .expect("the watch answers")
         .unwrap();
     assert!(first.is_some(), "the watch's first status");
-    silent.cancel();
+    proxy.silence();
     let asked = std::time::Instant::now();
     stop.cancel();
     let ended = tokio::time::timeout(Duration::from_secs(20), node).await;
     assert!(ended.is_ok(), "the node's shutdown waited on the vanished peer's call for 20 s");
     ended.unwrap().unwrap().unwrap();
     println!("shutdown ended {} ms after it was asked", asked.elapsed().as_millis());
-    held.abort();
 }
