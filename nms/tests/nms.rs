@@ -57,6 +57,11 @@ impl Nms {
         pb::nms_client::NmsClient::new(channel(&self.ep).await)
     }
 
+    /// The node's `NodeStatus` (admin call).
+    async fn status(&self) -> pb::NodeStatusReply {
+        self.admin().await.node_status(pb::NodeStatusRequest {}).await.unwrap().into_inner()
+    }
+
     /// Creates volume `vol` (block size `BS`) through the raw `CreateVolume` call.
     async fn create_volume(&self, vol: &str, secret: &str) {
         self.raw()
@@ -230,7 +235,7 @@ async fn eviction_under_memory_pressure_never_loses_a_dirty_block() {
             );
         }
     }
-    let st = a.admin().await.node_status(pb::NodeStatusRequest {}).await.unwrap().into_inner();
+    let st = a.status().await;
     assert!(st.cached_bytes <= st.cache_capacity_bytes, "{st:?}");
     assert!(
         st.block_pool_free_bytes <= st.cache_capacity_bytes,
@@ -458,7 +463,7 @@ async fn an_old_owner_holding_unpersisted_writes_is_fenced() {
         "the acknowledged write reached the PSS via B"
     );
     assert_eq!(stored.get(&2), Some(&block_data(2, 9)), "A did not overwrite B's data");
-    let st = a.admin().await.node_status(pb::NodeStatusRequest {}).await.unwrap().into_inner();
+    let st = a.status().await;
     assert_eq!(st.volumes, 0, "A dropped its fenced copy: {st:?}");
     a.stop().await;
     b.stop().await;
@@ -745,7 +750,7 @@ async fn bad_input_gets_the_right_status_and_changes_nothing() {
     assert_eq!(e.code(), tonic::Code::InvalidArgument, "request ids of uneven lists: {e:?}");
     let e = first_error(&mut mig, vec![begin("good")]).await;
     assert_eq!(e.code(), tonic::Code::FailedPrecondition, "Begin for a volume served here: {e:?}");
-    let st = a.admin().await.node_status(pb::NodeStatusRequest {}).await.unwrap().into_inner();
+    let st = a.status().await;
     assert_eq!(st.volumes, 1, "the malformed incoming volume was dropped: {st:?}");
     assert_eq!(c.read(1, 0, None).await.unwrap().unwrap(), block_data(1, 1));
     assert_eq!(other.read(3, 0, None).await.unwrap().unwrap(), block_data(3, 1));
@@ -1184,7 +1189,7 @@ async fn a_block_rewritten_continuously_is_written_back_once_per_delay() {
     let cluster = LocalCluster::start(3, dir.path()).await.unwrap();
     let a = Nms::start("a", &cluster.endpoints(), |c| c.writeback_delay_ms = 250).await;
     let c = VolumeClient::open(opts(&[&a.ep], "hot", "k")).await.unwrap();
-    let before = a.admin().await.node_status(pb::NodeStatusRequest {}).await.unwrap().into_inner();
+    let before = a.status().await;
     let started = std::time::Instant::now();
     let mut writes = 0u64;
     while started.elapsed() < Duration::from_millis(1500) {
@@ -1192,7 +1197,7 @@ async fn a_block_rewritten_continuously_is_written_back_once_per_delay() {
         c.write(7, 0, block_data(7, writes)).await.unwrap();
     }
     let elapsed = started.elapsed();
-    let after = a.admin().await.node_status(pb::NodeStatusRequest {}).await.unwrap().into_inner();
+    let after = a.status().await;
     let rounds = after.writeback_batches - before.writeback_batches;
     // One round per 250 ms at most (plus the one in flight at each end).
     let most = elapsed.as_millis() as u64 / 250 + 2;
@@ -1221,15 +1226,7 @@ async fn dirty_data_past_the_start_threshold_is_written_back_without_the_delay()
     })
     .await;
     let c = VolumeClient::open(opts(&[&a.ep], "eager", "k")).await.unwrap();
-    let batches = || async {
-        a.admin()
-            .await
-            .node_status(pb::NodeStatusRequest {})
-            .await
-            .unwrap()
-            .into_inner()
-            .writeback_batches
-    };
+    let batches = || async { a.status().await.writeback_batches };
     let before = batches().await;
     for b in 0..8 {
         c.write(b, 0, block_data(b, 1)).await.unwrap();
@@ -1287,8 +1284,7 @@ async fn a_batch_of_cold_reads_is_one_pss_call() {
     let mut o = opts(&[&b.ep], "cold", "k");
     o.max_batch_ops = 64;
     let c = VolumeClient::open(o).await.unwrap();
-    let before =
-        reads(b.admin().await.node_status(pb::NodeStatusRequest {}).await.unwrap().into_inner());
+    let before = reads(b.status().await);
     // 60 written blocks and 4 never written, none cached on B.
     let blocks: Vec<u64> = (4..68).collect();
     let got = c.read_many(&blocks).await.unwrap();
@@ -1296,13 +1292,11 @@ async fn a_batch_of_cold_reads_is_one_pss_call() {
         let want = (*blk < 64).then(|| block_data(*blk, 4));
         assert_eq!(data, &want, "block {blk}");
     }
-    let after =
-        reads(b.admin().await.node_status(pb::NodeStatusRequest {}).await.unwrap().into_inner());
+    let after = reads(b.status().await);
     assert_eq!((after.0 - before.0, after.1 - before.1), (1, 64), "one PSS call for the batch");
     // Cached now (the absent ones too): no PSS call at all.
     assert_eq!(c.read_many(&blocks).await.unwrap(), got);
-    let again =
-        reads(b.admin().await.node_status(pb::NodeStatusRequest {}).await.unwrap().into_inner());
+    let again = reads(b.status().await);
     assert_eq!(again, after);
     a.stop().await;
     b.stop().await;

@@ -221,9 +221,9 @@ impl SilentProxy {
                     } => {}
                     () = silent.cancelled() => {}
                 }
-                // Every half stays open and unread until the proxy is dropped.
+                // Every half stays open and unread (owned by this task) until the proxy
+                // is dropped, which aborts it.
                 std::future::pending::<()>().await;
-                drop((cr, cw, ur, uw));
             }
         });
         Ok(SilentProxy { addr, silent, task })
