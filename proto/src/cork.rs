@@ -35,9 +35,11 @@ pub const CORK_MAX_BYTES: usize = 256 * 1024;
 /// with what is pending before it (when the socket takes vectored writes), in bytes.
 pub const WRITE_THROUGH_BYTES: usize = 32 * 1024;
 
-/// Most pieces of a caller's vectored write passed on in one call (h2 passes two: its
-/// buffer and the chained payload); the rest is left for the caller's next call.
-const WRITE_THROUGH_PIECES: usize = 7;
+/// Most pieces of a caller's vectored write passed on in one call, the rest left for the
+/// caller's next call. h2 passes its buffer and the chained payload's chunks: one for a
+/// payload tonic encoded, two per reply for a hand-encoded one (its fields, then the block
+/// shared with the cache: [`crate::h2serve::ChunkBuf`]); 64 is as many as h2 gives.
+const WRITE_THROUGH_PIECES: usize = 64;
 
 /// A write of more than this many bytes, or of more than one piece (h2's buffer with a
 /// DATA payload chained to it), is taken for a DATA payload, and the flush after it yields

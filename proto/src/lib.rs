@@ -9,6 +9,8 @@
 //!   gRPC status details, so clients act on them instead of parsing strings.
 //! - [`server`]: the standard services every wayside server exposes (health, reflection).
 //! - [`codec`]: the prost codec every generated client and server uses.
+//! - [`h2serve`]: gRPC on hyper's HTTP/2 server, for calls answered by hand with replies
+//!   whose block data is never copied into one buffer.
 //! - [`cork`]: the socket wrapper that sends the frames of one task turn in one system call.
 //! - [`config`]: TOML config loading shared by the binaries (unknown keys rejected).
 //! - [`telemetry`]: `tracing` set-up shared by the binaries.
@@ -18,6 +20,7 @@ pub mod config;
 pub mod convert;
 pub mod cork;
 pub mod error;
+pub mod h2serve;
 pub mod server;
 pub mod telemetry;
 pub mod types;

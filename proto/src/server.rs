@@ -97,7 +97,7 @@ impl tokio_stream::Stream for ShardIncoming {
 }
 
 /// Serves gRPC on `listener`. `serve(incoming)` builds and runs one server (a tonic
-/// `Router::serve_with_incoming_shutdown`) over the connections it is handed; the
+/// `Router::serve_with_incoming_shutdown`, or [`crate::h2serve::serve_http2`]) over the connections it is handed; the
 /// caller's task accepts them (TCP_NODELAY set, corked: [`CorkedIo`]).
 ///
 /// - `threads == 0`: one server, on the caller's runtime (its workers share every
@@ -111,15 +111,16 @@ impl tokio_stream::Stream for ShardIncoming {
 ///
 /// Returns when every server has returned (each stops on its own shutdown signal, which
 /// `serve` gives it) and the acceptor has stopped (`stop`), with the first error.
-pub async fn serve_sharded<S, F>(
+pub async fn serve_sharded<S, F, E>(
     listener: tokio::net::TcpListener,
     threads: usize,
     stop: impl std::future::Future<Output = ()>,
     serve: S,
-) -> Result<(), tonic::transport::Error>
+) -> Result<(), E>
 where
     S: Fn(ShardIncoming) -> F + Send + Sync + 'static,
-    F: std::future::Future<Output = Result<(), tonic::transport::Error>> + 'static,
+    F: std::future::Future<Output = Result<(), E>> + 'static,
+    E: Send + 'static,
 {
     if threads == 0 {
         let (tx, rx) = tokio::sync::mpsc::channel(SHARD_QUEUE_CONNECTIONS);

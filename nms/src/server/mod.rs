@@ -6,6 +6,7 @@
 
 pub mod migrate;
 pub mod rpc;
+mod wire;
 
 use crate::cache::{Cache, CacheError, Limits, ReadOutcome, VolumeState, WriteOutcome};
 use crate::config::Config;
@@ -75,35 +76,39 @@ pub async fn run_with_store(
         let served = {
             let node = node.clone();
             move |incoming| {
-                wayside_proto::server::with_keepalive(
-                    tonic::transport::Server::builder(),
-                    node.cfg.http2_keepalive_interval_ms,
-                    node.cfg.http2_keepalive_timeout_ms,
-                )
-                .max_concurrent_streams(Some(node.cfg.max_concurrent_streams))
-                .initial_connection_window_size(
-                    wayside_proto::server::HTTP2_CONNECTION_WINDOW_BYTES,
-                )
-                .initial_stream_window_size(wayside_proto::server::HTTP2_STREAM_WINDOW_BYTES)
-                .max_frame_size(wayside_proto::server::HTTP2_MAX_FRAME_BYTES)
-                .add_service(health.clone())
-                .add_service(wayside_proto::server::reflection())
-                .add_service(
-                    wayside_proto::pb::nms_server::NmsServer::from_arc(node.clone())
+                // Every call but the vehicle streams goes to tonic's services
+                // (`wire::NmsHttp` serves those by hand).
+                let routes = tonic::service::Routes::new(health.clone())
+                    .add_service(wayside_proto::server::reflection())
+                    .add_service(
+                        wayside_proto::pb::nms_server::NmsServer::from_arc(node.clone())
+                            .max_decoding_message_size(max)
+                            .max_encoding_message_size(max),
+                    )
+                    .add_service(
+                        wayside_proto::pb::nms_admin_server::NmsAdminServer::from_arc(node.clone())
+                            .max_decoding_message_size(max)
+                            .max_encoding_message_size(max),
+                    )
+                    .add_service(
+                        wayside_proto::pb::migration_server::MigrationServer::from_arc(
+                            node.clone(),
+                        )
                         .max_decoding_message_size(max)
                         .max_encoding_message_size(max),
+                    )
+                    .prepare();
+                let settings = wayside_proto::h2serve::Http2Settings {
+                    max_concurrent_streams: node.cfg.max_concurrent_streams,
+                    keepalive_interval_ms: node.cfg.http2_keepalive_interval_ms,
+                    keepalive_timeout_ms: node.cfg.http2_keepalive_timeout_ms,
+                };
+                wayside_proto::h2serve::serve_http2(
+                    incoming,
+                    wire::NmsHttp::new(node.clone(), routes),
+                    settings,
+                    node.stop.clone().cancelled_owned(),
                 )
-                .add_service(
-                    wayside_proto::pb::nms_admin_server::NmsAdminServer::from_arc(node.clone())
-                        .max_decoding_message_size(max)
-                        .max_encoding_message_size(max),
-                )
-                .add_service(
-                    wayside_proto::pb::migration_server::MigrationServer::from_arc(node.clone())
-                        .max_decoding_message_size(max)
-                        .max_encoding_message_size(max),
-                )
-                .serve_with_incoming_shutdown(incoming, node.stop.clone().cancelled_owned())
             }
         };
         let server = wayside_proto::server::serve_sharded(

@@ -340,13 +340,7 @@ impl pb::nms_server::Nms for Node {
         &self,
         req: Request<Streaming<pb::StreamRequest>>,
     ) -> Result<Response<Self::StreamStream>, Status> {
-        let inbound = req.into_inner().map(|m| {
-            m.map(|mut m| {
-                let auth = m.auth.take();
-                (auth, vec![m])
-            })
-        });
-        let out = self.serve_ops(Box::pin(inbound)).flat_map(|r| {
+        let out = self.serve_ops(stream_inbound(req.into_inner())).flat_map(|r| {
             futures::stream::iter(match r {
                 Ok(replies) => replies.into_iter().map(Ok).collect::<Vec<_>>(),
                 Err(s) => vec![Err(s)],
@@ -361,32 +355,47 @@ impl pb::nms_server::Nms for Node {
         &self,
         req: Request<Streaming<pb::StreamBatch>>,
     ) -> Result<Response<Self::StreamBatchesStream>, Status> {
-        let max = self.cfg.max_stream_batch_ops;
-        let inbound = req.into_inner().map(move |m| {
-            let m = m?;
-            if m.ops.len() > max {
-                return Err(Status::invalid_argument(format!(
-                    "a batch of {} operations exceeds max_stream_batch_ops ({max})",
-                    m.ops.len()
-                )));
-            }
-            if m.ops.iter().any(|op| op.auth.is_some()) {
-                return Err(Status::invalid_argument(
-                    "an operation in a batch carries its own auth; put it on the batch",
-                ));
-            }
-            Ok((m.auth, m.ops))
-        });
         let out = self
-            .serve_ops(Box::pin(inbound))
+            .serve_ops(batch_inbound(req.into_inner(), self.cfg.max_stream_batch_ops))
             .map(|r| r.map(|results| pb::StreamResults { results }));
         Ok(Response::new(Box::pin(out)))
     }
 }
 
+/// `Stream`'s inbound messages as [`OpsIn`] (one operation each; tonic's server and the
+/// hand-served one, [`super::wire`], both take them so).
+pub(super) fn stream_inbound(inbound: Streaming<pb::StreamRequest>) -> OpsIn {
+    Box::pin(inbound.map(|m| {
+        m.map(|mut m| {
+            let auth = m.auth.take();
+            (auth, vec![m])
+        })
+    }))
+}
+
+/// `StreamBatches`' inbound messages as [`OpsIn`]: a batch of more than `max` operations,
+/// or one whose operations carry their own credential, ends the call.
+pub(super) fn batch_inbound(inbound: Streaming<pb::StreamBatch>, max: usize) -> OpsIn {
+    Box::pin(inbound.map(move |m| {
+        let m = m?;
+        if m.ops.len() > max {
+            return Err(Status::invalid_argument(format!(
+                "a batch of {} operations exceeds max_stream_batch_ops ({max})",
+                m.ops.len()
+            )));
+        }
+        if m.ops.iter().any(|op| op.auth.is_some()) {
+            return Err(Status::invalid_argument(
+                "an operation in a batch carries its own auth; put it on the batch",
+            ));
+        }
+        Ok((m.auth, m.ops))
+    }))
+}
+
 /// The inbound side of a vehicle stream, whichever RPC carries it: per message, the
 /// credential (if any) and the operations in order.
-type OpsIn = Pin<
+pub(super) type OpsIn = Pin<
     Box<
         dyn futures::Stream<Item = Result<(Option<pb::VolumeAuth>, Vec<pb::StreamRequest>), Status>>
             + Send,
@@ -398,7 +407,8 @@ type OpsIn = Pin<
 type Inflight = FuturesUnordered<futures::future::BoxFuture<'static, Vec<pb::StreamReply>>>;
 
 /// The replies of a stream as they leave: one item per outbound message.
-type RepliesOut = Pin<Box<dyn futures::Stream<Item = Result<Vec<pb::StreamReply>, Status>> + Send>>;
+pub(super) type RepliesOut =
+    Pin<Box<dyn futures::Stream<Item = Result<Vec<pb::StreamReply>, Status>> + Send>>;
 
 /// One vehicle stream's state between its messages.
 struct Ops {
@@ -489,7 +499,7 @@ impl Node {
     /// call of one batch answered from the cache (a batch with its END_STREAM, as a
     /// pipelining client sends it) so ends in this turn: its results and trailers leave
     /// in one write, with no task spawned and no wake-up between them.
-    fn serve_ops(&self, mut inbound: OpsIn) -> RepliesOut {
+    pub(super) fn serve_ops(&self, mut inbound: OpsIn) -> RepliesOut {
         let mut ops = Ops { node: self.self_arc(), auth: None, inflight: Inflight::new() };
         let limit = self.cfg.max_stream_inflight_ops;
         // The replies answered here leave as one item: at most `limit` are gathered (the

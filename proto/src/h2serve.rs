@@ -1,0 +1,373 @@
+//! Serving gRPC on hyper's HTTP/2 server directly, for a server that answers some calls
+//! by hand: the NMS's vehicle streams, whose replies carry cached blocks.
+//!
+//! tonic's server takes only response bodies of `Bytes` frames, so every reply is encoded
+//! into one buffer: each 4 KiB block read from the cache was copied once more there (13%
+//! of a streamed-read run's serving thread). Here a reply body may yield a [`ChunkBuf`]
+//! instead: the encoded fields and the block data as separate chunks. hyper and h2 pass
+//! the chunks on as one DATA frame (its payload chained to h2's frame header), and
+//! [`CorkedIo`] hands a large vectored write to the socket uncopied, so block data goes from
+//! the cache to `writev` without a copy. Every other call goes to tonic's routes unchanged
+//! ([`GrpcBody::tonic`]).
+//!
+//! [`serve_http2`] is the accept loop tonic's `Server::serve_with_incoming_shutdown` runs,
+//! with the same HTTP/2 settings (windows, frame size, keepalive, concurrent streams) and
+//! the same graceful shutdown: on the signal every connection is asked to close (GOAWAY)
+//! and the call returns when the last one has.
+
+use crate::cork::CorkedIo;
+use bytes::{Buf, Bytes};
+use http_body::Frame;
+use std::collections::VecDeque;
+use std::io::IoSlice;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+use tokio_stream::{Stream, StreamExt as _};
+use tonic::Status;
+
+/// Bytes to send as a list of chunks (encoded message fields, block data shared with the
+/// cache), never copied into one buffer.
+#[derive(Debug, Default)]
+pub struct ChunkBuf {
+    /// No chunk is empty.
+    chunks: VecDeque<Bytes>,
+    remaining: usize,
+}
+
+impl ChunkBuf {
+    pub fn with_capacity(chunks: usize) -> Self {
+        Self { chunks: VecDeque::with_capacity(chunks), remaining: 0 }
+    }
+
+    /// Appends `b` (an empty chunk is dropped).
+    pub fn push(&mut self, b: Bytes) {
+        if !b.is_empty() {
+            self.remaining += b.len();
+            self.chunks.push_back(b);
+        }
+    }
+
+    /// The bytes left, in order, copied into one buffer (for tests).
+    pub fn to_vec(&self) -> Vec<u8> {
+        self.chunks.iter().flat_map(|c| c.iter().copied()).collect()
+    }
+
+    /// How many chunks are left.
+    pub fn chunk_count(&self) -> usize {
+        self.chunks.len()
+    }
+}
+
+impl Buf for ChunkBuf {
+    fn remaining(&self) -> usize {
+        self.remaining
+    }
+
+    fn chunk(&self) -> &[u8] {
+        self.chunks.front().map_or(&[], |c| c.as_ref())
+    }
+
+    fn advance(&mut self, mut cnt: usize) {
+        assert!(cnt <= self.remaining, "advance past the end of a ChunkBuf");
+        self.remaining -= cnt;
+        while cnt > 0 {
+            let front = self.chunks.front_mut().expect("remaining counts the chunks' bytes");
+            if cnt < front.len() {
+                front.advance(cnt);
+                return;
+            }
+            cnt -= front.len();
+            self.chunks.pop_front();
+        }
+    }
+
+    fn chunks_vectored<'a>(&'a self, dst: &mut [IoSlice<'a>]) -> usize {
+        let mut n = 0;
+        for (d, c) in dst.iter_mut().zip(&self.chunks) {
+            *d = IoSlice::new(c);
+            n += 1;
+        }
+        n
+    }
+
+    fn copy_to_bytes(&mut self, len: usize) -> Bytes {
+        match self.chunks.front_mut() {
+            Some(front) if front.len() >= len => {
+                let b = front.split_to(len);
+                if front.is_empty() {
+                    self.chunks.pop_front();
+                }
+                self.remaining -= len;
+                b
+            }
+            _ => {
+                assert!(len <= self.remaining, "copy_to_bytes past the end of a ChunkBuf");
+                let mut out = bytes::BytesMut::with_capacity(len);
+                out.extend_from_slice(&self.to_vec()[..len]);
+                self.advance(len);
+                out.freeze()
+            }
+        }
+    }
+}
+
+/// The data of a [`GrpcBody`] frame: tonic's one buffer, or a hand-encoded reply's chunks.
+#[derive(Debug)]
+pub enum OutBuf {
+    Bytes(Bytes),
+    Chunks(ChunkBuf),
+}
+
+impl Buf for OutBuf {
+    fn remaining(&self) -> usize {
+        match self {
+            Self::Bytes(b) => b.remaining(),
+            Self::Chunks(c) => c.remaining(),
+        }
+    }
+
+    fn chunk(&self) -> &[u8] {
+        match self {
+            Self::Bytes(b) => b.chunk(),
+            Self::Chunks(c) => c.chunk(),
+        }
+    }
+
+    fn advance(&mut self, cnt: usize) {
+        match self {
+            Self::Bytes(b) => b.advance(cnt),
+            Self::Chunks(c) => c.advance(cnt),
+        }
+    }
+
+    fn chunks_vectored<'a>(&'a self, dst: &mut [IoSlice<'a>]) -> usize {
+        match self {
+            Self::Bytes(b) => b.chunks_vectored(dst),
+            Self::Chunks(c) => c.chunks_vectored(dst),
+        }
+    }
+
+    fn copy_to_bytes(&mut self, len: usize) -> Bytes {
+        match self {
+            Self::Bytes(b) => b.copy_to_bytes(len),
+            Self::Chunks(c) => c.copy_to_bytes(len),
+        }
+    }
+}
+
+/// The encoded gRPC messages of a hand-served call's reply, each item one DATA frame; an
+/// error ends the call with its status.
+pub type ReplyStream = Pin<Box<dyn Stream<Item = Result<ChunkBuf, Status>> + Send>>;
+
+/// A response body: a call tonic served, or a hand-served call's replies and then its
+/// trailers (`grpc-status` 0 when the replies end, the error's status when one fails).
+pub struct GrpcBody(Inner);
+
+enum Inner {
+    Tonic(tonic::body::Body),
+    /// `None` once the trailers are sent.
+    Replies(Option<ReplyStream>),
+}
+
+impl GrpcBody {
+    pub fn tonic(body: tonic::body::Body) -> Self {
+        Self(Inner::Tonic(body))
+    }
+
+    pub fn replies(replies: ReplyStream) -> Self {
+        Self(Inner::Replies(Some(replies)))
+    }
+}
+
+/// The trailers carrying `status`.
+pub fn status_trailers(status: &Status) -> http::HeaderMap {
+    let mut h = http::HeaderMap::new();
+    if status.add_header(&mut h).is_err() {
+        // Only a message that cannot be a header value gets here.
+        h.clear();
+        let _ = Status::new(status.code(), "the error's message is not a valid header")
+            .add_header(&mut h);
+    }
+    h
+}
+
+impl http_body::Body for GrpcBody {
+    type Data = OutBuf;
+    type Error = Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<OutBuf>, Status>>> {
+        match &mut self.0 {
+            Inner::Tonic(b) => {
+                Pin::new(b).poll_frame(cx).map(|f| f.map(|f| f.map(|f| f.map_data(OutBuf::Bytes))))
+            }
+            Inner::Replies(replies) => {
+                let Some(stream) = replies else { return Poll::Ready(None) };
+                let trailers = match ready!(stream.as_mut().poll_next(cx)) {
+                    Some(Ok(data)) => {
+                        return Poll::Ready(Some(Ok(Frame::data(OutBuf::Chunks(data)))))
+                    }
+                    Some(Err(s)) => status_trailers(&s),
+                    None => status_trailers(&Status::ok("")),
+                };
+                *replies = None;
+                Poll::Ready(Some(Ok(Frame::trailers(trailers))))
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.0 {
+            Inner::Tonic(b) => b.is_end_stream(),
+            Inner::Replies(r) => r.is_none(),
+        }
+    }
+}
+
+/// The HTTP/2 settings of a [`serve_http2`] server.
+#[derive(Debug, Clone, Copy)]
+pub struct Http2Settings {
+    /// Most concurrent calls (HTTP/2 streams) per connection.
+    pub max_concurrent_streams: u32,
+    /// See [`crate::server::with_keepalive`] (0: no keepalive), in milliseconds.
+    pub keepalive_interval_ms: u64,
+    /// In milliseconds.
+    pub keepalive_timeout_ms: u64,
+}
+
+/// Serves `svc` on every connection `incoming` yields until `signal`, then shuts every
+/// connection down gracefully (GOAWAY: open calls finish, new ones are refused) and
+/// returns when the last has closed. Connections run as tasks of the caller's runtime.
+pub async fn serve_http2<I, S, B>(
+    incoming: I,
+    svc: S,
+    settings: Http2Settings,
+    signal: impl std::future::Future<Output = ()>,
+) -> std::io::Result<()>
+where
+    I: Stream<Item = std::io::Result<CorkedIo<tokio::net::TcpStream>>>,
+    S: hyper::service::Service<http::Request<hyper::body::Incoming>, Response = http::Response<B>>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let mut builder =
+        hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new());
+    builder
+        .timer(hyper_util::rt::TokioTimer::new())
+        .initial_connection_window_size(crate::server::HTTP2_CONNECTION_WINDOW_BYTES)
+        .initial_stream_window_size(crate::server::HTTP2_STREAM_WINDOW_BYTES)
+        .max_frame_size(crate::server::HTTP2_MAX_FRAME_BYTES)
+        .max_concurrent_streams(settings.max_concurrent_streams)
+        // gRPC has no use for a `date` header.
+        .auto_date_header(false);
+    if settings.keepalive_interval_ms > 0 {
+        builder
+            .keep_alive_interval(std::time::Duration::from_millis(settings.keepalive_interval_ms))
+            .keep_alive_timeout(std::time::Duration::from_millis(
+                settings.keepalive_timeout_ms.max(1),
+            ));
+    }
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(());
+    {
+        // Dropped when accepting stops.
+        let incoming = incoming;
+        tokio::pin!(incoming, signal);
+        loop {
+            let io = tokio::select! {
+                () = &mut signal => break,
+                io = incoming.next() => match io {
+                    Some(Ok(io)) => io,
+                    Some(Err(e)) => {
+                        tracing::debug!(error = %e, "a connection could not be set up");
+                        continue;
+                    }
+                    None => break,
+                },
+            };
+            let conn = builder.serve_connection(hyper_util::rt::TokioIo::new(io), svc.clone());
+            let mut stop = stop_rx.clone();
+            tokio::spawn(async move {
+                tokio::pin!(conn);
+                let r = tokio::select! {
+                    r = conn.as_mut() => r,
+                    _ = stop.changed() => {
+                        conn.as_mut().graceful_shutdown();
+                        conn.await
+                    }
+                };
+                if let Err(e) = r {
+                    tracing::debug!(error = %e, "connection ended with an error");
+                }
+                drop(stop);
+            });
+        }
+    }
+    let _ = stop_tx.send(());
+    drop(stop_rx);
+    stop_tx.closed().await;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn buf(parts: &[&[u8]]) -> ChunkBuf {
+        let mut b = ChunkBuf::default();
+        for p in parts {
+            b.push(Bytes::copy_from_slice(p));
+        }
+        b
+    }
+
+    #[test]
+    fn a_chunk_buf_reads_back_its_chunks_in_order_across_their_edges() {
+        let mut b = buf(&[b"abc", b"", b"defg", b"h"]);
+        assert_eq!(b.remaining(), 8);
+        assert_eq!(b.chunk_count(), 3, "the empty chunk is dropped");
+        {
+            let mut io = [IoSlice::new(&[]); 8];
+            assert_eq!(b.chunks_vectored(&mut io), 3);
+            assert_eq!(&*io[1], b"defg");
+        }
+        b.advance(2);
+        assert_eq!(b.chunk(), b"c");
+        assert_eq!(b.copy_to_bytes(3), Bytes::from_static(b"cde"), "across an edge");
+        assert_eq!(b.copy_to_bytes(2), Bytes::from_static(b"fg"), "within one chunk");
+        assert_eq!(b.remaining(), 1);
+        b.advance(1);
+        assert_eq!(b.remaining(), 0);
+        assert_eq!(b.chunk(), b"");
+        assert_eq!(b.chunks_vectored(&mut [IoSlice::new(&[]); 2]), 0);
+    }
+
+    #[test]
+    #[should_panic(expected = "advance past the end")]
+    fn advancing_a_chunk_buf_past_its_end_panics() {
+        buf(&[b"ab"]).advance(3);
+    }
+
+    #[test]
+    fn a_chunk_buf_fills_no_more_slices_than_it_is_given() {
+        let b = buf(&[b"a", b"b", b"c"]);
+        let mut io = [IoSlice::new(&[]); 2];
+        assert_eq!(b.chunks_vectored(&mut io), 2);
+        assert_eq!((&*io[0], &*io[1]), (&b"a"[..], &b"b"[..]));
+    }
+
+    #[test]
+    fn trailers_carry_the_status() {
+        let h = status_trailers(&Status::not_found("no such volume"));
+        assert_eq!(h["grpc-status"], "5");
+        assert_eq!(Status::from_header_map(&h).expect("a status").message(), "no such volume");
+        assert_eq!(status_trailers(&Status::ok(""))["grpc-status"], "0");
+    }
+}
