@@ -1409,3 +1409,161 @@ async fn whole_one_batch_calls_answer_hits_misses_and_refusals() {
     b.stop().await;
     cluster.shutdown().await;
 }
+
+/// One raw HTTP/2 call on `send`: `path` with `headers`, the gRPC messages `messages`,
+/// then the end of the request. Returns the gRPC messages of the reply and its
+/// `grpc-status`.
+async fn raw_call(
+    send: &mut h2::client::SendRequest<bytes::Bytes>,
+    authority: &str,
+    path: &str,
+    headers: &[(&'static str, &'static str)],
+    messages: &[&[u8]],
+) -> (Vec<Vec<u8>>, String) {
+    let mut req = http::Request::post(format!("http://{authority}{path}"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers");
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let mut body = Vec::new();
+    for m in messages {
+        body.push(0u8);
+        body.extend_from_slice(&(m.len() as u32).to_be_bytes());
+        body.extend_from_slice(m);
+    }
+    let ready = send.clone().ready().await.unwrap();
+    *send = ready;
+    let (resp, mut out) = send.send_request(req.body(()).unwrap(), false).unwrap();
+    out.send_data(bytes::Bytes::from(body), true).unwrap();
+    let resp = tokio::time::timeout(Duration::from_secs(20), resp).await.unwrap().unwrap();
+    let mut headers_status =
+        resp.headers().get("grpc-status").map(|v| v.to_str().unwrap().to_owned());
+    let mut body = resp.into_body();
+    let mut data = Vec::new();
+    while let Some(d) = body.data().await {
+        let d = d.unwrap();
+        body.flow_control().release_capacity(d.len()).unwrap();
+        data.extend_from_slice(&d);
+    }
+    if let Some(t) = body.trailers().await.unwrap() {
+        headers_status = t.get("grpc-status").map(|v| v.to_str().unwrap().to_owned());
+    }
+    let mut msgs = Vec::new();
+    let mut rest = &data[..];
+    while !rest.is_empty() {
+        assert_eq!(rest[0], 0, "an uncompressed message");
+        let len = u32::from_be_bytes(rest[1..5].try_into().unwrap()) as usize;
+        msgs.push(rest[5..5 + len].to_vec());
+        rest = &rest[5 + len..];
+    }
+    (msgs, headers_status.expect("a grpc-status in the headers or the trailers"))
+}
+
+/// The NMS answers the vehicle streams itself (block data uncopied) and every other call
+/// through tonic, on one connection: the replies decode with prost like tonic's; a
+/// compressed request is refused with UNIMPLEMENTED before anything in it runs; an unknown
+/// method is UNIMPLEMENTED; the health service answers between them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hand_served_streams_and_tonic_calls_share_a_connection() {
+    use prost::Message as _;
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = LocalCluster::start(3, dir.path()).await.unwrap();
+    let a = Nms::start("a", &cluster.endpoints(), |_| {}).await;
+    a.create_volume("hs", "k").await;
+    let tcp = tokio::net::TcpStream::connect(a.ep.authority()).await.unwrap();
+    let (mut send, conn) = h2::client::Builder::new()
+        .max_frame_size(wayside_proto::server::HTTP2_MAX_FRAME_BYTES)
+        .handshake::<_, bytes::Bytes>(tcp)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let host = a.ep.authority().to_owned();
+    let batch = |ops: Vec<pb::stream_request::Op>| {
+        pb::StreamBatch {
+            auth: auth("hs", "k"),
+            ops: ops
+                .into_iter()
+                .enumerate()
+                .map(|(i, op)| pb::StreamRequest { auth: None, tag: i as u64 + 1, op: Some(op) })
+                .collect(),
+        }
+        .encode_to_vec()
+    };
+    // Claimed gzip: refused whole, so its write is not applied.
+    let write = batch(vec![stream_write(1, 0, block_data(1, 1))]);
+    let (msgs, status) = raw_call(
+        &mut send,
+        &host,
+        "/wayside.v1.Nms/StreamBatches",
+        &[("grpc-encoding", "gzip")],
+        &[&write],
+    )
+    .await;
+    assert_eq!((msgs.len(), status.as_str()), (0, "12"), "UNIMPLEMENTED, no reply");
+    // Tonic's fallback for a method the service does not have.
+    let (_, status) = raw_call(&mut send, &host, "/wayside.v1.Nms/NoSuchMethod", &[], &[&[]]).await;
+    assert_eq!(status, "12");
+    // Health, through tonic, on the same connection.
+    let (msgs, status) =
+        raw_call(&mut send, &host, "/grpc.health.v1.Health/Check", &[], &[&[]]).await;
+    assert_eq!(status, "0");
+    let health = tonic_health::pb::HealthCheckResponse::decode(&msgs[0][..]).unwrap();
+    assert_eq!(
+        health.status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
+    // The block was not written: a read finds nothing. Then a write and reads, in one
+    // batch (one StreamResults) and as single-operation messages (one StreamReply each).
+    let read = batch(vec![stream_read(1)]);
+    let (msgs, status) =
+        raw_call(&mut send, &host, "/wayside.v1.Nms/StreamBatches", &[], &[&read]).await;
+    assert_eq!(status, "0");
+    let r = pb::StreamResults::decode(&msgs[0][..]).unwrap();
+    match &r.results[0].result {
+        Some(pb::stream_reply::Result::Read(x)) => assert!(!x.found, "the refused write applied"),
+        other => panic!("{other:?}"),
+    }
+    let both = batch(vec![stream_write(1, 0, block_data(1, 2)), stream_read(1), stream_read(2)]);
+    let (msgs, status) =
+        raw_call(&mut send, &host, "/wayside.v1.Nms/StreamBatches", &[], &[&both]).await;
+    assert_eq!(status, "0");
+    // (Replies ready at once and those that waited on the PSS may leave in separate
+    // messages.)
+    let mut results: Vec<pb::StreamReply> =
+        msgs.iter().flat_map(|m| pb::StreamResults::decode(&m[..]).unwrap().results).collect();
+    results.sort_by_key(|r| r.tag);
+    assert_eq!(results.iter().map(|r| r.tag).collect::<Vec<_>>(), [1, 2, 3]);
+    let lsn = match &results[0].result {
+        Some(pb::stream_reply::Result::Write(w)) => w.lsn,
+        other => panic!("{other:?}"),
+    };
+    match (&results[1].result, &results[2].result) {
+        (Some(pb::stream_reply::Result::Read(x)), Some(pb::stream_reply::Result::Read(y))) => {
+            assert_eq!((x.found, &x.data[..]), (true, &block_data(1, 2)[..]));
+            assert!(x.version > 0 && x.persisted_lsn <= lsn, "{x:?}");
+            assert!(!y.found && y.data.is_empty(), "block 2 was never written");
+        }
+        other => panic!("{other:?}"),
+    }
+    let single = |tag: u64, op| {
+        pb::StreamRequest { auth: auth("hs", "k"), tag, op: Some(op) }.encode_to_vec()
+    };
+    let (m1, m2) = (single(7, stream_read(1)), single(8, stream_read(1)));
+    let (msgs, status) =
+        raw_call(&mut send, &host, "/wayside.v1.Nms/Stream", &[], &[&m1, &m2]).await;
+    assert_eq!(status, "0");
+    assert_eq!(msgs.len(), 2, "one message per operation");
+    for (m, tag) in msgs.iter().zip([7, 8]) {
+        let r = pb::StreamReply::decode(&m[..]).unwrap();
+        assert_eq!(r.tag, tag);
+        match r.result {
+            Some(pb::stream_reply::Result::Read(x)) => {
+                assert_eq!(&x.data[..], &block_data(1, 2)[..])
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    a.stop().await;
+    cluster.shutdown().await;
+}

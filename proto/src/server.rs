@@ -97,8 +97,8 @@ impl tokio_stream::Stream for ShardIncoming {
 }
 
 /// Serves gRPC on `listener`. `serve(incoming)` builds and runs one server (a tonic
-/// `Router::serve_with_incoming_shutdown`, or [`crate::h2serve::serve_http2`]) over the connections it is handed; the
-/// caller's task accepts them (TCP_NODELAY set, corked: [`CorkedIo`]).
+/// `Router::serve_with_incoming_shutdown`, or [`crate::h2serve::serve_http2`]) over the
+/// connections it is handed; the caller's task accepts them (TCP_NODELAY set, corked: [`CorkedIo`]).
 ///
 /// - `threads == 0`: one server, on the caller's runtime (its workers share every
 ///   connection: best for a few bulk streams, such as a migration, on few cores).
