@@ -407,7 +407,8 @@ impl Cache {
         len: Option<u32>,
     ) -> Result<ReadOutcome, CacheError> {
         // A paused volume's content is final until the switch, so reads go on.
-        let v = self.volumes.get(name).ok_or_else(|| CacheError::UnknownVolume(name.clone()))?;
+        let v =
+            self.volumes.get_mut(name).ok_or_else(|| CacheError::UnknownVolume(name.clone()))?;
         if !matches!(v.state, VolumeState::Active | VolumeState::Paused) {
             return Err(CacheError::NotServing(v.state.clone()));
         }
@@ -417,7 +418,6 @@ impl Cache {
             len: u64::from(len.unwrap_or(0)),
             block_size: bs.bytes(),
         })?;
-        let v = self.volumes.get_mut(name).expect("checked above");
         let Some(e) = v.entries.get_mut(&block) else { return Ok(ReadOutcome::Miss) };
         Ok(read_entry(e, offset, len))
     }

@@ -1460,10 +1460,11 @@ async fn raw_call(
     (msgs, headers_status.expect("a grpc-status in the headers or the trailers"))
 }
 
-/// The NMS answers the vehicle streams itself (block data uncopied) and every other call
-/// through tonic, on one connection: the replies decode with prost like tonic's; a
-/// compressed request is refused with UNIMPLEMENTED before anything in it runs; an unknown
-/// method is UNIMPLEMENTED; the health service answers between them.
+/// The NMS answers the vehicle's block calls itself (block data uncopied) and every other
+/// call through tonic, on one connection: the replies decode with prost like tonic's; a
+/// compressed request is refused with UNIMPLEMENTED before anything in it runs; a wrong
+/// credential is UNAUTHENTICATED; an unknown method is UNIMPLEMENTED; the health service
+/// answers between them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hand_served_streams_and_tonic_calls_share_a_connection() {
     use prost::Message as _;
@@ -1564,6 +1565,56 @@ async fn hand_served_streams_and_tonic_calls_share_a_connection() {
             other => panic!("{other:?}"),
         }
     }
+    // Unary Read and Write, served by hand too: a write, its read back (the block's bytes
+    // as prost decodes them), a wrong credential (UNAUTHENTICATED, nothing written), a
+    // compressed request (UNIMPLEMENTED, nothing written).
+    let w = |block: u64, n: u64, secret: &str| {
+        pb::WriteRequest {
+            auth: auth("hs", secret),
+            op: Some(pb::WriteOp {
+                block,
+                offset: 0,
+                data: block_data(block, n).into(),
+                ..Default::default()
+            }),
+        }
+        .encode_to_vec()
+    };
+    let r = |block: u64| {
+        pb::ReadRequest {
+            auth: auth("hs", "k"),
+            op: Some(pb::ReadOp { block, offset: 0, length: 0 }),
+        }
+        .encode_to_vec()
+    };
+    let (msgs, status) =
+        raw_call(&mut send, &host, "/wayside.v1.Nms/Write", &[], &[&w(4, 1, "k")]).await;
+    assert_eq!(status, "0");
+    let lsn = pb::WriteReply::decode(&msgs[0][..]).unwrap().lsn;
+    assert!(lsn > 0);
+    let (_, status) =
+        raw_call(&mut send, &host, "/wayside.v1.Nms/Write", &[], &[&w(4, 2, "wrong")]).await;
+    assert_eq!(status, "16", "UNAUTHENTICATED");
+    let (_, status) = raw_call(
+        &mut send,
+        &host,
+        "/wayside.v1.Nms/Write",
+        &[("grpc-encoding", "gzip")],
+        &[&w(4, 3, "k")],
+    )
+    .await;
+    assert_eq!(status, "12", "UNIMPLEMENTED");
+    let (_, status) = raw_call(&mut send, &host, "/wayside.v1.Nms/Read", &[], &[]).await;
+    assert_eq!(status, "13", "INTERNAL: no request message");
+    let (msgs, status) = raw_call(&mut send, &host, "/wayside.v1.Nms/Read", &[], &[&r(4)]).await;
+    assert_eq!(status, "0");
+    let got = pb::ReadReply::decode(&msgs[0][..]).unwrap();
+    assert!(got.found && got.version > 0, "{got:?}");
+    assert_eq!(&got.data[..], &block_data(4, 1)[..], "only the first write applied");
+    let (msgs, status) = raw_call(&mut send, &host, "/wayside.v1.Nms/Read", &[], &[&r(9)]).await;
+    assert_eq!(status, "0");
+    let got = pb::ReadReply::decode(&msgs[0][..]).unwrap();
+    assert!(!got.found && got.data.is_empty(), "{got:?}");
     a.stop().await;
     cluster.shutdown().await;
 }

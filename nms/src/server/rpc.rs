@@ -84,6 +84,20 @@ impl Node {
         Ok(write_reply(&o))
     }
 
+    /// A unary `Read` (served by tonic's routes or by hand: [`super::wire`]).
+    pub(super) async fn read_call(&self, r: pb::ReadRequest) -> Result<pb::ReadReply, Status> {
+        let auth = volume_auth(r.auth)?;
+        let op: ReadOp = required_op("op", r.op)?;
+        Ok(self.do_read(&auth, op).await?)
+    }
+
+    /// A unary `Write`.
+    pub(super) async fn write_call(&self, r: pb::WriteRequest) -> Result<pb::WriteReply, Status> {
+        let auth = volume_auth(r.auth)?;
+        let op: WriteOp = required_op("op", r.op)?;
+        Ok(self.do_write(&auth, op).await?)
+    }
+
     async fn do_delete(&self, auth: &Auth, op: DeleteOp) -> Result<pb::WriteReply, NmsError> {
         let o = self.write(&auth.0, &auth.1, op.block, 0, None, op.request_id.as_ref()).await?;
         Ok(write_reply(&o))
@@ -269,20 +283,14 @@ impl pb::nms_server::Nms for Node {
     }
 
     async fn read(&self, req: Request<pb::ReadRequest>) -> Result<Response<pb::ReadReply>, Status> {
-        let r = req.into_inner();
-        let auth = volume_auth(r.auth)?;
-        let op: ReadOp = required_op("op", r.op)?;
-        Ok(Response::new(self.do_read(&auth, op).await?))
+        Ok(Response::new(self.read_call(req.into_inner()).await?))
     }
 
     async fn write(
         &self,
         req: Request<pb::WriteRequest>,
     ) -> Result<Response<pb::WriteReply>, Status> {
-        let r = req.into_inner();
-        let auth = volume_auth(r.auth)?;
-        let op: WriteOp = required_op("op", r.op)?;
-        Ok(Response::new(self.do_write(&auth, op).await?))
+        Ok(Response::new(self.write_call(req.into_inner()).await?))
     }
 
     async fn delete(

@@ -1,7 +1,7 @@
-//! The NMS's HTTP/2 service: the vehicle streams (`Nms/Stream`, `Nms/StreamBatches`)
-//! served by hand, every other call by tonic's routes.
+//! The NMS's HTTP/2 service: the vehicle's block calls (`Nms/Read`, `Nms/Write`,
+//! `Nms/Stream`, `Nms/StreamBatches`) served by hand, every other call by tonic's routes.
 //!
-//! A stream's replies are encoded here rather than by tonic so that a read's block data
+//! Their replies are encoded here rather than by tonic so that a read's block data
 //! (a `Bytes` shared with the cache) is never copied: each reply's fields are encoded into
 //! a small header buffer with the data field written last (protobuf allows fields in any
 //! order), and the data follows as a chunk of its own ([`ChunkBuf`]). The bytes on the wire
@@ -84,12 +84,46 @@ impl Split {
         }
         encode_key(STREAM_REPLY_READ, WireType::LengthDelimited, hdr);
         encode_varint(Self::read_len(&r, &self.data) as u64, hdr);
-        r.encode(hdr).expect("a BytesMut grows");
-        encode_key(READ_REPLY_DATA, WireType::LengthDelimited, hdr);
-        encode_varint(self.data.len() as u64, hdr);
-        out.push(hdr.split().freeze());
-        out.push(self.data);
+        put_read(&r, self.data, hdr, out);
     }
+}
+
+/// Encodes read reply `r` (its data taken out) with `data` last: the fields into `hdr`,
+/// the data as a chunk of `out` after what `hdr` holds.
+fn put_read(r: &pb::ReadReply, data: Bytes, hdr: &mut BytesMut, out: &mut ChunkBuf) {
+    r.encode(hdr).expect("a BytesMut grows");
+    if data.is_empty() {
+        return;
+    }
+    encode_key(READ_REPLY_DATA, WireType::LengthDelimited, hdr);
+    encode_varint(data.len() as u64, hdr);
+    out.push(hdr.split().freeze());
+    out.push(data);
+}
+
+/// A unary `Read`'s reply: one message, the block uncopied.
+pub(super) fn encode_read(mut r: pb::ReadReply, max: usize) -> Result<ChunkBuf, Status> {
+    let data = std::mem::take(&mut r.data);
+    let len = if data.is_empty() { r.encoded_len() } else { Split::read_len(&r, &data) };
+    check_len(len, max)?;
+    let mut hdr = header_buffer(1);
+    let mut out = ChunkBuf::with_capacity(3);
+    put_prefix(&mut hdr, len);
+    put_read(&r, data, &mut hdr, &mut out);
+    out.push(hdr.freeze());
+    Ok(out)
+}
+
+/// A unary reply of a small message (no block data).
+fn encode_small(m: &impl prost::Message, max: usize) -> Result<ChunkBuf, Status> {
+    let len = m.encoded_len();
+    check_len(len, max)?;
+    let mut hdr = BytesMut::with_capacity(GRPC_PREFIX_BYTES + len);
+    put_prefix(&mut hdr, len);
+    m.encode(&mut hdr).expect("a BytesMut grows");
+    let mut out = ChunkBuf::with_capacity(1);
+    out.push(hdr.freeze());
+    Ok(out)
 }
 
 /// `StreamReply.tag`'s encoded length (proto3: a zero is not sent).
@@ -173,7 +207,50 @@ fn check_encoding(headers: &http::HeaderMap) -> Result<(), Status> {
     }
 }
 
+/// The calls served here.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Call {
+    Read,
+    Write,
+    Stream,
+    StreamBatches,
+}
+
+/// The one request message of a unary call (tonic's server treats a missing one the same).
+async fn unary_request<M: prost::Message + Default + Send + 'static>(
+    body: hyper::body::Incoming,
+    max: usize,
+) -> Result<M, Status> {
+    let decoder = WaysideCodec::<pb::ReadReply, M>::default().decoder();
+    let mut s = tonic::Streaming::new_request(decoder, body, None, Some(max));
+    s.message().await?.ok_or_else(|| Status::internal("Missing request message."))
+}
+
 impl Node {
+    /// Answers a unary `Read` or `Write` call: its one reply (a read's block uncopied),
+    /// then its trailers.
+    fn unary_call(
+        self: &Arc<Self>,
+        req: http::Request<hyper::body::Incoming>,
+        call: Call,
+    ) -> GrpcBody {
+        let max = self.cfg.max_message_size_bytes;
+        let node = self.clone();
+        let checked = check_encoding(req.headers());
+        let body = req.into_body();
+        let reply = async move {
+            checked?;
+            if call == Call::Read {
+                let r = unary_request::<pb::ReadRequest>(body, max).await?;
+                encode_read(node.read_call(r).await?, max)
+            } else {
+                let r = unary_request::<pb::WriteRequest>(body, max).await?;
+                encode_small(&node.write_call(r).await?, max)
+            }
+        };
+        GrpcBody::replies(Box::pin(futures::stream::once(reply)))
+    }
+
     /// Answers a `Stream` (`batches`: `StreamBatches`) call: its replies, encoded as
     /// [`encode_replies`] (or [`encode_results`]), then its trailers.
     fn stream_call(&self, req: http::Request<hyper::body::Incoming>, batches: bool) -> GrpcBody {
@@ -227,9 +304,11 @@ impl hyper::service::Service<http::Request<hyper::body::Incoming>> for NmsHttp {
     type Future = Either<std::future::Ready<Reply>, BoxFuture<'static, Reply>>;
 
     fn call(&self, req: http::Request<hyper::body::Incoming>) -> Self::Future {
-        let batches = match nms_method(req.uri().path()) {
-            Some("Stream") => false,
-            Some("StreamBatches") => true,
+        let call = match nms_method(req.uri().path()) {
+            Some("Read") => Call::Read,
+            Some("Write") => Call::Write,
+            Some("Stream") => Call::Stream,
+            Some("StreamBatches") => Call::StreamBatches,
             _ => {
                 let mut routes = self.routes.clone();
                 return Either::Right(
@@ -250,7 +329,12 @@ impl hyper::service::Service<http::Request<hyper::body::Incoming>> for NmsHttp {
                 );
             }
         };
-        let mut r = http::Response::new(self.node.stream_call(req, batches));
+        let body = match call {
+            Call::Read | Call::Write => self.node.unary_call(req, call),
+            Call::Stream => self.node.stream_call(req, false),
+            Call::StreamBatches => self.node.stream_call(req, true),
+        };
+        let mut r = http::Response::new(body);
         r.headers_mut()
             .insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/grpc"));
         Either::Left(std::future::ready(Ok(r)))
@@ -343,6 +427,25 @@ mod tests {
         assert_eq!(decoded.results, sent);
         // The same bytes as prost's own encoding, but for field order: same length.
         assert_eq!(msgs[0].len(), pb::StreamResults { results: sent }.encoded_len());
+    }
+
+    #[test]
+    fn unary_replies_decode_to_what_was_encoded() {
+        for r in replies() {
+            if let Some(pb::stream_reply::Result::Read(read)) = r.result {
+                let buf = encode_read(read.clone(), 1 << 20).expect("encodes");
+                let msgs = messages(&buf.to_vec());
+                assert_eq!(msgs.len(), 1);
+                assert_eq!(pb::ReadReply::decode(&msgs[0][..]).expect("decodes"), read);
+                assert_eq!(msgs[0].len(), read.encoded_len());
+                let chunks = if read.data.is_empty() { 1 } else { 2 };
+                assert_eq!(buf.chunk_count(), chunks, "prefix and fields, then the data");
+            }
+        }
+        let w = pb::WriteReply { lsn: 300, version: 2, persisted_lsn: 1 << 40, duplicate: true };
+        let msgs = messages(&encode_small(&w, 64).expect("encodes").to_vec());
+        assert_eq!(pb::WriteReply::decode(&msgs[0][..]).expect("decodes"), w);
+        assert_eq!(encode_small(&w, 4).expect_err("too long").code(), tonic::Code::OutOfRange);
     }
 
     #[test]
