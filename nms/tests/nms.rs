@@ -1618,3 +1618,60 @@ async fn hand_served_streams_and_tonic_calls_share_a_connection() {
     a.stop().await;
     cluster.shutdown().await;
 }
+
+/// Single-operation `Stream` messages that arrive together are taken as one run: reads
+/// that miss the cache are fetched with one PSS call (as a batch's are), and every reply
+/// keeps its tag. (Taken one message at a time, 8 cold reads were 8 PSS calls.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stream_messages_received_together_share_one_pss_fetch() {
+    use prost::Message as _;
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = LocalCluster::start(3, dir.path()).await.unwrap();
+    let a = Nms::start("a", &cluster.endpoints(), |_| {}).await;
+    let b = Nms::start("b", &cluster.endpoints(), |_| {}).await;
+    let writer = VolumeClient::open(opts(&[&a.ep], "tg", "k")).await.unwrap();
+    writer.write_many((0..8u64).map(|blk| (blk, 0, block_data(blk, 3))).collect()).await.unwrap();
+    writer.flush().await.unwrap();
+    drop(writer);
+    let tcp = tokio::net::TcpStream::connect(b.ep.authority()).await.unwrap();
+    let (mut send, conn) = h2::client::Builder::new()
+        .max_frame_size(wayside_proto::server::HTTP2_MAX_FRAME_BYTES)
+        .handshake::<_, bytes::Bytes>(tcp)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    // The volume is loaded on B (attached), its blocks not cached.
+    let attached = VolumeClient::open(opts(&[&b.ep], "tg", "k")).await.unwrap();
+    let reads = |s: pb::NodeStatusReply| (s.pss_reads, s.pss_read_blocks);
+    let before = reads(b.status().await);
+    // Blocks 0..8 (written, not cached on B) and 8, 9 (never written); the credential on
+    // the first message only.
+    let msgs: Vec<Vec<u8>> = (0..10u64)
+        .map(|blk| {
+            let auth = if blk == 0 { auth("tg", "k") } else { None };
+            pb::StreamRequest { auth, tag: 100 + blk, op: Some(stream_read(blk)) }.encode_to_vec()
+        })
+        .collect();
+    let refs: Vec<&[u8]> = msgs.iter().map(|m| &m[..]).collect();
+    let host = b.ep.authority().to_owned();
+    let (replies, status) = raw_call(&mut send, &host, "/wayside.v1.Nms/Stream", &[], &refs).await;
+    assert_eq!(status, "0");
+    let after = reads(b.status().await);
+    assert_eq!((after.0 - before.0, after.1 - before.1), (1, 10), "one PSS call for the ten");
+    assert_eq!(replies.len(), 10, "a reply per message");
+    for (m, blk) in replies.iter().zip(0..10u64) {
+        let r = pb::StreamReply::decode(&m[..]).unwrap();
+        assert_eq!(r.tag, 100 + blk, "in order");
+        match r.result {
+            Some(pb::stream_reply::Result::Read(x)) => {
+                let want = (blk < 8).then(|| block_data(blk, 3));
+                assert_eq!(x.found.then(|| x.data.to_vec()), want, "block {blk}");
+            }
+            other => panic!("block {blk}: {other:?}"),
+        }
+    }
+    drop(attached);
+    a.stop().await;
+    b.stop().await;
+    cluster.shutdown().await;
+}

@@ -493,6 +493,51 @@ impl Ops {
     }
 }
 
+/// Messages received together, not yet taken: their operations run as one (see
+/// [`Node::serve_ops`]).
+#[derive(Default)]
+struct Pending {
+    messages: usize,
+    auth: Option<pb::VolumeAuth>,
+    ops: Vec<pb::StreamRequest>,
+}
+
+impl Ops {
+    /// Adds a received message to `p`; what `p` holds is taken first if the message
+    /// carries a credential (operations run under the credential they were sent with).
+    fn add(
+        &mut self,
+        p: &mut Pending,
+        m_auth: Option<pb::VolumeAuth>,
+        m_ops: Vec<pb::StreamRequest>,
+        ready: &mut Vec<pb::StreamReply>,
+    ) -> Result<(), Status> {
+        if m_auth.is_some() && p.messages > 0 {
+            self.flush(p, ready)?;
+        }
+        p.messages += 1;
+        if m_auth.is_some() {
+            p.auth = m_auth;
+        }
+        if p.ops.is_empty() {
+            p.ops = m_ops;
+        } else {
+            p.ops.extend(m_ops);
+        }
+        Ok(())
+    }
+
+    /// Takes what `p` holds (see [`Ops::take`]); the replies answered at once go to `ready`.
+    fn flush(&mut self, p: &mut Pending, ready: &mut Vec<pb::StreamReply>) -> Result<(), Status> {
+        if p.messages == 0 {
+            return Ok(());
+        }
+        p.messages = 0;
+        ready.extend(self.take(p.auth.take(), std::mem::take(&mut p.ops))?);
+        Ok(())
+    }
+}
+
 impl Node {
     /// Serves one vehicle stream (`Stream` or `StreamBatches`): the operations of each
     /// inbound message are taken in order; the results that are ready together (those of
@@ -500,7 +545,10 @@ impl Node {
     /// operation that has finished) leave as one outbound item, so a batch costs one
     /// message each way and a pipelining vehicle's single operations share messages. An
     /// item gathers at most `max_stream_inflight_ops` results (more messages received wait
-    /// for the next item).
+    /// for the next item). The messages received together are taken as one run of
+    /// operations (`Pending`), so single-operation messages (`Stream`) are answered
+    /// together as a batch is: the reads that hit under one cache lock, the reads that miss
+    /// with one PSS call.
     ///
     /// The messages already received are taken here, in the call; a task (and a channel
     /// to it) serves the rest of the stream only if something waits or more may come. A
@@ -514,7 +562,9 @@ impl Node {
         // task takes the rest).
         let mut gathered: Vec<pb::StreamReply> = Vec::new();
         let mut open = true;
-        while ops.inflight.is_empty() && gathered.len() < limit {
+        let mut pending = Pending::default();
+        let mut failed = None;
+        while pending.ops.len() < limit {
             match inbound.next().now_or_never() {
                 // Not received yet: the task waits for it.
                 None => break,
@@ -522,14 +572,22 @@ impl Node {
                     open = false;
                     break;
                 }
-                Some(Some(msg)) => match msg.and_then(|(m_auth, m_ops)| ops.take(m_auth, m_ops)) {
-                    Ok(ready) => gathered.extend(ready),
-                    Err(s) => {
-                        let now = (!gathered.is_empty()).then_some(Ok(gathered));
-                        return Box::pin(futures::stream::iter(now.into_iter().chain([Err(s)])));
+                Some(Some(msg)) => {
+                    if let Err(s) = msg.and_then(|(m_auth, m_ops)| {
+                        ops.add(&mut pending, m_auth, m_ops, &mut gathered)
+                    }) {
+                        failed = Some(s);
+                        break;
                     }
-                },
+                }
             }
+        }
+        if let Err(s) = ops.flush(&mut pending, &mut gathered) {
+            failed.get_or_insert(s);
+        }
+        if let Some(s) = failed {
+            let now = (!gathered.is_empty()).then_some(Ok(gathered));
+            return Box::pin(futures::stream::iter(now.into_iter().chain([Err(s)])));
         }
         let now = futures::stream::iter((!gathered.is_empty()).then_some(Ok(gathered)));
         if !open && ops.inflight.is_empty() {
@@ -563,22 +621,21 @@ impl Node {
                         }
                         msg = inbound.next(), if open && ops.inflight.len() < limit => {
                             let mut msg = msg;
-                            // This message, then every one already received: their
-                            // replies leave as one item, not one each (at most `limit`
-                            // operations waiting or answered, then the item leaves).
+                            // This message, then every one already received, taken as
+                            // one run: their replies leave as one item, not one each (at
+                            // most `limit` operations waiting, taken or answered, then
+                            // the item leaves).
+                            let mut pending = Pending::default();
+                            let mut failed = None;
                             loop {
                                 let Some(m) = msg else { open = false; break };
-                                match m.and_then(|(m_auth, m_ops)| ops.take(m_auth, m_ops)) {
-                                    Ok(r) => ready.extend(r),
-                                    Err(s) => {
-                                        if !ready.is_empty() {
-                                            let _ = tx.send(Ok(ready)).await;
-                                        }
-                                        let _ = tx.send(Err(s)).await;
-                                        return;
-                                    }
+                                if let Err(s) = m.and_then(|(m_auth, m_ops)| {
+                                    ops.add(&mut pending, m_auth, m_ops, &mut ready)
+                                }) {
+                                    failed = Some(s);
+                                    break;
                                 }
-                                if ops.inflight.len() + ready.len() >= limit {
+                                if ops.inflight.len() + ready.len() + pending.ops.len() >= limit {
                                     break;
                                 }
                                 // (A no-op waker if not ready: the next `select!` polls
@@ -587,6 +644,16 @@ impl Node {
                                     Some(m) => msg = m,
                                     None => break,
                                 }
+                            }
+                            if let Err(s) = ops.flush(&mut pending, &mut ready) {
+                                failed.get_or_insert(s);
+                            }
+                            if let Some(s) = failed {
+                                if !ready.is_empty() {
+                                    let _ = tx.send(Ok(ready)).await;
+                                }
+                                let _ = tx.send(Err(s)).await;
+                                return;
                             }
                         }
                         else => return,
