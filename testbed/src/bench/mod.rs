@@ -7,6 +7,7 @@ pub mod image;
 pub mod migration;
 pub mod nms;
 pub mod pss;
+pub(crate) mod quiet;
 
 /// CPU time (user + system) used so far by `who`: `libc::RUSAGE_SELF` (this process, all
 /// threads) or `libc::RUSAGE_THREAD` (the calling thread); zero if it cannot be read.

@@ -19,6 +19,8 @@ use wayside_proto::types::Endpoint;
 use wayside_pss::client::{ClientOptions, PssClient};
 use wayside_pss::testing::LocalCluster;
 
+use super::quiet::{settle, usage, Usage};
+
 /// Options.
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -57,29 +59,6 @@ pub struct Args {
     pub buffered_io: bool,
 }
 
-/// CPU share of a core (both systems' processes) below which the machine counts as quiet.
-const QUIET_CPU_SHARE: f64 = 0.10;
-
-/// Before a phase: writes every dirty page out (`sync`), so a phase does not pay for the
-/// previous one's writeback, then waits (at most `max`) until this process and `pids`
-/// use less than [`QUIET_CPU_SHARE`] of a core (compactions and collections left by the
-/// previous phase finish). Returns how long it took.
-async fn settle(pids: &[u32], max: Duration) -> Duration {
-    let started = Instant::now();
-    // SAFETY: sync has no preconditions.
-    tokio::task::spawn_blocking(|| unsafe { libc::sync() }).await.ok();
-    let window = Duration::from_millis(250);
-    while started.elapsed() < max {
-        let before = usage(pids);
-        tokio::time::sleep(window).await;
-        let used = usage(pids).cpu_secs - before.cpu_secs;
-        if used / window.as_secs_f64() < QUIET_CPU_SHARE {
-            break;
-        }
-    }
-    started.elapsed()
-}
-
 /// The round with the median ops/s.
 fn median(mut rounds: Vec<Figures>) -> Figures {
     rounds.sort_by(|a, b| a.ops_per_sec.total_cmp(&b.ops_per_sec));
@@ -103,37 +82,6 @@ struct Figures {
     /// allocator handed back to the kernel and faulted in (zeroed) again; unlike CPU time
     /// this count does not depend on the machine's other load.
     faults_per_op: f64,
-}
-
-/// CPU and page-fault counters of a set of processes.
-#[derive(Debug, Clone, Copy, Default)]
-struct Usage {
-    /// User + system CPU seconds.
-    cpu_secs: f64,
-    /// Minor page faults.
-    faults: f64,
-}
-
-/// Usage of this process plus the processes `pids`, from /proc/PID/stat.
-fn usage(pids: &[u32]) -> Usage {
-    // SAFETY: sysconf has no preconditions.
-    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-    let one = |path: String| -> Usage {
-        let Ok(stat) = std::fs::read_to_string(path) else { return Usage::default() };
-        // Fields after the command name (which may hold spaces): state is the 3rd
-        // field, minflt the 10th, utime and stime the 14th and 15th.
-        let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
-        let f: Vec<&str> = rest.split_whitespace().collect();
-        let t = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-        Usage { cpu_secs: (t(11) + t(12)) / ticks, faults: t(7) }
-    };
-    std::iter::once("/proc/self/stat".to_owned())
-        .chain(pids.iter().map(|p| format!("/proc/{p}/stat")))
-        .map(one)
-        .fold(Usage::default(), |a, b| Usage {
-            cpu_secs: a.cpu_secs + b.cpu_secs,
-            faults: a.faults + b.faults,
-        })
 }
 
 fn figures(mut lat: Vec<Duration>, elapsed: Duration, errors: u64, used: Usage) -> Figures {
