@@ -1276,10 +1276,7 @@ async fn a_batch_of_cold_reads_is_one_pss_call() {
     let cluster = LocalCluster::start(3, dir.path()).await.unwrap();
     let a = Nms::start("a", &cluster.endpoints(), |_| {}).await;
     let b = Nms::start("b", &cluster.endpoints(), |_| {}).await;
-    let writer = VolumeClient::open(opts(&[&a.ep], "cold", "k")).await.unwrap();
-    writer.write_many((0..64u64).map(|blk| (blk, 0, block_data(blk, 4))).collect()).await.unwrap();
-    writer.flush().await.unwrap();
-    drop(writer);
+    write_flushed(&a, "cold", 0..64u64, 4).await;
     let reads = |status: pb::NodeStatusReply| (status.pss_reads, status.pss_read_blocks);
     let mut o = opts(&[&b.ep], "cold", "k");
     o.max_batch_ops = 64;
@@ -1410,6 +1407,25 @@ async fn whole_one_batch_calls_answer_hits_misses_and_refusals() {
     cluster.shutdown().await;
 }
 
+/// A raw HTTP/2 connection to `nms` (frames up to 256 KiB, as wayside clients take).
+async fn raw_connection(nms: &Nms) -> h2::client::SendRequest<bytes::Bytes> {
+    let tcp = tokio::net::TcpStream::connect(nms.ep.authority()).await.unwrap();
+    let (send, conn) = h2::client::Builder::new()
+        .max_frame_size(wayside_proto::server::HTTP2_MAX_FRAME_BYTES)
+        .handshake::<_, bytes::Bytes>(tcp)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    send
+}
+
+/// Writes version `n` of `blocks` of `vol` through `nms` and flushes them to the PSS.
+async fn write_flushed(nms: &Nms, vol: &str, blocks: std::ops::Range<u64>, n: u64) {
+    let writer = VolumeClient::open(opts(&[&nms.ep], vol, "k")).await.unwrap();
+    writer.write_many(blocks.map(|blk| (blk, 0, block_data(blk, n))).collect()).await.unwrap();
+    writer.flush().await.unwrap();
+}
+
 /// One raw HTTP/2 call on `send`: `path` with `headers`, the gRPC messages `messages`,
 /// then the end of the request. Returns the gRPC messages of the reply and its
 /// `grpc-status`.
@@ -1472,13 +1488,7 @@ async fn hand_served_streams_and_tonic_calls_share_a_connection() {
     let cluster = LocalCluster::start(3, dir.path()).await.unwrap();
     let a = Nms::start("a", &cluster.endpoints(), |_| {}).await;
     a.create_volume("hs", "k").await;
-    let tcp = tokio::net::TcpStream::connect(a.ep.authority()).await.unwrap();
-    let (mut send, conn) = h2::client::Builder::new()
-        .max_frame_size(wayside_proto::server::HTTP2_MAX_FRAME_BYTES)
-        .handshake::<_, bytes::Bytes>(tcp)
-        .await
-        .unwrap();
-    tokio::spawn(conn);
+    let mut send = raw_connection(&a).await;
     let host = a.ep.authority().to_owned();
     let batch = |ops: Vec<pb::stream_request::Op>| {
         pb::StreamBatch {
@@ -1629,17 +1639,8 @@ async fn stream_messages_received_together_share_one_pss_fetch() {
     let cluster = LocalCluster::start(3, dir.path()).await.unwrap();
     let a = Nms::start("a", &cluster.endpoints(), |_| {}).await;
     let b = Nms::start("b", &cluster.endpoints(), |_| {}).await;
-    let writer = VolumeClient::open(opts(&[&a.ep], "tg", "k")).await.unwrap();
-    writer.write_many((0..8u64).map(|blk| (blk, 0, block_data(blk, 3))).collect()).await.unwrap();
-    writer.flush().await.unwrap();
-    drop(writer);
-    let tcp = tokio::net::TcpStream::connect(b.ep.authority()).await.unwrap();
-    let (mut send, conn) = h2::client::Builder::new()
-        .max_frame_size(wayside_proto::server::HTTP2_MAX_FRAME_BYTES)
-        .handshake::<_, bytes::Bytes>(tcp)
-        .await
-        .unwrap();
-    tokio::spawn(conn);
+    write_flushed(&a, "tg", 0..8u64, 3).await;
+    let mut send = raw_connection(&b).await;
     // The volume is loaded on B (attached), its blocks not cached.
     let attached = VolumeClient::open(opts(&[&b.ep], "tg", "k")).await.unwrap();
     let reads = |s: pb::NodeStatusReply| (s.pss_reads, s.pss_read_blocks);
