@@ -372,7 +372,9 @@ impl pb::nms_server::Nms for Node {
 
 /// `Stream`'s inbound messages as [`OpsIn`] (one operation each; tonic's server and the
 /// hand-served one, [`super::wire`], both take them so).
-pub(super) fn stream_inbound(inbound: Streaming<pb::StreamRequest>) -> OpsIn {
+pub(super) fn stream_inbound(
+    inbound: impl futures::Stream<Item = Result<pb::StreamRequest, Status>> + Send + 'static,
+) -> OpsIn {
     Box::pin(inbound.map(|m| {
         m.map(|mut m| {
             let auth = m.auth.take();
@@ -383,7 +385,10 @@ pub(super) fn stream_inbound(inbound: Streaming<pb::StreamRequest>) -> OpsIn {
 
 /// `StreamBatches`' inbound messages as [`OpsIn`]: a batch of more than `max` operations,
 /// or one whose operations carry their own credential, ends the call.
-pub(super) fn batch_inbound(inbound: Streaming<pb::StreamBatch>, max: usize) -> OpsIn {
+pub(super) fn batch_inbound(
+    inbound: impl futures::Stream<Item = Result<pb::StreamBatch, Status>> + Send + 'static,
+    max: usize,
+) -> OpsIn {
     Box::pin(inbound.map(move |m| {
         let m = m?;
         if m.ops.len() > max {

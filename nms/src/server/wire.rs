@@ -1,7 +1,8 @@
 //! The NMS's HTTP/2 service: the vehicle's block calls (`Nms/Read`, `Nms/Write`,
 //! `Nms/Stream`, `Nms/StreamBatches`) served by hand, every other call by tonic's routes.
 //!
-//! Their replies are encoded here rather than by tonic so that a read's block data
+//! Requests are decoded without copying ([`Messages`]: a write's data is a slice of the
+//! received DATA chunk until the cache copies it in). Their replies are encoded here rather than by tonic so that a read's block data
 //! (a `Bytes` shared with the cache) is never copied: each reply's fields are encoded into
 //! a small header buffer with the data field written last (protobuf allows fields in any
 //! order), and the data follows as a chunk of its own ([`ChunkBuf`]). The bytes on the wire
@@ -16,10 +17,8 @@ use prost::encoding::{encode_key, encode_varint, encoded_len_varint, key_len, Wi
 use prost::Message as _;
 use std::convert::Infallible;
 use std::sync::Arc;
-use tonic::codec::Codec as _;
 use tonic::Status;
-use wayside_proto::codec::WaysideCodec;
-use wayside_proto::h2serve::{ChunkBuf, GrpcBody, ReplyStream};
+use wayside_proto::h2serve::{ChunkBuf, GrpcBody, Messages, ReplyStream};
 use wayside_proto::pb;
 
 /// `StreamReply.result.read`'s field number (nms.proto).
@@ -221,9 +220,10 @@ async fn unary_request<M: prost::Message + Default + Send + 'static>(
     body: hyper::body::Incoming,
     max: usize,
 ) -> Result<M, Status> {
-    let decoder = WaysideCodec::<pb::ReadReply, M>::default().decoder();
-    let mut s = tonic::Streaming::new_request(decoder, body, None, Some(max));
-    s.message().await?.ok_or_else(|| Status::internal("Missing request message."))
+    Messages::<M>::new(body, max)
+        .next()
+        .await
+        .unwrap_or_else(|| Err(Status::internal("Missing request message.")))
 }
 
 impl Node {
@@ -258,18 +258,12 @@ impl Node {
         let replies: ReplyStream = match check_encoding(req.headers()) {
             Err(s) => Box::pin(futures::stream::iter([Err(s)])),
             Ok(()) if batches => {
-                let decoder =
-                    WaysideCodec::<pb::StreamResults, pb::StreamBatch>::default().decoder();
-                let inbound =
-                    tonic::Streaming::new_request(decoder, req.into_body(), None, Some(max));
+                let inbound = Messages::<pb::StreamBatch>::new(req.into_body(), max);
                 let out = self.serve_ops(batch_inbound(inbound, self.cfg.max_stream_batch_ops));
                 Box::pin(out.map(move |r| r.and_then(|rs| encode_results(rs, max))))
             }
             Ok(()) => {
-                let decoder =
-                    WaysideCodec::<pb::StreamReply, pb::StreamRequest>::default().decoder();
-                let inbound =
-                    tonic::Streaming::new_request(decoder, req.into_body(), None, Some(max));
+                let inbound = Messages::<pb::StreamRequest>::new(req.into_body(), max);
                 let out = self.serve_ops(stream_inbound(inbound));
                 Box::pin(out.map(move |r| r.and_then(|rs| encode_replies(rs, max))))
             }
