@@ -1,5 +1,6 @@
 //! Serving gRPC on hyper's HTTP/2 server directly, for a server that answers some calls
-//! by hand: the NMS's vehicle streams, whose replies carry cached blocks.
+//! by hand: the NMS's vehicle block calls, whose replies carry cached blocks and whose
+//! requests carry blocks to write.
 //!
 //! tonic's server takes only response bodies of `Bytes` frames, so every reply is encoded
 //! into one buffer: each 4 KiB block read from the cache was copied once more there (13%
@@ -7,8 +8,9 @@
 //! instead: the encoded fields and the block data as separate chunks. hyper and h2 pass
 //! the chunks on as one DATA frame (its payload chained to h2's frame header), and
 //! [`CorkedIo`] hands a large vectored write to the socket uncopied, so block data goes from
-//! the cache to `writev` without a copy. Every other call goes to tonic's routes unchanged
-//! ([`GrpcBody::tonic`]).
+//! the cache to `writev` without a copy. [`Messages`] decodes a request's messages from
+//! slices of the received DATA chunks, likewise without a copy. Every other call goes to
+//! tonic's routes unchanged ([`GrpcBody::tonic`]).
 //!
 //! [`serve_http2`] is the accept loop tonic's `Server::serve_with_incoming_shutdown` runs,
 //! with the same HTTP/2 settings (windows, frame size, keepalive, concurrent streams) and
