@@ -143,11 +143,6 @@ impl<M: prost::Message + Default> Messages<M> {
     pub fn new(body: hyper::body::Incoming, max: usize) -> Self {
         Self { body, pending: ChunkBuf::default(), max, done: false, _m: std::marker::PhantomData }
     }
-
-    /// The next whole message in `pending`, if one has arrived.
-    fn decode_one(&mut self) -> Result<Option<M>, Status> {
-        decode_one(&mut self.pending, self.max)
-    }
 }
 
 /// Takes the next whole gRPC message out of `pending` and decodes it (`None`: not all of it
@@ -203,7 +198,7 @@ impl<M: prost::Message + Default> Stream for Messages<M> {
         use http_body::Body as _;
         let me = &mut *self;
         loop {
-            match me.decode_one() {
+            match decode_one::<M>(&mut me.pending, me.max) {
                 Ok(Some(m)) => return Poll::Ready(Some(Ok(m))),
                 Ok(None) => {}
                 Err(s) => {

@@ -408,12 +408,10 @@ pub(super) fn batch_inbound(
 
 /// The inbound side of a vehicle stream, whichever RPC carries it: per message, the
 /// credential (if any) and the operations in order.
-pub(super) type OpsIn = Pin<
-    Box<
-        dyn futures::Stream<Item = Result<(Option<pb::VolumeAuth>, Vec<pb::StreamRequest>), Status>>
-            + Send,
-    >,
->;
+pub(super) type OpsIn = Pin<Box<dyn futures::Stream<Item = InMsg> + Send>>;
+
+/// One inbound message of a vehicle stream: its credential (if any) and its operations.
+type InMsg = Result<(Option<pb::VolumeAuth>, Vec<pb::StreamRequest>), Status>;
 
 /// What a stream's operations are waiting on: each future gives the replies of one or
 /// more operations.
@@ -541,6 +539,45 @@ impl Ops {
         ready.extend(self.take(p.auth.take(), std::mem::take(&mut p.ops))?);
         Ok(())
     }
+
+    /// Takes `first` (a message the caller already received, if any) and every message
+    /// already received after it as one run (`Pending`), until `limit` operations are
+    /// waiting, taken or answered; the replies answered at once go to `ready`. Returns
+    /// whether the vehicle may still send; an error ends the stream (the replies before it
+    /// are in `ready`).
+    fn take_received(
+        &mut self,
+        inbound: &mut OpsIn,
+        mut first: Option<Option<InMsg>>,
+        limit: usize,
+        ready: &mut Vec<pb::StreamReply>,
+    ) -> Result<bool, Status> {
+        let mut pending = Pending::default();
+        let (mut open, mut failed) = (true, None);
+        loop {
+            // (A no-op waker if not received yet: the caller's task polls `inbound` again
+            // with its own.)
+            let Some(m) = first.take().or_else(|| inbound.next().now_or_never()) else { break };
+            let Some(m) = m else {
+                open = false;
+                break;
+            };
+            if let Err(s) =
+                m.and_then(|(m_auth, m_ops)| self.add(&mut pending, m_auth, m_ops, ready))
+            {
+                failed = Some(s);
+                break;
+            }
+            if self.inflight.len() + ready.len() + pending.ops.len() >= limit {
+                break;
+            }
+        }
+        let flushed = self.flush(&mut pending, ready);
+        match failed {
+            Some(s) => Err(s),
+            None => flushed.map(|()| open),
+        }
+    }
 }
 
 impl Node {
@@ -566,34 +603,13 @@ impl Node {
         // The replies answered here leave as one item: at most `limit` are gathered (the
         // task takes the rest).
         let mut gathered: Vec<pb::StreamReply> = Vec::new();
-        let mut open = true;
-        let mut pending = Pending::default();
-        let mut failed = None;
-        while pending.ops.len() < limit {
-            match inbound.next().now_or_never() {
-                // Not received yet: the task waits for it.
-                None => break,
-                Some(None) => {
-                    open = false;
-                    break;
-                }
-                Some(Some(msg)) => {
-                    if let Err(s) = msg.and_then(|(m_auth, m_ops)| {
-                        ops.add(&mut pending, m_auth, m_ops, &mut gathered)
-                    }) {
-                        failed = Some(s);
-                        break;
-                    }
-                }
+        let mut open = match ops.take_received(&mut inbound, None, limit, &mut gathered) {
+            Ok(open) => open,
+            Err(s) => {
+                let now = (!gathered.is_empty()).then_some(Ok(gathered));
+                return Box::pin(futures::stream::iter(now.into_iter().chain([Err(s)])));
             }
-        }
-        if let Err(s) = ops.flush(&mut pending, &mut gathered) {
-            failed.get_or_insert(s);
-        }
-        if let Some(s) = failed {
-            let now = (!gathered.is_empty()).then_some(Ok(gathered));
-            return Box::pin(futures::stream::iter(now.into_iter().chain([Err(s)])));
-        }
+        };
         let now = futures::stream::iter((!gathered.is_empty()).then_some(Ok(gathered)));
         if !open && ops.inflight.is_empty() {
             return Box::pin(now);
@@ -625,40 +641,17 @@ impl Node {
                             }
                         }
                         msg = inbound.next(), if open && ops.inflight.len() < limit => {
-                            let mut msg = msg;
                             // This message, then every one already received, taken as
-                            // one run: their replies leave as one item, not one each (at
-                            // most `limit` operations waiting, taken or answered, then
-                            // the item leaves).
-                            let mut pending = Pending::default();
-                            let mut failed = None;
-                            loop {
-                                let Some(m) = msg else { open = false; break };
-                                if let Err(s) = m.and_then(|(m_auth, m_ops)| {
-                                    ops.add(&mut pending, m_auth, m_ops, &mut ready)
-                                }) {
-                                    failed = Some(s);
-                                    break;
+                            // one run: their replies leave as one item, not one each.
+                            match ops.take_received(&mut inbound, Some(msg), limit, &mut ready) {
+                                Ok(still_open) => open = still_open,
+                                Err(s) => {
+                                    if !ready.is_empty() {
+                                        let _ = tx.send(Ok(ready)).await;
+                                    }
+                                    let _ = tx.send(Err(s)).await;
+                                    return;
                                 }
-                                if ops.inflight.len() + ready.len() + pending.ops.len() >= limit {
-                                    break;
-                                }
-                                // (A no-op waker if not ready: the next `select!` polls
-                                // `inbound` again with this task's.)
-                                match inbound.next().now_or_never() {
-                                    Some(m) => msg = m,
-                                    None => break,
-                                }
-                            }
-                            if let Err(s) = ops.flush(&mut pending, &mut ready) {
-                                failed.get_or_insert(s);
-                            }
-                            if let Some(s) = failed {
-                                if !ready.is_empty() {
-                                    let _ = tx.send(Ok(ready)).await;
-                                }
-                                let _ = tx.send(Err(s)).await;
-                                return;
                             }
                         }
                         else => return,

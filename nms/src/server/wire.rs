@@ -31,11 +31,13 @@ const STREAM_RESULTS_RESULTS: u32 = 1;
 /// The 5-byte prefix of every gRPC message: not compressed, then the length.
 const GRPC_PREFIX_BYTES: usize = 5;
 
-/// One reply ready to encode: the reply with a read's data taken out, that data, and the
+/// One reply ready to encode: the reply with a read's data taken out, that data, the
+/// encoded length of the read reply with its data put back (0 without data), and the
 /// encoded length of the whole reply (data included).
 struct Split {
     reply: pb::StreamReply,
     data: Bytes,
+    read_len: usize,
     len: usize,
 }
 
@@ -45,17 +47,18 @@ impl Split {
             Some(pb::stream_reply::Result::Read(r)) => std::mem::take(&mut r.data),
             _ => Bytes::new(),
         };
-        let len = match (&reply.result, data.is_empty()) {
+        let (read_len, len) = match (&reply.result, data.is_empty()) {
             (Some(pb::stream_reply::Result::Read(r)), false) => {
                 let read_len = Self::read_len(r, &data);
-                tag_len(reply.tag)
+                let len = tag_len(reply.tag)
                     + key_len(STREAM_REPLY_READ)
                     + encoded_len_varint(read_len as u64)
-                    + read_len
+                    + read_len;
+                (read_len, len)
             }
-            _ => reply.encoded_len(),
+            _ => (0, reply.encoded_len()),
         };
-        Self { reply, data, len }
+        Self { reply, data, read_len, len }
     }
 
     /// The encoded length of read reply `r` (its data taken out) with `data` put back.
@@ -82,7 +85,7 @@ impl Split {
             encode_varint(self.reply.tag, hdr);
         }
         encode_key(STREAM_REPLY_READ, WireType::LengthDelimited, hdr);
-        encode_varint(Self::read_len(&r, &self.data) as u64, hdr);
+        encode_varint(self.read_len as u64, hdr);
         put_read(&r, self.data, hdr, out);
     }
 }
