@@ -1676,3 +1676,102 @@ async fn stream_messages_received_together_share_one_pss_fetch() {
     b.stop().await;
     cluster.shutdown().await;
 }
+
+/// A call's `grpc-timeout` is its deadline on the server: a write held by back-pressure, a
+/// flush waiting for a PSS without a quorum (a call tonic routes) and a stream still open
+/// end with DEADLINE_EXCEEDED when it passes (long before the server's own waits would
+/// end), the timed-out write is not applied, and the stream's replies sent before its
+/// deadline arrive intact. Raw HTTP/2, so no client-side timer answers for the server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_timeout_ends_calls_with_deadline_exceeded() {
+    use prost::Message as _;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cluster = LocalCluster::start(3, dir.path()).await.unwrap();
+    let a = Nms::start("a", &cluster.endpoints(), |c| {
+        c.dirty_limit_bytes_per_volume = 4 * (BS as u64 + 1);
+        c.backpressure_wait_ms = 60_000;
+        c.writeback_delay_ms = 600_000;
+        c.pss_deadline_ms = 60_000;
+    })
+    .await;
+    a.create_volume("gt", "k").await;
+    let c = VolumeClient::open(opts(&[&a.ep], "gt", "k")).await.unwrap();
+    for b in 0..4 {
+        c.write(b, 0, block_data(b, 1)).await.unwrap();
+    }
+    // The PSS without a quorum: nothing can be written back, so the volume stays full.
+    cluster.stop_node(2).await.unwrap();
+    cluster.stop_node(3).await.unwrap();
+    let mut send = raw_connection(&a).await;
+    let host = a.ep.authority().to_owned();
+    let write = pb::WriteRequest {
+        auth: auth("gt", "k"),
+        op: Some(pb::WriteOp {
+            block: 9,
+            offset: 0,
+            data: block_data(9, 1).into(),
+            request_id: None,
+        }),
+    }
+    .encode_to_vec();
+    let t = Instant::now();
+    let (msgs, status) =
+        raw_call(&mut send, &host, "/wayside.v1.Nms/Write", &[("grpc-timeout", "300m")], &[&write])
+            .await;
+    let waited = t.elapsed();
+    assert_eq!((msgs.len(), status.as_str()), (0, "4"), "DEADLINE_EXCEEDED, no reply");
+    assert!(
+        waited >= Duration::from_millis(300) && waited < Duration::from_secs(20),
+        "ended at its deadline, not at backpressure_wait_ms: {waited:?}"
+    );
+    let flush = pb::FlushRequest { auth: auth("gt", "k") }.encode_to_vec();
+    let t = Instant::now();
+    let (msgs, status) =
+        raw_call(&mut send, &host, "/wayside.v1.Nms/Flush", &[("grpc-timeout", "300m")], &[&flush])
+            .await;
+    let waited = t.elapsed();
+    assert_eq!((msgs.len(), status.as_str()), (0, "4"), "DEADLINE_EXCEEDED, no reply");
+    assert!(waited >= Duration::from_millis(300), "{waited:?}");
+    // A stream with a deadline: its read (a cache hit) is answered, then the still-open
+    // stream ends with DEADLINE_EXCEEDED.
+    let req = http::Request::post(format!("http://{host}/wayside.v1.Nms/Stream"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .header("grpc-timeout", "400m")
+        .body(())
+        .unwrap();
+    send = send.ready().await.unwrap();
+    let t = Instant::now();
+    let (resp, mut out) = send.send_request(req, false).unwrap();
+    let read = pb::StreamRequest { auth: auth("gt", "k"), tag: 7, op: Some(stream_read(2)) }
+        .encode_to_vec();
+    let mut framed = vec![0u8];
+    framed.extend_from_slice(&(read.len() as u32).to_be_bytes());
+    framed.extend_from_slice(&read);
+    out.send_data(bytes::Bytes::from(framed), false).unwrap();
+    let resp = resp.await.unwrap();
+    let mut body = resp.into_body();
+    let mut data = Vec::new();
+    while let Some(d) = body.data().await {
+        let d = d.unwrap();
+        body.flow_control().release_capacity(d.len()).unwrap();
+        data.extend_from_slice(&d);
+    }
+    let trailers = body.trailers().await.unwrap().expect("trailers");
+    let waited = t.elapsed();
+    assert_eq!(trailers["grpc-status"], "4", "{trailers:?}");
+    assert!(waited >= Duration::from_millis(400), "{waited:?}");
+    let reply = pb::StreamReply::decode(&data[5..]).unwrap();
+    assert_eq!(reply.tag, 7);
+    let Some(pb::stream_reply::Result::Read(r)) = reply.result else { panic!("{reply:?}") };
+    assert_eq!(r.data, block_data(2, 1));
+    drop(out);
+    // With the quorum back: the timed-out write was not applied; the rest is persisted.
+    cluster.restart_node(2).await.unwrap();
+    cluster.restart_node(3).await.unwrap();
+    assert_eq!(c.read(9, 0, None).await.unwrap(), None, "the timed-out write changed nothing");
+    c.flush().await.unwrap();
+    assert_eq!(pss_blocks(&cluster, "gt", &[0, 1, 2, 3]).await.len(), 4);
+    a.stop().await;
+    cluster.shutdown().await;
+}

@@ -21,9 +21,11 @@ use crate::cork::CorkedIo;
 use bytes::{Buf, Bytes};
 use http_body::Frame;
 use std::collections::VecDeque;
+use std::future::Future as _;
 use std::io::IoSlice;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
+use std::time::Duration;
 use tokio_stream::{Stream, StreamExt as _};
 use tonic::Status;
 
@@ -288,8 +290,14 @@ pub struct GrpcBody(Inner);
 
 enum Inner {
     Tonic(tonic::body::Body),
-    /// `None` once the trailers are sent.
-    Replies(Option<ReplyStream>),
+    Replies {
+        /// `None` once the trailers are sent.
+        replies: Option<ReplyStream>,
+        /// The call's deadline ([`grpc_timeout`]): when it passes first, the replies are
+        /// dropped (and with them the work producing them) and the call ends with
+        /// DEADLINE_EXCEEDED.
+        deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+    },
 }
 
 impl GrpcBody {
@@ -297,9 +305,42 @@ impl GrpcBody {
         Self(Inner::Tonic(body))
     }
 
-    pub fn replies(replies: ReplyStream) -> Self {
-        Self(Inner::Replies(Some(replies)))
+    /// A hand-served call's replies, ended with DEADLINE_EXCEEDED if they are still
+    /// running `timeout` from now (the call's [`grpc_timeout`]; `None`: no deadline).
+    pub fn replies(replies: ReplyStream, timeout: Option<Duration>) -> Self {
+        Self(Inner::Replies {
+            replies: Some(replies),
+            deadline: timeout.map(|t| Box::pin(tokio::time::sleep(t))),
+        })
     }
+}
+
+/// The most a `grpc-timeout` header can ask for: 8 digits of hours, far past anything
+/// [`tokio::time::sleep`] needs to represent.
+const GRPC_TIMEOUT_MAX_DIGITS: usize = 8;
+
+/// The timeout a call's `grpc-timeout` header asks for (gRPC's format: 1 to 8 digits and a
+/// unit, `H`, `M`, `S`, `m`, `u` or `n`). `None` without the header, or when it is
+/// malformed: the call then runs without a deadline, as tonic's server treats it.
+pub fn grpc_timeout(headers: &http::HeaderMap) -> Option<Duration> {
+    let v = headers.get("grpc-timeout")?.to_str().ok()?;
+    let (digits, unit) = v.split_at(v.len().checked_sub(1)?);
+    if digits.is_empty()
+        || digits.len() > GRPC_TIMEOUT_MAX_DIGITS
+        || !digits.bytes().all(|b| b.is_ascii_digit())
+    {
+        return None;
+    }
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n * 3600),
+        "M" => Duration::from_secs(n * 60),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
 }
 
 /// The trailers carrying `status`.
@@ -326,16 +367,24 @@ impl http_body::Body for GrpcBody {
             Inner::Tonic(b) => {
                 Pin::new(b).poll_frame(cx).map(|f| f.map(|f| f.map(|f| f.map_data(OutBuf::Bytes))))
             }
-            Inner::Replies(replies) => {
+            Inner::Replies { replies, deadline } => {
                 let Some(stream) = replies else { return Poll::Ready(None) };
-                let trailers = match ready!(stream.as_mut().poll_next(cx)) {
-                    Some(Ok(data)) => {
-                        return Poll::Ready(Some(Ok(Frame::data(OutBuf::Chunks(data)))))
+                let expired = deadline.as_mut().is_some_and(|d| d.as_mut().poll(cx).is_ready());
+                let trailers = if expired {
+                    status_trailers(&Status::deadline_exceeded(
+                        "the call's grpc-timeout passed before it finished",
+                    ))
+                } else {
+                    match ready!(stream.as_mut().poll_next(cx)) {
+                        Some(Ok(data)) => {
+                            return Poll::Ready(Some(Ok(Frame::data(OutBuf::Chunks(data)))))
+                        }
+                        Some(Err(s)) => status_trailers(&s),
+                        None => status_trailers(&Status::ok("")),
                     }
-                    Some(Err(s)) => status_trailers(&s),
-                    None => status_trailers(&Status::ok("")),
                 };
                 *replies = None;
+                *deadline = None;
                 Poll::Ready(Some(Ok(Frame::trailers(trailers))))
             }
         }
@@ -344,7 +393,7 @@ impl http_body::Body for GrpcBody {
     fn is_end_stream(&self) -> bool {
         match &self.0 {
             Inner::Tonic(b) => b.is_end_stream(),
-            Inner::Replies(r) => r.is_none(),
+            Inner::Replies { replies, .. } => replies.is_none(),
         }
     }
 }
@@ -562,5 +611,58 @@ mod tests {
         assert_eq!(h["grpc-status"], "5");
         assert_eq!(Status::from_header_map(&h).expect("a status").message(), "no such volume");
         assert_eq!(status_trailers(&Status::ok(""))["grpc-status"], "0");
+    }
+
+    fn headers(timeout: &str) -> http::HeaderMap {
+        let mut h = http::HeaderMap::new();
+        h.insert("grpc-timeout", http::HeaderValue::from_str(timeout).unwrap());
+        h
+    }
+
+    #[test]
+    fn grpc_timeout_reads_every_unit_and_ignores_malformed_headers() {
+        let t = |v: &str| grpc_timeout(&headers(v));
+        assert_eq!(t("2H"), Some(Duration::from_secs(7200)));
+        assert_eq!(t("3M"), Some(Duration::from_secs(180)));
+        assert_eq!(t("10S"), Some(Duration::from_secs(10)));
+        assert_eq!(t("300m"), Some(Duration::from_millis(300)));
+        assert_eq!(t("99999999u"), Some(Duration::from_micros(99_999_999)));
+        assert_eq!(t("0n"), Some(Duration::ZERO));
+        assert_eq!(t("99999999H"), Some(Duration::from_secs(99_999_999 * 3600)));
+        for bad in ["", "m", "100", "100x", "123456789m", "-1S", "1.5S", " 1S", "1s"] {
+            assert_eq!(t(bad), None, "{bad:?}");
+        }
+        assert_eq!(grpc_timeout(&http::HeaderMap::new()), None);
+    }
+
+    async fn next_frame(body: &mut GrpcBody) -> Option<Frame<OutBuf>> {
+        std::future::poll_fn(|cx| http_body::Body::poll_frame(Pin::new(&mut *body), cx))
+            .await
+            .map(|f| f.expect("a frame"))
+    }
+
+    #[tokio::test]
+    async fn a_reply_body_past_its_deadline_ends_with_deadline_exceeded() {
+        // One reply, then a stream that never ends: the reply is sent, then at the
+        // deadline (not before) the trailers say DEADLINE_EXCEEDED and the body ends.
+        let replies = tokio_stream::iter([Ok(buf(&[b"reply"]))]).chain(tokio_stream::pending());
+        let t = std::time::Instant::now();
+        let mut body = GrpcBody::replies(Box::pin(replies), Some(Duration::from_millis(50)));
+        let first = next_frame(&mut body).await.expect("the reply");
+        let Ok(data) = first.into_data() else { panic!("a data frame first") };
+        assert_eq!(data.remaining(), 5);
+        let trailers = next_frame(&mut body).await.expect("trailers").into_trailers().ok();
+        assert_eq!(trailers.expect("trailers")["grpc-status"], "4");
+        assert!(t.elapsed() >= Duration::from_millis(50), "{:?}", t.elapsed());
+        assert!(http_body::Body::is_end_stream(&body));
+        assert!(next_frame(&mut body).await.is_none());
+        // Replies that end in time end with OK.
+        let replies = tokio_stream::iter([Ok(buf(&[b"a"])), Ok(buf(&[b"b"]))]);
+        let mut body = GrpcBody::replies(Box::pin(replies), Some(Duration::from_secs(60)));
+        assert!(next_frame(&mut body).await.expect("a").is_data());
+        assert!(next_frame(&mut body).await.expect("b").is_data());
+        let trailers = next_frame(&mut body).await.expect("trailers").into_trailers().ok();
+        assert_eq!(trailers.expect("trailers")["grpc-status"], "0");
+        assert!(next_frame(&mut body).await.is_none());
     }
 }

@@ -7,6 +7,9 @@
 //! a small header buffer with the data field written last (protobuf allows fields in any
 //! order), and the data follows as a chunk of its own ([`ChunkBuf`]). The bytes on the wire
 //! decode to the same messages as tonic's encoding of them (the tests decode them back).
+//! A hand-served call's `grpc-timeout` is its deadline, for a stream as for a unary call:
+//! when it passes the call's work is dropped and the call ends with DEADLINE_EXCEEDED.
+//! Calls routed to tonic have their response bounded by it, as tonic's server does.
 
 use super::rpc::{batch_inbound, stream_inbound};
 use super::Node;
@@ -18,7 +21,7 @@ use prost::Message as _;
 use std::convert::Infallible;
 use std::sync::Arc;
 use tonic::Status;
-use wayside_proto::h2serve::{ChunkBuf, GrpcBody, Messages, ReplyStream};
+use wayside_proto::h2serve::{grpc_timeout, ChunkBuf, GrpcBody, Messages, ReplyStream};
 use wayside_proto::pb;
 
 /// `StreamReply.result.read`'s field number (nms.proto).
@@ -240,6 +243,7 @@ impl Node {
         let max = self.cfg.max_message_size_bytes;
         let node = self.clone();
         let checked = check_encoding(req.headers());
+        let timeout = grpc_timeout(req.headers());
         let body = req.into_body();
         let reply = async move {
             checked?;
@@ -251,13 +255,14 @@ impl Node {
                 encode_small(&node.write_call(r).await?, max)
             }
         };
-        GrpcBody::replies(Box::pin(futures::stream::once(reply)))
+        GrpcBody::replies(Box::pin(futures::stream::once(reply)), timeout)
     }
 
     /// Answers a `Stream` (`batches`: `StreamBatches`) call: its replies, encoded as
     /// [`encode_replies`] (or [`encode_results`]), then its trailers.
     fn stream_call(&self, req: http::Request<hyper::body::Incoming>, batches: bool) -> GrpcBody {
         let max = self.cfg.max_message_size_bytes;
+        let timeout = grpc_timeout(req.headers());
         let replies: ReplyStream = match check_encoding(req.headers()) {
             Err(s) => Box::pin(futures::stream::iter([Err(s)])),
             Ok(()) if batches => {
@@ -271,7 +276,7 @@ impl Node {
                 Box::pin(out.map(move |r| r.and_then(|rs| encode_replies(rs, max))))
             }
         };
-        GrpcBody::replies(replies)
+        GrpcBody::replies(replies, timeout)
     }
 }
 
@@ -308,18 +313,33 @@ impl hyper::service::Service<http::Request<hyper::body::Incoming>> for NmsHttp {
             Some("StreamBatches") => Call::StreamBatches,
             _ => {
                 let mut routes = self.routes.clone();
+                let timeout = grpc_timeout(req.headers());
                 return Either::Right(
                     async move {
                         use tonic::codegen::Service;
                         type Incoming = http::Request<hyper::body::Incoming>;
-                        std::future::poll_fn(|cx| {
-                            <tonic::service::Routes as Service<Incoming>>::poll_ready(
-                                &mut routes,
-                                cx,
-                            )
-                        })
-                        .await?;
-                        let r = routes.call(req).await?;
+                        let call = async {
+                            std::future::poll_fn(|cx| {
+                                <tonic::service::Routes as Service<Incoming>>::poll_ready(
+                                    &mut routes,
+                                    cx,
+                                )
+                            })
+                            .await?;
+                            routes.call(req).await
+                        };
+                        // tonic's server bounds the call's response (not a stream's
+                        // messages) by its grpc-timeout; so does this.
+                        let r = match timeout {
+                            None => call.await?,
+                            Some(t) => match tokio::time::timeout(t, call).await {
+                                Ok(r) => r?,
+                                Err(_) => Status::deadline_exceeded(
+                                    "the call's grpc-timeout passed before it answered",
+                                )
+                                .into_http(),
+                            },
+                        };
                         Ok(r.map(GrpcBody::tonic))
                     }
                     .boxed(),
