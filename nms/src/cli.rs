@@ -316,6 +316,18 @@ pub fn render_report(r: &pb::MigrationReport) -> String {
             t as f64 / 1e3
         );
     }
+    if r.writeback_drain_us > 0 {
+        s += &format!(
+            "  write-back in flight committed before the switch: {:.3} ms\n",
+            r.writeback_drain_us as f64 / 1e3
+        );
+    }
+    if r.claim_us > 0 {
+        s += &format!(
+            "  the target raised the epoch before the switch (Claim): {:.3} ms\n",
+            r.claim_us as f64 / 1e3
+        );
+    }
     let outcome = pb::MigrationOutcome::try_from(r.outcome).map_or("?", |o| o.as_str_name());
     s += &format!(
         "  outcome {outcome}; total {:.3} ms; pause {:.3} ms; {} blocks, {} bytes moved; new epoch {}\n",

@@ -541,13 +541,20 @@ async fn kill_9_of_the_nms_holding_unpersisted_writes_loses_nothing() {
 
 /// A migration target that dies at a chosen point: a real gRPC server on loopback that
 /// answers the protocol up to `die_after`, then drops the stream (and its listener).
-#[derive(Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 enum DieAt {
     AfterFirstRound,
+    /// On the source's Claim, before raising the epoch.
+    OnClaim,
+    /// Raises the epoch in the PSS, answers Claimed, then dies before SwitchOver.
+    AfterClaim,
+    /// Raises the epoch at Claim, dies on SwitchOver without answering.
     OnSwitchOver,
 }
 
-struct DyingTarget(DieAt, CancellationToken);
+/// A migration target that raises the epoch in the PSS as a real one does (owner
+/// "dying-target") and dies at a chosen point.
+struct DyingTarget(DieAt, CancellationToken, wayside_pss::client::PssClient);
 
 #[tonic::async_trait]
 impl pb::migration_server::Migration for DyingTarget {
@@ -562,11 +569,36 @@ impl pb::migration_server::Migration for DyingTarget {
         use pb::migration_frame::Frame;
         let mut inbound = req.into_inner();
         let (tx, rx) = tokio::sync::mpsc::channel(16);
-        let (die, dead) = (self.0, self.1.clone());
+        let (die, dead, pss) = (self.0, self.1.clone(), self.2.clone());
         tokio::spawn(async move {
+            let mut volume = String::new();
             while let Ok(Some(f)) = inbound.message().await {
                 let ack = match f.frame {
-                    Some(Frame::Begin(_)) => Ack::Ready(pb::MigrationReady {}),
+                    Some(Frame::Begin(b)) => {
+                        volume = b.volume;
+                        Ack::Ready(pb::MigrationReady { target_node: "dying-target".into() })
+                    }
+                    Some(Frame::Claim(_)) if die == DieAt::OnClaim => break,
+                    Some(Frame::Claim(c)) => {
+                        let r = pss
+                            .acquire_volume(pb::AcquireVolumeRequest {
+                                volume: volume.clone(),
+                                owner_node: "dying-target".into(),
+                                owner_address: "http://127.0.0.1:9".into(),
+                                expected_epoch: c.expected_epoch,
+                                create: None,
+                                request_id: None,
+                            })
+                            .await
+                            .expect("the claim raises the epoch");
+                        let new_epoch = r.meta.expect("meta").epoch;
+                        let claimed = Ack::Claimed(pb::Claimed { new_epoch });
+                        let _ = tx.send(Ok(pb::MigrationAck { ack: Some(claimed) })).await;
+                        if die == DieAt::AfterClaim {
+                            break;
+                        }
+                        continue;
+                    }
                     Some(Frame::RoundEnd(r)) if die == DieAt::AfterFirstRound => {
                         let _ = r;
                         break;
@@ -600,7 +632,10 @@ async fn the_target_dies_mid_move_and_the_source_keeps_serving() {
         c.write(blk, 0, block_data(blk, 1)).await.unwrap();
     }
     let epoch0 = c.stat().await.unwrap().epoch;
-    for die in [DieAt::AfterFirstRound, DieAt::OnSwitchOver] {
+    let pss = cluster.client();
+    let volume = VolumeName::new("abort").unwrap();
+    let mut expected = epoch0;
+    for die in [DieAt::AfterFirstRound, DieAt::OnClaim, DieAt::AfterClaim, DieAt::OnSwitchOver] {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let t_ep = Endpoint::parse(&listener.local_addr().unwrap().to_string()).unwrap();
         let dead = CancellationToken::new();
@@ -609,6 +644,7 @@ async fn the_target_dies_mid_move_and_the_source_keeps_serving() {
                 .add_service(pb::migration_server::MigrationServer::new(DyingTarget(
                     die,
                     dead.clone(),
+                    pss.clone(),
                 )))
                 .serve_with_incoming_shutdown(
                     tokio_stream::wrappers::TcpListenerStream::new(listener),
@@ -618,6 +654,13 @@ async fn the_target_dies_mid_move_and_the_source_keeps_serving() {
         let report = a.migrate("abort", &t_ep, 2).await;
         assert_eq!(report.outcome, pb::MigrationOutcome::Aborted as i32, "{report:?}");
         let _ = server.await;
+        // A move that claimed was taken back before the report: the target's raise and
+        // A's re-acquire; the PSS has A as the owner before the vehicle does anything.
+        if matches!(die, DieAt::AfterClaim | DieAt::OnSwitchOver) {
+            expected += 2;
+        }
+        let meta = pss.get_volume(&volume).await.unwrap();
+        assert_eq!((meta.epoch, meta.owner_address.as_str()), (expected, a.ep.uri()), "{die:?}");
         // A keeps serving: reads, writes and flushes work and nothing is lost.
         c.write(100, 0, block_data(100, 5)).await.unwrap();
         for blk in 0..64 {
@@ -625,11 +668,8 @@ async fn the_target_dies_mid_move_and_the_source_keeps_serving() {
         }
         c.flush().await.unwrap();
         assert_eq!(c.current_nms(), a.ep);
+        assert_eq!(c.stat().await.unwrap().epoch, expected, "A kept the volume: no re-attach");
     }
-    // The interrupted switch was settled in the PSS in A's favour (one re-acquire).
-    let meta = cluster.client().get_volume(&VolumeName::new("abort").unwrap()).await.unwrap();
-    assert_eq!(meta.epoch, epoch0 + 1, "{meta:?}");
-    assert_eq!(meta.owner_address, a.ep.uri());
     let stored = pss_blocks(&cluster, "abort", &(0..64).collect::<Vec<_>>()).await;
     assert_eq!(stored.len(), 64);
     a.stop().await;
@@ -748,6 +788,11 @@ async fn bad_input_gets_the_right_status_and_changes_nothing() {
     });
     let e = first_error(&mut mig, vec![begin("other"), uneven]).await;
     assert_eq!(e.code(), tonic::Code::InvalidArgument, "request ids of uneven lists: {e:?}");
+    let claim = Frame::Claim(pb::Claim { expected_epoch: 2 });
+    let e = first_error(&mut mig, vec![begin("other"), claim]).await;
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "a Claim from another epoch: {e:?}");
+    let meta = cluster.client().get_volume(&VolumeName::new("other").unwrap()).await.unwrap();
+    assert_eq!(meta.epoch, 1, "the refused Claim raised nothing");
     let e = first_error(&mut mig, vec![begin("good")]).await;
     assert_eq!(e.code(), tonic::Code::FailedPrecondition, "Begin for a volume served here: {e:?}");
     let st = a.status().await;

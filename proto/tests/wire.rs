@@ -93,6 +93,8 @@ fn admin_and_migration_messages_round_trip() {
         outcome: pb::MigrationOutcome::Completed as i32,
         error: String::new(),
         started_unix_ms: 1,
+        writeback_drain_us: 30,
+        claim_us: 2000,
     });
     for frame in [
         pb::migration_frame::Frame::Begin(pb::MigrationBegin {
@@ -139,8 +141,15 @@ fn admin_and_migration_messages_round_trip() {
             expected_epoch: 2,
         }),
         pb::migration_frame::Frame::Abort(pb::MigrationAbort { reason: "target full".into() }),
+        pb::migration_frame::Frame::Claim(pb::Claim { expected_epoch: 2 }),
     ] {
         round_trip(pb::MigrationFrame { frame: Some(frame) });
+    }
+    for ack in [
+        pb::migration_ack::Ack::Ready(pb::MigrationReady { target_node: "b".into() }),
+        pb::migration_ack::Ack::Claimed(pb::Claimed { new_epoch: 3 }),
+    ] {
+        round_trip(pb::MigrationAck { ack: Some(ack) });
     }
     round_trip(pb::MigrationAck {
         ack: Some(pb::migration_ack::Ack::Switched(pb::Switched {

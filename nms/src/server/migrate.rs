@@ -13,7 +13,7 @@
 //! source's (`expected_epoch`) and activates the volume. A frame out of order is
 //! INVALID_ARGUMENT and the incoming volume is dropped.
 
-use super::Node;
+use super::{Node, WritebackHold};
 use crate::cache::{hottest_first, Applied, Cache, MigBlock, Retired, VolumeState};
 use crate::error::NmsError;
 use crate::store::StoreError;
@@ -48,6 +48,22 @@ fn release(old: Option<Retired>) {
     if let Some(old) = old {
         tokio::task::spawn_blocking(move || drop(old));
     }
+}
+
+/// What a move has done towards the switch, kept by its caller so a move that fails after
+/// claiming can be undone with the write-back still held.
+#[derive(Default)]
+struct SwitchState {
+    /// The volume's write-back, held from the switch decision on.
+    hold: Option<WritebackHold>,
+    /// The target's node id (its Ready), as the PSS records an owner.
+    target_node: String,
+    /// Claim was sent: the target may have raised the epoch. Until the source hears
+    /// Switched, no vehicle has been sent to the target, so a move that ends otherwise
+    /// takes the volume back (whatever the target did: its write-back is then fenced).
+    claim_sent: bool,
+    /// The epoch the target raised the volume to (its Claimed).
+    claimed: Option<Epoch>,
 }
 
 /// When pre-copy stops and the switch begins (the vehicle waits while the switch sends
@@ -248,7 +264,8 @@ impl Node {
             started_unix_ms,
             ..Default::default()
         };
-        let result = self
+        let mut sw = SwitchState::default();
+        let mut result = self
             .run_move(
                 &v,
                 &target,
@@ -259,8 +276,20 @@ impl Node {
                 max_rounds,
                 switch_below,
                 &mut report,
+                &mut sw,
             )
             .await;
+        if let Err(why) = &result {
+            if sw.claim_sent {
+                // The write-back is still held: nothing is written back with the epoch the
+                // target may have raised past until the volume is taken back.
+                if let Err(e) = self.take_back(&v, epoch, &sw).await {
+                    result = Err(format!("{why}; {e}"));
+                }
+                self.resume(&v);
+            }
+        }
+        drop(sw.hold.take());
         self.core().stop_tracking(&v);
         h.migrating.store(false, Ordering::Release);
         match result {
@@ -276,6 +305,8 @@ impl Node {
             outcome = report.outcome,
             total_us = report.total_us,
             pause_us = report.pause_us,
+            writeback_drain_us = report.writeback_drain_us,
+            claim_us = report.claim_us,
             bytes = report.bytes_moved,
             rounds = report.rounds.len(),
             "migration finished"
@@ -296,6 +327,7 @@ impl Node {
         max_rounds: u32,
         switch_below: u64,
         report: &mut pb::MigrationReport,
+        sw: &mut SwitchState,
     ) -> Result<(), String> {
         let deadline = Instant::now() + Duration::from_millis(self.cfg.migration_timeout_ms);
         let max = self.cfg.max_message_size_bytes;
@@ -342,7 +374,7 @@ impl Node {
                 .into_inner();
         let mut link = Link { tx, acks, deadline };
         match link.ack().await? {
-            Ack::Ready(_) => {}
+            Ack::Ready(r) => sw.target_node = r.target_node,
             other => return Err(format!("expected Ready, got {other:?}")),
         }
         let frame_bytes = self.cfg.migration_frame_bytes;
@@ -395,7 +427,40 @@ impl Node {
                 return Err("node shutting down".into());
             }
             let changed = self.core().changed_bytes(v);
-            if rule.switch_now(round, changed, bytes, rate) {
+            let mut switch = rule.switch_now(round, changed, bytes, rate);
+            if switch && sw.hold.is_none() {
+                // Before pausing: no new write-back, and once the batch in flight has
+                // committed the target raises the epoch (Claim), so the pause waits for
+                // no PSS commit (one took 2-35 ms there, behind what else the PSS was
+                // committing). What the vehicle wrote meanwhile may call for another round.
+                let drain = Duration::from_millis(self.cfg.migration_writeback_drain_ms);
+                let mut idle = false;
+                if let Some((h, waited, i)) = self.hold_writeback(v, drain).await {
+                    report.writeback_drain_us = us(waited);
+                    sw.hold = Some(h);
+                    idle = i;
+                }
+                tracing::debug!(
+                    round,
+                    idle,
+                    waited_us = report.writeback_drain_us,
+                    "write-back held"
+                );
+                if idle {
+                    let t = Instant::now();
+                    sw.claim_sent = true;
+                    link.send(Frame::Claim(pb::Claim { expected_epoch: epoch.0 })).await?;
+                    match link.ack().await? {
+                        Ack::Claimed(c) => sw.claimed = Some(Epoch(c.new_epoch)),
+                        other => return Err(format!("expected Claimed, got {other:?}")),
+                    }
+                    report.claim_us = us(t.elapsed());
+                    tracing::debug!(claim_us = report.claim_us, "the target raised the epoch");
+                }
+                let changed = self.core().changed_bytes(v);
+                switch = rule.switch_now(round, changed, bytes, rate);
+            }
+            if switch {
                 tracing::debug!(round, changed, rate, "switching");
                 break;
             }
@@ -444,8 +509,8 @@ impl Node {
         }
         tracing::debug!(volume = %v, "switch: remainder queued");
         if let Err(e) = link.send(Frame::SwitchOver(switch)).await {
-            // Not sent for sure only if the channel closed before taking it; settle in the PSS.
-            return self.settle(v, epoch, target, pause, report, e).await;
+            // Not sent for sure only if the channel closed before taking it; settle.
+            return self.unswitched(v, epoch, target, pause, report, e, sw).await;
         }
         loop {
             match link.ack().await {
@@ -474,9 +539,9 @@ impl Node {
                 }
                 Ok(other) => {
                     let e = format!("unexpected ack {other:?}");
-                    return self.settle(v, epoch, target, pause, report, e).await;
+                    return self.unswitched(v, epoch, target, pause, report, e, sw).await;
                 }
-                Err(e) => return self.settle(v, epoch, target, pause, report, e).await,
+                Err(e) => return self.unswitched(v, epoch, target, pause, report, e, sw).await,
             }
         }
     }
@@ -498,6 +563,27 @@ impl Node {
         self.stop_writer(v);
         self.bump();
         old
+    }
+
+    /// SwitchOver went (or may have gone) out but no Switched came back. After a Claim the
+    /// caller takes the volume back (see [`SwitchState::claim_sent`]); otherwise
+    /// [`Node::settle`].
+    #[allow(clippy::too_many_arguments)]
+    async fn unswitched(
+        &self,
+        v: &VolumeName,
+        epoch: Epoch,
+        target: &Endpoint,
+        pause: Instant,
+        report: &mut pb::MigrationReport,
+        why: String,
+        sw: &SwitchState,
+    ) -> Result<(), String> {
+        if sw.claim_sent {
+            self.resume(v);
+            return Err(why);
+        }
+        self.settle(v, epoch, target, pause, report, why).await
     }
 
     /// After SwitchOver the outcome is unknown: re-acquire from our epoch. If that
@@ -545,6 +631,62 @@ impl Node {
                     return Err(format!("{why}; PSS unreachable while settling: {e}"));
                 }
             }
+        }
+    }
+
+    /// A move that sent Claim ended before SwitchOver: the target may have raised the
+    /// volume's epoch in the PSS, but it never served the volume. Acquires it back from
+    /// that epoch, so this NMS's write-back is not fenced (its epoch is updated). If
+    /// someone else owns the volume now, it is theirs: the volume turns into a redirect.
+    async fn take_back(&self, v: &VolumeName, ours: Epoch, sw: &SwitchState) -> Result<(), String> {
+        let deadline = Instant::now() + Duration::from_millis(self.cfg.pss_deadline_ms);
+        let mut last;
+        loop {
+            match self.store.get_volume(v.clone()).await {
+                Ok(meta) if meta.epoch == ours => return Ok(()),
+                Ok(meta) => {
+                    let claimed = match sw.claimed {
+                        Some(e) => meta.epoch == e,
+                        None => !sw.target_node.is_empty() && meta.owner_node == sw.target_node,
+                    };
+                    if !claimed {
+                        warn!(
+                            volume = %v,
+                            epoch = meta.epoch.0,
+                            owner = %meta.owner_node,
+                            "after an aborted move another NMS owns the volume"
+                        );
+                        self.fenced(v, meta.epoch).await;
+                        return Err(format!(
+                            "{} owns the volume now (epoch {})",
+                            meta.owner_node, meta.epoch.0
+                        ));
+                    }
+                    match self.store.acquire(self.acquire_request(v, Some(meta.epoch), None)).await
+                    {
+                        Ok(m) => {
+                            if let Some(x) = self.core().volume_mut(v) {
+                                x.epoch = m.epoch;
+                            }
+                            info!(volume = %v, epoch = m.epoch.0, "took the volume back from the aborted move's target");
+                            return Ok(());
+                        }
+                        // Someone moved the epoch on meanwhile: look again.
+                        Err(StoreError::StaleEpoch { .. }) => {
+                            last = "the epoch moved on meanwhile".to_string()
+                        }
+                        Err(e) => last = e.to_string(),
+                    }
+                }
+                Err(e) => last = e.to_string(),
+            }
+            if Instant::now() >= deadline {
+                // Serving on: if the target keeps the epoch, the write-back is fenced and
+                // the vehicle's journal replays to whoever owns the volume.
+                return Err(format!("taking the volume back from the target failed: {last}"));
+            }
+            warn!(error = %last, "taking the volume back from the aborted move's target; retrying");
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 
@@ -641,7 +783,11 @@ impl Node {
         }
         *incoming = Some(v.clone());
         info!(volume = %v, from = %b.source_address, "incoming migration");
-        tx.send(Ok(ack(Ack::Ready(pb::MigrationReady {})))).await.map_err(|_| closed())?;
+        let ready = pb::MigrationReady { target_node: self.node_id.clone() };
+        tx.send(Ok(ack(Ack::Ready(ready)))).await.map_err(|_| closed())?;
+        // The PSS's answer to a Claim: the epoch is raised, the volume not served until
+        // SwitchOver.
+        let mut claimed = None;
         let (mut round_blocks, mut round_bytes) = (0u64, 0u64);
         loop {
             let f = inbound
@@ -704,6 +850,31 @@ impl Node {
                     .map_err(|_| closed())?;
                     (round_blocks, round_bytes) = (0, 0);
                 }
+                Some(Frame::Claim(c)) => {
+                    if claimed.is_some() {
+                        return Err(Status::invalid_argument("a second Claim"));
+                    }
+                    if c.expected_epoch != b.source_epoch {
+                        return Err(Status::invalid_argument("Claim epoch differs from Begin's"));
+                    }
+                    let t = Instant::now();
+                    let meta = self
+                        .store
+                        .acquire(self.acquire_request(&v, Some(Epoch(c.expected_epoch)), None))
+                        .await
+                        .map_err(|e| Status::from(NmsError::from(e)))?;
+                    info!(
+                        volume = %v,
+                        epoch = meta.epoch.0,
+                        acquire_us = us(t.elapsed()),
+                        "claimed: the epoch is raised; serving from SwitchOver on"
+                    );
+                    let new_epoch = meta.epoch.0;
+                    claimed = Some(meta);
+                    tx.send(Ok(ack(Ack::Claimed(pb::Claimed { new_epoch }))))
+                        .await
+                        .map_err(|_| closed())?;
+                }
                 Some(Frame::SwitchOver(s)) => {
                     tracing::debug!(volume = %v, "switch: SwitchOver received");
                     let received = Instant::now();
@@ -714,11 +885,14 @@ impl Node {
                         ));
                     }
                     let t_acquire = Instant::now();
-                    let meta = self
-                        .store
-                        .acquire(self.acquire_request(&v, Some(Epoch(s.expected_epoch)), None))
-                        .await
-                        .map_err(|e| Status::from(NmsError::from(e)))?;
+                    let meta = match claimed.take() {
+                        Some(meta) => meta,
+                        None => self
+                            .store
+                            .acquire(self.acquire_request(&v, Some(Epoch(s.expected_epoch)), None))
+                            .await
+                            .map_err(|e| Status::from(NmsError::from(e)))?,
+                    };
                     let acquire_us = us(t_acquire.elapsed());
                     let t_finish = Instant::now();
                     self.core().finish_incoming(

@@ -176,6 +176,24 @@ pub(crate) struct Handle {
     flush: Notify,
     cancel: CancellationToken,
     migrating: AtomicBool,
+    /// Set by a migration about to switch: the writer starts no new batch.
+    held: AtomicBool,
+    /// A write-back batch is on its way to the PSS (set before `held` is checked).
+    in_flight: AtomicBool,
+}
+
+/// A volume's write-back held by [`Node::hold_writeback`]; dropping it lets the writer go
+/// on at once (what was written meanwhile is not left for the write-back delay).
+pub(crate) struct WritebackHold {
+    h: Arc<Handle>,
+}
+
+impl Drop for WritebackHold {
+    fn drop(&mut self) {
+        self.h.held.store(false, Ordering::SeqCst);
+        self.h.kick.notify_one();
+        self.h.flush.notify_one();
+    }
 }
 
 /// One NMS: the cache core, the PSS and the tasks around them.
@@ -450,6 +468,8 @@ impl Node {
             flush: Notify::new(),
             cancel: self.stop.child_token(),
             migrating: AtomicBool::new(false),
+            held: AtomicBool::new(false),
+            in_flight: AtomicBool::new(false),
         });
         if let Some(old) = self.handles.lock().expect("poisoned").insert(v.clone(), h.clone()) {
             old.cancel.cancel();
@@ -474,6 +494,29 @@ impl Node {
         self.me.upgrade().expect("a node is only used while its Arc lives")
     }
 
+    /// Starts no new write-back batch of `v` until the returned hold is dropped, and waits
+    /// at most `limit` for the batch in flight to finish. Returns the hold, how long the
+    /// wait took and whether no batch is in flight now (`None` if `v` has no writer).
+    pub(crate) async fn hold_writeback(
+        &self,
+        v: &VolumeName,
+        limit: Duration,
+    ) -> Option<(WritebackHold, Duration, bool)> {
+        let h = self.handle(v)?;
+        let mut rx = self.progress.subscribe();
+        h.held.store(true, Ordering::SeqCst);
+        let hold = WritebackHold { h: h.clone() };
+        let t = Instant::now();
+        let deadline = t + limit;
+        while h.in_flight.load(Ordering::SeqCst) {
+            if !self.wait_progress(&mut rx, deadline).await {
+                break;
+            }
+        }
+        let idle = !h.in_flight.load(Ordering::SeqCst);
+        Some((hold, t.elapsed(), idle))
+    }
+
     /// Stops a volume's write-back task and forgets its handle.
     pub(crate) fn stop_writer(&self, v: &VolumeName) {
         if let Some(h) = self.handles.lock().expect("poisoned").remove(v) {
@@ -496,7 +539,16 @@ impl Node {
                 }
             }
             loop {
-                let Some(mut batch) = self.core().take_batch(&v) else { break };
+                // In flight first, then the hold: a migration sets the hold, then waits
+                // while a batch is in flight, so one of the two sees the other.
+                h.in_flight.store(true, Ordering::SeqCst);
+                let batch =
+                    if h.held.load(Ordering::SeqCst) { None } else { self.core().take_batch(&v) };
+                let Some(mut batch) = batch else {
+                    h.in_flight.store(false, Ordering::SeqCst);
+                    self.bump();
+                    break;
+                };
                 let blocks = batch.changes.len() as u64;
                 // A batch the limits cut short means a backlog: the next one goes at once.
                 // Otherwise, with a delay, what was written meanwhile waits for the next
@@ -516,6 +568,7 @@ impl Node {
                     match self.store.write_batch(wb.clone()).await {
                         Ok(_) => {
                             self.core().complete_batch(&batch, true);
+                            h.in_flight.store(false, Ordering::SeqCst);
                             self.wb_batches.fetch_add(1, Ordering::Relaxed);
                             self.wb_blocks.fetch_add(blocks, Ordering::Relaxed);
                             self.bump();
@@ -523,6 +576,7 @@ impl Node {
                         }
                         Err(StoreError::StaleEpoch { presented, current }) => {
                             self.core().complete_batch(&batch, false);
+                            h.in_flight.store(false, Ordering::SeqCst);
                             warn!(
                                 presented = presented.0,
                                 current = current.0,
@@ -537,6 +591,7 @@ impl Node {
                                 _ = tokio::time::sleep(backoff) => {}
                                 _ = h.cancel.cancelled() => {
                                     self.core().complete_batch(&batch, false);
+                                    h.in_flight.store(false, Ordering::SeqCst);
                                     return;
                                 }
                             }
