@@ -1820,3 +1820,49 @@ async fn grpc_timeout_ends_calls_with_deadline_exceeded() {
     a.stop().await;
     cluster.shutdown().await;
 }
+
+/// The source's write-back batch is stuck on its way to the PSS (its PSS link silent) when
+/// the switch is decided: the source waits `migration_writeback_drain_ms` for it, starts no
+/// other, then switches without a Claim (the target raises the epoch at SwitchOver, over
+/// its own PSS link). Nothing is lost: the stuck batch's blocks travel as dirty and the
+/// target writes them back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_write_back_stuck_in_flight_delays_the_claim_not_the_move() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = LocalCluster::start(1, dir.path()).await.unwrap();
+    let upstream = cluster.endpoints()[0].authority().parse().unwrap();
+    let proxy = wayside_pss::testing::SilentProxy::start(upstream).await.unwrap();
+    let via_proxy = Endpoint::parse(&proxy.addr.to_string()).unwrap();
+    let a = Nms::start("a", &[via_proxy], |c| {
+        c.writeback_delay_ms = 0;
+        c.migration_writeback_drain_ms = 300;
+        c.pss_rpc_timeout_ms = 500;
+        c.pss_deadline_ms = 1_000;
+    })
+    .await;
+    let b = Nms::start("b", &cluster.endpoints(), |_| {}).await;
+    let c = VolumeClient::open(opts(&[&a.ep], "stuck", "k")).await.unwrap();
+    for blk in 0..32 {
+        c.write(blk, 0, block_data(blk, 1)).await.unwrap();
+    }
+    c.flush().await.unwrap();
+    // A's PSS link goes silent; the next write's write-back starts at once and hangs.
+    proxy.silence();
+    c.write(40, 0, block_data(40, 1)).await.unwrap();
+    let report = a.migrate("stuck", &b.ep, 4).await;
+    assert_eq!(report.outcome, pb::MigrationOutcome::Completed as i32, "{report:?}");
+    assert!(report.writeback_drain_us >= 300_000, "waited for the batch in flight: {report:?}");
+    assert_eq!(report.claim_us, 0, "no Claim with a batch in flight: {report:?}");
+    for blk in 0..32 {
+        assert_eq!(c.read(blk, 0, None).await.unwrap().unwrap(), block_data(blk, 1));
+    }
+    assert_eq!(c.read(40, 0, None).await.unwrap().unwrap(), block_data(40, 1));
+    assert_eq!(c.current_nms(), b.ep);
+    c.flush().await.unwrap();
+    let stored = pss_blocks(&cluster, "stuck", &[40]).await;
+    assert_eq!(stored[&40], block_data(40, 1), "the target wrote the stuck batch's block back");
+    b.stop().await;
+    a.stop().await;
+    drop(proxy);
+    cluster.shutdown().await;
+}
