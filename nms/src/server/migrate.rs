@@ -529,7 +529,7 @@ impl Node {
         tracing::debug!(volume = %v, "switch: remainder queued");
         if let Err(e) = link.send(Frame::SwitchOver(switch)).await {
             // Not sent for sure only if the channel closed before taking it; settle.
-            return self.unswitched(v, epoch, target, pause, report, e, sw).await;
+            return self.settle(v, epoch, target, pause, report, e, sw).await;
         }
         loop {
             match link.ack().await {
@@ -558,9 +558,9 @@ impl Node {
                 }
                 Ok(other) => {
                     let e = format!("unexpected ack {other:?}");
-                    return self.unswitched(v, epoch, target, pause, report, e, sw).await;
+                    return self.settle(v, epoch, target, pause, report, e, sw).await;
                 }
-                Err(e) => return self.unswitched(v, epoch, target, pause, report, e, sw).await,
+                Err(e) => return self.settle(v, epoch, target, pause, report, e, sw).await,
             }
         }
     }
@@ -585,10 +585,11 @@ impl Node {
     }
 
     /// SwitchOver went (or may have gone) out but no Switched came back. After a Claim the
-    /// caller takes the volume back (see [`SwitchState::claim_sent`]); otherwise
-    /// [`Node::settle`].
+    /// caller takes the volume back (see [`SwitchState::claim_sent`]). Otherwise the
+    /// outcome is unknown: re-acquire from our epoch. If that succeeds we still own the
+    /// volume (the target's acquire will fail); if it is stale the target won.
     #[allow(clippy::too_many_arguments)]
-    async fn unswitched(
+    async fn settle(
         &self,
         v: &VolumeName,
         epoch: Epoch,
@@ -602,21 +603,6 @@ impl Node {
             self.resume(v);
             return Err(why);
         }
-        self.settle(v, epoch, target, pause, report, why).await
-    }
-
-    /// After SwitchOver the outcome is unknown: re-acquire from our epoch. If that
-    /// succeeds we still own the volume (the target's acquire will fail); if it is
-    /// stale the target won.
-    async fn settle(
-        &self,
-        v: &VolumeName,
-        epoch: Epoch,
-        target: &Endpoint,
-        pause: Instant,
-        report: &mut pb::MigrationReport,
-        why: String,
-    ) -> Result<(), String> {
         let deadline = Instant::now() + Duration::from_millis(self.cfg.pss_deadline_ms);
         loop {
             let r = self.store.acquire(self.acquire_request(v, Some(epoch), None)).await;
