@@ -546,7 +546,11 @@ impl Node {
                     if h.held.load(Ordering::SeqCst) { None } else { self.core().take_batch(&v) };
                 let Some(mut batch) = batch else {
                     h.in_flight.store(false, Ordering::SeqCst);
-                    self.bump();
+                    // A migration waiting on `in_flight` set the hold first, so it is seen
+                    // here (SeqCst) and woken; otherwise nobody waits.
+                    if h.held.load(Ordering::SeqCst) {
+                        self.bump();
+                    }
                     break;
                 };
                 let blocks = batch.changes.len() as u64;
