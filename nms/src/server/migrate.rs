@@ -1,17 +1,21 @@
 //! Moving a volume between NMSs (DESIGN.md section 4).
 //!
 //! Source ([`Node::migrate_out`]): Begin, pre-copy rounds (hottest blocks first, the vehicle
-//! still served; blocks written meanwhile are sent again), then the switch: pause the
-//! volume (requests wait), send the remainder and SwitchOver, and on Switched answer
-//! callers with Moved. Any failure before SwitchOver aborts and the source keeps serving.
-//! A failure after SwitchOver is ambiguous (the target may have raised the epoch): the
-//! source settles it in the PSS by trying to re-acquire from its own epoch: success means
-//! it still owns the volume (abort); StaleEpoch means the target owns it (moved).
+//! still served; blocks written meanwhile are sent again). When the changes are small the
+//! source holds the volume's write-back and, once no batch is in flight, sends Claim: the
+//! target raises the epoch in the PSS while one more round goes out. Then the switch: pause
+//! the volume (requests wait), send the remainder and SwitchOver, and on Switched answer
+//! callers with Moved. A failure before Switched after a Claim is undone by taking the
+//! volume back (acquiring from the target's epoch: no vehicle was sent there). Without a
+//! Claim, any failure before SwitchOver aborts and the source keeps serving, and a failure
+//! after SwitchOver is ambiguous (the target may have raised the epoch): the source
+//! settles it in the PSS by trying to re-acquire from its own epoch: success means it
+//! still owns the volume (abort); StaleEpoch means the target owns it (moved).
 //!
 //! Target ([`pb::migration_server::Migration`] on [`Node`]): Begin creates the volume in
-//! state Incoming; blocks are stored; SwitchOver raises the epoch in the PSS from the
-//! source's (`expected_epoch`) and activates the volume. A frame out of order is
-//! INVALID_ARGUMENT and the incoming volume is dropped.
+//! state Incoming; blocks are stored; Claim (or else SwitchOver) raises the epoch in the
+//! PSS from the source's (`expected_epoch`); SwitchOver activates the volume. A frame out
+//! of order is INVALID_ARGUMENT and the incoming volume is dropped.
 
 use super::{Node, WritebackHold};
 use crate::cache::{hottest_first, Applied, Cache, MigBlock, Retired, VolumeState};
