@@ -90,7 +90,7 @@ pub struct Config {
     /// Another round is tried only while the changes shrink, and never past
     /// `migration_max_rounds`. Over a 1 Gbit/s link the 1 MiB threshold alone left 8 ms of
     /// data to the switch; at 2000 us a remainder of ~200 KB took 6-7 ms to cross (pauses
-    /// of 7-13 ms in 5 of 26 moves), at 1000 us every pause of 12 moves took 0.9-1.6 ms.
+    /// of 7-13 ms in 6 of 26 moves), at 1000 us every pause of 18 moves took 0.9-1.8 ms.
     pub migration_switch_transfer_us: u64,
     /// Most block data per migration frame, in bytes.
     pub migration_frame_bytes: u64,
