@@ -550,6 +550,9 @@ enum DieAt {
     AfterClaim,
     /// Raises the epoch at Claim, dies on SwitchOver without answering.
     OnSwitchOver,
+    /// A target from before Claim (Ready names no node; a Claim is a frame it does not
+    /// know: INVALID_ARGUMENT), dying on SwitchOver.
+    OldOnSwitchOver,
 }
 
 /// A migration target that raises the epoch in the PSS as a real one does (owner
@@ -576,7 +579,14 @@ impl pb::migration_server::Migration for DyingTarget {
                 let ack = match f.frame {
                     Some(Frame::Begin(b)) => {
                         volume = b.volume;
-                        Ack::Ready(pb::MigrationReady { target_node: "dying-target".into() })
+                        let old = die == DieAt::OldOnSwitchOver;
+                        let node = if old { "" } else { "dying-target" };
+                        Ack::Ready(pb::MigrationReady { target_node: node.into() })
+                    }
+                    Some(Frame::Claim(_)) if die == DieAt::OldOnSwitchOver => {
+                        let e = tonic::Status::invalid_argument("empty migration frame");
+                        let _ = tx.send(Err(e)).await;
+                        break;
                     }
                     Some(Frame::Claim(_)) if die == DieAt::OnClaim => break,
                     Some(Frame::Claim(c)) => {
@@ -635,7 +645,13 @@ async fn the_target_dies_mid_move_and_the_source_keeps_serving() {
     let pss = cluster.client();
     let volume = VolumeName::new("abort").unwrap();
     let mut expected = epoch0;
-    for die in [DieAt::AfterFirstRound, DieAt::OnClaim, DieAt::AfterClaim, DieAt::OnSwitchOver] {
+    for die in [
+        DieAt::AfterFirstRound,
+        DieAt::OnClaim,
+        DieAt::AfterClaim,
+        DieAt::OnSwitchOver,
+        DieAt::OldOnSwitchOver,
+    ] {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let t_ep = Endpoint::parse(&listener.local_addr().unwrap().to_string()).unwrap();
         let dead = CancellationToken::new();
@@ -658,6 +674,12 @@ async fn the_target_dies_mid_move_and_the_source_keeps_serving() {
         // A's re-acquire; the PSS has A as the owner before the vehicle does anything.
         if matches!(die, DieAt::AfterClaim | DieAt::OnSwitchOver) {
             expected += 2;
+        }
+        // An old target got no Claim: the interrupted switch is settled from A's epoch
+        // (one re-acquire), as before Claim.
+        if die == DieAt::OldOnSwitchOver {
+            assert_eq!(report.claim_us, 0, "no Claim to an old target: {report:?}");
+            expected += 1;
         }
         let meta = pss.get_volume(&volume).await.unwrap();
         assert_eq!((meta.epoch, meta.owner_address.as_str()), (expected, a.ep.uri()), "{die:?}");

@@ -460,7 +460,9 @@ impl Node {
                     waited_us = report.writeback_drain_us,
                     "write-back held"
                 );
-                if idle {
+                // A target from before Claim names no node in Ready (and would refuse the
+                // frame): it raises the epoch at SwitchOver.
+                if idle && !sw.target_node.is_empty() {
                     let t = Instant::now();
                     claim_started = Some(t);
                     sw.claim_sent = true;
