@@ -1503,6 +1503,21 @@ async fn raw_call(
     headers: &[(&'static str, &'static str)],
     messages: &[&[u8]],
 ) -> (Vec<Vec<u8>>, String) {
+    let (resp, _) = raw_open(send, authority, path, headers, messages, true).await;
+    raw_reply(resp).await
+}
+
+/// Starts a raw HTTP/2 call on `send`: `path` with `headers` and the gRPC messages
+/// `messages`, the request ended if `end`. Returns the response to come and the request
+/// body (dropping it resets an unended request).
+async fn raw_open(
+    send: &mut h2::client::SendRequest<bytes::Bytes>,
+    authority: &str,
+    path: &str,
+    headers: &[(&'static str, &'static str)],
+    messages: &[&[u8]],
+    end: bool,
+) -> (h2::client::ResponseFuture, h2::SendStream<bytes::Bytes>) {
     let mut req = http::Request::post(format!("http://{authority}{path}"))
         .header("content-type", "application/grpc")
         .header("te", "trailers");
@@ -1518,7 +1533,13 @@ async fn raw_call(
     let ready = send.clone().ready().await.unwrap();
     *send = ready;
     let (resp, mut out) = send.send_request(req.body(()).unwrap(), false).unwrap();
-    out.send_data(bytes::Bytes::from(body), true).unwrap();
+    out.send_data(bytes::Bytes::from(body), end).unwrap();
+    (resp, out)
+}
+
+/// The gRPC messages of a raw call's reply and its `grpc-status` (from the headers or the
+/// trailers).
+async fn raw_reply(resp: h2::client::ResponseFuture) -> (Vec<Vec<u8>>, String) {
     let resp = tokio::time::timeout(Duration::from_secs(20), resp).await.unwrap().unwrap();
     let mut headers_status =
         resp.headers().get("grpc-status").map(|v| v.to_str().unwrap().to_owned());
@@ -1801,34 +1822,17 @@ async fn grpc_timeout_ends_calls_with_deadline_exceeded() {
     assert!(waited >= Duration::from_millis(300), "{waited:?}");
     // A stream with a deadline: its read (a cache hit) is answered, then the still-open
     // stream ends with DEADLINE_EXCEEDED.
-    let req = http::Request::post(format!("http://{host}/wayside.v1.Nms/Stream"))
-        .header("content-type", "application/grpc")
-        .header("te", "trailers")
-        .header("grpc-timeout", "400m")
-        .body(())
-        .unwrap();
-    send = send.ready().await.unwrap();
-    let t = Instant::now();
-    let (resp, mut out) = send.send_request(req, false).unwrap();
     let read = pb::StreamRequest { auth: auth("gt", "k"), tag: 7, op: Some(stream_read(2)) }
         .encode_to_vec();
-    let mut framed = vec![0u8];
-    framed.extend_from_slice(&(read.len() as u32).to_be_bytes());
-    framed.extend_from_slice(&read);
-    out.send_data(bytes::Bytes::from(framed), false).unwrap();
-    let resp = resp.await.unwrap();
-    let mut body = resp.into_body();
-    let mut data = Vec::new();
-    while let Some(d) = body.data().await {
-        let d = d.unwrap();
-        body.flow_control().release_capacity(d.len()).unwrap();
-        data.extend_from_slice(&d);
-    }
-    let trailers = body.trailers().await.unwrap().expect("trailers");
+    let t = Instant::now();
+    let path = "/wayside.v1.Nms/Stream";
+    let timeout = [("grpc-timeout", "400m")];
+    let (resp, out) = raw_open(&mut send, &host, path, &timeout, &[&read], false).await;
+    let (msgs, status) = raw_reply(resp).await;
     let waited = t.elapsed();
-    assert_eq!(trailers["grpc-status"], "4", "{trailers:?}");
+    assert_eq!((msgs.len(), status.as_str()), (1, "4"), "the read's reply, then DEADLINE_EXCEEDED");
     assert!(waited >= Duration::from_millis(400), "{waited:?}");
-    let reply = pb::StreamReply::decode(&data[5..]).unwrap();
+    let reply = pb::StreamReply::decode(&msgs[0][..]).unwrap();
     assert_eq!(reply.tag, 7);
     let Some(pb::stream_reply::Result::Read(r)) = reply.result else { panic!("{reply:?}") };
     assert_eq!(r.data, block_data(2, 1));

@@ -62,12 +62,26 @@ struct SwitchState {
     hold: Option<WritebackHold>,
     /// The target's node id (its Ready), as the PSS records an owner.
     target_node: String,
-    /// Claim was sent: the target may have raised the epoch. Until the source hears
-    /// Switched, no vehicle has been sent to the target, so a move that ends otherwise
-    /// takes the volume back (whatever the target did: its write-back is then fenced).
-    claim_sent: bool,
+    /// When Claim was sent: from then the target may have raised the epoch. Until the
+    /// source hears Switched, no vehicle has been sent to the target, so a move that ends
+    /// otherwise takes the volume back (whatever the target did: its write-back is then
+    /// fenced).
+    claim_sent_at: Option<Instant>,
     /// The epoch the target raised the volume to (its Claimed).
     claimed: Option<Epoch>,
+}
+
+impl SwitchState {
+    fn claim_sent(&self) -> bool {
+        self.claim_sent_at.is_some()
+    }
+
+    /// Takes the target's Claimed in: its epoch, and how long the raise took.
+    fn claimed(&mut self, c: pb::Claimed, report: &mut pb::MigrationReport) {
+        self.claimed = Some(Epoch(c.new_epoch));
+        report.claim_us = self.claim_sent_at.map_or(0, |t| us(t.elapsed()));
+        tracing::debug!(claim_us = report.claim_us, "the target raised the epoch");
+    }
 }
 
 /// When pre-copy stops and the switch begins (the vehicle waits while the switch sends
@@ -284,7 +298,7 @@ impl Node {
             )
             .await;
         if let Err(why) = &result {
-            if sw.claim_sent {
+            if sw.claim_sent() {
                 // The write-back is still held: nothing is written back with the epoch the
                 // target may have raised past until the volume is taken back.
                 if let Err(e) = self.take_back(&v, epoch, &sw).await {
@@ -407,8 +421,6 @@ impl Node {
         };
         // The fastest a round carried data to the target, in bytes per second.
         let mut rate = 0f64;
-        // When Claim went out.
-        let mut claim_started: Option<Instant> = None;
         loop {
             let t = Instant::now();
             let (n, bytes) = link.round(round, blocks, applied, frame_bytes).await?;
@@ -417,10 +429,8 @@ impl Node {
                 match link.ack().await? {
                     Ack::Round(_) => break,
                     // The Claim sent before this round is answered before it.
-                    Ack::Claimed(c) if sw.claim_sent && sw.claimed.is_none() => {
-                        sw.claimed = Some(Epoch(c.new_epoch));
-                        report.claim_us = claim_started.map_or(0, |t| us(t.elapsed()));
-                        tracing::debug!(claim_us = report.claim_us, "the target raised the epoch");
+                    Ack::Claimed(c) if sw.claim_sent() && sw.claimed.is_none() => {
+                        sw.claimed(c, report)
                     }
                     other => return Err(format!("expected RoundAck, got {other:?}")),
                 }
@@ -463,9 +473,7 @@ impl Node {
                 // A target from before Claim names no node in Ready (and would refuse the
                 // frame): it raises the epoch at SwitchOver.
                 if idle && !sw.target_node.is_empty() {
-                    let t = Instant::now();
-                    claim_started = Some(t);
-                    sw.claim_sent = true;
+                    sw.claim_sent_at = Some(Instant::now());
                     link.send(Frame::Claim(pb::Claim { expected_epoch: epoch.0 })).await?;
                     if round < max_rounds {
                         // One more round, sent while the target raises the epoch (its
@@ -474,11 +482,9 @@ impl Node {
                         switch = false;
                     } else {
                         match link.ack().await? {
-                            Ack::Claimed(c) => sw.claimed = Some(Epoch(c.new_epoch)),
+                            Ack::Claimed(c) => sw.claimed(c, report),
                             other => return Err(format!("expected Claimed, got {other:?}")),
                         }
-                        report.claim_us = us(t.elapsed());
-                        tracing::debug!(claim_us = report.claim_us, "the target raised the epoch");
                     }
                 } else {
                     let changed = self.core().changed_bytes(v);
@@ -591,7 +597,7 @@ impl Node {
     }
 
     /// SwitchOver went (or may have gone) out but no Switched came back. After a Claim the
-    /// caller takes the volume back (see [`SwitchState::claim_sent`]). Otherwise the
+    /// caller takes the volume back (see [`SwitchState::claim_sent_at`]). Otherwise the
     /// outcome is unknown: re-acquire from our epoch. If that succeeds we still own the
     /// volume (the target's acquire will fail); if it is stale the target won.
     #[allow(clippy::too_many_arguments)]
@@ -605,7 +611,7 @@ impl Node {
         why: String,
         sw: &SwitchState,
     ) -> Result<(), String> {
-        if sw.claim_sent {
+        if sw.claim_sent() {
             self.resume(v);
             return Err(why);
         }
