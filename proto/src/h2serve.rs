@@ -398,6 +398,39 @@ impl http_body::Body for GrpcBody {
     }
 }
 
+/// The executor hyper runs each call (HTTP/2 stream) on: it polls the call once, inline on
+/// the connection's task, and spawns it onto the runtime only if it is not finished then.
+///
+/// A unary call the cache answers at once (a read hit, an accepted write) thus completes
+/// inside the connection's poll that received it, and the same poll writes its reply:
+/// no task is spawned and no task is woken for it. hyper's own executor spawns a task per
+/// call, which then wakes the connection's task to send the reply.
+///
+/// The inline poll has a no-op waker: a call still pending is spawned, and a spawned
+/// task is always polled again, which registers its real waker before it waits (the
+/// `Future` contract: a future registers the waker of the poll that returns `Pending`).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct InlineFirst;
+
+impl<F> hyper::rt::Executor<F> for InlineFirst
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    fn execute(&self, fut: F) {
+        let mut fut = Box::pin(fut);
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        // A call that panics fails alone, as it would in a task of its own: dropping it
+        // resets its stream, and the connection's other calls go on.
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| fut.as_mut().poll(&mut cx)))
+        {
+            Ok(Poll::Ready(_)) => {}
+            Ok(Poll::Pending) => drop(tokio::spawn(fut)),
+            Err(_) => tracing::error!("a call panicked; its stream is reset"),
+        }
+    }
+}
+
 /// The HTTP/2 settings of a [`serve_http2`] server.
 #[derive(Debug, Clone, Copy)]
 pub struct Http2Settings {
@@ -430,8 +463,7 @@ where
     B::Data: Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let mut builder =
-        hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new());
+    let mut builder = hyper::server::conn::http2::Builder::new(InlineFirst);
     builder
         .timer(hyper_util::rt::TokioTimer::new())
         .initial_connection_window_size(crate::server::HTTP2_CONNECTION_WINDOW_BYTES)
@@ -498,6 +530,35 @@ mod tests {
             b.push(Bytes::copy_from_slice(p));
         }
         b
+    }
+
+    #[test]
+    fn inline_first_finishes_a_ready_call_without_a_runtime_to_spawn_on() {
+        use hyper::rt::Executor as _;
+        // Outside a runtime `tokio::spawn` panics: a ready call must not reach it.
+        let ran = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let r = ran.clone();
+        InlineFirst.execute(async move { r.store(true, std::sync::atomic::Ordering::SeqCst) });
+        assert!(ran.load(std::sync::atomic::Ordering::SeqCst));
+        // A panicking call fails alone.
+        InlineFirst.execute(async { panic!("a call's bug") });
+    }
+
+    #[tokio::test]
+    async fn inline_first_spawns_a_pending_call_which_finishes_when_woken() {
+        use hyper::rt::Executor as _;
+        let (go_tx, go_rx) = tokio::sync::oneshot::channel::<u32>();
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel::<u32>();
+        InlineFirst.execute(async move {
+            let v = go_rx.await.unwrap_or(0);
+            let _ = done_tx.send(v + 1);
+        });
+        // The inline poll registered a no-op waker; the spawned task's own poll must
+        // register the real one, or this send would wake nothing and the test would hang.
+        tokio::task::yield_now().await;
+        go_tx.send(41).unwrap();
+        let v = tokio::time::timeout(Duration::from_secs(10), done_rx).await;
+        assert_eq!(v.expect("the spawned call was never woken").unwrap(), 42);
     }
 
     #[test]
