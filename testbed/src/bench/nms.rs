@@ -10,7 +10,9 @@
 //!   the same pre-encoded request on every call, so all its clients use volume `bench-0`
 //!   (unary: block 0; batched: blocks `0..depth`); it cannot read gRPC trailers, so every
 //!   phase checks the NMS's own counters (`NodeStatus.reads`, the volume's accepted lsn)
-//!   against the calls h2load saw succeed.
+//!   against the calls h2load saw succeed. h2load offers the largest frame wayside's client
+//!   library offers (256 KiB; h2load's own default is 16 KiB), so a 64 KiB batch reply is one
+//!   DATA frame, as the client library receives it.
 //! - **tonic** (the Rust gRPC client, in this process): unary, streamed (`--depth` tagged
 //!   operations in flight per `Stream`) and batched (one `StreamBatches` message of
 //!   `--depth` operations at a time); each client has its own volume and `--blocks` blocks.
@@ -535,6 +537,8 @@ async fn nms_h2load(
         .args(["-c", &a.clients.to_string(), "-m", "1", "-t", "1"])
         .args(["-D", &a.seconds.to_string(), "--warm-up-time", "1"])
         .args(["-H", "content-type: application/grpc", "-H", "te: trailers"])
+        // The frame size wayside's own client library offers (h2load's default is 16 KiB).
+        .args(["-f", &wayside_proto::server::HTTP2_MAX_FRAME_BYTES.to_string()])
         .arg("-d")
         .arg(&file)
         .arg("--log-file")
