@@ -470,11 +470,13 @@ async fn an_old_owner_holding_unpersisted_writes_is_fenced() {
     cluster.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn kill_9_of_the_nms_holding_unpersisted_writes_loses_nothing() {
-    let dir = tempfile::tempdir().unwrap();
-    let cluster = LocalCluster::start(3, dir.path()).await.unwrap();
-    let cfg = dir.path().join("a.toml");
+/// `nms serve` as a process of its own (node id `a`, writing nothing back for ten
+/// minutes), for tests that kill it with SIGKILL; it is killed when the child is dropped.
+async fn spawn_nms_process(
+    dir: &std::path::Path,
+    cluster: &LocalCluster,
+) -> (tokio::process::Child, Endpoint) {
+    let cfg = dir.join("a.toml");
     std::fs::write(&cfg, "writeback_delay_ms = 600000\n").unwrap();
     let pss: Vec<String> = cluster.endpoints().iter().map(|e| e.authority().to_owned()).collect();
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_nms"))
@@ -497,8 +499,16 @@ async fn kill_9_of_the_nms_holding_unpersisted_writes_loses_nothing() {
     let mut line = String::new();
     tokio::io::AsyncBufReadExt::read_line(&mut out, &mut line).await.unwrap();
     let addr = line.trim().strip_prefix("listening on ").expect("the child prints its address");
-    let a_ep = Endpoint::parse(addr).unwrap();
-    wait_healthy(&a_ep).await;
+    let ep = Endpoint::parse(addr).unwrap();
+    wait_healthy(&ep).await;
+    (child, ep)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn kill_9_of_the_nms_holding_unpersisted_writes_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = LocalCluster::start(3, dir.path()).await.unwrap();
+    let (mut child, a_ep) = spawn_nms_process(dir.path(), &cluster).await;
     let b = Nms::start("b", &cluster.endpoints(), |_| {}).await;
     let mut o = opts(&[&a_ep, &b.ep], "crash", "k");
     o.max_batch_ops = 8;
@@ -695,6 +705,118 @@ async fn the_target_dies_mid_move_and_the_source_keeps_serving() {
     let stored = pss_blocks(&cluster, "abort", &(0..64).collect::<Vec<_>>()).await;
     assert_eq!(stored.len(), 64);
     a.stop().await;
+    cluster.shutdown().await;
+}
+
+/// The source dies after the target claimed the volume (raised its epoch in the PSS) and
+/// before the switch, holding writes it accepted and never persisted. The target drops
+/// the half-moved volume; the vehicle finds its NMS gone, attaches to the target and
+/// replays its journal there; every acknowledged write reaches the PSS. The source is A,
+/// a real `nms serve` process killed with SIGKILL; its half of the move is played by the
+/// test on the wire, as A's migration would send it: Begin at A's epoch, a pre-copy
+/// round (of older data than the vehicle's last writes), Claim, and no SwitchOver.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_source_dies_after_the_claim_and_the_vehicle_loses_nothing() {
+    use pb::migration_ack::Ack;
+    use pb::migration_frame::Frame;
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = LocalCluster::start(3, dir.path()).await.unwrap();
+    let (mut child, a_ep) = spawn_nms_process(dir.path(), &cluster).await;
+    let b = Nms::start("b", &cluster.endpoints(), |_| {}).await;
+    let c = VolumeClient::open(opts(&[&a_ep, &b.ep], "claimed", "k")).await.unwrap();
+    for blk in 0..32u64 {
+        c.write(blk, 0, block_data(blk, 1)).await.unwrap();
+    }
+    c.flush().await.unwrap();
+    // Accepted by A, not persisted (A writes back after ten minutes): only in A's memory
+    // and the vehicle's journal.
+    for blk in 0..32u64 {
+        c.write(blk, 0, block_data(blk, 2)).await.unwrap();
+    }
+    c.write(5, 100, b"partial".to_vec()).await.unwrap();
+    assert!(c.journal_bytes() >= 32 * BS as u64, "the writes are accepted, not persisted");
+    let pss = cluster.client();
+    let volume = VolumeName::new("claimed").unwrap();
+    let before = pss.get_volume(&volume).await.unwrap();
+    assert_eq!(before.owner_node, "a");
+
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    let mut acks = pb::migration_client::MigrationClient::new(channel(&b.ep).await)
+        .transfer(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let send = |f: Frame| {
+        let tx = tx.clone();
+        async move { tx.send(pb::MigrationFrame { frame: Some(f) }).await.unwrap() }
+    };
+    send(Frame::Begin(pb::MigrationBegin {
+        migration_id: 1,
+        volume: "claimed".into(),
+        block_size: BS as u32,
+        source_epoch: before.epoch,
+        source_node: "a".into(),
+        source_address: a_ep.uri().into(),
+        credential_hash: Credential::new("k").unwrap().hash().0.to_vec(),
+        cached_bytes: 32 * BS as u64,
+    }))
+    .await;
+    let ready = acks.message().await.unwrap().unwrap();
+    assert!(
+        matches!(&ready.ack, Some(Ack::Ready(r)) if r.target_node == "b"),
+        "Ready names the target: {ready:?}"
+    );
+    send(Frame::Blocks(pb::MigrationBlocks {
+        round: 1,
+        blocks: (0..32u64)
+            .map(|blk| pb::MigratedBlock {
+                block: blk,
+                data: block_data(blk, 1).into(),
+                version: 1,
+                heat: 1,
+                ..Default::default()
+            })
+            .collect(),
+    }))
+    .await;
+    send(Frame::RoundEnd(pb::RoundEnd { round: 1, blocks: 32, bytes: 32 * BS as u64 })).await;
+    let round = acks.message().await.unwrap().unwrap();
+    assert!(matches!(round.ack, Some(Ack::Round(_))), "{round:?}");
+    send(Frame::Claim(pb::Claim { expected_epoch: before.epoch })).await;
+    let claimed = acks.message().await.unwrap().unwrap();
+    let Some(Ack::Claimed(pb::Claimed { new_epoch })) = claimed.ack else {
+        panic!("expected Claimed: {claimed:?}")
+    };
+    let meta = pss.get_volume(&volume).await.unwrap();
+    assert_eq!((meta.epoch, meta.owner_node.as_str()), (new_epoch, "b"), "B claimed it");
+    assert!(new_epoch > before.epoch);
+
+    // A dies: no SwitchOver, its stream and its memory gone.
+    drop((tx, acks));
+    child.start_kill().unwrap(); // SIGKILL
+    child.wait().await.unwrap();
+
+    // The vehicle's next call finds A gone, attaches to B (which has dropped the
+    // half-moved volume) and replays its journal there.
+    c.write(40, 0, block_data(40, 2)).await.unwrap();
+    assert_eq!(c.current_nms(), b.ep);
+    c.flush().await.unwrap();
+    assert_eq!(c.journal_bytes(), 0, "everything is persisted");
+    let mut want: HashMap<u64, Vec<u8>> = (0..32).map(|b| (b, block_data(b, 2))).collect();
+    want.get_mut(&5).unwrap()[100..107].copy_from_slice(b"partial");
+    want.insert(40, block_data(40, 2));
+    let blocks: Vec<u64> = want.keys().copied().collect();
+    let stored = pss_blocks(&cluster, "claimed", &blocks).await;
+    let read = c.read_many(&blocks).await.unwrap();
+    for (blk, got) in blocks.iter().zip(read) {
+        let data = want.get(blk);
+        assert_eq!(stored.get(blk), data, "acknowledged block {blk} is in the PSS");
+        assert_eq!(got.as_ref(), data, "block {blk} reads back from B");
+    }
+    let meta = pss.get_volume(&volume).await.unwrap();
+    assert_eq!(meta.owner_node, "b");
+    assert!(meta.epoch >= new_epoch, "{meta:?}");
+    b.stop().await;
     cluster.shutdown().await;
 }
 
