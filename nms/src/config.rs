@@ -94,8 +94,15 @@ pub struct Config {
     pub migration_switch_transfer_us: u64,
     /// Most block data per migration frame, in bytes.
     pub migration_frame_bytes: u64,
-    /// Longest a whole migration may take before it aborts, in milliseconds.
+    /// Longest a whole migration may take before it aborts, in milliseconds. Every wait
+    /// on the target (its answers, and room on a link that stopped taking data) ends by it.
     pub migration_timeout_ms: u64,
+    /// Longest the switch may wait for the target (room on the link for the remainder,
+    /// then its Switched), counted from the pause, in milliseconds; within
+    /// `migration_timeout_ms`. The vehicle's requests wait meanwhile (`pause_wait_ms`), so
+    /// a target or link gone silent during the switch costs the vehicle this much, not
+    /// the rest of the move's time: the move is settled (or taken back) and served here.
+    pub migration_switch_timeout_ms: u64,
     /// Longest wait, once the switch is decided, for the volume's write-back batch in
     /// flight to the PSS to finish, in milliseconds (no new batch starts meanwhile). The
     /// target raises the epoch in the PSS during the switch, behind whatever the PSS is
@@ -153,6 +160,7 @@ impl Default for Config {
             migration_switch_transfer_us: 1_000,
             migration_frame_bytes: 1 << 20,
             migration_timeout_ms: 30_000,
+            migration_switch_timeout_ms: 2_000,
             migration_writeback_drain_ms: 200,
             pss_rpc_timeout_ms: 2_000,
             pss_deadline_ms: 10_000,
@@ -191,6 +199,8 @@ impl Config {
             ("max_stream_inflight_ops", self.max_stream_inflight_ops as u64),
             ("max_stream_batch_ops", self.max_stream_batch_ops as u64),
             ("migration_max_rounds", u64::from(self.migration_max_rounds)),
+            ("migration_timeout_ms", self.migration_timeout_ms),
+            ("migration_switch_timeout_ms", self.migration_switch_timeout_ms),
         ] {
             if v == 0 {
                 return Err(format!("{name} must be > 0"));

@@ -563,6 +563,13 @@ enum DieAt {
     /// A target from before Claim (Ready names no node; a Claim is a frame it does not
     /// know: INVALID_ARGUMENT), dying on SwitchOver.
     OldOnSwitchOver,
+    /// Answers Ready, then reads nothing more and answers nothing, its stream left open
+    /// (a hung target, or a link cut without a reset): flow control stops the source's
+    /// sends once the windows fill.
+    SilentAfterReady,
+    /// Raises the epoch at Claim, takes SwitchOver in and answers nothing, its stream left
+    /// open (silent in the middle of the switch).
+    SilentOnSwitchOver,
 }
 
 /// A migration target that raises the epoch in the PSS as a real one does (owner
@@ -591,7 +598,18 @@ impl pb::migration_server::Migration for DyingTarget {
                         volume = b.volume;
                         let old = die == DieAt::OldOnSwitchOver;
                         let node = if old { "" } else { "dying-target" };
-                        Ack::Ready(pb::MigrationReady { target_node: node.into() })
+                        let ready = Ack::Ready(pb::MigrationReady { target_node: node.into() });
+                        if die == DieAt::SilentAfterReady {
+                            let _ = tx.send(Ok(pb::MigrationAck { ack: Some(ready) })).await;
+                            // Silent until the test ends, holding the stream open.
+                            dead.cancelled().await;
+                            break;
+                        }
+                        ready
+                    }
+                    Some(Frame::SwitchOver(_)) if die == DieAt::SilentOnSwitchOver => {
+                        dead.cancelled().await;
+                        break;
                     }
                     Some(Frame::Claim(_)) if die == DieAt::OldOnSwitchOver => {
                         let e = tonic::Status::invalid_argument("empty migration frame");
@@ -816,6 +834,136 @@ async fn the_source_dies_after_the_claim_and_the_vehicle_loses_nothing() {
     let meta = pss.get_volume(&volume).await.unwrap();
     assert_eq!(meta.owner_node, "b");
     assert!(meta.epoch >= new_epoch, "{meta:?}");
+    b.stop().await;
+    cluster.shutdown().await;
+}
+
+/// A target or link that goes silent (no reset: a hung target, a cut link) ends the move
+/// within its limits, not when TCP gives up: in pre-copy, once flow control stops the
+/// source's sends, by `migration_timeout_ms`; in the switch, where the vehicle waits, by
+/// `migration_switch_timeout_ms`. Either way the source keeps (or takes back) the volume
+/// and serves it with nothing lost. And a real target whose source goes silent after its
+/// Claim drops the half-moved volume by its own `migration_timeout_ms` and can then serve
+/// the volume to the vehicle.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_silent_target_or_source_ends_the_move_within_its_limits() {
+    const MOVE_MS: u64 = 3_000;
+    const SWITCH_MS: u64 = 500;
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = LocalCluster::start(3, dir.path()).await.unwrap();
+    let a = Nms::start("a", &cluster.endpoints(), |c| {
+        c.migration_timeout_ms = MOVE_MS;
+        c.migration_switch_timeout_ms = SWITCH_MS;
+        c.migration_frame_bytes = 64 * 1024;
+    })
+    .await;
+    let c = VolumeClient::open(opts(&[&a.ep], "quiet", "k")).await.unwrap();
+    // 4 MiB: more than a silent target's 64 KiB windows, the client's send buffer and the
+    // move's queue of four 64 KiB frames hold, so the source's sends stop.
+    const BLOCKS: u64 = 1024;
+    let acks = c.write_many((0..BLOCKS).map(|b| (b, 0, block_data(b, 1))).collect()).await;
+    assert_eq!(acks.unwrap().len(), BLOCKS as usize);
+    let pss = cluster.client();
+    let volume = VolumeName::new("quiet").unwrap();
+    let mut expected = c.stat().await.unwrap().epoch;
+    for (die, limit) in [
+        (DieAt::SilentAfterReady, "migration_timeout_ms"),
+        (DieAt::SilentOnSwitchOver, "migration_switch_timeout_ms"),
+    ] {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let t_ep = Endpoint::parse(&listener.local_addr().unwrap().to_string()).unwrap();
+        let dead = CancellationToken::new();
+        let server = tokio::spawn(
+            tonic::transport::Server::builder()
+                .initial_stream_window_size(65_535)
+                .initial_connection_window_size(65_535)
+                .add_service(pb::migration_server::MigrationServer::new(DyingTarget(
+                    die,
+                    dead.clone(),
+                    pss.clone(),
+                )))
+                .serve_with_incoming_shutdown(
+                    tokio_stream::wrappers::TcpListenerStream::new(listener),
+                    dead.clone().cancelled_owned(),
+                ),
+        );
+        let t = Instant::now();
+        let within = Duration::from_millis(MOVE_MS + 10_000);
+        let report = tokio::time::timeout(within, a.migrate("quiet", &t_ep, 2))
+            .await
+            .unwrap_or_else(|_| panic!("{die:?}: the move still waits after {within:?}"));
+        let took = t.elapsed();
+        println!("{die:?}: aborted after {} ms: {}", took.as_millis(), report.error);
+        dead.cancel();
+        let _ = server.await;
+        assert_eq!(report.outcome, pb::MigrationOutcome::Aborted as i32, "{report:?}");
+        assert!(report.error.contains(limit), "{die:?} ends by {limit}: {report:?}");
+        assert!(took < Duration::from_millis(MOVE_MS + 5_000), "{die:?} took {took:?}");
+        if die == DieAt::SilentOnSwitchOver {
+            // The switch ended by its own limit, well before the move's.
+            assert!(report.claim_us > 0, "claimed first: {report:?}");
+            assert!(took < Duration::from_millis(MOVE_MS), "{die:?} took {took:?}");
+            expected += 2; // the target's raise, A's take-back
+        }
+        let meta = pss.get_volume(&volume).await.unwrap();
+        assert_eq!((meta.epoch, meta.owner_address.as_str()), (expected, a.ep.uri()), "{die:?}");
+        c.write(BLOCKS, 0, block_data(BLOCKS, 2)).await.unwrap();
+        let all: Vec<u64> = (0..=BLOCKS).collect();
+        let read = c.read_many(&all).await.unwrap();
+        for (blk, got) in all.iter().zip(read) {
+            let n = if *blk == BLOCKS { 2 } else { 1 };
+            assert_eq!(got, Some(block_data(*blk, n)), "{die:?}: block {blk}");
+        }
+        c.flush().await.unwrap();
+        assert_eq!(c.current_nms(), a.ep);
+    }
+    let a_uri = a.ep.uri().to_owned();
+    a.stop().await;
+
+    // The source goes silent after the target's Claim: the target (a real NMS) gives up by
+    // its migration_timeout_ms, drops the half-moved volume, and serves it when asked.
+    let b = Nms::start("b", &cluster.endpoints(), |c| c.migration_timeout_ms = 1_000).await;
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    let mut acks = pb::migration_client::MigrationClient::new(channel(&b.ep).await)
+        .transfer(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let frame = |f| pb::MigrationFrame { frame: Some(f) };
+    let begin = pb::MigrationBegin {
+        migration_id: 9,
+        volume: "quiet".into(),
+        block_size: BS as u32,
+        source_epoch: expected,
+        source_node: "a".into(),
+        source_address: a_uri,
+        credential_hash: Credential::new("k").unwrap().hash().0.to_vec(),
+        cached_bytes: 0,
+    };
+    use pb::migration_frame::Frame;
+    tx.send(frame(Frame::Begin(begin))).await.unwrap();
+    tx.send(frame(Frame::Claim(pb::Claim { expected_epoch: expected }))).await.unwrap();
+    let t = Instant::now();
+    let mut claimed = false;
+    let end = loop {
+        match acks.message().await {
+            Ok(Some(pb::MigrationAck { ack: Some(pb::migration_ack::Ack::Claimed(_)) })) => {
+                claimed = true
+            }
+            Ok(Some(_)) => {}
+            Ok(None) => panic!("the target ended the stream without a status"),
+            Err(e) => break e,
+        }
+    };
+    assert!(claimed, "B claimed the volume");
+    assert_eq!(end.code(), tonic::Code::DeadlineExceeded, "{end:?}");
+    assert!(t.elapsed() < Duration::from_secs(10), "B gave up after {:?}", t.elapsed());
+    assert_eq!(b.status().await.volumes, 0, "B dropped the half-moved volume");
+    drop(tx);
+    // The vehicle, its NMS gone, reaches B: B serves the volume (from the PSS).
+    let c = VolumeClient::open(opts(&[&b.ep], "quiet", "k")).await.unwrap();
+    assert_eq!(c.read(BLOCKS, 0, None).await.unwrap(), Some(block_data(BLOCKS, 2)));
+    assert_eq!(pss.get_volume(&volume).await.unwrap().owner_node, "b");
     b.stop().await;
     cluster.shutdown().await;
 }

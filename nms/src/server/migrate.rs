@@ -164,6 +164,16 @@ fn applied_from_pb(runs: Vec<pb::AppliedRun>) -> Result<Vec<(RequestId, Applied)
     Ok(out)
 }
 
+/// The source's next frame, if it comes before `deadline` (`migration_timeout_ms`).
+async fn next_frame(
+    inbound: &mut Streaming<pb::MigrationFrame>,
+    deadline: Instant,
+) -> Result<Option<pb::MigrationFrame>, Status> {
+    tokio::time::timeout_at(deadline.into(), inbound.message()).await.map_err(|_| {
+        Status::deadline_exceeded("migration_timeout_ms passed waiting for the source")
+    })?
+}
+
 fn to_pb(b: MigBlock) -> pb::MigratedBlock {
     pb::MigratedBlock {
         block: b.block,
@@ -180,20 +190,33 @@ fn to_pb(b: MigBlock) -> pb::MigratedBlock {
 struct Link {
     tx: mpsc::Sender<pb::MigrationFrame>,
     acks: Streaming<pb::MigrationAck>,
+    /// Every wait on the target ends by this...
     deadline: Instant,
+    /// ...the limit it comes from (for the abort's reason).
+    limit: &'static str,
 }
 
 impl Link {
+    /// Queues a frame. A target or link that stopped taking data fills the queue once
+    /// HTTP/2 flow control holds the stream: the wait for room ends at the deadline too.
     async fn send(&self, f: Frame) -> Result<(), String> {
-        self.tx
-            .send(pb::MigrationFrame { frame: Some(f) })
-            .await
-            .map_err(|_| "the migration stream closed".to_string())
+        let sent = self.tx.send(pb::MigrationFrame { frame: Some(f) });
+        match tokio::time::timeout_at(self.deadline.into(), sent).await {
+            Err(_) => Err(format!("{} passed with the link taking no data", self.limit)),
+            Ok(r) => r.map_err(|_| "the migration stream closed".to_string()),
+        }
+    }
+    /// From now on every wait ends within `limit_ms` (named `limit`), or sooner.
+    fn tighten(&mut self, limit: &'static str, limit_ms: u64) {
+        let d = Instant::now() + Duration::from_millis(limit_ms);
+        if d < self.deadline {
+            (self.deadline, self.limit) = (d, limit);
+        }
     }
     async fn ack(&mut self) -> Result<Ack, String> {
         let next = tokio::time::timeout_at(self.deadline.into(), self.acks.message());
         match next.await {
-            Err(_) => Err("migration_timeout_ms passed".into()),
+            Err(_) => Err(format!("{} passed waiting for the target", self.limit)),
             Ok(Err(s)) => Err(format!("target: {}: {}", s.code(), s.message())),
             Ok(Ok(None)) => Err("target closed the stream".into()),
             Ok(Ok(Some(a))) => a.ack.ok_or_else(|| "empty ack".into()),
@@ -390,7 +413,7 @@ impl Node {
                 .map_err(|_| "opening the transfer timed out".to_string())?
                 .map_err(|s| format!("target refused: {}: {}", s.code(), s.message()))?
                 .into_inner();
-        let mut link = Link { tx, acks, deadline };
+        let mut link = Link { tx, acks, deadline, limit: "migration_timeout_ms" };
         match link.ack().await? {
             Ack::Ready(r) => sw.target_node = r.target_node,
             other => return Err(format!("expected Ready, got {other:?}")),
@@ -502,6 +525,7 @@ impl Node {
         }
         // Switch: pause, send the remainder, hand over.
         let pause = Instant::now();
+        link.tighten("migration_switch_timeout_ms", self.cfg.migration_switch_timeout_ms);
         tracing::debug!(volume = %v, "switch: pausing");
         let (rest, switch) = {
             let mut core = self.core();
@@ -735,8 +759,10 @@ impl Node {
     ) -> Result<(), Status> {
         let ack = |a: Ack| pb::MigrationAck { ack: Some(a) };
         let closed = || Status::cancelled("source went away");
-        let first = inbound
-            .message()
+        // The source gives up by then; a source or link gone silent (no reset) must not
+        // leave the half-moved volume here, refusing its vehicle, any longer.
+        let deadline = Instant::now() + Duration::from_millis(self.cfg.migration_timeout_ms);
+        let first = next_frame(inbound, deadline)
             .await?
             .ok_or_else(|| Status::invalid_argument("empty migration stream"))?;
         let Some(Frame::Begin(b)) = first.frame else {
@@ -807,8 +833,7 @@ impl Node {
         let mut claimed = None;
         let (mut round_blocks, mut round_bytes) = (0u64, 0u64);
         loop {
-            let f = inbound
-                .message()
+            let f = next_frame(inbound, deadline)
                 .await?
                 .ok_or_else(|| Status::cancelled("source closed the stream before SwitchOver"))?;
             match f.frame {
