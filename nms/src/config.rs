@@ -94,8 +94,10 @@ pub struct Config {
     pub migration_switch_transfer_us: u64,
     /// Most block data per migration frame, in bytes.
     pub migration_frame_bytes: u64,
-    /// Longest a whole migration may take before it aborts, in milliseconds. Every wait
-    /// on the target (its answers, and room on a link that stopped taking data) ends by it.
+    /// Longest a whole migration may take before it aborts, in milliseconds, on either
+    /// side: every wait of the source on the target (its answers, and room on a link that
+    /// stopped taking data) ends by it, and a target drops an incoming move not switched
+    /// within it of `Begin`.
     pub migration_timeout_ms: u64,
     /// Longest the switch may wait for the target (room on the link for the remainder,
     /// then its Switched), counted from the pause, in milliseconds; within
