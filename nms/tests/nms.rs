@@ -470,6 +470,24 @@ async fn an_old_owner_holding_unpersisted_writes_is_fenced() {
     cluster.shutdown().await;
 }
 
+/// Every block of `want` is in the PSS with that data, and reads back so through `c` (in
+/// batches).
+async fn assert_persisted_and_read_back(
+    cluster: &LocalCluster,
+    c: &VolumeClient,
+    vol: &str,
+    want: &HashMap<u64, Vec<u8>>,
+) {
+    let blocks: Vec<u64> = want.keys().copied().collect();
+    let stored = pss_blocks(cluster, vol, &blocks).await;
+    let read = c.read_many(&blocks).await.unwrap();
+    for (blk, got) in blocks.iter().zip(read) {
+        let data = want.get(blk);
+        assert_eq!(stored.get(blk), data, "acknowledged block {blk} is in the PSS");
+        assert_eq!(got.as_ref(), data, "block {blk} reads back");
+    }
+}
+
 /// `nms serve` as a process of its own (node id `a`, writing nothing back for ten
 /// minutes), for tests that kill it with SIGKILL; it is killed when the child is dropped.
 async fn spawn_nms_process(
@@ -534,16 +552,8 @@ async fn kill_9_of_the_nms_holding_unpersisted_writes_loses_nothing() {
     let mut want: HashMap<u64, Vec<u8>> = (0..50).map(|b| (b, block_data(b, 2))).collect();
     want.get_mut(&3).unwrap()[10..17].copy_from_slice(b"partial");
     want.insert(60, block_data(60, 2));
-    let blocks: Vec<u64> = want.keys().copied().collect();
-    let stored = pss_blocks(&cluster, "crash", &blocks).await;
-    for (blk, data) in &want {
-        assert_eq!(stored.get(blk), Some(data), "acknowledged block {blk} is in the PSS");
-    }
-    // And batched reads from B (several batches of 8) see the same.
-    let read = c.read_many(&blocks).await.unwrap();
-    for (blk, got) in blocks.iter().zip(read) {
-        assert_eq!(got.as_ref(), want.get(blk), "block {blk} read back in a batch");
-    }
+    // In the PSS, and read back from B in batches (several of 8).
+    assert_persisted_and_read_back(&cluster, &c, "crash", &want).await;
     assert_eq!(c.read_many(&[1000]).await.unwrap(), vec![None], "a block never written");
     b.stop().await;
     cluster.shutdown().await;
@@ -823,14 +833,7 @@ async fn the_source_dies_after_the_claim_and_the_vehicle_loses_nothing() {
     let mut want: HashMap<u64, Vec<u8>> = (0..32).map(|b| (b, block_data(b, 2))).collect();
     want.get_mut(&5).unwrap()[100..107].copy_from_slice(b"partial");
     want.insert(40, block_data(40, 2));
-    let blocks: Vec<u64> = want.keys().copied().collect();
-    let stored = pss_blocks(&cluster, "claimed", &blocks).await;
-    let read = c.read_many(&blocks).await.unwrap();
-    for (blk, got) in blocks.iter().zip(read) {
-        let data = want.get(blk);
-        assert_eq!(stored.get(blk), data, "acknowledged block {blk} is in the PSS");
-        assert_eq!(got.as_ref(), data, "block {blk} reads back from B");
-    }
+    assert_persisted_and_read_back(&cluster, &c, "claimed", &want).await;
     let meta = pss.get_volume(&volume).await.unwrap();
     assert_eq!(meta.owner_node, "b");
     assert!(meta.epoch >= new_epoch, "{meta:?}");
