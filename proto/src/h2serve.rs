@@ -402,9 +402,11 @@ impl http_body::Body for GrpcBody {
 /// the connection's task, and spawns it onto the runtime only if it is not finished then.
 ///
 /// A unary call the cache answers at once (a read hit, an accepted write) thus completes
-/// inside the connection's poll that received it, and the same poll writes its reply:
-/// no task is spawned and no task is woken for it. hyper's own executor spawns a task per
-/// call, which then wakes the connection's task to send the reply.
+/// inside the connection's poll that received it: no task is spawned for it, and no other
+/// task has to run before its reply can go. hyper's own executor spawns a task per call,
+/// which then wakes the connection's task to send the reply. (h2 still wakes the
+/// connection's task once per reply queued, so the reply leaves in the next poll of the
+/// same task, with whatever else is ready then: see `CorkedIo`.)
 ///
 /// The inline poll has a no-op waker: a call still pending is spawned, and a spawned
 /// task is always polled again, which registers its real waker before it waits (the
