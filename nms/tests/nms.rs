@@ -768,50 +768,34 @@ async fn the_source_dies_after_the_claim_and_the_vehicle_loses_nothing() {
     let before = pss.get_volume(&volume).await.unwrap();
     assert_eq!(before.owner_node, "a");
 
-    let (tx, rx) = tokio::sync::mpsc::channel(8);
-    let mut acks = pb::migration_client::MigrationClient::new(channel(&b.ep).await)
-        .transfer(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await
-        .unwrap()
-        .into_inner();
-    let send = |f: Frame| {
-        let tx = tx.clone();
-        async move { tx.send(pb::MigrationFrame { frame: Some(f) }).await.unwrap() }
-    };
-    send(Frame::Begin(pb::MigrationBegin {
-        migration_id: 1,
-        volume: "claimed".into(),
-        block_size: BS as u32,
-        source_epoch: before.epoch,
-        source_node: "a".into(),
-        source_address: a_ep.uri().into(),
-        credential_hash: Credential::new("k").unwrap().hash().0.to_vec(),
-        cached_bytes: 32 * BS as u64,
-    }))
-    .await;
-    let ready = acks.message().await.unwrap().unwrap();
+    let mut source = PlayedSource::open(&b.ep).await;
+    source.send(begin_frame("claimed", before.epoch, a_ep.uri(), 32 * BS as u64)).await;
+    let ready = source.acks.message().await.unwrap().unwrap();
     assert!(
         matches!(&ready.ack, Some(Ack::Ready(r)) if r.target_node == "b"),
         "Ready names the target: {ready:?}"
     );
-    send(Frame::Blocks(pb::MigrationBlocks {
-        round: 1,
-        blocks: (0..32u64)
-            .map(|blk| pb::MigratedBlock {
-                block: blk,
-                data: block_data(blk, 1).into(),
-                version: 1,
-                heat: 1,
-                ..Default::default()
-            })
-            .collect(),
-    }))
-    .await;
-    send(Frame::RoundEnd(pb::RoundEnd { round: 1, blocks: 32, bytes: 32 * BS as u64 })).await;
-    let round = acks.message().await.unwrap().unwrap();
+    source
+        .send(Frame::Blocks(pb::MigrationBlocks {
+            round: 1,
+            blocks: (0..32u64)
+                .map(|blk| pb::MigratedBlock {
+                    block: blk,
+                    data: block_data(blk, 1).into(),
+                    version: 1,
+                    heat: 1,
+                    ..Default::default()
+                })
+                .collect(),
+        }))
+        .await;
+    source
+        .send(Frame::RoundEnd(pb::RoundEnd { round: 1, blocks: 32, bytes: 32 * BS as u64 }))
+        .await;
+    let round = source.acks.message().await.unwrap().unwrap();
     assert!(matches!(round.ack, Some(Ack::Round(_))), "{round:?}");
-    send(Frame::Claim(pb::Claim { expected_epoch: before.epoch })).await;
-    let claimed = acks.message().await.unwrap().unwrap();
+    source.send(Frame::Claim(pb::Claim { expected_epoch: before.epoch })).await;
+    let claimed = source.acks.message().await.unwrap().unwrap();
     let Some(Ack::Claimed(pb::Claimed { new_epoch })) = claimed.ack else {
         panic!("expected Claimed: {claimed:?}")
     };
@@ -820,7 +804,7 @@ async fn the_source_dies_after_the_claim_and_the_vehicle_loses_nothing() {
     assert!(new_epoch > before.epoch);
 
     // A dies: no SwitchOver, its stream and its memory gone.
-    drop((tx, acks));
+    drop(source);
     child.start_kill().unwrap(); // SIGKILL
     child.wait().await.unwrap();
 
@@ -926,30 +910,13 @@ async fn a_silent_target_or_source_ends_the_move_within_its_limits() {
     // The source goes silent after the target's Claim: the target (a real NMS) gives up by
     // its migration_timeout_ms, drops the half-moved volume, and serves it when asked.
     let b = Nms::start("b", &cluster.endpoints(), |c| c.migration_timeout_ms = 1_000).await;
-    let (tx, rx) = tokio::sync::mpsc::channel(8);
-    let mut acks = pb::migration_client::MigrationClient::new(channel(&b.ep).await)
-        .transfer(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await
-        .unwrap()
-        .into_inner();
-    let frame = |f| pb::MigrationFrame { frame: Some(f) };
-    let begin = pb::MigrationBegin {
-        migration_id: 9,
-        volume: "quiet".into(),
-        block_size: BS as u32,
-        source_epoch: expected,
-        source_node: "a".into(),
-        source_address: a_uri,
-        credential_hash: Credential::new("k").unwrap().hash().0.to_vec(),
-        cached_bytes: 0,
-    };
-    use pb::migration_frame::Frame;
-    tx.send(frame(Frame::Begin(begin))).await.unwrap();
-    tx.send(frame(Frame::Claim(pb::Claim { expected_epoch: expected }))).await.unwrap();
+    let mut source = PlayedSource::open(&b.ep).await;
+    source.send(begin_frame("quiet", expected, &a_uri, 0)).await;
+    source.send(pb::migration_frame::Frame::Claim(pb::Claim { expected_epoch: expected })).await;
     let t = Instant::now();
     let mut claimed = false;
     let end = loop {
-        match acks.message().await {
+        match source.acks.message().await {
             Ok(Some(pb::MigrationAck { ack: Some(pb::migration_ack::Ack::Claimed(_)) })) => {
                 claimed = true
             }
@@ -962,13 +929,54 @@ async fn a_silent_target_or_source_ends_the_move_within_its_limits() {
     assert_eq!(end.code(), tonic::Code::DeadlineExceeded, "{end:?}");
     assert!(t.elapsed() < Duration::from_secs(10), "B gave up after {:?}", t.elapsed());
     assert_eq!(b.status().await.volumes, 0, "B dropped the half-moved volume");
-    drop(tx);
+    drop(source);
     // The vehicle, its NMS gone, reaches B: B serves the volume (from the PSS).
     let c = VolumeClient::open(opts(&[&b.ep], "quiet", "k")).await.unwrap();
     assert_eq!(c.read(BLOCKS, 0, None).await.unwrap(), Some(block_data(BLOCKS, 2)));
     assert_eq!(pss.get_volume(&volume).await.unwrap().owner_node, "b");
     b.stop().await;
     cluster.shutdown().await;
+}
+
+/// A migration Begin for `vol` (credential "k") from source node "a" at `epoch`.
+fn begin_frame(
+    vol: &str,
+    epoch: u64,
+    source_address: &str,
+    cached_bytes: u64,
+) -> pb::migration_frame::Frame {
+    pb::migration_frame::Frame::Begin(pb::MigrationBegin {
+        migration_id: 1,
+        volume: vol.into(),
+        block_size: BS as u32,
+        source_epoch: epoch,
+        source_node: "a".into(),
+        source_address: source_address.into(),
+        credential_hash: Credential::new("k").unwrap().hash().0.to_vec(),
+        cached_bytes,
+    })
+}
+
+/// A source's half of a move, played by a test on the wire to a real target NMS.
+struct PlayedSource {
+    tx: tokio::sync::mpsc::Sender<pb::MigrationFrame>,
+    acks: tonic::Streaming<pb::MigrationAck>,
+}
+
+impl PlayedSource {
+    async fn open(target: &Endpoint) -> PlayedSource {
+        let (tx, rx) = tokio::sync::mpsc::channel(8);
+        let acks = pb::migration_client::MigrationClient::new(channel(target).await)
+            .transfer(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+            .unwrap()
+            .into_inner();
+        PlayedSource { tx, acks }
+    }
+
+    async fn send(&self, f: pb::migration_frame::Frame) {
+        self.tx.send(pb::MigrationFrame { frame: Some(f) }).await.unwrap();
+    }
 }
 
 async fn first_error(
@@ -1041,18 +1049,7 @@ async fn bad_input_gets_the_right_status_and_changes_nothing() {
     )
     .await;
     assert_eq!(e.code(), tonic::Code::InvalidArgument, "no Begin: {e:?}");
-    let begin_at = |vol: &str, epoch: u64| {
-        Frame::Begin(pb::MigrationBegin {
-            migration_id: 7,
-            volume: vol.into(),
-            block_size: BS as u32,
-            source_epoch: epoch,
-            source_node: "x".into(),
-            source_address: "http://127.0.0.1:1".into(),
-            credential_hash: Credential::new("k").unwrap().hash().0.to_vec(),
-            cached_bytes: 0,
-        })
-    };
+    let begin_at = |vol: &str, epoch: u64| begin_frame(vol, epoch, "http://127.0.0.1:1", 0);
     let oversized = Frame::Blocks(pb::MigrationBlocks {
         round: 1,
         blocks: vec![pb::MigratedBlock {

@@ -125,8 +125,9 @@ impl Buf for ChunkBuf {
 /// one DATA chunk (the usual case) is decoded from a slice of that chunk, so its `bytes`
 /// fields share the chunk (tonic's `Streaming` copies every chunk into a buffer of its own
 /// first: 4% of a batched-write run's serving thread). A message split across chunks is
-/// decoded from them in place too: only a `bytes` field cut by a chunk's edge is copied. A compressed message is refused (INTERNAL, as tonic's decoder does when
-/// no `grpc-encoding` was agreed), one longer than `max` bytes is OUT_OF_RANGE, and a body
+/// decoded from them in place too: only a `bytes` field cut by a chunk's edge is copied.
+/// A compressed message is refused (INTERNAL, as tonic's decoder does when no
+/// `grpc-encoding` was agreed), one longer than `max` bytes is OUT_OF_RANGE, and a body
 /// that ends inside a message is INTERNAL.
 pub struct Messages<M> {
     body: hyper::body::Incoming,
@@ -193,12 +194,11 @@ fn decode_one<M: prost::Message + Default>(
     // one split across chunks is copied alone; the message is never gathered into one
     // buffer first (a client sending 16 KiB frames, as gRPC's C core and Go do, splits
     // every 64 KiB batch: that copy was 5% of a batched-write run's serving thread).
-    let before = pending.remaining();
-    let decoded = M::decode((&mut *pending).take(len));
-    // A message that fails to decode may leave part of itself.
-    let left = len - (before - pending.remaining());
-    pending.advance(left);
-    decoded.map(Some).map_err(|e| Status::internal(format!("decoding a message: {e}")))
+    // prost reads the message to its end; one that fails to decode ends the stream (its
+    // rest, and all after it, is dropped by the caller).
+    M::decode((&mut *pending).take(len))
+        .map(Some)
+        .map_err(|e| Status::internal(format!("decoding a message: {e}")))
 }
 
 impl<M: prost::Message + Default> Stream for Messages<M> {
