@@ -304,7 +304,14 @@ pub async fn migrate(a: MigrateArgs) -> anyhow::Result<()> {
 pub fn render_report(r: &pb::MigrationReport) -> String {
     let mut s =
         format!("migration of {} from {} to {}\n", r.volume, r.source_node, r.target_address);
-    let mut t = 0u64;
+    if r.setup_us > 0 {
+        s += &format!(
+            "  target ready (connected, volume checked in the PSS): {:.3} ms\n",
+            r.setup_us as f64 / 1e3
+        );
+    }
+    // t: time since the move started.
+    let mut t = r.setup_us;
     for x in &r.rounds {
         t += x.duration_us;
         s += &format!(

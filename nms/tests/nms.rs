@@ -470,6 +470,80 @@ async fn an_old_owner_holding_unpersisted_writes_is_fenced() {
     cluster.shutdown().await;
 }
 
+/// The PSS loses its leader twice under a vehicle writing continuously: once while the
+/// NMS writes back (write-back goes on through the new leader), once just before a move
+/// (the target's claim waits for the next election). Every acknowledged write is in the
+/// PSS at its last value (a write-back batch retried across the change re-applied after
+/// a newer one would revert a block) and reads back from the target.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn pss_leader_changes_under_write_back_and_a_move_lose_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cluster = LocalCluster::start(3, dir.path()).await.unwrap();
+    let a = Nms::start("a", &cluster.endpoints(), |c| c.writeback_delay_ms = 20).await;
+    let b = Nms::start("b", &cluster.endpoints(), |_| {}).await;
+    let c = VolumeClient::open(opts(&[&a.ep], "lc", "k")).await.unwrap();
+    let stop = CancellationToken::new();
+    let writer = {
+        let (c, stop) = (c.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut acked: HashMap<u64, u64> = HashMap::new();
+            let mut n = 0u64;
+            while !stop.is_cancelled() {
+                n += 1;
+                let blk = n % 200;
+                c.write(blk, 0, block_data(blk, n)).await.expect("writes never fail");
+                acked.insert(blk, n);
+            }
+            (acked, n)
+        })
+    };
+    // Waits (polling Stat, with a deadline) until the volume's persisted watermark reaches `lsn`.
+    let persisted_past = |lsn: u64, what: &'static str| {
+        let c = c.clone();
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                let info = c.stat().await.unwrap();
+                if info.persisted_lsn >= lsn {
+                    return info;
+                }
+                assert!(Instant::now() < deadline, "{what}: persisted stuck below {lsn}: {info:?}");
+                tokio::task::yield_now().await;
+            }
+        }
+    };
+    persisted_past(300, "write-back under the first leader").await;
+    let first = cluster.wait_for_leader(Duration::from_secs(10)).await.unwrap();
+    cluster.stop_node(first).await.unwrap();
+    let mark = c.stat().await.unwrap().accepted_lsn;
+    let info = persisted_past(mark + 1, "write-back after the leader stopped").await;
+    println!("leader {first} stopped at accepted lsn {mark}; persisted {}", info.persisted_lsn);
+    cluster.restart_node(first).await.unwrap();
+    let second = cluster.wait_for_leader(Duration::from_secs(10)).await.unwrap();
+    cluster.stop_node(second).await.unwrap();
+    let report = a.migrate("lc", &b.ep, 0).await;
+    assert_eq!(report.outcome, pb::MigrationOutcome::Completed as i32, "{report:?}");
+    assert!(report.setup_us > 0 && report.setup_us < report.total_us, "{report:?}");
+    let after = c.stat().await.unwrap().accepted_lsn;
+    while c.stat().await.unwrap().accepted_lsn < after + 200 {
+        tokio::task::yield_now().await;
+    }
+    stop.cancel();
+    let (acked, count) = writer.await.unwrap();
+    assert_eq!(c.current_nms(), b.ep, "the client followed the move");
+    let info = c.stat().await.unwrap();
+    assert_eq!(info.accepted_lsn, count, "every write applied once: {info:?}");
+    c.flush().await.unwrap();
+    let want: HashMap<u64, Vec<u8>> =
+        acked.iter().map(|(blk, n)| (*blk, block_data(*blk, *n))).collect();
+    assert_eq!(want.len(), 200);
+    assert_persisted_and_read_back(&cluster, &c, "lc", &want).await;
+    println!("{count} writes, PSS leaders {first} and {second} stopped, one move: none lost");
+    a.stop().await;
+    b.stop().await;
+    cluster.shutdown().await;
+}
+
 /// Every block of `want` is in the PSS with that data, and reads back so through `c` (in
 /// batches).
 async fn assert_persisted_and_read_back(

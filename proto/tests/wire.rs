@@ -95,6 +95,7 @@ fn admin_and_migration_messages_round_trip() {
         started_unix_ms: 1,
         writeback_drain_us: 30,
         claim_us: 2000,
+        setup_us: 500,
     });
     for frame in [
         pb::migration_frame::Frame::Begin(pb::MigrationBegin {

@@ -346,6 +346,7 @@ impl Node {
             outcome = report.outcome,
             total_us = report.total_us,
             pause_us = report.pause_us,
+            setup_us = report.setup_us,
             writeback_drain_us = report.writeback_drain_us,
             claim_us = report.claim_us,
             bytes = report.bytes_moved,
@@ -370,7 +371,8 @@ impl Node {
         report: &mut pb::MigrationReport,
         sw: &mut SwitchState,
     ) -> Result<(), String> {
-        let deadline = Instant::now() + Duration::from_millis(self.cfg.migration_timeout_ms);
+        let started = Instant::now();
+        let deadline = started + Duration::from_millis(self.cfg.migration_timeout_ms);
         let max = self.cfg.max_message_size_bytes;
         let channel = tokio::time::timeout_at(
             deadline.into(),
@@ -418,6 +420,7 @@ impl Node {
             Ack::Ready(r) => sw.target_node = r.target_node,
             other => return Err(format!("expected Ready, got {other:?}")),
         }
+        report.setup_us = us(started.elapsed());
         let frame_bytes = self.cfg.migration_frame_bytes;
         // Pre-copy: round 1 sends everything cached, later rounds what changed since.
         let mut round = 1u32;
