@@ -315,12 +315,17 @@ pub fn render_report(r: &pb::MigrationReport) -> String {
     for x in &r.rounds {
         t += x.duration_us;
         s += &format!(
-            "  round {:>2}: {:>7} blocks {:>11} bytes {:>9.3} ms (t={:.3} ms)\n",
+            "  round {:>2}: {:>7} blocks {:>11} bytes {:>9.3} ms (t={:.3} ms){}\n",
             x.round,
             x.blocks,
             x.bytes,
             x.duration_us as f64 / 1e3,
-            t as f64 / 1e3
+            t as f64 / 1e3,
+            if x.unfinished {
+                " unfinished: queued for the target when the move ended"
+            } else {
+                ""
+            }
         );
     }
     if r.writeback_drain_us > 0 {

@@ -414,7 +414,15 @@ impl Lab {
     }
 
     fn up(&self, e: &End) -> Result<()> {
-        Self::ip_in(e.ns.as_ref(), &["link", "set", &e.iface, "up"]).map(drop)
+        self.set_link(e, true)
+    }
+
+    /// Sets the interface of `e` up or down: down cuts the link (its peer loses carrier,
+    /// the routes through it go; TCP connections across it see nothing more, not a reset),
+    /// up heals it (the addresses stay).
+    pub fn set_link(&self, e: &End, up: bool) -> Result<()> {
+        let state = if up { "up" } else { "down" };
+        Self::ip_in(e.ns.as_ref(), &["link", "set", &e.iface, state]).map(drop)
     }
 
     /// Adds `addr/len` to an interface.

@@ -186,6 +186,31 @@ fn to_pb(b: MigBlock) -> pb::MigratedBlock {
     }
 }
 
+/// What a round has queued for the target so far.
+#[derive(Debug, Default, Clone, Copy)]
+struct Queued {
+    blocks: u64,
+    bytes: u64,
+}
+
+impl Queued {
+    fn add(&mut self, blocks: u64, bytes: u64) {
+        self.blocks += blocks;
+        self.bytes += bytes;
+    }
+
+    /// The round's line in the report: `unfinished` when the move ended in it.
+    fn report(self, round: u32, took: Duration, unfinished: bool) -> pb::RoundReport {
+        pb::RoundReport {
+            round,
+            blocks: self.blocks,
+            bytes: self.bytes,
+            duration_us: us(took),
+            unfinished,
+        }
+    }
+}
+
 /// The source's side of one transfer stream.
 struct Link {
     tx: mpsc::Sender<pb::MigrationFrame>,
@@ -225,42 +250,45 @@ impl Link {
     /// Sends the request ids remembered since the previous round (first, so the target
     /// takes them in while the blocks stream; at most `frame_bytes / ID_BYTES` per frame),
     /// the blocks (hottest first) in frames of at most `frame_bytes`, then RoundEnd.
+    /// `queued` counts the blocks and bytes queued so far (what an abort reports).
     async fn round(
         &self,
         round: u32,
         mut blocks: Vec<MigBlock>,
         applied: Vec<(RequestId, Applied)>,
         frame_bytes: u64,
-    ) -> Result<(u64, u64), String> {
+        queued: &mut Queued,
+    ) -> Result<(), String> {
         let ids_per_frame = usize::try_from(frame_bytes / ID_BYTES).unwrap_or(usize::MAX).max(1);
         for ids in applied.chunks(ids_per_frame) {
             let runs = applied_to_pb(ids);
             self.send(Frame::RequestIds(pb::RequestIds { round, runs })).await?;
         }
         hottest_first(&mut blocks);
-        let (mut n, mut bytes) = (0u64, 0u64);
         let mut frame = Vec::new();
         let mut fb = 0u64;
         for b in blocks {
             let len = b.bytes();
             if !frame.is_empty() && fb + len > frame_bytes {
+                let n = frame.len() as u64;
                 self.send(Frame::Blocks(pb::MigrationBlocks {
                     round,
                     blocks: std::mem::take(&mut frame),
                 }))
                 .await?;
+                queued.add(n, fb);
                 fb = 0;
             }
-            n += 1;
-            bytes += len;
             fb += len;
             frame.push(to_pb(b));
         }
         if !frame.is_empty() {
+            let n = frame.len() as u64;
             self.send(Frame::Blocks(pb::MigrationBlocks { round, blocks: frame })).await?;
+            queued.add(n, fb);
         }
-        self.send(Frame::RoundEnd(pb::RoundEnd { round, blocks: n, bytes })).await?;
-        Ok((n, bytes))
+        let (blocks, bytes) = (queued.blocks, queued.bytes);
+        self.send(Frame::RoundEnd(pb::RoundEnd { round, blocks, bytes })).await
     }
 }
 
@@ -449,28 +477,32 @@ impl Node {
         let mut rate = 0f64;
         loop {
             let t = Instant::now();
-            let (n, bytes) = link.round(round, blocks, applied, frame_bytes).await?;
-            let queued = t.elapsed();
-            loop {
-                match link.ack().await? {
-                    Ack::Round(_) => break,
-                    // The Claim sent before this round is answered before it.
-                    Ack::Claimed(c) if sw.claim_sent() && sw.claimed.is_none() => {
-                        sw.claimed(c, report)
+            let mut q = Queued::default();
+            let mut queued_us = 0;
+            let acked = async {
+                link.round(round, blocks, applied, frame_bytes, &mut q).await?;
+                queued_us = us(t.elapsed());
+                loop {
+                    match link.ack().await? {
+                        Ack::Round(_) => return Ok(()),
+                        // The Claim sent before this round is answered before it.
+                        Ack::Claimed(c) if sw.claim_sent() && sw.claimed.is_none() => {
+                            sw.claimed(c, report)
+                        }
+                        other => return Err(format!("expected RoundAck, got {other:?}")),
                     }
-                    other => return Err(format!("expected RoundAck, got {other:?}")),
                 }
             }
+            .await;
             let took = t.elapsed();
-            tracing::debug!(
-                round,
-                bytes,
-                queued_us = us(queued),
-                acked_us = us(took),
-                "round acknowledged"
-            );
+            if let Err(e) = acked {
+                report.rounds.push(q.report(round, took, true));
+                return Err(e);
+            }
+            let (n, bytes) = (q.blocks, q.bytes);
+            tracing::debug!(round, bytes, queued_us, acked_us = us(took), "round acknowledged");
             rate = rate.max(bytes as f64 / took.as_secs_f64().max(1e-6));
-            report.rounds.push(pb::RoundReport { round, blocks: n, bytes, duration_us: us(took) });
+            report.rounds.push(q.report(round, took, false));
             report.bytes_moved += bytes;
             report.blocks_moved += n;
             if self.stop.is_cancelled() {
@@ -548,23 +580,15 @@ impl Node {
         };
         self.bump();
         let t = Instant::now();
-        let sent = async {
-            let (n, bytes) = link.round(round + 1, rest, Vec::new(), frame_bytes).await?;
-            report.rounds.push(pb::RoundReport {
-                round: round + 1,
-                blocks: n,
-                bytes,
-                duration_us: us(t.elapsed()),
-            });
-            report.bytes_moved += bytes;
-            report.blocks_moved += n;
-            Ok::<(), String>(())
-        }
-        .await;
+        let mut q = Queued::default();
+        let sent = link.round(round + 1, rest, Vec::new(), frame_bytes, &mut q).await;
+        report.rounds.push(q.report(round + 1, t.elapsed(), sent.is_err()));
         if let Err(e) = sent {
             self.resume(v);
             return Err(e);
         }
+        report.bytes_moved += q.bytes;
+        report.blocks_moved += q.blocks;
         tracing::debug!(volume = %v, "switch: remainder queued");
         if let Err(e) = link.send(Frame::SwitchOver(switch)).await {
             // Not sent for sure only if the channel closed before taking it; settle.

@@ -96,6 +96,120 @@ fn nms_config(name: &str, pss: &[String], block_pool_bytes: u64) -> wayside_nms:
     }
 }
 
+/// Two RSUs on one machine: `nms serve` processes in namespaces `nms-a` and `nms-b`, joined
+/// by a point-to-point veth shaped with `tc tbf` both ways (the backhaul a move crosses);
+/// a 3-node PSS (`pss serve` processes) in a `core` namespace behind a bridge, which both
+/// NMSs reach over unshaped veths, as does the host; and an unshaped veth from the host (the
+/// vehicle, this process) to each NMS. `bench migration --link shaped` and the link-cut
+/// test run on it.
+pub struct ShapedRsus {
+    /// The namespaces, links and processes (all removed when it is dropped).
+    pub lab: crate::netns::Lab,
+    /// The NMSs' namespaces, `a` then `b`.
+    pub ns: [crate::netns::Ns; 2],
+    /// The shaped link between the NMSs (end `a` in `nms-a`).
+    pub p2p: crate::netns::Link,
+    /// The shaping of each direction of `p2p`.
+    pub tbf: crate::netns::Tbf,
+    /// The PSS nodes (`host:port`, reachable from the host too).
+    pub pss: Vec<String>,
+    /// Each NMS's address on the vehicle's link (also for admin calls).
+    pub vehicle: [Endpoint; 2],
+    /// Each NMS's address on `p2p` (what the other NMS moves a volume to).
+    pub peer: [Endpoint; 2],
+    /// The core segment's network address (`/24`).
+    pub core_net: std::net::Ipv4Addr,
+}
+
+/// The port every NMS of a [`ShapedRsus`] listens on.
+pub const SHAPED_NMS_PORT: u16 = 7100;
+
+impl ShapedRsus {
+    /// Builds the namespaces and links in `lab`, starts the PSS and waits for its leader,
+    /// then starts NMS `a` and `b` with `config(name, pss endpoints)` (its `listen` and
+    /// `advertise` are set here) and waits until both accept connections.
+    pub async fn start(
+        mut lab: crate::netns::Lab,
+        nms_bin: &std::path::Path,
+        pss_bin: &std::path::Path,
+        tbf: &crate::netns::Tbf,
+        config: impl Fn(&str, &[String]) -> wayside_nms::config::Config,
+    ) -> anyhow::Result<Self> {
+        use crate::netns;
+        let core = lab.namespace("core")?;
+        let ns = [lab.namespace("nms-a")?, lab.namespace("nms-b")?];
+        // The core segment: a bridge with the PSS address; each NMS and the host plug in.
+        let br = lab.bridge(&core)?;
+        let seg = lab.segment()?.octets();
+        let at = |h: u8| std::net::Ipv4Addr::new(seg[0], seg[1], seg[2], h);
+        lab.addr(&br, at(1), 24)?;
+        for (i, n) in ns.iter().enumerate() {
+            let l = lab.veth_bare(Some(n), Some(&core))?;
+            lab.enslave(&l.b, &br)?;
+            lab.addr(&l.a, at(2 + i as u8), 24)?;
+        }
+        let mgmt = lab.veth_bare(None, Some(&core))?;
+        lab.enslave(&mgmt.b, &br)?;
+        lab.addr(&mgmt.a, at(254), 24)?;
+        // The shaped link between the NMSs, both directions.
+        let p2p = lab.veth(Some(&ns[0]), Some(&ns[1]), 30)?;
+        lab.tbf_both(&p2p, tbf)?;
+        // The vehicle's (unshaped) links.
+        let va = lab.veth(None, Some(&ns[0]), 30)?;
+        let vb = lab.veth(None, Some(&ns[1]), 30)?;
+        let pss_nodes: Vec<_> = (0..3u16)
+            .map(|i| (core.clone(), std::net::SocketAddr::from((at(1), 7401 + i))))
+            .collect();
+        let data = lab.log_dir().join("data");
+        let pss = netns::spawn_pss(&mut lab, pss_bin, &pss_nodes, &data)?;
+        netns::wait_pss_leader(&mut lab, &pss, Duration::from_secs(30))
+            .await
+            .map_err(anyhow::Error::msg)?;
+        let vehicle_addr = [va.b.addr, vb.b.addr];
+        for (i, n) in ns.iter().enumerate() {
+            let name = ["a", "b"][i];
+            let cfg = wayside_nms::config::Config {
+                listen: format!("0.0.0.0:{SHAPED_NMS_PORT}"),
+                advertise: format!("{}:{SHAPED_NMS_PORT}", vehicle_addr[i]),
+                ..config(name, &pss)
+            };
+            netns::spawn_nms(&mut lab, nms_bin, n, &cfg)?;
+        }
+        for a in vehicle_addr {
+            netns::wait_tcp(&mut lab, (a, SHAPED_NMS_PORT).into(), Duration::from_secs(20))
+                .await
+                .map_err(anyhow::Error::msg)?;
+        }
+        let ep = |a: std::net::Ipv4Addr| Endpoint::parse(&format!("{a}:{SHAPED_NMS_PORT}"));
+        Ok(Self {
+            vehicle: [ep(va.b.addr)?, ep(vb.b.addr)?],
+            peer: [ep(p2p.a.addr)?, ep(p2p.b.addr)?],
+            lab,
+            ns,
+            p2p,
+            tbf: *tbf,
+            pss,
+            core_net: at(0),
+        })
+    }
+
+    /// One line naming the namespaces, the links and the shaping.
+    pub fn describe(&self) -> String {
+        format!(
+            "namespaces {}*; core {}/24 (PSS), NMS link {} <-> {} (tbf rate {} bit/s, burst {} B, latency {:?} each way); vehicle -> {} / {}",
+            self.lab.prefix(),
+            self.core_net,
+            self.p2p.a.addr,
+            self.p2p.b.addr,
+            self.tbf.rate_bits_per_s,
+            self.tbf.burst_bytes,
+            self.tbf.latency,
+            self.vehicle[0].authority(),
+            self.vehicle[1].authority(),
+        )
+    }
+}
+
 async fn start_nms(
     name: &str,
     pss: &[Endpoint],
@@ -192,63 +306,16 @@ async fn run_shaped(args: &Args) -> anyhow::Result<()> {
     let nms_bin = netns::wayside_binary("nms").map_err(anyhow::Error::msg)?;
     let pss_bin = netns::wayside_binary("pss").map_err(anyhow::Error::msg)?;
     netns::reap_stale();
-    let mut lab = Lab::new("mig")?;
-    let core = lab.namespace("core")?;
-    let ns = [lab.namespace("nms-a")?, lab.namespace("nms-b")?];
-    // The core segment: a bridge with the PSS address; each NMS and the host plug in.
-    let br = lab.bridge(&core)?;
-    let seg = lab.segment()?.octets();
-    let at = |h: u8| std::net::Ipv4Addr::new(seg[0], seg[1], seg[2], h);
-    lab.addr(&br, at(1), 24)?;
-    for (i, n) in ns.iter().enumerate() {
-        let l = lab.veth_bare(Some(n), Some(&core))?;
-        lab.enslave(&l.b, &br)?;
-        lab.addr(&l.a, at(2 + i as u8), 24)?;
-    }
-    let mgmt = lab.veth_bare(None, Some(&core))?;
-    lab.enslave(&mgmt.b, &br)?;
-    lab.addr(&mgmt.a, at(254), 24)?;
-    // The shaped link between the NMSs, both directions.
-    let p2p = lab.veth(Some(&ns[0]), Some(&ns[1]), 30)?;
-    let tbf = Tbf::for_rate(args.link_rate);
-    lab.tbf_both(&p2p, &tbf)?;
-    // The vehicle's (unshaped) links.
-    let va = lab.veth(None, Some(&ns[0]), 30)?;
-    let vb = lab.veth(None, Some(&ns[1]), 30)?;
-    println!(
-        "namespaces {}*; core {}/24 (PSS), NMS link {} <-> {} (tbf rate {} bit/s, burst {} B, latency {:?} each way); vehicle -> {} / {}",
-        lab.prefix(),
-        at(0),
-        p2p.a.addr,
-        p2p.b.addr,
-        tbf.rate_bits_per_s,
-        tbf.burst_bytes,
-        tbf.latency,
-        va.b.addr,
-        vb.b.addr
-    );
-    let pss_nodes: Vec<_> =
-        (0..3u16).map(|i| (core.clone(), std::net::SocketAddr::from((at(1), 7401 + i)))).collect();
-    let data = lab.log_dir().join("data");
-    let pss = netns::spawn_pss(&mut lab, &pss_bin, &pss_nodes, &data)?;
-    netns::wait_pss_leader(&mut lab, &pss, Duration::from_secs(30))
-        .await
-        .map_err(anyhow::Error::msg)?;
-    let vehicle_addr = [va.b.addr, vb.b.addr];
-    for (i, n) in ns.iter().enumerate() {
-        let name = ["a", "b"][i];
-        let cfg = wayside_nms::config::Config {
-            listen: "0.0.0.0:7100".into(),
-            advertise: format!("{}:7100", vehicle_addr[i]),
-            ..nms_config(name, &pss, args.block_pool_bytes)
-        };
-        netns::spawn_nms(&mut lab, &nms_bin, n, &cfg)?;
-    }
-    for a in vehicle_addr {
-        netns::wait_tcp(&mut lab, (a, 7100).into(), Duration::from_secs(20))
-            .await
-            .map_err(anyhow::Error::msg)?;
-    }
+    let rsus = ShapedRsus::start(
+        Lab::new("mig")?,
+        &nms_bin,
+        &pss_bin,
+        &Tbf::for_rate(args.link_rate),
+        |name, pss| nms_config(name, pss, args.block_pool_bytes),
+    )
+    .await?;
+    println!("{}", rsus.describe());
+    let ShapedRsus { mut lab, ns, p2p, vehicle, peer, .. } = rsus;
     // The peer: one plain TCP stream carrying the cached bytes over the same link, each
     // way, while the NMSs idle.
     let mut raw = Vec::new();
@@ -265,10 +332,9 @@ async fn run_shaped(args: &Args) -> anyhow::Result<()> {
         raw.iter().map(|r| format!("{:.1}", r / 1e6)).collect::<Vec<_>>().join(" / "),
         args.link_rate as f64 / 8.0 / raw_rate
     );
-    let ep = |a: std::net::Ipv4Addr| Endpoint::parse(&format!("{a}:7100"));
     let pair = Pair {
-        vehicle: [ep(va.b.addr)?, ep(vb.b.addr)?],
-        peer: [ep(p2p.a.addr)?, ep(p2p.b.addr)?],
+        vehicle,
+        peer,
         bound_bytes_per_s: args.link_rate as f64 / 8.0,
         bound_name: format!("{} Mbit/s", args.link_rate / 1_000_000),
         raw_tcp_bytes_per_s: Some(raw_rate),
