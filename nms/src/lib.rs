@@ -14,6 +14,7 @@
 //!   its gRPC service (`nms smf`).
 //! - [`fuse`]: the vehicle's FUSE mount (`nms mount`) with its local cache and journal.
 //! - [`pid1`]: the NMS as process 1 of its VM image (mounts, modules, network, power-off).
+//! - [`testing`]: helpers shared by tests (a vehicle writing continuously).
 
 pub mod cache;
 pub mod cli;
@@ -26,3 +27,4 @@ pub mod pool;
 pub mod server;
 pub mod smf;
 pub mod store;
+pub mod testing;

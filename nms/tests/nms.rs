@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 use wayside_nms::client::{ClientOptions, VolumeClient};
 use wayside_nms::config::Config;
+use wayside_nms::testing::{Writer, Written};
 use wayside_proto::error::fault_of;
 use wayside_proto::pb;
 use wayside_proto::types::{BlockSize, Credential, Endpoint, Fault, VolumeName};
@@ -347,26 +348,7 @@ async fn a_vehicle_keeps_writing_while_its_volume_moves() {
     for seq in 1..=REPLAYED {
         raw_a.write(replay(seq, 1)).await.unwrap();
     }
-    let stop = CancellationToken::new();
-    let writer = {
-        let (c, stop) = (c.clone(), stop.clone());
-        tokio::spawn(async move {
-            let mut acked: HashMap<u64, u64> = HashMap::new();
-            let mut worst = Duration::ZERO;
-            let mut n = 0u64;
-            let mut count = 0u64;
-            while !stop.is_cancelled() {
-                n += 1;
-                let blk = n % 300;
-                let t = Instant::now();
-                c.write(blk, 0, block_data(blk, n)).await.expect("writes never fail during a move");
-                worst = worst.max(t.elapsed());
-                acked.insert(blk, n);
-                count += 1;
-            }
-            (acked, worst, count)
-        })
-    };
+    let writer = Writer::spawn(c.clone(), 300, block_data);
     // Let the vehicle run, then move it.
     while c.stat().await.unwrap().accepted_lsn < 400 {
         tokio::task::yield_now().await;
@@ -377,8 +359,7 @@ async fn a_vehicle_keeps_writing_while_its_volume_moves() {
     while c.stat().await.unwrap().accepted_lsn < after + 200 {
         tokio::task::yield_now().await;
     }
-    stop.cancel();
-    let (acked, worst, count) = writer.await.unwrap();
+    let Written { acked, worst, writes: count } = writer.stop().await;
     println!("vehicle: {count} writes, worst write latency across the move {worst:?}");
     assert_eq!(c.current_nms(), b.ep, "the client followed the redirect");
     let info = c.stat().await.unwrap();
@@ -482,21 +463,7 @@ async fn pss_leader_changes_under_write_back_and_a_move_lose_nothing() {
     let a = Nms::start("a", &cluster.endpoints(), |c| c.writeback_delay_ms = 20).await;
     let b = Nms::start("b", &cluster.endpoints(), |_| {}).await;
     let c = VolumeClient::open(opts(&[&a.ep], "lc", "k")).await.unwrap();
-    let stop = CancellationToken::new();
-    let writer = {
-        let (c, stop) = (c.clone(), stop.clone());
-        tokio::spawn(async move {
-            let mut acked: HashMap<u64, u64> = HashMap::new();
-            let mut n = 0u64;
-            while !stop.is_cancelled() {
-                n += 1;
-                let blk = n % 200;
-                c.write(blk, 0, block_data(blk, n)).await.expect("writes never fail");
-                acked.insert(blk, n);
-            }
-            (acked, n)
-        })
-    };
+    let writer = Writer::spawn(c.clone(), 200, block_data);
     // Waits (polling Stat, with a deadline) until the volume's persisted watermark reaches `lsn`.
     let persisted_past = |lsn: u64, what: &'static str| {
         let c = c.clone();
@@ -528,8 +495,7 @@ async fn pss_leader_changes_under_write_back_and_a_move_lose_nothing() {
     while c.stat().await.unwrap().accepted_lsn < after + 200 {
         tokio::task::yield_now().await;
     }
-    stop.cancel();
-    let (acked, count) = writer.await.unwrap();
+    let Written { acked, writes: count, .. } = writer.stop().await;
     assert_eq!(c.current_nms(), b.ep, "the client followed the move");
     let info = c.stat().await.unwrap();
     assert_eq!(info.accepted_lsn, count, "every write applied once: {info:?}");

@@ -12,8 +12,8 @@ mod common;
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
-use tokio_util::sync::CancellationToken;
 use wayside_nms::client::{ClientOptions, VolumeClient};
+use wayside_nms::testing::{Writer, Written};
 use wayside_proto::pb;
 use wayside_proto::types::{BlockSize, Credential, Endpoint, VolumeName};
 use wayside_testbed::bench::migration::ShapedRsus;
@@ -130,21 +130,7 @@ async fn a_move_over_a_cut_link_aborts_in_time_and_the_volume_moves_once_healed(
     }
     assert_eq!(c.current_nms(), a);
     // The vehicle keeps writing (its own link to A is not cut).
-    let stop = CancellationToken::new();
-    let writer = {
-        let (c, stop) = (c.clone(), stop.clone());
-        tokio::spawn(async move {
-            let mut acked: HashMap<u64, u64> = HashMap::new();
-            let mut n = 0u64;
-            while !stop.is_cancelled() {
-                n += 1;
-                let blk = n % 64;
-                c.write(blk, 0, block(blk, n)).await.expect("writes never fail");
-                acked.insert(blk, n);
-            }
-            (acked, n)
-        })
-    };
+    let writer = Writer::spawn(c.clone(), 64, block);
 
     // Move 1: cut once B holds some of the first round.
     let started = Instant::now();
@@ -195,8 +181,7 @@ async fn a_move_over_a_cut_link_aborts_in_time_and_the_volume_moves_once_healed(
     while c.stat().await.unwrap().accepted_lsn < before + 100 {
         tokio::task::yield_now().await;
     }
-    stop.cancel();
-    let (acked, writes) = writer.await.unwrap();
+    let Written { acked, writes, .. } = writer.stop().await;
     assert_eq!(c.current_nms(), b, "the vehicle followed the move");
     c.flush().await.unwrap();
 
