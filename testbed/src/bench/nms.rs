@@ -13,9 +13,10 @@
 //!   against the calls h2load saw succeed. h2load offers the largest frame wayside's client
 //!   library offers (256 KiB; h2load's own default is 16 KiB), so a 64 KiB batch reply is one
 //!   DATA frame, as the client library receives it.
-//! - **tonic** (the Rust gRPC client, in this process): unary, streamed (`--depth` tagged
-//!   operations in flight per `Stream`) and batched (one `StreamBatches` message of
-//!   `--depth` operations at a time); each client has its own volume and `--blocks` blocks.
+//! - **tonic** (the Rust gRPC client, in this process, every client on one thread of its own
+//!   with a single-threaded runtime): unary, streamed (`--depth` tagged operations in flight
+//!   per `Stream`) and batched (one `StreamBatches` message of `--depth` operations at a
+//!   time); each client has its own volume and `--blocks` blocks.
 //!
 //! Prints ops/s, p50, p99, CPU per operation and the ratios. Targets: DESIGN.md section 10.
 
@@ -27,7 +28,7 @@ use tokio_util::sync::CancellationToken;
 use wayside_proto::pb;
 
 /// Options.
-#[derive(Debug, clap::Args)]
+#[derive(Debug, Clone, clap::Args)]
 pub struct Args {
     /// Concurrent clients (connections).
     #[arg(long, default_value_t = 16)]
@@ -59,7 +60,8 @@ pub struct Args {
     #[arg(long)]
     pub no_peers: bool,
     /// Which clients drive the NMS phases (comma-separated): h2load (C, another process),
-    /// h2 (a lean Rust HTTP/2 client on its own thread) and tonic (Rust, in this process).
+    /// h2 (a lean Rust HTTP/2 client on its own thread) and tonic (Rust, in this process, on
+    /// its own thread).
     #[arg(long, value_delimiter = ',', value_enum, default_value = "h2load,h2,tonic")]
     pub drivers: Vec<Driver>,
     /// The h2load binary (Debian package nghttp2-client).
@@ -95,7 +97,7 @@ pub enum Driver {
     /// The lean h2-crate driver on its own thread (`bench::h2drive`): streamed and batched,
     /// one long call per client.
     H2,
-    /// The tonic client, in this process: every API.
+    /// The tonic client, in this process on a thread of its own: every API.
     Tonic,
 }
 
@@ -202,6 +204,33 @@ async fn channel(addr: &str) -> anyhow::Result<tonic::transport::Channel> {
 
 fn auth(i: usize) -> Option<pb::VolumeAuth> {
     Some(pb::VolumeAuth { volume: format!("bench-{i}"), credential: "bench".into() })
+}
+
+/// Runs a phase of the tonic driver on a thread of its own, with a single-threaded runtime
+/// that its clients, their connections and tonic's tasks all share, as h2load's clients share
+/// its one thread and redis-benchmark's its event loop. (On this process's multi-threaded
+/// runtime, each reply hopped between its two workers: task switches were 7% of the
+/// clients' CPU, which shares the 2 cores with the NMS, and the phases reached 0.7-0.8x of
+/// what they reach so: 583-630k streamed reads/s against 808-830k.)
+async fn tonic_phase(addr: &str, a: &Args, api: Api, write: bool) -> anyhow::Result<Figure> {
+    let (addr, a) = (addr.to_owned(), a.clone());
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new().name("bench-tonic-driver".into()).spawn(move || {
+        let phase = async {
+            match api {
+                Api::Unary => nms_unary(&addr, &a, write).await,
+                Api::Streamed => nms_streamed(&addr, &a, write).await,
+                Api::Batched => nms_batched(&addr, &a, write).await,
+            }
+        };
+        let r = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(anyhow::Error::from)
+            .and_then(|rt| rt.block_on(phase));
+        let _ = tx.send(r);
+    })?;
+    rx.await.context("the tonic driver's thread died")?
 }
 
 /// Runs `clients` unary loops for `secs`; `write` picks the op.
@@ -868,9 +897,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                         nms_h2load(&addr, &args, api, write, h2load_dir.path()).await?
                     }
                     (Driver::H2, _) => nms_h2(&addr, &args, api, write).await?,
-                    (Driver::Tonic, Api::Unary) => nms_unary(&addr, &args, write).await?,
-                    (Driver::Tonic, Api::Streamed) => nms_streamed(&addr, &args, write).await?,
-                    (Driver::Tonic, Api::Batched) => nms_batched(&addr, &args, write).await?,
+                    (Driver::Tonic, _) => tonic_phase(&addr, &args, api, write).await?,
                 };
                 if write {
                     let d = drain(&addr, &args).await?;
