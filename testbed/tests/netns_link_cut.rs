@@ -164,10 +164,12 @@ async fn a_move_over_a_cut_link_aborts_in_time_and_the_volume_moves_once_healed(
         "aborted by its limit, counted from its start: {report:?}"
     );
     // B gives up its half-moved copy on its own limit (the source is out of its reach).
-    wait_status(&b, Duration::from_millis(MOVE_LIMIT_MS + 5000), "B dropping the copy", |s| {
-        s.volumes == 0
-    })
-    .await;
+    let st =
+        wait_status(&b, Duration::from_millis(MOVE_LIMIT_MS + 5000), "B dropping the copy", |s| {
+            s.volumes == 0
+        })
+        .await;
+    assert_eq!((st.cached_bytes, st.dirty_bytes), (0, 0), "B freed the half-moved blocks: {st:?}");
     let on_a = status(&a).await;
     assert_eq!(on_a.volumes, 1, "A still holds the volume: {on_a:?}");
     let before = c.stat().await.unwrap().accepted_lsn;
