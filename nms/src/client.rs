@@ -746,17 +746,16 @@ impl VolumeClient {
 
     async fn attach(&self, ep: &Endpoint) -> Result<Conn, Next> {
         let o = &self.inner.opts;
-        let channel = tonic::transport::Endpoint::from_shared(ep.uri().to_owned())
+        let endpoint = tonic::transport::Endpoint::from_shared(ep.uri().to_owned())
             .map_err(|e| Next::Fail(ClientError::Options(format!("{ep}: {e}"))))?
             .connect_timeout(o.connect_timeout)
-            .tcp_nodelay(true)
-            .max_frame_size(wayside_proto::server::HTTP2_MAX_FRAME_BYTES)
-            .connect()
-            .await
-            .map_err(|e| {
-                debug!(nms = %ep, error = %e, "connect failed");
-                Next::Reconnect
-            })?;
+            .max_frame_size(wayside_proto::server::HTTP2_MAX_FRAME_BYTES);
+        // A unary call's HEADERS and DATA leave in one write (TCP_NODELAY set there too): the
+        // NMS then reads and answers it in one turn.
+        let channel = wayside_proto::client::connect(&endpoint).await.map_err(|e| {
+            debug!(nms = %ep, error = %e, "connect failed");
+            Next::Reconnect
+        })?;
         let mut client = NmsClient::new(channel)
             .max_decoding_message_size(o.max_message_size_bytes)
             .max_encoding_message_size(o.max_message_size_bytes);

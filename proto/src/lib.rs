@@ -12,9 +12,11 @@
 //! - [`h2serve`]: gRPC on hyper's HTTP/2 server, for calls answered by hand with replies
 //!   whose block data is never copied into one buffer.
 //! - [`cork`]: the socket wrapper that sends the frames of one task turn in one system call.
+//! - [`client`]: tonic client channels over corked TCP (a unary call leaves in one write).
 //! - [`config`]: TOML config loading shared by the binaries (unknown keys rejected).
 //! - [`telemetry`]: `tracing` set-up shared by the binaries.
 
+pub mod client;
 pub mod codec;
 pub mod config;
 pub mod convert;

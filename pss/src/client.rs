@@ -177,13 +177,13 @@ impl PssClient {
         if let Some(c) = channels.get(ep.uri()) {
             return Ok(c.clone());
         }
-        let c = tonic::transport::Endpoint::from_shared(ep.uri().to_owned())
+        let e = tonic::transport::Endpoint::from_shared(ep.uri().to_owned())
             .map_err(|e| PssError::InvalidArgument(format!("endpoint {ep}: {e}")))?
             .connect_timeout(Duration::from_secs(1))
-            .tcp_nodelay(true)
             .initial_connection_window_size(crate::server::HTTP2_CONNECTION_WINDOW_BYTES)
-            .initial_stream_window_size(crate::server::HTTP2_STREAM_WINDOW_BYTES)
-            .connect_lazy();
+            .initial_stream_window_size(crate::server::HTTP2_STREAM_WINDOW_BYTES);
+        // A call's HEADERS and DATA leave in one write (TCP_NODELAY set there too).
+        let c = wayside_proto::client::connect_lazy(&e);
         channels.insert(ep.uri().to_owned(), c.clone());
         Ok(c)
     }

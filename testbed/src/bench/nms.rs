@@ -194,12 +194,11 @@ fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
+/// A tonic channel as the client library makes them (`wayside_proto::client::connect`).
 async fn channel(addr: &str) -> anyhow::Result<tonic::transport::Channel> {
-    Ok(tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
-        .tcp_nodelay(true)
-        .max_frame_size(wayside_proto::server::HTTP2_MAX_FRAME_BYTES)
-        .connect()
-        .await?)
+    let e = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+        .max_frame_size(wayside_proto::server::HTTP2_MAX_FRAME_BYTES);
+    Ok(wayside_proto::client::connect(&e).await?)
 }
 
 fn auth(i: usize) -> Option<pb::VolumeAuth> {
