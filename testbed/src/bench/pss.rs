@@ -250,13 +250,15 @@ fn start_etcd(bin: &Path, dir: &Path) -> anyhow::Result<Etcd> {
 }
 
 async fn channel(uri: &str) -> anyhow::Result<Channel> {
-    Ok(tonic::transport::Endpoint::from_shared(uri.to_owned())?
-        .tcp_nodelay(true)
+    let e = tonic::transport::Endpoint::from_shared(uri.to_owned())?
         .connect_timeout(Duration::from_secs(1))
         // The same HTTP/2 windows the PSS client uses, so neither side is throttled.
         .initial_connection_window_size(wayside_pss::server::HTTP2_CONNECTION_WINDOW_BYTES)
-        .initial_stream_window_size(wayside_pss::server::HTTP2_STREAM_WINDOW_BYTES)
-        .connect_lazy())
+        .initial_stream_window_size(wayside_pss::server::HTTP2_STREAM_WINDOW_BYTES);
+    // As the PSS client connects: a call's HEADERS and DATA in one write (no change in the
+    // figures here, interleaved: 29.8-30.3k ops/s at 256 clients either way; Raft and fsync
+    // bound).
+    Ok(wayside_proto::client::connect_lazy(&e))
 }
 
 /// Waits for the etcd cluster to elect a leader; returns the leader's client URL.
