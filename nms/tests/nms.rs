@@ -926,6 +926,12 @@ async fn a_silent_target_or_source_ends_the_move_within_its_limits() {
         assert_eq!(report.outcome, pb::MigrationOutcome::Aborted as i32, "{report:?}");
         assert!(report.error.contains(limit), "{die:?} ends by {limit}: {report:?}");
         assert!(took < Duration::from_millis(MOVE_MS + 5_000), "{die:?} took {took:?}");
+        if die == DieAt::SilentAfterReady {
+            // The report shows the round the move ended in, and counts nothing as moved.
+            let last = report.rounds.last().expect("the round under way is reported");
+            assert!(last.unfinished && last.round == 1 && last.bytes > 0, "{report:?}");
+            assert_eq!(report.bytes_moved, 0, "{report:?}");
+        }
         if die == DieAt::SilentOnSwitchOver {
             // The switch ended by its own limit, well before the move's.
             assert!(report.claim_us > 0, "claimed first: {report:?}");
