@@ -266,7 +266,8 @@ pub struct MigrateArgs {
     pub switch_below_bytes: u64,
 }
 
-async fn admin(
+/// An admin client for the NMS at `addr` (`host:port` or a URI), connected (3 s limit).
+pub async fn admin(
     addr: &str,
 ) -> anyhow::Result<pb::nms_admin_client::NmsAdminClient<tonic::transport::Channel>> {
     let ep = Endpoint::parse(addr).with_context(|| format!("address {addr:?}"))?;

@@ -31,13 +31,7 @@ fn block(blk: u64, n: u64) -> Vec<u8> {
 }
 
 async fn admin(ep: &Endpoint) -> pb::nms_admin_client::NmsAdminClient<tonic::transport::Channel> {
-    let ch = tonic::transport::Endpoint::from_shared(ep.uri().to_owned())
-        .unwrap()
-        .connect_timeout(Duration::from_secs(2))
-        .connect()
-        .await
-        .unwrap();
-    pb::nms_admin_client::NmsAdminClient::new(ch)
+    wayside_nms::cli::admin(ep.authority()).await.unwrap()
 }
 
 async fn status(ep: &Endpoint) -> pb::NodeStatusReply {
