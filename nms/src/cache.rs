@@ -102,6 +102,10 @@ impl Entry {
     }
 }
 
+/// A block of the write-back batch in flight: its number, version and the lsn that
+/// dirtied it (dirty again from that lsn if the batch fails).
+type InFlight = (BlockNo, u64, Lsn);
+
 /// One cached volume.
 #[derive(Debug)]
 pub struct Volume {
@@ -119,7 +123,8 @@ pub struct Volume {
     dirty: BTreeSet<(Lsn, BlockNo)>,
     dirty_bytes: u64,
     cached_bytes: u64,
-    inflight: Option<Vec<(BlockNo, u64, Lsn)>>,
+    /// The write-back batch in flight: its sequence number ([`BatchId::seq`]) and blocks.
+    inflight: Option<(u64, Vec<InFlight>)>,
     applied: HashMap<RequestId, Applied>,
     /// The same ids (and outcomes) oldest first, so a migration copies a range of them
     /// without a map lookup per id.
@@ -127,7 +132,8 @@ pub struct Volume {
     /// Ids ever remembered: `applied_order[i]` is the `(applied_total - len + i)`th.
     /// A migration sends the ids past a mark each round, so the switch carries few.
     applied_total: u64,
-    /// While migrating out: blocks changed since the last snapshot.
+    /// While migrating out: blocks changed since the last snapshot. While a block is in
+    /// it, it is not evicted (see [`Cache::evict`]).
     changed: Option<HashSet<BlockNo>>,
     /// Blocks with a PSS read in flight, by the fetch that will fill them; a write (or a
     /// migrated copy) of the block removes it, so an answer older than the write is not
@@ -144,6 +150,12 @@ impl Volume {
     }
     pub fn cached_blocks(&self) -> u64 {
         self.entries.len() as u64
+    }
+    /// Which volume of this name this is: every [`Cache::insert_volume`] (a load, a
+    /// migration's arrival, a redirect marker) makes a new one, so a task that began with
+    /// one incarnation (a write-back writer, a move) can tell it was replaced meanwhile.
+    pub fn incarnation(&self) -> u32 {
+        self.id
     }
     /// No write-back is pending or in flight.
     pub fn is_clean(&self) -> bool {
@@ -220,9 +232,45 @@ pub enum CacheError {
     Range { offset: u32, len: u64, block_size: u32 },
 }
 
+/// Why the target side of a move refused a step ([`Cache::put_migrated`],
+/// [`Cache::remember_migrated`], [`Cache::finish_incoming`]): either way the move aborts.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum IncomingError {
+    /// The volume here is not the one this move created (the move was dropped, or the
+    /// volume was loaded and served here meanwhile): the move must not touch it.
+    #[error("volume {volume} is not arriving here by migration {migration_id} (it is {state:?})")]
+    NotIncoming { volume: VolumeName, migration_id: u64, state: Option<VolumeState> },
+    /// The switch's log positions are impossible (a malformed migration stream).
+    #[error(
+        "malformed switch: persisted lsn {persisted} must be at most accepted lsn {accepted}, \
+         and accepted below {}",
+        u64::MAX
+    )]
+    Lsns { accepted: u64, persisted: u64 },
+}
+
+/// Checks the log positions a move's switch hands over: persisted at most accepted, and
+/// room for the next write's lsn (`accepted + 1`).
+pub fn check_switch_lsns(accepted: Lsn, persisted: Lsn) -> Result<(), IncomingError> {
+    if persisted > accepted || accepted.0 == u64::MAX {
+        return Err(IncomingError::Lsns { accepted: accepted.0, persisted: persisted.0 });
+    }
+    Ok(())
+}
+
+/// Which batch a [`Batch`] is: the volume's incarnation ([`Volume::incarnation`]) and a
+/// sequence number unique in the cache. Only the volume's current in-flight batch can be
+/// completed: a late completion of an older batch (a writer of a replaced volume) is ignored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchId {
+    pub incarnation: u32,
+    pub seq: u64,
+}
+
 /// A write-back batch taken from a volume.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Batch {
+    pub id: BatchId,
     pub volume: VolumeName,
     pub epoch: Epoch,
     pub changes: Vec<Change>,
@@ -261,6 +309,7 @@ pub struct Cache {
     dirty_bytes: u64,
     evictions: u64,
     next_fetch: u64,
+    next_batch: u64,
     /// Where written blocks' buffers come from (see [`crate::pool`]).
     pool: BlockPool,
 }
@@ -284,6 +333,7 @@ impl Cache {
             dirty_bytes: 0,
             evictions: 0,
             next_fetch: 1,
+            next_batch: 1,
         }
     }
     pub fn limits(&self) -> &Limits {
@@ -355,6 +405,27 @@ impl Cache {
                 fetches: HashMap::default(),
             },
         );
+    }
+
+    /// Adds an owned, active volume (a vehicle's load), replacing a redirect marker or an
+    /// older copy, but never a volume arriving by migration: that one belongs to the move
+    /// until it switches or is dropped (the caller serializes loads with a move's Begin, so
+    /// this only backs that up).
+    pub fn insert_owned(
+        &mut self,
+        name: VolumeName,
+        block_size: BlockSize,
+        epoch: Epoch,
+        credential: CredentialHash,
+        persisted: Lsn,
+    ) -> Result<(), CacheError> {
+        if let Some(v) = self.volumes.get(&name) {
+            if matches!(v.state, VolumeState::Incoming { .. }) {
+                return Err(CacheError::NotServing(v.state.clone()));
+            }
+        }
+        self.insert_volume(name, block_size, epoch, credential, persisted, VolumeState::Active);
+        Ok(())
     }
 
     /// Drops a volume and its blocks (dirty ones too: the caller knows they are safe
@@ -670,6 +741,13 @@ impl Cache {
     }
 
     /// Evicts clean blocks (CLOCK) until the budget holds or only unpersisted ones remain.
+    ///
+    /// A block of a volume migrating out that changed since the last round's snapshot
+    /// (in `changed`) is kept too, even when clean: the next round sends it from its entry,
+    /// and an evicted one would not be sent at all, leaving the target with the older copy
+    /// an earlier round carried (dirty, it would even write that back at the new epoch,
+    /// reverting the PSS). It is pinned for at most one round: the next snapshot takes it
+    /// out of `changed`.
     fn evict(&mut self) {
         let mut skipped = 0usize;
         while self.used_bytes > self.limits.cache_capacity_bytes && skipped <= self.ring.len() {
@@ -677,7 +755,7 @@ impl Cache {
             let Some(name) = self.ids.get(&id) else { continue };
             let v = self.volumes.get_mut(name).expect("ids and volumes agree");
             let Some(e) = v.entries.get_mut(&block) else { continue };
-            if e.unpersisted() {
+            if e.unpersisted() || v.changed.as_ref().is_some_and(|c| c.contains(&block)) {
                 skipped += 1;
                 self.ring.push_back((id, block));
             } else if e.referenced {
@@ -729,15 +807,25 @@ impl Cache {
         }
         .max(v.persisted);
         let cut_short = !v.dirty.is_empty();
-        v.inflight = Some(taken);
-        Some(Batch { volume: name.clone(), epoch: v.epoch, changes, persisted, cut_short })
+        let seq = self.next_batch;
+        self.next_batch += 1;
+        v.inflight = Some((seq, taken));
+        let id = BatchId { incarnation: v.id, seq };
+        Some(Batch { id, volume: name.clone(), epoch: v.epoch, changes, persisted, cut_short })
     }
 
     /// Records a batch's fate. On success its blocks become clean unless written again
-    /// meanwhile; on failure they are dirty again.
-    pub fn complete_batch(&mut self, batch: &Batch, ok: bool) {
-        let Some(v) = self.volumes.get_mut(&batch.volume) else { return };
-        let Some(taken) = v.inflight.take() else { return };
+    /// meanwhile; on failure they are dirty again. Only the volume's current in-flight
+    /// batch counts: for any other (the volume was replaced since, or the batch was already
+    /// completed) nothing changes and this returns false.
+    pub fn complete_batch(&mut self, batch: &Batch, ok: bool) -> bool {
+        let Some(v) = self.volumes.get_mut(&batch.volume) else { return false };
+        if v.id != batch.id.incarnation
+            || v.inflight.as_ref().map(|(seq, _)| *seq) != Some(batch.id.seq)
+        {
+            return false;
+        }
+        let Some((_, taken)) = v.inflight.take() else { return false };
         let mut freed = 0u64;
         for (block, _version, lsn) in taken {
             let Some(e) = v.entries.get_mut(&block) else { continue };
@@ -760,6 +848,7 @@ impl Cache {
             v.dirty_bytes -= freed;
             self.dirty_bytes -= freed;
         }
+        true
     }
 
     // ---- migration, source side ----
@@ -807,10 +896,32 @@ impl Cache {
 
     // ---- migration, target side ----
 
-    /// Stores blocks arriving by migration (an incoming volume). Dirty ones will be
-    /// written back once the volume is switched here.
-    pub fn put_migrated(&mut self, name: &VolumeName, blocks: Vec<MigBlock>) {
-        let Some(v) = self.volumes.get_mut(name) else { return };
+    /// The volume `name` arriving by migration `migration_id`, or why not.
+    fn incoming_mut<'a>(
+        volumes: &'a mut HashMap<VolumeName, Volume>,
+        name: &VolumeName,
+        migration_id: u64,
+    ) -> Result<&'a mut Volume, IncomingError> {
+        match volumes.get_mut(name) {
+            Some(v) if v.state == (VolumeState::Incoming { migration_id }) => Ok(v),
+            other => Err(IncomingError::NotIncoming {
+                volume: name.clone(),
+                migration_id,
+                state: other.map(|v| v.state.clone()),
+            }),
+        }
+    }
+
+    /// Stores blocks arriving by migration `migration_id` (an incoming volume). Dirty ones
+    /// will be written back once the volume is switched here. Refused (nothing changes)
+    /// unless the volume is still arriving by that move.
+    pub fn put_migrated(
+        &mut self,
+        name: &VolumeName,
+        migration_id: u64,
+        blocks: Vec<MigBlock>,
+    ) -> Result<(), IncomingError> {
+        let v = Self::incoming_mut(&mut self.volumes, name, migration_id)?;
         let id = v.id;
         let mut added = Vec::new();
         for b in blocks {
@@ -852,9 +963,9 @@ impl Cache {
             self.ring.push_back((id, block));
         }
         self.evict();
+        Ok(())
     }
 
-    /// Remembers request ids the source applied (sent with a pre-copy round), oldest first.
     /// Makes room for `n` more blocks of an incoming volume at once (its block table and
     /// the eviction ring), as [`Cache::reserve_applied`] does for request ids; `n` is
     /// capped by what the cache's capacity can hold.
@@ -877,32 +988,40 @@ impl Cache {
         v.applied_order.reserve(room);
     }
 
+    /// Remembers request ids the source applied (sent with a pre-copy round), oldest
+    /// first; refused like [`Cache::put_migrated`].
     pub fn remember_migrated(
         &mut self,
         name: &VolumeName,
+        migration_id: u64,
         applied: impl IntoIterator<Item = (RequestId, Applied)>,
-    ) {
+    ) -> Result<(), IncomingError> {
         let cap = self.limits.dedupe_entries_per_volume;
-        let Some(v) = self.volumes.get_mut(name) else { return };
+        let v = Self::incoming_mut(&mut self.volumes, name, migration_id)?;
         for (id, a) in applied {
             v.remember(id, a, cap);
         }
+        Ok(())
     }
 
     /// Completes an incoming volume: it takes the source's log positions and applied
-    /// request ids, and its dirty blocks wait for write-back after `persisted`.
+    /// request ids, and its dirty blocks wait for write-back after `persisted`. Refused
+    /// (nothing changes) unless the volume is still arriving by `migration_id` and the
+    /// positions pass [`check_switch_lsns`].
     pub fn finish_incoming(
         &mut self,
         name: &VolumeName,
+        migration_id: u64,
         epoch: Epoch,
         accepted: Lsn,
         persisted: Lsn,
         applied: Vec<(RequestId, Applied)>,
-    ) {
+    ) -> Result<(), IncomingError> {
+        check_switch_lsns(accepted, persisted)?;
         let cap = self.limits.dedupe_entries_per_volume;
-        let Some(v) = self.volumes.get_mut(name) else { return };
+        let v = Self::incoming_mut(&mut self.volumes, name, migration_id)?;
         v.epoch = epoch;
-        v.accepted = accepted.max(persisted);
+        v.accepted = accepted;
         v.persisted = persisted;
         let first = Lsn(persisted.0 + 1);
         let blocks: Vec<BlockNo> = v.dirty.iter().map(|&(_, b)| b).collect();
@@ -917,6 +1036,7 @@ impl Cache {
             v.remember(id, a, cap);
         }
         v.state = VolumeState::Active;
+        Ok(())
     }
 }
 
@@ -1024,7 +1144,9 @@ mod tests {
         // The target remembers them: a replay is answered with the original lsn and version.
         let mut t = Cache::new(limits());
         let tv = vol(&mut t, "v");
-        t.remember_migrated(&tv, first.into_iter().chain(next));
+        t.set_state(&tv, VolumeState::Incoming { migration_id: 1 });
+        t.remember_migrated(&tv, 1, first.into_iter().chain(next)).unwrap();
+        t.set_state(&tv, VolumeState::Active);
         let again = t.write(&tv, 0, 0, &full(9), Some(&id(6))).unwrap();
         assert_eq!((again.lsn, again.version), (outs[5].lsn, outs[5].version));
         assert_eq!(t.read(&tv, 0, 0, None).unwrap(), ReadOutcome::Miss, "a replay writes nothing");
@@ -1283,9 +1405,9 @@ mod tests {
         let mut t = Cache::new(limits());
         let tv = vol(&mut t, "v");
         t.set_state(&tv, VolumeState::Incoming { migration_id: 1 });
-        t.put_migrated(&tv, all);
-        t.put_migrated(&tv, again);
-        t.finish_incoming(&tv, Epoch(2), Lsn(3), Lsn(0), vec![]);
+        t.put_migrated(&tv, 1, all).unwrap();
+        t.put_migrated(&tv, 1, again).unwrap();
+        t.finish_incoming(&tv, 1, Epoch(2), Lsn(3), Lsn(0), vec![]).unwrap();
         let ReadOutcome::Hit { data, .. } = t.read(&tv, 1, 0, None).unwrap() else { panic!() };
         assert_eq!(data[0], 3);
         let w = t.write(&tv, 5, 0, &full(5), None).unwrap();
@@ -1293,5 +1415,130 @@ mod tests {
         assert!(w.version > (1 << 33), "new owner's versions are above the old owner's");
         let b = t.take_batch(&tv).unwrap();
         assert_eq!(b.epoch, Epoch(2));
+    }
+    /// A block sent in round 1, written again, written back and then pushed out by memory
+    /// pressure must still go in the next round: the target must not keep round 1's copy.
+    #[test]
+    fn a_block_written_again_then_written_back_is_not_evicted_before_the_next_round() {
+        let mut c = Cache::new(limits());
+        let v = vol(&mut c, "v");
+        c.write(&v, 1, 0, &full(1), None).unwrap();
+        let all = c.snapshot_all(&v);
+        assert!(all.iter().any(|b| b.block == 1 && b.dirty), "round 1 carries X=1, dirty");
+        c.write(&v, 1, 0, &full(2), None).unwrap();
+        let b = c.take_batch(&v).unwrap();
+        assert!(c.complete_batch(&b, true));
+        // Memory pressure: far more clean blocks than the cache holds.
+        for b in 100..130 {
+            let f = c.begin_fetch(&v, &[b]);
+            c.fill(&v, b, Some((Bytes::from(full(9)), 1)), f);
+        }
+        assert!(c.evictions() > 0);
+        let again = c.snapshot_changed(&v);
+        let x = again.iter().find(|b| b.block == 1).expect("the next round carries X");
+        assert_eq!(x.data.as_ref().unwrap()[0], 2);
+        assert!(!x.dirty, "X=2 is persisted");
+        // Once sent, it may go like any clean block.
+        for b in 200..230 {
+            let f = c.begin_fetch(&v, &[b]);
+            c.fill(&v, b, Some((Bytes::from(full(9)), 1)), f);
+        }
+        assert_eq!(c.read(&v, 1, 0, None).unwrap(), ReadOutcome::Miss, "evictable again");
+
+        // The target holds X=2, clean: it never writes 1 back.
+        let mut t = Cache::new(limits());
+        let tv = vol(&mut t, "v");
+        t.set_state(&tv, VolumeState::Incoming { migration_id: 7 });
+        t.put_migrated(&tv, 7, all).unwrap();
+        t.put_migrated(&tv, 7, again).unwrap();
+        t.finish_incoming(&tv, 7, Epoch(2), Lsn(2), Lsn(2), vec![]).unwrap();
+        let ReadOutcome::Hit { data, .. } = t.read(&tv, 1, 0, None).unwrap() else { panic!() };
+        assert_eq!(data[0], 2);
+        assert!(t.take_batch(&tv).is_none(), "nothing to write back: {:?}", t.volume(&tv));
+    }
+
+    #[test]
+    fn an_incoming_volume_takes_only_its_own_moves_frames_and_no_load() {
+        let mut c = Cache::new(limits());
+        let v = vol(&mut c, "v");
+        c.set_state(&v, VolumeState::Incoming { migration_id: 7 });
+        let blk = |n: u8| MigBlock {
+            block: 1,
+            data: Some(Bytes::from(full(n))),
+            version: u64::from(n),
+            dirty: true,
+            lsn: Lsn(u64::from(n)),
+            heat: 1,
+        };
+        c.put_migrated(&v, 7, vec![blk(1)]).unwrap();
+        // A load must not replace it.
+        let (bs, cred) = (BlockSize::new(4096).unwrap(), Credential::new("s").unwrap().hash());
+        assert!(matches!(
+            c.insert_owned(v.clone(), bs, Epoch(5), cred, Lsn(0)),
+            Err(CacheError::NotServing(VolumeState::Incoming { migration_id: 7 }))
+        ));
+        assert_eq!(c.volume(&v).unwrap().state, VolumeState::Incoming { migration_id: 7 });
+        // Another move's frames change nothing.
+        let id = RequestId::new("car", 1).unwrap();
+        let applied = Applied { lsn: Lsn(1), version: 1 };
+        assert!(c.put_migrated(&v, 8, vec![blk(2)]).is_err());
+        assert!(c.remember_migrated(&v, 8, [(id.clone(), applied)]).is_err());
+        assert!(c.finish_incoming(&v, 8, Epoch(2), Lsn(1), Lsn(0), vec![]).is_err());
+        let x = c.volume(&v).unwrap();
+        assert_eq!(x.state, VolumeState::Incoming { migration_id: 7 });
+        assert!(x.applied.is_empty());
+        // Malformed switch positions are refused, never panic.
+        for (accepted, persisted) in [(1, 2), (u64::MAX, 0), (u64::MAX, u64::MAX)] {
+            let e = c.finish_incoming(&v, 7, Epoch(2), Lsn(accepted), Lsn(persisted), vec![]);
+            assert_eq!(e, Err(IncomingError::Lsns { accepted, persisted }));
+        }
+        assert_eq!(c.volume(&v).unwrap().state, VolumeState::Incoming { migration_id: 7 });
+        c.finish_incoming(&v, 7, Epoch(2), Lsn(1), Lsn(0), vec![]).unwrap();
+        let ReadOutcome::Hit { data, .. } = c.read(&v, 1, 0, None).unwrap() else { panic!() };
+        assert_eq!(data[0], 1, "only move 7's block");
+        // Once switched, the move's frames (a late one) no longer apply; a load (a vehicle
+        // attaching explicitly) may replace the active volume.
+        assert!(c.put_migrated(&v, 7, vec![blk(3)]).is_err());
+        let ReadOutcome::Hit { data, .. } = c.read(&v, 1, 0, None).unwrap() else { panic!() };
+        assert_eq!(data[0], 1);
+        // A volume that is not here is refused too.
+        let gone = VolumeName::new("gone").unwrap();
+        assert!(c.put_migrated(&gone, 7, vec![blk(3)]).is_err());
+        c.insert_owned(v.clone(), bs, Epoch(5), cred, Lsn(0)).unwrap();
+        assert_eq!(c.volume(&v).unwrap().epoch, Epoch(5));
+    }
+
+    #[test]
+    fn a_stale_batch_completion_changes_nothing() {
+        let mut c = Cache::new(limits());
+        let v = vol(&mut c, "v");
+        c.write(&v, 1, 0, &full(1), None).unwrap();
+        let b1 = c.take_batch(&v).unwrap();
+        // The volume is replaced (fenced and loaded again, at a newer epoch) while b1 is
+        // on its way; the new incarnation takes a batch of its own.
+        let (bs, cred) = (BlockSize::new(4096).unwrap(), Credential::new("s").unwrap().hash());
+        c.insert_volume(v.clone(), bs, Epoch(3), cred, Lsn(0), VolumeState::Active);
+        c.write(&v, 1, 0, &full(2), None).unwrap();
+        c.write(&v, 2, 0, &full(2), None).unwrap();
+        let b2 = c.take_batch(&v).unwrap();
+        assert_ne!(b1.id, b2.id);
+        // b1's late success must not mark b2's blocks clean.
+        assert!(!c.complete_batch(&b1, true));
+        let x = c.volume(&v).unwrap();
+        assert!(!x.is_clean());
+        assert_eq!(x.persisted, Lsn(0));
+        assert_eq!(c.dirty_bytes(), 2 * 4097);
+        assert!(c.take_batch(&v).is_none(), "b2 is still in flight");
+        // b2 fails: its blocks are dirty again and go in the next batch.
+        assert!(c.complete_batch(&b2, false));
+        assert!(!c.complete_batch(&b2, true), "completed once");
+        let b3 = c.take_batch(&v).unwrap();
+        assert_eq!(b3.changes.iter().map(|c| c.block).collect::<Vec<_>>(), vec![1, 2]);
+        assert_eq!(b3.epoch, Epoch(3));
+        // Within one incarnation, an older batch's completion is ignored as well.
+        assert!(!c.complete_batch(&b2, true));
+        assert!(c.complete_batch(&b3, true));
+        assert!(c.volume(&v).unwrap().is_clean());
+        assert_eq!(c.dirty_bytes(), 0);
     }
 }

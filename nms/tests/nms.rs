@@ -1131,6 +1131,24 @@ async fn bad_input_gets_the_right_status_and_changes_nothing() {
     assert_eq!(e.code(), tonic::Code::InvalidArgument, "a Claim from another epoch: {e:?}");
     let meta = cluster.client().get_volume(&VolumeName::new("other").unwrap()).await.unwrap();
     assert_eq!(meta.epoch, 1, "the refused Claim raised nothing");
+    // A SwitchOver with impossible log positions (persisted past accepted, or no room for
+    // the next lsn) is a malformed stream: refused before the epoch is raised, never a panic.
+    for (accepted_lsn, persisted_lsn) in [(1, 2), (u64::MAX, 0), (u64::MAX, u64::MAX)] {
+        let switch = Frame::SwitchOver(pb::SwitchOver {
+            accepted_lsn,
+            persisted_lsn,
+            applied: Vec::new(),
+            expected_epoch: 1,
+        });
+        let e = first_error(&mut mig, vec![begin("other"), switch]).await;
+        assert_eq!(
+            e.code(),
+            tonic::Code::InvalidArgument,
+            "SwitchOver accepted {accepted_lsn} persisted {persisted_lsn}: {e:?}"
+        );
+    }
+    let meta = cluster.client().get_volume(&VolumeName::new("other").unwrap()).await.unwrap();
+    assert_eq!(meta.epoch, 1, "the malformed SwitchOvers raised nothing");
     let e = first_error(&mut mig, vec![begin("good")]).await;
     assert_eq!(e.code(), tonic::Code::FailedPrecondition, "Begin for a volume served here: {e:?}");
     let st = a.status().await;

@@ -18,7 +18,9 @@
 //! of order is INVALID_ARGUMENT and the incoming volume is dropped.
 
 use super::{Node, WritebackHold};
-use crate::cache::{hottest_first, Applied, Cache, MigBlock, Retired, VolumeState};
+use crate::cache::{
+    check_switch_lsns, hottest_first, Applied, Cache, IncomingError, MigBlock, Retired, VolumeState,
+};
 use crate::error::NmsError;
 use crate::store::StoreError;
 use std::pin::Pin;
@@ -307,7 +309,7 @@ impl Node {
         let started_unix_ms = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
             .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(0));
-        let (bs, epoch, cred, cached) = {
+        let (bs, epoch, cred, cached, incarnation) = {
             let core = self.core();
             let x = core.volume(&v).ok_or_else(|| NmsError::NotFound(v.to_string()))?;
             match &x.state {
@@ -317,7 +319,7 @@ impl Node {
                 }
                 s => return Err(NmsError::Precondition(format!("volume is {s:?}"))),
             }
-            (x.block_size, x.epoch, x.credential, x.cached_bytes())
+            (x.block_size, x.epoch, x.credential, x.cached_bytes(), x.incarnation())
         };
         if target == self.advertise {
             return Err(NmsError::Invalid("target_address is this NMS".into()));
@@ -352,7 +354,7 @@ impl Node {
             if sw.claim_sent() {
                 // The write-back is still held: nothing is written back with the epoch the
                 // target may have raised past until the volume is taken back.
-                if let Err(e) = self.take_back(&v, epoch, &sw).await {
+                if let Err(e) = self.take_back(&v, epoch, incarnation, &sw).await {
                     result = Err(format!("{why}; {e}"));
                 }
                 self.resume(&v);
@@ -706,17 +708,36 @@ impl Node {
     /// volume's epoch in the PSS, but it never served the volume. Acquires it back from
     /// that epoch, so this NMS's write-back is not fenced (its epoch is updated). If
     /// someone else owns the volume now, it is theirs: the volume turns into a redirect.
-    async fn take_back(&self, v: &VolumeName, ours: Epoch, sw: &SwitchState) -> Result<(), String> {
+    ///
+    /// What counts as the move's own claim: the PSS has the volume owned by the target
+    /// node at exactly our epoch + 1 (a claim raises `expected_epoch` by one; any later
+    /// acquire, by the target or anyone, is past it), at the epoch the target's Claimed
+    /// named when we heard it, and with no write-back persisted past what we accepted
+    /// (the target writes nothing back before SwitchOver). What remains ambiguous without
+    /// Claimed: the target dropped the incoming copy without acting on the Claim and then
+    /// loaded the volume itself from our epoch (a vehicle attaching there directly while
+    /// this NMS serves it) and has written back nothing past our accepted lsn yet. The PSS
+    /// record (owner, epoch) is then the same as after the claim; we take the volume back,
+    /// the target's write-back is fenced and its vehicle's journal replays to us.
+    async fn take_back(
+        &self,
+        v: &VolumeName,
+        ours: Epoch,
+        incarnation: u32,
+        sw: &SwitchState,
+    ) -> Result<(), String> {
         let deadline = Instant::now() + Duration::from_millis(self.cfg.pss_deadline_ms);
         let mut last;
         loop {
             match self.store.get_volume(v.clone()).await {
                 Ok(meta) if meta.epoch == ours => return Ok(()),
                 Ok(meta) => {
-                    let claimed = match sw.claimed {
-                        Some(e) => meta.epoch == e,
-                        None => !sw.target_node.is_empty() && meta.owner_node == sw.target_node,
-                    };
+                    let accepted = self.core().volume(v).map_or(Lsn(0), |x| x.accepted);
+                    let by_target = !sw.target_node.is_empty()
+                        && meta.owner_node == sw.target_node
+                        && meta.epoch.0 == ours.0.saturating_add(1)
+                        && meta.persisted <= accepted;
+                    let claimed = by_target && sw.claimed.is_none_or(|e| meta.epoch == e);
                     if !claimed {
                         warn!(
                             volume = %v,
@@ -724,7 +745,7 @@ impl Node {
                             owner = %meta.owner_node,
                             "after an aborted move another NMS owns the volume"
                         );
-                        self.fenced(v, meta.epoch).await;
+                        self.fenced(v, meta.epoch, incarnation).await;
                         return Err(format!(
                             "{} owns the volume now (epoch {})",
                             meta.owner_node, meta.epoch.0
@@ -758,43 +779,13 @@ impl Node {
         }
     }
 
-    /// The target's side of one transfer.
-    async fn receive(
+    /// A move's Begin at the target: the volume must not be here (a redirect marker
+    /// aside), must fit, and the PSS's record must be what the source claims; then the
+    /// volume is created in state Incoming. Returns its name and block size.
+    async fn admit_incoming(
         &self,
-        mut inbound: Streaming<pb::MigrationFrame>,
-        tx: mpsc::Sender<Result<pb::MigrationAck, Status>>,
-    ) {
-        let mut incoming: Option<VolumeName> = None;
-        let r = self.receive_frames(&mut inbound, &tx, &mut incoming).await;
-        if let Err(status) = r {
-            if let Some(v) = incoming {
-                warn!(volume = %v, error = %status.message(), "incoming migration dropped");
-                let mut core = self.core();
-                if matches!(core.volume(&v).map(|x| &x.state), Some(VolumeState::Incoming { .. })) {
-                    core.remove_volume(&v);
-                }
-            }
-            let _ = tx.send(Err(status)).await;
-        }
-    }
-
-    async fn receive_frames(
-        &self,
-        inbound: &mut Streaming<pb::MigrationFrame>,
-        tx: &mpsc::Sender<Result<pb::MigrationAck, Status>>,
-        incoming: &mut Option<VolumeName>,
-    ) -> Result<(), Status> {
-        let ack = |a: Ack| pb::MigrationAck { ack: Some(a) };
-        let closed = || Status::cancelled("source went away");
-        // The source gives up by then; a source or link gone silent (no reset) must not
-        // leave the half-moved volume here, refusing its vehicle, any longer.
-        let deadline = Instant::now() + Duration::from_millis(self.cfg.migration_timeout_ms);
-        let first = next_frame(inbound, deadline)
-            .await?
-            .ok_or_else(|| Status::invalid_argument("empty migration stream"))?;
-        let Some(Frame::Begin(b)) = first.frame else {
-            return Err(Status::invalid_argument("a migration stream must start with Begin"));
-        };
+        b: &pb::MigrationBegin,
+    ) -> Result<(VolumeName, wayside_proto::types::BlockSize), Status> {
         let v = convert::volume_name(&b.volume)?;
         let bs = convert::block_size(b.block_size)?;
         let cred = convert::credential_hash(&b.credential_hash)?;
@@ -839,6 +830,12 @@ impl Node {
             )));
         }
         {
+            // Serialized with vehicles' loads (`Node::load` holds `load_lock` from its
+            // check to `install`): either a load finished first and the volume is served
+            // here (refused above), or the Incoming copy is in place first and the load
+            // refuses (NotOwner). Unserialized, a load's `install` could replace the
+            // Incoming copy and this move's frames overwrite what its vehicle wrote.
+            let _load = self.load_lock.lock().await;
             let mut core = self.core();
             admissible(&core)?;
             core.insert_volume(
@@ -851,7 +848,57 @@ impl Node {
             );
             core.reserve_blocks(&v, b.cached_bytes / u64::from(bs.bytes()));
         }
-        *incoming = Some(v.clone());
+        Ok((v, bs))
+    }
+
+    /// The target's side of one transfer.
+    async fn receive(
+        &self,
+        mut inbound: Streaming<pb::MigrationFrame>,
+        tx: mpsc::Sender<Result<pb::MigrationAck, Status>>,
+    ) {
+        let mut incoming: Option<(VolumeName, u64)> = None;
+        let r = self.receive_frames(&mut inbound, &tx, &mut incoming).await;
+        if let Err(status) = r {
+            if let Some((v, migration_id)) = incoming {
+                warn!(volume = %v, error = %status.message(), "incoming migration dropped");
+                // Only this move's copy: never a volume loaded (or moved in) since.
+                let mut core = self.core();
+                let state = core.volume(&v).map(|x| &x.state);
+                if state == Some(&VolumeState::Incoming { migration_id }) {
+                    core.remove_volume(&v);
+                }
+            }
+            let _ = tx.send(Err(status)).await;
+        }
+    }
+
+    async fn receive_frames(
+        &self,
+        inbound: &mut Streaming<pb::MigrationFrame>,
+        tx: &mpsc::Sender<Result<pb::MigrationAck, Status>>,
+        incoming: &mut Option<(VolumeName, u64)>,
+    ) -> Result<(), Status> {
+        // A step refused because the volume is no longer this move's (see `IncomingError`)
+        // aborts the move; impossible switch positions are a malformed stream.
+        let refused = |e: IncomingError| match e {
+            IncomingError::Lsns { .. } => Status::invalid_argument(e.to_string()),
+            IncomingError::NotIncoming { .. } => Status::aborted(e.to_string()),
+        };
+        let ack = |a: Ack| pb::MigrationAck { ack: Some(a) };
+        let closed = || Status::cancelled("source went away");
+        // The source gives up by then; a source or link gone silent (no reset) must not
+        // leave the half-moved volume here, refusing its vehicle, any longer.
+        let deadline = Instant::now() + Duration::from_millis(self.cfg.migration_timeout_ms);
+        let first = next_frame(inbound, deadline)
+            .await?
+            .ok_or_else(|| Status::invalid_argument("empty migration stream"))?;
+        let Some(Frame::Begin(b)) = first.frame else {
+            return Err(Status::invalid_argument("a migration stream must start with Begin"));
+        };
+        let (v, bs) = self.admit_incoming(&b).await?;
+        let mid = b.migration_id;
+        *incoming = Some((v.clone(), mid));
         info!(volume = %v, from = %b.source_address, "incoming migration");
         let ready = pb::MigrationReady { target_node: self.node_id.clone() };
         tx.send(Ok(ack(Ack::Ready(ready)))).await.map_err(|_| closed())?;
@@ -889,7 +936,7 @@ impl Node {
                             heat: m.heat,
                         });
                     }
-                    self.core().put_migrated(&v, blocks);
+                    self.core().put_migrated(&v, mid, blocks).map_err(refused)?;
                 }
                 Some(Frame::RequestIds(r)) => {
                     let t = Instant::now();
@@ -900,7 +947,8 @@ impl Node {
                     // most one chunk long.
                     let mut applied = applied.into_iter();
                     while applied.len() > 0 {
-                        self.core().remember_migrated(&v, applied.by_ref().take(IDS_PER_LOCK));
+                        let chunk = applied.by_ref().take(IDS_PER_LOCK);
+                        self.core().remember_migrated(&v, mid, chunk).map_err(refused)?;
                     }
                     tracing::debug!(
                         round = r.round,
@@ -953,6 +1001,9 @@ impl Node {
                             "SwitchOver epoch differs from Begin's",
                         ));
                     }
+                    // Before the epoch is raised: a malformed switch takes nothing over.
+                    check_switch_lsns(Lsn(s.accepted_lsn), Lsn(s.persisted_lsn))
+                        .map_err(refused)?;
                     let t_acquire = Instant::now();
                     let meta = match claimed.take() {
                         Some(meta) => meta,
@@ -964,15 +1015,20 @@ impl Node {
                     };
                     let acquire_us = us(t_acquire.elapsed());
                     let t_finish = Instant::now();
-                    self.core().finish_incoming(
-                        &v,
-                        meta.epoch,
-                        Lsn(s.accepted_lsn),
-                        Lsn(s.persisted_lsn),
-                        applied,
-                    );
-                    if let Some(x) = self.core().volume_mut(&v) {
-                        x.stored_blocks = meta.block_count;
+                    {
+                        let mut core = self.core();
+                        core.finish_incoming(
+                            &v,
+                            mid,
+                            meta.epoch,
+                            Lsn(s.accepted_lsn),
+                            Lsn(s.persisted_lsn),
+                            applied,
+                        )
+                        .map_err(refused)?;
+                        if let Some(x) = core.volume_mut(&v) {
+                            x.stored_blocks = meta.block_count;
+                        }
                     }
                     self.bump();
                     let finish_us = us(t_finish.elapsed());
@@ -1044,10 +1100,20 @@ impl pb::migration_server::Migration for Node {
 
 #[cfg(test)]
 mod tests {
-    use super::{applied_from_pb, applied_to_pb, SwitchRule};
-    use crate::cache::Applied;
+    use super::{applied_from_pb, applied_to_pb, Node, SwitchRule};
+    use crate::cache::{Applied, VolumeState};
+    use crate::config::Config;
+    use crate::error::NmsError;
+    use crate::server::Presented;
+    use crate::store::{
+        Acquire, BlockPage, BoxFut, Fetched, Store, StoreError, VolumeMeta, WriteBack,
+    };
+    use std::sync::Arc;
+    use tokio_util::sync::CancellationToken;
     use wayside_proto::pb;
-    use wayside_proto::types::{Lsn, RequestId};
+    use wayside_proto::types::{
+        BlockNo, BlockSize, Credential, Endpoint, Epoch, Lsn, RequestId, VolumeName,
+    };
 
     #[test]
     fn request_ids_travel_as_runs_per_client_in_order() {
@@ -1108,5 +1174,115 @@ mod tests {
         // No time condition: the byte threshold alone.
         let bytes_only = SwitchRule { transfer_us: 0, ..rule };
         assert!(bytes_only.switch_now(2, 930_000, 8 << 20, GBIT));
+    }
+    /// A store whose `acquire` parks (after saying so) until the gate opens.
+    struct Gated {
+        inner: crate::store::MemStore,
+        entered: tokio::sync::Notify,
+        gate: tokio::sync::Semaphore,
+    }
+
+    impl Store for Gated {
+        fn acquire(&self, req: Acquire) -> BoxFut<'_, Result<VolumeMeta, StoreError>> {
+            Box::pin(async move {
+                self.entered.notify_one();
+                let _open = self.gate.acquire().await.expect("gate open");
+                self.inner.acquire(req).await
+            })
+        }
+        fn get_volume(&self, volume: VolumeName) -> BoxFut<'_, Result<VolumeMeta, StoreError>> {
+            self.inner.get_volume(volume)
+        }
+        fn write_batch(&self, batch: WriteBack) -> BoxFut<'_, Result<Lsn, StoreError>> {
+            self.inner.write_batch(batch)
+        }
+        fn get_blocks(
+            &self,
+            volume: VolumeName,
+            blocks: Vec<BlockNo>,
+        ) -> BoxFut<'_, Result<Fetched, StoreError>> {
+            self.inner.get_blocks(volume, blocks)
+        }
+        fn list_blocks(
+            &self,
+            volume: VolumeName,
+            start: BlockNo,
+            limit: u32,
+        ) -> BoxFut<'_, Result<BlockPage, StoreError>> {
+            self.inner.list_blocks(volume, start, limit)
+        }
+    }
+
+    /// A vehicle's load and a move's Begin for the same volume at the target are
+    /// serialized: a Begin arriving while a load is under way waits for it and is then
+    /// refused (the volume is served here); a load after a Begin is refused (NotOwner), and
+    /// so is an install over the incoming copy.
+    #[tokio::test]
+    async fn a_moves_begin_and_a_vehicles_load_at_the_target_exclude_each_other() {
+        use futures::FutureExt as _;
+        let gated = Arc::new(Gated {
+            inner: crate::store::MemStore::default(),
+            entered: tokio::sync::Notify::new(),
+            gate: tokio::sync::Semaphore::new(0),
+        });
+        let cred = Credential::new("k").unwrap();
+        let bs = BlockSize::new(4096).unwrap();
+        for (n, name) in ["v", "w"].into_iter().enumerate() {
+            // Both volumes are in the PSS at epoch 1, owned by NMS "a".
+            let created = gated.inner.acquire(Acquire {
+                volume: VolumeName::new(name).unwrap(),
+                owner_node: "a".into(),
+                owner_address: "http://127.0.0.1:1".into(),
+                expected_epoch: None,
+                create: Some((bs, cred.hash())),
+                request_id: RequestId::new("test", n as u64 + 1).unwrap(),
+            });
+            assert_eq!(created.await.unwrap().epoch, Epoch(1));
+        }
+        let cfg = Config { node_id: "b".into(), block_pool_bytes: 0, ..Config::default() };
+        let store: Arc<dyn Store> = gated.clone();
+        let ep = Endpoint::parse("127.0.0.1:2").unwrap();
+        let node = Node::new(cfg, ep, store, CancellationToken::new());
+        let begin = |name: &str| pb::MigrationBegin {
+            migration_id: 9,
+            volume: name.into(),
+            block_size: bs.bytes(),
+            source_epoch: 1,
+            source_node: "a".into(),
+            source_address: "http://127.0.0.1:1".into(),
+            credential_hash: cred.hash().0.to_vec(),
+            cached_bytes: 0,
+        };
+        let v = VolumeName::new("v").unwrap();
+
+        // A vehicle attaches at b: its load holds on in the PSS's acquire...
+        let load = tokio::spawn({
+            let (node, v, cred) = (node.clone(), v.clone(), cred.clone());
+            async move { node.load(&v, &Presented::new(cred), None, false).await }
+        });
+        gated.entered.notified().await;
+        // ...and the move's Begin, arriving now, waits for it rather than creating the
+        // Incoming copy that the load's install would then replace.
+        assert!(
+            node.admit_incoming(&begin("v")).now_or_never().is_none(),
+            "Begin went ahead of the load in progress"
+        );
+        gated.gate.add_permits(1000);
+        load.await.unwrap().unwrap();
+        let e = node.admit_incoming(&begin("v")).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e:?}");
+        let state = node.core().volume(&v).map(|x| (x.state.clone(), x.epoch));
+        assert_eq!(state, Some((VolumeState::Active, Epoch(2))));
+
+        // The other order: the Incoming copy first; a load, or an install, refuses.
+        let w = VolumeName::new("w").unwrap();
+        node.admit_incoming(&begin("w")).await.unwrap();
+        let e = node.load(&w, &Presented::new(cred.clone()), None, false).await.unwrap_err();
+        assert!(matches!(e, NmsError::NotOwner { .. }), "{e:?}");
+        let e = node.install(&w, bs, Epoch(7), cred.hash(), Lsn(0), 0).unwrap_err();
+        assert!(matches!(e, NmsError::NotOwner { .. }), "{e:?}");
+        let state = node.core().volume(&w).map(|x| x.state.clone());
+        assert_eq!(state, Some(VolumeState::Incoming { migration_id: 9 }));
+        node.stop.cancel();
     }
 }

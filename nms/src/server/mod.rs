@@ -436,11 +436,12 @@ impl Node {
             meta.credential,
             meta.persisted,
             meta.block_count,
-        );
-        Ok(())
+        )
     }
 
-    /// Installs an owned, active volume and starts its write-back task.
+    /// Installs an owned, active volume and starts its write-back task. Never replaces a
+    /// volume arriving by migration (re-checked under the cache lock; a move's Begin takes
+    /// `load_lock` too, so a load never meets one here): NotOwner.
     pub(crate) fn install(
         &self,
         v: &VolumeName,
@@ -449,20 +450,33 @@ impl Node {
         cred: wayside_proto::types::CredentialHash,
         persisted: Lsn,
         stored_blocks: u64,
-    ) {
+    ) -> Result<(), NmsError> {
         {
             let mut core = self.core();
-            core.insert_volume(v.clone(), bs, epoch, cred, persisted, VolumeState::Active);
+            if let Err(e) = core.insert_owned(v.clone(), bs, epoch, cred, persisted) {
+                warn!(volume = %v, error = %e, "a load met a volume arriving by migration");
+                return Err(NmsError::NotOwner {
+                    volume: v.to_string(),
+                    why: "it is arriving by migration".into(),
+                    owner_address: String::new(),
+                    epoch,
+                });
+            }
             if let Some(x) = core.volume_mut(v) {
                 x.stored_blocks = stored_blocks;
             }
         }
         self.start_writer(v);
         self.bump();
+        Ok(())
     }
 
-    /// Starts (or restarts) the write-back task of a volume.
+    /// Starts (or restarts) the write-back task of a volume, bound to the volume's
+    /// current incarnation ([`crate::cache::Volume::incarnation`]): once the volume is
+    /// replaced, that task takes no batch of the new one and its late completions change
+    /// nothing.
     pub(crate) fn start_writer(&self, v: &VolumeName) {
+        let Some(incarnation) = self.core().volume(v).map(|x| x.incarnation()) else { return };
         let h = Arc::new(Handle {
             kick: Notify::new(),
             flush: Notify::new(),
@@ -477,7 +491,7 @@ impl Node {
         let me = self.self_arc();
         let vol = v.clone();
         let span = info_span!("writeback", node = %self.node_id, volume = %v);
-        self.spawn_background(async move { me.writer(vol, h).await }.instrument(span));
+        self.spawn_background(async move { me.writer(vol, h, incarnation).await }.instrument(span));
     }
 
     /// Spawns background work (tracked) on the node's main runtime; see `runtime`.
@@ -524,7 +538,7 @@ impl Node {
         }
     }
 
-    async fn writer(self: Arc<Self>, v: VolumeName, h: Arc<Handle>) {
+    async fn writer(self: Arc<Self>, v: VolumeName, h: Arc<Handle>, incarnation: u32) {
         let delay = Duration::from_millis(self.cfg.writeback_delay_ms);
         loop {
             tokio::select! {
@@ -542,8 +556,18 @@ impl Node {
                 // In flight first, then the hold: a migration sets the hold, then waits
                 // while a batch is in flight, so one of the two sees the other.
                 h.in_flight.store(true, Ordering::SeqCst);
-                let batch =
-                    if h.held.load(Ordering::SeqCst) { None } else { self.core().take_batch(&v) };
+                let batch = if h.held.load(Ordering::SeqCst) {
+                    None
+                } else {
+                    let mut core = self.core();
+                    if core.volume(&v).map(|x| x.incarnation()) != Some(incarnation) {
+                        // Replaced (moved, fenced, loaded again): its own writer took over.
+                        drop(core);
+                        h.in_flight.store(false, Ordering::SeqCst);
+                        return;
+                    }
+                    core.take_batch(&v)
+                };
                 let Some(mut batch) = batch else {
                     h.in_flight.store(false, Ordering::SeqCst);
                     // A migration waiting on `in_flight` set the hold first, so it is seen
@@ -571,22 +595,31 @@ impl Node {
                 loop {
                     match self.store.write_batch(wb.clone()).await {
                         Ok(_) => {
-                            self.core().complete_batch(&batch, true);
+                            // A batch of a volume replaced meanwhile completes nothing.
+                            let current = self.core().complete_batch(&batch, true);
                             h.in_flight.store(false, Ordering::SeqCst);
                             self.wb_batches.fetch_add(1, Ordering::Relaxed);
                             self.wb_blocks.fetch_add(blocks, Ordering::Relaxed);
                             self.bump();
+                            if !current {
+                                return;
+                            }
                             break;
                         }
                         Err(StoreError::StaleEpoch { presented, current }) => {
-                            self.core().complete_batch(&batch, false);
+                            let ours = self.core().complete_batch(&batch, false);
                             h.in_flight.store(false, Ordering::SeqCst);
+                            if !ours {
+                                // A stale writer's batch: the volume here now is another
+                                // incarnation, whose own write-back decides its fate.
+                                return;
+                            }
                             warn!(
                                 presented = presented.0,
                                 current = current.0,
                                 "write-back refused: another NMS owns the volume now (fenced)"
                             );
-                            self.fenced(&v, current).await;
+                            self.fenced(&v, current, incarnation).await;
                             return;
                         }
                         Err(e) => {
@@ -611,13 +644,25 @@ impl Node {
     }
 
     /// The PSS says another NMS owns `v`: redirect callers there and drop the blocks.
-    async fn fenced(&self, v: &VolumeName, current: Epoch) {
+    /// Only the volume's `incarnation` that was fenced: one installed since (a load at a
+    /// newer epoch) is left alone, its writer too.
+    async fn fenced(&self, v: &VolumeName, current: Epoch, incarnation: u32) {
         let to = match self.store.get_volume(v.clone()).await {
             Ok(m) => m.owner_address,
             Err(_) => String::new(),
         };
-        self.core().mark_moved(v, to, current);
-        self.stop_writer(v);
+        let old = {
+            let mut core = self.core();
+            if core.volume(v).map(|x| x.incarnation()) != Some(incarnation) {
+                return;
+            }
+            let old = core.mark_moved(v, to, current);
+            // Under the cache lock, so no volume installed after the check loses its writer
+            // (lock order: the cache, then the handles).
+            self.stop_writer(v);
+            old
+        };
+        drop(old);
         self.bump();
     }
 
