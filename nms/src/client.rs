@@ -17,6 +17,18 @@
 //!   watermark from that same connection prunes it; `flush` first replays entries
 //!   acknowledged on an older connection.
 //!
+//! - An NMS that restarted at the same address is noticed, not silently used: every call
+//!   carries the session of the NMS process it attached to, which a restarted one refuses,
+//!   so the client attaches again and replays (a restarted NMS knows nothing of what its
+//!   earlier run accepted).
+//! - A write acknowledged by an NMS the client left while it was in flight (another call
+//!   reconnected meanwhile, and that reconnect's replay could not include it) is sent
+//!   again on the new connection before the caller hears of it, so no later write of the
+//!   caller's can be overtaken by a replay of it.
+//! - Request ids are `client_id` + a sequence starting at a random point of 2^62, so a
+//!   process reusing a client id (a remount with `--client-id`) never presents an id an
+//!   earlier process used (an NMS would answer it as a duplicate and drop the write).
+//!
 //! Limits: `journal_limit_bytes` (a write that would pass it first flushes), `op_timeout`
 //! (per call, retries included), `rpc_timeout` (per attempt), backoff doubling from
 //! `initial_backoff` up to `max_backoff`.
@@ -42,7 +54,8 @@ pub struct ClientOptions {
     pub nms: Vec<Endpoint>,
     pub volume: VolumeName,
     pub credential: Credential,
-    /// Stable id of this client's journal (request ids are `client_id` + a sequence).
+    /// This client's name in request ids (`client_id` + a sequence starting at a random
+    /// point, so reusing a name across processes repeats no id) and in the NMS's logs.
     pub client_id: String,
     /// Create the volume with this block size when it does not exist.
     pub create_block_size: Option<BlockSize>,
@@ -143,6 +156,9 @@ struct JEntry {
 struct Journal {
     entries: BTreeMap<u64, JEntry>,
     bytes: u64,
+    /// The generation of the last attach that listed the entries to replay: an entry
+    /// acknowledged on an older generation after that listing was not replayed there.
+    listed_for: u64,
 }
 
 impl Journal {
@@ -175,6 +191,8 @@ struct Conn {
     endpoint: Endpoint,
     client: NmsClient<Channel>,
     generation: u64,
+    /// The NMS process's session (`VolumeInfo.nms_session`), carried by every call.
+    session: u64,
 }
 
 struct Inner {
@@ -261,7 +279,8 @@ impl VolumeClient {
                 reconnect: tokio::sync::Mutex::new(()),
                 generation: AtomicU64::new(0),
                 block_size: Mutex::new(BlockSize::default()),
-                seq: AtomicU64::new(1),
+                // Below 2^62 + 1: room for 2^62 operations before the sequence could wrap.
+                seq: AtomicU64::new((rand::random::<u64>() >> 2) + 1),
                 journal: Mutex::new(Journal::default()),
             }),
         };
@@ -287,8 +306,11 @@ impl VolumeClient {
         self.inner.journal.lock().expect("poisoned").bytes
     }
 
-    fn auth(&self) -> Option<pb::VolumeAuth> {
-        Some(to_volume_auth(&self.inner.opts.volume, &self.inner.opts.credential))
+    /// The volume's credentials, for the NMS process with `session` (0: attaching).
+    fn auth(&self, session: u64) -> Option<pb::VolumeAuth> {
+        let mut a = to_volume_auth(&self.inner.opts.volume, &self.inner.opts.credential);
+        a.nms_session = session;
+        Some(a)
     }
 
     fn prune(&self, persisted: Lsn, generation: u64) {
@@ -302,13 +324,10 @@ impl VolumeClient {
         offset: u32,
         len: Option<u32>,
     ) -> Result<Option<Vec<u8>>, ClientError> {
-        let req = pb::ReadRequest {
-            auth: self.auth(),
-            op: Some(pb::ReadOp { block, offset, length: len.unwrap_or(0) }),
-        };
+        let op = pb::ReadOp { block, offset, length: len.unwrap_or(0) };
         let (r, generation) = self
-            .call(|mut c| {
-                let req = req.clone();
+            .call(self.deadline(), |mut c, auth| {
+                let req = pb::ReadRequest { auth, op: Some(op) };
                 async move { c.read(req).await.map(|r| r.into_inner()) }
             })
             .await?;
@@ -343,7 +362,7 @@ impl VolumeClient {
                     pb::stream_request::Op::Read(pb::ReadOp { block, offset: 0, length: 0 })
                 })
                 .collect();
-            let (results, generation) = self.batch(ops).await?;
+            let (results, generation) = self.batch(self.deadline(), ops).await?;
             let mut persisted = Lsn(0);
             for r in results {
                 let pb::stream_reply::Result::Read(r) = r else {
@@ -384,6 +403,7 @@ impl VolumeClient {
     async fn journaled_batch(&self, ops: Vec<JOp>) -> Result<Vec<WriteAck>, ClientError> {
         let size: u64 = ops.iter().map(Journal::size).sum();
         self.journal_room(size).await?;
+        let deadline = self.deadline();
         let first = self.inner.seq.fetch_add(ops.len() as u64, Ordering::Relaxed);
         let seqs: Vec<u64> = (first..first + ops.len() as u64).collect();
         {
@@ -393,7 +413,7 @@ impl VolumeClient {
                 j.entries.insert(*seq, JEntry { op: op.clone(), lsn: None, generation: 0 });
             }
         }
-        let reqs = seqs
+        let reqs: Vec<pb::stream_request::Op> = seqs
             .iter()
             .zip(ops)
             .map(|(&seq, op)| {
@@ -414,37 +434,65 @@ impl VolumeClient {
                 }
             })
             .collect();
-        let r = self.batch(reqs).await;
-        let mut j = self.inner.journal.lock().expect("poisoned");
-        let (results, generation) = match r {
-            Ok(r) => r,
-            Err(e) => {
-                // Not acknowledged: the caller knows, so they leave the journal.
-                for seq in &seqs {
-                    j.remove(*seq);
+        loop {
+            let r = self.batch(deadline, reqs.clone()).await;
+            let mut j = self.inner.journal.lock().expect("poisoned");
+            let (results, generation) = match r {
+                Ok(r) => r,
+                Err(e) => {
+                    // Not acknowledged: the caller knows, so they leave the journal.
+                    for seq in &seqs {
+                        j.remove(*seq);
+                    }
+                    return Err(e);
                 }
-                return Err(e);
-            }
-        };
-        let mut acks = Vec::with_capacity(results.len());
-        for (seq, r) in seqs.iter().zip(results) {
-            let pb::stream_reply::Result::Write(w) = r else {
-                return Err(ClientError::Status(Status::internal("a write got another result")));
             };
-            if let Some(e) = j.entries.get_mut(seq) {
-                e.lsn = Some(Lsn(w.lsn));
-                e.generation = generation;
+            if generation != j.listed_for {
+                // Acknowledged by an NMS left while in flight: again, on the new one.
+                drop(j);
+                self.resend_or_fail(deadline, &seqs)?;
+                continue;
             }
-            acks.push(WriteAck {
-                lsn: Lsn(w.lsn),
-                persisted_lsn: Lsn(w.persisted_lsn),
-                version: w.version,
-            });
+            let mut acks = Vec::with_capacity(results.len());
+            for (seq, r) in seqs.iter().zip(results) {
+                let pb::stream_reply::Result::Write(w) = r else {
+                    return Err(ClientError::Status(Status::internal(
+                        "a write got another result",
+                    )));
+                };
+                if let Some(e) = j.entries.get_mut(seq) {
+                    e.lsn = Some(Lsn(w.lsn));
+                    e.generation = generation;
+                }
+                acks.push(WriteAck {
+                    lsn: Lsn(w.lsn),
+                    persisted_lsn: Lsn(w.persisted_lsn),
+                    version: w.version,
+                });
+            }
+            if let Some(p) = acks.iter().map(|a| a.persisted_lsn).max() {
+                j.prune(p, generation);
+            }
+            return Ok(acks);
         }
-        if let Some(p) = acks.iter().map(|a| a.persisted_lsn).max() {
-            j.prune(p, generation);
+    }
+
+    /// Before sending again writes an NMS acknowledged after the client left it: fails
+    /// (the writes leave the journal: the caller hears they may not have been applied)
+    /// when the call's deadline has passed.
+    fn resend_or_fail(&self, deadline: Instant, seqs: &[u64]) -> Result<(), ClientError> {
+        if Instant::now() < deadline {
+            debug!(writes = seqs.len(), "acknowledged by an NMS left meanwhile: sending again");
+            return Ok(());
         }
-        Ok(acks)
+        let mut j = self.inner.journal.lock().expect("poisoned");
+        for seq in seqs {
+            j.remove(*seq);
+        }
+        Err(ClientError::Unavailable {
+            timeout: self.inner.opts.op_timeout,
+            last: "acknowledged by an NMS the client had left, with no time to send again".into(),
+        })
     }
 
     /// Sends `ops` (tagged by their index) as one `StreamBatches` message, with the
@@ -454,18 +502,16 @@ impl VolumeClient {
     /// whole batch to the new NMS: writes carry request ids and apply once).
     async fn batch(
         &self,
+        deadline: Instant,
         ops: Vec<pb::stream_request::Op>,
     ) -> Result<(Vec<pb::stream_reply::Result>, u64), ClientError> {
-        let batch = pb::StreamBatch {
-            auth: self.auth(),
-            ops: ops
-                .into_iter()
-                .enumerate()
-                .map(|(i, op)| pb::StreamRequest { auth: None, tag: i as u64, op: Some(op) })
-                .collect(),
-        };
-        self.call(|mut c| {
-            let batch = batch.clone();
+        let ops: Vec<pb::StreamRequest> = ops
+            .into_iter()
+            .enumerate()
+            .map(|(i, op)| pb::StreamRequest { auth: None, tag: i as u64, op: Some(op) })
+            .collect();
+        self.call(deadline, |mut c, auth| {
+            let batch = pb::StreamBatch { auth, ops: ops.clone() };
             async move {
                 let n = batch.ops.len();
                 let mut replies =
@@ -514,58 +560,69 @@ impl VolumeClient {
     async fn journaled(&self, op: JOp) -> Result<WriteAck, ClientError> {
         let size = Journal::size(&op);
         self.journal_room(size).await?;
+        let deadline = self.deadline();
         let seq = self.inner.seq.fetch_add(1, Ordering::Relaxed);
         {
             let mut j = self.inner.journal.lock().expect("poisoned");
             j.bytes += size;
             j.entries.insert(seq, JEntry { op: op.clone(), lsn: None, generation: 0 });
         }
-        let r = self.send_op(seq, &op).await;
-        let mut j = self.inner.journal.lock().expect("poisoned");
-        match r {
-            Ok((ack, generation)) => {
-                if let Some(e) = j.entries.get_mut(&seq) {
-                    e.lsn = Some(ack.lsn);
-                    e.generation = generation;
+        loop {
+            let r = self.send_op(deadline, seq, &op).await;
+            let mut j = self.inner.journal.lock().expect("poisoned");
+            return match r {
+                // The connection changed while this write was in flight, and the new
+                // connection's replay listed the journal before this ack arrived: it was
+                // not replayed there. Sent again now, before the caller hears of it (the
+                // new NMS applies it, or, continuing the old one's lineage, answers
+                // `duplicate`), so no later write of the caller's can come before it.
+                Ok((_, generation)) if generation != j.listed_for => {
+                    drop(j);
+                    self.resend_or_fail(deadline, &[seq])?;
+                    continue;
                 }
-                j.prune(ack.persisted_lsn, generation);
-                Ok(ack)
-            }
-            Err(e) => {
-                // Not acknowledged: the caller knows, so it leaves the journal.
-                j.remove(seq);
-                Err(e)
-            }
+                Ok((ack, generation)) => {
+                    if let Some(e) = j.entries.get_mut(&seq) {
+                        e.lsn = Some(ack.lsn);
+                        e.generation = generation;
+                    }
+                    j.prune(ack.persisted_lsn, generation);
+                    Ok(ack)
+                }
+                Err(e) => {
+                    // Not acknowledged: the caller knows, so it leaves the journal.
+                    j.remove(seq);
+                    Err(e)
+                }
+            };
         }
     }
 
-    async fn send_op(&self, seq: u64, op: &JOp) -> Result<(WriteAck, u64), ClientError> {
+    async fn send_op(
+        &self,
+        deadline: Instant,
+        seq: u64,
+        op: &JOp,
+    ) -> Result<(WriteAck, u64), ClientError> {
         let rid = Some(pb::RequestId { client_id: self.inner.opts.client_id.clone(), seq });
-        let auth = self.auth();
         let (r, generation) = match op {
             JOp::Write { block, offset, data } => {
-                let req = pb::WriteRequest {
-                    auth,
-                    op: Some(pb::WriteOp {
-                        block: *block,
-                        offset: *offset,
-                        data: data.clone(),
-                        request_id: rid,
-                    }),
+                let op = pb::WriteOp {
+                    block: *block,
+                    offset: *offset,
+                    data: data.clone(),
+                    request_id: rid,
                 };
-                self.call(|mut c| {
-                    let req = req.clone();
+                self.call(deadline, |mut c, auth| {
+                    let req = pb::WriteRequest { auth, op: Some(op.clone()) };
                     async move { c.write(req).await.map(|r| r.into_inner()) }
                 })
                 .await?
             }
             JOp::Delete { block } => {
-                let req = pb::DeleteRequest {
-                    auth,
-                    op: Some(pb::DeleteOp { block: *block, request_id: rid }),
-                };
-                self.call(|mut c| {
-                    let req = req.clone();
+                let op = pb::DeleteOp { block: *block, request_id: rid };
+                self.call(deadline, |mut c, auth| {
+                    let req = pb::DeleteRequest { auth, op: Some(op.clone()) };
                     async move { c.delete(req).await.map(|r| r.into_inner()) }
                 })
                 .await?
@@ -579,20 +636,19 @@ impl VolumeClient {
 
     /// Returns once everything accepted before the call is persisted in the PSS.
     pub async fn flush(&self) -> Result<Lsn, ClientError> {
-        let deadline = Instant::now() + self.inner.opts.op_timeout;
+        let deadline = self.deadline();
         // Entries acknowledged on an older connection are not covered by this NMS's
         // watermark: send them here first.
         let conn = self.connection(deadline).await?;
         if self.has_stale(conn.generation) {
             let mut client = conn.client.clone();
-            if self.replay(&mut client, conn.generation).await.is_err() {
+            if self.replay(&mut client, conn.generation, conn.session, deadline).await.is_err() {
                 self.invalidate(conn.generation, None);
             }
         }
-        let req = pb::FlushRequest { auth: self.auth() };
         let (r, generation) = self
-            .call(|mut c| {
-                let req = req.clone();
+            .call(deadline, |mut c, auth| {
+                let req = pb::FlushRequest { auth };
                 async move { c.flush(req).await.map(|r| r.into_inner()) }
             })
             .await?;
@@ -614,10 +670,9 @@ impl VolumeClient {
 
     /// The volume's state on its NMS.
     pub async fn stat(&self) -> Result<pb::VolumeInfo, ClientError> {
-        let req = pb::StatRequest { auth: self.auth() };
         let (r, _) = self
-            .call(|mut c| {
-                let req = req.clone();
+            .call(self.deadline(), |mut c, auth| {
+                let req = pb::StatRequest { auth };
                 async move { c.stat(req).await.map(|r| r.into_inner()) }
             })
             .await?;
@@ -626,29 +681,36 @@ impl VolumeClient {
 
     /// Stored blocks from `start_block`, at most `limit` (0: the server's page size).
     pub async fn list(&self, start_block: u64, limit: u32) -> Result<pb::ListReply, ClientError> {
-        let req = pb::ListRequest { auth: self.auth(), start_block, limit };
         let (r, _) = self
-            .call(|mut c| {
-                let req = req.clone();
+            .call(self.deadline(), |mut c, auth| {
+                let req = pb::ListRequest { auth, start_block, limit };
                 async move { c.list(req).await.map(|r| r.into_inner()) }
             })
             .await?;
         Ok(r)
     }
 
-    /// Runs one call with redirects, reconnects and backoff, within `op_timeout`.
-    /// Returns the reply and the generation of the connection that gave it.
-    async fn call<T, F, Fut>(&self, mut f: F) -> Result<(T, u64), ClientError>
+    /// When a call started now must end (`op_timeout`).
+    fn deadline(&self) -> Instant {
+        Instant::now() + self.inner.opts.op_timeout
+    }
+
+    /// Runs one call with redirects, reconnects and backoff until `deadline`, each attempt
+    /// within `rpc_timeout` (and the time left); `f` gets the connection's client and the
+    /// volume's credentials for it. Returns the reply and the generation of the connection
+    /// that gave it.
+    async fn call<T, F, Fut>(&self, deadline: Instant, mut f: F) -> Result<(T, u64), ClientError>
     where
-        F: FnMut(NmsClient<Channel>) -> Fut,
+        F: FnMut(NmsClient<Channel>, Option<pb::VolumeAuth>) -> Fut,
         Fut: Future<Output = Result<T, Status>>,
     {
         let o = &self.inner.opts;
-        let deadline = Instant::now() + o.op_timeout;
         let mut backoff = o.initial_backoff;
         loop {
             let conn = self.connection(deadline).await?;
-            let last = match tokio::time::timeout(o.rpc_timeout, f(conn.client.clone())).await {
+            let attempt = o.rpc_timeout.min(deadline.saturating_duration_since(Instant::now()));
+            let reply = f(conn.client.clone(), self.auth(conn.session));
+            let last = match tokio::time::timeout(attempt, reply).await {
                 Ok(Ok(t)) => return Ok((t, conn.generation)),
                 Ok(Err(s)) => {
                     let limit = limit_error(&s);
@@ -674,7 +736,7 @@ impl VolumeClient {
                 }
                 Err(_) => {
                     self.invalidate(conn.generation, None);
-                    format!("no reply within rpc_timeout ({:?})", o.rpc_timeout)
+                    format!("no reply within {attempt:?} (rpc_timeout {:?})", o.rpc_timeout)
                 }
             };
             if Instant::now() + backoff > deadline {
@@ -701,11 +763,19 @@ impl VolumeClient {
         if let Some(c) = self.inner.conn.lock().expect("poisoned").clone() {
             return Ok(c);
         }
-        let _g = self.inner.reconnect.lock().await;
+        let o = &self.inner.opts;
+        // Another caller may be attaching (to an NMS that does not answer): wait for it
+        // no longer than this call may take.
+        let left = deadline.saturating_duration_since(Instant::now());
+        let Ok(_g) = tokio::time::timeout(left, self.inner.reconnect.lock()).await else {
+            return Err(ClientError::Unavailable {
+                timeout: o.op_timeout,
+                last: "another call's attach took the time left".into(),
+            });
+        };
         if let Some(c) = self.inner.conn.lock().expect("poisoned").clone() {
             return Ok(c);
         }
-        let o = &self.inner.opts;
         let mut backoff = o.initial_backoff;
         let mut last = String::from("no attempt");
         loop {
@@ -721,7 +791,7 @@ impl VolumeClient {
             while i < candidates.len() {
                 let ep = candidates[i].clone();
                 i += 1;
-                match self.attach(&ep).await {
+                match self.attach(&ep, deadline).await {
                     Ok(conn) => return Ok(conn),
                     Err(Next::Redirect(to)) if redirects < 4 => {
                         redirects += 1;
@@ -744,7 +814,11 @@ impl VolumeClient {
         }
     }
 
-    async fn attach(&self, ep: &Endpoint) -> Result<Conn, Next> {
+    /// Connects to `ep`, attaches (or creates the volume) and replays the journal there,
+    /// each call within `rpc_timeout` and all before `deadline`: an NMS that accepts
+    /// connections and never answers holds the client up no longer than that, and the
+    /// next one is tried.
+    async fn attach(&self, ep: &Endpoint, deadline: Instant) -> Result<Conn, Next> {
         let o = &self.inner.opts;
         let endpoint = tonic::transport::Endpoint::from_shared(ep.uri().to_owned())
             .map_err(|e| Next::Fail(ClientError::Options(format!("{ep}: {e}"))))?
@@ -759,35 +833,45 @@ impl VolumeClient {
         let mut client = NmsClient::new(channel)
             .max_decoding_message_size(o.max_message_size_bytes)
             .max_encoding_message_size(o.max_message_size_bytes);
-        let reply = match o.create_block_size {
-            Some(bs) => {
-                client
-                    .create_volume(pb::CreateVolumeRequest {
-                        auth: self.auth(),
-                        block_size: bs.bytes(),
-                    })
-                    .await
+        let attempt = o.rpc_timeout.min(deadline.saturating_duration_since(Instant::now()));
+        let reply = tokio::time::timeout(attempt, async {
+            match o.create_block_size {
+                Some(bs) => {
+                    client
+                        .create_volume(pb::CreateVolumeRequest {
+                            auth: self.auth(0),
+                            block_size: bs.bytes(),
+                        })
+                        .await
+                }
+                None => {
+                    client
+                        .attach(pb::AttachRequest {
+                            auth: self.auth(0),
+                            client_id: o.client_id.clone(),
+                        })
+                        .await
+                }
             }
-            None => {
-                client
-                    .attach(pb::AttachRequest { auth: self.auth(), client_id: o.client_id.clone() })
-                    .await
-            }
-        };
-        let info = match tokio::time::timeout(o.rpc_timeout, async { reply }).await {
+        })
+        .await;
+        let info = match reply {
             Ok(Ok(r)) => r.into_inner().info.unwrap_or_default(),
             Ok(Err(s)) => {
                 // A create of an existing volume with another block size is an error to report.
                 return Err(classify(s).0);
             }
-            Err(_) => return Err(Next::Reconnect),
+            Err(_) => {
+                debug!(nms = %ep, ?attempt, "no attach reply in time");
+                return Err(Next::Reconnect);
+            }
         };
         if let Ok(bs) = BlockSize::new(info.block_size) {
             *self.inner.block_size.lock().expect("poisoned") = bs;
         }
         let generation = self.inner.generation.fetch_add(1, Ordering::Relaxed) + 1;
-        self.replay(&mut client, generation).await?;
-        let conn = Conn { endpoint: ep.clone(), client, generation };
+        self.replay(&mut client, generation, info.nms_session, deadline).await?;
+        let conn = Conn { endpoint: ep.clone(), client, generation, session: info.nms_session };
         *self.inner.conn.lock().expect("poisoned") = Some(conn.clone());
         *self.inner.preferred.lock().expect("poisoned") = ep.clone();
         info!(nms = %ep, epoch = info.epoch, persisted = info.persisted_lsn, "attached");
@@ -795,10 +879,20 @@ impl VolumeClient {
     }
 
     /// Sends every accepted journal entry not yet from `generation`, in order, with its
-    /// original request id; the replies' lsns belong to `generation`.
-    async fn replay(&self, client: &mut NmsClient<Channel>, generation: u64) -> Result<(), Next> {
+    /// original request id, each within `rpc_timeout` and all before `deadline`; the
+    /// replies' lsns belong to `generation`.
+    async fn replay(
+        &self,
+        client: &mut NmsClient<Channel>,
+        generation: u64,
+        session: u64,
+        deadline: Instant,
+    ) -> Result<(), Next> {
         let todo: Vec<(u64, JOp, Option<Lsn>, u64)> = {
-            let j = self.inner.journal.lock().expect("poisoned");
+            let mut j = self.inner.journal.lock().expect("poisoned");
+            // An entry acknowledged on an older connection from now on is not in this
+            // list: its caller sends it again (see `journaled`).
+            j.listed_for = j.listed_for.max(generation);
             j.entries
                 .iter()
                 .filter(|(_, e)| e.lsn.is_some() && e.generation != generation)
@@ -815,25 +909,34 @@ impl VolumeClient {
         // rest follow in order.
         let one_lineage = todo.iter().all(|t| t.3 == todo[0].3);
         let (mut applied, mut dup) = (0u64, 0u64);
+        let rpc_timeout = self.inner.opts.rpc_timeout;
         for (i, (seq, op, old_lsn, _)) in todo.iter().cloned().enumerate() {
             let rid = Some(pb::RequestId { client_id: self.inner.opts.client_id.clone(), seq });
-            let r = match op {
-                JOp::Write { block, offset, data } => {
-                    client
-                        .write(pb::WriteRequest {
-                            auth: self.auth(),
-                            op: Some(pb::WriteOp { block, offset, data, request_id: rid }),
-                        })
-                        .await
+            let attempt = rpc_timeout.min(deadline.saturating_duration_since(Instant::now()));
+            let sent = tokio::time::timeout(attempt, async {
+                match op {
+                    JOp::Write { block, offset, data } => {
+                        client
+                            .write(pb::WriteRequest {
+                                auth: self.auth(session),
+                                op: Some(pb::WriteOp { block, offset, data, request_id: rid }),
+                            })
+                            .await
+                    }
+                    JOp::Delete { block } => {
+                        client
+                            .delete(pb::DeleteRequest {
+                                auth: self.auth(session),
+                                op: Some(pb::DeleteOp { block, request_id: rid }),
+                            })
+                            .await
+                    }
                 }
-                JOp::Delete { block } => {
-                    client
-                        .delete(pb::DeleteRequest {
-                            auth: self.auth(),
-                            op: Some(pb::DeleteOp { block, request_id: rid }),
-                        })
-                        .await
-                }
+            })
+            .await;
+            let Ok(r) = sent else {
+                warn!(?attempt, "journal replay interrupted: no reply in time");
+                return Err(Next::Reconnect);
             };
             match r {
                 Ok(r) => {

@@ -162,7 +162,7 @@ async fn wait_written_back(cluster: &LocalCluster, vol: &str, blocks: &[u64], n:
 }
 
 fn auth(vol: &str, secret: &str) -> Option<pb::VolumeAuth> {
-    Some(pb::VolumeAuth { volume: vol.into(), credential: secret.into() })
+    Some(pb::VolumeAuth { volume: vol.into(), credential: secret.into(), nms_session: 0 })
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -528,25 +528,19 @@ async fn assert_persisted_and_read_back(
     }
 }
 
-/// `nms serve` as a process of its own (node id `a`, writing nothing back for ten
-/// minutes), for tests that kill it with SIGKILL; it is killed when the child is dropped.
+/// `nms serve` as a process of its own listening on `listen` (node id `a`, writing
+/// nothing back for ten minutes), for tests that kill it with SIGKILL; it is killed when
+/// the child is dropped.
 async fn spawn_nms_process(
     dir: &std::path::Path,
     cluster: &LocalCluster,
+    listen: &str,
 ) -> (tokio::process::Child, Endpoint) {
     let cfg = dir.join("a.toml");
     std::fs::write(&cfg, "writeback_delay_ms = 600000\n").unwrap();
     let pss: Vec<String> = cluster.endpoints().iter().map(|e| e.authority().to_owned()).collect();
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_nms"))
-        .args([
-            "--config",
-            cfg.to_str().unwrap(),
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--node-id",
-            "a",
-        ])
+        .args(["--config", cfg.to_str().unwrap(), "serve", "--listen", listen, "--node-id", "a"])
         .arg("--pss")
         .arg(pss.join(","))
         .stdout(std::process::Stdio::piped())
@@ -566,7 +560,7 @@ async fn spawn_nms_process(
 async fn kill_9_of_the_nms_holding_unpersisted_writes_loses_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let cluster = LocalCluster::start(3, dir.path()).await.unwrap();
-    let (mut child, a_ep) = spawn_nms_process(dir.path(), &cluster).await;
+    let (mut child, a_ep) = spawn_nms_process(dir.path(), &cluster, "127.0.0.1:0").await;
     let b = Nms::start("b", &cluster.endpoints(), |_| {}).await;
     let mut o = opts(&[&a_ep, &b.ep], "crash", "k");
     o.max_batch_ops = 8;
@@ -789,7 +783,7 @@ async fn the_source_dies_after_the_claim_and_the_vehicle_loses_nothing() {
     use pb::migration_frame::Frame;
     let dir = tempfile::tempdir().unwrap();
     let cluster = LocalCluster::start(3, dir.path()).await.unwrap();
-    let (mut child, a_ep) = spawn_nms_process(dir.path(), &cluster).await;
+    let (mut child, a_ep) = spawn_nms_process(dir.path(), &cluster, "127.0.0.1:0").await;
     let b = Nms::start("b", &cluster.endpoints(), |_| {}).await;
     let c = VolumeClient::open(opts(&[&a_ep, &b.ep], "claimed", "k")).await.unwrap();
     for blk in 0..32u64 {
@@ -2224,5 +2218,216 @@ async fn a_write_back_stuck_in_flight_delays_the_claim_not_the_move() {
     b.stop().await;
     a.stop().await;
     drop(proxy);
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_nms_restarted_at_its_address_is_attached_again_and_the_journal_replayed() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = LocalCluster::start(3, dir.path()).await.unwrap();
+    let (mut child, a_ep) = spawn_nms_process(dir.path(), &cluster, "127.0.0.1:0").await;
+    // Only A: the client can only come back to the same address.
+    let c = VolumeClient::open(opts(&[&a_ep], "restart", "k")).await.unwrap();
+    for blk in 0..20u64 {
+        c.write(blk, 0, block_data(blk, 1)).await.unwrap();
+    }
+    assert!(c.journal_bytes() >= 20 * BS as u64, "accepted, not persisted");
+    child.start_kill().unwrap(); // SIGKILL
+    child.wait().await.unwrap();
+    // The same address again, a new process that knows nothing of those writes. The
+    // client's channel reconnects by itself; its calls carry the dead process's session,
+    // so the new one refuses them, and the client attaches and replays its journal.
+    let (_child, again) = spawn_nms_process(dir.path(), &cluster, a_ep.authority()).await;
+    assert_eq!(again, a_ep);
+    assert_eq!(
+        c.read(5, 0, None).await.unwrap(),
+        Some(block_data(5, 1)),
+        "an acknowledged write reads back after the NMS restarted"
+    );
+    c.write(20, 0, block_data(20, 1)).await.unwrap();
+    c.flush().await.unwrap();
+    assert_eq!(c.journal_bytes(), 0);
+    let want: HashMap<u64, Vec<u8>> = (0..21).map(|b| (b, block_data(b, 1))).collect();
+    assert_persisted_and_read_back(&cluster, &c, "restart", &want).await;
+    // A call carrying another session is refused with the fault the client acts on.
+    let mut raw = pb::nms_client::NmsClient::new(channel(&a_ep).await);
+    let mut stale = auth("restart", "k");
+    stale.as_mut().unwrap().nms_session = 1;
+    let req =
+        pb::ReadRequest { auth: stale, op: Some(pb::ReadOp { block: 5, offset: 0, length: 0 }) };
+    let e = raw.read(req).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e:?}");
+    assert!(
+        matches!(fault_of(&e), Some(Fault::NotOwner { ref owner_address, .. }) if owner_address.is_empty()),
+        "{e:?}"
+    );
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_id_used_again_by_another_process_repeats_no_request_id() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = LocalCluster::start(3, dir.path()).await.unwrap();
+    let a = Nms::start("a", &cluster.endpoints(), |_| {}).await;
+    let mut o = opts(&[&a.ep], "reuse", "k");
+    o.client_id = "car-7".into();
+    let first = VolumeClient::open(o.clone()).await.unwrap();
+    first.write(1, 0, block_data(1, 1)).await.unwrap();
+    drop(first);
+    // A remount with the same --client-id: its writes are new writes, not duplicates
+    // of the first client's (which the NMS still remembers by id).
+    let second = VolumeClient::open(o).await.unwrap();
+    let ack = second.write(1, 0, block_data(1, 2)).await.unwrap();
+    assert_eq!(second.read(1, 0, None).await.unwrap(), Some(block_data(1, 2)), "{ack:?}");
+    second.flush().await.unwrap();
+    assert_eq!(pss_blocks(&cluster, "reuse", &[1]).await.get(&1), Some(&block_data(1, 2)));
+    a.stop().await;
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_nms_that_accepts_and_never_answers_is_passed_over_in_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = LocalCluster::start(3, dir.path()).await.unwrap();
+    let b = Nms::start("b", &cluster.endpoints(), |_| {}).await;
+    // Accepts connections (the kernel's backlog) and never reads or answers: a stalled NMS.
+    let mute = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let mute_ep = Endpoint::parse(&mute.local_addr().unwrap().to_string()).unwrap();
+    let mut o = opts(&[&mute_ep, &b.ep], "mute", "k");
+    o.op_timeout = Duration::from_secs(10);
+    o.rpc_timeout = Duration::from_millis(300);
+    let t = Instant::now();
+    let c = tokio::time::timeout(Duration::from_secs(8), VolumeClient::open(o))
+        .await
+        .expect("an NMS that never answers holds the attach up no longer than rpc_timeout")
+        .unwrap();
+    println!("attached past a mute NMS in {:?}", t.elapsed());
+    assert_eq!(c.current_nms(), b.ep);
+    c.write(0, 0, block_data(0, 1)).await.unwrap();
+    drop(mute);
+    b.stop().await;
+    cluster.shutdown().await;
+}
+
+/// An NMS that attaches the vehicle, holds its first write until told, then answers it,
+/// and (once told to) refuses every other call: an NMS the vehicle leaves (the edge of
+/// its coverage) while a write is in flight.
+#[derive(Clone)]
+struct LeftBehind {
+    write_arrived: std::sync::Arc<tokio::sync::Notify>,
+    answer_write: std::sync::Arc<tokio::sync::Notify>,
+    refuse: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl LeftBehind {
+    fn gate(&self) -> Result<(), tonic::Status> {
+        if self.refuse.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(tonic::Status::unavailable("out of coverage"));
+        }
+        Ok(())
+    }
+    fn info() -> pb::VolumeReply {
+        pb::VolumeReply {
+            info: Some(pb::VolumeInfo {
+                volume: "left".into(),
+                block_size: BS as u32,
+                epoch: 1,
+                nms_session: 42,
+                ..Default::default()
+            }),
+        }
+    }
+}
+
+type Unsupported<T> = Result<tonic::Response<T>, tonic::Status>;
+
+#[tonic::async_trait]
+impl pb::nms_server::Nms for LeftBehind {
+    async fn create_volume(
+        &self,
+        _: tonic::Request<pb::CreateVolumeRequest>,
+    ) -> Unsupported<pb::VolumeReply> {
+        self.gate()?;
+        Ok(tonic::Response::new(Self::info()))
+    }
+    async fn attach(&self, _: tonic::Request<pb::AttachRequest>) -> Unsupported<pb::VolumeReply> {
+        self.gate()?;
+        Ok(tonic::Response::new(Self::info()))
+    }
+    async fn read(&self, _: tonic::Request<pb::ReadRequest>) -> Unsupported<pb::ReadReply> {
+        Err(tonic::Status::unavailable("out of coverage"))
+    }
+    async fn write(&self, _: tonic::Request<pb::WriteRequest>) -> Unsupported<pb::WriteReply> {
+        self.write_arrived.notify_one();
+        self.answer_write.notified().await;
+        Ok(tonic::Response::new(pb::WriteReply { lsn: 1, ..Default::default() }))
+    }
+    async fn delete(&self, _: tonic::Request<pb::DeleteRequest>) -> Unsupported<pb::WriteReply> {
+        Err(tonic::Status::unavailable("out of coverage"))
+    }
+    async fn list(&self, _: tonic::Request<pb::ListRequest>) -> Unsupported<pb::ListReply> {
+        Err(tonic::Status::unavailable("out of coverage"))
+    }
+    async fn stat(&self, _: tonic::Request<pb::StatRequest>) -> Unsupported<pb::VolumeReply> {
+        Err(tonic::Status::unavailable("out of coverage"))
+    }
+    async fn flush(&self, _: tonic::Request<pb::FlushRequest>) -> Unsupported<pb::FlushReply> {
+        Err(tonic::Status::unavailable("out of coverage"))
+    }
+    type StreamStream = futures::stream::Empty<Result<pb::StreamReply, tonic::Status>>;
+    async fn stream(
+        &self,
+        _: tonic::Request<tonic::Streaming<pb::StreamRequest>>,
+    ) -> Unsupported<Self::StreamStream> {
+        Err(tonic::Status::unavailable("out of coverage"))
+    }
+    type StreamBatchesStream = futures::stream::Empty<Result<pb::StreamResults, tonic::Status>>;
+    async fn stream_batches(
+        &self,
+        _: tonic::Request<tonic::Streaming<pb::StreamBatch>>,
+    ) -> Unsupported<Self::StreamBatchesStream> {
+        Err(tonic::Status::unavailable("out of coverage"))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_write_acknowledged_by_an_nms_left_meanwhile_is_not_replayed_over_later_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = LocalCluster::start(3, dir.path()).await.unwrap();
+    let b = Nms::start("b", &cluster.endpoints(), |_| {}).await;
+    let left = LeftBehind {
+        write_arrived: Default::default(),
+        answer_write: Default::default(),
+        refuse: Default::default(),
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let a_ep = Endpoint::parse(&listener.local_addr().unwrap().to_string()).unwrap();
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(pb::nms_server::NmsServer::new(left.clone()))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    let c = VolumeClient::open(opts(&[&a_ep, &b.ep], "left", "k")).await.unwrap();
+    assert_eq!(c.current_nms(), a_ep);
+    // X is in flight at A when the vehicle leaves A: another call fails there, and the
+    // client attaches to B (its replay cannot include X: not acknowledged yet).
+    let x = tokio::spawn({
+        let c = c.clone();
+        async move { c.write(7, 0, block_data(7, 1)).await }
+    });
+    left.write_arrived.notified().await;
+    left.refuse.store(true, std::sync::atomic::Ordering::SeqCst);
+    c.stat().await.unwrap();
+    assert_eq!(c.current_nms(), b.ep);
+    // Now A acknowledges X. The caller hears of X only once B has it too.
+    left.answer_write.notify_one();
+    x.await.unwrap().unwrap();
+    // Y comes after X: X must never be applied after it.
+    c.write(7, 0, block_data(7, 2)).await.unwrap();
+    c.flush().await.unwrap();
+    assert_eq!(c.read(7, 0, None).await.unwrap(), Some(block_data(7, 2)));
+    assert_eq!(pss_blocks(&cluster, "left", &[7]).await.get(&7), Some(&block_data(7, 2)));
+    server.abort();
+    b.stop().await;
     cluster.shutdown().await;
 }

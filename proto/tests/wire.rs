@@ -19,7 +19,11 @@ fn rid(seq: u64) -> Option<pb::RequestId> {
 }
 
 fn auth() -> Option<pb::VolumeAuth> {
-    Some(pb::VolumeAuth { volume: "car-7.home".into(), credential: "s3cret".into() })
+    Some(pb::VolumeAuth {
+        volume: "car-7.home".into(),
+        credential: "s3cret".into(),
+        nms_session: 0,
+    })
 }
 
 #[test]
@@ -74,6 +78,7 @@ fn vehicle_api_messages_round_trip() {
             accepted_lsn: 9,
             persisted_lsn: 9,
             stored_blocks: 1,
+            nms_session: 7,
         }),
     });
 }
@@ -273,10 +278,11 @@ fn vehicle_ops_convert_and_reject_bad_input() {
     assert_eq!(c.expose(), "s3cret");
 
     assert_eq!(convert::volume_auth(None), Err(ConvertError::Missing("auth")));
-    let bad_name = pb::VolumeAuth { volume: "../etc".into(), credential: "x".into() };
+    let bad_name =
+        pb::VolumeAuth { volume: "../etc".into(), credential: "x".into(), nms_session: 0 };
     let err = convert::volume_auth(Some(bad_name)).unwrap_err();
     assert!(err.to_string().contains("volume"), "{err}");
-    let no_cred = pb::VolumeAuth { volume: "v".into(), credential: String::new() };
+    let no_cred = pb::VolumeAuth { volume: "v".into(), credential: String::new(), nms_session: 0 };
     assert!(convert::volume_auth(Some(no_cred)).unwrap_err().to_string().contains("credential"));
 
     let w: WriteOp = convert::required_op(

@@ -219,6 +219,10 @@ pub struct Node {
     /// The caller's shutdown signal (an admin Shutdown fires it too).
     pub(crate) shutdown: CancellationToken,
     started: Instant,
+    /// This process's session (random, never 0), sent to vehicles in `VolumeInfo`: a call
+    /// carrying another one was attached to an earlier life of this node (see
+    /// `rpc::volume_auth`).
+    pub(crate) session: u64,
     client_id: String,
     seq: AtomicU64,
     /// Write-back batches the PSS accepted, and the block changes in them (NodeStatus).
@@ -281,6 +285,7 @@ impl Node {
             stop: CancellationToken::new(),
             shutdown,
             started: Instant::now(),
+            session: rand::random::<u64>().max(1),
             client_id: id,
             seq: AtomicU64::new(1),
             wb_batches: AtomicU64::new(0),

@@ -14,13 +14,38 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::{info_span, Instrument as _};
 use wayside_proto::convert::{self, required_op};
 use wayside_proto::pb;
-use wayside_proto::types::{DeleteOp, Lsn, ReadOp, VolumeName, WriteOp};
+use wayside_proto::types::{DeleteOp, Epoch, Lsn, ReadOp, VolumeName, WriteOp};
 
 type Auth = (VolumeName, Presented);
 
-/// The volume and credential a vehicle call presents.
-fn volume_auth(auth: Option<pb::VolumeAuth>) -> Result<Auth, convert::ConvertError> {
+/// The volume and credential an `Attach` or `CreateVolume` presents (its session, if
+/// any, is not checked: these calls start one).
+fn attach_auth(auth: Option<pb::VolumeAuth>) -> Result<Auth, convert::ConvertError> {
     let (v, c) = convert::volume_auth(auth)?;
+    Ok((v, Presented::new(c)))
+}
+
+/// The volume and credential a vehicle call presents, refused (FAILED_PRECONDITION with a
+/// `NotOwner` fault naming no owner) when it carries the session of another process than
+/// this one: the vehicle attached to an earlier life of this node, which accepted writes
+/// this one never saw. Loading the volume anew here would number new writes over the
+/// lost ones; the vehicle attaches again instead and replays its journal.
+fn volume_auth(node: &Node, auth: Option<pb::VolumeAuth>) -> Result<Auth, Status> {
+    let session = auth.as_ref().map_or(0, |a| a.nms_session);
+    let (v, c) = convert::volume_auth(auth)?;
+    if session != 0 && session != node.session {
+        return Err(NmsError::NotOwner {
+            volume: v.to_string(),
+            why: format!(
+                "the vehicle attached to an earlier run of this NMS (session {session:016x}, \
+                 now {:016x}): attach again",
+                node.session
+            ),
+            owner_address: String::new(),
+            epoch: Epoch(0),
+        }
+        .into());
+    }
     Ok((v, Presented::new(c)))
 }
 
@@ -38,6 +63,7 @@ fn info_of(node: &Node, v: &VolumeName) -> Option<pb::VolumeInfo> {
         accepted_lsn: x.accepted.0,
         persisted_lsn: x.persisted.0,
         stored_blocks: x.stored_blocks,
+        nms_session: node.session,
     })
 }
 
@@ -86,14 +112,14 @@ impl Node {
 
     /// A unary `Read` (served by tonic's routes or by hand: [`super::wire`]).
     pub(super) async fn read_call(&self, r: pb::ReadRequest) -> Result<pb::ReadReply, Status> {
-        let auth = volume_auth(r.auth)?;
+        let auth = volume_auth(self, r.auth)?;
         let op: ReadOp = required_op("op", r.op)?;
         Ok(self.do_read(&auth, op).await?)
     }
 
     /// A unary `Write`.
     pub(super) async fn write_call(&self, r: pb::WriteRequest) -> Result<pb::WriteReply, Status> {
-        let auth = volume_auth(r.auth)?;
+        let auth = volume_auth(self, r.auth)?;
         let op: WriteOp = required_op("op", r.op)?;
         Ok(self.do_write(&auth, op).await?)
     }
@@ -264,7 +290,7 @@ impl pb::nms_server::Nms for Node {
         req: Request<pb::CreateVolumeRequest>,
     ) -> Result<Response<pb::VolumeReply>, Status> {
         let r = req.into_inner();
-        let (v, cred) = volume_auth(r.auth)?;
+        let (v, cred) = attach_auth(r.auth)?;
         let bs = convert::block_size(r.block_size)?;
         let span = info_span!("create", node = %self.node_id, volume = %v);
         self.load(&v, &cred, Some(bs), true).instrument(span).await?;
@@ -276,7 +302,7 @@ impl pb::nms_server::Nms for Node {
         req: Request<pb::AttachRequest>,
     ) -> Result<Response<pb::VolumeReply>, Status> {
         let r = req.into_inner();
-        let (v, cred) = volume_auth(r.auth)?;
+        let (v, cred) = attach_auth(r.auth)?;
         let span = info_span!("attach", node = %self.node_id, volume = %v, client = %r.client_id);
         self.load(&v, &cred, None, true).instrument(span).await?;
         Ok(Response::new(self.volume_reply(&v)?))
@@ -298,14 +324,14 @@ impl pb::nms_server::Nms for Node {
         req: Request<pb::DeleteRequest>,
     ) -> Result<Response<pb::WriteReply>, Status> {
         let r = req.into_inner();
-        let auth = volume_auth(r.auth)?;
+        let auth = volume_auth(self, r.auth)?;
         let op: DeleteOp = required_op("op", r.op)?;
         Ok(Response::new(self.do_delete(&auth, op).await?))
     }
 
     async fn list(&self, req: Request<pb::ListRequest>) -> Result<Response<pb::ListReply>, Status> {
         let r = req.into_inner();
-        let (v, cred) = volume_auth(r.auth)?;
+        let (v, cred) = volume_auth(self, r.auth)?;
         self.ensure(&v, &cred).await?;
         // Everything accepted is in the PSS first, so the PSS's listing is complete.
         self.flush(&v, &cred).await?;
@@ -327,7 +353,7 @@ impl pb::nms_server::Nms for Node {
         req: Request<pb::StatRequest>,
     ) -> Result<Response<pb::VolumeReply>, Status> {
         let r = req.into_inner();
-        let (v, cred) = volume_auth(r.auth)?;
+        let (v, cred) = volume_auth(self, r.auth)?;
         self.ensure(&v, &cred).await?;
         Ok(Response::new(self.volume_reply(&v)?))
     }
@@ -337,7 +363,7 @@ impl pb::nms_server::Nms for Node {
         req: Request<pb::FlushRequest>,
     ) -> Result<Response<pb::FlushReply>, Status> {
         let r = req.into_inner();
-        let (v, cred) = volume_auth(r.auth)?;
+        let (v, cred) = volume_auth(self, r.auth)?;
         let p = Node::flush(self, &v, &cred).await?;
         Ok(Response::new(pb::FlushReply { persisted_lsn: p.0 }))
     }
@@ -439,7 +465,7 @@ impl Ops {
     ) -> Result<Vec<pb::StreamReply>, Status> {
         let node = &self.node;
         if self.auth.is_none() || m_auth.is_some() {
-            self.auth = Some(Arc::new(volume_auth(m_auth).map_err(Status::from)?));
+            self.auth = Some(Arc::new(volume_auth(node, m_auth)?));
         }
         let a = self.auth.clone().expect("set above");
         // A batch of reads that all hit: answered under one cache lock.

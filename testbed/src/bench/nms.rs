@@ -202,7 +202,11 @@ async fn channel(addr: &str) -> anyhow::Result<tonic::transport::Channel> {
 }
 
 fn auth(i: usize) -> Option<pb::VolumeAuth> {
-    Some(pb::VolumeAuth { volume: format!("bench-{i}"), credential: "bench".into() })
+    Some(pb::VolumeAuth {
+        volume: format!("bench-{i}"),
+        credential: "bench".into(),
+        nms_session: 0,
+    })
 }
 
 /// Runs a phase of the tonic driver on a thread of its own, with a single-threaded runtime
