@@ -62,7 +62,8 @@ pub struct MountArgs {
     /// this x block size).
     #[arg(long, default_value_t = 1 << 20)]
     pub file_stride_blocks: u64,
-    /// The client id in request ids (default: random per mount).
+    /// The client's name in request ids and the NMS's logs (default: random per mount; a
+    /// name used again by a later mount repeats no request id: sequences start at random).
     #[arg(long)]
     pub client_id: Option<String>,
 }
