@@ -284,13 +284,17 @@ impl Blobs {
     }
 
     /// Opens the directory with sled's view of it: the end of the last append it
-    /// remembers and the first segment not known to be synced. Checks every record not
-    /// known durable. `Ok(None)`: sled refers to blob bytes that are not there (a power
-    /// loss): the caller must reload the state from the snapshot.
+    /// remembers, the first segment not known to be synced and the lengths the sealed
+    /// segments from there on had when they were sealed (`sealed`, recorded with `end`;
+    /// `None` for a state directory of a PSS that did not record them: their file sizes
+    /// are trusted then). Checks every record not known durable. `Ok(None)`: sled refers
+    /// to blob bytes that are not there (a power loss): the caller must reload the state
+    /// from the snapshot.
     pub fn open(
         dir: &Path,
         end: (u32, u64),
         synced_below: u32,
+        sealed: Option<&BTreeMap<u32, u64>>,
         segment_bytes: u64,
         direct: bool,
     ) -> Result<Option<Self>, BlobError> {
@@ -325,7 +329,14 @@ impl Blobs {
         }
         // Check the records sled may refer to that were never fsynced.
         for seg in me.synced_below()..=end.0 {
-            let limit = if seg == end.0 { end.1 } else { present.get(&seg).copied().unwrap_or(0) };
+            // A sealed segment's own size is no proof: a power loss may have cut a file
+            // never fsynced at a record boundary. Its length when sealed is.
+            let limit = match present.get(&seg) {
+                _ if seg == end.0 => end.1,
+                // Gone: collected (its records copied, the index durable) before the crash.
+                None => 0,
+                Some(&len) => sealed.and_then(|s| s.get(&seg)).copied().unwrap_or(len),
+            };
             if limit == 0 {
                 continue;
             }
@@ -573,6 +584,14 @@ impl Blobs {
         Ok(())
     }
 
+    /// The first segment not known synced, and the length of every sealed segment from
+    /// there on: what sled records with the blob end, so [`Blobs::open`] can tell a
+    /// sealed segment cut short by a power loss.
+    pub fn unsynced_sealed(&self) -> (u32, Vec<(u32, u64)>) {
+        let synced = self.synced_below();
+        (synced, self.sizes.range(synced..).map(|(&s, &l)| (s, l)).collect())
+    }
+
     /// Every sealed segment's file name and path.
     pub fn sealed_segments(&self) -> Vec<(String, PathBuf)> {
         self.sizes
@@ -796,14 +815,16 @@ mod tests {
     #[test]
     fn open_cuts_forgotten_appends_and_refuses_a_torn_tail() {
         let dir = tempfile::tempdir().unwrap();
-        let mut b = Blobs::open(dir.path(), (0, 0), 0, 1 << 20, true).unwrap().unwrap();
+        let mut b = Blobs::open(dir.path(), (0, 0), 0, None, 1 << 20, true).unwrap().unwrap();
         let mut buf = Vec::new();
         let first = encode_record(&mut buf, b"k1", 1, 1, &[1; 100]);
         encode_record(&mut buf, b"k2", 1, 2, &[2; 100]);
         b.append(&buf).unwrap();
         drop(b);
         // sled remembers only the first record: the second is cut off.
-        let b = Blobs::open(dir.path(), (0, u64::from(first)), 0, 1 << 20, true).unwrap().unwrap();
+        let b = Blobs::open(dir.path(), (0, u64::from(first)), 0, None, 1 << 20, true)
+            .unwrap()
+            .unwrap();
         assert_eq!(b.end(), (0, u64::from(first)));
         let loc = Loc { version: 1, segment: 0, offset: 0, len: first };
         assert_eq!(b.reader().read(b"k1", &loc).unwrap().unwrap(), vec![1; 100]);
@@ -814,18 +835,18 @@ mod tests {
         let mut bytes = std::fs::read(&path).unwrap();
         bytes[50] ^= 1;
         std::fs::write(&path, bytes).unwrap();
-        assert!(Blobs::open(dir.path(), (0, u64::from(first)), 0, 1 << 20, true)
+        assert!(Blobs::open(dir.path(), (0, u64::from(first)), 0, None, 1 << 20, true)
             .unwrap()
             .is_none());
         // A segment shorter than sled's end is refused too.
-        assert!(Blobs::open(dir.path(), (0, 10_000), 0, 1 << 20, true).unwrap().is_none());
+        assert!(Blobs::open(dir.path(), (0, 10_000), 0, None, 1 << 20, true).unwrap().is_none());
     }
 
     #[test]
     fn a_linked_segment_is_replaced_never_changed_in_place() {
         let dir = tempfile::tempdir().unwrap();
         let linked = tempfile::tempdir().unwrap();
-        let mut b = Blobs::open(dir.path(), (0, 0), 0, 1 << 20, true).unwrap().unwrap();
+        let mut b = Blobs::open(dir.path(), (0, 0), 0, None, 1 << 20, true).unwrap().unwrap();
         let mut buf = Vec::new();
         let first = encode_record(&mut buf, b"k1", 1, 1, &[1; 100]);
         encode_record(&mut buf, b"k2", 1, 2, &[2; 100]);
@@ -840,7 +861,9 @@ mod tests {
         drop(b);
         // sled came back remembering only the first record (segment 0 as the active
         // one): the cut happens on a copy, the checkpoint's link keeps both records.
-        let b = Blobs::open(dir.path(), (0, u64::from(first)), 0, 1 << 20, true).unwrap().unwrap();
+        let b = Blobs::open(dir.path(), (0, u64::from(first)), 0, None, 1 << 20, true)
+            .unwrap()
+            .unwrap();
         assert_eq!(b.end(), (0, u64::from(first)));
         assert_eq!(std::fs::read(dir.path().join(segment_name(0))).unwrap(), buf[..first as usize]);
         assert_eq!(std::fs::read(&link).unwrap(), buf, "the linked file was changed in place");
@@ -855,7 +878,7 @@ mod tests {
     #[test]
     fn collection_waits_until_the_garbage_is_worth_copying() {
         let dir = tempfile::tempdir().unwrap();
-        let mut b = Blobs::open(dir.path(), (0, 0), 0, 1 << 20, true).unwrap().unwrap();
+        let mut b = Blobs::open(dir.path(), (0, 0), 0, None, 1 << 20, true).unwrap().unwrap();
         let put = |b: &mut Blobs, fill: u8| {
             let mut buf = Vec::new();
             let (seg, offset) = b.end();
@@ -878,6 +901,42 @@ mod tests {
             b.gc_candidate(50, 150, u32::MAX),
             None,
             "a retired segment is not offered again"
+        );
+    }
+
+    /// Buffered mode: a sealed segment is fsynced by a helper thread, so sled may record
+    /// an end in the next segment while the sealed one is not known synced. A power loss
+    /// that then cuts it at a record boundary must be seen (its length when sealed is
+    /// recorded), not taken for a shorter segment: its records are committed state.
+    #[test]
+    fn a_sealed_unsynced_segment_cut_at_a_record_boundary_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut b = Blobs::open(dir.path(), (0, 0), 0, Some(&BTreeMap::new()), 1 << 20, false)
+            .unwrap()
+            .unwrap();
+        let mut buf = Vec::new();
+        let first = encode_record(&mut buf, b"k1", 1, 1, &[1; 100]);
+        encode_record(&mut buf, b"k2", 1, 2, &[2; 100]);
+        b.append(&buf).unwrap();
+        b.seal_active().unwrap();
+        buf.clear();
+        encode_record(&mut buf, b"k3", 1, 3, &[3; 100]);
+        b.append(&buf).unwrap();
+        let end = b.end();
+        assert_eq!(end.0, 1);
+        // What sled records with this end, as if segment 0's fsync had not finished yet.
+        let (_, mut sealed) = b.unsynced_sealed();
+        sealed.extend(b.sizes.iter().map(|(&s, &l)| (s, l)));
+        let sealed: BTreeMap<u32, u64> = sealed.into_iter().collect();
+        assert_eq!(sealed.get(&0), Some(&(2 * u64::from(first))));
+        drop(b);
+        // Unchanged, it opens; cut after its first record, it is refused.
+        assert!(Blobs::open(dir.path(), end, 0, Some(&sealed), 1 << 20, false).unwrap().is_some());
+        let path = dir.path().join(segment_name(0));
+        OpenOptions::new().write(true).open(&path).unwrap().set_len(u64::from(first)).unwrap();
+        assert!(
+            Blobs::open(dir.path(), end, 0, Some(&sealed), 1 << 20, false).unwrap().is_none(),
+            "committed records of a cut segment vanished unnoticed"
         );
     }
 }

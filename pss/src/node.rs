@@ -102,10 +102,11 @@ pub type AddressBook = Arc<RwLock<BTreeMap<u64, String>>>;
 
 type Reply<T> = oneshot::Sender<Result<T, NodeError>>;
 
-/// A request to the node loop.
+/// A request to the node loop (a proposal's command boxed: it is several times the size
+/// of any other input).
 pub enum Input {
     Raft(Box<Message>),
-    Propose { cmd: Command, reply: Reply<Outcome>, permit: OwnedSemaphorePermit },
+    Propose { cmd: Box<Command>, reply: Reply<Outcome>, permit: OwnedSemaphorePermit },
     Read { reply: Reply<()>, permit: OwnedSemaphorePermit },
     ConfChange { cc: ConfChange, reply: Reply<()> },
     TransferLeader { to: u64 },
@@ -170,7 +171,7 @@ impl NodeHandle {
             return Err(self.not_leader());
         }
         let permit = self.permit().await?;
-        self.call(|reply| Input::Propose { cmd, reply, permit }).await
+        self.call(|reply| Input::Propose { cmd: Box::new(cmd), reply, permit }).await
     }
 
     /// Waits until this node's applied state is linearizable (ReadIndex on the leader).
@@ -328,6 +329,10 @@ struct Loop {
     addresses: AddressBook,
     snap_dir: PathBuf,
     cfg: Config,
+    /// This process's random incarnation, stamped into every proposal with `next_seq`:
+    /// `next_seq` starts at 1 in every process, so only the pair identifies a proposal
+    /// of this process (see [`is_own`]).
+    incarnation: u64,
     next_seq: u64,
     batch: Vec<(Command, Reply<Outcome>, OwnedSemaphorePermit)>,
     pending: HashMap<u64, (Reply<Outcome>, OwnedSemaphorePermit)>,
@@ -357,6 +362,21 @@ struct SnapshotJob {
     thread: std::thread::JoinHandle<Result<u64, StateError>>,
     /// `pss compact` callers waiting for the new snapshot index.
     waiters: Vec<Reply<u64>>,
+}
+
+/// A random incarnation for a new process (never 0, the value of entries proposed by a
+/// PSS from before incarnations). 64 random bits: two processes of one node drawing the
+/// same one is not a practical concern, unlike a clock (which may step back).
+fn new_incarnation() -> u64 {
+    rand::random::<u64>().max(1)
+}
+
+/// Whether an applied command was proposed by this process (node `id`, `incarnation`), so
+/// its outcome goes to the request waiting under its `seq`. A command of an earlier
+/// process of this node (proposed, not yet committed when it stopped, committed under a
+/// later term) is not: its `seq` may well be waiting here for another request.
+fn is_own(cmd: &Command, id: u64, incarnation: u64) -> bool {
+    cmd.origin == id && cmd.incarnation == incarnation
 }
 
 /// The started node: its handle and the thread that runs the loop.
@@ -423,7 +443,7 @@ pub fn start(
     {
         let mut core = storage.write();
         if let Some(cs) = sm.conf_state()? {
-            core.conf_state = cs;
+            core.set_conf_state(cs, applied);
         }
         // Applied entries were committed; the commit index on disk may lag (it is
         // written without its own fsync), so raise it.
@@ -483,6 +503,7 @@ pub fn start(
         addresses,
         snap_dir,
         cfg,
+        incarnation: new_incarnation(),
         next_seq: 1,
         batch: Vec::new(),
         pending: HashMap::new(),
@@ -582,7 +603,7 @@ impl Loop {
                     tracing::debug!(error = %e, "raft message dropped");
                 }
             }
-            Input::Propose { cmd, reply, permit } => self.batch.push((cmd, reply, permit)),
+            Input::Propose { cmd, reply, permit } => self.batch.push((*cmd, reply, permit)),
             Input::Read { reply, permit } => self.reads_new.push((reply, permit)),
             Input::ConfChange { cc, reply } => self.propose_conf_change(cc, reply),
             Input::TransferLeader { to } => self.node.transfer_leader(to),
@@ -652,6 +673,7 @@ impl Loop {
         let mut bytes = 0usize;
         for (mut cmd, reply, permit) in batch {
             cmd.origin = self.id;
+            cmd.incarnation = self.incarnation;
             cmd.seq = self.next_seq;
             self.next_seq += 1;
             let size = cmd.encoded_len();
@@ -875,7 +897,7 @@ impl Loop {
                     self.stats.commands += batch.commands.len() as u64;
                     for cmd in &batch.commands {
                         let out = self.sm.apply(&mut p, e.index, cmd)?;
-                        if cmd.origin == self.id {
+                        if is_own(cmd, self.id, self.incarnation) {
                             outcomes.push((cmd.seq, out));
                         }
                     }
@@ -898,7 +920,7 @@ impl Loop {
                         ConfChangeType::RemoveNode => self.sm.set_member(&mut p, cc.node_id, None),
                     }
                     tracing::info!(change = ?cc.get_change_type(), node_id = cc.node_id, voters = ?cs.voters, learners = ?cs.learners, "membership changed");
-                    self.storage.write().conf_state = cs.clone();
+                    self.storage.write().set_conf_state(cs.clone(), e.index);
                     conf = Some(cs);
                     conf_done.push(cc);
                 }
@@ -906,7 +928,7 @@ impl Loop {
                     let cc = ConfChangeV2::parse_from_bytes(&e.data)
                         .map_err(|err| FatalError::Setup(format!("conf change entry: {err}")))?;
                     let cs = self.node.apply_conf_change(&cc)?;
-                    self.storage.write().conf_state = cs.clone();
+                    self.storage.write().set_conf_state(cs.clone(), e.index);
                     conf = Some(cs);
                 }
             }
@@ -940,11 +962,18 @@ impl Loop {
 
     /// Replaces the state with a snapshot received from the leader (its file was written
     /// and fsynced by the transport before the message was stepped).
+    ///
+    /// The log records it first, then sled loads it: a crash in between leaves sled's
+    /// applied index below the log's compaction point, and a restart reloads the file.
+    /// (The other order left sled applied past the log's end, which raft-rs refuses at
+    /// every start.)
     fn install_snapshot(&mut self, meta: SnapshotMetadata) -> Result<(), FatalError> {
         let path = snapshot_path(&self.snap_dir, meta.index);
         tracing::info!(index = meta.index, term = meta.term, "installing snapshot");
-        self.sm.load_snapshot(&path)?;
         self.log.install_snapshot(&self.storage, meta.clone())?;
+        #[cfg(test)]
+        tests::crash_point(&self.cfg.data_dir)?;
+        self.sm.load_snapshot(&path)?;
         self.applied = meta.index;
         self.applied_bytes = 0;
         let members = self.sm.members()?;
@@ -984,7 +1013,7 @@ impl Loop {
         let index = self.applied;
         let (snap, term, conf) = {
             let core = self.storage.read();
-            (core.snapshot.index, core.term(index), core.conf_state.clone())
+            (core.snapshot.index, core.term(index), core.conf_state().clone())
         };
         if index <= snap {
             if let Some(w) = waiter {
@@ -1132,5 +1161,162 @@ impl Loop {
                 true
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::LocalCluster;
+    use std::path::Path;
+    use wayside_proto::pb;
+
+    /// Data dirs whose node fails (as if it crashed) at [`crash_point`], each with whom to
+    /// tell when it did.
+    static CRASH_POINTS: std::sync::Mutex<Vec<(PathBuf, oneshot::Sender<()>)>> =
+        std::sync::Mutex::new(Vec::new());
+
+    /// In `install_snapshot`, between recording a received snapshot in the log and loading
+    /// it into the state machine: an armed node stops there (once), as a crash would.
+    pub(super) fn crash_point(data_dir: &Path) -> Result<(), FatalError> {
+        let mut armed = CRASH_POINTS.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let Some(i) = armed.iter().position(|(d, _)| d == data_dir) else { return Ok(()) };
+        let (_, fired) = armed.swap_remove(i);
+        let _ = fired.send(());
+        Err(FatalError::Setup("injected crash while installing a received snapshot".into()))
+    }
+
+    fn arm_crash_point(data_dir: PathBuf) -> oneshot::Receiver<()> {
+        let (tx, rx) = oneshot::channel();
+        CRASH_POINTS.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push((data_dir, tx));
+        rx
+    }
+
+    /// A leader that stopped before its proposals committed and won again commits them
+    /// under its new term; the new process's sequence numbers start over, so the old
+    /// commands' outcomes must not go to the new requests waiting under the same numbers.
+    #[test]
+    fn a_command_of_an_earlier_process_is_not_routed_to_a_request_of_this_one() {
+        let (earlier, now) = (new_incarnation(), new_incarnation());
+        assert!(earlier != 0 && now != 0 && earlier != now);
+        let stamped =
+            |incarnation| Command { origin: 1, seq: 1, incarnation, ..Default::default() };
+        // Through the entry encoding, as the apply sees them.
+        let batch = CommandBatch { commands: vec![stamped(earlier), stamped(now)] };
+        let decoded = CommandBatch::decode(&batch.encode_to_vec()[..]).unwrap();
+        let [old, new] = &decoded.commands[..] else { panic!("two commands") };
+        assert!(!is_own(old, 1, now), "an earlier process's seq 1 went to this one's seq 1");
+        assert!(is_own(new, 1, now));
+        assert!(!is_own(new, 2, now), "another node's command");
+
+        // An entry of a PSS from before incarnations (no field 5) decodes with 0, which no
+        // process has; and such a PSS decodes a new entry (skipping the field).
+        #[derive(Clone, PartialEq, prost::Message)]
+        struct OldCommand {
+            #[prost(uint64, tag = "1")]
+            origin: u64,
+            #[prost(uint64, tag = "2")]
+            seq: u64,
+        }
+        let legacy =
+            Command::decode(&OldCommand { origin: 1, seq: 1 }.encode_to_vec()[..]).unwrap();
+        assert_eq!((legacy.origin, legacy.seq, legacy.incarnation), (1, 1, 0));
+        assert!(!is_own(&legacy, 1, now));
+        let read_by_old = OldCommand::decode(&stamped(now).encode_to_vec()[..]).unwrap();
+        assert_eq!(read_by_old, OldCommand { origin: 1, seq: 1 });
+    }
+
+    fn put(epoch: u64, seq: u64) -> pb::WriteBatchRequest {
+        pb::WriteBatchRequest {
+            volume: "crash-vol".into(),
+            epoch,
+            request_id: Some(pb::RequestId { client_id: "w".into(), seq }),
+            ops: vec![pb::PssBlockOp {
+                block: seq % 16,
+                data: vec![(seq % 251) as u8; 4096],
+                delete: false,
+                version: 0,
+            }],
+            persisted_lsn: seq,
+        }
+    }
+
+    /// A follower that crashes after recording a received snapshot in its log and before
+    /// loading it into sled starts again (reloading the snapshot file) and catches up. In
+    /// the other order (sled first) the crash left sled applied past the log's end and
+    /// every restart panicked in raft-rs.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_crash_while_installing_a_received_snapshot_is_recovered_at_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cluster =
+            LocalCluster::start_with(3, dir.path(), |c| c.compact_log_entries = 30).await.unwrap();
+        let client = cluster.client();
+        let acquire = pb::AcquireVolumeRequest {
+            volume: "crash-vol".into(),
+            owner_node: "nms".into(),
+            owner_address: "127.0.0.1:9".into(),
+            expected_epoch: 0,
+            create: Some(pb::CreateSpec { block_size: 4096, credential_hash: vec![7; 32] }),
+            request_id: Some(pb::RequestId { client_id: "nms".into(), seq: 1 }),
+        };
+        let epoch = client.acquire_volume(acquire).await.unwrap().meta.unwrap().epoch;
+        let leader = cluster.wait_for_leader(Duration::from_secs(5)).await.unwrap();
+        let down = (1..=3).find(|id| *id != leader).unwrap();
+        cluster.stop_node(down).await.unwrap();
+        // One entry per write: the leader's log is compacted past all the stopped node has.
+        for seq in 1..=80 {
+            client.write_batch(put(epoch, seq)).await.unwrap();
+        }
+        let st = cluster.status(leader).await.unwrap();
+        assert!(st.first_index > 40, "the leader compacted its log: {st:?}");
+
+        let data_dir = dir.path().join(format!("node-{down}"));
+        let crashed = arm_crash_point(data_dir.clone());
+        cluster.restart_node(down).await.unwrap();
+        tokio::time::timeout(Duration::from_secs(30), crashed)
+            .await
+            .expect("the follower was sent no snapshot")
+            .unwrap();
+        let stopped = cluster.stop_node(down).await;
+        assert!(stopped.is_err(), "the node stopped on the injected crash: {stopped:?}");
+        {
+            // The crash window: the log has the snapshot, sled does not.
+            let (_, core, _) = DurableLog::open(&data_dir, 64 << 20, false).unwrap();
+            let sm = StateMachine::open_in(
+                &data_dir.join("sm"),
+                &data_dir.join("snap"),
+                crate::state::Options::with_dedupe(16),
+            )
+            .unwrap();
+            assert!(core.snapshot.index > 1, "the log recorded the received snapshot");
+            assert!(sm.applied().unwrap() < core.snapshot.index, "sled has not loaded it");
+        }
+
+        cluster.restart_node(down).await.unwrap();
+        let target = st.commit_index;
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            assert!(!cluster.node_exited(down), "the restarted node failed");
+            if cluster.status(down).await.is_some_and(|s| s.applied_index >= target) {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "node {down} did not catch up");
+            // Polling its status until the deadline, not waiting blindly.
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        let ep = cluster.endpoint(down).unwrap();
+        let mut theirs =
+            pb::pss_blocks_client::PssBlocksClient::connect(ep.uri().to_owned()).await.unwrap();
+        let req = pb::GetBlocksRequest {
+            volume: "crash-vol".into(),
+            blocks: (0..16).collect(),
+            consistency: pb::ReadConsistency::Stale as i32,
+        };
+        let theirs = theirs.get_blocks(req).await.unwrap().into_inner().blocks;
+        let vol = wayside_proto::types::VolumeName::new("crash-vol").unwrap();
+        let ours = client.get_blocks(&vol, &(0..16).collect::<Vec<_>>()).await.unwrap();
+        assert_eq!(theirs, ours);
+        assert_eq!(ours[0].data, vec![80u8; 4096]); // block 0 last written by seq 80
+        cluster.shutdown().await;
     }
 }

@@ -39,6 +39,10 @@ const DEDUPE_PREFIX: u8 = b'o';
 const LOCAL_PREFIX: u8 = b'x';
 const LOCAL_BLOB_END: &[u8] = b"xblob_end";
 const LOCAL_BLOB_SYNCED: &[u8] = b"xblob_synced";
+/// The length of each sealed blob segment not known synced (from `xblob_synced` on), as
+/// `segment u32 | length u64` pairs: a power loss can cut such a file at a record
+/// boundary, which its own size cannot show. Written with the blob end when it changes.
+const LOCAL_BLOB_SEALED: &[u8] = b"xblob_sealed";
 /// Where the durable block index starts ([`IndexBase`]); absent: `Scratch`.
 const LOCAL_INDEX_BASE: &[u8] = b"xindex_base";
 /// Version 2: the dedupe table is per-entry records with the replies in them (version 1
@@ -61,8 +65,12 @@ pub struct CommandBatch {
     pub commands: Vec<Command>,
 }
 
-/// One client command, tagged with the proposing node and its local sequence number so
-/// that node can route the outcome back to the waiting request.
+/// One client command, tagged with the proposing node, that node's process incarnation
+/// and its local sequence number so that process can route the outcome back to the
+/// waiting request. The sequence restarts with every process, so `(origin, seq)` alone
+/// is not unique: a leader restarted before its entries committed would hand their
+/// outcomes (committed under its next term) to new requests with the same numbers.
+/// The tags are not state: applying ignores them.
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct Command {
     #[prost(uint64, tag = "1")]
@@ -73,6 +81,10 @@ pub struct Command {
     pub acquire: Option<pb::AcquireVolumeRequest>,
     #[prost(message, optional, tag = "4")]
     pub write: Option<pb::WriteBatchRequest>,
+    /// The proposing process's random incarnation (never 0); 0 in entries of a PSS from
+    /// before it (a field such a PSS skips when it decodes a newer entry).
+    #[prost(uint64, tag = "5")]
+    pub incarnation: u64,
 }
 
 /// A request id and the first reply to it, returned again for a retry.
@@ -244,6 +256,8 @@ pub struct StateMachine {
     id_hasher: std::hash::RandomState,
     /// The blob record buffer, reused between groups (see `storage::DurableLog::buf`).
     spare_records: Vec<u8>,
+    /// What `LOCAL_BLOB_SEALED` holds (`None`: unknown, written with the next blob end).
+    sealed_recorded: Option<Vec<(u32, u64)>>,
     /// The block index (see `index`), shared with the readers, and where its durable
     /// form starts; checkpoints are found in `snap_dir`.
     index: SharedIndex,
@@ -360,6 +374,14 @@ fn read_end(v: &[u8]) -> (u32, u64) {
     (seg, v.get(4..12).map_or(0, read_u64))
 }
 
+fn encode_sealed(sealed: &[(u32, u64)]) -> Vec<u8> {
+    sealed.iter().flat_map(|&end| encode_end(end)).collect()
+}
+
+fn read_sealed(v: &[u8]) -> BTreeMap<u32, u64> {
+    v.chunks_exact(12).map(read_end).collect()
+}
+
 fn encode_end((seg, off): (u32, u64)) -> [u8; 12] {
     let mut b = [0u8; 12];
     b[..4].copy_from_slice(&seg.to_be_bytes());
@@ -402,19 +424,27 @@ impl StateMachine {
         let tree = db.open_tree("sm")?;
         let end = tree.get(LOCAL_BLOB_END)?.map_or((0, 0), |v| read_end(&v));
         let synced = tree.get(LOCAL_BLOB_SYNCED)?.map_or(0, |v| read_end(&v).0);
+        let sealed = tree.get(LOCAL_BLOB_SEALED)?.map(|v| read_sealed(&v));
         let blob_dir = dir.join("blobs");
-        let blobs =
-            match Blobs::open(&blob_dir, end, synced, opts.blob_segment_bytes, opts.direct_io)? {
-                Some(b) => b,
-                None => {
-                    tracing::warn!(
-                        "the state machine refers to block data that is not on disk: \
+        let opened = Blobs::open(
+            &blob_dir,
+            end,
+            synced,
+            sealed.as_ref(),
+            opts.blob_segment_bytes,
+            opts.direct_io,
+        )?;
+        let blobs = match opened {
+            Some(b) => b,
+            None => {
+                tracing::warn!(
+                    "the state machine refers to block data that is not on disk: \
                      emptying it to reload the snapshot and replay the log"
-                    );
-                    tree.clear()?;
-                    Blobs::fresh(&blob_dir, end.0 + 1, opts.blob_segment_bytes, opts.direct_io)?
-                }
-            };
+                );
+                tree.clear()?;
+                Blobs::fresh(&blob_dir, end.0 + 1, opts.blob_segment_bytes, opts.direct_io)?
+            }
+        };
         let mut sm = Self {
             db,
             dir: dir.to_owned(),
@@ -430,6 +460,7 @@ impl StateMachine {
             dedupe_index: HashIndex::default(),
             id_hasher: std::hash::RandomState::new(),
             spare_records: Vec::new(),
+            sealed_recorded: None,
             index: SharedIndex::default(),
             base: IndexBase::Scratch,
             snap_dir: snap_dir.to_owned(),
@@ -665,8 +696,7 @@ impl StateMachine {
                 index.set_key(&key, loc);
             }
         }
-        p.txn.batch.insert(LOCAL_BLOB_END, &encode_end(self.blobs.end()));
-        p.txn.batch.insert(LOCAL_BLOB_SYNCED, &encode_end((self.blobs.synced_below(), 0)));
+        self.record_blob_end(&mut p.txn.batch);
         self.tree.apply_batch(p.txn.batch)?;
         self.blobs.maybe_rotate()?;
         // Records past the index's durable base rebuild it after a restart: only older
@@ -791,7 +821,7 @@ impl StateMachine {
         }
         // The copies are part of the log the index is rebuilt from; sled records its end.
         let mut batch = sled::Batch::default();
-        batch.insert(LOCAL_BLOB_END, &encode_end(self.blobs.end()));
+        self.record_blob_end(&mut batch);
         self.tree.apply_batch(batch)?;
         self.blobs.retire(seg);
         self.retired.push(seg);
@@ -1129,6 +1159,7 @@ impl StateMachine {
         // the load is redone from the durable snapshot file.
         self.tree.remove(META_APPLIED)?;
         self.tree.clear()?;
+        self.sealed_recorded = None;
         if let Some(job) = self.durability.take() {
             let _ = job.thread.join();
         }
@@ -1162,20 +1193,33 @@ impl StateMachine {
             if n % 10_000 == 9_999 || records.len() >= 16 << 20 {
                 // Records before the index entries that point at them.
                 self.blobs.append(&std::mem::take(&mut records))?;
-                batch.insert(LOCAL_BLOB_END, &encode_end(self.blobs.end()));
+                self.record_blob_end(&mut batch);
                 self.tree.apply_batch(std::mem::take(&mut batch))?;
                 self.blobs.maybe_rotate()?;
                 base = self.blobs.end();
             }
         }
         self.blobs.append(&records)?;
-        batch.insert(LOCAL_BLOB_END, &encode_end(self.blobs.end()));
+        self.record_blob_end(&mut batch);
         self.tree.apply_batch(batch)?;
         *crate::index::write(&self.index) = index;
         self.load_dedupe()?;
         let p = self.begin();
         self.commit(p, meta.index, Some(meta.get_conf_state()))?;
         Ok(meta)
+    }
+
+    /// Adds to `batch` (the one recording what the blob records just appended stand for)
+    /// the blob end, the first segment not known synced and, when they changed, the
+    /// sealed segments' lengths from there on (see `LOCAL_BLOB_SEALED`).
+    fn record_blob_end(&mut self, batch: &mut sled::Batch) {
+        batch.insert(LOCAL_BLOB_END, &encode_end(self.blobs.end()));
+        let (synced, sealed) = self.blobs.unsynced_sealed();
+        batch.insert(LOCAL_BLOB_SYNCED, &encode_end((synced, 0)));
+        if self.sealed_recorded.as_ref() != Some(&sealed) {
+            batch.insert(LOCAL_BLOB_SEALED, encode_sealed(&sealed));
+            self.sealed_recorded = Some(sealed);
+        }
     }
 
     /// Starts a checkpoint of the state as of the applied index (which the caller
@@ -1398,6 +1442,7 @@ mod tests {
                 ops: vec![pb::PssBlockOp { block, data: data.to_vec(), delete: false, version: 0 }],
                 persisted_lsn: seq,
             }),
+            incarnation: 1,
         }
     }
 
@@ -1414,6 +1459,7 @@ mod tests {
                 request_id: Some(pb::RequestId { client_id: "a".into(), seq }),
             }),
             write: None,
+            incarnation: 1,
         }
     }
 
@@ -1639,6 +1685,34 @@ mod tests {
             sm = StateMachine::open(dir.path(), Options::with_dedupe(100)).unwrap();
         }
         assert_eq!(sm.reader().volume("v").unwrap().unwrap().epoch, 1);
+    }
+
+    /// Buffered mode: with every blob end, sled records the length of each sealed segment
+    /// not known synced, which `Blobs::open` checks the file against (a power loss can
+    /// cut an unsynced file at a record boundary).
+    #[test]
+    fn the_lengths_of_sealed_unsynced_segments_are_recorded_with_the_blob_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts =
+            Options { blob_segment_bytes: 1024, direct_io: false, ..Options::with_dedupe(100) };
+        let mut sm = StateMachine::open(dir.path(), opts).unwrap();
+        run(&mut sm, 2, &acquire_cmd("v", 1));
+        for index in 3..40u64 {
+            run(&mut sm, index, &write_cmd("v", 1, index, index % 4, &[index as u8; 1000]));
+            let get = |k: &[u8]| sm.tree.get(k).unwrap().expect("recorded");
+            let end = read_end(&get(LOCAL_BLOB_END));
+            let synced = read_end(&get(LOCAL_BLOB_SYNCED)).0;
+            let sealed = read_sealed(&get(LOCAL_BLOB_SEALED));
+            for seg in synced..end.0 {
+                let path = dir.path().join("blobs").join(crate::blobs::segment_name(seg));
+                let Ok(meta) = std::fs::metadata(&path) else { continue };
+                assert_eq!(sealed.get(&seg), Some(&meta.len()), "segment {seg} at index {index}");
+            }
+            assert!(sealed.keys().all(|&seg| seg >= synced && seg < end.0), "{sealed:?}");
+        }
+        drop(sm);
+        let sm = StateMachine::open(dir.path(), opts).unwrap();
+        assert_eq!(sm.applied().unwrap(), 39);
     }
 
     #[test]

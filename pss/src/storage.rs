@@ -87,7 +87,13 @@ pub struct LogCore {
     /// The segment files, by sequence number, for reading entries back.
     files: std::collections::BTreeMap<u64, (Arc<File>, PathBuf)>,
     pub hard_state: HardState,
-    pub conf_state: ConfState,
+    /// The membership as of `conf_index` (set by [`LogCore::set_conf_state`] as changes are
+    /// applied, and by a snapshot at or past it).
+    conf_state: ConfState,
+    /// The index `conf_state` is as of: a snapshot older than it (our own compaction
+    /// installs a checkpoint taken before a membership change applied while it was
+    /// written) must not roll it back.
+    conf_index: u64,
 }
 
 impl Default for LogCore {
@@ -102,6 +108,7 @@ impl Default for LogCore {
             files: std::collections::BTreeMap::new(),
             hard_state: HardState::default(),
             conf_state: ConfState::default(),
+            conf_index: 0,
         }
     }
 }
@@ -117,6 +124,17 @@ impl LogCore {
 
     pub fn last_index(&self) -> u64 {
         self.mem_first + self.entries.len() as u64 - 1
+    }
+
+    /// The membership as of the newest applied change or installed snapshot.
+    pub fn conf_state(&self) -> &ConfState {
+        &self.conf_state
+    }
+
+    /// Sets the membership to `cs`, as of (applied) index `index`.
+    pub fn set_conf_state(&mut self, cs: ConfState, index: u64) {
+        self.conf_state = cs;
+        self.conf_index = index;
     }
 
     /// Entry data bytes held in memory.
@@ -306,7 +324,12 @@ impl LogCore {
         }
         self.hard_state.commit = self.hard_state.commit.max(meta.index);
         self.hard_state.term = self.hard_state.term.max(meta.term);
-        self.conf_state = meta.get_conf_state().clone();
+        // Our own compaction installs a checkpoint of an earlier applied index: a membership
+        // change applied after it (while it was written) stays. (A snapshot from the leader
+        // is always past our commit index, hence past any change applied here.)
+        if meta.index >= self.conf_index {
+            self.set_conf_state(meta.get_conf_state().clone(), meta.index);
+        }
         self.snapshot = meta;
     }
 }
@@ -342,7 +365,7 @@ impl RaftStorage {
 impl raft::Storage for RaftStorage {
     fn initial_state(&self) -> raft::Result<RaftState> {
         let core = self.read();
-        Ok(RaftState::new(core.hard_state.clone(), core.conf_state.clone()))
+        Ok(RaftState::new(core.hard_state.clone(), core.conf_state().clone()))
     }
 
     fn entries(
@@ -1068,6 +1091,48 @@ mod tests {
         for e in got {
             assert!(e.data.len() == 1 << 20 && e.data.iter().all(|&b| b == e.index as u8));
         }
+    }
+
+    /// Our own compaction installs a checkpoint started before a membership change that
+    /// was applied while it was written: the newer membership stays (it used to be rolled
+    /// back, and the next snapshot, sent to a node added by the change, lacked that node).
+    #[test]
+    fn an_older_checkpoint_keeps_a_newer_membership_a_newer_snapshot_replaces_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut log, core, _) = open(dir.path()).unwrap();
+        let store = RaftStorage { core: Arc::new(RwLock::new(core)), ..Default::default() };
+        log.append(&store, &(1..=10).map(|i| entry(i, 1)).collect::<Vec<_>>()).unwrap();
+        let conf = |voters: &[u64], learners: &[u64]| ConfState {
+            voters: voters.to_vec(),
+            learners: learners.to_vec(),
+            ..Default::default()
+        };
+        let (c0, c1, c2) = (conf(&[1, 2, 3], &[]), conf(&[1, 2, 3], &[4]), conf(&[1, 2, 4], &[]));
+        store.write().set_conf_state(c0.clone(), 3);
+        // Learner 4 added by entry 7, applied while the checkpoint at 5 was written.
+        store.write().set_conf_state(c1.clone(), 7);
+        let mut meta = SnapshotMetadata { index: 5, term: 1, ..Default::default() };
+        meta.set_conf_state(c0.clone());
+        log.install_snapshot(&store, meta).unwrap();
+        assert_eq!(store.read().first_index(), 6);
+        assert_eq!(store.read().conf_state(), &c1, "an older checkpoint rolled membership back");
+        assert_eq!(store.read().snapshot.get_conf_state(), &c0, "the snapshot keeps its own");
+        let state = raft::Storage::initial_state(&store).unwrap();
+        assert_eq!(state.conf_state, c1);
+        // A snapshot from the leader past our log replaces it.
+        let mut meta = SnapshotMetadata { index: 12, term: 2, ..Default::default() };
+        meta.set_conf_state(c2.clone());
+        log.install_snapshot(&store, meta).unwrap();
+        assert_eq!(store.read().conf_state(), &c2);
+        assert_eq!((store.read().first_index(), store.read().last_index()), (13, 12));
+        // A membership change applied later, then our own compaction at that index.
+        let c3 = conf(&[1, 2, 4], &[5]);
+        log.append(&store, &(13..=15).map(|i| entry(i, 2)).collect::<Vec<_>>()).unwrap();
+        store.write().set_conf_state(c3.clone(), 14);
+        let mut meta = SnapshotMetadata { index: 14, term: 2, ..Default::default() };
+        meta.set_conf_state(c3.clone());
+        log.install_snapshot(&store, meta).unwrap();
+        assert_eq!(store.read().conf_state(), &c3);
     }
 
     #[test]

@@ -132,6 +132,16 @@ impl LocalCluster {
         }
     }
 
+    /// Whether node `id` was started and has since stopped on its own (an error, a panic),
+    /// without [`stop_node`](Self::stop_node).
+    pub fn node_exited(&self, id: u64) -> bool {
+        self.slots
+            .iter()
+            .find(|s| s.config.id == id)
+            .and_then(|s| s.task.as_ref())
+            .is_some_and(JoinHandle::is_finished)
+    }
+
     /// Stops node `id` (its data stays); returns the node's exit result.
     pub async fn stop_node(&mut self, id: u64) -> anyhow::Result<()> {
         let slot = self.slots.iter_mut().find(|s| s.config.id == id).context("no such node")?;
