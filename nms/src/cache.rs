@@ -23,8 +23,13 @@ use wayside_proto::types::{BlockNo, BlockSize, CredentialHash, Epoch, Lsn, Reque
 type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
 type HashSet<K> = std::collections::HashSet<K, foldhash::fast::RandomState>;
 
-/// Bookkeeping bytes charged per cached block on top of its data.
-pub const ENTRY_OVERHEAD_BYTES: u64 = 64;
+/// Bookkeeping bytes charged per cached block on top of its data, against the memory
+/// budget and, while the block is dirty, the dirty limits: its `Entry` (~72 bytes) in a
+/// hash table (key, control byte, load-factor slack), its place in the CLOCK ring and, while
+/// dirty, in the volume's dirty set. Charging dirty blocks this (not just their data) keeps
+/// a flood of tiny writes or deletes of distinct blocks, which cannot be evicted until
+/// written back, within `dirty_limit_bytes` of real memory.
+pub const ENTRY_OVERHEAD_BYTES: u64 = 192;
 
 /// The limits the core enforces.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -89,7 +94,8 @@ struct Entry {
     inflight: bool,
     /// Highest lsn folded into this block.
     lsn: Lsn,
-    /// Bytes this block counts against the dirty limits (data + 1 while unpersisted).
+    /// Bytes this block counts against the dirty limits while unpersisted (its data and
+    /// `ENTRY_OVERHEAD_BYTES`).
     charged: u64,
 }
 
@@ -247,6 +253,9 @@ pub enum IncomingError {
         u64::MAX
     )]
     Lsns { accepted: u64, persisted: u64 },
+    /// The move's dirty blocks would pass one of this node's dirty limits.
+    #[error("the arriving dirty blocks would pass {limit} ({value} of {max} bytes)")]
+    DirtyFull { limit: &'static str, value: u64, max: u64 },
 }
 
 /// Checks the log positions a move's switch hands over: persisted at most accepted, and
@@ -587,7 +596,7 @@ impl Cache {
     /// The dirty bytes a write would add, and whether the limits allow it.
     fn admit(&self, v: &Volume, block: BlockNo, new_len: u64) -> Result<(), CacheError> {
         let charged = v.entries.get(&block).map_or(0, |e| e.charged);
-        let add = (new_len + 1).saturating_sub(charged);
+        let add = (new_len + ENTRY_OVERHEAD_BYTES).saturating_sub(charged);
         if add == 0 {
             return Ok(());
         }
@@ -714,9 +723,10 @@ impl Cache {
             e.dirty_lsn = Some(lsn);
             v.dirty.insert((lsn, block));
         }
-        // Dirty bytes count data plus one, so a dirty delete is never free. A block
-        // rewritten while in flight stays charged at its largest size until clean.
-        let new_charge = (new_bytes - ENTRY_OVERHEAD_BYTES + 1).max(e.charged);
+        // Dirty bytes count data plus the entry's overhead, so a dirty delete is never
+        // free. A block rewritten while in flight stays charged at its largest size until
+        // clean.
+        let new_charge = new_bytes.max(e.charged);
         let delta = new_charge - e.charged;
         e.charged = new_charge;
         v.dirty_bytes += delta;
@@ -950,8 +960,25 @@ impl Cache {
                 charged: 0,
             };
             if e.dirty_lsn.is_some() {
+                // Within the dirty limits like a vehicle's write (a source claiming a
+                // small volume cannot fill this node's memory with blocks it cannot evict):
+                // past them the move is refused, and the incoming copy dropped.
+                let charge = e.bytes();
+                let over = [
+                    (
+                        "dirty_limit_bytes_per_volume",
+                        v.dirty_bytes,
+                        self.limits.dirty_limit_bytes_per_volume,
+                    ),
+                    ("dirty_limit_bytes", self.dirty_bytes, self.limits.dirty_limit_bytes),
+                ]
+                .into_iter()
+                .find(|(_, value, max)| value + charge > *max);
+                if let Some((limit, value, max)) = over {
+                    return Err(IncomingError::DirtyFull { limit, value, max });
+                }
                 v.dirty.insert((Lsn(1), b.block));
-                e.charged = e.bytes() - ENTRY_OVERHEAD_BYTES + 1;
+                e.charged = charge;
                 v.dirty_bytes += e.charged;
                 self.dirty_bytes += e.charged;
             }
@@ -1076,10 +1103,10 @@ mod tests {
     fn limits() -> Limits {
         Limits {
             cache_capacity_bytes: 10 * (4096 + ENTRY_OVERHEAD_BYTES),
-            dirty_limit_bytes: 6 * 4097,
-            dirty_limit_bytes_per_volume: 4 * 4097,
-            writeback_start_dirty_bytes: 5 * 4097,
-            writeback_start_dirty_bytes_per_volume: 2 * 4097,
+            dirty_limit_bytes: 6 * (4096 + ENTRY_OVERHEAD_BYTES),
+            dirty_limit_bytes_per_volume: 4 * (4096 + ENTRY_OVERHEAD_BYTES),
+            writeback_start_dirty_bytes: 5 * (4096 + ENTRY_OVERHEAD_BYTES),
+            writeback_start_dirty_bytes_per_volume: 2 * (4096 + ENTRY_OVERHEAD_BYTES),
             dedupe_entries_per_volume: 4,
             max_batch_ops: 2,
             max_batch_bytes: 1 << 20,
@@ -1527,7 +1554,7 @@ mod tests {
         let x = c.volume(&v).unwrap();
         assert!(!x.is_clean());
         assert_eq!(x.persisted, Lsn(0));
-        assert_eq!(c.dirty_bytes(), 2 * 4097);
+        assert_eq!(c.dirty_bytes(), 2 * (4096 + ENTRY_OVERHEAD_BYTES));
         assert!(c.take_batch(&v).is_none(), "b2 is still in flight");
         // b2 fails: its blocks are dirty again and go in the next batch.
         assert!(c.complete_batch(&b2, false));
@@ -1540,5 +1567,53 @@ mod tests {
         assert!(c.complete_batch(&b3, true));
         assert!(c.volume(&v).unwrap().is_clean());
         assert_eq!(c.dirty_bytes(), 0);
+    }
+
+    #[test]
+    fn a_flood_of_tiny_dirty_blocks_stays_within_the_memory_budget() {
+        let mut c = Cache::new(limits());
+        let v = vol(&mut c, "v");
+        // Deletes of distinct blocks: each costs an entry that cannot be evicted until
+        // written back, so each counts its entry against the dirty limit.
+        let mut accepted = 0u64;
+        for block in 0..100_000u64 {
+            match c.delete(&v, block, None) {
+                Ok(_) => accepted += 1,
+                Err(CacheError::DirtyFull { .. }) => break,
+                Err(e) => panic!("{e}"),
+            }
+        }
+        let per_volume = limits().dirty_limit_bytes_per_volume;
+        assert!(accepted <= per_volume / ENTRY_OVERHEAD_BYTES, "{accepted} tiny blocks accepted");
+        assert!(c.dirty_bytes() <= per_volume);
+        assert!(
+            c.used_bytes() <= limits().cache_capacity_bytes,
+            "{} bytes used of {}",
+            c.used_bytes(),
+            limits().cache_capacity_bytes
+        );
+    }
+
+    #[test]
+    fn a_move_bringing_more_dirty_blocks_than_the_dirty_limit_is_refused() {
+        let mut c = Cache::new(limits());
+        let v = vol(&mut c, "v");
+        c.set_state(&v, VolumeState::Incoming { migration_id: 1 });
+        let dirty = |block: u64| MigBlock {
+            block,
+            data: Some(Bytes::from(full(1))),
+            version: 1,
+            dirty: true,
+            lsn: Lsn(block + 1),
+            heat: 1,
+        };
+        // The per-volume limit holds 4 dirty blocks (limits()).
+        c.put_migrated(&v, 1, (0..4).map(dirty).collect()).unwrap();
+        let e = c.put_migrated(&v, 1, vec![dirty(4)]).unwrap_err();
+        assert!(
+            matches!(e, IncomingError::DirtyFull { limit: "dirty_limit_bytes_per_volume", .. }),
+            "{e:?}"
+        );
+        assert!(c.dirty_bytes() <= limits().dirty_limit_bytes_per_volume);
     }
 }

@@ -23,9 +23,10 @@ pub struct Config {
     /// the `pool` module: it spares a move's target the page faults of fresh memory). As
     /// `/init` of the VM image: 0 unless the image's `nms.toml` sets it.
     pub block_pool_bytes: u64,
-    /// Most unpersisted (dirty) bytes across all volumes; writes beyond wait.
+    /// Most unpersisted (dirty) bytes across all volumes, each dirty block counted as its
+    /// data plus `cache::ENTRY_OVERHEAD_BYTES` (192); writes beyond wait.
     pub dirty_limit_bytes: u64,
-    /// Most unpersisted bytes of one volume; writes beyond wait.
+    /// Most unpersisted bytes of one volume (counted the same way); writes beyond wait.
     pub dirty_limit_bytes_per_volume: u64,
     /// How long a write may wait for dirty space before RESOURCE_EXHAUSTED, in milliseconds.
     pub backpressure_wait_ms: u64,

@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
+use wayside_nms::cache::ENTRY_OVERHEAD_BYTES;
 use wayside_nms::client::{ClientOptions, VolumeClient};
 use wayside_nms::config::Config;
 use wayside_nms::testing::{Writer, Written};
@@ -209,8 +210,8 @@ async fn eviction_under_memory_pressure_never_loses_a_dirty_block() {
     // 16 blocks of memory; write-back held back so written blocks stay dirty.
     let a = Nms::start("a", &cluster.endpoints(), |c| {
         c.cache_capacity_bytes = 16 * (BS as u64 + 64);
-        c.dirty_limit_bytes = 8 * (BS as u64 + 1);
-        c.dirty_limit_bytes_per_volume = 8 * (BS as u64 + 1);
+        c.dirty_limit_bytes = 8 * (BS as u64 + ENTRY_OVERHEAD_BYTES);
+        c.dirty_limit_bytes_per_volume = 8 * (BS as u64 + ENTRY_OVERHEAD_BYTES);
         c.writeback_delay_ms = 600_000;
     })
     .await;
@@ -261,7 +262,7 @@ async fn back_pressure_when_the_dirty_limit_is_reached() {
     let dir = tempfile::tempdir().unwrap();
     let mut cluster = LocalCluster::start(3, dir.path()).await.unwrap();
     let a = Nms::start("a", &cluster.endpoints(), |c| {
-        c.dirty_limit_bytes_per_volume = 4 * (BS as u64 + 1);
+        c.dirty_limit_bytes_per_volume = 4 * (BS as u64 + ENTRY_OVERHEAD_BYTES);
         c.backpressure_wait_ms = 300;
         c.writeback_delay_ms = 600_000;
     })
@@ -1236,7 +1237,7 @@ async fn streamed_operations_round_trip_through_back_pressure() {
     let dir = tempfile::tempdir().unwrap();
     let cluster = LocalCluster::start(3, dir.path()).await.unwrap();
     let a = Nms::start("a", &cluster.endpoints(), |c| {
-        c.dirty_limit_bytes_per_volume = 4 * (BS as u64 + 1);
+        c.dirty_limit_bytes_per_volume = 4 * (BS as u64 + ENTRY_OVERHEAD_BYTES);
     })
     .await;
     a.create_volume("st", "key").await;
@@ -1364,7 +1365,7 @@ async fn batched_operations_round_trip_and_bad_batches_change_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let cluster = LocalCluster::start(3, dir.path()).await.unwrap();
     let a = Nms::start("a", &cluster.endpoints(), |c| {
-        c.dirty_limit_bytes_per_volume = 4 * (BS as u64 + 1);
+        c.dirty_limit_bytes_per_volume = 4 * (BS as u64 + ENTRY_OVERHEAD_BYTES);
         c.max_stream_batch_ops = 40;
     })
     .await;
@@ -1617,7 +1618,7 @@ async fn dirty_data_past_the_start_threshold_is_written_back_without_the_delay()
     let cluster = LocalCluster::start(3, dir.path()).await.unwrap();
     let a = Nms::start("a", &cluster.endpoints(), |c| {
         c.writeback_delay_ms = 600_000;
-        c.writeback_start_dirty_bytes_per_volume = 8 * (BS as u64 + 1);
+        c.writeback_start_dirty_bytes_per_volume = 8 * (BS as u64 + ENTRY_OVERHEAD_BYTES);
     })
     .await;
     let c = VolumeClient::open(opts(&[&a.ep], "eager", "k")).await.unwrap();
@@ -1648,7 +1649,7 @@ async fn a_move_leaving_the_target_past_the_start_threshold_writes_back_at_once(
     let a = Nms::start("a", &cluster.endpoints(), |c| c.writeback_delay_ms = 600_000).await;
     let b = Nms::start("b", &cluster.endpoints(), |c| {
         c.writeback_delay_ms = 600_000;
-        c.writeback_start_dirty_bytes_per_volume = 8 * (BS as u64 + 1);
+        c.writeback_start_dirty_bytes_per_volume = 8 * (BS as u64 + ENTRY_OVERHEAD_BYTES);
     })
     .await;
     let c = VolumeClient::open(opts(&[&a.ep, &b.ep], "carried", "k")).await.unwrap();
@@ -2104,7 +2105,7 @@ async fn grpc_timeout_ends_calls_with_deadline_exceeded() {
     let dir = tempfile::tempdir().unwrap();
     let mut cluster = LocalCluster::start(3, dir.path()).await.unwrap();
     let a = Nms::start("a", &cluster.endpoints(), |c| {
-        c.dirty_limit_bytes_per_volume = 4 * (BS as u64 + 1);
+        c.dirty_limit_bytes_per_volume = 4 * (BS as u64 + ENTRY_OVERHEAD_BYTES);
         c.backpressure_wait_ms = 60_000;
         c.writeback_delay_ms = 600_000;
         c.pss_deadline_ms = 60_000;

@@ -31,10 +31,11 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{info, info_span, warn, Instrument as _};
 use wayside_proto::convert;
+use wayside_proto::error::fault_status;
 use wayside_proto::pb;
 use wayside_proto::pb::migration_ack::Ack;
 use wayside_proto::pb::migration_frame::Frame;
-use wayside_proto::types::{Endpoint, Epoch, Lsn, RequestId, VolumeName};
+use wayside_proto::types::{Endpoint, Epoch, Fault, Lsn, RequestId, VolumeName};
 
 /// Request ids a target remembers per hold of its cache lock (~0.1 ms of work).
 const IDS_PER_LOCK: usize = 1024;
@@ -884,6 +885,10 @@ impl Node {
         let refused = |e: IncomingError| match e {
             IncomingError::Lsns { .. } => Status::invalid_argument(e.to_string()),
             IncomingError::NotIncoming { .. } => Status::aborted(e.to_string()),
+            IncomingError::DirtyFull { limit, value, max } => fault_status(
+                Fault::LimitExceeded { limit: limit.into(), unit: "bytes".into(), value, max },
+                e.to_string(),
+            ),
         };
         let ack = |a: Ack| pb::MigrationAck { ack: Some(a) };
         let closed = || Status::cancelled("source went away");
