@@ -10,11 +10,12 @@ use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::{CancellationToken, DropGuard};
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{info_span, Instrument as _};
 use wayside_proto::convert::{self, required_op};
 use wayside_proto::pb;
-use wayside_proto::types::{DeleteOp, Epoch, Lsn, ReadOp, VolumeName, WriteOp};
+use wayside_proto::types::{BlockNo, DeleteOp, Epoch, Lsn, ReadOp, VolumeName, WriteOp};
 
 type Auth = (VolumeName, Presented);
 
@@ -148,7 +149,7 @@ impl Node {
 }
 
 /// The blocks a batch's read operations read.
-fn batch_reads(ops: &[pb::StreamRequest]) -> Vec<wayside_proto::types::BlockNo> {
+fn batch_reads(ops: &[pb::StreamRequest]) -> Vec<BlockNo> {
     ops.iter()
         .filter_map(|m| match &m.op {
             Some(pb::stream_request::Op::Read(r)) => Some(r.block),
@@ -453,21 +454,113 @@ struct Ops {
     /// The credential of the stream (its first message's, or the latest one given).
     auth: Option<Arc<Auth>>,
     inflight: Inflight,
+    /// The order of the units in `inflight` (see [`BlockOrder`]).
+    order: BlockOrder,
+}
+
+/// A pending unit's end: cancelled (its [`DropGuard`] dropped) once the unit has run, or
+/// when it is dropped unrun (the stream ended).
+type Done = CancellationToken;
+
+/// Per block, the latest pending unit of a stream (an operation, or a batch run as one)
+/// that touches it: a later unit touching the block waits for that one to finish first,
+/// and so (each waiting for the one before it) for every earlier unit on the block. Keyed
+/// by block number alone: a stream that changes volume at most waits more than it must.
+/// Entries of finished units linger until pruned, so the map stays within about twice the
+/// blocks of the pending units (and `2 * max_stream_inflight_ops`).
+struct BlockOrder {
+    latest: std::collections::HashMap<BlockNo, Done, foldhash::fast::RandomState>,
+    /// The size past which the entries of finished units are dropped.
+    prune_at: usize,
+    floor: usize,
+}
+
+impl BlockOrder {
+    fn new(max_inflight: usize) -> BlockOrder {
+        let floor = 2 * max_inflight.max(1);
+        BlockOrder { latest: Default::default(), prune_at: floor, floor }
+    }
+
+    /// Forgets every unit (call only when none is pending).
+    fn clear(&mut self) {
+        if !self.latest.is_empty() {
+            self.latest.clear();
+            self.prune_at = self.floor;
+        }
+    }
+
+    /// Orders a new pending unit that touches `blocks`, and every block when `barrier` (a
+    /// flush: it waits for every write sent before it): it becomes the latest unit of each
+    /// of its blocks, and gets the still pending units it must not overtake (the latest of
+    /// each of its blocks; every one for a barrier) and the guard that ends it (to drop
+    /// once it has run). Units on other blocks are not waited for: they run concurrently.
+    fn order(&mut self, blocks: &[BlockNo], barrier: bool) -> (Vec<Done>, DropGuard) {
+        // All looked up before any is registered: a unit touching a block twice does
+        // not wait for itself.
+        let before: Vec<Done> = if barrier {
+            self.latest.values().filter(|d| !d.is_cancelled()).cloned().collect()
+        } else {
+            blocks
+                .iter()
+                .filter_map(|b| self.latest.get(b))
+                .filter(|d| !d.is_cancelled())
+                .cloned()
+                .collect()
+        };
+        let done = Done::new();
+        for &b in blocks {
+            self.latest.insert(b, done.clone());
+        }
+        if self.latest.len() > self.prune_at {
+            self.latest.retain(|_, d| !d.is_cancelled());
+            self.prune_at = (2 * self.latest.len()).max(self.floor);
+        }
+        (before, done.drop_guard())
+    }
+}
+
+/// The block an operation touches (`None`: a flush, or no operation).
+fn op_block(op: Option<&pb::stream_request::Op>) -> Option<BlockNo> {
+    use pb::stream_request::Op;
+    match op? {
+        Op::Read(r) => Some(r.block),
+        Op::Write(w) => Some(w.block),
+        Op::Delete(d) => Some(d.block),
+        Op::Flush(_) => None,
+    }
+}
+
+fn is_flush(op: Option<&pb::stream_request::Op>) -> bool {
+    matches!(op, Some(pb::stream_request::Op::Flush(_)))
+}
+
+/// Waits until every unit of `before` has run.
+async fn after(before: Vec<Done>) {
+    for d in &before {
+        d.cancelled().await;
+    }
 }
 
 impl Ops {
     /// Takes one inbound message: its operations start in order, and those answered at
-    /// once are returned (an error ends the stream).
+    /// once are returned (an error ends the stream). An operation is answered at once only
+    /// when nothing of the stream is pending; one that waits (or comes after one that
+    /// waits) joins `inflight` as a unit ordered after the pending units on its blocks
+    /// ([`BlockOrder`]), so no operation overtakes an earlier one on the same block.
     fn take(
         &mut self,
         m_auth: Option<pb::VolumeAuth>,
         ops: Vec<pb::StreamRequest>,
     ) -> Result<Vec<pb::StreamReply>, Status> {
-        let node = &self.node;
+        let node = self.node.clone();
         if self.auth.is_none() || m_auth.is_some() {
-            self.auth = Some(Arc::new(volume_auth(node, m_auth)?));
+            self.auth = Some(Arc::new(volume_auth(&node, m_auth)?));
         }
         let a = self.auth.clone().expect("set above");
+        if self.inflight.is_empty() {
+            // Nothing pending: no unit to wait for.
+            self.order.clear();
+        }
         // A batch of reads that all hit: answered under one cache lock.
         if ops.len() > 1 && self.inflight.is_empty() {
             if let Some(replies) = node.stream_reads_now(&a, &ops) {
@@ -477,23 +570,39 @@ impl Ops {
         let mut ready = Vec::new();
         // A batch whose reads miss the cache: every missed block comes from the PSS in one
         // call first, then the message's operations run in order in one task (instead of
-        // one PSS call per read).
+        // one PSS call per read), as one unit ordered after the pending ones on its blocks.
         let reads = if ops.len() > 1 { batch_reads(&ops) } else { Vec::new() };
         // (No cache lock for a batch without two reads.)
         let cold = if reads.len() > 1 { node.uncached(&a.0, &reads) } else { Vec::new() };
         if cold.len() > 1 {
-            let (node, a) = (node.clone(), a.clone());
+            let mut blocks: Vec<BlockNo> =
+                ops.iter().filter_map(|m| op_block(m.op.as_ref())).collect();
+            blocks.sort_unstable();
+            blocks.dedup();
+            let barrier = ops.iter().any(|m| is_flush(m.op.as_ref()));
+            let (before, done) = self.order.order(&blocks, barrier);
             self.inflight.push(
                 async move {
+                    let cold = if before.is_empty() {
+                        cold
+                    } else {
+                        // The earlier units on these blocks first (they may fetch some
+                        // of them: fetched once, not twice with one fill lost).
+                        after(before).await;
+                        node.uncached(&a.0, &cold)
+                    };
                     // On failure each read below goes to the PSS itself and answers with
                     // its own error.
-                    if let Err(e) = node.prefetch(&a.0, &a.1, cold).await {
-                        tracing::debug!(error = %e, "batch prefetch failed");
+                    if !cold.is_empty() {
+                        if let Err(e) = node.prefetch(&a.0, &a.1, cold).await {
+                            tracing::debug!(error = %e, "batch prefetch failed");
+                        }
                     }
                     let mut out = Vec::with_capacity(ops.len());
                     for m in ops {
                         out.push(node.stream_reply(&a, m).await);
                     }
+                    drop(done);
                     out
                 }
                 .boxed(),
@@ -515,8 +624,22 @@ impl Ops {
                     continue;
                 }
             }
+            let (before, done) = match op_block(m.op.as_ref()) {
+                Some(b) => self.order.order(&[b], false),
+                None => self.order.order(&[], is_flush(m.op.as_ref())),
+            };
             let (node, a) = (node.clone(), a.clone());
-            self.inflight.push(async move { vec![node.stream_reply(&a, m).await] }.boxed());
+            self.inflight.push(
+                async move {
+                    if !before.is_empty() {
+                        after(before).await;
+                    }
+                    let reply = node.stream_reply(&a, m).await;
+                    drop(done);
+                    vec![reply]
+                }
+                .boxed(),
+            );
         }
         Ok(ready)
     }
@@ -624,7 +747,12 @@ impl Node {
     /// pipelining client sends it) so ends in this turn: its results and trailers leave
     /// in one write, with no task spawned and no wake-up between them.
     pub(super) fn serve_ops(&self, mut inbound: OpsIn) -> RepliesOut {
-        let mut ops = Ops { node: self.self_arc(), auth: None, inflight: Inflight::new() };
+        let mut ops = Ops {
+            node: self.self_arc(),
+            auth: None,
+            inflight: Inflight::new(),
+            order: BlockOrder::new(self.cfg.max_stream_inflight_ops),
+        };
         let limit = self.cfg.max_stream_inflight_ops;
         // The replies answered here leave as one item: at most `limit` are gathered (the
         // task takes the rest).
@@ -757,5 +885,59 @@ impl pb::nms_admin_server::NmsAdmin for Node {
         tracing::info!(node = %self.node_id, "admin shutdown requested");
         self.shutdown.cancel();
         Ok(Response::new(pb::ShutdownReply {}))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Whether every unit of `before` has run (waiting for them would not wait).
+    fn ran(before: &[Done]) -> bool {
+        after(before.to_vec()).now_or_never().is_some()
+    }
+
+    #[test]
+    fn a_unit_waits_for_the_pending_ones_on_its_blocks_only() {
+        let mut o = BlockOrder::new(4);
+        let (b1, g1) = o.order(&[7], false);
+        assert!(b1.is_empty(), "the first unit waits for nothing");
+        let (b2, g2) = o.order(&[8], false);
+        assert!(b2.is_empty(), "another block: concurrent");
+        let (b3, g3) = o.order(&[7, 9, 7], false);
+        // (The first unit once per naming of block 7; never the new unit itself: see
+        // below, it is done waiting once the first unit ran.)
+        assert_eq!(b3.len(), 2, "the pending unit on block 7");
+        assert!(!ran(&b3));
+        let (b4, _g4) = o.order(&[7], false);
+        assert_eq!(b4.len(), 1, "only the latest on block 7 (it waits for the first)");
+        let (b5, _g5) = o.order(&[9], false);
+        assert_eq!(b5.len(), 1);
+        drop(g1);
+        assert!(ran(&b3), "the first unit ran");
+        assert!(!ran(&b4), "the third has not");
+        let (flush, _) = o.order(&[], true);
+        assert_eq!(flush.len(), 3, "a flush waits for every pending unit: {}", flush.len());
+        drop((g2, g3));
+        let (b6, _) = o.order(&[8], false);
+        assert!(b6.is_empty(), "a finished unit is not waited for");
+    }
+
+    #[test]
+    fn finished_units_are_pruned() {
+        let mut o = BlockOrder::new(2);
+        for b in 0..100 {
+            drop(o.order(&[b], false).1);
+        }
+        assert!(o.latest.len() <= 5, "{} entries", o.latest.len());
+        let pending: Vec<_> = (1000..1010).map(|b| o.order(&[b], false).1).collect();
+        assert!(o.latest.len() <= 10 + 5);
+        for b in 1000..1010 {
+            let (before, _) = o.order(&[b], false);
+            assert_eq!(before.len(), 1, "block {b}: its pending unit kept");
+        }
+        drop(pending);
+        o.clear();
+        assert!(o.latest.is_empty());
     }
 }
