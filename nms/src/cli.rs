@@ -9,6 +9,7 @@ use std::io::{Read as _, Write as _};
 use std::path::PathBuf;
 use std::time::Duration;
 use wayside_proto::pb;
+use wayside_proto::token::{self, ClusterToken};
 use wayside_proto::types::{BlockSize, Credential, Endpoint, VolumeName};
 
 /// `nms serve`: flags override the config file.
@@ -53,6 +54,9 @@ pub async fn serve(mut config: Config, a: ServeArgs) -> anyhow::Result<()> {
     }
     if let Some(b) = a.block_pool_bytes {
         config.block_pool_bytes = b;
+    }
+    if let Some(t) = ClusterToken::from_env().map_err(anyhow::Error::msg)? {
+        config.cluster_token = Some(t);
     }
     config.validate().map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
     let listener = tokio::net::TcpListener::bind(&config.listen)
@@ -266,6 +270,11 @@ pub struct MigrateArgs {
     pub switch_below_bytes: u64,
 }
 
+/// The cluster token the operator commands present: `WAYSIDE_CLUSTER_TOKEN`, if set.
+fn operator_token() -> anyhow::Result<Option<ClusterToken>> {
+    ClusterToken::from_env().map_err(anyhow::Error::msg)
+}
+
 /// An admin client for the NMS at `addr` (`host:port` or a URI), connected (3 s limit).
 pub async fn admin(
     addr: &str,
@@ -283,14 +292,16 @@ pub async fn admin(
 pub async fn migrate(a: MigrateArgs) -> anyhow::Result<()> {
     VolumeName::new(&a.volume).context("--volume")?;
     let to = Endpoint::parse(&a.to).context("--to")?;
+    let token = operator_token()?;
     let mut c = admin(&a.from).await?;
+    let req = pb::StartMigrationRequest {
+        volume: a.volume.clone(),
+        target_address: to.uri().to_owned(),
+        max_rounds: a.max_rounds,
+        switch_below_bytes: a.switch_below_bytes,
+    };
     let r = c
-        .start_migration(pb::StartMigrationRequest {
-            volume: a.volume.clone(),
-            target_address: to.uri().to_owned(),
-            max_rounds: a.max_rounds,
-            switch_below_bytes: a.switch_below_bytes,
-        })
+        .start_migration(token::request(token.as_ref(), req))
         .await
         .map_err(|s| anyhow::anyhow!("{}: {}", s.code(), s.message()))?
         .into_inner();
@@ -358,7 +369,8 @@ pub fn render_report(r: &pb::MigrationReport) -> String {
 
 /// Prints a node's status.
 pub async fn status(addr: &str) -> anyhow::Result<()> {
-    let r = admin(addr).await?.node_status(pb::NodeStatusRequest {}).await?.into_inner();
+    let req = token::request(operator_token()?.as_ref(), pb::NodeStatusRequest {});
+    let r = admin(addr).await?.node_status(req).await?.into_inner();
     println!(
         "node {} at {}: {} volumes, {} / {} bytes cached, {} / {} bytes dirty, \
          {} bytes of block buffers ready, up {} ms",
@@ -383,7 +395,8 @@ pub async fn status(addr: &str) -> anyhow::Result<()> {
 
 /// Asks a node to drain, flush and exit.
 pub async fn shutdown(addr: &str) -> anyhow::Result<()> {
-    admin(addr).await?.shutdown(pb::ShutdownRequest {}).await?;
+    let req = token::request(operator_token()?.as_ref(), pb::ShutdownRequest {});
+    admin(addr).await?.shutdown(req).await?;
     println!("shutdown requested");
     Ok(())
 }

@@ -64,6 +64,11 @@ pub struct Config {
     pub max_volumes: usize,
     /// Largest gRPC message accepted or sent, in bytes.
     pub max_message_size_bytes: usize,
+    /// The shared secret admin calls (`nms migrate`, `status`, `shutdown`, the SMF) and
+    /// other NMSs' migrations must carry (16 to 256 visible ASCII characters; the same on
+    /// every NMS of a road). Unset: those calls are not authenticated (a warning at start).
+    /// `WAYSIDE_CLUSTER_TOKEN` in the environment overrides it.
+    pub cluster_token: Option<wayside_proto::token::ClusterToken>,
     /// Most operations in flight on one vehicle stream; more wait. Also the most replies a
     /// stream gathers from the messages already received before they leave together.
     pub max_stream_inflight_ops: usize,
@@ -153,6 +158,7 @@ impl Default for Config {
             max_tracked_fetches_per_volume: 65_536,
             max_volumes: 4096,
             max_message_size_bytes: 16 << 20,
+            cluster_token: None,
             max_stream_inflight_ops: 256,
             max_stream_batch_ops: 256,
             max_concurrent_streams: 1024,

@@ -28,6 +28,7 @@ enum Command {
     Serve(wayside_nms::cli::ServeArgs),
     /// Move a volume between NMSs and print the timeline:
     /// nms migrate --volume car-1 --from 127.0.0.1:7100 --to 127.0.0.1:7200
+    /// (migrate, status and shutdown present the cluster token in WAYSIDE_CLUSTER_TOKEN)
     Migrate(wayside_nms::cli::MigrateArgs),
     /// Print an NMS's cache and volumes.
     Status {

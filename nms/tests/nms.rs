@@ -2432,3 +2432,64 @@ async fn a_write_acknowledged_by_an_nms_left_meanwhile_is_not_replayed_over_late
     b.stop().await;
     cluster.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn admin_and_migration_calls_need_the_cluster_token() {
+    use wayside_proto::token::ClusterToken;
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = LocalCluster::start(3, dir.path()).await.unwrap();
+    let token = ClusterToken::new("road-0123456789abcdef").unwrap();
+    let other = ClusterToken::new("road-fedcba9876543210").unwrap();
+    let with = |t: &ClusterToken| {
+        let t = t.clone();
+        move |c: &mut Config| c.cluster_token = Some(t)
+    };
+    let a = Nms::start("a", &cluster.endpoints(), with(&token)).await;
+    let b = Nms::start("b", &cluster.endpoints(), with(&token)).await;
+    let stranger = Nms::start("x", &cluster.endpoints(), with(&other)).await;
+    // Vehicle calls need no token.
+    let c = VolumeClient::open(opts(&[&a.ep], "guarded", "k")).await.unwrap();
+    for blk in 0..8u64 {
+        c.write(blk, 0, block_data(blk, 1)).await.unwrap();
+    }
+    // Admin calls: none, or a wrong one, is UNAUTHENTICATED; the token passes.
+    let e = a.admin().await.node_status(pb::NodeStatusRequest {}).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
+    let e = a.admin().await.node_status(other.request(pb::NodeStatusRequest {})).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
+    let e = a.admin().await.shutdown(pb::ShutdownRequest {}).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unauthenticated, "a vehicle cannot stop the node: {e:?}");
+    let st = a.admin().await.node_status(token.request(pb::NodeStatusRequest {})).await.unwrap();
+    assert_eq!(st.into_inner().volumes, 1);
+    let req = |to: &Endpoint| pb::StartMigrationRequest {
+        volume: "guarded".into(),
+        target_address: to.uri().into(),
+        max_rounds: 2,
+        switch_below_bytes: 0,
+    };
+    let e = a.admin().await.start_migration(req(&b.ep)).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
+    // A migration stream opened without the token is refused by the target.
+    let mut m = pb::migration_client::MigrationClient::new(channel(&b.ep).await);
+    let e = m.transfer(futures::stream::empty::<pb::MigrationFrame>()).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
+    // A node of another road (another token) refuses A's move; A keeps serving.
+    let r = a.admin().await.start_migration(token.request(req(&stranger.ep))).await.unwrap();
+    let r = r.into_inner();
+    assert_eq!(r.outcome, pb::MigrationOutcome::Aborted as i32, "{r:?}");
+    assert!(r.error.contains("wrong x-wayside-cluster-token"), "{r:?}");
+    assert_eq!(c.read(3, 0, None).await.unwrap(), Some(block_data(3, 1)));
+    assert_eq!(c.current_nms(), a.ep);
+    // Within the road the move completes; the vehicle follows and reads everything back.
+    let r = a.admin().await.start_migration(token.request(req(&b.ep))).await.unwrap();
+    let r = r.into_inner();
+    assert_eq!(r.outcome, pb::MigrationOutcome::Completed as i32, "{r:?}");
+    c.flush().await.unwrap();
+    let want: HashMap<u64, Vec<u8>> = (0..8).map(|b| (b, block_data(b, 1))).collect();
+    assert_persisted_and_read_back(&cluster, &c, "guarded", &want).await;
+    assert_eq!(c.current_nms(), b.ep);
+    a.stop().await;
+    b.stop().await;
+    stranger.stop().await;
+    cluster.shutdown().await;
+}

@@ -25,6 +25,7 @@ pub mod error;
 pub mod h2serve;
 pub mod server;
 pub mod telemetry;
+pub mod token;
 pub mod types;
 
 /// Generated protobuf messages and gRPC services of package `wayside.v1`.

@@ -41,6 +41,7 @@ use wayside_nms::smf::model::Speed;
 use wayside_nms::smf::road::Road;
 use wayside_nms::smf::service::{Smf, SmfConfig};
 use wayside_proto::pb;
+use wayside_proto::token::ClusterToken;
 use wayside_proto::types::{BlockSize, Credential, Endpoint, VolumeName};
 
 use crate::mobility::{self, Motion, Vehicle};
@@ -141,6 +142,14 @@ pub struct Scenario {
     pub handover_execution_s: f64,
     /// Print progress lines.
     pub progress: bool,
+    /// The road's cluster token (random per scenario): every NMS requires it on admin and
+    /// migration calls, the SMF presents it, and the NMSs present it to each other.
+    pub cluster_token: ClusterToken,
+}
+
+/// A fresh random cluster token for a road.
+pub fn road_token() -> ClusterToken {
+    ClusterToken::new(format!("road-{:032x}", rand::random::<u128>())).expect("a valid token")
 }
 
 /// One workload operation.
@@ -201,6 +210,7 @@ impl Scenario {
             overlap_m: 100.0,
             handover_execution_s: 2.0,
             progress: false,
+            cluster_token: road_token(),
         })
     }
 }
@@ -459,6 +469,7 @@ pub async fn deploy(deployment: &Deployment, sc: &Scenario) -> anyhow::Result<De
                     // Seven NMSs in one process, each faulting its pool in at start; the
                     // road's volumes are a few MiB.
                     block_pool_bytes: 16 << 20,
+                    cluster_token: Some(sc.cluster_token.clone()),
                     ..Default::default()
                 };
                 servers.spawn(wayside_nms::server::run(cfg, listener, nodes.child_token()));
@@ -590,6 +601,7 @@ async fn deploy_netns(o: &NetnsOptions, sc: &Scenario) -> anyhow::Result<Deploye
             pss: pss.clone(),
             listen: format!("0.0.0.0:{}", nms_port(i)),
             advertise: sh.local_addr().to_string(),
+            cluster_token: Some(sc.cluster_token.clone()),
             ..Default::default()
         };
         netns::spawn_nms(&mut lab, &nms_bin, &ns, &nms_cfg)?;
@@ -650,7 +662,11 @@ async fn drive_on(
     let road =
         mobility::road_from_dwell(&sc.rsus, addresses, sc.overlap_m, sc.handover_execution_s, 4.0)?;
     // The SMF, served over gRPC like in a deployment; we keep a handle for its estimate.
-    let smf_cfg = SmfConfig { time_scale: sc.time_scale, ..Default::default() };
+    let smf_cfg = SmfConfig {
+        time_scale: sc.time_scale,
+        cluster_token: Some(sc.cluster_token.clone()),
+        ..Default::default()
+    };
     let smf = Smf::new(smf_cfg, nodes.child_token()).map_err(anyhow::Error::msg)?;
     let smf_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let smf_addr = format!("http://{}", smf_listener.local_addr()?);
@@ -977,6 +993,7 @@ pub fn scenario_from_args(a: &Args) -> anyhow::Result<Scenario> {
         overlap_m: 100.0,
         handover_execution_s: 2.0,
         progress: true,
+        cluster_token: road_token(),
     })
 }
 

@@ -440,12 +440,17 @@ impl Node {
         })
         .await
         .map_err(|_| "stream closed".to_string())?;
-        let acks =
-            tokio::time::timeout_at(deadline.into(), client.transfer(ReceiverStream::new(rx)))
-                .await
-                .map_err(|_| "opening the transfer timed out".to_string())?
-                .map_err(|s| format!("target refused: {}: {}", s.code(), s.message()))?
-                .into_inner();
+        let acks = tokio::time::timeout_at(
+            deadline.into(),
+            client.transfer(wayside_proto::token::request(
+                self.cfg.cluster_token.as_ref(),
+                ReceiverStream::new(rx),
+            )),
+        )
+        .await
+        .map_err(|_| "opening the transfer timed out".to_string())?
+        .map_err(|s| format!("target refused: {}: {}", s.code(), s.message()))?
+        .into_inner();
         let mut link = Link { tx, acks, deadline, limit: "migration_timeout_ms" };
         match link.ack().await? {
             Ack::Ready(r) => sw.target_node = r.target_node,

@@ -22,7 +22,9 @@ use std::time::{Duration, Instant};
 use tokio::sync::{watch, Notify};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tonic::service::interceptor::InterceptedService;
 use tracing::{info, info_span, warn, Instrument as _};
+use wayside_proto::token::RequireToken;
 use wayside_proto::types::{
     BlockNo, BlockSize, Credential, CredentialHash, Endpoint, Epoch, Lsn, RequestId, VolumeName,
 };
@@ -68,6 +70,13 @@ pub async fn run_with_store(
     let span = info_span!("nms", node = %node.node_id);
     async move {
         info!(listen = %local, advertise = %advertise, "serving");
+        if config.cluster_token.is_none() {
+            warn!(
+                "no cluster_token: admin and migration calls are not authenticated (any client \
+                 of this port can move volumes or shut the node down); set one on every NMS, \
+                 the SMF and in operators' WAYSIDE_CLUSTER_TOKEN"
+            );
+        }
         let (reporter, health) = wayside_proto::server::health();
         for s in ["wayside.v1.Nms", "wayside.v1.NmsAdmin", "wayside.v1.Migration", ""] {
             reporter.set_service_status(s, tonic_health::ServingStatus::Serving).await;
@@ -85,18 +94,21 @@ pub async fn run_with_store(
                             .max_decoding_message_size(max)
                             .max_encoding_message_size(max),
                     )
-                    .add_service(
+                    // Operators, the SMF and other NMSs only: with the cluster token.
+                    .add_service(InterceptedService::new(
                         wayside_proto::pb::nms_admin_server::NmsAdminServer::from_arc(node.clone())
                             .max_decoding_message_size(max)
                             .max_encoding_message_size(max),
-                    )
-                    .add_service(
+                        RequireToken(node.cfg.cluster_token.clone()),
+                    ))
+                    .add_service(InterceptedService::new(
                         wayside_proto::pb::migration_server::MigrationServer::from_arc(
                             node.clone(),
                         )
                         .max_decoding_message_size(max)
                         .max_encoding_message_size(max),
-                    )
+                        RequireToken(node.cfg.cluster_token.clone()),
+                    ))
                     .prepare();
                 let settings = wayside_proto::h2serve::Http2Settings {
                     max_concurrent_streams: node.cfg.max_concurrent_streams,

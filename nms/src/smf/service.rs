@@ -42,6 +42,8 @@ pub struct SmfConfig {
     /// Vehicles tracked at once (RESOURCE_EXHAUSTED beyond).
     pub max_vehicles: usize,
     pub estimator: EstimatorConfig,
+    /// The NMSs' cluster token, presented on StartMigration (None: none presented).
+    pub cluster_token: Option<wayside_proto::token::ClusterToken>,
 }
 
 impl Default for SmfConfig {
@@ -55,6 +57,7 @@ impl Default for SmfConfig {
             migration_rpc_timeout_ms: 60_000,
             max_vehicles: 10_000,
             estimator: EstimatorConfig::default(),
+            cluster_token: None,
         }
     }
 }
@@ -381,7 +384,7 @@ impl Smf {
             ..Default::default()
         };
         tokio::select! {
-            r = client.start_migration(req) => r.map(|r| r.into_inner()).map_err(|s| format!("StartMigration: {}: {}", s.code(), s.message())),
+            r = client.start_migration(wayside_proto::token::request(self.cfg.cluster_token.as_ref(), req)) => r.map(|r| r.into_inner()).map_err(|s| format!("StartMigration: {}: {}", s.code(), s.message())),
             () = self.stop.cancelled() => Err("SMF stopping".into()),
         }
     }
