@@ -511,7 +511,14 @@ pub struct SmfArgs {
 
 /// Runs `nms smf` until Ctrl-C.
 pub async fn serve_cmd(a: SmfArgs) -> anyhow::Result<()> {
-    let cfg = SmfConfig { time_scale: a.time_scale, margin_s: a.margin_s, ..Default::default() };
+    let cfg = SmfConfig {
+        time_scale: a.time_scale,
+        margin_s: a.margin_s,
+        // Presented on StartMigration to NMSs that require it.
+        cluster_token: wayside_proto::token::ClusterToken::from_env()
+            .map_err(anyhow::Error::msg)?,
+        ..Default::default()
+    };
     let listener = tokio::net::TcpListener::bind(&a.listen)
         .await
         .map_err(|e| anyhow::anyhow!("binding {}: {e}", a.listen))?;
