@@ -54,6 +54,8 @@ pub struct Limits {
     /// Most blocks of one volume with a PSS read in flight tracked for [`Cache::fill`];
     /// past it the tracking restarts (fetches then in flight are not cached, only answered).
     pub max_tracked_fetches_per_volume: usize,
+    /// Most redirect markers (volumes moved away) kept; the oldest is dropped past it.
+    pub max_moved_markers: usize,
 }
 
 /// Names one PSS read of blocks that missed ([`Cache::begin_fetch`]); its answer is cached
@@ -319,6 +321,9 @@ pub struct Cache {
     evictions: u64,
     next_fetch: u64,
     next_batch: u64,
+    /// Redirect markers in the order they were made, with the volume id each was made
+    /// as (an entry whose volume has been replaced since is stale and skipped).
+    markers: VecDeque<(VolumeName, u32)>,
     /// Where written blocks' buffers come from (see [`crate::pool`]).
     pool: BlockPool,
 }
@@ -338,6 +343,7 @@ impl Cache {
             ids: HashMap::default(),
             next_id: 1,
             ring: VecDeque::new(),
+            markers: VecDeque::new(),
             used_bytes: 0,
             dirty_bytes: 0,
             evictions: 0,
@@ -463,7 +469,37 @@ impl Cache {
         let old = self.take_volume(name)?;
         let state = VolumeState::Moved { to, epoch };
         self.insert_volume(name.clone(), old.block_size, epoch, old.credential, Lsn(0), state);
+        if let Some(v) = self.volumes.get(name) {
+            self.markers.push_back((name.clone(), v.id));
+        }
+        self.drop_old_markers();
         Some(Retired(old))
+    }
+
+    /// Keeps at most `max_moved_markers` redirect markers, dropping the oldest. A vehicle
+    /// that attached here and still calls with a dropped marker's volume is told to attach
+    /// again (its session is this node's: the volume is not loaded anew behind its back,
+    /// see `Node::ensure`), and its attach finds the new owner in the PSS.
+    fn drop_old_markers(&mut self) {
+        let is_marker = |volumes: &HashMap<VolumeName, Volume>, (name, id): &(VolumeName, u32)| {
+            volumes
+                .get(name)
+                .is_some_and(|v| v.id == *id && matches!(v.state, VolumeState::Moved { .. }))
+        };
+        let limit = self.limits.max_moved_markers;
+        if self.markers.len() > 2 * limit + 64 {
+            let volumes = &self.volumes;
+            self.markers.retain(|m| is_marker(volumes, m));
+        }
+        let live = self.volumes.values().filter(|v| matches!(v.state, VolumeState::Moved { .. }));
+        let mut over = live.count().saturating_sub(limit);
+        while over > 0 {
+            let Some(m) = self.markers.pop_front() else { break };
+            if is_marker(&self.volumes, &m) {
+                self.remove_volume(&m.0);
+                over -= 1;
+            }
+        }
     }
 
     fn live_entries(&self) -> usize {
@@ -1111,6 +1147,7 @@ mod tests {
             max_batch_ops: 2,
             max_batch_bytes: 1 << 20,
             max_tracked_fetches_per_volume: 8,
+            max_moved_markers: 3,
         }
     }
 
@@ -1615,5 +1652,24 @@ mod tests {
             "{e:?}"
         );
         assert!(c.dirty_bytes() <= limits().dirty_limit_bytes_per_volume);
+    }
+
+    #[test]
+    fn redirect_markers_are_bounded_the_oldest_dropped_first() {
+        let mut c = Cache::new(limits()); // max_moved_markers: 3
+        let names: Vec<VolumeName> = (0..5).map(|i| vol(&mut c, &format!("v{i}"))).collect();
+        for (i, v) in names.iter().enumerate() {
+            c.mark_moved(v, format!("http://10.0.0.{i}:7100"), Epoch(2)).unwrap();
+        }
+        let kept: Vec<bool> = names.iter().map(|v| c.volume(v).is_some()).collect();
+        assert_eq!(kept, [false, false, true, true, true]);
+        // A marker replaced by a served volume is not counted, nor dropped for it.
+        let (bs, cred) = (BlockSize::new(4096).unwrap(), Credential::new("s").unwrap().hash());
+        c.insert_owned(names[2].clone(), bs, Epoch(3), cred, Lsn(0)).unwrap();
+        let again = vol(&mut c, "w");
+        c.mark_moved(&again, "http://10.0.0.9:7100".into(), Epoch(2)).unwrap();
+        assert_eq!(c.volume(&names[2]).unwrap().state, VolumeState::Active);
+        assert!(c.volume(&names[3]).is_some() && c.volume(&names[4]).is_some());
+        assert!(c.volume(&again).is_some());
     }
 }

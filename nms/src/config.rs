@@ -62,6 +62,9 @@ pub struct Config {
     pub max_tracked_fetches_per_volume: usize,
     /// Most volumes cached on this node.
     pub max_volumes: usize,
+    /// Most redirect markers (volumes that moved away, kept to point their vehicles at the
+    /// new NMS, ~200 bytes each); the oldest is dropped past it.
+    pub max_moved_markers: usize,
     /// Largest gRPC message accepted or sent, in bytes.
     pub max_message_size_bytes: usize,
     /// The shared secret admin calls (`nms migrate`, `status`, `shutdown`, the SMF) and
@@ -157,6 +160,7 @@ impl Default for Config {
             writeback_start_dirty_bytes: 64 << 20,
             max_tracked_fetches_per_volume: 65_536,
             max_volumes: 4096,
+            max_moved_markers: 65_536,
             max_message_size_bytes: 16 << 20,
             cluster_token: None,
             max_stream_inflight_ops: 256,
@@ -204,6 +208,7 @@ impl Config {
             ("migration_frame_bytes", self.migration_frame_bytes),
             ("max_batch_ops", self.max_batch_ops as u64),
             ("max_volumes", self.max_volumes as u64),
+            ("max_moved_markers", self.max_moved_markers as u64),
             ("max_tracked_fetches_per_volume", self.max_tracked_fetches_per_volume as u64),
             ("max_stream_inflight_ops", self.max_stream_inflight_ops as u64),
             ("max_stream_batch_ops", self.max_stream_batch_ops as u64),

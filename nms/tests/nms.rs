@@ -2493,3 +2493,37 @@ async fn admin_and_migration_calls_need_the_cluster_token() {
     stranger.stop().await;
     cluster.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_vehicle_whose_redirect_marker_was_dropped_attaches_again_and_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = LocalCluster::start(3, dir.path()).await.unwrap();
+    // Nothing written back during the test; A keeps one redirect marker.
+    let a = Nms::start("a", &cluster.endpoints(), |c| {
+        c.writeback_delay_ms = 600_000;
+        c.max_moved_markers = 1;
+    })
+    .await;
+    let b = Nms::start("b", &cluster.endpoints(), |c| c.writeback_delay_ms = 600_000).await;
+    let c1 = VolumeClient::open(opts(&[&a.ep], "v1", "k")).await.unwrap();
+    for blk in 0..8u64 {
+        c1.write(blk, 0, block_data(blk, 1)).await.unwrap();
+    }
+    let c2 = VolumeClient::open(opts(&[&a.ep], "v2", "k")).await.unwrap();
+    c2.write(0, 0, block_data(0, 1)).await.unwrap();
+    // Both move to B while c1 is idle; v2's marker pushes v1's out of A.
+    for v in ["v1", "v2"] {
+        let r = a.migrate(v, &b.ep, 2).await;
+        assert_eq!(r.outcome, pb::MigrationOutcome::Completed as i32, "{r:?}");
+    }
+    // c1 comes back to A, which no longer knows v1: rather than load v1 from the PSS
+    // (where none of c1's writes are yet) behind c1's back, A tells it to attach again;
+    // c1 attaches and replays its journal.
+    assert_eq!(c1.read(3, 0, None).await.unwrap(), Some(block_data(3, 1)));
+    c1.flush().await.unwrap();
+    let want: HashMap<u64, Vec<u8>> = (0..8).map(|b| (b, block_data(b, 1))).collect();
+    assert_persisted_and_read_back(&cluster, &c1, "v1", &want).await;
+    a.stop().await;
+    b.stop().await;
+    cluster.shutdown().await;
+}

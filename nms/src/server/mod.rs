@@ -164,11 +164,18 @@ pub async fn run_with_store(
 pub(crate) struct Presented {
     credential: Credential,
     hash: std::sync::OnceLock<CredentialHash>,
+    /// The session of this node the vehicle attached to (checked by `rpc::volume_auth`),
+    /// or 0: a caller that never attached.
+    session: u64,
 }
 
 impl Presented {
     pub(crate) fn new(credential: Credential) -> Self {
-        Self { credential, hash: std::sync::OnceLock::new() }
+        Self::attached(credential, 0)
+    }
+
+    pub(crate) fn attached(credential: Credential, session: u64) -> Self {
+        Self { credential, hash: std::sync::OnceLock::new(), session }
     }
 
     pub(crate) fn hash(&self) -> CredentialHash {
@@ -273,6 +280,7 @@ impl Node {
             max_batch_ops: cfg.max_batch_ops,
             max_batch_bytes: cfg.max_batch_bytes,
             max_tracked_fetches_per_volume: cfg.max_tracked_fetches_per_volume,
+            max_moved_markers: cfg.max_moved_markers,
         };
         let pool = BlockPool::new(cfg.block_pool_bytes.min(cfg.cache_capacity_bytes));
         // Faulted in off the serving threads; blocks use the heap until slots are ready.
@@ -344,9 +352,20 @@ impl Node {
 
     /// Checks the credential and that the volume is served here, loading it from the PSS
     /// (and taking ownership) when it is not cached yet.
+    /// A vehicle that attached here (its session) and finds the volume gone (its marker
+    /// dropped, `max_moved_markers`) is told to attach again rather than the volume being
+    /// loaded behind its back: its attach replays what it wrote, and finds the new owner.
     pub(crate) async fn ensure(&self, v: &VolumeName, cred: &Presented) -> Result<(), NmsError> {
         if self.check_local(v, cred)? {
             return Ok(());
+        }
+        if cred.session != 0 {
+            return Err(NmsError::NotOwner {
+                volume: v.to_string(),
+                why: "it is no longer served here: attach again".into(),
+                owner_address: String::new(),
+                epoch: Epoch(0),
+            });
         }
         self.load(v, cred, None, false).await
     }

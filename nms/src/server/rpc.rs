@@ -47,7 +47,7 @@ fn volume_auth(node: &Node, auth: Option<pb::VolumeAuth>) -> Result<Auth, Status
         }
         .into());
     }
-    Ok((v, Presented::new(c)))
+    Ok((v, Presented::attached(c, session)))
 }
 
 fn info_of(node: &Node, v: &VolumeName) -> Option<pb::VolumeInfo> {
