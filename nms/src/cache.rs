@@ -940,6 +940,19 @@ impl Cache {
         }
     }
 
+    /// Pauses a served volume for a move's switch; anything else (a redirect marker left
+    /// by a fence during the move, a volume gone) is refused as it is, unchanged: pausing a
+    /// marker would stop its redirects, and a failed switch would then make it Active.
+    pub fn pause(&mut self, name: &VolumeName) -> Result<(), Option<VolumeState>> {
+        match self.volumes.get_mut(name) {
+            Some(v) if v.state == VolumeState::Active => {
+                v.state = VolumeState::Paused;
+                Ok(())
+            }
+            other => Err(other.map(|v| v.state.clone())),
+        }
+    }
+
     // ---- migration, target side ----
 
     /// The volume `name` arriving by migration `migration_id`, or why not.
@@ -1671,5 +1684,20 @@ mod tests {
         assert_eq!(c.volume(&names[2]).unwrap().state, VolumeState::Active);
         assert!(c.volume(&names[3]).is_some() && c.volume(&names[4]).is_some());
         assert!(c.volume(&again).is_some());
+    }
+
+    #[test]
+    fn only_a_served_volume_pauses_for_a_switch() {
+        let mut c = Cache::new(limits());
+        let v = vol(&mut c, "v");
+        c.pause(&v).unwrap();
+        assert_eq!(c.volume(&v).unwrap().state, VolumeState::Paused);
+        c.set_state(&v, VolumeState::Active);
+        // Fenced during the move: the marker keeps redirecting.
+        c.mark_moved(&v, "http://10.0.0.2:7100".into(), Epoch(3)).unwrap();
+        let moved = VolumeState::Moved { to: "http://10.0.0.2:7100".into(), epoch: Epoch(3) };
+        assert_eq!(c.pause(&v), Err(Some(moved.clone())));
+        assert_eq!(c.volume(&v).unwrap().state, moved);
+        assert_eq!(c.pause(&VolumeName::new("gone").unwrap()), Err(None));
     }
 }

@@ -572,7 +572,7 @@ impl Node {
         tracing::debug!(volume = %v, "switch: pausing");
         let (rest, switch) = {
             let mut core = self.core();
-            core.set_state(v, VolumeState::Paused);
+            core.pause(v).map_err(|s| format!("not switching: the volume is {s:?} here"))?;
             let rest = core.snapshot_changed(v);
             let x = core.volume(v).ok_or("volume vanished")?;
             let applied = applied_to_pb(&x.applied_since(mark).0);
