@@ -454,6 +454,9 @@ struct Ops {
     /// The credential of the stream (its first message's, or the latest one given).
     auth: Option<Arc<Auth>>,
     inflight: Inflight,
+    /// Operations in the units of `inflight` (a cold batch is one unit of many): what
+    /// `max_stream_inflight_ops` bounds.
+    inflight_ops: usize,
     /// The order of the units in `inflight` (see [`BlockOrder`]).
     order: BlockOrder,
 }
@@ -581,6 +584,7 @@ impl Ops {
             blocks.dedup();
             let barrier = ops.iter().any(|m| is_flush(m.op.as_ref()));
             let (before, done) = self.order.order(&blocks, barrier);
+            self.inflight_ops += ops.len();
             self.inflight.push(
                 async move {
                     let cold = if before.is_empty() {
@@ -629,6 +633,7 @@ impl Ops {
                 None => self.order.order(&[], is_flush(m.op.as_ref())),
             };
             let (node, a) = (node.clone(), a.clone());
+            self.inflight_ops += 1;
             self.inflight.push(
                 async move {
                     if !before.is_empty() {
@@ -717,7 +722,7 @@ impl Ops {
                 failed = Some(s);
                 break;
             }
-            if self.inflight.len() + ready.len() + pending.ops.len() >= limit {
+            if self.inflight_ops + ready.len() + pending.ops.len() >= limit {
                 break;
             }
         }
@@ -751,6 +756,7 @@ impl Node {
             node: self.self_arc(),
             auth: None,
             inflight: Inflight::new(),
+            inflight_ops: 0,
             order: BlockOrder::new(self.cfg.max_stream_inflight_ops),
         };
         let limit = self.cfg.max_stream_inflight_ops;
@@ -786,15 +792,17 @@ impl Node {
                     tokio::select! {
                         _ = &mut cancelled => return,
                         Some(replies) = ops.inflight.next(), if !ops.inflight.is_empty() => {
+                            ops.inflight_ops -= replies.len();
                             ready.extend(replies);
                             // Everything else already finished goes in the same message.
                             // (Polling with a no-op waker here loses no wakeup: the next
                             // `select!` polls `inflight` again with this task's waker.)
                             while let Some(Some(replies)) = ops.inflight.next().now_or_never() {
+                                ops.inflight_ops -= replies.len();
                                 ready.extend(replies);
                             }
                         }
-                        msg = inbound.next(), if open && ops.inflight.len() < limit => {
+                        msg = inbound.next(), if open && ops.inflight_ops < limit => {
                             // This message, then every one already received, taken as
                             // one run: their replies leave as one item, not one each.
                             match ops.take_received(&mut inbound, Some(msg), limit, &mut ready) {
