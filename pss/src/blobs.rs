@@ -624,9 +624,17 @@ impl Blobs {
                 .name("pss-blob-sync".into())
                 .spawn(move || match sealed.sync_data() {
                     Ok(()) => {
-                        synced.fetch_max(seg + 1, Ordering::AcqRel);
+                        if !mark_synced(&synced, seg) {
+                            tracing::warn!(
+                                path = %path.display(),
+                                synced_below = synced.load(Ordering::Acquire),
+                                "a sealed blob segment is synced but an earlier one is not: \
+                                 both stay checked on open"
+                            );
+                        }
                     }
-                    // Not fatal: the segment stays "unsynced" and is checked on open.
+                    // Not fatal: the segment stays "unsynced" (and so does every later one,
+                    // see `mark_synced`) and is checked on open.
                     Err(e) => tracing::warn!(path = %path.display(), error = %e, "fsync of a sealed blob segment failed"),
                 })
                 .map_err(self.io(seg))?,
@@ -790,8 +798,26 @@ impl Drop for Blobs {
     }
 }
 
+/// Records that sealed segment `seg` is synced: `synced_below` moves past it only if every
+/// earlier segment is synced too. A segment whose fsync failed is never counted as synced
+/// by a later one's success (after a failed fsync Linux may have dropped its dirty pages),
+/// so it and every later segment stay checked against their sealed lengths on open.
+fn mark_synced(synced_below: &AtomicU32, seg: u32) -> bool {
+    synced_below.compare_exchange(seg, seg + 1, Ordering::AcqRel, Ordering::Acquire).is_ok()
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_segment_whose_fsync_failed_is_not_counted_synced_by_a_later_one() {
+        let synced = super::AtomicU32::new(3);
+        // Segment 3's fsync failed (nothing recorded); segment 4's succeeds.
+        assert!(!super::mark_synced(&synced, 4));
+        assert_eq!(synced.load(super::Ordering::Acquire), 3, "3 and 4 stay checked on open");
+        assert!(super::mark_synced(&synced, 3));
+        assert_eq!(synced.load(super::Ordering::Acquire), 4);
+    }
+
     use super::*;
 
     #[test]
