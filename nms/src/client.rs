@@ -512,33 +512,7 @@ impl VolumeClient {
             .collect();
         self.call(deadline, |mut c, auth| {
             let batch = pb::StreamBatch { auth, ops: ops.clone() };
-            async move {
-                let n = batch.ops.len();
-                let mut replies =
-                    c.stream_batches(futures::stream::iter([batch])).await?.into_inner();
-                let mut out: Vec<Option<pb::stream_reply::Result>> = vec![None; n];
-                let mut got = 0;
-                while got < n {
-                    let m = replies
-                        .message()
-                        .await?
-                        .ok_or_else(|| Status::unavailable("the batch stream ended early"))?;
-                    for r in m.results {
-                        let slot = usize::try_from(r.tag).ok().and_then(|i| out.get_mut(i));
-                        match (r.result, slot) {
-                            (Some(pb::stream_reply::Result::Error(e)), _) => {
-                                return Err(wayside_proto::error::status_of_stream_error(e));
-                            }
-                            (Some(x), Some(slot @ None)) => {
-                                *slot = Some(x);
-                                got += 1;
-                            }
-                            _ => return Err(Status::internal("a batch result with a bad tag")),
-                        }
-                    }
-                }
-                Ok(out.into_iter().flatten().collect())
-            }
+            async move { send_batch(&mut c, batch).await }
         })
         .await
     }
@@ -642,7 +616,7 @@ impl VolumeClient {
         let conn = self.connection(deadline).await?;
         if self.has_stale(conn.generation) {
             let mut client = conn.client.clone();
-            if self.replay(&mut client, conn.generation, conn.session, deadline).await.is_err() {
+            if self.replay(&mut client, conn.generation, conn.session).await.is_err() {
                 self.invalidate(conn.generation, None);
             }
         }
@@ -735,7 +709,11 @@ impl VolumeClient {
                     text
                 }
                 Err(_) => {
-                    self.invalidate(conn.generation, None);
+                    // Only a full `rpc_timeout` says the NMS is gone: a call that ran out of
+                    // its own time (less left) does not drop a connection others use.
+                    if attempt >= o.rpc_timeout {
+                        self.invalidate(conn.generation, None);
+                    }
                     format!("no reply within {attempt:?} (rpc_timeout {:?})", o.rpc_timeout)
                 }
             };
@@ -814,10 +792,10 @@ impl VolumeClient {
         }
     }
 
-    /// Connects to `ep`, attaches (or creates the volume) and replays the journal there,
-    /// each call within `rpc_timeout` and all before `deadline`: an NMS that accepts
-    /// connections and never answers holds the client up no longer than that, and the
-    /// next one is tried.
+    /// Connects to `ep`, attaches (or creates the volume) within `rpc_timeout` (and before
+    /// `deadline`) and replays the journal there (each batch within `rpc_timeout`): an NMS
+    /// that accepts connections and never answers holds the client up no longer than that,
+    /// and the next one is tried.
     async fn attach(&self, ep: &Endpoint, deadline: Instant) -> Result<Conn, Next> {
         let o = &self.inner.opts;
         let endpoint = tonic::transport::Endpoint::from_shared(ep.uri().to_owned())
@@ -870,7 +848,7 @@ impl VolumeClient {
             *self.inner.block_size.lock().expect("poisoned") = bs;
         }
         let generation = self.inner.generation.fetch_add(1, Ordering::Relaxed) + 1;
-        self.replay(&mut client, generation, info.nms_session, deadline).await?;
+        self.replay(&mut client, generation, info.nms_session).await?;
         let conn = Conn { endpoint: ep.clone(), client, generation, session: info.nms_session };
         *self.inner.conn.lock().expect("poisoned") = Some(conn.clone());
         *self.inner.preferred.lock().expect("poisoned") = ep.clone();
@@ -879,14 +857,17 @@ impl VolumeClient {
     }
 
     /// Sends every accepted journal entry not yet from `generation`, in order, with its
-    /// original request id, each within `rpc_timeout` and all before `deadline`; the
-    /// replies' lsns belong to `generation`.
+    /// original request id; the replies' lsns belong to `generation`. The oldest goes alone
+    /// (see below), the rest in `StreamBatches` messages of up to `max_batch_ops` (taken in
+    /// order, a block's operations never overtaking each other), each within `rpc_timeout`:
+    /// a 64 MiB journal of 4 KiB writes is 64 round trips, not 16k. Not bounded by the
+    /// caller's `op_timeout`: a replay cut short would start over at the next attach and
+    /// might never finish; one that makes progress is let finish.
     async fn replay(
         &self,
         client: &mut NmsClient<Channel>,
         generation: u64,
         session: u64,
-        deadline: Instant,
     ) -> Result<(), Next> {
         let todo: Vec<(u64, JOp, Option<Lsn>, u64)> = {
             let mut j = self.inner.journal.lock().expect("poisoned");
@@ -899,77 +880,141 @@ impl VolumeClient {
                 .map(|(s, e)| (*s, e.op.clone(), e.lsn, e.generation))
                 .collect()
         };
-        if todo.is_empty() {
-            return Ok(());
-        }
+        let Some((first, rest)) = todo.split_first() else { return Ok(()) };
+        let rpc_timeout = self.inner.opts.rpc_timeout;
+        let request_id =
+            |seq: u64| Some(pb::RequestId { client_id: self.inner.opts.client_id.clone(), seq });
+        let record = |seq: u64, lsn: u64| {
+            if let Some(e) = self.inner.journal.lock().expect("poisoned").entries.get_mut(&seq) {
+                e.lsn = Some(Lsn(lsn));
+                e.generation = generation;
+            }
+        };
         // All from one connection: if the oldest comes back a duplicate with its own lsn,
         // this NMS continues that lineage (the same NMS, or a migration target that got
         // the source's whole state and applied ids), so it has every later one too and
         // the rest need not be sent. Otherwise it was just applied, in order, and the
         // rest follow in order.
-        let one_lineage = todo.iter().all(|t| t.3 == todo[0].3);
-        let (mut applied, mut dup) = (0u64, 0u64);
-        let rpc_timeout = self.inner.opts.rpc_timeout;
-        for (i, (seq, op, old_lsn, _)) in todo.iter().cloned().enumerate() {
-            let rid = Some(pb::RequestId { client_id: self.inner.opts.client_id.clone(), seq });
-            let attempt = rpc_timeout.min(deadline.saturating_duration_since(Instant::now()));
-            let sent = tokio::time::timeout(attempt, async {
-                match op {
-                    JOp::Write { block, offset, data } => {
-                        client
-                            .write(pb::WriteRequest {
-                                auth: self.auth(session),
-                                op: Some(pb::WriteOp { block, offset, data, request_id: rid }),
-                            })
-                            .await
-                    }
-                    JOp::Delete { block } => {
-                        client
-                            .delete(pb::DeleteRequest {
-                                auth: self.auth(session),
-                                op: Some(pb::DeleteOp { block, request_id: rid }),
-                            })
-                            .await
-                    }
+        let one_lineage = todo.iter().all(|t| t.3 == first.3);
+        let (seq, op, old_lsn, _) = first.clone();
+        let sent = tokio::time::timeout(rpc_timeout, async {
+            match op {
+                JOp::Write { block, offset, data } => {
+                    let op = pb::WriteOp { block, offset, data, request_id: request_id(seq) };
+                    let req = pb::WriteRequest { auth: self.auth(session), op: Some(op) };
+                    client.write(req).await
                 }
-            })
-            .await;
-            let Ok(r) = sent else {
-                warn!(?attempt, "journal replay interrupted: no reply in time");
+                JOp::Delete { block } => {
+                    let op = pb::DeleteOp { block, request_id: request_id(seq) };
+                    client
+                        .delete(pb::DeleteRequest { auth: self.auth(session), op: Some(op) })
+                        .await
+                }
+            }
+        })
+        .await;
+        let r = match sent {
+            Ok(Ok(r)) => r.into_inner(),
+            Ok(Err(s)) => {
+                warn!(error = %s.message(), "journal replay interrupted");
+                return Err(classify(s).0);
+            }
+            Err(_) => {
+                warn!(?rpc_timeout, "journal replay interrupted: no reply in time");
                 return Err(Next::Reconnect);
-            };
-            match r {
-                Ok(r) => {
-                    let r = r.into_inner();
-                    if i == 0 && one_lineage && r.duplicate && old_lsn == Some(Lsn(r.lsn)) {
-                        let mut j = self.inner.journal.lock().expect("poisoned");
-                        for (seq, ..) in &todo {
-                            if let Some(e) = j.entries.get_mut(seq) {
-                                e.generation = generation;
-                            }
-                        }
-                        debug!(entries = todo.len(), "journal already held by this NMS");
-                        return Ok(());
-                    }
-                    if r.duplicate {
-                        dup += 1;
-                    } else {
-                        applied += 1;
-                    }
-                    if let Some(e) =
-                        self.inner.journal.lock().expect("poisoned").entries.get_mut(&seq)
-                    {
-                        e.lsn = Some(Lsn(r.lsn));
-                        e.generation = generation;
-                    }
+            }
+        };
+        if one_lineage && r.duplicate && old_lsn == Some(Lsn(r.lsn)) {
+            let mut j = self.inner.journal.lock().expect("poisoned");
+            for (seq, ..) in &todo {
+                if let Some(e) = j.entries.get_mut(seq) {
+                    e.generation = generation;
                 }
-                Err(s) => {
+            }
+            debug!(entries = todo.len(), "journal already held by this NMS");
+            return Ok(());
+        }
+        let (mut applied, mut dup) = (u64::from(!r.duplicate), u64::from(r.duplicate));
+        record(seq, r.lsn);
+        for chunk in rest.chunks(self.inner.opts.max_batch_ops.max(1)) {
+            let ops = chunk
+                .iter()
+                .enumerate()
+                .map(|(i, (seq, op, ..))| {
+                    let op = match op.clone() {
+                        JOp::Write { block, offset, data } => {
+                            pb::stream_request::Op::Write(pb::WriteOp {
+                                block,
+                                offset,
+                                data,
+                                request_id: request_id(*seq),
+                            })
+                        }
+                        JOp::Delete { block } => pb::stream_request::Op::Delete(pb::DeleteOp {
+                            block,
+                            request_id: request_id(*seq),
+                        }),
+                    };
+                    pb::StreamRequest { auth: None, tag: i as u64, op: Some(op) }
+                })
+                .collect();
+            let batch = pb::StreamBatch { auth: self.auth(session), ops };
+            let results = match tokio::time::timeout(rpc_timeout, send_batch(client, batch)).await {
+                Ok(Ok(r)) => r,
+                Ok(Err(s)) => {
                     warn!(error = %s.message(), "journal replay interrupted");
                     return Err(classify(s).0);
                 }
+                Err(_) => {
+                    warn!(?rpc_timeout, "journal replay interrupted: no reply in time");
+                    return Err(Next::Reconnect);
+                }
+            };
+            for ((seq, ..), r) in chunk.iter().zip(results) {
+                let pb::stream_reply::Result::Write(w) = r else {
+                    return Err(Next::Reconnect);
+                };
+                if w.duplicate {
+                    dup += 1;
+                } else {
+                    applied += 1;
+                }
+                record(*seq, w.lsn);
             }
         }
         info!(applied, duplicates = dup, "journal replayed");
         Ok(())
     }
+}
+
+/// Sends `batch` as one `StreamBatches` message and returns its results in the order of its
+/// operations (tagged by index); an operation's error fails the whole call as that error.
+async fn send_batch(
+    c: &mut NmsClient<Channel>,
+    batch: pb::StreamBatch,
+) -> Result<Vec<pb::stream_reply::Result>, Status> {
+    let n = batch.ops.len();
+    let mut replies = c.stream_batches(futures::stream::iter([batch])).await?.into_inner();
+    let mut out: Vec<Option<pb::stream_reply::Result>> = vec![None; n];
+    let mut got = 0;
+    while got < n {
+        let m = replies
+            .message()
+            .await?
+            .ok_or_else(|| Status::unavailable("the batch stream ended early"))?;
+        for r in m.results {
+            let slot = usize::try_from(r.tag).ok().and_then(|i| out.get_mut(i));
+            match (r.result, slot) {
+                (Some(pb::stream_reply::Result::Error(e)), _) => {
+                    return Err(wayside_proto::error::status_of_stream_error(e));
+                }
+                (Some(x), Some(slot @ None)) => {
+                    *slot = Some(x);
+                    got += 1;
+                }
+                _ => return Err(Status::internal("a batch result with a bad tag")),
+            }
+        }
+    }
+    Ok(out.into_iter().flatten().collect())
 }

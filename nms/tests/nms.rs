@@ -2527,3 +2527,41 @@ async fn a_vehicle_whose_redirect_marker_was_dropped_attaches_again_and_loses_no
     b.stop().await;
     cluster.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_journal_larger_than_one_call_can_replay_gets_through() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = LocalCluster::start(3, dir.path()).await.unwrap();
+    let (mut child, a_ep) = spawn_nms_process(dir.path(), &cluster, "127.0.0.1:0").await;
+    let mut o = opts(&[&a_ep], "big-journal", "k");
+    // Far less than replaying 3000 writes one call each takes.
+    o.op_timeout = Duration::from_millis(300);
+    let c = VolumeClient::open(o).await.unwrap();
+    const N: u64 = 3000;
+    for chunk in (0..N).collect::<Vec<_>>().chunks(250) {
+        c.write_many(chunk.iter().map(|&b| (b, 0, block_data(b, 1))).collect()).await.unwrap();
+    }
+    assert!(c.journal_bytes() >= N * BS as u64, "accepted, not persisted");
+    child.start_kill().unwrap(); // SIGKILL
+    child.wait().await.unwrap();
+    let (_child, _) = spawn_nms_process(dir.path(), &cluster, a_ep.authority()).await;
+    // The replay (in batches, not cut at the caller's op_timeout) gets through; a call that
+    // waited for it may run out of its own time, a later one succeeds.
+    let mut attempts = 0;
+    while let Err(e) = c.write(N, 0, block_data(N, 1)).await {
+        attempts += 1;
+        assert!(attempts < 20, "the journal never got through: {e}");
+    }
+    println!("written after {attempts} failed attempts");
+    let mut attempts = 0;
+    while let Err(e) = c.flush().await {
+        attempts += 1;
+        assert!(attempts < 100, "never flushed: {e}");
+    }
+    let blocks: Vec<u64> = (0..=N).collect();
+    let stored = pss_blocks(&cluster, "big-journal", &blocks).await;
+    for b in blocks {
+        assert_eq!(stored.get(&b), Some(&block_data(b, 1)), "block {b} in the PSS");
+    }
+    cluster.shutdown().await;
+}
