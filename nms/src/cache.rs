@@ -480,9 +480,8 @@ impl Cache {
     /// marker is in `markers` (with entries of markers replaced since), so keeping that to
     /// the limit bounds them, in O(1) per move under the cache lock (no scan of the
     /// volumes in a switch). A vehicle that attached here and still calls with a dropped
-    /// marker's volume is told to attach again (its session is this node's: the volume is
-    /// not loaded anew behind its back, see `Node::ensure`); its attach takes the volume
-    /// back here and replays its journal (no write is lost; the owner it left is fenced).
+    /// marker's volume is told to attach again at the owner the PSS names (its session is
+    /// this node's: the volume is not loaded anew behind its back, see `Node::ensure`).
     fn drop_old_markers(&mut self) {
         while self.markers.len() > self.limits.max_moved_markers {
             let Some((name, id)) = self.markers.pop_front() else { break };

@@ -2517,9 +2517,12 @@ async fn a_vehicle_whose_redirect_marker_was_dropped_attaches_again_and_loses_no
         assert_eq!(r.outcome, pb::MigrationOutcome::Completed as i32, "{r:?}");
     }
     // c1 comes back to A, which no longer knows v1: rather than load v1 from the PSS
-    // (where none of c1's writes are yet) behind c1's back, A tells it to attach again;
-    // c1 attaches and replays its journal.
+    // (where none of c1's writes are yet) behind c1's back, A points it at the owner the
+    // PSS names; c1 attaches there (its replay answered as duplicates: B continues A's
+    // lineage) and B is not fenced.
     assert_eq!(c1.read(3, 0, None).await.unwrap(), Some(block_data(3, 1)));
+    assert_eq!(c1.current_nms(), b.ep);
+    assert_eq!(b.status().await.volumes, 2, "B still serves both volumes");
     c1.flush().await.unwrap();
     let want: HashMap<u64, Vec<u8>> = (0..8).map(|b| (b, block_data(b, 1))).collect();
     assert_persisted_and_read_back(&cluster, &c1, "v1", &want).await;

@@ -360,11 +360,21 @@ impl Node {
             return Ok(());
         }
         if cred.session != 0 {
+            // Point the vehicle at the owner the PSS names (it continues the lineage the
+            // vehicle knows, so its replay is answered as duplicates), else at nobody: it
+            // attaches again, here or elsewhere, and replays its journal.
+            let owner = match self.store.get_volume(v.clone()).await {
+                Ok(m) if cred.matches(&m.credential) && m.owner_node != self.node_id => {
+                    Some((m.owner_address, m.epoch))
+                }
+                _ => None,
+            };
+            let (owner_address, epoch) = owner.unwrap_or_default();
             return Err(NmsError::NotOwner {
                 volume: v.to_string(),
                 why: "it is no longer served here: attach again".into(),
-                owner_address: String::new(),
-                epoch: Epoch(0),
+                owner_address,
+                epoch,
             });
         }
         self.load(v, cred, None, false).await
