@@ -1110,6 +1110,17 @@ async fn bad_input_gets_the_right_status_and_changes_nothing() {
     assert!(e.message().contains("epoch 1"), "the message names the PSS's epoch: {e:?}");
     let e = first_error(&mut mig, vec![begin("other"), oversized]).await;
     assert_eq!(e.code(), tonic::Code::InvalidArgument, "oversized migrated block: {e:?}");
+    let forget_with_data = Frame::Blocks(pb::MigrationBlocks {
+        round: 1,
+        blocks: vec![pb::MigratedBlock {
+            block: 1,
+            data: vec![7; 16].into(),
+            forget: true,
+            ..Default::default()
+        }],
+    });
+    let e = first_error(&mut mig, vec![begin("other"), forget_with_data]).await;
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "a forget carrying data: {e:?}");
     let uneven = Frame::RequestIds(pb::RequestIds {
         round: 1,
         runs: vec![pb::AppliedRun {
@@ -2566,5 +2577,48 @@ async fn a_journal_larger_than_one_call_can_replay_gets_through() {
     for b in blocks {
         assert_eq!(stored.get(&b), Some(&block_data(b, 1)), "block {b} in the PSS");
     }
+    cluster.shutdown().await;
+}
+
+/// A move out of an NMS whose cache holds a fraction of the volume (48 of 200 blocks)
+/// while the vehicle keeps writing and write-back runs at once, so blocks are evicted
+/// around the rounds: every acknowledged write reads back from B and is in the PSS. (A
+/// block written, written back and evicted between two rounds, which the next round tells
+/// the target to forget, is rare here: rounds take milliseconds; the cache test
+/// `a_block_written_again_written_back_and_evicted_mid_move_is_forgotten_by_the_target`
+/// covers it.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_move_under_memory_pressure_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = LocalCluster::start(3, dir.path()).await.unwrap();
+    let entry = BS as u64 + ENTRY_OVERHEAD_BYTES;
+    let a = Nms::start("a", &cluster.endpoints(), |c| {
+        c.cache_capacity_bytes = 48 * entry;
+        c.dirty_limit_bytes = 24 * entry;
+        c.dirty_limit_bytes_per_volume = 24 * entry;
+        c.writeback_delay_ms = 0;
+        c.migration_frame_bytes = 16 << 10;
+    })
+    .await;
+    let b = Nms::start("b", &cluster.endpoints(), |_| {}).await;
+    let c = VolumeClient::open(opts(&[&a.ep], "tight", "k")).await.unwrap();
+    let writer = Writer::spawn(c.clone(), 200, block_data);
+    while c.stat().await.unwrap().persisted_lsn < 400 {
+        tokio::task::yield_now().await;
+    }
+    let report = a.migrate("tight", &b.ep, 8).await;
+    assert_eq!(report.outcome, pb::MigrationOutcome::Completed as i32, "{report:?}");
+    let after = c.stat().await.unwrap().accepted_lsn;
+    while c.stat().await.unwrap().accepted_lsn < after + 200 {
+        tokio::task::yield_now().await;
+    }
+    let Written { acked, writes, .. } = writer.stop().await;
+    assert_eq!(c.current_nms(), b.ep);
+    c.flush().await.unwrap();
+    let want: HashMap<u64, Vec<u8>> = acked.iter().map(|(b, n)| (*b, block_data(*b, *n))).collect();
+    println!("{writes} writes over {} blocks; {} rounds", want.len(), report.rounds.len());
+    assert_persisted_and_read_back(&cluster, &c, "tight", &want).await;
+    a.stop().await;
+    b.stop().await;
     cluster.shutdown().await;
 }

@@ -121,15 +121,19 @@ fn admin_and_migration_messages_round_trip() {
         }),
         pb::migration_frame::Frame::Blocks(pb::MigrationBlocks {
             round: 1,
-            blocks: vec![pb::MigratedBlock {
-                block: 3,
-                data: vec![1; 10].into(),
-                version: 2,
-                dirty: true,
-                deleted: false,
-                lsn: 8,
-                heat: 5,
-            }],
+            blocks: vec![
+                pb::MigratedBlock {
+                    block: 3,
+                    data: vec![1; 10].into(),
+                    version: 2,
+                    dirty: true,
+                    deleted: false,
+                    lsn: 8,
+                    heat: 5,
+                    forget: false,
+                },
+                pb::MigratedBlock { block: 4, forget: true, ..Default::default() },
+            ],
         }),
         pb::migration_frame::Frame::RequestIds(pb::RequestIds {
             round: 1,

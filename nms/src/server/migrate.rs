@@ -180,12 +180,13 @@ async fn next_frame(
 fn to_pb(b: MigBlock) -> pb::MigratedBlock {
     pb::MigratedBlock {
         block: b.block,
-        deleted: b.data.is_none(),
+        deleted: b.data.is_none() && !b.forget,
         data: b.data.unwrap_or_default(),
         version: b.version,
         dirty: b.dirty,
         lsn: b.lsn.0,
         heat: b.heat,
+        forget: b.forget,
     }
 }
 
@@ -924,6 +925,17 @@ impl Node {
                 Some(Frame::Blocks(bl)) => {
                     let mut blocks = Vec::with_capacity(bl.blocks.len());
                     for m in bl.blocks {
+                        if m.forget {
+                            if m.dirty || m.deleted || !m.data.is_empty() {
+                                return Err(Status::invalid_argument(format!(
+                                    "block {}: a forget carries no data, dirty or deleted flag",
+                                    m.block
+                                )));
+                            }
+                            round_blocks += 1;
+                            blocks.push(MigBlock::forget(m.block));
+                            continue;
+                        }
                         let len = m.data.len() as u64;
                         if len > u64::from(bs.bytes()) || (m.deleted && len != 0) {
                             return Err(Status::invalid_argument(format!(
@@ -944,6 +956,7 @@ impl Node {
                             dirty: m.dirty,
                             lsn: Lsn(m.lsn),
                             heat: m.heat,
+                            forget: false,
                         });
                     }
                     self.core().put_migrated(&v, mid, blocks).map_err(refused)?;
