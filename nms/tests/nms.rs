@@ -748,6 +748,11 @@ async fn the_target_dies_mid_move_and_the_source_keeps_serving() {
         if matches!(die, DieAt::AfterClaim | DieAt::OnSwitchOver) {
             expected += 2;
         }
+        // A Claim that never landed (the target died on it): A raises the epoch itself, so
+        // a late one (an acquire still waiting in the PSS) fails instead of fencing A.
+        if die == DieAt::OnClaim {
+            expected += 1;
+        }
         // An old target got no Claim: the interrupted switch is settled from A's epoch
         // (one re-acquire), as before Claim.
         if die == DieAt::OldOnSwitchOver {
@@ -756,6 +761,19 @@ async fn the_target_dies_mid_move_and_the_source_keeps_serving() {
         }
         let meta = pss.get_volume(&volume).await.unwrap();
         assert_eq!((meta.epoch, meta.owner_address.as_str()), (expected, a.ep.uri()), "{die:?}");
+        if die == DieAt::OnClaim {
+            let late = pss
+                .acquire_volume(pb::AcquireVolumeRequest {
+                    volume: "abort".into(),
+                    owner_node: "dying-target".into(),
+                    owner_address: "http://127.0.0.1:9".into(),
+                    expected_epoch: expected - 1,
+                    create: None,
+                    request_id: None,
+                })
+                .await;
+            assert!(late.is_err(), "the target's late claim fails: {late:?}");
+        }
         // A keeps serving: reads, writes and flushes work and nothing is lost.
         c.write(100, 0, block_data(100, 5)).await.unwrap();
         for blk in 0..64 {

@@ -737,7 +737,25 @@ impl Node {
         let mut last;
         loop {
             match self.store.get_volume(v.clone()).await {
-                Ok(meta) if meta.epoch == ours => return Ok(()),
+                // The target's Claim has not landed (yet: its acquire may be waiting out a
+                // PSS election). Raise the epoch ourselves, so a late one fails instead of
+                // fencing us after we report the volume kept.
+                Ok(meta) if meta.epoch == ours => {
+                    match self.store.acquire(self.acquire_request(v, Some(ours), None)).await {
+                        Ok(m) => {
+                            if let Some(x) = self.core().volume_mut(v) {
+                                x.epoch = m.epoch;
+                            }
+                            info!(volume = %v, epoch = m.epoch.0, "kept the volume; a late claim by the aborted move's target will fail");
+                            return Ok(());
+                        }
+                        // The claim landed meanwhile: look again.
+                        Err(StoreError::StaleEpoch { .. }) => {
+                            last = "the epoch moved on meanwhile".to_string()
+                        }
+                        Err(e) => last = e.to_string(),
+                    }
+                }
                 Ok(meta) => {
                     let accepted = self.core().volume(v).map_or(Lsn(0), |x| x.accepted);
                     let by_target = !sw.target_node.is_empty()
