@@ -102,15 +102,21 @@ pub struct RequireToken(pub Option<ClusterToken>);
 
 impl tonic::service::Interceptor for RequireToken {
     fn call(&mut self, req: Request<()>) -> Result<Request<()>, Status> {
-        let Some(token) = &self.0 else { return Ok(req) };
-        match req.metadata().get(CLUSTER_TOKEN_KEY) {
-            Some(v) if token.matches(v.as_bytes()) => Ok(req),
-            Some(_) => Err(Status::unauthenticated(format!("wrong {CLUSTER_TOKEN_KEY}"))),
-            None => Err(Status::unauthenticated(format!(
-                "this call needs the cluster token in {CLUSTER_TOKEN_KEY} (callers read it \
-                 from {CLUSTER_TOKEN_ENV})"
-            ))),
-        }
+        check(self.0.as_ref(), &req).map(|()| req)
+    }
+}
+
+/// Whether `req` carries `token` (always, when there is none): for a service that guards
+/// only some of its calls. A missing or wrong token is UNAUTHENTICATED.
+pub fn check<T>(token: Option<&ClusterToken>, req: &Request<T>) -> Result<(), Status> {
+    let Some(token) = token else { return Ok(()) };
+    match req.metadata().get(CLUSTER_TOKEN_KEY) {
+        Some(v) if token.matches(v.as_bytes()) => Ok(()),
+        Some(_) => Err(Status::unauthenticated(format!("wrong {CLUSTER_TOKEN_KEY}"))),
+        None => Err(Status::unauthenticated(format!(
+            "this call needs the cluster token in {CLUSTER_TOKEN_KEY} (callers read it from \
+             {CLUSTER_TOKEN_ENV})"
+        ))),
     }
 }
 

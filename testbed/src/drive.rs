@@ -686,7 +686,7 @@ async fn drive_on(
         handover_execution_s: road.handover_execution_s(),
         time_to_handover_s: road.time_to_handover_s(),
     };
-    smf_client.set_road(road_pb).await.context("SetRoad")?;
+    smf_client.set_road(sc.cluster_token.request(road_pb)).await.context("SetRoad")?;
     if sc.progress {
         eprintln!("road ready ({} RSUs); the vehicles are driving", addresses.len());
     }

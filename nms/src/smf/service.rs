@@ -39,10 +39,17 @@ pub struct SmfConfig {
     pub max_concurrent_moves: usize,
     /// Longest one StartMigration call may take, milliseconds.
     pub migration_rpc_timeout_ms: u64,
-    /// Vehicles tracked at once (RESOURCE_EXHAUSTED beyond).
+    /// Vehicles tracked at once (RESOURCE_EXHAUSTED beyond, once no tracked vehicle has been
+    /// silent for `idle_forget_ms`).
     pub max_vehicles: usize,
+    /// Volumes tracked at once (the same).
+    pub max_volumes: usize,
+    /// A vehicle (or a volume not moving) silent this long, in wall milliseconds, is
+    /// forgotten when room is needed for a new one.
+    pub idle_forget_ms: u64,
     pub estimator: EstimatorConfig,
-    /// The NMSs' cluster token, presented on StartMigration (None: none presented).
+    /// The NMSs' cluster token, presented on StartMigration and required on SetRoad (None:
+    /// neither).
     pub cluster_token: Option<wayside_proto::token::ClusterToken>,
 }
 
@@ -56,6 +63,8 @@ impl Default for SmfConfig {
             max_concurrent_moves: 16,
             migration_rpc_timeout_ms: 60_000,
             max_vehicles: 10_000,
+            max_volumes: 10_000,
+            idle_forget_ms: 600_000,
             estimator: EstimatorConfig::default(),
             cluster_token: None,
         }
@@ -70,8 +79,16 @@ impl SmfConfig {
         if !(self.margin_s.is_finite() && self.margin_s >= 0.0) {
             return Err(format!("margin_s must be >= 0, got {}", self.margin_s));
         }
-        if self.tick_ms == 0 || self.max_concurrent_moves == 0 || self.max_move_records == 0 {
-            return Err("tick_ms, max_concurrent_moves and max_move_records must be > 0".into());
+        if self.tick_ms == 0
+            || self.max_concurrent_moves == 0
+            || self.max_move_records == 0
+            || self.max_vehicles == 0
+            || self.max_volumes == 0
+            || self.migration_rpc_timeout_ms == 0
+        {
+            return Err("tick_ms, max_concurrent_moves, max_move_records, max_vehicles, \
+                        max_volumes and migration_rpc_timeout_ms must be > 0"
+                .into());
         }
         Ok(())
     }
@@ -98,6 +115,8 @@ impl Clock {
 #[derive(Debug, Clone)]
 struct Pending {
     vehicle: String,
+    /// The road (`State::road_gen`) `from` and `to` index.
+    road_gen: u64,
     from: usize,
     to: usize,
     kind: Kind,
@@ -113,13 +132,19 @@ struct VolumeState {
     at: Option<usize>,
     moving: bool,
     pending: Option<Pending>,
+    /// When its vehicle last reported it.
+    last: Option<Instant>,
 }
 
 struct State {
     road: Option<(Road, pb::Road)>,
+    /// Bumped by every SetRoad: a move started on an older road changes nothing when it
+    /// ends (its RSU indices mean nothing on the new one).
+    road_gen: u64,
     estimator: SmtEstimator,
     volumes: HashMap<String, VolumeState>,
-    vehicles: HashMap<String, Clock>,
+    /// Each tracked vehicle's last report.
+    vehicles: HashMap<String, Instant>,
     moves: VecDeque<pb::MoveRecord>,
     in_flight: usize,
 }
@@ -175,6 +200,7 @@ impl Smf {
                 estimator,
                 volumes: HashMap::new(),
                 vehicles: HashMap::new(),
+                road_gen: 0,
                 moves: VecDeque::new(),
                 in_flight: 0,
             })),
@@ -209,19 +235,35 @@ impl Smf {
         let Some((road, _)) = st.road.clone() else {
             return Err(Status::failed_precondition("no road: call SetRoad first"));
         };
+        let idle = Duration::from_millis(self.cfg.idle_forget_ms);
+        let silent = |last: Instant| now.saturating_duration_since(last) >= idle;
         if !st.vehicles.contains_key(&r.vehicle) && st.vehicles.len() >= self.cfg.max_vehicles {
-            return Err(Status::resource_exhausted(format!(
-                "max_vehicles ({}) vehicles tracked",
-                self.cfg.max_vehicles
-            )));
+            st.vehicles.retain(|_, last| !silent(*last));
+            if st.vehicles.len() >= self.cfg.max_vehicles {
+                return Err(Status::resource_exhausted(format!(
+                    "max_vehicles ({}) vehicles tracked, none silent for idle_forget_ms ({} ms)",
+                    self.cfg.max_vehicles, self.cfg.idle_forget_ms
+                )));
+            }
         }
-        st.vehicles.insert(r.vehicle.clone(), clock);
+        if !st.volumes.contains_key(&r.volume) && st.volumes.len() >= self.cfg.max_volumes {
+            st.volumes.retain(|_, v| v.moving || v.last.is_none_or(|l| !silent(l)));
+            if st.volumes.len() >= self.cfg.max_volumes {
+                return Err(Status::resource_exhausted(format!(
+                    "max_volumes ({}) volumes tracked, none silent for idle_forget_ms ({} ms)",
+                    self.cfg.max_volumes, self.cfg.idle_forget_ms
+                )));
+            }
+        }
+        st.vehicles.insert(r.vehicle.clone(), now);
+        let road_gen = st.road_gen;
         let predicted_wall = st.estimator.predict_s(r.cached_bytes.max(r.dirty_bytes));
         let predicted = predicted_wall * self.cfg.time_scale;
         let fix = VehicleFix { time_s: r.time_s, position_m: r.position_m, speed };
         let d = planner::decide(&road, fix, predicted, self.cfg.margin_s);
         let serving = road.index_of(&r.serving_rsu).or(d.from);
         let vol = st.volumes.entry(r.volume.clone()).or_default();
+        vol.last = Some(now);
         if vol.at.is_none() {
             vol.at = serving;
         }
@@ -238,6 +280,7 @@ impl Smf {
                     );
                     vol.pending = Some(Pending {
                         vehicle: r.vehicle.clone(),
+                        road_gen,
                         from: at,
                         to: from,
                         kind: Kind::Reactive,
@@ -250,6 +293,7 @@ impl Smf {
                 (Some(at), Some(from), Some(to)) if at == from && d.kind != Kind::None => {
                     vol.pending = Some(Pending {
                         vehicle: r.vehicle.clone(),
+                        road_gen,
                         from,
                         to,
                         kind: d.kind,
@@ -351,10 +395,13 @@ impl Smf {
             }
         }
         st.in_flight = st.in_flight.saturating_sub(1);
-        if let Some(v) = st.volumes.get_mut(&volume) {
-            v.moving = false;
-            if rec.ok {
-                v.at = Some(p.to);
+        // (A move started on an older road: the volume's entry, if any, is the new road's.)
+        if st.road_gen == p.road_gen {
+            if let Some(v) = st.volumes.get_mut(&volume) {
+                v.moving = false;
+                if rec.ok {
+                    v.at = Some(p.to);
+                }
             }
         }
         if st.moves.len() >= self.cfg.max_move_records {
@@ -423,6 +470,7 @@ impl Smf {
         let road = road_of(&r)?;
         let mut st = self.lock();
         st.road = Some((road, r.clone()));
+        st.road_gen += 1;
         // Indices into the old road mean nothing on the new one.
         st.volumes.clear();
         Ok(r)
@@ -431,7 +479,10 @@ impl Smf {
 
 #[tonic::async_trait]
 impl pb::smf_server::Smf for Smf {
+    /// The road names the NMSs the SMF sends the cluster token to and moves volumes
+    /// between: setting it needs the token (when the SMF has one).
     async fn set_road(&self, req: Request<pb::Road>) -> Result<Response<pb::Road>, Status> {
+        wayside_proto::token::check(self.cfg.cluster_token.as_ref(), &req)?;
         Smf::set_road(self, req.into_inner()).map(Response::new)
     }
     async fn get_road(&self, _: Request<pb::GetRoadRequest>) -> Result<Response<pb::Road>, Status> {
@@ -623,5 +674,50 @@ mod tests {
         assert_eq!(smf.estimator().samples(), 0);
         stop.cancel();
         ticker.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn silent_vehicles_and_volumes_make_room_the_limits_hold_otherwise() {
+        let of = |vehicle: &str, volume: &str| pb::VehicleReport {
+            vehicle: vehicle.into(),
+            volume: volume.into(),
+            ..report(0.0, 0.0)
+        };
+        let limits = |idle_forget_ms| SmfConfig {
+            max_vehicles: 2,
+            max_volumes: 2,
+            idle_forget_ms,
+            ..Default::default()
+        };
+        // Nobody silent long enough: the third vehicle, and the third volume, wait.
+        let smf = Smf::new(limits(3_600_000), CancellationToken::new()).unwrap();
+        smf.set_road(road("127.0.0.1:1")).unwrap();
+        smf.report(&of("v1", "a")).unwrap();
+        smf.report(&of("v2", "b")).unwrap();
+        let e = smf.report(&of("v3", "c")).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e:?}");
+        let e = smf.report(&of("v1", "c")).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e:?}");
+        smf.report(&of("v2", "b")).unwrap();
+        // Everyone silent long enough (0 ms): forgotten to make room, never locked out.
+        let smf = Smf::new(limits(0), CancellationToken::new()).unwrap();
+        smf.set_road(road("127.0.0.1:1")).unwrap();
+        for i in 0..10 {
+            smf.report(&of(&format!("v{i}"), &format!("vol{i}"))).unwrap();
+        }
+        let st = smf.lock();
+        assert!(st.vehicles.len() <= 2 && st.volumes.len() <= 2);
+    }
+
+    #[tokio::test]
+    async fn setting_the_road_needs_the_cluster_token() {
+        use pb::smf_server::Smf as Service;
+        let token = wayside_proto::token::ClusterToken::new("road-0123456789abcdef").unwrap();
+        let cfg = SmfConfig { cluster_token: Some(token.clone()), ..Default::default() };
+        let smf = Smf::new(cfg, CancellationToken::new()).unwrap();
+        // Else anyone could point the SMF (and its token) at an address of their own.
+        let e = Service::set_road(&smf, Request::new(road("127.0.0.1:1"))).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::Unauthenticated);
+        Service::set_road(&smf, token.request(road("127.0.0.1:1"))).await.unwrap();
     }
 }
