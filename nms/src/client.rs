@@ -40,7 +40,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tonic::transport::Channel;
 use tonic::{Code, Status};
-use tracing::{debug, info, warn};
+use tracing::{debug, info, warn, Instrument as _};
 use wayside_proto::convert::to_volume_auth;
 use wayside_proto::error::fault_of;
 use wayside_proto::pb;
@@ -261,6 +261,34 @@ fn limit_error(s: &Status) -> Option<ClientError> {
     }
 }
 
+/// Journal entries a call added and has not had acknowledged: dropped with the call (it
+/// failed, or its caller gave up and dropped it mid-flight, as a timeout does), they leave
+/// the journal, as a write that failed does; the call disarms it once they are acknowledged.
+struct Unacked<'a> {
+    journal: &'a Mutex<Journal>,
+    seqs: Vec<u64>,
+}
+
+impl Unacked<'_> {
+    fn disarm(mut self) {
+        self.seqs.clear();
+    }
+}
+
+impl Drop for Unacked<'_> {
+    fn drop(&mut self) {
+        if self.seqs.is_empty() {
+            return;
+        }
+        // (A poisoned journal: nothing more to keep consistent.)
+        if let Ok(mut j) = self.journal.lock() {
+            for seq in &self.seqs {
+                j.remove(*seq);
+            }
+        }
+    }
+}
+
 impl VolumeClient {
     /// Attaches to the volume (creating it when `create_block_size` is set and it is absent).
     pub async fn open(opts: ClientOptions) -> Result<Self, ClientError> {
@@ -434,6 +462,7 @@ impl VolumeClient {
                 }
             })
             .collect();
+        let unacked = Unacked { journal: &self.inner.journal, seqs: seqs.clone() };
         loop {
             let r = self.batch(deadline, reqs.clone()).await;
             let mut j = self.inner.journal.lock().expect("poisoned");
@@ -473,6 +502,7 @@ impl VolumeClient {
             if let Some(p) = acks.iter().map(|a| a.persisted_lsn).max() {
                 j.prune(p, generation);
             }
+            unacked.disarm();
             return Ok(acks);
         }
     }
@@ -541,6 +571,7 @@ impl VolumeClient {
             j.bytes += size;
             j.entries.insert(seq, JEntry { op: op.clone(), lsn: None, generation: 0 });
         }
+        let unacked = Unacked { journal: &self.inner.journal, seqs: vec![seq] };
         loop {
             let r = self.send_op(deadline, seq, &op).await;
             let mut j = self.inner.journal.lock().expect("poisoned");
@@ -561,6 +592,7 @@ impl VolumeClient {
                         e.generation = generation;
                     }
                     j.prune(ack.persisted_lsn, generation);
+                    unacked.disarm();
                     Ok(ack)
                 }
                 Err(e) => {
@@ -741,6 +773,25 @@ impl VolumeClient {
         if let Some(c) = self.inner.conn.lock().expect("poisoned").clone() {
             return Ok(c);
         }
+        // In a task of its own: a caller that gives up (a timeout around its call, as the
+        // FUSE mount's uploader has) does not cut an attach and its journal replay short,
+        // which would start over at the next attach and, for a large journal, might never
+        // get through.
+        let me = self.clone();
+        let task = tokio::spawn(
+            async move { me.reconnect(deadline).await }.instrument(tracing::Span::current()),
+        );
+        match task.await {
+            Ok(r) => r,
+            Err(e) => Err(ClientError::Unavailable {
+                timeout: self.inner.opts.op_timeout,
+                last: format!("the reconnect task failed: {e}"),
+            }),
+        }
+    }
+
+    /// Attaches somewhere (one reconnect at a time), then replays the journal there.
+    async fn reconnect(&self, deadline: Instant) -> Result<Conn, ClientError> {
         let o = &self.inner.opts;
         // Another caller may be attaching (to an NMS that does not answer): wait for it
         // no longer than this call may take.

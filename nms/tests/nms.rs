@@ -2640,3 +2640,25 @@ async fn a_move_under_memory_pressure_loses_nothing() {
     b.stop().await;
     cluster.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_its_caller_gave_up_on_leaves_the_journal() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = LocalCluster::start(3, dir.path()).await.unwrap();
+    let a = Nms::start("a", &cluster.endpoints(), |_| {}).await;
+    let c = VolumeClient::open(opts(&[&a.ep], "gave-up", "k")).await.unwrap();
+    c.write(0, 0, block_data(0, 1)).await.unwrap();
+    c.flush().await.unwrap();
+    assert_eq!(c.journal_bytes(), 0);
+    a.stop().await;
+    // The NMS is gone; each write is dropped by a timeout around it (as the FUSE mount's
+    // uploader does) while the client retries: not acknowledged, so not journaled (else the
+    // journal fills with writes nobody will ever see acknowledged, and every later write
+    // fails JournalFull).
+    for n in 0..5 {
+        let r = tokio::time::timeout(Duration::from_millis(50), c.write(1, 0, block_data(1, n)));
+        assert!(r.await.is_err(), "no NMS to acknowledge it");
+    }
+    assert_eq!(c.journal_bytes(), 0);
+    cluster.shutdown().await;
+}
