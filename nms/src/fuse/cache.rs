@@ -419,11 +419,14 @@ impl<R: Remote> CachedVolume<R> {
     }
 
     /// Reads a whole block into the cache (waiting for its unaccepted records first).
+    /// Fetches `block` into the cache; it and `keep` (the other blocks the caller is about
+    /// to use) stay cached past the eviction that makes room for it.
     fn fill<'a>(
         &'a self,
         mut s: MutexGuard<'a, State>,
         block: u64,
         deadline: Instant,
+        keep: &[u64],
     ) -> Result<MutexGuard<'a, State>, DeviceError> {
         let timeout = self.shared.opts.op_timeout;
         // The NMS serves our own accepted writes; until a pinned block's records are accepted its
@@ -467,7 +470,7 @@ impl<R: Remote> CachedVolume<R> {
             Ok(Err(RemoteError::Refused(e))) => return Err(DeviceError::Refused(e)),
             Ok(Ok(image)) => image,
         };
-        self.shared.store(&mut s, block, image.as_deref())?;
+        self.shared.store(&mut s, block, image.as_deref(), keep)?;
         Ok(s)
     }
 }
@@ -481,8 +484,15 @@ impl<R: Remote> Shared<R> {
         self.opts.dir.join("blocks").join(format!("{block:016x}"))
     }
 
-    /// Puts a block image (None: absent) into the cache.
-    fn store(&self, s: &mut State, block: u64, image: Option<&[u8]>) -> Result<(), DeviceError> {
+    /// Puts a block image (None: absent) into the cache, evicting others (never it or
+    /// `keep`) to make room.
+    fn store(
+        &self,
+        s: &mut State,
+        block: u64,
+        image: Option<&[u8]>,
+        keep: &[u64],
+    ) -> Result<(), DeviceError> {
         let bs = u64::from(self.block_size);
         let path = self.block_file(block);
         let was_present =
@@ -506,16 +516,24 @@ impl<R: Remote> Shared<R> {
             }
         };
         s.touch(block, state);
-        self.evict(s)
+        let mut keep = keep.to_vec();
+        keep.push(block);
+        self.evict(s, &keep)
     }
 
-    fn evict(&self, s: &mut State) -> Result<(), DeviceError> {
+    /// Evicts the least recently used blocks, never a pinned one or one of `keep` (a block
+    /// just fetched for the caller: evicting it left a read without its entry, a panic
+    /// under the state lock, and a partial write on a block image of zeros).
+    fn evict(&self, s: &mut State, keep: &[u64]) -> Result<(), DeviceError> {
         let bs = u64::from(self.block_size);
         while s.cache_bytes > self.opts.cache_capacity_bytes
             || s.entries.len() as u64 * 64 > self.opts.cache_capacity_bytes
         {
-            let Some(victim) =
-                s.lru.values().copied().find(|b| s.pinned.get(b).copied().unwrap_or(0) == 0)
+            let Some(victim) = s
+                .lru
+                .values()
+                .copied()
+                .find(|b| s.pinned.get(b).copied().unwrap_or(0) == 0 && !keep.contains(b))
             else {
                 break; // everything left is pinned; the journal limit bounds that
             };
@@ -672,7 +690,7 @@ impl<R: Remote> BlockDevice for CachedVolume<R> {
         if s.entries.contains_key(&block) {
             s.stats.cache_hits += 1;
         } else {
-            s = self.fill(s, block, deadline)?;
+            s = self.fill(s, block, deadline, &[])?;
         }
         let state = s.entries[&block].state;
         s.touch(block, state);
@@ -718,7 +736,7 @@ impl<R: Remote> BlockDevice for CachedVolume<R> {
                     {
                         continue;
                     }
-                    if let Err(e) = self.shared.store(&mut s, block, image.as_deref()) {
+                    if let Err(e) = self.shared.store(&mut s, block, image.as_deref(), &[]) {
                         tracing::debug!(block, error = %e, "read-ahead not cached");
                         return;
                     }
@@ -762,7 +780,18 @@ impl<R: Remote> BlockDevice for CachedVolume<R> {
         if let Some(why) = &s.refused {
             return Err(DeviceError::Refused(why.clone()));
         }
-        // Every partially written block needs its current image in the cache to apply the write to.
+        // Every partially written block needs its current image in the cache to apply the write to
+        // (and keeps it while the others are fetched).
+        let partial: Vec<u64> = ops
+            .iter()
+            .filter_map(|op| match op {
+                BlockOp::Write { block, offset, data, fresh } => {
+                    let whole = *offset == 0 && data.len() == bs as usize;
+                    (!*fresh && !whole).then_some(*block)
+                }
+                BlockOp::Delete { .. } => None,
+            })
+            .collect();
         for op in &ops {
             if let BlockOp::Write { block, offset, data, fresh } = op {
                 let whole = *offset == 0 && data.len() == bs as usize;
@@ -770,7 +799,7 @@ impl<R: Remote> BlockDevice for CachedVolume<R> {
                     if *fresh || whole {
                         s.touch(*block, Cached::Absent);
                     } else {
-                        s = self.fill(s, *block, deadline)?;
+                        s = self.fill(s, *block, deadline, &partial)?;
                     }
                 }
             }
@@ -818,7 +847,7 @@ impl<R: Remote> BlockDevice for CachedVolume<R> {
             }
             s.enqueue(r);
         }
-        self.shared.evict(&mut s)?;
+        self.shared.evict(&mut s, &[])?;
         drop(s);
         self.shared.work.notify_one();
         Ok(())
@@ -1061,6 +1090,8 @@ struct MemRemoteInner {
     /// Accepted but not yet persisted changes (applied to `blocks` as they come).
     unpersisted: Mutex<u64>,
     down: std::sync::atomic::AtomicBool,
+    /// Writes, deletes and flushes fail as unreachable; reads work.
+    writes_down: std::sync::atomic::AtomicBool,
     writes: std::sync::atomic::AtomicU64,
     /// Read calls (one per `read`, one per `read_many`).
     reads: std::sync::atomic::AtomicU64,
@@ -1068,6 +1099,19 @@ struct MemRemoteInner {
 
 impl MemRemote {
     /// Makes every call fail as unreachable (`true`) or work again.
+    /// Makes writes, deletes and flushes fail as unreachable (`true`) while reads work.
+    pub fn set_writes_down(&self, down: bool) {
+        self.inner.writes_down.store(down, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    fn check_writes(&self) -> Result<(), RemoteError> {
+        self.check()?;
+        if self.inner.writes_down.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(RemoteError::Unavailable("writes down (test)".into()));
+        }
+        Ok(())
+    }
+
     pub fn set_down(&self, down: bool) {
         self.inner.down.store(down, std::sync::atomic::Ordering::SeqCst);
     }
@@ -1109,7 +1153,7 @@ impl Remote for MemRemote {
     }
 
     async fn write(&self, block: u64, offset: u32, data: Vec<u8>) -> Result<(), RemoteError> {
-        self.check()?;
+        self.check_writes()?;
         let mut blocks = self.inner.blocks.lock().expect("poisoned");
         let image = blocks.entry(block).or_default();
         let end = offset as usize + data.len();
@@ -1123,14 +1167,14 @@ impl Remote for MemRemote {
     }
 
     async fn delete(&self, block: u64) -> Result<(), RemoteError> {
-        self.check()?;
+        self.check_writes()?;
         self.inner.blocks.lock().expect("poisoned").remove(&block);
         self.inner.writes.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         Ok(())
     }
 
     async fn flush(&self) -> Result<(), RemoteError> {
-        self.check()?;
+        self.check_writes()?;
         *self.inner.unpersisted.lock().expect("poisoned") = 0;
         Ok(())
     }
@@ -1159,6 +1203,36 @@ mod tests {
 
     fn write(block: u64, offset: u32, data: &[u8]) -> BlockOp {
         BlockOp::Write { block, offset, data: data.to_vec(), fresh: false }
+    }
+
+    #[test]
+    fn a_block_fetched_into_a_cache_full_of_pinned_blocks_is_not_evicted_before_use() {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = rt();
+        let remote = MemRemote::default();
+        let o = CacheOptions { cache_capacity_bytes: 4 * 4096, ..opts(dir.path()) };
+        let dev = CachedVolume::open(remote.clone(), 4096, o, rt.handle().clone()).unwrap();
+        dev.apply(vec![write(100, 0, &[7; 4096]), write(101, 0, &[8; 4096])]).unwrap();
+        dev.sync().unwrap();
+        // Writes cannot reach the volume (reads can): five whole blocks pinned, more than
+        // the cache holds.
+        remote.set_writes_down(true);
+        for b in 0..5u64 {
+            dev.apply(vec![write(b, 0, &[b as u8 + 1; 4096])]).unwrap();
+        }
+        // Fetched with nothing else evictable: it must stay for its read (a panic under
+        // the state lock before, which took the mount down).
+        assert_eq!(dev.read(100, 10, 10).unwrap(), vec![7; 10]);
+        // A partial write of a block not cached builds on its fetched image, not on zeros;
+        // two of them in one batch keep each other's image.
+        dev.apply(vec![write(100, 0, &[9; 4]), write(101, 0, &[9; 4])]).unwrap();
+        assert_eq!(dev.read(100, 0, 8).unwrap(), [9, 9, 9, 9, 7, 7, 7, 7]);
+        assert_eq!(dev.read(101, 0, 8).unwrap(), [9, 9, 9, 9, 8, 8, 8, 8]);
+        remote.set_writes_down(false);
+        dev.sync().unwrap();
+        assert_eq!(&remote.block(100).unwrap()[..8], [9, 9, 9, 9, 7, 7, 7, 7]);
+        assert_eq!(&remote.block(101).unwrap()[..8], [9, 9, 9, 9, 8, 8, 8, 8]);
+        assert!(dev.shutdown(Duration::from_secs(1)));
     }
 
     #[test]
