@@ -223,6 +223,26 @@ enum Upload {
     Waiting,
     InFlight,
     Accepted,
+    /// Fully overwritten by the later record of this seq, which carries its content: it
+    /// counts as accepted once that one does (not before: a flush then would report it
+    /// persisted while its content, the later record's, was still on its way).
+    Superseded(u64),
+}
+
+/// Whether the record at `i` counts as accepted: it was, or the record that superseded it
+/// does (see [`Upload::Superseded`]).
+fn settled(unsent: &VecDeque<(Record, Upload)>, mut i: usize) -> bool {
+    loop {
+        match unsent[i].1 {
+            Upload::Accepted => return true,
+            Upload::Superseded(by) => match unsent.binary_search_by_key(&by, |(r, _)| r.seq) {
+                Ok(j) => i = j,
+                // Gone from the queue: only an accepted prefix leaves it.
+                Err(_) => return true,
+            },
+            Upload::Waiting | Upload::InFlight => return false,
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -395,9 +415,20 @@ impl<R: Remote> CachedVolume<R> {
     }
 
     fn wait_persisted(&self, timeout: Duration) -> Result<(), DeviceError> {
+        let target = self.shared.lock().next_seq - 1;
+        self.wait_persisted_upto(target, timeout)
+    }
+
+    /// The journal's last record.
+    #[cfg(test)]
+    fn last_seq(&self) -> u64 {
+        self.shared.lock().next_seq - 1
+    }
+
+    /// Waits until every record up to `target` is persisted.
+    fn wait_persisted_upto(&self, target: u64, timeout: Duration) -> Result<(), DeviceError> {
         let deadline = Instant::now() + timeout;
         let mut s = self.shared.lock();
-        let target = s.next_seq - 1;
         s.sync_wanted_upto = s.sync_wanted_upto.max(target);
         self.shared.work.notify_one();
         loop {
@@ -909,14 +940,21 @@ async fn upload_loop<R: Remote>(shared: Arc<Shared<R>>, cancel: CancellationToke
                 let mut sends = Vec::new();
                 let mut in_flight = s.unsent.iter().filter(|(_, u)| *u == Upload::InFlight).count();
                 let State { unsent, busy_blocks, pinned, stats, .. } = &mut *s;
-                let scan = unsent.len().min(window * 8);
-                for i in 0..scan {
-                    if in_flight >= window {
+                // Records still to send or in flight, looked at per turn (accepted and
+                // superseded ones, which wait at the front for the records after them, are
+                // passed over without counting: they must not hide those records).
+                let mut scan = window * 8;
+                for i in 0..unsent.len() {
+                    if in_flight >= window || scan == 0 {
                         break;
                     }
                     let block = unsent[i].0.op.block();
+                    if matches!(unsent[i].1, Upload::Accepted | Upload::Superseded(_)) {
+                        continue;
+                    }
+                    scan -= 1;
                     match unsent[i].1 {
-                        Upload::Accepted => continue,
+                        Upload::Accepted | Upload::Superseded(_) => continue,
                         // A record in flight, or one held back, keeps its block's later records behind it.
                         Upload::InFlight => {
                             busy_blocks.insert(block);
@@ -931,9 +969,10 @@ async fn upload_loop<R: Remote>(shared: Arc<Shared<R>>, cancel: CancellationToke
                         .iter()
                         .skip(i + 1)
                         .take(SUPERSEDE_LOOKAHEAD)
-                        .any(|(later, _)| covers(&later.op, &unsent[i].0.op));
-                    if superseded {
-                        unsent[i].1 = Upload::Accepted;
+                        .find(|(later, _)| covers(&later.op, &unsent[i].0.op))
+                        .map(|(later, _)| later.seq);
+                    if let Some(by) = superseded {
+                        unsent[i].1 = Upload::Superseded(by);
                         stats.accepted += 1;
                         if let Some(n) = pinned.get_mut(&block) {
                             *n -= 1;
@@ -948,7 +987,7 @@ async fn upload_loop<R: Remote>(shared: Arc<Shared<R>>, cancel: CancellationToke
                     in_flight += 1;
                     sends.push(unsent[i].0.clone());
                 }
-                while s.unsent.front().is_some_and(|(_, u)| *u == Upload::Accepted) {
+                while !s.unsent.is_empty() && settled(&s.unsent, 0) {
                     let (r, _) = s.unsent.pop_front().expect("checked");
                     s.accepted_upto = r.seq;
                 }
@@ -1028,7 +1067,7 @@ async fn upload_loop<R: Remote>(shared: Arc<Shared<R>>, cancel: CancellationToke
                             s.pinned.remove(&block);
                         }
                     }
-                    while s.unsent.front().is_some_and(|(_, u)| *u == Upload::Accepted) {
+                    while !s.unsent.is_empty() && settled(&s.unsent, 0) {
                         let (r, _) = s.unsent.pop_front().expect("checked");
                         s.accepted_upto = r.seq;
                     }
@@ -1092,6 +1131,9 @@ struct MemRemoteInner {
     down: std::sync::atomic::AtomicBool,
     /// Writes, deletes and flushes fail as unreachable; reads work.
     writes_down: std::sync::atomic::AtomicBool,
+    /// Writes to the block one below this wait (0: none) until `release`.
+    held: std::sync::atomic::AtomicU64,
+    release: tokio::sync::Notify,
     writes: std::sync::atomic::AtomicU64,
     /// Read calls (one per `read`, one per `read_many`).
     reads: std::sync::atomic::AtomicU64,
@@ -1099,6 +1141,15 @@ struct MemRemoteInner {
 
 impl MemRemote {
     /// Makes every call fail as unreachable (`true`) or work again.
+    /// Makes writes to `block` wait (until called with `None`); other calls go on.
+    pub fn hold_writes_to(&self, block: Option<u64>) {
+        let held = block.map_or(0, |b| b + 1);
+        self.inner.held.store(held, std::sync::atomic::Ordering::SeqCst);
+        if block.is_none() {
+            self.inner.release.notify_waiters();
+        }
+    }
+
     /// Makes writes, deletes and flushes fail as unreachable (`true`) while reads work.
     pub fn set_writes_down(&self, down: bool) {
         self.inner.writes_down.store(down, std::sync::atomic::Ordering::SeqCst);
@@ -1154,6 +1205,13 @@ impl Remote for MemRemote {
 
     async fn write(&self, block: u64, offset: u32, data: Vec<u8>) -> Result<(), RemoteError> {
         self.check_writes()?;
+        loop {
+            let released = self.inner.release.notified();
+            if self.inner.held.load(std::sync::atomic::Ordering::SeqCst) != block + 1 {
+                break;
+            }
+            released.await;
+        }
         let mut blocks = self.inner.blocks.lock().expect("poisoned");
         let image = blocks.entry(block).or_default();
         let end = offset as usize + data.len();
@@ -1232,6 +1290,44 @@ mod tests {
         dev.sync().unwrap();
         assert_eq!(&remote.block(100).unwrap()[..8], [9, 9, 9, 9, 7, 7, 7, 7]);
         assert_eq!(&remote.block(101).unwrap()[..8], [9, 9, 9, 9, 8, 8, 8, 8]);
+        assert!(dev.shutdown(Duration::from_secs(1)));
+    }
+
+    #[test]
+    fn a_sync_covers_a_write_only_once_the_write_that_overwrote_it_is_accepted() {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = rt();
+        let remote = MemRemote::default();
+        let dev = Arc::new(
+            CachedVolume::open(remote.clone(), 4096, opts(dir.path()), rt.handle().clone())
+                .unwrap(),
+        );
+        dev.apply(vec![write(5, 0, &[1; 4096])]).unwrap();
+        dev.sync().unwrap();
+        remote.set_writes_down(true);
+        dev.apply(vec![write(5, 10, &[2; 10])]).unwrap();
+        // An fsync of that write, waiting.
+        let upto = dev.last_seq();
+        let syncing = std::thread::spawn({
+            let dev = dev.clone();
+            move || dev.wait_persisted_upto(upto, Duration::from_millis(300))
+        });
+        // Overwritten whole before it could be sent: it travels as the later write.
+        dev.apply(vec![write(5, 0, &[3; 4096])]).unwrap();
+        // The later write is held on its way; flushes go through.
+        remote.hold_writes_to(Some(5));
+        remote.set_writes_down(false);
+        let synced = syncing.join().unwrap();
+        // Either the sync waited past its limit, or what it covers is in the volume.
+        let in_volume = remote.block(5);
+        assert!(
+            synced.is_err() || in_volume == Some(vec![3; 4096]),
+            "sync returned {synced:?} with the volume holding {:?}",
+            in_volume.map(|b| b[..12].to_vec())
+        );
+        remote.hold_writes_to(None);
+        dev.sync().unwrap();
+        assert_eq!(remote.block(5).unwrap(), vec![3; 4096]);
         assert!(dev.shutdown(Duration::from_secs(1)));
     }
 
