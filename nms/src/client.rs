@@ -143,6 +143,21 @@ enum JOp {
     },
 }
 
+impl JOp {
+    /// This change as a stream operation under request id `client_id` + `seq`.
+    fn stream_op(self, client_id: &str, seq: u64) -> pb::stream_request::Op {
+        let request_id = Some(pb::RequestId { client_id: client_id.to_owned(), seq });
+        match self {
+            JOp::Write { block, offset, data } => {
+                pb::stream_request::Op::Write(pb::WriteOp { block, offset, data, request_id })
+            }
+            JOp::Delete { block } => {
+                pb::stream_request::Op::Delete(pb::DeleteOp { block, request_id })
+            }
+        }
+    }
+}
+
 #[derive(Debug)]
 struct JEntry {
     op: JOp,
@@ -444,23 +459,7 @@ impl VolumeClient {
         let reqs: Vec<pb::stream_request::Op> = seqs
             .iter()
             .zip(ops)
-            .map(|(&seq, op)| {
-                let request_id =
-                    Some(pb::RequestId { client_id: self.inner.opts.client_id.clone(), seq });
-                match op {
-                    JOp::Write { block, offset, data } => {
-                        pb::stream_request::Op::Write(pb::WriteOp {
-                            block,
-                            offset,
-                            data,
-                            request_id,
-                        })
-                    }
-                    JOp::Delete { block } => {
-                        pb::stream_request::Op::Delete(pb::DeleteOp { block, request_id })
-                    }
-                }
-            })
+            .map(|(&seq, op)| op.stream_op(&self.inner.opts.client_id, seq))
             .collect();
         let unacked = Unacked { journal: &self.inner.journal, seqs: seqs.clone() };
         loop {
@@ -964,17 +963,7 @@ impl VolumeClient {
             }
         })
         .await;
-        let r = match sent {
-            Ok(Ok(r)) => r.into_inner(),
-            Ok(Err(s)) => {
-                warn!(error = %s.message(), "journal replay interrupted");
-                return Err(classify(s).0);
-            }
-            Err(_) => {
-                warn!(?rpc_timeout, "journal replay interrupted: no reply in time");
-                return Err(Next::Reconnect);
-            }
-        };
+        let r = replayed(sent, rpc_timeout)?.into_inner();
         if one_lineage && r.duplicate && old_lsn == Some(Lsn(r.lsn)) {
             let mut j = self.inner.journal.lock().expect("poisoned");
             for (seq, ..) in &todo {
@@ -992,35 +981,13 @@ impl VolumeClient {
                 .iter()
                 .enumerate()
                 .map(|(i, (seq, op, ..))| {
-                    let op = match op.clone() {
-                        JOp::Write { block, offset, data } => {
-                            pb::stream_request::Op::Write(pb::WriteOp {
-                                block,
-                                offset,
-                                data,
-                                request_id: request_id(*seq),
-                            })
-                        }
-                        JOp::Delete { block } => pb::stream_request::Op::Delete(pb::DeleteOp {
-                            block,
-                            request_id: request_id(*seq),
-                        }),
-                    };
+                    let op = op.clone().stream_op(&self.inner.opts.client_id, *seq);
                     pb::StreamRequest { auth: None, tag: i as u64, op: Some(op) }
                 })
                 .collect();
             let batch = pb::StreamBatch { auth: self.auth(session), ops };
-            let results = match tokio::time::timeout(rpc_timeout, send_batch(client, batch)).await {
-                Ok(Ok(r)) => r,
-                Ok(Err(s)) => {
-                    warn!(error = %s.message(), "journal replay interrupted");
-                    return Err(classify(s).0);
-                }
-                Err(_) => {
-                    warn!(?rpc_timeout, "journal replay interrupted: no reply in time");
-                    return Err(Next::Reconnect);
-                }
-            };
+            let sent = tokio::time::timeout(rpc_timeout, send_batch(client, batch)).await;
+            let results = replayed(sent, rpc_timeout)?;
             for ((seq, ..), r) in chunk.iter().zip(results) {
                 let pb::stream_reply::Result::Write(w) = r else {
                     return Err(Next::Reconnect);
@@ -1068,4 +1035,23 @@ async fn send_batch(
         }
     }
     Ok(out.into_iter().flatten().collect())
+}
+
+/// A replay step's reply, or what the replay does next (logged): the status's classification,
+/// or a reconnect when no reply came within `rpc_timeout`.
+fn replayed<T>(
+    sent: Result<Result<T, Status>, tokio::time::error::Elapsed>,
+    rpc_timeout: Duration,
+) -> Result<T, Next> {
+    match sent {
+        Ok(Ok(r)) => Ok(r),
+        Ok(Err(s)) => {
+            warn!(error = %s.message(), "journal replay interrupted");
+            Err(classify(s).0)
+        }
+        Err(_) => {
+            warn!(?rpc_timeout, "journal replay interrupted: no reply in time");
+            Err(Next::Reconnect)
+        }
+    }
 }
