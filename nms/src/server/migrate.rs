@@ -734,28 +734,17 @@ impl Node {
         sw: &SwitchState,
     ) -> Result<(), String> {
         let deadline = Instant::now() + Duration::from_millis(self.cfg.pss_deadline_ms);
-        let mut last;
+        let mut last = String::new();
         loop {
-            match self.store.get_volume(v.clone()).await {
+            // The epoch to raise ours from, and what it means.
+            let from = match self.store.get_volume(v.clone()).await {
                 // The target's Claim has not landed (yet: its acquire may be waiting out a
                 // PSS election). Raise the epoch ourselves, so a late one fails instead of
                 // fencing us after we report the volume kept.
-                Ok(meta) if meta.epoch == ours => {
-                    match self.store.acquire(self.acquire_request(v, Some(ours), None)).await {
-                        Ok(m) => {
-                            if let Some(x) = self.core().volume_mut(v) {
-                                x.epoch = m.epoch;
-                            }
-                            info!(volume = %v, epoch = m.epoch.0, "kept the volume; a late claim by the aborted move's target will fail");
-                            return Ok(());
-                        }
-                        // The claim landed meanwhile: look again.
-                        Err(StoreError::StaleEpoch { .. }) => {
-                            last = "the epoch moved on meanwhile".to_string()
-                        }
-                        Err(e) => last = e.to_string(),
-                    }
-                }
+                Ok(meta) if meta.epoch == ours => Some((
+                    ours,
+                    "kept the volume; a late claim by the aborted move's target will fail",
+                )),
                 Ok(meta) => {
                     let accepted = self.core().volume(v).map_or(Lsn(0), |x| x.accepted);
                     let by_target = !sw.target_node.is_empty()
@@ -776,23 +765,28 @@ impl Node {
                             meta.owner_node, meta.epoch.0
                         ));
                     }
-                    match self.store.acquire(self.acquire_request(v, Some(meta.epoch), None)).await
-                    {
-                        Ok(m) => {
-                            if let Some(x) = self.core().volume_mut(v) {
-                                x.epoch = m.epoch;
-                            }
-                            info!(volume = %v, epoch = m.epoch.0, "took the volume back from the aborted move's target");
-                            return Ok(());
-                        }
-                        // Someone moved the epoch on meanwhile: look again.
-                        Err(StoreError::StaleEpoch { .. }) => {
-                            last = "the epoch moved on meanwhile".to_string()
-                        }
-                        Err(e) => last = e.to_string(),
-                    }
+                    Some((meta.epoch, "took the volume back from the aborted move's target"))
                 }
-                Err(e) => last = e.to_string(),
+                Err(e) => {
+                    last = e.to_string();
+                    None
+                }
+            };
+            if let Some((from, done)) = from {
+                match self.store.acquire(self.acquire_request(v, Some(from), None)).await {
+                    Ok(m) => {
+                        if let Some(x) = self.core().volume_mut(v) {
+                            x.epoch = m.epoch;
+                        }
+                        info!(volume = %v, epoch = m.epoch.0, "{done}");
+                        return Ok(());
+                    }
+                    // Someone (the target's claim) moved the epoch on meanwhile: look again.
+                    Err(StoreError::StaleEpoch { .. }) => {
+                        last = "the epoch moved on meanwhile".to_string()
+                    }
+                    Err(e) => last = e.to_string(),
+                }
             }
             if Instant::now() >= deadline {
                 // Serving on: if the target keeps the epoch, the write-back is fenced and
