@@ -8,7 +8,7 @@ use tokio_util::sync::CancellationToken;
 use wayside_nms::cache::ENTRY_OVERHEAD_BYTES;
 use wayside_nms::client::{ClientOptions, VolumeClient};
 use wayside_nms::config::Config;
-use wayside_nms::testing::{Writer, Written};
+use wayside_nms::testing::{wait_healthy, LocalNms, Writer, Written};
 use wayside_proto::error::fault_of;
 use wayside_proto::pb;
 use wayside_proto::types::{BlockSize, Credential, Endpoint, Fault, VolumeName};
@@ -16,47 +16,27 @@ use wayside_pss::testing::LocalCluster;
 
 const BS: usize = 4096;
 
-struct Nms {
-    ep: Endpoint,
-    stop: CancellationToken,
-    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+/// A test NMS (`LocalNms`) with the admin calls these tests make.
+struct Nms(LocalNms);
+
+impl std::ops::Deref for Nms {
+    type Target = LocalNms;
+    fn deref(&self) -> &LocalNms {
+        &self.0
+    }
 }
 
 impl Nms {
     async fn start(name: &str, pss: &[Endpoint], adjust: impl FnOnce(&mut Config)) -> Nms {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let ep = Endpoint::parse(&listener.local_addr().unwrap().to_string()).unwrap();
-        let mut cfg = Config {
-            listen: ep.authority().to_owned(),
-            node_id: name.into(),
-            pss: pss.iter().map(|e| e.authority().to_owned()).collect(),
-            // Small: every test NMS faults its pool in, and these tests move a few MiB at
-            // most; blocks past it use the heap, so both paths are exercised.
-            block_pool_bytes: 1 << 20,
-            ..Config::default()
-        };
-        adjust(&mut cfg);
-        let stop = CancellationToken::new();
-        let task = tokio::spawn(wayside_nms::server::run(cfg, listener, stop.clone()));
-        wait_healthy(&ep).await;
-        Nms { ep, stop, task }
+        Nms(LocalNms::start(name, pss, adjust).await)
     }
 
     async fn stop(self) {
-        self.stop.cancel();
-        tokio::time::timeout(Duration::from_secs(20), self.task)
-            .await
-            .expect("NMS stops on shutdown")
-            .unwrap()
-            .unwrap();
+        self.0.stop().await;
     }
 
     async fn admin(&self) -> pb::nms_admin_client::NmsAdminClient<tonic::transport::Channel> {
         pb::nms_admin_client::NmsAdminClient::new(channel(&self.ep).await)
-    }
-
-    async fn raw(&self) -> pb::nms_client::NmsClient<tonic::transport::Channel> {
-        pb::nms_client::NmsClient::new(channel(&self.ep).await)
     }
 
     /// The node's `NodeStatus` (admin call).
@@ -97,26 +77,6 @@ impl Nms {
 
 async fn channel(ep: &Endpoint) -> tonic::transport::Channel {
     tonic::transport::Endpoint::from_shared(ep.uri().to_owned()).unwrap().connect().await.unwrap()
-}
-
-/// Polls the gRPC health check with a deadline (no sleeping for readiness).
-async fn wait_healthy(ep: &Endpoint) {
-    use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        if let Ok(ch) =
-            tonic::transport::Endpoint::from_shared(ep.uri().to_owned()).unwrap().connect().await
-        {
-            let r = HealthClient::new(ch)
-                .check(HealthCheckRequest { service: "wayside.v1.Nms".into() })
-                .await;
-            if r.is_ok_and(|r| r.into_inner().status == 1) {
-                return;
-            }
-        }
-        assert!(Instant::now() < deadline, "NMS at {ep} not healthy in time");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 fn opts(nms: &[&Endpoint], vol: &str, secret: &str) -> ClientOptions {
@@ -1733,7 +1693,7 @@ async fn admin_shutdown_flushes_and_exits() {
     let c = VolumeClient::open(opts(&[&a.ep], "sd", "k")).await.unwrap();
     c.write(5, 0, block_data(5, 5)).await.unwrap();
     a.admin().await.shutdown(pb::ShutdownRequest {}).await.unwrap();
-    tokio::time::timeout(Duration::from_secs(20), a.task).await.expect("exits").unwrap().unwrap();
+    a.0.exited().await.unwrap();
     assert_eq!(pss_blocks(&cluster, "sd", &[5]).await.get(&5), Some(&block_data(5, 5)));
     cluster.shutdown().await;
 }

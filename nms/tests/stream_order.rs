@@ -4,58 +4,23 @@
 //! before it.
 
 use std::collections::HashMap;
-use std::time::{Duration, Instant};
-use tokio_util::sync::CancellationToken;
-use wayside_nms::config::Config;
+use std::time::Duration;
+use wayside_nms::testing::LocalNms;
 use wayside_proto::pb;
-use wayside_proto::types::{Endpoint, VolumeName};
+use wayside_proto::types::VolumeName;
 use wayside_pss::testing::LocalCluster;
 
 const BS: usize = 4096;
 const VOL: &str = "order";
 const SECRET: &str = "k";
 
-struct Nms {
-    ep: Endpoint,
-    stop: CancellationToken,
-    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+/// The calls these tests make of a test NMS.
+trait Calls {
+    async fn batch(&self, ops: Vec<pb::stream_request::Op>) -> HashMap<u64, pb::StreamReply>;
+    async fn read(&self, block: u64) -> Vec<u8>;
 }
 
-impl Nms {
-    async fn start(name: &str, pss: &[Endpoint]) -> Nms {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let ep = Endpoint::parse(&listener.local_addr().unwrap().to_string()).unwrap();
-        let cfg = Config {
-            listen: ep.authority().to_owned(),
-            node_id: name.into(),
-            pss: pss.iter().map(|e| e.authority().to_owned()).collect(),
-            block_pool_bytes: 1 << 20,
-            ..Config::default()
-        };
-        let stop = CancellationToken::new();
-        let task = tokio::spawn(wayside_nms::server::run(cfg, listener, stop.clone()));
-        wait_healthy(&ep).await;
-        Nms { ep, stop, task }
-    }
-
-    async fn stop(self) {
-        self.stop.cancel();
-        tokio::time::timeout(Duration::from_secs(20), self.task)
-            .await
-            .expect("NMS stops on shutdown")
-            .unwrap()
-            .unwrap();
-    }
-
-    async fn raw(&self) -> pb::nms_client::NmsClient<tonic::transport::Channel> {
-        let ch = tonic::transport::Endpoint::from_shared(self.ep.uri().to_owned())
-            .unwrap()
-            .connect()
-            .await
-            .unwrap();
-        pb::nms_client::NmsClient::new(ch)
-    }
-
+impl Calls for LocalNms {
     /// One `StreamBatches` call carrying `ops` (tagged 1, 2, ... in order) in one message,
     /// then the end of the request stream; the results by tag.
     async fn batch(&self, ops: Vec<pb::stream_request::Op>) -> HashMap<u64, pb::StreamReply> {
@@ -100,26 +65,6 @@ impl Nms {
     }
 }
 
-/// Polls the gRPC health check with a deadline (no sleeping for readiness).
-async fn wait_healthy(ep: &Endpoint) {
-    use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        if let Ok(ch) =
-            tonic::transport::Endpoint::from_shared(ep.uri().to_owned()).unwrap().connect().await
-        {
-            let r = HealthClient::new(ch)
-                .check(HealthCheckRequest { service: "wayside.v1.Nms".into() })
-                .await;
-            if r.is_ok_and(|r| r.into_inner().status == 1) {
-                return;
-            }
-        }
-        assert!(Instant::now() < deadline, "NMS at {ep} not healthy in time");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 fn auth() -> Option<pb::VolumeAuth> {
     Some(pb::VolumeAuth { volume: VOL.into(), credential: SECRET.into(), nms_session: 0 })
 }
@@ -146,7 +91,7 @@ fn write_reply(r: &pb::StreamReply) -> &pb::WriteReply {
 
 /// Creates the volume on `nms`, writes `blocks` whole (`block_data(b, 1)`) and flushes, so
 /// the PSS holds them and a fresh NMS must fetch them.
-async fn persisted_volume(nms: &Nms, blocks: &[u64]) {
+async fn persisted_volume(nms: &LocalNms, blocks: &[u64]) {
     let mut c = nms.raw().await;
     c.create_volume(pb::CreateVolumeRequest { auth: auth(), block_size: BS as u32 }).await.unwrap();
     for &b in blocks {
@@ -166,8 +111,8 @@ async fn persisted_volume(nms: &Nms, blocks: &[u64]) {
 }
 
 /// A fresh NMS serving the volume (attached), none of whose blocks it caches.
-async fn fresh_nms(name: &str, cluster: &LocalCluster) -> Nms {
-    let nms = Nms::start(name, &cluster.endpoints()).await;
+async fn fresh_nms(name: &str, cluster: &LocalCluster) -> LocalNms {
+    let nms = LocalNms::start(name, &cluster.endpoints(), |_| {}).await;
     nms.raw()
         .await
         .attach(pb::AttachRequest { auth: auth(), client_id: "test".into() })
@@ -184,7 +129,7 @@ async fn fresh_nms(name: &str, cluster: &LocalCluster) -> Nms {
 async fn a_later_write_never_overtakes_a_fetching_one_on_its_block() {
     let dir = tempfile::tempdir().unwrap();
     let cluster = LocalCluster::start(3, dir.path()).await.unwrap();
-    let a = Nms::start("a", &cluster.endpoints()).await;
+    let a = LocalNms::start("a", &cluster.endpoints(), |_| {}).await;
     persisted_volume(&a, &[7]).await;
     a.stop().await;
     let b = fresh_nms("b", &cluster).await;
@@ -216,7 +161,7 @@ async fn a_later_write_never_overtakes_a_fetching_one_on_its_block() {
 async fn a_flush_in_a_stream_covers_a_fetching_write_before_it() {
     let dir = tempfile::tempdir().unwrap();
     let cluster = LocalCluster::start(3, dir.path()).await.unwrap();
-    let a = Nms::start("a", &cluster.endpoints()).await;
+    let a = LocalNms::start("a", &cluster.endpoints(), |_| {}).await;
     persisted_volume(&a, &[8]).await;
     a.stop().await;
     let b = fresh_nms("b", &cluster).await;
