@@ -463,18 +463,9 @@ impl VolumeClient {
             .collect();
         let unacked = Unacked { journal: &self.inner.journal, seqs: seqs.clone() };
         loop {
-            let r = self.batch(deadline, reqs.clone()).await;
+            // Not acknowledged: the caller knows, and `unacked` takes them out of the journal.
+            let (results, generation) = self.batch(deadline, reqs.clone()).await?;
             let mut j = self.inner.journal.lock().expect("poisoned");
-            let (results, generation) = match r {
-                Ok(r) => r,
-                Err(e) => {
-                    // Not acknowledged: the caller knows, so they leave the journal.
-                    for seq in &seqs {
-                        j.remove(*seq);
-                    }
-                    return Err(e);
-                }
-            };
             if generation != j.listed_for {
                 // Acknowledged by an NMS left while in flight: again, on the new one.
                 drop(j);
@@ -507,16 +498,12 @@ impl VolumeClient {
     }
 
     /// Before sending again writes an NMS acknowledged after the client left it: fails
-    /// (the writes leave the journal: the caller hears they may not have been applied)
-    /// when the call's deadline has passed.
+    /// when the call's deadline has passed (the caller's `Unacked` then takes them out of the
+    /// journal: the caller hears they may not have been applied).
     fn resend_or_fail(&self, deadline: Instant, seqs: &[u64]) -> Result<(), ClientError> {
         if Instant::now() < deadline {
             debug!(writes = seqs.len(), "acknowledged by an NMS left meanwhile: sending again");
             return Ok(());
-        }
-        let mut j = self.inner.journal.lock().expect("poisoned");
-        for seq in seqs {
-            j.remove(*seq);
         }
         Err(ClientError::Unavailable {
             timeout: self.inner.opts.op_timeout,
@@ -572,34 +559,27 @@ impl VolumeClient {
         }
         let unacked = Unacked { journal: &self.inner.journal, seqs: vec![seq] };
         loop {
-            let r = self.send_op(deadline, seq, &op).await;
+            // Not acknowledged: the caller knows, and `unacked` takes it out of the journal.
+            let (ack, generation) = self.send_op(deadline, seq, &op).await?;
             let mut j = self.inner.journal.lock().expect("poisoned");
-            return match r {
+            if generation != j.listed_for {
                 // The connection changed while this write was in flight, and the new
                 // connection's replay listed the journal before this ack arrived: it was
                 // not replayed there. Sent again now, before the caller hears of it (the
                 // new NMS applies it, or, continuing the old one's lineage, answers
                 // `duplicate`), so no later write of the caller's can come before it.
-                Ok((_, generation)) if generation != j.listed_for => {
-                    drop(j);
-                    self.resend_or_fail(deadline, &[seq])?;
-                    continue;
-                }
-                Ok((ack, generation)) => {
-                    if let Some(e) = j.entries.get_mut(&seq) {
-                        e.lsn = Some(ack.lsn);
-                        e.generation = generation;
-                    }
-                    j.prune(ack.persisted_lsn, generation);
-                    unacked.disarm();
-                    Ok(ack)
-                }
-                Err(e) => {
-                    // Not acknowledged: the caller knows, so it leaves the journal.
-                    j.remove(seq);
-                    Err(e)
-                }
-            };
+                drop(j);
+                self.resend_or_fail(deadline, &[seq])?;
+                continue;
+            }
+            if let Some(e) = j.entries.get_mut(&seq) {
+                e.lsn = Some(ack.lsn);
+                e.generation = generation;
+            }
+            j.prune(ack.persisted_lsn, generation);
+            drop(j);
+            unacked.disarm();
+            return Ok(ack);
         }
     }
 
