@@ -26,6 +26,13 @@ pub enum NmsError {
     Timeout(String),
     #[error("{0}")]
     Precondition(String),
+    /// The PSS refuses the volume's write-back for a reason retrying alone will not fix
+    /// (it is full, say): accepted writes stay in memory and are retried.
+    #[error(
+        "the PSS refuses this volume's write-back ({0}); accepted writes stay in memory and \
+         are retried"
+    )]
+    WritebackRefused(String),
 }
 
 impl From<NmsError> for tonic::Status {
@@ -48,6 +55,7 @@ impl From<NmsError> for tonic::Status {
             NmsError::Unavailable(_) => Status::unavailable(msg),
             NmsError::Timeout(_) => Status::deadline_exceeded(msg),
             NmsError::Precondition(_) => Status::failed_precondition(msg),
+            NmsError::WritebackRefused(_) => Status::resource_exhausted(msg),
         }
     }
 }

@@ -1565,6 +1565,79 @@ async fn a_vanished_vehicle_with_a_stream_open_does_not_hold_up_shutdown() {
     cluster.shutdown().await;
 }
 
+/// A PSS that refuses write-back for good (full: `max_blocks`) does not make a flush wait
+/// out its deadline: it fails at once with RESOURCE_EXHAUSTED naming the PSS's limit,
+/// and so does a write that finds the dirty limit reached. Nothing accepted is dropped:
+/// reads still see every write, and once the PSS has room the write-back (retrying all
+/// along) lands and a flush succeeds with every block in the PSS.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pss_refusing_write_back_fails_a_flush_at_once_and_nothing_is_dropped() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cluster = LocalCluster::start_with(1, dir.path(), |c| c.max_blocks = 4).await.unwrap();
+    let a = Nms::start("a", &cluster.endpoints(), |c| {
+        // Without the refusal noticed, a flush would wait this long (and the test fail on
+        // the timeout below).
+        c.pss_deadline_ms = 120_000;
+        c.backpressure_wait_ms = 120_000;
+        c.dirty_limit_bytes_per_volume = 12 * (BS as u64 + ENTRY_OVERHEAD_BYTES);
+    })
+    .await;
+    a.create_volume("full", "key").await;
+    let mut raw = a.raw().await;
+    let write = |block: u64| pb::WriteRequest {
+        auth: auth("full", "key"),
+        op: Some(pb::WriteOp {
+            block,
+            offset: 0,
+            data: block_data(block, 1).into(),
+            request_id: None,
+        }),
+    };
+    for block in 0..12 {
+        raw.write(write(block)).await.unwrap();
+    }
+    let flushed = tokio::time::timeout(
+        Duration::from_secs(30),
+        raw.flush(pb::FlushRequest { auth: auth("full", "key") }),
+    )
+    .await
+    .expect("the flush answers without waiting out pss_deadline_ms");
+    let e = flushed.expect_err("the PSS holds only 4 blocks");
+    assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e:?}");
+    assert!(e.message().contains("max_blocks"), "the PSS's limit is named: {e:?}");
+    // The dirty limit is reached: a write fails the same way instead of waiting.
+    let w = tokio::time::timeout(Duration::from_secs(30), raw.write(write(12)))
+        .await
+        .expect("the write answers without waiting out backpressure_wait_ms");
+    assert_eq!(w.expect_err("dirty limit reached").code(), tonic::Code::ResourceExhausted);
+    // Nothing accepted was dropped.
+    for block in 0..12 {
+        let r = raw
+            .read(pb::ReadRequest {
+                auth: auth("full", "key"),
+                op: Some(pb::ReadOp { block, offset: 0, length: 0 }),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(r.data, block_data(block, 1), "block {block} still reads back");
+    }
+    // Room in the PSS: the write-back lands and a flush succeeds.
+    cluster.stop_node(1).await.unwrap();
+    cluster.reconfigure(1, |c| c.max_blocks = 1024).unwrap();
+    cluster.restart_node(1).await.unwrap();
+    let c = VolumeClient::open(opts(&[&a.ep], "full", "key")).await.unwrap();
+    let p = c.flush().await.unwrap();
+    assert!(p.0 >= 12, "every accepted write persisted ({p:?})");
+    let all: Vec<u64> = (0..12).collect();
+    let stored = pss_blocks(&cluster, "full", &all).await;
+    for block in 0..12 {
+        assert_eq!(stored.get(&block), Some(&block_data(block, 1)), "block {block} in the PSS");
+    }
+    a.stop().await;
+    cluster.shutdown().await;
+}
+
 /// With a write-back delay, a block rewritten as fast as the vehicle can costs about one
 /// PSS write per delay, not one per PSS round trip; a flush still persists everything at
 /// once, and the PSS has the last data.

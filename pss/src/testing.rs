@@ -152,6 +152,13 @@ impl LocalCluster {
         }
     }
 
+    /// Changes node `id`'s configuration for its next [`restart_node`](Self::restart_node).
+    pub fn reconfigure(&mut self, id: u64, adjust: impl FnOnce(&mut Config)) -> anyhow::Result<()> {
+        let slot = self.slots.iter_mut().find(|s| s.config.id == id).context("no such node")?;
+        adjust(&mut slot.config);
+        Ok(())
+    }
+
     /// Starts a stopped node again on its old address with its data dir.
     pub async fn restart_node(&mut self, id: u64) -> anyhow::Result<()> {
         let slot = self.slots.iter_mut().find(|s| s.config.id == id).context("no such node")?;

@@ -199,6 +199,11 @@ pub(crate) struct Handle {
     held: AtomicBool,
     /// A write-back batch is on its way to the PSS (set before `held` is checked).
     in_flight: AtomicBool,
+    /// Why the PSS refused the last write-back batch, when it refused it for a reason
+    /// retrying alone will not fix (full, the volume gone); cleared when a batch lands.
+    /// The writer goes on retrying (nothing accepted is dropped); a flush says why it
+    /// cannot finish instead of waiting out its deadline.
+    refused: Mutex<Option<String>>,
 }
 
 /// A volume's write-back held by [`Node::hold_writeback`]; dropping it lets the writer go
@@ -530,6 +535,7 @@ impl Node {
             migrating: AtomicBool::new(false),
             held: AtomicBool::new(false),
             in_flight: AtomicBool::new(false),
+            refused: Mutex::new(None),
         });
         if let Some(old) = self.handles.lock().expect("poisoned").insert(v.clone(), h.clone()) {
             old.cancel.cancel();
@@ -641,6 +647,7 @@ impl Node {
                 loop {
                     match self.store.write_batch(wb.clone()).await {
                         Ok(_) => {
+                            *h.refused.lock().expect("poisoned") = None;
                             // A batch of a volume replaced meanwhile completes nothing.
                             let current = self.core().complete_batch(&batch, true);
                             h.in_flight.store(false, Ordering::SeqCst);
@@ -669,6 +676,10 @@ impl Node {
                             return;
                         }
                         Err(e) => {
+                            if matches!(e, StoreError::Refused(_) | StoreError::NotFound(_)) {
+                                *h.refused.lock().expect("poisoned") = Some(e.to_string());
+                                self.bump();
+                            }
                             warn!(error = %e, ?backoff, "write-back failed; retrying");
                             tokio::select! {
                                 _ = tokio::time::sleep(backoff) => {}
@@ -979,6 +990,12 @@ impl Node {
                     }
                 }
                 Err(e @ CacheError::DirtyFull { .. }) => {
+                    // Waiting for write-back the PSS refuses would only use up the deadline.
+                    if let Some(why) =
+                        self.handle(v).and_then(|h| h.refused.lock().expect("poisoned").clone())
+                    {
+                        return Err(NmsError::WritebackRefused(why));
+                    }
                     self.hurry(v);
                     if !self.wait_progress(&mut rx, space_deadline).await {
                         return Err(self.cache_error(v, e));
@@ -1010,6 +1027,11 @@ impl Node {
                     _ if x.persisted >= target => return Ok(x.persisted),
                     _ => {}
                 }
+            }
+            if let Some(why) =
+                self.handle(v).and_then(|h| h.refused.lock().expect("poisoned").clone())
+            {
+                return Err(NmsError::WritebackRefused(why));
             }
             self.hurry(v);
             if !self.wait_progress(&mut rx, deadline).await {
