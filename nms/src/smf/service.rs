@@ -39,6 +39,11 @@ pub struct SmfConfig {
     pub max_concurrent_moves: usize,
     /// Longest one StartMigration call may take, milliseconds.
     pub migration_rpc_timeout_ms: u64,
+    /// After a StartMigration whose outcome the SMF did not hear (the call timed out or
+    /// failed once sent: the move may have gone on at the NMSs), how long the SMF asks the
+    /// move's two NMSs where the volume ended up, milliseconds (the volume's RSU stays
+    /// what it was if they do not tell in time).
+    pub locate_wait_ms: u64,
     /// Vehicles tracked at once (RESOURCE_EXHAUSTED beyond, once no tracked vehicle has been
     /// silent for `idle_forget_ms`).
     pub max_vehicles: usize,
@@ -62,6 +67,7 @@ impl Default for SmfConfig {
             max_move_records: 10_000,
             max_concurrent_moves: 16,
             migration_rpc_timeout_ms: 60_000,
+            locate_wait_ms: 30_000,
             max_vehicles: 10_000,
             max_volumes: 10_000,
             idle_forget_ms: 600_000,
@@ -93,6 +99,19 @@ impl SmfConfig {
         Ok(())
     }
 }
+
+/// A StartMigration that did not report: `sent` once the source may have started the move.
+#[derive(Debug)]
+struct CallError {
+    sent: bool,
+    message: String,
+}
+
+/// Each NodeStatus call of [`Smf::locate`].
+const LOCATE_CALL_TIMEOUT: Duration = Duration::from_secs(2);
+/// [`Smf::locate`] asks again after this, doubling up to [`LOCATE_MAX_PAUSE`].
+const LOCATE_FIRST_PAUSE: Duration = Duration::from_millis(10);
+const LOCATE_MAX_PAUSE: Duration = Duration::from_millis(500);
 
 /// A vehicle's scenario clock: `time_s` was reported at wall instant `at`.
 #[derive(Debug, Clone, Copy)]
@@ -357,6 +376,12 @@ impl Smf {
         info!(from = %src.name, to = %dst.name, kind = ?p.kind, planned = p.planned_start_s, actual = actual_start_s, "move starting");
         let result = self.call_migrate(&src.nms_address, &volume, &dst.nms_address).await;
         let wall = start.elapsed().as_secs_f64();
+        // An outcome the SMF did not hear: the move may have completed at the NMSs, and the
+        // next move must start where the volume is, not where the SMF last saw it.
+        let found = match &result {
+            Err(e) if e.sent => self.locate(&road, &volume, p.from, p.to).await,
+            _ => None,
+        };
         let scale = self.cfg.time_scale;
         let mut rec = pb::MoveRecord {
             vehicle: p.vehicle.clone(),
@@ -390,7 +415,10 @@ impl Smf {
                 warn!(error = %rep.error, "move aborted");
             }
             Err(e) => {
-                rec.error = e;
+                rec.error = e.message;
+                if let Some(i) = found {
+                    rec.error += &format!("; the volume is at {} now", road.rsus()[i].name);
+                }
                 warn!(error = %rec.error, "move failed");
             }
         }
@@ -401,6 +429,8 @@ impl Smf {
                 v.moving = false;
                 if rec.ok {
                     v.at = Some(p.to);
+                } else if found.is_some() {
+                    v.at = found;
                 }
             }
         }
@@ -415,24 +445,90 @@ impl Smf {
         source: &str,
         volume: &str,
         target: &str,
-    ) -> Result<pb::MigrationReport, String> {
-        let ep = Endpoint::parse(source).map_err(|e| format!("source address {source:?}: {e}"))?;
-        let channel = tonic::transport::Endpoint::from_shared(ep.uri().to_string())
-            .map_err(|e| format!("source address {source:?}: {e}"))?
-            .connect_timeout(Duration::from_secs(2))
-            .timeout(Duration::from_millis(self.cfg.migration_rpc_timeout_ms))
-            .connect()
+    ) -> Result<pb::MigrationReport, CallError> {
+        let unsent = |message: String| CallError { sent: false, message };
+        let mut client = self
+            .admin(source, Duration::from_millis(self.cfg.migration_rpc_timeout_ms))
             .await
-            .map_err(|e| format!("connecting to {source}: {e}"))?;
-        let mut client = pb::nms_admin_client::NmsAdminClient::new(channel);
+            .map_err(unsent)?;
         let req = pb::StartMigrationRequest {
             volume: volume.to_string(),
             target_address: target.to_string(),
             ..Default::default()
         };
+        let token = self.cfg.cluster_token.as_ref();
         tokio::select! {
-            r = client.start_migration(wayside_proto::token::request(self.cfg.cluster_token.as_ref(), req)) => r.map(|r| r.into_inner()).map_err(|s| format!("StartMigration: {}: {}", s.code(), s.message())),
-            () = self.stop.cancelled() => Err("SMF stopping".into()),
+            r = client.start_migration(wayside_proto::token::request(token, req)) => {
+                r.map(|r| r.into_inner()).map_err(|s| CallError {
+                    sent: true,
+                    message: format!("StartMigration: {}: {}", s.code(), s.message()),
+                })
+            }
+            () = self.stop.cancelled() => {
+                Err(CallError { sent: true, message: "SMF stopping".into() })
+            }
+        }
+    }
+
+    /// An admin client of the NMS at `address`, each call bounded by `timeout`.
+    async fn admin(
+        &self,
+        address: &str,
+        timeout: Duration,
+    ) -> Result<pb::nms_admin_client::NmsAdminClient<tonic::transport::Channel>, String> {
+        let ep = Endpoint::parse(address).map_err(|e| format!("NMS address {address:?}: {e}"))?;
+        let channel = tonic::transport::Endpoint::from_shared(ep.uri().to_string())
+            .map_err(|e| format!("NMS address {address:?}: {e}"))?
+            .connect_timeout(Duration::from_secs(2))
+            .timeout(timeout)
+            .connect()
+            .await
+            .map_err(|e| format!("connecting to {address}: {e}"))?;
+        Ok(pb::nms_admin_client::NmsAdminClient::new(channel))
+    }
+
+    /// The epoch at which the NMS at `address` holds `volume` (`None`: it does not; a volume
+    /// it moved away is not listed), by its NodeStatus.
+    async fn epoch_at(&self, address: &str, volume: &str) -> Result<Option<u64>, String> {
+        let mut client = self.admin(address, LOCATE_CALL_TIMEOUT).await?;
+        let req = wayside_proto::token::request(
+            self.cfg.cluster_token.as_ref(),
+            pb::NodeStatusRequest {},
+        );
+        let s = client.node_status(req).await.map_err(|s| s.message().to_owned())?.into_inner();
+        Ok(s.volume_info.iter().find(|v| v.volume == volume).map(|v| v.epoch))
+    }
+
+    /// Where `volume` is after a move `from` -> `to` whose outcome the SMF did not hear:
+    /// the one of the two NMSs holding it alone, or at the newer epoch (the target raised
+    /// it). Both holding it at one epoch is a move still running (or aborted, the target's
+    /// copy not dropped yet): asked again until it settles, within `locate_wait_ms`.
+    /// `None`: neither told in time.
+    async fn locate(&self, road: &Road, volume: &str, from: usize, to: usize) -> Option<usize> {
+        let deadline = Instant::now() + Duration::from_millis(self.cfg.locate_wait_ms);
+        let mut pause = LOCATE_FIRST_PAUSE;
+        loop {
+            let (at_from, at_to) = tokio::join!(
+                self.epoch_at(&road.rsus()[from].nms_address, volume),
+                self.epoch_at(&road.rsus()[to].nms_address, volume)
+            );
+            match (&at_from, &at_to) {
+                (Ok(Some(a)), Ok(Some(b))) if b > a => return Some(to),
+                (Ok(Some(a)), Ok(Some(b))) if b < a => return Some(from),
+                (Ok(None), Ok(Some(_))) => return Some(to),
+                (Ok(Some(_)), Ok(None)) => return Some(from),
+                (Ok(None), Ok(None)) => return None,
+                _ => {}
+            }
+            if Instant::now() + pause >= deadline {
+                warn!(?at_from, ?at_to, "could not tell where the volume is after the move");
+                return None;
+            }
+            tokio::select! {
+                () = tokio::time::sleep(pause) => {}
+                () = self.stop.cancelled() => return None,
+            }
+            pause = (pause * 2).min(LOCATE_MAX_PAUSE);
         }
     }
 
@@ -638,6 +734,64 @@ mod tests {
             CancellationToken::new()
         )
         .is_err());
+    }
+
+    /// A StartMigration the SMF gave up on (its 25 ms ran out) while the NMSs went on and
+    /// completed the move: the SMF asks them where the volume is, so the next move starts
+    /// from B (it would start from A, which no longer has it, and fail).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_move_whose_answer_the_smf_missed_is_located_where_it_ended() {
+        use crate::client::{ClientOptions, VolumeClient};
+        use crate::testing::LocalNms;
+        use wayside_proto::types::{BlockSize, Credential, VolumeName};
+        let dir = tempfile::tempdir().unwrap();
+        let cluster = wayside_pss::testing::LocalCluster::start(1, dir.path()).await.unwrap();
+        let a = LocalNms::start("a", &cluster.endpoints(), |_| {}).await;
+        let b = LocalNms::start("b", &cluster.endpoints(), |_| {}).await;
+        let mut o = ClientOptions::new(
+            vec![a.ep.clone()],
+            VolumeName::new("vol").unwrap(),
+            Credential::new("key").unwrap(),
+        );
+        o.create_block_size = Some(BlockSize::new(4096).unwrap());
+        let c = VolumeClient::open(o).await.unwrap();
+        // 16 MiB to move: the move (~60 ms on loopback) outlasts the SMF's 25 ms.
+        c.write_many((0..4096).map(|b| (b, 0, vec![b as u8; 4096])).collect()).await.unwrap();
+        let cfg = SmfConfig { migration_rpc_timeout_ms: 25, ..Default::default() };
+        let smf = Smf::new(cfg, CancellationToken::new()).unwrap();
+        let mut r = road("unused");
+        r.rsus[0].nms_address = a.ep.authority().into();
+        r.rsus[1].nms_address = b.ep.authority().into();
+        smf.set_road(r).unwrap();
+        smf.report(&report(0.0, 0.0)).unwrap();
+        assert_eq!(smf.lock().volumes["vol"].at, Some(0), "first seen at A");
+        let (road, _) = smf.lock().road.clone().unwrap();
+        let now = Instant::now();
+        let p = Pending {
+            vehicle: "car".into(),
+            road_gen: smf.lock().road_gen,
+            from: 0,
+            to: 1,
+            kind: Kind::Reactive,
+            planned_start_s: 0.0,
+            due: now,
+            predicted_smt_s: 0.0,
+            clock: Clock { at: now, time_s: 0.0, scale: 1.0 },
+        };
+        smf.do_move(road, "vol".into(), p).await;
+        let m = &smf.moves("car")[0];
+        println!("{m:?}");
+        assert!(!m.ok && m.error.contains("StartMigration"), "the SMF missed the answer: {m:?}");
+        assert!(m.error.contains("the volume is at B now"), "{m:?}");
+        assert_eq!(smf.lock().volumes["vol"].at, Some(1), "the SMF knows the volume is at B");
+        // And it is: B serves it, with its data.
+        assert_eq!(c.read(4095, 0, None).await.unwrap().unwrap(), vec![4095u16 as u8; 4096]);
+        let status = smf.epoch_at(&b.ep.authority().to_string(), "vol").await.unwrap();
+        assert!(status.is_some(), "B holds the volume");
+        drop(c);
+        a.stop().await;
+        b.stop().await;
+        cluster.shutdown().await;
     }
 
     #[tokio::test]
