@@ -786,7 +786,7 @@ mod tests {
         assert_eq!(smf.lock().volumes["vol"].at, Some(1), "the SMF knows the volume is at B");
         // And it is: B serves it, with its data.
         assert_eq!(c.read(4095, 0, None).await.unwrap().unwrap(), vec![4095u16 as u8; 4096]);
-        let status = smf.epoch_at(&b.ep.authority().to_string(), "vol").await.unwrap();
+        let status = smf.epoch_at(b.ep.authority(), "vol").await.unwrap();
         assert!(status.is_some(), "B holds the volume");
         drop(c);
         a.stop().await;
