@@ -31,6 +31,9 @@ pub enum FsError {
     TooBig { max_bytes: u64 },
     #[error("no free inode (max_inodes = {max_inodes})")]
     NoInodes { max_inodes: u64 },
+    /// A directory's slots fill its inode's fixed data range: out of space, not a file too big.
+    #[error("directory is full ({max_entries} entries)")]
+    DirFull { max_entries: u64 },
     #[error("operation not supported: {0}")]
     Unsupported(&'static str),
     #[error(transparent)]
@@ -53,7 +56,7 @@ impl FsError {
             FsError::NameTooLong => libc::ENAMETOOLONG,
             FsError::Invalid(_) => libc::EINVAL,
             FsError::TooBig { .. } => libc::EFBIG,
-            FsError::NoInodes { .. } => libc::ENOSPC,
+            FsError::NoInodes { .. } | FsError::DirFull { .. } => libc::ENOSPC,
             FsError::Unsupported(_) => libc::EOPNOTSUPP,
             FsError::Device(DeviceError::Timeout { .. }) => libc::ETIMEDOUT,
             FsError::Device(_) | FsError::Layout(_) | FsError::Corrupt(_) => libc::EIO,
@@ -361,7 +364,21 @@ impl<D: BlockDevice> Fs<D> {
         Ok((old, fresh))
     }
 
+    /// The slot the next entry of directory `parent` (loaded) goes to, and where it lives:
+    /// (slot, data block index, volume block, byte offset). Changes nothing, so a caller can
+    /// check for room before it changes anything else.
+    fn next_slot(&self, parent: u64) -> Result<(u64, u64, u64, u32)> {
+        let dir = self.dirs.get(&parent).expect("directory loaded");
+        let slot = dir.free_slots.first().copied().unwrap_or(dir.slots);
+        let (index, offset) = self.sb.dirent_location(slot);
+        let block = self.sb.data_block(parent, index).ok_or(FsError::DirFull {
+            max_entries: self.sb.file_stride_blocks * self.sb.dirents_per_block(),
+        })?;
+        Ok((slot, index, block, offset))
+    }
+
     /// Adds `name -> child` to directory `parent` (loaded), returning the ops that write the slot.
+    /// Fails (with nothing changed) when the directory is full.
     fn add_entry(
         &mut self,
         parent: u64,
@@ -370,21 +387,14 @@ impl<D: BlockDevice> Fs<D> {
         ops: &mut Vec<BlockOp>,
     ) -> Result<()> {
         let sb = self.sb;
+        let (slot, index, block, offset) = self.next_slot(parent)?;
         let dir = self.dirs.get_mut(&parent).expect("directory loaded");
-        let slot = match dir.free_slots.pop_first() {
-            Some(slot) => slot,
-            None => {
-                dir.slots += 1;
-                dir.slots - 1
-            }
-        };
+        if !dir.free_slots.remove(&slot) {
+            dir.slots += 1;
+        }
         dir.by_slot.insert(slot, name.to_vec());
         dir.by_name.insert(name.to_vec(), (child, slot));
         let slots = dir.slots;
-        let (index, offset) = sb.dirent_location(slot);
-        let block = sb
-            .data_block(parent, index)
-            .ok_or(FsError::TooBig { max_bytes: sb.max_file_bytes() })?;
         let parent_inode = self.inodes.get(&parent).expect("live directory");
         let fresh = index >= parent_inode.size.div_ceil(u64::from(sb.block_size));
         ops.push(BlockOp::Write { block, offset, data: encode_dirent(child, name), fresh });
@@ -434,6 +444,9 @@ impl<D: BlockDevice> Fs<D> {
         if self.load_dir(parent)?.by_name.contains_key(name) {
             return Err(FsError::Exists);
         }
+        // Room for the name before the inode: allocating may raise the in-memory high-water
+        // mark, which must not happen for a create that then fails.
+        self.next_slot(parent)?;
         let mut ops = Vec::new();
         let (ino, fresh) = self.alloc_ino(&mut ops)?;
         let now = self.now();
@@ -458,11 +471,7 @@ impl<D: BlockDevice> Fs<D> {
         }
         // Order: the inode (and its data) before the name that makes it reachable.
         ops.push(self.inode_op(&inode, fresh));
-        let res = self.add_entry(parent, name, ino, &mut ops);
-        if let Err(e) = res {
-            self.free_inos.insert(ino);
-            return Err(e);
-        }
+        self.add_entry(parent, name, ino, &mut ops)?;
         if kind == Kind::Dir {
             self.inodes.get_mut(&parent).expect("live").nlink += 1;
         }
@@ -505,6 +514,8 @@ impl<D: BlockDevice> Fs<D> {
         if self.load_dir(newparent)?.by_name.contains_key(newname) {
             return Err(FsError::Exists);
         }
+        // Room first: the link count below must not rise for a link that then fails.
+        self.next_slot(newparent)?;
         let now = self.now();
         let inode = self.inodes.get_mut(&ino).expect("checked");
         inode.nlink += 1;

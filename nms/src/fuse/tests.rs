@@ -197,3 +197,32 @@ fn errors_map_to_posix_errno() {
     assert_eq!(t.unlink("d"), Err(libc::EISDIR));
     assert_eq!(t.rmdir("d/x"), Err(libc::ENOTDIR));
 }
+
+#[test]
+fn a_full_directory_reports_enospc_and_keeps_no_trace_of_the_refused_name() {
+    // One data block per inode: a directory holds 4096 / 264 = 15 entries.
+    let params = FormatParams { max_inodes: 64, file_stride_blocks: 1 };
+    let mut t = CoreTarget::new(Arc::new(MemDevice::new(4096)), params);
+    t.mkdir("d").unwrap();
+    for i in 0..15 {
+        t.create(&format!("d/f{i}")).unwrap();
+    }
+    t.create("g").unwrap();
+    assert_eq!(t.create("d/more"), Err(libc::ENOSPC));
+    assert_eq!(t.mkdir("d/more"), Err(libc::ENOSPC));
+    assert_eq!(t.symlink(b"g", "d/more"), Err(libc::ENOSPC));
+    assert_eq!(t.rename("g", "d/more"), Err(libc::ENOSPC));
+    let (d, g) = (t.resolve("d").unwrap(), t.resolve("g").unwrap());
+    assert_eq!(errno(t.fs().link(g, d, b"more")).map(drop), Err(libc::ENOSPC));
+    // The refused name and link left nothing behind, in memory or on the device.
+    assert_eq!(t.fs().attr(g).unwrap().nlink, 1);
+    assert_eq!(t.kind("d/more"), Err(libc::ENOENT));
+    t.unlink("d/f0").unwrap();
+    t.create("d/more").unwrap();
+    t.remount().unwrap();
+    let mut want: Vec<String> = (1..15).map(|i| format!("f{i}")).collect();
+    want.push("more".into());
+    want.sort();
+    assert_eq!(t.list("d").unwrap(), want);
+    assert_eq!(t.fs().attr(g).unwrap().nlink, 1);
+}
