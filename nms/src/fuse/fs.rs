@@ -42,6 +42,9 @@ pub enum FsError {
     Layout(#[from] LayoutError),
     #[error("corrupt file system: {0}")]
     Corrupt(String),
+    /// An earlier device write failed; changes are refused until the next mount.
+    #[error("the file system refuses changes after a failed device write; mount it again")]
+    Failed,
 }
 
 impl FsError {
@@ -59,7 +62,9 @@ impl FsError {
             FsError::NoInodes { .. } | FsError::DirFull { .. } => libc::ENOSPC,
             FsError::Unsupported(_) => libc::EOPNOTSUPP,
             FsError::Device(DeviceError::Timeout { .. }) => libc::ETIMEDOUT,
-            FsError::Device(_) | FsError::Layout(_) | FsError::Corrupt(_) => libc::EIO,
+            FsError::Device(_) | FsError::Layout(_) | FsError::Corrupt(_) | FsError::Failed => {
+                libc::EIO
+            }
         }
     }
 }
@@ -131,6 +136,8 @@ pub struct Fs<D> {
     dirs: HashMap<u64, Dir>,
     open_counts: HashMap<u64, u32>,
     clock: Clock,
+    /// Set by the first failed device write (see [`Fs::apply`]); cleared only by mounting again.
+    failed: bool,
 }
 
 impl<D: BlockDevice> Fs<D> {
@@ -150,6 +157,7 @@ impl<D: BlockDevice> Fs<D> {
             dirs: HashMap::new(),
             open_counts: HashMap::new(),
             clock,
+            failed: false,
         };
         fs.load_inodes()?;
         fs.collect_orphans()?;
@@ -183,6 +191,7 @@ impl<D: BlockDevice> Fs<D> {
             dirs: HashMap::new(),
             open_counts: HashMap::new(),
             clock,
+            failed: false,
         };
         // The root inode first, the superblock (which makes the volume a file system) last.
         let ops = vec![fs.inode_op(&root, true), fs.superblock_op()];
@@ -435,6 +444,7 @@ impl<D: BlockDevice> Fs<D> {
         gid: u32,
         symlink_target: Option<&[u8]>,
     ) -> Result<Inode> {
+        self.writable()?;
         Self::check_name(name)?;
         if let Some(t) = symlink_target {
             if t.is_empty() || t.len() > MAX_SYMLINK_BYTES {
@@ -481,18 +491,48 @@ impl<D: BlockDevice> Fs<D> {
         if kind == Kind::Dir {
             self.dirs.insert(ino, Dir::default());
         }
-        self.apply(ops)?;
+        self.apply(ops, true)?;
         Ok(inode)
     }
 
-    /// Applies ops; on failure the in-memory state may be ahead of the device, so drop what can
-    /// be reloaded (directories) to keep later operations honest.
-    fn apply(&mut self, ops: Vec<BlockOp>) -> Result<()> {
-        if let Err(e) = self.dev.apply(ops) {
-            self.dirs.clear();
-            return Err(e.into());
+    /// Applies one operation's ops. `memory_changed`: the operation already changed the
+    /// in-memory state (inodes, directories, the high-water mark) to match them.
+    ///
+    /// When the device fails, memory may be ahead of it: the operation's changes are in memory
+    /// and the device applied any prefix of its ops. A later successful write would then persist
+    /// that state (an inode past the high-water mark the device has, a link count of a rename
+    /// that never happened), so, like ext4's errors=remount-ro, the first failure stops all
+    /// changes until the next mount reloads the state from the device; reads go on. The one
+    /// failure that leaves both sides as they were is a timeout (the device applied nothing) of
+    /// an operation that changes memory only after it succeeds: a write or setattr while the
+    /// journal is full and the link down fails with ETIMEDOUT and may be retried.
+    fn apply(&mut self, ops: Vec<BlockOp>, memory_changed: bool) -> Result<()> {
+        match self.dev.apply(ops) {
+            Ok(()) => Ok(()),
+            Err(e @ DeviceError::Timeout { .. }) if !memory_changed => Err(e.into()),
+            Err(e) => {
+                if !self.failed {
+                    tracing::error!(error = %e, "a device write failed: the file system refuses changes (EIO) until it is mounted again");
+                }
+                self.failed = true;
+                // Directories are reloaded from the device for the reads that go on.
+                self.dirs.clear();
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Refuses a change once a device write has failed (see [`Fs::apply`]).
+    fn writable(&self) -> Result<()> {
+        if self.failed {
+            return Err(FsError::Failed);
         }
         Ok(())
+    }
+
+    /// Whether a failed device write has stopped changes until the next mount.
+    pub fn failed(&self) -> bool {
+        self.failed
     }
 
     /// A symlink's target.
@@ -507,6 +547,7 @@ impl<D: BlockDevice> Fs<D> {
 
     /// A new name `newname` in `newparent` for the file `ino`.
     pub fn link(&mut self, ino: u64, newparent: u64, newname: &[u8]) -> Result<Inode> {
+        self.writable()?;
         Self::check_name(newname)?;
         if self.attr(ino)?.kind == Kind::Dir {
             return Err(FsError::Unsupported("hard links to directories"));
@@ -525,12 +566,13 @@ impl<D: BlockDevice> Fs<D> {
         self.add_entry(newparent, newname, ino, &mut ops)?;
         let p = self.inodes[&newparent].clone();
         ops.push(self.inode_op(&p, false));
-        self.apply(ops)?;
+        self.apply(ops, true)?;
         Ok(inode)
     }
 
     /// Removes a non-directory name.
     pub fn unlink(&mut self, parent: u64, name: &[u8]) -> Result<()> {
+        self.writable()?;
         let child = self.lookup(parent, name)?;
         if child.kind == Kind::Dir {
             return Err(FsError::IsDir);
@@ -540,12 +582,13 @@ impl<D: BlockDevice> Fs<D> {
         let p = self.inodes[&parent].clone();
         ops.push(self.inode_op(&p, false));
         self.drop_link(child.ino, &mut ops);
-        self.apply(ops)?;
+        self.apply(ops, true)?;
         self.maybe_free(child.ino)
     }
 
     /// Removes an empty directory.
     pub fn rmdir(&mut self, parent: u64, name: &[u8]) -> Result<()> {
+        self.writable()?;
         if name == b"." {
             return Err(FsError::Invalid("rmdir of ."));
         }
@@ -568,7 +611,7 @@ impl<D: BlockDevice> Fs<D> {
         c.nlink = 0;
         let c = c.clone();
         ops.push(self.inode_op(&c, false));
-        self.apply(ops)?;
+        self.apply(ops, true)?;
         self.maybe_free(child.ino)
     }
 
@@ -585,6 +628,8 @@ impl<D: BlockDevice> Fs<D> {
     fn maybe_free(&mut self, ino: u64) -> Result<()> {
         let unlinked = self.inodes.get(&ino).is_some_and(|i| i.nlink == 0);
         if unlinked && self.open_counts.get(&ino).copied().unwrap_or(0) == 0 {
+            // After a failure the inode stays an orphan, which the next mount frees.
+            self.writable()?;
             self.free_inode(ino)?;
         }
         Ok(())
@@ -600,7 +645,7 @@ impl<D: BlockDevice> Fs<D> {
             }
         }
         ops.push(self.free_inode_op(ino));
-        self.dev.apply(ops)?;
+        self.apply(ops, false)?;
         self.inodes.remove(&ino);
         self.dirs.remove(&ino);
         self.free_inos.insert(ino);
@@ -617,6 +662,7 @@ impl<D: BlockDevice> Fs<D> {
         newname: &[u8],
         noreplace: bool,
     ) -> Result<()> {
+        self.writable()?;
         Self::check_name(newname)?;
         let src = self.lookup(parent, name)?;
         self.load_dir(newparent)?;
@@ -672,12 +718,12 @@ impl<D: BlockDevice> Fs<D> {
             self.add_entry(newparent, newname, src.ino, &mut ops)?;
             // Keep the slot write after the free of the same slot: both go to one place, in order.
             self.finish_rename(parent, name, newparent, &src, &mut ops)?;
-            self.apply(ops)?;
+            self.apply(ops, true)?;
             return self.maybe_free(dst_ino);
         }
         self.add_entry(newparent, newname, src.ino, &mut ops)?;
         self.finish_rename(parent, name, newparent, &src, &mut ops)?;
-        self.apply(ops)
+        self.apply(ops, true)
     }
 
     fn finish_rename(
@@ -709,6 +755,7 @@ impl<D: BlockDevice> Fs<D> {
 
     /// Changes attributes; a size change truncates or extends the file.
     pub fn setattr(&mut self, ino: u64, set: SetAttr) -> Result<Inode> {
+        self.writable()?;
         let mut inode = self.attr(ino)?;
         let now = self.now();
         let mut ops = Vec::new();
@@ -742,7 +789,7 @@ impl<D: BlockDevice> Fs<D> {
         }
         inode.ctime = now;
         ops.push(self.inode_op(&inode, false));
-        self.dev.apply(ops)?;
+        self.apply(ops, false)?;
         self.inodes.insert(ino, inode.clone());
         Ok(inode)
     }
@@ -810,6 +857,7 @@ impl<D: BlockDevice> Fs<D> {
     /// Writes `data` at `offset`, growing the file as needed. Data and the new size reach the
     /// device in one batch, so a crash keeps both or neither of the size change.
     pub fn write(&mut self, ino: u64, offset: u64, data: &[u8]) -> Result<u32> {
+        self.writable()?;
         let mut inode = self.attr(ino)?;
         match inode.kind {
             Kind::Dir => return Err(FsError::IsDir),
@@ -843,7 +891,7 @@ impl<D: BlockDevice> Fs<D> {
         inode.mtime = now;
         inode.ctime = now;
         ops.push(self.inode_op(&inode, false));
-        self.dev.apply(ops)?;
+        self.apply(ops, false)?;
         self.inodes.insert(ino, inode);
         Ok(data.len() as u32)
     }
