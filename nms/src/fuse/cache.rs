@@ -4,9 +4,11 @@
 //! - **Journal**: every batch of block changes is appended to a segment file under
 //!   `<cache-dir>/journal/` and `fdatasync`ed before the file system call returns, so it
 //!   survives a crash of the mount process (and of the OBU). Records carry a sequence number and
-//!   a CRC; recovery stops at the first torn record of the last segment. The unpersisted bytes are
-//!   bounded by `journal_limit_bytes`: past it, writers wait (up to the operation timeout) for the
-//!   uploader to make room.
+//!   a CRC; recovery stops at the first torn record of the last segment, so a failed append is cut
+//!   back to the last whole record (or, if that fails too, ends the journal's appends for the
+//!   mount) and uses no sequence numbers. The unpersisted bytes are bounded by
+//!   `journal_limit_bytes`: past it, writers wait (up to the operation timeout) for the uploader
+//!   to make room.
 //! - **Uploader**: one owned task sends records to the volume in journal order, one at a time
 //!   (so two changes to one block can never be reordered), retrying with capped backoff while
 //!   the NMS is unreachable or the volume moves. After a flush of the volume (the persisted
@@ -280,7 +282,26 @@ struct State {
     tick: u64,
     cache_bytes: u64,
     refused: Option<String>,
+    /// Set when a failed append could not be cut back (see [`State::append`]): the active
+    /// segment may end in a partial record, so nothing more may follow it in this mount.
+    journal_broken: Option<String>,
     stats: CacheStats,
+    /// The next append fails as the test asks.
+    #[cfg(test)]
+    append_fault: Option<AppendFault>,
+    /// The cut back after the failed append fails too.
+    #[cfg(test)]
+    cut_fault: bool,
+}
+
+/// A failed append, injected by tests.
+#[cfg(test)]
+#[derive(Clone, Copy, Debug)]
+struct AppendFault {
+    /// Bytes of the batch written before the failure (a partial record when not a boundary).
+    after_bytes: usize,
+    /// The cut back to the segment's last whole record fails too.
+    cut_fails: bool,
 }
 
 struct Shared<R> {
@@ -363,7 +384,12 @@ impl<R: Remote> CachedVolume<R> {
             tick: 0,
             cache_bytes: 0,
             refused: None,
+            journal_broken: None,
             stats: CacheStats::default(),
+            #[cfg(test)]
+            append_fault: None,
+            #[cfg(test)]
+            cut_fault: false,
         };
         if let Some(r) = records.first() {
             state.accepted_upto = r.seq - 1;
@@ -580,6 +606,51 @@ impl<R: Remote> Shared<R> {
 }
 
 impl State {
+    /// Appends `buf` (whole records) to the active segment and makes it durable. A failed
+    /// append (ENOSPC part way, EIO, bytes not known durable) may leave part of a record
+    /// behind, and recovery stops at the first bad record of the last segment: every batch
+    /// appended after it would be dropped at the next mount. So on failure the segment is cut
+    /// back to where it ended; where even that fails, the journal takes no more appends in this
+    /// mount (the next one drops the partial tail as a torn record).
+    fn append(&mut self, buf: &[u8]) -> Result<(), DeviceError> {
+        let Err(e) = self.write_active(buf).and_then(|()| self.active.sync_data()) else {
+            self.active_bytes += buf.len() as u64;
+            return Ok(());
+        };
+        match self.cut_back() {
+            Ok(()) => {
+                tracing::warn!(error = %e, "a journal append failed; the segment was cut back to its last whole record")
+            }
+            Err(cut) => {
+                tracing::error!(error = %e, cut_error = %cut, "a journal append failed and the segment could not be cut back: no more writes until the next mount");
+                self.journal_broken =
+                    Some(format!("the journal could not be cut back after a failed append: {cut}"));
+            }
+        }
+        Err(e.into())
+    }
+
+    fn write_active(&mut self, buf: &[u8]) -> std::io::Result<()> {
+        #[cfg(test)]
+        if let Some(fault) = self.append_fault.take() {
+            self.cut_fault = fault.cut_fails;
+            self.active.write_all(&buf[..fault.after_bytes.min(buf.len())])?;
+            return Err(std::io::Error::from_raw_os_error(libc::ENOSPC));
+        }
+        self.active.write_all(buf)
+    }
+
+    /// Cuts the active segment back to its last whole record (it is opened for appending, so
+    /// the next append starts there).
+    fn cut_back(&mut self) -> std::io::Result<()> {
+        #[cfg(test)]
+        if std::mem::take(&mut self.cut_fault) {
+            return Err(std::io::Error::from_raw_os_error(libc::EIO));
+        }
+        self.active.set_len(self.active_bytes)?;
+        self.active.sync_data()
+    }
+
     fn touch(&mut self, block: u64, state: Cached) {
         self.tick += 1;
         let tick = self.tick;
@@ -792,6 +863,9 @@ impl<R: Remote> BlockDevice for CachedVolume<R> {
             }
         }
         let mut s = self.shared.lock();
+        if let Some(why) = &s.journal_broken {
+            return Err(DeviceError::Io(std::io::Error::other(why.clone())));
+        }
         // Room in the journal first (bounded wait): the uploader frees it as the volume persists.
         let cost: u64 = ops.iter().map(|op| Record { seq: 0, op: op.clone() }.cost()).sum();
         while s.journal_bytes > 0 && s.journal_bytes + cost > opts.journal_limit_bytes {
@@ -835,18 +909,18 @@ impl<R: Remote> BlockDevice for CachedVolume<R> {
                 }
             }
         }
-        // Journal (durable), then cache, then hand to the uploader.
+        // Journal (durable), then cache, then hand to the uploader. Everything above failed
+        // with nothing applied (as a Timeout must, by the BlockDevice contract); a failed append
+        // leaves the journal as it was, numbering included, so the next batch follows on.
         let mut buf = Vec::new();
         let mut records = Vec::with_capacity(ops.len());
-        for op in ops {
-            let r = Record { seq: s.next_seq, op };
-            s.next_seq += 1;
+        for (seq, op) in (s.next_seq..).zip(ops) {
+            let r = Record { seq, op };
             r.encode(&mut buf);
             records.push(r);
         }
-        s.active.write_all(&buf)?;
-        s.active.sync_data()?;
-        s.active_bytes += buf.len() as u64;
+        s.append(&buf)?;
+        s.next_seq += records.len() as u64;
         let last = s.next_seq - 1;
         s.segments.back_mut().expect("an active segment").last_seq = last;
         if s.active_bytes >= opts.journal_segment_bytes {
@@ -1462,6 +1536,71 @@ mod tests {
         model.remove(&6);
         for b in 0..7 {
             assert_eq!(remote.block(b), model.get(&b).cloned(), "block {b}");
+        }
+        assert!(dev.shutdown(Duration::from_secs(1)));
+    }
+
+    fn fresh(block: u64, byte: u8) -> BlockOp {
+        BlockOp::Write { block, offset: 0, data: vec![byte; 100], fresh: true }
+    }
+
+    /// With the volume down: applies a batch, injects `fault` into the next append, applies a
+    /// batch that must fail, then one more, whose outcome it returns; then "crashes" and mounts
+    /// again with the volume up and drains the journal.
+    fn append_fault_then_crash(
+        dir: &Path,
+        remote: &MemRemote,
+        rt: &tokio::runtime::Runtime,
+        fault: AppendFault,
+    ) -> (Result<(), DeviceError>, CachedVolume<MemRemote>) {
+        remote.set_down(true);
+        let after = {
+            let dev =
+                CachedVolume::open(remote.clone(), 4096, opts(dir), rt.handle().clone()).unwrap();
+            dev.apply(vec![fresh(1, 1), fresh(2, 1)]).unwrap();
+            dev.shared.lock().append_fault = Some(fault);
+            assert!(matches!(dev.apply(vec![fresh(3, 2), fresh(4, 2)]), Err(DeviceError::Io(_))));
+            // The failed batch used no sequence numbers.
+            assert_eq!(dev.last_seq(), 2);
+            dev.apply(vec![fresh(5, 3)])
+            // "Crash": nothing is drained.
+        };
+        remote.set_down(false);
+        let dev = CachedVolume::open(remote.clone(), 4096, opts(dir), rt.handle().clone()).unwrap();
+        dev.sync().unwrap();
+        (after, dev)
+    }
+
+    #[test]
+    fn a_failed_journal_append_is_cut_back_and_the_next_batch_survives_a_crash() {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = rt();
+        let remote = MemRemote::default();
+        // ENOSPC part way through the second record of the batch (each is 129 bytes).
+        let fault = AppendFault { after_bytes: 150, cut_fails: false };
+        let (after, dev) = append_fault_then_crash(dir.path(), &remote, &rt, fault);
+        after.unwrap();
+        // Before, the partial record stayed and recovery stopped at it: the failed batch's
+        // first record came back and the next batch, acknowledged, was lost.
+        assert_eq!(dev.stats().recovered, 3);
+        for (block, want) in [(1, Some(1)), (2, Some(1)), (3, None), (4, None), (5, Some(3))] {
+            assert_eq!(remote.block(block).map(|b| b[0]), want, "block {block}");
+        }
+        assert!(dev.shutdown(Duration::from_secs(1)));
+    }
+
+    #[test]
+    fn a_journal_that_cannot_be_cut_back_takes_no_more_appends() {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = rt();
+        let remote = MemRemote::default();
+        let fault = AppendFault { after_bytes: 50, cut_fails: true };
+        let (after, dev) = append_fault_then_crash(dir.path(), &remote, &rt, fault);
+        // Refused rather than written after the partial record, where recovery would drop it.
+        assert!(matches!(after, Err(DeviceError::Io(_))), "{after:?}");
+        assert_eq!(dev.stats().recovered, 2);
+        for (block, want) in [(1, Some(1)), (2, Some(1)), (3, None), (5, None)] {
+            assert_eq!(remote.block(block).map(|b| b[0]), want, "block {block}");
         }
         assert!(dev.shutdown(Duration::from_secs(1)));
     }
