@@ -578,6 +578,50 @@ impl<R: Remote> Shared<R> {
         self.evict(s, &keep)
     }
 
+    /// Applies a journalled change to the block's cached image.
+    fn cache_apply(&self, s: &mut State, op: &BlockOp) -> Result<(), DeviceError> {
+        let bs = u64::from(self.block_size);
+        let block = op.block();
+        let present = matches!(s.entries.get(&block).map(|e| e.state), Some(Cached::Present));
+        let path = self.block_file(block);
+        match op {
+            BlockOp::Write { offset, data, .. } => {
+                // An absent block reads as zeros: start its image from zeros (truncating what a
+                // failed update may have left in its file).
+                let f =
+                    OpenOptions::new().create(true).write(true).truncate(!present).open(&path)?;
+                if !present {
+                    f.set_len(bs)?;
+                }
+                f.write_all_at(data, u64::from(*offset))?;
+                if !present {
+                    s.cache_bytes += bs;
+                }
+                s.touch(block, Cached::Present);
+            }
+            BlockOp::Delete { .. } => {
+                if present {
+                    fs::remove_file(&path)?;
+                    s.cache_bytes -= bs;
+                }
+                s.touch(block, Cached::Absent);
+            }
+        }
+        Ok(())
+    }
+
+    /// Drops `block` from the cache. Removing its file is best effort: an entry not present
+    /// never reads it, and a write or a fetch rewrites it whole.
+    fn forget(&self, s: &mut State, block: u64) {
+        if let Some(entry) = s.entries.remove(&block) {
+            s.lru.remove(&entry.tick);
+            if let Cached::Present = entry.state {
+                s.cache_bytes -= u64::from(self.block_size);
+            }
+        }
+        let _ = fs::remove_file(self.block_file(block));
+    }
+
     /// Evicts the least recently used blocks, never a pinned one or one of `keep` (a block
     /// just fetched for the caller: evicting it left a read without its entry, a panic
     /// under the state lock, and a partial write on a block image of zeros).
@@ -761,10 +805,12 @@ fn recover(jdir: &Path) -> Result<(Vec<Record>, VecDeque<Segment>), DeviceError>
 }
 
 /// Starts a new active segment; with everything persisted, the old ones are deleted.
+/// On failure the old segment stays the active one.
 fn rotate(jdir: &Path, s: &mut State) -> Result<(), DeviceError> {
     let path = seg_path(jdir, s.next_seq);
-    s.active = OpenOptions::new().create(true).append(true).open(&path)?;
+    let active = OpenOptions::new().create(true).append(true).open(&path)?;
     sync_dir(jdir)?;
+    s.active = active;
     s.active_bytes = 0;
     s.segments.push_back(Segment { last_seq: s.next_seq - 1, path });
     let upto = s.persisted_upto;
@@ -923,36 +969,34 @@ impl<R: Remote> BlockDevice for CachedVolume<R> {
         s.next_seq += records.len() as u64;
         let last = s.next_seq - 1;
         s.segments.back_mut().expect("an active segment").last_seq = last;
+        // The batch is durable now and the next mount replays it whatever happens: it is
+        // applied. A failure below must neither report it failed (the file system would take
+        // its state for ahead of the device) nor keep its records from the uploader (a sync
+        // would wait for them forever).
         if s.active_bytes >= opts.journal_segment_bytes {
-            rotate(&opts.dir.join("journal"), &mut s)?;
+            if let Err(e) = rotate(&opts.dir.join("journal"), &mut s) {
+                // The active segment grows meanwhile; the next append tries again.
+                tracing::warn!(error = %e, "could not start a new journal segment");
+            }
         }
+        let mut forgotten = Vec::new();
         for r in records {
             let block = r.op.block();
-            let present = matches!(s.entries.get(&block).map(|e| e.state), Some(Cached::Present));
-            let path = self.shared.block_file(block);
-            match &r.op {
-                BlockOp::Write { offset, data, .. } => {
-                    let f =
-                        OpenOptions::new().create(true).write(true).truncate(false).open(&path)?;
-                    if !present {
-                        // An absent block reads as zeros: start its image from zeros.
-                        f.set_len(u64::from(bs))?;
-                        s.cache_bytes += u64::from(bs);
-                    }
-                    f.write_all_at(data, u64::from(*offset))?;
-                    s.touch(block, Cached::Present);
-                }
-                BlockOp::Delete { .. } => {
-                    if present {
-                        fs::remove_file(&path)?;
-                        s.cache_bytes -= u64::from(bs);
-                    }
-                    s.touch(block, Cached::Absent);
+            if !forgotten.contains(&block) {
+                if let Err(e) = self.shared.cache_apply(&mut s, &r.op) {
+                    // The cached image is stale: forget the block (for the rest of the batch
+                    // too, whose changes would go onto zeros), so a read waits for its records to
+                    // reach the volume and fetches it from there.
+                    tracing::warn!(block, error = %e, "could not update a cached block; it is fetched again once uploaded");
+                    self.shared.forget(&mut s, block);
+                    forgotten.push(block);
                 }
             }
             s.enqueue(r);
         }
-        self.shared.evict(&mut s, &[])?;
+        if let Err(e) = self.shared.evict(&mut s, &[]) {
+            tracing::warn!(error = %e, "could not evict cached blocks");
+        }
         drop(s);
         self.shared.work.notify_one();
         Ok(())
@@ -1601,6 +1645,53 @@ mod tests {
         assert_eq!(dev.stats().recovered, 2);
         for (block, want) in [(1, Some(1)), (2, Some(1)), (3, None), (5, None)] {
             assert_eq!(remote.block(block).map(|b| b[0]), want, "block {block}");
+        }
+        assert!(dev.shutdown(Duration::from_secs(1)));
+    }
+
+    #[test]
+    fn a_batch_journalled_but_not_cached_succeeds_reaches_the_volume_and_reads_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = rt();
+        let remote = MemRemote::default();
+        let dev = CachedVolume::open(remote.clone(), 4096, opts(dir.path()), rt.handle().clone())
+            .unwrap();
+        // The cache cannot take block 6's image: a directory stands where its file goes.
+        let in_the_way = dir.path().join("blocks").join(format!("{:016x}", 6));
+        fs::create_dir(&in_the_way).unwrap();
+        // Before, the journalled batch was reported failed and its records never uploaded.
+        dev.apply(vec![fresh(6, 6), write(6, 50, &[7; 10]), fresh(8, 8)]).unwrap();
+        fs::remove_dir(&in_the_way).unwrap();
+        dev.sync().unwrap();
+        let mut want = vec![6u8; 100];
+        want[50..60].fill(7);
+        assert_eq!(remote.block(6).unwrap(), want);
+        // Read back from the volume, not from a stale image.
+        assert_eq!(dev.read(6, 0, 100).unwrap(), want);
+        assert_eq!(dev.read(8, 0, 1).unwrap(), [8]);
+        assert!(dev.shutdown(Duration::from_secs(1)));
+    }
+
+    #[test]
+    fn a_batch_journalled_when_no_new_segment_can_be_started_succeeds() {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = rt();
+        let remote = MemRemote::default();
+        remote.set_down(true);
+        let dev = CachedVolume::open(remote.clone(), 4096, opts(dir.path()), rt.handle().clone())
+            .unwrap();
+        // Sixteen whole blocks pass the 64 KiB segment size: the segment after them, from seq
+        // 17, cannot be created.
+        let in_the_way = dir.path().join("journal").join("seg-00000000000000000017.log");
+        fs::create_dir(&in_the_way).unwrap();
+        let batch = |byte: u8| (0..16).map(|b| write(b, 0, &[byte; 4096])).collect::<Vec<_>>();
+        dev.apply(batch(1)).unwrap();
+        fs::remove_dir(&in_the_way).unwrap();
+        dev.apply(batch(2)).unwrap();
+        remote.set_down(false);
+        dev.sync().unwrap();
+        for b in 0..16 {
+            assert_eq!(remote.block(b).unwrap(), vec![2; 4096], "block {b}");
         }
         assert!(dev.shutdown(Duration::from_secs(1)));
     }
