@@ -3,12 +3,13 @@
 //!
 //! - **Journal**: every batch of block changes is appended to a segment file under
 //!   `<cache-dir>/journal/` and `fdatasync`ed before the file system call returns, so it
-//!   survives a crash of the mount process (and of the OBU). Records carry a sequence number and
-//!   a CRC; recovery stops at the first torn record of the last segment, so a failed append is cut
-//!   back to the last whole record (or, if that fails too, ends the journal's appends for the
-//!   mount) and uses no sequence numbers. The unpersisted bytes are bounded by
-//!   `journal_limit_bytes`: past it, writers wait (up to the operation timeout) for the uploader
-//!   to make room.
+//!   survives a crash of the mount process (and of the OBU). Records carry a sequence number, a
+//!   CRC and whether they end their batch (one `apply`); recovery drops the last segment's tail
+//!   from its first torn record or incomplete batch, so a batch is replayed whole or not at all
+//!   (the format is on `Record`). A failed append is cut back to the last whole batch (or, if
+//!   that fails too, ends the journal's appends for the mount) and uses no sequence numbers. The
+//!   unpersisted bytes are bounded by `journal_limit_bytes`: past it, writers wait (up to the
+//!   operation timeout) for the uploader to make room.
 //! - **Uploader**: one owned task sends records to the volume in journal order, one at a time
 //!   (so two changes to one block can never be reordered), retrying with capped backoff while
 //!   the NMS is unreachable or the volume moves. After a flush of the volume (the persisted
@@ -131,10 +132,19 @@ pub struct CacheStats {
     pub remote_errors: u64,
 }
 
+/// One journal record: `len: u32, crc32: u32` of a payload `seq: u64, kind: u8, block: u64`
+/// and, for a write, `offset: u32, data`. `kind` is 1 (write) or 2 (delete) for the last record
+/// of its batch, 3 or 4 for a record that more of its batch follow: recovery replays a batch
+/// whole or not at all. A journal written before batches were marked holds only 1 and 2 (each
+/// record its own batch, replayed as before); an older build reads 3 and 4 as a torn record,
+/// so a cache directory this build wrote must be unmounted cleanly (its journal drained) before
+/// an older build mounts it.
 #[derive(Clone, Debug)]
 struct Record {
     seq: u64,
     op: BlockOp,
+    /// The last record of its batch (one `apply`).
+    ends_batch: bool,
 }
 
 const RECORD_HEADER_BYTES: usize = 8;
@@ -145,13 +155,13 @@ impl Record {
         payload.extend_from_slice(&self.seq.to_le_bytes());
         match &self.op {
             BlockOp::Write { block, offset, data, .. } => {
-                payload.push(1);
+                payload.push(if self.ends_batch { 1 } else { 3 });
                 payload.extend_from_slice(&block.to_le_bytes());
                 payload.extend_from_slice(&offset.to_le_bytes());
                 payload.extend_from_slice(data);
             }
             BlockOp::Delete { block } => {
-                payload.push(2);
+                payload.push(if self.ends_batch { 2 } else { 4 });
                 payload.extend_from_slice(&block.to_le_bytes());
             }
         }
@@ -171,16 +181,16 @@ impl Record {
         let seq = u64::from_le_bytes(p[0..8].try_into().ok()?);
         let block = u64::from_le_bytes(p[9..17].try_into().ok()?);
         let op = match p[8] {
-            1 => BlockOp::Write {
+            1 | 3 => BlockOp::Write {
                 block,
                 offset: u32::from_le_bytes(p.get(17..21)?.try_into().ok()?),
                 data: p[21..].to_vec(),
                 fresh: false,
             },
-            2 => BlockOp::Delete { block },
+            2 | 4 => BlockOp::Delete { block },
             _ => return None,
         };
-        Some((Record { seq, op }, RECORD_HEADER_BYTES + len))
+        Some((Record { seq, op, ends_batch: p[8] <= 2 }, RECORD_HEADER_BYTES + len))
     }
 
     fn cost(&self) -> u64 {
@@ -765,33 +775,49 @@ fn recover(jdir: &Path) -> Result<(Vec<Record>, VecDeque<Segment>), DeviceError>
         File::open(&path)?.read_to_end(&mut bytes)?;
         let mut at = 0;
         let mut seg_records = Vec::new();
-        while at < bytes.len() {
-            match Record::decode(&bytes[at..]) {
-                Some((r, used)) => {
-                    if records.last().is_some_and(|p: &Record| r.seq != p.seq + 1)
-                        || seg_records.last().is_some_and(|p: &Record| r.seq != p.seq + 1)
-                    {
-                        return Err(DeviceError::Io(std::io::Error::other(format!(
-                            "journal {} skips from a record to seq {}",
-                            path.display(),
-                            r.seq
-                        ))));
-                    }
-                    at += used;
-                    seg_records.push(r);
-                }
-                None if i + 1 == count => {
-                    tracing::warn!(path = %path.display(), at, len = bytes.len(), "dropping a torn journal tail");
-                    OpenOptions::new().write(true).open(&path)?.set_len(at as u64)?;
-                    break;
-                }
-                None => {
-                    return Err(DeviceError::Io(std::io::Error::other(format!(
-                        "journal segment {} is corrupt at byte {at}",
-                        path.display()
-                    ))))
-                }
+        // Where the last whole batch ends (bytes, records): what follows it is torn.
+        let mut whole = (0, 0);
+        while let Some((r, used)) = Record::decode(&bytes[at..]) {
+            if records.last().is_some_and(|p: &Record| r.seq != p.seq + 1)
+                || seg_records.last().is_some_and(|p: &Record| r.seq != p.seq + 1)
+            {
+                return Err(DeviceError::Io(std::io::Error::other(format!(
+                    "journal {} skips from a record to seq {}",
+                    path.display(),
+                    r.seq
+                ))));
             }
+            at += used;
+            let ends_batch = r.ends_batch;
+            seg_records.push(r);
+            if ends_batch {
+                whole = (at, seg_records.len());
+            }
+        }
+        if whole.0 < bytes.len() {
+            // A crash while a batch was appended leaves part of it: a torn record, or whole
+            // records of a batch whose last one is missing. Only the last segment is appended
+            // to (a new one starts after a whole batch), so anywhere else this is corruption.
+            if i + 1 != count {
+                return Err(DeviceError::Io(std::io::Error::other(format!(
+                    "journal segment {} is corrupt at byte {}",
+                    path.display(),
+                    whole.0
+                ))));
+            }
+            tracing::warn!(
+                path = %path.display(),
+                at = whole.0,
+                len = bytes.len(),
+                records = seg_records.len() - whole.1,
+                "dropping a torn journal tail (the records of an incomplete batch)"
+            );
+            seg_records.truncate(whole.1);
+            // Durably: the next mount appends to a new segment, behind which this tail would
+            // read as corruption.
+            let f = OpenOptions::new().write(true).open(&path)?;
+            f.set_len(whole.0 as u64)?;
+            f.sync_all()?;
         }
         if seg_records.is_empty() {
             fs::remove_file(&path)?;
@@ -913,7 +939,8 @@ impl<R: Remote> BlockDevice for CachedVolume<R> {
             return Err(DeviceError::Io(std::io::Error::other(why.clone())));
         }
         // Room in the journal first (bounded wait): the uploader frees it as the volume persists.
-        let cost: u64 = ops.iter().map(|op| Record { seq: 0, op: op.clone() }.cost()).sum();
+        let cost: u64 =
+            ops.iter().map(|op| Record { seq: 0, op: op.clone(), ends_batch: true }.cost()).sum();
         while s.journal_bytes > 0 && s.journal_bytes + cost > opts.journal_limit_bytes {
             if let Some(why) = &s.refused {
                 return Err(DeviceError::Refused(why.clone()));
@@ -960,8 +987,9 @@ impl<R: Remote> BlockDevice for CachedVolume<R> {
         // leaves the journal as it was, numbering included, so the next batch follows on.
         let mut buf = Vec::new();
         let mut records = Vec::with_capacity(ops.len());
+        let n = ops.len() as u64;
         for (seq, op) in (s.next_seq..).zip(ops) {
-            let r = Record { seq, op };
+            let r = Record { seq, op, ends_batch: seq + 1 == s.next_seq + n };
             r.encode(&mut buf);
             records.push(r);
         }
@@ -1693,6 +1721,69 @@ mod tests {
         for b in 0..16 {
             assert_eq!(remote.block(b).unwrap(), vec![2; 4096], "block {b}");
         }
+        assert!(dev.shutdown(Duration::from_secs(1)));
+    }
+
+    /// The journal's segment files, oldest first.
+    fn segments(dir: &Path) -> Vec<PathBuf> {
+        let mut segs: Vec<PathBuf> =
+            fs::read_dir(dir.join("journal")).unwrap().map(|e| e.unwrap().path()).collect();
+        segs.sort();
+        segs
+    }
+
+    #[test]
+    fn a_batch_torn_by_a_crash_is_replayed_whole_or_not_at_all() {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = rt();
+        let remote = MemRemote::default();
+        remote.set_down(true);
+        {
+            let dev =
+                CachedVolume::open(remote.clone(), 4096, opts(dir.path()), rt.handle().clone())
+                    .unwrap();
+            dev.apply(vec![fresh(1, 1)]).unwrap();
+            dev.apply(vec![fresh(2, 2), fresh(3, 2), fresh(4, 2)]).unwrap();
+            // "Crash".
+        }
+        // A power loss kept the second batch's first two records (129 bytes each) only.
+        let last = segments(dir.path()).pop().unwrap();
+        let len = fs::metadata(&last).unwrap().len();
+        assert_eq!(len, 4 * 129);
+        OpenOptions::new().write(true).open(&last).unwrap().set_len(len - 129).unwrap();
+        remote.set_down(false);
+        let dev = CachedVolume::open(remote.clone(), 4096, opts(dir.path()), rt.handle().clone())
+            .unwrap();
+        // Before, the two records were replayed: half a rename, a file's data without its size.
+        assert_eq!(dev.stats().recovered, 1);
+        assert_eq!(fs::metadata(&last).unwrap().len(), 129);
+        dev.sync().unwrap();
+        for (block, want) in [(1, Some(1)), (2, None), (3, None), (4, None)] {
+            assert_eq!(remote.block(block).map(|b| b[0]), want, "block {block}");
+        }
+        assert!(dev.shutdown(Duration::from_secs(1)));
+    }
+
+    #[test]
+    fn a_journal_from_before_batches_were_marked_is_replayed_record_by_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = rt();
+        let remote = MemRemote::default();
+        // What an older build wrote for a batch of three: every record marked as its own batch
+        // (kinds 1 and 2 only), the last one torn.
+        let mut bytes = Vec::new();
+        for (seq, op) in [(1, fresh(1, 1)), (2, BlockOp::Delete { block: 2 }), (3, fresh(3, 3))] {
+            Record { seq, op, ends_batch: true }.encode(&mut bytes);
+        }
+        bytes.truncate(bytes.len() - 10);
+        fs::create_dir_all(dir.path().join("journal")).unwrap();
+        fs::write(dir.path().join("journal").join("seg-00000000000000000001.log"), bytes).unwrap();
+        let dev = CachedVolume::open(remote.clone(), 4096, opts(dir.path()), rt.handle().clone())
+            .unwrap();
+        assert_eq!(dev.stats().recovered, 2);
+        dev.sync().unwrap();
+        assert_eq!(remote.block(1).map(|b| b[0]), Some(1));
+        assert_eq!(remote.block(3), None);
         assert!(dev.shutdown(Duration::from_secs(1)));
     }
 
