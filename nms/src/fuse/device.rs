@@ -54,7 +54,9 @@ pub enum DeviceError {
 ///
 /// Failure contract: `apply` either returns `Ok` after every op is durable at least locally (it
 /// survives a crash of the calling process and is eventually persisted in order, once) or returns
-/// an error after applying a prefix of the ops (possibly none); reads then see that prefix.
+/// an error after applying a prefix of the ops (possibly none); reads then see that prefix. A
+/// [`DeviceError::Timeout`] from `apply` means none of the ops was applied (the file system
+/// relies on it to let a timed-out write be retried; see `Fs::apply`).
 /// `sync` returns `Ok` only once everything applied before it is persisted in the volume's
 /// durable store. No call blocks longer than the device's configured operation timeout.
 pub trait BlockDevice: Send + Sync {

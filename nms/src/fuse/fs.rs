@@ -31,6 +31,9 @@ pub enum FsError {
     TooBig { max_bytes: u64 },
     #[error("no free inode (max_inodes = {max_inodes})")]
     NoInodes { max_inodes: u64 },
+    /// A directory's slots fill its inode's fixed data range: out of space, not a file too big.
+    #[error("directory is full ({max_entries} entries)")]
+    DirFull { max_entries: u64 },
     #[error("operation not supported: {0}")]
     Unsupported(&'static str),
     #[error(transparent)]
@@ -39,6 +42,9 @@ pub enum FsError {
     Layout(#[from] LayoutError),
     #[error("corrupt file system: {0}")]
     Corrupt(String),
+    /// An earlier device write failed; changes are refused until the next mount.
+    #[error("the file system refuses changes after a failed device write; mount it again")]
+    Failed,
 }
 
 impl FsError {
@@ -53,10 +59,12 @@ impl FsError {
             FsError::NameTooLong => libc::ENAMETOOLONG,
             FsError::Invalid(_) => libc::EINVAL,
             FsError::TooBig { .. } => libc::EFBIG,
-            FsError::NoInodes { .. } => libc::ENOSPC,
+            FsError::NoInodes { .. } | FsError::DirFull { .. } => libc::ENOSPC,
             FsError::Unsupported(_) => libc::EOPNOTSUPP,
             FsError::Device(DeviceError::Timeout { .. }) => libc::ETIMEDOUT,
-            FsError::Device(_) | FsError::Layout(_) | FsError::Corrupt(_) => libc::EIO,
+            FsError::Device(_) | FsError::Layout(_) | FsError::Corrupt(_) | FsError::Failed => {
+                libc::EIO
+            }
         }
     }
 }
@@ -128,6 +136,8 @@ pub struct Fs<D> {
     dirs: HashMap<u64, Dir>,
     open_counts: HashMap<u64, u32>,
     clock: Clock,
+    /// Set by the first failed device write (see [`Fs::apply`]); cleared only by mounting again.
+    failed: bool,
 }
 
 impl<D: BlockDevice> Fs<D> {
@@ -147,6 +157,7 @@ impl<D: BlockDevice> Fs<D> {
             dirs: HashMap::new(),
             open_counts: HashMap::new(),
             clock,
+            failed: false,
         };
         fs.load_inodes()?;
         fs.collect_orphans()?;
@@ -180,6 +191,7 @@ impl<D: BlockDevice> Fs<D> {
             dirs: HashMap::new(),
             open_counts: HashMap::new(),
             clock,
+            failed: false,
         };
         // The root inode first, the superblock (which makes the volume a file system) last.
         let ops = vec![fs.inode_op(&root, true), fs.superblock_op()];
@@ -361,7 +373,21 @@ impl<D: BlockDevice> Fs<D> {
         Ok((old, fresh))
     }
 
+    /// The slot the next entry of directory `parent` (loaded) goes to, and where it lives:
+    /// (slot, data block index, volume block, byte offset). Changes nothing, so a caller can
+    /// check for room before it changes anything else.
+    fn next_slot(&self, parent: u64) -> Result<(u64, u64, u64, u32)> {
+        let dir = self.dirs.get(&parent).expect("directory loaded");
+        let slot = dir.free_slots.first().copied().unwrap_or(dir.slots);
+        let (index, offset) = self.sb.dirent_location(slot);
+        let block = self.sb.data_block(parent, index).ok_or(FsError::DirFull {
+            max_entries: self.sb.file_stride_blocks * self.sb.dirents_per_block(),
+        })?;
+        Ok((slot, index, block, offset))
+    }
+
     /// Adds `name -> child` to directory `parent` (loaded), returning the ops that write the slot.
+    /// Fails (with nothing changed) when the directory is full.
     fn add_entry(
         &mut self,
         parent: u64,
@@ -370,21 +396,14 @@ impl<D: BlockDevice> Fs<D> {
         ops: &mut Vec<BlockOp>,
     ) -> Result<()> {
         let sb = self.sb;
+        let (slot, index, block, offset) = self.next_slot(parent)?;
         let dir = self.dirs.get_mut(&parent).expect("directory loaded");
-        let slot = match dir.free_slots.pop_first() {
-            Some(slot) => slot,
-            None => {
-                dir.slots += 1;
-                dir.slots - 1
-            }
-        };
+        if !dir.free_slots.remove(&slot) {
+            dir.slots += 1;
+        }
         dir.by_slot.insert(slot, name.to_vec());
         dir.by_name.insert(name.to_vec(), (child, slot));
         let slots = dir.slots;
-        let (index, offset) = sb.dirent_location(slot);
-        let block = sb
-            .data_block(parent, index)
-            .ok_or(FsError::TooBig { max_bytes: sb.max_file_bytes() })?;
         let parent_inode = self.inodes.get(&parent).expect("live directory");
         let fresh = index >= parent_inode.size.div_ceil(u64::from(sb.block_size));
         ops.push(BlockOp::Write { block, offset, data: encode_dirent(child, name), fresh });
@@ -425,6 +444,7 @@ impl<D: BlockDevice> Fs<D> {
         gid: u32,
         symlink_target: Option<&[u8]>,
     ) -> Result<Inode> {
+        self.writable()?;
         Self::check_name(name)?;
         if let Some(t) = symlink_target {
             if t.is_empty() || t.len() > MAX_SYMLINK_BYTES {
@@ -434,6 +454,9 @@ impl<D: BlockDevice> Fs<D> {
         if self.load_dir(parent)?.by_name.contains_key(name) {
             return Err(FsError::Exists);
         }
+        // Room for the name before the inode: allocating may raise the in-memory high-water
+        // mark, which must not happen for a create that then fails.
+        self.next_slot(parent)?;
         let mut ops = Vec::new();
         let (ino, fresh) = self.alloc_ino(&mut ops)?;
         let now = self.now();
@@ -458,11 +481,7 @@ impl<D: BlockDevice> Fs<D> {
         }
         // Order: the inode (and its data) before the name that makes it reachable.
         ops.push(self.inode_op(&inode, fresh));
-        let res = self.add_entry(parent, name, ino, &mut ops);
-        if let Err(e) = res {
-            self.free_inos.insert(ino);
-            return Err(e);
-        }
+        self.add_entry(parent, name, ino, &mut ops)?;
         if kind == Kind::Dir {
             self.inodes.get_mut(&parent).expect("live").nlink += 1;
         }
@@ -472,18 +491,48 @@ impl<D: BlockDevice> Fs<D> {
         if kind == Kind::Dir {
             self.dirs.insert(ino, Dir::default());
         }
-        self.apply(ops)?;
+        self.apply(ops, true)?;
         Ok(inode)
     }
 
-    /// Applies ops; on failure the in-memory state may be ahead of the device, so drop what can
-    /// be reloaded (directories) to keep later operations honest.
-    fn apply(&mut self, ops: Vec<BlockOp>) -> Result<()> {
-        if let Err(e) = self.dev.apply(ops) {
-            self.dirs.clear();
-            return Err(e.into());
+    /// Applies one operation's ops. `memory_changed`: the operation already changed the
+    /// in-memory state (inodes, directories, the high-water mark) to match them.
+    ///
+    /// When the device fails, memory may be ahead of it: the operation's changes are in memory
+    /// and the device applied any prefix of its ops. A later successful write would then persist
+    /// that state (an inode past the high-water mark the device has, a link count of a rename
+    /// that never happened), so, like ext4's errors=remount-ro, the first failure stops all
+    /// changes until the next mount reloads the state from the device; reads go on. The one
+    /// failure that leaves both sides as they were is a timeout (the device applied nothing) of
+    /// an operation that changes memory only after it succeeds: a write or setattr while the
+    /// journal is full and the link down fails with ETIMEDOUT and may be retried.
+    fn apply(&mut self, ops: Vec<BlockOp>, memory_changed: bool) -> Result<()> {
+        match self.dev.apply(ops) {
+            Ok(()) => Ok(()),
+            Err(e @ DeviceError::Timeout { .. }) if !memory_changed => Err(e.into()),
+            Err(e) => {
+                if !self.failed {
+                    tracing::error!(error = %e, "a device write failed: the file system refuses changes (EIO) until it is mounted again");
+                }
+                self.failed = true;
+                // Directories are reloaded from the device for the reads that go on.
+                self.dirs.clear();
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Refuses a change once a device write has failed (see [`Fs::apply`]).
+    fn writable(&self) -> Result<()> {
+        if self.failed {
+            return Err(FsError::Failed);
         }
         Ok(())
+    }
+
+    /// Whether a failed device write has stopped changes until the next mount.
+    pub fn failed(&self) -> bool {
+        self.failed
     }
 
     /// A symlink's target.
@@ -498,6 +547,7 @@ impl<D: BlockDevice> Fs<D> {
 
     /// A new name `newname` in `newparent` for the file `ino`.
     pub fn link(&mut self, ino: u64, newparent: u64, newname: &[u8]) -> Result<Inode> {
+        self.writable()?;
         Self::check_name(newname)?;
         if self.attr(ino)?.kind == Kind::Dir {
             return Err(FsError::Unsupported("hard links to directories"));
@@ -505,6 +555,8 @@ impl<D: BlockDevice> Fs<D> {
         if self.load_dir(newparent)?.by_name.contains_key(newname) {
             return Err(FsError::Exists);
         }
+        // Room first: the link count below must not rise for a link that then fails.
+        self.next_slot(newparent)?;
         let now = self.now();
         let inode = self.inodes.get_mut(&ino).expect("checked");
         inode.nlink += 1;
@@ -514,12 +566,13 @@ impl<D: BlockDevice> Fs<D> {
         self.add_entry(newparent, newname, ino, &mut ops)?;
         let p = self.inodes[&newparent].clone();
         ops.push(self.inode_op(&p, false));
-        self.apply(ops)?;
+        self.apply(ops, true)?;
         Ok(inode)
     }
 
     /// Removes a non-directory name.
     pub fn unlink(&mut self, parent: u64, name: &[u8]) -> Result<()> {
+        self.writable()?;
         let child = self.lookup(parent, name)?;
         if child.kind == Kind::Dir {
             return Err(FsError::IsDir);
@@ -529,12 +582,13 @@ impl<D: BlockDevice> Fs<D> {
         let p = self.inodes[&parent].clone();
         ops.push(self.inode_op(&p, false));
         self.drop_link(child.ino, &mut ops);
-        self.apply(ops)?;
+        self.apply(ops, true)?;
         self.maybe_free(child.ino)
     }
 
     /// Removes an empty directory.
     pub fn rmdir(&mut self, parent: u64, name: &[u8]) -> Result<()> {
+        self.writable()?;
         if name == b"." {
             return Err(FsError::Invalid("rmdir of ."));
         }
@@ -557,7 +611,7 @@ impl<D: BlockDevice> Fs<D> {
         c.nlink = 0;
         let c = c.clone();
         ops.push(self.inode_op(&c, false));
-        self.apply(ops)?;
+        self.apply(ops, true)?;
         self.maybe_free(child.ino)
     }
 
@@ -574,6 +628,8 @@ impl<D: BlockDevice> Fs<D> {
     fn maybe_free(&mut self, ino: u64) -> Result<()> {
         let unlinked = self.inodes.get(&ino).is_some_and(|i| i.nlink == 0);
         if unlinked && self.open_counts.get(&ino).copied().unwrap_or(0) == 0 {
+            // After a failure the inode stays an orphan, which the next mount frees.
+            self.writable()?;
             self.free_inode(ino)?;
         }
         Ok(())
@@ -589,7 +645,7 @@ impl<D: BlockDevice> Fs<D> {
             }
         }
         ops.push(self.free_inode_op(ino));
-        self.dev.apply(ops)?;
+        self.apply(ops, false)?;
         self.inodes.remove(&ino);
         self.dirs.remove(&ino);
         self.free_inos.insert(ino);
@@ -606,6 +662,7 @@ impl<D: BlockDevice> Fs<D> {
         newname: &[u8],
         noreplace: bool,
     ) -> Result<()> {
+        self.writable()?;
         Self::check_name(newname)?;
         let src = self.lookup(parent, name)?;
         self.load_dir(newparent)?;
@@ -661,12 +718,12 @@ impl<D: BlockDevice> Fs<D> {
             self.add_entry(newparent, newname, src.ino, &mut ops)?;
             // Keep the slot write after the free of the same slot: both go to one place, in order.
             self.finish_rename(parent, name, newparent, &src, &mut ops)?;
-            self.apply(ops)?;
+            self.apply(ops, true)?;
             return self.maybe_free(dst_ino);
         }
         self.add_entry(newparent, newname, src.ino, &mut ops)?;
         self.finish_rename(parent, name, newparent, &src, &mut ops)?;
-        self.apply(ops)
+        self.apply(ops, true)
     }
 
     fn finish_rename(
@@ -698,6 +755,7 @@ impl<D: BlockDevice> Fs<D> {
 
     /// Changes attributes; a size change truncates or extends the file.
     pub fn setattr(&mut self, ino: u64, set: SetAttr) -> Result<Inode> {
+        self.writable()?;
         let mut inode = self.attr(ino)?;
         let now = self.now();
         let mut ops = Vec::new();
@@ -731,7 +789,7 @@ impl<D: BlockDevice> Fs<D> {
         }
         inode.ctime = now;
         ops.push(self.inode_op(&inode, false));
-        self.dev.apply(ops)?;
+        self.apply(ops, false)?;
         self.inodes.insert(ino, inode.clone());
         Ok(inode)
     }
@@ -799,6 +857,7 @@ impl<D: BlockDevice> Fs<D> {
     /// Writes `data` at `offset`, growing the file as needed. Data and the new size reach the
     /// device in one batch, so a crash keeps both or neither of the size change.
     pub fn write(&mut self, ino: u64, offset: u64, data: &[u8]) -> Result<u32> {
+        self.writable()?;
         let mut inode = self.attr(ino)?;
         match inode.kind {
             Kind::Dir => return Err(FsError::IsDir),
@@ -832,7 +891,7 @@ impl<D: BlockDevice> Fs<D> {
         inode.mtime = now;
         inode.ctime = now;
         ops.push(self.inode_op(&inode, false));
-        self.dev.apply(ops)?;
+        self.apply(ops, false)?;
         self.inodes.insert(ino, inode);
         Ok(data.len() as u32)
     }
