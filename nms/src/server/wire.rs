@@ -223,16 +223,18 @@ enum Call {
 
 /// The one request message of a unary call (tonic's server treats a missing one the same).
 async fn unary_request<M: prost::Message + Default + Send + 'static>(
-    body: hyper::body::Incoming,
-    max: usize,
+    mut inbound: Messages<M>,
 ) -> Result<M, Status> {
-    Messages::<M>::new(body, max)
-        .next()
-        .await
-        .unwrap_or_else(|| Err(Status::internal("Missing request message.")))
+    inbound.next().await.unwrap_or_else(|| Err(Status::internal("Missing request message.")))
 }
 
 impl Node {
+    /// The request messages of a call (`max_message_size_bytes`, `request_copy_below_bytes`).
+    fn messages<M: prost::Message + Default>(&self, body: hyper::body::Incoming) -> Messages<M> {
+        Messages::new(body, self.cfg.max_message_size_bytes)
+            .copy_below(self.cfg.request_copy_below_bytes)
+    }
+
     /// Answers a unary `Read` or `Write` call: its one reply (a read's block uncopied),
     /// then its trailers.
     fn unary_call(
@@ -248,10 +250,10 @@ impl Node {
         let reply = async move {
             checked?;
             if call == Call::Read {
-                let r = unary_request::<pb::ReadRequest>(body, max).await?;
+                let r = unary_request::<pb::ReadRequest>(node.messages(body)).await?;
                 encode_read(node.read_call(r).await?, max)
             } else {
-                let r = unary_request::<pb::WriteRequest>(body, max).await?;
+                let r = unary_request::<pb::WriteRequest>(node.messages(body)).await?;
                 encode_small(&node.write_call(r).await?, max)
             }
         };
@@ -266,12 +268,12 @@ impl Node {
         let replies: ReplyStream = match check_encoding(req.headers()) {
             Err(s) => Box::pin(futures::stream::iter([Err(s)])),
             Ok(()) if batches => {
-                let inbound = Messages::<pb::StreamBatch>::new(req.into_body(), max);
+                let inbound = self.messages::<pb::StreamBatch>(req.into_body());
                 let out = self.serve_ops(batch_inbound(inbound, self.cfg.max_stream_batch_ops));
                 Box::pin(out.map(move |r| r.and_then(|rs| encode_results(rs, max))))
             }
             Ok(()) => {
-                let inbound = Messages::<pb::StreamRequest>::new(req.into_body(), max);
+                let inbound = self.messages::<pb::StreamRequest>(req.into_body());
                 let out = self.serve_ops(stream_inbound(inbound));
                 Box::pin(out.map(move |r| r.and_then(|rs| encode_replies(rs, max))))
             }
