@@ -67,6 +67,11 @@ pub struct Config {
     pub max_moved_markers: usize,
     /// Largest gRPC message accepted or sent, in bytes.
     pub max_message_size_bytes: usize,
+    /// A vehicle call's request DATA frames shorter than this are copied into one buffer on
+    /// arrival, in bytes; longer ones are decoded where they were received (uncopied). Kept
+    /// as received, a frame costs a 32-byte handle and holds its receive buffer, so a
+    /// message sent in tiny frames would hold many times its size. 0: nothing is copied.
+    pub request_copy_below_bytes: usize,
     /// The shared secret admin calls (`nms migrate`, `status`, `shutdown`, the SMF) and
     /// other NMSs' migrations must carry (16 to 256 visible ASCII characters; the same on
     /// every NMS of a road). Unset: those calls are not authenticated (a warning at start).
@@ -162,6 +167,7 @@ impl Default for Config {
             max_volumes: 4096,
             max_moved_markers: 65_536,
             max_message_size_bytes: 16 << 20,
+            request_copy_below_bytes: wayside_proto::h2serve::DEFAULT_COPY_BELOW_BYTES,
             cluster_token: None,
             max_stream_inflight_ops: 256,
             max_stream_batch_ops: 256,

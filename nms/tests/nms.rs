@@ -1638,6 +1638,82 @@ async fn a_pss_refusing_write_back_fails_a_flush_at_once_and_nothing_is_dropped(
     cluster.shutdown().await;
 }
 
+/// A vehicle call cut short never ends with OK, which would read as complete: a request
+/// that ends inside a message ends with INTERNAL (a unary `Write` without running, even
+/// after a whole message),
+/// and no cut write is applied; streams open when the node stops end with UNAVAILABLE,
+/// saying so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_cut_short_never_ends_with_ok() {
+    use pb::stream_reply::Result as R;
+    use prost::Message as _;
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = LocalCluster::start(1, dir.path()).await.unwrap();
+    let a = Nms::start("a", &cluster.endpoints(), |_| {}).await;
+    a.create_volume("cut", "k").await;
+    let mut send = raw_connection(&a).await;
+    let host = a.ep.authority().to_owned();
+    // `msg` gRPC-framed, cut in the middle of its body.
+    let cut = |msg: &[u8]| {
+        let mut b = vec![0u8];
+        b.extend_from_slice(&(msg.len() as u32).to_be_bytes());
+        b.extend_from_slice(&msg[..msg.len() / 2]);
+        bytes::Bytes::from(b)
+    };
+    let read = pb::StreamRequest { auth: auth("cut", "k"), tag: 1, op: Some(stream_read(0)) };
+    let write = pb::StreamRequest { auth: None, tag: 2, op: Some(stream_write(0, 0, vec![1; BS])) };
+    let path = "/wayside.v1.Nms/Stream";
+    let (resp, mut out) =
+        raw_open(&mut send, &host, path, &[], &[&read.encode_to_vec()], false).await;
+    out.send_data(cut(&write.encode_to_vec()), true).unwrap();
+    let (msgs, status) = raw_reply(resp).await;
+    assert_eq!(status, "13", "INTERNAL");
+    // (The read of the whole message is answered only if it was ready before the error:
+    // one still waiting on the PSS is dropped with the stream.)
+    let tags: Vec<u64> =
+        msgs.iter().map(|m| pb::StreamReply::decode(&m[..]).unwrap().tag).collect();
+    assert!(tags.is_empty() || tags == [1], "{tags:?}");
+    let write = pb::WriteRequest {
+        auth: auth("cut", "k"),
+        op: Some(pb::WriteOp { block: 0, data: vec![2; BS].into(), ..Default::default() }),
+    };
+    let path = "/wayside.v1.Nms/Write";
+    let (resp, mut out) = raw_open(&mut send, &host, path, &[], &[], false).await;
+    out.send_data(cut(&write.encode_to_vec()), true).unwrap();
+    let (msgs, status) = raw_reply(resp).await;
+    assert_eq!((msgs.len(), status.as_str()), (0, "13"), "INTERNAL, no reply");
+    // A whole unary request, then a cut one: refused before it runs, as tonic's server
+    // refuses it.
+    let whole = write.encode_to_vec();
+    let (resp, mut out) = raw_open(&mut send, &host, path, &[], &[&whole], false).await;
+    out.send_data(cut(&whole), true).unwrap();
+    let (msgs, status) = raw_reply(resp).await;
+    assert_eq!((msgs.len(), status.as_str()), (0, "13"), "INTERNAL, no reply");
+    // No cut write, nor the one before a cut one, was applied; two streams stay open,
+    // idle, as the node stops.
+    let mut s = OpStream::open(&a, "cut", "k").await;
+    match s.one(stream_read(0)).await {
+        R::Read(r) => assert!(!r.found, "a cut write was applied: {r:?}"),
+        other => panic!("{other:?}"),
+    }
+    let mut b = BatchStream::open(&a, "cut", "k").await;
+    assert!(matches!(b.batch(vec![stream_read(0)]).await.0[..], [R::Read(_)]));
+    let stopping = tokio::spawn(a.stop());
+    let ended = tokio::time::timeout(Duration::from_secs(20), s.replies.message())
+        .await
+        .expect("the stream ends within 20 s");
+    for (call, ended) in [
+        ("Stream", ended.map(|m| m.is_some())),
+        ("StreamBatches", b.message().await.map(|m| m.is_some())),
+    ] {
+        let e = ended.expect_err(call);
+        assert_eq!(e.code(), tonic::Code::Unavailable, "{call}: {e:?}");
+        assert!(e.message().contains("stopping"), "{call}: {e:?}");
+    }
+    stopping.await.unwrap();
+    cluster.shutdown().await;
+}
+
 /// With a write-back delay, a block rewritten as fast as the vehicle can costs about one
 /// PSS write per delay, not one per PSS round trip; a flush still persists everything at
 /// once, and the PSS has the last data.

@@ -775,6 +775,12 @@ impl Node {
             return Box::pin(now);
         }
         let (tx, rx) = tokio::sync::mpsc::channel(limit);
+        // Sent when the task ends the stream itself (all answered, or an error sent). A
+        // task that ends otherwise (the node stopping, or a panic) drops it unsent, and
+        // the reply stream then ends with UNAVAILABLE: ended with OK, a stream cut short
+        // would read as complete. (The task sends no status itself at a stop: that would
+        // wait for room in `tx`, on a vehicle that may read no more.)
+        let (ended_tx, ended_rx) = tokio::sync::oneshot::channel::<()>();
         let stop = self.stop.clone();
         let span = info_span!("stream", node = %self.node_id);
         self.tracker.spawn(
@@ -786,6 +792,7 @@ impl Node {
                     // The vehicle half-closed and every operation is answered: end the
                     // reply stream (its trailers tell the vehicle all is done).
                     if !open && ops.inflight.is_empty() {
+                        let _ = ended_tx.send(());
                         return;
                     }
                     let mut ready = Vec::new();
@@ -812,11 +819,17 @@ impl Node {
                                         let _ = tx.send(Ok(ready)).await;
                                     }
                                     let _ = tx.send(Err(s)).await;
+                                    let _ = ended_tx.send(());
                                     return;
                                 }
                             }
                         }
-                        else => return,
+                        // (Not reached: with nothing in flight the vehicle may still send,
+                        // or the check at the top has ended the stream.)
+                        else => {
+                            let _ = ended_tx.send(());
+                            return;
+                        }
                     }
                     if !ready.is_empty() && tx.send(Ok(ready)).await.is_err() {
                         return;
@@ -825,7 +838,14 @@ impl Node {
             }
             .instrument(span),
         );
-        Box::pin(now.chain(ReceiverStream::new(rx)))
+        let cut_short = futures::stream::once(ended_rx).filter_map(|ended| async move {
+            ended.is_err().then(|| {
+                Err(Status::unavailable(
+                    "the node is stopping: the stream was cut short (an operation sent may be unanswered)",
+                ))
+            })
+        });
+        Box::pin(now.chain(ReceiverStream::new(rx)).chain(cut_short))
     }
 }
 

@@ -221,18 +221,35 @@ enum Call {
     StreamBatches,
 }
 
-/// The one request message of a unary call (tonic's server treats a missing one the same).
+/// The one request message of a unary call, taken once the request has ended: a missing
+/// message, a second one, or a request that ends inside one is INTERNAL, and the call does
+/// not run. (tonic's server also reads the request to its end before the call runs, and
+/// refuses a cut message so; it ignores a second one. Answered at its first message, a
+/// unary write followed by a cut message was applied and answered OK.) Clients end the
+/// request with the message's DATA frame or just after it, so this seldom waits.
 async fn unary_request<M: prost::Message + Default + Send + 'static>(
-    body: hyper::body::Incoming,
-    max: usize,
+    mut inbound: Messages<M>,
 ) -> Result<M, Status> {
-    Messages::<M>::new(body, max)
+    let m = inbound
         .next()
         .await
-        .unwrap_or_else(|| Err(Status::internal("Missing request message.")))
+        .unwrap_or_else(|| Err(Status::internal("Missing request message.")))?;
+    match inbound.next().await {
+        None => Ok(m),
+        Some(Err(s)) => Err(s),
+        Some(Ok(_)) => {
+            Err(Status::internal("a unary call's request carries more than one message"))
+        }
+    }
 }
 
 impl Node {
+    /// The request messages of a call (`max_message_size_bytes`, `request_copy_below_bytes`).
+    fn messages<M: prost::Message + Default>(&self, body: hyper::body::Incoming) -> Messages<M> {
+        Messages::new(body, self.cfg.max_message_size_bytes)
+            .copy_below(self.cfg.request_copy_below_bytes)
+    }
+
     /// Answers a unary `Read` or `Write` call: its one reply (a read's block uncopied),
     /// then its trailers.
     fn unary_call(
@@ -248,10 +265,10 @@ impl Node {
         let reply = async move {
             checked?;
             if call == Call::Read {
-                let r = unary_request::<pb::ReadRequest>(body, max).await?;
+                let r = unary_request::<pb::ReadRequest>(node.messages(body)).await?;
                 encode_read(node.read_call(r).await?, max)
             } else {
-                let r = unary_request::<pb::WriteRequest>(body, max).await?;
+                let r = unary_request::<pb::WriteRequest>(node.messages(body)).await?;
                 encode_small(&node.write_call(r).await?, max)
             }
         };
@@ -266,12 +283,12 @@ impl Node {
         let replies: ReplyStream = match check_encoding(req.headers()) {
             Err(s) => Box::pin(futures::stream::iter([Err(s)])),
             Ok(()) if batches => {
-                let inbound = Messages::<pb::StreamBatch>::new(req.into_body(), max);
+                let inbound = self.messages::<pb::StreamBatch>(req.into_body());
                 let out = self.serve_ops(batch_inbound(inbound, self.cfg.max_stream_batch_ops));
                 Box::pin(out.map(move |r| r.and_then(|rs| encode_results(rs, max))))
             }
             Ok(()) => {
-                let inbound = Messages::<pb::StreamRequest>::new(req.into_body(), max);
+                let inbound = self.messages::<pb::StreamRequest>(req.into_body());
                 let out = self.serve_ops(stream_inbound(inbound));
                 Box::pin(out.map(move |r| r.and_then(|rs| encode_replies(rs, max))))
             }
