@@ -5,7 +5,9 @@
 //! udev: the binary does their jobs itself, in this order:
 //! 1. mounts `/proc` just long enough to read `/proc/cmdline`, then unmounts it again
 //!    (nothing reads `/proc` while serving: the OSv constraint);
-//! 2. loads the kernel modules listed in [`MODULE_ORDER_FILE`] with `finit_module(2)`;
+//! 2. loads the kernel modules listed in [`MODULE_ORDER_FILE`] with `finit_module(2)`,
+//!    then mounts sysfs just long enough to read the cluster token a launcher passed
+//!    through QEMU's fw_cfg ([`FW_CFG_CLUSTER_TOKEN`]), if any;
 //! 3. configures `lo` and the network interface (address, netmask, default gateway) with
 //!    the classic `SIOCSIF*`/`SIOCADDRT` ioctls;
 //! 4. serves (the NMS gRPC server) until `NmsAdmin.Shutdown`, SIGTERM or SIGINT
@@ -32,6 +34,14 @@ pub const MODULE_ORDER_FILE: &str = "/lib/modules/load-order";
 /// An optional NMS configuration file (TOML) baked into the image; command-line words
 /// override its fields.
 pub const CONFIG_FILE: &str = "/etc/wayside/nms.toml";
+
+/// The fw_cfg item a launcher passes the cluster token in (`-fw_cfg
+/// name=opt/wayside/cluster_token,file=PATH`): kept out of the kernel command line and the
+/// image, which anyone on the host may read; it overrides the baked-in file's token.
+pub const FW_CFG_CLUSTER_TOKEN: &str = "opt/wayside/cluster_token";
+
+/// Where Linux's `qemu_fw_cfg` driver shows fw_cfg items by name.
+const FW_CFG_SYSFS_BY_NAME: &str = "/sys/firmware/qemu_fw_cfg/by_name";
 
 /// How long to wait for the network interface to appear after its driver is loaded.
 pub const NET_DEVICE_WAIT: Duration = Duration::from_secs(10);
@@ -251,6 +261,10 @@ fn boot_and_serve(started: Instant) -> anyhow::Result<()> {
     tracing::info!(?params, "wayside-init: starting as process 1");
 
     load_modules(Path::new(MODULE_ORDER_FILE))?;
+    let token = read_fw_cfg_token().context("reading the cluster token from fw_cfg")?;
+    if token.is_some() {
+        tracing::info!("wayside-init: cluster token from fw_cfg {FW_CFG_CLUSTER_TOKEN}");
+    }
     net::configure_loopback().context("configuring lo")?;
     if let Some(ip) = params.ip {
         net::wait_for_interface(&params.iface, NET_DEVICE_WAIT)?;
@@ -263,7 +277,33 @@ fn boot_and_serve(started: Instant) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    runtime.block_on(serve(params))
+    runtime.block_on(serve(params, token))
+}
+
+/// Mounts sysfs, reads the cluster token fw_cfg item (`None`: no such item, or no fw_cfg
+/// device), unmounts sysfs again.
+fn read_fw_cfg_token() -> anyhow::Result<Option<wayside_proto::token::ClusterToken>> {
+    use anyhow::Context as _;
+    std::fs::create_dir_all("/sys").context("creating /sys")?;
+    mount("sysfs", "/sys", "sysfs")?;
+    let path = format!("{FW_CFG_SYSFS_BY_NAME}/{FW_CFG_CLUSTER_TOKEN}/raw");
+    let read = std::fs::read(&path);
+    let umount = CString::new("/sys").expect("no NUL");
+    // SAFETY: a valid NUL-terminated path.
+    unsafe { libc::umount2(umount.as_ptr(), libc::MNT_DETACH) };
+    let raw = match read {
+        Ok(raw) => raw,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e).with_context(|| format!("reading {path}")),
+    };
+    parse_token(&raw).map(Some)
+}
+
+/// A token as a launcher's file holds it (a trailing newline allowed).
+fn parse_token(raw: &[u8]) -> anyhow::Result<wayside_proto::token::ClusterToken> {
+    let text = std::str::from_utf8(raw).map_err(|_| anyhow::anyhow!("not UTF-8"))?;
+    wayside_proto::token::ClusterToken::new(text.trim_end_matches(['\n', '\r']))
+        .map_err(anyhow::Error::msg)
 }
 
 /// Mounts `/proc`, reads the command line, unmounts `/proc` again.
@@ -320,7 +360,10 @@ pub fn load_modules(order_file: &Path) -> anyhow::Result<()> {
 }
 
 /// Serves until a shutdown request, SIGTERM or SIGINT.
-async fn serve(params: BootParams) -> anyhow::Result<()> {
+async fn serve(
+    params: BootParams,
+    token: Option<wayside_proto::token::ClusterToken>,
+) -> anyhow::Result<()> {
     use anyhow::Context as _;
     let shutdown = tokio_util::sync::CancellationToken::new();
     let listener = tokio::net::TcpListener::bind(params.listen)
@@ -339,7 +382,7 @@ async fn serve(params: BootParams) -> anyhow::Result<()> {
             shutdown.cancel();
         }
     };
-    let server = run_server(&params, listener, shutdown.clone());
+    let server = run_server(&params, token, listener, shutdown.clone());
     tracing::info!(listen = %params.listen, "wayside-init: serving");
     let (result, ()) = tokio::join!(
         async {
@@ -356,10 +399,14 @@ async fn serve(params: BootParams) -> anyhow::Result<()> {
 /// command line.
 async fn run_server(
     params: &BootParams,
+    token: Option<wayside_proto::token::ClusterToken>,
     listener: tokio::net::TcpListener,
     shutdown: tokio_util::sync::CancellationToken,
 ) -> anyhow::Result<()> {
-    let config = nms_config(params)?;
+    let mut config = nms_config(params)?;
+    if token.is_some() {
+        config.cluster_token = token;
+    }
     crate::server::run(config, listener, shutdown).await
 }
 
@@ -538,6 +585,17 @@ mod net {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_fw_cfg_token_is_read_as_its_file_holds_it() {
+        let t = "0123456789abcdef-road";
+        let want = wayside_proto::token::ClusterToken::new(t).unwrap();
+        assert_eq!(parse_token(t.as_bytes()).unwrap(), want);
+        assert_eq!(parse_token(format!("{t}\n").as_bytes()).unwrap(), want, "echo > file");
+        assert!(parse_token(b"short").unwrap_err().to_string().contains("16 to 256"));
+        assert!(parse_token(b"0123456789abcdef \n").is_err(), "no spaces");
+        assert!(parse_token(&[0xff; 20]).unwrap_err().to_string().contains("UTF-8"));
+    }
 
     #[test]
     fn the_image_keeps_no_block_pool_unless_its_file_names_one() {

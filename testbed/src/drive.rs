@@ -489,7 +489,13 @@ pub async fn deploy(deployment: &Deployment, sc: &Scenario) -> anyhow::Result<De
                 .await
                 .context("starting the PSS on the VMs' bridge")?;
             let names: Vec<String> = sc.rsus.iter().map(|(n, _)| n.clone()).collect();
-            let road = VmRoad::start_with(net, &names, &pss.endpoints(), image.clone(), options)
+            // Every guest NMS requires the road's token, as the in-process and netns
+            // deployments' NMSs do.
+            let options = crate::vmroad::VmRoadOptions {
+                cluster_token: Some(sc.cluster_token.clone()),
+                ..options.clone()
+            };
+            let road = VmRoad::start_with(net, &names, &pss.endpoints(), image.clone(), &options)
                 .await
                 .context("booting the RSUs' NMS images")?;
             let addresses = road.addresses();

@@ -53,6 +53,8 @@ pub struct VmRoadOptions {
     pub kernel_dir: Option<PathBuf>,
     /// The guests' tracing filter (`wayside.log`).
     pub guest_log: Option<String>,
+    /// The road's cluster token, which every guest NMS requires (through fw_cfg).
+    pub cluster_token: Option<wayside_proto::token::ClusterToken>,
 }
 
 impl Default for VmRoadOptions {
@@ -65,6 +67,7 @@ impl Default for VmRoadOptions {
             nms_bin: None,
             kernel_dir: None,
             guest_log: None,
+            cluster_token: None,
         }
     }
 }
@@ -202,6 +205,7 @@ impl VmRoad {
                 net: Net::Tap { ifname: tap },
                 boot,
                 incoming: None,
+                cluster_token: opts.cluster_token.clone(),
             };
             launches.push(async move {
                 let vm = Vm::launch(&vm_opts, false).await?;

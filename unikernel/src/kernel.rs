@@ -10,11 +10,12 @@ use std::process::Command;
 /// The metapackage whose dependency names the current kernel package.
 pub const METAPACKAGE: &str = "linux-image-amd64";
 
-/// The modules the image loads for virtio networking: the microvm transport (virtio_mmio),
-/// the PCI transport for other machine types (virtio_pci), and the NIC driver. Their
+/// The modules the image loads: for virtio networking the microvm transport (virtio_mmio),
+/// the PCI transport for other machine types (virtio_pci) and the NIC driver; and QEMU's
+/// fw_cfg driver, which shows the cluster token a launcher passes (`pid1`). Their
 /// dependencies (virtio, virtio_ring, failover, net_failover, ...) are added from each
 /// module's `.modinfo`.
-pub const DEFAULT_MODULES: &[&str] = &["virtio_mmio", "virtio_pci", "virtio_net"];
+pub const DEFAULT_MODULES: &[&str] = &["virtio_mmio", "virtio_pci", "virtio_net", "qemu_fw_cfg"];
 
 /// Problems with the kernel or its modules.
 #[derive(Debug, thiserror::Error)]

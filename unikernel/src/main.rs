@@ -129,6 +129,9 @@ enum Cmd {
         boot: BootArgs,
     },
     /// Boot an image under QEMU and wait until the NMS answers its gRPC health check.
+    /// With WAYSIDE_CLUSTER_TOKEN set, the guest's NMS requires that token on admin and
+    /// migration calls (passed through QEMU's fw_cfg from a 0600 file in the state folder,
+    /// never on a command line); `stop` presents it.
     Run {
         /// The image folder.
         image: PathBuf,
@@ -283,6 +286,8 @@ async fn dispatch(cmd: Cmd, config: Config) -> anyhow::Result<()> {
                 net,
                 boot: params,
                 incoming: None,
+                cluster_token: wayside_proto::token::ClusterToken::from_env()
+                    .map_err(anyhow::Error::msg)?,
             };
             let started = Instant::now();
             let mut vm = Vm::launch(&opts, !foreground).await?;

@@ -12,7 +12,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
-use wayside_nms::pid1::{BootParams, Ipv4Cidr};
+use wayside_nms::pid1::{BootParams, Ipv4Cidr, FW_CFG_CLUSTER_TOKEN};
+use wayside_proto::token::ClusterToken;
 
 use crate::image::Image;
 use crate::qmp::{Qmp, QmpError};
@@ -116,7 +117,14 @@ pub struct VmOptions {
     pub boot: BootParams,
     /// Start as a migration destination listening here (`-incoming tcp:...`).
     pub incoming: Option<SocketAddr>,
+    /// The cluster token the guest's NMS requires on admin and migration calls: handed to
+    /// the guest through QEMU's fw_cfg from a 0600 file in the state folder (never on the
+    /// command line, which anyone on the host may read); [`Vm::stop`] presents it.
+    pub cluster_token: Option<ClusterToken>,
 }
+
+/// The file in a VM's state folder that holds its cluster token (mode 0600).
+const TOKEN_FILE: &str = "cluster_token";
 
 /// `vm.json` in the state folder.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -135,6 +143,9 @@ pub struct VmState {
     pub image_dir: PathBuf,
     pub cmdline: String,
     pub argv: Vec<String>,
+    /// The file holding the guest NMS's cluster token, if it has one.
+    #[serde(default)]
+    pub cluster_token_file: Option<PathBuf>,
 }
 
 /// Runs the accelerator probe: boots `kernel` with no initramfs and `panic=-1`, so a
@@ -288,6 +299,11 @@ pub fn qemu_args(opts: &VmOptions, accel: Accel) -> Result<(Vec<String>, String)
     if let Some(addr) = opts.incoming {
         push(&["-incoming", &format!("tcp:{addr}")]);
     }
+    if opts.cluster_token.is_some() {
+        // (QEMU's option syntax: a comma in a value is written twice.)
+        let file = s(&opts.state_dir.join(TOKEN_FILE)).replace(',', ",,");
+        push(&["-fw_cfg", &format!("name={FW_CFG_CLUSTER_TOKEN},file={file}")]);
+    }
     Ok((a, cmdline))
 }
 
@@ -366,6 +382,19 @@ impl Vm {
         for p in [&qmp_socket, &serial_log] {
             let _ = std::fs::remove_file(p);
         }
+        let token_file = opts.state_dir.join(TOKEN_FILE);
+        let _ = std::fs::remove_file(&token_file);
+        if let Some(t) = &opts.cluster_token {
+            use std::io::Write as _;
+            use std::os::unix::fs::OpenOptionsExt as _;
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&token_file)
+                .map_err(io(&token_file))?;
+            f.write_all(String::from(t.clone()).as_bytes()).map_err(io(&token_file))?;
+        }
         let log = std::fs::File::create(&qemu_log).map_err(io(&qemu_log))?;
         let log2 = log.try_clone().map_err(io(&qemu_log))?;
         let qemu = qemu_binary();
@@ -398,6 +427,7 @@ impl Vm {
             image_dir: opts.image.dir.clone(),
             cmdline,
             argv,
+            cluster_token_file: opts.cluster_token.is_some().then_some(token_file),
         };
         let mut vm = Vm { state, state_dir: opts.state_dir.clone(), child: Some(child) };
         let json = serde_json::to_string_pretty(&vm.state).expect("state serializes");
@@ -524,6 +554,15 @@ impl Vm {
         !self.is_alive()
     }
 
+    /// The cluster token the guest's NMS was booted with (from its state folder).
+    pub fn cluster_token(&self) -> Result<Option<ClusterToken>, VmError> {
+        let Some(path) = &self.state.cluster_token_file else { return Ok(None) };
+        let text = std::fs::read_to_string(path).map_err(io(path))?;
+        ClusterToken::new(text)
+            .map(Some)
+            .map_err(|e| VmError::BadOption(format!("{}: {e}", path.display())))
+    }
+
     /// Stops the VM: asks the NMS to shut down (it flushes to the PSS and powers off),
     /// waits up to `grace`, then makes QEMU quit over QMP. `force` skips the clean part.
     pub async fn stop(&mut self, grace: Duration, force: bool) -> Result<StopOutcome, VmError> {
@@ -531,7 +570,8 @@ impl Vm {
             return Ok(StopOutcome::AlreadyStopped);
         }
         if !force
-            && request_shutdown(&self.state.nms_endpoint, grace).await
+            && request_shutdown(&self.state.nms_endpoint, self.cluster_token()?.as_ref(), grace)
+                .await
             && self.wait_exit(grace).await
         {
             return Ok(StopOutcome::Clean);
@@ -593,6 +633,7 @@ impl Vm {
             net,
             boot,
             incoming: Some(incoming),
+            cluster_token: self.cluster_token()?,
         };
         let mut dest = match Vm::launch(&opts, self.child.is_none()).await {
             Ok(d) => d,
@@ -695,12 +736,17 @@ pub async fn health_check(endpoint: &str, timeout: Duration) -> bool {
     tokio::time::timeout(timeout * 2, attempt).await.ok().flatten().unwrap_or(false)
 }
 
-/// Asks the NMS to shut down cleanly (`NmsAdmin.Shutdown`).
-pub async fn request_shutdown(endpoint: &str, timeout: Duration) -> bool {
+/// Asks the NMS to shut down cleanly (`NmsAdmin.Shutdown`), presenting `token`.
+pub async fn request_shutdown(
+    endpoint: &str,
+    token: Option<&ClusterToken>,
+    timeout: Duration,
+) -> bool {
     use wayside_proto::pb::nms_admin_client::NmsAdminClient;
     let attempt = async {
         let channel = channel(endpoint, timeout).await?;
-        NmsAdminClient::new(channel).shutdown(wayside_proto::pb::ShutdownRequest {}).await.ok()
+        let req = wayside_proto::token::request(token, wayside_proto::pb::ShutdownRequest {});
+        NmsAdminClient::new(channel).shutdown(req).await.ok()
     };
     tokio::time::timeout(timeout * 2, attempt).await.ok().flatten().is_some()
 }

@@ -22,6 +22,7 @@ fn options(image: Image, state_dir: &std::path::Path, boot: BootParams) -> VmOpt
         net: Net::User { host_port: vm::free_port().unwrap() },
         boot,
         incoming: None,
+        cluster_token: None,
     }
 }
 
@@ -38,7 +39,10 @@ async fn boots_to_the_health_check_answers_qmp_and_stops() {
         pss: vec![wayside_proto::types::Endpoint::parse("10.0.2.2:9").unwrap()],
         ..BootParams::default()
     };
-    let opts = options(image, &dir.path().join("vm"), boot);
+    let mut opts = options(image, &dir.path().join("vm"), boot);
+    // The guest's NMS gets its cluster token through fw_cfg (not the command line).
+    let token = wayside_proto::token::ClusterToken::new("vm-test-token-0123456789").unwrap();
+    opts.cluster_token = Some(token.clone());
 
     let started = Instant::now();
     let mut vm = Vm::launch(&opts, false).await.unwrap();
@@ -51,6 +55,24 @@ async fn boots_to_the_health_check_answers_qmp_and_stops() {
 
     let status = vm.status().await.unwrap();
     assert!(status.running && status.nms_serving, "{status:?}");
+    assert!(!vm.state.cmdline.contains("vm-test-token"), "the token is not on the command line");
+    assert!(!vm.state.argv.iter().any(|a| a.contains("vm-test-token")), "nor QEMU's");
+
+    // The guest's NMS requires the token: without it an admin call is refused, with it
+    // answered.
+    let admin = || async {
+        let ch = tonic::transport::Endpoint::from_shared(vm.state.nms_endpoint.clone())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        wayside_proto::pb::nms_admin_client::NmsAdminClient::new(ch)
+    };
+    let refused = admin().await.node_status(wayside_proto::pb::NodeStatusRequest {}).await;
+    assert_eq!(refused.unwrap_err().code(), tonic::Code::Unauthenticated);
+    let answered =
+        admin().await.node_status(token.request(wayside_proto::pb::NodeStatusRequest {})).await;
+    assert!(answered.is_ok(), "{answered:?}");
     assert_eq!(status.qemu_status, "running");
 
     // A state-folder handle (what the CLI uses) sees the same VM.

@@ -61,6 +61,7 @@ async fn data_survives_a_fresh_boot_and_a_live_migration() {
         net: Net::User { host_port },
         boot: boot.clone(),
         incoming: None,
+        cluster_token: None,
     };
 
     // 1. Boot; write through the NMS in the VM; flush (persisted in the PSS).

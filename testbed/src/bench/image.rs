@@ -170,6 +170,7 @@ impl VmSetup {
                 ..BootParams::default()
             },
             incoming: None,
+            cluster_token: None,
         })
     }
 
