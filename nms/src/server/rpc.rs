@@ -968,4 +968,151 @@ mod tests {
         o.clear();
         assert!(o.latest.is_empty());
     }
+
+    /// A store whose `get_blocks` counts the blocks asked for and parks until the gate
+    /// opens (a PSS slow to answer).
+    struct SlowReads {
+        inner: crate::store::MemStore,
+        asked: std::sync::atomic::AtomicUsize,
+        entered: tokio::sync::Notify,
+        gate: tokio::sync::Semaphore,
+    }
+
+    impl crate::store::Store for SlowReads {
+        fn acquire(
+            &self,
+            req: crate::store::Acquire,
+        ) -> crate::store::BoxFut<'_, Result<crate::store::VolumeMeta, crate::store::StoreError>>
+        {
+            self.inner.acquire(req)
+        }
+        fn get_volume(
+            &self,
+            volume: VolumeName,
+        ) -> crate::store::BoxFut<'_, Result<crate::store::VolumeMeta, crate::store::StoreError>>
+        {
+            self.inner.get_volume(volume)
+        }
+        fn write_batch(
+            &self,
+            batch: crate::store::WriteBack,
+        ) -> crate::store::BoxFut<'_, Result<Lsn, crate::store::StoreError>> {
+            self.inner.write_batch(batch)
+        }
+        fn get_blocks(
+            &self,
+            volume: VolumeName,
+            blocks: Vec<BlockNo>,
+        ) -> crate::store::BoxFut<'_, Result<crate::store::Fetched, crate::store::StoreError>>
+        {
+            Box::pin(async move {
+                self.asked.fetch_add(blocks.len(), Ordering::SeqCst);
+                self.entered.notify_one();
+                let _open = self.gate.acquire().await.expect("gate open");
+                self.inner.get_blocks(volume, blocks).await
+            })
+        }
+        fn list_blocks(
+            &self,
+            volume: VolumeName,
+            start: BlockNo,
+            limit: u32,
+        ) -> crate::store::BoxFut<'_, Result<crate::store::BlockPage, crate::store::StoreError>>
+        {
+            self.inner.list_blocks(volume, start, limit)
+        }
+    }
+
+    /// `max_stream_inflight_ops` counts operations, not units: a stream whose batches of
+    /// cold reads (each run as one unit) wait on the PSS takes no more messages once the
+    /// operations it holds reach the limit; they are taken once answers come back, and
+    /// every operation is answered. (Counting units, 2 units of 200 reads passed a limit
+    /// of 150 and the third batch was taken too.)
+    #[tokio::test]
+    async fn a_stream_holds_at_most_max_stream_inflight_ops_operations() {
+        use crate::config::Config;
+        use crate::store::Store as _;
+        use wayside_proto::types::{BlockSize, Credential, Endpoint, RequestId};
+        let store = Arc::new(SlowReads {
+            inner: crate::store::MemStore::default(),
+            asked: Default::default(),
+            entered: tokio::sync::Notify::new(),
+            gate: tokio::sync::Semaphore::new(0),
+        });
+        let v = VolumeName::new("v").unwrap();
+        let cred = Credential::new("k").unwrap();
+        store
+            .inner
+            .acquire(crate::store::Acquire {
+                volume: v.clone(),
+                owner_node: "other".into(),
+                owner_address: "http://127.0.0.1:1".into(),
+                expected_epoch: None,
+                create: Some((BlockSize::new(4096).unwrap(), cred.hash())),
+                request_id: RequestId::new("test", 1).unwrap(),
+            })
+            .await
+            .unwrap();
+        let cfg = Config {
+            node_id: "a".into(),
+            block_pool_bytes: 0,
+            max_stream_inflight_ops: 150,
+            ..Config::default()
+        };
+        let dyn_store: Arc<dyn crate::store::Store> = store.clone();
+        let node = Node::new(
+            cfg,
+            Endpoint::parse("127.0.0.1:2").unwrap(),
+            dyn_store,
+            CancellationToken::new(),
+        );
+        node.load(&v, &Presented::new(cred.clone()), None, false).await.unwrap();
+        // Three batches of 100 reads of blocks never written (cold: they go to the PSS),
+        // all received before the stream starts.
+        let (tx, rx) = tokio::sync::mpsc::channel(3);
+        for batch in 0..3u64 {
+            let ops = (0..100u64)
+                .map(|i| {
+                    let block = batch * 100 + i;
+                    pb::StreamRequest {
+                        auth: None,
+                        tag: block + 1,
+                        op: Some(pb::stream_request::Op::Read(pb::ReadOp {
+                            block,
+                            offset: 0,
+                            length: 0,
+                        })),
+                    }
+                })
+                .collect();
+            let auth =
+                pb::VolumeAuth { volume: "v".into(), credential: "k".into(), nms_session: 0 };
+            tx.send(Ok(pb::StreamBatch { auth: Some(auth), ops })).await.unwrap();
+        }
+        drop(tx);
+        let mut replies = node.serve_ops(batch_inbound(ReceiverStream::new(rx), 1000));
+        // The stream's task has run (it polls the operations in flight, which ask the PSS)
+        // and, with room, would have taken the third batch in the same turn.
+        store.entered.notified().await;
+        tokio::task::yield_now().await;
+        assert_eq!(
+            store.asked.load(Ordering::SeqCst),
+            200,
+            "two batches taken (200 operations reach the limit of 150), the third waits"
+        );
+        store.gate.add_permits(1000);
+        let mut tags = std::collections::BTreeSet::new();
+        while let Some(r) = replies.next().await {
+            for reply in r.unwrap() {
+                assert!(
+                    matches!(reply.result, Some(pb::stream_reply::Result::Read(ref x)) if !x.found),
+                    "{reply:?}"
+                );
+                tags.insert(reply.tag);
+            }
+        }
+        assert_eq!(tags.len(), 300, "every operation answered");
+        assert_eq!(store.asked.load(Ordering::SeqCst), 300);
+        node.stop.cancel();
+    }
 }
