@@ -817,6 +817,7 @@ impl Node {
                     )));
                 }
             }
+            self.volume_room(core)?;
             let room = self.cfg.cache_capacity_bytes.saturating_sub(core.dirty_bytes());
             if b.cached_bytes > room {
                 return Err(NmsError::Limit {
@@ -849,12 +850,13 @@ impl Node {
             )));
         }
         {
-            // Serialized with vehicles' loads (`Node::load` holds `load_lock` from its
-            // check to `install`): either a load finished first and the volume is served
-            // here (refused above), or the Incoming copy is in place first and the load
-            // refuses (NotOwner). Unserialized, a load's `install` could replace the
-            // Incoming copy and this move's frames overwrite what its vehicle wrote.
-            let _load = self.load_lock.lock().await;
+            // Serialized with vehicles' loads of this volume (`Node::load` holds its
+            // lock from its check to `install`): either a load finished first and the
+            // volume is served here (refused above), or the Incoming copy is in place
+            // first and the load refuses (NotOwner). Unserialized, a load's `install`
+            // could replace the Incoming copy and this move's frames overwrite what its
+            // vehicle wrote.
+            let _load = self.load_locks.lock(&v).await;
             let mut core = self.core();
             admissible(&core)?;
             core.insert_volume(
@@ -1246,6 +1248,80 @@ mod tests {
         ) -> BoxFut<'_, Result<BlockPage, StoreError>> {
             self.inner.list_blocks(volume, start, limit)
         }
+    }
+
+    /// Loads and Begins of different volumes do not wait for each other (a load waiting
+    /// on the PSS holds up nothing else), and `max_volumes` counts the loads under way
+    /// with the volumes here, so concurrent loads and moves in cannot pass it.
+    #[tokio::test]
+    async fn loads_and_moves_in_of_other_volumes_go_on_within_max_volumes() {
+        use futures::FutureExt as _;
+        let gated = Arc::new(Gated {
+            inner: crate::store::MemStore::default(),
+            entered: tokio::sync::Notify::new(),
+            gate: tokio::sync::Semaphore::new(0),
+        });
+        let cred = Credential::new("k").unwrap();
+        let bs = BlockSize::new(4096).unwrap();
+        for (n, name) in ["v", "w", "x"].into_iter().enumerate() {
+            let created = gated.inner.acquire(Acquire {
+                volume: VolumeName::new(name).unwrap(),
+                owner_node: "a".into(),
+                owner_address: "http://127.0.0.1:1".into(),
+                expected_epoch: None,
+                create: Some((bs, cred.hash())),
+                request_id: RequestId::new("test", n as u64 + 1).unwrap(),
+            });
+            created.await.unwrap();
+        }
+        let cfg = Config {
+            node_id: "b".into(),
+            block_pool_bytes: 0,
+            max_volumes: 2,
+            ..Config::default()
+        };
+        let store: Arc<dyn Store> = gated.clone();
+        let node = Node::new(
+            cfg,
+            Endpoint::parse("127.0.0.1:2").unwrap(),
+            store,
+            CancellationToken::new(),
+        );
+        let begin = |name: &str| pb::MigrationBegin {
+            migration_id: 9,
+            volume: name.into(),
+            block_size: bs.bytes(),
+            source_epoch: 1,
+            source_node: "a".into(),
+            source_address: "http://127.0.0.1:1".into(),
+            credential_hash: cred.hash().0.to_vec(),
+            cached_bytes: 0,
+        };
+        // A vehicle's load of v waits in the PSS's acquire...
+        let load = tokio::spawn({
+            let (node, cred) = (node.clone(), cred.clone());
+            async move {
+                node.load(&VolumeName::new("v").unwrap(), &Presented::new(cred), None, false).await
+            }
+        });
+        gated.entered.notified().await;
+        // ...while a move of w comes in at once.
+        let admitted = node.admit_incoming(&begin("w")).now_or_never();
+        assert!(matches!(admitted, Some(Ok(_))), "w's Begin waited for v's load: {admitted:?}");
+        // v (loading) and w (arriving) fill max_volumes = 2: a load of x and a move of y are
+        // refused, at once.
+        let x = VolumeName::new("x").unwrap();
+        let refused = node.load(&x, &Presented::new(cred.clone()), None, false).now_or_never();
+        assert!(
+            matches!(&refused, Some(Err(NmsError::Limit { limit, .. })) if limit == "max_volumes"),
+            "{refused:?}"
+        );
+        let e = node.admit_incoming(&begin("y")).now_or_never().expect("at once").unwrap_err();
+        assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e:?}");
+        gated.gate.add_permits(1000);
+        load.await.unwrap().unwrap();
+        assert_eq!(node.loads_in_flight.load(std::sync::atomic::Ordering::SeqCst), 0);
+        node.stop.cancel();
     }
 
     /// A vehicle's load and a move's Begin for the same volume at the target are

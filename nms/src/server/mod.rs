@@ -4,6 +4,7 @@
 //! **Architecture invariant:** no fork/exec and no `/proc` here: this runs as PID 1 in the
 //! NMS image (`crate::pid1`).
 
+mod locks;
 pub mod migrate;
 pub mod rpc;
 mod wire;
@@ -189,6 +190,16 @@ impl Presented {
     }
 }
 
+/// A load counted in `Node::loads_in_flight` until it ends (installed or failed).
+struct LoadSlot<'a>(&'a Node);
+
+impl Drop for LoadSlot<'_> {
+    fn drop(&mut self) {
+        let _core = self.0.core();
+        self.0.loads_in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 /// Per-volume async machinery around the pure core.
 pub(crate) struct Handle {
     kick: Notify,
@@ -232,7 +243,13 @@ pub struct Node {
     handles: Mutex<HashMap<VolumeName, Arc<Handle>>>,
     /// Bumped on every write-back completion and volume state change; waiters re-check.
     progress: watch::Sender<u64>,
-    load_lock: tokio::sync::Mutex<()>,
+    /// Per volume: held by a load from its check to `install`, and by a move's `Begin`
+    /// from its check to the Incoming copy's insertion.
+    load_locks: locks::VolumeLocks,
+    /// Loads past their `max_volumes` check and not yet installed (or failed): counted
+    /// against `max_volumes` with the volumes here, as loads of different volumes run
+    /// concurrently. Changed only under the cache lock.
+    loads_in_flight: std::sync::atomic::AtomicUsize,
     pub(crate) tracker: TaskTracker,
     /// The runtime `run` was called on: background work (write-back, migrations) runs
     /// there, on all its workers, while each connection's I/O and requests stay on its
@@ -304,7 +321,8 @@ impl Node {
             pool,
             handles: Mutex::new(HashMap::new()),
             progress: watch::channel(0).0,
-            load_lock: tokio::sync::Mutex::new(()),
+            load_locks: locks::VolumeLocks::default(),
+            loads_in_flight: std::sync::atomic::AtomicUsize::new(0),
             tracker: TaskTracker::new(),
             runtime: tokio::runtime::Handle::current(),
             stop: CancellationToken::new(),
@@ -416,7 +434,7 @@ impl Node {
         create: Option<BlockSize>,
         take_over: bool,
     ) -> Result<(), NmsError> {
-        let _g = self.load_lock.lock().await;
+        let _g = self.load_locks.lock(v).await;
         match self.check_local(v, cred) {
             Ok(true) => {
                 if let Some(bs) = create {
@@ -455,19 +473,12 @@ impl Node {
         } else if create.is_none() {
             return Err(NmsError::NotFound(v.to_string()));
         }
-        {
+        let _slot = {
             let core = self.core();
-            let n =
-                core.volumes().filter(|x| !matches!(x.state, VolumeState::Moved { .. })).count();
-            if n >= self.cfg.max_volumes {
-                return Err(NmsError::Limit {
-                    limit: "max_volumes".into(),
-                    unit: "volumes".into(),
-                    value: n as u64,
-                    max: self.cfg.max_volumes as u64,
-                });
-            }
-        }
+            self.volume_room(&core)?;
+            self.loads_in_flight.fetch_add(1, Ordering::SeqCst);
+            LoadSlot(self)
+        };
         let meta = self
             .store
             .acquire(self.acquire_request(
@@ -490,9 +501,25 @@ impl Node {
         )
     }
 
+    /// Whether one more volume fits under `max_volumes`: the volumes served or arriving
+    /// here, and the loads under way (call under the cache lock).
+    pub(crate) fn volume_room(&self, core: &Cache) -> Result<(), NmsError> {
+        let here = core.volumes().filter(|x| !matches!(x.state, VolumeState::Moved { .. })).count();
+        let n = here + self.loads_in_flight.load(Ordering::SeqCst);
+        if n >= self.cfg.max_volumes {
+            return Err(NmsError::Limit {
+                limit: "max_volumes".into(),
+                unit: "volumes".into(),
+                value: n as u64,
+                max: self.cfg.max_volumes as u64,
+            });
+        }
+        Ok(())
+    }
+
     /// Installs an owned, active volume and starts its write-back task. Never replaces a
     /// volume arriving by migration (re-checked under the cache lock; a move's Begin takes
-    /// `load_lock` too, so a load never meets one here): NotOwner.
+    /// the volume's lock in `load_locks` too, so a load never meets one here): NotOwner.
     pub(crate) fn install(
         &self,
         v: &VolumeName,
