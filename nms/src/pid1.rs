@@ -5,9 +5,10 @@
 //! udev: the binary does their jobs itself, in this order:
 //! 1. mounts `/proc` just long enough to read `/proc/cmdline`, then unmounts it again
 //!    (nothing reads `/proc` while serving: the OSv constraint);
-//! 2. loads the kernel modules listed in [`MODULE_ORDER_FILE`] with `finit_module(2)`,
-//!    then mounts sysfs just long enough to read the cluster token a launcher passed
-//!    through QEMU's fw_cfg ([`FW_CFG_CLUSTER_TOKEN`]), if any;
+//! 2. loads the kernel modules listed in [`MODULE_ORDER_FILE`] with `finit_module(2)`;
+//!    with `wayside.token=fw_cfg` also QEMU's fw_cfg driver ([`ON_DEMAND_MODULES`]), then
+//!    mounts sysfs just long enough to read the cluster token the launcher passed
+//!    ([`FW_CFG_CLUSTER_TOKEN`]: missing, the boot fails rather than serve without it);
 //! 3. configures `lo` and the network interface (address, netmask, default gateway) with
 //!    the classic `SIOCSIF*`/`SIOCADDRT` ioctls;
 //! 4. serves (the NMS gRPC server) until `NmsAdmin.Shutdown`, SIGTERM or SIGINT
@@ -39,6 +40,12 @@ pub const CONFIG_FILE: &str = "/etc/wayside/nms.toml";
 /// name=opt/wayside/cluster_token,file=PATH`): kept out of the kernel command line and the
 /// image, which anyone on the host may read; it overrides the baked-in file's token.
 pub const FW_CFG_CLUSTER_TOKEN: &str = "opt/wayside/cluster_token";
+
+/// Modules in the image that only some boots load (not by the load order): QEMU's fw_cfg
+/// driver, for `wayside.token=fw_cfg`. (Loaded in every boot, guests live-migrated under
+/// TCG here arrived with corrupted kernel memory in 3 of ~20 runs, against none of 5
+/// without it.)
+pub const ON_DEMAND_MODULES: &[&str] = &["qemu_fw_cfg"];
 
 /// Where Linux's `qemu_fw_cfg` driver shows fw_cfg items by name.
 const FW_CFG_SYSFS_BY_NAME: &str = "/sys/firmware/qemu_fw_cfg/by_name";
@@ -97,7 +104,7 @@ impl std::str::FromStr for Ipv4Cidr {
 pub enum BootParamError {
     #[error("kernel command line: `{PARAM_PREFIX}{key}={value}`: {reason}")]
     BadValue { key: String, value: String, reason: String },
-    #[error("kernel command line: unknown word `{PARAM_PREFIX}{key}` (known: ip, gw, iface, listen, pss, node, advertise, log)")]
+    #[error("kernel command line: unknown word `{PARAM_PREFIX}{key}` (known: ip, gw, iface, listen, pss, node, advertise, log, token)")]
     UnknownKey { key: String },
     #[error("kernel command line: `{PARAM_PREFIX}{key}` given twice")]
     Duplicate { key: String },
@@ -125,6 +132,9 @@ pub struct BootParams {
     pub advertise: Option<Endpoint>,
     /// `wayside.log`: the tracing filter (RUST_LOG syntax).
     pub log: Option<String>,
+    /// `wayside.token=fw_cfg`: the cluster token is in the fw_cfg item
+    /// [`FW_CFG_CLUSTER_TOKEN`] (the token itself never goes on the command line).
+    pub token_from_fw_cfg: bool,
 }
 
 impl Default for BootParams {
@@ -138,6 +148,7 @@ impl Default for BootParams {
             node: None,
             advertise: None,
             log: None,
+            token_from_fw_cfg: false,
         }
     }
 }
@@ -195,6 +206,16 @@ impl BootParams {
                     p.advertise = Some(Endpoint::parse(value).map_err(|e| bad(e.to_string()))?)
                 }
                 "log" => p.log = Some(value.into()),
+                "token" => {
+                    if value != "fw_cfg" {
+                        return Err(bad(
+                            "the only token source is fw_cfg (the token itself never goes on \
+                             the command line)"
+                                .into(),
+                        ));
+                    }
+                    p.token_from_fw_cfg = true;
+                }
                 _ => return Err(BootParamError::UnknownKey { key: key.into() }),
             }
         }
@@ -234,6 +255,9 @@ impl BootParams {
         if let Some(log) = &self.log {
             words.push(format!("{PARAM_PREFIX}log={log}"));
         }
+        if self.token_from_fw_cfg {
+            words.push(format!("{PARAM_PREFIX}token=fw_cfg"));
+        }
         words.join(" ")
     }
 }
@@ -260,11 +284,16 @@ fn boot_and_serve(started: Instant) -> anyhow::Result<()> {
     wayside_proto::telemetry::init();
     tracing::info!(?params, "wayside-init: starting as process 1");
 
-    load_modules(Path::new(MODULE_ORDER_FILE))?;
-    let token = read_fw_cfg_token().context("reading the cluster token from fw_cfg")?;
-    if token.is_some() {
+    let order = Path::new(MODULE_ORDER_FILE);
+    load_modules(order, |m| !ON_DEMAND_MODULES.contains(&m))?;
+    let token = if params.token_from_fw_cfg {
+        load_modules(order, |m| ON_DEMAND_MODULES.contains(&m))?;
+        let token = read_fw_cfg_token().context("reading the cluster token from fw_cfg")?;
         tracing::info!("wayside-init: cluster token from fw_cfg {FW_CFG_CLUSTER_TOKEN}");
-    }
+        Some(token)
+    } else {
+        None
+    };
     net::configure_loopback().context("configuring lo")?;
     if let Some(ip) = params.ip {
         net::wait_for_interface(&params.iface, NET_DEVICE_WAIT)?;
@@ -280,9 +309,8 @@ fn boot_and_serve(started: Instant) -> anyhow::Result<()> {
     runtime.block_on(serve(params, token))
 }
 
-/// Mounts sysfs, reads the cluster token fw_cfg item (`None`: no such item, or no fw_cfg
-/// device), unmounts sysfs again.
-fn read_fw_cfg_token() -> anyhow::Result<Option<wayside_proto::token::ClusterToken>> {
+/// Mounts sysfs, reads the cluster token fw_cfg item, unmounts sysfs again.
+fn read_fw_cfg_token() -> anyhow::Result<wayside_proto::token::ClusterToken> {
     use anyhow::Context as _;
     std::fs::create_dir_all("/sys").context("creating /sys")?;
     mount("sysfs", "/sys", "sysfs")?;
@@ -291,12 +319,10 @@ fn read_fw_cfg_token() -> anyhow::Result<Option<wayside_proto::token::ClusterTok
     let umount = CString::new("/sys").expect("no NUL");
     // SAFETY: a valid NUL-terminated path.
     unsafe { libc::umount2(umount.as_ptr(), libc::MNT_DETACH) };
-    let raw = match read {
-        Ok(raw) => raw,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(e).with_context(|| format!("reading {path}")),
-    };
-    parse_token(&raw).map(Some)
+    let raw = read.with_context(|| {
+        format!("reading {path} (wayside.token=fw_cfg: did the launcher pass -fw_cfg name={FW_CFG_CLUSTER_TOKEN},file=...?)")
+    })?;
+    parse_token(&raw)
 }
 
 /// A token as a launcher's file holds it (a trailing newline allowed).
@@ -332,9 +358,9 @@ fn mount(source: &str, target: &str, fstype: &str) -> anyhow::Result<()> {
 /// `.ko.xz`/`.ko.zst` files directly.
 const MODULE_INIT_COMPRESSED_FILE: libc::c_int = 4;
 
-/// Loads every module listed in `order_file`, in order. A module the kernel already has
-/// (built in or loaded) is fine.
-pub fn load_modules(order_file: &Path) -> anyhow::Result<()> {
+/// Loads the modules listed in `order_file` whose names `wanted` accepts, in order. A
+/// module the kernel already has (built in or loaded) is fine.
+pub fn load_modules(order_file: &Path, wanted: impl Fn(&str) -> bool) -> anyhow::Result<()> {
     use anyhow::Context as _;
     let list = match std::fs::read_to_string(order_file) {
         Ok(l) => l,
@@ -342,6 +368,9 @@ pub fn load_modules(order_file: &Path) -> anyhow::Result<()> {
         Err(e) => return Err(e).with_context(|| format!("reading {}", order_file.display())),
     };
     for path in list.lines().map(str::trim).filter(|l| !l.is_empty()) {
+        if !wanted(module_name(path)) {
+            continue;
+        }
         let file = std::fs::File::open(path).with_context(|| format!("opening module {path}"))?;
         let flags = if path.ends_with(".ko") { 0 } else { MODULE_INIT_COMPRESSED_FILE };
         use std::os::fd::AsRawFd as _;
@@ -357,6 +386,12 @@ pub fn load_modules(order_file: &Path) -> anyhow::Result<()> {
         tracing::debug!(module = path, "module loaded");
     }
     Ok(())
+}
+
+/// A module's name from its file's path (`.../qemu_fw_cfg.ko.xz` -> `qemu_fw_cfg`).
+fn module_name(path: &str) -> &str {
+    let file = path.rsplit('/').next().unwrap_or(path);
+    file.split_once(".ko").map_or(file, |(name, _)| name)
 }
 
 /// Serves until a shutdown request, SIGTERM or SIGINT.
@@ -585,6 +620,18 @@ mod net {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_token_word_names_its_source_never_the_token() {
+        let p = BootParams::parse("wayside.token=fw_cfg").unwrap();
+        assert!(p.token_from_fw_cfg);
+        assert_eq!(BootParams::parse(&p.render()).unwrap(), p, "renders back");
+        assert!(!BootParams::default().render().contains("token"));
+        let e = BootParams::parse("wayside.token=0123456789abcdef0").unwrap_err();
+        assert!(e.to_string().contains("only token source is fw_cfg"), "{e}");
+        assert_eq!(module_name("/lib/modules/x/qemu_fw_cfg.ko.xz"), "qemu_fw_cfg");
+        assert_eq!(module_name("virtio_net.ko"), "virtio_net");
+    }
 
     #[test]
     fn a_fw_cfg_token_is_read_as_its_file_holds_it() {

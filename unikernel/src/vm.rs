@@ -262,6 +262,9 @@ pub fn qemu_args(opts: &VmOptions, accel: Accel) -> Result<(Vec<String>, String)
             )));
         }
     }
+    // The guest reads the token from fw_cfg only when told to (its driver is loaded on
+    // demand), and refuses to boot if told and it is missing.
+    boot.token_from_fw_cfg = opts.cluster_token.is_some();
     let mut cmdline = format!("{} {}", opts.image.manifest.kernel_args, boot.render());
     if accel == Accel::Tcg {
         // Under TCG on a busy host the kernel's TSC calibration against the PIT fails and
@@ -606,6 +609,8 @@ impl Vm {
         let boot = BootParams::parse(&self.state.cmdline)
             .map_err(|e| VmError::BadOption(e.to_string()))?;
         let net = dest_net.unwrap_or_else(|| self.state.net.clone());
+        // (Read before the source gives up its forwarded port: a failure here changes nothing.)
+        let cluster_token = self.cluster_token()?;
         let mut src = self.qmp().await?;
         if let Net::User { host_port } = &self.state.net {
             if matches!(net, Net::User { host_port: p } if p == *host_port) {
@@ -633,7 +638,7 @@ impl Vm {
             net,
             boot,
             incoming: Some(incoming),
-            cluster_token: self.cluster_token()?,
+            cluster_token,
         };
         let mut dest = match Vm::launch(&opts, self.child.is_none()).await {
             Ok(d) => d,

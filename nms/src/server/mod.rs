@@ -703,8 +703,16 @@ impl Node {
                             return;
                         }
                         Err(e) => {
-                            if matches!(e, StoreError::Refused(_) | StoreError::NotFound(_)) {
-                                *h.refused.lock().expect("poisoned") = Some(e.to_string());
+                            // (Another failure, the PSS unreachable say, makes an earlier
+                            // refusal's reason stale.)
+                            let refused =
+                                matches!(e, StoreError::Refused(_) | StoreError::NotFound(_))
+                                    .then(|| e.to_string());
+                            let was = std::mem::replace(
+                                &mut *h.refused.lock().expect("poisoned"),
+                                refused.clone(),
+                            );
+                            if refused.is_some() && was.is_none() {
                                 self.bump();
                             }
                             warn!(error = %e, ?backoff, "write-back failed; retrying");
