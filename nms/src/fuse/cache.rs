@@ -22,7 +22,7 @@
 //!   pinned (its only up-to-date copy is local). The mount is the volume's only writer, so a cached
 //!   block is fresh for the life of the mount; the cache is emptied at mount time.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::fs::{self, File, OpenOptions};
 use std::future::Future;
 use std::io::{Read, Write};
@@ -970,12 +970,17 @@ impl<R: Remote> BlockDevice for CachedVolume<R> {
                 BlockOp::Delete { .. } => None,
             })
             .collect();
+        // A fresh or whole-block write of an uncached block needs no image (cache_apply builds
+        // it from zeros), nor does a later partial write of the same block in this batch. Note
+        // such blocks here, not as Absent cache entries: a fill or the append below may still
+        // fail, and an Absent entry left behind would read as zeros instead of the volume's data.
+        let mut no_image: HashSet<u64> = HashSet::new();
         for op in &ops {
             if let BlockOp::Write { block, offset, data, fresh } = op {
                 let whole = *offset == 0 && data.len() == bs as usize;
-                if !s.entries.contains_key(block) {
+                if !s.entries.contains_key(block) && !no_image.contains(block) {
                     if *fresh || whole {
-                        s.touch(*block, Cached::Absent);
+                        no_image.insert(*block);
                     } else {
                         s = self.fill(s, *block, deadline, &partial)?;
                     }
@@ -1674,6 +1679,57 @@ mod tests {
         for (block, want) in [(1, Some(1)), (2, Some(1)), (3, None), (5, None)] {
             assert_eq!(remote.block(block).map(|b| b[0]), want, "block {block}");
         }
+        assert!(dev.shutdown(Duration::from_secs(1)));
+    }
+
+    /// A volume holding blocks 0 and 1 (all ones), with a cache over it that holds neither.
+    fn volume_of_ones(
+        dir: &Path,
+        rt: &tokio::runtime::Runtime,
+    ) -> (MemRemote, CachedVolume<MemRemote>) {
+        let remote = MemRemote::default();
+        for b in [0, 1] {
+            rt.block_on(remote.write(b, 0, vec![1; 4096])).unwrap();
+        }
+        let dev = CachedVolume::open(remote.clone(), 4096, opts(dir), rt.handle().clone()).unwrap();
+        (remote, dev)
+    }
+
+    fn assert_ones(dev: &CachedVolume<MemRemote>, block: u64) {
+        let got = dev.read(block, 0, 4096).unwrap();
+        assert!(got.iter().all(|&b| b == 1), "block {block} reads {:?}...", &got[..8]);
+    }
+
+    #[test]
+    fn a_batch_that_times_out_fetching_leaves_its_whole_block_writes_uncached() {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = rt();
+        let (remote, dev) = volume_of_ones(dir.path(), &rt);
+        // Block 0 written whole, block 1 in part: its image cannot be fetched.
+        remote.set_down(true);
+        let r = dev.apply(vec![write(0, 0, &[9; 4096]), write(1, 0, &[9; 100])]);
+        assert!(matches!(r, Err(DeviceError::Timeout { .. })), "{r:?}");
+        remote.set_down(false);
+        // Nothing was applied: both read as the volume holds them. Before, block 0 was left
+        // cached as absent and read as zeros until evicted.
+        assert_ones(&dev, 0);
+        assert_ones(&dev, 1);
+        assert!(dev.shutdown(Duration::from_secs(1)));
+    }
+
+    #[test]
+    fn a_batch_whose_append_fails_leaves_its_whole_block_writes_uncached() {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = rt();
+        let (_remote, dev) = volume_of_ones(dir.path(), &rt);
+        dev.shared.lock().append_fault = Some(AppendFault { after_bytes: 10, cut_fails: false });
+        let r = dev.apply(vec![
+            write(0, 0, &[9; 4096]),
+            BlockOp::Write { block: 1, offset: 0, data: vec![9; 4096], fresh: false },
+        ]);
+        assert!(matches!(r, Err(DeviceError::Io(_))), "{r:?}");
+        assert_ones(&dev, 0);
+        assert_ones(&dev, 1);
         assert!(dev.shutdown(Duration::from_secs(1)));
     }
 

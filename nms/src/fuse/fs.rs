@@ -229,6 +229,26 @@ impl<D: BlockDevice> Fs<D> {
         }
     }
 
+    /// Rebuilds the in-memory metadata from the device, as a mount does: after a metadata
+    /// operation whose ops the device did not apply (a timeout), memory is ahead of it.
+    /// Open handles are kept; orphans are not collected here (that writes, and the device just
+    /// timed out): an unlinked inode is freed at its last release or the next mount.
+    fn reload(&mut self) -> Result<()> {
+        let bs = self.dev.block_size();
+        // The high-water mark may have been raised in memory only.
+        let sb = Superblock::decode(&self.dev.read(0, 0, 64)?, bs)?;
+        let old = (self.sb, std::mem::take(&mut self.inodes), std::mem::take(&mut self.free_inos));
+        self.sb = sb;
+        // Directories are loaded again from the device on next use.
+        self.dirs.clear();
+        if let Err(e) = self.load_inodes() {
+            // Leave memory as it was (the caller enters the failed state).
+            (self.sb, self.inodes, self.free_inos) = old;
+            return Err(e);
+        }
+        Ok(())
+    }
+
     /// Frees inodes left live without a name by a crash between an unlink's steps.
     fn collect_orphans(&mut self) -> Result<()> {
         let orphans: Vec<u64> = self
@@ -502,14 +522,28 @@ impl<D: BlockDevice> Fs<D> {
     /// and the device applied any prefix of its ops. A later successful write would then persist
     /// that state (an inode past the high-water mark the device has, a link count of a rename
     /// that never happened), so, like ext4's errors=remount-ro, the first failure stops all
-    /// changes until the next mount reloads the state from the device; reads go on. The one
-    /// failure that leaves both sides as they were is a timeout (the device applied nothing) of
-    /// an operation that changes memory only after it succeeds: a write or setattr while the
-    /// journal is full and the link down fails with ETIMEDOUT and may be retried.
+    /// changes until the next mount reloads the state from the device; reads go on. A timeout
+    /// is not such a failure: the device applied nothing. An operation that changes memory only
+    /// after it succeeds (a write, a setattr) fails with ETIMEDOUT and may be retried; one that
+    /// changed memory first reloads it from the device ([`Fs::reload`]) and fails with
+    /// ETIMEDOUT too, entering the failed state only when the reload fails.
     fn apply(&mut self, ops: Vec<BlockOp>, memory_changed: bool) -> Result<()> {
         match self.dev.apply(ops) {
             Ok(()) => Ok(()),
             Err(e @ DeviceError::Timeout { .. }) if !memory_changed => Err(e.into()),
+            // A metadata operation (create, link, unlink, rmdir, rename) changes memory first.
+            // A timeout applied none of its ops (the device contract), so the device still
+            // holds the state before it: reload that instead of refusing every change until a
+            // remount, which one timeout during a long outage would otherwise cause.
+            Err(e @ DeviceError::Timeout { .. }) => match self.reload() {
+                Ok(()) => Err(e.into()),
+                Err(reload) => {
+                    tracing::error!(error = %e, reload = %reload, "a device write timed out and the state could not be reloaded: the file system refuses changes (EIO) until it is mounted again");
+                    self.failed = true;
+                    self.dirs.clear();
+                    Err(e.into())
+                }
+            },
             Err(e) => {
                 if !self.failed {
                     tracing::error!(error = %e, "a device write failed: the file system refuses changes (EIO) until it is mounted again");

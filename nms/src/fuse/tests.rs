@@ -404,3 +404,49 @@ fn a_write_that_timed_out_applying_nothing_may_be_retried() {
     fsck(t.fs()).unwrap();
     assert_eq!(t.read_all("f").unwrap(), b"onetwo");
 }
+
+#[test]
+fn a_metadata_change_that_timed_out_is_undone_in_memory_and_changes_go_on() {
+    let dev = FlakyDevice::new(4096);
+    let mut t = CoreTarget::new(dev.clone(), small_params());
+    t.mkdir("d").unwrap();
+    t.create("d/kept").unwrap();
+    t.write("d/kept", 0, b"kept").unwrap();
+    // Use up the inodes below the high-water mark (32 a table block; 0, the root, d and
+    // d/kept are taken), so the create that times out raises it in memory.
+    for i in 0..28 {
+        t.create(&format!("f{i}")).unwrap();
+    }
+    dev.fail_next_apply(Fault::Timeout);
+    assert_eq!(t.create("d/a"), Err(libc::ETIMEDOUT));
+    // Before, the timeout entered the failed state: EIO for every change until a remount.
+    assert!(!t.fs().failed());
+    assert_eq!(t.kind("d/a"), Err(libc::ENOENT));
+    t.create("d/b").unwrap();
+    t.mkdir("e").unwrap();
+    // The other metadata operations too.
+    for op in 0..4 {
+        dev.fail_next_apply(Fault::Timeout);
+        let r = match op {
+            0 => t.rename("d/kept", "moved"),
+            1 => t.unlink("f0"),
+            2 => t.rmdir("e"),
+            _ => t.mkdir("d/sub"),
+        };
+        assert_eq!(r, Err(libc::ETIMEDOUT), "{op}");
+        assert!(!t.fs().failed());
+    }
+    assert_eq!(t.list("d").unwrap(), ["b", "kept"]);
+    assert_eq!(t.read_all("d/kept").unwrap(), b"kept");
+    assert_eq!(t.kind("f0"), Ok(NodeKind::File));
+    assert_eq!(t.kind("e"), Ok(NodeKind::Dir));
+    fsck(t.fs()).unwrap();
+    t.rename("d/kept", "moved").unwrap();
+    t.unlink("f0").unwrap();
+    t.remount().unwrap();
+    fsck(t.fs()).unwrap();
+    assert_eq!(t.kind("d/a"), Err(libc::ENOENT));
+    assert_eq!(t.kind("d/b"), Ok(NodeKind::File));
+    assert_eq!(t.read_all("moved").unwrap(), b"kept");
+    assert_eq!(t.kind("f0"), Err(libc::ENOENT));
+}
