@@ -1807,12 +1807,14 @@ mod tests {
         let len = fs::metadata(&last).unwrap().len();
         assert_eq!(len, 4 * 129);
         OpenOptions::new().write(true).open(&last).unwrap().set_len(len - 129).unwrap();
-        remote.set_down(false);
+        // (The volume still down while the journal is looked at: up, the uploader could
+        // upload the recovered record and delete the segment first.)
         let dev = CachedVolume::open(remote.clone(), 4096, opts(dir.path()), rt.handle().clone())
             .unwrap();
         // Before, the two records were replayed: half a rename, a file's data without its size.
         assert_eq!(dev.stats().recovered, 1);
         assert_eq!(fs::metadata(&last).unwrap().len(), 129);
+        remote.set_down(false);
         dev.sync().unwrap();
         for (block, want) in [(1, Some(1)), (2, None), (3, None), (4, None)] {
             assert_eq!(remote.block(block).map(|b| b[0]), want, "block {block}");
