@@ -812,10 +812,11 @@ async fn run_vehicle(
         v.motion.at(start_t).and_then(|f| road.serving_at(f.position_m, f.speed)).unwrap_or(0);
     let volume =
         VolumeName::new(format!("drive-{}", v.name)).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let credential = format!("secret-{}", v.name);
     let mut opts = ClientOptions::new(
         vec![Endpoint::parse(&vehicle_addresses[first]).map_err(|e| anyhow::anyhow!("{e}"))?],
         volume.clone(),
-        Credential::new(format!("secret-{}", v.name)).map_err(|e| anyhow::anyhow!("{e}"))?,
+        Credential::new(credential.clone()).map_err(|e| anyhow::anyhow!("{e}"))?,
     );
     opts.create_block_size = Some(BlockSize::new(4096).map_err(|e| anyhow::anyhow!("{e}"))?);
     let client = VolumeClient::open(opts).await.context("opening the vehicle's volume")?;
@@ -861,6 +862,8 @@ async fn run_vehicle(
                     serving_rsu: serving.map(|i| road.rsus()[i].name.clone()).unwrap_or_default(),
                     cached_bytes: stat.as_ref().map_or(0, |s| s.cached_bytes),
                     dirty_bytes: stat.as_ref().map_or(0, |s| s.dirty_bytes),
+                    // The SMF moves the volume only for a report proving it is ours.
+                    credential: credential.clone(),
                 };
                 if let Err(e) = smf.report_vehicle(report).await {
                     tracing::warn!(vehicle = %v.name, error = %e, "ReportVehicle failed");

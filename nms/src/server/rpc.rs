@@ -906,6 +906,24 @@ impl pb::nms_admin_server::NmsAdmin for Node {
         }))
     }
 
+    async fn check_credential(
+        &self,
+        req: Request<pb::CheckCredentialRequest>,
+    ) -> Result<Response<pb::CheckCredentialReply>, Status> {
+        let r = req.into_inner();
+        let v = convert::volume_name(&r.volume)?;
+        let presented = Presented::new(
+            wayside_proto::types::Credential::new(r.credential)
+                .map_err(|e| Status::invalid_argument(format!("credential: {e}")))?,
+        );
+        let cached = self.core().volume(&v).map(|x| x.credential);
+        let stored = match cached {
+            Some(h) => h,
+            None => self.store.get_volume(v).await.map_err(NmsError::from)?.credential,
+        };
+        Ok(Response::new(pb::CheckCredentialReply { valid: presented.matches(&stored) }))
+    }
+
     async fn shutdown(
         &self,
         _req: Request<pb::ShutdownRequest>,

@@ -16,7 +16,7 @@ use tokio_util::task::TaskTracker;
 use tonic::{Request, Response, Status};
 use tracing::{info, info_span, warn, Instrument as _};
 use wayside_proto::pb;
-use wayside_proto::types::Endpoint;
+use wayside_proto::types::{Credential, CredentialHash, Endpoint};
 
 use super::estimate::{EstimatorConfig, SmtEstimator};
 use super::model::Speed;
@@ -107,6 +107,15 @@ struct CallError {
     message: String,
 }
 
+/// Each CheckCredential call of [`Smf::check_credential`].
+const CHECK_CREDENTIAL_TIMEOUT: Duration = Duration::from_secs(2);
+/// The most NMSs [`Smf::check_credential`] asks before giving up.
+const CHECK_CREDENTIAL_MAX_NMSS: usize = 3;
+
+fn unauthenticated(volume: &str) -> Status {
+    Status::unauthenticated(format!("wrong credential for volume {volume}"))
+}
+
 /// Each NodeStatus call of [`Smf::locate`].
 const LOCATE_CALL_TIMEOUT: Duration = Duration::from_secs(2);
 /// [`Smf::locate`] asks again after this, doubling up to [`LOCATE_MAX_PAUSE`].
@@ -153,6 +162,9 @@ struct VolumeState {
     pending: Option<Pending>,
     /// When its vehicle last reported it.
     last: Option<Instant>,
+    /// The hash of the credential a report proved to be the volume's (checked with an
+    /// NMS of the road once; later reports must present the same).
+    credential: Option<CredentialHash>,
 }
 
 struct State {
@@ -175,6 +187,9 @@ pub struct Smf {
     state: Arc<Mutex<State>>,
     tracker: TaskTracker,
     stop: CancellationToken,
+    /// Unit tests without NMSs: the credential every volume has (no NMS is asked).
+    #[cfg(test)]
+    test_credential: Option<CredentialHash>,
 }
 
 fn kind_pb(k: Kind) -> pb::MoveKind {
@@ -225,6 +240,8 @@ impl Smf {
             })),
             tracker: TaskTracker::new(),
             stop,
+            #[cfg(test)]
+            test_credential: None,
         })
     }
 
@@ -239,7 +256,88 @@ impl Smf {
     }
 
     /// Plans for one report; schedules the move it implies.
-    pub fn report(&self, r: &pb::VehicleReport) -> Result<pb::MoveDecision, Status> {
+    /// A vehicle's report: checks that it holds the volume's credential (with an NMS of
+    /// the road the first time: a caller naming another vehicle's volume must not move
+    /// it), then plans the volume's next move.
+    pub async fn report(&self, r: &pb::VehicleReport) -> Result<pb::MoveDecision, Status> {
+        if r.vehicle.is_empty() || r.volume.is_empty() {
+            return Err(Status::invalid_argument("vehicle and volume are required"));
+        }
+        let cred = Credential::new(r.credential.clone())
+            .map_err(|e| Status::invalid_argument(format!("credential: {e}")))?;
+        let hash = cred.hash();
+        let (known, ask) = {
+            let st = self.lock();
+            let Some((road, _)) = &st.road else {
+                return Err(Status::failed_precondition("no road: call SetRoad first"));
+            };
+            let vol = st.volumes.get(&r.volume);
+            // The NMS holding the volume, the one serving the vehicle, then the others.
+            let mut ask: Vec<String> = Vec::new();
+            let first = [vol.and_then(|v| v.at), road.index_of(&r.serving_rsu)];
+            for i in first.into_iter().flatten().chain(0..road.rsus().len()) {
+                let a = &road.rsus()[i].nms_address;
+                if !ask.contains(a) {
+                    ask.push(a.clone());
+                }
+            }
+            (vol.and_then(|v| v.credential), ask)
+        };
+        match known {
+            Some(k) if k.matches(&cred) => {}
+            Some(_) => return Err(unauthenticated(&r.volume)),
+            None => self.check_credential(&ask, &r.volume, &r.credential).await?,
+        }
+        self.decide(r, hash)
+    }
+
+    /// Asks the NMSs at `ask`, in order, whether `credential` is `volume`'s (the first
+    /// that answers decides).
+    async fn check_credential(
+        &self,
+        ask: &[String],
+        volume: &str,
+        credential: &str,
+    ) -> Result<(), Status> {
+        #[cfg(test)]
+        if let Some(h) = self.test_credential {
+            let c = Credential::new(credential).expect("checked by the caller");
+            return if h.matches(&c) { Ok(()) } else { Err(unauthenticated(volume)) };
+        }
+        let mut failures = Vec::new();
+        for address in ask.iter().take(CHECK_CREDENTIAL_MAX_NMSS) {
+            let mut client = match self.admin(address, CHECK_CREDENTIAL_TIMEOUT).await {
+                Ok(c) => c,
+                Err(e) => {
+                    failures.push(e);
+                    continue;
+                }
+            };
+            let req = wayside_proto::token::request(
+                self.cfg.cluster_token.as_ref(),
+                pb::CheckCredentialRequest { volume: volume.into(), credential: credential.into() },
+            );
+            match client.check_credential(req).await {
+                Ok(r) if r.get_ref().valid => return Ok(()),
+                Ok(_) => return Err(unauthenticated(volume)),
+                Err(s) if s.code() == tonic::Code::NotFound => {
+                    return Err(Status::not_found(format!("volume {volume} does not exist")))
+                }
+                Err(s) => failures.push(format!("{address}: {}: {}", s.code(), s.message())),
+            }
+        }
+        Err(Status::unavailable(format!(
+            "could not check the volume's credential with an NMS of the road: {}",
+            failures.join("; ")
+        )))
+    }
+
+    /// Plans the next move of a reported volume whose credential `hash` is checked.
+    fn decide(
+        &self,
+        r: &pb::VehicleReport,
+        hash: CredentialHash,
+    ) -> Result<pb::MoveDecision, Status> {
         if r.vehicle.is_empty() || r.volume.is_empty() {
             return Err(Status::invalid_argument("vehicle and volume are required"));
         }
@@ -283,6 +381,7 @@ impl Smf {
         let serving = road.index_of(&r.serving_rsu).or(d.from);
         let vol = st.volumes.entry(r.volume.clone()).or_default();
         vol.last = Some(now);
+        vol.credential = Some(hash);
         if vol.at.is_none() {
             vol.at = serving;
         }
@@ -592,7 +691,7 @@ impl pb::smf_server::Smf for Smf {
         &self,
         req: Request<pb::VehicleReport>,
     ) -> Result<Response<pb::MoveDecision>, Status> {
-        self.report(&req.into_inner()).map(Response::new)
+        self.report(&req.into_inner()).await.map(Response::new)
     }
     async fn list_moves(
         &self,
@@ -708,14 +807,22 @@ mod tests {
             serving_rsu: "A".into(),
             cached_bytes: 1 << 20,
             dirty_bytes: 0,
+            credential: "key".into(),
         }
+    }
+
+    /// An SMF for tests without NMSs: every volume's credential is "key" (no NMS asked).
+    fn no_nms(cfg: SmfConfig, stop: CancellationToken) -> Smf {
+        let mut smf = Smf::new(cfg, stop).unwrap();
+        smf.test_credential = Some(Credential::new("key").unwrap().hash());
+        smf
     }
 
     #[tokio::test]
     async fn bad_input_gets_the_right_codes() {
-        let smf = Smf::new(SmfConfig::default(), CancellationToken::new()).unwrap();
+        let smf = no_nms(SmfConfig::default(), CancellationToken::new());
         assert_eq!(
-            smf.report(&report(0.0, 0.0)).unwrap_err().code(),
+            smf.report(&report(0.0, 0.0)).await.unwrap_err().code(),
             tonic::Code::FailedPrecondition
         );
         let mut bad = road("127.0.0.1:1");
@@ -728,7 +835,7 @@ mod tests {
         smf.set_road(road("127.0.0.1:1")).unwrap();
         let mut r = report(0.0, 0.0);
         r.speed_mps = 0.0;
-        assert_eq!(smf.report(&r).unwrap_err().code(), tonic::Code::InvalidArgument);
+        assert_eq!(smf.report(&r).await.unwrap_err().code(), tonic::Code::InvalidArgument);
         assert!(Smf::new(
             SmfConfig { time_scale: 0.0, ..Default::default() },
             CancellationToken::new()
@@ -758,12 +865,13 @@ mod tests {
         // 16 MiB to move: the move (~60 ms on loopback) outlasts the SMF's 25 ms.
         c.write_many((0..4096).map(|b| (b, 0, vec![b as u8; 4096])).collect()).await.unwrap();
         let cfg = SmfConfig { migration_rpc_timeout_ms: 25, ..Default::default() };
+        // (Its report's credential is checked with A, for real.)
         let smf = Smf::new(cfg, CancellationToken::new()).unwrap();
         let mut r = road("unused");
         r.rsus[0].nms_address = a.ep.authority().into();
         r.rsus[1].nms_address = b.ep.authority().into();
         smf.set_road(r).unwrap();
-        smf.report(&report(0.0, 0.0)).unwrap();
+        smf.report(&report(0.0, 0.0)).await.unwrap();
         assert_eq!(smf.lock().volumes["vol"].at, Some(0), "first seen at A");
         let (road, _) = smf.lock().road.clone().unwrap();
         let now = Instant::now();
@@ -794,6 +902,60 @@ mod tests {
         cluster.shutdown().await;
     }
 
+    /// A report moves a volume only if it carries the volume's credential: the SMF checks
+    /// it with an NMS of the road (CheckCredential, with the cluster token), then holds
+    /// later reports to it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_report_naming_another_vehicles_volume_is_refused() {
+        use crate::client::{ClientOptions, VolumeClient};
+        use crate::testing::LocalNms;
+        use wayside_proto::token::ClusterToken;
+        use wayside_proto::types::{BlockSize, VolumeName};
+        let dir = tempfile::tempdir().unwrap();
+        let cluster = wayside_pss::testing::LocalCluster::start(1, dir.path()).await.unwrap();
+        let token = ClusterToken::new("road-token-0123456789").unwrap();
+        let a = LocalNms::start("a", &cluster.endpoints(), |c| {
+            c.cluster_token = Some(token.clone());
+        })
+        .await;
+        let mut o = ClientOptions::new(
+            vec![a.ep.clone()],
+            VolumeName::new("vol").unwrap(),
+            Credential::new("key").unwrap(),
+        );
+        o.create_block_size = Some(BlockSize::new(4096).unwrap());
+        let _c = VolumeClient::open(o).await.unwrap();
+        let with_token = SmfConfig { cluster_token: Some(token), ..Default::default() };
+        let smf = Smf::new(with_token, CancellationToken::new()).unwrap();
+        smf.set_road(road(a.ep.authority())).unwrap();
+        let as_ = |credential: &str, volume: &str| pb::VehicleReport {
+            credential: credential.into(),
+            volume: volume.into(),
+            ..report(0.0, 0.0)
+        };
+        let code = |r: Result<pb::MoveDecision, Status>| r.unwrap_err().code();
+        assert_eq!(code(smf.report(&as_("guess", "vol")).await), tonic::Code::Unauthenticated);
+        assert!(smf.lock().volumes.is_empty(), "a refused report is not tracked");
+        assert_eq!(code(smf.report(&as_("key", "nobody")).await), tonic::Code::NotFound);
+        assert_eq!(code(smf.report(&as_("", "vol")).await), tonic::Code::InvalidArgument);
+        smf.report(&as_("key", "vol")).await.unwrap();
+        // Checked once; later reports are held to it, the NMS not asked again.
+        a.stop().await;
+        smf.report(&as_("key", "vol")).await.unwrap();
+        assert_eq!(code(smf.report(&as_("guess", "vol")).await), tonic::Code::Unauthenticated);
+        // An SMF without the road's token cannot ask: it refuses rather than trust.
+        let b = LocalNms::start("b", &cluster.endpoints(), |c| {
+            c.cluster_token = Some(ClusterToken::new("road-token-0123456789").unwrap());
+        })
+        .await;
+        let smf = Smf::new(SmfConfig::default(), CancellationToken::new()).unwrap();
+        smf.set_road(road(b.ep.authority())).unwrap();
+        let e = smf.report(&as_("key", "vol")).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::Unavailable, "{e:?}");
+        b.stop().await;
+        cluster.shutdown().await;
+    }
+
     #[tokio::test]
     async fn a_move_to_an_unreachable_nms_is_recorded_as_failed() {
         // A port nothing listens on: bind, read the port, close.
@@ -802,7 +964,7 @@ mod tests {
             l.local_addr().unwrap().to_string()
         };
         let stop = CancellationToken::new();
-        let smf = Smf::new(SmfConfig::default(), stop.clone()).unwrap();
+        let smf = no_nms(SmfConfig::default(), stop.clone());
         smf.set_road(road(&addr)).unwrap();
         let ticker = tokio::spawn({
             let smf = smf.clone();
@@ -810,7 +972,7 @@ mod tests {
         });
         // At 249.5 m, 10 m/s: the handover out of A (exit 250 m) is 0.05 s away; B's window
         // (4 + 20 s) dwarfs the prior SMT estimate: reactive.
-        let d = smf.report(&report(0.0, 249.5)).unwrap();
+        let d = smf.report(&report(0.0, 249.5)).await.unwrap();
         assert_eq!(d.kind, pb::MoveKind::Reactive as i32, "{d:?}");
         assert_eq!((d.from_rsu.as_str(), d.to_rsu.as_str()), ("A", "B"));
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -844,20 +1006,20 @@ mod tests {
             ..Default::default()
         };
         // Nobody silent long enough: the third vehicle, and the third volume, wait.
-        let smf = Smf::new(limits(3_600_000), CancellationToken::new()).unwrap();
+        let smf = no_nms(limits(3_600_000), CancellationToken::new());
         smf.set_road(road("127.0.0.1:1")).unwrap();
-        smf.report(&of("v1", "a")).unwrap();
-        smf.report(&of("v2", "b")).unwrap();
-        let e = smf.report(&of("v3", "c")).unwrap_err();
+        smf.report(&of("v1", "a")).await.unwrap();
+        smf.report(&of("v2", "b")).await.unwrap();
+        let e = smf.report(&of("v3", "c")).await.unwrap_err();
         assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e:?}");
-        let e = smf.report(&of("v1", "c")).unwrap_err();
+        let e = smf.report(&of("v1", "c")).await.unwrap_err();
         assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e:?}");
-        smf.report(&of("v2", "b")).unwrap();
+        smf.report(&of("v2", "b")).await.unwrap();
         // Everyone silent long enough (0 ms): forgotten to make room, never locked out.
-        let smf = Smf::new(limits(0), CancellationToken::new()).unwrap();
+        let smf = no_nms(limits(0), CancellationToken::new());
         smf.set_road(road("127.0.0.1:1")).unwrap();
         for i in 0..10 {
-            smf.report(&of(&format!("v{i}"), &format!("vol{i}"))).unwrap();
+            smf.report(&of(&format!("v{i}"), &format!("vol{i}"))).await.unwrap();
         }
         let st = smf.lock();
         assert!(st.vehicles.len() <= 2 && st.volumes.len() <= 2);
@@ -868,7 +1030,7 @@ mod tests {
         use pb::smf_server::Smf as Service;
         let token = wayside_proto::token::ClusterToken::new("road-0123456789abcdef").unwrap();
         let cfg = SmfConfig { cluster_token: Some(token.clone()), ..Default::default() };
-        let smf = Smf::new(cfg, CancellationToken::new()).unwrap();
+        let smf = no_nms(cfg, CancellationToken::new());
         // Else anyone could point the SMF (and its token) at an address of their own.
         let e = Service::set_road(&smf, Request::new(road("127.0.0.1:1"))).await.unwrap_err();
         assert_eq!(e.code(), tonic::Code::Unauthenticated);
