@@ -67,7 +67,7 @@ impl Default for SmfConfig {
             max_move_records: 10_000,
             max_concurrent_moves: 16,
             migration_rpc_timeout_ms: 60_000,
-            locate_wait_ms: 30_000,
+            locate_wait_ms: 10_000,
             max_vehicles: 10_000,
             max_volumes: 10_000,
             idle_forget_ms: 600_000,
