@@ -52,6 +52,9 @@ async fn boots_to_the_health_check_answers_qmp_and_stops() {
     // The guest really is our PID 1: the console shows the init's own messages.
     let serial = std::fs::read_to_string(&vm.state.serial_log).unwrap();
     assert!(serial.contains("wayside-init"), "serial log:\n{serial}");
+    // The token came through fw_cfg, and the driver that read it is gone again.
+    assert!(serial.contains("cluster token from fw_cfg"), "serial log:\n{serial}");
+    assert!(!serial.contains("could not unload"), "serial log:\n{serial}");
 
     let status = vm.status().await.unwrap();
     assert!(status.running && status.nms_serving, "{status:?}");

@@ -195,7 +195,9 @@ struct LoadSlot<'a>(&'a Node);
 
 impl Drop for LoadSlot<'_> {
     fn drop(&mut self) {
-        let _core = self.0.core();
+        // (Not `core()`: dropped while unwinding from a panic that poisoned the cache lock,
+        // a second panic here would abort the process.)
+        let _core = self.0.core.lock().unwrap_or_else(|p| p.into_inner());
         self.0.loads_in_flight.fetch_sub(1, Ordering::SeqCst);
     }
 }

@@ -37,6 +37,10 @@ pub struct SmfConfig {
     pub max_move_records: usize,
     /// Moves in flight at once; due moves beyond wait for a slot.
     pub max_concurrent_moves: usize,
+    /// Credential checks (a report of a volume not checked yet, each asking NMSs of the
+    /// road) in flight at once; reports beyond get RESOURCE_EXHAUSTED (reports are
+    /// unauthenticated until checked: this bounds the load they can put on the NMSs).
+    pub max_concurrent_credential_checks: usize,
     /// Longest one StartMigration call may take, milliseconds.
     pub migration_rpc_timeout_ms: u64,
     /// After a StartMigration whose outcome the SMF did not hear (the call timed out or
@@ -66,6 +70,7 @@ impl Default for SmfConfig {
             tick_ms: 10,
             max_move_records: 10_000,
             max_concurrent_moves: 16,
+            max_concurrent_credential_checks: 16,
             migration_rpc_timeout_ms: 60_000,
             locate_wait_ms: 10_000,
             max_vehicles: 10_000,
@@ -87,6 +92,7 @@ impl SmfConfig {
         }
         if self.tick_ms == 0
             || self.max_concurrent_moves == 0
+            || self.max_concurrent_credential_checks == 0
             || self.max_move_records == 0
             || self.max_vehicles == 0
             || self.max_volumes == 0
@@ -187,6 +193,8 @@ pub struct Smf {
     state: Arc<Mutex<State>>,
     tracker: TaskTracker,
     stop: CancellationToken,
+    /// `max_concurrent_credential_checks` permits.
+    checks: Arc<tokio::sync::Semaphore>,
     /// Unit tests without NMSs: the credential every volume has (no NMS is asked).
     #[cfg(test)]
     test_credential: Option<CredentialHash>,
@@ -227,6 +235,7 @@ impl Smf {
     pub fn new(cfg: SmfConfig, stop: CancellationToken) -> Result<Self, String> {
         cfg.validate()?;
         let estimator = SmtEstimator::new(cfg.estimator);
+        let max_checks = cfg.max_concurrent_credential_checks;
         Ok(Self {
             cfg: Arc::new(cfg),
             state: Arc::new(Mutex::new(State {
@@ -240,6 +249,7 @@ impl Smf {
             })),
             tracker: TaskTracker::new(),
             stop,
+            checks: Arc::new(tokio::sync::Semaphore::new(max_checks)),
             #[cfg(test)]
             test_credential: None,
         })
@@ -263,6 +273,8 @@ impl Smf {
         if r.vehicle.is_empty() || r.volume.is_empty() {
             return Err(Status::invalid_argument("vehicle and volume are required"));
         }
+        wayside_proto::convert::volume_name(&r.volume)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let cred = Credential::new(r.credential.clone())
             .map_err(|e| Status::invalid_argument(format!("credential: {e}")))?;
         let hash = cred.hash();
@@ -299,6 +311,12 @@ impl Smf {
         volume: &str,
         credential: &str,
     ) -> Result<(), Status> {
+        let Ok(_slot) = self.checks.clone().try_acquire_owned() else {
+            return Err(Status::resource_exhausted(format!(
+                "max_concurrent_credential_checks ({}) credential checks in flight",
+                self.cfg.max_concurrent_credential_checks
+            )));
+        };
         #[cfg(test)]
         if let Some(h) = self.test_credential {
             let c = Credential::new(credential).expect("checked by the caller");
@@ -323,6 +341,11 @@ impl Smf {
                 Err(s) if s.code() == tonic::Code::NotFound => {
                     return Err(Status::not_found(format!("volume {volume} does not exist")))
                 }
+                Err(s) if s.code() == tonic::Code::InvalidArgument => {
+                    return Err(Status::invalid_argument(s.message().to_owned()))
+                }
+                Err(s) if s.code() == tonic::Code::Unauthenticated => failures
+                    .push(format!("{address} refused the SMF's cluster token (is it the road's?)")),
                 Err(s) => failures.push(format!("{address}: {}: {}", s.code(), s.message())),
             }
         }
@@ -954,6 +977,30 @@ mod tests {
         assert_eq!(e.code(), tonic::Code::Unavailable, "{e:?}");
         b.stop().await;
         cluster.shutdown().await;
+    }
+
+    /// Reports are unauthenticated until checked: the checks they start (each asking NMSs)
+    /// are bounded, and a malformed volume name is refused before any NMS is asked.
+    #[tokio::test]
+    async fn credential_checks_are_bounded_and_bad_names_refused_first() {
+        // An NMS that accepts connections and never answers: a check waits on it.
+        let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = silent.local_addr().unwrap().to_string();
+        let cfg = SmfConfig { max_concurrent_credential_checks: 1, ..Default::default() };
+        let smf = Smf::new(cfg, CancellationToken::new()).unwrap();
+        smf.set_road(road(&addr)).unwrap();
+        let first = report(0.0, 0.0);
+        let mut waiting = Box::pin(smf.report(&first));
+        assert!(futures::poll!(&mut waiting).is_pending(), "the first check waits on the NMS");
+        let other = pb::VehicleReport { volume: "other".into(), ..report(0.0, 0.0) };
+        let e = smf.report(&other).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e:?}");
+        assert!(e.message().contains("max_concurrent_credential_checks"), "{e:?}");
+        let bad = pb::VehicleReport { volume: "a/b".into(), ..report(0.0, 0.0) };
+        assert_eq!(smf.report(&bad).await.unwrap_err().code(), tonic::Code::InvalidArgument);
+        drop(waiting);
+        // The slot is free again (the next check waits on the NMS, as the first did).
+        assert!(futures::poll!(Box::pin(smf.report(&other))).is_pending());
     }
 
     #[tokio::test]
