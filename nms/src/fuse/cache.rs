@@ -1845,6 +1845,52 @@ mod tests {
         assert!(dev.shutdown(Duration::from_secs(1)));
     }
 
+    /// A mount with a cold cache reads the inode table in one round trip, not one per
+    /// table block (a reload after a timeout does the same, under the file system's lock).
+    #[test]
+    fn a_cold_mount_reads_the_inode_table_in_one_round_trip() {
+        use crate::fuse::fs::{FormatParams, Fs};
+        let dir = tempfile::tempdir().unwrap();
+        let rt = rt();
+        let remote = MemRemote::default();
+        let open = || {
+            Arc::new(
+                CachedVolume::open(remote.clone(), 4096, opts(dir.path()), rt.handle().clone())
+                    .unwrap(),
+            )
+        };
+        let params = FormatParams { max_inodes: 4096, file_stride_blocks: 64 };
+        let dev = open();
+        let mut fs =
+            Fs::open_or_format(dev.clone(), params, crate::fuse::tests::test_clock()).unwrap();
+        for i in 0..300 {
+            fs.create(
+                1,
+                format!("f{i}").as_bytes(),
+                crate::fuse::layout::Kind::File,
+                0o644,
+                0,
+                0,
+                None,
+            )
+            .unwrap();
+        }
+        let table_blocks = fs.superblock().inode_hwm.div_ceil(fs.superblock().inodes_per_block());
+        assert!(table_blocks >= 8, "{table_blocks} inode table blocks");
+        fs.sync().unwrap();
+        drop(fs);
+        assert!(dev.shutdown(Duration::from_secs(2)));
+        drop(dev);
+        let dev = open();
+        let before = remote.reads();
+        let fs = Fs::open_or_format(dev.clone(), params, crate::fuse::tests::test_clock()).unwrap();
+        let calls = remote.reads() - before;
+        assert!(calls <= 3, "{calls} read calls to mount {table_blocks} inode table blocks");
+        assert_eq!(fs.stats().used_inodes, 301, "every inode loaded");
+        drop(fs);
+        assert!(dev.shutdown(Duration::from_secs(1)));
+    }
+
     #[test]
     fn fsx_through_the_cache_with_eviction_then_a_cold_cache() {
         let dir = tempfile::tempdir().unwrap();

@@ -205,7 +205,13 @@ impl<D: BlockDevice> Fs<D> {
     fn load_inodes(&mut self) -> Result<()> {
         let per = self.sb.inodes_per_block();
         let bs = self.sb.block_size;
-        for table_block in 0..self.sb.inode_hwm.div_ceil(per) {
+        let table_blocks = self.sb.inode_hwm.div_ceil(per);
+        // The missing table blocks in one round trip, not one each: a mount (and a reload
+        // after a timeout, under the file system's lock) waits one `op_timeout` at most for
+        // the volume, however large the table.
+        let blocks: Vec<u64> = (0..table_blocks).map(|b| self.sb.inode_table_start + b).collect();
+        self.dev.prefetch(&blocks);
+        for table_block in 0..table_blocks {
             let data = self.dev.read(self.sb.inode_table_start + table_block, 0, bs)?;
             for i in 0..per {
                 let ino = table_block * per + i;
