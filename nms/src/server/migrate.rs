@@ -1250,36 +1250,27 @@ mod tests {
         }
     }
 
-    /// Loads and Begins of different volumes do not wait for each other (a load waiting
-    /// on the PSS holds up nothing else), and `max_volumes` counts the loads under way
-    /// with the volumes here, so concurrent loads and moves in cannot pass it.
-    #[tokio::test]
-    async fn loads_and_moves_in_of_other_volumes_go_on_within_max_volumes() {
-        use futures::FutureExt as _;
+    /// Target node "b" over a [`Gated`] store holding `names` at epoch 1 (owned by "a",
+    /// credential "k", 4 KiB blocks), with `max_volumes`.
+    async fn gated_target(names: &[&str], max_volumes: usize) -> (Arc<Gated>, Arc<Node>) {
         let gated = Arc::new(Gated {
             inner: crate::store::MemStore::default(),
             entered: tokio::sync::Notify::new(),
             gate: tokio::sync::Semaphore::new(0),
         });
-        let cred = Credential::new("k").unwrap();
-        let bs = BlockSize::new(4096).unwrap();
-        for (n, name) in ["v", "w", "x"].into_iter().enumerate() {
+        for (n, name) in names.iter().enumerate() {
             let created = gated.inner.acquire(Acquire {
-                volume: VolumeName::new(name).unwrap(),
+                volume: VolumeName::new(*name).unwrap(),
                 owner_node: "a".into(),
                 owner_address: "http://127.0.0.1:1".into(),
                 expected_epoch: None,
-                create: Some((bs, cred.hash())),
+                create: Some((BlockSize::new(4096).unwrap(), Credential::new("k").unwrap().hash())),
                 request_id: RequestId::new("test", n as u64 + 1).unwrap(),
             });
-            created.await.unwrap();
+            assert_eq!(created.await.unwrap().epoch, Epoch(1));
         }
-        let cfg = Config {
-            node_id: "b".into(),
-            block_pool_bytes: 0,
-            max_volumes: 2,
-            ..Config::default()
-        };
+        let cfg =
+            Config { node_id: "b".into(), block_pool_bytes: 0, max_volumes, ..Config::default() };
         let store: Arc<dyn Store> = gated.clone();
         let node = Node::new(
             cfg,
@@ -1287,16 +1278,32 @@ mod tests {
             store,
             CancellationToken::new(),
         );
-        let begin = |name: &str| pb::MigrationBegin {
+        (gated, node)
+    }
+
+    /// The Begin of a move of `name` from "a" at epoch 1 (as [`gated_target`] holds it).
+    fn begin_of(name: &str) -> pb::MigrationBegin {
+        pb::MigrationBegin {
             migration_id: 9,
             volume: name.into(),
-            block_size: bs.bytes(),
+            block_size: 4096,
             source_epoch: 1,
             source_node: "a".into(),
             source_address: "http://127.0.0.1:1".into(),
-            credential_hash: cred.hash().0.to_vec(),
+            credential_hash: Credential::new("k").unwrap().hash().0.to_vec(),
             cached_bytes: 0,
-        };
+        }
+    }
+
+    /// Loads and Begins of different volumes do not wait for each other (a load waiting
+    /// on the PSS holds up nothing else), and `max_volumes` counts the loads under way
+    /// with the volumes here, so concurrent loads and moves in cannot pass it.
+    #[tokio::test]
+    async fn loads_and_moves_in_of_other_volumes_go_on_within_max_volumes() {
+        use futures::FutureExt as _;
+        let (gated, node) = gated_target(&["v", "w", "x"], 2).await;
+        let cred = Credential::new("k").unwrap();
+        let begin = begin_of;
         // A vehicle's load of v waits in the PSS's acquire...
         let load = tokio::spawn({
             let (node, cred) = (node.clone(), cred.clone());
@@ -1331,39 +1338,11 @@ mod tests {
     #[tokio::test]
     async fn a_moves_begin_and_a_vehicles_load_at_the_target_exclude_each_other() {
         use futures::FutureExt as _;
-        let gated = Arc::new(Gated {
-            inner: crate::store::MemStore::default(),
-            entered: tokio::sync::Notify::new(),
-            gate: tokio::sync::Semaphore::new(0),
-        });
+        // Both volumes are in the PSS at epoch 1, owned by NMS "a".
+        let (gated, node) = gated_target(&["v", "w"], Config::default().max_volumes).await;
         let cred = Credential::new("k").unwrap();
         let bs = BlockSize::new(4096).unwrap();
-        for (n, name) in ["v", "w"].into_iter().enumerate() {
-            // Both volumes are in the PSS at epoch 1, owned by NMS "a".
-            let created = gated.inner.acquire(Acquire {
-                volume: VolumeName::new(name).unwrap(),
-                owner_node: "a".into(),
-                owner_address: "http://127.0.0.1:1".into(),
-                expected_epoch: None,
-                create: Some((bs, cred.hash())),
-                request_id: RequestId::new("test", n as u64 + 1).unwrap(),
-            });
-            assert_eq!(created.await.unwrap().epoch, Epoch(1));
-        }
-        let cfg = Config { node_id: "b".into(), block_pool_bytes: 0, ..Config::default() };
-        let store: Arc<dyn Store> = gated.clone();
-        let ep = Endpoint::parse("127.0.0.1:2").unwrap();
-        let node = Node::new(cfg, ep, store, CancellationToken::new());
-        let begin = |name: &str| pb::MigrationBegin {
-            migration_id: 9,
-            volume: name.into(),
-            block_size: bs.bytes(),
-            source_epoch: 1,
-            source_node: "a".into(),
-            source_address: "http://127.0.0.1:1".into(),
-            credential_hash: cred.hash().0.to_vec(),
-            cached_bytes: 0,
-        };
+        let begin = begin_of;
         let v = VolumeName::new("v").unwrap();
 
         // A vehicle attaches at b: its load holds on in the PSS's acquire...
