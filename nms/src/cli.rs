@@ -248,6 +248,9 @@ fn print_info(i: &pb::VolumeInfo) {
     println!("dirty          {} bytes", i.dirty_bytes);
     println!("accepted_lsn   {}", i.accepted_lsn);
     println!("persisted_lsn  {}", i.persisted_lsn);
+    if !i.writeback_refused.is_empty() {
+        println!("write-back     REFUSED by the PSS: {}", i.writeback_refused);
+    }
 }
 
 /// `nms migrate`.
@@ -389,6 +392,9 @@ pub async fn status(addr: &str) -> anyhow::Result<()> {
             "  {} epoch {} cached {} B dirty {} B accepted {} persisted {}",
             v.volume, v.epoch, v.cached_bytes, v.dirty_bytes, v.accepted_lsn, v.persisted_lsn
         );
+        if !v.writeback_refused.is_empty() {
+            println!("    write-back REFUSED by the PSS: {}", v.writeback_refused);
+        }
     }
     Ok(())
 }

@@ -1605,6 +1605,9 @@ async fn a_pss_refusing_write_back_fails_a_flush_at_once_and_nothing_is_dropped(
     let e = flushed.expect_err("the PSS holds only 4 blocks");
     assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e:?}");
     assert!(e.message().contains("max_blocks"), "the PSS's limit is named: {e:?}");
+    // Operators see it too.
+    let info = a.status().await.volume_info.into_iter().find(|v| v.volume == "full").unwrap();
+    assert!(info.writeback_refused.contains("max_blocks"), "{info:?}");
     // The dirty limit is reached: a write fails the same way instead of waiting.
     let w = tokio::time::timeout(Duration::from_secs(30), raw.write(write(12)))
         .await

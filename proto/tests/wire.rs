@@ -79,6 +79,7 @@ fn vehicle_api_messages_round_trip() {
             persisted_lsn: 9,
             stored_blocks: 1,
             nms_session: 7,
+            writeback_refused: "max_blocks".into(),
         }),
     });
 }

@@ -375,6 +375,11 @@ impl Node {
         self.handles.lock().expect("poisoned").get(v).cloned()
     }
 
+    /// Why the PSS refuses `v`'s write-back for now, if it does (see `Handle::refused`).
+    pub(crate) fn writeback_refused(&self, v: &VolumeName) -> Option<String> {
+        self.handle(v).and_then(|h| h.refused.lock().expect("poisoned").clone())
+    }
+
     /// Checks the credential and that the volume is served here, loading it from the PSS
     /// (and taking ownership) when it is not cached yet.
     /// A vehicle that attached here (its session) and finds the volume gone (its marker
@@ -1028,9 +1033,7 @@ impl Node {
                 }
                 Err(e @ CacheError::DirtyFull { .. }) => {
                     // Waiting for write-back the PSS refuses would only use up the deadline.
-                    if let Some(why) =
-                        self.handle(v).and_then(|h| h.refused.lock().expect("poisoned").clone())
-                    {
+                    if let Some(why) = self.writeback_refused(v) {
                         return Err(NmsError::WritebackRefused(why));
                     }
                     self.hurry(v);
@@ -1065,9 +1068,7 @@ impl Node {
                     _ => {}
                 }
             }
-            if let Some(why) =
-                self.handle(v).and_then(|h| h.refused.lock().expect("poisoned").clone())
-            {
+            if let Some(why) = self.writeback_refused(v) {
                 return Err(NmsError::WritebackRefused(why));
             }
             self.hurry(v);

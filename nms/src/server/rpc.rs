@@ -51,6 +51,7 @@ fn volume_auth(node: &Node, auth: Option<pb::VolumeAuth>) -> Result<Auth, Status
 }
 
 fn info_of(node: &Node, v: &VolumeName) -> Option<pb::VolumeInfo> {
+    let writeback_refused = node.writeback_refused(v).unwrap_or_default();
     let core = node.core();
     let x = core.volume(v)?;
     Some(pb::VolumeInfo {
@@ -65,6 +66,7 @@ fn info_of(node: &Node, v: &VolumeName) -> Option<pb::VolumeInfo> {
         persisted_lsn: x.persisted.0,
         stored_blocks: x.stored_blocks,
         nms_session: node.session,
+        writeback_refused,
     })
 }
 
