@@ -302,6 +302,9 @@ struct State {
     /// The cut back after the failed append fails too.
     #[cfg(test)]
     cut_fault: bool,
+    /// The next new segment's directory sync fails.
+    #[cfg(test)]
+    dir_sync_fault: bool,
 }
 
 /// A failed append, injected by tests.
@@ -400,6 +403,8 @@ impl<R: Remote> CachedVolume<R> {
             append_fault: None,
             #[cfg(test)]
             cut_fault: false,
+            #[cfg(test)]
+            dir_sync_fault: false,
         };
         if let Some(r) = records.first() {
             state.accepted_upto = r.seq - 1;
@@ -835,7 +840,22 @@ fn recover(jdir: &Path) -> Result<(Vec<Record>, VecDeque<Segment>), DeviceError>
 fn rotate(jdir: &Path, s: &mut State) -> Result<(), DeviceError> {
     let path = seg_path(jdir, s.next_seq);
     let active = OpenOptions::new().create(true).append(true).open(&path)?;
-    sync_dir(jdir)?;
+    #[cfg(test)]
+    let synced = if std::mem::take(&mut s.dir_sync_fault) {
+        Err(DeviceError::Io(std::io::Error::other("injected directory sync failure")))
+    } else {
+        sync_dir(jdir)
+    };
+    #[cfg(not(test))]
+    let synced = sync_dir(jdir);
+    if let Err(e) = synced {
+        // Not left behind: an empty segment named after the active one would sort last at
+        // the next mount, and a tail of the active one torn by a crash would then look like
+        // corruption in the middle of the journal (the mount refused) instead of being cut.
+        drop(active);
+        let _ = std::fs::remove_file(&path);
+        return Err(e);
+    }
     s.active = active;
     s.active_bytes = 0;
     s.segments.push_back(Segment { last_seq: s.next_seq - 1, path });
@@ -1777,6 +1797,38 @@ mod tests {
         for b in 0..16 {
             assert_eq!(remote.block(b).unwrap(), vec![2; 4096], "block {b}");
         }
+        assert!(dev.shutdown(Duration::from_secs(1)));
+    }
+
+    /// A new segment whose directory sync fails is removed again: left behind (empty, named
+    /// after the active one), it made a tail of the active segment torn by a later crash
+    /// look like corruption in the middle of the journal, and the mount was refused.
+    #[test]
+    fn a_segment_that_could_not_be_started_leaves_no_file_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = rt();
+        let remote = MemRemote::default();
+        remote.set_down(true);
+        {
+            let dev =
+                CachedVolume::open(remote.clone(), 4096, opts(dir.path()), rt.handle().clone())
+                    .unwrap();
+            dev.shared.lock().dir_sync_fault = true;
+            // Sixteen whole blocks pass the 64 KiB segment size: the next segment's start
+            // fails (the batch itself is journalled and succeeds).
+            dev.apply((0..16).map(|b| write(b, 0, &[1; 4096])).collect()).unwrap();
+            assert_eq!(segments(dir.path()).len(), 1, "{:?}", segments(dir.path()));
+            // "Crash" in the middle of the next append, to the active segment.
+        }
+        // (Still the first segment: the next one could not be started.)
+        let active = segments(dir.path()).remove(0);
+        OpenOptions::new().append(true).open(&active).unwrap().write_all(&[7; 20]).unwrap();
+        let dev = CachedVolume::open(remote.clone(), 4096, opts(dir.path()), rt.handle().clone())
+            .expect("the torn tail is cut, the journal mounts");
+        assert_eq!(dev.stats().recovered, 16, "the first batch, not the torn one");
+        remote.set_down(false);
+        dev.sync().unwrap();
+        assert_eq!(remote.block(15).unwrap(), vec![1; 4096]);
         assert!(dev.shutdown(Duration::from_secs(1)));
     }
 
