@@ -318,14 +318,8 @@ fn boot_and_serve(started: Instant) -> anyhow::Result<()> {
 /// Mounts sysfs, reads the cluster token fw_cfg item, unmounts sysfs again.
 fn read_fw_cfg_token() -> anyhow::Result<wayside_proto::token::ClusterToken> {
     use anyhow::Context as _;
-    std::fs::create_dir_all("/sys").context("creating /sys")?;
-    mount("sysfs", "/sys", "sysfs")?;
     let path = format!("{FW_CFG_SYSFS_BY_NAME}/{FW_CFG_CLUSTER_TOKEN}/raw");
-    let read = std::fs::read(&path);
-    let umount = CString::new("/sys").expect("no NUL");
-    // SAFETY: a valid NUL-terminated path.
-    unsafe { libc::umount2(umount.as_ptr(), libc::MNT_DETACH) };
-    let raw = read.with_context(|| {
+    let raw = read_mounted("sysfs", "/sys", &path)?.with_context(|| {
         format!("reading {path} (wayside.token=fw_cfg: did the launcher pass -fw_cfg name={FW_CFG_CLUSTER_TOKEN},file=...?)")
     })?;
     parse_token(&raw)
@@ -341,13 +335,21 @@ fn parse_token(raw: &[u8]) -> anyhow::Result<wayside_proto::token::ClusterToken>
 /// Mounts `/proc`, reads the command line, unmounts `/proc` again.
 fn read_cmdline() -> anyhow::Result<String> {
     use anyhow::Context as _;
-    std::fs::create_dir_all("/proc").context("creating /proc")?;
-    mount("proc", "/proc", "proc")?;
-    let text = std::fs::read_to_string("/proc/cmdline").context("reading /proc/cmdline");
-    let umount = CString::new("/proc").expect("no NUL");
+    let bytes = read_mounted("proc", "/proc", "/proc/cmdline")?.context("reading /proc/cmdline")?;
+    String::from_utf8(bytes).context("the kernel command line is not UTF-8")
+}
+
+/// Mounts a `fstype` file system on `dir` just long enough to read `path`, then unmounts it
+/// again (nothing reads `/proc` or `/sys` while serving). The outer error is the mount's.
+fn read_mounted(fstype: &str, dir: &str, path: &str) -> anyhow::Result<std::io::Result<Vec<u8>>> {
+    use anyhow::Context as _;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {dir}"))?;
+    mount(fstype, dir, fstype)?;
+    let read = std::fs::read(path);
+    let umount = CString::new(dir).expect("no NUL");
     // SAFETY: a valid NUL-terminated path.
     unsafe { libc::umount2(umount.as_ptr(), libc::MNT_DETACH) };
-    text
+    Ok(read)
 }
 
 fn mount(source: &str, target: &str, fstype: &str) -> anyhow::Result<()> {

@@ -1426,6 +1426,15 @@ mod tests {
         }
     }
 
+    /// A cache over `remote` in `dir` with the test options ([`opts`]).
+    fn open_dev(
+        remote: &MemRemote,
+        dir: &Path,
+        rt: &tokio::runtime::Runtime,
+    ) -> CachedVolume<MemRemote> {
+        CachedVolume::open(remote.clone(), 4096, opts(dir), rt.handle().clone()).unwrap()
+    }
+
     fn rt() -> tokio::runtime::Runtime {
         tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap()
     }
@@ -1469,10 +1478,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let rt = rt();
         let remote = MemRemote::default();
-        let dev = Arc::new(
-            CachedVolume::open(remote.clone(), 4096, opts(dir.path()), rt.handle().clone())
-                .unwrap(),
-        );
+        let dev = Arc::new(open_dev(&remote, dir.path(), &rt));
         dev.apply(vec![write(5, 0, &[1; 4096])]).unwrap();
         dev.sync().unwrap();
         remote.set_writes_down(true);
@@ -1507,8 +1513,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let rt = rt();
         let remote = MemRemote::default();
-        let dev = CachedVolume::open(remote.clone(), 4096, opts(dir.path()), rt.handle().clone())
-            .unwrap();
+        let dev = open_dev(&remote, dir.path(), &rt);
         dev.apply(vec![write(7, 0, &[1; 4096])]).unwrap();
         dev.sync().unwrap();
         assert_eq!(remote.block(7).unwrap(), vec![1; 4096]);
@@ -1543,8 +1548,7 @@ mod tests {
         assert!(dev.shutdown(Duration::from_secs(1)));
         // Persisted segments were deleted: the next mount has nothing to replay.
         drop(dev);
-        let dev = CachedVolume::open(remote.clone(), 4096, opts(dir.path()), rt.handle().clone())
-            .unwrap();
+        let dev = open_dev(&remote, dir.path(), &rt);
         assert_eq!(dev.stats().recovered, 0);
         assert_eq!(fs::read_dir(dir.path().join("journal")).unwrap().count(), 1);
     }
@@ -1579,9 +1583,7 @@ mod tests {
         let remote = MemRemote::default();
         remote.set_down(true);
         {
-            let dev =
-                CachedVolume::open(remote.clone(), 4096, opts(dir.path()), rt.handle().clone())
-                    .unwrap();
+            let dev = open_dev(&remote, dir.path(), &rt);
             // Refused: one cache directory, one mount.
             assert!(CachedVolume::open(
                 remote.clone(),
@@ -1617,8 +1619,7 @@ mod tests {
         assert_eq!(remote.writes(), 0);
 
         remote.set_down(false);
-        let dev = CachedVolume::open(remote.clone(), 4096, opts(dir.path()), rt.handle().clone())
-            .unwrap();
+        let dev = open_dev(&remote, dir.path(), &rt);
         assert_eq!(dev.stats().recovered, 201);
         dev.sync().unwrap();
         let mut model: HashMap<u64, Vec<u8>> = HashMap::new();
@@ -1758,8 +1759,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let rt = rt();
         let remote = MemRemote::default();
-        let dev = CachedVolume::open(remote.clone(), 4096, opts(dir.path()), rt.handle().clone())
-            .unwrap();
+        let dev = open_dev(&remote, dir.path(), &rt);
         // The cache cannot take block 6's image: a directory stands where its file goes.
         let in_the_way = dir.path().join("blocks").join(format!("{:016x}", 6));
         fs::create_dir(&in_the_way).unwrap();
@@ -1782,8 +1782,7 @@ mod tests {
         let rt = rt();
         let remote = MemRemote::default();
         remote.set_down(true);
-        let dev = CachedVolume::open(remote.clone(), 4096, opts(dir.path()), rt.handle().clone())
-            .unwrap();
+        let dev = open_dev(&remote, dir.path(), &rt);
         // Sixteen whole blocks pass the 64 KiB segment size: the segment after them, from seq
         // 17, cannot be created.
         let in_the_way = dir.path().join("journal").join("seg-00000000000000000017.log");
@@ -1810,9 +1809,7 @@ mod tests {
         let remote = MemRemote::default();
         remote.set_down(true);
         {
-            let dev =
-                CachedVolume::open(remote.clone(), 4096, opts(dir.path()), rt.handle().clone())
-                    .unwrap();
+            let dev = open_dev(&remote, dir.path(), &rt);
             dev.shared.lock().dir_sync_fault = true;
             // Sixteen whole blocks pass the 64 KiB segment size: the next segment's start
             // fails (the batch itself is journalled and succeeds).
@@ -1847,9 +1844,7 @@ mod tests {
         let remote = MemRemote::default();
         remote.set_down(true);
         {
-            let dev =
-                CachedVolume::open(remote.clone(), 4096, opts(dir.path()), rt.handle().clone())
-                    .unwrap();
+            let dev = open_dev(&remote, dir.path(), &rt);
             dev.apply(vec![fresh(1, 1)]).unwrap();
             dev.apply(vec![fresh(2, 2), fresh(3, 2), fresh(4, 2)]).unwrap();
             // "Crash".
@@ -1861,8 +1856,7 @@ mod tests {
         OpenOptions::new().write(true).open(&last).unwrap().set_len(len - 129).unwrap();
         // (The volume still down while the journal is looked at: up, the uploader could
         // upload the recovered record and delete the segment first.)
-        let dev = CachedVolume::open(remote.clone(), 4096, opts(dir.path()), rt.handle().clone())
-            .unwrap();
+        let dev = open_dev(&remote, dir.path(), &rt);
         // Before, the two records were replayed: half a rename, a file's data without its size.
         assert_eq!(dev.stats().recovered, 1);
         assert_eq!(fs::metadata(&last).unwrap().len(), 129);
@@ -1888,8 +1882,7 @@ mod tests {
         bytes.truncate(bytes.len() - 10);
         fs::create_dir_all(dir.path().join("journal")).unwrap();
         fs::write(dir.path().join("journal").join("seg-00000000000000000001.log"), bytes).unwrap();
-        let dev = CachedVolume::open(remote.clone(), 4096, opts(dir.path()), rt.handle().clone())
-            .unwrap();
+        let dev = open_dev(&remote, dir.path(), &rt);
         assert_eq!(dev.stats().recovered, 2);
         dev.sync().unwrap();
         assert_eq!(remote.block(1).map(|b| b[0]), Some(1));
@@ -1905,12 +1898,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let rt = rt();
         let remote = MemRemote::default();
-        let open = || {
-            Arc::new(
-                CachedVolume::open(remote.clone(), 4096, opts(dir.path()), rt.handle().clone())
-                    .unwrap(),
-            )
-        };
+        let open = || Arc::new(open_dev(&remote, dir.path(), &rt));
         let params = FormatParams { max_inodes: 4096, file_stride_blocks: 64 };
         let dev = open();
         let mut fs =
