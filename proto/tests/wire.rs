@@ -80,6 +80,7 @@ fn vehicle_api_messages_round_trip() {
             stored_blocks: 1,
             nms_session: 7,
             writeback_refused: "max_blocks".into(),
+            migrating_out: true,
         }),
     });
 }

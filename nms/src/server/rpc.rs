@@ -52,6 +52,7 @@ fn volume_auth(node: &Node, auth: Option<pb::VolumeAuth>) -> Result<Auth, Status
 
 fn info_of(node: &Node, v: &VolumeName) -> Option<pb::VolumeInfo> {
     let writeback_refused = node.writeback_refused(v).unwrap_or_default();
+    let migrating_out = node.handle(v).is_some_and(|h| h.migrating.load(Ordering::Acquire));
     let core = node.core();
     let x = core.volume(v)?;
     Some(pb::VolumeInfo {
@@ -67,6 +68,7 @@ fn info_of(node: &Node, v: &VolumeName) -> Option<pb::VolumeInfo> {
         stored_blocks: x.stored_blocks,
         nms_session: node.session,
         writeback_refused,
+        migrating_out,
     })
 }
 
@@ -914,16 +916,14 @@ impl pb::nms_admin_server::NmsAdmin for Node {
     ) -> Result<Response<pb::CheckCredentialReply>, Status> {
         let r = req.into_inner();
         let v = convert::volume_name(&r.volume)?;
-        let presented = Presented::new(
-            wayside_proto::types::Credential::new(r.credential)
-                .map_err(|e| Status::invalid_argument(format!("credential: {e}")))?,
-        );
+        let presented = wayside_proto::types::Credential::new(r.credential)
+            .map_err(|e| Status::invalid_argument(format!("credential: {e}")))?;
         let cached = self.core().volume(&v).map(|x| x.credential);
         let stored = match cached {
             Some(h) => h,
             None => self.store.get_volume(v).await.map_err(NmsError::from)?.credential,
         };
-        Ok(Response::new(pb::CheckCredentialReply { valid: presented.matches(&stored) }))
+        Ok(Response::new(pb::CheckCredentialReply { valid: stored.matches(&presented) }))
     }
 
     async fn shutdown(

@@ -275,6 +275,12 @@ impl Smf {
         }
         wayside_proto::convert::volume_name(&r.volume)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        // All of it checked before any NMS is asked about the credential.
+        let speed = Speed::from_mps(r.speed_mps)
+            .map_err(|e| Status::invalid_argument(format!("speed_mps: {e}")))?;
+        if !r.time_s.is_finite() || !r.position_m.is_finite() {
+            return Err(Status::invalid_argument("time_s and position_m must be finite"));
+        }
         let cred = Credential::new(r.credential.clone())
             .map_err(|e| Status::invalid_argument(format!("credential: {e}")))?;
         let hash = cred.hash();
@@ -300,7 +306,7 @@ impl Smf {
             Some(_) => return Err(unauthenticated(&r.volume)),
             None => self.check_credential(&ask, &r.volume, &r.credential).await?,
         }
-        self.decide(r, hash)
+        self.decide(r, speed, hash)
     }
 
     /// Asks the NMSs at `ask`, in order, whether `credential` is `volume`'s (the first
@@ -355,20 +361,14 @@ impl Smf {
         )))
     }
 
-    /// Plans the next move of a reported volume whose credential `hash` is checked.
+    /// Plans the next move of a reported volume (its report checked, `speed` parsed from
+    /// it) whose credential `hash` is checked.
     fn decide(
         &self,
         r: &pb::VehicleReport,
+        speed: Speed,
         hash: CredentialHash,
     ) -> Result<pb::MoveDecision, Status> {
-        if r.vehicle.is_empty() || r.volume.is_empty() {
-            return Err(Status::invalid_argument("vehicle and volume are required"));
-        }
-        let speed = Speed::from_mps(r.speed_mps)
-            .map_err(|e| Status::invalid_argument(format!("speed_mps: {e}")))?;
-        if !r.time_s.is_finite() || !r.position_m.is_finite() {
-            return Err(Status::invalid_argument("time_s and position_m must be finite"));
-        }
         let now = Instant::now();
         let clock = Clock { at: now, time_s: r.time_s, scale: self.cfg.time_scale };
         let mut st = self.lock();
@@ -609,22 +609,23 @@ impl Smf {
         Ok(pb::nms_admin_client::NmsAdminClient::new(channel))
     }
 
-    /// The epoch at which the NMS at `address` holds `volume` (`None`: it does not; a volume
-    /// it moved away is not listed), by its NodeStatus.
-    async fn epoch_at(&self, address: &str, volume: &str) -> Result<Option<u64>, String> {
+    /// The epoch at which the NMS at `address` holds `volume` and whether it is moving it
+    /// out (`None`: it does not hold it; a volume it moved away is not listed), by its
+    /// NodeStatus.
+    async fn epoch_at(&self, address: &str, volume: &str) -> Result<Option<(u64, bool)>, String> {
         let mut client = self.admin(address, LOCATE_CALL_TIMEOUT).await?;
         let req = wayside_proto::token::request(
             self.cfg.cluster_token.as_ref(),
             pb::NodeStatusRequest {},
         );
         let s = client.node_status(req).await.map_err(|s| s.message().to_owned())?.into_inner();
-        Ok(s.volume_info.iter().find(|v| v.volume == volume).map(|v| v.epoch))
+        Ok(s.volume_info.iter().find(|v| v.volume == volume).map(|v| (v.epoch, v.migrating_out)))
     }
 
     /// Where `volume` is after a move `from` -> `to` whose outcome the SMF did not hear:
     /// the one of the two NMSs holding it alone, or at the newer epoch (the target raised
-    /// it). Both holding it at one epoch is a move still running (or aborted, the target's
-    /// copy not dropped yet): asked again until it settles, within `locate_wait_ms`.
+    /// it). A source still moving it out is asked again until the move ends (it may still be
+    /// connecting to the target, which then holds nothing yet), within `locate_wait_ms`.
     /// `None`: neither told in time.
     async fn locate(&self, road: &Road, volume: &str, from: usize, to: usize) -> Option<usize> {
         let deadline = Instant::now() + Duration::from_millis(self.cfg.locate_wait_ms);
@@ -635,10 +636,13 @@ impl Smf {
                 self.epoch_at(&road.rsus()[to].nms_address, volume)
             );
             match (&at_from, &at_to) {
-                (Ok(Some(a)), Ok(Some(b))) if b > a => return Some(to),
-                (Ok(Some(a)), Ok(Some(b))) if b < a => return Some(from),
+                (Ok(Some((a, _))), Ok(Some((b, _)))) if b > a => return Some(to),
+                (Ok(Some((a, _))), Ok(Some((b, _)))) if b < a => return Some(from),
+                // Under way: wait for its end.
+                (Ok(Some((_, true))), _) => {}
                 (Ok(None), Ok(Some(_))) => return Some(to),
-                (Ok(Some(_)), Ok(None)) => return Some(from),
+                // Ended without a switch (a copy the target has not dropped yet aside).
+                (Ok(Some((_, false))), Ok(_)) => return Some(from),
                 (Ok(None), Ok(None)) => return None,
                 _ => {}
             }
@@ -866,25 +870,29 @@ mod tests {
         .is_err());
     }
 
+    /// A vehicle that created volume "vol" (credential "key", 4 KiB blocks) at `nms`.
+    async fn vehicle_of_vol(nms: &crate::testing::LocalNms) -> crate::client::VolumeClient {
+        use wayside_proto::types::{BlockSize, VolumeName};
+        let mut o = crate::client::ClientOptions::new(
+            vec![nms.ep.clone()],
+            VolumeName::new("vol").unwrap(),
+            Credential::new("key").unwrap(),
+        );
+        o.create_block_size = Some(BlockSize::new(4096).unwrap());
+        crate::client::VolumeClient::open(o).await.unwrap()
+    }
+
     /// A StartMigration the SMF gave up on (its 25 ms ran out) while the NMSs went on and
     /// completed the move: the SMF asks them where the volume is, so the next move starts
     /// from B (it would start from A, which no longer has it, and fail).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_move_whose_answer_the_smf_missed_is_located_where_it_ended() {
-        use crate::client::{ClientOptions, VolumeClient};
         use crate::testing::LocalNms;
-        use wayside_proto::types::{BlockSize, Credential, VolumeName};
         let dir = tempfile::tempdir().unwrap();
         let cluster = wayside_pss::testing::LocalCluster::start(1, dir.path()).await.unwrap();
         let a = LocalNms::start("a", &cluster.endpoints(), |_| {}).await;
         let b = LocalNms::start("b", &cluster.endpoints(), |_| {}).await;
-        let mut o = ClientOptions::new(
-            vec![a.ep.clone()],
-            VolumeName::new("vol").unwrap(),
-            Credential::new("key").unwrap(),
-        );
-        o.create_block_size = Some(BlockSize::new(4096).unwrap());
-        let c = VolumeClient::open(o).await.unwrap();
+        let c = vehicle_of_vol(&a).await;
         // 16 MiB to move: the move (~60 ms on loopback) outlasts the SMF's 25 ms.
         c.write_many((0..4096).map(|b| (b, 0, vec![b as u8; 4096])).collect()).await.unwrap();
         let cfg = SmfConfig { migration_rpc_timeout_ms: 25, ..Default::default() };
@@ -930,10 +938,8 @@ mod tests {
     /// later reports to it.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_report_naming_another_vehicles_volume_is_refused() {
-        use crate::client::{ClientOptions, VolumeClient};
         use crate::testing::LocalNms;
         use wayside_proto::token::ClusterToken;
-        use wayside_proto::types::{BlockSize, VolumeName};
         let dir = tempfile::tempdir().unwrap();
         let cluster = wayside_pss::testing::LocalCluster::start(1, dir.path()).await.unwrap();
         let token = ClusterToken::new("road-token-0123456789").unwrap();
@@ -941,13 +947,7 @@ mod tests {
             c.cluster_token = Some(token.clone());
         })
         .await;
-        let mut o = ClientOptions::new(
-            vec![a.ep.clone()],
-            VolumeName::new("vol").unwrap(),
-            Credential::new("key").unwrap(),
-        );
-        o.create_block_size = Some(BlockSize::new(4096).unwrap());
-        let _c = VolumeClient::open(o).await.unwrap();
+        let _c = vehicle_of_vol(&a).await;
         let with_token = SmfConfig { cluster_token: Some(token), ..Default::default() };
         let smf = Smf::new(with_token, CancellationToken::new()).unwrap();
         smf.set_road(road(a.ep.authority())).unwrap();
