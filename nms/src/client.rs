@@ -75,6 +75,9 @@ pub struct ClientOptions {
     /// Most operations per `StreamBatches` message sent by `read_many`/`write_many` (the
     /// NMS's `max_stream_batch_ops` or less); longer lists go in several batches.
     pub max_batch_ops: usize,
+    /// Dial NMSs over TLS, trusting the road's CA in it (every address, redirects included,
+    /// whatever their scheme); `None`: plaintext.
+    pub tls: Option<wayside_proto::tls::Tls>,
 }
 
 impl ClientOptions {
@@ -94,6 +97,7 @@ impl ClientOptions {
             connect_timeout: Duration::from_secs(1),
             max_message_size_bytes: 16 << 20,
             max_batch_ops: 256,
+            tls: None,
         }
     }
 }

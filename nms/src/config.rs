@@ -77,6 +77,13 @@ pub struct Config {
     /// every NMS of a road). Unset: those calls are not authenticated (a warning at start).
     /// `WAYSIDE_CLUSTER_TOKEN` in the environment overrides it.
     pub cluster_token: Option<wayside_proto::token::ClusterToken>,
+    /// TLS (`[tls]`: `cert`, `key`, `ca`, PEM files): with `cert` and `key` this node
+    /// serves vehicles, operators and other NMSs over TLS only (asking none of them for a
+    /// certificate); with `ca` it dials the PSS and other NMSs over TLS only, presenting
+    /// its certificate (the PSS requires one). Unset: plaintext.
+    pub tls: wayside_proto::tls::TlsFiles,
+    /// How long a connection has to finish its TLS handshake, in milliseconds.
+    pub tls_handshake_timeout_ms: u64,
     /// Most operations in flight on one vehicle stream; more wait. Also the most replies a
     /// stream gathers from the messages already received before they leave together.
     pub max_stream_inflight_ops: usize,
@@ -169,6 +176,8 @@ impl Default for Config {
             max_message_size_bytes: 16 << 20,
             request_copy_below_bytes: wayside_proto::h2serve::DEFAULT_COPY_BELOW_BYTES,
             cluster_token: None,
+            tls: wayside_proto::tls::TlsFiles::default(),
+            tls_handshake_timeout_ms: 5_000,
             max_stream_inflight_ops: 256,
             max_stream_batch_ops: 256,
             max_concurrent_streams: 1024,

@@ -12,6 +12,31 @@ use crate::cork::CorkedIo;
 use hyper_util::rt::TokioIo;
 use std::io;
 
+/// The tonic endpoint for `ep`: over TLS when `tls` is given, whatever scheme `ep` was
+/// written with (a process set up for TLS never dials plaintext, so neither a config file
+/// nor a redirect can downgrade a hop), plaintext otherwise; an `https://` address without
+/// TLS set up is refused rather than dialled with guessed trust roots. Pass the result to
+/// [`connect`] or [`connect_lazy`] after setting its timeouts.
+pub fn endpoint(
+    ep: &crate::types::Endpoint,
+    tls: Option<&crate::tls::Tls>,
+) -> Result<tonic::transport::Endpoint, crate::tls::TlsError> {
+    let bad = |e: tonic::transport::Error| crate::tls::TlsError::Config(format!("{ep}: {e}"));
+    match tls {
+        Some(tls) => {
+            let uri = format!("https://{}", ep.authority());
+            tonic::transport::Endpoint::from_shared(uri)
+                .map_err(bad)?
+                .tls_config(tls.tonic_client()?)
+                .map_err(bad)
+        }
+        None if ep.uri().starts_with("https://") => {
+            Err(crate::tls::TlsError::HttpsWithoutTls(ep.to_string()))
+        }
+        None => tonic::transport::Endpoint::from_shared(ep.uri().to_owned()).map_err(bad),
+    }
+}
+
 /// Connects `endpoint` (`http://host:port`, with its connect timeout and other settings;
 /// TCP_NODELAY is always set) over TCP through a [`CorkedIo`].
 pub async fn connect(

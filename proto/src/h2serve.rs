@@ -576,15 +576,22 @@ pub struct Http2Settings {
     pub keepalive_interval_ms: u64,
     /// In milliseconds.
     pub keepalive_timeout_ms: u64,
+    /// How long a connection has to finish its TLS handshake (served over TLS only), in
+    /// milliseconds: a caller that connects and stalls holds nothing past it.
+    pub tls_handshake_timeout_ms: u64,
 }
 
 /// Serves `svc` on every connection `incoming` yields until `signal`, then shuts every
 /// connection down gracefully (GOAWAY: open calls finish, new ones are refused) and
 /// returns when the last has closed. Connections run as tasks of the caller's runtime.
+/// With `tls`, each connection is served over TLS once its handshake (in the connection's
+/// task, within `tls_handshake_timeout_ms`) succeeds; TLS writes go to the socket through
+/// its [`CorkedIo`], so the records of one turn still leave in one write.
 pub async fn serve_http2<I, S, B>(
     incoming: I,
     svc: S,
     settings: Http2Settings,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     signal: impl std::future::Future<Output = ()>,
 ) -> std::io::Result<()>
 where
@@ -632,15 +639,30 @@ where
                     None => break,
                 },
             };
-            let conn = builder.serve_connection(hyper_util::rt::TokioIo::new(io), svc.clone());
-            let mut stop = stop_rx.clone();
+            let (builder, svc, mut stop) = (builder.clone(), svc.clone(), stop_rx.clone());
+            let tls = tls.clone();
+            let handshake = Duration::from_millis(settings.tls_handshake_timeout_ms.max(1));
             tokio::spawn(async move {
-                tokio::pin!(conn);
-                let r = tokio::select! {
-                    r = conn.as_mut() => r,
-                    _ = stop.changed() => {
-                        conn.as_mut().graceful_shutdown();
-                        conn.await
+                let r = match tls {
+                    None => serve_connection(&builder, io, svc, &mut stop).await,
+                    Some(tls) => {
+                        let peer = io.get_ref().peer_addr().ok();
+                        let tls_io = tokio::select! {
+                            r = tokio::time::timeout(handshake, tls.accept(io)) => r,
+                            // A handshake under way when the server stops is dropped.
+                            _ = stop.changed() => return,
+                        };
+                        match tls_io {
+                            Ok(Ok(io)) => serve_connection(&builder, io, svc, &mut stop).await,
+                            Ok(Err(e)) => {
+                                tracing::info!(?peer, error = %e, "TLS handshake failed");
+                                return;
+                            }
+                            Err(_) => {
+                                tracing::info!(?peer, ?handshake, "TLS handshake timed out");
+                                return;
+                            }
+                        }
                     }
                 };
                 if let Err(e) = r {
@@ -654,6 +676,35 @@ where
     drop(stop_rx);
     stop_tx.closed().await;
     Ok(())
+}
+
+/// Serves one connection until it closes, or gracefully once `stop` changes.
+async fn serve_connection<IO, S, B>(
+    builder: &hyper::server::conn::http2::Builder<InlineFirst>,
+    io: IO,
+    svc: S,
+    stop: &mut tokio::sync::watch::Receiver<()>,
+) -> hyper::Result<()>
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    S: hyper::service::Service<http::Request<hyper::body::Incoming>, Response = http::Response<B>>
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let conn = builder.serve_connection(hyper_util::rt::TokioIo::new(io), svc);
+    tokio::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => r,
+        _ = stop.changed() => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    }
 }
 
 #[cfg(test)]
@@ -946,9 +997,10 @@ mod tests {
             max_concurrent_streams: 16,
             keepalive_interval_ms: 0,
             keepalive_timeout_ms: 0,
+            tls_handshake_timeout_ms: 1000,
         };
         let incoming = crate::server::incoming(listener);
-        tokio::spawn(serve_http2(incoming, svc, settings, std::future::pending()));
+        tokio::spawn(serve_http2(incoming, svc, settings, None, std::future::pending()));
         (addr, seen_rx)
     }
 

@@ -13,6 +13,7 @@
 //!   whose block data is never copied into one buffer.
 //! - [`cork`]: the socket wrapper that sends the frames of one task turn in one system call.
 //! - [`client`]: tonic client channels over corked TCP (a unary call leaves in one write).
+//! - [`tls`]: TLS on every hop: a node's `[tls]` files, rustls and tonic configs, a road's CA.
 //! - [`config`]: TOML config loading shared by the binaries (unknown keys rejected).
 //! - [`telemetry`]: `tracing` set-up shared by the binaries.
 
@@ -25,6 +26,7 @@ pub mod error;
 pub mod h2serve;
 pub mod server;
 pub mod telemetry;
+pub mod tls;
 pub mod token;
 pub mod types;
 

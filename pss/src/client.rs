@@ -44,6 +44,9 @@ pub struct ClientOptions {
     /// A pipeline message stops taking requests at this many bytes (a larger request
     /// still goes, alone).
     pub pipeline_message_bytes: usize,
+    /// Dial every node over TLS with this set-up (the road's CA; a PSS requires the
+    /// caller's certificate too); `None`: plaintext.
+    pub tls: Option<wayside_proto::tls::Tls>,
 }
 
 impl Default for ClientOptions {
@@ -58,6 +61,7 @@ impl Default for ClientOptions {
             pipeline_max_requests: 256,
             pipeline_queue_requests: 1024,
             pipeline_message_bytes: 4 * 1024 * 1024,
+            tls: None,
         }
     }
 }
@@ -177,7 +181,7 @@ impl PssClient {
         if let Some(c) = channels.get(ep.uri()) {
             return Ok(c.clone());
         }
-        let e = tonic::transport::Endpoint::from_shared(ep.uri().to_owned())
+        let e = wayside_proto::client::endpoint(ep, self.inner.opts.tls.as_ref())
             .map_err(|e| PssError::InvalidArgument(format!("endpoint {ep}: {e}")))?
             .connect_timeout(Duration::from_secs(1))
             .initial_connection_window_size(crate::server::HTTP2_CONNECTION_WINDOW_BYTES)

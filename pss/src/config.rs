@@ -92,6 +92,10 @@ pub struct Config {
     pub http2_keepalive_interval_ms: u64,
     /// A connection whose PING goes unanswered this long is closed, in milliseconds.
     pub http2_keepalive_timeout_ms: u64,
+    /// TLS (`[tls]`: `cert`, `key`, `ca`, PEM files): this node serves over TLS only and
+    /// requires every caller (NMSs, peers, operators) to present a certificate signed by
+    /// `ca`; it dials its peers over TLS with its own. Unset: plaintext.
+    pub tls: wayside_proto::tls::TlsFiles,
 }
 
 impl Default for Config {
@@ -129,6 +133,7 @@ impl Default for Config {
             learner_catch_up_timeout_ms: 30_000,
             http2_keepalive_interval_ms: wayside_proto::server::HTTP2_KEEPALIVE_INTERVAL_MS,
             http2_keepalive_timeout_ms: wayside_proto::server::HTTP2_KEEPALIVE_TIMEOUT_MS,
+            tls: wayside_proto::tls::TlsFiles::default(),
         }
     }
 }

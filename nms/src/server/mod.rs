@@ -62,15 +62,34 @@ pub async fn run_with_store(
 ) -> anyhow::Result<()> {
     config.validate().map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
     let local = listener.local_addr()?;
+    let tls = wayside_proto::tls::Tls::load(&config.tls).context("TLS")?;
+    let acceptor = match &tls {
+        Some(t) if t.has_identity() => {
+            Some(t.acceptor(wayside_proto::tls::ClientAuth::None).context("TLS")?)
+        }
+        _ => None,
+    };
     let advertise = if config.advertise.is_empty() {
         Endpoint::parse(&local.to_string())?
     } else {
         Endpoint::parse(&config.advertise)?
     };
+    // Served over TLS, the node is reached at https:// (what it records in the PSS as the
+    // owner address and sends in redirects).
+    let advertise = match acceptor {
+        Some(_) => Endpoint::parse(&format!("https://{}", advertise.authority()))?,
+        None => advertise,
+    };
     let node = Node::new(config.clone(), advertise.clone(), store, shutdown.clone());
     let span = info_span!("nms", node = %node.node_id);
     async move {
-        info!(listen = %local, advertise = %advertise, "serving");
+        info!(listen = %local, advertise = %advertise, tls = acceptor.is_some(), "serving");
+        if acceptor.is_none() {
+            warn!(
+                "no tls.cert/tls.key: vehicles' credentials and data cross the air in \
+                 plaintext; set [tls] on every node of a real road"
+            );
+        }
         if config.cluster_token.is_none() {
             warn!(
                 "no cluster_token: admin and migration calls are not authenticated (any client \
@@ -115,11 +134,13 @@ pub async fn run_with_store(
                     max_concurrent_streams: node.cfg.max_concurrent_streams,
                     keepalive_interval_ms: node.cfg.http2_keepalive_interval_ms,
                     keepalive_timeout_ms: node.cfg.http2_keepalive_timeout_ms,
+                    tls_handshake_timeout_ms: node.cfg.tls_handshake_timeout_ms,
                 };
                 wayside_proto::h2serve::serve_http2(
                     incoming,
                     wire::NmsHttp::new(node.clone(), routes),
                     settings,
+                    acceptor.clone(),
                     node.stop.clone().cancelled_owned(),
                 )
             }

@@ -60,6 +60,9 @@ pub struct SmfConfig {
     /// The NMSs' cluster token, presented on StartMigration and required on SetRoad (None:
     /// neither).
     pub cluster_token: Option<wayside_proto::token::ClusterToken>,
+    /// TLS (`[tls]`: `cert`, `key`, `ca`): with `cert` and `key` the SMF serves over TLS
+    /// only; with `ca` it dials the NMSs over TLS only. Unset: plaintext.
+    pub tls: wayside_proto::tls::TlsFiles,
 }
 
 impl Default for SmfConfig {
@@ -78,6 +81,7 @@ impl Default for SmfConfig {
             idle_forget_ms: 600_000,
             estimator: EstimatorConfig::default(),
             cluster_token: None,
+            tls: wayside_proto::tls::TlsFiles::default(),
         }
     }
 }
