@@ -41,6 +41,16 @@ pub const CONFIG_FILE: &str = "/etc/wayside/nms.toml";
 /// image, which anyone on the host may read; it overrides the baked-in file's token.
 pub const FW_CFG_CLUSTER_TOKEN: &str = "opt/wayside/cluster_token";
 
+/// The fw_cfg items a launcher passes the NMS's TLS files in (`wayside.tls=fw_cfg`): its
+/// certificate chain, its key and the road's CA (PEM), in that order. Like the token they
+/// stay off the command line and out of the image (the key is a secret).
+pub const FW_CFG_TLS: [&str; 3] =
+    ["opt/wayside/tls_cert", "opt/wayside/tls_key", "opt/wayside/tls_ca"];
+
+/// Where the guest keeps the TLS files it read from fw_cfg (the initramfs's root, in
+/// memory); the key file is 0600.
+const TLS_DIR: &str = "/run/wayside-tls";
+
 /// Modules in the image that only some boots load (not by the load order): QEMU's fw_cfg
 /// driver, for `wayside.token=fw_cfg`, unloaded once the token is read. (Loaded in every
 /// boot, guests live-migrated under TCG here arrived with corrupted kernel memory in 3 of
@@ -104,7 +114,7 @@ impl std::str::FromStr for Ipv4Cidr {
 pub enum BootParamError {
     #[error("kernel command line: `{PARAM_PREFIX}{key}={value}`: {reason}")]
     BadValue { key: String, value: String, reason: String },
-    #[error("kernel command line: unknown word `{PARAM_PREFIX}{key}` (known: ip, gw, iface, listen, pss, node, advertise, log, token)")]
+    #[error("kernel command line: unknown word `{PARAM_PREFIX}{key}` (known: ip, gw, iface, listen, pss, node, advertise, log, token, tls)")]
     UnknownKey { key: String },
     #[error("kernel command line: `{PARAM_PREFIX}{key}` given twice")]
     Duplicate { key: String },
@@ -135,6 +145,9 @@ pub struct BootParams {
     /// `wayside.token=fw_cfg`: the cluster token is in the fw_cfg item
     /// [`FW_CFG_CLUSTER_TOKEN`] (the token itself never goes on the command line).
     pub token_from_fw_cfg: bool,
+    /// `wayside.tls=fw_cfg`: the NMS's TLS files are in the fw_cfg items [`FW_CFG_TLS`]; it
+    /// then serves TLS only and dials the PSS and other NMSs over TLS.
+    pub tls_from_fw_cfg: bool,
 }
 
 impl Default for BootParams {
@@ -149,6 +162,7 @@ impl Default for BootParams {
             advertise: None,
             log: None,
             token_from_fw_cfg: false,
+            tls_from_fw_cfg: false,
         }
     }
 }
@@ -216,6 +230,12 @@ impl BootParams {
                     }
                     p.token_from_fw_cfg = true;
                 }
+                "tls" => {
+                    if value != "fw_cfg" {
+                        return Err(bad("the only TLS files source is fw_cfg".into()));
+                    }
+                    p.tls_from_fw_cfg = true;
+                }
                 _ => return Err(BootParamError::UnknownKey { key: key.into() }),
             }
         }
@@ -258,6 +278,9 @@ impl BootParams {
         if self.token_from_fw_cfg {
             words.push(format!("{PARAM_PREFIX}token=fw_cfg"));
         }
+        if self.tls_from_fw_cfg {
+            words.push(format!("{PARAM_PREFIX}tls=fw_cfg"));
+        }
         words.join(" ")
     }
 }
@@ -286,20 +309,24 @@ fn boot_and_serve(started: Instant) -> anyhow::Result<()> {
 
     let order = Path::new(MODULE_ORDER_FILE);
     load_modules(order, |m| !ON_DEMAND_MODULES.contains(&m))?;
-    let token = if params.token_from_fw_cfg {
+    let (mut token, mut tls) = (None, None);
+    if params.token_from_fw_cfg || params.tls_from_fw_cfg {
         load_modules(order, |m| ON_DEMAND_MODULES.contains(&m))?;
-        let token = read_fw_cfg_token().context("reading the cluster token from fw_cfg")?;
-        tracing::info!("wayside-init: cluster token from fw_cfg {FW_CFG_CLUSTER_TOKEN}");
-        // Done with the driver: unloaded, the guest runs as one booted without a token.
+        if params.token_from_fw_cfg {
+            token = Some(read_fw_cfg_token().context("reading the cluster token from fw_cfg")?);
+            tracing::info!("wayside-init: cluster token from fw_cfg {FW_CFG_CLUSTER_TOKEN}");
+        }
+        if params.tls_from_fw_cfg {
+            tls = Some(read_fw_cfg_tls().context("reading the TLS files from fw_cfg")?);
+            tracing::info!("wayside-init: TLS files from fw_cfg {}", FW_CFG_TLS.join(", "));
+        }
+        // Done with the driver: unloaded, the guest runs as one booted without them.
         for m in ON_DEMAND_MODULES {
             if let Err(e) = unload_module(m) {
                 tracing::warn!(module = m, error = %e, "could not unload the module");
             }
         }
-        Some(token)
-    } else {
-        None
-    };
+    }
     net::configure_loopback().context("configuring lo")?;
     if let Some(ip) = params.ip {
         net::wait_for_interface(&params.iface, NET_DEVICE_WAIT)?;
@@ -312,7 +339,33 @@ fn boot_and_serve(started: Instant) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    runtime.block_on(serve(params, token))
+    runtime.block_on(serve(params, token, tls))
+}
+
+/// Mounts sysfs, reads the TLS fw_cfg items into files under [`TLS_DIR`] (the key 0600),
+/// unmounts sysfs again; returns the `[tls]` section naming them.
+fn read_fw_cfg_tls() -> anyhow::Result<wayside_proto::tls::TlsFiles> {
+    use anyhow::Context as _;
+    std::fs::create_dir_all(TLS_DIR).with_context(|| format!("creating {TLS_DIR}"))?;
+    let dir = Path::new(TLS_DIR);
+    let files = wayside_proto::tls::TlsFiles {
+        cert: Some(dir.join("cert.pem")),
+        key: Some(dir.join("key.pem")),
+        ca: Some(dir.join("ca.pem")),
+    };
+    let targets = [&files.cert, &files.key, &files.ca];
+    for (item, target) in FW_CFG_TLS.iter().zip(targets) {
+        let path = format!("{FW_CFG_SYSFS_BY_NAME}/{item}/raw");
+        let raw = read_mounted("sysfs", "/sys", &path)?.with_context(|| {
+            format!("reading {path} (wayside.tls=fw_cfg: did the launcher pass -fw_cfg name={item},file=...?)")
+        })?;
+        let target = target.as_ref().expect("set above");
+        wayside_proto::tls::pki::write_private(target, &raw)
+            .with_context(|| format!("writing {}", target.display()))?;
+    }
+    // Checked here, so a bad file fails the boot naming the item, not the first call.
+    wayside_proto::tls::Tls::load(&files).context("the TLS files from fw_cfg")?;
+    Ok(files)
 }
 
 /// Mounts sysfs, reads the cluster token fw_cfg item, unmounts sysfs again.
@@ -417,6 +470,7 @@ fn module_name(path: &str) -> &str {
 async fn serve(
     params: BootParams,
     token: Option<wayside_proto::token::ClusterToken>,
+    tls: Option<wayside_proto::tls::TlsFiles>,
 ) -> anyhow::Result<()> {
     use anyhow::Context as _;
     let shutdown = tokio_util::sync::CancellationToken::new();
@@ -436,7 +490,7 @@ async fn serve(
             shutdown.cancel();
         }
     };
-    let server = run_server(&params, token, listener, shutdown.clone());
+    let server = run_server(&params, token, tls, listener, shutdown.clone());
     tracing::info!(listen = %params.listen, "wayside-init: serving");
     let (result, ()) = tokio::join!(
         async {
@@ -454,12 +508,16 @@ async fn serve(
 async fn run_server(
     params: &BootParams,
     token: Option<wayside_proto::token::ClusterToken>,
+    tls: Option<wayside_proto::tls::TlsFiles>,
     listener: tokio::net::TcpListener,
     shutdown: tokio_util::sync::CancellationToken,
 ) -> anyhow::Result<()> {
     let mut config = nms_config(params)?;
     if token.is_some() {
         config.cluster_token = token;
+    }
+    if let Some(tls) = tls {
+        config.tls = tls;
     }
     crate::server::run(config, listener, shutdown).await
 }
@@ -642,8 +700,11 @@ mod tests {
 
     #[test]
     fn the_token_word_names_its_source_never_the_token() {
-        let p = BootParams::parse("wayside.token=fw_cfg").unwrap();
-        assert!(p.token_from_fw_cfg);
+        let p = BootParams::parse("wayside.token=fw_cfg wayside.tls=fw_cfg").unwrap();
+        assert!(p.token_from_fw_cfg && p.tls_from_fw_cfg);
+        assert_eq!(BootParams::parse(&p.render()).unwrap(), p);
+        let e = BootParams::parse("wayside.tls=/etc/key.pem").unwrap_err();
+        assert!(e.to_string().contains("only TLS files source is fw_cfg"), "{e}");
         assert_eq!(BootParams::parse(&p.render()).unwrap(), p, "renders back");
         assert!(!BootParams::default().render().contains("token"));
         let e = BootParams::parse("wayside.token=0123456789abcdef0").unwrap_err();

@@ -23,6 +23,10 @@
 //!   tap of one host bridge ([`crate::vmroad`]); the PSS runs in this process on the
 //!   bridge's address so the guests reach it. The SMF and vehicles use the guests' addresses.
 //!
+//! Every hop of every road is TLS (unless `--plaintext`): the drive makes a CA for the run
+//! and one certificate every node presents ([`RoadTls`]; the VMs get it through fw_cfg);
+//! the PSS requires it of its callers, vehicles trust the CA and present none.
+//!
 //! To add a variant: a `Deployment` variant with its
 //! options, a `Backend` variant holding what must be stopped, an arm in `deploy` that starts
 //! it and returns `Deployed`, and an arm in `Deployed::shutdown`.
@@ -125,6 +129,11 @@ pub struct Args {
     /// With --image: guest memory per VM, MiB.
     #[arg(long, default_value_t = 384, value_name = "MIB")]
     pub vm_memory_mib: u32,
+    /// Run every hop in plaintext. By default every road runs TLS on every hop (a CA made
+    /// for the run; the PSS requires the road's certificate of its callers; vehicles trust
+    /// the CA).
+    #[arg(long)]
+    pub plaintext: bool,
 }
 
 /// What a drive is made of (the library entry point; tests build it directly).
@@ -145,6 +154,51 @@ pub struct Scenario {
     /// The road's cluster token (random per scenario): every NMS requires it on admin and
     /// migration calls, the SMF presents it, and the NMSs present it to each other.
     pub cluster_token: ClusterToken,
+    /// TLS on every hop ([`RoadTls`]).
+    pub tls: bool,
+}
+
+/// A road's TLS: a CA made for the run, and one certificate (`localhost`, the loopback
+/// addresses and the road's own) that every node of the road presents.
+pub struct RoadTls {
+    /// The nodes' `[tls]` files.
+    pub files: wayside_proto::tls::TlsFiles,
+    /// What a node (and the drive's SMF client, an operator's) dials with: the CA and the
+    /// road certificate.
+    pub node: wayside_proto::tls::Tls,
+    /// What vehicles dial with: the CA only.
+    pub vehicle: wayside_proto::tls::Tls,
+    /// Where [`RoadTls::make`] wrote the files.
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl RoadTls {
+    /// Makes a CA and the road's certificate, good for the loopback addresses and `ips`.
+    pub fn make(ips: &[std::net::IpAddr]) -> anyhow::Result<Self> {
+        use wayside_proto::tls::{pki, Tls, TlsFiles};
+        let dir = tempfile::tempdir().context("temp dir for the road's TLS files")?;
+        let ca = pki::Ca::new("wayside testbed road").context("making the road's CA")?;
+        let (names, mut all) = pki::loopback();
+        all.extend_from_slice(ips);
+        let files = ca.write_road(dir.path(), &names, &all).context("writing TLS files")?;
+        Self::with_files(files, Some(dir))
+    }
+
+    /// The road's TLS from node files made elsewhere (a test PSS cluster's).
+    pub fn from_files(files: wayside_proto::tls::TlsFiles) -> anyhow::Result<Self> {
+        Self::with_files(files, None)
+    }
+
+    fn with_files(
+        files: wayside_proto::tls::TlsFiles,
+        dir: Option<tempfile::TempDir>,
+    ) -> anyhow::Result<Self> {
+        use wayside_proto::tls::{Tls, TlsFiles};
+        let node = Tls::load(&files)?.context("the road's TLS files")?;
+        let vehicle = Tls::load(&TlsFiles { ca: files.ca.clone(), ..TlsFiles::default() })?
+            .context("the road's CA")?;
+        Ok(Self { files, node, vehicle, _dir: dir })
+    }
 }
 
 /// A fresh random cluster token for a road.
@@ -211,6 +265,7 @@ impl Scenario {
             handover_execution_s: 2.0,
             progress: false,
             cluster_token: road_token(),
+            tls: true,
         })
     }
 }
@@ -258,8 +313,7 @@ pub async fn run_scenario_on(
     };
     let nodes = CancellationToken::new();
     let mut servers = JoinSet::new();
-    let result =
-        drive_on(&sc, &deployed.control, &deployed.vehicle, &stop, &nodes, &mut servers).await;
+    let result = drive_on(&sc, &deployed, &stop, &nodes, &mut servers).await;
     nodes.cancel();
     while let Some(r) = servers.join_next().await {
         match r {
@@ -331,6 +385,10 @@ pub struct Deployed {
     pub control: Vec<String>,
     /// Per RSU: the NMS address vehicles use.
     pub vehicle: Vec<String>,
+    /// The PSS nodes' addresses.
+    pub pss: Vec<Endpoint>,
+    /// The road's TLS, when it runs TLS.
+    pub tls: Option<RoadTls>,
     backend: Backend,
 }
 
@@ -447,9 +505,18 @@ pub async fn deploy(deployment: &Deployment, sc: &Scenario) -> anyhow::Result<De
     match deployment {
         Deployment::InProcess => {
             let dir = tempfile::tempdir().context("temp dir")?;
-            let cluster = wayside_pss::testing::LocalCluster::start(3, dir.path())
-                .await
-                .context("starting the PSS")?;
+            // Over TLS, the PSS cluster makes the road's PKI (its node certificate names
+            // the loopback addresses every node here listens on).
+            let cluster = if sc.tls {
+                wayside_pss::testing::LocalCluster::start_tls(3, dir.path()).await
+            } else {
+                wayside_pss::testing::LocalCluster::start(3, dir.path()).await
+            }
+            .context("starting the PSS")?;
+            let tls = match cluster.tls() {
+                Some(t) => Some(RoadTls::from_files(t.node_files.clone())?),
+                None => None,
+            };
             let pss: Vec<String> =
                 cluster.endpoints().iter().map(|e| e.authority().to_string()).collect();
             let nodes = CancellationToken::new();
@@ -470,6 +537,7 @@ pub async fn deploy(deployment: &Deployment, sc: &Scenario) -> anyhow::Result<De
                     // road's volumes are a few MiB.
                     block_pool_bytes: 16 << 20,
                     cluster_token: Some(sc.cluster_token.clone()),
+                    tls: tls.as_ref().map(|t| t.files.clone()).unwrap_or_default(),
                     ..Default::default()
                 };
                 servers.spawn(wayside_nms::server::run(cfg, listener, nodes.child_token()));
@@ -477,6 +545,8 @@ pub async fn deploy(deployment: &Deployment, sc: &Scenario) -> anyhow::Result<De
             Ok(Deployed {
                 control: addresses.clone(),
                 vehicle: addresses,
+                pss: cluster.endpoints(),
+                tls,
                 backend: Backend::InProcess { cluster, nodes, servers, _dir: dir },
             })
         }
@@ -485,7 +555,17 @@ pub async fn deploy(deployment: &Deployment, sc: &Scenario) -> anyhow::Result<De
             use crate::vmroad::{BridgePss, VmRoad};
             let net = VmRoad::network().context("--image: the VMs' bridge")?;
             let dir = tempfile::tempdir().context("temp dir")?;
-            let pss = BridgePss::start(net.pss_bind_ip(), 3, dir.path())
+            // The road's certificate names the bridge (the PSS) and every guest.
+            let tls = if sc.tls {
+                let mut ips = vec![std::net::IpAddr::from(net.pss_bind_ip())];
+                for i in 0..sc.rsus.len() {
+                    ips.push(net.guest_ip(i)?.into());
+                }
+                Some(RoadTls::make(&ips)?)
+            } else {
+                None
+            };
+            let pss = BridgePss::start_with(net.pss_bind_ip(), 3, dir.path(), tls.as_ref())
                 .await
                 .context("starting the PSS on the VMs' bridge")?;
             let names: Vec<String> = sc.rsus.iter().map(|(n, _)| n.clone()).collect();
@@ -493,6 +573,7 @@ pub async fn deploy(deployment: &Deployment, sc: &Scenario) -> anyhow::Result<De
             // deployments' NMSs do.
             let options = crate::vmroad::VmRoadOptions {
                 cluster_token: Some(sc.cluster_token.clone()),
+                tls: tls.as_ref().map(|t| t.files.clone()),
                 ..options.clone()
             };
             let road = VmRoad::start_with(net, &names, &pss.endpoints(), image.clone(), &options)
@@ -502,10 +583,16 @@ pub async fn deploy(deployment: &Deployment, sc: &Scenario) -> anyhow::Result<De
             Ok(Deployed {
                 control: addresses.clone(),
                 vehicle: addresses,
+                pss: endpoints(&pss.endpoints())?,
+                tls,
                 backend: Backend::Image { road, pss, _dir: dir },
             })
         }
     }
+}
+
+fn endpoints(addrs: &[String]) -> anyhow::Result<Vec<Endpoint>> {
+    addrs.iter().map(|a| Endpoint::parse(a).map_err(|e| anyhow::anyhow!("{e}"))).collect()
 }
 
 /// The NMSs' port inside their namespaces (each namespace has its own ports).
@@ -551,8 +638,20 @@ async fn deploy_netns(o: &NetnsOptions, sc: &Scenario) -> anyhow::Result<Deploye
     let mgmt = lab.veth_bare(None, Some(&core))?;
     lab.enslave(&mgmt.b, &br)?;
     lab.addr(&mgmt.a, at(254), 24)?;
+    // The road's certificate names every address a node is dialled at: the PSS nodes' and
+    // the RSUs' backhaul addresses (vehicles dial the radio shapers on 127.0.0.1).
+    let tls = if sc.tls {
+        let ips: Vec<std::net::IpAddr> = (11..=13)
+            .chain((0..sc.rsus.len()).map(|i| 20 + i as u8))
+            .map(|h| at(h).into())
+            .collect();
+        Some(RoadTls::make(&ips)?)
+    } else {
+        None
+    };
     let data = lab.log_dir().join("data");
-    let pss = netns::spawn_pss(&mut lab, &pss_bin, &pss_nodes, &data)?;
+    let pss =
+        netns::spawn_pss(&mut lab, &pss_bin, &pss_nodes, &data, tls.as_ref().map(|t| &t.files))?;
     let backhaul = Tbf::for_rate(o.backhaul_rate_bits_per_s);
     let radio = Tbf::for_rate(o.radio_rate_bits_per_s);
     let stop = CancellationToken::new();
@@ -608,6 +707,7 @@ async fn deploy_netns(o: &NetnsOptions, sc: &Scenario) -> anyhow::Result<Deploye
             listen: format!("0.0.0.0:{}", nms_port(i)),
             advertise: sh.local_addr().to_string(),
             cluster_token: Some(sc.cluster_token.clone()),
+            tls: tls.as_ref().map(|t| t.files.clone()).unwrap_or_default(),
             ..Default::default()
         };
         netns::spawn_nms(&mut lab, &nms_bin, &ns, &nms_cfg)?;
@@ -615,7 +715,7 @@ async fn deploy_netns(o: &NetnsOptions, sc: &Scenario) -> anyhow::Result<Deploye
         vehicle.push(sh.local_addr().to_string());
         shapers.push(sh);
     }
-    netns::wait_pss_leader(&mut lab, &pss, Duration::from_secs(30))
+    netns::wait_pss_leader(&mut lab, &pss, tls.as_ref().map(|t| &t.node), Duration::from_secs(30))
         .await
         .map_err(anyhow::Error::msg)?;
     for c in &control {
@@ -653,31 +753,34 @@ async fn deploy_netns(o: &NetnsOptions, sc: &Scenario) -> anyhow::Result<Deploye
     Ok(Deployed {
         control,
         vehicle,
+        pss: endpoints(&pss)?,
+        tls,
         backend: Backend::Netns { lab, shapers, backhaul_shapers, description },
     })
 }
 
 async fn drive_on(
     sc: &Scenario,
-    addresses: &[String],
-    vehicle_addresses: &[String],
+    deployed: &Deployed,
     stop: &CancellationToken,
     nodes: &CancellationToken,
     servers: &mut JoinSet<anyhow::Result<()>>,
 ) -> anyhow::Result<Outcome> {
+    let (addresses, vehicle_addresses) = (&deployed.control, &deployed.vehicle);
     let road =
         mobility::road_from_dwell(&sc.rsus, addresses, sc.overlap_m, sc.handover_execution_s, 4.0)?;
     // The SMF, served over gRPC like in a deployment; we keep a handle for its estimate.
     let smf_cfg = SmfConfig {
         time_scale: sc.time_scale,
         cluster_token: Some(sc.cluster_token.clone()),
+        tls: deployed.tls.as_ref().map(|t| t.files.clone()).unwrap_or_default(),
         ..Default::default()
     };
     let smf = Smf::new(smf_cfg, nodes.child_token()).map_err(anyhow::Error::msg)?;
     let smf_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let smf_addr = format!("http://{}", smf_listener.local_addr()?);
     servers.spawn(wayside_nms::smf::service::serve(smf.clone(), smf_listener, nodes.child_token()));
-    let mut smf_client = connect_smf(&smf_addr).await?;
+    let mut smf_client = connect_smf(&smf_addr, deployed.tls.as_ref().map(|t| &t.node)).await?;
     let road_pb = pb::Road {
         rsus: road
             .rsus()
@@ -708,7 +811,9 @@ async fn drive_on(
         let stop = stop.clone();
         let tx = progress_tx.clone();
         let at = vehicle_addresses.to_vec();
-        vehicles.spawn(async move { run_vehicle(i, v, road, at, client, sc, t0, stop, tx).await });
+        let tls = deployed.tls.as_ref().map(|t| t.vehicle.clone());
+        vehicles
+            .spawn(async move { run_vehicle(i, v, road, at, tls, client, sc, t0, stop, tx).await });
     }
     drop(progress_tx);
     let mut last_print = Instant::now();
@@ -764,8 +869,10 @@ async fn drive_on(
 
 async fn connect_smf(
     addr: &str,
+    tls: Option<&wayside_proto::tls::Tls>,
 ) -> anyhow::Result<pb::smf_client::SmfClient<tonic::transport::Channel>> {
-    let ch = tonic::transport::Endpoint::from_shared(addr.to_string())?
+    let ep = Endpoint::parse(addr).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let ch = wayside_proto::client::endpoint(&ep, tls)?
         .connect_timeout(Duration::from_secs(2))
         .timeout(Duration::from_secs(10))
         .connect()
@@ -794,6 +901,7 @@ async fn run_vehicle(
     v: Vehicle,
     road: Road,
     vehicle_addresses: Vec<String>,
+    tls: Option<wayside_proto::tls::Tls>,
     mut smf: pb::smf_client::SmfClient<tonic::transport::Channel>,
     sc: Scenario,
     t0: Instant,
@@ -819,6 +927,7 @@ async fn run_vehicle(
         Credential::new(credential.clone()).map_err(|e| anyhow::anyhow!("{e}"))?,
     );
     opts.create_block_size = Some(BlockSize::new(4096).map_err(|e| anyhow::anyhow!("{e}"))?);
+    opts.tls = tls;
     let client = VolumeClient::open(opts).await.context("opening the vehicle's volume")?;
     let mut out = VehicleOut {
         index,
@@ -1003,6 +1112,7 @@ pub fn scenario_from_args(a: &Args) -> anyhow::Result<Scenario> {
         handover_execution_s: 2.0,
         progress: true,
         cluster_token: road_token(),
+        tls: !a.plaintext,
     })
 }
 

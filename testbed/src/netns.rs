@@ -722,6 +722,7 @@ pub fn spawn_pss(
     pss_bin: &Path,
     nodes: &[(Ns, std::net::SocketAddr)],
     data_dir: &Path,
+    tls: Option<&wayside_proto::tls::TlsFiles>,
 ) -> Result<Vec<String>> {
     let peers = nodes
         .iter()
@@ -734,10 +735,25 @@ pub fn spawn_pss(
         cmd.args(["serve", "--id", &(i + 1).to_string(), "--listen", &addr.to_string()])
             .args(["--peers", &peers, "--data-dir"])
             .arg(data_dir.join(format!("pss{}", i + 1)))
+            .args(tls_args(tls))
             .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()));
         lab.spawn(ns, &format!("pss{}", i + 1), cmd)?;
     }
     Ok(nodes.iter().map(|(_, a)| a.to_string()).collect())
+}
+
+/// `pss serve`'s flags for `tls`'s files (none for plaintext).
+fn tls_args(tls: Option<&wayside_proto::tls::TlsFiles>) -> Vec<std::ffi::OsString> {
+    let mut a = Vec::new();
+    for (flag, path) in tls.map_or(Vec::new(), |t| {
+        vec![("--tls-cert", &t.cert), ("--tls-key", &t.key), ("--tls-ca", &t.ca)]
+    }) {
+        if let Some(p) = path {
+            a.push(flag.into());
+            a.push(p.clone().into_os_string());
+        }
+    }
+    a
 }
 
 /// Spawns `nms serve --config <file>` in `ns` with `cfg` (written as TOML beside the logs).
@@ -789,6 +805,7 @@ pub async fn wait_tcp(
 pub async fn wait_pss_leader(
     lab: &mut Lab,
     endpoints: &[String],
+    tls: Option<&wayside_proto::tls::Tls>,
     timeout: Duration,
 ) -> std::result::Result<(), String> {
     use wayside_proto::pb;
@@ -796,7 +813,10 @@ pub async fn wait_pss_leader(
     loop {
         lab.check_children()?;
         for ep in endpoints {
-            let Ok(e) = tonic::transport::Endpoint::from_shared(format!("http://{ep}")) else {
+            let e = wayside_proto::types::Endpoint::parse(ep).map_err(|e| e.to_string()).and_then(
+                |ep| wayside_proto::client::endpoint(&ep, tls).map_err(|e| e.to_string()),
+            );
+            let Ok(e) = e else {
                 return Err(format!("bad PSS endpoint {ep:?}"));
             };
             let e = e.connect_timeout(Duration::from_millis(300)).timeout(Duration::from_secs(1));

@@ -55,6 +55,9 @@ pub struct VmRoadOptions {
     pub guest_log: Option<String>,
     /// The road's cluster token, which every guest NMS requires (through fw_cfg).
     pub cluster_token: Option<wayside_proto::token::ClusterToken>,
+    /// The road's TLS files, which every guest NMS gets (through fw_cfg): it then serves
+    /// TLS only and dials the PSS (which must require the road's certificate) over TLS.
+    pub tls: Option<wayside_proto::tls::TlsFiles>,
 }
 
 impl Default for VmRoadOptions {
@@ -68,6 +71,7 @@ impl Default for VmRoadOptions {
             kernel_dir: None,
             guest_log: None,
             cluster_token: None,
+            tls: None,
         }
     }
 }
@@ -99,6 +103,11 @@ impl VmRoadNet {
     /// The bridge's interface name.
     pub fn bridge_name(&self) -> &str {
         self.bridge.name()
+    }
+
+    /// The address the `i`th VM gets (what its certificate must name).
+    pub fn guest_ip(&self, i: usize) -> anyhow::Result<Ipv4Addr> {
+        Ok(self.bridge.guest_cidr(i)?.addr)
     }
 }
 
@@ -206,6 +215,7 @@ impl VmRoad {
                 boot,
                 incoming: None,
                 cluster_token: opts.cluster_token.clone(),
+                tls: opts.tls.clone(),
             };
             launches.push(async move {
                 let vm = Vm::launch(&vm_opts, false).await?;
@@ -284,6 +294,8 @@ pub struct BridgePss {
     endpoints: Vec<Endpoint>,
     stop: CancellationToken,
     tasks: tokio::task::JoinSet<anyhow::Result<()>>,
+    /// What this side dials the nodes with (the road's certificate), when they run TLS.
+    tls: Option<wayside_proto::tls::Tls>,
 }
 
 impl BridgePss {
@@ -293,6 +305,17 @@ impl BridgePss {
     /// Starts `nodes` nodes on `ip` (ports chosen by the kernel) with data under `dir`, and
     /// returns once one of them is leader.
     pub async fn start(ip: Ipv4Addr, nodes: usize, dir: &Path) -> anyhow::Result<BridgePss> {
+        Self::start_with(ip, nodes, dir, None).await
+    }
+
+    /// [`BridgePss::start`] over TLS with `tls` (the nodes require the road's certificate
+    /// of every caller), or plaintext.
+    pub async fn start_with(
+        ip: Ipv4Addr,
+        nodes: usize,
+        dir: &Path,
+        tls: Option<&crate::drive::RoadTls>,
+    ) -> anyhow::Result<BridgePss> {
         anyhow::ensure!(nodes >= 1, "a PSS needs at least one node");
         let mut listeners = Vec::new();
         for _ in 0..nodes {
@@ -317,13 +340,15 @@ impl BridgePss {
             endpoints,
             stop: CancellationToken::new(),
             tasks: tokio::task::JoinSet::new(),
+            tls: tls.map(|t| t.node.clone()),
         };
         for (listener, id) in listeners.into_iter().zip(1u64..) {
-            let config = wayside_pss::testing::test_config(
+            let mut config = wayside_pss::testing::test_config(
                 id,
                 peers.clone(),
                 dir.join(format!("node-{id}")),
             );
+            config.tls = tls.map(|t| t.files.clone()).unwrap_or_default();
             pss.tasks.spawn(wayside_pss::server::run(config, listener, pss.stop.clone()));
         }
         pss.wait_for_leader().await?;
@@ -335,7 +360,8 @@ impl BridgePss {
         loop {
             for ep in &self.endpoints {
                 let status = async {
-                    let mut c = PssAdminClient::connect(ep.uri().to_owned()).await.ok()?;
+                    let e = wayside_proto::client::endpoint(ep, self.tls.as_ref()).ok()?;
+                    let mut c = PssAdminClient::new(e.connect().await.ok()?);
                     c.status(wayside_proto::pb::StatusRequest {}).await.ok().map(|r| r.into_inner())
                 };
                 if let Ok(Some(s)) = tokio::time::timeout(Duration::from_secs(1), status).await {

@@ -75,3 +75,70 @@ async fn a_short_next_cell_makes_the_smf_move_proactively_before_the_handover() 
     assert_eq!(out.lost, 0, "{summary}");
     assert_eq!(out.read_mismatches, 0, "{summary}");
 }
+
+/// The default road runs TLS on every hop: a vehicle trusting the road's CA writes, reads
+/// and flushes through an NMS (which writes back to the PSS over TLS with the road's
+/// certificate); a plaintext vehicle, a vehicle trusting another CA, and a PSS caller
+/// without the road's certificate are all refused, and what they tried is not there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_default_road_runs_tls_on_every_hop_and_refuses_the_rest() {
+    use std::time::Duration;
+    use wayside_nms::client::{ClientOptions, VolumeClient};
+    use wayside_proto::tls::{pki, Tls, TlsFiles};
+    use wayside_proto::types::{BlockSize, Credential, Endpoint, VolumeName};
+    let sc = Scenario::short(a41_rsus()[..2].to_vec(), 50.0).unwrap();
+    assert!(sc.tls, "the default scenario runs TLS");
+    let deployed = drive::deploy(&drive::Deployment::InProcess, &sc).await.unwrap();
+    let road = deployed.tls.as_ref().expect("the road's TLS");
+    let nms = Endpoint::parse(&deployed.vehicle[0]).unwrap();
+    let opts = |tls: Option<Tls>| {
+        let mut o = ClientOptions::new(
+            vec![nms.clone()],
+            VolumeName::new("tls-car").unwrap(),
+            Credential::new("tls-secret").unwrap(),
+        );
+        o.create_block_size = Some(BlockSize::new(4096).unwrap());
+        o.op_timeout = Duration::from_secs(5);
+        o.tls = tls;
+        o
+    };
+    let car = VolumeClient::open(opts(Some(road.vehicle.clone()))).await.unwrap();
+    car.write(1, 0, vec![7u8; 4096]).await.unwrap();
+    car.flush().await.expect("persisted in the PSS over TLS");
+    assert_eq!(car.read(1, 0, None).await.unwrap(), Some(vec![7u8; 4096]));
+
+    // A plaintext vehicle: refused, within its deadline.
+    let t = std::time::Instant::now();
+    let e = VolumeClient::open(opts(None)).await.err().expect("plaintext refused");
+    assert!(t.elapsed() < Duration::from_secs(15), "took {:?}", t.elapsed());
+    eprintln!("plaintext vehicle: {e}");
+    // A vehicle trusting another CA (a man in the middle's view): refused.
+    let other = tempfile::tempdir().unwrap();
+    let ca = pki::Ca::new("someone else").unwrap();
+    let (names, ips) = pki::loopback();
+    let foreign = ca.write_road(other.path(), &names, &ips).unwrap();
+    let foreign_ca =
+        Tls::load(&TlsFiles { ca: foreign.ca.clone(), ..TlsFiles::default() }).unwrap().unwrap();
+    let e = VolumeClient::open(opts(Some(foreign_ca))).await.err().expect("untrusted NMS");
+    eprintln!("vehicle trusting another CA: {e}");
+
+    // The PSS: with the road's certificate the block is there; with the CA only (no
+    // certificate), or a certificate of another CA, the PSS refuses the caller.
+    let pss_client = |tls: Tls| {
+        let o = wayside_pss::client::ClientOptions {
+            tls: Some(tls),
+            deadline: Duration::from_secs(3),
+            ..Default::default()
+        };
+        wayside_pss::client::PssClient::new(deployed.pss.clone(), o)
+    };
+    let vol = VolumeName::new("tls-car").unwrap();
+    pss_client(road.node.clone()).get_volume(&vol).await.expect("the road's certificate");
+    let ca_only = pss_client(road.vehicle.clone()).get_volume(&vol).await;
+    assert!(ca_only.is_err(), "a PSS caller without a certificate was served: {ca_only:?}");
+    let foreign_node = Tls::load(&foreign).unwrap().unwrap();
+    let foreign_cert = pss_client(foreign_node).get_volume(&vol).await;
+    assert!(foreign_cert.is_err(), "a certificate of another CA was served: {foreign_cert:?}");
+    drop(car);
+    deployed.shutdown().await;
+}

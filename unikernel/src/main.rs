@@ -131,7 +131,9 @@ enum Cmd {
     /// Boot an image under QEMU and wait until the NMS answers its gRPC health check.
     /// With WAYSIDE_CLUSTER_TOKEN set, the guest's NMS requires that token on admin and
     /// migration calls (passed through QEMU's fw_cfg from a 0600 file in the state folder,
-    /// never on a command line); `stop` presents it.
+    /// never on a command line); `stop` presents it. With --tls-cert, --tls-key and --tls-ca
+    /// the guest's NMS serves TLS only and dials the PSS over TLS (its files copied into the
+    /// state folder and passed the same way).
     Run {
         /// The image folder.
         image: PathBuf,
@@ -153,6 +155,16 @@ enum Cmd {
         /// Stay in the foreground until the VM exits.
         #[arg(long)]
         foreground: bool,
+        /// The guest NMS's certificate chain (PEM): it then serves TLS only.
+        #[arg(long, env = "WAYSIDE_TLS_CERT", requires_all = ["tls_key", "tls_ca"])]
+        tls_cert: Option<PathBuf>,
+        /// The certificate's private key (PEM).
+        #[arg(long, env = "WAYSIDE_TLS_KEY", requires_all = ["tls_cert", "tls_ca"])]
+        tls_key: Option<PathBuf>,
+        /// The road's CA (PEM): the PSS's certificate is checked against it, and so is the
+        /// NMS's by `status` and `stop`.
+        #[arg(long, env = "WAYSIDE_TLS_CA", requires_all = ["tls_cert", "tls_key"])]
+        tls_ca: Option<PathBuf>,
         #[command(flatten)]
         boot: BootArgs,
     },
@@ -263,9 +275,17 @@ async fn dispatch(cmd: Cmd, config: Config) -> anyhow::Result<()> {
             machine,
             memory_mib,
             foreground,
+            tls_cert,
+            tls_key,
+            tls_ca,
             boot,
         } => {
             let img = Image::open(&image, true)?;
+            let tls = tls_cert.is_some().then(|| wayside_proto::tls::TlsFiles {
+                cert: tls_cert,
+                key: tls_key,
+                ca: tls_ca,
+            });
             let params = boot.apply(img.boot_params()?)?;
             let net = match tap {
                 Some(ifname) => Net::Tap { ifname },
@@ -288,6 +308,7 @@ async fn dispatch(cmd: Cmd, config: Config) -> anyhow::Result<()> {
                 incoming: None,
                 cluster_token: wayside_proto::token::ClusterToken::from_env()
                     .map_err(anyhow::Error::msg)?,
+                tls,
             };
             let started = Instant::now();
             let mut vm = Vm::launch(&opts, !foreground).await?;

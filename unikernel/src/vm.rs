@@ -12,7 +12,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
-use wayside_nms::pid1::{BootParams, Ipv4Cidr, FW_CFG_CLUSTER_TOKEN};
+use wayside_nms::pid1::{BootParams, Ipv4Cidr, FW_CFG_CLUSTER_TOKEN, FW_CFG_TLS};
+use wayside_proto::tls::{Tls, TlsFiles};
 use wayside_proto::token::ClusterToken;
 
 use crate::image::Image;
@@ -121,10 +122,19 @@ pub struct VmOptions {
     /// the guest through QEMU's fw_cfg from a 0600 file in the state folder (never on the
     /// command line, which anyone on the host may read); [`Vm::stop`] presents it.
     pub cluster_token: Option<ClusterToken>,
+    /// The guest NMS's TLS files (host paths; certificate, key and the road's CA, all
+    /// three): copied into the state folder (the key 0600) and handed to the guest through
+    /// fw_cfg; the NMS then serves TLS only and dials the PSS with its certificate, and this
+    /// side's health checks and stop dial it trusting the CA.
+    pub tls: Option<TlsFiles>,
 }
 
 /// The file in a VM's state folder that holds its cluster token (mode 0600).
 const TOKEN_FILE: &str = "cluster_token";
+
+/// The files in a VM's state folder that hold its TLS certificate, key (0600) and CA, in
+/// the order of [`FW_CFG_TLS`].
+const TLS_FILES: [&str; 3] = ["tls_cert.pem", "tls_key.pem", "tls_ca.pem"];
 
 /// `vm.json` in the state folder.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -146,6 +156,10 @@ pub struct VmState {
     /// The file holding the guest NMS's cluster token, if it has one.
     #[serde(default)]
     pub cluster_token_file: Option<PathBuf>,
+    /// The road's CA the guest NMS's certificate is checked against, when it serves TLS
+    /// (`nms_endpoint` is then `https://`).
+    #[serde(default)]
+    pub tls_ca_file: Option<PathBuf>,
 }
 
 /// Runs the accelerator probe: boots `kernel` with no initramfs and `panic=-1`, so a
@@ -265,6 +279,7 @@ pub fn qemu_args(opts: &VmOptions, accel: Accel) -> Result<(Vec<String>, String)
     // The guest reads the token from fw_cfg only when told to (its driver is loaded on
     // demand), and refuses to boot if told and it is missing.
     boot.token_from_fw_cfg = opts.cluster_token.is_some();
+    boot.tls_from_fw_cfg = opts.tls.is_some();
     let mut cmdline = format!("{} {}", opts.image.manifest.kernel_args, boot.render());
     if accel == Accel::Tcg {
         // Under TCG on a busy host the kernel's TSC calibration against the PIT fails and
@@ -306,6 +321,12 @@ pub fn qemu_args(opts: &VmOptions, accel: Accel) -> Result<(Vec<String>, String)
         // (QEMU's option syntax: a comma in a value is written twice.)
         let file = s(&opts.state_dir.join(TOKEN_FILE)).replace(',', ",,");
         push(&["-fw_cfg", &format!("name={FW_CFG_CLUSTER_TOKEN},file={file}")]);
+    }
+    if opts.tls.is_some() {
+        for (item, name) in FW_CFG_TLS.iter().zip(TLS_FILES) {
+            let file = s(&opts.state_dir.join(name)).replace(',', ",,");
+            push(&["-fw_cfg", &format!("name={item},file={file}")]);
+        }
     }
     Ok((a, cmdline))
 }
@@ -398,6 +419,26 @@ impl Vm {
                 .map_err(io(&token_file))?;
             f.write_all(String::from(t.clone()).as_bytes()).map_err(io(&token_file))?;
         }
+        let tls_ca_file = match &opts.tls {
+            Some(files) => {
+                let (Some(cert), Some(key), Some(ca)) = (&files.cert, &files.key, &files.ca) else {
+                    return Err(VmError::BadOption(
+                        "a VM's TLS needs all of tls.cert, tls.key and tls.ca".into(),
+                    ));
+                };
+                // Checked here, so a bad file is named now rather than by a failed boot.
+                Tls::load(files).map_err(|e| VmError::BadOption(e.to_string()))?;
+                for (src, name) in [cert, key, ca].into_iter().zip(TLS_FILES) {
+                    let dst = opts.state_dir.join(name);
+                    if src != &dst {
+                        let bytes = std::fs::read(src).map_err(io(src))?;
+                        wayside_proto::tls::pki::write_private(&dst, &bytes).map_err(io(&dst))?;
+                    }
+                }
+                Some(opts.state_dir.join(TLS_FILES[2]))
+            }
+            None => None,
+        };
         let log = std::fs::File::create(&qemu_log).map_err(io(&qemu_log))?;
         let log2 = log.try_clone().map_err(io(&qemu_log))?;
         let qemu = qemu_binary();
@@ -409,11 +450,12 @@ impl Vm {
             cmd.process_group(0);
         }
         let child = cmd.spawn().map_err(|source| VmError::NoQemu { qemu: qemu.clone(), source })?;
+        let scheme = if opts.tls.is_some() { "https" } else { "http" };
         let nms_endpoint = match &opts.net {
-            Net::User { host_port } => format!("http://127.0.0.1:{host_port}"),
+            Net::User { host_port } => format!("{scheme}://127.0.0.1:{host_port}"),
             Net::Tap { .. } => {
                 let ip = opts.boot.ip.map(|c| c.addr).unwrap_or(Ipv4Addr::UNSPECIFIED);
-                format!("http://{ip}:{}", opts.boot.listen.port())
+                format!("{scheme}://{ip}:{}", opts.boot.listen.port())
             }
         };
         let state = VmState {
@@ -431,6 +473,7 @@ impl Vm {
             cmdline,
             argv,
             cluster_token_file: opts.cluster_token.is_some().then_some(token_file),
+            tls_ca_file,
         };
         let mut vm = Vm { state, state_dir: opts.state_dir.clone(), child: Some(child) };
         let json = serde_json::to_string_pretty(&vm.state).expect("state serializes");
@@ -512,7 +555,10 @@ impl Vm {
         let started = Instant::now();
         loop {
             self.check_alive()?;
-            if health_check(&self.state.nms_endpoint, Duration::from_millis(500)).await {
+            let tls = self.tls()?;
+            if health_check(&self.state.nms_endpoint, tls.as_ref(), Duration::from_millis(500))
+                .await
+            {
                 return Ok(started.elapsed());
             }
             if started.elapsed() > limit {
@@ -538,7 +584,12 @@ impl Vm {
         Ok(VmStatus {
             qemu_status,
             running,
-            nms_serving: health_check(&self.state.nms_endpoint, Duration::from_secs(2)).await,
+            nms_serving: health_check(
+                &self.state.nms_endpoint,
+                self.tls()?.as_ref(),
+                Duration::from_secs(2),
+            )
+            .await,
             nms_endpoint: self.state.nms_endpoint.clone(),
             accel: self.state.accel,
             pid: self.state.pid,
@@ -557,6 +608,21 @@ impl Vm {
         !self.is_alive()
     }
 
+    /// What this side dials the guest's NMS with: the road's CA from the state folder, when
+    /// the NMS serves TLS.
+    pub fn tls(&self) -> Result<Option<Tls>, VmError> {
+        let Some(ca) = &self.state.tls_ca_file else { return Ok(None) };
+        Tls::load(&TlsFiles { ca: Some(ca.clone()), ..TlsFiles::default() })
+            .map_err(|e| VmError::BadOption(e.to_string()))
+    }
+
+    /// The guest's TLS files in the state folder (what a migration's destination gets).
+    fn tls_files(&self) -> Option<TlsFiles> {
+        self.state.tls_ca_file.as_ref()?;
+        let f = |i: usize| Some(self.state_dir.join(TLS_FILES[i]));
+        Some(TlsFiles { cert: f(0), key: f(1), ca: f(2) })
+    }
+
     /// The cluster token the guest's NMS was booted with (from its state folder).
     pub fn cluster_token(&self) -> Result<Option<ClusterToken>, VmError> {
         let Some(path) = &self.state.cluster_token_file else { return Ok(None) };
@@ -573,8 +639,13 @@ impl Vm {
             return Ok(StopOutcome::AlreadyStopped);
         }
         if !force
-            && request_shutdown(&self.state.nms_endpoint, self.cluster_token()?.as_ref(), grace)
-                .await
+            && request_shutdown(
+                &self.state.nms_endpoint,
+                self.cluster_token()?.as_ref(),
+                self.tls()?.as_ref(),
+                grace,
+            )
+            .await
             && self.wait_exit(grace).await
         {
             return Ok(StopOutcome::Clean);
@@ -639,6 +710,7 @@ impl Vm {
             boot,
             incoming: Some(incoming),
             cluster_token,
+            tls: self.tls_files(),
         };
         let mut dest = match Vm::launch(&opts, self.child.is_none()).await {
             Ok(d) => d,
@@ -714,9 +786,15 @@ fn is_zombie(pid: u32) -> bool {
         .unwrap_or(false)
 }
 
-/// A channel to `endpoint` whose connect and every call are bounded by `timeout`.
-async fn channel(endpoint: &str, timeout: Duration) -> Option<tonic::transport::Channel> {
-    tonic::transport::Endpoint::from_shared(endpoint.to_string())
+/// A channel to `endpoint` (over TLS with `tls`) whose connect and every call are bounded
+/// by `timeout`.
+async fn channel(
+    endpoint: &str,
+    tls: Option<&Tls>,
+    timeout: Duration,
+) -> Option<tonic::transport::Channel> {
+    let ep = wayside_proto::types::Endpoint::parse(endpoint).ok()?;
+    wayside_proto::client::endpoint(&ep, tls)
         .ok()?
         .connect_timeout(timeout)
         .timeout(timeout)
@@ -726,12 +804,12 @@ async fn channel(endpoint: &str, timeout: Duration) -> Option<tonic::transport::
 }
 
 /// One gRPC health check (`grpc.health.v1.Health/Check`, whole server) with a timeout.
-pub async fn health_check(endpoint: &str, timeout: Duration) -> bool {
+pub async fn health_check(endpoint: &str, tls: Option<&Tls>, timeout: Duration) -> bool {
     use tonic_health::pb::{
         health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest,
     };
     let attempt = async {
-        let channel = channel(endpoint, timeout).await?;
+        let channel = channel(endpoint, tls, timeout).await?;
         let reply = HealthClient::new(channel)
             .check(HealthCheckRequest { service: String::new() })
             .await
@@ -745,11 +823,12 @@ pub async fn health_check(endpoint: &str, timeout: Duration) -> bool {
 pub async fn request_shutdown(
     endpoint: &str,
     token: Option<&ClusterToken>,
+    tls: Option<&Tls>,
     timeout: Duration,
 ) -> bool {
     use wayside_proto::pb::nms_admin_client::NmsAdminClient;
     let attempt = async {
-        let channel = channel(endpoint, timeout).await?;
+        let channel = channel(endpoint, tls, timeout).await?;
         let req = wayside_proto::token::request(token, wayside_proto::pb::ShutdownRequest {});
         NmsAdminClient::new(channel).shutdown(req).await.ok()
     };

@@ -23,6 +23,7 @@ fn options(image: Image, state_dir: &std::path::Path, boot: BootParams) -> VmOpt
         boot,
         incoming: None,
         cluster_token: None,
+        tls: None,
     }
 }
 
@@ -43,6 +44,11 @@ async fn boots_to_the_health_check_answers_qmp_and_stops() {
     // The guest's NMS gets its cluster token through fw_cfg (not the command line).
     let token = wayside_proto::token::ClusterToken::new("vm-test-token-0123456789").unwrap();
     opts.cluster_token = Some(token.clone());
+    // And its TLS files the same way: a road CA and a certificate for the forwarded
+    // address (127.0.0.1).
+    let ca = wayside_proto::tls::pki::Ca::new("vm test road").unwrap();
+    let (names, ips) = wayside_proto::tls::pki::loopback();
+    opts.tls = Some(ca.write_road(&dir.path().join("tls"), &names, &ips).unwrap());
 
     let started = Instant::now();
     let mut vm = Vm::launch(&opts, false).await.unwrap();
@@ -55,6 +61,13 @@ async fn boots_to_the_health_check_answers_qmp_and_stops() {
     // The token came through fw_cfg, and the driver that read it is gone again.
     assert!(serial.contains("cluster token from fw_cfg"), "serial log:\n{serial}");
     assert!(!serial.contains("could not unload"), "serial log:\n{serial}");
+    assert!(serial.contains("TLS files from fw_cfg"), "serial log:\n{serial}");
+    // It serves TLS only: the health check above went over TLS (trusting the road's CA);
+    // a plaintext one is refused.
+    assert!(vm.state.nms_endpoint.starts_with("https://"), "{}", vm.state.nms_endpoint);
+    let plain = vm.state.nms_endpoint.replace("https://", "http://");
+    assert!(!vm::health_check(&plain, None, Duration::from_secs(2)).await, "plaintext answered");
+    assert!(!vm.state.argv.iter().any(|a| a.contains("PRIVATE KEY")), "the key is in no argument");
 
     let status = vm.status().await.unwrap();
     assert!(status.running && status.nms_serving, "{status:?}");
@@ -63,12 +76,10 @@ async fn boots_to_the_health_check_answers_qmp_and_stops() {
 
     // The guest's NMS requires the token: without it an admin call is refused, with it
     // answered.
+    let tls = vm.tls().unwrap().expect("the VM's CA");
     let admin = || async {
-        let ch = tonic::transport::Endpoint::from_shared(vm.state.nms_endpoint.clone())
-            .unwrap()
-            .connect()
-            .await
-            .unwrap();
+        let ep = wayside_proto::types::Endpoint::parse(&vm.state.nms_endpoint).unwrap();
+        let ch = wayside_proto::client::endpoint(&ep, Some(&tls)).unwrap().connect().await.unwrap();
         wayside_proto::pb::nms_admin_client::NmsAdminClient::new(ch)
     };
     let refused = admin().await.node_status(wayside_proto::pb::NodeStatusRequest {}).await;
@@ -87,7 +98,9 @@ async fn boots_to_the_health_check_answers_qmp_and_stops() {
     let serial = std::fs::read_to_string(&vm.state.serial_log).unwrap();
     assert!(serial.contains("stopped cleanly; powering off"), "serial log:\n{serial}");
     assert!(!vm.is_alive());
-    assert!(!vm::health_check(&vm.state.nms_endpoint, Duration::from_millis(300)).await);
+    assert!(
+        !vm::health_check(&vm.state.nms_endpoint, Some(&tls), Duration::from_millis(300)).await
+    );
     assert_eq!(vm.stop(Duration::ZERO, false).await.unwrap(), StopOutcome::AlreadyStopped);
 }
 

@@ -62,6 +62,7 @@ async fn data_survives_a_fresh_boot_and_a_live_migration() {
         boot: boot.clone(),
         incoming: None,
         cluster_token: None,
+        tls: None,
     };
 
     // 1. Boot; write through the NMS in the VM; flush (persisted in the PSS).

@@ -171,6 +171,7 @@ impl VmSetup {
             },
             incoming: None,
             cluster_token: None,
+            tls: None,
         })
     }
 

@@ -161,8 +161,8 @@ impl ShapedRsus {
             .map(|i| (core.clone(), std::net::SocketAddr::from((at(1), 7401 + i))))
             .collect();
         let data = lab.log_dir().join("data");
-        let pss = netns::spawn_pss(&mut lab, pss_bin, &pss_nodes, &data)?;
-        netns::wait_pss_leader(&mut lab, &pss, Duration::from_secs(30))
+        let pss = netns::spawn_pss(&mut lab, pss_bin, &pss_nodes, &data, None)?;
+        netns::wait_pss_leader(&mut lab, &pss, None, Duration::from_secs(30))
             .await
             .map_err(anyhow::Error::msg)?;
         let vehicle_addr = [va.b.addr, vb.b.addr];
