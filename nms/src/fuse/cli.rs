@@ -68,7 +68,8 @@ pub struct MountArgs {
     pub client_id: Option<String>,
 }
 
-/// `nms mount` as parsed: the mount, and how it reaches the NMSs (over TLS with the road's CA).
+/// `nms mount` as parsed: [`MountArgs`], and how the mount reaches the NMSs (over TLS with
+/// the road's CA). Not a field of `MountArgs`, so that code building one keeps compiling.
 #[derive(Debug, clap::Args)]
 pub struct MountCmd {
     #[command(flatten)]
