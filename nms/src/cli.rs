@@ -324,6 +324,22 @@ fn operator_token() -> anyhow::Result<Option<ClusterToken>> {
     ClusterToken::from_env().map_err(anyhow::Error::msg)
 }
 
+/// An admin call's failure for people: its status, what caused it here (a status made
+/// from a transport error carries the cause) and, for a plaintext caller whose connection
+/// the NMS dropped, the likely reason.
+fn admin_failed(s: tonic::Status, tls: Option<&wayside_proto::tls::Tls>) -> anyhow::Error {
+    let mut text = format!("{}: {}", s.code(), s.message());
+    if let Some(cause) = crate::client::status_cause(&s) {
+        text = format!("{text}: {cause}");
+        if tls.is_none() {
+            text.push_str(
+                " (if the NMS serves TLS, give the road's CA: --tls-ca or WAYSIDE_TLS_CA)",
+            );
+        }
+    }
+    anyhow::anyhow!(text)
+}
+
 /// An admin client for the NMS at `addr` (`host:port` or a URI), connected (3 s limit),
 /// in plaintext.
 pub async fn admin(
@@ -345,7 +361,11 @@ pub async fn admin_over(
         .await
         .map_err(|e| {
             let why = crate::client::connect_failure(&e).text;
-            anyhow::anyhow!("cannot reach NMS at {ep}: {why}")
+            let dialled = match tls {
+                Some(_) => format!("https://{}", ep.authority()),
+                None => ep.to_string(),
+            };
+            anyhow::anyhow!("cannot reach NMS at {dialled}: {why}")
         })?;
     Ok(pb::nms_admin_client::NmsAdminClient::new(ch))
 }
@@ -355,7 +375,8 @@ pub async fn migrate(a: MigrateArgs) -> anyhow::Result<()> {
     VolumeName::new(&a.volume).context("--volume")?;
     let to = Endpoint::parse(&a.to).context("--to")?;
     let token = operator_token()?;
-    let mut c = admin_over(&a.from, a.tls.load()?.as_ref()).await?;
+    let tls = a.tls.load()?;
+    let mut c = admin_over(&a.from, tls.as_ref()).await?;
     let req = pb::StartMigrationRequest {
         volume: a.volume.clone(),
         target_address: to.uri().to_owned(),
@@ -365,7 +386,7 @@ pub async fn migrate(a: MigrateArgs) -> anyhow::Result<()> {
     let r = c
         .start_migration(token::request(token.as_ref(), req))
         .await
-        .map_err(|s| anyhow::anyhow!("{}: {}", s.code(), s.message()))?
+        .map_err(|s| admin_failed(s, tls.as_ref()))?
         .into_inner();
     print!("{}", render_report(&r));
     if r.outcome != pb::MigrationOutcome::Completed as i32 {
@@ -432,7 +453,13 @@ pub fn render_report(r: &pb::MigrationReport) -> String {
 /// Prints a node's status.
 pub async fn status(addr: &str, tls: &TlsArgs) -> anyhow::Result<()> {
     let req = token::request(operator_token()?.as_ref(), pb::NodeStatusRequest {});
-    let r = admin_over(addr, tls.load()?.as_ref()).await?.node_status(req).await?.into_inner();
+    let tls = tls.load()?;
+    let r = admin_over(addr, tls.as_ref())
+        .await?
+        .node_status(req)
+        .await
+        .map_err(|s| admin_failed(s, tls.as_ref()))?
+        .into_inner();
     println!(
         "node {} at {}: {} volumes, {} / {} bytes cached, {} / {} bytes dirty, \
          {} bytes of block buffers ready, up {} ms",
@@ -461,7 +488,12 @@ pub async fn status(addr: &str, tls: &TlsArgs) -> anyhow::Result<()> {
 /// Asks a node to drain, flush and exit.
 pub async fn shutdown(addr: &str, tls: &TlsArgs) -> anyhow::Result<()> {
     let req = token::request(operator_token()?.as_ref(), pb::ShutdownRequest {});
-    admin_over(addr, tls.load()?.as_ref()).await?.shutdown(req).await?;
+    let tls = tls.load()?;
+    admin_over(addr, tls.as_ref())
+        .await?
+        .shutdown(req)
+        .await
+        .map_err(|s| admin_failed(s, tls.as_ref()))?;
     println!("shutdown requested");
     Ok(())
 }

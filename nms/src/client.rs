@@ -315,6 +315,13 @@ pub fn connect_failure(e: &(dyn std::error::Error + 'static)) -> ConnectFailure 
     }
 }
 
+/// What caused a status made here from a transport error (one the server sent has no
+/// source): its causes after the status's own message, as [`connect_failure`] tells them.
+pub(crate) fn status_cause(s: &Status) -> Option<String> {
+    let t = connect_failure(std::error::Error::source(s)?).text;
+    Some(t.strip_prefix(&format!("{}: ", s.message())).map_or(t.clone(), str::to_owned))
+}
+
 fn classify(s: Status) -> (Next, String) {
     let text = format!("{}: {}", s.code(), s.message());
     let next = match fault_of(&s) {
@@ -966,7 +973,7 @@ impl VolumeClient {
                 // A status with a source was made here from a transport error (no NMS
                 // answered): its causes say what happened. A plaintext client of an NMS
                 // served over TLS ends here (the NMS drops it at the failed handshake).
-                let transport = std::error::Error::source(&s).map(|e| connect_failure(e).text);
+                let transport = status_cause(&s);
                 // A create of an existing volume with another block size is an error to report.
                 let (next, mut why) = classify(s);
                 if let Some(t) = transport {

@@ -362,3 +362,79 @@ async fn a_tls_nms_never_dials_its_pss_in_plaintext() {
     p.stop().await;
     cluster.shutdown().await;
 }
+
+/// `nms` run as a command with `args` (no TLS or cluster token from the environment
+/// unless `ca_env`), to its end.
+async fn nms(args: &[&str], ca_env: Option<&std::path::Path>) -> std::process::Output {
+    let mut c = tokio::process::Command::new(env!("CARGO_BIN_EXE_nms"));
+    c.args(args).env_remove("WAYSIDE_TLS_CA").env_remove("WAYSIDE_CLUSTER_TOKEN");
+    if let Some(ca) = ca_env {
+        c.env("WAYSIDE_TLS_CA", ca);
+    }
+    let out = tokio::time::timeout(Duration::from_secs(20), c.output())
+        .await
+        .expect("the command ends")
+        .unwrap();
+    println!(
+        "nms {args:?}: {}\n{}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// `nms serve --tls-cert --tls-key --tls-ca` serves TLS; the operator commands reach it with
+/// --tls-ca or WAYSIDE_TLS_CA, and say what is wrong without it or with another road's CA.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_serves_and_calls_over_tls() {
+    let mut road = Road::new("road");
+    let files = road.node();
+    let (cert, key, ca) = (files.cert.unwrap(), files.key.unwrap(), files.ca.unwrap());
+    let mut other = Road::new("another road");
+    let other_ca = other.node().ca.unwrap();
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_nms"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--node-id", "cli", "--pss", "127.0.0.1:1"])
+        .arg("--tls-cert")
+        .arg(&cert)
+        .arg("--tls-key")
+        .arg(&key)
+        .arg("--tls-ca")
+        .arg(&ca)
+        .env_remove("WAYSIDE_CLUSTER_TOKEN")
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut out = tokio::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    tokio::io::AsyncBufReadExt::read_line(&mut out, &mut line).await.unwrap();
+    let addr = line.trim().strip_prefix("listening on ").expect("the address").to_owned();
+    let https = Endpoint::parse(&format!("https://{addr}")).unwrap();
+    wayside_nms::testing::wait_healthy_tls(&https, Some(&road.vehicle())).await;
+    let ca_s = ca.to_str().unwrap();
+
+    let ok = nms(&["status", "--nms", &addr, "--tls-ca", ca_s], None).await;
+    assert!(ok.status.success());
+    let text = String::from_utf8_lossy(&ok.stdout);
+    assert!(text.contains(&format!("at https://{addr}")), "advertised over TLS: {text}");
+    assert!(nms(&["status", "--nms", &addr], Some(&ca)).await.status.success());
+
+    let no_tls = nms(&["status", "--nms", https.uri()], None).await;
+    let err = String::from_utf8_lossy(&no_tls.stderr);
+    assert!(!no_tls.status.success());
+    assert!(err.contains("no TLS set up") && err.contains("--tls-ca"), "{err}");
+    let plaintext = nms(&["status", "--nms", &addr], None).await;
+    let err = String::from_utf8_lossy(&plaintext.stderr);
+    assert!(!plaintext.status.success());
+    assert!(err.contains("if the NMS serves TLS"), "{err}");
+    let wrong =
+        nms(&["status", "--nms", &addr, "--tls-ca", other_ca.to_str().unwrap()], None).await;
+    let err = String::from_utf8_lossy(&wrong.stderr);
+    assert!(!wrong.status.success());
+    assert!(err.contains("TLS handshake failed") && err.contains("UnknownIssuer"), "{err}");
+
+    assert!(nms(&["shutdown", "--nms", &addr, "--tls-ca", ca_s], None).await.status.success());
+    let exit = tokio::time::timeout(Duration::from_secs(20), child.wait()).await.unwrap().unwrap();
+    assert!(exit.success(), "{exit}");
+}
