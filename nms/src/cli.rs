@@ -33,6 +33,18 @@ pub struct ServeArgs {
     /// Block buffers faulted in at start for incoming blocks, in bytes (0: none).
     #[arg(long)]
     pub block_pool_bytes: Option<u64>,
+    /// This node's certificate chain (PEM; overrides tls.cert): with --tls-key, serve
+    /// vehicles, operators and other NMSs over TLS only (they present no certificate)
+    /// and present it to the PSS.
+    #[arg(long)]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key of the certificate (PEM; overrides tls.key).
+    #[arg(long)]
+    pub tls_key: Option<PathBuf>,
+    /// The road's CA certificate (PEM; overrides tls.ca): dial the PSS and other NMSs over
+    /// TLS only, trusting servers it signed (needed with a certificate).
+    #[arg(long)]
+    pub tls_ca: Option<PathBuf>,
 }
 
 /// Runs `nms serve` until SIGINT/SIGTERM or an admin Shutdown.
@@ -54,6 +66,15 @@ pub async fn serve(mut config: Config, a: ServeArgs) -> anyhow::Result<()> {
     }
     if let Some(b) = a.block_pool_bytes {
         config.block_pool_bytes = b;
+    }
+    if let Some(c) = a.tls_cert {
+        config.tls.cert = Some(c);
+    }
+    if let Some(k) = a.tls_key {
+        config.tls.key = Some(k);
+    }
+    if let Some(c) = a.tls_ca {
+        config.tls.ca = Some(c);
     }
     if let Some(t) = ClusterToken::from_env().map_err(anyhow::Error::msg)? {
         config.cluster_token = Some(t);
@@ -91,6 +112,26 @@ pub async fn serve(mut config: Config, a: ServeArgs) -> anyhow::Result<()> {
     r
 }
 
+/// How a vehicle's or operator's command reaches the NMSs: over TLS with the road's CA.
+/// (NMSs and the SMF ask callers for no certificate: a vehicle has none, and the volume's
+/// credential or the cluster token authenticates the call, over the encrypted channel.)
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct TlsArgs {
+    /// The road's CA certificate (PEM): dial NMSs over TLS only, trusting servers it signed
+    /// (every address, redirects included, whatever its scheme). Unset: plaintext, and an
+    /// https:// address is refused.
+    #[arg(long, env = "WAYSIDE_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
+}
+
+impl TlsArgs {
+    /// The TLS set-up to dial with (`None`: plaintext).
+    pub fn load(&self) -> anyhow::Result<Option<wayside_proto::tls::Tls>> {
+        let files = wayside_proto::tls::TlsFiles { ca: self.tls_ca.clone(), ..Default::default() };
+        wayside_proto::tls::Tls::load(&files).context("--tls-ca")
+    }
+}
+
 /// Which volume, where, with which secret.
 #[derive(Debug, clap::Args)]
 pub struct VolumeArgs {
@@ -106,6 +147,8 @@ pub struct VolumeArgs {
     /// Longest one operation may take (retries included), in milliseconds.
     #[arg(long, default_value_t = 10_000)]
     pub timeout_ms: u64,
+    #[command(flatten)]
+    pub tls: TlsArgs,
 }
 
 impl VolumeArgs {
@@ -119,6 +162,7 @@ impl VolumeArgs {
         let credential = Credential::new(&self.credential).context("--credential")?;
         let mut o = ClientOptions::new(nms, volume, credential);
         o.op_timeout = Duration::from_millis(self.timeout_ms);
+        o.tls = self.tls.load()?;
         Ok(o)
     }
     async fn open(&self, create: Option<BlockSize>) -> anyhow::Result<VolumeClient> {
@@ -271,6 +315,8 @@ pub struct MigrateArgs {
     /// Switch once a round is below this many bytes (0: the source's default).
     #[arg(long, default_value_t = 0)]
     pub switch_below_bytes: u64,
+    #[command(flatten)]
+    pub tls: TlsArgs,
 }
 
 /// The cluster token the operator commands present: `WAYSIDE_CLUSTER_TOKEN`, if set.
@@ -278,16 +324,49 @@ fn operator_token() -> anyhow::Result<Option<ClusterToken>> {
     ClusterToken::from_env().map_err(anyhow::Error::msg)
 }
 
-/// An admin client for the NMS at `addr` (`host:port` or a URI), connected (3 s limit).
+/// An admin call's failure for people: its status, what caused it here (a status made
+/// from a transport error carries the cause) and, for a plaintext caller whose connection
+/// the NMS dropped, the likely reason.
+fn admin_failed(s: tonic::Status, tls: Option<&wayside_proto::tls::Tls>) -> anyhow::Error {
+    let mut text = format!("{}: {}", s.code(), s.message());
+    if let Some(cause) = crate::client::status_cause(&s) {
+        text = format!("{text}: {cause}");
+        if tls.is_none() {
+            text.push_str(
+                " (if the NMS serves TLS, give the road's CA: --tls-ca or WAYSIDE_TLS_CA)",
+            );
+        }
+    }
+    anyhow::anyhow!(text)
+}
+
+/// An admin client for the NMS at `addr` (`host:port` or a URI), connected (3 s limit),
+/// in plaintext.
 pub async fn admin(
     addr: &str,
 ) -> anyhow::Result<pb::nms_admin_client::NmsAdminClient<tonic::transport::Channel>> {
+    admin_over(addr, None).await
+}
+
+/// [`admin`] over TLS when `tls` is given (whatever scheme `addr` has).
+pub async fn admin_over(
+    addr: &str,
+    tls: Option<&wayside_proto::tls::Tls>,
+) -> anyhow::Result<pb::nms_admin_client::NmsAdminClient<tonic::transport::Channel>> {
     let ep = Endpoint::parse(addr).with_context(|| format!("address {addr:?}"))?;
-    let ch = tonic::transport::Endpoint::from_shared(ep.uri().to_owned())?
+    let ch = wayside_proto::client::endpoint(&ep, tls)
+        .map_err(|e| anyhow::anyhow!("{e} (give the road's CA: --tls-ca or WAYSIDE_TLS_CA)"))?
         .connect_timeout(Duration::from_secs(3))
         .connect()
         .await
-        .with_context(|| format!("cannot reach NMS at {ep}"))?;
+        .map_err(|e| {
+            let why = crate::client::connect_failure(&e).text;
+            let dialled = match tls {
+                Some(_) => format!("https://{}", ep.authority()),
+                None => ep.to_string(),
+            };
+            anyhow::anyhow!("cannot reach NMS at {dialled}: {why}")
+        })?;
     Ok(pb::nms_admin_client::NmsAdminClient::new(ch))
 }
 
@@ -296,7 +375,8 @@ pub async fn migrate(a: MigrateArgs) -> anyhow::Result<()> {
     VolumeName::new(&a.volume).context("--volume")?;
     let to = Endpoint::parse(&a.to).context("--to")?;
     let token = operator_token()?;
-    let mut c = admin(&a.from).await?;
+    let tls = a.tls.load()?;
+    let mut c = admin_over(&a.from, tls.as_ref()).await?;
     let req = pb::StartMigrationRequest {
         volume: a.volume.clone(),
         target_address: to.uri().to_owned(),
@@ -306,7 +386,7 @@ pub async fn migrate(a: MigrateArgs) -> anyhow::Result<()> {
     let r = c
         .start_migration(token::request(token.as_ref(), req))
         .await
-        .map_err(|s| anyhow::anyhow!("{}: {}", s.code(), s.message()))?
+        .map_err(|s| admin_failed(s, tls.as_ref()))?
         .into_inner();
     print!("{}", render_report(&r));
     if r.outcome != pb::MigrationOutcome::Completed as i32 {
@@ -371,9 +451,15 @@ pub fn render_report(r: &pb::MigrationReport) -> String {
 }
 
 /// Prints a node's status.
-pub async fn status(addr: &str) -> anyhow::Result<()> {
+pub async fn status(addr: &str, tls: &TlsArgs) -> anyhow::Result<()> {
     let req = token::request(operator_token()?.as_ref(), pb::NodeStatusRequest {});
-    let r = admin(addr).await?.node_status(req).await?.into_inner();
+    let tls = tls.load()?;
+    let r = admin_over(addr, tls.as_ref())
+        .await?
+        .node_status(req)
+        .await
+        .map_err(|s| admin_failed(s, tls.as_ref()))?
+        .into_inner();
     println!(
         "node {} at {}: {} volumes, {} / {} bytes cached, {} / {} bytes dirty, \
          {} bytes of block buffers ready, up {} ms",
@@ -400,9 +486,14 @@ pub async fn status(addr: &str) -> anyhow::Result<()> {
 }
 
 /// Asks a node to drain, flush and exit.
-pub async fn shutdown(addr: &str) -> anyhow::Result<()> {
+pub async fn shutdown(addr: &str, tls: &TlsArgs) -> anyhow::Result<()> {
     let req = token::request(operator_token()?.as_ref(), pb::ShutdownRequest {});
-    admin(addr).await?.shutdown(req).await?;
+    let tls = tls.load()?;
+    admin_over(addr, tls.as_ref())
+        .await?
+        .shutdown(req)
+        .await
+        .map_err(|s| admin_failed(s, tls.as_ref()))?;
     println!("shutdown requested");
     Ok(())
 }

@@ -29,6 +29,12 @@
 //!   process reusing a client id (a remount with `--client-id`) never presents an id an
 //!   earlier process used (an NMS would answer it as a duplicate and drop the write).
 //!
+//! - With TLS set up (`tls`), every NMS is dialled over TLS, trusting the road's CA,
+//!   whatever scheme its address (given, or in a redirect) was written with: neither can
+//!   downgrade the connection to plaintext. A handshake that fails (a certificate not
+//!   signed by that CA, a server not speaking TLS) at every NMS of an attach round fails
+//!   the call at once with [`ClientError::Tls`] rather than retrying for `op_timeout`.
+//!
 //! Limits: `journal_limit_bytes` (a write that would pass it first flushes), `op_timeout`
 //! (per call, retries included), `rpc_timeout` (per attempt), backoff doubling from
 //! `initial_backoff` up to `max_backoff`.
@@ -130,6 +136,11 @@ pub enum ClientError {
     JournalFull { bytes: u64, limit: u64 },
     #[error("no NMS answered within op_timeout ({timeout:?}); last error: {last}")]
     Unavailable { timeout: Duration, last: String },
+    /// No TLS connection could be made: the NMS's certificate is not signed by the road's
+    /// CA the client trusts, the NMS does not speak TLS, or an `https://` address was
+    /// given to a client without TLS set up. Retrying would not help.
+    #[error("TLS: {0}")]
+    Tls(String),
     #[error("NMS error: {0}")]
     Status(Status),
 }
@@ -237,6 +248,78 @@ enum Next {
     Reconnect,
     Wait,
     Fail(ClientError),
+}
+
+/// Why an attach at one NMS failed: what to do next, and why (for the caller's error).
+struct AttachFailed {
+    next: Next,
+    why: String,
+    /// The TLS handshake failed (a retry would fail the same way).
+    tls: bool,
+}
+
+impl From<Next> for AttachFailed {
+    fn from(next: Next) -> Self {
+        let why = match &next {
+            Next::Redirect(to) => format!("redirected to {to}"),
+            Next::Fail(e) => e.to_string(),
+            Next::Reconnect | Next::Wait => "the NMS did not take the attach".into(),
+        };
+        Self { next, why, tls: false }
+    }
+}
+
+/// Why a connection could not be made, as [`connect_failure`] tells it.
+#[derive(Debug, Clone)]
+pub struct ConnectFailure {
+    /// The TLS handshake failed: the server's certificate is not trusted, or the server
+    /// does not speak TLS (as opposed to nothing listening, or a timeout).
+    pub tls: bool,
+    /// The causes, outermost first (tonic's own text is only "transport error").
+    pub text: String,
+}
+
+/// Why connecting failed (`e` from tonic's `connect`), naming a TLS handshake failure.
+pub fn connect_failure(e: &(dyn std::error::Error + 'static)) -> ConnectFailure {
+    use tokio_rustls::rustls;
+    let mut chain: Vec<String> = Vec::new();
+    let mut tls: Option<String> = None;
+    let mut cur = Some(e);
+    while let Some(x) = cur {
+        // tokio-rustls hands a handshake's rustls error over as an io::Error's payload
+        // (whose `source` skips it).
+        let rustls_err = x.downcast_ref::<rustls::Error>().or_else(|| {
+            x.downcast_ref::<std::io::Error>()
+                .and_then(|io| io.get_ref())
+                .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        });
+        if let (Some(r), None) = (rustls_err, &tls) {
+            let hint = match r {
+                rustls::Error::InvalidMessage(_) => " (does the server speak TLS?)",
+                rustls::Error::InvalidCertificate(_) => {
+                    " (is its certificate signed by the road's CA this side trusts?)"
+                }
+                _ => "",
+            };
+            tls = Some(format!("TLS handshake failed: {r}{hint}"));
+        }
+        let text = x.to_string();
+        if chain.last() != Some(&text) {
+            chain.push(text);
+        }
+        cur = x.source();
+    }
+    match tls {
+        Some(text) => ConnectFailure { tls: true, text },
+        None => ConnectFailure { tls: false, text: chain.join(": ") },
+    }
+}
+
+/// What caused a status made here from a transport error (one the server sent has no
+/// source): its causes after the status's own message, as [`connect_failure`] tells them.
+pub(crate) fn status_cause(s: &Status) -> Option<String> {
+    let t = connect_failure(std::error::Error::source(s)?).text;
+    Some(t.strip_prefix(&format!("{}: ", s.message())).map_or(t.clone(), str::to_owned))
 }
 
 fn classify(s: Status) -> (Next, String) {
@@ -800,23 +883,37 @@ impl VolumeClient {
             }
             let mut redirects = 0;
             let mut i = 0;
+            // The TLS handshake failures of this round, if every attempt was one.
+            let mut tls_failures: Option<Vec<String>> = Some(Vec::new());
             while i < candidates.len() {
                 let ep = candidates[i].clone();
                 i += 1;
-                match self.attach(&ep, deadline).await {
+                let failed = match self.attach(&ep, deadline).await {
                     Ok(conn) => return Ok(conn),
-                    Err(Next::Redirect(to)) if redirects < 4 => {
+                    Err(f) => f,
+                };
+                match failed.next {
+                    Next::Redirect(to) if redirects < 4 => {
                         redirects += 1;
                         *self.inner.preferred.lock().expect("poisoned") = to.clone();
                         candidates.insert(i, to);
                     }
-                    Err(Next::Fail(e)) => return Err(e),
-                    Err(_) => {}
+                    Next::Fail(e) => return Err(e),
+                    _ => {}
                 }
-                last = format!("attach at {ep} failed");
+                last = format!("attach at {ep} failed: {}", failed.why);
+                match (&mut tls_failures, failed.tls) {
+                    (Some(v), true) => v.push(format!("{ep}: {}", failed.why)),
+                    _ => tls_failures = None,
+                }
                 if Instant::now() >= deadline {
                     break;
                 }
+            }
+            // A certificate the client does not trust, or a server not speaking TLS, does
+            // not change in a retry's time: said now, not after op_timeout.
+            if let Some(v) = tls_failures.filter(|v| !v.is_empty()) {
+                return Err(ClientError::Tls(format!("no NMS could be reached: {}", v.join("; "))));
             }
             if Instant::now() + backoff > deadline {
                 return Err(ClientError::Unavailable { timeout: o.op_timeout, last });
@@ -830,17 +927,20 @@ impl VolumeClient {
     /// `deadline`) and replays the journal there (each batch within `rpc_timeout`): an NMS
     /// that accepts connections and never answers holds the client up no longer than that,
     /// and the next one is tried.
-    async fn attach(&self, ep: &Endpoint, deadline: Instant) -> Result<Conn, Next> {
+    /// Over TLS when `tls` is set (redirects included, whatever their scheme; the connect
+    /// timeout covers the handshake).
+    async fn attach(&self, ep: &Endpoint, deadline: Instant) -> Result<Conn, AttachFailed> {
         let o = &self.inner.opts;
-        let endpoint = tonic::transport::Endpoint::from_shared(ep.uri().to_owned())
-            .map_err(|e| Next::Fail(ClientError::Options(format!("{ep}: {e}"))))?
+        let endpoint = wayside_proto::client::endpoint(ep, o.tls.as_ref())
+            .map_err(|e| Next::Fail(ClientError::Tls(e.to_string())))?
             .connect_timeout(o.connect_timeout)
             .max_frame_size(wayside_proto::server::HTTP2_MAX_FRAME_BYTES);
         // A unary call's HEADERS and DATA leave in one write (TCP_NODELAY set there too): the
         // NMS then reads and answers it in one turn.
         let channel = wayside_proto::client::connect(&endpoint).await.map_err(|e| {
-            debug!(nms = %ep, error = %e, "connect failed");
-            Next::Reconnect
+            let f = connect_failure(&e);
+            debug!(nms = %ep, error = %f.text, "connect failed");
+            AttachFailed { next: Next::Reconnect, why: f.text, tls: f.tls }
         })?;
         let mut client = NmsClient::new(channel)
             .max_decoding_message_size(o.max_message_size_bytes)
@@ -870,12 +970,29 @@ impl VolumeClient {
         let info = match reply {
             Ok(Ok(r)) => r.into_inner().info.unwrap_or_default(),
             Ok(Err(s)) => {
+                // A status with a source was made here from a transport error (no NMS
+                // answered): its causes say what happened. A plaintext client of an NMS
+                // served over TLS ends here (the NMS drops it at the failed handshake).
+                let transport = status_cause(&s);
                 // A create of an existing volume with another block size is an error to report.
-                return Err(classify(s).0);
+                let (next, mut why) = classify(s);
+                if let Some(t) = transport {
+                    why = format!("{why}: {t}");
+                    if o.tls.is_none() {
+                        why.push_str(
+                            " (if the NMS serves TLS, the client needs the road's CA to reach it)",
+                        );
+                    }
+                }
+                return Err(AttachFailed { next, why, tls: false });
             }
             Err(_) => {
                 debug!(nms = %ep, ?attempt, "no attach reply in time");
-                return Err(Next::Reconnect);
+                return Err(AttachFailed {
+                    next: Next::Reconnect,
+                    why: format!("no attach reply within {attempt:?} (rpc_timeout)"),
+                    tls: false,
+                });
             }
         };
         if let Ok(bs) = BlockSize::new(info.block_size) {

@@ -230,6 +230,7 @@ impl Config {
             ("migration_max_rounds", u64::from(self.migration_max_rounds)),
             ("migration_timeout_ms", self.migration_timeout_ms),
             ("migration_switch_timeout_ms", self.migration_switch_timeout_ms),
+            ("tls_handshake_timeout_ms", self.tls_handshake_timeout_ms),
         ] {
             if v == 0 {
                 return Err(format!("{name} must be > 0"));

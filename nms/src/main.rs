@@ -28,24 +28,30 @@ enum Command {
     Serve(wayside_nms::cli::ServeArgs),
     /// Move a volume between NMSs and print the timeline:
     /// nms migrate --volume car-1 --from 127.0.0.1:7100 --to 127.0.0.1:7200
-    /// (migrate, status and shutdown present the cluster token in WAYSIDE_CLUSTER_TOKEN)
+    /// (migrate, status and shutdown present the cluster token in WAYSIDE_CLUSTER_TOKEN;
+    /// they and the volume commands dial over TLS with the road's CA in --tls-ca or
+    /// WAYSIDE_TLS_CA)
     Migrate(wayside_nms::cli::MigrateArgs),
     /// Print an NMS's cache and volumes.
     Status {
         /// The NMS's address.
         #[arg(long)]
         nms: String,
+        #[command(flatten)]
+        tls: wayside_nms::cli::TlsArgs,
     },
     /// Ask an NMS to drain, flush its dirty blocks to the PSS and exit.
     Shutdown {
         /// The NMS's address.
         #[arg(long)]
         nms: String,
+        #[command(flatten)]
+        tls: wayside_nms::cli::TlsArgs,
     },
     #[command(flatten)]
     Volume(wayside_nms::cli::VolumeCmd),
     /// Mount a volume as a POSIX file system (FUSE) on this vehicle; see `nms mount --help`.
-    Mount(wayside_nms::fuse::cli::MountArgs),
+    Mount(wayside_nms::fuse::cli::MountCmd),
     /// Unmount a file system mounted by `nms mount`.
     Umount(wayside_nms::fuse::cli::UmountArgs),
     /// Run the SMF (service management framework): plans and starts volume moves between
@@ -75,11 +81,11 @@ fn main() -> anyhow::Result<()> {
         Some(Command::Migrate(args)) => {
             return runtime()?.block_on(wayside_nms::cli::migrate(args))
         }
-        Some(Command::Status { nms }) => {
-            return runtime()?.block_on(wayside_nms::cli::status(&nms))
+        Some(Command::Status { nms, tls }) => {
+            return runtime()?.block_on(wayside_nms::cli::status(&nms, &tls))
         }
-        Some(Command::Shutdown { nms }) => {
-            return runtime()?.block_on(wayside_nms::cli::shutdown(&nms))
+        Some(Command::Shutdown { nms, tls }) => {
+            return runtime()?.block_on(wayside_nms::cli::shutdown(&nms, &tls))
         }
         Some(Command::Volume(cmd)) => return runtime()?.block_on(wayside_nms::cli::volume(cmd)),
         None => {}

@@ -58,7 +58,10 @@ impl Writer {
 
 /// An NMS served in this process on a free loopback port, for tests; `stop` shuts it down.
 pub struct LocalNms {
+    /// Its address: `https://` when it serves TLS (its `[tls]` has a certificate).
     pub ep: wayside_proto::types::Endpoint,
+    /// Its `[tls]` loaded (the road's CA and its certificate), for clients of it.
+    tls: Option<wayside_proto::tls::Tls>,
     stop: CancellationToken,
     task: tokio::task::JoinHandle<anyhow::Result<()>>,
 }
@@ -66,10 +69,29 @@ pub struct LocalNms {
 impl LocalNms {
     /// Starts NMS `name` against the PSS nodes `pss` (`adjust` changes its configuration:
     /// a 1 MiB block pool by default, as every test NMS faults its pool in) and waits until
-    /// it answers health checks.
+    /// it answers health checks (over TLS when `adjust` sets `tls`).
     pub async fn start(
         name: &str,
         pss: &[wayside_proto::types::Endpoint],
+        adjust: impl FnOnce(&mut crate::config::Config),
+    ) -> LocalNms {
+        Self::start_on(name, pss, None, adjust).await
+    }
+
+    /// [`LocalNms::start`] over `store` instead of a PSS (an in-memory
+    /// [`crate::store::MemStore`], shared by the NMSs of a test to move volumes between).
+    pub async fn start_with_store(
+        name: &str,
+        store: std::sync::Arc<dyn crate::store::Store>,
+        adjust: impl FnOnce(&mut crate::config::Config),
+    ) -> LocalNms {
+        Self::start_on(name, &[], Some(store), adjust).await
+    }
+
+    async fn start_on(
+        name: &str,
+        pss: &[wayside_proto::types::Endpoint],
+        store: Option<std::sync::Arc<dyn crate::store::Store>>,
         adjust: impl FnOnce(&mut crate::config::Config),
     ) -> LocalNms {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("a free port");
@@ -82,11 +104,32 @@ impl LocalNms {
             block_pool_bytes: 1 << 20,
             ..crate::config::Config::default()
         };
+        if store.is_some() {
+            // Not dialled: the store stands in for the PSS.
+            cfg.pss = vec!["127.0.0.1:1".into()];
+        }
         adjust(&mut cfg);
+        let tls = wayside_proto::tls::Tls::load(&cfg.tls).expect("the test's [tls] loads");
+        let ep = match &tls {
+            Some(t) if t.has_identity() => {
+                wayside_proto::types::Endpoint::parse(&format!("https://{addr}")).expect("https")
+            }
+            _ => ep,
+        };
         let stop = CancellationToken::new();
-        let task = tokio::spawn(crate::server::run(cfg, listener, stop.clone()));
-        wait_healthy(&ep).await;
-        LocalNms { ep, stop, task }
+        let task = match store {
+            Some(store) => {
+                tokio::spawn(crate::server::run_with_store(cfg, listener, stop.clone(), store))
+            }
+            None => tokio::spawn(crate::server::run(cfg, listener, stop.clone())),
+        };
+        wait_healthy_tls(&ep, tls.as_ref()).await;
+        LocalNms { ep, tls, stop, task }
+    }
+
+    /// Its `[tls]` loaded (the road's CA, for a client of it), if it has one.
+    pub fn tls(&self) -> Option<&wayside_proto::tls::Tls> {
+        self.tls.as_ref()
     }
 
     /// Shuts it down (flushing what is dirty) and waits, at most 20 s, for it to end.
@@ -107,9 +150,9 @@ impl LocalNms {
             .expect("the NMS task did not panic")
     }
 
-    /// A plain gRPC client of its vehicle API.
+    /// A plain gRPC client of its vehicle API (over TLS when it serves TLS).
     pub async fn raw(&self) -> wayside_proto::pb::nms_client::NmsClient<tonic::transport::Channel> {
-        let ch = tonic::transport::Endpoint::from_shared(self.ep.uri().to_owned())
+        let ch = wayside_proto::client::endpoint(&self.ep, self.tls.as_ref())
             .expect("a valid URI")
             .connect()
             .await
@@ -121,11 +164,21 @@ impl LocalNms {
 /// Polls the NMS's gRPC health check until it serves (at most 20 s; no sleeping for
 /// readiness).
 pub async fn wait_healthy(ep: &wayside_proto::types::Endpoint) {
+    wait_healthy_tls(ep, None).await;
+}
+
+/// [`wait_healthy`] over TLS with `tls` (the road's CA) when given.
+pub async fn wait_healthy_tls(
+    ep: &wayside_proto::types::Endpoint,
+    tls: Option<&wayside_proto::tls::Tls>,
+) {
     use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
     let deadline = Instant::now() + Duration::from_secs(20);
+    let endpoint = wayside_proto::client::endpoint(ep, tls)
+        .expect("an address the client can dial")
+        .connect_timeout(Duration::from_secs(2));
     loop {
-        let uri = ep.uri().to_owned();
-        if let Ok(ch) = tonic::transport::Endpoint::from_shared(uri).expect("URI").connect().await {
+        if let Ok(ch) = endpoint.connect().await {
             let r = HealthClient::new(ch)
                 .check(HealthCheckRequest { service: "wayside.v1.Nms".into() })
                 .await;

@@ -610,3 +610,68 @@ fn kill_9_mid_write_then_remount_keeps_every_returned_write() {
     assert!(again[..acked as usize] == data[..acked as usize]);
     m.unmount();
 }
+
+/// `nms mount --tls-ca` reaches an NMS served over TLS (over an in-memory store: the PSS's
+/// TLS is the pss crate's); a mount trusting another road's CA exits, naming the handshake.
+#[test]
+fn a_mount_with_the_roads_ca_reaches_a_tls_nms() {
+    if !fuse_usable() {
+        return;
+    }
+    let rt =
+        tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (names, ips) = wayside_proto::tls::pki::loopback();
+    let ca = wayside_proto::tls::pki::Ca::new("road").unwrap();
+    let tls = ca.write_road(&dir.path().join("nms"), &names, &ips).unwrap();
+    let other = wayside_proto::tls::pki::Ca::new("another road").unwrap();
+    let other_ca = other.write_road(&dir.path().join("other"), &names, &ips).unwrap().ca.unwrap();
+    let road_ca = tls.ca.clone().unwrap();
+    let listener = rt.block_on(TcpListener::bind("127.0.0.1:0")).unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let config = wayside_nms::config::Config {
+        node_id: "nms-tls".into(),
+        listen: addr.clone(),
+        pss: vec!["127.0.0.1:1".into()],
+        tls,
+        ..Default::default()
+    };
+    let stop = CancellationToken::new();
+    let store: Arc<dyn wayside_nms::store::Store> =
+        Arc::new(wayside_nms::store::MemStore::default());
+    rt.spawn(wayside_nms::server::run_with_store(config, listener, stop.clone(), store));
+    let vehicle = wayside_proto::tls::Tls::load(&wayside_proto::tls::TlsFiles {
+        ca: Some(road_ca.clone()),
+        ..Default::default()
+    })
+    .unwrap()
+    .unwrap();
+    let https = wayside_proto::types::Endpoint::parse(&format!("https://{addr}")).unwrap();
+    rt.block_on(wayside_nms::testing::wait_healthy_tls(&https, Some(&vehicle)));
+
+    let point = dir.path().join("mnt");
+    fs::create_dir_all(&point).unwrap();
+    let ca_arg = road_ca.to_str().unwrap();
+    let m = spawn_mount("tls", &addr, &point, &dir.path().join("c1"), &["--tls-ca", ca_arg]);
+    fs::write(point.join("secret.txt"), b"encrypted on the air\n").unwrap();
+    m.unmount();
+    // A fresh OBU cache: the file comes from the NMS, over TLS.
+    let m = spawn_mount("tls", &addr, &point, &dir.path().join("c2"), &["--tls-ca", ca_arg]);
+    assert_eq!(fs::read(point.join("secret.txt")).unwrap(), b"encrypted on the air\n");
+    m.unmount();
+
+    let out = Command::new(env!("CARGO_BIN_EXE_nms"))
+        .args(["mount", "--volume", "tls", "--nms", &addr, "--cache-dir"])
+        .arg(dir.path().join("c3"))
+        .arg("--tls-ca")
+        .arg(&other_ca)
+        .arg(&point)
+        .env("WAYSIDE_CREDENTIAL", CREDENTIAL)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && !is_mounted(&point));
+    assert!(err.contains("TLS handshake failed"), "{err}");
+    stop.cancel();
+}

@@ -68,6 +68,16 @@ pub struct MountArgs {
     pub client_id: Option<String>,
 }
 
+/// `nms mount` as parsed: [`MountArgs`], and how the mount reaches the NMSs (over TLS with
+/// the road's CA). Not a field of `MountArgs`, so that code building one keeps compiling.
+#[derive(Debug, clap::Args)]
+pub struct MountCmd {
+    #[command(flatten)]
+    pub mount: MountArgs,
+    #[command(flatten)]
+    pub tls: crate::cli::TlsArgs,
+}
+
 /// Unmount a wayside mount (the mount process then drains its journal and exits).
 #[derive(Debug, clap::Args)]
 pub struct UmountArgs {
@@ -85,13 +95,24 @@ pub fn umount_cmd(args: UmountArgs) -> anyhow::Result<()> {
 }
 
 /// `nms mount`: mounts and serves until unmounted or signalled.
-pub fn mount_cmd(args: MountArgs) -> anyhow::Result<()> {
-    serve(args, CancellationToken::new())
+pub fn mount_cmd(cmd: MountCmd) -> anyhow::Result<()> {
+    let tls = cmd.tls.load()?;
+    serve_tls(cmd.mount, tls, CancellationToken::new())
 }
 
 /// Mounts and serves until unmounted, signalled or `stop` fires; then unmounts and drains the
-/// journal. Blocking (it runs its own runtime): call it from a plain thread.
+/// journal. Blocking (it runs its own runtime): call it from a plain thread. Plaintext; see
+/// [`serve_tls`].
 pub fn serve(args: MountArgs, stop: CancellationToken) -> anyhow::Result<()> {
+    serve_tls(args, None, stop)
+}
+
+/// [`serve`], dialling the NMSs over TLS with `tls` (the road's CA) when given.
+pub fn serve_tls(
+    args: MountArgs,
+    tls: Option<wayside_proto::tls::Tls>,
+    stop: CancellationToken,
+) -> anyhow::Result<()> {
     let volume = VolumeName::new(args.volume.clone()).context("--volume")?;
     let credential = Credential::new(args.credential.clone()).context("--credential")?;
     let nms = args
@@ -120,6 +141,7 @@ pub fn serve(args: MountArgs, stop: CancellationToken) -> anyhow::Result<()> {
     let mut copts = ClientOptions::new(nms, volume.clone(), credential);
     copts.create_block_size = Some(block_size);
     copts.op_timeout = op_timeout;
+    copts.tls = tls;
     if let Some(id) = args.client_id.clone() {
         copts.client_id = id;
     }

@@ -13,7 +13,11 @@ pub struct VolumeRemote {
 fn classify(e: ClientError) -> RemoteError {
     match e {
         // The link, the NMS, a move or write-back pressure: all pass.
+        // A TLS failure too: an RSU whose certificate the vehicle does not trust (or that
+        // speaks no TLS) is passed like an unreachable one; the journal keeps the writes
+        // for the next NMS (a mount with TLS wrongly set up fails its first attach).
         ClientError::Unavailable { .. }
+        | ClientError::Tls(_)
         | ClientError::JournalFull { .. }
         | ClientError::LimitExceeded { .. } => RemoteError::Unavailable(e.to_string()),
         ClientError::Status(ref s)

@@ -406,10 +406,13 @@ impl Node {
         let started = Instant::now();
         let deadline = started + Duration::from_millis(self.cfg.migration_timeout_ms);
         let max = self.cfg.max_message_size_bytes;
+        // Over TLS when this node is set up for it, whatever scheme the target's address
+        // came with (an operator's `--to host:port` is dialled over TLS too).
+        let endpoint = wayside_proto::client::endpoint(target, self.tls.as_ref())
+            .map_err(|e| format!("the target's address: {e}"))?;
         let channel = tokio::time::timeout_at(
             deadline.into(),
-            tonic::transport::Endpoint::from_shared(target.uri().to_owned())
-                .map_err(|e| e.to_string())?
+            endpoint
                 .tcp_nodelay(true)
                 .initial_connection_window_size(
                     wayside_proto::server::HTTP2_CONNECTION_WINDOW_BYTES,
@@ -421,7 +424,9 @@ impl Node {
         )
         .await
         .map_err(|_| "connecting to the target timed out".to_string())?
-        .map_err(|e| format!("connecting to the target: {e}"))?;
+        .map_err(|e| {
+            format!("connecting to the target: {}", crate::client::connect_failure(&e).text)
+        })?;
         let mut client = pb::migration_client::MigrationClient::new(channel)
             .max_decoding_message_size(max)
             .max_encoding_message_size(max);
@@ -1276,6 +1281,7 @@ mod tests {
             cfg,
             Endpoint::parse("127.0.0.1:2").unwrap(),
             store,
+            None,
             CancellationToken::new(),
         );
         (gated, node)

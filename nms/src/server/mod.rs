@@ -38,6 +38,7 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     config.validate().map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
+    let tls = load_tls(&config)?;
     let endpoints = config
         .pss
         .iter()
@@ -47,10 +48,12 @@ pub async fn run(
     let opts = wayside_pss::client::ClientOptions {
         rpc_timeout: Duration::from_millis(config.pss_rpc_timeout_ms),
         deadline: Duration::from_millis(config.pss_deadline_ms),
+        // Over TLS, presenting this node's certificate (a PSS requires one).
+        tls: tls.clone(),
         ..Default::default()
     };
     let store: Arc<dyn Store> = Arc::new(PssStore::new(endpoints, opts));
-    run_with_store(config, listener, shutdown, store).await
+    serve_node(config, listener, shutdown, store, tls).await
 }
 
 /// [`run`] with a given store (tests use an in-memory one for unit-level checks).
@@ -61,8 +64,34 @@ pub async fn run_with_store(
     store: Arc<dyn Store>,
 ) -> anyhow::Result<()> {
     config.validate().map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
-    let local = listener.local_addr()?;
+    let tls = load_tls(&config)?;
+    serve_node(config, listener, shutdown, store, tls).await
+}
+
+/// The node's `[tls]`, loaded and checked: a node set up for TLS dials the PSS and other
+/// NMSs over TLS only, so it needs the road's CA; one with only the CA serves plaintext
+/// (a warning at start) but still dials over TLS.
+fn load_tls(config: &Config) -> anyhow::Result<Option<wayside_proto::tls::Tls>> {
     let tls = wayside_proto::tls::Tls::load(&config.tls).context("TLS")?;
+    if let Some(t) = &tls {
+        if !t.has_ca() {
+            anyhow::bail!(
+                "TLS: tls.ca is needed: an NMS with tls.cert and tls.key dials the PSS and \
+                 other NMSs over TLS only, trusting the road's CA"
+            );
+        }
+    }
+    Ok(tls)
+}
+
+async fn serve_node(
+    config: Config,
+    listener: tokio::net::TcpListener,
+    shutdown: CancellationToken,
+    store: Arc<dyn Store>,
+    tls: Option<wayside_proto::tls::Tls>,
+) -> anyhow::Result<()> {
+    let local = listener.local_addr()?;
     let acceptor = match &tls {
         Some(t) if t.has_identity() => {
             Some(t.acceptor(wayside_proto::tls::ClientAuth::None).context("TLS")?)
@@ -80,7 +109,7 @@ pub async fn run_with_store(
         Some(_) => Endpoint::parse(&format!("https://{}", advertise.authority()))?,
         None => advertise,
     };
-    let node = Node::new(config.clone(), advertise.clone(), store, shutdown.clone());
+    let node = Node::new(config.clone(), advertise.clone(), store, tls, shutdown.clone());
     let span = info_span!("nms", node = %node.node_id);
     async move {
         info!(listen = %local, advertise = %advertise, tls = acceptor.is_some(), "serving");
@@ -260,6 +289,9 @@ pub struct Node {
     pub(crate) node_id: String,
     pub(crate) advertise: Endpoint,
     pub(crate) store: Arc<dyn Store>,
+    /// This node's TLS set-up (`[tls]`): every NMS it dials (a move's target) is dialled
+    /// over TLS with it, whatever scheme its address was given with; `None`: plaintext.
+    pub(crate) tls: Option<wayside_proto::tls::Tls>,
     core: Mutex<Cache>,
     /// Buffers for blocks arriving by migration (the cache's own writes use it too).
     pub(crate) pool: BlockPool,
@@ -313,6 +345,7 @@ impl Node {
         cfg: Config,
         advertise: Endpoint,
         store: Arc<dyn Store>,
+        tls: Option<wayside_proto::tls::Tls>,
         shutdown: CancellationToken,
     ) -> Arc<Self> {
         let limits = Limits {
@@ -340,6 +373,7 @@ impl Node {
             cfg,
             advertise,
             store,
+            tls,
             core: Mutex::new(Cache::with_pool(limits, pool)),
             pool,
             handles: Mutex::new(HashMap::new()),

@@ -1084,6 +1084,7 @@ mod tests {
             cfg,
             Endpoint::parse("127.0.0.1:2").unwrap(),
             dyn_store,
+            None,
             CancellationToken::new(),
         );
         node.load(&v, &Presented::new(cred.clone()), None, false).await.unwrap();

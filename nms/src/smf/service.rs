@@ -61,8 +61,13 @@ pub struct SmfConfig {
     /// neither).
     pub cluster_token: Option<wayside_proto::token::ClusterToken>,
     /// TLS (`[tls]`: `cert`, `key`, `ca`): with `cert` and `key` the SMF serves over TLS
-    /// only; with `ca` it dials the NMSs over TLS only. Unset: plaintext.
+    /// only (asking callers for no certificate: vehicles report to it); with `ca` it dials
+    /// the NMSs over TLS only, whatever scheme the road's addresses have (a TLS set-up
+    /// needs `ca`). Unset: plaintext.
     pub tls: wayside_proto::tls::TlsFiles,
+    /// How long a connection has to finish its TLS handshake (served over TLS only), in
+    /// milliseconds: a caller that connects and sends nothing holds a task no longer.
+    pub tls_handshake_timeout_ms: u64,
 }
 
 impl Default for SmfConfig {
@@ -82,6 +87,7 @@ impl Default for SmfConfig {
             estimator: EstimatorConfig::default(),
             cluster_token: None,
             tls: wayside_proto::tls::TlsFiles::default(),
+            tls_handshake_timeout_ms: 5_000,
         }
     }
 }
@@ -101,9 +107,11 @@ impl SmfConfig {
             || self.max_vehicles == 0
             || self.max_volumes == 0
             || self.migration_rpc_timeout_ms == 0
+            || self.tls_handshake_timeout_ms == 0
         {
             return Err("tick_ms, max_concurrent_moves, max_move_records, max_vehicles, \
-                        max_volumes and migration_rpc_timeout_ms must be > 0"
+                        max_volumes, migration_rpc_timeout_ms and tls_handshake_timeout_ms \
+                        must be > 0"
                 .into());
         }
         Ok(())
@@ -199,6 +207,9 @@ pub struct Smf {
     stop: CancellationToken,
     /// `max_concurrent_credential_checks` permits.
     checks: Arc<tokio::sync::Semaphore>,
+    /// `cfg.tls` loaded: the NMSs are dialled over TLS with it; with an identity the SMF
+    /// serves over TLS.
+    tls: Option<wayside_proto::tls::Tls>,
     /// Unit tests without NMSs: the credential every volume has (no NMS is asked).
     #[cfg(test)]
     test_credential: Option<CredentialHash>,
@@ -238,6 +249,12 @@ impl Smf {
     /// A new SMF; its move starter runs until `stop` fires (see [`Smf::run_ticker`]).
     pub fn new(cfg: SmfConfig, stop: CancellationToken) -> Result<Self, String> {
         cfg.validate()?;
+        let tls = wayside_proto::tls::Tls::load(&cfg.tls).map_err(|e| format!("TLS: {e}"))?;
+        if tls.as_ref().is_some_and(|t| !t.has_ca()) {
+            return Err("TLS: tls.ca is needed: an SMF set up for TLS dials the NMSs over TLS \
+                        only, trusting the road's CA"
+                .into());
+        }
         let estimator = SmtEstimator::new(cfg.estimator);
         let max_checks = cfg.max_concurrent_credential_checks;
         Ok(Self {
@@ -254,6 +271,7 @@ impl Smf {
             tracker: TaskTracker::new(),
             stop,
             checks: Arc::new(tokio::sync::Semaphore::new(max_checks)),
+            tls,
             #[cfg(test)]
             test_credential: None,
         })
@@ -596,20 +614,23 @@ impl Smf {
         }
     }
 
-    /// An admin client of the NMS at `address`, each call bounded by `timeout`.
+    /// An admin client of the NMS at `address`, each call bounded by `timeout`; over TLS
+    /// when the SMF is set up for it (whatever scheme `address` has).
     async fn admin(
         &self,
         address: &str,
         timeout: Duration,
     ) -> Result<pb::nms_admin_client::NmsAdminClient<tonic::transport::Channel>, String> {
         let ep = Endpoint::parse(address).map_err(|e| format!("NMS address {address:?}: {e}"))?;
-        let channel = tonic::transport::Endpoint::from_shared(ep.uri().to_string())
+        let channel = wayside_proto::client::endpoint(&ep, self.tls.as_ref())
             .map_err(|e| format!("NMS address {address:?}: {e}"))?
             .connect_timeout(Duration::from_secs(2))
             .timeout(timeout)
             .connect()
             .await
-            .map_err(|e| format!("connecting to {address}: {e}"))?;
+            .map_err(|e| {
+                format!("connecting to {address}: {}", crate::client::connect_failure(&e).text)
+            })?;
         Ok(pb::nms_admin_client::NmsAdminClient::new(channel))
     }
 
@@ -750,12 +771,31 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let local = listener.local_addr()?;
+    let mut builder = tonic::transport::Server::builder();
+    let served_tls = match &smf.tls {
+        Some(t) if t.has_identity() => {
+            let handshake = Duration::from_millis(smf.cfg.tls_handshake_timeout_ms);
+            let cfg = t
+                .tonic_server(wayside_proto::tls::ClientAuth::None)
+                .map_err(|e| anyhow::anyhow!("TLS: {e}"))?
+                .timeout(handshake);
+            builder = builder.tls_config(cfg).map_err(|e| anyhow::anyhow!("TLS: {e}"))?;
+            true
+        }
+        _ => false,
+    };
     async move {
-        info!(listen = %local, "SMF serving");
+        info!(listen = %local, tls = served_tls, "SMF serving");
+        if !served_tls {
+            warn!(
+                "no tls.cert/tls.key: vehicles' reports (with their volumes' credentials) \
+                 cross the air in plaintext; set them on a real road"
+            );
+        }
         let (reporter, health) = wayside_proto::server::health();
         reporter.set_service_status("wayside.v1.Smf", tonic_health::ServingStatus::Serving).await;
         reporter.set_service_status("", tonic_health::ServingStatus::Serving).await;
-        let server = tonic::transport::Server::builder()
+        let server = builder
             .add_service(health)
             .add_service(wayside_proto::server::reflection())
             .add_service(pb::smf_server::SmfServer::new(smf.clone()))
@@ -784,6 +824,20 @@ pub struct SmfArgs {
     /// Seconds added to every proactive lead.
     #[arg(long, default_value_t = 1.0)]
     pub margin_s: f64,
+    /// The SMF's certificate chain (PEM): with --tls-key, serve over TLS only (callers
+    /// present no certificate).
+    #[arg(long, requires = "tls_key")]
+    pub tls_cert: Option<std::path::PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<std::path::PathBuf>,
+    /// The road's CA certificate (PEM): dial the NMSs over TLS only, trusting servers it
+    /// signed (needed with --tls-cert).
+    #[arg(long)]
+    pub tls_ca: Option<std::path::PathBuf>,
+    /// How long a connection has to finish its TLS handshake, in milliseconds.
+    #[arg(long, default_value_t = 5_000)]
+    pub tls_handshake_timeout_ms: u64,
 }
 
 /// Runs `nms smf` until Ctrl-C.
@@ -794,6 +848,8 @@ pub async fn serve_cmd(a: SmfArgs) -> anyhow::Result<()> {
         // Presented on StartMigration to NMSs that require it.
         cluster_token: wayside_proto::token::ClusterToken::from_env()
             .map_err(anyhow::Error::msg)?,
+        tls: wayside_proto::tls::TlsFiles { cert: a.tls_cert, key: a.tls_key, ca: a.tls_ca },
+        tls_handshake_timeout_ms: a.tls_handshake_timeout_ms,
         ..Default::default()
     };
     let listener = tokio::net::TcpListener::bind(&a.listen)
