@@ -15,6 +15,7 @@ use crate::pool::BlockPool;
 use crate::store::Change;
 use bytes::Bytes;
 use std::collections::{BTreeSet, VecDeque};
+use std::time::{Duration, Instant};
 use wayside_proto::types::{BlockNo, BlockSize, CredentialHash, Epoch, Lsn, RequestId, VolumeName};
 
 /// The cache's hash maps: foldhash (fast, seeded per map) instead of SipHash, whose
@@ -56,6 +57,47 @@ pub struct Limits {
     pub max_tracked_fetches_per_volume: usize,
     /// Most redirect markers (volumes moved away) kept; the oldest is dropped past it.
     pub max_moved_markers: usize,
+    /// Most vehicle operations (reads answered, writes and deletes applied) per second on
+    /// one volume, so one vehicle cannot take an RSU's whole capacity; past it an
+    /// operation gets [`CacheError::RateLimited`]. Operations refused for any other
+    /// reason (a wrong credential, a miss still to fetch, a full cache) are not counted.
+    pub volume_ops_per_s: u64,
+    /// Operations a volume may make at once after being idle (the bucket's depth).
+    pub volume_ops_burst: u64,
+}
+
+/// A volume's operation budget ([`Limits::volume_ops_per_s`]): a token bucket at most
+/// [`Limits::volume_ops_burst`] deep, refilled at the rate.
+#[derive(Debug, Clone, Default)]
+struct RateBucket {
+    tokens: f64,
+    /// `None`: never used (full).
+    last: Option<Instant>,
+}
+
+impl RateBucket {
+    /// Refills the bucket up to `now`; `Ok` when `n` operations may go now (taken by
+    /// [`RateBucket::take`]), else how long until they may. A batch larger than the
+    /// bucket goes once it is full, and the operations after it wait for what it used.
+    fn ready(&mut self, now: Instant, per_s: u64, burst: u64, n: u64) -> Result<(), Duration> {
+        let (rate, depth) = (per_s.max(1) as f64, burst.max(1) as f64);
+        self.tokens = match self.last {
+            None => depth,
+            Some(t) => (self.tokens + now.saturating_duration_since(t).as_secs_f64() * rate)
+                .min(depth),
+        };
+        self.last = Some(now);
+        let need = (n as f64).min(depth);
+        if self.tokens >= need {
+            Ok(())
+        } else {
+            Err(Duration::from_secs_f64((need - self.tokens) / rate))
+        }
+    }
+
+    fn take(&mut self, n: u64) {
+        self.tokens -= n as f64;
+    }
 }
 
 /// Names one PSS read of blocks that missed ([`Cache::begin_fetch`]); its answer is cached
@@ -143,6 +185,8 @@ pub struct Volume {
     /// While migrating out: blocks changed since the last snapshot. While a block is in
     /// it, it is not evicted (see [`Cache::evict`]).
     changed: Option<HashSet<BlockNo>>,
+    /// Its vehicle's operation budget ([`Limits::volume_ops_per_s`]).
+    rate: RateBucket,
     /// Blocks with a PSS read in flight, by the fetch that will fill them; a write (or a
     /// migrated copy) of the block removes it, so an answer older than the write is not
     /// cached even when the written block was persisted and evicted before the answer came.
@@ -238,6 +282,10 @@ pub enum CacheError {
     DirtyFull { limit: &'static str, value: u64, max: u64 },
     #[error("range {offset}+{len} does not fit in a {block_size}-byte block")]
     Range { offset: u32, len: u64, block_size: u32 },
+    /// The volume used its operations for now ([`Limits::volume_ops_per_s`]); `wait` is
+    /// how long until this one may go.
+    #[error("volume_ops_per_s reached: {per_s} operations per second; retry in {wait:?}")]
+    RateLimited { per_s: u64, wait: Duration },
 }
 
 /// Why the target side of a move refused a step ([`Cache::put_migrated`],
@@ -427,6 +475,7 @@ impl Cache {
                 applied_order: VecDeque::new(),
                 applied_total: 0,
                 changed: None,
+                rate: RateBucket::default(),
                 fetches: HashMap::default(),
             },
         );
@@ -538,6 +587,11 @@ impl Cache {
             block_size: bs.bytes(),
         })?;
         let Some(e) = v.entries.get_mut(&block) else { return Ok(ReadOutcome::Miss) };
+        let (per_s, burst) = (self.limits.volume_ops_per_s, self.limits.volume_ops_burst);
+        v.rate
+            .ready(Instant::now(), per_s, burst, 1)
+            .map_err(|wait| CacheError::RateLimited { per_s, wait })?;
+        v.rate.take(1);
         Ok(read_entry(e, offset, len))
     }
 
@@ -560,6 +614,11 @@ impl Cache {
             bs.check_range(offset, u64::from(len.unwrap_or(0))).ok()?;
             out.push(read_entry(v.entries.get_mut(&block)?, offset, len));
         }
+        // All or nothing: over the budget, the caller reads one by one (and waits).
+        let n = out.len() as u64;
+        let (per_s, burst) = (self.limits.volume_ops_per_s, self.limits.volume_ops_burst);
+        v.rate.ready(Instant::now(), per_s, burst, n).ok()?;
+        v.rate.take(n);
         Some(out)
     }
 
@@ -656,6 +715,20 @@ impl Cache {
         Ok(())
     }
 
+    /// Whether a write or delete of `name` fits its operation budget now (nothing is
+    /// taken: [`Cache::apply`] takes it once the change is applied). An unknown volume
+    /// passes (the caller's own checks name it).
+    fn rate_ready(&mut self, name: &VolumeName) -> Result<(), CacheError> {
+        let (per_s, burst) = (self.limits.volume_ops_per_s, self.limits.volume_ops_burst);
+        match self.volumes.get_mut(name) {
+            Some(v) => v
+                .rate
+                .ready(Instant::now(), per_s, burst, 1)
+                .map_err(|wait| CacheError::RateLimited { per_s, wait }),
+            None => Ok(()),
+        }
+    }
+
     fn duplicate(&self, v: &Volume, id: Option<&RequestId>) -> Option<WriteOutcome> {
         let a = v.applied.get(id?)?;
         Some(WriteOutcome {
@@ -677,6 +750,7 @@ impl Cache {
         data: &[u8],
         request_id: Option<&RequestId>,
     ) -> Result<WriteOutcome, CacheError> {
+        self.rate_ready(name)?;
         let v = self.serving(name)?;
         if let Some(d) = self.duplicate(v, request_id) {
             return Ok(d);
@@ -719,6 +793,7 @@ impl Cache {
         block: BlockNo,
         request_id: Option<&RequestId>,
     ) -> Result<WriteOutcome, CacheError> {
+        self.rate_ready(name)?;
         let v = self.serving(name)?;
         if let Some(d) = self.duplicate(v, request_id) {
             return Ok(d);
@@ -736,6 +811,7 @@ impl Cache {
     ) -> WriteOutcome {
         let cap = self.limits.dedupe_entries_per_volume;
         let v = self.volumes.get_mut(name).expect("checked by caller");
+        v.rate.take(1);
         v.fetches.remove(&block);
         v.accepted = Lsn(v.accepted.0 + 1);
         let lsn = v.accepted;
@@ -1165,6 +1241,8 @@ mod tests {
             max_batch_bytes: 1 << 20,
             max_tracked_fetches_per_volume: 8,
             max_moved_markers: 3,
+            volume_ops_per_s: 1_000_000,
+            volume_ops_burst: 1_000_000,
         }
     }
 

@@ -65,6 +65,18 @@ pub struct Config {
     /// Most redirect markers (volumes that moved away, kept to point their vehicles at the
     /// new NMS, ~200 bytes each); the oldest is dropped past it.
     pub max_moved_markers: usize,
+    /// Most operations per second on one volume (reads answered, writes and deletes
+    /// applied; a batch counts each of its operations), so one vehicle cannot take an
+    /// RSU's capacity from the others. Past it an operation waits (up to
+    /// `rate_limit_wait_ms`) and then fails RESOURCE_EXHAUSTED (a `LimitExceeded` fault the
+    /// client library backs off on). A 27 Mbit/s radio carries ~800 4 KiB operations/s.
+    pub max_volume_ops_per_s: u64,
+    /// Operations a volume may make at once after being idle (the budget's depth), in
+    /// operations.
+    pub volume_ops_burst: u64,
+    /// Longest an operation waits for its volume's budget (`max_volume_ops_per_s`), in
+    /// milliseconds; 0: refused at once.
+    pub rate_limit_wait_ms: u64,
     /// Largest gRPC message accepted or sent, in bytes.
     pub max_message_size_bytes: usize,
     /// A vehicle call's request DATA frames shorter than this are copied into one buffer on
@@ -183,6 +195,9 @@ impl Default for Config {
             max_concurrent_streams: 1024,
             serve_threads: default_serve_threads(),
             pause_wait_ms: 5_000,
+            max_volume_ops_per_s: 100_000,
+            volume_ops_burst: 10_000,
+            rate_limit_wait_ms: 1_000,
             migration_max_rounds: 8,
             migration_switch_below_bytes: 1 << 20,
             migration_switch_transfer_us: 1_000,
@@ -224,6 +239,8 @@ impl Config {
             ("max_batch_ops", self.max_batch_ops as u64),
             ("max_volumes", self.max_volumes as u64),
             ("max_moved_markers", self.max_moved_markers as u64),
+            ("max_volume_ops_per_s", self.max_volume_ops_per_s),
+            ("volume_ops_burst", self.volume_ops_burst),
             ("max_tracked_fetches_per_volume", self.max_tracked_fetches_per_volume as u64),
             ("max_stream_inflight_ops", self.max_stream_inflight_ops as u64),
             ("max_stream_batch_ops", self.max_stream_batch_ops as u64),

@@ -359,6 +359,8 @@ impl Node {
             max_batch_bytes: cfg.max_batch_bytes,
             max_tracked_fetches_per_volume: cfg.max_tracked_fetches_per_volume,
             max_moved_markers: cfg.max_moved_markers,
+            volume_ops_per_s: cfg.max_volume_ops_per_s,
+            volume_ops_burst: cfg.volume_ops_burst,
         };
         let pool = BlockPool::new(cfg.block_pool_bytes.min(cfg.cache_capacity_bytes));
         // Faulted in off the serving threads; blocks use the heap until slots are ready.
@@ -951,7 +953,9 @@ impl Node {
         offset: u32,
         len: Option<u32>,
     ) -> Result<(Option<Bytes>, u64, Lsn), NmsError> {
-        let deadline = Instant::now() + Duration::from_millis(self.cfg.pause_wait_ms);
+        let start = Instant::now();
+        let deadline = start + Duration::from_millis(self.cfg.pause_wait_ms);
+        let rate_deadline = start + Duration::from_millis(self.cfg.rate_limit_wait_ms);
         loop {
             self.ensure(v, cred).await?;
             let r = {
@@ -992,6 +996,11 @@ impl Node {
                     }
                 }
                 Err(CacheError::UnknownVolume(_)) if Instant::now() < deadline => continue,
+                Err(CacheError::RateLimited { wait, .. })
+                    if Instant::now() + wait <= rate_deadline =>
+                {
+                    tokio::time::sleep(wait).await;
+                }
                 Err(e) => return Err(self.cache_error(v, e)),
             }
         }
@@ -1042,6 +1051,12 @@ impl Node {
                 NmsError::Limit { limit: limit.into(), unit: "bytes".into(), value, max }
             }
             CacheError::NeedBlock(_) => NmsError::Unavailable(e.to_string()),
+            CacheError::RateLimited { per_s, .. } => NmsError::Limit {
+                limit: "max_volume_ops_per_s".into(),
+                unit: "operations per second".into(),
+                value: per_s.saturating_add(1),
+                max: per_s,
+            },
         }
     }
 
@@ -1058,6 +1073,7 @@ impl Node {
         let start = Instant::now();
         let pause_deadline = start + Duration::from_millis(self.cfg.pause_wait_ms);
         let space_deadline = start + Duration::from_millis(self.cfg.backpressure_wait_ms);
+        let rate_deadline = start + Duration::from_millis(self.cfg.rate_limit_wait_ms);
         let mut rx = self.progress.subscribe();
         loop {
             self.ensure(v, cred).await?;
@@ -1097,6 +1113,11 @@ impl Node {
                     }
                 }
                 Err(CacheError::UnknownVolume(_)) if Instant::now() < pause_deadline => {}
+                Err(CacheError::RateLimited { wait, .. })
+                    if Instant::now() + wait <= rate_deadline =>
+                {
+                    tokio::time::sleep(wait).await;
+                }
                 Err(e) => return Err(self.cache_error(v, e)),
             }
         }
