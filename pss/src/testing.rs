@@ -1,6 +1,7 @@
 //! A real PSS cluster inside the test process: real Raft, real gRPC on loopback
 //! sockets, real files under a directory the caller owns. For other crates' tests
-//! (the NMS writes back to it) and for this crate's own.
+//! (the NMS writes back to it) and for this crate's own. [`LocalCluster::start_tls`] runs
+//! one over TLS, as a road does, with a CA and certificates made in its directory.
 
 use crate::client::{ClientOptions, PssClient};
 use crate::config::{Config, Peer};

@@ -408,3 +408,25 @@ async fn the_cli_talks_to_a_tls_cluster_with_a_road_certificate() {
     assert!(text(&out).contains("--tls-ca"), "{}", text(&out));
     cluster.shutdown().await;
 }
+
+/// A caller that connects and never starts its TLS handshake is closed after
+/// `tls_handshake_timeout_ms`, not held open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_tls_handshake_is_closed_after_the_handshake_timeout() {
+    use tokio::io::AsyncReadExt as _;
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = LocalCluster::start_tls_with(1, dir.path(), |c| c.tls_handshake_timeout_ms = 300)
+        .await
+        .unwrap();
+    let addr = cluster.endpoint(1).unwrap().authority().to_owned();
+    let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let started = Instant::now();
+    let mut buf = [0u8; 64];
+    let r = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf))
+        .await
+        .expect("a stalled handshake was held open");
+    // Closed (EOF) or reset; nothing was sent to it.
+    assert!(matches!(r, Ok(0) | Err(_)), "{r:?}");
+    assert!(started.elapsed() >= Duration::from_millis(250), "{:?}", started.elapsed());
+    cluster.shutdown().await;
+}
