@@ -430,3 +430,107 @@ async fn a_stalled_tls_handshake_is_closed_after_the_handshake_timeout() {
     assert!(started.elapsed() >= Duration::from_millis(250), "{:?}", started.elapsed());
     cluster.shutdown().await;
 }
+
+/// Starts node `id` of a TLS cluster empty (`join`), on a new loopback port, with `tls`;
+/// returns its address, its stop token and its task.
+async fn start_joiner(
+    cluster: &LocalCluster,
+    id: u64,
+    tls: TlsFiles,
+    dir: &std::path::Path,
+) -> (String, tokio_util::sync::CancellationToken, tokio::task::JoinHandle<anyhow::Result<()>>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let mut peers = cluster
+        .endpoints()
+        .iter()
+        .zip(1u64..)
+        .map(|(e, id)| wayside_pss::config::Peer { id, address: e.authority().into() })
+        .collect::<Vec<_>>();
+    peers.push(wayside_pss::config::Peer { id, address: addr.clone() });
+    let mut cfg = test_config(id, peers, dir.join(format!("node-{id}")));
+    cfg.join = true;
+    cfg.tls = tls;
+    let token = tokio_util::sync::CancellationToken::new();
+    let task = tokio::spawn(wayside_pss::server::run(cfg, listener, token.clone()));
+    (addr, token, task)
+}
+
+/// (f) Joining over TLS: a new node with a road certificate is added, gets the data (a
+/// joiner starts from a snapshot: `InstallSnapshot` over TLS) and votes; a node whose
+/// certificate another CA signed is never reached (the leader does not trust it, nor it
+/// the leader), so it cannot become a voter, gets nothing, and the cluster carries on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_road_node_joins_over_tls_and_a_foreign_one_cannot() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster =
+        LocalCluster::start_tls_with(3, dir.path(), |c| c.learner_catch_up_timeout_ms = 2_000)
+            .await
+            .unwrap();
+    let road = cluster.tls().unwrap();
+    let epoch = volume_with_block_0(&cluster, "car-j").await;
+    let client = cluster.client();
+
+    let (addr4, stop4, node4) =
+        start_joiner(&cluster, 4, road.node_files.clone(), dir.path()).await;
+    let members = client.add_node(4, &addr4, false).await.unwrap().members;
+    assert!(members.iter().any(|m| m.id == 4 && m.role == pb::MemberRole::Voter as i32));
+    let ep4 = Endpoint::parse(&addr4).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let req = pb::GetBlocksRequest {
+            volume: "car-j".into(),
+            blocks: vec![0],
+            consistency: pb::ReadConsistency::Stale as i32,
+        };
+        let r = PssBlocksClient::new(cluster.channel(&ep4).unwrap()).get_blocks(req).await;
+        if r.as_ref().is_ok_and(|r| r.get_ref().blocks[0].found) {
+            assert_eq!(r.unwrap().into_inner().blocks[0].data, vec![1; 4096]);
+            break;
+        }
+        assert!(Instant::now() < deadline, "node 4 never got the data: {r:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // A node with a foreign certificate (trusting the road's CA, so it could dial).
+    let other = pki::Ca::new("another road").unwrap();
+    let (names, ips) = pki::loopback();
+    let foreign = other.write_road(&dir.path().join("foreign"), &names, &ips).unwrap();
+    let rogue = TlsFiles { ca: road.node_files.ca.clone(), ..foreign.clone() };
+    let (addr5, stop5, node5) = start_joiner(&cluster, 5, rogue, dir.path()).await;
+    let opts = ClientOptions {
+        tls: cluster.client_tls(),
+        deadline: Duration::from_secs(10),
+        rpc_timeout: Duration::from_secs(5),
+        ..ClientOptions::default()
+    };
+    let err = PssClient::new(cluster.endpoints(), opts).add_node(5, &addr5, false).await;
+    assert!(err.is_err(), "a node no member can reach became a voter: {err:?}");
+    let members = client.members().await.unwrap().members;
+    assert!(
+        !members.iter().any(|m| m.id == 5 && m.role == pb::MemberRole::Voter as i32),
+        "{members:?}"
+    );
+    // The cluster carries on, node 4 voting.
+    client.write_batch(put("car-j", epoch, "nms-a", 3, 2, vec![2; 4096])).await.unwrap();
+    assert_eq!(
+        client.get_blocks(&VolumeName::new("car-j").unwrap(), &[2]).await.unwrap()[0].data,
+        vec![2; 4096]
+    );
+    // Node 5 got nothing: asked by a caller it accepts and trusts (a road certificate,
+    // its own CA to check it by), it has applied no entry.
+    let probe = TlsFiles { ca: foreign.ca.clone(), ..road.client_files.clone() };
+    let probe = Tls::load(&probe).unwrap().unwrap();
+    let e =
+        wayside_proto::client::endpoint(&Endpoint::parse(&addr5).unwrap(), Some(&probe)).unwrap();
+    let mut admin = pb::pss_admin_client::PssAdminClient::new(e.connect().await.unwrap());
+    let st = admin.status(pb::StatusRequest {}).await.unwrap().into_inner();
+    assert_eq!(st.applied_index, 0, "node 5 applied entries: {st:?}");
+    assert_eq!(st.leader_id, 0, "node 5 heard from a leader: {st:?}");
+
+    stop5.cancel();
+    stop4.cancel();
+    let _ = node5.await;
+    let _ = node4.await;
+    cluster.shutdown().await;
+}
