@@ -96,6 +96,10 @@ pub struct Config {
     /// requires every caller (NMSs, peers, operators) to present a certificate signed by
     /// `ca`; it dials its peers over TLS with its own. Unset: plaintext.
     pub tls: wayside_proto::tls::TlsFiles,
+    /// With TLS on, a connection whose TLS handshake has not finished this long after it
+    /// was accepted is closed, in milliseconds: a caller that connects and then stalls
+    /// holds a socket and a handshake task only this long.
+    pub tls_handshake_timeout_ms: u64,
 }
 
 impl Default for Config {
@@ -134,6 +138,7 @@ impl Default for Config {
             http2_keepalive_interval_ms: wayside_proto::server::HTTP2_KEEPALIVE_INTERVAL_MS,
             http2_keepalive_timeout_ms: wayside_proto::server::HTTP2_KEEPALIVE_TIMEOUT_MS,
             tls: wayside_proto::tls::TlsFiles::default(),
+            tls_handshake_timeout_ms: 5_000,
         }
     }
 }
@@ -241,6 +246,7 @@ impl Config {
             ("blob_segment_bytes", self.blob_segment_bytes as usize),
             ("max_blocks", self.max_blocks),
             ("request_timeout_ms", self.request_timeout_ms as usize),
+            ("tls_handshake_timeout_ms", self.tls_handshake_timeout_ms as usize),
         ];
         if let Some((name, _)) = positive.iter().find(|(_, v)| *v == 0) {
             return Err(ConfigError::Zero { name });

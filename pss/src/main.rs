@@ -1,5 +1,6 @@
 use anyhow::{bail, Context as _};
-use clap::{Parser, Subcommand};
+use clap::parser::ValueSource;
+use clap::{CommandFactory as _, FromArgMatches as _, Parser, Subcommand};
 use std::path::PathBuf;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
@@ -10,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use wayside_proto::pb;
 use wayside_proto::pb::pss_admin_client::PssAdminClient;
+use wayside_proto::tls::{Tls, TlsFiles};
 use wayside_proto::types::{Endpoint, RequestId, VolumeName};
 use wayside_pss::client::{ClientOptions, PssClient};
 use wayside_pss::config::{parse_peers, Config};
@@ -20,6 +22,11 @@ use wayside_pss::config::{parse_peers, Config};
 ///   pss serve --id 1 --listen 127.0.0.1:7401 --peers 1=127.0.0.1:7401,2=127.0.0.1:7402,3=127.0.0.1:7403 --data-dir /var/lib/pss1
 /// then talk to it:
 ///   pss --pss 127.0.0.1:7401,127.0.0.1:7402 status
+///
+/// With TLS (a `[tls]` config section, or --tls-cert/--tls-key/--tls-ca on `serve`) a node
+/// serves over TLS only and requires every caller, its peers included, to present a
+/// certificate signed by the road's CA; talk to it with a road certificate:
+///   pss --tls-ca ca.pem --tls-cert operator.pem --tls-key operator.key --pss 127.0.0.1:7401 status
 #[derive(Parser)]
 #[command(version, verbatim_doc_comment)]
 struct Cli {
@@ -38,6 +45,23 @@ struct Cli {
         value_delimiter = ','
     )]
     pss: Vec<String>,
+    /// The road's CA certificate (PEM). Client subcommands: the PSS nodes' certificates are
+    /// checked against it, and with it every node is dialled over TLS (whatever the scheme
+    /// of --pss). `serve`: overrides the config file's tls.ca, what callers' and peers'
+    /// certificates must be signed by (from the flag only: the environment variable is for
+    /// the client subcommands and never changes what a node serves with).
+    #[arg(long, global = true, env = "WAYSIDE_TLS_CA", value_name = "PEM")]
+    tls_ca: Option<PathBuf>,
+    /// A certificate (PEM, leaf first) signed by the road's CA. Client subcommands: the one
+    /// presented to the nodes (a PSS refuses callers without one); needs --tls-key and
+    /// --tls-ca. `serve`: overrides tls.cert, what the node serves with and presents to its
+    /// peers (from the flag only, as --tls-ca).
+    #[arg(long, global = true, env = "WAYSIDE_TLS_CERT", value_name = "PEM")]
+    tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM: PKCS#8, PKCS#1 or SEC1). `serve`: overrides
+    /// tls.key (from the flag only, as --tls-ca).
+    #[arg(long, global = true, env = "WAYSIDE_TLS_KEY", value_name = "PEM")]
+    tls_key: Option<PathBuf>,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -111,7 +135,17 @@ fn main() -> anyhow::Result<()> {
     let purge_delay_ms = wayside_pss::alloc::tune();
     wayside_proto::telemetry::init();
     tracing::debug!(purge_delay_ms, "mimalloc");
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    // `serve` takes TLS files from its flags only (see --tls-ca's help).
+    let flagged = |id: &str| matches.value_source(id) == Some(ValueSource::CommandLine);
+    let serve_tls = TlsFiles {
+        cert: cli.tls_cert.clone().filter(|_| flagged("tls_cert")),
+        key: cli.tls_key.clone().filter(|_| flagged("tls_key")),
+        ca: cli.tls_ca.clone().filter(|_| flagged("tls_ca")),
+    };
+    let client_tls =
+        TlsFiles { cert: cli.tls_cert.clone(), key: cli.tls_key.clone(), ca: cli.tls_ca.clone() };
     if cli.print_default_config {
         print!("{}", wayside_proto::config::render(&Config::default()));
         return Ok(());
@@ -122,20 +156,50 @@ fn main() -> anyhow::Result<()> {
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async move {
         match command {
-            Command::Serve(args) => serve(cli.config, args).await,
+            Command::Serve(args) => {
+                if serve_tls != client_tls {
+                    tracing::info!(
+                        "WAYSIDE_TLS_* ignored by `pss serve`: it takes its TLS files from its \
+                         config file's [tls] and --tls-* flags"
+                    );
+                }
+                serve(cli.config, args, serve_tls).await
+            }
             other => {
+                let tls = load_client_tls(&client_tls)?;
                 let endpoints = cli
                     .pss
                     .iter()
                     .map(|a| Endpoint::parse(a).with_context(|| format!("--pss {a:?}")))
                     .collect::<anyhow::Result<Vec<_>>>()?;
-                client_command(endpoints, other).await
+                client_command(endpoints, tls, other).await
             }
         }
     })
 }
 
-async fn serve(config: Option<PathBuf>, args: ServeArgs) -> anyhow::Result<()> {
+/// The client subcommands' TLS set-up from --tls-* (or WAYSIDE_TLS_*): `None`, plaintext,
+/// when none is given.
+fn load_client_tls(files: &TlsFiles) -> anyhow::Result<Option<Tls>> {
+    let tls = Tls::load(files).context("TLS files (--tls-cert, --tls-key, --tls-ca)")?;
+    if let Some(t) = &tls {
+        if !t.has_ca() {
+            bail!(
+                "--tls-ca (or WAYSIDE_TLS_CA) is needed with --tls-cert: the road's CA \
+                 certificate, which the PSS nodes' certificates are checked against"
+            );
+        }
+        if !t.has_identity() {
+            eprintln!(
+                "warning: no --tls-cert/--tls-key: a PSS refuses callers without a \
+                 certificate signed by the road's CA"
+            );
+        }
+    }
+    Ok(tls)
+}
+
+async fn serve(config: Option<PathBuf>, args: ServeArgs, tls: TlsFiles) -> anyhow::Result<()> {
     let mut cfg: Config = wayside_proto::config::load(config.as_deref())?;
     if let Some(id) = args.id {
         cfg.id = id;
@@ -150,6 +214,16 @@ async fn serve(config: Option<PathBuf>, args: ServeArgs) -> anyhow::Result<()> {
         cfg.data_dir = d;
     }
     cfg.join |= args.join;
+    // Each flag overrides its own file; the rest stay as the config file has them.
+    if let Some(c) = tls.cert {
+        cfg.tls.cert = Some(c);
+    }
+    if let Some(k) = tls.key {
+        cfg.tls.key = Some(k);
+    }
+    if let Some(ca) = tls.ca {
+        cfg.tls.ca = Some(ca);
+    }
     cfg.validate().context("invalid configuration")?;
     let listener = tokio::net::TcpListener::bind(&cfg.listen)
         .await
@@ -172,8 +246,11 @@ async fn serve(config: Option<PathBuf>, args: ServeArgs) -> anyhow::Result<()> {
     r
 }
 
-async fn admin(ep: &Endpoint) -> anyhow::Result<PssAdminClient<tonic::transport::Channel>> {
-    let ch = tonic::transport::Endpoint::from_shared(ep.uri().to_owned())?
+async fn admin(
+    ep: &Endpoint,
+    tls: Option<&Tls>,
+) -> anyhow::Result<PssAdminClient<tonic::transport::Channel>> {
+    let ch = wayside_proto::client::endpoint(ep, tls)?
         .connect_timeout(Duration::from_secs(2))
         .timeout(Duration::from_secs(60))
         .connect()
@@ -200,8 +277,13 @@ fn print_members(m: &[pb::Member]) {
     }
 }
 
-async fn client_command(endpoints: Vec<Endpoint>, command: Command) -> anyhow::Result<()> {
-    let client = PssClient::new(endpoints.clone(), ClientOptions::default());
+async fn client_command(
+    endpoints: Vec<Endpoint>,
+    tls: Option<Tls>,
+    command: Command,
+) -> anyhow::Result<()> {
+    let client =
+        PssClient::new(endpoints.clone(), ClientOptions { tls: tls.clone(), ..Default::default() });
     match command {
         Command::Serve(_) => unreachable!("handled by main"),
         Command::Status => {
@@ -211,7 +293,7 @@ async fn client_command(endpoints: Vec<Endpoint>, command: Command) -> anyhow::R
             );
             let mut any = false;
             for ep in &endpoints {
-                let st = match admin(ep).await {
+                let st = match admin(ep, tls.as_ref()).await {
                     Ok(mut c) => c.status(pb::StatusRequest {}).await.map_err(anyhow::Error::from),
                     Err(e) => Err(e),
                 };
@@ -245,22 +327,22 @@ async fn client_command(endpoints: Vec<Endpoint>, command: Command) -> anyhow::R
         // Membership changes wait for the cluster (a learner catching up, an election),
         // and follow the leader if it changes meanwhile.
         Command::AddNode { id, address, learner_only } => {
-            let r = admin_client(endpoints).add_node(id, &address, learner_only).await?;
+            let r = admin_client(endpoints, tls).add_node(id, &address, learner_only).await?;
             println!("node {id} added");
             print_members(&r.members);
         }
         Command::RemoveNode { id } => {
-            let r = admin_client(endpoints).remove_node(id).await?;
+            let r = admin_client(endpoints, tls).remove_node(id).await?;
             println!("node {id} removed");
             print_members(&r.members);
         }
         Command::TransferLeader { id } => {
-            let r = admin_client(endpoints).transfer_leader(id).await?;
+            let r = admin_client(endpoints, tls).transfer_leader(id).await?;
             println!("leader is now node {}", r.leader_id);
         }
         Command::CompactLog => {
             for ep in &endpoints {
-                let mut c = admin(ep).await?;
+                let mut c = admin(ep, tls.as_ref()).await?;
                 let s = c.compact_log(pb::CompactLogRequest {}).await?.into_inner();
                 println!("{}: log compacted up to index {}", ep.authority(), s.snapshot_index);
             }
@@ -329,8 +411,9 @@ async fn client_command(endpoints: Vec<Endpoint>, command: Command) -> anyhow::R
 }
 
 /// A client whose attempts may take as long as a membership change does.
-fn admin_client(endpoints: Vec<Endpoint>) -> PssClient {
+fn admin_client(endpoints: Vec<Endpoint>, tls: Option<Tls>) -> PssClient {
     let opts = ClientOptions {
+        tls,
         rpc_timeout: Duration::from_secs(60),
         deadline: Duration::from_secs(90),
         ..Default::default()

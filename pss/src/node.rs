@@ -386,8 +386,10 @@ pub struct Started {
 }
 
 /// Opens the data dir (bootstrapping it on first start), recovers, and starts the loop.
+/// `tls` (loaded from `cfg.tls` by the server): what the transport dials its peers with.
 pub fn start(
     cfg: Config,
+    tls: Option<wayside_proto::tls::Tls>,
     runtime: tokio::runtime::Handle,
     tracker: tokio_util::task::TaskTracker,
     shutdown: CancellationToken,
@@ -476,6 +478,7 @@ pub fn start(
         tx.clone(),
         snap_dir.clone(),
         &cfg,
+        tls,
         runtime.clone(),
         tracker,
         shutdown.clone(),

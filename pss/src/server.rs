@@ -13,6 +13,7 @@ use tokio_util::task::TaskTracker;
 use wayside_proto::pb::pss_admin_server::PssAdminServer;
 use wayside_proto::pb::pss_blocks_server::PssBlocksServer;
 use wayside_proto::pb::raft_transport_server::RaftTransportServer;
+use wayside_proto::tls::{ClientAuth, Tls, TlsError};
 
 /// The HTTP/2 flow-control windows every wayside bulk stream uses (Raft appends, batches).
 pub use wayside_proto::server::{HTTP2_CONNECTION_WINDOW_BYTES, HTTP2_STREAM_WINDOW_BYTES};
@@ -26,14 +27,34 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     config.validate().context("invalid PSS configuration")?;
+    // Before the node starts (no data dir made yet): a bad file is named now.
+    let tls = load_tls(&config).context("PSS TLS set-up ([tls])")?;
     // Instrumented, not entered: an entered span guard held across `.await` would leak
     // into whatever else the worker thread runs (other nodes of an in-process cluster).
     let span = tracing::info_span!("pss", node = config.id);
-    tracing::Instrument::instrument(serve(config, listener, shutdown), span).await
+    tracing::Instrument::instrument(serve(config, tls, listener, shutdown), span).await
+}
+
+/// The node's TLS set-up from `config.tls`, read and checked once: `None` when `[tls]` is
+/// empty (plaintext). A PSS with TLS needs all three files: its certificate and key (what
+/// it serves with, and presents when it dials its peers, which require one of it) and the
+/// road's CA (what its callers' and its peers' certificates must be signed by). A node
+/// with an identity but no CA could neither check its callers nor reach its peers, so it
+/// refuses to start rather than serve half-authenticated.
+pub fn load_tls(config: &Config) -> Result<Option<Tls>, TlsError> {
+    let Some(tls) = Tls::load(&config.tls)? else { return Ok(None) };
+    if !tls.has_identity() {
+        return Err(TlsError::NoIdentity("a PSS serves over TLS with its own certificate"));
+    }
+    if !tls.has_ca() {
+        return Err(TlsError::NoCa("a PSS checks its callers' and its peers' certificates"));
+    }
+    Ok(Some(tls))
 }
 
 async fn serve(
     config: Config,
+    tls: Option<Tls>,
     listener: tokio::net::TcpListener,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
@@ -41,8 +62,18 @@ async fn serve(
     let addr = listener.local_addr().ok();
     let inner = shutdown.child_token();
     let tracker = TaskTracker::new();
+    // Checked (and built) before the node starts, so a set-up tonic refuses stops here.
+    let server_tls = match &tls {
+        Some(t) => Some(
+            t.tonic_server(ClientAuth::Required)
+                .context("PSS TLS set-up ([tls])")?
+                .timeout(Duration::from_millis(config.tls_handshake_timeout_ms)),
+        ),
+        None => None,
+    };
     let started = node::start(
         config.clone(),
+        tls.clone(),
         tokio::runtime::Handle::current(),
         tracker.clone(),
         inner.clone(),
@@ -93,10 +124,33 @@ async fn serve(
     })
     .max_decoding_message_size(max)
     .max_encoding_message_size(max);
-    tracing::info!(?addr, data_dir = %config.data_dir.display(), "PSS node serving");
     let incoming = wayside_proto::server::incoming(listener);
+    let mut builder = tonic::transport::Server::builder();
+    match server_tls {
+        // tonic wraps every connection of `incoming` in TLS (a handshake task each, bounded
+        // by the timeout) before HTTP/2 sees it; a caller without a certificate signed by
+        // the CA fails the handshake and never reaches a service.
+        Some(server_tls) => {
+            builder = builder.tls_config(server_tls).context("PSS TLS set-up ([tls])")?;
+            tracing::info!(
+                ?addr,
+                data_dir = %config.data_dir.display(),
+                cert = ?config.tls.cert,
+                ca = ?config.tls.ca,
+                "PSS node serving over TLS; callers must present a certificate signed by the CA"
+            );
+        }
+        None => {
+            tracing::warn!(
+                ?addr,
+                data_dir = %config.data_dir.display(),
+                "PSS node serving PLAINTEXT: no [tls] configured, callers and peers are not \
+                 authenticated and blocks cross the network unencrypted"
+            );
+        }
+    }
     let builder = wayside_proto::server::with_keepalive(
-        tonic::transport::Server::builder(),
+        builder,
         config.http2_keepalive_interval_ms,
         config.http2_keepalive_timeout_ms,
     );

@@ -1,6 +1,7 @@
 //! A real PSS cluster inside the test process: real Raft, real gRPC on loopback
 //! sockets, real files under a directory the caller owns. For other crates' tests
-//! (the NMS writes back to it) and for this crate's own.
+//! (the NMS writes back to it) and for this crate's own. [`LocalCluster::start_tls`] runs
+//! one over TLS, as a road does, with a CA and certificates made in its directory.
 
 use crate::client::{ClientOptions, PssClient};
 use crate::config::{Config, Peer};
@@ -12,6 +13,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use wayside_proto::pb;
 use wayside_proto::pb::pss_admin_client::PssAdminClient;
+use wayside_proto::tls::{pki, Tls, TlsFiles};
 use wayside_proto::types::Endpoint;
 
 /// How long [`LocalCluster::start`] waits for a leader.
@@ -28,6 +30,36 @@ struct Slot {
 pub struct LocalCluster {
     slots: Vec<Slot>,
     dir: PathBuf,
+    /// Set by [`start_tls`](Self::start_tls): the road's PKI.
+    tls: Option<ClusterTls>,
+}
+
+/// The road PKI of a TLS [`LocalCluster`], made in its directory (`tls/`).
+pub struct ClusterTls {
+    /// The road's CA: signs the nodes' certificates and the clients'; tests issue more
+    /// with it (a new member's, say).
+    pub ca: pki::Ca,
+    /// What every node serves with (`tls/node/`: one certificate for localhost,
+    /// 127.0.0.1 and ::1, shared by the nodes).
+    pub node_files: TlsFiles,
+    /// A road client's certificate, key and the CA (`tls/client/`): what an NMS or an
+    /// operator would hold.
+    pub client_files: TlsFiles,
+    /// `client_files`, loaded.
+    pub client: Tls,
+}
+
+impl ClusterTls {
+    /// Makes a road CA and a node and a client certificate under `dir`.
+    pub fn make(dir: &Path) -> anyhow::Result<Self> {
+        let ca = pki::Ca::new("wayside test road").context("making the road CA")?;
+        let (names, ips) = pki::loopback();
+        let node_files = ca.write_road(&dir.join("node"), &names, &ips)?;
+        let client_files =
+            ca.write_road(&dir.join("client"), &["road-operator".to_owned()], &[])?;
+        let client = Tls::load(&client_files)?.context("client TLS files")?;
+        Ok(Self { ca, node_files, client_files, client })
+    }
 }
 
 /// The configuration tests use: short ticks so elections take ~0.5 s.
@@ -57,6 +89,34 @@ impl LocalCluster {
         dir: &Path,
         adjust: impl Fn(&mut Config),
     ) -> anyhow::Result<Self> {
+        Self::start_inner(nodes, dir, None, adjust).await
+    }
+
+    /// Like [`start`](Self::start), over TLS: makes a road PKI under `dir/tls` (see
+    /// [`ClusterTls`]), every node serves with it and requires callers' certificates, and
+    /// [`client`](Self::client), [`status`](Self::status) and
+    /// [`client_tls`](Self::client_tls) use the road client's certificate.
+    pub async fn start_tls(nodes: usize, dir: &Path) -> anyhow::Result<Self> {
+        Self::start_tls_with(nodes, dir, |_| {}).await
+    }
+
+    /// [`start_tls`](Self::start_tls), letting the caller adjust each node's config (after
+    /// its `tls` is set).
+    pub async fn start_tls_with(
+        nodes: usize,
+        dir: &Path,
+        adjust: impl Fn(&mut Config),
+    ) -> anyhow::Result<Self> {
+        let tls = ClusterTls::make(&dir.join("tls"))?;
+        Self::start_inner(nodes, dir, Some(tls), adjust).await
+    }
+
+    async fn start_inner(
+        nodes: usize,
+        dir: &Path,
+        tls: Option<ClusterTls>,
+        adjust: impl Fn(&mut Config),
+    ) -> anyhow::Result<Self> {
         let mut listeners = Vec::new();
         for _ in 0..nodes {
             listeners.push(tokio::net::TcpListener::bind("127.0.0.1:0").await?);
@@ -66,9 +126,11 @@ impl LocalCluster {
             .zip(1u64..)
             .map(|(l, id)| Ok(Peer { id, address: l.local_addr()?.to_string() }))
             .collect::<std::io::Result<_>>()?;
-        let mut cluster = Self { slots: Vec::new(), dir: dir.to_owned() };
+        let node_files = tls.as_ref().map(|t| t.node_files.clone()).unwrap_or_default();
+        let mut cluster = Self { slots: Vec::new(), dir: dir.to_owned(), tls };
         for (listener, id) in listeners.into_iter().zip(1u64..) {
             let mut config = test_config(id, peers.clone(), dir.join(format!("node-{id}")));
+            config.tls = node_files.clone();
             adjust(&mut config);
             let addr = listener.local_addr()?;
             let mut slot = Slot { config, addr, shutdown: CancellationToken::new(), task: None };
@@ -97,15 +159,41 @@ impl LocalCluster {
         &self.dir
     }
 
-    /// A client for the whole cluster.
+    /// A client for the whole cluster (with the road client's certificate if the cluster
+    /// runs TLS).
     pub fn client(&self) -> PssClient {
-        PssClient::new(self.endpoints(), ClientOptions::default())
+        PssClient::new(self.endpoints(), self.client_options())
+    }
+
+    /// The options [`client`](Self::client) uses: the defaults, with
+    /// [`client_tls`](Self::client_tls).
+    pub fn client_options(&self) -> ClientOptions {
+        ClientOptions { tls: self.client_tls(), ..ClientOptions::default() }
+    }
+
+    /// What a road client dials this cluster with: `Some` for a cluster started with
+    /// [`start_tls`](Self::start_tls) (the CA and a client certificate it signed).
+    pub fn client_tls(&self) -> Option<Tls> {
+        self.tls.as_ref().map(|t| t.client.clone())
+    }
+
+    /// The road PKI of a TLS cluster.
+    pub fn tls(&self) -> Option<&ClusterTls> {
+        self.tls.as_ref()
+    }
+
+    /// A gRPC channel to `ep` as [`client`](Self::client) dials it (TLS when the cluster
+    /// has it), connected at the first call.
+    pub fn channel(&self, ep: &Endpoint) -> anyhow::Result<tonic::transport::Channel> {
+        let e = wayside_proto::client::endpoint(ep, self.client_tls().as_ref())?
+            .connect_timeout(Duration::from_millis(500));
+        Ok(wayside_proto::client::connect_lazy(&e))
     }
 
     /// Node `id`'s status, if it answers.
     pub async fn status(&self, id: u64) -> Option<pb::StatusReply> {
         let ep = self.endpoint(id)?;
-        let ch = tonic::transport::Endpoint::from_shared(ep.uri().to_owned())
+        let ch = wayside_proto::client::endpoint(&ep, self.client_tls().as_ref())
             .ok()?
             .connect_timeout(Duration::from_millis(500));
         let mut c = PssAdminClient::new(ch.connect().await.ok()?);

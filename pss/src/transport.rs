@@ -28,6 +28,7 @@ use tonic::transport::Channel;
 use tonic::{Request, Response, Status, Streaming};
 use wayside_proto::pb;
 use wayside_proto::pb::raft_transport_client::RaftTransportClient;
+use wayside_proto::tls::Tls;
 
 /// Most messages sent in one `RaftEnvelope`.
 pub const MAX_MESSAGES_PER_ENVELOPE: usize = 1024;
@@ -64,6 +65,9 @@ pub struct Transport {
     queue_capacity: usize,
     chunk_bytes: usize,
     max_message_bytes: usize,
+    /// What peers are dialled with: over TLS, presenting this node's certificate (a peer,
+    /// like every PSS, requires one signed by the road's CA); `None`: plaintext.
+    tls: Option<Tls>,
     runtime: tokio::runtime::Handle,
     tracker: TaskTracker,
     shutdown: CancellationToken,
@@ -78,6 +82,7 @@ impl Transport {
         node_tx: mpsc::Sender<Input>,
         snap_dir: PathBuf,
         cfg: &Config,
+        tls: Option<Tls>,
         runtime: tokio::runtime::Handle,
         tracker: TaskTracker,
         shutdown: CancellationToken,
@@ -90,6 +95,7 @@ impl Transport {
             queue_capacity: cfg.peer_queue_messages,
             chunk_bytes: cfg.snapshot_chunk_bytes,
             max_message_bytes: cfg.max_message_size_bytes,
+            tls,
             runtime,
             tracker,
             shutdown,
@@ -111,7 +117,9 @@ impl Transport {
                 snap_dir: self.snap_dir.clone(),
                 chunk_bytes: self.chunk_bytes,
                 max_message_bytes: self.max_message_bytes,
+                tls: self.tls.clone(),
                 client: None,
+                refused: None,
             };
             let shutdown = self.shutdown.clone();
             let span = tracing::debug_span!("raft_peer", node = self.id, peer = to);
@@ -134,7 +142,10 @@ struct PeerWorker {
     snap_dir: PathBuf,
     chunk_bytes: usize,
     max_message_bytes: usize,
+    tls: Option<Tls>,
     client: Option<(String, RaftTransportClient<Channel>)>,
+    /// The last address that could not be dialled (logged once, not per message).
+    refused: Option<String>,
 }
 
 impl PeerWorker {
@@ -146,9 +157,25 @@ impl PeerWorker {
             .get(&self.to)
             .cloned()?;
         if self.client.as_ref().is_none_or(|(a, _)| *a != addr) {
-            let ep = wayside_proto::types::Endpoint::parse(&addr).ok()?;
-            let channel = tonic::transport::Endpoint::from_shared(ep.uri().to_owned())
-                .ok()?
+            // Over TLS when this node has it, whatever scheme the address book holds: an
+            // `http://` there never downgrades a Raft hop to plaintext.
+            let endpoint = wayside_proto::types::Endpoint::parse(&addr)
+                .map_err(|e| e.to_string())
+                .and_then(|ep| {
+                    wayside_proto::client::endpoint(&ep, self.tls.as_ref())
+                        .map_err(|e| e.to_string())
+                });
+            let endpoint = match endpoint {
+                Ok(e) => e,
+                Err(e) => {
+                    if self.refused.as_deref() != Some(addr.as_str()) {
+                        tracing::warn!(peer = self.to, %addr, error = %e, "cannot dial peer");
+                        self.refused = Some(addr);
+                    }
+                    return None;
+                }
+            };
+            let channel = endpoint
                 .connect_timeout(Duration::from_secs(1))
                 .tcp_nodelay(true)
                 .http2_keep_alive_interval(PEER_KEEPALIVE_INTERVAL)
