@@ -83,8 +83,9 @@ impl RateBucket {
         let (rate, depth) = (per_s.max(1) as f64, burst.max(1) as f64);
         self.tokens = match self.last {
             None => depth,
-            Some(t) => (self.tokens + now.saturating_duration_since(t).as_secs_f64() * rate)
-                .min(depth),
+            Some(t) => {
+                (self.tokens + now.saturating_duration_since(t).as_secs_f64() * rate).min(depth)
+            }
         };
         self.last = Some(now);
         let need = (n as f64).min(depth);
@@ -1261,6 +1262,56 @@ mod tests {
 
     fn full(b: u8) -> Vec<u8> {
         vec![b; 4096]
+    }
+
+    #[test]
+    fn a_rate_bucket_refills_at_its_rate_up_to_its_depth() {
+        let t0 = Instant::now();
+        let mut b = RateBucket::default();
+        // Full at first use: 4 go at once, the 5th waits a quarter of a second at 4/s.
+        for _ in 0..4 {
+            b.ready(t0, 4, 4, 1).unwrap();
+            b.take(1);
+        }
+        assert_eq!(b.ready(t0, 4, 4, 1), Err(Duration::from_millis(250)));
+        let t1 = t0 + Duration::from_millis(500);
+        b.ready(t1, 4, 4, 2).unwrap();
+        b.take(2);
+        assert!(b.ready(t1, 4, 4, 1).is_err());
+        // Idle for a minute: still only 4 deep.
+        let t2 = t1 + Duration::from_secs(60);
+        assert!(b.ready(t2, 4, 4, 4).is_ok());
+        assert!(b.ready(t2, 4, 4, 5).is_ok(), "a batch past the depth goes once it is full");
+        b.take(10);
+        assert_eq!(b.ready(t2, 4, 4, 1), Err(Duration::from_secs_f64(7.0 / 4.0)), "it paid");
+    }
+
+    #[test]
+    fn only_operations_applied_or_answered_use_a_volumes_budget() {
+        let mut c = Cache::new(Limits { volume_ops_per_s: 1, volume_ops_burst: 3, ..limits() });
+        let v = vol(&mut c, "v");
+        let w = vol(&mut c, "w");
+        // A miss, a partial write of an uncached block and a bad range cost nothing.
+        for _ in 0..5 {
+            assert_eq!(c.read(&v, 7, 0, None).unwrap(), ReadOutcome::Miss);
+            assert_eq!(c.write(&v, 7, 1, b"x", None), Err(CacheError::NeedBlock(7)));
+            assert!(matches!(c.write(&v, 7, 4095, b"xy", None), Err(CacheError::Range { .. })));
+        }
+        c.write(&v, 1, 0, &full(1), None).unwrap();
+        assert!(matches!(c.read(&v, 1, 0, None).unwrap(), ReadOutcome::Hit { .. }));
+        c.delete(&v, 2, None).unwrap();
+        // The budget of 3 is used: the next write is refused and changes nothing.
+        let accepted = c.volume(&v).unwrap().accepted;
+        let e = c.write(&v, 1, 0, &full(9), None).unwrap_err();
+        assert!(matches!(e, CacheError::RateLimited { per_s: 1, .. }), "{e:?}");
+        assert_eq!(c.volume(&v).unwrap().accepted, accepted);
+        assert!(matches!(c.delete(&v, 1, None), Err(CacheError::RateLimited { .. })));
+        assert!(matches!(c.read(&v, 1, 0, None), Err(CacheError::RateLimited { .. })));
+        assert_eq!(c.read_many(&v, &[(1, 0, None)]), None, "a batch is refused whole");
+        // Another volume has a budget of its own.
+        c.write(&w, 1, 0, &full(2), None).unwrap();
+        assert!(c.read_many(&w, &[(1, 0, None), (1, 0, None)]).is_some());
+        assert!(c.read_many(&w, &[(1, 0, None)]).is_none(), "w used its 3 too");
     }
 
     #[test]

@@ -2774,3 +2774,80 @@ async fn a_write_its_caller_gave_up_on_leaves_the_journal() {
     assert_eq!(c.journal_bytes(), 0);
     cluster.shutdown().await;
 }
+
+/// `max_volume_ops_per_s`: a volume past its operation budget has its operations refused
+/// (with `rate_limit_wait_ms` 0) or paced (waiting within it), alone: another volume on the
+/// node goes on at once, and calls with a wrong credential use none of the budget. Unary
+/// calls, streamed writes and batched reads are all held to it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_volume_over_its_operation_budget_is_refused_or_paced_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = LocalCluster::start(3, dir.path()).await.unwrap();
+    let a = Nms::start("a", &cluster.endpoints(), |c| {
+        c.max_volume_ops_per_s = 50;
+        c.volume_ops_burst = 10;
+        c.rate_limit_wait_ms = 0;
+    })
+    .await;
+    a.create_volume("hog", "k").await;
+    a.create_volume("quiet", "q").await;
+    let mut raw = a.raw().await;
+    let write = |vol: &str, secret: &str, block: u64| pb::WriteRequest {
+        auth: auth(vol, secret),
+        op: Some(pb::WriteOp { block, offset: 0, data: vec![1; BS].into(), request_id: None }),
+    };
+    for b in 0..30 {
+        let e = raw.write(write("hog", "wrong", b)).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
+    }
+    let t = Instant::now();
+    let (mut ok, mut refused) = (0u64, 0u64);
+    for b in 0..40 {
+        match raw.write(write("hog", "k", b)).await {
+            Ok(_) => ok += 1,
+            Err(e) => {
+                assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e:?}");
+                assert!(
+                    matches!(fault_of(&e), Some(Fault::LimitExceeded { ref limit, .. }) if limit == "max_volume_ops_per_s"),
+                    "{e:?}"
+                );
+                refused += 1;
+            }
+        }
+    }
+    let allowed = 10 + (t.elapsed().as_secs_f64() * 50.0).ceil() as u64;
+    eprintln!("hog: {ok} written, {refused} refused in {:?}", t.elapsed());
+    assert!(ok >= 10, "the wrong credential's calls used the budget: {ok} written");
+    assert!(ok <= allowed && refused > 0, "{ok} written, {allowed} allowed");
+    // The other volume has a budget of its own.
+    for b in 0..10 {
+        raw.write(write("quiet", "q", b)).await.unwrap();
+    }
+    a.stop().await;
+
+    // Paced: 100 operations/s, 10 at once, waiting up to the default 1 s: nothing refused,
+    // and 60 writes (streamed, in batches of 20) then 60 reads (batched) each take at least
+    // the 0.5 s the budget allows them.
+    let b = Nms::start("b", &cluster.endpoints(), |c| {
+        c.max_volume_ops_per_s = 100;
+        c.volume_ops_burst = 10;
+    })
+    .await;
+    let mut o = opts(&[&b.ep], "paced", "p");
+    o.max_batch_ops = 20;
+    let c = VolumeClient::open(o).await.unwrap();
+    let t = Instant::now();
+    let writes = (0..60).map(|n| (n, 0, block_data(n, 1))).collect();
+    c.write_many(writes).await.unwrap();
+    let took = t.elapsed();
+    assert!(took >= Duration::from_millis(450), "60 writes took {took:?}");
+    let t = Instant::now();
+    let got = c.read_many(&(0..60).collect::<Vec<_>>()).await.unwrap();
+    let took_reads = t.elapsed();
+    for (n, d) in got.into_iter().enumerate() {
+        assert_eq!(d, Some(block_data(n as u64, 1)), "block {n}");
+    }
+    assert!(took_reads >= Duration::from_millis(450), "60 reads took {took_reads:?}");
+    eprintln!("paced: 60 writes in {took:?}, 60 reads in {took_reads:?}");
+    b.stop().await;
+}

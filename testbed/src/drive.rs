@@ -175,7 +175,7 @@ pub struct RoadTls {
 impl RoadTls {
     /// Makes a CA and the road's certificate, good for the loopback addresses and `ips`.
     pub fn make(ips: &[std::net::IpAddr]) -> anyhow::Result<Self> {
-        use wayside_proto::tls::{pki, Tls, TlsFiles};
+        use wayside_proto::tls::pki;
         let dir = tempfile::tempdir().context("temp dir for the road's TLS files")?;
         let ca = pki::Ca::new("wayside testbed road").context("making the road's CA")?;
         let (names, mut all) = pki::loopback();
@@ -395,7 +395,7 @@ pub struct Deployed {
 /// What a deployment must stop.
 enum Backend {
     InProcess {
-        cluster: wayside_pss::testing::LocalCluster,
+        cluster: Box<wayside_pss::testing::LocalCluster>,
         nodes: CancellationToken,
         servers: JoinSet<anyhow::Result<()>>,
         _dir: tempfile::TempDir,
@@ -547,7 +547,12 @@ pub async fn deploy(deployment: &Deployment, sc: &Scenario) -> anyhow::Result<De
                 vehicle: addresses,
                 pss: cluster.endpoints(),
                 tls,
-                backend: Backend::InProcess { cluster, nodes, servers, _dir: dir },
+                backend: Backend::InProcess {
+                    cluster: Box::new(cluster),
+                    nodes,
+                    servers,
+                    _dir: dir,
+                },
             })
         }
         Deployment::Netns(o) => deploy_netns(o, sc).await,

@@ -112,6 +112,7 @@ async fn the_default_road_runs_tls_on_every_hop_and_refuses_the_rest() {
     let e = VolumeClient::open(opts(None)).await.err().expect("plaintext refused");
     assert!(t.elapsed() < Duration::from_secs(15), "took {:?}", t.elapsed());
     eprintln!("plaintext vehicle: {e}");
+    assert!(e.to_string().contains("road's CA"), "{e}");
     // A vehicle trusting another CA (a man in the middle's view): refused.
     let other = tempfile::tempdir().unwrap();
     let ca = pki::Ca::new("someone else").unwrap();
@@ -121,6 +122,7 @@ async fn the_default_road_runs_tls_on_every_hop_and_refuses_the_rest() {
         Tls::load(&TlsFiles { ca: foreign.ca.clone(), ..TlsFiles::default() }).unwrap().unwrap();
     let e = VolumeClient::open(opts(Some(foreign_ca))).await.err().expect("untrusted NMS");
     eprintln!("vehicle trusting another CA: {e}");
+    assert!(e.to_string().contains("UnknownIssuer"), "{e}");
 
     // The PSS: with the road's certificate the block is there; with the CA only (no
     // certificate), or a certificate of another CA, the PSS refuses the caller.

@@ -281,7 +281,7 @@ async fn dispatch(cmd: Cmd, config: Config) -> anyhow::Result<()> {
             boot,
         } => {
             let img = Image::open(&image, true)?;
-            let tls = tls_cert.is_some().then(|| wayside_proto::tls::TlsFiles {
+            let tls = tls_cert.is_some().then_some(wayside_proto::tls::TlsFiles {
                 cert: tls_cert,
                 key: tls_key,
                 ca: tls_ca,
