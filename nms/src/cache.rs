@@ -1,8 +1,9 @@
 //! The cache core: every volume's blocks under one memory budget, dirty tracking,
 //! write-back batching, request-id dedupe and the migration snapshots.
 //!
-//! Pure logic: no I/O, no clock, no async. The server (`crate::server`) holds it under one
-//! mutex and does the waiting, the PSS calls and the networking around it.
+//! Pure logic: no I/O, no async, time read only through its [`Clock`] (for the volumes'
+//! operation budgets). The server (`crate::server`) holds it under one mutex and does the
+//! waiting, the PSS calls and the networking around it.
 //!
 //! **Invariant:** a block with unpersisted content (dirty or in a write-back batch in
 //! flight) is never evicted; only clean blocks are (CLOCK, second chance).
@@ -64,6 +65,25 @@ pub struct Limits {
     pub volume_ops_per_s: u64,
     /// Operations a volume may make at once after being idle (the bucket's depth).
     pub volume_ops_burst: u64,
+}
+
+/// Where the core reads the time (the real clock; tests drive a fake one).
+#[derive(Clone)]
+pub struct Clock(std::sync::Arc<dyn Fn() -> Instant + Send + Sync>);
+
+impl Clock {
+    pub fn new(now: impl Fn() -> Instant + Send + Sync + 'static) -> Self {
+        Self(std::sync::Arc::new(now))
+    }
+    fn now(&self) -> Instant {
+        (self.0)()
+    }
+}
+
+impl std::fmt::Debug for Clock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Clock")
+    }
 }
 
 /// A volume's operation budget ([`Limits::volume_ops_per_s`]): a token bucket at most
@@ -385,6 +405,7 @@ pub struct Cache {
     markers: VecDeque<(VolumeName, u32)>,
     /// Where written blocks' buffers come from (see [`crate::pool`]).
     pool: BlockPool,
+    clock: Clock,
 }
 
 impl Cache {
@@ -408,8 +429,16 @@ impl Cache {
             evictions: 0,
             next_fetch: 1,
             next_batch: 1,
+            clock: Clock::new(Instant::now),
         }
     }
+
+    /// The same cache reading the time from `clock`.
+    pub fn with_clock(mut self, clock: Clock) -> Self {
+        self.clock = clock;
+        self
+    }
+
     pub fn limits(&self) -> &Limits {
         &self.limits
     }
@@ -587,11 +616,12 @@ impl Cache {
             len: u64::from(len.unwrap_or(0)),
             block_size: bs.bytes(),
         })?;
-        let Some(e) = v.entries.get_mut(&block) else { return Ok(ReadOutcome::Miss) };
         let (per_s, burst) = (self.limits.volume_ops_per_s, self.limits.volume_ops_burst);
+        // A miss waits for the budget too, before its PSS read (taken once it is answered).
         v.rate
-            .ready(Instant::now(), per_s, burst, 1)
+            .ready(self.clock.now(), per_s, burst, 1)
             .map_err(|wait| CacheError::RateLimited { per_s, wait })?;
+        let Some(e) = v.entries.get_mut(&block) else { return Ok(ReadOutcome::Miss) };
         v.rate.take(1);
         Ok(read_entry(e, offset, len))
     }
@@ -609,16 +639,17 @@ impl Cache {
         if !matches!(v.state, VolumeState::Active | VolumeState::Paused) {
             return None;
         }
+        // All or nothing: over the budget, the caller reads one by one (and waits); checked
+        // first, so a refused batch marks no block as used.
+        let n = reads.len() as u64;
+        let (per_s, burst) = (self.limits.volume_ops_per_s, self.limits.volume_ops_burst);
+        v.rate.ready(self.clock.now(), per_s, burst, n).ok()?;
         let bs = v.block_size;
         let mut out = Vec::with_capacity(reads.len());
         for &(block, offset, len) in reads {
             bs.check_range(offset, u64::from(len.unwrap_or(0))).ok()?;
             out.push(read_entry(v.entries.get_mut(&block)?, offset, len));
         }
-        // All or nothing: over the budget, the caller reads one by one (and waits).
-        let n = out.len() as u64;
-        let (per_s, burst) = (self.limits.volume_ops_per_s, self.limits.volume_ops_burst);
-        v.rate.ready(Instant::now(), per_s, burst, n).ok()?;
         v.rate.take(n);
         Some(out)
     }
@@ -720,11 +751,18 @@ impl Cache {
     /// taken: [`Cache::apply`] takes it once the change is applied). An unknown volume
     /// passes (the caller's own checks name it).
     fn rate_ready(&mut self, name: &VolumeName) -> Result<(), CacheError> {
+        self.budget_ready(name, 1)
+    }
+
+    /// Whether `n` operations of `name` fit its operation budget now (nothing is taken):
+    /// a batch's PSS read of its misses is made only then. An unknown volume passes.
+    pub fn budget_ready(&mut self, name: &VolumeName, n: u64) -> Result<(), CacheError> {
         let (per_s, burst) = (self.limits.volume_ops_per_s, self.limits.volume_ops_burst);
+        let now = self.clock.now();
         match self.volumes.get_mut(name) {
             Some(v) => v
                 .rate
-                .ready(Instant::now(), per_s, burst, 1)
+                .ready(now, per_s, burst, n)
                 .map_err(|wait| CacheError::RateLimited { per_s, wait }),
             None => Ok(()),
         }
@@ -751,7 +789,6 @@ impl Cache {
         data: &[u8],
         request_id: Option<&RequestId>,
     ) -> Result<WriteOutcome, CacheError> {
-        self.rate_ready(name)?;
         let v = self.serving(name)?;
         if let Some(d) = self.duplicate(v, request_id) {
             return Ok(d);
@@ -764,25 +801,31 @@ impl Cache {
             block_size: bs,
         })?;
         let full = offset == 0 && len == u64::from(bs);
-        let new = if full {
-            self.pool.copy(data)
-        } else {
-            let base = match v.entries.get(&block) {
-                None => return Err(CacheError::NeedBlock(block)),
-                Some(e) => e.data.clone().unwrap_or_default(),
-            };
-            let (start, end) = (offset as usize, offset as usize + data.len());
-            self.pool.build(end.max(base.len()), |buf| {
-                // Every byte: the old content, zeroes up to the write, the write.
-                let keep = base.len().min(start);
-                buf[..keep].copy_from_slice(&base[..keep]);
-                buf[keep..start].fill(0);
-                buf[start..end].copy_from_slice(data);
-                if base.len() > end {
-                    buf[end..].copy_from_slice(&base[end..]);
-                }
-            })
+        let base = match (full, v.entries.get(&block)) {
+            (true, _) => None,
+            (false, None) => return Err(CacheError::NeedBlock(block)),
+            (false, Some(e)) => Some(e.data.clone().unwrap_or_default()),
         };
+        // The budget is asked last: a duplicate, a bad range or a block to fetch first is
+        // answered as such, whatever the budget.
+        self.rate_ready(name)?;
+        let new = match base {
+            None => self.pool.copy(data),
+            Some(base) => {
+                let (start, end) = (offset as usize, offset as usize + data.len());
+                self.pool.build(end.max(base.len()), |buf| {
+                    // Every byte: the old content, zeroes up to the write, the write.
+                    let keep = base.len().min(start);
+                    buf[..keep].copy_from_slice(&base[..keep]);
+                    buf[keep..start].fill(0);
+                    buf[start..end].copy_from_slice(data);
+                    if base.len() > end {
+                        buf[end..].copy_from_slice(&base[end..]);
+                    }
+                })
+            }
+        };
+        let v = self.serving(name)?;
         self.admit(v, block, new.len() as u64)?;
         Ok(self.apply(name, block, Some(new), request_id))
     }
@@ -794,11 +837,12 @@ impl Cache {
         block: BlockNo,
         request_id: Option<&RequestId>,
     ) -> Result<WriteOutcome, CacheError> {
-        self.rate_ready(name)?;
         let v = self.serving(name)?;
         if let Some(d) = self.duplicate(v, request_id) {
             return Ok(d);
         }
+        self.rate_ready(name)?;
+        let v = self.serving(name)?;
         self.admit(v, block, 0)?;
         Ok(self.apply(name, block, None, request_id))
     }
@@ -1288,7 +1332,10 @@ mod tests {
 
     #[test]
     fn only_operations_applied_or_answered_use_a_volumes_budget() {
-        let mut c = Cache::new(Limits { volume_ops_per_s: 1, volume_ops_burst: 3, ..limits() });
+        // A clock that stands still: nothing refills during the test.
+        let t0 = Instant::now();
+        let mut c = Cache::new(Limits { volume_ops_per_s: 1, volume_ops_burst: 3, ..limits() })
+            .with_clock(Clock::new(move || t0));
         let v = vol(&mut c, "v");
         let w = vol(&mut c, "w");
         // A miss, a partial write of an uncached block and a bad range cost nothing.
@@ -1307,7 +1354,14 @@ mod tests {
         assert_eq!(c.volume(&v).unwrap().accepted, accepted);
         assert!(matches!(c.delete(&v, 1, None), Err(CacheError::RateLimited { .. })));
         assert!(matches!(c.read(&v, 1, 0, None), Err(CacheError::RateLimited { .. })));
+        assert!(
+            matches!(c.read(&v, 8, 0, None), Err(CacheError::RateLimited { .. })),
+            "a miss waits for the budget before it is fetched"
+        );
         assert_eq!(c.read_many(&v, &[(1, 0, None)]), None, "a batch is refused whole");
+        // What is not an operation of the budget is answered as what it is.
+        assert!(matches!(c.write(&v, 1, 4095, b"xy", None), Err(CacheError::Range { .. })));
+        assert_eq!(c.write(&v, 9, 1, b"x", None), Err(CacheError::NeedBlock(9)));
         // Another volume has a budget of its own.
         c.write(&w, 1, 0, &full(2), None).unwrap();
         assert!(c.read_many(&w, &[(1, 0, None), (1, 0, None)]).is_some());

@@ -2794,7 +2794,12 @@ async fn a_volume_over_its_operation_budget_is_refused_or_paced_alone() {
     let mut raw = a.raw().await;
     let write = |vol: &str, secret: &str, block: u64| pb::WriteRequest {
         auth: auth(vol, secret),
-        op: Some(pb::WriteOp { block, offset: 0, data: vec![1; BS].into(), request_id: None }),
+        op: Some(pb::WriteOp {
+            block,
+            offset: 0,
+            data: vec![1; BS].into(),
+            request_id: Some(pb::RequestId { client_id: format!("{vol}-c"), seq: block + 1 }),
+        }),
     };
     for b in 0..30 {
         let e = raw.write(write("hog", "wrong", b)).await.unwrap_err();
@@ -2815,10 +2820,38 @@ async fn a_volume_over_its_operation_budget_is_refused_or_paced_alone() {
             }
         }
     }
+    // Cold reads (blocks never written: each a PSS read) are held to it too.
+    let (mut read_ok, mut read_refused) = (0u64, 0u64);
+    for b in 1000..1040 {
+        let req = pb::ReadRequest {
+            auth: auth("hog", "k"),
+            op: Some(pb::ReadOp { block: b, offset: 0, length: 0 }),
+        };
+        match raw.read(req).await {
+            Ok(_) => read_ok += 1,
+            Err(e) => {
+                assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e:?}");
+                read_refused += 1;
+            }
+        }
+    }
     let allowed = 10 + (t.elapsed().as_secs_f64() * 50.0).ceil() as u64;
-    eprintln!("hog: {ok} written, {refused} refused in {:?}", t.elapsed());
+    eprintln!(
+        "hog: {ok} written, {refused} refused, {read_ok} cold reads answered, {read_refused} \
+         refused in {:?}",
+        t.elapsed()
+    );
     assert!(ok >= 10, "the wrong credential's calls used the budget: {ok} written");
-    assert!(ok <= allowed && refused > 0, "{ok} written, {allowed} allowed");
+    assert!(ok + read_ok <= allowed && refused > 0, "{ok} + {read_ok} done, {allowed} allowed");
+    assert!(read_refused > 0, "cold reads went past the budget");
+    // Over the budget, a retried write (its request id seen) is answered as the duplicate
+    // it is, and a bad range as the bad range it is.
+    let again = raw.write(write("hog", "k", 0)).await.unwrap().into_inner();
+    assert!(again.duplicate, "{again:?}");
+    let mut bad = write("hog", "k", 77);
+    bad.op.as_mut().unwrap().offset = 1;
+    let e = raw.write(bad).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
     // The other volume has a budget of its own.
     for b in 0..10 {
         raw.write(write("quiet", "q", b)).await.unwrap();

@@ -854,6 +854,19 @@ impl Node {
     }
 
     /// Waits for progress (a write-back or state change) until `deadline`; false on timeout.
+    /// Waits `wait` for a volume's operation budget when that ends by `deadline`
+    /// (`rate_limit_wait_ms` from the call's start); false, at once, when it would not, and
+    /// when the node stops meanwhile: the caller then refuses the operation.
+    async fn wait_budget(&self, wait: Duration, deadline: Instant) -> bool {
+        if Instant::now() + wait > deadline {
+            return false;
+        }
+        tokio::select! {
+            () = tokio::time::sleep(wait) => true,
+            () = self.stop.cancelled() => false,
+        }
+    }
+
     async fn wait_progress(&self, rx: &mut watch::Receiver<u64>, deadline: Instant) -> bool {
         tokio::select! {
             r = rx.changed() => r.is_ok(),
@@ -982,6 +995,9 @@ impl Node {
                             return Ok((Some(data), version, p))
                         }
                         Ok(ReadOutcome::Absent) => return Ok((None, 0, p)),
+                        // The budget was used meanwhile: the block is cached now, so the
+                        // next pass waits for the budget and answers it as a hit.
+                        Err(CacheError::RateLimited { .. }) => continue,
                         // Not cached (paused or evicted at once): answer from what we fetched.
                         _ => {
                             return Ok(match got {
@@ -997,10 +1013,7 @@ impl Node {
                 }
                 Err(CacheError::UnknownVolume(_)) if Instant::now() < deadline => continue,
                 Err(CacheError::RateLimited { wait, .. })
-                    if Instant::now() + wait <= rate_deadline =>
-                {
-                    tokio::time::sleep(wait).await;
-                }
+                    if self.wait_budget(wait, rate_deadline).await => {}
                 Err(e) => return Err(self.cache_error(v, e)),
             }
         }
@@ -1033,7 +1046,15 @@ impl Node {
         blocks: Vec<BlockNo>,
     ) -> Result<(), NmsError> {
         self.ensure(v, cred).await?;
-        let fetch = self.core().begin_fetch(v, &blocks);
+        let fetch = {
+            let mut core = self.core();
+            // Over the volume's budget the batch's reads go one by one instead, each
+            // waiting for the budget before its own PSS read.
+            if core.budget_ready(v, blocks.len() as u64).is_err() {
+                return Ok(());
+            }
+            core.begin_fetch(v, &blocks)
+        };
         let got = self.fetch(v, blocks.clone()).await?;
         let mut core = self.core();
         for (b, g) in blocks.into_iter().zip(got) {
@@ -1051,10 +1072,11 @@ impl Node {
                 NmsError::Limit { limit: limit.into(), unit: "bytes".into(), value, max }
             }
             CacheError::NeedBlock(_) => NmsError::Unavailable(e.to_string()),
+            // The budget is used up: `value` is what was used, the most there is.
             CacheError::RateLimited { per_s, .. } => NmsError::Limit {
                 limit: "max_volume_ops_per_s".into(),
                 unit: "operations per second".into(),
-                value: per_s.saturating_add(1),
+                value: per_s,
                 max: per_s,
             },
         }
@@ -1114,10 +1136,7 @@ impl Node {
                 }
                 Err(CacheError::UnknownVolume(_)) if Instant::now() < pause_deadline => {}
                 Err(CacheError::RateLimited { wait, .. })
-                    if Instant::now() + wait <= rate_deadline =>
-                {
-                    tokio::time::sleep(wait).await;
-                }
+                    if self.wait_budget(wait, rate_deadline).await => {}
                 Err(e) => return Err(self.cache_error(v, e)),
             }
         }
