@@ -296,9 +296,20 @@ pub fn connect_failure(e: &(dyn std::error::Error + 'static)) -> ConnectFailure 
         if let (Some(r), None) = (rustls_err, &tls) {
             let hint = match r {
                 rustls::Error::InvalidMessage(_) => " (does the server speak TLS?)",
-                rustls::Error::InvalidCertificate(_) => {
-                    " (is its certificate signed by the road's CA this side trusts?)"
-                }
+                rustls::Error::InvalidCertificate(c) => match c {
+                    rustls::CertificateError::NotValidForName
+                    | rustls::CertificateError::NotValidForNameContext { .. } => {
+                        " (its certificate does not name the address dialled: issue it for the \
+                         host or IP the node advertises)"
+                    }
+                    rustls::CertificateError::Expired
+                    | rustls::CertificateError::ExpiredContext { .. }
+                    | rustls::CertificateError::NotValidYet
+                    | rustls::CertificateError::NotValidYetContext { .. } => {
+                        " (its certificate is outside its validity period: check both clocks)"
+                    }
+                    _ => " (is its certificate signed by the road's CA this side trusts?)",
+                },
                 _ => "",
             };
             tls = Some(format!("TLS handshake failed: {r}{hint}"));

@@ -96,6 +96,10 @@ pub struct Config {
     pub tls: wayside_proto::tls::TlsFiles,
     /// How long a connection has to finish its TLS handshake, in milliseconds.
     pub tls_handshake_timeout_ms: u64,
+    /// Most TLS handshakes under way at once per serving thread (`serve_threads`), in
+    /// connections; a connection past it is closed at once (callers that connect and stall
+    /// hold at most this many sockets).
+    pub max_tls_handshakes: usize,
     /// Most operations in flight on one vehicle stream; more wait. Also the most replies a
     /// stream gathers from the messages already received before they leave together.
     pub max_stream_inflight_ops: usize,
@@ -190,6 +194,7 @@ impl Default for Config {
             cluster_token: None,
             tls: wayside_proto::tls::TlsFiles::default(),
             tls_handshake_timeout_ms: 5_000,
+            max_tls_handshakes: 256,
             max_stream_inflight_ops: 256,
             max_stream_batch_ops: 256,
             max_concurrent_streams: 1024,
@@ -229,6 +234,16 @@ impl Config {
         if !self.advertise.is_empty() {
             wayside_proto::types::Endpoint::parse(&self.advertise)
                 .map_err(|e| format!("advertise: {e}"))?;
+            // Recorded as the owner address and sent in redirects: an https:// address of
+            // a node serving plaintext would send every vehicle to a handshake that fails.
+            let serves_tls = self.tls.cert.is_some() && self.tls.key.is_some();
+            if self.advertise.trim().starts_with("https://") && !serves_tls {
+                return Err(format!(
+                    "advertise {} is https://, but this node serves plaintext (no tls.cert and \
+                     tls.key)",
+                    self.advertise
+                ));
+            }
         }
         for (name, v) in [
             ("cache_capacity_bytes", self.cache_capacity_bytes),
@@ -248,6 +263,7 @@ impl Config {
             ("migration_timeout_ms", self.migration_timeout_ms),
             ("migration_switch_timeout_ms", self.migration_switch_timeout_ms),
             ("tls_handshake_timeout_ms", self.tls_handshake_timeout_ms),
+            ("max_tls_handshakes", self.max_tls_handshakes as u64),
         ] {
             if v == 0 {
                 return Err(format!("{name} must be > 0"));
@@ -289,6 +305,12 @@ mod tests {
     fn validate_names_the_bad_setting() {
         let c = Config { dirty_limit_bytes: 2 << 30, ..Config::default() };
         assert!(c.validate().unwrap_err().contains("dirty_limit_bytes"));
+        let c = Config {
+            pss: vec!["127.0.0.1:7400".into()],
+            advertise: "https://10.0.0.1:7100".into(),
+            ..Config::default()
+        };
+        assert!(c.validate().unwrap_err().contains("serves plaintext"));
         let c = Config { pss: vec!["nope".into()], ..Config::default() };
         assert!(c.validate().unwrap_err().contains("pss"));
     }

@@ -232,6 +232,41 @@ async fn a_stalled_tls_handshake_is_dropped_in_time_and_holds_up_nobody() {
     a.stop().await;
 }
 
+/// Past `max_tls_handshakes` handshakes under way, a new connection is closed at once
+/// (not after the handshake timeout), and the stalled ones go at their timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_past_max_tls_handshakes_are_closed_at_once() {
+    let mut road = Road::new("road");
+    let store = Arc::new(MemStore::default());
+    let a = tls_nms("a", &mut road, &store, |c| {
+        c.tls_handshake_timeout_ms = 2_000;
+        c.max_tls_handshakes = 2;
+        c.serve_threads = 1;
+    })
+    .await;
+    // Two connections that send nothing hold both handshake slots for their 2 s (the
+    // server takes connections in the order they came).
+    let t = Instant::now();
+    let mut stalled = Vec::new();
+    for _ in 0..2 {
+        stalled.push(tokio::net::TcpStream::connect(a.ep.authority()).await.unwrap());
+    }
+    let third = dropped_after(&a.ep, Duration::from_secs(10)).await.expect("dropped");
+    println!("closed after {third:?}");
+    assert!(third < Duration::from_millis(1_000), "held to the handshake timeout: {third:?}");
+    for mut s in stalled {
+        let mut buf = [0u8; 16];
+        let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf)).await;
+        assert!(matches!(n, Ok(Ok(0) | Err(_))), "{n:?}");
+        assert!(t.elapsed() >= Duration::from_millis(1_500), "went early: {:?}", t.elapsed());
+    }
+    // Slots free again: a vehicle is served.
+    let c = VolumeClient::open(opts(&a.ep, Some(road.vehicle()))).await.unwrap();
+    c.write(0, 0, b"x".to_vec()).await.unwrap();
+    drop(c);
+    a.stop().await;
+}
+
 /// The SMF served over TLS: vehicles report to it over TLS (a plaintext one fails), it
 /// checks their credentials with, and moves volumes between, NMSs it dials over TLS (the
 /// road's addresses written without a scheme), and drops a stalled handshake in time.

@@ -579,6 +579,10 @@ pub struct Http2Settings {
     /// How long a connection has to finish its TLS handshake (served over TLS only), in
     /// milliseconds: a caller that connects and stalls holds nothing past it.
     pub tls_handshake_timeout_ms: u64,
+    /// Most TLS handshakes under way at once (served over TLS only): a connection past it
+    /// is closed at once, so callers that connect and stall (or make the server sign a
+    /// handshake each) hold at most this many tasks and sockets.
+    pub max_tls_handshakes: usize,
 }
 
 /// Serves `svc` on every connection `incoming` yields until `signal`, then shuts every
@@ -623,6 +627,7 @@ where
             ));
     }
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(());
+    let handshakes = std::sync::Arc::new(tokio::sync::Semaphore::new(settings.max_tls_handshakes));
     {
         // Dropped when accepting stops.
         let incoming = incoming;
@@ -641,6 +646,19 @@ where
             };
             let (builder, svc, mut stop) = (builder.clone(), svc.clone(), stop_rx.clone());
             let tls = tls.clone();
+            let permit = match &tls {
+                Some(_) => match handshakes.clone().try_acquire_owned() {
+                    Ok(p) => Some(p),
+                    Err(_) => {
+                        tracing::debug!(
+                            max = settings.max_tls_handshakes,
+                            "max_tls_handshakes under way: a new connection closed"
+                        );
+                        continue;
+                    }
+                },
+                None => None,
+            };
             let handshake = Duration::from_millis(settings.tls_handshake_timeout_ms.max(1));
             tokio::spawn(async move {
                 let r = match tls {
@@ -652,14 +670,16 @@ where
                             // A handshake under way when the server stops is dropped.
                             _ = stop.changed() => return,
                         };
+                        drop(permit);
+                        // Failed handshakes are anyone's to cause: debug, not a log flood.
                         match tls_io {
                             Ok(Ok(io)) => serve_connection(&builder, io, svc, &mut stop).await,
                             Ok(Err(e)) => {
-                                tracing::info!(?peer, error = %e, "TLS handshake failed");
+                                tracing::debug!(?peer, error = %e, "TLS handshake failed");
                                 return;
                             }
                             Err(_) => {
-                                tracing::info!(?peer, ?handshake, "TLS handshake timed out");
+                                tracing::debug!(?peer, ?handshake, "TLS handshake timed out");
                                 return;
                             }
                         }
@@ -998,6 +1018,7 @@ mod tests {
             keepalive_interval_ms: 0,
             keepalive_timeout_ms: 0,
             tls_handshake_timeout_ms: 1000,
+            max_tls_handshakes: 16,
         };
         let incoming = crate::server::incoming(listener);
         tokio::spawn(serve_http2(incoming, svc, settings, None, std::future::pending()));

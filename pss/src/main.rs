@@ -157,13 +157,14 @@ fn main() -> anyhow::Result<()> {
     rt.block_on(async move {
         match command {
             Command::Serve(args) => {
-                if serve_tls != client_tls {
-                    tracing::info!(
+                let env_ignored = serve_tls != client_tls;
+                if env_ignored {
+                    tracing::warn!(
                         "WAYSIDE_TLS_* ignored by `pss serve`: it takes its TLS files from its \
                          config file's [tls] and --tls-* flags"
                     );
                 }
-                serve(cli.config, args, serve_tls).await
+                serve(cli.config, args, serve_tls, env_ignored).await
             }
             other => {
                 let tls = load_client_tls(&client_tls)?;
@@ -199,7 +200,14 @@ fn load_client_tls(files: &TlsFiles) -> anyhow::Result<Option<Tls>> {
     Ok(tls)
 }
 
-async fn serve(config: Option<PathBuf>, args: ServeArgs, tls: TlsFiles) -> anyhow::Result<()> {
+/// `env_ignored`: WAYSIDE_TLS_* was set (and ignored): a node that would then serve
+/// plaintext refuses to start rather than surprise whoever set it.
+async fn serve(
+    config: Option<PathBuf>,
+    args: ServeArgs,
+    tls: TlsFiles,
+    env_ignored: bool,
+) -> anyhow::Result<()> {
     let mut cfg: Config = wayside_proto::config::load(config.as_deref())?;
     if let Some(id) = args.id {
         cfg.id = id;
@@ -223,6 +231,13 @@ async fn serve(config: Option<PathBuf>, args: ServeArgs, tls: TlsFiles) -> anyho
     }
     if let Some(ca) = tls.ca {
         cfg.tls.ca = Some(ca);
+    }
+    if env_ignored && cfg.tls.is_empty() {
+        bail!(
+            "WAYSIDE_TLS_* is set, but `pss serve` takes its TLS files only from its config's \
+             [tls] or the --tls-cert/--tls-key/--tls-ca flags, and has none: it would serve \
+             plaintext. Pass the flags (or unset WAYSIDE_TLS_* to serve plaintext)"
+        );
     }
     cfg.validate().context("invalid configuration")?;
     let listener = tokio::net::TcpListener::bind(&cfg.listen)

@@ -339,6 +339,20 @@ async fn a_node_with_a_certificate_but_no_ca_refuses_to_start() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "pss serve started without tls.ca: {stderr}");
     assert!(stderr.contains("tls.ca"), "{stderr}");
+
+    // TLS files in the environment only: the node would serve plaintext, so it refuses.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_pss"))
+        .env("WAYSIDE_TLS_CA", road.node_files.ca.as_ref().unwrap())
+        .env("WAYSIDE_TLS_CERT", road.node_files.cert.as_ref().unwrap())
+        .env("WAYSIDE_TLS_KEY", road.node_files.key.as_ref().unwrap())
+        .args(["serve", "--id", "1", "--listen", "127.0.0.1:0", "--peers", "1=127.0.0.1:1"])
+        .arg("--data-dir")
+        .arg(dir.path().join("node-env"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "pss serve started in plaintext: {stderr}");
+    assert!(stderr.contains("would serve plaintext"), "{stderr}");
 }
 
 /// The CLI talks to a TLS cluster with a road certificate, from flags or from

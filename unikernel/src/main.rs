@@ -155,15 +155,16 @@ enum Cmd {
         /// Stay in the foreground until the VM exits.
         #[arg(long)]
         foreground: bool,
-        /// The guest NMS's certificate chain (PEM): it then serves TLS only.
-        #[arg(long, env = "WAYSIDE_TLS_CERT", requires_all = ["tls_key", "tls_ca"])]
+        /// The guest NMS's certificate chain (PEM): it then serves TLS only. (Flags only:
+        /// the WAYSIDE_TLS_* an operator exports for their own calls are not the VM's.)
+        #[arg(long, requires_all = ["tls_key", "tls_ca"])]
         tls_cert: Option<PathBuf>,
         /// The certificate's private key (PEM).
-        #[arg(long, env = "WAYSIDE_TLS_KEY", requires_all = ["tls_cert", "tls_ca"])]
+        #[arg(long, requires_all = ["tls_cert", "tls_ca"])]
         tls_key: Option<PathBuf>,
         /// The road's CA (PEM): the PSS's certificate is checked against it, and so is the
         /// NMS's by `status` and `stop`.
-        #[arg(long, env = "WAYSIDE_TLS_CA", requires_all = ["tls_cert", "tls_key"])]
+        #[arg(long, requires_all = ["tls_cert", "tls_key"])]
         tls_ca: Option<PathBuf>,
         #[command(flatten)]
         boot: BootArgs,

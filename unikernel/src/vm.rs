@@ -419,6 +419,16 @@ impl Vm {
                 .map_err(io(&token_file))?;
             f.write_all(String::from(t.clone()).as_bytes()).map_err(io(&token_file))?;
         }
+        // Copies a previous launch left (a relaunch without TLS keeps no key here).
+        for name in TLS_FILES {
+            let stale = opts.state_dir.join(name);
+            let given = opts.tls.as_ref().is_some_and(|t| {
+                [&t.cert, &t.key, &t.ca].iter().any(|p| p.as_deref() == Some(stale.as_path()))
+            });
+            if !given {
+                let _ = std::fs::remove_file(&stale);
+            }
+        }
         let tls_ca_file = match &opts.tls {
             Some(files) => {
                 let (Some(cert), Some(key), Some(ca)) = (&files.cert, &files.key, &files.ca) else {

@@ -164,6 +164,7 @@ async fn serve_node(
                     keepalive_interval_ms: node.cfg.http2_keepalive_interval_ms,
                     keepalive_timeout_ms: node.cfg.http2_keepalive_timeout_ms,
                     tls_handshake_timeout_ms: node.cfg.tls_handshake_timeout_ms,
+                    max_tls_handshakes: node.cfg.max_tls_handshakes,
                 };
                 wayside_proto::h2serve::serve_http2(
                     incoming,
