@@ -44,6 +44,8 @@ pub struct Plan {
     pub window: usize,
     pub clients: Vec<ClientPlan>,
     pub duration: Duration,
+    /// Over TLS with this client config (the NMS's address must be in its certificate).
+    pub tls: Option<Arc<tokio_rustls::rustls::ClientConfig>>,
 }
 
 /// What a run measured.
@@ -77,20 +79,21 @@ async fn drive(plan: Plan) -> anyhow::Result<Outcome> {
     for c in &plan.clients {
         let tcp = tokio::net::TcpStream::connect(plan.addr).await?;
         tcp.set_nodelay(true)?;
-        let (h2, conn) = h2::client::Builder::new()
-            .initial_window_size(WINDOW_BYTES)
-            .initial_connection_window_size(WINDOW_BYTES)
-            .max_frame_size(wayside_proto::server::HTTP2_MAX_FRAME_BYTES)
-            // Corked as the NMS's own connections are: the frames one turn produces leave
-            // in one write, not a write per 4 KiB message (h2 flushes after each).
-            .handshake::<_, Bytes>(wayside_proto::cork::CorkedIo::new(tcp))
-            .await
-            .context("HTTP/2 handshake with the NMS")?;
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, "bench h2 connection ended");
+        // Corked as the NMS's own connections are: the frames (or TLS records) one turn
+        // produces leave in one write, not a write per 4 KiB message (h2 flushes after each).
+        let io = wayside_proto::cork::CorkedIo::new(tcp);
+        let h2 = match &plan.tls {
+            None => h2_over(io).await?,
+            Some(cfg) => {
+                let name =
+                    tokio_rustls::rustls::pki_types::ServerName::IpAddress(plan.addr.ip().into());
+                let tls = tokio_rustls::TlsConnector::from(cfg.clone())
+                    .connect(name, io)
+                    .await
+                    .context("TLS handshake with the NMS")?;
+                h2_over(tls).await?
             }
-        });
+        };
         conns.push((h2, c.clone()));
     }
     let cpu0 = thread_cpu();
@@ -107,6 +110,26 @@ async fn drive(plan: Plan) -> anyhow::Result<Outcome> {
         lat_us.extend(r??);
     }
     Ok(Outcome { lat_us, elapsed, driver_cpu: thread_cpu().saturating_sub(cpu0) })
+}
+
+/// An HTTP/2 client connection over `io`, its connection task spawned.
+async fn h2_over<IO>(io: IO) -> anyhow::Result<h2::client::SendRequest<Bytes>>
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (h2, conn) = h2::client::Builder::new()
+        .initial_window_size(WINDOW_BYTES)
+        .initial_connection_window_size(WINDOW_BYTES)
+        .max_frame_size(wayside_proto::server::HTTP2_MAX_FRAME_BYTES)
+        .handshake::<_, Bytes>(io)
+        .await
+        .context("HTTP/2 handshake with the NMS")?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!(error = %e, "bench h2 connection ended");
+        }
+    });
+    Ok(h2)
 }
 
 /// One connection's call; returns its operations' latencies.

@@ -73,7 +73,19 @@ pub struct Args {
     /// interleaved rounds expose the NMS and its peers to the same drift.
     #[arg(long, default_value_t = 3)]
     pub rounds: usize,
+    /// Every hop over TLS: the NMS serves TLS (a CA and certificate made for the run),
+    /// h2load, the h2 and the tonic drivers dial it over TLS, and redis serves TLS too
+    /// (redis-server --tls-port, redis-benchmark --tls), so the ratios compare TLS with
+    /// TLS. memcached is not run (this bench's memcached client speaks plaintext).
+    #[arg(long)]
+    pub tls: bool,
+    /// (--tls) The run's TLS files: made by `run`.
+    #[arg(skip)]
+    pub tls_files: Option<wayside_proto::tls::TlsFiles>,
 }
+
+/// (--tls) What every client of this run dials the NMS with (the run's CA).
+static CLIENT_TLS: std::sync::OnceLock<wayside_proto::tls::Tls> = std::sync::OnceLock::new();
 
 /// Each run's median figure (by ops/s) across rounds, in the first round's order.
 fn medians(rounds: Vec<Vec<Figure>>) -> Vec<Figure> {
@@ -196,7 +208,8 @@ fn free_port() -> anyhow::Result<u16> {
 
 /// A tonic channel as the client library makes them (`wayside_proto::client::connect`).
 async fn channel(addr: &str) -> anyhow::Result<tonic::transport::Channel> {
-    let e = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+    let ep = wayside_proto::types::Endpoint::parse(addr)?;
+    let e = wayside_proto::client::endpoint(&ep, CLIENT_TLS.get())?
         .max_frame_size(wayside_proto::server::HTTP2_MAX_FRAME_BYTES);
     Ok(wayside_proto::client::connect(&e).await?)
 }
@@ -447,6 +460,7 @@ async fn nms_h2(addr: &str, a: &Args, api: Api, write: bool) -> anyhow::Result<F
         window: if batched { 1 } else { depth },
         clients,
         duration: Duration::from_secs(a.seconds),
+        tls: CLIENT_TLS.get().map(|t| t.client_config()).transpose()?,
     };
     let start = Start::now();
     let out = crate::bench::h2drive::run(plan).await?;
@@ -575,7 +589,10 @@ async fn nms_h2load(
         .arg(&file)
         .arg("--log-file")
         .arg(&log)
-        .arg(format!("http://{addr}/wayside.v1.Nms/{path}"))
+        .arg(format!(
+            "{}://{addr}/wayside.v1.Nms/{path}",
+            if CLIENT_TLS.get().is_some() { "https" } else { "http" }
+        ))
         .output()
         .await
         .with_context(|| {
@@ -656,6 +673,27 @@ async fn wait_port(port: u16) -> anyhow::Result<()> {
 
 async fn redis(a: &Args) -> anyhow::Result<Vec<Figure>> {
     let port = free_port()?;
+    // With --tls: TLS only, on `port`, with the NMS's certificate; clients unauthenticated
+    // (as the NMS's vehicles).
+    let mut tls_args: Vec<std::ffi::OsString> = Vec::new();
+    let mut client_tls: Vec<std::ffi::OsString> = Vec::new();
+    if let Some(t) = &a.tls_files {
+        let (Some(cert), Some(key), Some(ca)) = (&t.cert, &t.key, &t.ca) else {
+            bail!("--tls: the run's TLS files are incomplete");
+        };
+        for (k, v) in [
+            ("--port", std::ffi::OsString::from("0")),
+            ("--tls-port", port.to_string().into()),
+            ("--tls-cert-file", cert.into()),
+            ("--tls-key-file", key.into()),
+            ("--tls-ca-cert-file", ca.into()),
+            ("--tls-auth-clients", "no".into()),
+        ] {
+            tls_args.push(k.into());
+            tls_args.push(v);
+        }
+        client_tls = vec!["--tls".into(), "--cacert".into(), ca.into()];
+    }
     let _server = Child(
         tokio::process::Command::new("redis-server")
             .args([
@@ -668,6 +706,8 @@ async fn redis(a: &Args) -> anyhow::Result<Vec<Figure>> {
                 "--bind",
                 "127.0.0.1",
             ])
+            // (Later flags win: with --tls the plaintext port is 0, off.)
+            .args(&tls_args)
             .stdout(std::process::Stdio::null())
             .kill_on_drop(true)
             .spawn()
@@ -681,6 +721,7 @@ async fn redis(a: &Args) -> anyhow::Result<Vec<Figure>> {
     let spread = a.blocks * a.clients as u64;
     for (pipeline, keys) in [(1usize, 1), (1, spread), (a.depth, 1), (a.depth, spread)] {
         let mut cmd = tokio::process::Command::new("redis-benchmark");
+        cmd.args(&client_tls);
         if keys > 1 {
             cmd.args(["-r", &keys.to_string()]);
         }
@@ -819,7 +860,17 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     if cfg!(debug_assertions) {
         println!("NOTE: a debug build; run `cargo run --release -p wayside-testbed -- bench nms` for real figures");
     }
+    let mut args = args;
     let dir = tempfile::tempdir()?;
+    if args.tls {
+        let ca = wayside_proto::tls::pki::Ca::new("bench road")?;
+        let (names, ips) = wayside_proto::tls::pki::loopback();
+        let files = ca.write_road(&dir.path().join("tls"), &names, &ips)?;
+        let vehicle = wayside_proto::tls::TlsFiles { ca: files.ca.clone(), ..Default::default() };
+        let tls = wayside_proto::tls::Tls::load(&vehicle)?.context("the run's CA")?;
+        let _ = CLIENT_TLS.set(tls);
+        args.tls_files = Some(files);
+    }
     let cluster = wayside_pss::testing::LocalCluster::start(3, dir.path()).await?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?.to_string();
@@ -832,6 +883,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         // machine does, so the limiter still runs (its cost is in the figures).
         max_volume_ops_per_s: 1_000_000_000,
         volume_ops_burst: 1_000_000,
+        tls: args.tls_files.clone().unwrap_or_default(),
         ..Default::default()
     };
     if let Some(ms) = args.writeback_delay_ms {
@@ -922,9 +974,13 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                 Ok(f) => figs.extend(f),
                 Err(e) => println!("redis: not measured: {e:#}"),
             }
-            match memcached(&args).await {
-                Ok(f) => figs.extend(f),
-                Err(e) => println!("memcached: not measured: {e:#}"),
+            if args.tls {
+                println!("memcached: not measured with --tls");
+            } else {
+                match memcached(&args).await {
+                    Ok(f) => figs.extend(f),
+                    Err(e) => println!("memcached: not measured: {e:#}"),
+                }
             }
         }
         println!("round {round}:");
@@ -943,10 +999,16 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     println!(
         "\n4 KiB values, {} clients, {} s per NMS/memcached phase; each run's median of {} \
          interleaved rounds (write-back lines: the last round); the NMS writes back after \
-         {writeback_delay_ms} ms (writeback_delay_ms) to a 3-node PSS in this process\n",
+         {writeback_delay_ms} ms (writeback_delay_ms) to a 3-node PSS in this process{}\n",
         args.clients,
         args.seconds,
-        args.rounds.max(1)
+        args.rounds.max(1),
+        if args.tls {
+            "; every NMS call and redis command over TLS (TLS 1.3, rustls at the NMS, OpenSSL \
+             at redis and h2load)"
+        } else {
+            "; plaintext (--tls for TLS on both sides)"
+        }
     );
     println!("| run | ops/s | p50 ms | p99 ms | CPU us/op |\n| --- | ---: | ---: | ---: | ---: |");
     for f in &figs {
