@@ -5,7 +5,7 @@
 use crate::config::Config;
 use crate::node;
 use crate::service::{AdminService, BlockService, PipelineStats};
-use crate::transport::RaftService;
+use crate::transport::{PeerCheck, RaftService};
 use anyhow::Context as _;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
@@ -121,6 +121,8 @@ async fn serve(
         node_tx: handle.tx.clone(),
         snap_dir: handle.snap_dir.clone(),
         shutdown: inner.clone(),
+        // Over TLS a Raft message is accepted only from the peer its certificate names.
+        peers: tls.as_ref().map(|_| PeerCheck::new(handle.addresses.clone())),
     })
     .max_decoding_message_size(max)
     .max_encoding_message_size(max);

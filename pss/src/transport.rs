@@ -8,18 +8,26 @@
 //! Inbound: the service decodes messages and queues them for the node loop (awaiting
 //! room: backpressure to the sender). A snapshot's file is written and fsynced before
 //! its message reaches the node.
+//!
+//! Who may send: over TLS every caller of a PSS holds a certificate signed by the road's
+//! CA, but so does every NMS and operator. A Raft message claiming to come from node
+//! `from` is therefore accepted only over a connection whose client certificate is valid
+//! for the host of `from`'s address in the node's address book ([`PeerCheck`]); anything
+//! else is refused with `PERMISSION_DENIED`. Without TLS there is no caller identity to
+//! check and nothing is.
 
 use crate::config::Config;
 use crate::node::{checkpoint_path, snapshot_path, AddressBook, Input};
 use futures::StreamExt;
 use protobuf::Message as _;
 use raft::prelude::{Message, MessageType};
+use rustls_pki_types::{CertificateDer, ServerName};
 use std::collections::HashMap;
 use std::io::Write;
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Mutex;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::io::AsyncReadExt;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -369,6 +377,105 @@ impl PeerWorker {
     }
 }
 
+/// A refusal of a claimed sender is logged at warn at most this often per claimed id
+/// (the rest at debug): a caller retrying in a loop must not flood the log.
+const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(60);
+/// Most claimed ids whose last warning is remembered (ids are the caller's to choose).
+const REFUSAL_LOG_IDS: usize = 64;
+
+/// Binds inbound Raft messages to the sending peer's identity (a node serving TLS): a
+/// message from node `from` is accepted only over a connection whose client certificate
+/// (already checked by the TLS handshake to be signed by the road's CA) is valid for the
+/// host of `from`'s address in the address book: the configured peers, and members added
+/// later, whose address the `AddNode` entry recorded. A road certificate of another
+/// machine (an NMS's, an operator's) names no peer's address and is refused.
+pub struct PeerCheck {
+    addresses: AddressBook,
+    /// When a refusal of each claimed id was last logged at warn.
+    logged: Mutex<HashMap<u64, Instant>>,
+}
+
+impl PeerCheck {
+    pub fn new(addresses: AddressBook) -> Self {
+        Self { addresses, logged: Mutex::new(HashMap::new()) }
+    }
+
+    /// Ok when `certs` (the caller's chain, leaf first) names the address node `from` has
+    /// in this node's (`this`) address book; else `PERMISSION_DENIED`, saying why.
+    fn check(
+        &self,
+        certs: Option<&[CertificateDer<'static>]>,
+        from: u64,
+        this: u64,
+    ) -> Result<(), Status> {
+        let addr = self
+            .addresses
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(&from)
+            .cloned();
+        let refused = match addr {
+            None => format!(
+                "raft messages claiming to come from node {from} refused by node {this}: node \
+                 {from} is not a member this node knows an address for"
+            ),
+            Some(addr) => match certs.and_then(<[_]>::first) {
+                None => format!(
+                    "raft messages claiming to come from node {from} ({addr}) refused by node \
+                     {this}: the caller presented no certificate"
+                ),
+                Some(leaf) => match certificate_names(leaf, &addr) {
+                    Ok(()) => return Ok(()),
+                    Err(why) => format!(
+                        "raft messages claiming to come from node {from} ({addr}) refused by \
+                         node {this}: the caller's certificate is not valid for that address \
+                         ({why})"
+                    ),
+                },
+            },
+        };
+        self.log(from, &refused);
+        Err(Status::permission_denied(refused))
+    }
+
+    fn log(&self, from: u64, refused: &str) {
+        let now = Instant::now();
+        let mut logged = self.logged.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let due = logged.get(&from).is_none_or(|t| now.duration_since(*t) >= REFUSAL_LOG_INTERVAL);
+        if due && logged.len() >= REFUSAL_LOG_IDS {
+            logged.retain(|_, t| now.duration_since(*t) < REFUSAL_LOG_INTERVAL);
+        }
+        if due && (logged.len() < REFUSAL_LOG_IDS || logged.contains_key(&from)) {
+            logged.insert(from, now);
+            tracing::warn!(
+                claimed = from,
+                "{refused} (logged at most once a minute per claimed node)"
+            );
+        } else {
+            tracing::debug!(claimed = from, "{refused}");
+        }
+    }
+}
+
+/// The host of a peer address (`host:port`, `http(s)://host:port`, `[v6]:port`), as the
+/// name a certificate must be valid for: an IP address or a DNS name.
+fn server_name_of(addr: &str) -> Result<ServerName<'static>, String> {
+    let ep = wayside_proto::types::Endpoint::parse(addr).map_err(|e| e.to_string())?;
+    let authority = ep.authority();
+    let host = authority.rsplit_once(':').map_or(authority, |(h, _)| h);
+    let host = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
+    ServerName::try_from(host.to_owned())
+        .map_err(|e| format!("{host} is neither an IP address nor a DNS name: {e}"))
+}
+
+/// Ok when the certificate `leaf` is valid for the host of `addr`.
+pub fn certificate_names(leaf: &CertificateDer<'_>, addr: &str) -> Result<(), String> {
+    let name = server_name_of(addr)?;
+    let cert = webpki::EndEntityCert::try_from(leaf)
+        .map_err(|e| format!("the certificate does not parse: {e}"))?;
+    cert.verify_is_valid_for_subject_name(&name).map_err(|e| format!("{e}"))
+}
+
 /// The inbound side: `wayside.v1.RaftTransport`.
 pub struct RaftService {
     pub id: u64,
@@ -377,6 +484,26 @@ pub struct RaftService {
     /// The node's shutdown: a peer's `Send` stream is long-lived, so the handler ends it
     /// (and the server's graceful shutdown can finish) when this fires.
     pub shutdown: CancellationToken,
+    /// Over TLS: who may send as which peer. `None` (plaintext): no caller identity.
+    pub peers: Option<PeerCheck>,
+}
+
+impl RaftService {
+    /// Checks that a decoded message's own sender is the envelope's (bound to the
+    /// connection). raft-rs's `MsgTransferLeader` is the exception: it names the
+    /// transferee as its sender, and a follower forwards it to the leader as it is.
+    fn check_inner(&self, m: &Message, from: u64) -> Result<(), Status> {
+        if self.peers.is_none()
+            || m.from == from
+            || m.get_msg_type() == MessageType::MsgTransferLeader
+        {
+            return Ok(());
+        }
+        Err(Status::permission_denied(format!(
+            "a raft message from node {} came in an envelope from node {from}",
+            m.from
+        )))
+    }
 }
 
 fn decode(bytes: &[u8]) -> Result<Message, Status> {
@@ -390,7 +517,10 @@ impl pb::raft_transport_server::RaftTransport for RaftService {
         &self,
         request: Request<Streaming<pb::RaftEnvelope>>,
     ) -> Result<Response<pb::RaftSendReply>, Status> {
+        let certs = request.peer_certs();
         let mut stream = request.into_inner();
+        // The sender the stream's first envelope proved; every later one must be it.
+        let mut sender: Option<u64> = None;
         loop {
             let env = tokio::select! {
                 _ = self.shutdown.cancelled() => break,
@@ -399,6 +529,21 @@ impl pb::raft_transport_server::RaftTransport for RaftService {
                     None => break,
                 },
             };
+            if let Some(peers) = &self.peers {
+                match sender {
+                    None => {
+                        peers.check(certs.as_deref().map(Vec::as_slice), env.from, self.id)?;
+                        sender = Some(env.from);
+                    }
+                    Some(s) if s != env.from => {
+                        return Err(Status::permission_denied(format!(
+                            "a raft stream from node {s} carried an envelope claiming node {}",
+                            env.from
+                        )));
+                    }
+                    Some(_) => {}
+                }
+            }
             if env.to != self.id {
                 return Err(Status::failed_precondition(format!(
                     "raft messages for node {} reached node {}: check the peer addresses",
@@ -407,6 +552,7 @@ impl pb::raft_transport_server::RaftTransport for RaftService {
             }
             for bytes in &env.messages {
                 let m = decode(bytes)?;
+                self.check_inner(&m, env.from)?;
                 self.node_tx
                     .send(Input::Raft(Box::new(m)))
                     .await
@@ -420,11 +566,16 @@ impl pb::raft_transport_server::RaftTransport for RaftService {
         &self,
         request: Request<Streaming<pb::SnapshotChunk>>,
     ) -> Result<Response<pb::RaftSendReply>, Status> {
+        let certs = request.peer_certs();
         let mut stream = request.into_inner();
         let first = stream
             .message()
             .await?
             .ok_or_else(|| Status::invalid_argument("empty snapshot stream"))?;
+        // Before anything is written: a snapshot replaces the whole store.
+        if let Some(peers) = &self.peers {
+            peers.check(certs.as_deref().map(Vec::as_slice), first.from, self.id)?;
+        }
         if first.to != self.id {
             return Err(Status::failed_precondition(format!(
                 "snapshot for node {} reached node {}",
@@ -435,6 +586,7 @@ impl pb::raft_transport_server::RaftTransport for RaftService {
         if msg.get_msg_type() != MessageType::MsgSnapshot {
             return Err(Status::invalid_argument("first chunk must carry a MsgSnapshot"));
         }
+        self.check_inner(&msg, first.from)?;
         let index = msg.get_snapshot().get_metadata().index;
         let path = snapshot_path(&self.snap_dir, index);
         let tmp = self.snap_dir.join(format!("recv-{index:020}-{}.tmp", rand::random::<u64>()));
@@ -488,4 +640,34 @@ async fn receive(
         crate::storage::sync_dir(dir).map_err(io)?;
     }
     Ok(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rustls_pki_types::pem::PemObject as _;
+    use wayside_proto::tls::pki;
+
+    #[test]
+    fn the_host_of_a_peer_address_is_the_name_checked() {
+        let name = |a: &str| server_name_of(a).map(|n| n.to_str().into_owned());
+        assert_eq!(name("127.0.0.1:7000").unwrap(), "127.0.0.1");
+        assert_eq!(name("https://[::1]:7000").unwrap(), "::1");
+        assert_eq!(name("http://pss-2.road.example:7000/").unwrap(), "pss-2.road.example");
+        assert!(name("no-port").is_err());
+    }
+
+    #[test]
+    fn a_certificate_is_checked_against_the_address_host() {
+        let ca = pki::Ca::new("unit road").unwrap();
+        let ips = [std::net::IpAddr::from([10, 1, 2, 3])];
+        let issued = ca.issue(&["pss-1.road".to_owned()], &ips).unwrap();
+        let leaf = CertificateDer::from_pem_slice(issued.cert_pem.as_bytes()).unwrap();
+        certificate_names(&leaf, "10.1.2.3:7000").unwrap();
+        certificate_names(&leaf, "https://pss-1.road:7000").unwrap();
+        assert!(certificate_names(&leaf, "10.1.2.4:7000").is_err());
+        assert!(certificate_names(&leaf, "127.0.0.1:7000").is_err());
+        assert!(certificate_names(&leaf, "pss-2.road:7000").is_err());
+        assert!(certificate_names(&CertificateDer::from(vec![1, 2, 3]), "10.1.2.3:7000").is_err());
+    }
 }

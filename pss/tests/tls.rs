@@ -1,7 +1,8 @@
 //! TLS on every PSS hop (DESIGN.md section 8), with real nodes on loopback and the real
 //! Raft log: a TLS cluster elects, replicates and serves a road client; callers without a
 //! certificate signed by the road's CA (none, a foreign CA's, plaintext) are refused and
-//! write nothing; a foreign certificate cannot reach the Raft transport; a node with a
+//! write nothing; a foreign certificate cannot reach the Raft transport, nor can a road
+//! certificate that does not name the address of the peer it claims to be; a node with a
 //! certificate but no CA refuses to start; the CLI talks to a TLS cluster with a road
 //! certificate.
 
@@ -99,6 +100,20 @@ fn foreign_identity(cluster: &LocalCluster, dir: &std::path::Path) -> Tls {
     let files = other.write_road(dir, &names, &ips).unwrap();
     let mixed = TlsFiles { ca: Some(road_ca(cluster)), ..files };
     Tls::load(&mixed).unwrap().unwrap()
+}
+
+/// The peers' own identity: the certificate every node of a test cluster serves with and
+/// presents to its peers (it names 127.0.0.1, every node's address).
+fn node_identity(cluster: &LocalCluster) -> Tls {
+    Tls::load(&cluster.tls().unwrap().node_files).unwrap().unwrap()
+}
+
+/// A road certificate (signed by the road's CA) for another machine: one reached at
+/// 10.9.9.9 only, as an NMS on a road-side unit would hold. It names no peer's address.
+fn other_machine_identity(cluster: &LocalCluster, dir: &std::path::Path) -> Tls {
+    let ips = [std::net::IpAddr::from([10, 9, 9, 9])];
+    let files = cluster.tls().unwrap().ca.write_road(dir, &[], &ips).unwrap();
+    Tls::load(&files).unwrap().unwrap()
 }
 
 /// Makes volume `vol` with block 0 written, through the road client; returns its epoch.
@@ -241,7 +256,7 @@ async fn raft_send(ep: &Endpoint, tls: &Tls, env: pb::RaftEnvelope) -> Result<()
 
 /// (f) A would-be peer with a certificate from another CA cannot reach the Raft transport:
 /// a heartbeat from a far later term, which would depose the leader were it delivered, is
-/// refused and no node's term moves. With the road's certificate the same transport
+/// refused and no node's term moves. With the nodes' own certificate the same transport
 /// answers (a misaddressed envelope gets the service's own refusal), so the refusal above
 /// is the TLS check.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -254,9 +269,9 @@ async fn a_peer_with_a_foreign_certificate_cannot_reach_the_raft_transport() {
     let follower = (1..=3).find(|id| *id != leader).unwrap();
     let ep = cluster.endpoint(follower).unwrap();
 
-    let road = cluster.client_tls().unwrap();
+    let peer = node_identity(&cluster);
     let misaddressed = pb::RaftEnvelope { from: leader, to: 99, messages: Vec::new() };
-    let st = raft_send(&ep, &road, misaddressed).await.unwrap_err();
+    let st = raft_send(&ep, &peer, misaddressed).await.unwrap_err();
     assert_eq!(st.code(), Code::FailedPrecondition, "{st:?}");
 
     let foreign = foreign_identity(&cluster, &dir.path().join("foreign"));
@@ -546,5 +561,129 @@ async fn a_road_node_joins_over_tls_and_a_foreign_one_cannot() {
     stop4.cancel();
     let _ = node5.await;
     let _ = node4.await;
+    cluster.shutdown().await;
+}
+
+/// A heartbeat from `from` to `to` in `term`, in an envelope.
+fn forged_heartbeat(from: u64, to: u64, term: u64) -> pb::RaftEnvelope {
+    use protobuf::Message as _;
+    let mut hb = raft::prelude::Message::default();
+    hb.set_msg_type(raft::prelude::MessageType::MsgHeartbeat);
+    hb.from = from;
+    hb.to = to;
+    hb.term = term;
+    pb::RaftEnvelope { from, to, messages: vec![hb.write_to_bytes().unwrap()] }
+}
+
+/// An `InstallSnapshot` to `ep` claiming to come from `from`: a `MsgSnapshot` of a far
+/// later term and an empty file, dialled with `tls`.
+async fn raft_snapshot(
+    ep: &Endpoint,
+    tls: &Tls,
+    from: u64,
+    to: u64,
+    term: u64,
+) -> Result<(), tonic::Status> {
+    use protobuf::Message as _;
+    let mut m = raft::prelude::Message::default();
+    m.set_msg_type(raft::prelude::MessageType::MsgSnapshot);
+    m.from = from;
+    m.to = to;
+    m.term = term;
+    m.mut_snapshot().mut_metadata().index = 1_000_000;
+    m.mut_snapshot().mut_metadata().term = term;
+    let chunk = pb::SnapshotChunk {
+        from,
+        to,
+        message: m.write_to_bytes().unwrap(),
+        data: Vec::new(),
+        last: true,
+    };
+    let e = wayside_proto::client::endpoint(ep, Some(tls)).unwrap();
+    let mut c = RaftTransportClient::new(wayside_proto::client::connect_lazy(&e));
+    let call = c.install_snapshot(futures::stream::iter([chunk]));
+    match tokio::time::timeout(Duration::from_secs(10), call).await {
+        Ok(r) => r.map(|_| ()),
+        Err(_) => panic!("a snapshot install at {ep} hung"),
+    }
+}
+
+/// A caller that holds a road certificate (signed by the road's CA, so it passes the TLS
+/// handshake) but one that does not name the claimed peer's address cannot speak Raft as
+/// that peer: the road-operator client certificate (it names no address) and a
+/// certificate for another machine (10.9.9.9, like an NMS's) get PERMISSION_DENIED, naming
+/// the claimed node and its address, for a heartbeat from a far later term and for a
+/// snapshot install; an unknown sender id is refused even with a peer's certificate; a
+/// stream cannot change its sender after its first envelope, nor a message inside an
+/// envelope claim a sender other than the envelope's. No node's term moves, and
+/// the cluster still replicates.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_road_certificate_not_naming_the_peer_cannot_send_raft_messages() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = LocalCluster::start_tls(3, dir.path()).await.unwrap();
+    let leader = cluster.wait_for_leader(Duration::from_secs(10)).await.unwrap();
+    let term = cluster.status(leader).await.unwrap().term;
+    let leader_addr = cluster.endpoint(leader).unwrap().authority().to_owned();
+    let forged = term + 100;
+
+    let operator = cluster.client_tls().unwrap();
+    let other = other_machine_identity(&cluster, &dir.path().join("other-machine"));
+    for follower in (1..=3).filter(|id| *id != leader) {
+        let ep = cluster.endpoint(follower).unwrap();
+        for (who, tls) in [("road-operator", &operator), ("10.9.9.9", &other)] {
+            let st = raft_send(&ep, tls, forged_heartbeat(leader, follower, forged))
+                .await
+                .expect_err("a forged heartbeat was accepted");
+            assert_eq!(st.code(), Code::PermissionDenied, "{who} to node {follower}: {st:?}");
+            assert!(
+                st.message().contains(&format!("node {leader} ({leader_addr})")),
+                "{who}: the refusal names the claimed node and its address: {st:?}"
+            );
+            let st = raft_snapshot(&ep, tls, leader, follower, forged)
+                .await
+                .expect_err("a forged snapshot was accepted");
+            assert_eq!(st.code(), Code::PermissionDenied, "{who} snapshot: {st:?}");
+        }
+    }
+    // The leader is not deposed by a "peer" either.
+    let ep = cluster.endpoint(leader).unwrap();
+    let claimed = (1..=3).find(|id| *id != leader).unwrap();
+    let st = raft_send(&ep, &other, forged_heartbeat(claimed, leader, forged)).await.unwrap_err();
+    assert_eq!(st.code(), Code::PermissionDenied, "{st:?}");
+
+    // A sender the node has no address for: refused whatever the certificate.
+    let peer = node_identity(&cluster);
+    let follower = (1..=3).find(|id| *id != leader).unwrap();
+    let ep = cluster.endpoint(follower).unwrap();
+    let st = raft_send(&ep, &peer, forged_heartbeat(77, follower, forged)).await.unwrap_err();
+    assert_eq!(st.code(), Code::PermissionDenied, "{st:?}");
+    assert!(st.message().contains("node 77"), "{st:?}");
+
+    // A stream proves its sender once: a later envelope claiming another node is refused.
+    let e = wayside_proto::client::endpoint(&ep, Some(&peer)).unwrap();
+    let mut c = RaftTransportClient::new(wayside_proto::client::connect_lazy(&e));
+    let other_peer = (1..=3).find(|id| *id != leader && *id != follower).unwrap();
+    let envs = [
+        pb::RaftEnvelope { from: leader, to: follower, messages: Vec::new() },
+        forged_heartbeat(other_peer, follower, forged),
+    ];
+    let st = tokio::time::timeout(Duration::from_secs(10), c.send(futures::stream::iter(envs)))
+        .await
+        .expect("hung")
+        .unwrap_err();
+    assert_eq!(st.code(), Code::PermissionDenied, "{st:?}");
+
+    // Nor can a message inside a proven peer's envelope claim another sender.
+    let mut inner = forged_heartbeat(other_peer, follower, forged);
+    inner.from = leader;
+    let st = raft_send(&ep, &peer, inner).await.unwrap_err();
+    assert_eq!(st.code(), Code::PermissionDenied, "{st:?}");
+
+    // No forged term reached any node, and the cluster carries on.
+    for id in 1..=3 {
+        let s = cluster.status(id).await.unwrap();
+        assert!(s.term < forged, "node {id} took the forged term: {s:?}");
+    }
+    volume_with_block_0(&cluster, "car-peer").await;
     cluster.shutdown().await;
 }
