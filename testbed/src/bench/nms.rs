@@ -862,16 +862,19 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     }
     let mut args = args;
     let dir = tempfile::tempdir()?;
-    if args.tls {
-        let ca = wayside_proto::tls::pki::Ca::new("bench road")?;
-        let (names, ips) = wayside_proto::tls::pki::loopback();
-        let files = ca.write_road(&dir.path().join("tls"), &names, &ips)?;
+    // With --tls the PSS runs TLS too (a TLS NMS dials nothing in plaintext), and its
+    // road's node certificate is the NMS's and redis's.
+    let cluster = if args.tls {
+        let cluster = wayside_pss::testing::LocalCluster::start_tls(3, dir.path()).await?;
+        let files = cluster.tls().context("the PSS's TLS files")?.node_files.clone();
         let vehicle = wayside_proto::tls::TlsFiles { ca: files.ca.clone(), ..Default::default() };
         let tls = wayside_proto::tls::Tls::load(&vehicle)?.context("the run's CA")?;
         let _ = CLIENT_TLS.set(tls);
         args.tls_files = Some(files);
-    }
-    let cluster = wayside_pss::testing::LocalCluster::start(3, dir.path()).await?;
+        cluster
+    } else {
+        wayside_pss::testing::LocalCluster::start(3, dir.path()).await?
+    };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?.to_string();
     let mut cfg = wayside_nms::config::Config {
