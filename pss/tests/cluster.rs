@@ -10,65 +10,11 @@ use wayside_proto::types::{Endpoint, Epoch, Fault, VolumeName};
 use wayside_pss::client::{ClientOptions, PssClient, PssError};
 use wayside_pss::testing::LocalCluster;
 
-fn rid(client: &str, seq: u64) -> Option<pb::RequestId> {
-    Some(pb::RequestId { client_id: client.into(), seq })
-}
-
-fn acquire(volume: &str, owner: &str, seq: u64) -> pb::AcquireVolumeRequest {
-    pb::AcquireVolumeRequest {
-        volume: volume.into(),
-        owner_node: owner.into(),
-        owner_address: "127.0.0.1:9".into(),
-        expected_epoch: 0,
-        create: Some(pb::CreateSpec { block_size: 4096, credential_hash: vec![7; 32] }),
-        request_id: rid(owner, seq),
-    }
-}
-
-fn put(
-    volume: &str,
-    epoch: u64,
-    client: &str,
-    seq: u64,
-    block: u64,
-    data: Vec<u8>,
-) -> pb::WriteBatchRequest {
-    pb::WriteBatchRequest {
-        volume: volume.into(),
-        epoch,
-        request_id: rid(client, seq),
-        ops: vec![pb::PssBlockOp { block, data, delete: false, version: 0 }],
-        persisted_lsn: seq,
-    }
-}
+mod common;
+use common::{acquire, put, stale_blocks, wait_applied};
 
 async fn blocks(ep: &Endpoint) -> PssBlocksClient<tonic::transport::Channel> {
     PssBlocksClient::connect(ep.uri().to_owned()).await.unwrap()
-}
-
-/// Waits until node `id` has applied `index`.
-async fn wait_applied(cluster: &LocalCluster, id: u64, index: u64) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while cluster.status(id).await.is_none_or(|s| s.applied_index < index) {
-        assert!(std::time::Instant::now() < deadline, "node {id} did not apply {index}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-/// Blocks `0..count` of `volume` as node `id` has them applied (a stale read).
-async fn stale_blocks(
-    cluster: &LocalCluster,
-    id: u64,
-    volume: &str,
-    count: u64,
-) -> Vec<pb::PssBlock> {
-    let mut b = blocks(&cluster.endpoint(id).unwrap()).await;
-    let req = pb::GetBlocksRequest {
-        volume: volume.into(),
-        blocks: (0..count).collect(),
-        consistency: pb::ReadConsistency::Stale as i32,
-    };
-    b.get_blocks(req).await.unwrap().into_inner().blocks
 }
 
 /// Runs a raw call on the current leader, again if an election moved leadership in
