@@ -53,6 +53,10 @@ pub struct SmfConfig {
     pub max_vehicles: usize,
     /// Volumes tracked at once (the same).
     pub max_volumes: usize,
+    /// Vehicles (distinct vehicle ids, not silent for `idle_forget_ms`) reporting one
+    /// volume at once; another is refused RESOURCE_EXHAUSTED. A volume is one vehicle's:
+    /// this keeps one credential holder from filling `max_vehicles` with made-up ids.
+    pub max_vehicles_per_volume: usize,
     /// A vehicle (or a volume not moving) silent this long, in wall milliseconds, is
     /// forgotten when room is needed for a new one.
     pub idle_forget_ms: u64,
@@ -83,6 +87,7 @@ impl Default for SmfConfig {
             locate_wait_ms: 10_000,
             max_vehicles: 10_000,
             max_volumes: 10_000,
+            max_vehicles_per_volume: 4,
             idle_forget_ms: 600_000,
             estimator: EstimatorConfig::default(),
             cluster_token: None,
@@ -106,12 +111,13 @@ impl SmfConfig {
             || self.max_move_records == 0
             || self.max_vehicles == 0
             || self.max_volumes == 0
+            || self.max_vehicles_per_volume == 0
             || self.migration_rpc_timeout_ms == 0
             || self.tls_handshake_timeout_ms == 0
         {
             return Err("tick_ms, max_concurrent_moves, max_move_records, max_vehicles, \
-                        max_volumes, migration_rpc_timeout_ms and tls_handshake_timeout_ms \
-                        must be > 0"
+                        max_volumes, max_vehicles_per_volume, migration_rpc_timeout_ms and \
+                        tls_handshake_timeout_ms must be > 0"
                 .into());
         }
         Ok(())
@@ -192,8 +198,8 @@ struct State {
     road_gen: u64,
     estimator: SmtEstimator,
     volumes: HashMap<String, VolumeState>,
-    /// Each tracked vehicle's last report.
-    vehicles: HashMap<String, Instant>,
+    /// Each tracked vehicle's last report, and the volume it reported.
+    vehicles: HashMap<String, (Instant, String)>,
     moves: VecDeque<pb::MoveRecord>,
     in_flight: usize,
 }
@@ -399,8 +405,22 @@ impl Smf {
         };
         let idle = Duration::from_millis(self.cfg.idle_forget_ms);
         let silent = |last: Instant| now.saturating_duration_since(last) >= idle;
+        // A vehicle id new to this volume: at most `max_vehicles_per_volume` report it.
+        if st.vehicles.get(&r.vehicle).is_none_or(|(_, vol)| *vol != r.volume) {
+            let others = st
+                .vehicles
+                .values()
+                .filter(|(last, vol)| *vol == r.volume && !silent(*last))
+                .count();
+            if others >= self.cfg.max_vehicles_per_volume {
+                return Err(Status::resource_exhausted(format!(
+                    "max_vehicles_per_volume ({}) vehicles report volume {} already",
+                    self.cfg.max_vehicles_per_volume, r.volume
+                )));
+            }
+        }
         if !st.vehicles.contains_key(&r.vehicle) && st.vehicles.len() >= self.cfg.max_vehicles {
-            st.vehicles.retain(|_, last| !silent(*last));
+            st.vehicles.retain(|_, (last, _)| !silent(*last));
             if st.vehicles.len() >= self.cfg.max_vehicles {
                 return Err(Status::resource_exhausted(format!(
                     "max_vehicles ({}) vehicles tracked, none silent for idle_forget_ms ({} ms)",
@@ -417,7 +437,7 @@ impl Smf {
                 )));
             }
         }
-        st.vehicles.insert(r.vehicle.clone(), now);
+        st.vehicles.insert(r.vehicle.clone(), (now, r.volume.clone()));
         let road_gen = st.road_gen;
         let predicted_wall = st.estimator.predict_s(r.cached_bytes.max(r.dirty_bytes));
         let predicted = predicted_wall * self.cfg.time_scale;
@@ -1130,6 +1150,41 @@ mod tests {
         }
         let st = smf.lock();
         assert!(st.vehicles.len() <= 2 && st.volumes.len() <= 2);
+    }
+
+    /// One credential holder cannot fill `max_vehicles` with made-up vehicle ids for its
+    /// volume: past `max_vehicles_per_volume` they are refused, other volumes go on, and
+    /// the vehicles already tracked keep reporting (silent ones make room).
+    #[tokio::test]
+    async fn a_volume_is_reported_by_at_most_max_vehicles_per_volume() {
+        let of = |vehicle: &str, volume: &str| pb::VehicleReport {
+            vehicle: vehicle.into(),
+            volume: volume.into(),
+            ..report(0.0, 0.0)
+        };
+        let cfg = |idle_forget_ms| SmfConfig {
+            max_vehicles_per_volume: 2,
+            idle_forget_ms,
+            ..Default::default()
+        };
+        let smf = no_nms(cfg(3_600_000), CancellationToken::new());
+        smf.set_road(road("127.0.0.1:1")).unwrap();
+        smf.report(&of("v1", "a")).await.unwrap();
+        smf.report(&of("v2", "a")).await.unwrap();
+        for i in 3..50 {
+            let e = smf.report(&of(&format!("v{i}"), "a")).await.unwrap_err();
+            assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e:?}");
+            assert!(e.message().contains("max_vehicles_per_volume"), "{e:?}");
+        }
+        assert_eq!(smf.lock().vehicles.len(), 2, "the refused ids are not tracked");
+        smf.report(&of("v1", "a")).await.unwrap();
+        smf.report(&of("v3", "b")).await.unwrap();
+        // Silent vehicles do not count.
+        let smf = no_nms(cfg(0), CancellationToken::new());
+        smf.set_road(road("127.0.0.1:1")).unwrap();
+        for i in 0..5 {
+            smf.report(&of(&format!("v{i}"), "a")).await.unwrap();
+        }
     }
 
     #[tokio::test]
