@@ -54,7 +54,8 @@ struct Cli {
     tls_ca: Option<PathBuf>,
     /// A certificate (PEM, leaf first) signed by the road's CA. Client subcommands: the one
     /// presented to the nodes (a PSS refuses callers without one); needs --tls-key and
-    /// --tls-ca. `serve`: overrides tls.cert, what the node serves with and presents to its
+    /// --tls-ca. add-node, remove-node, transfer-leader and compact-log need a PSS node's
+    /// certificate (one naming a member's address); any road certificate reads and writes. `serve`: overrides tls.cert, what the node serves with and presents to its
     /// peers (from the flag only, as --tls-ca).
     #[arg(long, global = true, env = "WAYSIDE_TLS_CERT", value_name = "PEM")]
     tls_cert: Option<PathBuf>,

@@ -115,6 +115,8 @@ async fn serve(
         node: handle.clone(),
         pipeline_stats,
         learner_catch_up_timeout: Duration::from_millis(config.learner_catch_up_timeout_ms),
+        // Over TLS the cluster is changed only with a PSS node's certificate.
+        members_only: tls.as_ref().map(|_| PeerCheck::new(handle.addresses.clone())),
     });
     let raft = RaftTransportServer::new(RaftService {
         id,

@@ -330,9 +330,23 @@ pub struct AdminService {
     pub node: NodeHandle,
     pub pipeline_stats: Arc<PipelineStats>,
     pub learner_catch_up_timeout: Duration,
+    /// Over TLS: membership, leadership and log compaction are changed only by callers
+    /// holding a PSS node's certificate. `None` (plaintext): no caller identity.
+    pub members_only: Option<crate::transport::PeerCheck>,
 }
 
 impl AdminService {
+    /// Refuses a change of the cluster (`what`) from a caller without a PSS node's
+    /// certificate, when the node runs TLS.
+    fn members_only<T>(&self, request: &Request<T>, what: &str) -> Result<(), Status> {
+        match &self.members_only {
+            Some(check) => {
+                check.check_member(request.peer_certs().as_deref().map(|c| &c[..]), what)
+            }
+            None => Ok(()),
+        }
+    }
+
     fn members(&self) -> pb::MembersReply {
         let st = self.node.status.borrow().clone();
         let member = |id: u64, role: pb::MemberRole| pb::Member {
@@ -445,6 +459,7 @@ impl pb::pss_admin_server::PssAdmin for AdminService {
         &self,
         request: Request<pb::AddNodeRequest>,
     ) -> Result<Response<pb::MembersReply>, Status> {
+        self.members_only(&request, "AddNode")?;
         let req = request.into_inner();
         if req.id == 0 {
             return Err(Status::invalid_argument("node id must be > 0"));
@@ -491,6 +506,7 @@ impl pb::pss_admin_server::PssAdmin for AdminService {
         &self,
         request: Request<pb::RemoveNodeRequest>,
     ) -> Result<Response<pb::MembersReply>, Status> {
+        self.members_only(&request, "RemoveNode")?;
         let id = request.into_inner().id;
         // The leader's view of the membership is the one that counts.
         if !self.node.is_leader() {
@@ -507,6 +523,7 @@ impl pb::pss_admin_server::PssAdmin for AdminService {
         &self,
         request: Request<pb::TransferLeaderRequest>,
     ) -> Result<Response<pb::StatusReply>, Status> {
+        self.members_only(&request, "TransferLeader")?;
         let to = request.into_inner().to;
         {
             let st = self.node.status.borrow();
@@ -542,8 +559,9 @@ impl pb::pss_admin_server::PssAdmin for AdminService {
 
     async fn compact_log(
         &self,
-        _request: Request<pb::CompactLogRequest>,
+        request: Request<pb::CompactLogRequest>,
     ) -> Result<Response<pb::StatusReply>, Status> {
+        self.members_only(&request, "CompactLog")?;
         self.node.compact().await.map_err(status_of)?;
         Ok(Response::new(self.status()))
     }

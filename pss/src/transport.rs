@@ -438,6 +438,31 @@ impl PeerCheck {
         Err(Status::permission_denied(refused))
     }
 
+    /// Ok when `certs` (the caller's chain, leaf first) is valid for the address of any
+    /// member in the address book: the caller is one of the cluster's own nodes (or holds
+    /// one's certificate). Else `PERMISSION_DENIED` naming `what` was refused.
+    pub fn check_member(
+        &self,
+        certs: Option<&[CertificateDer<'static>]>,
+        what: &str,
+    ) -> Result<(), Status> {
+        let Some(leaf) = certs.and_then(<[_]>::first) else {
+            return Err(Status::permission_denied(format!(
+                "{what} needs a PSS node's certificate; the caller presented none"
+            )));
+        };
+        let book = self.addresses.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if book.values().any(|addr| certificate_names(leaf, addr).is_ok()) {
+            return Ok(());
+        }
+        Err(Status::permission_denied(format!(
+            "{what} needs a PSS node's certificate (one naming a member's address: {}); the \
+             caller's names none (an NMS's or an operator's road certificate reads and writes \
+             blocks, it does not change the cluster)",
+            book.values().cloned().collect::<Vec<_>>().join(", ")
+        )))
+    }
+
     fn log(&self, from: u64, refused: &str) {
         let now = Instant::now();
         let mut logged = self.logged.lock().unwrap_or_else(std::sync::PoisonError::into_inner);

@@ -125,9 +125,27 @@ async fn a_tls_cluster_elects_replicates_and_serves_a_road_client() {
         }
     }
     // Leadership moves over TLS too: hand it to another node, which then serves writes.
+    // Changing the cluster takes a PSS node's certificate: a road client's (an NMS's, an
+    // operator's) reads and writes blocks but is refused it.
     let leader = cluster.wait_for_leader(Duration::from_secs(10)).await.unwrap();
     let next = (1..=3).find(|id| *id != leader).unwrap();
-    let opts = ClientOptions { tls: cluster.client_tls(), ..ClientOptions::default() };
+    let opts = ClientOptions {
+        tls: cluster.client_tls(),
+        deadline: Duration::from_secs(3),
+        ..ClientOptions::default()
+    };
+    let refused = PssClient::new(cluster.endpoints(), opts).transfer_leader(next).await;
+    let e = format!("{:?}", refused.unwrap_err());
+    assert!(e.contains("needs a PSS node's certificate"), "{e}");
+    for (name, r) in [
+        ("AddNode", client.add_node(9, "10.9.9.9:7400", false).await.map(|_| ())),
+        ("RemoveNode", client.remove_node(next).await.map(|_| ())),
+    ] {
+        let e = format!("{:?}", r.unwrap_err());
+        assert!(e.contains(name) && e.contains("PSS node's certificate"), "{e}");
+    }
+    assert_eq!(cluster.status(next).await.unwrap().members.len(), 3, "membership unchanged");
+    let opts = ClientOptions { tls: Some(node_identity(&cluster)), ..ClientOptions::default() };
     let r = PssClient::new(cluster.endpoints(), opts).transfer_leader(next).await.unwrap();
     assert_eq!(r.leader_id, next);
     client.write_batch(put("car-tls", epoch, "nms-a", 99, 99, vec![9; 4096])).await.unwrap();
@@ -443,7 +461,9 @@ async fn a_road_node_joins_over_tls_and_a_foreign_one_cannot() {
             .unwrap();
     let road = cluster.tls().unwrap();
     let epoch = volume_with_block_0(&cluster, "car-j").await;
-    let client = cluster.client();
+    // Membership changes take a PSS node's certificate.
+    let opts = ClientOptions { tls: Some(node_identity(&cluster)), ..ClientOptions::default() };
+    let client = PssClient::new(cluster.endpoints(), opts);
 
     let (addr4, stop4, node4) =
         start_joiner(&cluster, 4, road.node_files.clone(), dir.path()).await;
