@@ -623,7 +623,8 @@ impl<D: BlockDevice> Fs<D> {
         ops.push(self.inode_op(&p, false));
         self.drop_link(child.ino, &mut ops);
         self.apply(ops, true)?;
-        self.maybe_free(child.ino)
+        self.free_unlinked(child.ino);
+        Ok(())
     }
 
     /// Removes an empty directory.
@@ -652,7 +653,8 @@ impl<D: BlockDevice> Fs<D> {
         let c = c.clone();
         ops.push(self.inode_op(&c, false));
         self.apply(ops, true)?;
-        self.maybe_free(child.ino)
+        self.free_unlinked(child.ino);
+        Ok(())
     }
 
     fn drop_link(&mut self, ino: u64, ops: &mut Vec<BlockOp>) {
@@ -662,6 +664,17 @@ impl<D: BlockDevice> Fs<D> {
         inode.ctime = now;
         let inode = inode.clone();
         ops.push(self.inode_op(&inode, false));
+    }
+
+    /// Frees an inode whose last name an operation just removed on the device. That
+    /// operation is done whatever happens here: when the free fails (a timeout, a failed
+    /// write), the inode stays an orphan on the device, which the next mount frees, and the
+    /// caller is still told the unlink, rmdir or rename succeeded (an error would say it had
+    /// not happened).
+    fn free_unlinked(&mut self, ino: u64) {
+        if let Err(e) = self.maybe_free(ino) {
+            tracing::warn!(ino, error = %e, "an unlinked inode could not be freed now; the next mount frees it");
+        }
     }
 
     /// Frees `ino` once it has no name and no open handle.
@@ -759,7 +772,8 @@ impl<D: BlockDevice> Fs<D> {
             // Keep the slot write after the free of the same slot: both go to one place, in order.
             self.finish_rename(parent, name, newparent, &src, &mut ops)?;
             self.apply(ops, true)?;
-            return self.maybe_free(dst_ino);
+            self.free_unlinked(dst_ino);
+            return Ok(());
         }
         self.add_entry(newparent, newname, src.ino, &mut ops)?;
         self.finish_rename(parent, name, newparent, &src, &mut ops)?;

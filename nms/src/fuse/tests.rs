@@ -244,14 +244,26 @@ enum Fault {
 struct FlakyDevice {
     inner: Arc<MemDevice>,
     fault: Arc<Mutex<Option<Fault>>>,
+    /// Applies that go through before the armed fault strikes.
+    pass: Arc<Mutex<usize>>,
 }
 
 impl FlakyDevice {
     fn new(block_size: u32) -> Self {
-        FlakyDevice { inner: Arc::new(MemDevice::new(block_size)), fault: Arc::default() }
+        FlakyDevice {
+            inner: Arc::new(MemDevice::new(block_size)),
+            fault: Arc::default(),
+            pass: Arc::default(),
+        }
     }
 
     fn fail_next_apply(&self, fault: Fault) {
+        self.fail_apply_after(0, fault);
+    }
+
+    /// Arms `fault` for the apply after the next `pass` ones.
+    fn fail_apply_after(&self, pass: usize, fault: Fault) {
+        *self.pass.lock().unwrap() = pass;
         *self.fault.lock().unwrap() = Some(fault);
     }
 }
@@ -264,6 +276,13 @@ impl BlockDevice for FlakyDevice {
         self.inner.read(block, offset, len)
     }
     fn apply(&self, mut ops: Vec<BlockOp>) -> Result<(), DeviceError> {
+        {
+            let mut pass = self.pass.lock().unwrap();
+            if *pass > 0 {
+                *pass -= 1;
+                return self.inner.apply(ops);
+            }
+        }
         match self.fault.lock().unwrap().take() {
             None => self.inner.apply(ops),
             Some(Fault::Io { after_ops }) => {
@@ -403,6 +422,40 @@ fn a_write_that_timed_out_applying_nothing_may_be_retried() {
     t.remount().unwrap();
     fsck(t.fs()).unwrap();
     assert_eq!(t.read_all("f").unwrap(), b"onetwo");
+}
+
+/// An unlink, a rename over a name and an rmdir whose name change reached the device are
+/// done, even when freeing the inode they unlinked then fails: the caller is told success
+/// (an error would say they had not happened), the names are as they said, changes go on,
+/// and the next mount frees the orphans.
+#[test]
+fn a_name_removed_is_reported_done_when_freeing_its_inode_fails() {
+    let dev = FlakyDevice::new(4096);
+    let mut t = CoreTarget::new(dev.clone(), small_params());
+    t.create("a").unwrap();
+    t.write("a", 0, b"aaaa").unwrap();
+    t.create("b").unwrap();
+    t.write("b", 0, b"bbbb").unwrap();
+    t.create("c").unwrap();
+    t.write("c", 0, b"cccc").unwrap();
+    t.mkdir("e").unwrap();
+    // Each time the name change goes through and the free that follows times out.
+    dev.fail_apply_after(1, Fault::Timeout);
+    assert_eq!(t.unlink("a"), Ok(()));
+    dev.fail_apply_after(1, Fault::Timeout);
+    assert_eq!(t.rename("b", "c"), Ok(()));
+    dev.fail_apply_after(1, Fault::Timeout);
+    assert_eq!(t.rmdir("e"), Ok(()));
+    assert_eq!(t.kind("a"), Err(libc::ENOENT));
+    assert_eq!(t.kind("b"), Err(libc::ENOENT));
+    assert_eq!(t.read_all("c").unwrap(), b"bbbb");
+    assert_eq!(t.kind("e"), Err(libc::ENOENT));
+    assert!(!t.fs().failed());
+    t.create("d").unwrap();
+    t.remount().unwrap();
+    fsck(t.fs()).unwrap();
+    assert_eq!(t.list("").unwrap(), ["c", "d"]);
+    assert_eq!(t.read_all("c").unwrap(), b"bbbb");
 }
 
 #[test]
