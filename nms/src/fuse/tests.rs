@@ -246,6 +246,8 @@ struct FlakyDevice {
     fault: Arc<Mutex<Option<Fault>>>,
     /// Applies that go through before the armed fault strikes.
     pass: Arc<Mutex<usize>>,
+    /// While set, every read times out (the link down).
+    reads_fail: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl FlakyDevice {
@@ -254,7 +256,12 @@ impl FlakyDevice {
             inner: Arc::new(MemDevice::new(block_size)),
             fault: Arc::default(),
             pass: Arc::default(),
+            reads_fail: Arc::default(),
         }
+    }
+
+    fn fail_reads(&self, fail: bool) {
+        self.reads_fail.store(fail, std::sync::atomic::Ordering::SeqCst);
     }
 
     fn fail_next_apply(&self, fault: Fault) {
@@ -273,6 +280,9 @@ impl BlockDevice for FlakyDevice {
         self.inner.block_size()
     }
     fn read(&self, block: u64, offset: u32, len: u32) -> Result<Vec<u8>, DeviceError> {
+        if self.reads_fail.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(DeviceError::Timeout { what: "injected read", after: Duration::ZERO });
+        }
         self.inner.read(block, offset, len)
     }
     fn apply(&self, mut ops: Vec<BlockOp>) -> Result<(), DeviceError> {
@@ -456,6 +466,31 @@ fn a_name_removed_is_reported_done_when_freeing_its_inode_fails() {
     fsck(t.fs()).unwrap();
     assert_eq!(t.list("").unwrap(), ["c", "d"]);
     assert_eq!(t.read_all("c").unwrap(), b"bbbb");
+}
+
+/// A metadata change that timed out, whose reload from the device then fails too (the link
+/// still down): memory may be ahead of the device, so the mount refuses changes (EIO) until
+/// it is mounted again, and that mount has the state before the change.
+#[test]
+fn a_timed_out_change_whose_reload_fails_stops_changes_until_the_next_mount() {
+    let dev = FlakyDevice::new(4096);
+    let mut t = CoreTarget::new(dev.clone(), small_params());
+    t.create("kept").unwrap();
+    t.write("kept", 0, b"kept").unwrap();
+    dev.fail_next_apply(Fault::Timeout);
+    dev.fail_reads(true);
+    assert_eq!(t.create("lost"), Err(libc::ETIMEDOUT));
+    assert!(t.fs().failed(), "a reload that failed leaves memory unknown: no more changes");
+    dev.fail_reads(false);
+    assert_eq!(t.create("other"), Err(libc::EIO));
+    assert_eq!(t.write("kept", 0, b"KEPT"), Err(libc::EIO));
+    // Reads go on.
+    assert_eq!(t.read_all("kept").unwrap(), b"kept");
+    t.remount().unwrap();
+    fsck(t.fs()).unwrap();
+    assert!(!t.fs().failed());
+    assert_eq!(t.list("").unwrap(), ["kept"]);
+    t.create("new").unwrap();
 }
 
 #[test]
