@@ -88,36 +88,39 @@ impl std::fmt::Debug for Clock {
 
 /// A volume's operation budget ([`Limits::volume_ops_per_s`]): a token bucket at most
 /// [`Limits::volume_ops_burst`] deep, refilled at the rate.
+///
+/// Cells, so the core checks it while it holds the volume for reading (no second lookup
+/// of the volume on a write's path); the core is only ever used under one lock.
 #[derive(Debug, Clone, Default)]
 struct RateBucket {
-    tokens: f64,
+    tokens: std::cell::Cell<f64>,
     /// `None`: never used (full).
-    last: Option<Instant>,
+    last: std::cell::Cell<Option<Instant>>,
 }
 
 impl RateBucket {
     /// Refills the bucket up to `now`; `Ok` when `n` operations may go now (taken by
     /// [`RateBucket::take`]), else how long until they may. A batch larger than the
     /// bucket goes once it is full, and the operations after it wait for what it used.
-    fn ready(&mut self, now: Instant, per_s: u64, burst: u64, n: u64) -> Result<(), Duration> {
+    fn ready(&self, now: Instant, per_s: u64, burst: u64, n: u64) -> Result<(), Duration> {
         let (rate, depth) = (per_s.max(1) as f64, burst.max(1) as f64);
-        self.tokens = match self.last {
+        let tokens = match self.last.get() {
             None => depth,
-            Some(t) => {
-                (self.tokens + now.saturating_duration_since(t).as_secs_f64() * rate).min(depth)
-            }
+            Some(t) => (self.tokens.get() + now.saturating_duration_since(t).as_secs_f64() * rate)
+                .min(depth),
         };
-        self.last = Some(now);
+        self.tokens.set(tokens);
+        self.last.set(Some(now));
         let need = (n as f64).min(depth);
-        if self.tokens >= need {
+        if tokens >= need {
             Ok(())
         } else {
-            Err(Duration::from_secs_f64((need - self.tokens) / rate))
+            Err(Duration::from_secs_f64((need - tokens) / rate))
         }
     }
 
-    fn take(&mut self, n: u64) {
-        self.tokens -= n as f64;
+    fn take(&self, n: u64) {
+        self.tokens.set(self.tokens.get() - n as f64);
     }
 }
 
@@ -747,25 +750,23 @@ impl Cache {
         Ok(())
     }
 
-    /// Whether a write or delete of `name` fits its operation budget now (nothing is
-    /// taken: [`Cache::apply`] takes it once the change is applied). An unknown volume
-    /// passes (the caller's own checks name it).
-    fn rate_ready(&mut self, name: &VolumeName) -> Result<(), CacheError> {
-        self.budget_ready(name, 1)
+    /// Whether `n` operations of `v` fit its operation budget now (nothing is taken: a
+    /// write or delete takes it in [`Cache::apply`], once applied).
+    fn rate_ready_n(&self, v: &Volume, n: u64) -> Result<(), CacheError> {
+        let (per_s, burst) = (self.limits.volume_ops_per_s, self.limits.volume_ops_burst);
+        v.rate
+            .ready(self.clock.now(), per_s, burst, n)
+            .map_err(|wait| CacheError::RateLimited { per_s, wait })
+    }
+
+    fn rate_ready(&self, v: &Volume) -> Result<(), CacheError> {
+        self.rate_ready_n(v, 1)
     }
 
     /// Whether `n` operations of `name` fit its operation budget now (nothing is taken):
     /// a batch's PSS read of its misses is made only then. An unknown volume passes.
-    pub fn budget_ready(&mut self, name: &VolumeName, n: u64) -> Result<(), CacheError> {
-        let (per_s, burst) = (self.limits.volume_ops_per_s, self.limits.volume_ops_burst);
-        let now = self.clock.now();
-        match self.volumes.get_mut(name) {
-            Some(v) => v
-                .rate
-                .ready(now, per_s, burst, n)
-                .map_err(|wait| CacheError::RateLimited { per_s, wait }),
-            None => Ok(()),
-        }
+    pub fn budget_ready(&self, name: &VolumeName, n: u64) -> Result<(), CacheError> {
+        self.volumes.get(name).map_or(Ok(()), |v| self.rate_ready_n(v, n))
     }
 
     fn duplicate(&self, v: &Volume, id: Option<&RequestId>) -> Option<WriteOutcome> {
@@ -808,7 +809,7 @@ impl Cache {
         };
         // The budget is asked last: a duplicate, a bad range or a block to fetch first is
         // answered as such, whatever the budget.
-        self.rate_ready(name)?;
+        self.rate_ready(v)?;
         let new = match base {
             None => self.pool.copy(data),
             Some(base) => {
@@ -825,7 +826,6 @@ impl Cache {
                 })
             }
         };
-        let v = self.serving(name)?;
         self.admit(v, block, new.len() as u64)?;
         Ok(self.apply(name, block, Some(new), request_id))
     }
@@ -841,8 +841,7 @@ impl Cache {
         if let Some(d) = self.duplicate(v, request_id) {
             return Ok(d);
         }
-        self.rate_ready(name)?;
-        let v = self.serving(name)?;
+        self.rate_ready(v)?;
         self.admit(v, block, 0)?;
         Ok(self.apply(name, block, None, request_id))
     }
@@ -1311,7 +1310,7 @@ mod tests {
     #[test]
     fn a_rate_bucket_refills_at_its_rate_up_to_its_depth() {
         let t0 = Instant::now();
-        let mut b = RateBucket::default();
+        let b = RateBucket::default();
         // Full at first use: 4 go at once, the 5th waits a quarter of a second at 4/s.
         for _ in 0..4 {
             b.ready(t0, 4, 4, 1).unwrap();

@@ -362,7 +362,7 @@ pub async fn admin_over(
         .map_err(|e| {
             let why = crate::client::connect_failure(&e).text;
             let dialled = match tls {
-                Some(_) => format!("https://{}", ep.authority()),
+                Some(_) => ep.https().to_string(),
                 None => ep.to_string(),
             };
             anyhow::anyhow!("cannot reach NMS at {dialled}: {why}")

@@ -111,9 +111,7 @@ impl LocalNms {
         adjust(&mut cfg);
         let tls = wayside_proto::tls::Tls::load(&cfg.tls).expect("the test's [tls] loads");
         let ep = match &tls {
-            Some(t) if t.has_identity() => {
-                wayside_proto::types::Endpoint::parse(&format!("https://{addr}")).expect("https")
-            }
+            Some(t) if t.has_identity() => ep.https(),
             _ => ep,
         };
         let stop = CancellationToken::new();

@@ -23,16 +23,11 @@ pub fn endpoint(
 ) -> Result<tonic::transport::Endpoint, crate::tls::TlsError> {
     let bad = |e: tonic::transport::Error| crate::tls::TlsError::Config(format!("{ep}: {e}"));
     match tls {
-        Some(tls) => {
-            let uri = format!("https://{}", ep.authority());
-            tonic::transport::Endpoint::from_shared(uri)
-                .map_err(bad)?
-                .tls_config(tls.tonic_client()?)
-                .map_err(bad)
-        }
-        None if ep.uri().starts_with("https://") => {
-            Err(crate::tls::TlsError::HttpsWithoutTls(ep.to_string()))
-        }
+        Some(tls) => tonic::transport::Endpoint::from_shared(ep.https().uri().to_owned())
+            .map_err(bad)?
+            .tls_config(tls.tonic_client()?)
+            .map_err(bad),
+        None if ep.is_https() => Err(crate::tls::TlsError::HttpsWithoutTls(ep.to_string())),
         None => tonic::transport::Endpoint::from_shared(ep.uri().to_owned()).map_err(bad),
     }
 }

@@ -229,6 +229,13 @@ impl Endpoint {
     pub fn authority(&self) -> &str {
         self.0.split_once("://").map_or(&self.0, |(_, a)| a)
     }
+    /// The same address over TLS (`https://host:port`).
+    pub fn https(&self) -> Self {
+        Self(format!("https://{}", self.authority()))
+    }
+    pub fn is_https(&self) -> bool {
+        self.0.starts_with("https://")
+    }
 }
 
 impl fmt::Display for Endpoint {

@@ -11,7 +11,7 @@ use wayside_pss::client::{ClientOptions, PssClient, PssError};
 use wayside_pss::testing::LocalCluster;
 
 mod common;
-use common::{acquire, put, stale_blocks, wait_applied};
+use common::{acquire, put, stale_blocks, start_joiner, wait_applied};
 
 async fn blocks(ep: &Endpoint) -> PssBlocksClient<tonic::transport::Channel> {
     PssBlocksClient::connect(ep.uri().to_owned()).await.unwrap()
@@ -256,19 +256,7 @@ async fn add_fourth_node_remove_one_and_transfer_leadership() {
     }
 
     // A fourth node, started empty with --join semantics.
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr4 = listener.local_addr().unwrap().to_string();
-    let mut peers = cluster
-        .endpoints()
-        .iter()
-        .zip(1u64..)
-        .map(|(e, id)| wayside_pss::config::Peer { id, address: e.authority().into() })
-        .collect::<Vec<_>>();
-    peers.push(wayside_pss::config::Peer { id: 4, address: addr4.clone() });
-    let mut cfg = wayside_pss::testing::test_config(4, peers, dir.path().join("node-4"));
-    cfg.join = true;
-    let token = tokio_util::sync::CancellationToken::new();
-    let node4 = tokio::spawn(wayside_pss::server::run(cfg, listener, token.clone()));
+    let (addr4, token, node4) = start_joiner(&cluster, 4, Default::default(), dir.path()).await;
 
     // The admin calls go through the client, which follows the leader if an election
     // moves it meanwhile (the raw admin client here used to be flaky under load).

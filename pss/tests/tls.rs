@@ -17,7 +17,7 @@ use wayside_pss::client::{ClientOptions, PssClient, PssError};
 use wayside_pss::testing::{test_config, LocalCluster};
 
 mod common;
-use common::{acquire, put, stale_blocks, wait_applied};
+use common::{acquire, put, stale_blocks, start_joiner, wait_applied};
 
 /// A client of `cluster` dialling with `tls`, giving up after a few seconds (a refused
 /// caller's calls fail; retrying them longer proves nothing more).
@@ -421,31 +421,6 @@ async fn a_stalled_tls_handshake_is_closed_after_the_handshake_timeout() {
     assert!(matches!(r, Ok(0) | Err(_)), "{r:?}");
     assert!(started.elapsed() >= Duration::from_millis(250), "{:?}", started.elapsed());
     cluster.shutdown().await;
-}
-
-/// Starts node `id` of a TLS cluster empty (`join`), on a new loopback port, with `tls`;
-/// returns its address, its stop token and its task.
-async fn start_joiner(
-    cluster: &LocalCluster,
-    id: u64,
-    tls: TlsFiles,
-    dir: &std::path::Path,
-) -> (String, tokio_util::sync::CancellationToken, tokio::task::JoinHandle<anyhow::Result<()>>) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap().to_string();
-    let mut peers = cluster
-        .endpoints()
-        .iter()
-        .zip(1u64..)
-        .map(|(e, id)| wayside_pss::config::Peer { id, address: e.authority().into() })
-        .collect::<Vec<_>>();
-    peers.push(wayside_pss::config::Peer { id, address: addr.clone() });
-    let mut cfg = test_config(id, peers, dir.join(format!("node-{id}")));
-    cfg.join = true;
-    cfg.tls = tls;
-    let token = tokio_util::sync::CancellationToken::new();
-    let task = tokio::spawn(wayside_pss::server::run(cfg, listener, token.clone()));
-    (addr, token, task)
 }
 
 /// (f) Joining over TLS: a new node with a road certificate is added, gets the data (a

@@ -106,7 +106,7 @@ async fn serve_node(
     // Served over TLS, the node is reached at https:// (what it records in the PSS as the
     // owner address and sends in redirects).
     let advertise = match acceptor {
-        Some(_) => Endpoint::parse(&format!("https://{}", advertise.authority()))?,
+        Some(_) => advertise.https(),
         None => advertise,
     };
     let node = Node::new(config.clone(), advertise.clone(), store, tls, shutdown.clone());

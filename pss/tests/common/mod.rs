@@ -64,3 +64,28 @@ pub async fn stale_blocks(
     };
     PssBlocksClient::new(ch).get_blocks(req).await.unwrap().into_inner().blocks
 }
+
+/// Starts node `id` of `cluster` empty (`join`), on a new loopback port, with `tls`
+/// (empty: plaintext); returns its address, its stop token and its task.
+pub async fn start_joiner(
+    cluster: &LocalCluster,
+    id: u64,
+    tls: wayside_proto::tls::TlsFiles,
+    dir: &std::path::Path,
+) -> (String, tokio_util::sync::CancellationToken, tokio::task::JoinHandle<anyhow::Result<()>>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let mut peers = cluster
+        .endpoints()
+        .iter()
+        .zip(1u64..)
+        .map(|(e, id)| wayside_pss::config::Peer { id, address: e.authority().into() })
+        .collect::<Vec<_>>();
+    peers.push(wayside_pss::config::Peer { id, address: addr.clone() });
+    let mut cfg = wayside_pss::testing::test_config(id, peers, dir.join(format!("node-{id}")));
+    cfg.join = true;
+    cfg.tls = tls;
+    let token = tokio_util::sync::CancellationToken::new();
+    let task = tokio::spawn(wayside_pss::server::run(cfg, listener, token.clone()));
+    (addr, token, task)
+}
