@@ -355,10 +355,7 @@ fn read_fw_cfg_tls() -> anyhow::Result<wayside_proto::tls::TlsFiles> {
     };
     let targets = [&files.cert, &files.key, &files.ca];
     for (item, target) in FW_CFG_TLS.iter().zip(targets) {
-        let path = format!("{FW_CFG_SYSFS_BY_NAME}/{item}/raw");
-        let raw = read_mounted("sysfs", "/sys", &path)?.with_context(|| {
-            format!("reading {path} (wayside.tls=fw_cfg: did the launcher pass -fw_cfg name={item},file=...?)")
-        })?;
+        let raw = read_fw_cfg(item, "tls")?;
         let target = target.as_ref().expect("set above");
         wayside_proto::tls::pki::write_private(target, &raw)
             .with_context(|| format!("writing {}", target.display()))?;
@@ -370,12 +367,17 @@ fn read_fw_cfg_tls() -> anyhow::Result<wayside_proto::tls::TlsFiles> {
 
 /// Mounts sysfs, reads the cluster token fw_cfg item, unmounts sysfs again.
 fn read_fw_cfg_token() -> anyhow::Result<wayside_proto::token::ClusterToken> {
+    parse_token(&read_fw_cfg(FW_CFG_CLUSTER_TOKEN, "token")?)
+}
+
+/// Mounts sysfs, reads the fw_cfg item `item` (asked for by the word `wayside.{word}=fw_cfg`),
+/// unmounts sysfs again.
+fn read_fw_cfg(item: &str, word: &str) -> anyhow::Result<Vec<u8>> {
     use anyhow::Context as _;
-    let path = format!("{FW_CFG_SYSFS_BY_NAME}/{FW_CFG_CLUSTER_TOKEN}/raw");
-    let raw = read_mounted("sysfs", "/sys", &path)?.with_context(|| {
-        format!("reading {path} (wayside.token=fw_cfg: did the launcher pass -fw_cfg name={FW_CFG_CLUSTER_TOKEN},file=...?)")
-    })?;
-    parse_token(&raw)
+    let path = format!("{FW_CFG_SYSFS_BY_NAME}/{item}/raw");
+    read_mounted("sysfs", "/sys", &path)?.with_context(|| {
+        format!("reading {path} ({PARAM_PREFIX}{word}=fw_cfg: did the launcher pass -fw_cfg name={item},file=...?)")
+    })
 }
 
 /// A token as a launcher's file holds it (a trailing newline allowed).
