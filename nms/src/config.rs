@@ -108,6 +108,10 @@ pub struct Config {
     pub max_stream_batch_ops: usize,
     /// Most concurrent HTTP/2 streams per connection.
     pub max_concurrent_streams: u32,
+    /// Longest request header block (encoded, HEADERS and CONTINUATIONs) and header list
+    /// (decoded) per call, in bytes: a longer block closes the connection (PROTOCOL_ERROR),
+    /// a longer list is answered RESOURCE_EXHAUSTED.
+    pub max_header_list_bytes: u32,
     /// Threads dedicated to serving gRPC connections, each connection on one of them for
     /// its whole life: less CPU per small request (no hops between runtime workers), but a
     /// single bulk stream (a migration) is then served by one thread. 0: connections are
@@ -198,6 +202,7 @@ impl Default for Config {
             max_stream_inflight_ops: 256,
             max_stream_batch_ops: 256,
             max_concurrent_streams: 1024,
+            max_header_list_bytes: 16 * 1024,
             serve_threads: default_serve_threads(),
             pause_wait_ms: 5_000,
             max_volume_ops_per_s: 100_000,
@@ -264,6 +269,7 @@ impl Config {
             ("migration_switch_timeout_ms", self.migration_switch_timeout_ms),
             ("tls_handshake_timeout_ms", self.tls_handshake_timeout_ms),
             ("max_tls_handshakes", self.max_tls_handshakes as u64),
+            ("max_concurrent_streams", u64::from(self.max_concurrent_streams)),
         ] {
             if v == 0 {
                 return Err(format!("{name} must be > 0"));
@@ -277,6 +283,12 @@ impl Config {
         }
         if self.dirty_limit_bytes_per_volume > self.dirty_limit_bytes {
             return Err("dirty_limit_bytes_per_volume must not exceed dirty_limit_bytes".into());
+        }
+        if self.max_header_list_bytes < 1024 {
+            return Err(format!(
+                "max_header_list_bytes ({}) must be at least 1024 (a gRPC call's headers)",
+                self.max_header_list_bytes
+            ));
         }
         let max_block = u64::from(wayside_proto::types::MAX_BLOCK_SIZE_BYTES);
         if (self.max_message_size_bytes as u64) < 2 * max_block {

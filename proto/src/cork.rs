@@ -60,11 +60,21 @@ pub struct CorkedIo<T> {
     yielded: bool,
     /// The last write ended with a large payload: more frames may follow at once.
     chained: bool,
+    /// A flush writes at once, without yielding first (the writer gathers its frames).
+    at_once: bool,
 }
 
 impl<T> CorkedIo<T> {
     pub fn new(inner: T) -> Self {
-        Self { inner, buf: Vec::new(), sent: 0, yielded: false, chained: false }
+        Self { inner, buf: Vec::new(), sent: 0, yielded: false, chained: false, at_once: false }
+    }
+
+    /// This connection's writer gathers each turn's frames itself (the lean HTTP/2 server,
+    /// [`crate::h2conn`]): a flush writes what is pending at once, without yielding first.
+    /// Writes are still gathered until the flush (a TLS stream writes each record apart).
+    pub fn flush_at_once(mut self) -> Self {
+        self.at_once = true;
+        self
     }
 
     pub fn get_ref(&self) -> &T {
@@ -185,7 +195,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for CorkedIo<T> {
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let me = self.get_mut();
         if me.pending() > 0 {
-            if !me.yielded || me.chained {
+            if !me.at_once && (!me.yielded || me.chained) {
                 // Let the task's other ready frames join these: it is polled again at
                 // once (it woke itself), and the flush that finds no new payload writes
                 // everything.

@@ -18,6 +18,7 @@
 //! and the call returns when the last one has.
 
 use crate::cork::CorkedIo;
+use crate::h2conn::{ConnSettings, RecvBody};
 use bytes::{Buf, BufMut as _, Bytes, BytesMut};
 use http_body::Frame;
 use std::collections::VecDeque;
@@ -244,7 +245,7 @@ pub const DEFAULT_COPY_BELOW_BYTES: usize = 1024;
 /// `grpc-encoding` was agreed), one longer than `max` bytes is OUT_OF_RANGE, and a body
 /// that ends inside a message is INTERNAL.
 pub struct Messages<M> {
-    body: hyper::body::Incoming,
+    body: crate::h2conn::RecvBody,
     /// Received and not yet decoded.
     pending: RecvBuf,
     /// The most `pending` has held (`RecvBuf::held_bytes`).
@@ -260,7 +261,7 @@ const MESSAGE_PREFIX_BYTES: usize = 5;
 
 impl<M: prost::Message + Default> Messages<M> {
     /// The messages of `body`, each at most `max` bytes long.
-    pub fn new(body: hyper::body::Incoming, max: usize) -> Self {
+    pub fn new(body: crate::h2conn::RecvBody, max: usize) -> Self {
         Self {
             body,
             pending: RecvBuf::new(DEFAULT_COPY_BELOW_BYTES),
@@ -532,46 +533,13 @@ impl http_body::Body for GrpcBody {
     }
 }
 
-/// The executor hyper runs each call (HTTP/2 stream) on: it polls the call once, inline on
-/// the connection's task, and spawns it onto the runtime only if it is not finished then.
-///
-/// A unary call the cache answers at once (a read hit, an accepted write) thus completes
-/// inside the connection's poll that received it: no task is spawned for it, and no other
-/// task has to run before its reply can go. hyper's own executor spawns a task per call,
-/// which then wakes the connection's task to send the reply. (h2 still wakes the
-/// connection's task once per reply queued, so the reply leaves in the next poll of the
-/// same task, with whatever else is ready then: see `CorkedIo`.)
-///
-/// The inline poll has a no-op waker: a call still pending is spawned, and a spawned
-/// task is always polled again, which registers its real waker before it waits (the
-/// `Future` contract: a future registers the waker of the poll that returns `Pending`).
-#[derive(Debug, Clone, Copy, Default)]
-pub struct InlineFirst;
-
-impl<F> hyper::rt::Executor<F> for InlineFirst
-where
-    F: std::future::Future + Send + 'static,
-    F::Output: Send + 'static,
-{
-    fn execute(&self, fut: F) {
-        let mut fut = Box::pin(fut);
-        let mut cx = Context::from_waker(std::task::Waker::noop());
-        // A call that panics fails alone, as it would in a task of its own: dropping it
-        // resets its stream, and the connection's other calls go on.
-        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| fut.as_mut().poll(&mut cx)))
-        {
-            Ok(Poll::Ready(_)) => {}
-            Ok(Poll::Pending) => drop(tokio::spawn(fut)),
-            Err(_) => tracing::error!("a call panicked; its stream is reset"),
-        }
-    }
-}
-
 /// The HTTP/2 settings of a [`serve_http2`] server.
 #[derive(Debug, Clone, Copy)]
 pub struct Http2Settings {
     /// Most concurrent calls (HTTP/2 streams) per connection.
     pub max_concurrent_streams: u32,
+    /// Longest request header block (encoded) and header list (decoded) per call, in bytes.
+    pub max_header_list_bytes: u32,
     /// See [`crate::server::with_keepalive`] (0: no keepalive), in milliseconds.
     pub keepalive_interval_ms: u64,
     /// In milliseconds.
@@ -600,7 +568,7 @@ pub async fn serve_http2<I, S, B>(
 ) -> std::io::Result<()>
 where
     I: Stream<Item = std::io::Result<CorkedIo<tokio::net::TcpStream>>>,
-    S: hyper::service::Service<http::Request<hyper::body::Incoming>, Response = http::Response<B>>
+    S: hyper::service::Service<http::Request<RecvBody>, Response = http::Response<B>>
         + Clone
         + Send
         + 'static,
@@ -610,22 +578,16 @@ where
     B::Data: Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let mut builder = hyper::server::conn::http2::Builder::new(InlineFirst);
-    builder
-        .timer(hyper_util::rt::TokioTimer::new())
-        .initial_connection_window_size(crate::server::HTTP2_CONNECTION_WINDOW_BYTES)
-        .initial_stream_window_size(crate::server::HTTP2_STREAM_WINDOW_BYTES)
-        .max_frame_size(crate::server::HTTP2_MAX_FRAME_BYTES)
-        .max_concurrent_streams(settings.max_concurrent_streams)
-        // gRPC has no use for a `date` header.
-        .auto_date_header(false);
-    if settings.keepalive_interval_ms > 0 {
-        builder
-            .keep_alive_interval(std::time::Duration::from_millis(settings.keepalive_interval_ms))
-            .keep_alive_timeout(std::time::Duration::from_millis(
-                settings.keepalive_timeout_ms.max(1),
-            ));
-    }
+    let conn = ConnSettings {
+        max_concurrent_streams: settings.max_concurrent_streams,
+        connection_window_bytes: crate::server::HTTP2_CONNECTION_WINDOW_BYTES,
+        stream_window_bytes: crate::server::HTTP2_STREAM_WINDOW_BYTES,
+        max_frame_bytes: crate::server::HTTP2_MAX_FRAME_BYTES,
+        max_header_list_bytes: settings.max_header_list_bytes,
+        keepalive_interval: (settings.keepalive_interval_ms > 0)
+            .then(|| Duration::from_millis(settings.keepalive_interval_ms)),
+        keepalive_timeout: Duration::from_millis(settings.keepalive_timeout_ms.max(1)),
+    };
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(());
     let handshakes = std::sync::Arc::new(tokio::sync::Semaphore::new(settings.max_tls_handshakes));
     {
@@ -644,7 +606,9 @@ where
                     None => break,
                 },
             };
-            let (builder, svc, mut stop) = (builder.clone(), svc.clone(), stop_rx.clone());
+            let (svc, mut stop) = (svc.clone(), stop_rx.clone());
+            // This server gathers each turn's frames itself: the socket need not wait.
+            let io = io.flush_at_once();
             let tls = tls.clone();
             let permit = match &tls {
                 Some(_) => match handshakes.clone().try_acquire_owned() {
@@ -662,7 +626,7 @@ where
             let handshake = Duration::from_millis(settings.tls_handshake_timeout_ms.max(1));
             tokio::spawn(async move {
                 let r = match tls {
-                    None => serve_connection(&builder, io, svc, &mut stop).await,
+                    None => crate::h2conn::serve(io, svc, conn, &mut stop).await,
                     Some(tls) => {
                         let peer = io.get_ref().peer_addr().ok();
                         let tls_io = tokio::select! {
@@ -673,7 +637,7 @@ where
                         drop(permit);
                         // Failed handshakes are anyone's to cause: debug, not a log flood.
                         match tls_io {
-                            Ok(Ok(io)) => serve_connection(&builder, io, svc, &mut stop).await,
+                            Ok(Ok(io)) => crate::h2conn::serve(io, svc, conn, &mut stop).await,
                             Ok(Err(e)) => {
                                 tracing::debug!(?peer, error = %e, "TLS handshake failed");
                                 return;
@@ -698,35 +662,6 @@ where
     Ok(())
 }
 
-/// Serves one connection until it closes, or gracefully once `stop` changes.
-async fn serve_connection<IO, S, B>(
-    builder: &hyper::server::conn::http2::Builder<InlineFirst>,
-    io: IO,
-    svc: S,
-    stop: &mut tokio::sync::watch::Receiver<()>,
-) -> hyper::Result<()>
-where
-    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-    S: hyper::service::Service<http::Request<hyper::body::Incoming>, Response = http::Response<B>>
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
-    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-    B: http_body::Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
-    let conn = builder.serve_connection(hyper_util::rt::TokioIo::new(io), svc);
-    tokio::pin!(conn);
-    tokio::select! {
-        r = conn.as_mut() => r,
-        _ = stop.changed() => {
-            conn.as_mut().graceful_shutdown();
-            conn.await
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -737,35 +672,6 @@ mod tests {
             b.push(Bytes::copy_from_slice(p));
         }
         b
-    }
-
-    #[test]
-    fn inline_first_finishes_a_ready_call_without_a_runtime_to_spawn_on() {
-        use hyper::rt::Executor as _;
-        // Outside a runtime `tokio::spawn` panics: a ready call must not reach it.
-        let ran = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let r = ran.clone();
-        InlineFirst.execute(async move { r.store(true, std::sync::atomic::Ordering::SeqCst) });
-        assert!(ran.load(std::sync::atomic::Ordering::SeqCst));
-        // A panicking call fails alone.
-        InlineFirst.execute(async { panic!("a call's bug") });
-    }
-
-    #[tokio::test]
-    async fn inline_first_spawns_a_pending_call_which_finishes_when_woken() {
-        use hyper::rt::Executor as _;
-        let (go_tx, go_rx) = tokio::sync::oneshot::channel::<u32>();
-        let (done_tx, done_rx) = tokio::sync::oneshot::channel::<u32>();
-        InlineFirst.execute(async move {
-            let v = go_rx.await.unwrap_or(0);
-            let _ = done_tx.send(v + 1);
-        });
-        // The inline poll registered a no-op waker; the spawned task's own poll must
-        // register the real one, or this send would wake nothing and the test would hang.
-        tokio::task::yield_now().await;
-        go_tx.send(41).unwrap();
-        let v = tokio::time::timeout(Duration::from_secs(10), done_rx).await;
-        assert_eq!(v.expect("the spawned call was never woken").unwrap(), 42);
     }
 
     #[test]
@@ -990,7 +896,7 @@ mod tests {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (seen_tx, seen_rx) = tokio::sync::mpsc::channel(4);
-        let svc = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+        let svc = hyper::service::service_fn(move |req: http::Request<RecvBody>| {
             let seen_tx = seen_tx.clone();
             let (tx, rx) = tokio::sync::mpsc::channel::<Result<ChunkBuf, Status>>(1);
             tokio::spawn(async move {
@@ -1015,6 +921,7 @@ mod tests {
         });
         let settings = Http2Settings {
             max_concurrent_streams: 16,
+            max_header_list_bytes: 16 * 1024,
             keepalive_interval_ms: 0,
             keepalive_timeout_ms: 0,
             tls_handshake_timeout_ms: 1000,

@@ -161,6 +161,7 @@ async fn serve_node(
                     .prepare();
                 let settings = wayside_proto::h2serve::Http2Settings {
                     max_concurrent_streams: node.cfg.max_concurrent_streams,
+                    max_header_list_bytes: node.cfg.max_header_list_bytes,
                     keepalive_interval_ms: node.cfg.http2_keepalive_interval_ms,
                     keepalive_timeout_ms: node.cfg.http2_keepalive_timeout_ms,
                     tls_handshake_timeout_ms: node.cfg.tls_handshake_timeout_ms,

@@ -245,7 +245,7 @@ async fn unary_request<M: prost::Message + Default + Send + 'static>(
 
 impl Node {
     /// The request messages of a call (`max_message_size_bytes`, `request_copy_below_bytes`).
-    fn messages<M: prost::Message + Default>(&self, body: hyper::body::Incoming) -> Messages<M> {
+    fn messages<M: prost::Message + Default>(&self, body: wayside_proto::h2conn::RecvBody) -> Messages<M> {
         Messages::new(body, self.cfg.max_message_size_bytes)
             .copy_below(self.cfg.request_copy_below_bytes)
     }
@@ -254,7 +254,7 @@ impl Node {
     /// then its trailers.
     fn unary_call(
         self: &Arc<Self>,
-        req: http::Request<hyper::body::Incoming>,
+        req: http::Request<wayside_proto::h2conn::RecvBody>,
         call: Call,
     ) -> GrpcBody {
         let max = self.cfg.max_message_size_bytes;
@@ -277,7 +277,7 @@ impl Node {
 
     /// Answers a `Stream` (`batches`: `StreamBatches`) call: its replies, encoded as
     /// [`encode_replies`] (or [`encode_results`]), then its trailers.
-    fn stream_call(&self, req: http::Request<hyper::body::Incoming>, batches: bool) -> GrpcBody {
+    fn stream_call(&self, req: http::Request<wayside_proto::h2conn::RecvBody>, batches: bool) -> GrpcBody {
         let max = self.cfg.max_message_size_bytes;
         let timeout = grpc_timeout(req.headers());
         let replies: ReplyStream = match check_encoding(req.headers()) {
@@ -317,12 +317,12 @@ fn nms_method(path: &str) -> Option<&str> {
 
 type Reply = Result<http::Response<GrpcBody>, Infallible>;
 
-impl hyper::service::Service<http::Request<hyper::body::Incoming>> for NmsHttp {
+impl hyper::service::Service<http::Request<wayside_proto::h2conn::RecvBody>> for NmsHttp {
     type Response = http::Response<GrpcBody>;
     type Error = Infallible;
     type Future = Either<std::future::Ready<Reply>, BoxFuture<'static, Reply>>;
 
-    fn call(&self, req: http::Request<hyper::body::Incoming>) -> Self::Future {
+    fn call(&self, req: http::Request<wayside_proto::h2conn::RecvBody>) -> Self::Future {
         let call = match nms_method(req.uri().path()) {
             Some("Read") => Call::Read,
             Some("Write") => Call::Write,
@@ -334,7 +334,7 @@ impl hyper::service::Service<http::Request<hyper::body::Incoming>> for NmsHttp {
                 return Either::Right(
                     async move {
                         use tonic::codegen::Service;
-                        type Incoming = http::Request<hyper::body::Incoming>;
+                        type Incoming = http::Request<wayside_proto::h2conn::RecvBody>;
                         let call = async {
                             std::future::poll_fn(|cx| {
                                 <tonic::service::Routes as Service<Incoming>>::poll_ready(
