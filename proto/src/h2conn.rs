@@ -15,9 +15,8 @@
 //!   service answers at once (a cache hit, an accepted write) is answered in the same turn
 //!   its request arrived in: its reply's frames go out with every other frame of the turn
 //!   in one vectored write.
-//! - Request headers are decoded with `loona-hpack` (a full HPACK decoder: the dynamic
-//!   table, Huffman); replies are encoded as literals without indexing, so the connection
-//!   keeps no encoder state.
+//! - Request headers are decoded by [`crate::hpack`] (the dynamic table, Huffman); replies
+//!   are encoded as literals without indexing, so the connection keeps no encoder state.
 //! - Flow control both ways: a call's received and unconsumed bytes are bounded by the
 //!   stream window (released as its body consumes them), the connection's by the
 //!   connection window; replies wait for the peer's windows. Frames to send are bounded by
@@ -30,7 +29,6 @@
 //!   new ones.
 
 use bytes::{Buf, BufMut as _, Bytes, BytesMut};
-use std::borrow::Cow;
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::io::IoSlice;
@@ -417,7 +415,7 @@ impl Out {
 // ---------------------------------------------------------------------------------------
 // HPACK: request headers decoded, reply headers encoded as literals.
 
-fn encode_int(out: &mut Vec<u8>, first: u8, prefix_bits: u8, mut v: usize) {
+pub(crate) fn encode_int(out: &mut Vec<u8>, first: u8, prefix_bits: u8, mut v: usize) {
     let max = (1usize << prefix_bits) - 1;
     if v < max {
         out.push(first | v as u8);
@@ -636,7 +634,7 @@ struct Conn<IO, S: hyper::service::Service<http::Request<RecvBody>>, B: http_bod
     settings: ConnSettings,
     rbuf: BytesMut,
     out: Out,
-    hpack: loona_hpack::Decoder<'static>,
+    hpack: crate::hpack::Decoder,
     streams: HashMap<u32, Stream<S::Future, B>>,
     wakeups: Arc<Wakeups>,
     /// Streams to poll (besides the woken ones).
@@ -659,8 +657,8 @@ struct Conn<IO, S: hyper::service::Service<http::Request<RecvBody>>, B: http_bod
     /// We sent GOAWAY (graceful stop): new streams are refused, the connection closes
     /// when the last call has finished.
     stopping: bool,
-    /// The peer sent GOAWAY or closed its side.
-    peer_gone: bool,
+    /// The peer sent GOAWAY: it opens no more streams (and may still send on open ones).
+    peer_goaway: bool,
     last_heard: Instant,
     /// When the unanswered keepalive PING was sent.
     ping_sent: Option<Instant>,
@@ -685,7 +683,9 @@ where
             (setting::INITIAL_WINDOW_SIZE, settings.stream_window_bytes.min(MAX_WINDOW as u32)),
             (
                 setting::MAX_FRAME_SIZE,
-                settings.max_frame_bytes.clamp(DEFAULT_MAX_FRAME_BYTES as u32, MAX_FRAME_BYTES_LIMIT),
+                settings
+                    .max_frame_bytes
+                    .clamp(DEFAULT_MAX_FRAME_BYTES as u32, MAX_FRAME_BYTES_LIMIT),
             ),
             (setting::MAX_HEADER_LIST_SIZE, settings.max_header_list_bytes),
             (setting::ENABLE_PUSH, 0),
@@ -699,10 +699,11 @@ where
         if conn_window > DEFAULT_WINDOW {
             out.window_update(0, (conn_window - DEFAULT_WINDOW) as u32);
         }
-        let mut hpack = loona_hpack::Decoder::new();
-        hpack.set_max_allowed_table_size(4096);
-        let keepalive =
-            settings.keepalive_interval.map(|i| Box::pin(tokio::time::sleep(i.max(Duration::from_millis(1)))));
+        // The protocol's default SETTINGS_HEADER_TABLE_SIZE (we advertise no other).
+        let hpack = crate::hpack::Decoder::new(4096);
+        let keepalive = settings
+            .keepalive_interval
+            .map(|i| Box::pin(tokio::time::sleep(i.max(Duration::from_millis(1)))));
         Self {
             io,
             svc,
@@ -729,7 +730,7 @@ where
             recv_window: conn_window.max(DEFAULT_WINDOW),
             recv_unannounced: 0,
             stopping: false,
-            peer_gone: false,
+            peer_goaway: false,
             last_heard: Instant::now(),
             ping_sent: None,
             keepalive,
@@ -742,7 +743,7 @@ where
     }
 
     fn conn_window(&self) -> i64 {
-        i64::from(self.settings.connection_window_bytes).min(MAX_WINDOW).max(DEFAULT_WINDOW)
+        i64::from(self.settings.connection_window_bytes).clamp(DEFAULT_WINDOW, MAX_WINDOW)
     }
 
     /// A graceful stop: GOAWAY, then the open calls finish.
@@ -775,14 +776,13 @@ where
         for _ in 0..TURNS_PER_POLL {
             let mut busy = false;
             // Read and handle what arrived (unless replies are backed up).
-            if !self.peer_gone && self.out.len < OUT_HIGH_WATER_BYTES {
+            if self.out.len < OUT_HIGH_WATER_BYTES {
                 if self.rbuf.capacity() - self.rbuf.len() < 16 * 1024 {
                     self.rbuf.reserve(64 * 1024);
                 }
                 match tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.rbuf) {
                     Poll::Ready(Ok(0)) => {
                         // The peer closed its side: its calls can never end properly.
-                        self.peer_gone = true;
                         self.streams.clear();
                         return Poll::Ready(Ok(()));
                     }
@@ -817,11 +817,14 @@ where
                 if let Poll::Ready(Err(e)) = Pin::new(&mut self.io).poll_flush(cx) {
                     return Poll::Ready(Err(e.into()));
                 }
-                if (self.stopping || self.peer_gone) && self.streams.is_empty() {
+                if (self.stopping || self.peer_goaway) && self.streams.is_empty() {
                     return Poll::Ready(Ok(()));
                 }
             }
-            if !busy && self.ready.is_empty() {
+            if !busy
+                && self.ready.is_empty()
+                && self.wakeups.ids.lock().expect("wakeups lock").is_empty()
+            {
                 return Poll::Pending;
             }
         }
@@ -876,15 +879,19 @@ where
             self.preface_seen = true;
         }
         let max_frame =
-            self.settings.max_frame_bytes.clamp(DEFAULT_MAX_FRAME_BYTES as u32, MAX_FRAME_BYTES_LIMIT)
-                as usize;
+            self.settings
+                .max_frame_bytes
+                .clamp(DEFAULT_MAX_FRAME_BYTES as u32, MAX_FRAME_BYTES_LIMIT) as usize;
         while self.rbuf.len() >= FRAME_HEADER_BYTES {
             let h = &self.rbuf[..FRAME_HEADER_BYTES];
             let len = (usize::from(h[0]) << 16) | (usize::from(h[1]) << 8) | usize::from(h[2]);
             let (ty, flags) = (h[3], h[4]);
             let id = u32::from_be_bytes([h[5], h[6], h[7], h[8]]) & 0x7fff_ffff;
             if len > max_frame {
-                return Err(proto_err(code::FRAME_SIZE_ERROR, "a frame larger than our MAX_FRAME_SIZE"));
+                return Err(proto_err(
+                    code::FRAME_SIZE_ERROR,
+                    "a frame larger than our MAX_FRAME_SIZE",
+                ));
             }
             if self.rbuf.len() < FRAME_HEADER_BYTES + len {
                 self.rbuf.reserve(FRAME_HEADER_BYTES + len - self.rbuf.len());
@@ -905,10 +912,8 @@ where
                 frame::DATA => self.on_data(id, flags, payload)?,
                 frame::HEADERS => self.on_headers(id, flags, payload)?,
                 frame::CONTINUATION => self.on_continuation(id, flags, payload)?,
-                frame::PRIORITY => {
-                    if id == 0 {
-                        return Err(proto_err(code::PROTOCOL_ERROR, "PRIORITY on stream 0"));
-                    }
+                frame::PRIORITY if id == 0 => {
+                    return Err(proto_err(code::PROTOCOL_ERROR, "PRIORITY on stream 0"));
                 }
                 frame::RST_STREAM => self.on_rst_stream(id, &payload)?,
                 frame::SETTINGS => self.on_settings(id, flags, &payload)?,
@@ -921,7 +926,7 @@ where
                         return Err(proto_err(code::PROTOCOL_ERROR, "GOAWAY on a stream"));
                     }
                     // The open calls finish; the peer starts no more.
-                    self.peer_gone = true;
+                    self.peer_goaway = true;
                 }
                 frame::WINDOW_UPDATE => self.on_window_update(id, &payload)?,
                 // Unknown frame types are ignored (RFC 9113 section 4.1).
@@ -1004,13 +1009,19 @@ where
     }
 
     fn on_headers(&mut self, id: u32, flags: u8, payload: BytesMut) -> Result<(), ConnError> {
-        if id == 0 || id % 2 == 0 {
-            return Err(proto_err(code::PROTOCOL_ERROR, "HEADERS on a stream a client cannot open"));
+        if id == 0 || id.is_multiple_of(2) {
+            return Err(proto_err(
+                code::PROTOCOL_ERROR,
+                "HEADERS on a stream a client cannot open",
+            ));
         }
         let (mut block, _) = Self::unpad(flags, payload)?;
         if flags & frame::PRIORITY_FLAG != 0 {
             if block.len() < 5 {
-                return Err(proto_err(code::FRAME_SIZE_ERROR, "HEADERS too short for its priority"));
+                return Err(proto_err(
+                    code::FRAME_SIZE_ERROR,
+                    "HEADERS too short for its priority",
+                ));
             }
             block.advance(5);
         }
@@ -1055,7 +1066,7 @@ where
         let mut d = Decoded::default();
         // Always decoded: the decoder's dynamic table must follow the peer's encoder.
         self.hpack
-            .decode_with_cb(block, |n: Cow<[u8]>, v: Cow<[u8]>| d.field(&n, &v, max))
+            .decode(block, |n, v| d.field(n, v, max))
             .map_err(|_| proto_err(code::COMPRESSION_ERROR, "an undecodable header block"))?;
         if id <= self.last_stream_id {
             // Trailers of an open request (they carry nothing a call uses), or a stream
@@ -1092,7 +1103,10 @@ where
                 "the request's headers are longer than max_header_list_bytes ({max} bytes)"
             ));
             let mut h = crate::h2serve::status_trailers(&status);
-            h.insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/grpc"));
+            h.insert(
+                http::header::CONTENT_TYPE,
+                http::HeaderValue::from_static("application/grpc"),
+            );
             self.send_headers(id, Some(http::StatusCode::OK), &h, true);
             if !end_stream {
                 self.out.rst_stream(id, code::NO_ERROR);
@@ -1175,7 +1189,7 @@ where
             }
             return Ok(());
         }
-        if payload.len() % 6 != 0 {
+        if !payload.len().is_multiple_of(6) {
             return Err(proto_err(code::FRAME_SIZE_ERROR, "SETTINGS not a multiple of 6 bytes"));
         }
         for s in payload.chunks_exact(6) {
@@ -1187,14 +1201,20 @@ where
                 }
                 setting::INITIAL_WINDOW_SIZE => {
                     if i64::from(v) > MAX_WINDOW {
-                        return Err(proto_err(code::FLOW_CONTROL_ERROR, "INITIAL_WINDOW_SIZE past 2^31-1"));
+                        return Err(proto_err(
+                            code::FLOW_CONTROL_ERROR,
+                            "INITIAL_WINDOW_SIZE past 2^31-1",
+                        ));
                     }
                     let delta = i64::from(v) - self.peer_initial_window;
                     self.peer_initial_window = i64::from(v);
                     for (id, st) in &mut self.streams {
                         st.send_window += delta;
                         if st.send_window > MAX_WINDOW {
-                            return Err(proto_err(code::FLOW_CONTROL_ERROR, "a stream window past 2^31-1"));
+                            return Err(proto_err(
+                                code::FLOW_CONTROL_ERROR,
+                                "a stream window past 2^31-1",
+                            ));
                         }
                         if delta > 0 && st.pending.is_some() {
                             self.ready.push(*id);
@@ -1235,14 +1255,19 @@ where
         if payload.len() != 4 {
             return Err(proto_err(code::FRAME_SIZE_ERROR, "WINDOW_UPDATE not 4 bytes long"));
         }
-        let n = i64::from(u32::from_be_bytes([payload[0], payload[1], payload[2], payload[3]]) & 0x7fff_ffff);
+        let n = i64::from(
+            u32::from_be_bytes([payload[0], payload[1], payload[2], payload[3]]) & 0x7fff_ffff,
+        );
         if id == 0 {
             if n == 0 {
                 return Err(proto_err(code::PROTOCOL_ERROR, "a WINDOW_UPDATE of 0"));
             }
             self.send_window += n;
             if self.send_window > MAX_WINDOW {
-                return Err(proto_err(code::FLOW_CONTROL_ERROR, "the connection window past 2^31-1"));
+                return Err(proto_err(
+                    code::FLOW_CONTROL_ERROR,
+                    "the connection window past 2^31-1",
+                ));
             }
             let blocked = std::mem::take(&mut self.window_blocked);
             self.ready.extend(blocked);
@@ -1250,7 +1275,10 @@ where
         }
         let Some(s) = self.streams.get_mut(&id) else {
             if id > self.last_stream_id {
-                return Err(proto_err(code::PROTOCOL_ERROR, "WINDOW_UPDATE on a stream never opened"));
+                return Err(proto_err(
+                    code::PROTOCOL_ERROR,
+                    "WINDOW_UPDATE on a stream never opened",
+                ));
             }
             return Ok(());
         };
@@ -1327,7 +1355,13 @@ where
 
     // -- sending ---------------------------------------------------------------------------
 
-    fn send_headers(&mut self, id: u32, status: Option<http::StatusCode>, h: &http::HeaderMap, end: bool) {
+    fn send_headers(
+        &mut self,
+        id: u32,
+        status: Option<http::StatusCode>,
+        h: &http::HeaderMap,
+        end: bool,
+    ) {
         let mut block = std::mem::take(&mut self.block);
         block.clear();
         encode_headers(&mut block, status, h);
@@ -1480,5 +1514,534 @@ where
             }
             self.close_recv(&s, code::CANCEL);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Against two independent HTTP/2 implementations: the h2 crate's client (flow
+    //! control, calls) and hand-made frames (protocol errors, limits, PING, GOAWAY).
+    use super::*;
+    use crate::h2serve::{ChunkBuf, GrpcBody, ReplyStream};
+    use std::net::SocketAddr;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    fn settings() -> ConnSettings {
+        ConnSettings {
+            max_concurrent_streams: 8,
+            connection_window_bytes: 1 << 20,
+            stream_window_bytes: 65_535,
+            max_frame_bytes: 16_384,
+            max_header_list_bytes: 4096,
+            keepalive_interval: None,
+            keepalive_timeout: Duration::from_secs(1),
+        }
+    }
+
+    /// What the test service saw.
+    #[derive(Default)]
+    struct Seen {
+        /// Calls dropped before they ended ("/t/hang").
+        dropped: tokio::sync::Notify,
+        /// Lets "/t/noread" read its body.
+        read_now: tokio::sync::Notify,
+    }
+
+    struct DropGuard(Arc<Seen>);
+    impl Drop for DropGuard {
+        fn drop(&mut self) {
+            self.0.dropped.notify_one();
+        }
+    }
+
+    fn reply(chunks: Vec<Bytes>) -> http::Response<GrpcBody> {
+        let mut b = ChunkBuf::default();
+        for c in chunks {
+            b.push(c);
+        }
+        let replies: ReplyStream = Box::pin(futures_once(b));
+        let mut r = http::Response::new(GrpcBody::replies(replies, None));
+        r.headers_mut()
+            .insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/grpc"));
+        r
+    }
+
+    fn futures_once(
+        b: ChunkBuf,
+    ) -> impl tokio_stream::Stream<Item = Result<ChunkBuf, tonic::Status>> {
+        tokio_stream::iter([Ok(b)])
+    }
+
+    async fn read_all(mut body: RecvBody) -> Result<Vec<u8>, StreamReset> {
+        use http_body::Body as _;
+        let mut all = Vec::new();
+        while let Some(f) = std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await {
+            if let Ok(d) = f?.into_data() {
+                all.extend_from_slice(&d);
+            }
+        }
+        Ok(all)
+    }
+
+    type Served = tokio::sync::mpsc::UnboundedReceiver<Result<(), ConnError>>;
+
+    /// A server of the test calls: `/t/echo` (the request back), `/t/big/N` (N bytes,
+    /// from two chunks), `/t/hang` (never answers), `/t/noread` (reads its body only once
+    /// told), `/t/panic`, `/t/refuse` (a trailers-only error).
+    async fn start(
+        settings: ConnSettings,
+    ) -> (SocketAddr, Arc<Seen>, tokio::sync::watch::Sender<()>, Served) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let seen = Arc::new(Seen::default());
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(());
+        let (done_tx, done_rx) = tokio::sync::mpsc::unbounded_channel();
+        let s2 = seen.clone();
+        tokio::spawn(async move {
+            loop {
+                let (tcp, _) = listener.accept().await.unwrap();
+                let seen = s2.clone();
+                let svc = hyper::service::service_fn(move |req: http::Request<RecvBody>| {
+                    let seen = seen.clone();
+                    async move {
+                        let path = req.uri().path().to_owned();
+                        let r = match path.as_str() {
+                            "/t/echo" => {
+                                reply(vec![read_all(req.into_body()).await.unwrap().into()])
+                            }
+                            "/t/hang" => {
+                                let _g = DropGuard(seen.clone());
+                                std::future::pending::<()>().await;
+                                unreachable!()
+                            }
+                            "/t/noread" => {
+                                let body = req.into_body();
+                                seen.read_now.notified().await;
+                                reply(vec![read_all(body).await.unwrap().len().to_string().into()])
+                            }
+                            "/t/panic" => panic!("a call's bug"),
+                            "/t/refuse" => tonic::Status::not_found("no such thing")
+                                .into_http()
+                                .map(GrpcBody::tonic),
+                            p => {
+                                let n: usize = p.strip_prefix("/t/big/").unwrap().parse().unwrap();
+                                let data: Vec<u8> = (0..n).map(|i| (i % 251) as u8).collect();
+                                let data = Bytes::from(data);
+                                reply(vec![data.slice(..n / 3), data.slice(n / 3..)])
+                            }
+                        };
+                        Ok::<_, std::convert::Infallible>(r)
+                    }
+                });
+                let mut stop = stop_rx.clone();
+                let done = done_tx.clone();
+                tokio::spawn(async move {
+                    let _ = done.send(serve(tcp, svc, settings, &mut stop).await);
+                });
+            }
+        });
+        (addr, seen, stop_tx, done_rx)
+    }
+
+    async fn h2_client(
+        addr: SocketAddr,
+        builder: h2::client::Builder,
+    ) -> h2::client::SendRequest<Bytes> {
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (send, conn) = builder.handshake(tcp).await.unwrap();
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        send.ready().await.unwrap()
+    }
+
+    fn post(path: &str) -> http::Request<()> {
+        http::Request::post(format!("http://test{path}"))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(())
+            .unwrap()
+    }
+
+    /// The reply's data (releasing its window as it is read) and its `grpc-status`.
+    async fn collect(resp: http::Response<h2::RecvStream>) -> (Vec<u8>, Option<String>) {
+        let mut status = resp.headers().get("grpc-status").map(|v| v.to_str().unwrap().to_owned());
+        let mut body = resp.into_body();
+        let mut all = Vec::new();
+        while let Some(d) = body.data().await {
+            let d = d.unwrap();
+            body.flow_control().release_capacity(d.len()).unwrap();
+            all.extend_from_slice(&d);
+        }
+        if let Some(t) = body.trailers().await.unwrap() {
+            status = t.get("grpc-status").map(|v| v.to_str().unwrap().to_owned()).or(status);
+        }
+        (all, status)
+    }
+
+    #[tokio::test]
+    async fn replies_wait_for_a_small_peer_window_and_arrive_whole_in_its_frame_size() {
+        let (addr, _seen, _stop, _served) = start(settings()).await;
+        // The h2 client enforces its windows: a DATA frame past one is a FLOW_CONTROL_ERROR.
+        let mut b = h2::client::Builder::new();
+        b.initial_window_size(100).max_frame_size(16_384);
+        let mut send = h2_client(addr, b).await;
+        let n = 200_000;
+        let (resp, _) = send.send_request(post(&format!("/t/big/{n}")), true).unwrap();
+        let (data, status) = collect(resp.await.unwrap()).await;
+        assert_eq!(status.as_deref(), Some("0"));
+        assert_eq!(data.len(), n);
+        assert!(data.iter().enumerate().all(|(i, b)| *b == (i % 251) as u8));
+        // Many calls at once on the connection, each echoed intact.
+        let mut calls = Vec::new();
+        for i in 0..6u8 {
+            let (resp, mut out) = send.send_request(post("/t/echo"), false).unwrap();
+            out.send_data(Bytes::from(vec![i; 30_000]), true).unwrap();
+            calls.push((i, resp));
+        }
+        for (i, resp) in calls {
+            let (data, status) = collect(resp.await.unwrap()).await;
+            assert_eq!((data.len(), status.as_deref()), (30_000, Some("0")));
+            assert!(data.iter().all(|b| *b == i));
+        }
+    }
+
+    #[tokio::test]
+    async fn a_call_that_does_not_read_holds_the_peer_to_its_stream_window() {
+        let (addr, seen, _stop, _served) = start(settings()).await;
+        let mut send = h2_client(addr, h2::client::Builder::new()).await;
+        let (resp, mut out) = send.send_request(post("/t/noread"), false).unwrap();
+        let window = settings().stream_window_bytes as usize;
+        let mut sent = 0;
+        // The peer may send the stream window and no more while the call does not read.
+        out.reserve_capacity(4 * window);
+        while sent < window {
+            let cap = std::future::poll_fn(|cx| out.poll_capacity(cx)).await.unwrap().unwrap();
+            out.send_data(Bytes::from(vec![7u8; cap]), false).unwrap();
+            sent += cap;
+        }
+        assert_eq!(sent, window);
+        let more = tokio::time::timeout(
+            Duration::from_millis(300),
+            std::future::poll_fn(|cx| out.poll_capacity(cx)),
+        )
+        .await;
+        assert!(more.is_err(), "the server granted window its call had not consumed");
+        // Once the call reads, its window is released and the rest goes.
+        seen.read_now.notify_one();
+        while sent < 3 * window {
+            let cap = std::future::poll_fn(|cx| out.poll_capacity(cx)).await.unwrap().unwrap();
+            let cap = cap.min(3 * window - sent);
+            out.send_data(Bytes::from(vec![7u8; cap]), false).unwrap();
+            sent += cap;
+        }
+        out.send_data(Bytes::new(), true).unwrap();
+        let (data, status) = collect(resp.await.unwrap()).await;
+        assert_eq!(status.as_deref(), Some("0"));
+        assert_eq!(String::from_utf8(data).unwrap(), (3 * window).to_string());
+    }
+
+    #[tokio::test]
+    async fn a_call_reset_by_the_peer_is_dropped_and_others_go_on() {
+        let (addr, seen, _stop, _served) = start(settings()).await;
+        let mut send = h2_client(addr, h2::client::Builder::new()).await;
+        let (_resp, mut out) = send.send_request(post("/t/hang"), true).unwrap();
+        // Something on the connection answered proves the call started.
+        let (r, _) = send.send_request(post("/t/big/10"), true).unwrap();
+        assert_eq!(collect(r.await.unwrap()).await.0.len(), 10);
+        out.send_reset(h2::Reason::CANCEL);
+        tokio::time::timeout(Duration::from_secs(10), seen.dropped.notified())
+            .await
+            .expect("the reset call was never dropped");
+        // A panicking call is reset alone.
+        let (r, _) = send.send_request(post("/t/panic"), true).unwrap();
+        let e = r.await.unwrap_err();
+        assert_eq!(e.reason(), Some(h2::Reason::INTERNAL_ERROR), "{e}");
+        let (r, _) = send.send_request(post("/t/refuse"), true).unwrap();
+        let r = r.await.unwrap();
+        // A trailers-only reply: its headers end the stream.
+        assert!(r.body().is_end_stream());
+        assert_eq!(r.headers()["grpc-status"], "5");
+        let (r, _) = send.send_request(post("/t/big/5"), true).unwrap();
+        assert_eq!(collect(r.await.unwrap()).await.0.len(), 5);
+    }
+
+    // -- hand-made frames ------------------------------------------------------------------
+
+    fn frame_bytes(ty: u8, flags: u8, id: u32, payload: &[u8]) -> Vec<u8> {
+        let mut f = Vec::with_capacity(9 + payload.len());
+        f.extend_from_slice(&(payload.len() as u32).to_be_bytes()[1..]);
+        f.push(ty);
+        f.push(flags);
+        f.extend_from_slice(&id.to_be_bytes());
+        f.extend_from_slice(payload);
+        f
+    }
+
+    /// A request's header block, literals without indexing.
+    fn request_block(path: &str, extra: &[(&str, &str)]) -> Vec<u8> {
+        let mut b = Vec::new();
+        for (n, v) in
+            [(":method", "POST"), (":scheme", "http"), (":path", path), (":authority", "t")]
+                .iter()
+                .chain(extra)
+        {
+            b.push(0);
+            encode_string(&mut b, n.as_bytes());
+            encode_string(&mut b, v.as_bytes());
+        }
+        b
+    }
+
+    struct Raw {
+        tcp: tokio::net::TcpStream,
+        buf: Vec<u8>,
+    }
+
+    impl Raw {
+        async fn connect(addr: SocketAddr) -> Self {
+            let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+            tcp.write_all(PREFACE).await.unwrap();
+            tcp.write_all(&frame_bytes(frame::SETTINGS, 0, 0, &[])).await.unwrap();
+            Self { tcp, buf: Vec::new() }
+        }
+
+        async fn send(&mut self, ty: u8, flags: u8, id: u32, payload: &[u8]) {
+            self.tcp.write_all(&frame_bytes(ty, flags, id, payload)).await.unwrap();
+        }
+
+        /// The next frame (type, flags, stream, payload); `None` at the end of the connection.
+        async fn next(&mut self) -> Option<(u8, u8, u32, Vec<u8>)> {
+            loop {
+                if self.buf.len() >= 9 {
+                    let len = (usize::from(self.buf[0]) << 16)
+                        | (usize::from(self.buf[1]) << 8)
+                        | usize::from(self.buf[2]);
+                    if self.buf.len() >= 9 + len {
+                        let f: Vec<u8> = self.buf.drain(..9 + len).collect();
+                        let id = u32::from_be_bytes([f[5], f[6], f[7], f[8]]);
+                        return Some((f[3], f[4], id, f[9..].to_vec()));
+                    }
+                }
+                let mut chunk = [0u8; 65536];
+                let n = tokio::time::timeout(Duration::from_secs(10), self.tcp.read(&mut chunk))
+                    .await
+                    .expect("the server went silent")
+                    .unwrap_or(0);
+                if n == 0 {
+                    return None;
+                }
+                self.buf.extend_from_slice(&chunk[..n]);
+            }
+        }
+
+        /// Frames until one of type `ty` (skipping SETTINGS, WINDOW_UPDATE and the like).
+        async fn until(&mut self, ty: u8) -> Option<(u8, u32, Vec<u8>)> {
+            while let Some((t, flags, id, p)) = self.next().await {
+                if t == ty {
+                    return Some((flags, id, p));
+                }
+            }
+            None
+        }
+
+        /// The GOAWAY's error code, once the connection has ended.
+        async fn goaway_code(&mut self) -> u32 {
+            let (_, _, p) = self.until(frame::GOAWAY).await.expect("no GOAWAY");
+            assert!(self.next().await.is_none(), "the connection goes on after GOAWAY");
+            u32::from_be_bytes([p[4], p[5], p[6], p[7]])
+        }
+    }
+
+    #[tokio::test]
+    async fn protocol_errors_close_the_connection_with_goaway_and_their_code() {
+        let (addr, _, _stop, mut served) = start(settings()).await;
+        // A frame past our MAX_FRAME_SIZE.
+        let mut c = Raw::connect(addr).await;
+        c.send(frame::DATA, 0, 1, &vec![0; 16_385]).await;
+        assert_eq!(c.goaway_code().await, code::FRAME_SIZE_ERROR);
+        let e = served.recv().await.unwrap().unwrap_err();
+        assert!(e.to_string().contains("FRAME_SIZE_ERROR"), "{e}");
+        // Not HTTP/2 at all.
+        let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        tcp.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+        let mut c = Raw { tcp, buf: Vec::new() };
+        assert_eq!(c.goaway_code().await, code::PROTOCOL_ERROR);
+        // A header block that does not decode.
+        let mut c = Raw::connect(addr).await;
+        c.send(frame::HEADERS, frame::END_HEADERS, 1, &[0xff, 0xff, 0xff, 0xff, 0x0f]).await;
+        assert_eq!(c.goaway_code().await, code::COMPRESSION_ERROR);
+        // A header block longer than max_header_list_bytes (in CONTINUATIONs).
+        let mut c = Raw::connect(addr).await;
+        let block = request_block("/t/echo", &[("x-big", &"a".repeat(3000))]);
+        c.send(frame::HEADERS, 0, 1, &block).await;
+        c.send(frame::CONTINUATION, 0, 1, &block).await;
+        assert_eq!(c.goaway_code().await, code::PROTOCOL_ERROR);
+        // A frame other than CONTINUATION inside a header block.
+        let mut c = Raw::connect(addr).await;
+        c.send(frame::HEADERS, 0, 1, &request_block("/t/echo", &[])).await;
+        c.send(frame::PING, 0, 0, &[0; 8]).await;
+        assert_eq!(c.goaway_code().await, code::PROTOCOL_ERROR);
+        // DATA past the stream window (a stream error: the connection goes on).
+        let mut c = Raw::connect(addr).await;
+        c.send(frame::HEADERS, frame::END_HEADERS, 1, &request_block("/t/noread", &[])).await;
+        for _ in 0..5 {
+            c.send(frame::DATA, 0, 1, &[1; 16_000]).await;
+        }
+        let (_, id, p) = c.until(frame::RST_STREAM).await.unwrap();
+        assert_eq!(
+            (id, u32::from_be_bytes(p[..4].try_into().unwrap())),
+            (1, code::FLOW_CONTROL_ERROR)
+        );
+        c.send(frame::PING, 0, 0, b"stillsee").await;
+        let (flags, _, p) = c.until(frame::PING).await.unwrap();
+        assert_eq!((flags, &p[..]), (frame::ACK, &b"stillsee"[..]));
+    }
+
+    #[tokio::test]
+    async fn limits_refuse_streams_and_long_header_lists_with_clear_answers() {
+        let (addr, _seen, _stop, _served) = start(settings()).await;
+        let mut c = Raw::connect(addr).await;
+        // max_concurrent_streams calls that never end, then one more: refused.
+        let max = settings().max_concurrent_streams;
+        for i in 0..max {
+            c.send(
+                frame::HEADERS,
+                frame::END_HEADERS | frame::END_STREAM,
+                1 + 2 * i,
+                &request_block("/t/hang", &[]),
+            )
+            .await;
+        }
+        let over = 1 + 2 * max;
+        c.send(
+            frame::HEADERS,
+            frame::END_HEADERS | frame::END_STREAM,
+            over,
+            &request_block("/t/echo", &[]),
+        )
+        .await;
+        let (_, id, p) = c.until(frame::RST_STREAM).await.unwrap();
+        assert_eq!(
+            (id, u32::from_be_bytes(p[..4].try_into().unwrap())),
+            (over, code::REFUSED_STREAM)
+        );
+        // Reset one: a new call is served again.
+        c.send(frame::RST_STREAM, 0, 1, &code::CANCEL.to_be_bytes()).await;
+        let id = over + 2;
+        c.send(
+            frame::HEADERS,
+            frame::END_HEADERS | frame::END_STREAM,
+            id,
+            &request_block("/t/big/3", &[]),
+        )
+        .await;
+        let (flags, hid, _) = c.until(frame::HEADERS).await.unwrap();
+        assert_eq!((hid, flags & frame::END_STREAM), (id, 0));
+        // A header list longer than the limit (each field counts 32 more than its bytes),
+        // in a block that is not: RESOURCE_EXHAUSTED, and the connection goes on.
+        let mut c = Raw::connect(addr).await;
+        let extra: Vec<(String, String)> =
+            (0..80).map(|i| (format!("x-{i}"), String::new())).collect();
+        let extra: Vec<(&str, &str)> =
+            extra.iter().map(|(n, v)| (n.as_str(), v.as_str())).collect();
+        let mut block = request_block("/t/echo", &[]);
+        // Indexed references to one dynamic-table entry: 1 byte each, 40 bytes listed each.
+        block.push(0x40);
+        encode_string(&mut block, b"x-r");
+        encode_string(&mut block, b"y");
+        block.extend(std::iter::repeat_n(0xbe, 200));
+        assert!(block.len() < 4096 && extra.len() == 80);
+        c.send(frame::HEADERS, frame::END_HEADERS | frame::END_STREAM, 1, &block).await;
+        let (flags, _, p) = c.until(frame::HEADERS).await.unwrap();
+        assert_ne!(flags & frame::END_STREAM, 0);
+        let mut h = Vec::new();
+        crate::hpack::Decoder::new(4096)
+            .decode(&p, |n, v| h.push((n.to_vec(), v.to_vec())))
+            .unwrap();
+        let get = |n: &str| {
+            h.iter()
+                .find(|(k, _)| k == n.as_bytes())
+                .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
+        };
+        assert_eq!(get("grpc-status").as_deref(), Some("8"));
+        assert!(get("grpc-message").unwrap().contains("max_header_list_bytes"));
+        c.send(
+            frame::HEADERS,
+            frame::END_HEADERS | frame::END_STREAM,
+            3,
+            &request_block("/t/big/2", &[]),
+        )
+        .await;
+        let (_, id, _) = c.until(frame::DATA).await.unwrap();
+        assert_eq!(id, 3);
+    }
+
+    #[tokio::test]
+    async fn a_silent_peer_is_pinged_and_closed_when_it_never_answers() {
+        let mut s = settings();
+        s.keepalive_interval = Some(Duration::from_millis(100));
+        s.keepalive_timeout = Duration::from_millis(100);
+        let (addr, _, _stop, mut served) = start(s).await;
+        let mut c = Raw::connect(addr).await;
+        let (flags, _, _) = c.until(frame::PING).await.expect("no keepalive PING");
+        assert_eq!(flags & frame::ACK, 0);
+        // Never answered: the connection ends.
+        while c.next().await.is_some() {}
+        let e = served.recv().await.unwrap().unwrap_err();
+        assert!(matches!(e, ConnError::KeepaliveTimeout(_)), "{e}");
+    }
+
+    #[tokio::test]
+    async fn a_graceful_stop_finishes_open_calls_refuses_new_ones_and_closes() {
+        let (addr, seen, stop, mut served) = start(settings()).await;
+        let mut c = Raw::connect(addr).await;
+        c.send(frame::HEADERS, frame::END_HEADERS, 1, &request_block("/t/noread", &[])).await;
+        c.send(frame::DATA, frame::END_STREAM, 1, b"abc").await;
+        // The server has seen stream 1 once it answers a PING sent after it.
+        c.send(frame::PING, 0, 0, &[1; 8]).await;
+        c.until(frame::PING).await.unwrap();
+        stop.send(()).unwrap();
+        let (_, _, p) = c.until(frame::GOAWAY).await.unwrap();
+        assert_eq!(u32::from_be_bytes(p[..4].try_into().unwrap()), 1, "last stream id");
+        assert_eq!(u32::from_be_bytes(p[4..8].try_into().unwrap()), code::NO_ERROR);
+        // A new call is refused; the open one finishes; then the connection closes.
+        c.send(
+            frame::HEADERS,
+            frame::END_HEADERS | frame::END_STREAM,
+            3,
+            &request_block("/t/echo", &[]),
+        )
+        .await;
+        let (_, id, p) = c.until(frame::RST_STREAM).await.unwrap();
+        assert_eq!((id, u32::from_be_bytes(p[..4].try_into().unwrap())), (3, code::REFUSED_STREAM));
+        seen.read_now.notify_one();
+        let (_, id, p) = c.until(frame::DATA).await.unwrap();
+        assert_eq!((id, &p[..]), (1, &b"3"[..]));
+        let (flags, id, _) = c.until(frame::HEADERS).await.unwrap();
+        assert_eq!((id, flags & frame::END_STREAM), (1, frame::END_STREAM));
+        assert!(c.next().await.is_none(), "the connection stays open after its last call");
+        served.recv().await.unwrap().unwrap();
+    }
+
+    #[test]
+    fn integers_encode_across_their_prefix() {
+        let mut out = Vec::new();
+        encode_int(&mut out, 0, 7, 126);
+        encode_int(&mut out, 0, 7, 127);
+        encode_int(&mut out, 0, 7, 1337);
+        assert_eq!(out, [126, 127, 0, 127, 0xba, 0x09]);
+        // Encoded reply headers decode back (any value bytes, long values).
+        let mut h = http::HeaderMap::new();
+        h.insert("grpc-message", http::HeaderValue::from_bytes(&[b'x'; 300]).unwrap());
+        h.insert("content-type", http::HeaderValue::from_static("application/grpc"));
+        let mut block = Vec::new();
+        encode_headers(&mut block, Some(http::StatusCode::NOT_FOUND), &h);
+        let mut got = Vec::new();
+        crate::hpack::Decoder::new(4096)
+            .decode(&block, |n, v| got.push((n.to_vec(), v.to_vec())))
+            .unwrap();
+        assert_eq!(got[0], (b":status".to_vec(), b"404".to_vec()));
+        assert!(got.contains(&(b"grpc-message".to_vec(), vec![b'x'; 300])));
     }
 }

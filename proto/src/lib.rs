@@ -25,6 +25,7 @@ pub mod cork;
 pub mod error;
 pub mod h2conn;
 pub mod h2serve;
+pub mod hpack;
 pub mod server;
 pub mod telemetry;
 pub mod tls;

@@ -245,7 +245,10 @@ async fn unary_request<M: prost::Message + Default + Send + 'static>(
 
 impl Node {
     /// The request messages of a call (`max_message_size_bytes`, `request_copy_below_bytes`).
-    fn messages<M: prost::Message + Default>(&self, body: wayside_proto::h2conn::RecvBody) -> Messages<M> {
+    fn messages<M: prost::Message + Default>(
+        &self,
+        body: wayside_proto::h2conn::RecvBody,
+    ) -> Messages<M> {
         Messages::new(body, self.cfg.max_message_size_bytes)
             .copy_below(self.cfg.request_copy_below_bytes)
     }
@@ -277,7 +280,11 @@ impl Node {
 
     /// Answers a `Stream` (`batches`: `StreamBatches`) call: its replies, encoded as
     /// [`encode_replies`] (or [`encode_results`]), then its trailers.
-    fn stream_call(&self, req: http::Request<wayside_proto::h2conn::RecvBody>, batches: bool) -> GrpcBody {
+    fn stream_call(
+        &self,
+        req: http::Request<wayside_proto::h2conn::RecvBody>,
+        batches: bool,
+    ) -> GrpcBody {
         let max = self.cfg.max_message_size_bytes;
         let timeout = grpc_timeout(req.headers());
         let replies: ReplyStream = match check_encoding(req.headers()) {
