@@ -2,6 +2,10 @@
 
 use serde::{Deserialize, Serialize};
 
+/// The most `max_header_list_bytes` may be set to, in bytes: a header list of more fields
+/// than an `http::HeaderMap` holds (32768, each counted at 32 bytes at least) would fail.
+pub const MAX_HEADER_LIST_BYTES_LIMIT: u32 = 256 * 1024;
+
 /// Settings of one NMS; every limit is named with its unit.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -284,10 +288,10 @@ impl Config {
         if self.dirty_limit_bytes_per_volume > self.dirty_limit_bytes {
             return Err("dirty_limit_bytes_per_volume must not exceed dirty_limit_bytes".into());
         }
-        if self.max_header_list_bytes < 1024 {
+        if !(1024..=MAX_HEADER_LIST_BYTES_LIMIT).contains(&self.max_header_list_bytes) {
             return Err(format!(
-                "max_header_list_bytes ({}) must be at least 1024 (a gRPC call's headers)",
-                self.max_header_list_bytes
+                "max_header_list_bytes ({}) must be from 1024 (a gRPC call's headers) to {}",
+                self.max_header_list_bytes, MAX_HEADER_LIST_BYTES_LIMIT
             ));
         }
         let max_block = u64::from(wayside_proto::types::MAX_BLOCK_SIZE_BYTES);

@@ -60,6 +60,23 @@ const WRITE_PIECES: usize = 64;
 const TURNS_PER_POLL: usize = 16;
 /// How long a closing connection tries to send its last frames (GOAWAY), in milliseconds.
 const CLOSE_FLUSH_MS: u64 = 1_000;
+/// A DATA payload of at least this many bytes reaches its call as a slice of the receive
+/// buffer (uncopied); a shorter one is copied (after the call's other short ones), so a
+/// peer's tiny frames never each hold on to a receive buffer, in bytes.
+const DATA_SLICE_MIN_BYTES: usize = 1024;
+/// Most DATA payloads held as slices of receive buffers (received, not yet consumed) per
+/// connection; past it payloads are copied. Each may keep a whole receive buffer (64 KiB,
+/// or its frame) alive, so this bounds what a peer that sends short DATA frames between
+/// long frames of other kinds can pin beyond the window's bytes, in slices.
+const MAX_HELD_SLICES: usize = 256;
+/// Most streams a peer may reset (or make us reset by breaking the protocol on them)
+/// while their calls run, per second, before the connection closes (ENHANCE_YOUR_CALM):
+/// every reset call costs the work begun for it (CVE-2023-44487, "Rapid Reset").
+const MAX_RESETS_PER_S: u32 = 1_000;
+/// A header block may decode to at most this many times `max_header_list_bytes`
+/// (RFC 7541's count) before the connection closes; up to it, a list past the limit is
+/// answered RESOURCE_EXHAUSTED. Bounds the decoder's copying for a hostile block.
+const DECODED_LIST_FACTOR: usize = 4;
 
 mod frame {
     pub const DATA: u8 = 0;
@@ -91,6 +108,7 @@ pub mod code {
     pub const REFUSED_STREAM: u32 = 0x7;
     pub const CANCEL: u32 = 0x8;
     pub const COMPRESSION_ERROR: u32 = 0x9;
+    pub const ENHANCE_YOUR_CALM: u32 = 0xb;
 }
 
 mod setting {
@@ -144,6 +162,7 @@ fn code_name(code: u32) -> &'static str {
         code::REFUSED_STREAM => "REFUSED_STREAM",
         code::CANCEL => "CANCEL",
         code::COMPRESSION_ERROR => "COMPRESSION_ERROR",
+        code::ENHANCE_YOUR_CALM => "ENHANCE_YOUR_CALM",
         _ => "an error code",
     }
 }
@@ -167,6 +186,8 @@ struct Wakeups {
     /// The connection's task is polling: it looks at `ids` again before it waits, so a
     /// waker need not wake it.
     polling: AtomicBool,
+    /// DATA payloads held as slices of receive buffers ([`MAX_HELD_SLICES`]).
+    held_slices: std::sync::atomic::AtomicUsize,
 }
 
 impl Wakeups {
@@ -202,7 +223,11 @@ impl Wake for StreamWaker {
 // The request body.
 
 struct RecvState {
-    chunks: VecDeque<Bytes>,
+    /// Received payloads in order: slices of a receive buffer (`true`: counted in
+    /// `Wakeups::held_slices`) or copies.
+    chunks: VecDeque<(Bytes, bool)>,
+    /// Short payloads received after `chunks`, copied.
+    tail: BytesMut,
     /// The request ended (END_STREAM).
     end: bool,
     /// The stream was reset before the request ended.
@@ -215,6 +240,59 @@ struct RecvState {
     dropped: bool,
 }
 
+impl RecvState {
+    fn new(end: bool) -> Self {
+        Self {
+            chunks: VecDeque::new(),
+            tail: BytesMut::new(),
+            end,
+            reset: None,
+            waker: None,
+            released: 0,
+            dropped: false,
+        }
+    }
+
+    fn push(&mut self, data: BytesMut, held: &std::sync::atomic::AtomicUsize) {
+        if data.len() >= DATA_SLICE_MIN_BYTES && held.load(Ordering::Relaxed) < MAX_HELD_SLICES {
+            held.fetch_add(1, Ordering::Relaxed);
+            if !self.tail.is_empty() {
+                self.chunks.push_back((self.tail.split().freeze(), false));
+            }
+            self.chunks.push_back((data.freeze(), true));
+        } else {
+            self.tail.extend_from_slice(&data);
+        }
+    }
+
+    fn pop(&mut self, held: &std::sync::atomic::AtomicUsize) -> Option<Bytes> {
+        if let Some((b, sliced)) = self.chunks.pop_front() {
+            if sliced {
+                held.fetch_sub(1, Ordering::Relaxed);
+            }
+            return Some(b);
+        }
+        (!self.tail.is_empty()).then(|| self.tail.split().freeze())
+    }
+
+    fn is_empty(&self) -> bool {
+        self.chunks.is_empty() && self.tail.is_empty()
+    }
+
+    /// Drops what is held; how many bytes that was.
+    fn clear(&mut self, held: &std::sync::atomic::AtomicUsize) -> usize {
+        let mut n = self.tail.len();
+        for (b, sliced) in self.chunks.drain(..) {
+            n += b.len();
+            if sliced {
+                held.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+        self.tail = BytesMut::new();
+        n
+    }
+}
+
 struct RecvShared {
     state: Mutex<RecvState>,
     stream: Arc<StreamWaker>,
@@ -223,6 +301,10 @@ struct RecvShared {
 impl RecvShared {
     fn lock(&self) -> std::sync::MutexGuard<'_, RecvState> {
         self.state.lock().expect("request body lock")
+    }
+
+    fn held(&self) -> &std::sync::atomic::AtomicUsize {
+        &self.stream.wakeups.held_slices
     }
 }
 
@@ -241,11 +323,11 @@ impl http_body::Body for RecvBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<http_body::Frame<Bytes>, StreamReset>>> {
         let mut st = self.shared.lock();
-        if let Some(b) = st.chunks.pop_front() {
+        if let Some(b) = st.pop(self.shared.held()) {
             st.released += b.len();
             // The connection learns of released bytes when the body has taken all it
             // holds (it is about to wait for more: the peer must be let send them).
-            let tell = st.chunks.is_empty() && !st.end;
+            let tell = st.is_empty();
             drop(st);
             if tell {
                 self.shared.stream.wake_by_ref();
@@ -266,7 +348,7 @@ impl http_body::Body for RecvBody {
 
     fn is_end_stream(&self) -> bool {
         let st = self.shared.lock();
-        st.end && st.chunks.is_empty()
+        st.end && st.is_empty()
     }
 }
 
@@ -274,9 +356,8 @@ impl Drop for RecvBody {
     fn drop(&mut self) {
         let mut st = self.shared.lock();
         st.dropped = true;
-        st.released += st.chunks.iter().map(Bytes::len).sum::<usize>();
-        st.chunks.clear();
-        let tell = st.released > 0 && !st.end && st.reset.is_none();
+        st.released += st.clear(self.shared.held());
+        let tell = st.released > 0 && st.reset.is_none();
         drop(st);
         if tell {
             self.shared.stream.wake_by_ref();
@@ -560,6 +641,10 @@ impl Decoded {
 // Streams.
 
 enum Call<F, B> {
+    /// The request, its service not called yet: it is called when the stream is first
+    /// polled, after every frame read with its HEADERS was handled (so a call finds the
+    /// DATA that arrived with it), and a panic in it resets this stream alone.
+    New(Option<http::Request<RecvBody>>),
     /// The service has not answered yet.
     Waiting(Pin<Box<F>>),
     /// The reply's headers are sent; its body is being sent.
@@ -582,6 +667,10 @@ struct Stream<F, B: http_body::Body> {
     send_window: i64,
     /// Reply data that waits for window.
     pending: Option<B::Data>,
+    /// In `Conn::window_blocked`.
+    window_queued: bool,
+    /// In `Conn::out_blocked`.
+    out_queued: bool,
 }
 
 /// What the service answers a request with.
@@ -614,8 +703,10 @@ where
         })
         .await
     };
-    if let Err(ConnError::Protocol { code, .. }) = &r {
-        conn.out.goaway(conn.last_stream_id, *code);
+    match &r {
+        Err(ConnError::Protocol { code, .. }) => conn.out.goaway(conn.goaway_last(), *code),
+        Err(ConnError::KeepaliveTimeout(_)) => conn.out.goaway(conn.goaway_last(), code::NO_ERROR),
+        _ => {}
     }
     // What is left to send (a GOAWAY, replies of a connection that ended reading) goes out
     // within a bound: a peer that stopped reading holds nothing long.
@@ -639,8 +730,9 @@ struct Conn<IO, S: hyper::service::Service<http::Request<RecvBody>>, B: http_bod
     wakeups: Arc<Wakeups>,
     /// Streams to poll (besides the woken ones).
     ready: Vec<u32>,
-    /// Streams with reply data waiting for the connection's window.
-    window_blocked: Vec<u32>,
+    /// Streams with reply data waiting for the connection's window, in the order they
+    /// began to wait (each once: `Stream::window_queued`).
+    window_blocked: VecDeque<u32>,
     /// Streams not polled while `out` was full.
     out_blocked: Vec<u32>,
     preface_seen: bool,
@@ -657,6 +749,11 @@ struct Conn<IO, S: hyper::service::Service<http::Request<RecvBody>>, B: http_bod
     /// We sent GOAWAY (graceful stop): new streams are refused, the connection closes
     /// when the last call has finished.
     stopping: bool,
+    /// The last stream id our graceful GOAWAY named.
+    goaway_id: Option<u32>,
+    /// Streams reset while their calls ran, since `resets_since` (`MAX_RESETS_PER_S`).
+    resets: u32,
+    resets_since: Instant,
     /// The peer sent GOAWAY: it opens no more streams (and may still send on open ones).
     peer_goaway: bool,
     last_heard: Instant,
@@ -716,9 +813,10 @@ where
                 ids: Mutex::new(Vec::new()),
                 conn: Mutex::new(None),
                 polling: AtomicBool::new(false),
+                held_slices: std::sync::atomic::AtomicUsize::new(0),
             }),
             ready: Vec::new(),
-            window_blocked: Vec::new(),
+            window_blocked: VecDeque::new(),
             out_blocked: Vec::new(),
             preface_seen: false,
             settings_seen: false,
@@ -730,6 +828,9 @@ where
             recv_window: conn_window.max(DEFAULT_WINDOW),
             recv_unannounced: 0,
             stopping: false,
+            goaway_id: None,
+            resets: 0,
+            resets_since: Instant::now(),
             peer_goaway: false,
             last_heard: Instant::now(),
             ping_sent: None,
@@ -749,7 +850,31 @@ where
     /// A graceful stop: GOAWAY, then the open calls finish.
     fn stop(&mut self) {
         self.stopping = true;
+        self.goaway_id = Some(self.last_stream_id);
         self.out.goaway(self.last_stream_id, code::NO_ERROR);
+    }
+
+    /// The last stream id a GOAWAY names now (never more than an earlier one named).
+    fn goaway_last(&self) -> u32 {
+        self.goaway_id.unwrap_or(self.last_stream_id).min(self.last_stream_id)
+    }
+
+    /// Counts a stream reset while its call ran: past `MAX_RESETS_PER_S` in a second the
+    /// connection ends.
+    fn count_reset(&mut self) -> Result<(), ConnError> {
+        let now = Instant::now();
+        if now.duration_since(self.resets_since) >= Duration::from_secs(1) {
+            self.resets_since = now;
+            self.resets = 0;
+        }
+        self.resets += 1;
+        if self.resets > MAX_RESETS_PER_S {
+            return Err(proto_err(
+                code::ENHANCE_YOUR_CALM,
+                "more streams reset while their calls ran than MAX_RESETS_PER_S",
+            ));
+        }
+        Ok(())
     }
 
     fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ConnError>> {
@@ -783,7 +908,7 @@ where
                 match tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.rbuf) {
                     Poll::Ready(Ok(0)) => {
                         // The peer closed its side: its calls can never end properly.
-                        self.streams.clear();
+                        self.abort_streams();
                         return Poll::Ready(Ok(()));
                     }
                     Poll::Ready(Ok(_)) => {
@@ -804,9 +929,11 @@ where
                 match self.out.poll_write(&mut self.io, cx) {
                     Poll::Ready(Ok(())) => {
                         busy = true;
-                        if !self.out_blocked.is_empty() {
-                            let blocked = std::mem::take(&mut self.out_blocked);
-                            self.ready.extend(blocked);
+                        for id in std::mem::take(&mut self.out_blocked) {
+                            if let Some(s) = self.streams.get_mut(&id) {
+                                s.out_queued = false;
+                                self.ready.push(id);
+                            }
                         }
                     }
                     Poll::Ready(Err(e)) => return Poll::Ready(Err(e.into())),
@@ -915,6 +1042,9 @@ where
                 frame::PRIORITY if id == 0 => {
                     return Err(proto_err(code::PROTOCOL_ERROR, "PRIORITY on stream 0"));
                 }
+                frame::PRIORITY if len != 5 => {
+                    return Err(proto_err(code::FRAME_SIZE_ERROR, "PRIORITY not 5 bytes long"));
+                }
                 frame::RST_STREAM => self.on_rst_stream(id, &payload)?,
                 frame::SETTINGS => self.on_settings(id, flags, &payload)?,
                 frame::PUSH_PROMISE => {
@@ -924,6 +1054,12 @@ where
                 frame::GOAWAY => {
                     if id != 0 {
                         return Err(proto_err(code::PROTOCOL_ERROR, "GOAWAY on a stream"));
+                    }
+                    if len < 8 {
+                        return Err(proto_err(
+                            code::FRAME_SIZE_ERROR,
+                            "GOAWAY shorter than 8 bytes",
+                        ));
                     }
                     // The open calls finish; the peer starts no more.
                     self.peer_goaway = true;
@@ -974,22 +1110,22 @@ where
         if s.recv_closed {
             self.reset_stream(id, code::STREAM_CLOSED);
             self.release_conn(flow);
-            return Ok(());
+            return self.count_reset();
         }
         s.recv_window -= flow as i64;
-        s.recv_held += flow;
         if s.recv_window < 0 {
             self.reset_stream(id, code::FLOW_CONTROL_ERROR);
             self.release_conn(flow);
-            return Ok(());
+            return self.count_reset();
         }
+        s.recv_held += flow;
         let end = flags & frame::END_STREAM != 0;
         let mut st = s.recv.lock();
         let mut discard = pad;
         if st.dropped {
             discard += data.len();
         } else if !data.is_empty() {
-            st.chunks.push_back(data.freeze());
+            st.push(data, &self.wakeups.held_slices);
         }
         if end {
             st.end = true;
@@ -1026,8 +1162,8 @@ where
             block.advance(5);
         }
         let end_stream = flags & frame::END_STREAM != 0;
+        self.check_block_len(block.len())?;
         if flags & frame::END_HEADERS == 0 {
-            self.check_block_len(block.len())?;
             self.continuation = Some((id, end_stream, block));
             return Ok(());
         }
@@ -1065,16 +1201,22 @@ where
         let max = self.settings.max_header_list_bytes as usize;
         let mut d = Decoded::default();
         // Always decoded: the decoder's dynamic table must follow the peer's encoder.
-        self.hpack
-            .decode(block, |n, v| d.field(n, v, max))
-            .map_err(|_| proto_err(code::COMPRESSION_ERROR, "an undecodable header block"))?;
+        self.hpack.decode(block, max * DECODED_LIST_FACTOR, |n, v| d.field(n, v, max)).map_err(
+            |e| match e {
+                crate::hpack::HpackError::ListTooLong(_) => proto_err(
+                    code::ENHANCE_YOUR_CALM,
+                    "a header block decoding to more than 4x max_header_list_bytes",
+                ),
+                _ => proto_err(code::COMPRESSION_ERROR, "an undecodable header block"),
+            },
+        )?;
         if id <= self.last_stream_id {
             // Trailers of an open request (they carry nothing a call uses), or a stream
             // already closed.
             if let Some(s) = self.streams.get_mut(&id) {
                 if !end_stream || s.recv_closed {
                     self.reset_stream(id, code::PROTOCOL_ERROR);
-                    return Ok(());
+                    return self.count_reset();
                 }
                 s.recv_closed = true;
                 let waker = {
@@ -1124,14 +1266,7 @@ where
             queued: AtomicBool::new(false),
         });
         let recv = Arc::new(RecvShared {
-            state: Mutex::new(RecvState {
-                chunks: VecDeque::new(),
-                end: end_stream,
-                reset: None,
-                waker: None,
-                released: 0,
-                dropped: false,
-            }),
+            state: Mutex::new(RecvState::new(end_stream)),
             stream: waker.clone(),
         });
         let req = match d.into_request(RecvBody { shared: recv.clone() }) {
@@ -1142,11 +1277,10 @@ where
                 return Ok(());
             }
         };
-        let fut = self.svc.call(req);
         self.streams.insert(
             id,
             Stream {
-                call: Call::Waiting(Box::pin(fut)),
+                call: Call::New(Some(req)),
                 recv,
                 waker: Waker::from(waker),
                 recv_closed: end_stream,
@@ -1155,6 +1289,8 @@ where
                 recv_held: 0,
                 send_window: self.peer_initial_window,
                 pending: None,
+                window_queued: false,
+                out_queued: false,
             },
         );
         self.ready.push(id);
@@ -1175,6 +1311,7 @@ where
         if let Some(s) = self.streams.remove(&id) {
             // The call is dropped (and with it the work it was doing).
             self.close_recv(&s, c);
+            self.count_reset()?;
         }
         Ok(())
     }
@@ -1192,6 +1329,8 @@ where
         if !payload.len().is_multiple_of(6) {
             return Err(proto_err(code::FRAME_SIZE_ERROR, "SETTINGS not a multiple of 6 bytes"));
         }
+        // The last INITIAL_WINDOW_SIZE of the frame is applied once, after the others.
+        let mut initial_window = None;
         for s in payload.chunks_exact(6) {
             let key = u16::from_be_bytes([s[0], s[1]]);
             let v = u32::from_be_bytes([s[2], s[3], s[4], s[5]]);
@@ -1206,20 +1345,7 @@ where
                             "INITIAL_WINDOW_SIZE past 2^31-1",
                         ));
                     }
-                    let delta = i64::from(v) - self.peer_initial_window;
-                    self.peer_initial_window = i64::from(v);
-                    for (id, st) in &mut self.streams {
-                        st.send_window += delta;
-                        if st.send_window > MAX_WINDOW {
-                            return Err(proto_err(
-                                code::FLOW_CONTROL_ERROR,
-                                "a stream window past 2^31-1",
-                            ));
-                        }
-                        if delta > 0 && st.pending.is_some() {
-                            self.ready.push(*id);
-                        }
-                    }
+                    initial_window = Some(i64::from(v));
                 }
                 setting::MAX_FRAME_SIZE => {
                     if !(DEFAULT_MAX_FRAME_BYTES as u32..=MAX_FRAME_BYTES_LIMIT).contains(&v) {
@@ -1231,6 +1357,20 @@ where
                 // bounds pushes, which a server here never makes.
                 setting::HEADER_TABLE_SIZE | setting::MAX_CONCURRENT_STREAMS => {}
                 _ => {}
+            }
+        }
+        if let Some(v) = initial_window {
+            let delta = v - self.peer_initial_window;
+            self.peer_initial_window = v;
+            for st in self.streams.values_mut() {
+                let before = st.send_window;
+                st.send_window += delta;
+                if st.send_window > MAX_WINDOW {
+                    return Err(proto_err(code::FLOW_CONTROL_ERROR, "a stream window past 2^31-1"));
+                }
+                if before <= 0 && st.send_window > 0 && st.pending.is_some() {
+                    st.recv.stream.wake_by_ref();
+                }
             }
         }
         self.out.header(0, frame::SETTINGS, frame::ACK, 0);
@@ -1269,8 +1409,7 @@ where
                     "the connection window past 2^31-1",
                 ));
             }
-            let blocked = std::mem::take(&mut self.window_blocked);
-            self.ready.extend(blocked);
+            // (The streams waiting for it are polled in order while it lasts.)
             return Ok(());
         }
         let Some(s) = self.streams.get_mut(&id) else {
@@ -1284,15 +1423,16 @@ where
         };
         if n == 0 {
             self.reset_stream(id, code::PROTOCOL_ERROR);
-            return Ok(());
+            return self.count_reset();
         }
+        let before = s.send_window;
         s.send_window += n;
         if s.send_window > MAX_WINDOW {
             self.reset_stream(id, code::FLOW_CONTROL_ERROR);
-            return Ok(());
+            return self.count_reset();
         }
-        if s.pending.is_some() {
-            self.ready.push(id);
+        if before <= 0 && s.send_window > 0 && s.pending.is_some() {
+            s.recv.stream.wake_by_ref();
         }
         Ok(())
     }
@@ -1304,7 +1444,7 @@ where
             if !st.end {
                 st.reset = Some(c);
             }
-            st.chunks.clear();
+            st.clear(&self.wakeups.held_slices);
             st.released = 0;
             st.waker.take()
         };
@@ -1380,7 +1520,7 @@ where
                 ids.append(&mut woken);
             }
         }
-        let any = !ids.is_empty();
+        let mut any = !ids.is_empty();
         for id in ids.drain(..) {
             self.poll_stream(id);
         }
@@ -1388,15 +1528,24 @@ where
         if self.ready.is_empty() {
             self.ready = ids;
         }
+        // The streams waiting for the connection's window, in order, while it lasts.
+        while self.send_window > 0 {
+            let Some(id) = self.window_blocked.pop_front() else { break };
+            let Some(s) = self.streams.get_mut(&id) else { continue };
+            s.window_queued = false;
+            any = true;
+            self.poll_stream(id);
+        }
         any
     }
 
     fn poll_stream(&mut self, id: u32) {
         let Some(s) = self.streams.get_mut(&id) else { return };
+        // A wake-up from here on queues the stream again (so bytes a body releases on
+        // another thread after the look below are reported by the next poll).
+        s.recv.stream.queued.store(false, Ordering::SeqCst);
         // Released request bytes first: the peer may send more.
         let released = std::mem::take(&mut s.recv.lock().released);
-        // A wake-up from here on queues the stream again.
-        s.recv.stream.queued.store(false, Ordering::SeqCst);
         let waker = s.waker.clone();
         if released > 0 {
             self.release(id, released);
@@ -1414,6 +1563,10 @@ where
         loop {
             let Some(s) = self.streams.get_mut(&id) else { return };
             match &mut s.call {
+                Call::New(req) => {
+                    let req = req.take().expect("a new call's request is taken once");
+                    s.call = Call::Waiting(Box::pin(self.svc.call(req)));
+                }
                 Call::Waiting(fut) => {
                     let answer: Answer<B, S::Error> = match fut.as_mut().poll(cx) {
                         Poll::Pending => return,
@@ -1444,7 +1597,10 @@ where
                         continue;
                     }
                     if self.out.len >= OUT_HIGH_WATER_BYTES {
-                        self.out_blocked.push(id);
+                        if !s.out_queued {
+                            s.out_queued = true;
+                            self.out_blocked.push(id);
+                        }
                         return;
                     }
                     match body.as_mut().poll_frame(cx) {
@@ -1485,8 +1641,9 @@ where
         while data.has_remaining() {
             let room = s.send_window.min(self.send_window);
             if room <= 0 {
-                if self.send_window <= 0 {
-                    self.window_blocked.push(id);
+                if self.send_window <= 0 && !s.window_queued {
+                    s.window_queued = true;
+                    self.window_blocked.push_back(id);
                 }
                 s.pending = Some(data);
                 return false;
@@ -1517,6 +1674,41 @@ where
     }
 }
 
+impl<IO, S, B> Drop for Conn<IO, S, B>
+where
+    S: hyper::service::Service<http::Request<RecvBody>>,
+    B: http_body::Body,
+{
+    /// A connection that ends (closed, broken, or its task dropped) ends its calls: a
+    /// body still waiting for its request (a call's task elsewhere) yields [`StreamReset`].
+    fn drop(&mut self) {
+        self.abort_streams();
+    }
+}
+
+impl<IO, S, B> Conn<IO, S, B>
+where
+    S: hyper::service::Service<http::Request<RecvBody>>,
+    B: http_body::Body,
+{
+    /// Ends every call: a body still waiting for the request yields [`StreamReset`].
+    fn abort_streams(&mut self) {
+        for (_, s) in self.streams.drain() {
+            let waker = {
+                let mut st = s.recv.lock();
+                if !st.end {
+                    st.reset = Some(code::CANCEL);
+                }
+                st.clear(&self.wakeups.held_slices);
+                st.waker.take()
+            };
+            if let Some(w) = waker {
+                w.wake();
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     //! Against two independent HTTP/2 implementations: the h2 crate's client (flow
@@ -1543,9 +1735,13 @@ mod tests {
     struct Seen {
         /// Calls dropped before they ended ("/t/hang").
         dropped: tokio::sync::Notify,
-        /// Lets "/t/noread" read its body.
+        /// Lets "/t/noread" read its body only once told.
         read_now: tokio::sync::Notify,
+        /// How "/t/spawned"'s task's read of its body ended.
+        spawned: tokio::sync::Mutex<Option<SpawnedRead>>,
     }
+
+    type SpawnedRead = tokio::sync::oneshot::Receiver<Result<usize, StreamReset>>;
 
     struct DropGuard(Arc<Seen>);
     impl Drop for DropGuard {
@@ -1587,7 +1783,9 @@ mod tests {
 
     /// A server of the test calls: `/t/echo` (the request back), `/t/big/N` (N bytes,
     /// from two chunks), `/t/hang` (never answers), `/t/noread` (reads its body only once
-    /// told), `/t/panic`, `/t/refuse` (a trailers-only error).
+    /// told), `/t/panic`, `/t/refuse` (a trailers-only error), `/t/peek` (whether the
+    /// request's DATA was there when the service was called), `/t/spawned` (a task of its
+    /// own reads the body; the call never answers).
     async fn start(
         settings: ConnSettings,
     ) -> (SocketAddr, Arc<Seen>, tokio::sync::watch::Sender<()>, Served) {
@@ -1601,8 +1799,19 @@ mod tests {
             loop {
                 let (tcp, _) = listener.accept().await.unwrap();
                 let seen = s2.clone();
-                let svc = hyper::service::service_fn(move |req: http::Request<RecvBody>| {
+                let svc = hyper::service::service_fn(move |mut req: http::Request<RecvBody>| {
                     let seen = seen.clone();
+                    // Looked at in the call itself, before any await.
+                    let peeked = (req.uri().path() == "/t/peek").then(|| {
+                        use http_body::Body as _;
+                        let mut cx = Context::from_waker(Waker::noop());
+                        match Pin::new(req.body_mut()).poll_frame(&mut cx) {
+                            Poll::Ready(Some(Ok(f))) => {
+                                format!("ready:{}", f.into_data().unwrap().len())
+                            }
+                            _ => "empty".to_owned(),
+                        }
+                    });
                     async move {
                         let path = req.uri().path().to_owned();
                         let r = match path.as_str() {
@@ -1620,6 +1829,17 @@ mod tests {
                                 reply(vec![read_all(body).await.unwrap().len().to_string().into()])
                             }
                             "/t/panic" => panic!("a call's bug"),
+                            "/t/peek" => reply(vec![peeked.unwrap().into()]),
+                            "/t/spawned" => {
+                                let (tx, rx) = tokio::sync::oneshot::channel();
+                                *seen.spawned.lock().await = Some(rx);
+                                let body = req.into_body();
+                                tokio::spawn(async move {
+                                    let _ = tx.send(read_all(body).await.map(|b| b.len()));
+                                });
+                                std::future::pending::<()>().await;
+                                unreachable!()
+                            }
                             "/t/refuse" => tonic::Status::not_found("no such thing")
                                 .into_http()
                                 .map(GrpcBody::tonic),
@@ -1877,6 +2097,11 @@ mod tests {
         c.send(frame::HEADERS, 0, 1, &block).await;
         c.send(frame::CONTINUATION, 0, 1, &block).await;
         assert_eq!(c.goaway_code().await, code::PROTOCOL_ERROR);
+        // A single HEADERS frame longer than max_header_list_bytes.
+        let mut c = Raw::connect(addr).await;
+        let block = request_block("/t/echo", &[("x-big", &"a".repeat(5000))]);
+        c.send(frame::HEADERS, frame::END_HEADERS, 1, &block).await;
+        assert_eq!(c.goaway_code().await, code::PROTOCOL_ERROR);
         // A frame other than CONTINUATION inside a header block.
         let mut c = Raw::connect(addr).await;
         c.send(frame::HEADERS, 0, 1, &request_block("/t/echo", &[])).await;
@@ -1957,7 +2182,7 @@ mod tests {
         assert_ne!(flags & frame::END_STREAM, 0);
         let mut h = Vec::new();
         crate::hpack::Decoder::new(4096)
-            .decode(&p, |n, v| h.push((n.to_vec(), v.to_vec())))
+            .decode(&p, usize::MAX, |n, v| h.push((n.to_vec(), v.to_vec())))
             .unwrap();
         let get = |n: &str| {
             h.iter()
@@ -2024,6 +2249,75 @@ mod tests {
         served.recv().await.unwrap().unwrap();
     }
 
+    #[tokio::test]
+    async fn a_call_finds_the_data_read_with_its_headers_and_a_dead_connection_resets_bodies() {
+        let (addr, seen, _stop, mut served) = start(settings()).await;
+        let mut c = Raw::connect(addr).await;
+        // HEADERS and DATA in one write: the service is called after both are handled.
+        let mut both =
+            frame_bytes(frame::HEADERS, frame::END_HEADERS, 1, &request_block("/t/peek", &[]));
+        both.extend(frame_bytes(frame::DATA, frame::END_STREAM, 1, b"hello"));
+        c.tcp.write_all(&both).await.unwrap();
+        let (_, id, p) = c.until(frame::DATA).await.unwrap();
+        assert_eq!((id, &p[..]), (1, &b"ready:5"[..]));
+        // A call whose body a task elsewhere reads, its request not ended: the connection
+        // dies, and the task's read ends with a reset rather than waiting forever.
+        c.send(frame::HEADERS, frame::END_HEADERS, 3, &request_block("/t/spawned", &[])).await;
+        c.send(frame::DATA, 0, 3, b"part").await;
+        c.send(frame::PING, 0, 0, &[2; 8]).await;
+        c.until(frame::PING).await.unwrap();
+        drop(c);
+        served.recv().await.unwrap().unwrap();
+        let rx = seen.spawned.lock().await.take().expect("the spawned call ran");
+        let r =
+            tokio::time::timeout(Duration::from_secs(10), rx).await.expect("the body never ended");
+        assert!(matches!(r.unwrap(), Err(StreamReset(code::CANCEL))));
+    }
+
+    #[tokio::test]
+    async fn rapid_resets_close_the_connection_with_enhance_your_calm() {
+        let (addr, _seen, _stop, _served) = start(settings()).await;
+        let mut c = Raw::connect(addr).await;
+        let mut burst = Vec::new();
+        for i in 0..(MAX_RESETS_PER_S + 10) {
+            let id = 1 + 2 * i;
+            burst.extend(frame_bytes(
+                frame::HEADERS,
+                frame::END_HEADERS,
+                id,
+                &request_block("/t/hang", &[]),
+            ));
+            burst.extend(frame_bytes(frame::RST_STREAM, 0, id, &code::CANCEL.to_be_bytes()));
+        }
+        c.tcp.write_all(&burst).await.unwrap();
+        assert_eq!(c.goaway_code().await, code::ENHANCE_YOUR_CALM);
+    }
+
+    #[test]
+    fn short_payloads_are_copied_together_and_slices_are_bounded_per_connection() {
+        let held = std::sync::atomic::AtomicUsize::new(0);
+        let mut st = RecvState::new(false);
+        for _ in 0..100 {
+            st.push(BytesMut::from(&b"x"[..]), &held);
+        }
+        // A hundred 1-byte frames: one copied chunk, no slice.
+        assert_eq!((st.chunks.len(), held.load(Ordering::Relaxed)), (0, 0));
+        st.push(BytesMut::from(&[7u8; 2000][..]), &held);
+        assert_eq!((st.chunks.len(), held.load(Ordering::Relaxed)), (2, 1));
+        assert_eq!(st.pop(&held).unwrap().len(), 100);
+        assert_eq!(st.pop(&held).unwrap().len(), 2000);
+        assert_eq!(held.load(Ordering::Relaxed), 0);
+        // Past MAX_HELD_SLICES on the connection, long payloads are copied too.
+        held.store(MAX_HELD_SLICES, Ordering::Relaxed);
+        st.push(BytesMut::from(&[7u8; 2000][..]), &held);
+        assert_eq!((st.chunks.len(), st.tail.len()), (0, 2000));
+        held.store(0, Ordering::Relaxed);
+        st.push(BytesMut::from(&[8u8; 2000][..]), &held);
+        assert_eq!(held.load(Ordering::Relaxed), 1);
+        assert_eq!(st.clear(&held), 4000);
+        assert_eq!(held.load(Ordering::Relaxed), 0);
+    }
+
     #[test]
     fn integers_encode_across_their_prefix() {
         let mut out = Vec::new();
@@ -2039,7 +2333,7 @@ mod tests {
         encode_headers(&mut block, Some(http::StatusCode::NOT_FOUND), &h);
         let mut got = Vec::new();
         crate::hpack::Decoder::new(4096)
-            .decode(&block, |n, v| got.push((n.to_vec(), v.to_vec())))
+            .decode(&block, usize::MAX, |n, v| got.push((n.to_vec(), v.to_vec())))
             .unwrap();
         assert_eq!(got[0], (b":status".to_vec(), b"404".to_vec()));
         assert!(got.contains(&(b"grpc-message".to_vec(), vec![b'x'; 300])));

@@ -29,6 +29,8 @@ pub enum HpackError {
     TableSizeTooLarge(usize, usize),
     #[error("a dynamic table size update after a field")]
     LateTableSizeUpdate,
+    #[error("the block decodes to more than {0} bytes of fields")]
+    ListTooLong(usize),
 }
 
 /// The per-field overhead RFC 7541 section 4.1 counts in a table's size, in bytes.
@@ -67,20 +69,32 @@ impl Decoder {
         }
     }
 
-    /// Decodes `block`, calling `f(name, value)` for each field in order.
+    /// Decodes `block`, calling `f(name, value)` for each field in order. A block whose
+    /// fields come to more than `limit` bytes (RFC 7541's count: names, values and 32 per
+    /// field) is refused once past it, before more is copied.
     pub fn decode(
         &mut self,
         block: &[u8],
+        limit: usize,
         mut f: impl FnMut(&[u8], &[u8]),
     ) -> Result<(), HpackError> {
         let mut src = block;
         let mut fields = 0usize;
+        let mut decoded = 0usize;
+        let mut f = |n: &[u8], v: &[u8]| {
+            decoded += n.len() + v.len() + ENTRY_OVERHEAD;
+            if decoded > limit {
+                return Err(HpackError::ListTooLong(limit));
+            }
+            f(n, v);
+            Ok(())
+        };
         while let Some(&b) = src.first() {
             if b & 0x80 != 0 {
                 // Indexed field.
                 let i = read_int(&mut src, 7)?;
                 let (n, v) = self.get(i)?;
-                f(n, v);
+                f(n, v)?;
             } else if b & 0xc0 == 0x40 {
                 // Literal with incremental indexing.
                 let i = read_int(&mut src, 6)?;
@@ -123,21 +137,20 @@ impl Decoder {
         &mut self,
         src: &mut &[u8],
         i: usize,
-        f: &mut impl FnMut(&[u8], &[u8]),
+        f: &mut impl FnMut(&[u8], &[u8]) -> Result<(), HpackError>,
     ) -> Result<(), HpackError> {
         if i == 0 {
             read_string(src, &mut self.name_buf)?;
         }
         read_string(src, &mut self.value_buf)?;
         if i == 0 {
-            f(&self.name_buf, &self.value_buf);
+            f(&self.name_buf, &self.value_buf)
         } else {
             let value = std::mem::take(&mut self.value_buf);
-            let r = self.get(i).map(|(n, _)| f(n, &value));
+            let r = self.get(i).and_then(|(n, _)| f(n, &value));
             self.value_buf = value;
-            r?;
+            r
         }
-        Ok(())
     }
 
     fn get(&self, i: usize) -> Result<(&[u8], &[u8]), HpackError> {
@@ -346,7 +359,7 @@ mod tests {
 
     fn decode_all(d: &mut Decoder, block: &[u8]) -> Result<Vec<(String, String)>, HpackError> {
         let mut got = Vec::new();
-        d.decode(block, |n, v| {
+        d.decode(block, usize::MAX, |n, v| {
             got.push((
                 String::from_utf8_lossy(n).into_owned(),
                 String::from_utf8_lossy(v).into_owned(),
@@ -449,6 +462,13 @@ mod tests {
         assert_eq!(decode_all(&mut d, &[0xbe]), Err(HpackError::BadIndex(62)));
         assert_eq!(decode_all(&mut d, &[0x3f, 0x46]), Err(HpackError::TableSizeTooLarge(101, 100)));
         assert_eq!(decode_all(&mut d, &[0x82, 0x20]), Err(HpackError::LateTableSizeUpdate));
+        // A block of many references to one entry stops once past its limit.
+        let mut d2 = Decoder::new(4096);
+        let mut block = lit("nn", &"v".repeat(60));
+        block.extend(std::iter::repeat_n(0xbe, 1000));
+        let mut n = 0;
+        assert_eq!(d2.decode(&block, 94 * 10, |_, _| n += 1), Err(HpackError::ListTooLong(940)));
+        assert_eq!(n, 10);
         // Truncated integers and strings, and integers past 2^28.
         assert_eq!(decode_all(&mut d, &[0xff]), Err(HpackError::Truncated));
         assert_eq!(decode_all(&mut d, &[0x00, 0x05, b'a']), Err(HpackError::Truncated));
@@ -514,7 +534,7 @@ mod tests {
                 }
             }
             let mut got = Vec::new();
-            ours.decode(&block, |n, v| got.push((n.to_vec(), v.to_vec()))).unwrap();
+            ours.decode(&block, usize::MAX, |n, v| got.push((n.to_vec(), v.to_vec()))).unwrap();
             let want = theirs.decode(&block).unwrap();
             assert_eq!(got, want);
         }

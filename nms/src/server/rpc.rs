@@ -802,6 +802,9 @@ impl Node {
                     let mut ready = Vec::new();
                     tokio::select! {
                         _ = &mut cancelled => return,
+                        // The call is gone (its connection closed, or the vehicle reset
+                        // it): nobody reads the replies.
+                        () = tx.closed() => return,
                         Some(replies) = ops.inflight.next(), if !ops.inflight.is_empty() => {
                             ops.inflight_ops -= replies.len();
                             ready.extend(replies);
