@@ -791,7 +791,10 @@ impl Node {
             async move {
                 // One future for the whole stream, not a new waiter registered per message.
                 let cancelled = stop.cancelled();
-                tokio::pin!(cancelled);
+                // Ready once the reply stream is dropped (the call is gone: its connection
+                // closed, or the vehicle reset it): nobody reads the replies.
+                let gone = tx.closed();
+                tokio::pin!(cancelled, gone);
                 loop {
                     // The vehicle half-closed and every operation is answered: end the
                     // reply stream (its trailers tell the vehicle all is done).
@@ -802,9 +805,7 @@ impl Node {
                     let mut ready = Vec::new();
                     tokio::select! {
                         _ = &mut cancelled => return,
-                        // The call is gone (its connection closed, or the vehicle reset
-                        // it): nobody reads the replies.
-                        () = tx.closed() => return,
+                        () = &mut gone => return,
                         Some(replies) = ops.inflight.next(), if !ops.inflight.is_empty() => {
                             ops.inflight_ops -= replies.len();
                             ready.extend(replies);
