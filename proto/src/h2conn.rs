@@ -640,6 +640,9 @@ impl Decoded {
 // ---------------------------------------------------------------------------------------
 // Streams.
 
+// (The request is held by value for the moment between its HEADERS and its stream's first
+// poll; boxing it would cost every call an allocation.)
+#[allow(clippy::large_enum_variant)]
 enum Call<F, B> {
     /// The request, its service not called yet: it is called when the stream is first
     /// polled, after every frame read with its HEADERS was handled (so a call finds the
@@ -2013,6 +2016,11 @@ mod tests {
         b
     }
 
+    /// The error code (or last stream id) at the start of a frame's payload.
+    fn code_in(p: &[u8]) -> u32 {
+        u32::from_be_bytes(p[..4].try_into().unwrap())
+    }
+
     struct Raw {
         tcp: tokio::net::TcpStream,
         buf: Vec<u8>,
@@ -2053,6 +2061,12 @@ mod tests {
                 }
                 self.buf.extend_from_slice(&chunk[..n]);
             }
+        }
+
+        /// A whole request without a body (HEADERS with END_STREAM) on stream `id`.
+        async fn call(&mut self, id: u32, path: &str) {
+            let block = request_block(path, &[]);
+            self.send(frame::HEADERS, frame::END_HEADERS | frame::END_STREAM, id, &block).await;
         }
 
         /// Frames until one of type `ty` (skipping SETTINGS, WINDOW_UPDATE and the like).
@@ -2114,10 +2128,7 @@ mod tests {
             c.send(frame::DATA, 0, 1, &[1; 16_000]).await;
         }
         let (_, id, p) = c.until(frame::RST_STREAM).await.unwrap();
-        assert_eq!(
-            (id, u32::from_be_bytes(p[..4].try_into().unwrap())),
-            (1, code::FLOW_CONTROL_ERROR)
-        );
+        assert_eq!((id, code_in(&p)), (1, code::FLOW_CONTROL_ERROR));
         c.send(frame::PING, 0, 0, b"stillsee").await;
         let (flags, _, p) = c.until(frame::PING).await.unwrap();
         assert_eq!((flags, &p[..]), (frame::ACK, &b"stillsee"[..]));
@@ -2130,37 +2141,16 @@ mod tests {
         // max_concurrent_streams calls that never end, then one more: refused.
         let max = settings().max_concurrent_streams;
         for i in 0..max {
-            c.send(
-                frame::HEADERS,
-                frame::END_HEADERS | frame::END_STREAM,
-                1 + 2 * i,
-                &request_block("/t/hang", &[]),
-            )
-            .await;
+            c.call(1 + 2 * i, "/t/hang").await;
         }
         let over = 1 + 2 * max;
-        c.send(
-            frame::HEADERS,
-            frame::END_HEADERS | frame::END_STREAM,
-            over,
-            &request_block("/t/echo", &[]),
-        )
-        .await;
+        c.call(over, "/t/echo").await;
         let (_, id, p) = c.until(frame::RST_STREAM).await.unwrap();
-        assert_eq!(
-            (id, u32::from_be_bytes(p[..4].try_into().unwrap())),
-            (over, code::REFUSED_STREAM)
-        );
+        assert_eq!((id, code_in(&p)), (over, code::REFUSED_STREAM));
         // Reset one: a new call is served again.
         c.send(frame::RST_STREAM, 0, 1, &code::CANCEL.to_be_bytes()).await;
         let id = over + 2;
-        c.send(
-            frame::HEADERS,
-            frame::END_HEADERS | frame::END_STREAM,
-            id,
-            &request_block("/t/big/3", &[]),
-        )
-        .await;
+        c.call(id, "/t/big/3").await;
         let (flags, hid, _) = c.until(frame::HEADERS).await.unwrap();
         assert_eq!((hid, flags & frame::END_STREAM), (id, 0));
         // A header list longer than the limit (each field counts 32 more than its bytes),
@@ -2191,13 +2181,7 @@ mod tests {
         };
         assert_eq!(get("grpc-status").as_deref(), Some("8"));
         assert!(get("grpc-message").unwrap().contains("max_header_list_bytes"));
-        c.send(
-            frame::HEADERS,
-            frame::END_HEADERS | frame::END_STREAM,
-            3,
-            &request_block("/t/big/2", &[]),
-        )
-        .await;
+        c.call(3, "/t/big/2").await;
         let (_, id, _) = c.until(frame::DATA).await.unwrap();
         assert_eq!(id, 3);
     }
@@ -2228,18 +2212,12 @@ mod tests {
         c.until(frame::PING).await.unwrap();
         stop.send(()).unwrap();
         let (_, _, p) = c.until(frame::GOAWAY).await.unwrap();
-        assert_eq!(u32::from_be_bytes(p[..4].try_into().unwrap()), 1, "last stream id");
+        assert_eq!(code_in(&p), 1, "last stream id");
         assert_eq!(u32::from_be_bytes(p[4..8].try_into().unwrap()), code::NO_ERROR);
         // A new call is refused; the open one finishes; then the connection closes.
-        c.send(
-            frame::HEADERS,
-            frame::END_HEADERS | frame::END_STREAM,
-            3,
-            &request_block("/t/echo", &[]),
-        )
-        .await;
+        c.call(3, "/t/echo").await;
         let (_, id, p) = c.until(frame::RST_STREAM).await.unwrap();
-        assert_eq!((id, u32::from_be_bytes(p[..4].try_into().unwrap())), (3, code::REFUSED_STREAM));
+        assert_eq!((id, code_in(&p)), (3, code::REFUSED_STREAM));
         seen.read_now.notify_one();
         let (_, id, p) = c.until(frame::DATA).await.unwrap();
         assert_eq!((id, &p[..]), (1, &b"3"[..]));
