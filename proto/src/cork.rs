@@ -38,8 +38,9 @@ pub const WRITE_THROUGH_BYTES: usize = 32 * 1024;
 /// Most pieces of a caller's vectored write passed on in one call, the rest left for the
 /// caller's next call. h2 passes its buffer and the chained payload's chunks: one for a
 /// payload tonic encoded, two per reply for a hand-encoded one (its fields, then the block
-/// shared with the cache: [`crate::h2serve::ChunkBuf`]); 64 is as many as h2 gives.
-const WRITE_THROUGH_PIECES: usize = 64;
+/// shared with the cache: [`crate::h2serve::ChunkBuf`]), 64 at most; [`crate::h2conn`]
+/// passes a whole turn's replies, two pieces per block ([`crate::h2conn::WRITE_PIECES`]).
+const WRITE_THROUGH_PIECES: usize = crate::h2conn::WRITE_PIECES;
 
 /// A write of more than this many bytes, or of more than one piece (h2's buffer with a
 /// DATA payload chained to it), is taken for a DATA payload, and the flush after it yields
