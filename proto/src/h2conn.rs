@@ -141,6 +141,14 @@ pub struct ConnSettings {
     pub keepalive_timeout: Duration,
 }
 
+impl ConnSettings {
+    /// The largest frame we let the peer send (`max_frame_bytes` within the protocol's
+    /// bounds), in bytes.
+    fn our_max_frame(&self) -> u32 {
+        self.max_frame_bytes.clamp(DEFAULT_MAX_FRAME_BYTES as u32, MAX_FRAME_BYTES_LIMIT)
+    }
+}
+
 /// Why a connection ended other than by a clean close.
 #[derive(Debug, thiserror::Error)]
 pub enum ConnError {
@@ -306,6 +314,23 @@ impl RecvShared {
 
     fn held(&self) -> &std::sync::atomic::AtomicUsize {
         &self.stream.wakeups.held_slices
+    }
+
+    /// The stream is gone: what is held is dropped, and a body still waiting for the
+    /// request (it did not end) yields [`StreamReset`] with `c`.
+    fn close(&self, c: u32) {
+        let waker = {
+            let mut st = self.lock();
+            if !st.end {
+                st.reset = Some(c);
+            }
+            st.clear(self.held());
+            st.released = 0;
+            st.waker.take()
+        };
+        if let Some(w) = waker {
+            w.wake();
+        }
     }
 }
 
@@ -782,12 +807,7 @@ where
         let ours = [
             (setting::MAX_CONCURRENT_STREAMS, settings.max_concurrent_streams),
             (setting::INITIAL_WINDOW_SIZE, settings.stream_window_bytes.min(MAX_WINDOW as u32)),
-            (
-                setting::MAX_FRAME_SIZE,
-                settings
-                    .max_frame_bytes
-                    .clamp(DEFAULT_MAX_FRAME_BYTES as u32, MAX_FRAME_BYTES_LIMIT),
-            ),
+            (setting::MAX_FRAME_SIZE, settings.our_max_frame()),
             (setting::MAX_HEADER_LIST_SIZE, settings.max_header_list_bytes),
             (setting::ENABLE_PUSH, 0),
         ];
@@ -1009,10 +1029,7 @@ where
             self.rbuf.advance(PREFACE.len());
             self.preface_seen = true;
         }
-        let max_frame =
-            self.settings
-                .max_frame_bytes
-                .clamp(DEFAULT_MAX_FRAME_BYTES as u32, MAX_FRAME_BYTES_LIMIT) as usize;
+        let max_frame = self.settings.our_max_frame() as usize;
         while self.rbuf.len() >= FRAME_HEADER_BYTES {
             let h = &self.rbuf[..FRAME_HEADER_BYTES];
             let len = (usize::from(h[0]) << 16) | (usize::from(h[1]) << 8) | usize::from(h[2]);
@@ -1443,18 +1460,7 @@ where
 
     /// Ends a stream's request side: its body yields [`StreamReset`] if it still waits.
     fn close_recv(&mut self, s: &Stream<S::Future, B>, c: u32) {
-        let waker = {
-            let mut st = s.recv.lock();
-            if !st.end {
-                st.reset = Some(c);
-            }
-            st.clear(&self.wakeups.held_slices);
-            st.released = 0;
-            st.waker.take()
-        };
-        if let Some(w) = waker {
-            w.wake();
-        }
+        s.recv.close(c);
         // Whatever the stream still counted against the connection window is free.
         self.release_conn(s.recv_held);
     }
@@ -1698,17 +1704,7 @@ where
     /// Ends every call: a body still waiting for the request yields [`StreamReset`].
     fn abort_streams(&mut self) {
         for (_, s) in self.streams.drain() {
-            let waker = {
-                let mut st = s.recv.lock();
-                if !st.end {
-                    st.reset = Some(code::CANCEL);
-                }
-                st.clear(&self.wakeups.held_slices);
-                st.waker.take()
-            };
-            if let Some(w) = waker {
-                w.wake();
-            }
+            s.recv.close(code::CANCEL);
         }
     }
 }
@@ -1759,17 +1755,11 @@ mod tests {
         for c in chunks {
             b.push(c);
         }
-        let replies: ReplyStream = Box::pin(futures_once(b));
+        let replies: ReplyStream = Box::pin(tokio_stream::iter([Ok(b)]));
         let mut r = http::Response::new(GrpcBody::replies(replies, None));
         r.headers_mut()
             .insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/grpc"));
         r
-    }
-
-    fn futures_once(
-        b: ChunkBuf,
-    ) -> impl tokio_stream::Stream<Item = Result<ChunkBuf, tonic::Status>> {
-        tokio_stream::iter([Ok(b)])
     }
 
     async fn read_all(mut body: RecvBody) -> Result<Vec<u8>, StreamReset> {

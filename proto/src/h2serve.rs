@@ -1,19 +1,19 @@
-//! Serving gRPC on hyper's HTTP/2 server directly, for a server that answers some calls
-//! by hand: the NMS's vehicle block calls, whose replies carry cached blocks and whose
-//! requests carry blocks to write.
+//! Serving gRPC on wayside's own HTTP/2 server connection ([`crate::h2conn`]), for a
+//! server that answers some calls by hand: the NMS's vehicle block calls, whose replies
+//! carry cached blocks and whose requests carry blocks to write.
 //!
 //! tonic's server takes only response bodies of `Bytes` frames, so every reply is encoded
 //! into one buffer: each 4 KiB block read from the cache was copied once more there (13%
 //! of a streamed-read run's serving thread). Here a reply body may yield a [`ChunkBuf`]
-//! instead: the encoded fields and the block data as separate chunks. hyper and h2 pass
-//! the chunks on as one DATA frame (its payload chained to h2's frame header), and
-//! [`CorkedIo`] hands a large vectored write to the socket uncopied, so block data goes from
-//! the cache to `writev` without a copy. [`Messages`] decodes a request's messages from
-//! slices of the received DATA chunks, likewise without a copy. Every other call goes to
-//! tonic's routes unchanged ([`GrpcBody::tonic`]).
+//! instead: the encoded fields and the block data as separate chunks. The connection
+//! queues the chunks as pieces of its vectored write, and [`CorkedIo`] hands a large
+//! vectored write to the socket uncopied, so block data goes from the cache to `writev`
+//! without a copy. [`Messages`] decodes a request's messages from slices of the received
+//! DATA chunks, likewise without a copy. Every other call goes to tonic's routes unchanged
+//! ([`GrpcBody::tonic`]).
 //!
-//! [`serve_http2`] is the accept loop tonic's `Server::serve_with_incoming_shutdown` runs,
-//! with the same HTTP/2 settings (windows, frame size, keepalive, concurrent streams) and
+//! [`serve_http2`] is the accept loop tonic's `Server::serve_with_incoming_shutdown` runs
+//! (services are still `hyper::service::Service`s), with the same HTTP/2 settings (windows, frame size, keepalive, concurrent streams) and
 //! the same graceful shutdown: on the signal every connection is asked to close (GOAWAY)
 //! and the call returns when the last one has.
 
