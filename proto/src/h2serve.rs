@@ -13,9 +13,10 @@
 //! ([`GrpcBody::tonic`]).
 //!
 //! [`serve_http2`] is the accept loop tonic's `Server::serve_with_incoming_shutdown` runs
-//! (services are still `hyper::service::Service`s), with the same HTTP/2 settings (windows, frame size, keepalive, concurrent streams) and
-//! the same graceful shutdown: on the signal every connection is asked to close (GOAWAY)
-//! and the call returns when the last one has.
+//! (services are still `hyper::service::Service`s), with the same HTTP/2 settings
+//! (windows, frame size, keepalive, concurrent streams) and the same graceful shutdown: on
+//! the signal every connection is asked to close (GOAWAY) and the call returns when the
+//! last one has.
 
 use crate::cork::CorkedIo;
 use crate::h2conn::{ConnSettings, RecvBody};
