@@ -44,11 +44,11 @@ use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tonic::transport::Channel;
 use tonic::{Code, Status};
 use tracing::{debug, info, warn, Instrument as _};
 use wayside_proto::convert::to_volume_auth;
 use wayside_proto::error::fault_of;
+use wayside_proto::h2client::Channel;
 use wayside_proto::pb;
 use wayside_proto::pb::nms_client::NmsClient;
 use wayside_proto::types::{BlockSize, Credential, Endpoint, Fault, Lsn, RequestId, VolumeName};
@@ -84,6 +84,9 @@ pub struct ClientOptions {
     /// Dial NMSs over TLS, trusting the road's CA in it (every address, redirects included,
     /// whatever their scheme); `None`: plaintext.
     pub tls: Option<wayside_proto::tls::Tls>,
+    /// The HTTP/2 connection's windows, frame and header sizes and the calls that may wait
+    /// for a stream (`wayside_proto::h2client`).
+    pub http2: wayside_proto::h2client::ClientSettings,
 }
 
 impl ClientOptions {
@@ -104,6 +107,7 @@ impl ClientOptions {
             max_message_size_bytes: 16 << 20,
             max_batch_ops: 256,
             tls: None,
+            http2: wayside_proto::h2client::ClientSettings::default(),
         }
     }
 }
@@ -942,17 +946,21 @@ impl VolumeClient {
     /// timeout covers the handshake).
     async fn attach(&self, ep: &Endpoint, deadline: Instant) -> Result<Conn, AttachFailed> {
         let o = &self.inner.opts;
-        let endpoint = wayside_proto::client::endpoint(ep, o.tls.as_ref())
-            .map_err(|e| Next::Fail(ClientError::Tls(e.to_string())))?
-            .connect_timeout(o.connect_timeout)
-            .max_frame_size(wayside_proto::server::HTTP2_MAX_FRAME_BYTES);
-        // A unary call's HEADERS and DATA leave in one write (TCP_NODELAY set there too): the
-        // NMS then reads and answers it in one turn.
-        let channel = wayside_proto::client::connect(&endpoint).await.map_err(|e| {
-            let f = connect_failure(&e);
-            debug!(nms = %ep, error = %f.text, "connect failed");
-            AttachFailed { next: Next::Reconnect, why: f.text, tls: f.tls }
-        })?;
+        // wayside's own HTTP/2 client connection: a unary call's HEADERS and DATA leave in
+        // one write (TCP_NODELAY set), so the NMS reads and answers it in one turn.
+        let channel =
+            wayside_proto::client::connect_h2(ep, o.tls.as_ref(), o.connect_timeout, o.http2)
+                .await
+                .map_err(|e| match e {
+                    wayside_proto::client::ConnectError::Tls(e) => {
+                        AttachFailed::from(Next::Fail(ClientError::Tls(e.to_string())))
+                    }
+                    e => {
+                        let f = connect_failure(&e);
+                        debug!(nms = %ep, error = %f.text, "connect failed");
+                        AttachFailed { next: Next::Reconnect, why: f.text, tls: f.tls }
+                    }
+                })?;
         let mut client = NmsClient::new(channel)
             .max_decoding_message_size(o.max_message_size_bytes)
             .max_encoding_message_size(o.max_message_size_bytes);

@@ -46,6 +46,66 @@ pub fn connect_lazy(endpoint: &tonic::transport::Endpoint) -> tonic::transport::
     endpoint.connect_with_connector_lazy(tower::service_fn(corked_tcp))
 }
 
+/// Why [`connect_h2`] could not connect.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
+    #[error("connecting to {addr}")]
+    Io {
+        addr: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("connecting to {addr}: no connection within {timeout:?}")]
+    Timeout { addr: String, timeout: std::time::Duration },
+}
+
+/// Connects to `ep` with wayside's own HTTP/2 client ([`crate::h2client`]): over TLS when
+/// `tls` is given, whatever scheme `ep` was written with, plaintext otherwise (an
+/// `https://` address without TLS set up is refused), as [`endpoint`] decides for tonic.
+/// `timeout` bounds the TCP connect and the TLS handshake. A TLS handshake's failure is the
+/// `rustls::Error` inside the error's `io::Error`.
+pub async fn connect_h2(
+    ep: &crate::types::Endpoint,
+    tls: Option<&crate::tls::Tls>,
+    timeout: std::time::Duration,
+    settings: crate::h2client::ClientSettings,
+) -> Result<crate::h2client::Channel, ConnectError> {
+    let config = match tls {
+        Some(tls) => Some(tls.client_config()?),
+        None if ep.is_https() => {
+            return Err(crate::tls::TlsError::HttpsWithoutTls(ep.to_string()).into())
+        }
+        None => None,
+    };
+    let authority = ep.authority().to_owned();
+    let io_err = |source| ConnectError::Io { addr: ep.to_string(), source };
+    let connect = async {
+        let uri: http::Uri = ep.uri().parse().map_err(|e| {
+            io_err(io::Error::new(io::ErrorKind::InvalidInput, format!("{ep}: {e}")))
+        })?;
+        let host = uri.host().unwrap_or_default().trim_start_matches('[').trim_end_matches(']');
+        let name = rustls_pki_types::ServerName::try_from(host.to_owned()).map_err(|e| {
+            io_err(io::Error::new(io::ErrorKind::InvalidInput, format!("{host}: {e}")))
+        })?;
+        let tcp = tcp(uri).await.map_err(io_err)?;
+        Ok(match config {
+            Some(config) => {
+                let tls = tokio_rustls::TlsConnector::from(config)
+                    .connect(name, tcp)
+                    .await
+                    .map_err(io_err)?;
+                crate::h2client::start(tls, &authority, true, settings)
+            }
+            None => crate::h2client::start(tcp, &authority, false, settings),
+        })
+    };
+    tokio::time::timeout(timeout, connect)
+        .await
+        .map_err(|_| ConnectError::Timeout { addr: ep.to_string(), timeout })?
+}
+
 async fn corked_tcp(uri: http::Uri) -> io::Result<TokioIo<CorkedIo<tokio::net::TcpStream>>> {
     Ok(TokioIo::new(CorkedIo::new(tcp(uri).await?)))
 }

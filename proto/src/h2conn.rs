@@ -39,13 +39,13 @@ use std::task::{Context, Poll, Wake, Waker};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncWrite};
 
-const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
-const FRAME_HEADER_BYTES: usize = 9;
+pub(crate) const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+pub(crate) const FRAME_HEADER_BYTES: usize = 9;
 /// The protocol's initial window and largest frame, before SETTINGS say otherwise.
-const DEFAULT_WINDOW: i64 = 65_535;
-const DEFAULT_MAX_FRAME_BYTES: usize = 16_384;
-const MAX_WINDOW: i64 = (1 << 31) - 1;
-const MAX_FRAME_BYTES_LIMIT: u32 = (1 << 24) - 1;
+pub(crate) const DEFAULT_WINDOW: i64 = 65_535;
+pub(crate) const DEFAULT_MAX_FRAME_BYTES: usize = 16_384;
+pub(crate) const MAX_WINDOW: i64 = (1 << 31) - 1;
+pub(crate) const MAX_FRAME_BYTES_LIMIT: u32 = (1 << 24) - 1;
 
 /// Frames queued to send past which the connection neither reads nor polls replies until
 /// the socket has taken them, in bytes.
@@ -79,7 +79,7 @@ const MAX_RESETS_PER_S: u32 = 1_000;
 /// answered RESOURCE_EXHAUSTED. Bounds the decoder's copying for a hostile block.
 const DECODED_LIST_FACTOR: usize = 4;
 
-mod frame {
+pub(crate) mod frame {
     pub const DATA: u8 = 0;
     pub const HEADERS: u8 = 1;
     pub const PRIORITY: u8 = 2;
@@ -112,7 +112,7 @@ pub mod code {
     pub const ENHANCE_YOUR_CALM: u32 = 0xb;
 }
 
-mod setting {
+pub(crate) mod setting {
     pub const HEADER_TABLE_SIZE: u16 = 0x1;
     pub const ENABLE_PUSH: u16 = 0x2;
     pub const MAX_CONCURRENT_STREAMS: u16 = 0x3;
@@ -160,7 +160,7 @@ pub enum ConnError {
     KeepaliveTimeout(Duration),
 }
 
-fn code_name(code: u32) -> &'static str {
+pub(crate) fn code_name(code: u32) -> &'static str {
     match code {
         code::NO_ERROR => "NO_ERROR",
         code::PROTOCOL_ERROR => "PROTOCOL_ERROR",
@@ -176,7 +176,7 @@ fn code_name(code: u32) -> &'static str {
     }
 }
 
-fn proto_err(code: u32, reason: &'static str) -> ConnError {
+pub(crate) fn proto_err(code: u32, reason: &'static str) -> ConnError {
     ConnError::Protocol { code, reason }
 }
 
@@ -186,21 +186,47 @@ fn proto_err(code: u32, reason: &'static str) -> ConnError {
 #[error("the request's stream was reset ({})", code_name(*.0))]
 pub struct StreamReset(pub u32);
 
+/// Strips a PADDED frame's padding: the payload and how many bytes were padding.
+pub(crate) fn unpad(flags: u8, mut payload: BytesMut) -> Result<(BytesMut, usize), ConnError> {
+    if flags & frame::PADDED == 0 {
+        return Ok((payload, 0));
+    }
+    let Some(&pad) = payload.first() else {
+        return Err(proto_err(code::PROTOCOL_ERROR, "a padded frame without its pad length"));
+    };
+    let pad = usize::from(pad);
+    if pad + 1 > payload.len() {
+        return Err(proto_err(code::PROTOCOL_ERROR, "padding longer than the frame"));
+    }
+    payload.advance(1);
+    payload.truncate(payload.len() - pad);
+    Ok((payload, pad + 1))
+}
+
 // ---------------------------------------------------------------------------------------
 // Wake-ups: a stream's waker queues its id for the connection's task.
 
-struct Wakeups {
-    ids: Mutex<Vec<u32>>,
-    conn: Mutex<Option<Waker>>,
+pub(crate) struct Wakeups {
+    pub(crate) ids: Mutex<Vec<u32>>,
+    pub(crate) conn: Mutex<Option<Waker>>,
     /// The connection's task is polling: it looks at `ids` again before it waits, so a
     /// waker need not wake it.
-    polling: AtomicBool,
+    pub(crate) polling: AtomicBool,
     /// DATA payloads held as slices of receive buffers ([`MAX_HELD_SLICES`]).
-    held_slices: std::sync::atomic::AtomicUsize,
+    pub(crate) held_slices: std::sync::atomic::AtomicUsize,
 }
 
 impl Wakeups {
-    fn wake_conn(&self) {
+    pub(crate) fn new() -> Self {
+        Self {
+            ids: Mutex::new(Vec::new()),
+            conn: Mutex::new(None),
+            polling: AtomicBool::new(false),
+            held_slices: std::sync::atomic::AtomicUsize::new(0),
+        }
+    }
+
+    pub(crate) fn wake_conn(&self) {
         if !self.polling.load(Ordering::SeqCst) {
             if let Some(w) = self.conn.lock().expect("wakeups lock").as_ref() {
                 w.wake_by_ref();
@@ -209,10 +235,10 @@ impl Wakeups {
     }
 }
 
-struct StreamWaker {
-    wakeups: Arc<Wakeups>,
-    id: u32,
-    queued: AtomicBool,
+pub(crate) struct StreamWaker {
+    pub(crate) wakeups: Arc<Wakeups>,
+    pub(crate) id: u32,
+    pub(crate) queued: AtomicBool,
 }
 
 impl Wake for StreamWaker {
@@ -231,29 +257,32 @@ impl Wake for StreamWaker {
 // ---------------------------------------------------------------------------------------
 // The request body.
 
-struct RecvState {
+pub(crate) struct RecvState {
     /// Received payloads in order: slices of a receive buffer (`true`: counted in
     /// `Wakeups::held_slices`) or copies.
     chunks: VecDeque<(Bytes, bool)>,
     /// Short payloads received after `chunks`, copied.
     tail: BytesMut,
+    /// Trailers that ended the stream (a reply's, to a client), yielded after the data.
+    pub(crate) trailers: Option<http::HeaderMap>,
     /// The request ended (END_STREAM).
-    end: bool,
+    pub(crate) end: bool,
     /// The stream was reset before the request ended.
-    reset: Option<u32>,
+    pub(crate) reset: Option<u32>,
     /// Whoever polls the body.
-    waker: Option<Waker>,
+    pub(crate) waker: Option<Waker>,
     /// Bytes the body took since the connection last looked.
-    released: usize,
+    pub(crate) released: usize,
     /// The body was dropped: what arrives now is discarded.
-    dropped: bool,
+    pub(crate) dropped: bool,
 }
 
 impl RecvState {
-    fn new(end: bool) -> Self {
+    pub(crate) fn new(end: bool) -> Self {
         Self {
             chunks: VecDeque::new(),
             tail: BytesMut::new(),
+            trailers: None,
             end,
             reset: None,
             waker: None,
@@ -262,7 +291,7 @@ impl RecvState {
         }
     }
 
-    fn push(&mut self, data: BytesMut, held: &std::sync::atomic::AtomicUsize) {
+    pub(crate) fn push(&mut self, data: BytesMut, held: &std::sync::atomic::AtomicUsize) {
         if data.len() >= DATA_SLICE_MIN_BYTES && held.load(Ordering::Relaxed) < MAX_HELD_SLICES {
             held.fetch_add(1, Ordering::Relaxed);
             if !self.tail.is_empty() {
@@ -284,7 +313,7 @@ impl RecvState {
         (!self.tail.is_empty()).then(|| self.tail.split().freeze())
     }
 
-    fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.chunks.is_empty() && self.tail.is_empty()
     }
 
@@ -302,23 +331,46 @@ impl RecvState {
     }
 }
 
-struct RecvShared {
-    state: Mutex<RecvState>,
-    stream: Arc<StreamWaker>,
+pub(crate) struct RecvShared {
+    pub(crate) state: Mutex<RecvState>,
+    pub(crate) stream: Arc<StreamWaker>,
 }
 
 impl RecvShared {
-    fn lock(&self) -> std::sync::MutexGuard<'_, RecvState> {
+    pub(crate) fn lock(&self) -> std::sync::MutexGuard<'_, RecvState> {
         self.state.lock().expect("request body lock")
     }
 
-    fn held(&self) -> &std::sync::atomic::AtomicUsize {
+    pub(crate) fn held(&self) -> &std::sync::atomic::AtomicUsize {
         &self.stream.wakeups.held_slices
+    }
+
+    /// A DATA payload (`pad` bytes of padding stripped) for the body; `end`: the stream's
+    /// last. How many of the frame's bytes were discarded (the padding, and the data when
+    /// the body is gone), to be released at once.
+    pub(crate) fn deliver(&self, data: BytesMut, pad: usize, end: bool) -> usize {
+        let flow = data.len() + pad;
+        let mut st = self.lock();
+        let mut discard = pad;
+        if st.dropped {
+            discard += data.len();
+        } else if !data.is_empty() {
+            st.push(data, self.held());
+        }
+        if end {
+            st.end = true;
+        }
+        let waker = if end || discard < flow { st.waker.take() } else { None };
+        drop(st);
+        if let Some(w) = waker {
+            w.wake();
+        }
+        discard
     }
 
     /// The stream is gone: what is held is dropped, and a body still waiting for the
     /// request (it did not end) yields [`StreamReset`] with `c`.
-    fn close(&self, c: u32) {
+    pub(crate) fn close(&self, c: u32) {
         let waker = {
             let mut st = self.lock();
             if !st.end {
@@ -337,7 +389,7 @@ impl RecvShared {
 /// A request's body: the DATA the peer sent on its stream, each chunk a slice of the
 /// connection's receive buffer. What the body yields is released to the peer's window.
 pub struct RecvBody {
-    shared: Arc<RecvShared>,
+    pub(crate) shared: Arc<RecvShared>,
 }
 
 impl http_body::Body for RecvBody {
@@ -360,6 +412,9 @@ impl http_body::Body for RecvBody {
             }
             return Poll::Ready(Some(Ok(http_body::Frame::data(b))));
         }
+        if let Some(t) = st.trailers.take() {
+            return Poll::Ready(Some(Ok(http_body::Frame::trailers(t))));
+        }
         if let Some(c) = st.reset {
             return Poll::Ready(Some(Err(StreamReset(c))));
         }
@@ -374,7 +429,7 @@ impl http_body::Body for RecvBody {
 
     fn is_end_stream(&self) -> bool {
         let st = self.shared.lock();
-        st.end && st.is_empty()
+        st.end && st.is_empty() && st.trailers.is_none()
     }
 }
 
@@ -401,17 +456,17 @@ impl std::fmt::Debug for RecvBody {
 // Frames to send.
 
 #[derive(Default)]
-struct Out {
+pub(crate) struct Out {
     /// Pieces to write, in order, before `small`.
     queue: VecDeque<Bytes>,
     /// Small frames and payloads, copied, after `queue`.
     small: BytesMut,
     /// Bytes in `queue` and `small`.
-    len: usize,
+    pub(crate) len: usize,
 }
 
 impl Out {
-    fn header(&mut self, len: usize, ty: u8, flags: u8, id: u32) {
+    pub(crate) fn header(&mut self, len: usize, ty: u8, flags: u8, id: u32) {
         debug_assert!(len <= MAX_FRAME_BYTES_LIMIT as usize);
         self.small.reserve(FRAME_HEADER_BYTES);
         self.small.put_uint(len as u64, 3);
@@ -421,12 +476,12 @@ impl Out {
         self.len += FRAME_HEADER_BYTES;
     }
 
-    fn small(&mut self, b: &[u8]) {
+    pub(crate) fn small(&mut self, b: &[u8]) {
         self.small.extend_from_slice(b);
         self.len += b.len();
     }
 
-    fn piece(&mut self, b: Bytes) {
+    pub(crate) fn piece(&mut self, b: Bytes) {
         if b.len() < SMALL_PIECE_BYTES {
             return self.small(&b);
         }
@@ -437,24 +492,30 @@ impl Out {
         self.queue.push_back(b);
     }
 
-    fn rst_stream(&mut self, id: u32, code: u32) {
+    pub(crate) fn rst_stream(&mut self, id: u32, code: u32) {
         self.header(4, frame::RST_STREAM, 0, id);
         self.small(&code.to_be_bytes());
     }
 
-    fn window_update(&mut self, id: u32, n: u32) {
+    pub(crate) fn window_update(&mut self, id: u32, n: u32) {
         self.header(4, frame::WINDOW_UPDATE, 0, id);
         self.small(&n.to_be_bytes());
     }
 
-    fn goaway(&mut self, last: u32, code: u32) {
+    pub(crate) fn goaway(&mut self, last: u32, code: u32) {
         self.header(8, frame::GOAWAY, 0, 0);
         self.small(&last.to_be_bytes());
         self.small(&code.to_be_bytes());
     }
 
     /// A header block as HEADERS and, past `max_frame` bytes, CONTINUATIONs.
-    fn headers(&mut self, id: u32, mut block: &[u8], end_stream: bool, max_frame: usize) {
+    pub(crate) fn headers(
+        &mut self,
+        id: u32,
+        mut block: &[u8],
+        end_stream: bool,
+        max_frame: usize,
+    ) {
         let mut ty = frame::HEADERS;
         let mut flags = if end_stream { frame::END_STREAM } else { 0 };
         loop {
@@ -475,7 +536,7 @@ impl Out {
     }
 
     /// Writes what is queued; `Ready(Ok)` once all of it is written.
-    fn poll_write<IO: AsyncWrite + Unpin>(
+    pub(crate) fn poll_write<IO: AsyncWrite + Unpin>(
         &mut self,
         io: &mut IO,
         cx: &mut Context<'_>,
@@ -537,7 +598,7 @@ pub(crate) fn encode_int(out: &mut Vec<u8>, first: u8, prefix_bits: u8, mut v: u
     out.push(v as u8);
 }
 
-fn encode_string(out: &mut Vec<u8>, s: &[u8]) {
+pub(crate) fn encode_string(out: &mut Vec<u8>, s: &[u8]) {
     encode_int(out, 0, 7, s.len());
     out.extend_from_slice(s);
 }
@@ -833,12 +894,7 @@ where
             out,
             hpack,
             streams: HashMap::new(),
-            wakeups: Arc::new(Wakeups {
-                ids: Mutex::new(Vec::new()),
-                conn: Mutex::new(None),
-                polling: AtomicBool::new(false),
-                held_slices: std::sync::atomic::AtomicUsize::new(0),
-            }),
+            wakeups: Arc::new(Wakeups::new()),
             ready: Vec::new(),
             window_blocked: VecDeque::new(),
             out_blocked: Vec::new(),
@@ -1093,23 +1149,6 @@ where
         Ok(())
     }
 
-    /// Strips a PADDED frame's padding: the payload and how many bytes were padding.
-    fn unpad(flags: u8, mut payload: BytesMut) -> Result<(BytesMut, usize), ConnError> {
-        if flags & frame::PADDED == 0 {
-            return Ok((payload, 0));
-        }
-        let Some(&pad) = payload.first() else {
-            return Err(proto_err(code::PROTOCOL_ERROR, "a padded frame without its pad length"));
-        };
-        let pad = usize::from(pad);
-        if pad + 1 > payload.len() {
-            return Err(proto_err(code::PROTOCOL_ERROR, "padding longer than the frame"));
-        }
-        payload.advance(1);
-        payload.truncate(payload.len() - pad);
-        Ok((payload, pad + 1))
-    }
-
     fn on_data(&mut self, id: u32, flags: u8, payload: BytesMut) -> Result<(), ConnError> {
         if id == 0 {
             return Err(proto_err(code::PROTOCOL_ERROR, "DATA on stream 0"));
@@ -1119,7 +1158,7 @@ where
         if self.recv_window < 0 {
             return Err(proto_err(code::FLOW_CONTROL_ERROR, "DATA past the connection window"));
         }
-        let (data, pad) = Self::unpad(flags, payload)?;
+        let (data, pad) = unpad(flags, payload)?;
         let Some(s) = self.streams.get_mut(&id) else {
             if id > self.last_stream_id {
                 return Err(proto_err(code::PROTOCOL_ERROR, "DATA on a stream never opened"));
@@ -1141,23 +1180,9 @@ where
         }
         s.recv_held += flow;
         let end = flags & frame::END_STREAM != 0;
-        let mut st = s.recv.lock();
-        let mut discard = pad;
-        if st.dropped {
-            discard += data.len();
-        } else if !data.is_empty() {
-            st.push(data, &self.wakeups.held_slices);
-        }
-        if end {
-            st.end = true;
-        }
-        let waker = if end || discard < flow { st.waker.take() } else { None };
-        drop(st);
+        let discard = s.recv.deliver(data, pad, end);
         if end {
             s.recv_closed = true;
-        }
-        if let Some(w) = waker {
-            w.wake();
         }
         if discard > 0 {
             self.release(id, discard);
@@ -1172,7 +1197,7 @@ where
                 "HEADERS on a stream a client cannot open",
             ));
         }
-        let (mut block, _) = Self::unpad(flags, payload)?;
+        let (mut block, _) = unpad(flags, payload)?;
         if flags & frame::PRIORITY_FLAG != 0 {
             if block.len() < 5 {
                 return Err(proto_err(

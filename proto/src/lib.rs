@@ -23,6 +23,7 @@ pub mod config;
 pub mod convert;
 pub mod cork;
 pub mod error;
+pub mod h2client;
 pub mod h2conn;
 pub mod h2serve;
 pub mod hpack;

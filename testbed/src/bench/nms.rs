@@ -206,12 +206,17 @@ fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
-/// A tonic channel as the client library makes them (`wayside_proto::client::connect`).
-async fn channel(addr: &str) -> anyhow::Result<tonic::transport::Channel> {
+/// A channel as the client library makes them (`wayside_proto::client::connect_h2`: tonic's
+/// generated client over wayside's own HTTP/2 client connection).
+async fn channel(addr: &str) -> anyhow::Result<wayside_proto::h2client::Channel> {
     let ep = wayside_proto::types::Endpoint::parse(addr)?;
-    let e = wayside_proto::client::endpoint(&ep, CLIENT_TLS.get())?
-        .max_frame_size(wayside_proto::server::HTTP2_MAX_FRAME_BYTES);
-    Ok(wayside_proto::client::connect(&e).await?)
+    Ok(wayside_proto::client::connect_h2(
+        &ep,
+        CLIENT_TLS.get(),
+        Duration::from_secs(5),
+        wayside_proto::h2client::ClientSettings::default(),
+    )
+    .await?)
 }
 
 fn auth(i: usize) -> Option<pb::VolumeAuth> {
