@@ -16,9 +16,10 @@
 //!   call leaves in one frame pair and one write with every other call of the turn.
 //! - A response's DATA reaches its body as slices of the receive buffer, released to the
 //!   peer's windows as the body consumes them; trailers end the body.
-//! - Limits: the peer's `MAX_CONCURRENT_STREAMS` (calls past it wait in order), calls
-//!   waiting for a stream ([`ClientSettings::max_waiting_calls`]; more fail
-//!   RESOURCE_EXHAUSTED), the frame size, `max_header_list_bytes`, the send buffer.
+//! - Limits ([`ClientSettings`]): open streams (`max_open_streams`, or the peer's
+//!   `MAX_CONCURRENT_STREAMS` when lower; calls past it wait in order), calls waiting
+//!   (`max_waiting_calls`; more fail RESOURCE_EXHAUSTED), the windows, the frame size,
+//!   `max_header_list_bytes`, the send buffer ([`OUT_HIGH_WATER_BYTES`]).
 //! - Failures become gRPC statuses tonic passes on: a connection that ends fails its open
 //!   calls UNAVAILABLE with the cause; a stream the peer resets fails as tonic maps the
 //!   code (REFUSED_STREAM: UNAVAILABLE, CANCEL: CANCELLED, ...); calls past a peer's GOAWAY
@@ -62,8 +63,11 @@ pub struct ClientSettings {
     pub max_frame_bytes: u32,
     /// Largest response header block (encoded) and header list (decoded), in bytes.
     pub max_header_list_bytes: u32,
-    /// Most calls waiting for a stream (past the peer's `MAX_CONCURRENT_STREAMS`); more
-    /// fail at once with RESOURCE_EXHAUSTED, in calls.
+    /// Most calls open at once on the connection (the peer's `MAX_CONCURRENT_STREAMS`
+    /// when lower); more wait for a stream, in calls.
+    pub max_open_streams: usize,
+    /// Most calls waiting for a stream (past `max_open_streams`, or not yet taken up by the
+    /// connection's task); more fail at once with RESOURCE_EXHAUSTED, in calls.
     pub max_waiting_calls: usize,
 }
 
@@ -74,6 +78,7 @@ impl Default for ClientSettings {
             stream_window_bytes: 2 << 20,
             max_frame_bytes: crate::server::HTTP2_MAX_FRAME_BYTES,
             max_header_list_bytes: 16 * 1024,
+            max_open_streams: 1024,
             max_waiting_calls: 1024,
         }
     }
@@ -409,6 +414,7 @@ struct Conn<IO> {
     last_opened: u32,
     peer_max_frame: usize,
     peer_initial_window: i64,
+    /// Streams we may have open: the peer's `MAX_CONCURRENT_STREAMS` and ours, the lower.
     peer_max_streams: usize,
     send_window: i64,
     recv_window: i64,
@@ -466,7 +472,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<IO> {
             last_opened: 0,
             peer_max_frame: DEFAULT_MAX_FRAME_BYTES,
             peer_initial_window: DEFAULT_WINDOW,
-            peer_max_streams: usize::MAX,
+            peer_max_streams: settings.max_open_streams.max(1),
             send_window: DEFAULT_WINDOW,
             recv_window: conn_window,
             recv_unannounced: 0,
@@ -1178,7 +1184,9 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<IO> {
                     }
                     self.peer_max_frame = v as usize;
                 }
-                setting::MAX_CONCURRENT_STREAMS => self.peer_max_streams = v as usize,
+                setting::MAX_CONCURRENT_STREAMS => {
+                    self.peer_max_streams = (v as usize).min(self.settings.max_open_streams.max(1));
+                }
                 // Requests are encoded without the dynamic table.
                 _ => {}
             }

@@ -9,10 +9,15 @@
 //!   gRPC status details, so clients act on them instead of parsing strings.
 //! - [`server`]: the standard services every wayside server exposes (health, reflection).
 //! - [`codec`]: the prost codec every generated client and server uses.
-//! - [`h2serve`]: gRPC on hyper's HTTP/2 server, for calls answered by hand with replies
-//!   whose block data is never copied into one buffer.
+//! - [`h2serve`]: gRPC on [`h2conn`] (tonic's routes behind it), for calls answered by
+//!   hand with replies whose block data is never copied into one buffer.
 //! - [`cork`]: the socket wrapper that sends the frames of one task turn in one system call.
-//! - [`client`]: tonic client channels over corked TCP (a unary call leaves in one write).
+//! - [`client`]: tonic client channels over corked TCP (a unary call leaves in one write),
+//!   and `connect_h2`, which dials [`h2client`].
+//! - [`h2client`]: wayside's own HTTP/2 client connection, the vehicle client library's
+//!   transport under tonic's generated clients.
+//! - [`h2conn`]: wayside's own HTTP/2 server connection (the NMS's vehicle port), and
+//!   [`hpack`], its header decoder.
 //! - [`tls`]: TLS on every hop: a node's `[tls]` files, rustls and tonic configs, a road's CA.
 //! - [`config`]: TOML config loading shared by the binaries (unknown keys rejected).
 //! - [`telemetry`]: `tracing` set-up shared by the binaries.

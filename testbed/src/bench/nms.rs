@@ -62,7 +62,12 @@ pub struct Args {
     /// Which clients drive the NMS phases (comma-separated): h2load (C, another process),
     /// h2 (a lean Rust HTTP/2 client on its own thread) and tonic (Rust, in this process, on
     /// its own thread).
-    #[arg(long, value_delimiter = ',', value_enum, default_value = "h2load,h2,tonic")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        value_enum,
+        default_value = "h2load,h2,tonic,tonic-channel"
+    )]
     pub drivers: Vec<Driver>,
     /// The h2load binary (Debian package nghttp2-client).
     #[arg(long, default_value = "h2load")]
@@ -109,8 +114,12 @@ pub enum Driver {
     /// The lean h2-crate driver on its own thread (`bench::h2drive`): streamed and batched,
     /// one long call per client.
     H2,
-    /// The tonic client, in this process on a thread of its own: every API.
+    /// tonic's generated client over the client library's transport
+    /// (`wayside_proto::h2client`), in this process on a thread of its own: every API.
     Tonic,
+    /// The same over tonic's own `transport::Channel` (hyper and h2), for the ratio of the
+    /// library's transport to it: unary only.
+    TonicChannel,
 }
 
 /// One NMS phase of the benchmark.
@@ -219,6 +228,56 @@ async fn channel(addr: &str) -> anyhow::Result<wayside_proto::h2client::Channel>
     .await?)
 }
 
+/// tonic's own channel (`transport::Channel`: a buffer task, hyper's client, h2) over
+/// corked TCP, as the client library made them before `h2client`.
+async fn tonic_channel_to(addr: &str) -> anyhow::Result<tonic::transport::Channel> {
+    let ep = wayside_proto::types::Endpoint::parse(addr)?;
+    let e = wayside_proto::client::endpoint(&ep, CLIENT_TLS.get())?
+        .max_frame_size(wayside_proto::server::HTTP2_MAX_FRAME_BYTES);
+    Ok(wayside_proto::client::connect(&e).await?)
+}
+
+/// Either transport, for the unary phases' comparison of the two.
+#[derive(Clone)]
+enum AnyChannel {
+    Lib(wayside_proto::h2client::Channel),
+    Tonic(tonic::transport::Channel),
+}
+
+type AnyBody = http_body_util::Either<wayside_proto::h2client::ClientBody, tonic::body::Body>;
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+impl tower::Service<http::Request<tonic::body::Body>> for AnyChannel {
+    type Response = http::Response<AnyBody>;
+    type Error = BoxError;
+    type Future = std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<http::Response<AnyBody>, BoxError>> + Send>,
+    >;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), BoxError>> {
+        match self {
+            Self::Lib(c) => c.poll_ready(cx),
+            Self::Tonic(c) => c.poll_ready(cx).map_err(Into::into),
+        }
+    }
+
+    fn call(&mut self, req: http::Request<tonic::body::Body>) -> Self::Future {
+        match self {
+            Self::Lib(c) => {
+                let f = c.call(req);
+                Box::pin(async move { Ok(f.await?.map(http_body_util::Either::Left)) })
+            }
+            Self::Tonic(c) => {
+                let f = c.call(req);
+                Box::pin(async move { Ok(f.await?.map(http_body_util::Either::Right)) })
+            }
+        }
+    }
+}
+
 fn auth(i: usize) -> Option<pb::VolumeAuth> {
     Some(pb::VolumeAuth {
         volume: format!("bench-{i}"),
@@ -233,13 +292,19 @@ fn auth(i: usize) -> Option<pb::VolumeAuth> {
 /// runtime, each reply hopped between its two workers: task switches were 7% of the
 /// clients' CPU, which shares the 2 cores with the NMS, and the phases reached 0.7-0.8x of
 /// what they reach so: 583-630k streamed reads/s against 808-830k.)
-async fn tonic_phase(addr: &str, a: &Args, api: Api, write: bool) -> anyhow::Result<Figure> {
+async fn tonic_phase(
+    addr: &str,
+    a: &Args,
+    api: Api,
+    write: bool,
+    tonic_channel: bool,
+) -> anyhow::Result<Figure> {
     let (addr, a) = (addr.to_owned(), a.clone());
     let (tx, rx) = tokio::sync::oneshot::channel();
     std::thread::Builder::new().name("bench-tonic-driver".into()).spawn(move || {
         let phase = async {
             match api {
-                Api::Unary => nms_unary(&addr, &a, write).await,
+                Api::Unary => nms_unary(&addr, &a, write, tonic_channel).await,
                 Api::Streamed => nms_streamed(&addr, &a, write).await,
                 Api::Batched => nms_batched(&addr, &a, write).await,
             }
@@ -254,13 +319,24 @@ async fn tonic_phase(addr: &str, a: &Args, api: Api, write: bool) -> anyhow::Res
     rx.await.context("the tonic driver's thread died")?
 }
 
-/// Runs `clients` unary loops for `secs`; `write` picks the op.
-async fn nms_unary(addr: &str, a: &Args, write: bool) -> anyhow::Result<Figure> {
+/// Runs `clients` unary loops for `secs`; `write` picks the op; `tonic_channel`: over
+/// tonic's own channel rather than the client library's transport.
+async fn nms_unary(
+    addr: &str,
+    a: &Args,
+    write: bool,
+    tonic_channel: bool,
+) -> anyhow::Result<Figure> {
     let stop = CancellationToken::new();
     let mut tasks = tokio::task::JoinSet::new();
     let start = Start::now();
     for i in 0..a.clients {
-        let mut c = pb::nms_client::NmsClient::new(channel(addr).await?);
+        let ch = if tonic_channel {
+            AnyChannel::Tonic(tonic_channel_to(addr).await?)
+        } else {
+            AnyChannel::Lib(channel(addr).await?)
+        };
+        let mut c = pb::nms_client::NmsClient::new(ch);
         let (stop, blocks) = (stop.clone(), a.blocks);
         tasks.spawn(async move {
             let mut lat = Vec::with_capacity(1 << 16);
@@ -295,8 +371,9 @@ async fn nms_unary(addr: &str, a: &Args, write: bool) -> anyhow::Result<Figure> 
         });
     }
     let (all, elapsed, cpu) = measure(tasks, start, a.seconds, &stop).await?;
-    let name = if write { "nms unary write (tonic)" } else { "nms unary read (tonic)" };
-    Ok(figure_cpu(name, all, elapsed, cpu))
+    let driver = if tonic_channel { "tonic-channel" } else { "tonic" };
+    let name = format!("nms unary {} ({driver})", if write { "write" } else { "read" });
+    Ok(figure_cpu(&name, all, elapsed, cpu))
 }
 
 /// A whole-block write of `data` (shared, not copied) or read of `block`.
@@ -935,7 +1012,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     for round in 0..args.rounds.max(1) {
         let mut figs = Vec::new();
         drains.clear();
-        for driver in [Driver::H2load, Driver::H2, Driver::Tonic] {
+        for driver in [Driver::H2load, Driver::H2, Driver::Tonic, Driver::TonicChannel] {
             if !args.drivers.contains(&driver) {
                 continue;
             }
@@ -958,6 +1035,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                 if driver == Driver::H2 && matches!(api, Api::Unary) {
                     continue;
                 }
+                if driver == Driver::TonicChannel && !matches!(api, Api::Unary) {
+                    continue;
+                }
                 tracing::info!(?driver, ?api, write, "bench nms: phase starts");
                 let wb0 = writeback_totals(&addr).await?;
                 let f = match (driver, api) {
@@ -965,7 +1045,10 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                         nms_h2load(&addr, &args, api, write, h2load_dir.path()).await?
                     }
                     (Driver::H2, _) => nms_h2(&addr, &args, api, write).await?,
-                    (Driver::Tonic, _) => tonic_phase(&addr, &args, api, write).await?,
+                    (Driver::Tonic, _) => tonic_phase(&addr, &args, api, write, false).await?,
+                    (Driver::TonicChannel, _) => {
+                        tonic_phase(&addr, &args, api, write, true).await?
+                    }
                 };
                 if write {
                     let d = drain(&addr, &args).await?;
@@ -1048,7 +1131,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let get = |n: &str| figs.iter().find(|f| f.name == n).map(|f| f.ops_per_s);
     let depth = args.depth;
     println!();
-    for driver in ["h2load", "h2", "tonic"] {
+    for driver in ["h2load", "h2", "tonic", "tonic-channel"] {
         // Against redis with the same working set (see `redis`).
         let keys = if driver == "h2load" { 1 } else { args.blocks * args.clients as u64 };
         for (ours, peer, target) in [
@@ -1072,6 +1155,17 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                 };
                 println!("ratio {ours} / {peer}: {:.2}{verdict}", a / b);
             }
+        }
+    }
+    // The client library's transport against tonic's own channel, same calls, same run.
+    for op in ["write", "read"] {
+        let (lib, tonic) =
+            (format!("nms unary {op} (tonic)"), format!("nms unary {op} (tonic-channel)"));
+        if let (Some(a), Some(b)) = (get(&lib), get(&tonic)) {
+            println!(
+                "ratio {lib} / {tonic}: {:.2} (the client library's transport / tonic's)",
+                a / b
+            );
         }
     }
     Ok(())
