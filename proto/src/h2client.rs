@@ -232,7 +232,6 @@ impl Drop for ResponseFuture {
 /// the status tonic would give; a lost connection with UNAVAILABLE and the cause.
 pub struct ClientBody {
     body: RecvBody,
-    shared: Arc<Shared>,
 }
 
 impl http_body::Body for ClientBody {
@@ -245,7 +244,8 @@ impl http_body::Body for ClientBody {
     ) -> Poll<Option<Result<http_body::Frame<Bytes>, tonic::Status>>> {
         match Pin::new(&mut self.body).poll_frame(cx) {
             Poll::Ready(Some(Err(crate::h2conn::StreamReset(c)))) => {
-                Poll::Ready(Some(Err(self.shared.closed().unwrap_or_else(|| reset_status(c)))))
+                let e = self.body.shared.lock().error.clone();
+                Poll::Ready(Some(Err(e.unwrap_or_else(|| reset_status(c)))))
             }
             Poll::Ready(Some(Ok(f))) => Poll::Ready(Some(Ok(f))),
             Poll::Ready(None) => Poll::Ready(None),
@@ -255,6 +255,20 @@ impl http_body::Body for ClientBody {
 
     fn is_end_stream(&self) -> bool {
         self.body.is_end_stream()
+    }
+}
+
+impl Drop for ClientBody {
+    /// The connection hears of it at once (the stream is reset if the response had not
+    /// ended), whatever the body had read before.
+    fn drop(&mut self) {
+        let shared = &self.body.shared;
+        {
+            let mut st = shared.lock();
+            st.dropped = true;
+            st.released += st.clear(shared.held());
+        }
+        shared.stream.wake_by_ref();
     }
 }
 
@@ -284,7 +298,10 @@ impl Clone for Channel {
 impl Drop for Channel {
     fn drop(&mut self) {
         if self.shared.handles.fetch_sub(1, Ordering::SeqCst) == 1 {
-            self.shared.wakeups.wake_conn();
+            // Woken even while it polls (it may have looked at `handles` already).
+            if let Some(w) = self.shared.wakeups.conn.lock().expect("wakeups lock").as_ref() {
+                w.wake_by_ref();
+            }
         }
     }
 }
@@ -318,6 +335,10 @@ impl tower::Service<http::Request<tonic::body::Body>> for Channel {
             let mut q = self.shared.queue.lock().expect("call queue lock");
             if let Some(s) = &q.closed {
                 return fail(s.clone());
+            }
+            if q.new.len() >= self.shared.max_waiting {
+                // Calls given up while they waited do not count.
+                q.new.retain(|c| !c.slot.cancelled());
             }
             if q.new.len() >= self.shared.max_waiting {
                 return fail(tonic::Status::resource_exhausted(format!(
@@ -364,6 +385,18 @@ where
 
 // ---------------------------------------------------------------------------------------
 // The connection.
+
+/// Ends a response body that still waits for its stream: it fails with `status` (the
+/// first one given), after what it has not read when the response had ended.
+fn fail_recv(recv: &RecvShared, c: u32, status: tonic::Status) {
+    {
+        let mut st = recv.lock();
+        if st.error.is_none() {
+            st.error = Some(status);
+        }
+    }
+    recv.close(c);
+}
 
 struct CallStream {
     /// Until the response's headers are handed over.
@@ -529,13 +562,19 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<IO> {
     fn has_work(&self) -> bool {
         !self.shared.wakeups.ids.lock().expect("wakeups lock").is_empty()
             || (self.active < self.peer_max_streams
+                && self.out.len < OUT_HIGH_WATER_BYTES
                 && !self.shared.queue.lock().expect("call queue lock").new.is_empty())
     }
 
     fn turns(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ConnError>> {
         for _ in 0..TURNS_PER_POLL {
             let mut busy = false;
-            if self.out.len < OUT_HIGH_WATER_BYTES {
+            // Read even with the send buffer full (of our requests, bounded by the high
+            // water mark): a peer that waits for us to read its replies before it reads
+            // our requests must not deadlock with us. Only a peer that makes us queue
+            // control frames (PING and SETTINGS acks) it never reads is not read past
+            // twice the mark.
+            if self.out.len < 2 * OUT_HIGH_WATER_BYTES {
                 if self.rbuf.capacity() - self.rbuf.len() < 16 * 1024 {
                     self.rbuf.reserve(64 * 1024);
                 }
@@ -552,29 +591,32 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<IO> {
             busy |= self.open_calls();
             busy |= self.poll_streams();
             if self.out.len > 0 {
+                let before = self.out.len;
                 match self.out.poll_write(&mut self.io, cx) {
-                    Poll::Ready(Ok(())) => {
-                        busy = true;
-                        for id in std::mem::take(&mut self.out_blocked) {
-                            if let Some(s) = self.streams.get_mut(&id) {
-                                s.out_queued = false;
-                                self.ready.push(id);
-                            }
+                    Poll::Ready(Ok(())) => busy = true,
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e.into())),
+                    Poll::Pending => busy |= self.out.len < before,
+                }
+                if self.out.len < OUT_HIGH_WATER_BYTES {
+                    for id in std::mem::take(&mut self.out_blocked) {
+                        if let Some(s) = self.streams.get_mut(&id) {
+                            s.out_queued = false;
+                            self.ready.push(id);
                         }
                     }
-                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e.into())),
-                    Poll::Pending => {}
                 }
             }
             if self.out.len == 0 {
                 if let Poll::Ready(Err(e)) = Pin::new(&mut self.io).poll_flush(cx) {
                     return Poll::Ready(Err(e.into()));
                 }
-                let idle = self.streams.is_empty()
-                    && self.shared.queue.lock().expect("call queue lock").new.is_empty();
-                if idle && (self.goaway || self.shared.handles.load(Ordering::SeqCst) == 0) {
-                    return Poll::Ready(Ok(()));
-                }
+            }
+            // Done: nothing open or waiting, and no one to call again (or the peer goes
+            // away). What is still unsent is given `CLOSE_FLUSH_MS`.
+            let idle = self.streams.is_empty()
+                && self.shared.queue.lock().expect("call queue lock").new.is_empty();
+            if idle && (self.goaway || self.shared.handles.load(Ordering::SeqCst) == 0) {
+                return Poll::Ready(Ok(()));
             }
             if !busy && self.ready.is_empty() && !self.has_work() {
                 return Poll::Pending;
@@ -689,7 +731,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<IO> {
             if !(s.send_closed && s.recv_closed) {
                 self.out.rst_stream(id, code::CANCEL);
             }
-            return self.remove(id);
+            return self.remove(id, code::CANCEL, tonic::Status::cancelled("the call was dropped"));
         }
         let released = std::mem::take(&mut s.recv.lock().released);
         let waker = s.waker.clone();
@@ -765,11 +807,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<IO> {
                         Ok(s) => *s,
                         Err(e) => tonic::Status::internal(format!("the request body failed: {e}")),
                     };
-                    self.out.rst_stream(id, code::CANCEL);
-                    if let Some(slot) = self.streams.get_mut(&id).and_then(|s| s.slot.take()) {
-                        slot.answer(Err(status));
-                    }
-                    return self.remove(id);
+                    return self.reset_stream(id, code::CANCEL, status);
                 }
             }
         }
@@ -782,6 +820,16 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<IO> {
         let Some(s) = self.streams.get_mut(&id) else { return false };
         loop {
             let n = data.len().min(max_frame);
+            if n > 0 && self.out.len >= OUT_HIGH_WATER_BYTES {
+                // The send buffer is full: on once the socket has taken some.
+                if !s.out_queued {
+                    s.out_queued = true;
+                    self.out_blocked.push(id);
+                }
+                s.pending = Some((data, end));
+                return false;
+            }
+            let n = n.min(OUT_HIGH_WATER_BYTES - self.out.len);
             let room = s.send_window.min(self.send_window);
             if n > 0 && room <= 0 {
                 if self.send_window <= 0 && !s.window_queued {
@@ -820,13 +868,13 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<IO> {
     }
 
     /// Drops a stream: whatever it still counted against the connection window is free,
-    /// and its body (if still waiting) fails.
-    fn remove(&mut self, id: u32) {
+    /// and its body (if still waiting) fails with `status`.
+    fn remove(&mut self, id: u32, c: u32, status: tonic::Status) {
         if let Some(s) = self.streams.remove(&id) {
             if s.active {
                 self.active -= 1;
             }
-            s.recv.close(code::CANCEL);
+            fail_recv(&s.recv, c, status);
             self.release_conn(s.recv_held);
         }
     }
@@ -835,9 +883,9 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<IO> {
     fn reset_stream(&mut self, id: u32, c: u32, status: tonic::Status) {
         self.out.rst_stream(id, c);
         if let Some(slot) = self.streams.get_mut(&id).and_then(|s| s.slot.take()) {
-            slot.answer(Err(status));
+            slot.answer(Err(status.clone()));
         }
-        self.remove(id);
+        self.remove(id, c, status);
     }
 
     fn release(&mut self, id: u32, n: usize) {
@@ -877,6 +925,17 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<IO> {
             let len = (usize::from(h[0]) << 16) | (usize::from(h[1]) << 8) | usize::from(h[2]);
             let (ty, flags) = (h[3], h[4]);
             let id = u32::from_be_bytes([h[5], h[6], h[7], h[8]]) & 0x7fff_ffff;
+            if !self.settings_seen {
+                // (Before the length: a TLS server's alert to a plaintext client reads as
+                // a huge frame.)
+                if ty != frame::SETTINGS || flags & frame::ACK != 0 {
+                    return Err(proto_err(
+                        code::PROTOCOL_ERROR,
+                        "the server's first frame is not SETTINGS (is it an HTTP/2 server, \
+                         and not one that serves TLS only?)",
+                    ));
+                }
+            }
             if len > max_frame {
                 return Err(proto_err(
                     code::FRAME_SIZE_ERROR,
@@ -889,15 +948,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<IO> {
             }
             self.rbuf.advance(FRAME_HEADER_BYTES);
             let payload = self.rbuf.split_to(len);
-            if !self.settings_seen {
-                if ty != frame::SETTINGS || flags & frame::ACK != 0 {
-                    return Err(proto_err(
-                        code::PROTOCOL_ERROR,
-                        "the server's first frame is not SETTINGS (is it an HTTP/2 server?)",
-                    ));
-                }
-                self.settings_seen = true;
-            }
+            self.settings_seen = true;
             if self.continuation.is_some() && ty != frame::CONTINUATION {
                 return Err(proto_err(code::PROTOCOL_ERROR, "a frame inside a header block"));
             }
@@ -1090,6 +1141,13 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<IO> {
             }
         };
         if status.is_informational() {
+            if end_stream {
+                self.reset_stream(
+                    id,
+                    code::PROTOCOL_ERROR,
+                    tonic::Status::internal("an informational response that ends the stream"),
+                );
+            }
             return Ok(());
         }
         s.got_headers = true;
@@ -1097,10 +1155,8 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<IO> {
             s.recv_closed = true;
             s.recv.lock().end = true;
         }
-        let mut resp = http::Response::new(ClientBody {
-            body: RecvBody { shared: s.recv.clone() },
-            shared: self.shared.clone(),
-        });
+        let mut resp =
+            http::Response::new(ClientBody { body: RecvBody { shared: s.recv.clone() } });
         *resp.status_mut() = status;
         *resp.version_mut() = http::Version::HTTP_2;
         *resp.headers_mut() = head.headers;
@@ -1138,13 +1194,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<IO> {
         if let Some(slot) = s.slot.take() {
             slot.answer(Err(reset_status(c)));
         }
-        if let Some(s) = self.streams.remove(&id) {
-            if s.active {
-                self.active -= 1;
-            }
-            s.recv.close(c);
-            self.release_conn(s.recv_held);
-        }
+        self.remove(id, c, reset_status(c));
         Ok(())
     }
 
@@ -1240,7 +1290,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<IO> {
             if let Some(slot) = self.streams.get_mut(&s).and_then(|st| st.slot.take()) {
                 slot.answer(Err(why.clone()));
             }
-            self.remove(s);
+            self.remove(s, code::REFUSED_STREAM, why.clone());
         }
         Ok(())
     }
@@ -1317,7 +1367,7 @@ impl<IO> Conn<IO> {
             if let Some(slot) = &s.slot {
                 slot.answer(Err(why.clone()));
             }
-            s.recv.close(code::CANCEL);
+            fail_recv(&s.recv, code::CANCEL, why.clone());
         }
     }
 }
@@ -1672,6 +1722,80 @@ mod tests {
         assert_eq!(u32::from_be_bytes([p[0], p[1], p[2], p[3]]), code::CANCEL);
         let (ty, _, id, _) = next_call_frame(&mut tcp).await;
         assert_eq!((ty, id), (frame::HEADERS, 3));
+    }
+
+    /// `:status: 200` (static entry 8), and `grpc-status: 0` as a literal trailer.
+    const STATUS_200: &[u8] = &[0x88];
+    const GRPC_OK: &[u8] = b"\x00\x0bgrpc-status\x010";
+
+    #[tokio::test]
+    async fn a_whole_response_outlives_its_connection_and_a_dropped_body_resets_its_stream() {
+        let (addr, peer) = raw_peer(&[]).await;
+        let ch = channel(addr, ClientSettings::default()).await;
+        let (mut a, mut b) = (ch.clone(), ch.clone());
+        let first = tokio::spawn(async move { a.call(request("/svc/M", b"1")).await });
+        let mut tcp = peer.await.unwrap();
+        let (ty, _, one, _) = next_call_frame(&mut tcp).await;
+        assert_eq!(ty, frame::HEADERS);
+        let _ = next_call_frame(&mut tcp).await;
+        // A response that never ends: the body is dropped after its first chunk.
+        tcp.write_all(&frame_bytes(frame::HEADERS, frame::END_HEADERS, one, STATUS_200))
+            .await
+            .unwrap();
+        tcp.write_all(&frame_bytes(frame::DATA, 0, one, b"part")).await.unwrap();
+        let mut body = first.await.unwrap().unwrap().into_body();
+        let chunk = body.frame().await.unwrap().unwrap().into_data().unwrap();
+        assert_eq!(&chunk[..], b"part");
+        // The connection takes in what the body released before the body goes (so the
+        // drop releases nothing more, and must still be heard of).
+        for _ in 0..3 {
+            tokio::task::yield_now().await;
+        }
+        drop(body);
+        let (ty, _, id, p) =
+            tokio::time::timeout(Duration::from_secs(5), next_call_frame(&mut tcp))
+                .await
+                .expect("the dropped body's stream is reset");
+        assert_eq!((ty, id), (frame::RST_STREAM, one), "the dropped body's stream is reset");
+        assert_eq!(u32::from_be_bytes([p[0], p[1], p[2], p[3]]), code::CANCEL);
+
+        // A whole response (headers, data, trailers), then the server closes at once: the
+        // response is still read whole.
+        let second = tokio::spawn(async move { b.call(request("/svc/M", b"2")).await });
+        let (ty, _, two, _) = next_call_frame(&mut tcp).await;
+        assert_eq!(ty, frame::HEADERS);
+        let _ = next_call_frame(&mut tcp).await;
+        let mut all = frame_bytes(frame::HEADERS, frame::END_HEADERS, two, STATUS_200);
+        all.extend(frame_bytes(frame::DATA, 0, two, b"whole"));
+        all.extend(frame_bytes(
+            frame::HEADERS,
+            frame::END_HEADERS | frame::END_STREAM,
+            two,
+            GRPC_OK,
+        ));
+        tcp.write_all(&all).await.unwrap();
+        drop(tcp);
+        let resp = second.await.unwrap().unwrap();
+        let got = resp.into_body().collect().await.unwrap();
+        assert_eq!(got.trailers().unwrap()["grpc-status"], "0");
+        assert_eq!(&got.to_bytes()[..], b"whole");
+        assert!(ch.closed().is_some(), "the connection ended");
+    }
+
+    #[tokio::test]
+    async fn the_connection_ends_when_its_last_channel_is_dropped() {
+        let (addr, peer) = raw_peer(&[]).await;
+        let ch = channel(addr, ClientSettings::default()).await;
+        let ch2 = ch.clone();
+        let mut tcp = peer.await.unwrap();
+        drop(ch);
+        drop(ch2);
+        // The client's frames, then its end of the connection.
+        let mut rest = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), tcp.read_to_end(&mut rest))
+            .await
+            .expect("the connection ended")
+            .unwrap();
     }
 
     async fn futures_poll_once<F: Future + Unpin>(mut f: F) -> Poll<F::Output> {

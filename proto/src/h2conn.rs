@@ -275,6 +275,9 @@ pub(crate) struct RecvState {
     pub(crate) released: usize,
     /// The body was dropped: what arrives now is discarded.
     pub(crate) dropped: bool,
+    /// What a client's response body fails with when reset (`None`: as the reset's code
+    /// maps); unused by the server.
+    pub(crate) error: Option<tonic::Status>,
 }
 
 impl RecvState {
@@ -288,6 +291,7 @@ impl RecvState {
             waker: None,
             released: 0,
             dropped: false,
+            error: None,
         }
     }
 
@@ -318,7 +322,7 @@ impl RecvState {
     }
 
     /// Drops what is held; how many bytes that was.
-    fn clear(&mut self, held: &std::sync::atomic::AtomicUsize) -> usize {
+    pub(crate) fn clear(&mut self, held: &std::sync::atomic::AtomicUsize) -> usize {
         let mut n = self.tail.len();
         for (b, sliced) in self.chunks.drain(..) {
             n += b.len();
@@ -368,15 +372,16 @@ impl RecvShared {
         discard
     }
 
-    /// The stream is gone: what is held is dropped, and a body still waiting for the
-    /// request (it did not end) yields [`StreamReset`] with `c`.
+    /// The stream is gone: a body whose stream had not ended drops what is held and yields
+    /// [`StreamReset`] with `c`; one that had ended keeps what it has not read yet (a
+    /// client's whole response must outlive the connection that brought it).
     pub(crate) fn close(&self, c: u32) {
         let waker = {
             let mut st = self.lock();
             if !st.end {
                 st.reset = Some(c);
+                st.clear(self.held());
             }
-            st.clear(self.held());
             st.released = 0;
             st.waker.take()
         };
