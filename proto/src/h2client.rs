@@ -28,11 +28,12 @@
 //! - A call whose response future or body is dropped early resets its stream (CANCEL).
 
 use crate::h2conn::{
-    code, code_name, encode_int, encode_string, frame, proto_err, setting, unpad, ConnError, Out,
-    RecvBody, RecvShared, RecvState, StreamWaker, Wakeups, DEFAULT_MAX_FRAME_BYTES, DEFAULT_WINDOW,
-    FRAME_HEADER_BYTES, MAX_FRAME_BYTES_LIMIT, MAX_WINDOW, OUT_HIGH_WATER_BYTES, PREFACE,
+    code, code_name, encode_int, encode_string, frame, next_frame, on_ping, parse_settings,
+    proto_err, setting, unpad, window_increment, ConnError, Frame, HeaderBlocks, Out, RecvBody,
+    RecvShared, RecvState, StreamWaker, Wakeups, DEFAULT_MAX_FRAME_BYTES, DEFAULT_WINDOW,
+    MAX_FRAME_BYTES_LIMIT, MAX_WINDOW, OUT_HIGH_WATER_BYTES, PREFACE,
 };
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use http_body::Body as _;
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
@@ -135,6 +136,21 @@ struct Queue {
 impl Shared {
     fn closed(&self) -> Option<tonic::Status> {
         self.queue.lock().expect("call queue lock").closed.clone()
+    }
+
+    /// The channel takes no more calls (`why`, unless it had a reason already), and the
+    /// calls waiting for a stream fail with `why`.
+    fn close_queue(&self, why: &tonic::Status) {
+        let new = {
+            let mut q = self.queue.lock().expect("call queue lock");
+            if q.closed.is_none() {
+                q.closed = Some(why.clone());
+            }
+            std::mem::take(&mut q.new)
+        };
+        for c in new {
+            c.slot.answer(Err(why.clone()));
+        }
     }
 }
 
@@ -442,7 +458,8 @@ struct Conn<IO> {
     window_blocked: VecDeque<u32>,
     out_blocked: Vec<u32>,
     settings_seen: bool,
-    continuation: Option<(u32, bool, BytesMut)>,
+    /// Header blocks being received.
+    blocks: HeaderBlocks,
     /// The highest stream id opened.
     last_opened: u32,
     peer_max_frame: usize,
@@ -501,7 +518,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<IO> {
             window_blocked: VecDeque::new(),
             out_blocked: Vec::new(),
             settings_seen: false,
-            continuation: None,
+            blocks: HeaderBlocks::new(settings.max_header_list_bytes as usize),
             last_opened: 0,
             peer_max_frame: DEFAULT_MAX_FRAME_BYTES,
             peer_initial_window: DEFAULT_WINDOW,
@@ -920,36 +937,14 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<IO> {
 
     fn handle_frames(&mut self) -> Result<(), ConnError> {
         let max_frame = self.settings.our_max_frame() as usize;
-        while self.rbuf.len() >= FRAME_HEADER_BYTES {
-            let h = &self.rbuf[..FRAME_HEADER_BYTES];
-            let len = (usize::from(h[0]) << 16) | (usize::from(h[1]) << 8) | usize::from(h[2]);
-            let (ty, flags) = (h[3], h[4]);
-            let id = u32::from_be_bytes([h[5], h[6], h[7], h[8]]) & 0x7fff_ffff;
-            if !self.settings_seen {
-                // (Before the length: a TLS server's alert to a plaintext client reads as
-                // a huge frame.)
-                if ty != frame::SETTINGS || flags & frame::ACK != 0 {
-                    return Err(proto_err(
-                        code::PROTOCOL_ERROR,
-                        "the server's first frame is not SETTINGS (is it an HTTP/2 server, \
-                         and not one that serves TLS only?)",
-                    ));
-                }
-            }
-            if len > max_frame {
-                return Err(proto_err(
-                    code::FRAME_SIZE_ERROR,
-                    "a frame larger than our MAX_FRAME_SIZE",
-                ));
-            }
-            if self.rbuf.len() < FRAME_HEADER_BYTES + len {
-                self.rbuf.reserve(FRAME_HEADER_BYTES + len - self.rbuf.len());
-                break;
-            }
-            self.rbuf.advance(FRAME_HEADER_BYTES);
-            let payload = self.rbuf.split_to(len);
-            self.settings_seen = true;
-            if self.continuation.is_some() && ty != frame::CONTINUATION {
+        while let Some(Frame { ty, flags, id, payload }) = next_frame(
+            &mut self.rbuf,
+            max_frame,
+            &mut self.settings_seen,
+            "the server's first frame is not SETTINGS (is it an HTTP/2 server, and not one \
+             that serves TLS only?)",
+        )? {
+            if self.blocks.open() && ty != frame::CONTINUATION {
                 return Err(proto_err(code::PROTOCOL_ERROR, "a frame inside a header block"));
             }
             match ty {
@@ -964,18 +959,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<IO> {
                 frame::PUSH_PROMISE => {
                     return Err(proto_err(code::PROTOCOL_ERROR, "PUSH_PROMISE, which we disabled"))
                 }
-                frame::PING => {
-                    if payload.len() != 8 {
-                        return Err(proto_err(code::FRAME_SIZE_ERROR, "PING not 8 bytes long"));
-                    }
-                    if id != 0 {
-                        return Err(proto_err(code::PROTOCOL_ERROR, "PING on a stream"));
-                    }
-                    if flags & frame::ACK == 0 {
-                        self.out.header(8, frame::PING, frame::ACK, 0);
-                        self.out.small(&payload);
-                    }
-                }
+                frame::PING => on_ping(&mut self.out, id, flags, &payload)?,
                 frame::GOAWAY => self.on_goaway(id, &payload)?,
                 frame::WINDOW_UPDATE => self.on_window_update(id, &payload)?,
                 _ => {}
@@ -1036,49 +1020,17 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<IO> {
         if id == 0 || id.is_multiple_of(2) {
             return Err(proto_err(code::PROTOCOL_ERROR, "HEADERS on a stream we did not open"));
         }
-        let (mut block, _) = unpad(flags, payload)?;
-        if flags & frame::PRIORITY_FLAG != 0 {
-            if block.len() < 5 {
-                return Err(proto_err(
-                    code::FRAME_SIZE_ERROR,
-                    "HEADERS too short for its priority",
-                ));
-            }
-            block.advance(5);
+        match self.blocks.headers(id, flags, payload)? {
+            Some((end_stream, block)) => self.header_block(id, end_stream, &block),
+            None => Ok(()),
         }
-        let end_stream = flags & frame::END_STREAM != 0;
-        self.check_block_len(block.len())?;
-        if flags & frame::END_HEADERS == 0 {
-            self.continuation = Some((id, end_stream, block));
-            return Ok(());
-        }
-        self.header_block(id, end_stream, &block)
     }
 
     fn on_continuation(&mut self, id: u32, flags: u8, payload: BytesMut) -> Result<(), ConnError> {
-        let Some((cid, end_stream, mut block)) = self.continuation.take() else {
-            return Err(proto_err(code::PROTOCOL_ERROR, "CONTINUATION without HEADERS"));
-        };
-        if cid != id {
-            return Err(proto_err(code::PROTOCOL_ERROR, "CONTINUATION on another stream"));
+        match self.blocks.continuation(id, flags, payload)? {
+            Some((end_stream, block)) => self.header_block(id, end_stream, &block),
+            None => Ok(()),
         }
-        self.check_block_len(block.len() + payload.len())?;
-        block.extend_from_slice(&payload);
-        if flags & frame::END_HEADERS == 0 {
-            self.continuation = Some((id, end_stream, block));
-            return Ok(());
-        }
-        self.header_block(id, end_stream, &block)
-    }
-
-    fn check_block_len(&self, len: usize) -> Result<(), ConnError> {
-        if len > self.settings.max_header_list_bytes as usize {
-            return Err(proto_err(
-                code::PROTOCOL_ERROR,
-                "a response header block longer than max_header_list_bytes",
-            ));
-        }
-        Ok(())
     }
 
     fn header_block(&mut self, id: u32, end_stream: bool, block: &[u8]) -> Result<(), ConnError> {
@@ -1199,49 +1151,17 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<IO> {
     }
 
     fn on_settings(&mut self, id: u32, flags: u8, payload: &[u8]) -> Result<(), ConnError> {
-        if id != 0 {
-            return Err(proto_err(code::PROTOCOL_ERROR, "SETTINGS on a stream"));
+        let Some(p) = parse_settings(id, flags, payload)? else { return Ok(()) };
+        if p.enable_push.is_some_and(|v| v != 0) {
+            return Err(proto_err(code::PROTOCOL_ERROR, "a server's ENABLE_PUSH not 0"));
         }
-        if flags & frame::ACK != 0 {
-            if !payload.is_empty() {
-                return Err(proto_err(code::FRAME_SIZE_ERROR, "a SETTINGS ACK with a payload"));
-            }
-            return Ok(());
+        if let Some(v) = p.max_frame {
+            self.peer_max_frame = v;
         }
-        if !payload.len().is_multiple_of(6) {
-            return Err(proto_err(code::FRAME_SIZE_ERROR, "SETTINGS not a multiple of 6 bytes"));
+        if let Some(v) = p.max_streams {
+            self.peer_max_streams = (v as usize).min(self.settings.max_open_streams.max(1));
         }
-        let mut initial_window = None;
-        for s in payload.chunks_exact(6) {
-            let key = u16::from_be_bytes([s[0], s[1]]);
-            let v = u32::from_be_bytes([s[2], s[3], s[4], s[5]]);
-            match key {
-                setting::ENABLE_PUSH if v != 0 => {
-                    return Err(proto_err(code::PROTOCOL_ERROR, "a server's ENABLE_PUSH not 0"))
-                }
-                setting::INITIAL_WINDOW_SIZE => {
-                    if i64::from(v) > MAX_WINDOW {
-                        return Err(proto_err(
-                            code::FLOW_CONTROL_ERROR,
-                            "INITIAL_WINDOW_SIZE past 2^31-1",
-                        ));
-                    }
-                    initial_window = Some(i64::from(v));
-                }
-                setting::MAX_FRAME_SIZE => {
-                    if !(DEFAULT_MAX_FRAME_BYTES as u32..=MAX_FRAME_BYTES_LIMIT).contains(&v) {
-                        return Err(proto_err(code::PROTOCOL_ERROR, "MAX_FRAME_SIZE out of range"));
-                    }
-                    self.peer_max_frame = v as usize;
-                }
-                setting::MAX_CONCURRENT_STREAMS => {
-                    self.peer_max_streams = (v as usize).min(self.settings.max_open_streams.max(1));
-                }
-                // Requests are encoded without the dynamic table.
-                _ => {}
-            }
-        }
-        if let Some(v) = initial_window {
+        if let Some(v) = p.initial_window {
             let delta = v - self.peer_initial_window;
             self.peer_initial_window = v;
             for st in self.streams.values_mut() {
@@ -1274,16 +1194,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<IO> {
             "the server is closing the connection (GOAWAY, {}): the call was not processed",
             code_name(c)
         ));
-        let new = {
-            let mut q = self.shared.queue.lock().expect("call queue lock");
-            if q.closed.is_none() {
-                q.closed = Some(why.clone());
-            }
-            std::mem::take(&mut q.new)
-        };
-        for c in new {
-            c.slot.answer(Err(why.clone()));
-        }
+        self.shared.close_queue(&why);
         // Streams past `last` were never processed: they fail, to be retried elsewhere.
         let refused: Vec<u32> = self.streams.keys().copied().filter(|&s| s > last).collect();
         for s in refused {
@@ -1296,12 +1207,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<IO> {
     }
 
     fn on_window_update(&mut self, id: u32, payload: &[u8]) -> Result<(), ConnError> {
-        if payload.len() != 4 {
-            return Err(proto_err(code::FRAME_SIZE_ERROR, "WINDOW_UPDATE not 4 bytes long"));
-        }
-        let n = i64::from(
-            u32::from_be_bytes([payload[0], payload[1], payload[2], payload[3]]) & 0x7fff_ffff,
-        );
+        let n = window_increment(payload)?;
         if id == 0 {
             if n == 0 {
                 return Err(proto_err(code::PROTOCOL_ERROR, "a WINDOW_UPDATE of 0"));
@@ -1353,16 +1259,7 @@ impl<IO> Conn<IO> {
     /// The connection is done: every call waiting or open fails with `why` (bodies too),
     /// and the channel takes no more.
     fn fail_all(&mut self, why: tonic::Status) {
-        let new = {
-            let mut q = self.shared.queue.lock().expect("call queue lock");
-            if q.closed.is_none() {
-                q.closed = Some(why.clone());
-            }
-            std::mem::take(&mut q.new)
-        };
-        for c in new {
-            c.slot.answer(Err(why.clone()));
-        }
+        self.shared.close_queue(&why);
         for (_, s) in self.streams.drain() {
             if let Some(slot) = &s.slot {
                 slot.answer(Err(why.clone()));

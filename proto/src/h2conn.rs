@@ -204,6 +204,214 @@ pub(crate) fn unpad(flags: u8, mut payload: BytesMut) -> Result<(BytesMut, usize
 }
 
 // ---------------------------------------------------------------------------------------
+// Frame parsing both sides share (`h2client` is the client side).
+
+/// A frame read from a receive buffer.
+pub(crate) struct Frame {
+    pub(crate) ty: u8,
+    pub(crate) flags: u8,
+    pub(crate) id: u32,
+    pub(crate) payload: BytesMut,
+}
+
+/// Splits the next whole frame off `rbuf`, if one is there (else reserves room for the
+/// rest of it). The peer's first frame must be SETTINGS (`first_seen` is set once it was;
+/// `not_first` says why not), and no frame may be longer than `max_frame`.
+pub(crate) fn next_frame(
+    rbuf: &mut BytesMut,
+    max_frame: usize,
+    first_seen: &mut bool,
+    not_first: &'static str,
+) -> Result<Option<Frame>, ConnError> {
+    if rbuf.len() < FRAME_HEADER_BYTES {
+        return Ok(None);
+    }
+    let h = &rbuf[..FRAME_HEADER_BYTES];
+    let len = (usize::from(h[0]) << 16) | (usize::from(h[1]) << 8) | usize::from(h[2]);
+    let (ty, flags) = (h[3], h[4]);
+    let id = u32::from_be_bytes([h[5], h[6], h[7], h[8]]) & 0x7fff_ffff;
+    // (Before the length: what is not HTTP/2, a TLS alert say, reads as a huge frame.)
+    if !*first_seen && (ty != frame::SETTINGS || flags & frame::ACK != 0) {
+        return Err(proto_err(code::PROTOCOL_ERROR, not_first));
+    }
+    if len > max_frame {
+        return Err(proto_err(code::FRAME_SIZE_ERROR, "a frame larger than our MAX_FRAME_SIZE"));
+    }
+    if rbuf.len() < FRAME_HEADER_BYTES + len {
+        rbuf.reserve(FRAME_HEADER_BYTES + len - rbuf.len());
+        return Ok(None);
+    }
+    rbuf.advance(FRAME_HEADER_BYTES);
+    *first_seen = true;
+    Ok(Some(Frame { ty, flags, id, payload: rbuf.split_to(len) }))
+}
+
+/// Header blocks being received: HEADERS and its CONTINUATIONs, at most `max` bytes.
+pub(crate) struct HeaderBlocks {
+    /// HEADERS without END_HEADERS: the stream, END_STREAM, the block so far.
+    pending: Option<(u32, bool, BytesMut)>,
+    max: usize,
+}
+
+impl HeaderBlocks {
+    pub(crate) fn new(max: usize) -> Self {
+        Self { pending: None, max }
+    }
+
+    /// A block is open: only its CONTINUATIONs may come.
+    pub(crate) fn open(&self) -> bool {
+        self.pending.is_some()
+    }
+
+    fn check_len(&self, len: usize) -> Result<(), ConnError> {
+        if len > self.max {
+            // It cannot be skipped (the decoder's table must see it): the connection ends.
+            return Err(proto_err(
+                code::PROTOCOL_ERROR,
+                "a header block longer than max_header_list_bytes",
+            ));
+        }
+        Ok(())
+    }
+
+    /// A HEADERS frame: its whole block and END_STREAM when it ends the block.
+    pub(crate) fn headers(
+        &mut self,
+        id: u32,
+        flags: u8,
+        payload: BytesMut,
+    ) -> Result<Option<(bool, BytesMut)>, ConnError> {
+        let (mut block, _) = unpad(flags, payload)?;
+        if flags & frame::PRIORITY_FLAG != 0 {
+            if block.len() < 5 {
+                return Err(proto_err(
+                    code::FRAME_SIZE_ERROR,
+                    "HEADERS too short for its priority",
+                ));
+            }
+            block.advance(5);
+        }
+        let end_stream = flags & frame::END_STREAM != 0;
+        self.check_len(block.len())?;
+        if flags & frame::END_HEADERS == 0 {
+            self.pending = Some((id, end_stream, block));
+            return Ok(None);
+        }
+        Ok(Some((end_stream, block)))
+    }
+
+    /// A CONTINUATION frame: the whole block and END_STREAM when it ends the block.
+    pub(crate) fn continuation(
+        &mut self,
+        id: u32,
+        flags: u8,
+        payload: BytesMut,
+    ) -> Result<Option<(bool, BytesMut)>, ConnError> {
+        let Some((cid, end_stream, mut block)) = self.pending.take() else {
+            return Err(proto_err(code::PROTOCOL_ERROR, "CONTINUATION without HEADERS"));
+        };
+        if cid != id {
+            return Err(proto_err(code::PROTOCOL_ERROR, "CONTINUATION on another stream"));
+        }
+        self.check_len(block.len() + payload.len())?;
+        block.extend_from_slice(&payload);
+        if flags & frame::END_HEADERS == 0 {
+            self.pending = Some((id, end_stream, block));
+            return Ok(None);
+        }
+        Ok(Some((end_stream, block)))
+    }
+}
+
+/// What a peer's SETTINGS frame set (each `None` when not in it).
+#[derive(Default)]
+pub(crate) struct PeerSettings {
+    /// The last INITIAL_WINDOW_SIZE (applied once, after the others).
+    pub(crate) initial_window: Option<i64>,
+    pub(crate) max_frame: Option<usize>,
+    pub(crate) max_streams: Option<u32>,
+    pub(crate) enable_push: Option<u32>,
+}
+
+/// A SETTINGS frame, checked; `None` for an ACK.
+pub(crate) fn parse_settings(
+    id: u32,
+    flags: u8,
+    payload: &[u8],
+) -> Result<Option<PeerSettings>, ConnError> {
+    if id != 0 {
+        return Err(proto_err(code::PROTOCOL_ERROR, "SETTINGS on a stream"));
+    }
+    if flags & frame::ACK != 0 {
+        if !payload.is_empty() {
+            return Err(proto_err(code::FRAME_SIZE_ERROR, "a SETTINGS ACK with a payload"));
+        }
+        return Ok(None);
+    }
+    if !payload.len().is_multiple_of(6) {
+        return Err(proto_err(code::FRAME_SIZE_ERROR, "SETTINGS not a multiple of 6 bytes"));
+    }
+    let mut p = PeerSettings::default();
+    for s in payload.chunks_exact(6) {
+        let key = u16::from_be_bytes([s[0], s[1]]);
+        let v = u32::from_be_bytes([s[2], s[3], s[4], s[5]]);
+        match key {
+            setting::ENABLE_PUSH if v > 1 => {
+                return Err(proto_err(code::PROTOCOL_ERROR, "ENABLE_PUSH neither 0 nor 1"))
+            }
+            setting::ENABLE_PUSH => p.enable_push = Some(v),
+            setting::INITIAL_WINDOW_SIZE => {
+                if i64::from(v) > MAX_WINDOW {
+                    return Err(proto_err(
+                        code::FLOW_CONTROL_ERROR,
+                        "INITIAL_WINDOW_SIZE past 2^31-1",
+                    ));
+                }
+                p.initial_window = Some(i64::from(v));
+            }
+            setting::MAX_FRAME_SIZE => {
+                if !(DEFAULT_MAX_FRAME_BYTES as u32..=MAX_FRAME_BYTES_LIMIT).contains(&v) {
+                    return Err(proto_err(code::PROTOCOL_ERROR, "MAX_FRAME_SIZE out of range"));
+                }
+                p.max_frame = Some(v as usize);
+            }
+            setting::MAX_CONCURRENT_STREAMS => p.max_streams = Some(v),
+            // What we send uses no dynamic table.
+            setting::HEADER_TABLE_SIZE => {}
+            // Unknown settings are ignored (RFC 9113 section 6.5.2).
+            _ => {}
+        }
+    }
+    Ok(Some(p))
+}
+
+/// A PING frame: answered (unless it is an answer).
+pub(crate) fn on_ping(out: &mut Out, id: u32, flags: u8, payload: &[u8]) -> Result<(), ConnError> {
+    if payload.len() != 8 {
+        return Err(proto_err(code::FRAME_SIZE_ERROR, "PING not 8 bytes long"));
+    }
+    if id != 0 {
+        return Err(proto_err(code::PROTOCOL_ERROR, "PING on a stream"));
+    }
+    if flags & frame::ACK == 0 {
+        out.header(8, frame::PING, frame::ACK, 0);
+        out.small(payload);
+    }
+    Ok(())
+}
+
+/// A WINDOW_UPDATE frame's increment (0 is the caller's to refuse, as a stream or a
+/// connection error).
+pub(crate) fn window_increment(payload: &[u8]) -> Result<i64, ConnError> {
+    if payload.len() != 4 {
+        return Err(proto_err(code::FRAME_SIZE_ERROR, "WINDOW_UPDATE not 4 bytes long"));
+    }
+    Ok(i64::from(
+        u32::from_be_bytes([payload[0], payload[1], payload[2], payload[3]]) & 0x7fff_ffff,
+    ))
+}
+
+// ---------------------------------------------------------------------------------------
 // Wake-ups: a stream's waker queues its id for the connection's task.
 
 pub(crate) struct Wakeups {
@@ -834,8 +1042,8 @@ struct Conn<IO, S: hyper::service::Service<http::Request<RecvBody>>, B: http_bod
     /// The first frame (the peer's SETTINGS) was seen.
     settings_seen: bool,
     last_stream_id: u32,
-    /// HEADERS without END_HEADERS: the stream, END_STREAM, the block so far.
-    continuation: Option<(u32, bool, BytesMut)>,
+    /// Header blocks being received.
+    blocks: HeaderBlocks,
     peer_max_frame: usize,
     peer_initial_window: i64,
     send_window: i64,
@@ -906,7 +1114,7 @@ where
             preface_seen: false,
             settings_seen: false,
             last_stream_id: 0,
-            continuation: None,
+            blocks: HeaderBlocks::new(settings.max_header_list_bytes as usize),
             peer_max_frame: DEFAULT_MAX_FRAME_BYTES,
             peer_initial_window: DEFAULT_WINDOW,
             send_window: DEFAULT_WINDOW,
@@ -1091,30 +1299,14 @@ where
             self.preface_seen = true;
         }
         let max_frame = self.settings.our_max_frame() as usize;
-        while self.rbuf.len() >= FRAME_HEADER_BYTES {
-            let h = &self.rbuf[..FRAME_HEADER_BYTES];
-            let len = (usize::from(h[0]) << 16) | (usize::from(h[1]) << 8) | usize::from(h[2]);
-            let (ty, flags) = (h[3], h[4]);
-            let id = u32::from_be_bytes([h[5], h[6], h[7], h[8]]) & 0x7fff_ffff;
-            if len > max_frame {
-                return Err(proto_err(
-                    code::FRAME_SIZE_ERROR,
-                    "a frame larger than our MAX_FRAME_SIZE",
-                ));
-            }
-            if self.rbuf.len() < FRAME_HEADER_BYTES + len {
-                self.rbuf.reserve(FRAME_HEADER_BYTES + len - self.rbuf.len());
-                break;
-            }
-            self.rbuf.advance(FRAME_HEADER_BYTES);
-            let payload = self.rbuf.split_to(len);
-            if !self.settings_seen {
-                if ty != frame::SETTINGS || flags & frame::ACK != 0 {
-                    return Err(proto_err(code::PROTOCOL_ERROR, "the first frame is not SETTINGS"));
-                }
-                self.settings_seen = true;
-            }
-            if self.continuation.is_some() && ty != frame::CONTINUATION {
+        while let Some(Frame { ty, flags, id, payload }) = next_frame(
+            &mut self.rbuf,
+            max_frame,
+            &mut self.settings_seen,
+            "the first frame is not SETTINGS",
+        )? {
+            let len = payload.len();
+            if self.blocks.open() && ty != frame::CONTINUATION {
                 return Err(proto_err(code::PROTOCOL_ERROR, "a frame inside a header block"));
             }
             match ty {
@@ -1132,7 +1324,7 @@ where
                 frame::PUSH_PROMISE => {
                     return Err(proto_err(code::PROTOCOL_ERROR, "a client sent PUSH_PROMISE"))
                 }
-                frame::PING => self.on_ping(id, flags, &payload)?,
+                frame::PING => on_ping(&mut self.out, id, flags, &payload)?,
                 frame::GOAWAY => {
                     if id != 0 {
                         return Err(proto_err(code::PROTOCOL_ERROR, "GOAWAY on a stream"));
@@ -1202,50 +1394,17 @@ where
                 "HEADERS on a stream a client cannot open",
             ));
         }
-        let (mut block, _) = unpad(flags, payload)?;
-        if flags & frame::PRIORITY_FLAG != 0 {
-            if block.len() < 5 {
-                return Err(proto_err(
-                    code::FRAME_SIZE_ERROR,
-                    "HEADERS too short for its priority",
-                ));
-            }
-            block.advance(5);
+        match self.blocks.headers(id, flags, payload)? {
+            Some((end_stream, block)) => self.header_block(id, end_stream, &block),
+            None => Ok(()),
         }
-        let end_stream = flags & frame::END_STREAM != 0;
-        self.check_block_len(block.len())?;
-        if flags & frame::END_HEADERS == 0 {
-            self.continuation = Some((id, end_stream, block));
-            return Ok(());
-        }
-        self.header_block(id, end_stream, &block)
     }
 
     fn on_continuation(&mut self, id: u32, flags: u8, payload: BytesMut) -> Result<(), ConnError> {
-        let Some((cid, end_stream, mut block)) = self.continuation.take() else {
-            return Err(proto_err(code::PROTOCOL_ERROR, "CONTINUATION without HEADERS"));
-        };
-        if cid != id {
-            return Err(proto_err(code::PROTOCOL_ERROR, "CONTINUATION on another stream"));
+        match self.blocks.continuation(id, flags, payload)? {
+            Some((end_stream, block)) => self.header_block(id, end_stream, &block),
+            None => Ok(()),
         }
-        self.check_block_len(block.len() + payload.len())?;
-        block.extend_from_slice(&payload);
-        if flags & frame::END_HEADERS == 0 {
-            self.continuation = Some((id, end_stream, block));
-            return Ok(());
-        }
-        self.header_block(id, end_stream, &block)
-    }
-
-    fn check_block_len(&self, len: usize) -> Result<(), ConnError> {
-        if len > self.settings.max_header_list_bytes as usize {
-            // It cannot be skipped (the decoder's table must see it): the connection ends.
-            return Err(proto_err(
-                code::PROTOCOL_ERROR,
-                "a header block longer than max_header_list_bytes",
-            ));
-        }
-        Ok(())
     }
 
     fn header_block(&mut self, id: u32, end_stream: bool, block: &[u8]) -> Result<(), ConnError> {
@@ -1368,49 +1527,12 @@ where
     }
 
     fn on_settings(&mut self, id: u32, flags: u8, payload: &[u8]) -> Result<(), ConnError> {
-        if id != 0 {
-            return Err(proto_err(code::PROTOCOL_ERROR, "SETTINGS on a stream"));
+        let Some(p) = parse_settings(id, flags, payload)? else { return Ok(()) };
+        if let Some(v) = p.max_frame {
+            self.peer_max_frame = v;
         }
-        if flags & frame::ACK != 0 {
-            if !payload.is_empty() {
-                return Err(proto_err(code::FRAME_SIZE_ERROR, "a SETTINGS ACK with a payload"));
-            }
-            return Ok(());
-        }
-        if !payload.len().is_multiple_of(6) {
-            return Err(proto_err(code::FRAME_SIZE_ERROR, "SETTINGS not a multiple of 6 bytes"));
-        }
-        // The last INITIAL_WINDOW_SIZE of the frame is applied once, after the others.
-        let mut initial_window = None;
-        for s in payload.chunks_exact(6) {
-            let key = u16::from_be_bytes([s[0], s[1]]);
-            let v = u32::from_be_bytes([s[2], s[3], s[4], s[5]]);
-            match key {
-                setting::ENABLE_PUSH if v > 1 => {
-                    return Err(proto_err(code::PROTOCOL_ERROR, "ENABLE_PUSH neither 0 nor 1"))
-                }
-                setting::INITIAL_WINDOW_SIZE => {
-                    if i64::from(v) > MAX_WINDOW {
-                        return Err(proto_err(
-                            code::FLOW_CONTROL_ERROR,
-                            "INITIAL_WINDOW_SIZE past 2^31-1",
-                        ));
-                    }
-                    initial_window = Some(i64::from(v));
-                }
-                setting::MAX_FRAME_SIZE => {
-                    if !(DEFAULT_MAX_FRAME_BYTES as u32..=MAX_FRAME_BYTES_LIMIT).contains(&v) {
-                        return Err(proto_err(code::PROTOCOL_ERROR, "MAX_FRAME_SIZE out of range"));
-                    }
-                    self.peer_max_frame = v as usize;
-                }
-                // Replies are encoded without the dynamic table; the peer's stream limit
-                // bounds pushes, which a server here never makes.
-                setting::HEADER_TABLE_SIZE | setting::MAX_CONCURRENT_STREAMS => {}
-                _ => {}
-            }
-        }
-        if let Some(v) = initial_window {
+        // (The peer's stream limit bounds pushes, which a server here never makes.)
+        if let Some(v) = p.initial_window {
             let delta = v - self.peer_initial_window;
             self.peer_initial_window = v;
             for st in self.streams.values_mut() {
@@ -1428,27 +1550,8 @@ where
         Ok(())
     }
 
-    fn on_ping(&mut self, id: u32, flags: u8, payload: &[u8]) -> Result<(), ConnError> {
-        if payload.len() != 8 {
-            return Err(proto_err(code::FRAME_SIZE_ERROR, "PING not 8 bytes long"));
-        }
-        if id != 0 {
-            return Err(proto_err(code::PROTOCOL_ERROR, "PING on a stream"));
-        }
-        if flags & frame::ACK == 0 {
-            self.out.header(8, frame::PING, frame::ACK, 0);
-            self.out.small(payload);
-        }
-        Ok(())
-    }
-
     fn on_window_update(&mut self, id: u32, payload: &[u8]) -> Result<(), ConnError> {
-        if payload.len() != 4 {
-            return Err(proto_err(code::FRAME_SIZE_ERROR, "WINDOW_UPDATE not 4 bytes long"));
-        }
-        let n = i64::from(
-            u32::from_be_bytes([payload[0], payload[1], payload[2], payload[3]]) & 0x7fff_ffff,
-        );
+        let n = window_increment(payload)?;
         if id == 0 {
             if n == 0 {
                 return Err(proto_err(code::PROTOCOL_ERROR, "a WINDOW_UPDATE of 0"));
