@@ -28,10 +28,10 @@
 //! - A call whose response future or body is dropped early resets its stream (CANCEL).
 
 use crate::h2conn::{
-    code, code_name, encode_int, encode_string, frame, next_frame, on_ping, parse_settings,
-    proto_err, setting, unpad, window_increment, ConnError, Frame, HeaderBlocks, Out, RecvBody,
-    RecvShared, RecvState, StreamWaker, Wakeups, DEFAULT_MAX_FRAME_BYTES, DEFAULT_WINDOW,
-    MAX_FRAME_BYTES_LIMIT, MAX_WINDOW, OUT_HIGH_WATER_BYTES, PREFACE,
+    code, code_name, encode_int, encode_string, frame, grow_conn_window, next_frame, on_ping,
+    parse_settings, proto_err, setting, unpad, window_increment, ConnError, Frame, HeaderBlocks,
+    Out, RecvBody, RecvShared, RecvState, StreamWaker, Wakeups, DEFAULT_MAX_FRAME_BYTES,
+    DEFAULT_WINDOW, MAX_FRAME_BYTES_LIMIT, MAX_WINDOW, OUT_HIGH_WATER_BYTES, PREFACE,
 };
 use bytes::{Bytes, BytesMut};
 use http_body::Body as _;
@@ -1209,17 +1209,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<IO> {
     fn on_window_update(&mut self, id: u32, payload: &[u8]) -> Result<(), ConnError> {
         let n = window_increment(payload)?;
         if id == 0 {
-            if n == 0 {
-                return Err(proto_err(code::PROTOCOL_ERROR, "a WINDOW_UPDATE of 0"));
-            }
-            self.send_window += n;
-            if self.send_window > MAX_WINDOW {
-                return Err(proto_err(
-                    code::FLOW_CONTROL_ERROR,
-                    "the connection window past 2^31-1",
-                ));
-            }
-            return Ok(());
+            return grow_conn_window(&mut self.send_window, n);
         }
         let Some(s) = self.streams.get_mut(&id) else {
             if id > self.last_opened {

@@ -385,6 +385,18 @@ pub(crate) fn parse_settings(
     Ok(Some(p))
 }
 
+/// A connection WINDOW_UPDATE of `n` applied to our send `window`.
+pub(crate) fn grow_conn_window(window: &mut i64, n: i64) -> Result<(), ConnError> {
+    if n == 0 {
+        return Err(proto_err(code::PROTOCOL_ERROR, "a WINDOW_UPDATE of 0"));
+    }
+    *window += n;
+    if *window > MAX_WINDOW {
+        return Err(proto_err(code::FLOW_CONTROL_ERROR, "the connection window past 2^31-1"));
+    }
+    Ok(())
+}
+
 /// A PING frame: answered (unless it is an answer).
 pub(crate) fn on_ping(out: &mut Out, id: u32, flags: u8, payload: &[u8]) -> Result<(), ConnError> {
     if payload.len() != 8 {
@@ -1553,18 +1565,8 @@ where
     fn on_window_update(&mut self, id: u32, payload: &[u8]) -> Result<(), ConnError> {
         let n = window_increment(payload)?;
         if id == 0 {
-            if n == 0 {
-                return Err(proto_err(code::PROTOCOL_ERROR, "a WINDOW_UPDATE of 0"));
-            }
-            self.send_window += n;
-            if self.send_window > MAX_WINDOW {
-                return Err(proto_err(
-                    code::FLOW_CONTROL_ERROR,
-                    "the connection window past 2^31-1",
-                ));
-            }
             // (The streams waiting for it are polled in order while it lasts.)
-            return Ok(());
+            return grow_conn_window(&mut self.send_window, n);
         }
         let Some(s) = self.streams.get_mut(&id) else {
             if id > self.last_stream_id {
