@@ -29,9 +29,10 @@
 
 use crate::h2conn::{
     code, code_name, encode_int, encode_string, frame, grow_conn_window, next_frame, on_ping,
-    parse_settings, proto_err, setting, unpad, window_increment, ConnError, Frame, HeaderBlocks,
-    Out, RecvBody, RecvShared, RecvState, StreamWaker, Wakeups, DEFAULT_MAX_FRAME_BYTES,
-    DEFAULT_WINDOW, MAX_FRAME_BYTES_LIMIT, MAX_WINDOW, OUT_HIGH_WATER_BYTES, PREFACE,
+    parse_settings, proto_err, release_idle, reserve_read, setting, unpad, window_increment,
+    ConnError, Frame, HeaderBlocks, Out, RecvBody, RecvShared, RecvState, StreamWaker, Wakeups,
+    DEFAULT_MAX_FRAME_BYTES, DEFAULT_WINDOW, MAX_FRAME_BYTES_LIMIT, MAX_WINDOW,
+    OUT_HIGH_WATER_BYTES, PREFACE, READ_ROOM_MIN_BYTES,
 };
 use bytes::{Bytes, BytesMut};
 use http_body::Body as _;
@@ -460,6 +461,8 @@ struct Conn<IO> {
     settings_seen: bool,
     /// Header blocks being received.
     blocks: HeaderBlocks,
+    /// The peer sends large frames (reads go into larger buffers).
+    large_frames: bool,
     /// The highest stream id opened.
     last_opened: u32,
     peer_max_frame: usize,
@@ -519,6 +522,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<IO> {
             out_blocked: Vec::new(),
             settings_seen: false,
             blocks: HeaderBlocks::new(settings.max_header_list_bytes as usize),
+            large_frames: false,
             last_opened: 0,
             peer_max_frame: DEFAULT_MAX_FRAME_BYTES,
             peer_initial_window: DEFAULT_WINDOW,
@@ -592,9 +596,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<IO> {
             // control frames (PING and SETTINGS acks) it never reads is not read past
             // twice the mark.
             if self.out.len < 2 * OUT_HIGH_WATER_BYTES {
-                if self.rbuf.capacity() - self.rbuf.len() < 16 * 1024 {
-                    self.rbuf.reserve(64 * 1024);
-                }
+                reserve_read(&mut self.rbuf, self.large_frames);
                 match tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.rbuf) {
                     Poll::Ready(Ok(0)) => return Poll::Ready(Ok(())),
                     Poll::Ready(Ok(_)) => {
@@ -636,6 +638,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<IO> {
                 return Poll::Ready(Ok(()));
             }
             if !busy && self.ready.is_empty() && !self.has_work() {
+                release_idle(&mut self.rbuf);
                 return Poll::Pending;
             }
         }
@@ -944,6 +947,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<IO> {
             "the server's first frame is not SETTINGS (is it an HTTP/2 server, and not one \
              that serves TLS only?)",
         )? {
+            self.large_frames |= payload.len() >= READ_ROOM_MIN_BYTES;
             if self.blocks.open() && ty != frame::CONTINUATION {
                 return Err(proto_err(code::PROTOCOL_ERROR, "a frame inside a header block"));
             }
