@@ -29,8 +29,8 @@
 
 use crate::h2conn::{
     code, code_name, encode_int, encode_string, frame, grow_conn_window, next_frame, on_ping,
-    parse_settings, proto_err, release_idle, reserve_read, setting, unpad, window_increment,
-    ConnError, Frame, HeaderBlocks, Out, RecvBody, RecvShared, RecvState, StreamWaker, Wakeups,
+    parse_settings, proto_err, reserve_read, setting, unpad, window_increment, ConnError, Frame,
+    HeaderBlocks, Out, RecvBody, RecvShared, RecvState, StreamWaker, Wakeups,
     DEFAULT_MAX_FRAME_BYTES, DEFAULT_WINDOW, MAX_FRAME_BYTES_LIMIT, MAX_WINDOW,
     OUT_HIGH_WATER_BYTES, PREFACE, READ_ROOM_MIN_BYTES,
 };
@@ -638,7 +638,6 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<IO> {
                 return Poll::Ready(Ok(()));
             }
             if !busy && self.ready.is_empty() && !self.has_work() {
-                release_idle(&mut self.rbuf);
                 return Poll::Pending;
             }
         }
