@@ -28,11 +28,11 @@
 //! - A call whose response future or body is dropped early resets its stream (CANCEL).
 
 use crate::h2conn::{
-    code, code_name, encode_int, encode_string, frame, grow_conn_window, next_frame, on_ping,
-    parse_settings, proto_err, reserve_read, setting, unpad, window_increment, ConnError, Frame,
-    HeaderBlocks, Out, RecvBody, RecvShared, RecvState, StreamWaker, Wakeups,
-    DEFAULT_MAX_FRAME_BYTES, DEFAULT_WINDOW, MAX_FRAME_BYTES_LIMIT, MAX_WINDOW,
-    OUT_HIGH_WATER_BYTES, PREFACE, READ_ROOM_MIN_BYTES,
+    code, code_name, data_frame, encode_int, encode_string, frame, frame_limit, grow_conn_window,
+    next_frame, on_ping, parse_settings, proto_err, reserve_read, setting, window_increment,
+    ConnError, Frame, HeaderBlocks, Out, RecvBody, RecvShared, RecvState, RecvWindow, StreamWaker,
+    Wakeups, DEFAULT_MAX_FRAME_BYTES, DEFAULT_WINDOW, MAX_WINDOW, OUT_HIGH_WATER_BYTES, PREFACE,
+    READ_ROOM_MIN_BYTES,
 };
 use bytes::{Bytes, BytesMut};
 use http_body::Body as _;
@@ -88,7 +88,7 @@ impl Default for ClientSettings {
 
 impl ClientSettings {
     fn our_max_frame(&self) -> u32 {
-        self.max_frame_bytes.clamp(DEFAULT_MAX_FRAME_BYTES as u32, MAX_FRAME_BYTES_LIMIT)
+        frame_limit(self.max_frame_bytes)
     }
 
     fn stream_window(&self) -> i64 {
@@ -434,8 +434,7 @@ struct CallStream {
     recv_closed: bool,
     /// Counted against the peer's MAX_CONCURRENT_STREAMS (until both sides ended).
     active: bool,
-    recv_window: i64,
-    recv_unannounced: usize,
+    recv_win: RecvWindow,
     recv_held: usize,
     send_window: i64,
     window_queued: bool,
@@ -470,8 +469,7 @@ struct Conn<IO> {
     /// Streams we may have open: the peer's `MAX_CONCURRENT_STREAMS` and ours, the lower.
     peer_max_streams: usize,
     send_window: i64,
-    recv_window: i64,
-    recv_unannounced: usize,
+    recv_win: RecvWindow,
     /// The peer sent GOAWAY.
     goaway: bool,
 }
@@ -528,8 +526,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<IO> {
             peer_initial_window: DEFAULT_WINDOW,
             peer_max_streams: settings.max_open_streams.max(1),
             send_window: DEFAULT_WINDOW,
-            recv_window: conn_window,
-            recv_unannounced: 0,
+            recv_win: RecvWindow::new(conn_window),
             goaway: false,
         }
     }
@@ -706,8 +703,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<IO> {
                 got_headers: false,
                 recv_closed: false,
                 active: true,
-                recv_window: self.settings.stream_window(),
-                recv_unannounced: 0,
+                recv_win: RecvWindow::new(self.settings.stream_window()),
                 recv_held: 0,
                 send_window: self.peer_initial_window,
                 window_queued: false,
@@ -720,11 +716,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<IO> {
     }
 
     fn poll_streams(&mut self) -> bool {
-        let mut ids = std::mem::take(&mut self.ready);
-        {
-            let mut woken = self.shared.wakeups.ids.lock().expect("wakeups lock");
-            ids.append(&mut woken);
-        }
+        let mut ids = self.shared.wakeups.take_woken(&mut self.ready);
         let mut any = !ids.is_empty();
         for id in ids.drain(..) {
             self.poll_stream(id);
@@ -745,14 +737,18 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<IO> {
     fn poll_stream(&mut self, id: u32) {
         let Some(s) = self.streams.get_mut(&id) else { return };
         s.recv.stream.queued.store(false, Ordering::SeqCst);
-        if s.slot.as_ref().is_some_and(|slot| slot.cancelled()) || s.recv.lock().dropped {
+        // One look at the body's state: whether it was dropped, and what it released.
+        let (dropped, released) = {
+            let mut st = s.recv.lock();
+            (st.dropped, std::mem::take(&mut st.released))
+        };
+        if dropped || s.slot.as_ref().is_some_and(|slot| slot.cancelled()) {
             // The caller gave up on the response (its future or its body).
             if !(s.send_closed && s.recv_closed) {
                 self.out.rst_stream(id, code::CANCEL);
             }
             return self.remove(id, code::CANCEL, tonic::Status::cancelled("the call was dropped"));
         }
-        let released = std::mem::take(&mut s.recv.lock().released);
         let waker = s.waker.clone();
         if released > 0 {
             self.release(id, released);
@@ -911,28 +907,14 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<IO> {
         let half = (self.settings.stream_window() / 2) as usize;
         if let Some(s) = self.streams.get_mut(&id) {
             s.recv_held = s.recv_held.saturating_sub(n);
-            s.recv_unannounced += n;
-            if !s.recv_closed && s.recv_unannounced >= half.max(1) {
-                let k = s.recv_unannounced;
-                s.recv_unannounced = 0;
-                s.recv_window += k as i64;
-                self.out.window_update(id, k as u32);
-            }
+            s.recv_win.release(&mut self.out, id, n, half, !s.recv_closed);
         }
         self.release_conn(n);
     }
 
     fn release_conn(&mut self, n: usize) {
-        if n == 0 {
-            return;
-        }
-        self.recv_unannounced += n;
-        if self.recv_unannounced as i64 >= self.settings.conn_window() / 2 {
-            let k = self.recv_unannounced;
-            self.recv_unannounced = 0;
-            self.recv_window += k as i64;
-            self.out.window_update(0, k as u32);
-        }
+        let half = (self.settings.conn_window() / 2) as usize;
+        self.recv_win.release(&mut self.out, 0, n, half, true);
     }
 
     // -- receiving ------------------------------------------------------------------------
@@ -972,15 +954,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<IO> {
     }
 
     fn on_data(&mut self, id: u32, flags: u8, payload: BytesMut) -> Result<(), ConnError> {
-        if id == 0 {
-            return Err(proto_err(code::PROTOCOL_ERROR, "DATA on stream 0"));
-        }
-        let flow = payload.len();
-        self.recv_window -= flow as i64;
-        if self.recv_window < 0 {
-            return Err(proto_err(code::FLOW_CONTROL_ERROR, "DATA past the connection window"));
-        }
-        let (data, pad) = unpad(flags, payload)?;
+        let (data, pad, flow) = data_frame(&mut self.recv_win, id, flags, payload)?;
         let Some(s) = self.streams.get_mut(&id) else {
             if id > self.last_opened {
                 return Err(proto_err(code::PROTOCOL_ERROR, "DATA on a stream never opened"));
@@ -994,8 +968,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<IO> {
             self.reset_stream(id, code::PROTOCOL_ERROR, tonic::Status::internal(why));
             return Ok(());
         }
-        s.recv_window -= flow as i64;
-        if s.recv_window < 0 {
+        if !s.recv_win.take(flow) {
             self.release_conn(flow);
             self.reset_stream(
                 id,

@@ -165,8 +165,14 @@ impl ConnSettings {
     /// The largest frame we let the peer send (`max_frame_bytes` within the protocol's
     /// bounds), in bytes.
     fn our_max_frame(&self) -> u32 {
-        self.max_frame_bytes.clamp(DEFAULT_MAX_FRAME_BYTES as u32, MAX_FRAME_BYTES_LIMIT)
+        frame_limit(self.max_frame_bytes)
     }
+}
+
+/// The largest frame we let a peer send for a configured `max_frame_bytes`: within the
+/// protocol's bounds, in bytes.
+pub(crate) fn frame_limit(max_frame_bytes: u32) -> u32 {
+    max_frame_bytes.clamp(DEFAULT_MAX_FRAME_BYTES as u32, MAX_FRAME_BYTES_LIMIT)
 }
 
 /// Why a connection ended other than by a clean close.
@@ -405,6 +411,62 @@ pub(crate) fn parse_settings(
     Ok(Some(p))
 }
 
+/// What a peer may still send us on a stream or the connection, and the bytes consumed
+/// since it was last told.
+pub(crate) struct RecvWindow {
+    left: i64,
+    unannounced: usize,
+}
+
+impl RecvWindow {
+    pub(crate) fn new(size: i64) -> Self {
+        Self { left: size, unannounced: 0 }
+    }
+
+    /// `n` bytes arrived: `false` when they overran the window.
+    pub(crate) fn take(&mut self, n: usize) -> bool {
+        self.left -= n as i64;
+        self.left >= 0
+    }
+
+    /// `n` bytes were consumed (or discarded): once at least `threshold` are unannounced,
+    /// and `open` (the peer may still send), the peer is told in a WINDOW_UPDATE on `id`.
+    pub(crate) fn release(
+        &mut self,
+        out: &mut Out,
+        id: u32,
+        n: usize,
+        threshold: usize,
+        open: bool,
+    ) {
+        self.unannounced += n;
+        if open && n > 0 && self.unannounced >= threshold.max(1) {
+            let k = std::mem::take(&mut self.unannounced);
+            self.left += k as i64;
+            out.window_update(id, k as u32);
+        }
+    }
+}
+
+/// A DATA frame's checks that come before its stream's (not stream 0, within the
+/// connection window `conn`): its data, padding and flow-controlled length.
+pub(crate) fn data_frame(
+    conn: &mut RecvWindow,
+    id: u32,
+    flags: u8,
+    payload: BytesMut,
+) -> Result<(BytesMut, usize, usize), ConnError> {
+    if id == 0 {
+        return Err(proto_err(code::PROTOCOL_ERROR, "DATA on stream 0"));
+    }
+    let flow = payload.len();
+    if !conn.take(flow) {
+        return Err(proto_err(code::FLOW_CONTROL_ERROR, "DATA past the connection window"));
+    }
+    let (data, pad) = unpad(flags, payload)?;
+    Ok((data, pad, flow))
+}
+
 /// A connection WINDOW_UPDATE of `n` applied to our send `window`.
 pub(crate) fn grow_conn_window(window: &mut i64, n: i64) -> Result<(), ConnError> {
     if n == 0 {
@@ -464,6 +526,18 @@ impl Wakeups {
             polling: AtomicBool::new(false),
             held_slices: std::sync::atomic::AtomicUsize::new(0),
         }
+    }
+
+    /// The streams to poll: `ready` (taken), then those woken since the last look.
+    pub(crate) fn take_woken(&self, ready: &mut Vec<u32>) -> Vec<u32> {
+        let mut ids = std::mem::take(ready);
+        let mut woken = self.ids.lock().expect("wakeups lock");
+        if ids.is_empty() {
+            std::mem::swap(&mut ids, &mut *woken);
+        } else {
+            ids.append(&mut woken);
+        }
+        ids
     }
 
     pub(crate) fn wake_conn(&self) {
@@ -992,10 +1066,8 @@ struct Stream<F, B: http_body::Body> {
     waker: Waker,
     /// The peer sent END_STREAM (or the stream was reset).
     recv_closed: bool,
-    /// How many more bytes the peer may send before we update its window.
-    recv_window: i64,
-    /// Bytes the body took and the peer was not yet told of.
-    recv_unannounced: usize,
+    /// What the peer may still send on the stream.
+    recv_win: RecvWindow,
     /// Bytes received on this stream and not yet released to the connection window.
     recv_held: usize,
     /// How many more bytes we may send.
@@ -1081,8 +1153,7 @@ struct Conn<IO, S: hyper::service::Service<http::Request<RecvBody>>, B: http_bod
     peer_max_frame: usize,
     peer_initial_window: i64,
     send_window: i64,
-    recv_window: i64,
-    recv_unannounced: usize,
+    recv_win: RecvWindow,
     /// We sent GOAWAY (graceful stop): new streams are refused, the connection closes
     /// when the last call has finished.
     stopping: bool,
@@ -1153,8 +1224,7 @@ where
             peer_max_frame: DEFAULT_MAX_FRAME_BYTES,
             peer_initial_window: DEFAULT_WINDOW,
             send_window: DEFAULT_WINDOW,
-            recv_window: conn_window.max(DEFAULT_WINDOW),
-            recv_unannounced: 0,
+            recv_win: RecvWindow::new(conn_window.max(DEFAULT_WINDOW)),
             stopping: false,
             goaway_id: None,
             resets: 0,
@@ -1381,15 +1451,7 @@ where
     }
 
     fn on_data(&mut self, id: u32, flags: u8, payload: BytesMut) -> Result<(), ConnError> {
-        if id == 0 {
-            return Err(proto_err(code::PROTOCOL_ERROR, "DATA on stream 0"));
-        }
-        let flow = payload.len();
-        self.recv_window -= flow as i64;
-        if self.recv_window < 0 {
-            return Err(proto_err(code::FLOW_CONTROL_ERROR, "DATA past the connection window"));
-        }
-        let (data, pad) = unpad(flags, payload)?;
+        let (data, pad, flow) = data_frame(&mut self.recv_win, id, flags, payload)?;
         let Some(s) = self.streams.get_mut(&id) else {
             if id > self.last_stream_id {
                 return Err(proto_err(code::PROTOCOL_ERROR, "DATA on a stream never opened"));
@@ -1403,8 +1465,7 @@ where
             self.release_conn(flow);
             return self.count_reset();
         }
-        s.recv_window -= flow as i64;
-        if s.recv_window < 0 {
+        if !s.recv_win.take(flow) {
             self.reset_stream(id, code::FLOW_CONTROL_ERROR);
             self.release_conn(flow);
             return self.count_reset();
@@ -1528,8 +1589,7 @@ where
                 recv,
                 waker: Waker::from(waker),
                 recv_closed: end_stream,
-                recv_window: self.stream_window(),
-                recv_unannounced: 0,
+                recv_win: RecvWindow::new(self.stream_window()),
                 recv_held: 0,
                 send_window: self.peer_initial_window,
                 pending: None,
@@ -1636,28 +1696,14 @@ where
         let half = (self.stream_window() / 2) as usize;
         if let Some(s) = self.streams.get_mut(&id) {
             s.recv_held = s.recv_held.saturating_sub(n);
-            s.recv_unannounced += n;
-            if !s.recv_closed && s.recv_unannounced >= half.max(1) {
-                let k = s.recv_unannounced;
-                s.recv_unannounced = 0;
-                s.recv_window += k as i64;
-                self.out.window_update(id, k as u32);
-            }
+            s.recv_win.release(&mut self.out, id, n, half, !s.recv_closed);
         }
         self.release_conn(n);
     }
 
     fn release_conn(&mut self, n: usize) {
-        if n == 0 {
-            return;
-        }
-        self.recv_unannounced += n;
-        if self.recv_unannounced as i64 >= self.conn_window() / 2 {
-            let k = self.recv_unannounced;
-            self.recv_unannounced = 0;
-            self.recv_window += k as i64;
-            self.out.window_update(0, k as u32);
-        }
+        let half = (self.conn_window() / 2) as usize;
+        self.recv_win.release(&mut self.out, 0, n, half, true);
     }
 
     // -- sending ---------------------------------------------------------------------------
@@ -1678,15 +1724,7 @@ where
 
     /// Polls the woken and ready calls; whether any was.
     fn poll_streams(&mut self) -> bool {
-        let mut ids = std::mem::take(&mut self.ready);
-        {
-            let mut woken = self.wakeups.ids.lock().expect("wakeups lock");
-            if ids.is_empty() {
-                std::mem::swap(&mut ids, &mut *woken);
-            } else {
-                ids.append(&mut woken);
-            }
-        }
+        let mut ids = self.wakeups.take_woken(&mut self.ready);
         let mut any = !ids.is_empty();
         for id in ids.drain(..) {
             self.poll_stream(id);
