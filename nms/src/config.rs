@@ -104,6 +104,10 @@ pub struct Config {
     /// connections; a connection past it is closed at once (callers that connect and stall
     /// hold at most this many sockets).
     pub max_tls_handshakes: usize,
+    /// Most connections open at once (vehicles, operators, other NMSs, across the serving
+    /// threads), in connections; one past it is closed as soon as it is accepted (the
+    /// client library retries with backoff). Keep it below the process's open-file limit.
+    pub max_connections: usize,
     /// Most operations in flight on one vehicle stream; more wait. Also the most replies a
     /// stream gathers from the messages already received before they leave together.
     pub max_stream_inflight_ops: usize,
@@ -169,6 +173,26 @@ pub struct Config {
     pub http2_keepalive_interval_ms: u64,
     /// A connection whose PING goes unanswered this long is closed, in milliseconds.
     pub http2_keepalive_timeout_ms: u64,
+    /// Bytes a caller may have sent on one connection and its calls not consumed (the
+    /// HTTP/2 connection window), in bytes: with `max_connections`, bounds the request
+    /// data callers can make this node buffer. Large for migrations and batched writes
+    /// (a window costs a round trip per window's worth in flight).
+    pub http2_connection_window_bytes: u32,
+    /// The same for one call (the HTTP/2 stream window), in bytes.
+    pub http2_stream_window_bytes: u32,
+    /// Largest HTTP/2 frame a caller may send, in bytes (16384 to 16777215).
+    pub http2_max_frame_bytes: u32,
+    /// Replies queued on one connection past which it neither reads nor polls its calls'
+    /// replies until the socket has taken them (a caller that stops reading), in bytes.
+    pub http2_send_buffer_bytes: usize,
+    /// Most request DATA payloads one connection holds uncopied (as slices of receive
+    /// buffers, each of which may keep its whole 64-256 KiB buffer alive); past it they are
+    /// copied, in slices.
+    pub http2_max_held_slices: usize,
+    /// Most calls a caller may reset (or make this node reset) while they run, per second
+    /// on one connection, before the connection is closed (ENHANCE_YOUR_CALM, the "Rapid
+    /// Reset" attack), in resets per second.
+    pub http2_max_resets_per_s: u32,
 }
 
 /// Half the CPUs this process may use, at least 1 (see `Config::serve_threads`).
@@ -203,6 +227,7 @@ impl Default for Config {
             tls: wayside_proto::tls::TlsFiles::default(),
             tls_handshake_timeout_ms: 5_000,
             max_tls_handshakes: 256,
+            max_connections: wayside_proto::server::DEFAULT_MAX_CONNECTIONS,
             max_stream_inflight_ops: 256,
             max_stream_batch_ops: 256,
             max_concurrent_streams: 1024,
@@ -224,6 +249,12 @@ impl Default for Config {
             shutdown_flush_timeout_ms: 10_000,
             http2_keepalive_interval_ms: wayside_proto::server::HTTP2_KEEPALIVE_INTERVAL_MS,
             http2_keepalive_timeout_ms: wayside_proto::server::HTTP2_KEEPALIVE_TIMEOUT_MS,
+            http2_connection_window_bytes: wayside_proto::server::HTTP2_CONNECTION_WINDOW_BYTES,
+            http2_stream_window_bytes: wayside_proto::server::HTTP2_STREAM_WINDOW_BYTES,
+            http2_max_frame_bytes: wayside_proto::server::HTTP2_MAX_FRAME_BYTES,
+            http2_send_buffer_bytes: wayside_proto::h2conn::DEFAULT_SEND_BUFFER_BYTES,
+            http2_max_held_slices: wayside_proto::h2conn::DEFAULT_MAX_HELD_SLICES,
+            http2_max_resets_per_s: wayside_proto::h2conn::DEFAULT_MAX_RESETS_PER_S,
         }
     }
 }
@@ -273,7 +304,10 @@ impl Config {
             ("migration_switch_timeout_ms", self.migration_switch_timeout_ms),
             ("tls_handshake_timeout_ms", self.tls_handshake_timeout_ms),
             ("max_tls_handshakes", self.max_tls_handshakes as u64),
+            ("max_connections", self.max_connections as u64),
             ("max_concurrent_streams", u64::from(self.max_concurrent_streams)),
+            ("http2_send_buffer_bytes", self.http2_send_buffer_bytes as u64),
+            ("http2_max_resets_per_s", u64::from(self.http2_max_resets_per_s)),
         ] {
             if v == 0 {
                 return Err(format!("{name} must be > 0"));
@@ -292,6 +326,21 @@ impl Config {
             return Err(format!(
                 "max_header_list_bytes ({}) must be from 1024 (a gRPC call's headers) to {}",
                 self.max_header_list_bytes, MAX_HEADER_LIST_BYTES_LIMIT
+            ));
+        }
+        const MAX_WINDOW: u32 = (1 << 31) - 1;
+        for (name, v) in [
+            ("http2_connection_window_bytes", self.http2_connection_window_bytes),
+            ("http2_stream_window_bytes", self.http2_stream_window_bytes),
+        ] {
+            if !(65_535..=MAX_WINDOW).contains(&v) {
+                return Err(format!("{name} ({v}) must be from 65535 to {MAX_WINDOW}"));
+            }
+        }
+        if !(16_384..=16_777_215).contains(&self.http2_max_frame_bytes) {
+            return Err(format!(
+                "http2_max_frame_bytes ({}) must be from 16384 to 16777215",
+                self.http2_max_frame_bytes
             ));
         }
         let max_block = u64::from(wayside_proto::types::MAX_BLOCK_SIZE_BYTES);
@@ -329,5 +378,13 @@ mod tests {
         assert!(c.validate().unwrap_err().contains("serves plaintext"));
         let c = Config { pss: vec!["nope".into()], ..Config::default() };
         assert!(c.validate().unwrap_err().contains("pss"));
+        let c = Config { max_connections: 0, ..Config::default() };
+        assert!(c.validate().unwrap_err().contains("max_connections"));
+        let c = Config { http2_stream_window_bytes: 1000, ..Config::default() };
+        assert!(c.validate().unwrap_err().contains("http2_stream_window_bytes"));
+        let c = Config { http2_max_frame_bytes: 1 << 24, ..Config::default() };
+        assert!(c.validate().unwrap_err().contains("http2_max_frame_bytes"));
+        let c = Config { http2_send_buffer_bytes: 0, ..Config::default() };
+        assert!(c.validate().unwrap_err().contains("http2_send_buffer_bytes"));
     }
 }

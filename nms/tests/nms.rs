@@ -2884,3 +2884,42 @@ async fn a_volume_over_its_operation_budget_is_refused_or_paced_alone() {
     eprintln!("paced: 60 writes in {took:?}, 60 reads in {took_reads:?}");
     b.stop().await;
 }
+
+/// `max_connections`: a connection past it is closed as soon as it is accepted (no HTTP/2
+/// byte is sent on it), the connections open are served meanwhile, the client library
+/// fails over-limit attaches UNAVAILABLE within its deadline, and a slot freed by a closed
+/// connection is taken by the next one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_past_max_connections_are_closed_and_open_ones_served() {
+    use tokio::io::AsyncReadExt as _;
+    let store = std::sync::Arc::new(wayside_nms::store::MemStore::default());
+    let a = LocalNms::start_with_store("a", store, |c| c.max_connections = 2).await;
+    // The first vehicle: its attach retries until the start's health-check connection has
+    // given its slot back.
+    let c1 = VolumeClient::open(opts(&[&a.ep], "v1", "k")).await.unwrap();
+    c1.write(1, 0, block_data(1, 1)).await.unwrap();
+    // The second slot: an operator's connection, served (a call answered on it).
+    let mut op = tonic_health::pb::health_client::HealthClient::new(channel(&a.ep).await);
+    op.check(tonic_health::pb::HealthCheckRequest { service: String::new() }).await.unwrap();
+    // A third connection is closed at once: end of stream (or a reset), never a SETTINGS.
+    let mut tcp = tokio::net::TcpStream::connect(a.ep.authority()).await.unwrap();
+    let mut buf = [0u8; 64];
+    let r = tokio::time::timeout(Duration::from_secs(10), tcp.read(&mut buf))
+        .await
+        .expect("the connection past max_connections was neither served nor closed");
+    assert!(matches!(r, Ok(0) | Err(_)), "a connection past the limit was served: {r:?}");
+    // The client library is refused the same way, within its deadline, UNAVAILABLE.
+    let mut o = opts(&[&a.ep], "v2", "k");
+    o.op_timeout = Duration::from_millis(500);
+    let err = VolumeClient::open(o).await.err().expect("attached past max_connections");
+    assert!(matches!(err, wayside_nms::client::ClientError::Unavailable { .. }), "{err}");
+    println!("attaching past max_connections: {err}");
+    // The open connections were served meanwhile.
+    assert_eq!(c1.read(1, 0, None).await.unwrap(), Some(block_data(1, 1)));
+    // The operator's connection closes: its slot goes to the next vehicle.
+    drop(op);
+    let c2 = VolumeClient::open(opts(&[&a.ep], "v2", "k")).await.unwrap();
+    c2.write(2, 0, block_data(2, 1)).await.unwrap();
+    assert_eq!(c2.read(2, 0, None).await.unwrap(), Some(block_data(2, 1)));
+    a.stop().await;
+}

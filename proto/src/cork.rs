@@ -63,11 +63,28 @@ pub struct CorkedIo<T> {
     chained: bool,
     /// A flush writes at once, without yielding first (the writer gathers its frames).
     at_once: bool,
+    /// The server's connection slot this connection holds (see
+    /// [`crate::server::ConnectionLimit`]): given back when the connection is dropped.
+    slot: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 impl<T> CorkedIo<T> {
     pub fn new(inner: T) -> Self {
-        Self { inner, buf: Vec::new(), sent: 0, yielded: false, chained: false, at_once: false }
+        Self {
+            inner,
+            buf: Vec::new(),
+            sent: 0,
+            yielded: false,
+            chained: false,
+            at_once: false,
+            slot: None,
+        }
+    }
+
+    /// This connection holds `slot` of its server's connection limit until it is dropped.
+    pub fn holding(mut self, slot: tokio::sync::OwnedSemaphorePermit) -> Self {
+        self.slot = Some(slot);
+        self
     }
 
     /// This connection's writer gathers each turn's frames itself (the lean HTTP/2 server,

@@ -19,7 +19,7 @@
 //! - Limits ([`ClientSettings`]): open streams (`max_open_streams`, or the peer's
 //!   `MAX_CONCURRENT_STREAMS` when lower; calls past it wait in order), calls waiting
 //!   (`max_waiting_calls`; more fail RESOURCE_EXHAUSTED), the windows, the frame size,
-//!   `max_header_list_bytes`, the send buffer ([`OUT_HIGH_WATER_BYTES`]).
+//!   `max_header_list_bytes`, the send buffer (`send_buffer_bytes`).
 //! - Failures become gRPC statuses tonic passes on: a connection that ends fails its open
 //!   calls UNAVAILABLE with the cause; a stream the peer resets fails as tonic maps the
 //!   code (REFUSED_STREAM: UNAVAILABLE, CANCEL: CANCELLED, ...); calls past a peer's GOAWAY
@@ -31,8 +31,8 @@ use crate::h2conn::{
     code, code_name, data_frame, encode_int, encode_string, frame, frame_limit, grow_conn_window,
     next_frame, on_ping, parse_settings, proto_err, reserve_read, setting, window_increment,
     ConnError, Frame, HeaderBlocks, Out, RecvBody, RecvShared, RecvState, RecvWindow, StreamWaker,
-    Wakeups, DEFAULT_MAX_FRAME_BYTES, DEFAULT_WINDOW, MAX_WINDOW, OUT_HIGH_WATER_BYTES, PREFACE,
-    READ_ROOM_MIN_BYTES,
+    Wakeups, DEFAULT_MAX_FRAME_BYTES, DEFAULT_MAX_HELD_SLICES, DEFAULT_SEND_BUFFER_BYTES,
+    DEFAULT_WINDOW, MAX_WINDOW, PREFACE, READ_ROOM_MIN_BYTES,
 };
 use bytes::{Bytes, BytesMut};
 use http_body::Body as _;
@@ -71,6 +71,12 @@ pub struct ClientSettings {
     /// Most calls waiting for a stream (past `max_open_streams`, or not yet taken up by the
     /// connection's task); more fail at once with RESOURCE_EXHAUSTED, in calls.
     pub max_waiting_calls: usize,
+    /// Frames queued to send past which no more request data is queued until the socket
+    /// has taken them, in bytes (the connection reads on up to twice this).
+    pub send_buffer_bytes: usize,
+    /// Most response DATA payloads held uncopied (as slices of receive buffers) at once;
+    /// past it they are copied, in slices.
+    pub max_held_slices: usize,
 }
 
 impl Default for ClientSettings {
@@ -82,6 +88,8 @@ impl Default for ClientSettings {
             max_header_list_bytes: 16 * 1024,
             max_open_streams: 1024,
             max_waiting_calls: 1024,
+            send_buffer_bytes: DEFAULT_SEND_BUFFER_BYTES,
+            max_held_slices: DEFAULT_MAX_HELD_SLICES,
         }
     }
 }
@@ -391,7 +399,7 @@ where
 {
     let shared = Arc::new(Shared {
         queue: Mutex::new(Queue { new: VecDeque::new(), next_id: 1, closed: None }),
-        wakeups: Arc::new(Wakeups::new()),
+        wakeups: Arc::new(Wakeups::new(settings.max_held_slices)),
         handles: AtomicUsize::new(1),
         max_waiting: settings.max_waiting_calls.max(1),
     });
@@ -580,7 +588,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<IO> {
     fn has_work(&self) -> bool {
         !self.shared.wakeups.ids.lock().expect("wakeups lock").is_empty()
             || (self.active < self.peer_max_streams
-                && self.out.len < OUT_HIGH_WATER_BYTES
+                && self.out.len < self.settings.send_buffer_bytes
                 && !self.shared.queue.lock().expect("call queue lock").new.is_empty())
     }
 
@@ -592,7 +600,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<IO> {
             // our requests must not deadlock with us. Only a peer that makes us queue
             // control frames (PING and SETTINGS acks) it never reads is not read past
             // twice the mark.
-            if self.out.len < 2 * OUT_HIGH_WATER_BYTES {
+            if self.out.len < 2 * self.settings.send_buffer_bytes {
                 reserve_read(&mut self.rbuf, self.large_frames);
                 match tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.rbuf) {
                     Poll::Ready(Ok(0)) => return Poll::Ready(Ok(())),
@@ -613,7 +621,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<IO> {
                     Poll::Ready(Err(e)) => return Poll::Ready(Err(e.into())),
                     Poll::Pending => busy |= self.out.len < before,
                 }
-                if self.out.len < OUT_HIGH_WATER_BYTES {
+                if self.out.len < self.settings.send_buffer_bytes {
                     for id in std::mem::take(&mut self.out_blocked) {
                         if let Some(s) = self.streams.get_mut(&id) {
                             s.out_queued = false;
@@ -647,7 +655,8 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<IO> {
     /// Opens the calls that wait, as far as the peer's stream limit allows; whether any.
     fn open_calls(&mut self) -> bool {
         let mut any = false;
-        while self.active < self.peer_max_streams && self.out.len < OUT_HIGH_WATER_BYTES {
+        while self.active < self.peer_max_streams && self.out.len < self.settings.send_buffer_bytes
+        {
             let Some(c) = self.shared.queue.lock().expect("call queue lock").new.pop_front() else {
                 break;
             };
@@ -771,7 +780,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<IO> {
                 }
                 continue;
             }
-            if self.out.len >= OUT_HIGH_WATER_BYTES {
+            if self.out.len >= self.settings.send_buffer_bytes {
                 if !s.out_queued {
                     s.out_queued = true;
                     self.out_blocked.push(id);
@@ -835,7 +844,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<IO> {
         let Some(s) = self.streams.get_mut(&id) else { return false };
         loop {
             let n = data.len().min(max_frame);
-            if n > 0 && self.out.len >= OUT_HIGH_WATER_BYTES {
+            if n > 0 && self.out.len >= self.settings.send_buffer_bytes {
                 // The send buffer is full: on once the socket has taken some.
                 if !s.out_queued {
                     s.out_queued = true;
@@ -844,7 +853,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<IO> {
                 s.pending = Some((data, end));
                 return false;
             }
-            let n = n.min(OUT_HIGH_WATER_BYTES - self.out.len);
+            let n = n.min(self.settings.send_buffer_bytes - self.out.len);
             let room = s.send_window.min(self.send_window);
             if n > 0 && room <= 0 {
                 if self.send_window <= 0 && !s.window_queued {

@@ -20,7 +20,7 @@
 //! - Flow control both ways: a call's received and unconsumed bytes are bounded by the
 //!   stream window (released as its body consumes them), the connection's by the
 //!   connection window; replies wait for the peer's windows. Frames to send are bounded by
-//!   [`OUT_HIGH_WATER_BYTES`]: past it, neither the socket is read nor replies polled.
+//!   `send_buffer_bytes`: past it, neither the socket is read nor replies polled.
 //! - Limits: `max_concurrent_streams` (more are refused with REFUSED_STREAM), the frame
 //!   size, `max_header_list_bytes` (a longer header block closes the connection; a longer
 //!   decoded list is answered RESOURCE_EXHAUSTED), keepalive PINGs.
@@ -47,9 +47,10 @@ pub(crate) const DEFAULT_MAX_FRAME_BYTES: usize = 16_384;
 pub(crate) const MAX_WINDOW: i64 = (1 << 31) - 1;
 pub(crate) const MAX_FRAME_BYTES_LIMIT: u32 = (1 << 24) - 1;
 
-/// Frames queued to send past which the connection neither reads nor polls replies until
-/// the socket has taken them, in bytes.
-pub const OUT_HIGH_WATER_BYTES: usize = 256 * 1024;
+/// Default send buffer (`send_buffer_bytes`): frames queued to send past which a server
+/// connection neither reads nor polls replies, and a client connection sends no more
+/// request data, until the socket has taken them, in bytes.
+pub const DEFAULT_SEND_BUFFER_BYTES: usize = 256 * 1024;
 /// Payloads shorter than this are copied into the send buffer rather than queued as a
 /// piece of their own, in bytes.
 const SMALL_PIECE_BYTES: usize = 256;
@@ -85,15 +86,17 @@ const CLOSE_FLUSH_MS: u64 = 1_000;
 /// buffer (uncopied); a shorter one is copied (after the call's other short ones), so a
 /// peer's tiny frames never each hold on to a receive buffer, in bytes.
 const DATA_SLICE_MIN_BYTES: usize = 1024;
-/// Most DATA payloads held as slices of receive buffers (received, not yet consumed) per
-/// connection; past it payloads are copied. Each may keep a whole receive buffer (64 KiB,
-/// or its frame) alive, so this bounds what a peer that sends short DATA frames between
-/// long frames of other kinds can pin beyond the window's bytes, in slices.
-const MAX_HELD_SLICES: usize = 256;
-/// Most streams a peer may reset (or make us reset by breaking the protocol on them)
-/// while their calls run, per second, before the connection closes (ENHANCE_YOUR_CALM):
-/// every reset call costs the work begun for it (CVE-2023-44487, "Rapid Reset").
-const MAX_RESETS_PER_S: u32 = 1_000;
+/// Default `max_held_slices`: most DATA payloads held as slices of receive buffers
+/// (received, not yet consumed) per connection; past it payloads are copied. Each may keep
+/// a whole receive buffer (64 or 256 KiB, or its frame) alive, so this bounds what a peer
+/// that sends short DATA frames between long frames of other kinds can pin beyond the
+/// window's bytes, in slices.
+pub const DEFAULT_MAX_HELD_SLICES: usize = 256;
+/// Default `max_resets_per_s`: most streams a peer may reset (or make us reset by breaking
+/// the protocol on them) while their calls run, per second, before the connection closes
+/// (ENHANCE_YOUR_CALM): every reset call costs the work begun for it (CVE-2023-44487,
+/// "Rapid Reset").
+pub const DEFAULT_MAX_RESETS_PER_S: u32 = 1_000;
 /// A header block may decode to at most this many times `max_header_list_bytes`
 /// (RFC 7541's count) before the connection closes; up to it, a list past the limit is
 /// answered RESOURCE_EXHAUSTED. Bounds the decoder's copying for a hostile block.
@@ -159,6 +162,15 @@ pub struct ConnSettings {
     pub keepalive_interval: Option<Duration>,
     /// An unanswered PING closes the connection after this long.
     pub keepalive_timeout: Duration,
+    /// Frames queued to send past which the connection neither reads nor polls replies
+    /// until the socket has taken them, in bytes ([`DEFAULT_SEND_BUFFER_BYTES`]).
+    pub send_buffer_bytes: usize,
+    /// Most DATA payloads held uncopied (as slices of receive buffers) at once, in slices
+    /// ([`DEFAULT_MAX_HELD_SLICES`]).
+    pub max_held_slices: usize,
+    /// Most streams reset while their calls run per second before the connection closes
+    /// ([`DEFAULT_MAX_RESETS_PER_S`]).
+    pub max_resets_per_s: u32,
 }
 
 impl ConnSettings {
@@ -514,17 +526,20 @@ pub(crate) struct Wakeups {
     /// The connection's task is polling: it looks at `ids` again before it waits, so a
     /// waker need not wake it.
     pub(crate) polling: AtomicBool,
-    /// DATA payloads held as slices of receive buffers ([`MAX_HELD_SLICES`]).
+    /// DATA payloads held as slices of receive buffers...
     pub(crate) held_slices: std::sync::atomic::AtomicUsize,
+    /// ...and the most there may be (`max_held_slices`).
+    pub(crate) max_held_slices: usize,
 }
 
 impl Wakeups {
-    pub(crate) fn new() -> Self {
+    pub(crate) fn new(max_held_slices: usize) -> Self {
         Self {
             ids: Mutex::new(Vec::new()),
             conn: Mutex::new(None),
             polling: AtomicBool::new(false),
             held_slices: std::sync::atomic::AtomicUsize::new(0),
+            max_held_slices,
         }
     }
 
@@ -609,8 +624,13 @@ impl RecvState {
         }
     }
 
-    pub(crate) fn push(&mut self, data: BytesMut, held: &std::sync::atomic::AtomicUsize) {
-        if data.len() >= DATA_SLICE_MIN_BYTES && held.load(Ordering::Relaxed) < MAX_HELD_SLICES {
+    pub(crate) fn push(
+        &mut self,
+        data: BytesMut,
+        held: &std::sync::atomic::AtomicUsize,
+        max_held: usize,
+    ) {
+        if data.len() >= DATA_SLICE_MIN_BYTES && held.load(Ordering::Relaxed) < max_held {
             held.fetch_add(1, Ordering::Relaxed);
             if !self.tail.is_empty() {
                 self.chunks.push_back((self.tail.split().freeze(), false));
@@ -673,7 +693,7 @@ impl RecvShared {
         if st.dropped {
             discard += data.len();
         } else if !data.is_empty() {
-            st.push(data, self.held());
+            st.push(data, self.held(), self.stream.wakeups.max_held_slices);
         }
         if end {
             st.end = true;
@@ -1159,7 +1179,7 @@ struct Conn<IO, S: hyper::service::Service<http::Request<RecvBody>>, B: http_bod
     stopping: bool,
     /// The last stream id our graceful GOAWAY named.
     goaway_id: Option<u32>,
-    /// Streams reset while their calls ran, since `resets_since` (`MAX_RESETS_PER_S`).
+    /// Streams reset while their calls ran, since `resets_since` (`max_resets_per_s`).
     resets: u32,
     resets_since: Instant,
     /// The peer sent GOAWAY: it opens no more streams (and may still send on open ones).
@@ -1212,7 +1232,7 @@ where
             out,
             hpack,
             streams: HashMap::new(),
-            wakeups: Arc::new(Wakeups::new()),
+            wakeups: Arc::new(Wakeups::new(settings.max_held_slices)),
             ready: Vec::new(),
             window_blocked: VecDeque::new(),
             out_blocked: Vec::new(),
@@ -1257,7 +1277,7 @@ where
         self.goaway_id.unwrap_or(self.last_stream_id).min(self.last_stream_id)
     }
 
-    /// Counts a stream reset while its call ran: past `MAX_RESETS_PER_S` in a second the
+    /// Counts a stream reset while its call ran: past `max_resets_per_s` in a second the
     /// connection ends.
     fn count_reset(&mut self) -> Result<(), ConnError> {
         let now = Instant::now();
@@ -1266,10 +1286,10 @@ where
             self.resets = 0;
         }
         self.resets += 1;
-        if self.resets > MAX_RESETS_PER_S {
+        if self.resets > self.settings.max_resets_per_s {
             return Err(proto_err(
                 code::ENHANCE_YOUR_CALM,
-                "more streams reset while their calls ran than MAX_RESETS_PER_S",
+                "more streams reset while their calls ran in a second than max_resets_per_s",
             ));
         }
         Ok(())
@@ -1299,7 +1319,7 @@ where
         for _ in 0..TURNS_PER_POLL {
             let mut busy = false;
             // Read and handle what arrived (unless replies are backed up).
-            if self.out.len < OUT_HIGH_WATER_BYTES {
+            if self.out.len < self.settings.send_buffer_bytes {
                 reserve_read(&mut self.rbuf, self.large_frames);
                 match tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.rbuf) {
                     Poll::Ready(Ok(0)) => {
@@ -1801,7 +1821,7 @@ where
                         }
                         continue;
                     }
-                    if self.out.len >= OUT_HIGH_WATER_BYTES {
+                    if self.out.len >= self.settings.send_buffer_bytes {
                         if !s.out_queued {
                             s.out_queued = true;
                             self.out_blocked.push(id);
@@ -1922,6 +1942,9 @@ mod tests {
             max_header_list_bytes: 4096,
             keepalive_interval: None,
             keepalive_timeout: Duration::from_secs(1),
+            send_buffer_bytes: DEFAULT_SEND_BUFFER_BYTES,
+            max_held_slices: DEFAULT_MAX_HELD_SLICES,
+            max_resets_per_s: DEFAULT_MAX_RESETS_PER_S,
         }
     }
 
@@ -2440,10 +2463,12 @@ mod tests {
 
     #[tokio::test]
     async fn rapid_resets_close_the_connection_with_enhance_your_calm() {
-        let (addr, _seen, _stop, _served) = start(settings()).await;
+        // The configured limit holds (60 resets stay within the default's 1000).
+        let s = ConnSettings { max_resets_per_s: 50, ..settings() };
+        let (addr, _seen, _stop, _served) = start(s).await;
         let mut c = Raw::connect(addr).await;
         let mut burst = Vec::new();
-        for i in 0..(MAX_RESETS_PER_S + 10) {
+        for i in 0..60 {
             let id = 1 + 2 * i;
             burst.extend(frame_bytes(
                 frame::HEADERS,
@@ -2462,21 +2487,21 @@ mod tests {
         let held = std::sync::atomic::AtomicUsize::new(0);
         let mut st = RecvState::new(false);
         for _ in 0..100 {
-            st.push(BytesMut::from(&b"x"[..]), &held);
+            st.push(BytesMut::from(&b"x"[..]), &held, DEFAULT_MAX_HELD_SLICES);
         }
         // A hundred 1-byte frames: one copied chunk, no slice.
         assert_eq!((st.chunks.len(), held.load(Ordering::Relaxed)), (0, 0));
-        st.push(BytesMut::from(&[7u8; 2000][..]), &held);
+        st.push(BytesMut::from(&[7u8; 2000][..]), &held, DEFAULT_MAX_HELD_SLICES);
         assert_eq!((st.chunks.len(), held.load(Ordering::Relaxed)), (2, 1));
         assert_eq!(st.pop(&held).unwrap().len(), 100);
         assert_eq!(st.pop(&held).unwrap().len(), 2000);
         assert_eq!(held.load(Ordering::Relaxed), 0);
-        // Past MAX_HELD_SLICES on the connection, long payloads are copied too.
-        held.store(MAX_HELD_SLICES, Ordering::Relaxed);
-        st.push(BytesMut::from(&[7u8; 2000][..]), &held);
+        // Past max_held_slices on the connection, long payloads are copied too.
+        held.store(DEFAULT_MAX_HELD_SLICES, Ordering::Relaxed);
+        st.push(BytesMut::from(&[7u8; 2000][..]), &held, DEFAULT_MAX_HELD_SLICES);
         assert_eq!((st.chunks.len(), st.tail.len()), (0, 2000));
         held.store(0, Ordering::Relaxed);
-        st.push(BytesMut::from(&[8u8; 2000][..]), &held);
+        st.push(BytesMut::from(&[8u8; 2000][..]), &held, DEFAULT_MAX_HELD_SLICES);
         assert_eq!(held.load(Ordering::Relaxed), 1);
         assert_eq!(st.clear(&held), 4000);
         assert_eq!(held.load(Ordering::Relaxed), 0);

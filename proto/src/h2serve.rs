@@ -552,6 +552,18 @@ pub struct Http2Settings {
     /// is closed at once, so callers that connect and stall (or make the server sign a
     /// handshake each) hold at most this many tasks and sockets.
     pub max_tls_handshakes: usize,
+    /// Bytes a caller may have sent and its calls not consumed, over all its calls.
+    pub connection_window_bytes: u32,
+    /// Bytes a caller may have sent on one call and the call not consumed.
+    pub stream_window_bytes: u32,
+    /// Largest frame a caller may send, in bytes (16 KiB to 16 MiB - 1).
+    pub max_frame_bytes: u32,
+    /// See [`ConnSettings::send_buffer_bytes`], in bytes.
+    pub send_buffer_bytes: usize,
+    /// See [`ConnSettings::max_held_slices`], in slices.
+    pub max_held_slices: usize,
+    /// See [`ConnSettings::max_resets_per_s`], in resets per second.
+    pub max_resets_per_s: u32,
 }
 
 /// Serves `svc` on every connection `incoming` yields until `signal`, then shuts every
@@ -581,13 +593,16 @@ where
 {
     let conn = ConnSettings {
         max_concurrent_streams: settings.max_concurrent_streams,
-        connection_window_bytes: crate::server::HTTP2_CONNECTION_WINDOW_BYTES,
-        stream_window_bytes: crate::server::HTTP2_STREAM_WINDOW_BYTES,
-        max_frame_bytes: crate::server::HTTP2_MAX_FRAME_BYTES,
+        connection_window_bytes: settings.connection_window_bytes,
+        stream_window_bytes: settings.stream_window_bytes,
+        max_frame_bytes: settings.max_frame_bytes,
         max_header_list_bytes: settings.max_header_list_bytes,
         keepalive_interval: (settings.keepalive_interval_ms > 0)
             .then(|| Duration::from_millis(settings.keepalive_interval_ms)),
         keepalive_timeout: Duration::from_millis(settings.keepalive_timeout_ms.max(1)),
+        send_buffer_bytes: settings.send_buffer_bytes,
+        max_held_slices: settings.max_held_slices,
+        max_resets_per_s: settings.max_resets_per_s,
     };
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(());
     let handshakes = std::sync::Arc::new(tokio::sync::Semaphore::new(settings.max_tls_handshakes));
@@ -927,8 +942,14 @@ mod tests {
             keepalive_timeout_ms: 0,
             tls_handshake_timeout_ms: 1000,
             max_tls_handshakes: 16,
+            connection_window_bytes: crate::server::HTTP2_CONNECTION_WINDOW_BYTES,
+            stream_window_bytes: crate::server::HTTP2_STREAM_WINDOW_BYTES,
+            max_frame_bytes: crate::server::HTTP2_MAX_FRAME_BYTES,
+            send_buffer_bytes: crate::h2conn::DEFAULT_SEND_BUFFER_BYTES,
+            max_held_slices: crate::h2conn::DEFAULT_MAX_HELD_SLICES,
+            max_resets_per_s: crate::h2conn::DEFAULT_MAX_RESETS_PER_S,
         };
-        let incoming = crate::server::incoming(listener);
+        let incoming = crate::server::incoming(listener, crate::server::ConnectionLimit::new(64));
         tokio::spawn(serve_http2(incoming, svc, settings, None, std::future::pending()));
         (addr, seen_rx)
     }

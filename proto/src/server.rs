@@ -29,14 +29,78 @@ pub fn reflection() -> tonic_reflection::server::v1::ServerReflectionServer<
 /// pass the listener in), with TCP_NODELAY on every accepted socket and every socket
 /// [corked](crate::cork) (a unary reply's frames leave in one system call). `Server::builder()
 /// .tcp_nodelay()` does not reach sockets of a caller-supplied listener: without this,
-/// small replies wait for the peer's delayed ACK (~40 ms per request).
+/// small replies wait for the peer's delayed ACK (~40 ms per request). A connection past
+/// `limit` is closed as soon as it is accepted.
 pub fn incoming(
     listener: tokio::net::TcpListener,
+    limit: ConnectionLimit,
 ) -> impl tokio_stream::Stream<Item = std::io::Result<CorkedIo<tokio::net::TcpStream>>> {
     use tokio_stream::StreamExt as _;
-    tonic::transport::server::TcpIncoming::from(listener)
-        .with_nodelay(Some(true))
-        .map(|s| s.map(CorkedIo::new))
+    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)).filter_map(
+        move |s| match s {
+            Ok(s) => limit.admit().map(|slot| Ok(CorkedIo::new(s).holding(slot))),
+            Err(e) => Some(Err(e)),
+        },
+    )
+}
+
+/// Default of every server's `max_connections`, in connections.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
+/// Least time between two warnings that connections were refused, in seconds.
+const REFUSED_WARN_INTERVAL_S: u64 = 10;
+
+/// The most connections a server holds open at once (`max_connections`): every accepted
+/// connection takes a slot, held by its [`CorkedIo`] until the connection is dropped; one
+/// accepted with none left is closed at once (its caller sees the connection close and
+/// retries), so callers that connect and idle, or many at once, cost at most this many
+/// sockets, tasks and receive buffers. A refusal is logged at debug level, and a warning
+/// naming the limit and the count goes out at most every [`REFUSED_WARN_INTERVAL_S`].
+#[derive(Debug, Clone)]
+pub struct ConnectionLimit {
+    slots: std::sync::Arc<tokio::sync::Semaphore>,
+    max: usize,
+    /// Refusals since the last warning, and when that was.
+    refused: std::sync::Arc<std::sync::Mutex<(u64, Option<std::time::Instant>)>>,
+}
+
+impl ConnectionLimit {
+    /// At most `max` connections (at least 1).
+    pub fn new(max: usize) -> Self {
+        let max = max.clamp(1, tokio::sync::Semaphore::MAX_PERMITS);
+        Self {
+            slots: std::sync::Arc::new(tokio::sync::Semaphore::new(max)),
+            max,
+            refused: Default::default(),
+        }
+    }
+
+    /// Connections open now.
+    pub fn open(&self) -> usize {
+        self.max - self.slots.available_permits()
+    }
+
+    /// A slot for a connection just accepted, or `None` (logged) when all are taken.
+    pub fn admit(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        if let Ok(slot) = self.slots.clone().try_acquire_owned() {
+            return Some(slot);
+        }
+        tracing::debug!(max_connections = self.max, "a connection past max_connections closed");
+        let mut r = self.refused.lock().unwrap_or_else(|p| p.into_inner());
+        r.0 += 1;
+        let now = std::time::Instant::now();
+        let due = r.1.is_none_or(|last| {
+            now.duration_since(last) >= std::time::Duration::from_secs(REFUSED_WARN_INTERVAL_S)
+        });
+        if due {
+            tracing::warn!(
+                max_connections = self.max,
+                refused = r.0,
+                "connections refused: max_connections connections are open"
+            );
+            *r = (0, Some(now));
+        }
+        None
+    }
 }
 
 /// HTTP/2 connection window for bulk streams (migration, Raft, batched writes), in bytes.
@@ -79,7 +143,7 @@ const SHARD_QUEUE_CONNECTIONS: usize = 64;
 pub struct ShardIncoming {
     /// Handed over as std sockets: a tokio socket stays registered with the reactor of
     /// the runtime that made it, whose thread would then wake this one for every event.
-    rx: tokio::sync::mpsc::Receiver<std::net::TcpStream>,
+    rx: tokio::sync::mpsc::Receiver<(std::net::TcpStream, tokio::sync::OwnedSemaphorePermit)>,
 }
 
 impl tokio_stream::Stream for ShardIncoming {
@@ -90,15 +154,18 @@ impl tokio_stream::Stream for ShardIncoming {
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Self::Item>> {
         // Registered here, with this thread's runtime.
-        self.rx
-            .poll_recv(cx)
-            .map(|s| s.map(|s| tokio::net::TcpStream::from_std(s).map(CorkedIo::new)))
+        self.rx.poll_recv(cx).map(|s| {
+            s.map(|(s, slot)| {
+                tokio::net::TcpStream::from_std(s).map(|s| CorkedIo::new(s).holding(slot))
+            })
+        })
     }
 }
 
 /// Serves gRPC on `listener`. `serve(incoming)` builds and runs one server (a tonic
 /// `Router::serve_with_incoming_shutdown`, or [`crate::h2serve::serve_http2`]) over the
-/// connections it is handed; the caller's task accepts them (TCP_NODELAY set, corked: [`CorkedIo`]).
+/// connections it is handed; the caller's task accepts them (TCP_NODELAY set, corked: [`CorkedIo`]),
+/// closing at once any past `limit`.
 ///
 /// - `threads == 0`: one server, on the caller's runtime (its workers share every
 ///   connection: best for a few bulk streams, such as a migration, on few cores).
@@ -114,6 +181,7 @@ impl tokio_stream::Stream for ShardIncoming {
 pub async fn serve_sharded<S, F, E>(
     listener: tokio::net::TcpListener,
     threads: usize,
+    limit: ConnectionLimit,
     stop: impl std::future::Future<Output = ()>,
     serve: S,
 ) -> Result<(), E>
@@ -126,7 +194,7 @@ where
         let (tx, rx) = tokio::sync::mpsc::channel(SHARD_QUEUE_CONNECTIONS);
         let server = serve(ShardIncoming { rx });
         let accept = async move {
-            accept_into(listener, vec![Some(tx)], stop).await;
+            accept_into(listener, vec![Some(tx)], limit, stop).await;
         };
         let (r, ()) = tokio::join!(server, accept);
         return r;
@@ -159,7 +227,7 @@ where
         txs.push(Some(tx));
         shards.push((done_rx, thread));
     }
-    accept_into(listener, txs, stop).await;
+    accept_into(listener, txs, limit, stop).await;
     let mut result = Ok(());
     for (done, thread) in shards {
         let r = done.await;
@@ -172,10 +240,14 @@ where
 }
 
 /// Accepts connections until `stop`, handing them to the servers behind `txs` in turn
-/// (skipping one whose server has ended); drops the senders when done.
+/// (skipping one whose server has ended) with a slot of `limit` each (one accepted with
+/// none left is closed); drops the senders when done.
 async fn accept_into(
     listener: tokio::net::TcpListener,
-    mut txs: Vec<Option<tokio::sync::mpsc::Sender<std::net::TcpStream>>>,
+    mut txs: Vec<
+        Option<tokio::sync::mpsc::Sender<(std::net::TcpStream, tokio::sync::OwnedSemaphorePermit)>>,
+    >,
+    limit: ConnectionLimit,
     stop: impl std::future::Future<Output = ()>,
 ) {
     tokio::pin!(stop);
@@ -194,11 +266,12 @@ async fn accept_into(
                 continue;
             }
         };
+        let Some(slot) = limit.admit() else { continue };
         if let Err(e) = stream.set_nodelay(true) {
             tracing::debug!(error = %e, "TCP_NODELAY not set");
         }
         let mut stream = match stream.into_std() {
-            Ok(s) => Some(s),
+            Ok(s) => Some((s, slot)),
             Err(e) => {
                 tracing::warn!(error = %e, "an accepted connection could not be handed over");
                 continue;
@@ -219,5 +292,26 @@ async fn accept_into(
             tracing::warn!("no server is left to take connections; the acceptor stops");
             break;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_connection_limit_hands_out_its_slots_and_takes_them_back() {
+        let limit = ConnectionLimit::new(2);
+        let a = limit.admit().expect("a first slot");
+        let b = limit.admit().expect("a second slot");
+        assert_eq!(limit.open(), 2);
+        assert!(limit.admit().is_none(), "a third connection past max_connections 2");
+        assert!(limit.admit().is_none(), "refused again");
+        drop(a);
+        assert_eq!(limit.open(), 1);
+        let _c = limit.admit().expect("the freed slot");
+        drop(b);
+        assert_eq!(limit.open(), 1);
+        assert_eq!(ConnectionLimit::new(0).slots.available_permits(), 1, "at least one");
     }
 }

@@ -100,6 +100,9 @@ pub struct Config {
     /// was accepted is closed, in milliseconds: a caller that connects and then stalls
     /// holds a socket and a handshake task only this long.
     pub tls_handshake_timeout_ms: u64,
+    /// Most connections open at once (NMSs, peers, operators), in connections; one past it
+    /// is closed as soon as it is accepted. Keep it below the process's open-file limit.
+    pub max_connections: usize,
 }
 
 impl Default for Config {
@@ -139,6 +142,7 @@ impl Default for Config {
             http2_keepalive_timeout_ms: wayside_proto::server::HTTP2_KEEPALIVE_TIMEOUT_MS,
             tls: wayside_proto::tls::TlsFiles::default(),
             tls_handshake_timeout_ms: 5_000,
+            max_connections: wayside_proto::server::DEFAULT_MAX_CONNECTIONS,
         }
     }
 }
@@ -247,6 +251,7 @@ impl Config {
             ("max_blocks", self.max_blocks),
             ("request_timeout_ms", self.request_timeout_ms as usize),
             ("tls_handshake_timeout_ms", self.tls_handshake_timeout_ms as usize),
+            ("max_connections", self.max_connections),
         ];
         if let Some((name, _)) = positive.iter().find(|(_, v)| *v == 0) {
             return Err(ConfigError::Zero { name });

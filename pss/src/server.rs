@@ -128,7 +128,10 @@ async fn serve(
     })
     .max_decoding_message_size(max)
     .max_encoding_message_size(max);
-    let incoming = wayside_proto::server::incoming(listener);
+    let incoming = wayside_proto::server::incoming(
+        listener,
+        wayside_proto::server::ConnectionLimit::new(config.max_connections),
+    );
     let mut builder = tonic::transport::Server::builder();
     match server_tls {
         // tonic wraps every connection of `incoming` in TLS (a handshake task each, bounded

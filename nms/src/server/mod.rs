@@ -166,6 +166,12 @@ async fn serve_node(
                     keepalive_timeout_ms: node.cfg.http2_keepalive_timeout_ms,
                     tls_handshake_timeout_ms: node.cfg.tls_handshake_timeout_ms,
                     max_tls_handshakes: node.cfg.max_tls_handshakes,
+                    connection_window_bytes: node.cfg.http2_connection_window_bytes,
+                    stream_window_bytes: node.cfg.http2_stream_window_bytes,
+                    max_frame_bytes: node.cfg.http2_max_frame_bytes,
+                    send_buffer_bytes: node.cfg.http2_send_buffer_bytes,
+                    max_held_slices: node.cfg.http2_max_held_slices,
+                    max_resets_per_s: node.cfg.http2_max_resets_per_s,
                 };
                 wayside_proto::h2serve::serve_http2(
                     incoming,
@@ -179,6 +185,7 @@ async fn serve_node(
         let server = wayside_proto::server::serve_sharded(
             listener,
             config.serve_threads,
+            wayside_proto::server::ConnectionLimit::new(config.max_connections),
             node.stop.clone().cancelled_owned(),
             served,
         );

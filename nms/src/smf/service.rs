@@ -72,6 +72,9 @@ pub struct SmfConfig {
     /// How long a connection has to finish its TLS handshake (served over TLS only), in
     /// milliseconds: a caller that connects and sends nothing holds a task no longer.
     pub tls_handshake_timeout_ms: u64,
+    /// Most connections open at once (vehicles' reports, operators), in connections; one
+    /// past it is closed as soon as it is accepted.
+    pub max_connections: usize,
 }
 
 impl Default for SmfConfig {
@@ -93,6 +96,7 @@ impl Default for SmfConfig {
             cluster_token: None,
             tls: wayside_proto::tls::TlsFiles::default(),
             tls_handshake_timeout_ms: 5_000,
+            max_connections: wayside_proto::server::DEFAULT_MAX_CONNECTIONS,
         }
     }
 }
@@ -114,10 +118,11 @@ impl SmfConfig {
             || self.max_vehicles_per_volume == 0
             || self.migration_rpc_timeout_ms == 0
             || self.tls_handshake_timeout_ms == 0
+            || self.max_connections == 0
         {
             return Err("tick_ms, max_concurrent_moves, max_move_records, max_vehicles, \
-                        max_volumes, max_vehicles_per_volume, migration_rpc_timeout_ms and \
-                        tls_handshake_timeout_ms must be > 0"
+                        max_volumes, max_vehicles_per_volume, migration_rpc_timeout_ms, \
+                        tls_handshake_timeout_ms and max_connections must be > 0"
                 .into());
         }
         Ok(())
@@ -820,7 +825,10 @@ pub async fn serve(
             .add_service(wayside_proto::server::reflection())
             .add_service(pb::smf_server::SmfServer::new(smf.clone()))
             .serve_with_incoming_shutdown(
-                wayside_proto::server::incoming(listener),
+                wayside_proto::server::incoming(
+                    listener,
+                    wayside_proto::server::ConnectionLimit::new(smf.cfg.max_connections),
+                ),
                 shutdown.clone().cancelled_owned(),
             );
         let (served, ()) = tokio::join!(server, smf.run_ticker());
