@@ -142,15 +142,26 @@ struct Figure {
     ops_per_s: f64,
     p50_ms: f64,
     p99_ms: f64,
-    /// CPU time this whole process (bench clients, NMS and the 3-node PSS) spent per
-    /// operation, in microseconds; `None` for peers running in their own processes. On a
-    /// shared machine ops/s depends on what else runs; CPU per op much less so.
+    /// CPU time the server side spent per operation, in microseconds: for NMS runs this
+    /// whole process (NMS and the 3-node PSS, and the in-process clients of the tonic
+    /// drivers); for redis and memcached their server process. On a shared machine ops/s
+    /// depends on what else runs; CPU per op much less so.
     cpu_us_per_op: Option<f64>,
+    /// CPU time the client process spent per operation, in microseconds: h2load's and
+    /// redis-benchmark's (`None` for clients in this process). Client and server share
+    /// the machine's cores, so a costlier client leaves the server less.
+    client_cpu_us_per_op: Option<f64>,
 }
 
 /// CPU time (user + system, all threads) this process has used so far.
 fn cpu_time() -> Duration {
     super::rusage_cpu(libc::RUSAGE_SELF)
+}
+
+/// CPU time of this process's children that have ended and been waited for (h2load,
+/// redis-benchmark) so far.
+fn children_cpu() -> Duration {
+    super::rusage_cpu(libc::RUSAGE_CHILDREN)
 }
 
 /// When a phase started: wall clock and this process's CPU time.
@@ -181,6 +192,7 @@ fn figure(name: &str, mut lat_us: Vec<u32>, elapsed: Duration) -> Figure {
         p50_ms: pct(0.50),
         p99_ms: pct(0.99),
         cpu_us_per_op: None,
+        client_cpu_us_per_op: None,
     }
 }
 
@@ -661,6 +673,7 @@ async fn nms_h2load(
     let log = dir.join(format!("{path}-{kind}.log"));
     let before = served(addr).await?;
     let start = Start::now();
+    let children = children_cpu();
     let out = tokio::process::Command::new(&a.h2load)
         .args(["-c", &a.clients.to_string(), "-m", "1", "-t", "1"])
         .args(["-D", &a.seconds.to_string(), "--warm-up-time", "1"])
@@ -681,6 +694,7 @@ async fn nms_h2load(
             format!("running {} (apt-get install nghttp2-client)", a.h2load.display())
         })?;
     let cpu = cpu_time().saturating_sub(start.cpu);
+    let client_cpu = children_cpu().saturating_sub(children);
     let text = String::from_utf8_lossy(&out.stdout);
     if !out.status.success() {
         bail!("h2load failed ({}):\n{text}{}", out.status, String::from_utf8_lossy(&out.stderr));
@@ -708,6 +722,7 @@ async fn nms_h2load(
     let mut f = figure(&name, lat, Duration::from_secs(1));
     f.ops_per_s = h.req_per_s * ops_per_call as f64;
     f.cpu_us_per_op = Some(cpu.as_secs_f64() * 1e6 / answered.max(1) as f64);
+    f.client_cpu_us_per_op = Some(client_cpu.as_secs_f64() * 1e6 / answered.max(1) as f64);
     Ok(f)
 }
 
@@ -776,7 +791,7 @@ async fn redis(a: &Args) -> anyhow::Result<Vec<Figure>> {
         }
         client_tls = vec!["--tls".into(), "--cacert".into(), ca.into()];
     }
-    let _server = Child(
+    let server = Child(
         tokio::process::Command::new("redis-server")
             .args([
                 "--port",
@@ -801,41 +816,52 @@ async fn redis(a: &Args) -> anyhow::Result<Vec<Figure>> {
     // same few blocks of volume bench-0, which stay in the CPU caches) and `spread` keys
     // (the h2 and tonic clients each touch `blocks` blocks of their own volume).
     let spread = a.blocks * a.clients as u64;
+    let server_pid = server.0.id().context("redis-server exited at once")?;
     for (pipeline, keys) in [(1usize, 1), (1, spread), (a.depth, 1), (a.depth, spread)] {
-        let mut cmd = tokio::process::Command::new("redis-benchmark");
-        cmd.args(&client_tls);
-        if keys > 1 {
-            cmd.args(["-r", &keys.to_string()]);
-        }
-        let o = cmd
-            .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-c", &a.clients.to_string()])
-            .args([
-                "-n",
-                &a.redis_requests.to_string(),
-                "-d",
-                &VALUE.to_string(),
-                "-t",
-                "set,get",
-                "--csv",
-            ])
-            .args(["-P", &pipeline.to_string()])
-            .output()
-            .await
-            .context("running redis-benchmark (apt-get install redis-tools)")?;
-        let text = String::from_utf8_lossy(&o.stdout);
-        for line in text.lines().skip(1) {
-            let f: Vec<String> = line.split(',').map(|s| s.trim_matches('"').to_owned()).collect();
-            if f.len() < 7 {
-                continue;
+        // One test per run (set first, so the gets hit), each with its CPU times.
+        for test in ["set", "get"] {
+            let mut cmd = tokio::process::Command::new("redis-benchmark");
+            cmd.args(&client_tls);
+            if keys > 1 {
+                cmd.args(["-r", &keys.to_string()]);
             }
-            let name = redis_name(&f[0].to_lowercase(), pipeline, keys);
-            out.push(Figure {
-                name,
-                ops_per_s: f[1].parse().unwrap_or(0.0),
-                p50_ms: f[4].parse().unwrap_or(0.0),
-                p99_ms: f[6].parse().unwrap_or(0.0),
-                cpu_us_per_op: None,
-            });
+            let (server_before, client_before) =
+                (super::quiet::usage_of(server_pid).cpu_secs, children_cpu());
+            let o = cmd
+                .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-c", &a.clients.to_string()])
+                .args([
+                    "-n",
+                    &a.redis_requests.to_string(),
+                    "-d",
+                    &VALUE.to_string(),
+                    "-t",
+                    test,
+                    "--csv",
+                ])
+                .args(["-P", &pipeline.to_string()])
+                .output()
+                .await
+                .context("running redis-benchmark (apt-get install redis-tools)")?;
+            let server_cpu = super::quiet::usage_of(server_pid).cpu_secs - server_before;
+            let client_cpu = children_cpu().saturating_sub(client_before).as_secs_f64();
+            let per_op = |secs: f64| Some(secs * 1e6 / a.redis_requests.max(1) as f64);
+            let text = String::from_utf8_lossy(&o.stdout);
+            for line in text.lines().skip(1) {
+                let f: Vec<String> =
+                    line.split(',').map(|s| s.trim_matches('"').to_owned()).collect();
+                if f.len() < 7 {
+                    continue;
+                }
+                let name = redis_name(&f[0].to_lowercase(), pipeline, keys);
+                out.push(Figure {
+                    name,
+                    ops_per_s: f[1].parse().unwrap_or(0.0),
+                    p50_ms: f[4].parse().unwrap_or(0.0),
+                    p99_ms: f[6].parse().unwrap_or(0.0),
+                    cpu_us_per_op: per_op(server_cpu),
+                    client_cpu_us_per_op: per_op(client_cpu),
+                });
+            }
         }
     }
     Ok(out)
@@ -849,7 +875,7 @@ fn redis_name(cmd: &str, pipeline: usize, keys: u64) -> String {
 
 async fn memcached(a: &Args) -> anyhow::Result<Vec<Figure>> {
     let port = free_port()?;
-    let _server = Child(
+    let server = Child(
         tokio::process::Command::new("memcached")
             .args([
                 "-p",
@@ -870,11 +896,13 @@ async fn memcached(a: &Args) -> anyhow::Result<Vec<Figure>> {
             .context("starting memcached (apt-get install memcached)")?,
     );
     wait_port(port).await?;
+    let server_pid = server.0.id().context("memcached exited at once")?;
     let mut out = Vec::new();
     for write in [true, false] {
         let stop = CancellationToken::new();
         let mut tasks = tokio::task::JoinSet::new();
         let start = Start::now();
+        let server_before = super::quiet::usage_of(server_pid).cpu_secs;
         for i in 0..a.clients {
             let s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
             s.set_nodelay(true)?;
@@ -921,7 +949,11 @@ async fn memcached(a: &Args) -> anyhow::Result<Vec<Figure>> {
             });
         }
         let (all, elapsed, _) = measure(tasks, start, a.seconds, &stop).await?;
-        out.push(figure(if write { "memcached set" } else { "memcached get" }, all, elapsed));
+        let server_cpu = super::quiet::usage_of(server_pid).cpu_secs - server_before;
+        let n = all.len().max(1) as f64;
+        let mut f = figure(if write { "memcached set" } else { "memcached get" }, all, elapsed);
+        f.cpu_us_per_op = Some(server_cpu * 1e6 / n);
+        out.push(f);
     }
     Ok(out)
 }
@@ -1101,14 +1133,27 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             "; plaintext (--tls for TLS on both sides)"
         }
     );
-    println!("| run | ops/s | p50 ms | p99 ms | CPU us/op |\n| --- | ---: | ---: | ---: | ---: |");
+    println!(
+        "| run | ops/s | p50 ms | p99 ms | server CPU us/op | client CPU us/op |\n| --- | ---: | \
+         ---: | ---: | ---: | ---: |"
+    );
+    let us = |c: Option<f64>| c.map_or_else(|| "-".into(), |c| format!("{c:.1}"));
     for f in &figs {
-        let cpu = f.cpu_us_per_op.map_or_else(|| "-".into(), |c| format!("{c:.1}"));
-        println!("| {} | {:.0} | {:.3} | {:.3} | {cpu} |", f.name, f.ops_per_s, f.p50_ms, f.p99_ms);
+        println!(
+            "| {} | {:.0} | {:.3} | {:.3} | {} | {} |",
+            f.name,
+            f.ops_per_s,
+            f.p50_ms,
+            f.p99_ms,
+            us(f.cpu_us_per_op),
+            us(f.client_cpu_us_per_op)
+        );
     }
     println!(
-        "\nCPU us/op: this process (NMS and 3-node PSS; the tonic clients too, h2load and the h2 \
-         driver's thread not) over the phase's operations. h2load: every client on volume \
+        "\nServer CPU us/op: for NMS runs this process (NMS and 3-node PSS; the tonic clients \
+         too, the h2 driver's thread not), for redis and memcached their server process, over \
+         the run's operations; client CPU us/op: h2load's and redis-benchmark's process (the \
+         other clients run in this process). h2load: every client on volume \
          bench-0 (unary: block 0; batched: blocks 0..{}); h2 and tonic: a volume per client, \
          {} blocks each; redis: 1 key (compared with h2load) and {} keys (with h2 and tonic).",
         args.depth,
@@ -1154,6 +1199,26 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                     format!(" (target >= {target}: NOT met)")
                 };
                 println!("ratio {ours} / {peer}: {:.2}{verdict}", a / b);
+                // Where both sides' processes were measured: what each cost per operation.
+                let fig = |n: &str| figs.iter().find(|f| f.name == n);
+                if let (Some(o), Some(p)) = (fig(&ours), fig(&peer)) {
+                    let pair = |x: Option<f64>, y: Option<f64>| match (x, y) {
+                        (Some(x), Some(y)) => format!("{x:.1} / {y:.1} us = {:.2}", x / y),
+                        _ => "-".into(),
+                    };
+                    if let (Some(oc), Some(pc)) = (o.client_cpu_us_per_op, p.client_cpu_us_per_op) {
+                        // Both clients run one thread (h2load -t 1, redis-benchmark's
+                        // default): neither can drive more than a core's worth of its calls.
+                        println!(
+                            "  CPU per op, ours / the peer's: server {}; client {} (one client \
+                             thread drives at most {:.0}k / {:.0}k ops/s)",
+                            pair(o.cpu_us_per_op, p.cpu_us_per_op),
+                            pair(o.client_cpu_us_per_op, p.client_cpu_us_per_op),
+                            1e3 / oc,
+                            1e3 / pc
+                        );
+                    }
+                }
             }
         }
     }

@@ -38,22 +38,28 @@ pub(crate) struct Usage {
 
 /// Usage of this process plus the processes `pids`, from /proc/PID/stat.
 pub(crate) fn usage(pids: &[u32]) -> Usage {
-    // SAFETY: sysconf has no preconditions.
-    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-    let one = |path: String| -> Usage {
-        let Ok(stat) = std::fs::read_to_string(path) else { return Usage::default() };
-        // Fields after the command name (which may hold spaces): state is the 3rd
-        // field, minflt the 10th, utime and stime the 14th and 15th.
-        let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
-        let f: Vec<&str> = rest.split_whitespace().collect();
-        let t = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-        Usage { cpu_secs: (t(11) + t(12)) / ticks, faults: t(7) }
-    };
     std::iter::once("/proc/self/stat".to_owned())
         .chain(pids.iter().map(|p| format!("/proc/{p}/stat")))
-        .map(one)
+        .map(|path| stat_usage(&path))
         .fold(Usage::default(), |a, b| Usage {
             cpu_secs: a.cpu_secs + b.cpu_secs,
             faults: a.faults + b.faults,
         })
+}
+
+/// Usage of process `pid` alone (zero if it cannot be read), from /proc/PID/stat.
+pub(crate) fn usage_of(pid: u32) -> Usage {
+    stat_usage(&format!("/proc/{pid}/stat"))
+}
+
+fn stat_usage(path: &str) -> Usage {
+    // SAFETY: sysconf has no preconditions.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let Ok(stat) = std::fs::read_to_string(path) else { return Usage::default() };
+    // Fields after the command name (which may hold spaces): state is the 3rd field,
+    // minflt the 10th, utime and stime the 14th and 15th.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let t = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    Usage { cpu_secs: (t(11) + t(12)) / ticks, faults: t(7) }
 }
