@@ -837,6 +837,17 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<IO> {
         }
     }
 
+    /// Queues stream `id` to wait for connection window, first dropping the ids of streams
+    /// that ended while waiting once they outnumber the open streams (a peer that withholds
+    /// window while its streams end would otherwise grow the queue without bound).
+    fn queue_for_window(&mut self, id: u32) {
+        if self.window_blocked.len() > 2 * self.streams.len() + 16 {
+            let streams = &self.streams;
+            self.window_blocked.retain(|i| streams.get(i).is_some_and(|s| s.window_queued));
+        }
+        self.window_blocked.push_back(id);
+    }
+
     /// Queues `data` as DATA frames as far as the windows allow (END_STREAM on the last
     /// when `end`); `false` when some waits for window.
     fn send_data(&mut self, id: u32, mut data: Bytes, end: bool) -> bool {
@@ -856,11 +867,11 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<IO> {
             let n = n.min(self.settings.send_buffer_bytes - self.out.len);
             let room = s.send_window.min(self.send_window);
             if n > 0 && room <= 0 {
+                s.pending = Some((data, end));
                 if self.send_window <= 0 && !s.window_queued {
                     s.window_queued = true;
-                    self.window_blocked.push_back(id);
+                    self.queue_for_window(id);
                 }
-                s.pending = Some((data, end));
                 return false;
             }
             let n = n.min(room.max(0) as usize);

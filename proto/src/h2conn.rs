@@ -1858,6 +1858,17 @@ where
         }
     }
 
+    /// Queues stream `id` to wait for connection window, first dropping the ids of streams
+    /// that ended while waiting once they outnumber the open streams (a peer that withholds
+    /// window while its streams end would otherwise grow the queue without bound).
+    fn queue_for_window(&mut self, id: u32) {
+        if self.window_blocked.len() > 2 * self.streams.len() + 16 {
+            let streams = &self.streams;
+            self.window_blocked.retain(|i| streams.get(i).is_some_and(|s| s.window_queued));
+        }
+        self.window_blocked.push_back(id);
+    }
+
     /// Queues `data` as DATA frames as far as the windows allow; `false` when some waits
     /// for window (kept as the stream's pending data).
     fn send_data(&mut self, id: u32, mut data: B::Data) -> bool {
@@ -1866,11 +1877,11 @@ where
         while data.has_remaining() {
             let room = s.send_window.min(self.send_window);
             if room <= 0 {
+                s.pending = Some(data);
                 if self.send_window <= 0 && !s.window_queued {
                     s.window_queued = true;
-                    self.window_blocked.push_back(id);
+                    self.queue_for_window(id);
                 }
-                s.pending = Some(data);
                 return false;
             }
             let n = data.remaining().min(max_frame).min(room as usize);
