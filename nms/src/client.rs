@@ -84,8 +84,9 @@ pub struct ClientOptions {
     /// Dial NMSs over TLS, trusting the road's CA in it (every address, redirects included,
     /// whatever their scheme); `None`: plaintext.
     pub tls: Option<wayside_proto::tls::Tls>,
-    /// The HTTP/2 connection's windows, frame and header sizes and the calls that may wait
-    /// for a stream (`wayside_proto::h2client`).
+    /// The HTTP/2 connection's windows, frame and header sizes, the calls that may wait for
+    /// a stream, its send buffer and the response payloads it holds uncopied
+    /// (`wayside_proto::h2client`).
     pub http2: wayside_proto::h2client::ClientSettings,
 }
 

@@ -106,7 +106,10 @@ pub struct Config {
     pub max_tls_handshakes: usize,
     /// Most connections open at once (vehicles, operators, other NMSs, across the serving
     /// threads), in connections; one past it is closed as soon as it is accepted (the
-    /// client library retries with backoff). Keep it below the process's open-file limit.
+    /// client library retries with backoff). Each attached volume's client keeps one open;
+    /// an idle one holds a 64 KiB receive buffer (256 KiB once it sent large frames). The
+    /// soft open-file limit is raised to the hard one at start, with a warning if this plus
+    /// 256 still exceeds it.
     pub max_connections: usize,
     /// Most operations in flight on one vehicle stream; more wait. Also the most replies a
     /// stream gathers from the messages already received before they leave together.
@@ -166,7 +169,7 @@ pub struct Config {
     pub pss_deadline_ms: u64,
     /// Longest a shutdown waits for write-back to drain, in milliseconds.
     pub shutdown_flush_timeout_ms: u64,
-    /// HTTP/2 PING sent on a connection with calls open after this long without a frame
+    /// HTTP/2 PING sent on a connection (idle or not) after this long without a frame
     /// from the peer, in milliseconds (0: never). A vehicle or NMS that vanished without
     /// closing (out of range, crashed) would otherwise hold its calls, and a shutdown that
     /// waits for them, until TCP gives up (~15 min).
@@ -174,9 +177,10 @@ pub struct Config {
     /// A connection whose PING goes unanswered this long is closed, in milliseconds.
     pub http2_keepalive_timeout_ms: u64,
     /// Bytes a caller may have sent on one connection and its calls not consumed (the
-    /// HTTP/2 connection window), in bytes: with `max_connections`, bounds the request
-    /// data callers can make this node buffer. Large for migrations and batched writes
-    /// (a window costs a round trip per window's worth in flight).
+    /// HTTP/2 connection window), in bytes. Large for migrations and batched writes (a
+    /// window costs a round trip per window's worth in flight); what callers can make this
+    /// node buffer is at most `max_connections` times this plus `http2_max_frame_bytes`
+    /// (64 MiB and 256 KiB by default: lower them where many callers are not trusted).
     pub http2_connection_window_bytes: u32,
     /// The same for one call (the HTTP/2 stream window), in bytes.
     pub http2_stream_window_bytes: u32,
@@ -227,7 +231,7 @@ impl Default for Config {
             tls: wayside_proto::tls::TlsFiles::default(),
             tls_handshake_timeout_ms: 5_000,
             max_tls_handshakes: 256,
-            max_connections: wayside_proto::server::DEFAULT_MAX_CONNECTIONS,
+            max_connections: 4096,
             max_stream_inflight_ops: 256,
             max_stream_batch_ops: 256,
             max_concurrent_streams: 1024,

@@ -2894,13 +2894,26 @@ async fn connections_past_max_connections_are_closed_and_open_ones_served() {
     use tokio::io::AsyncReadExt as _;
     let store = std::sync::Arc::new(wayside_nms::store::MemStore::default());
     let a = LocalNms::start_with_store("a", store, |c| c.max_connections = 2).await;
-    // The first vehicle: its attach retries until the start's health-check connection has
-    // given its slot back.
     let c1 = VolumeClient::open(opts(&[&a.ep], "v1", "k")).await.unwrap();
     c1.write(1, 0, block_data(1, 1)).await.unwrap();
-    // The second slot: an operator's connection, served (a call answered on it).
-    let mut op = tonic_health::pb::health_client::HealthClient::new(channel(&a.ep).await);
-    op.check(tonic_health::pb::HealthCheckRequest { service: String::new() }).await.unwrap();
+    // The second slot: an operator's connection, served (a call answered on it). Tried
+    // again until the start's health-check connection has given its slot back.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let op = loop {
+        let uri = a.ep.uri().to_owned();
+        let checked = async {
+            let ch = tonic::transport::Endpoint::from_shared(uri)?.connect().await?;
+            let mut op = tonic_health::pb::health_client::HealthClient::new(ch);
+            let req = tonic_health::pb::HealthCheckRequest { service: String::new() };
+            op.check(req).await.map_err(|s| anyhow::anyhow!("{s}"))?;
+            anyhow::Ok(op)
+        };
+        match checked.await {
+            Ok(op) => break op,
+            Err(e) if Instant::now() < deadline => println!("not served yet: {e}"),
+            Err(e) => panic!("a second connection was never served: {e}"),
+        }
+    };
     // A third connection is closed at once: end of stream (or a reset), never a SETTINGS.
     let mut tcp = tokio::net::TcpStream::connect(a.ep.authority()).await.unwrap();
     let mut buf = [0u8; 64];

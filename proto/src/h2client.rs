@@ -29,10 +29,10 @@
 
 use crate::h2conn::{
     code, code_name, data_frame, encode_int, encode_string, frame, frame_limit, grow_conn_window,
-    next_frame, on_ping, parse_settings, proto_err, reserve_read, setting, window_increment,
-    ConnError, Frame, HeaderBlocks, Out, RecvBody, RecvShared, RecvState, RecvWindow, StreamWaker,
-    Wakeups, DEFAULT_MAX_FRAME_BYTES, DEFAULT_MAX_HELD_SLICES, DEFAULT_SEND_BUFFER_BYTES,
-    DEFAULT_WINDOW, MAX_WINDOW, PREFACE, READ_ROOM_MIN_BYTES,
+    next_frame, on_ping, parse_settings, proto_err, reserve_read, send_buffer_limit, setting,
+    window_increment, ConnError, Frame, HeaderBlocks, Out, RecvBody, RecvShared, RecvState,
+    RecvWindow, StreamWaker, Wakeups, DEFAULT_MAX_FRAME_BYTES, DEFAULT_MAX_HELD_SLICES,
+    DEFAULT_SEND_BUFFER_BYTES, DEFAULT_WINDOW, MAX_WINDOW, PREFACE, READ_ROOM_MIN_BYTES,
 };
 use bytes::{Bytes, BytesMut};
 use http_body::Body as _;
@@ -72,7 +72,7 @@ pub struct ClientSettings {
     /// connection's task); more fail at once with RESOURCE_EXHAUSTED, in calls.
     pub max_waiting_calls: usize,
     /// Frames queued to send past which no more request data is queued until the socket
-    /// has taken them, in bytes (the connection reads on up to twice this).
+    /// has taken them, in bytes (the connection reads on up to twice this; at least 16 KiB).
     pub send_buffer_bytes: usize,
     /// Most response DATA payloads held uncopied (as slices of receive buffers) at once;
     /// past it they are copied, in slices.
@@ -488,8 +488,9 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<IO> {
         shared: Arc<Shared>,
         authority: &str,
         https: bool,
-        settings: ClientSettings,
+        mut settings: ClientSettings,
     ) -> Self {
+        settings.send_buffer_bytes = send_buffer_limit(settings.send_buffer_bytes);
         let mut out = Out::default();
         out.small(PREFACE);
         let ours = [

@@ -163,13 +163,14 @@ pub struct ConnSettings {
     /// An unanswered PING closes the connection after this long.
     pub keepalive_timeout: Duration,
     /// Frames queued to send past which the connection neither reads nor polls replies
-    /// until the socket has taken them, in bytes ([`DEFAULT_SEND_BUFFER_BYTES`]).
+    /// until the socket has taken them, in bytes ([`DEFAULT_SEND_BUFFER_BYTES`]; at least
+    /// 16 KiB).
     pub send_buffer_bytes: usize,
     /// Most DATA payloads held uncopied (as slices of receive buffers) at once, in slices
     /// ([`DEFAULT_MAX_HELD_SLICES`]).
     pub max_held_slices: usize,
     /// Most streams reset while their calls run per second before the connection closes
-    /// ([`DEFAULT_MAX_RESETS_PER_S`]).
+    /// ([`DEFAULT_MAX_RESETS_PER_S`]; at least 1).
     pub max_resets_per_s: u32,
 }
 
@@ -179,6 +180,13 @@ impl ConnSettings {
     fn our_max_frame(&self) -> u32 {
         frame_limit(self.max_frame_bytes)
     }
+}
+
+/// A configured send buffer within bounds: room for a whole frame of the protocol's default
+/// size (a smaller one would never let a connection read or send), and small enough that
+/// twice it cannot overflow, in bytes.
+pub(crate) fn send_buffer_limit(send_buffer_bytes: usize) -> usize {
+    send_buffer_bytes.clamp(DEFAULT_MAX_FRAME_BYTES, usize::MAX / 4)
 }
 
 /// The largest frame we let a peer send for a configured `max_frame_bytes`: within the
@@ -1200,7 +1208,9 @@ where
     B: http_body::Body,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    fn new(io: IO, svc: S, settings: ConnSettings) -> Self {
+    fn new(io: IO, svc: S, mut settings: ConnSettings) -> Self {
+        settings.send_buffer_bytes = send_buffer_limit(settings.send_buffer_bytes);
+        settings.max_resets_per_s = settings.max_resets_per_s.max(1);
         let mut out = Out::default();
         // Our SETTINGS, then the connection window past the protocol's 64 KiB.
         let ours = [

@@ -36,12 +36,65 @@ pub fn incoming(
     limit: ConnectionLimit,
 ) -> impl tokio_stream::Stream<Item = std::io::Result<CorkedIo<tokio::net::TcpStream>>> {
     use tokio_stream::StreamExt as _;
-    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)).filter_map(
-        move |s| match s {
+    let keepalive = std::time::Duration::from_secs(TCP_KEEPALIVE_IDLE_S);
+    tonic::transport::server::TcpIncoming::from(listener)
+        .with_nodelay(Some(true))
+        .with_keepalive(Some(keepalive))
+        .with_keepalive_interval(Some(keepalive))
+        .filter_map(move |s| match s {
             Ok(s) => limit.admit().map(|slot| Ok(CorkedIo::new(s).holding(slot))),
             Err(e) => Some(Err(e)),
-        },
-    )
+        })
+}
+
+/// TCP keepalive of every accepted socket: probes after this long without traffic, and
+/// as long between probes (Linux gives up after 9), in seconds. A backstop under HTTP/2
+/// keepalive (which may be turned off): a peer gone without closing (out of range, powered
+/// off) gives its connection slot back within ~5 minutes whatever the settings.
+pub const TCP_KEEPALIVE_IDLE_S: u64 = 30;
+
+/// Sets TCP keepalive ([`TCP_KEEPALIVE_IDLE_S`]) on `s`.
+fn set_tcp_keepalive(s: &tokio::net::TcpStream) {
+    let t = std::time::Duration::from_secs(TCP_KEEPALIVE_IDLE_S);
+    let ka = socket2::TcpKeepalive::new().with_time(t).with_interval(t);
+    if let Err(e) = socket2::SockRef::from(s).set_tcp_keepalive(&ka) {
+        tracing::debug!(error = %e, "TCP keepalive not set");
+    }
+}
+
+/// Descriptors a server keeps for other than its connections (listeners, data and log
+/// files, its own client connections), in descriptors.
+pub const OTHER_DESCRIPTORS: u64 = 256;
+
+/// Raises this process's soft open-file limit to its hard limit, so `max_connections`
+/// connections can be accepted (the usual soft limit is 1024), and warns when
+/// `max_connections` plus [`OTHER_DESCRIPTORS`] still exceed it: connections past it would
+/// fail to be accepted (EMFILE) before the connection limit closes them. Returns the soft
+/// limit now in force (`None` if it cannot be read).
+pub fn raise_open_file_limit(max_connections: usize) -> Option<u64> {
+    let mut l = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit and setrlimit only read and write the struct they are given.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut l) } != 0 {
+        return None;
+    }
+    if l.rlim_cur < l.rlim_max {
+        let raised = libc::rlimit { rlim_cur: l.rlim_max, rlim_max: l.rlim_max };
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            l = raised;
+        }
+    }
+    let soft: u64 = l.rlim_cur;
+    let needed = max_connections as u64 + OTHER_DESCRIPTORS;
+    if needed > soft {
+        tracing::warn!(
+            max_connections,
+            open_file_limit = soft,
+            "max_connections plus {OTHER_DESCRIPTORS} other descriptors exceed the open-file \
+             limit (ulimit -n): connections past it fail to be accepted; raise the limit or \
+             lower max_connections"
+        );
+    }
+    Some(soft)
 }
 
 /// Default of every server's `max_connections`, in connections.
@@ -270,6 +323,7 @@ async fn accept_into(
         if let Err(e) = stream.set_nodelay(true) {
             tracing::debug!(error = %e, "TCP_NODELAY not set");
         }
+        set_tcp_keepalive(&stream);
         let mut stream = match stream.into_std() {
             Ok(s) => Some((s, slot)),
             Err(e) => {
@@ -313,5 +367,14 @@ mod tests {
         drop(b);
         assert_eq!(limit.open(), 1);
         assert_eq!(ConnectionLimit::new(0).slots.available_permits(), 1, "at least one");
+    }
+
+    #[test]
+    fn the_open_file_limit_is_raised_to_the_hard_limit() {
+        let soft = raise_open_file_limit(16).expect("the limit can be read");
+        let mut l = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+        // SAFETY: getrlimit only writes the struct it is given.
+        assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut l) }, 0);
+        assert_eq!((l.rlim_cur, l.rlim_cur), (soft, l.rlim_max));
     }
 }

@@ -85,7 +85,7 @@ pub struct Config {
     pub request_timeout_ms: u64,
     /// Longest wait for a new member to catch up before promotion, in milliseconds.
     pub learner_catch_up_timeout_ms: u64,
-    /// HTTP/2 PING sent on a connection with calls open after this long without a frame
+    /// HTTP/2 PING sent on a connection (idle or not) after this long without a frame
     /// from the peer, in milliseconds (0: never). A peer that vanished without closing (a
     /// crashed VM, a cut link) would otherwise hold its calls, and a shutdown that waits
     /// for them, until TCP gives up (~15 min).

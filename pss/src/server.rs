@@ -58,6 +58,7 @@ async fn serve(
     listener: tokio::net::TcpListener,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    wayside_proto::server::raise_open_file_limit(config.max_connections);
     let id = config.id;
     let addr = listener.local_addr().ok();
     let inner = shutdown.child_token();

@@ -91,6 +91,7 @@ async fn serve_node(
     store: Arc<dyn Store>,
     tls: Option<wayside_proto::tls::Tls>,
 ) -> anyhow::Result<()> {
+    wayside_proto::server::raise_open_file_limit(config.max_connections);
     let local = listener.local_addr()?;
     let acceptor = match &tls {
         Some(t) if t.has_identity() => {

@@ -73,9 +73,20 @@ pub struct SmfConfig {
     /// milliseconds: a caller that connects and sends nothing holds a task no longer.
     pub tls_handshake_timeout_ms: u64,
     /// Most connections open at once (vehicles' reports, operators), in connections; one
-    /// past it is closed as soon as it is accepted.
+    /// past it is closed as soon as it is accepted. Each reporting vehicle keeps one open:
+    /// keep it above `max_vehicles` and below the process's open-file limit.
     pub max_connections: usize,
+    /// HTTP/2 PING sent on a connection after this long without a frame from the peer, in
+    /// milliseconds (0: never): a vehicle gone out of range without closing its connection
+    /// would otherwise hold it (and its slot of `max_connections`) until TCP gives up.
+    pub http2_keepalive_interval_ms: u64,
+    /// A connection whose PING goes unanswered this long is closed, in milliseconds.
+    pub http2_keepalive_timeout_ms: u64,
 }
+
+/// Default `max_connections` of the SMF: `max_vehicles` (10000) reporting at once, and
+/// operators, in connections.
+pub const DEFAULT_SMF_MAX_CONNECTIONS: usize = 10_240;
 
 impl Default for SmfConfig {
     fn default() -> Self {
@@ -96,7 +107,9 @@ impl Default for SmfConfig {
             cluster_token: None,
             tls: wayside_proto::tls::TlsFiles::default(),
             tls_handshake_timeout_ms: 5_000,
-            max_connections: wayside_proto::server::DEFAULT_MAX_CONNECTIONS,
+            max_connections: DEFAULT_SMF_MAX_CONNECTIONS,
+            http2_keepalive_interval_ms: wayside_proto::server::HTTP2_KEEPALIVE_INTERVAL_MS,
+            http2_keepalive_timeout_ms: wayside_proto::server::HTTP2_KEEPALIVE_TIMEOUT_MS,
         }
     }
 }
@@ -796,7 +809,13 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let local = listener.local_addr()?;
-    let mut builder = tonic::transport::Server::builder();
+    wayside_proto::server::raise_open_file_limit(smf.cfg.max_connections);
+    // A vehicle gone out of range without closing gives its connection back.
+    let mut builder = wayside_proto::server::with_keepalive(
+        tonic::transport::Server::builder(),
+        smf.cfg.http2_keepalive_interval_ms,
+        smf.cfg.http2_keepalive_timeout_ms,
+    );
     let served_tls = match &smf.tls {
         Some(t) if t.has_identity() => {
             let handshake = Duration::from_millis(smf.cfg.tls_handshake_timeout_ms);
@@ -866,6 +885,10 @@ pub struct SmfArgs {
     /// How long a connection has to finish its TLS handshake, in milliseconds.
     #[arg(long, default_value_t = 5_000)]
     pub tls_handshake_timeout_ms: u64,
+    /// Most connections open at once (each reporting vehicle keeps one); one past it is
+    /// closed as soon as it is accepted.
+    #[arg(long, default_value_t = DEFAULT_SMF_MAX_CONNECTIONS)]
+    pub max_connections: usize,
 }
 
 /// Runs `nms smf` until Ctrl-C.
@@ -878,6 +901,7 @@ pub async fn serve_cmd(a: SmfArgs) -> anyhow::Result<()> {
             .map_err(anyhow::Error::msg)?,
         tls: wayside_proto::tls::TlsFiles { cert: a.tls_cert, key: a.tls_key, ca: a.tls_ca },
         tls_handshake_timeout_ms: a.tls_handshake_timeout_ms,
+        max_connections: a.max_connections,
         ..Default::default()
     };
     let listener = tokio::net::TcpListener::bind(&a.listen)
@@ -956,6 +980,76 @@ mod tests {
             CancellationToken::new()
         )
         .is_err());
+    }
+
+    /// `max_connections` and keepalive on the SMF: with its one slot held by a peer that
+    /// spoke HTTP/2 and then went silent (out of range, its socket still open), another
+    /// caller is refused; the silent peer's PING goes unanswered, its connection is closed,
+    /// and the slot serves the next caller.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_silent_peer_gives_back_its_connection_slot() {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let cfg = SmfConfig {
+            max_connections: 1,
+            http2_keepalive_interval_ms: 200,
+            http2_keepalive_timeout_ms: 200,
+            ..Default::default()
+        };
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stop = CancellationToken::new();
+        let server = tokio::spawn(serve(no_nms(cfg, stop.clone()), listener, stop.clone()));
+        // The silent peer: the client preface and an empty SETTINGS, then nothing.
+        let mut silent = tokio::net::TcpStream::connect(addr).await.unwrap();
+        silent.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0").await.unwrap();
+        let health = || async {
+            let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+                .connect_timeout(Duration::from_secs(2))
+                .timeout(Duration::from_secs(2))
+                .connect()
+                .await?;
+            let req = tonic_health::pb::HealthCheckRequest { service: String::new() };
+            tonic_health::pb::health_client::HealthClient::new(ch).check(req).await?;
+            anyhow::Ok(())
+        };
+        // Refused while the silent peer holds the slot (the server has taken it once its
+        // SETTINGS came back).
+        let mut got = [0u8; 9];
+        silent.read_exact(&mut got).await.unwrap();
+        assert_eq!(got[3], 0x4, "the server's SETTINGS first");
+        let len = usize::from(got[0]) << 16 | usize::from(got[1]) << 8 | usize::from(got[2]);
+        silent.read_exact(&mut vec![0u8; len]).await.unwrap();
+        assert!(health().await.is_err(), "served past max_connections 1");
+        // The silent peer is pinged, never answers, and is closed: the slot is free again.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            match health().await {
+                Ok(()) => break,
+                Err(e) if std::time::Instant::now() < deadline => {
+                    tracing::debug!(error = %e, "not served yet");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Err(e) => panic!("the silent peer's slot never came back: {e}"),
+            }
+        }
+        // What the silent peer was sent before its connection closed: a PING among it.
+        let mut rest = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), silent.read_to_end(&mut rest)).await;
+        let mut kinds = Vec::new();
+        let mut at = 0;
+        while at + 9 <= rest.len() {
+            kinds.push(rest[at + 3]);
+            at += 9
+                + (usize::from(rest[at]) << 16 | usize::from(rest[at + 1]) << 8)
+                + usize::from(rest[at + 2]);
+        }
+        assert!(kinds.contains(&0x6), "the silent peer was never pinged (frames {kinds:?})");
+        stop.cancel();
+        tokio::time::timeout(Duration::from_secs(10), server)
+            .await
+            .expect("the SMF did not stop")
+            .unwrap()
+            .unwrap();
     }
 
     /// A vehicle that created volume "vol" (credential "key", 4 KiB blocks) at `nms`.

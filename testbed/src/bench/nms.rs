@@ -826,7 +826,7 @@ async fn redis(a: &Args) -> anyhow::Result<Vec<Figure>> {
                 cmd.args(["-r", &keys.to_string()]);
             }
             let (server_before, client_before) =
-                (super::quiet::usage_of(server_pid).cpu_secs, children_cpu());
+                (super::quiet::cpu_secs_of(server_pid), children_cpu());
             let o = cmd
                 .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-c", &a.clients.to_string()])
                 .args([
@@ -842,9 +842,11 @@ async fn redis(a: &Args) -> anyhow::Result<Vec<Figure>> {
                 .output()
                 .await
                 .context("running redis-benchmark (apt-get install redis-tools)")?;
-            let server_cpu = super::quiet::usage_of(server_pid).cpu_secs - server_before;
-            let client_cpu = children_cpu().saturating_sub(client_before).as_secs_f64();
-            let per_op = |secs: f64| Some(secs * 1e6 / a.redis_requests.max(1) as f64);
+            let server_cpu = super::quiet::cpu_secs_of(server_pid)
+                .zip(server_before)
+                .map(|(after, before)| after - before);
+            let client_cpu = Some(children_cpu().saturating_sub(client_before).as_secs_f64());
+            let per_op = |secs: Option<f64>| secs.map(|s| s * 1e6 / a.redis_requests.max(1) as f64);
             let text = String::from_utf8_lossy(&o.stdout);
             for line in text.lines().skip(1) {
                 let f: Vec<String> =
@@ -864,6 +866,10 @@ async fn redis(a: &Args) -> anyhow::Result<Vec<Figure>> {
             }
         }
     }
+    // Killed and waited for here: reaped later, its CPU time would count in the children's
+    // usage the next h2load run is measured by.
+    let mut server = server;
+    let _ = server.0.kill().await;
     Ok(out)
 }
 
@@ -902,7 +908,7 @@ async fn memcached(a: &Args) -> anyhow::Result<Vec<Figure>> {
         let stop = CancellationToken::new();
         let mut tasks = tokio::task::JoinSet::new();
         let start = Start::now();
-        let server_before = super::quiet::usage_of(server_pid).cpu_secs;
+        let server_before = super::quiet::cpu_secs_of(server_pid);
         for i in 0..a.clients {
             let s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
             s.set_nodelay(true)?;
@@ -949,12 +955,15 @@ async fn memcached(a: &Args) -> anyhow::Result<Vec<Figure>> {
             });
         }
         let (all, elapsed, _) = measure(tasks, start, a.seconds, &stop).await?;
-        let server_cpu = super::quiet::usage_of(server_pid).cpu_secs - server_before;
+        let server_cpu = super::quiet::cpu_secs_of(server_pid).zip(server_before);
         let n = all.len().max(1) as f64;
         let mut f = figure(if write { "memcached set" } else { "memcached get" }, all, elapsed);
-        f.cpu_us_per_op = Some(server_cpu * 1e6 / n);
+        f.cpu_us_per_op = server_cpu.map(|(after, before)| (after - before) * 1e6 / n);
         out.push(f);
     }
+    // Waited for here, as redis-server (see `redis`).
+    let mut server = server;
+    let _ = server.0.kill().await;
     Ok(out)
 }
 

@@ -47,9 +47,17 @@ pub(crate) fn usage(pids: &[u32]) -> Usage {
         })
 }
 
-/// Usage of process `pid` alone (zero if it cannot be read), from /proc/PID/stat.
-pub(crate) fn usage_of(pid: u32) -> Usage {
-    stat_usage(&format!("/proc/{pid}/stat"))
+/// CPU seconds process `pid` has run so far, all its threads, to the nanosecond (the sum
+/// of /proc/PID/task/*/schedstat: /proc/PID/stat counts in 10 ms ticks, too coarse for a
+/// run of a fraction of a second); `None` if the process is gone.
+pub(crate) fn cpu_secs_of(pid: u32) -> Option<f64> {
+    let mut ns = 0u64;
+    for t in std::fs::read_dir(format!("/proc/{pid}/task")).ok()? {
+        let Ok(t) = t else { continue };
+        let Ok(stat) = std::fs::read_to_string(t.path().join("schedstat")) else { continue };
+        ns += stat.split_whitespace().next().and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    }
+    Some(ns as f64 / 1e9)
 }
 
 fn stat_usage(path: &str) -> Usage {
