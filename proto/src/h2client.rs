@@ -29,10 +29,11 @@
 
 use crate::h2conn::{
     code, code_name, data_frame, encode_int, encode_string, frame, frame_limit, grow_conn_window,
-    next_frame, on_ping, parse_settings, proto_err, reserve_read, send_buffer_limit, setting,
-    window_increment, ConnError, Frame, HeaderBlocks, Out, RecvBody, RecvShared, RecvState,
-    RecvWindow, StreamWaker, Wakeups, DEFAULT_MAX_FRAME_BYTES, DEFAULT_MAX_HELD_SLICES,
-    DEFAULT_SEND_BUFFER_BYTES, DEFAULT_WINDOW, MAX_WINDOW, PREFACE, READ_ROOM_MIN_BYTES,
+    next_frame, on_ping, parse_settings, proto_err, queue_for_window, reserve_read,
+    send_buffer_limit, setting, window_increment, ConnError, Frame, HeaderBlocks, Out, RecvBody,
+    RecvShared, RecvState, RecvWindow, StreamWaker, Wakeups, DEFAULT_MAX_FRAME_BYTES,
+    DEFAULT_MAX_HELD_SLICES, DEFAULT_SEND_BUFFER_BYTES, DEFAULT_WINDOW, MAX_WINDOW, PREFACE,
+    READ_ROOM_MIN_BYTES,
 };
 use bytes::{Bytes, BytesMut};
 use http_body::Body as _;
@@ -838,17 +839,6 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<IO> {
         }
     }
 
-    /// Queues stream `id` to wait for connection window, first dropping the ids of streams
-    /// that ended while waiting once they outnumber the open streams (a peer that withholds
-    /// window while its streams end would otherwise grow the queue without bound).
-    fn queue_for_window(&mut self, id: u32) {
-        if self.window_blocked.len() > 2 * self.streams.len() + 16 {
-            let streams = &self.streams;
-            self.window_blocked.retain(|i| streams.get(i).is_some_and(|s| s.window_queued));
-        }
-        self.window_blocked.push_back(id);
-    }
-
     /// Queues `data` as DATA frames as far as the windows allow (END_STREAM on the last
     /// when `end`); `false` when some waits for window.
     fn send_data(&mut self, id: u32, mut data: Bytes, end: bool) -> bool {
@@ -871,7 +861,9 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<IO> {
                 s.pending = Some((data, end));
                 if self.send_window <= 0 && !s.window_queued {
                     s.window_queued = true;
-                    self.queue_for_window(id);
+                    queue_for_window(&mut self.window_blocked, &self.streams, id, |s| {
+                        s.window_queued
+                    });
                 }
                 return false;
             }

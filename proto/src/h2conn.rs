@@ -189,6 +189,22 @@ pub(crate) fn send_buffer_limit(send_buffer_bytes: usize) -> usize {
     send_buffer_bytes.clamp(DEFAULT_MAX_FRAME_BYTES, usize::MAX / 4)
 }
 
+/// Queues stream `id` to wait for connection window in `queue`, first dropping the ids of
+/// streams no longer `waiting` (ended while waiting) once they outnumber the open streams:
+/// a peer that withholds window while its streams end would otherwise grow the queue
+/// without bound.
+pub(crate) fn queue_for_window<T>(
+    queue: &mut VecDeque<u32>,
+    streams: &HashMap<u32, T>,
+    id: u32,
+    waiting: impl Fn(&T) -> bool,
+) {
+    if queue.len() > 2 * streams.len() + 16 {
+        queue.retain(|i| streams.get(i).is_some_and(&waiting));
+    }
+    queue.push_back(id);
+}
+
 /// The largest frame we let a peer send for a configured `max_frame_bytes`: within the
 /// protocol's bounds, in bytes.
 pub(crate) fn frame_limit(max_frame_bytes: u32) -> u32 {
@@ -1868,17 +1884,6 @@ where
         }
     }
 
-    /// Queues stream `id` to wait for connection window, first dropping the ids of streams
-    /// that ended while waiting once they outnumber the open streams (a peer that withholds
-    /// window while its streams end would otherwise grow the queue without bound).
-    fn queue_for_window(&mut self, id: u32) {
-        if self.window_blocked.len() > 2 * self.streams.len() + 16 {
-            let streams = &self.streams;
-            self.window_blocked.retain(|i| streams.get(i).is_some_and(|s| s.window_queued));
-        }
-        self.window_blocked.push_back(id);
-    }
-
     /// Queues `data` as DATA frames as far as the windows allow; `false` when some waits
     /// for window (kept as the stream's pending data).
     fn send_data(&mut self, id: u32, mut data: B::Data) -> bool {
@@ -1890,7 +1895,9 @@ where
                 s.pending = Some(data);
                 if self.send_window <= 0 && !s.window_queued {
                     s.window_queued = true;
-                    self.queue_for_window(id);
+                    queue_for_window(&mut self.window_blocked, &self.streams, id, |s| {
+                        s.window_queued
+                    });
                 }
                 return false;
             }

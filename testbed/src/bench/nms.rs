@@ -791,7 +791,7 @@ async fn redis(a: &Args) -> anyhow::Result<Vec<Figure>> {
         }
         client_tls = vec!["--tls".into(), "--cacert".into(), ca.into()];
     }
-    let server = Child(
+    let mut server = Child(
         tokio::process::Command::new("redis-server")
             .args([
                 "--port",
@@ -868,7 +868,6 @@ async fn redis(a: &Args) -> anyhow::Result<Vec<Figure>> {
     }
     // Killed and waited for here: reaped later, its CPU time would count in the children's
     // usage the next h2load run is measured by.
-    let mut server = server;
     let _ = server.0.kill().await;
     Ok(out)
 }
@@ -881,7 +880,7 @@ fn redis_name(cmd: &str, pipeline: usize, keys: u64) -> String {
 
 async fn memcached(a: &Args) -> anyhow::Result<Vec<Figure>> {
     let port = free_port()?;
-    let server = Child(
+    let mut server = Child(
         tokio::process::Command::new("memcached")
             .args([
                 "-p",
@@ -962,7 +961,6 @@ async fn memcached(a: &Args) -> anyhow::Result<Vec<Figure>> {
         out.push(f);
     }
     // Waited for here, as redis-server (see `redis`).
-    let mut server = server;
     let _ = server.0.kill().await;
     Ok(out)
 }
