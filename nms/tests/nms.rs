@@ -2885,6 +2885,39 @@ async fn a_volume_over_its_operation_budget_is_refused_or_paced_alone() {
     b.stop().await;
 }
 
+/// A caller that connects and never sends the HTTP/2 preface does not hold its connection
+/// slot: the NMS's keepalive runs from the moment a connection is accepted, so the mute
+/// caller is sent the server's SETTINGS and a PING, and is closed when the PING goes
+/// unanswered (the tonic servers, PSS and SMF, close it by `silent_connection_timeout_ms`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_caller_that_never_sends_the_preface_is_pinged_and_closed() {
+    use tokio::io::AsyncReadExt as _;
+    let store = std::sync::Arc::new(wayside_nms::store::MemStore::default());
+    let a = LocalNms::start_with_store("a", store, |c| {
+        c.http2_keepalive_interval_ms = 200;
+        c.http2_keepalive_timeout_ms = 200;
+    })
+    .await;
+    let mut mute = tokio::net::TcpStream::connect(a.ep.authority()).await.unwrap();
+    let connected = Instant::now();
+    let mut sent = Vec::new();
+    let r = tokio::time::timeout(Duration::from_secs(10), mute.read_to_end(&mut sent)).await;
+    assert!(r.is_ok(), "a caller that never sent the preface was held open 10 s");
+    let held = connected.elapsed();
+    assert!(held >= Duration::from_millis(350), "closed after {held:?}, before its PING ran out");
+    let mut kinds = Vec::new();
+    let mut at = 0;
+    while at + 9 <= sent.len() {
+        kinds.push(sent[at + 3]);
+        at += 9
+            + (usize::from(sent[at]) << 16 | usize::from(sent[at + 1]) << 8)
+            + usize::from(sent[at + 2]);
+    }
+    assert_eq!(kinds.first(), Some(&0x4), "SETTINGS first: {kinds:?}");
+    assert!(kinds.contains(&0x6), "the mute caller was never pinged: {kinds:?}");
+    a.stop().await;
+}
+
 /// `max_connections`: a connection past it is closed as soon as it is accepted (no HTTP/2
 /// byte is sent on it), the connections open are served meanwhile, the client library
 /// fails over-limit attaches UNAVAILABLE within its deadline, and a slot freed by a closed

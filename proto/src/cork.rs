@@ -23,6 +23,7 @@
 //! Copying it cost about as much CPU as encoding the reply (6% of a batched-read run's
 //! serving thread).
 
+use std::future::Future as _;
 use std::io;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
@@ -66,6 +67,16 @@ pub struct CorkedIo<T> {
     /// The server's connection slot this connection holds (see
     /// [`crate::server::ConnectionLimit`]): given back when the connection is dropped.
     slot: Option<tokio::sync::OwnedSemaphorePermit>,
+    /// Closes a connection that sends nothing for too long ([`CorkedIo::closed_when_silent`]).
+    silence: Option<Silence>,
+}
+
+/// The silence limit of a [`CorkedIo`]: when its peer last sent a byte, and the timer.
+#[derive(Debug)]
+struct Silence {
+    limit: std::time::Duration,
+    last_heard: tokio::time::Instant,
+    timer: Pin<Box<tokio::time::Sleep>>,
 }
 
 impl<T> CorkedIo<T> {
@@ -78,7 +89,22 @@ impl<T> CorkedIo<T> {
             chained: false,
             at_once: false,
             slot: None,
+            silence: None,
         }
+    }
+
+    /// Reads fail with `TimedOut` once the peer has sent nothing for `limit` (counted from
+    /// now, then from each byte received), so the server drops the connection and gives
+    /// its slot back. A caller that connects and never speaks (no HTTP/2 preface, or
+    /// silence after its TLS handshake) would otherwise hold a slot for good: HTTP/2
+    /// keepalive PINGs start only once the preface is in, and TCP keepalive is answered
+    /// by the caller's kernel. A live peer answers the server's PINGs, so a limit above
+    /// the keepalive interval plus its timeout never closes one.
+    pub fn closed_when_silent(mut self, limit: std::time::Duration) -> Self {
+        let last_heard = tokio::time::Instant::now();
+        let timer = Box::pin(tokio::time::sleep_until(last_heard + limit));
+        self.silence = Some(Silence { limit, last_heard, timer });
+        self
     }
 
     /// This connection holds `slot` of its server's connection limit until it is dropped.
@@ -240,7 +266,30 @@ impl<T: AsyncRead + Unpin> AsyncRead for CorkedIo<T> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_read(cx, buf)
+        let me = self.get_mut();
+        let before = buf.filled().len();
+        let r = Pin::new(&mut me.inner).poll_read(cx, buf);
+        let Some(s) = me.silence.as_mut() else { return r };
+        match r {
+            Poll::Ready(Ok(())) if buf.filled().len() > before => {
+                s.last_heard = tokio::time::Instant::now();
+                Poll::Ready(Ok(()))
+            }
+            Poll::Pending => loop {
+                if s.timer.as_mut().poll(cx).is_pending() {
+                    return Poll::Pending;
+                }
+                let due = s.last_heard + s.limit;
+                if due <= tokio::time::Instant::now() {
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        format!("the peer sent nothing for {:?}", s.limit),
+                    )));
+                }
+                s.timer.as_mut().reset(due);
+            },
+            r => r,
+        }
     }
 }
 
@@ -462,5 +511,44 @@ mod tests {
         io.write_all(b"bye").await.unwrap();
         io.shutdown().await.unwrap();
         assert_eq!(io.get_ref().writes, vec![b"bye".to_vec()]);
+    }
+
+    /// A silence limit counts from the last byte received: bytes keep the connection
+    /// open past the limit, and silence as long as the limit fails the read with
+    /// `TimedOut` (the server then drops the connection).
+    #[tokio::test]
+    async fn a_connection_silent_for_its_limit_fails_its_read() {
+        use std::time::Duration;
+        use tokio::io::AsyncReadExt as _;
+        let limit = Duration::from_millis(150);
+        let (ours, mut theirs) = tokio::io::duplex(1024);
+        let mut io = CorkedIo::new(ours).closed_when_silent(limit);
+        let started = tokio::time::Instant::now();
+        let talker = tokio::spawn(async move {
+            for _ in 0..3 {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                theirs.write_all(b"x").await.unwrap();
+            }
+            theirs // kept open, silent
+        });
+        let mut got = 0;
+        let mut buf = [0u8; 8];
+        let e = loop {
+            match io.read(&mut buf).await {
+                Ok(n) => got += n,
+                Err(e) => break e,
+            }
+        };
+        let silent_for = started.elapsed();
+        assert_eq!(got, 3, "every byte sent was read first");
+        assert_eq!(e.kind(), io::ErrorKind::TimedOut, "{e}");
+        // The last byte came at ~300 ms, so the limit ran out at ~450 ms, not at 150.
+        assert!(silent_for >= Duration::from_millis(440), "failed after {silent_for:?}");
+        drop(talker.await.unwrap());
+        // Without a limit the same silence only waits.
+        let (ours, _theirs) = tokio::io::duplex(1024);
+        let mut io = CorkedIo::new(ours);
+        let r = tokio::time::timeout(limit * 2, io.read(&mut buf)).await;
+        assert!(r.is_err(), "a connection with no limit ended: {r:?}");
     }
 }

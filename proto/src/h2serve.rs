@@ -949,7 +949,8 @@ mod tests {
             max_held_slices: crate::h2conn::DEFAULT_MAX_HELD_SLICES,
             max_resets_per_s: crate::h2conn::DEFAULT_MAX_RESETS_PER_S,
         };
-        let incoming = crate::server::incoming(listener, crate::server::ConnectionLimit::new(64));
+        let incoming =
+            crate::server::incoming(listener, crate::server::ConnectionLimit::new(64), None);
         tokio::spawn(serve_http2(incoming, svc, settings, None, std::future::pending()));
         (addr, seen_rx)
     }

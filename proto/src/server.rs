@@ -30,10 +30,12 @@ pub fn reflection() -> tonic_reflection::server::v1::ServerReflectionServer<
 /// [corked](crate::cork) (a unary reply's frames leave in one system call). `Server::builder()
 /// .tcp_nodelay()` does not reach sockets of a caller-supplied listener: without this,
 /// small replies wait for the peer's delayed ACK (~40 ms per request). A connection past
-/// `limit` is closed as soon as it is accepted.
+/// `limit` is closed as soon as it is accepted, and one whose peer sends nothing for
+/// `silence` (see [`silence_limit`]) is closed then.
 pub fn incoming(
     listener: tokio::net::TcpListener,
     limit: ConnectionLimit,
+    silence: Option<std::time::Duration>,
 ) -> impl tokio_stream::Stream<Item = std::io::Result<CorkedIo<tokio::net::TcpStream>>> {
     use tokio_stream::StreamExt as _;
     let keepalive = std::time::Duration::from_secs(TCP_KEEPALIVE_IDLE_S);
@@ -42,9 +44,45 @@ pub fn incoming(
         .with_keepalive(Some(keepalive))
         .with_keepalive_interval(Some(keepalive))
         .filter_map(move |s| match s {
-            Ok(s) => limit.admit().map(|slot| Ok(CorkedIo::new(s).holding(slot))),
+            Ok(s) => limit.admit().map(|slot| {
+                let io = CorkedIo::new(s).holding(slot);
+                Ok(match silence {
+                    Some(t) => io.closed_when_silent(t),
+                    None => io,
+                })
+            }),
             Err(e) => Some(Err(e)),
         })
+}
+
+/// Default of the tonic servers' (PSS, SMF) `silent_connection_timeout_ms`: a connection
+/// whose peer has sent nothing this long is closed, in milliseconds. It ends callers that
+/// connect and never speak HTTP/2 (hyper pings only once the preface is in); a live peer
+/// answers the keepalive PINGs well within it.
+pub const SILENT_CONNECTION_TIMEOUT_MS: u64 = 30_000;
+
+/// The silence limit of `silent_ms` (0: none), checked against the keepalive settings: a
+/// live peer that has no calls sends only its answers to the keepalive PINGs, one per
+/// `keepalive_interval_ms`, so with keepalive on the limit must exceed the interval plus
+/// the PING timeout (a dead peer is then closed by keepalive first). The error names the
+/// settings.
+pub fn silence_limit(
+    silent_ms: u64,
+    keepalive_interval_ms: u64,
+    keepalive_timeout_ms: u64,
+) -> Result<Option<std::time::Duration>, String> {
+    if silent_ms == 0 {
+        return Ok(None);
+    }
+    let live = keepalive_interval_ms.saturating_add(keepalive_timeout_ms);
+    if keepalive_interval_ms > 0 && silent_ms <= live {
+        return Err(format!(
+            "silent_connection_timeout_ms ({silent_ms}) must exceed http2_keepalive_interval_ms \
+             plus http2_keepalive_timeout_ms ({live}): an idle live peer is heard only when it \
+             answers a PING (or set it to 0: never)"
+        ));
+    }
+    Ok(Some(std::time::Duration::from_millis(silent_ms)))
 }
 
 /// TCP keepalive of every accepted socket: probes after this long without traffic, and

@@ -103,6 +103,12 @@ pub struct Config {
     /// Most connections open at once (NMSs, peers, operators), in connections; one past it
     /// is closed as soon as it is accepted. Keep it below the process's open-file limit.
     pub max_connections: usize,
+    /// A connection whose peer has sent nothing this long is closed, in milliseconds (0:
+    /// never): a caller that connects and never speaks HTTP/2 would otherwise hold one of
+    /// `max_connections` for good. With keepalive on it must exceed
+    /// `http2_keepalive_interval_ms` plus `http2_keepalive_timeout_ms` (an idle live peer
+    /// is heard only when it answers a PING).
+    pub silent_connection_timeout_ms: u64,
 }
 
 impl Default for Config {
@@ -143,6 +149,7 @@ impl Default for Config {
             tls: wayside_proto::tls::TlsFiles::default(),
             tls_handshake_timeout_ms: 5_000,
             max_connections: wayside_proto::server::DEFAULT_MAX_CONNECTIONS,
+            silent_connection_timeout_ms: wayside_proto::server::SILENT_CONNECTION_TIMEOUT_MS,
         }
     }
 }
@@ -176,6 +183,8 @@ pub enum ConfigError {
     SpacePercent { value: u64 },
     #[error("election_timeout_ticks ({election}) must be greater than heartbeat_interval_ticks ({heartbeat})")]
     Ticks { election: usize, heartbeat: usize },
+    #[error("{0}")]
+    Silence(String),
 }
 
 /// Parses a peer list `1=HOST:PORT,2=HOST:PORT,...`.
@@ -206,6 +215,17 @@ impl Config {
     /// The peers as a map `id -> host:port`.
     pub fn peer_map(&self) -> BTreeMap<u64, String> {
         self.peers.iter().map(|p| (p.id, p.address.clone())).collect()
+    }
+
+    /// How long a connection may stay silent (`silent_connection_timeout_ms`; None: for
+    /// ever), checked against the keepalive settings.
+    pub fn silence_limit(&self) -> Result<Option<std::time::Duration>, ConfigError> {
+        wayside_proto::server::silence_limit(
+            self.silent_connection_timeout_ms,
+            self.http2_keepalive_interval_ms,
+            self.http2_keepalive_timeout_ms,
+        )
+        .map_err(ConfigError::Silence)
     }
 
     /// Checks the settings before a node starts.
@@ -271,6 +291,7 @@ impl Config {
                 heartbeat: self.heartbeat_interval_ticks,
             });
         }
+        self.silence_limit()?;
         Ok(())
     }
 }
@@ -294,6 +315,21 @@ mod tests {
         let err =
             wayside_proto::config::parse::<Config>("listen = \"x\"\nbogus = 1\n").unwrap_err();
         assert!(err.to_string().contains("bogus"), "{err}");
+    }
+
+    #[test]
+    fn a_silence_limit_within_the_keepalive_period_is_refused_naming_it() {
+        let c = Config { peers: parse_peers("1=127.0.0.1:1").unwrap(), ..Config::default() };
+        c.validate().unwrap();
+        let short = Config { silent_connection_timeout_ms: 20_000, ..c.clone() };
+        let e = short.validate().unwrap_err().to_string();
+        assert!(e.contains("silent_connection_timeout_ms (20000)"), "{e}");
+        assert!(e.contains("http2_keepalive_timeout_ms"), "{e}");
+        let off = Config { silent_connection_timeout_ms: 0, ..c.clone() };
+        assert_eq!(off.silence_limit().unwrap(), None);
+        let no_pings =
+            Config { http2_keepalive_interval_ms: 0, silent_connection_timeout_ms: 1, ..c };
+        assert_eq!(no_pings.silence_limit().unwrap(), Some(std::time::Duration::from_millis(1)));
     }
 
     #[test]

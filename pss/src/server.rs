@@ -132,6 +132,7 @@ async fn serve(
     let incoming = wayside_proto::server::incoming(
         listener,
         wayside_proto::server::ConnectionLimit::new(config.max_connections),
+        config.silence_limit()?,
     );
     let mut builder = tonic::transport::Server::builder();
     match server_tls {

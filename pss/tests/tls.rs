@@ -423,6 +423,35 @@ async fn a_stalled_tls_handshake_is_closed_after_the_handshake_timeout() {
     cluster.shutdown().await;
 }
 
+/// A road caller that finishes its TLS handshake and then never speaks HTTP/2 (the TLS
+/// handshake timeout is over, and hyper pings only once the preface is in) is closed after
+/// `silent_connection_timeout_ms`, not held open with its connection slot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_caller_silent_after_its_tls_handshake_is_closed_after_the_silence_limit() {
+    use tokio::io::AsyncReadExt as _;
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = LocalCluster::start_tls_with(1, dir.path(), |c| {
+        c.http2_keepalive_interval_ms = 100;
+        c.http2_keepalive_timeout_ms = 100;
+        c.silent_connection_timeout_ms = 800;
+    })
+    .await
+    .unwrap();
+    let addr = cluster.endpoint(1).unwrap().authority().to_owned();
+    let client = Tls::load(&cluster.tls().unwrap().client_files).unwrap().unwrap();
+    let connector = tokio_rustls::TlsConnector::from(client.client_config().unwrap());
+    let tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let name = rustls_pki_types::ServerName::IpAddress(std::net::Ipv4Addr::LOCALHOST.into());
+    let mut tls = connector.connect(name, tcp).await.expect("a road caller's handshake");
+    let handshaken = Instant::now();
+    let mut sent = Vec::new();
+    let r = tokio::time::timeout(Duration::from_secs(10), tls.read_to_end(&mut sent)).await;
+    assert!(r.is_ok(), "a caller silent after its handshake was held open 10 s");
+    let held = handshaken.elapsed();
+    assert!(held >= Duration::from_millis(700), "closed after {held:?}, before the limit");
+    cluster.shutdown().await;
+}
+
 /// (f) Joining over TLS: a new node with a road certificate is added, gets the data (a
 /// joiner starts from a snapshot: `InstallSnapshot` over TLS) and votes; a node whose
 /// certificate another CA signed is never reached (the leader does not trust it, nor it

@@ -82,6 +82,11 @@ pub struct SmfConfig {
     pub http2_keepalive_interval_ms: u64,
     /// A connection whose PING goes unanswered this long is closed, in milliseconds.
     pub http2_keepalive_timeout_ms: u64,
+    /// A connection whose peer has sent nothing this long is closed, in milliseconds (0:
+    /// never): a caller that connects and never speaks HTTP/2 would otherwise hold one of
+    /// `max_connections` for good. With keepalive on it must exceed
+    /// `http2_keepalive_interval_ms` plus `http2_keepalive_timeout_ms`.
+    pub silent_connection_timeout_ms: u64,
 }
 
 /// Default `max_connections` of the SMF: `max_vehicles` (10000) reporting at once, and
@@ -110,6 +115,7 @@ impl Default for SmfConfig {
             max_connections: DEFAULT_SMF_MAX_CONNECTIONS,
             http2_keepalive_interval_ms: wayside_proto::server::HTTP2_KEEPALIVE_INTERVAL_MS,
             http2_keepalive_timeout_ms: wayside_proto::server::HTTP2_KEEPALIVE_TIMEOUT_MS,
+            silent_connection_timeout_ms: wayside_proto::server::SILENT_CONNECTION_TIMEOUT_MS,
         }
     }
 }
@@ -138,7 +144,18 @@ impl SmfConfig {
                         tls_handshake_timeout_ms and max_connections must be > 0"
                 .into());
         }
+        self.silence_limit()?;
         Ok(())
+    }
+
+    /// How long a connection may stay silent (`silent_connection_timeout_ms`; None: for
+    /// ever), checked against the keepalive settings.
+    pub fn silence_limit(&self) -> Result<Option<Duration>, String> {
+        wayside_proto::server::silence_limit(
+            self.silent_connection_timeout_ms,
+            self.http2_keepalive_interval_ms,
+            self.http2_keepalive_timeout_ms,
+        )
     }
 }
 
@@ -847,6 +864,7 @@ pub async fn serve(
                 wayside_proto::server::incoming(
                     listener,
                     wayside_proto::server::ConnectionLimit::new(smf.cfg.max_connections),
+                    smf.cfg.silence_limit().map_err(|e| anyhow::anyhow!(e))?,
                 ),
                 shutdown.clone().cancelled_owned(),
             );
@@ -889,6 +907,10 @@ pub struct SmfArgs {
     /// closed as soon as it is accepted.
     #[arg(long, default_value_t = DEFAULT_SMF_MAX_CONNECTIONS)]
     pub max_connections: usize,
+    /// A connection whose peer has sent nothing this long is closed, in milliseconds (0:
+    /// never); it must exceed the HTTP/2 keepalive period (20000 ms).
+    #[arg(long, default_value_t = wayside_proto::server::SILENT_CONNECTION_TIMEOUT_MS)]
+    pub silent_connection_timeout_ms: u64,
 }
 
 /// Runs `nms smf` until Ctrl-C.
@@ -902,6 +924,7 @@ pub async fn serve_cmd(a: SmfArgs) -> anyhow::Result<()> {
         tls: wayside_proto::tls::TlsFiles { cert: a.tls_cert, key: a.tls_key, ca: a.tls_ca },
         tls_handshake_timeout_ms: a.tls_handshake_timeout_ms,
         max_connections: a.max_connections,
+        silent_connection_timeout_ms: a.silent_connection_timeout_ms,
         ..Default::default()
     };
     let listener = tokio::net::TcpListener::bind(&a.listen)
@@ -1050,6 +1073,85 @@ mod tests {
             .expect("the SMF did not stop")
             .unwrap()
             .unwrap();
+    }
+
+    /// `silent_connection_timeout_ms`: a caller that connects and never speaks HTTP/2 (no
+    /// preface, so no keepalive PING either) holds the SMF's one slot only that long; then
+    /// its connection is closed and the slot serves the next caller. (With the limit off,
+    /// such a caller held the slot for as long as it liked: 20 s in a check.)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_caller_that_never_speaks_is_closed_after_the_silence_limit() {
+        use tokio::io::AsyncReadExt as _;
+        let cfg = SmfConfig {
+            max_connections: 1,
+            http2_keepalive_interval_ms: 100,
+            http2_keepalive_timeout_ms: 100,
+            silent_connection_timeout_ms: 600,
+            ..Default::default()
+        };
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stop = CancellationToken::new();
+        let server = tokio::spawn(serve(no_nms(cfg, stop.clone()), listener, stop.clone()));
+        let mut mute = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let connected = std::time::Instant::now();
+        let health = || async {
+            let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+                .connect_timeout(Duration::from_secs(2))
+                .timeout(Duration::from_secs(2))
+                .connect()
+                .await?;
+            let req = tonic_health::pb::HealthCheckRequest { service: String::new() };
+            tonic_health::pb::health_client::HealthClient::new(ch).check(req).await?;
+            anyhow::Ok(())
+        };
+        // The mute caller's connection is closed (whatever hyper sent it first)...
+        let mut sent = Vec::new();
+        let r = tokio::time::timeout(Duration::from_secs(10), mute.read_to_end(&mut sent)).await;
+        assert!(r.is_ok(), "a caller that never spoke was held open 10 s");
+        let held = connected.elapsed();
+        assert!(held >= Duration::from_millis(550), "closed after {held:?}, before the limit");
+        // ...and its slot serves the next caller.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            match health().await {
+                Ok(()) => break,
+                Err(e) if std::time::Instant::now() < deadline => {
+                    tracing::debug!(error = %e, "not served yet");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Err(e) => panic!("the mute caller's slot never came back: {e}"),
+            }
+        }
+        stop.cancel();
+        tokio::time::timeout(Duration::from_secs(10), server)
+            .await
+            .expect("the SMF did not stop")
+            .unwrap()
+            .unwrap();
+    }
+
+    /// The silence limit must leave an idle live peer, heard only when it answers a PING,
+    /// room: a limit within the keepalive interval plus its timeout is refused, naming the
+    /// settings; 0 turns it off.
+    #[test]
+    fn a_silence_limit_within_the_keepalive_period_is_refused() {
+        let cfg = SmfConfig { silent_connection_timeout_ms: 15_000, ..Default::default() };
+        let e = cfg.validate().unwrap_err();
+        assert!(e.contains("silent_connection_timeout_ms (15000)"), "{e}");
+        assert!(e.contains("http2_keepalive_interval_ms"), "{e}");
+        let off = SmfConfig { silent_connection_timeout_ms: 0, ..Default::default() };
+        assert_eq!(off.silence_limit().unwrap(), None);
+        let no_pings = SmfConfig {
+            http2_keepalive_interval_ms: 0,
+            silent_connection_timeout_ms: 500,
+            ..Default::default()
+        };
+        assert_eq!(no_pings.silence_limit().unwrap(), Some(Duration::from_millis(500)));
+        assert_eq!(
+            SmfConfig::default().silence_limit().unwrap(),
+            Some(Duration::from_millis(wayside_proto::server::SILENT_CONNECTION_TIMEOUT_MS))
+        );
     }
 
     /// A vehicle that created volume "vol" (credential "key", 4 KiB blocks) at `nms`.
