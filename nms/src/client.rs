@@ -35,6 +35,11 @@
 //!   signed by that CA, a server not speaking TLS) at every NMS of an attach round fails
 //!   the call at once with [`ClientError::Tls`] rather than retrying for `op_timeout`.
 //!
+//! - An NMS gone silent (powered off, out of range, a link cut without a reset) is found
+//!   out by the connection's keepalive PINGs (`http2.keepalive_interval_ms` and
+//!   `_timeout_ms`, 1 s and 2 s): the calls open on it fail over then, and an idle vehicle
+//!   connects anew at its next call, rather than each waiting out `rpc_timeout`.
+//!
 //! Limits: `journal_limit_bytes` (a write that would pass it first flushes), `op_timeout`
 //! (per call, retries included), `rpc_timeout` (per attempt), backoff doubling from
 //! `initial_backoff` up to `max_backoff`.

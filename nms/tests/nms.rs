@@ -554,6 +554,53 @@ async fn kill_9_of_the_nms_holding_unpersisted_writes_loses_nothing() {
     cluster.shutdown().await;
 }
 
+/// A vehicle whose NMS goes silent with its writes unpersisted (an RSU powered off, or out
+/// of range: sockets open, nothing answered, no reset) finds it out by the client's own
+/// keepalive PINGs within `keepalive_interval_ms` + `keepalive_timeout_ms`, not by
+/// `rpc_timeout` (30 s here): the write in flight fails over to B (the silent NMS's
+/// address, tried first, is found out the same way), the journal is replayed there, and
+/// every acknowledged write is read back from B and is in the PSS.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_nms_is_found_out_by_keepalive_and_the_vehicle_moves_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = LocalCluster::start(1, dir.path()).await.unwrap();
+    // A holds its writes (no write-back for a minute): only the journal has them.
+    let a = Nms::start("a", &cluster.endpoints(), |c| c.writeback_delay_ms = 60_000).await;
+    let b = Nms::start("b", &cluster.endpoints(), |_| {}).await;
+    let proxy =
+        wayside_pss::testing::SilentProxy::start(a.ep.authority().parse().unwrap()).await.unwrap();
+    let via = Endpoint::parse(&proxy.addr.to_string()).unwrap();
+    let mut o = opts(&[&via, &b.ep], "quiet", "k");
+    o.rpc_timeout = Duration::from_secs(30);
+    o.op_timeout = Duration::from_secs(60);
+    o.http2.keepalive_interval_ms = 200;
+    o.http2.keepalive_timeout_ms = 300;
+    let c = VolumeClient::open(o).await.unwrap();
+    let mut want: HashMap<u64, Vec<u8>> = HashMap::new();
+    for blk in 0..16u64 {
+        c.write(blk, 0, block_data(blk, 1)).await.unwrap();
+        want.insert(blk, block_data(blk, 1));
+    }
+    assert!(c.journal_bytes() >= 16 * BS as u64, "accepted, not persisted");
+    proxy.silence();
+    let silenced = Instant::now();
+    tokio::time::timeout(Duration::from_secs(20), c.write(16, 0, block_data(16, 1)))
+        .await
+        .expect("the write waited out rpc_timeout: the silent NMS was not found out")
+        .unwrap();
+    want.insert(16, block_data(16, 1));
+    let took = silenced.elapsed();
+    println!("a silent NMS found out and the write landed at B {} ms later", took.as_millis());
+    assert!(took < Duration::from_secs(10), "took {took:?}");
+    assert_eq!(c.current_nms(), b.ep);
+    c.flush().await.unwrap();
+    assert_persisted_and_read_back(&cluster, &c, "quiet", &want).await;
+    drop(proxy);
+    b.stop().await;
+    a.stop().await;
+    cluster.shutdown().await;
+}
+
 /// A migration target that dies at a chosen point: a real gRPC server on loopback that
 /// answers the protocol up to `die_after`, then drops the stream (and its listener).
 #[derive(Debug, Clone, Copy, PartialEq)]

@@ -30,8 +30,8 @@
 use crate::h2conn::{
     code, code_name, data_frame, encode_int, encode_string, frame, frame_limit, grow_conn_window,
     next_frame, on_ping, parse_settings, proto_err, queue_for_window, reserve_read,
-    send_buffer_limit, setting, window_increment, ConnError, Frame, HeaderBlocks, Out, RecvBody,
-    RecvShared, RecvState, RecvWindow, StreamWaker, Wakeups, DEFAULT_MAX_FRAME_BYTES,
+    send_buffer_limit, setting, window_increment, ConnError, Frame, HeaderBlocks, Keepalive, Out,
+    RecvBody, RecvShared, RecvState, RecvWindow, StreamWaker, Wakeups, DEFAULT_MAX_FRAME_BYTES,
     DEFAULT_MAX_HELD_SLICES, DEFAULT_SEND_BUFFER_BYTES, DEFAULT_WINDOW, MAX_WINDOW, PREFACE,
     READ_ROOM_MIN_BYTES,
 };
@@ -78,7 +78,20 @@ pub struct ClientSettings {
     /// Most response DATA payloads held uncopied (as slices of receive buffers) at once;
     /// past it they are copied, in slices.
     pub max_held_slices: usize,
+    /// A PING goes out once the server has sent nothing this long, in milliseconds (0:
+    /// never): a server gone silent (powered off, out of range, a link cut without a
+    /// reset) is found out within this plus `keepalive_timeout_ms`, with calls open or
+    /// none, rather than by each call's own deadline.
+    pub keepalive_interval_ms: u64,
+    /// A PING unanswered this long ends the connection, in milliseconds: its calls fail
+    /// UNAVAILABLE ("no answer to a keepalive PING"), and the next call connects anew.
+    pub keepalive_timeout_ms: u64,
 }
+
+/// Default [`ClientSettings::keepalive_interval_ms`], in milliseconds.
+pub const DEFAULT_KEEPALIVE_INTERVAL_MS: u64 = 1_000;
+/// Default [`ClientSettings::keepalive_timeout_ms`], in milliseconds.
+pub const DEFAULT_KEEPALIVE_TIMEOUT_MS: u64 = 2_000;
 
 impl Default for ClientSettings {
     fn default() -> Self {
@@ -91,6 +104,8 @@ impl Default for ClientSettings {
             max_waiting_calls: 1024,
             send_buffer_bytes: DEFAULT_SEND_BUFFER_BYTES,
             max_held_slices: DEFAULT_MAX_HELD_SLICES,
+            keepalive_interval_ms: DEFAULT_KEEPALIVE_INTERVAL_MS,
+            keepalive_timeout_ms: DEFAULT_KEEPALIVE_TIMEOUT_MS,
         }
     }
 }
@@ -481,6 +496,7 @@ struct Conn<IO> {
     recv_win: RecvWindow,
     /// The peer sent GOAWAY.
     goaway: bool,
+    keepalive: Option<Keepalive>,
 }
 
 impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<IO> {
@@ -538,6 +554,11 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<IO> {
             send_window: DEFAULT_WINDOW,
             recv_win: RecvWindow::new(conn_window),
             goaway: false,
+            keepalive: Keepalive::new(
+                (settings.keepalive_interval_ms > 0)
+                    .then(|| Duration::from_millis(settings.keepalive_interval_ms)),
+                Duration::from_millis(settings.keepalive_timeout_ms),
+            ),
         }
     }
 
@@ -608,11 +629,17 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<IO> {
                     Poll::Ready(Ok(0)) => return Poll::Ready(Ok(())),
                     Poll::Ready(Ok(_)) => {
                         busy = true;
+                        if let Some(k) = &mut self.keepalive {
+                            k.heard();
+                        }
                         self.handle_frames()?;
                     }
                     Poll::Ready(Err(e)) => return Poll::Ready(Err(e.into())),
                     Poll::Pending => {}
                 }
+            }
+            if let Some(k) = &mut self.keepalive {
+                k.poll(&mut self.out, cx)?;
             }
             busy |= self.open_calls();
             busy |= self.poll_streams();
@@ -1488,6 +1515,43 @@ mod tests {
         assert_eq!(s.code(), tonic::Code::Unavailable, "{s:?}");
         let cause = std::error::Error::source(&*s).expect("the cause is the source").to_string();
         assert!(cause.contains("closed the connection"), "{cause}");
+    }
+
+    /// Keepalive: a server silent for `keepalive_interval_ms` is sent a PING; an answer
+    /// keeps the connection (and its open call); a PING left unanswered for
+    /// `keepalive_timeout_ms` fails the call UNAVAILABLE, naming the PING.
+    #[tokio::test]
+    async fn a_server_that_stops_answering_pings_fails_the_open_calls() {
+        let (addr, peer) = raw_peer(&[]).await;
+        let settings = ClientSettings {
+            keepalive_interval_ms: 100,
+            keepalive_timeout_ms: 150,
+            ..ClientSettings::default()
+        };
+        let mut ch = channel(addr, settings).await;
+        let call = tokio::spawn(async move { ch.call(request("/svc/M", b"x")).await.map(|_| ()) });
+        let mut tcp = peer.await.unwrap();
+        let started = std::time::Instant::now();
+        // Two PINGs answered: the call stays open past the timeout.
+        for _ in 0..2 {
+            let (ty, flags, _, payload) = loop {
+                let f = next_call_frame(&mut tcp).await;
+                if f.0 == frame::PING {
+                    break f;
+                }
+            };
+            assert_eq!((ty, flags & frame::ACK), (frame::PING, 0));
+            tcp.write_all(&frame_bytes(frame::PING, frame::ACK, 0, &payload)).await.unwrap();
+        }
+        assert!(!call.is_finished(), "the call failed though its PINGs were answered");
+        // Silence: the next PING goes unanswered.
+        let e = call.await.unwrap().unwrap_err().downcast::<tonic::Status>().unwrap();
+        let waited = started.elapsed();
+        assert_eq!(e.code(), tonic::Code::Unavailable, "{e:?}");
+        let cause = std::error::Error::source(&*e).unwrap().to_string();
+        assert!(cause.contains("keepalive PING"), "{cause}");
+        // Two answered intervals, then one more and the timeout.
+        assert!(waited >= std::time::Duration::from_millis(400), "failed after {waited:?}");
     }
 
     #[tokio::test]

@@ -516,6 +516,63 @@ pub(crate) fn grow_conn_window(window: &mut i64, n: i64) -> Result<(), ConnError
 }
 
 /// A PING frame: answered (unless it is an answer).
+/// HTTP/2 keepalive, for both ends of a connection: a PING goes out once the peer has been
+/// silent for `interval`, and the connection fails ([`ConnError::KeepaliveTimeout`]) when
+/// nothing at all is heard within `timeout` of it (any bytes count as an answer).
+pub(crate) struct Keepalive {
+    interval: Duration,
+    timeout: Duration,
+    last_heard: Instant,
+    /// When the unanswered PING was sent.
+    ping_sent: Option<Instant>,
+    timer: Pin<Box<tokio::time::Sleep>>,
+}
+
+impl Keepalive {
+    /// Keepalive every `interval` (`None`: none); each at least 1 ms.
+    pub(crate) fn new(interval: Option<Duration>, timeout: Duration) -> Option<Self> {
+        let interval = interval?.max(Duration::from_millis(1));
+        Some(Self {
+            interval,
+            timeout: timeout.max(Duration::from_millis(1)),
+            last_heard: Instant::now(),
+            ping_sent: None,
+            timer: Box::pin(tokio::time::sleep(interval)),
+        })
+    }
+
+    /// Bytes came from the peer.
+    pub(crate) fn heard(&mut self) {
+        self.last_heard = Instant::now();
+        self.ping_sent = None;
+    }
+
+    /// Queues a PING in `out` when one is due; fails when the last went unanswered.
+    pub(crate) fn poll(&mut self, out: &mut Out, cx: &mut Context<'_>) -> Result<(), ConnError> {
+        if self.timer.as_mut().poll(cx).is_pending() {
+            return Ok(());
+        }
+        let now = Instant::now();
+        let next = match self.ping_sent {
+            Some(sent) if now.duration_since(sent) >= self.timeout => {
+                return Err(ConnError::KeepaliveTimeout(self.timeout));
+            }
+            Some(sent) => sent + self.timeout,
+            None if now.duration_since(self.last_heard) >= self.interval => {
+                out.header(8, frame::PING, 0, 0);
+                out.small(&[0x77; 8]);
+                self.ping_sent = Some(now);
+                now + self.timeout
+            }
+            None => self.last_heard + self.interval,
+        };
+        self.timer.as_mut().reset(tokio::time::Instant::from_std(next));
+        // Registers the timer's waker for the new deadline.
+        let _ = self.timer.as_mut().poll(cx);
+        Ok(())
+    }
+}
+
 pub(crate) fn on_ping(out: &mut Out, id: u32, flags: u8, payload: &[u8]) -> Result<(), ConnError> {
     if payload.len() != 8 {
         return Err(proto_err(code::FRAME_SIZE_ERROR, "PING not 8 bytes long"));
@@ -1208,10 +1265,7 @@ struct Conn<IO, S: hyper::service::Service<http::Request<RecvBody>>, B: http_bod
     resets_since: Instant,
     /// The peer sent GOAWAY: it opens no more streams (and may still send on open ones).
     peer_goaway: bool,
-    last_heard: Instant,
-    /// When the unanswered keepalive PING was sent.
-    ping_sent: Option<Instant>,
-    keepalive: Option<Pin<Box<tokio::time::Sleep>>>,
+    keepalive: Option<Keepalive>,
     /// A scratch buffer for encoding header blocks.
     block: Vec<u8>,
 }
@@ -1247,9 +1301,7 @@ where
         }
         // The protocol's default SETTINGS_HEADER_TABLE_SIZE (we advertise no other).
         let hpack = crate::hpack::Decoder::new(4096);
-        let keepalive = settings
-            .keepalive_interval
-            .map(|i| Box::pin(tokio::time::sleep(i.max(Duration::from_millis(1)))));
+        let keepalive = Keepalive::new(settings.keepalive_interval, settings.keepalive_timeout);
         Self {
             io,
             svc,
@@ -1276,8 +1328,6 @@ where
             resets: 0,
             resets_since: Instant::now(),
             peer_goaway: false,
-            last_heard: Instant::now(),
-            ping_sent: None,
             keepalive,
             block: Vec::new(),
         }
@@ -1355,8 +1405,9 @@ where
                     }
                     Poll::Ready(Ok(_)) => {
                         busy = true;
-                        self.last_heard = Instant::now();
-                        self.ping_sent = None;
+                        if let Some(k) = &mut self.keepalive {
+                            k.heard();
+                        }
                         self.handle_frames()?;
                     }
                     Poll::Ready(Err(e)) => return Poll::Ready(Err(e.into())),
@@ -1365,7 +1416,9 @@ where
             }
             // Poll the calls that are ready.
             busy |= self.poll_streams();
-            self.poll_keepalive(cx)?;
+            if let Some(k) = &mut self.keepalive {
+                k.poll(&mut self.out, cx)?;
+            }
             // Send.
             if self.out.len > 0 {
                 match self.out.poll_write(&mut self.io, cx) {
@@ -1400,34 +1453,6 @@ where
         // Still busy: let the runtime's other tasks run first.
         cx.waker().wake_by_ref();
         Poll::Pending
-    }
-
-    fn poll_keepalive(&mut self, cx: &mut Context<'_>) -> Result<(), ConnError> {
-        let Some(interval) = self.settings.keepalive_interval else { return Ok(()) };
-        let Some(sleep) = self.keepalive.as_mut() else { return Ok(()) };
-        if sleep.as_mut().poll(cx).is_pending() {
-            return Ok(());
-        }
-        let now = Instant::now();
-        let timeout = self.settings.keepalive_timeout.max(Duration::from_millis(1));
-        let next = match self.ping_sent {
-            Some(sent) if now.duration_since(sent) >= timeout => {
-                return Err(ConnError::KeepaliveTimeout(timeout));
-            }
-            Some(sent) => sent + timeout,
-            None if now.duration_since(self.last_heard) >= interval => {
-                self.out.header(8, frame::PING, 0, 0);
-                self.out.small(&[0x77; 8]);
-                self.ping_sent = Some(now);
-                now + timeout
-            }
-            None => self.last_heard + interval,
-        };
-        let sleep = self.keepalive.as_mut().expect("checked above");
-        sleep.as_mut().reset(tokio::time::Instant::from_std(next));
-        // Registers the timer's waker for the new deadline.
-        let _ = sleep.as_mut().poll(cx);
-        Ok(())
     }
 
     // -- receiving ------------------------------------------------------------------------
