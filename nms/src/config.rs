@@ -111,6 +111,10 @@ pub struct Config {
     /// soft open-file limit is raised to the hard one at start, with a warning if this plus
     /// 256 still exceeds it.
     pub max_connections: usize,
+    /// Most connections open at once from one source address, in connections (at most
+    /// `max_connections`; larger acts as it): one host cannot take every slot from the
+    /// vehicles, peers and migrations of the road. A vehicle keeps one per attached volume.
+    pub max_connections_per_source: usize,
     /// Most operations in flight on one vehicle stream; more wait. Also the most replies a
     /// stream gathers from the messages already received before they leave together.
     pub max_stream_inflight_ops: usize,
@@ -232,6 +236,7 @@ impl Default for Config {
             tls_handshake_timeout_ms: 5_000,
             max_tls_handshakes: 256,
             max_connections: 4096,
+            max_connections_per_source: 1024,
             max_stream_inflight_ops: 256,
             max_stream_batch_ops: 256,
             max_concurrent_streams: 1024,
@@ -309,6 +314,7 @@ impl Config {
             ("tls_handshake_timeout_ms", self.tls_handshake_timeout_ms),
             ("max_tls_handshakes", self.max_tls_handshakes as u64),
             ("max_connections", self.max_connections as u64),
+            ("max_connections_per_source", self.max_connections_per_source as u64),
             ("max_concurrent_streams", u64::from(self.max_concurrent_streams)),
             ("http2_send_buffer_bytes", self.http2_send_buffer_bytes as u64),
             ("http2_max_resets_per_s", u64::from(self.http2_max_resets_per_s)),
@@ -384,6 +390,8 @@ mod tests {
         assert!(c.validate().unwrap_err().contains("pss"));
         let c = Config { max_connections: 0, ..Config::default() };
         assert!(c.validate().unwrap_err().contains("max_connections"));
+        let c = Config { max_connections_per_source: 0, ..Config::default() };
+        assert!(c.validate().unwrap_err().contains("max_connections_per_source must be > 0"));
         let c = Config { http2_stream_window_bytes: 1000, ..Config::default() };
         assert!(c.validate().unwrap_err().contains("http2_stream_window_bytes"));
         let c = Config { http2_max_frame_bytes: 1 << 24, ..Config::default() };

@@ -2965,6 +2965,61 @@ async fn a_caller_that_never_sends_the_preface_is_pinged_and_closed() {
     a.stop().await;
 }
 
+/// `max_connections_per_source`: one host holds at most its share of the NMS's
+/// connections (past it, its next is closed without an HTTP/2 byte), while another host
+/// (here 127.0.0.2, another loopback address) is served; a connection closed gives its
+/// host's place back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_host_gets_at_most_max_connections_per_source_and_others_are_served() {
+    use tokio::io::AsyncReadExt as _;
+    let store = std::sync::Arc::new(wayside_nms::store::MemStore::default());
+    let a = LocalNms::start_with_store("a", store, |c| {
+        c.max_connections = 8;
+        c.max_connections_per_source = 2;
+    })
+    .await;
+    let addr: std::net::SocketAddr = a.ep.authority().parse().unwrap();
+    // A connection from `from`, and whether it was served (the server's SETTINGS came)
+    // or closed at once.
+    let connect = |from: [u8; 4]| async move {
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.bind((std::net::Ipv4Addr::from(from), 0).into()).unwrap();
+        let mut tcp = sock.connect(addr).await.unwrap();
+        let mut head = [0u8; 9];
+        let served = tokio::time::timeout(Duration::from_secs(10), tcp.read_exact(&mut head))
+            .await
+            .expect("neither served nor closed")
+            .is_ok_and(|_| head[3] == 0x4);
+        (tcp, served)
+    };
+    // Two from 127.0.0.1 (retried while the start's health check still holds a place).
+    let mut held = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while held.len() < 2 {
+        let (tcp, served) = connect([127, 0, 0, 1]).await;
+        if served {
+            held.push(tcp);
+        }
+        assert!(Instant::now() < deadline, "127.0.0.1 was never given two connections");
+    }
+    let (_, served) = connect([127, 0, 0, 1]).await;
+    assert!(!served, "a third connection from one host past max_connections_per_source 2");
+    let (_other, served) = connect([127, 0, 0, 2]).await;
+    assert!(served, "another host was refused while the first held its share");
+    // A closed connection gives its host's place back.
+    drop(held.pop());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (tcp, served) = connect([127, 0, 0, 1]).await;
+        if served {
+            held.push(tcp);
+            break;
+        }
+        assert!(Instant::now() < deadline, "the closed connection's place never came back");
+    }
+    a.stop().await;
+}
+
 /// `max_connections`: a connection past it is closed as soon as it is accepted (no HTTP/2
 /// byte is sent on it), the connections open are served meanwhile, the client library
 /// fails over-limit attaches UNAVAILABLE within its deadline, and a slot freed by a closed

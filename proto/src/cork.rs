@@ -66,7 +66,7 @@ pub struct CorkedIo<T> {
     at_once: bool,
     /// The server's connection slot this connection holds (see
     /// [`crate::server::ConnectionLimit`]): given back when the connection is dropped.
-    slot: Option<tokio::sync::OwnedSemaphorePermit>,
+    slot: Option<crate::server::ConnectionSlot>,
     /// Closes a connection that sends nothing for too long ([`CorkedIo::closed_when_silent`]).
     silence: Option<Silence>,
 }
@@ -108,7 +108,7 @@ impl<T> CorkedIo<T> {
     }
 
     /// This connection holds `slot` of its server's connection limit until it is dropped.
-    pub fn holding(mut self, slot: tokio::sync::OwnedSemaphorePermit) -> Self {
+    pub fn holding(mut self, slot: crate::server::ConnectionSlot) -> Self {
         self.slot = Some(slot);
         self
     }

@@ -44,7 +44,7 @@ pub fn incoming(
         .with_keepalive(Some(keepalive))
         .with_keepalive_interval(Some(keepalive))
         .filter_map(move |s| match s {
-            Ok(s) => limit.admit().map(|slot| {
+            Ok(s) => limit.admit(s.peer_addr().ok().map(|a| a.ip())).map(|slot| {
                 let io = CorkedIo::new(s).holding(slot);
                 Ok(match silence {
                     Some(t) => io.closed_when_silent(t),
@@ -137,30 +137,69 @@ pub fn raise_open_file_limit(max_connections: usize) -> Option<u64> {
 
 /// Default of every server's `max_connections`, in connections.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
+/// Default of the PSS's `max_connections_per_source`: half its `max_connections`, so one
+/// host (a runaway NMS, a scanner) leaves the other half to the road, in connections.
+pub const DEFAULT_MAX_CONNECTIONS_PER_SOURCE: usize = DEFAULT_MAX_CONNECTIONS / 2;
 /// Least time between two warnings that connections were refused, in seconds.
 const REFUSED_WARN_INTERVAL_S: u64 = 10;
 
-/// The most connections a server holds open at once (`max_connections`): every accepted
-/// connection takes a slot, held by its [`CorkedIo`] until the connection is dropped; one
-/// accepted with none left is closed at once (its caller sees the connection close and
+/// The most connections a server holds open at once (`max_connections`), and from one
+/// source address (`max_connections_per_source`): every accepted connection takes a
+/// [`ConnectionSlot`], held by its [`CorkedIo`] until the connection is dropped; one
+/// accepted past either limit is closed at once (its caller sees the connection close and
 /// retries), so callers that connect and idle, or many at once, cost at most this many
-/// sockets, tasks and receive buffers. A refusal is logged at debug level, and a warning
-/// naming the limit and the count goes out at most every [`REFUSED_WARN_INTERVAL_S`].
+/// sockets, tasks and receive buffers, and no one host can take every slot from the rest
+/// of the road (vehicles, peers, migrations). A refusal is logged at debug level, and a
+/// warning naming the limit and the count goes out at most every
+/// [`REFUSED_WARN_INTERVAL_S`].
 #[derive(Debug, Clone)]
 pub struct ConnectionLimit {
     slots: std::sync::Arc<tokio::sync::Semaphore>,
     max: usize,
+    per_source: usize,
+    /// Connections open per source address (only sources with one open: at most `max`
+    /// entries).
+    sources: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>,
     /// Refusals since the last warning, and when that was.
     refused: std::sync::Arc<std::sync::Mutex<(u64, Option<std::time::Instant>)>>,
 }
 
+/// One connection's place in a [`ConnectionLimit`], given back when dropped.
+#[derive(Debug)]
+pub struct ConnectionSlot {
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    source: Option<(std::net::IpAddr, ConnectionLimit)>,
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        if let Some((ip, limit)) = self.source.take() {
+            let mut sources = limit.sources.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(n) = sources.get_mut(&ip) {
+                *n -= 1;
+                if *n == 0 {
+                    sources.remove(&ip);
+                }
+            }
+        }
+    }
+}
+
 impl ConnectionLimit {
-    /// At most `max` connections (at least 1).
+    /// At most `max` connections (at least 1), as many from one source.
     pub fn new(max: usize) -> Self {
+        Self::with_per_source(max, max)
+    }
+
+    /// At most `max` connections (at least 1), and `per_source` (at least 1, at most
+    /// `max`) from any one source address.
+    pub fn with_per_source(max: usize, per_source: usize) -> Self {
         let max = max.clamp(1, tokio::sync::Semaphore::MAX_PERMITS);
         Self {
             slots: std::sync::Arc::new(tokio::sync::Semaphore::new(max)),
             max,
+            per_source: per_source.clamp(1, max),
+            sources: Default::default(),
             refused: Default::default(),
         }
     }
@@ -170,12 +209,32 @@ impl ConnectionLimit {
         self.max - self.slots.available_permits()
     }
 
-    /// A slot for a connection just accepted, or `None` (logged) when all are taken.
-    pub fn admit(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
-        if let Ok(slot) = self.slots.clone().try_acquire_owned() {
-            return Some(slot);
+    /// A slot for a connection just accepted from `source` (`None`: its address is not
+    /// known, counted against `max_connections` only), or `None` (logged) when the server
+    /// or that source has no slot left.
+    pub fn admit(&self, source: Option<std::net::IpAddr>) -> Option<ConnectionSlot> {
+        let Ok(permit) = self.slots.clone().try_acquire_owned() else {
+            self.refused("max_connections", None);
+            return None;
+        };
+        let Some(ip) = source else {
+            return Some(ConnectionSlot { _permit: permit, source: None });
+        };
+        {
+            let mut sources = self.sources.lock().unwrap_or_else(|p| p.into_inner());
+            let n = sources.entry(ip).or_insert(0);
+            if *n < self.per_source {
+                *n += 1;
+                return Some(ConnectionSlot { _permit: permit, source: Some((ip, self.clone())) });
+            }
         }
-        tracing::debug!(max_connections = self.max, "a connection past max_connections closed");
+        self.refused("max_connections_per_source", Some(ip));
+        None
+    }
+
+    fn refused(&self, limit: &'static str, source: Option<std::net::IpAddr>) {
+        let (max, per_source) = (self.max, self.per_source);
+        tracing::debug!(max, per_source, ?source, "a connection past {limit} closed");
         let mut r = self.refused.lock().unwrap_or_else(|p| p.into_inner());
         r.0 += 1;
         let now = std::time::Instant::now();
@@ -184,13 +243,16 @@ impl ConnectionLimit {
         });
         if due {
             tracing::warn!(
-                max_connections = self.max,
+                max_connections = max,
+                max_connections_per_source = per_source,
                 refused = r.0,
-                "connections refused: max_connections connections are open"
+                last_refused_by = limit,
+                ?source,
+                "connections refused: max_connections connections are open, or \
+                 max_connections_per_source from one address"
             );
             *r = (0, Some(now));
         }
-        None
     }
 }
 
@@ -234,7 +296,7 @@ const SHARD_QUEUE_CONNECTIONS: usize = 64;
 pub struct ShardIncoming {
     /// Handed over as std sockets: a tokio socket stays registered with the reactor of
     /// the runtime that made it, whose thread would then wake this one for every event.
-    rx: tokio::sync::mpsc::Receiver<(std::net::TcpStream, tokio::sync::OwnedSemaphorePermit)>,
+    rx: tokio::sync::mpsc::Receiver<(std::net::TcpStream, ConnectionSlot)>,
 }
 
 impl tokio_stream::Stream for ShardIncoming {
@@ -335,9 +397,7 @@ where
 /// none left is closed); drops the senders when done.
 async fn accept_into(
     listener: tokio::net::TcpListener,
-    mut txs: Vec<
-        Option<tokio::sync::mpsc::Sender<(std::net::TcpStream, tokio::sync::OwnedSemaphorePermit)>>,
-    >,
+    mut txs: Vec<Option<tokio::sync::mpsc::Sender<(std::net::TcpStream, ConnectionSlot)>>>,
     limit: ConnectionLimit,
     stop: impl std::future::Future<Output = ()>,
 ) {
@@ -348,8 +408,8 @@ async fn accept_into(
             () = &mut stop => break,
             a = listener.accept() => a,
         };
-        let stream = match accepted {
-            Ok((s, _)) => s,
+        let (stream, peer) = match accepted {
+            Ok(a) => a,
             Err(e) => {
                 // Out of descriptors or a connection reset before accept: not fatal.
                 tracing::warn!(error = %e, "accepting a connection failed");
@@ -357,7 +417,7 @@ async fn accept_into(
                 continue;
             }
         };
-        let Some(slot) = limit.admit() else { continue };
+        let Some(slot) = limit.admit(Some(peer.ip())) else { continue };
         if let Err(e) = stream.set_nodelay(true) {
             tracing::debug!(error = %e, "TCP_NODELAY not set");
         }
@@ -394,17 +454,38 @@ mod tests {
     #[test]
     fn a_connection_limit_hands_out_its_slots_and_takes_them_back() {
         let limit = ConnectionLimit::new(2);
-        let a = limit.admit().expect("a first slot");
-        let b = limit.admit().expect("a second slot");
+        let a = limit.admit(None).expect("a first slot");
+        let b = limit.admit(None).expect("a second slot");
         assert_eq!(limit.open(), 2);
-        assert!(limit.admit().is_none(), "a third connection past max_connections 2");
-        assert!(limit.admit().is_none(), "refused again");
+        assert!(limit.admit(None).is_none(), "a third connection past max_connections 2");
+        assert!(limit.admit(None).is_none(), "refused again");
         drop(a);
         assert_eq!(limit.open(), 1);
-        let _c = limit.admit().expect("the freed slot");
+        let _c = limit.admit(None).expect("the freed slot");
         drop(b);
         assert_eq!(limit.open(), 1);
         assert_eq!(ConnectionLimit::new(0).slots.available_permits(), 1, "at least one");
+    }
+
+    #[test]
+    fn one_source_gets_at_most_its_share_and_the_others_the_rest() {
+        let (x, y): (std::net::IpAddr, std::net::IpAddr) =
+            ("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap());
+        let limit = ConnectionLimit::with_per_source(4, 2);
+        let x1 = limit.admit(Some(x)).expect("x's first");
+        let _x2 = limit.admit(Some(x)).expect("x's second");
+        assert!(limit.admit(Some(x)).is_none(), "x past max_connections_per_source 2");
+        assert_eq!(limit.open(), 2, "a refusal holds no slot");
+        let _y1 = limit.admit(Some(y)).expect("y is served meanwhile");
+        drop(x1);
+        let _x3 = limit.admit(Some(x)).expect("x's freed place");
+        let _unknown = limit.admit(None).expect("an unknown source counts against the total");
+        assert!(limit.admit(Some(y)).is_none(), "the total, 4, is reached");
+        assert_eq!(limit.sources.lock().unwrap().len(), 2);
+        drop((_x2, _x3, _y1));
+        assert!(limit.sources.lock().unwrap().is_empty(), "no entry outlives its connections");
+        assert_eq!(ConnectionLimit::with_per_source(4, 9).per_source, 4, "at most max");
+        assert_eq!(ConnectionLimit::with_per_source(4, 0).per_source, 1, "at least one");
     }
 
     #[test]

@@ -103,6 +103,10 @@ pub struct Config {
     /// Most connections open at once (NMSs, peers, operators), in connections; one past it
     /// is closed as soon as it is accepted. Keep it below the process's open-file limit.
     pub max_connections: usize,
+    /// Most connections open at once from one source address, in connections (at most
+    /// `max_connections`; larger acts as it): one host cannot take every slot from the
+    /// NMSs and peers.
+    pub max_connections_per_source: usize,
     /// A connection whose peer has sent nothing this long is closed, in milliseconds (0:
     /// never): a caller that connects and never speaks HTTP/2 would otherwise hold one of
     /// `max_connections` for good. With keepalive on it must exceed
@@ -149,6 +153,7 @@ impl Default for Config {
             tls: wayside_proto::tls::TlsFiles::default(),
             tls_handshake_timeout_ms: 5_000,
             max_connections: wayside_proto::server::DEFAULT_MAX_CONNECTIONS,
+            max_connections_per_source: wayside_proto::server::DEFAULT_MAX_CONNECTIONS_PER_SOURCE,
             silent_connection_timeout_ms: wayside_proto::server::SILENT_CONNECTION_TIMEOUT_MS,
         }
     }
@@ -272,6 +277,7 @@ impl Config {
             ("request_timeout_ms", self.request_timeout_ms as usize),
             ("tls_handshake_timeout_ms", self.tls_handshake_timeout_ms as usize),
             ("max_connections", self.max_connections),
+            ("max_connections_per_source", self.max_connections_per_source),
         ];
         if let Some((name, _)) = positive.iter().find(|(_, v)| *v == 0) {
             return Err(ConfigError::Zero { name });

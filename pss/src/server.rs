@@ -131,7 +131,10 @@ async fn serve(
     .max_encoding_message_size(max);
     let incoming = wayside_proto::server::incoming(
         listener,
-        wayside_proto::server::ConnectionLimit::new(config.max_connections),
+        wayside_proto::server::ConnectionLimit::with_per_source(
+            config.max_connections,
+            config.max_connections_per_source,
+        ),
         config.silence_limit()?,
     );
     let mut builder = tonic::transport::Server::builder();

@@ -186,7 +186,10 @@ async fn serve_node(
         let server = wayside_proto::server::serve_sharded(
             listener,
             config.serve_threads,
-            wayside_proto::server::ConnectionLimit::new(config.max_connections),
+            wayside_proto::server::ConnectionLimit::with_per_source(
+                config.max_connections,
+                config.max_connections_per_source,
+            ),
             node.stop.clone().cancelled_owned(),
             served,
         );

@@ -76,6 +76,10 @@ pub struct SmfConfig {
     /// past it is closed as soon as it is accepted. Each reporting vehicle keeps one open:
     /// keep it above `max_vehicles` and below the process's open-file limit.
     pub max_connections: usize,
+    /// Most connections open at once from one source address, in connections (at most
+    /// `max_connections`; larger acts as it): one host cannot take every slot from the
+    /// road's vehicles.
+    pub max_connections_per_source: usize,
     /// HTTP/2 PING sent on a connection after this long without a frame from the peer, in
     /// milliseconds (0: never): a vehicle gone out of range without closing its connection
     /// would otherwise hold it (and its slot of `max_connections`) until TCP gives up.
@@ -92,6 +96,8 @@ pub struct SmfConfig {
 /// Default `max_connections` of the SMF: `max_vehicles` (10000) reporting at once, and
 /// operators, in connections.
 pub const DEFAULT_SMF_MAX_CONNECTIONS: usize = 10_240;
+/// Default `max_connections_per_source` of the SMF, in connections.
+pub const DEFAULT_SMF_MAX_CONNECTIONS_PER_SOURCE: usize = 1_024;
 
 impl Default for SmfConfig {
     fn default() -> Self {
@@ -113,6 +119,7 @@ impl Default for SmfConfig {
             tls: wayside_proto::tls::TlsFiles::default(),
             tls_handshake_timeout_ms: 5_000,
             max_connections: DEFAULT_SMF_MAX_CONNECTIONS,
+            max_connections_per_source: DEFAULT_SMF_MAX_CONNECTIONS_PER_SOURCE,
             http2_keepalive_interval_ms: wayside_proto::server::HTTP2_KEEPALIVE_INTERVAL_MS,
             http2_keepalive_timeout_ms: wayside_proto::server::HTTP2_KEEPALIVE_TIMEOUT_MS,
             silent_connection_timeout_ms: wayside_proto::server::SILENT_CONNECTION_TIMEOUT_MS,
@@ -138,10 +145,12 @@ impl SmfConfig {
             || self.migration_rpc_timeout_ms == 0
             || self.tls_handshake_timeout_ms == 0
             || self.max_connections == 0
+            || self.max_connections_per_source == 0
         {
             return Err("tick_ms, max_concurrent_moves, max_move_records, max_vehicles, \
                         max_volumes, max_vehicles_per_volume, migration_rpc_timeout_ms, \
-                        tls_handshake_timeout_ms and max_connections must be > 0"
+                        tls_handshake_timeout_ms, max_connections and \
+                        max_connections_per_source must be > 0"
                 .into());
         }
         self.silence_limit()?;
@@ -863,7 +872,10 @@ pub async fn serve(
             .serve_with_incoming_shutdown(
                 wayside_proto::server::incoming(
                     listener,
-                    wayside_proto::server::ConnectionLimit::new(smf.cfg.max_connections),
+                    wayside_proto::server::ConnectionLimit::with_per_source(
+                        smf.cfg.max_connections,
+                        smf.cfg.max_connections_per_source,
+                    ),
                     smf.cfg.silence_limit().map_err(|e| anyhow::anyhow!(e))?,
                 ),
                 shutdown.clone().cancelled_owned(),
@@ -907,6 +919,9 @@ pub struct SmfArgs {
     /// closed as soon as it is accepted.
     #[arg(long, default_value_t = DEFAULT_SMF_MAX_CONNECTIONS)]
     pub max_connections: usize,
+    /// Most connections open at once from one source address (at most --max-connections).
+    #[arg(long, default_value_t = DEFAULT_SMF_MAX_CONNECTIONS_PER_SOURCE)]
+    pub max_connections_per_source: usize,
     /// A connection whose peer has sent nothing this long is closed, in milliseconds (0:
     /// never); it must exceed the HTTP/2 keepalive period (20000 ms).
     #[arg(long, default_value_t = wayside_proto::server::SILENT_CONNECTION_TIMEOUT_MS)]
@@ -924,6 +939,7 @@ pub async fn serve_cmd(a: SmfArgs) -> anyhow::Result<()> {
         tls: wayside_proto::tls::TlsFiles { cert: a.tls_cert, key: a.tls_key, ca: a.tls_ca },
         tls_handshake_timeout_ms: a.tls_handshake_timeout_ms,
         max_connections: a.max_connections,
+        max_connections_per_source: a.max_connections_per_source,
         silent_connection_timeout_ms: a.silent_connection_timeout_ms,
         ..Default::default()
     };
