@@ -37,8 +37,8 @@
 //!
 //! - An NMS gone silent (powered off, out of range, a link cut without a reset) is found
 //!   out by the connection's keepalive PINGs (`http2.keepalive_interval_ms` and
-//!   `_timeout_ms`, 1 s and 2 s): the calls open on it fail over then, and an idle vehicle
-//!   connects anew at its next call, rather than each waiting out `rpc_timeout`.
+//!   `_timeout_ms`, 2 s and 5 s): an idle vehicle connects anew at its next call rather than
+//!   waiting out `rpc_timeout` on a dead connection, and a stream open on it fails over.
 //!
 //! Limits: `journal_limit_bytes` (a write that would pass it first flushes), `op_timeout`
 //! (per call, retries included), `rpc_timeout` (per attempt), backoff doubling from

@@ -78,20 +78,26 @@ pub struct ClientSettings {
     /// Most response DATA payloads held uncopied (as slices of receive buffers) at once;
     /// past it they are copied, in slices.
     pub max_held_slices: usize,
-    /// A PING goes out once the server has sent nothing this long, in milliseconds (0:
-    /// never): a server gone silent (powered off, out of range, a link cut without a
+    /// A PING goes out once the server has sent nothing this long, in milliseconds (0, or
+    /// a `keepalive_timeout_ms` of 0: never): a server gone silent (powered off, out of range, a link cut without a
     /// reset) is found out within this plus `keepalive_timeout_ms`, with calls open or
     /// none, rather than by each call's own deadline.
     pub keepalive_interval_ms: u64,
     /// A PING unanswered this long ends the connection, in milliseconds: its calls fail
-    /// UNAVAILABLE ("no answer to a keepalive PING"), and the next call connects anew.
+    /// UNAVAILABLE ("no answer to a keepalive PING"), and the next call connects anew. The
+    /// time counts only while the socket takes none of our bytes either (a slow uplink
+    /// busy with a large upload is not taken for a dead server).
     pub keepalive_timeout_ms: u64,
 }
 
 /// Default [`ClientSettings::keepalive_interval_ms`], in milliseconds.
-pub const DEFAULT_KEEPALIVE_INTERVAL_MS: u64 = 1_000;
-/// Default [`ClientSettings::keepalive_timeout_ms`], in milliseconds.
-pub const DEFAULT_KEEPALIVE_TIMEOUT_MS: u64 = 2_000;
+pub const DEFAULT_KEEPALIVE_INTERVAL_MS: u64 = 2_000;
+/// Default [`ClientSettings::keepalive_timeout_ms`], in milliseconds: no shorter than the
+/// client library's per-attempt `rpc_timeout` (5 s), since a server slow enough to answer a
+/// call late answers a PING late too (an NMS in a TCG VM on a loaded host, under a whole-VM
+/// live migration, took seconds; 2 s cut its working connection, and the reconnects that
+/// followed found no time to connect).
+pub const DEFAULT_KEEPALIVE_TIMEOUT_MS: u64 = 5_000;
 
 impl Default for ClientSettings {
     fn default() -> Self {
@@ -555,7 +561,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<IO> {
             recv_win: RecvWindow::new(conn_window),
             goaway: false,
             keepalive: Keepalive::new(
-                (settings.keepalive_interval_ms > 0)
+                (settings.keepalive_interval_ms > 0 && settings.keepalive_timeout_ms > 0)
                     .then(|| Duration::from_millis(settings.keepalive_interval_ms)),
                 Duration::from_millis(settings.keepalive_timeout_ms),
             ),
@@ -1524,8 +1530,8 @@ mod tests {
     async fn a_server_that_stops_answering_pings_fails_the_open_calls() {
         let (addr, peer) = raw_peer(&[]).await;
         let settings = ClientSettings {
-            keepalive_interval_ms: 100,
-            keepalive_timeout_ms: 150,
+            keepalive_interval_ms: 200,
+            keepalive_timeout_ms: 500,
             ..ClientSettings::default()
         };
         let mut ch = channel(addr, settings).await;
@@ -1550,8 +1556,8 @@ mod tests {
         assert_eq!(e.code(), tonic::Code::Unavailable, "{e:?}");
         let cause = std::error::Error::source(&*e).unwrap().to_string();
         assert!(cause.contains("keepalive PING"), "{cause}");
-        // Two answered intervals, then one more and the timeout.
-        assert!(waited >= std::time::Duration::from_millis(400), "failed after {waited:?}");
+        // Two answered intervals, then one more and the timeout (1.1 s; half of it here).
+        assert!(waited >= std::time::Duration::from_millis(550), "failed after {waited:?}");
     }
 
     #[tokio::test]

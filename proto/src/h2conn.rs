@@ -515,16 +515,21 @@ pub(crate) fn grow_conn_window(window: &mut i64, n: i64) -> Result<(), ConnError
     Ok(())
 }
 
-/// A PING frame: answered (unless it is an answer).
 /// HTTP/2 keepalive, for both ends of a connection: a PING goes out once the peer has been
 /// silent for `interval`, and the connection fails ([`ConnError::KeepaliveTimeout`]) when
-/// nothing at all is heard within `timeout` of it (any bytes count as an answer).
+/// nothing at all is heard within `timeout` of it (any bytes count as an answer) and no
+/// byte of ours has reached the socket meanwhile either. The PING is queued behind what is
+/// already to be sent, so on a slow link a large upload (the peer silent while it takes it
+/// in) would otherwise outlast the timeout; a peer that is gone stops taking our bytes once
+/// the socket's buffer is full, and is found out then.
 pub(crate) struct Keepalive {
     interval: Duration,
     timeout: Duration,
     last_heard: Instant,
-    /// When the unanswered PING was sent.
+    /// When the unanswered PING was sent, or our bytes last reached the socket after it.
     ping_sent: Option<Instant>,
+    /// [`Out::written`] when `ping_sent` was last set.
+    written: u64,
     timer: Pin<Box<tokio::time::Sleep>>,
 }
 
@@ -537,6 +542,7 @@ impl Keepalive {
             timeout: timeout.max(Duration::from_millis(1)),
             last_heard: Instant::now(),
             ping_sent: None,
+            written: 0,
             timer: Box::pin(tokio::time::sleep(interval)),
         })
     }
@@ -553,6 +559,11 @@ impl Keepalive {
             return Ok(());
         }
         let now = Instant::now();
+        if self.ping_sent.is_some() && out.written != self.written {
+            // Our bytes are still being taken: the peer's side is alive, only busy.
+            self.ping_sent = Some(now);
+            self.written = out.written;
+        }
         let next = match self.ping_sent {
             Some(sent) if now.duration_since(sent) >= self.timeout => {
                 return Err(ConnError::KeepaliveTimeout(self.timeout));
@@ -562,6 +573,7 @@ impl Keepalive {
                 out.header(8, frame::PING, 0, 0);
                 out.small(&[0x77; 8]);
                 self.ping_sent = Some(now);
+                self.written = out.written;
                 now + self.timeout
             }
             None => self.last_heard + self.interval,
@@ -573,6 +585,7 @@ impl Keepalive {
     }
 }
 
+/// A PING frame: answered (unless it is an answer).
 pub(crate) fn on_ping(out: &mut Out, id: u32, flags: u8, payload: &[u8]) -> Result<(), ConnError> {
     if payload.len() != 8 {
         return Err(proto_err(code::FRAME_SIZE_ERROR, "PING not 8 bytes long"));
@@ -883,6 +896,8 @@ pub(crate) struct Out {
     small: BytesMut,
     /// Bytes in `queue` and `small`.
     pub(crate) len: usize,
+    /// Bytes written to the socket so far (progress: [`Keepalive`]).
+    pub(crate) written: u64,
 }
 
 impl Out {
@@ -985,6 +1000,7 @@ impl Out {
                 return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into()));
             }
             self.len -= n;
+            self.written += n as u64;
             let mut left = n;
             while left > 0 {
                 let front = self.queue.front_mut().expect("written bytes were queued");
@@ -1985,6 +2001,40 @@ mod tests {
     use crate::h2serve::{ChunkBuf, GrpcBody, ReplyStream};
     use std::net::SocketAddr;
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    /// A PING queued behind bytes the socket keeps taking (a slow link busy with an
+    /// upload) does not time out; once the socket takes nothing more and nothing is heard,
+    /// it does; anything heard answers it.
+    #[tokio::test]
+    async fn keepalive_counts_only_while_nothing_moves_either_way() {
+        let (interval, timeout) = (Duration::from_millis(50), Duration::from_millis(200));
+        let mut k = Keepalive::new(Some(interval), timeout).unwrap();
+        let mut out = Out::default();
+        let poll = |k: &mut Keepalive, out: &mut Out| {
+            let mut cx = Context::from_waker(std::task::Waker::noop());
+            k.poll(out, &mut cx)
+        };
+        tokio::time::sleep(interval + Duration::from_millis(10)).await;
+        poll(&mut k, &mut out).unwrap();
+        assert_eq!(out.len, FRAME_HEADER_BYTES + 8, "a PING after the interval");
+        // Four timeouts long, our bytes keep leaving: not dead.
+        for _ in 0..8 {
+            tokio::time::sleep(timeout / 2).await;
+            out.written += 16 * 1024;
+            poll(&mut k, &mut out).expect("the socket takes our bytes: alive");
+        }
+        // Nothing moves for a timeout: dead.
+        tokio::time::sleep(timeout + Duration::from_millis(20)).await;
+        let e = poll(&mut k, &mut out).unwrap_err();
+        assert!(matches!(e, ConnError::KeepaliveTimeout(_)), "{e}");
+        // Heard from the peer: no PING is due until another interval of silence.
+        let mut k = Keepalive::new(Some(interval), timeout).unwrap();
+        tokio::time::sleep(interval + Duration::from_millis(10)).await;
+        poll(&mut k, &mut out).unwrap();
+        k.heard();
+        tokio::time::sleep(timeout + Duration::from_millis(20)).await;
+        poll(&mut k, &mut out).expect("an answered PING never times out");
+    }
 
     fn settings() -> ConnSettings {
         ConnSettings {

@@ -217,7 +217,7 @@ impl ConnectionLimit {
             self.refused("max_connections", None);
             return None;
         };
-        let Some(ip) = source else {
+        let Some(ip) = source.map(|ip| ip.to_canonical()) else {
             return Some(ConnectionSlot { _permit: permit, source: None });
         };
         {

@@ -105,13 +105,17 @@ pub struct Config {
     pub max_connections: usize,
     /// Most connections open at once from one source address, in connections (at most
     /// `max_connections`; larger acts as it): one host cannot take every slot from the
-    /// NMSs and peers.
+    /// NMSs and peers. Callers behind one address (vehicles behind a NAT, every host connection to a
+    /// VM on QEMU user-mode networking, a loopback testbed) share it; a host with many
+    /// addresses (IPv6) gets it once per address.
     pub max_connections_per_source: usize,
     /// A connection whose peer has sent nothing this long is closed, in milliseconds (0:
     /// never): a caller that connects and never speaks HTTP/2 would otherwise hold one of
     /// `max_connections` for good. With keepalive on it must exceed
     /// `http2_keepalive_interval_ms` plus `http2_keepalive_timeout_ms` (an idle live peer
-    /// is heard only when it answers a PING).
+    /// is heard only when it answers a PING); with keepalive off, a caller that sends
+    /// nothing this long is cut even with a call open (an idle client then connects anew
+    /// at its next call).
     pub silent_connection_timeout_ms: u64,
 }
 
