@@ -188,3 +188,18 @@ pub async fn wait_healthy_tls(
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// The types of the whole HTTP/2 frames in `bytes` (what a raw test peer was sent), in
+/// order: 0x4 SETTINGS, 0x6 PING, 0x7 GOAWAY and so on.
+pub fn frame_types(bytes: &[u8]) -> Vec<u8> {
+    let mut types = Vec::new();
+    let mut at = 0;
+    while at + 9 <= bytes.len() {
+        types.push(bytes[at + 3]);
+        let len = usize::from(bytes[at]) << 16
+            | usize::from(bytes[at + 1]) << 8
+            | usize::from(bytes[at + 2]);
+        at += 9 + len;
+    }
+    types
+}

@@ -2953,14 +2953,7 @@ async fn a_caller_that_never_sends_the_preface_is_pinged_and_closed() {
     let held = connected.elapsed();
     // (Half the 400 ms: the server's clock starts at its accept.)
     assert!(held >= Duration::from_millis(200), "closed after {held:?}, before its PING ran out");
-    let mut kinds = Vec::new();
-    let mut at = 0;
-    while at + 9 <= sent.len() {
-        kinds.push(sent[at + 3]);
-        at += 9
-            + (usize::from(sent[at]) << 16 | usize::from(sent[at + 1]) << 8)
-            + usize::from(sent[at + 2]);
-    }
+    let kinds = wayside_nms::testing::frame_types(&sent);
     assert_eq!(kinds.first(), Some(&0x4), "SETTINGS first: {kinds:?}");
     assert!(kinds.contains(&0x6), "the mute caller was never pinged: {kinds:?}");
     a.stop().await;
@@ -2993,31 +2986,30 @@ async fn one_host_gets_at_most_max_connections_per_source_and_others_are_served(
             .is_ok_and(|_| head[3] == 0x4);
         (tcp, served)
     };
-    // Two from 127.0.0.1 (retried while the start's health check still holds a place).
-    let mut held = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while held.len() < 2 {
-        let (tcp, served) = connect([127, 0, 0, 1]).await;
-        if served {
-            held.push(tcp);
+    // A connection from 127.0.0.1 that is served, tried for at most 10 s (`why` names
+    // what is waited for).
+    let served_one = |why: &'static str| async move {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let (tcp, served) = connect([127, 0, 0, 1]).await;
+            if served {
+                return tcp;
+            }
+            assert!(Instant::now() < deadline, "{why}");
         }
-        assert!(Instant::now() < deadline, "127.0.0.1 was never given two connections");
-    }
+    };
+    // Two from 127.0.0.1 (retried while the start's health check still holds a place).
+    let mut held = vec![
+        served_one("127.0.0.1 was never given a first connection").await,
+        served_one("127.0.0.1 was never given a second connection").await,
+    ];
     let (_, served) = connect([127, 0, 0, 1]).await;
     assert!(!served, "a third connection from one host past max_connections_per_source 2");
     let (_other, served) = connect([127, 0, 0, 2]).await;
     assert!(served, "another host was refused while the first held its share");
     // A closed connection gives its host's place back.
     drop(held.pop());
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let (tcp, served) = connect([127, 0, 0, 1]).await;
-        if served {
-            held.push(tcp);
-            break;
-        }
-        assert!(Instant::now() < deadline, "the closed connection's place never came back");
-    }
+    held.push(served_one("the closed connection's place never came back").await);
     a.stop().await;
 }
 

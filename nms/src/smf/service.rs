@@ -1025,6 +1025,58 @@ mod tests {
         .is_err());
     }
 
+    /// An SMF serving `cfg` on loopback: its address, its stop token and its task.
+    async fn serving_smf(
+        cfg: SmfConfig,
+    ) -> (std::net::SocketAddr, CancellationToken, tokio::task::JoinHandle<anyhow::Result<()>>)
+    {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stop = CancellationToken::new();
+        let server = tokio::spawn(serve(no_nms(cfg, stop.clone()), listener, stop.clone()));
+        (addr, stop, server)
+    }
+
+    /// One health check of the SMF at `addr` on a new connection, within 2 s.
+    async fn health(addr: std::net::SocketAddr) -> anyhow::Result<()> {
+        let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+            .connect_timeout(Duration::from_secs(2))
+            .timeout(Duration::from_secs(2))
+            .connect()
+            .await?;
+        let req = tonic_health::pb::HealthCheckRequest { service: String::new() };
+        tonic_health::pb::health_client::HealthClient::new(ch).check(req).await?;
+        Ok(())
+    }
+
+    /// Health checks until one is served, for at most 10 s (`what` names the slot waited
+    /// for in the failure).
+    async fn served_again(addr: std::net::SocketAddr, what: &str) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            match health(addr).await {
+                Ok(()) => return,
+                Err(e) if std::time::Instant::now() < deadline => {
+                    tracing::debug!(error = %e, "not served yet");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Err(e) => panic!("{what} never came back: {e}"),
+            }
+        }
+    }
+
+    async fn stop_smf(
+        stop: CancellationToken,
+        server: tokio::task::JoinHandle<anyhow::Result<()>>,
+    ) {
+        stop.cancel();
+        tokio::time::timeout(Duration::from_secs(10), server)
+            .await
+            .expect("the SMF did not stop")
+            .unwrap()
+            .unwrap();
+    }
+
     /// `max_connections` and keepalive on the SMF: with its one slot held by a peer that
     /// spoke HTTP/2 and then went silent (out of range, its socket still open), another
     /// caller is refused; the silent peer's PING goes unanswered, its connection is closed,
@@ -1038,23 +1090,10 @@ mod tests {
             http2_keepalive_timeout_ms: 200,
             ..Default::default()
         };
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let stop = CancellationToken::new();
-        let server = tokio::spawn(serve(no_nms(cfg, stop.clone()), listener, stop.clone()));
+        let (addr, stop, server) = serving_smf(cfg).await;
         // The silent peer: the client preface and an empty SETTINGS, then nothing.
         let mut silent = tokio::net::TcpStream::connect(addr).await.unwrap();
         silent.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0").await.unwrap();
-        let health = || async {
-            let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
-                .connect_timeout(Duration::from_secs(2))
-                .timeout(Duration::from_secs(2))
-                .connect()
-                .await?;
-            let req = tonic_health::pb::HealthCheckRequest { service: String::new() };
-            tonic_health::pb::health_client::HealthClient::new(ch).check(req).await?;
-            anyhow::Ok(())
-        };
         // Refused while the silent peer holds the slot (the server has taken it once its
         // SETTINGS came back).
         let mut got = [0u8; 9];
@@ -1062,37 +1101,15 @@ mod tests {
         assert_eq!(got[3], 0x4, "the server's SETTINGS first");
         let len = usize::from(got[0]) << 16 | usize::from(got[1]) << 8 | usize::from(got[2]);
         silent.read_exact(&mut vec![0u8; len]).await.unwrap();
-        assert!(health().await.is_err(), "served past max_connections 1");
+        assert!(health(addr).await.is_err(), "served past max_connections 1");
         // The silent peer is pinged, never answers, and is closed: the slot is free again.
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        loop {
-            match health().await {
-                Ok(()) => break,
-                Err(e) if std::time::Instant::now() < deadline => {
-                    tracing::debug!(error = %e, "not served yet");
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
-                Err(e) => panic!("the silent peer's slot never came back: {e}"),
-            }
-        }
+        served_again(addr, "the silent peer's slot").await;
         // What the silent peer was sent before its connection closed: a PING among it.
         let mut rest = Vec::new();
         let _ = tokio::time::timeout(Duration::from_secs(5), silent.read_to_end(&mut rest)).await;
-        let mut kinds = Vec::new();
-        let mut at = 0;
-        while at + 9 <= rest.len() {
-            kinds.push(rest[at + 3]);
-            at += 9
-                + (usize::from(rest[at]) << 16 | usize::from(rest[at + 1]) << 8)
-                + usize::from(rest[at + 2]);
-        }
+        let kinds = crate::testing::frame_types(&rest);
         assert!(kinds.contains(&0x6), "the silent peer was never pinged (frames {kinds:?})");
-        stop.cancel();
-        tokio::time::timeout(Duration::from_secs(10), server)
-            .await
-            .expect("the SMF did not stop")
-            .unwrap()
-            .unwrap();
+        stop_smf(stop, server).await;
     }
 
     /// `silent_connection_timeout_ms`: a caller that connects and never speaks HTTP/2 (no
@@ -1109,22 +1126,9 @@ mod tests {
             silent_connection_timeout_ms: 600,
             ..Default::default()
         };
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let stop = CancellationToken::new();
-        let server = tokio::spawn(serve(no_nms(cfg, stop.clone()), listener, stop.clone()));
+        let (addr, stop, server) = serving_smf(cfg).await;
         let mut mute = tokio::net::TcpStream::connect(addr).await.unwrap();
         let connected = std::time::Instant::now();
-        let health = || async {
-            let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
-                .connect_timeout(Duration::from_secs(2))
-                .timeout(Duration::from_secs(2))
-                .connect()
-                .await?;
-            let req = tonic_health::pb::HealthCheckRequest { service: String::new() };
-            tonic_health::pb::health_client::HealthClient::new(ch).check(req).await?;
-            anyhow::Ok(())
-        };
         // The mute caller's connection is closed (whatever hyper sent it first)...
         let mut sent = Vec::new();
         let r = tokio::time::timeout(Duration::from_secs(10), mute.read_to_end(&mut sent)).await;
@@ -1132,23 +1136,8 @@ mod tests {
         let held = connected.elapsed();
         assert!(held >= Duration::from_millis(300), "closed after {held:?}, before the limit");
         // ...and its slot serves the next caller.
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        loop {
-            match health().await {
-                Ok(()) => break,
-                Err(e) if std::time::Instant::now() < deadline => {
-                    tracing::debug!(error = %e, "not served yet");
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
-                Err(e) => panic!("the mute caller's slot never came back: {e}"),
-            }
-        }
-        stop.cancel();
-        tokio::time::timeout(Duration::from_secs(10), server)
-            .await
-            .expect("the SMF did not stop")
-            .unwrap()
-            .unwrap();
+        served_again(addr, "the mute caller's slot").await;
+        stop_smf(stop, server).await;
     }
 
     /// The silence limit must leave an idle live peer, heard only when it answers a PING,
