@@ -40,3 +40,36 @@ fn default_config_round_trips_and_unknown_keys_are_named() {
     let stderr = String::from_utf8_lossy(&err.stderr);
     assert!(stderr.contains("no_such_setting"), "the error does not name the key:\n{stderr}");
 }
+
+/// `nms smf` with a setting it refuses exits at once with an error naming the setting
+/// (it used to keep waiting for Ctrl-C after its server had refused to start).
+#[test]
+fn smf_with_a_refused_setting_exits_naming_it() {
+    for (args, named) in [
+        (&["--time-scale", "0"][..], "time_scale"),
+        (&["--silent-connection-timeout-ms", "15000"][..], "silent_connection_timeout_ms (15000)"),
+        (&["--max-connections-per-source", "0"][..], "max_connections_per_source"),
+    ] {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_nms"))
+            .args(["smf", "--listen", "127.0.0.1:0"])
+            .args(args)
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("runs nms");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break status;
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("`nms smf {args:?}` was still running after 20 s");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        };
+        let mut stderr = String::new();
+        std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+        assert!(!status.success(), "`nms smf {args:?}` was accepted");
+        assert!(stderr.contains(named), "`nms smf {args:?}` did not name {named}:\n{stderr}");
+    }
+}

@@ -926,8 +926,16 @@ pub struct SmfArgs {
     /// Most connections open at once from one source address (at most --max-connections).
     #[arg(long, default_value_t = DEFAULT_SMF_MAX_CONNECTIONS_PER_SOURCE)]
     pub max_connections_per_source: usize,
+    /// HTTP/2 PING sent on a connection after this long without a frame from the peer, in
+    /// milliseconds (0: never): a vehicle gone out of range gives its connection back.
+    #[arg(long, default_value_t = wayside_proto::server::HTTP2_KEEPALIVE_INTERVAL_MS)]
+    pub http2_keepalive_interval_ms: u64,
+    /// A connection whose PING goes unanswered this long is closed, in milliseconds.
+    #[arg(long, default_value_t = wayside_proto::server::HTTP2_KEEPALIVE_TIMEOUT_MS)]
+    pub http2_keepalive_timeout_ms: u64,
     /// A connection whose peer has sent nothing this long is closed, in milliseconds (0:
-    /// never); it must exceed the HTTP/2 keepalive period (20000 ms).
+    /// never); with keepalive on it must exceed --http2-keepalive-interval-ms plus
+    /// --http2-keepalive-timeout-ms.
     #[arg(long, default_value_t = wayside_proto::server::SILENT_CONNECTION_TIMEOUT_MS)]
     pub silent_connection_timeout_ms: u64,
 }
@@ -944,6 +952,8 @@ pub async fn serve_cmd(a: SmfArgs) -> anyhow::Result<()> {
         tls_handshake_timeout_ms: a.tls_handshake_timeout_ms,
         max_connections: a.max_connections,
         max_connections_per_source: a.max_connections_per_source,
+        http2_keepalive_interval_ms: a.http2_keepalive_interval_ms,
+        http2_keepalive_timeout_ms: a.http2_keepalive_timeout_ms,
         silent_connection_timeout_ms: a.silent_connection_timeout_ms,
         ..Default::default()
     };
@@ -951,14 +961,15 @@ pub async fn serve_cmd(a: SmfArgs) -> anyhow::Result<()> {
         .await
         .map_err(|e| anyhow::anyhow!("binding {}: {e}", a.listen))?;
     let shutdown = CancellationToken::new();
-    let stop = shutdown.clone();
-    let (server, ()) = tokio::join!(run(cfg, listener, shutdown), async move {
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => stop.cancel(),
-            () = stop.cancelled() => {}
-        }
-    });
-    server
+    let server = run(cfg, listener, shutdown.clone());
+    tokio::pin!(server);
+    // A server that ends on its own (a configuration refused at start) ends the command
+    // with its error; Ctrl-C stops it gracefully.
+    tokio::select! {
+        r = &mut server => return r,
+        _ = tokio::signal::ctrl_c() => shutdown.cancel(),
+    }
+    server.await
 }
 
 #[cfg(test)]
