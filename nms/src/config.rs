@@ -113,9 +113,10 @@ pub struct Config {
     pub max_connections: usize,
     /// Most connections open at once from one source address, in connections (at most
     /// `max_connections`; larger acts as it): one host cannot take every slot from the
-    /// vehicles, peers and migrations of the road. A vehicle keeps one per attached volume. Callers behind one address (vehicles behind a NAT, every host connection to a
-    /// VM on QEMU user-mode networking, a loopback testbed) share it; a host with many
-    /// addresses (IPv6) gets it once per address.
+    /// vehicles, peers and migrations of the road. A vehicle keeps one per attached volume.
+    /// Callers behind one address (vehicles behind a NAT, every host connection to a VM on
+    /// QEMU user-mode networking, a loopback testbed) share it; a host with many addresses
+    /// (IPv6) gets it once per address.
     pub max_connections_per_source: usize,
     /// Most operations in flight on one vehicle stream; more wait. Also the most replies a
     /// stream gathers from the messages already received before they leave together.

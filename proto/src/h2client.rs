@@ -79,9 +79,10 @@ pub struct ClientSettings {
     /// past it they are copied, in slices.
     pub max_held_slices: usize,
     /// A PING goes out once the server has sent nothing this long, in milliseconds (0, or
-    /// a `keepalive_timeout_ms` of 0: never): a server gone silent (powered off, out of range, a link cut without a
-    /// reset) is found out within this plus `keepalive_timeout_ms`, with calls open or
-    /// none, rather than by each call's own deadline.
+    /// a `keepalive_timeout_ms` of 0: never): a server gone silent (powered off, out of
+    /// range, a link cut without a reset) is found out within this plus
+    /// `keepalive_timeout_ms`, with calls open or none, rather than by each call's own
+    /// deadline.
     pub keepalive_interval_ms: u64,
     /// A PING unanswered this long ends the connection, in milliseconds: its calls fail
     /// UNAVAILABLE ("no answer to a keepalive PING"), and the next call connects anew. The
@@ -94,9 +95,8 @@ pub struct ClientSettings {
 pub const DEFAULT_KEEPALIVE_INTERVAL_MS: u64 = 2_000;
 /// Default [`ClientSettings::keepalive_timeout_ms`], in milliseconds: no shorter than the
 /// client library's per-attempt `rpc_timeout` (5 s), since a server slow enough to answer a
-/// call late answers a PING late too (an NMS in a TCG VM on a loaded host, under a whole-VM
-/// live migration, took seconds; 2 s cut its working connection, and the reconnects that
-/// followed found no time to connect).
+/// call late (an NMS in a TCG VM on a loaded host) answers a PING late too, and a call that
+/// would have been answered is not to be cut by the PING.
 pub const DEFAULT_KEEPALIVE_TIMEOUT_MS: u64 = 5_000;
 
 impl Default for ClientSettings {

@@ -157,24 +157,27 @@ pub struct ConnectionLimit {
     slots: std::sync::Arc<tokio::sync::Semaphore>,
     max: usize,
     per_source: usize,
-    /// Connections open per source address (only sources with one open: at most `max`
-    /// entries).
-    sources: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>,
+    sources: Sources,
     /// Refusals since the last warning, and when that was.
     refused: std::sync::Arc<std::sync::Mutex<(u64, Option<std::time::Instant>)>>,
 }
+
+/// Connections open per source address (only sources with one open: at most
+/// `max_connections` entries).
+type Sources = std::sync::Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>;
 
 /// One connection's place in a [`ConnectionLimit`], given back when dropped.
 #[derive(Debug)]
 pub struct ConnectionSlot {
     _permit: tokio::sync::OwnedSemaphorePermit,
-    source: Option<(std::net::IpAddr, ConnectionLimit)>,
+    /// Its source address and the counts it is one of.
+    source: Option<(std::net::IpAddr, Sources)>,
 }
 
 impl Drop for ConnectionSlot {
     fn drop(&mut self) {
-        if let Some((ip, limit)) = self.source.take() {
-            let mut sources = limit.sources.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((ip, sources)) = self.source.take() {
+            let mut sources = sources.lock().unwrap_or_else(|p| p.into_inner());
             if let Some(n) = sources.get_mut(&ip) {
                 *n -= 1;
                 if *n == 0 {
@@ -225,7 +228,8 @@ impl ConnectionLimit {
             let n = sources.entry(ip).or_insert(0);
             if *n < self.per_source {
                 *n += 1;
-                return Some(ConnectionSlot { _permit: permit, source: Some((ip, self.clone())) });
+                let counted = Some((ip, self.sources.clone()));
+                return Some(ConnectionSlot { _permit: permit, source: counted });
             }
         }
         self.refused("max_connections_per_source", Some(ip));

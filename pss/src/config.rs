@@ -105,9 +105,9 @@ pub struct Config {
     pub max_connections: usize,
     /// Most connections open at once from one source address, in connections (at most
     /// `max_connections`; larger acts as it): one host cannot take every slot from the
-    /// NMSs and peers. Callers behind one address (vehicles behind a NAT, every host connection to a
-    /// VM on QEMU user-mode networking, a loopback testbed) share it; a host with many
-    /// addresses (IPv6) gets it once per address.
+    /// NMSs and peers. Callers behind one address (vehicles behind a NAT, every host
+    /// connection to a VM on QEMU user-mode networking, a loopback testbed) share it; a
+    /// host with many addresses (IPv6) gets it once per address.
     pub max_connections_per_source: usize,
     /// A connection whose peer has sent nothing this long is closed, in milliseconds (0:
     /// never): a caller that connects and never speaks HTTP/2 would otherwise hold one of
