@@ -46,6 +46,8 @@ pub struct Plan {
     pub duration: Duration,
     /// Over TLS with this client config (the NMS's address must be in its certificate).
     pub tls: Option<Arc<tokio_rustls::rustls::ClientConfig>>,
+    /// The CPU the driver's thread is pinned to (`--pin`), if any.
+    pub cpu: Option<usize>,
 }
 
 /// What a run measured.
@@ -59,18 +61,10 @@ pub struct Outcome {
     pub driver_cpu: Duration,
 }
 
-/// Runs `plan` on a thread of its own (its own single-threaded runtime) and waits for it.
+/// Runs `plan` on a thread of its own (its own single-threaded runtime, pinned to
+/// `plan.cpu` if given) and waits for it.
 pub async fn run(plan: Plan) -> anyhow::Result<Outcome> {
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    std::thread::Builder::new().name("bench-h2-driver".into()).spawn(move || {
-        let r = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(anyhow::Error::from)
-            .and_then(|rt| rt.block_on(drive(plan)));
-        let _ = tx.send(r);
-    })?;
-    rx.await.context("the h2 driver thread died")?
+    Ok(super::on_thread("bench-h2-driver", plan.cpu, move || drive(plan)).await?.0)
 }
 
 async fn drive(plan: Plan) -> anyhow::Result<Outcome> {

@@ -6,6 +6,7 @@ pub mod h2drive;
 pub mod image;
 pub mod migration;
 pub mod nms;
+pub mod pin;
 pub mod pss;
 pub(crate) mod quiet;
 
@@ -22,6 +23,36 @@ pub(crate) fn rusage_cpu(who: libc::c_int) -> std::time::Duration {
             + std::time::Duration::from_micros(t.tv_usec as u64)
     };
     tv(u.ru_utime) + tv(u.ru_stime)
+}
+
+/// Runs `make()`'s future on a thread of its own with a single-threaded runtime (pinned
+/// to `cpu` if given), as a load generator runs in a process of its own; returns its
+/// result and the CPU time (user + system) the thread used.
+pub(crate) async fn on_thread<F, Fut, T>(
+    name: &str,
+    cpu: Option<usize>,
+    make: F,
+) -> anyhow::Result<(T, std::time::Duration)>
+where
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = anyhow::Result<T>>,
+    T: Send + 'static,
+{
+    use anyhow::Context as _;
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new().name(name.into()).spawn(move || {
+        let run = || {
+            if let Some(cpu) = cpu {
+                pin::pin_thread(0, cpu).with_context(|| format!("pinning to CPU {cpu}"))?;
+            }
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            let cpu0 = rusage_cpu(libc::RUSAGE_THREAD);
+            let out = rt.block_on(make())?;
+            Ok((out, rusage_cpu(libc::RUSAGE_THREAD).saturating_sub(cpu0)))
+        };
+        let _ = tx.send(run());
+    })?;
+    rx.await.with_context(|| format!("the {name} thread died"))?
 }
 
 /// `testbed bench ...`
