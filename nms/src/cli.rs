@@ -462,7 +462,7 @@ pub async fn status(addr: &str, tls: &TlsArgs) -> anyhow::Result<()> {
         .into_inner();
     println!(
         "node {} at {}: {} volumes, {} / {} bytes cached, {} / {} bytes dirty, \
-         {} bytes of block buffers ready, up {} ms",
+         {} bytes of block buffers ready{}, up {} ms",
         r.node,
         r.advertise_address,
         r.volumes,
@@ -471,6 +471,7 @@ pub async fn status(addr: &str, tls: &TlsArgs) -> anyhow::Result<()> {
         r.dirty_bytes,
         r.dirty_limit_bytes,
         r.block_pool_free_bytes,
+        if r.block_pool_filling { " (filling)" } else { "" },
         r.uptime_ms
     );
     for v in &r.volume_info {

@@ -51,11 +51,17 @@ struct Inner {
     limit_slots: usize,
     /// Cleared by `close`: slots are no longer kept, the filling thread stops.
     open: AtomicBool,
+    /// Set while a filling thread runs.
+    filling: AtomicBool,
 }
 
 /// Every disabled pool (limit 0): nothing kept, nothing to free.
-static DISABLED: Inner =
-    Inner { free: Mutex::new(Vec::new()), limit_slots: 0, open: AtomicBool::new(false) };
+static DISABLED: Inner = Inner {
+    free: Mutex::new(Vec::new()),
+    limit_slots: 0,
+    open: AtomicBool::new(false),
+    filling: AtomicBool::new(false),
+};
 
 /// What a pool holds and has handed out, for logs and tests.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -64,6 +70,8 @@ pub struct PoolStats {
     pub free_slots: usize,
     /// Most free slots the pool keeps.
     pub limit_slots: usize,
+    /// Whether a filling thread is still faulting slots in.
+    pub filling: bool,
 }
 
 impl BlockPool {
@@ -74,8 +82,12 @@ impl BlockPool {
         if limit_slots == 0 {
             return Self::disabled();
         }
-        let inner =
-            Inner { free: Mutex::new(Vec::new()), limit_slots, open: AtomicBool::new(true) };
+        let inner = Inner {
+            free: Mutex::new(Vec::new()),
+            limit_slots,
+            open: AtomicBool::new(true),
+            filling: AtomicBool::new(false),
+        };
         Self { inner: Box::leak(Box::new(inner)) }
     }
 
@@ -93,7 +105,11 @@ impl BlockPool {
     }
 
     pub fn stats(&self) -> PoolStats {
-        PoolStats { free_slots: self.inner.lock().len(), limit_slots: self.inner.limit_slots }
+        PoolStats {
+            free_slots: self.inner.lock().len(),
+            limit_slots: self.inner.limit_slots,
+            filling: self.inner.filling.load(Ordering::Acquire),
+        }
     }
 
     /// Starts a thread that allocates and touches slots until the pool holds its limit (or
@@ -107,12 +123,18 @@ impl BlockPool {
             return None;
         }
         let pool = *self;
-        let spawned = std::thread::Builder::new()
-            .name("nms-block-pool".into())
-            .spawn(move || fill_until_full(pool.inner));
+        // Set before the thread starts, so a caller that sees it clear knows the filling
+        // is over (or never began).
+        self.inner.filling.store(true, Ordering::Release);
+        let spawned = std::thread::Builder::new().name("nms-block-pool".into()).spawn(move || {
+            let made = fill_until_full(pool.inner);
+            pool.inner.filling.store(false, Ordering::Release);
+            made
+        });
         match spawned {
             Ok(h) => Some(h),
             Err(e) => {
+                self.inner.filling.store(false, Ordering::Release);
                 tracing::warn!(error = %e, "could not start the block-pool thread; blocks use the heap");
                 None
             }
@@ -253,8 +275,9 @@ mod tests {
     #[test]
     fn a_block_from_a_slot_gives_it_back_when_its_last_reference_drops() {
         let pool = BlockPool::new(4 * SLOT_BYTES as u64);
+        assert!(!pool.stats().filling);
         assert_eq!(pool.fill().expect("a thread").join().unwrap(), 4);
-        assert_eq!(pool.stats(), PoolStats { free_slots: 4, limit_slots: 4 });
+        assert_eq!(pool.stats(), PoolStats { free_slots: 4, limit_slots: 4, filling: false });
         let a = pool.copy(&[7u8; SLOT_BYTES]);
         let part = pool.copy(b"hello");
         assert_eq!(pool.stats().free_slots, 2);
@@ -314,8 +337,10 @@ mod tests {
         let pool = BlockPool::new(1 << 30);
         let limit = pool.stats().limit_slots;
         let h = pool.fill().unwrap();
+        assert!(pool.stats().filling, "filling from the moment fill() returns");
         pool.close();
         let made = h.join().unwrap();
+        assert!(!pool.stats().filling, "over once its thread has ended");
         assert!(made < limit, "made {made} of {limit} slots after the pool was closed");
         assert_eq!(pool.stats().free_slots, 0);
     }

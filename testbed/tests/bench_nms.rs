@@ -1,6 +1,6 @@
 //! `testbed bench nms` runs end to end against real peers (a smoke run, not a measurement):
-//! every NMS phase is paired with the peer runs made right after it, each round's ratio is
-//! printed, and --pin places both sides.
+//! every NMS phase is followed at once by the peer runs it is compared with, each round's
+//! ratio is printed, gets find every key they read, and --pin is accepted.
 
 use std::process::Command;
 
@@ -24,7 +24,14 @@ fn bench_nms_pairs_each_phase_with_its_peers_in_every_round() {
     let two_cpus = std::thread::available_parallelism().is_ok_and(|n| n.get() >= 2);
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_testbed"));
     cmd.args(["bench", "nms", "--rounds", "2", "--seconds", "1", "--clients", "4"])
-        .args(["--blocks", "16", "--drivers", "h2load,h2", "--phases", "unary-write,batched-read"])
+        .args([
+            "--blocks",
+            "16",
+            "--drivers",
+            "h2load,h2",
+            "--phases",
+            "unary-write,unary-read,batched-read",
+        ])
         .env("RUST_LOG", "warn");
     if two_cpus {
         cmd.arg("--pin");
@@ -37,11 +44,40 @@ fn bench_nms_pairs_each_phase_with_its_peers_in_every_round() {
     if two_cpus {
         assert!(text.contains("--pin: server side"), "{text}");
     }
+    assert!(!text.contains("not measured"), "every peer measured:\n{text}");
+    assert!(!text.contains("failed"), "{text}");
+    assert!(!text.contains("still filling"), "the NMS's block pool said when it was full:\n{text}");
+    // Each round lists every NMS phase directly followed by its peer runs.
+    let round: Vec<String> = text
+        .lines()
+        .skip_while(|l| *l != "round 1:")
+        .skip(1)
+        .take_while(|l| l.starts_with("  "))
+        .map(|l| l.trim().rsplitn(3, ' ').nth(2).unwrap_or("").trim().to_owned())
+        .collect();
+    assert_eq!(
+        round,
+        [
+            "nms unary write (h2load)",
+            "redis set P=1 (1 key)",
+            "memcached set",
+            "nms unary read (h2load)",
+            "redis get P=1 (1 key)",
+            "memcached get",
+            "nms batched read (h2load)",
+            "redis get P=16 (16 keys)",
+            "nms batched read (h2)",
+            "redis get P=16 (64 keys)",
+        ],
+        "{text}"
+    );
     // Each comparison has one ratio per round, from the peer run right after the phase;
     // redis's working set is the driver's (h2load: 1 key; h2: 4 clients x 16 blocks).
     for head in [
         "ratio nms unary write (h2load) / redis set P=1 (1 key): ",
         "ratio nms unary write (h2load) / memcached set: ",
+        "ratio nms unary read (h2load) / redis get P=1 (1 key): ",
+        "ratio nms unary read (h2load) / memcached get: ",
         "ratio nms batched read (h2load) / redis get P=16 (16 keys): ",
         "ratio nms batched read (h2) / redis get P=16 (64 keys): ",
     ] {
@@ -67,10 +103,13 @@ fn bench_nms_pairs_each_phase_with_its_peers_in_every_round() {
         names,
         [
             "| nms unary write (h2load)",
+            "| nms unary read (h2load)",
             "| nms batched read (h2load)",
             "| nms batched read (h2)",
             "| redis set P=1 (1 key)",
             "| memcached set",
+            "| redis get P=1 (1 key)",
+            "| memcached get",
             "| redis get P=16 (16 keys)",
             "| redis get P=16 (64 keys)",
         ],

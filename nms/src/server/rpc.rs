@@ -895,6 +895,7 @@ impl pb::nms_admin_server::NmsAdmin for Node {
         let volume_info: Vec<pb::VolumeInfo> =
             names.iter().filter_map(|v| info_of(self, v)).collect();
         let core = self.core();
+        let pool = self.pool.stats();
         Ok(Response::new(pb::NodeStatusReply {
             node: self.node_id.clone(),
             advertise_address: self.advertise.uri().to_owned(),
@@ -910,7 +911,8 @@ impl pb::nms_admin_server::NmsAdmin for Node {
             pss_read_blocks: self.pss_read_blocks.load(Ordering::Relaxed),
             writeback_blocks: self.wb_blocks.load(Ordering::Relaxed),
             reads: self.reads.load(Ordering::Relaxed),
-            block_pool_free_bytes: (self.pool.stats().free_slots * crate::pool::SLOT_BYTES) as u64,
+            block_pool_free_bytes: (pool.free_slots * crate::pool::SLOT_BYTES) as u64,
+            block_pool_filling: pool.filling,
         }))
     }
 

@@ -50,12 +50,14 @@ pub struct Args {
     /// Operations in flight per stream in the streamed NMS runs (and redis pipeline depth).
     #[arg(long, default_value_t = 16)]
     pub depth: usize,
-    /// Distinct 4 KiB blocks (keys) each client touches (redis-benchmark gets
-    /// clients x blocks keys, the same working set).
+    /// Distinct 4 KiB blocks (keys) each client of the h2, tonic and memcached drivers
+    /// touches (redis, compared with them, gets clients x blocks keys, the same working
+    /// set; h2load's calls name fixed blocks, see the module docs).
     #[arg(long, default_value_t = 256)]
     pub blocks: u64,
     /// Requests per redis-benchmark run (default: as many as the NMS phase it is paired
-    /// with did operations, at least 50000, so the two last about as long).
+    /// with did operations, at least 50000: the two run about as long when their rates
+    /// are near, the case a ratio decides).
     #[arg(long)]
     pub redis_requests: Option<u64>,
     /// The NMS's `writeback_delay_ms` for this run (default: the NMS's own default).
@@ -238,13 +240,14 @@ struct Figure {
     p50_ms: f64,
     p99_ms: f64,
     /// CPU time the server side spent per operation, in microseconds: for NMS runs this
-    /// whole process (NMS and the 3-node PSS, and the in-process clients of the tonic
-    /// drivers); for redis and memcached their server process. On a shared machine ops/s
-    /// depends on what else runs; CPU per op much less so.
+    /// whole process (NMS and the 3-node PSS) but the driver's thread; for redis and
+    /// memcached their server process. On a shared machine ops/s depends on what else runs;
+    /// CPU per op much less so.
     cpu_us_per_op: Option<f64>,
-    /// CPU time the client process spent per operation, in microseconds: h2load's and
-    /// redis-benchmark's (`None` for clients in this process). Client and server share
-    /// the machine's cores, so a costlier client leaves the server less.
+    /// CPU time the client spent per operation, in microseconds: h2load's and
+    /// redis-benchmark's process, the in-process drivers' thread (h2, tonic, memcached).
+    /// Client and server share the machine's cores, so a costlier client leaves the server
+    /// less.
     client_cpu_us_per_op: Option<f64>,
 }
 
@@ -425,6 +428,7 @@ async fn tonic_phase(
     tonic_channel: bool,
 ) -> anyhow::Result<Figure> {
     let (addr, a) = (addr.to_owned(), a.clone());
+    let start = Start::now();
     let (mut f, driver_cpu) =
         super::on_thread("bench-tonic-driver", client_cpu(), move || async move {
             match api {
@@ -434,10 +438,12 @@ async fn tonic_phase(
             }
         })
         .await?;
-    // The process's CPU time (the figure's server CPU) includes the driver's thread.
-    let driver_us = driver_cpu.as_secs_f64() * 1e6 / f.ops.max(1) as f64;
-    f.cpu_us_per_op = f.cpu_us_per_op.map(|c| (c - driver_us).max(0.0));
-    f.client_cpu_us_per_op = Some(driver_us);
+    // The server side: this process's CPU time over the whole phase (its connections
+    // accepted, set up and served) but the driver thread's.
+    let server = cpu_time().saturating_sub(start.cpu).saturating_sub(driver_cpu);
+    let n = f.ops.max(1) as f64;
+    f.cpu_us_per_op = Some(server.as_secs_f64() * 1e6 / n);
+    f.client_cpu_us_per_op = Some(driver_cpu.as_secs_f64() * 1e6 / n);
     Ok(f)
 }
 
@@ -858,24 +864,24 @@ async fn drain(addr: &str, a: &Args) -> anyhow::Result<(Duration, Duration)> {
     Ok((start.wall.elapsed(), cpu_time().saturating_sub(start.cpu)))
 }
 
-/// Waits (at most a minute) until the NMS's block pool has faulted in its
-/// `block_pool_bytes`: every slot it made is free or holds a cached block. The filling
-/// thread runs at idle priority on CPU time nothing else wants, so a phase that starts
-/// before it ends shares its CPU with it (with --pin, the NMS's CPU: 8 s to fault in
-/// 128 MiB under the first phases, against about 1 s on an idle CPU).
-async fn pool_filled(addr: &str, pool_bytes: u64) -> anyhow::Result<()> {
+/// Waits (at most a minute) until the NMS's block pool has faulted in its buffers
+/// (`NodeStatus.block_pool_filling` clear). The filling thread runs at idle priority on
+/// CPU time nothing else wants, so a phase that starts before it ends shares its CPU with
+/// it (with --pin, the NMS's CPU: 8 s to fault in 128 MiB under the first phases, against
+/// about 2 s on an idle CPU).
+async fn pool_filled(addr: &str) -> anyhow::Result<()> {
     let mut admin = pb::nms_admin_client::NmsAdminClient::new(channel(addr).await?);
     let started = Instant::now();
     loop {
         let s = admin.node_status(pb::NodeStatusRequest {}).await?.into_inner();
-        if s.block_pool_free_bytes + s.cached_bytes >= pool_bytes {
+        if !s.block_pool_filling {
             return Ok(());
         }
         if started.elapsed() > Duration::from_secs(60) {
             println!(
-                "the NMS's block pool is not full after 60 s ({} of {pool_bytes} bytes free, \
-                 {} cached): measuring anyway",
-                s.block_pool_free_bytes, s.cached_bytes
+                "the NMS's block pool is still filling after 60 s ({} bytes free): measuring \
+                 anyway",
+                s.block_pool_free_bytes
             );
             return Ok(());
         }
@@ -1020,6 +1026,15 @@ impl Redis {
         })
     }
 
+    /// Sets every key the runs' gets read, untimed: one, `--depth` and `spread` keys (50
+    /// random sets per key leave none unset but with odds of about 1 in 10^18).
+    async fn fill(&self, a: &Args, spread: u64) -> anyhow::Result<()> {
+        for keys in [1, a.depth as u64, spread] {
+            self.run(a, "set", a.depth, keys, 50 * keys.max(20)).await?;
+        }
+        Ok(())
+    }
+
     /// Kills and waits for the server (reaped later, its CPU time would count in the
     /// children's usage the next h2load or redis-benchmark run is measured by).
     async fn stop(mut self) {
@@ -1074,6 +1089,28 @@ impl Memcached {
         Ok(f)
     }
 
+    /// Sets every key the gets read (`k{client}-{block}`), untimed, so no get misses.
+    async fn fill(&self, a: &Args) -> anyhow::Result<()> {
+        let s = tokio::net::TcpStream::connect(("127.0.0.1", self.port)).await?;
+        let mut s = tokio::io::BufStream::new(s);
+        let data = vec![b'x'; VALUE];
+        let mut line = String::new();
+        for i in 0..a.clients {
+            for b in 0..a.blocks {
+                s.write_all(format!("set k{i}-{b} 0 0 {VALUE}\r\n").as_bytes()).await?;
+                s.write_all(&data).await?;
+                s.write_all(b"\r\n").await?;
+                s.flush().await?;
+                line.clear();
+                s.read_line(&mut line).await?;
+                if line != "STORED\r\n" {
+                    bail!("memcached set: {line:?}");
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Kills and waits for the server (as `Redis::stop`).
     async fn stop(mut self) {
         let _ = self.server.0.kill().await;
@@ -1097,7 +1134,6 @@ async fn memcached_phase(port: u16, a: Args, write: bool) -> anyhow::Result<(Vec
             let mut lat = Vec::with_capacity(1 << 16);
             let mut n = 0u64;
             let mut line = String::new();
-            // Writes first populate every key, so the reads hit.
             let mut buf = vec![0u8; VALUE + 2];
             while !stop.is_cancelled() {
                 n += 1;
@@ -1118,11 +1154,14 @@ async fn memcached_phase(port: u16, a: Args, write: bool) -> anyhow::Result<(Vec
                     s.flush().await?;
                     line.clear();
                     s.read_line(&mut line).await?;
-                    if line.starts_with("VALUE") {
-                        s.read_exact(&mut buf).await?;
-                        line.clear();
-                        s.read_line(&mut line).await?;
+                    // Every key was set (`Memcached::fill`): a miss is an error, not a
+                    // cheap answer counted as a get.
+                    if !line.starts_with("VALUE") {
+                        bail!("memcached get {key}: {line:?}");
                     }
+                    s.read_exact(&mut buf).await?;
+                    line.clear();
+                    s.read_line(&mut line).await?;
                     if line != "END\r\n" {
                         bail!("memcached get: {line:?}");
                     }
@@ -1199,7 +1238,6 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         cfg.serve_threads = n;
     }
     let writeback_delay_ms = cfg.writeback_delay_ms;
-    let pool_bytes = cfg.block_pool_bytes;
     let stop = CancellationToken::new();
     let server = tokio::spawn(wayside_nms::server::run(cfg, listener, stop.clone()));
     // Create the volumes and fill every block once (so reads hit the cache).
@@ -1217,7 +1255,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         }
     }
     drain(&addr, &args).await?;
-    pool_filled(&addr, pool_bytes).await?;
+    pool_filled(&addr).await?;
     let mut drains = Vec::new();
     let h2load_dir = tempfile::tempdir()?;
     // h2load missing: its phases are skipped (said below), the rest still runs.
@@ -1236,22 +1274,29 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let spread = args.blocks * args.clients as u64;
     let (mut redis, mut memcached) = (None, None);
     if !args.no_peers {
+        // A peer that cannot start (or fill) is left out, said here; the NMS is measured
+        // all the same.
         match Redis::start(&args).await {
-            Ok(r) => {
-                // Every key the gets read, set once, untimed (50 random sets per key leave
-                // none unset but with odds of about 1 in 10^18).
-                for keys in [1, args.depth as u64, spread] {
-                    r.run(&args, "set", args.depth, keys, 50 * keys.max(20)).await?;
+            Ok(r) => match r.fill(&args, spread).await {
+                Ok(()) => redis = Some(r),
+                Err(e) => {
+                    println!("redis: not measured: {e:#}");
+                    r.stop().await;
                 }
-                redis = Some(r);
-            }
+            },
             Err(e) => println!("redis: not measured: {e:#}"),
         }
         if args.tls {
             println!("memcached: not measured with --tls");
         } else {
             match Memcached::start().await {
-                Ok(m) => memcached = Some(m),
+                Ok(m) => match m.fill(&args).await {
+                    Ok(()) => memcached = Some(m),
+                    Err(e) => {
+                        println!("memcached: not measured: {e:#}");
+                        m.stop().await;
+                    }
+                },
                 Err(e) => println!("memcached: not measured: {e:#}"),
             }
         }
@@ -1323,10 +1368,16 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                 let mut peers = Vec::new();
                 if let Some(r) = &redis {
                     let requests = args.redis_requests.unwrap_or(f.ops.max(MIN_REDIS_REQUESTS));
-                    peers.push((r.run(&args, cmd, pipeline, keys, requests).await?, target));
+                    match r.run(&args, cmd, pipeline, keys, requests).await {
+                        Ok(p) => peers.push((p, target)),
+                        Err(e) => println!("redis: a run after {} failed: {e:#}", f.name),
+                    }
                 }
                 if let (Some(m), Api::Unary) = (&memcached, api) {
-                    peers.push((m.run(&args, write).await?, 0.0));
+                    match m.run(&args, write).await {
+                        Ok(p) => peers.push((p, 0.0)),
+                        Err(e) => println!("memcached: a run after {} failed: {e:#}", f.name),
+                    }
                 }
                 figs.push(f.clone());
                 for (p, target) in peers {

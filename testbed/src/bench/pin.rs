@@ -44,6 +44,9 @@ pub fn allowed_cpus() -> std::io::Result<Vec<usize>> {
 /// Pins thread `tid` (0: the calling thread) to `cpu`. Threads it creates afterwards
 /// inherit the pin. Async-signal-safe (one system call), so a `pre_exec` hook may call it.
 pub fn pin_thread(tid: libc::pid_t, cpu: usize) -> std::io::Result<()> {
+    if cpu >= libc::CPU_SETSIZE as usize {
+        return Err(std::io::Error::from_raw_os_error(libc::EINVAL));
+    }
     // SAFETY: as in `allowed_cpus`; CPU_SET writes within the set.
     let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
     unsafe { libc::CPU_SET(cpu, &mut set) };
@@ -99,6 +102,9 @@ mod tests {
         assert_eq!(child, vec![last]);
         // This thread was not moved.
         assert_eq!(allowed_cpus().unwrap(), cpus);
+        // A CPU past the set's size is refused, not a panic (in a forked child).
+        let e = pin_thread(0, libc::CPU_SETSIZE as usize).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EINVAL));
     }
 
     #[tokio::test]
