@@ -1099,15 +1099,7 @@ impl Memcached {
         let mut line = String::new();
         for i in 0..a.clients {
             for b in 0..a.blocks {
-                s.write_all(format!("set k{i}-{b} 0 0 {VALUE}\r\n").as_bytes()).await?;
-                s.write_all(&data).await?;
-                s.write_all(b"\r\n").await?;
-                s.flush().await?;
-                line.clear();
-                s.read_line(&mut line).await?;
-                if line != "STORED\r\n" {
-                    bail!("memcached set: {line:?}");
-                }
+                memcached_set(&mut s, &format!("k{i}-{b}"), &data, &mut line).await?;
             }
         }
         Ok(())
@@ -1117,6 +1109,25 @@ impl Memcached {
     async fn stop(mut self) {
         let _ = self.server.0.kill().await;
     }
+}
+
+/// One memcached `set` of `data` under `key`, answered `STORED` (`line`: a buffer).
+async fn memcached_set(
+    s: &mut tokio::io::BufStream<tokio::net::TcpStream>,
+    key: &str,
+    data: &[u8],
+    line: &mut String,
+) -> anyhow::Result<()> {
+    s.write_all(format!("set {key} 0 0 {}\r\n", data.len()).as_bytes()).await?;
+    s.write_all(data).await?;
+    s.write_all(b"\r\n").await?;
+    s.flush().await?;
+    line.clear();
+    s.read_line(line).await?;
+    if line != "STORED\r\n" {
+        bail!("memcached set {key}: {line:?}");
+    }
+    Ok(())
 }
 
 /// `clients` memcached connections (a text-protocol client each, unpipelined) for
@@ -1142,15 +1153,7 @@ async fn memcached_phase(port: u16, a: Args, write: bool) -> anyhow::Result<(Vec
                 let key = format!("k{i}-{}", n % blocks);
                 let t = Instant::now();
                 if write {
-                    s.write_all(format!("set {key} 0 0 {VALUE}\r\n").as_bytes()).await?;
-                    s.write_all(&data).await?;
-                    s.write_all(b"\r\n").await?;
-                    s.flush().await?;
-                    line.clear();
-                    s.read_line(&mut line).await?;
-                    if line != "STORED\r\n" {
-                        bail!("memcached set: {line:?}");
-                    }
+                    memcached_set(&mut s, &key, &data, &mut line).await?;
                 } else {
                     s.write_all(format!("get {key}\r\n").as_bytes()).await?;
                     s.flush().await?;
