@@ -315,30 +315,22 @@ fn figure(name: &str, mut lat_us: Vec<u32>, elapsed: Duration) -> Figure {
 }
 
 /// Lets the client tasks run `secs` more, stops them, and gathers their latencies
-/// (microseconds) with the phase's elapsed time and the CPU time used from `start` until
-/// every client stopped.
+/// (microseconds) with the time since `started`. (The CPU time is measured by the caller
+/// around the driver's thread: see `tonic_phase`.)
 async fn measure(
     mut tasks: tokio::task::JoinSet<anyhow::Result<Vec<u32>>>,
-    start: Start,
+    started: Instant,
     secs: u64,
     stop: &CancellationToken,
-) -> anyhow::Result<(Vec<u32>, Duration, Duration)> {
+) -> anyhow::Result<(Vec<u32>, Duration)> {
     tokio::time::sleep(Duration::from_secs(secs)).await;
     stop.cancel();
-    let elapsed = start.wall.elapsed();
+    let elapsed = started.elapsed();
     let mut all = Vec::new();
     while let Some(r) = tasks.join_next().await {
         all.extend(r??);
     }
-    Ok((all, elapsed, cpu_time().saturating_sub(start.cpu)))
-}
-
-/// A figure of a phase run in this process, with its CPU time per operation.
-fn figure_cpu(name: &str, lat_us: Vec<u32>, elapsed: Duration, cpu: Duration) -> Figure {
-    let n = lat_us.len().max(1) as f64;
-    let mut f = figure(name, lat_us, elapsed);
-    f.cpu_us_per_op = Some(cpu.as_secs_f64() * 1e6 / n);
-    f
+    Ok((all, elapsed))
 }
 
 fn free_port() -> anyhow::Result<u16> {
@@ -459,7 +451,7 @@ async fn nms_unary(
 ) -> anyhow::Result<Figure> {
     let stop = CancellationToken::new();
     let mut tasks = tokio::task::JoinSet::new();
-    let start = Start::now();
+    let started = Instant::now();
     for i in 0..a.clients {
         let ch = if tonic_channel {
             AnyChannel::Tonic(tonic_channel_to(addr).await?)
@@ -500,10 +492,10 @@ async fn nms_unary(
             anyhow::Ok(lat)
         });
     }
-    let (all, elapsed, cpu) = measure(tasks, start, a.seconds, &stop).await?;
+    let (all, elapsed) = measure(tasks, started, a.seconds, &stop).await?;
     let driver = if tonic_channel { "tonic-channel" } else { "tonic" };
     let name = format!("nms unary {} ({driver})", if write { "write" } else { "read" });
-    Ok(figure_cpu(&name, all, elapsed, cpu))
+    Ok(figure(&name, all, elapsed))
 }
 
 /// A whole-block write of `data` (shared, not copied) or read of `block`.
@@ -524,7 +516,7 @@ fn bench_op(block: u64, write: bool, data: &prost::bytes::Bytes) -> pb::stream_r
 async fn nms_streamed(addr: &str, a: &Args, write: bool) -> anyhow::Result<Figure> {
     let stop = CancellationToken::new();
     let mut tasks = tokio::task::JoinSet::new();
-    let start = Start::now();
+    let started = Instant::now();
     for i in 0..a.clients {
         let mut c = pb::nms_client::NmsClient::new(channel(addr).await?);
         let (stop, blocks, depth) = (stop.clone(), a.blocks, a.depth);
@@ -569,9 +561,9 @@ async fn nms_streamed(addr: &str, a: &Args, write: bool) -> anyhow::Result<Figur
             anyhow::Ok(lat)
         });
     }
-    let (all, elapsed, cpu) = measure(tasks, start, a.seconds, &stop).await?;
+    let (all, elapsed) = measure(tasks, started, a.seconds, &stop).await?;
     let name = if write { "nms streamed write (tonic)" } else { "nms streamed read (tonic)" };
-    Ok(figure_cpu(name, all, elapsed, cpu))
+    Ok(figure(name, all, elapsed))
 }
 
 /// Batched (like redis-benchmark's pipelining): each client sends `depth` operations in
@@ -580,7 +572,7 @@ async fn nms_streamed(addr: &str, a: &Args, write: bool) -> anyhow::Result<Figur
 async fn nms_batched(addr: &str, a: &Args, write: bool) -> anyhow::Result<Figure> {
     let stop = CancellationToken::new();
     let mut tasks = tokio::task::JoinSet::new();
-    let start = Start::now();
+    let started = Instant::now();
     for i in 0..a.clients {
         let mut c = pb::nms_client::NmsClient::new(channel(addr).await?);
         let (stop, blocks, depth) = (stop.clone(), a.blocks, a.depth);
@@ -626,9 +618,9 @@ async fn nms_batched(addr: &str, a: &Args, write: bool) -> anyhow::Result<Figure
             anyhow::Ok(lat)
         });
     }
-    let (all, elapsed, cpu) = measure(tasks, start, a.seconds, &stop).await?;
+    let (all, elapsed) = measure(tasks, started, a.seconds, &stop).await?;
     let name = if write { "nms batched write (tonic)" } else { "nms batched read (tonic)" };
-    Ok(figure_cpu(name, all, elapsed, cpu))
+    Ok(figure(name, all, elapsed))
 }
 
 /// Streamed or batched through the lean h2 driver (`bench::h2drive`): each client one
@@ -680,7 +672,8 @@ async fn nms_h2(addr: &str, a: &Args, api: Api, write: bool) -> anyhow::Result<F
     let cpu = cpu_time().saturating_sub(start.cpu).saturating_sub(out.driver_cpu);
     let kind = if write { "write" } else { "read" };
     let name = format!("nms {} {kind} (h2)", if batched { "batched" } else { "streamed" });
-    let mut f = figure_cpu(&name, out.lat_us, out.elapsed, cpu);
+    let mut f = figure(&name, out.lat_us, out.elapsed);
+    f.cpu_us_per_op = Some(cpu.as_secs_f64() * 1e6 / f.ops.max(1) as f64);
     f.client_cpu_us_per_op = Some(out.driver_cpu.as_secs_f64() * 1e6 / f.ops.max(1) as f64);
     Ok(f)
 }
@@ -1136,7 +1129,7 @@ async fn memcached_set(
 async fn memcached_phase(port: u16, a: Args, write: bool) -> anyhow::Result<(Vec<u32>, Duration)> {
     let stop = CancellationToken::new();
     let mut tasks = tokio::task::JoinSet::new();
-    let start = Start::now();
+    let started = Instant::now();
     for i in 0..a.clients {
         let s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
         s.set_nodelay(true)?;
@@ -1176,7 +1169,7 @@ async fn memcached_phase(port: u16, a: Args, write: bool) -> anyhow::Result<(Vec
             anyhow::Ok(lat)
         });
     }
-    let (all, elapsed, _) = measure(tasks, start, a.seconds, &stop).await?;
+    let (all, elapsed) = measure(tasks, started, a.seconds, &stop).await?;
     Ok((all, elapsed))
 }
 
