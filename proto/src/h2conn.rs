@@ -701,6 +701,9 @@ pub(crate) struct RecvState {
     /// What a client's response body fails with when reset (`None`: as the reset's code
     /// maps); unused by the server.
     pub(crate) error: Option<tonic::Status>,
+    /// The body's reader holds the start of a message and waits for its rest
+    /// ([`RecvBody::set_mid_message`]).
+    pub(crate) mid_message: bool,
 }
 
 impl RecvState {
@@ -715,6 +718,7 @@ impl RecvState {
             released: 0,
             dropped: false,
             error: None,
+            mid_message: false,
         }
     }
 
@@ -866,12 +870,35 @@ impl http_body::Body for RecvBody {
     }
 }
 
+impl RecvBody {
+    /// Tells the connection (a server's) whether the body's reader holds the start of a
+    /// request message and waits for its rest. While it does when the call answers, the
+    /// reply's HEADERS are held back until the reply's first DATA, its end, or the reader
+    /// no longer waiting (it has the message, or is gone): a client in the middle of a
+    /// message sends the rest without waiting for them, and a reply then leaves with its
+    /// HEADERS in one write instead of two. (A client sending a 64 KiB batch in 16 KiB
+    /// frames got HEADERS alone in one write, then the reply: two wake-ups of it per call.)
+    /// Only the reader can tell: the connection sees DATA frames, not messages.
+    pub fn set_mid_message(&self, mid: bool) {
+        let mut st = self.shared.lock();
+        if st.mid_message == mid {
+            return;
+        }
+        st.mid_message = mid;
+        drop(st);
+        if !mid {
+            // Headers held for it go out now.
+            self.shared.stream.wake_by_ref();
+        }
+    }
+}
+
 impl Drop for RecvBody {
     fn drop(&mut self) {
         let mut st = self.shared.lock();
         st.dropped = true;
         st.released += st.clear(self.shared.held());
-        let tell = st.released > 0 && st.reset.is_none();
+        let tell = (st.released > 0 || std::mem::take(&mut st.mid_message)) && st.reset.is_none();
         drop(st);
         if tell {
             self.shared.stream.wake_by_ref();
@@ -1195,6 +1222,10 @@ struct Stream<F, B: http_body::Body> {
     window_queued: bool,
     /// In `Conn::out_blocked`.
     out_queued: bool,
+    /// The reply's status and headers, held back while the request's reader waits for
+    /// the rest of a message ([`RecvBody::set_mid_message`]): sent before anything else
+    /// of the reply, or once the reader stops waiting.
+    held_headers: Option<(http::StatusCode, http::HeaderMap)>,
 }
 
 /// What the service answers a request with.
@@ -1682,6 +1713,7 @@ where
                 pending: None,
                 window_queued: false,
                 out_queued: false,
+                held_headers: None,
             },
         );
         self.ready.push(id);
@@ -1869,6 +1901,10 @@ where
                             let (parts, body) = resp.into_parts();
                             let end = body.is_end_stream();
                             s.call = Call::Replying(Box::pin(body));
+                            if !end && s.recv.lock().mid_message {
+                                s.held_headers = Some((parts.status, parts.headers));
+                                continue;
+                            }
                             self.send_headers(id, Some(parts.status), &parts.headers, end);
                             if end {
                                 return self.finish(id);
@@ -1882,6 +1918,10 @@ where
                     }
                 }
                 Call::Replying(body) => {
+                    if s.held_headers.is_some() && !s.recv.lock().mid_message {
+                        self.send_held_headers(id);
+                        continue;
+                    }
                     if let Some(data) = s.pending.take() {
                         if !self.send_data(id, data) {
                             return;
@@ -1895,7 +1935,11 @@ where
                         }
                         return;
                     }
-                    match body.as_mut().poll_frame(cx) {
+                    let polled = body.as_mut().poll_frame(cx);
+                    if !matches!(polled, Poll::Pending | Poll::Ready(Some(Err(_)))) {
+                        self.send_held_headers(id);
+                    }
+                    match polled {
                         Poll::Pending => return,
                         Poll::Ready(None) => {
                             self.out.header(0, frame::DATA, frame::END_STREAM, id);
@@ -1922,6 +1966,14 @@ where
                     }
                 }
             }
+        }
+    }
+
+    /// Sends the reply's headers if they were held back (`Stream::held_headers`).
+    fn send_held_headers(&mut self, id: u32) {
+        let held = self.streams.get_mut(&id).and_then(|s| s.held_headers.take());
+        if let Some((status, h)) = held {
+            self.send_headers(id, Some(status), &h, false);
         }
     }
 
@@ -2100,7 +2152,9 @@ mod tests {
     /// from two chunks), `/t/hang` (never answers), `/t/noread` (reads its body only once
     /// told), `/t/panic`, `/t/refuse` (a trailers-only error), `/t/peek` (whether the
     /// request's DATA was there when the service was called), `/t/spawned` (a task of its
-    /// own reads the body; the call never answers).
+    /// own reads the body; the call never answers), `/t/msgs` (a reply per gRPC message
+    /// of the request, `FlushReply`s read as the NMS's stream calls read theirs, the first
+    /// in the call itself; none for one whose `persisted_lsn` is 0).
     async fn start(
         settings: ConnSettings,
     ) -> (SocketAddr, Arc<Seen>, tokio::sync::watch::Sender<()>, Served) {
@@ -2155,6 +2209,7 @@ mod tests {
                                 std::future::pending::<()>().await;
                                 unreachable!()
                             }
+                            "/t/msgs" => msgs_reply(req.into_body()),
                             "/t/refuse" => tonic::Status::not_found("no such thing")
                                 .into_http()
                                 .map(GrpcBody::tonic),
@@ -2176,6 +2231,35 @@ mod tests {
             }
         });
         (addr, seen, stop_tx, done_rx)
+    }
+
+    /// `/t/msgs`' reply (see [`start`]).
+    fn msgs_reply(body: RecvBody) -> http::Response<GrpcBody> {
+        use crate::h2serve::Messages;
+        use prost::Message as _;
+        use tokio_stream::{Stream as _, StreamExt as _};
+        let mut msgs = Messages::<crate::pb::FlushReply>::new(body, 1 << 20);
+        let mut cx = Context::from_waker(Waker::noop());
+        let first = match Pin::new(&mut msgs).poll_next(&mut cx) {
+            Poll::Ready(Some(m)) => vec![m],
+            _ => Vec::new(),
+        };
+        let replies = tokio_stream::iter(first).chain(msgs).filter_map(|m| match m {
+            Err(s) => Some(Err(s)),
+            Ok(m) if m.persisted_lsn == 0 => None,
+            Ok(m) => {
+                let mut b = vec![0];
+                b.extend_from_slice(&(m.encoded_len() as u32).to_be_bytes());
+                m.encode(&mut b).unwrap();
+                let mut out = ChunkBuf::default();
+                out.push(b.into());
+                Some(Ok(out))
+            }
+        });
+        let mut r = http::Response::new(GrpcBody::replies(Box::pin(replies), None));
+        r.headers_mut()
+            .insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/grpc"));
+        r
     }
 
     async fn h2_client(
@@ -2562,6 +2646,90 @@ mod tests {
         let r =
             tokio::time::timeout(Duration::from_secs(10), rx).await.expect("the body never ended");
         assert!(matches!(r.unwrap(), Err(StreamReset(code::CANCEL))));
+    }
+
+    /// A gRPC message: the prefix, then `FlushReply { persisted_lsn: lsn }`.
+    fn grpc_message(lsn: u64) -> Vec<u8> {
+        use prost::Message as _;
+        let m = crate::pb::FlushReply { persisted_lsn: lsn }.encode_to_vec();
+        let mut b = vec![0];
+        b.extend_from_slice(&(m.len() as u32).to_be_bytes());
+        b.extend(m);
+        b
+    }
+
+    impl Raw {
+        /// The frames the server sends until it answers a PING: everything it queued for
+        /// what was sent before the PING (sent twice: a call's reply is queued after the
+        /// frames read with it are handled, an answer to a PING among them included).
+        async fn settled(&mut self) -> Vec<(u8, u8, u32, Vec<u8>)> {
+            let mut seen = Vec::new();
+            for ping in [[3u8; 8], [4; 8]] {
+                self.send(frame::PING, 0, 0, &ping).await;
+                loop {
+                    let f = self.next().await.expect("the connection ended");
+                    if f.0 == frame::PING && f.3 == ping {
+                        break;
+                    }
+                    seen.push(f);
+                }
+            }
+            seen
+        }
+    }
+
+    /// A reply's HEADERS wait while the call's reader holds part of a message (the client
+    /// sends its rest without them), then leave with the reply; when the message yields no
+    /// reply, they leave once it is read: a client waiting for them before it sends more
+    /// gets them.
+    #[tokio::test]
+    async fn reply_headers_wait_for_a_message_begun_but_never_for_more() {
+        let (addr, _, _stop, _served) = start(settings()).await;
+        let mut c = Raw::connect(addr).await;
+        let block = request_block("/t/msgs", &[]);
+        let on_stream = |fs: &[(u8, u8, u32, Vec<u8>)], id: u32| -> Vec<u8> {
+            fs.iter().filter(|f| f.2 == id).map(|f| f.0).collect()
+        };
+        // HEADERS and the start of a message in one write (as clients send them), then
+        // the rest of it: nothing of the reply before the rest.
+        let headers_and = |id: u32, data: &[u8]| {
+            let mut b = frame_bytes(frame::HEADERS, frame::END_HEADERS, id, &block);
+            b.extend(frame_bytes(frame::DATA, 0, id, data));
+            b
+        };
+        let m = grpc_message(300);
+        c.tcp.write_all(&headers_and(1, &m[..3])).await.unwrap();
+        let seen = c.settled().await;
+        assert_eq!(on_stream(&seen, 1), Vec::<u8>::new(), "HEADERS held: {seen:?}");
+        c.send(frame::DATA, 0, 1, &m[3..]).await;
+        let seen = c.settled().await;
+        assert_eq!(on_stream(&seen, 1), [frame::HEADERS, frame::DATA], "{seen:?}");
+        let data = &seen.iter().find(|f| f.0 == frame::DATA).unwrap().3;
+        assert_eq!(data, &m, "the reply echoes the message");
+        // The message read, the request still open: no more HEADERS, the call goes on.
+        c.send(frame::DATA, frame::END_STREAM, 1, &grpc_message(301)).await;
+        let (flags, _, p) = c.until(frame::DATA).await.unwrap();
+        assert_eq!((flags, p), (0, grpc_message(301)));
+        // A message with no reply, sent in two parts: once it is whole and read, the
+        // HEADERS leave though nothing else does (a client may wait for them to go on).
+        let empty = grpc_message(0);
+        c.tcp.write_all(&headers_and(3, &empty[..2])).await.unwrap();
+        let seen = c.settled().await;
+        assert_eq!(on_stream(&seen, 3), Vec::<u8>::new(), "HEADERS held: {seen:?}");
+        c.send(frame::DATA, 0, 3, &empty[2..]).await;
+        let (_, id, _) = c.until(frame::HEADERS).await.expect("the HEADERS after the message");
+        assert_eq!(id, 3);
+        // A call whose first message came whole with its HEADERS: answered at once.
+        let mut both = frame_bytes(frame::HEADERS, frame::END_HEADERS, 5, &block);
+        both.extend(frame_bytes(frame::DATA, frame::END_STREAM, 5, &grpc_message(7)));
+        c.tcp.write_all(&both).await.unwrap();
+        let seen = c.settled().await;
+        assert_eq!(on_stream(&seen, 5), [frame::HEADERS, frame::DATA, frame::HEADERS]);
+        // A call with no message yet: its HEADERS are not held (a client may wait for
+        // them before it sends its first message, as tonic's client does).
+        c.send(frame::HEADERS, frame::END_HEADERS, 7, &block).await;
+        let seen = c.settled().await;
+        assert_eq!(on_stream(&seen, 7), [frame::HEADERS], "{seen:?}");
     }
 
     #[tokio::test]

@@ -254,6 +254,9 @@ pub struct Messages<M> {
     max: usize,
     /// The body has ended (or failed: nothing more is decoded).
     done: bool,
+    /// What the connection was last told: `pending` holds the start of a message and
+    /// waits for its rest (`RecvBody::set_mid_message`).
+    mid: bool,
     _m: std::marker::PhantomData<fn() -> M>,
 }
 
@@ -269,6 +272,7 @@ impl<M: prost::Message + Default> Messages<M> {
             peak_held_bytes: 0,
             max,
             done: false,
+            mid: false,
             _m: std::marker::PhantomData,
         }
     }
@@ -317,23 +321,38 @@ fn decode_one<M: prost::Message + Default>(
         return Ok(None);
     }
     pending.advance(MESSAGE_PREFIX_BYTES);
-    // Decoded from the chunks in place: a bytes field within one chunk is a slice of it,
-    // one split across chunks is copied alone; the message is never gathered into one
-    // buffer first (a client sending 16 KiB frames, as gRPC's C core and Go do, splits
-    // every 64 KiB batch: that copy was 5% of a batched-write run's serving thread).
-    // prost reads the message to its end; one that fails to decode ends the stream (its
-    // rest, and all after it, is dropped by the caller).
-    M::decode((&mut *pending).take(len))
-        .map(Some)
-        .map_err(|e| Status::internal(format!("decoding a message: {e}")))
+    let decoded = if pending.chunk().len() >= len {
+        // The whole message in one chunk (the usual case): decoded from a slice of it,
+        // which prost reads twice as fast as the chunked buffer (a 16-read batch: 0.7
+        // against 1.45 us). Its bytes fields are slices of the chunk all the same.
+        M::decode(pending.copy_to_bytes(len))
+    } else {
+        // Decoded from the chunks in place: a bytes field within one chunk is a slice of it,
+        // one split across chunks is copied alone; the message is never gathered into one
+        // buffer first (a client sending 16 KiB frames, as gRPC's C core and Go do, splits
+        // every 64 KiB batch: that copy was 5% of a batched-write run's serving thread).
+        // prost reads the message to its end; one that fails to decode ends the stream (its
+        // rest, and all after it, is dropped by the caller).
+        M::decode((&mut *pending).take(len))
+    };
+    decoded.map(Some).map_err(|e| Status::internal(format!("decoding a message: {e}")))
 }
 
-impl<M: prost::Message + Default> Stream for Messages<M> {
-    type Item = Result<M, Status>;
+impl<M: prost::Message + Default> Messages<M> {
+    /// Tells the connection whether the start of a message is here and its rest awaited
+    /// (`RecvBody::set_mid_message`: it holds the reply's HEADERS back meanwhile, so they
+    /// leave with the reply), when that changed.
+    fn tell_mid(&mut self) {
+        let mid = !self.done && self.pending.remaining() > 0;
+        if mid != self.mid {
+            self.mid = mid;
+            self.body.set_mid_message(mid);
+        }
+    }
 
-    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+    fn poll_message(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<M, Status>>> {
         use http_body::Body as _;
-        let me = &mut *self;
+        let me = self;
         loop {
             match decode_one::<M>(&mut me.pending, me.max) {
                 Ok(Some(m)) => return Poll::Ready(Some(Ok(m))),
@@ -369,6 +388,17 @@ impl<M: prost::Message + Default> Stream for Messages<M> {
                 None => me.done = true,
             }
         }
+    }
+}
+
+impl<M: prost::Message + Default> Stream for Messages<M> {
+    type Item = Result<M, Status>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let me = &mut *self;
+        let r = me.poll_message(cx);
+        me.tell_mid();
+        r
     }
 }
 
