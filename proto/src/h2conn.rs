@@ -898,7 +898,9 @@ impl Drop for RecvBody {
         let mut st = self.shared.lock();
         st.dropped = true;
         st.released += st.clear(self.shared.held());
-        let tell = (st.released > 0 || std::mem::take(&mut st.mid_message)) && st.reset.is_none();
+        // (A reader gone no longer waits for a message: HEADERS held for it go out.)
+        let was_mid = std::mem::take(&mut st.mid_message);
+        let tell = (st.released > 0 || was_mid) && st.reset.is_none();
         drop(st);
         if tell {
             self.shared.stream.wake_by_ref();
@@ -1200,7 +1202,7 @@ enum Call<F, B> {
     New(Option<http::Request<RecvBody>>),
     /// The service has not answered yet.
     Waiting(Pin<Box<F>>),
-    /// The reply's headers are sent; its body is being sent.
+    /// The reply's body is being sent (its headers sent, or held: `Stream::held_headers`).
     Replying(Pin<Box<B>>),
 }
 
@@ -2112,6 +2114,8 @@ mod tests {
         read_now: tokio::sync::Notify,
         /// How "/t/spawned"'s task's read of its body ended.
         spawned: tokio::sync::Mutex<Option<SpawnedRead>>,
+        /// Tells "/t/dropmid" to drop its reader.
+        drop_reader: std::sync::Mutex<Option<tokio::sync::oneshot::Sender<()>>>,
     }
 
     type SpawnedRead = tokio::sync::oneshot::Receiver<Result<usize, StreamReset>>;
@@ -2154,7 +2158,8 @@ mod tests {
     /// request's DATA was there when the service was called), `/t/spawned` (a task of its
     /// own reads the body; the call never answers), `/t/msgs` (a reply per gRPC message
     /// of the request, `FlushReply`s read as the NMS's stream calls read theirs, the first
-    /// in the call itself; none for one whose `persisted_lsn` is 0).
+    /// in the call itself; none for one whose `persisted_lsn` is 0), `/t/dropmid` (reads
+    /// as `/t/msgs` does, drops its reader when told, never answers).
     async fn start(
         settings: ConnSettings,
     ) -> (SocketAddr, Arc<Seen>, tokio::sync::watch::Sender<()>, Served) {
@@ -2210,6 +2215,28 @@ mod tests {
                                 unreachable!()
                             }
                             "/t/msgs" => msgs_reply(req.into_body()),
+                            "/t/dropmid" => {
+                                let (tx, rx) = tokio::sync::oneshot::channel();
+                                *seen.drop_reader.lock().unwrap() = Some(tx);
+                                let mut reader = DropReader {
+                                    msgs: Some(crate::h2serve::Messages::new(
+                                        req.into_body(),
+                                        1 << 20,
+                                    )),
+                                    drop_now: rx,
+                                };
+                                // The first read in the call itself, as `/t/msgs`' is.
+                                let mut cx = Context::from_waker(Waker::noop());
+                                let _ =
+                                    tokio_stream::Stream::poll_next(Pin::new(&mut reader), &mut cx);
+                                let mut r =
+                                    http::Response::new(GrpcBody::replies(Box::pin(reader), None));
+                                r.headers_mut().insert(
+                                    http::header::CONTENT_TYPE,
+                                    http::HeaderValue::from_static("application/grpc"),
+                                );
+                                r
+                            }
                             "/t/refuse" => tonic::Status::not_found("no such thing")
                                 .into_http()
                                 .map(GrpcBody::tonic),
@@ -2231,6 +2258,28 @@ mod tests {
             }
         });
         (addr, seen, stop_tx, done_rx)
+    }
+
+    /// `/t/dropmid`'s reply: reads its request (never whole in the test) until told to
+    /// drop the reader; never yields.
+    struct DropReader {
+        msgs: Option<crate::h2serve::Messages<crate::pb::FlushReply>>,
+        drop_now: tokio::sync::oneshot::Receiver<()>,
+    }
+
+    impl tokio_stream::Stream for DropReader {
+        type Item = Result<ChunkBuf, tonic::Status>;
+
+        fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+            let me = &mut *self;
+            if me.msgs.is_some() && Pin::new(&mut me.drop_now).poll(cx).is_ready() {
+                me.msgs = None;
+            }
+            if let Some(m) = me.msgs.as_mut() {
+                assert!(Pin::new(m).poll_next(cx).is_pending(), "the message never completes");
+            }
+            Poll::Pending
+        }
     }
 
     /// `/t/msgs`' reply (see [`start`]).
@@ -2730,6 +2779,25 @@ mod tests {
         c.send(frame::HEADERS, frame::END_HEADERS, 7, &block).await;
         let seen = c.settled().await;
         assert_eq!(on_stream(&seen, 7), [frame::HEADERS], "{seen:?}");
+    }
+
+    /// HEADERS held for a reader that waits for the rest of a message leave when the
+    /// reader is dropped (it waits no more), though the reply never comes.
+    #[tokio::test]
+    async fn held_reply_headers_leave_when_the_reader_is_dropped() {
+        let (addr, seen, _stop, _served) = start(settings()).await;
+        let mut c = Raw::connect(addr).await;
+        let mut b =
+            frame_bytes(frame::HEADERS, frame::END_HEADERS, 1, &request_block("/t/dropmid", &[]));
+        b.extend(frame_bytes(frame::DATA, 0, 1, &grpc_message(300)[..3]));
+        c.tcp.write_all(&b).await.unwrap();
+        let early = c.settled().await;
+        assert!(early.iter().all(|f| f.2 != 1), "HEADERS held: {early:?}");
+        let tell = seen.drop_reader.lock().unwrap().take().expect("the call ran");
+        tell.send(()).unwrap();
+        let (_, id, _) =
+            c.until(frame::HEADERS).await.expect("the HEADERS once the reader is gone");
+        assert_eq!(id, 1);
     }
 
     #[tokio::test]

@@ -331,19 +331,21 @@ fn decode_one<M: prost::Message + Default>(
         // one split across chunks is copied alone; the message is never gathered into one
         // buffer first (a client sending 16 KiB frames, as gRPC's C core and Go do, splits
         // every 64 KiB batch: that copy was 5% of a batched-write run's serving thread).
-        // prost reads the message to its end; one that fails to decode ends the stream (its
-        // rest, and all after it, is dropped by the caller).
         M::decode((&mut *pending).take(len))
     };
+    // A message that fails to decode ends the stream (its rest, and all after it, is
+    // dropped by the caller).
     decoded.map(Some).map_err(|e| Status::internal(format!("decoding a message: {e}")))
 }
 
 impl<M: prost::Message + Default> Messages<M> {
     /// Tells the connection whether the start of a message is here and its rest awaited
     /// (`RecvBody::set_mid_message`: it holds the reply's HEADERS back meanwhile, so they
-    /// leave with the reply), when that changed.
-    fn tell_mid(&mut self) {
-        let mid = !self.done && self.pending.remaining() > 0;
+    /// leave with the reply), when that changed. Only a poll that waits (`pending`) for
+    /// the rest of a message says so: one that yields a message, an error or the end
+    /// does not, even with bytes left over (the caller may not poll again soon).
+    fn tell_mid(&mut self, pending: bool) {
+        let mid = pending && !self.done && self.pending.remaining() > 0;
         if mid != self.mid {
             self.mid = mid;
             self.body.set_mid_message(mid);
@@ -397,7 +399,7 @@ impl<M: prost::Message + Default> Stream for Messages<M> {
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let me = &mut *self;
         let r = me.poll_message(cx);
-        me.tell_mid();
+        me.tell_mid(r.is_pending());
         r
     }
 }
