@@ -2132,7 +2132,11 @@ mod tests {
         for c in chunks {
             b.push(c);
         }
-        let replies: ReplyStream = Box::pin(tokio_stream::iter([Ok(b)]));
+        grpc_reply(Box::pin(tokio_stream::iter([Ok(b)])))
+    }
+
+    /// A gRPC reply (`content-type: application/grpc`) of `replies`.
+    fn grpc_reply(replies: ReplyStream) -> http::Response<GrpcBody> {
         let mut r = http::Response::new(GrpcBody::replies(replies, None));
         r.headers_mut()
             .insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/grpc"));
@@ -2229,13 +2233,7 @@ mod tests {
                                 let mut cx = Context::from_waker(Waker::noop());
                                 let _ =
                                     tokio_stream::Stream::poll_next(Pin::new(&mut reader), &mut cx);
-                                let mut r =
-                                    http::Response::new(GrpcBody::replies(Box::pin(reader), None));
-                                r.headers_mut().insert(
-                                    http::header::CONTENT_TYPE,
-                                    http::HeaderValue::from_static("application/grpc"),
-                                );
-                                r
+                                grpc_reply(Box::pin(reader))
                             }
                             "/t/refuse" => tonic::Status::not_found("no such thing")
                                 .into_http()
@@ -2285,7 +2283,6 @@ mod tests {
     /// `/t/msgs`' reply (see [`start`]).
     fn msgs_reply(body: RecvBody) -> http::Response<GrpcBody> {
         use crate::h2serve::Messages;
-        use prost::Message as _;
         use tokio_stream::{Stream as _, StreamExt as _};
         let mut msgs = Messages::<crate::pb::FlushReply>::new(body, 1 << 20);
         let mut cx = Context::from_waker(Waker::noop());
@@ -2297,18 +2294,12 @@ mod tests {
             Err(s) => Some(Err(s)),
             Ok(m) if m.persisted_lsn == 0 => None,
             Ok(m) => {
-                let mut b = vec![0];
-                b.extend_from_slice(&(m.encoded_len() as u32).to_be_bytes());
-                m.encode(&mut b).unwrap();
                 let mut out = ChunkBuf::default();
-                out.push(b.into());
+                out.push(grpc_message(m.persisted_lsn).into());
                 Some(Ok(out))
             }
         });
-        let mut r = http::Response::new(GrpcBody::replies(Box::pin(replies), None));
-        r.headers_mut()
-            .insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/grpc"));
-        r
+        grpc_reply(Box::pin(replies))
     }
 
     async fn h2_client(
@@ -2697,6 +2688,14 @@ mod tests {
         assert!(matches!(r.unwrap(), Err(StreamReset(code::CANCEL))));
     }
 
+    /// HEADERS (`block`) and a DATA frame (`flags`, `data`) on stream `id`, to send in one
+    /// write.
+    fn headers_and_data(id: u32, block: &[u8], flags: u8, data: &[u8]) -> Vec<u8> {
+        let mut b = frame_bytes(frame::HEADERS, frame::END_HEADERS, id, block);
+        b.extend(frame_bytes(frame::DATA, flags, id, data));
+        b
+    }
+
     /// A gRPC message: the prefix, then `FlushReply { persisted_lsn: lsn }`.
     fn grpc_message(lsn: u64) -> Vec<u8> {
         use prost::Message as _;
@@ -2741,13 +2740,8 @@ mod tests {
         };
         // HEADERS and the start of a message in one write (as clients send them), then
         // the rest of it: nothing of the reply before the rest.
-        let headers_and = |id: u32, data: &[u8]| {
-            let mut b = frame_bytes(frame::HEADERS, frame::END_HEADERS, id, &block);
-            b.extend(frame_bytes(frame::DATA, 0, id, data));
-            b
-        };
         let m = grpc_message(300);
-        c.tcp.write_all(&headers_and(1, &m[..3])).await.unwrap();
+        c.tcp.write_all(&headers_and_data(1, &block, 0, &m[..3])).await.unwrap();
         let seen = c.settled().await;
         assert_eq!(on_stream(&seen, 1), Vec::<u8>::new(), "HEADERS held: {seen:?}");
         c.send(frame::DATA, 0, 1, &m[3..]).await;
@@ -2762,15 +2756,14 @@ mod tests {
         // A message with no reply, sent in two parts: once it is whole and read, the
         // HEADERS leave though nothing else does (a client may wait for them to go on).
         let empty = grpc_message(0);
-        c.tcp.write_all(&headers_and(3, &empty[..2])).await.unwrap();
+        c.tcp.write_all(&headers_and_data(3, &block, 0, &empty[..2])).await.unwrap();
         let seen = c.settled().await;
         assert_eq!(on_stream(&seen, 3), Vec::<u8>::new(), "HEADERS held: {seen:?}");
         c.send(frame::DATA, 0, 3, &empty[2..]).await;
         let (_, id, _) = c.until(frame::HEADERS).await.expect("the HEADERS after the message");
         assert_eq!(id, 3);
         // A call whose first message came whole with its HEADERS: answered at once.
-        let mut both = frame_bytes(frame::HEADERS, frame::END_HEADERS, 5, &block);
-        both.extend(frame_bytes(frame::DATA, frame::END_STREAM, 5, &grpc_message(7)));
+        let both = headers_and_data(5, &block, frame::END_STREAM, &grpc_message(7));
         c.tcp.write_all(&both).await.unwrap();
         let seen = c.settled().await;
         assert_eq!(on_stream(&seen, 5), [frame::HEADERS, frame::DATA, frame::HEADERS]);
@@ -2787,9 +2780,7 @@ mod tests {
     async fn held_reply_headers_leave_when_the_reader_is_dropped() {
         let (addr, seen, _stop, _served) = start(settings()).await;
         let mut c = Raw::connect(addr).await;
-        let mut b =
-            frame_bytes(frame::HEADERS, frame::END_HEADERS, 1, &request_block("/t/dropmid", &[]));
-        b.extend(frame_bytes(frame::DATA, 0, 1, &grpc_message(300)[..3]));
+        let b = headers_and_data(1, &request_block("/t/dropmid", &[]), 0, &grpc_message(300)[..3]);
         c.tcp.write_all(&b).await.unwrap();
         let early = c.settled().await;
         assert!(early.iter().all(|f| f.2 != 1), "HEADERS held: {early:?}");

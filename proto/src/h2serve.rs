@@ -354,40 +354,39 @@ impl<M: prost::Message + Default> Messages<M> {
 
     fn poll_message(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<M, Status>>> {
         use http_body::Body as _;
-        let me = self;
         loop {
-            match decode_one::<M>(&mut me.pending, me.max) {
+            match decode_one::<M>(&mut self.pending, self.max) {
                 Ok(Some(m)) => return Poll::Ready(Some(Ok(m))),
                 Ok(None) => {}
                 Err(s) => {
-                    me.done = true;
-                    me.pending.clear();
+                    self.done = true;
+                    self.pending.clear();
                     return Poll::Ready(Some(Err(s)));
                 }
             }
-            if me.done {
-                if me.pending.remaining() > 0 {
-                    me.pending.clear();
+            if self.done {
+                if self.pending.remaining() > 0 {
+                    self.pending.clear();
                     return Poll::Ready(Some(Err(Status::internal(
                         "the request ended inside a message",
                     ))));
                 }
                 return Poll::Ready(None);
             }
-            match ready!(Pin::new(&mut me.body).poll_frame(cx)) {
+            match ready!(Pin::new(&mut self.body).poll_frame(cx)) {
                 Some(Ok(frame)) => {
                     // (Request trailers carry nothing a wayside call uses.)
                     if let Ok(data) = frame.into_data() {
-                        me.pending.push(data);
-                        me.peak_held_bytes = me.peak_held_bytes.max(me.pending.held_bytes());
+                        self.pending.push(data);
+                        self.peak_held_bytes = self.peak_held_bytes.max(self.pending.held_bytes());
                     }
                 }
                 Some(Err(e)) => {
-                    me.done = true;
-                    me.pending.clear();
+                    self.done = true;
+                    self.pending.clear();
                     return Poll::Ready(Some(Err(Status::from_error(Box::new(e)))));
                 }
-                None => me.done = true,
+                None => self.done = true,
             }
         }
     }
