@@ -132,6 +132,40 @@ impl TlsArgs {
     }
 }
 
+/// How an operator's command (migrate, status, shutdown) reaches an NMS: over TLS with the
+/// road's CA, presenting an operator's road certificate (an NMS on TLS takes admin calls
+/// only from callers that present one, as well as the cluster token).
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct OperatorTlsArgs {
+    /// The road's CA certificate (PEM): dial over TLS only, trusting servers it signed.
+    /// Unset: plaintext, and an https:// address is refused.
+    #[arg(long, env = "WAYSIDE_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
+    /// The operator's certificate (PEM), signed by the road's CA: what an NMS on TLS
+    /// requires of admin callers.
+    #[arg(long, env = "WAYSIDE_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The certificate's private key (PEM).
+    #[arg(long, env = "WAYSIDE_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+}
+
+impl OperatorTlsArgs {
+    /// The TLS set-up to dial with (`None`: plaintext).
+    pub fn load(&self) -> anyhow::Result<Option<wayside_proto::tls::Tls>> {
+        let files = wayside_proto::tls::TlsFiles {
+            ca: self.tls_ca.clone(),
+            cert: self.tls_cert.clone(),
+            key: self.tls_key.clone(),
+        };
+        let tls = wayside_proto::tls::Tls::load(&files).context("--tls-ca/--tls-cert/--tls-key")?;
+        if tls.as_ref().is_some_and(|t| !t.has_ca()) {
+            bail!("--tls-cert and --tls-key need --tls-ca (the road's CA) to dial over TLS");
+        }
+        Ok(tls)
+    }
+}
+
 /// Which volume, where, with which secret.
 #[derive(Debug, clap::Args)]
 pub struct VolumeArgs {
@@ -316,7 +350,7 @@ pub struct MigrateArgs {
     #[arg(long, default_value_t = 0)]
     pub switch_below_bytes: u64,
     #[command(flatten)]
-    pub tls: TlsArgs,
+    pub tls: OperatorTlsArgs,
 }
 
 /// The cluster token the operator commands present: `WAYSIDE_CLUSTER_TOKEN`, if set.
@@ -451,7 +485,7 @@ pub fn render_report(r: &pb::MigrationReport) -> String {
 }
 
 /// Prints a node's status.
-pub async fn status(addr: &str, tls: &TlsArgs) -> anyhow::Result<()> {
+pub async fn status(addr: &str, tls: &OperatorTlsArgs) -> anyhow::Result<()> {
     let req = token::request(operator_token()?.as_ref(), pb::NodeStatusRequest {});
     let tls = tls.load()?;
     let r = admin_over(addr, tls.as_ref())
@@ -487,7 +521,7 @@ pub async fn status(addr: &str, tls: &TlsArgs) -> anyhow::Result<()> {
 }
 
 /// Asks a node to drain, flush and exit.
-pub async fn shutdown(addr: &str, tls: &TlsArgs) -> anyhow::Result<()> {
+pub async fn shutdown(addr: &str, tls: &OperatorTlsArgs) -> anyhow::Result<()> {
     let req = token::request(operator_token()?.as_ref(), pb::ShutdownRequest {});
     let tls = tls.load()?;
     admin_over(addr, tls.as_ref())

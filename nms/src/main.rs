@@ -28,9 +28,9 @@ enum Command {
     Serve(wayside_nms::cli::ServeArgs),
     /// Move a volume between NMSs and print the timeline:
     /// nms migrate --volume car-1 --from 127.0.0.1:7100 --to 127.0.0.1:7200
-    /// (migrate, status and shutdown present the cluster token in WAYSIDE_CLUSTER_TOKEN;
-    /// they and the volume commands dial over TLS with the road's CA in --tls-ca or
-    /// WAYSIDE_TLS_CA)
+    /// (migrate, status and shutdown present the cluster token in WAYSIDE_CLUSTER_TOKEN and,
+    /// to an NMS on TLS, an operator's road certificate in --tls-cert/--tls-key; they and
+    /// the volume commands dial over TLS with the road's CA in --tls-ca or WAYSIDE_TLS_CA)
     Migrate(wayside_nms::cli::MigrateArgs),
     /// Print an NMS's cache and volumes.
     Status {
@@ -38,7 +38,7 @@ enum Command {
         #[arg(long)]
         nms: String,
         #[command(flatten)]
-        tls: wayside_nms::cli::TlsArgs,
+        tls: wayside_nms::cli::OperatorTlsArgs,
     },
     /// Ask an NMS to drain, flush its dirty blocks to the PSS and exit.
     Shutdown {
@@ -46,7 +46,7 @@ enum Command {
         #[arg(long)]
         nms: String,
         #[command(flatten)]
-        tls: wayside_nms::cli::TlsArgs,
+        tls: wayside_nms::cli::OperatorTlsArgs,
     },
     #[command(flatten)]
     Volume(wayside_nms::cli::VolumeCmd),

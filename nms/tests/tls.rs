@@ -199,6 +199,90 @@ async fn a_move_between_tls_nmss_is_made_and_followed_over_tls() {
     b.stop().await;
 }
 
+/// On TLS, admin and migration calls need a road certificate as well as the cluster token:
+/// a vehicle (the road's CA, no certificate) that learned the token can neither read a
+/// node's status, nor move a volume, nor open a migration stream, nor stop the node; a
+/// certificate of another road fails the handshake; the road's certificate with the token
+/// is answered, and with a wrong token is not. Vehicle calls still need no certificate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_and_migration_calls_on_tls_need_a_road_certificate_and_the_token() {
+    use wayside_proto::token::ClusterToken;
+    let mut road = Road::new("road");
+    let store = Arc::new(MemStore::default());
+    let token = ClusterToken::new("road-0123456789abcdef").unwrap();
+    let t = token.clone();
+    let a = tls_nms("a", &mut road, &store, move |c| c.cluster_token = Some(t)).await;
+    let c = VolumeClient::open(opts(&a.ep, Some(road.vehicle()))).await.unwrap();
+    c.write(0, 0, vec![7; 4096]).await.unwrap();
+
+    let admin = |tls: Tls| {
+        let ep = a.ep.clone();
+        async move { wayside_nms::cli::admin_over(ep.authority(), Some(&tls)).await }
+    };
+    let status = || token.request(pb::NodeStatusRequest {});
+    // The road's CA only (a vehicle's set-up), with the right token.
+    let vehicle = road.vehicle();
+    let e = admin(vehicle.clone()).await.unwrap().node_status(status()).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
+    assert!(e.message().contains("road certificate"), "{e:?}");
+    let e = admin(vehicle.clone())
+        .await
+        .unwrap()
+        .start_migration(token.request(pb::StartMigrationRequest {
+            volume: "car-1".into(),
+            target_address: "127.0.0.1:9".into(),
+            max_rounds: 0,
+            switch_below_bytes: 0,
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
+    let e = admin(vehicle.clone())
+        .await
+        .unwrap()
+        .shutdown(token.request(pb::ShutdownRequest {}))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
+    let ch = wayside_proto::client::endpoint(&a.ep, Some(&vehicle)).unwrap().connect().await;
+    let mut mig = pb::migration_client::MigrationClient::new(ch.unwrap());
+    let e = mig
+        .transfer(token.request(futures::stream::empty::<pb::MigrationFrame>()))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
+    assert!(e.message().contains("road certificate"), "{e:?}");
+
+    // A certificate of another road fails the handshake.
+    let mut foreign = Road::new("another road");
+    let theirs = foreign.node();
+    let mixed = TlsFiles { ca: road.node().ca, ..theirs };
+    let mixed = Tls::load(&mixed).unwrap().unwrap();
+    let e = match admin(mixed).await {
+        Ok(mut c) => c.node_status(status()).await.unwrap_err(),
+        Err(e) => tonic::Status::unavailable(e.to_string()),
+    };
+    assert_ne!(e.code(), tonic::Code::Ok, "{e:?}");
+
+    // The road's certificate: a wrong token is refused, the token answered.
+    let node = Tls::load(&road.node()).unwrap().unwrap();
+    let other = ClusterToken::new("road-fedcba9876543210").unwrap();
+    let e = admin(node.clone())
+        .await
+        .unwrap()
+        .node_status(other.request(pb::NodeStatusRequest {}))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
+    let st = admin(node).await.unwrap().node_status(status()).await.unwrap().into_inner();
+    assert_eq!(st.volumes, 1);
+    // Nothing was moved or stopped: the vehicle goes on at A.
+    assert_eq!(c.read(0, 0, None).await.unwrap().unwrap(), vec![7; 4096]);
+    assert_eq!(c.current_nms(), a.ep);
+    drop(c);
+    a.stop().await;
+}
+
 /// A raw TCP connection to `ep` that sends nothing: it stays open until the server drops
 /// it; returns how long that took (None: not within `limit`).
 async fn dropped_after(ep: &Endpoint, limit: Duration) -> Option<Duration> {
@@ -292,6 +376,10 @@ async fn the_smf_serves_and_dials_over_tls() {
         .await
         .unwrap();
     let mut client = pb::smf_client::SmfClient::new(ch);
+    // The road is set by an operator presenting a road certificate.
+    let operator_tls = Tls::load(&road.node()).unwrap().unwrap();
+    let ch = wayside_proto::client::endpoint(&smf_ep, Some(&operator_tls));
+    let mut operator = pb::smf_client::SmfClient::new(ch.unwrap().connect().await.unwrap());
 
     let rsu = |name: &str, p: f64, nms: &LocalNms| pb::Rsu {
         name: name.into(),
@@ -299,14 +387,16 @@ async fn the_smf_serves_and_dials_over_tls() {
         coverage_radius_m: 150.0,
         nms_address: nms.ep.authority().into(),
     };
-    client
-        .set_road(pb::Road {
-            rsus: vec![rsu("A", 100.0, &a), rsu("B", 300.0, &b)],
-            handover_execution_s: 0.0,
-            time_to_handover_s: 4.0,
-        })
-        .await
-        .unwrap();
+    let the_road = pb::Road {
+        rsus: vec![rsu("A", 100.0, &a), rsu("B", 300.0, &b)],
+        handover_execution_s: 0.0,
+        time_to_handover_s: 4.0,
+    };
+    // A vehicle (the road's CA only) cannot set the road.
+    let e = client.set_road(the_road.clone()).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
+    assert!(e.message().contains("road certificate"), "{e:?}");
+    operator.set_road(the_road).await.unwrap();
     // At 249.5 m, 10 m/s: the handover out of A is 0.05 s away, a reactive move A -> B.
     let report = |credential: &str| pb::VehicleReport {
         vehicle: "car".into(),
@@ -398,13 +488,16 @@ async fn a_tls_nms_never_dials_its_pss_in_plaintext() {
     cluster.shutdown().await;
 }
 
-/// `nms` run as a command with `args` (no TLS or cluster token from the environment
-/// unless `ca_env`), to its end.
-async fn nms(args: &[&str], ca_env: Option<&std::path::Path>) -> std::process::Output {
+/// `nms` run as a command with `args` (no TLS or cluster token from the environment but
+/// the `WAYSIDE_TLS_*` variables in `env`), to its end.
+async fn nms(args: &[&str], env: &[(&str, &std::path::Path)]) -> std::process::Output {
     let mut c = tokio::process::Command::new(env!("CARGO_BIN_EXE_nms"));
-    c.args(args).env_remove("WAYSIDE_TLS_CA").env_remove("WAYSIDE_CLUSTER_TOKEN");
-    if let Some(ca) = ca_env {
-        c.env("WAYSIDE_TLS_CA", ca);
+    c.args(args).env_remove("WAYSIDE_CLUSTER_TOKEN");
+    for v in ["WAYSIDE_TLS_CA", "WAYSIDE_TLS_CERT", "WAYSIDE_TLS_KEY"] {
+        c.env_remove(v);
+    }
+    for (k, v) in env {
+        c.env(k, v);
     }
     let out = tokio::time::timeout(Duration::from_secs(20), c.output())
         .await
@@ -420,7 +513,8 @@ async fn nms(args: &[&str], ca_env: Option<&std::path::Path>) -> std::process::O
 }
 
 /// `nms serve --tls-cert --tls-key --tls-ca` serves TLS; the operator commands reach it with
-/// --tls-ca or WAYSIDE_TLS_CA, and say what is wrong without it or with another road's CA.
+/// --tls-ca and an operator's road certificate (--tls-cert/--tls-key, or WAYSIDE_TLS_*), and
+/// say what is wrong without them or with another road's CA.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_cli_serves_and_calls_over_tls() {
     let mut road = Road::new("road");
@@ -449,27 +543,44 @@ async fn the_cli_serves_and_calls_over_tls() {
     wayside_nms::testing::wait_healthy_tls(&https, Some(&road.vehicle())).await;
     let ca_s = ca.to_str().unwrap();
 
-    let ok = nms(&["status", "--nms", &addr, "--tls-ca", ca_s], None).await;
+    // An operator's certificate of the road (not the NMS's own).
+    let operator = road.node();
+    let (op_cert, op_key) = (operator.cert.unwrap(), operator.key.unwrap());
+    let (op_cert_s, op_key_s) = (op_cert.to_str().unwrap(), op_key.to_str().unwrap());
+    let certified = ["--tls-ca", ca_s, "--tls-cert", op_cert_s, "--tls-key", op_key_s];
+    let ok = nms(&[&["status", "--nms", &addr][..], &certified].concat(), &[]).await;
     assert!(ok.status.success());
     let text = String::from_utf8_lossy(&ok.stdout);
     assert!(text.contains(&format!("at https://{addr}")), "advertised over TLS: {text}");
-    assert!(nms(&["status", "--nms", &addr], Some(&ca)).await.status.success());
+    let env =
+        [("WAYSIDE_TLS_CA", &*ca), ("WAYSIDE_TLS_CERT", &*op_cert), ("WAYSIDE_TLS_KEY", &*op_key)];
+    assert!(nms(&["status", "--nms", &addr], &env).await.status.success());
+    // The CA alone (what a vehicle has) does not make an operator.
+    let ca_only = nms(&["status", "--nms", &addr, "--tls-ca", ca_s], &[]).await;
+    let err = String::from_utf8_lossy(&ca_only.stderr);
+    assert!(!ca_only.status.success());
+    assert!(err.contains("road certificate") && err.contains("--tls-cert"), "{err}");
+    let half_args = ["status", "--nms", &addr, "--tls-ca", ca_s, "--tls-cert", op_cert_s];
+    let half = nms(&half_args, &[]).await;
+    let err = String::from_utf8_lossy(&half.stderr);
+    assert!(!half.status.success());
+    assert!(err.contains("--tls-key"), "{err}");
 
-    let no_tls = nms(&["status", "--nms", https.uri()], None).await;
+    let no_tls = nms(&["status", "--nms", https.uri()], &[]).await;
     let err = String::from_utf8_lossy(&no_tls.stderr);
     assert!(!no_tls.status.success());
     assert!(err.contains("no TLS set up") && err.contains("--tls-ca"), "{err}");
-    let plaintext = nms(&["status", "--nms", &addr], None).await;
+    let plaintext = nms(&["status", "--nms", &addr], &[]).await;
     let err = String::from_utf8_lossy(&plaintext.stderr);
     assert!(!plaintext.status.success());
     assert!(err.contains("if the NMS serves TLS"), "{err}");
-    let wrong =
-        nms(&["status", "--nms", &addr, "--tls-ca", other_ca.to_str().unwrap()], None).await;
+    let wrong = nms(&["status", "--nms", &addr, "--tls-ca", other_ca.to_str().unwrap()], &[]).await;
     let err = String::from_utf8_lossy(&wrong.stderr);
     assert!(!wrong.status.success());
     assert!(err.contains("TLS handshake failed") && err.contains("UnknownIssuer"), "{err}");
 
-    assert!(nms(&["shutdown", "--nms", &addr, "--tls-ca", ca_s], None).await.status.success());
+    let shutdown = nms(&[&["shutdown", "--nms", &addr][..], &certified].concat(), &[]).await;
+    assert!(shutdown.status.success());
     let exit = tokio::time::timeout(Duration::from_secs(20), child.wait()).await.unwrap().unwrap();
     assert!(exit.success(), "{exit}");
 }

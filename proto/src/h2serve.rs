@@ -684,7 +684,14 @@ where
                         drop(permit);
                         // Failed handshakes are anyone's to cause: debug, not a log flood.
                         match tls_io {
-                            Ok(Ok(io)) => crate::h2conn::serve(io, svc, conn, &mut stop).await,
+                            Ok(Ok(io)) => {
+                                // Verified against the road's CA during the handshake.
+                                let certs = io.get_ref().1.peer_certificates().map(|c| {
+                                    crate::tls::PeerCertificates(c.iter().cloned().collect())
+                                });
+                                let svc = WithPeerCertificates { svc, certs };
+                                crate::h2conn::serve(io, svc, conn, &mut stop).await
+                            }
                             Ok(Err(e)) => {
                                 tracing::debug!(?peer, error = %e, "TLS handshake failed");
                                 return;
@@ -707,6 +714,30 @@ where
     drop(stop_rx);
     stop_tx.closed().await;
     Ok(())
+}
+
+/// `svc` with the certificates a TLS connection's caller presented put in every request's
+/// extensions (for [`crate::tls::road_certified`]).
+#[derive(Clone)]
+struct WithPeerCertificates<S> {
+    svc: S,
+    certs: Option<crate::tls::PeerCertificates>,
+}
+
+impl<S> hyper::service::Service<http::Request<RecvBody>> for WithPeerCertificates<S>
+where
+    S: hyper::service::Service<http::Request<RecvBody>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn call(&self, mut req: http::Request<RecvBody>) -> Self::Future {
+        if let Some(c) = &self.certs {
+            req.extensions_mut().insert(c.clone());
+        }
+        self.svc.call(req)
+    }
 }
 
 #[cfg(test)]

@@ -13,8 +13,11 @@
 //!
 //! Who must present a certificate: a PSS requires one of every caller (only the road's
 //! own nodes reach it: NMSs, PSS peers, operators with a road certificate); an NMS and the
-//! SMF ask for none (vehicles have none; their volume credential, and the cluster token on
-//! admin calls, authenticate them, now over an encrypted channel).
+//! SMF ask for one but take callers without (vehicles have none; their volume credential
+//! authenticates them, over an encrypted channel). Their admin and migration calls need
+//! both the cluster token and a road certificate ([`crate::token::RequireToken`]), so a
+//! vehicle that learns the token still cannot move a volume or stop a node. The
+//! certificates a connection's caller presented reach its calls as [`PeerCertificates`].
 //!
 //! [`pki`] makes a road's CA and node certificate, for `testbed` roads and tests.
 
@@ -71,10 +74,27 @@ pub enum TlsError {
 /// Whether a server asks its callers for a certificate.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ClientAuth {
-    /// Callers present none (an NMS, the SMF: vehicles have none).
+    /// Callers present none.
     None,
+    /// Callers may present one, and one presented must be signed by the road's CA (an NMS,
+    /// the SMF: vehicles have none, the road's nodes and operators have theirs).
+    Optional,
     /// Every caller must present one signed by the road's CA (a PSS).
     Required,
+}
+
+/// The certificate chain a connection's caller presented (leaf first), verified against
+/// the road's CA during the handshake: what a server built on
+/// [`crate::h2serve::serve_http2`] puts in the extensions of every call on that
+/// connection. Absent: the caller presented none (or the connection is plaintext).
+#[derive(Debug, Clone)]
+pub struct PeerCertificates(pub Arc<[CertificateDer<'static>]>);
+
+/// Whether the caller of `req` presented a road certificate: through a hand-built server
+/// ([`PeerCertificates`]) or tonic's own (its TLS connection info).
+pub fn road_certified<T>(req: &tonic::Request<T>) -> bool {
+    req.extensions().get::<PeerCertificates>().is_some_and(|c| !c.0.is_empty())
+        || req.peer_certs().is_some_and(|c| !c.is_empty())
 }
 
 /// A loaded TLS set-up; cheap to clone.
@@ -208,17 +228,21 @@ impl Tls {
             .map_err(|e| TlsError::Config(e.to_string()))?;
         let builder = match auth {
             ClientAuth::None => builder.with_no_client_auth(),
-            ClientAuth::Required => {
+            ClientAuth::Optional | ClientAuth::Required => {
                 if !self.has_ca() {
-                    return Err(TlsError::NoCa("a PSS checks its callers' certificates"));
+                    return Err(TlsError::NoCa("a server checks its callers' certificates"));
                 }
                 let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
                     Arc::new(self.root_store()?),
                     Self::provider(),
+                );
+                let verifier = match auth {
+                    ClientAuth::Optional => verifier.allow_unauthenticated(),
+                    _ => verifier,
+                };
+                builder.with_client_cert_verifier(
+                    verifier.build().map_err(|e| TlsError::Config(e.to_string()))?,
                 )
-                .build()
-                .map_err(|e| TlsError::Config(e.to_string()))?;
-                builder.with_client_cert_verifier(verifier)
             }
         };
         let mut cfg =
@@ -251,11 +275,11 @@ impl Tls {
         };
         let mut cfg = tonic::transport::ServerTlsConfig::new()
             .identity(tonic::transport::Identity::from_pem(cert, key));
-        if auth == ClientAuth::Required {
-            let ca = self.0.ca_pem.as_ref().ok_or(TlsError::NoCa("a PSS checks callers"))?;
+        if auth != ClientAuth::None {
+            let ca = self.0.ca_pem.as_ref().ok_or(TlsError::NoCa("a server checks callers"))?;
             cfg = cfg
                 .client_ca_root(tonic::transport::Certificate::from_pem(ca))
-                .client_auth_optional(false);
+                .client_auth_optional(auth == ClientAuth::Optional);
         }
         Ok(cfg)
     }

@@ -6,6 +6,10 @@
 //! configured: every call passes, and the node says so at start); callers put the token in
 //! a call's metadata with [`ClusterToken::request`]. The token is 16 to 256 visible ASCII
 //! characters, compared in constant time, never printed (`Debug` hides it).
+//!
+//! A server on TLS also requires a road certificate for these calls: the token is one
+//! secret shared by every node of the road (and handed to every VM), a certificate is each
+//! node's or operator's own, so a vehicle that learns the token still cannot use it.
 
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::{Request, Status};
@@ -96,19 +100,43 @@ pub fn request<T>(token: Option<&ClusterToken>, msg: T) -> Request<T> {
 }
 
 /// A server interceptor admitting only calls that carry the token (every call when none
-/// is configured). A missing or wrong token is UNAUTHENTICATED.
+/// is configured) and, on a server that asks for it (one on TLS), come from a caller that
+/// presented a road certificate. Either missing, or a wrong token, is UNAUTHENTICATED.
 #[derive(Clone, Debug)]
-pub struct RequireToken(pub Option<ClusterToken>);
+pub struct RequireToken {
+    token: Option<ClusterToken>,
+    road_certificate: bool,
+}
 
-impl tonic::service::Interceptor for RequireToken {
-    fn call(&mut self, req: Request<()>) -> Result<Request<()>, Status> {
-        check(self.0.as_ref(), &req).map(|()| req)
+impl RequireToken {
+    /// Calls must carry `token` (when there is one) and, with `road_certificate`, come
+    /// from a caller that presented a road certificate ([`crate::tls::road_certified`]).
+    pub fn new(token: Option<ClusterToken>, road_certificate: bool) -> Self {
+        Self { token, road_certificate }
     }
 }
 
-/// Whether `req` carries `token` (always, when there is none): for a service that guards
-/// only some of its calls. A missing or wrong token is UNAUTHENTICATED.
-pub fn check<T>(token: Option<&ClusterToken>, req: &Request<T>) -> Result<(), Status> {
+impl tonic::service::Interceptor for RequireToken {
+    fn call(&mut self, req: Request<()>) -> Result<Request<()>, Status> {
+        check(self.token.as_ref(), self.road_certificate, &req).map(|()| req)
+    }
+}
+
+/// Whether `req` carries `token` (always, when there is none) and, with
+/// `road_certificate`, comes from a caller that presented a road certificate: for a
+/// service that guards only some of its calls. Either missing, or a wrong token, is
+/// UNAUTHENTICATED.
+pub fn check<T>(
+    token: Option<&ClusterToken>,
+    road_certificate: bool,
+    req: &Request<T>,
+) -> Result<(), Status> {
+    if road_certificate && !crate::tls::road_certified(req) {
+        return Err(Status::unauthenticated(
+            "this call needs a road certificate and the caller presented none (operators: \
+             --tls-cert and --tls-key, or WAYSIDE_TLS_CERT and WAYSIDE_TLS_KEY)",
+        ));
+    }
     let Some(token) = token else { return Ok(()) };
     match req.metadata().get(CLUSTER_TOKEN_KEY) {
         Some(v) if token.matches(v.as_bytes()) => Ok(()),
@@ -128,14 +156,27 @@ mod tests {
     #[test]
     fn only_the_token_passes_and_it_is_never_printed() {
         let t = ClusterToken::new("0123456789abcdef-road").unwrap();
-        let mut gate = RequireToken(Some(t.clone()));
+        let mut gate = RequireToken::new(Some(t.clone()), false);
         assert!(gate.call(t.request(())).is_ok());
         let other = ClusterToken::new("0123456789abcdef-roae").unwrap();
         let e = gate.call(other.request(())).unwrap_err();
         assert_eq!(e.code(), tonic::Code::Unauthenticated);
         assert_eq!(gate.call(Request::new(())).unwrap_err().code(), tonic::Code::Unauthenticated);
         // No token configured: every call passes.
-        assert!(RequireToken(None).call(Request::new(())).is_ok());
+        assert!(RequireToken::new(None, false).call(Request::new(())).is_ok());
+        // A server on TLS: the token alone is not enough without a road certificate.
+        let mut tls_gate = RequireToken::new(Some(t.clone()), true);
+        let e = tls_gate.call(t.request(())).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::Unauthenticated);
+        assert!(e.message().contains("road certificate"), "{e}");
+        let mut certified = t.request(());
+        let leaf = rustls_pki_types::CertificateDer::from(vec![0x30, 0]);
+        certified.extensions_mut().insert(crate::tls::PeerCertificates(vec![leaf].into()));
+        assert!(tls_gate.call(certified).is_ok());
+        let mut no_token = Request::new(());
+        let leaf = rustls_pki_types::CertificateDer::from(vec![0x30, 0]);
+        no_token.extensions_mut().insert(crate::tls::PeerCertificates(vec![leaf].into()));
+        assert_eq!(tls_gate.call(no_token).unwrap_err().code(), tonic::Code::Unauthenticated);
         assert!(!format!("{t:?}").contains("0123"));
         assert!(ClusterToken::new("short").is_err());
         assert!(ClusterToken::new("has a space in it, too").is_err());

@@ -618,12 +618,12 @@ impl Vm {
         !self.is_alive()
     }
 
-    /// What this side dials the guest's NMS with: the road's CA from the state folder, when
-    /// the NMS serves TLS.
+    /// What this side dials the guest's NMS with, when the NMS serves TLS: the road's CA
+    /// and the VM's own certificate from the state folder (the guest's NMS takes admin
+    /// calls, such as `stop`'s shutdown, only from callers presenting a road certificate).
     pub fn tls(&self) -> Result<Option<Tls>, VmError> {
-        let Some(ca) = &self.state.tls_ca_file else { return Ok(None) };
-        Tls::load(&TlsFiles { ca: Some(ca.clone()), ..TlsFiles::default() })
-            .map_err(|e| VmError::BadOption(e.to_string()))
+        let Some(files) = self.tls_files() else { return Ok(None) };
+        Tls::load(&files).map_err(|e| VmError::BadOption(e.to_string()))
     }
 
     /// The guest's TLS files in the state folder (what a migration's destination gets).

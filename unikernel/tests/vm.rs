@@ -76,7 +76,7 @@ async fn boots_to_the_health_check_answers_qmp_and_stops() {
 
     // The guest's NMS requires the token: without it an admin call is refused, with it
     // answered.
-    let tls = vm.tls().unwrap().expect("the VM's CA");
+    let tls = vm.tls().unwrap().expect("the VM's CA and certificate");
     let admin = || async {
         let ep = wayside_proto::types::Endpoint::parse(&vm.state.nms_endpoint).unwrap();
         let ch = wayside_proto::client::endpoint(&ep, Some(&tls)).unwrap().connect().await.unwrap();
@@ -84,6 +84,21 @@ async fn boots_to_the_health_check_answers_qmp_and_stops() {
     };
     let refused = admin().await.node_status(wayside_proto::pb::NodeStatusRequest {}).await;
     assert_eq!(refused.unwrap_err().code(), tonic::Code::Unauthenticated);
+    // The token without a road certificate (a vehicle that learned it) is refused too.
+    let ca_only = wayside_proto::tls::Tls::load(&wayside_proto::tls::TlsFiles {
+        ca: tls.files().ca.clone(),
+        ..Default::default()
+    })
+    .unwrap()
+    .unwrap();
+    let ep = wayside_proto::types::Endpoint::parse(&vm.state.nms_endpoint).unwrap();
+    let ch = wayside_proto::client::endpoint(&ep, Some(&ca_only)).unwrap().connect().await.unwrap();
+    let uncertified = wayside_proto::pb::nms_admin_client::NmsAdminClient::new(ch)
+        .node_status(token.request(wayside_proto::pb::NodeStatusRequest {}))
+        .await
+        .unwrap_err();
+    assert_eq!(uncertified.code(), tonic::Code::Unauthenticated);
+    assert!(uncertified.message().contains("road certificate"), "{uncertified:?}");
     let answered =
         admin().await.node_status(token.request(wayside_proto::pb::NodeStatusRequest {})).await;
     assert!(answered.is_ok(), "{answered:?}");

@@ -95,7 +95,9 @@ async fn serve_node(
     let local = listener.local_addr()?;
     let acceptor = match &tls {
         Some(t) if t.has_identity() => {
-            Some(t.acceptor(wayside_proto::tls::ClientAuth::None).context("TLS")?)
+            // Vehicles present no certificate; the road's nodes and operators present
+            // theirs, which admin and migration calls need.
+            Some(t.acceptor(wayside_proto::tls::ClientAuth::Optional).context("TLS")?)
         }
         _ => None,
     };
@@ -132,6 +134,7 @@ async fn serve_node(
             reporter.set_service_status(s, tonic_health::ServingStatus::Serving).await;
         }
         let max = config.max_message_size_bytes;
+        let gate = RequireToken::new(node.cfg.cluster_token.clone(), acceptor.is_some());
         let served = {
             let node = node.clone();
             move |incoming| {
@@ -144,12 +147,13 @@ async fn serve_node(
                             .max_decoding_message_size(max)
                             .max_encoding_message_size(max),
                     )
-                    // Operators, the SMF and other NMSs only: with the cluster token.
+                    // Operators, the SMF and other NMSs only: with the cluster token and,
+                    // on TLS, a road certificate.
                     .add_service(InterceptedService::new(
                         wayside_proto::pb::nms_admin_server::NmsAdminServer::from_arc(node.clone())
                             .max_decoding_message_size(max)
                             .max_encoding_message_size(max),
-                        RequireToken(node.cfg.cluster_token.clone()),
+                        gate.clone(),
                     ))
                     .add_service(InterceptedService::new(
                         wayside_proto::pb::migration_server::MigrationServer::from_arc(
@@ -157,7 +161,7 @@ async fn serve_node(
                         )
                         .max_decoding_message_size(max)
                         .max_encoding_message_size(max),
-                        RequireToken(node.cfg.cluster_token.clone()),
+                        gate.clone(),
                     ))
                     .prepare();
                 let settings = wayside_proto::h2serve::Http2Settings {

@@ -795,9 +795,11 @@ impl Smf {
 #[tonic::async_trait]
 impl pb::smf_server::Smf for Smf {
     /// The road names the NMSs the SMF sends the cluster token to and moves volumes
-    /// between: setting it needs the token (when the SMF has one).
+    /// between: setting it needs the token (when the SMF has one) and, on TLS, a road
+    /// certificate (vehicles reach this port too).
     async fn set_road(&self, req: Request<pb::Road>) -> Result<Response<pb::Road>, Status> {
-        wayside_proto::token::check(self.cfg.cluster_token.as_ref(), &req)?;
+        let on_tls = self.tls.as_ref().is_some_and(|t| t.has_identity());
+        wayside_proto::token::check(self.cfg.cluster_token.as_ref(), on_tls, &req)?;
         Smf::set_road(self, req.into_inner()).map(Response::new)
     }
     async fn get_road(&self, _: Request<pb::GetRoadRequest>) -> Result<Response<pb::Road>, Status> {
@@ -850,7 +852,8 @@ pub async fn serve(
         Some(t) if t.has_identity() => {
             let handshake = Duration::from_millis(smf.cfg.tls_handshake_timeout_ms);
             let cfg = t
-                .tonic_server(wayside_proto::tls::ClientAuth::None)
+                // Vehicles present no certificate; operators setting the road do.
+                .tonic_server(wayside_proto::tls::ClientAuth::Optional)
                 .map_err(|e| anyhow::anyhow!("TLS: {e}"))?
                 .timeout(handshake);
             builder = builder.tls_config(cfg).map_err(|e| anyhow::anyhow!("TLS: {e}"))?;

@@ -128,6 +128,10 @@ fn client_cpu() -> Option<usize> {
 /// (--tls) What every client of this run dials the NMS with (the run's CA).
 static CLIENT_TLS: std::sync::OnceLock<wayside_proto::tls::Tls> = std::sync::OnceLock::new();
 
+/// (--tls) What the run's admin calls (the NMS's counters) dial with: the CA and the run's
+/// node certificate, which an NMS on TLS requires of admin callers.
+static ADMIN_TLS: std::sync::OnceLock<wayside_proto::tls::Tls> = std::sync::OnceLock::new();
+
 /// Each run's median figure (by ops/s; the lower one of an even count) across rounds, the
 /// NMS's runs first, each group in the order first met.
 fn medians(rounds: Vec<Vec<Figure>>) -> Vec<Figure> {
@@ -340,14 +344,28 @@ fn free_port() -> anyhow::Result<u16> {
 /// A channel as the client library makes them (`wayside_proto::client::connect_h2`: tonic's
 /// generated client over wayside's own HTTP/2 client connection).
 async fn channel(addr: &str) -> anyhow::Result<wayside_proto::h2client::Channel> {
+    channel_with(addr, CLIENT_TLS.get()).await
+}
+
+async fn channel_with(
+    addr: &str,
+    tls: Option<&wayside_proto::tls::Tls>,
+) -> anyhow::Result<wayside_proto::h2client::Channel> {
     let ep = wayside_proto::types::Endpoint::parse(addr)?;
     Ok(wayside_proto::client::connect_h2(
         &ep,
-        CLIENT_TLS.get(),
+        tls,
         Duration::from_secs(5),
         wayside_proto::h2client::ClientSettings::default(),
     )
     .await?)
+}
+
+/// An admin client of the NMS at `addr` (over TLS with the run's node certificate).
+async fn admin(
+    addr: &str,
+) -> anyhow::Result<pb::nms_admin_client::NmsAdminClient<wayside_proto::h2client::Channel>> {
+    Ok(pb::nms_admin_client::NmsAdminClient::new(channel_with(addr, ADMIN_TLS.get()).await?))
 }
 
 /// tonic's own channel (`transport::Channel`: a buffer task, hyper's client, h2) over
@@ -725,7 +743,7 @@ fn parse_h2load(out: &str) -> anyhow::Result<H2loadSummary> {
 
 /// The NMS's answered reads and `bench-0`'s accepted lsn.
 async fn served(addr: &str) -> anyhow::Result<(u64, u64)> {
-    let mut admin = pb::nms_admin_client::NmsAdminClient::new(channel(addr).await?);
+    let mut admin = admin(addr).await?;
     let s = admin.node_status(pb::NodeStatusRequest {}).await?.into_inner();
     let accepted =
         s.volume_info.iter().find(|v| v.volume == "bench-0").map_or(0, |v| v.accepted_lsn);
@@ -865,7 +883,7 @@ async fn drain(addr: &str, a: &Args) -> anyhow::Result<(Duration, Duration)> {
 /// it (with --pin, the NMS's CPU: 8 s to fault in 128 MiB under the first phases, against
 /// about 2 s on an idle CPU).
 async fn pool_filled(addr: &str) -> anyhow::Result<()> {
-    let mut admin = pb::nms_admin_client::NmsAdminClient::new(channel(addr).await?);
+    let mut admin = admin(addr).await?;
     let started = Instant::now();
     loop {
         let s = admin.node_status(pb::NodeStatusRequest {}).await?.into_inner();
@@ -886,7 +904,7 @@ async fn pool_filled(addr: &str) -> anyhow::Result<()> {
 
 /// The NMS's write-back totals so far: (PSS calls, block changes in them).
 async fn writeback_totals(addr: &str) -> anyhow::Result<(u64, u64)> {
-    let mut admin = pb::nms_admin_client::NmsAdminClient::new(channel(addr).await?);
+    let mut admin = admin(addr).await?;
     let s = admin.node_status(pb::NodeStatusRequest {}).await?.into_inner();
     Ok((s.writeback_batches, s.writeback_blocks))
 }
@@ -1210,6 +1228,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         let vehicle = wayside_proto::tls::TlsFiles { ca: files.ca.clone(), ..Default::default() };
         let tls = wayside_proto::tls::Tls::load(&vehicle)?.context("the run's CA")?;
         let _ = CLIENT_TLS.set(tls);
+        let _ =
+            ADMIN_TLS.set(wayside_proto::tls::Tls::load(&files)?.context("the run's node files")?);
         args.tls_files = Some(files);
         cluster
     } else {
