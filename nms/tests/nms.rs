@@ -8,6 +8,7 @@ use tokio_util::sync::CancellationToken;
 use wayside_nms::cache::ENTRY_OVERHEAD_BYTES;
 use wayside_nms::client::{ClientOptions, VolumeClient};
 use wayside_nms::config::Config;
+use wayside_nms::store::StoreError;
 use wayside_nms::testing::{wait_healthy, LocalNms, Writer, Written};
 use wayside_proto::error::fault_of;
 use wayside_proto::pb;
@@ -625,8 +626,21 @@ enum DieAt {
 }
 
 /// A migration target that raises the epoch in the PSS as a real one does (owner
-/// "dying-target") and dies at a chosen point.
-struct DyingTarget(DieAt, CancellationToken, wayside_pss::client::PssClient);
+/// "dying-target") and dies at a chosen point; with a [`ClaimPause`], it waits after its
+/// raise landed until the test lets it answer Claimed.
+struct DyingTarget(
+    DieAt,
+    CancellationToken,
+    wayside_pss::client::PssClient,
+    Option<std::sync::Arc<ClaimPause>>,
+);
+
+/// `landed`: the target's Claim raised the epoch; `go`: the test lets it answer.
+#[derive(Default)]
+struct ClaimPause {
+    landed: tokio::sync::Notify,
+    go: tokio::sync::Notify,
+}
 
 #[tonic::async_trait]
 impl pb::migration_server::Migration for DyingTarget {
@@ -641,7 +655,7 @@ impl pb::migration_server::Migration for DyingTarget {
         use pb::migration_frame::Frame;
         let mut inbound = req.into_inner();
         let (tx, rx) = tokio::sync::mpsc::channel(16);
-        let (die, dead, pss) = (self.0, self.1.clone(), self.2.clone());
+        let (die, dead, pss, pause) = (self.0, self.1.clone(), self.2.clone(), self.3.clone());
         tokio::spawn(async move {
             let mut volume = String::new();
             while let Ok(Some(f)) = inbound.message().await {
@@ -682,6 +696,10 @@ impl pb::migration_server::Migration for DyingTarget {
                             .await
                             .expect("the claim raises the epoch");
                         let new_epoch = r.meta.expect("meta").epoch;
+                        if let Some(p) = &pause {
+                            p.landed.notify_one();
+                            p.go.notified().await;
+                        }
                         let claimed = Ack::Claimed(pb::Claimed { new_epoch });
                         let _ = tx.send(Ok(pb::MigrationAck { ack: Some(claimed) })).await;
                         if die == DieAt::AfterClaim {
@@ -741,6 +759,7 @@ async fn the_target_dies_mid_move_and_the_source_keeps_serving() {
                     die,
                     dead.clone(),
                     pss.clone(),
+                    None,
                 )))
                 .serve_with_incoming_shutdown(
                     tokio_stream::wrappers::TcpListenerStream::new(listener),
@@ -792,6 +811,186 @@ async fn the_target_dies_mid_move_and_the_source_keeps_serving() {
     }
     let stored = pss_blocks(&cluster, "abort", &(0..64).collect::<Vec<_>>()).await;
     assert_eq!(stored.len(), 64);
+    a.stop().await;
+    cluster.shutdown().await;
+}
+
+/// A fake migration target's gRPC server on a fresh loopback port: its address, and the
+/// task serving it until `dead` is cancelled.
+async fn dying_target(
+    target: DyingTarget,
+) -> (Endpoint, CancellationToken, tokio::task::JoinHandle<Result<(), tonic::transport::Error>>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let ep = Endpoint::parse(&listener.local_addr().unwrap().to_string()).unwrap();
+    let dead = target.1.clone();
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(pb::migration_server::MigrationServer::new(target))
+            .serve_with_incoming_shutdown(
+                tokio_stream::wrappers::TcpListenerStream::new(listener),
+                dead.clone().cancelled_owned(),
+            ),
+    );
+    (ep, dead, server)
+}
+
+/// The target raised the epoch (Claim), took SwitchOver in and died without answering,
+/// and the PSS lost its majority meanwhile, so the source cannot learn who owns the
+/// volume: it takes no write until the PSS answers (the target may be serving the volume
+/// with everything up to the pause, and a write taken here would be missing there), but
+/// reads go on. Once the PSS is back the source finds the target never served, takes the
+/// volume back and serves it again; nothing is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_switch_whose_outcome_the_pss_cannot_tell_takes_no_write_until_it_can() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cluster = LocalCluster::start(3, dir.path()).await.unwrap();
+    let a = Nms::start("a", &cluster.endpoints(), |c| {
+        c.pss_deadline_ms = 1_000;
+        c.pause_wait_ms = 200;
+    })
+    .await;
+    let mut o = opts(&[&a.ep], "limbo", "k");
+    o.op_timeout = Duration::from_millis(1_500);
+    let c = VolumeClient::open(o).await.unwrap();
+    for blk in 0..16 {
+        c.write(blk, 0, block_data(blk, 1)).await.unwrap();
+    }
+    c.flush().await.unwrap();
+    let epoch0 = c.stat().await.unwrap().epoch;
+    let pss = cluster.client();
+    let pause = std::sync::Arc::new(ClaimPause::default());
+    let target = DyingTarget(
+        DieAt::OnSwitchOver,
+        CancellationToken::new(),
+        pss.clone(),
+        Some(pause.clone()),
+    );
+    let (t_ep, dead, server) = dying_target(target).await;
+    let (report, ()) = tokio::join!(a.migrate("limbo", &t_ep, 2), async {
+        pause.landed.notified().await;
+        // The target's raise landed; now the PSS loses its majority.
+        cluster.stop_node(2).await.unwrap();
+        cluster.stop_node(3).await.unwrap();
+        pause.go.notify_one();
+    });
+    dead.cancel();
+    let _ = server.await;
+    assert_eq!(report.outcome, pb::MigrationOutcome::Aborted as i32, "{report:?}");
+    assert!(report.error.contains("stays paused"), "{report:?}");
+
+    let accepted = |s: pb::NodeStatusReply| {
+        s.volume_info.iter().find(|v| v.volume == "limbo").map(|v| v.accepted_lsn)
+    };
+    let before = accepted(a.status().await);
+    let e = c.write(100, 0, block_data(100, 1)).await;
+    assert!(e.is_err(), "a write taken while the owner is unknown: {e:?}");
+    assert_eq!(c.read(3, 0, None).await.unwrap(), Some(block_data(3, 1)), "reads go on");
+    assert_eq!(accepted(a.status().await), before, "no write taken");
+
+    // The PSS back: the target never served, so A takes the volume back and serves again.
+    cluster.restart_node(2).await.unwrap();
+    cluster.restart_node(3).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while let Err(e) = c.write(101, 0, block_data(101, 1)).await {
+        assert!(Instant::now() < deadline, "A still takes no write: {e}");
+    }
+    let meta = pss.get_volume(&VolumeName::new("limbo").unwrap()).await.unwrap();
+    assert_eq!((meta.epoch, meta.owner_address.as_str()), (epoch0 + 2, a.ep.uri()));
+    c.flush().await.unwrap();
+    let mut want: HashMap<u64, Vec<u8>> = (0..16).map(|b| (b, block_data(b, 1))).collect();
+    want.insert(101, block_data(101, 1));
+    assert_persisted_and_read_back(&cluster, &c, "limbo", &want).await;
+    assert_eq!(c.current_nms(), a.ep);
+    a.stop().await;
+    cluster.shutdown().await;
+}
+
+/// A store over the real PSS that loses the answer of one acquire once armed: the
+/// acquire commits, the NMS hears UNAVAILABLE.
+struct LoseAnAcquireAnswer {
+    pss: wayside_nms::store::PssStore,
+    armed: std::sync::atomic::AtomicBool,
+}
+
+impl wayside_nms::store::Store for LoseAnAcquireAnswer {
+    fn acquire(
+        &self,
+        req: wayside_nms::store::Acquire,
+    ) -> wayside_nms::store::BoxFut<'_, Result<wayside_nms::store::VolumeMeta, StoreError>> {
+        Box::pin(async move {
+            let r = self.pss.acquire(req).await;
+            if r.is_ok() && self.armed.swap(false, std::sync::atomic::Ordering::SeqCst) {
+                return Err(StoreError::Unavailable("the answer was lost (test)".into()));
+            }
+            r
+        })
+    }
+    fn get_volume(
+        &self,
+        v: VolumeName,
+    ) -> wayside_nms::store::BoxFut<'_, Result<wayside_nms::store::VolumeMeta, StoreError>> {
+        self.pss.get_volume(v)
+    }
+    fn write_batch(
+        &self,
+        b: wayside_nms::store::WriteBack,
+    ) -> wayside_nms::store::BoxFut<'_, Result<wayside_proto::types::Lsn, StoreError>> {
+        self.pss.write_batch(b)
+    }
+    fn get_blocks(
+        &self,
+        v: VolumeName,
+        blocks: Vec<wayside_proto::types::BlockNo>,
+    ) -> wayside_nms::store::BoxFut<'_, Result<wayside_nms::store::Fetched, StoreError>> {
+        self.pss.get_blocks(v, blocks)
+    }
+    fn list_blocks(
+        &self,
+        v: VolumeName,
+        start: wayside_proto::types::BlockNo,
+        limit: u32,
+    ) -> wayside_nms::store::BoxFut<'_, Result<wayside_nms::store::BlockPage, StoreError>> {
+        self.pss.list_blocks(v, start, limit)
+    }
+}
+
+/// Settling an interrupted switch, the source's own re-acquire commits but its answer is
+/// lost; the retry finds the epoch moved on. The PSS names the source as the owner: it
+/// keeps the volume at that epoch (rather than turning it into a redirect to itself and
+/// dropping its blocks), writes back with it and the vehicle goes on there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_settling_acquire_whose_answer_was_lost_keeps_the_volume_here() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = LocalCluster::start(3, dir.path()).await.unwrap();
+    let store = std::sync::Arc::new(LoseAnAcquireAnswer {
+        pss: wayside_nms::store::PssStore::new(cluster.endpoints(), cluster.client_options()),
+        armed: false.into(),
+    });
+    let a = Nms(LocalNms::start_with_store("a", store.clone(), |_| {}).await);
+    let c = VolumeClient::open(opts(&[&a.ep], "lost", "k")).await.unwrap();
+    for blk in 0..8 {
+        c.write(blk, 0, block_data(blk, 1)).await.unwrap();
+    }
+    let epoch0 = c.stat().await.unwrap().epoch;
+    let pss = cluster.client();
+    // A target from before Claim, dying on SwitchOver: A settles by re-acquiring.
+    let target = DyingTarget(DieAt::OldOnSwitchOver, CancellationToken::new(), pss.clone(), None);
+    let (t_ep, dead, server) = dying_target(target).await;
+    store.armed.store(true, std::sync::atomic::Ordering::SeqCst);
+    let report = a.migrate("lost", &t_ep, 2).await;
+    dead.cancel();
+    let _ = server.await;
+    assert!(!store.armed.load(std::sync::atomic::Ordering::SeqCst), "an answer was lost");
+    assert_eq!(report.outcome, pb::MigrationOutcome::Aborted as i32, "{report:?}");
+    assert!(report.error.contains("kept the volume"), "{report:?}");
+    let meta = pss.get_volume(&VolumeName::new("lost").unwrap()).await.unwrap();
+    assert_eq!((meta.epoch, meta.owner_address.as_str()), (epoch0 + 1, a.ep.uri()));
+    c.write(8, 0, block_data(8, 1)).await.unwrap();
+    c.flush().await.unwrap();
+    assert_eq!(c.current_nms(), a.ep, "no redirect");
+    assert_eq!(c.stat().await.unwrap().epoch, epoch0 + 1);
+    let want: HashMap<u64, Vec<u8>> = (0..9).map(|b| (b, block_data(b, 1))).collect();
+    assert_persisted_and_read_back(&cluster, &c, "lost", &want).await;
     a.stop().await;
     cluster.shutdown().await;
 }
@@ -928,6 +1127,7 @@ async fn a_silent_target_or_source_ends_the_move_within_its_limits() {
                     die,
                     dead.clone(),
                     pss.clone(),
+                    None,
                 )))
                 .serve_with_incoming_shutdown(
                     tokio_stream::wrappers::TcpListenerStream::new(listener),

@@ -17,7 +17,7 @@
 //! PSS from the source's (`expected_epoch`); SwitchOver activates the volume. A frame out
 //! of order is INVALID_ARGUMENT and the incoming volume is dropped.
 
-use super::{Node, WritebackHold};
+use super::{Handle, Node, WritebackHold};
 use crate::cache::{
     check_switch_lsns, hottest_first, Applied, Cache, IncomingError, MigBlock, Retired, VolumeState,
 };
@@ -25,6 +25,7 @@ use crate::error::NmsError;
 use crate::store::StoreError;
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -72,6 +73,14 @@ struct SwitchState {
     claim_sent_at: Option<Instant>,
     /// The epoch the target raised the volume to (its Claimed).
     claimed: Option<Epoch>,
+    /// SwitchOver went (or may have gone) out: the target may be serving the volume with
+    /// everything up to the pause, so until the PSS says who owns it this NMS must take no
+    /// write (one it took would be missing at the target, and the vehicle's journal, whose
+    /// older entries the target has, would not send it there again).
+    switch_sent: bool,
+    /// Who owns the volume is not known (the PSS did not answer in time): it stays paused
+    /// here until [`Node::resolve_in_background`] finds out.
+    unresolved: bool,
 }
 
 impl SwitchState {
@@ -85,6 +94,16 @@ impl SwitchState {
         report.claim_us = self.claim_sent_at.map_or(0, |t| us(t.elapsed()));
         tracing::debug!(claim_us = report.claim_us, "the target raised the epoch");
     }
+}
+
+/// What one try at settling an interrupted switch found.
+enum Settled {
+    /// The volume is still this NMS's, at this epoch now.
+    Kept(Epoch),
+    /// Another NMS owns it (at this epoch): it is a redirect here now.
+    Moved(Epoch),
+    /// The PSS did not answer.
+    Unknown(String),
 }
 
 /// When pre-copy stops and the switch begins (the vehicle waits while the switch sends
@@ -355,16 +374,47 @@ impl Node {
         if let Err(why) = &result {
             if sw.claim_sent() {
                 // The write-back is still held: nothing is written back with the epoch the
-                // target may have raised past until the volume is taken back.
-                if let Err(e) = self.take_back(&v, epoch, incarnation, &sw).await {
-                    result = Err(format!("{why}; {e}"));
+                // target may have raised past until the volume is taken back. Before
+                // SwitchOver the target served nobody, so the volume is served on here
+                // meanwhile; after it, it stays paused until the take-back succeeds.
+                if !sw.switch_sent {
+                    self.resume(&v);
                 }
-                self.resume(&v);
+                match self.take_back(&v, epoch, incarnation, &sw).await {
+                    Ok(()) => self.resume(&v),
+                    Err(e) => {
+                        result = Err(format!("{why}; {e}"));
+                        if self.owner_known(&v, incarnation) {
+                            // Another NMS's: a redirect now.
+                        } else if sw.switch_sent {
+                            sw.unresolved = true;
+                        } else {
+                            self.resume(&v);
+                        }
+                    }
+                }
             }
         }
-        drop(sw.hold.take());
-        self.core().stop_tracking(&v);
-        h.migrating.store(false, Ordering::Release);
+        if sw.unresolved {
+            if let Err(why) = &mut result {
+                why.push_str(
+                    "; who owns the volume is unknown: it stays paused here (reads go on, \
+                     writes wait) until the PSS answers",
+                );
+            }
+            self.self_arc().resolve_in_background(
+                v.clone(),
+                epoch,
+                incarnation,
+                target.clone(),
+                std::mem::take(&mut sw),
+                h.clone(),
+            );
+        } else {
+            drop(sw.hold.take());
+            self.core().stop_tracking(&v);
+            h.migrating.store(false, Ordering::Release);
+        }
         match result {
             Ok(()) => report.outcome = pb::MigrationOutcome::Completed as i32,
             Err(why) => {
@@ -604,6 +654,7 @@ impl Node {
         report.bytes_moved += q.bytes;
         report.blocks_moved += q.blocks;
         tracing::debug!(volume = %v, "switch: remainder queued");
+        sw.switch_sent = true;
         if let Err(e) = link.send(Frame::SwitchOver(switch)).await {
             // Not sent for sure only if the channel closed before taking it; settle.
             return self.settle(v, epoch, target, pause, report, e, sw).await;
@@ -662,9 +713,11 @@ impl Node {
     }
 
     /// SwitchOver went (or may have gone) out but no Switched came back. After a Claim the
-    /// caller takes the volume back (see [`SwitchState::claim_sent_at`]). Otherwise the
-    /// outcome is unknown: re-acquire from our epoch. If that succeeds we still own the
-    /// volume (the target's acquire will fail); if it is stale the target won.
+    /// caller takes the volume back (see [`SwitchState::claim_sent_at`]); the volume stays
+    /// paused meanwhile. Otherwise the outcome is unknown: re-acquire from our epoch. If
+    /// that succeeds we still own the volume (the target's acquire will fail) and serve
+    /// again; if it is stale the target won. If the PSS does not answer within
+    /// `pss_deadline_ms` the volume stays paused ([`SwitchState::unresolved`]).
     #[allow(clippy::too_many_arguments)]
     async fn settle(
         &self,
@@ -674,45 +727,152 @@ impl Node {
         pause: Instant,
         report: &mut pb::MigrationReport,
         why: String,
-        sw: &SwitchState,
+        sw: &mut SwitchState,
     ) -> Result<(), String> {
         if sw.claim_sent() {
-            self.resume(v);
             return Err(why);
         }
+        let incarnation = self.core().volume(v).map_or(0, |x| x.incarnation());
         let deadline = Instant::now() + Duration::from_millis(self.cfg.pss_deadline_ms);
         loop {
-            let r = self.store.acquire(self.acquire_request(v, Some(epoch), None)).await;
-            match r {
-                Ok(meta) => {
-                    if let Some(x) = self.core().volume_mut(v) {
-                        x.epoch = meta.epoch;
-                    }
+            match self.settle_step(v, epoch, incarnation, target).await {
+                Settled::Kept(e) => {
                     self.resume(v);
-                    return Err(format!("{why}; kept the volume (epoch {})", meta.epoch.0));
+                    return Err(format!("{why}; kept the volume (epoch {})", e.0));
                 }
-                Err(StoreError::StaleEpoch { current, .. }) => {
-                    let to = match self.store.get_volume(v.clone()).await {
-                        Ok(m) if !m.owner_address.is_empty() => m.owner_address,
-                        _ => target.uri().to_owned(),
-                    };
-                    let old = self.moved(v, to, current);
+                Settled::Moved(current) => {
                     report.new_epoch = current.0;
                     report.pause_us = us(pause.elapsed());
-                    release(old);
                     return Ok(());
                 }
-                Err(e) if Instant::now() < deadline => {
+                Settled::Unknown(e) if Instant::now() < deadline => {
                     warn!(error = %e, "settling an interrupted switch; retrying");
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
-                Err(e) => {
-                    // Serve again: if the target did win, our write-back is fenced and
-                    // the vehicle's journal replays to it.
-                    self.resume(v);
+                Settled::Unknown(e) => {
+                    sw.unresolved = true;
                     return Err(format!("{why}; PSS unreachable while settling: {e}"));
                 }
             }
+        }
+    }
+
+    /// One try at settling an interrupted switch without Claim (see [`Node::settle`]).
+    async fn settle_step(
+        &self,
+        v: &VolumeName,
+        epoch: Epoch,
+        incarnation: u32,
+        target: &Endpoint,
+    ) -> Settled {
+        match self.store.acquire(self.acquire_request(v, Some(epoch), None)).await {
+            Ok(meta) => {
+                self.adopt_epoch(v, incarnation, meta.epoch);
+                Settled::Kept(meta.epoch)
+            }
+            Err(StoreError::StaleEpoch { current, .. }) => {
+                let to = match self.store.get_volume(v.clone()).await {
+                    // An earlier try of ours landed and its answer was lost.
+                    Ok(m) if self.is_mine(&m) => {
+                        self.adopt_epoch(v, incarnation, m.epoch);
+                        return Settled::Kept(m.epoch);
+                    }
+                    Ok(m) if !m.owner_address.is_empty() => m.owner_address,
+                    Ok(_) => target.uri().to_owned(),
+                    Err(e) => return Settled::Unknown(e.to_string()),
+                };
+                let old = self.moved(v, to, current);
+                release(old);
+                Settled::Moved(current)
+            }
+            Err(e) => Settled::Unknown(e.to_string()),
+        }
+    }
+
+    /// A move ended with the volume's owner unknown ([`SwitchState::unresolved`]): the
+    /// volume stays paused here (reads go on; writes wait `pause_wait_ms`, then fail and
+    /// the vehicle tries its other NMSs, the target among them), and this task asks the
+    /// PSS again until it answers: then the volume is served here again, or turns into a
+    /// redirect to its owner. Holds the move's write-back hold and the volume's
+    /// `migrating` flag until then; ends with the node or when the volume is replaced.
+    fn resolve_in_background(
+        self: Arc<Self>,
+        v: VolumeName,
+        epoch: Epoch,
+        incarnation: u32,
+        target: Endpoint,
+        mut sw: SwitchState,
+        h: Arc<Handle>,
+    ) {
+        let span = tracing::info_span!("resolve_owner", volume = %v);
+        let node = self.clone();
+        self.spawn_background(
+            async move {
+                let mut backoff = Duration::from_millis(100);
+                loop {
+                    let here = node.core().volume(&v).map(|x| (x.incarnation(), x.state.clone()));
+                    if node.stop.is_cancelled()
+                        || !matches!(here, Some((i, VolumeState::Paused)) if i == incarnation)
+                    {
+                        break;
+                    }
+                    let known = if sw.claim_sent() {
+                        match node.take_back(&v, epoch, incarnation, &sw).await {
+                            Ok(()) => Some(true),
+                            Err(e) if node.owner_known(&v, incarnation) => {
+                                info!(error = %e, "the volume is another NMS's");
+                                Some(false)
+                            }
+                            Err(e) => {
+                                warn!(error = %e, "who owns the volume is still unknown");
+                                None
+                            }
+                        }
+                    } else {
+                        match node.settle_step(&v, epoch, incarnation, &target).await {
+                            Settled::Kept(_) => Some(true),
+                            Settled::Moved(_) => Some(false),
+                            Settled::Unknown(e) => {
+                                warn!(error = %e, "who owns the volume is still unknown");
+                                None
+                            }
+                        }
+                    };
+                    match known {
+                        Some(kept) => {
+                            if kept {
+                                info!("the volume is still this NMS's: served again");
+                                node.resume(&v);
+                            }
+                            break;
+                        }
+                        None => {
+                            tokio::select! {
+                                _ = tokio::time::sleep(backoff) => {}
+                                _ = node.stop.cancelled() => {}
+                            }
+                            backoff = (backoff * 2).min(Duration::from_secs(2));
+                        }
+                    }
+                }
+                drop(sw.hold.take());
+                node.core().stop_tracking(&v);
+                h.migrating.store(false, Ordering::Release);
+                node.bump();
+            }
+            .instrument(span),
+        );
+    }
+
+    /// Whether incarnation `incarnation` of `v` left this NMS's hands (a redirect now, or
+    /// replaced): after a failed take-back, the PSS named another owner.
+    fn owner_known(&self, v: &VolumeName, incarnation: u32) -> bool {
+        let core = self.core();
+        match core.volume(v) {
+            Some(x) if x.incarnation() == incarnation => {
+                matches!(x.state, VolumeState::Moved { .. })
+            }
+            _ => true,
         }
     }
 
@@ -750,6 +910,14 @@ impl Node {
                     ours,
                     "kept the volume; a late claim by the aborted move's target will fail",
                 )),
+                // An earlier try of ours landed and its answer was lost.
+                Ok(meta) if self.is_mine(&meta) && meta.epoch > ours => {
+                    if self.adopt_epoch(v, incarnation, meta.epoch) {
+                        info!(volume = %v, epoch = meta.epoch.0, "took the volume back");
+                        return Ok(());
+                    }
+                    return Err("the volume was replaced here meanwhile".into());
+                }
                 Ok(meta) => {
                     let accepted = self.core().volume(v).map_or(Lsn(0), |x| x.accepted);
                     let by_target = !sw.target_node.is_empty()

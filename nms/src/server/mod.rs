@@ -24,7 +24,7 @@ use tokio::sync::{watch, Notify};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::service::interceptor::InterceptedService;
-use tracing::{info, info_span, warn, Instrument as _};
+use tracing::{debug, info, info_span, warn, Instrument as _};
 use wayside_proto::token::RequireToken;
 use wayside_proto::types::{
     BlockNo, BlockSize, Credential, CredentialHash, Endpoint, Epoch, Lsn, RequestId, VolumeName,
@@ -768,20 +768,40 @@ impl Node {
                             break;
                         }
                         Err(StoreError::StaleEpoch { presented, current }) => {
-                            let ours = self.core().complete_batch(&batch, false);
+                            let (ours, raised_here) = {
+                                let mut core = self.core();
+                                let ours = core.complete_batch(&batch, false);
+                                // This node raised the epoch itself since the batch was
+                                // taken (an interrupted move settled, or taken back): the
+                                // blocks are dirty again and go in the next batch, with
+                                // the volume's epoch now.
+                                let raised = core.volume(&v).is_some_and(|x| x.epoch >= current);
+                                (ours, raised)
+                            };
                             h.in_flight.store(false, Ordering::SeqCst);
                             if !ours {
                                 // A stale writer's batch: the volume here now is another
                                 // incarnation, whose own write-back decides its fate.
                                 return;
                             }
+                            if raised_here {
+                                debug!(
+                                    presented = presented.0,
+                                    current = current.0,
+                                    "write-back batch older than this node's own epoch raise; \
+                                     sent again"
+                                );
+                                continue;
+                            }
                             warn!(
                                 presented = presented.0,
                                 current = current.0,
                                 "write-back refused: another NMS owns the volume now (fenced)"
                             );
-                            self.fenced(&v, current, incarnation).await;
-                            return;
+                            if self.fenced(&v, current, incarnation).await {
+                                return;
+                            }
+                            continue;
                         }
                         Err(e) => {
                             // (Another failure, the PSS unreachable say, makes an earlier
@@ -816,18 +836,25 @@ impl Node {
         }
     }
 
-    /// The PSS says another NMS owns `v`: redirect callers there and drop the blocks.
-    /// Only the volume's `incarnation` that was fenced: one installed since (a load at a
-    /// newer epoch) is left alone, its writer too.
-    async fn fenced(&self, v: &VolumeName, current: Epoch, incarnation: u32) {
+    /// The PSS refused `v`'s write-back for a newer epoch: if another NMS owns it,
+    /// redirect callers there and drop the blocks (true). Only the volume's `incarnation`
+    /// that was fenced: one installed since (a load at a newer epoch) is left alone, its
+    /// writer too. If the PSS names this node, its own raise (an answer lost) is taken as
+    /// the volume's epoch and nothing is dropped (false: write back again).
+    pub(crate) async fn fenced(&self, v: &VolumeName, current: Epoch, incarnation: u32) -> bool {
         let to = match self.store.get_volume(v.clone()).await {
+            Ok(m) if self.is_mine(&m) => {
+                // This node's own acquire raised the epoch and its answer was lost (the
+                // retry, with another request id, found the epoch moved on): still ours.
+                return !self.adopt_epoch(v, incarnation, m.epoch);
+            }
             Ok(m) => m.owner_address,
             Err(_) => String::new(),
         };
         let old = {
             let mut core = self.core();
             if core.volume(v).map(|x| x.incarnation()) != Some(incarnation) {
-                return;
+                return true;
             }
             let old = core.mark_moved(v, to, current);
             // Under the cache lock, so no volume installed after the check loses its writer
@@ -837,6 +864,29 @@ impl Node {
         };
         drop(old);
         self.bump();
+        true
+    }
+
+    /// Whether the PSS's record names this node (its id and address) as the owner.
+    pub(crate) fn is_mine(&self, m: &crate::store::VolumeMeta) -> bool {
+        m.owner_node == self.node_id && m.owner_address == self.advertise.uri()
+    }
+
+    /// Takes `epoch`, which the PSS records with this node as the owner, as the epoch of
+    /// incarnation `incarnation` of `v` here (never lowering it); false when that
+    /// incarnation is no longer here.
+    pub(crate) fn adopt_epoch(&self, v: &VolumeName, incarnation: u32, epoch: Epoch) -> bool {
+        let mut core = self.core();
+        match core.volume_mut(v) {
+            Some(x) if x.incarnation() == incarnation => {
+                if epoch > x.epoch {
+                    info!(volume = %v, from = x.epoch.0, to = epoch.0, "own epoch raise found in the PSS");
+                    x.epoch = epoch;
+                }
+                true
+            }
+            _ => false,
+        }
     }
 
     fn kick(&self, v: &VolumeName) {
@@ -1088,6 +1138,7 @@ impl Node {
             CacheError::DirtyFull { limit, value, max } => {
                 NmsError::Limit { limit: limit.into(), unit: "bytes".into(), value, max }
             }
+
             CacheError::NeedBlock(_) => NmsError::Unavailable(e.to_string()),
             // The budget is used up: `value` is what was used, the most there is.
             CacheError::RateLimited { per_s, .. } => NmsError::Limit {
