@@ -180,6 +180,16 @@ impl Entry {
 /// dirtied it (dirty again from that lsn if the batch fails).
 type InFlight = (BlockNo, u64, Lsn);
 
+/// The source's copy of a volume a move made this one from: its process session, its
+/// incarnation there, and the last lsn it had accepted at the switch (every write it
+/// accepted up to that lsn is in this copy, at the same lsn).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Predecessor {
+    pub session: u64,
+    pub incarnation: u32,
+    pub through: Lsn,
+}
+
 /// One cached volume.
 #[derive(Debug)]
 pub struct Volume {
@@ -192,6 +202,8 @@ pub struct Volume {
     pub persisted: Lsn,
     /// Blocks stored in the PSS when last seen (for `stat`).
     pub stored_blocks: u64,
+    /// The copy a move made this one from, if one did (`VolumeInfo.predecessor_*`).
+    pub predecessor: Option<Predecessor>,
     id: u32,
     entries: HashMap<BlockNo, Entry>,
     dirty: BTreeSet<(Lsn, BlockNo)>,
@@ -498,6 +510,7 @@ impl Cache {
                 accepted: persisted,
                 persisted,
                 stored_blocks: 0,
+                predecessor: None,
                 id,
                 entries: HashMap::default(),
                 dirty: BTreeSet::new(),

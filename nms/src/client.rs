@@ -44,7 +44,7 @@
 //! (per call, retries included), `rpc_timeout` (per attempt), backoff doubling from
 //! `initial_backoff` up to `max_backoff`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -199,6 +199,10 @@ struct Journal {
     /// The generation of the last attach that listed the entries to replay: an entry
     /// acknowledged on an older generation after that listing was not replayed there.
     listed_for: u64,
+    /// The copy of the volume (NMS process session, incarnation) each generation still
+    /// named by an entry attached to: entries a copy accepted are in that copy, and in a
+    /// copy a move made from it up to the switch's lsn, so they need no replay there.
+    lineages: HashMap<u64, (u64, u32)>,
 }
 
 impl Journal {
@@ -223,6 +227,40 @@ impl Journal {
         if let Some(e) = self.entries.remove(&seq) {
             self.bytes -= Self::size(&e.op);
         }
+    }
+
+    /// Generation `generation` attached to the copy of the volume `info` describes: the
+    /// entries that copy holds (accepted by it, or by the copy a move made it from, up to
+    /// the switch's lsn) take `generation`, so they are not replayed and leave the journal
+    /// with its watermark; those persisted leave now. Request ids cannot tell this for
+    /// every entry: an NMS remembers only the last `dedupe_entries_per_volume` of them, and
+    /// an entry whose id it forgot would otherwise be applied again, over later writes.
+    fn held_by(&mut self, generation: u64, info: &pb::VolumeInfo) {
+        let here = (info.nms_session, info.incarnation);
+        let before = (info.predecessor_session, info.predecessor_incarnation);
+        let through = Lsn(info.predecessor_through_lsn);
+        if here.0 != 0 {
+            self.lineages.insert(generation, here);
+        }
+        let lineages = &self.lineages;
+        let mut held = 0usize;
+        for e in self.entries.values_mut() {
+            let Some(lsn) = e.lsn else { continue };
+            if e.generation == generation {
+                continue;
+            }
+            let Some(&was) = lineages.get(&e.generation) else { continue };
+            if (here.0 != 0 && was == here) || (before.0 != 0 && was == before && lsn <= through) {
+                e.generation = generation;
+                held += 1;
+            }
+        }
+        if held > 0 {
+            debug!(entries = held, "journal entries this NMS's copy of the volume holds");
+        }
+        self.prune(Lsn(info.persisted_lsn), generation);
+        let named: HashSet<u64> = self.entries.values().map(|e| e.generation).collect();
+        self.lineages.retain(|g, _| *g == generation || named.contains(g));
     }
 }
 
@@ -735,7 +773,7 @@ impl VolumeClient {
         let conn = self.connection(deadline).await?;
         if self.has_stale(conn.generation) {
             let mut client = conn.client.clone();
-            if self.replay(&mut client, conn.generation, conn.session).await.is_err() {
+            if self.replay(&mut client, conn.generation, conn.session, None).await.is_err() {
                 self.invalidate(conn.generation, None);
             }
         }
@@ -1024,7 +1062,7 @@ impl VolumeClient {
             *self.inner.block_size.lock().expect("poisoned") = bs;
         }
         let generation = self.inner.generation.fetch_add(1, Ordering::Relaxed) + 1;
-        self.replay(&mut client, generation, info.nms_session).await?;
+        self.replay(&mut client, generation, info.nms_session, Some(&info)).await?;
         let conn = Conn { endpoint: ep.clone(), client, generation, session: info.nms_session };
         *self.inner.conn.lock().expect("poisoned") = Some(conn.clone());
         *self.inner.preferred.lock().expect("poisoned") = ep.clone();
@@ -1044,12 +1082,16 @@ impl VolumeClient {
         client: &mut NmsClient<Channel>,
         generation: u64,
         session: u64,
+        attached: Option<&pb::VolumeInfo>,
     ) -> Result<(), Next> {
         let todo: Vec<(u64, JOp, Option<Lsn>, u64)> = {
             let mut j = self.inner.journal.lock().expect("poisoned");
             // An entry acknowledged on an older connection from now on is not in this
             // list: its caller sends it again (see `journaled`).
             j.listed_for = j.listed_for.max(generation);
+            if let Some(info) = attached {
+                j.held_by(generation, info);
+            }
             j.entries
                 .iter()
                 .filter(|(_, e)| e.lsn.is_some() && e.generation != generation)
@@ -1179,5 +1221,59 @@ fn replayed<T>(
             warn!(?rpc_timeout, "journal replay interrupted: no reply in time");
             Err(Next::Reconnect)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(lsn: u64, generation: u64) -> JEntry {
+        JEntry { op: JOp::Delete { block: lsn }, lsn: Some(Lsn(lsn)), generation }
+    }
+
+    fn info(session: u64, incarnation: u32, persisted: u64) -> pb::VolumeInfo {
+        pb::VolumeInfo {
+            nms_session: session,
+            incarnation,
+            persisted_lsn: persisted,
+            ..Default::default()
+        }
+    }
+
+    /// Entries are taken as held by the copy that accepted them, and by the copy a move
+    /// made from it up to the switch's lsn; a later one (or another copy's) is replayed.
+    #[test]
+    fn entries_a_copy_holds_need_no_replay_and_the_persisted_leave() {
+        let mut j = Journal::default();
+        for (seq, lsn, generation) in [(1, 5, 1), (2, 6, 1), (3, 7, 1), (4, 3, 2)] {
+            j.entries.insert(seq, entry(lsn, generation));
+            j.bytes += 32;
+        }
+        j.lineages.insert(1, (10, 1)); // copy 1 of process 10
+        j.lineages.insert(2, (20, 4)); // another process's copy
+                                       // Back on copy (10, 1), its watermark at 5: the first leaves, the next two are held.
+        j.held_by(3, &info(10, 1, 5));
+        let gens: Vec<u64> = j.entries.values().map(|e| e.generation).collect();
+        assert_eq!(gens, [3, 3, 2], "seq 2 and 3 held, seq 4 (another copy's) replayed");
+        assert_eq!(j.bytes, 3 * 32);
+        // A move made copy (30, 2) from (10, 1) through lsn 6: seq 2 is held there, seq 3
+        // (lsn 7, past the switch) is not; nothing persisted there yet.
+        let mut j2 = Journal::default();
+        for (seq, lsn) in [(2, 6), (3, 7)] {
+            j2.entries.insert(seq, entry(lsn, 1));
+        }
+        j2.lineages.insert(1, (10, 1));
+        let mut moved = info(30, 2, 0);
+        moved.predecessor_session = 10;
+        moved.predecessor_incarnation = 1;
+        moved.predecessor_through_lsn = 6;
+        j2.held_by(5, &moved);
+        let gens: Vec<u64> = j2.entries.values().map(|e| e.generation).collect();
+        assert_eq!(gens, [5, 1]);
+        // Generations no entry names any more are forgotten.
+        j2.entries.remove(&3);
+        j2.held_by(6, &info(30, 2, 0));
+        assert_eq!(j2.lineages.keys().copied().collect::<HashSet<_>>(), HashSet::from([6]));
     }
 }

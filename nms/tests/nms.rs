@@ -815,6 +815,87 @@ async fn the_target_dies_mid_move_and_the_source_keeps_serving() {
     cluster.shutdown().await;
 }
 
+/// The writes of a dedupe test: block 0 written (its request id soon forgotten by an NMS
+/// remembering 8), blocks 1..=10, then block 0 again; nothing persisted yet.
+async fn writes_past_the_dedupe_window(c: &VolumeClient) {
+    c.write(0, 0, block_data(0, 1)).await.unwrap();
+    for blk in 1..=10 {
+        c.write(blk, 0, block_data(blk, 1)).await.unwrap();
+    }
+    c.write(0, 0, block_data(0, 2)).await.unwrap();
+    assert_eq!(c.journal_bytes(), 12 * (BS as u64 + 32), "nothing persisted yet");
+}
+
+/// Every block of the dedupe test reads back (from the NMS, then the PSS) as last written.
+async fn assert_the_last_writes(cluster: &LocalCluster, c: &VolumeClient, vol: &str) {
+    assert_eq!(c.read(0, 0, None).await.unwrap(), Some(block_data(0, 2)), "block 0 rewound");
+    c.flush().await.unwrap();
+    let mut want: HashMap<u64, Vec<u8>> = (1..=10).map(|b| (b, block_data(b, 1))).collect();
+    want.insert(0, block_data(0, 2));
+    assert_persisted_and_read_back(cluster, c, vol, &want).await;
+}
+
+/// A vehicle reconnects to the NMS it was on, its journal holding writes whose request
+/// ids the NMS has forgotten (it remembers the last 8): the NMS's copy of the volume holds
+/// every write it accepted, so none is replayed (sent again, the forgotten first write of
+/// block 0 would be applied over its later rewrite).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_reconnect_replays_nothing_the_nms_holds_even_past_its_dedupe_window() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = LocalCluster::start(3, dir.path()).await.unwrap();
+    let a = Nms::start("a", &cluster.endpoints(), |c| {
+        c.dedupe_entries_per_volume = 8;
+        c.writeback_delay_ms = 600_000;
+    })
+    .await;
+    // The vehicle reaches A through a proxy first, then directly.
+    let proxy =
+        wayside_pss::testing::SilentProxy::start(a.ep.authority().parse().unwrap()).await.unwrap();
+    let via = Endpoint::parse(&proxy.addr.to_string()).unwrap();
+    let c = VolumeClient::open(opts(&[&via, &a.ep], "window", "k")).await.unwrap();
+    writes_past_the_dedupe_window(&c).await;
+    // The connection drops; the vehicle attaches to A again, directly.
+    drop(proxy);
+    assert_eq!(c.read(5, 0, None).await.unwrap(), Some(block_data(5, 1)));
+    assert_eq!(c.current_nms(), a.ep);
+    let st = a.status().await;
+    let accepted = st.volume_info.iter().find(|v| v.volume == "window").unwrap().accepted_lsn;
+    assert_eq!(accepted, 12, "no write applied twice");
+    assert_the_last_writes(&cluster, &c, "window").await;
+    a.stop().await;
+    cluster.shutdown().await;
+}
+
+/// The same across a move: the target's copy continues the source's up to the switch, so
+/// the vehicle, redirected there with every write still in its journal (ids the target
+/// never saw, the source having forgotten them), replays none of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_moved_volume_gets_no_replay_of_what_it_holds_even_past_the_dedupe_window() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = LocalCluster::start(3, dir.path()).await.unwrap();
+    let small = |c: &mut Config| {
+        c.dedupe_entries_per_volume = 8;
+        c.writeback_delay_ms = 600_000;
+    };
+    let a = Nms::start("a", &cluster.endpoints(), small).await;
+    let b = Nms::start("b", &cluster.endpoints(), small).await;
+    let c = VolumeClient::open(opts(&[&a.ep], "window2", "k")).await.unwrap();
+    writes_past_the_dedupe_window(&c).await;
+    let report = a.migrate("window2", &b.ep, 2).await;
+    assert_eq!(report.outcome, pb::MigrationOutcome::Completed as i32, "{report:?}");
+    // Redirected to B.
+    assert_eq!(c.read(5, 0, None).await.unwrap(), Some(block_data(5, 1)));
+    assert_eq!(c.current_nms(), b.ep);
+    let st = b.status().await;
+    let info = st.volume_info.iter().find(|v| v.volume == "window2").unwrap();
+    assert_eq!(info.accepted_lsn, 12, "no write applied twice: {info:?}");
+    assert_eq!(info.predecessor_through_lsn, 12, "{info:?}");
+    assert_the_last_writes(&cluster, &c, "window2").await;
+    a.stop().await;
+    b.stop().await;
+    cluster.shutdown().await;
+}
+
 /// A fake migration target's gRPC server on a fresh loopback port: its address, and the
 /// task serving it until `dead` is cancelled.
 async fn dying_target(
@@ -1220,6 +1301,7 @@ fn begin_frame(
         source_address: source_address.into(),
         credential_hash: Credential::new("k").unwrap().hash().0.to_vec(),
         cached_bytes,
+        ..Default::default()
     })
 }
 

@@ -81,6 +81,10 @@ fn vehicle_api_messages_round_trip() {
             nms_session: 7,
             writeback_refused: "max_blocks".into(),
             migrating_out: true,
+            incarnation: 3,
+            predecessor_session: 5,
+            predecessor_incarnation: 2,
+            predecessor_through_lsn: 8,
         }),
     });
 }
@@ -120,6 +124,8 @@ fn admin_and_migration_messages_round_trip() {
             source_address: "http://127.0.0.1:2".into(),
             credential_hash: vec![0; 32],
             cached_bytes: 1 << 20,
+            source_session: 7,
+            source_incarnation: 3,
         }),
         pb::migration_frame::Frame::Blocks(pb::MigrationBlocks {
             round: 1,

@@ -19,7 +19,8 @@
 
 use super::{Handle, Node, WritebackHold};
 use crate::cache::{
-    check_switch_lsns, hottest_first, Applied, Cache, IncomingError, MigBlock, Retired, VolumeState,
+    check_switch_lsns, hottest_first, Applied, Cache, IncomingError, MigBlock, Predecessor,
+    Retired, VolumeState,
 };
 use crate::error::NmsError;
 use crate::store::StoreError;
@@ -482,6 +483,7 @@ impl Node {
             .max_encoding_message_size(max);
         let (tx, rx) = mpsc::channel(4);
         let migration_id = rand::random::<u64>();
+        let incarnation = self.core().volume(v).map_or(0, |x| x.incarnation());
         tx.send(pb::MigrationFrame {
             frame: Some(Frame::Begin(pb::MigrationBegin {
                 migration_id,
@@ -492,6 +494,8 @@ impl Node {
                 source_address: self.advertise.uri().to_owned(),
                 credential_hash: cred,
                 cached_bytes: cached,
+                source_session: self.session,
+                source_incarnation: incarnation,
             })),
         })
         .await
@@ -1238,6 +1242,12 @@ impl Node {
                         .map_err(refused)?;
                         if let Some(x) = core.volume_mut(&v) {
                             x.stored_blocks = meta.block_count;
+                            // A source from before lineages names none.
+                            x.predecessor = (b.source_session != 0).then_some(Predecessor {
+                                session: b.source_session,
+                                incarnation: b.source_incarnation,
+                                through: Lsn(s.accepted_lsn),
+                            });
                         }
                     }
                     self.bump();
@@ -1466,6 +1476,7 @@ mod tests {
             source_address: "http://127.0.0.1:1".into(),
             credential_hash: Credential::new("k").unwrap().hash().0.to_vec(),
             cached_bytes: 0,
+            ..Default::default()
         }
     }
 

@@ -69,6 +69,10 @@ fn info_of(node: &Node, v: &VolumeName) -> Option<pb::VolumeInfo> {
         nms_session: node.session,
         writeback_refused,
         migrating_out,
+        incarnation: x.incarnation(),
+        predecessor_session: x.predecessor.map_or(0, |p| p.session),
+        predecessor_incarnation: x.predecessor.map_or(0, |p| p.incarnation),
+        predecessor_through_lsn: x.predecessor.map_or(0, |p| p.through.0),
     })
 }
 
