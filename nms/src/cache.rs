@@ -218,8 +218,9 @@ pub struct Volume {
     /// Ids ever remembered: `applied_order[i]` is the `(applied_total - len + i)`th.
     /// A migration sends the ids past a mark each round, so the switch carries few.
     applied_total: u64,
-    /// While migrating out: blocks changed since the last snapshot. While a block is in
-    /// it, it is not evicted (see [`Cache::evict`]).
+    /// While migrating out: blocks changed since the last snapshot. One evicted meanwhile
+    /// (written back, then pushed out) goes to the target as a `forget` (see
+    /// [`Cache::snapshot_changed`]).
     changed: Option<HashSet<BlockNo>>,
     /// Its vehicle's operation budget ([`Limits::volume_ops_per_s`]).
     rate: RateBucket,

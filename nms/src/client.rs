@@ -5,12 +5,15 @@
 //!   when the NMS it uses is unreachable it tries the others in `nms` (attaching there
 //!   takes ownership of the volume in the PSS, fencing the lost NMS).
 //! - Keeps every accepted-but-not-persisted write in a bounded journal. After any
-//!   reconnect it replays every journal entry, with its original request id, in the
-//!   original order: an NMS that already has it (the same one, or a migration target
-//!   that got the source's applied ids) answers `duplicate`; a fresh one (after a crash)
-//!   applies it (byte-range writes replayed in order converge, so re-applying an already
-//!   persisted suffix is harmless). So an acknowledged write survives the loss of the
-//!   NMS that accepted it.
+//!   reconnect it first sets aside the entries the NMS's copy of the volume holds: those
+//!   that copy accepted, and those the copy a move made it from accepted up to the
+//!   switch (`VolumeInfo.incarnation`, `predecessor_*`; an NMS remembers only its last
+//!   `dedupe_entries_per_volume` request ids, so ids alone cannot tell). It replays the
+//!   rest, with their original request ids, in the original order: an NMS that already
+//!   has one (a migration target that got the source's applied ids) answers `duplicate`;
+//!   a fresh one (after a crash) applies it (byte-range writes replayed in order
+//!   converge, so re-applying an already persisted suffix is harmless). So an
+//!   acknowledged write survives the loss of the NMS that accepted it.
 //! - Log positions (lsns) are only comparable within one lineage of owners: an NMS that
 //!   takes a volume over after a crash numbers from the PSS's persisted watermark. So
 //!   each entry remembers the connection its lsn came from, and only a persisted

@@ -6,11 +6,18 @@
 //! target raises the epoch in the PSS while one more round goes out. Then the switch: pause
 //! the volume (requests wait), send the remainder and SwitchOver, and on Switched answer
 //! callers with Moved. A failure before Switched after a Claim is undone by taking the
-//! volume back (acquiring from the target's epoch: no vehicle was sent there). Without a
-//! Claim, any failure before SwitchOver aborts and the source keeps serving, and a failure
-//! after SwitchOver is ambiguous (the target may have raised the epoch): the source
-//! settles it in the PSS by trying to re-acquire from its own epoch: success means it
-//! still owns the volume (abort); StaleEpoch means the target owns it (moved).
+//! volume back (acquiring from the target's epoch; the source sent no vehicle there, and
+//! if the target served one that reached it on its own, the target's write-back is then
+//! fenced and that vehicle's journal replays here). Without a Claim, any failure before
+//! SwitchOver aborts and the source keeps serving, and a failure after SwitchOver is
+//! ambiguous (the target may have raised the epoch): the source settles it in the PSS by
+//! trying to re-acquire from its own epoch: success means it still owns the volume
+//! (abort); StaleEpoch means the target owns it (moved). Once SwitchOver may have gone
+//! out the target may hold (and serve) everything up to the pause, so the source takes no
+//! write until the PSS has told it who owns the volume: if the PSS does not answer in
+//! time the volume stays paused (reads go on) and [`Node::resolve_in_background`] asks
+//! again. A re-acquire of the source's own whose answer was lost is recognized in the PSS
+//! record (this node as the owner) and kept.
 //!
 //! Target ([`pb::migration_server::Migration`] on [`Node`]): Begin creates the volume in
 //! state Incoming; blocks are stored; Claim (or else SwitchOver) raises the epoch in the
@@ -68,9 +75,9 @@ struct SwitchState {
     /// The target's node id (its Ready), as the PSS records an owner.
     target_node: String,
     /// When Claim was sent: from then the target may have raised the epoch. Until the
-    /// source hears Switched, no vehicle has been sent to the target, so a move that ends
+    /// source hears Switched it has sent no vehicle to the target, so a move that ends
     /// otherwise takes the volume back (whatever the target did: its write-back is then
-    /// fenced).
+    /// fenced, and a vehicle it served meanwhile replays its journal here).
     claim_sent_at: Option<Instant>,
     /// The epoch the target raised the volume to (its Claimed).
     claimed: Option<Epoch>,
