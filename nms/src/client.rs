@@ -191,8 +191,45 @@ struct JEntry {
     op: JOp,
     /// Known once accepted; entries without one are still being sent by their caller.
     lsn: Option<Lsn>,
-    /// The connection generation that assigned `lsn`.
+    /// The connection generation that assigned `lsn` (or whose NMS holds the entry at
+    /// it: the lsns of one line of copies compare).
     generation: u64,
+    /// The copies of the volume (NMS process session, incarnation) known to hold the
+    /// entry at `lsn`, oldest first, at most [`MAX_COPIES_PER_ENTRY`]: the one that
+    /// accepted it, and those that took it over from there in a move.
+    copies: Vec<(u64, u32)>,
+}
+
+/// Most copies of a volume a journal entry remembers holding it (a move back to an older
+/// one among them needs no replay either).
+const MAX_COPIES_PER_ENTRY: usize = 4;
+
+impl JEntry {
+    fn new(op: JOp) -> Self {
+        JEntry { op, lsn: None, generation: 0, copies: Vec::new() }
+    }
+
+    /// Acknowledged at `lsn` on `generation`, by `copy` (if known): applied there anew,
+    /// or, at the lsn it had, answered as held there.
+    fn acked(&mut self, lsn: Lsn, generation: u64, copy: Option<(u64, u32)>) {
+        if self.lsn != Some(lsn) {
+            self.copies.clear();
+        }
+        self.lsn = Some(lsn);
+        self.generation = generation;
+        if let Some(c) = copy {
+            self.held_at(c);
+        }
+    }
+
+    fn held_at(&mut self, copy: (u64, u32)) {
+        if !self.copies.contains(&copy) {
+            if self.copies.len() >= MAX_COPIES_PER_ENTRY {
+                self.copies.remove(0);
+            }
+            self.copies.push(copy);
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -245,16 +282,17 @@ impl Journal {
         if here.0 != 0 {
             self.lineages.insert(generation, here);
         }
-        let lineages = &self.lineages;
         let mut held = 0usize;
         for e in self.entries.values_mut() {
             let Some(lsn) = e.lsn else { continue };
             if e.generation == generation {
                 continue;
             }
-            let Some(&was) = lineages.get(&e.generation) else { continue };
-            if (here.0 != 0 && was == here) || (before.0 != 0 && was == before && lsn <= through) {
+            let holds = (here.0 != 0 && e.copies.contains(&here))
+                || (before.0 != 0 && lsn <= through && e.copies.contains(&before));
+            if holds {
                 e.generation = generation;
+                e.held_at(here);
                 held += 1;
             }
         }
@@ -602,7 +640,7 @@ impl VolumeClient {
             let mut j = self.inner.journal.lock().expect("poisoned");
             j.bytes += size;
             for (seq, op) in seqs.iter().zip(&ops) {
-                j.entries.insert(*seq, JEntry { op: op.clone(), lsn: None, generation: 0 });
+                j.entries.insert(*seq, JEntry::new(op.clone()));
             }
         }
         let reqs: Vec<pb::stream_request::Op> = seqs
@@ -628,9 +666,9 @@ impl VolumeClient {
                         "a write got another result",
                     )));
                 };
+                let copy = j.lineages.get(&generation).copied();
                 if let Some(e) = j.entries.get_mut(seq) {
-                    e.lsn = Some(Lsn(w.lsn));
-                    e.generation = generation;
+                    e.acked(Lsn(w.lsn), generation, copy);
                 }
                 acks.push(WriteAck {
                     lsn: Lsn(w.lsn),
@@ -704,7 +742,7 @@ impl VolumeClient {
         {
             let mut j = self.inner.journal.lock().expect("poisoned");
             j.bytes += size;
-            j.entries.insert(seq, JEntry { op: op.clone(), lsn: None, generation: 0 });
+            j.entries.insert(seq, JEntry::new(op.clone()));
         }
         let unacked = Unacked { journal: &self.inner.journal, seqs: vec![seq] };
         loop {
@@ -721,9 +759,9 @@ impl VolumeClient {
                 self.resend_or_fail(deadline, &[seq])?;
                 continue;
             }
+            let copy = j.lineages.get(&generation).copied();
             if let Some(e) = j.entries.get_mut(&seq) {
-                e.lsn = Some(ack.lsn);
-                e.generation = generation;
+                e.acked(ack.lsn, generation, copy);
             }
             j.prune(ack.persisted_lsn, generation);
             drop(j);
@@ -1106,9 +1144,10 @@ impl VolumeClient {
         let request_id =
             |seq: u64| Some(pb::RequestId { client_id: self.inner.opts.client_id.clone(), seq });
         let record = |seq: u64, lsn: u64| {
-            if let Some(e) = self.inner.journal.lock().expect("poisoned").entries.get_mut(&seq) {
-                e.lsn = Some(Lsn(lsn));
-                e.generation = generation;
+            let mut j = self.inner.journal.lock().expect("poisoned");
+            let copy = j.lineages.get(&generation).copied();
+            if let Some(e) = j.entries.get_mut(&seq) {
+                e.acked(Lsn(lsn), generation, copy);
             }
         };
         // All from one connection: if the oldest comes back a duplicate with its own lsn,
@@ -1137,9 +1176,10 @@ impl VolumeClient {
         let r = replayed(sent, rpc_timeout)?.into_inner();
         if one_lineage && r.duplicate && old_lsn == Some(Lsn(r.lsn)) {
             let mut j = self.inner.journal.lock().expect("poisoned");
-            for (seq, ..) in &todo {
-                if let Some(e) = j.entries.get_mut(seq) {
-                    e.generation = generation;
+            let copy = j.lineages.get(&generation).copied();
+            for (seq, _, lsn, _) in &todo {
+                if let (Some(e), Some(lsn)) = (j.entries.get_mut(seq), lsn) {
+                    e.acked(*lsn, generation, copy);
                 }
             }
             debug!(entries = todo.len(), "journal already held by this NMS");
@@ -1231,8 +1271,10 @@ fn replayed<T>(
 mod tests {
     use super::*;
 
-    fn entry(lsn: u64, generation: u64) -> JEntry {
-        JEntry { op: JOp::Delete { block: lsn }, lsn: Some(Lsn(lsn)), generation }
+    fn entry(lsn: u64, generation: u64, copy: (u64, u32)) -> JEntry {
+        let mut e = JEntry::new(JOp::Delete { block: lsn });
+        e.acked(Lsn(lsn), generation, Some(copy));
+        e
     }
 
     fn info(session: u64, incarnation: u32, persisted: u64) -> pb::VolumeInfo {
@@ -1245,38 +1287,65 @@ mod tests {
     }
 
     /// Entries are taken as held by the copy that accepted them, and by the copy a move
-    /// made from it up to the switch's lsn; a later one (or another copy's) is replayed.
+    /// made from it up to the switch's lsn (and then by any copy that held them); a later
+    /// one, or another copy's, is replayed.
     #[test]
     fn entries_a_copy_holds_need_no_replay_and_the_persisted_leave() {
+        const S: (u64, u32) = (10, 1); // copy 1 in process 10
+        const OTHER: (u64, u32) = (20, 4);
+        const T: (u64, u32) = (30, 2);
         let mut j = Journal::default();
-        for (seq, lsn, generation) in [(1, 5, 1), (2, 6, 1), (3, 7, 1), (4, 3, 2)] {
-            j.entries.insert(seq, entry(lsn, generation));
+        for (seq, lsn, generation, copy) in
+            [(1, 5, 1, S), (2, 6, 1, S), (3, 7, 1, S), (4, 3, 2, OTHER)]
+        {
+            j.entries.insert(seq, entry(lsn, generation, copy));
             j.bytes += 32;
         }
-        j.lineages.insert(1, (10, 1)); // copy 1 of process 10
-        j.lineages.insert(2, (20, 4)); // another process's copy
-                                       // Back on copy (10, 1), its watermark at 5: the first leaves, the next two are held.
-        j.held_by(3, &info(10, 1, 5));
+        j.lineages.insert(1, S);
+        j.lineages.insert(2, OTHER);
+        // Back on S, its watermark at 5: the first leaves, the next two are held.
+        j.held_by(3, &info(S.0, S.1, 5));
         let gens: Vec<u64> = j.entries.values().map(|e| e.generation).collect();
         assert_eq!(gens, [3, 3, 2], "seq 2 and 3 held, seq 4 (another copy's) replayed");
         assert_eq!(j.bytes, 3 * 32);
-        // A move made copy (30, 2) from (10, 1) through lsn 6: seq 2 is held there, seq 3
-        // (lsn 7, past the switch) is not; nothing persisted there yet.
+
+        // A move made T from S through lsn 6: seq 2 is held there, seq 3 (lsn 7, past the
+        // switch) is not; nothing persisted there yet.
         let mut j2 = Journal::default();
         for (seq, lsn) in [(2, 6), (3, 7)] {
-            j2.entries.insert(seq, entry(lsn, 1));
+            j2.entries.insert(seq, entry(lsn, 1, S));
         }
-        j2.lineages.insert(1, (10, 1));
-        let mut moved = info(30, 2, 0);
-        moved.predecessor_session = 10;
-        moved.predecessor_incarnation = 1;
+        j2.lineages.insert(1, S);
+        let mut moved = info(T.0, T.1, 0);
+        (moved.predecessor_session, moved.predecessor_incarnation) = S;
         moved.predecessor_through_lsn = 6;
         j2.held_by(5, &moved);
         let gens: Vec<u64> = j2.entries.values().map(|e| e.generation).collect();
         assert_eq!(gens, [5, 1]);
+        // Back on S (the move taken back): both are S's, held there still.
+        j2.held_by(6, &info(S.0, S.1, 0));
+        let gens: Vec<u64> = j2.entries.values().map(|e| e.generation).collect();
+        assert_eq!(gens, [6, 6]);
+        // A copy made from T (two moves on) holds seq 2 (held at T) up to its switch.
+        let mut next = info(40, 1, 0);
+        (next.predecessor_session, next.predecessor_incarnation) = T;
+        next.predecessor_through_lsn = 7;
+        j2.held_by(7, &next);
+        let gens: Vec<u64> = j2.entries.values().map(|e| e.generation).collect();
+        assert_eq!(gens, [7, 6], "seq 3 was never at T");
         // Generations no entry names any more are forgotten.
         j2.entries.remove(&3);
-        j2.held_by(6, &info(30, 2, 0));
-        assert_eq!(j2.lineages.keys().copied().collect::<HashSet<_>>(), HashSet::from([6]));
+        j2.held_by(8, &info(40, 1, 0));
+        assert_eq!(j2.lineages.keys().copied().collect::<HashSet<_>>(), HashSet::from([8]));
+        // A copy list stays bounded.
+        let mut e = entry(1, 1, S);
+        for i in 0..10 {
+            e.held_at((100 + i, 1));
+        }
+        assert_eq!(e.copies.len(), MAX_COPIES_PER_ENTRY);
+        assert_eq!(e.copies.last(), Some(&(109, 1)));
+        // Applied anew at another lsn: only the copy that did it holds it.
+        e.acked(Lsn(9), 2, Some(T));
+        assert_eq!(e.copies, [T]);
     }
 }

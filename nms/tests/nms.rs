@@ -815,6 +815,108 @@ async fn the_target_dies_mid_move_and_the_source_keeps_serving() {
     cluster.shutdown().await;
 }
 
+/// A write-back batch is in flight when the source, settling an interrupted switch,
+/// raises the volume's epoch itself: the PSS refuses the batch (its epoch is older), and
+/// the source sends the blocks again in a batch with the new epoch instead of taking
+/// itself for fenced or giving up its write-back; the vehicle's flush completes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_batch_older_than_the_nodes_own_raise_is_written_back_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = LocalCluster::start(3, dir.path()).await.unwrap();
+    let store = FaultyPss::new(&cluster);
+    let a = Nms(LocalNms::start_with_store("a", store.clone(), |c| {
+        c.writeback_delay_ms = 0;
+        c.migration_writeback_drain_ms = 50;
+    })
+    .await);
+    let c = VolumeClient::open(opts(&[&a.ep], "inflight", "k")).await.unwrap();
+    for blk in 0..8 {
+        c.write(blk, 0, block_data(blk, 1)).await.unwrap();
+    }
+    c.flush().await.unwrap();
+    let epoch0 = c.stat().await.unwrap().epoch;
+    // The next write-back waits in the store, in flight.
+    store.hold_writes.send_replace(true);
+    c.write(8, 0, block_data(8, 1)).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while store.held_writes.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+        assert!(Instant::now() < deadline, "no write-back started");
+        tokio::task::yield_now().await;
+    }
+    let pss = cluster.client();
+    let target = DyingTarget(DieAt::OldOnSwitchOver, CancellationToken::new(), pss.clone(), None);
+    let (t_ep, dead, server) = dying_target(target).await;
+    let report = a.migrate("inflight", &t_ep, 2).await;
+    dead.cancel();
+    let _ = server.await;
+    assert!(report.error.contains("kept the volume"), "{report:?}");
+    let meta = pss.get_volume(&VolumeName::new("inflight").unwrap()).await.unwrap();
+    assert_eq!(meta.epoch, epoch0 + 1, "A raised the epoch while the batch was in flight");
+    // The batch goes on to the PSS with the old epoch, and is refused.
+    store.hold_writes.send_replace(false);
+    c.write(9, 0, block_data(9, 1)).await.unwrap();
+    c.flush().await.unwrap();
+    let want: HashMap<u64, Vec<u8>> = (0..10).map(|b| (b, block_data(b, 1))).collect();
+    assert_persisted_and_read_back(&cluster, &c, "inflight", &want).await;
+    assert_eq!(c.current_nms(), a.ep);
+    a.stop().await;
+    cluster.shutdown().await;
+}
+
+/// A move's switch ends without Switched after the target claimed the volume; taking it
+/// back, the source finds the claim as expected (nothing written back past its copy), but
+/// the target, which had switched, writes back between that look and the source's raise.
+/// The source's copy is then stale: it is dropped, and the vehicle's next call loads the
+/// volume anew from the PSS, with the target's write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_take_back_that_finds_the_target_wrote_back_meanwhile_drops_the_stale_copy() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = LocalCluster::start(3, dir.path()).await.unwrap();
+    let store = FaultyPss::new(&cluster);
+    let a = Nms(LocalNms::start_with_store("a", store.clone(), |_| {}).await);
+    let c = VolumeClient::open(opts(&[&a.ep], "raced", "k")).await.unwrap();
+    for blk in 0..8 {
+        c.write(blk, 0, block_data(blk, 1)).await.unwrap();
+    }
+    c.flush().await.unwrap();
+    let st = a.status().await;
+    let info = st.volume_info.iter().find(|v| v.volume == "raced").unwrap().clone();
+    let (epoch0, accepted) = (info.epoch, info.accepted_lsn);
+    // The target's write-back at its claimed epoch, committed just before A's raise.
+    *store.before_acquire.lock().unwrap() = Some(wayside_nms::store::WriteBack {
+        volume: VolumeName::new("raced").unwrap(),
+        epoch: wayside_proto::types::Epoch(epoch0 + 1),
+        request_id: wayside_proto::types::RequestId::new("dying-target", 1).unwrap(),
+        changes: vec![wayside_nms::store::Change {
+            block: 0,
+            data: Some(block_data(0, 9).into()),
+            version: ((epoch0 + 1) << 32) | (accepted + 1),
+        }],
+        persisted: wayside_proto::types::Lsn(accepted + 1),
+    });
+    let pss = cluster.client();
+    let target = DyingTarget(DieAt::OnSwitchOver, CancellationToken::new(), pss.clone(), None);
+    let (t_ep, dead, server) = dying_target(target).await;
+    let report = a.migrate("raced", &t_ep, 2).await;
+    dead.cancel();
+    let _ = server.await;
+    assert!(store.before_acquire.lock().unwrap().is_none(), "the target wrote back");
+    assert_eq!(report.outcome, pb::MigrationOutcome::Aborted as i32, "{report:?}");
+    assert!(report.error.contains("loaded again"), "{report:?}");
+    // The vehicle sees the target's write, not the stale copy's block.
+    assert_eq!(c.read(0, 0, None).await.unwrap(), Some(block_data(0, 9)));
+    for blk in 1..8 {
+        assert_eq!(c.read(blk, 0, None).await.unwrap(), Some(block_data(blk, 1)));
+    }
+    c.write(8, 0, block_data(8, 1)).await.unwrap();
+    c.flush().await.unwrap();
+    let meta = pss.get_volume(&VolumeName::new("raced").unwrap()).await.unwrap();
+    assert_eq!(meta.owner_address, a.ep.uri());
+    assert_eq!(c.current_nms(), a.ep);
+    a.stop().await;
+    cluster.shutdown().await;
+}
+
 /// The writes of a dedupe test: block 0 written (its request id soon forgotten by an NMS
 /// remembering 8), blocks 1..=10, then block 0 again; nothing persisted yet.
 async fn writes_past_the_dedupe_window(c: &VolumeClient) {
@@ -986,21 +1088,43 @@ async fn a_switch_whose_outcome_the_pss_cannot_tell_takes_no_write_until_it_can(
     cluster.shutdown().await;
 }
 
-/// A store over the real PSS that loses the answer of one acquire once armed: the
-/// acquire commits, the NMS hears UNAVAILABLE.
-struct LoseAnAcquireAnswer {
+/// A store over the real PSS with faults a test arms: the answer of the next acquire
+/// lost (it commits, the NMS hears UNAVAILABLE); write-backs held back until let go; a
+/// write-back of another NMS's committed just before the next acquire.
+struct FaultyPss {
     pss: wayside_nms::store::PssStore,
-    armed: std::sync::atomic::AtomicBool,
+    lose_acquire_answer: std::sync::atomic::AtomicBool,
+    /// true: write-backs wait (counted in `held_writes`) until it is set back to false.
+    hold_writes: tokio::sync::watch::Sender<bool>,
+    held_writes: std::sync::atomic::AtomicUsize,
+    before_acquire: std::sync::Mutex<Option<wayside_nms::store::WriteBack>>,
 }
 
-impl wayside_nms::store::Store for LoseAnAcquireAnswer {
+impl FaultyPss {
+    fn new(cluster: &LocalCluster) -> std::sync::Arc<FaultyPss> {
+        std::sync::Arc::new(FaultyPss {
+            pss: wayside_nms::store::PssStore::new(cluster.endpoints(), cluster.client_options()),
+            lose_acquire_answer: false.into(),
+            hold_writes: tokio::sync::watch::channel(false).0,
+            held_writes: 0.into(),
+            before_acquire: std::sync::Mutex::new(None),
+        })
+    }
+}
+
+impl wayside_nms::store::Store for FaultyPss {
     fn acquire(
         &self,
         req: wayside_nms::store::Acquire,
     ) -> wayside_nms::store::BoxFut<'_, Result<wayside_nms::store::VolumeMeta, StoreError>> {
         Box::pin(async move {
+            let first = self.before_acquire.lock().unwrap().take();
+            if let Some(wb) = first {
+                self.pss.write_batch(wb).await.expect("the other NMS's write-back");
+            }
             let r = self.pss.acquire(req).await;
-            if r.is_ok() && self.armed.swap(false, std::sync::atomic::Ordering::SeqCst) {
+            let lose = std::sync::atomic::Ordering::SeqCst;
+            if r.is_ok() && self.lose_acquire_answer.swap(false, lose) {
                 return Err(StoreError::Unavailable("the answer was lost (test)".into()));
             }
             r
@@ -1016,7 +1140,14 @@ impl wayside_nms::store::Store for LoseAnAcquireAnswer {
         &self,
         b: wayside_nms::store::WriteBack,
     ) -> wayside_nms::store::BoxFut<'_, Result<wayside_proto::types::Lsn, StoreError>> {
-        self.pss.write_batch(b)
+        Box::pin(async move {
+            let mut rx = self.hold_writes.subscribe();
+            if *rx.borrow() {
+                self.held_writes.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let _ = rx.wait_for(|held| !*held).await;
+            }
+            self.pss.write_batch(b).await
+        })
     }
     fn get_blocks(
         &self,
@@ -1043,10 +1174,7 @@ impl wayside_nms::store::Store for LoseAnAcquireAnswer {
 async fn a_settling_acquire_whose_answer_was_lost_keeps_the_volume_here() {
     let dir = tempfile::tempdir().unwrap();
     let cluster = LocalCluster::start(3, dir.path()).await.unwrap();
-    let store = std::sync::Arc::new(LoseAnAcquireAnswer {
-        pss: wayside_nms::store::PssStore::new(cluster.endpoints(), cluster.client_options()),
-        armed: false.into(),
-    });
+    let store = FaultyPss::new(&cluster);
     let a = Nms(LocalNms::start_with_store("a", store.clone(), |_| {}).await);
     let c = VolumeClient::open(opts(&[&a.ep], "lost", "k")).await.unwrap();
     for blk in 0..8 {
@@ -1057,11 +1185,12 @@ async fn a_settling_acquire_whose_answer_was_lost_keeps_the_volume_here() {
     // A target from before Claim, dying on SwitchOver: A settles by re-acquiring.
     let target = DyingTarget(DieAt::OldOnSwitchOver, CancellationToken::new(), pss.clone(), None);
     let (t_ep, dead, server) = dying_target(target).await;
-    store.armed.store(true, std::sync::atomic::Ordering::SeqCst);
+    store.lose_acquire_answer.store(true, std::sync::atomic::Ordering::SeqCst);
     let report = a.migrate("lost", &t_ep, 2).await;
     dead.cancel();
     let _ = server.await;
-    assert!(!store.armed.load(std::sync::atomic::Ordering::SeqCst), "an answer was lost");
+    let armed = store.lose_acquire_answer.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(!armed, "an answer was lost");
     assert_eq!(report.outcome, pb::MigrationOutcome::Aborted as i32, "{report:?}");
     assert!(report.error.contains("kept the volume"), "{report:?}");
     let meta = pss.get_volume(&VolumeName::new("lost").unwrap()).await.unwrap();

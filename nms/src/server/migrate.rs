@@ -692,6 +692,8 @@ impl Node {
                     return Ok(());
                 }
                 Ok(Ack::Aborted(a)) => {
+                    // The target did not switch and dropped its copy: it serves nobody.
+                    sw.switch_sent = false;
                     self.resume(v);
                     return Err(format!("target aborted: {}", a.reason));
                 }
@@ -875,6 +877,18 @@ impl Node {
         );
     }
 
+    /// Takes incarnation `incarnation` of `v` out of the cache (its blocks, its writer): a
+    /// vehicle's next call is told to attach again and loads it anew from the PSS.
+    fn drop_copy(&self, v: &VolumeName, incarnation: u32) {
+        let mut core = self.core();
+        if core.volume(v).map(|x| x.incarnation()) == Some(incarnation) {
+            core.remove_volume(v);
+            self.stop_writer(v);
+        }
+        drop(core);
+        self.bump();
+    }
+
     /// Whether incarnation `incarnation` of `v` left this NMS's hands (a redirect now, or
     /// replaced): after a failed take-back, the PSS named another owner.
     fn owner_known(&self, v: &VolumeName, incarnation: u32) -> bool {
@@ -887,10 +901,13 @@ impl Node {
         }
     }
 
-    /// A move that sent Claim ended before SwitchOver: the target may have raised the
-    /// volume's epoch in the PSS, but it never served the volume. Acquires it back from
-    /// that epoch, so this NMS's write-back is not fenced (its epoch is updated). If
-    /// someone else owns the volume now, it is theirs: the volume turns into a redirect.
+    /// A move that sent Claim ended without Switched: the target may have raised the
+    /// volume's epoch in the PSS (and, once SwitchOver went out, may serve the volume:
+    /// this copy stays paused meanwhile). Acquires it back from that epoch, so this NMS's
+    /// write-back is not fenced (its epoch is updated). If someone else owns the volume
+    /// now, it is theirs: the volume turns into a redirect. If the target wrote back past
+    /// this copy before the raise landed, this copy is stale and is dropped (the vehicle
+    /// attaches again and the volume is loaded anew from the PSS).
     ///
     /// What counts as the move's own claim: the PSS has the volume owned by the target
     /// node at exactly our epoch + 1 (a claim raises `expected_epoch` by one; any later
@@ -959,6 +976,26 @@ impl Node {
             if let Some((from, done)) = from {
                 match self.store.acquire(self.acquire_request(v, Some(from), None)).await {
                     Ok(m) => {
+                        let accepted = self.core().volume(v).map_or(Lsn(0), |x| x.accepted);
+                        if m.persisted > accepted {
+                            // The target (having switched) wrote back past this copy between
+                            // the look and the raise: this copy is stale. It goes; the
+                            // volume is loaded again from the PSS at the vehicle's next call
+                            // (everything this copy accepted is persisted: the watermark is
+                            // past it), and the vehicle replays what the target accepted.
+                            warn!(
+                                volume = %v,
+                                persisted = m.persisted.0,
+                                accepted = accepted.0,
+                                "the aborted move's target wrote back past this copy; dropped"
+                            );
+                            self.drop_copy(v, incarnation);
+                            return Err(format!(
+                                "the target wrote back past this copy (persisted lsn {} > {}); \
+                                 the volume will be loaded again from the PSS",
+                                m.persisted.0, accepted.0
+                            ));
+                        }
                         if let Some(x) = self.core().volume_mut(v) {
                             x.epoch = m.epoch;
                         }

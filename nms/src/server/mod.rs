@@ -712,7 +712,7 @@ impl Node {
                     _ = h.cancel.cancelled() => return,
                 }
             }
-            loop {
+            'batches: loop {
                 // In flight first, then the hold: a migration sets the hold, then waits
                 // while a batch is in flight, so one of the two sees the other.
                 h.in_flight.store(true, Ordering::SeqCst);
@@ -791,7 +791,7 @@ impl Node {
                                     "write-back batch older than this node's own epoch raise; \
                                      sent again"
                                 );
-                                continue;
+                                continue 'batches;
                             }
                             warn!(
                                 presented = presented.0,
@@ -801,7 +801,8 @@ impl Node {
                             if self.fenced(&v, current, incarnation).await {
                                 return;
                             }
-                            continue;
+                            // Still ours at the epoch the PSS has: a new batch with it.
+                            continue 'batches;
                         }
                         Err(e) => {
                             // (Another failure, the PSS unreachable say, makes an earlier
