@@ -693,8 +693,13 @@ impl Cache {
                 // Forgetting is safe: the fetches in flight then are answered, not cached.
                 v.fetches.clear();
             }
+            // A block cached by now (written since the caller found it missing) is not
+            // registered: its answer, older than that write, is never cached, even after
+            // the write is persisted and evicted.
             for b in blocks {
-                v.fetches.insert(*b, id);
+                if !v.entries.contains_key(b) {
+                    v.fetches.insert(*b, id);
+                }
             }
         }
         FetchId(id)
@@ -1541,6 +1546,22 @@ mod tests {
         c.fill(&v, 200, Some((Bytes::from(full(3)), 1)), old);
         assert_eq!(c.read(&v, 200, 0, None).unwrap(), ReadOutcome::Miss);
         assert!(c.volume(&v).unwrap().fetches.len() <= 8);
+
+        // The write lands between the caller finding block 400 missing and registering its
+        // fetch: the fetch is not registered for it, so its older answer is not cached
+        // even once the write is persisted and evicted.
+        assert_eq!(c.read(&v, 400, 0, None).unwrap(), ReadOutcome::Miss);
+        c.write(&v, 400, 0, &full(4), None).unwrap();
+        let late = c.begin_fetch(&v, &[400]);
+        let batch = c.take_batch(&v).expect("a write-back batch");
+        c.complete_batch(&batch, true);
+        for b in 500..520 {
+            let f = c.begin_fetch(&v, &[b]);
+            c.fill(&v, b, Some((Bytes::from(full(9)), 1)), f);
+        }
+        assert_eq!(c.read(&v, 400, 0, None).unwrap(), ReadOutcome::Miss, "block 400 evicted");
+        c.fill(&v, 400, None, late);
+        assert_eq!(c.read(&v, 400, 0, None).unwrap(), ReadOutcome::Miss, "stale answer cached");
     }
 
     #[test]

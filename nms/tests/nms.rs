@@ -867,53 +867,86 @@ async fn a_batch_older_than_the_nodes_own_raise_is_written_back_again() {
 /// back, the source finds the claim as expected (nothing written back past its copy), but
 /// the target, which had switched, writes back between that look and the source's raise.
 /// The source's copy is then stale: it is dropped, and the vehicle's next call loads the
-/// volume anew from the PSS, with the target's write.
+/// volume anew from the PSS, with the target's write. The same when the raise's answer is
+/// lost too (the source then finds its own raise in the PSS record).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_take_back_that_finds_the_target_wrote_back_meanwhile_drops_the_stale_copy() {
     let dir = tempfile::tempdir().unwrap();
     let cluster = LocalCluster::start(3, dir.path()).await.unwrap();
     let store = FaultyPss::new(&cluster);
     let a = Nms(LocalNms::start_with_store("a", store.clone(), |_| {}).await);
-    let c = VolumeClient::open(opts(&[&a.ep], "raced", "k")).await.unwrap();
-    for blk in 0..8 {
-        c.write(blk, 0, block_data(blk, 1)).await.unwrap();
-    }
-    c.flush().await.unwrap();
-    let st = a.status().await;
-    let info = st.volume_info.iter().find(|v| v.volume == "raced").unwrap().clone();
-    let (epoch0, accepted) = (info.epoch, info.accepted_lsn);
-    // The target's write-back at its claimed epoch, committed just before A's raise.
-    *store.before_acquire.lock().unwrap() = Some(wayside_nms::store::WriteBack {
-        volume: VolumeName::new("raced").unwrap(),
-        epoch: wayside_proto::types::Epoch(epoch0 + 1),
-        request_id: wayside_proto::types::RequestId::new("dying-target", 1).unwrap(),
-        changes: vec![wayside_nms::store::Change {
-            block: 0,
-            data: Some(block_data(0, 9).into()),
-            version: ((epoch0 + 1) << 32) | (accepted + 1),
-        }],
-        persisted: wayside_proto::types::Lsn(accepted + 1),
-    });
     let pss = cluster.client();
-    let target = DyingTarget(DieAt::OnSwitchOver, CancellationToken::new(), pss.clone(), None);
-    let (t_ep, dead, server) = dying_target(target).await;
-    let report = a.migrate("raced", &t_ep, 2).await;
-    dead.cancel();
-    let _ = server.await;
-    assert!(store.before_acquire.lock().unwrap().is_none(), "the target wrote back");
-    assert_eq!(report.outcome, pb::MigrationOutcome::Aborted as i32, "{report:?}");
-    assert!(report.error.contains("loaded again"), "{report:?}");
-    // The vehicle sees the target's write, not the stale copy's block.
-    assert_eq!(c.read(0, 0, None).await.unwrap(), Some(block_data(0, 9)));
-    for blk in 1..8 {
-        assert_eq!(c.read(blk, 0, None).await.unwrap(), Some(block_data(blk, 1)));
+    for (round, vol, lose_answer) in [(1, "raced", false), (2, "raced-lost", true)] {
+        let c = VolumeClient::open(opts(&[&a.ep], vol, "k")).await.unwrap();
+        for blk in 0..8 {
+            c.write(blk, 0, block_data(blk, 1)).await.unwrap();
+        }
+        c.flush().await.unwrap();
+        let st = a.status().await;
+        let info = st.volume_info.iter().find(|v| v.volume == vol).unwrap().clone();
+        let (epoch0, accepted) = (info.epoch, info.accepted_lsn);
+        // The target's write-back at its claimed epoch, committed just before A's raise.
+        *store.before_acquire.lock().unwrap() = Some(wayside_nms::store::WriteBack {
+            volume: VolumeName::new(vol).unwrap(),
+            epoch: wayside_proto::types::Epoch(epoch0 + 1),
+            request_id: wayside_proto::types::RequestId::new("dying-target", round).unwrap(),
+            changes: vec![wayside_nms::store::Change {
+                block: 0,
+                data: Some(block_data(0, 9).into()),
+                version: ((epoch0 + 1) << 32) | (accepted + 1),
+            }],
+            persisted: wayside_proto::types::Lsn(accepted + 1),
+        });
+        store.lose_acquire_answer.store(lose_answer, std::sync::atomic::Ordering::SeqCst);
+        let target = DyingTarget(DieAt::OnSwitchOver, CancellationToken::new(), pss.clone(), None);
+        let (t_ep, dead, server) = dying_target(target).await;
+        let report = a.migrate(vol, &t_ep, 2).await;
+        dead.cancel();
+        let _ = server.await;
+        assert!(store.before_acquire.lock().unwrap().is_none(), "the target wrote back");
+        let lost = store.lose_acquire_answer.load(std::sync::atomic::Ordering::SeqCst);
+        assert!(!lost, "{vol}: the answer was lost when asked");
+        assert_eq!(report.outcome, pb::MigrationOutcome::Aborted as i32, "{report:?}");
+        assert!(report.error.contains("loaded again"), "{vol}: {report:?}");
+        // The vehicle sees the target's write, not the stale copy's block.
+        assert_eq!(c.read(0, 0, None).await.unwrap(), Some(block_data(0, 9)), "{vol}");
+        for blk in 1..8 {
+            assert_eq!(c.read(blk, 0, None).await.unwrap(), Some(block_data(blk, 1)));
+        }
+        c.write(8, 0, block_data(8, 1)).await.unwrap();
+        c.flush().await.unwrap();
+        let meta = pss.get_volume(&VolumeName::new(vol).unwrap()).await.unwrap();
+        assert_eq!(meta.owner_address, a.ep.uri());
+        assert_eq!(c.current_nms(), a.ep);
     }
-    c.write(8, 0, block_data(8, 1)).await.unwrap();
-    c.flush().await.unwrap();
-    let meta = pss.get_volume(&VolumeName::new("raced").unwrap()).await.unwrap();
-    assert_eq!(meta.owner_address, a.ep.uri());
-    assert_eq!(c.current_nms(), a.ep);
     a.stop().await;
+    cluster.shutdown().await;
+}
+
+/// A vehicle's copy at A holds nothing to write back when another vehicle of the volume
+/// takes it over at B and writes there: nothing ever fences A's clean copy. A vehicle
+/// attaching at A again gets the volume as B left it, not A's old blocks: A checks its
+/// copy is still the volume's at an explicit attach, drops it and loads the volume anew.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_attach_to_a_copy_another_nms_took_over_loads_the_volume_anew() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = LocalCluster::start(3, dir.path()).await.unwrap();
+    let a = Nms::start("a", &cluster.endpoints(), |_| {}).await;
+    let b = Nms::start("b", &cluster.endpoints(), |_| {}).await;
+    let at_a = VolumeClient::open(opts(&[&a.ep], "taken", "k")).await.unwrap();
+    at_a.write(0, 0, block_data(0, 1)).await.unwrap();
+    at_a.flush().await.unwrap();
+    let at_b = VolumeClient::open(opts(&[&b.ep], "taken", "k")).await.unwrap();
+    at_b.write(0, 0, block_data(0, 2)).await.unwrap();
+    at_b.flush().await.unwrap();
+    drop(at_b);
+    let again = VolumeClient::open(opts(&[&a.ep], "taken", "k")).await.unwrap();
+    assert_eq!(again.read(0, 0, None).await.unwrap(), Some(block_data(0, 2)));
+    let meta = cluster.client().get_volume(&VolumeName::new("taken").unwrap()).await.unwrap();
+    assert_eq!(meta.owner_address, a.ep.uri(), "A took it over again");
+    drop((at_a, again));
+    a.stop().await;
+    b.stop().await;
     cluster.shutdown().await;
 }
 

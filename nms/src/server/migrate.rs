@@ -869,7 +869,12 @@ impl Node {
                     }
                 }
                 drop(sw.hold.take());
-                node.core().stop_tracking(&v);
+                {
+                    let mut core = node.core();
+                    if core.volume(&v).is_some_and(|x| x.incarnation() == incarnation) {
+                        core.stop_tracking(&v);
+                    }
+                }
                 h.migrating.store(false, Ordering::Release);
                 node.bump();
             }
@@ -877,9 +882,39 @@ impl Node {
         );
     }
 
+    /// After this node raised the epoch taking `v` back: if the PSS's persisted watermark
+    /// (`persisted`, from the raise's answer) is past what this copy accepted, the target,
+    /// having switched, wrote back past it before the raise landed, and this copy is
+    /// stale. It is dropped (everything it accepted is persisted: the watermark is past
+    /// it); the vehicle's next call loads the volume anew from the PSS and its journal
+    /// replays what the target accepted. Returns the move's error then.
+    fn stale_after_raise(
+        &self,
+        v: &VolumeName,
+        incarnation: u32,
+        persisted: Lsn,
+    ) -> Option<String> {
+        let accepted = self.core().volume(v).map_or(Lsn(0), |x| x.accepted);
+        if persisted <= accepted {
+            return None;
+        }
+        warn!(
+            volume = %v,
+            persisted = persisted.0,
+            accepted = accepted.0,
+            "the aborted move's target wrote back past this copy; dropped"
+        );
+        self.drop_copy(v, incarnation);
+        Some(format!(
+            "the target wrote back past this copy (persisted lsn {} > {}); the volume will be \
+             loaded again from the PSS",
+            persisted.0, accepted.0
+        ))
+    }
+
     /// Takes incarnation `incarnation` of `v` out of the cache (its blocks, its writer): a
     /// vehicle's next call is told to attach again and loads it anew from the PSS.
-    fn drop_copy(&self, v: &VolumeName, incarnation: u32) {
+    pub(crate) fn drop_copy(&self, v: &VolumeName, incarnation: u32) {
         let mut core = self.core();
         if core.volume(v).map(|x| x.incarnation()) == Some(incarnation) {
             core.remove_volume(v);
@@ -940,6 +975,9 @@ impl Node {
                 )),
                 // An earlier try of ours landed and its answer was lost.
                 Ok(meta) if self.is_mine(&meta) && meta.epoch > ours => {
+                    if let Some(e) = self.stale_after_raise(v, incarnation, meta.persisted) {
+                        return Err(e);
+                    }
                     if self.adopt_epoch(v, incarnation, meta.epoch) {
                         info!(volume = %v, epoch = meta.epoch.0, "took the volume back");
                         return Ok(());
@@ -976,25 +1014,8 @@ impl Node {
             if let Some((from, done)) = from {
                 match self.store.acquire(self.acquire_request(v, Some(from), None)).await {
                     Ok(m) => {
-                        let accepted = self.core().volume(v).map_or(Lsn(0), |x| x.accepted);
-                        if m.persisted > accepted {
-                            // The target (having switched) wrote back past this copy between
-                            // the look and the raise: this copy is stale. It goes; the
-                            // volume is loaded again from the PSS at the vehicle's next call
-                            // (everything this copy accepted is persisted: the watermark is
-                            // past it), and the vehicle replays what the target accepted.
-                            warn!(
-                                volume = %v,
-                                persisted = m.persisted.0,
-                                accepted = accepted.0,
-                                "the aborted move's target wrote back past this copy; dropped"
-                            );
-                            self.drop_copy(v, incarnation);
-                            return Err(format!(
-                                "the target wrote back past this copy (persisted lsn {} > {}); \
-                                 the volume will be loaded again from the PSS",
-                                m.persisted.0, accepted.0
-                            ));
+                        if let Some(e) = self.stale_after_raise(v, incarnation, m.persisted) {
+                            return Err(e);
                         }
                         if let Some(x) = self.core().volume_mut(v) {
                             x.epoch = m.epoch;
@@ -1009,9 +1030,7 @@ impl Node {
                     Err(e) => last = e.to_string(),
                 }
             }
-            if Instant::now() >= deadline {
-                // Serving on: if the target keeps the epoch, the write-back is fenced and
-                // the vehicle's journal replays to whoever owns the volume.
+            if Instant::now() >= deadline || self.stop.is_cancelled() {
                 return Err(format!("taking the volume back from the target failed: {last}"));
             }
             warn!(error = %last, "taking the volume back from the aborted move's target; retrying");

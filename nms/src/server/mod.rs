@@ -481,7 +481,46 @@ impl Node {
                 epoch,
             });
         }
-        self.load(v, cred, None, false).await
+        // In a task of its own: a caller that stops being polled (a stream whose vehicle
+        // stopped reading its replies, its task waiting to send) must not keep the
+        // volume's load lock, and with it every other attach of the volume here, waiting.
+        let node = self.self_arc();
+        let (v, cred) = (v.clone(), Presented::attached(cred.credential.clone(), cred.session));
+        self.spawn_background(async move { node.load(&v, &cred, None, false).await })
+            .await
+            .map_err(|e| NmsError::Unavailable(format!("loading the volume: {e}")))?
+    }
+
+    /// Whether the active copy of `v` here is still the volume's (`Ok(false)`: it was
+    /// dropped, load it anew). A copy whose epoch another NMS raised past (the vehicle
+    /// attached there meanwhile, or a move taken back from here after this node switched)
+    /// may hold nothing to write back, so no fenced write-back ever told it: served, it
+    /// would answer with blocks older than what the vehicle wrote there. With the PSS
+    /// unreachable the copy is served (a stale one's write-back is fenced).
+    async fn still_owner(&self, v: &VolumeName) -> Result<bool, NmsError> {
+        let here = self.core().volume(v).and_then(|x| {
+            matches!(x.state, VolumeState::Active).then(|| (x.epoch, x.incarnation()))
+        });
+        // Paused: a move under way decides.
+        let Some((epoch, incarnation)) = here else { return Ok(true) };
+        match self.store.get_volume(v.clone()).await {
+            Ok(m) if self.is_mine(&m) => {
+                self.adopt_epoch(v, incarnation, m.epoch);
+                Ok(true)
+            }
+            Ok(m) if m.epoch > epoch => {
+                warn!(
+                    volume = %v,
+                    epoch = epoch.0,
+                    owner = %m.owner_node,
+                    owner_epoch = m.epoch.0,
+                    "the copy here is stale (another NMS took the volume over); loading it anew"
+                );
+                self.drop_copy(v, incarnation);
+                Ok(false)
+            }
+            _ => Ok(true),
+        }
     }
 
     /// `Ok(true)`: cached and served; `Ok(false)`: not here, load it.
@@ -516,7 +555,12 @@ impl Node {
         take_over: bool,
     ) -> Result<(), NmsError> {
         let _g = self.load_locks.lock(v).await;
-        match self.check_local(v, cred) {
+        let local = match self.check_local(v, cred) {
+            // A vehicle attaching explicitly: the copy here must still be the volume's.
+            Ok(true) if take_over => self.still_owner(v).await,
+            r => r,
+        };
+        match local {
             Ok(true) => {
                 if let Some(bs) = create {
                     let have = self.core().volume(v).map(|x| x.block_size);
@@ -571,6 +615,15 @@ impl Node {
                 },
             ))
             .await?;
+        if existing.is_none()
+            && (!cred.matches(&meta.credential) || Some(meta.block_size) != create)
+        {
+            // Created by someone else between the look and the acquire (which takes an
+            // existing volume too): not this caller's. Not installed; its owner's next
+            // write-back is fenced and its vehicle attaches again.
+            warn!(volume = %v, "a volume created meanwhile by another caller; not installed");
+            return Err(NmsError::Unauthenticated { volume: v.to_string() });
+        }
         info!(volume = %v, epoch = meta.epoch.0, persisted = meta.persisted.0, "volume acquired");
         self.install(
             v,
@@ -1182,6 +1235,15 @@ impl Node {
                     return Ok(o);
                 }
                 Err(CacheError::NeedBlock(b)) => {
+                    // A partial write of an uncached block reads it first; bounded like a
+                    // wait for space (a block filled and pushed out again at once by dirty
+                    // blocks filling the cache would otherwise be fetched forever).
+                    if Instant::now() >= space_deadline {
+                        return Err(NmsError::Unavailable(format!(
+                            "block {b} could not be kept cached for a partial write within \
+                             backpressure_wait_ms (the cache is full of unpersisted blocks)"
+                        )));
+                    }
                     let fetch = self.core().begin_fetch(v, &[b]);
                     let got = self.fetch(v, vec![b]).await?;
                     self.core().fill(v, b, got.into_iter().next().flatten(), fetch);
@@ -1216,7 +1278,8 @@ impl Node {
         self.ensure(v, cred).await?;
         let deadline = Instant::now() + Duration::from_millis(self.cfg.pss_deadline_ms);
         let mut rx = self.progress.subscribe();
-        let target = self.core().volume(v).map_or(Lsn(0), |x| x.accepted);
+        let (target, incarnation) =
+            self.core().volume(v).map_or((Lsn(0), 0), |x| (x.accepted, x.incarnation()));
         loop {
             rx.borrow_and_update();
             {
@@ -1227,6 +1290,13 @@ impl Node {
                 match &x.state {
                     VolumeState::Moved { to, epoch } => {
                         return Err(NmsError::Moved { to: to.clone(), epoch: *epoch })
+                    }
+                    // Another copy's watermark says nothing of this one's writes (a copy
+                    // fenced and loaded anew meanwhile: the vehicle's journal replays them).
+                    _ if x.incarnation() != incarnation => {
+                        return Err(NmsError::Unavailable(
+                            "the volume was loaded anew during the flush".into(),
+                        ))
                     }
                     _ if x.persisted >= target => return Ok(x.persisted),
                     _ => {}
