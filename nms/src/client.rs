@@ -312,6 +312,8 @@ struct Conn {
     generation: u64,
     /// The NMS process's session (`VolumeInfo.nms_session`), carried by every call.
     session: u64,
+    /// The copy of the volume there (`VolumeInfo.incarnation`), carried by every call.
+    incarnation: u32,
 }
 
 struct Inner {
@@ -536,10 +538,12 @@ impl VolumeClient {
         self.inner.journal.lock().expect("poisoned").bytes
     }
 
-    /// The volume's credentials, for the NMS process with `session` (0: attaching).
-    fn auth(&self, session: u64) -> Option<pb::VolumeAuth> {
+    /// The volume's credentials, for the NMS process with `session` and the copy of the
+    /// volume `incarnation` there (0s: attaching).
+    fn auth(&self, session: u64, incarnation: u32) -> Option<pb::VolumeAuth> {
         let mut a = to_volume_auth(&self.inner.opts.volume, &self.inner.opts.credential);
         a.nms_session = session;
+        a.volume_incarnation = incarnation;
         Some(a)
     }
 
@@ -814,7 +818,9 @@ impl VolumeClient {
         let conn = self.connection(deadline).await?;
         if self.has_stale(conn.generation) {
             let mut client = conn.client.clone();
-            if self.replay(&mut client, conn.generation, conn.session, None).await.is_err() {
+            let replayed =
+                self.replay(&mut client, conn.generation, conn.session, conn.incarnation, None);
+            if replayed.await.is_err() {
                 self.invalidate(conn.generation, None);
             }
         }
@@ -881,7 +887,7 @@ impl VolumeClient {
         loop {
             let conn = self.connection(deadline).await?;
             let attempt = o.rpc_timeout.min(deadline.saturating_duration_since(Instant::now()));
-            let reply = f(conn.client.clone(), self.auth(conn.session));
+            let reply = f(conn.client.clone(), self.auth(conn.session, conn.incarnation));
             let last = match tokio::time::timeout(attempt, reply).await {
                 Ok(Ok(t)) => return Ok((t, conn.generation)),
                 Ok(Err(s)) => {
@@ -1055,7 +1061,7 @@ impl VolumeClient {
                 Some(bs) => {
                     client
                         .create_volume(pb::CreateVolumeRequest {
-                            auth: self.auth(0),
+                            auth: self.auth(0, 0),
                             block_size: bs.bytes(),
                         })
                         .await
@@ -1063,7 +1069,7 @@ impl VolumeClient {
                 None => {
                     client
                         .attach(pb::AttachRequest {
-                            auth: self.auth(0),
+                            auth: self.auth(0, 0),
                             client_id: o.client_id.clone(),
                         })
                         .await
@@ -1103,8 +1109,9 @@ impl VolumeClient {
             *self.inner.block_size.lock().expect("poisoned") = bs;
         }
         let generation = self.inner.generation.fetch_add(1, Ordering::Relaxed) + 1;
-        self.replay(&mut client, generation, info.nms_session, Some(&info)).await?;
-        let conn = Conn { endpoint: ep.clone(), client, generation, session: info.nms_session };
+        let (session, incarnation) = (info.nms_session, info.incarnation);
+        self.replay(&mut client, generation, session, incarnation, Some(&info)).await?;
+        let conn = Conn { endpoint: ep.clone(), client, generation, session, incarnation };
         *self.inner.conn.lock().expect("poisoned") = Some(conn.clone());
         *self.inner.preferred.lock().expect("poisoned") = ep.clone();
         info!(nms = %ep, epoch = info.epoch, persisted = info.persisted_lsn, "attached");
@@ -1123,6 +1130,7 @@ impl VolumeClient {
         client: &mut NmsClient<Channel>,
         generation: u64,
         session: u64,
+        incarnation: u32,
         attached: Option<&pb::VolumeInfo>,
     ) -> Result<(), Next> {
         let todo: Vec<(u64, JOp, Option<Lsn>, u64)> = {
@@ -1161,13 +1169,17 @@ impl VolumeClient {
             match op {
                 JOp::Write { block, offset, data } => {
                     let op = pb::WriteOp { block, offset, data, request_id: request_id(seq) };
-                    let req = pb::WriteRequest { auth: self.auth(session), op: Some(op) };
+                    let req =
+                        pb::WriteRequest { auth: self.auth(session, incarnation), op: Some(op) };
                     client.write(req).await
                 }
                 JOp::Delete { block } => {
                     let op = pb::DeleteOp { block, request_id: request_id(seq) };
                     client
-                        .delete(pb::DeleteRequest { auth: self.auth(session), op: Some(op) })
+                        .delete(pb::DeleteRequest {
+                            auth: self.auth(session, incarnation),
+                            op: Some(op),
+                        })
                         .await
                 }
             }
@@ -1196,7 +1208,7 @@ impl VolumeClient {
                     pb::StreamRequest { auth: None, tag: i as u64, op: Some(op) }
                 })
                 .collect();
-            let batch = pb::StreamBatch { auth: self.auth(session), ops };
+            let batch = pb::StreamBatch { auth: self.auth(session, incarnation), ops };
             let sent = tokio::time::timeout(rpc_timeout, send_batch(client, batch)).await;
             let results = replayed(sent, rpc_timeout)?;
             for ((seq, ..), r) in chunk.iter().zip(results) {

@@ -124,7 +124,7 @@ async fn wait_written_back(cluster: &LocalCluster, vol: &str, blocks: &[u64], n:
 }
 
 fn auth(vol: &str, secret: &str) -> Option<pb::VolumeAuth> {
-    Some(pb::VolumeAuth { volume: vol.into(), credential: secret.into(), nms_session: 0 })
+    Some(pb::VolumeAuth { volume: vol.into(), credential: secret.into(), ..Default::default() })
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -923,28 +923,36 @@ async fn a_take_back_that_finds_the_target_wrote_back_meanwhile_drops_the_stale_
     cluster.shutdown().await;
 }
 
-/// A vehicle's copy at A holds nothing to write back when another vehicle of the volume
-/// takes it over at B and writes there: nothing ever fences A's clean copy. A vehicle
-/// attaching at A again gets the volume as B left it, not A's old blocks: A checks its
-/// copy is still the volume's at an explicit attach, drops it and loads the volume anew.
+/// Vehicle X's copy at A is taken over at B by vehicle Y, which writes there; A's copy
+/// holds one write of X's not yet persisted, and nothing fences it (its write-back waits).
+/// A third vehicle attaching at A gets the volume as B left it, not A's old blocks: A
+/// checks its copy is still the volume's at an explicit attach, drops it and loads the
+/// volume anew. X's next call is told to attach again (its copy was replaced), so it
+/// replays its write instead of being served by the new copy, which never had it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_attach_to_a_copy_another_nms_took_over_loads_the_volume_anew() {
     let dir = tempfile::tempdir().unwrap();
     let cluster = LocalCluster::start(3, dir.path()).await.unwrap();
-    let a = Nms::start("a", &cluster.endpoints(), |_| {}).await;
+    let a = Nms::start("a", &cluster.endpoints(), |c| c.writeback_delay_ms = 600_000).await;
     let b = Nms::start("b", &cluster.endpoints(), |_| {}).await;
-    let at_a = VolumeClient::open(opts(&[&a.ep], "taken", "k")).await.unwrap();
-    at_a.write(0, 0, block_data(0, 1)).await.unwrap();
-    at_a.flush().await.unwrap();
-    let at_b = VolumeClient::open(opts(&[&b.ep], "taken", "k")).await.unwrap();
-    at_b.write(0, 0, block_data(0, 2)).await.unwrap();
-    at_b.flush().await.unwrap();
-    drop(at_b);
-    let again = VolumeClient::open(opts(&[&a.ep], "taken", "k")).await.unwrap();
-    assert_eq!(again.read(0, 0, None).await.unwrap(), Some(block_data(0, 2)));
+    let x = VolumeClient::open(opts(&[&a.ep], "taken", "k")).await.unwrap();
+    x.write(0, 0, block_data(0, 1)).await.unwrap();
+    x.flush().await.unwrap();
+    x.write(1, 0, block_data(1, 1)).await.unwrap();
+    let y = VolumeClient::open(opts(&[&b.ep], "taken", "k")).await.unwrap();
+    y.write(0, 0, block_data(0, 2)).await.unwrap();
+    y.flush().await.unwrap();
+    let z = VolumeClient::open(opts(&[&a.ep], "taken", "k")).await.unwrap();
+    assert_eq!(z.read(0, 0, None).await.unwrap(), Some(block_data(0, 2)), "A's old block");
     let meta = cluster.client().get_volume(&VolumeName::new("taken").unwrap()).await.unwrap();
     assert_eq!(meta.owner_address, a.ep.uri(), "A took it over again");
-    drop((at_a, again));
+    // X attaches again and replays its write; nothing of it is lost.
+    assert_eq!(x.read(1, 0, None).await.unwrap(), Some(block_data(1, 1)), "X's write");
+    x.flush().await.unwrap();
+    let stored = pss_blocks(&cluster, "taken", &[0, 1]).await;
+    assert_eq!(stored.get(&0), Some(&block_data(0, 2)));
+    assert_eq!(stored.get(&1), Some(&block_data(1, 1)));
+    drop((x, y, z));
     a.stop().await;
     b.stop().await;
     cluster.shutdown().await;

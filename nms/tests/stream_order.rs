@@ -66,7 +66,7 @@ impl Calls for LocalNms {
 }
 
 fn auth() -> Option<pb::VolumeAuth> {
-    Some(pb::VolumeAuth { volume: VOL.into(), credential: SECRET.into(), nms_session: 0 })
+    Some(pb::VolumeAuth { volume: VOL.into(), credential: SECRET.into(), ..Default::default() })
 }
 
 fn block_data(block: u64, n: u8) -> Vec<u8> {

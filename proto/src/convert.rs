@@ -71,6 +71,7 @@ pub fn to_volume_auth(volume: &VolumeName, credential: &Credential) -> pb::Volum
         volume: volume.as_str().to_owned(),
         credential: credential.expose().to_owned(),
         nms_session: 0,
+        volume_incarnation: 0,
     }
 }
 

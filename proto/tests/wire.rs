@@ -23,6 +23,7 @@ fn auth() -> Option<pb::VolumeAuth> {
         volume: "car-7.home".into(),
         credential: "s3cret".into(),
         nms_session: 0,
+        volume_incarnation: 2,
     })
 }
 
@@ -291,10 +292,11 @@ fn vehicle_ops_convert_and_reject_bad_input() {
 
     assert_eq!(convert::volume_auth(None), Err(ConvertError::Missing("auth")));
     let bad_name =
-        pb::VolumeAuth { volume: "../etc".into(), credential: "x".into(), nms_session: 0 };
+        pb::VolumeAuth { volume: "../etc".into(), credential: "x".into(), ..Default::default() };
     let err = convert::volume_auth(Some(bad_name)).unwrap_err();
     assert!(err.to_string().contains("volume"), "{err}");
-    let no_cred = pb::VolumeAuth { volume: "v".into(), credential: String::new(), nms_session: 0 };
+    let no_cred =
+        pb::VolumeAuth { volume: "v".into(), credential: String::new(), ..Default::default() };
     assert!(convert::volume_auth(Some(no_cred)).unwrap_err().to_string().contains("credential"));
 
     let w: WriteOp = convert::required_op(

@@ -235,15 +235,17 @@ pub(crate) struct Presented {
     /// The session of this node the vehicle attached to (checked by `rpc::volume_auth`),
     /// or 0: a caller that never attached.
     session: u64,
+    /// The copy of the volume it attached to (checked by `Node::check_local`), or 0.
+    incarnation: u32,
 }
 
 impl Presented {
     pub(crate) fn new(credential: Credential) -> Self {
-        Self::attached(credential, 0)
+        Self::attached(credential, 0, 0)
     }
 
-    pub(crate) fn attached(credential: Credential, session: u64) -> Self {
-        Self { credential, hash: std::sync::OnceLock::new(), session }
+    pub(crate) fn attached(credential: Credential, session: u64, incarnation: u32) -> Self {
+        Self { credential, hash: std::sync::OnceLock::new(), session, incarnation }
     }
 
     pub(crate) fn hash(&self) -> CredentialHash {
@@ -485,7 +487,8 @@ impl Node {
         // stopped reading its replies, its task waiting to send) must not keep the
         // volume's load lock, and with it every other attach of the volume here, waiting.
         let node = self.self_arc();
-        let (v, cred) = (v.clone(), Presented::attached(cred.credential.clone(), cred.session));
+        let cred = Presented::attached(cred.credential.clone(), cred.session, cred.incarnation);
+        let v = v.clone();
         self.spawn_background(async move { node.load(&v, &cred, None, false).await })
             .await
             .map_err(|e| NmsError::Unavailable(format!("loading the volume: {e}")))?
@@ -495,20 +498,28 @@ impl Node {
     /// dropped, load it anew). A copy whose epoch another NMS raised past (the vehicle
     /// attached there meanwhile, or a move taken back from here after this node switched)
     /// may hold nothing to write back, so no fenced write-back ever told it: served, it
-    /// would answer with blocks older than what the vehicle wrote there. With the PSS
-    /// unreachable the copy is served (a stale one's write-back is fenced).
+    /// would answer with blocks older than what the vehicle wrote there. Other vehicles
+    /// attached to the dropped copy are told to attach again at their next call (their
+    /// `VolumeAuth.volume_incarnation`) and replay what it held of theirs. With the PSS
+    /// not answering within `pss_rpc_timeout_ms` the copy is served (a stale one's
+    /// write-back is fenced).
     async fn still_owner(&self, v: &VolumeName) -> Result<bool, NmsError> {
         let here = self.core().volume(v).and_then(|x| {
             matches!(x.state, VolumeState::Active).then(|| (x.epoch, x.incarnation()))
         });
-        // Paused: a move under way decides.
+        // Paused, or a move out under way (its target may own the volume from its Claim
+        // on): the move decides.
         let Some((epoch, incarnation)) = here else { return Ok(true) };
-        match self.store.get_volume(v.clone()).await {
-            Ok(m) if self.is_mine(&m) => {
+        if self.handle(v).is_some_and(|h| h.migrating.load(Ordering::Acquire)) {
+            return Ok(true);
+        }
+        let limit = Duration::from_millis(self.cfg.pss_rpc_timeout_ms);
+        match tokio::time::timeout(limit, self.store.get_volume(v.clone())).await {
+            Ok(Ok(m)) if self.is_mine(&m) => {
                 self.adopt_epoch(v, incarnation, m.epoch);
                 Ok(true)
             }
-            Ok(m) if m.epoch > epoch => {
+            Ok(Ok(m)) if m.epoch > epoch => {
                 warn!(
                     volume = %v,
                     epoch = epoch.0,
@@ -531,6 +542,18 @@ impl Node {
             return Err(NmsError::Unauthenticated { volume: v.to_string() });
         }
         match &vol.state {
+            VolumeState::Active | VolumeState::Paused
+                if cred.incarnation != 0 && cred.incarnation != vol.incarnation() =>
+            {
+                Err(NmsError::NotOwner {
+                    volume: v.to_string(),
+                    why: "the copy of the volume the vehicle attached to was replaced here \
+                          since: attach again"
+                        .into(),
+                    owner_address: String::new(),
+                    epoch: Epoch(0),
+                })
+            }
             VolumeState::Active | VolumeState::Paused => Ok(true),
             VolumeState::Moved { to, epoch } => {
                 Err(NmsError::Moved { to: to.clone(), epoch: *epoch })
@@ -615,14 +638,18 @@ impl Node {
                 },
             ))
             .await?;
-        if existing.is_none()
-            && (!cred.matches(&meta.credential) || Some(meta.block_size) != create)
-        {
-            // Created by someone else between the look and the acquire (which takes an
-            // existing volume too): not this caller's. Not installed; its owner's next
-            // write-back is fenced and its vehicle attaches again.
+        // Created by someone else between the look and the acquire (which takes an
+        // existing volume too): if not this caller's (or of another block size), it is not
+        // installed; its owner's next write-back is fenced and its vehicle attaches again.
+        if existing.is_none() && !cred.matches(&meta.credential) {
             warn!(volume = %v, "a volume created meanwhile by another caller; not installed");
             return Err(NmsError::Unauthenticated { volume: v.to_string() });
+        }
+        if existing.is_none() && Some(meta.block_size) != create {
+            return Err(NmsError::Exists {
+                volume: v.to_string(),
+                why: format!("its block size is {}", meta.block_size.bytes()),
+            });
         }
         info!(volume = %v, epoch = meta.epoch.0, persisted = meta.persisted.0, "volume acquired");
         self.install(
@@ -1218,6 +1245,9 @@ impl Node {
         let pause_deadline = start + Duration::from_millis(self.cfg.pause_wait_ms);
         let space_deadline = start + Duration::from_millis(self.cfg.backpressure_wait_ms);
         let rate_deadline = start + Duration::from_millis(self.cfg.rate_limit_wait_ms);
+        // From the first read of a missing block on (a pause waited out before is not
+        // counted against it).
+        let mut fetch_deadline: Option<Instant> = None;
         let mut rx = self.progress.subscribe();
         loop {
             self.ensure(v, cred).await?;
@@ -1238,7 +1268,8 @@ impl Node {
                     // A partial write of an uncached block reads it first; bounded like a
                     // wait for space (a block filled and pushed out again at once by dirty
                     // blocks filling the cache would otherwise be fetched forever).
-                    if Instant::now() >= space_deadline {
+                    let wait = Duration::from_millis(self.cfg.backpressure_wait_ms);
+                    if Instant::now() >= *fetch_deadline.get_or_insert(Instant::now() + wait) {
                         return Err(NmsError::Unavailable(format!(
                             "block {b} could not be kept cached for a partial write within \
                              backpressure_wait_ms (the cache is full of unpersisted blocks)"

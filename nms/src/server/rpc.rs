@@ -33,6 +33,7 @@ fn attach_auth(auth: Option<pb::VolumeAuth>) -> Result<Auth, convert::ConvertErr
 /// lost ones; the vehicle attaches again instead and replays its journal.
 fn volume_auth(node: &Node, auth: Option<pb::VolumeAuth>) -> Result<Auth, Status> {
     let session = auth.as_ref().map_or(0, |a| a.nms_session);
+    let incarnation = auth.as_ref().map_or(0, |a| a.volume_incarnation);
     let (v, c) = convert::volume_auth(auth)?;
     if session != 0 && session != node.session {
         return Err(NmsError::NotOwner {
@@ -47,7 +48,7 @@ fn volume_auth(node: &Node, auth: Option<pb::VolumeAuth>) -> Result<Auth, Status
         }
         .into());
     }
-    Ok((v, Presented::attached(c, session)))
+    Ok((v, Presented::attached(c, session, incarnation)))
 }
 
 fn info_of(node: &Node, v: &VolumeName) -> Option<pb::VolumeInfo> {
@@ -1117,7 +1118,7 @@ mod tests {
                 })
                 .collect();
             let auth =
-                pb::VolumeAuth { volume: "v".into(), credential: "k".into(), nms_session: 0 };
+                pb::VolumeAuth { volume: "v".into(), credential: "k".into(), ..Default::default() };
             tx.send(Ok(pb::StreamBatch { auth: Some(auth), ops })).await.unwrap();
         }
         drop(tx);

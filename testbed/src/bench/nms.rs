@@ -422,7 +422,7 @@ fn auth(i: usize) -> Option<pb::VolumeAuth> {
     Some(pb::VolumeAuth {
         volume: format!("bench-{i}"),
         credential: "bench".into(),
-        nms_session: 0,
+        ..Default::default()
     })
 }
 
