@@ -946,12 +946,17 @@ async fn an_attach_to_a_copy_another_nms_took_over_loads_the_volume_anew() {
     assert_eq!(z.read(0, 0, None).await.unwrap(), Some(block_data(0, 2)), "A's old block");
     let meta = cluster.client().get_volume(&VolumeName::new("taken").unwrap()).await.unwrap();
     assert_eq!(meta.owner_address, a.ep.uri(), "A took it over again");
-    // X attaches again and replays its write; nothing of it is lost.
-    assert_eq!(x.read(1, 0, None).await.unwrap(), Some(block_data(1, 1)), "X's write");
+    // X's next call, a batch the new copy could take at once, makes X attach again and
+    // replay its write; nothing of it is lost.
+    x.write_many(vec![(2, 0, block_data(2, 1))]).await.unwrap();
+    let got = x.read_many(&[0, 1, 2]).await.unwrap();
+    assert_eq!(got[1], Some(block_data(1, 1)), "X's write");
+    assert_eq!(got[2], Some(block_data(2, 1)));
     x.flush().await.unwrap();
-    let stored = pss_blocks(&cluster, "taken", &[0, 1]).await;
+    let stored = pss_blocks(&cluster, "taken", &[0, 1, 2]).await;
     assert_eq!(stored.get(&0), Some(&block_data(0, 2)));
     assert_eq!(stored.get(&1), Some(&block_data(1, 1)));
+    assert_eq!(stored.get(&2), Some(&block_data(2, 1)));
     drop((x, y, z));
     a.stop().await;
     b.stop().await;

@@ -252,6 +252,14 @@ impl Presented {
         *self.hash.get_or_init(|| self.credential.hash())
     }
 
+    /// Whether the call may be answered by copy `vol` of the volume: the credential
+    /// matches and, for a vehicle that attached, it is the copy it attached to (else the
+    /// slow path tells it to attach again, see [`Node::check_local`]).
+    pub(crate) fn admits(&self, vol: &crate::cache::Volume) -> bool {
+        self.matches(&vol.credential)
+            && (self.incarnation == 0 || self.incarnation == vol.incarnation())
+    }
+
     /// Whether this is the credential `stored` is the hash of (constant time).
     pub(crate) fn matches(&self, stored: &CredentialHash) -> bool {
         let h = self.hash();
@@ -1050,9 +1058,7 @@ impl Node {
     ) -> Option<(Option<Bytes>, u64, Lsn)> {
         let mut core = self.core();
         let vol = core.volume(v)?;
-        if !cred.matches(&vol.credential)
-            || !matches!(vol.state, VolumeState::Active | VolumeState::Paused)
-        {
+        if !cred.admits(vol) || !matches!(vol.state, VolumeState::Active | VolumeState::Paused) {
             return None;
         }
         let p = vol.persisted;
@@ -1074,7 +1080,7 @@ impl Node {
     ) -> Option<(Vec<ReadOutcome>, Lsn)> {
         let mut core = self.core();
         let vol = core.volume(v)?;
-        if !cred.matches(&vol.credential) {
+        if !cred.admits(vol) {
             return None;
         }
         let p = vol.persisted;
@@ -1096,7 +1102,7 @@ impl Node {
         let o = {
             let mut core = self.core();
             let vol = core.volume(v)?;
-            if !cred.matches(&vol.credential) || vol.state != VolumeState::Active {
+            if !cred.admits(vol) || vol.state != VolumeState::Active {
                 return None;
             }
             core.write(v, block, offset, data, request_id).ok()?

@@ -230,8 +230,7 @@ impl Node {
         {
             let mut core = self.core();
             match core.volume(&auth.0) {
-                Some(vol)
-                    if auth.1.matches(&vol.credential) && vol.state == VolumeState::Active => {}
+                Some(vol) if auth.1.admits(vol) && vol.state == VolumeState::Active => {}
                 _ => return 0,
             }
             for m in ops {
