@@ -1513,6 +1513,14 @@ mod tests {
         assert!(pool.stats().free_slots < 8, "the writes were served from the pool");
     }
 
+    /// Caches `blocks` as read from the PSS (pushing older clean blocks out).
+    fn fill_others(c: &mut Cache, v: &VolumeName, blocks: std::ops::Range<u64>) {
+        for b in blocks {
+            let f = c.begin_fetch(v, &[b]);
+            c.fill(v, b, Some((Bytes::from(full(9)), 1)), f);
+        }
+    }
+
     #[test]
     fn a_fetch_overtaken_by_a_write_and_an_eviction_never_caches_stale_data() {
         let mut c = Cache::new(limits());
@@ -1524,10 +1532,7 @@ mod tests {
         c.write(&v, 1, 0, &full(2), None).unwrap();
         let batch = c.take_batch(&v).expect("a write-back batch");
         c.complete_batch(&batch, true);
-        for b in 100..120 {
-            let f = c.begin_fetch(&v, &[b]);
-            c.fill(&v, b, Some((Bytes::from(full(9)), 1)), f);
-        }
+        fill_others(&mut c, &v, 100..120);
         assert_eq!(c.read(&v, 1, 0, None).unwrap(), ReadOutcome::Miss, "block 1 was evicted");
         // The old answer arrives: it is not cached (a partial write would build on it).
         c.fill(&v, 1, Some((Bytes::from(full(1)), 1)), stale);
@@ -1555,10 +1560,7 @@ mod tests {
         let late = c.begin_fetch(&v, &[400]);
         let batch = c.take_batch(&v).expect("a write-back batch");
         c.complete_batch(&batch, true);
-        for b in 500..520 {
-            let f = c.begin_fetch(&v, &[b]);
-            c.fill(&v, b, Some((Bytes::from(full(9)), 1)), f);
-        }
+        fill_others(&mut c, &v, 500..520);
         assert_eq!(c.read(&v, 400, 0, None).unwrap(), ReadOutcome::Miss, "block 400 evicted");
         c.fill(&v, 400, None, late);
         assert_eq!(c.read(&v, 400, 0, None).unwrap(), ReadOutcome::Miss, "stale answer cached");
@@ -1585,10 +1587,7 @@ mod tests {
         for b in 0..4 {
             c.write(&v, b, 0, &full(b as u8), None).unwrap();
         }
-        for b in 100..120 {
-            let f = c.begin_fetch(&v, &[b]);
-            c.fill(&v, b, Some((Bytes::from(full(9)), 1)), f);
-        }
+        fill_others(&mut c, &v, 100..120);
         assert!(c.used_bytes() <= c.limits().cache_capacity_bytes);
         assert!(c.evictions() > 0);
         for b in 0..4 {

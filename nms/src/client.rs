@@ -263,6 +263,15 @@ impl Journal {
             self.remove(s);
         }
     }
+    /// Entry `seq` acknowledged at `lsn` on `generation` (see [`JEntry::acked`]), by the
+    /// copy of the volume that generation attached to.
+    fn acked(&mut self, seq: u64, lsn: Lsn, generation: u64) {
+        let copy = self.lineages.get(&generation).copied();
+        if let Some(e) = self.entries.get_mut(&seq) {
+            e.acked(lsn, generation, copy);
+        }
+    }
+
     fn remove(&mut self, seq: u64) {
         if let Some(e) = self.entries.remove(&seq) {
             self.bytes -= Self::size(&e.op);
@@ -670,10 +679,7 @@ impl VolumeClient {
                         "a write got another result",
                     )));
                 };
-                let copy = j.lineages.get(&generation).copied();
-                if let Some(e) = j.entries.get_mut(seq) {
-                    e.acked(Lsn(w.lsn), generation, copy);
-                }
+                j.acked(*seq, Lsn(w.lsn), generation);
                 acks.push(WriteAck {
                     lsn: Lsn(w.lsn),
                     persisted_lsn: Lsn(w.persisted_lsn),
@@ -763,10 +769,7 @@ impl VolumeClient {
                 self.resend_or_fail(deadline, &[seq])?;
                 continue;
             }
-            let copy = j.lineages.get(&generation).copied();
-            if let Some(e) = j.entries.get_mut(&seq) {
-                e.acked(ack.lsn, generation, copy);
-            }
+            j.acked(seq, ack.lsn, generation);
             j.prune(ack.persisted_lsn, generation);
             drop(j);
             unacked.disarm();
@@ -1152,11 +1155,7 @@ impl VolumeClient {
         let request_id =
             |seq: u64| Some(pb::RequestId { client_id: self.inner.opts.client_id.clone(), seq });
         let record = |seq: u64, lsn: u64| {
-            let mut j = self.inner.journal.lock().expect("poisoned");
-            let copy = j.lineages.get(&generation).copied();
-            if let Some(e) = j.entries.get_mut(&seq) {
-                e.acked(Lsn(lsn), generation, copy);
-            }
+            self.inner.journal.lock().expect("poisoned").acked(seq, Lsn(lsn), generation);
         };
         // All from one connection: if the oldest comes back a duplicate with its own lsn,
         // this NMS continues that lineage (the same NMS, or a migration target that got
@@ -1188,10 +1187,9 @@ impl VolumeClient {
         let r = replayed(sent, rpc_timeout)?.into_inner();
         if one_lineage && r.duplicate && old_lsn == Some(Lsn(r.lsn)) {
             let mut j = self.inner.journal.lock().expect("poisoned");
-            let copy = j.lineages.get(&generation).copied();
             for (seq, _, lsn, _) in &todo {
-                if let (Some(e), Some(lsn)) = (j.entries.get_mut(seq), lsn) {
-                    e.acked(*lsn, generation, copy);
+                if let Some(lsn) = lsn {
+                    j.acked(*seq, *lsn, generation);
                 }
             }
             debug!(entries = todo.len(), "journal already held by this NMS");

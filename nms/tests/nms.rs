@@ -750,22 +750,8 @@ async fn the_target_dies_mid_move_and_the_source_keeps_serving() {
         DieAt::OnSwitchOver,
         DieAt::OldOnSwitchOver,
     ] {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let t_ep = Endpoint::parse(&listener.local_addr().unwrap().to_string()).unwrap();
-        let dead = CancellationToken::new();
-        let server = tokio::spawn(
-            tonic::transport::Server::builder()
-                .add_service(pb::migration_server::MigrationServer::new(DyingTarget(
-                    die,
-                    dead.clone(),
-                    pss.clone(),
-                    None,
-                )))
-                .serve_with_incoming_shutdown(
-                    tokio_stream::wrappers::TcpListenerStream::new(listener),
-                    dead.clone().cancelled_owned(),
-                ),
-        );
+        let target = DyingTarget(die, CancellationToken::new(), pss.clone(), None);
+        let (t_ep, _dead, server) = dying_target(target).await;
         let report = a.migrate("abort", &t_ep, 2).await;
         assert_eq!(report.outcome, pb::MigrationOutcome::Aborted as i32, "{report:?}");
         let _ = server.await;

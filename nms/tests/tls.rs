@@ -199,6 +199,13 @@ async fn a_move_between_tls_nmss_is_made_and_followed_over_tls() {
     b.stop().await;
 }
 
+/// A call refused as UNAUTHENTICATED because its caller presented no road certificate.
+fn refused_for_want_of_a_certificate<T: std::fmt::Debug>(r: Result<T, tonic::Status>) {
+    let e = r.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
+    assert!(e.message().contains("road certificate"), "{e:?}");
+}
+
 /// On TLS, admin and migration calls need a road certificate as well as the cluster token:
 /// a vehicle (the road's CA, no certificate) that learned the token can neither read a
 /// node's status, nor move a volume, nor open a migration stream, nor stop the node; a
@@ -222,36 +229,26 @@ async fn admin_and_migration_calls_on_tls_need_a_road_certificate_and_the_token(
     let status = || token.request(pb::NodeStatusRequest {});
     // The road's CA only (a vehicle's set-up), with the right token.
     let vehicle = road.vehicle();
-    let e = admin(vehicle.clone()).await.unwrap().node_status(status()).await.unwrap_err();
-    assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
-    assert!(e.message().contains("road certificate"), "{e:?}");
-    let e = admin(vehicle.clone())
-        .await
-        .unwrap()
-        .start_migration(token.request(pb::StartMigrationRequest {
-            volume: "car-1".into(),
-            target_address: "127.0.0.1:9".into(),
-            max_rounds: 0,
-            switch_below_bytes: 0,
-        }))
-        .await
-        .unwrap_err();
-    assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
-    let e = admin(vehicle.clone())
-        .await
-        .unwrap()
-        .shutdown(token.request(pb::ShutdownRequest {}))
-        .await
-        .unwrap_err();
-    assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
+    let mut as_vehicle = admin(vehicle.clone()).await.unwrap();
+    refused_for_want_of_a_certificate(as_vehicle.node_status(status()).await);
+    refused_for_want_of_a_certificate(
+        as_vehicle
+            .start_migration(token.request(pb::StartMigrationRequest {
+                volume: "car-1".into(),
+                target_address: "127.0.0.1:9".into(),
+                max_rounds: 0,
+                switch_below_bytes: 0,
+            }))
+            .await,
+    );
+    refused_for_want_of_a_certificate(
+        as_vehicle.shutdown(token.request(pb::ShutdownRequest {})).await,
+    );
     let ch = wayside_proto::client::endpoint(&a.ep, Some(&vehicle)).unwrap().connect().await;
     let mut mig = pb::migration_client::MigrationClient::new(ch.unwrap());
-    let e = mig
-        .transfer(token.request(futures::stream::empty::<pb::MigrationFrame>()))
-        .await
-        .unwrap_err();
-    assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
-    assert!(e.message().contains("road certificate"), "{e:?}");
+    refused_for_want_of_a_certificate(
+        mig.transfer(token.request(futures::stream::empty::<pb::MigrationFrame>())).await,
+    );
 
     // A certificate of another road fails the handshake.
     let mut foreign = Road::new("another road");

@@ -392,13 +392,8 @@ impl Node {
                     Ok(()) => self.resume(&v),
                     Err(e) => {
                         result = Err(format!("{why}; {e}"));
-                        if self.owner_known(&v, incarnation) {
-                            // Another NMS's: a redirect now.
-                        } else if sw.switch_sent {
-                            sw.unresolved = true;
-                        } else {
-                            self.resume(&v);
-                        }
+                        // Not another NMS's (a redirect now) nor known to be this one's.
+                        sw.unresolved = sw.switch_sent && !self.owner_known(&v, incarnation);
                     }
                 }
             }

@@ -229,6 +229,7 @@ async fn serve_node(
 /// A credential as a caller presented it, hashed at most once however many operations it
 /// covers: a stream's one credential covers all its operations, and a sha256 per
 /// operation was most of the cost of checking it.
+#[derive(Clone)]
 pub(crate) struct Presented {
     credential: Credential,
     hash: std::sync::OnceLock<CredentialHash>,
@@ -256,8 +257,13 @@ impl Presented {
     /// matches and, for a vehicle that attached, it is the copy it attached to (else the
     /// slow path tells it to attach again, see [`Node::check_local`]).
     pub(crate) fn admits(&self, vol: &crate::cache::Volume) -> bool {
-        self.matches(&vol.credential)
-            && (self.incarnation == 0 || self.incarnation == vol.incarnation())
+        self.matches(&vol.credential) && self.attached_to(vol)
+    }
+
+    /// Whether `vol` is the copy the vehicle attached to (always, for a caller that never
+    /// attached).
+    fn attached_to(&self, vol: &crate::cache::Volume) -> bool {
+        self.incarnation == 0 || self.incarnation == vol.incarnation()
     }
 
     /// Whether this is the credential `stored` is the hash of (constant time).
@@ -494,9 +500,7 @@ impl Node {
         // In a task of its own: a caller that stops being polled (a stream whose vehicle
         // stopped reading its replies, its task waiting to send) must not keep the
         // volume's load lock, and with it every other attach of the volume here, waiting.
-        let node = self.self_arc();
-        let cred = Presented::attached(cred.credential.clone(), cred.session, cred.incarnation);
-        let v = v.clone();
+        let (node, v, cred) = (self.self_arc(), v.clone(), cred.clone());
         self.spawn_background(async move { node.load(&v, &cred, None, false).await })
             .await
             .map_err(|e| NmsError::Unavailable(format!("loading the volume: {e}")))?
@@ -550,9 +554,7 @@ impl Node {
             return Err(NmsError::Unauthenticated { volume: v.to_string() });
         }
         match &vol.state {
-            VolumeState::Active | VolumeState::Paused
-                if cred.incarnation != 0 && cred.incarnation != vol.incarnation() =>
-            {
+            VolumeState::Active | VolumeState::Paused if !cred.attached_to(vol) => {
                 Err(NmsError::NotOwner {
                     volume: v.to_string(),
                     why: "the copy of the volume the vehicle attached to was replaced here \
@@ -856,40 +858,24 @@ impl Node {
                             break;
                         }
                         Err(StoreError::StaleEpoch { presented, current }) => {
-                            let (ours, raised_here) = {
-                                let mut core = self.core();
-                                let ours = core.complete_batch(&batch, false);
-                                // This node raised the epoch itself since the batch was
-                                // taken (an interrupted move settled, or taken back): the
-                                // blocks are dirty again and go in the next batch, with
-                                // the volume's epoch now.
-                                let raised = core.volume(&v).is_some_and(|x| x.epoch >= current);
-                                (ours, raised)
-                            };
+                            let ours = self.core().complete_batch(&batch, false);
                             h.in_flight.store(false, Ordering::SeqCst);
                             if !ours {
                                 // A stale writer's batch: the volume here now is another
                                 // incarnation, whose own write-back decides its fate.
                                 return;
                             }
-                            if raised_here {
-                                debug!(
+                            if self.fenced(&v, current, incarnation).await {
+                                warn!(
                                     presented = presented.0,
                                     current = current.0,
-                                    "write-back batch older than this node's own epoch raise; \
-                                     sent again"
+                                    "write-back refused: another NMS owns the volume now \
+                                     (fenced)"
                                 );
-                                continue 'batches;
-                            }
-                            warn!(
-                                presented = presented.0,
-                                current = current.0,
-                                "write-back refused: another NMS owns the volume now (fenced)"
-                            );
-                            if self.fenced(&v, current, incarnation).await {
                                 return;
                             }
-                            // Still ours at the epoch the PSS has: a new batch with it.
+                            // Still ours: the blocks are dirty again and go in a new batch,
+                            // with the volume's epoch now.
                             continue 'batches;
                         }
                         Err(e) => {
@@ -925,12 +911,20 @@ impl Node {
         }
     }
 
-    /// The PSS refused `v`'s write-back for a newer epoch: if another NMS owns it,
-    /// redirect callers there and drop the blocks (true). Only the volume's `incarnation`
-    /// that was fenced: one installed since (a load at a newer epoch) is left alone, its
-    /// writer too. If the PSS names this node, its own raise (an answer lost) is taken as
-    /// the volume's epoch and nothing is dropped (false: write back again).
+    /// The PSS refused `v`'s write-back for a newer epoch (`current`): if another NMS owns
+    /// it, redirect callers there and drop the blocks (true). Only the volume's
+    /// `incarnation` that was fenced: one installed since (a load at a newer epoch) is left
+    /// alone, its writer too. If this node raised the epoch to `current` itself, or the PSS
+    /// names this node (its own raise, an answer lost, taken as the volume's epoch),
+    /// nothing is dropped (false: write back again).
     pub(crate) async fn fenced(&self, v: &VolumeName, current: Epoch, incarnation: u32) -> bool {
+        let here = self.core().volume(v).map(|x| (x.incarnation(), x.epoch));
+        if matches!(here, Some((i, e)) if i == incarnation && e >= current) {
+            // This node raised the epoch itself since the refused batch was taken (an
+            // interrupted move settled, or taken back).
+            debug!(volume = %v, current = current.0, "refused for an epoch of this node's own");
+            return false;
+        }
         let to = match self.store.get_volume(v.clone()).await {
             Ok(m) if self.is_mine(&m) => {
                 // This node's own acquire raised the epoch and its answer was lost (the
