@@ -75,7 +75,7 @@ impl From<crate::store::StoreError> for NmsError {
             S::StaleEpoch { presented, current } => NmsError::Precondition(format!(
                 "PSS refused a stale epoch (presented {presented}, current {current})"
             )),
-            S::Refused(m) => NmsError::Precondition(format!("PSS: {m}")),
+            S::Refused(m) | S::Exists(m) => NmsError::Precondition(format!("PSS: {m}")),
         }
     }
 }

@@ -87,6 +87,10 @@ pub enum StoreError {
     Unavailable(String),
     #[error("PSS refused the request: {0}")]
     Refused(String),
+    /// A create met a volume another caller made (another credential or block size);
+    /// nothing changed.
+    #[error("{0}")]
+    Exists(String),
 }
 
 /// The persistent store behind an NMS.
@@ -126,6 +130,9 @@ impl Store for MemStore {
         let mut g = self.inner.lock().expect("poisoned");
         let r = (|| {
             let meta = match (g.volumes.get(&req.volume), req.create) {
+                (Some(m), Some((bs, cred))) if bs != m.block_size || cred != m.credential => {
+                    return Err(StoreError::Exists(format!("volume {} exists already", m.name)));
+                }
                 (Some(m), _) => m.clone(),
                 (None, Some((block_size, credential))) => VolumeMeta {
                     name: req.volume.clone(),
@@ -255,6 +262,7 @@ mod pss_client {
                 StoreError::StaleEpoch { presented, current }
             }
             PssError::NotFound(m) => StoreError::NotFound(m),
+            PssError::AlreadyExists(m) => StoreError::Exists(m),
             PssError::Unavailable(m) => StoreError::Unavailable(m),
             PssError::InvalidArgument(m) | PssError::FailedPrecondition(m) => {
                 StoreError::Refused(m)

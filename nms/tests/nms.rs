@@ -1130,6 +1130,8 @@ struct FaultyPss {
     hold_writes: tokio::sync::watch::Sender<bool>,
     held_writes: std::sync::atomic::AtomicUsize,
     before_acquire: std::sync::Mutex<Option<wayside_nms::store::WriteBack>>,
+    /// Another caller's acquire (a create, say) committed just before the next acquire.
+    acquire_first: std::sync::Mutex<Option<wayside_nms::store::Acquire>>,
 }
 
 impl FaultyPss {
@@ -1140,6 +1142,7 @@ impl FaultyPss {
             hold_writes: tokio::sync::watch::channel(false).0,
             held_writes: 0.into(),
             before_acquire: std::sync::Mutex::new(None),
+            acquire_first: std::sync::Mutex::new(None),
         })
     }
 }
@@ -1153,6 +1156,10 @@ impl wayside_nms::store::Store for FaultyPss {
             let first = self.before_acquire.lock().unwrap().take();
             if let Some(wb) = first {
                 self.pss.write_batch(wb).await.expect("the other NMS's write-back");
+            }
+            let other = self.acquire_first.lock().unwrap().take();
+            if let Some(other) = other {
+                self.pss.acquire(other).await.expect("the other caller's acquire");
             }
             let r = self.pss.acquire(req).await;
             let lose = std::sync::atomic::Ordering::SeqCst;
@@ -1196,6 +1203,51 @@ impl wayside_nms::store::Store for FaultyPss {
     ) -> wayside_nms::store::BoxFut<'_, Result<wayside_nms::store::BlockPage, StoreError>> {
         self.pss.list_blocks(v, start, limit)
     }
+}
+
+/// Two callers create one volume at once: between the NMS's look (not found) and its
+/// acquire, another creates it, with another credential, then with the same credential
+/// and another block size. The vehicle is refused (UNAUTHENTICATED, ALREADY_EXISTS) and
+/// the volume is left as its creator made it: same epoch and owner, so the creator's
+/// write-back is not fenced by a caller who could never use the volume.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_create_racing_another_callers_create_leaves_the_volume_to_its_creator() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = LocalCluster::start(3, dir.path()).await.unwrap();
+    let store = FaultyPss::new(&cluster);
+    let a = Nms(LocalNms::start_with_store("a", store.clone(), |_| {}).await);
+    let pss = cluster.client();
+    for (n, (cred, bs, code)) in [
+        ("other", BS as u32, tonic::Code::Unauthenticated),
+        ("k", 2 * BS as u32, tonic::Code::AlreadyExists),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let name = format!("raced{n}");
+        let volume = VolumeName::new(name.as_str()).unwrap();
+        *store.acquire_first.lock().unwrap() = Some(wayside_nms::store::Acquire {
+            volume: volume.clone(),
+            owner_node: "creator".into(),
+            owner_address: "http://127.0.0.1:9".into(),
+            expected_epoch: None,
+            create: Some((BlockSize::new(bs).unwrap(), Credential::new(cred).unwrap().hash())),
+            request_id: wayside_proto::types::RequestId::new("creator", n as u64 + 1).unwrap(),
+        });
+        let e = VolumeClient::open(opts(&[&a.ep], &name, "k")).await.err().expect("refused");
+        let got = match &e {
+            wayside_nms::client::ClientError::Unauthenticated(_) => tonic::Code::Unauthenticated,
+            wayside_nms::client::ClientError::Status(s) => s.code(),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(got, code, "{e:?}");
+        assert!(store.acquire_first.lock().unwrap().is_none(), "the race was played");
+        let meta = pss.get_volume(&volume).await.unwrap();
+        assert_eq!((meta.epoch, meta.owner_node.as_str()), (1, "creator"), "{e:?}");
+        assert_eq!(meta.block_size, bs);
+    }
+    a.stop().await;
+    cluster.shutdown().await;
 }
 
 /// Settling an interrupted switch, the source's own re-acquire commits but its answer is

@@ -78,6 +78,9 @@ pub enum PssError {
     InvalidArgument(String),
     #[error("failed precondition: {0}")]
     FailedPrecondition(String),
+    /// A create met a volume another caller made (another credential or block size).
+    #[error("already exists: {0}")]
+    AlreadyExists(String),
     /// No leader answered within the deadline, or the outcome of a write without a
     /// request id is unknown.
     #[error("unavailable: {0}")]
@@ -113,6 +116,7 @@ impl From<Status> for PssError {
             Code::NotFound => PssError::NotFound(msg),
             Code::InvalidArgument => PssError::InvalidArgument(msg),
             Code::FailedPrecondition => PssError::FailedPrecondition(msg),
+            Code::AlreadyExists => PssError::AlreadyExists(msg),
             Code::Unavailable | Code::DeadlineExceeded => PssError::Unavailable(msg),
             _ => PssError::Other(s),
         }

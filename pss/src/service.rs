@@ -48,6 +48,7 @@ pub fn status_of(e: NodeError) -> Status {
             Status::not_found(format!("volume {v} does not exist"))
         }
         NodeError::Refused(ApplyError::Invalid(m)) => Status::invalid_argument(m),
+        NodeError::Refused(e @ ApplyError::Exists { .. }) => Status::already_exists(e.to_string()),
         NodeError::FailedPrecondition(m) => Status::failed_precondition(m),
         NodeError::InvalidArgument(m) => Status::invalid_argument(m),
         NodeError::Internal(m) => Status::internal(m),

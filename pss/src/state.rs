@@ -169,6 +169,10 @@ pub enum ApplyError {
     FutureEpoch { presented: Epoch, current: Epoch },
     #[error("{0}")]
     Invalid(String),
+    /// A create met a volume that exists with another credential or block size (made by
+    /// another caller meanwhile): nothing changed, its owner keeps it.
+    #[error("volume {volume} exists already: {why}")]
+    Exists { volume: String, why: String },
 }
 
 /// What applying a command produced.
@@ -971,7 +975,25 @@ impl StateMachine {
         }
         let key = volume_key(&req.volume);
         let (mut meta, created) = match p.txn.get(&key)? {
-            Some(v) => (pb::VolumeMeta::decode(&v[..]).unwrap_or_default(), false),
+            Some(v) => {
+                let meta = pb::VolumeMeta::decode(&v[..]).unwrap_or_default();
+                // A create is the creator's: one that finds a volume someone else made
+                // (another credential, another block size) takes nothing over, and above
+                // all does not raise the epoch its owner writes back with.
+                if let Some(spec) = &req.create {
+                    let why = if spec.credential_hash != meta.credential_hash {
+                        Some("it belongs to another credential".to_owned())
+                    } else if spec.block_size != meta.block_size {
+                        Some(format!("its block size is {}", meta.block_size))
+                    } else {
+                        None
+                    };
+                    if let Some(why) = why {
+                        return Ok(Err(ApplyError::Exists { volume: req.volume.clone(), why }));
+                    }
+                }
+                (meta, false)
+            }
             None => {
                 let Some(spec) = &req.create else {
                     return Ok(Err(ApplyError::NotFound(req.volume.clone())));
@@ -1531,6 +1553,36 @@ mod tests {
         };
         assert!(w.duplicate, "id 19 is remembered across a reopen");
         assert_eq!(sm.reader().blocks("v", &[19]).unwrap()[0].data, b"k");
+    }
+
+    /// A create that finds the volume made by another caller (another credential or block
+    /// size) is refused and changes nothing: the owner's epoch stays, so its write-back is
+    /// not fenced by someone who could never use the volume. The creator's own retry (same
+    /// credential and block size) takes it as an acquire does.
+    #[test]
+    fn a_create_meeting_another_callers_volume_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut sm = StateMachine::open(dir.path(), Options::with_dedupe(16)).unwrap();
+        let with = |seq: u64, block_size: u32, cred: u8| {
+            let mut c = acquire_cmd("v", seq);
+            let a = c.acquire.as_mut().unwrap();
+            a.create = Some(pb::CreateSpec { block_size, credential_hash: vec![cred; 32] });
+            c
+        };
+        let Outcome::Acquire(Ok(a)) = run(&mut sm, 2, &with(1, 4096, 1)) else { panic!() };
+        assert!(a.created);
+        for (index, cmd, why) in [
+            (3, with(2, 4096, 2), "another credential"),
+            (4, with(3, 8192, 1), "block size is 4096"),
+        ] {
+            let Outcome::Acquire(Err(e)) = run(&mut sm, index, &cmd) else { panic!("{why}") };
+            assert!(matches!(&e, ApplyError::Exists { .. }), "{e:?}");
+            assert!(e.to_string().contains(why), "{e}");
+            assert_eq!(sm.reader().volume("v").unwrap().unwrap().epoch, 1, "epoch unchanged");
+        }
+        let Outcome::Acquire(Ok(a)) = run(&mut sm, 5, &with(4, 4096, 1)) else { panic!() };
+        assert!(!a.created);
+        assert_eq!(a.meta.unwrap().epoch, 2, "the creator's own create acquires");
     }
 
     /// Nodes group committed entries into applies differently; what they remember and

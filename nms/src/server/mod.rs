@@ -637,7 +637,7 @@ impl Node {
             self.loads_in_flight.fetch_add(1, Ordering::SeqCst);
             LoadSlot(self)
         };
-        let meta = self
+        let acquired = self
             .store
             .acquire(self.acquire_request(
                 v,
@@ -647,20 +647,25 @@ impl Node {
                     _ => None,
                 },
             ))
-            .await?;
-        // Created by someone else between the look and the acquire (which takes an
-        // existing volume too): if not this caller's (or of another block size), it is not
-        // installed; its owner's next write-back is fenced and its vehicle attaches again.
-        if existing.is_none() && !cred.matches(&meta.credential) {
-            warn!(volume = %v, "a volume created meanwhile by another caller; not installed");
-            return Err(NmsError::Unauthenticated { volume: v.to_string() });
-        }
-        if existing.is_none() && Some(meta.block_size) != create {
-            return Err(NmsError::Exists {
-                volume: v.to_string(),
-                why: format!("its block size is {}", meta.block_size.bytes()),
-            });
-        }
+            .await;
+        let meta = match acquired {
+            Ok(m) => m,
+            // Created by another caller between the look and the acquire, with another
+            // credential or block size: the PSS changed nothing (its owner keeps its
+            // epoch); refused as if the volume had been found by the look.
+            Err(StoreError::Exists(why)) => {
+                warn!(volume = %v, %why, "a volume created meanwhile by another caller");
+                let why = match self.store.get_volume(v.clone()).await {
+                    Ok(m) if !cred.matches(&m.credential) => {
+                        return Err(NmsError::Unauthenticated { volume: v.to_string() });
+                    }
+                    Ok(m) => format!("its block size is {}", m.block_size.bytes()),
+                    Err(_) => "another caller created it meanwhile".to_owned(),
+                };
+                return Err(NmsError::Exists { volume: v.to_string(), why });
+            }
+            Err(e) => return Err(e.into()),
+        };
         info!(volume = %v, epoch = meta.epoch.0, persisted = meta.persisted.0, "volume acquired");
         self.install(
             v,
