@@ -78,7 +78,8 @@ pub enum PssError {
     InvalidArgument(String),
     #[error("failed precondition: {0}")]
     FailedPrecondition(String),
-    /// A create met a volume another caller made (another credential or block size).
+    /// A create met a volume another caller made (another credential or block size), or
+    /// a member is added again at another address.
     #[error("already exists: {0}")]
     AlreadyExists(String),
     /// No leader answered within the deadline, or the outcome of a write without a

@@ -309,7 +309,7 @@ async fn add_fourth_node_remove_one_and_transfer_leadership() {
     // Adding a voter again at its address is done already; at another address it is not.
     assert_eq!(c2.add_node(4, &addr4, false).await.unwrap().members.len(), 3);
     let err = c2.add_node(4, "127.0.0.1:9", false).await.unwrap_err();
-    assert!(matches!(err, PssError::Other(ref s) if s.code() == Code::AlreadyExists), "{err:?}");
+    assert!(matches!(err, PssError::AlreadyExists(_)), "{err:?}");
     let members = c2.members().await.unwrap().members;
     assert!(members.iter().any(|m| m.id == 4 && m.address == addr4), "{members:?}");
 
