@@ -949,6 +949,50 @@ async fn an_attach_to_a_copy_another_nms_took_over_loads_the_volume_anew() {
     cluster.shutdown().await;
 }
 
+/// A flush waits on a copy that is dropped and loaded anew meanwhile: another NMS took
+/// the volume over and wrote back, then a vehicle attached here again. The new copy's
+/// persisted watermark, past the lsn the flush waits for, says nothing of the write the
+/// old copy held: the flush is not answered from it. The vehicle's journal replays the
+/// write to the new copy and its flush returns once the write is in the PSS. (The flush
+/// sees the copy gone first, between its drop and the reload; the incarnation check in
+/// `Node::flush` covers a flush that wakes only after the reload. With both off, the
+/// write is lost and this test fails.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_flush_is_not_answered_by_a_copy_loaded_anew_during_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = LocalCluster::start(3, dir.path()).await.unwrap();
+    let store = FaultyPss::new(&cluster);
+    let a = Nms(LocalNms::start_with_store("a", store.clone(), |_| {}).await);
+    let b = Nms::start("b", &cluster.endpoints(), |_| {}).await;
+    let x = VolumeClient::open(opts(&[&a.ep], "reloaded", "k")).await.unwrap();
+    store.hold_writes.send_replace(true);
+    x.write(0, 0, block_data(0, 1)).await.unwrap();
+    let flush = tokio::spawn(async move { x.flush().await.map(|p| (x, p)) });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while store.held_writes.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+        assert!(Instant::now() < deadline, "the flush started no write-back");
+        tokio::task::yield_now().await;
+    }
+    let y = VolumeClient::open(opts(&[&b.ep], "reloaded", "k")).await.unwrap();
+    for blk in 1..=3 {
+        y.write(blk, 0, block_data(blk, 1)).await.unwrap();
+    }
+    y.flush().await.unwrap();
+    let z = VolumeClient::open(opts(&[&a.ep], "reloaded", "k")).await.unwrap();
+    let meta = cluster.client().get_volume(&VolumeName::new("reloaded").unwrap()).await.unwrap();
+    assert_eq!(meta.owner_address, a.ep.uri(), "A loaded the volume anew");
+    assert!(!flush.is_finished(), "the flush still waits");
+    store.hold_writes.send_replace(false);
+    let (x, _) = flush.await.unwrap().unwrap();
+    let stored = pss_blocks(&cluster, "reloaded", &[0, 1, 2, 3]).await;
+    let want: HashMap<u64, Vec<u8>> = (0..=3).map(|b| (b, block_data(b, 1))).collect();
+    assert_eq!(stored, want, "the flushed write is in the PSS");
+    drop((x, y, z));
+    a.stop().await;
+    b.stop().await;
+    cluster.shutdown().await;
+}
+
 /// The writes of a dedupe test: block 0 written (its request id soon forgotten by an NMS
 /// remembering 8), blocks 1..=10, then block 0 again; nothing persisted yet.
 async fn writes_past_the_dedupe_window(c: &VolumeClient) {
