@@ -1006,6 +1006,21 @@ mod tests {
         asked: std::sync::atomic::AtomicUsize,
         entered: tokio::sync::Notify,
         gate: tokio::sync::Semaphore,
+        /// Set: before answering, a newer read of the same blocks begins on this node
+        /// (another caller's), so the answer is not cached.
+        superseded_on: std::sync::Mutex<Option<std::sync::Weak<Node>>>,
+    }
+
+    impl SlowReads {
+        fn new() -> Arc<SlowReads> {
+            Arc::new(SlowReads {
+                inner: crate::store::MemStore::default(),
+                asked: Default::default(),
+                entered: tokio::sync::Notify::new(),
+                gate: tokio::sync::Semaphore::new(0),
+                superseded_on: std::sync::Mutex::new(None),
+            })
+        }
     }
 
     impl crate::store::Store for SlowReads {
@@ -1039,6 +1054,10 @@ mod tests {
                 self.asked.fetch_add(blocks.len(), Ordering::SeqCst);
                 self.entered.notify_one();
                 let _open = self.gate.acquire().await.expect("gate open");
+                let node = self.superseded_on.lock().unwrap().as_ref().and_then(|n| n.upgrade());
+                if let Some(node) = node {
+                    node.core().begin_fetch(&volume, &blocks);
+                }
                 self.inner.get_blocks(volume, blocks).await
             })
         }
@@ -1063,12 +1082,7 @@ mod tests {
         use crate::config::Config;
         use crate::store::Store as _;
         use wayside_proto::types::{BlockSize, Credential, Endpoint, RequestId};
-        let store = Arc::new(SlowReads {
-            inner: crate::store::MemStore::default(),
-            asked: Default::default(),
-            entered: tokio::sync::Notify::new(),
-            gate: tokio::sync::Semaphore::new(0),
-        });
+        let store = SlowReads::new();
         let v = VolumeName::new("v").unwrap();
         let cred = Credential::new("k").unwrap();
         store
@@ -1144,6 +1158,67 @@ mod tests {
         }
         assert_eq!(tags.len(), 300, "every operation answered");
         assert_eq!(store.asked.load(Ordering::SeqCst), 300);
+        node.stop.cancel();
+    }
+
+    /// A partial write of an uncached block reads it from the PSS first; when the answer
+    /// cannot be cached (here every read is overtaken by a newer one of the same block, as
+    /// by other callers; or the block is pushed out again at once), it stops after
+    /// `backpressure_wait_ms` from the first read with UNAVAILABLE, rather than reading
+    /// the block for ever, and nothing is written. Read once and kept, the write applies.
+    #[tokio::test]
+    async fn a_partial_write_whose_block_cannot_be_kept_gives_up_within_the_wait() {
+        use crate::config::Config;
+        use crate::store::Store as _;
+        use wayside_proto::types::{BlockSize, Credential, Endpoint, RequestId};
+        let store = SlowReads::new();
+        store.gate.add_permits(1 << 20);
+        let v = VolumeName::new("v").unwrap();
+        let cred = Credential::new("k").unwrap();
+        store
+            .inner
+            .acquire(crate::store::Acquire {
+                volume: v.clone(),
+                owner_node: "other".into(),
+                owner_address: "http://127.0.0.1:1".into(),
+                expected_epoch: None,
+                create: Some((BlockSize::new(4096).unwrap(), cred.hash())),
+                request_id: RequestId::new("test", 1).unwrap(),
+            })
+            .await
+            .unwrap();
+        let cfg = Config {
+            node_id: "a".into(),
+            block_pool_bytes: 0,
+            backpressure_wait_ms: 200,
+            ..Config::default()
+        };
+        let dyn_store: Arc<dyn crate::store::Store> = store.clone();
+        let node = Node::new(
+            cfg,
+            Endpoint::parse("127.0.0.1:2").unwrap(),
+            dyn_store,
+            None,
+            CancellationToken::new(),
+        );
+        let who = Presented::new(cred.clone());
+        node.load(&v, &who, None, false).await.unwrap();
+        *store.superseded_on.lock().unwrap() = Some(Arc::downgrade(&node));
+        let t = std::time::Instant::now();
+        let e = node.write(&v, &who, 100, 10, Some(b"abc"), None).await.unwrap_err();
+        let took = t.elapsed();
+        assert!(
+            matches!(&e, NmsError::Unavailable(m) if m.contains("backpressure_wait_ms")),
+            "{e:?}"
+        );
+        assert!(took >= std::time::Duration::from_millis(200), "gave up after {took:?}");
+        assert!(took < std::time::Duration::from_secs(5), "gave up after {took:?}");
+        let reads = store.asked.load(Ordering::SeqCst);
+        assert!(reads > 1, "read again and again: {reads}");
+        assert_eq!(node.core().volume(&v).unwrap().accepted, Lsn(0), "nothing written");
+        *store.superseded_on.lock().unwrap() = None;
+        let o = node.write(&v, &who, 100, 10, Some(b"abc"), None).await.unwrap();
+        assert_eq!(o.lsn, Lsn(1));
         node.stop.cancel();
     }
 }
