@@ -1009,6 +1009,10 @@ mod tests {
         /// Set: before answering, a newer read of the same blocks begins on this node
         /// (another caller's), so the answer is not cached.
         superseded_on: std::sync::Mutex<Option<std::sync::Weak<Node>>>,
+        /// Set: acquires wait for `acquire_gate` (after notifying `acquire_entered`).
+        hold_acquires: std::sync::atomic::AtomicBool,
+        acquire_entered: tokio::sync::Notify,
+        acquire_gate: tokio::sync::Semaphore,
     }
 
     impl SlowReads {
@@ -1019,6 +1023,9 @@ mod tests {
                 entered: tokio::sync::Notify::new(),
                 gate: tokio::sync::Semaphore::new(0),
                 superseded_on: std::sync::Mutex::new(None),
+                hold_acquires: false.into(),
+                acquire_entered: tokio::sync::Notify::new(),
+                acquire_gate: tokio::sync::Semaphore::new(0),
             })
         }
     }
@@ -1029,7 +1036,13 @@ mod tests {
             req: crate::store::Acquire,
         ) -> crate::store::BoxFut<'_, Result<crate::store::VolumeMeta, crate::store::StoreError>>
         {
-            self.inner.acquire(req)
+            Box::pin(async move {
+                if self.hold_acquires.load(Ordering::SeqCst) {
+                    self.acquire_entered.notify_one();
+                    let _open = self.acquire_gate.acquire().await.expect("gate open");
+                }
+                self.inner.acquire(req).await
+            })
         }
         fn get_volume(
             &self,
@@ -1219,6 +1232,55 @@ mod tests {
         *store.superseded_on.lock().unwrap() = None;
         let o = node.write(&v, &who, 100, 10, Some(b"abc"), None).await.unwrap();
         assert_eq!(o.lsn, Lsn(1));
+        node.stop.cancel();
+    }
+
+    /// A caller whose load of a volume waits on the PSS and who then stops being polled
+    /// (a stream whose vehicle stopped reading its replies: its task waits to send) does
+    /// not keep the volume's load lock, and with it every other attach of the volume here,
+    /// waiting: the load runs in a task of its own and finishes when the PSS answers.
+    #[tokio::test]
+    async fn a_load_whose_caller_stops_being_polled_does_not_hold_up_other_callers() {
+        use crate::config::Config;
+        use crate::store::Store as _;
+        use wayside_proto::types::{BlockSize, Credential, Endpoint, RequestId};
+        let store = SlowReads::new();
+        let v = VolumeName::new("v").unwrap();
+        let cred = Credential::new("k").unwrap();
+        store
+            .inner
+            .acquire(crate::store::Acquire {
+                volume: v.clone(),
+                owner_node: "other".into(),
+                owner_address: "http://127.0.0.1:1".into(),
+                expected_epoch: None,
+                create: Some((BlockSize::new(4096).unwrap(), cred.hash())),
+                request_id: RequestId::new("test", 1).unwrap(),
+            })
+            .await
+            .unwrap();
+        let cfg = Config { node_id: "a".into(), block_pool_bytes: 0, ..Config::default() };
+        let dyn_store: Arc<dyn crate::store::Store> = store.clone();
+        let node = Node::new(
+            cfg,
+            Endpoint::parse("127.0.0.1:2").unwrap(),
+            dyn_store,
+            None,
+            CancellationToken::new(),
+        );
+        let who = Presented::new(cred.clone());
+        store.hold_acquires.store(true, Ordering::SeqCst);
+        let mut stalled = Box::pin(node.ensure(&v, &who));
+        assert!(futures::poll!(&mut stalled).is_pending(), "the load waits on the PSS");
+        store.acquire_entered.notified().await;
+        // The PSS answers; the first caller is never polled again.
+        store.hold_acquires.store(false, Ordering::SeqCst);
+        store.acquire_gate.add_permits(1);
+        let other = tokio::time::timeout(std::time::Duration::from_secs(10), node.ensure(&v, &who));
+        let r = other.await.expect("another caller waited on the stalled caller's load");
+        r.unwrap();
+        assert!(node.core().volume(&v).is_some(), "loaded");
+        drop(stalled);
         node.stop.cancel();
     }
 }
