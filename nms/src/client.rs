@@ -1122,9 +1122,9 @@ impl VolumeClient {
     }
 
     /// Sends every accepted journal entry not yet from `generation`, in order, with its
-    /// original request id; the replies' lsns belong to `generation`. The oldest goes alone
-    /// (see below), the rest in `StreamBatches` messages of up to `max_batch_ops` (taken in
-    /// order, a block's operations never overtaking each other), each within `rpc_timeout`:
+    /// original request id; the replies' lsns belong to `generation`. In `StreamBatches`
+    /// messages of up to `max_batch_ops` (taken in order, a block's operations never
+    /// overtaking each other), each within `rpc_timeout`:
     /// a 64 MiB journal of 4 KiB writes is 64 round trips, not 16k. Not bounded by the
     /// caller's `op_timeout`: a replay cut short would start over at the next attach and
     /// might never finish; one that makes progress is let finish.
@@ -1136,7 +1136,7 @@ impl VolumeClient {
         incarnation: u32,
         attached: Option<&pb::VolumeInfo>,
     ) -> Result<(), Next> {
-        let todo: Vec<(u64, JOp, Option<Lsn>, u64)> = {
+        let todo: Vec<(u64, JOp)> = {
             let mut j = self.inner.journal.lock().expect("poisoned");
             // An entry acknowledged on an older connection from now on is not in this
             // list: its caller sends it again (see `journaled`).
@@ -1147,61 +1147,27 @@ impl VolumeClient {
             j.entries
                 .iter()
                 .filter(|(_, e)| e.lsn.is_some() && e.generation != generation)
-                .map(|(s, e)| (*s, e.op.clone(), e.lsn, e.generation))
+                .map(|(s, e)| (*s, e.op.clone()))
                 .collect()
         };
-        let Some((first, rest)) = todo.split_first() else { return Ok(()) };
+        if todo.is_empty() {
+            return Ok(());
+        }
         let rpc_timeout = self.inner.opts.rpc_timeout;
-        let request_id =
-            |seq: u64| Some(pb::RequestId { client_id: self.inner.opts.client_id.clone(), seq });
         let record = |seq: u64, lsn: u64| {
             self.inner.journal.lock().expect("poisoned").acked(seq, Lsn(lsn), generation);
         };
-        // All from one connection: if the oldest comes back a duplicate with its own lsn,
-        // this NMS continues that lineage (the same NMS, or a migration target that got
-        // the source's whole state and applied ids), so it has every later one too and
-        // the rest need not be sent. Otherwise it was just applied, in order, and the
-        // rest follow in order.
-        let one_lineage = todo.iter().all(|t| t.3 == first.3);
-        let (seq, op, old_lsn, _) = first.clone();
-        let sent = tokio::time::timeout(rpc_timeout, async {
-            match op {
-                JOp::Write { block, offset, data } => {
-                    let op = pb::WriteOp { block, offset, data, request_id: request_id(seq) };
-                    let req =
-                        pb::WriteRequest { auth: self.auth(session, incarnation), op: Some(op) };
-                    client.write(req).await
-                }
-                JOp::Delete { block } => {
-                    let op = pb::DeleteOp { block, request_id: request_id(seq) };
-                    client
-                        .delete(pb::DeleteRequest {
-                            auth: self.auth(session, incarnation),
-                            op: Some(op),
-                        })
-                        .await
-                }
-            }
-        })
-        .await;
-        let r = replayed(sent, rpc_timeout)?.into_inner();
-        if one_lineage && r.duplicate && old_lsn == Some(Lsn(r.lsn)) {
-            let mut j = self.inner.journal.lock().expect("poisoned");
-            for (seq, _, lsn, _) in &todo {
-                if let Some(lsn) = lsn {
-                    j.acked(*seq, *lsn, generation);
-                }
-            }
-            debug!(entries = todo.len(), "journal already held by this NMS");
-            return Ok(());
-        }
-        let (mut applied, mut dup) = (u64::from(!r.duplicate), u64::from(r.duplicate));
-        record(seq, r.lsn);
-        for chunk in rest.chunks(self.inner.opts.max_batch_ops.max(1)) {
+        // Every entry listed is sent (what this copy holds by lineage left the list in
+        // `held_by`): a duplicate answered at the lsn it had is no sign that the later ones
+        // are held too. A copy loaded anew numbers from the same persisted watermark as
+        // the lost one did, and may hold the first entries from a replay cut short before
+        // (taking the rest for held once lost them).
+        let (mut applied, mut dup) = (0u64, 0u64);
+        for chunk in todo.chunks(self.inner.opts.max_batch_ops.max(1)) {
             let ops = chunk
                 .iter()
                 .enumerate()
-                .map(|(i, (seq, op, ..))| {
+                .map(|(i, (seq, op))| {
                     let op = op.clone().stream_op(&self.inner.opts.client_id, *seq);
                     pb::StreamRequest { auth: None, tag: i as u64, op: Some(op) }
                 })
@@ -1209,7 +1175,7 @@ impl VolumeClient {
             let batch = pb::StreamBatch { auth: self.auth(session, incarnation), ops };
             let sent = tokio::time::timeout(rpc_timeout, send_batch(client, batch)).await;
             let results = replayed(sent, rpc_timeout)?;
-            for ((seq, ..), r) in chunk.iter().zip(results) {
+            for ((seq, _), r) in chunk.iter().zip(results) {
                 let pb::stream_reply::Result::Write(w) = r else {
                     return Err(Next::Reconnect);
                 };

@@ -555,6 +555,52 @@ async fn kill_9_of_the_nms_holding_unpersisted_writes_loses_nothing() {
     cluster.shutdown().await;
 }
 
+/// A journal replay to B after A was killed is cut short: B takes the first writes, then
+/// refuses the next ones (its dirty limit, its write-back held up). At the next attach B
+/// holds the first write of the rest at the very lsn A gave it (both numbered from the
+/// same persisted watermark), yet not the writes after it: every one of them is still
+/// sent, and every acknowledged write reads back and reaches the PSS. (Taking a copy that
+/// answers the oldest entry a duplicate at its old lsn for one holding all the later
+/// ones dropped them.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_replay_cut_short_sends_the_rest_at_the_next_attach() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = LocalCluster::start(3, dir.path()).await.unwrap();
+    let (mut child, a_ep) = spawn_nms_process(dir.path(), &cluster, "127.0.0.1:0").await;
+    let store = FaultyPss::new(&cluster);
+    let two_blocks = 2 * (BS as u64 + ENTRY_OVERHEAD_BYTES);
+    let b = Nms(LocalNms::start_with_store("b", store.clone(), |c| {
+        c.dirty_limit_bytes_per_volume = two_blocks;
+        c.backpressure_wait_ms = 100;
+    })
+    .await);
+    let mut o = opts(&[&a_ep, &b.ep], "cut", "k");
+    o.op_timeout = Duration::from_secs(2);
+    let c = VolumeClient::open(o).await.unwrap();
+    for blk in 1..=4u64 {
+        c.write(blk, 0, block_data(blk, 1)).await.unwrap();
+    }
+    child.start_kill().unwrap(); // SIGKILL: the writes are only in the journal now
+    child.wait().await.unwrap();
+    store.hold_writes.send_replace(true);
+    // B takes blocks 1 and 2 (its dirty limit), refuses 3 and 4 while nothing persists.
+    let _ = c.read(1, 0, None).await;
+    let on_b = b.status().await.volume_info;
+    let accepted: Vec<u64> = on_b.iter().map(|v| v.accepted_lsn).collect();
+    assert_eq!(accepted, [2], "B took blocks 1 and 2 of the replay, not 3 and 4");
+    store.hold_writes.send_replace(false);
+    for blk in 1..=4u64 {
+        let got = c.read(blk, 0, None).await.unwrap();
+        let head = got.as_ref().map(|d| d[..16].to_vec());
+        assert!(got == Some(block_data(blk, 1)), "block {blk} reads back as {head:?}");
+    }
+    c.flush().await.unwrap();
+    let want: HashMap<u64, Vec<u8>> = (1..=4).map(|b| (b, block_data(b, 1))).collect();
+    assert_persisted_and_read_back(&cluster, &c, "cut", &want).await;
+    b.stop().await;
+    cluster.shutdown().await;
+}
+
 /// A vehicle whose NMS goes silent with its writes unpersisted (an RSU powered off, or out
 /// of range: sockets open, nothing answered, no reset) finds it out by the client's own
 /// keepalive PINGs within `keepalive_interval_ms` + `keepalive_timeout_ms`, not by
