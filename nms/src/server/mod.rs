@@ -273,6 +273,29 @@ impl Presented {
     }
 }
 
+/// The copy of a volume a vehicle attached to was replaced (dropped and loaded anew).
+fn replaced(v: &VolumeName) -> NmsError {
+    NmsError::NotOwner {
+        volume: v.to_string(),
+        why: "the copy of the volume the vehicle attached to was replaced here since: attach \
+              again"
+            .into(),
+        owner_address: String::new(),
+        epoch: Epoch(0),
+    }
+}
+
+/// Whether the copy of `v` here, if any, is the one `cred`'s vehicle attached to, checked
+/// under the lock the operation runs under: `Node::ensure` checked it under another, and
+/// the copy may have been replaced in between (answered by the new copy, a flush would
+/// hand the vehicle a watermark of another lineage, and a read miss its own writes).
+fn same_copy(core: &Cache, v: &VolumeName, cred: &Presented) -> Result<(), NmsError> {
+    match core.volume(v) {
+        Some(x) if !cred.attached_to(x) => Err(replaced(v)),
+        _ => Ok(()),
+    }
+}
+
 /// A load counted in `Node::loads_in_flight` until it ends (installed or failed).
 struct LoadSlot<'a>(&'a Node);
 
@@ -554,16 +577,7 @@ impl Node {
             return Err(NmsError::Unauthenticated { volume: v.to_string() });
         }
         match &vol.state {
-            VolumeState::Active | VolumeState::Paused if !cred.attached_to(vol) => {
-                Err(NmsError::NotOwner {
-                    volume: v.to_string(),
-                    why: "the copy of the volume the vehicle attached to was replaced here \
-                          since: attach again"
-                        .into(),
-                    owner_address: String::new(),
-                    epoch: Epoch(0),
-                })
-            }
+            VolumeState::Active | VolumeState::Paused if !cred.attached_to(vol) => Err(replaced(v)),
             VolumeState::Active | VolumeState::Paused => Ok(true),
             VolumeState::Moved { to, epoch } => {
                 Err(NmsError::Moved { to: to.clone(), epoch: *epoch })
@@ -1126,6 +1140,7 @@ impl Node {
             self.ensure(v, cred).await?;
             let r = {
                 let mut core = self.core();
+                same_copy(&core, v, cred)?;
                 let r = core.read(v, block, offset, len);
                 r.map(|o| {
                     let fetch =
@@ -1259,6 +1274,7 @@ impl Node {
             rx.borrow_and_update();
             let r = {
                 let mut core = self.core();
+                same_copy(&core, v, cred)?;
                 match data {
                     Some(d) => core.write(v, block, offset, d, request_id),
                     None => core.delete(v, block, request_id),
@@ -1314,8 +1330,11 @@ impl Node {
         self.ensure(v, cred).await?;
         let deadline = Instant::now() + Duration::from_millis(self.cfg.pss_deadline_ms);
         let mut rx = self.progress.subscribe();
-        let (target, incarnation) =
-            self.core().volume(v).map_or((Lsn(0), 0), |x| (x.accepted, x.incarnation()));
+        let (target, incarnation) = {
+            let core = self.core();
+            same_copy(&core, v, cred)?;
+            core.volume(v).map_or((Lsn(0), 0), |x| (x.accepted, x.incarnation()))
+        };
         loop {
             rx.borrow_and_update();
             {
