@@ -1138,9 +1138,15 @@ impl VolumeClient {
     ) -> Result<(), Next> {
         let todo: Vec<(u64, JOp)> = {
             let mut j = self.inner.journal.lock().expect("poisoned");
+            // A newer connection took the list already (a flush's replay over a connection
+            // left meanwhile): its entries are that one's, not to be sent to this one and
+            // recorded with this one's lsns.
+            if j.listed_for > generation {
+                return Err(Next::Reconnect);
+            }
             // An entry acknowledged on an older connection from now on is not in this
             // list: its caller sends it again (see `journaled`).
-            j.listed_for = j.listed_for.max(generation);
+            j.listed_for = generation;
             if let Some(info) = attached {
                 j.held_by(generation, info);
             }
