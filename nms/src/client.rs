@@ -644,18 +644,8 @@ impl VolumeClient {
 
     /// Journals `ops`, sends them as one batch and records their lsns (see `journaled`).
     async fn journaled_batch(&self, ops: Vec<JOp>) -> Result<Vec<WriteAck>, ClientError> {
-        let size: u64 = ops.iter().map(Journal::size).sum();
-        self.journal_room(size).await?;
         let deadline = self.deadline();
-        let first = self.inner.seq.fetch_add(ops.len() as u64, Ordering::Relaxed);
-        let seqs: Vec<u64> = (first..first + ops.len() as u64).collect();
-        {
-            let mut j = self.inner.journal.lock().expect("poisoned");
-            j.bytes += size;
-            for (seq, op) in seqs.iter().zip(&ops) {
-                j.entries.insert(*seq, JEntry::new(op.clone()));
-            }
-        }
+        let seqs = self.journal_add(deadline, &ops).await?;
         let reqs: Vec<pb::stream_request::Op> = seqs
             .iter()
             .zip(ops)
@@ -730,30 +720,39 @@ impl VolumeClient {
         .await
     }
 
-    /// Makes room for `size` more journal bytes: flushes when the journal would pass
-    /// `journal_limit_bytes`, and fails if even that leaves too little room.
-    async fn journal_room(&self, size: u64) -> Result<(), ClientError> {
+    /// Puts `ops` in the journal and returns their request ids (sequence numbers), taken
+    /// with the room under one lock, so concurrent writers cannot pass
+    /// `journal_limit_bytes` together, and an operation's id is never below one that went
+    /// in before it. Past the limit it flushes first, within the caller's `deadline`, and
+    /// fails if even that leaves too little room.
+    async fn journal_add(&self, deadline: Instant, ops: &[JOp]) -> Result<Vec<u64>, ClientError> {
         let limit = self.inner.opts.journal_limit_bytes;
-        if self.journal_bytes() + size > limit {
-            self.flush().await?;
-            let bytes = self.journal_bytes();
-            if bytes + size > limit {
-                return Err(ClientError::JournalFull { bytes, limit });
+        let size: u64 = ops.iter().map(Journal::size).sum();
+        let mut flushed = false;
+        loop {
+            {
+                let mut j = self.inner.journal.lock().expect("poisoned");
+                if j.bytes + size <= limit {
+                    j.bytes += size;
+                    let first = self.inner.seq.fetch_add(ops.len() as u64, Ordering::Relaxed);
+                    let seqs: Vec<u64> = (first..first + ops.len() as u64).collect();
+                    for (seq, op) in seqs.iter().zip(ops) {
+                        j.entries.insert(*seq, JEntry::new(op.clone()));
+                    }
+                    return Ok(seqs);
+                }
+                if flushed {
+                    return Err(ClientError::JournalFull { bytes: j.bytes, limit });
+                }
             }
+            self.flush_by(deadline).await?;
+            flushed = true;
         }
-        Ok(())
     }
 
     async fn journaled(&self, op: JOp) -> Result<WriteAck, ClientError> {
-        let size = Journal::size(&op);
-        self.journal_room(size).await?;
         let deadline = self.deadline();
-        let seq = self.inner.seq.fetch_add(1, Ordering::Relaxed);
-        {
-            let mut j = self.inner.journal.lock().expect("poisoned");
-            j.bytes += size;
-            j.entries.insert(seq, JEntry::new(op.clone()));
-        }
+        let seq = self.journal_add(deadline, std::slice::from_ref(&op)).await?[0];
         let unacked = Unacked { journal: &self.inner.journal, seqs: vec![seq] };
         loop {
             // Not acknowledged: the caller knows, and `unacked` takes it out of the journal.
@@ -815,7 +814,10 @@ impl VolumeClient {
 
     /// Returns once everything accepted before the call is persisted in the PSS.
     pub async fn flush(&self) -> Result<Lsn, ClientError> {
-        let deadline = self.deadline();
+        self.flush_by(self.deadline()).await
+    }
+
+    async fn flush_by(&self, deadline: Instant) -> Result<Lsn, ClientError> {
         // Entries acknowledged on an older connection are not covered by this NMS's
         // watermark: send them here first.
         let conn = self.connection(deadline).await?;
@@ -1042,19 +1044,19 @@ impl VolumeClient {
         let o = &self.inner.opts;
         // wayside's own HTTP/2 client connection: a unary call's HEADERS and DATA leave in
         // one write (TCP_NODELAY set), so the NMS reads and answers it in one turn.
-        let channel =
-            wayside_proto::client::connect_h2(ep, o.tls.as_ref(), o.connect_timeout, o.http2)
-                .await
-                .map_err(|e| match e {
-                    wayside_proto::client::ConnectError::Tls(e) => {
-                        AttachFailed::from(Next::Fail(ClientError::Tls(e.to_string())))
-                    }
-                    e => {
-                        let f = connect_failure(&e);
-                        debug!(nms = %ep, error = %f.text, "connect failed");
-                        AttachFailed { next: Next::Reconnect, why: f.text, tls: f.tls }
-                    }
-                })?;
+        let connect = o.connect_timeout.min(deadline.saturating_duration_since(Instant::now()));
+        let channel = wayside_proto::client::connect_h2(ep, o.tls.as_ref(), connect, o.http2)
+            .await
+            .map_err(|e| match e {
+                wayside_proto::client::ConnectError::Tls(e) => {
+                    AttachFailed::from(Next::Fail(ClientError::Tls(e.to_string())))
+                }
+                e => {
+                    let f = connect_failure(&e);
+                    debug!(nms = %ep, error = %f.text, "connect failed");
+                    AttachFailed { next: Next::Reconnect, why: f.text, tls: f.tls }
+                }
+            })?;
         let mut client = NmsClient::new(channel)
             .max_decoding_message_size(o.max_message_size_bytes)
             .max_encoding_message_size(o.max_message_size_bytes);
