@@ -96,7 +96,9 @@ pub(crate) fn apply_to_image(image: &mut Vec<u8>, block_size: u32, op: &BlockOp)
     }
 }
 
-/// A block device in memory, for unit tests of the file system core.
+/// A block device in memory, for unit tests of the file system core. A write marked
+/// `fresh` starts from zeros, as a cache may (so a core that marks a block holding data
+/// fresh loses that data here too, and its tests see it).
 #[derive(Debug)]
 pub struct MemDevice {
     block_size: u32,
@@ -112,6 +114,11 @@ impl MemDevice {
     /// How many blocks hold data.
     pub fn stored_blocks(&self) -> usize {
         self.blocks.lock().expect("poisoned").len()
+    }
+
+    /// Whether `block` holds data.
+    pub fn holds(&self, block: u64) -> bool {
+        self.blocks.lock().expect("poisoned").contains_key(&block)
     }
 }
 
@@ -141,6 +148,9 @@ impl BlockDevice for MemDevice {
                 check_range(self.block_size, *offset, data.len())?;
             }
             let image = blocks.entry(op.block()).or_default();
+            if let BlockOp::Write { fresh: true, .. } = op {
+                image.clear();
+            }
             apply_to_image(image, self.block_size, op);
             if image.is_empty() {
                 blocks.remove(&op.block());

@@ -431,7 +431,7 @@ impl<D: BlockDevice> Fs<D> {
         dir.by_name.insert(name.to_vec(), (child, slot));
         let slots = dir.slots;
         let parent_inode = self.inodes.get(&parent).expect("live directory");
-        let fresh = index >= parent_inode.size.div_ceil(u64::from(sb.block_size));
+        let fresh = index >= sb.data_blocks(parent_inode);
         ops.push(BlockOp::Write { block, offset, data: encode_dirent(child, name), fresh });
         let now = self.now();
         let p = self.inodes.get_mut(&parent).expect("live directory");
@@ -692,7 +692,7 @@ impl<D: BlockDevice> Fs<D> {
         let inode = self.inodes.get(&ino).cloned().ok_or(FsError::NotFound)?;
         let mut ops = Vec::new();
         // Data first, then the record: a crash in between leaves an orphan that is freed again.
-        for index in 0..inode.size.div_ceil(u64::from(self.sb.block_size)) {
+        for index in 0..self.sb.data_blocks(&inode) {
             if let Some(block) = self.sb.data_block(ino, index) {
                 ops.push(BlockOp::Delete { block });
             }

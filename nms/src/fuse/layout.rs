@@ -128,6 +128,16 @@ impl Superblock {
         self.file_stride_blocks.saturating_mul(u64::from(self.block_size))
     }
 
+    /// How many data blocks `inode` uses: a file's size in blocks; a directory's slots
+    /// (`size / DIRENT_BYTES`) in blocks of `dirents_per_block` (a block's tail past its
+    /// last whole slot is unused, so a directory's size in bytes undercounts its blocks).
+    pub fn data_blocks(&self, inode: &Inode) -> u64 {
+        match inode.kind {
+            Kind::Dir => (inode.size / u64::from(DIRENT_BYTES)).div_ceil(self.dirents_per_block()),
+            _ => inode.size.div_ceil(u64::from(self.block_size)),
+        }
+    }
+
     /// Where directory slot `slot` lives in its directory's data: (data block index, byte offset).
     pub fn dirent_location(&self, slot: u64) -> (u64, u32) {
         let per = self.dirents_per_block();

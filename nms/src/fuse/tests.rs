@@ -170,6 +170,36 @@ fn deleting_everything_leaves_only_metadata_blocks() {
     assert_eq!(after, 3);
 }
 
+/// A directory's slots are packed whole into blocks (15 of 264 bytes in 4 KiB), so its
+/// size in bytes undercounts its blocks: 31 slots are 8184 bytes, yet slot 30 is in block
+/// 2. Adding slot 31 must not take block 2 for a fresh one (the device would start it from
+/// zeros, losing slot 30), and removing the directory frees block 2 as well.
+#[test]
+fn a_directory_block_past_its_size_in_bytes_is_kept_and_freed() {
+    let dev = Arc::new(MemDevice::new(4096));
+    let mut t = CoreTarget::new(dev.clone(), small_params());
+    t.mkdir("d").unwrap();
+    for i in 0..32 {
+        t.create(&format!("d/f{i}")).unwrap();
+    }
+    t.remount().unwrap();
+    let mut names = t.list("d").unwrap();
+    names.sort();
+    let mut want: Vec<String> = (0..32).map(|i| format!("f{i}")).collect();
+    want.sort();
+    assert_eq!(names, want, "every entry survives a reload from the device");
+    let d = t.resolve("d").unwrap();
+    let sb = t.fs().superblock();
+    let blocks: Vec<u64> = (0..3).map(|i| sb.data_block(d, i).unwrap()).collect();
+    assert!(blocks.iter().all(|b| dev.holds(*b)), "the directory's three blocks");
+    for i in 0..32 {
+        t.unlink(&format!("d/f{i}")).unwrap();
+    }
+    t.rmdir("d").unwrap();
+    let left: Vec<&u64> = blocks.iter().filter(|b| dev.holds(**b)).collect();
+    assert!(left.is_empty(), "blocks of the removed directory left: {left:?}");
+}
+
 #[test]
 fn unlinked_open_file_lives_until_released_and_orphans_are_freed_on_mount() {
     let dev = Arc::new(MemDevice::new(4096));
