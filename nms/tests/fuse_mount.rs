@@ -7,7 +7,7 @@ use std::ffi::OsStr;
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{FileExt, PermissionsExt};
+use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -324,6 +324,29 @@ fn a_tree_reads_back_identical_after_remount_through_another_nms() {
         assert!(after[k] == *v, "{k} differs after remount");
     }
     assert_eq!(fs::read(point.join("link")).unwrap(), b"hello wayside\n");
+    m.unmount();
+}
+
+/// An inode number freed while the kernel still holds the dead inode (a directory removed
+/// while a process has it open) and given to a new directory: the new one has another
+/// generation, so the kernel does not take it for the dead one, and files can be made in it.
+#[test]
+fn a_directory_made_on_a_removed_ones_inode_number_is_usable() {
+    if !fuse_usable() {
+        return;
+    }
+    let env = Env::start(1);
+    let point = env.path("mnt");
+    let m = spawn_mount("reuse", &env.nms[0].addr, &point, &env.path("cache"), &[]);
+    fs::create_dir(point.join("d")).unwrap();
+    let held = fs::File::open(point.join("d")).unwrap();
+    let ino = held.metadata().unwrap().ino();
+    fs::remove_dir(point.join("d")).unwrap();
+    fs::create_dir(point.join("e")).unwrap();
+    assert_eq!(fs::metadata(point.join("e")).unwrap().ino(), ino, "the number is given again");
+    fs::write(point.join("e/x"), b"x").expect("a file made in the new directory");
+    assert_eq!(fs::read(point.join("e/x")).unwrap(), b"x");
+    drop(held);
     m.unmount();
 }
 

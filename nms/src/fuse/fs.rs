@@ -138,6 +138,12 @@ pub struct Fs<D> {
     clock: Clock,
     /// Set by the first failed device write (see [`Fs::apply`]); cleared only by mounting again.
     failed: bool,
+    /// The generation of each inode number allocated since mount (0 for the others): a
+    /// number freed and given to a new file gets a new one, so the kernel does not take
+    /// the new file for the dead one it may still cache under that number. At most one
+    /// entry per inode number (`max_inodes`).
+    generations: HashMap<u64, u64>,
+    next_generation: u64,
 }
 
 impl<D: BlockDevice> Fs<D> {
@@ -158,6 +164,8 @@ impl<D: BlockDevice> Fs<D> {
             open_counts: HashMap::new(),
             clock,
             failed: false,
+            generations: HashMap::new(),
+            next_generation: 1,
         };
         fs.load_inodes()?;
         fs.collect_orphans()?;
@@ -192,6 +200,8 @@ impl<D: BlockDevice> Fs<D> {
             open_counts: HashMap::new(),
             clock,
             failed: false,
+            generations: HashMap::new(),
+            next_generation: 1,
         };
         // The root inode first, the superblock (which makes the volume a file system) last.
         let ops = vec![fs.inode_op(&root, true), fs.superblock_op()];
@@ -382,7 +392,28 @@ impl<D: BlockDevice> Fs<D> {
         self.attr(child)
     }
 
+    /// The generation of inode `ino` (FUSE's `generation` of its entries; see
+    /// `Fs::generations`).
+    pub fn generation(&self, ino: u64) -> u64 {
+        self.generations.get(&ino).copied().unwrap_or(0)
+    }
+
+    /// `r`'s inode with its generation.
+    pub fn with_generation(&self, r: Result<Inode>) -> Result<(Inode, u64)> {
+        r.map(|i| {
+            let g = self.generation(i.ino);
+            (i, g)
+        })
+    }
+
     fn alloc_ino(&mut self, ops: &mut Vec<BlockOp>) -> Result<(u64, bool)> {
+        let (ino, fresh) = self.take_ino(ops)?;
+        self.generations.insert(ino, self.next_generation);
+        self.next_generation += 1;
+        Ok((ino, fresh))
+    }
+
+    fn take_ino(&mut self, ops: &mut Vec<BlockOp>) -> Result<(u64, bool)> {
         if let Some(ino) = self.free_inos.pop_first() {
             return Ok((ino, false));
         }
@@ -701,6 +732,7 @@ impl<D: BlockDevice> Fs<D> {
         self.apply(ops, false)?;
         self.inodes.remove(&ino);
         self.dirs.remove(&ino);
+        self.generations.remove(&ino);
         self.free_inos.insert(ino);
         Ok(())
     }

@@ -106,9 +106,9 @@ impl<D: BlockDevice + Clone> FuseFs<D> {
         self.fs.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn entry(&self, r: Result<Inode, FsError>, reply: ReplyEntry) {
+    fn entry(&self, r: Result<(Inode, u64), FsError>, reply: ReplyEntry) {
         match r {
-            Ok(i) => reply.entry(&ATTR_TTL, &attr(&i, self.block_size), Generation(0)),
+            Ok((i, g)) => reply.entry(&ATTR_TTL, &attr(&i, self.block_size), Generation(g)),
             Err(e) => reply.error(errno(&e)),
         }
     }
@@ -129,7 +129,10 @@ impl<D: BlockDevice + Clone + 'static> Filesystem for FuseFs<D> {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        let r = self.core().lookup(parent.0, name.as_bytes());
+        let mut core = self.core();
+        let r = core.lookup(parent.0, name.as_bytes());
+        let r = core.with_generation(r);
+        drop(core);
         self.entry(r, reply);
     }
 
@@ -195,15 +198,11 @@ impl<D: BlockDevice + Clone + 'static> Filesystem for FuseFs<D> {
             return;
         }
         let perm = (mode & !umask & 0o7777) as u16;
-        let r = self.core().create(
-            parent.0,
-            name.as_bytes(),
-            Kind::File,
-            perm,
-            req.uid(),
-            req.gid(),
-            None,
-        );
+        let mut core = self.core();
+        let r =
+            core.create(parent.0, name.as_bytes(), Kind::File, perm, req.uid(), req.gid(), None);
+        let r = core.with_generation(r);
+        drop(core);
         self.entry(r, reply);
     }
 
@@ -217,15 +216,10 @@ impl<D: BlockDevice + Clone + 'static> Filesystem for FuseFs<D> {
         reply: ReplyEntry,
     ) {
         let perm = (mode & !umask & 0o7777) as u16;
-        let r = self.core().create(
-            parent.0,
-            name.as_bytes(),
-            Kind::Dir,
-            perm,
-            req.uid(),
-            req.gid(),
-            None,
-        );
+        let mut core = self.core();
+        let r = core.create(parent.0, name.as_bytes(), Kind::Dir, perm, req.uid(), req.gid(), None);
+        let r = core.with_generation(r);
+        drop(core);
         self.entry(r, reply);
     }
 
@@ -251,7 +245,8 @@ impl<D: BlockDevice + Clone + 'static> Filesystem for FuseFs<D> {
         target: &Path,
         reply: ReplyEntry,
     ) {
-        let r = self.core().create(
+        let mut core = self.core();
+        let r = core.create(
             parent.0,
             link_name.as_bytes(),
             Kind::Symlink,
@@ -260,6 +255,8 @@ impl<D: BlockDevice + Clone + 'static> Filesystem for FuseFs<D> {
             req.gid(),
             Some(target.as_os_str().as_bytes()),
         );
+        let r = core.with_generation(r);
+        drop(core);
         self.entry(r, reply);
     }
 
@@ -298,7 +295,10 @@ impl<D: BlockDevice + Clone + 'static> Filesystem for FuseFs<D> {
         newname: &OsStr,
         reply: ReplyEntry,
     ) {
-        let r = self.core().link(ino.0, newparent.0, newname.as_bytes());
+        let mut core = self.core();
+        let r = core.link(ino.0, newparent.0, newname.as_bytes());
+        let r = core.with_generation(r);
+        drop(core);
         self.entry(r, reply);
     }
 
@@ -493,11 +493,13 @@ impl<D: BlockDevice + Clone + 'static> Filesystem for FuseFs<D> {
         let r = core
             .create(parent.0, name.as_bytes(), Kind::File, perm, req.uid(), req.gid(), None)
             .and_then(|i| core.open(i.ino));
+        let r = core.with_generation(r);
+        drop(core);
         match r {
-            Ok(i) => reply.created(
+            Ok((i, g)) => reply.created(
                 &ATTR_TTL,
                 &attr(&i, self.block_size),
-                Generation(0),
+                Generation(g),
                 FileHandle(0),
                 FopenFlags::empty(),
             ),
