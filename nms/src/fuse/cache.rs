@@ -728,7 +728,7 @@ impl State {
         self.unsent.push_back((r, Upload::Waiting));
     }
 
-    fn mark_persisted(&mut self, upto: u64, jdir_sync: impl Fn(&Path)) {
+    fn mark_persisted(&mut self, upto: u64, jdir_sync: impl Fn(&Path) -> bool) {
         if upto <= self.persisted_upto {
             return;
         }
@@ -744,20 +744,34 @@ impl State {
         self.delete_segments(upto, jdir_sync);
     }
 
-    /// Closed segments whose records are all persisted are no longer needed.
-    fn delete_segments(&mut self, upto: u64, remove: impl Fn(&Path)) {
+    /// Closed segments whose records are all persisted are no longer needed: deleted
+    /// oldest first, stopping at one `remove` fails to delete (tried again at the next
+    /// persisted mark). What is left is always the journal's tail, so a mount replays it
+    /// in order and ends at the newest content; deleting past a segment left behind would
+    /// leave it alone, and a later mount would replay its old writes over newer ones.
+    fn delete_segments(&mut self, upto: u64, remove: impl Fn(&Path) -> bool) {
         while self.segments.len() > 1 && self.segments[0].last_seq <= upto {
-            let seg = self.segments.pop_front().expect("len > 1");
-            remove(&seg.path);
+            if !remove(&self.segments[0].path) {
+                break;
+            }
+            self.segments.pop_front();
         }
     }
 
     fn mark_persisted_segments(&mut self, upto: u64) {
-        self.delete_segments(upto, |path| {
-            if let Err(e) = fs::remove_file(path) {
-                tracing::warn!(path = %path.display(), error = %e, "could not delete a persisted journal segment");
-            }
-        });
+        self.delete_segments(upto, remove_segment);
+    }
+}
+
+/// Deletes a persisted journal segment; `false` (logged) when it is still there.
+fn remove_segment(path: &Path) -> bool {
+    match fs::remove_file(path) {
+        Ok(()) => true,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => true,
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "could not delete a persisted journal segment; kept, with every later one, until it can be");
+            false
+        }
     }
 }
 
@@ -1253,11 +1267,7 @@ async fn upload_loop<R: Remote>(shared: Arc<Shared<R>>, cancel: CancellationToke
                 flushing = false;
                 if result.is_ok() {
                     let mut s = shared.lock();
-                    s.mark_persisted(upto, |path| {
-                        if let Err(e) = fs::remove_file(path) {
-                            tracing::warn!(path = %path.display(), error = %e, "could not delete a persisted journal segment");
-                        }
-                    });
+                    s.mark_persisted(upto, remove_segment);
                     if s.persisted_upto + 1 == s.next_seq && s.active_bytes > 0 {
                         // Everything is persisted: start an empty segment so a later mount replays nothing.
                         if let Err(e) = rotate(&shared.opts.dir.join("journal"), &mut s) {
