@@ -93,6 +93,9 @@ pub struct CacheOptions {
     pub retry_backoff_max: Duration,
     /// Journal records in flight to the volume at once.
     pub upload_window_ops: usize,
+    /// The volume this cache is for (written in the directory's `volume` file): a journal
+    /// left by a mount of another volume is never replayed into this one.
+    pub volume: String,
 }
 
 impl CacheOptions {
@@ -107,6 +110,7 @@ impl CacheOptions {
             flush_every_bytes: 8 << 20,
             retry_backoff_max: Duration::from_millis(500),
             upload_window_ops: 32,
+            volume: String::new(),
         }
     }
 }
@@ -373,6 +377,7 @@ impl<R: Remote> CachedVolume<R> {
         fs::create_dir_all(&jdir)?;
 
         let (records, mut segments) = recover(&jdir)?;
+        claim_for_volume(&opts.dir, &opts.volume, block_size, !records.is_empty())?;
         let next_seq = records.last().map_or(1, |r| r.seq + 1);
         let first = seg_path(&jdir, next_seq);
         let active = OpenOptions::new().create(true).append(true).open(&first)?;
@@ -761,6 +766,45 @@ impl State {
     fn mark_persisted_segments(&mut self, upto: u64) {
         self.delete_segments(upto, remove_segment);
     }
+}
+
+/// Ties the cache directory `dir` to `volume` (of `block_size`-byte blocks) in its `volume`
+/// file. A directory holding another volume's unpersisted journal (`pending`) is refused:
+/// replayed here, that volume's writes would land in this one, and be trimmed from the
+/// journal as persisted, lost to their own volume. Without a pending journal the directory
+/// is taken over (its block cache is emptied at every open anyway).
+fn claim_for_volume(
+    dir: &Path,
+    volume: &str,
+    block_size: u32,
+    pending: bool,
+) -> Result<(), DeviceError> {
+    let path = dir.join("volume");
+    let want = format!("{volume}\n{block_size}\n");
+    match fs::read_to_string(&path) {
+        Ok(have) if have == want => return Ok(()),
+        Ok(have) if pending => {
+            let mut lines = have.lines();
+            let (other, bs) = (lines.next().unwrap_or(""), lines.next().unwrap_or("?"));
+            return Err(DeviceError::Refused(format!(
+                "cache directory {} holds the unpersisted journal of volume {other:?} \
+                 ({bs}-byte blocks), not of {volume:?} ({block_size}-byte blocks): mount \
+                 {other:?} with it until its journal is persisted, or use another cache \
+                 directory",
+                dir.display()
+            )));
+        }
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e.into()),
+    }
+    let tmp = dir.join("volume.tmp");
+    let mut f = File::create(&tmp)?;
+    f.write_all(want.as_bytes())?;
+    f.sync_all()?;
+    fs::rename(&tmp, &path)?;
+    sync_dir(dir)?;
+    Ok(())
 }
 
 /// Deletes a persisted journal segment; `false` (logged) when it is still there.
@@ -1561,6 +1605,36 @@ mod tests {
         let dev = open_dev(&remote, dir.path(), &rt);
         assert_eq!(dev.stats().recovered, 0);
         assert_eq!(fs::read_dir(dir.path().join("journal")).unwrap().count(), 1);
+    }
+
+    /// A cache directory left with volume a's unpersisted journal is refused to a mount of
+    /// volume b (replayed there, a's writes would land in b and be trimmed as persisted);
+    /// a's own mount replays it, and once it is persisted b may have the directory.
+    #[test]
+    fn a_cache_directory_holding_another_volumes_journal_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = rt();
+        let (remote_a, remote_b) = (MemRemote::default(), MemRemote::default());
+        let a = CacheOptions { volume: "a".into(), ..opts(dir.path()) };
+        let b = CacheOptions { volume: "b".into(), ..opts(dir.path()) };
+        let open = |r: &MemRemote, o: &CacheOptions| {
+            CachedVolume::open(r.clone(), 4096, o.clone(), rt.handle().clone())
+        };
+        let dev = open(&remote_a, &a).unwrap();
+        remote_a.set_writes_down(true);
+        dev.apply(vec![write(1, 0, &[1; 4096])]).unwrap();
+        drop(dev);
+        let e = open(&remote_b, &b).err().expect("refused");
+        assert!(matches!(&e, DeviceError::Refused(m) if m.contains("\"a\"")), "{e:?}");
+        assert_eq!(remote_b.block(1), None, "nothing of a's reached b");
+        remote_a.set_writes_down(false);
+        let dev = open(&remote_a, &a).unwrap();
+        assert_eq!(dev.stats().recovered, 1);
+        dev.sync().unwrap();
+        assert_eq!(remote_a.block(1), Some(vec![1; 4096]));
+        drop(dev);
+        let dev = open(&remote_b, &b).expect("a's journal is persisted: b may have it");
+        assert_eq!(dev.stats().recovered, 0);
     }
 
     #[test]

@@ -33,7 +33,8 @@ pub struct MountArgs {
     pub nms: Vec<String>,
     /// Where to mount (an existing directory).
     pub mountpoint: PathBuf,
-    /// The OBU's local directory for the block cache and the write journal (one mount each).
+    /// The OBU's local directory for the block cache and the write journal (one mount each;
+    /// it names its volume, and one holding another volume's unpersisted journal is refused).
     #[arg(long)]
     pub cache_dir: PathBuf,
     /// Block size for a volume created by this mount, in bytes (power of two, 4096..=1048576).
@@ -153,6 +154,7 @@ pub fn serve_tls(
     cache.cache_capacity_bytes = args.cache_capacity_bytes;
     cache.journal_limit_bytes = args.journal_limit_bytes;
     cache.op_timeout = op_timeout;
+    cache.volume = volume.as_str().to_owned();
     let dev = Arc::new(
         CachedVolume::open(VolumeRemote { client }, bs, cache, rt.handle().clone())
             .with_context(|| format!("opening the cache in {}", args.cache_dir.display()))?,
