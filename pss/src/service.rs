@@ -514,6 +514,14 @@ impl pb::pss_admin_server::PssAdmin for AdminService {
             return Err(status_of(self.node.not_leader()));
         }
         self.check_member(id)?;
+        if id == self.node.id {
+            // raft-rs drops the leader's own progress and keeps it leading a group it is
+            // not in; its next commit panics the raft thread.
+            return Err(Status::failed_precondition(format!(
+                "node {id} leads the cluster: transfer the leadership to another voter first \
+                 (TransferLeader, `pss transfer-leader`), then remove it"
+            )));
+        }
         let cc = conf_change(ConfChangeType::RemoveNode, id, "");
         self.node.conf_change(cc).await.map_err(status_of)?;
         Ok(Response::new(self.members()))

@@ -302,6 +302,13 @@ async fn add_fourth_node_remove_one_and_transfer_leadership() {
             leader = leader.max(st.leader_id);
         }
     }
+    // The leader itself is not removed (raft-rs would keep it leading a group it is not
+    // in, and panic at its next commit): transfer first.
+    let err = c2.remove_node(leader).await.unwrap_err();
+    assert!(
+        matches!(err, PssError::FailedPrecondition(ref m) if m.contains("transfer")),
+        "{err:?}"
+    );
     let remove = (1..=3).find(|id| *id != leader).unwrap();
     let members = c2.remove_node(remove).await.unwrap().members;
     assert!(members.iter().all(|m| m.id != remove), "{members:?}");
