@@ -46,6 +46,9 @@ pub enum NodeError {
     Timeout(Duration),
     #[error("the node is shutting down")]
     Stopped,
+    /// Not now, retry (a new leader that has not applied its earlier membership entries).
+    #[error("{0}")]
+    Busy(String),
     #[error("{0}")]
     Refused(ApplyError),
     #[error("{0}")]
@@ -644,6 +647,16 @@ impl Loop {
         if self.conf_waiter.is_some() {
             let _ = reply.send(Err(NodeError::FailedPrecondition(
                 "another membership change is in progress".into(),
+            )));
+            return;
+        }
+        if self.node.raft.has_pending_conf() {
+            // raft-rs would turn the change into an empty entry and report it proposed: no
+            // membership entry would ever apply, and the change's caller would wait in vain.
+            let _ = reply.send(Err(NodeError::Busy(
+                "a membership entry this leader proposed or inherited is not applied yet; \
+                 retry"
+                    .into(),
             )));
             return;
         }

@@ -36,7 +36,7 @@ pub fn status_of(e: NodeError) -> Status {
         }
         NodeError::OutcomeUnknown => Status::unavailable(e.to_string()),
         NodeError::Timeout(_) => Status::deadline_exceeded(e.to_string()),
-        NodeError::Stopped => Status::unavailable(e.to_string()),
+        NodeError::Stopped | NodeError::Busy(_) => Status::unavailable(e.to_string()),
         NodeError::Refused(ApplyError::StaleEpoch { presented, current }) => fault_status(
             Fault::StaleEpoch { presented, current },
             format!("stale epoch: presented {presented}, volume is at {current}"),
