@@ -47,7 +47,10 @@ pub struct Config {
     pub max_inflight_raft_messages: usize,
     /// Most Raft messages queued for one peer before new ones are dropped (Raft resends).
     pub peer_queue_messages: usize,
-    /// Request ids remembered for duplicate detection (oldest forgotten first).
+    /// Request ids remembered for duplicate detection (oldest forgotten first). The leader
+    /// stamps its value in every entry it proposes and every replica forgets by it, so
+    /// replicas agree on retries even with other values here (a follower's table holds as
+    /// many ids as its leaders' values say).
     pub dedupe_table_entries: u64,
     /// Applied entries past the last snapshot that trigger a snapshot and log compaction.
     pub compact_log_entries: u64,

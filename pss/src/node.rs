@@ -708,10 +708,11 @@ impl Loop {
 
     fn propose_group(
         &mut self,
-        group: CommandBatch,
+        mut group: CommandBatch,
         waiters: Vec<(u64, Reply<Outcome>, OwnedSemaphorePermit)>,
     ) {
         tracing::trace!(commands = group.commands.len(), "proposing one entry");
+        group.dedupe_limit = self.cfg.dedupe_table_entries;
         match self.node.propose(Vec::new(), group.encode_to_vec()) {
             Ok(()) => {
                 for (seq, reply, permit) in waiters {
@@ -911,6 +912,7 @@ impl Loop {
                         }
                     };
                     self.stats.commands += batch.commands.len() as u64;
+                    self.sm.set_entry_dedupe_limit(batch.dedupe_limit);
                     for cmd in &batch.commands {
                         let out = self.sm.apply(&mut p, e.index, cmd)?;
                         if is_own(cmd, self.id, self.incarnation) {
@@ -1218,7 +1220,8 @@ mod tests {
         let stamped =
             |incarnation| Command { origin: 1, seq: 1, incarnation, ..Default::default() };
         // Through the entry encoding, as the apply sees them.
-        let batch = CommandBatch { commands: vec![stamped(earlier), stamped(now)] };
+        let batch =
+            CommandBatch { commands: vec![stamped(earlier), stamped(now)], dedupe_limit: 0 };
         let decoded = CommandBatch::decode(&batch.encode_to_vec()[..]).unwrap();
         let [old, new] = &decoded.commands[..] else { panic!("two commands") };
         assert!(!is_own(old, 1, now), "an earlier process's seq 1 went to this one's seq 1");

@@ -63,6 +63,11 @@ const SLED_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 pub struct CommandBatch {
     #[prost(message, repeated, tag = "1")]
     pub commands: Vec<Command>,
+    /// The proposing leader's `dedupe_table_entries`: every replica forgets request ids
+    /// past this entry by it, so all give a retry the same answer whatever their own
+    /// configs say (0, in an entry of a PSS from before it: the node's own).
+    #[prost(uint64, tag = "2")]
+    pub dedupe_limit: u64,
 }
 
 /// One client command, tagged with the proposing node, that node's process incarnation
@@ -245,6 +250,9 @@ pub struct StateMachine {
     /// ...which this job (on its own thread) makes them, for the segments it names.
     durability: Option<DurabilityJob>,
     dedupe_limit: u64,
+    /// The limit of the entry being applied (`CommandBatch::dedupe_limit`, see
+    /// [`StateMachine::set_entry_dedupe_limit`]; else `dedupe_limit`).
+    entry_dedupe_limit: u64,
     /// Ids in the table, and each entry record's index with the hashes of its ids, oldest
     /// first: a mirror of sled's `o` keys so forgetting needs no scan or read; at most
     /// `dedupe_limit` ids.
@@ -371,6 +379,8 @@ struct NewDedupeEntry {
     record: Vec<u8>,
     /// The hashes of its ids, in order.
     hashes: Vec<u64>,
+    /// Ids the table keeps once this entry ends (the entry's `dedupe_limit`).
+    limit: u64,
 }
 
 fn read_end(v: &[u8]) -> (u32, u64) {
@@ -459,6 +469,7 @@ impl StateMachine {
             retired: Vec::new(),
             durability: None,
             dedupe_limit: opts.dedupe_limit,
+            entry_dedupe_limit: opts.dedupe_limit,
             dedupe_count: 0,
             dedupe_order: VecDeque::new(),
             dedupe_index: HashIndex::default(),
@@ -923,16 +934,25 @@ impl StateMachine {
         StateError::Corrupt { path: self.dir.clone(), reason }
     }
 
+    /// The dedupe limit the leader that proposed the entry about to be applied stamped
+    /// in it (`CommandBatch::dedupe_limit`; 0: this node's own): request ids are forgotten
+    /// by it, the same on every replica.
+    pub fn set_entry_dedupe_limit(&mut self, limit: u64) {
+        self.entry_dedupe_limit = if limit == 0 { self.dedupe_limit } else { limit };
+    }
+
     /// Remembers a request's reply in the record of its entry (written when the entry
     /// ends).
     fn dedupe_put(&mut self, p: &mut Pending, index: u64, item: DedupeItem) {
         let Some(id) = &item.id else { return };
         let h = self.id_hash(id);
         self.hold(h, index);
+        let limit = self.entry_dedupe_limit;
         let new = p.dedupe_new.get_or_insert_with(|| NewDedupeEntry {
             index,
             record: Vec::new(),
             hashes: Vec::new(),
+            limit,
         });
         debug_assert_eq!(new.index, index, "the previous entry was not ended");
         // A repeated field's encoding is its items' encodings one after another.
@@ -949,7 +969,7 @@ impl StateMachine {
         p.txn.insert(dedupe_entry_key(new.index).to_vec(), new.record);
         self.dedupe_count += new.hashes.len() as u64;
         self.dedupe_order.push_back((new.index, new.hashes.into_boxed_slice()));
-        while self.dedupe_count > self.dedupe_limit {
+        while self.dedupe_count > new.limit {
             let Some((old, hashes)) = self.dedupe_order.pop_front() else { break };
             for &h in &hashes {
                 self.release(h, old);
@@ -1553,6 +1573,32 @@ mod tests {
         };
         assert!(w.duplicate, "id 19 is remembered across a reopen");
         assert_eq!(sm.reader().blocks("v", &[19]).unwrap()[0].data, b"k");
+    }
+
+    /// Replicas configured with other `dedupe_table_entries` forget request ids by the
+    /// limit the proposing leader stamped in each entry, so a retry gets the same answer on
+    /// every one of them (by their own limits, one applied a forgotten acquire again and
+    /// raised the epoch while another answered it a duplicate: their epochs parted).
+    #[test]
+    fn replicas_with_other_dedupe_limits_forget_alike() {
+        let (d2, d4) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let mut small = StateMachine::open(d2.path(), Options::with_dedupe(2)).unwrap();
+        let mut large = StateMachine::open(d4.path(), Options::with_dedupe(4)).unwrap();
+        let mut answers = Vec::new();
+        for sm in [&mut small, &mut large] {
+            let mut epochs = Vec::new();
+            // Ids 1..=4, one entry each, then id 1 again: the leader's limit is 3.
+            for (index, seq) in (2..=6).zip([1, 2, 3, 4, 1]) {
+                sm.set_entry_dedupe_limit(3);
+                let Outcome::Acquire(Ok(a)) = run(sm, index, &acquire_cmd("v", seq)) else {
+                    panic!()
+                };
+                epochs.push(a.meta.unwrap().epoch);
+            }
+            answers.push((epochs, sm.reader().volume("v").unwrap().unwrap().epoch));
+        }
+        assert_eq!(answers[0], answers[1], "the replicas agree");
+        assert_eq!(answers[0].1, 5, "id 1 was forgotten (3 ids kept) and applied again");
     }
 
     /// A create that finds the volume made by another caller (another credential or block
