@@ -22,7 +22,7 @@ use wayside_proto::types::{BlockSize, Epoch, VolumeName};
 
 use crate::blobs::{BlobError, BlobReader, Blobs, Loc};
 use crate::index::{block_key, block_prefix, BlockIndex, BlockMap, IndexBase, SharedIndex};
-use crate::snapshot::{CheckpointView, Pair, Pairs, SNAPSHOT_MAGIC};
+use crate::snapshot::{CheckpointView, Pair, SNAPSHOT_MAGIC};
 use std::borrow::Cow;
 
 const META_APPLIED: &[u8] = b"mapplied";
@@ -1184,11 +1184,11 @@ impl StateMachine {
             let (meta, pairs) = cp.pairs()?;
             return self.load_pairs(meta, pairs);
         }
-        let bytes = std::fs::read(path)
-            .map_err(|source| StateError::Io { path: path.to_owned(), source })?;
-        let (meta, pairs) = parse_snapshot(&bytes)
-            .map_err(|reason| StateError::Corrupt { path: path.to_owned(), reason })?;
-        let pairs = pairs.into_iter().map(|(k, v)| Ok((Cow::Borrowed(k), Cow::Borrowed(v))));
+        // Read as it is loaded (a snapshot holds every block of the state), after its
+        // checksum is checked through a buffer.
+        let corrupt = |reason| StateError::Corrupt { path: path.to_owned(), reason };
+        crate::snapshot::check_framed(path, SNAPSHOT_MAGIC).map_err(corrupt)?;
+        let (meta, pairs) = crate::snapshot::read_framed(path, SNAPSHOT_MAGIC).map_err(corrupt)?;
         self.load_pairs(meta, pairs)
     }
 
@@ -1443,11 +1443,6 @@ impl Reader {
             next_block: next.unwrap_or(0),
         })
     }
-}
-
-/// Checks a snapshot file (magic, checksum) and splits it into metadata and pairs.
-pub fn parse_snapshot(bytes: &[u8]) -> Result<(SnapshotMetadata, Pairs<'_>), String> {
-    crate::snapshot::parse_framed(bytes, SNAPSHOT_MAGIC)
 }
 
 #[cfg(test)]

@@ -656,9 +656,8 @@ async fn receive(
     let file = file.into_inner().map_err(|e| io(e.into_error()))?;
     file.sync_all().map_err(io)?;
     drop(file);
-    // Check it before the node trusts it.
-    let data = std::fs::read(tmp).map_err(io)?;
-    crate::state::parse_snapshot(&data)
+    // Check it before the node trusts it (through a buffer: it holds every block).
+    crate::snapshot::check_framed(tmp, crate::snapshot::SNAPSHOT_MAGIC)
         .map_err(|r| Status::invalid_argument(format!("received snapshot is corrupt: {r}")))?;
     std::fs::rename(tmp, path).map_err(io)?;
     if let Some(dir) = path.parent() {
