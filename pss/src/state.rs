@@ -1389,11 +1389,28 @@ impl Reader {
 
     /// Blocks as of the applied index (absent ones have `found == false`).
     pub fn blocks(&self, volume: &str, blocks: &[u64]) -> Result<Vec<pb::PssBlock>, StateError> {
-        let mut out = Vec::with_capacity(blocks.len());
-        for &block in blocks {
-            out.push(self.block(volume, block)?);
+        // Every block's location from one look at the index, so the answer is the state
+        // between two applied groups, never part of a batch and not the rest. A collection
+        // may move a record between the look and its read: look again, for all of them.
+        'look: for _ in 0..3 {
+            let locs: Vec<Option<Loc>> = {
+                let index = crate::index::read(&self.index);
+                blocks.iter().map(|&b| index.get(volume, b)).collect()
+            };
+            let mut out = Vec::with_capacity(blocks.len());
+            for (&block, loc) in blocks.iter().zip(locs) {
+                let Some(loc) = loc else {
+                    out.push(pb::PssBlock { block, found: false, data: Vec::new(), version: 0 });
+                    continue;
+                };
+                let Some(data) = self.blobs.read(&block_key(volume, block), &loc)? else {
+                    continue 'look;
+                };
+                out.push(pb::PssBlock { block, found: true, version: loc.version, data });
+            }
+            return Ok(out);
         }
-        Ok(out)
+        Err(StateError::Moving { volume: volume.to_owned(), block: blocks[0] })
     }
 
     /// Blocks stored on this node (the block index's size).
@@ -1404,21 +1421,6 @@ impl Reader {
     /// Whether `volume` has `block` stored.
     pub fn has_block(&self, volume: &str, block: u64) -> bool {
         crate::index::read(&self.index).get(volume, block).is_some()
-    }
-
-    fn block(&self, volume: &str, block: u64) -> Result<pb::PssBlock, StateError> {
-        let key = block_key(volume, block);
-        // A collection may move the record between the index lookup and the read: look
-        // again (it moves at most once per collection, and collections are rare).
-        for _ in 0..3 {
-            let Some(loc) = crate::index::read(&self.index).get(volume, block) else {
-                return Ok(pb::PssBlock { block, found: false, data: Vec::new(), version: 0 });
-            };
-            if let Some(data) = self.blobs.read(&key, &loc)? {
-                return Ok(pb::PssBlock { block, found: true, version: loc.version, data });
-            }
-        }
-        Err(StateError::Moving { volume: volume.to_owned(), block })
     }
 
     /// Up to `limit` blocks from `start_block` on, in block order.
@@ -1568,6 +1570,40 @@ mod tests {
         };
         assert!(w.duplicate, "id 19 is remembered across a reopen");
         assert_eq!(sm.reader().blocks("v", &[19]).unwrap()[0].data, b"k");
+    }
+
+    /// A read of several blocks while batches writing all of them apply sees each batch
+    /// whole or not at all (one look at the index for all of them): blocks 1 and 2 are
+    /// always written together, so they always read alike.
+    #[test]
+    fn a_read_of_several_blocks_never_sees_part_of_a_batch() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut sm = StateMachine::open(dir.path(), Options::with_dedupe(16)).unwrap();
+        run(&mut sm, 2, &acquire_cmd("v", 1));
+        let reader = sm.reader();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let done = stop.clone();
+        let writer = std::thread::spawn(move || {
+            for n in 0..3000u64 {
+                let mut cmd = write_cmd("v", 1, n + 2, 1, &[n as u8; 64]);
+                let w = cmd.write.as_mut().unwrap();
+                w.ops.push(pb::PssBlockOp {
+                    block: 2,
+                    data: vec![n as u8; 64],
+                    ..w.ops[0].clone()
+                });
+                run(&mut sm, n + 3, &cmd);
+            }
+            done.store(true, std::sync::atomic::Ordering::SeqCst);
+        });
+        let mut reads = 0u64;
+        while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+            let got = reader.blocks("v", &[1, 2]).unwrap();
+            assert_eq!(got[0].data, got[1].data, "a read saw part of a batch");
+            reads += 1;
+        }
+        writer.join().unwrap();
+        assert!(reads > 0);
     }
 
     /// Replicas configured with other `dedupe_table_entries` forget request ids by the
