@@ -138,6 +138,10 @@ pub struct Fs<D> {
     clock: Clock,
     /// Set by the first failed device write (see [`Fs::apply`]); cleared only by mounting again.
     failed: bool,
+    /// A metadata change timed out and the reload from the device that undoes it in
+    /// memory failed too (the link down): memory may be ahead of the device, so the next
+    /// change reloads first, and is refused (ETIMEDOUT) while that fails.
+    stale: bool,
     /// The generation of each inode number allocated since mount (0 for the others): a
     /// number freed and given to a new file gets a new one, so the kernel does not take
     /// the new file for the dead one it may still cache under that number. At most one
@@ -164,6 +168,7 @@ impl<D: BlockDevice> Fs<D> {
             open_counts: HashMap::new(),
             clock,
             failed: false,
+            stale: false,
             generations: HashMap::new(),
             next_generation: 1,
         };
@@ -200,6 +205,7 @@ impl<D: BlockDevice> Fs<D> {
             open_counts: HashMap::new(),
             clock,
             failed: false,
+            stale: false,
             generations: HashMap::new(),
             next_generation: 1,
         };
@@ -575,8 +581,8 @@ impl<D: BlockDevice> Fs<D> {
             Err(e @ DeviceError::Timeout { .. }) => match self.reload() {
                 Ok(()) => Err(e.into()),
                 Err(reload) => {
-                    tracing::error!(error = %e, reload = %reload, "a device write timed out and the state could not be reloaded: the file system refuses changes (EIO) until it is mounted again");
-                    self.failed = true;
+                    tracing::warn!(error = %e, reload = %reload, "a device write timed out and the state could not be reloaded yet: changes wait for a reload that works (ETIMEDOUT until then)");
+                    self.stale = true;
                     self.dirs.clear();
                     Err(e.into())
                 }
@@ -594,9 +600,14 @@ impl<D: BlockDevice> Fs<D> {
     }
 
     /// Refuses a change once a device write has failed (see [`Fs::apply`]).
-    fn writable(&self) -> Result<()> {
+    fn writable(&mut self) -> Result<()> {
         if self.failed {
             return Err(FsError::Failed);
+        }
+        if self.stale {
+            self.reload()?;
+            self.stale = false;
+            tracing::info!("the state is reloaded from the device: changes go on");
         }
         Ok(())
     }
