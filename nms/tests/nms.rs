@@ -1222,6 +1222,8 @@ struct FaultyPss {
     before_acquire: std::sync::Mutex<Option<wayside_nms::store::WriteBack>>,
     /// Another caller's acquire (a create, say) committed just before the next acquire.
     acquire_first: std::sync::Mutex<Option<wayside_nms::store::Acquire>>,
+    /// The next this many volume reads fail (UNAVAILABLE: the PSS electing a leader).
+    fail_get_volume: std::sync::atomic::AtomicUsize,
 }
 
 impl FaultyPss {
@@ -1233,6 +1235,7 @@ impl FaultyPss {
             held_writes: 0.into(),
             before_acquire: std::sync::Mutex::new(None),
             acquire_first: std::sync::Mutex::new(None),
+            fail_get_volume: 0.into(),
         })
     }
 }
@@ -1263,6 +1266,11 @@ impl wayside_nms::store::Store for FaultyPss {
         &self,
         v: VolumeName,
     ) -> wayside_nms::store::BoxFut<'_, Result<wayside_nms::store::VolumeMeta, StoreError>> {
+        let ord = std::sync::atomic::Ordering::SeqCst;
+        let fail = self.fail_get_volume.fetch_update(ord, ord, |n| n.checked_sub(1)).is_ok();
+        if fail {
+            return Box::pin(async { Err(StoreError::Unavailable("no leader yet (test)".into())) });
+        }
         self.pss.get_volume(v)
     }
     fn write_batch(
@@ -1336,6 +1344,49 @@ async fn a_create_racing_another_callers_create_leaves_the_volume_to_its_creator
         assert_eq!((meta.epoch, meta.owner_node.as_str()), (1, "creator"), "{e:?}");
         assert_eq!(meta.block_size, bs);
     }
+    a.stop().await;
+    cluster.shutdown().await;
+}
+
+/// The PSS refuses a write-back for a newer epoch and then cannot say whose it is (its
+/// read fails once): the node keeps the volume and its blocks and tries again, instead of
+/// dropping them for a redirect to nobody. The raise here is the node's own, made behind
+/// its back as by an acquire whose answer was lost: once the PSS answers, the node takes
+/// that epoch and writes back, and the vehicle's copy is never replaced.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_fence_the_pss_cannot_explain_drops_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = LocalCluster::start(3, dir.path()).await.unwrap();
+    let store = FaultyPss::new(&cluster);
+    let a = Nms(LocalNms::start_with_store("a", store.clone(), |c| {
+        c.writeback_delay_ms = 600_000;
+        c.pss_rpc_timeout_ms = 200;
+    })
+    .await);
+    let c = VolumeClient::open(opts(&[&a.ep], "unexplained", "k")).await.unwrap();
+    for blk in 0..4 {
+        c.write(blk, 0, block_data(blk, 1)).await.unwrap();
+    }
+    let before = c.stat().await.unwrap();
+    let pss = cluster.client();
+    pss.acquire_volume(pb::AcquireVolumeRequest {
+        volume: "unexplained".into(),
+        owner_node: "a".into(),
+        owner_address: a.ep.uri().to_owned(),
+        expected_epoch: before.epoch,
+        create: None,
+        request_id: Some(pb::RequestId { client_id: "lost-answer".into(), seq: 1 }),
+    })
+    .await
+    .unwrap();
+    store.fail_get_volume.store(1, std::sync::atomic::Ordering::SeqCst);
+    c.flush().await.unwrap();
+    assert_eq!(store.fail_get_volume.load(std::sync::atomic::Ordering::SeqCst), 0, "it failed");
+    let after = c.stat().await.unwrap();
+    assert_eq!(after.incarnation, before.incarnation, "the copy was kept, not reloaded");
+    assert_eq!(after.epoch, before.epoch + 1, "the node took its own raise");
+    let want: HashMap<u64, Vec<u8>> = (0..4).map(|b| (b, block_data(b, 1))).collect();
+    assert_persisted_and_read_back(&cluster, &c, "unexplained", &want).await;
     a.stop().await;
     cluster.shutdown().await;
 }

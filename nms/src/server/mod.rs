@@ -935,7 +935,8 @@ impl Node {
     /// `incarnation` that was fenced: one installed since (a load at a newer epoch) is left
     /// alone, its writer too. If this node raised the epoch to `current` itself, or the PSS
     /// names this node (its own raise, an answer lost, taken as the volume's epoch),
-    /// nothing is dropped (false: write back again).
+    /// nothing is dropped (false: write back again); nor when the PSS cannot say who owns
+    /// it (false after a pause).
     pub(crate) async fn fenced(&self, v: &VolumeName, current: Epoch, incarnation: u32) -> bool {
         let here = self.core().volume(v).map(|x| (x.incarnation(), x.epoch));
         if matches!(here, Some((i, e)) if i == incarnation && e >= current) {
@@ -951,7 +952,16 @@ impl Node {
                 return !self.adopt_epoch(v, incarnation, m.epoch);
             }
             Ok(m) => m.owner_address,
-            Err(_) => String::new(),
+            Err(e) => {
+                // Not knowing whose raise it was (this node's own, its answer lost, is
+                // as likely as another owner's), the blocks are kept and the batch tried
+                // again after a pause: dropping them (a redirect to nobody) cost a reload
+                // and a replay of every vehicle's journal.
+                warn!(volume = %v, error = %e, current = current.0, "write-back refused for a newer epoch and the PSS cannot say whose; retrying");
+                tokio::time::sleep(Duration::from_millis(self.cfg.pss_rpc_timeout_ms.min(1000)))
+                    .await;
+                return false;
+            }
         };
         let old = {
             let mut core = self.core();
