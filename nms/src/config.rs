@@ -185,9 +185,11 @@ pub struct Config {
     pub http2_keepalive_timeout_ms: u64,
     /// Bytes a caller may have sent on one connection and its calls not consumed (the
     /// HTTP/2 connection window), in bytes. Large for migrations and batched writes (a
-    /// window costs a round trip per window's worth in flight); what callers can make this
-    /// node buffer is at most `max_connections` times this plus `http2_max_frame_bytes`
-    /// (64 MiB and 256 KiB by default: lower them where many callers are not trusted).
+    /// window costs a round trip per window's worth in flight). It also bounds the request
+    /// bytes a connection's calls hold taken and not yet decoded (messages begun), so what
+    /// callers can make this node buffer is at most `max_connections` times twice this plus
+    /// `http2_max_frame_bytes` (64 MiB and 256 KiB by default: lower them where many
+    /// callers are not trusted). At least `max_message_size_bytes`.
     pub http2_connection_window_bytes: u32,
     /// The same for one call (the HTTP/2 stream window), in bytes.
     pub http2_stream_window_bytes: u32,
@@ -354,6 +356,13 @@ impl Config {
             return Err(format!(
                 "http2_max_frame_bytes ({}) must be from 16384 to 16777215",
                 self.http2_max_frame_bytes
+            ));
+        }
+        if (self.http2_connection_window_bytes as usize) < self.max_message_size_bytes {
+            return Err(format!(
+                "http2_connection_window_bytes ({}) must be at least max_message_size_bytes \
+                 ({}): a connection's calls hold at most its window of undecoded request bytes",
+                self.http2_connection_window_bytes, self.max_message_size_bytes
             ));
         }
         let max_block = u64::from(wayside_proto::types::MAX_BLOCK_SIZE_BYTES);

@@ -421,7 +421,7 @@ where
 {
     let shared = Arc::new(Shared {
         queue: Mutex::new(Queue { new: VecDeque::new(), next_id: 1, closed: None }),
-        wakeups: Arc::new(Wakeups::new(settings.max_held_slices)),
+        wakeups: Arc::new(Wakeups::new(settings.max_held_slices, usize::MAX)),
         handles: AtomicUsize::new(1),
         max_waiting: settings.max_waiting_calls.max(1),
     });

@@ -624,16 +624,25 @@ pub(crate) struct Wakeups {
     pub(crate) held_slices: std::sync::atomic::AtomicUsize,
     /// ...and the most there may be (`max_held_slices`).
     pub(crate) max_held_slices: usize,
+    /// Request bytes the connection's calls hold taken from their bodies and not yet
+    /// decoded (the start of a message awaiting its rest; see `RecvBody::hold_bytes`)...
+    pub(crate) call_bytes: std::sync::atomic::AtomicUsize,
+    /// ...and the most there may be: the connection's receive window. Flow control counts
+    /// a byte only until a call takes it, so without this a peer could leave a message
+    /// unfinished on every stream, each up to the largest message.
+    pub(crate) max_call_bytes: usize,
 }
 
 impl Wakeups {
-    pub(crate) fn new(max_held_slices: usize) -> Self {
+    pub(crate) fn new(max_held_slices: usize, max_call_bytes: usize) -> Self {
         Self {
             ids: Mutex::new(Vec::new()),
             conn: Mutex::new(None),
             polling: AtomicBool::new(false),
             held_slices: std::sync::atomic::AtomicUsize::new(0),
             max_held_slices,
+            call_bytes: std::sync::atomic::AtomicUsize::new(0),
+            max_call_bytes,
         }
     }
 
@@ -879,6 +888,30 @@ impl RecvBody {
     /// HEADERS in one write instead of two. (A client sending a 64 KiB batch in 16 KiB
     /// frames got HEADERS alone in one write, then the reply: two wake-ups of it per call.)
     /// Only the reader can tell: the connection sees DATA frames, not messages.
+    /// Takes `n` more bytes of the connection's budget for request bytes its calls hold
+    /// undecoded (its receive window, `Wakeups::max_call_bytes`); `false`, taking nothing,
+    /// past it. Given back with [`RecvBody::release_bytes`].
+    pub fn hold_bytes(&self, n: usize) -> bool {
+        use std::sync::atomic::Ordering::Relaxed;
+        let w = &self.shared.stream.wakeups;
+        let mut cur = w.call_bytes.load(Relaxed);
+        loop {
+            if cur.saturating_add(n) > w.max_call_bytes {
+                return false;
+            }
+            match w.call_bytes.compare_exchange_weak(cur, cur + n, Relaxed, Relaxed) {
+                Ok(_) => return true,
+                Err(now) => cur = now,
+            }
+        }
+    }
+
+    /// Gives back `n` bytes taken with [`RecvBody::hold_bytes`].
+    pub fn release_bytes(&self, n: usize) {
+        let w = &self.shared.stream.wakeups;
+        w.call_bytes.fetch_sub(n, std::sync::atomic::Ordering::Relaxed);
+    }
+
     pub fn set_mid_message(&self, mid: bool) {
         let mut st = self.shared.lock();
         if st.mid_message == mid {
@@ -1359,7 +1392,10 @@ where
             out,
             hpack,
             streams: HashMap::new(),
-            wakeups: Arc::new(Wakeups::new(settings.max_held_slices)),
+            wakeups: Arc::new(Wakeups::new(
+                settings.max_held_slices,
+                conn_window.max(DEFAULT_WINDOW) as usize,
+            )),
             ready: Vec::new(),
             window_blocked: VecDeque::new(),
             out_blocked: Vec::new(),

@@ -257,6 +257,8 @@ pub struct Messages<M> {
     /// What the connection was last told: `pending` holds the start of a message and
     /// waits for its rest (`RecvBody::set_mid_message`).
     mid: bool,
+    /// Bytes of `pending` taken from the connection's budget (`RecvBody::hold_bytes`).
+    charged: usize,
     _m: std::marker::PhantomData<fn() -> M>,
 }
 
@@ -273,6 +275,7 @@ impl<M: prost::Message + Default> Messages<M> {
             max,
             done: false,
             mid: false,
+            charged: 0,
             _m: std::marker::PhantomData,
         }
     }
@@ -352,7 +355,22 @@ impl<M: prost::Message + Default> Messages<M> {
         }
     }
 
+    /// Gives back to the connection's budget what `pending` no longer holds.
+    fn uncharge(&mut self) {
+        let now = self.pending.remaining();
+        if now < self.charged {
+            self.body.release_bytes(self.charged - now);
+            self.charged = now;
+        }
+    }
+
     fn poll_message(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<M, Status>>> {
+        let r = self.poll_message_inner(cx);
+        self.uncharge();
+        r
+    }
+
+    fn poll_message_inner(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<M, Status>>> {
         use http_body::Body as _;
         loop {
             match decode_one::<M>(&mut self.pending, self.max) {
@@ -377,6 +395,17 @@ impl<M: prost::Message + Default> Messages<M> {
                 Some(Ok(frame)) => {
                     // (Request trailers carry nothing a wayside call uses.)
                     if let Ok(data) = frame.into_data() {
+                        // Held undecoded from here on, counted against the connection's
+                        // budget (its receive window: flow control counts it no more).
+                        if !self.body.hold_bytes(data.len()) {
+                            self.done = true;
+                            self.pending.clear();
+                            return Poll::Ready(Some(Err(Status::resource_exhausted(
+                                "the connection's calls hold more undecoded request bytes \
+                                 than its receive window (http2_connection_window_bytes)",
+                            ))));
+                        }
+                        self.charged += data.len();
                         self.pending.push(data);
                         self.peak_held_bytes = self.peak_held_bytes.max(self.pending.held_bytes());
                     }
@@ -389,6 +418,12 @@ impl<M: prost::Message + Default> Messages<M> {
                 None => self.done = true,
             }
         }
+    }
+}
+
+impl<M> Drop for Messages<M> {
+    fn drop(&mut self) {
+        self.body.release_bytes(self.charged);
     }
 }
 
@@ -971,6 +1006,13 @@ mod tests {
     /// reports them on the channel returned, and ends with OK or the status decoding ended
     /// with. Returns its address and the channel.
     async fn serve_test() -> (std::net::SocketAddr, tokio::sync::mpsc::Receiver<Seen>) {
+        serve_test_with(crate::server::HTTP2_CONNECTION_WINDOW_BYTES).await
+    }
+
+    /// [`serve_test`] with another connection window.
+    async fn serve_test_with(
+        connection_window_bytes: u32,
+    ) -> (std::net::SocketAddr, tokio::sync::mpsc::Receiver<Seen>) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (seen_tx, seen_rx) = tokio::sync::mpsc::channel(4);
@@ -1004,7 +1046,7 @@ mod tests {
             keepalive_timeout_ms: 0,
             tls_handshake_timeout_ms: 1000,
             max_tls_handshakes: 16,
-            connection_window_bytes: crate::server::HTTP2_CONNECTION_WINDOW_BYTES,
+            connection_window_bytes,
             stream_window_bytes: crate::server::HTTP2_STREAM_WINDOW_BYTES,
             max_frame_bytes: crate::server::HTTP2_MAX_FRAME_BYTES,
             send_buffer_bytes: crate::h2conn::DEFAULT_SEND_BUFFER_BYTES,
@@ -1088,6 +1130,45 @@ mod tests {
         let (got, peak, _) = seen.recv().await.unwrap();
         assert_eq!(got, ops);
         assert_eq!(peak, body.len() + std::mem::size_of::<Bytes>(), "one chunk, no copy");
+    }
+
+    /// Request bytes a connection's calls hold undecoded (messages begun and not finished)
+    /// are bounded by its receive window, though flow control gives a byte back as soon as
+    /// a call takes it: three streams each leaving 600 KiB of a 900 KiB message unfinished
+    /// on a connection with a 1 MiB window get the one past it RESOURCE_EXHAUSTED (before,
+    /// every stream could hold up to the largest message, 1024 streams a connection).
+    #[tokio::test]
+    async fn unfinished_messages_hold_no_more_than_the_connection_window() {
+        let (addr, mut seen) = serve_test_with(1 << 20).await;
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (send, conn) = h2::client::handshake(tcp).await.unwrap();
+        tokio::spawn(conn);
+        let mut calls = Vec::new();
+        for _ in 0..3 {
+            let mut send = send.clone().ready().await.unwrap();
+            let req = http::Request::post(format!("http://{addr}/test.Test/Write"))
+                .header("content-type", "application/grpc")
+                .header("te", "trailers")
+                .body(())
+                .unwrap();
+            let (resp, mut out) = send.send_request(req, false).unwrap();
+            let mut start = vec![0u8];
+            start.extend_from_slice(&(900u32 << 10).to_be_bytes());
+            out.send_data(Bytes::from(start), false).unwrap();
+            for _ in 0..40 {
+                out.send_data(Bytes::from(vec![0u8; 15 << 10]), false).unwrap();
+            }
+            calls.push((resp, out));
+        }
+        let (got, _, end) = tokio::time::timeout(Duration::from_secs(20), seen.recv())
+            .await
+            .expect("a call ended")
+            .unwrap();
+        assert!(got.is_empty());
+        let e = end.expect_err("refused");
+        assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e:?}");
+        assert!(e.message().contains("http2_connection_window_bytes"), "{e:?}");
+        drop(calls);
     }
 
     /// A request that ends inside a message (its prefix or its body cut short) ends the
