@@ -1121,6 +1121,20 @@ impl<R: Remote> BlockDevice for CachedVolume<R> {
 impl<R: Remote> Drop for CachedVolume<R> {
     fn drop(&mut self) {
         self.cancel.cancel();
+        // The directory's lock goes with this value: the uploader, which may be finishing
+        // a flush and deleting or starting journal segments, must have ended by then, or a
+        // mount taking the directory next would find a segment started under it (a torn
+        // tail in a segment no longer the last: "corrupt"). Waited for here unless this
+        // is a runtime's thread (which cannot block on it; the task stops at its next
+        // await point).
+        let task = self.uploader.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(task) = task {
+            if tokio::runtime::Handle::try_current().is_err() {
+                let _ = self
+                    .rt
+                    .block_on(async { tokio::time::timeout(Duration::from_secs(5), task).await });
+            }
+        }
     }
 }
 
