@@ -1714,12 +1714,15 @@ where
             if !end_stream {
                 self.out.rst_stream(id, code::NO_ERROR);
             }
-            return Ok(());
+            // Counted with the resets: each costs a reply (and the decoding of up to 4x
+            // the limit), and a flood of them in one read would otherwise queue replies
+            // far past `send_buffer_bytes`.
+            return self.count_reset();
         }
         if let Some(why) = d.malformed {
             tracing::debug!(stream = id, why, "a malformed request");
             self.out.rst_stream(id, code::PROTOCOL_ERROR);
-            return Ok(());
+            return self.count_reset();
         }
         let waker = Arc::new(StreamWaker {
             wakeups: self.wakeups.clone(),
@@ -2843,6 +2846,36 @@ mod tests {
                 &request_block("/t/hang", &[]),
             ));
             burst.extend(frame_bytes(frame::RST_STREAM, 0, id, &code::CANCEL.to_be_bytes()));
+        }
+        c.tcp.write_all(&burst).await.unwrap();
+        assert_eq!(c.goaway_code().await, code::ENHANCE_YOUR_CALM);
+    }
+
+    /// Requests refused for a header list past the limit count with the resets: a flood
+    /// of them in one write (each a few bytes naming one big dynamic-table entry, each
+    /// answered with a reply) closes the connection instead of queueing a reply apiece.
+    #[tokio::test]
+    async fn a_flood_of_overlong_header_lists_closes_the_connection() {
+        let s = ConnSettings { max_resets_per_s: 50, ..settings() };
+        let (addr, _seen, _stop, _served) = start(s).await;
+        let mut c = Raw::connect(addr).await;
+        let max = settings().max_header_list_bytes as usize;
+        let mut burst = Vec::new();
+        for i in 0..60u32 {
+            let mut block = request_block("/t/echo", &[]);
+            if i == 0 {
+                // One entry of a third of the limit, then three references to it a request.
+                block.push(0x40);
+                encode_string(&mut block, b"x-big");
+                encode_string(&mut block, &vec![b'v'; max / 3]);
+            }
+            block.extend([0xbe; 4]);
+            burst.extend(frame_bytes(
+                frame::HEADERS,
+                frame::END_HEADERS | frame::END_STREAM,
+                1 + 2 * i,
+                &block,
+            ));
         }
         c.tcp.write_all(&burst).await.unwrap();
         assert_eq!(c.goaway_code().await, code::ENHANCE_YOUR_CALM);
