@@ -4,7 +4,7 @@ use serde::{Deserialize, Serialize};
 
 /// The most `max_header_list_bytes` may be set to, in bytes: a header list of more fields
 /// than an `http::HeaderMap` holds (32768, each counted at 32 bytes at least) would fail.
-pub const MAX_HEADER_LIST_BYTES_LIMIT: u32 = 256 * 1024;
+pub const MAX_HEADER_LIST_BYTES_LIMIT: u32 = wayside_proto::h2conn::MAX_HEADER_LIST_BYTES;
 
 /// Settings of one NMS; every limit is named with its unit.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

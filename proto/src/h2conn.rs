@@ -92,6 +92,9 @@ const DATA_SLICE_MIN_BYTES: usize = 1024;
 /// that sends short DATA frames between long frames of other kinds can pin beyond the
 /// window's bytes, in slices.
 pub const DEFAULT_MAX_HELD_SLICES: usize = 256;
+/// The largest `max_header_list_bytes` a connection takes, in bytes.
+pub const MAX_HEADER_LIST_BYTES: u32 = 256 * 1024;
+
 /// Default `max_resets_per_s`: most streams a peer may reset (or make us reset by breaking
 /// the protocol on them) while their calls run, per second, before the connection closes
 /// (ENHANCE_YOUR_CALM): every reset call costs the work begun for it (CVE-2023-44487,
@@ -1363,6 +1366,10 @@ where
     fn new(io: IO, svc: S, mut settings: ConnSettings) -> Self {
         settings.send_buffer_bytes = send_buffer_limit(settings.send_buffer_bytes);
         settings.max_resets_per_s = settings.max_resets_per_s.max(1);
+        // A decoded list may reach 4x this, each field counting at least 32 bytes: at this
+        // cap it stays within the 32768 fields an `http::HeaderMap` takes (past them it
+        // panics).
+        settings.max_header_list_bytes = settings.max_header_list_bytes.min(MAX_HEADER_LIST_BYTES);
         let mut out = Out::default();
         // Our SETTINGS, then the connection window past the protocol's 64 KiB.
         let ours = [
