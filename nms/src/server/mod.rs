@@ -744,7 +744,6 @@ impl Node {
     /// replaced, that task takes no batch of the new one and its late completions change
     /// nothing.
     pub(crate) fn start_writer(&self, v: &VolumeName) {
-        let Some(incarnation) = self.core().volume(v).map(|x| x.incarnation()) else { return };
         let h = Arc::new(Handle {
             kick: Notify::new(),
             flush: Notify::new(),
@@ -754,9 +753,17 @@ impl Node {
             in_flight: AtomicBool::new(false),
             refused: Mutex::new(None),
         });
-        if let Some(old) = self.handles.lock().expect("poisoned").insert(v.clone(), h.clone()) {
-            old.cancel.cancel();
-        }
+        // The incarnation read and the handle put in place under one cache lock (lock
+        // order: the cache, then the handles), so two of these for successive copies
+        // cannot interleave and leave the newer copy without a writer.
+        let incarnation = {
+            let core = self.core();
+            let Some(incarnation) = core.volume(v).map(|x| x.incarnation()) else { return };
+            if let Some(old) = self.handles.lock().expect("poisoned").insert(v.clone(), h.clone()) {
+                old.cancel.cancel();
+            }
+            incarnation
+        };
         let me = self.self_arc();
         let vol = v.clone();
         let span = info_span!("writeback", node = %self.node_id, volume = %v);
@@ -833,6 +840,7 @@ impl Node {
                         // Replaced (moved, fenced, loaded again): its own writer took over.
                         drop(core);
                         h.in_flight.store(false, Ordering::SeqCst);
+                        self.bump(); // (a move waiting on `in_flight` goes on at once)
                         return;
                     }
                     core.take_batch(&v)
@@ -882,6 +890,7 @@ impl Node {
                             if !ours {
                                 // A stale writer's batch: the volume here now is another
                                 // incarnation, whose own write-back decides its fate.
+                                self.bump();
                                 return;
                             }
                             if self.fenced(&v, current, incarnation).await {
@@ -916,6 +925,7 @@ impl Node {
                                 _ = h.cancel.cancelled() => {
                                     self.core().complete_batch(&batch, false);
                                     h.in_flight.store(false, Ordering::SeqCst);
+                                    self.bump();
                                     return;
                                 }
                             }
