@@ -70,13 +70,16 @@ pub fn decide(road: &Road, fix: VehicleFix, predicted_smt_s: f64, margin_s: f64)
     let Some(from) = road.serving_at(fix.position_m, v) else {
         return none(None, format!("no RSU serves position {:.1} m", fix.position_m));
     };
-    let to = from + 1;
-    if to >= road.rsus().len() {
-        return none(Some(from), format!("{} is the last RSU", road.rsus()[from].name));
-    }
     let exit = road.exit_position_m(from, v);
+    // The next RSU to serve the vehicle: the first past `from` whose exit point lies
+    // beyond `from`'s (one whose coverage ends before it never serves the vehicle, as
+    // `Road::serving_at` says), usually `from + 1`.
+    let Some(to) = (from + 1..road.rsus().len()).find(|&j| road.exit_position_m(j, v) > exit)
+    else {
+        return none(Some(from), format!("{} is the last RSU", road.rsus()[from].name));
+    };
     let handover_at_s = fix.time_s + (exit - fix.position_m).max(0.0) / v.mps();
-    let window_s = road.time_to_handover_s() + road.dwell_time_s(to, v);
+    let window_s = road.time_to_handover_s() + road.dwell_time_after_s(to, exit, v);
     let lead_limit_s = road.dwell_time_s(from, v);
     let names = (&road.rsus()[from].name, &road.rsus()[to].name);
     let (kind, x_s, reason) = match model::plan(predicted_smt_s, window_s, lead_limit_s, margin_s) {
@@ -201,5 +204,30 @@ mod tests {
         let road = Road::new(vec![site("A", 100.0), site("B", 300.0)], 2.0, 2.0).unwrap();
         let d = decide(&road, at(0.0, 30.0, 10.0), 1.0, 0.0);
         assert_eq!(d.handover_at_s, 20.0);
+    }
+
+    /// An RSU whose coverage ends before the one serving the vehicle (nested coverage)
+    /// never serves it: the next RSU is the one after it, as `Road::serving_at` says, with
+    /// its dwell counted from the serving RSU's exit.
+    #[test]
+    fn an_rsu_nested_in_the_serving_ones_coverage_is_skipped() {
+        let site = |name: &str, position_m: f64, coverage_radius_m: f64| RsuSite {
+            name: name.into(),
+            position_m,
+            coverage_radius_m,
+            nms_address: String::new(),
+        };
+        let road = Road::new(
+            vec![site("A", 1000.0, 600.0), site("B", 1300.0, 200.0), site("C", 2000.0, 500.0)],
+            0.0,
+            0.0,
+        )
+        .unwrap();
+        let d = decide(&road, at(0.0, 1200.0, 10.0), 1.0, 0.0);
+        assert_eq!((d.from, d.to), (Some(0), Some(2)), "{d:?}");
+        assert_eq!(road.serving_at(1700.0, Speed::from_mps(10.0).unwrap()), Some(2));
+        // C serves from A's exit (1600 m) to its own (2500 m): 90 s at 10 m/s.
+        assert!((d.window_s - 90.0).abs() < 1e-9, "{d:?}");
+        assert_eq!(d.kind, Kind::Reactive);
     }
 }

@@ -159,6 +159,15 @@ impl Road {
         (self.exit_position_m(i, speed) - self.serve_start_m(i, speed)).max(0.0)
     }
 
+    /// The dwell time of RSU `i` for a vehicle handed over to it at `from_m` (the exit
+    /// point of the RSU that served the vehicle before): `N̄` of RSU `i` when that is RSU
+    /// `i - 1` (whose exit point is where RSU `i`'s service starts), from `from_m` when
+    /// RSUs between, whose coverage ends before it, were skipped.
+    pub fn dwell_time_after_s(&self, i: usize, from_m: f64, speed: Speed) -> f64 {
+        let distance = (self.exit_position_m(i, speed) - from_m).max(0.0);
+        model::dwell_time_s(distance, speed)
+    }
+
     /// Network dwell time `N̄` of RSU `i` at `speed`.
     pub fn dwell_time_s(&self, i: usize, speed: Speed) -> f64 {
         model::dwell_time_s(self.dwell_distance_m(i, speed), speed)

@@ -188,6 +188,10 @@ fn unauthenticated(volume: &str) -> Status {
     Status::unauthenticated(format!("wrong credential for volume {volume}"))
 }
 
+/// The speed a stopped vehicle's report (speed 0) is planned with, only to find the RSU
+/// serving its position (an exit radius of its handover radius), in metres per second.
+const STOPPED_MPS: f64 = 1e-6;
+
 /// Each NodeStatus call of [`Smf::locate`].
 const LOCATE_CALL_TIMEOUT: Duration = Duration::from_secs(2);
 /// [`Smf::locate`] asks again after this, doubling up to [`LOCATE_MAX_PAUSE`].
@@ -223,6 +227,10 @@ struct Pending {
     planned_start_s: f64,
     due: Instant,
     predicted_smt_s: f64,
+    /// The volume bytes the prediction was made for (the report's cached bytes): what a
+    /// completed move's time is learnt against, so the estimate predicts from what it
+    /// learns from (a move's bytes moved count blocks sent again in later rounds too).
+    planned_bytes: u64,
     clock: Clock,
 }
 
@@ -351,8 +359,11 @@ impl Smf {
         }
         wayside_proto::convert::volume_name(&r.volume)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
-        // All of it checked before any NMS is asked about the credential.
-        let speed = Speed::from_mps(r.speed_mps)
+        // All of it checked before any NMS is asked about the credential. A stopped
+        // vehicle (0, a red light) is planned no move until it moves again (its pending
+        // one is dropped); its position still says which RSU serves it.
+        let stopped = r.speed_mps == 0.0;
+        let speed = Speed::from_mps(if stopped { STOPPED_MPS } else { r.speed_mps })
             .map_err(|e| Status::invalid_argument(format!("speed_mps: {e}")))?;
         if !r.time_s.is_finite() || !r.position_m.is_finite() {
             return Err(Status::invalid_argument("time_s and position_m must be finite"));
@@ -487,10 +498,23 @@ impl Smf {
         }
         st.vehicles.insert(r.vehicle.clone(), (now, r.volume.clone()));
         let road_gen = st.road_gen;
-        let predicted_wall = st.estimator.predict_s(r.cached_bytes.max(r.dirty_bytes));
+        let planned_bytes = r.cached_bytes.max(r.dirty_bytes);
+        let predicted_wall = st.estimator.predict_s(planned_bytes);
         let predicted = predicted_wall * self.cfg.time_scale;
         let fix = VehicleFix { time_s: r.time_s, position_m: r.position_m, speed };
-        let d = planner::decide(&road, fix, predicted, self.cfg.margin_s);
+        let mut d = planner::decide(&road, fix, predicted, self.cfg.margin_s);
+        if r.speed_mps == 0.0 {
+            d = planner::Decision {
+                kind: Kind::None,
+                to: None,
+                handover_at_s: f64::INFINITY,
+                start_at_s: f64::INFINITY,
+                x_s: 0.0,
+                window_s: 0.0,
+                reason: "the vehicle is stopped: no move until it moves again".into(),
+                ..d
+            };
+        }
         let serving = road.index_of(&r.serving_rsu).or(d.from);
         let vol = st.volumes.entry(r.volume.clone()).or_default();
         vol.last = Some(now);
@@ -518,6 +542,7 @@ impl Smf {
                         planned_start_s: r.time_s,
                         due: now,
                         predicted_smt_s: predicted,
+                        planned_bytes,
                         clock,
                     });
                 }
@@ -531,6 +556,7 @@ impl Smf {
                         planned_start_s: d.start_at_s,
                         due: clock.wall(d.start_at_s),
                         predicted_smt_s: predicted,
+                        planned_bytes,
                         clock,
                     });
                 }
@@ -589,10 +615,21 @@ impl Smf {
         let result = self.call_migrate(&src.nms_address, &volume, &dst.nms_address).await;
         let wall = start.elapsed().as_secs_f64();
         // An outcome the SMF did not hear: the move may have completed at the NMSs, and the
-        // next move must start where the volume is, not where the SMF last saw it.
+        // next move must start where the volume is, not where the SMF last saw it. When
+        // the move's two NMSs cannot tell (the source unreachable, or not holding it: the
+        // vehicle attached elsewhere after an NMS died, or a move the SMF never saw), the
+        // whole road is asked, or every later move would start from the wrong NMS.
         let found = match &result {
-            Err(e) if e.sent => self.locate(&road, &volume, p.from, p.to).await,
-            _ => None,
+            Ok(rep) if rep.outcome == pb::MigrationOutcome::Completed as i32 => None,
+            Ok(_) => Some(p.from),
+            Err(e) => {
+                let near =
+                    if e.sent { self.locate(&road, &volume, p.from, p.to).await } else { None };
+                match near {
+                    Some(i) => Some(i),
+                    None => self.survey(&road, &volume).await,
+                }
+            }
         };
         let scale = self.cfg.time_scale;
         let mut rec = pb::MoveRecord {
@@ -614,7 +651,7 @@ impl Smf {
                 rec.ok = true;
                 rec.bytes = rep.bytes_moved;
                 rec.pause_ms = rep.pause_us as f64 / 1000.0;
-                st.estimator.observe(rep.bytes_moved, wall);
+                st.estimator.observe(p.planned_bytes, wall);
                 info!(
                     bytes = rep.bytes_moved,
                     wall_ms = wall * 1e3,
@@ -628,8 +665,11 @@ impl Smf {
             }
             Err(e) => {
                 rec.error = e.message;
-                if let Some(i) = found {
-                    rec.error += &format!("; the volume is at {} now", road.rsus()[i].name);
+                match found {
+                    Some(i) => {
+                        rec.error += &format!("; the volume is at {} now", road.rsus()[i].name)
+                    }
+                    None => rec.error += "; no NMS of the road answered that it holds the volume",
                 }
                 warn!(error = %rec.error, "move failed");
             }
@@ -641,7 +681,9 @@ impl Smf {
                 v.moving = false;
                 if rec.ok {
                     v.at = Some(p.to);
-                } else if found.is_some() {
+                } else {
+                    // Unknown (no NMS holds it, or none answered): where the vehicle's
+                    // next report says it is served, as for a volume first seen.
                     v.at = found;
                 }
             }
@@ -713,6 +755,25 @@ impl Smf {
         );
         let s = client.node_status(req).await.map_err(|s| s.message().to_owned())?.into_inner();
         Ok(s.volume_info.iter().find(|v| v.volume == volume).map(|v| (v.epoch, v.migrating_out)))
+    }
+
+    /// Where `volume` is on the whole road: the RSU whose NMS holds it at the newest epoch
+    /// (asked all at once, each within `LOCATE_CALL_TIMEOUT`; the road's RSUs bound them).
+    /// `None`: no NMS that answered holds it.
+    async fn survey(&self, road: &Road, volume: &str) -> Option<usize> {
+        let asks = road.rsus().iter().map(|r| self.epoch_at(&r.nms_address, volume));
+        let answers = futures::future::join_all(asks).await;
+        let found = answers
+            .into_iter()
+            .enumerate()
+            .filter_map(|(i, a)| match a {
+                Ok(Some((epoch, _))) => Some((epoch, i)),
+                _ => None,
+            })
+            .max()
+            .map(|(_, i)| i);
+        info!(volume, at = ?found.map(|i| &road.rsus()[i].name), "asked the road where the volume is");
+        found
     }
 
     /// Where `volume` is after a move `from` -> `to` whose outcome the SMF did not hear:
@@ -1029,9 +1090,13 @@ mod tests {
             tonic::Code::InvalidArgument
         );
         smf.set_road(road("127.0.0.1:1")).unwrap();
-        let mut r = report(0.0, 0.0);
-        r.speed_mps = 0.0;
-        assert_eq!(smf.report(&r).await.unwrap_err().code(), tonic::Code::InvalidArgument);
+        // (A stopped vehicle, speed 0, is a valid report: see
+        // `a_stopped_vehicle_is_planned_no_move`.)
+        for speed in [-1.0, f64::NAN] {
+            let mut r = report(0.0, 0.0);
+            r.speed_mps = speed;
+            assert_eq!(smf.report(&r).await.unwrap_err().code(), tonic::Code::InvalidArgument);
+        }
         assert!(Smf::new(
             SmfConfig { time_scale: 0.0, ..Default::default() },
             CancellationToken::new()
@@ -1222,6 +1287,7 @@ mod tests {
             planned_start_s: 0.0,
             due: now,
             predicted_smt_s: 0.0,
+            planned_bytes: 0,
             clock: Clock { at: now, time_s: 0.0, scale: 1.0 },
         };
         smf.do_move(road, "vol".into(), p).await;
@@ -1237,6 +1303,91 @@ mod tests {
         drop(c);
         a.stop().await;
         b.stop().await;
+        cluster.shutdown().await;
+    }
+
+    /// A stopped vehicle (speed 0: a red light) is planned no move: its report is taken
+    /// (not refused as a bad speed) and drops the move planned while it was driving, which
+    /// would otherwise move its volume away while it waits inside its RSU's coverage.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_stopped_vehicle_is_planned_no_move() {
+        use crate::testing::LocalNms;
+        let dir = tempfile::tempdir().unwrap();
+        let cluster = wayside_pss::testing::LocalCluster::start(1, dir.path()).await.unwrap();
+        let a = LocalNms::start("a", &cluster.endpoints(), |_| {}).await;
+        let _c = vehicle_of_vol(&a).await;
+        let smf = Smf::new(SmfConfig::default(), CancellationToken::new()).unwrap();
+        smf.set_road(road(a.ep.authority())).unwrap();
+        // 10 m before A's exit at 10 m/s: a move to B is due in about a second.
+        let d = smf.report(&report(0.0, 240.0)).await.unwrap();
+        assert_ne!(d.kind, pb::MoveKind::None as i32, "{d:?}");
+        assert!(smf.lock().volumes["vol"].pending.is_some());
+        let stopped = pb::VehicleReport { speed_mps: 0.0, ..report(0.5, 240.0) };
+        let d = smf.report(&stopped).await.unwrap();
+        assert_eq!(d.kind, pb::MoveKind::None as i32, "{d:?}");
+        assert_eq!(d.from_rsu, "A");
+        assert!(d.reason.contains("stopped"), "{d:?}");
+        assert!(smf.lock().volumes["vol"].pending.is_none(), "the planned move is dropped");
+        let backwards = pb::VehicleReport { speed_mps: -1.0, ..report(1.0, 240.0) };
+        let e = smf.report(&backwards).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument);
+        a.stop().await;
+        cluster.shutdown().await;
+    }
+
+    /// A move whose source is gone (its NMS died; the vehicle attached at C meanwhile and
+    /// C loaded the volume): the move's two NMSs cannot say where the volume is, so the SMF
+    /// asks the whole road and the next move starts from C. (Before, the SMF kept the
+    /// volume at A for good, and every later move started from the dead NMS.)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_move_from_a_dead_nms_finds_the_volume_on_the_road() {
+        use crate::testing::LocalNms;
+        let dir = tempfile::tempdir().unwrap();
+        let cluster = wayside_pss::testing::LocalCluster::start(1, dir.path()).await.unwrap();
+        let nms: Vec<LocalNms> = vec![
+            LocalNms::start("a", &cluster.endpoints(), |_| {}).await,
+            LocalNms::start("b", &cluster.endpoints(), |_| {}).await,
+            LocalNms::start("c", &cluster.endpoints(), |_| {}).await,
+        ];
+        let at_a = vehicle_of_vol(&nms[0]).await;
+        at_a.write(0, 0, vec![7; 4096]).await.unwrap();
+        at_a.flush().await.unwrap();
+        let smf = Smf::new(SmfConfig::default(), CancellationToken::new()).unwrap();
+        let mut r = road("unused");
+        r.rsus.push(pb::Rsu { name: "C".into(), position_m: 500.0, ..r.rsus[0].clone() });
+        for (rsu, n) in r.rsus.iter_mut().zip(&nms) {
+            rsu.nms_address = n.ep.authority().into();
+        }
+        smf.set_road(r).unwrap();
+        smf.report(&report(0.0, 0.0)).await.unwrap();
+        assert_eq!(smf.lock().volumes["vol"].at, Some(0), "first seen at A");
+        drop(at_a);
+        let mut nms = nms.into_iter();
+        nms.next().unwrap().stop().await;
+        let (b, c) = (nms.next().unwrap(), nms.next().unwrap());
+        let at_c = vehicle_of_vol(&c).await;
+        assert_eq!(at_c.read(0, 0, None).await.unwrap(), Some(vec![7; 4096]));
+        let (road, _) = smf.lock().road.clone().unwrap();
+        let now = Instant::now();
+        let p = Pending {
+            vehicle: "car".into(),
+            road_gen: smf.lock().road_gen,
+            from: 0,
+            to: 1,
+            kind: Kind::Reactive,
+            planned_start_s: 0.0,
+            due: now,
+            predicted_smt_s: 0.0,
+            planned_bytes: 0,
+            clock: Clock { at: now, time_s: 0.0, scale: 1.0 },
+        };
+        smf.do_move(road, "vol".into(), p).await;
+        let m = &smf.moves("car")[0];
+        assert!(!m.ok && m.error.contains("the volume is at C now"), "{m:?}");
+        assert_eq!(smf.lock().volumes["vol"].at, Some(2), "the SMF knows the volume is at C");
+        drop(at_c);
+        b.stop().await;
+        c.stop().await;
         cluster.shutdown().await;
     }
 
