@@ -410,9 +410,12 @@ async fn the_smf_serves_and_dials_over_tls() {
     assert_eq!(e.code(), tonic::Code::Unauthenticated, "checked with A over TLS: {e:?}");
     let d = client.report_vehicle(report("secret-1")).await.unwrap().into_inner();
     assert_eq!(d.kind, pb::MoveKind::Reactive as i32, "{d:?}");
+    // Where vehicles drove is for the road's operators, not for a vehicle.
+    let e = client.list_moves(pb::ListMovesRequest::default()).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
     let deadline = Instant::now() + Duration::from_secs(20);
     let m = loop {
-        let moves = client
+        let moves = operator
             .list_moves(pb::ListMovesRequest { vehicle: "car".into() })
             .await
             .unwrap()

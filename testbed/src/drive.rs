@@ -846,7 +846,7 @@ async fn drive_on(
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let moves = smf_client
-        .list_moves(pb::ListMovesRequest::default())
+        .list_moves(sc.cluster_token.request(pb::ListMovesRequest::default()))
         .await
         .context("ListMoves")?
         .into_inner()

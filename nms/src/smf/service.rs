@@ -880,6 +880,10 @@ impl pb::smf_server::Smf for Smf {
         &self,
         req: Request<pb::ListMovesRequest>,
     ) -> Result<Response<pb::ListMovesReply>, Status> {
+        // Every vehicle's moves say where it drove and when: for the road's operators
+        // (the cluster token, and on TLS a road certificate), as SetRoad.
+        let on_tls = self.tls.as_ref().is_some_and(|t| t.has_identity());
+        wayside_proto::token::check(self.cfg.cluster_token.as_ref(), on_tls, &req)?;
         Ok(Response::new(pb::ListMovesReply { moves: self.moves(&req.into_inner().vehicle) }))
     }
 }
