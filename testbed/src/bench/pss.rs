@@ -390,7 +390,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let settle_max = Duration::from_secs(args.settle_seconds);
     let mut volume = 0usize;
     for &clients in &args.clients {
-        let (mut ps, mut es) = (Vec::new(), Vec::new());
+        let (mut ps, mut es, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
         for round in 0..args.rounds.max(1) {
             let waited = settle(&etcd_pids, settle_max).await;
             let p = bench_pss(&endpoints, volume, clients, args.seconds, args.value_bytes).await?;
@@ -418,10 +418,16 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                 waited.as_secs_f64(),
                 p.ops_per_sec / e.ops_per_sec
             );
+            ratios.push(p.ops_per_sec / e.ops_per_sec);
             es.push(e);
         }
         if !es.is_empty() {
-            rows.push((clients, median(ps), median(es)));
+            // The verdict's ratio: the median round's pair (a PSS run and the etcd run made
+            // right after it meet the same drift of this VM's speed), lower median for an
+            // even count; the table beside gives each system's own median.
+            ratios.sort_by(f64::total_cmp);
+            let paired = ratios[(ratios.len() - 1) / 2];
+            rows.push((clients, median(ps), median(es), paired));
         }
     }
     if etcd.is_none() {
@@ -440,7 +446,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     println!(
         "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
     );
-    for (c, p, e) in &rows {
+    for (c, p, e, _) in &rows {
         println!(
             "| {c} | {:.0} | {:.2} | {:.2} | {:.0} | {:.1} | {:.0} | {:.2} | {:.2} | {:.0} | {:.2}x | {:.2}x |",
             p.ops_per_sec,
@@ -459,11 +465,13 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             println!("  (errors during {c}-client run: PSS {}, etcd {})", p.errors, e.errors);
         }
     }
-    if let Some((_, p, e)) = rows.iter().find(|(c, _, _)| *c == 256) {
-        let ratio = p.ops_per_sec / e.ops_per_sec;
+    for (c, _, _, paired) in &rows {
+        println!("ratio at {c} clients, the median round's pair: {paired:.2}x");
+    }
+    if let Some((_, _, _, ratio)) = rows.iter().find(|(c, ..)| *c == 256) {
         println!(
-            "target at 256 clients: PSS >= 3x etcd; measured {ratio:.2}x ({})",
-            if ratio >= 3.0 { "met" } else { "NOT met" }
+            "target at 256 clients: PSS >= 3x etcd; measured {ratio:.2}x, the median round's pair ({})",
+            if *ratio >= 3.0 { "met" } else { "NOT met" }
         );
     }
     drop(etcd);
