@@ -354,6 +354,9 @@ impl Smf {
     /// the road the first time: a caller naming another vehicle's volume must not move
     /// it), then plans the volume's next move.
     pub async fn report(&self, r: &pb::VehicleReport) -> Result<pb::MoveDecision, Status> {
+        // The report's `time_s` is now: its scenario clock is anchored here, not after the
+        // credential check (up to seconds for a first report), which would plan it late.
+        let received = Instant::now();
         if r.vehicle.is_empty() || r.volume.is_empty() {
             return Err(Status::invalid_argument("vehicle and volume are required"));
         }
@@ -393,7 +396,7 @@ impl Smf {
             Some(_) => return Err(unauthenticated(&r.volume)),
             None => self.check_credential(&ask, &r.volume, &r.credential).await?,
         }
-        self.decide(r, speed, hash)
+        self.decide(r, speed, hash, received)
     }
 
     /// Asks the NMSs at `ask`, in order, whether `credential` is `volume`'s (the first
@@ -455,9 +458,10 @@ impl Smf {
         r: &pb::VehicleReport,
         speed: Speed,
         hash: CredentialHash,
+        received: Instant,
     ) -> Result<pb::MoveDecision, Status> {
         let now = Instant::now();
-        let clock = Clock { at: now, time_s: r.time_s, scale: self.cfg.time_scale };
+        let clock = Clock { at: received, time_s: r.time_s, scale: self.cfg.time_scale };
         let mut st = self.lock();
         let Some((road, _)) = st.road.clone() else {
             return Err(Status::failed_precondition("no road: call SetRoad first"));
