@@ -1085,14 +1085,11 @@ mod tests {
         }
     }
 
-    /// `max_stream_inflight_ops` counts operations, not units: a stream whose batches of
-    /// cold reads (each run as one unit) wait on the PSS takes no more messages once the
-    /// operations it holds reach the limit; they are taken once answers come back, and
-    /// every operation is answered. (Counting units, 2 units of 200 reads passed a limit
-    /// of 150 and the third batch was taken too.)
-    #[tokio::test]
-    async fn a_stream_holds_at_most_max_stream_inflight_ops_operations() {
-        use crate::config::Config;
+    /// A node (id "a") over a [`SlowReads`] store holding volume "v" (credential "k", made
+    /// by another node), with `cfg` (its id and block pool set here).
+    async fn node_over_slow_reads(
+        cfg: crate::config::Config,
+    ) -> (Arc<SlowReads>, Arc<Node>, VolumeName, wayside_proto::types::Credential) {
         use crate::store::Store as _;
         use wayside_proto::types::{BlockSize, Credential, Endpoint, RequestId};
         let store = SlowReads::new();
@@ -1110,12 +1107,7 @@ mod tests {
             })
             .await
             .unwrap();
-        let cfg = Config {
-            node_id: "a".into(),
-            block_pool_bytes: 0,
-            max_stream_inflight_ops: 150,
-            ..Config::default()
-        };
+        let cfg = crate::config::Config { node_id: "a".into(), block_pool_bytes: 0, ..cfg };
         let dyn_store: Arc<dyn crate::store::Store> = store.clone();
         let node = Node::new(
             cfg,
@@ -1124,6 +1116,20 @@ mod tests {
             None,
             CancellationToken::new(),
         );
+        (store, node, v, cred)
+    }
+
+    /// `max_stream_inflight_ops` counts operations, not units: a stream whose batches of
+    /// cold reads (each run as one unit) wait on the PSS takes no more messages once the
+    /// operations it holds reach the limit; they are taken once answers come back, and
+    /// every operation is answered. (Counting units, 2 units of 200 reads passed a limit
+    /// of 150 and the third batch was taken too.)
+    #[tokio::test]
+    async fn a_stream_holds_at_most_max_stream_inflight_ops_operations() {
+        use crate::config::Config;
+        let (store, node, v, cred) =
+            node_over_slow_reads(Config { max_stream_inflight_ops: 150, ..Config::default() })
+                .await;
         node.load(&v, &Presented::new(cred.clone()), None, false).await.unwrap();
         // Three batches of 100 reads of blocks never written (cold: they go to the PSS),
         // all received before the stream starts.
@@ -1182,38 +1188,9 @@ mod tests {
     #[tokio::test]
     async fn a_partial_write_whose_block_cannot_be_kept_gives_up_within_the_wait() {
         use crate::config::Config;
-        use crate::store::Store as _;
-        use wayside_proto::types::{BlockSize, Credential, Endpoint, RequestId};
-        let store = SlowReads::new();
+        let (store, node, v, cred) =
+            node_over_slow_reads(Config { backpressure_wait_ms: 200, ..Config::default() }).await;
         store.gate.add_permits(1 << 20);
-        let v = VolumeName::new("v").unwrap();
-        let cred = Credential::new("k").unwrap();
-        store
-            .inner
-            .acquire(crate::store::Acquire {
-                volume: v.clone(),
-                owner_node: "other".into(),
-                owner_address: "http://127.0.0.1:1".into(),
-                expected_epoch: None,
-                create: Some((BlockSize::new(4096).unwrap(), cred.hash())),
-                request_id: RequestId::new("test", 1).unwrap(),
-            })
-            .await
-            .unwrap();
-        let cfg = Config {
-            node_id: "a".into(),
-            block_pool_bytes: 0,
-            backpressure_wait_ms: 200,
-            ..Config::default()
-        };
-        let dyn_store: Arc<dyn crate::store::Store> = store.clone();
-        let node = Node::new(
-            cfg,
-            Endpoint::parse("127.0.0.1:2").unwrap(),
-            dyn_store,
-            None,
-            CancellationToken::new(),
-        );
         let who = Presented::new(cred.clone());
         node.load(&v, &who, None, false).await.unwrap();
         *store.superseded_on.lock().unwrap() = Some(Arc::downgrade(&node));
@@ -1242,32 +1219,7 @@ mod tests {
     #[tokio::test]
     async fn a_load_whose_caller_stops_being_polled_does_not_hold_up_other_callers() {
         use crate::config::Config;
-        use crate::store::Store as _;
-        use wayside_proto::types::{BlockSize, Credential, Endpoint, RequestId};
-        let store = SlowReads::new();
-        let v = VolumeName::new("v").unwrap();
-        let cred = Credential::new("k").unwrap();
-        store
-            .inner
-            .acquire(crate::store::Acquire {
-                volume: v.clone(),
-                owner_node: "other".into(),
-                owner_address: "http://127.0.0.1:1".into(),
-                expected_epoch: None,
-                create: Some((BlockSize::new(4096).unwrap(), cred.hash())),
-                request_id: RequestId::new("test", 1).unwrap(),
-            })
-            .await
-            .unwrap();
-        let cfg = Config { node_id: "a".into(), block_pool_bytes: 0, ..Config::default() };
-        let dyn_store: Arc<dyn crate::store::Store> = store.clone();
-        let node = Node::new(
-            cfg,
-            Endpoint::parse("127.0.0.1:2").unwrap(),
-            dyn_store,
-            None,
-            CancellationToken::new(),
-        );
+        let (store, node, v, cred) = node_over_slow_reads(Config::default()).await;
         let who = Presented::new(cred.clone());
         store.hold_acquires.store(true, Ordering::SeqCst);
         let mut stalled = Box::pin(node.ensure(&v, &who));

@@ -1262,6 +1262,23 @@ mod tests {
         crate::client::VolumeClient::open(o).await.unwrap()
     }
 
+    /// A reactive move of car's volume from RSU `from` to `to`, due now.
+    fn reactive_move_now(smf: &Smf, from: usize, to: usize) -> Pending {
+        let now = Instant::now();
+        Pending {
+            vehicle: "car".into(),
+            road_gen: smf.lock().road_gen,
+            from,
+            to,
+            kind: Kind::Reactive,
+            planned_start_s: 0.0,
+            due: now,
+            predicted_smt_s: 0.0,
+            planned_bytes: 0,
+            clock: Clock { at: now, time_s: 0.0, scale: 1.0 },
+        }
+    }
+
     /// A StartMigration the SMF gave up on (its 25 ms ran out) while the NMSs went on and
     /// completed the move: the SMF asks them where the volume is, so the next move starts
     /// from B (it would start from A, which no longer has it, and fail).
@@ -1285,19 +1302,7 @@ mod tests {
         smf.report(&report(0.0, 0.0)).await.unwrap();
         assert_eq!(smf.lock().volumes["vol"].at, Some(0), "first seen at A");
         let (road, _) = smf.lock().road.clone().unwrap();
-        let now = Instant::now();
-        let p = Pending {
-            vehicle: "car".into(),
-            road_gen: smf.lock().road_gen,
-            from: 0,
-            to: 1,
-            kind: Kind::Reactive,
-            planned_start_s: 0.0,
-            due: now,
-            predicted_smt_s: 0.0,
-            planned_bytes: 0,
-            clock: Clock { at: now, time_s: 0.0, scale: 1.0 },
-        };
+        let p = reactive_move_now(&smf, 0, 1);
         smf.do_move(road, "vol".into(), p).await;
         let m = &smf.moves("car")[0];
         println!("{m:?}");
@@ -1376,19 +1381,7 @@ mod tests {
         let at_c = vehicle_of_vol(&c).await;
         assert_eq!(at_c.read(0, 0, None).await.unwrap(), Some(vec![7; 4096]));
         let (road, _) = smf.lock().road.clone().unwrap();
-        let now = Instant::now();
-        let p = Pending {
-            vehicle: "car".into(),
-            road_gen: smf.lock().road_gen,
-            from: 0,
-            to: 1,
-            kind: Kind::Reactive,
-            planned_start_s: 0.0,
-            due: now,
-            predicted_smt_s: 0.0,
-            planned_bytes: 0,
-            clock: Clock { at: now, time_s: 0.0, scale: 1.0 },
-        };
+        let p = reactive_move_now(&smf, 0, 1);
         smf.do_move(road, "vol".into(), p).await;
         let m = &smf.moves("car")[0];
         assert!(!m.ok && m.error.contains("the volume is at C now"), "{m:?}");
