@@ -1710,6 +1710,7 @@ async fn bad_input_gets_the_right_status_and_changes_nothing() {
     let c = VolumeClient::open(opts(&[&a.ep], "good", "right")).await.unwrap();
     c.write(1, 0, block_data(1, 1)).await.unwrap();
     let mut raw = a.raw().await;
+    let failed_before = a.status().await.calls_failed;
     let write = |vol: &str, secret: &str, data: Vec<u8>, offset: u32| pb::WriteRequest {
         auth: auth(vol, secret),
         op: Some(pb::WriteOp { block: 1, offset, data: data.into(), request_id: None }),
@@ -1732,6 +1733,8 @@ async fn bad_input_gets_the_right_status_and_changes_nothing() {
     assert_eq!(e.code(), tonic::Code::NotFound, "unknown volume: {e:?}");
     let e = raw.write(write("bad/name", "right", vec![1; BS], 0)).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::InvalidArgument, "bad name: {e:?}");
+    let failed = a.status().await.calls_failed - failed_before;
+    assert_eq!(failed, 6, "NodeStatus counts the block calls answered with an error");
     // Another vehicle's credential does not open the volume on a fresh NMS either.
     let b = Nms::start("b", &cluster.endpoints(), |_| {}).await;
     let mut o = opts(&[&b.ep], "good", "wrong");

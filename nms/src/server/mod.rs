@@ -385,6 +385,9 @@ pub struct Node {
     pub(crate) pss_read_blocks: AtomicU64,
     /// Read operations answered, by any API (NodeStatus).
     pub(crate) reads: AtomicU64,
+    /// Vehicle block calls (Read, Write, Stream, StreamBatches) answered with an error
+    /// status since start (`NodeStatusReply.calls_failed`).
+    pub(crate) calls_failed: AtomicU64,
     me: std::sync::Weak<Node>,
 }
 
@@ -451,6 +454,7 @@ impl Node {
             pss_reads: AtomicU64::new(0),
             pss_read_blocks: AtomicU64::new(0),
             reads: AtomicU64::new(0),
+            calls_failed: AtomicU64::new(0),
         })
     }
 

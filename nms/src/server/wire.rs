@@ -266,14 +266,21 @@ impl Node {
         let timeout = grpc_timeout(req.headers());
         let body = req.into_body();
         let reply = async move {
-            checked?;
-            if call == Call::Read {
-                let r = unary_request::<pb::ReadRequest>(node.messages(body)).await?;
-                encode_read(node.read_call(r).await?, max)
-            } else {
-                let r = unary_request::<pb::WriteRequest>(node.messages(body)).await?;
-                encode_small(&node.write_call(r).await?, max)
+            let r = async {
+                checked?;
+                if call == Call::Read {
+                    let r = unary_request::<pb::ReadRequest>(node.messages(body)).await?;
+                    encode_read(node.read_call(r).await?, max)
+                } else {
+                    let r = unary_request::<pb::WriteRequest>(node.messages(body)).await?;
+                    encode_small(&node.write_call(r).await?, max)
+                }
             }
+            .await;
+            if r.is_err() {
+                node.calls_failed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            r
         };
         GrpcBody::replies(Box::pin(futures::stream::once(reply)), timeout)
     }
@@ -300,6 +307,12 @@ impl Node {
                 Box::pin(out.map(move |r| r.and_then(|rs| encode_replies(rs, max))))
             }
         };
+        let node = self.self_arc();
+        let replies: ReplyStream = Box::pin(replies.inspect(move |r| {
+            if r.is_err() {
+                node.calls_failed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+        }));
         GrpcBody::replies(replies, timeout)
     }
 }

@@ -742,12 +742,12 @@ fn parse_h2load(out: &str) -> anyhow::Result<H2loadSummary> {
 }
 
 /// The NMS's answered reads and `bench-0`'s accepted lsn.
-async fn served(addr: &str) -> anyhow::Result<(u64, u64)> {
+async fn served(addr: &str) -> anyhow::Result<(u64, u64, u64)> {
     let mut admin = admin(addr).await?;
     let s = admin.node_status(pb::NodeStatusRequest {}).await?.into_inner();
     let accepted =
         s.volume_info.iter().find(|v| v.volume == "bench-0").map_or(0, |v| v.accepted_lsn);
-    Ok((s.reads, accepted))
+    Ok((s.reads, accepted, s.calls_failed))
 }
 
 /// A phase driven by h2load: `clients` connections, one call in flight on each, for
@@ -836,12 +836,15 @@ async fn nms_h2load(
     let h = parse_h2load(&text)?;
     let after = served(addr).await?;
     let answered = if write { after.1 - before.1 } else { after.0 - before.0 };
-    // h2load counts an HTTP 200 as success whatever the gRPC status: the NMS's counters
-    // must show every operation of every call h2load saw succeed (and of the warm-up).
-    if h.failed > 0 || answered < h.succeeded * ops_per_call {
+    // h2load counts an HTTP 200 as success whatever the gRPC status: the NMS counts the
+    // block calls it answered with an error (warm-up included, which h2load's counts are
+    // not), and its counters must show every operation of every call h2load saw succeed.
+    let failed = after.2 - before.2;
+    if h.failed > 0 || failed > 0 || answered < h.succeeded * ops_per_call {
         bail!(
-            "{name}: h2load saw {} calls succeed and {} fail, but the NMS answered {answered} \
-             operations (expected at least {}): calls failed at the gRPC level",
+            "{name}: h2load saw {} calls succeed and {} fail, the NMS answered {failed} calls \
+             with an error status and {answered} operations (expected at least {}): calls \
+             failed at the gRPC level",
             h.succeeded,
             h.failed,
             h.succeeded * ops_per_call
