@@ -1244,12 +1244,24 @@ impl Cache {
         let first = Lsn(persisted.0 + 1);
         let blocks: Vec<BlockNo> = v.dirty.iter().map(|&(_, b)| b).collect();
         v.dirty.clear();
+        let mut freed = 0;
         for b in blocks {
-            if let Some(e) = v.entries.get_mut(&b) {
-                e.dirty_lsn = Some(first);
+            let Some(e) = v.entries.get_mut(&b) else { continue };
+            // Sent dirty in a round, and every write folded into it is persisted by now
+            // (the source wrote it back since; written again, it would have been sent
+            // again or forgotten): clean here, not written back a second time nor held
+            // against the dirty limits. (An lsn of 0 says nothing: kept dirty.)
+            if e.lsn.0 > 0 && e.lsn <= persisted {
+                e.dirty_lsn = None;
+                freed += e.charged;
+                e.charged = 0;
+                continue;
             }
+            e.dirty_lsn = Some(first);
             v.dirty.insert((first, b));
         }
+        v.dirty_bytes -= freed;
+        self.dirty_bytes -= freed;
         for (id, a) in applied {
             v.remember(id, a, cap);
         }
@@ -1749,6 +1761,41 @@ mod tests {
         t.finish_incoming(&tv, 7, Epoch(2), Lsn(2), Lsn(2), vec![]).unwrap();
         assert_eq!(t.read(&tv, 1, 0, None).unwrap(), ReadOutcome::Miss);
         assert!(t.take_batch(&tv).is_none(), "nothing to write back: {:?}", t.volume(&tv));
+    }
+
+    /// Blocks a round sent dirty that the source wrote back before the switch (all their
+    /// writes at or below the switch's persisted lsn, and not written again) are clean at
+    /// the target: not written back a second time, not held against its dirty limits.
+    /// Those written after the persisted lsn stay dirty.
+    #[test]
+    fn blocks_the_source_wrote_back_before_the_switch_are_clean_at_the_target() {
+        let mut c = Cache::new(limits());
+        let v = vol(&mut c, "v");
+        for b in 1..=3 {
+            c.write(&v, b, 0, &full(b as u8), None).unwrap();
+        }
+        let round = c.snapshot_all(&v);
+        assert!(round.iter().all(|b| b.dirty));
+        let mut t = Cache::new(limits());
+        let tv = vol(&mut t, "v");
+        t.set_state(&tv, VolumeState::Incoming { migration_id: 3 });
+        t.put_migrated(&tv, 3, round).unwrap();
+        assert_eq!(t.dirty_bytes(), 3 * (4096 + ENTRY_OVERHEAD_BYTES));
+        // The source persisted lsns 1 and 2 (blocks 1 and 2) before the switch.
+        t.finish_incoming(&tv, 3, Epoch(2), Lsn(3), Lsn(2), vec![]).unwrap();
+        assert_eq!(t.dirty_bytes(), 4096 + ENTRY_OVERHEAD_BYTES, "only block 3 is dirty");
+        let b = t.take_batch(&tv).unwrap();
+        let blocks: Vec<BlockNo> = b.changes.iter().map(|ch| ch.block).collect();
+        assert_eq!(blocks, [3]);
+        assert!(t.complete_batch(&b, true));
+        assert!(t.volume(&tv).unwrap().is_clean());
+        assert_eq!(t.dirty_bytes(), 0);
+        for blk in 1..=3u64 {
+            let ReadOutcome::Hit { data, .. } = t.read(&tv, blk, 0, None).unwrap() else {
+                panic!("block {blk} is cached")
+            };
+            assert_eq!(data[0], blk as u8);
+        }
     }
 
     #[test]
