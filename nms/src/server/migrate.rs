@@ -1156,12 +1156,29 @@ impl Node {
         let Some(Frame::Begin(b)) = first.frame else {
             return Err(Status::invalid_argument("a migration stream must start with Begin"));
         };
+        if self.shutdown.is_cancelled() {
+            // Its last write-back is under way: a volume switched in now would end with
+            // the process, its blocks left to the vehicle's journal.
+            return Err(Status::unavailable("this NMS is shutting down: it takes no move in"));
+        }
         let (v, bs) = self.admit_incoming(&b).await?;
         let mid = b.migration_id;
         *incoming = Some((v.clone(), mid));
         info!(volume = %v, from = %b.source_address, "incoming migration");
+        // An answer waits for room in the ack stream (the source's HTTP/2 window) no
+        // longer than the move may last: a source that stops reading its acks must not
+        // keep the half-moved volume here.
+        let answer = |a: Ack| async move {
+            match tokio::time::timeout_at(deadline.into(), tx.send(Ok(ack(a)))).await {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(_)) => Err(closed()),
+                Err(_) => Err(Status::deadline_exceeded(
+                    "migration_timeout_ms passed waiting for the source to take an answer",
+                )),
+            }
+        };
         let ready = pb::MigrationReady { target_node: self.node_id.clone() };
-        tx.send(Ok(ack(Ack::Ready(ready)))).await.map_err(|_| closed())?;
+        answer(Ack::Ready(ready)).await?;
         // The PSS's answer to a Claim: the epoch is raised, the volume not served until
         // SwitchOver.
         let mut claimed = None;
@@ -1230,13 +1247,12 @@ impl Node {
                     );
                 }
                 Some(Frame::RoundEnd(r)) => {
-                    tx.send(Ok(ack(Ack::Round(pb::RoundAck {
+                    answer(Ack::Round(pb::RoundAck {
                         round: r.round,
                         blocks: round_blocks,
                         bytes: round_bytes,
-                    }))))
-                    .await
-                    .map_err(|_| closed())?;
+                    }))
+                    .await?;
                     (round_blocks, round_bytes) = (0, 0);
                 }
                 Some(Frame::Claim(c)) => {
@@ -1260,9 +1276,7 @@ impl Node {
                     );
                     let new_epoch = meta.epoch.0;
                     claimed = Some(meta);
-                    tx.send(Ok(ack(Ack::Claimed(pb::Claimed { new_epoch }))))
-                        .await
-                        .map_err(|_| closed())?;
+                    answer(Ack::Claimed(pb::Claimed { new_epoch })).await?;
                 }
                 Some(Frame::SwitchOver(s)) => {
                     tracing::debug!(volume = %v, "switch: SwitchOver received");
@@ -1313,12 +1327,14 @@ impl Node {
                     *incoming = None;
                     // Answer first: the source's vehicle is paused until it hears this, and
                     // the write-back of the dirty blocks would compete with the answer.
-                    let _ = tx
-                        .send(Ok(ack(Ack::Switched(pb::Switched {
-                            new_epoch: meta.epoch.0,
-                            target_address: self.advertise.uri().to_owned(),
-                        }))))
-                        .await;
+                    // (Switched here whether or not the source hears it, within
+                    // `migration_switch_timeout_ms`: the writer starts all the same.)
+                    let switched = ack(Ack::Switched(pb::Switched {
+                        new_epoch: meta.epoch.0,
+                        target_address: self.advertise.uri().to_owned(),
+                    }));
+                    let wait = Duration::from_millis(self.cfg.migration_switch_timeout_ms);
+                    let _ = tokio::time::timeout(wait, tx.send(Ok(switched))).await;
                     let answered_us = us(received.elapsed());
                     self.start_writer(&v);
                     let urgent = self.core().past_writeback_start(&v);
