@@ -561,11 +561,27 @@ impl Cache {
         self.ids.remove(&v.id);
         self.used_bytes -= v.cached_bytes;
         self.dirty_bytes -= v.dirty_bytes;
-        if self.ring.len() > 1024 && self.ring.len() > 2 * self.live_entries() {
-            let ids = &self.ids;
-            self.ring.retain(|(id, _)| ids.contains_key(id));
-        }
+        self.compact_ring();
         Some(v)
+    }
+
+    /// Drops the ring's stale places (of volumes gone, of blocks gone, a block's second
+    /// place) once they outnumber the live blocks: the ring's memory is not in
+    /// `used_bytes`, and a move's frames that forget and send a block again and again
+    /// would otherwise grow it without bound.
+    fn compact_ring(&mut self) {
+        if self.ring.len() <= 1024 || self.ring.len() <= 2 * self.live_entries() {
+            return;
+        }
+        let (ids, volumes) = (&self.ids, &self.volumes);
+        let mut seen = std::collections::HashSet::new();
+        self.ring.retain(|&(id, block)| {
+            let live = ids
+                .get(&id)
+                .and_then(|n| volumes.get(n))
+                .is_some_and(|v| v.entries.contains_key(&block));
+            live && seen.insert((id, block))
+        });
     }
 
     /// Replaces a volume's blocks by a redirect marker. The old blocks and request-id table
@@ -1180,6 +1196,7 @@ impl Cache {
         for block in added {
             self.ring.push_back((id, block));
         }
+        self.compact_ring();
         self.evict();
         Ok(())
     }
@@ -1796,6 +1813,31 @@ mod tests {
             };
             assert_eq!(data[0], blk as u8);
         }
+    }
+
+    /// A move's frames that forget a block and send it again, over and over, leave the
+    /// eviction ring no longer than about twice the live blocks (each pair used to add a
+    /// place for good: memory outside the budget, without a bound).
+    #[test]
+    fn forgetting_and_resending_a_block_does_not_grow_the_ring() {
+        let mut t = Cache::new(limits());
+        let tv = vol(&mut t, "v");
+        t.set_state(&tv, VolumeState::Incoming { migration_id: 5 });
+        let block = |forget: bool| MigBlock {
+            block: 1,
+            data: (!forget).then(|| Bytes::from(full(1))),
+            version: 1,
+            dirty: false,
+            lsn: Lsn(1),
+            heat: 1,
+            forget,
+        };
+        let frame: Vec<MigBlock> = (0..10_000).flat_map(|_| [block(true), block(false)]).collect();
+        t.put_migrated(&tv, 5, frame).unwrap();
+        assert!(t.ring.len() <= 1025, "{} places for one block", t.ring.len());
+        t.finish_incoming(&tv, 5, Epoch(2), Lsn(1), Lsn(1), vec![]).unwrap();
+        let ReadOutcome::Hit { data, .. } = t.read(&tv, 1, 0, None).unwrap() else { panic!() };
+        assert_eq!(data[0], 1);
     }
 
     #[test]
