@@ -106,6 +106,7 @@ async fn serve(
         node: handle.clone(),
         max_batch_ops: config.max_batch_ops,
         max_blocks: config.max_blocks,
+        reserved_blocks: Default::default(),
         max_pipeline_requests: config.max_pipeline_requests,
         shutdown: inner.clone(),
         pipeline_stats: pipeline_stats.clone(),

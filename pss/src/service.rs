@@ -71,6 +71,27 @@ fn limit(name: &str, unit: &str, value: usize, max: usize) -> Status {
     )
 }
 
+/// Blocks reserved in `BlockService::reserved_blocks` while a write is in flight.
+struct Reservation<'a> {
+    counter: &'a std::sync::atomic::AtomicUsize,
+    n: usize,
+    /// What others had reserved when this was taken.
+    before: usize,
+}
+
+impl<'a> Reservation<'a> {
+    fn take(counter: &'a std::sync::atomic::AtomicUsize, n: usize) -> Self {
+        let before = counter.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+        Reservation { counter, n, before }
+    }
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        self.counter.fetch_sub(self.n, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 /// `wayside.v1.PssBlocks`.
 #[derive(Clone)]
 pub struct BlockService {
@@ -78,6 +99,10 @@ pub struct BlockService {
     pub max_batch_ops: usize,
     /// Most blocks the node stores (its block index is in memory).
     pub max_blocks: usize,
+    /// Blocks that writes admitted and not yet answered may add (an upper bound: their
+    /// non-delete ops), counted against `max_blocks` with the stored ones: admission looks
+    /// at the applied state only, so concurrent writers could otherwise pass it together.
+    pub reserved_blocks: Arc<std::sync::atomic::AtomicUsize>,
     /// Most requests in one `Pipeline` message and unanswered on one `Pipeline` stream.
     pub max_pipeline_requests: usize,
     /// Ends every `Pipeline` stream (they are long-lived and would otherwise hold the
@@ -121,15 +146,19 @@ impl BlockService {
             )));
         }
         // Admission against the node's capacity (checked here, before proposing: the
-        // state machine itself must apply whatever is committed, the same on every node).
+        // state machine itself must apply whatever is committed, the same on every node),
+        // the blocks writes in flight may add counted too.
         let stored = self.node.reader.block_count();
-        if stored + req.ops.len() > self.max_blocks {
+        let upper = req.ops.iter().filter(|o| !o.delete).count();
+        let reserved = Reservation::take(&self.reserved_blocks, upper);
+        if stored + reserved.before + upper > self.max_blocks {
             let reader = &self.node.reader;
             let new =
                 req.ops.iter().filter(|o| !o.delete && !reader.has_block(&req.volume, o.block));
             let new = new.count();
-            if new > 0 && stored + new > self.max_blocks {
-                return Err(limit("max_blocks", "blocks", stored + new, self.max_blocks));
+            let total = stored + reserved.before + new;
+            if new > 0 && total > self.max_blocks {
+                return Err(limit("max_blocks", "blocks", total, self.max_blocks));
             }
         }
         let cmd = Command { write: Some(req), ..Default::default() };

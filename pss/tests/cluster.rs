@@ -421,3 +421,27 @@ async fn a_vanished_peer_with_a_call_open_does_not_hold_up_shutdown() {
     ended.unwrap().unwrap().unwrap();
     println!("shutdown ended {} ms after it was asked", asked.elapsed().as_millis());
 }
+
+/// Writes admitted together cannot pass `max_blocks` together: admission counts the blocks
+/// writes in flight may add with the stored ones (it looks at the applied state only, and
+/// 64 concurrent writes of new blocks each saw room for one).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_writes_of_new_blocks_stay_within_max_blocks() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = LocalCluster::start_with(1, dir.path(), |c| c.max_blocks = 16).await.unwrap();
+    let client = cluster.client();
+    let epoch = client.acquire_volume(acquire("full", "nms", 1)).await.unwrap().meta.unwrap().epoch;
+    let writes = (0..64u64).map(|b| {
+        let client = client.clone();
+        async move { client.write_batch(put("full", epoch, "w", b + 1, b, vec![1; 64])).await }
+    });
+    let results = futures::future::join_all(writes).await;
+    let ok = results.iter().filter(|r| r.is_ok()).count();
+    for r in results.iter().filter_map(|r| r.as_ref().err()) {
+        assert!(r.to_string().contains("max_blocks"), "{r}");
+    }
+    let meta = client.get_volume(&VolumeName::new("full").unwrap()).await.unwrap();
+    assert!(meta.block_count <= 16, "{} blocks stored, {ok} writes taken", meta.block_count);
+    assert_eq!(meta.block_count, ok as u64);
+    cluster.shutdown().await;
+}
