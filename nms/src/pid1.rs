@@ -465,7 +465,14 @@ fn unload_module(name: &str) -> std::io::Result<()> {
 /// A module's name from its file's path (`.../qemu_fw_cfg.ko.xz` -> `qemu_fw_cfg`).
 fn module_name(path: &str) -> &str {
     let file = path.rsplit('/').next().unwrap_or(path);
-    file.split_once(".ko").map_or(file, |(name, _)| name)
+    let name = file.split_once(".ko").map_or(file, |(name, _)| name);
+    // The image numbers its modules in load order (`04-qemu_fw_cfg.ko`): not part of
+    // the name (with it, the fw_cfg driver matched no on-demand name and loaded at every
+    // boot).
+    match name.split_once('-') {
+        Some((n, rest)) if !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()) => rest,
+        _ => name,
+    }
 }
 
 /// Serves until a shutdown request, SIGTERM or SIGINT.
@@ -713,6 +720,10 @@ mod tests {
         assert!(e.to_string().contains("only token source is fw_cfg"), "{e}");
         assert_eq!(module_name("/lib/modules/x/qemu_fw_cfg.ko.xz"), "qemu_fw_cfg");
         assert_eq!(module_name("virtio_net.ko"), "virtio_net");
+        // As the image names them (numbered in load order).
+        assert_eq!(module_name("/lib/modules/04-qemu_fw_cfg.ko"), "qemu_fw_cfg");
+        assert_eq!(module_name("/lib/modules/12-virtio-net.ko.zst"), "virtio-net");
+        assert_eq!(module_name("/lib/modules/v2-x.ko"), "v2-x");
     }
 
     #[test]
