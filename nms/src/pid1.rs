@@ -250,6 +250,28 @@ impl BootParams {
     }
 
     /// Renders the `wayside.*` words (the inverse of [`BootParams::parse`]).
+    /// Refuses values the command line cannot carry as given: a space (or any blank)
+    /// splits a word, so `node "rsu 1"` would boot as node `rsu`, and `node "a init=/x"`
+    /// would add a kernel parameter.
+    pub fn check_words(&self) -> Result<(), BootParamError> {
+        let values = [
+            ("iface", Some(&self.iface)),
+            ("node", self.node.as_ref()),
+            ("log", self.log.as_ref()),
+        ];
+        for (key, value) in values {
+            let Some(value) = value else { continue };
+            if value.is_empty() || value.chars().any(char::is_whitespace) {
+                return Err(BootParamError::BadValue {
+                    key: key.into(),
+                    value: value.clone(),
+                    reason: "must be one word: no spaces, not empty".into(),
+                });
+            }
+        }
+        Ok(())
+    }
+
     pub fn render(&self) -> String {
         let mut words = Vec::new();
         if let Some(ip) = self.ip {
@@ -721,6 +743,15 @@ mod tests {
         assert_eq!(module_name("/lib/modules/x/qemu_fw_cfg.ko.xz"), "qemu_fw_cfg");
         assert_eq!(module_name("virtio_net.ko"), "virtio_net");
         // As the image names them (numbered in load order).
+        let spaced = BootParams { node: Some("rsu 1".into()), ..BootParams::default() };
+        assert!(
+            matches!(spaced.check_words(), Err(BootParamError::BadValue { key, .. }) if key == "node")
+        );
+        let injected = BootParams { log: Some("info init=/x".into()), ..BootParams::default() };
+        assert!(injected.check_words().is_err());
+        assert!(BootParams { node: Some("rsu-1".into()), ..BootParams::default() }
+            .check_words()
+            .is_ok());
         assert_eq!(module_name("/lib/modules/04-qemu_fw_cfg.ko"), "qemu_fw_cfg");
         assert_eq!(module_name("/lib/modules/12-virtio-net.ko.zst"), "virtio-net");
         assert_eq!(module_name("/lib/modules/v2-x.ko"), "v2-x");

@@ -83,7 +83,9 @@ impl BootArgs {
         if let Some(l) = &self.log {
             base.log = Some(l.clone());
         }
-        // The guest parses exactly this; refuse here what it would refuse there.
+        // The guest parses exactly this; refuse here what it would refuse there, and what
+        // it would read as something else (a value with a space).
+        base.check_words()?;
         BootParams::parse(&base.render())?;
         Ok(base)
     }

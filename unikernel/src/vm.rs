@@ -287,7 +287,8 @@ pub fn qemu_args(opts: &VmOptions, accel: Accel) -> Result<(Vec<String>, String)
         // TCG's guest TSC is the host's, so tell the guest the host's rate.
         cmdline.push_str(&format!(" tsc_early_khz={}", host_tsc_khz()));
     }
-    // Whatever the guest is told must also parse in the guest.
+    // Whatever the guest is told must also parse in the guest, as given.
+    boot.check_words().map_err(|e| VmError::BadOption(e.to_string()))?;
     BootParams::parse(&cmdline).map_err(|e| VmError::BadOption(e.to_string()))?;
     let s = |p: &Path| p.display().to_string();
     let mut a: Vec<String> = Vec::new();
