@@ -314,7 +314,9 @@ async fn dispatch(cmd: Cmd, config: Config) -> anyhow::Result<()> {
                 tls,
             };
             let started = Instant::now();
-            let mut vm = Vm::launch(&opts, !foreground).await?;
+            // QEMU in a group of its own either way: a ctrl-C in the foreground is
+            // handled below by a clean stop (the NMS drains), not by QEMU quitting.
+            let mut vm = Vm::launch_with(&opts, !foreground, true).await?;
             let waited = vm.wait_serving(Duration::from_millis(config.boot_timeout_ms)).await;
             if let Err(e) = waited {
                 let _ = vm.stop(Duration::ZERO, true).await;

@@ -398,6 +398,31 @@ impl Vm {
     /// Starts QEMU for `opts` and returns once its QMP socket answers. `detach` leaves
     /// QEMU running when this `Vm` is dropped (the CLI's `run`).
     pub async fn launch(opts: &VmOptions, detach: bool) -> Result<Vm, VmError> {
+        Self::launch_with(opts, detach, detach).await
+    }
+
+    /// [`Vm::launch`], with QEMU in a process group of its own (`own_group`) also when it
+    /// is not detached: a terminal's ctrl-C then reaches only the caller, which stops the
+    /// VM cleanly (the NMS drains its write-back) instead of QEMU quitting at once. (A
+    /// test's QEMU stays in the test's group, so a ctrl-C of the test run ends it too.)
+    pub async fn launch_with(
+        opts: &VmOptions,
+        detach: bool,
+        own_group: bool,
+    ) -> Result<Vm, VmError> {
+        // A QEMU still running on this state folder would lose its control socket and its
+        // state to this one, and could no longer be stopped.
+        if let Ok(mut old) = Vm::attach(&opts.state_dir) {
+            let comm = std::fs::read_to_string(format!("/proc/{}/comm", old.state.pid));
+            if old.is_alive() && comm.is_ok_and(|c| c.starts_with("qemu")) {
+                return Err(VmError::BadOption(format!(
+                    "a VM (QEMU pid {}) still runs on the state folder {}: stop it first \
+                     (`unikernel stop`), or give another folder",
+                    old.state.pid,
+                    opts.state_dir.display()
+                )));
+            }
+        }
         std::fs::create_dir_all(&opts.state_dir).map_err(io(&opts.state_dir))?;
         let accel = choose_accel(opts.accel, &opts.image.kernel_path());
         let (argv, cmdline) = qemu_args(opts, accel)?;
@@ -455,7 +480,7 @@ impl Vm {
         let qemu = qemu_binary();
         let mut cmd = Command::new(&qemu);
         cmd.args(&argv).stdin(Stdio::null()).stdout(log).stderr(log2);
-        if detach {
+        if own_group {
             use std::os::unix::process::CommandExt as _;
             // Its own process group: a terminal's ctrl-C to `unikernel run` must not kill it.
             cmd.process_group(0);
@@ -541,18 +566,24 @@ impl Vm {
     }
 
     fn check_alive(&mut self) -> Result<(), VmError> {
-        if let Some(c) = &mut self.child {
-            if let Ok(Some(status)) = c.try_wait() {
-                return Err(VmError::Exited {
-                    status: status.to_string(),
-                    log: self.state.qemu_log.clone(),
-                    tail: format!(
-                        "{}\n--- serial ---\n{}",
-                        log_tail(&self.state.qemu_log, 10),
-                        log_tail(&self.state.serial_log, 20)
-                    ),
-                });
-            }
+        let status = match &mut self.child {
+            Some(c) => match c.try_wait() {
+                Ok(Some(status)) => Some(status.to_string()),
+                _ => None,
+            },
+            // A detached QEMU (not our child): gone is all there is to know.
+            None => (!self.is_alive()).then(|| "exited (detached: no status)".to_owned()),
+        };
+        if let Some(status) = status {
+            return Err(VmError::Exited {
+                status,
+                log: self.state.qemu_log.clone(),
+                tail: format!(
+                    "{}\n--- serial ---\n{}",
+                    log_tail(&self.state.qemu_log, 10),
+                    log_tail(&self.state.serial_log, 20)
+                ),
+            });
         }
         Ok(())
     }

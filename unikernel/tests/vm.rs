@@ -71,6 +71,10 @@ async fn boots_to_the_health_check_answers_qmp_and_stops() {
 
     let status = vm.status().await.unwrap();
     assert!(status.running && status.nms_serving, "{status:?}");
+    // A second VM on the same state folder is refused: it would orphan this one.
+    let again = Vm::launch(&opts, false).await.err().expect("refused");
+    assert!(again.to_string().contains("still runs"), "{again}");
+    assert!(vm.status().await.unwrap().nms_serving, "the first VM is untouched");
     assert!(!vm.state.cmdline.contains("vm-test-token"), "the token is not on the command line");
     assert!(!vm.state.argv.iter().any(|a| a.contains("vm-test-token")), "nor QEMU's");
 
