@@ -1059,6 +1059,15 @@ mod tests {
         (addr, seen_rx)
     }
 
+    /// The headers of a test `Write` call to `addr`.
+    fn write_request(addr: std::net::SocketAddr) -> http::Request<()> {
+        http::Request::post(format!("http://{addr}/test.Test/Write"))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(())
+            .unwrap()
+    }
+
     /// Sends `body` to `addr` as one call, in DATA frames of at most `frame` bytes, and
     /// returns its `grpc-status`.
     async fn raw_call(addr: std::net::SocketAddr, body: &[u8], frame: usize) -> String {
@@ -1066,11 +1075,7 @@ mod tests {
         let (send, conn) = h2::client::handshake(tcp).await.unwrap();
         tokio::spawn(conn);
         let mut send = send.ready().await.unwrap();
-        let req = http::Request::post(format!("http://{addr}/test.Test/Write"))
-            .header("content-type", "application/grpc")
-            .header("te", "trailers")
-            .body(())
-            .unwrap();
+        let req = write_request(addr);
         let (resp, mut out) = send.send_request(req, false).unwrap();
         let pieces: Vec<&[u8]> = body.chunks(frame).collect();
         for (i, p) in pieces.iter().enumerate() {
@@ -1146,11 +1151,7 @@ mod tests {
         let mut calls = Vec::new();
         for _ in 0..3 {
             let mut send = send.clone().ready().await.unwrap();
-            let req = http::Request::post(format!("http://{addr}/test.Test/Write"))
-                .header("content-type", "application/grpc")
-                .header("te", "trailers")
-                .body(())
-                .unwrap();
+            let req = write_request(addr);
             let (resp, mut out) = send.send_request(req, false).unwrap();
             let mut start = vec![0u8];
             start.extend_from_slice(&(900u32 << 10).to_be_bytes());

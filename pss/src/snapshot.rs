@@ -117,14 +117,7 @@ pub fn parse_framed<'a>(
     magic: &[u8],
 ) -> Result<(SnapshotMetadata, Pairs<'a>), String> {
     if bytes.len() < magic.len() + 8 || !bytes.starts_with(magic) {
-        if bytes.starts_with(SNAPSHOT_MAGIC_STEM) {
-            return Err(format!(
-                "a wayside snapshot of another format version ({:?}); this PSS reads {:?}",
-                String::from_utf8_lossy(&bytes[..magic.len().min(bytes.len())]).trim(),
-                String::from_utf8_lossy(magic).trim()
-            ));
-        }
-        return Err("not a wayside snapshot".into());
+        return Err(not_framed(&bytes[..magic.len().min(bytes.len())], magic));
     }
     let (body, sum) = bytes.split_at(bytes.len() - 4);
     if crc32fast::hash(body) != u32::from_le_bytes(sum.try_into().unwrap_or_default()) {
@@ -152,6 +145,18 @@ pub fn parse_framed<'a>(
     Ok((meta, pairs))
 }
 
+/// Why a file whose first bytes are `head` is not a framed file of `magic`.
+fn not_framed(head: &[u8], magic: &[u8]) -> String {
+    if head.starts_with(SNAPSHOT_MAGIC_STEM) {
+        return format!(
+            "a wayside snapshot of another format version ({:?}); this PSS reads {:?}",
+            String::from_utf8_lossy(head).trim(),
+            String::from_utf8_lossy(magic).trim()
+        );
+    }
+    "not a wayside snapshot".into()
+}
+
 /// Checks a framed file's magic and checksum, reading it through a buffer (a received
 /// snapshot holds every block of the state: it is never read into memory whole).
 pub fn check_framed(path: &Path, magic: &[u8]) -> Result<(), String> {
@@ -160,14 +165,7 @@ pub fn check_framed(path: &Path, magic: &[u8]) -> Result<(), String> {
     let len = f.metadata().map_err(|e| e.to_string())?.len();
     let mut head = vec![0u8; magic.len()];
     if len < magic.len() as u64 + 8 || f.read_exact(&mut head).is_err() || head != magic {
-        if head.starts_with(SNAPSHOT_MAGIC_STEM) {
-            return Err(format!(
-                "a wayside snapshot of another format version ({:?}); this PSS reads {:?}",
-                String::from_utf8_lossy(&head).trim(),
-                String::from_utf8_lossy(magic).trim()
-            ));
-        }
-        return Err("not a wayside snapshot".into());
+        return Err(not_framed(&head, magic));
     }
     let mut crc = crc32fast::Hasher::new();
     crc.update(&head);

@@ -265,24 +265,32 @@ impl Node {
         let checked = check_encoding(req.headers());
         let timeout = grpc_timeout(req.headers());
         let body = req.into_body();
+        let counted = self.clone();
         let reply = async move {
-            let r = async {
-                checked?;
-                if call == Call::Read {
-                    let r = unary_request::<pb::ReadRequest>(node.messages(body)).await?;
-                    encode_read(node.read_call(r).await?, max)
-                } else {
-                    let r = unary_request::<pb::WriteRequest>(node.messages(body)).await?;
-                    encode_small(&node.write_call(r).await?, max)
-                }
+            checked?;
+            if call == Call::Read {
+                let r = unary_request::<pb::ReadRequest>(node.messages(body)).await?;
+                encode_read(node.read_call(r).await?, max)
+            } else {
+                let r = unary_request::<pb::WriteRequest>(node.messages(body)).await?;
+                encode_small(&node.write_call(r).await?, max)
             }
-            .await;
-            if r.is_err() {
-                node.calls_failed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            }
-            r
         };
-        GrpcBody::replies(Box::pin(futures::stream::once(reply)), timeout)
+        counted.reply_body(Box::pin(futures::stream::once(reply)), timeout)
+    }
+
+    /// A call's reply body, each error reply counted in `calls_failed`.
+    fn reply_body(
+        self: Arc<Self>,
+        replies: ReplyStream,
+        timeout: Option<std::time::Duration>,
+    ) -> GrpcBody {
+        let counted: ReplyStream = Box::pin(replies.inspect(move |r| {
+            if r.is_err() {
+                self.calls_failed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+        }));
+        GrpcBody::replies(counted, timeout)
     }
 
     /// Answers a `Stream` (`batches`: `StreamBatches`) call: its replies, encoded as
@@ -307,13 +315,7 @@ impl Node {
                 Box::pin(out.map(move |r| r.and_then(|rs| encode_replies(rs, max))))
             }
         };
-        let node = self.self_arc();
-        let replies: ReplyStream = Box::pin(replies.inspect(move |r| {
-            if r.is_err() {
-                node.calls_failed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            }
-        }));
-        GrpcBody::replies(replies, timeout)
+        self.self_arc().reply_body(replies, timeout)
     }
 }
 
