@@ -245,6 +245,10 @@ struct VolumeState {
     /// The hash of the credential a report proved to be the volume's (checked with an
     /// NMS of the road once; later reports must present the same).
     credential: Option<CredentialHash>,
+    /// When the report the volume's plan comes from was received: a report received
+    /// earlier that reaches the planner later (its credential check took longer) is
+    /// older news and changes nothing.
+    planned_from: Option<Instant>,
 }
 
 struct State {
@@ -527,7 +531,16 @@ impl Smf {
             vol.at = serving;
         }
         let mut reason = d.reason.clone();
-        if !vol.moving {
+        let stale = vol.planned_from.is_some_and(|p| p > received);
+        if stale {
+            reason = format!(
+                "{reason} (a report received later has been planned already: this one changes \
+                 nothing)"
+            );
+        } else {
+            vol.planned_from = Some(received);
+        }
+        if !vol.moving && !stale {
             vol.pending = None;
             match (vol.at, d.from, d.to) {
                 // Behind: the vehicle is already served elsewhere; catch up now.
@@ -1346,6 +1359,33 @@ mod tests {
         assert_eq!(e.code(), tonic::Code::InvalidArgument);
         a.stop().await;
         cluster.shutdown().await;
+    }
+
+    /// Two reports of one volume planned in the other order from the one they were
+    /// received in (the first's credential check took longer): the older one changes
+    /// nothing, or the volume would be moved by stale news.
+    #[tokio::test]
+    async fn a_report_overtaken_by_a_later_one_changes_no_plan() {
+        let smf = no_nms(SmfConfig::default(), CancellationToken::new());
+        smf.set_road(road("127.0.0.1:1")).unwrap();
+        let hash = Credential::new("key").unwrap().hash();
+        let older = pb::VehicleReport { speed_mps: 5.0, ..report(0.0, 0.0) };
+        let newer = report(10.0, 100.0);
+        let (t_older, t_newer) = (Instant::now(), Instant::now() + Duration::from_millis(1));
+        let speed = |r: &pb::VehicleReport| Speed::from_mps(r.speed_mps).unwrap();
+        smf.decide(&newer, speed(&newer), hash, t_newer).unwrap();
+        let planned =
+            |smf: &Smf| smf.lock().volumes["vol"].pending.as_ref().unwrap().planned_start_s;
+        let start = planned(&smf);
+        // A's coverage ends at 250 m: 15 s on at 10 m/s from 100 m at 10 s.
+        assert!((20.0..=25.0).contains(&start), "{start}");
+        let d = smf.decide(&older, speed(&older), hash, t_older).unwrap();
+        assert!(d.reason.contains("changes nothing"), "{d:?}");
+        assert_eq!(planned(&smf), start, "the plan is the later report's");
+        // A report received after it plans anew.
+        let later = pb::VehicleReport { speed_mps: 5.0, ..report(11.0, 110.0) };
+        smf.decide(&later, speed(&later), hash, Instant::now() + Duration::from_millis(2)).unwrap();
+        assert!(planned(&smf) > start + 10.0, "{}", planned(&smf));
     }
 
     /// A move whose source is gone (its NMS died; the vehicle attached at C meanwhile and
