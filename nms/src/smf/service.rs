@@ -692,10 +692,12 @@ impl Smf {
             }
         }
         st.in_flight = st.in_flight.saturating_sub(1);
-        // (A move started on an older road: the volume's entry, if any, is the new road's.)
-        if st.road_gen == p.road_gen {
-            if let Some(v) = st.volumes.get_mut(&volume) {
-                v.moving = false;
+        // (A move started on an older road ends with the volume's place unknown on the new
+        // one: its vehicle's next report says.)
+        let same_road = st.road_gen == p.road_gen;
+        if let Some(v) = st.volumes.get_mut(&volume) {
+            v.moving = false;
+            if same_road {
                 if rec.ok {
                     v.at = Some(p.to);
                 } else {
@@ -864,8 +866,15 @@ impl Smf {
         let mut st = self.lock();
         st.road = Some((road, r.clone()));
         st.road_gen += 1;
-        // Indices into the old road mean nothing on the new one.
-        st.volumes.clear();
+        // Indices into the old road mean nothing on the new one. A volume moving stays
+        // marked so until its move ends (where it is, unknown until its vehicle's next
+        // report), or a report on the new road could start a second move of it.
+        st.volumes.retain(|_, v| v.moving);
+        for v in st.volumes.values_mut() {
+            v.at = None;
+            v.pending = None;
+            v.planned_from = None;
+        }
         Ok(r)
     }
 }
@@ -1386,6 +1395,30 @@ mod tests {
         let later = pb::VehicleReport { speed_mps: 5.0, ..report(11.0, 110.0) };
         smf.decide(&later, speed(&later), hash, Instant::now() + Duration::from_millis(2)).unwrap();
         assert!(planned(&smf) > start + 10.0, "{}", planned(&smf));
+    }
+
+    /// A road set anew while a volume moves: the volume stays marked moving (its move's
+    /// RSU indices mean nothing on the new road, but the NMSs still run it), so a report
+    /// on the new road plans no second move until the first ends.
+    #[tokio::test]
+    async fn a_road_set_during_a_move_starts_no_second_move() {
+        let smf = no_nms(SmfConfig::default(), CancellationToken::new());
+        smf.set_road(road("127.0.0.1:1")).unwrap();
+        smf.report(&report(0.0, 240.0)).await.unwrap();
+        {
+            let mut st = smf.lock();
+            let v = st.volumes.get_mut("vol").unwrap();
+            assert!(v.pending.is_some(), "a move to B is planned");
+            // As `start_due` does when it starts the move.
+            v.pending = None;
+            v.moving = true;
+        }
+        smf.set_road(road("127.0.0.1:2")).unwrap();
+        smf.report(&report(0.5, 245.0)).await.unwrap();
+        let st = smf.lock();
+        let v = &st.volumes["vol"];
+        assert!(v.moving, "still moving");
+        assert!(v.pending.is_none(), "no second move planned while the first runs");
     }
 
     /// A move whose source is gone (its NMS died; the vehicle attached at C meanwhile and
