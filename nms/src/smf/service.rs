@@ -527,11 +527,11 @@ impl Smf {
         let vol = st.volumes.entry(r.volume.clone()).or_default();
         vol.last = Some(now);
         vol.credential = Some(hash);
-        if vol.at.is_none() {
+        let stale = vol.planned_from.is_some_and(|p| p > received);
+        if vol.at.is_none() && !stale {
             vol.at = serving;
         }
         let mut reason = d.reason.clone();
-        let stale = vol.planned_from.is_some_and(|p| p > received);
         if stale {
             reason = format!(
                 "{reason} (a report received later has been planned already: this one changes \
@@ -599,19 +599,23 @@ impl Smf {
         let now = Instant::now();
         let mut st = self.lock();
         let Some((road, _)) = st.road.clone() else { return };
+        let slots = self.cfg.max_concurrent_moves.saturating_sub(st.in_flight);
+        // The moves due longest first, when there are more than slots.
+        let mut ready: Vec<(Instant, String)> = st
+            .volumes
+            .iter()
+            .filter(|(_, v)| !v.moving)
+            .filter_map(|(name, v)| {
+                v.pending.as_ref().filter(|p| p.due <= now).map(|p| (p.due, name.clone()))
+            })
+            .collect();
+        ready.sort();
         let mut due: Vec<(String, Pending)> = Vec::new();
-        let mut slots = self.cfg.max_concurrent_moves.saturating_sub(st.in_flight);
-        for (volume, v) in st.volumes.iter_mut() {
-            if slots == 0 {
-                break;
-            }
-            if v.moving || v.pending.as_ref().is_none_or(|p| p.due > now) {
-                continue;
-            }
-            let p = v.pending.take().expect("checked");
+        for (_, volume) in ready.into_iter().take(slots) {
+            let v = st.volumes.get_mut(&volume).expect("listed above");
+            let p = v.pending.take().expect("listed above");
             v.moving = true;
-            slots -= 1;
-            due.push((volume.clone(), p));
+            due.push((volume, p));
         }
         st.in_flight += due.len();
         drop(st);
@@ -1299,6 +1303,28 @@ mod tests {
             planned_bytes: 0,
             clock: Clock { at: now, time_s: 0.0, scale: 1.0 },
         }
+    }
+
+    /// More moves due than slots: the one due longest starts first (they started in the
+    /// volume map's order, so the same volumes could win every tick).
+    #[tokio::test]
+    async fn the_move_due_longest_starts_first() {
+        let cfg = SmfConfig { max_concurrent_moves: 1, ..Default::default() };
+        let smf = no_nms(cfg, CancellationToken::new());
+        smf.set_road(road("127.0.0.1:1")).unwrap();
+        let now = Instant::now();
+        for i in 0..8u64 {
+            let mut p = reactive_move_now(&smf, 0, 1);
+            // vol7 is due longest.
+            p.due = now - Duration::from_millis(10 * (i + 1));
+            let v = VolumeState { pending: Some(p), ..Default::default() };
+            smf.lock().volumes.insert(format!("vol{i}"), v);
+        }
+        smf.start_due();
+        let st = smf.lock();
+        let moving: Vec<&String> =
+            st.volumes.iter().filter(|(_, v)| v.moving).map(|(n, _)| n).collect();
+        assert_eq!(moving, ["vol7"]);
     }
 
     /// A StartMigration the SMF gave up on (its 25 ms ran out) while the NMSs went on and
