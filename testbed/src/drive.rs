@@ -56,13 +56,13 @@ use std::sync::atomic::Ordering;
 #[derive(Debug, Clone, clap::Args)]
 pub struct Args {
     /// Use only the first N RSUs of the A41 road (paper Table IV, RSU1-7).
-    #[arg(long, default_value_t = 7)]
+    #[arg(long, default_value_t = 7, conflicts_with = "rsus")]
     pub rsu_count: usize,
     /// CSV of RSUs (`name,dwell_distance_m`) instead of the A41 road.
     #[arg(long, value_name = "FILE")]
     pub rsus: Option<PathBuf>,
     /// Vehicle speeds in mph, one vehicle each (repeatable). Default: 30 and 50.
-    #[arg(long = "speed-mph", value_name = "MPH")]
+    #[arg(long = "speed-mph", value_name = "MPH", conflicts_with = "fcd")]
     pub speed_mph: Vec<f64>,
     /// A SUMO FCD trace (`sumo --fcd-output`); its vehicles replace the constant-speed ones.
     #[arg(long, value_name = "FILE")]
@@ -92,31 +92,31 @@ pub struct Args {
     pub netns: bool,
     /// (--netns) Radio link rate vehicle <-> RSU, each direction (units: bit, kbit, mbit,
     /// gbit per second).
-    #[arg(long, default_value = "27mbit", value_parser = crate::netns::parse_rate)]
+    #[arg(long, requires = "netns", default_value = "27mbit", value_parser = crate::netns::parse_rate)]
     pub radio_rate: u64,
     /// (--netns) Backhaul rate RSU <-> core (PSS, other RSUs), each direction.
-    #[arg(long, default_value = "1gbit", value_parser = crate::netns::parse_rate)]
+    #[arg(long, requires = "netns", default_value = "1gbit", value_parser = crate::netns::parse_rate)]
     pub backhaul_rate: u64,
     /// (--netns) One-way delay the radio adds, milliseconds (each direction).
-    #[arg(long, default_value_t = 5.0)]
+    #[arg(long, requires = "netns", default_value_t = 5.0)]
     pub radio_delay_ms: f64,
     /// (--netns) Probability that a forwarded radio chunk is "lost", i.e. held for
     /// --radio-loss-stall-ms like a TCP retransmission (0..=1).
-    #[arg(long, default_value_t = 0.01)]
+    #[arg(long, requires = "netns", default_value_t = 0.01)]
     pub radio_loss: f64,
     /// (--netns) How long an emulated loss stalls the radio, milliseconds (an RTO).
-    #[arg(long, default_value_t = 200.0)]
+    #[arg(long, requires = "netns", default_value_t = 200.0)]
     pub radio_loss_stall_ms: f64,
     /// (--netns) Seed of the radio shaper's loss RNG.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, requires = "netns", default_value_t = 1)]
     pub shaper_seed: u64,
     /// (--netns) One-way delay the backhaul adds (RSU <-> PSS and RSU <-> RSU), milliseconds.
     /// Above 0 (or with --backhaul-loss), every backhaul connection goes through a shaper.
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, requires = "netns", default_value_t = 1.0)]
     pub backhaul_delay_ms: f64,
     /// (--netns) Probability that a forwarded backhaul chunk is "lost" (a stall of
     /// --radio-loss-stall-ms), 0..=1.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, requires = "netns", default_value_t = 0.0)]
     pub backhaul_loss: f64,
     /// Boot each RSU's NMS as the unikernel image under QEMU (KVM if it works, else TCG),
     /// each VM on a tap of one host bridge; the PSS runs in this process on the bridge.
@@ -221,7 +221,7 @@ pub struct OpRecord {
 pub type Track = Vec<(f64, f64, Option<usize>)>;
 
 /// The outcome of a drive.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct Outcome {
     pub ops: Vec<OpRecord>,
     pub tracks: Vec<(String, Track)>,
@@ -231,6 +231,14 @@ pub struct Outcome {
     pub lost: u64,
     /// Reads during the drive that returned something other than the last acked bytes.
     pub read_mismatches: u64,
+    /// Acknowledged writes the PSS did not hold after the vehicle's final flush.
+    pub unpersisted: u64,
+    /// Vehicles whose final flush failed.
+    pub flush_failures: u64,
+    /// Vehicles that ended with no acknowledged write (nothing of theirs was checked).
+    pub unchecked_vehicles: Vec<String>,
+    /// Operations past [`MAX_OP_RECORDS_PER_VEHICLE`]: counted here, not in `ops`.
+    pub ops_unrecorded: u64,
     pub op_errors: u64,
     pub wall_s: f64,
     pub interrupted: bool,
@@ -805,6 +813,15 @@ async fn drive_on(
         eprintln!("road ready ({} RSUs); the vehicles are driving", addresses.len());
     }
 
+    // What the vehicles' final checks read the PSS with (as an operator: the road's
+    // certificate on TLS).
+    let pss = wayside_pss::client::PssClient::new(
+        deployed.pss.clone(),
+        wayside_pss::client::ClientOptions {
+            tls: deployed.tls.as_ref().map(|t| t.node.clone()),
+            ..Default::default()
+        },
+    );
     let t0 = Instant::now();
     let mut vehicles = JoinSet::new();
     let (progress_tx, mut progress_rx) =
@@ -817,8 +834,10 @@ async fn drive_on(
         let tx = progress_tx.clone();
         let at = vehicle_addresses.to_vec();
         let tls = deployed.tls.as_ref().map(|t| t.vehicle.clone());
-        vehicles
-            .spawn(async move { run_vehicle(i, v, road, at, tls, client, sc, t0, stop, tx).await });
+        let pss = pss.clone();
+        vehicles.spawn(async move {
+            run_vehicle(i, v, road, at, tls, client, pss, sc, t0, stop, tx).await
+        });
     }
     drop(progress_tx);
     let mut last_print = Instant::now();
@@ -863,10 +882,16 @@ async fn drive_on(
     outs.sort_by_key(|v: &VehicleOut| v.index);
     for v in outs {
         out.ops.extend(v.ops);
-        out.tracks.push((v.name, v.track));
+        out.tracks.push((v.name.clone(), v.track));
         out.checked += v.checked;
         out.lost += v.lost;
         out.read_mismatches += v.read_mismatches;
+        out.unpersisted += v.unpersisted;
+        out.flush_failures += u64::from(v.flush_failed);
+        out.ops_unrecorded += v.ops_unrecorded;
+        if v.checked == 0 {
+            out.unchecked_vehicles.push(v.name);
+        }
         out.op_errors += v.op_errors;
     }
     Ok(out)
@@ -894,10 +919,50 @@ struct VehicleOut {
     checked: u64,
     lost: u64,
     read_mismatches: u64,
+    unpersisted: u64,
+    flush_failed: bool,
+    ops_unrecorded: u64,
     op_errors: u64,
 }
 
-/// Most op records kept per vehicle (the rest are counted in the summary only).
+/// What a vehicle knows a block may hold: the bytes of its last acknowledged write, and
+/// those of the writes to it that failed since (a failed write may or may not have been
+/// applied: the NMS may have taken it before the answer was lost), by sequence number.
+#[derive(Debug, Default)]
+struct Expected {
+    acked: BTreeMap<u64, Vec<u8>>,
+    unsure: BTreeMap<u64, Vec<u64>>,
+}
+
+/// Most failed writes remembered per block (the oldest forgotten past it).
+const MAX_UNSURE_WRITES_PER_BLOCK: usize = 64;
+
+impl Expected {
+    fn acked(&mut self, block: u64, data: Vec<u8>) {
+        self.acked.insert(block, data);
+        self.unsure.remove(&block);
+    }
+
+    fn failed(&mut self, block: u64, seq: u64) {
+        let u = self.unsure.entry(block).or_default();
+        if u.len() >= MAX_UNSURE_WRITES_PER_BLOCK {
+            u.remove(0);
+        }
+        u.push(seq);
+    }
+
+    /// Whether `got` is what vehicle `index`'s `block` may hold.
+    fn allows(&self, index: usize, block: u64, got: Option<&[u8]>) -> bool {
+        got == self.acked.get(&block).map(Vec::as_slice)
+            || got.is_some_and(|g| {
+                self.unsure
+                    .get(&block)
+                    .is_some_and(|u| u.iter().any(|s| g == data_for(index, block, *s)))
+            })
+    }
+}
+
+/// Most op records kept per vehicle (the rest are counted in `Outcome::ops_unrecorded`).
 const MAX_OP_RECORDS_PER_VEHICLE: usize = 200_000;
 
 #[allow(clippy::too_many_arguments)]
@@ -908,6 +973,7 @@ async fn run_vehicle(
     vehicle_addresses: Vec<String>,
     tls: Option<wayside_proto::tls::Tls>,
     mut smf: pb::smf_client::SmfClient<tonic::transport::Channel>,
+    pss: wayside_pss::client::PssClient,
     sc: Scenario,
     t0: Instant,
     stop: CancellationToken,
@@ -942,12 +1008,15 @@ async fn run_vehicle(
         checked: 0,
         lost: 0,
         read_mismatches: 0,
+        unpersisted: 0,
+        flush_failed: false,
+        ops_unrecorded: 0,
         op_errors: 0,
     };
-    let mut acked: BTreeMap<u64, Vec<u8>> = BTreeMap::new();
+    let mut expected = Expected::default();
     let mut seq = 0u64;
     let report_every = Duration::from_secs_f64(1.0 / (sc.reports_per_s * sc.time_scale));
-    let op_every = Duration::from_secs_f64(1.0 / sc.ops_per_s.max(0.1));
+    let op_every = Duration::from_secs_f64(1.0 / sc.ops_per_s);
     let mut next_report = Instant::now();
     let mut next_op = Instant::now();
     let mut rng = rand::rngs::StdRng::seed_from_u64(index as u64 + 1);
@@ -962,11 +1031,14 @@ async fn run_vehicle(
         }
         if now >= next_report {
             next_report = now + report_every;
+            // The volume's figures first: the report's time and position are then those
+            // of the moment it is sent (the SMF plans from its receipt).
+            let stat = client.stat().await.ok();
+            let t = scen(Instant::now());
             if let Some(fix) = v.motion.at(t) {
                 let serving = road.serving_at(fix.position_m, fix.speed);
                 out.track.push((t, fix.position_m, serving));
                 let _ = progress.try_send((index, t, fix.position_m, serving));
-                let stat = client.stat().await.ok();
                 let report = pb::VehicleReport {
                     vehicle: v.name.clone(),
                     volume: volume.as_str().to_string(),
@@ -989,30 +1061,32 @@ async fn run_vehicle(
             if next_op < now {
                 next_op = now + op_every; // fell behind: do not burst
             }
-            let write = acked.is_empty() || rng.gen_bool(0.5);
+            let write = expected.acked.is_empty() || rng.gen_bool(0.5);
             let t_op = Instant::now();
             let block = if write {
                 rng.gen_range(0..sc.blocks)
             } else {
-                *acked.keys().nth(rng.gen_range(0..acked.len())).expect("non-empty")
+                let n = rng.gen_range(0..expected.acked.len());
+                *expected.acked.keys().nth(n).expect("non-empty")
             };
             let ok = if write {
                 seq += 1;
                 let data = data_for(index, block, seq);
                 match client.write(block, 0, data.clone()).await {
                     Ok(_) => {
-                        acked.insert(block, data);
+                        expected.acked(block, data);
                         true
                     }
                     Err(e) => {
                         tracing::warn!(vehicle = %v.name, block, error = %e, "write failed");
+                        expected.failed(block, seq);
                         false
                     }
                 }
             } else {
                 match client.read(block, 0, None).await {
                     Ok(got) => {
-                        if got.as_deref() != acked.get(&block).map(Vec::as_slice) {
+                        if !expected.allows(index, block, got.as_deref()) {
                             out.read_mismatches += 1;
                         }
                         true
@@ -1034,6 +1108,8 @@ async fn run_vehicle(
                     latency_ms: t_op.elapsed().as_secs_f64() * 1e3,
                     ok,
                 });
+            } else {
+                out.ops_unrecorded += 1;
             }
         }
         let wake = next_op.min(next_report);
@@ -1042,18 +1118,56 @@ async fn run_vehicle(
             () = stop.cancelled() => break,
         }
     }
-    // Every acknowledged write must read back, after a flush (persisted in the PSS).
+    final_check(index, &v.name, &volume, &client, &pss, &expected, &mut out).await;
+    Ok(out)
+}
+
+/// The end of a vehicle's drive: a flush (every acknowledged write persisted), then every
+/// acknowledged write must read back through the NMS (`lost` counts those that do not)
+/// and be in the PSS itself (`unpersisted`). Each call is bounded by its client's deadline.
+async fn final_check(
+    index: usize,
+    name: &str,
+    volume: &VolumeName,
+    client: &VolumeClient,
+    pss: &wayside_pss::client::PssClient,
+    expected: &Expected,
+    out: &mut VehicleOut,
+) {
     if let Err(e) = client.flush().await {
-        tracing::warn!(vehicle = %v.name, error = %e, "final flush failed");
+        tracing::warn!(vehicle = %name, error = %e, "final flush failed");
+        out.flush_failed = true;
     }
-    for (block, data) in &acked {
-        out.checked += 1;
-        match client.read(*block, 0, None).await {
-            Ok(Some(got)) if &got == data => {}
-            _ => out.lost += 1,
+    let blocks: Vec<u64> = expected.acked.keys().copied().collect();
+    out.checked = blocks.len() as u64;
+    match client.read_many(&blocks).await {
+        Ok(got) => {
+            for (block, got) in blocks.iter().zip(&got) {
+                if !expected.allows(index, *block, got.as_deref()) {
+                    out.lost += 1;
+                }
+            }
+        }
+        Err(e) => {
+            tracing::warn!(vehicle = %name, error = %e, "final read-back failed");
+            out.lost = out.checked;
         }
     }
-    Ok(out)
+    match pss.get_blocks(volume, &blocks).await {
+        Ok(stored) => {
+            let stored: BTreeMap<u64, Vec<u8>> =
+                stored.into_iter().filter(|b| b.found).map(|b| (b.block, b.data)).collect();
+            for block in &blocks {
+                if !expected.allows(index, *block, stored.get(block).map(Vec::as_slice)) {
+                    out.unpersisted += 1;
+                }
+            }
+        }
+        Err(e) => {
+            tracing::warn!(vehicle = %name, error = %e, "reading the volume from the PSS failed");
+            out.unpersisted = out.checked;
+        }
+    }
 }
 
 use rand::SeedableRng as _;
@@ -1062,6 +1176,18 @@ use rand::SeedableRng as _;
 pub fn scenario_from_args(a: &Args) -> anyhow::Result<Scenario> {
     if !(a.time_scale.is_finite() && a.time_scale > 0.0) {
         anyhow::bail!("--time-scale must be > 0");
+    }
+    if !(a.ops_per_s.is_finite() && a.ops_per_s > 0.0) {
+        anyhow::bail!("--ops-per-s must be > 0, got {}", a.ops_per_s);
+    }
+    if !(a.reports_per_s.is_finite() && a.reports_per_s > 0.0) {
+        anyhow::bail!("--reports-per-s must be > 0, got {}", a.reports_per_s);
+    }
+    if a.blocks == 0 {
+        anyhow::bail!("--blocks must be at least 1");
+    }
+    if !(a.stall_ms.is_finite() && a.stall_ms >= 0.0) {
+        anyhow::bail!("--stall-ms must be 0 or more milliseconds, got {}", a.stall_ms);
     }
     let rsus = match &a.rsus {
         Some(p) => {
@@ -1105,13 +1231,29 @@ pub fn scenario_from_args(a: &Args) -> anyhow::Result<Scenario> {
                 .collect::<Result<Vec<_>, wayside_nms::smf::model::ModelError>>()?
         }
     };
+    if vehicles.is_empty() {
+        anyhow::bail!("no vehicle to drive (the FCD trace has none)");
+    }
+    // Each vehicle has a volume of its own, named after it.
+    let mut names = std::collections::HashSet::new();
+    for v in &vehicles {
+        if !names.insert(v.name.as_str()) {
+            anyhow::bail!(
+                "two vehicles are named {:?} (the same --speed-mph twice?): each needs a \
+                 volume of its own",
+                v.name
+            );
+        }
+        VolumeName::new(format!("drive-{}", v.name))
+            .map_err(|e| anyhow::anyhow!("vehicle {:?} cannot name a volume: {e}", v.name))?;
+    }
     Ok(Scenario {
         rsus,
         vehicles,
         time_scale: a.time_scale,
         ops_per_s: a.ops_per_s,
-        blocks: a.blocks.max(1),
-        reports_per_s: a.reports_per_s.max(0.1),
+        blocks: a.blocks,
+        reports_per_s: a.reports_per_s,
         stall_ms: a.stall_ms,
         overlap_m: 100.0,
         handover_execution_s: 2.0,
@@ -1127,8 +1269,12 @@ pub fn deployment_from_args(a: &Args) -> anyhow::Result<Deployment> {
         if !(64..=65_536).contains(&a.vm_memory_mib) {
             anyhow::bail!("--vm-memory-mib must be 64..=65536, got {}", a.vm_memory_mib);
         }
-        let options =
-            crate::vmroad::VmRoadOptions { memory_mib: a.vm_memory_mib, ..Default::default() };
+        // The command's VMs in groups of their own: Ctrl-C stops them cleanly.
+        let options = crate::vmroad::VmRoadOptions {
+            memory_mib: a.vm_memory_mib,
+            own_group: true,
+            ..Default::default()
+        };
         return Ok(Deployment::Image { image: a.image_dir.clone(), options });
     }
     if !a.netns {
@@ -1196,21 +1342,23 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
         println!("{}", outcome.deployment);
     }
     eprintln!("report: {}", md.display());
-    if outcome.lost > 0 {
-        anyhow::bail!("{} acknowledged writes lost", outcome.lost);
-    }
-    Ok(())
+    verdict(&outcome).map_err(|e| anyhow::anyhow!("the drive failed: {e}"))
 }
 
 /// The one-paragraph summary.
 pub fn summary(sc: &Scenario, o: &Outcome) -> String {
     let ok_moves = o.moves.iter().filter(|m| m.ok).count();
     format!(
-        "drive: {:.1} s wall{}; ops {} (errors {}), stalls > {} ms: {}; moves {} ok / {}; \
-         acknowledged writes checked {}, lost {}; stale reads {}",
+        "drive: {:.1} s wall{}; ops {}{} (errors {}), stalls > {} ms: {}; moves {} ok / {}; \
+         acknowledged writes checked {}, lost {}, not in the PSS {}; stale reads {}{}",
         o.wall_s,
         if o.interrupted { " (interrupted)" } else { "" },
-        o.ops.len(),
+        o.ops.len() as u64 + o.ops_unrecorded,
+        if o.ops_unrecorded > 0 {
+            format!(" ({} past the record limit, not in the tables)", o.ops_unrecorded)
+        } else {
+            String::new()
+        },
         o.op_errors,
         sc.stall_ms,
         o.stalls(sc.stall_ms),
@@ -1218,8 +1366,53 @@ pub fn summary(sc: &Scenario, o: &Outcome) -> String {
         o.moves.len(),
         o.checked,
         o.lost,
-        o.read_mismatches
+        o.unpersisted,
+        o.read_mismatches,
+        if o.flush_failures > 0 {
+            format!("; final flushes failed {}", o.flush_failures)
+        } else {
+            String::new()
+        }
     )
+}
+
+/// Whether a drive passed: nothing acknowledged lost (read back through the NMS and found
+/// in the PSS after every vehicle's final flush), no read older than a write already
+/// acknowledged, and every vehicle with something checked (unless interrupted).
+pub fn verdict(o: &Outcome) -> Result<(), String> {
+    let mut wrong = Vec::new();
+    if o.lost > 0 {
+        wrong.push(format!("{} acknowledged writes did not read back", o.lost));
+    }
+    if o.unpersisted > 0 {
+        wrong.push(format!(
+            "{} acknowledged writes were not in the PSS after the final flush",
+            o.unpersisted
+        ));
+    }
+    if o.flush_failures > 0 {
+        wrong.push(format!("{} vehicles' final flush failed", o.flush_failures));
+    }
+    if o.read_mismatches > 0 {
+        wrong.push(format!(
+            "{} reads returned something other than the last acknowledged write",
+            o.read_mismatches
+        ));
+    }
+    if o.tracks.is_empty() {
+        wrong.push("no vehicle drove".into());
+    }
+    if !o.interrupted && !o.unchecked_vehicles.is_empty() {
+        wrong.push(format!(
+            "no write of {} was acknowledged, so nothing of theirs was checked",
+            o.unchecked_vehicles.join(", ")
+        ));
+    }
+    if wrong.is_empty() {
+        Ok(())
+    } else {
+        Err(wrong.join("; "))
+    }
 }
 
 fn kind_name(k: i32) -> &'static str {
@@ -1460,4 +1653,56 @@ pub fn latency_svg(o: &Outcome) -> String {
     }
     s.push_str("</svg>\n");
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failed_write_may_or_may_not_be_what_a_block_holds() {
+        let mut e = Expected::default();
+        e.acked(3, data_for(0, 3, 1));
+        e.failed(3, 2);
+        assert!(e.allows(0, 3, Some(&data_for(0, 3, 1))), "the acknowledged write");
+        assert!(e.allows(0, 3, Some(&data_for(0, 3, 2))), "the failed one, applied after all");
+        assert!(!e.allows(0, 3, Some(&data_for(0, 3, 3))), "a write never made");
+        assert!(!e.allows(0, 3, None), "nothing, after a write was acknowledged");
+        assert!(!e.allows(0, 3, Some(&data_for(1, 3, 2))), "another vehicle's");
+        // A later acknowledged write settles it.
+        e.acked(3, data_for(0, 3, 4));
+        assert!(!e.allows(0, 3, Some(&data_for(0, 3, 2))));
+        // A block whose only write failed: never written, or that write.
+        e.failed(5, 6);
+        assert!(e.allows(0, 5, None) && e.allows(0, 5, Some(&data_for(0, 5, 6))));
+        // Bounded.
+        for s in 0..1000 {
+            e.failed(7, s);
+        }
+        assert_eq!(e.unsure[&7].len(), MAX_UNSURE_WRITES_PER_BLOCK);
+    }
+
+    #[test]
+    fn a_drive_passes_only_when_everything_acknowledged_is_found() {
+        let good =
+            Outcome { tracks: vec![("car".into(), Vec::new())], checked: 10, ..Default::default() };
+        assert_eq!(verdict(&good), Ok(()));
+        let cases = [
+            (Outcome { lost: 1, ..Default::default() }, "did not read back"),
+            (Outcome { unpersisted: 2, ..Default::default() }, "not in the PSS"),
+            (Outcome { flush_failures: 1, ..Default::default() }, "final flush failed"),
+            (Outcome { read_mismatches: 1, ..Default::default() }, "other than the last"),
+            (Outcome { unchecked_vehicles: vec!["car".into()], ..Default::default() }, "car"),
+        ];
+        for (bad, says) in cases {
+            let bad = Outcome { tracks: good.tracks.clone(), ..bad };
+            let e = verdict(&bad).unwrap_err();
+            assert!(e.contains(says), "{e}");
+        }
+        assert!(verdict(&Outcome::default()).unwrap_err().contains("no vehicle"));
+        // Interrupted before a vehicle's first write: not a failure of the road.
+        let cut =
+            Outcome { interrupted: true, unchecked_vehicles: vec!["car".into()], ..good.clone() };
+        assert_eq!(verdict(&cut), Ok(()));
+    }
 }

@@ -58,6 +58,11 @@ pub struct VmRoadOptions {
     /// The road's TLS files, which every guest NMS gets (through fw_cfg): it then serves
     /// TLS only and dials the PSS (which must require the road's certificate) over TLS.
     pub tls: Option<wayside_proto::tls::TlsFiles>,
+    /// Each QEMU in a process group of its own: a terminal's Ctrl-C then reaches only
+    /// this program, which stops the VMs cleanly (their NMSs drain their write-back)
+    /// instead of every QEMU quitting at once (`testbed drive --image` sets it; a test's
+    /// VMs stay in the test's group, so ending the test run ends them too).
+    pub own_group: bool,
 }
 
 impl Default for VmRoadOptions {
@@ -72,6 +77,7 @@ impl Default for VmRoadOptions {
             guest_log: None,
             cluster_token: None,
             tls: None,
+            own_group: false,
         }
     }
 }
@@ -191,6 +197,7 @@ impl VmRoad {
         };
         let mut road = VmRoad { vms: Vec::new(), net, stop_grace: opts.stop_grace, _work: work };
         let mut launches = Vec::new();
+        let own_group = opts.own_group;
         for (i, name) in names.iter().enumerate() {
             let tap = road.net.bridge.add_tap()?;
             let ip = road.net.bridge.guest_cidr(i)?;
@@ -218,7 +225,7 @@ impl VmRoad {
                 tls: opts.tls.clone(),
             };
             launches.push(async move {
-                let vm = Vm::launch(&vm_opts, false).await?;
+                let vm = Vm::launch_with(&vm_opts, false, own_group).await?;
                 Ok::<_, vm::VmError>((format!("{}:{NMS_PORT}", ip.addr), vm))
             });
         }

@@ -26,3 +26,30 @@ fn unknown_subcommand_is_named() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("fly"));
 }
+
+/// `testbed drive` refuses what it cannot drive, naming the option, before it deploys
+/// anything (values it used to clamp or ignore silently).
+#[test]
+fn drive_refuses_bad_options_by_name() {
+    for (args, named) in [
+        (&["--ops-per-s", "0"][..], "--ops-per-s"),
+        (&["--ops-per-s", "NaN"], "--ops-per-s"),
+        (&["--reports-per-s=-1"], "--reports-per-s"),
+        (&["--blocks", "0"], "--blocks"),
+        (&["--stall-ms=-5"], "--stall-ms"),
+        // Two vehicles with one name would share one volume.
+        (&["--speed-mph", "30", "--speed-mph", "30"], "30mph"),
+        // Options that would be ignored.
+        (&["--speed-mph", "30", "--fcd", "x.xml"], "--fcd"),
+        (&["--rsu-count", "3", "--rsus", "x.csv"], "--rsus"),
+        (&["--radio-delay-ms", "3"], "--netns"),
+    ] {
+        let mut all = vec!["drive", "--plaintext"];
+        all.extend_from_slice(args);
+        let out = testbed(&all);
+        assert!(!out.status.success(), "{args:?} was accepted");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(named), "{args:?}: {err}");
+        assert!(!err.contains("road ready"), "{args:?} deployed a road: {err}");
+    }
+}

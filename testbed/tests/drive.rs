@@ -30,6 +30,8 @@ async fn short_drive_moves_twice_and_loses_nothing() {
     assert!(out.checked > 0, "{summary}");
     assert_eq!(out.lost, 0, "{summary}");
     assert_eq!(out.read_mismatches, 0, "{summary}");
+    assert_eq!(out.unpersisted, 0, "{summary}");
+    assert_eq!(drive::verdict(&out), Ok(()), "{summary}");
     // The SMF learnt from the moves: its estimate moved away from the 0.5 s prior.
     assert!(out.learnt_fixed_s < 0.5, "{summary}: fixed {}", out.learnt_fixed_s);
     // The report and plots are written.
@@ -74,6 +76,8 @@ async fn a_short_next_cell_makes_the_smf_move_proactively_before_the_handover() 
     assert!(out.checked > 0, "{summary}");
     assert_eq!(out.lost, 0, "{summary}");
     assert_eq!(out.read_mismatches, 0, "{summary}");
+    assert_eq!(out.unpersisted, 0, "{summary}");
+    assert_eq!(drive::verdict(&out), Ok(()), "{summary}");
 }
 
 /// The default road runs TLS on every hop: a vehicle trusting the road's CA writes, reads

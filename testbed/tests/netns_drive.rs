@@ -78,6 +78,8 @@ async fn netns_short_drive_moves_twice_and_loses_nothing() {
     assert!(out.checked > 0, "{summary}");
     assert_eq!(out.lost, 0, "{summary}");
     assert_eq!(out.read_mismatches, 0, "{summary}");
+    assert_eq!(out.unpersisted, 0, "{summary}");
+    assert_eq!(drive::verdict(&out), Ok(()), "{summary}");
     // Every op crossed the radio shaper: at least one round trip of its delay.
     let fastest = out.ops.iter().filter(|r| r.ok).map(|r| r.latency_ms).fold(f64::MAX, f64::min);
     assert!(fastest >= 2.0 * delay.as_secs_f64() * 1e3, "an op took {fastest} ms: no radio delay");

@@ -172,6 +172,8 @@ async fn a_drive_on_unikernel_rsus_moves_twice_and_loses_nothing() {
     assert!(out.checked > 0, "{summary}");
     assert_eq!(out.lost, 0, "{summary}");
     assert_eq!(out.read_mismatches, 0, "{summary}");
+    assert_eq!(out.unpersisted, 0, "{summary}");
+    assert_eq!(drive::verdict(&out), Ok(()), "{summary}");
     assert!(out.deployment.contains("unikernel images"), "{}", out.deployment);
     assert!(out.deployment.contains("[Clean, Clean, Clean]"), "{}", out.deployment);
 }
