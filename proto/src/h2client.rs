@@ -1549,6 +1549,7 @@ mod tests {
             assert_eq!((ty, flags & frame::ACK), (frame::PING, 0));
             tcp.write_all(&frame_bytes(frame::PING, frame::ACK, 0, &payload)).await.unwrap();
         }
+        let last_answer = std::time::Instant::now();
         assert!(!call.is_finished(), "the call failed though its PINGs were answered");
         // Silence: the next PING goes unanswered.
         let e = call.await.unwrap().unwrap_err().downcast::<tonic::Status>().unwrap();
@@ -1558,6 +1559,10 @@ mod tests {
         assert!(cause.contains("keepalive PING"), "{cause}");
         // Two answered intervals, then one more and the timeout (1.1 s; half of it here).
         assert!(waited >= std::time::Duration::from_millis(550), "failed after {waited:?}");
+        // One interval and the timeout after the last answer (700 ms): the PING's own
+        // bytes leaving are no sign of the peer (they restarted the timeout: 1.2 s).
+        let silent = last_answer.elapsed();
+        assert!(silent < Duration::from_millis(1000), "failed {silent:?} after the last answer");
     }
 
     #[tokio::test]

@@ -529,10 +529,15 @@ pub(crate) struct Keepalive {
     interval: Duration,
     timeout: Duration,
     last_heard: Instant,
-    /// When the unanswered PING was sent, or our bytes last reached the socket after it.
+    /// When the unanswered PING was sent, or bytes queued ahead of it last reached the
+    /// socket.
     ping_sent: Option<Instant>,
     /// [`Out::written`] when `ping_sent` was last set.
     written: u64,
+    /// [`Out::written`] once every byte queued ahead of the PING has been written: bytes
+    /// past it (the PING's own, or later calls') say nothing of the peer (a socket takes
+    /// them into its buffer whether the peer is there or not), so they restart no clock.
+    ahead_of_ping: u64,
     timer: Pin<Box<tokio::time::Sleep>>,
 }
 
@@ -546,6 +551,7 @@ impl Keepalive {
             last_heard: Instant::now(),
             ping_sent: None,
             written: 0,
+            ahead_of_ping: 0,
             timer: Box::pin(tokio::time::sleep(interval)),
         })
     }
@@ -553,7 +559,12 @@ impl Keepalive {
     /// Bytes came from the peer.
     pub(crate) fn heard(&mut self) {
         self.last_heard = Instant::now();
-        self.ping_sent = None;
+        if self.ping_sent.take().is_some() {
+            // The timer was set for the PING's timeout: the next PING is due an interval
+            // from now, not then (the poll that follows every read registers it).
+            let next = self.last_heard + self.interval;
+            self.timer.as_mut().reset(tokio::time::Instant::from_std(next));
+        }
     }
 
     /// Queues a PING in `out` when one is due; fails when the last went unanswered.
@@ -562,8 +573,12 @@ impl Keepalive {
             return Ok(());
         }
         let now = Instant::now();
-        if self.ping_sent.is_some() && out.written != self.written {
-            // Our bytes are still being taken: the peer's side is alive, only busy.
+        if self.ping_sent.is_some()
+            && self.written < self.ahead_of_ping
+            && out.written != self.written
+        {
+            // The bytes queued ahead of the PING are still being taken: the peer's side is
+            // alive, only busy.
             self.ping_sent = Some(now);
             self.written = out.written;
         }
@@ -573,6 +588,7 @@ impl Keepalive {
             }
             Some(sent) => sent + self.timeout,
             None if now.duration_since(self.last_heard) >= self.interval => {
+                self.ahead_of_ping = out.written + out.len as u64;
                 out.header(8, frame::PING, 0, 0);
                 out.small(&[0x77; 8]);
                 self.ping_sent = Some(now);
@@ -2114,10 +2130,13 @@ mod tests {
             let mut cx = Context::from_waker(std::task::Waker::noop());
             k.poll(out, &mut cx)
         };
+        // An upload queued ahead of the PING (on a slow link).
+        let ahead = 8 * 16 * 1024;
+        out.len = ahead;
         tokio::time::sleep(interval + Duration::from_millis(10)).await;
         poll(&mut k, &mut out).unwrap();
-        assert_eq!(out.len, FRAME_HEADER_BYTES + 8, "a PING after the interval");
-        // Four timeouts long, our bytes keep leaving: not dead.
+        assert_eq!(out.len, ahead + FRAME_HEADER_BYTES + 8, "a PING after the interval");
+        // Four timeouts long, the bytes ahead of the PING keep leaving: not dead.
         for _ in 0..8 {
             tokio::time::sleep(timeout / 2).await;
             out.written += 16 * 1024;
@@ -2127,6 +2146,21 @@ mod tests {
         tokio::time::sleep(timeout + Duration::from_millis(20)).await;
         let e = poll(&mut k, &mut out).unwrap_err();
         assert!(matches!(e, ConnError::KeepaliveTimeout(_)), "{e}");
+        // Bytes written after the PING (its own, or later calls' a socket buffer takes in
+        // whether the peer is there or not) are no sign of the peer.
+        let (mut k, mut out) = (Keepalive::new(Some(interval), timeout).unwrap(), Out::default());
+        tokio::time::sleep(interval + Duration::from_millis(10)).await;
+        poll(&mut k, &mut out).unwrap();
+        let mut failed = None;
+        for _ in 0..4 {
+            tokio::time::sleep(timeout / 2 + Duration::from_millis(10)).await;
+            out.written += 16 * 1024;
+            if let Err(e) = poll(&mut k, &mut out) {
+                failed = Some(e);
+                break;
+            }
+        }
+        assert!(matches!(failed, Some(ConnError::KeepaliveTimeout(_))), "{failed:?}");
         // Heard from the peer: no PING is due until another interval of silence.
         let mut k = Keepalive::new(Some(interval), timeout).unwrap();
         tokio::time::sleep(interval + Duration::from_millis(10)).await;
