@@ -469,7 +469,10 @@ impl RecvWindow {
     }
 
     /// `n` bytes were consumed (or discarded): once at least `threshold` are unannounced,
-    /// and `open` (the peer may still send), the peer is told in a WINDOW_UPDATE on `id`.
+    /// or at least as many as the peer may still send, and `open` (the peer may still
+    /// send), the peer is told in a WINDOW_UPDATE on `id`. (With only the threshold, bytes
+    /// other streams hold unread past the window's other half would leave the stream being
+    /// read unable ever to reach it: no update, and every stream stalled.)
     pub(crate) fn release(
         &mut self,
         out: &mut Out,
@@ -479,7 +482,8 @@ impl RecvWindow {
         open: bool,
     ) {
         self.unannounced += n;
-        if open && n > 0 && self.unannounced >= threshold.max(1) {
+        let due = threshold.min(self.left.max(0) as usize).max(1);
+        if open && n > 0 && self.unannounced >= due {
             let k = std::mem::take(&mut self.unannounced);
             self.left += k as i64;
             out.window_update(id, k as u32);
@@ -2121,6 +2125,30 @@ mod tests {
     /// A PING queued behind bytes the socket keeps taking (a slow link busy with an
     /// upload) does not time out; once the socket takes nothing more and nothing is heard,
     /// it does; anything heard answers it.
+    /// A connection window of 100 bytes, its update due at 50 consumed: 60 bytes held
+    /// unread by other streams, the 40 the peer could still send are read and consumed.
+    /// The peer must be told (it could send nothing more: every stream would stall).
+    #[test]
+    fn bytes_held_elsewhere_do_not_stop_the_window_refilling() {
+        let mut w = RecvWindow::new(100);
+        let mut out = Out::default();
+        assert!(w.take(60), "held by other streams, unread");
+        assert!(w.take(40));
+        for _ in 0..4 {
+            w.release(&mut out, 0, 10, 50, true);
+        }
+        assert!(out.len > 0, "no WINDOW_UPDATE");
+        assert_eq!(w.left, 40, "what was consumed is announced");
+        // Unconstrained, updates still wait for the threshold (no update per frame).
+        let (mut w, mut out) = (RecvWindow::new(100), Out::default());
+        assert!(w.take(30));
+        w.release(&mut out, 0, 30, 50, true);
+        assert_eq!(out.len, 0, "30 consumed, 70 still open: not yet");
+        assert!(w.take(30));
+        w.release(&mut out, 0, 30, 50, true);
+        assert_eq!((out.len, w.left), (FRAME_HEADER_BYTES + 4, 100));
+    }
+
     #[tokio::test]
     async fn keepalive_counts_only_while_nothing_moves_either_way() {
         let (interval, timeout) = (Duration::from_millis(50), Duration::from_millis(200));
