@@ -657,6 +657,8 @@ enum DieAt {
     OnClaim,
     /// Raises the epoch in the PSS, answers Claimed, then dies before SwitchOver.
     AfterClaim,
+    /// Raises the epoch in the PSS and dies before answering Claimed.
+    RaisedOnClaim,
     /// Raises the epoch at Claim, dies on SwitchOver without answering.
     OnSwitchOver,
     /// A target from before Claim (Ready names no node; a Claim is a frame it does not
@@ -745,6 +747,9 @@ impl pb::migration_server::Migration for DyingTarget {
                         if let Some(p) = &pause {
                             p.landed.notify_one();
                             p.go.notified().await;
+                        }
+                        if die == DieAt::RaisedOnClaim {
+                            break;
                         }
                         let claimed = Ack::Claimed(pb::Claimed { new_epoch });
                         let _ = tx.send(Ok(pb::MigrationAck { ack: Some(claimed) })).await;
@@ -1137,6 +1142,71 @@ async fn dying_target(
             ),
     );
     (ep, dead, server)
+}
+
+/// The target raised the epoch at Claim and died before answering, and the PSS cannot
+/// answer the source when it tries to take the volume back. The source serves the volume
+/// on, its write-back held, and takes it back once the PSS answers. (It released the
+/// write-back at once: the next write-back, fenced by the target's raise, turned the
+/// volume into a redirect to the dead target, which never served it.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_claim_whose_take_back_waits_for_the_pss_keeps_the_volume_here() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = LocalCluster::start(1, dir.path()).await.unwrap();
+    let store = FaultyPss::new(&cluster);
+    let a = Nms(LocalNms::start_with_store("a", store.clone(), |c| {
+        c.writeback_delay_ms = 0;
+        c.pss_rpc_timeout_ms = 200;
+        c.pss_deadline_ms = 1_000;
+    })
+    .await);
+    let c = VolumeClient::open(opts(&[&a.ep], "held", "k")).await.unwrap();
+    for blk in 0..8 {
+        c.write(blk, 0, block_data(blk, 1)).await.unwrap();
+    }
+    c.flush().await.unwrap();
+    let before = c.stat().await.unwrap();
+    let epoch0 = before.epoch;
+    let pss = cluster.client();
+    let pause = std::sync::Arc::new(ClaimPause::default());
+    let target = DyingTarget(
+        DieAt::RaisedOnClaim,
+        CancellationToken::new(),
+        pss.clone(),
+        Some(pause.clone()),
+    );
+    let (t_ep, dead, server) = dying_target(target).await;
+    // Once the target's raise has landed, the PSS stops answering A's volume reads.
+    let unreachable = async {
+        pause.landed.notified().await;
+        store.fail_get_volume.store(usize::MAX, std::sync::atomic::Ordering::SeqCst);
+        pause.go.notify_one();
+    };
+    let (report, ()) = tokio::join!(a.migrate("held", &t_ep, 1), unreachable);
+    dead.cancel();
+    let _ = server.await;
+    assert_eq!(report.outcome, pb::MigrationOutcome::Aborted as i32, "{report:?}");
+    assert!(report.error.contains("write-back held"), "{report:?}");
+    // Served on meanwhile: a write is taken.
+    c.write(100, 0, block_data(100, 2)).await.unwrap();
+    assert_eq!(c.read(3, 0, None).await.unwrap(), Some(block_data(3, 1)));
+    // The PSS answers again: A takes the volume back and writes back with its new epoch.
+    store.fail_get_volume.store(0, std::sync::atomic::Ordering::SeqCst);
+    c.flush().await.unwrap();
+    assert_eq!(c.current_nms(), a.ep, "the vehicle stayed at A");
+    let after = c.stat().await.unwrap();
+    assert_eq!(
+        after.incarnation, before.incarnation,
+        "A's copy was kept (not turned into a redirect to the dead target, then loaded anew)"
+    );
+    let meta = pss.get_volume(&VolumeName::new("held").unwrap()).await.unwrap();
+    assert_eq!(meta.owner_node, "a");
+    assert_eq!(meta.epoch, epoch0 + 2, "the target's raise, then A's take-back");
+    let mut want: HashMap<u64, Vec<u8>> = (0..8).map(|b| (b, block_data(b, 1))).collect();
+    want.insert(100, block_data(100, 2));
+    assert_persisted_and_read_back(&cluster, &c, "held", &want).await;
+    a.stop().await;
+    cluster.shutdown().await;
 }
 
 /// The target raised the epoch (Claim), took SwitchOver in and died without answering,

@@ -392,18 +392,25 @@ impl Node {
                     Ok(()) => self.resume(&v),
                     Err(e) => {
                         result = Err(format!("{why}; {e}"));
-                        // Not another NMS's (a redirect now) nor known to be this one's.
-                        sw.unresolved = sw.switch_sent && !self.owner_known(&v, incarnation);
+                        // Not another NMS's (a redirect now) nor known to be this one's:
+                        // the write-back stays held (the target may have raised the epoch:
+                        // a write-back now would be fenced and turn the volume into a
+                        // redirect to a target that never served it) until a take-back
+                        // lands.
+                        sw.unresolved = !self.owner_known(&v, incarnation);
                     }
                 }
             }
         }
         if sw.unresolved {
             if let Err(why) = &mut result {
-                why.push_str(
+                why.push_str(if sw.switch_sent {
                     "; who owns the volume is unknown: it stays paused here (reads go on, \
-                     writes wait) until the PSS answers",
-                );
+                     writes wait) until the PSS answers"
+                } else {
+                    "; who owns the volume is unknown: it is served here, its write-back \
+                     held, until the PSS answers"
+                });
             }
             self.self_arc().resolve_in_background(
                 v.clone(),
@@ -580,6 +587,12 @@ impl Node {
             }
             let changed = self.core().changed_bytes(v);
             let mut switch = rule.switch_now(round, changed, bytes, rate);
+            if sw.claim_sent() {
+                // The round sent with the Claim is done: switch whatever it left (the
+                // write-back is held and the epoch is the target's from now on; more rounds
+                // would only hold the vehicle's write-back, and its flushes, longer).
+                switch = true;
+            }
             if switch && sw.hold.is_none() {
                 // Before pausing: no new write-back, and once the batch in flight has
                 // committed the target raises the epoch (Claim), so the pause waits for
@@ -617,6 +630,12 @@ impl Node {
                 } else {
                     let changed = self.core().changed_bytes(v);
                     switch = rule.switch_now(round, changed, bytes, rate);
+                    if !switch {
+                        // Another round (the vehicle wrote on while a batch in flight was
+                        // waited for): the write-back goes on meanwhile, and is held
+                        // again at the next switch decision.
+                        drop(sw.hold.take());
+                    }
                 }
             }
             if switch {
@@ -660,11 +679,13 @@ impl Node {
         report.bytes_moved += q.bytes;
         report.blocks_moved += q.blocks;
         tracing::debug!(volume = %v, "switch: remainder queued");
-        sw.switch_sent = true;
         if let Err(e) = link.send(Frame::SwitchOver(switch)).await {
-            // Not sent for sure only if the channel closed before taking it; settle.
-            return self.settle(v, epoch, target, pause, report, e, sw).await;
+            // Never queued (the stream closed, or no room came within the switch's
+            // limit): the target cannot have it, so nothing needs settling.
+            self.resume(v);
+            return Err(e);
         }
+        sw.switch_sent = true;
         loop {
             match link.ack().await {
                 Ok(Ack::Round(_)) => continue,
@@ -819,8 +840,13 @@ impl Node {
                 let mut backoff = Duration::from_millis(100);
                 loop {
                     let here = node.core().volume(&v).map(|x| (x.incarnation(), x.state.clone()));
+                    // Paused after SwitchOver; served (its write-back held) when the move
+                    // ended before it.
+                    let waiting = |s: &VolumeState| {
+                        *s == VolumeState::Paused || (!sw.switch_sent && *s == VolumeState::Active)
+                    };
                     if node.stop.is_cancelled()
-                        || !matches!(here, Some((i, VolumeState::Paused)) if i == incarnation)
+                        || !matches!(&here, Some((i, s)) if *i == incarnation && waiting(s))
                     {
                         break;
                     }
