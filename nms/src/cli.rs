@@ -349,6 +349,10 @@ pub struct MigrateArgs {
     /// Switch once a round is below this many bytes (0: the source's default).
     #[arg(long, default_value_t = 0)]
     pub switch_below_bytes: u64,
+    /// Give up waiting for the source's report after this long, in milliseconds (the move
+    /// itself ends by the source's own limits: migration_timeout_ms and the PSS's).
+    #[arg(long, default_value_t = 120_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub timeout_ms: u64,
     #[command(flatten)]
     pub tls: OperatorTlsArgs,
 }
@@ -382,15 +386,30 @@ pub async fn admin(
     admin_over(addr, None).await
 }
 
-/// [`admin`] over TLS when `tls` is given (whatever scheme `addr` has).
+/// How long an operator's status or shutdown call may take (an NMS that accepts
+/// connections but answers nothing, stopped or wedged, must not hang the command).
+pub const ADMIN_CALL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// [`admin`] over TLS when `tls` is given (whatever scheme `addr` has); each call within
+/// [`ADMIN_CALL_TIMEOUT`].
 pub async fn admin_over(
     addr: &str,
     tls: Option<&wayside_proto::tls::Tls>,
+) -> anyhow::Result<pb::nms_admin_client::NmsAdminClient<tonic::transport::Channel>> {
+    admin_within(addr, tls, ADMIN_CALL_TIMEOUT).await
+}
+
+/// [`admin_over`], each call within `timeout`.
+pub async fn admin_within(
+    addr: &str,
+    tls: Option<&wayside_proto::tls::Tls>,
+    timeout: Duration,
 ) -> anyhow::Result<pb::nms_admin_client::NmsAdminClient<tonic::transport::Channel>> {
     let ep = Endpoint::parse(addr).with_context(|| format!("address {addr:?}"))?;
     let ch = wayside_proto::client::endpoint(&ep, tls)
         .map_err(|e| anyhow::anyhow!("{e} (give the road's CA: --tls-ca or WAYSIDE_TLS_CA)"))?
         .connect_timeout(Duration::from_secs(3))
+        .timeout(timeout)
         .connect()
         .await
         .map_err(|e| {
@@ -410,7 +429,9 @@ pub async fn migrate(a: MigrateArgs) -> anyhow::Result<()> {
     let to = Endpoint::parse(&a.to).context("--to")?;
     let token = operator_token()?;
     let tls = a.tls.load()?;
-    let mut c = admin_over(&a.from, tls.as_ref()).await?;
+    let mut c = admin_within(&a.from, tls.as_ref(), Duration::from_millis(a.timeout_ms))
+        .await
+        .context("--from")?;
     let req = pb::StartMigrationRequest {
         volume: a.volume.clone(),
         target_address: to.uri().to_owned(),

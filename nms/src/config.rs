@@ -208,6 +208,9 @@ pub struct Config {
     pub http2_max_resets_per_s: u32,
 }
 
+/// Most serving threads (`Config::serve_threads`).
+pub const MAX_SERVE_THREADS: usize = 256;
+
 /// Half the CPUs this process may use, at least 1 (see `Config::serve_threads`).
 pub fn default_serve_threads() -> usize {
     std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1))
@@ -219,7 +222,7 @@ impl Default for Config {
             listen: "127.0.0.1:7100".into(),
             advertise: String::new(),
             node_id: "nms-1".into(),
-            pss: vec!["127.0.0.1:7000".into()],
+            pss: vec!["127.0.0.1:7400".into()],
             cache_capacity_bytes: 1 << 30,
             block_pool_bytes: 128 << 20,
             dirty_limit_bytes: 256 << 20,
@@ -323,14 +326,44 @@ impl Config {
             ("max_concurrent_streams", u64::from(self.max_concurrent_streams)),
             ("http2_send_buffer_bytes", self.http2_send_buffer_bytes as u64),
             ("http2_max_resets_per_s", u64::from(self.http2_max_resets_per_s)),
+            // 0 would remember no request id: a retried write would be applied twice.
+            ("dedupe_entries_per_volume", self.dedupe_entries_per_volume as u64),
+            ("pss_rpc_timeout_ms", self.pss_rpc_timeout_ms),
+            ("pss_deadline_ms", self.pss_deadline_ms),
         ] {
             if v == 0 {
                 return Err(format!("{name} must be > 0"));
             }
         }
+        if self.http2_keepalive_interval_ms > 0 && self.http2_keepalive_timeout_ms == 0 {
+            return Err("http2_keepalive_timeout_ms must be > 0 when \
+                        http2_keepalive_interval_ms is (0 would close every connection at \
+                        its first PING)"
+                .into());
+        }
+        if self.serve_threads > MAX_SERVE_THREADS {
+            return Err(format!(
+                "serve_threads ({}) must be at most {MAX_SERVE_THREADS}",
+                self.serve_threads
+            ));
+        }
+        if self.migration_frame_bytes > self.max_message_size_bytes as u64 / 2 {
+            return Err(format!(
+                "migration_frame_bytes ({}) must be at most half of max_message_size_bytes \
+                 ({}): a frame carries a block past it, and the target refuses larger messages",
+                self.migration_frame_bytes, self.max_message_size_bytes
+            ));
+        }
+        if self.tls.ca.is_some() && (self.tls.cert.is_none() || self.tls.key.is_none()) {
+            return Err("tls.ca without tls.cert and tls.key: the PSS asks this node for the \
+                        road's certificate, so it could reach no PSS (set all three, or none)"
+                .into());
+        }
         if self.dirty_limit_bytes > self.cache_capacity_bytes {
             return Err(format!(
-                "dirty_limit_bytes ({}) must not exceed cache_capacity_bytes ({})",
+                "dirty_limit_bytes ({}) must not exceed cache_capacity_bytes ({}) (with a \
+                 smaller cache, set dirty_limit_bytes and dirty_limit_bytes_per_volume in a \
+                 --config file)",
                 self.dirty_limit_bytes, self.cache_capacity_bytes
             ));
         }
@@ -410,5 +443,28 @@ mod tests {
         assert!(c.validate().unwrap_err().contains("http2_max_frame_bytes"));
         let c = Config { http2_send_buffer_bytes: 0, ..Config::default() };
         assert!(c.validate().unwrap_err().contains("http2_send_buffer_bytes"));
+        // Settings that were accepted and then made the node useless or unsafe.
+        let bad = [
+            (Config { dedupe_entries_per_volume: 0, ..Config::default() }, "dedupe_entries"),
+            (Config { pss_rpc_timeout_ms: 0, ..Config::default() }, "pss_rpc_timeout_ms"),
+            (Config { pss_deadline_ms: 0, ..Config::default() }, "pss_deadline_ms"),
+            (Config { http2_keepalive_timeout_ms: 0, ..Config::default() }, "keepalive_timeout"),
+            (Config { serve_threads: 100_000, ..Config::default() }, "serve_threads"),
+            (Config { migration_frame_bytes: 32 << 20, ..Config::default() }, "migration_frame"),
+        ];
+        for (c, name) in bad {
+            let e = c.validate().unwrap_err();
+            assert!(e.contains(name), "{name}: {e}");
+        }
+        let mut ca_only = Config::default();
+        ca_only.tls.ca = Some("ca.pem".into());
+        assert!(ca_only.validate().unwrap_err().contains("tls.ca without"));
+        // No keepalive at all: no timeout needed.
+        let c = Config {
+            http2_keepalive_interval_ms: 0,
+            http2_keepalive_timeout_ms: 0,
+            ..Config::default()
+        };
+        c.validate().unwrap();
     }
 }

@@ -11,10 +11,11 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[derive(Parser)]
 #[command(version)]
 struct Cli {
-    /// Configuration file (TOML); flags override it.
+    /// Configuration file (TOML) of `nms serve`; flags override it. Alone (no
+    /// subcommand): check the file and exit.
     #[arg(long, global = true)]
     config: Option<PathBuf>,
-    /// Print the default configuration as TOML and exit.
+    /// Print the default configuration of `nms serve` as TOML and exit.
     #[arg(long)]
     print_default_config: bool,
     #[command(subcommand)]
@@ -68,6 +69,15 @@ fn main() -> anyhow::Result<()> {
     }
     wayside_proto::telemetry::init();
     let cli = Cli::parse();
+    if cli.print_default_config && cli.command.is_some() {
+        anyhow::bail!("--print-default-config takes no subcommand: it prints and exits");
+    }
+    if cli.config.is_some() && !matches!(cli.command, Some(Command::Serve(_)) | None) {
+        anyhow::bail!(
+            "--config configures `nms serve` only (the other commands take flags and \
+             environment variables)"
+        );
+    }
     match cli.command {
         Some(Command::Mount(args)) => return wayside_nms::fuse::cli::mount_cmd(args),
         Some(Command::Umount(args)) => return wayside_nms::fuse::cli::umount_cmd(args),
@@ -94,7 +104,12 @@ fn main() -> anyhow::Result<()> {
         print!("{}", wayside_proto::config::render(&Config::default()));
         return Ok(());
     }
-    let _config: Config = wayside_proto::config::load(cli.config.as_deref())?;
+    let Some(path) = cli.config else {
+        anyhow::bail!("no subcommand given: see `nms --help`");
+    };
+    let config: Config = wayside_proto::config::load(Some(&path))?;
+    config.validate().map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    println!("{}: a valid configuration", path.display());
     Ok(())
 }
 

@@ -73,3 +73,46 @@ fn smf_with_a_refused_setting_exits_naming_it() {
         assert!(stderr.contains(named), "`nms smf {args:?}` did not name {named}:\n{stderr}");
     }
 }
+
+/// An NMS that accepts connections and answers nothing (stopped, wedged) does not hang
+/// `nms status`: it fails within its call limit, naming the deadline.
+#[test]
+fn status_of_a_silent_nms_fails_within_its_limit() {
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = silent.local_addr().unwrap().to_string();
+    let t = std::time::Instant::now();
+    let out = run(&["status", "--nms", &addr]);
+    let took = t.elapsed();
+    assert!(!out.status.success());
+    assert!(took < std::time::Duration::from_secs(30), "took {took:?}");
+    drop(silent);
+}
+
+/// Usage mistakes are errors, not silent successes: no subcommand, `--config` given to a
+/// command it does not configure, `--print-default-config` with a subcommand. `--config`
+/// alone checks the file.
+#[test]
+fn usage_mistakes_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("nms.toml");
+    std::fs::write(&good, run(&["--print-default-config"]).stdout).unwrap();
+    let good = good.to_str().unwrap();
+    for (args, says) in [
+        (&[][..], "no subcommand"),
+        (&["--config", good, "smf"][..], "configures `nms serve` only"),
+        (&["--print-default-config", "status", "--nms", "x:1"][..], "takes no subcommand"),
+    ] {
+        let out = run(args);
+        assert!(!out.status.success(), "{args:?} succeeded");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(says), "{args:?}: {err}");
+    }
+    let out = run(&["--config", good]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("a valid configuration"));
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "dedupe_entries_per_volume = 0\n").unwrap();
+    let out = run(&["--config", bad.to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("dedupe_entries_per_volume"));
+}

@@ -1771,6 +1771,30 @@ async fn first_error(
     }
 }
 
+/// A volume whose blocks could never fit under the node's per-volume dirty limit is
+/// refused at attach, naming the limit (it was served, and every write then failed after
+/// backpressure_wait_ms), and nothing is created.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_volume_whose_block_exceeds_the_dirty_limit_is_refused_at_attach() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = LocalCluster::start(1, dir.path()).await.unwrap();
+    let a =
+        Nms::start("a", &cluster.endpoints(), |c| c.dirty_limit_bytes_per_volume = 64 << 10).await;
+    let mut o = opts(&[&a.ep], "big", "k");
+    o.create_block_size = Some(BlockSize::new(1 << 20).unwrap());
+    // (RESOURCE_EXHAUSTED: the client tries its other NMSs until op_timeout.)
+    o.op_timeout = Duration::from_secs(2);
+    let e = VolumeClient::open(o).await.err().expect("refused");
+    assert!(e.to_string().contains("dirty_limit_bytes_per_volume exceeded"), "{e}");
+    let got = cluster.client().get_volume(&VolumeName::new("big").unwrap()).await;
+    assert!(got.is_err(), "the volume was created: {got:?}");
+    // A block that fits is served.
+    let c = VolumeClient::open(opts(&[&a.ep], "small", "k")).await.unwrap();
+    c.write(0, 0, block_data(0, 1)).await.unwrap();
+    a.stop().await;
+    cluster.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn bad_input_gets_the_right_status_and_changes_nothing() {
     use pb::migration_frame::Frame;

@@ -649,6 +649,18 @@ impl Node {
         } else if create.is_none() {
             return Err(NmsError::NotFound(v.to_string()));
         }
+        // A block that cannot fit under the volume's dirty limit could never be written.
+        if let Some(bs) = existing.as_ref().map(|m| m.block_size).or(create) {
+            let entry = u64::from(bs.bytes()) + crate::cache::ENTRY_OVERHEAD_BYTES;
+            if entry > self.cfg.dirty_limit_bytes_per_volume {
+                return Err(NmsError::Limit {
+                    limit: "dirty_limit_bytes_per_volume".into(),
+                    unit: format!("bytes (one {}-byte block and its entry)", bs.bytes()),
+                    value: entry,
+                    max: self.cfg.dirty_limit_bytes_per_volume,
+                });
+            }
+        }
         let _slot = {
             let core = self.core();
             self.volume_room(&core)?;

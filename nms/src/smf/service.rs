@@ -1038,7 +1038,7 @@ pub struct SmfArgs {
     pub silent_connection_timeout_ms: u64,
 }
 
-/// Runs `nms smf` until Ctrl-C.
+/// Runs `nms smf` until Ctrl-C or SIGTERM (moves in flight finish first).
 pub async fn serve_cmd(a: SmfArgs) -> anyhow::Result<()> {
     let cfg = SmfConfig {
         time_scale: a.time_scale,
@@ -1063,9 +1063,11 @@ pub async fn serve_cmd(a: SmfArgs) -> anyhow::Result<()> {
     tokio::pin!(server);
     // A server that ends on its own (a configuration refused at start) ends the command
     // with its error; Ctrl-C stops it gracefully.
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
         r = &mut server => return r,
         _ = tokio::signal::ctrl_c() => shutdown.cancel(),
+        _ = term.recv() => shutdown.cancel(),
     }
     server.await
 }
