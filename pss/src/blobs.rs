@@ -257,6 +257,10 @@ pub struct Blobs {
     /// which raises this when done; at most one such fsync runs at a time.
     synced_below: Arc<AtomicU32>,
     syncing: Option<std::thread::JoinHandle<()>>,
+    /// A sealed segment's fsync (on the helper thread) failed: the segment and why. Fatal
+    /// at the next append or seal: Linux may have dropped the unwritten pages and marks
+    /// them clean, so a later fsync (a checkpoint's) would report success over lost data.
+    sync_failed: Arc<std::sync::Mutex<Option<(PathBuf, String)>>>,
     /// Live record bytes per segment (what sled's index points at).
     live: BTreeMap<u32, u64>,
     /// Each sealed segment's length.
@@ -316,6 +320,7 @@ impl Blobs {
             kicked: end.1,
             synced_below: Arc::new(AtomicU32::new(synced_below.min(end.0))),
             syncing: None,
+            sync_failed: Arc::default(),
             live: BTreeMap::new(),
             sizes: BTreeMap::new(),
             segment_bytes,
@@ -412,6 +417,7 @@ impl Blobs {
             kicked: 0,
             synced_below: Arc::new(AtomicU32::new(segment)),
             syncing: None,
+            sync_failed: Arc::default(),
             live: BTreeMap::new(),
             sizes: BTreeMap::new(),
             segment_bytes,
@@ -526,6 +532,7 @@ impl Blobs {
 
     /// Writes `buf` (records encoded at offsets from [`Blobs::end`]) to the active segment.
     pub fn append(&mut self, buf: &[u8]) -> Result<(), BlobError> {
+        self.check_synced()?;
         if buf.is_empty() {
             return Ok(());
         }
@@ -600,9 +607,25 @@ impl Blobs {
             .collect()
     }
 
+    /// Fails once a sealed segment's fsync has failed (see `sync_failed`).
+    fn check_synced(&self) -> Result<(), BlobError> {
+        let failed = self.sync_failed.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        match &*failed {
+            Some((path, why)) => Err(BlobError::Io {
+                path: path.clone(),
+                source: std::io::Error::other(format!(
+                    "the fsync of this sealed blob segment failed earlier ({why}): its data \
+                     may be lost, so the node stops"
+                )),
+            }),
+            None => Ok(()),
+        }
+    }
+
     fn rotate(&mut self) -> Result<(), BlobError> {
         // One sealed segment's fsync at a time: the next waits for the previous.
         self.join_sync();
+        self.check_synced()?;
         let seg = self.active;
         let w = self.writer();
         // No padding past the last record once sealed.
@@ -619,6 +642,7 @@ impl Blobs {
         let sealed = self.active_file();
         let (seg, path, synced) =
             (self.active, self.dir.join(segment_name(self.active)), self.synced_below.clone());
+        let failed = self.sync_failed.clone();
         self.syncing = Some(
             std::thread::Builder::new()
                 .name("pss-blob-sync".into())
@@ -633,9 +657,14 @@ impl Blobs {
                             );
                         }
                     }
-                    // Not fatal: the segment stays "unsynced" (and so does every later one,
-                    // see `mark_synced`) and is checked on open.
-                    Err(e) => tracing::warn!(path = %path.display(), error = %e, "fsync of a sealed blob segment failed"),
+                    // Fatal at the next append or seal (see `sync_failed`); the segment
+                    // stays "unsynced" (and so does every later one, see `mark_synced`)
+                    // and is checked on open.
+                    Err(e) => {
+                        tracing::error!(path = %path.display(), error = %e, "fsync of a sealed blob segment failed");
+                        let mut f = failed.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                        f.get_or_insert((path, e.to_string()));
+                    }
                 })
                 .map_err(self.io(seg))?,
         );
@@ -808,6 +837,19 @@ fn mark_synced(synced_below: &AtomicU32, seg: u32) -> bool {
 
 #[cfg(test)]
 mod tests {
+
+    /// A sealed segment whose fsync failed stops the node at the next append or seal: a
+    /// later fsync (a checkpoint's) could report success over the pages Linux dropped.
+    #[test]
+    fn a_failed_sealed_segment_fsync_fails_what_comes_next() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut b = Blobs::fresh(dir.path(), 1, 1 << 20, false).unwrap();
+        b.append(b"record").unwrap();
+        *b.sync_failed.lock().unwrap() = Some((dir.path().join("x.blob"), "EIO".into()));
+        let e = b.append(b"more").unwrap_err().to_string();
+        assert!(e.contains("x.blob") && e.contains("EIO"), "{e}");
+        assert!(b.seal_active().is_err());
+    }
     #[test]
     fn a_segment_whose_fsync_failed_is_not_counted_synced_by_a_later_one() {
         let synced = super::AtomicU32::new(3);

@@ -26,7 +26,7 @@ use protobuf::Message as _;
 use raft::prelude::*;
 use raft::StateRole;
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch, OwnedSemaphorePermit};
@@ -400,6 +400,7 @@ pub fn start(
     let setup = |what: &str, e: std::io::Error| FatalError::Setup(format!("{what}: {e}"));
     let snap_dir = cfg.data_dir.join("snap");
     std::fs::create_dir_all(&snap_dir).map_err(|e| setup("creating data dir", e))?;
+    remove_unfinished(&snap_dir);
     let (mut log, core, existed) =
         DurableLog::open(&cfg.data_dir, cfg.log_segment_bytes, cfg.direct_io)?;
     let storage = RaftStorage { core: Arc::new(RwLock::new(core)), ..Default::default() };
@@ -1182,8 +1183,59 @@ impl Loop {
     }
 }
 
+/// Removes what a crash left half-written in the snapshot folder (each as large as the
+/// store: a snapshot being received, `recv-*.tmp`; one being written, `snap-N.tmp*`; a
+/// checkpoint being made, `snap-N.d.tmp`). Nothing refers to them; at start none is being
+/// written.
+fn remove_unfinished(snap_dir: &Path) {
+    let Ok(dir) = std::fs::read_dir(snap_dir) else { return };
+    for e in dir.filter_map(Result::ok) {
+        let path = e.path();
+        let Some(name) = path.file_name().and_then(|n| n.to_str()) else { continue };
+        let unfinished = (name.starts_with("recv-") && name.ends_with(".tmp"))
+            || (name.starts_with("snap-") && name.contains(".tmp"));
+        if !unfinished {
+            continue;
+        }
+        let r = if path.is_dir() {
+            std::fs::remove_dir_all(&path)
+        } else {
+            std::fs::remove_file(&path)
+        };
+        match r {
+            Ok(()) => tracing::info!(path = %path.display(), "removed an unfinished snapshot file"),
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "could not remove an unfinished snapshot file")
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn unfinished_snapshot_files_are_removed_and_finished_ones_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        for f in
+            ["recv-00000000000000000007-99.tmp", "snap-00000000000000000007.tmp-123", "snap-7.tmp"]
+        {
+            std::fs::write(d.join(f), b"x").unwrap();
+        }
+        std::fs::create_dir(d.join("snap-00000000000000000007.d.tmp")).unwrap();
+        std::fs::write(d.join("snap-00000000000000000007.d.tmp").join("index"), b"x").unwrap();
+        let keep = ["snap-00000000000000000005.snap", "snap-00000000000000000006.d"];
+        std::fs::write(d.join(keep[0]), b"x").unwrap();
+        std::fs::create_dir(d.join(keep[1])).unwrap();
+        remove_unfinished(d);
+        let mut left: Vec<String> = std::fs::read_dir(d)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        left.sort();
+        assert_eq!(left, keep);
+    }
     use super::*;
     use crate::testing::LocalCluster;
     use std::path::Path;

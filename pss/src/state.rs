@@ -456,6 +456,9 @@ impl StateMachine {
                      emptying it to reload the snapshot and replay the log"
                 );
                 tree.clear()?;
+                // Durable before the files go: a crash between the two would bring the
+                // old index back over deleted segments.
+                flush_db(&db, dir)?;
                 Blobs::fresh(&blob_dir, end.0 + 1, opts.blob_segment_bytes, opts.direct_io)?
             }
         };
@@ -555,11 +558,7 @@ impl StateMachine {
             }
         }
         self.tree.apply_batch(batch)?;
-        self.db.flush()?;
-        let db_file = self.dir.join("db");
-        std::fs::File::open(&db_file)
-            .and_then(|f| f.sync_all())
-            .map_err(|source| StateError::Io { path: db_file, source })?;
+        flush_db(&self.db, &self.dir)?;
         self.base = base;
         Ok(())
     }
@@ -1201,6 +1200,9 @@ impl StateMachine {
         // the load is redone from the durable snapshot file.
         self.tree.remove(META_APPLIED)?;
         self.tree.clear()?;
+        // Durable before the blob files go (`reset` below deletes them): a crash between
+        // the two would bring the old index back over deleted segments.
+        flush_db(&self.db, &self.dir)?;
         self.sealed_recorded = None;
         if let Some(job) = self.durability.take() {
             let _ = job.thread.join();
@@ -1445,6 +1447,15 @@ impl Reader {
             next_block: next.unwrap_or(0),
         })
     }
+}
+
+/// Makes sled's state durable: its own flush, then an fsync of its file.
+fn flush_db(db: &sled::Db, dir: &Path) -> Result<(), StateError> {
+    db.flush()?;
+    let db_file = dir.join("db");
+    std::fs::File::open(&db_file)
+        .and_then(|f| f.sync_all())
+        .map_err(|source| StateError::Io { path: db_file, source })
 }
 
 #[cfg(test)]

@@ -736,6 +736,11 @@ impl DurableLog {
         let payload = meta.write_to_bytes().unwrap_or_default();
         core.write().apply_snapshot(meta);
         self.record(core, KIND_SNAPSHOT, &payload, true)?;
+        // The hard state beside it: the segments deleted below may hold its only record
+        // (a segment a roll began, whose leading records a crash cut, starts with none),
+        // and a node that forgot its vote could vote twice in one term.
+        let hard_state = core.read().hard_state.write_to_bytes().unwrap_or_default();
+        self.record(core, KIND_HARD_STATE, &hard_state, true)?;
         self.sync()?;
         let mut keep_from = core.read().spans.iter().map(|s| s.seg).min();
         if keep_from.is_none() && self.file.len() >= ROLL_ON_COMPACT_BYTES {
@@ -874,6 +879,48 @@ mod tests {
         assert_eq!(core.last_index(), 4);
         assert_eq!(core.term(3).unwrap(), 1);
         assert!(core.term(2).is_err());
+    }
+
+    /// A crash cut the leading records (compaction point, hard state) of the segment a
+    /// roll had just begun; a compaction then deletes every older segment, the only ones
+    /// holding the term and vote. They must survive it: a node that forgot its vote could
+    /// vote twice in one term.
+    #[test]
+    fn a_compaction_keeps_the_hard_state_a_cut_segment_lost() {
+        let dir = tempfile::tempdir().unwrap();
+        let small = |d: &Path| DurableLog::open(d, 4096, false);
+        let last = {
+            let (mut log, core, _) = small(dir.path()).unwrap();
+            let store = RaftStorage { core: Arc::new(RwLock::new(core)), ..Default::default() };
+            let hs = HardState { term: 3, vote: 2, commit: 0, ..Default::default() };
+            log.set_hard_state(&store, &hs).unwrap();
+            for i in 1..=12 {
+                log.append(&store, &[entry_t(i, 3, 1000)]).unwrap();
+            }
+            log.sync().unwrap();
+            let last = store.read().last_index();
+            last
+        };
+        let mut seqs: Vec<u64> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .filter_map(|e| segment_seq(e.unwrap().file_name().to_str()?))
+            .collect();
+        seqs.sort_unstable();
+        assert!(seqs.len() >= 2, "rolled: {seqs:?}");
+        // The newest segment's records never reached the disk.
+        let newest = segment_path(dir.path(), *seqs.last().unwrap());
+        std::fs::OpenOptions::new().write(true).open(&newest).unwrap().set_len(0).unwrap();
+        {
+            let (mut log, core, _) = small(dir.path()).unwrap();
+            assert_eq!((core.hard_state.term, core.hard_state.vote), (3, 2));
+            let store = RaftStorage { core: Arc::new(RwLock::new(core)), ..Default::default() };
+            let index = store.read().last_index();
+            assert!(index <= last);
+            let meta = SnapshotMetadata { index, term: 3, ..Default::default() };
+            log.install_snapshot(&store, meta).unwrap();
+        }
+        let (_log, core, _) = small(dir.path()).unwrap();
+        assert_eq!((core.hard_state.term, core.hard_state.vote), (3, 2), "term and vote kept");
     }
 
     #[test]
