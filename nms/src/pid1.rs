@@ -261,11 +261,12 @@ impl BootParams {
         ];
         for (key, value) in values {
             let Some(value) = value else { continue };
-            if value.is_empty() || value.chars().any(char::is_whitespace) {
+            // (A quote would turn on the kernel's quoting and swallow the words after.)
+            if value.is_empty() || value.chars().any(|c| c.is_whitespace() || c == '"') {
                 return Err(BootParamError::BadValue {
                     key: key.into(),
                     value: value.clone(),
-                    reason: "must be one word: no spaces, not empty".into(),
+                    reason: "must be one word: no spaces or quotes, not empty".into(),
                 });
             }
         }
@@ -749,6 +750,14 @@ mod tests {
         );
         let injected = BootParams { log: Some("info init=/x".into()), ..BootParams::default() };
         assert!(injected.check_words().is_err());
+        // A quote turns on the kernel's quoting: the words after it would be swallowed.
+        let quoted = BootParams { node: Some("rsu\"1".into()), ..BootParams::default() };
+        assert!(quoted.check_words().is_err());
+        // A PSS address cannot carry more words either (it is an Endpoint).
+        for bad in ["10.0.2.2:5000 panic=0 10.0.2.2:5001", "a\"b:1", "a,b:1", "a\tb:1"] {
+            assert!(wayside_proto::types::Endpoint::parse(bad).is_err(), "{bad:?}");
+        }
+        assert!(wayside_proto::types::Endpoint::parse("10.0.2.2:5000").is_ok());
         assert!(BootParams { node: Some("rsu-1".into()), ..BootParams::default() }
             .check_words()
             .is_ok());

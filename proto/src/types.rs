@@ -213,7 +213,12 @@ impl Endpoint {
         let rest = rest.trim_end_matches('/');
         let ok = match rest.rsplit_once(':') {
             Some((host, port)) => {
-                !host.is_empty() && !host.contains('/') && port.parse::<u16>().is_ok_and(|p| p > 0)
+                // No spaces, quotes or commas: an address goes into lists and command
+                // lines (a kernel's, the VM image's) as one word.
+                let one_word = !host.chars().any(|c| {
+                    c.is_whitespace() || c.is_control() || matches!(c, '"' | '\'' | ',' | '/')
+                });
+                !host.is_empty() && one_word && port.parse::<u16>().is_ok_and(|p| p > 0)
             }
             None => false,
         };

@@ -16,6 +16,11 @@ use tokio::net::UnixStream;
 pub const MAX_LINE_BYTES: u64 = 1 << 20;
 /// Events kept for `wait_event`; older ones are dropped.
 pub const MAX_BUFFERED_EVENTS: usize = 256;
+/// How long connecting may take, greeting and capabilities included (a QEMU that is
+/// stopped or stuck still accepts the socket's connection from its backlog).
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long one command may take to be answered (QEMU answers at once, or not at all).
+pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A failed QMP exchange.
 #[derive(Debug, thiserror::Error)]
@@ -39,22 +44,41 @@ pub struct Qmp {
     reader: BufReader<OwnedReadHalf>,
     writer: OwnedWriteHalf,
     events: VecDeque<Value>,
+    /// A command timed out: its late answer could be taken for the next one's, so the
+    /// session takes no more.
+    broken: bool,
 }
 
 impl Qmp {
-    /// Connects, reads the greeting and enters command mode.
+    /// Connects, reads the greeting and enters command mode, within [`CONNECT_TIMEOUT`].
     pub async fn connect(path: &Path) -> Result<Self, QmpError> {
-        let stream = UnixStream::connect(path)
-            .await
-            .map_err(|source| QmpError::Connect { path: path.display().to_string(), source })?;
-        let (r, w) = stream.into_split();
-        let mut qmp = Self { reader: BufReader::new(r), writer: w, events: VecDeque::new() };
-        let greeting = qmp.read_value().await?;
-        if greeting.get("QMP").is_none() {
-            return Err(QmpError::Protocol(format!("unexpected greeting {greeting}")));
-        }
-        qmp.execute("qmp_capabilities", None).await?;
-        Ok(qmp)
+        Self::connect_within(path, CONNECT_TIMEOUT).await
+    }
+
+    /// [`Qmp::connect`] within `limit`.
+    pub async fn connect_within(path: &Path, limit: Duration) -> Result<Self, QmpError> {
+        let connect = async {
+            let stream = UnixStream::connect(path)
+                .await
+                .map_err(|source| QmpError::Connect { path: path.display().to_string(), source })?;
+            let (r, w) = stream.into_split();
+            let mut qmp = Self {
+                reader: BufReader::new(r),
+                writer: w,
+                events: VecDeque::new(),
+                broken: false,
+            };
+            let greeting = qmp.read_value().await?;
+            if greeting.get("QMP").is_none() {
+                return Err(QmpError::Protocol(format!("unexpected greeting {greeting}")));
+            }
+            qmp.execute("qmp_capabilities", None).await?;
+            Ok(qmp)
+        };
+        tokio::time::timeout(limit, connect).await.map_err(|_| QmpError::Timeout {
+            what: format!("QMP greeting on {}", path.display()),
+            ms: limit.as_millis(),
+        })?
     }
 
     async fn read_value(&mut self) -> Result<Value, QmpError> {
@@ -76,8 +100,29 @@ impl Qmp {
         self.events.push_back(v);
     }
 
-    /// Runs one command and returns its `return` value.
+    /// Runs one command and returns its `return` value, within [`COMMAND_TIMEOUT`].
     pub async fn execute(
+        &mut self,
+        command: &str,
+        arguments: Option<Value>,
+    ) -> Result<Value, QmpError> {
+        if self.broken {
+            return Err(QmpError::Protocol("an earlier command timed out".into()));
+        }
+        let answer = tokio::time::timeout(COMMAND_TIMEOUT, self.execute_inner(command, arguments));
+        match answer.await {
+            Ok(r) => r,
+            Err(_) => {
+                self.broken = true;
+                Err(QmpError::Timeout {
+                    what: format!("answer to {command}"),
+                    ms: COMMAND_TIMEOUT.as_millis(),
+                })
+            }
+        }
+    }
+
+    async fn execute_inner(
         &mut self,
         command: &str,
         arguments: Option<Value>,
@@ -180,5 +225,18 @@ mod tests {
             qmp.wait_event("RESUME", Duration::from_secs(5)).await,
             Err(QmpError::Closed)
         ));
+    }
+
+    /// A QEMU that is stopped or stuck still has its socket's connection accepted (from
+    /// the backlog): connecting ends within its limit instead of waiting for ever.
+    #[tokio::test]
+    async fn a_silent_qmp_socket_times_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("qmp.sock");
+        let _listener = tokio::net::UnixListener::bind(&path).unwrap();
+        let t = std::time::Instant::now();
+        let e = Qmp::connect_within(&path, Duration::from_millis(200)).await.err().unwrap();
+        assert!(matches!(e, QmpError::Timeout { .. }), "{e}");
+        assert!(t.elapsed() < Duration::from_secs(5));
     }
 }

@@ -24,6 +24,10 @@ pub fn qemu_binary() -> String {
     std::env::var("WAYSIDE_QEMU").unwrap_or_else(|_| "qemu-system-x86_64".into())
 }
 
+/// How long a live migration may run before it is cancelled and the source resumed
+/// (a guest dirtying memory faster than the link carries it never converges).
+pub const MIGRATION_TIMEOUT: Duration = Duration::from_secs(300);
+
 /// How long the KVM probe may take before KVM counts as broken (nested KVM hangs).
 pub const KVM_PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 /// The guest address, gateway and host alias of QEMU's user-mode network.
@@ -761,10 +765,20 @@ impl Vm {
                 return Err(e);
             }
         };
+        let limit = MIGRATION_TIMEOUT;
+        let deadline = Instant::now() + limit;
         let outcome = async {
             src.execute("migrate", Some(serde_json::json!({ "uri": format!("tcp:{incoming}") })))
                 .await?;
             loop {
+                if Instant::now() >= deadline {
+                    // A migration that never converges: cancelled, and the source resumed.
+                    let _ = src.execute("migrate_cancel", None).await;
+                    return Err(VmError::Migration {
+                        status: "timed out".into(),
+                        detail: format!("not completed within {} s", limit.as_secs()),
+                    });
+                }
                 let info = src.execute("query-migrate", None).await?;
                 match info["status"].as_str().unwrap_or("?") {
                     "completed" => return Ok(info),
@@ -792,7 +806,21 @@ impl Vm {
         // The source is paused in "postmigrate"; it has nothing left to do.
         let _ = src.execute("quit", None).await;
         self.wait_exit(Duration::from_secs(10)).await;
-        dest.wait_serving(Duration::from_secs(60)).await?;
+        if let Err(e) = dest.wait_serving(Duration::from_secs(60)).await {
+            // The migrated VM holds the only copy of the guest now: left running (not
+            // killed when `dest` is dropped), for its operator to look at and stop.
+            dest.child.take();
+            return Err(VmError::Migration {
+                status: "completed, but the destination does not serve".into(),
+                detail: format!(
+                    "{e}; its QEMU (pid {}) is left running with the only copy of the guest: \
+                     see {} and stop it with `unikernel stop --state-dir {}`",
+                    dest.state.pid,
+                    dest.state_dir.display(),
+                    dest.state_dir.display()
+                ),
+            });
+        }
         let n = |v: &serde_json::Value| v.as_u64().unwrap_or(0);
         let report = MigrationReport {
             wall_ms: started.elapsed().as_millis(),
