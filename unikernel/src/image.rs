@@ -39,6 +39,8 @@ pub enum ImageError {
     BadImage { path: PathBuf, reason: String },
     #[error("`strip` failed on {path}: {detail}")]
     Strip { path: PathBuf, detail: String },
+    #[error("the NMS config {path} cannot go into the image: {reason}")]
+    BadConfig { path: PathBuf, reason: String },
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ImageError + '_ {
@@ -182,6 +184,7 @@ pub fn build(opts: &BuildOptions) -> Result<Manifest, ImageError> {
     let mut config_part = None;
     if let Some(cfg) = &opts.nms_config {
         let data = std::fs::read(cfg).map_err(io(cfg))?;
+        check_baked_config(cfg, &data)?;
         config_part = Some(Part::of(wayside_nms::pid1::CONFIG_FILE, &data));
         archive.add(
             wayside_nms::pid1::CONFIG_FILE.trim_start_matches('/'),
@@ -278,5 +281,45 @@ impl Image {
     /// The image's default boot parameters.
     pub fn boot_params(&self) -> Result<BootParams, ImageError> {
         Ok(BootParams::parse(&self.manifest.boot_params)?)
+    }
+}
+/// A config baked into the image must parse as the NMS's, and hold no secret: the image's
+/// files are readable by whoever can read the image. The cluster token and TLS files go
+/// to the guest at launch, through fw_cfg (`unikernel run`'s options).
+fn check_baked_config(path: &Path, data: &[u8]) -> Result<(), ImageError> {
+    let bad = |reason: String| ImageError::BadConfig { path: path.to_owned(), reason };
+    let text = std::str::from_utf8(data).map_err(|e| bad(e.to_string()))?;
+    let cfg: wayside_nms::config::Config =
+        wayside_proto::config::parse(text).map_err(|e| bad(e.message().to_owned()))?;
+    if cfg.cluster_token.is_some() {
+        return Err(bad("it holds a cluster_token, which the image would show to anyone who \
+                        can read it: give it at launch (WAYSIDE_CLUSTER_TOKEN with `unikernel \
+                        run`), which hands it to the guest through fw_cfg"
+            .into()));
+    }
+    let t = &cfg.tls;
+    if t.cert.is_some() || t.key.is_some() || t.ca.is_some() {
+        return Err(bad("it names [tls] files, which the guest cannot read: give them at \
+                        launch (`unikernel run --tls-cert/--tls-key/--tls-ca`)"
+            .into()));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_baked_config_holding_a_secret_is_refused() {
+        let p = Path::new("nms.toml");
+        check_baked_config(p, b"pss = [\"10.0.2.2:7400\"]\n").unwrap();
+        let e = check_baked_config(p, b"cluster_token = \"0123456789abcdef0123\"\n").unwrap_err();
+        assert!(e.to_string().contains("cluster_token"), "{e}");
+        assert!(!e.to_string().contains("0123456789abcdef"), "{e}");
+        let e = check_baked_config(p, b"[tls]\nkey = \"/etc/k.pem\"\n").unwrap_err();
+        assert!(e.to_string().contains("[tls]"), "{e}");
+        let e = check_baked_config(p, b"bogus = 1\n").unwrap_err();
+        assert!(e.to_string().contains("bogus"), "{e}");
     }
 }
