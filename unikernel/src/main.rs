@@ -1,6 +1,7 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
+use tokio::signal::unix::SignalKind;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
@@ -316,11 +317,19 @@ async fn dispatch(cmd: Cmd, config: Config) -> anyhow::Result<()> {
             let started = Instant::now();
             // QEMU in a group of its own either way: a ctrl-C in the foreground is
             // handled below by a clean stop (the NMS drains), not by QEMU quitting.
+            let mut term = tokio::signal::unix::signal(SignalKind::terminate())?;
             let mut vm = Vm::launch_with(&opts, !foreground, true).await?;
-            let waited = vm.wait_serving(Duration::from_millis(config.boot_timeout_ms)).await;
+            // A ctrl-C or SIGTERM during the boot wait stops the VM (it is in a group of
+            // its own, so nothing else would: it was left booting, and running).
+            let boot = Duration::from_millis(config.boot_timeout_ms);
+            let waited = tokio::select! {
+                r = vm.wait_serving(boot) => r.map_err(anyhow::Error::from),
+                _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted while booting")),
+                _ = term.recv() => Err(anyhow::anyhow!("terminated while booting")),
+            };
             if let Err(e) = waited {
                 let _ = vm.stop(Duration::ZERO, true).await;
-                return Err(e.into());
+                return Err(e);
             }
             println!(
                 "NMS serving at {} after {} ms (QEMU start to first health answer; {:?}, {:?})",
@@ -336,12 +345,15 @@ async fn dispatch(cmd: Cmd, config: Config) -> anyhow::Result<()> {
             );
             if foreground {
                 while vm.is_alive() {
-                    tokio::select! {
-                        _ = tokio::signal::ctrl_c() => {
-                            let outcome = vm.stop(Duration::from_millis(config.stop_grace_ms), false).await?;
-                            println!("stopped: {outcome:?}");
-                        }
-                        _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                    let stop = tokio::select! {
+                        _ = tokio::signal::ctrl_c() => true,
+                        _ = term.recv() => true,
+                        _ = tokio::time::sleep(Duration::from_millis(200)) => false,
+                    };
+                    if stop {
+                        let outcome =
+                            vm.stop(Duration::from_millis(config.stop_grace_ms), false).await?;
+                        println!("stopped: {outcome:?}");
                     }
                 }
             }
