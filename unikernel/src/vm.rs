@@ -707,6 +707,13 @@ impl Vm {
         if !self.wait_exit(Duration::from_secs(10)).await {
             if let Some(c) = &mut self.child {
                 let _ = c.kill();
+            } else if self.is_alive() && owns_socket(self.state.pid, &self.state.qmp_socket) {
+                // A detached QEMU (ours only if its command line names this VM's QMP
+                // socket: the pid may have been reused).
+                let pid = libc::pid_t::try_from(self.state.pid).unwrap_or(0);
+                // SAFETY: sends a signal to a process checked to be this VM's QEMU.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+                self.wait_exit(Duration::from_secs(5)).await;
             }
         }
         Ok(StopOutcome::Forced)
@@ -849,6 +856,13 @@ async fn hmp(qmp: &mut Qmp, command: &str) -> Result<String, VmError> {
     Ok(out.as_str().unwrap_or("").trim().to_string())
 }
 
+/// Whether process `pid`'s command line names `qmp_socket` (so it is that VM's QEMU).
+fn owns_socket(pid: u32, qmp_socket: &Path) -> bool {
+    let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else { return false };
+    let wanted = qmp_socket.as_os_str().as_encoded_bytes();
+    !wanted.is_empty() && cmdline.windows(wanted.len()).any(|w| w == wanted)
+}
+
 fn is_zombie(pid: u32) -> bool {
     // Host side only (the guest never reads /proc while serving).
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
@@ -903,4 +917,20 @@ pub async fn request_shutdown(
         NmsAdminClient::new(channel).shutdown(req).await.ok()
     };
     tokio::time::timeout(timeout * 2, attempt).await.ok().flatten().is_some()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A lingering detached QEMU is killed only when its command line names this VM's
+    /// QMP socket (its recorded pid may belong to another process by now).
+    #[test]
+    fn a_pid_is_this_vms_qemu_only_if_it_names_the_socket() {
+        let me = std::process::id();
+        let arg0 = std::env::args_os().next().unwrap();
+        assert!(owns_socket(me, Path::new(&arg0)));
+        assert!(!owns_socket(me, Path::new("/tmp/no-such-vm/qmp.sock")));
+        assert!(!owns_socket(u32::MAX, Path::new(&arg0)), "no such process");
+    }
 }
