@@ -593,12 +593,23 @@ impl VolumeClient {
         self.journaled(JOp::Delete { block }).await
     }
 
+    /// The most operations, and bytes of block data, one `StreamBatches` message carries
+    /// (either way): `max_batch_ops`, and half of `max_message_size_bytes` (room for the
+    /// fields around the data), so a batch of large blocks goes in several messages.
+    fn batch_limits(&self) -> (usize, usize) {
+        let o = &self.inner.opts;
+        (o.max_batch_ops.max(1), (o.max_message_size_bytes / 2).max(1))
+    }
+
     /// Reads whole blocks with one `StreamBatches` message each way per `max_batch_ops`
-    /// blocks (one round trip for many blocks); results in the order of `blocks`, `None`
-    /// for a block never written. Retried, redirected and reconnected like `read`.
+    /// blocks (one round trip for many blocks; fewer when they are large: see
+    /// `batch_limits`); results in the order of `blocks`, `None` for a block never
+    /// written. Retried, redirected and reconnected like `read`.
     pub async fn read_many(&self, blocks: &[u64]) -> Result<Vec<Option<Vec<u8>>>, ClientError> {
         let mut out = Vec::with_capacity(blocks.len());
-        for chunk in blocks.chunks(self.inner.opts.max_batch_ops.max(1)) {
+        let (ops, bytes) = self.batch_limits();
+        let block_bytes = self.block_size().bytes() as usize + BATCH_OP_OVERHEAD_BYTES;
+        for chunk in runs(blocks, ops, bytes, |_| block_bytes) {
             let ops = chunk
                 .iter()
                 .map(|&block| {
@@ -630,14 +641,13 @@ impl VolumeClient {
         writes: Vec<(u64, u32, Vec<u8>)>,
     ) -> Result<Vec<WriteAck>, ClientError> {
         let mut acks = Vec::with_capacity(writes.len());
-        let mut writes = writes.into_iter().peekable();
-        while writes.peek().is_some() {
-            let chunk: Vec<JOp> = writes
-                .by_ref()
-                .take(self.inner.opts.max_batch_ops.max(1))
-                .map(|(block, offset, data)| JOp::Write { block, offset, data: data.into() })
-                .collect();
-            acks.extend(self.journaled_batch(chunk).await?);
+        let ops: Vec<JOp> = writes
+            .into_iter()
+            .map(|(block, offset, data)| JOp::Write { block, offset, data: data.into() })
+            .collect();
+        let (max_ops, bytes) = self.batch_limits();
+        for chunk in runs(&ops, max_ops, bytes, |op| Journal::size(op) as usize) {
+            acks.extend(self.journaled_batch(chunk.to_vec()).await?);
         }
         Ok(acks)
     }
@@ -1171,7 +1181,8 @@ impl VolumeClient {
         // the lost one did, and may hold the first entries from a replay cut short before
         // (taking the rest for held once lost them).
         let (mut applied, mut dup) = (0u64, 0u64);
-        for chunk in todo.chunks(self.inner.opts.max_batch_ops.max(1)) {
+        let (max_ops, bytes) = self.batch_limits();
+        for chunk in runs(&todo, max_ops, bytes, |(_, op)| Journal::size(op) as usize) {
             let ops = chunk
                 .iter()
                 .enumerate()
@@ -1202,6 +1213,29 @@ impl VolumeClient {
 
 /// Sends `batch` as one `StreamBatches` message and returns its results in the order of its
 /// operations (tagged by index); an operation's error fails the whole call as that error.
+/// What a batched operation adds to a message besides its block data, at most, in bytes
+/// (its tag, block number, request id and field keys).
+const BATCH_OP_OVERHEAD_BYTES: usize = 128;
+
+/// `items` in order, in runs of at most `max_ops` and, but for a run's first item, at
+/// most `max_bytes` by `size`.
+fn runs<T>(items: &[T], max_ops: usize, max_bytes: usize, size: impl Fn(&T) -> usize) -> Vec<&[T]> {
+    let mut out = Vec::new();
+    let (mut start, mut bytes) = (0, 0);
+    for (i, item) in items.iter().enumerate() {
+        let n = size(item);
+        if i > start && (i - start >= max_ops || bytes + n > max_bytes) {
+            out.push(&items[start..i]);
+            (start, bytes) = (i, 0);
+        }
+        bytes += n;
+    }
+    if start < items.len() {
+        out.push(&items[start..]);
+    }
+    out
+}
+
 async fn send_batch(
     c: &mut NmsClient<Channel>,
     batch: pb::StreamBatch,
@@ -1253,6 +1287,18 @@ fn replayed<T>(
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn batches_are_cut_by_count_and_by_bytes() {
+        let items: Vec<usize> = vec![5, 5, 5, 5, 20, 1, 1];
+        let cut = |ops, bytes| -> Vec<Vec<usize>> {
+            runs(&items, ops, bytes, |n| *n).into_iter().map(<[usize]>::to_vec).collect()
+        };
+        assert_eq!(cut(3, 1000), [vec![5, 5, 5], vec![5, 20, 1], vec![1]]);
+        // 12 bytes: an item larger than that goes alone.
+        assert_eq!(cut(100, 12), [vec![5, 5], vec![5, 5], vec![20], vec![1, 1]]);
+        assert!(runs(&[] as &[usize], 3, 10, |n| *n).is_empty());
+    }
     use super::*;
 
     fn entry(lsn: u64, generation: u64, copy: (u64, u32)) -> JEntry {

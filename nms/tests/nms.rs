@@ -498,8 +498,18 @@ async fn spawn_nms_process(
     cluster: &LocalCluster,
     listen: &str,
 ) -> (tokio::process::Child, Endpoint) {
+    spawn_nms_process_with(dir, cluster, listen, "").await
+}
+
+/// [`spawn_nms_process`] with more settings (TOML lines).
+async fn spawn_nms_process_with(
+    dir: &std::path::Path,
+    cluster: &LocalCluster,
+    listen: &str,
+    settings: &str,
+) -> (tokio::process::Child, Endpoint) {
     let cfg = dir.join("a.toml");
-    std::fs::write(&cfg, "writeback_delay_ms = 600000\n").unwrap();
+    std::fs::write(&cfg, format!("writeback_delay_ms = 600000\n{settings}")).unwrap();
     let pss: Vec<String> = cluster.endpoints().iter().map(|e| e.authority().to_owned()).collect();
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_nms"))
         .args(["--config", cfg.to_str().unwrap(), "serve", "--listen", listen, "--node-id", "a"])
@@ -1769,6 +1779,44 @@ async fn first_error(
             }
         }
     }
+}
+
+/// Batches of large blocks past the message limit (20 blocks of 1 MiB: 20 MiB against
+/// 16 MiB) go in several messages: `write_many` and `read_many` work, and so does the
+/// journal's replay of as many unpersisted writes to another NMS after a crash (it failed
+/// for good with an oversized message: the vehicle could never attach again).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn batches_of_large_blocks_past_the_message_limit_are_split() {
+    const MIB: usize = 1 << 20;
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = LocalCluster::start(1, dir.path()).await.unwrap();
+    // A writes nothing back before it is killed.
+    let no_writeback = "writeback_start_dirty_bytes_per_volume = 67108864\n";
+    let (mut child, a_ep) =
+        spawn_nms_process_with(dir.path(), &cluster, "127.0.0.1:0", no_writeback).await;
+    let b = Nms::start("b", &cluster.endpoints(), |_| {}).await;
+    let mut o = opts(&[&a_ep, &b.ep], "large", "k");
+    o.create_block_size = Some(BlockSize::new(MIB as u32).unwrap());
+    let c = VolumeClient::open(o).await.unwrap();
+    let data = |blk: u64| vec![blk as u8 + 1; MIB];
+    let all: Vec<u64> = (0..20).collect();
+    let acks = c.write_many(all.iter().map(|&blk| (blk, 0, data(blk))).collect()).await.unwrap();
+    assert_eq!(acks.len(), 20);
+    for (blk, got) in all.iter().zip(c.read_many(&all).await.unwrap()) {
+        assert_eq!(got.as_deref(), Some(&data(*blk)[..]), "block {blk}");
+    }
+    assert!(c.journal_bytes() >= 20 * MIB as u64, "unpersisted");
+    child.start_kill().unwrap(); // SIGKILL
+    child.wait().await.unwrap();
+    // The client replays the 20 MiB journal to B.
+    for (blk, got) in all.iter().zip(c.read_many(&all).await.unwrap()) {
+        assert_eq!(got.as_deref(), Some(&data(*blk)[..]), "block {blk} at B");
+    }
+    assert_eq!(c.current_nms(), b.ep);
+    c.flush().await.unwrap();
+    assert_eq!(c.journal_bytes(), 0);
+    b.stop().await;
+    cluster.shutdown().await;
 }
 
 /// A volume whose blocks could never fit under the node's per-volume dirty limit is

@@ -539,9 +539,13 @@ pub(crate) struct Keepalive {
     /// [`Out::written`] when `ping_sent` was last set.
     written: u64,
     /// [`Out::written`] once every byte queued ahead of the PING has been written: bytes
-    /// past it (the PING's own, or later calls') say nothing of the peer (a socket takes
-    /// them into its buffer whether the peer is there or not), so they restart no clock.
+    /// past it (the PING's own, or later calls') say nothing of the peer while the socket
+    /// has room (it takes them into its buffer whether the peer is there or not), so they
+    /// restart no clock, unless the socket pushed back since the PING (then room for them
+    /// was made by the peer acknowledging: a large upload on a slow link).
     ahead_of_ping: u64,
+    /// [`Out::pushed_back`] when the PING was queued.
+    pushed_back_at_ping: u64,
     timer: Pin<Box<tokio::time::Sleep>>,
 }
 
@@ -556,6 +560,7 @@ impl Keepalive {
             ping_sent: None,
             written: 0,
             ahead_of_ping: 0,
+            pushed_back_at_ping: 0,
             timer: Box::pin(tokio::time::sleep(interval)),
         })
     }
@@ -577,12 +582,10 @@ impl Keepalive {
             return Ok(());
         }
         let now = Instant::now();
-        if self.ping_sent.is_some()
-            && self.written < self.ahead_of_ping
-            && out.written != self.written
-        {
-            // The bytes queued ahead of the PING are still being taken: the peer's side is
-            // alive, only busy.
+        let peer_took =
+            self.written < self.ahead_of_ping || out.pushed_back > self.pushed_back_at_ping;
+        if self.ping_sent.is_some() && peer_took && out.written != self.written {
+            // Our bytes are still being taken, by the peer: its side is alive, only busy.
             self.ping_sent = Some(now);
             self.written = out.written;
         }
@@ -593,6 +596,7 @@ impl Keepalive {
             Some(sent) => sent + self.timeout,
             None if now.duration_since(self.last_heard) >= self.interval => {
                 self.ahead_of_ping = out.written + out.len as u64;
+                self.pushed_back_at_ping = out.pushed_back;
                 out.header(8, frame::PING, 0, 0);
                 out.small(&[0x77; 8]);
                 self.ping_sent = Some(now);
@@ -983,6 +987,9 @@ pub(crate) struct Out {
     pub(crate) len: usize,
     /// Bytes written to the socket so far (progress: [`Keepalive`]).
     pub(crate) written: u64,
+    /// Times the socket took no more (its buffer full): bytes it takes after that were
+    /// made room for by the peer acknowledging earlier ones ([`Keepalive`]).
+    pub(crate) pushed_back: u64,
 }
 
 impl Out {
@@ -1073,12 +1080,18 @@ impl Out {
                 }
                 match Pin::new(&mut *io).poll_write_vectored(cx, &slices[..k]) {
                     Poll::Ready(r) => r?,
-                    Poll::Pending => return Poll::Pending,
+                    Poll::Pending => {
+                        self.pushed_back += 1;
+                        return Poll::Pending;
+                    }
                 }
             } else {
                 match Pin::new(&mut *io).poll_write(cx, &self.queue[0]) {
                     Poll::Ready(r) => r?,
-                    Poll::Pending => return Poll::Pending,
+                    Poll::Pending => {
+                        self.pushed_back += 1;
+                        return Poll::Pending;
+                    }
                 }
             };
             if n == 0 {
@@ -2189,6 +2202,18 @@ mod tests {
             }
         }
         assert!(matches!(failed, Some(ConnError::KeepaliveTimeout(_))), "{failed:?}");
+        // Unless the socket pushed back since the PING: then the room for them was made
+        // by the peer acknowledging (a large upload on a slow link, its PING queued behind
+        // a full socket buffer).
+        let (mut k, mut out) = (Keepalive::new(Some(interval), timeout).unwrap(), Out::default());
+        tokio::time::sleep(interval + Duration::from_millis(10)).await;
+        poll(&mut k, &mut out).unwrap();
+        out.pushed_back += 1;
+        for _ in 0..8 {
+            tokio::time::sleep(timeout / 2).await;
+            out.written += 16 * 1024;
+            poll(&mut k, &mut out).expect("the peer drains the socket: alive");
+        }
         // Heard from the peer: no PING is due until another interval of silence.
         let mut k = Keepalive::new(Some(interval), timeout).unwrap();
         tokio::time::sleep(interval + Duration::from_millis(10)).await;

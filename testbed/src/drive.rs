@@ -1153,19 +1153,22 @@ async fn final_check(
             out.lost = out.checked;
         }
     }
-    match pss.get_blocks(volume, &blocks).await {
-        Ok(stored) => {
-            let stored: BTreeMap<u64, Vec<u8>> =
-                stored.into_iter().filter(|b| b.found).map(|b| (b.block, b.data)).collect();
-            for block in &blocks {
-                if !expected.allows(index, *block, stored.get(block).map(Vec::as_slice)) {
-                    out.unpersisted += 1;
+    // In requests the PSS takes (at most MAX_GET_BLOCKS blocks each).
+    for chunk in blocks.chunks(wayside_pss::service::MAX_GET_BLOCKS) {
+        match pss.get_blocks(volume, chunk).await {
+            Ok(stored) => {
+                let stored: BTreeMap<u64, Vec<u8>> =
+                    stored.into_iter().filter(|b| b.found).map(|b| (b.block, b.data)).collect();
+                for block in chunk {
+                    if !expected.allows(index, *block, stored.get(block).map(Vec::as_slice)) {
+                        out.unpersisted += 1;
+                    }
                 }
             }
-        }
-        Err(e) => {
-            tracing::warn!(vehicle = %name, error = %e, "reading the volume from the PSS failed");
-            out.unpersisted = out.checked;
+            Err(e) => {
+                tracing::warn!(vehicle = %name, error = %e, "reading the volume from the PSS failed");
+                out.unpersisted += chunk.len() as u64;
+            }
         }
     }
 }

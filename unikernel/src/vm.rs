@@ -779,8 +779,19 @@ impl Vm {
                 .await?;
             loop {
                 if Instant::now() >= deadline {
-                    // A migration that never converges: cancelled, and the source resumed.
+                    // A migration that never converges: cancelled, and the source resumed,
+                    // unless it completed meanwhile (the destination may have run since).
                     let _ = src.execute("migrate_cancel", None).await;
+                    let settle = Instant::now() + Duration::from_secs(10);
+                    loop {
+                        let info = src.execute("query-migrate", None).await?;
+                        match info["status"].as_str().unwrap_or("?") {
+                            "completed" => return Ok(info),
+                            "cancelled" | "failed" => break,
+                            _ if Instant::now() >= settle => break,
+                            _ => tokio::time::sleep(Duration::from_millis(10)).await,
+                        }
+                    }
                     return Err(VmError::Migration {
                         status: "timed out".into(),
                         detail: format!("not completed within {} s", limit.as_secs()),

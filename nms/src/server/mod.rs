@@ -69,8 +69,8 @@ pub async fn run_with_store(
 }
 
 /// The node's `[tls]`, loaded and checked: a node set up for TLS dials the PSS and other
-/// NMSs over TLS only, so it needs the road's CA; one with only the CA serves plaintext
-/// (a warning at start) but still dials over TLS.
+/// NMSs over TLS only, so it needs the road's CA (and `Config::validate` refuses the CA
+/// alone: the PSS asks for this node's certificate).
 fn load_tls(config: &Config) -> anyhow::Result<Option<wayside_proto::tls::Tls>> {
     let tls = wayside_proto::tls::Tls::load(&config.tls).context("TLS")?;
     if let Some(t) = &tls {

@@ -177,24 +177,37 @@ pub(super) fn encode_replies(
     Ok(out)
 }
 
-/// `StreamBatches`' reply: one `StreamResults` message.
+/// `StreamBatches`' reply: one `StreamResults` message, or several when the replies
+/// together pass `max` (each message within it; the client gathers a batch's replies by
+/// tag). Only a single reply past `max` is refused.
 pub(super) fn encode_results(
     replies: Vec<pb::StreamReply>,
     max: usize,
 ) -> Result<ChunkBuf, Status> {
-    let splits: Vec<Split> = replies.into_iter().map(Split::new).collect();
-    let len: usize = splits
-        .iter()
-        .map(|s| key_len(STREAM_RESULTS_RESULTS) + encoded_len_varint(s.len as u64) + s.len)
-        .sum();
-    check_len(len, max)?;
-    let mut hdr = header_buffer(splits.len() + 1);
-    let mut out = ChunkBuf::with_capacity(2 * splits.len() + 1);
-    put_prefix(&mut hdr, len);
-    for s in splits {
-        encode_key(STREAM_RESULTS_RESULTS, WireType::LengthDelimited, &mut hdr);
-        encode_varint(s.len as u64, &mut hdr);
-        s.put(&mut hdr, &mut out);
+    let n = replies.len();
+    // (message length, its replies)
+    let mut messages: Vec<(usize, Vec<Split>)> = vec![(0, Vec::new())];
+    for r in replies {
+        let s = Split::new(r);
+        let field = key_len(STREAM_RESULTS_RESULTS) + encoded_len_varint(s.len as u64) + s.len;
+        check_len(field, max)?;
+        let last = messages.last_mut().expect("never empty");
+        if !last.1.is_empty() && last.0 + field > max {
+            messages.push((field, vec![s]));
+        } else {
+            last.0 += field;
+            last.1.push(s);
+        }
+    }
+    let mut hdr = header_buffer(n + messages.len());
+    let mut out = ChunkBuf::with_capacity(2 * n + 1);
+    for (len, splits) in messages {
+        put_prefix(&mut hdr, len);
+        for s in splits {
+            encode_key(STREAM_RESULTS_RESULTS, WireType::LengthDelimited, &mut hdr);
+            encode_varint(s.len as u64, &mut hdr);
+            s.put(&mut hdr, &mut out);
+        }
     }
     out.push(hdr.freeze());
     Ok(out)
@@ -508,6 +521,24 @@ mod tests {
     fn an_empty_batch_is_an_empty_message() {
         let buf = encode_results(Vec::new(), 16).expect("encodes");
         assert_eq!(buf.to_vec(), [0, 0, 0, 0, 0]);
+    }
+
+    /// Replies that together pass the message limit go in several messages, each within
+    /// it, in order.
+    #[test]
+    fn a_batch_reply_past_the_limit_is_split_into_messages() {
+        let sent = replies();
+        let one = encode_results(sent.clone(), 1 << 20).expect("encodes").to_vec();
+        let max = messages(&one)[0].len() - 1;
+        let bytes = encode_results(sent.clone(), max).expect("encodes").to_vec();
+        let msgs = messages(&bytes);
+        assert!(msgs.len() >= 2, "split");
+        let mut got = Vec::new();
+        for m in msgs {
+            assert!(m.len() <= max, "{} > {max}", m.len());
+            got.extend(pb::StreamResults::decode(&m[..]).expect("decodes").results);
+        }
+        assert_eq!(got, sent);
     }
 
     #[test]

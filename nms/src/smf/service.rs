@@ -701,15 +701,17 @@ impl Smf {
         let same_road = st.road_gen == p.road_gen;
         if let Some(v) = st.volumes.get_mut(&volume) {
             v.moving = false;
-            if same_road {
-                if rec.ok {
-                    v.at = Some(p.to);
-                } else {
-                    // Unknown (no NMS holds it, or none answered): where the vehicle's
-                    // next report says it is served, as for a volume first seen.
-                    v.at = found;
-                }
-            }
+            v.at = if !same_road {
+                // A report on the new road during the move may have set a place from
+                // before it: unknown until the next report.
+                None
+            } else if rec.ok {
+                Some(p.to)
+            } else {
+                // Unknown (no NMS holds it, or none answered): where the vehicle's next
+                // report says it is served, as for a volume first seen.
+                found
+            };
         }
         if st.moves.len() >= self.cfg.max_move_records {
             st.moves.pop_front();
