@@ -1877,6 +1877,17 @@ async fn bad_input_gets_the_right_status_and_changes_nothing() {
     assert_eq!(e.code(), tonic::Code::InvalidArgument, "bad name: {e:?}");
     let failed = a.status().await.calls_failed - failed_before;
     assert_eq!(failed, 6, "NodeStatus counts the block calls answered with an error");
+    // An operation refused inside a stream counts too.
+    let op = pb::StreamRequest {
+        auth: auth("good", "wrong"),
+        tag: 1,
+        op: Some(pb::stream_request::Op::Read(pb::ReadOp { block: 1, offset: 0, length: 0 })),
+    };
+    let mut replies = raw.stream(futures::stream::iter([op])).await.unwrap().into_inner();
+    let r = replies.message().await.unwrap().expect("a reply");
+    assert!(matches!(r.result, Some(pb::stream_reply::Result::Error(_))), "{r:?}");
+    let failed = a.status().await.calls_failed - failed_before;
+    assert_eq!(failed, 7, "and a stream's refused operation");
     // Another vehicle's credential does not open the volume on a fresh NMS either.
     let b = Nms::start("b", &cluster.endpoints(), |_| {}).await;
     let mut o = opts(&[&b.ep], "good", "wrong");

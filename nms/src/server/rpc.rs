@@ -445,6 +445,10 @@ pub(super) fn batch_inbound(
 /// credential (if any) and the operations in order.
 pub(super) type OpsIn = Pin<Box<dyn futures::Stream<Item = InMsg> + Send>>;
 
+/// Items of replies (each up to `max_stream_inflight_ops` replies) a stream queues for
+/// its caller to read.
+const STREAM_REPLY_ITEMS: usize = 2;
+
 /// One inbound message of a vehicle stream: its credential (if any) and its operations.
 type InMsg = Result<(Option<pb::VolumeAuth>, Vec<pb::StreamRequest>), Status>;
 
@@ -782,7 +786,10 @@ impl Node {
         if !open && ops.inflight.is_empty() {
             return Box::pin(now);
         }
-        let (tx, rx) = tokio::sync::mpsc::channel(limit);
+        // Each item gathers up to `limit` replies already: a few of them queued keep the
+        // connection busy, and a vehicle that stops reading makes this node hold no more
+        // than that (`limit` items held `limit` squared replies a stream).
+        let (tx, rx) = tokio::sync::mpsc::channel(STREAM_REPLY_ITEMS);
         // Sent when the task ends the stream itself (all answered, or an error sent). A
         // task that ends otherwise (the node stopping, or a panic) drops it unsent, and
         // the reply stream then ends with UNAVAILABLE: ended with OK, a stream cut short
@@ -1178,6 +1185,43 @@ mod tests {
         }
         assert_eq!(tags.len(), 300, "every operation answered");
         assert_eq!(store.asked.load(Ordering::SeqCst), 300);
+        node.stop.cancel();
+    }
+
+    /// A vehicle that stops reading its stream's replies makes the node take only a few
+    /// items' worth more of its requests (the reply queue held `max_stream_inflight_ops`
+    /// items of as many replies each: a million replies a stream, from a caller without
+    /// the volume's credential).
+    #[tokio::test]
+    async fn a_stream_whose_replies_are_not_read_takes_few_more_requests() {
+        use crate::config::Config;
+        let (_store, node, v, cred) =
+            node_over_slow_reads(Config { max_stream_inflight_ops: 32, ..Config::default() }).await;
+        node.load(&v, &Presented::new(cred), None, false).await.unwrap();
+        let taken = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = taken.clone();
+        let inbound = futures::stream::iter(0..100_000u64).map(move |tag| {
+            counter.fetch_add(1, Ordering::SeqCst);
+            let auth = pb::VolumeAuth {
+                volume: "v".into(),
+                credential: "no".into(),
+                ..Default::default()
+            };
+            let op = pb::ReadOp { block: 0, offset: 0, length: 0 };
+            Ok(pb::StreamRequest {
+                auth: Some(auth),
+                tag,
+                op: Some(pb::stream_request::Op::Read(op)),
+            })
+        });
+        let replies = node.serve_ops(stream_inbound(inbound));
+        for _ in 0..200 {
+            tokio::task::yield_now().await;
+        }
+        let n = taken.load(Ordering::SeqCst);
+        assert!(n > 32, "the stream was served (each operation refused): {n}");
+        assert!(n < 300, "{n} requests taken while nobody read the replies");
+        drop(replies);
         node.stop.cancel();
     }
 

@@ -315,17 +315,38 @@ impl Node {
     ) -> GrpcBody {
         let max = self.cfg.max_message_size_bytes;
         let timeout = grpc_timeout(req.headers());
+        // An operation refused inside a stream counts as a failed call too.
+        let node = self.self_arc();
+        let count = move |rs: &Vec<pb::StreamReply>| {
+            let failed = rs
+                .iter()
+                .filter(|r| matches!(r.result, Some(pb::stream_reply::Result::Error(_))))
+                .count();
+            if failed > 0 {
+                node.calls_failed.fetch_add(failed as u64, std::sync::atomic::Ordering::Relaxed);
+            }
+        };
         let replies: ReplyStream = match check_encoding(req.headers()) {
             Err(s) => Box::pin(futures::stream::iter([Err(s)])),
             Ok(()) if batches => {
                 let inbound = self.messages::<pb::StreamBatch>(req.into_body());
                 let out = self.serve_ops(batch_inbound(inbound, self.cfg.max_stream_batch_ops));
-                Box::pin(out.map(move |r| r.and_then(|rs| encode_results(rs, max))))
+                Box::pin(out.map(move |r| {
+                    r.and_then(|rs| {
+                        count(&rs);
+                        encode_results(rs, max)
+                    })
+                }))
             }
             Ok(()) => {
                 let inbound = self.messages::<pb::StreamRequest>(req.into_body());
                 let out = self.serve_ops(stream_inbound(inbound));
-                Box::pin(out.map(move |r| r.and_then(|rs| encode_replies(rs, max))))
+                Box::pin(out.map(move |r| {
+                    r.and_then(|rs| {
+                        count(&rs);
+                        encode_replies(rs, max)
+                    })
+                }))
             }
         };
         self.self_arc().reply_body(replies, timeout)
