@@ -246,6 +246,21 @@ struct Journal {
 }
 
 impl Journal {
+    /// The accepted entries not from `generation`, in the order their NMS applied them
+    /// (generation, then lsn): not in request-id order, which two tasks writing one block
+    /// at once may have had applied the other way round (the later write, acknowledged
+    /// and read back, would be overwritten by the earlier one at a replay).
+    fn to_replay(&self, generation: u64) -> Vec<(u64, JOp)> {
+        let mut todo: Vec<(u64, Lsn, u64, &JOp)> = self
+            .entries
+            .iter()
+            .filter(|(_, e)| e.generation != generation)
+            .filter_map(|(s, e)| Some((e.generation, e.lsn?, *s, &e.op)))
+            .collect();
+        todo.sort_unstable_by_key(|&(g, lsn, seq, _)| (g, lsn, seq));
+        todo.into_iter().map(|(_, _, seq, op)| (seq, op.clone())).collect()
+    }
+
     fn size(op: &JOp) -> u64 {
         match op {
             JOp::Write { data, .. } => data.len() as u64 + 32,
@@ -640,6 +655,18 @@ impl VolumeClient {
         &self,
         writes: Vec<(u64, u32, Vec<u8>)>,
     ) -> Result<Vec<WriteAck>, ClientError> {
+        // Every write checked before any is sent: one out of its block would fail its batch
+        // with some of the batch applied and others not.
+        let bs = u64::from(self.block_size().bytes());
+        if let Some((block, offset, data)) =
+            writes.iter().find(|(_, o, d)| u64::from(*o) + d.len() as u64 > bs)
+        {
+            return Err(ClientError::InvalidArgument(format!(
+                "the write of {} bytes at offset {offset} of block {block} passes the block \
+                 size ({bs} bytes): nothing was written",
+                data.len()
+            )));
+        }
         let mut acks = Vec::with_capacity(writes.len());
         let ops: Vec<JOp> = writes
             .into_iter()
@@ -968,11 +995,19 @@ impl VolumeClient {
         let task = tokio::spawn(
             async move { me.reconnect(deadline).await }.instrument(tracing::Span::current()),
         );
-        match task.await {
-            Ok(r) => r,
-            Err(e) => Err(ClientError::Unavailable {
+        // The call waits no longer than its deadline (a long journal's replay, each batch
+        // within rpc_timeout, could take many times op_timeout); the attach goes on.
+        match tokio::time::timeout_at(deadline.into(), task).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => Err(ClientError::Unavailable {
                 timeout: self.inner.opts.op_timeout,
                 last: format!("the reconnect task failed: {e}"),
+            }),
+            Err(_) => Err(ClientError::Unavailable {
+                timeout: self.inner.opts.op_timeout,
+                last: "attaching, and replaying the journal there, took longer than the \
+                       call may; it goes on in the background"
+                    .into(),
             }),
         }
     }
@@ -1162,18 +1197,18 @@ impl VolumeClient {
             if let Some(info) = attached {
                 j.held_by(generation, info);
             }
-            j.entries
-                .iter()
-                .filter(|(_, e)| e.lsn.is_some() && e.generation != generation)
-                .map(|(s, e)| (*s, e.op.clone()))
-                .collect()
+            j.to_replay(generation)
         };
         if todo.is_empty() {
             return Ok(());
         }
         let rpc_timeout = self.inner.opts.rpc_timeout;
         let record = |seq: u64, lsn: u64| {
-            self.inner.journal.lock().expect("poisoned").acked(seq, Lsn(lsn), generation);
+            let mut j = self.inner.journal.lock().expect("poisoned");
+            // A newer attach listed the journal meanwhile: the entries are its now.
+            if j.listed_for == generation {
+                j.acked(seq, Lsn(lsn), generation);
+            }
         };
         // Every entry listed is sent (what this copy holds by lineage left the list in
         // `held_by`): a duplicate answered at the lsn it had is no sign that the later ones
@@ -1181,7 +1216,11 @@ impl VolumeClient {
         // the lost one did, and may hold the first entries from a replay cut short before
         // (taking the rest for held once lost them).
         let (mut applied, mut dup) = (0u64, 0u64);
+        // Smaller batches than a call's: each must cross within rpc_timeout, on whatever
+        // link the vehicle has now (8 MiB on a slow radio never would, and the attach
+        // would start over for ever); 256 writes of 4 KiB still go in one.
         let (max_ops, bytes) = self.batch_limits();
+        let bytes = bytes.min(REPLAY_BATCH_BYTES);
         for chunk in runs(&todo, max_ops, bytes, |(_, op)| Journal::size(op) as usize) {
             let ops = chunk
                 .iter()
@@ -1213,6 +1252,9 @@ impl VolumeClient {
 
 /// Sends `batch` as one `StreamBatches` message and returns its results in the order of its
 /// operations (tagged by index); an operation's error fails the whole call as that error.
+/// Most bytes of writes one replay batch carries (see `replay`).
+const REPLAY_BATCH_BYTES: usize = 1 << 20;
+
 /// What a batched operation adds to a message besides its block data, at most, in bytes
 /// (its tag, block number, request id and field keys).
 const BATCH_OP_OVERHEAD_BYTES: usize = 128;
@@ -1287,6 +1329,25 @@ fn replayed<T>(
 
 #[cfg(test)]
 mod tests {
+
+    /// Two tasks' writes to one block, applied the other way round from their request
+    /// ids: a replay repeats the order they were applied in (lsn), so the block ends as
+    /// it was read back (the later write), not as the request ids would have it.
+    #[test]
+    fn a_replay_follows_the_order_writes_were_applied_in() {
+        let mut j = Journal::default();
+        let write = |d: &'static [u8]| JOp::Write { block: 5, offset: 0, data: d.into() };
+        for (seq, data, lsn) in [(100, &b"X"[..], 11), (101, b"Y", 10), (102, b"Z", 12)] {
+            let mut e = JEntry::new(write(data));
+            e.acked(Lsn(lsn), 1, None);
+            j.entries.insert(seq, e);
+        }
+        // Not accepted yet: its caller sends it.
+        j.entries.insert(103, JEntry::new(write(b"W")));
+        let order: Vec<u64> = j.to_replay(2).into_iter().map(|(seq, _)| seq).collect();
+        assert_eq!(order, [101, 100, 102]);
+        assert!(j.to_replay(1).is_empty(), "the generation that holds them replays nothing");
+    }
 
     #[test]
     fn batches_are_cut_by_count_and_by_bytes() {

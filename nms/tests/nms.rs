@@ -1851,6 +1851,10 @@ async fn bad_input_gets_the_right_status_and_changes_nothing() {
     let a = Nms::start("a", &cluster.endpoints(), |_| {}).await;
     let c = VolumeClient::open(opts(&[&a.ep], "good", "right")).await.unwrap();
     c.write(1, 0, block_data(1, 1)).await.unwrap();
+    // A batch with one write past its block is refused whole by the client library.
+    let e = c.write_many(vec![(2, 0, block_data(2, 1)), (3, 10, block_data(3, 1))]).await;
+    assert!(matches!(e, Err(wayside_nms::client::ClientError::InvalidArgument(_))), "{e:?}");
+    assert_eq!(c.read(2, 0, None).await.unwrap(), None, "nothing of the batch was written");
     let mut raw = a.raw().await;
     let failed_before = a.status().await.calls_failed;
     let write = |vol: &str, secret: &str, data: Vec<u8>, offset: u32| pb::WriteRequest {
