@@ -124,6 +124,11 @@ impl From<Status> for PssError {
     }
 }
 
+/// HTTP/2 PING on a connection to a node silent this long.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(2);
+/// A connection whose PING goes unanswered this long is closed.
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// A handle to a PSS cluster; cheap to clone; connects lazily.
 #[derive(Clone)]
 pub struct PssClient {
@@ -189,6 +194,12 @@ impl PssClient {
         let e = wayside_proto::client::endpoint(ep, self.inner.opts.tls.as_ref())
             .map_err(|e| PssError::InvalidArgument(format!("endpoint {ep}: {e}")))?
             .connect_timeout(Duration::from_secs(1))
+            // A node that vanished without closing (a cut link, a frozen host) is found
+            // out, and its pipeline stream ends (the next call dials anew), instead of
+            // every call routed there waiting out rpc_timeout until TCP gives up.
+            .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+            .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+            .keep_alive_while_idle(true)
             .initial_connection_window_size(crate::server::HTTP2_CONNECTION_WINDOW_BYTES)
             .initial_stream_window_size(crate::server::HTTP2_STREAM_WINDOW_BYTES);
         // A call's HEADERS and DATA leave in one write (TCP_NODELAY set there too).

@@ -108,6 +108,7 @@ async fn serve(
         max_blocks: config.max_blocks,
         reserved_blocks: Default::default(),
         max_pipeline_requests: config.max_pipeline_requests,
+        max_reply_bytes: max / 2,
         shutdown: inner.clone(),
         pipeline_stats: pipeline_stats.clone(),
     })

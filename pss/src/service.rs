@@ -105,6 +105,10 @@ pub struct BlockService {
     pub reserved_blocks: Arc<std::sync::atomic::AtomicUsize>,
     /// Most requests in one `Pipeline` message and unanswered on one `Pipeline` stream.
     pub max_pipeline_requests: usize,
+    /// Most bytes of block data one reply carries (half the message limit: room for the
+    /// fields around it): a `GetBlocks` past it is refused, naming the limit, and a
+    /// `Pipeline` reply message takes no more of the answers ready (the rest go next).
+    pub max_reply_bytes: usize,
     /// Ends every `Pipeline` stream (they are long-lived and would otherwise hold the
     /// server's graceful shutdown open).
     pub shutdown: CancellationToken,
@@ -179,6 +183,10 @@ impl BlockService {
             return Err(Status::not_found(format!("volume {} does not exist", req.volume)));
         }
         let blocks = self.node.reader.blocks(&req.volume, &req.blocks).map_err(internal)?;
+        let bytes: usize = blocks.iter().map(|b| b.data.len()).sum();
+        if bytes > self.max_reply_bytes {
+            return Err(limit("max_message_size_bytes", "bytes", bytes, self.max_reply_bytes));
+        }
         Ok(pb::GetBlocksReply { blocks })
     }
 
@@ -206,6 +214,8 @@ struct Pipe {
     svc: Arc<BlockService>,
     inbound: Streaming<pb::PipelineRequests>,
     inflight: FuturesUnordered<Pin<Box<dyn Future<Output = pb::PipelineReply> + Send>>>,
+    /// Answers ready that did not fit in the last reply message (`max_reply_bytes`).
+    held: std::collections::VecDeque<pb::PipelineReply>,
     /// The client has not half-closed its side.
     open: bool,
 }
@@ -217,6 +227,9 @@ impl Pipe {
     async fn next(&mut self) -> Option<Result<pb::PipelineReplies, Status>> {
         let limit = self.svc.max_pipeline_requests;
         loop {
+            if !self.held.is_empty() {
+                return Some(Ok(self.reply_message()));
+            }
             if !self.open && self.inflight.is_empty() {
                 return None;
             }
@@ -225,12 +238,13 @@ impl Pipe {
                     return Some(Err(Status::unavailable("the PSS node is stopping")));
                 }
                 Some(first) = self.inflight.next(), if !self.inflight.is_empty() => {
-                    let mut replies = vec![first];
-                    // Everything else already finished goes in the same message.
+                    self.held.push_back(first);
+                    // Everything else already finished goes in the same message, as much
+                    // as fits.
                     while let Some(Some(r)) = self.inflight.next().now_or_never() {
-                        replies.push(r);
+                        self.held.push_back(r);
                     }
-                    return Some(Ok(pb::PipelineReplies { replies }));
+                    return Some(Ok(self.reply_message()));
                 }
                 msg = self.inbound.message(), if self.open && self.inflight.len() < limit => {
                     match msg {
@@ -251,6 +265,25 @@ impl Pipe {
                 }
             }
         }
+    }
+}
+
+impl Pipe {
+    /// A reply message of the held answers, in order: at least one, and no more than
+    /// `max_reply_bytes` of them past the first.
+    fn reply_message(&mut self) -> pb::PipelineReplies {
+        use prost::Message as _;
+        let mut replies = Vec::new();
+        let mut bytes = 0;
+        while let Some(r) = self.held.front() {
+            let n = r.encoded_len();
+            if !replies.is_empty() && bytes + n > self.svc.max_reply_bytes {
+                break;
+            }
+            bytes += n;
+            replies.push(self.held.pop_front().expect("looked at"));
+        }
+        pb::PipelineReplies { replies }
     }
 }
 
@@ -344,6 +377,7 @@ impl pb::pss_blocks_server::PssBlocks for BlockService {
             svc: Arc::new(self.clone()),
             inbound: request.into_inner(),
             inflight: FuturesUnordered::new(),
+            held: Default::default(),
             open: true,
         };
         // Driven by the connection's task as it sends replies: no task of its own.

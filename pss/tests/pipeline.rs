@@ -345,3 +345,52 @@ async fn a_node_without_pipeline_is_called_unary_from_then_on() {
     assert_eq!(load(&node.unary_reads), 1);
     server.abort();
 }
+
+/// Replies past half the message limit: a `GetBlocks` whose blocks would not fit is
+/// refused, naming the limit (with the message limit it ended the whole pipeline, every
+/// caller's request on it failing OUT_OF_RANGE, which the NMS takes as permanent); answers
+/// that fit one by one but not together go in several reply messages.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replies_past_the_message_limit_are_refused_alone_or_split() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = LocalCluster::start_with(1, dir.path(), |c| c.max_message_size_bytes = 4 << 20)
+        .await
+        .unwrap();
+    let client = PssClient::new(
+        cluster.endpoints(),
+        ClientOptions { max_message_size_bytes: 4 << 20, ..cluster.client_options() },
+    );
+    let epoch = create(&client, "big", 1).await;
+    // 1000 blocks of 4 KiB, in batches.
+    for (seq, first) in (0..1000u64).step_by(250).enumerate() {
+        let mut req = put("big", epoch, "w", seq as u64 + 1, 0, 1);
+        req.ops = (first..first + 250)
+            .map(|block| pb::PssBlockOp { block, data: vec![7; 4096], delete: false, version: 0 })
+            .collect();
+        client.write_batch(req).await.unwrap();
+    }
+    let volume = VolumeName::new("big").unwrap();
+    // 4 MB of blocks, past the 2 MiB a reply may carry: refused, naming the limit.
+    let all: Vec<u64> = (0..1000).collect();
+    match client.get_blocks(&volume, &all).await {
+        Err(PssError::Other(s)) => {
+            assert_eq!(s.code(), Code::ResourceExhausted, "{s:?}");
+            assert!(s.message().contains("max_message_size_bytes"), "{s:?}");
+        }
+        other => panic!("expected the limit, got {other:?}"),
+    }
+    // 16 callers at once, 800 KB each: 12.8 MB of answers, several reply messages.
+    let gets = (0..16u64).map(|i| {
+        let (client, volume) = (client.clone(), volume.clone());
+        async move {
+            let blocks: Vec<u64> = (i * 50..i * 50 + 200).map(|b| b % 1000).collect();
+            client.get_blocks(&volume, &blocks).await
+        }
+    });
+    for got in futures::future::join_all(gets).await {
+        let got = got.expect("every caller answered");
+        assert_eq!(got.len(), 200);
+        assert!(got.iter().all(|b| b.found && b.data == vec![7; 4096]));
+    }
+    cluster.shutdown().await;
+}

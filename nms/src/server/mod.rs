@@ -30,6 +30,10 @@ use wayside_proto::types::{
     BlockNo, BlockSize, Credential, CredentialHash, Endpoint, Epoch, Lsn, RequestId, VolumeName,
 };
 
+/// Most bytes of block data one read from the PSS asks for (a cache miss of many large
+/// blocks goes in several reads, side by side).
+pub const PSS_READ_BYTES: u64 = 8 << 20;
+
 /// Runs an NMS on `listener` against the PSS in `config.pss` until `shutdown` fires or
 /// an admin Shutdown arrives; then drains write-back (bounded) and returns.
 pub async fn run(
@@ -1231,7 +1235,16 @@ impl Node {
     ) -> Result<crate::store::Fetched, crate::store::StoreError> {
         self.pss_reads.fetch_add(1, Ordering::Relaxed);
         self.pss_read_blocks.fetch_add(blocks.len() as u64, Ordering::Relaxed);
-        self.store.get_blocks(v.clone(), blocks).await
+        // In reads of at most PSS_READ_BYTES of block data, side by side (the PSS refuses
+        // a reply past half its message limit: 256 blocks of 1 MiB are 256 MiB).
+        let bs = self.core().volume(v).map_or(1, |x| u64::from(x.block_size.bytes()));
+        let per_read = usize::try_from(PSS_READ_BYTES / bs.max(1)).unwrap_or(usize::MAX).max(1);
+        if blocks.len() <= per_read {
+            return self.store.get_blocks(v.clone(), blocks).await;
+        }
+        let reads = blocks.chunks(per_read).map(|c| self.store.get_blocks(v.clone(), c.to_vec()));
+        let got = futures::future::try_join_all(reads).await?;
+        Ok(got.into_iter().flatten().collect())
     }
 
     /// The blocks of `blocks` this node does not cache for `v` (empty when the volume is
