@@ -457,7 +457,18 @@ pub fn start(
         core.hard_state.commit = core.hard_state.commit.max(applied.min(last));
     }
     let addresses: AddressBook = Arc::new(RwLock::new(cfg.peer_map()));
-    addresses.write().unwrap_or_else(std::sync::PoisonError::into_inner).extend(sm.members()?);
+    {
+        let mut book = addresses.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+        book.extend(sm.members()?);
+        // A node removed from the group (still in `--peers`, say) is no member: its
+        // certificate may no longer send Raft messages or change the cluster.
+        let cs = storage.read().conf_state().clone();
+        if !cs.voters.is_empty() {
+            book.retain(|id, _| {
+                *id == cfg.id || cs.voters.contains(id) || cs.learners.contains(id)
+            });
+        }
+    }
 
     let raft_cfg = raft::Config {
         id: cfg.id,
@@ -936,7 +947,17 @@ impl Loop {
                                     .insert(cc.node_id, addr);
                             }
                         }
-                        ConfChangeType::RemoveNode => self.sm.set_member(&mut p, cc.node_id, None),
+                        ConfChangeType::RemoveNode => {
+                            self.sm.set_member(&mut p, cc.node_id, None);
+                            // No longer a member: its certificate sends no more Raft
+                            // messages and changes nothing here.
+                            if cc.node_id != self.id {
+                                self.addresses
+                                    .write()
+                                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                                    .remove(&cc.node_id);
+                            }
+                        }
                     }
                     tracing::info!(change = ?cc.get_change_type(), node_id = cc.node_id, voters = ?cs.voters, learners = ?cs.learners, "membership changed");
                     self.storage.write().set_conf_state(cs.clone(), e.index);

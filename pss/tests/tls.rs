@@ -656,3 +656,31 @@ async fn a_road_certificate_not_naming_the_peer_cannot_send_raft_messages() {
     volume_with_block_0(&cluster, "car-peer").await;
     cluster.shutdown().await;
 }
+
+/// A node removed from the group is no member any more: Raft messages claiming to come
+/// from it are refused (PERMISSION_DENIED, "not a member"), where a member's get through
+/// to the service. (Its address stayed in the address book, so its certificate still
+/// passed for it.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_node_can_send_no_more_raft_messages() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = LocalCluster::start_tls(3, dir.path()).await.unwrap();
+    let leader = cluster.wait_for_leader(Duration::from_secs(10)).await.unwrap();
+    let removed = (1..=3).find(|id| *id != leader).unwrap();
+    // (A membership change needs a PSS node's certificate.)
+    let client = client_with(&cluster, Some(node_identity(&cluster)));
+    let members = client.remove_node(removed).await.unwrap().members;
+    assert!(members.iter().all(|m| m.id != removed), "{members:?}");
+    let ep = cluster.endpoint(leader).unwrap();
+    let peer = node_identity(&cluster);
+    let from_removed = pb::RaftEnvelope { from: removed, to: leader, messages: Vec::new() };
+    let st = raft_send(&ep, &peer, from_removed).await.unwrap_err();
+    assert_eq!(st.code(), Code::PermissionDenied, "{st:?}");
+    assert!(st.message().contains("not a member"), "{st:?}");
+    // A member's (misaddressed, so the service itself answers) gets past the check.
+    let member = (1..=3).find(|id| *id != leader && *id != removed).unwrap();
+    let misaddressed = pb::RaftEnvelope { from: member, to: 99, messages: Vec::new() };
+    let st = raft_send(&ep, &peer, misaddressed).await.unwrap_err();
+    assert_eq!(st.code(), Code::FailedPrecondition, "{st:?}");
+    cluster.shutdown().await;
+}
