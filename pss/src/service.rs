@@ -182,7 +182,11 @@ impl BlockService {
         if self.node.reader.volume(&req.volume).map_err(internal)?.is_none() {
             return Err(Status::not_found(format!("volume {} does not exist", req.volume)));
         }
-        let blocks = self.node.reader.blocks(&req.volume, &req.blocks).map_err(internal)?;
+        let blocks = self.node.reader.blocks(&req.volume, &req.blocks).map_err(|e| match e {
+            // Raced a collection of its segment three times: retryable.
+            crate::state::StateError::Moving { .. } => Status::unavailable(e.to_string()),
+            e => internal(e),
+        })?;
         let bytes: usize = blocks.iter().map(|b| b.data.len()).sum();
         if bytes > self.max_reply_bytes {
             return Err(limit("max_message_size_bytes", "bytes", bytes, self.max_reply_bytes));
