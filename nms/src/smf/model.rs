@@ -146,13 +146,15 @@ pub enum Plan {
 
 /// Decides reactive / proactive / cannot fit for a move taking `smt_s`, into a window of
 /// `window_s` (`h̄ + N̄` of the next RSU), when the lead may be at most `lead_limit_s`
-/// (the paper's eq. 5 uses `N̄`). `margin_s` is added to the lead so that the strict
-/// inequality holds with room for prediction error.
+/// (the paper's eq. 5 uses `N̄`). `margin_s` is room for prediction error on both sides: a
+/// reactive move must end `margin_s` before the window does, and a proactive lead is
+/// `margin_s` longer than the boundary X (a move predicted just under the window got no
+/// room, one just over it `margin_s`).
 pub fn plan(smt_s: f64, window_s: f64, lead_limit_s: f64, margin_s: f64) -> Plan {
-    if reactive_fits(smt_s, window_s) {
+    if reactive_fits(smt_s + margin_s, window_s) {
         return Plan::Reactive;
     }
-    let x_s = proactive_x_s(smt_s, window_s) + margin_s;
+    let x_s = proactive_x_s(smt_s + margin_s, window_s);
     if adjacent_fits(x_s, lead_limit_s) {
         Plan::Proactive { x_s }
     } else {
@@ -184,6 +186,22 @@ impl Convention {
 
 #[cfg(test)]
 mod tests {
+
+    /// The margin protects both sides: a move predicted just under the window starts
+    /// early enough to end `margin` before it, as one just over it does.
+    #[test]
+    fn the_margin_holds_for_reactive_moves_too() {
+        assert_eq!(plan(18.9, 20.0, 100.0, 1.0), Plan::Reactive);
+        match plan(19.5, 20.0, 100.0, 1.0) {
+            Plan::Proactive { x_s } => assert!((x_s - 0.5).abs() < 1e-9, "{x_s}"),
+            p => panic!("{p:?}"),
+        }
+        match plan(25.0, 20.0, 100.0, 1.0) {
+            Plan::Proactive { x_s } => assert!((x_s - 6.0).abs() < 1e-9, "{x_s}"),
+            p => panic!("{p:?}"),
+        }
+        assert_eq!(plan(19.5, 20.0, 100.0, 0.0), Plan::Reactive, "no margin: eq. 3 as is");
+    }
     use super::*;
 
     fn mph(v: f64) -> Speed {

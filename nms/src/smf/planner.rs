@@ -79,7 +79,11 @@ pub fn decide(road: &Road, fix: VehicleFix, predicted_smt_s: f64, margin_s: f64)
         return none(Some(from), format!("{} is the last RSU", road.rsus()[from].name));
     };
     let handover_at_s = fix.time_s + (exit - fix.position_m).max(0.0) / v.mps();
-    let window_s = road.time_to_handover_s() + road.dwell_time_after_s(to, exit, v);
+    // Eq. 3's h̄ + N̄: on this road `to` serves the vehicle from `from`'s exit point (where
+    // the handover starts) to its own, so its dwell already holds the handover; adding
+    // h̄ again (`Convention::AsWritten`) granted the move seconds the vehicle is no longer
+    // with `to`. This is the published tables' convention (window = NDD / v).
+    let window_s = road.dwell_time_after_s(to, exit, v);
     let lead_limit_s = road.dwell_time_s(from, v);
     let names = (&road.rsus()[from].name, &road.rsus()[to].name);
     let (kind, x_s, reason) = match model::plan(predicted_smt_s, window_s, lead_limit_s, margin_s) {
@@ -142,23 +146,24 @@ mod tests {
 
     #[test]
     fn fits_reactively() {
-        // 10 m/s at 50 m: handover at 200 m in 15 s; B's window = 4 + 20 = 24 s.
+        // 10 m/s at 50 m: handover at 200 m in 15 s; B's window = its dwell, 20 s (it serves
+        // the vehicle from A's exit on: the handover is inside it, not 4 s on top).
         let d = decide(&road(), at(100.0, 50.0, 10.0), 5.0, 1.0);
         assert_eq!(d.kind, Kind::Reactive, "{d:?}");
         assert_eq!((d.from, d.to), (Some(0), Some(1)));
         assert_eq!(d.handover_at_s, 115.0);
         assert_eq!(d.start_at_s, 115.0);
-        assert_eq!(d.window_s, 24.0);
+        assert_eq!(d.window_s, 20.0);
         assert_eq!(d.x_s, 0.0);
     }
 
     #[test]
     fn needs_a_proactive_start() {
-        // SMT 30 s > 24 s window: X = 6 + 1 margin = 7 s < A's dwell 20 s.
+        // SMT 30 s > 20 s window: X = 10 + 1 margin = 11 s < A's dwell 20 s.
         let d = decide(&road(), at(100.0, 50.0, 10.0), 30.0, 1.0);
         assert_eq!(d.kind, Kind::Proactive, "{d:?}");
-        assert_eq!(d.x_s, 7.0);
-        assert_eq!(d.start_at_s, 108.0);
+        assert_eq!(d.x_s, 11.0);
+        assert_eq!(d.start_at_s, 104.0);
         assert!(d.reason.contains("ahead"), "{}", d.reason);
         // Reported late (2 s before the handover): start now, not in the past.
         let late = decide(&road(), at(100.0, 180.0, 10.0), 30.0, 1.0);
@@ -168,7 +173,7 @@ mod tests {
 
     #[test]
     fn cannot_fit() {
-        // SMT 50 s: X = 26 + 1 = 27 s >= A's dwell 20 s.
+        // SMT 50 s: X = 30 + 1 = 31 s >= A's dwell 20 s.
         let d = decide(&road(), at(0.0, 50.0, 10.0), 50.0, 1.0);
         assert_eq!(d.kind, Kind::CannotFit, "{d:?}");
         assert_eq!(d.start_at_s, 0.0);
@@ -185,11 +190,11 @@ mod tests {
 
     #[test]
     fn faster_vehicles_get_smaller_windows() {
-        let slow = decide(&road(), at(0.0, 50.0, 5.0), 20.0, 0.0);
-        let fast = decide(&road(), at(0.0, 50.0, 20.0), 20.0, 0.0);
-        assert_eq!(slow.kind, Kind::Reactive); // 4 + 40 > 20
-        assert_eq!(fast.kind, Kind::Proactive); // 4 + 10 < 20: X = 6 < 10
-        assert_eq!(fast.x_s, 6.0);
+        let slow = decide(&road(), at(0.0, 50.0, 5.0), 15.0, 0.0);
+        let fast = decide(&road(), at(0.0, 50.0, 20.0), 15.0, 0.0);
+        assert_eq!(slow.kind, Kind::Reactive); // 40 > 15
+        assert_eq!(fast.kind, Kind::Proactive); // 10 < 15: X = 5 < A's dwell 10
+        assert_eq!(fast.x_s, 5.0);
     }
 
     #[test]

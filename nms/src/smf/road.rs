@@ -81,8 +81,9 @@ impl Road {
         Ok(Self { rsus, handover_execution_s, time_to_handover_s })
     }
 
-    /// Places RSUs one after another from position 0 so that each one serves exactly its
-    /// dwell distance (the paper's NDD) at every speed: RSU i sits in the middle of its
+    /// Places RSUs one after another from position 0 so that each one but the first serves
+    /// exactly its dwell distance (the paper's NDD) at every speed (the first serves from
+    /// its coverage's start, `overlap_m` before 0, to its exit point): RSU i sits in the middle of its
     /// segment with `R_H = NDD/2 + overlap_m`, so the handover out of every RSU starts the
     /// same distance (`overlap_m - v*T_EH`) past its segment's end. `overlap_m` must cover
     /// `v * T_EH` at the fastest speed driven, or the exit radius falls short of the segment.
