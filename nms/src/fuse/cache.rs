@@ -755,11 +755,21 @@ impl State {
     /// in order and ends at the newest content; deleting past a segment left behind would
     /// leave it alone, and a later mount would replay its old writes over newer ones.
     fn delete_segments(&mut self, upto: u64, remove: impl Fn(&Path) -> bool) {
+        let mut dir = None;
         while self.segments.len() > 1 && self.segments[0].last_seq <= upto {
             if !remove(&self.segments[0].path) {
                 break;
             }
-            self.segments.pop_front();
+            let gone = self.segments.pop_front().expect("checked");
+            dir = gone.path.parent().map(Path::to_path_buf);
+        }
+        // The deletions made durable together, in order with later ones: a file system
+        // that keeps unlinks out of order could bring an older segment back past a newer
+        // one's deletion, and the next mount would refuse the gap.
+        if let Some(dir) = dir {
+            if let Err(e) = sync_dir(&dir) {
+                tracing::warn!(dir = %dir.display(), error = %e, "could not sync the journal folder after deleting segments");
+            }
         }
     }
 

@@ -19,7 +19,9 @@ use crate::client::{ClientOptions, VolumeClient};
 /// SIGINT/SIGTERM; then it drains its journal to the volume (up to --drain-timeout-ms) and exits.
 /// Writes are journalled on the local disk (--cache-dir) before they return, so they survive a
 /// crash of this process and an unreachable NMS; the next mount with the same --cache-dir
-/// replays what was not yet persisted.
+/// replays what was not yet persisted. fsync returns once everything written before it is
+/// persisted in the PSS; with the NMS unreachable it fails ETIMEDOUT after --op-timeout-ms
+/// (the data stays journalled here and is uploaded later).
 #[derive(Debug, clap::Args)]
 pub struct MountArgs {
     /// The volume to mount (created with --create-block-size if absent).

@@ -721,11 +721,19 @@ impl<D: BlockDevice> Fs<D> {
 
     /// Frees `ino` once it has no name and no open handle.
     fn maybe_free(&mut self, ino: u64) -> Result<()> {
-        let unlinked = self.inodes.get(&ino).is_some_and(|i| i.nlink == 0);
-        if unlinked && self.open_counts.get(&ino).copied().unwrap_or(0) == 0 {
-            // After a failure the inode stays an orphan, which the next mount frees.
+        let unused = |fs: &Self| {
+            fs.inodes.get(&ino).is_some_and(|i| i.nlink == 0)
+                && fs.open_counts.get(&ino).copied().unwrap_or(0) == 0
+        };
+        if unused(self) {
+            // After a failure the inode stays an orphan, which the next mount frees. A
+            // state gone stale (a change that timed out: an unlink, say) is reloaded first,
+            // and may bring the link back: decided again after it, or a file whose unlink
+            // was reported failed would be freed under its name.
             self.writable()?;
-            self.free_inode(ino)?;
+            if unused(self) {
+                self.free_inode(ino)?;
+            }
         }
         Ok(())
     }

@@ -526,6 +526,30 @@ fn a_timed_out_change_whose_reload_fails_waits_for_a_reload_that_works() {
     assert_eq!(t.read_all("kept").unwrap(), b"KEPT");
 }
 
+/// An open file's unlink times out and the reload that would undo it in memory fails
+/// too (ETIMEDOUT: not done). When the file is closed, after the link is back, the state
+/// is reloaded first and shows the file still linked: it is not freed (it was, under its
+/// name, on the stale decision: its data gone, its inode free for another file).
+#[test]
+fn closing_a_file_whose_unlink_timed_out_keeps_it() {
+    let dev = FlakyDevice::new(4096);
+    let mut t = CoreTarget::new(dev.clone(), small_params());
+    t.create("a").unwrap();
+    t.write("a", 0, b"still here").unwrap();
+    let ino = t.resolve("a").unwrap();
+    t.fs().open(ino).unwrap();
+    dev.fail_next_apply(Fault::Timeout);
+    dev.fail_reads(true);
+    assert_eq!(t.unlink("a"), Err(libc::ETIMEDOUT));
+    dev.fail_reads(false);
+    t.fs().release(ino).unwrap();
+    assert_eq!(t.read_all("a").unwrap(), b"still here");
+    fsck(t.fs()).unwrap();
+    t.remount().unwrap();
+    fsck(t.fs()).unwrap();
+    assert_eq!(t.read_all("a").unwrap(), b"still here");
+}
+
 #[test]
 fn a_metadata_change_that_timed_out_is_undone_in_memory_and_changes_go_on() {
     let dev = FlakyDevice::new(4096);
