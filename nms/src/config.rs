@@ -176,6 +176,10 @@ pub struct Config {
     pub pss_deadline_ms: u64,
     /// Longest a shutdown waits for write-back to drain, in milliseconds.
     pub shutdown_flush_timeout_ms: u64,
+    /// After the write-back drain at shutdown, how long open calls get to finish before
+    /// their connections are closed, in milliseconds (a caller holding a call open would
+    /// otherwise keep the node from ever exiting).
+    pub shutdown_grace_ms: u64,
     /// HTTP/2 PING sent on a connection (idle or not) after this long without a frame
     /// from the peer, in milliseconds (0: never). A vehicle or NMS that vanished without
     /// closing (out of range, crashed) would otherwise hold its calls, and a shutdown that
@@ -264,6 +268,7 @@ impl Default for Config {
             pss_rpc_timeout_ms: 2_000,
             pss_deadline_ms: 10_000,
             shutdown_flush_timeout_ms: 10_000,
+            shutdown_grace_ms: 5_000,
             http2_keepalive_interval_ms: wayside_proto::server::HTTP2_KEEPALIVE_INTERVAL_MS,
             http2_keepalive_timeout_ms: wayside_proto::server::HTTP2_KEEPALIVE_TIMEOUT_MS,
             http2_connection_window_bytes: wayside_proto::server::HTTP2_CONNECTION_WINDOW_BYTES,

@@ -630,11 +630,16 @@ pub struct Http2Settings {
     pub max_held_slices: usize,
     /// See [`ConnSettings::max_resets_per_s`], in resets per second.
     pub max_resets_per_s: u32,
+    /// How long open calls get to finish after the stop signal before their connections
+    /// are closed, in milliseconds (a live caller holding a call open, its request never
+    /// ended, would otherwise keep the server from ever returning).
+    pub shutdown_grace_ms: u64,
 }
 
 /// Serves `svc` on every connection `incoming` yields until `signal`, then shuts every
 /// connection down gracefully (GOAWAY: open calls finish, new ones are refused) and
-/// returns when the last has closed. Connections run as tasks of the caller's runtime.
+/// returns when the last has closed, or once `shutdown_grace_ms` has passed, closing those
+/// left. Connections run as tasks of the caller's runtime.
 /// With `tls`, each connection is served over TLS once its handshake (in the connection's
 /// task, within `tls_handshake_timeout_ms`) succeeds; TLS writes go to the socket through
 /// its [`CorkedIo`], so the records of one turn still leave in one write.
@@ -671,6 +676,8 @@ where
         max_resets_per_s: settings.max_resets_per_s,
     };
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(());
+    // Past the grace: every connection left is closed (its task ends).
+    let (hard_tx, hard_rx) = tokio::sync::watch::channel(false);
     let handshakes = std::sync::Arc::new(tokio::sync::Semaphore::new(settings.max_tls_handshakes));
     {
         // Dropped when accepting stops.
@@ -688,7 +695,7 @@ where
                     None => break,
                 },
             };
-            let (svc, mut stop) = (svc.clone(), stop_rx.clone());
+            let (svc, mut stop, mut hard) = (svc.clone(), stop_rx.clone(), hard_rx.clone());
             // This server gathers each turn's frames itself: the socket need not wait.
             let io = io.flush_at_once();
             let tls = tls.clone();
@@ -707,8 +714,15 @@ where
             };
             let handshake = Duration::from_millis(settings.tls_handshake_timeout_ms.max(1));
             tokio::spawn(async move {
+                let closed = async move {
+                    let _ = hard.wait_for(|h| *h).await;
+                };
+                tokio::pin!(closed);
                 let r = match tls {
-                    None => crate::h2conn::serve(io, svc, conn, &mut stop).await,
+                    None => tokio::select! {
+                        r = crate::h2conn::serve(io, svc, conn, &mut stop) => r,
+                        () = &mut closed => return,
+                    },
                     Some(tls) => {
                         let peer = io.get_ref().peer_addr().ok();
                         let tls_io = tokio::select! {
@@ -725,7 +739,10 @@ where
                                     crate::tls::PeerCertificates(c.iter().cloned().collect())
                                 });
                                 let svc = WithPeerCertificates { svc, certs };
-                                crate::h2conn::serve(io, svc, conn, &mut stop).await
+                                tokio::select! {
+                                    r = crate::h2conn::serve(io, svc, conn, &mut stop) => r,
+                                    () = &mut closed => return,
+                                }
                             }
                             Ok(Err(e)) => {
                                 tracing::debug!(?peer, error = %e, "TLS handshake failed");
@@ -747,7 +764,12 @@ where
     }
     let _ = stop_tx.send(());
     drop(stop_rx);
-    stop_tx.closed().await;
+    let grace = Duration::from_millis(settings.shutdown_grace_ms);
+    if tokio::time::timeout(grace, stop_tx.closed()).await.is_err() {
+        tracing::warn!(?grace, "shutdown: closing the connections whose calls are still open");
+        let _ = hard_tx.send(true);
+        stop_tx.closed().await;
+    }
     Ok(())
 }
 
@@ -1052,11 +1074,65 @@ mod tests {
             send_buffer_bytes: crate::h2conn::DEFAULT_SEND_BUFFER_BYTES,
             max_held_slices: crate::h2conn::DEFAULT_MAX_HELD_SLICES,
             max_resets_per_s: crate::h2conn::DEFAULT_MAX_RESETS_PER_S,
+            shutdown_grace_ms: 10_000,
         };
         let incoming =
             crate::server::incoming(listener, crate::server::ConnectionLimit::new(64), None);
         tokio::spawn(serve_http2(incoming, svc, settings, None, std::future::pending()));
         (addr, seen_rx)
+    }
+
+    /// A live caller holds a call open (its request never ended, its connection answering
+    /// as any HTTP/2 client does) when the server stops: the server closes it after
+    /// `shutdown_grace_ms` and returns (it waited for that call for ever).
+    #[tokio::test]
+    async fn a_call_held_open_delays_the_stop_by_the_grace_at_most() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (called_tx, mut called) = tokio::sync::mpsc::channel::<()>(1);
+        let svc = hyper::service::service_fn(move |_req: http::Request<RecvBody>| {
+            let _ = called_tx.try_send(());
+            let never: ReplyStream = Box::pin(tokio_stream::pending());
+            std::future::ready(Ok::<_, std::convert::Infallible>(http::Response::new(
+                GrpcBody::replies(never, None),
+            )))
+        });
+        let settings = Http2Settings {
+            max_concurrent_streams: 16,
+            max_header_list_bytes: 16 * 1024,
+            keepalive_interval_ms: 0,
+            keepalive_timeout_ms: 0,
+            tls_handshake_timeout_ms: 1000,
+            max_tls_handshakes: 16,
+            connection_window_bytes: crate::server::HTTP2_CONNECTION_WINDOW_BYTES,
+            stream_window_bytes: crate::server::HTTP2_STREAM_WINDOW_BYTES,
+            max_frame_bytes: crate::server::HTTP2_MAX_FRAME_BYTES,
+            send_buffer_bytes: crate::h2conn::DEFAULT_SEND_BUFFER_BYTES,
+            max_held_slices: crate::h2conn::DEFAULT_MAX_HELD_SLICES,
+            max_resets_per_s: crate::h2conn::DEFAULT_MAX_RESETS_PER_S,
+            shutdown_grace_ms: 300,
+        };
+        let incoming =
+            crate::server::incoming(listener, crate::server::ConnectionLimit::new(64), None);
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(serve_http2(incoming, svc, settings, None, async move {
+            let _ = stop_rx.await;
+        }));
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (send, conn) = h2::client::handshake(tcp).await.unwrap();
+        tokio::spawn(conn);
+        let mut send = send.ready().await.unwrap();
+        let (_resp, _body) = send.send_request(write_request(addr), false).unwrap();
+        called.recv().await.expect("the call reached the service");
+        stop_tx.send(()).unwrap();
+        let t = std::time::Instant::now();
+        tokio::time::timeout(Duration::from_secs(5), server)
+            .await
+            .expect("the server returns once the grace has passed")
+            .unwrap()
+            .unwrap();
+        assert!(t.elapsed() >= Duration::from_millis(250), "the call got its grace");
+        drop(send);
     }
 
     /// The headers of a test `Write` call to `addr`.

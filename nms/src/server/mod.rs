@@ -181,6 +181,7 @@ async fn serve_node(
                     send_buffer_bytes: node.cfg.http2_send_buffer_bytes,
                     max_held_slices: node.cfg.http2_max_held_slices,
                     max_resets_per_s: node.cfg.http2_max_resets_per_s,
+                    shutdown_grace_ms: node.cfg.shutdown_grace_ms,
                 };
                 wayside_proto::h2serve::serve_http2(
                     incoming,
