@@ -96,9 +96,33 @@ pub fn probe() -> std::result::Result<(), String> {
                 lab.tbf(&l.a, &Tbf::new(1_000_000_000, 256 << 10, Duration::from_millis(50)))?;
                 Ok(())
             };
-            try_it().map_err(|e| e.to_string())
+            match try_it() {
+                Ok(()) => Ok(()),
+                // The machine lacks something: a visible SKIP.
+                Err(e) if missing_feature(&e.to_string()) => Err(e.to_string()),
+                // Anything else is the lab's own fault, which a SKIP would hide.
+                Err(e) => panic!("the network lab failed on a machine that has what it needs: {e}"),
+            }
         })
         .clone()
+}
+
+/// Whether a lab set-up error `why` says the machine lacks a feature (the `ip` or `tc`
+/// tool, the permission, the kernel's namespaces, veths or tbf) rather than a fault of
+/// the lab's code.
+fn missing_feature(why: &str) -> bool {
+    [
+        "No such file or directory",
+        "Operation not permitted",
+        "Permission denied",
+        "Unknown qdisc",
+        "qdisc kind is unknown",
+        "Unknown device type",
+        "not supported",
+        "Not supported",
+    ]
+    .iter()
+    .any(|m| why.contains(m))
 }
 
 /// Removes namespaces `ws-<pid>-...` whose process no longer exists (left by a SIGKILLed
@@ -116,6 +140,24 @@ pub fn reap_stale() -> Vec<String> {
         kill_pids_in(&name);
         if ip(&["netns", "delete", &name]).is_ok() {
             removed.push(name);
+        }
+    }
+    // Their log folders too (they hold the PSS nodes' data: tens of MiB each).
+    if let Ok(dir) = std::fs::read_dir(std::env::temp_dir()) {
+        for e in dir.filter_map(|e| e.ok()) {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let Some(pid) = name.strip_prefix("ws-").and_then(|r| r.split('-').next()) else {
+                continue;
+            };
+            if !name.contains("-logs") {
+                continue;
+            }
+            let Ok(pid) = pid.parse::<u32>() else { continue };
+            if !Path::new(&format!("/proc/{pid}")).exists()
+                && std::fs::remove_dir_all(e.path()).is_ok()
+            {
+                removed.push(name);
+            }
         }
     }
     removed
@@ -295,12 +337,20 @@ impl Lab {
             }
         }
         let (net, lock) = taken.ok_or(NetnsError::NoSubnet { first: NET_FIRST, last: NET_LAST })?;
+        // A dead process with this pid may have left a lab of this number: its namespaces
+        // would collide with ours ("File exists"); nothing of this process has the number.
+        let prefix = format!("ws-{pid}-{seq}{tag}-");
+        for name in list_namespaces().into_iter().filter(|n| n.starts_with(&prefix)) {
+            tracing::info!(namespace = %name, "removing a namespace a dead process left");
+            kill_pids_in(&name);
+            let _ = ip(&["netns", "delete", &name]);
+        }
         let logs = tempfile::Builder::new()
             .prefix(&format!("ws-{pid}-{seq}-logs"))
             .tempdir()
             .map_err(|source| NetnsError::Io { context: "creating a log folder".into(), source })?;
         Ok(Self {
-            prefix: format!("ws-{pid}-{seq}{tag}-"),
+            prefix,
             host_tag: format!("w{}x{}", base36(pid.into()), base36(seq.into())),
             net,
             _net_lock: lock,
@@ -657,6 +707,10 @@ impl Lab {
 fn terminate(children: &mut [Spawned], grace: Duration) {
     let deadline = Instant::now() + grace;
     for c in children.iter_mut().rev() {
+        // Reaped already (`check_children`): its pid may be another process's now.
+        if !matches!(c.child.try_wait(), Ok(None)) {
+            continue;
+        }
         // SAFETY: kill on the pid of a child we have not reaped yet.
         unsafe { libc::kill(c.child.id() as i32, libc::SIGTERM) };
         loop {
@@ -837,6 +891,32 @@ pub async fn wait_pss_leader(
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn only_a_missing_feature_is_a_skip() {
+        assert!(missing_feature("spawning ip netns add x: No such file or directory (os error 2)"));
+        assert!(missing_feature("ip netns add x: exit status: 1: mount --make-shared /run/netns failed: Operation not permitted"));
+        assert!(missing_feature("tc qdisc add: Error: Specified qdisc kind is unknown."));
+        assert!(!missing_feature("no free 10.N.0.0/16 between 10.100 and 10.199"));
+        assert!(!missing_feature(
+            "ip netns add ws-1-1cut-core: Cannot create namespace file: File exists"
+        ));
+    }
+
+    /// A killed run's log folder (it holds its PSS nodes' data) goes with its namespaces;
+    /// a live process's stays.
+    #[test]
+    fn a_dead_runs_log_folder_is_reaped() {
+        // Past any pid_max: no such process.
+        let dead = std::env::temp_dir().join("ws-4194400-3-logsTEST");
+        std::fs::create_dir_all(dead.join("pss-1")).unwrap();
+        let live = std::env::temp_dir().join(format!("ws-{}-999-logsTEST", std::process::id()));
+        std::fs::create_dir_all(&live).unwrap();
+        let removed = reap_stale();
+        assert!(!dead.exists(), "{removed:?}");
+        assert!(live.exists());
+        std::fs::remove_dir_all(&live).unwrap();
+    }
     use super::*;
 
     #[test]

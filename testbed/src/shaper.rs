@@ -436,8 +436,9 @@ mod tests {
         let ratio = stalled as f64 / chunks as f64;
         // Binomial(600, 0.1): sd ~ 0.012; 4 sd either side.
         assert!((ratio - p).abs() < 0.05, "stalled {stalled} of {chunks} = {ratio}");
-        // P(round trip stalled) = 1 - 0.9^2 = 0.19 of 300 = 57; each stall is visible.
-        assert!(slow as u64 <= stalled && slow >= 25, "slow {slow}, stalled {stalled}");
+        // P(round trip stalled) = 1 - 0.9^2 = 0.19 of 300 = 57; each stall is visible. (A
+        // round trip may also be slow from the scheduler on a loaded machine: some room.)
+        assert!(slow as u64 <= stalled + 15 && slow >= 25, "slow {slow}, stalled {stalled}");
         sh.shutdown().await;
         // No loss configured: no stall.
         let (echo, _h2) = echo_server().await;

@@ -174,7 +174,17 @@ async fn a_move_over_a_cut_link_aborts_in_time_and_the_volume_moves_once_healed(
     let report = start_move(&a, &rsus.peer[1]).await.unwrap().unwrap();
     println!("{}", wayside_nms::cli::render_report(&report));
     assert_eq!(report.outcome, pb::MigrationOutcome::Completed as i32, "{report:?}");
-    while c.stat().await.unwrap().accepted_lsn < before + 100 {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let at = c.stat().await.unwrap().accepted_lsn;
+        if at >= before + 100 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the writer made no progress after the move: accepted lsn {at}, wanted {}",
+            before + 100
+        );
         tokio::task::yield_now().await;
     }
     let Written { acked, writes, .. } = writer.stop().await;
