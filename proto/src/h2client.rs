@@ -514,6 +514,9 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<IO> {
         mut settings: ClientSettings,
     ) -> Self {
         settings.send_buffer_bytes = send_buffer_limit(settings.send_buffer_bytes);
+        // Past it a server's header list of many distinct names would panic `HeaderMap`.
+        settings.max_header_list_bytes =
+            settings.max_header_list_bytes.min(crate::h2conn::MAX_HEADER_LIST_BYTES);
         let mut out = Out::default();
         out.small(PREFACE);
         let ours = [
@@ -984,6 +987,9 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<IO> {
                 frame::CONTINUATION => self.on_continuation(id, flags, payload)?,
                 frame::PRIORITY if id == 0 => {
                     return Err(proto_err(code::PROTOCOL_ERROR, "PRIORITY on stream 0"));
+                }
+                frame::PRIORITY if payload.len() != 5 => {
+                    return Err(proto_err(code::FRAME_SIZE_ERROR, "PRIORITY not 5 bytes long"));
                 }
                 frame::RST_STREAM => self.on_rst_stream(id, &payload)?,
                 frame::SETTINGS => self.on_settings(id, flags, &payload)?,

@@ -1732,14 +1732,16 @@ where
             return Ok(());
         }
         self.last_stream_id = id;
+        // Refused streams count with the resets (`max_resets_per_s`): each costs a decode
+        // and a reply, and a flood of them would otherwise go unseen.
         if self.stopping {
             // Past our GOAWAY's last stream: never served.
             self.out.rst_stream(id, code::REFUSED_STREAM);
-            return Ok(());
+            return self.count_reset();
         }
         if self.streams.len() >= self.settings.max_concurrent_streams as usize {
             self.out.rst_stream(id, code::REFUSED_STREAM);
-            return Ok(());
+            return self.count_reset();
         }
         if d.too_long {
             let status = tonic::Status::resource_exhausted(format!(
@@ -1778,7 +1780,7 @@ where
             Err(why) => {
                 tracing::debug!(stream = id, why, "a malformed request");
                 self.out.rst_stream(id, code::PROTOCOL_ERROR);
-                return Ok(());
+                return self.count_reset();
             }
         };
         self.streams.insert(
@@ -2970,6 +2972,23 @@ mod tests {
                 1 + 2 * i,
                 &block,
             ));
+        }
+        c.tcp.write_all(&burst).await.unwrap();
+        assert_eq!(c.goaway_code().await, code::ENHANCE_YOUR_CALM);
+    }
+
+    /// New streams refused past `max_concurrent_streams` count with the resets: a flood
+    /// of them closes the connection instead of costing a decode and a reply apiece.
+    #[tokio::test]
+    async fn a_flood_of_refused_streams_closes_the_connection() {
+        let s = ConnSettings { max_resets_per_s: 20, max_concurrent_streams: 0, ..settings() };
+        let (addr, _seen, _stop, _served) = start(s).await;
+        let mut c = Raw::connect(addr).await;
+        let mut burst = Vec::new();
+        for i in 0..40u32 {
+            let block = request_block("/t/echo", &[]);
+            let flags = frame::END_HEADERS | frame::END_STREAM;
+            burst.extend(frame_bytes(frame::HEADERS, flags, 1 + 2 * i, &block));
         }
         c.tcp.write_all(&burst).await.unwrap();
         assert_eq!(c.goaway_code().await, code::ENHANCE_YOUR_CALM);
