@@ -273,6 +273,11 @@ mod pss_client {
                 | tonic::Code::Cancelled
                 | tonic::Code::Unknown
                 | tonic::Code::Internal => StoreError::Unavailable(s.message().to_owned()),
+                // A named limit (max_blocks) refuses; one without (an HTTP/2 server's
+                // ENHANCE_YOUR_CALM, say) is the transport's, and passes.
+                tonic::Code::ResourceExhausted if wayside_proto::error::fault_of(&s).is_none() => {
+                    StoreError::Unavailable(s.message().to_owned())
+                }
                 _ => StoreError::Refused(format!("{}: {}", s.code(), s.message())),
             },
         }
@@ -377,6 +382,28 @@ mod pss_client {
                     next_block: r.next_block,
                 })
             })
+        }
+    }
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        /// A write-back answered RESOURCE_EXHAUSTED is refused only for a named limit
+        /// (`max_blocks`); without one it is the transport's (an HTTP/2 server's
+        /// ENHANCE_YOUR_CALM), and retried, not taken as "the PSS refuses this volume".
+        #[test]
+        fn only_a_named_limit_refuses() {
+            let bare = PssError::Other(tonic::Status::resource_exhausted("calm down"));
+            assert!(matches!(err(bare), StoreError::Unavailable(_)));
+            let fault = wayside_proto::types::Fault::LimitExceeded {
+                limit: "max_blocks".into(),
+                unit: "blocks".into(),
+                value: 11,
+                max: 10,
+            };
+            let named = wayside_proto::error::fault_status(fault, "max_blocks");
+            assert_eq!(named.code(), tonic::Code::ResourceExhausted);
+            assert!(matches!(err(PssError::Other(named)), StoreError::Refused(_)));
         }
     }
 }

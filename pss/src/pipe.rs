@@ -102,6 +102,11 @@ fn take(
     bytes: &mut usize,
     waiting: &mut Waiting,
 ) {
+    // Its caller gave up (its try timed out, or the call was dropped): not sent. Sent
+    // late, a write's first try could land after a later write of the same blocks.
+    if q.reply.is_closed() {
+        return;
+    }
     *next_tag += 1;
     let req = pb::PipelineRequest { tag: *next_tag, request: Some(q.ask) };
     *bytes += prost::Message::encoded_len(&req);
@@ -173,6 +178,20 @@ async fn run(
         }
     };
     tracing::debug!(code = ?failure.code(), error = %failure.message(), unanswered = waiting.len(), "PSS pipeline stream ended");
+    // The stream's end is no answer to the requests on it: their outcome is unknown, and
+    // retried (their request ids keep writes applied once) rather than taken as a refusal
+    // of each (an oversized reply, or the connection's end, failed every caller's request
+    // OUT_OF_RANGE or the like, which the NMS took as its write-back refused). A node
+    // without the stream (UNIMPLEMENTED) is told so: its calls go unary from then on.
+    let failure = if failure.code() == tonic::Code::Unimplemented {
+        failure
+    } else {
+        Status::unavailable(format!(
+            "the pipeline stream to the PSS node failed: {:?}: {}",
+            failure.code(),
+            failure.message()
+        ))
+    };
     for (_, tx) in waiting {
         let _ = tx.send(Err(failure.clone()));
     }

@@ -756,6 +756,9 @@ impl Node {
             }
         }
         self.start_writer(v);
+        // A write taken between the install and the writer's start kicked no writer:
+        // kicked now (with nothing dirty the writer finds nothing to do).
+        self.kick(v);
         self.bump();
         Ok(())
     }
