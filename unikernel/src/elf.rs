@@ -32,21 +32,32 @@ const ET_EXEC: u16 = 2;
 const ET_DYN: u16 = 3;
 const EM_X86_64: u16 = 62;
 
+/// `b[off..off + len]`, or `Malformed` naming `what` (no overflow on any offset).
+fn slice<'a>(
+    b: &'a [u8],
+    off: usize,
+    len: usize,
+    what: &'static str,
+) -> Result<&'a [u8], ElfError> {
+    off.checked_add(len).and_then(|end| b.get(off..end)).ok_or(ElfError::Malformed { what })
+}
+
+/// `base + i * size` without overflow.
+fn entry_at(base: usize, i: usize, size: usize) -> Result<usize, ElfError> {
+    i.checked_mul(size)
+        .and_then(|d| base.checked_add(d))
+        .ok_or(ElfError::Malformed { what: "table offset" })
+}
+
 fn u16_at(b: &[u8], off: usize) -> Result<u16, ElfError> {
-    b.get(off..off + 2)
-        .map(|s| u16::from_le_bytes([s[0], s[1]]))
-        .ok_or(ElfError::Malformed { what: "header" })
+    slice(b, off, 2, "header").map(|s| u16::from_le_bytes([s[0], s[1]]))
 }
 fn u32_at(b: &[u8], off: usize) -> Result<u32, ElfError> {
-    b.get(off..off + 4)
-        .map(|s| u32::from_le_bytes(s.try_into().expect("4 bytes")))
-        .ok_or(ElfError::Malformed { what: "header" })
+    slice(b, off, 4, "header").map(|s| u32::from_le_bytes(s.try_into().expect("4 bytes")))
 }
 fn u64_at(b: &[u8], off: usize) -> Result<usize, ElfError> {
-    let v = b
-        .get(off..off + 8)
-        .map(|s| u64::from_le_bytes(s.try_into().expect("8 bytes")))
-        .ok_or(ElfError::Malformed { what: "header" })?;
+    let v =
+        slice(b, off, 8, "header").map(|s| u64::from_le_bytes(s.try_into().expect("8 bytes")))?;
     usize::try_from(v).map_err(|_| ElfError::Malformed { what: "offset" })
 }
 
@@ -71,11 +82,11 @@ pub fn exec_kind(b: &[u8]) -> Result<ExecKind, ElfError> {
     let phentsize = usize::from(u16_at(b, 54)?);
     let phnum = usize::from(u16_at(b, 56)?);
     for i in 0..phnum {
-        let ph = phoff + i * phentsize;
+        let ph = entry_at(phoff, i, phentsize)?;
         if u32_at(b, ph)? == PT_INTERP {
-            let off = u64_at(b, ph + 8)?;
-            let size = u64_at(b, ph + 32)?;
-            let raw = b.get(off..off + size).ok_or(ElfError::Malformed { what: "PT_INTERP" })?;
+            let off = u64_at(b, entry_at(ph, 1, 8)?)?;
+            let size = u64_at(b, entry_at(ph, 1, 32)?)?;
+            let raw = slice(b, off, size, "PT_INTERP")?;
             let interpreter = String::from_utf8_lossy(raw).trim_end_matches('\0').to_string();
             return Ok(ExecKind::Dynamic { interpreter });
         }
@@ -91,12 +102,11 @@ pub fn section<'a>(b: &'a [u8], name: &str) -> Result<Option<&'a [u8]>, ElfError
     let shnum = usize::from(u16_at(b, 60)?);
     let shstrndx = usize::from(u16_at(b, 62)?);
     let sh = |i: usize| -> Result<(u32, usize, usize), ElfError> {
-        let h = shoff + i * shentsize;
-        Ok((u32_at(b, h)?, u64_at(b, h + 24)?, u64_at(b, h + 32)?))
+        let h = entry_at(shoff, i, shentsize)?;
+        Ok((u32_at(b, h)?, u64_at(b, entry_at(h, 1, 24)?)?, u64_at(b, entry_at(h, 1, 32)?)?))
     };
     let (_, str_off, str_size) = sh(shstrndx)?;
-    let names =
-        b.get(str_off..str_off + str_size).ok_or(ElfError::Malformed { what: "shstrtab" })?;
+    let names = slice(b, str_off, str_size, "shstrtab")?;
     for i in 0..shnum {
         let (name_off, off, size) = sh(i)?;
         let name_off =
@@ -104,7 +114,7 @@ pub fn section<'a>(b: &'a [u8], name: &str) -> Result<Option<&'a [u8]>, ElfError
         let Some(rest) = names.get(name_off..) else { continue };
         let end = rest.iter().position(|&c| c == 0).unwrap_or(rest.len());
         if &rest[..end] == name.as_bytes() {
-            let data = b.get(off..off + size).ok_or(ElfError::Malformed { what: "section" })?;
+            let data = slice(b, off, size, "section")?;
             return Ok(Some(data));
         }
     }
@@ -130,6 +140,31 @@ pub fn module_depends(b: &[u8]) -> Result<Vec<String>, ElfError> {
 
 #[cfg(test)]
 mod tests {
+
+    /// Offsets near the top of the address space are malformed input, not a panic (an
+    /// addition overflowed in debug builds).
+    #[test]
+    fn huge_offsets_are_malformed_not_a_panic() {
+        let header = |e_type: u16| {
+            let mut b = vec![0u8; 64];
+            b[..4].copy_from_slice(b"\x7fELF");
+            b[4] = 2;
+            b[5] = 1;
+            b[16..18].copy_from_slice(&e_type.to_le_bytes());
+            b[18..20].copy_from_slice(&EM_X86_64.to_le_bytes());
+            b
+        };
+        let mut sections = header(1);
+        sections[40..48].copy_from_slice(&(u64::MAX - 1).to_le_bytes());
+        sections[58..60].copy_from_slice(&64u16.to_le_bytes());
+        sections[60..62].copy_from_slice(&1u16.to_le_bytes());
+        assert!(matches!(section(&sections, ".modinfo"), Err(ElfError::Malformed { .. })));
+        let mut programs = header(ET_DYN);
+        programs[32..40].copy_from_slice(&(u64::MAX - 1).to_le_bytes());
+        programs[54..56].copy_from_slice(&56u16.to_le_bytes());
+        programs[56..58].copy_from_slice(&1u16.to_le_bytes());
+        assert!(matches!(exec_kind(&programs), Err(ElfError::Malformed { .. })));
+    }
     use super::*;
 
     #[test]

@@ -245,6 +245,17 @@ impl Image {
                 Manifest::FORMAT
             )));
         }
+        // The parts are the folder's own files (an absolute or `..` name in the manifest
+        // would boot something from elsewhere, its checksum checked against itself).
+        for (part, name) in [(&manifest.kernel, KERNEL_FILE), (&manifest.initramfs, INITRAMFS_FILE)]
+        {
+            if part.file != name {
+                return Err(bad(format!(
+                    "the manifest names {:?} where the image's {name} must be",
+                    part.file
+                )));
+            }
+        }
         for part in [&manifest.kernel, &manifest.initramfs] {
             let p = dir.join(&part.file);
             let meta = std::fs::metadata(&p).map_err(|e| bad(format!("{}: {e}", part.file)))?;
@@ -309,6 +320,40 @@ fn check_baked_config(path: &Path, data: &[u8]) -> Result<(), ImageError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A manifest naming a file outside the image folder (its checksum checked against
+    /// itself) is refused; the image's own files are taken.
+    #[test]
+    fn a_manifest_naming_files_elsewhere_is_refused() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("img");
+        std::fs::create_dir(&dir).unwrap();
+        let k = b"kernel".to_vec();
+        std::fs::write(dir.join(KERNEL_FILE), &k).unwrap();
+        std::fs::write(root.path().join("k"), &k).unwrap();
+        std::fs::write(dir.join(INITRAMFS_FILE), b"cpio").unwrap();
+        let mut m = Manifest {
+            format: Manifest::FORMAT,
+            kernel_version: "9".into(),
+            kernel: Part::of(KERNEL_FILE, &k),
+            initramfs: Part::of(INITRAMFS_FILE, b"cpio"),
+            init: Part::of("init", b""),
+            modules: Vec::new(),
+            nms_config: None,
+            kernel_args: String::new(),
+            boot_params: String::new(),
+            default_cmdline: String::new(),
+        };
+        let write = |m: &Manifest| {
+            std::fs::write(dir.join(MANIFEST_FILE), serde_json::to_string(m).unwrap()).unwrap()
+        };
+        write(&m);
+        Image::open(&dir, true).unwrap();
+        m.kernel = Part::of("../k", &k);
+        write(&m);
+        let e = Image::open(&dir, true).err().expect("refused").to_string();
+        assert!(e.contains("../k"), "{e}");
+    }
 
     #[test]
     fn a_baked_config_holding_a_secret_is_refused() {

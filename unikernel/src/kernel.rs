@@ -153,20 +153,51 @@ impl KernelTree {
                 source: crate::elf::ElfError::Malformed { what: "dependency cycle" },
             });
         }
-        let bytes = std::fs::read(path).map_err(io(path))?;
-        if path.extension().is_some_and(|e| e == "ko") {
-            let deps = crate::elf::module_depends(&bytes)
-                .map_err(|source| KernelError::BadModule { path: path.clone(), source })?;
-            for dep in deps {
-                self.visit(index, &dep.replace('-', "_"), done, order, depth + 1)?;
+        // A compressed module (newer Debian kernels ship `.ko.xz`) is read through its
+        // decompressor: its dependencies went unread, and a build "succeeded" with an
+        // image whose network driver could not load.
+        let bytes = match path.extension().and_then(|e| e.to_str()) {
+            Some("ko") => std::fs::read(path).map_err(io(path))?,
+            Some(ext) => {
+                let tool = match ext {
+                    "xz" => "xz",
+                    "zst" => "zstd",
+                    "gz" => "gzip",
+                    _ => {
+                        return Err(KernelError::Tool {
+                            command: format!("decompressing {}", path.display()),
+                            detail: format!("no decompressor known for .{ext}"),
+                        })
+                    }
+                };
+                run_tool_bytes(Command::new(tool).arg("-dc").arg(path))?
             }
+            None => std::fs::read(path).map_err(io(path))?,
+        };
+        let deps = crate::elf::module_depends(&bytes)
+            .map_err(|source| KernelError::BadModule { path: path.clone(), source })?;
+        for dep in deps {
+            self.visit(index, &dep.replace('-', "_"), done, order, depth + 1)?;
         }
-        // Compressed modules cannot be inspected without a decompressor; their
-        // dependencies must then be listed explicitly (--module).
         done.insert(name.into());
         order.push((name.into(), path.clone()));
         Ok(())
     }
+}
+
+/// A tool's standard output, as bytes.
+fn run_tool_bytes(cmd: &mut Command) -> Result<Vec<u8>, KernelError> {
+    let command = format!("{cmd:?}");
+    let out = cmd
+        .output()
+        .map_err(|e| KernelError::Tool { command: command.clone(), detail: e.to_string() })?;
+    if !out.status.success() {
+        return Err(KernelError::Tool {
+            command,
+            detail: format!("{}: {}", out.status, String::from_utf8_lossy(&out.stderr).trim()),
+        });
+    }
+    Ok(out.stdout)
 }
 
 fn run_tool(cmd: &mut Command) -> Result<String, KernelError> {
@@ -275,5 +306,43 @@ mod tests {
         assert_eq!(k.version, "9.9.9-amd64");
         let err = k.resolve_modules(&["virtio_net"]).unwrap_err();
         assert!(matches!(err, KernelError::MissingModule { .. }), "{err}");
+    }
+
+    /// A compressed module is read through its decompressor (its dependencies went
+    /// unread, and the build went on without them): one that is no module, or that does
+    /// not decompress, fails the build, naming it.
+    #[test]
+    fn a_compressed_module_is_read_not_taken_blind() {
+        if Command::new("xz").arg("--version").output().is_err() {
+            eprintln!("SKIP: xz is not installed");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("linux-image-9.9.9-amd64");
+        std::fs::create_dir_all(root.join("boot")).unwrap();
+        std::fs::write(root.join("boot/vmlinuz-9.9.9-amd64"), b"k").unwrap();
+        let mods = root.join("lib/modules/9.9.9-amd64/kernel/drivers");
+        std::fs::create_dir_all(&mods).unwrap();
+        // An ELF that is no module (this test binary), compressed.
+        let me = std::fs::read(std::env::current_exe().unwrap()).unwrap();
+        let mut xz = Command::new("xz")
+            .args(["-c", "-0"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stdin = xz.stdin.take().unwrap();
+        let writer = std::thread::spawn(move || {
+            std::io::Write::write_all(&mut stdin, &me).unwrap();
+        });
+        let out = xz.wait_with_output().unwrap();
+        writer.join().unwrap();
+        std::fs::write(mods.join("fake.ko.xz"), out.stdout).unwrap();
+        std::fs::write(mods.join("junk.ko.xz"), b"not xz at all").unwrap();
+        let k = KernelTree::locate(dir.path(), None).unwrap();
+        let err = k.resolve_modules(&["fake"]).unwrap_err();
+        assert!(err.to_string().contains(".modinfo"), "read, and found no module: {err}");
+        let err = k.resolve_modules(&["junk"]).unwrap_err();
+        assert!(matches!(err, KernelError::Tool { .. }), "{err}");
     }
 }
