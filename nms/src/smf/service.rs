@@ -321,6 +321,13 @@ impl Smf {
                         only, trusting the road's CA"
                 .into());
         }
+        // The CA alone would serve vehicles in plaintext, their reports carrying their
+        // volumes' credentials.
+        if tls.as_ref().is_some_and(|t| !t.has_identity()) {
+            return Err("TLS: tls.ca without tls.cert and tls.key: the SMF would serve in \
+                        plaintext, vehicles' credentials in the clear (set all three, or none)"
+                .into());
+        }
         let estimator = SmtEstimator::new(cfg.estimator);
         let max_checks = cfg.max_concurrent_credential_checks;
         Ok(Self {
@@ -1140,6 +1147,22 @@ mod tests {
             CancellationToken::new()
         )
         .is_err());
+    }
+
+    /// The road's CA alone would serve vehicles in plaintext (their reports carry their
+    /// volumes' credentials): refused, as the NMS refuses it.
+    #[test]
+    fn a_ca_without_a_certificate_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = wayside_proto::tls::pki::Ca::new("test road").unwrap();
+        let (names, ips) = wayside_proto::tls::pki::loopback();
+        let files = ca.write_road(dir.path(), &names, &ips).unwrap();
+        let ca_only = wayside_proto::tls::TlsFiles { ca: files.ca.clone(), ..Default::default() };
+        let cfg = SmfConfig { tls: ca_only, ..Default::default() };
+        let e = Smf::new(cfg, CancellationToken::new()).err().expect("refused");
+        assert!(e.contains("tls.ca without"), "{e}");
+        let cfg = SmfConfig { tls: files, ..Default::default() };
+        assert!(Smf::new(cfg, CancellationToken::new()).is_ok());
     }
 
     /// An SMF serving `cfg` on loopback: its address, its stop token and its task.
