@@ -396,11 +396,17 @@ impl Config {
                 self.http2_max_frame_bytes
             ));
         }
-        if (self.http2_connection_window_bytes as usize) < self.max_message_size_bytes {
+        // A message of the largest size, its 5-byte prefix and the start of the next in
+        // the same frame: what a call may hold undecoded.
+        let hold = self.max_message_size_bytes + 5 + self.http2_max_frame_bytes as usize;
+        if (self.http2_connection_window_bytes as usize) < hold {
             return Err(format!(
                 "http2_connection_window_bytes ({}) must be at least max_message_size_bytes \
-                 ({}): a connection's calls hold at most its window of undecoded request bytes",
-                self.http2_connection_window_bytes, self.max_message_size_bytes
+                 ({}) + 5 + http2_max_frame_bytes ({}): a connection's calls hold at most its \
+                 window of undecoded request bytes, and a message of the largest size must fit",
+                self.http2_connection_window_bytes,
+                self.max_message_size_bytes,
+                self.http2_max_frame_bytes
             ));
         }
         let max_block = u64::from(wayside_proto::types::MAX_BLOCK_SIZE_BYTES);
@@ -456,6 +462,14 @@ mod tests {
             (Config { http2_keepalive_timeout_ms: 0, ..Config::default() }, "keepalive_timeout"),
             (Config { serve_threads: 100_000, ..Config::default() }, "serve_threads"),
             (Config { migration_frame_bytes: 32 << 20, ..Config::default() }, "migration_frame"),
+            // A window of exactly the message limit could not hold a message of that size.
+            (
+                Config {
+                    http2_connection_window_bytes: Config::default().max_message_size_bytes as u32,
+                    ..Config::default()
+                },
+                "+ 5 + http2_max_frame_bytes",
+            ),
         ];
         for (c, name) in bad {
             let e = c.validate().unwrap_err();

@@ -126,7 +126,8 @@ impl KernelTree {
         let mut order = Vec::new();
         let mut done = BTreeSet::new();
         for name in wanted {
-            self.visit(&index, &name.replace('-', "_"), &mut done, &mut order, 0)?;
+            let mut on_path = BTreeSet::new();
+            self.visit(&index, &name.replace('-', "_"), &mut done, &mut on_path, &mut order, 0)?;
         }
         Ok(order)
     }
@@ -136,6 +137,7 @@ impl KernelTree {
         index: &BTreeMap<String, PathBuf>,
         name: &str,
         done: &mut BTreeSet<String>,
+        on_path: &mut BTreeSet<String>,
         order: &mut Vec<(String, PathBuf)>,
         depth: usize,
     ) -> Result<(), KernelError> {
@@ -146,8 +148,9 @@ impl KernelTree {
             name: name.into(),
             dir: self.modules_dir.clone(),
         })?;
-        // Module dependency chains are short; a cycle would be a broken package.
-        if depth > 32 {
+        // Module dependency chains are short; a cycle would be a broken package (found at
+        // once: a module met again on the path it is being resolved along).
+        if depth > 32 || !on_path.insert(name.to_owned()) {
             return Err(KernelError::BadModule {
                 path: path.clone(),
                 source: crate::elf::ElfError::Malformed { what: "dependency cycle" },
@@ -177,8 +180,9 @@ impl KernelTree {
         let deps = crate::elf::module_depends(&bytes)
             .map_err(|source| KernelError::BadModule { path: path.clone(), source })?;
         for dep in deps {
-            self.visit(index, &dep.replace('-', "_"), done, order, depth + 1)?;
+            self.visit(index, &dep.replace('-', "_"), done, on_path, order, depth + 1)?;
         }
+        on_path.remove(name);
         done.insert(name.into());
         order.push((name.into(), path.clone()));
         Ok(())
