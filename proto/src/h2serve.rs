@@ -1061,21 +1061,7 @@ mod tests {
                 GrpcBody::replies(replies, None),
             )))
         });
-        let settings = Http2Settings {
-            max_concurrent_streams: 16,
-            max_header_list_bytes: 16 * 1024,
-            keepalive_interval_ms: 0,
-            keepalive_timeout_ms: 0,
-            tls_handshake_timeout_ms: 1000,
-            max_tls_handshakes: 16,
-            connection_window_bytes,
-            stream_window_bytes: crate::server::HTTP2_STREAM_WINDOW_BYTES,
-            max_frame_bytes: crate::server::HTTP2_MAX_FRAME_BYTES,
-            send_buffer_bytes: crate::h2conn::DEFAULT_SEND_BUFFER_BYTES,
-            max_held_slices: crate::h2conn::DEFAULT_MAX_HELD_SLICES,
-            max_resets_per_s: crate::h2conn::DEFAULT_MAX_RESETS_PER_S,
-            shutdown_grace_ms: 10_000,
-        };
+        let settings = Http2Settings { connection_window_bytes, ..test_settings() };
         let incoming =
             crate::server::incoming(listener, crate::server::ConnectionLimit::new(64), None);
         tokio::spawn(serve_http2(incoming, svc, settings, None, std::future::pending()));
@@ -1097,21 +1083,7 @@ mod tests {
                 GrpcBody::replies(never, None),
             )))
         });
-        let settings = Http2Settings {
-            max_concurrent_streams: 16,
-            max_header_list_bytes: 16 * 1024,
-            keepalive_interval_ms: 0,
-            keepalive_timeout_ms: 0,
-            tls_handshake_timeout_ms: 1000,
-            max_tls_handshakes: 16,
-            connection_window_bytes: crate::server::HTTP2_CONNECTION_WINDOW_BYTES,
-            stream_window_bytes: crate::server::HTTP2_STREAM_WINDOW_BYTES,
-            max_frame_bytes: crate::server::HTTP2_MAX_FRAME_BYTES,
-            send_buffer_bytes: crate::h2conn::DEFAULT_SEND_BUFFER_BYTES,
-            max_held_slices: crate::h2conn::DEFAULT_MAX_HELD_SLICES,
-            max_resets_per_s: crate::h2conn::DEFAULT_MAX_RESETS_PER_S,
-            shutdown_grace_ms: 300,
-        };
+        let settings = Http2Settings { shutdown_grace_ms: 300, ..test_settings() };
         let incoming =
             crate::server::incoming(listener, crate::server::ConnectionLimit::new(64), None);
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
@@ -1133,6 +1105,25 @@ mod tests {
             .unwrap();
         assert!(t.elapsed() >= Duration::from_millis(250), "the call got its grace");
         drop(send);
+    }
+
+    /// The servers' settings in these tests.
+    fn test_settings() -> Http2Settings {
+        Http2Settings {
+            max_concurrent_streams: 16,
+            max_header_list_bytes: 16 * 1024,
+            keepalive_interval_ms: 0,
+            keepalive_timeout_ms: 0,
+            tls_handshake_timeout_ms: 1000,
+            max_tls_handshakes: 16,
+            connection_window_bytes: crate::server::HTTP2_CONNECTION_WINDOW_BYTES,
+            stream_window_bytes: crate::server::HTTP2_STREAM_WINDOW_BYTES,
+            max_frame_bytes: crate::server::HTTP2_MAX_FRAME_BYTES,
+            send_buffer_bytes: crate::h2conn::DEFAULT_SEND_BUFFER_BYTES,
+            max_held_slices: crate::h2conn::DEFAULT_MAX_HELD_SLICES,
+            max_resets_per_s: crate::h2conn::DEFAULT_MAX_RESETS_PER_S,
+            shutdown_grace_ms: 10_000,
+        }
     }
 
     /// The headers of a test `Write` call to `addr`.

@@ -205,17 +205,7 @@ fn run_tool_bytes(cmd: &mut Command) -> Result<Vec<u8>, KernelError> {
 }
 
 fn run_tool(cmd: &mut Command) -> Result<String, KernelError> {
-    let command = format!("{cmd:?}");
-    let out = cmd
-        .output()
-        .map_err(|e| KernelError::Tool { command: command.clone(), detail: e.to_string() })?;
-    if !out.status.success() {
-        return Err(KernelError::Tool {
-            command,
-            detail: format!("{}: {}", out.status, String::from_utf8_lossy(&out.stderr).trim()),
-        });
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    run_tool_bytes(cmd).map(|out| String::from_utf8_lossy(&out).into_owned())
 }
 
 /// The versioned kernel package the metapackage depends on (`linux-image-6.1.0-56-amd64`).
