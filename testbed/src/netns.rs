@@ -130,15 +130,7 @@ fn missing_feature(why: &str) -> bool {
 pub fn reap_stale() -> Vec<String> {
     let mut removed = Vec::new();
     for name in list_namespaces() {
-        let Some(pid) = name.strip_prefix("ws-").and_then(|r| r.split('-').next()) else {
-            continue;
-        };
-        let Ok(pid) = pid.parse::<u32>() else { continue };
-        if Path::new(&format!("/proc/{pid}")).exists() {
-            continue;
-        }
-        kill_pids_in(&name);
-        if ip(&["netns", "delete", &name]).is_ok() {
+        if of_dead_process(&name) && remove_namespace(&name) {
             removed.push(name);
         }
     }
@@ -146,14 +138,8 @@ pub fn reap_stale() -> Vec<String> {
     if let Ok(dir) = std::fs::read_dir(std::env::temp_dir()) {
         for e in dir.filter_map(|e| e.ok()) {
             let name = e.file_name().to_string_lossy().into_owned();
-            let Some(pid) = name.strip_prefix("ws-").and_then(|r| r.split('-').next()) else {
-                continue;
-            };
-            if !name.contains("-logs") {
-                continue;
-            }
-            let Ok(pid) = pid.parse::<u32>() else { continue };
-            if !Path::new(&format!("/proc/{pid}")).exists()
+            if name.contains("-logs")
+                && of_dead_process(&name)
                 && std::fs::remove_dir_all(e.path()).is_ok()
             {
                 removed.push(name);
@@ -161,6 +147,20 @@ pub fn reap_stale() -> Vec<String> {
         }
     }
     removed
+}
+
+/// Whether `name` (`ws-<pid>-...`) was made by a process that no longer exists.
+fn of_dead_process(name: &str) -> bool {
+    name.strip_prefix("ws-")
+        .and_then(|r| r.split('-').next())
+        .and_then(|pid| pid.parse::<u32>().ok())
+        .is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists())
+}
+
+/// Kills what runs in namespace `name`, then deletes it; whether it is gone.
+fn remove_namespace(name: &str) -> bool {
+    kill_pids_in(name);
+    ip(&["netns", "delete", name]).is_ok()
 }
 
 /// Every named namespace on the machine (`ip netns list`).
@@ -342,8 +342,7 @@ impl Lab {
         let prefix = format!("ws-{pid}-{seq}{tag}-");
         for name in list_namespaces().into_iter().filter(|n| n.starts_with(&prefix)) {
             tracing::info!(namespace = %name, "removing a namespace a dead process left");
-            kill_pids_in(&name);
-            let _ = ip(&["netns", "delete", &name]);
+            remove_namespace(&name);
         }
         let logs = tempfile::Builder::new()
             .prefix(&format!("ws-{pid}-{seq}-logs"))

@@ -1240,7 +1240,12 @@ impl Node {
         self.pss_reads.fetch_add(1, Ordering::Relaxed);
         self.pss_read_blocks.fetch_add(blocks.len() as u64, Ordering::Relaxed);
         // In reads of at most PSS_READ_BYTES of block data, side by side (the PSS refuses
-        // a reply past half its message limit: 256 blocks of 1 MiB are 256 MiB).
+        // a reply past half its message limit: 256 blocks of 1 MiB are 256 MiB). As many
+        // blocks of the largest size as fit need no look at the volume's block size.
+        let fit_any = PSS_READ_BYTES / u64::from(wayside_proto::types::MAX_BLOCK_SIZE_BYTES);
+        if blocks.len() as u64 <= fit_any {
+            return self.store.get_blocks(v.clone(), blocks).await;
+        }
         let bs = self.core().volume(v).map_or(1, |x| u64::from(x.block_size.bytes()));
         let per_read = usize::try_from(PSS_READ_BYTES / bs.max(1)).unwrap_or(usize::MAX).max(1);
         if blocks.len() <= per_read {
