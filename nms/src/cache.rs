@@ -228,6 +228,8 @@ pub struct Volume {
     /// migrated copy) of the block removes it, so an answer older than the write is not
     /// cached even when the written block was persisted and evicted before the answer came.
     fetches: HashMap<BlockNo, u64>,
+    /// When this copy was made (a volume never operated on is idle from then on).
+    since: Instant,
 }
 
 impl Volume {
@@ -524,8 +526,32 @@ impl Cache {
                 changed: None,
                 rate: RateBucket::default(),
                 fetches: HashMap::default(),
+                since: self.clock.now(),
             },
         );
+    }
+
+    /// The volumes that may be unloaded to make room for another: active, everything they
+    /// accepted persisted and nothing on its way to the PSS, no PSS read or move snapshot
+    /// under way, and no block operation for `idle` or longer (since the copy was made,
+    /// for one never operated on). Longest idle first, with their incarnations.
+    pub fn idle_clean(&self, idle: Duration) -> Vec<(VolumeName, u32)> {
+        let now = self.clock.now();
+        let mut found: Vec<(Instant, &Volume)> = self
+            .volumes
+            .values()
+            .filter_map(|v| {
+                let last = v.rate.last.get().map_or(v.since, |t| t.max(v.since));
+                let quiet = v.state == VolumeState::Active
+                    && v.is_clean()
+                    && v.accepted <= v.persisted
+                    && v.changed.is_none()
+                    && v.fetches.is_empty();
+                (quiet && now.saturating_duration_since(last) >= idle).then_some((last, v))
+            })
+            .collect();
+        found.sort_by_key(|&(t, _)| t);
+        found.into_iter().map(|(_, v)| (v.name.clone(), v.id)).collect()
     }
 
     /// Adds an owned, active volume (a vehicle's load), replacing a redirect marker or an
@@ -1413,6 +1439,51 @@ mod tests {
         c.write(&w, 1, 0, &full(2), None).unwrap();
         assert!(c.read_many(&w, &[(1, 0, None), (1, 0, None)]).is_some());
         assert!(c.read_many(&w, &[(1, 0, None)]).is_none(), "w used its 3 too");
+    }
+
+    #[test]
+    fn idle_volumes_with_nothing_to_write_back_are_offered_longest_idle_first() {
+        let now = std::sync::Arc::new(std::sync::Mutex::new(Instant::now()));
+        let clock = {
+            let now = now.clone();
+            Clock::new(move || *now.lock().unwrap())
+        };
+        let advance = |d: u64| *now.lock().unwrap() += Duration::from_secs(d);
+        let mut c = Cache::new(limits()).with_clock(clock);
+        let idle = Duration::from_secs(60);
+        let (old, used, dirty, sent) =
+            (vol(&mut c, "old"), vol(&mut c, "used"), vol(&mut c, "dirty"), vol(&mut c, "sent"));
+        advance(1);
+        c.write(&used, 0, 0, &full(1), None).unwrap();
+        let b = c.take_batch(&used).unwrap();
+        assert!(c.complete_batch(&b, true));
+        advance(29);
+        let fresh = vol(&mut c, "fresh");
+        advance(1);
+        c.write(&dirty, 0, 0, &full(2), None).unwrap();
+        c.write(&sent, 0, 0, &full(3), None).unwrap();
+        let in_flight = c.take_batch(&sent).unwrap();
+        assert_eq!(c.idle_clean(idle), Vec::<(VolumeName, u32)>::new(), "none idle a minute");
+        advance(39);
+        // 70 s: old and used (its last operation at 1 s) are idle; the rest were made at
+        // 30 s or operated on at 31 s.
+        let names = |c: &Cache| -> Vec<String> {
+            c.idle_clean(idle).into_iter().map(|(v, _)| v.as_str().to_owned()).collect()
+        };
+        assert_eq!(names(&c), ["old", "used"]);
+        advance(30);
+        // 100 s: fresh (never operated on) is idle since it was made; dirty holds an
+        // unpersisted write and sent's is on its way to the PSS; used is read again.
+        assert!(matches!(c.read(&used, 0, 0, None).unwrap(), ReadOutcome::Hit { .. }));
+        assert_eq!(names(&c), ["old", "fresh"]);
+        assert_eq!(c.idle_clean(idle)[0].1, c.volume(&old).unwrap().incarnation());
+        // Once persisted, sent is idle too (since its write at 31 s), after fresh.
+        assert!(c.complete_batch(&in_flight, true));
+        assert_eq!(names(&c), ["old", "fresh", "sent"]);
+        // A volume being moved in or out is never offered.
+        c.volume_mut(&old).unwrap().state = VolumeState::Paused;
+        assert_eq!(names(&c), ["fresh", "sent"]);
+        let _ = (dirty, fresh);
     }
 
     #[test]

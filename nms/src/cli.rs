@@ -516,11 +516,12 @@ pub async fn status(addr: &str, tls: &OperatorTlsArgs) -> anyhow::Result<()> {
         .map_err(|s| admin_failed(s, tls.as_ref()))?
         .into_inner();
     println!(
-        "node {} at {}: {} volumes, {} / {} bytes cached, {} / {} bytes dirty, \
-         {} bytes of block buffers ready{}, up {} ms",
+        "node {} at {}: {} volumes ({} idle ones unloaded to make room), {} / {} bytes \
+         cached, {} / {} bytes dirty, {} bytes of block buffers ready{}, up {} ms",
         r.node,
         r.advertise_address,
         r.volumes,
+        r.volumes_unloaded,
         r.cached_bytes,
         r.cache_capacity_bytes,
         r.dirty_bytes,

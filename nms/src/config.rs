@@ -64,8 +64,15 @@ pub struct Config {
     /// Most blocks per volume with a PSS read in flight that are tracked so a write racing
     /// the read wins (past it, reads in flight are answered but not cached).
     pub max_tracked_fetches_per_volume: usize,
-    /// Most volumes cached on this node.
+    /// Most volumes cached on this node (redirect markers aside: `max_moved_markers`).
     pub max_volumes: usize,
+    /// When a load or a move in finds `max_volumes` reached: a volume with everything it
+    /// accepted persisted and no block operation for this long, in milliseconds, is
+    /// unloaded to make room (the longest idle first; its vehicle's next call is told to
+    /// attach again and loads it anew from the PSS). Without it the volumes of vehicles
+    /// that parked or went silent in range, or that anyone created, would fill the node
+    /// for good. 0: never unload (past `max_volumes` loads are refused).
+    pub volume_idle_unload_ms: u64,
     /// Most redirect markers (volumes that moved away, kept to point their vehicles at the
     /// new NMS, ~200 bytes each); the oldest is dropped past it.
     pub max_moved_markers: usize,
@@ -240,6 +247,7 @@ impl Default for Config {
             writeback_start_dirty_bytes: 64 << 20,
             max_tracked_fetches_per_volume: 65_536,
             max_volumes: 4096,
+            volume_idle_unload_ms: 60_000,
             max_moved_markers: 65_536,
             max_message_size_bytes: 16 << 20,
             request_copy_below_bytes: wayside_proto::h2serve::DEFAULT_COPY_BELOW_BYTES,

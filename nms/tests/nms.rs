@@ -1822,6 +1822,68 @@ async fn batches_of_large_blocks_past_the_message_limit_are_split() {
 /// A volume whose blocks could never fit under the node's per-volume dirty limit is
 /// refused at attach, naming the limit (it was served, and every write then failed after
 /// backpressure_wait_ms), and nothing is created.
+/// The names of the volumes `nms` serves, sorted, and how many it unloaded to make room.
+async fn served_volumes(nms: &Nms) -> (Vec<String>, u64) {
+    let s = nms.status().await;
+    let mut names: Vec<String> = s.volume_info.iter().map(|v| v.volume.clone()).collect();
+    names.sort();
+    (names, s.volumes_unloaded)
+}
+
+/// An NMS at `max_volumes` unloads the longest idle volume with nothing to write back to
+/// make room for another (a parked vehicle's volume would otherwise hold its place for
+/// good), never one holding unpersisted writes; the unloaded volume's vehicle is told to
+/// attach again at its next call and finds everything it wrote.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_full_nms_unloads_an_idle_volume_with_nothing_unpersisted_to_make_room() {
+    const IDLE: Duration = Duration::from_millis(300);
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = LocalCluster::start(1, dir.path()).await.unwrap();
+    let a = Nms::start("a", &cluster.endpoints(), |c| {
+        c.max_volumes = 2;
+        c.volume_idle_unload_ms = IDLE.as_millis() as u64;
+        // What is not flushed stays unpersisted for the whole test.
+        c.writeback_delay_ms = 600_000;
+    })
+    .await;
+    let short = |vol: &str| {
+        let mut o = opts(&[&a.ep], vol, "k");
+        // (RESOURCE_EXHAUSTED: the client tries its other NMSs until op_timeout.)
+        o.op_timeout = Duration::from_secs(3);
+        o
+    };
+    // A vehicle writes, flushes and goes quiet (parked); another keeps a write unpersisted.
+    let parked = VolumeClient::open(short("parked")).await.unwrap();
+    parked.write(0, 0, block_data(0, 1)).await.unwrap();
+    parked.flush().await.unwrap();
+    let busy = VolumeClient::open(short("busy")).await.unwrap();
+    busy.write(0, 0, block_data(0, 2)).await.unwrap();
+    // Both idle past volume_idle_unload_ms (the condition is time itself).
+    tokio::time::sleep(IDLE + Duration::from_millis(100)).await;
+    // A third vehicle arrives: the parked volume makes room, the busy one stays.
+    let third = VolumeClient::open(short("third")).await.unwrap();
+    assert_eq!(served_volumes(&a).await, (vec!["busy".into(), "third".into()], 1));
+    // The parked vehicle comes back: told to attach again, it loads its volume anew
+    // (the third, idle and holding nothing, makes room) and reads what it wrote.
+    tokio::time::sleep(IDLE + Duration::from_millis(100)).await;
+    assert_eq!(parked.read(0, 0, None).await.unwrap(), Some(block_data(0, 1)));
+    assert_eq!(served_volumes(&a).await, (vec!["busy".into(), "parked".into()], 2));
+    // Both volumes here hold unpersisted writes now: nothing is unloaded for the third,
+    // however long they have been idle.
+    parked.write(1, 0, block_data(1, 3)).await.unwrap();
+    tokio::time::sleep(IDLE + Duration::from_millis(100)).await;
+    let e = third.read(0, 0, None).await.expect_err("no room");
+    assert!(e.to_string().contains("max_volumes"), "{e}");
+    assert_eq!(served_volumes(&a).await, (vec!["busy".into(), "parked".into()], 2));
+    // Nothing of theirs was lost.
+    busy.flush().await.unwrap();
+    parked.flush().await.unwrap();
+    assert_eq!(pss_blocks(&cluster, "busy", &[0]).await[&0], block_data(0, 2));
+    assert_eq!(pss_blocks(&cluster, "parked", &[0, 1]).await[&1], block_data(1, 3));
+    a.stop().await;
+    cluster.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_volume_whose_block_exceeds_the_dirty_limit_is_refused_at_attach() {
     let dir = tempfile::tempdir().unwrap();

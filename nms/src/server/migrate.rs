@@ -1069,7 +1069,7 @@ impl Node {
         let v = convert::volume_name(&b.volume)?;
         let bs = convert::block_size(b.block_size)?;
         let cred = convert::credential_hash(&b.credential_hash)?;
-        let admissible = |core: &Cache| -> Result<(), Status> {
+        let admissible = |core: &mut Cache| -> Result<(), Status> {
             if let Some(x) = core.volume(&v) {
                 if !matches!(x.state, VolumeState::Moved { .. }) {
                     return Err(Status::failed_precondition(format!(
@@ -1091,7 +1091,7 @@ impl Node {
             }
             Ok(())
         };
-        admissible(&self.core())?;
+        admissible(&mut self.core())?;
         // The PSS's record must be what the source claims: a source that no longer owns
         // the volume (or never did) is refused before any block travels. The read goes to
         // the PSS leader, so it also opens the connection the switch's epoch raise uses
@@ -1119,7 +1119,7 @@ impl Node {
             // vehicle wrote.
             let _load = self.load_locks.lock(&v).await;
             let mut core = self.core();
-            admissible(&core)?;
+            admissible(&mut core)?;
             core.insert_volume(
                 v.clone(),
                 bs,

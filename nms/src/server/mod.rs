@@ -393,6 +393,8 @@ pub struct Node {
     /// Vehicle block calls (Read, Write, Stream, StreamBatches) answered with an error
     /// status since start (`NodeStatusReply.calls_failed`).
     pub(crate) calls_failed: AtomicU64,
+    /// Idle volumes unloaded to make room under `max_volumes` (NodeStatus).
+    pub(crate) volumes_unloaded: AtomicU64,
     me: std::sync::Weak<Node>,
 }
 
@@ -460,6 +462,7 @@ impl Node {
             pss_read_blocks: AtomicU64::new(0),
             reads: AtomicU64::new(0),
             calls_failed: AtomicU64::new(0),
+            volumes_unloaded: AtomicU64::new(0),
         })
     }
 
@@ -667,8 +670,8 @@ impl Node {
             }
         }
         let _slot = {
-            let core = self.core();
-            self.volume_room(&core)?;
+            let mut core = self.core();
+            self.volume_room(&mut core)?;
             self.loads_in_flight.fetch_add(1, Ordering::SeqCst);
             LoadSlot(self)
         };
@@ -713,10 +716,15 @@ impl Node {
     }
 
     /// Whether one more volume fits under `max_volumes`: the volumes served or arriving
-    /// here, and the loads under way (call under the cache lock).
-    pub(crate) fn volume_room(&self, core: &Cache) -> Result<(), NmsError> {
+    /// here, and the loads under way (call under the cache lock). At the limit, the
+    /// longest idle volume past `volume_idle_unload_ms` with nothing to write back is
+    /// unloaded to make room, if there is one.
+    pub(crate) fn volume_room(&self, core: &mut Cache) -> Result<(), NmsError> {
         let here = core.volumes().filter(|x| !matches!(x.state, VolumeState::Moved { .. })).count();
-        let n = here + self.loads_in_flight.load(Ordering::SeqCst);
+        let mut n = here + self.loads_in_flight.load(Ordering::SeqCst);
+        if n >= self.cfg.max_volumes && self.unload_idle(core) {
+            n -= 1;
+        }
         if n >= self.cfg.max_volumes {
             return Err(NmsError::Limit {
                 limit: "max_volumes".into(),
@@ -726,6 +734,39 @@ impl Node {
             });
         }
         Ok(())
+    }
+
+    /// Unloads the longest idle volume past `volume_idle_unload_ms` whose copy here holds
+    /// nothing the PSS lacks and that no move or write-back is working on (call under the
+    /// cache lock). Its vehicle's next call is told to attach again (the copy's
+    /// incarnation is gone) and loads it anew. Returns whether one was unloaded.
+    fn unload_idle(&self, core: &mut Cache) -> bool {
+        if self.cfg.volume_idle_unload_ms == 0 {
+            return false;
+        }
+        let idle = Duration::from_millis(self.cfg.volume_idle_unload_ms);
+        for (v, incarnation) in core.idle_clean(idle) {
+            let busy = self.handle(&v).is_some_and(|h| {
+                h.migrating.load(Ordering::SeqCst)
+                    || h.held.load(Ordering::SeqCst)
+                    || h.in_flight.load(Ordering::SeqCst)
+            });
+            if busy {
+                continue;
+            }
+            core.remove_volume(&v);
+            self.stop_writer(&v);
+            self.volumes_unloaded.fetch_add(1, Ordering::Relaxed);
+            info!(
+                volume = %v,
+                incarnation,
+                max_volumes = self.cfg.max_volumes,
+                idle_ms = self.cfg.volume_idle_unload_ms,
+                "unloaded an idle volume (everything it accepted is persisted) to make room"
+            );
+            return true;
+        }
+        false
     }
 
     /// Installs an owned, active volume and starts its write-back task. Never replaces a

@@ -923,6 +923,7 @@ impl pb::nms_admin_server::NmsAdmin for Node {
             writeback_blocks: self.wb_blocks.load(Ordering::Relaxed),
             reads: self.reads.load(Ordering::Relaxed),
             calls_failed: self.calls_failed.load(Ordering::Relaxed),
+            volumes_unloaded: self.volumes_unloaded.load(Ordering::Relaxed),
             block_pool_free_bytes: (pool.free_slots * crate::pool::SLOT_BYTES) as u64,
             block_pool_filling: pool.filling,
         }))
