@@ -228,8 +228,10 @@ pub struct Volume {
     /// migrated copy) of the block removes it, so an answer older than the write is not
     /// cached even when the written block was persisted and evicted before the answer came.
     fetches: HashMap<BlockNo, u64>,
-    /// When this copy was made (a volume never operated on is idle from then on).
-    since: Instant,
+    /// When its vehicle last called about it other than by a block operation (an attach,
+    /// a flush, a stat, a list: [`Cache::touch`]), or when this copy was made or switched
+    /// in; block operations are in `rate`'s last use.
+    touched: std::cell::Cell<Instant>,
 }
 
 impl Volume {
@@ -325,6 +327,9 @@ pub enum CacheError {
     /// how long until this one may go.
     #[error("volume_ops_per_s reached: {per_s} operations per second; retry in {wait:?}")]
     RateLimited { per_s: u64, wait: Duration },
+    /// The node is shutting down ([`Cache::close_writes`]): nothing more is accepted.
+    #[error("this NMS is shutting down: it accepts no more writes (the vehicle's go elsewhere)")]
+    ShuttingDown,
 }
 
 /// Why the target side of a move refused a step ([`Cache::put_migrated`],
@@ -424,6 +429,8 @@ pub struct Cache {
     /// Where written blocks' buffers come from (see [`crate::pool`]).
     pool: BlockPool,
     clock: Clock,
+    /// Set by [`Cache::close_writes`]: writes and deletes are refused from then on.
+    writes_closed: bool,
 }
 
 impl Cache {
@@ -448,7 +455,16 @@ impl Cache {
             next_fetch: 1,
             next_batch: 1,
             clock: Clock::new(Instant::now),
+            writes_closed: false,
         }
+    }
+
+    /// Refuses every write and delete from now on ([`CacheError::ShuttingDown`]; a
+    /// duplicate of one already applied is still answered): a node shutting down closes
+    /// writes before its last drain, so everything it accepted is what the drain writes
+    /// back, and a vehicle's later writes stay in its journal for another NMS.
+    pub fn close_writes(&mut self) {
+        self.writes_closed = true;
     }
 
     /// The same cache reading the time from `clock`.
@@ -526,32 +542,48 @@ impl Cache {
                 changed: None,
                 rate: RateBucket::default(),
                 fetches: HashMap::default(),
-                since: self.clock.now(),
+                touched: std::cell::Cell::new(self.clock.now()),
             },
         );
     }
 
     /// The volumes that may be unloaded to make room for another: active, everything they
-    /// accepted persisted and nothing on its way to the PSS, no PSS read or move snapshot
-    /// under way, and no block operation for `idle` or longer (since the copy was made,
-    /// for one never operated on). Longest idle first, with their incarnations.
+    /// accepted persisted and nothing on its way to the PSS, no move snapshot under way,
+    /// and no call about them for `idle` or longer (a block operation, or a call
+    /// [`Cache::touch`]ed; since the copy was made or switched in, for one with neither).
+    /// Longest idle first, with their incarnations. (A PSS read still in flight after
+    /// `idle` is abandoned, its caller gone: its answer finds the volume unloaded.)
     pub fn idle_clean(&self, idle: Duration) -> Vec<(VolumeName, u32)> {
         let now = self.clock.now();
         let mut found: Vec<(Instant, &Volume)> = self
             .volumes
             .values()
             .filter_map(|v| {
-                let last = v.rate.last.get().map_or(v.since, |t| t.max(v.since));
+                let touched = v.touched.get();
+                let last = v.rate.last.get().map_or(touched, |t| t.max(touched));
                 let quiet = v.state == VolumeState::Active
                     && v.is_clean()
                     && v.accepted <= v.persisted
-                    && v.changed.is_none()
-                    && v.fetches.is_empty();
+                    && v.changed.is_none();
                 (quiet && now.saturating_duration_since(last) >= idle).then_some((last, v))
             })
             .collect();
         found.sort_by_key(|&(t, _)| t);
         found.into_iter().map(|(_, v)| (v.name.clone(), v.id)).collect()
+    }
+
+    /// Marks `name` as just used by its vehicle (a call other than a block operation), so
+    /// [`Cache::idle_clean`] does not offer it.
+    pub fn touch(&self, name: &VolumeName) {
+        if let Some(v) = self.volumes.get(name) {
+            v.touched.set(self.clock.now());
+        }
+    }
+
+    /// Takes an idle volume out (see [`Cache::idle_clean`]), to be dropped after the lock
+    /// is released (freeing its blocks is not work to do under it).
+    pub fn unload(&mut self, name: &VolumeName) -> Option<Retired> {
+        self.take_volume(name).map(Retired)
     }
 
     /// Adds an owned, active volume (a vehicle's load), replacing a redirect marker or an
@@ -855,6 +887,9 @@ impl Cache {
         if let Some(d) = self.duplicate(v, request_id) {
             return Ok(d);
         }
+        if self.writes_closed {
+            return Err(CacheError::ShuttingDown);
+        }
         let bs = v.block_size.bytes();
         let len = data.len() as u64;
         v.block_size.check_range(offset, len).map_err(|_| CacheError::Range {
@@ -901,6 +936,9 @@ impl Cache {
         let v = self.serving(name)?;
         if let Some(d) = self.duplicate(v, request_id) {
             return Ok(d);
+        }
+        if self.writes_closed {
+            return Err(CacheError::ShuttingDown);
         }
         self.rate_ready(v)?;
         self.admit(v, block, 0)?;
@@ -1280,7 +1318,10 @@ impl Cache {
     ) -> Result<(), IncomingError> {
         check_switch_lsns(accepted, persisted)?;
         let cap = self.limits.dedupe_entries_per_volume;
+        let now = self.clock.now();
         let v = Self::incoming_mut(&mut self.volumes, name, migration_id)?;
+        // Served from now: idle from now (however long the move took).
+        v.touched.set(now);
         v.epoch = epoch;
         v.accepted = accepted;
         v.persisted = persisted;
@@ -1480,10 +1521,18 @@ mod tests {
         // Once persisted, sent is idle too (since its write at 31 s), after fresh.
         assert!(c.complete_batch(&in_flight, true));
         assert_eq!(names(&c), ["old", "fresh", "sent"]);
+        // A call other than a block operation (an attach, a flush) counts as use too.
+        c.touch(&fresh);
+        assert_eq!(names(&c), ["old", "sent"]);
         // A volume being moved in or out is never offered.
         c.volume_mut(&old).unwrap().state = VolumeState::Paused;
-        assert_eq!(names(&c), ["fresh", "sent"]);
-        let _ = (dirty, fresh);
+        assert_eq!(names(&c), ["sent"]);
+        // Unloaded, it is gone with its accounting.
+        let used_before = c.used_bytes();
+        assert!(c.unload(&sent).is_some());
+        assert!(c.volume(&sent).is_none());
+        assert!(c.used_bytes() < used_before);
+        let _ = dirty;
     }
 
     #[test]

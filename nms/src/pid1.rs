@@ -311,10 +311,23 @@ impl BootParams {
 /// The PID-1 path: set the machine up, serve, power off. Never returns.
 pub fn main() -> ! {
     let started = Instant::now();
-    let outcome = boot_and_serve(started);
+    // Linux resets the machine at once on Ctrl-Alt-Del (QEMU's `sendkey ctrl-alt-delete`)
+    // unless process 1 turns that off: then the kernel sends it SIGINT instead, a clean
+    // stop (drain, sync, power off).
+    // SAFETY: reboot(2) with RB_DISABLE_CAD changes only what that key does.
+    if unsafe { libc::reboot(libc::RB_DISABLE_CAD) } != 0 {
+        eprintln!(
+            "wayside-init: could not turn off ctrl-alt-del's immediate reset: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    // A panic must not end process 1 (the kernel would panic, unsynced): it powers off too.
+    let outcome =
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| boot_and_serve(started)));
     match &outcome {
-        Ok(()) => eprintln!("wayside-init: stopped cleanly; powering off"),
-        Err(e) => eprintln!("wayside-init: FATAL: {e:#}; powering off"),
+        Ok(Ok(())) => eprintln!("wayside-init: stopped cleanly; powering off"),
+        Ok(Err(e)) => eprintln!("wayside-init: FATAL: {e:#}; powering off"),
+        Err(_) => eprintln!("wayside-init: FATAL: a panic (reported above); powering off"),
     }
     power_off()
 }

@@ -354,17 +354,20 @@ mod pss_client {
         ) -> BoxFut<'_, Result<Fetched, StoreError>> {
             Box::pin(async move {
                 let got = self.client.get_blocks(&volume, &blocks).await.map_err(err)?;
-                let mut by_block: HashMap<BlockNo, pb::PssBlock> =
-                    got.into_iter().map(|b| (b.block, b)).collect();
-                Ok(blocks
-                    .iter()
-                    .map(|b| {
-                        by_block
-                            .remove(b)
-                            .filter(|p| p.found)
-                            .map(|p| (Bytes::from(p.data), p.version))
-                    })
-                    .collect())
+                // (By lookup, not removal: a block asked for twice gets both answers.)
+                let by_block: HashMap<BlockNo, Option<(Bytes, u64)>> = got
+                    .into_iter()
+                    .map(|b| (b.block, b.found.then(|| (Bytes::from(b.data), b.version))))
+                    .collect();
+                // Every block asked for must be answered (found or not): one left out
+                // would be cached as absent, and a partial write over it would zero
+                // the rest of its data and write that back.
+                if let Some(b) = blocks.iter().find(|b| !by_block.contains_key(b)) {
+                    return Err(StoreError::Unavailable(format!(
+                        "the PSS's answer for volume {volume} left out block {b}"
+                    )));
+                }
+                Ok(blocks.iter().map(|b| by_block.get(b).cloned().flatten()).collect())
             })
         }
 

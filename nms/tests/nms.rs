@@ -1822,6 +1822,70 @@ async fn batches_of_large_blocks_past_the_message_limit_are_split() {
 /// A volume whose blocks could never fit under the node's per-volume dirty limit is
 /// refused at attach, naming the limit (it was served, and every write then failed after
 /// backpressure_wait_ms), and nothing is created.
+/// A node shutting down takes no more writes once its last drain has begun: a write then
+/// is refused UNAVAILABLE (the vehicle keeps it in its journal and goes elsewhere), never
+/// answered "accepted" and then left behind when the process ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_node_shutting_down_refuses_the_writes_its_last_drain_would_miss() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = LocalCluster::start(1, dir.path()).await.unwrap();
+    let store = FaultyPss::new(&cluster);
+    let a = Nms(LocalNms::start_with_store("a", store.clone(), |c| {
+        c.writeback_delay_ms = 600_000;
+        c.shutdown_flush_timeout_ms = 20_000;
+    })
+    .await);
+    a.create_volume("down", "k").await;
+    let mut raw = a.raw().await;
+    let write = |block: u64| pb::WriteRequest {
+        auth: auth("down", "k"),
+        op: Some(pb::WriteOp {
+            block,
+            offset: 0,
+            data: block_data(block, 1).into(),
+            request_id: None,
+        }),
+    };
+    raw.write(write(0)).await.unwrap();
+    // The shutdown's drain writes block 0 back; the store holds that write-back.
+    store.hold_writes.send_replace(true);
+    a.admin().await.shutdown(pb::ShutdownRequest {}).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while store.held_writes.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+        assert!(Instant::now() < deadline, "the shutdown started no write-back");
+        tokio::task::yield_now().await;
+    }
+    // On the connection opened before the shutdown: refused, not accepted.
+    let e = raw.write(write(1)).await.expect_err("a write accepted during the last drain");
+    assert_eq!(e.code(), tonic::Code::Unavailable, "{e:?}");
+    assert!(e.message().contains("shutting down"), "{e:?}");
+    store.hold_writes.send_replace(false);
+    a.0.exited().await.unwrap();
+    // What it accepted is in the PSS; what it refused is not.
+    let stored = pss_blocks(&cluster, "down", &[0, 1]).await;
+    assert_eq!(stored, HashMap::from([(0, block_data(0, 1))]));
+    cluster.shutdown().await;
+}
+
+/// The NMS's PSS store answers every block a read names, one named twice (a batch reading
+/// a block twice) included: the second was answered absent, which a cache would keep.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pss_read_naming_a_block_twice_answers_it_twice() {
+    use wayside_nms::store::Store as _;
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = LocalCluster::start(1, dir.path()).await.unwrap();
+    let a = Nms::start("a", &cluster.endpoints(), |_| {}).await;
+    let c = VolumeClient::open(opts(&[&a.ep], "twice", "k")).await.unwrap();
+    c.write(0, 0, block_data(0, 1)).await.unwrap();
+    c.flush().await.unwrap();
+    let store = wayside_nms::store::PssStore::new(cluster.endpoints(), cluster.client_options());
+    let got = store.get_blocks(VolumeName::new("twice").unwrap(), vec![0, 0, 1]).await.unwrap();
+    let data = |i: usize| got[i].as_ref().map(|(d, _)| d.to_vec());
+    assert_eq!((data(0), data(1), data(2)), (Some(block_data(0, 1)), Some(block_data(0, 1)), None));
+    a.stop().await;
+    cluster.shutdown().await;
+}
+
 /// The names of the volumes `nms` serves, sorted, and how many it unloaded to make room.
 async fn served_volumes(nms: &Nms) -> (Vec<String>, u64) {
     let s = nms.status().await;

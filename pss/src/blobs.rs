@@ -371,7 +371,10 @@ impl Blobs {
                 .open(&path)
                 .map_err(|source| BlobError::Io { path: path.clone(), source })?;
             if seg == end.0 && len > end.1 {
-                file.set_len(end.1).map_err(|source| BlobError::Io { path, source })?;
+                // Durably: after a power loss the cut records (appends sled forgot) must
+                // not come back behind the ones appended from here on.
+                let cut = file.set_len(end.1).and_then(|()| file.sync_data());
+                cut.map_err(|source| BlobError::Io { path, source })?;
             } else if seg != end.0 {
                 me.sizes.insert(seg, len);
             }

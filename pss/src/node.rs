@@ -624,6 +624,11 @@ impl Loop {
             Input::Propose { cmd, reply, permit } => self.batch.push((*cmd, reply, permit)),
             Input::Read { reply, permit } => self.reads_new.push((reply, permit)),
             Input::ConfChange { cc, reply } => self.propose_conf_change(cc, reply),
+            // Not while a membership change is pending: a node being removed could win
+            // and then apply its own removal while leading.
+            Input::TransferLeader { to } if self.node.raft.has_pending_conf() => {
+                tracing::warn!(to, "leadership transfer refused: a membership change is pending");
+            }
             Input::TransferLeader { to } => self.node.transfer_leader(to),
             Input::Compact { reply } => {
                 if let Err(e) = self.start_snapshot(Some(reply)) {
@@ -734,6 +739,11 @@ impl Loop {
             Err(e) => {
                 tracing::debug!(error = %e, "proposal dropped");
                 let err = match e {
+                    // Still leading (a leadership transfer under way): "not leader, try
+                    // this node" would send the caller straight back here.
+                    raft::Error::ProposalDropped if self.node.raft.state == StateRole::Leader => {
+                        NodeError::Busy("a leadership transfer is under way: retry shortly".into())
+                    }
                     raft::Error::ProposalDropped => self.not_leader(),
                     other => NodeError::Internal(other.to_string()),
                 };
@@ -948,6 +958,17 @@ impl Loop {
                             }
                         }
                         ConfChangeType::RemoveNode => {
+                            if cc.node_id == self.id && self.node.raft.state == StateRole::Leader {
+                                // raft-rs leaves a leader that applied its own removal
+                                // leading a group it is not in (its next commit panics
+                                // the raft thread): it steps down, and the remaining
+                                // voters elect a leader among themselves.
+                                let term = self.node.raft.term;
+                                self.node.raft.become_follower(term, raft::INVALID_ID);
+                                tracing::warn!(
+                                    "this node applied its own removal while leading: stepped down"
+                                );
+                            }
                             self.sm.set_member(&mut p, cc.node_id, None);
                             // No longer a member: its certificate sends no more Raft
                             // messages and changes nothing here.

@@ -108,6 +108,7 @@ pub struct BlockService {
     /// Most bytes of block data one reply carries (half the message limit: room for the
     /// fields around it): a `GetBlocks` past it is refused, naming the limit, and a
     /// `Pipeline` reply message takes no more of the answers ready (the rest go next).
+    /// A write carrying more is refused too (it must fit in a Raft message as an entry).
     pub max_reply_bytes: usize,
     /// Ends every `Pipeline` stream (they are long-lived and would otherwise hold the
     /// server's graceful shutdown open).
@@ -148,6 +149,14 @@ impl BlockService {
                 op.block,
                 op.data.len()
             )));
+        }
+        // One write is one Raft entry, which raft-rs never splits: one that would not fit
+        // in a Raft message to a follower (the same message limit, plus its framing) could
+        // never commit, and every entry after it would wait behind it for good. Half the
+        // message limit, as replies are.
+        let bytes: usize = req.ops.iter().map(|o| o.data.len()).sum();
+        if bytes > self.max_reply_bytes {
+            return Err(limit("max_message_size_bytes", "bytes", bytes, self.max_reply_bytes));
         }
         // Admission against the node's capacity (checked here, before proposing: the
         // state machine itself must apply whatever is committed, the same on every node),

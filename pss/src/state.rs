@@ -529,6 +529,25 @@ impl StateMachine {
                 }
             }
         }
+        if let Some(at) = base.at().filter(|&at| at > self.blobs.end()) {
+            // A checkpoint sealed the active segment with nothing applied after it, and
+            // (before `set_index_base` recorded the blob end with the base) sled kept the
+            // end before the seal: appends must not go into the segment the base starts
+            // after (the replay below would skip them at the next start). Sealed again,
+            // the blob end is at the base's position.
+            self.blobs.seal_active()?;
+            if at > self.blobs.end() {
+                return Err(self.corrupt(format!(
+                    "the block index's base starts at blob position {at:?}, past the blob \
+                     end {:?}",
+                    self.blobs.end()
+                )));
+            }
+            let mut batch = sled::Batch::default();
+            self.record_blob_end(&mut batch);
+            self.tree.apply_batch(batch)?;
+            flush_db(&self.db, &self.dir)?;
+        }
         let from = base.at().unwrap_or((self.blobs.first_segment(), 0));
         let mut replayed = 0u64;
         self.blobs.replay(from, |loc, rec| {
@@ -552,6 +571,11 @@ impl StateMachine {
     pub fn set_index_base(&mut self, base: IndexBase) -> Result<(), StateError> {
         let mut batch = sled::Batch::default();
         batch.insert(LOCAL_INDEX_BASE, base.encode());
+        // The blob end with it: the checkpoint sealed the active segment, so the base
+        // starts past the end sled last recorded when nothing was applied since. Left so,
+        // a restart would append to the sealed segment again, behind the base, and the
+        // next start's replay (from the base) would skip those records.
+        self.record_blob_end(&mut batch);
         if matches!(self.base, IndexBase::Sled { .. }) {
             for kv in self.tree.scan_prefix(b"b") {
                 batch.remove(kv?.0);
@@ -1118,8 +1142,11 @@ impl StateMachine {
                 }
                 continue;
             }
-            let version =
-                if op.version > 0 { op.version } else { old.map_or(0, |l| l.version) + 1 };
+            let version = if op.version > 0 {
+                op.version
+            } else {
+                old.map_or(0, |l| l.version).saturating_add(1)
+            };
             let offset = p.base.1 + p.records.len() as u64;
             let len = crate::blobs::encode_record(&mut p.records, &bkey, version, index, &op.data);
             let loc = Loc { version, segment: p.base.0, offset, len };
@@ -2098,6 +2125,46 @@ mod tests {
         let count = want.len() as u64;
         assert_eq!(volume_before.unwrap().block_count, count);
         assert_eq!(sm.reader().list("v", 0, 100).unwrap().blocks.len() as u64, count);
+    }
+
+    /// A checkpoint with nothing applied after it (an idle cluster) seals the active blob
+    /// segment: its base starts past the blob end sled recorded. Writes after a restart
+    /// must still be found after the next restart (they went into the segment the base
+    /// starts after, and the index replay skipped them).
+    #[test]
+    fn writes_after_a_restart_following_an_idle_checkpoint_survive_the_next_restart() {
+        // (as_older_pss: the state as a PSS that did not record the blob end with the
+        // base left it, which the open must repair.)
+        for (direct_io, as_older_pss) in [(false, false), (true, false), (false, true)] {
+            let dir = tempfile::tempdir().unwrap();
+            let (sm_dir, snap_dir) = (dir.path().join("sm"), dir.path().join("snap"));
+            let opts = Options { direct_io, ..Options::with_dedupe(100) };
+            let mut sm = StateMachine::open_in(&sm_dir, &snap_dir, opts).unwrap();
+            run(&mut sm, 2, &acquire_cmd("v", 1));
+            run(&mut sm, 3, &write_cmd("v", 1, 1, 1, b"one"));
+            let before = sm.blobs.end();
+            checkpoint(&mut sm, &snap_dir, 3);
+            if as_older_pss {
+                sm.tree.insert(LOCAL_BLOB_END, &encode_end(before)).unwrap();
+                flush_db(&sm.db, &sm.dir).unwrap();
+            } else {
+                // The durable blob end is not behind the base's position.
+                let end = read_end(&sm.tree.get(LOCAL_BLOB_END).unwrap().unwrap());
+                let at = sm.index_base().at();
+                assert!(Some(end) >= at, "{end:?} before {at:?}");
+            }
+            drop(sm);
+            let mut sm = StateMachine::open_in(&sm_dir, &snap_dir, opts).unwrap();
+            run(&mut sm, 4, &write_cmd("v", 1, 2, 2, b"two"));
+            drop(sm);
+            let sm = StateMachine::open_in(&sm_dir, &snap_dir, opts).unwrap();
+            let got = sm.reader().blocks("v", &[1, 2]).unwrap();
+            let case = format!("direct_io {direct_io}, as an older PSS left it {as_older_pss}");
+            assert_eq!(got[0].data, b"one", "{case}");
+            assert!(got[1].found, "the write after the restart is lost ({case})");
+            assert_eq!(got[1].data, b"two");
+            assert_eq!(sm.reader().volume("v").unwrap().unwrap().block_count, 2);
+        }
     }
 
     #[test]

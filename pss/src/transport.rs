@@ -138,6 +138,15 @@ impl Transport {
         if let Err(mpsc::error::TrySendError::Full(m)) = tx.try_send(msg) {
             tracing::debug!(to, kind = ?m.get_msg_type(), "peer queue full; message dropped");
             let _ = self.node_tx.try_send(Input::Unreachable { to });
+            if m.get_msg_type() == MessageType::MsgSnapshot {
+                // raft-rs holds the follower in its snapshot state (replication paused)
+                // until told how the send went: told, whatever the node's queue holds
+                // (from a task: this is the raft thread, the queue's only reader).
+                let node_tx = self.node_tx.clone();
+                self.runtime.spawn(async move {
+                    let _ = node_tx.send(Input::SnapshotSent { to, ok: false }).await;
+                });
+            }
         }
     }
 }
@@ -219,11 +228,17 @@ impl PeerWorker {
             _ = tokio::time::sleep(RETRY_PAUSE) => {}
         }
         while let Ok(m) = rx.try_recv() {
-            if m.get_msg_type() == MessageType::MsgSnapshot {
-                let _ = self.node_tx.try_send(Input::SnapshotSent { to: self.to, ok: false });
-            }
+            self.dropped(&m).await;
         }
         true
+    }
+
+    /// A message dropped unsent: a snapshot's failure is reported (raft-rs pauses the
+    /// follower's replication until told), waiting for room in the node's queue.
+    async fn dropped(&self, m: &Message) {
+        if m.get_msg_type() == MessageType::MsgSnapshot {
+            let _ = self.node_tx.send(Input::SnapshotSent { to: self.to, ok: false }).await;
+        }
     }
 
     async fn run(mut self, mut rx: mpsc::Receiver<Message>, shutdown: CancellationToken) {
@@ -245,6 +260,7 @@ impl PeerWorker {
             };
             let Some(client) = self.client() else {
                 let _ = self.node_tx.try_send(Input::Unreachable { to: self.to });
+                self.dropped(&first).await;
                 continue;
             };
             if first.get_msg_type() == MessageType::MsgSnapshot {
@@ -517,6 +533,39 @@ impl RaftService {
     /// Checks that a decoded message's own sender is the envelope's (bound to the
     /// connection). raft-rs's `MsgTransferLeader` is the exception: it names the
     /// transferee as its sender, and a follower forwards it to the leader as it is.
+    /// A message of the `Send` stream: of a kind peers send each other there (see
+    /// [`RaftService::check_inner`] for the sender).
+    fn check_streamed(&self, m: &Message, from: u64) -> Result<(), Status> {
+        use MessageType::*;
+        // What peers send each other on this stream. Local-only kinds (a proposal: this
+        // node never forwards one; a campaign or beat trigger; a snapshot, which comes
+        // on `InstallSnapshot` with its file) would step raft-rs down paths no peer
+        // drives: a forged proposal of a malformed membership change, once committed,
+        // would stop every node at every start.
+        let peer_kind = matches!(
+            m.get_msg_type(),
+            MsgAppend
+                | MsgAppendResponse
+                | MsgRequestVote
+                | MsgRequestVoteResponse
+                | MsgRequestPreVote
+                | MsgRequestPreVoteResponse
+                | MsgHeartbeat
+                | MsgHeartbeatResponse
+                | MsgTransferLeader
+                | MsgTimeoutNow
+                | MsgReadIndex
+                | MsgReadIndexResp
+        );
+        if !peer_kind {
+            return Err(Status::invalid_argument(format!(
+                "a raft message of kind {:?} is not sent between nodes on this stream",
+                m.get_msg_type()
+            )));
+        }
+        self.check_inner(m, from)
+    }
+
     fn check_inner(&self, m: &Message, from: u64) -> Result<(), Status> {
         if self.peers.is_none()
             || m.from == from
@@ -577,7 +626,7 @@ impl pb::raft_transport_server::RaftTransport for RaftService {
             }
             for bytes in &env.messages {
                 let m = decode(bytes)?;
-                self.check_inner(&m, env.from)?;
+                self.check_streamed(&m, env.from)?;
                 self.node_tx
                     .send(Input::Raft(Box::new(m)))
                     .await
@@ -654,15 +703,23 @@ async fn receive(
         })?;
     }
     let file = file.into_inner().map_err(|e| io(e.into_error()))?;
-    file.sync_all().map_err(io)?;
-    drop(file);
-    // Check it before the node trusts it (through a buffer: it holds every block).
-    crate::snapshot::check_framed(tmp, crate::snapshot::SNAPSHOT_MAGIC)
-        .map_err(|r| Status::invalid_argument(format!("received snapshot is corrupt: {r}")))?;
-    std::fs::rename(tmp, path).map_err(io)?;
-    if let Some(dir) = path.parent() {
-        crate::storage::sync_dir(dir).map_err(io)?;
-    }
+    // The fsync, a check reading the whole file and the rename off the async workers
+    // (they serve clients and Raft traffic; a large snapshot took one for seconds).
+    let (tmp, path) = (tmp.to_owned(), path.to_owned());
+    tokio::task::spawn_blocking(move || {
+        file.sync_all().map_err(io)?;
+        drop(file);
+        // Check it before the node trusts it (through a buffer: it holds every block).
+        crate::snapshot::check_framed(&tmp, crate::snapshot::SNAPSHOT_MAGIC)
+            .map_err(|r| Status::invalid_argument(format!("received snapshot is corrupt: {r}")))?;
+        std::fs::rename(&tmp, &path).map_err(io)?;
+        if let Some(dir) = path.parent() {
+            crate::storage::sync_dir(dir).map_err(io)?;
+        }
+        Ok::<_, Status>(())
+    })
+    .await
+    .map_err(|e| Status::internal(format!("checking the received snapshot: {e}")))??;
     Ok(bytes)
 }
 

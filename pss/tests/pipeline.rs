@@ -369,7 +369,22 @@ async fn replies_past_the_message_limit_are_refused_alone_or_split() {
             .collect();
         client.write_batch(req).await.unwrap();
     }
+    // A write of more than half the message limit (one Raft entry, which must fit in a
+    // message to a follower) is refused, naming the limit, and changes nothing.
+    let mut req = put("big", epoch, "w", 99, 0, 1);
+    req.ops = (5000..5600)
+        .map(|block| pb::PssBlockOp { block, data: vec![8; 4096], delete: false, version: 0 })
+        .collect();
+    match client.write_batch(req).await {
+        Err(PssError::Other(s)) => {
+            assert_eq!(s.code(), Code::ResourceExhausted, "{s:?}");
+            assert!(s.message().contains("max_message_size_bytes"), "{s:?}");
+        }
+        other => panic!("expected the limit, got {other:?}"),
+    }
     let volume = VolumeName::new("big").unwrap();
+    let got = client.get_blocks(&volume, &[5000, 5599]).await.unwrap();
+    assert!(got.iter().all(|b| !b.found), "the refused write changed nothing");
     // 4 MB of blocks, past the 2 MiB a reply may carry: refused, naming the limit.
     let all: Vec<u64> = (0..1000).collect();
     match client.get_blocks(&volume, &all).await {

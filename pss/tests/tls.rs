@@ -261,6 +261,65 @@ async fn a_peer_with_a_foreign_certificate_cannot_reach_the_raft_transport() {
     cluster.shutdown().await;
 }
 
+/// Even a peer with the nodes' own certificate sends only the kinds of Raft message peers
+/// send each other on the `Send` stream: a proposal (this code never forwards one; a forged
+/// membership change in it, once committed, would stop every node at every start) or a
+/// snapshot (it comes on `InstallSnapshot`, with its file) is refused, and the cluster's
+/// membership is unchanged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_only_raft_messages_are_refused_on_the_send_stream() {
+    use protobuf::Message as _;
+    use raft::prelude::{Entry, EntryType, MessageType};
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = LocalCluster::start_tls(3, dir.path()).await.unwrap();
+    let leader = cluster.wait_for_leader(Duration::from_secs(10)).await.unwrap();
+    let follower = (1..=3).find(|id| *id != leader).unwrap();
+    let peer = node_identity(&cluster);
+    let members = cluster.status(leader).await.unwrap().members;
+    for kind in [MessageType::MsgPropose, MessageType::MsgSnapshot, MessageType::MsgHup] {
+        let mut m = raft::prelude::Message::default();
+        m.set_msg_type(kind);
+        m.from = follower;
+        m.to = leader;
+        let mut e = Entry::default();
+        e.set_entry_type(EntryType::EntryConfChange);
+        e.data = vec![0xff; 8].into();
+        m.entries = vec![e].into();
+        let env = pb::RaftEnvelope {
+            from: follower,
+            to: leader,
+            messages: vec![m.write_to_bytes().unwrap()],
+        };
+        let st = raft_send(&cluster.endpoint(leader).unwrap(), &peer, env).await.unwrap_err();
+        assert_eq!(st.code(), Code::InvalidArgument, "{kind:?}: {st:?}");
+        assert!(st.message().contains("not sent between nodes"), "{kind:?}: {st:?}");
+    }
+    // (A heartbeat, which peers do send, is taken: the same call with one succeeds.)
+    let term = cluster.status(leader).await.unwrap().term;
+    let hb = forged_heartbeat(leader, follower, term);
+    raft_send(&cluster.endpoint(follower).unwrap(), &peer, hb).await.unwrap();
+    let client = cluster.client();
+    let epoch = client
+        .acquire_volume(pb::AcquireVolumeRequest {
+            volume: "after".into(),
+            owner_node: "nms".into(),
+            owner_address: "127.0.0.1:9".into(),
+            expected_epoch: 0,
+            create: Some(pb::CreateSpec { block_size: 4096, credential_hash: vec![7; 32] }),
+            request_id: Some(pb::RequestId { client_id: "t".into(), seq: 1 }),
+        })
+        .await
+        .unwrap()
+        .meta
+        .unwrap()
+        .epoch;
+    assert_eq!(epoch, 1);
+    for id in 1..=3 {
+        assert_eq!(cluster.status(id).await.unwrap().members, members, "node {id}");
+    }
+    cluster.shutdown().await;
+}
+
 /// (e) A node with a certificate and key but no CA could not check its callers: it refuses
 /// to start, naming tls.ca, before making its data dir; a missing file is named; a zero
 /// handshake timeout is refused.

@@ -107,7 +107,9 @@ pub struct Args {
     /// replaces Table III (Unikernels=11.99, LXD=24.73, Docker=73, KVM=824).
     #[arg(long, value_name = "NAME=SECONDS")]
     pub smt: Vec<String>,
-    /// Time to handover h-bar, seconds (0..=4, the paper's maximum and default).
+    /// Time to handover h-bar, seconds (0..=4, the paper's maximum and default). It changes
+    /// only the `as written` values (window = NDD/v + h-bar); the `published` ones (window =
+    /// NDD/v, how the paper's tables were computed and how the SMF plans) do not use it.
     #[arg(long = "handover-s", value_name = "SECONDS", default_value_t = model::MAX_TIME_TO_HANDOVER_S)]
     pub handover_s: f64,
     /// Output format.
@@ -423,11 +425,15 @@ pub fn compute(inputs: &Inputs) -> Report {
             push("IV", speed, rsu, "h+N", fixed(n, 2), fixed(n + h, 2), Some(n), published);
         }
     }
+    // Table VII under the SMF planner's reading of eq. 5 (the lead bounded by the dwell of
+    // the RSU the vehicle is in when the move starts), where it differs from the table's.
+    let mut planner_flips = Vec::new();
     for speed in &inputs.speeds {
         let paper_speed = is_mph(speed, TABLES_V_TO_VII_MPH) && paper_h;
-        for rsu in &inputs.rsus {
+        for (i, rsu) in inputs.rsus.iter().enumerate() {
             let row = paper_rsu(rsu).filter(|_| paper_speed);
             let n = model::dwell_time_s(rsu.ndd_m, speed.speed);
+            let previous = i.checked_sub(1).map(|j| &inputs.rsus[j]);
             for mech in &inputs.mechanisms {
                 let col = paper_mech(mech);
                 let published = |t: &[[&'static str; 4]; 7]| match (row, col) {
@@ -457,6 +463,23 @@ pub fn compute(inputs: &Inputs) -> Report {
                     Some(x(p)),
                     published(&TABLE_VI),
                 );
+                if let Some(prev) = previous {
+                    let n_prev = model::dwell_time_s(prev.ndd_m, speed.speed);
+                    let (table, planner) =
+                        (model::adjacent_fits(x(p), n), model::adjacent_fits(x(p), n_prev));
+                    if table != planner {
+                        planner_flips.push(format!(
+                            "{} {}/{}: {} (X {:.2} s against {}'s N {:.2} s)",
+                            speed.label,
+                            rsu.name,
+                            mech.name,
+                            yn(planner),
+                            x(p),
+                            prev.name,
+                            n_prev
+                        ));
+                    }
+                }
                 push(
                     "VII",
                     speed,
@@ -471,6 +494,16 @@ pub fn compute(inputs: &Inputs) -> Report {
         }
     }
     let mut notes = vec![HBAR_NOTE.to_string(), EQ7_NOTE.to_string()];
+    if !planner_flips.is_empty() {
+        notes.push(format!(
+            "eq. 5's text bounds X by N of the current RSU (\"service migration cannot begin before the \
+             communication resources of the current RSU are acquired\"), and the SMF's planner \
+             (`nms::smf::planner`) does so: a move to RSU k may start no earlier than RSU k-1's dwell \
+             allows. Table VII instead compares each row's X with the same row's N; under the \
+             planner's reading (the published convention) these cells differ: {}.",
+            planner_flips.join("; ")
+        ));
+    }
     for c in &cells {
         if let Some(n) = &c.note {
             if !notes.contains(n) {

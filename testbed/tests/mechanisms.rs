@@ -113,6 +113,39 @@ fn bad_mechanism_options_fail_clearly() {
 }
 
 #[test]
+fn rounds_measure_each_mechanism_again_and_report_the_median() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("m");
+    let args = ["mechanisms", "--mechanism", "wayside", "--volume-mib", "1", "--rounds", "3"];
+    let run = testbed(&[&args[..], &["--out", out.to_str().unwrap()]].concat());
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    assert!(run.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&run.stderr));
+    for r in 1..=3 {
+        assert!(stdout.contains(&format!("round {r}: measuring wayside")), "{stdout}");
+    }
+    let o = outcome(&out);
+    let m = o["measurements"].as_array().unwrap().iter().find(|m| m["column"] == "wayside");
+    let m = m.expect("wayside measured");
+    let detail = m["detail"].as_str().unwrap();
+    assert!(detail.starts_with("median of 3 runs ("), "{detail}");
+    // The median is one of the runs printed.
+    let runs: Vec<f64> = detail["median of 3 runs (".len()..]
+        .split(" s)")
+        .next()
+        .unwrap()
+        .split(", ")
+        .map(|v| v.parse().unwrap())
+        .collect();
+    let mut sorted = runs.clone();
+    sorted.sort_by(f64::total_cmp);
+    let smt = smt_of(&o, "wayside").unwrap();
+    assert!((smt - sorted[1]).abs() < 0.0005, "median {smt} of {runs:?}");
+    let run = testbed(&["mechanisms", "--mechanism", "wayside", "--rounds", "0"]);
+    assert!(!run.status.success());
+    assert!(String::from_utf8_lossy(&run.stderr).contains("--rounds"));
+}
+
+#[test]
 fn heavy_all_three_mechanisms_measure_under_qemu() {
     let qemu = Command::new(wayside_unikernel::vm::qemu_binary()).arg("--version").output();
     if !qemu.is_ok_and(|o| o.status.success()) {

@@ -79,6 +79,23 @@ fn published_values_cell_by_cell() {
     }
 }
 
+/// Table VII bounds X by the row's own N; eq. 5's text, and the SMF's planner, by the N of
+/// the RSU the vehicle is in when the move starts. Where the two differ is said, cell by
+/// cell (hand-computed: RSU3/Docker at 30 mph X = 73 - 38.55 = 34.45 >= RSU2's 34.00; at
+/// 50 mph RSU4/LXD X = 24.73 - 11.09 = 13.64 < RSU3's 23.13 and RSU5/Docker X = 73 - 43.57
+/// = 29.43 >= RSU4's 11.09).
+#[test]
+fn the_planners_reading_of_eq_5_is_noted_where_it_differs_from_table_vii() {
+    let report = paper::compute(&Inputs::paper());
+    let note = report.notes.iter().find(|n| n.contains("planner's reading"));
+    let note = note.expect("a note on the planner's reading of eq. 5");
+    for cell in ["30 mph RSU3/Docker: N", "50 mph RSU4/LXD: Y", "50 mph RSU5/Docker: N"] {
+        assert!(note.contains(cell), "{cell} missing: {note}");
+    }
+    // The first RSU has no previous one: never listed.
+    assert!(!note.contains("RSU1/"), "{note}");
+}
+
 #[test]
 fn as_written_values_differ_where_h_bar_matters() {
     let report = paper::compute(&Inputs::paper());

@@ -385,7 +385,8 @@ pub enum StopOutcome {
 /// QEMU live-migration figures (from `query-migrate`).
 #[derive(Debug, Clone, Serialize)]
 pub struct MigrationReport {
-    /// Wall time of the whole `unikernel migrate`, including starting the destination.
+    /// Wall time of `unikernel migrate` from its start (starting the destination included)
+    /// to the destination's NMS answering health checks (the source's exit not included).
     pub wall_ms: u128,
     /// QEMU's `total-time` (migration start to completion).
     pub total_ms: u64,
@@ -821,10 +822,16 @@ impl Vm {
             }
         };
         let completed = Instant::now();
-        // The source is paused in "postmigrate"; it has nothing left to do.
+        let serving = dest.wait_serving(Duration::from_secs(60)).await;
+        // (The move's time ends with the destination serving: the source's exit is not
+        // part of it.)
+        let wall_ms = started.elapsed().as_millis();
+        let serving_after_ms = completed.elapsed().as_millis();
+        // The source is paused in "postmigrate"; it has nothing left to do (whether or not
+        // the destination serves: it may have run, so the source must not resume).
         let _ = src.execute("quit", None).await;
         self.wait_exit(Duration::from_secs(10)).await;
-        if let Err(e) = dest.wait_serving(Duration::from_secs(60)).await {
+        if let Err(e) = serving {
             // The migrated VM holds the only copy of the guest now: left running (not
             // killed when `dest` is dropped), for its operator to look at and stop.
             dest.child.take();
@@ -841,13 +848,13 @@ impl Vm {
         }
         let n = |v: &serde_json::Value| v.as_u64().unwrap_or(0);
         let report = MigrationReport {
-            wall_ms: started.elapsed().as_millis(),
+            wall_ms,
             total_ms: n(&info["total-time"]),
             downtime_ms: n(&info["downtime"]),
             setup_ms: n(&info["setup-time"]),
             ram_transferred_bytes: n(&info["ram"]["transferred"]),
             ram_total_bytes: n(&info["ram"]["total"]),
-            serving_after_ms: completed.elapsed().as_millis(),
+            serving_after_ms,
         };
         Ok((dest, report))
     }

@@ -209,6 +209,9 @@ async fn serve_node(
                 for s in ["wayside.v1.Nms", "wayside.v1.NmsAdmin", "wayside.v1.Migration", ""] {
                     reporter.set_service_status(s, tonic_health::ServingStatus::NotServing).await;
                 }
+                // What is accepted from here on is what the drain below writes back: a
+                // write after it would be answered accepted and then end with the process.
+                node.core().close_writes();
                 let deadline = Duration::from_millis(node.cfg.shutdown_flush_timeout_ms);
                 match tokio::time::timeout(deadline, node.flush_all()).await {
                     Ok(()) => info!("shutdown: write-back drained"),
@@ -722,7 +725,8 @@ impl Node {
     pub(crate) fn volume_room(&self, core: &mut Cache) -> Result<(), NmsError> {
         let here = core.volumes().filter(|x| !matches!(x.state, VolumeState::Moved { .. })).count();
         let mut n = here + self.loads_in_flight.load(Ordering::SeqCst);
-        if n >= self.cfg.max_volumes && self.unload_idle(core) {
+        // (One unloaded makes room only when exactly at the limit.)
+        if n == self.cfg.max_volumes && self.unload_idle(core) {
             n -= 1;
         }
         if n >= self.cfg.max_volumes {
@@ -754,7 +758,10 @@ impl Node {
             if busy {
                 continue;
             }
-            core.remove_volume(&v);
+            // Its blocks are freed off the lock (and off the async workers).
+            if let Some(old) = core.unload(&v) {
+                self.runtime.spawn_blocking(move || drop(old));
+            }
             self.stop_writer(&v);
             self.volumes_unloaded.fetch_add(1, Ordering::Relaxed);
             info!(
@@ -1339,7 +1346,9 @@ impl Node {
                 NmsError::Limit { limit: limit.into(), unit: "bytes".into(), value, max }
             }
 
-            CacheError::NeedBlock(_) => NmsError::Unavailable(e.to_string()),
+            CacheError::NeedBlock(_) | CacheError::ShuttingDown => {
+                NmsError::Unavailable(e.to_string())
+            }
             // The budget is used up: `value` is what was used, the most there is.
             CacheError::RateLimited { per_s, .. } => NmsError::Limit {
                 limit: "max_volume_ops_per_s".into(),
@@ -1432,10 +1441,17 @@ impl Node {
         let (target, incarnation) = {
             let core = self.core();
             same_copy(&core, v, cred)?;
+            core.touch(v);
             core.volume(v).map_or((Lsn(0), 0), |x| (x.accepted, x.incarnation()))
         };
         loop {
             rx.borrow_and_update();
+            if self.stop.is_cancelled() {
+                // Its write-back writers have stopped: nothing more will be persisted here.
+                return Err(NmsError::Unavailable(
+                    "this NMS has stopped writing back (shutting down)".into(),
+                ));
+            }
             {
                 let core = self.core();
                 let Some(x) = core.volume(v) else {

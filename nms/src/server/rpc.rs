@@ -98,7 +98,9 @@ fn write_reply(o: &crate::cache::WriteOutcome) -> pb::WriteReply {
 }
 
 impl Node {
+    /// A vehicle's create, attach or stat answered: the volume counts as in use.
     fn volume_reply(&self, v: &VolumeName) -> Result<pb::VolumeReply, Status> {
+        self.core().touch(v);
         Ok(pb::VolumeReply {
             info: Some(
                 info_of(self, v)

@@ -39,7 +39,9 @@ pub struct Road {
     rsus: Vec<RsuSite>,
     /// `T_EH`: how long a handover takes to execute, seconds.
     handover_execution_s: f64,
-    /// `h̄`: at most 4 s.
+    /// `h̄`: at most 4 s. Validated and reported only: on this road the next RSU's dwell
+    /// starts at the previous one's exit point, so it already holds the handover, and the
+    /// planner adds no `h̄` to it (see `planner::decide`, the published convention).
     time_to_handover_s: f64,
 }
 

@@ -286,14 +286,15 @@ pub async fn wayside_migration(
             })
             .await?
             .into_inner();
-        let wall = t.elapsed();
         anyhow::ensure!(
             w.outcome() == wayside_proto::pb::MigrationOutcome::Completed,
             "wayside migration aborted: {}",
             w.error
         );
-        // The volume is served by the target now.
+        // The volume is served by the target now: the move ends (on this clock, as every
+        // mechanism's does) with the vehicle's next read answered there.
         c.read(0, 0, None).await?;
+        let wall = t.elapsed();
         anyhow::ensure!(
             c.current_nms().authority() == addrs[1],
             "the client was not redirected to the target"
