@@ -392,6 +392,15 @@ impl Blobs {
             file.set_len(end.1).map_err(me.io(end.0))?;
             slot.insert(Arc::new(file));
         }
+        // Sealed segments not known synced (a crash came before their fsync was recorded)
+        // were checked above: synced now, so later seals count as synced again (one is
+        // counted only after every earlier one) and the next start checks none of them.
+        for seg in me.synced_below()..end.0 {
+            if let Some(f) = files.open.get(&seg) {
+                f.sync_data().map_err(me.io(seg))?;
+            }
+        }
+        me.synced_below.store(end.0, Ordering::Release);
         me.files = Arc::new(RwLock::new(files));
         me.writer = Some(me.open_writer(end.0, end.1)?);
         Ok(Some(me))
@@ -911,6 +920,35 @@ mod tests {
             .is_none());
         // A segment shorter than sled's end is refused too.
         assert!(Blobs::open(dir.path(), (0, 10_000), 0, None, 1 << 20, true).unwrap().is_none());
+    }
+
+    /// Sealed segments a crash left not known synced are synced at open, so the next seal
+    /// counts as synced again (it is counted only after every earlier one).
+    #[test]
+    fn sealed_segments_left_unsynced_by_a_crash_are_synced_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut b = Blobs::open(dir.path(), (0, 0), 0, None, 1 << 20, false).unwrap().unwrap();
+        let mut sealed = std::collections::BTreeMap::new();
+        for seg in 0..3u32 {
+            let mut buf = Vec::new();
+            encode_record(&mut buf, b"k", 1, u64::from(seg) + 1, &[seg as u8; 100]);
+            b.append(&buf).unwrap();
+            sealed.insert(seg, buf.len() as u64);
+            b.seal_active().unwrap();
+        }
+        let end = b.end();
+        assert_eq!(end, (3, 0));
+        drop(b);
+        // As if the process died before any sealed segment's fsync was recorded.
+        let mut b =
+            Blobs::open(dir.path(), end, 0, Some(&sealed), 1 << 20, false).unwrap().unwrap();
+        assert_eq!(b.synced_below(), 3, "the sealed segments were synced at open");
+        let mut buf = Vec::new();
+        encode_record(&mut buf, b"k", 1, 9, &[9; 100]);
+        b.append(&buf).unwrap();
+        b.seal_active().unwrap();
+        b.join_sync();
+        assert_eq!(b.synced_below(), 4, "the next seal counts as synced");
     }
 
     #[test]
