@@ -1993,6 +1993,17 @@ async fn bad_input_gets_the_right_status_and_changes_nothing() {
     assert_eq!(e.code(), tonic::Code::InvalidArgument, "range past the block: {e:?}");
     let e = raw.write(write("good", "wrong", vec![1; BS], 0)).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::Unauthenticated, "wrong credential: {e:?}");
+    // A call carrying no block data past its small limit is refused before anything
+    // looks at it (a caller with no credential cannot make the node buffer big ones).
+    let big = pb::StatRequest {
+        auth: Some(pb::VolumeAuth {
+            volume: "good".into(),
+            credential: "x".repeat(wayside_nms::server::CONTROL_REQUEST_BYTES + 1),
+            ..Default::default()
+        }),
+    };
+    let e = raw.stat(big).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::OutOfRange, "an oversized control call: {e:?}");
     let e = raw
         .read(pb::ReadRequest {
             auth: auth("good", "wrong"),

@@ -81,6 +81,10 @@ pub struct Config {
     /// blocks past it is refused (RESOURCE_EXHAUSTED, `max_blocks`); give every node the
     /// same value.
     pub max_blocks: usize,
+    /// Most blocks one volume stores, in blocks (DESIGN section 8's "blocks per volume"):
+    /// a write that would add blocks to a volume past it is refused (RESOURCE_EXHAUSTED,
+    /// `max_blocks_per_volume`), so one vehicle cannot take the node's `max_blocks`.
+    pub max_blocks_per_volume: usize,
     /// Append to the Raft log and the blob segments with `O_DIRECT` (around the page
     /// cache; falls back to buffered writes where the file system refuses it).
     pub direct_io: bool,
@@ -152,6 +156,7 @@ impl Default for Config {
             blob_gc_live_percent: 50,
             blob_gc_space_percent: 200,
             max_blocks: 8 * 1024 * 1024,
+            max_blocks_per_volume: 2 * 1024 * 1024,
             direct_io: true,
             request_timeout_ms: 10_000,
             learner_catch_up_timeout_ms: 30_000,
@@ -281,6 +286,7 @@ impl Config {
             ("snapshot_chunk_bytes", self.snapshot_chunk_bytes),
             ("blob_segment_bytes", self.blob_segment_bytes as usize),
             ("max_blocks", self.max_blocks),
+            ("max_blocks_per_volume", self.max_blocks_per_volume),
             ("request_timeout_ms", self.request_timeout_ms as usize),
             ("tls_handshake_timeout_ms", self.tls_handshake_timeout_ms as usize),
             ("max_connections", self.max_connections),

@@ -106,6 +106,7 @@ async fn serve(
         node: handle.clone(),
         max_batch_ops: config.max_batch_ops,
         max_blocks: config.max_blocks,
+        max_blocks_per_volume: config.max_blocks_per_volume,
         reserved_blocks: Default::default(),
         max_pipeline_requests: config.max_pipeline_requests,
         max_reply_bytes: max / 2,

@@ -99,6 +99,9 @@ pub struct BlockService {
     pub max_batch_ops: usize,
     /// Most blocks the node stores (its block index is in memory).
     pub max_blocks: usize,
+    /// Most blocks one volume stores (checked at admission, like `max_blocks`; a volume
+    /// has one owner writing back one batch at a time, so nothing is reserved for it).
+    pub max_blocks_per_volume: usize,
     /// Blocks that writes admitted and not yet answered may add (an upper bound: their
     /// non-delete ops), counted against `max_blocks` with the stored ones: admission looks
     /// at the applied state only, so concurrent writers could otherwise pass it together.
@@ -172,6 +175,24 @@ impl BlockService {
             let total = stored + reserved.before + new;
             if new > 0 && total > self.max_blocks {
                 return Err(limit("max_blocks", "blocks", total, self.max_blocks));
+            }
+        }
+        if upper > 0 {
+            let stored = self.node.reader.volume(&req.volume).map_err(internal)?;
+            let stored = stored.map_or(0, |m| m.block_count as usize);
+            if stored + upper > self.max_blocks_per_volume {
+                let reader = &self.node.reader;
+                let new =
+                    req.ops.iter().filter(|o| !o.delete && !reader.has_block(&req.volume, o.block));
+                let total = stored + new.count();
+                if total > stored && total > self.max_blocks_per_volume {
+                    return Err(limit(
+                        "max_blocks_per_volume",
+                        "blocks in the volume",
+                        total,
+                        self.max_blocks_per_volume,
+                    ));
+                }
             }
         }
         let cmd = Command { write: Some(req), ..Default::default() };

@@ -445,3 +445,38 @@ async fn concurrent_writes_of_new_blocks_stay_within_max_blocks() {
     assert_eq!(meta.block_count, ok as u64);
     cluster.shutdown().await;
 }
+
+/// One volume stores at most `max_blocks_per_volume` blocks: a write adding one past it is
+/// refused naming the limit and changes nothing; overwrites and deletes still go, a delete
+/// makes room, and another volume has room of its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_volume_stores_at_most_max_blocks_per_volume() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster =
+        LocalCluster::start_with(1, dir.path(), |c| c.max_blocks_per_volume = 4).await.unwrap();
+    let client = cluster.client();
+    let epoch = client.acquire_volume(acquire("cap", "nms", 1)).await.unwrap().meta.unwrap().epoch;
+    let mut seq = 0;
+    let mut write = |block: u64, delete: bool| {
+        seq += 1;
+        let mut req = put("cap", epoch, "w", seq, block, vec![block as u8; 64]);
+        req.ops[0].delete = delete;
+        let client = client.clone();
+        async move { client.write_batch(req).await }
+    };
+    for b in 0..4 {
+        write(b, false).await.unwrap();
+    }
+    let e = write(4, false).await.expect_err("a fifth block");
+    assert!(e.to_string().contains("max_blocks_per_volume"), "{e}");
+    let volume = VolumeName::new("cap").unwrap();
+    assert_eq!(client.get_volume(&volume).await.unwrap().block_count, 4);
+    assert!(!client.get_blocks(&volume, &[4]).await.unwrap()[0].found);
+    write(3, false).await.expect("an overwrite adds no block");
+    write(0, true).await.expect("a delete");
+    write(4, false).await.expect("room made by the delete");
+    let other = client.acquire_volume(acquire("other", "nms", 2)).await.unwrap().meta.unwrap();
+    let other_put = put("other", other.epoch, "x", 1, 9, vec![9; 64]);
+    client.write_batch(other_put).await.expect("another volume has room of its own");
+    cluster.shutdown().await;
+}

@@ -34,6 +34,10 @@ use wayside_proto::types::{
 /// blocks goes in several reads, side by side).
 pub const PSS_READ_BYTES: u64 = 8 << 20;
 
+/// Most bytes of one request to the vehicle calls that carry no block data (CreateVolume,
+/// Attach, Stat, List, Flush, Delete: a name, a credential and a few numbers).
+pub const CONTROL_REQUEST_BYTES: usize = 64 * 1024;
+
 /// Runs an NMS on `listener` against the PSS in `config.pss` until `shutdown` fires or
 /// an admin Shutdown arrives; then drains write-back (bounded) and returns.
 pub async fn run(
@@ -146,9 +150,13 @@ async fn serve_node(
                 // (`wire::NmsHttp` serves those by hand).
                 let routes = tonic::service::Routes::new(health.clone())
                     .add_service(wayside_proto::server::reflection())
+                    // The vehicle calls tonic serves carry no block data (create, attach,
+                    // stat, list, flush, delete): a small request limit, so a caller with no
+                    // credential cannot make each of a connection's streams buffer a
+                    // message of the node's largest size.
                     .add_service(
                         wayside_proto::pb::nms_server::NmsServer::from_arc(node.clone())
-                            .max_decoding_message_size(max)
+                            .max_decoding_message_size(CONTROL_REQUEST_BYTES.min(max))
                             .max_encoding_message_size(max),
                     )
                     // Operators, the SMF and other NMSs only: with the cluster token and,

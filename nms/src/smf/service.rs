@@ -191,6 +191,14 @@ fn unauthenticated(volume: &str) -> Status {
 /// The speed a stopped vehicle's report (speed 0) is planned with, only to find the RSU
 /// serving its position (an exit radius of its handover radius), in metres per second.
 const STOPPED_MPS: f64 = 1e-6;
+/// Most bytes of a vehicle id in a report.
+pub const MAX_VEHICLE_ID_BYTES: usize = 128;
+
+/// A reported speed that counts as stopped: 0, or below `STOPPED_MPS` (a speed of 1e-300
+/// m/s plans a handover at infinity).
+fn is_stopped(mps: f64) -> bool {
+    (0.0..STOPPED_MPS).contains(&mps)
+}
 
 /// Each NodeStatus call of [`Smf::locate`].
 const LOCATE_CALL_TIMEOUT: Duration = Duration::from_secs(2);
@@ -371,12 +379,19 @@ impl Smf {
         if r.vehicle.is_empty() || r.volume.is_empty() {
             return Err(Status::invalid_argument("vehicle and volume are required"));
         }
+        // Kept per vehicle, in every move record and in ListMoves' replies.
+        if r.vehicle.len() > MAX_VEHICLE_ID_BYTES {
+            return Err(Status::invalid_argument(format!(
+                "vehicle id of {} bytes: at most {MAX_VEHICLE_ID_BYTES} (MAX_VEHICLE_ID_BYTES)",
+                r.vehicle.len()
+            )));
+        }
         wayside_proto::convert::volume_name(&r.volume)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         // All of it checked before any NMS is asked about the credential. A stopped
         // vehicle (0, a red light) is planned no move until it moves again (its pending
         // one is dropped); its position still says which RSU serves it.
-        let stopped = r.speed_mps == 0.0;
+        let stopped = is_stopped(r.speed_mps);
         let speed = Speed::from_mps(if stopped { STOPPED_MPS } else { r.speed_mps })
             .map_err(|e| Status::invalid_argument(format!("speed_mps: {e}")))?;
         if !r.time_s.is_finite() || !r.position_m.is_finite() {
@@ -518,7 +533,11 @@ impl Smf {
         let predicted = predicted_wall * self.cfg.time_scale;
         let fix = VehicleFix { time_s: r.time_s, position_m: r.position_m, speed };
         let mut d = planner::decide(&road, fix, predicted, self.cfg.margin_s);
-        if r.speed_mps == 0.0 {
+        // The RSU after the serving one, stopped or not: a volume already there (a move
+        // that finished before the vehicle stopped short of the handover) is ahead, not
+        // behind, and is not moved back.
+        let next = d.to;
+        if is_stopped(r.speed_mps) {
             d = planner::Decision {
                 kind: Kind::None,
                 to: None,
@@ -551,7 +570,7 @@ impl Smf {
             vol.pending = None;
             match (vol.at, d.from, d.to) {
                 // Behind: the vehicle is already served elsewhere; catch up now.
-                (Some(at), Some(from), _) if at != from && Some(at) != d.to => {
+                (Some(at), Some(from), _) if at != from && Some(at) != next => {
                     reason = format!(
                         "volume is at {} but the vehicle is served by {}: moving now",
                         road.rsus()[at].name,
@@ -881,8 +900,10 @@ impl Smf {
         st.road_gen += 1;
         // Indices into the old road mean nothing on the new one. A volume moving stays
         // marked so until its move ends (where it is, unknown until its vehicle's next
-        // report), or a report on the new road could start a second move of it.
-        st.volumes.retain(|_, v| v.moving);
+        // report), or a report on the new road could start a second move of it. What is
+        // known of a volume itself stays: the credential its reports proved (a fleet's
+        // every next report would otherwise need a check with an NMS again, a few at a
+        // time) and when it last reported.
         for v in st.volumes.values_mut() {
             v.at = None;
             v.pending = None;
@@ -1421,6 +1442,43 @@ mod tests {
         assert_eq!(e.code(), tonic::Code::InvalidArgument);
         a.stop().await;
         cluster.shutdown().await;
+    }
+
+    /// A volume whose move to the next RSU finished before its vehicle stopped short of
+    /// the handover is ahead of the vehicle, not behind it: it is not moved back.
+    #[tokio::test]
+    async fn a_vehicle_stopping_before_the_handover_does_not_pull_its_volume_back() {
+        let smf = no_nms(SmfConfig::default(), CancellationToken::new());
+        smf.set_road(road("127.0.0.1:1")).unwrap();
+        smf.report(&report(0.0, 200.0)).await.unwrap();
+        // The proactive move to B is done.
+        {
+            let mut st = smf.lock();
+            let v = st.volumes.get_mut("vol").unwrap();
+            v.at = Some(1);
+            v.pending = None;
+        }
+        // Stopped in A's coverage, 10 m before its exit (a red light).
+        let stopped = pb::VehicleReport { speed_mps: 0.0, ..report(5.0, 240.0) };
+        let d = smf.report(&stopped).await.unwrap();
+        assert_eq!(d.kind, pb::MoveKind::None as i32, "{d:?}");
+        assert!(smf.lock().volumes["vol"].pending.is_none(), "moved back: {d:?}");
+        assert_eq!(smf.lock().volumes["vol"].at, Some(1));
+        // A speed too small to plan with counts as stopped too.
+        let crawl = pb::VehicleReport { speed_mps: 1e-300, ..report(6.0, 240.0) };
+        let d = smf.report(&crawl).await.unwrap();
+        assert!(d.reason.contains("stopped"), "{d:?}");
+        // A vehicle id past its limit is refused.
+        let long = pb::VehicleReport {
+            vehicle: "v".repeat(MAX_VEHICLE_ID_BYTES + 1),
+            ..report(7.0, 240.0)
+        };
+        let e = smf.report(&long).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+        // A new road keeps what the reports proved (the credential).
+        smf.set_road(road("127.0.0.1:2")).unwrap();
+        assert!(smf.lock().volumes["vol"].credential.is_some());
+        assert_eq!(smf.lock().volumes["vol"].at, None);
     }
 
     /// Two reports of one volume planned in the other order from the one they were
