@@ -1886,6 +1886,92 @@ async fn a_pss_read_naming_a_block_twice_answers_it_twice() {
     cluster.shutdown().await;
 }
 
+/// A target shutting down takes no move in past its Begin: a Claim (or a SwitchOver)
+/// arriving during its last drain is refused UNAVAILABLE and raises no epoch, so the
+/// source keeps the volume rather than hand it to a node about to exit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_target_shutting_down_refuses_the_claim_of_a_move_begun_before() {
+    use pb::migration_ack::Ack;
+    use pb::migration_frame::Frame;
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = LocalCluster::start(1, dir.path()).await.unwrap();
+    let a = Nms::start("a", &cluster.endpoints(), |_| {}).await;
+    let c = VolumeClient::open(opts(&[&a.ep], "late", "k")).await.unwrap();
+    c.write(0, 0, block_data(0, 1)).await.unwrap();
+    c.flush().await.unwrap();
+    let store = FaultyPss::new(&cluster);
+    let b = Nms(LocalNms::start_with_store("b", store.clone(), |c| {
+        c.writeback_delay_ms = 600_000;
+        c.shutdown_flush_timeout_ms = 20_000;
+    })
+    .await);
+    // B holds a write of its own vehicle, which its last drain writes back.
+    let other = VolumeClient::open(opts(&[&b.ep], "other", "k")).await.unwrap();
+    other.write(0, 0, block_data(0, 2)).await.unwrap();
+    let volume = VolumeName::new("late").unwrap();
+    let before = cluster.client().get_volume(&volume).await.unwrap();
+    let mut source = PlayedSource::open(&b.ep).await;
+    source.send(begin_frame("late", before.epoch, a.ep.uri(), 0)).await;
+    let ready = source.acks.message().await.unwrap().unwrap();
+    assert!(matches!(ready.ack, Some(Ack::Ready(_))), "{ready:?}");
+    store.hold_writes.send_replace(true);
+    b.admin().await.shutdown(pb::ShutdownRequest {}).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while store.held_writes.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+        assert!(Instant::now() < deadline, "B's shutdown started no write-back");
+        tokio::task::yield_now().await;
+    }
+    source.send(Frame::Claim(pb::Claim { expected_epoch: before.epoch })).await;
+    let end = loop {
+        match source.acks.message().await {
+            Ok(Some(m)) => assert!(!matches!(m.ack, Some(Ack::Claimed(_))), "claimed: {m:?}"),
+            Ok(None) => panic!("the target ended the stream without a status"),
+            Err(e) => break e,
+        }
+    };
+    assert_eq!(end.code(), tonic::Code::Unavailable, "{end:?}");
+    assert!(end.message().contains("shutting down"), "{end:?}");
+    let after = cluster.client().get_volume(&volume).await.unwrap();
+    assert_eq!((after.epoch, after.owner_node.as_str()), (before.epoch, "a"), "no epoch raised");
+    store.hold_writes.send_replace(false);
+    b.0.exited().await.unwrap();
+    assert_eq!(c.read(0, 0, None).await.unwrap(), Some(block_data(0, 1)), "A still serves it");
+    a.stop().await;
+    cluster.shutdown().await;
+}
+
+/// A move's frames are cut by each block's framing as well as its data: a volume holding
+/// hundreds of thousands of blocks without data (reads of blocks never written, cached as
+/// absent) moves in frames within the message limit (they went in one frame past it, and
+/// every move of the volume failed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn blocks_without_data_move_in_frames_within_the_message_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = LocalCluster::start(1, dir.path()).await.unwrap();
+    let small = |c: &mut Config| {
+        c.max_message_size_bytes = 2 << 20;
+        c.migration_frame_bytes = 64 << 10;
+    };
+    let a = Nms::start("a", &cluster.endpoints(), small).await;
+    let b = Nms::start("b", &cluster.endpoints(), small).await;
+    let c = VolumeClient::open(opts(&[&a.ep, &b.ep], "sparse", "k")).await.unwrap();
+    c.write(0, 0, block_data(0, 1)).await.unwrap();
+    // ~10 bytes each in a frame: 250,000 are past the 2 MiB message limit in one.
+    let blocks: Vec<u64> = (0..250_000).collect();
+    let got = c.read_many(&blocks).await.unwrap();
+    assert_eq!(got.iter().filter(|b| b.is_some()).count(), 1);
+    let info = c.stat().await.unwrap();
+    assert!(info.cached_blocks >= 250_000, "the absent blocks are cached: {info:?}");
+    let report = a.migrate("sparse", &b.ep, 0).await;
+    assert_eq!(report.outcome(), pb::MigrationOutcome::Completed, "{}", report.error);
+    assert_eq!(c.read(0, 0, None).await.unwrap(), Some(block_data(0, 1)));
+    assert_eq!(c.current_nms(), b.ep);
+    assert_eq!(c.read(7, 0, None).await.unwrap(), None);
+    a.stop().await;
+    b.stop().await;
+    cluster.shutdown().await;
+}
+
 /// The names of the volumes `nms` serves, sorted, and how many it unloaded to make room.
 async fn served_volumes(nms: &Nms) -> (Vec<String>, u64) {
     let s = nms.status().await;
@@ -2090,6 +2176,19 @@ async fn bad_input_gets_the_right_status_and_changes_nothing() {
     });
     let e = first_error(&mut mig, vec![begin("other"), uneven]).await;
     assert_eq!(e.code(), tonic::Code::InvalidArgument, "request ids of uneven lists: {e:?}");
+    let n = Config::default().dedupe_entries_per_volume as u64 + 1;
+    let too_many = Frame::RequestIds(pb::RequestIds {
+        round: 1,
+        runs: vec![pb::AppliedRun {
+            client_id: "c".into(),
+            seq: (1..=n).collect(),
+            lsn: vec![1; n as usize],
+            version: vec![1; n as usize],
+        }],
+    });
+    let e = first_error(&mut mig, vec![begin("other"), too_many]).await;
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "more ids than the table keeps: {e:?}");
+    assert!(e.message().contains("dedupe_entries_per_volume"), "{e:?}");
     let claim = Frame::Claim(pb::Claim { expected_epoch: 2 });
     let e = first_error(&mut mig, vec![begin("other"), claim]).await;
     assert_eq!(e.code(), tonic::Code::InvalidArgument, "a Claim from another epoch: {e:?}");

@@ -54,6 +54,13 @@ const IDS_PER_LOCK: usize = 1024;
 /// one client's ids cost ~8 bytes each, so such a frame is ~64 KiB).
 const ID_BYTES: u64 = 128;
 
+/// What one block costs a `Blocks` frame besides its data (its number, version, lsn, heat
+/// and flags, encoded), in bytes: frames are cut by data and this, so a round of blocks
+/// without data (absent, deleted, forgotten) still comes in frames of at most
+/// `migration_frame_bytes`, and a target refuses a frame of more blocks than its message
+/// limit could hold so.
+const BLOCK_FRAMING_BYTES: u64 = 32;
+
 fn us(d: Duration) -> u64 {
     u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
 }
@@ -297,10 +304,12 @@ impl Link {
         }
         hottest_first(&mut blocks);
         let mut frame = Vec::new();
-        let mut fb = 0u64;
+        // Data bytes (reported), and what the frame costs with each block's framing (what
+        // cuts frames: blocks without data, absent, deleted or forgotten, cost only that).
+        let (mut fb, mut cost) = (0u64, 0u64);
         for b in blocks {
             let len = b.bytes();
-            if !frame.is_empty() && fb + len > frame_bytes {
+            if !frame.is_empty() && cost + len + BLOCK_FRAMING_BYTES > frame_bytes {
                 let n = frame.len() as u64;
                 self.send(Frame::Blocks(pb::MigrationBlocks {
                     round,
@@ -308,9 +317,10 @@ impl Link {
                 }))
                 .await?;
                 queued.add(n, fb);
-                fb = 0;
+                (fb, cost) = (0, 0);
             }
             fb += len;
+            cost += len + BLOCK_FRAMING_BYTES;
             frame.push(to_pb(b));
         }
         if !frame.is_empty() {
@@ -1069,7 +1079,9 @@ impl Node {
         let v = convert::volume_name(&b.volume)?;
         let bs = convert::block_size(b.block_size)?;
         let cred = convert::credential_hash(&b.credential_hash)?;
-        let admissible = |core: &mut Cache| -> Result<(), Status> {
+        // (`unload`: an idle volume may be unloaded to make room; only once the PSS has
+        // confirmed the move, so a bogus Begin unloads nothing.)
+        let admissible = |core: &mut Cache, unload: bool| -> Result<(), Status> {
             if let Some(x) = core.volume(&v) {
                 if !matches!(x.state, VolumeState::Moved { .. }) {
                     return Err(Status::failed_precondition(format!(
@@ -1078,7 +1090,7 @@ impl Node {
                     )));
                 }
             }
-            self.volume_room(core)?;
+            self.volume_room(core, unload)?;
             let room = self.cfg.cache_capacity_bytes.saturating_sub(core.dirty_bytes());
             if b.cached_bytes > room {
                 return Err(NmsError::Limit {
@@ -1091,7 +1103,7 @@ impl Node {
             }
             Ok(())
         };
-        admissible(&mut self.core())?;
+        admissible(&mut self.core(), false)?;
         // The PSS's record must be what the source claims: a source that no longer owns
         // the volume (or never did) is refused before any block travels. The read goes to
         // the PSS leader, so it also opens the connection the switch's epoch raise uses
@@ -1119,7 +1131,7 @@ impl Node {
             // vehicle wrote.
             let _load = self.load_locks.lock(&v).await;
             let mut core = self.core();
-            admissible(&mut core)?;
+            admissible(&mut core, true)?;
             core.insert_volume(
                 v.clone(),
                 bs,
@@ -1215,6 +1227,14 @@ impl Node {
                 .ok_or_else(|| Status::cancelled("source closed the stream before SwitchOver"))?;
             match f.frame {
                 Some(Frame::Blocks(bl)) => {
+                    let most = self.cfg.max_message_size_bytes as u64 / BLOCK_FRAMING_BYTES;
+                    if bl.blocks.len() as u64 > most {
+                        return Err(Status::invalid_argument(format!(
+                            "a Blocks frame of {} blocks: at most {most} (frames are cut at \
+                             {BLOCK_FRAMING_BYTES} bytes a block besides its data)",
+                            bl.blocks.len()
+                        )));
+                    }
                     let mut blocks = Vec::with_capacity(bl.blocks.len());
                     for m in bl.blocks {
                         if m.forget {
@@ -1255,6 +1275,16 @@ impl Node {
                 }
                 Some(Frame::RequestIds(r)) => {
                     let t = Instant::now();
+                    // More than the dedupe table keeps is never sent (and would all be
+                    // decoded to be dropped).
+                    let ids: usize = r.runs.iter().map(|x| x.seq.len()).sum();
+                    if ids > self.cfg.dedupe_entries_per_volume {
+                        return Err(Status::invalid_argument(format!(
+                            "a RequestIds frame of {ids} ids: at most \
+                             dedupe_entries_per_volume ({})",
+                            self.cfg.dedupe_entries_per_volume
+                        )));
+                    }
                     let applied = applied_from_pb(r.runs)?;
                     let entries = applied.len();
                     self.core().reserve_applied(&v, entries);
@@ -1284,6 +1314,13 @@ impl Node {
                 Some(Frame::Claim(c)) => {
                     if claimed.is_some() {
                         return Err(Status::invalid_argument("a second Claim"));
+                    }
+                    if self.shutdown.is_cancelled() {
+                        // Its last drain is under way: a volume switched in now would be
+                        // refused writes and end with the process. The source keeps it.
+                        return Err(Status::unavailable(
+                            "this NMS is shutting down: it takes no move in",
+                        ));
                     }
                     if c.expected_epoch != b.source_epoch {
                         return Err(Status::invalid_argument("Claim epoch differs from Begin's"));
@@ -1316,6 +1353,11 @@ impl Node {
                     // Before the epoch is raised: a malformed switch takes nothing over.
                     check_switch_lsns(Lsn(s.accepted_lsn), Lsn(s.persisted_lsn))
                         .map_err(refused)?;
+                    if self.shutdown.is_cancelled() {
+                        return Err(Status::unavailable(
+                            "this NMS is shutting down: it takes no move in",
+                        ));
+                    }
                     let t_acquire = Instant::now();
                     let meta = match claimed.take() {
                         Some(meta) => meta,
@@ -1376,11 +1418,12 @@ impl Node {
                     return Ok(());
                 }
                 Some(Frame::Abort(a)) => {
-                    let _ = tx
-                        .send(Ok(ack(Ack::Aborted(pb::MigrationAborted {
-                            reason: a.reason.clone(),
-                        }))))
-                        .await;
+                    // Bounded: a source that stops reading its acks must not keep the
+                    // half-arrived copy here (it is dropped when this returns).
+                    let aborted =
+                        ack(Ack::Aborted(pb::MigrationAborted { reason: a.reason.clone() }));
+                    let wait = Duration::from_millis(self.cfg.migration_switch_timeout_ms);
+                    let _ = tokio::time::timeout(wait, tx.send(Ok(aborted))).await;
                     return Err(Status::aborted(format!("source aborted: {}", a.reason)));
                 }
                 Some(Frame::Begin(_)) => return Err(Status::invalid_argument("a second Begin")),

@@ -682,7 +682,7 @@ impl Node {
         }
         let _slot = {
             let mut core = self.core();
-            self.volume_room(&mut core)?;
+            self.volume_room(&mut core, true)?;
             self.loads_in_flight.fetch_add(1, Ordering::SeqCst);
             LoadSlot(self)
         };
@@ -727,14 +727,14 @@ impl Node {
     }
 
     /// Whether one more volume fits under `max_volumes`: the volumes served or arriving
-    /// here, and the loads under way (call under the cache lock). At the limit, the
-    /// longest idle volume past `volume_idle_unload_ms` with nothing to write back is
-    /// unloaded to make room, if there is one.
-    pub(crate) fn volume_room(&self, core: &mut Cache) -> Result<(), NmsError> {
+    /// here, and the loads under way (call under the cache lock). At the limit, with
+    /// `unload`, the longest idle volume past `volume_idle_unload_ms` with nothing to
+    /// write back is unloaded to make room, if there is one.
+    pub(crate) fn volume_room(&self, core: &mut Cache, unload: bool) -> Result<(), NmsError> {
         let here = core.volumes().filter(|x| !matches!(x.state, VolumeState::Moved { .. })).count();
         let mut n = here + self.loads_in_flight.load(Ordering::SeqCst);
         // (One unloaded makes room only when exactly at the limit.)
-        if n == self.cfg.max_volumes && self.unload_idle(core) {
+        if unload && n == self.cfg.max_volumes && self.unload_idle(core) {
             n -= 1;
         }
         if n >= self.cfg.max_volumes {
