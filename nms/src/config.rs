@@ -111,6 +111,9 @@ pub struct Config {
     /// connections; a connection past it is closed at once (callers that connect and stall
     /// hold at most this many sockets).
     pub max_tls_handshakes: usize,
+    /// Most of those from one source address, in connections: a host that connects and
+    /// stalls over and over takes at most this many slots from everyone else's handshakes.
+    pub max_tls_handshakes_per_source: usize,
     /// Most connections open at once (vehicles, operators, other NMSs, across the serving
     /// threads), in connections; one past it is closed as soon as it is accepted (the
     /// client library retries with backoff). Each attached volume's client keeps one open;
@@ -255,6 +258,7 @@ impl Default for Config {
             tls: wayside_proto::tls::TlsFiles::default(),
             tls_handshake_timeout_ms: 5_000,
             max_tls_handshakes: 256,
+            max_tls_handshakes_per_source: 16,
             max_connections: 4096,
             max_connections_per_source: 1024,
             max_stream_inflight_ops: 256,
@@ -334,6 +338,7 @@ impl Config {
             ("migration_switch_timeout_ms", self.migration_switch_timeout_ms),
             ("tls_handshake_timeout_ms", self.tls_handshake_timeout_ms),
             ("max_tls_handshakes", self.max_tls_handshakes as u64),
+            ("max_tls_handshakes_per_source", self.max_tls_handshakes_per_source as u64),
             ("max_connections", self.max_connections as u64),
             ("max_connections_per_source", self.max_connections_per_source as u64),
             ("max_concurrent_streams", u64::from(self.max_concurrent_streams)),

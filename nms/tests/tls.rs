@@ -348,6 +348,39 @@ async fn connections_past_max_tls_handshakes_are_closed_at_once() {
     a.stop().await;
 }
 
+/// One source address takes at most `max_tls_handshakes_per_source` of the handshake
+/// slots: its next connection is closed at once, while another address's is taken (and
+/// held to its handshake timeout, as it sends nothing).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_source_takes_at_most_its_share_of_the_handshake_slots() {
+    let mut road = Road::new("road");
+    let store = Arc::new(MemStore::default());
+    let a = tls_nms("a", &mut road, &store, |c| {
+        c.tls_handshake_timeout_ms = 2_000;
+        c.max_tls_handshakes = 8;
+        c.max_tls_handshakes_per_source = 2;
+        c.serve_threads = 1;
+    })
+    .await;
+    let mut stalled = Vec::new();
+    for _ in 0..2 {
+        stalled.push(tokio::net::TcpStream::connect(a.ep.authority()).await.unwrap());
+    }
+    let third = dropped_after(&a.ep, Duration::from_secs(10)).await.expect("dropped");
+    assert!(third < Duration::from_millis(1_000), "not refused at once: {third:?}");
+    // From 127.0.0.2 (loopback too): a slot of its own.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+    let mut other = socket.connect(a.ep.authority().parse().unwrap()).await.unwrap();
+    let t = Instant::now();
+    let mut buf = [0u8; 16];
+    let n = tokio::time::timeout(Duration::from_secs(10), other.read(&mut buf)).await;
+    assert!(matches!(n, Ok(Ok(0) | Err(_))), "{n:?}");
+    assert!(t.elapsed() >= Duration::from_millis(1_500), "refused: {:?}", t.elapsed());
+    drop(stalled);
+    a.stop().await;
+}
+
 /// The SMF served over TLS: vehicles report to it over TLS (a plaintext one fails), it
 /// checks their credentials with, and moves volumes between, NMSs it dials over TLS (the
 /// road's addresses written without a scheme), and drops a stalled handshake in time.

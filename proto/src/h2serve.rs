@@ -618,6 +618,9 @@ pub struct Http2Settings {
     /// is closed at once, so callers that connect and stall (or make the server sign a
     /// handshake each) hold at most this many tasks and sockets.
     pub max_tls_handshakes: usize,
+    /// Most of those from one source address (served over TLS only): one host that
+    /// connects and stalls takes at most this many of `max_tls_handshakes`.
+    pub max_tls_handshakes_per_source: usize,
     /// Bytes a caller may have sent and its calls not consumed, over all its calls.
     pub connection_window_bytes: u32,
     /// Bytes a caller may have sent on one call and the call not consumed.
@@ -679,6 +682,7 @@ where
     // Past the grace: every connection left is closed (its task ends).
     let (hard_tx, hard_rx) = tokio::sync::watch::channel(false);
     let handshakes = std::sync::Arc::new(tokio::sync::Semaphore::new(settings.max_tls_handshakes));
+    let per_source = SourceCounts::default();
     {
         // Dropped when accepting stops.
         let incoming = incoming;
@@ -700,16 +704,28 @@ where
             let io = io.flush_at_once();
             let tls = tls.clone();
             let permit = match &tls {
-                Some(_) => match handshakes.clone().try_acquire_owned() {
-                    Ok(p) => Some(p),
-                    Err(_) => {
+                Some(_) => {
+                    let source = io.get_ref().peer_addr().ok().map(|a| a.ip());
+                    let max = settings.max_tls_handshakes_per_source.max(1);
+                    let Some(slot) = per_source.take(source, max) else {
                         tracing::debug!(
-                            max = settings.max_tls_handshakes,
-                            "max_tls_handshakes under way: a new connection closed"
+                            ?source,
+                            max,
+                            "max_tls_handshakes_per_source under way: a new connection closed"
                         );
                         continue;
+                    };
+                    match handshakes.clone().try_acquire_owned() {
+                        Ok(p) => Some((p, slot)),
+                        Err(_) => {
+                            tracing::debug!(
+                                max = settings.max_tls_handshakes,
+                                "max_tls_handshakes under way: a new connection closed"
+                            );
+                            continue;
+                        }
                     }
-                },
+                }
                 None => None,
             };
             let handshake = Duration::from_millis(settings.tls_handshake_timeout_ms.max(1));
@@ -771,6 +787,50 @@ where
         stop_tx.closed().await;
     }
     Ok(())
+}
+
+/// TLS handshakes under way per source address (`max_tls_handshakes_per_source`).
+#[derive(Clone, Default)]
+struct SourceCounts(
+    std::sync::Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>,
+);
+
+/// One handshake of a source counted in [`SourceCounts`]; given back when dropped.
+struct SourceSlot {
+    counts: SourceCounts,
+    source: Option<std::net::IpAddr>,
+}
+
+impl SourceCounts {
+    /// A slot for one more handshake from `source`, unless it has `max` under way (a
+    /// source unknown is not counted).
+    fn take(&self, source: Option<std::net::IpAddr>, max: usize) -> Option<SourceSlot> {
+        if let Some(ip) = source {
+            let mut counts = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let n = counts.entry(ip).or_default();
+            if *n >= max {
+                return None;
+            }
+            *n += 1;
+        }
+        Some(SourceSlot { counts: self.clone(), source })
+    }
+}
+
+impl Drop for SourceSlot {
+    fn drop(&mut self) {
+        if let Some(ip) = self.source {
+            let mut counts =
+                self.counts.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if let Some(n) = counts.get_mut(&ip) {
+                *n -= 1;
+                if *n == 0 {
+                    // (Bounded: the map holds only sources with a handshake under way.)
+                    counts.remove(&ip);
+                }
+            }
+        }
+    }
 }
 
 /// `svc` with the certificates a TLS connection's caller presented put in every request's
@@ -1116,6 +1176,7 @@ mod tests {
             keepalive_timeout_ms: 0,
             tls_handshake_timeout_ms: 1000,
             max_tls_handshakes: 16,
+            max_tls_handshakes_per_source: 16,
             connection_window_bytes: crate::server::HTTP2_CONNECTION_WINDOW_BYTES,
             stream_window_bytes: crate::server::HTTP2_STREAM_WINDOW_BYTES,
             max_frame_bytes: crate::server::HTTP2_MAX_FRAME_BYTES,

@@ -183,6 +183,7 @@ async fn serve_node(
                     keepalive_timeout_ms: node.cfg.http2_keepalive_timeout_ms,
                     tls_handshake_timeout_ms: node.cfg.tls_handshake_timeout_ms,
                     max_tls_handshakes: node.cfg.max_tls_handshakes,
+                    max_tls_handshakes_per_source: node.cfg.max_tls_handshakes_per_source,
                     connection_window_bytes: node.cfg.http2_connection_window_bytes,
                     stream_window_bytes: node.cfg.http2_stream_window_bytes,
                     max_frame_bytes: node.cfg.http2_max_frame_bytes,
