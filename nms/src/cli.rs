@@ -125,10 +125,18 @@ pub struct TlsArgs {
 }
 
 impl TlsArgs {
-    /// The TLS set-up to dial with (`None`: plaintext).
+    /// The TLS set-up to dial with (`None`: plaintext, said on stderr: the volume's
+    /// credential and data then cross the network unencrypted).
     pub fn load(&self) -> anyhow::Result<Option<wayside_proto::tls::Tls>> {
         let files = wayside_proto::tls::TlsFiles { ca: self.tls_ca.clone(), ..Default::default() };
-        wayside_proto::tls::Tls::load(&files).context("--tls-ca")
+        let tls = wayside_proto::tls::Tls::load(&files).context("--tls-ca")?;
+        if tls.is_none() {
+            eprintln!(
+                "warning: no --tls-ca (WAYSIDE_TLS_CA): dialling the NMS in plaintext; the \
+                 volume's credential and data cross the network unencrypted"
+            );
+        }
+        Ok(tls)
     }
 }
 

@@ -1972,6 +1972,36 @@ async fn blocks_without_data_move_in_frames_within_the_message_limit() {
     cluster.shutdown().await;
 }
 
+/// `nms put/get/stat` work through the client library, and without a road CA they say on
+/// stderr that the credential and data go in plaintext.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_volume_commands_work_and_say_when_they_dial_in_plaintext() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = LocalCluster::start(1, dir.path()).await.unwrap();
+    let a = Nms::start("a", &cluster.endpoints(), |_| {}).await;
+    let file = dir.path().join("in.bin");
+    std::fs::write(&file, b"hello").unwrap();
+    let run = |args: &[&str]| {
+        let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_nms"));
+        cmd.args(args)
+            .args(["--nms", a.ep.authority(), "--volume", "cli"])
+            .env("WAYSIDE_CREDENTIAL", "k")
+            .env_remove("WAYSIDE_TLS_CA")
+            .output()
+    };
+    let create = run(&["create", "--block-size", "4096"]).await.unwrap();
+    assert!(create.status.success(), "{create:?}");
+    let put = run(&["put", "--block", "3", "--file", file.to_str().unwrap()]).await.unwrap();
+    assert!(put.status.success(), "{put:?}");
+    let stderr = String::from_utf8_lossy(&put.stderr);
+    assert!(stderr.contains("plaintext"), "no plaintext warning: {stderr}");
+    let get = run(&["get", "--block", "3"]).await.unwrap();
+    assert!(get.status.success(), "{get:?}");
+    assert!(get.stdout.starts_with(b"hello"), "{get:?}");
+    a.stop().await;
+    cluster.shutdown().await;
+}
+
 /// The names of the volumes `nms` serves, sorted, and how many it unloaded to make room.
 async fn served_volumes(nms: &Nms) -> (Vec<String>, u64) {
     let s = nms.status().await;
