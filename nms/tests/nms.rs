@@ -885,11 +885,7 @@ async fn a_batch_older_than_the_nodes_own_raise_is_written_back_again() {
     // The next write-back waits in the store, in flight.
     store.hold_writes.send_replace(true);
     c.write(8, 0, block_data(8, 1)).await.unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while store.held_writes.load(std::sync::atomic::Ordering::SeqCst) == 0 {
-        assert!(Instant::now() < deadline, "no write-back started");
-        tokio::task::yield_now().await;
-    }
+    store.held("no write-back started").await;
     let pss = cluster.client();
     let target = DyingTarget(DieAt::OldOnSwitchOver, CancellationToken::new(), pss.clone(), None);
     let (t_ep, dead, server) = dying_target(target).await;
@@ -1029,11 +1025,7 @@ async fn a_flush_is_not_answered_by_a_copy_loaded_anew_during_it() {
     store.hold_writes.send_replace(true);
     x.write(0, 0, block_data(0, 1)).await.unwrap();
     let flush = tokio::spawn(async move { x.flush().await.map(|p| (x, p)) });
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while store.held_writes.load(std::sync::atomic::Ordering::SeqCst) == 0 {
-        assert!(Instant::now() < deadline, "the flush started no write-back");
-        tokio::task::yield_now().await;
-    }
+    store.held("the flush started no write-back").await;
     let y = VolumeClient::open(opts(&[&b.ep], "reloaded", "k")).await.unwrap();
     for blk in 1..=3 {
         y.write(blk, 0, block_data(blk, 1)).await.unwrap();
@@ -1307,6 +1299,16 @@ struct FaultyPss {
 }
 
 impl FaultyPss {
+    /// Waits (at most 10 s) until a write-back is held (`hold_writes`); `what` says what
+    /// should have started one.
+    async fn held(&self, what: &str) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.held_writes.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+            assert!(Instant::now() < deadline, "{what}");
+            tokio::task::yield_now().await;
+        }
+    }
+
     fn new(cluster: &LocalCluster) -> std::sync::Arc<FaultyPss> {
         std::sync::Arc::new(FaultyPss {
             pss: wayside_nms::store::PssStore::new(cluster.endpoints(), cluster.client_options()),
@@ -1850,11 +1852,7 @@ async fn a_node_shutting_down_refuses_the_writes_its_last_drain_would_miss() {
     // The shutdown's drain writes block 0 back; the store holds that write-back.
     store.hold_writes.send_replace(true);
     a.admin().await.shutdown(pb::ShutdownRequest {}).await.unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while store.held_writes.load(std::sync::atomic::Ordering::SeqCst) == 0 {
-        assert!(Instant::now() < deadline, "the shutdown started no write-back");
-        tokio::task::yield_now().await;
-    }
+    store.held("the shutdown started no write-back").await;
     // On the connection opened before the shutdown: refused, not accepted.
     let e = raw.write(write(1)).await.expect_err("a write accepted during the last drain");
     assert_eq!(e.code(), tonic::Code::Unavailable, "{e:?}");
@@ -1916,11 +1914,7 @@ async fn a_target_shutting_down_refuses_the_claim_of_a_move_begun_before() {
     assert!(matches!(ready.ack, Some(Ack::Ready(_))), "{ready:?}");
     store.hold_writes.send_replace(true);
     b.admin().await.shutdown(pb::ShutdownRequest {}).await.unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while store.held_writes.load(std::sync::atomic::Ordering::SeqCst) == 0 {
-        assert!(Instant::now() < deadline, "B's shutdown started no write-back");
-        tokio::task::yield_now().await;
-    }
+    store.held("B's shutdown started no write-back").await;
     source.send(Frame::Claim(pb::Claim { expected_epoch: before.epoch })).await;
     let end = loop {
         match source.acks.message().await {
