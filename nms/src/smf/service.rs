@@ -48,6 +48,10 @@ pub struct SmfConfig {
     /// move's two NMSs where the volume ended up, milliseconds (the volume's RSU stays
     /// what it was if they do not tell in time).
     pub locate_wait_ms: u64,
+    /// After a failed move, a volume's next move waits this long, in wall milliseconds,
+    /// doubling with each failure in a row up to 64 times it (a move failing late would
+    /// otherwise be started again at every report, pre-copy and all). 0: no wait.
+    pub move_retry_backoff_ms: u64,
     /// Vehicles tracked at once (RESOURCE_EXHAUSTED beyond, once no tracked vehicle has been
     /// silent for `idle_forget_ms`).
     pub max_vehicles: usize,
@@ -114,6 +118,7 @@ impl Default for SmfConfig {
             max_concurrent_credential_checks: 16,
             migration_rpc_timeout_ms: 60_000,
             locate_wait_ms: 10_000,
+            move_retry_backoff_ms: 500,
             max_vehicles: 10_000,
             max_volumes: 10_000,
             max_vehicles_per_volume: 4,
@@ -257,6 +262,10 @@ struct VolumeState {
     /// earlier that reaches the planner later (its credential check took longer) is
     /// older news and changes nothing.
     planned_from: Option<Instant>,
+    /// Moves of it that failed in a row, and when the next may start
+    /// (`move_retry_backoff_ms`).
+    failures: u32,
+    retry_at: Option<Instant>,
 }
 
 struct State {
@@ -605,6 +614,14 @@ impl Smf {
                 }
                 _ => {}
             }
+            if let (Some(_), Some(t)) = (&vol.pending, vol.retry_at.filter(|t| *t > now)) {
+                reason = format!(
+                    "{reason} (its last {} move(s) failed: the next starts no sooner than {} ms \
+                     from now, move_retry_backoff_ms)",
+                    vol.failures,
+                    (t - now).as_millis()
+                );
+            }
         }
         let name = |i: Option<usize>| i.map(|i| road.rsus()[i].name.clone()).unwrap_or_default();
         Ok(pb::MoveDecision {
@@ -630,7 +647,7 @@ impl Smf {
         let mut ready: Vec<(Instant, String)> = st
             .volumes
             .iter()
-            .filter(|(_, v)| !v.moving)
+            .filter(|(_, v)| !v.moving && v.retry_at.is_none_or(|t| t <= now))
             .filter_map(|(name, v)| {
                 v.pending.as_ref().filter(|p| p.due <= now).map(|p| (p.due, name.clone()))
             })
@@ -725,8 +742,16 @@ impl Smf {
         // (A move started on an older road ends with the volume's place unknown on the new
         // one: its vehicle's next report says.)
         let same_road = st.road_gen == p.road_gen;
+        let backoff = Duration::from_millis(self.cfg.move_retry_backoff_ms);
         if let Some(v) = st.volumes.get_mut(&volume) {
             v.moving = false;
+            if rec.ok {
+                (v.failures, v.retry_at) = (0, None);
+            } else {
+                v.failures = v.failures.saturating_add(1);
+                let wait = backoff * (1u32 << (v.failures - 1).min(6));
+                v.retry_at = Some(Instant::now() + wait);
+            }
             v.at = if !same_road {
                 // A report on the new road during the move may have set a place from
                 // before it: unknown until the next report.
@@ -1373,6 +1398,39 @@ mod tests {
         let moving: Vec<&String> =
             st.volumes.iter().filter(|(_, v)| v.moving).map(|(n, _)| n).collect();
         assert_eq!(moving, ["vol7"]);
+    }
+
+    /// A failed move holds the volume's next one back (`move_retry_backoff_ms`, doubling
+    /// with each failure in a row); a completed one clears that.
+    #[tokio::test]
+    async fn a_failed_move_holds_the_next_one_back() {
+        let cfg = SmfConfig { move_retry_backoff_ms: 60_000, ..Default::default() };
+        let smf = no_nms(cfg, CancellationToken::new());
+        // Nothing listens at port 1: every move fails at once.
+        smf.set_road(road("127.0.0.1:1")).unwrap();
+        smf.lock().volumes.insert("vol".into(), VolumeState::default());
+        let (road, _) = smf.lock().road.clone().unwrap();
+        let started = Instant::now();
+        smf.do_move(road.clone(), "vol".into(), reactive_move_now(&smf, 0, 1)).await;
+        assert!(!smf.moves("car")[0].ok);
+        let retry_at = {
+            let st = smf.lock();
+            let v = &st.volumes["vol"];
+            assert_eq!(v.failures, 1);
+            v.retry_at.expect("a retry time")
+        };
+        assert!(retry_at >= started + Duration::from_secs(60), "{:?}", retry_at - started);
+        // Due now, but held back.
+        smf.lock().volumes.get_mut("vol").unwrap().pending = Some(reactive_move_now(&smf, 0, 1));
+        smf.start_due();
+        assert!(!smf.lock().volumes["vol"].moving, "started within the backoff");
+        // A second failure in a row waits twice as long.
+        let p = smf.lock().volumes.get_mut("vol").unwrap().pending.take().unwrap();
+        smf.do_move(road, "vol".into(), p).await;
+        let st = smf.lock();
+        assert_eq!(st.volumes["vol"].failures, 2);
+        let wait = st.volumes["vol"].retry_at.unwrap() - started;
+        assert!(wait >= Duration::from_secs(120), "{wait:?}");
     }
 
     /// A StartMigration the SMF gave up on (its 25 ms ran out) while the NMSs went on and
