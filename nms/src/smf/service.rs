@@ -715,7 +715,15 @@ impl Smf {
                 rec.ok = true;
                 rec.bytes = rep.bytes_moved;
                 rec.pause_ms = rep.pause_us as f64 / 1000.0;
-                st.estimator.observe(p.planned_bytes, wall);
+                // Learnt from the size the source moved in its first round (every cached
+                // block, counted as `VolumeInfo.cached_bytes` counts it, which is what
+                // honest reports carry), not from the vehicle's report: a report's sizes
+                // are the vehicle's word, and one vehicle must not skew every plan.
+                let learnt = rep.rounds.first().map_or(p.planned_bytes, |r| {
+                    r.bytes
+                        .saturating_add(r.blocks.saturating_mul(crate::cache::ENTRY_OVERHEAD_BYTES))
+                });
+                st.estimator.observe(learnt, wall);
                 info!(
                     bytes = rep.bytes_moved,
                     wall_ms = wall * 1e3,
@@ -1467,6 +1475,43 @@ mod tests {
         assert_eq!(c.read(4095, 0, None).await.unwrap().unwrap(), vec![4095u16 as u8; 4096]);
         let status = smf.epoch_at(b.ep.authority(), "vol").await.unwrap();
         assert!(status.is_some(), "B holds the volume");
+        drop(c);
+        a.stop().await;
+        b.stop().await;
+        cluster.shutdown().await;
+    }
+
+    /// A move is learnt from the bytes the source moved in its first round, whatever the
+    /// vehicle reported: a report claiming a terabyte does not skew every plan.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_move_is_learnt_from_what_the_source_moved_not_the_report() {
+        use crate::testing::LocalNms;
+        let dir = tempfile::tempdir().unwrap();
+        let cluster = wayside_pss::testing::LocalCluster::start(1, dir.path()).await.unwrap();
+        let a = LocalNms::start("a", &cluster.endpoints(), |_| {}).await;
+        let b = LocalNms::start("b", &cluster.endpoints(), |_| {}).await;
+        let c = vehicle_of_vol(&a).await;
+        c.write_many((0..256).map(|b| (b, 0, vec![b as u8; 4096])).collect()).await.unwrap();
+        let smf = Smf::new(SmfConfig::default(), CancellationToken::new()).unwrap();
+        let mut r = road("unused");
+        r.rsus[0].nms_address = a.ep.authority().into();
+        r.rsus[1].nms_address = b.ep.authority().into();
+        smf.set_road(r).unwrap();
+        smf.report(&report(0.0, 0.0)).await.unwrap();
+        let before = smf.estimator();
+        let (road, _) = smf.lock().road.clone().unwrap();
+        let p = Pending { planned_bytes: 1 << 40, ..reactive_move_now(&smf, 0, 1) };
+        smf.do_move(road, "vol".into(), p).await;
+        let m = &smf.moves("car")[0];
+        assert!(m.ok, "{m:?}");
+        let mut want = before.clone();
+        want.observe(256 * (4096 + crate::cache::ENTRY_OVERHEAD_BYTES), m.measured_smt_s);
+        assert_eq!(smf.estimator(), want, "learnt from the volume's 256 cached blocks");
+        // As the volume's own cached bytes count them.
+        assert_eq!(
+            c.stat().await.unwrap().cached_bytes,
+            256 * (4096 + crate::cache::ENTRY_OVERHEAD_BYTES)
+        );
         drop(c);
         a.stop().await;
         b.stop().await;
