@@ -1027,6 +1027,12 @@ pub async fn serve(
                  cross the air in plaintext; set them on a real road"
             );
         }
+        if smf.cfg.cluster_token.is_none() && !served_tls {
+            warn!(
+                "no cluster_token and no TLS: anyone reaching this port can set the road (and \
+                 so choose where vehicles' credentials are checked); set both on a real road"
+            );
+        }
         let (reporter, health) = wayside_proto::server::health();
         reporter.set_service_status("wayside.v1.Smf", tonic_health::ServingStatus::Serving).await;
         reporter.set_service_status("", tonic_health::ServingStatus::Serving).await;
