@@ -198,6 +198,11 @@ struct JEntry {
     /// entry at `lsn`, oldest first, at most [`MAX_COPIES_PER_ENTRY`]: the one that
     /// accepted it, and those that took it over from there in a move.
     copies: Vec<(u64, u32)>,
+    /// Where it stands in the order the NMSs applied the journal's writes: (generation,
+    /// lsn) of its first acknowledgement, never changed by a replay's (which gives it a
+    /// later generation): a replay cut short and resumed elsewhere would otherwise put the
+    /// entries it had replayed after the older ones it had not, applying those last.
+    order: Option<(u64, Lsn)>,
 }
 
 /// Most copies of a volume a journal entry remembers holding it (a move back to an older
@@ -206,7 +211,7 @@ const MAX_COPIES_PER_ENTRY: usize = 4;
 
 impl JEntry {
     fn new(op: JOp) -> Self {
-        JEntry { op, lsn: None, generation: 0, copies: Vec::new() }
+        JEntry { op, lsn: None, generation: 0, copies: Vec::new(), order: None }
     }
 
     /// Acknowledged at `lsn` on `generation`, by `copy` (if known): applied there anew,
@@ -215,6 +220,7 @@ impl JEntry {
         if self.lsn != Some(lsn) {
             self.copies.clear();
         }
+        self.order.get_or_insert((generation, lsn));
         self.lsn = Some(lsn);
         self.generation = generation;
         if let Some(c) = copy {
@@ -247,15 +253,20 @@ struct Journal {
 
 impl Journal {
     /// The accepted entries not from `generation`, in the order their NMS applied them
-    /// (generation, then lsn): not in request-id order, which two tasks writing one block
-    /// at once may have had applied the other way round (the later write, acknowledged
-    /// and read back, would be overwritten by the earlier one at a replay).
+    /// first ([`JEntry::order`]: generation, then lsn): not in request-id order, which two
+    /// tasks writing one block at once may have had applied the other way round (the later
+    /// write, acknowledged and read back, would be overwritten by the earlier one at a
+    /// replay), nor in the order of a replay's acknowledgements (see `order`).
     fn to_replay(&self, generation: u64) -> Vec<(u64, JOp)> {
         let mut todo: Vec<(u64, Lsn, u64, &JOp)> = self
             .entries
             .iter()
             .filter(|(_, e)| e.generation != generation)
-            .filter_map(|(s, e)| Some((e.generation, e.lsn?, *s, &e.op)))
+            .filter_map(|(s, e)| {
+                let (g, lsn) = e.order.or(Some((e.generation, e.lsn?)))?;
+                e.lsn?;
+                Some((g, lsn, *s, &e.op))
+            })
             .collect();
         todo.sort_unstable_by_key(|&(g, lsn, seq, _)| (g, lsn, seq));
         todo.into_iter().map(|(_, _, seq, op)| (seq, op.clone())).collect()
@@ -1347,6 +1358,14 @@ mod tests {
         let order: Vec<u64> = j.to_replay(2).into_iter().map(|(seq, _)| seq).collect();
         assert_eq!(order, [101, 100, 102]);
         assert!(j.to_replay(1).is_empty(), "the generation that holds them replays nothing");
+        // A replay to generation 2 cut short after its first entry (101, now at lsn 1 of
+        // generation 2): resumed on generation 3, the entries still go in the order they
+        // were first applied, not the replayed one last.
+        j.acked(101, Lsn(1), 2);
+        let order: Vec<u64> = j.to_replay(3).into_iter().map(|(seq, _)| seq).collect();
+        assert_eq!(order, [101, 100, 102]);
+        let order: Vec<u64> = j.to_replay(2).into_iter().map(|(seq, _)| seq).collect();
+        assert_eq!(order, [100, 102], "generation 2 holds 101");
     }
 
     #[test]

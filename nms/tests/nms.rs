@@ -1857,6 +1857,11 @@ async fn a_node_shutting_down_refuses_the_writes_its_last_drain_would_miss() {
     let e = raw.write(write(1)).await.expect_err("a write accepted during the last drain");
     assert_eq!(e.code(), tonic::Code::Unavailable, "{e:?}");
     assert!(e.message().contains("shutting down"), "{e:?}");
+    // Nor is an attach taken (the vehicle would only be sent on again).
+    let attach = pb::AttachRequest { auth: auth("down", "k"), client_id: "v".into() };
+    let e = raw.attach(attach).await.expect_err("an attach taken during the last drain");
+    assert_eq!(e.code(), tonic::Code::Unavailable, "{e:?}");
+    assert!(e.message().contains("shutting down"), "{e:?}");
     store.hold_writes.send_replace(false);
     a.0.exited().await.unwrap();
     // What it accepted is in the PSS; what it refused is not.

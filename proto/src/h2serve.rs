@@ -546,8 +546,27 @@ pub fn grpc_timeout(headers: &http::HeaderMap) -> Option<Duration> {
 }
 
 /// The trailers carrying `status`.
+/// Most bytes of a `grpc-message` the hand-served calls send (its header is percent-
+/// encoded, up to 3x this, well within a client's 16 KiB header list).
+pub const MAX_STATUS_MESSAGE_BYTES: usize = 2048;
+
 pub fn status_trailers(status: &Status) -> http::HeaderMap {
     let mut h = http::HeaderMap::new();
+    // A message past what a client takes in its header list (16 KiB by default here)
+    // would close the caller's whole connection: cut short (on a character boundary; the
+    // details, a fault the client acts on, are kept whole).
+    let cut;
+    let status = if status.message().len() > MAX_STATUS_MESSAGE_BYTES {
+        let m = status.message();
+        let mut end = MAX_STATUS_MESSAGE_BYTES;
+        while !m.is_char_boundary(end) {
+            end -= 1;
+        }
+        cut = Status::with_details(status.code(), &m[..end], status.details().to_vec().into());
+        &cut
+    } else {
+        status
+    };
     if status.add_header(&mut h).is_err() {
         // Only a message that cannot be a header value gets here.
         h.clear();
@@ -1165,6 +1184,20 @@ mod tests {
             .unwrap();
         assert!(t.elapsed() >= Duration::from_millis(250), "the call got its grace");
         drop(send);
+    }
+
+    #[test]
+    fn a_long_status_message_is_cut_short_and_keeps_its_details() {
+        let long = "é".repeat(MAX_STATUS_MESSAGE_BYTES);
+        let st = Status::with_details(tonic::Code::NotFound, long, vec![1, 2, 3].into());
+        let h = status_trailers(&st);
+        let back = Status::from_header_map(&h).expect("a status");
+        assert_eq!(back.code(), tonic::Code::NotFound);
+        assert!(back.message().len() <= MAX_STATUS_MESSAGE_BYTES, "{}", back.message().len());
+        assert!(back.message().starts_with('é'));
+        assert_eq!(back.details(), &[1, 2, 3]);
+        let short = status_trailers(&Status::internal("short"));
+        assert_eq!(Status::from_header_map(&short).unwrap().message(), "short");
     }
 
     /// The servers' settings in these tests.

@@ -625,10 +625,21 @@ impl Node {
         create: Option<BlockSize>,
         take_over: bool,
     ) -> Result<(), NmsError> {
+        if self.shutdown.is_cancelled() {
+            // It takes no writes any more: a vehicle attaching here (or loading a volume,
+            // fencing the NMS that serves it) would only be sent on again.
+            return Err(NmsError::Unavailable(
+                "this NMS is shutting down: attach to another one".into(),
+            ));
+        }
         let _g = self.load_locks.lock(v).await;
         let local = match self.check_local(v, cred) {
             // A vehicle attaching explicitly: the copy here must still be the volume's.
-            Ok(true) if take_over => self.still_owner(v).await,
+            // (In use from now: not unloaded as idle while the PSS is asked.)
+            Ok(true) if take_over => {
+                self.core().touch(v);
+                self.still_owner(v).await
+            }
             r => r,
         };
         match local {
