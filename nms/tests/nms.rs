@@ -2035,6 +2035,7 @@ async fn a_full_nms_unloads_an_idle_volume_with_nothing_unpersisted_to_make_room
     let parked = VolumeClient::open(short("parked")).await.unwrap();
     parked.write(0, 0, block_data(0, 1)).await.unwrap();
     parked.flush().await.unwrap();
+    let first = parked.stat().await.unwrap();
     let busy = VolumeClient::open(short("busy")).await.unwrap();
     busy.write(0, 0, block_data(0, 2)).await.unwrap();
     // Both idle past volume_idle_unload_ms (the condition is time itself).
@@ -2047,6 +2048,14 @@ async fn a_full_nms_unloads_an_idle_volume_with_nothing_unpersisted_to_make_room
     tokio::time::sleep(IDLE + Duration::from_millis(100)).await;
     assert_eq!(parked.read(0, 0, None).await.unwrap(), Some(block_data(0, 1)));
     assert_eq!(served_volumes(&a).await, (vec!["busy".into(), "parked".into()], 2));
+    // The copy loaded anew names the unloaded one, through what was persisted then: the
+    // vehicle's journal replays nothing it held.
+    let again = parked.stat().await.unwrap();
+    assert_ne!(again.incarnation, first.incarnation);
+    assert_eq!(
+        (again.predecessor_session, again.predecessor_incarnation, again.predecessor_through_lsn),
+        (first.nms_session, first.incarnation, first.persisted_lsn)
+    );
     // Both volumes here hold unpersisted writes now: nothing is unloaded for the third,
     // however long they have been idle.
     parked.write(1, 0, block_data(1, 3)).await.unwrap();

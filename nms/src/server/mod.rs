@@ -16,7 +16,7 @@ use crate::pool::BlockPool;
 use crate::store::{Acquire, PssStore, Store, StoreError, WriteBack};
 use anyhow::Context as _;
 use bytes::Bytes;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -407,6 +407,11 @@ pub struct Node {
     pub(crate) calls_failed: AtomicU64,
     /// Idle volumes unloaded to make room under `max_volumes` (NodeStatus).
     pub(crate) volumes_unloaded: AtomicU64,
+    /// The copies unloaded as idle (newest last, at most `max_moved_markers`): a volume
+    /// loaded again names the copy it was unloaded from as its predecessor, through the
+    /// lsn persisted then, so its vehicle's journal replays none of what that copy held
+    /// (all of it in the PSS).
+    unloaded: Mutex<VecDeque<(VolumeName, crate::cache::Predecessor)>>,
     me: std::sync::Weak<Node>,
 }
 
@@ -475,6 +480,7 @@ impl Node {
             reads: AtomicU64::new(0),
             calls_failed: AtomicU64::new(0),
             volumes_unloaded: AtomicU64::new(0),
+            unloaded: Mutex::new(VecDeque::new()),
         })
     }
 
@@ -778,6 +784,19 @@ impl Node {
             if busy {
                 continue;
             }
+            if let Some(x) = core.volume(&v) {
+                let marker = crate::cache::Predecessor {
+                    session: self.session,
+                    incarnation,
+                    through: x.persisted,
+                };
+                let mut u = self.unloaded.lock().expect("poisoned");
+                u.retain(|(n, _)| *n != v);
+                u.push_back((v.clone(), marker));
+                while u.len() > self.cfg.max_moved_markers {
+                    u.pop_front();
+                }
+            }
             // Its blocks are freed off the lock (and off the async workers).
             if let Some(old) = core.unload(&v) {
                 self.runtime.spawn_blocking(move || drop(old));
@@ -819,8 +838,15 @@ impl Node {
                     epoch,
                 });
             }
+            let unloaded = {
+                let mut u = self.unloaded.lock().expect("poisoned");
+                let at = u.iter().position(|(n, _)| n == v);
+                at.and_then(|i| u.remove(i)).map(|(_, p)| p)
+            };
             if let Some(x) = core.volume_mut(v) {
                 x.stored_blocks = stored_blocks;
+                // Everything the unloaded copy accepted is in the PSS, so in this one.
+                x.predecessor = unloaded.filter(|p| p.through <= persisted);
             }
         }
         self.start_writer(v);
