@@ -233,6 +233,10 @@ pub struct Outcome {
     pub read_mismatches: u64,
     /// Acknowledged writes the PSS did not hold after the vehicle's final flush.
     pub unpersisted: u64,
+    /// Blocks whose bytes read back through the NMS differed from the PSS's after a final
+    /// flush that succeeded (each may be a write whose outcome the vehicle never learnt,
+    /// but a flush must leave the two the same).
+    pub diverged: u64,
     /// Vehicles whose final flush failed.
     pub flush_failures: u64,
     /// Vehicles that ended with no acknowledged write (nothing of theirs was checked).
@@ -887,6 +891,7 @@ async fn drive_on(
         out.lost += v.lost;
         out.read_mismatches += v.read_mismatches;
         out.unpersisted += v.unpersisted;
+        out.diverged += v.diverged;
         out.flush_failures += u64::from(v.flush_failed);
         out.ops_unrecorded += v.ops_unrecorded;
         if v.checked == 0 {
@@ -920,6 +925,7 @@ struct VehicleOut {
     lost: u64,
     read_mismatches: u64,
     unpersisted: u64,
+    diverged: u64,
     flush_failed: bool,
     ops_unrecorded: u64,
     op_errors: u64,
@@ -1009,6 +1015,7 @@ async fn run_vehicle(
         lost: 0,
         read_mismatches: 0,
         unpersisted: 0,
+        diverged: 0,
         flush_failed: false,
         ops_unrecorded: 0,
         op_errors: 0,
@@ -1140,6 +1147,8 @@ async fn final_check(
     }
     let blocks: Vec<u64> = expected.acked.keys().copied().collect();
     out.checked = blocks.len() as u64;
+    // What the NMS holds, by block (compared with the PSS below).
+    let mut held: Option<BTreeMap<u64, Option<Vec<u8>>>> = None;
     match client.read_many(&blocks).await {
         Ok(got) => {
             for (block, got) in blocks.iter().zip(&got) {
@@ -1147,6 +1156,7 @@ async fn final_check(
                     out.lost += 1;
                 }
             }
+            held = Some(blocks.iter().copied().zip(got).collect());
         }
         Err(e) => {
             tracing::warn!(vehicle = %name, error = %e, "final read-back failed");
@@ -1160,8 +1170,15 @@ async fn final_check(
                 let stored: BTreeMap<u64, Vec<u8>> =
                     stored.into_iter().filter(|b| b.found).map(|b| (b.block, b.data)).collect();
                 for block in chunk {
-                    if !expected.allows(index, *block, stored.get(block).map(Vec::as_slice)) {
+                    let in_pss = stored.get(block).map(Vec::as_slice);
+                    if !expected.allows(index, *block, in_pss) {
                         out.unpersisted += 1;
+                    }
+                    // Each side may hold a write whose outcome the vehicle never learnt,
+                    // but after a flush that succeeded they hold the same one.
+                    let at_nms = held.as_ref().and_then(|h| h.get(block)).map(|d| d.as_deref());
+                    if !out.flush_failed && at_nms.is_some_and(|n| n != in_pss) {
+                        out.diverged += 1;
                     }
                 }
             }
@@ -1395,6 +1412,13 @@ pub fn verdict(o: &Outcome) -> Result<(), String> {
     }
     if o.flush_failures > 0 {
         wrong.push(format!("{} vehicles' final flush failed", o.flush_failures));
+    }
+    if o.diverged > 0 {
+        wrong.push(format!(
+            "{} blocks read back through the NMS differed from the PSS's after a final flush \
+             that succeeded",
+            o.diverged
+        ));
     }
     if o.read_mismatches > 0 {
         wrong.push(format!(
@@ -1694,6 +1718,7 @@ mod tests {
             (Outcome { lost: 1, ..Default::default() }, "did not read back"),
             (Outcome { unpersisted: 2, ..Default::default() }, "not in the PSS"),
             (Outcome { flush_failures: 1, ..Default::default() }, "final flush failed"),
+            (Outcome { diverged: 1, ..Default::default() }, "differed from the PSS"),
             (Outcome { read_mismatches: 1, ..Default::default() }, "other than the last"),
             (Outcome { unchecked_vehicles: vec!["car".into()], ..Default::default() }, "car"),
         ];
