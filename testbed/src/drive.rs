@@ -127,7 +127,7 @@ pub struct Args {
     #[arg(long, value_name = "DIR", requires = "image")]
     pub image_dir: Option<PathBuf>,
     /// With --image: guest memory per VM, MiB.
-    #[arg(long, default_value_t = 384, value_name = "MIB")]
+    #[arg(long, default_value_t = 384, value_name = "MIB", requires = "image")]
     pub vm_memory_mib: u32,
     /// Run every hop in plaintext. By default every road runs TLS on every hop (a CA made
     /// for the run; the PSS requires the road's certificate of its callers; vehicles trust

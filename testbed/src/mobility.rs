@@ -91,13 +91,24 @@ pub struct Vehicle {
     pub motion: Motion,
 }
 
-/// Vehicles of a SUMO FCD trace, positions unrolled along their paths.
+/// Vehicles of a SUMO FCD trace, positions unrolled along their paths, its clock shifted
+/// so its first sample is at second 0 (SUMO traces often begin at, say, 25200: the drive
+/// would wait that long, writing, before any vehicle moved). The vehicles keep their
+/// times relative to each other.
 pub fn vehicles_from_fcd(trace: &FcdTrace) -> Vec<Vehicle> {
+    let first = trace
+        .values()
+        .filter_map(|samples| samples.first().map(|s| s.time_s))
+        .fold(f64::INFINITY, f64::min);
+    let shift = if first.is_finite() { first } else { 0.0 };
     trace
         .iter()
-        .map(|(id, samples)| Vehicle {
-            name: id.clone(),
-            motion: Motion::Trace(fcd::along_road(samples)),
+        .map(|(id, samples)| {
+            let mut motion = fcd::along_road(samples);
+            for m in &mut motion {
+                m.0 -= shift;
+            }
+            Vehicle { name: id.clone(), motion: Motion::Trace(motion) }
         })
         .collect()
 }

@@ -43,6 +43,7 @@ fn drive_refuses_bad_options_by_name() {
         (&["--speed-mph", "30", "--fcd", "x.xml"], "--fcd"),
         (&["--rsu-count", "3", "--rsus", "x.csv"], "--rsus"),
         (&["--radio-delay-ms", "3"], "--netns"),
+        (&["--vm-memory-mib", "256"], "--image"),
     ] {
         let mut all = vec!["drive", "--plaintext"];
         all.extend_from_slice(args);

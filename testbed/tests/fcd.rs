@@ -92,3 +92,28 @@ fn truncated_sumo_trace_is_an_error_naming_the_line() {
     let e = fcd::parse(&bad).unwrap_err();
     assert!(e.problem.contains("goes back"), "{e}");
 }
+
+/// A trace that begins late (SUMO runs often start at, say, 25200 s) drives from second 0
+/// (the drive would otherwise wait that long before any vehicle moved), its vehicles keeping
+/// their times relative to each other.
+#[test]
+fn a_trace_beginning_late_is_shifted_to_begin_at_zero() {
+    let text = std::fs::read_to_string(testdata().join("straight.fcd.xml")).unwrap();
+    let mut trace = fcd::parse(&text).unwrap();
+    for samples in trace.values_mut() {
+        for s in samples {
+            s.time_s += 25_200.0;
+        }
+    }
+    let vehicles = mobility::vehicles_from_fcd(&trace);
+    let start = |i: usize| vehicles[i].motion.at(0.0).map(|f| f.position_m);
+    assert_eq!(vehicles[1].name, "v50");
+    assert!(start(1).is_some(), "v50 drives from second 0");
+    assert!(start(0).is_none(), "v30 departs 5 s later, as in the trace");
+    assert!(vehicles[0].motion.at(5.0).is_some());
+    // The same handovers as the trace beginning at 0 (check_trace's).
+    let road = road_from_dwell(&a41_rsus(), &[], 100.0, 2.0, 4.0).unwrap();
+    let h = mobility::handovers(&road, &vehicles[0].motion, 0.0, 120.0, 0.1);
+    let to: Vec<_> = h.iter().map(|h| h.to).collect();
+    assert_eq!(to, [Some(0), Some(1), Some(2), Some(3), None], "{h:?}");
+}
