@@ -1821,9 +1821,6 @@ async fn batches_of_large_blocks_past_the_message_limit_are_split() {
     cluster.shutdown().await;
 }
 
-/// A volume whose blocks could never fit under the node's per-volume dirty limit is
-/// refused at attach, naming the limit (it was served, and every write then failed after
-/// backpressure_wait_ms), and nothing is created.
 /// A node shutting down takes no more writes once its last drain has begun: a write then
 /// is refused UNAVAILABLE (the vehicle keeps it in its journal and goes elsewhere), never
 /// answered "accepted" and then left behind when the process ends.
@@ -2072,6 +2069,9 @@ async fn a_full_nms_unloads_an_idle_volume_with_nothing_unpersisted_to_make_room
     cluster.shutdown().await;
 }
 
+/// A volume whose blocks could never fit under the node's per-volume dirty limit is
+/// refused at attach, naming the limit (it was served, and every write then failed after
+/// backpressure_wait_ms), and nothing is created.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_volume_whose_block_exceeds_the_dirty_limit_is_refused_at_attach() {
     let dir = tempfile::tempdir().unwrap();

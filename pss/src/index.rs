@@ -84,6 +84,11 @@ impl BlockIndex {
         self.entries
     }
 
+    /// Blocks `volume` stores.
+    pub fn volume_entries(&self, volume: &str) -> usize {
+        self.volumes.get(volume).map_or(0, |m| m.len())
+    }
+
     /// Every entry: `(volume, block, location)`.
     pub fn iter(&self) -> impl Iterator<Item = (&str, u64, Loc)> {
         self.volumes.iter().flat_map(|(v, m)| m.iter().map(move |(b, l)| (&**v, *b, *l)))

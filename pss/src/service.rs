@@ -178,8 +178,8 @@ impl BlockService {
             }
         }
         if upper > 0 {
-            let stored = self.node.reader.volume(&req.volume).map_err(internal)?;
-            let stored = stored.map_or(0, |m| m.block_count as usize);
+            // (From the index in memory: no store read on every write's path.)
+            let stored = self.node.reader.volume_block_count(&req.volume);
             if stored + upper > self.max_blocks_per_volume {
                 let reader = &self.node.reader;
                 let new =

@@ -1447,6 +1447,11 @@ impl Reader {
         crate::index::read(&self.index).entries()
     }
 
+    /// Blocks `volume` stores (from the index in memory, as of the applied index).
+    pub fn volume_block_count(&self, volume: &str) -> usize {
+        crate::index::read(&self.index).volume_entries(volume)
+    }
+
     /// Whether `volume` has `block` stored.
     pub fn has_block(&self, volume: &str, block: u64) -> bool {
         crate::index::read(&self.index).get(volume, block).is_some()

@@ -224,7 +224,6 @@ async fn raft_send(ep: &Endpoint, tls: &Tls, env: pb::RaftEnvelope) -> Result<()
 /// is the TLS check.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_peer_with_a_foreign_certificate_cannot_reach_the_raft_transport() {
-    use protobuf::Message as _;
     let dir = tempfile::tempdir().unwrap();
     let cluster = LocalCluster::start_tls(3, dir.path()).await.unwrap();
     let leader = cluster.wait_for_leader(Duration::from_secs(10)).await.unwrap();
@@ -238,16 +237,7 @@ async fn a_peer_with_a_foreign_certificate_cannot_reach_the_raft_transport() {
     assert_eq!(st.code(), Code::FailedPrecondition, "{st:?}");
 
     let foreign = foreign_identity(&cluster, &dir.path().join("foreign"));
-    let mut hb = raft::prelude::Message::default();
-    hb.set_msg_type(raft::prelude::MessageType::MsgHeartbeat);
-    hb.from = leader;
-    hb.to = follower;
-    hb.term = term + 100;
-    let env = pb::RaftEnvelope {
-        from: leader,
-        to: follower,
-        messages: vec![hb.write_to_bytes().unwrap()],
-    };
+    let env = forged_heartbeat(leader, follower, term + 100);
     let st = raft_send(&ep, &foreign, env).await.unwrap_err();
     assert_ne!(
         st.code(),
@@ -268,7 +258,6 @@ async fn a_peer_with_a_foreign_certificate_cannot_reach_the_raft_transport() {
 /// membership is unchanged.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn local_only_raft_messages_are_refused_on_the_send_stream() {
-    use protobuf::Message as _;
     use raft::prelude::{Entry, EntryType, MessageType};
     let dir = tempfile::tempdir().unwrap();
     let cluster = LocalCluster::start_tls(3, dir.path()).await.unwrap();
@@ -285,12 +274,8 @@ async fn local_only_raft_messages_are_refused_on_the_send_stream() {
         e.set_entry_type(EntryType::EntryConfChange);
         e.data = vec![0xff; 8].into();
         m.entries = vec![e].into();
-        let env = pb::RaftEnvelope {
-            from: follower,
-            to: leader,
-            messages: vec![m.write_to_bytes().unwrap()],
-        };
-        let st = raft_send(&cluster.endpoint(leader).unwrap(), &peer, env).await.unwrap_err();
+        let st = raft_send(&cluster.endpoint(leader).unwrap(), &peer, envelope(&m)).await;
+        let st = st.unwrap_err();
         assert_eq!(st.code(), Code::InvalidArgument, "{kind:?}: {st:?}");
         assert!(st.message().contains("not sent between nodes"), "{kind:?}: {st:?}");
     }
@@ -594,13 +579,18 @@ async fn a_road_node_joins_over_tls_and_a_foreign_one_cannot() {
 
 /// A heartbeat from `from` to `to` in `term`, in an envelope.
 fn forged_heartbeat(from: u64, to: u64, term: u64) -> pb::RaftEnvelope {
-    use protobuf::Message as _;
     let mut hb = raft::prelude::Message::default();
     hb.set_msg_type(raft::prelude::MessageType::MsgHeartbeat);
     hb.from = from;
     hb.to = to;
     hb.term = term;
-    pb::RaftEnvelope { from, to, messages: vec![hb.write_to_bytes().unwrap()] }
+    envelope(&hb)
+}
+
+/// `m` alone in an envelope from its sender to its receiver.
+fn envelope(m: &raft::prelude::Message) -> pb::RaftEnvelope {
+    use protobuf::Message as _;
+    pb::RaftEnvelope { from: m.from, to: m.to, messages: vec![m.write_to_bytes().unwrap()] }
 }
 
 /// An `InstallSnapshot` to `ep` claiming to come from `from`: a `MsgSnapshot` of a far

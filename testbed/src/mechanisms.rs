@@ -286,58 +286,55 @@ async fn measure_with(
     unavailable: &Option<String>,
     pss: &wayside_proto::types::Endpoint,
 ) -> anyhow::Result<(f64, String)> {
-    {
-        let result: anyhow::Result<(f64, String)> = match (kind, setup) {
-            (Kind::Wayside, _) => img::wayside_migration(pss, args.volume_mib).await.map(|(w, wall)| {
-                (
-                    wall.as_secs_f64(),
-                    format!(
-                        "move issued to the vehicle's next read answered by the target {} ms (the source's own timeline {} ms), vehicle pause {} ms, {} blocks / {} bytes moved in {} rounds",
-                        wall.as_millis(),
-                        w.total_us / 1000,
-                        w.pause_us / 1000,
-                        w.blocks_moved,
-                        w.bytes_moved,
-                        w.rounds.len()
-                    ),
-                )
-            }),
-            // (Between VMs on a bridge, with a PSS of its own there.)
-            (Kind::WaysideVm, Some(s)) => wayside_between_vms(s, args.volume_mib).await,
-            (_, None) => Err(anyhow::anyhow!(
-                "{}",
-                unavailable.clone().unwrap_or_else(|| "no image".into())
-            )),
-            (Kind::QemuLive, Some(s)) => img::qemu_live_migration(s, args.volume_mib).await.map(|q| {
-                (
-                    q.wall_ms as f64 / 1e3,
-                    format!(
-                        "{:?}: destination start to serving {} ms: QEMU total {} ms, downtime {} ms, {} MiB of {} MiB guest RAM moved, serving {} ms after completion",
-                        s.accel,
-                        q.wall_ms,
-                        q.total_ms,
-                        q.downtime_ms,
-                        q.ram_transferred_bytes >> 20,
-                        q.ram_total_bytes >> 20,
-                        q.serving_after_ms
-                    ),
-                )
-            }),
-            (Kind::ColdBoot, Some(s)) => img::cold_boot_refill(s, pss, args.volume_mib).await.map(|c| {
-                let total = c.boot + c.refill;
-                (
-                    total.as_secs_f64(),
-                    format!(
-                        "{:?}: boot to health {} ms + refill of {} blocks from the PSS {} ms",
-                        s.accel,
-                        c.boot.as_millis(),
-                        img::blocks_in(args.volume_mib),
-                        c.refill.as_millis()
-                    ),
-                )
-            }),
-        };
-        result
+    match (kind, setup) {
+        (Kind::Wayside, _) => img::wayside_migration(pss, args.volume_mib).await.map(|(w, wall)| {
+            (
+                wall.as_secs_f64(),
+                format!(
+                    "move issued to the vehicle's next read answered by the target {} ms (the source's own timeline {} ms), vehicle pause {} ms, {} blocks / {} bytes moved in {} rounds",
+                    wall.as_millis(),
+                    w.total_us / 1000,
+                    w.pause_us / 1000,
+                    w.blocks_moved,
+                    w.bytes_moved,
+                    w.rounds.len()
+                ),
+            )
+        }),
+        // (Between VMs on a bridge, with a PSS of its own there.)
+        (Kind::WaysideVm, Some(s)) => wayside_between_vms(s, args.volume_mib).await,
+        (_, None) => Err(anyhow::anyhow!(
+            "{}",
+            unavailable.clone().unwrap_or_else(|| "no image".into())
+        )),
+        (Kind::QemuLive, Some(s)) => img::qemu_live_migration(s, args.volume_mib).await.map(|q| {
+            (
+                q.wall_ms as f64 / 1e3,
+                format!(
+                    "{:?}: destination start to serving {} ms: QEMU total {} ms, downtime {} ms, {} MiB of {} MiB guest RAM moved, serving {} ms after completion",
+                    s.accel,
+                    q.wall_ms,
+                    q.total_ms,
+                    q.downtime_ms,
+                    q.ram_transferred_bytes >> 20,
+                    q.ram_total_bytes >> 20,
+                    q.serving_after_ms
+                ),
+            )
+        }),
+        (Kind::ColdBoot, Some(s)) => img::cold_boot_refill(s, pss, args.volume_mib).await.map(|c| {
+            let total = c.boot + c.refill;
+            (
+                total.as_secs_f64(),
+                format!(
+                    "{:?}: boot to health {} ms + refill of {} blocks from the PSS {} ms",
+                    s.accel,
+                    c.boot.as_millis(),
+                    img::blocks_in(args.volume_mib),
+                    c.refill.as_millis()
+                ),
+            )
+        }),
     }
 }
 

@@ -1069,6 +1069,16 @@ impl Node {
         }
     }
 
+    /// Refuses a move's Begin, Claim or SwitchOver once this node is shutting down: its
+    /// last drain is under way, and a volume switched in now would be refused writes and
+    /// end with the process (the source keeps it).
+    fn taking_moves_in(&self) -> Result<(), Status> {
+        if self.shutdown.is_cancelled() {
+            return Err(Status::unavailable("this NMS is shutting down: it takes no move in"));
+        }
+        Ok(())
+    }
+
     /// A move's Begin at the target: the volume must not be here (a redirect marker
     /// aside), must fit, and the PSS's record must be what the source claims; then the
     /// volume is created in state Incoming. Returns its name and block size.
@@ -1194,11 +1204,7 @@ impl Node {
         let Some(Frame::Begin(b)) = first.frame else {
             return Err(Status::invalid_argument("a migration stream must start with Begin"));
         };
-        if self.shutdown.is_cancelled() {
-            // Its last write-back is under way: a volume switched in now would end with
-            // the process, its blocks left to the vehicle's journal.
-            return Err(Status::unavailable("this NMS is shutting down: it takes no move in"));
-        }
+        self.taking_moves_in()?;
         let (v, bs) = self.admit_incoming(&b).await?;
         let mid = b.migration_id;
         *incoming = Some((v.clone(), mid));
@@ -1315,13 +1321,7 @@ impl Node {
                     if claimed.is_some() {
                         return Err(Status::invalid_argument("a second Claim"));
                     }
-                    if self.shutdown.is_cancelled() {
-                        // Its last drain is under way: a volume switched in now would be
-                        // refused writes and end with the process. The source keeps it.
-                        return Err(Status::unavailable(
-                            "this NMS is shutting down: it takes no move in",
-                        ));
-                    }
+                    self.taking_moves_in()?;
                     if c.expected_epoch != b.source_epoch {
                         return Err(Status::invalid_argument("Claim epoch differs from Begin's"));
                     }
@@ -1353,11 +1353,7 @@ impl Node {
                     // Before the epoch is raised: a malformed switch takes nothing over.
                     check_switch_lsns(Lsn(s.accepted_lsn), Lsn(s.persisted_lsn))
                         .map_err(refused)?;
-                    if self.shutdown.is_cancelled() {
-                        return Err(Status::unavailable(
-                            "this NMS is shutting down: it takes no move in",
-                        ));
-                    }
+                    self.taking_moves_in()?;
                     let t_acquire = Instant::now();
                     let meta = match claimed.take() {
                         Some(meta) => meta,

@@ -1159,6 +1159,14 @@ mod tests {
         }
     }
 
+    /// [`road`] with RSU A served by NMS `a` and RSU B by `b`.
+    fn road_of(a: &crate::testing::LocalNms, b: &crate::testing::LocalNms) -> pb::Road {
+        let mut r = road("unused");
+        r.rsus[0].nms_address = a.ep.authority().into();
+        r.rsus[1].nms_address = b.ep.authority().into();
+        r
+    }
+
     fn report(t: f64, pos: f64) -> pb::VehicleReport {
         pb::VehicleReport {
             vehicle: "car".into(),
@@ -1463,10 +1471,7 @@ mod tests {
         let cfg = SmfConfig { migration_rpc_timeout_ms: 25, ..Default::default() };
         // (Its report's credential is checked with A, for real.)
         let smf = Smf::new(cfg, CancellationToken::new()).unwrap();
-        let mut r = road("unused");
-        r.rsus[0].nms_address = a.ep.authority().into();
-        r.rsus[1].nms_address = b.ep.authority().into();
-        smf.set_road(r).unwrap();
+        smf.set_road(road_of(&a, &b)).unwrap();
         smf.report(&report(0.0, 0.0)).await.unwrap();
         assert_eq!(smf.lock().volumes["vol"].at, Some(0), "first seen at A");
         let (road, _) = smf.lock().road.clone().unwrap();
@@ -1499,10 +1504,7 @@ mod tests {
         let c = vehicle_of_vol(&a).await;
         c.write_many((0..256).map(|b| (b, 0, vec![b as u8; 4096])).collect()).await.unwrap();
         let smf = Smf::new(SmfConfig::default(), CancellationToken::new()).unwrap();
-        let mut r = road("unused");
-        r.rsus[0].nms_address = a.ep.authority().into();
-        r.rsus[1].nms_address = b.ep.authority().into();
-        smf.set_road(r).unwrap();
+        smf.set_road(road_of(&a, &b)).unwrap();
         smf.report(&report(0.0, 0.0)).await.unwrap();
         let before = smf.estimator();
         let (road, _) = smf.lock().road.clone().unwrap();
