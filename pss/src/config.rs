@@ -85,6 +85,10 @@ pub struct Config {
     /// a write that would add blocks to a volume past it is refused (RESOURCE_EXHAUSTED,
     /// `max_blocks_per_volume`), so one vehicle cannot take the node's `max_blocks`.
     pub max_blocks_per_volume: usize,
+    /// Most volumes this node stores, in volumes: a create past it is refused
+    /// (RESOURCE_EXHAUSTED, `max_volumes`). Vehicles create volumes through any NMS, so
+    /// this bounds what they can make the cluster keep; give every node the same value.
+    pub max_volumes: usize,
     /// Append to the Raft log and the blob segments with `O_DIRECT` (around the page
     /// cache; falls back to buffered writes where the file system refuses it).
     pub direct_io: bool,
@@ -157,6 +161,7 @@ impl Default for Config {
             blob_gc_space_percent: 200,
             max_blocks: 8 * 1024 * 1024,
             max_blocks_per_volume: 2 * 1024 * 1024,
+            max_volumes: 1024 * 1024,
             direct_io: true,
             request_timeout_ms: 10_000,
             learner_catch_up_timeout_ms: 30_000,
@@ -287,6 +292,7 @@ impl Config {
             ("blob_segment_bytes", self.blob_segment_bytes as usize),
             ("max_blocks", self.max_blocks),
             ("max_blocks_per_volume", self.max_blocks_per_volume),
+            ("max_volumes", self.max_volumes),
             ("request_timeout_ms", self.request_timeout_ms as usize),
             ("tls_handshake_timeout_ms", self.tls_handshake_timeout_ms as usize),
             ("max_connections", self.max_connections),

@@ -108,6 +108,8 @@ async fn serve(
         max_blocks: config.max_blocks,
         max_blocks_per_volume: config.max_blocks_per_volume,
         reserved_blocks: Default::default(),
+        max_volumes: config.max_volumes,
+        reserved_volumes: Default::default(),
         max_pipeline_requests: config.max_pipeline_requests,
         max_reply_bytes: max / 2,
         shutdown: inner.clone(),

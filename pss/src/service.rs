@@ -106,6 +106,11 @@ pub struct BlockService {
     /// non-delete ops), counted against `max_blocks` with the stored ones: admission looks
     /// at the applied state only, so concurrent writers could otherwise pass it together.
     pub reserved_blocks: Arc<std::sync::atomic::AtomicUsize>,
+    /// Most volumes the node stores (a create past it is refused, naming `max_volumes`).
+    pub max_volumes: usize,
+    /// Creates admitted and not yet answered, counted against `max_volumes` with the
+    /// stored volumes (as `reserved_blocks` for blocks).
+    pub reserved_volumes: Arc<std::sync::atomic::AtomicUsize>,
     /// Most requests in one `Pipeline` message and unanswered on one `Pipeline` stream.
     pub max_pipeline_requests: usize,
     /// Most bytes of block data one reply carries (half the message limit: room for the
@@ -341,6 +346,19 @@ impl pb::pss_blocks_server::PssBlocks for BlockService {
                 convert::credential_hash(&spec.credential_hash)?;
             }
         }
+        // Admission of a new volume against the node's capacity (as for blocks: checked
+        // before proposing, the creates in flight counted too).
+        let _reserved = match &req.create {
+            Some(_) if self.node.reader.volume(&req.volume).map_err(internal)?.is_none() => {
+                let reserved = Reservation::take(&self.reserved_volumes, 1);
+                let total = self.node.reader.volume_count() + reserved.before + 1;
+                if total > self.max_volumes {
+                    return Err(limit("max_volumes", "volumes", total, self.max_volumes));
+                }
+                Some(reserved)
+            }
+            _ => None,
+        };
         let cmd = Command { acquire: Some(req), ..Default::default() };
         match self.node.propose(cmd).await.map_err(status_of)? {
             Outcome::Acquire(r) => {

@@ -16,7 +16,8 @@ use protobuf::Message as _;
 use raft::prelude::{ConfState, SnapshotMetadata};
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
 use wayside_proto::pb;
 use wayside_proto::types::{BlockSize, Epoch, VolumeName};
 
@@ -275,6 +276,9 @@ pub struct StateMachine {
     index: SharedIndex,
     base: IndexBase,
     snap_dir: PathBuf,
+    /// Volumes stored (the `v` keys), shared with the readers for admission
+    /// (`max_volumes`): counted at open and after a snapshot load, raised by each create.
+    volumes: Arc<AtomicUsize>,
 }
 
 /// The segment size an existing sled directory was created with (sled refuses to open
@@ -295,9 +299,12 @@ fn read_u64(v: &[u8]) -> u64 {
     v.get(..8).and_then(|b| b.try_into().ok()).map_or(0, u64::from_be_bytes)
 }
 
+/// Prefix of the volumes' metadata keys (`v` + name, a [`pb::VolumeMeta`]).
+const VOLUME_PREFIX: &[u8] = b"v";
+
 fn volume_key(volume: &str) -> Vec<u8> {
     let mut k = Vec::with_capacity(1 + volume.len());
-    k.push(b'v');
+    k.extend_from_slice(VOLUME_PREFIX);
     k.extend_from_slice(volume.as_bytes());
     k
 }
@@ -482,10 +489,24 @@ impl StateMachine {
             index: SharedIndex::default(),
             base: IndexBase::Scratch,
             snap_dir: snap_dir.to_owned(),
+            volumes: Arc::default(),
         };
         sm.load_dedupe()?;
         sm.load_index()?;
+        sm.count_volumes()?;
         Ok(sm)
+    }
+
+    /// Counts the volumes stored (a scan of their metadata keys, at open and after a
+    /// snapshot load only).
+    fn count_volumes(&mut self) -> Result<(), StateError> {
+        let mut n = 0usize;
+        for kv in self.tree.scan_prefix(VOLUME_PREFIX) {
+            kv?;
+            n += 1;
+        }
+        self.volumes.store(n, Ordering::Relaxed);
+        Ok(())
     }
 
     /// Rebuilds the block index: its base (see [`IndexBase`]), then every blob record
@@ -1069,6 +1090,9 @@ impl StateMachine {
         meta.owner_node.clone_from(&req.owner_node);
         meta.owner_address.clone_from(&req.owner_address);
         p.txn.insert(key, meta.encode_to_vec());
+        if created {
+            self.volumes.fetch_add(1, Ordering::Relaxed);
+        }
         let reply = pb::AcquireVolumeReply { meta: Some(meta), created };
         self.dedupe_put(
             p,
@@ -1180,7 +1204,12 @@ impl StateMachine {
 
     /// A read handle that other threads use while this state machine applies.
     pub fn reader(&self) -> Reader {
-        Reader { tree: self.tree.clone(), blobs: self.blobs.reader(), index: self.index.clone() }
+        Reader {
+            tree: self.tree.clone(),
+            blobs: self.blobs.reader(),
+            index: self.index.clone(),
+            volumes: self.volumes.clone(),
+        }
     }
     /// Writes the whole state (as of the applied index) to a snapshot file, durably, on
     /// this thread. See [`StateMachine::snapshot_view`] for doing it off the Raft thread.
@@ -1275,6 +1304,7 @@ impl StateMachine {
         self.tree.apply_batch(batch)?;
         *crate::index::write(&self.index) = index;
         self.load_dedupe()?;
+        self.count_volumes()?;
         let p = self.begin();
         self.commit(p, meta.index, Some(meta.get_conf_state()))?;
         Ok(meta)
@@ -1405,6 +1435,7 @@ pub struct Reader {
     tree: sled::Tree,
     blobs: BlobReader,
     index: SharedIndex,
+    volumes: Arc<AtomicUsize>,
 }
 
 impl Reader {
@@ -1440,6 +1471,11 @@ impl Reader {
             return Ok(out);
         }
         Err(StateError::Moving { volume: volume.to_owned(), block: blocks[0] })
+    }
+
+    /// Volumes stored on this node (as of the applied index).
+    pub fn volume_count(&self) -> usize {
+        self.volumes.load(Ordering::Relaxed)
     }
 
     /// Blocks stored on this node (the block index's size).

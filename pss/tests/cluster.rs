@@ -480,3 +480,68 @@ async fn a_volume_stores_at_most_max_blocks_per_volume() {
     client.write_batch(other_put).await.expect("another volume has room of its own");
     cluster.shutdown().await;
 }
+
+/// A node stores at most `max_volumes` volumes: a create past it is refused naming the
+/// limit and makes nothing, while the volumes there are still acquired (and created again
+/// by their creator). The count holds on a node that caught up by snapshot (it leads
+/// next) and on every node after a restart of the whole cluster.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_stores_at_most_max_volumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cluster = LocalCluster::start_with(3, dir.path(), |c| {
+        c.max_volumes = 3;
+        c.compact_log_entries = 50;
+    })
+    .await
+    .unwrap();
+    let client = cluster.client();
+    let refused = |r: Result<pb::AcquireVolumeReply, PssError>| {
+        let e = r.expect_err("a fourth volume");
+        assert!(e.to_string().contains("max_volumes"), "{e}");
+    };
+    let epoch = client.acquire_volume(acquire("v1", "nms", 1)).await.unwrap().meta.unwrap().epoch;
+    // A follower misses the next volumes and enough writes for the log to be compacted
+    // past them: it catches up by snapshot.
+    let leader = cluster.wait_for_leader(Duration::from_secs(5)).await.unwrap();
+    let down = (1..=3).find(|id| *id != leader).unwrap();
+    cluster.stop_node(down).await.unwrap();
+    client.acquire_volume(acquire("v2", "nms", 2)).await.unwrap();
+    client.acquire_volume(acquire("v3", "nms", 3)).await.unwrap();
+    refused(client.acquire_volume(acquire("v4", "nms", 4)).await);
+    let v4 = VolumeName::new("v4").unwrap();
+    assert!(client.get_volume(&v4).await.is_err(), "the refused create made nothing");
+    // Volumes already there: acquired, and created again by their creator.
+    let mut again = acquire("v2", "nms-b", 1);
+    again.create = None;
+    client.acquire_volume(again).await.expect("an existing volume is acquired");
+    client.acquire_volume(acquire("v3", "nms", 5)).await.expect("a create of one that exists");
+    for i in 0..100u64 {
+        client.write_batch(put("v1", epoch, "w", i + 1, i % 8, vec![1; 64])).await.unwrap();
+    }
+    cluster.restart_node(down).await.unwrap();
+    let target = cluster.status(leader).await.unwrap().commit_index;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(s) = cluster.status(down).await {
+            if s.applied_index >= target {
+                assert!(s.snapshot_index > 1, "caught up through a snapshot: {s:?}");
+                break;
+            }
+        }
+        assert!(std::time::Instant::now() < deadline, "node {down} did not catch up");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(client.transfer_leader(down).await.unwrap().leader_id, down);
+    refused(client.acquire_volume(acquire("v4", "nms", 6)).await);
+    // Every node counts its volumes again at start.
+    for id in 1..=3 {
+        cluster.stop_node(id).await.unwrap();
+    }
+    for id in 1..=3 {
+        cluster.restart_node(id).await.unwrap();
+    }
+    cluster.wait_for_leader(Duration::from_secs(10)).await.unwrap();
+    refused(client.acquire_volume(acquire("v4", "nms", 7)).await);
+    assert!(client.get_volume(&v4).await.is_err());
+    cluster.shutdown().await;
+}
