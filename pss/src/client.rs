@@ -41,8 +41,9 @@ pub struct ClientOptions {
     pub pipeline_max_requests: usize,
     /// Requests queued for a pipeline before callers wait to queue more.
     pub pipeline_queue_requests: usize,
-    /// A pipeline message stops taking requests at this many bytes (a larger request
-    /// still goes, alone).
+    /// A pipeline message stops taking requests at this many bytes. A write larger than
+    /// this goes as a unary call of its own: refused (past a node's message limit), it
+    /// fails alone instead of ending the stream every other caller's requests share.
     pub pipeline_message_bytes: usize,
     /// Dial every node over TLS with this set-up (the road's CA; a PSS requires the
     /// caller's certificate too); `None`: plaintext.
@@ -406,10 +407,19 @@ impl PssClient {
                 "write_batch needs a request_id (retries rely on it)".into(),
             ));
         }
+        let len = prost::Message::encoded_len(&req);
+        let max = self.inner.opts.max_message_size_bytes;
+        if len > max {
+            // Refused here, naming the limit (sent, it failed as an opaque reset).
+            return Err(PssError::Other(Status::out_of_range(format!(
+                "a write of {len} bytes exceeds this client's max_message_size_bytes ({max})"
+            ))));
+        }
+        let alone = len > self.inner.opts.pipeline_message_bytes;
         let call = |ch: Channel, ep: Endpoint| {
             let req = req.clone();
             async move {
-                match self.pipe(&ch, &ep) {
+                match if alone { None } else { self.pipe(&ch, &ep) } {
                     Some(pipe) => match self.pipelined(&pipe, &ep, Ask::Write(req)).await? {
                         Piped::Write(r) => Ok(tonic::Response::new(r)),
                         _ => Err(Status::internal("a pipeline reply of the wrong kind")),

@@ -382,9 +382,37 @@ async fn replies_past_the_message_limit_are_refused_alone_or_split() {
         }
         other => panic!("expected the limit, got {other:?}"),
     }
+    // A write past the node's whole message limit (5 MiB), from a client allowing larger
+    // messages, beside writes that fit: it is refused alone, at once (sent over the
+    // pipeline, the stream every caller shares failed on it, and its retries failed them
+    // again until its deadline); the others are applied.
+    let wide = PssClient::new(cluster.endpoints(), cluster.client_options());
+    let mut huge = put("big", epoch, "w", 100, 0, 1);
+    huge.ops = (6000..7280)
+        .map(|block| pb::PssBlockOp { block, data: vec![9; 4096], delete: false, version: 0 })
+        .collect();
+    let small = (0..8u64).map(|i| wide.write_batch(put("big", epoch, "s", i + 1, 8000 + i, 3)));
+    let (r, small) = tokio::join!(wide.write_batch(huge.clone()), futures::future::join_all(small));
+    match r {
+        Err(PssError::Other(s)) => {
+            assert!(matches!(s.code(), Code::OutOfRange | Code::ResourceExhausted), "{s:?}")
+        }
+        other => panic!("expected the message limit, got {other:?}"),
+    }
+    for r in small {
+        assert!(!r.expect("a write that fits is applied").duplicate);
+    }
+    // A client refuses one past its own limit, naming it.
+    match client.write_batch(huge).await {
+        Err(PssError::Other(s)) => {
+            assert_eq!(s.code(), Code::OutOfRange, "{s:?}");
+            assert!(s.message().contains("max_message_size_bytes"), "{s:?}");
+        }
+        other => panic!("expected the client's limit, got {other:?}"),
+    }
     let volume = VolumeName::new("big").unwrap();
-    let got = client.get_blocks(&volume, &[5000, 5599]).await.unwrap();
-    assert!(got.iter().all(|b| !b.found), "the refused write changed nothing");
+    let got = client.get_blocks(&volume, &[5000, 5599, 6000, 7279]).await.unwrap();
+    assert!(got.iter().all(|b| !b.found), "the refused writes changed nothing");
     // 4 MB of blocks, past the 2 MiB a reply may carry: refused, naming the limit.
     let all: Vec<u64> = (0..1000).collect();
     match client.get_blocks(&volume, &all).await {
