@@ -134,6 +134,15 @@ pub struct Args {
     /// the CA).
     #[arg(long)]
     pub plaintext: bool,
+    /// Operations (reads and writes) that may fail, in all, for the drive still to pass.
+    /// A vehicle's client retries within its deadline, through moves and reconnects, so on
+    /// a road without injected faults none should fail.
+    #[arg(long, default_value_t = 0, value_name = "OPS")]
+    pub max_op_errors: u64,
+    /// Stop the vehicles after this many wall seconds of driving (then flush and check as
+    /// at the end of the road): bounds a long FCD trace or a slow time scale.
+    #[arg(long, default_value_t = 3600.0, value_name = "SECONDS")]
+    pub max_wall_s: f64,
 }
 
 /// What a drive is made of (the library entry point; tests build it directly).
@@ -156,6 +165,11 @@ pub struct Scenario {
     pub cluster_token: ClusterToken,
     /// TLS on every hop ([`RoadTls`]).
     pub tls: bool,
+    /// Failed operations the verdict allows ([`verdict`]).
+    pub max_op_errors: u64,
+    /// Wall time the vehicles drive at most (from the road being ready); at the limit they
+    /// stop and are checked as at the end of the road.
+    pub max_wall: Duration,
 }
 
 /// A road's TLS: a CA made for the run, and one certificate (`localhost`, the loopback
@@ -244,8 +258,15 @@ pub struct Outcome {
     /// Operations past [`MAX_OP_RECORDS_PER_VEHICLE`]: counted here, not in `ops`.
     pub ops_unrecorded: u64,
     pub op_errors: u64,
+    /// The failed operations the scenario allowed ([`Scenario::max_op_errors`]).
+    pub max_op_errors: u64,
+    /// Acknowledged writes the final check could not read (through the NMS or from the
+    /// PSS: the call failed), so neither found nor missed.
+    pub unverified: u64,
     pub wall_s: f64,
     pub interrupted: bool,
+    /// The vehicles were stopped at [`Scenario::max_wall`].
+    pub wall_limit_reached: bool,
     /// How the road was deployed, and what its links did (shaper counters).
     pub deployment: String,
     pub learnt_fixed_s: f64,
@@ -278,6 +299,8 @@ impl Scenario {
             progress: false,
             cluster_token: road_token(),
             tls: true,
+            max_op_errors: 0,
+            max_wall: Duration::from_secs(600),
         })
     }
 }
@@ -827,6 +850,11 @@ async fn drive_on(
         },
     );
     let t0 = Instant::now();
+    // The vehicles stop at the end of the road, on `stop` (Ctrl-C), or at the wall limit.
+    let driving = stop.child_token();
+    let wall_limit = tokio::time::sleep_until((t0 + sc.max_wall).into());
+    tokio::pin!(wall_limit);
+    let mut wall_limit_reached = false;
     let mut vehicles = JoinSet::new();
     let (progress_tx, mut progress_rx) =
         tokio::sync::mpsc::channel::<(usize, f64, f64, Option<usize>)>(64);
@@ -834,7 +862,7 @@ async fn drive_on(
         let road = road.clone();
         let client = smf_client.clone();
         let sc = sc.clone();
-        let stop = stop.clone();
+        let stop = driving.clone();
         let tx = progress_tx.clone();
         let at = vehicle_addresses.to_vec();
         let tls = deployed.tls.as_ref().map(|t| t.vehicle.clone());
@@ -861,6 +889,16 @@ async fn drive_on(
                 Some(r) => outs.push(r.context("vehicle task")??),
                 None => break,
             },
+            () = &mut wall_limit, if !wall_limit_reached => {
+                wall_limit_reached = true;
+                if sc.progress {
+                    eprintln!(
+                        "the wall limit ({:.0} s) is reached: stopping the vehicles, then checking",
+                        sc.max_wall.as_secs_f64()
+                    );
+                }
+                driving.cancel();
+            }
         }
     }
     // Let moves in flight land before reading the records.
@@ -880,6 +918,8 @@ async fn drive_on(
         learnt_fixed_s: est.fixed_s(),
         learnt_rate_bytes_per_s: est.rate_bytes_per_s(),
         interrupted: stop.is_cancelled(),
+        wall_limit_reached: wall_limit_reached && !stop.is_cancelled(),
+        max_op_errors: sc.max_op_errors,
         road: Some(road),
         ..Default::default()
     };
@@ -892,6 +932,7 @@ async fn drive_on(
         out.read_mismatches += v.read_mismatches;
         out.unpersisted += v.unpersisted;
         out.diverged += v.diverged;
+        out.unverified += v.unverified;
         out.flush_failures += u64::from(v.flush_failed);
         out.ops_unrecorded += v.ops_unrecorded;
         if v.checked == 0 {
@@ -926,6 +967,7 @@ struct VehicleOut {
     read_mismatches: u64,
     unpersisted: u64,
     diverged: u64,
+    unverified: u64,
     flush_failed: bool,
     ops_unrecorded: u64,
     op_errors: u64,
@@ -1016,6 +1058,7 @@ async fn run_vehicle(
         read_mismatches: 0,
         unpersisted: 0,
         diverged: 0,
+        unverified: 0,
         flush_failed: false,
         ops_unrecorded: 0,
         op_errors: 0,
@@ -1131,7 +1174,8 @@ async fn run_vehicle(
 
 /// The end of a vehicle's drive: a flush (every acknowledged write persisted), then every
 /// acknowledged write must read back through the NMS (`lost` counts those that do not)
-/// and be in the PSS itself (`unpersisted`). Each call is bounded by its client's deadline.
+/// and be in the PSS itself (`unpersisted`); a read that fails leaves its blocks
+/// `unverified` (each side's count). Each call is bounded by its client's deadline.
 async fn final_check(
     index: usize,
     name: &str,
@@ -1159,8 +1203,9 @@ async fn final_check(
             held = Some(blocks.iter().copied().zip(got).collect());
         }
         Err(e) => {
+            // Not found missing either: counted apart, and the drive fails on it.
             tracing::warn!(vehicle = %name, error = %e, "final read-back failed");
-            out.lost = out.checked;
+            out.unverified += out.checked;
         }
     }
     // In requests the PSS takes (at most MAX_GET_BLOCKS blocks each).
@@ -1184,7 +1229,7 @@ async fn final_check(
             }
             Err(e) => {
                 tracing::warn!(vehicle = %name, error = %e, "reading the volume from the PSS failed");
-                out.unpersisted += chunk.len() as u64;
+                out.unverified += chunk.len() as u64;
             }
         }
     }
@@ -1208,6 +1253,9 @@ pub fn scenario_from_args(a: &Args) -> anyhow::Result<Scenario> {
     }
     if !(a.stall_ms.is_finite() && a.stall_ms >= 0.0) {
         anyhow::bail!("--stall-ms must be 0 or more milliseconds, got {}", a.stall_ms);
+    }
+    if !(a.max_wall_s.is_finite() && a.max_wall_s > 0.0 && a.max_wall_s <= 1e9) {
+        anyhow::bail!("--max-wall-s must be above 0 seconds (and finite), got {}", a.max_wall_s);
     }
     let rsus = match &a.rsus {
         Some(p) => {
@@ -1280,6 +1328,8 @@ pub fn scenario_from_args(a: &Args) -> anyhow::Result<Scenario> {
         progress: true,
         cluster_token: road_token(),
         tls: !a.plaintext,
+        max_op_errors: a.max_op_errors,
+        max_wall: Duration::from_secs_f64(a.max_wall_s),
     })
 }
 
@@ -1341,8 +1391,17 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
         let stop = stop.clone();
         tokio::spawn(async move {
             if tokio::signal::ctrl_c().await.is_ok() {
-                eprintln!("Ctrl-C: stopping the vehicles, then every node");
+                eprintln!(
+                    "Ctrl-C: stopping the vehicles, checking what they wrote, then every node \
+                     (Ctrl-C again to exit at once)"
+                );
                 stop.cancel();
+            }
+            if tokio::signal::ctrl_c().await.is_ok() {
+                // Server processes and VMs die with this process (PR_SET_PDEATHSIG); the
+                // network namespaces and taps stay until the next drive or a reboot.
+                eprintln!("second Ctrl-C: exiting now, without checking or stopping the nodes");
+                std::process::exit(INTERRUPTED_EXIT_CODE);
             }
         })
     };
@@ -1362,17 +1421,36 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
         println!("{}", outcome.deployment);
     }
     eprintln!("report: {}", md.display());
-    verdict(&outcome).map_err(|e| anyhow::anyhow!("the drive failed: {e}"))
+    verdict(&outcome).map_err(|e| anyhow::anyhow!("the drive failed: {e}"))?;
+    if outcome.interrupted {
+        return Err(Interrupted.into());
+    }
+    Ok(())
 }
+
+/// A drive stopped by Ctrl-C before the end of the road: what ran passed its checks, but
+/// the road was not driven (the process exits with [`INTERRUPTED_EXIT_CODE`]).
+#[derive(Debug, thiserror::Error)]
+#[error("the drive was interrupted (Ctrl-C) before the end of the road; what it drove passed its checks")]
+pub struct Interrupted;
+
+/// The exit status of an interrupted drive (128 + SIGINT, as shells report it).
+pub const INTERRUPTED_EXIT_CODE: i32 = 130;
 
 /// The one-paragraph summary.
 pub fn summary(sc: &Scenario, o: &Outcome) -> String {
     let ok_moves = o.moves.iter().filter(|m| m.ok).count();
     format!(
         "drive: {:.1} s wall{}; ops {}{} (errors {}), stalls > {} ms: {}; moves {} ok / {}; \
-         acknowledged writes checked {}, lost {}, not in the PSS {}; stale reads {}{}",
+         acknowledged writes checked {}, lost {}, not in the PSS {}{}; stale reads {}{}",
         o.wall_s,
-        if o.interrupted { " (interrupted)" } else { "" },
+        if o.interrupted {
+            " (interrupted)"
+        } else if o.wall_limit_reached {
+            " (stopped at the wall limit)"
+        } else {
+            ""
+        },
         o.ops.len() as u64 + o.ops_unrecorded,
         if o.ops_unrecorded > 0 {
             format!(" ({} past the record limit, not in the tables)", o.ops_unrecorded)
@@ -1387,6 +1465,7 @@ pub fn summary(sc: &Scenario, o: &Outcome) -> String {
         o.checked,
         o.lost,
         o.unpersisted,
+        if o.unverified > 0 { format!(", unverified {}", o.unverified) } else { String::new() },
         o.read_mismatches,
         if o.flush_failures > 0 {
             format!("; final flushes failed {}", o.flush_failures)
@@ -1397,10 +1476,24 @@ pub fn summary(sc: &Scenario, o: &Outcome) -> String {
 }
 
 /// Whether a drive passed: nothing acknowledged lost (read back through the NMS and found
-/// in the PSS after every vehicle's final flush), no read older than a write already
-/// acknowledged, and every vehicle with something checked (unless interrupted).
+/// in the PSS after every vehicle's final flush), every acknowledged write checked (no
+/// read of the final check failed), no read older than a write already acknowledged, no
+/// more failed operations than allowed, and every vehicle with something checked (unless
+/// interrupted or stopped at the wall limit).
 pub fn verdict(o: &Outcome) -> Result<(), String> {
     let mut wrong = Vec::new();
+    if o.unverified > 0 {
+        wrong.push(format!(
+            "{} acknowledged writes could not be checked (the final check's reads failed)",
+            o.unverified
+        ));
+    }
+    if o.op_errors > o.max_op_errors {
+        wrong.push(format!(
+            "{} operations failed (at most {} allowed: --max-op-errors)",
+            o.op_errors, o.max_op_errors
+        ));
+    }
     if o.lost > 0 {
         wrong.push(format!("{} acknowledged writes did not read back", o.lost));
     }
@@ -1429,7 +1522,7 @@ pub fn verdict(o: &Outcome) -> Result<(), String> {
     if o.tracks.is_empty() {
         wrong.push("no vehicle drove".into());
     }
-    if !o.interrupted && !o.unchecked_vehicles.is_empty() {
+    if !o.interrupted && !o.wall_limit_reached && !o.unchecked_vehicles.is_empty() {
         wrong.push(format!(
             "no write of {} was acknowledged, so nothing of theirs was checked",
             o.unchecked_vehicles.join(", ")
@@ -1721,6 +1814,8 @@ mod tests {
             (Outcome { diverged: 1, ..Default::default() }, "differed from the PSS"),
             (Outcome { read_mismatches: 1, ..Default::default() }, "other than the last"),
             (Outcome { unchecked_vehicles: vec!["car".into()], ..Default::default() }, "car"),
+            (Outcome { unverified: 3, ..Default::default() }, "could not be checked"),
+            (Outcome { op_errors: 2, max_op_errors: 1, ..Default::default() }, "2 operations"),
         ];
         for (bad, says) in cases {
             let bad = Outcome { tracks: good.tracks.clone(), ..bad };
@@ -1732,5 +1827,13 @@ mod tests {
         let cut =
             Outcome { interrupted: true, unchecked_vehicles: vec!["car".into()], ..good.clone() };
         assert_eq!(verdict(&cut), Ok(()));
+        let limit = Outcome {
+            wall_limit_reached: true,
+            unchecked_vehicles: vec!["car".into()],
+            ..good.clone()
+        };
+        assert_eq!(verdict(&limit), Ok(()));
+        // Failed operations up to the allowance pass.
+        assert_eq!(verdict(&Outcome { op_errors: 2, max_op_errors: 2, ..good.clone() }), Ok(()));
     }
 }

@@ -38,7 +38,13 @@ fn main() -> anyhow::Result<()> {
     wayside_proto::telemetry::init();
     tracing::debug!(purge_delay_ms, "mimalloc");
     let cmd = Cli::parse().cmd;
-    tokio::runtime::Runtime::new()?.block_on(run(cmd))
+    match tokio::runtime::Runtime::new()?.block_on(run(cmd)) {
+        Err(e) if e.is::<wayside_testbed::drive::Interrupted>() => {
+            eprintln!("{e}");
+            std::process::exit(wayside_testbed::drive::INTERRUPTED_EXIT_CODE)
+        }
+        r => r,
+    }
 }
 
 async fn run(cmd: Cmd) -> anyhow::Result<()> {

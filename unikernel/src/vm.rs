@@ -490,6 +490,21 @@ impl Vm {
             // Its own process group: a terminal's ctrl-C to `unikernel run` must not kill it.
             cmd.process_group(0);
         }
+        if !detach {
+            use std::os::unix::process::CommandExt as _;
+            // A VM this process owns dies with it (SIGKILLed, or exiting without dropping
+            // the handle), not left running unowned. The signal follows the spawning
+            // thread: tokio's workers live as long as their runtime, which owns the VM.
+            // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
+            unsafe {
+                cmd.pre_exec(|| {
+                    if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
         let child = cmd.spawn().map_err(|source| VmError::NoQemu { qemu: qemu.clone(), source })?;
         let scheme = if opts.tls.is_some() { "https" } else { "http" };
         let nms_endpoint = match &opts.net {
