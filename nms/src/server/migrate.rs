@@ -1655,6 +1655,33 @@ mod tests {
         node.stop.cancel();
     }
 
+    /// While a move holds a volume's write-back, a flush waiting on it waits quietly: the
+    /// writer, woken to hurry and finding the hold, used to tell the whole node of progress,
+    /// which woke the flush to hurry it again, round and round until the flush's deadline.
+    #[tokio::test]
+    async fn a_flush_waiting_on_a_held_write_back_does_not_spin_with_the_writer() {
+        let (gated, node) = gated_target(&["v"], Config::default().max_volumes).await;
+        gated.gate.add_permits(1000);
+        let v = VolumeName::new("v").unwrap();
+        let cred = Presented::new(Credential::new("k").unwrap());
+        node.load(&v, &cred, None, false).await.unwrap();
+        node.write(&v, &cred, 3, 0, Some(&[7; 4096]), None).await.unwrap();
+        let (hold, _, idle) =
+            node.hold_writeback(&v, std::time::Duration::from_secs(5)).await.unwrap();
+        assert!(idle, "no batch in flight");
+        let before = *node.progress.borrow();
+        let flush =
+            tokio::time::timeout(std::time::Duration::from_millis(300), node.flush(&v, &cred))
+                .await;
+        assert!(flush.is_err(), "a flush finished while the write-back was held: {flush:?}");
+        let bumps = node.progress.borrow().wrapping_sub(before);
+        assert!(bumps < 20, "{bumps} progress wake-ups in 300 ms of a held write-back");
+        // The hold dropped, the flush goes through.
+        drop(hold);
+        assert!(node.flush(&v, &cred).await.unwrap() >= Lsn(1));
+        node.stop.cancel();
+    }
+
     /// A vehicle's load and a move's Begin for the same volume at the target are
     /// serialized: a Begin arriving while a load is under way waits for it and is then
     /// refused (the volume is served here); a load after a Begin is refused (NotOwner), and

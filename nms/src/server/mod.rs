@@ -335,6 +335,10 @@ pub(crate) struct Handle {
     held: AtomicBool,
     /// A write-back batch is on its way to the PSS (set before `held` is checked).
     in_flight: AtomicBool,
+    /// Told whenever `in_flight` is cleared: what [`Node::hold_writeback`] waits on (not
+    /// the node-wide progress, which would wake every flush and write waiting on the
+    /// held volume to hurry the writer again, round and round while the hold lasts).
+    idle: Notify,
     /// Why the PSS refused the last write-back batch, when it refused it for a reason
     /// retrying alone will not fix (full, the volume gone); cleared when a batch lands.
     /// The writer goes on retrying (nothing accepted is dropped); a flush says why it
@@ -869,6 +873,7 @@ impl Node {
             migrating: AtomicBool::new(false),
             held: AtomicBool::new(false),
             in_flight: AtomicBool::new(false),
+            idle: Notify::new(),
             refused: Mutex::new(None),
         });
         // The incarnation read and the handle put in place under one cache lock (lock
@@ -911,13 +916,19 @@ impl Node {
         limit: Duration,
     ) -> Option<(WritebackHold, Duration, bool)> {
         let h = self.handle(v)?;
-        let mut rx = self.progress.subscribe();
         h.held.store(true, Ordering::SeqCst);
         let hold = WritebackHold { h: h.clone() };
         let t = Instant::now();
         let deadline = t + limit;
-        while h.in_flight.load(Ordering::SeqCst) {
-            if !self.wait_progress(&mut rx, deadline).await {
+        loop {
+            // Registered before the check, so a clear between the two is not missed.
+            let idle = h.idle.notified();
+            tokio::pin!(idle);
+            idle.as_mut().enable();
+            if !h.in_flight.load(Ordering::SeqCst) {
+                break;
+            }
+            if tokio::time::timeout_at(deadline.into(), idle).await.is_err() {
                 break;
             }
         }
@@ -958,7 +969,7 @@ impl Node {
                         // Replaced (moved, fenced, loaded again): its own writer took over.
                         drop(core);
                         h.in_flight.store(false, Ordering::SeqCst);
-                        self.bump(); // (a move waiting on `in_flight` goes on at once)
+                        h.idle.notify_waiters(); // (a move waiting on `in_flight` goes on)
                         return;
                     }
                     core.take_batch(&v)
@@ -966,10 +977,9 @@ impl Node {
                 let Some(mut batch) = batch else {
                     h.in_flight.store(false, Ordering::SeqCst);
                     // A migration waiting on `in_flight` set the hold first, so it is seen
-                    // here (SeqCst) and woken; otherwise nobody waits.
-                    if h.held.load(Ordering::SeqCst) {
-                        self.bump();
-                    }
+                    // here (SeqCst) and woken; otherwise nobody waits. Nothing progressed:
+                    // the node-wide progress is not told.
+                    h.idle.notify_waiters();
                     break;
                 };
                 let blocks = batch.changes.len() as u64;
@@ -994,6 +1004,7 @@ impl Node {
                             // A batch of a volume replaced meanwhile completes nothing.
                             let current = self.core().complete_batch(&batch, true);
                             h.in_flight.store(false, Ordering::SeqCst);
+                            h.idle.notify_waiters();
                             self.wb_batches.fetch_add(1, Ordering::Relaxed);
                             self.wb_blocks.fetch_add(blocks, Ordering::Relaxed);
                             self.bump();
@@ -1005,6 +1016,7 @@ impl Node {
                         Err(StoreError::StaleEpoch { presented, current }) => {
                             let ours = self.core().complete_batch(&batch, false);
                             h.in_flight.store(false, Ordering::SeqCst);
+                            h.idle.notify_waiters();
                             if !ours {
                                 // A stale writer's batch: the volume here now is another
                                 // incarnation, whose own write-back decides its fate.
@@ -1043,6 +1055,7 @@ impl Node {
                                 _ = h.cancel.cancelled() => {
                                     self.core().complete_batch(&batch, false);
                                     h.in_flight.store(false, Ordering::SeqCst);
+                                    h.idle.notify_waiters();
                                     self.bump();
                                     return;
                                 }
