@@ -65,6 +65,9 @@ pub struct Limits {
     pub volume_ops_per_s: u64,
     /// Operations a volume may make at once after being idle (the bucket's depth).
     pub volume_ops_burst: u64,
+    /// Most blocks a volume moving out tracks as changed since the last round; one more
+    /// overflows it and the move fails at the next round ([`Cache::snapshot_changed`]).
+    pub max_changed_blocks_per_move: usize,
 }
 
 /// Where the core reads the time (the real clock; tests drive a fake one).
@@ -222,6 +225,9 @@ pub struct Volume {
     /// (written back, then pushed out) goes to the target as a `forget` (see
     /// [`Cache::snapshot_changed`]).
     changed: Option<HashSet<BlockNo>>,
+    /// More blocks changed than [`Limits::max_changed_blocks_per_move`] since the last
+    /// snapshot: the set misses some, so the move cannot go on.
+    changed_overflow: bool,
     /// Its vehicle's operation budget ([`Limits::volume_ops_per_s`]).
     rate: RateBucket,
     /// Blocks with a PSS read in flight, by the fetch that will fill them; a write (or a
@@ -540,6 +546,7 @@ impl Cache {
                 applied_order: VecDeque::new(),
                 applied_total: 0,
                 changed: None,
+                changed_overflow: false,
                 rate: RateBucket::default(),
                 fetches: HashMap::default(),
                 touched: std::cell::Cell::new(self.clock.now()),
@@ -953,6 +960,7 @@ impl Cache {
         request_id: Option<&RequestId>,
     ) -> WriteOutcome {
         let cap = self.limits.dedupe_entries_per_volume;
+        let max_changed = self.limits.max_changed_blocks_per_move;
         let v = self.volumes.get_mut(name).expect("checked by caller");
         v.rate.take(1);
         v.fetches.remove(&block);
@@ -992,7 +1000,11 @@ impl Cache {
         v.cached_bytes = v.cached_bytes + new_bytes - old_bytes;
         self.used_bytes = self.used_bytes + new_bytes - old_bytes;
         if let Some(changed) = &mut v.changed {
-            changed.insert(block);
+            if changed.len() < max_changed || changed.contains(&block) {
+                changed.insert(block);
+            } else {
+                v.changed_overflow = true;
+            }
         }
         let applied = Applied { lsn, version };
         if let Some(id) = request_id {
@@ -1122,6 +1134,7 @@ impl Cache {
     pub fn snapshot_all(&mut self, name: &VolumeName) -> Vec<MigBlock> {
         let Some(v) = self.volumes.get_mut(name) else { return Vec::new() };
         v.changed = Some(HashSet::default());
+        v.changed_overflow = false;
         v.entries.iter().map(|(&b, e)| mig_block(b, e)).collect()
     }
 
@@ -1139,20 +1152,30 @@ impl Cache {
     /// The blocks changed since the last snapshot, in no order (see [`hottest_first`]);
     /// tracking restarts. A changed block no longer cached (written back, then evicted)
     /// goes as a `forget`: the target must not keep the copy an earlier round sent it
-    /// (dirty, it would write that older content back at the new epoch).
-    pub fn snapshot_changed(&mut self, name: &VolumeName) -> Vec<MigBlock> {
-        let Some(v) = self.volumes.get_mut(name) else { return Vec::new() };
-        let Some(changed) = v.changed.replace(HashSet::default()) else { return Vec::new() };
-        changed
+    /// (dirty, it would write that older content back at the new epoch). Refused when more
+    /// blocks changed than the set may hold: which ones is no longer known, and a block
+    /// left out would leave the target an older copy.
+    pub fn snapshot_changed(&mut self, name: &VolumeName) -> Result<Vec<MigBlock>, String> {
+        let max = self.limits.max_changed_blocks_per_move;
+        let Some(v) = self.volumes.get_mut(name) else { return Ok(Vec::new()) };
+        if v.changed_overflow {
+            return Err(format!(
+                "more than migration_max_changed_blocks ({max}) blocks changed during one \
+                 round: the vehicle writes more distinct blocks than the move keeps up with"
+            ));
+        }
+        let Some(changed) = v.changed.replace(HashSet::default()) else { return Ok(Vec::new()) };
+        Ok(changed
             .into_iter()
             .map(|b| v.entries.get(&b).map_or_else(|| MigBlock::forget(b), |e| mig_block(b, e)))
-            .collect()
+            .collect())
     }
 
     /// Stops tracking changes (migration finished or aborted).
     pub fn stop_tracking(&mut self, name: &VolumeName) {
         if let Some(v) = self.volumes.get_mut(name) {
             v.changed = None;
+            v.changed_overflow = false;
         }
     }
 
@@ -1402,6 +1425,7 @@ mod tests {
             max_moved_markers: 3,
             volume_ops_per_s: 1_000_000,
             volume_ops_burst: 1_000_000,
+            max_changed_blocks_per_move: 1_000,
         }
     }
 
@@ -1843,10 +1867,10 @@ mod tests {
         assert!(all.iter().all(|b| b.dirty));
         c.write(&v, 1, 0, &full(3), None).unwrap();
         assert_eq!(c.changed_bytes(&v), 4096);
-        let again = c.snapshot_changed(&v);
+        let again = c.snapshot_changed(&v).unwrap();
         assert_eq!(again.len(), 1);
         assert_eq!(again[0].data.as_ref().unwrap()[0], 3);
-        assert!(c.snapshot_changed(&v).is_empty());
+        assert!(c.snapshot_changed(&v).unwrap().is_empty());
 
         let mut t = Cache::new(limits());
         let tv = vol(&mut t, "v");
@@ -1862,6 +1886,29 @@ mod tests {
         let b = t.take_batch(&tv).unwrap();
         assert_eq!(b.epoch, Epoch(2));
     }
+    /// A move tracks at most `max_changed_blocks_per_move` changed blocks between rounds:
+    /// rewrites of blocks it tracks go on counting, one more distinct block makes the next
+    /// round refuse (which blocks changed is no longer known), and a new snapshot starts
+    /// the count afresh.
+    #[test]
+    fn a_move_tracks_at_most_its_limit_of_changed_blocks() {
+        let mut c = Cache::new(Limits { max_changed_blocks_per_move: 2, ..limits() });
+        let v = vol(&mut c, "v");
+        c.snapshot_all(&v);
+        c.write(&v, 1, 0, &full(1), None).unwrap();
+        c.write(&v, 2, 0, &full(2), None).unwrap();
+        c.write(&v, 1, 0, &full(3), None).unwrap();
+        assert_eq!(c.snapshot_changed(&v).unwrap().len(), 2, "two blocks, one rewritten");
+        for b in 1..=3 {
+            c.write(&v, b, 0, &full(4), None).unwrap();
+        }
+        let e = c.snapshot_changed(&v).unwrap_err();
+        assert!(e.contains("migration_max_changed_blocks (2)"), "{e}");
+        c.snapshot_all(&v);
+        c.write(&v, 3, 0, &full(5), None).unwrap();
+        assert_eq!(c.snapshot_changed(&v).unwrap().len(), 1);
+    }
+
     /// A block sent in round 1, written again, written back and then pushed out by memory
     /// pressure must still go in the next round: the target must not keep round 1's copy.
     #[test]
@@ -1882,7 +1929,7 @@ mod tests {
         }
         assert_eq!(c.read(&v, 1, 0, None).unwrap(), ReadOutcome::Miss, "X evicted");
         assert!(c.used_bytes() <= limits().cache_capacity_bytes);
-        let again = c.snapshot_changed(&v);
+        let again = c.snapshot_changed(&v).unwrap();
         let x = again.iter().find(|b| b.block == 1).expect("the next round carries X");
         assert!(x.forget && x.data.is_none() && !x.dirty, "{x:?}");
 

@@ -152,6 +152,10 @@ pub struct Config {
     pub pause_wait_ms: u64,
     /// Pre-copy rounds at most before the switch.
     pub migration_max_rounds: u32,
+    /// Most blocks a volume moving out tracks as changed between two rounds, in blocks
+    /// (each ~20 bytes): a vehicle writing more distinct blocks than that during one round
+    /// fails the move (it stays at the source), as the next round could not name them all.
+    pub migration_max_changed_blocks: usize,
     /// Switch once a round's changed data is below this many bytes...
     pub migration_switch_below_bytes: u64,
     /// ...and would take at most this many microseconds to send at the fastest rate a
@@ -271,6 +275,7 @@ impl Default for Config {
             volume_ops_burst: 10_000,
             rate_limit_wait_ms: 1_000,
             migration_max_rounds: 8,
+            migration_max_changed_blocks: 1 << 20,
             migration_switch_below_bytes: 1 << 20,
             migration_switch_transfer_us: 1_000,
             migration_frame_bytes: 1 << 20,
@@ -334,6 +339,7 @@ impl Config {
             ("max_stream_inflight_ops", self.max_stream_inflight_ops as u64),
             ("max_stream_batch_ops", self.max_stream_batch_ops as u64),
             ("migration_max_rounds", u64::from(self.migration_max_rounds)),
+            ("migration_max_changed_blocks", self.migration_max_changed_blocks as u64),
             ("migration_timeout_ms", self.migration_timeout_ms),
             ("migration_switch_timeout_ms", self.migration_switch_timeout_ms),
             ("tls_handshake_timeout_ms", self.tls_handshake_timeout_ms),

@@ -3870,6 +3870,45 @@ async fn a_move_under_memory_pressure_loses_nothing() {
     cluster.shutdown().await;
 }
 
+/// A vehicle writing more distinct blocks during a move than the source may track
+/// (`migration_max_changed_blocks`) fails the move, named; the volume stays at the source,
+/// which serves on, and every acknowledged write is persisted and reads back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_move_past_its_changed_block_limit_fails_and_the_source_serves_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = LocalCluster::start(3, dir.path()).await.unwrap();
+    let a = Nms::start("a", &cluster.endpoints(), |c| {
+        c.migration_max_changed_blocks = 4;
+        c.migration_frame_bytes = 16 << 10;
+    })
+    .await;
+    let b = Nms::start("b", &cluster.endpoints(), |_| {}).await;
+    let c = VolumeClient::open(opts(&[&a.ep], "many", "k")).await.unwrap();
+    for blk in 0..64u64 {
+        c.write(blk, 0, block_data(blk, 0)).await.unwrap();
+    }
+    let writer = Writer::spawn(c.clone(), 200, block_data);
+    while c.stat().await.unwrap().accepted_lsn < 400 {
+        tokio::task::yield_now().await;
+    }
+    let report = a.migrate("many", &b.ep, 8).await;
+    assert_ne!(report.outcome, pb::MigrationOutcome::Completed as i32, "{report:?}");
+    assert!(report.error.contains("migration_max_changed_blocks"), "{report:?}");
+    let after = c.stat().await.unwrap().accepted_lsn;
+    while c.stat().await.unwrap().accepted_lsn < after + 100 {
+        tokio::task::yield_now().await;
+    }
+    let Written { acked, .. } = writer.stop().await;
+    assert_eq!(c.current_nms(), a.ep, "the volume stayed at the source");
+    c.flush().await.unwrap();
+    let mut want: HashMap<u64, Vec<u8>> = (0..64).map(|b| (b, block_data(b, 0))).collect();
+    want.extend(acked.iter().map(|(b, n)| (*b, block_data(*b, *n))));
+    assert_persisted_and_read_back(&cluster, &c, "many", &want).await;
+    a.stop().await;
+    b.stop().await;
+    cluster.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_its_caller_gave_up_on_leaves_the_journal() {
     let dir = tempfile::tempdir().unwrap();

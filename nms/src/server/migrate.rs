@@ -654,7 +654,7 @@ impl Node {
             }
             round += 1;
             let mut core = self.core();
-            blocks = core.snapshot_changed(v);
+            blocks = core.snapshot_changed(v)?;
             (applied, mark) = core.volume(v).map(|x| x.applied_since(mark)).unwrap_or_default();
         }
         // Switch: pause, send the remainder, hand over.
@@ -664,7 +664,7 @@ impl Node {
         let (rest, switch) = {
             let mut core = self.core();
             core.pause(v).map_err(|s| format!("not switching: the volume is {s:?} here"))?;
-            let rest = core.snapshot_changed(v);
+            let rest = core.snapshot_changed(v)?;
             let x = core.volume(v).ok_or("volume vanished")?;
             let applied = applied_to_pb(&x.applied_since(mark).0);
             (

@@ -448,6 +448,7 @@ impl Node {
             max_moved_markers: cfg.max_moved_markers,
             volume_ops_per_s: cfg.max_volume_ops_per_s,
             volume_ops_burst: cfg.volume_ops_burst,
+            max_changed_blocks_per_move: cfg.migration_max_changed_blocks,
         };
         let pool = BlockPool::new(cfg.block_pool_bytes.min(cfg.cache_capacity_bytes));
         // Faulted in off the serving threads; blocks use the heap until slots are ready.
