@@ -347,6 +347,22 @@ fn a_directory_made_on_a_removed_ones_inode_number_is_usable() {
     fs::write(point.join("e/x"), b"x").expect("a file made in the new directory");
     assert_eq!(fs::read(point.join("e/x")).unwrap(), b"x");
     drop(held);
+    // No extended attributes and no space reservation: applications see EOPNOTSUPP (the
+    // mount answers the kernel ENOSYS, which it remembers and turns into EOPNOTSUPP).
+    let path = std::ffi::CString::new(point.join("e/x").as_os_str().as_bytes()).unwrap();
+    let name = std::ffi::CString::new("user.test").unwrap();
+    for _ in 0..2 {
+        // SAFETY: valid C strings; a null buffer of size 0 asks for the value's size.
+        let r = unsafe { libc::getxattr(path.as_ptr(), name.as_ptr(), std::ptr::null_mut(), 0) };
+        let e = std::io::Error::last_os_error();
+        assert_eq!((r, e.raw_os_error()), (-1, Some(libc::EOPNOTSUPP)), "getxattr: {e}");
+    }
+    let f = OpenOptions::new().write(true).open(point.join("e/x")).unwrap();
+    // SAFETY: a valid open descriptor.
+    let r = unsafe { libc::fallocate(std::os::fd::AsRawFd::as_raw_fd(&f), 0, 0, 4096) };
+    let e = std::io::Error::last_os_error();
+    assert_eq!((r, e.raw_os_error()), (-1, Some(libc::EOPNOTSUPP)), "fallocate: {e}");
+    drop(f);
     m.unmount();
 }
 

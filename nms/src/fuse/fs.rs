@@ -517,6 +517,15 @@ impl<D: BlockDevice> Fs<D> {
         if self.load_dir(parent)?.by_name.contains_key(name) {
             return Err(FsError::Exists);
         }
+        // In a set-group-ID directory what is made takes the directory's group, and a
+        // directory the bit too (as every local Linux file system does; the kernel leaves
+        // it to a FUSE file system).
+        let (gid, perm) = match self.attr(parent)? {
+            d if d.perm & 0o2000 != 0 => {
+                (d.gid, if kind == Kind::Dir { perm | 0o2000 } else { perm })
+            }
+            _ => (gid, perm),
+        };
         // Room for the name before the inode: allocating may raise the in-memory high-water
         // mark, which must not happen for a create that then fails.
         self.next_slot(parent)?;
@@ -933,7 +942,7 @@ impl<D: BlockDevice> Fs<D> {
             Kind::Symlink => return Err(FsError::Invalid("read of a symlink")),
             Kind::File => {}
         }
-        if offset >= inode.size {
+        if size == 0 || offset >= inode.size {
             return Ok(Vec::new());
         }
         let end = (offset + u64::from(size)).min(inode.size);
@@ -969,6 +978,10 @@ impl<D: BlockDevice> Fs<D> {
             Kind::Symlink => return Err(FsError::Invalid("write to a symlink")),
             Kind::File => {}
         }
+        if data.is_empty() {
+            // Nothing written: the size stays, even at an offset past the end.
+            return Ok(0);
+        }
         let end = offset
             .checked_add(data.len() as u64)
             .filter(|&e| e <= self.sb.max_file_bytes())
@@ -1002,7 +1015,9 @@ impl<D: BlockDevice> Fs<D> {
     }
 
     /// Entries of directory `ino` after `offset` (0 starts; `.` and `..` come first).
-    pub fn readdir(&mut self, ino: u64, offset: u64) -> Result<Vec<DirEntry>> {
+    /// At most `max` entries: a listing takes many calls (one per kernel buffer), each of
+    /// which must cost what it returns, not the rest of the directory.
+    pub fn readdir(&mut self, ino: u64, offset: u64, max: usize) -> Result<Vec<DirEntry>> {
         let parent = self.dir_inode(ino)?.parent;
         let mut out = Vec::new();
         if offset < 1 {
@@ -1013,8 +1028,9 @@ impl<D: BlockDevice> Fs<D> {
         }
         let from = offset.saturating_sub(2);
         let dir = self.load_dir(ino)?;
+        let room = max.saturating_sub(out.len());
         let entries: Vec<(u64, Vec<u8>)> =
-            dir.by_slot.range(from..).map(|(s, n)| (*s, n.clone())).collect();
+            dir.by_slot.range(from..).take(room).map(|(s, n)| (*s, n.clone())).collect();
         for (slot, name) in entries {
             let (child, _) = self.dirs[&ino].by_name[&name];
             let kind = self.inodes.get(&child).map(|i| i.kind).unwrap_or(Kind::File);

@@ -26,6 +26,9 @@ use super::layout::{Inode, Kind, Timestamp, MAX_NAME_BYTES};
 /// How long the kernel may cache attributes and names. The mount is its volume's only writer,
 /// so the kernel's copy can only go stale through this mount, which the kernel sees.
 const ATTR_TTL: Duration = Duration::from_secs(1);
+/// Most directory entries one READDIR reply is built from, in entries: the kernel's buffer
+/// (a page) holds at most 128 (32 bytes each at the least), so more would be dropped.
+const READDIR_MAX_ENTRIES: usize = 256;
 
 /// The system clock, for the core's timestamps.
 pub fn system_clock() -> super::fs::Clock {
@@ -394,7 +397,7 @@ impl<D: BlockDevice + Clone + 'static> Filesystem for FuseFs<D> {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        match self.core().readdir(ino.0, offset) {
+        match self.core().readdir(ino.0, offset, READDIR_MAX_ENTRIES) {
             Ok(entries) => {
                 for e in entries {
                     let kind = match e.kind {
@@ -454,7 +457,8 @@ impl<D: BlockDevice + Clone + 'static> Filesystem for FuseFs<D> {
         reply: ReplyEmpty,
     ) {
         // Space is not reserved on a network volume; callers (fio, posix_fallocate) fall back.
-        reply.error(Errno::from_i32(libc::EOPNOTSUPP));
+        // ENOSYS: the kernel remembers it (no_fallocate) and answers EOPNOTSUPP itself.
+        reply.error(Errno::from_i32(libc::ENOSYS));
     }
 
     fn getxattr(
@@ -465,12 +469,14 @@ impl<D: BlockDevice + Clone + 'static> Filesystem for FuseFs<D> {
         _size: u32,
         reply: fuser::ReplyXattr,
     ) {
-        // No extended attributes: EOPNOTSUPP makes the kernel stop asking.
-        reply.error(Errno::from_i32(libc::EOPNOTSUPP));
+        // No extended attributes. ENOSYS, not EOPNOTSUPP: only ENOSYS makes the kernel stop
+        // asking (no_getxattr; it then answers EOPNOTSUPP itself), where EOPNOTSUPP cost a
+        // request, e.g. for security.capability at every write.
+        reply.error(Errno::from_i32(libc::ENOSYS));
     }
 
     fn listxattr(&self, _req: &Request, _ino: INodeNo, _size: u32, reply: fuser::ReplyXattr) {
-        reply.error(Errno::from_i32(libc::EOPNOTSUPP));
+        reply.error(Errno::from_i32(libc::ENOSYS));
     }
 
     fn access(&self, _req: &Request, _ino: INodeNo, _mask: fuser::AccessFlags, reply: ReplyEmpty) {

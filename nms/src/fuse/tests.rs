@@ -99,7 +99,7 @@ impl<D: BlockDevice + Clone> Target for CoreTarget<D> {
     }
     fn list(&mut self, path: &str) -> Result<Vec<String>, i32> {
         let ino = self.resolve(path)?;
-        let mut names: Vec<String> = errno(self.fs().readdir(ino, 0))?
+        let mut names: Vec<String> = errno(self.fs().readdir(ino, 0, usize::MAX))?
             .into_iter()
             .map(|e| String::from_utf8(e.name).expect("utf8"))
             .filter(|n| n != "." && n != "..")
@@ -230,6 +230,64 @@ fn errors_map_to_posix_errno() {
     assert_eq!(t.rmdir("d/x"), Err(libc::ENOTDIR));
 }
 
+/// What is made in a set-group-ID directory takes its group (a directory the bit too);
+/// elsewhere the caller's.
+#[test]
+fn a_setgid_directory_passes_its_group_on() {
+    let dev = Arc::new(MemDevice::new(4096));
+    let mut t = CoreTarget::new(dev, small_params());
+    let d = t.fs().create(ROOT_INO, b"d", Kind::Dir, 0o2775, 0, 50, None).unwrap();
+    let f = t.fs().create(d.ino, b"f", Kind::File, 0o644, 7, 7, None).unwrap();
+    assert_eq!((f.gid, f.perm), (50, 0o644));
+    let sub = t.fs().create(d.ino, b"sub", Kind::Dir, 0o755, 7, 7, None).unwrap();
+    assert_eq!((sub.gid, sub.perm), (50, 0o2755));
+    let plain = t.fs().create(ROOT_INO, b"p", Kind::Dir, 0o755, 7, 7, None).unwrap();
+    let g = t.fs().create(plain.ino, b"g", Kind::File, 0o644, 7, 7, None).unwrap();
+    assert_eq!((g.gid, g.perm), (7, 0o644));
+}
+
+/// A listing taken `max` entries at a time (as the mount serves READDIR) visits every
+/// name once, each call returning at most `max`.
+#[test]
+fn a_directory_is_listed_in_pieces_of_at_most_the_limit() {
+    let dev = Arc::new(MemDevice::new(4096));
+    let mut t = CoreTarget::new(dev, small_params());
+    t.mkdir("d").unwrap();
+    for i in 0..40 {
+        t.create(&format!("d/f{i}")).unwrap();
+    }
+    t.unlink("d/f7").unwrap();
+    let ino = t.resolve("d").unwrap();
+    let (mut names, mut offset) = (Vec::new(), 0);
+    loop {
+        let got = t.fs().readdir(ino, offset, 5).unwrap();
+        assert!(got.len() <= 5, "{} entries", got.len());
+        let Some(last) = got.last() else { break };
+        offset = last.offset;
+        names.extend(got.into_iter().map(|e| String::from_utf8(e.name).unwrap()));
+    }
+    let mut want: Vec<String> = (0..40).filter(|i| *i != 7).map(|i| format!("f{i}")).collect();
+    want.extend([".".to_string(), "..".to_string()]);
+    want.sort();
+    names.sort();
+    assert_eq!(names, want);
+}
+
+/// Reads and writes of no bytes do nothing: no panic, no growth past the end.
+#[test]
+fn reads_and_writes_of_no_bytes_change_nothing() {
+    let dev = Arc::new(MemDevice::new(4096));
+    let mut t = CoreTarget::new(dev, small_params());
+    t.create("x").unwrap();
+    t.write("x", 0, b"abc").unwrap();
+    let ino = t.resolve("x").unwrap();
+    assert_eq!(t.fs().read(ino, 0, 0).unwrap(), Vec::<u8>::new());
+    assert_eq!(t.fs().read(ino, 2, 0).unwrap(), Vec::<u8>::new());
+    assert_eq!(t.fs().write(ino, 10_000, &[]).unwrap(), 0);
+    assert_eq!(t.fs().attr(ino).unwrap().size, 3);
+    assert_eq!(t.read_all("x").unwrap(), b"abc");
+}
+
 #[test]
 fn a_full_directory_reports_enospc_and_keeps_no_trace_of_the_refused_name() {
     // One data block per inode: a directory holds 4096 / 264 = 15 entries.
@@ -348,7 +406,7 @@ fn fsck<D: BlockDevice>(fs: &mut Fs<D>) -> Result<(), String> {
     let mut reached = 1;
     let mut dirs = vec![ROOT_INO];
     while let Some(dir) = dirs.pop() {
-        let entries = fs.readdir(dir, 2).map_err(|e| format!("readdir {dir}: {e}"))?;
+        let entries = fs.readdir(dir, 2, usize::MAX).map_err(|e| format!("readdir {dir}: {e}"))?;
         let mut subdirs = 0;
         for e in entries {
             let child = fs.attr(e.ino).map_err(|err| format!("{dir}/{:?}: {err}", e.name))?;
