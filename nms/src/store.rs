@@ -30,6 +30,8 @@ pub struct VolumeMeta {
     pub epoch: Epoch,
     pub owner_node: String,
     pub owner_address: String,
+    /// The owning process's session (0: not recorded, an older NMS's or PSS's).
+    pub owner_session: u64,
     pub credential: CredentialHash,
     pub persisted: Lsn,
     pub block_count: u64,
@@ -41,6 +43,8 @@ pub struct Acquire {
     pub volume: VolumeName,
     pub owner_node: String,
     pub owner_address: String,
+    /// The acquiring process's session (see [`VolumeMeta::owner_session`]).
+    pub owner_session: u64,
     /// `None`: from whatever epoch it has.
     pub expected_epoch: Option<Epoch>,
     pub create: Option<(BlockSize, CredentialHash)>,
@@ -140,6 +144,7 @@ impl Store for MemStore {
                     epoch: Epoch(0),
                     owner_node: String::new(),
                     owner_address: String::new(),
+                    owner_session: 0,
                     credential,
                     persisted: Lsn(0),
                     block_count: 0,
@@ -155,6 +160,7 @@ impl Store for MemStore {
                 epoch: Epoch(meta.epoch.0 + 1),
                 owner_node: req.owner_node,
                 owner_address: req.owner_address,
+                owner_session: req.owner_session,
                 ..meta
             };
             g.volumes.insert(req.volume, meta.clone());
@@ -293,6 +299,7 @@ mod pss_client {
             epoch: Epoch(m.epoch),
             owner_node: m.owner_node,
             owner_address: m.owner_address,
+            owner_session: m.owner_session,
             credential: wayside_proto::convert::credential_hash(&m.credential_hash).map_err(bad)?,
             persisted: Lsn(m.persisted_lsn),
             block_count: m.block_count,
@@ -306,6 +313,7 @@ mod pss_client {
                     volume: req.volume.as_str().to_owned(),
                     owner_node: req.owner_node,
                     owner_address: req.owner_address,
+                    owner_session: req.owner_session,
                     expected_epoch: req.expected_epoch.map_or(0, |e| e.0),
                     create: req.create.map(|(bs, h)| pb::CreateSpec {
                         block_size: bs.bytes(),

@@ -190,6 +190,7 @@ fn pss_messages_round_trip() {
         volume: "v".into(),
         owner_node: "rsu-2".into(),
         owner_address: "http://127.0.0.1:4".into(),
+        owner_session: 0,
         expected_epoch: 3,
         create: Some(pb::CreateSpec { block_size: 65536, credential_hash: vec![9; 32] }),
         request_id: rid(1),

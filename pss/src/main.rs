@@ -376,6 +376,7 @@ async fn client_command(
                             volume: volume.clone(),
                             owner_node: "pss-cli".into(),
                             owner_address: String::new(),
+                            owner_session: 0,
                             expected_epoch: 0,
                             create: Some(pb::CreateSpec {
                                 block_size: create.unwrap_or_default(),

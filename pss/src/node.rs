@@ -1368,6 +1368,7 @@ mod tests {
             volume: "crash-vol".into(),
             owner_node: "nms".into(),
             owner_address: "127.0.0.1:9".into(),
+            owner_session: 0,
             expected_epoch: 0,
             create: Some(pb::CreateSpec { block_size: 4096, credential_hash: vec![7; 32] }),
             request_id: Some(pb::RequestId { client_id: "nms".into(), seq: 1 }),

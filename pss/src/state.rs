@@ -1089,6 +1089,7 @@ impl StateMachine {
         meta.epoch += 1;
         meta.owner_node.clone_from(&req.owner_node);
         meta.owner_address.clone_from(&req.owner_address);
+        meta.owner_session = req.owner_session;
         p.txn.insert(key, meta.encode_to_vec());
         if created {
             self.volumes.fetch_add(1, Ordering::Relaxed);
@@ -1572,6 +1573,7 @@ mod tests {
                 volume: volume.into(),
                 owner_node: "nms-a".into(),
                 owner_address: "127.0.0.1:1".into(),
+                owner_session: 0,
                 expected_epoch: 0,
                 create: Some(pb::CreateSpec { block_size: 4096, credential_hash: vec![] }),
                 request_id: Some(pb::RequestId { client_id: "a".into(), seq }),

@@ -43,9 +43,18 @@ async fn block_api_epochs_dedupe_and_leader_hints() {
     let client = cluster.client();
     let vol = VolumeName::new("car-1").unwrap();
 
-    let a = client.acquire_volume(acquire("car-1", "nms-a", 1)).await.unwrap();
+    let a = client
+        .acquire_volume(pb::AcquireVolumeRequest {
+            owner_session: 42,
+            ..acquire("car-1", "nms-a", 1)
+        })
+        .await
+        .unwrap();
     assert!(a.created);
-    let epoch = a.meta.unwrap().epoch;
+    let meta = a.meta.unwrap();
+    // The owner's process session is recorded with it (an NMS tells its own acquire by it).
+    assert_eq!((meta.owner_node.as_str(), meta.owner_session), ("nms-a", 42));
+    let epoch = meta.epoch;
     assert_eq!(epoch, 1);
 
     // Writes then linearizable reads.

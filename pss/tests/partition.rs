@@ -183,6 +183,7 @@ async fn scenario(net: &Net) {
         volume: "part".into(),
         owner_node: "nms".into(),
         owner_address: String::new(),
+        owner_session: 0,
         expected_epoch: 0,
         create: Some(pb::CreateSpec { block_size: 4096, credential_hash: vec![] }),
         request_id: Some(pb::RequestId { client_id: "partition-acq".into(), seq: 1 }),

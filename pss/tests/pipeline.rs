@@ -42,6 +42,7 @@ async fn create(client: &PssClient, volume: &str, seq: u64) -> u64 {
             volume: volume.into(),
             owner_node: "t".into(),
             owner_address: String::new(),
+            owner_session: 0,
             expected_epoch: 0,
             create: Some(pb::CreateSpec { block_size: 4096, credential_hash: vec![] }),
             request_id: rid(&format!("acq-{volume}"), seq),

@@ -149,6 +149,7 @@ async fn kill9_leader_under_load_then_full_restart_loses_no_acknowledged_write()
         volume: "load".into(),
         owner_node: "nms".into(),
         owner_address: String::new(),
+        owner_session: 0,
         expected_epoch: 0,
         create: Some(pb::CreateSpec { block_size: 4096, credential_hash: vec![] }),
         request_id: Some(pb::RequestId { client_id: "acq".into(), seq: 1 }),

@@ -289,6 +289,7 @@ async fn local_only_raft_messages_are_refused_on_the_send_stream() {
             volume: "after".into(),
             owner_node: "nms".into(),
             owner_address: "127.0.0.1:9".into(),
+            owner_session: 0,
             expected_epoch: 0,
             create: Some(pb::CreateSpec { block_size: 4096, credential_hash: vec![7; 32] }),
             request_id: Some(pb::RequestId { client_id: "t".into(), seq: 1 }),

@@ -1585,6 +1585,7 @@ mod tests {
                 volume: VolumeName::new(*name).unwrap(),
                 owner_node: "a".into(),
                 owner_address: "http://127.0.0.1:1".into(),
+                owner_session: 0,
                 expected_epoch: None,
                 create: Some((BlockSize::new(4096).unwrap(), Credential::new("k").unwrap().hash())),
                 request_id: RequestId::new("test", n as u64 + 1).unwrap(),
@@ -1653,6 +1654,47 @@ mod tests {
         load.await.unwrap().unwrap();
         assert_eq!(node.loads_in_flight.load(std::sync::atomic::Ordering::SeqCst), 0);
         node.stop.cancel();
+    }
+
+    /// Two processes under one node id and address (a replacement started while the first
+    /// was paused or cut off): the first, fenced, does not take the second's epoch for its
+    /// own, so its older copy is never written over what the vehicle wrote at the second.
+    #[tokio::test]
+    async fn a_process_under_the_same_id_and_address_is_not_taken_for_this_one() {
+        let store = Arc::new(crate::store::MemStore::default());
+        let start = || {
+            let cfg = Config {
+                node_id: "rsu".into(),
+                block_pool_bytes: 0,
+                writeback_delay_ms: 60_000,
+                ..Config::default()
+            };
+            let store: Arc<dyn Store> = store.clone();
+            Node::new(
+                cfg,
+                Endpoint::parse("127.0.0.1:2").unwrap(),
+                store,
+                None,
+                CancellationToken::new(),
+            )
+        };
+        let (old, new) = (start(), start());
+        let v = VolumeName::new("v").unwrap();
+        let cred = Presented::new(Credential::new("k").unwrap());
+        let bs = BlockSize::new(4096).unwrap();
+        old.load(&v, &cred, Some(bs), false).await.unwrap();
+        old.write(&v, &cred, 3, 0, Some(&[1; 4096]), None).await.unwrap();
+        // The replacement loads the volume (a newer epoch) and the vehicle writes there.
+        new.load(&v, &cred, None, false).await.unwrap();
+        new.write(&v, &cred, 3, 0, Some(&[2; 4096]), None).await.unwrap();
+        new.flush(&v, &cred).await.unwrap();
+        // The first one's write-back of its older block is refused: fenced, not adopted.
+        let r = old.flush(&v, &cred).await;
+        assert!(r.is_err(), "the old copy was written back over the new one: {r:?}");
+        let got = store.get_blocks(v.clone(), vec![3]).await.unwrap();
+        assert_eq!(got[0].as_ref().map(|(d, _)| d[0]), Some(2), "the vehicle's newer write");
+        old.stop.cancel();
+        new.stop.cancel();
     }
 
     /// While a move holds a volume's write-back, a flush waiting on it waits quietly: the

@@ -513,6 +513,7 @@ impl Node {
             volume: volume.clone(),
             owner_node: self.node_id.clone(),
             owner_address: self.advertise.uri().to_owned(),
+            owner_session: self.session,
             expected_epoch,
             create,
             request_id: self.next_request_id(),
@@ -1121,9 +1122,15 @@ impl Node {
         true
     }
 
-    /// Whether the PSS's record names this node (its id and address) as the owner.
+    /// Whether the PSS's record names this node as the owner: its id and address, and
+    /// this process's session where the record has one. Another process under the same
+    /// id and address (a replacement started while this one was paused or cut off) owns
+    /// what it acquired: adopting its epoch would write this copy's older blocks over what
+    /// the vehicle wrote there.
     pub(crate) fn is_mine(&self, m: &crate::store::VolumeMeta) -> bool {
-        m.owner_node == self.node_id && m.owner_address == self.advertise.uri()
+        m.owner_node == self.node_id
+            && m.owner_address == self.advertise.uri()
+            && (m.owner_session == 0 || m.owner_session == self.session)
     }
 
     /// Takes `epoch`, which the PSS records with this node as the owner, as the epoch of

@@ -1112,6 +1112,7 @@ mod tests {
                 volume: v.clone(),
                 owner_node: "other".into(),
                 owner_address: "http://127.0.0.1:1".into(),
+                owner_session: 0,
                 expected_epoch: None,
                 create: Some((BlockSize::new(4096).unwrap(), cred.hash())),
                 request_id: RequestId::new("test", 1).unwrap(),

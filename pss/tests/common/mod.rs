@@ -16,6 +16,7 @@ pub fn acquire(volume: &str, owner: &str, seq: u64) -> pb::AcquireVolumeRequest 
         volume: volume.into(),
         owner_node: owner.into(),
         owner_address: "127.0.0.1:9".into(),
+        owner_session: 0,
         expected_epoch: 0,
         create: Some(pb::CreateSpec { block_size: 4096, credential_hash: vec![7; 32] }),
         request_id: rid(owner, seq),

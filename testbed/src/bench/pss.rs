@@ -330,6 +330,7 @@ async fn bench_pss(
             volume: volume.clone(),
             owner_node: "bench".into(),
             owner_address: String::new(),
+            owner_session: 0,
             expected_epoch: 0,
             create: Some(pb::CreateSpec {
                 block_size: value.next_power_of_two().max(4096) as u32,
