@@ -229,6 +229,11 @@ pub struct Config {
 /// Most serving threads (`Config::serve_threads`).
 pub const MAX_SERVE_THREADS: usize = 256;
 
+/// Most bytes one request id takes in a move's `SwitchOver`, in bytes: a run of its own
+/// (a 64-byte client id, and a seq, an lsn and a version of up to 10 bytes each, with
+/// their tags and lengths).
+pub const MAX_SWITCH_ID_BYTES: u64 = 106;
+
 /// Half the CPUs this process may use, at least 1 (see `Config::serve_threads`).
 pub fn default_serve_threads() -> usize {
     std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1))
@@ -378,6 +383,17 @@ impl Config {
                 self.migration_frame_bytes, self.max_message_size_bytes
             ));
         }
+        // A switch carries the request ids remembered since the last round in one message:
+        // at most the whole dedupe table, which must fit in half a message.
+        let ids_bytes = self.dedupe_entries_per_volume as u64 * MAX_SWITCH_ID_BYTES;
+        if ids_bytes > self.max_message_size_bytes as u64 / 2 {
+            return Err(format!(
+                "dedupe_entries_per_volume ({}) ids take up to {ids_bytes} bytes in a move's \
+                 SwitchOver ({MAX_SWITCH_ID_BYTES} each), more than half of \
+                 max_message_size_bytes ({}): lower one or raise the other",
+                self.dedupe_entries_per_volume, self.max_message_size_bytes
+            ));
+        }
         if self.tls.ca.is_some() && (self.tls.cert.is_none() || self.tls.key.is_none()) {
             return Err("tls.ca without tls.cert and tls.key: the PSS asks this node for the \
                         road's certificate, so it could reach no PSS (set all three, or none)"
@@ -481,6 +497,15 @@ mod tests {
             (Config { http2_keepalive_timeout_ms: 0, ..Config::default() }, "keepalive_timeout"),
             (Config { serve_threads: 100_000, ..Config::default() }, "serve_threads"),
             (Config { migration_frame_bytes: 32 << 20, ..Config::default() }, "migration_frame"),
+            // A move's switch could not carry the request ids it must.
+            (
+                Config {
+                    max_message_size_bytes: 4 << 20,
+                    migration_frame_bytes: 1 << 20,
+                    ..Config::default()
+                },
+                "dedupe_entries_per_volume (65536) ids",
+            ),
             // A window of exactly the message limit could not hold a message of that size.
             (
                 Config {
@@ -494,6 +519,15 @@ mod tests {
             let e = c.validate().unwrap_err();
             assert!(e.contains(name), "{name}: {e}");
         }
+        // The largest id, as a SwitchOver carries it, fits in MAX_SWITCH_ID_BYTES.
+        let run = wayside_proto::pb::AppliedRun {
+            client_id: "c".repeat(wayside_proto::types::MAX_CLIENT_ID_BYTES),
+            seq: vec![u64::MAX],
+            lsn: vec![u64::MAX],
+            version: vec![u64::MAX],
+        };
+        let one = wayside_proto::pb::SwitchOver { applied: vec![run], ..Default::default() };
+        assert!(prost::Message::encoded_len(&one) as u64 <= MAX_SWITCH_ID_BYTES);
         let mut ca_only = Config::default();
         ca_only.tls.ca = Some("ca.pem".into());
         assert!(ca_only.validate().unwrap_err().contains("tls.ca without"));

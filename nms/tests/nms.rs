@@ -1951,6 +1951,8 @@ async fn blocks_without_data_move_in_frames_within_the_message_limit() {
     let small = |c: &mut Config| {
         c.max_message_size_bytes = 2 << 20;
         c.migration_frame_bytes = 64 << 10;
+        // (A switch's request ids must fit in half a message.)
+        c.dedupe_entries_per_volume = 8192;
     };
     let a = Nms::start("a", &cluster.endpoints(), small).await;
     let b = Nms::start("b", &cluster.endpoints(), small).await;
