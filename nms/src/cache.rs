@@ -426,6 +426,10 @@ pub struct Cache {
     ring: VecDeque<(u32, BlockNo)>,
     used_bytes: u64,
     dirty_bytes: u64,
+    /// Dirty bytes of volumes still arriving by a move: apart from `dirty_bytes`, so a
+    /// move in does not take the dirty budget this node's served vehicles write within
+    /// (bounded by `cache_capacity_bytes` instead; they join `dirty_bytes` at the switch).
+    incoming_dirty_bytes: u64,
     evictions: u64,
     next_fetch: u64,
     next_batch: u64,
@@ -457,6 +461,7 @@ impl Cache {
             markers: VecDeque::new(),
             used_bytes: 0,
             dirty_bytes: 0,
+            incoming_dirty_bytes: 0,
             evictions: 0,
             next_fetch: 1,
             next_batch: 1,
@@ -494,8 +499,10 @@ impl Cache {
     pub fn used_bytes(&self) -> u64 {
         self.used_bytes
     }
+    /// Unpersisted bytes held, the volumes arriving by a move included (the dirty limits
+    /// count only the served volumes').
     pub fn dirty_bytes(&self) -> u64 {
-        self.dirty_bytes
+        self.dirty_bytes + self.incoming_dirty_bytes
     }
     pub fn evictions(&self) -> u64 {
         self.evictions
@@ -625,7 +632,7 @@ impl Cache {
         let v = self.volumes.remove(name)?;
         self.ids.remove(&v.id);
         self.used_bytes -= v.cached_bytes;
-        self.dirty_bytes -= v.dirty_bytes;
+        *self.dirty_counter(&v.state) -= v.dirty_bytes;
         self.compact_ring();
         Some(v)
     }
@@ -1181,8 +1188,17 @@ impl Cache {
 
     /// Sets a volume's state (pause for a switch, resume after an abort).
     pub fn set_state(&mut self, name: &VolumeName, state: VolumeState) {
-        if let Some(v) = self.volumes.get_mut(name) {
-            v.state = state;
+        let Some(v) = self.volumes.get_mut(name) else { return };
+        let (was, dirty) = (std::mem::replace(&mut v.state, state.clone()), v.dirty_bytes);
+        *self.dirty_counter(&was) -= dirty;
+        *self.dirty_counter(&state) += dirty;
+    }
+
+    /// The node-wide dirty count a volume in `state` is charged to.
+    fn dirty_counter(&mut self, state: &VolumeState) -> &mut u64 {
+        match state {
+            VolumeState::Incoming { .. } => &mut self.incoming_dirty_bytes,
+            _ => &mut self.dirty_bytes,
         }
     }
 
@@ -1239,7 +1255,7 @@ impl Cache {
                     v.dirty.remove(&(l, b.block));
                 }
                 v.dirty_bytes -= old.charged;
-                self.dirty_bytes -= old.charged;
+                self.incoming_dirty_bytes -= old.charged;
             } else if !b.forget {
                 added.push(b.block);
             }
@@ -1264,17 +1280,20 @@ impl Cache {
                 // the move is refused, and the incoming copy dropped. Not the dirty limits:
                 // a block sent dirty in one round stays dirty here until the switch even if
                 // the source wrote it back since (rounds carry no watermark), so a busy
-                // writer's move would pass them while the source stays within its own.
+                // writer's move would pass them while the source stays within its own; and
+                // apart from the served volumes' dirty bytes (`incoming_dirty_bytes`), whose
+                // writes would otherwise wait on a move in for as long as it lasts.
                 let charge = e.bytes();
                 let max = self.limits.cache_capacity_bytes;
-                if self.dirty_bytes + charge > max {
+                let value = self.dirty_bytes + self.incoming_dirty_bytes;
+                if value + charge > max {
                     let limit = "cache_capacity_bytes";
-                    return Err(IncomingError::DirtyFull { limit, value: self.dirty_bytes, max });
+                    return Err(IncomingError::DirtyFull { limit, value, max });
                 }
                 v.dirty.insert((Lsn(1), b.block));
                 e.charged = charge;
                 v.dirty_bytes += e.charged;
-                self.dirty_bytes += e.charged;
+                self.incoming_dirty_bytes += e.charged;
             }
             v.cached_bytes += e.bytes();
             self.used_bytes += e.bytes();
@@ -1367,8 +1386,11 @@ impl Cache {
             e.dirty_lsn = Some(first);
             v.dirty.insert((first, b));
         }
+        // Served from now: what stays dirty joins the served volumes' dirty bytes (it may
+        // pass the dirty limit for a while: the writer starts at once, and writes wait).
+        self.incoming_dirty_bytes -= v.dirty_bytes;
         v.dirty_bytes -= freed;
-        self.dirty_bytes -= freed;
+        self.dirty_bytes += v.dirty_bytes;
         for (id, a) in applied {
             v.remember(id, a, cap);
         }
@@ -1945,6 +1967,53 @@ mod tests {
         t.finish_incoming(&tv, 7, Epoch(2), Lsn(2), Lsn(2), vec![]).unwrap();
         assert_eq!(t.read(&tv, 1, 0, None).unwrap(), ReadOutcome::Miss);
         assert!(t.take_batch(&tv).is_none(), "nothing to write back: {:?}", t.volume(&tv));
+    }
+
+    /// A volume arriving by a move (its blocks sent dirty, held until the switch) does not
+    /// take the dirty budget of the volumes served here: their writes go on. At the switch
+    /// its dirty blocks join theirs; a move given up takes its charge with it.
+    #[test]
+    fn a_move_in_leaves_the_served_volumes_their_dirty_budget() {
+        let mut t = Cache::new(limits());
+        let served = vol(&mut t, "served");
+        let incoming = |t: &mut Cache, name: &str, id: u64, n: u64| {
+            let v = vol(t, name);
+            t.set_state(&v, VolumeState::Incoming { migration_id: id });
+            let blocks = (1..=n)
+                .map(|b| MigBlock {
+                    block: b,
+                    data: Some(Bytes::from(full(b as u8))),
+                    version: 1,
+                    dirty: true,
+                    lsn: Lsn(10 + b),
+                    heat: 0,
+                    forget: false,
+                })
+                .collect();
+            t.put_migrated(&v, id, blocks).unwrap();
+            v
+        };
+        let tv = incoming(&mut t, "in", 1, 4);
+        let entry = 4096 + ENTRY_OVERHEAD_BYTES;
+        assert_eq!(t.dirty_bytes(), 4 * entry, "held, and reported");
+        // The served volume writes up to its own limit (4 blocks), past the node's 6 with
+        // the incoming 4 counted.
+        for b in 1..=4 {
+            t.write(&served, b, 0, &full(9), None).expect("a served vehicle's write");
+        }
+        // A move in given up: its charge goes with it.
+        let gone = incoming(&mut t, "gone", 2, 2);
+        assert_eq!(t.dirty_bytes(), 10 * entry);
+        assert!(t.remove_volume(&gone));
+        assert_eq!(t.dirty_bytes(), 8 * entry);
+        // Switched in: both count now, past the node's limit, so writes wait for write-back.
+        t.finish_incoming(&tv, 1, Epoch(2), Lsn(14), Lsn(0), vec![]).unwrap();
+        assert_eq!(t.dirty_bytes(), 8 * entry);
+        let other = vol(&mut t, "other");
+        assert!(matches!(
+            t.write(&other, 1, 0, &full(1), None),
+            Err(CacheError::DirtyFull { limit: "dirty_limit_bytes", .. })
+        ));
     }
 
     /// Blocks a round sent dirty that the source wrote back before the switch (all their
