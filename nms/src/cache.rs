@@ -1163,19 +1163,27 @@ impl Cache {
     /// blocks changed than the set may hold: which ones is no longer known, and a block
     /// left out would leave the target an older copy.
     pub fn snapshot_changed(&mut self, name: &VolumeName) -> Result<Vec<MigBlock>, String> {
-        let max = self.limits.max_changed_blocks_per_move;
-        let Some(v) = self.volumes.get_mut(name) else { return Ok(Vec::new()) };
-        if v.changed_overflow {
-            return Err(format!(
-                "more than migration_max_changed_blocks ({max}) blocks changed during one \
-                 round: the vehicle writes more distinct blocks than the move keeps up with"
-            ));
+        if let Some(e) = self.changed_overflow(name) {
+            return Err(e);
         }
+        let Some(v) = self.volumes.get_mut(name) else { return Ok(Vec::new()) };
         let Some(changed) = v.changed.replace(HashSet::default()) else { return Ok(Vec::new()) };
         Ok(changed
             .into_iter()
             .map(|b| v.entries.get(&b).map_or_else(|| MigBlock::forget(b), |e| mig_block(b, e)))
             .collect())
+    }
+
+    /// Why a move of `name` cannot go on: more blocks changed since the last snapshot than
+    /// the set may hold ([`Limits::max_changed_blocks_per_move`]).
+    pub fn changed_overflow(&self, name: &VolumeName) -> Option<String> {
+        let max = self.limits.max_changed_blocks_per_move;
+        self.volumes.get(name).filter(|v| v.changed_overflow).map(|_| {
+            format!(
+                "more than migration_max_changed_blocks ({max}) blocks changed during one \
+                 round: the vehicle writes more distinct blocks than the move keeps up with"
+            )
+        })
     }
 
     /// Stops tracking changes (migration finished or aborted).
@@ -1283,9 +1291,12 @@ impl Cache {
                 // writer's move would pass them while the source stays within its own; and
                 // apart from the served volumes' dirty bytes (`incoming_dirty_bytes`), whose
                 // writes would otherwise wait on a move in for as long as it lasts.
+                // The served volumes keep room for their whole dirty budget: what cannot be
+                // evicted stays within the memory budget whatever they write meanwhile.
                 let charge = e.bytes();
                 let max = self.limits.cache_capacity_bytes;
-                let value = self.dirty_bytes + self.incoming_dirty_bytes;
+                let served = self.dirty_bytes.max(self.limits.dirty_limit_bytes);
+                let value = served + self.incoming_dirty_bytes;
                 if value + charge > max {
                     let limit = "cache_capacity_bytes";
                     return Err(IncomingError::DirtyFull { limit, value, max });
@@ -1970,10 +1981,12 @@ mod tests {
     }
 
     /// A volume arriving by a move (its blocks sent dirty, held until the switch) does not
-    /// take the dirty budget of the volumes served here: their writes go on. At the switch
-    /// its dirty blocks join theirs; a move given up takes its charge with it.
+    /// take the dirty budget of the volumes served here: their writes go on. Incoming dirty
+    /// blocks get what memory the served volumes' whole dirty budget leaves; at the switch
+    /// they join the served ones; a move given up takes its charge with it.
     #[test]
     fn a_move_in_leaves_the_served_volumes_their_dirty_budget() {
+        // 10 entries of memory, 6 of them the served volumes' dirty budget: 4 for moves in.
         let mut t = Cache::new(limits());
         let served = vol(&mut t, "served");
         let incoming = |t: &mut Cache, name: &str, id: u64, n: u64| {
@@ -1990,25 +2003,31 @@ mod tests {
                     forget: false,
                 })
                 .collect();
-            t.put_migrated(&v, id, blocks).unwrap();
-            v
+            (t.put_migrated(&v, id, blocks), v)
         };
-        let tv = incoming(&mut t, "in", 1, 4);
         let entry = 4096 + ENTRY_OVERHEAD_BYTES;
+        let (r, gone) = incoming(&mut t, "gone", 2, 2);
+        r.unwrap();
+        let (r, tv) = incoming(&mut t, "in", 1, 2);
+        r.unwrap();
         assert_eq!(t.dirty_bytes(), 4 * entry, "held, and reported");
+        // Past the room the served volumes' dirty budget leaves: refused.
+        let (r, _) = incoming(&mut t, "more", 3, 1);
+        assert!(
+            matches!(r, Err(IncomingError::DirtyFull { limit: "cache_capacity_bytes", .. })),
+            "{r:?}"
+        );
         // The served volume writes up to its own limit (4 blocks), past the node's 6 with
         // the incoming 4 counted.
         for b in 1..=4 {
             t.write(&served, b, 0, &full(9), None).expect("a served vehicle's write");
         }
         // A move in given up: its charge goes with it.
-        let gone = incoming(&mut t, "gone", 2, 2);
-        assert_eq!(t.dirty_bytes(), 10 * entry);
         assert!(t.remove_volume(&gone));
-        assert_eq!(t.dirty_bytes(), 8 * entry);
-        // Switched in: both count now, past the node's limit, so writes wait for write-back.
-        t.finish_incoming(&tv, 1, Epoch(2), Lsn(14), Lsn(0), vec![]).unwrap();
-        assert_eq!(t.dirty_bytes(), 8 * entry);
+        assert_eq!(t.dirty_bytes(), 6 * entry);
+        // Switched in: both count now, so writes wait for write-back.
+        t.finish_incoming(&tv, 1, Epoch(2), Lsn(12), Lsn(0), vec![]).unwrap();
+        assert_eq!(t.dirty_bytes(), 6 * entry);
         let other = vol(&mut t, "other");
         assert!(matches!(
             t.write(&other, 1, 0, &full(1), None),
@@ -2201,10 +2220,10 @@ mod tests {
             heat: 1,
             forget: false,
         };
-        // More than the per-volume dirty limit (4 blocks) arrives dirty: a busy writer's
-        // rounds, taken; the memory budget holds 10 blocks (limits()).
-        c.put_migrated(&v, 1, (0..10).map(dirty).collect()).unwrap();
-        let e = c.put_migrated(&v, 1, vec![dirty(10)]).unwrap_err();
+        // The memory budget holds 10 blocks (limits()), 6 of them kept for the served
+        // volumes' dirty budget: 4 may arrive dirty, a fifth is refused.
+        c.put_migrated(&v, 1, (0..4).map(dirty).collect()).unwrap();
+        let e = c.put_migrated(&v, 1, vec![dirty(4)]).unwrap_err();
         assert!(
             matches!(e, IncomingError::DirtyFull { limit: "cache_capacity_bytes", .. }),
             "{e:?}"

@@ -595,6 +595,11 @@ impl Node {
             if self.stop.is_cancelled() {
                 return Err("node shutting down".into());
             }
+            // Past the changed-block limit the set misses blocks (and its bytes undercount
+            // what changed): the move cannot go on, and is given up before a Claim or pause.
+            if let Some(e) = self.core().changed_overflow(v) {
+                return Err(e);
+            }
             let changed = self.core().changed_bytes(v);
             let mut switch = rule.switch_now(round, changed, bytes, rate);
             if sw.claim_sent() {
@@ -664,7 +669,17 @@ impl Node {
         let (rest, switch) = {
             let mut core = self.core();
             core.pause(v).map_err(|s| format!("not switching: the volume is {s:?} here"))?;
-            let rest = core.snapshot_changed(v)?;
+            let rest = match core.snapshot_changed(v) {
+                Ok(rest) => rest,
+                Err(e) => {
+                    // Before anything went to the target: served here again at once (a
+                    // move without a Claim is not resumed by its caller).
+                    core.set_state(v, VolumeState::Active);
+                    drop(core);
+                    self.bump();
+                    return Err(e);
+                }
+            };
             let x = core.volume(v).ok_or("volume vanished")?;
             let applied = applied_to_pb(&x.applied_since(mark).0);
             (
