@@ -94,6 +94,8 @@ pub struct LogCore {
     /// installs a checkpoint taken before a membership change applied while it was
     /// written) must not roll it back.
     conf_index: u64,
+    /// Log record bytes read back from the segment files (entries no longer in memory).
+    disk_read_bytes: std::sync::atomic::AtomicU64,
 }
 
 impl Default for LogCore {
@@ -109,6 +111,7 @@ impl Default for LogCore {
             hard_state: HardState::default(),
             conf_state: ConfState::default(),
             conf_index: 0,
+            disk_read_bytes: Default::default(),
         }
     }
 }
@@ -140,6 +143,11 @@ impl LogCore {
     /// Entry data bytes held in memory.
     pub fn memory_bytes(&self) -> u64 {
         self.mem_bytes
+    }
+
+    /// Log record bytes read back from the segment files so far.
+    pub fn disk_read_bytes(&self) -> u64 {
+        self.disk_read_bytes.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     pub fn term(&self, idx: u64) -> raft::Result<u64> {
@@ -176,7 +184,7 @@ impl LogCore {
             true
         };
         if low < self.mem_first {
-            for e in self.read_disk(low, high.min(self.mem_first))? {
+            for e in self.read_disk(low, high.min(self.mem_first), max)? {
                 if !take(e, &mut out) {
                     return Ok(out);
                 }
@@ -195,12 +203,19 @@ impl LogCore {
         Ok(out)
     }
 
-    /// Reads entries `low..high` (all on disk) back from the log's segments.
-    fn read_disk(&self, low: u64, high: u64) -> raft::Result<Vec<Entry>> {
+    /// Reads entries `low..high` (all on disk) back from the log's segments, from `low` on
+    /// and record by record until past `max` bytes of entries: a follower far behind asks
+    /// for a range of hundreds of MiB, 4 MiB at a time, and reading all of it for each
+    /// (on the Raft thread) held the leader up past its followers' election timeout.
+    fn read_disk(&self, low: u64, high: u64, max: u64) -> raft::Result<Vec<Entry>> {
         use std::os::unix::fs::FileExt as _;
-        let mut out = Vec::new();
+        let mut out: Vec<Entry> = Vec::new();
+        let mut size = 0u64;
         let from = self.spans.partition_point(|s| s.last < low);
         for span in self.spans[from..].iter().take_while(|s| s.first < high) {
+            if size > max {
+                break;
+            }
             let Some((file, path)) = self.files.get(&span.seg) else {
                 return Err(store_error(format!(
                     "entries {}..={} are in log segment {}, which is not open",
@@ -210,6 +225,7 @@ impl LogCore {
             let mut buf = vec![0u8; usize::try_from(span.len).unwrap_or(usize::MAX)];
             file.read_exact_at(&mut buf, span.offset)
                 .map_err(|e| store_error(format!("reading {}: {e}", path.display())))?;
+            self.disk_read_bytes.fetch_add(span.len, std::sync::atomic::Ordering::Relaxed);
             let (kind, payload) = parse_record_at(&buf).ok_or_else(|| {
                 store_error(format!("{}: record at {} is corrupt", path.display(), span.offset))
             })?;
@@ -221,11 +237,18 @@ impl LogCore {
                 )));
             }
             let ents = decode_entries(payload).map_err(store_error)?;
-            out.extend(ents.into_iter().filter(|e| {
+            for e in ents.into_iter().filter(|e| {
                 e.index >= low.max(span.first) && e.index < high && e.index <= span.last
-            }));
+            }) {
+                size += u64::from(e.compute_size());
+                out.push(e);
+            }
         }
-        if out.len() as u64 != high - low || out.first().is_some_and(|e| e.index != low) {
+        // Whole, or a prefix cut past `max`; from `low`, with no index missing.
+        let whole = out.len() as u64 == high - low;
+        let cut = size > max && !out.is_empty();
+        let in_order = out.iter().zip(low..).all(|(e, i)| e.index == i);
+        if !(whole || cut) || !in_order {
             return Err(store_error(format!(
                 "raft log: entries {low}..{high} not all found on disk ({} read)",
                 out.len()
@@ -1018,6 +1041,33 @@ mod tests {
         let store = RaftStorage { core: Arc::new(RwLock::new(core)), ..Default::default() };
         want.push((10, 3));
         assert_eq!(read(&store, 5, 11), want[4..], "the compacted log replays");
+    }
+
+    /// Entries asked of the disk with a size limit are read record by record up to it,
+    /// not the whole range first (a follower far behind asks for hundreds of MiB at 4 MiB
+    /// a time, and each read of all of it held the leader's Raft thread for seconds).
+    #[test]
+    fn entries_read_back_from_disk_stop_at_the_size_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut log, core, _) = open(dir.path()).unwrap();
+        let store = RaftStorage { core: Arc::new(RwLock::new(core)), ..Default::default() };
+        for i in 1..=40 {
+            log.append(&store, &[entry_t(i, 1, 1000)]).unwrap();
+        }
+        store.write().trim(40, 0);
+        assert_eq!(store.read().memory_bytes(), 0, "all of it on disk");
+        let before = store.read().disk_read_bytes();
+        let some =
+            raft::Storage::entries(&store, 3, 41, Some(2500), GetEntriesContext::empty(false))
+                .unwrap();
+        assert!(!some.is_empty() && some.len() < 5, "{} entries", some.len());
+        assert!(some.iter().zip(3..).all(|(e, i)| e.index == i));
+        let read = store.read().disk_read_bytes() - before;
+        assert!(read < 8 * 1000, "{read} bytes read for {} entries", some.len());
+        // Without a limit, all of them.
+        let all =
+            raft::Storage::entries(&store, 3, 41, None, GetEntriesContext::empty(false)).unwrap();
+        assert_eq!(all.len(), 38);
     }
 
     #[test]
