@@ -528,6 +528,56 @@ fn a_long_write_completes_while_the_volume_moves_between_nmss() {
     m.unmount();
 }
 
+/// A read waiting on an unreachable volume (its blocks not cached) holds up no other
+/// operation of the mount: it waited under the file system's one lock for up to twice the
+/// operation timeout, and every other request (a create, a stat) waited behind it.
+#[test]
+fn a_read_waiting_on_the_network_holds_up_no_other_operation() {
+    if !fuse_usable() {
+        return;
+    }
+    let env = Env::start(1);
+    let link = Link::start(&env, &env.nms[0].addr);
+    let point = env.path("mnt");
+    let args = ["--op-timeout-ms", "4000", "--fuse-threads", "4"];
+    let m = spawn_mount("waits", &link.addr, &point, &env.path("cache-1"), &args);
+    let data = pattern(3, 256 << 10);
+    fs::write(point.join("big.bin"), &data).unwrap();
+    File::open(point.join("big.bin")).unwrap().sync_all().unwrap();
+    m.unmount();
+    // A fresh cache: the file's blocks are only in the volume.
+    let m = spawn_mount("waits", &link.addr, &point, &env.path("cache-2"), &args);
+    assert_eq!(fs::metadata(point.join("big.bin")).unwrap().len(), data.len() as u64);
+    link.set_up(false);
+    let done = Arc::new(AtomicBool::new(false));
+    let reader = {
+        let (path, done) = (point.join("big.bin"), done.clone());
+        std::thread::spawn(move || {
+            let r = fs::read(path);
+            done.store(true, Ordering::SeqCst);
+            r
+        })
+    };
+    // Creates (journalled locally, the link being down) while the read waits.
+    let (mut made, mut during) = (0, 0);
+    while !done.load(Ordering::SeqCst) && made < 200 {
+        let t = Instant::now();
+        fs::write(point.join(format!("b{made}")), b"x").unwrap();
+        let took = t.elapsed();
+        assert!(took < Duration::from_secs(2), "a create waited {took:?} behind the read");
+        made += 1;
+        if !done.load(Ordering::SeqCst) {
+            during += 1;
+        }
+    }
+    let read = reader.join().unwrap();
+    assert_eq!(read.unwrap_err().raw_os_error(), Some(libc::ETIMEDOUT));
+    assert!(during > 0, "no create while the read waited");
+    link.set_up(true);
+    assert!(fs::read(point.join("big.bin")).unwrap() == data);
+    m.unmount();
+}
+
 #[test]
 fn with_the_nms_unreachable_writes_are_journalled_and_reach_the_pss_later() {
     if !fuse_usable() {

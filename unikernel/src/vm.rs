@@ -568,7 +568,8 @@ impl Vm {
         Ok(Vm { state, state_dir: state_dir.into(), child: None })
     }
 
-    /// Leaves QEMU running when this handle is dropped.
+    /// Leaves QEMU running when this handle is dropped (while this process lives: a VM
+    /// launched owned, not detached, still dies with the process, by PR_SET_PDEATHSIG).
     pub fn detach(&mut self) {
         self.child = None;
     }

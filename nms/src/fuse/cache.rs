@@ -552,6 +552,68 @@ impl<R: Remote> CachedVolume<R> {
     }
 }
 
+impl<R: Remote> CachedVolume<R> {
+    /// Fetches the blocks of `blocks` not cached (pinned ones wait for their journal
+    /// records in `read`), in one round trip, when at least `min` are missing; fails as a
+    /// read of them would when the volume cannot answer (the answer is cached as far as
+    /// there is room).
+    fn fetch_missing(&self, blocks: &[u64], min: usize) -> Result<(), DeviceError> {
+        let missing: Vec<u64> = {
+            let s = self.shared.lock();
+            if let Some(why) = &s.refused {
+                return Err(DeviceError::Refused(why.clone()));
+            }
+            blocks
+                .iter()
+                .copied()
+                .filter(|b| {
+                    !s.entries.contains_key(b) && s.pinned.get(b).copied().unwrap_or(0) == 0
+                })
+                .collect()
+        };
+        if missing.is_empty() || missing.len() < min {
+            return Ok(());
+        }
+        let timeout = self.shared.opts.op_timeout;
+        let fetched = self.rt.block_on(async {
+            tokio::time::timeout(timeout, self.shared.remote.read_many(&missing)).await
+        });
+        let mut s = self.shared.lock();
+        let unavailable =
+            || DeviceError::Timeout { what: "reading blocks from the volume", after: timeout };
+        match fetched {
+            Ok(Ok(images)) => {
+                s.stats.cache_misses += missing.len() as u64;
+                s.stats.batched_reads += 1;
+                for (block, image) in missing.into_iter().zip(images) {
+                    // Written or pinned meanwhile: the local copy is the newer one.
+                    if s.entries.contains_key(&block)
+                        || s.pinned.get(&block).copied().unwrap_or(0) > 0
+                    {
+                        continue;
+                    }
+                    if let Err(e) = self.shared.store(&mut s, block, image.as_deref(), &[]) {
+                        // (No room: the read itself fetches what it still lacks.)
+                        tracing::debug!(block, error = %e, "read-ahead not cached");
+                        return Ok(());
+                    }
+                }
+                Ok(())
+            }
+            Ok(Err(RemoteError::Refused(e))) => Err(DeviceError::Refused(e)),
+            Ok(Err(RemoteError::Unavailable(e))) => {
+                s.stats.remote_errors += 1;
+                tracing::debug!(error = %e, "batched read failed");
+                Err(unavailable())
+            }
+            Err(_) => {
+                s.stats.remote_errors += 1;
+                Err(unavailable())
+            }
+        }
+    }
+}
+
 impl<R: Remote> Shared<R> {
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().expect("cache state poisoned")
@@ -965,52 +1027,12 @@ impl<R: Remote> BlockDevice for CachedVolume<R> {
     }
 
     fn prefetch(&self, blocks: &[u64]) {
-        let missing: Vec<u64> = {
-            let s = self.shared.lock();
-            if s.refused.is_some() {
-                return;
-            }
-            // Pinned blocks wait for their journal records in `read`; cached ones are fresh.
-            blocks
-                .iter()
-                .copied()
-                .filter(|b| {
-                    !s.entries.contains_key(b) && s.pinned.get(b).copied().unwrap_or(0) == 0
-                })
-                .collect()
-        };
-        if missing.len() < 2 {
-            return;
-        }
-        let timeout = self.shared.opts.op_timeout;
-        let fetched = self.rt.block_on(async {
-            tokio::time::timeout(timeout, self.shared.remote.read_many(&missing)).await
-        });
-        let mut s = self.shared.lock();
-        match fetched {
-            Ok(Ok(images)) => {
-                s.stats.cache_misses += missing.len() as u64;
-                s.stats.batched_reads += 1;
-                for (block, image) in missing.into_iter().zip(images) {
-                    // Written or pinned meanwhile: the local copy is the newer one.
-                    if s.entries.contains_key(&block)
-                        || s.pinned.get(&block).copied().unwrap_or(0) > 0
-                    {
-                        continue;
-                    }
-                    if let Err(e) = self.shared.store(&mut s, block, image.as_deref(), &[]) {
-                        tracing::debug!(block, error = %e, "read-ahead not cached");
-                        return;
-                    }
-                }
-            }
-            // The reads that follow fetch one by one and report what fails.
-            Ok(Err(e)) => {
-                s.stats.remote_errors += 1;
-                tracing::debug!(error = %e, "batched read failed");
-            }
-            Err(_) => s.stats.remote_errors += 1,
-        }
+        // The reads that follow fetch one by one and report what fails.
+        let _ = self.fetch_missing(blocks, 2);
+    }
+
+    fn fetch_ahead(&self, blocks: &[u64]) -> Result<(), DeviceError> {
+        self.fetch_missing(blocks, 1)
     }
 
     fn apply(&self, ops: Vec<BlockOp>) -> Result<(), DeviceError> {

@@ -52,8 +52,9 @@ pub struct MountArgs {
     /// Journalled bytes not yet persisted in the volume, at most; writers wait past it.
     #[arg(long, default_value_t = 256 << 20)]
     pub journal_limit_bytes: u64,
-    /// Threads serving kernel requests.
-    #[arg(long, default_value_t = 2)]
+    /// Threads serving kernel requests. A read of blocks not cached waits for the volume
+    /// on its thread (up to --op-timeout-ms) without holding up the others.
+    #[arg(long, default_value_t = 4)]
     pub fuse_threads: usize,
     /// How long unmounting waits for the journal to reach the volume, in milliseconds.
     #[arg(long, default_value_t = 10_000)]

@@ -67,6 +67,12 @@ pub trait BlockDevice: Send + Sync {
     /// A hint that `blocks` are about to be read: a device with a remote back end fetches
     /// the ones it lacks in one round trip. Failures are left for the reads to report.
     fn prefetch(&self, _blocks: &[u64]) {}
+    /// Fetches the ones of `blocks` it lacks (in one round trip), failing as a read of
+    /// them would: the mount calls it outside the file system's lock, so a read waiting on
+    /// the network holds up nobody else, and one that cannot be fetched fails there.
+    fn fetch_ahead(&self, _blocks: &[u64]) -> Result<(), DeviceError> {
+        Ok(())
+    }
     /// Applies `ops` in order.
     fn apply(&self, ops: Vec<BlockOp>) -> Result<(), DeviceError>;
     /// The persisted barrier.
@@ -173,6 +179,9 @@ impl<T: BlockDevice + ?Sized> BlockDevice for std::sync::Arc<T> {
     }
     fn prefetch(&self, blocks: &[u64]) {
         (**self).prefetch(blocks)
+    }
+    fn fetch_ahead(&self, blocks: &[u64]) -> Result<(), DeviceError> {
+        (**self).fetch_ahead(blocks)
     }
     fn apply(&self, ops: Vec<BlockOp>) -> Result<(), DeviceError> {
         (**self).apply(ops)

@@ -334,6 +334,12 @@ impl<D: BlockDevice> Fs<D> {
             let slots = size / u64::from(DIRENT_BYTES);
             let per = self.sb.dirents_per_block();
             let mut dir = Dir { slots, ..Dir::default() };
+            // The missing blocks in one round trip, not one each (a large directory's first
+            // lookup after a mount waited for hundreds, under the file system's lock).
+            let blocks: Vec<u64> = (0..slots.div_ceil(per))
+                .map_while(|index| self.sb.data_block(ino, index))
+                .collect();
+            self.dev.prefetch(&blocks);
             for index in 0..slots.div_ceil(per) {
                 let block = self.sb.data_block(ino, index).ok_or_else(|| {
                     FsError::Corrupt(format!("directory {ino} is larger than a file may be"))
@@ -935,6 +941,23 @@ impl<D: BlockDevice> Fs<D> {
     }
 
     /// Reads up to `size` bytes at `offset` (short at end of file).
+    /// The device blocks a [`Fs::read`] of these arguments reads (none for one past the end
+    /// or of nothing); what it would refuse is refused here too.
+    pub fn read_blocks(&self, ino: u64, offset: u64, size: u32) -> Result<Vec<u64>> {
+        let inode = self.attr(ino)?;
+        match inode.kind {
+            Kind::Dir => return Err(FsError::IsDir),
+            Kind::Symlink => return Err(FsError::Invalid("read of a symlink")),
+            Kind::File => {}
+        }
+        if size == 0 || offset >= inode.size {
+            return Ok(Vec::new());
+        }
+        let end = (offset + u64::from(size)).min(inode.size);
+        let bs = u64::from(self.sb.block_size);
+        Ok((offset / bs..=(end - 1) / bs).map_while(|i| self.sb.data_block(ino, i)).collect())
+    }
+
     pub fn read(&mut self, ino: u64, offset: u64, size: u32) -> Result<Vec<u8>> {
         let inode = self.attr(ino)?;
         match inode.kind {

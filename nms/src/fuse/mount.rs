@@ -2,7 +2,8 @@
 //!
 //! The kernel's requests arrive on `fuse_threads` threads; the core sits behind one lock (its
 //! state is a handful of maps, and the device below bounds every wait by the operation timeout,
-//! so no request can hang the mount). `fsync` is the persisted barrier; `flush` (every close)
+//! so no request can hang the mount). A read fetches the blocks it lacks before taking the
+//! lock (`BlockDevice::fetch_ahead`), so one waiting on the network holds up no other request. `fsync` is the persisted barrier; `flush` (every close)
 //! only needs the local journal, which is already durable when a write returns, so closing a
 //! file keeps working while the link is down.
 
@@ -323,6 +324,14 @@ impl<D: BlockDevice + Clone + 'static> Filesystem for FuseFs<D> {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
+        // What the read needs is fetched outside the file system's lock: a read waiting on
+        // the network (up to the operation timeout) holds up no other operation, and one
+        // that cannot be fetched fails here. Under the lock the read then finds it cached
+        // (or, evicted meanwhile, fetches it itself).
+        let blocks = self.core().read_blocks(ino.0, offset, size);
+        if let Err(e) = blocks.and_then(|b| self.dev.fetch_ahead(&b).map_err(FsError::from)) {
+            return reply.error(errno(&e));
+        }
         match self.core().read(ino.0, offset, size) {
             Ok(d) => reply.data(&d),
             Err(e) => reply.error(errno(&e)),
