@@ -324,9 +324,12 @@ impl LogCore {
     }
 
     fn apply_snapshot(&mut self, meta: SnapshotMetadata) {
-        // A snapshot inside our log (our own compaction) keeps the suffix after it; one
-        // past our log replaces it entirely.
-        let keep = meta.index + 1 >= self.first_index() && meta.index < self.last_index();
+        // A snapshot inside our log that agrees with it at its index (our own compaction)
+        // keeps the suffix after it; one past our log, or disagreeing there (raft-rs
+        // installs a leader's snapshot only then, and drops the suffix itself), replaces it.
+        let keep = meta.index + 1 >= self.first_index()
+            && meta.index < self.last_index()
+            && self.term(meta.index).ok() == Some(meta.term);
         if keep {
             while self.entries.front().is_some_and(|e| e.index <= meta.index) {
                 if let Some(e) = self.entries.pop_front() {
@@ -346,7 +349,12 @@ impl LogCore {
             self.terms.clear();
         }
         self.hard_state.commit = self.hard_state.commit.max(meta.index);
-        self.hard_state.term = self.hard_state.term.max(meta.term);
+        if meta.term > self.hard_state.term {
+            // A vote is for one term: kept with a later term, it would claim (once
+            // persisted here) a vote this node never cast in that term.
+            self.hard_state.term = meta.term;
+            self.hard_state.vote = 0;
+        }
         // Our own compaction installs a checkpoint of an earlier applied index: a membership
         // change applied after it (while it was written) stays. (A snapshot from the leader
         // is always past our commit index, hence past any change applied here.)
@@ -1043,6 +1051,33 @@ mod tests {
         assert_eq!(read(&store, 5, 11), want[4..], "the compacted log replays");
     }
 
+    /// A snapshot that disagrees with our log at its index replaces the log (the suffix
+    /// after it is stale), one that agrees keeps the suffix; a later term clears the vote.
+    #[test]
+    fn a_snapshot_disagreeing_with_the_log_replaces_it_and_a_later_term_clears_the_vote() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut log, core, _) = open(dir.path()).unwrap();
+        let store = RaftStorage { core: Arc::new(RwLock::new(core)), ..Default::default() };
+        log.append(&store, &(1..=10).map(|i| entry_t(i, 1, 10)).collect::<Vec<_>>()).unwrap();
+        let hs = HardState { term: 1, vote: 3, commit: 2, ..Default::default() };
+        log.set_hard_state(&store, &hs).unwrap();
+        // Agrees at 4 (term 1): the entries after it stay, the vote too.
+        let meta = SnapshotMetadata { index: 4, term: 1, ..Default::default() };
+        log.install_snapshot(&store, meta).unwrap();
+        assert_eq!(store.read().last_index(), 10);
+        assert_eq!(store.read().hard_state.vote, 3);
+        // Disagrees at 6 (term 2 there): 7..=10 are stale and go; term 2 holds no vote.
+        let meta = SnapshotMetadata { index: 6, term: 2, ..Default::default() };
+        log.install_snapshot(&store, meta).unwrap();
+        assert_eq!(store.read().last_index(), 6);
+        let hs = store.read().hard_state.clone();
+        assert_eq!((hs.term, hs.vote), (2, 0));
+        drop(log);
+        let (_log, core, _) = open(dir.path()).unwrap();
+        assert_eq!(core.last_index(), 6, "as replayed");
+        assert_eq!((core.hard_state.term, core.hard_state.vote), (2, 0));
+    }
+
     /// Entries asked of the disk with a size limit are read record by record up to it,
     /// not the whole range first (a follower far behind asks for hundreds of MiB at 4 MiB
     /// a time, and each read of all of it held the leader's Raft thread for seconds).
@@ -1104,6 +1139,9 @@ mod tests {
         for i in 31..=35 {
             log.append(&store, &[entry_t(i, 2, 100)]).unwrap();
         }
+        // (Entries of term 2 come with a hard state of term 2, here with a vote in it.)
+        let hs = HardState { term: 2, vote: 1, commit: 0, ..Default::default() };
+        log.set_hard_state(&store, &hs).unwrap();
         log.sync().unwrap();
         drop(log);
 
@@ -1111,7 +1149,7 @@ mod tests {
         let (mut log, core, existed) = DurableLog::open(dir.path(), 1000, true).unwrap();
         assert!(existed);
         assert_eq!((core.first_index(), core.last_index()), (21, 35));
-        assert_eq!((core.hard_state.term, core.hard_state.vote), (1, 1));
+        assert_eq!((core.hard_state.term, core.hard_state.vote), (2, 1));
         let store = RaftStorage { core: Arc::new(RwLock::new(core)), ..Default::default() };
         store.write().trim(35, 0);
         let want: Vec<(u64, u64)> = (21..=35).map(|i| (i, if i <= 30 { 1 } else { 2 })).collect();
