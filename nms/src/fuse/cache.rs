@@ -239,6 +239,10 @@ enum Upload {
     Waiting,
     InFlight,
     Accepted,
+    /// Its content travels merged into the send of the earlier record of this seq (a run
+    /// of small writes to one block, as appends make, goes as one write): accepted with
+    /// that send, waiting again if it fails.
+    Carried(u64),
     /// Fully overwritten by the later record of this seq, which carries its content: it
     /// counts as accepted once that one does (not before: a flush then would report it
     /// persisted while its content, the later record's, was still on its way).
@@ -256,7 +260,7 @@ fn settled(unsent: &VecDeque<(Record, Upload)>, mut i: usize) -> bool {
                 // Gone from the queue: only an accepted prefix leaves it.
                 Err(_) => return true,
             },
-            Upload::Waiting | Upload::InFlight => return false,
+            Upload::Waiting | Upload::InFlight | Upload::Carried(_) => return false,
         }
     }
 }
@@ -1188,6 +1192,46 @@ fn covers(later: &BlockOp, earlier: &BlockOp) -> bool {
     }
 }
 
+/// Most bytes of journal records one merged send carries ([`carry_along`]).
+const CARRY_MAX_BYTES: u64 = 1 << 20;
+
+/// The record to send for `unsent[i]` (a write about to go): with the later writes of its
+/// block that waited right behind it folded in while each touches or overlaps what is
+/// gathered so far (marked [`Upload::Carried`] by it), so a run of small appends to one
+/// block is one round trip, not one each in turn. Stops at the block's first record that
+/// cannot be folded (a delete, a gap, one not waiting).
+fn carry_along(unsent: &mut VecDeque<(Record, Upload)>, i: usize) -> Record {
+    let first = unsent[i].0.clone();
+    let BlockOp::Write { block, offset, ref data, fresh } = first.op else { return first };
+    let (mut start, mut image) = (u64::from(offset), data.clone());
+    let mut carried = 0u64;
+    for j in i + 1..unsent.len().min(i + 1 + SUPERSEDE_LOOKAHEAD) {
+        if unsent[j].0.op.block() != block {
+            continue;
+        }
+        let BlockOp::Write { offset: lo, data: ref ld, .. } = unsent[j].0.op else { break };
+        let (ls, le) = (u64::from(lo), u64::from(lo) + ld.len() as u64);
+        let end = start + image.len() as u64;
+        if unsent[j].1 != Upload::Waiting || ls > end || le < start {
+            break;
+        }
+        carried += ld.len() as u64;
+        if carried > CARRY_MAX_BYTES {
+            break;
+        }
+        let new_start = start.min(ls);
+        let mut merged = vec![0u8; (end.max(le) - new_start) as usize];
+        let at = (start - new_start) as usize;
+        merged[at..at + image.len()].copy_from_slice(&image);
+        let at = (ls - new_start) as usize;
+        merged[at..at + ld.len()].copy_from_slice(ld);
+        (start, image) = (new_start, merged);
+        unsent[j].1 = Upload::Carried(first.seq);
+    }
+    let offset = u32::try_from(start).expect("within the block");
+    Record { op: BlockOp::Write { block, offset, data: image, fresh }, ..first }
+}
+
 /// What the uploader has in flight.
 enum Done {
     Sent { seq: u64, block: u64, cost: u64, result: Result<(), RemoteError> },
@@ -1231,7 +1275,7 @@ async fn upload_loop<R: Remote>(shared: Arc<Shared<R>>, cancel: CancellationToke
                     match unsent[i].1 {
                         Upload::Accepted | Upload::Superseded(_) => continue,
                         // A record in flight, or one held back, keeps its block's later records behind it.
-                        Upload::InFlight => {
+                        Upload::InFlight | Upload::Carried(_) => {
                             busy_blocks.insert(block);
                             continue;
                         }
@@ -1260,7 +1304,7 @@ async fn upload_loop<R: Remote>(shared: Arc<Shared<R>>, cancel: CancellationToke
                     unsent[i].1 = Upload::InFlight;
                     busy_blocks.insert(block);
                     in_flight += 1;
-                    sends.push(unsent[i].0.clone());
+                    sends.push(carry_along(unsent, i));
                 }
                 while !s.unsent.is_empty() && settled(&s.unsent, 0) {
                     let (r, _) = s.unsent.pop_front().expect("checked");
@@ -1332,12 +1376,20 @@ async fn upload_loop<R: Remote>(shared: Arc<Shared<R>>, cancel: CancellationToke
                 let mut s = shared.lock();
                 s.busy_blocks.remove(&block);
                 let Some(at) = s.unsent.iter().position(|(r, _)| r.seq == seq) else { continue };
+                // The records whose content this send carried share its outcome.
+                let carried: Vec<usize> = (at + 1..s.unsent.len())
+                    .filter(|&j| s.unsent[j].1 == Upload::Carried(seq))
+                    .collect();
                 if result.is_ok() {
                     s.unsent[at].1 = Upload::Accepted;
                     s.bytes_since_flush += cost;
-                    s.stats.accepted += 1;
+                    let accepted = 1 + carried.len();
+                    for &j in &carried {
+                        s.unsent[j].1 = Upload::Accepted;
+                    }
+                    s.stats.accepted += accepted as u64;
                     if let Some(n) = s.pinned.get_mut(&block) {
-                        *n -= 1;
+                        *n = n.saturating_sub(u32::try_from(accepted).unwrap_or(u32::MAX));
                         if *n == 0 {
                             s.pinned.remove(&block);
                         }
@@ -1348,6 +1400,9 @@ async fn upload_loop<R: Remote>(shared: Arc<Shared<R>>, cancel: CancellationToke
                     }
                 } else {
                     s.unsent[at].1 = Upload::Waiting;
+                    for &j in &carried {
+                        s.unsent[j].1 = Upload::Waiting;
+                    }
                 }
                 drop(s);
                 shared.progress.notify_all();
@@ -1605,6 +1660,39 @@ mod tests {
         remote.hold_writes_to(None);
         dev.sync().unwrap();
         assert_eq!(remote.block(5).unwrap(), vec![3; 4096]);
+        assert!(dev.shutdown(Duration::from_secs(1)));
+    }
+
+    /// A run of small appends to one block, journalled while the volume could not take
+    /// writes, goes as a few merged writes, not one round trip each in turn; a merged write
+    /// that fails is sent again whole; what lands is exactly what was written, in order.
+    #[test]
+    fn a_run_of_small_appends_to_one_block_travels_merged() {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = rt();
+        let remote = MemRemote::default();
+        let dev = open_dev(&remote, dir.path(), &rt);
+        remote.set_writes_down(true);
+        let mut want = Vec::new();
+        for i in 0..60u8 {
+            let line = [i; 50];
+            dev.apply(vec![write(4, 50 * u32::from(i), &line)]).unwrap();
+            want.extend_from_slice(&line);
+        }
+        // A rewrite inside the run, and a write to another block between.
+        dev.apply(vec![write(9, 0, &[7; 100])]).unwrap();
+        dev.apply(vec![write(4, 100, &[200; 20])]).unwrap();
+        want[100..120].fill(200);
+        // (The uploader has tried, and failed, merged sends meanwhile.)
+        assert!(matches!(dev.sync(), Err(DeviceError::Timeout { .. })));
+        let before = remote.writes();
+        remote.set_writes_down(false);
+        dev.sync().unwrap();
+        let writes = remote.writes() - before;
+        assert!(writes <= 4, "{writes} writes for 62 journalled changes");
+        assert_eq!(remote.block(4).unwrap()[..want.len()], want[..]);
+        assert_eq!(remote.block(9).unwrap()[..100], [7; 100]);
+        assert_eq!(dev.stats().accepted, 62);
         assert!(dev.shutdown(Duration::from_secs(1)));
     }
 

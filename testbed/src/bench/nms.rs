@@ -966,6 +966,7 @@ impl Redis {
         }
         let mut cmd = tokio::process::Command::new("redis-server");
         super::pin::pin_command(&mut cmd, server_cpu());
+        super::pin::dies_with_us(&mut cmd);
         let server = Child(
             cmd.args([
                 "--port",
@@ -1076,6 +1077,7 @@ impl Memcached {
         let port = free_port()?;
         let mut cmd = tokio::process::Command::new("memcached");
         super::pin::pin_command(&mut cmd, server_cpu());
+        super::pin::dies_with_us(&mut cmd);
         let server = Child(
             cmd.args(["-p", &port.to_string(), "-U", "0", "-l", "127.0.0.1"])
                 .args(["-m", "1024", "-t", "2", "-u", "root"])

@@ -82,6 +82,48 @@ pub fn pin_command(cmd: &mut tokio::process::Command, cpu: Option<usize>) {
     }
 }
 
+/// Makes a peer server the benchmark starts die with this process however it ends
+/// (PR_SET_PDEATHSIG): killed, the benchmark left redis-server, memcached or etcd running.
+/// The signal follows the spawning thread, so peers are started from the runtime's own
+/// long-lived threads, not from a driver's.
+pub fn dies_with_us(cmd: &mut impl PreExec) {
+    // SAFETY: prctl is async-signal-safe and touches no memory shared with the parent.
+    unsafe {
+        cmd.hook(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+/// The commands [`dies_with_us`] takes (std's and tokio's).
+pub trait PreExec {
+    /// # Safety
+    /// As `CommandExt::pre_exec`: `f` runs between fork and exec.
+    unsafe fn hook(&mut self, f: fn() -> std::io::Result<()>);
+}
+
+impl PreExec for std::process::Command {
+    unsafe fn hook(&mut self, f: fn() -> std::io::Result<()>) {
+        use std::os::unix::process::CommandExt as _;
+        // SAFETY: passed on from the caller.
+        unsafe {
+            self.pre_exec(f);
+        }
+    }
+}
+
+impl PreExec for tokio::process::Command {
+    unsafe fn hook(&mut self, f: fn() -> std::io::Result<()>) {
+        // SAFETY: passed on from the caller.
+        unsafe {
+            self.pre_exec(f);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -105,6 +147,23 @@ mod tests {
         // A CPU past the set's size is refused, not a panic (in a forked child).
         let e = pin_thread(0, libc::CPU_SETSIZE as usize).unwrap_err();
         assert_eq!(e.raw_os_error(), Some(libc::EINVAL));
+    }
+
+    /// A peer started with `dies_with_us` is killed when what started it ends (here its
+    /// thread; for the benchmark, the process).
+    #[test]
+    fn a_peer_dies_with_what_started_it() {
+        use std::os::unix::process::ExitStatusExt as _;
+        let mut child = std::thread::spawn(|| {
+            let mut cmd = std::process::Command::new("sleep");
+            cmd.arg("30");
+            dies_with_us(&mut cmd);
+            cmd.spawn().unwrap()
+        })
+        .join()
+        .unwrap();
+        let status = child.wait().unwrap();
+        assert_eq!(status.signal(), Some(libc::SIGKILL), "{status}");
     }
 
     #[tokio::test]

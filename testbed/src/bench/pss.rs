@@ -231,7 +231,9 @@ fn start_etcd(bin: &Path, dir: &Path) -> anyhow::Result<Etcd> {
     let mut etcd = Etcd { children: Vec::new(), clients: clients.clone() };
     for i in 0..3 {
         let log = std::fs::File::create(dir.join(format!("etcd-{i}.log")))?;
-        let child = Command::new(bin)
+        let mut cmd = Command::new(bin);
+        super::pin::dies_with_us(&mut cmd);
+        let child = cmd
             .args(["--name", &format!("e{i}")])
             .arg("--data-dir")
             .arg(dir.join(format!("etcd-{i}")))
