@@ -279,6 +279,13 @@ impl Journal {
         }
     }
     fn prune(&mut self, persisted: Lsn, generation: u64) {
+        // The watermark of a connection left since a newer one's replay listed the journal
+        // says nothing any more: that replay may have applied older entries of its own
+        // generation again over ones this watermark covers (the NMS left, still serving,
+        // answered a read late), and an entry removed now would never be replayed.
+        if generation < self.listed_for {
+            return;
+        }
         let done: Vec<u64> = self
             .entries
             .iter()
@@ -361,6 +368,10 @@ struct Inner {
     block_size: Mutex<BlockSize>,
     seq: AtomicU64,
     journal: Mutex<Journal>,
+    /// The highest epoch of the volume an attach reported: a copy at a lower one is stale
+    /// (another NMS took the volume since), and one that serves it anyway (its PSS check
+    /// failing) would answer reads older than writes acknowledged elsewhere.
+    max_epoch: AtomicU64,
 }
 
 /// One volume, as a vehicle uses it. Cheap to clone; clones share the journal.
@@ -549,6 +560,7 @@ impl VolumeClient {
                 // Below 2^62 + 1: room for 2^62 operations before the sequence could wrap.
                 seq: AtomicU64::new((rand::random::<u64>() >> 2) + 1),
                 journal: Mutex::new(Journal::default()),
+                max_epoch: AtomicU64::new(0),
             }),
         };
         let deadline = Instant::now() + me.inner.opts.op_timeout;
@@ -1166,6 +1178,20 @@ impl VolumeClient {
                 });
             }
         };
+        let seen = self.inner.max_epoch.load(Ordering::Acquire);
+        if info.epoch > 0 && info.epoch < seen {
+            warn!(nms = %ep, epoch = info.epoch, seen, "a stale copy of the volume: not attached");
+            return Err(AttachFailed {
+                next: Next::Reconnect,
+                why: format!(
+                    "{ep} serves the volume at epoch {}, older than epoch {seen} seen already \
+                     (a stale copy: another NMS took the volume since)",
+                    info.epoch
+                ),
+                tls: false,
+            });
+        }
+        self.inner.max_epoch.fetch_max(info.epoch, Ordering::AcqRel);
         if let Ok(bs) = BlockSize::new(info.block_size) {
             *self.inner.block_size.lock().expect("poisoned") = bs;
         }
@@ -1366,6 +1392,32 @@ mod tests {
         assert_eq!(order, [101, 100, 102]);
         let order: Vec<u64> = j.to_replay(2).into_iter().map(|(seq, _)| seq).collect();
         assert_eq!(order, [100, 102], "generation 2 holds 101");
+    }
+
+    /// A watermark answered on a connection left since a newer one listed the journal
+    /// prunes nothing: that listing's replay re-applied an older entry (e1) over a later one
+    /// (e2) the old NMS had persisted, so e2 must still be replayed after it.
+    #[test]
+    fn a_watermark_from_a_connection_left_since_prunes_nothing() {
+        let mut j = Journal::default();
+        let write = |d: &'static [u8]| JOp::Write { block: 5, offset: 0, data: d.into() };
+        let (mut e1, mut e2) = (JEntry::new(write(b"1")), JEntry::new(write(b"2")));
+        e1.acked(Lsn(5), 1, None);
+        e2.acked(Lsn(6), 1, None);
+        j.bytes = Journal::size(&e1.op) + Journal::size(&e2.op);
+        j.entries.insert(10, e1);
+        j.entries.insert(11, e2);
+        // Generation 2 listed the journal and replayed e1 (cut short before e2).
+        j.listed_for = 2;
+        j.acked(10, Lsn(1), 2);
+        // The old NMS (generation 1) answers a read late: persisted through 6.
+        j.prune(Lsn(6), 1);
+        assert!(j.entries.contains_key(&11), "e2 must still be replayed after e1");
+        let order: Vec<u64> = j.to_replay(3).into_iter().map(|(seq, _)| seq).collect();
+        assert_eq!(order, [10, 11]);
+        // The current connection's own watermark prunes what it covers.
+        j.prune(Lsn(1), 2);
+        assert!(!j.entries.contains_key(&10));
     }
 
     #[test]

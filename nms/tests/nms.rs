@@ -1213,6 +1213,52 @@ async fn a_claim_whose_take_back_waits_for_the_pss_keeps_the_volume_here() {
     cluster.shutdown().await;
 }
 
+/// A vehicle that has used the volume at a newer epoch (at B) does not attach to an older,
+/// stale copy (at A, which kept serving it while it could not ask the PSS): it would read
+/// there data older than what it wrote at B. Once A can ask the PSS, A loads the volume
+/// anew and the vehicle reads its own writes there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_vehicle_does_not_attach_to_a_copy_older_than_one_it_used() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = LocalCluster::start(1, dir.path()).await.unwrap();
+    let store = FaultyPss::new(&cluster);
+    let a =
+        Nms(LocalNms::start_with_store("a", store.clone(), |c| c.pss_rpc_timeout_ms = 200).await);
+    let b = Nms::start("b", &cluster.endpoints(), |_| {}).await;
+    // Another vehicle's client leaves a copy at A (epoch 1) holding X = 1.
+    let first = VolumeClient::open(opts(&[&a.ep], "aged", "k")).await.unwrap();
+    first.write(7, 0, block_data(7, 1)).await.unwrap();
+    first.flush().await.unwrap();
+    drop(first);
+    // This vehicle works at B (which takes the volume: epoch 2) and writes X = 2.
+    let proxy =
+        wayside_pss::testing::SilentProxy::start(b.ep.authority().parse().unwrap()).await.unwrap();
+    let via_b = Endpoint::parse(&proxy.addr.to_string()).unwrap();
+    let mut o = opts(&[&via_b, &a.ep], "aged", "k");
+    o.op_timeout = Duration::from_secs(3);
+    o.rpc_timeout = Duration::from_millis(500);
+    let c = VolumeClient::open(o).await.unwrap();
+    c.write(7, 0, block_data(7, 2)).await.unwrap();
+    c.flush().await.unwrap();
+    assert_eq!(c.current_nms(), via_b);
+    // B drops out of reach and A cannot ask the PSS who owns the volume.
+    store.fail_get_volume.store(usize::MAX, std::sync::atomic::Ordering::SeqCst);
+    proxy.silence();
+    match c.read(7, 0, None).await {
+        Ok(got) => assert_eq!(got, Some(block_data(7, 2)), "a read older than its own write"),
+        Err(e) => println!("no NMS with a current copy: {e}"),
+    }
+    // A can ask the PSS again: it finds its copy stale, loads the volume anew, and the
+    // vehicle reads what it wrote.
+    store.fail_get_volume.store(0, std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(c.read(7, 0, None).await.unwrap(), Some(block_data(7, 2)));
+    assert_eq!(c.current_nms(), a.ep);
+    drop(proxy);
+    a.stop().await;
+    b.stop().await;
+    cluster.shutdown().await;
+}
+
 /// The target raised the epoch (Claim), took SwitchOver in and died without answering,
 /// and the PSS lost its majority meanwhile, so the source cannot learn who owns the
 /// volume: it takes no write until the PSS answers (the target may be serving the volume
