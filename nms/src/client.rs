@@ -581,6 +581,11 @@ impl VolumeClient {
     }
 
     /// Bytes of accepted writes not yet known to be persisted.
+    /// Attaches made so far (the first, then one per reconnect).
+    pub fn attaches(&self) -> u64 {
+        self.inner.generation.load(Ordering::Relaxed)
+    }
+
     pub fn journal_bytes(&self) -> u64 {
         self.inner.journal.lock().expect("poisoned").bytes
     }
@@ -889,8 +894,9 @@ impl VolumeClient {
                 self.invalidate(conn.generation, None);
             }
         }
+        // Up to the whole deadline: the NMS answers once its write-back reached the PSS.
         let (r, generation) = self
-            .call(deadline, |mut c, auth| {
+            .call_within(deadline, Duration::MAX, |mut c, auth| {
                 let req = pb::FlushRequest { auth };
                 async move { c.flush(req).await.map(|r| r.into_inner()) }
             })
@@ -942,7 +948,23 @@ impl VolumeClient {
     /// within `rpc_timeout` (and the time left); `f` gets the connection's client and the
     /// volume's credentials for it. Returns the reply and the generation of the connection
     /// that gave it.
-    async fn call<T, F, Fut>(&self, deadline: Instant, mut f: F) -> Result<(T, u64), ClientError>
+    async fn call<T, F, Fut>(&self, deadline: Instant, f: F) -> Result<(T, u64), ClientError>
+    where
+        F: FnMut(NmsClient<Channel>, Option<pb::VolumeAuth>) -> Fut,
+        Fut: Future<Output = Result<T, Status>>,
+    {
+        self.call_within(deadline, self.inner.opts.rpc_timeout, f).await
+    }
+
+    /// [`VolumeClient::call`] with each attempt given up to `attempt_max` (a flush may wait
+    /// on the PSS longer than `rpc_timeout` while its NMS is alive; an NMS gone silent is
+    /// found out by the connection's keepalive instead).
+    async fn call_within<T, F, Fut>(
+        &self,
+        deadline: Instant,
+        attempt_max: Duration,
+        mut f: F,
+    ) -> Result<(T, u64), ClientError>
     where
         F: FnMut(NmsClient<Channel>, Option<pb::VolumeAuth>) -> Fut,
         Fut: Future<Output = Result<T, Status>>,
@@ -951,7 +973,7 @@ impl VolumeClient {
         let mut backoff = o.initial_backoff;
         loop {
             let conn = self.connection(deadline).await?;
-            let attempt = o.rpc_timeout.min(deadline.saturating_duration_since(Instant::now()));
+            let attempt = attempt_max.min(deadline.saturating_duration_since(Instant::now()));
             let reply = f(conn.client.clone(), self.auth(conn.session, conn.incarnation));
             let last = match tokio::time::timeout(attempt, reply).await {
                 Ok(Ok(t)) => return Ok((t, conn.generation)),
@@ -979,8 +1001,9 @@ impl VolumeClient {
                 }
                 Err(_) => {
                     // Only a full `rpc_timeout` says the NMS is gone: a call that ran out of
-                    // its own time (less left) does not drop a connection others use.
-                    if attempt >= o.rpc_timeout {
+                    // its own time (less left, or a longer call's deadline) does not drop a
+                    // connection others use.
+                    if attempt >= o.rpc_timeout && attempt_max <= o.rpc_timeout {
                         self.invalidate(conn.generation, None);
                     }
                     format!("no reply within {attempt:?} (rpc_timeout {:?})", o.rpc_timeout)

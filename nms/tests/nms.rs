@@ -1213,6 +1213,42 @@ async fn a_claim_whose_take_back_waits_for_the_pss_keeps_the_volume_here() {
     cluster.shutdown().await;
 }
 
+/// A flush waiting on a slow PSS longer than the client's `rpc_timeout` is waited for on
+/// the same connection (its NMS is alive; keepalive finds out one that is not): it was taken
+/// for a dead NMS, the connection dropped and the volume attached again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flush_slower_than_rpc_timeout_keeps_its_connection() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = LocalCluster::start(1, dir.path()).await.unwrap();
+    let store = FaultyPss::new(&cluster);
+    let a = Nms(LocalNms::start_with_store("a", store.clone(), |c| {
+        c.writeback_delay_ms = 0;
+        c.pss_deadline_ms = 10_000;
+    })
+    .await);
+    let mut o = opts(&[&a.ep], "slow", "k");
+    o.rpc_timeout = Duration::from_millis(300);
+    o.op_timeout = Duration::from_secs(10);
+    let c = VolumeClient::open(o).await.unwrap();
+    assert_eq!(c.attaches(), 1);
+    store.hold_writes.send_replace(true);
+    c.write(1, 0, block_data(1, 1)).await.unwrap();
+    store.held("no write-back started").await;
+    let flush = tokio::spawn({
+        let c = c.clone();
+        async move { c.flush().await }
+    });
+    // The PSS is slow: the write-back lands after twice the client's rpc_timeout.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    store.hold_writes.send_replace(false);
+    flush.await.unwrap().unwrap();
+    assert_eq!(c.attaches(), 1, "the flush dropped its connection and attached again");
+    let want: HashMap<u64, Vec<u8>> = [(1, block_data(1, 1))].into();
+    assert_persisted_and_read_back(&cluster, &c, "slow", &want).await;
+    a.stop().await;
+    cluster.shutdown().await;
+}
+
 /// A vehicle that has used the volume at a newer epoch (at B) does not attach to an older,
 /// stale copy (at A, which kept serving it while it could not ask the PSS): it would read
 /// there data older than what it wrote at B. Once A can ask the PSS, A loads the volume
