@@ -262,6 +262,16 @@ mod pss_client {
         }
     }
 
+    /// [`err`], a volume the PSS does not have named by its name (as the in-memory store
+    /// names it; the PSS's message, wrapped again, read "volume volume v does not exist
+    /// does not exist").
+    fn err_of(volume: &VolumeName, e: PssError) -> StoreError {
+        match e {
+            PssError::NotFound(_) => StoreError::NotFound(volume.to_string()),
+            e => err(e),
+        }
+    }
+
     fn err(e: PssError) -> StoreError {
         match e {
             PssError::StaleEpoch { presented, current } => {
@@ -321,7 +331,8 @@ mod pss_client {
                     }),
                     request_id: Some((&req.request_id).into()),
                 };
-                let reply = self.client.acquire_volume(r).await.map_err(err)?;
+                let reply =
+                    self.client.acquire_volume(r).await.map_err(|e| err_of(&req.volume, e))?;
                 meta(reply.meta.ok_or_else(|| {
                     StoreError::Refused("AcquireVolume reply without meta".into())
                 })?)
@@ -329,7 +340,9 @@ mod pss_client {
         }
 
         fn get_volume(&self, volume: VolumeName) -> BoxFut<'_, Result<VolumeMeta, StoreError>> {
-            Box::pin(async move { meta(self.client.get_volume(&volume).await.map_err(err)?) })
+            Box::pin(async move {
+                meta(self.client.get_volume(&volume).await.map_err(|e| err_of(&volume, e))?)
+            })
         }
 
         fn write_batch(&self, b: WriteBack) -> BoxFut<'_, Result<Lsn, StoreError>> {
@@ -350,7 +363,7 @@ mod pss_client {
                         .collect(),
                     persisted_lsn: b.persisted.0,
                 };
-                let reply = self.client.write_batch(r).await.map_err(err)?;
+                let reply = self.client.write_batch(r).await.map_err(|e| err_of(&b.volume, e))?;
                 Ok(Lsn(reply.persisted_lsn))
             })
         }
@@ -361,7 +374,11 @@ mod pss_client {
             blocks: Vec<BlockNo>,
         ) -> BoxFut<'_, Result<Fetched, StoreError>> {
             Box::pin(async move {
-                let got = self.client.get_blocks(&volume, &blocks).await.map_err(err)?;
+                let got = self
+                    .client
+                    .get_blocks(&volume, &blocks)
+                    .await
+                    .map_err(|e| err_of(&volume, e))?;
                 // (By lookup, not removal: a block asked for twice gets both answers.)
                 let by_block: HashMap<BlockNo, Option<(Bytes, u64)>> = got
                     .into_iter()
@@ -386,7 +403,11 @@ mod pss_client {
             limit: u32,
         ) -> BoxFut<'_, Result<BlockPage, StoreError>> {
             Box::pin(async move {
-                let r = self.client.list_blocks(&volume, start, limit).await.map_err(err)?;
+                let r = self
+                    .client
+                    .list_blocks(&volume, start, limit)
+                    .await
+                    .map_err(|e| err_of(&volume, e))?;
                 Ok(BlockPage {
                     blocks: r.blocks.into_iter().map(|b| (b.block, b.version, b.length)).collect(),
                     more: r.more,

@@ -2226,6 +2226,7 @@ async fn bad_input_gets_the_right_status_and_changes_nothing() {
     assert_eq!(e.code(), tonic::Code::Unauthenticated, "reading with a wrong credential: {e:?}");
     let e = raw.write(write("nope", "right", vec![1; BS], 0)).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::NotFound, "unknown volume: {e:?}");
+    assert_eq!(e.message(), "volume nope does not exist", "named once: {e:?}");
     let e = raw.write(write("bad/name", "right", vec![1; BS], 0)).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::InvalidArgument, "bad name: {e:?}");
     let failed = a.status().await.calls_failed - failed_before;
