@@ -324,12 +324,11 @@ impl LogCore {
     }
 
     fn apply_snapshot(&mut self, meta: SnapshotMetadata) {
-        // A snapshot inside our log that agrees with it at its index (our own compaction)
-        // keeps the suffix after it; one past our log, or disagreeing there (raft-rs
-        // installs a leader's snapshot only then, and drops the suffix itself), replaces it.
-        let keep = meta.index + 1 >= self.first_index()
-            && meta.index < self.last_index()
-            && self.term(meta.index).ok() == Some(meta.term);
+        // A snapshot inside our log (our own compaction) keeps the suffix after it; one
+        // past our log replaces it entirely. (Decided by indices alone, the same at replay
+        // as when it was installed: a replay that restarted past a deleted segment knows
+        // no term for the snapshot's index.)
+        let keep = meta.index + 1 >= self.first_index() && meta.index < self.last_index();
         if keep {
             while self.entries.front().is_some_and(|e| e.index <= meta.index) {
                 if let Some(e) = self.entries.pop_front() {
@@ -1052,31 +1051,62 @@ mod tests {
         assert_eq!(read(&store, 5, 11), want[4..], "the compacted log replays");
     }
 
-    /// A snapshot that disagrees with our log at its index replaces the log (the suffix
-    /// after it is stale), one that agrees keeps the suffix; a later term clears the vote.
+    /// A snapshot of a later term clears the stored vote (a vote is for one term: kept, it
+    /// claimed once persisted a vote this node never cast in that term); one of the same
+    /// term keeps it.
     #[test]
-    fn a_snapshot_disagreeing_with_the_log_replaces_it_and_a_later_term_clears_the_vote() {
+    fn a_snapshot_of_a_later_term_clears_the_vote() {
         let dir = tempfile::tempdir().unwrap();
         let (mut log, core, _) = open(dir.path()).unwrap();
         let store = RaftStorage { core: Arc::new(RwLock::new(core)), ..Default::default() };
         log.append(&store, &(1..=10).map(|i| entry_t(i, 1, 10)).collect::<Vec<_>>()).unwrap();
         let hs = HardState { term: 1, vote: 3, commit: 2, ..Default::default() };
         log.set_hard_state(&store, &hs).unwrap();
-        // Agrees at 4 (term 1): the entries after it stay, the vote too.
         let meta = SnapshotMetadata { index: 4, term: 1, ..Default::default() };
         log.install_snapshot(&store, meta).unwrap();
         assert_eq!(store.read().last_index(), 10);
         assert_eq!(store.read().hard_state.vote, 3);
-        // Disagrees at 6 (term 2 there): 7..=10 are stale and go; term 2 holds no vote.
-        let meta = SnapshotMetadata { index: 6, term: 2, ..Default::default() };
+        let meta = SnapshotMetadata { index: 12, term: 2, ..Default::default() };
         log.install_snapshot(&store, meta).unwrap();
-        assert_eq!(store.read().last_index(), 6);
         let hs = store.read().hard_state.clone();
         assert_eq!((hs.term, hs.vote), (2, 0));
         drop(log);
         let (_log, core, _) = open(dir.path()).unwrap();
-        assert_eq!(core.last_index(), 6, "as replayed");
         assert_eq!((core.hard_state.term, core.hard_state.vote), (2, 0));
+    }
+
+    /// A compaction at exactly the last entry of a closed segment, with entries after it:
+    /// the log replays whole (the segments before are deleted, so the replay restarts at
+    /// the next segment's first entry, where no term of the compaction's index is known).
+    #[test]
+    fn a_compaction_at_a_segments_last_entry_replays() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut log, core, _) = DurableLog::open(dir.path(), 1000, true).unwrap();
+        let store = RaftStorage { core: Arc::new(RwLock::new(core)), ..Default::default() };
+        for i in 1..=30 {
+            log.append(&store, &[entry_t(i, 1, 100)]).unwrap();
+        }
+        // The last entry of the second segment.
+        let c = {
+            let core = store.read();
+            let second =
+                core.spans.iter().map(|s| s.seg).collect::<std::collections::BTreeSet<_>>();
+            let seg = *second.iter().nth(1).unwrap();
+            core.spans.iter().filter(|s| s.seg == seg).map(|s| s.last).max().unwrap()
+        };
+        assert!(c < 30, "{c}");
+        log.install_snapshot(&store, SnapshotMetadata { index: c, term: 1, ..Default::default() })
+            .unwrap();
+        for i in 31..=35 {
+            log.append(&store, &[entry_t(i, 1, 100)]).unwrap();
+        }
+        log.sync().unwrap();
+        drop(log);
+        let (_log, core, _) = DurableLog::open(dir.path(), 1000, true).unwrap();
+        assert_eq!((core.first_index(), core.last_index()), (c + 1, 35));
+        let store = RaftStorage { core: Arc::new(RwLock::new(core)), ..Default::default() };
+        let want: Vec<(u64, u64)> = (c + 1..=35).map(|i| (i, 1)).collect();
+        assert_eq!(read(&store, c + 1, 36), want);
     }
 
     /// Entries asked of the disk with a size limit are read record by record up to it,
