@@ -580,12 +580,12 @@ impl VolumeClient {
         }
     }
 
-    /// Bytes of accepted writes not yet known to be persisted.
     /// Attaches made so far (the first, then one per reconnect).
     pub fn attaches(&self) -> u64 {
         self.inner.generation.load(Ordering::Relaxed)
     }
 
+    /// Bytes of accepted writes not yet known to be persisted.
     pub fn journal_bytes(&self) -> u64 {
         self.inner.journal.lock().expect("poisoned").bytes
     }

@@ -562,18 +562,19 @@ impl<R: Remote> CachedVolume<R> {
     /// read of them would when the volume cannot answer (the answer is cached as far as
     /// there is room).
     fn fetch_missing(&self, blocks: &[u64], min: usize) -> Result<(), DeviceError> {
-        let missing: Vec<u64> = {
+        let (missing, journalled) = {
             let s = self.shared.lock();
             if let Some(why) = &s.refused {
                 return Err(DeviceError::Refused(why.clone()));
             }
-            blocks
+            let missing: Vec<u64> = blocks
                 .iter()
                 .copied()
                 .filter(|b| {
                     !s.entries.contains_key(b) && s.pinned.get(b).copied().unwrap_or(0) == 0
                 })
-                .collect()
+                .collect();
+            (missing, s.next_seq)
         };
         if missing.is_empty() || missing.len() < min {
             return Ok(());
@@ -589,6 +590,12 @@ impl<R: Remote> CachedVolume<R> {
             Ok(Ok(images)) => {
                 s.stats.cache_misses += missing.len() as u64;
                 s.stats.batched_reads += 1;
+                if s.next_seq != journalled {
+                    // Written meanwhile (the mount fetches without the file system's lock):
+                    // the answer may predate a change since accepted and evicted, so it is
+                    // not cached; the read fetches what it still lacks itself.
+                    return Ok(());
+                }
                 for (block, image) in missing.into_iter().zip(images) {
                     // Written or pinned meanwhile: the local copy is the newer one.
                     if s.entries.contains_key(&block)
