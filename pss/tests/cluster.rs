@@ -11,7 +11,7 @@ use wayside_pss::client::{ClientOptions, PssClient, PssError};
 use wayside_pss::testing::LocalCluster;
 
 mod common;
-use common::{acquire, put, stale_blocks, start_joiner, wait_applied};
+use common::{acquire, put, stale_blocks, start_joiner, wait_applied, wait_caught_up_by_snapshot};
 
 async fn blocks(ep: &Endpoint) -> PssBlocksClient<tonic::transport::Channel> {
     PssBlocksClient::connect(ep.uri().to_owned()).await.unwrap()
@@ -223,17 +223,7 @@ async fn lagging_node_catches_up_by_snapshot_after_compaction() {
 
     cluster.restart_node(down).await.unwrap();
     let target = st.commit_index;
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        if let Some(s) = cluster.status(down).await {
-            if s.applied_index >= target {
-                assert!(s.snapshot_index > 1, "caught up through a snapshot: {s:?}");
-                break;
-            }
-        }
-        assert!(std::time::Instant::now() < deadline, "node {down} did not catch up");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_caught_up_by_snapshot(&cluster, down, target).await;
     // It serves the same data (a stale read of its own applied state).
     let theirs = stale_blocks(&cluster, down, "snap-vol", 64).await;
     let ours = client.get_blocks(&vol, &(0..64).collect::<Vec<_>>()).await.unwrap();
@@ -529,17 +519,7 @@ async fn a_node_stores_at_most_max_volumes() {
     }
     cluster.restart_node(down).await.unwrap();
     let target = cluster.status(leader).await.unwrap().commit_index;
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        if let Some(s) = cluster.status(down).await {
-            if s.applied_index >= target {
-                assert!(s.snapshot_index > 1, "caught up through a snapshot: {s:?}");
-                break;
-            }
-        }
-        assert!(std::time::Instant::now() < deadline, "node {down} did not catch up");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_caught_up_by_snapshot(&cluster, down, target).await;
     assert_eq!(client.transfer_leader(down).await.unwrap().leader_id, down);
     refused(client.acquire_volume(acquire("v4", "nms", 6)).await);
     // Every node counts its volumes again at start.

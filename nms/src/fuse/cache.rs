@@ -481,22 +481,8 @@ impl<R: Remote> CachedVolume<R> {
         let mut s = self.shared.lock();
         s.sync_wanted_upto = s.sync_wanted_upto.max(target);
         self.shared.work.notify_one();
-        loop {
-            if s.persisted_upto >= target {
-                return Ok(());
-            }
-            if let Some(why) = &s.refused {
-                return Err(DeviceError::Refused(why.clone()));
-            }
-            let now = Instant::now();
-            if now >= deadline {
-                return Err(DeviceError::Timeout {
-                    what: "persisting the journal",
-                    after: timeout,
-                });
-            }
-            s = self.shared.progress.wait_timeout(s, deadline - now).expect("poisoned").0;
-        }
+        let wait = Wait { deadline, after: timeout, what: "persisting the journal" };
+        self.shared.wait_until(s, wait, |s| s.persisted_upto >= target).map(drop)
     }
 
     /// Reads a whole block into the cache (waiting for its unaccepted records first).
@@ -512,19 +498,8 @@ impl<R: Remote> CachedVolume<R> {
         let timeout = self.shared.opts.op_timeout;
         // The NMS serves our own accepted writes; until a pinned block's records are accepted its
         // only current copy was local (lost with the cache at remount), so wait for them.
-        while s.pinned.get(&block).copied().unwrap_or(0) > 0 {
-            if let Some(why) = &s.refused {
-                return Err(DeviceError::Refused(why.clone()));
-            }
-            let now = Instant::now();
-            if now >= deadline {
-                return Err(DeviceError::Timeout {
-                    what: "replaying the journal before a read",
-                    after: timeout,
-                });
-            }
-            s = self.shared.progress.wait_timeout(s, deadline - now).expect("poisoned").0;
-        }
+        let wait = Wait { deadline, after: timeout, what: "replaying the journal before a read" };
+        s = self.shared.wait_until(s, wait, |s| s.pinned.get(&block).copied().unwrap_or(0) == 0)?;
         s.stats.cache_misses += 1;
         drop(s);
         let remaining = deadline.saturating_duration_since(Instant::now());
@@ -557,6 +532,21 @@ impl<R: Remote> CachedVolume<R> {
 }
 
 impl<R: Remote> CachedVolume<R> {
+    /// Waits (up to the op timeout) until none of `blocks` that is not cached is pinned by
+    /// journal records still to be accepted (after a remount with a journal to replay, the
+    /// volume's copy of such a block is not yet current): what `read` would otherwise wait
+    /// for under the file system's lock.
+    fn wait_unpinned(&self, blocks: &[u64]) -> Result<(), DeviceError> {
+        let timeout = self.shared.opts.op_timeout;
+        let deadline = Instant::now() + timeout;
+        let wait = Wait { deadline, after: timeout, what: "replaying the journal before a read" };
+        let pinned = |s: &State, b: &u64| {
+            !s.entries.contains_key(b) && s.pinned.get(b).copied().unwrap_or(0) > 0
+        };
+        let s = self.shared.lock();
+        self.shared.wait_until(s, wait, |s| !blocks.iter().any(|b| pinned(s, b))).map(drop)
+    }
+
     /// Fetches the blocks of `blocks` not cached (pinned ones wait for their journal
     /// records in `read`), in one round trip, when at least `min` are missing; fails as a
     /// read of them would when the volume cannot answer (the answer is cached as far as
@@ -625,9 +615,40 @@ impl<R: Remote> CachedVolume<R> {
     }
 }
 
+/// How long [`Shared::wait_until`] waits, and what its timeout error says.
+struct Wait {
+    deadline: Instant,
+    /// The limit the error names.
+    after: Duration,
+    what: &'static str,
+}
+
 impl<R: Remote> Shared<R> {
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().expect("cache state poisoned")
+    }
+
+    /// Waits on the cache's progress until `done` holds; fails once the volume refused a
+    /// change, or at the deadline.
+    fn wait_until<'a>(
+        &'a self,
+        mut s: MutexGuard<'a, State>,
+        wait: Wait,
+        done: impl Fn(&State) -> bool,
+    ) -> Result<MutexGuard<'a, State>, DeviceError> {
+        loop {
+            if done(&s) {
+                return Ok(s);
+            }
+            if let Some(why) = &s.refused {
+                return Err(DeviceError::Refused(why.clone()));
+            }
+            let now = Instant::now();
+            if now >= wait.deadline {
+                return Err(DeviceError::Timeout { what: wait.what, after: wait.after });
+            }
+            s = self.progress.wait_timeout(s, wait.deadline - now).expect("poisoned").0;
+        }
     }
 
     fn block_file(&self, block: u64) -> PathBuf {
@@ -1043,6 +1064,7 @@ impl<R: Remote> BlockDevice for CachedVolume<R> {
     }
 
     fn fetch_ahead(&self, blocks: &[u64]) -> Result<(), DeviceError> {
+        self.wait_unpinned(blocks)?;
         self.fetch_missing(blocks, 1)
     }
 
@@ -1667,6 +1689,30 @@ mod tests {
         remote.hold_writes_to(None);
         dev.sync().unwrap();
         assert_eq!(remote.block(5).unwrap(), vec![3; 4096]);
+        assert!(dev.shutdown(Duration::from_secs(1)));
+    }
+
+    /// After a remount with a journal to replay, a block its records pin and the cache
+    /// lacks is waited for by `fetch_ahead` (which the mount calls before taking the file
+    /// system's lock), failing after the op timeout while the volume is down, instead of
+    /// leaving the wait to the read under the lock.
+    #[test]
+    fn fetch_ahead_waits_for_a_pinned_block_outside_the_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = rt();
+        let remote = MemRemote::default();
+        remote.set_down(true);
+        {
+            let dev = open_dev(&remote, dir.path(), &rt);
+            dev.apply(vec![fresh(5, 9)]).unwrap();
+            // "Crash": the record stays in the journal.
+        }
+        let dev = open_dev(&remote, dir.path(), &rt);
+        let e = dev.fetch_ahead(&[5]).unwrap_err();
+        assert!(matches!(e, DeviceError::Timeout { .. }), "{e:?}");
+        remote.set_down(false);
+        dev.fetch_ahead(&[5]).unwrap();
+        assert_eq!(dev.read(5, 0, 100).unwrap(), vec![9; 100]);
         assert!(dev.shutdown(Duration::from_secs(1)));
     }
 

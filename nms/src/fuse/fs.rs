@@ -944,21 +944,13 @@ impl<D: BlockDevice> Fs<D> {
     /// The device blocks a [`Fs::read`] of these arguments reads (none for one past the end
     /// or of nothing); what it would refuse is refused here too.
     pub fn read_blocks(&self, ino: u64, offset: u64, size: u32) -> Result<Vec<u64>> {
-        let inode = self.attr(ino)?;
-        match inode.kind {
-            Kind::Dir => return Err(FsError::IsDir),
-            Kind::Symlink => return Err(FsError::Invalid("read of a symlink")),
-            Kind::File => {}
-        }
-        if size == 0 || offset >= inode.size {
-            return Ok(Vec::new());
-        }
-        let end = (offset + u64::from(size)).min(inode.size);
+        let Some(end) = self.read_end(ino, offset, size)? else { return Ok(Vec::new()) };
         let bs = u64::from(self.sb.block_size);
         Ok((offset / bs..=(end - 1) / bs).map_while(|i| self.sb.data_block(ino, i)).collect())
     }
 
-    pub fn read(&mut self, ino: u64, offset: u64, size: u32) -> Result<Vec<u8>> {
+    /// Where a read of these arguments ends (`None`: it reads nothing), or why it is refused.
+    fn read_end(&self, ino: u64, offset: u64, size: u32) -> Result<Option<u64>> {
         let inode = self.attr(ino)?;
         match inode.kind {
             Kind::Dir => return Err(FsError::IsDir),
@@ -966,9 +958,13 @@ impl<D: BlockDevice> Fs<D> {
             Kind::File => {}
         }
         if size == 0 || offset >= inode.size {
-            return Ok(Vec::new());
+            return Ok(None);
         }
-        let end = (offset + u64::from(size)).min(inode.size);
+        Ok(Some((offset + u64::from(size)).min(inode.size)))
+    }
+
+    pub fn read(&mut self, ino: u64, offset: u64, size: u32) -> Result<Vec<u8>> {
+        let Some(end) = self.read_end(ino, offset, size)? else { return Ok(Vec::new()) };
         let bs = u64::from(self.sb.block_size);
         // A read over several blocks asks the device for all of them at once first (one
         // round trip over the radio link instead of one per block).

@@ -49,6 +49,14 @@ pub async fn wait_applied(cluster: &LocalCluster, id: u64, index: u64) {
     }
 }
 
+/// Waits (at most 20 s) until node `id` has applied `index`, having caught up through a
+/// snapshot (its log was compacted past what it had).
+pub async fn wait_caught_up_by_snapshot(cluster: &LocalCluster, id: u64, index: u64) {
+    wait_applied(cluster, id, index).await;
+    let s = cluster.status(id).await.expect("it answered just now");
+    assert!(s.snapshot_index > 1, "node {id} caught up through a snapshot: {s:?}");
+}
+
 /// Blocks `0..count` of `volume` as node `id` has them applied (a stale read), over
 /// the cluster's TLS when it has it.
 pub async fn stale_blocks(
