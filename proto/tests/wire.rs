@@ -226,6 +226,7 @@ fn pss_messages_round_trip() {
         }],
         pipeline_messages: 3,
         pipeline_requests: 40,
+        snapshot_failures: 2,
     });
     round_trip(pb::PipelineRequests {
         requests: vec![pb::PipelineRequest {

@@ -57,6 +57,11 @@ pub struct Config {
     /// Bytes of applied entries past the last snapshot that trigger a snapshot and log
     /// compaction (the log file grows until then).
     pub compact_log_bytes: u64,
+    /// After a snapshot fails (a full disk, say), the next one the log's size would start
+    /// waits this long, in milliseconds, doubling with each failure in a row up to 64x (an
+    /// operator's CompactLog does not wait). It was started again at once, every turn of
+    /// the Raft loop, each sealing a blob segment.
+    pub snapshot_retry_ms: u64,
     /// The Raft log is kept in segment files of about this size, in bytes; a compaction
     /// deletes the segments holding only compacted entries.
     pub log_segment_bytes: u64,
@@ -152,6 +157,7 @@ impl Default for Config {
             peer_queue_messages: 4096,
             dedupe_table_entries: 1_000_000,
             compact_log_entries: 20_000,
+            snapshot_retry_ms: 1_000,
             compact_log_bytes: 256 * 1024 * 1024,
             log_segment_bytes: 64 * 1024 * 1024,
             log_memory_bytes: 64 * 1024 * 1024,

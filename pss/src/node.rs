@@ -71,6 +71,8 @@ pub struct NodeStatus {
     pub first_index: u64,
     pub last_index: u64,
     pub snapshot_index: u64,
+    /// Snapshots that failed since the node started.
+    pub snapshot_failures: u64,
     pub voters: Vec<u64>,
     pub learners: Vec<u64>,
     /// Leader only: each member's replicated (matched) index.
@@ -349,6 +351,11 @@ struct Loop {
     applied_bytes: u64,
     /// The snapshot being written on its own thread, if any (one at a time).
     snapshot_job: Option<SnapshotJob>,
+    /// Snapshots failed since the start, and in a row (the retry's backoff), and when the
+    /// next one the log's size calls for may start.
+    snapshot_failures: u64,
+    snapshot_failures_in_row: u32,
+    snapshot_retry_at: Option<std::time::Instant>,
     status: watch::Sender<NodeStatus>,
     stats: PhaseStats,
 }
@@ -533,6 +540,9 @@ pub fn start(
         applied,
         applied_bytes: 0,
         snapshot_job: None,
+        snapshot_failures: 0,
+        snapshot_failures_in_row: 0,
+        snapshot_retry_at: None,
         status: status_tx,
         stats: PhaseStats::default(),
     };
@@ -1052,9 +1062,11 @@ impl Loop {
         }
         let snap = self.storage.read().snapshot.index;
         let wanted = self.storage.want_snapshot.swap(false, std::sync::atomic::Ordering::Relaxed);
+        let backing_off = self.snapshot_retry_at.is_some_and(|t| std::time::Instant::now() < t);
         if wanted
-            || self.applied.saturating_sub(snap) >= self.cfg.compact_log_entries
-            || self.applied_bytes >= self.cfg.compact_log_bytes
+            || !backing_off
+                && (self.applied.saturating_sub(snap) >= self.cfg.compact_log_entries
+                    || self.applied_bytes >= self.cfg.compact_log_bytes)
         {
             self.start_snapshot(None)?;
         }
@@ -1088,7 +1100,22 @@ impl Loop {
         // A checkpoint: the index and links to the (sealed) blob segments, not a copy of
         // every block; a snapshot file is made from it only when a member needs one.
         let path = checkpoint_path(&self.snap_dir, index);
-        let view = self.sm.checkpoint_view(&path.with_extension("d.tmp"))?;
+        let view = match self.sm.checkpoint_view(&path.with_extension("d.tmp")) {
+            Ok(view) => view,
+            // The snapshot folder could not take the checkpoint's links (a full disk, a
+            // folder gone): this snapshot fails, the node goes on (it stopped).
+            Err(StateError::Io { path: at, source }) if at.starts_with(&self.snap_dir) => {
+                let e = StateError::Io { path: at, source };
+                self.snapshot_failed(index, &e);
+                if let Some(w) = waiter {
+                    let _ = w.send(Err(NodeError::Internal(format!(
+                        "snapshot at index {index} failed: {e}"
+                    ))));
+                }
+                return Ok(());
+            }
+            Err(e) => return Err(e.into()),
+        };
         let at = view.at();
         let copied = started.elapsed();
         let cancel = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -1109,6 +1136,19 @@ impl Loop {
             waiters: waiter.into_iter().collect(),
         });
         Ok(())
+    }
+
+    /// Counts a failed snapshot; the next one the log's size calls for waits
+    /// `snapshot_retry_ms`, doubling with each failure in a row up to 64x (an operator's
+    /// CompactLog goes at once).
+    fn snapshot_failed(&mut self, index: u64, e: &StateError) {
+        self.snapshot_failures += 1;
+        self.snapshot_failures_in_row = self.snapshot_failures_in_row.saturating_add(1);
+        let shift = (self.snapshot_failures_in_row - 1).min(6);
+        let wait =
+            std::time::Duration::from_millis(self.cfg.snapshot_retry_ms.saturating_mul(1 << shift));
+        self.snapshot_retry_at = Some(std::time::Instant::now() + wait);
+        tracing::warn!(index, error = %e, retry_in_ms = wait.as_millis() as u64, "snapshot failed");
     }
 
     /// Compacts the log up to a finished snapshot (unless a newer one was installed
@@ -1141,11 +1181,13 @@ impl Loop {
                     elapsed_ms = job.started.elapsed().as_millis() as u64,
                     "log compacted"
                 );
+                self.snapshot_failures_in_row = 0;
+                self.snapshot_retry_at = None;
                 Ok(index.max(current))
             }
             Err(e) => {
-                // Not fatal: the log stays as it is and the next trigger tries again.
-                tracing::warn!(index, error = %e, "snapshot failed");
+                // Not fatal: the log stays as it is and a later trigger tries again.
+                self.snapshot_failed(index, &e);
                 Err(NodeError::Internal(format!("snapshot at index {index} failed: {e}")))
             }
         };
@@ -1208,6 +1250,7 @@ impl Loop {
             first_index: core.first_index(),
             last_index: core.last_index(),
             snapshot_index: core.snapshot.index,
+            snapshot_failures: self.snapshot_failures,
             voters,
             learners,
             matched,

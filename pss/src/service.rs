@@ -496,6 +496,7 @@ impl AdminService {
             first_index: st.first_index,
             last_index: st.last_index,
             snapshot_index: st.snapshot_index,
+            snapshot_failures: st.snapshot_failures,
             members: self.members().members,
             pipeline_messages: self.pipeline_stats.messages.load(Ordering::Relaxed),
             pipeline_requests: self.pipeline_stats.requests.load(Ordering::Relaxed),

@@ -445,6 +445,43 @@ async fn concurrent_writes_of_new_blocks_stay_within_max_blocks() {
     cluster.shutdown().await;
 }
 
+/// A snapshot that fails (its folder unusable, as a full disk makes it) neither stops the
+/// node nor starts again at every turn of the Raft loop: the next one waits
+/// `snapshot_retry_ms` (here a minute) while writes go on; an operator's CompactLog, with
+/// the folder usable again, goes at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_snapshot_is_retried_after_a_backoff_and_stops_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = LocalCluster::start_with(1, dir.path(), |c| {
+        c.compact_log_entries = 20;
+        c.snapshot_retry_ms = 60_000;
+    })
+    .await
+    .unwrap();
+    let client = cluster.client();
+    let epoch = client.acquire_volume(acquire("snapfail", "nms", 1)).await.unwrap().meta.unwrap();
+    let snap = cluster.dir().join("node-1/snap");
+    std::fs::remove_dir_all(&snap).unwrap();
+    std::fs::write(&snap, b"not a folder").unwrap();
+    for i in 0..200u64 {
+        let req = put("snapfail", epoch.epoch, "w", i + 1, i % 8, vec![i as u8; 64]);
+        client.write_batch(req).await.expect("writes go on");
+    }
+    let st = cluster.status(1).await.expect("the node still serves");
+    assert!(st.snapshot_failures >= 1, "no snapshot was tried: {st:?}");
+    assert!(st.snapshot_failures <= 2, "tried again without waiting: {st:?}");
+    std::fs::remove_file(&snap).unwrap();
+    std::fs::create_dir(&snap).unwrap();
+    let ch = cluster.channel(&cluster.endpoints()[0]).unwrap();
+    let mut admin = wayside_proto::pb::pss_admin_client::PssAdminClient::new(ch);
+    admin.compact_log(pb::CompactLogRequest {}).await.expect("an operator's compaction");
+    let st = cluster.status(1).await.unwrap();
+    assert!(st.snapshot_index > 20, "{st:?}");
+    let got = client.get_blocks(&VolumeName::new("snapfail").unwrap(), &[7]).await.unwrap();
+    assert_eq!(got[0].data, vec![199u8; 64]);
+    cluster.shutdown().await;
+}
+
 /// One volume stores at most `max_blocks_per_volume` blocks: a write adding one past it is
 /// refused naming the limit and changes nothing; overwrites and deletes still go, a delete
 /// makes room, and another volume has room of its own.
