@@ -44,6 +44,24 @@ async fn short_drive_moves_twice_and_loses_nothing() {
         .contains("<polyline"));
 }
 
+/// `--max-wall-s`: a drive longer than its wall limit stops its vehicles there and checks
+/// them as at the road's end (flush, read back, PSS), passing marked as stopped early.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drive_stops_at_its_wall_limit_and_checks_what_it_drove() {
+    let mut sc = Scenario::short(a41_rsus()[..3].to_vec(), 10.0).unwrap();
+    // Real time at 10 mph: the road would take minutes.
+    sc.time_scale = 1.0;
+    sc.max_wall = std::time::Duration::from_secs(3);
+    let out = drive::run_scenario(sc.clone(), CancellationToken::new()).await.unwrap();
+    let summary = drive::summary(&sc, &out);
+    eprintln!("{summary}");
+    assert!(out.wall_limit_reached && !out.interrupted, "{summary}");
+    assert!(summary.contains("(stopped at the wall limit)"), "{summary}");
+    assert!(out.checked > 0, "{summary}");
+    assert_eq!((out.lost, out.unpersisted, out.unverified), (0, 0, 0), "{summary}");
+    assert_eq!(drive::verdict(&out), Ok(()), "{summary}");
+}
+
 /// RSU2's cell is 30 m: at 50 mph its reactive window (4 s to handover + 1.3 s dwell) is
 /// shorter than the SMF's first SMT estimate (its 0.5 s wall prior, x20 = 10 s of scenario
 /// time), so eq. 3 fails and eq. 4 gives a lead that fits in RSU1's 13 s dwell (eq. 5).
