@@ -2216,6 +2216,11 @@ async fn bad_input_gets_the_right_status_and_changes_nothing() {
     };
     let e = raw.stat(big).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::OutOfRange, "an oversized control call: {e:?}");
+    // So are the health and reflection services' (they answer anyone).
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel(&a.ep).await);
+    let name = "x".repeat(wayside_proto::server::SMALL_REQUEST_BYTES + 1);
+    let e = health.check(tonic_health::pb::HealthCheckRequest { service: name }).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::OutOfRange, "an oversized health check: {e:?}");
     let e = raw
         .read(pb::ReadRequest {
             auth: auth("good", "wrong"),

@@ -11,8 +11,14 @@ pub fn health() -> (
     HealthReporter,
     tonic_health::pb::health_server::HealthServer<impl tonic_health::pb::health_server::Health>,
 ) {
-    tonic_health::server::health_reporter()
+    let (reporter, server) = tonic_health::server::health_reporter();
+    (reporter, server.max_decoding_message_size(SMALL_REQUEST_BYTES))
 }
+
+/// Largest request the health and reflection services take, in bytes (a service or file
+/// name): they answer anyone, and tonic's default (4 MiB) let a caller with no credential
+/// make each of a connection's streams buffer that much.
+pub const SMALL_REQUEST_BYTES: usize = 64 * 1024;
 
 /// The reflection service describing every wayside service.
 pub fn reflection() -> tonic_reflection::server::v1::ServerReflectionServer<
@@ -23,6 +29,7 @@ pub fn reflection() -> tonic_reflection::server::v1::ServerReflectionServer<
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()
         .expect("the compiled-in descriptor sets are valid")
+        .max_decoding_message_size(SMALL_REQUEST_BYTES)
 }
 
 /// The connection stream for a server bound by the caller (tests bind `127.0.0.1:0` and
