@@ -290,15 +290,7 @@ async fn measure_with(
         (Kind::Wayside, _) => img::wayside_migration(pss, args.volume_mib).await.map(|(w, wall)| {
             (
                 wall.as_secs_f64(),
-                format!(
-                    "move issued to the vehicle's next read answered by the target {} ms (the source's own timeline {} ms), vehicle pause {} ms, {} blocks / {} bytes moved in {} rounds",
-                    wall.as_millis(),
-                    w.total_us / 1000,
-                    w.pause_us / 1000,
-                    w.blocks_moved,
-                    w.bytes_moved,
-                    w.rounds.len()
-                ),
+                wayside_move_detail(&w, wall, ""),
             )
         }),
         // (Between VMs on a bridge, with a PSS of its own there.)
@@ -650,17 +642,25 @@ async fn wayside_between_vms(
     road.shutdown().await?;
     pss.shutdown().await;
     let (w, wall) = moved?;
-    Ok((
-        wall.as_secs_f64(),
-        format!(
-            "{:?}: move issued to the vehicle's next read answered by the target {} ms (the source's own timeline {} ms), vehicle pause {} ms, {} blocks / {} bytes moved VM to VM over the bridge in {} rounds",
-            setup.accel,
-            wall.as_millis(),
-            w.total_us / 1000,
-            w.pause_us / 1000,
-            w.blocks_moved,
-            w.bytes_moved,
-            w.rounds.len()
-        ),
-    ))
+    let detail = wayside_move_detail(&w, wall, " VM to VM over the bridge");
+    Ok((wall.as_secs_f64(), format!("{:?}: {detail}", setup.accel)))
+}
+
+/// The report line of a wayside move: the vehicle's wall time, the source's timeline, the
+/// pause and what moved (`how`: where it went, appended to "moved").
+fn wayside_move_detail(
+    w: &wayside_proto::pb::MigrationReport,
+    wall: Duration,
+    how: &str,
+) -> String {
+    format!(
+        "move issued to the vehicle's next read answered by the target {} ms (the source's own \
+         timeline {} ms), vehicle pause {} ms, {} blocks / {} bytes moved{how} in {} rounds",
+        wall.as_millis(),
+        w.total_us / 1000,
+        w.pause_us / 1000,
+        w.blocks_moved,
+        w.bytes_moved,
+        w.rounds.len()
+    )
 }
