@@ -10,7 +10,7 @@ use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use tokio_stream::wrappers::ReceiverStream;
-use tokio_util::sync::{CancellationToken, DropGuard};
+use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{info_span, Instrument as _};
 use wayside_proto::convert::{self, required_op};
@@ -475,9 +475,52 @@ struct Ops {
     order: BlockOrder,
 }
 
-/// A pending unit's end: cancelled (its [`DropGuard`] dropped) once the unit has run, or
-/// when it is dropped unrun (the stream ended).
-type Done = CancellationToken;
+/// A pending unit's end, shared with the units ordered after it: `ran` is cancelled once
+/// the unit has run (by its [`UnitEnd`], also when that is dropped unrun: the stream
+/// ended), and `failed` then holds the blocks on which a write or delete of the unit failed
+/// or was refused for an earlier failure (see [`BlockOrder`]), each with that failure.
+#[derive(Clone, Default)]
+struct Done(Arc<DoneState>);
+
+#[derive(Default)]
+struct DoneState {
+    ran: CancellationToken,
+    failed: std::sync::Mutex<Failed>,
+}
+
+/// The blocks of a unit on which an earlier write or delete of the stream failed, each with
+/// its failure (a few: a unit is one operation, or one batch).
+type Failed = Vec<(BlockNo, pb::StreamError)>;
+
+impl Done {
+    fn is_cancelled(&self) -> bool {
+        self.0.ran.is_cancelled()
+    }
+
+    /// The failure this unit passes on to the next unit on `block`, if any.
+    fn failed_on(&self, block: BlockNo) -> Option<pb::StreamError> {
+        let failed = self.0.failed.lock().expect("poisoned");
+        failed.iter().find(|(b, _)| *b == block).map(|(_, e)| e.clone())
+    }
+}
+
+/// Ends a pending unit when dropped (see [`Done`]).
+struct UnitEnd(Done);
+
+impl UnitEnd {
+    /// Records the failures the unit passes on (call before dropping it).
+    fn pass_on(&self, failed: Failed) {
+        if !failed.is_empty() {
+            *self.0 .0.failed.lock().expect("poisoned") = failed;
+        }
+    }
+}
+
+impl Drop for UnitEnd {
+    fn drop(&mut self) {
+        self.0 .0.ran.cancel();
+    }
+}
 
 /// Per block, the latest pending unit of a stream (an operation, or a batch run as one)
 /// that touches it: a later unit touching the block waits for that one to finish first,
@@ -485,6 +528,14 @@ type Done = CancellationToken;
 /// by block number alone: a stream that changes volume at most waits more than it must.
 /// Entries of finished units linger until pruned, so the map stays within about twice the
 /// blocks of the pending units (and `2 * max_stream_inflight_ops`).
+///
+/// Waiting for an earlier unit to finish is not enough when it failed: a write (or delete)
+/// failed under back-pressure, say, followed by a write of the same block that succeeded,
+/// and the vehicle sends the failed one again (the same request ids: the later one answers
+/// `duplicate`), the older data would land over the newer. So a failed write or delete
+/// is passed on: every later write or delete of its block among the units pending behind
+/// it is not run but answered with that failure (reads run, and pass it on). A unit taken
+/// once the stream has nothing pending starts afresh.
 struct BlockOrder {
     latest: std::collections::HashMap<BlockNo, Done, foldhash::fast::RandomState>,
     /// The size past which the entries of finished units are dropped.
@@ -509,22 +560,26 @@ impl BlockOrder {
     /// Orders a new pending unit that touches `blocks`, and every block when `barrier` (a
     /// flush: it waits for every write sent before it): it becomes the latest unit of each
     /// of its blocks, and gets the still pending units it must not overtake (the latest of
-    /// each of its blocks; every one for a barrier) and the guard that ends it (to drop
+    /// each of its blocks, with the block; every one for a barrier) and its end (to drop
     /// once it has run). Units on other blocks are not waited for: they run concurrently.
-    fn order(&mut self, blocks: &[BlockNo], barrier: bool) -> (Vec<Done>, DropGuard) {
+    fn order(&mut self, blocks: &[BlockNo], barrier: bool) -> (Vec<(BlockNo, Done)>, UnitEnd) {
         // All looked up before any is registered: a unit touching a block twice does
         // not wait for itself.
-        let before: Vec<Done> = if barrier {
-            self.latest.values().filter(|d| !d.is_cancelled()).cloned().collect()
+        let before: Vec<(BlockNo, Done)> = if barrier {
+            self.latest
+                .iter()
+                .filter(|(_, d)| !d.is_cancelled())
+                .map(|(&b, d)| (b, d.clone()))
+                .collect()
         } else {
             blocks
                 .iter()
-                .filter_map(|b| self.latest.get(b))
-                .filter(|d| !d.is_cancelled())
-                .cloned()
+                .filter_map(|b| self.latest.get(b).map(|d| (*b, d)))
+                .filter(|(_, d)| !d.is_cancelled())
+                .map(|(b, d)| (b, d.clone()))
                 .collect()
         };
-        let done = Done::new();
+        let done = Done::default();
         for &b in blocks {
             self.latest.insert(b, done.clone());
         }
@@ -532,7 +587,7 @@ impl BlockOrder {
             self.latest.retain(|_, d| !d.is_cancelled());
             self.prune_at = (2 * self.latest.len()).max(self.floor);
         }
-        (before, done.drop_guard())
+        (before, UnitEnd(done))
     }
 }
 
@@ -551,10 +606,59 @@ fn is_flush(op: Option<&pb::stream_request::Op>) -> bool {
     matches!(op, Some(pb::stream_request::Op::Flush(_)))
 }
 
-/// Waits until every unit of `before` has run.
-async fn after(before: Vec<Done>) {
-    for d in &before {
-        d.cancelled().await;
+/// Waits until every unit of `before` has run; returns the failures they pass on to
+/// the blocks they precede (see [`BlockOrder`]).
+async fn after(before: Vec<(BlockNo, Done)>) -> Failed {
+    let mut failed = Failed::new();
+    for (b, d) in &before {
+        d.0.ran.cancelled().await;
+        if let Some(e) = d.failed_on(*b) {
+            if !failed.iter().any(|(f, _)| f == b) {
+                failed.push((*b, e));
+            }
+        }
+    }
+    failed
+}
+
+/// Whether an operation changes its block (a write or a delete).
+fn is_change(op: Option<&pb::stream_request::Op>) -> bool {
+    use pb::stream_request::Op;
+    matches!(op, Some(Op::Write(_) | Op::Delete(_)))
+}
+
+impl Node {
+    /// Runs a unit's operation `m` in its turn (see [`BlockOrder`]): a write or delete of a
+    /// block in `failed` is not run but answered with that block's failure, and one that
+    /// fails adds its block to `failed`, which the unit passes on.
+    async fn ordered_reply(
+        &self,
+        a: &Auth,
+        m: pb::StreamRequest,
+        failed: &mut Failed,
+    ) -> pb::StreamReply {
+        let change = is_change(m.op.as_ref()).then(|| op_block(m.op.as_ref())).flatten();
+        if let Some(b) = change {
+            if let Some((_, e)) = failed.iter().find(|(f, _)| *f == b) {
+                let e = pb::StreamError {
+                    message: format!(
+                        "not applied: an earlier write of block {b} in this stream failed, \
+                         send it again first ({})",
+                        e.message
+                    ),
+                    ..e.clone()
+                };
+                return pb::StreamReply {
+                    tag: m.tag,
+                    result: Some(pb::stream_reply::Result::Error(e)),
+                };
+            }
+        }
+        let reply = self.stream_reply(a, m).await;
+        if let (Some(b), Some(pb::stream_reply::Result::Error(e))) = (change, &reply.result) {
+            failed.push((b, e.clone()));
+        }
+        reply
     }
 }
 
@@ -601,13 +705,13 @@ impl Ops {
             self.inflight_ops += ops.len();
             self.inflight.push(
                 async move {
-                    let cold = if before.is_empty() {
-                        cold
+                    let (cold, mut failed) = if before.is_empty() {
+                        (cold, Failed::new())
                     } else {
                         // The earlier units on these blocks first (they may fetch some
                         // of them: fetched once, not twice with one fill lost).
-                        after(before).await;
-                        node.uncached(&a.0, &cold)
+                        let failed = after(before).await;
+                        (node.uncached(&a.0, &cold), failed)
                     };
                     // On failure each read below goes to the PSS itself and answers with
                     // its own error.
@@ -618,8 +722,9 @@ impl Ops {
                     }
                     let mut out = Vec::with_capacity(ops.len());
                     for m in ops {
-                        out.push(node.stream_reply(&a, m).await);
+                        out.push(node.ordered_reply(&a, m, &mut failed).await);
                     }
+                    done.pass_on(failed);
                     drop(done);
                     out
                 }
@@ -650,10 +755,10 @@ impl Ops {
             self.inflight_ops += 1;
             self.inflight.push(
                 async move {
-                    if !before.is_empty() {
-                        after(before).await;
-                    }
-                    let reply = node.stream_reply(&a, m).await;
+                    let mut failed =
+                        if before.is_empty() { Failed::new() } else { after(before).await };
+                    let reply = node.ordered_reply(&a, m, &mut failed).await;
+                    done.pass_on(failed);
                     drop(done);
                     vec![reply]
                 }
@@ -962,7 +1067,7 @@ mod tests {
     use super::*;
 
     /// Whether every unit of `before` has run (waiting for them would not wait).
-    fn ran(before: &[Done]) -> bool {
+    fn ran(before: &[(BlockNo, Done)]) -> bool {
         after(before.to_vec()).now_or_never().is_some()
     }
 
@@ -1024,6 +1129,8 @@ mod tests {
         hold_acquires: std::sync::atomic::AtomicBool,
         acquire_entered: tokio::sync::Notify,
         acquire_gate: tokio::sync::Semaphore,
+        /// Reads asking for any of these blocks fail (UNAVAILABLE), after the gate.
+        fail_blocks: std::sync::Mutex<Vec<BlockNo>>,
     }
 
     impl SlowReads {
@@ -1037,6 +1144,7 @@ mod tests {
                 hold_acquires: false.into(),
                 acquire_entered: tokio::sync::Notify::new(),
                 acquire_gate: tokio::sync::Semaphore::new(0),
+                fail_blocks: Default::default(),
             })
         }
     }
@@ -1081,6 +1189,9 @@ mod tests {
                 let node = self.superseded_on.lock().unwrap().as_ref().and_then(|n| n.upgrade());
                 if let Some(node) = node {
                     node.core().begin_fetch(&volume, &blocks);
+                }
+                if blocks.iter().any(|b| self.fail_blocks.lock().unwrap().contains(b)) {
+                    return Err(crate::store::StoreError::Unavailable("the test fails it".into()));
                 }
                 self.inner.get_blocks(volume, blocks).await
             })
@@ -1283,5 +1394,103 @@ mod tests {
         assert!(node.core().volume(&v).is_some(), "loaded");
         drop(stalled);
         node.stop.cancel();
+    }
+    /// Serves one `StreamBatches` call of `ops` (tagged by index) on `node` for volume "v"
+    /// with credential "k"; the replies' results in order.
+    async fn one_batch(
+        node: &Node,
+        ops: Vec<pb::stream_request::Op>,
+    ) -> Vec<pb::stream_reply::Result> {
+        let ops: Vec<pb::StreamRequest> = ops
+            .into_iter()
+            .enumerate()
+            .map(|(i, op)| pb::StreamRequest { auth: None, tag: i as u64, op: Some(op) })
+            .collect();
+        let n = ops.len();
+        let auth =
+            pb::VolumeAuth { volume: "v".into(), credential: "k".into(), ..Default::default() };
+        let batch = pb::StreamBatch { auth: Some(auth), ops };
+        let mut replies = node.serve_ops(batch_inbound(futures::stream::iter([Ok(batch)]), 1000));
+        let mut out: Vec<Option<pb::stream_reply::Result>> = vec![None; n];
+        while let Some(r) = replies.next().await {
+            for reply in r.unwrap() {
+                out[reply.tag as usize] = reply.result;
+            }
+        }
+        out.into_iter().map(|r| r.expect("every operation answered")).collect()
+    }
+
+    fn write_op(block: BlockNo, offset: u32, data: &[u8], seq: u64) -> pb::stream_request::Op {
+        pb::stream_request::Op::Write(pb::WriteOp {
+            block,
+            offset,
+            data: data.to_vec().into(),
+            request_id: Some(pb::RequestId { client_id: "t".into(), seq }),
+        })
+    }
+
+    fn read_op(block: BlockNo) -> pb::stream_request::Op {
+        pb::stream_request::Op::Read(pb::ReadOp { block, offset: 0, length: 0 })
+    }
+
+    /// Within one stream, a write that fails stops the later writes of its block pending
+    /// behind it (through a read between them too), whether the operations run one by one
+    /// or as a batch whose reads miss: sent again with the same request ids, the batch then
+    /// applies in order and the block ends as its last write left it. (Without it, the
+    /// first partial write failed reading its block from the PSS, the full write after it
+    /// was applied, and the resent partial write landed over it: older data over an
+    /// acknowledged newer write.)
+    #[tokio::test]
+    async fn a_failed_write_stops_the_later_writes_of_its_block_in_the_stream() {
+        use crate::config::Config;
+        use pb::stream_reply::Result as R;
+        for cold_batch in [false, true] {
+            let (store, node, v, cred) = node_over_slow_reads(Config::default()).await;
+            store.gate.add_permits(1 << 20);
+            let who = Presented::new(cred.clone());
+            node.load(&v, &who, None, false).await.unwrap();
+            store.fail_blocks.lock().unwrap().push(5);
+            let full = vec![b'n'; 4096];
+            let mut ops = Vec::new();
+            if cold_batch {
+                // Reads that miss first: the batch runs as one unit after one PSS call.
+                ops.extend([read_op(1), read_op(2)]);
+            }
+            let first = ops.len();
+            ops.extend([
+                write_op(5, 10, b"old", 1),
+                write_op(5, 0, &full, 2),
+                read_op(5),
+                write_op(5, 0, b"x", 3),
+                write_op(6, 0, b"other", 4),
+            ]);
+            let got = one_batch(&node, ops.clone()).await;
+            let error = |r: &R| match r {
+                R::Error(e) => e.clone(),
+                r => panic!("cold batch {cold_batch}: {r:?} is no error"),
+            };
+            let e = error(&got[first]);
+            assert_eq!(e.code, tonic::Code::Unavailable as i32, "{e:?}");
+            for later in [first + 1, first + 3] {
+                let e2 = error(&got[later]);
+                assert_eq!(e2.code, e.code, "the first failure's code: {e2:?}");
+                assert!(e2.message.contains("earlier write of block 5"), "{e2:?}");
+            }
+            assert!(matches!(got[first + 4], R::Write(_)), "another block is written: {got:?}");
+            let vol = node.core().volume(&v).unwrap().accepted;
+            assert_eq!(vol, Lsn(1), "only the other block's write was applied");
+            // Sent again, once the PSS answers.
+            store.fail_blocks.lock().unwrap().clear();
+            let again = one_batch(&node, ops).await;
+            assert!(again.iter().all(|r| !matches!(r, R::Error(_))), "{again:?}");
+            let (data, _, _) = node.read(&v, &who, 5, 0, None).await.unwrap();
+            let mut want = full.clone();
+            want[0] = b'x';
+            assert!(
+                data.unwrap()[..] == want[..],
+                "cold batch {cold_batch}: block 5 is not its last write"
+            );
+            node.stop.cancel();
+        }
     }
 }
