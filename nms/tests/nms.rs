@@ -420,6 +420,7 @@ async fn an_old_owner_holding_unpersisted_writes_is_fenced() {
 /// a newer one would revert a block) and reads back from the target.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn pss_leader_changes_under_write_back_and_a_move_lose_nothing() {
+    wayside_proto::telemetry::init_for_tests();
     let dir = tempfile::tempdir().unwrap();
     let mut cluster = LocalCluster::start(3, dir.path()).await.unwrap();
     let a = Nms::start("a", &cluster.endpoints(), |c| c.writeback_delay_ms = 20).await;
