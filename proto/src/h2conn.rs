@@ -87,7 +87,8 @@ const CLOSE_FLUSH_MS: u64 = 1_000;
 /// peer's tiny frames never each hold on to a receive buffer, in bytes.
 const DATA_SLICE_MIN_BYTES: usize = 1024;
 /// Default `max_held_slices`: most DATA payloads held as slices of receive buffers
-/// (received, not yet consumed) per connection; past it payloads are copied. Each may keep
+/// (received and not yet decoded: waiting in a call's body, or kept by its reader with the
+/// start of a message awaiting its rest) per connection; past it payloads are copied. Each may keep
 /// a whole receive buffer (64 or 256 KiB, or its frame) alive, so this bounds what a peer
 /// that sends short DATA frames between long frames of other kinds can pin beyond the
 /// window's bytes, in slices.
@@ -937,6 +938,31 @@ impl RecvBody {
     pub fn release_bytes(&self, n: usize) {
         let w = &self.shared.stream.wakeups;
         w.call_bytes.fetch_sub(n, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Takes `n` more of the connection's held slices (`max_held_slices`) for payloads the
+    /// body's reader keeps undecoded as received (each may keep a whole receive buffer
+    /// alive); `false`, taking nothing, past the limit: the reader copies them then. Given
+    /// back with [`RecvBody::release_slices`].
+    pub fn hold_slices(&self, n: usize) -> bool {
+        use std::sync::atomic::Ordering::Relaxed;
+        let w = &self.shared.stream.wakeups;
+        let mut cur = w.held_slices.load(Relaxed);
+        loop {
+            if cur.saturating_add(n) > w.max_held_slices {
+                return false;
+            }
+            match w.held_slices.compare_exchange_weak(cur, cur + n, Relaxed, Relaxed) {
+                Ok(_) => return true,
+                Err(now) => cur = now,
+            }
+        }
+    }
+
+    /// Gives back `n` slices taken with [`RecvBody::hold_slices`].
+    pub fn release_slices(&self, n: usize) {
+        let w = &self.shared.stream.wakeups;
+        w.held_slices.fetch_sub(n, std::sync::atomic::Ordering::Relaxed);
     }
 
     pub fn set_mid_message(&self, mid: bool) {

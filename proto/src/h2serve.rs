@@ -158,6 +158,19 @@ impl RecvBuf {
         self.chunks.push(data);
     }
 
+    /// Copies what is held into one buffer of its own: no chunk then keeps a receive
+    /// buffer alive.
+    fn compact(&mut self) {
+        if self.chunks.chunk_count() == 0 {
+            return;
+        }
+        let mut all = BytesMut::with_capacity(self.remaining());
+        all.put(&mut self.chunks);
+        all.extend_from_slice(&self.tail);
+        self.chunks = ChunkBuf::default();
+        self.tail = all;
+    }
+
     /// Drops what is held (nothing more is decoded).
     fn clear(&mut self) {
         self.chunks = ChunkBuf::default();
@@ -259,6 +272,9 @@ pub struct Messages<M> {
     mid: bool,
     /// Bytes of `pending` taken from the connection's budget (`RecvBody::hold_bytes`).
     charged: usize,
+    /// Chunks of `pending` counted in the connection's held slices
+    /// (`RecvBody::hold_slices`).
+    slices: usize,
     _m: std::marker::PhantomData<fn() -> M>,
 }
 
@@ -276,6 +292,7 @@ impl<M: prost::Message + Default> Messages<M> {
             done: false,
             mid: false,
             charged: 0,
+            slices: 0,
             _m: std::marker::PhantomData,
         }
     }
@@ -364,9 +381,33 @@ impl<M: prost::Message + Default> Messages<M> {
         }
     }
 
+    /// Counts the chunks `pending` keeps as received in the connection's held slices
+    /// (`max_held_slices`), as the body counted them before they were taken: a chunk kept
+    /// with the start of an unfinished message may keep a whole receive buffer (up to
+    /// 256 KiB) alive, and a peer leaving 1 KiB starts of messages on many streams, each
+    /// cut from another receive buffer, pinned 256 times the bytes `hold_bytes` counts.
+    /// Past the limit, what `pending` holds is copied into a buffer of its own.
+    fn count_slices(&mut self) {
+        let kept = self.pending.chunks.chunk_count();
+        if kept > self.slices {
+            if self.body.hold_slices(kept - self.slices) {
+                self.slices = kept;
+                return;
+            }
+            self.pending.compact();
+            self.peak_held_bytes = self.peak_held_bytes.max(self.pending.held_bytes());
+            self.body.release_slices(self.slices);
+            self.slices = 0;
+        } else if kept < self.slices {
+            self.body.release_slices(self.slices - kept);
+            self.slices = kept;
+        }
+    }
+
     fn poll_message(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<M, Status>>> {
         let r = self.poll_message_inner(cx);
         self.uncharge();
+        self.count_slices();
         r
     }
 
@@ -424,6 +465,7 @@ impl<M: prost::Message + Default> Messages<M> {
 impl<M> Drop for Messages<M> {
     fn drop(&mut self) {
         self.body.release_bytes(self.charged);
+        self.body.release_slices(self.slices);
     }
 }
 
@@ -1352,5 +1394,59 @@ mod tests {
             assert_eq!(got, std::slice::from_ref(&op), "cut at {cut}");
             assert_eq!(end.unwrap_err().code(), tonic::Code::Internal, "cut at {cut}");
         }
+    }
+
+    /// A body of the connection `wakeups` belongs to (stream `id`), and its shared side to
+    /// deliver DATA to as the connection does.
+    fn test_body(
+        wakeups: &std::sync::Arc<crate::h2conn::Wakeups>,
+        id: u32,
+    ) -> (std::sync::Arc<crate::h2conn::RecvShared>, RecvBody) {
+        let shared = std::sync::Arc::new(crate::h2conn::RecvShared {
+            state: std::sync::Mutex::new(crate::h2conn::RecvState::new(false)),
+            stream: std::sync::Arc::new(crate::h2conn::StreamWaker {
+                wakeups: wakeups.clone(),
+                id,
+                queued: false.into(),
+            }),
+        });
+        (shared.clone(), RecvBody { shared })
+    }
+
+    /// The chunks a call's reader keeps with the start of an unfinished message count
+    /// against the connection's `max_held_slices`, as they did while waiting in its body:
+    /// past it they are copied, so a peer leaving message starts on many streams (each
+    /// chunk possibly cut from a receive buffer of its own, up to 256 KiB) pins no more
+    /// receive buffers than the limit. (They were let go of the count once taken: three
+    /// streams kept three slices on a connection allowed two.) The messages then decode
+    /// intact and the count comes back to zero.
+    #[test]
+    fn chunks_kept_for_unfinished_messages_count_against_the_held_slices() {
+        use std::sync::atomic::Ordering::Relaxed;
+        let wakeups = std::sync::Arc::new(crate::h2conn::Wakeups::new(2, usize::MAX));
+        let op =
+            crate::pb::WriteOp { block: 1, data: vec![5u8; 8000].into(), ..Default::default() };
+        let body = grpc_framed(std::slice::from_ref(&op));
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        let mut poll = |m: &mut Messages<crate::pb::WriteOp>| Pin::new(m).poll_next(&mut cx);
+        let mut streams = Vec::new();
+        for id in 0..3u32 {
+            let (shared, rb) = test_body(&wakeups, 2 * id + 1);
+            let mut msgs = Messages::<crate::pb::WriteOp>::new(rb, 1 << 20);
+            shared.deliver(BytesMut::from(&body[..2000]), 0, false);
+            assert!(poll(&mut msgs).is_pending(), "the message is not whole yet");
+            streams.push((shared, msgs));
+        }
+        let kept: usize = streams.iter().map(|(_, m)| m.pending.chunks.chunk_count()).sum();
+        let held = wakeups.held_slices.load(Relaxed);
+        assert!(kept <= 2, "{kept} chunks kept as received, the connection allows 2");
+        assert_eq!(kept, held, "every kept chunk is counted");
+        for (shared, mut msgs) in streams {
+            shared.deliver(BytesMut::from(&body[2000..]), 0, true);
+            let Poll::Ready(Some(got)) = poll(&mut msgs) else { panic!("whole now") };
+            assert_eq!(got.unwrap(), op, "decoded intact");
+            assert!(matches!(poll(&mut msgs), Poll::Ready(None)), "ended");
+        }
+        assert_eq!(wakeups.held_slices.load(Relaxed), 0, "all given back");
     }
 }

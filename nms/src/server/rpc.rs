@@ -478,29 +478,32 @@ struct Ops {
 /// A pending unit's end, shared with the units ordered after it: `ran` is cancelled once
 /// the unit has run (by its [`UnitEnd`], also when that is dropped unrun: the stream
 /// ended), and `failed` then holds the blocks on which a write or delete of the unit failed
-/// or was refused for an earlier failure (see [`BlockOrder`]), each with that failure.
+/// or was refused for an earlier failure (see [`BlockOrder`]), each with its volume and
+/// that failure (set once, before `ran` is cancelled; read only after).
 #[derive(Clone, Default)]
 struct Done(Arc<DoneState>);
 
 #[derive(Default)]
 struct DoneState {
     ran: CancellationToken,
-    failed: std::sync::Mutex<Failed>,
+    failed: std::sync::OnceLock<Failed>,
 }
 
 /// The blocks of a unit on which an earlier write or delete of the stream failed, each with
-/// its failure (a few: a unit is one operation, or one batch).
-type Failed = Vec<(BlockNo, pb::StreamError)>;
+/// its volume and its failure (a few: a unit is one operation, or one batch).
+type Failed = Vec<(BlockNo, VolumeName, pb::StreamError)>;
 
 impl Done {
     fn is_cancelled(&self) -> bool {
         self.0.ran.is_cancelled()
     }
 
-    /// The failure this unit passes on to the next unit on `block`, if any.
-    fn failed_on(&self, block: BlockNo) -> Option<pb::StreamError> {
-        let failed = self.0.failed.lock().expect("poisoned");
-        failed.iter().find(|(b, _)| *b == block).map(|(_, e)| e.clone())
+    /// The failures this unit passes on to the next unit on `block`.
+    fn failed_on(
+        &self,
+        block: BlockNo,
+    ) -> impl Iterator<Item = &(BlockNo, VolumeName, pb::StreamError)> {
+        self.0.failed.get().into_iter().flatten().filter(move |(b, _, _)| *b == block)
     }
 }
 
@@ -511,7 +514,7 @@ impl UnitEnd {
     /// Records the failures the unit passes on (call before dropping it).
     fn pass_on(&self, failed: Failed) {
         if !failed.is_empty() {
-            *self.0 .0.failed.lock().expect("poisoned") = failed;
+            let _ = self.0 .0.failed.set(failed);
         }
     }
 }
@@ -533,9 +536,13 @@ impl Drop for UnitEnd {
 /// failed under back-pressure, say, followed by a write of the same block that succeeded,
 /// and the vehicle sends the failed one again (the same request ids: the later one answers
 /// `duplicate`), the older data would land over the newer. So a failed write or delete
-/// is passed on: every later write or delete of its block among the units pending behind
-/// it is not run but answered with that failure (reads run, and pass it on). A unit taken
-/// once the stream has nothing pending starts afresh.
+/// that may be sent again ([`passes_on`]) is passed on: every later write or delete of its
+/// block (and volume) among the units pending behind it is not run but answered with that
+/// failure (reads run, and pass it on). Only those: a unit taken once the failed one has
+/// run, its failure answered (with nothing pending on its block, or nothing at all: the
+/// map is then cleared), runs. A vehicle that resends a batch on a new stream (as the
+/// client library does) is served; one that pipelines on a long stream must not resend a
+/// failed write with its old id after a later write of its block was acknowledged.
 struct BlockOrder {
     latest: std::collections::HashMap<BlockNo, Done, foldhash::fast::RandomState>,
     /// The size past which the entries of finished units are dropped.
@@ -612,9 +619,9 @@ async fn after(before: Vec<(BlockNo, Done)>) -> Failed {
     let mut failed = Failed::new();
     for (b, d) in &before {
         d.0.ran.cancelled().await;
-        if let Some(e) = d.failed_on(*b) {
-            if !failed.iter().any(|(f, _)| f == b) {
-                failed.push((*b, e));
+        for f in d.failed_on(*b) {
+            if !failed.iter().any(|(b, v, _)| (b, v) == (&f.0, &f.1)) {
+                failed.push(f.clone());
             }
         }
     }
@@ -627,10 +634,30 @@ fn is_change(op: Option<&pb::stream_request::Op>) -> bool {
     matches!(op, Some(Op::Write(_) | Op::Delete(_)))
 }
 
+/// Whether a failed write or delete is passed on to the later ones of its block: when the
+/// vehicle may send it again (its error is one a retry can get past: back-pressure, an NMS
+/// or PSS unavailable, a redirect). A write refused for what it is (malformed, past the
+/// block, a wrong credential) can never apply, so the later ones are not held to it.
+fn passes_on(e: &pb::StreamError) -> bool {
+    use tonic::Code;
+    !matches!(
+        Code::from_i32(e.code),
+        Code::InvalidArgument
+            | Code::OutOfRange
+            | Code::NotFound
+            | Code::Unauthenticated
+            | Code::PermissionDenied
+            | Code::AlreadyExists
+            | Code::Unimplemented
+    )
+}
+
 impl Node {
     /// Runs a unit's operation `m` in its turn (see [`BlockOrder`]): a write or delete of a
-    /// block in `failed` is not run but answered with that block's failure, and one that
-    /// fails adds its block to `failed`, which the unit passes on.
+    /// block of its volume in `failed` is not run but answered with that block's failure
+    /// (its code and detail: the vehicle does with it what it does with the failure), and
+    /// one that fails so that it may be sent again adds its block to `failed`, which the
+    /// unit passes on.
     async fn ordered_reply(
         &self,
         a: &Auth,
@@ -639,11 +666,11 @@ impl Node {
     ) -> pb::StreamReply {
         let change = is_change(m.op.as_ref()).then(|| op_block(m.op.as_ref())).flatten();
         if let Some(b) = change {
-            if let Some((_, e)) = failed.iter().find(|(f, _)| *f == b) {
+            if let Some((_, _, e)) = failed.iter().find(|(f, v, _)| *f == b && *v == a.0) {
                 let e = pb::StreamError {
                     message: format!(
-                        "not applied: an earlier write of block {b} in this stream failed, \
-                         send it again first ({})",
+                        "not applied: an earlier write or delete of block {b} in this stream \
+                         failed, send it again first ({})",
                         e.message
                     ),
                     ..e.clone()
@@ -656,7 +683,9 @@ impl Node {
         }
         let reply = self.stream_reply(a, m).await;
         if let (Some(b), Some(pb::stream_reply::Result::Error(e))) = (change, &reply.result) {
-            failed.push((b, e.clone()));
+            if passes_on(e) {
+                failed.push((b, a.0.clone(), e.clone()));
+            }
         }
         reply
     }
@@ -1474,7 +1503,7 @@ mod tests {
             for later in [first + 1, first + 3] {
                 let e2 = error(&got[later]);
                 assert_eq!(e2.code, e.code, "the first failure's code: {e2:?}");
-                assert!(e2.message.contains("earlier write of block 5"), "{e2:?}");
+                assert!(e2.message.contains("earlier write or delete of block 5"), "{e2:?}");
             }
             assert!(matches!(got[first + 4], R::Write(_)), "another block is written: {got:?}");
             let vol = node.core().volume(&v).unwrap().accepted;
@@ -1490,6 +1519,18 @@ mod tests {
                 data.unwrap()[..] == want[..],
                 "cold batch {cold_batch}: block 5 is not its last write"
             );
+            // A write refused for what it is (past the block's end) can never apply: the
+            // later write of its block is not held to it.
+            let bad =
+                one_batch(&node, vec![write_op(7, 4095, b"ab", 10), write_op(7, 0, b"ok", 11)])
+                    .await;
+            let e = error(&bad[0]);
+            assert!(
+                [tonic::Code::InvalidArgument as i32, tonic::Code::OutOfRange as i32]
+                    .contains(&e.code),
+                "{e:?}"
+            );
+            assert!(matches!(bad[1], R::Write(_)), "{bad:?}");
             node.stop.cancel();
         }
     }
