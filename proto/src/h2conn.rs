@@ -99,7 +99,8 @@ pub const MAX_HEADER_LIST_BYTES: u32 = 256 * 1024;
 /// Default `max_resets_per_s`: most streams a peer may reset (or make us reset by breaking
 /// the protocol on them) while their calls run, per second, before the connection closes
 /// (ENHANCE_YOUR_CALM): every reset call costs the work begun for it (CVE-2023-44487,
-/// "Rapid Reset").
+/// "Rapid Reset"). A change of INITIAL_WINDOW_SIZE while streams are open counts as one
+/// (it costs a pass over every stream).
 pub const DEFAULT_MAX_RESETS_PER_S: u32 = 1_000;
 /// A header block may decode to at most this many times `max_header_list_bytes`
 /// (RFC 7541's count) before the connection closes; up to it, a list past the limit is
@@ -1857,6 +1858,12 @@ where
         if let Some(v) = p.initial_window {
             let delta = v - self.peer_initial_window;
             self.peer_initial_window = v;
+            if delta != 0 && !self.streams.is_empty() {
+                // A pass over every open stream: a peer changing it back and forth in a
+                // flood of SETTINGS made each frame cost `max_concurrent_streams` updates.
+                // Counted with the resets (`max_resets_per_s`), as work a peer makes us do.
+                self.count_reset()?;
+            }
             for st in self.streams.values_mut() {
                 let before = st.send_window;
                 st.send_window += delta;
@@ -2968,6 +2975,48 @@ mod tests {
                 &request_block("/t/hang", &[]),
             ));
             burst.extend(frame_bytes(frame::RST_STREAM, 0, id, &code::CANCEL.to_be_bytes()));
+        }
+        c.tcp.write_all(&burst).await.unwrap();
+        assert_eq!(c.goaway_code().await, code::ENHANCE_YOUR_CALM);
+    }
+
+    /// A flood of SETTINGS changing INITIAL_WINDOW_SIZE back and forth while a call is open
+    /// (each change a pass over every open stream) closes the connection like a flood of
+    /// resets; the same value again costs nothing and counts nothing.
+    #[tokio::test]
+    async fn a_flood_of_window_size_changes_closes_the_connection() {
+        let s = ConnSettings { max_resets_per_s: 50, ..settings() };
+        let (addr, _seen, _stop, _served) = start(s).await;
+        let setting = |v: u32| {
+            let mut p = setting::INITIAL_WINDOW_SIZE.to_be_bytes().to_vec();
+            p.extend_from_slice(&v.to_be_bytes());
+            frame_bytes(frame::SETTINGS, 0, 0, &p)
+        };
+        let open = |c: &mut Vec<u8>| {
+            c.extend(frame_bytes(
+                frame::HEADERS,
+                frame::END_HEADERS,
+                1,
+                &request_block("/t/hang", &[]),
+            ));
+        };
+        // The same value a hundred times: served on.
+        let mut c = Raw::connect(addr).await;
+        let mut burst = Vec::new();
+        open(&mut burst);
+        for _ in 0..100 {
+            burst.extend(setting(70_000));
+        }
+        burst.extend(frame_bytes(frame::PING, 0, 0, &[7; 8]));
+        c.tcp.write_all(&burst).await.unwrap();
+        let (_, id, payload) = c.until(frame::PING).await.expect("the connection lives");
+        assert_eq!((id, payload), (0, vec![7; 8]));
+        // Changed a hundred times: closed.
+        let mut c = Raw::connect(addr).await;
+        let mut burst = Vec::new();
+        open(&mut burst);
+        for i in 0..100u32 {
+            burst.extend(setting(70_000 + i % 2));
         }
         c.tcp.write_all(&burst).await.unwrap();
         assert_eq!(c.goaway_code().await, code::ENHANCE_YOUR_CALM);
