@@ -125,8 +125,8 @@ pub struct Config {
     /// `max_connections`; larger acts as it): one host cannot take every slot from the
     /// vehicles, peers and migrations of the road. A vehicle keeps one per attached volume.
     /// Callers behind one address (vehicles behind a NAT, every host connection to a VM on
-    /// QEMU user-mode networking, a loopback testbed) share it; a host with many addresses
-    /// (IPv6) gets it once per address.
+    /// QEMU user-mode networking, a loopback testbed) share it; a host with many IPv4
+    /// addresses gets it once per address; IPv6 sources count by /64.
     pub max_connections_per_source: usize,
     /// Most operations in flight on one vehicle stream; more wait. Also the most replies a
     /// stream gathers from the messages already received before they leave together.

@@ -151,7 +151,8 @@ pub const DEFAULT_MAX_CONNECTIONS_PER_SOURCE: usize = DEFAULT_MAX_CONNECTIONS / 
 const REFUSED_WARN_INTERVAL_S: u64 = 10;
 
 /// The most connections a server holds open at once (`max_connections`), and from one
-/// source address (`max_connections_per_source`): every accepted connection takes a
+/// source address (`max_connections_per_source`; an IPv6 source is its /64): every
+/// accepted connection takes a
 /// [`ConnectionSlot`], held by its [`CorkedIo`] until the connection is dropped; one
 /// accepted past either limit is closed at once (its caller sees the connection close and
 /// retries), so callers that connect and idle, or many at once, cost at most this many
@@ -195,6 +196,20 @@ impl Drop for ConnectionSlot {
     }
 }
 
+/// The source a connection from `ip` counts against: the address itself for IPv4 (and
+/// IPv4-mapped IPv6), its /64 for IPv6: a host or site is given a whole /64 and may
+/// connect from any of its 2^64 addresses, each of which would otherwise be a source of
+/// its own.
+fn source_key(ip: std::net::IpAddr) -> std::net::IpAddr {
+    match ip.to_canonical() {
+        std::net::IpAddr::V6(v6) => {
+            let prefix = u128::from(v6) & !((1u128 << 64) - 1);
+            std::net::IpAddr::V6(prefix.into())
+        }
+        v4 => v4,
+    }
+}
+
 impl ConnectionLimit {
     /// At most `max` connections (at least 1), as many from one source.
     pub fn new(max: usize) -> Self {
@@ -227,7 +242,7 @@ impl ConnectionLimit {
             self.refused("max_connections", None);
             return None;
         };
-        let Some(ip) = source.map(|ip| ip.to_canonical()) else {
+        let Some(ip) = source.map(source_key) else {
             return Some(ConnectionSlot { _permit: permit, source: None });
         };
         {
@@ -495,6 +510,17 @@ mod tests {
         assert_eq!(limit.sources.lock().unwrap().len(), 2);
         drop((_x2, _x3, _y1));
         assert!(limit.sources.lock().unwrap().is_empty(), "no entry outlives its connections");
+        // IPv6 sources count by their /64 (any of 2^64 addresses is the same host or
+        // site); an IPv4-mapped address counts as its IPv4 one.
+        let limit = ConnectionLimit::with_per_source(8, 2);
+        let ip = |s: &str| -> std::net::IpAddr { s.parse().unwrap() };
+        let _a = limit.admit(Some(ip("2001:db8:1:2::1"))).expect("the /64's first");
+        let _b = limit.admit(Some(ip("2001:db8:1:2:ffff::9"))).expect("its second");
+        assert!(limit.admit(Some(ip("2001:db8:1:2::77"))).is_none(), "the same /64, past 2");
+        let _c = limit.admit(Some(ip("2001:db8:1:3::1"))).expect("another /64");
+        let _d = limit.admit(Some(ip("10.0.0.9"))).expect("an IPv4 source");
+        let _e = limit.admit(Some(ip("::ffff:10.0.0.9"))).expect("the same, mapped");
+        assert!(limit.admit(Some(ip("10.0.0.9"))).is_none(), "10.0.0.9 past 2");
         assert_eq!(ConnectionLimit::with_per_source(4, 9).per_source, 4, "at most max");
         assert_eq!(ConnectionLimit::with_per_source(4, 0).per_source, 1, "at least one");
     }

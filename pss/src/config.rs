@@ -123,7 +123,7 @@ pub struct Config {
     /// `max_connections`; larger acts as it): one host cannot take every slot from the
     /// NMSs and peers. Callers behind one address (vehicles behind a NAT, every host
     /// connection to a VM on QEMU user-mode networking, a loopback testbed) share it; a
-    /// host with many addresses (IPv6) gets it once per address.
+    /// host with many IPv4 addresses gets it once per address; IPv6 sources count by /64.
     pub max_connections_per_source: usize,
     /// A connection whose peer has sent nothing this long is closed, in milliseconds (0:
     /// never): a caller that connects and never speaks HTTP/2 would otherwise hold one of
