@@ -84,7 +84,7 @@ pub struct SmfConfig {
     /// `max_connections`; larger acts as it): one host cannot take every slot from the
     /// road's vehicles. Callers behind one address (vehicles behind a NAT, every host
     /// connection to a VM on QEMU user-mode networking, a loopback testbed) share it; a
-    /// host with many addresses (IPv6) gets it once per address.
+    /// host with many IPv4 addresses gets it once per address; IPv6 sources count by /64.
     pub max_connections_per_source: usize,
     /// HTTP/2 PING sent on a connection after this long without a frame from the peer, in
     /// milliseconds (0: never): a vehicle gone out of range without closing its connection
