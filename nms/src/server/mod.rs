@@ -306,9 +306,26 @@ fn replaced(v: &VolumeName) -> NmsError {
 /// under the lock the operation runs under: `Node::ensure` checked it under another, and
 /// the copy may have been replaced in between (answered by the new copy, a flush would
 /// hand the vehicle a watermark of another lineage, and a read miss its own writes).
+/// A copy moved away since (a redirect marker now) sends the vehicle on to where it went:
+/// answered "replaced" (no address), the vehicle attached here again and this node took the
+/// volume back from the move's target.
 fn same_copy(core: &Cache, v: &VolumeName, cred: &Presented) -> Result<(), NmsError> {
     match core.volume(v) {
-        Some(x) if !cred.attached_to(x) => Err(replaced(v)),
+        Some(x) => is_attached_copy(x, v, cred),
+        None => Ok(()),
+    }
+}
+
+/// Whether `x`, the copy of `v` here, is the one `cred`'s vehicle attached to (see
+/// [`same_copy`]).
+pub(super) fn is_attached_copy(
+    x: &crate::cache::Volume,
+    v: &VolumeName,
+    cred: &Presented,
+) -> Result<(), NmsError> {
+    match &x.state {
+        VolumeState::Moved { to, epoch } => Err(NmsError::Moved { to: to.clone(), epoch: *epoch }),
+        _ if !cred.attached_to(x) => Err(replaced(v)),
         _ => Ok(()),
     }
 }

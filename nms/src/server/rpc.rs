@@ -51,12 +51,22 @@ fn volume_auth(node: &Node, auth: Option<pb::VolumeAuth>) -> Result<Auth, Status
     Ok((v, Presented::attached(c, session, incarnation)))
 }
 
-fn info_of(node: &Node, v: &VolumeName) -> Option<pb::VolumeInfo> {
+/// The figures of the copy of `v` here (`Ok(None)`: none). With `cred`, a vehicle's: the
+/// copy must be the one it attached to, checked under the same lock the figures are read
+/// under (a move may make it a redirect marker meanwhile, whose figures are no volume's).
+fn info_of(
+    node: &Node,
+    v: &VolumeName,
+    cred: Option<&Presented>,
+) -> Result<Option<pb::VolumeInfo>, NmsError> {
     let writeback_refused = node.writeback_refused(v).unwrap_or_default();
     let migrating_out = node.handle(v).is_some_and(|h| h.migrating.load(Ordering::Acquire));
     let core = node.core();
-    let x = core.volume(v)?;
-    Some(pb::VolumeInfo {
+    let Some(x) = core.volume(v) else { return Ok(None) };
+    if let Some(cred) = cred {
+        super::is_attached_copy(x, v, cred)?;
+    }
+    Ok(Some(pb::VolumeInfo {
         volume: v.as_str().to_owned(),
         block_size: x.block_size.bytes(),
         epoch: x.epoch.0,
@@ -74,7 +84,7 @@ fn info_of(node: &Node, v: &VolumeName) -> Option<pb::VolumeInfo> {
         predecessor_session: x.predecessor.map_or(0, |p| p.session),
         predecessor_incarnation: x.predecessor.map_or(0, |p| p.incarnation),
         predecessor_through_lsn: x.predecessor.map_or(0, |p| p.through.0),
-    })
+    }))
 }
 
 /// A read's reply: the data (`None`: the block holds none), its version, the watermark.
@@ -99,11 +109,11 @@ fn write_reply(o: &crate::cache::WriteOutcome) -> pb::WriteReply {
 
 impl Node {
     /// A vehicle's create, attach or stat answered: the volume counts as in use.
-    fn volume_reply(&self, v: &VolumeName) -> Result<pb::VolumeReply, Status> {
+    fn volume_reply(&self, v: &VolumeName, cred: &Presented) -> Result<pb::VolumeReply, Status> {
         self.core().touch(v);
         Ok(pb::VolumeReply {
             info: Some(
-                info_of(self, v)
+                info_of(self, v, Some(cred))?
                     .ok_or_else(|| NmsError::Unavailable("volume was unloaded".into()))?,
             ),
         })
@@ -305,7 +315,7 @@ impl pb::nms_server::Nms for Node {
         let bs = convert::block_size(r.block_size)?;
         let span = info_span!("create", node = %self.node_id, volume = %v);
         self.load(&v, &cred, Some(bs), true).instrument(span).await?;
-        Ok(Response::new(self.volume_reply(&v)?))
+        Ok(Response::new(self.volume_reply(&v, &cred)?))
     }
 
     async fn attach(
@@ -316,7 +326,7 @@ impl pb::nms_server::Nms for Node {
         let (v, cred) = attach_auth(r.auth)?;
         let span = info_span!("attach", node = %self.node_id, volume = %v, client = %r.client_id);
         self.load(&v, &cred, None, true).instrument(span).await?;
-        Ok(Response::new(self.volume_reply(&v)?))
+        Ok(Response::new(self.volume_reply(&v, &cred)?))
     }
 
     async fn read(&self, req: Request<pb::ReadRequest>) -> Result<Response<pb::ReadReply>, Status> {
@@ -366,7 +376,7 @@ impl pb::nms_server::Nms for Node {
         let r = req.into_inner();
         let (v, cred) = volume_auth(self, r.auth)?;
         self.ensure(&v, &cred).await?;
-        Ok(Response::new(self.volume_reply(&v)?))
+        Ok(Response::new(self.volume_reply(&v, &cred)?))
     }
 
     async fn flush(
@@ -1040,7 +1050,7 @@ impl pb::nms_admin_server::NmsAdmin for Node {
             .map(|v| v.name.clone())
             .collect();
         let volume_info: Vec<pb::VolumeInfo> =
-            names.iter().filter_map(|v| info_of(self, v)).collect();
+            names.iter().filter_map(|v| info_of(self, v, None).ok().flatten()).collect();
         let core = self.core();
         let pool = self.pool.stats();
         Ok(Response::new(pb::NodeStatusReply {
@@ -1533,5 +1543,29 @@ mod tests {
             assert!(matches!(bad[1], R::Write(_)), "{bad:?}");
             node.stop.cancel();
         }
+    }
+
+    /// A copy that became a redirect marker between an operation's two looks at it (its
+    /// `ensure`, then the check under the lock it runs under: a move's switch in between)
+    /// sends the vehicle on to where the volume went, as the marker itself would. Answered
+    /// "replaced" (NOT_OWNER, no address), the vehicle attached here again and this node
+    /// took the volume back from the move's target. A stat's figures are checked the same
+    /// way: a marker's are no volume's.
+    #[tokio::test]
+    async fn an_operation_meeting_its_copy_moved_away_is_redirected() {
+        use crate::config::Config;
+        let (_store, node, v, cred) = node_over_slow_reads(Config::default()).await;
+        node.load(&v, &Presented::new(cred.clone()), None, false).await.unwrap();
+        let incarnation = node.core().volume(&v).unwrap().incarnation();
+        let attached = Presented::attached(cred.clone(), node.session, incarnation);
+        assert!(info_of(&node, &v, Some(&attached)).unwrap().is_some());
+        node.core().mark_moved(&v, "http://127.0.0.1:9".into(), Epoch(2));
+        let moved = |e: NmsError| matches!(e, NmsError::Moved { ref to, epoch } if to == "http://127.0.0.1:9" && epoch == Epoch(2));
+        let e = super::super::same_copy(&node.core(), &v, &attached).unwrap_err();
+        assert!(moved(e), "the write, read or flush is redirected");
+        let e = info_of(&node, &v, Some(&attached)).unwrap_err();
+        assert!(moved(e), "the stat is redirected");
+        assert!(info_of(&node, &v, None).unwrap().is_some(), "the node's own status lists it");
+        node.stop.cancel();
     }
 }
