@@ -3,7 +3,10 @@
 //! - Follows `Moved` redirects (a finished migration) to the new NMS and attaches there.
 //! - Retries transient failures with exponential backoff, within `op_timeout` per call;
 //!   when the NMS it uses is unreachable it tries the others in `nms` (attaching there
-//!   takes ownership of the volume in the PSS, fencing the lost NMS).
+//!   takes ownership of the volume in the PSS, fencing the lost NMS). One that took the
+//!   attach but whose journal replay met back-pressure is busy, not gone: the replay is
+//!   tried there again after a pause, until the call's deadline, never at another NMS
+//!   (which would take the volume from it).
 //! - Keeps every accepted-but-not-persisted write in a bounded journal. After any
 //!   reconnect it first sets aside the entries the NMS's copy of the volume holds: those
 //!   that copy accepted, and those the copy a move made it from accepted up to the
@@ -393,6 +396,9 @@ struct AttachFailed {
     why: String,
     /// The TLS handshake failed (a retry would fail the same way).
     tls: bool,
+    /// The NMS took the attach (it holds the volume now) and its journal replay met
+    /// back-pressure: busy, not gone.
+    busy_owner: bool,
 }
 
 impl From<Next> for AttachFailed {
@@ -402,7 +408,7 @@ impl From<Next> for AttachFailed {
             Next::Fail(e) => e.to_string(),
             Next::Reconnect | Next::Wait => "the NMS did not take the attach".into(),
         };
-        Self { next, why, tls: false }
+        Self { next, why, tls: false, busy_owner: false }
     }
 }
 
@@ -1084,6 +1090,7 @@ impl VolumeClient {
                 }
             }
             let mut redirects = 0;
+            let mut busy_backoff = o.initial_backoff;
             let mut i = 0;
             // The TLS handshake failures of this round, if every attempt was one.
             let mut tls_failures: Option<Vec<String>> = Some(Vec::new());
@@ -1094,6 +1101,7 @@ impl VolumeClient {
                     Ok(conn) => return Ok(conn),
                     Err(f) => f,
                 };
+                let busy_owner = failed.busy_owner;
                 match failed.next {
                     Next::Redirect(to) if redirects < 4 => {
                         redirects += 1;
@@ -1107,6 +1115,20 @@ impl VolumeClient {
                 match (&mut tls_failures, failed.tls) {
                     (Some(v), true) => v.push(format!("{ep}: {}", failed.why)),
                     _ => tls_failures = None,
+                }
+                if busy_owner {
+                    // It holds the volume now and is busy, not gone: the same NMS again
+                    // after a pause, until the call's deadline. Another one would take the
+                    // volume from it (and the vehicle's writes from its cache back to the
+                    // PSS first).
+                    if Instant::now() + busy_backoff >= deadline {
+                        return Err(ClientError::Unavailable { timeout: o.op_timeout, last });
+                    }
+                    debug!(nms = %ep, pause = ?busy_backoff, "journal replay met back-pressure: again here");
+                    tokio::time::sleep(busy_backoff).await;
+                    busy_backoff = (busy_backoff * 2).min(o.max_backoff);
+                    i -= 1;
+                    continue;
                 }
                 if Instant::now() >= deadline {
                     break;
@@ -1145,7 +1167,12 @@ impl VolumeClient {
                 e => {
                     let f = connect_failure(&e);
                     debug!(nms = %ep, error = %f.text, "connect failed");
-                    AttachFailed { next: Next::Reconnect, why: f.text, tls: f.tls }
+                    AttachFailed {
+                        next: Next::Reconnect,
+                        why: f.text,
+                        tls: f.tls,
+                        busy_owner: false,
+                    }
                 }
             })?;
         let mut client = NmsClient::new(channel)
@@ -1190,7 +1217,7 @@ impl VolumeClient {
                         );
                     }
                 }
-                return Err(AttachFailed { next, why, tls: false });
+                return Err(AttachFailed { next, why, tls: false, busy_owner: false });
             }
             Err(_) => {
                 debug!(nms = %ep, ?attempt, "no attach reply in time");
@@ -1198,6 +1225,7 @@ impl VolumeClient {
                     next: Next::Reconnect,
                     why: format!("no attach reply within {attempt:?} (rpc_timeout)"),
                     tls: false,
+                    busy_owner: false,
                 });
             }
         };
@@ -1212,6 +1240,7 @@ impl VolumeClient {
                     info.epoch
                 ),
                 tls: false,
+                busy_owner: false,
             });
         }
         self.inner.max_epoch.fetch_max(info.epoch, Ordering::AcqRel);
@@ -1220,7 +1249,12 @@ impl VolumeClient {
         }
         let generation = self.inner.generation.fetch_add(1, Ordering::Relaxed) + 1;
         let (session, incarnation) = (info.nms_session, info.incarnation);
-        self.replay(&mut client, generation, session, incarnation, Some(&info)).await?;
+        self.replay(&mut client, generation, session, incarnation, Some(&info)).await.map_err(
+            |next| {
+                let busy_owner = matches!(next, Next::Wait);
+                AttachFailed { busy_owner, ..AttachFailed::from(next) }
+            },
+        )?;
         let conn = Conn { endpoint: ep.clone(), client, generation, session, incarnation };
         *self.inner.conn.lock().expect("poisoned") = Some(conn.clone());
         *self.inner.preferred.lock().expect("poisoned") = ep.clone();

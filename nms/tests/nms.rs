@@ -612,6 +612,55 @@ async fn a_replay_cut_short_sends_the_rest_at_the_next_attach() {
     cluster.shutdown().await;
 }
 
+/// A journal replay that meets back-pressure at the NMS the vehicle attached to (its dirty
+/// limit reached, its write-back held up) is sent there again after a pause, not to the
+/// next NMS the vehicle knows: that one would take the volume over from the busy one (an
+/// ownership change for a full cache). Once the write-back moves, the replay completes
+/// there, and the other NMS never held the volume.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_replay_meeting_back_pressure_stays_at_its_nms() {
+    wayside_proto::telemetry::init_for_tests();
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = LocalCluster::start(3, dir.path()).await.unwrap();
+    let (mut child, a_ep) = spawn_nms_process(dir.path(), &cluster, "127.0.0.1:0").await;
+    let store = FaultyPss::new(&cluster);
+    let two_blocks = 2 * (BS as u64 + ENTRY_OVERHEAD_BYTES);
+    let b = Nms(LocalNms::start_with_store("b", store.clone(), |c| {
+        c.dirty_limit_bytes_per_volume = two_blocks;
+        c.backpressure_wait_ms = 100;
+    })
+    .await);
+    let c_nms = Nms::start("c", &cluster.endpoints(), |_| {}).await;
+    let mut o = opts(&[&a_ep, &b.ep, &c_nms.ep], "busy", "k");
+    o.op_timeout = Duration::from_secs(2);
+    let c = VolumeClient::open(o).await.unwrap();
+    for blk in 1..=4u64 {
+        c.write(blk, 0, block_data(blk, 1)).await.unwrap();
+    }
+    child.start_kill().unwrap(); // SIGKILL: the writes are only in the journal now
+    child.wait().await.unwrap();
+    store.hold_writes.send_replace(true);
+    // B takes blocks 1 and 2 and refuses the rest while nothing persists: the read waits
+    // on B until its deadline.
+    let _ = c.read(1, 0, None).await;
+    let on_b: Vec<u64> = b.status().await.volume_info.iter().map(|v| v.accepted_lsn).collect();
+    assert_eq!(on_b, [2], "B took blocks 1 and 2 of the replay");
+    assert_eq!(c_nms.status().await.volumes, 0, "C never took the volume from B");
+    store.hold_writes.send_replace(false);
+    for blk in 1..=4u64 {
+        let got = c.read(blk, 0, None).await.unwrap();
+        assert!(got == Some(block_data(blk, 1)), "block {blk}");
+    }
+    assert_eq!(c.current_nms(), b.ep);
+    assert_eq!(c_nms.status().await.volumes, 0, "C never took the volume from B");
+    c.flush().await.unwrap();
+    let want: HashMap<u64, Vec<u8>> = (1..=4).map(|b| (b, block_data(b, 1))).collect();
+    assert_persisted_and_read_back(&cluster, &c, "busy", &want).await;
+    b.stop().await;
+    c_nms.stop().await;
+    cluster.shutdown().await;
+}
+
 /// A vehicle whose NMS goes silent with its writes unpersisted (an RSU powered off, or out
 /// of range: sockets open, nothing answered, no reset) finds it out by the client's own
 /// keepalive PINGs within `keepalive_interval_ms` + `keepalive_timeout_ms`, not by
