@@ -5,8 +5,8 @@
 //!   when the NMS it uses is unreachable it tries the others in `nms` (attaching there
 //!   takes ownership of the volume in the PSS, fencing the lost NMS). One that took the
 //!   attach but whose journal replay met back-pressure is busy, not gone: the replay is
-//!   tried there again after a pause, until the call's deadline, never at another NMS
-//!   (which would take the volume from it).
+//!   tried there again after a pause, until the call's deadline, and not at another NMS
+//!   (which would take the volume from it) unless it got nowhere for `rpc_timeout`.
 //! - Keeps every accepted-but-not-persisted write in a bounded journal. After any
 //!   reconnect it first sets aside the entries the NMS's copy of the volume holds: those
 //!   that copy accepted, and those the copy a move made it from accepted up to the
@@ -397,8 +397,9 @@ struct AttachFailed {
     /// The TLS handshake failed (a retry would fail the same way).
     tls: bool,
     /// The NMS took the attach (it holds the volume now) and its journal replay met
-    /// back-pressure: busy, not gone.
-    busy_owner: bool,
+    /// back-pressure: busy, not gone. Its accepted and persisted lsns at the attach, to
+    /// tell whether it gets anywhere.
+    busy_owner: Option<(u64, u64)>,
 }
 
 impl From<Next> for AttachFailed {
@@ -408,7 +409,7 @@ impl From<Next> for AttachFailed {
             Next::Fail(e) => e.to_string(),
             Next::Reconnect | Next::Wait => "the NMS did not take the attach".into(),
         };
-        Self { next, why, tls: false, busy_owner: false }
+        Self { next, why, tls: false, busy_owner: None }
     }
 }
 
@@ -1081,6 +1082,8 @@ impl VolumeClient {
         }
         let mut backoff = o.initial_backoff;
         let mut last = String::from("no attempt");
+        // An NMS whose replay met back-pressure, its lsns then, and since when they stand.
+        let mut busy_seen: Option<(Endpoint, (u64, u64), Instant)> = None;
         loop {
             let preferred = self.inner.preferred.lock().expect("poisoned").clone();
             let mut candidates = vec![preferred];
@@ -1116,19 +1119,37 @@ impl VolumeClient {
                     (Some(v), true) => v.push(format!("{ep}: {}", failed.why)),
                     _ => tls_failures = None,
                 }
-                if busy_owner {
+                if let Some(progress) = busy_owner {
                     // It holds the volume now and is busy, not gone: the same NMS again
-                    // after a pause, until the call's deadline. Another one would take the
-                    // volume from it (and the vehicle's writes from its cache back to the
-                    // PSS first).
-                    if Instant::now() + busy_backoff >= deadline {
-                        return Err(ClientError::Unavailable { timeout: o.op_timeout, last });
+                    // after a pause, until the call's deadline, while it gets anywhere (its
+                    // lsns moved within `rpc_timeout`). Another one would take the volume
+                    // from it (and the vehicle's writes from its cache back to the PSS
+                    // first); one that gets nowhere (its PSS out of reach, say) is left.
+                    let now = Instant::now();
+                    let stalled = match &mut busy_seen {
+                        Some((e, p, since)) if *e == ep => {
+                            if *p != progress {
+                                (*p, *since) = (progress, now);
+                            }
+                            now.duration_since(*since) >= o.rpc_timeout
+                        }
+                        _ => {
+                            busy_seen = Some((ep.clone(), progress, now));
+                            false
+                        }
+                    };
+                    if !stalled {
+                        *self.inner.preferred.lock().expect("poisoned") = ep.clone();
+                        if now + busy_backoff >= deadline {
+                            return Err(ClientError::Unavailable { timeout: o.op_timeout, last });
+                        }
+                        debug!(nms = %ep, pause = ?busy_backoff, "journal replay met back-pressure: again here");
+                        tokio::time::sleep(busy_backoff).await;
+                        busy_backoff = (busy_backoff * 2).min(o.max_backoff);
+                        i -= 1;
+                        continue;
                     }
-                    debug!(nms = %ep, pause = ?busy_backoff, "journal replay met back-pressure: again here");
-                    tokio::time::sleep(busy_backoff).await;
-                    busy_backoff = (busy_backoff * 2).min(o.max_backoff);
-                    i -= 1;
-                    continue;
+                    warn!(nms = %ep, "a busy NMS got nowhere within rpc_timeout: trying the others");
                 }
                 if Instant::now() >= deadline {
                     break;
@@ -1171,7 +1192,7 @@ impl VolumeClient {
                         next: Next::Reconnect,
                         why: f.text,
                         tls: f.tls,
-                        busy_owner: false,
+                        busy_owner: None,
                     }
                 }
             })?;
@@ -1217,7 +1238,7 @@ impl VolumeClient {
                         );
                     }
                 }
-                return Err(AttachFailed { next, why, tls: false, busy_owner: false });
+                return Err(AttachFailed { next, why, tls: false, busy_owner: None });
             }
             Err(_) => {
                 debug!(nms = %ep, ?attempt, "no attach reply in time");
@@ -1225,7 +1246,7 @@ impl VolumeClient {
                     next: Next::Reconnect,
                     why: format!("no attach reply within {attempt:?} (rpc_timeout)"),
                     tls: false,
-                    busy_owner: false,
+                    busy_owner: None,
                 });
             }
         };
@@ -1240,7 +1261,7 @@ impl VolumeClient {
                     info.epoch
                 ),
                 tls: false,
-                busy_owner: false,
+                busy_owner: None,
             });
         }
         self.inner.max_epoch.fetch_max(info.epoch, Ordering::AcqRel);
@@ -1249,9 +1270,10 @@ impl VolumeClient {
         }
         let generation = self.inner.generation.fetch_add(1, Ordering::Relaxed) + 1;
         let (session, incarnation) = (info.nms_session, info.incarnation);
+        let progress = (info.accepted_lsn, info.persisted_lsn);
         self.replay(&mut client, generation, session, incarnation, Some(&info)).await.map_err(
             |next| {
-                let busy_owner = matches!(next, Next::Wait);
+                let busy_owner = matches!(next, Next::Wait).then_some(progress);
                 AttachFailed { busy_owner, ..AttachFailed::from(next) }
             },
         )?;

@@ -619,6 +619,21 @@ async fn a_replay_cut_short_sends_the_rest_at_the_next_attach() {
 /// there, and the other NMS never held the volume.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_replay_meeting_back_pressure_stays_at_its_nms() {
+    replay_at_a_busy_nms(Duration::from_secs(5), false).await;
+}
+
+/// ... unless the busy NMS gets nowhere (nothing accepted or persisted) for the client's
+/// `rpc_timeout` (its PSS out of reach, say): the vehicle then moves on, and every
+/// acknowledged write is replayed at the next NMS.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_busy_nms_that_gets_nowhere_is_left() {
+    replay_at_a_busy_nms(Duration::from_millis(600), true).await;
+}
+
+/// A's writes only in the vehicle's journal (A killed), B takes two of them and refuses the
+/// rest while its write-back is held for a call's time; C is the vehicle's third NMS.
+/// `moves_on`: the client is expected at C after that call, else at B.
+async fn replay_at_a_busy_nms(rpc_timeout: Duration, moves_on: bool) {
     wayside_proto::telemetry::init_for_tests();
     let dir = tempfile::tempdir().unwrap();
     let cluster = LocalCluster::start(3, dir.path()).await.unwrap();
@@ -632,7 +647,8 @@ async fn a_replay_meeting_back_pressure_stays_at_its_nms() {
     .await);
     let c_nms = Nms::start("c", &cluster.endpoints(), |_| {}).await;
     let mut o = opts(&[&a_ep, &b.ep, &c_nms.ep], "busy", "k");
-    o.op_timeout = Duration::from_secs(2);
+    o.op_timeout = Duration::from_secs(4);
+    o.rpc_timeout = rpc_timeout;
     let c = VolumeClient::open(o).await.unwrap();
     for blk in 1..=4u64 {
         c.write(blk, 0, block_data(blk, 1)).await.unwrap();
@@ -640,19 +656,28 @@ async fn a_replay_meeting_back_pressure_stays_at_its_nms() {
     child.start_kill().unwrap(); // SIGKILL: the writes are only in the journal now
     child.wait().await.unwrap();
     store.hold_writes.send_replace(true);
-    // B takes blocks 1 and 2 and refuses the rest while nothing persists: the read waits
-    // on B until its deadline.
-    let _ = c.read(1, 0, None).await;
-    let on_b: Vec<u64> = b.status().await.volume_info.iter().map(|v| v.accepted_lsn).collect();
-    assert_eq!(on_b, [2], "B took blocks 1 and 2 of the replay");
-    assert_eq!(c_nms.status().await.volumes, 0, "C never took the volume from B");
+    // B takes blocks 1 and 2 and refuses the rest while nothing persists.
+    let first = c.read(1, 0, None).await;
+    let on_c = c_nms.status().await.volumes;
+    if moves_on {
+        assert_eq!(first.unwrap(), Some(block_data(1, 1)), "read at C");
+        assert_eq!((on_c, c.current_nms()), (1, c_nms.ep.clone()), "C took the volume");
+    } else {
+        assert!(first.is_err(), "the read waited on B until its deadline: {first:?}");
+        let on_b: Vec<u64> = b.status().await.volume_info.iter().map(|v| v.accepted_lsn).collect();
+        assert_eq!(on_b, [2], "B took blocks 1 and 2 of the replay");
+        assert_eq!(on_c, 0, "C never took the volume from B");
+    }
     store.hold_writes.send_replace(false);
     for blk in 1..=4u64 {
         let got = c.read(blk, 0, None).await.unwrap();
         assert!(got == Some(block_data(blk, 1)), "block {blk}");
     }
-    assert_eq!(c.current_nms(), b.ep);
-    assert_eq!(c_nms.status().await.volumes, 0, "C never took the volume from B");
+    let want_at = if moves_on { &c_nms.ep } else { &b.ep };
+    assert_eq!(&c.current_nms(), want_at);
+    if !moves_on {
+        assert_eq!(c_nms.status().await.volumes, 0, "C never took the volume from B");
+    }
     c.flush().await.unwrap();
     let want: HashMap<u64, Vec<u8>> = (1..=4).map(|b| (b, block_data(b, 1))).collect();
     assert_persisted_and_read_back(&cluster, &c, "busy", &want).await;

@@ -138,14 +138,48 @@ struct RecvBuf {
     /// The small chunks received after `chunks`, copied.
     tail: BytesMut,
     copy_below: usize,
+    /// Bytes pushed so far (what is no longer `remaining` has been consumed).
+    pushed: u64,
+    /// Where each chunk kept as a counted slice ([`RecvBuf::push_counted`]) ends in the
+    /// bytes pushed, oldest first: one consumed up to its end is no longer held here.
+    counted_ends: VecDeque<u64>,
 }
 
 impl RecvBuf {
     fn new(copy_below: usize) -> Self {
-        Self { chunks: ChunkBuf::default(), tail: BytesMut::new(), copy_below }
+        Self {
+            chunks: ChunkBuf::default(),
+            tail: BytesMut::new(),
+            copy_below,
+            pushed: 0,
+            counted_ends: VecDeque::new(),
+        }
+    }
+
+    /// Keeps `data` (a chunk of at least `copy_below` bytes) as received, counted as a
+    /// slice of a receive buffer until it is consumed ([`RecvBuf::counted`]).
+    fn push_counted(&mut self, data: Bytes) {
+        self.push(data);
+        self.counted_ends.push_back(self.pushed);
+    }
+
+    /// Copies `data` onto `tail` whatever its length.
+    fn push_copied(&mut self, data: &[u8]) {
+        self.pushed += data.len() as u64;
+        self.tail.extend_from_slice(data);
+    }
+
+    /// The chunks kept by [`RecvBuf::push_counted`] not yet consumed.
+    fn counted(&mut self) -> usize {
+        let consumed = self.pushed - self.remaining() as u64;
+        while self.counted_ends.front().is_some_and(|&end| end <= consumed) {
+            self.counted_ends.pop_front();
+        }
+        self.counted_ends.len()
     }
 
     fn push(&mut self, data: Bytes) {
+        self.pushed += data.len() as u64;
         if data.len() < self.copy_below {
             self.tail.extend_from_slice(&data);
             return;
@@ -158,23 +192,11 @@ impl RecvBuf {
         self.chunks.push(data);
     }
 
-    /// Copies what is held into one buffer of its own: no chunk then keeps a receive
-    /// buffer alive.
-    fn compact(&mut self) {
-        if self.chunks.chunk_count() == 0 {
-            return;
-        }
-        let mut all = BytesMut::with_capacity(self.remaining());
-        all.put(&mut self.chunks);
-        all.extend_from_slice(&self.tail);
-        self.chunks = ChunkBuf::default();
-        self.tail = all;
-    }
-
     /// Drops what is held (nothing more is decoded).
     fn clear(&mut self) {
         self.chunks = ChunkBuf::default();
         self.tail = BytesMut::new();
+        self.counted_ends.clear();
     }
 
     /// The first `N` bytes (`None`: fewer have arrived).
@@ -246,6 +268,12 @@ impl Buf for RecvBuf {
 /// kept chunk's handle is then at most ~6% of the bytes it holds, and a 4 KiB block
 /// arriving in one DATA frame (or a batch in 16 KiB frames) is never copied.
 pub const DEFAULT_COPY_BELOW_BYTES: usize = 1024;
+
+/// DATA chunks shorter than this (and at least [`Messages::copy_below`]) that a call's
+/// reader keeps as received count against the connection's `max_held_slices` (see
+/// `Messages::take_chunk`), in bytes: the receive buffer such a chunk keeps alive is up
+/// to 256 times its size; a longer one's at most 16 times.
+const COUNTED_SLICE_BELOW_BYTES: usize = 16 * 1024;
 
 /// The gRPC messages of a request body, decoded without copying: a message that lies in
 /// one DATA chunk (the usual case) is decoded from a slice of that chunk, so its `bytes`
@@ -381,24 +409,30 @@ impl<M: prost::Message + Default> Messages<M> {
         }
     }
 
-    /// Counts the chunks `pending` keeps as received in the connection's held slices
-    /// (`max_held_slices`), as the body counted them before they were taken: a chunk kept
-    /// with the start of an unfinished message may keep a whole receive buffer (up to
-    /// 256 KiB) alive, and a peer leaving 1 KiB starts of messages on many streams, each
-    /// cut from another receive buffer, pinned 256 times the bytes `hold_bytes` counts.
-    /// Past the limit, what `pending` holds is copied into a buffer of its own.
-    fn count_slices(&mut self) {
-        let kept = self.pending.chunks.chunk_count();
-        if kept > self.slices {
-            if self.body.hold_slices(kept - self.slices) {
-                self.slices = kept;
-                return;
-            }
-            self.pending.compact();
-            self.peak_held_bytes = self.peak_held_bytes.max(self.pending.held_bytes());
-            self.body.release_slices(self.slices);
-            self.slices = 0;
-        } else if kept < self.slices {
+    /// Takes `data`, a DATA chunk received, into `pending`. One of `copy_below` bytes or
+    /// more, shorter than [`COUNTED_SLICE_BELOW_BYTES`], is kept as received only while the
+    /// connection's held slices (`max_held_slices`) allow, counted there until it is
+    /// decoded, as it was while it waited in the body; past the limit it is copied (once).
+    /// Kept with the start of an unfinished message, such a chunk may keep a whole receive
+    /// buffer (up to 256 KiB) alive: a peer leaving 1 KiB starts of messages on many
+    /// streams, each cut from another receive buffer, pinned 256 times the bytes
+    /// `hold_bytes` counts. Longer chunks are kept uncounted (at most 16 times their bytes,
+    /// and a large message's frames lie side by side in one buffer).
+    fn take_chunk(&mut self, data: Bytes) {
+        if data.len() < self.pending.copy_below || data.len() >= COUNTED_SLICE_BELOW_BYTES {
+            self.pending.push(data);
+        } else if self.body.hold_slices(1) {
+            self.slices += 1;
+            self.pending.push_counted(data);
+        } else {
+            self.pending.push_copied(&data);
+        }
+    }
+
+    /// Gives back the held slices of the chunks `pending` no longer holds.
+    fn uncount_slices(&mut self) {
+        let kept = self.pending.counted();
+        if kept < self.slices {
             self.body.release_slices(self.slices - kept);
             self.slices = kept;
         }
@@ -407,7 +441,7 @@ impl<M: prost::Message + Default> Messages<M> {
     fn poll_message(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<M, Status>>> {
         let r = self.poll_message_inner(cx);
         self.uncharge();
-        self.count_slices();
+        self.uncount_slices();
         r
     }
 
@@ -447,7 +481,7 @@ impl<M: prost::Message + Default> Messages<M> {
                             ))));
                         }
                         self.charged += data.len();
-                        self.pending.push(data);
+                        self.take_chunk(data);
                         self.peak_held_bytes = self.peak_held_bytes.max(self.pending.held_bytes());
                     }
                 }
@@ -866,6 +900,8 @@ impl SourceCounts {
     /// A slot for one more handshake from `source`, unless it has `max` under way (a
     /// source unknown is not counted).
     fn take(&self, source: Option<std::net::IpAddr>, max: usize) -> Option<SourceSlot> {
+        // (Counted as the connection limits count a source: an IPv6 one by its /64.)
+        let source = source.map(crate::server::source_key);
         if let Some(ip) = source {
             let mut counts = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             let n = counts.entry(ip).or_default();
@@ -1441,6 +1477,19 @@ mod tests {
         let held = wakeups.held_slices.load(Relaxed);
         assert!(kept <= 2, "{kept} chunks kept as received, the connection allows 2");
         assert_eq!(kept, held, "every kept chunk is counted");
+        // A long chunk (a large message's frame) is kept as received, uncounted.
+        let big =
+            crate::pb::WriteOp { block: 2, data: vec![6u8; 40_000].into(), ..Default::default() };
+        let big_body = grpc_framed(std::slice::from_ref(&big));
+        let (shared, rb) = test_body(&wakeups, 7);
+        let mut long = Messages::<crate::pb::WriteOp>::new(rb, 1 << 20);
+        shared.deliver(BytesMut::from(&big_body[..20_000]), 0, false);
+        assert!(poll(&mut long).is_pending());
+        assert_eq!(long.pending.chunks.chunk_count(), 1, "kept as received");
+        assert_eq!(wakeups.held_slices.load(Relaxed), held, "not counted");
+        shared.deliver(BytesMut::from(&big_body[20_000..]), 0, true);
+        let Poll::Ready(Some(got)) = poll(&mut long) else { panic!("whole now") };
+        assert_eq!(got.unwrap(), big);
         for (shared, mut msgs) in streams {
             shared.deliver(BytesMut::from(&body[2000..]), 0, true);
             let Poll::Ready(Some(got)) = poll(&mut msgs) else { panic!("whole now") };

@@ -197,14 +197,23 @@ impl Drop for ConnectionSlot {
 }
 
 /// The source a connection from `ip` counts against: the address itself for IPv4 (and
-/// IPv4-mapped IPv6), its /64 for IPv6: a host or site is given a whole /64 and may
-/// connect from any of its 2^64 addresses, each of which would otherwise be a source of
-/// its own.
-fn source_key(ip: std::net::IpAddr) -> std::net::IpAddr {
+/// IPv4-mapped IPv6, and the IPv4 address inside a NAT64 one, `64:ff9b::/96`), its /64 for
+/// other IPv6: a host or site is given a whole /64 and may connect from any of its 2^64
+/// addresses, each of which would otherwise be a source of its own. (A link-local address
+/// keeps its whole self: every peer on every link shares `fe80::/64`.) The vehicles of one
+/// RSU cell numbered from its /64 share one source's limit.
+pub(crate) fn source_key(ip: std::net::IpAddr) -> std::net::IpAddr {
+    use std::net::{IpAddr, Ipv4Addr};
     match ip.to_canonical() {
-        std::net::IpAddr::V6(v6) => {
-            let prefix = u128::from(v6) & !((1u128 << 64) - 1);
-            std::net::IpAddr::V6(prefix.into())
+        IpAddr::V6(v6) => {
+            let bits = u128::from(v6);
+            if v6.segments()[0] & 0xffc0 == 0xfe80 {
+                return IpAddr::V6(v6);
+            }
+            if bits >> 32 == 0x0064_ff9b_0000_0000_0000_0000 {
+                return IpAddr::V4(Ipv4Addr::from(bits as u32));
+            }
+            IpAddr::V6((bits & !((1u128 << 64) - 1)).into())
         }
         v4 => v4,
     }
@@ -275,7 +284,7 @@ impl ConnectionLimit {
                 last_refused_by = limit,
                 ?source,
                 "connections refused: max_connections connections are open, or \
-                 max_connections_per_source from one address"
+                 max_connections_per_source from one source (an address; an IPv6 /64)"
             );
             *r = (0, Some(now));
         }
@@ -521,6 +530,11 @@ mod tests {
         let _d = limit.admit(Some(ip("10.0.0.9"))).expect("an IPv4 source");
         let _e = limit.admit(Some(ip("::ffff:10.0.0.9"))).expect("the same, mapped");
         assert!(limit.admit(Some(ip("10.0.0.9"))).is_none(), "10.0.0.9 past 2");
+        // Link-local peers are each their own; NAT64 counts the IPv4 address inside.
+        assert_eq!(source_key(ip("fe80::1")), ip("fe80::1"));
+        assert_ne!(source_key(ip("fe80::1")), source_key(ip("fe80::2")));
+        assert_eq!(source_key(ip("64:ff9b::a00:9")), ip("10.0.0.9"));
+        assert_eq!(source_key(ip("2001:db8:1:2::1")), ip("2001:db8:1:2::"));
         assert_eq!(ConnectionLimit::with_per_source(4, 9).per_source, 4, "at most max");
         assert_eq!(ConnectionLimit::with_per_source(4, 0).per_source, 1, "at least one");
     }

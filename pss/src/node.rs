@@ -1424,8 +1424,17 @@ mod tests {
         for seq in 1..=80 {
             client.write_batch(put(epoch, seq)).await.unwrap();
         }
-        let st = cluster.status(leader).await.unwrap();
-        assert!(st.first_index > 40, "the leader compacted its log: {st:?}");
+        // (Its snapshots run beside the writes: the one the last writes call for may still
+        // be under way.)
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        let st = loop {
+            let st = cluster.status(leader).await.unwrap();
+            if st.first_index > 40 {
+                break st;
+            }
+            assert!(std::time::Instant::now() < deadline, "the leader compacted its log: {st:?}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
 
         let data_dir = dir.path().join(format!("node-{down}"));
         let crashed = arm_crash_point(data_dir.clone());
