@@ -548,9 +548,9 @@ impl Drop for UnitEnd {
 /// `duplicate`), the older data would land over the newer. So a failed write or delete
 /// that may be sent again ([`passes_on`]) is passed on: every later write or delete of its
 /// block (and volume) among the units pending behind it is not run but answered with that
-/// failure (reads run, and pass it on). Only those: a unit taken once the failed one has
-/// run, its failure answered (with nothing pending on its block, or nothing at all: the
-/// map is then cleared), runs. A vehicle that resends a batch on a new stream (as the
+/// failure (reads run, and pass it on), directly behind it or behind other pending units
+/// of the block. Only those: a unit taken once nothing of its block is pending (or nothing
+/// at all: the map is then cleared) runs. A vehicle that resends a batch on a new stream (as the
 /// client library does) is served; one that pipelines on a long stream must not resend a
 /// failed write with its old id after a later write of its block was acknowledged.
 struct BlockOrder {
