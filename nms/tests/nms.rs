@@ -566,6 +566,34 @@ async fn kill_9_of_the_nms_holding_unpersisted_writes_loses_nothing() {
     cluster.shutdown().await;
 }
 
+/// A 3-node PSS in `dir`; NMS A as a process of its own (to kill); NMS B over a PSS whose
+/// writes the test can hold (`FaultyPss::hold_writes`), taking two dirty blocks a volume
+/// and waiting 100 ms for room.
+async fn a_killable_and_b_of_two_blocks(
+    dir: &std::path::Path,
+) -> (LocalCluster, tokio::process::Child, Endpoint, std::sync::Arc<FaultyPss>, Nms) {
+    let cluster = LocalCluster::start(3, dir).await.unwrap();
+    let (child, a_ep) = spawn_nms_process(dir, &cluster, "127.0.0.1:0").await;
+    let store = FaultyPss::new(&cluster);
+    let two_blocks = 2 * (BS as u64 + ENTRY_OVERHEAD_BYTES);
+    let b = Nms(LocalNms::start_with_store("b", store.clone(), |c| {
+        c.dirty_limit_bytes_per_volume = two_blocks;
+        c.backpressure_wait_ms = 100;
+    })
+    .await);
+    (cluster, child, a_ep, store, b)
+}
+
+/// Writes blocks 1 to 4 (version 1) through `c`'s NMS, then kills that NMS (`child`):
+/// the writes are only in the vehicle's journal now.
+async fn writes_left_only_in_the_journal(c: &VolumeClient, child: &mut tokio::process::Child) {
+    for blk in 1..=4u64 {
+        c.write(blk, 0, block_data(blk, 1)).await.unwrap();
+    }
+    child.start_kill().unwrap(); // SIGKILL
+    child.wait().await.unwrap();
+}
+
 /// A journal replay to B after A was killed is cut short: B takes the first writes, then
 /// refuses the next ones (its dirty limit, its write-back held up). At the next attach B
 /// holds the first write of the rest at the very lsn A gave it (both numbered from the
@@ -576,23 +604,11 @@ async fn kill_9_of_the_nms_holding_unpersisted_writes_loses_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_replay_cut_short_sends_the_rest_at_the_next_attach() {
     let dir = tempfile::tempdir().unwrap();
-    let cluster = LocalCluster::start(3, dir.path()).await.unwrap();
-    let (mut child, a_ep) = spawn_nms_process(dir.path(), &cluster, "127.0.0.1:0").await;
-    let store = FaultyPss::new(&cluster);
-    let two_blocks = 2 * (BS as u64 + ENTRY_OVERHEAD_BYTES);
-    let b = Nms(LocalNms::start_with_store("b", store.clone(), |c| {
-        c.dirty_limit_bytes_per_volume = two_blocks;
-        c.backpressure_wait_ms = 100;
-    })
-    .await);
+    let (cluster, mut child, a_ep, store, b) = a_killable_and_b_of_two_blocks(dir.path()).await;
     let mut o = opts(&[&a_ep, &b.ep], "cut", "k");
     o.op_timeout = Duration::from_secs(2);
     let c = VolumeClient::open(o).await.unwrap();
-    for blk in 1..=4u64 {
-        c.write(blk, 0, block_data(blk, 1)).await.unwrap();
-    }
-    child.start_kill().unwrap(); // SIGKILL: the writes are only in the journal now
-    child.wait().await.unwrap();
+    writes_left_only_in_the_journal(&c, &mut child).await;
     store.hold_writes.send_replace(true);
     // B takes blocks 1 and 2 (its dirty limit), refuses 3 and 4 while nothing persists.
     let _ = c.read(1, 0, None).await;
@@ -636,25 +652,13 @@ async fn a_busy_nms_that_gets_nowhere_is_left() {
 async fn replay_at_a_busy_nms(rpc_timeout: Duration, moves_on: bool) {
     wayside_proto::telemetry::init_for_tests();
     let dir = tempfile::tempdir().unwrap();
-    let cluster = LocalCluster::start(3, dir.path()).await.unwrap();
-    let (mut child, a_ep) = spawn_nms_process(dir.path(), &cluster, "127.0.0.1:0").await;
-    let store = FaultyPss::new(&cluster);
-    let two_blocks = 2 * (BS as u64 + ENTRY_OVERHEAD_BYTES);
-    let b = Nms(LocalNms::start_with_store("b", store.clone(), |c| {
-        c.dirty_limit_bytes_per_volume = two_blocks;
-        c.backpressure_wait_ms = 100;
-    })
-    .await);
+    let (cluster, mut child, a_ep, store, b) = a_killable_and_b_of_two_blocks(dir.path()).await;
     let c_nms = Nms::start("c", &cluster.endpoints(), |_| {}).await;
     let mut o = opts(&[&a_ep, &b.ep, &c_nms.ep], "busy", "k");
     o.op_timeout = Duration::from_secs(4);
     o.rpc_timeout = rpc_timeout;
     let c = VolumeClient::open(o).await.unwrap();
-    for blk in 1..=4u64 {
-        c.write(blk, 0, block_data(blk, 1)).await.unwrap();
-    }
-    child.start_kill().unwrap(); // SIGKILL: the writes are only in the journal now
-    child.wait().await.unwrap();
+    writes_left_only_in_the_journal(&c, &mut child).await;
     store.hold_writes.send_replace(true);
     // B takes blocks 1 and 2 and refuses the rest while nothing persists.
     let first = c.read(1, 0, None).await;

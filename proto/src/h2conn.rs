@@ -908,6 +908,14 @@ impl http_body::Body for RecvBody {
     }
 }
 
+/// Adds `n` to `counter` unless that would pass `max` (`false`: nothing taken).
+fn take_within(counter: &std::sync::atomic::AtomicUsize, n: usize, max: usize) -> bool {
+    use std::sync::atomic::Ordering::Relaxed;
+    counter
+        .fetch_update(Relaxed, Relaxed, |cur| cur.checked_add(n).filter(|&next| next <= max))
+        .is_ok()
+}
+
 impl RecvBody {
     /// Tells the connection (a server's) whether the body's reader holds the start of a
     /// request message and waits for its rest. While it does when the call answers, the
@@ -921,18 +929,8 @@ impl RecvBody {
     /// undecoded (its receive window, `Wakeups::max_call_bytes`); `false`, taking nothing,
     /// past it. Given back with [`RecvBody::release_bytes`].
     pub fn hold_bytes(&self, n: usize) -> bool {
-        use std::sync::atomic::Ordering::Relaxed;
         let w = &self.shared.stream.wakeups;
-        let mut cur = w.call_bytes.load(Relaxed);
-        loop {
-            if cur.saturating_add(n) > w.max_call_bytes {
-                return false;
-            }
-            match w.call_bytes.compare_exchange_weak(cur, cur + n, Relaxed, Relaxed) {
-                Ok(_) => return true,
-                Err(now) => cur = now,
-            }
-        }
+        take_within(&w.call_bytes, n, w.max_call_bytes)
     }
 
     /// Gives back `n` bytes taken with [`RecvBody::hold_bytes`].
@@ -946,18 +944,8 @@ impl RecvBody {
     /// alive); `false`, taking nothing, past the limit: the reader copies them then. Given
     /// back with [`RecvBody::release_slices`].
     pub fn hold_slices(&self, n: usize) -> bool {
-        use std::sync::atomic::Ordering::Relaxed;
         let w = &self.shared.stream.wakeups;
-        let mut cur = w.held_slices.load(Relaxed);
-        loop {
-            if cur.saturating_add(n) > w.max_held_slices {
-                return false;
-            }
-            match w.held_slices.compare_exchange_weak(cur, cur + n, Relaxed, Relaxed) {
-                Ok(_) => return true,
-                Err(now) => cur = now,
-            }
-        }
+        take_within(&w.held_slices, n, w.max_held_slices)
     }
 
     /// Gives back `n` slices taken with [`RecvBody::hold_slices`].
