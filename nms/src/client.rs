@@ -85,7 +85,8 @@ pub struct ClientOptions {
     /// First retry delay; doubles up to `max_backoff`.
     pub initial_backoff: Duration,
     pub max_backoff: Duration,
-    /// Longest a TCP connect may take.
+    /// Longest a TCP connect may take (an NMS out of reach is passed over that soon); a TLS
+    /// handshake after it gets up to `rpc_timeout` (a busy NMS is not taken for a gone one).
     pub connect_timeout: Duration,
     /// Largest gRPC message sent or accepted, in bytes.
     pub max_message_size_bytes: usize,
@@ -1172,30 +1173,32 @@ impl VolumeClient {
     /// `deadline`) and replays the journal there (each batch within `rpc_timeout`): an NMS
     /// that accepts connections and never answers holds the client up no longer than that,
     /// and the next one is tried.
-    /// Over TLS when `tls` is set (redirects included, whatever their scheme; the connect
-    /// timeout covers the handshake).
+    /// Over TLS when `tls` is set (redirects included, whatever their scheme; the TLS
+    /// handshake gets up to `rpc_timeout`, the TCP connect `connect_timeout`).
     async fn attach(&self, ep: &Endpoint, deadline: Instant) -> Result<Conn, AttachFailed> {
         let o = &self.inner.opts;
         // wayside's own HTTP/2 client connection: a unary call's HEADERS and DATA leave in
         // one write (TCP_NODELAY set), so the NMS reads and answers it in one turn.
-        let connect = o.connect_timeout.min(deadline.saturating_duration_since(Instant::now()));
-        let channel = wayside_proto::client::connect_h2(ep, o.tls.as_ref(), connect, o.http2)
-            .await
-            .map_err(|e| match e {
-                wayside_proto::client::ConnectError::Tls(e) => {
-                    AttachFailed::from(Next::Fail(ClientError::Tls(e.to_string())))
-                }
-                e => {
-                    let f = connect_failure(&e);
-                    debug!(nms = %ep, error = %f.text, "connect failed");
-                    AttachFailed {
-                        next: Next::Reconnect,
-                        why: f.text,
-                        tls: f.tls,
-                        busy_owner: None,
+        let left = deadline.saturating_duration_since(Instant::now());
+        let (connect, handshake) = (o.connect_timeout.min(left), o.rpc_timeout.min(left));
+        let channel =
+            wayside_proto::client::connect_h2(ep, o.tls.as_ref(), connect, handshake, o.http2)
+                .await
+                .map_err(|e| match e {
+                    wayside_proto::client::ConnectError::Tls(e) => {
+                        AttachFailed::from(Next::Fail(ClientError::Tls(e.to_string())))
                     }
-                }
-            })?;
+                    e => {
+                        let f = connect_failure(&e);
+                        debug!(nms = %ep, error = %f.text, "connect failed");
+                        AttachFailed {
+                            next: Next::Reconnect,
+                            why: f.text,
+                            tls: f.tls,
+                            busy_owner: None,
+                        }
+                    }
+                })?;
         let mut client = NmsClient::new(channel)
             .max_decoding_message_size(o.max_message_size_bytes)
             .max_encoding_message_size(o.max_message_size_bytes);

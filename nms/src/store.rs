@@ -35,6 +35,8 @@ pub struct VolumeMeta {
     pub credential: CredentialHash,
     pub persisted: Lsn,
     pub block_count: u64,
+    /// The epoch of the last write-back applied (0: none, or a PSS that does not record it).
+    pub written_epoch: Epoch,
 }
 
 /// Take ownership of a volume (and create it when `create` is set and it is absent).
@@ -148,6 +150,7 @@ impl Store for MemStore {
                     credential,
                     persisted: Lsn(0),
                     block_count: 0,
+                    written_epoch: Epoch(0),
                 },
                 (None, None) => return Err(StoreError::NotFound(req.volume.to_string())),
             };
@@ -200,6 +203,7 @@ impl Store for MemStore {
             }
             let m = g.volumes.get_mut(&b.volume).expect("checked");
             m.persisted = m.persisted.max(b.persisted);
+            m.written_epoch = b.epoch;
             let p = m.persisted;
             g.applied.insert(b.request_id, p);
             Ok(p)
@@ -313,6 +317,7 @@ mod pss_client {
             credential: wayside_proto::convert::credential_hash(&m.credential_hash).map_err(bad)?,
             persisted: Lsn(m.persisted_lsn),
             block_count: m.block_count,
+            written_epoch: Epoch(m.written_epoch),
         })
     }
 

@@ -992,7 +992,11 @@ async fn a_batch_older_than_the_nodes_own_raise_is_written_back_again() {
 /// the target, which had switched, writes back between that look and the source's raise.
 /// The source's copy is then stale: it is dropped, and the vehicle's next call loads the
 /// volume anew from the PSS, with the target's write. The same when the raise's answer is
-/// lost too (the source then finds its own raise in the PSS record).
+/// lost too (the source then finds its own raise in the PSS record), and when the target's
+/// batch left the persisted watermark at the source's accepted lsn (a batch cut short by
+/// its limits persists a newer block without moving the watermark past it: the watermark
+/// alone told the source its copy was current, and its older block went back over the
+/// target's; the PSS's record of the last write-back's epoch tells).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_take_back_that_finds_the_target_wrote_back_meanwhile_drops_the_stale_copy() {
     let dir = tempfile::tempdir().unwrap();
@@ -1000,7 +1004,9 @@ async fn a_take_back_that_finds_the_target_wrote_back_meanwhile_drops_the_stale_
     let store = FaultyPss::new(&cluster);
     let a = Nms(LocalNms::start_with_store("a", store.clone(), |_| {}).await);
     let pss = cluster.client();
-    for (round, vol, lose_answer) in [(1, "raced", false), (2, "raced-lost", true)] {
+    for (round, vol, lose_answer, past) in
+        [(1, "raced", false, 1), (2, "raced-lost", true, 1), (3, "raced-low", false, 0)]
+    {
         let c = VolumeClient::open(opts(&[&a.ep], vol, "k")).await.unwrap();
         for blk in 0..8 {
             c.write(blk, 0, block_data(blk, 1)).await.unwrap();
@@ -1019,7 +1025,7 @@ async fn a_take_back_that_finds_the_target_wrote_back_meanwhile_drops_the_stale_
                 data: Some(block_data(0, 9).into()),
                 version: ((epoch0 + 1) << 32) | (accepted + 1),
             }],
-            persisted: wayside_proto::types::Lsn(accepted + 1),
+            persisted: wayside_proto::types::Lsn(accepted + past),
         });
         store.lose_acquire_answer.store(lose_answer, std::sync::atomic::Ordering::SeqCst);
         let target = DyingTarget(DieAt::OnSwitchOver, CancellationToken::new(), pss.clone(), None);

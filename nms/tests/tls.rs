@@ -95,6 +95,41 @@ async fn a_vehicle_with_the_roads_ca_uses_its_volume_over_tls() {
     a.stop().await;
 }
 
+/// A TLS handshake slower than `connect_timeout` (a busy NMS, reached at once) gets up to
+/// `rpc_timeout`: the vehicle attaches there rather than passing the NMS over as out of reach
+/// (with one NMS it failed every attempt; with more it moved on, and the next NMS took the
+/// volume over). The TCP connect alone is held to `connect_timeout`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_tls_handshake_gets_rpc_timeout_not_connect_timeout() {
+    let mut road = Road::new("road");
+    let store = Arc::new(MemStore::default());
+    let a = tls_nms("a", &mut road, &store, |_| {}).await;
+    // A hop that holds each connection's first bytes for 1.5 s, then relays both ways.
+    let proxy = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let via = Endpoint::parse(&proxy.local_addr().unwrap().to_string()).unwrap();
+    let target = a.ep.authority().to_owned();
+    tokio::spawn(async move {
+        while let Ok((mut inbound, _)) = proxy.accept().await {
+            let target = target.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(1500)).await;
+                let mut out = tokio::net::TcpStream::connect(&target).await.unwrap();
+                let _ = tokio::io::copy_bidirectional(&mut inbound, &mut out).await;
+            });
+        }
+    });
+    let mut o = opts(&via, Some(road.vehicle()));
+    o.connect_timeout = Duration::from_millis(500);
+    o.rpc_timeout = Duration::from_secs(5);
+    let t = Instant::now();
+    let c = VolumeClient::open(o).await.expect("attached through the slow handshake");
+    assert!(t.elapsed() >= Duration::from_millis(1500), "{:?}", t.elapsed());
+    c.write(1, 0, b"slow but there".to_vec()).await.unwrap();
+    assert_eq!(&c.read(1, 0, Some(14)).await.unwrap().unwrap()[..], b"slow but there");
+    drop(c);
+    a.stop().await;
+}
+
 /// A vehicle trusting another road's CA is refused at the handshake, at once and saying so,
 /// and changes nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

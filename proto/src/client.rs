@@ -59,17 +59,22 @@ pub enum ConnectError {
     },
     #[error("connecting to {addr}: no connection within {timeout:?}")]
     Timeout { addr: String, timeout: std::time::Duration },
+    #[error("connecting to {addr}: no TLS handshake within {timeout:?}")]
+    HandshakeTimeout { addr: String, timeout: std::time::Duration },
 }
 
 /// Connects to `ep` with wayside's own HTTP/2 client ([`crate::h2client`]): over TLS when
 /// `tls` is given, whatever scheme `ep` was written with, plaintext otherwise (an
 /// `https://` address without TLS set up is refused), as [`endpoint`] decides for tonic.
-/// `timeout` bounds the TCP connect and the TLS handshake. A TLS handshake's failure is the
-/// `rustls::Error` inside the error's `io::Error`.
+/// `timeout` bounds the TCP connect (an unreachable host is found out that soon) and
+/// `handshake_timeout` the TLS handshake after it (a reachable host slow to answer, a busy
+/// one, gets longer). A TLS handshake's failure is the `rustls::Error` inside the error's
+/// `io::Error`.
 pub async fn connect_h2(
     ep: &crate::types::Endpoint,
     tls: Option<&crate::tls::Tls>,
     timeout: std::time::Duration,
+    handshake_timeout: std::time::Duration,
     settings: crate::h2client::ClientSettings,
 ) -> Result<crate::h2client::Channel, ConnectError> {
     let config = match tls {
@@ -81,29 +86,31 @@ pub async fn connect_h2(
     };
     let authority = ep.authority().to_owned();
     let io_err = |source| ConnectError::Io { addr: ep.to_string(), source };
-    let connect = async {
-        let uri: http::Uri = ep.uri().parse().map_err(|e| {
-            io_err(io::Error::new(io::ErrorKind::InvalidInput, format!("{ep}: {e}")))
-        })?;
-        let host = uri.host().unwrap_or_default().trim_start_matches('[').trim_end_matches(']');
-        let name = rustls_pki_types::ServerName::try_from(host.to_owned()).map_err(|e| {
-            io_err(io::Error::new(io::ErrorKind::InvalidInput, format!("{host}: {e}")))
-        })?;
-        let tcp = tcp(uri).await.map_err(io_err)?;
-        Ok(match config {
-            Some(config) => {
-                let tls = tokio_rustls::TlsConnector::from(config)
-                    .connect(name, tcp)
-                    .await
-                    .map_err(io_err)?;
-                crate::h2client::start(tls, &authority, true, settings)
-            }
-            None => crate::h2client::start(tcp, &authority, false, settings),
-        })
-    };
-    tokio::time::timeout(timeout, connect)
+    let uri: http::Uri = ep
+        .uri()
+        .parse()
+        .map_err(|e| io_err(io::Error::new(io::ErrorKind::InvalidInput, format!("{ep}: {e}"))))?;
+    let host = uri.host().unwrap_or_default().trim_start_matches('[').trim_end_matches(']');
+    let name = rustls_pki_types::ServerName::try_from(host.to_owned())
+        .map_err(|e| io_err(io::Error::new(io::ErrorKind::InvalidInput, format!("{host}: {e}"))))?;
+    let tcp = tokio::time::timeout(timeout, tcp(uri))
         .await
         .map_err(|_| ConnectError::Timeout { addr: ep.to_string(), timeout })?
+        .map_err(io_err)?;
+    Ok(match config {
+        Some(config) => {
+            let handshake = tokio_rustls::TlsConnector::from(config).connect(name, tcp);
+            let tls = tokio::time::timeout(handshake_timeout, handshake)
+                .await
+                .map_err(|_| ConnectError::HandshakeTimeout {
+                    addr: ep.to_string(),
+                    timeout: handshake_timeout,
+                })?
+                .map_err(io_err)?;
+            crate::h2client::start(tls, &authority, true, settings)
+        }
+        None => crate::h2client::start(tcp, &authority, false, settings),
+    })
 }
 
 async fn corked_tcp(uri: http::Uri) -> io::Result<TokioIo<CorkedIo<tokio::net::TcpStream>>> {

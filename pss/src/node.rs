@@ -111,13 +111,35 @@ type Reply<T> = oneshot::Sender<Result<T, NodeError>>;
 /// of any other input).
 pub enum Input {
     Raft(Box<Message>),
-    Propose { cmd: Box<Command>, reply: Reply<Outcome>, permit: OwnedSemaphorePermit },
-    Read { reply: Reply<()>, permit: OwnedSemaphorePermit },
-    ConfChange { cc: ConfChange, reply: Reply<()> },
-    TransferLeader { to: u64 },
-    Compact { reply: Reply<u64> },
-    SnapshotSent { to: u64, ok: bool },
-    Unreachable { to: u64 },
+    /// `term`: the term this node led in when the command was admitted; proposed only if
+    /// it still leads in that term.
+    Propose {
+        cmd: Box<Command>,
+        reply: Reply<Outcome>,
+        permit: OwnedSemaphorePermit,
+        term: u64,
+    },
+    Read {
+        reply: Reply<()>,
+        permit: OwnedSemaphorePermit,
+    },
+    ConfChange {
+        cc: ConfChange,
+        reply: Reply<()>,
+    },
+    TransferLeader {
+        to: u64,
+    },
+    Compact {
+        reply: Reply<u64>,
+    },
+    SnapshotSent {
+        to: u64,
+        ok: bool,
+    },
+    Unreachable {
+        to: u64,
+    },
 }
 
 /// The handle the services use.
@@ -172,11 +194,16 @@ impl NodeHandle {
 
     /// Proposes a client command and waits until it is committed and applied.
     pub async fn propose(&self, cmd: Command) -> Result<Outcome, NodeError> {
-        if !self.is_leader() {
-            return Err(self.not_leader());
-        }
+        let term = {
+            let s = self.status.borrow();
+            if s.role != Role::Leader {
+                drop(s);
+                return Err(self.not_leader());
+            }
+            s.term
+        };
         let permit = self.permit().await?;
-        self.call(|reply| Input::Propose { cmd: Box::new(cmd), reply, permit }).await
+        self.call(|reply| Input::Propose { cmd: Box::new(cmd), reply, permit, term }).await
     }
 
     /// Waits until this node's applied state is linearizable (ReadIndex on the leader).
@@ -339,7 +366,8 @@ struct Loop {
     /// of this process (see [`is_own`]).
     incarnation: u64,
     next_seq: u64,
-    batch: Vec<(Command, Reply<Outcome>, OwnedSemaphorePermit)>,
+    /// Commands to propose, each with the term it was admitted in.
+    batch: Vec<(Command, Reply<Outcome>, OwnedSemaphorePermit, u64)>,
     pending: HashMap<u64, (Reply<Outcome>, OwnedSemaphorePermit)>,
     reads_new: Vec<ReadWaiter>,
     reads_sent: HashMap<Vec<u8>, Vec<ReadWaiter>>,
@@ -631,7 +659,9 @@ impl Loop {
                     tracing::debug!(error = %e, "raft message dropped");
                 }
             }
-            Input::Propose { cmd, reply, permit } => self.batch.push((*cmd, reply, permit)),
+            Input::Propose { cmd, reply, permit, term } => {
+                self.batch.push((*cmd, reply, permit, term))
+            }
             Input::Read { reply, permit } => self.reads_new.push((reply, permit)),
             Input::ConfChange { cc, reply } => self.propose_conf_change(cc, reply),
             // Not while a membership change is pending: a node being removed could win
@@ -704,17 +734,21 @@ impl Loop {
             return;
         }
         let batch = std::mem::take(&mut self.batch);
-        if self.node.raft.state != StateRole::Leader {
-            let err = self.not_leader();
-            for (_, reply, _) in batch {
-                let _ = reply.send(Err(err.clone()));
-            }
-            return;
-        }
+        let leading = self.node.raft.state == StateRole::Leader;
+        let term = self.node.raft.term;
         let mut group = CommandBatch::default();
         let mut waiters = Vec::new();
         let mut bytes = 0usize;
-        for (mut cmd, reply, permit) in batch {
+        for (mut cmd, reply, permit, admitted) in batch {
+            if !leading || admitted != term {
+                // Admitted in an earlier term (this node lost the lead and won it back
+                // while the command waited for a permit): its caller may have had it
+                // retried through the leader in between, and later commands after it;
+                // proposed now, it would land after them. Refused instead (nothing was
+                // proposed: the caller retries; a retry applies once).
+                let _ = reply.send(Err(self.not_leader()));
+                continue;
+            }
             cmd.origin = self.id;
             cmd.incarnation = self.incarnation;
             cmd.seq = self.next_seq;
@@ -730,7 +764,9 @@ impl Loop {
             waiters.push((cmd.seq, reply, permit));
             group.commands.push(cmd);
         }
-        self.propose_group(group, waiters);
+        if !group.commands.is_empty() {
+            self.propose_group(group, waiters);
+        }
     }
 
     fn propose_group(
@@ -912,7 +948,7 @@ impl Loop {
         for (_, (reply, _)) in self.pending.drain() {
             let _ = reply.send(Err(err.clone()));
         }
-        for (_, reply, _) in self.batch.drain(..) {
+        for (_, reply, _, _) in self.batch.drain(..) {
             let _ = reply.send(Err(err.clone()));
         }
         for (reply, _) in self.reads_new.drain(..) {
@@ -1345,6 +1381,53 @@ mod tests {
         let (tx, rx) = oneshot::channel();
         CRASH_POINTS.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push((data_dir, tx));
         rx
+    }
+
+    /// A command admitted in an earlier term than the leader's (it waited for a permit while
+    /// this node lost the lead and won it back) is refused, not proposed: its caller may
+    /// have had it retried through the leader in between, with later commands after it,
+    /// and proposed now it would land after them. One of the current term is proposed.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_command_admitted_in_an_earlier_term_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let peers = vec![crate::config::Peer { id: 1, address: "127.0.0.1:1".into() }];
+        let cfg = crate::testing::test_config(1, peers, dir.path().to_owned());
+        let stop = CancellationToken::new();
+        let tracker = tokio_util::task::TaskTracker::new();
+        let started =
+            start(cfg, None, tokio::runtime::Handle::current(), tracker.clone(), stop.clone())
+                .unwrap();
+        let h = started.handle.clone();
+        let mut status = h.status.clone();
+        let term = status.wait_for(|s| s.role == Role::Leader).await.unwrap().term;
+        let propose = |term: u64, seq: u64| {
+            let h = h.clone();
+            async move {
+                let permit = h.inflight.clone().acquire_owned().await.unwrap();
+                let cmd = Command {
+                    acquire: Some(pb::AcquireVolumeRequest {
+                        volume: format!("v{seq}"),
+                        owner_node: "nms".into(),
+                        owner_address: "127.0.0.1:9".into(),
+                        owner_session: 0,
+                        expected_epoch: 0,
+                        create: Some(pb::CreateSpec {
+                            block_size: 4096,
+                            credential_hash: vec![7; 32],
+                        }),
+                        request_id: Some(pb::RequestId { client_id: "nms".into(), seq }),
+                    }),
+                    ..Default::default()
+                };
+                h.call(|reply| Input::Propose { cmd: Box::new(cmd), reply, permit, term }).await
+            }
+        };
+        let stale = propose(term - 1, 1).await;
+        assert!(matches!(stale, Err(NodeError::NotLeader { .. })), "{stale:?}");
+        propose(term, 2).await.expect("the current term's command is proposed");
+        stop.cancel();
+        tracker.close();
+        let _ = tokio::task::spawn_blocking(move || started.thread.join()).await;
     }
 
     /// A leader that stopped before its proposals committed and won again commits them

@@ -1189,6 +1189,7 @@ impl StateMachine {
             p.records.clear();
         }
         meta.persisted_lsn = meta.persisted_lsn.max(req.persisted_lsn);
+        meta.written_epoch = req.epoch;
         let reply = pb::WriteBatchReply {
             raft_index: index,
             duplicate: false,
@@ -1618,9 +1619,12 @@ mod tests {
         assert_eq!(w.raft_index, 3);
         assert_eq!(sm.reader().blocks("v", &[7]).unwrap()[0].data, b"x");
         assert_eq!(sm.reader().blocks("v", &[7]).unwrap()[0].version, 1);
+        assert_eq!(sm.reader().volume("v").unwrap().unwrap().written_epoch, 1);
         // A second owner raises the epoch; the old one is fenced.
         let Outcome::Acquire(Ok(a)) = run(&mut sm, 5, &acquire_cmd("v", 2)) else { panic!() };
-        assert_eq!(a.meta.unwrap().epoch, 2);
+        let meta = a.meta.unwrap();
+        assert_eq!(meta.epoch, 2);
+        assert_eq!(meta.written_epoch, 1, "the record tells nothing was written at epoch 2");
         let Outcome::Write(Err(e)) = run(&mut sm, 6, &write_cmd("v", 1, 2, 7, b"z")) else {
             panic!()
         };
@@ -1639,6 +1643,7 @@ mod tests {
         assert_eq!(sm.dedupe_index.len(), 3, "and so does its in-memory mirror");
         assert_eq!(sm.applied().unwrap(), 29);
         assert_eq!(sm.reader().volume("v").unwrap().unwrap().block_count, 11);
+        assert_eq!(sm.reader().volume("v").unwrap().unwrap().written_epoch, 2);
         let list = sm.reader().list("v", 0, 5).unwrap();
         assert_eq!(list.blocks.len(), 5);
         assert!(list.more);

@@ -928,33 +928,39 @@ impl Node {
         );
     }
 
-    /// After this node raised the epoch taking `v` back: if the PSS's persisted watermark
-    /// (`persisted`, from the raise's answer) is past what this copy accepted, the target,
-    /// having switched, wrote back past it before the raise landed, and this copy is
-    /// stale. It is dropped (everything it accepted is persisted: the watermark is past
-    /// it); the vehicle's next call loads the volume anew from the PSS and its journal
-    /// replays what the target accepted. Returns the move's error then.
+    /// After this node raised the epoch taking `v` back (from `ours`, its epoch before the
+    /// move; `m`, the raise's answer): if anyone wrote back at an epoch past ours (the PSS
+    /// records the last write-back's epoch) or the PSS's persisted watermark is past what
+    /// this copy accepted, the target, having switched, wrote back before the raise landed,
+    /// and this copy is stale. (The watermark alone cannot tell: a target's batch cut short
+    /// by its limits persists a newer block while the watermark stays at the source's
+    /// persisted lsn.) It is dropped; the vehicle's next call loads the volume anew from
+    /// the PSS and its journal replays what this copy and the target accepted and the PSS
+    /// lacks. Returns the move's error then.
     fn stale_after_raise(
         &self,
         v: &VolumeName,
         incarnation: u32,
-        persisted: Lsn,
+        ours: Epoch,
+        m: &crate::store::VolumeMeta,
     ) -> Option<String> {
         let accepted = self.core().volume(v).map_or(Lsn(0), |x| x.accepted);
-        if persisted <= accepted {
+        if m.persisted <= accepted && m.written_epoch <= ours {
             return None;
         }
         warn!(
             volume = %v,
-            persisted = persisted.0,
+            persisted = m.persisted.0,
             accepted = accepted.0,
-            "the aborted move's target wrote back past this copy; dropped"
+            written_epoch = m.written_epoch.0,
+            ours = ours.0,
+            "the aborted move's target wrote back meanwhile; this copy is dropped"
         );
         self.drop_copy(v, incarnation);
         Some(format!(
-            "the target wrote back past this copy (persisted lsn {} > {}); the volume will be \
-             loaded again from the PSS",
-            persisted.0, accepted.0
+            "the target wrote back meanwhile (at epoch {}, this copy's {}; persisted lsn {}, \
+             this copy accepted {}); the volume will be loaded again from the PSS",
+            m.written_epoch.0, ours.0, m.persisted.0, accepted.0
         ))
     }
 
@@ -993,8 +999,9 @@ impl Node {
     /// What counts as the move's own claim: the PSS has the volume owned by the target
     /// node at exactly our epoch + 1 (a claim raises `expected_epoch` by one; any later
     /// acquire, by the target or anyone, is past it), at the epoch the target's Claimed
-    /// named when we heard it, and with no write-back persisted past what we accepted
-    /// (the target writes nothing back before SwitchOver). What remains ambiguous without
+    /// named when we heard it, with no write-back at that epoch (the PSS records the last
+    /// write-back's epoch) and none persisted past what we accepted (the target writes
+    /// nothing back before SwitchOver). What remains ambiguous without
     /// Claimed: the target dropped the incoming copy without acting on the Claim and then
     /// loaded the volume itself from our epoch (a vehicle attaching there directly while
     /// this NMS serves it) and has written back nothing past our accepted lsn yet. The PSS
@@ -1021,7 +1028,7 @@ impl Node {
                 )),
                 // An earlier try of ours landed and its answer was lost.
                 Ok(meta) if self.is_mine(&meta) && meta.epoch > ours => {
-                    if let Some(e) = self.stale_after_raise(v, incarnation, meta.persisted) {
+                    if let Some(e) = self.stale_after_raise(v, incarnation, ours, &meta) {
                         return Err(e);
                     }
                     if self.adopt_epoch(v, incarnation, meta.epoch) {
@@ -1035,7 +1042,8 @@ impl Node {
                     let by_target = !sw.target_node.is_empty()
                         && meta.owner_node == sw.target_node
                         && meta.epoch.0 == ours.0.saturating_add(1)
-                        && meta.persisted <= accepted;
+                        && meta.persisted <= accepted
+                        && meta.written_epoch <= ours;
                     let claimed = by_target && sw.claimed.is_none_or(|e| meta.epoch == e);
                     if !claimed {
                         warn!(
@@ -1060,7 +1068,7 @@ impl Node {
             if let Some((from, done)) = from {
                 match self.store.acquire(self.acquire_request(v, Some(from), None)).await {
                     Ok(m) => {
-                        if let Some(e) = self.stale_after_raise(v, incarnation, m.persisted) {
+                        if let Some(e) = self.stale_after_raise(v, incarnation, ours, &m) {
                             return Err(e);
                         }
                         if let Some(x) = self.core().volume_mut(v) {

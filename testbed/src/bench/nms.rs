@@ -356,6 +356,7 @@ async fn channel_with(
         &ep,
         tls,
         Duration::from_secs(5),
+        Duration::from_secs(5),
         wayside_proto::h2client::ClientSettings::default(),
     )
     .await?)
