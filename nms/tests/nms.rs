@@ -2406,6 +2406,21 @@ async fn bad_input_gets_the_right_status_and_changes_nothing() {
     let e = first_error(&mut mig, vec![begin("other"), too_many]).await;
     assert_eq!(e.code(), tonic::Code::InvalidArgument, "more ids than the table keeps: {e:?}");
     assert!(e.message().contains("dedupe_entries_per_volume"), "{e:?}");
+    // The same in a SwitchOver (its ids had no limit), refused before the epoch is raised.
+    let switch_too_many = Frame::SwitchOver(pb::SwitchOver {
+        accepted_lsn: 1,
+        persisted_lsn: 1,
+        applied: vec![pb::AppliedRun {
+            client_id: "c".into(),
+            seq: (1..=n).collect(),
+            lsn: vec![1; n as usize],
+            version: vec![1; n as usize],
+        }],
+        expected_epoch: 1,
+    });
+    let e = first_error(&mut mig, vec![begin("other"), switch_too_many]).await;
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "a SwitchOver of too many ids: {e:?}");
+    assert!(e.message().contains("dedupe_entries_per_volume"), "{e:?}");
     let claim = Frame::Claim(pb::Claim { expected_epoch: 2 });
     let e = first_error(&mut mig, vec![begin("other"), claim]).await;
     assert_eq!(e.code(), tonic::Code::InvalidArgument, "a Claim from another epoch: {e:?}");

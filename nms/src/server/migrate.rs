@@ -1092,6 +1092,40 @@ impl Node {
         }
     }
 
+    /// The request ids a frame (`what`) carries, refused past `dedupe_entries_per_volume`
+    /// (more than the table keeps is never sent, and would all be decoded to be dropped).
+    fn applied_ids(
+        &self,
+        what: &str,
+        runs: Vec<pb::AppliedRun>,
+    ) -> Result<Vec<(RequestId, Applied)>, Status> {
+        let ids: usize = runs.iter().map(|x| x.seq.len()).sum();
+        if ids > self.cfg.dedupe_entries_per_volume {
+            return Err(Status::invalid_argument(format!(
+                "{what} of {ids} request ids: at most dedupe_entries_per_volume ({})",
+                self.cfg.dedupe_entries_per_volume
+            )));
+        }
+        applied_from_pb(runs)
+    }
+
+    /// Remembers `applied` in the incoming volume `v` of move `mid`, `IDS_PER_LOCK` at a
+    /// time under the cache lock.
+    fn remember_in_chunks(
+        &self,
+        v: &VolumeName,
+        mid: u64,
+        applied: Vec<(RequestId, Applied)>,
+    ) -> Result<(), crate::cache::IncomingError> {
+        self.core().reserve_applied(v, applied.len());
+        let mut applied = applied.into_iter();
+        while applied.len() > 0 {
+            let chunk = applied.by_ref().take(IDS_PER_LOCK);
+            self.core().remember_migrated(v, mid, chunk)?;
+        }
+        Ok(())
+    }
+
     /// Refuses a move's Begin, Claim or SwitchOver once this node is shutting down: its
     /// last drain is under way, and a volume switched in now would be refused writes and
     /// end with the process (the source keeps it).
@@ -1196,7 +1230,10 @@ impl Node {
                     core.remove_volume(&v);
                 }
             }
-            let _ = tx.send(Err(status)).await;
+            // Bounded: a source that stopped reading its acks (the reason `answer` failed,
+            // perhaps) would hold this task and its stream for good.
+            let wait = Duration::from_millis(self.cfg.migration_switch_timeout_ms);
+            let _ = tokio::time::timeout(wait, tx.send(Err(status))).await;
         }
     }
 
@@ -1304,26 +1341,9 @@ impl Node {
                 }
                 Some(Frame::RequestIds(r)) => {
                     let t = Instant::now();
-                    // More than the dedupe table keeps is never sent (and would all be
-                    // decoded to be dropped).
-                    let ids: usize = r.runs.iter().map(|x| x.seq.len()).sum();
-                    if ids > self.cfg.dedupe_entries_per_volume {
-                        return Err(Status::invalid_argument(format!(
-                            "a RequestIds frame of {ids} ids: at most \
-                             dedupe_entries_per_volume ({})",
-                            self.cfg.dedupe_entries_per_volume
-                        )));
-                    }
-                    let applied = applied_from_pb(r.runs)?;
+                    let applied = self.applied_ids("a RequestIds frame", r.runs)?;
                     let entries = applied.len();
-                    self.core().reserve_applied(&v, entries);
-                    // In chunks: the target's other vehicles wait for the cache lock at
-                    // most one chunk long.
-                    let mut applied = applied.into_iter();
-                    while applied.len() > 0 {
-                        let chunk = applied.by_ref().take(IDS_PER_LOCK);
-                        self.core().remember_migrated(&v, mid, chunk).map_err(refused)?;
-                    }
+                    self.remember_in_chunks(&v, mid, applied).map_err(refused)?;
                     tracing::debug!(
                         round = r.round,
                         request_ids = entries,
@@ -1367,7 +1387,7 @@ impl Node {
                 Some(Frame::SwitchOver(s)) => {
                     tracing::debug!(volume = %v, "switch: SwitchOver received");
                     let received = Instant::now();
-                    let applied = applied_from_pb(s.applied)?;
+                    let applied = self.applied_ids("a SwitchOver", s.applied)?;
                     if s.expected_epoch != b.source_epoch {
                         return Err(Status::invalid_argument(
                             "SwitchOver epoch differs from Begin's",
@@ -1388,6 +1408,9 @@ impl Node {
                     };
                     let acquire_us = us(t_acquire.elapsed());
                     let t_finish = Instant::now();
+                    // The switch's ids in chunks while the volume is still arriving (the
+                    // target's other vehicles wait for the cache lock one chunk at most).
+                    self.remember_in_chunks(&v, mid, applied).map_err(refused)?;
                     {
                         let mut core = self.core();
                         core.finish_incoming(
@@ -1396,7 +1419,7 @@ impl Node {
                             meta.epoch,
                             Lsn(s.accepted_lsn),
                             Lsn(s.persisted_lsn),
-                            applied,
+                            Vec::new(),
                         )
                         .map_err(refused)?;
                         if let Some(x) = core.volume_mut(&v) {
