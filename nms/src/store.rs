@@ -185,11 +185,19 @@ impl Store for MemStore {
                 .get(&b.volume)
                 .cloned()
                 .ok_or_else(|| StoreError::NotFound(b.volume.to_string()))?;
+            // As the PSS: a retried id first (its answer stands whatever the epoch now),
+            // then the epoch, which must be the volume's.
+            if let Some(l) = g.applied.get(&b.request_id) {
+                return Ok(*l);
+            }
             if b.epoch < meta.epoch {
                 return Err(StoreError::StaleEpoch { presented: b.epoch, current: meta.epoch });
             }
-            if let Some(l) = g.applied.get(&b.request_id) {
-                return Ok(*l);
+            if b.epoch > meta.epoch {
+                return Err(StoreError::Refused(format!(
+                    "epoch {} is past the volume's {}",
+                    b.epoch.0, meta.epoch.0
+                )));
             }
             for c in b.changes {
                 match c.data {

@@ -1397,6 +1397,10 @@ impl Node {
                     check_switch_lsns(Lsn(s.accepted_lsn), Lsn(s.persisted_lsn))
                         .map_err(refused)?;
                     self.taking_moves_in()?;
+                    // The switch's ids in chunks while the volume is still arriving (the
+                    // target's other vehicles wait for the cache lock one chunk at most),
+                    // before the epoch is raised (a failure drops the arriving copy).
+                    self.remember_in_chunks(&v, mid, applied).map_err(refused)?;
                     let t_acquire = Instant::now();
                     let meta = match claimed.take() {
                         Some(meta) => meta,
@@ -1408,9 +1412,6 @@ impl Node {
                     };
                     let acquire_us = us(t_acquire.elapsed());
                     let t_finish = Instant::now();
-                    // The switch's ids in chunks while the volume is still arriving (the
-                    // target's other vehicles wait for the cache lock one chunk at most).
-                    self.remember_in_chunks(&v, mid, applied).map_err(refused)?;
                     {
                         let mut core = self.core();
                         core.finish_incoming(
