@@ -760,6 +760,10 @@ enum DieAt {
     /// Raises the epoch at Claim, takes SwitchOver in and answers nothing, its stream left
     /// open (silent in the middle of the switch).
     SilentOnSwitchOver,
+    /// Raises the epoch at Claim; on SwitchOver writes block 0 (`block_data(0, 9)`) back at
+    /// its epoch, the persisted watermark left at the source's (as a batch cut short by its
+    /// limits leaves it), then dies without answering.
+    WritesBackOnSwitchOver,
 }
 
 /// A migration target that raises the epoch in the PSS as a real one does (owner
@@ -795,6 +799,7 @@ impl pb::migration_server::Migration for DyingTarget {
         let (die, dead, pss, pause) = (self.0, self.1.clone(), self.2.clone(), self.3.clone());
         tokio::spawn(async move {
             let mut volume = String::new();
+            let mut claimed_epoch = 0;
             while let Ok(Some(f)) = inbound.message().await {
                 let ack = match f.frame {
                     Some(Frame::Begin(b)) => {
@@ -809,6 +814,22 @@ impl pb::migration_server::Migration for DyingTarget {
                             break;
                         }
                         ready
+                    }
+                    Some(Frame::SwitchOver(sw)) if die == DieAt::WritesBackOnSwitchOver => {
+                        let data = block_data(0, 9);
+                        pss.write_batch(pb::WriteBatchRequest {
+                            volume: volume.clone(),
+                            epoch: claimed_epoch,
+                            request_id: Some(pb::RequestId {
+                                client_id: "dying-target".into(),
+                                seq: 1,
+                            }),
+                            ops: vec![pb::PssBlockOp { block: 0, data, delete: false, version: 0 }],
+                            persisted_lsn: sw.persisted_lsn,
+                        })
+                        .await
+                        .expect("the target writes back at its epoch");
+                        break;
                     }
                     Some(Frame::SwitchOver(_)) if die == DieAt::SilentOnSwitchOver => {
                         dead.cancelled().await;
@@ -834,6 +855,7 @@ impl pb::migration_server::Migration for DyingTarget {
                             .await
                             .expect("the claim raises the epoch");
                         let new_epoch = r.meta.expect("meta").epoch;
+                        claimed_epoch = new_epoch;
                         if let Some(p) = &pause {
                             p.landed.notify_one();
                             p.go.notified().await;
@@ -1049,6 +1071,44 @@ async fn a_take_back_that_finds_the_target_wrote_back_meanwhile_drops_the_stale_
         assert_eq!(meta.owner_address, a.ep.uri());
         assert_eq!(c.current_nms(), a.ep);
     }
+    a.stop().await;
+    cluster.shutdown().await;
+}
+
+/// A move's switch ends without Switched, and before the source looks, the target (which
+/// switched) wrote a block back at its claimed epoch without moving the persisted
+/// watermark past the source's lsn (a batch cut short by its limits). The PSS's record of
+/// the last write-back's epoch tells the source the target acted as the owner: it is
+/// fenced (not a take-back over the target), and the vehicle reads the target's block.
+/// (With the watermark alone the source took the volume back and wrote its older block
+/// over the target's.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_target_that_wrote_back_at_its_claimed_epoch_is_not_taken_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = LocalCluster::start(3, dir.path()).await.unwrap();
+    let a = Nms::start("a", &cluster.endpoints(), |_| {}).await;
+    let c = VolumeClient::open(opts(&[&a.ep], "wrote", "k")).await.unwrap();
+    for blk in 0..8 {
+        c.write(blk, 0, block_data(blk, 1)).await.unwrap();
+    }
+    c.flush().await.unwrap();
+    let pss = cluster.client();
+    let target = DyingTarget(DieAt::WritesBackOnSwitchOver, CancellationToken::new(), pss, None);
+    let (t_ep, dead, server) = dying_target(target).await;
+    let report = a.migrate("wrote", &t_ep, 2).await;
+    dead.cancel();
+    let _ = server.await;
+    assert_eq!(report.outcome, pb::MigrationOutcome::Aborted as i32, "{report:?}");
+    assert!(report.error.contains("owns the volume now"), "fenced, not taken back: {report:?}");
+    assert_eq!(c.read(0, 0, None).await.unwrap(), Some(block_data(0, 9)), "the target's block");
+    for blk in 1..8 {
+        assert_eq!(c.read(blk, 0, None).await.unwrap(), Some(block_data(blk, 1)));
+    }
+    c.write(8, 0, block_data(8, 1)).await.unwrap();
+    c.flush().await.unwrap();
+    let stored = pss_blocks(&cluster, "wrote", &[0, 8]).await;
+    assert_eq!(stored.get(&0), Some(&block_data(0, 9)), "nothing older written over it");
+    assert_eq!(stored.get(&8), Some(&block_data(8, 1)));
     a.stop().await;
     cluster.shutdown().await;
 }
