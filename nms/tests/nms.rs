@@ -2454,15 +2454,14 @@ async fn bad_input_gets_the_right_status_and_changes_nothing() {
     let e = first_error(&mut mig, vec![begin("other"), uneven]).await;
     assert_eq!(e.code(), tonic::Code::InvalidArgument, "request ids of uneven lists: {e:?}");
     let n = Config::default().dedupe_entries_per_volume as u64 + 1;
-    let too_many = Frame::RequestIds(pb::RequestIds {
-        round: 1,
-        runs: vec![pb::AppliedRun {
-            client_id: "c".into(),
-            seq: (1..=n).collect(),
-            lsn: vec![1; n as usize],
-            version: vec![1; n as usize],
-        }],
-    });
+    // One client's run of `n` request ids.
+    let run_of = |n: u64| pb::AppliedRun {
+        client_id: "c".into(),
+        seq: (1..=n).collect(),
+        lsn: vec![1; n as usize],
+        version: vec![1; n as usize],
+    };
+    let too_many = Frame::RequestIds(pb::RequestIds { round: 1, runs: vec![run_of(n)] });
     let e = first_error(&mut mig, vec![begin("other"), too_many]).await;
     assert_eq!(e.code(), tonic::Code::InvalidArgument, "more ids than the table keeps: {e:?}");
     assert!(e.message().contains("dedupe_entries_per_volume"), "{e:?}");
@@ -2470,12 +2469,7 @@ async fn bad_input_gets_the_right_status_and_changes_nothing() {
     let switch_too_many = Frame::SwitchOver(pb::SwitchOver {
         accepted_lsn: 1,
         persisted_lsn: 1,
-        applied: vec![pb::AppliedRun {
-            client_id: "c".into(),
-            seq: (1..=n).collect(),
-            lsn: vec![1; n as usize],
-            version: vec![1; n as usize],
-        }],
+        applied: vec![run_of(n)],
         expected_epoch: 1,
     });
     let e = first_error(&mut mig, vec![begin("other"), switch_too_many]).await;
