@@ -69,7 +69,9 @@ pub struct Config {
     /// older ones are read back from the log file when a lagging follower needs them.
     /// Entries not yet applied always stay in memory.
     pub log_memory_bytes: u64,
-    /// Size of one snapshot chunk on the wire, in bytes.
+    /// Size of one snapshot chunk on the wire, in bytes: at most `max_message_size_bytes`
+    /// less `SNAPSHOT_CHUNK_HEADROOM_BYTES` (a chunk is one message, which every node
+    /// decodes within that limit).
     pub snapshot_chunk_bytes: usize,
     /// Block data lives in append-only segment files beside sled (only the index is in
     /// sled); a segment is sealed (fsynced) and the next started at this size, in bytes.
@@ -213,7 +215,17 @@ pub enum ConfigError {
     Ticks { election: usize, heartbeat: usize },
     #[error("{0}")]
     Silence(String),
+    #[error(
+        "snapshot_chunk_bytes ({chunk}) must leave {SNAPSHOT_CHUNK_HEADROOM_BYTES} bytes within \
+         max_message_size_bytes ({max}): every chunk is one message, and a larger one is \
+         refused by the node it is sent to, so no snapshot could be delivered"
+    )]
+    ChunkPastMessage { chunk: usize, max: usize },
 }
+
+/// Room a snapshot chunk's message needs beside its bytes (its metadata and framing), in
+/// bytes.
+pub const SNAPSHOT_CHUNK_HEADROOM_BYTES: usize = 64 * 1024;
 
 /// Parses a peer list `1=HOST:PORT,2=HOST:PORT,...`.
 pub fn parse_peers(list: &str) -> Result<Vec<Peer>, ConfigError> {
@@ -322,6 +334,14 @@ impl Config {
                 heartbeat: self.heartbeat_interval_ticks,
             });
         }
+        if self.snapshot_chunk_bytes.saturating_add(SNAPSHOT_CHUNK_HEADROOM_BYTES)
+            > self.max_message_size_bytes
+        {
+            return Err(ConfigError::ChunkPastMessage {
+                chunk: self.snapshot_chunk_bytes,
+                max: self.max_message_size_bytes,
+            });
+        }
         self.silence_limit()?;
         Ok(())
     }
@@ -384,6 +404,14 @@ mod tests {
         c.validate().unwrap();
         c.max_batch_ops = 0;
         assert!(matches!(c.validate(), Err(ConfigError::Zero { name: "max_batch_ops" })));
+        // A snapshot chunk larger than a message could never be delivered.
+        let mut c = Config { peers: parse_peers("1=127.0.0.1:1").unwrap(), ..Config::default() };
+        c.snapshot_chunk_bytes = c.max_message_size_bytes;
+        let e = c.validate().unwrap_err();
+        assert!(matches!(e, ConfigError::ChunkPastMessage { .. }), "{e}");
+        assert!(e.to_string().contains("snapshot_chunk_bytes"), "{e}");
+        c.snapshot_chunk_bytes = c.max_message_size_bytes - SNAPSHOT_CHUNK_HEADROOM_BYTES;
+        c.validate().unwrap();
         c.max_batch_ops = 1;
         c.blob_gc_live_percent = 100;
         let err = c.validate().unwrap_err();
