@@ -73,6 +73,11 @@ pub struct Config {
     /// less `SNAPSHOT_CHUNK_HEADROOM_BYTES` (a chunk is one message, which every node
     /// decodes within that limit).
     pub snapshot_chunk_bytes: usize,
+    /// Time allowed for sending one whole snapshot to a follower (its chunks, and the
+    /// follower's fsync and check of the file), in milliseconds; past it the transfer
+    /// fails and is tried again from the start. A store larger than this at the link's
+    /// rate cannot be sent: raise it with the data.
+    pub snapshot_send_timeout_ms: u64,
     /// Block data lives in append-only segment files beside sled (only the index is in
     /// sled); a segment is sealed (fsynced) and the next started at this size, in bytes.
     pub blob_segment_bytes: u64,
@@ -164,6 +169,7 @@ impl Default for Config {
             log_segment_bytes: 64 * 1024 * 1024,
             log_memory_bytes: 64 * 1024 * 1024,
             snapshot_chunk_bytes: 1024 * 1024,
+            snapshot_send_timeout_ms: 300_000,
             blob_segment_bytes: 64 * 1024 * 1024,
             blob_gc_live_percent: 50,
             blob_gc_space_percent: 200,
@@ -307,6 +313,7 @@ impl Config {
             ("compact_log_bytes", self.compact_log_bytes as usize),
             ("log_segment_bytes", self.log_segment_bytes as usize),
             ("snapshot_chunk_bytes", self.snapshot_chunk_bytes),
+            ("snapshot_send_timeout_ms", self.snapshot_send_timeout_ms as usize),
             ("blob_segment_bytes", self.blob_segment_bytes as usize),
             ("max_blocks", self.max_blocks),
             ("max_blocks_per_volume", self.max_blocks_per_volume),

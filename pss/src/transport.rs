@@ -57,8 +57,6 @@ struct OpenStream {
     tx: mpsc::Sender<pb::RaftEnvelope>,
     call: Pin<Box<dyn std::future::Future<Output = Result<(), Status>> + Send>>,
 }
-/// Time allowed for a whole snapshot transfer.
-const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(300);
 /// Pause after a failed send before the next attempt, so a dead peer costs little.
 const RETRY_PAUSE: Duration = Duration::from_millis(100);
 
@@ -73,6 +71,8 @@ pub struct Transport {
     queue_capacity: usize,
     chunk_bytes: usize,
     max_message_bytes: usize,
+    /// Time allowed for a whole snapshot transfer (`snapshot_send_timeout_ms`).
+    snapshot_timeout: Duration,
     /// What peers are dialled with: over TLS, presenting this node's certificate (a peer,
     /// like every PSS, requires one signed by the road's CA); `None`: plaintext.
     tls: Option<Tls>,
@@ -103,6 +103,7 @@ impl Transport {
             queue_capacity: cfg.peer_queue_messages,
             chunk_bytes: cfg.snapshot_chunk_bytes,
             max_message_bytes: cfg.max_message_size_bytes,
+            snapshot_timeout: Duration::from_millis(cfg.snapshot_send_timeout_ms),
             tls,
             runtime,
             tracker,
@@ -125,6 +126,7 @@ impl Transport {
                 snap_dir: self.snap_dir.clone(),
                 chunk_bytes: self.chunk_bytes,
                 max_message_bytes: self.max_message_bytes,
+                snapshot_timeout: self.snapshot_timeout,
                 tls: self.tls.clone(),
                 client: None,
                 refused: None,
@@ -159,6 +161,7 @@ struct PeerWorker {
     snap_dir: PathBuf,
     chunk_bytes: usize,
     max_message_bytes: usize,
+    snapshot_timeout: Duration,
     tls: Option<Tls>,
     client: Option<(String, RaftTransportClient<Channel>)>,
     /// The last address that could not be dialled (logged once, not per message).
@@ -371,7 +374,7 @@ impl PeerWorker {
             Some((c, if last { None } else { Some(file) }))
         });
         let stream = futures::stream::iter([header]).chain(body);
-        match tokio::time::timeout(SNAPSHOT_TIMEOUT, client.install_snapshot(stream)).await {
+        match tokio::time::timeout(self.snapshot_timeout, client.install_snapshot(stream)).await {
             Ok(Ok(_)) => {
                 tracing::info!(
                     index,
