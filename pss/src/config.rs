@@ -78,6 +78,22 @@ pub struct Config {
     /// fails and is tried again from the start. A store larger than this at the link's
     /// rate cannot be sent: raise it with the data.
     pub snapshot_send_timeout_ms: u64,
+    /// A snapshot being received that brings no chunk this long is given up, in
+    /// milliseconds: the partial file is removed and the call fails (its sender reports
+    /// the failure to raft-rs, which sends it again later). A sender that stalls
+    /// mid-transfer holds a receive slot and disk space only this long. (The sending side
+    /// is bounded by `snapshot_send_timeout_ms` and by keepalive on the peer connection.)
+    pub snapshot_receive_idle_timeout_ms: u64,
+    /// Most snapshots this node receives at once, in transfers; one more is refused
+    /// (RESOURCE_EXHAUSTED) and its sender tries again later. A leader sends a follower
+    /// one at a time; a second lets a new leader's start while an old one's ends.
+    pub max_snapshot_receives: usize,
+    /// A snapshot being received is refused (RESOURCE_EXHAUSTED, its partial file
+    /// removed) once the data dir's file system would have less free than what was
+    /// received so far plus this, in bytes: installing it copies its blocks into the
+    /// node's own files, so a received file needs as much room again to be loaded. The
+    /// node goes on from its own state; the leader sends again later.
+    pub snapshot_min_free_disk_bytes: u64,
     /// Block data lives in append-only segment files beside sled (only the index is in
     /// sled); a segment is sealed (fsynced) and the next started at this size, in bytes.
     pub blob_segment_bytes: u64,
@@ -170,6 +186,9 @@ impl Default for Config {
             log_memory_bytes: 64 * 1024 * 1024,
             snapshot_chunk_bytes: 1024 * 1024,
             snapshot_send_timeout_ms: 300_000,
+            snapshot_receive_idle_timeout_ms: 30_000,
+            max_snapshot_receives: 2,
+            snapshot_min_free_disk_bytes: 256 * 1024 * 1024,
             blob_segment_bytes: 64 * 1024 * 1024,
             blob_gc_live_percent: 50,
             blob_gc_space_percent: 200,
@@ -314,6 +333,8 @@ impl Config {
             ("log_segment_bytes", self.log_segment_bytes as usize),
             ("snapshot_chunk_bytes", self.snapshot_chunk_bytes),
             ("snapshot_send_timeout_ms", self.snapshot_send_timeout_ms as usize),
+            ("snapshot_receive_idle_timeout_ms", self.snapshot_receive_idle_timeout_ms as usize),
+            ("max_snapshot_receives", self.max_snapshot_receives),
             ("blob_segment_bytes", self.blob_segment_bytes as usize),
             ("max_blocks", self.max_blocks),
             ("max_blocks_per_volume", self.max_blocks_per_volume),

@@ -5,7 +5,7 @@
 use crate::config::Config;
 use crate::node;
 use crate::service::{AdminService, BlockService, PipelineStats};
-use crate::transport::{PeerCheck, RaftService};
+use crate::transport::{PeerCheck, RaftService, SnapshotReceiving};
 use anyhow::Context as _;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
@@ -131,6 +131,7 @@ async fn serve(
         shutdown: inner.clone(),
         // Over TLS a Raft message is accepted only from the peer its certificate names.
         peers: tls.as_ref().map(|_| PeerCheck::new(handle.addresses.clone())),
+        receiving: SnapshotReceiving::new(&config),
     })
     .max_decoding_message_size(max)
     .max_encoding_message_size(max);

@@ -157,32 +157,105 @@ fn not_framed(head: &[u8], magic: &[u8]) -> String {
     "not a wayside snapshot".into()
 }
 
-/// Checks a framed file's magic and checksum, reading it through a buffer (a received
-/// snapshot holds every block of the state: it is never read into memory whole).
-pub fn check_framed(path: &Path, magic: &[u8]) -> Result<(), String> {
+/// Most bytes a framed file's metadata item may take (a Raft `SnapshotMetadata`: an
+/// index, a term and the membership).
+const MAX_METADATA_BYTES: u32 = 16 << 20;
+
+/// Checks a framed file through a buffer (a received snapshot holds every block of the
+/// state: it is never read into memory whole): its magic, its checksum, and that it is
+/// one run of items ending with the end mark right before the checksum, every length
+/// within the file; returns its metadata. A file that passes is read by [`read_framed`]
+/// without any length in it reaching past its end. A damaged file is named as such
+/// ("checksum mismatch") before any fault of its structure.
+pub fn check_framed(path: &Path, magic: &[u8]) -> Result<SnapshotMetadata, String> {
     use std::io::Read as _;
-    let mut f = File::open(path).map_err(|e| e.to_string())?;
+    let f = File::open(path).map_err(|e| e.to_string())?;
     let len = f.metadata().map_err(|e| e.to_string())?.len();
+    let mut r =
+        Hashed { r: std::io::BufReader::with_capacity(1 << 20, f), crc: crc32fast::Hasher::new() };
     let mut head = vec![0u8; magic.len()];
-    if len < magic.len() as u64 + 8 || f.read_exact(&mut head).is_err() || head != magic {
+    if len < magic.len() as u64 + 8 || r.r.read_exact(&mut head).is_err() || head != magic {
         return Err(not_framed(&head, magic));
     }
-    let mut crc = crc32fast::Hasher::new();
-    crc.update(&head);
-    let mut left = len - 4 - head.len() as u64;
+    r.crc.update(&head);
+    let body_end = len - 4;
+    let mut pos = head.len() as u64;
+    let mut meta = None;
+    // The first fault of structure; the rest of the body is then only hashed, so damage
+    // is told from a well-sealed file that does not hold together.
+    let mut fault: Option<String> = None;
     let mut buf = vec![0u8; 1 << 20];
-    while left > 0 {
-        let n = buf.len().min(usize::try_from(left).unwrap_or(usize::MAX));
-        f.read_exact(&mut buf[..n]).map_err(|e| e.to_string())?;
-        crc.update(&buf[..n]);
-        left -= n as u64;
+    while fault.is_none() {
+        if body_end - pos < 4 {
+            fault = Some("the end mark is missing".into());
+            break;
+        }
+        let mut n = [0u8; 4];
+        r.read(&mut n).map_err(|e| e.to_string())?;
+        pos += 4;
+        let n = u32::from_le_bytes(n);
+        if n == u32::MAX {
+            if pos != body_end {
+                fault = Some(format!("{} bytes after the end mark", body_end - pos));
+            }
+            break;
+        }
+        if u64::from(n) > body_end - pos {
+            fault = Some(format!("an item of {n} bytes at {} runs past the end", pos - 4));
+            break;
+        }
+        if meta.is_none() {
+            if n > MAX_METADATA_BYTES {
+                fault = Some(format!("metadata of {n} bytes (at most {MAX_METADATA_BYTES})"));
+                break;
+            }
+            let mut m = vec![0u8; n as usize];
+            r.read(&mut m).map_err(|e| e.to_string())?;
+            match SnapshotMetadata::parse_from_bytes(&m) {
+                Ok(m) => meta = Some(m),
+                Err(e) => fault = Some(format!("metadata does not decode: {e}")),
+            }
+        } else {
+            r.skip(u64::from(n), &mut buf).map_err(|e| e.to_string())?;
+        }
+        pos += u64::from(n);
     }
+    r.skip(body_end - pos, &mut buf).map_err(|e| e.to_string())?;
     let mut sum = [0u8; 4];
-    f.read_exact(&mut sum).map_err(|e| e.to_string())?;
-    if crc.finalize() != u32::from_le_bytes(sum) {
+    r.r.read_exact(&mut sum).map_err(|e| e.to_string())?;
+    if r.crc.finalize() != u32::from_le_bytes(sum) {
         return Err("checksum mismatch".into());
     }
-    Ok(())
+    match (fault, meta) {
+        (Some(fault), _) => Err(fault),
+        (None, Some(meta)) => Ok(meta),
+        (None, None) => Err("missing metadata".into()),
+    }
+}
+
+/// A reader that hashes what it reads.
+struct Hashed {
+    r: std::io::BufReader<File>,
+    crc: crc32fast::Hasher,
+}
+
+impl Hashed {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<()> {
+        use std::io::Read as _;
+        self.r.read_exact(out)?;
+        self.crc.update(out);
+        Ok(())
+    }
+
+    /// Reads and hashes `n` bytes through `buf`.
+    fn skip(&mut self, mut n: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        while n > 0 {
+            let k = buf.len().min(usize::try_from(n).unwrap_or(usize::MAX));
+            self.read(&mut buf[..k])?;
+            n -= k as u64;
+        }
+        Ok(())
+    }
 }
 
 /// A framed file checked with [`check_framed`], read one item at a time: its metadata and
@@ -463,5 +536,38 @@ mod tests {
         assert!(e.contains("another format version"), "{e}");
         std::fs::write(&path, b"nonsense").unwrap();
         assert_eq!(check_framed(&path, SNAPSHOT_MAGIC).unwrap_err(), "not a wayside snapshot");
+    }
+
+    /// A file whose checksum is right but whose items do not hold together (as a buggy or
+    /// hostile sender could make) is refused, naming the fault, before anything reads a
+    /// length from it: an item longer than the file, no end mark, bytes past it, metadata
+    /// that does not decode.
+    #[test]
+    fn a_sealed_file_that_does_not_hold_together_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s");
+        let meta =
+            SnapshotMetadata { index: 7, term: 2, ..Default::default() }.write_to_bytes().unwrap();
+        let item = |b: &[u8]| [&(b.len() as u32).to_le_bytes()[..], b].concat();
+        let end = u32::MAX.to_le_bytes();
+        let check = |items: &[&[u8]]| {
+            let body = [SNAPSHOT_MAGIC, &items.concat()].concat();
+            let sum = crc32fast::hash(&body).to_le_bytes();
+            std::fs::write(&path, [&body[..], &sum].concat()).unwrap();
+            check_framed(&path, SNAPSHOT_MAGIC)
+        };
+        let (k, v) = (item(b"bkey"), item(&[5u8; 100]));
+        let good = check(&[&item(&meta), &k, &v, &end]).unwrap();
+        assert_eq!((good.index, good.term), (7, 2));
+        let long = [&(1u32 << 30).to_le_bytes()[..], &[1u8; 10]].concat();
+        let e = check(&[&item(&meta), &k, &long, &end]).unwrap_err();
+        assert!(e.contains("runs past the end"), "{e}");
+        let e = check(&[&item(&meta), &k, &v]).unwrap_err();
+        assert!(e.contains("end mark is missing"), "{e}");
+        let e = check(&[&item(&meta), &k, &v, &end, b"extra"]).unwrap_err();
+        assert!(e.contains("5 bytes after the end mark"), "{e}");
+        let e = check(&[&item(&[0xff; 9]), &end]).unwrap_err();
+        assert!(e.contains("metadata does not decode"), "{e}");
+        assert_eq!(check(&[&end]).unwrap_err(), "missing metadata");
     }
 }

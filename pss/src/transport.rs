@@ -20,10 +20,9 @@ use crate::config::Config;
 use crate::node::{checkpoint_path, snapshot_path, AddressBook, Input};
 use futures::StreamExt;
 use protobuf::Message as _;
-use raft::prelude::{Message, MessageType};
+use raft::prelude::{Message, MessageType, SnapshotMetadata};
 use rustls_pki_types::{CertificateDer, ServerName};
 use std::collections::HashMap;
-use std::io::Write;
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Mutex;
@@ -530,6 +529,8 @@ pub struct RaftService {
     pub shutdown: CancellationToken,
     /// Over TLS: who may send as which peer. `None` (plaintext): no caller identity.
     pub peers: Option<PeerCheck>,
+    /// The limits on the snapshots it receives.
+    pub receiving: SnapshotReceiving,
 }
 
 impl RaftService {
@@ -645,8 +646,9 @@ impl pb::raft_transport_server::RaftTransport for RaftService {
     ) -> Result<Response<pb::RaftSendReply>, Status> {
         let certs = request.peer_certs();
         let mut stream = request.into_inner();
-        let first = stream
-            .message()
+        let first = self
+            .receiving
+            .next(&mut stream)
             .await?
             .ok_or_else(|| Status::invalid_argument("empty snapshot stream"))?;
         // Before anything is written: a snapshot replaces the whole store.
@@ -664,10 +666,18 @@ impl pb::raft_transport_server::RaftTransport for RaftService {
             return Err(Status::invalid_argument("first chunk must carry a MsgSnapshot"));
         }
         self.check_inner(&msg, first.from)?;
-        let index = msg.get_snapshot().get_metadata().index;
+        let _slot = self.receiving.slots.clone().try_acquire_owned().map_err(|_| {
+            Status::resource_exhausted(format!(
+                "node {} is receiving {} snapshots already (max_snapshot_receives); try again \
+                 later",
+                self.id, self.receiving.max
+            ))
+        })?;
+        let meta = msg.get_snapshot().get_metadata();
+        let index = meta.index;
         let path = snapshot_path(&self.snap_dir, index);
         let tmp = self.snap_dir.join(format!("recv-{index:020}-{}.tmp", rand::random::<u64>()));
-        let result = receive(&mut stream, first, &tmp, &path).await;
+        let result = self.receiving.receive(&mut stream, first, &tmp, &path, meta).await;
         if result.is_err() {
             let _ = tokio::fs::remove_file(&tmp).await;
         }
@@ -683,47 +693,122 @@ impl pb::raft_transport_server::RaftTransport for RaftService {
 
 type ChunkStream = Streaming<pb::SnapshotChunk>;
 
-/// Writes the chunks to `tmp`, then makes it durable under `path`.
-async fn receive(
-    stream: &mut ChunkStream,
-    first: pb::SnapshotChunk,
-    tmp: &std::path::Path,
-    path: &std::path::Path,
-) -> Result<u64, Status> {
-    let io = |e: std::io::Error| Status::internal(format!("writing snapshot: {e}"));
-    let mut file = std::io::BufWriter::new(std::fs::File::create(tmp).map_err(io)?);
-    let mut bytes = 0u64;
-    let mut chunk = first;
-    loop {
-        file.write_all(&chunk.data).map_err(io)?;
-        bytes += chunk.data.len() as u64;
-        if chunk.last {
-            break;
+/// The limits on the snapshots a node receives (from its configuration).
+pub struct SnapshotReceiving {
+    /// One permit per snapshot being received (`max_snapshot_receives`).
+    slots: std::sync::Arc<tokio::sync::Semaphore>,
+    max: usize,
+    /// Longest wait for the next chunk (`snapshot_receive_idle_timeout_ms`).
+    idle: Duration,
+    /// Free disk space kept beside a snapshot and its installed copy
+    /// (`snapshot_min_free_disk_bytes`).
+    min_free_disk_bytes: u64,
+}
+
+impl SnapshotReceiving {
+    pub fn new(cfg: &Config) -> Self {
+        Self {
+            slots: std::sync::Arc::new(tokio::sync::Semaphore::new(cfg.max_snapshot_receives)),
+            max: cfg.max_snapshot_receives,
+            idle: Duration::from_millis(cfg.snapshot_receive_idle_timeout_ms),
+            min_free_disk_bytes: cfg.snapshot_min_free_disk_bytes,
         }
-        let mut s: Pin<&mut ChunkStream> = Pin::new(stream);
-        chunk = s.message().await?.ok_or_else(|| {
-            Status::invalid_argument("snapshot stream ended before its last chunk")
-        })?;
     }
-    let file = file.into_inner().map_err(|e| io(e.into_error()))?;
-    // The fsync, a check reading the whole file and the rename off the async workers
-    // (they serve clients and Raft traffic; a large snapshot took one for seconds).
-    let (tmp, path) = (tmp.to_owned(), path.to_owned());
-    tokio::task::spawn_blocking(move || {
-        file.sync_all().map_err(io)?;
-        drop(file);
-        // Check it before the node trusts it (through a buffer: it holds every block).
-        crate::snapshot::check_framed(&tmp, crate::snapshot::SNAPSHOT_MAGIC)
-            .map_err(|r| Status::invalid_argument(format!("received snapshot is corrupt: {r}")))?;
-        std::fs::rename(&tmp, &path).map_err(io)?;
-        if let Some(dir) = path.parent() {
-            crate::storage::sync_dir(dir).map_err(io)?;
+
+    /// The stream's next chunk, within the idle limit.
+    async fn next(&self, stream: &mut ChunkStream) -> Result<Option<pb::SnapshotChunk>, Status> {
+        match tokio::time::timeout(self.idle, stream.message()).await {
+            Ok(r) => r,
+            Err(_) => Err(Status::deadline_exceeded(format!(
+                "the snapshot stream brought nothing for {} ms (snapshot_receive_idle_timeout_ms)",
+                self.idle.as_millis()
+            ))),
         }
-        Ok::<_, Status>(())
-    })
-    .await
-    .map_err(|e| Status::internal(format!("checking the received snapshot: {e}")))??;
-    Ok(bytes)
+    }
+
+    /// Ok when the file system of `dir` has room for `chunk` more bytes of a snapshot of
+    /// which `received` bytes (this chunk's included) have come, its installed copy and
+    /// the reserve; else RESOURCE_EXHAUSTED saying so.
+    fn room(&self, dir: &std::path::Path, received: u64, chunk: u64) -> Result<(), Status> {
+        let free = crate::storage::free_disk_bytes(dir)
+            .map_err(|e| Status::internal(format!("free space of {}: {e}", dir.display())))?;
+        let needed = received.saturating_add(chunk).saturating_add(self.min_free_disk_bytes);
+        if free < needed {
+            return Err(Status::resource_exhausted(format!(
+                "{} has {free} bytes free; the snapshot being received ({received} bytes so \
+                 far) needs as much again to be installed, and snapshot_min_free_disk_bytes \
+                 ({}) kept free",
+                dir.display(),
+                self.min_free_disk_bytes
+            )));
+        }
+        Ok(())
+    }
+
+    /// Writes the chunks to `tmp`, checks the file (its structure and checksum, and that
+    /// its metadata is `expect`, the message's), then makes it durable under `path`.
+    async fn receive(
+        &self,
+        stream: &mut ChunkStream,
+        first: pb::SnapshotChunk,
+        tmp: &std::path::Path,
+        path: &std::path::Path,
+        expect: &SnapshotMetadata,
+    ) -> Result<u64, Status> {
+        use tokio::io::AsyncWriteExt as _;
+        let io = |e: std::io::Error| Status::internal(format!("writing snapshot: {e}"));
+        let dir = tmp.parent().unwrap_or(std::path::Path::new("."));
+        let file = tokio::fs::File::create(tmp).await.map_err(io)?;
+        let mut file = tokio::io::BufWriter::with_capacity(1 << 20, file);
+        let mut bytes = 0u64;
+        let mut chunk = first;
+        loop {
+            let n = chunk.data.len() as u64;
+            bytes += n;
+            self.room(dir, bytes, n)?;
+            file.write_all(&chunk.data).await.map_err(io)?;
+            if chunk.last {
+                break;
+            }
+            chunk = self.next(stream).await?.ok_or_else(|| {
+                Status::invalid_argument("snapshot stream ended before its last chunk")
+            })?;
+        }
+        file.flush().await.map_err(io)?;
+        let file = file.into_inner().into_std().await;
+        // The fsync, a check reading the whole file and the rename off the async workers
+        // (they serve clients and Raft traffic; a large snapshot took one for seconds).
+        let (tmp, path, expect) = (tmp.to_owned(), path.to_owned(), expect.clone());
+        tokio::task::spawn_blocking(move || {
+            file.sync_all().map_err(io)?;
+            drop(file);
+            // Checked before the node trusts it (through a buffer: it holds every block).
+            let corrupt =
+                |r| Status::invalid_argument(format!("received snapshot is corrupt: {r}"));
+            let got = crate::snapshot::check_framed(&tmp, crate::snapshot::SNAPSHOT_MAGIC)
+                .map_err(corrupt)?;
+            if got != expect {
+                return Err(corrupt(format!(
+                    "its metadata (index {}, term {}, voters {:?}) is not its message's (index \
+                     {}, term {}, voters {:?})",
+                    got.index,
+                    got.term,
+                    got.get_conf_state().voters,
+                    expect.index,
+                    expect.term,
+                    expect.get_conf_state().voters
+                )));
+            }
+            std::fs::rename(&tmp, &path).map_err(io)?;
+            if let Some(dir) = path.parent() {
+                crate::storage::sync_dir(dir).map_err(io)?;
+            }
+            Ok::<_, Status>(())
+        })
+        .await
+        .map_err(|e| Status::internal(format!("checking the received snapshot: {e}")))??;
+        Ok(bytes)
+    }
 }
 
 #[cfg(test)]

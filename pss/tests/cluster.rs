@@ -571,3 +571,115 @@ async fn a_node_stores_at_most_max_volumes() {
     assert!(client.get_volume(&v4).await.is_err());
     cluster.shutdown().await;
 }
+
+/// A snapshot a node receives is held to limits and checked before the node sees it: a
+/// sealed file whose metadata is not its message's, or whose items run past its end, is
+/// refused (INVALID_ARGUMENT); past `max_snapshot_receives` one more transfer is refused
+/// (RESOURCE_EXHAUSTED); a sender that stalls is cut after
+/// `snapshot_receive_idle_timeout_ms` (DEADLINE_EXCEEDED); a disk without room for a
+/// snapshot and its installed copy refuses it (RESOURCE_EXHAUSTED). Each time the partial
+/// file is removed and the node goes on serving its own state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_received_snapshot_is_held_to_limits_and_checked_before_it_is_used() {
+    use protobuf::Message as _;
+    use wayside_proto::pb::raft_transport_client::RaftTransportClient;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cluster = LocalCluster::start_with(1, dir.path(), |c| {
+        c.max_snapshot_receives = 1;
+        c.snapshot_receive_idle_timeout_ms = 500;
+    })
+    .await
+    .unwrap();
+    let client = cluster.client();
+    client.acquire_volume(acquire("kept", "nms", 1)).await.unwrap();
+    let ep = cluster.endpoint(1).unwrap();
+    let raft = || {
+        let e = wayside_proto::client::endpoint(&ep, None).unwrap();
+        RaftTransportClient::new(wayside_proto::client::connect_lazy(&e))
+    };
+    // A MsgSnapshot of a far later index, as a sender would put in the first chunk.
+    let message = {
+        let mut m = raft::prelude::Message::default();
+        m.set_msg_type(raft::prelude::MessageType::MsgSnapshot);
+        (m.from, m.to, m.term) = (2, 1, 99);
+        m.mut_snapshot().mut_metadata().index = 1_000_000;
+        m.mut_snapshot().mut_metadata().term = 99;
+        m.write_to_bytes().unwrap()
+    };
+    let head = pb::SnapshotChunk { from: 2, to: 1, message, data: Vec::new(), last: false };
+    // A snapshot file with a checksum that holds, of `items` after the magic.
+    let sealed = |items: &[Vec<u8>]| {
+        let body = [wayside_pss::snapshot::SNAPSHOT_MAGIC, &items.concat()].concat();
+        let sum = crc32fast::hash(&body).to_le_bytes();
+        [&body[..], &sum].concat()
+    };
+    let item = |b: &[u8]| [&(b.len() as u32).to_le_bytes()[..], b].concat();
+    let meta = |index: u64| {
+        let m = raft::prelude::SnapshotMetadata { index, term: 99, ..Default::default() };
+        item(&m.write_to_bytes().unwrap())
+    };
+    let end = u32::MAX.to_le_bytes().to_vec();
+    let send = |data: Vec<u8>| {
+        let mut c = raft();
+        let chunks = [head.clone(), pb::SnapshotChunk { data, last: true, ..head.clone() }];
+        async move { c.install_snapshot(futures::stream::iter(chunks)).await.unwrap_err() }
+    };
+
+    let st = send(sealed(&[meta(5), item(b"bk"), item(&[1; 10]), end.clone()])).await;
+    assert_eq!(st.code(), Code::InvalidArgument, "{st:?}");
+    assert!(st.message().contains("not its message's"), "{st:?}");
+    let past = [&(1u32 << 30).to_le_bytes()[..], &[1; 10]].concat();
+    let st = send(sealed(&[meta(1_000_000), item(b"bk"), past, end.clone()])).await;
+    assert_eq!(st.code(), Code::InvalidArgument, "{st:?}");
+    assert!(st.message().contains("runs past the end"), "{st:?}");
+
+    // A transfer that sends its first chunk and then nothing holds the one slot: the
+    // next is refused until the stalled one is cut.
+    let (stall_tx, stall_rx) = tokio::sync::mpsc::channel::<pb::SnapshotChunk>(1);
+    stall_tx.send(head.clone()).await.unwrap();
+    let mut c = raft();
+    let stalled = tokio::spawn(async move {
+        c.install_snapshot(tokio_stream::wrappers::ReceiverStream::new(stall_rx)).await
+    });
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        // A file that is refused once it is all there, unless the slot is taken.
+        let st = send(sealed(&[meta(5), end.clone()])).await;
+        if st.code() == Code::ResourceExhausted {
+            assert!(st.message().contains("max_snapshot_receives"), "{st:?}");
+            break;
+        }
+        assert_eq!(st.code(), Code::InvalidArgument, "{st:?}");
+        assert!(tokio::time::Instant::now() < deadline, "the stalled transfer never held a slot");
+        tokio::task::yield_now().await;
+    }
+    let st = tokio::time::timeout(Duration::from_secs(10), stalled).await.unwrap().unwrap();
+    let st = st.unwrap_err();
+    assert_eq!(st.code(), Code::DeadlineExceeded, "{st:?}");
+    assert!(st.message().contains("snapshot_receive_idle_timeout_ms"), "{st:?}");
+    drop(stall_tx);
+    let st = send(sealed(&[meta(5), end.clone()])).await;
+    assert_eq!(st.code(), Code::InvalidArgument, "the slot is free again: {st:?}");
+
+    // Too little room on the disk for the file and its installed copy.
+    cluster.stop_node(1).await.unwrap();
+    cluster.reconfigure(1, |c| c.snapshot_min_free_disk_bytes = u64::MAX / 4).unwrap();
+    cluster.restart_node(1).await.unwrap();
+    let st = send(sealed(&[meta(1_000_000), end.clone()])).await;
+    assert_eq!(st.code(), Code::ResourceExhausted, "{st:?}");
+    assert!(st.message().contains("snapshot_min_free_disk_bytes"), "{st:?}");
+
+    // Nothing of any of them is left, and the node serves what it had.
+    let snap = cluster.dir().join("node-1/snap");
+    let left: Vec<String> = std::fs::read_dir(&snap)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("recv-") || n.contains("1000000"))
+        .collect();
+    assert!(left.is_empty(), "left in {}: {left:?}", snap.display());
+    let st = cluster.status(1).await.unwrap();
+    assert!(st.applied_index < 1_000_000, "{st:?}");
+    let again = client.acquire_volume(acquire("kept", "nms", 1)).await.unwrap();
+    assert_eq!(again.meta.unwrap().epoch, 1, "the volume made before is still there");
+    cluster.shutdown().await;
+}
