@@ -2302,6 +2302,49 @@ async fn a_full_nms_unloads_an_idle_volume_with_nothing_unpersisted_to_make_room
     cluster.shutdown().await;
 }
 
+/// A copy loaded again after an idle unload names the unloaded copy as its predecessor
+/// (its vehicle's journal then replays nothing that copy held) only when no other copy
+/// owned the volume in between: an NMS that took the volume over meanwhile may have
+/// applied older writes of the journal over newer ones the unloaded copy had persisted
+/// (its replay cut short), so the vehicle must replay its journal in full.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_unloaded_copy_is_no_predecessor_once_another_nms_owned_the_volume() {
+    const IDLE: Duration = Duration::from_millis(300);
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = LocalCluster::start(1, dir.path()).await.unwrap();
+    let a = Nms::start("a", &cluster.endpoints(), |c| {
+        c.max_volumes = 1;
+        c.volume_idle_unload_ms = IDLE.as_millis() as u64;
+    })
+    .await;
+    let b = Nms::start("b", &cluster.endpoints(), |_| {}).await;
+    let parked = VolumeClient::open(opts(&[&a.ep], "parked", "k")).await.unwrap();
+    parked.write(0, 0, block_data(0, 1)).await.unwrap();
+    parked.flush().await.unwrap();
+    let first = parked.stat().await.unwrap();
+    // Idle past volume_idle_unload_ms (the condition is time itself), it makes room.
+    tokio::time::sleep(IDLE + Duration::from_millis(100)).await;
+    let third = VolumeClient::open(opts(&[&a.ep], "third", "k")).await.unwrap();
+    assert_eq!(served_volumes(&a).await, (vec!["third".into()], 1));
+    // Meanwhile the volume is taken over at B (its vehicle out of A's reach, say), and
+    // B goes away; the vehicle is back at A, which loads the volume anew.
+    let at_b = VolumeClient::open(opts(&[&b.ep], "parked", "k")).await.unwrap();
+    assert_eq!(at_b.read(0, 0, None).await.unwrap(), Some(block_data(0, 1)));
+    b.stop().await;
+    tokio::time::sleep(IDLE + Duration::from_millis(100)).await;
+    assert_eq!(parked.read(0, 0, None).await.unwrap(), Some(block_data(0, 1)));
+    let again = parked.stat().await.unwrap();
+    assert_eq!(again.epoch, first.epoch + 2, "B's ownership came in between");
+    assert_eq!(
+        (again.predecessor_session, again.predecessor_incarnation),
+        (0, 0),
+        "the unloaded copy is named as this one's predecessor over B's ownership"
+    );
+    drop(third);
+    a.stop().await;
+    cluster.shutdown().await;
+}
+
 /// A volume whose blocks could never fit under the node's per-volume dirty limit is
 /// refused at attach, naming the limit (it was served, and every write then failed after
 /// backpressure_wait_ms), and nothing is created.

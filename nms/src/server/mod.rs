@@ -431,8 +431,8 @@ pub struct Node {
     /// The copies unloaded as idle (newest last, at most `max_moved_markers`): a volume
     /// loaded again names the copy it was unloaded from as its predecessor, through the
     /// lsn persisted then, so its vehicle's journal replays none of what that copy held
-    /// (all of it in the PSS).
-    unloaded: Mutex<VecDeque<(VolumeName, crate::cache::Predecessor)>>,
+    /// (all of it in the PSS); only when no other copy owned the volume in between.
+    unloaded: Mutex<VecDeque<Unloaded>>,
     me: std::sync::Weak<Node>,
 }
 
@@ -442,6 +442,14 @@ impl Drop for Node {
     fn drop(&mut self) {
         self.pool.close();
     }
+}
+
+/// A copy of a volume unloaded as idle (see `Node::unload_idle`).
+struct Unloaded {
+    volume: VolumeName,
+    /// Its owner epoch: a copy loaded later at the next epoch follows it directly.
+    epoch: Epoch,
+    copy: crate::cache::Predecessor,
 }
 
 impl Node {
@@ -808,14 +816,14 @@ impl Node {
                 continue;
             }
             if let Some(x) = core.volume(&v) {
-                let marker = crate::cache::Predecessor {
+                let copy = crate::cache::Predecessor {
                     session: self.session,
                     incarnation,
                     through: x.persisted,
                 };
                 let mut u = self.unloaded.lock().expect("poisoned");
-                u.retain(|(n, _)| *n != v);
-                u.push_back((v.clone(), marker));
+                u.retain(|m| m.volume != v);
+                u.push_back(Unloaded { volume: v.clone(), epoch: x.epoch, copy });
                 while u.len() > self.cfg.max_moved_markers {
                     u.pop_front();
                 }
@@ -863,13 +871,20 @@ impl Node {
             }
             let unloaded = {
                 let mut u = self.unloaded.lock().expect("poisoned");
-                let at = u.iter().position(|(n, _)| n == v);
-                at.and_then(|i| u.remove(i)).map(|(_, p)| p)
+                let at = u.iter().position(|m| m.volume == *v);
+                at.and_then(|i| u.remove(i))
             };
             if let Some(x) = core.volume_mut(v) {
                 x.stored_blocks = stored_blocks;
-                // Everything the unloaded copy accepted is in the PSS, so in this one.
-                x.predecessor = unloaded.filter(|p| p.through <= persisted);
+                // Everything the unloaded copy accepted is in the PSS, so in this one;
+                // unless another copy owned the volume in between (this one's epoch is
+                // not the next after the unloaded copy's): it may have applied older
+                // writes of the vehicle's journal over newer ones the unloaded copy had
+                // persisted, which the vehicle must then replay.
+                x.predecessor = unloaded
+                    .filter(|m| m.epoch.0.checked_add(1) == Some(epoch.0))
+                    .map(|m| m.copy)
+                    .filter(|p| p.through <= persisted);
             }
         }
         self.start_writer(v);
