@@ -362,12 +362,19 @@ struct Conn {
     incarnation: u32,
 }
 
+/// A busy NMS, its (accepted, persisted) lsns when seen so, and since when they stand.
+type BusySeen = (Endpoint, (u64, u64), Instant);
+
 struct Inner {
     opts: ClientOptions,
     conn: Mutex<Option<Conn>>,
     /// Where to go first on the next (re)connect: the last redirect or the last good NMS.
     preferred: Mutex<Endpoint>,
     reconnect: tokio::sync::Mutex<()>,
+    /// An NMS whose journal replay met back-pressure, its lsns then, and since when they
+    /// stand: kept across calls (each of which may end before `rpc_timeout` has passed),
+    /// cleared by an attach that completes.
+    busy_seen: Mutex<Option<BusySeen>>,
     generation: AtomicU64,
     block_size: Mutex<BlockSize>,
     seq: AtomicU64,
@@ -560,6 +567,7 @@ impl VolumeClient {
         let me = Self {
             inner: Arc::new(Inner {
                 preferred: Mutex::new(first),
+                busy_seen: Mutex::new(None),
                 opts,
                 conn: Mutex::new(None),
                 reconnect: tokio::sync::Mutex::new(()),
@@ -1083,8 +1091,6 @@ impl VolumeClient {
         }
         let mut backoff = o.initial_backoff;
         let mut last = String::from("no attempt");
-        // An NMS whose replay met back-pressure, its lsns then, and since when they stand.
-        let mut busy_seen: Option<(Endpoint, (u64, u64), Instant)> = None;
         loop {
             let preferred = self.inner.preferred.lock().expect("poisoned").clone();
             let mut candidates = vec![preferred];
@@ -1102,7 +1108,10 @@ impl VolumeClient {
                 let ep = candidates[i].clone();
                 i += 1;
                 let failed = match self.attach(&ep, deadline).await {
-                    Ok(conn) => return Ok(conn),
+                    Ok(conn) => {
+                        *self.inner.busy_seen.lock().expect("poisoned") = None;
+                        return Ok(conn);
+                    }
                     Err(f) => f,
                 };
                 let busy_owner = failed.busy_owner;
@@ -1126,16 +1135,17 @@ impl VolumeClient {
                     // lsns moved within `rpc_timeout`). Another one would take the volume
                     // from it (and the vehicle's writes from its cache back to the PSS
                     // first); one that gets nowhere (its PSS out of reach, say) is left.
+                    // (Judged across calls: a call's `op_timeout` may be shorter.)
                     let now = Instant::now();
-                    let stalled = match &mut busy_seen {
+                    let stalled = match &mut *self.inner.busy_seen.lock().expect("poisoned") {
                         Some((e, p, since)) if *e == ep => {
                             if *p != progress {
                                 (*p, *since) = (progress, now);
                             }
                             now.duration_since(*since) >= o.rpc_timeout
                         }
-                        _ => {
-                            busy_seen = Some((ep.clone(), progress, now));
+                        seen => {
+                            *seen = Some((ep.clone(), progress, now));
                             false
                         }
                     };

@@ -646,6 +646,46 @@ async fn a_busy_nms_that_gets_nowhere_is_left() {
     replay_at_a_busy_nms(Duration::from_millis(600), true).await;
 }
 
+/// ... also when every call ends before `rpc_timeout` has passed (its `op_timeout` is
+/// shorter; say a FUSE mount's): the time a busy NMS got nowhere is judged across calls,
+/// and a later call moves on. (Judged within one call, the vehicle stayed at the busy NMS
+/// for good while another could serve it.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_busy_nms_that_gets_nowhere_is_left_across_short_calls() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cluster, mut child, a_ep, store, b) = a_killable_and_b_of_two_blocks(dir.path()).await;
+    let c_nms = Nms::start("c", &cluster.endpoints(), |_| {}).await;
+    let mut o = opts(&[&a_ep, &b.ep, &c_nms.ep], "busy", "k");
+    o.op_timeout = Duration::from_millis(800);
+    o.rpc_timeout = Duration::from_millis(1500);
+    let c = VolumeClient::open(o).await.unwrap();
+    writes_left_only_in_the_journal(&c, &mut child).await;
+    store.hold_writes.send_replace(true);
+    let mut failed = 0;
+    let got = loop {
+        match c.read(1, 0, None).await {
+            Ok(got) => break got,
+            Err(e) => {
+                failed += 1;
+                assert!(failed < 10, "still at the busy NMS after {failed} calls: {e}");
+            }
+        }
+    };
+    assert!(failed >= 1, "the first call could not have judged B stalled");
+    assert_eq!(got, Some(block_data(1, 1)));
+    assert_eq!(c.current_nms(), c_nms.ep, "C took the volume");
+    store.hold_writes.send_replace(false);
+    for blk in 1..=4u64 {
+        assert_eq!(c.read(blk, 0, None).await.unwrap(), Some(block_data(blk, 1)), "block {blk}");
+    }
+    c.flush().await.unwrap();
+    let want: HashMap<u64, Vec<u8>> = (1..=4).map(|b| (b, block_data(b, 1))).collect();
+    assert_persisted_and_read_back(&cluster, &c, "busy", &want).await;
+    b.stop().await;
+    c_nms.stop().await;
+    cluster.shutdown().await;
+}
+
 /// A's writes only in the vehicle's journal (A killed), B takes two of them and refuses the
 /// rest while its write-back is held for a call's time; C is the vehicle's third NMS.
 /// `moves_on`: the client is expected at C after that call, else at B.
@@ -668,6 +708,7 @@ async fn replay_at_a_busy_nms(rpc_timeout: Duration, moves_on: bool) {
         assert_eq!((on_c, c.current_nms()), (1, c_nms.ep.clone()), "C took the volume");
     } else {
         assert!(first.is_err(), "the read waited on B until its deadline: {first:?}");
+        assert!(c.attaches() >= 3, "B was tried again: {} attaches", c.attaches());
         let on_b: Vec<u64> = b.status().await.volume_info.iter().map(|v| v.accepted_lsn).collect();
         assert_eq!(on_b, [2], "B took blocks 1 and 2 of the replay");
         assert_eq!(on_c, 0, "C never took the volume from B");
