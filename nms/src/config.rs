@@ -76,6 +76,13 @@ pub struct Config {
     /// Most redirect markers (volumes that moved away, kept to point their vehicles at the
     /// new NMS, ~200 bytes each); the oldest is dropped past it.
     pub max_moved_markers: usize,
+    /// Most volume loads at once (a PSS read, then an epoch claim) started by block calls
+    /// without an attach (a call naming a volume not cached here), in loads. Each runs in a
+    /// task of its own that goes on after its caller gives up, and refusing a made-up
+    /// credential for a volume not cached here takes a PSS read: without a limit, callers
+    /// giving up on call after call started any number. A call waits for a slot within its
+    /// own deadline. (An Attach loads within its call.)
+    pub max_background_loads: usize,
     /// Most operations per second on one volume (reads answered, writes and deletes
     /// applied; a batch counts each of its operations), so one vehicle cannot take an
     /// RSU's capacity from the others. Past it an operation waits (up to
@@ -261,6 +268,7 @@ impl Default for Config {
             max_volumes: 4096,
             volume_idle_unload_ms: 60_000,
             max_moved_markers: 65_536,
+            max_background_loads: 64,
             max_message_size_bytes: 16 << 20,
             request_copy_below_bytes: wayside_proto::h2serve::DEFAULT_COPY_BELOW_BYTES,
             cluster_token: None,
@@ -338,6 +346,7 @@ impl Config {
             ("max_batch_ops", self.max_batch_ops as u64),
             ("max_volumes", self.max_volumes as u64),
             ("max_moved_markers", self.max_moved_markers as u64),
+            ("max_background_loads", self.max_background_loads as u64),
             ("max_volume_ops_per_s", self.max_volume_ops_per_s),
             ("volume_ops_burst", self.volume_ops_burst),
             ("max_tracked_fetches_per_volume", self.max_tracked_fetches_per_volume as u64),

@@ -399,6 +399,8 @@ pub struct Node {
     /// against `max_volumes` with the volumes here, as loads of different volumes run
     /// concurrently. Changed only under the cache lock.
     loads_in_flight: std::sync::atomic::AtomicUsize,
+    /// One permit per load a block call started in the background (`max_background_loads`).
+    background_loads: Arc<tokio::sync::Semaphore>,
     pub(crate) tracker: TaskTracker,
     /// The runtime `run` was called on: background work (write-back, migrations) runs
     /// there, on all its workers, while each connection's I/O and requests stay on its
@@ -482,8 +484,10 @@ impl Node {
         // restarted node must not collide with its previous life's sequence numbers.
         let mut id: String = cfg.node_id.chars().take(40).collect();
         id.push_str(&format!(".{:016x}", rand::random::<u64>()));
+        let background_loads = Arc::new(tokio::sync::Semaphore::new(cfg.max_background_loads));
         Arc::new_cyclic(|me| Self {
             me: me.clone(),
+            background_loads,
             node_id: cfg.node_id.clone(),
             cfg,
             advertise,
@@ -584,10 +588,16 @@ impl Node {
         // In a task of its own: a caller that stops being polled (a stream whose vehicle
         // stopped reading its replies, its task waiting to send) must not keep the
         // volume's load lock, and with it every other attach of the volume here, waiting.
+        // It goes on after its caller gives up: `max_background_loads` at most.
+        let slot = self.background_loads.clone().acquire_owned().await;
+        let slot = slot.map_err(|_| NmsError::Unavailable("the node is stopping".into()))?;
         let (node, v, cred) = (self.self_arc(), v.clone(), cred.clone());
-        self.spawn_background(async move { node.load(&v, &cred, None, false).await })
-            .await
-            .map_err(|e| NmsError::Unavailable(format!("loading the volume: {e}")))?
+        self.spawn_background(async move {
+            let _slot = slot;
+            node.load(&v, &cred, None, false).await
+        })
+        .await
+        .map_err(|e| NmsError::Unavailable(format!("loading the volume: {e}")))?
     }
 
     /// Whether the active copy of `v` here is still the volume's (`Ok(false)`: it was

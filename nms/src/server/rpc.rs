@@ -1170,6 +1170,11 @@ mod tests {
         acquire_gate: tokio::sync::Semaphore,
         /// Reads asking for any of these blocks fail (UNAVAILABLE), after the gate.
         fail_blocks: std::sync::Mutex<Vec<BlockNo>>,
+        /// Set: volume reads wait for `volume_gate`, counted in `volume_reads_waiting`.
+        hold_volume_reads: std::sync::atomic::AtomicBool,
+        volume_reads_waiting: std::sync::atomic::AtomicUsize,
+        volume_read_entered: tokio::sync::Notify,
+        volume_gate: tokio::sync::Semaphore,
     }
 
     impl SlowReads {
@@ -1184,6 +1189,10 @@ mod tests {
                 acquire_entered: tokio::sync::Notify::new(),
                 acquire_gate: tokio::sync::Semaphore::new(0),
                 fail_blocks: Default::default(),
+                hold_volume_reads: false.into(),
+                volume_reads_waiting: Default::default(),
+                volume_read_entered: tokio::sync::Notify::new(),
+                volume_gate: tokio::sync::Semaphore::new(0),
             })
         }
     }
@@ -1207,7 +1216,15 @@ mod tests {
             volume: VolumeName,
         ) -> crate::store::BoxFut<'_, Result<crate::store::VolumeMeta, crate::store::StoreError>>
         {
-            self.inner.get_volume(volume)
+            Box::pin(async move {
+                if self.hold_volume_reads.load(Ordering::SeqCst) {
+                    self.volume_reads_waiting.fetch_add(1, Ordering::SeqCst);
+                    self.volume_read_entered.notify_one();
+                    let _open = self.volume_gate.acquire().await.expect("gate open");
+                    self.volume_reads_waiting.fetch_sub(1, Ordering::SeqCst);
+                }
+                self.inner.get_volume(volume).await
+            })
         }
         fn write_batch(
             &self,
@@ -1434,6 +1451,40 @@ mod tests {
         drop(stalled);
         node.stop.cancel();
     }
+    /// Block calls without an attach that name volumes not cached here each start a load
+    /// in a task of its own, which goes on after its caller gives up: at most
+    /// `max_background_loads` of them run at once (a caller with a made-up credential,
+    /// giving up on each call, started any number of PSS reads); a call waiting for a
+    /// slot starts nothing once dropped, and slots free as loads end.
+    #[tokio::test]
+    async fn block_calls_start_at_most_max_background_loads() {
+        use crate::config::Config;
+        let cfg = Config { max_background_loads: 2, ..Config::default() };
+        let (store, node, _, _) = node_over_slow_reads(cfg).await;
+        store.hold_volume_reads.store(true, Ordering::SeqCst);
+        let who = Presented::new(wayside_proto::types::Credential::new("made-up").unwrap());
+        for i in 0..6 {
+            let v = VolumeName::new(format!("x{i}")).unwrap();
+            let mut call = Box::pin(node.ensure(&v, &who));
+            assert!(futures::poll!(&mut call).is_pending(), "call {i}");
+            drop(call);
+        }
+        while store.volume_reads_waiting.load(Ordering::SeqCst) < 2 {
+            store.volume_read_entered.notified().await;
+        }
+        for _ in 0..200 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(store.volume_reads_waiting.load(Ordering::SeqCst), 2, "loads at the PSS");
+        store.hold_volume_reads.store(false, Ordering::SeqCst);
+        store.volume_gate.add_permits(1 << 20);
+        let x9 = VolumeName::new("x9").unwrap();
+        let r = tokio::time::timeout(std::time::Duration::from_secs(10), node.ensure(&x9, &who));
+        let r = r.await;
+        assert!(r.expect("a later call got a slot").is_err(), "no such volume");
+        node.stop.cancel();
+    }
+
     /// Serves one `StreamBatches` call of `ops` (tagged by index) on `node` for volume "v"
     /// with credential "k"; the replies' results in order.
     async fn one_batch(
