@@ -604,7 +604,8 @@ fn sets_block_pool(file: &Path) -> bool {
         .is_some_and(|p| p.block_pool_bytes.is_some())
 }
 
-fn power_off() -> ! {
+/// Syncs and powers the VM off (process 1 must never exit).
+pub(crate) fn power_off() -> ! {
     // SAFETY: plain syscalls; process 1 may call reboot(2).
     unsafe {
         libc::sync();

@@ -446,6 +446,31 @@ impl Drop for Node {
     }
 }
 
+/// Ends the process at once (SIGABRT, or the VM's power-off as process 1; no unwinding, no
+/// shutdown stages): `what`, a panic
+/// where it happened, left the cache, or a volume's write-back, in a state nothing can
+/// trust. Served on, every call would fail with a reset while health says SERVING and
+/// dirty blocks would never persist (or be written back inconsistent); stopped, the
+/// vehicles attach to another NMS and replay their journals, which hold every write not
+/// yet persisted.
+#[cold]
+pub(crate) fn fail_stop(what: &str) -> ! {
+    tracing::error!(
+        what,
+        "stopping this NMS: vehicles attach to another NMS and replay what was not persisted"
+    );
+    if std::process::id() == 1 {
+        // Process 1 of a VM image: SIGABRT would be ignored, and its exit panic the kernel.
+        crate::pid1::power_off();
+    }
+    std::process::abort()
+}
+
+/// `m`'s guard; [`fail_stop`] when a panic poisoned it.
+fn lock_or_fail_stop<'a, T>(m: &'a Mutex<T>, what: &str) -> MutexGuard<'a, T> {
+    m.lock().unwrap_or_else(|_| fail_stop(what))
+}
+
 /// A copy of a volume unloaded as idle (see `Node::unload_idle`).
 struct Unloaded {
     volume: VolumeName,
@@ -519,7 +544,7 @@ impl Node {
     }
 
     pub(crate) fn core(&self) -> MutexGuard<'_, Cache> {
-        self.core.lock().expect("cache mutex poisoned")
+        lock_or_fail_stop(&self.core, "a panic while the cache lock was held")
     }
 
     pub(crate) fn bump(&self) {
@@ -934,7 +959,13 @@ impl Node {
         let me = self.self_arc();
         let vol = v.clone();
         let span = info_span!("writeback", node = %self.node_id, volume = %v);
-        self.spawn_background(async move { me.writer(vol, h, incarnation).await }.instrument(span));
+        let run = async move {
+            let writer = std::panic::AssertUnwindSafe(me.writer(vol, h, incarnation));
+            if futures::FutureExt::catch_unwind(writer).await.is_err() {
+                fail_stop("a volume's write-back task panicked");
+            }
+        };
+        self.spawn_background(run.instrument(span));
     }
 
     /// Spawns background work (tracked) on the node's main runtime; see `runtime`.
@@ -1621,5 +1652,34 @@ impl Node {
 
     pub(crate) fn uptime(&self) -> Duration {
         self.started.elapsed()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A panic while the cache lock is held ends the process (SIGABRT) at the next use of
+    /// the lock, rather than leaving a node that resets every call while saying SERVING.
+    /// (Run in a child process: this test binary re-runs itself with a variable set.)
+    #[test]
+    fn a_poisoned_lock_ends_the_process() {
+        use std::os::unix::process::ExitStatusExt as _;
+        const CHILD: &str = "WAYSIDE_NMS_POISON_CHILD";
+        if std::env::var_os(CHILD).is_some() {
+            let m = Mutex::new(0u32);
+            let _ = std::panic::catch_unwind(|| {
+                let _g = m.lock().unwrap();
+                panic!("poisons the lock");
+            });
+            let _g = lock_or_fail_stop(&m, "a test");
+            std::process::exit(0);
+        }
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", "server::tests::a_poisoned_lock_ends_the_process", "--nocapture"])
+            .env(CHILD, "1")
+            .output()
+            .unwrap();
+        assert_eq!(out.status.signal(), Some(libc::SIGABRT), "{out:?}");
     }
 }
