@@ -193,6 +193,9 @@ pub struct Predecessor {
     pub through: Lsn,
 }
 
+/// Most copies before a volume's predecessor it remembers (`Volume::ancestors`).
+pub const MAX_ANCESTORS: usize = 4;
+
 /// One cached volume.
 #[derive(Debug)]
 pub struct Volume {
@@ -207,6 +210,10 @@ pub struct Volume {
     pub stored_blocks: u64,
     /// The copy a move made this one from, if one did (`VolumeInfo.predecessor_*`).
     pub predecessor: Option<Predecessor>,
+    /// The copies before `predecessor` in this one's line, newest first, at most
+    /// [`MAX_ANCESTORS`] (`VolumeInfo.ancestors`): a vehicle's journal entry one of them
+    /// accepted up to its `through` is in this copy too (a copy two moves on).
+    pub ancestors: Vec<Predecessor>,
     id: u32,
     entries: HashMap<BlockNo, Entry>,
     dirty: BTreeSet<(Lsn, BlockNo)>,
@@ -255,6 +262,12 @@ impl Volume {
     /// one incarnation (a write-back writer, a move) can tell it was replaced meanwhile.
     pub fn incarnation(&self) -> u32 {
         self.id
+    }
+    /// The copies this one continues, newest first: its predecessor, then its ancestors
+    /// (what a copy made from this one takes as its own ancestors), at most
+    /// [`MAX_ANCESTORS`].
+    pub fn lineage(&self) -> Vec<Predecessor> {
+        self.predecessor.iter().chain(&self.ancestors).take(MAX_ANCESTORS).copied().collect()
     }
     /// No write-back is pending or in flight.
     pub fn is_clean(&self) -> bool {
@@ -543,6 +556,7 @@ impl Cache {
                 persisted,
                 stored_blocks: 0,
                 predecessor: None,
+                ancestors: Vec::new(),
                 id,
                 entries: HashMap::default(),
                 dirty: BTreeSet::new(),

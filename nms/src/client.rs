@@ -9,8 +9,9 @@
 //!   (which would take the volume from it) unless it got nowhere for `rpc_timeout`.
 //! - Keeps every accepted-but-not-persisted write in a bounded journal. After any
 //!   reconnect it first sets aside the entries the NMS's copy of the volume holds: those
-//!   that copy accepted, and those the copy a move made it from accepted up to the
-//!   switch (`VolumeInfo.incarnation`, `predecessor_*`; an NMS remembers only its last
+//!   that copy accepted, and those the copies it continues accepted up to their switch
+//!   (the copy a move made it from, and that one's own line: `VolumeInfo.incarnation`,
+//!   `predecessor_*`, `ancestors`; an NMS remembers only its last
 //!   `dedupe_entries_per_volume` request ids, so ids alone cannot tell). It replays the
 //!   rest, with their original request ids, in the original order: an NMS that already
 //!   has one (a migration target that got the source's applied ids) answers `duplicate`;
@@ -218,7 +219,7 @@ const MAX_COPIES_PER_ENTRY: usize = 4;
 /// `journal_limit_bytes`: the entry under its key in the map, its list of copies at their
 /// most, and 32 for the map's node and the allocator's share. (Counted as 32, a vehicle
 /// writing tiny blocks or deleting held several times its limit in memory.)
-const JOURNAL_ENTRY_OVERHEAD_BYTES: u64 = (std::mem::size_of::<(u64, JEntry)>()
+pub const JOURNAL_ENTRY_OVERHEAD_BYTES: u64 = (std::mem::size_of::<(u64, JEntry)>()
     + MAX_COPIES_PER_ENTRY * std::mem::size_of::<(u64, u32)>()
     + 32) as u64;
 
@@ -334,8 +335,16 @@ impl Journal {
     /// an entry whose id it forgot would otherwise be applied again, over later writes.
     fn held_by(&mut self, generation: u64, info: &pb::VolumeInfo) {
         let here = (info.nms_session, info.incarnation);
-        let before = (info.predecessor_session, info.predecessor_incarnation);
-        let through = Lsn(info.predecessor_through_lsn);
+        // The copies this one continues, each through the last lsn of its writes it holds:
+        // its predecessor, then that one's own line (a copy two moves on, or reloaded
+        // after an idle unload of a moved-in copy).
+        let before = std::iter::once((
+            (info.predecessor_session, info.predecessor_incarnation),
+            Lsn(info.predecessor_through_lsn),
+        ))
+        .chain(info.ancestors.iter().map(|a| ((a.session, a.incarnation), Lsn(a.through_lsn))))
+        .filter(|((session, _), _)| *session != 0)
+        .collect::<Vec<_>>();
         if here.0 != 0 {
             self.lineages.insert(generation, here);
         }
@@ -346,7 +355,7 @@ impl Journal {
                 continue;
             }
             let holds = (here.0 != 0 && e.copies.contains(&here))
-                || (before.0 != 0 && lsn <= through && e.copies.contains(&before));
+                || before.iter().any(|(copy, through)| lsn <= *through && e.copies.contains(copy));
             if holds {
                 e.generation = generation;
                 e.held_at(here);

@@ -1242,7 +1242,8 @@ async fn writes_past_the_dedupe_window(c: &VolumeClient) {
         c.write(blk, 0, block_data(blk, 1)).await.unwrap();
     }
     c.write(0, 0, block_data(0, 2)).await.unwrap();
-    assert_eq!(c.journal_bytes(), 12 * (BS as u64 + 32), "nothing persisted yet");
+    let entry = BS as u64 + wayside_nms::client::JOURNAL_ENTRY_OVERHEAD_BYTES;
+    assert_eq!(c.journal_bytes(), 12 * entry, "nothing persisted yet");
 }
 
 /// Every block of the dedupe test reads back (from the NMS, then the PSS) as last written.
@@ -1312,6 +1313,45 @@ async fn a_moved_volume_gets_no_replay_of_what_it_holds_even_past_the_dedupe_win
     assert_the_last_writes(&cluster, &c, "window2").await;
     a.stop().await;
     b.stop().await;
+    cluster.shutdown().await;
+}
+
+/// ... and two moves on: the volume moves A to B and B to C while its vehicle is idle, and
+/// the vehicle, A and B out of its reach, attaches at C: C's copy continues B's, which
+/// continued A's, which accepted every write in the journal. C names both
+/// (`VolumeInfo.ancestors`), and the vehicle replays none of them. (Naming only B, every
+/// entry was replayed with its id; C remembers only the last 8 ids, so the forgotten first
+/// write of block 0 was applied again over its later rewrite.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_volume_two_moves_on_gets_no_replay_of_what_it_holds_even_past_the_dedupe_window() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = LocalCluster::start(1, dir.path()).await.unwrap();
+    let small = |c: &mut Config| {
+        c.dedupe_entries_per_volume = 8;
+        c.writeback_delay_ms = 600_000;
+    };
+    let a = Nms::start("a", &cluster.endpoints(), small).await;
+    let b = Nms::start("b", &cluster.endpoints(), small).await;
+    let c_nms = Nms::start("c", &cluster.endpoints(), small).await;
+    let c = VolumeClient::open(opts(&[&a.ep, &c_nms.ep], "window3", "k")).await.unwrap();
+    writes_past_the_dedupe_window(&c).await;
+    let first = c.stat().await.unwrap();
+    let report = a.migrate("window3", &b.ep, 2).await;
+    assert_eq!(report.outcome, pb::MigrationOutcome::Completed as i32, "{report:?}");
+    let report = b.migrate("window3", &c_nms.ep, 2).await;
+    assert_eq!(report.outcome, pb::MigrationOutcome::Completed as i32, "{report:?}");
+    a.stop().await;
+    b.stop().await;
+    assert_eq!(c.read(5, 0, None).await.unwrap(), Some(block_data(5, 1)));
+    assert_eq!(c.current_nms(), c_nms.ep);
+    let st = c_nms.status().await;
+    let info = st.volume_info.iter().find(|v| v.volume == "window3").unwrap();
+    assert_eq!(info.accepted_lsn, 12, "no write applied twice: {info:?}");
+    let named: Vec<(u64, u32, u64)> =
+        info.ancestors.iter().map(|a| (a.session, a.incarnation, a.through_lsn)).collect();
+    assert_eq!(named, [(first.nms_session, first.incarnation, 12)], "A's copy: {info:?}");
+    assert_the_last_writes(&cluster, &c, "window3").await;
+    c_nms.stop().await;
     cluster.shutdown().await;
 }
 

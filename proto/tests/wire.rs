@@ -86,6 +86,7 @@ fn vehicle_api_messages_round_trip() {
             predecessor_session: 5,
             predecessor_incarnation: 2,
             predecessor_through_lsn: 8,
+            ancestors: vec![pb::CopyRef { session: 4, incarnation: 1, through_lsn: 6 }],
         }),
     });
 }
@@ -127,6 +128,7 @@ fn admin_and_migration_messages_round_trip() {
             cached_bytes: 1 << 20,
             source_session: 7,
             source_incarnation: 3,
+            source_lineage: vec![pb::CopyRef { session: 5, incarnation: 2, through_lsn: 8 }],
         }),
         pb::migration_frame::Frame::Blocks(pb::MigrationBlocks {
             round: 1,

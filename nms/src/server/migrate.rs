@@ -27,7 +27,7 @@
 use super::{Handle, Node, WritebackHold};
 use crate::cache::{
     check_switch_lsns, hottest_first, Applied, Cache, IncomingError, MigBlock, Predecessor,
-    Retired, VolumeState,
+    Retired, VolumeState, MAX_ANCESTORS,
 };
 use crate::error::NmsError;
 use crate::store::StoreError;
@@ -502,7 +502,8 @@ impl Node {
             .max_encoding_message_size(max);
         let (tx, rx) = mpsc::channel(4);
         let migration_id = rand::random::<u64>();
-        let incarnation = self.core().volume(v).map_or(0, |x| x.incarnation());
+        let (incarnation, lineage) =
+            self.core().volume(v).map_or((0, Vec::new()), |x| (x.incarnation(), x.lineage()));
         tx.send(pb::MigrationFrame {
             frame: Some(Frame::Begin(pb::MigrationBegin {
                 migration_id,
@@ -515,6 +516,7 @@ impl Node {
                 cached_bytes: cached,
                 source_session: self.session,
                 source_incarnation: incarnation,
+                source_lineage: lineage.iter().map(super::copy_ref).collect(),
             })),
         })
         .await
@@ -1431,6 +1433,12 @@ impl Node {
                                 incarnation: b.source_incarnation,
                                 through: Lsn(s.accepted_lsn),
                             });
+                            x.ancestors = if b.source_session == 0 {
+                                Vec::new()
+                            } else {
+                                let line = b.source_lineage.iter().take(MAX_ANCESTORS);
+                                line.map(super::predecessor_of).collect()
+                            };
                         }
                     }
                     self.bump();

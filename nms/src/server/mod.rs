@@ -477,6 +477,26 @@ struct Unloaded {
     /// Its owner epoch: a copy loaded later at the next epoch follows it directly.
     epoch: Epoch,
     copy: crate::cache::Predecessor,
+    /// The copies it continued (`Volume::lineage`): the next copy's ancestors.
+    lineage: Vec<crate::cache::Predecessor>,
+}
+
+/// A copy in a line of copies, on the wire.
+pub(crate) fn copy_ref(p: &crate::cache::Predecessor) -> wayside_proto::pb::CopyRef {
+    wayside_proto::pb::CopyRef {
+        session: p.session,
+        incarnation: p.incarnation,
+        through_lsn: p.through.0,
+    }
+}
+
+/// A copy in a line of copies, from the wire.
+pub(crate) fn predecessor_of(c: &wayside_proto::pb::CopyRef) -> crate::cache::Predecessor {
+    crate::cache::Predecessor {
+        session: c.session,
+        incarnation: c.incarnation,
+        through: Lsn(c.through_lsn),
+    }
 }
 
 impl Node {
@@ -858,7 +878,8 @@ impl Node {
                 };
                 let mut u = self.unloaded.lock().expect("poisoned");
                 u.retain(|m| m.volume != v);
-                u.push_back(Unloaded { volume: v.clone(), epoch: x.epoch, copy });
+                let lineage = x.lineage();
+                u.push_back(Unloaded { volume: v.clone(), epoch: x.epoch, copy, lineage });
                 while u.len() > self.cfg.max_moved_markers {
                     u.pop_front();
                 }
@@ -916,10 +937,11 @@ impl Node {
                 // not the next after the unloaded copy's): it may have applied older
                 // writes of the vehicle's journal over newer ones the unloaded copy had
                 // persisted, which the vehicle must then replay.
-                x.predecessor = unloaded
-                    .filter(|m| m.epoch.0.checked_add(1) == Some(epoch.0))
-                    .map(|m| m.copy)
-                    .filter(|p| p.through <= persisted);
+                let follows = unloaded.filter(|m| {
+                    m.epoch.0.checked_add(1) == Some(epoch.0) && m.copy.through <= persisted
+                });
+                (x.predecessor, x.ancestors) =
+                    follows.map_or((None, Vec::new()), |m| (Some(m.copy), m.lineage));
             }
         }
         self.start_writer(v);

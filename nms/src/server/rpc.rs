@@ -84,6 +84,7 @@ fn info_of(
         predecessor_session: x.predecessor.map_or(0, |p| p.session),
         predecessor_incarnation: x.predecessor.map_or(0, |p| p.incarnation),
         predecessor_through_lsn: x.predecessor.map_or(0, |p| p.through.0),
+        ancestors: x.ancestors.iter().map(super::copy_ref).collect(),
     }))
 }
 
