@@ -53,7 +53,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tonic::{Code, Status};
@@ -395,6 +395,9 @@ struct Inner {
     /// stand: kept across calls (each of which may end before `rpc_timeout` has passed),
     /// cleared by an attach that completes.
     busy_seen: Mutex<Option<BusySeen>>,
+    /// Set once a round of attaches got nowhere: the next ones take the volume over at an
+    /// NMS it moved on from (`AttachRequest.take_over`); cleared by an attach that completes.
+    take_over: AtomicBool,
     generation: AtomicU64,
     block_size: Mutex<BlockSize>,
     seq: AtomicU64,
@@ -588,6 +591,7 @@ impl VolumeClient {
             inner: Arc::new(Inner {
                 preferred: Mutex::new(first),
                 busy_seen: Mutex::new(None),
+                take_over: AtomicBool::new(false),
                 opts,
                 conn: Mutex::new(None),
                 reconnect: tokio::sync::Mutex::new(()),
@@ -1112,6 +1116,11 @@ impl VolumeClient {
         let mut backoff = o.initial_backoff;
         let mut last = String::from("no attempt");
         loop {
+            // A round follows an NMS that says the volume moved on (it went where the
+            // vehicle was sent); once a round got nowhere (where it went is out of reach),
+            // the next ones, in this call or a later one, take the volume over where they
+            // can.
+            let take_over = self.inner.take_over.load(Ordering::Acquire);
             let preferred = self.inner.preferred.lock().expect("poisoned").clone();
             let mut candidates = vec![preferred];
             for e in &o.nms {
@@ -1127,9 +1136,10 @@ impl VolumeClient {
             while i < candidates.len() {
                 let ep = candidates[i].clone();
                 i += 1;
-                let failed = match self.attach(&ep, deadline).await {
+                let failed = match self.attach(&ep, deadline, take_over).await {
                     Ok(conn) => {
                         *self.inner.busy_seen.lock().expect("poisoned") = None;
+                        self.inner.take_over.store(false, Ordering::Release);
                         return Ok(conn);
                     }
                     Err(f) => f,
@@ -1194,6 +1204,9 @@ impl VolumeClient {
             if Instant::now() + backoff > deadline {
                 return Err(ClientError::Unavailable { timeout: o.op_timeout, last });
             }
+            if !self.inner.take_over.swap(true, Ordering::AcqRel) {
+                debug!(%last, "no NMS took the attach: the next round takes the volume over");
+            }
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(o.max_backoff);
         }
@@ -1205,7 +1218,12 @@ impl VolumeClient {
     /// and the next one is tried.
     /// Over TLS when `tls` is set (redirects included, whatever their scheme; the TLS
     /// handshake gets up to `rpc_timeout`, the TCP connect `connect_timeout`).
-    async fn attach(&self, ep: &Endpoint, deadline: Instant) -> Result<Conn, AttachFailed> {
+    async fn attach(
+        &self,
+        ep: &Endpoint,
+        deadline: Instant,
+        take_over: bool,
+    ) -> Result<Conn, AttachFailed> {
         let o = &self.inner.opts;
         // wayside's own HTTP/2 client connection: a unary call's HEADERS and DATA leave in
         // one write (TCP_NODELAY set), so the NMS reads and answers it in one turn.
@@ -1240,6 +1258,7 @@ impl VolumeClient {
                         .create_volume(pb::CreateVolumeRequest {
                             auth: self.auth(0, 0),
                             block_size: bs.bytes(),
+                            take_over,
                         })
                         .await
                 }
@@ -1248,6 +1267,7 @@ impl VolumeClient {
                         .attach(pb::AttachRequest {
                             auth: self.auth(0, 0),
                             client_id: o.client_id.clone(),
+                            take_over,
                         })
                         .await
                 }

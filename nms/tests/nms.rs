@@ -52,6 +52,7 @@ impl Nms {
             .create_volume(pb::CreateVolumeRequest {
                 auth: auth(vol, secret),
                 block_size: BS as u32,
+                take_over: false,
             })
             .await
             .unwrap();
@@ -1355,6 +1356,46 @@ async fn a_volume_two_moves_on_gets_no_replay_of_what_it_holds_even_past_the_ded
     cluster.shutdown().await;
 }
 
+/// A vehicle idle through two moves (A to B, then B to C) follows the redirects to C,
+/// where the volume is: its attach at B, which the volume left too, is answered with a
+/// redirect (`AttachRequest.take_over` unset), not by B taking the volume back from C (a
+/// needless ownership change that fenced C's unpersisted writes). Only once a round of
+/// attaches got nowhere (C out of reach) does it take the volume over where it can.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_vehicle_idle_through_two_moves_follows_them_and_takes_nothing_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = LocalCluster::start(1, dir.path()).await.unwrap();
+    let a = Nms::start("a", &cluster.endpoints(), |_| {}).await;
+    let b = Nms::start("b", &cluster.endpoints(), |_| {}).await;
+    let c_nms = Nms::start("c", &cluster.endpoints(), |_| {}).await;
+    let c = VolumeClient::open(opts(&[&a.ep], "idle2", "k")).await.unwrap();
+    for blk in 0..4 {
+        c.write(blk, 0, block_data(blk, 1)).await.unwrap();
+    }
+    let first = c.stat().await.unwrap();
+    let report = a.migrate("idle2", &b.ep, 2).await;
+    assert_eq!(report.outcome, pb::MigrationOutcome::Completed as i32, "{report:?}");
+    let report = b.migrate("idle2", &c_nms.ep, 2).await;
+    assert_eq!(report.outcome, pb::MigrationOutcome::Completed as i32, "{report:?}");
+    assert_eq!(c.read(1, 0, None).await.unwrap(), Some(block_data(1, 1)));
+    assert_eq!(c.current_nms(), c_nms.ep, "followed A's redirect to B, and B's to C");
+    let at_c = c.stat().await.unwrap();
+    assert_eq!(at_c.epoch, first.epoch + 2, "one raise per move, none by B taking it back");
+    assert_eq!(b.status().await.volumes, 0, "B serves no copy of it");
+    // C goes away: A, which the volume moved on from, takes it over.
+    c.flush().await.unwrap();
+    c_nms.stop().await;
+    assert_eq!(c.read(2, 0, None).await.unwrap(), Some(block_data(2, 1)));
+    let now = c.current_nms();
+    assert!(now == a.ep || now == b.ep, "taken over at A or B: {now}");
+    for blk in 0..4 {
+        assert_eq!(c.read(blk, 0, None).await.unwrap(), Some(block_data(blk, 1)), "{blk}");
+    }
+    a.stop().await;
+    b.stop().await;
+    cluster.shutdown().await;
+}
+
 /// A fake migration target's gRPC server on a fresh loopback port: its address, and the
 /// task serving it until `dead` is cancelled.
 async fn dying_target(
@@ -2167,7 +2208,8 @@ async fn a_node_shutting_down_refuses_the_writes_its_last_drain_would_miss() {
     assert_eq!(e.code(), tonic::Code::Unavailable, "{e:?}");
     assert!(e.message().contains("shutting down"), "{e:?}");
     // Nor is an attach taken (the vehicle would only be sent on again).
-    let attach = pb::AttachRequest { auth: auth("down", "k"), client_id: "v".into() };
+    let attach =
+        pb::AttachRequest { auth: auth("down", "k"), client_id: "v".into(), take_over: false };
     let e = raw.attach(attach).await.expect_err("an attach taken during the last drain");
     assert_eq!(e.code(), tonic::Code::Unavailable, "{e:?}");
     assert!(e.message().contains("shutting down"), "{e:?}");

@@ -93,7 +93,13 @@ fn write_reply(r: &pb::StreamReply) -> &pb::WriteReply {
 /// the PSS holds them and a fresh NMS must fetch them.
 async fn persisted_volume(nms: &LocalNms, blocks: &[u64]) {
     let mut c = nms.raw().await;
-    c.create_volume(pb::CreateVolumeRequest { auth: auth(), block_size: BS as u32 }).await.unwrap();
+    c.create_volume(pb::CreateVolumeRequest {
+        auth: auth(),
+        block_size: BS as u32,
+        take_over: false,
+    })
+    .await
+    .unwrap();
     for &b in blocks {
         c.write(pb::WriteRequest {
             auth: auth(),
@@ -115,7 +121,7 @@ async fn fresh_nms(name: &str, cluster: &LocalCluster) -> LocalNms {
     let nms = LocalNms::start(name, &cluster.endpoints(), |_| {}).await;
     nms.raw()
         .await
-        .attach(pb::AttachRequest { auth: auth(), client_id: "test".into() })
+        .attach(pb::AttachRequest { auth: auth(), client_id: "test".into(), take_over: false })
         .await
         .unwrap();
     nms

@@ -542,6 +542,7 @@ async fn a_tls_nms_never_dials_its_pss_in_plaintext() {
                 &Credential::new("secret-1").unwrap(),
             )),
             block_size: 4096,
+            take_over: false,
         })
         .await
         .unwrap_err();

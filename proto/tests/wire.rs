@@ -29,8 +29,8 @@ fn auth() -> Option<pb::VolumeAuth> {
 
 #[test]
 fn vehicle_api_messages_round_trip() {
-    round_trip(pb::CreateVolumeRequest { auth: auth(), block_size: 4096 });
-    round_trip(pb::AttachRequest { auth: auth(), client_id: "car-7".into() });
+    round_trip(pb::CreateVolumeRequest { auth: auth(), block_size: 4096, take_over: true });
+    round_trip(pb::AttachRequest { auth: auth(), client_id: "car-7".into(), take_over: true });
     round_trip(pb::WriteRequest {
         auth: auth(),
         op: Some(pb::WriteOp {

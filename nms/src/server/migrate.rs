@@ -1518,7 +1518,7 @@ mod tests {
     use crate::cache::{Applied, VolumeState};
     use crate::config::Config;
     use crate::error::NmsError;
-    use crate::server::Presented;
+    use crate::server::{LoadFor, Presented};
     use crate::store::{
         Acquire, BlockPage, BoxFut, Fetched, Store, StoreError, VolumeMeta, WriteBack,
     };
@@ -1688,7 +1688,13 @@ mod tests {
         let load = tokio::spawn({
             let (node, cred) = (node.clone(), cred.clone());
             async move {
-                node.load(&VolumeName::new("v").unwrap(), &Presented::new(cred), None, false).await
+                node.load(
+                    &VolumeName::new("v").unwrap(),
+                    &Presented::new(cred),
+                    None,
+                    LoadFor::Call,
+                )
+                .await
             }
         });
         gated.entered.notified().await;
@@ -1698,7 +1704,8 @@ mod tests {
         // v (loading) and w (arriving) fill max_volumes = 2: a load of x and a move of y are
         // refused, at once.
         let x = VolumeName::new("x").unwrap();
-        let refused = node.load(&x, &Presented::new(cred.clone()), None, false).now_or_never();
+        let refused =
+            node.load(&x, &Presented::new(cred.clone()), None, LoadFor::Call).now_or_never();
         assert!(
             matches!(&refused, Some(Err(NmsError::Limit { limit, .. })) if limit == "max_volumes"),
             "{refused:?}"
@@ -1737,10 +1744,10 @@ mod tests {
         let v = VolumeName::new("v").unwrap();
         let cred = Presented::new(Credential::new("k").unwrap());
         let bs = BlockSize::new(4096).unwrap();
-        old.load(&v, &cred, Some(bs), false).await.unwrap();
+        old.load(&v, &cred, Some(bs), LoadFor::Call).await.unwrap();
         old.write(&v, &cred, 3, 0, Some(&[1; 4096]), None).await.unwrap();
         // The replacement loads the volume (a newer epoch) and the vehicle writes there.
-        new.load(&v, &cred, None, false).await.unwrap();
+        new.load(&v, &cred, None, LoadFor::Call).await.unwrap();
         new.write(&v, &cred, 3, 0, Some(&[2; 4096]), None).await.unwrap();
         new.flush(&v, &cred).await.unwrap();
         // The first one's write-back of its older block is refused: fenced, not adopted.
@@ -1761,7 +1768,7 @@ mod tests {
         gated.gate.add_permits(1000);
         let v = VolumeName::new("v").unwrap();
         let cred = Presented::new(Credential::new("k").unwrap());
-        node.load(&v, &cred, None, false).await.unwrap();
+        node.load(&v, &cred, None, LoadFor::Call).await.unwrap();
         node.write(&v, &cred, 3, 0, Some(&[7; 4096]), None).await.unwrap();
         let (hold, _, idle) =
             node.hold_writeback(&v, std::time::Duration::from_secs(5)).await.unwrap();
@@ -1796,7 +1803,7 @@ mod tests {
         // A vehicle attaches at b: its load holds on in the PSS's acquire...
         let load = tokio::spawn({
             let (node, v, cred) = (node.clone(), v.clone(), cred.clone());
-            async move { node.load(&v, &Presented::new(cred), None, false).await }
+            async move { node.load(&v, &Presented::new(cred), None, LoadFor::Call).await }
         });
         gated.entered.notified().await;
         // ...and the move's Begin, arriving now, waits for it rather than creating the
@@ -1815,7 +1822,8 @@ mod tests {
         // The other order: the Incoming copy first; a load, or an install, refuses.
         let w = VolumeName::new("w").unwrap();
         node.admit_incoming(&begin("w")).await.unwrap();
-        let e = node.load(&w, &Presented::new(cred.clone()), None, false).await.unwrap_err();
+        let e =
+            node.load(&w, &Presented::new(cred.clone()), None, LoadFor::Call).await.unwrap_err();
         assert!(matches!(e, NmsError::NotOwner { .. }), "{e:?}");
         let e = node.install(&w, bs, Epoch(7), cred.hash(), Lsn(0), 0).unwrap_err();
         assert!(matches!(e, NmsError::NotOwner { .. }), "{e:?}");

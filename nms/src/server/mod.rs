@@ -471,6 +471,18 @@ fn lock_or_fail_stop<'a, T>(m: &'a Mutex<T>, what: &str) -> MutexGuard<'a, T> {
     m.lock().unwrap_or_else(|_| fail_stop(what))
 }
 
+/// Who loads a volume ([`Node::load`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum LoadFor {
+    /// A block call naming a volume not cached here.
+    Call,
+    /// A vehicle's Attach or CreateVolume: a copy here must still be the volume's (asked of
+    /// the PSS); a redirect marker (the volume moved on from here) is answered Moved unless
+    /// `take_over` (the vehicle could not reach the volume where it went): then the volume
+    /// is loaded anew here, fencing wherever it went.
+    Attach { take_over: bool },
+}
+
 /// A copy of a volume unloaded as idle (see `Node::unload_idle`).
 struct Unloaded {
     volume: VolumeName,
@@ -639,7 +651,7 @@ impl Node {
         let (node, v, cred) = (self.self_arc(), v.clone(), cred.clone());
         self.spawn_background(async move {
             let _slot = slot;
-            node.load(&v, &cred, None, false).await
+            node.load(&v, &cred, None, LoadFor::Call).await
         })
         .await
         .map_err(|e| NmsError::Unavailable(format!("loading the volume: {e}")))?
@@ -707,16 +719,19 @@ impl Node {
         }
     }
 
-    /// Loads a volume from the PSS and takes ownership (creating it with `create`).
-    /// `take_over`: replace a redirect marker (a vehicle attaching here explicitly after
-    /// its NMS became unreachable).
+    /// Loads a volume from the PSS and takes ownership (creating it with `create`), for
+    /// `by` (see [`LoadFor`]).
     pub(crate) async fn load(
         &self,
         v: &VolumeName,
         cred: &Presented,
         create: Option<BlockSize>,
-        take_over: bool,
+        by: LoadFor,
     ) -> Result<(), NmsError> {
+        let (explicit, take_over) = match by {
+            LoadFor::Call => (false, false),
+            LoadFor::Attach { take_over } => (true, take_over),
+        };
         if self.shutdown.is_cancelled() {
             // It takes no writes any more: a vehicle attaching here (or loading a volume,
             // fencing the NMS that serves it) would only be sent on again.
@@ -728,7 +743,7 @@ impl Node {
         let local = match self.check_local(v, cred) {
             // A vehicle attaching explicitly: the copy here must still be the volume's.
             // (In use from now: not unloaded as idle while the PSS is asked.)
-            Ok(true) if take_over => {
+            Ok(true) if explicit => {
                 self.core().touch(v);
                 self.still_owner(v).await
             }
@@ -748,6 +763,8 @@ impl Node {
                 return Ok(());
             }
             Ok(false) => {}
+            // A redirect marker: the vehicle is sent on where the volume went, unless it
+            // asks to take the volume over (it could not reach it there).
             Err(NmsError::Moved { .. }) if take_over => {}
             Err(e) => return Err(e),
         }

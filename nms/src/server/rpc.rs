@@ -1,7 +1,7 @@
 //! The vehicle API (`wayside.v1.Nms`) and the admin API (`wayside.v1.NmsAdmin`): wire
 //! messages in, domain calls on the [`Node`], statuses out.
 
-use super::{Node, Presented};
+use super::{LoadFor, Node, Presented};
 use crate::cache::VolumeState;
 use crate::error::NmsError;
 use futures::stream::{FuturesUnordered, StreamExt as _};
@@ -315,7 +315,8 @@ impl pb::nms_server::Nms for Node {
         let (v, cred) = attach_auth(r.auth)?;
         let bs = convert::block_size(r.block_size)?;
         let span = info_span!("create", node = %self.node_id, volume = %v);
-        self.load(&v, &cred, Some(bs), true).instrument(span).await?;
+        let by = LoadFor::Attach { take_over: r.take_over };
+        self.load(&v, &cred, Some(bs), by).instrument(span).await?;
         Ok(Response::new(self.volume_reply(&v, &cred)?))
     }
 
@@ -326,7 +327,8 @@ impl pb::nms_server::Nms for Node {
         let r = req.into_inner();
         let (v, cred) = attach_auth(r.auth)?;
         let span = info_span!("attach", node = %self.node_id, volume = %v, client = %r.client_id);
-        self.load(&v, &cred, None, true).instrument(span).await?;
+        let by = LoadFor::Attach { take_over: r.take_over };
+        self.load(&v, &cred, None, by).instrument(span).await?;
         Ok(Response::new(self.volume_reply(&v, &cred)?))
     }
 
@@ -1310,7 +1312,7 @@ mod tests {
         let (store, node, v, cred) =
             node_over_slow_reads(Config { max_stream_inflight_ops: 150, ..Config::default() })
                 .await;
-        node.load(&v, &Presented::new(cred.clone()), None, false).await.unwrap();
+        node.load(&v, &Presented::new(cred.clone()), None, LoadFor::Call).await.unwrap();
         // Three batches of 100 reads of blocks never written (cold: they go to the PSS),
         // all received before the stream starts.
         let (tx, rx) = tokio::sync::mpsc::channel(3);
@@ -1369,7 +1371,7 @@ mod tests {
         use crate::config::Config;
         let (_store, node, v, cred) =
             node_over_slow_reads(Config { max_stream_inflight_ops: 32, ..Config::default() }).await;
-        node.load(&v, &Presented::new(cred), None, false).await.unwrap();
+        node.load(&v, &Presented::new(cred), None, LoadFor::Call).await.unwrap();
         let taken = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let counter = taken.clone();
         let inbound = futures::stream::iter(0..100_000u64).map(move |tag| {
@@ -1409,7 +1411,7 @@ mod tests {
             node_over_slow_reads(Config { backpressure_wait_ms: 200, ..Config::default() }).await;
         store.gate.add_permits(1 << 20);
         let who = Presented::new(cred.clone());
-        node.load(&v, &who, None, false).await.unwrap();
+        node.load(&v, &who, None, LoadFor::Call).await.unwrap();
         *store.superseded_on.lock().unwrap() = Some(Arc::downgrade(&node));
         let t = std::time::Instant::now();
         let e = node.write(&v, &who, 100, 10, Some(b"abc"), None).await.unwrap_err();
@@ -1539,7 +1541,7 @@ mod tests {
             let (store, node, v, cred) = node_over_slow_reads(Config::default()).await;
             store.gate.add_permits(1 << 20);
             let who = Presented::new(cred.clone());
-            node.load(&v, &who, None, false).await.unwrap();
+            node.load(&v, &who, None, LoadFor::Call).await.unwrap();
             store.fail_blocks.lock().unwrap().push(5);
             let full = vec![b'n'; 4096];
             let mut ops = Vec::new();
@@ -1607,7 +1609,7 @@ mod tests {
     async fn an_operation_meeting_its_copy_moved_away_is_redirected() {
         use crate::config::Config;
         let (_store, node, v, cred) = node_over_slow_reads(Config::default()).await;
-        node.load(&v, &Presented::new(cred.clone()), None, false).await.unwrap();
+        node.load(&v, &Presented::new(cred.clone()), None, LoadFor::Call).await.unwrap();
         let incarnation = node.core().volume(&v).unwrap().incarnation();
         let attached = Presented::attached(cred.clone(), node.session, incarnation);
         assert!(info_of(&node, &v, Some(&attached)).unwrap().is_some());

@@ -1268,8 +1268,12 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let fill = prost::bytes::Bytes::from(vec![1; VALUE]);
     for i in 0..args.clients {
         let mut c = pb::nms_client::NmsClient::new(channel(&addr).await?);
-        c.create_volume(pb::CreateVolumeRequest { auth: auth(i), block_size: VALUE as u32 })
-            .await?;
+        c.create_volume(pb::CreateVolumeRequest {
+            auth: auth(i),
+            block_size: VALUE as u32,
+            take_over: false,
+        })
+        .await?;
         for block in 0..args.blocks {
             c.write(pb::WriteRequest {
                 auth: auth(i),
