@@ -1425,6 +1425,37 @@ mod tests {
         let stale = propose(term - 1, 1).await;
         assert!(matches!(stale, Err(NodeError::NotLeader { .. })), "{stale:?}");
         propose(term, 2).await.expect("the current term's command is proposed");
+        // Through `propose`: a command waiting for a proposal permit while the node is
+        // elected again (a new term) is refused once it gets one (the term it was admitted
+        // in is taken before the wait).
+        let all = h.inflight.available_permits() as u32;
+        let held = h.inflight.clone().acquire_many_owned(all).await.unwrap();
+        let cmd = |seq: u64| Command {
+            acquire: Some(pb::AcquireVolumeRequest {
+                volume: format!("v{seq}"),
+                owner_node: "nms".into(),
+                owner_address: "127.0.0.1:9".into(),
+                owner_session: 0,
+                expected_epoch: 0,
+                create: Some(pb::CreateSpec { block_size: 4096, credential_hash: vec![7; 32] }),
+                request_id: Some(pb::RequestId { client_id: "nms".into(), seq }),
+            }),
+            ..Default::default()
+        };
+        let mut waiting = Box::pin(h.propose(cmd(3)));
+        assert!(futures::poll!(&mut waiting).is_pending(), "it waits for a permit");
+        // A heartbeat of a later term (from a node it does not know) makes it a follower;
+        // alone, it is elected again, in a later term still.
+        let mut beat = Message::default();
+        beat.set_msg_type(raft::prelude::MessageType::MsgHeartbeat);
+        (beat.from, beat.to, beat.term) = (2, 1, term + 1);
+        h.tx.send(Input::Raft(Box::new(beat))).await.unwrap();
+        let again = status.wait_for(|s| s.role == Role::Leader && s.term > term + 1);
+        tokio::time::timeout(std::time::Duration::from_secs(10), again).await.unwrap().unwrap();
+        drop(held);
+        let r = waiting.await;
+        assert!(matches!(r, Err(NodeError::NotLeader { .. })), "{r:?}");
+        h.propose(cmd(4)).await.expect("a command admitted in the new term is proposed");
         stop.cancel();
         tracker.close();
         let _ = tokio::task::spawn_blocking(move || started.thread.join()).await;
