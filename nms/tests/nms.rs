@@ -1195,6 +1195,36 @@ async fn an_attach_to_a_copy_another_nms_took_over_loads_the_volume_anew() {
     cluster.shutdown().await;
 }
 
+/// A copy the volume left without telling it (clean, so no fenced write-back told it:
+/// another NMS took the volume over) does not stand in the way of a move back into its
+/// NMS: once the PSS confirms the source's epoch, the move in drops it (as an attach there
+/// would) and completes; the vehicle reads what it wrote at the other NMS. (It was refused
+/// as "already here" at every try, until a vehicle's attach dropped it.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_move_back_in_drops_a_copy_the_volume_left_without_telling_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = LocalCluster::start(1, dir.path()).await.unwrap();
+    let a = Nms::start("a", &cluster.endpoints(), |_| {}).await;
+    let b = Nms::start("b", &cluster.endpoints(), |_| {}).await;
+    let x = VolumeClient::open(opts(&[&a.ep], "left", "k")).await.unwrap();
+    x.write(0, 0, block_data(0, 1)).await.unwrap();
+    x.flush().await.unwrap();
+    let y = VolumeClient::open(opts(&[&b.ep], "left", "k")).await.unwrap();
+    y.write(0, 0, block_data(0, 2)).await.unwrap();
+    assert_eq!(a.status().await.volumes, 1, "A still holds its clean copy");
+    let report = b.migrate("left", &a.ep, 2).await;
+    assert_eq!(report.outcome, pb::MigrationOutcome::Completed as i32, "{report:?}");
+    assert_eq!(y.read(0, 0, None).await.unwrap(), Some(block_data(0, 2)));
+    assert_eq!(y.current_nms(), a.ep, "redirected to A");
+    assert_eq!(x.read(0, 0, None).await.unwrap(), Some(block_data(0, 2)), "not A's old copy");
+    y.flush().await.unwrap();
+    assert_eq!(pss_blocks(&cluster, "left", &[0]).await[&0], block_data(0, 2));
+    drop((x, y));
+    a.stop().await;
+    b.stop().await;
+    cluster.shutdown().await;
+}
+
 /// A flush waits on a copy that is dropped and loaded anew meanwhile: another NMS took
 /// the volume over and wrote back, then a vehicle attached here again. The new copy's
 /// persisted watermark, past the lsn the flush waits for, says nothing of the write the

@@ -1150,9 +1150,16 @@ impl Node {
         let cred = convert::credential_hash(&b.credential_hash)?;
         // (`unload`: an idle volume may be unloaded to make room; only once the PSS has
         // confirmed the move, so a bogus Begin unloads nothing.)
+        // A copy here at an epoch below the source's is one the volume left (another NMS
+        // took it over; holding nothing to write back, this one was never told): it does
+        // not stand in the way before the PSS is asked (`!unload`), and is dropped once
+        // the PSS confirms the source's epoch, as an attach here would drop it.
+        let superseded = |x: &crate::cache::Volume| {
+            matches!(x.state, VolumeState::Active) && x.epoch.0 < b.source_epoch
+        };
         let admissible = |core: &mut Cache, unload: bool| -> Result<(), Status> {
             if let Some(x) = core.volume(&v) {
-                if !matches!(x.state, VolumeState::Moved { .. }) {
+                if !matches!(x.state, VolumeState::Moved { .. }) && (unload || !superseded(x)) {
                     return Err(Status::failed_precondition(format!(
                         "volume {v} is already here ({:?})",
                         x.state
@@ -1190,6 +1197,17 @@ impl Node {
                 bs.bytes(),
                 if meta.credential == cred { "" } else { " and another credential" },
             )));
+        }
+        let stale = self.core().volume(&v).filter(|x| superseded(x)).map(|x| x.incarnation());
+        if let Some(incarnation) = stale {
+            if !self.handle(&v).is_some_and(|h| h.migrating.load(Ordering::Acquire)) {
+                warn!(
+                    volume = %v,
+                    epoch = b.source_epoch,
+                    "a move in finds a copy here the volume left (another NMS took it over): dropped"
+                );
+                self.drop_copy(&v, incarnation);
+            }
         }
         {
             // Serialized with vehicles' loads of this volume (`Node::load` holds its
