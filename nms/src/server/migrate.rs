@@ -862,7 +862,8 @@ impl Node {
     ) {
         let span = tracing::info_span!("resolve_owner", volume = %v);
         let node = self.clone();
-        self.spawn_background(
+        self.spawn_critical(
+            "a move's owner resolution panicked",
             async move {
                 let mut backoff = Duration::from_millis(100);
                 loop {
@@ -1517,7 +1518,8 @@ impl pb::migration_server::Migration for Node {
         let node = self.self_arc();
         let stop = self.stop.clone();
         let span = info_span!("migrate_in", node = %self.node_id);
-        self.spawn_background(
+        self.spawn_critical(
+            "a move in panicked",
             async move {
                 tokio::select! {
                     _ = node.receive(inbound, tx) => {}

@@ -998,13 +998,8 @@ impl Node {
         let me = self.self_arc();
         let vol = v.clone();
         let span = info_span!("writeback", node = %self.node_id, volume = %v);
-        let run = async move {
-            let writer = std::panic::AssertUnwindSafe(me.writer(vol, h, incarnation));
-            if futures::FutureExt::catch_unwind(writer).await.is_err() {
-                fail_stop("a volume's write-back task panicked");
-            }
-        };
-        self.spawn_background(run.instrument(span));
+        let run = async move { me.writer(vol, h, incarnation).await };
+        self.spawn_critical("a volume's write-back task panicked", run.instrument(span));
     }
 
     /// Spawns background work (tracked) on the node's main runtime; see `runtime`.
@@ -1014,6 +1009,26 @@ impl Node {
         F::Output: Send + 'static,
     {
         self.tracker.spawn_on(fut, &self.runtime)
+    }
+
+    /// [`Node::spawn_background`] for work whose panic would leave state nothing resets
+    /// (a volume's write-back stopped, a volume paused or arriving for good): the process
+    /// stops instead ([`fail_stop`], saying `what`).
+    pub(crate) fn spawn_critical<F>(
+        &self,
+        what: &'static str,
+        fut: F,
+    ) -> tokio::task::JoinHandle<F::Output>
+    where
+        F: std::future::Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        self.spawn_background(async move {
+            match futures::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(fut)).await {
+                Ok(out) => out,
+                Err(_) => fail_stop(what),
+            }
+        })
     }
 
     /// The node's own `Arc` (gRPC handlers get `&self`; spawned tasks need ownership).

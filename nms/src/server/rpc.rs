@@ -1035,7 +1035,8 @@ impl pb::nms_admin_server::NmsAdmin for Node {
         let node = self.self_arc();
         let span = info_span!("migrate_out", node = %self.node_id, volume = %v, to = %target);
         // Owned by the tracker so a dropped admin call does not cut a switch in half.
-        let task = self.spawn_background(
+        let task = self.spawn_critical(
+            "a move out panicked",
             async move { node.migrate_out(v, target, rounds, below).await }.instrument(span),
         );
         let report = task.await.map_err(|e| Status::internal(format!("migration task: {e}")))??;
