@@ -999,8 +999,13 @@ impl Node {
                             return;
                         }
                     }
-                    if !ready.is_empty() && tx.send(Ok(ready)).await.is_err() {
-                        return;
+                    if !ready.is_empty() {
+                        // (A vehicle that stops reading holds this task no longer than
+                        // the node runs.)
+                        tokio::select! {
+                            sent = tx.send(Ok(ready)) => if sent.is_err() { return },
+                            _ = &mut cancelled => return,
+                        }
                     }
                 }
             }
