@@ -195,6 +195,14 @@ pub struct Config {
     pub pss_rpc_timeout_ms: u64,
     /// How long a PSS call is retried (leader changes) before it fails, in milliseconds.
     pub pss_deadline_ms: u64,
+    /// Most bytes of block data one read from the PSS asks for (a cache miss of many
+    /// blocks goes in several reads, side by side), at least one block of the largest size
+    /// (1 MiB). The PSS refuses a reply past half its `max_message_size_bytes`: keep this
+    /// below that.
+    pub pss_read_bytes: u64,
+    /// Largest message sent to or received from the PSS, in bytes: at least twice
+    /// `pss_read_bytes` and `max_batch_bytes` (a read's reply, a write-back batch).
+    pub pss_max_message_size_bytes: usize,
     /// Longest a shutdown waits for write-back to drain, in milliseconds.
     pub shutdown_flush_timeout_ms: u64,
     /// After the write-back drain at shutdown, how long open calls get to finish before
@@ -297,6 +305,8 @@ impl Default for Config {
             migration_writeback_drain_ms: 200,
             pss_rpc_timeout_ms: 2_000,
             pss_deadline_ms: 10_000,
+            pss_read_bytes: 8 << 20,
+            pss_max_message_size_bytes: 64 << 20,
             shutdown_flush_timeout_ms: 10_000,
             shutdown_grace_ms: 5_000,
             http2_keepalive_interval_ms: wayside_proto::server::HTTP2_KEEPALIVE_INTERVAL_MS,
@@ -383,6 +393,22 @@ impl Config {
             return Err(format!(
                 "serve_threads ({}) must be at most {MAX_SERVE_THREADS}",
                 self.serve_threads
+            ));
+        }
+        let block = u64::from(wayside_proto::types::MAX_BLOCK_SIZE_BYTES);
+        if self.pss_read_bytes < block {
+            return Err(format!(
+                "pss_read_bytes ({}) must be at least {block} (one block of the largest size)",
+                self.pss_read_bytes
+            ));
+        }
+        let pss_half = self.pss_max_message_size_bytes as u64 / 2;
+        if self.pss_read_bytes > pss_half || self.max_batch_bytes > pss_half {
+            return Err(format!(
+                "pss_read_bytes ({}) and max_batch_bytes ({}) must be at most half of \
+                 pss_max_message_size_bytes ({}): a read's reply and a write-back batch are \
+                 one message each, with room for their framing",
+                self.pss_read_bytes, self.max_batch_bytes, self.pss_max_message_size_bytes
             ));
         }
         if self.migration_frame_bytes > self.max_message_size_bytes as u64 / 2 {
@@ -503,6 +529,11 @@ mod tests {
             (Config { dedupe_entries_per_volume: 0, ..Config::default() }, "dedupe_entries"),
             (Config { pss_rpc_timeout_ms: 0, ..Config::default() }, "pss_rpc_timeout_ms"),
             (Config { pss_deadline_ms: 0, ..Config::default() }, "pss_deadline_ms"),
+            (Config { pss_read_bytes: 4096, ..Config::default() }, "pss_read_bytes (4096)"),
+            (
+                Config { pss_max_message_size_bytes: 8 << 20, ..Config::default() },
+                "half of pss_max_message_size_bytes",
+            ),
             (Config { http2_keepalive_timeout_ms: 0, ..Config::default() }, "keepalive_timeout"),
             (Config { serve_threads: 100_000, ..Config::default() }, "serve_threads"),
             (Config { migration_frame_bytes: 32 << 20, ..Config::default() }, "migration_frame"),

@@ -30,10 +30,6 @@ use wayside_proto::types::{
     BlockNo, BlockSize, Credential, CredentialHash, Endpoint, Epoch, Lsn, RequestId, VolumeName,
 };
 
-/// Most bytes of block data one read from the PSS asks for (a cache miss of many large
-/// blocks goes in several reads, side by side).
-pub const PSS_READ_BYTES: u64 = 8 << 20;
-
 /// Most bytes of one request to the vehicle calls that carry no block data (CreateVolume,
 /// Attach, Stat, List, Flush, Delete: a name, a credential and a few numbers).
 pub const CONTROL_REQUEST_BYTES: usize = 64 * 1024;
@@ -56,6 +52,7 @@ pub async fn run(
     let opts = wayside_pss::client::ClientOptions {
         rpc_timeout: Duration::from_millis(config.pss_rpc_timeout_ms),
         deadline: Duration::from_millis(config.pss_deadline_ms),
+        max_message_size_bytes: config.pss_max_message_size_bytes,
         // Over TLS, presenting this node's certificate (a PSS requires one).
         tls: tls.clone(),
         ..Default::default()
@@ -1481,15 +1478,16 @@ impl Node {
     ) -> Result<crate::store::Fetched, crate::store::StoreError> {
         self.pss_reads.fetch_add(1, Ordering::Relaxed);
         self.pss_read_blocks.fetch_add(blocks.len() as u64, Ordering::Relaxed);
-        // In reads of at most PSS_READ_BYTES of block data, side by side (the PSS refuses
+        // In reads of at most `pss_read_bytes` of block data, side by side (the PSS refuses
         // a reply past half its message limit: 256 blocks of 1 MiB are 256 MiB). As many
         // blocks of the largest size as fit need no look at the volume's block size.
-        let fit_any = PSS_READ_BYTES / u64::from(wayside_proto::types::MAX_BLOCK_SIZE_BYTES);
+        let read_bytes = self.cfg.pss_read_bytes;
+        let fit_any = read_bytes / u64::from(wayside_proto::types::MAX_BLOCK_SIZE_BYTES);
         if blocks.len() as u64 <= fit_any {
             return self.store.get_blocks(v.clone(), blocks).await;
         }
         let bs = self.core().volume(v).map_or(1, |x| u64::from(x.block_size.bytes()));
-        let per_read = usize::try_from(PSS_READ_BYTES / bs.max(1)).unwrap_or(usize::MAX).max(1);
+        let per_read = usize::try_from(read_bytes / bs.max(1)).unwrap_or(usize::MAX).max(1);
         if blocks.len() <= per_read {
             return self.store.get_blocks(v.clone(), blocks).await;
         }
