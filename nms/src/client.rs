@@ -395,8 +395,9 @@ struct Inner {
     /// stand: kept across calls (each of which may end before `rpc_timeout` has passed),
     /// cleared by an attach that completes.
     busy_seen: Mutex<Option<BusySeen>>,
-    /// Set once a round of attaches got nowhere: the next ones take the volume over at an
-    /// NMS it moved on from (`AttachRequest.take_over`); cleared by an attach that completes.
+    /// Set once where an NMS said the volume went could not be reached: attaches take the
+    /// volume over at an NMS it moved on from (`AttachRequest.take_over`) until one
+    /// completes.
     take_over: AtomicBool,
     generation: AtomicU64,
     block_size: Mutex<BlockSize>,
@@ -1116,11 +1117,6 @@ impl VolumeClient {
         let mut backoff = o.initial_backoff;
         let mut last = String::from("no attempt");
         loop {
-            // A round follows an NMS that says the volume moved on (it went where the
-            // vehicle was sent); once a round got nowhere (where it went is out of reach),
-            // the next ones, in this call or a later one, take the volume over where they
-            // can.
-            let take_over = self.inner.take_over.load(Ordering::Acquire);
             let preferred = self.inner.preferred.lock().expect("poisoned").clone();
             let mut candidates = vec![preferred];
             for e in &o.nms {
@@ -1129,6 +1125,11 @@ impl VolumeClient {
                 }
             }
             let mut redirects = 0;
+            // Where this round's redirects came from: an NMS that says the volume moved on
+            // is followed (it went where the vehicle was sent); once where it went cannot
+            // be reached, the NMS that sent the vehicle there takes it over, now and at
+            // every attach until one completes (`Inner::take_over`).
+            let mut sent_by: Vec<(Endpoint, Endpoint)> = Vec::new();
             let mut busy_backoff = o.initial_backoff;
             let mut i = 0;
             // The TLS handshake failures of this round, if every attempt was one.
@@ -1136,6 +1137,7 @@ impl VolumeClient {
             while i < candidates.len() {
                 let ep = candidates[i].clone();
                 i += 1;
+                let take_over = self.inner.take_over.load(Ordering::Acquire);
                 let failed = match self.attach(&ep, deadline, take_over).await {
                     Ok(conn) => {
                         *self.inner.busy_seen.lock().expect("poisoned") = None;
@@ -1149,7 +1151,20 @@ impl VolumeClient {
                     Next::Redirect(to) if redirects < 4 => {
                         redirects += 1;
                         *self.inner.preferred.lock().expect("poisoned") = to.clone();
+                        // Next, and once (it may be later in the list too).
+                        if let Some(later) = candidates[i..].iter().position(|c| *c == to) {
+                            candidates.remove(i + later);
+                        }
+                        sent_by.push((to.clone(), ep.clone()));
                         candidates.insert(i, to);
+                    }
+                    Next::Reconnect => {
+                        let from = sent_by.iter().find(|(to, _)| *to == ep).map(|(_, f)| f);
+                        if let Some(from) = from.filter(|_| !take_over) {
+                            debug!(nms = %ep, sent_by = %from, "where the volume went is out of reach: taking it over");
+                            self.inner.take_over.store(true, Ordering::Release);
+                            candidates.insert(i, from.clone());
+                        }
                     }
                     Next::Fail(e) => return Err(e),
                     _ => {}
@@ -1203,9 +1218,6 @@ impl VolumeClient {
             }
             if Instant::now() + backoff > deadline {
                 return Err(ClientError::Unavailable { timeout: o.op_timeout, last });
-            }
-            if !self.inner.take_over.swap(true, Ordering::AcqRel) {
-                debug!(%last, "no NMS took the attach: the next round takes the volume over");
             }
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(o.max_backoff);

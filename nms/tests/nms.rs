@@ -1426,6 +1426,55 @@ async fn a_vehicle_idle_through_two_moves_follows_them_and_takes_nothing_back() 
     cluster.shutdown().await;
 }
 
+/// A vehicle sent by A's redirect marker to where its volume went, B, which accepts
+/// connections and never answers (a hung process), takes the volume over at A after B's
+/// `rpc_timeout`, within a call or two, even when each call's `op_timeout` is only twice
+/// `rpc_timeout` (the decision survives the call's deadline), and reads what it wrote.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_redirect_to_a_hung_nms_makes_the_vehicle_take_the_volume_over() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = LocalCluster::start(1, dir.path()).await.unwrap();
+    let a = Nms::start("a", &cluster.endpoints(), |_| {}).await;
+    let b = Nms::start("b", &cluster.endpoints(), |_| {}).await;
+    let mut o = opts(&[&a.ep, &b.ep], "hung", "k");
+    o.rpc_timeout = Duration::from_millis(500);
+    o.op_timeout = Duration::from_millis(1000);
+    let c = VolumeClient::open(o).await.unwrap();
+    for blk in 0..4 {
+        c.write(blk, 0, block_data(blk, 1)).await.unwrap();
+    }
+    c.flush().await.unwrap();
+    let first = c.stat().await.unwrap();
+    let report = a.migrate("hung", &b.ep, 2).await;
+    assert_eq!(report.outcome, pb::MigrationOutcome::Completed as i32, "{report:?}");
+    // B hangs: its address accepts connections and never answers.
+    let b_addr: std::net::SocketAddr = b.ep.authority().parse().unwrap();
+    b.stop().await;
+    let hung = tokio::net::TcpListener::bind(b_addr).await.unwrap();
+    let holder = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = hung.accept().await {
+            held.push(s);
+        }
+    });
+    let mut failed = 0;
+    let got = loop {
+        match c.read(1, 0, None).await {
+            Ok(got) => break got,
+            Err(e) => {
+                failed += 1;
+                assert!(failed < 4, "still trying B after {failed} calls: {e}");
+            }
+        }
+    };
+    assert_eq!(got, Some(block_data(1, 1)));
+    assert_eq!(c.current_nms(), a.ep, "A took the volume over");
+    assert!(c.stat().await.unwrap().epoch > first.epoch + 1, "taken over after the move");
+    holder.abort();
+    a.stop().await;
+    cluster.shutdown().await;
+}
+
 /// A fake migration target's gRPC server on a fresh loopback port: its address, and the
 /// task serving it until `dead` is cancelled.
 async fn dying_target(
