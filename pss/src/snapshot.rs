@@ -163,8 +163,8 @@ const MAX_METADATA_BYTES: u32 = 16 << 20;
 
 /// Checks a framed file through a buffer (a received snapshot holds every block of the
 /// state: it is never read into memory whole): its magic, its checksum, and that it is
-/// one run of items ending with the end mark right before the checksum, every length
-/// within the file; returns its metadata. A file that passes is read by [`read_framed`]
+/// one run of items (the metadata, then keys and values) ending with the end mark right
+/// before the checksum, every length within the file; returns its metadata. A file that passes is read by [`read_framed`]
 /// without any length in it reaching past its end. A damaged file is named as such
 /// ("checksum mismatch") before any fault of its structure.
 pub fn check_framed(path: &Path, magic: &[u8]) -> Result<SnapshotMetadata, String> {
@@ -181,6 +181,8 @@ pub fn check_framed(path: &Path, magic: &[u8]) -> Result<SnapshotMetadata, Strin
     let body_end = len - 4;
     let mut pos = head.len() as u64;
     let mut meta = None;
+    // Items after the metadata (keys and values: an even count).
+    let mut items = 0u64;
     // The first fault of structure; the rest of the body is then only hashed, so damage
     // is told from a well-sealed file that does not hold together.
     let mut fault: Option<String> = None;
@@ -197,6 +199,8 @@ pub fn check_framed(path: &Path, magic: &[u8]) -> Result<SnapshotMetadata, Strin
         if n == u32::MAX {
             if pos != body_end {
                 fault = Some(format!("{} bytes after the end mark", body_end - pos));
+            } else if items % 2 == 1 {
+                fault = Some("a key without a value before the end mark".into());
             }
             break;
         }
@@ -217,6 +221,7 @@ pub fn check_framed(path: &Path, magic: &[u8]) -> Result<SnapshotMetadata, Strin
             }
         } else {
             r.skip(u64::from(n), &mut buf).map_err(|e| e.to_string())?;
+            items += 1;
         }
         pos += u64::from(n);
     }
@@ -566,6 +571,8 @@ mod tests {
         assert!(e.contains("end mark is missing"), "{e}");
         let e = check(&[&item(&meta), &k, &v, &end, b"extra"]).unwrap_err();
         assert!(e.contains("5 bytes after the end mark"), "{e}");
+        let e = check(&[&item(&meta), &k, &v, &k, &end]).unwrap_err();
+        assert!(e.contains("a key without a value"), "{e}");
         let e = check(&[&item(&[0xff; 9]), &end]).unwrap_err();
         assert!(e.contains("metadata does not decode"), "{e}");
         assert_eq!(check(&[&end]).unwrap_err(), "missing metadata");

@@ -677,11 +677,11 @@ impl pb::raft_transport_server::RaftTransport for RaftService {
         let index = meta.index;
         let path = snapshot_path(&self.snap_dir, index);
         let tmp = self.snap_dir.join(format!("recv-{index:020}-{}.tmp", rand::random::<u64>()));
-        let result = self.receiving.receive(&mut stream, first, &tmp, &path, meta).await;
-        if result.is_err() {
-            let _ = tokio::fs::remove_file(&tmp).await;
-        }
-        let bytes = result?;
+        // Removed on an error, and when the call is dropped mid-transfer (its sender gave
+        // up: a partial file left would hold disk space every later snapshot needs).
+        let partial = RemoveOnDrop(Some(tmp.clone()));
+        let bytes = self.receiving.receive(&mut stream, first, &tmp, &path, meta).await?;
+        partial.disarm();
         tracing::info!(node = self.id, index, bytes, "snapshot received");
         self.node_tx
             .send(Input::Raft(Box::new(msg)))
@@ -692,6 +692,24 @@ impl pb::raft_transport_server::RaftTransport for RaftService {
 }
 
 type ChunkStream = Streaming<pb::SnapshotChunk>;
+
+/// A file removed when this is dropped, unless disarmed.
+struct RemoveOnDrop(Option<PathBuf>);
+
+impl RemoveOnDrop {
+    fn disarm(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        if let Some(p) = self.0.take() {
+            // (A missing file, never created or renamed already, is no error.)
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
 
 /// The limits on the snapshots a node receives (from its configuration).
 pub struct SnapshotReceiving {

@@ -683,3 +683,54 @@ async fn a_received_snapshot_is_held_to_limits_and_checked_before_it_is_used() {
     assert_eq!(again.meta.unwrap().epoch, 1, "the volume made before is still there");
     cluster.shutdown().await;
 }
+
+/// A snapshot transfer its sender gives up on mid-way (the call dropped, as at the
+/// sender's `snapshot_send_timeout_ms`) leaves no partial file behind: each would hold disk
+/// space the next snapshot needs (and, counted by the free-space check, have it refused).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_transfer_dropped_mid_way_leaves_no_partial_file() {
+    use protobuf::Message as _;
+    use wayside_proto::pb::raft_transport_client::RaftTransportClient;
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = LocalCluster::start_with(1, dir.path(), |c| {
+        c.snapshot_receive_idle_timeout_ms = 600_000;
+    })
+    .await
+    .unwrap();
+    let ep = cluster.endpoint(1).unwrap();
+    let message = {
+        let mut m = raft::prelude::Message::default();
+        m.set_msg_type(raft::prelude::MessageType::MsgSnapshot);
+        (m.from, m.to, m.term) = (2, 1, 99);
+        m.mut_snapshot().mut_metadata().index = 1_000_000;
+        m.write_to_bytes().unwrap()
+    };
+    let head = pb::SnapshotChunk { from: 2, to: 1, message, data: vec![7; 4096], last: false };
+    let (tx, rx) = tokio::sync::mpsc::channel::<pb::SnapshotChunk>(4);
+    tx.send(head.clone()).await.unwrap();
+    tx.send(pb::SnapshotChunk { message: Vec::new(), ..head }).await.unwrap();
+    let e = wayside_proto::client::endpoint(&ep, None).unwrap();
+    let mut c = RaftTransportClient::new(wayside_proto::client::connect_lazy(&e));
+    let call = tokio::spawn(async move {
+        c.install_snapshot(tokio_stream::wrappers::ReceiverStream::new(rx)).await
+    });
+    let snap = cluster.dir().join("node-1/snap");
+    let partial = || {
+        std::fs::read_dir(&snap)
+            .unwrap()
+            .filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().starts_with("recv-"))
+            .count()
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while partial() == 0 {
+        assert!(tokio::time::Instant::now() < deadline, "the transfer never began");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    call.abort();
+    drop(tx);
+    while partial() > 0 {
+        assert!(tokio::time::Instant::now() < deadline, "the partial file was left behind");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    cluster.shutdown().await;
+}
