@@ -1399,7 +1399,8 @@ impl VolumeClient {
         let (mut applied, mut dup) = (0u64, 0u64);
         // Smaller batches than a call's: each must cross within rpc_timeout, on whatever
         // link the vehicle has now (8 MiB on a slow radio never would, and the attach
-        // would start over for ever); 256 writes of 4 KiB still go in one.
+        // would start over for ever); ~240 writes of 4 KiB still go in one (each counted
+        // with its journal entry's overhead).
         let (max_ops, bytes) = self.batch_limits();
         let bytes = bytes.min(REPLAY_BATCH_BYTES);
         for chunk in runs(&todo, max_ops, bytes, |(_, op)| Journal::size(op) as usize) {
@@ -1431,8 +1432,6 @@ impl VolumeClient {
     }
 }
 
-/// Sends `batch` as one `StreamBatches` message and returns its results in the order of its
-/// operations (tagged by index); an operation's error fails the whole call as that error.
 /// Most bytes of writes one replay batch carries (see `replay`).
 const REPLAY_BATCH_BYTES: usize = 1 << 20;
 
@@ -1459,6 +1458,8 @@ fn runs<T>(items: &[T], max_ops: usize, max_bytes: usize, size: impl Fn(&T) -> u
     out
 }
 
+/// Sends `batch` as one `StreamBatches` message and returns its results in the order of its
+/// operations (tagged by index); an operation's error fails the whole call as that error.
 async fn send_batch(
     c: &mut NmsClient<Channel>,
     batch: pb::StreamBatch,

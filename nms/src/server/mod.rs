@@ -1710,28 +1710,89 @@ impl Node {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::{Acquire, BlockPage, BoxFut, Fetched, MemStore, VolumeMeta};
 
-    /// A panic while the cache lock is held ends the process (SIGABRT) at the next use of
-    /// the lock, rather than leaving a node that resets every call while saying SERVING.
-    /// (Run in a child process: this test binary re-runs itself with a variable set.)
+    /// A store whose write-back panics (a bug in a write-back path).
+    struct PanicsOnWriteBack(MemStore);
+
+    impl Store for PanicsOnWriteBack {
+        fn acquire(&self, req: Acquire) -> BoxFut<'_, Result<VolumeMeta, StoreError>> {
+            self.0.acquire(req)
+        }
+        fn get_volume(&self, volume: VolumeName) -> BoxFut<'_, Result<VolumeMeta, StoreError>> {
+            self.0.get_volume(volume)
+        }
+        fn write_batch(&self, _: WriteBack) -> BoxFut<'_, Result<Lsn, StoreError>> {
+            panic!("a write-back bug");
+        }
+        fn get_blocks(
+            &self,
+            volume: VolumeName,
+            blocks: Vec<BlockNo>,
+        ) -> BoxFut<'_, Result<Fetched, StoreError>> {
+            self.0.get_blocks(volume, blocks)
+        }
+        fn list_blocks(
+            &self,
+            volume: VolumeName,
+            start: BlockNo,
+            limit: u32,
+        ) -> BoxFut<'_, Result<BlockPage, StoreError>> {
+            self.0.list_blocks(volume, start, limit)
+        }
+    }
+
+    /// The child's side of [`a_panic_in_the_cache_or_a_write_back_ends_the_process`]:
+    /// `mode` "lock" poisons the node's cache lock and uses it; "writeback" writes a block
+    /// whose write-back panics. Returning means the process went on (exit 0).
+    fn child(mode: &str) {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            let store: Arc<dyn Store> = Arc::new(PanicsOnWriteBack(MemStore::default()));
+            let cfg = Config { node_id: "a".into(), writeback_delay_ms: 0, ..Config::default() };
+            let ep = Endpoint::parse("127.0.0.1:2").unwrap();
+            let node = Node::new(cfg, ep, store, None, CancellationToken::new());
+            if mode == "lock" {
+                let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    let _core = node.core();
+                    panic!("poisons the cache lock");
+                }));
+                let _core = node.core();
+                return;
+            }
+            let v = VolumeName::new("v").unwrap();
+            let who = Presented::new(Credential::new("k").unwrap());
+            let bs = BlockSize::new(4096).unwrap();
+            node.load(&v, &who, Some(bs), LoadFor::Call).await.unwrap();
+            node.write(&v, &who, 0, 0, Some(&[1; 4096]), None).await.unwrap();
+            // The write-back runs at once (no delay); the process ends within this.
+            tokio::time::sleep(Duration::from_secs(10)).await;
+        });
+    }
+
+    /// A panic that poisons the cache lock, or one in a volume's write-back task, ends the
+    /// process (SIGABRT), rather than leaving a node that resets every call while saying
+    /// SERVING and never persists its dirty blocks. (Each in a child process: this test
+    /// binary runs itself again with a variable naming the case.)
     #[test]
-    fn a_poisoned_lock_ends_the_process() {
+    fn a_panic_in_the_cache_or_a_write_back_ends_the_process() {
         use std::os::unix::process::ExitStatusExt as _;
-        const CHILD: &str = "WAYSIDE_NMS_POISON_CHILD";
-        if std::env::var_os(CHILD).is_some() {
-            let m = Mutex::new(0u32);
-            let _ = std::panic::catch_unwind(|| {
-                let _g = m.lock().unwrap();
-                panic!("poisons the lock");
-            });
-            let _g = lock_or_fail_stop(&m, "a test");
+        const CHILD: &str = "WAYSIDE_NMS_PANIC_CHILD";
+        if let Ok(mode) = std::env::var(CHILD) {
+            child(&mode);
             std::process::exit(0);
         }
-        let out = std::process::Command::new(std::env::current_exe().unwrap())
-            .args(["--exact", "server::tests::a_poisoned_lock_ends_the_process", "--nocapture"])
-            .env(CHILD, "1")
-            .output()
-            .unwrap();
-        assert_eq!(out.status.signal(), Some(libc::SIGABRT), "{out:?}");
+        for mode in ["lock", "writeback"] {
+            let out = std::process::Command::new(std::env::current_exe().unwrap())
+                .args([
+                    "--exact",
+                    "server::tests::a_panic_in_the_cache_or_a_write_back_ends_the_process",
+                ])
+                .arg("--nocapture")
+                .env(CHILD, mode)
+                .output()
+                .unwrap();
+            assert_eq!(out.status.signal(), Some(libc::SIGABRT), "{mode}: {out:?}");
+        }
     }
 }
