@@ -744,17 +744,10 @@ impl Loop {
                 // Admitted in an earlier term (this node lost the lead and won it back
                 // while the command waited for a permit): its caller may have had it
                 // retried through the leader in between, and later commands after it;
-                // proposed now, it would land after them. Refused instead (nothing was
-                // proposed: the caller retries; a retry applies once), as busy while this
-                // node leads (a NotLeader naming itself reads as "leader unknown").
-                let e = if leading {
-                    NodeError::Busy(format!(
-                        "admitted in term {admitted}, this node now leads in term {term}: retry"
-                    ))
-                } else {
-                    self.not_leader()
-                };
-                let _ = reply.send(Err(e));
+                // proposed now, it would land after them. Refused instead, as not leading
+                // (nothing was proposed: any caller may retry, one without a request id
+                // too; a retry applies once).
+                let _ = reply.send(Err(self.not_leader()));
                 continue;
             }
             cmd.origin = self.id;
@@ -1431,10 +1424,7 @@ mod tests {
             }
         };
         let stale = propose(term - 1, 1).await;
-        assert!(
-            matches!(&stale, Err(NodeError::Busy(m)) if m.contains("admitted in")),
-            "{stale:?}"
-        );
+        assert!(matches!(stale, Err(NodeError::NotLeader { .. })), "{stale:?}");
         propose(term, 2).await.expect("the current term's command is proposed");
         // Through `propose`: a command waiting for a proposal permit while the node is
         // elected again (a new term) is refused once it gets one (the term it was admitted
@@ -1465,7 +1455,7 @@ mod tests {
         tokio::time::timeout(std::time::Duration::from_secs(10), again).await.unwrap().unwrap();
         drop(held);
         let r = waiting.await;
-        assert!(matches!(&r, Err(NodeError::Busy(m)) if m.contains("admitted in")), "{r:?}");
+        assert!(matches!(r, Err(NodeError::NotLeader { .. })), "{r:?}");
         h.propose(cmd(4)).await.expect("a command admitted in the new term is proposed");
         stop.cancel();
         tracker.close();
