@@ -399,6 +399,10 @@ struct Inner {
     /// volume over at an NMS it moved on from (`AttachRequest.take_over`) until one
     /// completes.
     take_over: AtomicBool,
+    /// The last redirect (where to, and the NMS that said so), from a call or an attach:
+    /// if where it points is out of reach, the vehicle takes the volume over at the NMS
+    /// that sent it there.
+    sent_by: Mutex<Option<(Endpoint, Endpoint)>>,
     generation: AtomicU64,
     block_size: Mutex<BlockSize>,
     seq: AtomicU64,
@@ -432,6 +436,9 @@ struct AttachFailed {
     /// back-pressure: busy, not gone. Its accepted and persisted lsns at the attach, to
     /// tell whether it gets anywhere.
     busy_owner: Option<(u64, u64)>,
+    /// No answer came from the NMS (no connection, or no attach reply in time): it is out
+    /// of reach, as opposed to an NMS that answered with an error.
+    out_of_reach: bool,
 }
 
 impl From<Next> for AttachFailed {
@@ -441,7 +448,7 @@ impl From<Next> for AttachFailed {
             Next::Fail(e) => e.to_string(),
             Next::Reconnect | Next::Wait => "the NMS did not take the attach".into(),
         };
-        Self { next, why, tls: false, busy_owner: None }
+        Self { next, why, tls: false, busy_owner: None, out_of_reach: false }
     }
 }
 
@@ -593,6 +600,7 @@ impl VolumeClient {
                 preferred: Mutex::new(first),
                 busy_seen: Mutex::new(None),
                 take_over: AtomicBool::new(false),
+                sent_by: Mutex::new(None),
                 opts,
                 conn: Mutex::new(None),
                 reconnect: tokio::sync::Mutex::new(()),
@@ -1062,8 +1070,9 @@ impl VolumeClient {
     fn invalidate(&self, generation: u64, redirect: Option<Endpoint>) {
         let mut c = self.inner.conn.lock().expect("poisoned");
         if c.as_ref().is_some_and(|c| c.generation == generation) {
-            *c = None;
+            let from = c.take().map(|c| c.endpoint);
             if let Some(to) = redirect {
+                *self.inner.sent_by.lock().expect("poisoned") = from.map(|f| (to.clone(), f));
                 *self.inner.preferred.lock().expect("poisoned") = to;
             }
         }
@@ -1125,11 +1134,12 @@ impl VolumeClient {
                 }
             }
             let mut redirects = 0;
-            // Where this round's redirects came from: an NMS that says the volume moved on
-            // is followed (it went where the vehicle was sent); once where it went cannot
-            // be reached, the NMS that sent the vehicle there takes it over, now and at
-            // every attach until one completes (`Inner::take_over`).
-            let mut sent_by: Vec<(Endpoint, Endpoint)> = Vec::new();
+            // Where redirects came from (the last before this round, and this round's): an
+            // NMS that says the volume moved on is followed (it went where the vehicle was
+            // sent); once where it went is out of reach, the NMS that sent the vehicle there
+            // takes it over, now and at every attach until one completes (`take_over`).
+            let mut sent_by: Vec<(Endpoint, Endpoint)> =
+                self.inner.sent_by.lock().expect("poisoned").iter().cloned().collect();
             let mut busy_backoff = o.initial_backoff;
             let mut i = 0;
             // The TLS handshake failures of this round, if every attempt was one.
@@ -1141,6 +1151,7 @@ impl VolumeClient {
                 let failed = match self.attach(&ep, deadline, take_over).await {
                     Ok(conn) => {
                         *self.inner.busy_seen.lock().expect("poisoned") = None;
+                        *self.inner.sent_by.lock().expect("poisoned") = None;
                         self.inner.take_over.store(false, Ordering::Release);
                         return Ok(conn);
                     }
@@ -1155,15 +1166,25 @@ impl VolumeClient {
                         if let Some(later) = candidates[i..].iter().position(|c| *c == to) {
                             candidates.remove(i + later);
                         }
+                        *self.inner.sent_by.lock().expect("poisoned") =
+                            Some((to.clone(), ep.clone()));
                         sent_by.push((to.clone(), ep.clone()));
                         candidates.insert(i, to);
                     }
-                    Next::Reconnect => {
-                        let from = sent_by.iter().find(|(to, _)| *to == ep).map(|(_, f)| f);
-                        if let Some(from) = from.filter(|_| !take_over) {
+                    // Out of reach (not an NMS that answered with an error: its PSS slow, or
+                    // its replay cut short, says nothing of whether the vehicle can reach it).
+                    Next::Reconnect if failed.out_of_reach && !take_over => {
+                        let from = sent_by.iter().rev().find(|(to, _)| *to == ep).map(|(_, f)| f);
+                        if let Some(from) = from.cloned() {
                             debug!(nms = %ep, sent_by = %from, "where the volume went is out of reach: taking it over");
                             self.inner.take_over.store(true, Ordering::Release);
-                            candidates.insert(i, from.clone());
+                            // The sender first, in this call and the next (whose deadline may
+                            // come before it is reached otherwise).
+                            *self.inner.preferred.lock().expect("poisoned") = from.clone();
+                            if let Some(later) = candidates[i..].iter().position(|c| *c == from) {
+                                candidates.remove(i + later);
+                            }
+                            candidates.insert(i, from);
                         }
                     }
                     Next::Fail(e) => return Err(e),
@@ -1256,6 +1277,7 @@ impl VolumeClient {
                             why: f.text,
                             tls: f.tls,
                             busy_owner: None,
+                            out_of_reach: true,
                         }
                     }
                 })?;
@@ -1293,6 +1315,7 @@ impl VolumeClient {
                 // answered): its causes say what happened. A plaintext client of an NMS
                 // served over TLS ends here (the NMS drops it at the failed handshake).
                 let transport = status_cause(&s);
+                let out_of_reach = transport.is_some();
                 // A create of an existing volume with another block size is an error to report.
                 let (next, mut why) = classify(s);
                 if let Some(t) = transport {
@@ -1303,7 +1326,7 @@ impl VolumeClient {
                         );
                     }
                 }
-                return Err(AttachFailed { next, why, tls: false, busy_owner: None });
+                return Err(AttachFailed { next, why, tls: false, busy_owner: None, out_of_reach });
             }
             Err(_) => {
                 debug!(nms = %ep, ?attempt, "no attach reply in time");
@@ -1312,6 +1335,7 @@ impl VolumeClient {
                     why: format!("no attach reply within {attempt:?} (rpc_timeout)"),
                     tls: false,
                     busy_owner: None,
+                    out_of_reach: true,
                 });
             }
         };
@@ -1327,6 +1351,7 @@ impl VolumeClient {
                 ),
                 tls: false,
                 busy_owner: None,
+                out_of_reach: false,
             });
         }
         self.inner.max_epoch.fetch_max(info.epoch, Ordering::AcqRel);

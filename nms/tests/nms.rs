@@ -1426,19 +1426,25 @@ async fn a_vehicle_idle_through_two_moves_follows_them_and_takes_nothing_back() 
     cluster.shutdown().await;
 }
 
-/// A vehicle sent by A's redirect marker to where its volume went, B, which accepts
-/// connections and never answers (a hung process), takes the volume over at A after B's
-/// `rpc_timeout`, within a call or two, even when each call's `op_timeout` is only twice
-/// `rpc_timeout` (the decision survives the call's deadline), and reads what it wrote.
+/// A vehicle sent by A's redirect to where its volume went, B, which accepts connections
+/// and never answers (a hung process), takes the volume over at A after B's
+/// `rpc_timeout`, within a call or two, and reads what it wrote: also when each call's
+/// `op_timeout` is no longer than `rpc_timeout` (the call ends while B is tried; the
+/// decision, and A as the NMS to try first, outlive it).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_redirect_to_a_hung_nms_makes_the_vehicle_take_the_volume_over() {
+    for (rpc_ms, op_ms) in [(500, 1000), (600, 600)] {
+        redirect_to_a_hung_nms(Duration::from_millis(rpc_ms), Duration::from_millis(op_ms)).await;
+    }
+}
+
+async fn redirect_to_a_hung_nms(rpc_timeout: Duration, op_timeout: Duration) {
     let dir = tempfile::tempdir().unwrap();
     let cluster = LocalCluster::start(1, dir.path()).await.unwrap();
     let a = Nms::start("a", &cluster.endpoints(), |_| {}).await;
     let b = Nms::start("b", &cluster.endpoints(), |_| {}).await;
     let mut o = opts(&[&a.ep, &b.ep], "hung", "k");
-    o.rpc_timeout = Duration::from_millis(500);
-    o.op_timeout = Duration::from_millis(1000);
+    (o.rpc_timeout, o.op_timeout) = (rpc_timeout, op_timeout);
     let c = VolumeClient::open(o).await.unwrap();
     for blk in 0..4 {
         c.write(blk, 0, block_data(blk, 1)).await.unwrap();
@@ -1463,7 +1469,7 @@ async fn a_redirect_to_a_hung_nms_makes_the_vehicle_take_the_volume_over() {
             Ok(got) => break got,
             Err(e) => {
                 failed += 1;
-                assert!(failed < 4, "still trying B after {failed} calls: {e}");
+                assert!(failed < 4, "{op_timeout:?}: still trying B after {failed} calls: {e}");
             }
         }
     };
