@@ -456,6 +456,8 @@ pub(crate) fn fail_stop(what: &str) -> ! {
         what,
         "stopping this NMS: vehicles attach to another NMS and replay what was not persisted"
     );
+    // (Also on stderr, whatever the log setup: the last word of a process ending now.)
+    eprintln!("wayside-nms: fail-stop: {what}");
     if std::process::id() == 1 {
         // Process 1 of a VM image: SIGABRT would be ignored, and its exit panic the kernel.
         crate::pid1::power_off();
@@ -1482,12 +1484,15 @@ impl Node {
         // a reply past half its message limit: 256 blocks of 1 MiB are 256 MiB). As many
         // blocks of the largest size as fit need no look at the volume's block size.
         let read_bytes = self.cfg.pss_read_bytes;
-        let fit_any = read_bytes / u64::from(wayside_proto::types::MAX_BLOCK_SIZE_BYTES);
+        // (And at most the PSS's `MAX_GET_BLOCKS` blocks a read.)
+        let most = wayside_pss::service::MAX_GET_BLOCKS;
+        let fit_any =
+            (read_bytes / u64::from(wayside_proto::types::MAX_BLOCK_SIZE_BYTES)).min(most as u64);
         if blocks.len() as u64 <= fit_any {
             return self.store.get_blocks(v.clone(), blocks).await;
         }
         let bs = self.core().volume(v).map_or(1, |x| u64::from(x.block_size.bytes()));
-        let per_read = usize::try_from(read_bytes / bs.max(1)).unwrap_or(usize::MAX).max(1);
+        let per_read = usize::try_from(read_bytes / bs.max(1)).unwrap_or(usize::MAX).clamp(1, most);
         if blocks.len() <= per_read {
             return self.store.get_blocks(v.clone(), blocks).await;
         }
@@ -1760,6 +1765,11 @@ mod tests {
                 let _core = node.core();
                 return;
             }
+            if mode == "critical" {
+                let task = node.spawn_critical("a probe panicked", async { panic!("a probe") });
+                let _ = task.await;
+                return;
+            }
             let v = VolumeName::new("v").unwrap();
             let who = Presented::new(Credential::new("k").unwrap());
             let bs = BlockSize::new(4096).unwrap();
@@ -1782,7 +1792,11 @@ mod tests {
             child(&mode);
             std::process::exit(0);
         }
-        for mode in ["lock", "writeback"] {
+        for (mode, what) in [
+            ("lock", "a panic while the cache lock was held"),
+            ("writeback", "a volume's write-back task panicked"),
+            ("critical", "a probe panicked"),
+        ] {
             let out = std::process::Command::new(std::env::current_exe().unwrap())
                 .args([
                     "--exact",
@@ -1793,6 +1807,8 @@ mod tests {
                 .output()
                 .unwrap();
             assert_eq!(out.status.signal(), Some(libc::SIGABRT), "{mode}: {out:?}");
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(stderr.contains(&format!("fail-stop: {what}")), "{mode}: {stderr}");
         }
     }
 }

@@ -983,11 +983,17 @@ impl Node {
                             match ops.take_received(&mut inbound, Some(msg), limit, &mut ready) {
                                 Ok(still_open) => open = still_open,
                                 Err(s) => {
-                                    if !ready.is_empty() {
-                                        let _ = tx.send(Ok(ready)).await;
+                                    let last = async {
+                                        if !ready.is_empty() {
+                                            let _ = tx.send(Ok(ready)).await;
+                                        }
+                                        let _ = tx.send(Err(s)).await;
+                                        let _ = ended_tx.send(());
+                                    };
+                                    tokio::select! {
+                                        () = last => {}
+                                        _ = &mut cancelled => {}
                                     }
-                                    let _ = tx.send(Err(s)).await;
-                                    let _ = ended_tx.send(());
                                     return;
                                 }
                             }
