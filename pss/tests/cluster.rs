@@ -586,7 +586,7 @@ async fn a_received_snapshot_is_held_to_limits_and_checked_before_it_is_used() {
     let dir = tempfile::tempdir().unwrap();
     let mut cluster = LocalCluster::start_with(1, dir.path(), |c| {
         c.max_snapshot_receives = 1;
-        c.snapshot_receive_idle_timeout_ms = 500;
+        c.snapshot_receive_idle_timeout_ms = 2_000;
     })
     .await
     .unwrap();
@@ -641,18 +641,23 @@ async fn a_received_snapshot_is_held_to_limits_and_checked_before_it_is_used() {
     let stalled = tokio::spawn(async move {
         c.install_snapshot(tokio_stream::wrappers::ReceiverStream::new(stall_rx)).await
     });
+    // Its partial file, made once it holds the slot. (Probing meanwhile would race it for
+    // the one slot.)
+    let snap = cluster.dir().join("node-1/snap");
+    let partial = || {
+        std::fs::read_dir(&snap)
+            .unwrap()
+            .filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().starts_with("recv-"))
+            .count()
+    };
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        // A file that is refused once it is all there, unless the slot is taken.
-        let st = send(sealed(&[meta(5), end.clone()])).await;
-        if st.code() == Code::ResourceExhausted {
-            assert!(st.message().contains("max_snapshot_receives"), "{st:?}");
-            break;
-        }
-        assert_eq!(st.code(), Code::InvalidArgument, "{st:?}");
-        assert!(tokio::time::Instant::now() < deadline, "the stalled transfer never held a slot");
-        tokio::task::yield_now().await;
+    while partial() == 0 {
+        assert!(tokio::time::Instant::now() < deadline, "the stalled transfer never began");
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
+    let st = send(sealed(&[meta(5), end.clone()])).await;
+    assert_eq!(st.code(), Code::ResourceExhausted, "{st:?}");
+    assert!(st.message().contains("max_snapshot_receives"), "{st:?}");
     let st = tokio::time::timeout(Duration::from_secs(10), stalled).await.unwrap().unwrap();
     let st = st.unwrap_err();
     assert_eq!(st.code(), Code::DeadlineExceeded, "{st:?}");
@@ -670,7 +675,6 @@ async fn a_received_snapshot_is_held_to_limits_and_checked_before_it_is_used() {
     assert!(st.message().contains("snapshot_min_free_disk_bytes"), "{st:?}");
 
     // Nothing of any of them is left, and the node serves what it had.
-    let snap = cluster.dir().join("node-1/snap");
     let left: Vec<String> = std::fs::read_dir(&snap)
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
