@@ -76,6 +76,17 @@ pub struct SmfConfig {
     /// How long a connection has to finish its TLS handshake (served over TLS only), in
     /// milliseconds: a caller that connects and sends nothing holds a task no longer.
     pub tls_handshake_timeout_ms: u64,
+    /// Longest wait to connect to an NMS (the TCP connect and, over TLS, the handshake), in
+    /// milliseconds: an NMS that accepts connections and never answers (a stopped process,
+    /// a paused VM) holds a move, its slot of `max_concurrent_moves`, a locate and the
+    /// SMF's shutdown no longer.
+    pub nms_connect_timeout_ms: u64,
+    /// Largest request the SMF service decodes, in bytes (a vehicle's report is a few
+    /// hundred; a road of thousands of RSUs fits): callers need no credential to send one,
+    /// and each is held whole before it is looked at.
+    pub max_request_bytes: usize,
+    /// Most calls open at once on one connection, in calls (HTTP/2 streams).
+    pub max_concurrent_streams: u32,
     /// Most connections open at once (vehicles' reports, operators), in connections; one
     /// past it is closed as soon as it is accepted. Each reporting vehicle keeps one open:
     /// keep it above `max_vehicles` and below the process's open-file limit.
@@ -127,6 +138,9 @@ impl Default for SmfConfig {
             cluster_token: None,
             tls: wayside_proto::tls::TlsFiles::default(),
             tls_handshake_timeout_ms: 5_000,
+            nms_connect_timeout_ms: 5_000,
+            max_request_bytes: 1 << 20,
+            max_concurrent_streams: 64,
             max_connections: DEFAULT_SMF_MAX_CONNECTIONS,
             max_connections_per_source: DEFAULT_SMF_MAX_CONNECTIONS_PER_SOURCE,
             http2_keepalive_interval_ms: wayside_proto::server::HTTP2_KEEPALIVE_INTERVAL_MS,
@@ -153,12 +167,16 @@ impl SmfConfig {
             || self.max_vehicles_per_volume == 0
             || self.migration_rpc_timeout_ms == 0
             || self.tls_handshake_timeout_ms == 0
+            || self.nms_connect_timeout_ms == 0
+            || self.max_request_bytes == 0
+            || self.max_concurrent_streams == 0
             || self.max_connections == 0
             || self.max_connections_per_source == 0
         {
             return Err("tick_ms, max_concurrent_moves, max_move_records, max_vehicles, \
                         max_volumes, max_vehicles_per_volume, migration_rpc_timeout_ms, \
-                        tls_handshake_timeout_ms, max_connections and \
+                        tls_handshake_timeout_ms, nms_connect_timeout_ms, max_request_bytes, \
+                        max_concurrent_streams, max_connections and \
                         max_connections_per_source must be > 0"
                 .into());
         }
@@ -683,9 +701,14 @@ impl Smf {
         // the move's two NMSs cannot tell (the source unreachable, or not holding it: the
         // vehicle attached elsewhere after an NMS died, or a move the SMF never saw), the
         // whole road is asked, or every later move would start from the wrong NMS.
+        // An abort is asked about too: one whose switch went out and whose take-back
+        // failed leaves the volume possibly at the target (the source resolving it).
         let found = match &result {
             Ok(rep) if rep.outcome == pb::MigrationOutcome::Completed as i32 => None,
-            Ok(_) => Some(p.from),
+            Ok(_) => match self.locate(&road, &volume, p.from, p.to).await {
+                Some(i) => Some(i),
+                None => self.survey(&road, &volume).await,
+            },
             Err(e) => {
                 let near =
                     if e.sent { self.locate(&road, &volume, p.from, p.to).await } else { None };
@@ -733,7 +756,10 @@ impl Smf {
             }
             Ok(rep) => {
                 rec.error = format!("aborted: {}", rep.error);
-                warn!(error = %rep.error, "move aborted");
+                if let Some(i) = found.filter(|i| *i != p.from) {
+                    rec.error += &format!("; the volume is at {} now", road.rsus()[i].name);
+                }
+                warn!(error = %rec.error, "move aborted");
             }
             Err(e) => {
                 rec.error = e.message;
@@ -816,15 +842,28 @@ impl Smf {
         timeout: Duration,
     ) -> Result<pb::nms_admin_client::NmsAdminClient<tonic::transport::Channel>, String> {
         let ep = Endpoint::parse(address).map_err(|e| format!("NMS address {address:?}: {e}"))?;
-        let channel = wayside_proto::client::endpoint(&ep, self.tls.as_ref())
+        // The whole connect, TLS handshake included (tonic's connect timeout covers the
+        // TCP connect only, and its TLS handshake has none).
+        let limit = Duration::from_millis(self.cfg.nms_connect_timeout_ms);
+        let endpoint = wayside_proto::client::endpoint(&ep, self.tls.as_ref())
             .map_err(|e| format!("NMS address {address:?}: {e}"))?
-            .connect_timeout(Duration::from_secs(2))
-            .timeout(timeout)
-            .connect()
-            .await
-            .map_err(|e| {
-                format!("connecting to {address}: {}", crate::client::connect_failure(&e).text)
-            })?;
+            .connect_timeout(limit)
+            .timeout(timeout);
+        let connect = endpoint.connect();
+        let channel = tokio::select! {
+            r = tokio::time::timeout(limit, connect) => r
+                .map_err(|_| {
+                    format!(
+                        "connecting to {address}: no connection within {} ms \
+                         (nms_connect_timeout_ms)",
+                        limit.as_millis()
+                    )
+                })?
+                .map_err(|e| {
+                    format!("connecting to {address}: {}", crate::client::connect_failure(&e).text)
+                })?,
+            () = self.stop.cancelled() => return Err("SMF stopping".into()),
+        };
         Ok(pb::nms_admin_client::NmsAdminClient::new(channel))
     }
 
@@ -846,16 +885,7 @@ impl Smf {
     /// `None`: no NMS that answered holds it.
     async fn survey(&self, road: &Road, volume: &str) -> Option<usize> {
         let asks = road.rsus().iter().map(|r| self.epoch_at(&r.nms_address, volume));
-        let answers = futures::future::join_all(asks).await;
-        let found = answers
-            .into_iter()
-            .enumerate()
-            .filter_map(|(i, a)| match a {
-                Ok(Some((epoch, _))) => Some((epoch, i)),
-                _ => None,
-            })
-            .max()
-            .map(|(_, i)| i);
+        let found = holder(futures::future::join_all(asks).await);
         info!(volume, at = ?found.map(|i| &road.rsus()[i].name), "asked the road where the volume is");
         found
     }
@@ -1002,7 +1032,7 @@ pub async fn serve(
     wayside_proto::server::raise_open_file_limit(smf.cfg.max_connections);
     // A vehicle gone out of range without closing gives its connection back.
     let mut builder = wayside_proto::server::with_keepalive(
-        tonic::transport::Server::builder(),
+        tonic::transport::Server::builder().max_concurrent_streams(smf.cfg.max_concurrent_streams),
         smf.cfg.http2_keepalive_interval_ms,
         smf.cfg.http2_keepalive_timeout_ms,
     );
@@ -1039,7 +1069,10 @@ pub async fn serve(
         let server = builder
             .add_service(health)
             .add_service(wayside_proto::server::reflection())
-            .add_service(pb::smf_server::SmfServer::new(smf.clone()))
+            .add_service(
+                pb::smf_server::SmfServer::new(smf.clone())
+                    .max_decoding_message_size(smf.cfg.max_request_bytes),
+            )
             .serve_with_incoming_shutdown(
                 wayside_proto::server::incoming(
                     listener,
@@ -1086,6 +1119,16 @@ pub struct SmfArgs {
     /// How long a connection has to finish its TLS handshake, in milliseconds.
     #[arg(long, default_value_t = 5_000)]
     pub tls_handshake_timeout_ms: u64,
+    /// Longest wait to connect to an NMS (TCP connect and TLS handshake), in milliseconds.
+    #[arg(long, default_value_t = 5_000)]
+    pub nms_connect_timeout_ms: u64,
+    /// Largest request the SMF decodes, in bytes (reports are small; a road of thousands
+    /// of RSUs fits in the default).
+    #[arg(long, default_value_t = 1 << 20)]
+    pub max_request_bytes: usize,
+    /// Most calls open at once on one connection, in calls.
+    #[arg(long, default_value_t = 64)]
+    pub max_concurrent_streams: u32,
     /// Most connections open at once (each reporting vehicle keeps one); one past it is
     /// closed as soon as it is accepted.
     #[arg(long, default_value_t = DEFAULT_SMF_MAX_CONNECTIONS)]
@@ -1107,6 +1150,22 @@ pub struct SmfArgs {
     pub silent_connection_timeout_ms: u64,
 }
 
+/// Which NMS (by its index on the road) holds a volume, from each one's answer (the epoch
+/// it holds the volume at, and whether it is moving it out): the one at the newest epoch;
+/// at a tie, one moving it out (a move's target lists its arriving copy at the source's
+/// epoch until the switch: the volume is still the source's).
+fn holder(answers: Vec<Result<Option<(u64, bool)>, String>>) -> Option<usize> {
+    answers
+        .into_iter()
+        .enumerate()
+        .filter_map(|(i, a)| match a {
+            Ok(Some((epoch, moving_out))) => Some((epoch, moving_out, i)),
+            _ => None,
+        })
+        .max()
+        .map(|(_, _, i)| i)
+}
+
 /// Runs `nms smf` until Ctrl-C or SIGTERM (moves in flight finish first).
 pub async fn serve_cmd(a: SmfArgs) -> anyhow::Result<()> {
     let cfg = SmfConfig {
@@ -1117,6 +1176,9 @@ pub async fn serve_cmd(a: SmfArgs) -> anyhow::Result<()> {
             .map_err(anyhow::Error::msg)?,
         tls: wayside_proto::tls::TlsFiles { cert: a.tls_cert, key: a.tls_key, ca: a.tls_ca },
         tls_handshake_timeout_ms: a.tls_handshake_timeout_ms,
+        nms_connect_timeout_ms: a.nms_connect_timeout_ms,
+        max_request_bytes: a.max_request_bytes,
+        max_concurrent_streams: a.max_concurrent_streams,
         max_connections: a.max_connections,
         max_connections_per_source: a.max_connections_per_source,
         http2_keepalive_interval_ms: a.http2_keepalive_interval_ms,
@@ -1243,6 +1305,28 @@ mod tests {
         let stop = CancellationToken::new();
         let server = tokio::spawn(serve(no_nms(cfg, stop.clone()), listener, stop.clone()));
         (addr, stop, server)
+    }
+
+    /// A request past `max_request_bytes` (callers need no credential to send one) is
+    /// refused (OUT_OF_RANGE) before the service looks at it; one within is served.
+    #[tokio::test]
+    async fn a_request_past_max_request_bytes_is_refused() {
+        let cfg = SmfConfig { max_request_bytes: 64 * 1024, ..Default::default() };
+        let (addr, stop, server) = serving_smf(cfg).await;
+        served_again(addr, "the first connection").await;
+        let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let mut c = pb::smf_client::SmfClient::new(ch);
+        let big = pb::VehicleReport { serving_rsu: "x".repeat(128 * 1024), ..report(0.0, 0.0) };
+        let e = c.report_vehicle(big).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::OutOfRange, "{e:?}");
+        let small = c.report_vehicle(report(0.0, 0.0)).await;
+        assert!(small.is_ok() || small.unwrap_err().code() != tonic::Code::OutOfRange);
+        stop.cancel();
+        server.await.unwrap().unwrap();
     }
 
     /// One health check of the SMF at `addr` on a new connection, within 2 s.
@@ -1755,6 +1839,60 @@ mod tests {
         drop(waiting);
         // The slot is free again (the next check waits on the NMS, as the first did).
         assert!(futures::poll!(Box::pin(smf.report(&other))).is_pending());
+    }
+
+    /// The road's answer to "who holds the volume": the newest epoch; at a tie (a move's
+    /// target lists its arriving copy at the source's epoch), the NMS moving it out, not
+    /// the target (it was taken for the holder while the move still ran).
+    #[test]
+    fn the_holder_is_the_newest_epoch_and_at_a_tie_the_source_of_a_move() {
+        let ans = |v: &[Option<(u64, bool)>]| v.iter().map(|a| Ok(*a)).collect::<Vec<_>>();
+        assert_eq!(holder(ans(&[Some((3, true)), Some((3, false))])), Some(0));
+        assert_eq!(holder(ans(&[Some((3, false)), Some((3, true))])), Some(1));
+        assert_eq!(holder(ans(&[Some((3, true)), Some((4, false))])), Some(1));
+        assert_eq!(holder(ans(&[None, Some((2, false))])), Some(1));
+        assert_eq!(holder(vec![Err("down".into()), Ok(None)]), None);
+    }
+
+    /// Over TLS, an NMS that accepts connections and never answers (a stopped process, a
+    /// paused VM) holds a dial no longer than `nms_connect_timeout_ms`, handshake included
+    /// (tonic's connect timeout covers the TCP connect only: the move, its slot and the
+    /// SMF's shutdown waited for good), and no dial outlasts the SMF's stop.
+    #[tokio::test]
+    async fn a_dial_to_an_nms_that_never_answers_gives_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = wayside_proto::tls::pki::Ca::new("test road").unwrap();
+        let (names, ips) = wayside_proto::tls::pki::loopback();
+        let files = ca.write_road(dir.path(), &names, &ips).unwrap();
+        let hung = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = hung.local_addr().unwrap().to_string();
+        let holder = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((s, _)) = hung.accept().await {
+                held.push(s);
+            }
+        });
+        let stop = CancellationToken::new();
+        let cfg = SmfConfig { tls: files, nms_connect_timeout_ms: 300, ..Default::default() };
+        let smf = Arc::new(Smf::new(cfg, stop.clone()).unwrap());
+        let dial = smf.admin(&addr, Duration::from_secs(60));
+        let e = tokio::time::timeout(Duration::from_secs(10), dial).await.expect("hung").err();
+        let e = e.expect("no NMS answered");
+        assert!(e.contains("nms_connect_timeout_ms"), "{e}");
+        // With a long limit, the SMF's stop ends the dial.
+        let cfg = SmfConfig {
+            tls: smf.cfg.tls.clone(),
+            nms_connect_timeout_ms: 600_000,
+            ..Default::default()
+        };
+        let stop = CancellationToken::new();
+        let slow = Arc::new(Smf::new(cfg, stop.clone()).unwrap());
+        let mut dial = Box::pin(slow.admin(&addr, Duration::from_secs(60)));
+        assert!(futures::poll!(&mut dial).is_pending());
+        stop.cancel();
+        let e = tokio::time::timeout(Duration::from_secs(10), dial).await.expect("hung").err();
+        assert_eq!(e.as_deref(), Some("SMF stopping"));
+        holder.abort();
     }
 
     #[tokio::test]
