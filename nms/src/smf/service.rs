@@ -87,6 +87,9 @@ pub struct SmfConfig {
     pub max_request_bytes: usize,
     /// Most calls open at once on one connection, in calls (HTTP/2 streams).
     pub max_concurrent_streams: u32,
+    /// Most RSUs a road may have, in RSUs (SetRoad past it: INVALID_ARGUMENT); the SMF's
+    /// reports, moves and surveys do work per RSU.
+    pub max_rsus: usize,
     /// Most connections open at once (vehicles' reports, operators), in connections; one
     /// past it is closed as soon as it is accepted. Each reporting vehicle keeps one open:
     /// keep it above `max_vehicles` and below the process's open-file limit.
@@ -141,6 +144,7 @@ impl Default for SmfConfig {
             nms_connect_timeout_ms: 5_000,
             max_request_bytes: 1 << 20,
             max_concurrent_streams: 64,
+            max_rsus: 1024,
             max_connections: DEFAULT_SMF_MAX_CONNECTIONS,
             max_connections_per_source: DEFAULT_SMF_MAX_CONNECTIONS_PER_SOURCE,
             http2_keepalive_interval_ms: wayside_proto::server::HTTP2_KEEPALIVE_INTERVAL_MS,
@@ -170,13 +174,14 @@ impl SmfConfig {
             || self.nms_connect_timeout_ms == 0
             || self.max_request_bytes == 0
             || self.max_concurrent_streams == 0
+            || self.max_rsus == 0
             || self.max_connections == 0
             || self.max_connections_per_source == 0
         {
             return Err("tick_ms, max_concurrent_moves, max_move_records, max_vehicles, \
                         max_volumes, max_vehicles_per_volume, migration_rpc_timeout_ms, \
                         tls_handshake_timeout_ms, nms_connect_timeout_ms, max_request_bytes, \
-                        max_concurrent_streams, max_connections and \
+                        max_concurrent_streams, max_rsus, max_connections and \
                         max_connections_per_source must be > 0"
                 .into());
         }
@@ -689,6 +694,9 @@ impl Smf {
     }
 
     async fn do_move(&self, road: Road, volume: String, p: Pending) {
+        // Gives the slot and the volume's `moving` back if this task ends before the record
+        // below (a panic): the volume would never move again, and the slot be lost.
+        let guard = MoveGuard { smf: self, volume: &volume, armed: true };
         let src = &road.rsus()[p.from];
         let dst = &road.rsus()[p.to];
         let start = Instant::now();
@@ -773,6 +781,7 @@ impl Smf {
             }
         }
         st.in_flight = st.in_flight.saturating_sub(1);
+        guard.disarm();
         // (A move started on an older road ends with the volume's place unknown on the new
         // one: its vehicle's next report says.)
         let same_road = st.road_gen == p.road_gen;
@@ -957,6 +966,13 @@ impl Smf {
 
     /// Replaces the road.
     pub fn set_road(&self, r: pb::Road) -> Result<pb::Road, Status> {
+        if r.rsus.len() > self.cfg.max_rsus {
+            return Err(Status::invalid_argument(format!(
+                "road: {} RSUs, more than max_rsus ({})",
+                r.rsus.len(),
+                self.cfg.max_rsus
+            )));
+        }
         let road = road_of(&r)?;
         let mut st = self.lock();
         st.road = Some((road, r.clone()));
@@ -1150,6 +1166,32 @@ pub struct SmfArgs {
     pub silent_connection_timeout_ms: u64,
 }
 
+/// A move's slot of `max_concurrent_moves` and its volume's `moving` flag, given back when
+/// dropped armed (the move's task ended without recording its outcome).
+struct MoveGuard<'a> {
+    smf: &'a Smf,
+    volume: &'a str,
+    armed: bool,
+}
+
+impl MoveGuard<'_> {
+    fn disarm(mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for MoveGuard<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            let mut st = self.smf.lock();
+            st.in_flight = st.in_flight.saturating_sub(1);
+            if let Some(v) = st.volumes.get_mut(self.volume) {
+                v.moving = false;
+            }
+        }
+    }
+}
+
 /// Which NMS (by its index on the road) holds a volume, from each one's answer (the epoch
 /// it holds the volume at, and whether it is moving it out): the one at the newest epoch;
 /// at a tie, one moving it out (a move's target lists its arriving copy at the source's
@@ -1267,11 +1309,26 @@ mod tests {
         smf.set_road(road("127.0.0.1:1")).unwrap();
         // (A stopped vehicle, speed 0, is a valid report: see
         // `a_stopped_vehicle_is_planned_no_move`.)
-        for speed in [-1.0, f64::NAN] {
+        for speed in [-1.0, f64::NAN, f64::INFINITY] {
             let mut r = report(0.0, 0.0);
             r.speed_mps = speed;
             assert_eq!(smf.report(&r).await.unwrap_err().code(), tonic::Code::InvalidArgument);
         }
+        for (time, position) in [(f64::NAN, 0.0), (0.0, f64::INFINITY), (0.0, f64::NAN)] {
+            let r = pb::VehicleReport { time_s: time, position_m: position, ..report(0.0, 0.0) };
+            assert_eq!(smf.report(&r).await.unwrap_err().code(), tonic::Code::InvalidArgument);
+        }
+        // A road past max_rsus is refused, naming it.
+        let mut long = road("127.0.0.1:1");
+        let mut extra = long.rsus[1].clone();
+        for i in 0..SmfConfig::default().max_rsus {
+            extra.name = format!("R{i}");
+            extra.position_m = 10_000.0 + i as f64 * 1000.0;
+            long.rsus.push(extra.clone());
+        }
+        let Err(e) = smf.set_road(long) else { panic!("a road past max_rsus was taken") };
+        assert_eq!(e.code(), tonic::Code::InvalidArgument);
+        assert!(e.message().contains("max_rsus"), "{e:?}");
         assert!(Smf::new(
             SmfConfig { time_scale: 0.0, ..Default::default() },
             CancellationToken::new()
