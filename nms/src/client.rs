@@ -53,7 +53,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tonic::{Code, Status};
@@ -395,14 +395,10 @@ struct Inner {
     /// stand: kept across calls (each of which may end before `rpc_timeout` has passed),
     /// cleared by an attach that completes.
     busy_seen: Mutex<Option<BusySeen>>,
-    /// Set once where an NMS said the volume went could not be reached: attaches take the
-    /// volume over at an NMS it moved on from (`AttachRequest.take_over`) until one
-    /// completes.
-    take_over: AtomicBool,
-    /// The last redirect (where to, and the NMS that said so), from a call or an attach:
-    /// if where it points is out of reach, the vehicle takes the volume over at the NMS
-    /// that sent it there.
-    sent_by: Mutex<Option<(Endpoint, Endpoint)>>,
+    /// Since when the vehicle has had no NMS (the first attach of an outage; cleared by
+    /// one that completes): past `rpc_timeout`, attaches take the volume over at an NMS it
+    /// moved on from (`AttachRequest.take_over`), where it went being out of reach.
+    unattached_since: Mutex<Option<Instant>>,
     generation: AtomicU64,
     block_size: Mutex<BlockSize>,
     seq: AtomicU64,
@@ -599,8 +595,7 @@ impl VolumeClient {
             inner: Arc::new(Inner {
                 preferred: Mutex::new(first),
                 busy_seen: Mutex::new(None),
-                take_over: AtomicBool::new(false),
-                sent_by: Mutex::new(None),
+                unattached_since: Mutex::new(None),
                 opts,
                 conn: Mutex::new(None),
                 reconnect: tokio::sync::Mutex::new(()),
@@ -1070,12 +1065,16 @@ impl VolumeClient {
     fn invalidate(&self, generation: u64, redirect: Option<Endpoint>) {
         let mut c = self.inner.conn.lock().expect("poisoned");
         if c.as_ref().is_some_and(|c| c.generation == generation) {
-            let from = c.take().map(|c| c.endpoint);
+            *c = None;
             if let Some(to) = redirect {
-                *self.inner.sent_by.lock().expect("poisoned") = from.map(|f| (to.clone(), f));
                 *self.inner.preferred.lock().expect("poisoned") = to;
             }
         }
+    }
+
+    /// Since when the vehicle has had no NMS: the first call of an outage starts it.
+    fn unattached_since(&self) -> Instant {
+        *self.inner.unattached_since.lock().expect("poisoned").get_or_insert_with(Instant::now)
     }
 
     /// The current connection, or a new one: attach, then replay the journal.
@@ -1134,12 +1133,6 @@ impl VolumeClient {
                 }
             }
             let mut redirects = 0;
-            // Where redirects came from (the last before this round, and this round's): an
-            // NMS that says the volume moved on is followed (it went where the vehicle was
-            // sent); once where it went is out of reach, the NMS that sent the vehicle there
-            // takes it over, now and at every attach until one completes (`take_over`).
-            let mut sent_by: Vec<(Endpoint, Endpoint)> =
-                self.inner.sent_by.lock().expect("poisoned").iter().cloned().collect();
             let mut busy_backoff = o.initial_backoff;
             let mut i = 0;
             // The TLS handshake failures of this round, if every attempt was one.
@@ -1147,12 +1140,14 @@ impl VolumeClient {
             while i < candidates.len() {
                 let ep = candidates[i].clone();
                 i += 1;
-                let take_over = self.inner.take_over.load(Ordering::Acquire);
+                // An NMS that says the volume moved on is followed (it went where the vehicle
+                // was sent); once the vehicle has been without an NMS for `rpc_timeout`
+                // (where it went is out of reach), one the volume moved on from takes it over.
+                let take_over = self.unattached_since().elapsed() >= o.rpc_timeout;
                 let failed = match self.attach(&ep, deadline, take_over).await {
                     Ok(conn) => {
                         *self.inner.busy_seen.lock().expect("poisoned") = None;
-                        *self.inner.sent_by.lock().expect("poisoned") = None;
-                        self.inner.take_over.store(false, Ordering::Release);
+                        *self.inner.unattached_since.lock().expect("poisoned") = None;
                         return Ok(conn);
                     }
                     Err(f) => f,
@@ -1166,25 +1161,14 @@ impl VolumeClient {
                         if let Some(later) = candidates[i..].iter().position(|c| *c == to) {
                             candidates.remove(i + later);
                         }
-                        *self.inner.sent_by.lock().expect("poisoned") =
-                            Some((to.clone(), ep.clone()));
-                        sent_by.push((to.clone(), ep.clone()));
                         candidates.insert(i, to);
                     }
-                    // Out of reach (not an NMS that answered with an error: its PSS slow, or
-                    // its replay cut short, says nothing of whether the vehicle can reach it).
-                    Next::Reconnect if failed.out_of_reach && !take_over => {
-                        let from = sent_by.iter().rev().find(|(to, _)| *to == ep).map(|(_, f)| f);
-                        if let Some(from) = from.cloned() {
-                            debug!(nms = %ep, sent_by = %from, "where the volume went is out of reach: taking it over");
-                            self.inner.take_over.store(true, Ordering::Release);
-                            // The sender first, in this call and the next (whose deadline may
-                            // come before it is reached otherwise).
-                            *self.inner.preferred.lock().expect("poisoned") = from.clone();
-                            if let Some(later) = candidates[i..].iter().position(|c| *c == from) {
-                                candidates.remove(i + later);
-                            }
-                            candidates.insert(i, from);
+                    // The NMS tried first is out of reach (no connection, no attach reply; not
+                    // one answering with an error): the next one is tried first from now on,
+                    // so a call no longer than `rpc_timeout` does not spend itself on it again.
+                    Next::Reconnect if failed.out_of_reach && i == 1 => {
+                        if let Some(next) = candidates.get(1) {
+                            *self.inner.preferred.lock().expect("poisoned") = next.clone();
                         }
                     }
                     Next::Fail(e) => return Err(e),

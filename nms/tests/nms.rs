@@ -1389,8 +1389,8 @@ async fn a_volume_two_moves_on_gets_no_replay_of_what_it_holds_even_past_the_ded
 /// A vehicle idle through two moves (A to B, then B to C) follows the redirects to C,
 /// where the volume is: its attach at B, which the volume left too, is answered with a
 /// redirect (`AttachRequest.take_over` unset), not by B taking the volume back from C (a
-/// needless ownership change that fenced C's unpersisted writes). Only once a round of
-/// attaches got nowhere (C out of reach) does it take the volume over where it can.
+/// needless ownership change that fenced C's unpersisted writes). Only once it has been
+/// without an NMS for `rpc_timeout` (C out of reach) does it take the volume over.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_vehicle_idle_through_two_moves_follows_them_and_takes_nothing_back() {
     let dir = tempfile::tempdir().unwrap();
@@ -1427,10 +1427,11 @@ async fn a_vehicle_idle_through_two_moves_follows_them_and_takes_nothing_back() 
 }
 
 /// A vehicle sent by A's redirect to where its volume went, B, which accepts connections
-/// and never answers (a hung process), takes the volume over at A after B's
-/// `rpc_timeout`, within a call or two, and reads what it wrote: also when each call's
-/// `op_timeout` is no longer than `rpc_timeout` (the call ends while B is tried; the
-/// decision, and A as the NMS to try first, outlive it).
+/// and never answers (a hung process), takes the volume over at A once it has been without
+/// an NMS for `rpc_timeout`, within a few calls, and reads what it wrote: also when each
+/// call's `op_timeout` is no longer than `rpc_timeout` (a call ends while B is tried; the
+/// time without an NMS counts across calls, and B, which never answered, is no longer
+/// tried first).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_redirect_to_a_hung_nms_makes_the_vehicle_take_the_volume_over() {
     for (rpc_ms, op_ms) in [(500, 1000), (600, 600)] {

@@ -1401,36 +1401,6 @@ mod tests {
         let h = started.handle.clone();
         let mut status = h.status.clone();
         let term = status.wait_for(|s| s.role == Role::Leader).await.unwrap().term;
-        let propose = |term: u64, seq: u64| {
-            let h = h.clone();
-            async move {
-                let permit = h.inflight.clone().acquire_owned().await.unwrap();
-                let cmd = Command {
-                    acquire: Some(pb::AcquireVolumeRequest {
-                        volume: format!("v{seq}"),
-                        owner_node: "nms".into(),
-                        owner_address: "127.0.0.1:9".into(),
-                        owner_session: 0,
-                        expected_epoch: 0,
-                        create: Some(pb::CreateSpec {
-                            block_size: 4096,
-                            credential_hash: vec![7; 32],
-                        }),
-                        request_id: Some(pb::RequestId { client_id: "nms".into(), seq }),
-                    }),
-                    ..Default::default()
-                };
-                h.call(|reply| Input::Propose { cmd: Box::new(cmd), reply, permit, term }).await
-            }
-        };
-        let stale = propose(term - 1, 1).await;
-        assert!(matches!(stale, Err(NodeError::NotLeader { .. })), "{stale:?}");
-        propose(term, 2).await.expect("the current term's command is proposed");
-        // Through `propose`: a command waiting for a proposal permit while the node is
-        // elected again (a new term) is refused once it gets one (the term it was admitted
-        // in is taken before the wait).
-        let all = h.inflight.available_permits() as u32;
-        let held = h.inflight.clone().acquire_many_owned(all).await.unwrap();
         let cmd = |seq: u64| Command {
             acquire: Some(pb::AcquireVolumeRequest {
                 volume: format!("v{seq}"),
@@ -1443,6 +1413,21 @@ mod tests {
             }),
             ..Default::default()
         };
+        let propose = |term: u64, seq: u64| {
+            let (h, cmd) = (h.clone(), Box::new(cmd(seq)));
+            async move {
+                let permit = h.inflight.clone().acquire_owned().await.unwrap();
+                h.call(|reply| Input::Propose { cmd, reply, permit, term }).await
+            }
+        };
+        let stale = propose(term - 1, 1).await;
+        assert!(matches!(stale, Err(NodeError::NotLeader { .. })), "{stale:?}");
+        propose(term, 2).await.expect("the current term's command is proposed");
+        // Through `propose`: a command waiting for a proposal permit while the node is
+        // elected again (a new term) is refused once it gets one (the term it was admitted
+        // in is taken before the wait).
+        let all = h.inflight.available_permits() as u32;
+        let held = h.inflight.clone().acquire_many_owned(all).await.unwrap();
         let mut waiting = Box::pin(h.propose(cmd(3)));
         assert!(futures::poll!(&mut waiting).is_pending(), "it waits for a permit");
         // A heartbeat of a later term (from a node it does not know) makes it a follower;

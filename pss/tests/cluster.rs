@@ -644,17 +644,7 @@ async fn a_received_snapshot_is_held_to_limits_and_checked_before_it_is_used() {
     // Its partial file, made once it holds the slot. (Probing meanwhile would race it for
     // the one slot.)
     let snap = cluster.dir().join("node-1/snap");
-    let partial = || {
-        std::fs::read_dir(&snap)
-            .unwrap()
-            .filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().starts_with("recv-"))
-            .count()
-    };
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while partial() == 0 {
-        assert!(tokio::time::Instant::now() < deadline, "the stalled transfer never began");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    until(|| partial_snapshots(&snap) > 0, "the stalled transfer never began").await;
     let st = send(sealed(&[meta(5), end.clone()])).await;
     assert_eq!(st.code(), Code::ResourceExhausted, "{st:?}");
     assert!(st.message().contains("max_snapshot_receives"), "{st:?}");
@@ -719,22 +709,26 @@ async fn a_snapshot_transfer_dropped_mid_way_leaves_no_partial_file() {
         c.install_snapshot(tokio_stream::wrappers::ReceiverStream::new(rx)).await
     });
     let snap = cluster.dir().join("node-1/snap");
-    let partial = || {
-        std::fs::read_dir(&snap)
-            .unwrap()
-            .filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().starts_with("recv-"))
-            .count()
-    };
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while partial() == 0 {
-        assert!(tokio::time::Instant::now() < deadline, "the transfer never began");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    until(|| partial_snapshots(&snap) > 0, "the transfer never began").await;
     call.abort();
     drop(tx);
-    while partial() > 0 {
-        assert!(tokio::time::Instant::now() < deadline, "the partial file was left behind");
+    until(|| partial_snapshots(&snap) == 0, "the partial file was left behind").await;
+    cluster.shutdown().await;
+}
+
+/// Snapshot files being received in `snap` (a node's `snap` directory).
+fn partial_snapshots(snap: &std::path::Path) -> usize {
+    std::fs::read_dir(snap)
+        .unwrap()
+        .filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().starts_with("recv-"))
+        .count()
+}
+
+/// Waits until `cond` holds, looking every 10 ms, for at most 10 s (then fails with `what`).
+async fn until(cond: impl Fn() -> bool, what: &str) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !cond() {
+        assert!(tokio::time::Instant::now() < deadline, "{what}");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    cluster.shutdown().await;
 }
