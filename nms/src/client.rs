@@ -395,10 +395,12 @@ struct Inner {
     /// stand: kept across calls (each of which may end before `rpc_timeout` has passed),
     /// cleared by an attach that completes.
     busy_seen: Mutex<Option<BusySeen>>,
-    /// Since when the vehicle has had no NMS (the first attach of an outage; cleared by
-    /// one that completes): past `rpc_timeout`, attaches take the volume over at an NMS it
-    /// moved on from (`AttachRequest.take_over`), where it went being out of reach.
-    unattached_since: Mutex<Option<Instant>>,
+    /// Time spent in attach rounds that got nowhere since the last attach that completed
+    /// (across calls: each may end before `rpc_timeout`): past `rpc_timeout`, attaches take
+    /// the volume over at an NMS it moved on from (`AttachRequest.take_over`), where it
+    /// went being out of reach. (Not the wall time since the first failure: a short blip
+    /// long ago must not make an attach take a volume from a live owner.)
+    unattached_for: Mutex<Duration>,
     generation: AtomicU64,
     block_size: Mutex<BlockSize>,
     seq: AtomicU64,
@@ -595,7 +597,7 @@ impl VolumeClient {
             inner: Arc::new(Inner {
                 preferred: Mutex::new(first),
                 busy_seen: Mutex::new(None),
-                unattached_since: Mutex::new(None),
+                unattached_for: Mutex::new(Duration::ZERO),
                 opts,
                 conn: Mutex::new(None),
                 reconnect: tokio::sync::Mutex::new(()),
@@ -1072,11 +1074,6 @@ impl VolumeClient {
         }
     }
 
-    /// Since when the vehicle has had no NMS: the first call of an outage starts it.
-    fn unattached_since(&self) -> Instant {
-        *self.inner.unattached_since.lock().expect("poisoned").get_or_insert_with(Instant::now)
-    }
-
     /// The current connection, or a new one: attach, then replay the journal.
     async fn connection(&self, deadline: Instant) -> Result<Conn, ClientError> {
         if let Some(c) = self.inner.conn.lock().expect("poisoned").clone() {
@@ -1122,6 +1119,25 @@ impl VolumeClient {
         if let Some(c) = self.inner.conn.lock().expect("poisoned").clone() {
             return Ok(c);
         }
+        let started = Instant::now();
+        let before = *self.inner.unattached_for.lock().expect("poisoned");
+        let r = self.attach_rounds(deadline, before, started).await;
+        *self.inner.unattached_for.lock().expect("poisoned") = match r {
+            Ok(_) => Duration::ZERO,
+            Err(_) => before + started.elapsed(),
+        };
+        r
+    }
+
+    /// [`VolumeClient::reconnect`]'s rounds of attaches, `before` spent in rounds that got
+    /// nowhere already, this one `started` then.
+    async fn attach_rounds(
+        &self,
+        deadline: Instant,
+        before: Duration,
+        started: Instant,
+    ) -> Result<Conn, ClientError> {
+        let o = &self.inner.opts;
         let mut backoff = o.initial_backoff;
         let mut last = String::from("no attempt");
         loop {
@@ -1143,11 +1159,10 @@ impl VolumeClient {
                 // An NMS that says the volume moved on is followed (it went where the vehicle
                 // was sent); once the vehicle has been without an NMS for `rpc_timeout`
                 // (where it went is out of reach), one the volume moved on from takes it over.
-                let take_over = self.unattached_since().elapsed() >= o.rpc_timeout;
+                let take_over = before + started.elapsed() >= o.rpc_timeout;
                 let failed = match self.attach(&ep, deadline, take_over).await {
                     Ok(conn) => {
                         *self.inner.busy_seen.lock().expect("poisoned") = None;
-                        *self.inner.unattached_since.lock().expect("poisoned") = None;
                         return Ok(conn);
                     }
                     Err(f) => f,
@@ -1166,8 +1181,15 @@ impl VolumeClient {
                     // The NMS tried first is out of reach (no connection, no attach reply; not
                     // one answering with an error): the next one is tried first from now on,
                     // so a call no longer than `rpc_timeout` does not spend itself on it again.
+                    // (The one after it in the list, wrapping: two that do not answer must not
+                    // take turns being first while a third that would is never reached.)
                     Next::Reconnect if failed.out_of_reach && i == 1 => {
-                        if let Some(next) = candidates.get(1) {
+                        let after = o
+                            .nms
+                            .iter()
+                            .position(|e| *e == ep)
+                            .map(|p| &o.nms[(p + 1) % o.nms.len()]);
+                        if let Some(next) = after.or(candidates.get(1)) {
                             *self.inner.preferred.lock().expect("poisoned") = next.clone();
                         }
                     }
@@ -1246,6 +1268,12 @@ impl VolumeClient {
         // one write (TCP_NODELAY set), so the NMS reads and answers it in one turn.
         let left = deadline.saturating_duration_since(Instant::now());
         let (connect, handshake) = (o.connect_timeout.min(left), o.rpc_timeout.min(left));
+        // An NMS is out of reach when it did not answer in a fair share of the time it
+        // could have had: at least half of `rpc_timeout` (or of the whole call, if shorter).
+        // One given only a call's last moments is not (it may be slower than that to answer
+        // a live attach), and a connection refused at once is.
+        let fair = o.rpc_timeout.min(o.op_timeout) / 2;
+        let dialled = Instant::now();
         let channel =
             wayside_proto::client::connect_h2(ep, o.tls.as_ref(), connect, handshake, o.http2)
                 .await
@@ -1256,12 +1284,13 @@ impl VolumeClient {
                     e => {
                         let f = connect_failure(&e);
                         debug!(nms = %ep, error = %f.text, "connect failed");
+                        let given = dialled.elapsed();
                         AttachFailed {
                             next: Next::Reconnect,
                             why: f.text,
                             tls: f.tls,
                             busy_owner: None,
-                            out_of_reach: true,
+                            out_of_reach: given < connect || left >= fair,
                         }
                     }
                 })?;
@@ -1319,7 +1348,7 @@ impl VolumeClient {
                     why: format!("no attach reply within {attempt:?} (rpc_timeout)"),
                     tls: false,
                     busy_owner: None,
-                    out_of_reach: true,
+                    out_of_reach: attempt >= fair,
                 });
             }
         };
