@@ -838,15 +838,7 @@ pub fn sync_dir(dir: &Path) -> std::io::Result<()> {
 
 /// Bytes an unprivileged writer may still take on the file system holding `dir`.
 pub fn free_disk_bytes(dir: &Path) -> std::io::Result<u64> {
-    use std::os::unix::ffi::OsStrExt as _;
-    let c = std::ffi::CString::new(dir.as_os_str().as_bytes())
-        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
-    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-    // SAFETY: `c` is a NUL-terminated path and `st` a statvfs the call fills in.
-    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(st.f_bavail.saturating_mul(st.f_frsize))
+    fs2::available_space(dir)
 }
 
 /// Appends each entry as `length u32 | protobuf`, encoded straight into `out`.
