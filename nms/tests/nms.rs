@@ -1455,15 +1455,7 @@ async fn redirect_to_a_hung_nms(rpc_timeout: Duration, op_timeout: Duration) {
     let report = a.migrate("hung", &b.ep, 2).await;
     assert_eq!(report.outcome, pb::MigrationOutcome::Completed as i32, "{report:?}");
     // B hangs: its address accepts connections and never answers.
-    let b_addr: std::net::SocketAddr = b.ep.authority().parse().unwrap();
-    b.stop().await;
-    let hung = tokio::net::TcpListener::bind(b_addr).await.unwrap();
-    let holder = tokio::spawn(async move {
-        let mut held = Vec::new();
-        while let Ok((s, _)) = hung.accept().await {
-            held.push(s);
-        }
-    });
+    let holder = hang(b).await;
     let mut failed = 0;
     let got = loop {
         match c.read(1, 0, None).await {
@@ -1479,6 +1471,64 @@ async fn redirect_to_a_hung_nms(rpc_timeout: Duration, op_timeout: Duration) {
     assert!(c.stat().await.unwrap().epoch > first.epoch + 1, "taken over after the move");
     holder.abort();
     a.stop().await;
+    cluster.shutdown().await;
+}
+
+/// Stops `nms` and has its address accept connections and never answer (until the task
+/// returned is aborted).
+async fn hang(nms: Nms) -> tokio::task::JoinHandle<()> {
+    let addr: std::net::SocketAddr = nms.ep.authority().parse().unwrap();
+    nms.stop().await;
+    let hung = tokio::net::TcpListener::bind(addr).await.unwrap();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = hung.accept().await {
+            held.push(s);
+        }
+    })
+}
+
+/// The vehicle's first two NMSs hang (accepting connections, never answering) and the
+/// third is live: each call that finds the one tried first out of reach makes the next in
+/// the list the first to try, so the vehicle reaches the third within a few calls, each no
+/// longer than `rpc_timeout`. (Made the second candidate of the round the first, the two
+/// hung NMSs took turns being first and the third was never tried.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_vehicle_whose_first_two_nmss_hang_reaches_the_third() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = LocalCluster::start(1, dir.path()).await.unwrap();
+    let a = Nms::start("a", &cluster.endpoints(), |_| {}).await;
+    let b = Nms::start("b", &cluster.endpoints(), |_| {}).await;
+    let live = Nms::start("c", &cluster.endpoints(), |_| {}).await;
+    let mut o = opts(&[&a.ep, &b.ep, &live.ep], "three", "k");
+    (o.rpc_timeout, o.op_timeout) = (Duration::from_millis(500), Duration::from_millis(500));
+    let c = VolumeClient::open(o).await.unwrap();
+    for blk in 0..4 {
+        c.write(blk, 0, block_data(blk, 1)).await.unwrap();
+    }
+    c.flush().await.unwrap();
+    assert_eq!(c.current_nms(), a.ep);
+    let (b_ep, a_ep) = (b.ep.clone(), a.ep.clone());
+    let hung = [hang(a).await, hang(b).await];
+    let mut failed = 0;
+    let got = loop {
+        match c.read(2, 0, None).await {
+            Ok(got) => break got,
+            Err(e) => {
+                failed += 1;
+                assert!(failed < 5, "the third NMS not reached after {failed} calls: {e}");
+            }
+        }
+    };
+    assert_eq!(got, Some(block_data(2, 1)));
+    assert_eq!(c.current_nms(), live.ep, "neither {a_ep} nor {b_ep}");
+    c.write(7, 0, block_data(7, 2)).await.unwrap();
+    c.flush().await.unwrap();
+    let mut want: HashMap<u64, Vec<u8>> = (0..4).map(|b| (b, block_data(b, 1))).collect();
+    want.insert(7, block_data(7, 2));
+    assert_persisted_and_read_back(&cluster, &c, "three", &want).await;
+    hung.iter().for_each(|h| h.abort());
+    live.stop().await;
     cluster.shutdown().await;
 }
 
