@@ -204,10 +204,14 @@ struct JEntry {
     /// entry at `lsn`, oldest first, at most [`MAX_COPIES_PER_ENTRY`]: the one that
     /// accepted it, and those that took it over from there in a move.
     copies: Vec<(u64, u32)>,
-    /// Where it stands in the order the NMSs applied the journal's writes: (generation,
-    /// lsn) of its first acknowledgement, never changed by a replay's (which gives it a
-    /// later generation): a replay cut short and resumed elsewhere would otherwise put the
-    /// entries it had replayed after the older ones it had not, applying those last.
+    /// Where it stands in the order the NMSs applied the journal's writes: (line, lsn) of
+    /// its first acknowledgement, the line being the first generation of the line of
+    /// copies that acknowledged it (whose lsns compare: see `Journal::lineages`), never
+    /// changed by a replay's (which gives it a later line): a replay cut short and resumed
+    /// elsewhere would otherwise put the entries it had replayed after the older ones it
+    /// had not, applying those last. (By generation, a write whose reply was lost and
+    /// that a later generation's copy of the same line answered as a duplicate went after
+    /// a later write of its block acknowledged on the older generation.)
     order: Option<(u64, Lsn)>,
 }
 
@@ -228,13 +232,14 @@ impl JEntry {
         JEntry { op, lsn: None, generation: 0, copies: Vec::new(), order: None }
     }
 
-    /// Acknowledged at `lsn` on `generation`, by `copy` (if known): applied there anew,
-    /// or, at the lsn it had, answered as held there.
-    fn acked(&mut self, lsn: Lsn, generation: u64, copy: Option<(u64, u32)>) {
+    /// Acknowledged at `lsn` on `generation`, by `copy` (if known) of the line of copies
+    /// `line` (see [`JEntry::order`]): applied there anew, or, at the lsn it had, answered
+    /// as held there.
+    fn acked(&mut self, lsn: Lsn, generation: u64, copy: Option<(u64, u32)>, line: u64) {
         if self.lsn != Some(lsn) {
             self.copies.clear();
         }
-        self.order.get_or_insert((generation, lsn));
+        self.order.get_or_insert((line, lsn));
         self.lsn = Some(lsn);
         self.generation = generation;
         if let Some(c) = copy {
@@ -260,14 +265,26 @@ struct Journal {
     /// acknowledged on an older generation after that listing was not replayed there.
     listed_for: u64,
     /// The copy of the volume (NMS process session, incarnation) each generation still
-    /// named by an entry attached to: entries a copy accepted are in that copy, and in a
-    /// copy a move made from it up to the switch's lsn, so they need no replay there.
-    lineages: HashMap<u64, (u64, u32)>,
+    /// named by an entry attached to, and the first generation of its line of copies:
+    /// entries a copy accepted are in that copy, and in a copy a move made from it up to
+    /// the switch's lsn, so they need no replay there. A line's copies number on from one
+    /// another (a move's target after the source's last lsn; a copy reloaded after an
+    /// idle unload after the unloaded one's), so their lsns compare; a copy loaded anew
+    /// numbers from the PSS's watermark and starts a line.
+    lineages: HashMap<u64, Lineage>,
+}
+
+/// A generation's copy of the volume (NMS process session, incarnation) and the first
+/// generation of its line of copies (see [`Journal::lineages`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Lineage {
+    copy: (u64, u32),
+    line: u64,
 }
 
 impl Journal {
     /// The accepted entries not from `generation`, in the order their NMS applied them
-    /// first ([`JEntry::order`]: generation, then lsn): not in request-id order, which two
+    /// first ([`JEntry::order`]: line, then lsn): not in request-id order, which two
     /// tasks writing one block at once may have had applied the other way round (the later
     /// write, acknowledged and read back, would be overwritten by the earlier one at a
     /// replay), nor in the order of a replay's acknowledgements (see `order`).
@@ -315,9 +332,10 @@ impl Journal {
     /// Entry `seq` acknowledged at `lsn` on `generation` (see [`JEntry::acked`]), by the
     /// copy of the volume that generation attached to.
     fn acked(&mut self, seq: u64, lsn: Lsn, generation: u64) {
-        let copy = self.lineages.get(&generation).copied();
+        let known = self.lineages.get(&generation);
+        let (copy, line) = (known.map(|l| l.copy), known.map_or(generation, |l| l.line));
         if let Some(e) = self.entries.get_mut(&seq) {
-            e.acked(lsn, generation, copy);
+            e.acked(lsn, generation, copy, line);
         }
     }
 
@@ -346,7 +364,19 @@ impl Journal {
         .filter(|((session, _), _)| *session != 0)
         .collect::<Vec<_>>();
         if here.0 != 0 {
-            self.lineages.insert(generation, here);
+            // The line this copy continues: that of an earlier generation's copy that is
+            // this one or one it continues.
+            let line = self
+                .lineages
+                .iter()
+                .filter(|(g, l)| {
+                    **g != generation
+                        && (l.copy == here || before.iter().any(|(c, _)| *c == l.copy))
+                })
+                .map(|(_, l)| l.line)
+                .min()
+                .unwrap_or(generation);
+            self.lineages.insert(generation, Lineage { copy: here, line });
         }
         let mut held = 0usize;
         for e in self.entries.values_mut() {
@@ -1559,7 +1589,7 @@ mod tests {
         let write = |d: &'static [u8]| JOp::Write { block: 5, offset: 0, data: d.into() };
         for (seq, data, lsn) in [(100, &b"X"[..], 11), (101, b"Y", 10), (102, b"Z", 12)] {
             let mut e = JEntry::new(write(data));
-            e.acked(Lsn(lsn), 1, None);
+            e.acked(Lsn(lsn), 1, None, 1);
             j.entries.insert(seq, e);
         }
         // Not accepted yet: its caller sends it.
@@ -1585,8 +1615,8 @@ mod tests {
         let mut j = Journal::default();
         let write = |d: &'static [u8]| JOp::Write { block: 5, offset: 0, data: d.into() };
         let (mut e1, mut e2) = (JEntry::new(write(b"1")), JEntry::new(write(b"2")));
-        e1.acked(Lsn(5), 1, None);
-        e2.acked(Lsn(6), 1, None);
+        e1.acked(Lsn(5), 1, None, 1);
+        e2.acked(Lsn(6), 1, None, 1);
         j.bytes = Journal::size(&e1.op) + Journal::size(&e2.op);
         j.entries.insert(10, e1);
         j.entries.insert(11, e2);
@@ -1601,6 +1631,39 @@ mod tests {
         // The current connection's own watermark prunes what it covers.
         j.prune(Lsn(1), 2);
         assert!(!j.entries.contains_key(&10));
+    }
+
+    /// A write whose reply was lost (applied at S at lsn 10) while another task's write
+    /// of its block was acknowledged there at lsn 11, answered as a duplicate by the copy a
+    /// move made from S: a replay elsewhere applies it before the later write, as S did
+    /// (ordered by its generation, it went last and rewound the block).
+    #[test]
+    fn a_duplicate_answered_further_down_the_line_keeps_its_place() {
+        const S: (u64, u32) = (10, 1);
+        const T: (u64, u32) = (30, 2);
+        let mut j = Journal::default();
+        let write = |d: &'static [u8]| JOp::Write { block: 5, offset: 0, data: d.into() };
+        j.held_by(1, &info(S.0, S.1, 0));
+        j.entries.insert(1, JEntry::new(write(b"w1")));
+        j.entries.insert(2, JEntry::new(write(b"A")));
+        j.acked(2, Lsn(11), 1);
+        let mut moved = info(T.0, T.1, 0);
+        (moved.predecessor_session, moved.predecessor_incarnation) = S;
+        moved.predecessor_through_lsn = 11;
+        j.held_by(2, &moved);
+        assert_eq!(j.lineages[&2], Lineage { copy: T, line: 1 });
+        // w1 sent again on generation 2: T holds it (S's id travelled) at lsn 10.
+        j.acked(1, Lsn(10), 2);
+        // Both lost with T; a copy loaded anew starts a line of its own.
+        j.held_by(3, &info(50, 1, 0));
+        assert_eq!(j.lineages[&3], Lineage { copy: (50, 1), line: 3 });
+        let order: Vec<u64> = j.to_replay(3).into_iter().map(|(seq, _)| seq).collect();
+        assert_eq!(order, [1, 2], "w1 first, as S applied it");
+        // Written anew there, an entry goes after both.
+        j.entries.insert(3, JEntry::new(write(b"B")));
+        j.acked(3, Lsn(1), 3);
+        let order: Vec<u64> = j.to_replay(4).into_iter().map(|(seq, _)| seq).collect();
+        assert_eq!(order, [1, 2, 3]);
     }
 
     #[test]
@@ -1618,7 +1681,7 @@ mod tests {
 
     fn entry(lsn: u64, generation: u64, copy: (u64, u32)) -> JEntry {
         let mut e = JEntry::new(JOp::Delete { block: lsn });
-        e.acked(Lsn(lsn), generation, Some(copy));
+        e.acked(Lsn(lsn), generation, Some(copy), generation);
         e
     }
 
@@ -1646,8 +1709,8 @@ mod tests {
             j.entries.insert(seq, entry(lsn, generation, copy));
             j.bytes += JOURNAL_ENTRY_OVERHEAD_BYTES;
         }
-        j.lineages.insert(1, S);
-        j.lineages.insert(2, OTHER);
+        j.lineages.insert(1, Lineage { copy: S, line: 1 });
+        j.lineages.insert(2, Lineage { copy: OTHER, line: 2 });
         // Back on S, its watermark at 5: the first leaves, the next two are held.
         j.held_by(3, &info(S.0, S.1, 5));
         let gens: Vec<u64> = j.entries.values().map(|e| e.generation).collect();
@@ -1660,7 +1723,7 @@ mod tests {
         for (seq, lsn) in [(2, 6), (3, 7)] {
             j2.entries.insert(seq, entry(lsn, 1, S));
         }
-        j2.lineages.insert(1, S);
+        j2.lineages.insert(1, Lineage { copy: S, line: 1 });
         let mut moved = info(T.0, T.1, 0);
         (moved.predecessor_session, moved.predecessor_incarnation) = S;
         moved.predecessor_through_lsn = 6;
@@ -1690,7 +1753,7 @@ mod tests {
         assert_eq!(e.copies.len(), MAX_COPIES_PER_ENTRY);
         assert_eq!(e.copies.last(), Some(&(109, 1)));
         // Applied anew at another lsn: only the copy that did it holds it.
-        e.acked(Lsn(9), 2, Some(T));
+        e.acked(Lsn(9), 2, Some(T), 2);
         assert_eq!(e.copies, [T]);
     }
 }
