@@ -53,7 +53,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tonic::{Code, Status};
@@ -95,6 +95,12 @@ pub struct ClientOptions {
     /// Most operations per `StreamBatches` message sent by `read_many`/`write_many` (the
     /// NMS's `max_stream_batch_ops` or less); longer lists go in several batches.
     pub max_batch_ops: usize,
+    /// Most bytes of journal entries (their data and `JOURNAL_ENTRY_OVERHEAD_BYTES` each)
+    /// one batch of a journal replay carries (and half `max_message_size_bytes` at most):
+    /// each batch must cross within `rpc_timeout` on whatever link the vehicle has. One
+    /// that gets no reply in time halves the size for the replays after it (down to one
+    /// entry a batch), one answered within a quarter of `rpc_timeout` doubles it back.
+    pub replay_batch_bytes: usize,
     /// Dial NMSs over TLS, trusting the road's CA in it (every address, redirects included,
     /// whatever their scheme); `None`: plaintext.
     pub tls: Option<wayside_proto::tls::Tls>,
@@ -121,6 +127,7 @@ impl ClientOptions {
             connect_timeout: Duration::from_secs(1),
             max_message_size_bytes: 16 << 20,
             max_batch_ops: 256,
+            replay_batch_bytes: 1 << 20,
             tls: None,
             http2: wayside_proto::h2client::ClientSettings::default(),
         }
@@ -439,6 +446,10 @@ struct Inner {
     /// (another NMS took the volume since), and one that serves it anyway (its PSS check
     /// failing) would answer reads older than writes acknowledged elsewhere.
     max_epoch: AtomicU64,
+    /// The bytes of a journal replay's batch now: `replay_batch_bytes`, halved after a
+    /// batch that got no reply within `rpc_timeout` (a slow link), doubled back after a
+    /// quick one.
+    replay_batch: AtomicUsize,
 }
 
 /// One volume, as a vehicle uses it. Cheap to clone; clones share the journal.
@@ -628,6 +639,7 @@ impl VolumeClient {
                 preferred: Mutex::new(first),
                 busy_seen: Mutex::new(None),
                 unattached_for: Mutex::new(Duration::ZERO),
+                replay_batch: AtomicUsize::new(opts.replay_batch_bytes.max(1)),
                 opts,
                 conn: Mutex::new(None),
                 reconnect: tokio::sync::Mutex::new(()),
@@ -1417,6 +1429,28 @@ impl VolumeClient {
         Ok(conn)
     }
 
+    /// A replay batch of `sent` bytes, cut at `limit`, took `took` (`None`: no reply
+    /// within `rpc_timeout`): the size of the next ones (see
+    /// `ClientOptions::replay_batch_bytes`). Only a batch near the limit tells that a
+    /// larger one would cross in time.
+    fn replay_batch_took(&self, took: Option<Duration>, limit: usize, sent: usize) {
+        let o = &self.inner.opts;
+        let next = match took {
+            None => (limit.min(sent) / 2).max(1),
+            Some(t) if t < o.rpc_timeout / 4 && sent >= limit / 2 => {
+                limit.saturating_mul(2).min(o.replay_batch_bytes.max(1))
+            }
+            Some(_) => return,
+        };
+        let was = self.inner.replay_batch.swap(next, Ordering::Relaxed);
+        if next < was {
+            warn!(
+                bytes = next,
+                "a journal replay batch got no reply in time: smaller ones from now on"
+            );
+        }
+    }
+
     /// Sends every accepted journal entry not yet from `generation`, in order, with its
     /// original request id; the replies' lsns belong to `generation`. In `StreamBatches`
     /// messages of up to `max_batch_ops` (taken in order, a block's operations never
@@ -1467,10 +1501,11 @@ impl VolumeClient {
         let (mut applied, mut dup) = (0u64, 0u64);
         // Smaller batches than a call's: each must cross within rpc_timeout, on whatever
         // link the vehicle has now (8 MiB on a slow radio never would, and the attach
-        // would start over for ever); ~240 writes of 4 KiB still go in one (each counted
-        // with its journal entry's overhead).
+        // would start over for ever); ~240 writes of 4 KiB still go in one by default
+        // (each counted with its journal entry's overhead), fewer after a batch that
+        // took too long (the same batch sent again would time out again, for ever).
         let (max_ops, bytes) = self.batch_limits();
-        let bytes = bytes.min(REPLAY_BATCH_BYTES);
+        let bytes = bytes.min(self.inner.replay_batch.load(Ordering::Relaxed));
         for chunk in runs(&todo, max_ops, bytes, |(_, op)| Journal::size(op) as usize) {
             let ops = chunk
                 .iter()
@@ -1481,7 +1516,10 @@ impl VolumeClient {
                 })
                 .collect();
             let batch = pb::StreamBatch { auth: self.auth(session, incarnation), ops };
+            let size = chunk.iter().map(|(_, op)| Journal::size(op) as usize).sum();
+            let sent_at = Instant::now();
             let sent = tokio::time::timeout(rpc_timeout, send_batch(client, batch)).await;
+            self.replay_batch_took(sent.is_ok().then(|| sent_at.elapsed()), bytes, size);
             let results = replayed(sent, rpc_timeout)?;
             for ((seq, _), r) in chunk.iter().zip(results) {
                 let pb::stream_reply::Result::Write(w) = r else {
@@ -1499,9 +1537,6 @@ impl VolumeClient {
         Ok(())
     }
 }
-
-/// Most bytes of writes one replay batch carries (see `replay`).
-const REPLAY_BATCH_BYTES: usize = 1 << 20;
 
 /// What a batched operation adds to a message besides its block data, at most, in bytes
 /// (its tag, block number, request id and field keys).

@@ -567,6 +567,75 @@ async fn kill_9_of_the_nms_holding_unpersisted_writes_loses_nothing() {
     cluster.shutdown().await;
 }
 
+/// A TCP proxy on a fresh loopback port to `to`, passing on what its clients send at
+/// `rate` bytes a second at most (what comes back is not held), until the task returned is
+/// aborted.
+async fn slow_link(to: &Endpoint, rate: u64) -> (Endpoint, tokio::task::JoinHandle<()>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let ep = Endpoint::parse(&listener.local_addr().unwrap().to_string()).unwrap();
+    let to = to.authority().to_owned();
+    let task = tokio::spawn(async move {
+        let mut links = tokio::task::JoinSet::new();
+        while let Ok((client, _)) = listener.accept().await {
+            let Ok(server) = tokio::net::TcpStream::connect(&to).await else { continue };
+            links.spawn(async move {
+                let (mut from_client, mut to_client) = client.into_split();
+                let (mut from_server, mut to_server) = server.into_split();
+                let back = tokio::io::copy(&mut from_server, &mut to_client);
+                let forth = async {
+                    // Chunks of a 50th of a second's worth, each let through on time.
+                    let mut buf = vec![0u8; (rate / 50).max(1) as usize];
+                    let (start, mut sent) = (tokio::time::Instant::now(), 0u64);
+                    loop {
+                        let n = from_client.read(&mut buf).await?;
+                        if n == 0 {
+                            return to_server.shutdown().await;
+                        }
+                        sent += n as u64;
+                        let due = Duration::from_secs_f64(sent as f64 / rate as f64);
+                        tokio::time::sleep_until(start + due).await;
+                        to_server.write_all(&buf[..n]).await?;
+                    }
+                };
+                let _ = tokio::join!(back, forth);
+            });
+        }
+    });
+    (ep, task)
+}
+
+/// A journal replay over a link too slow for one batch to cross within `rpc_timeout`
+/// (1 MiB at 512 KiB/s, 1 s) gets through in smaller batches: each that gets no reply in
+/// time halves the next. (Sent again whole, the same batch timed out again for ever and
+/// the vehicle never attached.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_journal_replay_over_a_slow_link_gets_through() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = LocalCluster::start(1, dir.path()).await.unwrap();
+    let (mut child, a_ep) = spawn_nms_process(dir.path(), &cluster, "127.0.0.1:0").await;
+    let b = Nms::start("b", &cluster.endpoints(), |_| {}).await;
+    let (slow_b, link) = slow_link(&b.ep, 512 << 10).await;
+    let mut o = opts(&[&a_ep, &slow_b], "slow", "k");
+    (o.rpc_timeout, o.op_timeout) = (Duration::from_secs(1), Duration::from_secs(15));
+    let c = VolumeClient::open(o).await.unwrap();
+    // 1.5 MiB of writes held only by A (writing nothing back) and the vehicle's journal.
+    let blocks = 384u64;
+    let acks = c.write_many((0..blocks).map(|b| (b, 0, block_data(b, 1))).collect()).await;
+    assert_eq!(acks.unwrap().len(), blocks as usize);
+    assert!(c.journal_bytes() >= blocks * BS as u64, "accepted, not persisted");
+    child.start_kill().unwrap(); // SIGKILL
+    child.wait().await.unwrap();
+    c.flush().await.expect("the replay to B got through within one call");
+    assert_eq!(c.current_nms(), slow_b);
+    let want: HashMap<u64, Vec<u8>> = (0..blocks).map(|b| (b, block_data(b, 1))).collect();
+    let stored = pss_blocks(&cluster, "slow", &want.keys().copied().collect::<Vec<_>>()).await;
+    assert!(stored == want, "{} of {blocks} blocks in the PSS as written", stored.len());
+    link.abort();
+    b.stop().await;
+    cluster.shutdown().await;
+}
+
 /// A 3-node PSS in `dir`; NMS A as a process of its own (to kill); NMS B over a PSS whose
 /// writes the test can hold (`FaultyPss::hold_writes`), taking two dirty blocks a volume
 /// and waiting 100 ms for room.
