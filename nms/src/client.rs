@@ -277,7 +277,10 @@ struct Journal {
     /// the switch's lsn, so they need no replay there. A line's copies number on from one
     /// another (a move's target after the source's last lsn; a copy reloaded after an
     /// idle unload after the unloaded one's), so their lsns compare; a copy loaded anew
-    /// numbers from the PSS's watermark and starts a line.
+    /// numbers from the PSS's watermark and starts a line. (Not compared right: a move's
+    /// source that took the volume back after its target had switched and taken writes
+    /// numbers from the switch's lsn too, and a copy more than `MAX_ANCESTORS` + 1 moves
+    /// on from the one that acknowledged an entry starts a line of its own.)
     lineages: HashMap<u64, Lineage>,
 }
 
@@ -1429,13 +1432,16 @@ impl VolumeClient {
         Ok(conn)
     }
 
-    /// A replay batch of `sent` bytes, cut at `limit`, took `took` (`None`: no reply
-    /// within `rpc_timeout`): the size of the next ones (see
+    /// A replay batch of `entries` entries and `sent` bytes, cut at `limit`, took `took`
+    /// (`None`: no reply within `rpc_timeout`): the size of the next ones (see
     /// `ClientOptions::replay_batch_bytes`). Only a batch near the limit tells that a
-    /// larger one would cross in time.
-    fn replay_batch_took(&self, took: Option<Duration>, limit: usize, sent: usize) {
+    /// larger one would cross in time; one of a single entry, that no smaller batch
+    /// would carry, changes nothing (halving on it took the size down to a byte, one
+    /// entry a round trip from then on, after a few timeouts of a slow NMS).
+    fn replay_batch_took(&self, took: Option<Duration>, limit: usize, entries: usize, sent: usize) {
         let o = &self.inner.opts;
         let next = match took {
+            None if entries <= 1 => return,
             None => (limit.min(sent) / 2).max(1),
             Some(t) if t < o.rpc_timeout / 4 && sent >= limit / 2 => {
                 limit.saturating_mul(2).min(o.replay_batch_bytes.max(1))
@@ -1519,7 +1525,8 @@ impl VolumeClient {
             let size = chunk.iter().map(|(_, op)| Journal::size(op) as usize).sum();
             let sent_at = Instant::now();
             let sent = tokio::time::timeout(rpc_timeout, send_batch(client, batch)).await;
-            self.replay_batch_took(sent.is_ok().then(|| sent_at.elapsed()), bytes, size);
+            let took = sent.is_ok().then(|| sent_at.elapsed());
+            self.replay_batch_took(took, bytes, chunk.len(), size);
             let results = replayed(sent, rpc_timeout)?;
             for ((seq, _), r) in chunk.iter().zip(results) {
                 let pb::stream_reply::Result::Write(w) = r else {
