@@ -211,14 +211,16 @@ struct JEntry {
     /// entry at `lsn`, oldest first, at most [`MAX_COPIES_PER_ENTRY`]: the one that
     /// accepted it, and those that took it over from there in a move.
     copies: Vec<(u64, u32)>,
-    /// Where it stands in the order the NMSs applied the journal's writes: (line, lsn) of
-    /// its first acknowledgement, the line being the first generation of the line of
-    /// copies that acknowledged it (whose lsns compare: see `Journal::lineages`), never
-    /// changed by a replay's (which gives it a later line): a replay cut short and resumed
-    /// elsewhere would otherwise put the entries it had replayed after the older ones it
-    /// had not, applying those last. (By generation, a write whose reply was lost and
-    /// that a later generation's copy of the same line answered as a duplicate went after
-    /// a later write of its block acknowledged on the older generation.)
+    /// Where it stands in the order the NMSs applied the journal's writes: (generation,
+    /// lsn) of its first acknowledgement, not changed by the acknowledgements of a replay
+    /// (a later generation) until that replay has sent every entry listed: one cut short
+    /// and resumed elsewhere would otherwise put the entries it had replayed after the
+    /// older ones it had not, applying those last. A replay that went through sets it
+    /// anew for every entry its copy holds (`Journal::replayed`): their lsns there are the
+    /// order that copy applied them in, which later acknowledgements on the generation
+    /// follow. (Kept from the first, a write whose reply was lost and that the copy a move
+    /// made, or a source that took the volume back, answered as a duplicate went after a
+    /// later write of its block acknowledged earlier, and a replay elsewhere rewound it.)
     order: Option<(u64, Lsn)>,
 }
 
@@ -239,14 +241,13 @@ impl JEntry {
         JEntry { op, lsn: None, generation: 0, copies: Vec::new(), order: None }
     }
 
-    /// Acknowledged at `lsn` on `generation`, by `copy` (if known) of the line of copies
-    /// `line` (see [`JEntry::order`]): applied there anew, or, at the lsn it had, answered
-    /// as held there.
-    fn acked(&mut self, lsn: Lsn, generation: u64, copy: Option<(u64, u32)>, line: u64) {
+    /// Acknowledged at `lsn` on `generation`, by `copy` (if known): applied there anew,
+    /// or, at the lsn it had, answered as held there.
+    fn acked(&mut self, lsn: Lsn, generation: u64, copy: Option<(u64, u32)>) {
         if self.lsn != Some(lsn) {
             self.copies.clear();
         }
-        self.order.get_or_insert((line, lsn));
+        self.order.get_or_insert((generation, lsn));
         self.lsn = Some(lsn);
         self.generation = generation;
         if let Some(c) = copy {
@@ -272,29 +273,14 @@ struct Journal {
     /// acknowledged on an older generation after that listing was not replayed there.
     listed_for: u64,
     /// The copy of the volume (NMS process session, incarnation) each generation still
-    /// named by an entry attached to, and the first generation of its line of copies:
-    /// entries a copy accepted are in that copy, and in a copy a move made from it up to
-    /// the switch's lsn, so they need no replay there. A line's copies number on from one
-    /// another (a move's target after the source's last lsn; a copy reloaded after an
-    /// idle unload after the unloaded one's), so their lsns compare; a copy loaded anew
-    /// numbers from the PSS's watermark and starts a line. (Not compared right: a move's
-    /// source that took the volume back after its target had switched and taken writes
-    /// numbers from the switch's lsn too, and a copy more than `MAX_ANCESTORS` + 1 moves
-    /// on from the one that acknowledged an entry starts a line of its own.)
-    lineages: HashMap<u64, Lineage>,
-}
-
-/// A generation's copy of the volume (NMS process session, incarnation) and the first
-/// generation of its line of copies (see [`Journal::lineages`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Lineage {
-    copy: (u64, u32),
-    line: u64,
+    /// named by an entry attached to: entries a copy accepted are in that copy, and in a
+    /// copy a move made from it up to the switch's lsn, so they need no replay there.
+    lineages: HashMap<u64, (u64, u32)>,
 }
 
 impl Journal {
     /// The accepted entries not from `generation`, in the order their NMS applied them
-    /// first ([`JEntry::order`]: line, then lsn): not in request-id order, which two
+    /// first ([`JEntry::order`]: generation, then lsn): not in request-id order, which two
     /// tasks writing one block at once may have had applied the other way round (the later
     /// write, acknowledged and read back, would be overwritten by the earlier one at a
     /// replay), nor in the order of a replay's acknowledgements (see `order`).
@@ -342,10 +328,24 @@ impl Journal {
     /// Entry `seq` acknowledged at `lsn` on `generation` (see [`JEntry::acked`]), by the
     /// copy of the volume that generation attached to.
     fn acked(&mut self, seq: u64, lsn: Lsn, generation: u64) {
-        let known = self.lineages.get(&generation);
-        let (copy, line) = (known.map(|l| l.copy), known.map_or(generation, |l| l.line));
+        let copy = self.lineages.get(&generation).copied();
         if let Some(e) = self.entries.get_mut(&seq) {
-            e.acked(lsn, generation, copy, line);
+            e.acked(lsn, generation, copy);
+        }
+    }
+
+    /// Generation `generation`'s replay sent every entry it listed (and its copy took
+    /// them): every entry that copy holds is in it at its lsn there, in the order the copy
+    /// applied them, and takes that place in the journal's order (see [`JEntry::order`]).
+    /// Nothing if a later attach listed the journal since.
+    fn replayed(&mut self, generation: u64) {
+        if self.listed_for != generation {
+            return;
+        }
+        for e in self.entries.values_mut().filter(|e| e.generation == generation) {
+            if let Some(lsn) = e.lsn {
+                e.order = Some((generation, lsn));
+            }
         }
     }
 
@@ -374,19 +374,7 @@ impl Journal {
         .filter(|((session, _), _)| *session != 0)
         .collect::<Vec<_>>();
         if here.0 != 0 {
-            // The line this copy continues: that of an earlier generation's copy that is
-            // this one or one it continues.
-            let line = self
-                .lineages
-                .iter()
-                .filter(|(g, l)| {
-                    **g != generation
-                        && (l.copy == here || before.iter().any(|(c, _)| *c == l.copy))
-                })
-                .map(|(_, l)| l.line)
-                .min()
-                .unwrap_or(generation);
-            self.lineages.insert(generation, Lineage { copy: here, line });
+            self.lineages.insert(generation, here);
         }
         let mut held = 0usize;
         for e in self.entries.values_mut() {
@@ -1489,6 +1477,7 @@ impl VolumeClient {
             j.to_replay(generation)
         };
         if todo.is_empty() {
+            self.inner.journal.lock().expect("poisoned").replayed(generation);
             return Ok(());
         }
         let rpc_timeout = self.inner.opts.rpc_timeout;
@@ -1540,6 +1529,7 @@ impl VolumeClient {
                 record(*seq, w.lsn);
             }
         }
+        self.inner.journal.lock().expect("poisoned").replayed(generation);
         info!(applied, duplicates = dup, "journal replayed");
         Ok(())
     }
@@ -1631,7 +1621,7 @@ mod tests {
         let write = |d: &'static [u8]| JOp::Write { block: 5, offset: 0, data: d.into() };
         for (seq, data, lsn) in [(100, &b"X"[..], 11), (101, b"Y", 10), (102, b"Z", 12)] {
             let mut e = JEntry::new(write(data));
-            e.acked(Lsn(lsn), 1, None, 1);
+            e.acked(Lsn(lsn), 1, None);
             j.entries.insert(seq, e);
         }
         // Not accepted yet: its caller sends it.
@@ -1657,8 +1647,8 @@ mod tests {
         let mut j = Journal::default();
         let write = |d: &'static [u8]| JOp::Write { block: 5, offset: 0, data: d.into() };
         let (mut e1, mut e2) = (JEntry::new(write(b"1")), JEntry::new(write(b"2")));
-        e1.acked(Lsn(5), 1, None, 1);
-        e2.acked(Lsn(6), 1, None, 1);
+        e1.acked(Lsn(5), 1, None);
+        e2.acked(Lsn(6), 1, None);
         j.bytes = Journal::size(&e1.op) + Journal::size(&e2.op);
         j.entries.insert(10, e1);
         j.entries.insert(11, e2);
@@ -1675,37 +1665,79 @@ mod tests {
         assert!(!j.entries.contains_key(&10));
     }
 
+    /// Generation `g` attaches to the copy `info` describes and lists the journal for its
+    /// replay (as `VolumeClient::replay` does): the entries to send, in order.
+    fn attach(j: &mut Journal, g: u64, info: &pb::VolumeInfo) -> Vec<u64> {
+        j.listed_for = g;
+        j.held_by(g, info);
+        j.to_replay(g).into_iter().map(|(seq, _)| seq).collect()
+    }
+
+    fn write(data: &'static [u8]) -> JEntry {
+        JEntry::new(JOp::Write { block: 5, offset: 0, data: data.into() })
+    }
+
     /// A write whose reply was lost (applied at S at lsn 10) while another task's write
     /// of its block was acknowledged there at lsn 11, answered as a duplicate by the copy a
     /// move made from S: a replay elsewhere applies it before the later write, as S did
-    /// (ordered by its generation, it went last and rewound the block).
+    /// (kept at its generation, it went last and rewound the block).
     #[test]
-    fn a_duplicate_answered_further_down_the_line_keeps_its_place() {
+    fn a_duplicate_answered_by_a_later_copy_keeps_its_place() {
         const S: (u64, u32) = (10, 1);
         const T: (u64, u32) = (30, 2);
         let mut j = Journal::default();
-        let write = |d: &'static [u8]| JOp::Write { block: 5, offset: 0, data: d.into() };
-        j.held_by(1, &info(S.0, S.1, 0));
-        j.entries.insert(1, JEntry::new(write(b"w1")));
-        j.entries.insert(2, JEntry::new(write(b"A")));
+        assert!(attach(&mut j, 1, &info(S.0, S.1, 0)).is_empty());
+        j.replayed(1);
+        j.entries.insert(1, write(b"w1"));
+        j.entries.insert(2, write(b"A"));
         j.acked(2, Lsn(11), 1);
         let mut moved = info(T.0, T.1, 0);
         (moved.predecessor_session, moved.predecessor_incarnation) = S;
         moved.predecessor_through_lsn = 11;
-        j.held_by(2, &moved);
-        assert_eq!(j.lineages[&2], Lineage { copy: T, line: 1 });
+        assert!(attach(&mut j, 2, &moved).is_empty(), "T holds A");
+        j.replayed(2);
         // w1 sent again on generation 2: T holds it (S's id travelled) at lsn 10.
         j.acked(1, Lsn(10), 2);
-        // Both lost with T; a copy loaded anew starts a line of its own.
-        j.held_by(3, &info(50, 1, 0));
-        assert_eq!(j.lineages[&3], Lineage { copy: (50, 1), line: 3 });
-        let order: Vec<u64> = j.to_replay(3).into_iter().map(|(seq, _)| seq).collect();
-        assert_eq!(order, [1, 2], "w1 first, as S applied it");
-        // Written anew there, an entry goes after both.
-        j.entries.insert(3, JEntry::new(write(b"B")));
-        j.acked(3, Lsn(1), 3);
-        let order: Vec<u64> = j.to_replay(4).into_iter().map(|(seq, _)| seq).collect();
-        assert_eq!(order, [1, 2, 3]);
+        // Both lost with T: a copy loaded anew gets w1 first, as S applied them.
+        assert_eq!(attach(&mut j, 3, &info(50, 1, 0)), [1, 2]);
+        // Cut short there after w1 (at its lsn 1): the next replay keeps the order.
+        j.acked(1, Lsn(1), 3);
+        assert_eq!(attach(&mut j, 4, &info(60, 1, 0)), [1, 2]);
+        // Through there (w1 at 1, A at 2): a write taken afterwards goes after both.
+        j.acked(1, Lsn(1), 4);
+        j.acked(2, Lsn(2), 4);
+        j.replayed(4);
+        j.entries.insert(3, write(b"B"));
+        j.acked(3, Lsn(3), 4);
+        assert_eq!(attach(&mut j, 5, &info(70, 1, 0)), [1, 2, 3]);
+    }
+
+    /// A move's target Y switched (numbering on from the source X's lsn 100) and took write
+    /// Q of a block at lsn 101; X, not told of the switch, took the volume back and applied
+    /// P of the same block, waiting in its pause, at lsn 101 too (P's reply came on a
+    /// connection already left). At X the vehicle replays Q (lsn 102) and sends P again (a
+    /// duplicate at 101): X holds P, then Q, and a replay elsewhere must too. (Q kept its
+    /// place from Y, before P's, and the block went back to P.)
+    #[test]
+    fn a_source_that_took_the_volume_back_orders_what_it_applied() {
+        const X: (u64, u32) = (10, 1);
+        const Y: (u64, u32) = (30, 2);
+        let mut j = Journal::default();
+        assert!(attach(&mut j, 1, &info(X.0, X.1, 0)).is_empty());
+        j.replayed(1);
+        j.entries.insert(1, write(b"P"));
+        let mut moved = info(Y.0, Y.1, 0);
+        (moved.predecessor_session, moved.predecessor_incarnation) = X;
+        moved.predecessor_through_lsn = 100;
+        assert!(attach(&mut j, 2, &moved).is_empty());
+        j.replayed(2);
+        j.entries.insert(2, write(b"Q"));
+        j.acked(2, Lsn(101), 2);
+        assert_eq!(attach(&mut j, 3, &info(X.0, X.1, 0)), [2], "X never had Q");
+        j.acked(2, Lsn(102), 3);
+        j.replayed(3);
+        j.acked(1, Lsn(101), 3);
+        assert_eq!(attach(&mut j, 4, &info(50, 1, 0)), [1, 2], "P, then Q, as X applied them");
     }
 
     #[test]
@@ -1723,7 +1755,7 @@ mod tests {
 
     fn entry(lsn: u64, generation: u64, copy: (u64, u32)) -> JEntry {
         let mut e = JEntry::new(JOp::Delete { block: lsn });
-        e.acked(Lsn(lsn), generation, Some(copy), generation);
+        e.acked(Lsn(lsn), generation, Some(copy));
         e
     }
 
@@ -1751,8 +1783,8 @@ mod tests {
             j.entries.insert(seq, entry(lsn, generation, copy));
             j.bytes += JOURNAL_ENTRY_OVERHEAD_BYTES;
         }
-        j.lineages.insert(1, Lineage { copy: S, line: 1 });
-        j.lineages.insert(2, Lineage { copy: OTHER, line: 2 });
+        j.lineages.insert(1, S);
+        j.lineages.insert(2, OTHER);
         // Back on S, its watermark at 5: the first leaves, the next two are held.
         j.held_by(3, &info(S.0, S.1, 5));
         let gens: Vec<u64> = j.entries.values().map(|e| e.generation).collect();
@@ -1765,7 +1797,7 @@ mod tests {
         for (seq, lsn) in [(2, 6), (3, 7)] {
             j2.entries.insert(seq, entry(lsn, 1, S));
         }
-        j2.lineages.insert(1, Lineage { copy: S, line: 1 });
+        j2.lineages.insert(1, S);
         let mut moved = info(T.0, T.1, 0);
         (moved.predecessor_session, moved.predecessor_incarnation) = S;
         moved.predecessor_through_lsn = 6;
@@ -1795,7 +1827,7 @@ mod tests {
         assert_eq!(e.copies.len(), MAX_COPIES_PER_ENTRY);
         assert_eq!(e.copies.last(), Some(&(109, 1)));
         // Applied anew at another lsn: only the copy that did it holds it.
-        e.acked(Lsn(9), 2, Some(T), 2);
+        e.acked(Lsn(9), 2, Some(T));
         assert_eq!(e.copies, [T]);
     }
 }
