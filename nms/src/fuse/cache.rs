@@ -78,7 +78,8 @@ pub trait Remote: Send + Sync + 'static {
 pub struct CacheOptions {
     /// The OBU's local directory for the cache and the journal (one mount at a time; locked).
     pub dir: PathBuf,
-    /// Disk space for cached block images, in bytes.
+    /// Disk space for cached block images, in bytes; blocks with writes the volume has not
+    /// accepted yet (pinned) count too, and writers pinning more wait past it.
     pub cache_capacity_bytes: u64,
     /// Journalled bytes not yet persisted in the volume, at most; writers wait past it.
     pub journal_limit_bytes: u64,
@@ -750,7 +751,7 @@ impl<R: Remote> Shared<R> {
                 .copied()
                 .find(|b| s.pinned.get(b).copied().unwrap_or(0) == 0 && !keep.contains(b))
             else {
-                break; // everything left is pinned; the journal limit bounds that
+                break; // everything left is pinned; `apply` bounds that
             };
             let entry = s.entries.remove(&victim).expect("lru and entries agree");
             s.lru.remove(&entry.tick);
@@ -1081,19 +1082,30 @@ impl<R: Remote> BlockDevice for CachedVolume<R> {
         if let Some(why) = &s.journal_broken {
             return Err(DeviceError::Io(std::io::Error::other(why.clone())));
         }
-        // Room in the journal first (bounded wait): the uploader frees it as the volume persists.
+        // Room in the journal and in the cache for the blocks the batch pins first (bounded
+        // wait): the uploader frees both as the volume accepts and persists. (A pinned block
+        // stays cached whatever the capacity: counted by the journal's bytes alone, a few
+        // bytes appended to each of many files, with the volume taking no writes, pinned
+        // block images far past `cache_capacity_bytes` of local disk.) A batch goes when
+        // nothing is pinned, however many blocks it pins.
         let cost: u64 =
             ops.iter().map(|op| Record { seq: 0, op: op.clone(), ends_batch: true }.cost()).sum();
-        while s.journal_bytes > 0 && s.journal_bytes + cost > opts.journal_limit_bytes {
+        let blocks: HashSet<u64> = ops.iter().map(BlockOp::block).collect();
+        let waiting_for = |s: &State| {
+            if s.journal_bytes > 0 && s.journal_bytes + cost > opts.journal_limit_bytes {
+                return Some("waiting for journal room");
+            }
+            let pins = s.pinned.len() + blocks.iter().filter(|b| !s.pinned.contains_key(b)).count();
+            (!s.pinned.is_empty() && pins as u64 * u64::from(bs) > opts.cache_capacity_bytes)
+                .then_some("waiting for cache room for blocks not yet in the volume")
+        };
+        while let Some(what) = waiting_for(&s) {
             if let Some(why) = &s.refused {
                 return Err(DeviceError::Refused(why.clone()));
             }
             let now = Instant::now();
             if now >= deadline {
-                return Err(DeviceError::Timeout {
-                    what: "waiting for journal room",
-                    after: opts.op_timeout,
-                });
+                return Err(DeviceError::Timeout { what, after: opts.op_timeout });
             }
             self.shared.work.notify_one();
             s = self.shared.progress.wait_timeout(s, deadline - now).expect("poisoned").0;
@@ -1627,8 +1639,11 @@ mod tests {
         BlockOp::Write { block, offset, data: data.to_vec(), fresh: false }
     }
 
+    /// A cache full of pinned blocks (writes the volume has not accepted): a block fetched
+    /// for a read stays for its read, a write to one more block waits for room (it pinned
+    /// images past the capacity before), and a partial write builds on its fetched image.
     #[test]
-    fn a_block_fetched_into_a_cache_full_of_pinned_blocks_is_not_evicted_before_use() {
+    fn a_cache_full_of_pinned_blocks_keeps_a_fetched_block_and_holds_more_writes() {
         let dir = tempfile::tempdir().unwrap();
         let rt = rt();
         let remote = MemRemote::default();
@@ -1636,24 +1651,37 @@ mod tests {
         let dev = CachedVolume::open(remote.clone(), 4096, o, rt.handle().clone()).unwrap();
         dev.apply(vec![write(100, 0, &[7; 4096]), write(101, 0, &[8; 4096])]).unwrap();
         dev.sync().unwrap();
-        // Writes cannot reach the volume (reads can): five whole blocks pinned, more than
-        // the cache holds.
+        // Writes cannot reach the volume (reads can): four whole blocks pinned, all the
+        // cache holds (100 and 101 evicted).
         remote.set_writes_down(true);
-        for b in 0..5u64 {
+        for b in 0..4u64 {
             dev.apply(vec![write(b, 0, &[b as u8 + 1; 4096])]).unwrap();
         }
         // Fetched with nothing else evictable: it must stay for its read (a panic under
         // the state lock before, which took the mount down).
         assert_eq!(dev.read(100, 10, 10).unwrap(), vec![7; 10]);
-        // A partial write of a block not cached builds on its fetched image, not on zeros;
-        // two of them in one batch keep each other's image.
+        // Another block would pin past the capacity: the write waits, and fails at the op
+        // timeout with nothing applied; a rewrite of a pinned block needs no room.
+        let seq = dev.last_seq();
+        match dev.apply(vec![write(4, 0, &[5; 4096])]) {
+            Err(DeviceError::Timeout { what, .. }) => {
+                assert!(what.contains("cache room"), "{what}")
+            }
+            other => panic!("a fifth pinned block: {other:?}"),
+        }
+        assert_eq!(dev.last_seq(), seq, "nothing journaled");
+        dev.apply(vec![write(3, 0, &[9; 4096])]).unwrap();
+        // The volume takes writes again: partial writes of blocks not cached build on their
+        // fetched images, not on zeros, two in one batch keeping each other's.
+        remote.set_writes_down(false);
         dev.apply(vec![write(100, 0, &[9; 4]), write(101, 0, &[9; 4])]).unwrap();
         assert_eq!(dev.read(100, 0, 8).unwrap(), [9, 9, 9, 9, 7, 7, 7, 7]);
         assert_eq!(dev.read(101, 0, 8).unwrap(), [9, 9, 9, 9, 8, 8, 8, 8]);
-        remote.set_writes_down(false);
         dev.sync().unwrap();
         assert_eq!(&remote.block(100).unwrap()[..8], [9, 9, 9, 9, 7, 7, 7, 7]);
         assert_eq!(&remote.block(101).unwrap()[..8], [9, 9, 9, 9, 8, 8, 8, 8]);
+        assert_eq!(remote.block(3).unwrap(), vec![9; 4096]);
+        assert_eq!(remote.block(4), None);
         assert!(dev.shutdown(Duration::from_secs(1)));
     }
 

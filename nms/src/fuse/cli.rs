@@ -46,7 +46,9 @@ pub struct MountArgs {
     /// past it the operation fails with ETIMEDOUT.
     #[arg(long, default_value_t = 10_000)]
     pub op_timeout_ms: u64,
-    /// Local disk for cached blocks, in bytes.
+    /// Local disk for cached blocks, in bytes. Blocks written and not yet accepted by the
+    /// NMS stay cached and count too: past it, writes to more blocks wait (up to
+    /// --op-timeout-ms) for the NMS to accept the earlier ones.
     #[arg(long, default_value_t = 1 << 30)]
     pub cache_capacity_bytes: u64,
     /// Journalled bytes not yet persisted in the volume, at most; writers wait past it.
