@@ -578,6 +578,54 @@ fn a_read_waiting_on_the_network_holds_up_no_other_operation() {
     m.unmount();
 }
 
+/// A write waiting for journal room (the volume unreachable, the journal full) holds up
+/// no other operation of the mount: it waited under the file system's one lock for up to
+/// the operation timeout, and every other request (a stat, a listing) waited behind it.
+#[test]
+fn a_write_waiting_for_journal_room_holds_up_no_other_operation() {
+    if !fuse_usable() {
+        return;
+    }
+    let env = Env::start(1);
+    let link = Link::start(&env, &env.nms[0].addr);
+    let point = env.path("mnt");
+    let args =
+        ["--op-timeout-ms", "4000", "--fuse-threads", "4", "--journal-limit-bytes", "1048576"];
+    let m = spawn_mount("room", &link.addr, &point, &env.path("cache"), &args);
+    fs::write(point.join("other"), b"x").unwrap();
+    File::open(point.join("other")).unwrap().sync_all().unwrap();
+    link.set_up(false);
+    let done = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (path, done) = (point.join("big.bin"), done.clone());
+        std::thread::spawn(move || {
+            // Four times the journal's limit: the writes past it wait, and time out.
+            let r = fs::write(path, pattern(4, 4 << 20));
+            done.store(true, Ordering::SeqCst);
+            r
+        })
+    };
+    let (mut looked, mut during) = (0, 0);
+    while !done.load(Ordering::SeqCst) && looked < 10_000 {
+        let t = Instant::now();
+        assert_eq!(fs::metadata(point.join("other")).unwrap().len(), 1);
+        assert!(fs::read_dir(&point).unwrap().count() >= 1);
+        let took = t.elapsed();
+        assert!(took < Duration::from_secs(2), "a stat waited {took:?} behind the write");
+        looked += 1;
+        if !done.load(Ordering::SeqCst) {
+            during += 1;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let wrote = writer.join().unwrap();
+    assert_eq!(wrote.unwrap_err().raw_os_error(), Some(libc::ETIMEDOUT));
+    assert!(during > 0, "no stat while the write waited");
+    link.set_up(true);
+    File::open(point.join("other")).unwrap().sync_all().unwrap();
+    m.unmount();
+}
+
 #[test]
 fn with_the_nms_unreachable_writes_are_journalled_and_reach_the_pss_later() {
     if !fuse_usable() {

@@ -199,12 +199,17 @@ impl Record {
     }
 
     fn cost(&self) -> u64 {
-        let data = match &self.op {
-            BlockOp::Write { data, .. } => data.len(),
-            BlockOp::Delete { .. } => 0,
-        };
-        (RECORD_HEADER_BYTES + 21 + data) as u64
+        op_cost(&self.op)
     }
+}
+
+/// The journal bytes the record of `op` takes.
+fn op_cost(op: &BlockOp) -> u64 {
+    let data = match op {
+        BlockOp::Write { data, .. } => data.len(),
+        BlockOp::Delete { .. } => 0,
+    };
+    (RECORD_HEADER_BYTES + 21 + data) as u64
 }
 
 /// CRC-32 (IEEE), bitwise: records are small and this keeps the crate free of another dependency.
@@ -627,6 +632,48 @@ struct Wait {
 impl<R: Remote> Shared<R> {
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().expect("cache state poisoned")
+    }
+
+    /// Waits (until `deadline`) for room for `ops` in the journal and in the cache for the
+    /// blocks they pin; fails once the volume refused a change, or at the deadline. The
+    /// uploader frees both as the volume accepts and persists. (A pinned block stays cached
+    /// whatever the capacity: counted by the journal's bytes alone, a few bytes appended
+    /// to each of many files, with the volume taking no writes, pinned block images far
+    /// past `cache_capacity_bytes` of local disk.) A batch goes when nothing is pinned,
+    /// however many blocks it pins, and when the journal is empty, however large.
+    fn room<'a>(
+        &'a self,
+        mut s: MutexGuard<'a, State>,
+        ops: &[BlockOp],
+        deadline: Instant,
+    ) -> Result<MutexGuard<'a, State>, DeviceError> {
+        let opts = &self.opts;
+        let cost: u64 = ops.iter().map(op_cost).sum();
+        let blocks: HashSet<u64> = ops.iter().map(BlockOp::block).collect();
+        let bs = u64::from(self.block_size);
+        let waiting_for = |s: &State| {
+            if s.journal_bytes > 0 && s.journal_bytes + cost > opts.journal_limit_bytes {
+                return Some("waiting for journal room");
+            }
+            let pins = s.pinned.len() + blocks.iter().filter(|b| !s.pinned.contains_key(b)).count();
+            (!s.pinned.is_empty() && pins as u64 * bs > opts.cache_capacity_bytes)
+                .then_some("waiting for cache room for blocks not yet in the volume")
+        };
+        while let Some(what) = waiting_for(&s) {
+            if let Some(why) = &s.refused {
+                return Err(DeviceError::Refused(why.clone()));
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(DeviceError::Timeout { what, after: opts.op_timeout });
+            }
+            self.work.notify_one();
+            s = self.progress.wait_timeout(s, deadline - now).expect("poisoned").0;
+        }
+        if let Some(why) = &s.refused {
+            return Err(DeviceError::Refused(why.clone()));
+        }
+        Ok(s)
     }
 
     /// Waits on the cache's progress until `done` holds; fails once the volume refused a
@@ -1069,6 +1116,11 @@ impl<R: Remote> BlockDevice for CachedVolume<R> {
         self.fetch_missing(blocks, 1)
     }
 
+    fn wait_room(&self, ops: &[BlockOp]) -> Result<(), DeviceError> {
+        let deadline = Instant::now() + self.shared.opts.op_timeout;
+        self.shared.room(self.shared.lock(), ops, deadline).map(drop)
+    }
+
     fn apply(&self, ops: Vec<BlockOp>) -> Result<(), DeviceError> {
         let bs = self.shared.block_size;
         let opts = &self.shared.opts;
@@ -1078,41 +1130,11 @@ impl<R: Remote> BlockDevice for CachedVolume<R> {
                 check_range(bs, *offset, data.len())?;
             }
         }
-        let mut s = self.shared.lock();
+        let s = self.shared.lock();
         if let Some(why) = &s.journal_broken {
             return Err(DeviceError::Io(std::io::Error::other(why.clone())));
         }
-        // Room in the journal and in the cache for the blocks the batch pins first (bounded
-        // wait): the uploader frees both as the volume accepts and persists. (A pinned block
-        // stays cached whatever the capacity: counted by the journal's bytes alone, a few
-        // bytes appended to each of many files, with the volume taking no writes, pinned
-        // block images far past `cache_capacity_bytes` of local disk.) A batch goes when
-        // nothing is pinned, however many blocks it pins.
-        let cost: u64 =
-            ops.iter().map(|op| Record { seq: 0, op: op.clone(), ends_batch: true }.cost()).sum();
-        let blocks: HashSet<u64> = ops.iter().map(BlockOp::block).collect();
-        let waiting_for = |s: &State| {
-            if s.journal_bytes > 0 && s.journal_bytes + cost > opts.journal_limit_bytes {
-                return Some("waiting for journal room");
-            }
-            let pins = s.pinned.len() + blocks.iter().filter(|b| !s.pinned.contains_key(b)).count();
-            (!s.pinned.is_empty() && pins as u64 * u64::from(bs) > opts.cache_capacity_bytes)
-                .then_some("waiting for cache room for blocks not yet in the volume")
-        };
-        while let Some(what) = waiting_for(&s) {
-            if let Some(why) = &s.refused {
-                return Err(DeviceError::Refused(why.clone()));
-            }
-            let now = Instant::now();
-            if now >= deadline {
-                return Err(DeviceError::Timeout { what, after: opts.op_timeout });
-            }
-            self.shared.work.notify_one();
-            s = self.shared.progress.wait_timeout(s, deadline - now).expect("poisoned").0;
-        }
-        if let Some(why) = &s.refused {
-            return Err(DeviceError::Refused(why.clone()));
-        }
+        let mut s = self.shared.room(s, &ops, deadline)?;
         // Every partially written block needs its current image in the cache to apply the write to
         // (and keeps it while the others are fetched).
         let partial: Vec<u64> = ops

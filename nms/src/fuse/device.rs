@@ -73,6 +73,13 @@ pub trait BlockDevice: Send + Sync {
     fn fetch_ahead(&self, _blocks: &[u64]) -> Result<(), DeviceError> {
         Ok(())
     }
+    /// Waits until `apply(ops)` would find room for them (in a journal, say), failing as
+    /// it would at its timeout: the mount calls it outside the file system's lock, so a
+    /// write waiting for the volume to take earlier ones holds up nobody else. (`apply`
+    /// still waits if another took the room meanwhile.)
+    fn wait_room(&self, _ops: &[BlockOp]) -> Result<(), DeviceError> {
+        Ok(())
+    }
     /// Applies `ops` in order.
     fn apply(&self, ops: Vec<BlockOp>) -> Result<(), DeviceError>;
     /// The persisted barrier.
@@ -182,6 +189,9 @@ impl<T: BlockDevice + ?Sized> BlockDevice for std::sync::Arc<T> {
     }
     fn fetch_ahead(&self, blocks: &[u64]) -> Result<(), DeviceError> {
         (**self).fetch_ahead(blocks)
+    }
+    fn wait_room(&self, ops: &[BlockOp]) -> Result<(), DeviceError> {
+        (**self).wait_room(ops)
     }
     fn apply(&self, ops: Vec<BlockOp>) -> Result<(), DeviceError> {
         (**self).apply(ops)

@@ -991,6 +991,27 @@ impl<D: BlockDevice> Fs<D> {
     /// device in one batch, so a crash keeps both or neither of the size change.
     pub fn write(&mut self, ino: u64, offset: u64, data: &[u8]) -> Result<u32> {
         self.writable()?;
+        let Some((inode, ops)) = self.write_ops(ino, offset, data)? else { return Ok(0) };
+        self.apply(ops, false)?;
+        self.inodes.insert(ino, inode);
+        Ok(data.len() as u32)
+    }
+
+    /// The device operations [`Fs::write`] of these arguments would apply now (none for
+    /// no data): the mount waits for room for them outside the file system's lock first
+    /// (`BlockDevice::wait_room`).
+    pub fn write_plan(&mut self, ino: u64, offset: u64, data: &[u8]) -> Result<Vec<BlockOp>> {
+        self.writable()?;
+        Ok(self.write_ops(ino, offset, data)?.map(|(_, ops)| ops).unwrap_or_default())
+    }
+
+    /// The inode a write leaves and the operations it applies (`None`: no data).
+    fn write_ops(
+        &self,
+        ino: u64,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<Option<(Inode, Vec<BlockOp>)>> {
         let mut inode = self.attr(ino)?;
         match inode.kind {
             Kind::Dir => return Err(FsError::IsDir),
@@ -999,7 +1020,7 @@ impl<D: BlockDevice> Fs<D> {
         }
         if data.is_empty() {
             // Nothing written: the size stays, even at an offset past the end.
-            return Ok(0);
+            return Ok(None);
         }
         let end = offset
             .checked_add(data.len() as u64)
@@ -1028,9 +1049,7 @@ impl<D: BlockDevice> Fs<D> {
         inode.mtime = now;
         inode.ctime = now;
         ops.push(self.inode_op(&inode, false));
-        self.apply(ops, false)?;
-        self.inodes.insert(ino, inode);
-        Ok(data.len() as u32)
+        Ok(Some((inode, ops)))
     }
 
     /// Entries of directory `ino` after `offset` (0 starts; `.` and `..` come first).

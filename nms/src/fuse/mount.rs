@@ -20,7 +20,7 @@ use fuser::{
     TimeOrNow, WriteFlags,
 };
 
-use super::device::BlockDevice;
+use super::device::{BlockDevice, BlockOp};
 use super::fs::{Fs, FsError, SetAttr};
 use super::layout::{Inode, Kind, Timestamp, MAX_NAME_BYTES};
 
@@ -350,6 +350,33 @@ impl<D: BlockDevice + Clone + 'static> Filesystem for FuseFs<D> {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
+        // Room for the write (journal, cache), and the images of the blocks it writes in
+        // part, waited for outside the core's lock: a write waiting for the volume to take
+        // earlier ones, or for a block from it (up to the op timeout each), holds up no
+        // other request. (The write waits again if another took the room meanwhile.)
+        let plan = self.core().write_plan(ino.0, offset, data);
+        let room = plan.and_then(|ops| {
+            if ops.is_empty() {
+                return Ok(());
+            }
+            let bs = self.block_size as usize;
+            let partial: Vec<u64> = ops
+                .iter()
+                .filter_map(|op| match op {
+                    BlockOp::Write { block, offset, data, fresh: false }
+                        if *offset != 0 || data.len() != bs =>
+                    {
+                        Some(*block)
+                    }
+                    _ => None,
+                })
+                .collect();
+            self.dev.wait_room(&ops)?;
+            self.dev.fetch_ahead(&partial).map_err(FsError::from)
+        });
+        if let Err(e) = room {
+            return reply.error(errno(&e));
+        }
         match self.core().write(ino.0, offset, data) {
             Ok(n) => reply.written(n),
             Err(e) => reply.error(errno(&e)),
