@@ -242,14 +242,25 @@ impl JEntry {
     }
 
     /// Acknowledged at `lsn` on `generation`, by `copy` (if known): applied there anew,
-    /// or, at the lsn it had, answered as held there.
-    fn acked(&mut self, lsn: Lsn, generation: u64, copy: Option<(u64, u32)>) {
+    /// or, at the lsn it had, answered as held there. `before`: the copies `copy`
+    /// continues, nearest first, each with the last lsn it gave out; one that had given
+    /// out `lsn` (a duplicate of a write it applied) holds the entry at it too. (Not named
+    /// so, a write whose reply was lost, answered as a duplicate by a move's target, was
+    /// sent again to the source when it took the volume back, which may have forgotten
+    /// its id and applied it anew over later writes of its block.)
+    fn acked(&mut self, lsn: Lsn, generation: u64, copy: Option<(u64, u32)>, before: &[Through]) {
         if self.lsn != Some(lsn) {
             self.copies.clear();
         }
         self.order.get_or_insert((generation, lsn));
         self.lsn = Some(lsn);
         self.generation = generation;
+        // The farthest first: a full list drops the oldest it named.
+        for (c, through) in before.iter().rev() {
+            if lsn <= *through {
+                self.held_at(*c);
+            }
+        }
         if let Some(c) = copy {
             self.held_at(c);
         }
@@ -276,7 +287,13 @@ struct Journal {
     /// named by an entry attached to: entries a copy accepted are in that copy, and in a
     /// copy a move made from it up to the switch's lsn, so they need no replay there.
     lineages: HashMap<u64, (u64, u32)>,
+    /// The copies each generation in `lineages` continues (see `JEntry::acked`).
+    continues: HashMap<u64, Vec<Through>>,
 }
+
+/// A copy of the volume (NMS process session, incarnation) and the last lsn it gave out
+/// before the copy that continues it took over.
+type Through = ((u64, u32), Lsn);
 
 impl Journal {
     /// The accepted entries not from `generation`, in the order their NMS applied them
@@ -329,8 +346,9 @@ impl Journal {
     /// copy of the volume that generation attached to.
     fn acked(&mut self, seq: u64, lsn: Lsn, generation: u64) {
         let copy = self.lineages.get(&generation).copied();
+        let before = self.continues.get(&generation).map_or(&[][..], Vec::as_slice);
         if let Some(e) = self.entries.get_mut(&seq) {
-            e.acked(lsn, generation, copy);
+            e.acked(lsn, generation, copy, before);
         }
     }
 
@@ -375,6 +393,7 @@ impl Journal {
         .collect::<Vec<_>>();
         if here.0 != 0 {
             self.lineages.insert(generation, here);
+            self.continues.insert(generation, before.clone());
         }
         let mut held = 0usize;
         for e in self.entries.values_mut() {
@@ -396,6 +415,7 @@ impl Journal {
         self.prune(Lsn(info.persisted_lsn), generation);
         let named: HashSet<u64> = self.entries.values().map(|e| e.generation).collect();
         self.lineages.retain(|g, _| *g == generation || named.contains(g));
+        self.continues.retain(|g, _| *g == generation || named.contains(g));
     }
 }
 
@@ -1621,7 +1641,7 @@ mod tests {
         let write = |d: &'static [u8]| JOp::Write { block: 5, offset: 0, data: d.into() };
         for (seq, data, lsn) in [(100, &b"X"[..], 11), (101, b"Y", 10), (102, b"Z", 12)] {
             let mut e = JEntry::new(write(data));
-            e.acked(Lsn(lsn), 1, None);
+            e.acked(Lsn(lsn), 1, None, &[]);
             j.entries.insert(seq, e);
         }
         // Not accepted yet: its caller sends it.
@@ -1647,8 +1667,8 @@ mod tests {
         let mut j = Journal::default();
         let write = |d: &'static [u8]| JOp::Write { block: 5, offset: 0, data: d.into() };
         let (mut e1, mut e2) = (JEntry::new(write(b"1")), JEntry::new(write(b"2")));
-        e1.acked(Lsn(5), 1, None);
-        e2.acked(Lsn(6), 1, None);
+        e1.acked(Lsn(5), 1, None, &[]);
+        e2.acked(Lsn(6), 1, None, &[]);
         j.bytes = Journal::size(&e1.op) + Journal::size(&e2.op);
         j.entries.insert(10, e1);
         j.entries.insert(11, e2);
@@ -1740,6 +1760,32 @@ mod tests {
         assert_eq!(attach(&mut j, 4, &info(50, 1, 0)), [1, 2], "P, then Q, as X applied them");
     }
 
+    /// A write whose reply was lost (applied at X at lsn 50), answered as a duplicate by
+    /// the copy Y a move made from X (through lsn 100): X holds it too, so with the move
+    /// taken back to X it is not sent there again (X may have forgotten its id since, and
+    /// would apply it anew over a later write of its block).
+    #[test]
+    fn a_duplicate_at_a_moved_copy_is_held_by_the_copies_it_continues() {
+        const X: (u64, u32) = (10, 1);
+        const Y: (u64, u32) = (30, 2);
+        let mut j = Journal::default();
+        assert!(attach(&mut j, 1, &info(X.0, X.1, 0)).is_empty());
+        j.entries.insert(1, write(b"R"));
+        j.entries.insert(2, write(b"H"));
+        j.acked(2, Lsn(60), 1);
+        let mut moved = info(Y.0, Y.1, 0);
+        (moved.predecessor_session, moved.predecessor_incarnation) = X;
+        moved.predecessor_through_lsn = 100;
+        assert!(attach(&mut j, 2, &moved).is_empty(), "Y holds H");
+        j.acked(1, Lsn(50), 2);
+        assert_eq!(j.entries[&1].copies, [X, Y]);
+        // Applied anew at Y (past the switch): X never had it.
+        j.entries.insert(3, write(b"N"));
+        j.acked(3, Lsn(101), 2);
+        assert_eq!(j.entries[&3].copies, [Y]);
+        assert_eq!(attach(&mut j, 3, &info(X.0, X.1, 0)), [3], "X holds R and H");
+    }
+
     #[test]
     fn batches_are_cut_by_count_and_by_bytes() {
         let items: Vec<usize> = vec![5, 5, 5, 5, 20, 1, 1];
@@ -1755,7 +1801,7 @@ mod tests {
 
     fn entry(lsn: u64, generation: u64, copy: (u64, u32)) -> JEntry {
         let mut e = JEntry::new(JOp::Delete { block: lsn });
-        e.acked(Lsn(lsn), generation, Some(copy));
+        e.acked(Lsn(lsn), generation, Some(copy), &[]);
         e
     }
 
@@ -1827,7 +1873,7 @@ mod tests {
         assert_eq!(e.copies.len(), MAX_COPIES_PER_ENTRY);
         assert_eq!(e.copies.last(), Some(&(109, 1)));
         // Applied anew at another lsn: only the copy that did it holds it.
-        e.acked(Lsn(9), 2, Some(T));
+        e.acked(Lsn(9), 2, Some(T), &[]);
         assert_eq!(e.copies, [T]);
     }
 }
