@@ -203,6 +203,16 @@ impl Record {
     }
 }
 
+/// `n` records of `block` accepted (or superseded): its pin count in `pins` drops.
+fn unpin(pins: &mut HashMap<u64, u32>, block: u64, n: usize) {
+    if let Some(c) = pins.get_mut(&block) {
+        *c = c.saturating_sub(u32::try_from(n).unwrap_or(u32::MAX));
+        if *c == 0 {
+            pins.remove(&block);
+        }
+    }
+}
+
 /// The journal bytes the record of `op` takes.
 fn op_cost(op: &BlockOp) -> u64 {
     let data = match op {
@@ -299,7 +309,11 @@ struct State {
     segments: VecDeque<Segment>,
     active: File,
     active_bytes: u64,
+    /// Records not yet accepted by the volume, per block (a pinned block stays cached).
     pinned: HashMap<u64, u32>,
+    /// Of those, the writes: the blocks whose images they keep cached, counted against
+    /// `cache_capacity_bytes` (`Shared::room`). A delete keeps none (its block is absent).
+    write_pins: HashMap<u64, u32>,
     // Cache.
     entries: HashMap<u64, Entry>,
     lru: BTreeMap<u64, u64>,
@@ -407,6 +421,7 @@ impl<R: Remote> CachedVolume<R> {
             active,
             active_bytes: 0,
             pinned: HashMap::new(),
+            write_pins: HashMap::new(),
             entries: HashMap::new(),
             lru: BTreeMap::new(),
             tick: 0,
@@ -635,12 +650,13 @@ impl<R: Remote> Shared<R> {
     }
 
     /// Waits (until `deadline`) for room for `ops` in the journal and in the cache for the
-    /// blocks they pin; fails once the volume refused a change, or at the deadline. The
-    /// uploader frees both as the volume accepts and persists. (A pinned block stays cached
-    /// whatever the capacity: counted by the journal's bytes alone, a few bytes appended
-    /// to each of many files, with the volume taking no writes, pinned block images far
-    /// past `cache_capacity_bytes` of local disk.) A batch goes when nothing is pinned,
-    /// however many blocks it pins, and when the journal is empty, however large.
+    /// block images their writes pin; fails once the volume refused a change, or at the
+    /// deadline. The uploader frees both as the volume accepts and persists. (A pinned
+    /// block stays cached whatever the capacity: counted by the journal's bytes alone, a
+    /// few bytes appended to each of many files, with the volume taking no writes, pinned
+    /// block images far past `cache_capacity_bytes` of local disk.) A batch goes when no
+    /// write is pinned, however many blocks it writes, and when the journal is empty,
+    /// however large; deletes (a truncate's, say) need no cache room.
     fn room<'a>(
         &'a self,
         mut s: MutexGuard<'a, State>,
@@ -649,14 +665,19 @@ impl<R: Remote> Shared<R> {
     ) -> Result<MutexGuard<'a, State>, DeviceError> {
         let opts = &self.opts;
         let cost: u64 = ops.iter().map(op_cost).sum();
-        let blocks: HashSet<u64> = ops.iter().map(BlockOp::block).collect();
+        let written: HashSet<u64> = ops
+            .iter()
+            .filter(|op| matches!(op, BlockOp::Write { .. }))
+            .map(BlockOp::block)
+            .collect();
         let bs = u64::from(self.block_size);
         let waiting_for = |s: &State| {
             if s.journal_bytes > 0 && s.journal_bytes + cost > opts.journal_limit_bytes {
                 return Some("waiting for journal room");
             }
-            let pins = s.pinned.len() + blocks.iter().filter(|b| !s.pinned.contains_key(b)).count();
-            (!s.pinned.is_empty() && pins as u64 * bs > opts.cache_capacity_bytes)
+            let new = written.iter().filter(|b| !s.write_pins.contains_key(b)).count();
+            let pins = s.write_pins.len() + new;
+            (new > 0 && !s.write_pins.is_empty() && pins as u64 * bs > opts.cache_capacity_bytes)
                 .then_some("waiting for cache room for blocks not yet in the volume")
         };
         while let Some(what) = waiting_for(&s) {
@@ -871,6 +892,9 @@ impl State {
         self.journal_bytes += cost;
         self.unpersisted.push_back((r.seq, cost));
         *self.pinned.entry(r.op.block()).or_default() += 1;
+        if let BlockOp::Write { .. } = r.op {
+            *self.write_pins.entry(r.op.block()).or_default() += 1;
+        }
         self.stats.appended += 1;
         self.unsent.push_back((r, Upload::Waiting));
     }
@@ -1321,7 +1345,7 @@ async fn upload_loop<R: Remote>(shared: Arc<Shared<R>>, cancel: CancellationToke
                 let window = shared.opts.upload_window_ops.max(1);
                 let mut sends = Vec::new();
                 let mut in_flight = s.unsent.iter().filter(|(_, u)| *u == Upload::InFlight).count();
-                let State { unsent, busy_blocks, pinned, stats, .. } = &mut *s;
+                let State { unsent, busy_blocks, pinned, write_pins, stats, .. } = &mut *s;
                 // Records still to send or in flight, looked at per turn (accepted and
                 // superseded ones, which wait at the front for the records after them, are
                 // passed over without counting: they must not hide those records).
@@ -1356,11 +1380,9 @@ async fn upload_loop<R: Remote>(shared: Arc<Shared<R>>, cancel: CancellationToke
                     if let Some(by) = superseded {
                         unsent[i].1 = Upload::Superseded(by);
                         stats.accepted += 1;
-                        if let Some(n) = pinned.get_mut(&block) {
-                            *n -= 1;
-                            if *n == 0 {
-                                pinned.remove(&block);
-                            }
+                        unpin(pinned, block, 1);
+                        if let BlockOp::Write { .. } = unsent[i].0.op {
+                            unpin(write_pins, block, 1);
                         }
                         continue;
                     }
@@ -1451,12 +1473,12 @@ async fn upload_loop<R: Remote>(shared: Arc<Shared<R>>, cancel: CancellationToke
                         s.unsent[j].1 = Upload::Accepted;
                     }
                     s.stats.accepted += accepted as u64;
-                    if let Some(n) = s.pinned.get_mut(&block) {
-                        *n = n.saturating_sub(u32::try_from(accepted).unwrap_or(u32::MAX));
-                        if *n == 0 {
-                            s.pinned.remove(&block);
-                        }
-                    }
+                    let writes = std::iter::once(at)
+                        .chain(carried.iter().copied())
+                        .filter(|&j| matches!(s.unsent[j].0.op, BlockOp::Write { .. }))
+                        .count();
+                    unpin(&mut s.pinned, block, accepted);
+                    unpin(&mut s.write_pins, block, writes);
                     while !s.unsent.is_empty() && settled(&s.unsent, 0) {
                         let (r, _) = s.unsent.pop_front().expect("checked");
                         s.accepted_upto = r.seq;
@@ -1693,6 +1715,8 @@ mod tests {
         }
         assert_eq!(dev.last_seq(), seq, "nothing journaled");
         dev.apply(vec![write(3, 0, &[9; 4096])]).unwrap();
+        // Deletes keep no image: a truncate's go through whatever the writes pin.
+        dev.apply((10..30).map(|block| BlockOp::Delete { block }).collect()).unwrap();
         // The volume takes writes again: partial writes of blocks not cached build on their
         // fetched images, not on zeros, two in one batch keeping each other's.
         remote.set_writes_down(false);

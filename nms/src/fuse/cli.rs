@@ -43,7 +43,8 @@ pub struct MountArgs {
     #[arg(long, default_value_t = 65536)]
     pub create_block_size: u32,
     /// Longest any file operation waits (for the volume, or for journal room), in milliseconds;
-    /// past it the operation fails with ETIMEDOUT.
+    /// past it the operation fails with ETIMEDOUT. (A write waits for room before taking the
+    /// file system's lock, and once more under it if another write took the room meanwhile.)
     #[arg(long, default_value_t = 10_000)]
     pub op_timeout_ms: u64,
     /// Local disk for cached blocks, in bytes. Blocks written and not yet accepted by the
