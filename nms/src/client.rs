@@ -283,12 +283,18 @@ struct Journal {
     /// The generation of the last attach that listed the entries to replay: an entry
     /// acknowledged on an older generation after that listing was not replayed there.
     listed_for: u64,
-    /// The copy of the volume (NMS process session, incarnation) each generation still
-    /// named by an entry attached to: entries a copy accepted are in that copy, and in a
-    /// copy a move made from it up to the switch's lsn, so they need no replay there.
-    lineages: HashMap<u64, (u64, u32)>,
-    /// The copies each generation in `lineages` continues (see `JEntry::acked`).
-    continues: HashMap<u64, Vec<Through>>,
+    /// The copy of the volume each generation still named by an entry attached to, and
+    /// the copies it continues: entries a copy accepted are in that copy, and in a copy a
+    /// move made from it up to the switch's lsn, so they need no replay there.
+    lineages: HashMap<u64, Lineage>,
+}
+
+/// A generation's copy of the volume (NMS process session, incarnation) and the copies it
+/// continues, nearest first (see `JEntry::acked`).
+#[derive(Debug, Default)]
+struct Lineage {
+    copy: (u64, u32),
+    before: Vec<Through>,
 }
 
 /// A copy of the volume (NMS process session, incarnation) and the last lsn it gave out
@@ -345,10 +351,10 @@ impl Journal {
     /// Entry `seq` acknowledged at `lsn` on `generation` (see [`JEntry::acked`]), by the
     /// copy of the volume that generation attached to.
     fn acked(&mut self, seq: u64, lsn: Lsn, generation: u64) {
-        let copy = self.lineages.get(&generation).copied();
-        let before = self.continues.get(&generation).map_or(&[][..], Vec::as_slice);
+        let line = self.lineages.get(&generation);
+        let before = line.map_or(&[][..], |l| l.before.as_slice());
         if let Some(e) = self.entries.get_mut(&seq) {
-            e.acked(lsn, generation, copy, before);
+            e.acked(lsn, generation, line.map(|l| l.copy), before);
         }
     }
 
@@ -391,10 +397,6 @@ impl Journal {
         .chain(info.ancestors.iter().map(|a| ((a.session, a.incarnation), Lsn(a.through_lsn))))
         .filter(|((session, _), _)| *session != 0)
         .collect::<Vec<_>>();
-        if here.0 != 0 {
-            self.lineages.insert(generation, here);
-            self.continues.insert(generation, before.clone());
-        }
         let mut held = 0usize;
         for e in self.entries.values_mut() {
             let Some(lsn) = e.lsn else { continue };
@@ -412,10 +414,12 @@ impl Journal {
         if held > 0 {
             debug!(entries = held, "journal entries this NMS's copy of the volume holds");
         }
+        if here.0 != 0 {
+            self.lineages.insert(generation, Lineage { copy: here, before });
+        }
         self.prune(Lsn(info.persisted_lsn), generation);
         let named: HashSet<u64> = self.entries.values().map(|e| e.generation).collect();
         self.lineages.retain(|g, _| *g == generation || named.contains(g));
-        self.continues.retain(|g, _| *g == generation || named.contains(g));
     }
 }
 
@@ -1829,8 +1833,8 @@ mod tests {
             j.entries.insert(seq, entry(lsn, generation, copy));
             j.bytes += JOURNAL_ENTRY_OVERHEAD_BYTES;
         }
-        j.lineages.insert(1, S);
-        j.lineages.insert(2, OTHER);
+        j.lineages.insert(1, Lineage { copy: S, ..Default::default() });
+        j.lineages.insert(2, Lineage { copy: OTHER, ..Default::default() });
         // Back on S, its watermark at 5: the first leaves, the next two are held.
         j.held_by(3, &info(S.0, S.1, 5));
         let gens: Vec<u64> = j.entries.values().map(|e| e.generation).collect();
@@ -1843,7 +1847,7 @@ mod tests {
         for (seq, lsn) in [(2, 6), (3, 7)] {
             j2.entries.insert(seq, entry(lsn, 1, S));
         }
-        j2.lineages.insert(1, S);
+        j2.lineages.insert(1, Lineage { copy: S, ..Default::default() });
         let mut moved = info(T.0, T.1, 0);
         (moved.predecessor_session, moved.predecessor_incarnation) = S;
         moved.predecessor_through_lsn = 6;

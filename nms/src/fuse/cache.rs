@@ -1161,30 +1161,19 @@ impl<R: Remote> BlockDevice for CachedVolume<R> {
         let mut s = self.shared.room(s, &ops, deadline)?;
         // Every partially written block needs its current image in the cache to apply the write to
         // (and keeps it while the others are fetched).
-        let partial: Vec<u64> = ops
-            .iter()
-            .filter_map(|op| match op {
-                BlockOp::Write { block, offset, data, fresh } => {
-                    let whole = *offset == 0 && data.len() == bs as usize;
-                    (!*fresh && !whole).then_some(*block)
-                }
-                BlockOp::Delete { .. } => None,
-            })
-            .collect();
+        let partial: Vec<u64> = ops.iter().filter_map(|op| op.builds_on_image(bs)).collect();
         // A fresh or whole-block write of an uncached block needs no image (cache_apply builds
         // it from zeros), nor does a later partial write of the same block in this batch. Note
         // such blocks here, not as Absent cache entries: a fill or the append below may still
         // fail, and an Absent entry left behind would read as zeros instead of the volume's data.
         let mut no_image: HashSet<u64> = HashSet::new();
         for op in &ops {
-            if let BlockOp::Write { block, offset, data, fresh } = op {
-                let whole = *offset == 0 && data.len() == bs as usize;
-                if !s.entries.contains_key(block) && !no_image.contains(block) {
-                    if *fresh || whole {
-                        no_image.insert(*block);
-                    } else {
-                        s = self.fill(s, *block, deadline, &partial)?;
-                    }
+            let BlockOp::Write { block, .. } = op else { continue };
+            if !s.entries.contains_key(block) && !no_image.contains(block) {
+                if op.builds_on_image(bs).is_some() {
+                    s = self.fill(s, *block, deadline, &partial)?;
+                } else {
+                    no_image.insert(*block);
                 }
             }
         }

@@ -29,6 +29,19 @@ impl BlockOp {
             BlockOp::Write { block, .. } | BlockOp::Delete { block } => *block,
         }
     }
+
+    /// The block whose current image this op is applied to, on a device of `block_size`-byte
+    /// blocks: a write of part of a block that may hold data (not `fresh`).
+    pub fn builds_on_image(&self, block_size: u32) -> Option<u64> {
+        match self {
+            BlockOp::Write { block, offset, data, fresh: false }
+                if *offset != 0 || data.len() != block_size as usize =>
+            {
+                Some(*block)
+            }
+            _ => None,
+        }
+    }
 }
 
 /// Why a device operation failed. The file system maps these to errno values in one place

@@ -20,7 +20,7 @@ use fuser::{
     TimeOrNow, WriteFlags,
 };
 
-use super::device::{BlockDevice, BlockOp};
+use super::device::BlockDevice;
 use super::fs::{Fs, FsError, SetAttr};
 use super::layout::{Inode, Kind, Timestamp, MAX_NAME_BYTES};
 
@@ -359,18 +359,8 @@ impl<D: BlockDevice + Clone + 'static> Filesystem for FuseFs<D> {
             if ops.is_empty() {
                 return Ok(());
             }
-            let bs = self.block_size as usize;
-            let partial: Vec<u64> = ops
-                .iter()
-                .filter_map(|op| match op {
-                    BlockOp::Write { block, offset, data, fresh: false }
-                        if *offset != 0 || data.len() != bs =>
-                    {
-                        Some(*block)
-                    }
-                    _ => None,
-                })
-                .collect();
+            let partial: Vec<u64> =
+                ops.iter().filter_map(|op| op.builds_on_image(self.block_size)).collect();
             self.dev.wait_room(&ops)?;
             self.dev.fetch_ahead(&partial).map_err(FsError::from)
         });
